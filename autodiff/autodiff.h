@@ -1,0 +1,58 @@
+// Reverse-mode automatic differentiation over the tape (autodiff/tape.h).
+//
+// Two styles, both over the same engine:
+//   PyTorch style: x.set_requires_grad(); auto y = f(x); y.backward(); x.grad();
+//   JAX style:     auto [loss, grads] = value_and_grad([&] { return loss_fn(model, batch); }, params);
+// Gradients are computed by visiting recorded nodes in reverse recording order and calling each op's
+// vjp. vjps are written with ops, so with create_graph = true the backward pass is itself recorded and
+// can be differentiated again.
+#pragma once
+
+#include <functional>
+#include <utility>
+
+#include "autodiff/tape.h"
+#include "core/tree.h"
+
+namespace titanax {
+
+struct BackwardOptions {
+  /// Cotangent of the root; required when the root has more than one element, else ones.
+  Tensor seed;
+  /// Record the backward pass (for higher-order derivatives).
+  bool create_graph = false;
+  /// Called once per requested leaf (by its index in `wrt`) as soon as its gradient is final, while the
+  /// rest of the backward pass still runs: data parallelism starts all-reducing buckets here.
+  std::function<void(size_t index, const Tensor& grad)> on_grad_ready;
+};
+
+/// d(root)/d(wrt[i]) for each i (same shape and dtype as wrt[i]; zeros where root does not depend on
+/// it). wrt may hold leaves or intermediate tensors. Throws AutodiffError for a non-scalar root without
+/// a seed, a seed of the wrong shape, or a saved tensor modified in place since it was recorded.
+TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions& opts = {});
+
+/// Accumulates d(root)/d(leaf) into leaf.grad() for every leaf that requires grad and reaches root.
+void backward(const Tensor& root, const Tensor& seed = {});
+
+/// Runs fn with every tensor of `params` marked as requiring grad and returns fn's (scalar) value and
+/// the gradient with respect to each parameter, as a tree with the same paths. The params' own
+/// requires_grad flags are restored afterwards. Throws AutodiffError if a param is not a leaf.
+std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, const ParamTree& params,
+                                            const BackwardOptions& opts = {});
+
+/// Result of gradcheck.
+struct GradcheckResult {
+  bool ok = true;
+  double max_abs_error = 0;   ///< largest |analytic - numeric| over all checked elements
+  double max_rel_error = 0;   ///< largest |analytic - numeric| / max(|numeric|, 1e-3)
+  std::string report;         ///< first failing element per input, when !ok
+};
+
+/// Checks the vjp of fn against central finite differences in float64. Every floating input must be
+/// f64. Uses L = sum(fn(x) * v) with a fixed random cotangent v, so each element of each output
+/// contributes. An element passes when |analytic - numeric| <= atol + rtol * |numeric|.
+/// Integer inputs (labels, indices) are passed through and not differentiated.
+GradcheckResult gradcheck(const std::function<Tensor(const TensorList&)>& fn, const TensorList& inputs,
+                          double eps = 1e-6, double atol = 1e-6, double rtol = 1e-5);
+
+}  // namespace titanax

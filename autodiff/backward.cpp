@@ -1,0 +1,244 @@
+#include <algorithm>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "autodiff/autodiff.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+Tensor accumulate(const Tensor& acc, const Tensor& g) { return acc.defined() ? add(acc, g) : g; }
+
+struct Engine {
+  const TensorList& wrt;
+  const BackwardOptions& opts;
+
+  std::vector<Node*> nodes;                                  // reachable, sorted by decreasing seq
+  std::unordered_map<TensorImpl*, int> leaf_pending;         // edges from reachable nodes into each leaf
+  std::unordered_map<TensorImpl*, std::vector<size_t>> leaf_wanted;       // leaf -> indices in wrt
+  std::unordered_map<Node*, std::vector<std::pair<uint32_t, size_t>>> mid_wanted;  // node -> (output, wrt index)
+  std::unordered_map<TensorImpl*, Tensor> leaf_grad;
+  std::unordered_map<Node*, TensorList> cts;
+  TensorList result;
+  std::vector<bool> done;
+
+  Engine(const TensorList& w, const BackwardOptions& o) : wrt(w), opts(o), result(w.size()), done(w.size(), false) {}
+
+  void collect(Node* root) {
+    std::unordered_set<Node*> seen{root};
+    std::vector<Node*> stack{root};
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      nodes.push_back(n);
+      for (const auto& in : n->inputs) {
+        if (!in.requires_grad()) continue;
+        if (Node* p = in.get()->grad_fn.get()) {
+          if (seen.insert(p).second) stack.push_back(p);
+        } else {
+          ++leaf_pending[in.get()];
+        }
+      }
+    }
+    std::sort(nodes.begin(), nodes.end(), [](Node* a, Node* b) { return a->seq > b->seq; });
+  }
+
+  void finish_leaf_edge(TensorImpl* leaf) {
+    auto it = leaf_pending.find(leaf);
+    if (it == leaf_pending.end() || --it->second > 0) return;
+    auto w = leaf_wanted.find(leaf);
+    if (w == leaf_wanted.end()) return;
+    auto g = leaf_grad.find(leaf);
+    for (size_t idx : w->second) {
+      result[idx] = g != leaf_grad.end() ? g->second : zeros_like(wrt[idx]);
+      done[idx] = true;
+      if (opts.on_grad_ready) opts.on_grad_ready(idx, result[idx]);
+    }
+  }
+
+  void run(const Tensor& root, const Tensor& seed) {
+    for (size_t i = 0; i < wrt.size(); ++i) {
+      TensorImpl* t = wrt[i].get();
+      if (t->grad_fn) mid_wanted[t->grad_fn.get()].push_back({t->output_index, i});
+      else leaf_wanted[t].push_back(i);
+    }
+    Node* rn = root.get()->grad_fn.get();
+    if (!rn) {  // the root is itself a leaf
+      if (root.requires_grad()) leaf_grad[root.get()] = seed;
+      for (size_t i = 0; i < wrt.size(); ++i) {
+        result[i] = wrt[i].same(root) ? seed : zeros_like(wrt[i]);
+        done[i] = true;
+        if (opts.on_grad_ready) opts.on_grad_ready(i, result[i]);
+      }
+      return;
+    }
+    collect(rn);
+    cts[rn].resize(rn->out_specs.size());
+    cts[rn][root.get()->output_index] = seed;
+
+    GradModeGuard mode(opts.create_graph);
+    for (Node* n : nodes) {
+      auto it = cts.find(n);
+      if (it == cts.end()) {  // nothing flows through this node: its leaf edges still count as done
+        for (const auto& in : n->inputs)
+          if (in.requires_grad() && !in.get()->grad_fn) finish_leaf_edge(in.get());
+        continue;
+      }
+      TensorList ct = std::move(it->second);
+      cts.erase(it);
+      ct.resize(n->out_specs.size());
+      for (size_t k = 0; k < ct.size(); ++k)
+        if (!ct[k].defined()) ct[k] = zeros(n->out_specs[k].shape, n->out_specs[k].dtype, n->out_specs[k].device);
+      if (auto mw = mid_wanted.find(n); mw != mid_wanted.end())
+        for (auto [out_idx, wi] : mw->second) {
+          result[wi] = ct[out_idx];
+          done[wi] = true;
+          if (opts.on_grad_ready) opts.on_grad_ready(wi, result[wi]);
+        }
+      check_versions(*n);
+      std::vector<bool> needs(n->inputs.size());
+      bool any = false;
+      for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = n->inputs[i].requires_grad());
+      if (!any) continue;
+      TensorList g = n->op->vjp(n->inputs, n->outputs, ct, needs);
+      if (g.size() != n->inputs.size())
+        throw InternalError(std::string("vjp of '") + n->op->name() + "' returned the wrong number of cotangents",
+                            std::to_string(n->inputs.size()), std::to_string(g.size()));
+      for (size_t i = 0; i < g.size(); ++i) {
+        const Tensor& in = n->inputs[i];
+        if (!needs[i]) continue;
+        if (g[i].defined()) {
+          if (g[i].shape() != in.shape())
+            throw InternalError(std::string("vjp of '") + n->op->name() + "' returned a cotangent of the wrong shape",
+                                in.shape().str() + " for input " + std::to_string(i), g[i].shape().str());
+          Tensor gi = g[i].dtype() == in.dtype() ? g[i] : g[i].astype(in.dtype());
+          if (Node* p = in.get()->grad_fn.get()) {
+            auto& slot = cts[p];
+            slot.resize(p->out_specs.size());
+            slot[in.get()->output_index] = accumulate(slot[in.get()->output_index], gi);
+          } else {
+            leaf_grad[in.get()] = accumulate(leaf_grad[in.get()], gi);
+          }
+        }
+        if (!in.get()->grad_fn) finish_leaf_edge(in.get());
+      }
+    }
+  }
+
+  static void check_versions(const Node& n) {
+    for (size_t i = 0; i < n.inputs.size(); ++i)
+      if (n.inputs[i].storage()->version() != n.input_versions[i])
+        throw AutodiffError(std::string("an input of '") + n.op->name() + "' was modified in place after it was used",
+                            "the value saved when the op ran", "a tensor changed by an in-place write (copy_, fill_, an optimizer step)",
+                            "clone() the tensor before modifying it, or run the optimizer step after backward");
+    for (size_t i = 0; i < n.outputs.size(); ++i)
+      if (n.outputs[i].storage()->version() != n.output_versions[i])
+        throw AutodiffError(std::string("an output of '") + n.op->name() + "' was modified in place before backward",
+                            "the value saved when the op ran", "a tensor changed by an in-place write",
+                            "clone() the tensor before modifying it");
+  }
+};
+
+Tensor make_seed(const Tensor& root, const Tensor& seed) {
+  if (seed.defined()) {
+    if (seed.shape() != root.shape())
+      throw AutodiffError("backward seed has the wrong shape", root.shape().str(), seed.shape().str());
+    return seed.dtype() == root.dtype() ? seed : seed.astype(root.dtype());
+  }
+  if (root.numel() != 1)
+    throw AutodiffError("gradient of a non-scalar output without a seed", "a scalar (one element) or an explicit seed",
+                        root.str(), "reduce it first (sum, mean) or pass BackwardOptions::seed");
+  return ones(root.shape(), root.dtype(), root.device());
+}
+
+}  // namespace
+
+TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions& opts) {
+  if (!is_floating(root.dtype()))
+    throw AutodiffError("gradient of a non-floating output", "a floating root", root.str());
+  Tensor seed = make_seed(root, opts.seed);
+  Engine e(wrt, opts);
+  if (!root.requires_grad()) {
+    for (size_t i = 0; i < wrt.size(); ++i) {
+      e.result[i] = zeros_like(wrt[i]);
+      if (opts.on_grad_ready) opts.on_grad_ready(i, e.result[i]);
+    }
+    return e.result;
+  }
+  e.run(root, seed);
+  for (size_t i = 0; i < wrt.size(); ++i)
+    if (!e.done[i]) {  // not reached from the root
+      e.result[i] = zeros_like(wrt[i]);
+      if (opts.on_grad_ready) opts.on_grad_ready(i, e.result[i]);
+    }
+  return e.result;
+}
+
+void backward(const Tensor& root, const Tensor& seed) {
+  if (!root.requires_grad())
+    throw AutodiffError("backward() of a tensor that does not require grad", "a result of ops on tensors with requires_grad",
+                        root.str(), "call set_requires_grad() on the parameters before the forward pass");
+  // Find the leaves reachable from the root, then differentiate with respect to them.
+  TensorList leaves;
+  if (!root.get()->grad_fn) {
+    leaves.push_back(root);
+  } else {
+    std::unordered_set<Node*> seen;
+    std::unordered_set<TensorImpl*> leaf_seen;
+    std::vector<Node*> stack{root.get()->grad_fn.get()};
+    seen.insert(stack.back());
+    while (!stack.empty()) {
+      Node* n = stack.back();
+      stack.pop_back();
+      for (const auto& in : n->inputs) {
+        if (!in.requires_grad()) continue;
+        if (Node* p = in.get()->grad_fn.get()) {
+          if (seen.insert(p).second) stack.push_back(p);
+        } else if (leaf_seen.insert(in.get()).second) {
+          leaves.push_back(in);
+        }
+      }
+    }
+  }
+  BackwardOptions o;
+  o.seed = seed;
+  TensorList g = grad(root, leaves, o);
+  NoGradGuard ng;
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    TensorImpl* l = leaves[i].get();
+    Tensor acc = l->grad ? add(Tensor(l->grad), g[i]) : g[i].detach();
+    l->grad = acc.impl_ptr();
+  }
+}
+
+std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, const ParamTree& params,
+                                            const BackwardOptions& opts) {
+  TensorList ps = params.tensors();
+  std::vector<bool> prev(ps.size());
+  for (size_t i = 0; i < ps.size(); ++i) {
+    if (!ps[i].is_leaf())
+      throw AutodiffError("value_and_grad over a parameter that is not a leaf", "leaf tensors (model parameters)",
+                          "'" + params[i].first + "' was produced by an op", "pass params.detach() copies or the model's own tensors");
+    prev[i] = ps[i].requires_grad();
+    ps[i].get()->requires_grad = is_floating(ps[i].dtype());
+  }
+  struct Restore {
+    TensorList& ps;
+    std::vector<bool>& prev;
+    ~Restore() {
+      for (size_t i = 0; i < ps.size(); ++i) ps[i].get()->requires_grad = prev[i];
+    }
+  } restore{ps, prev};
+  Tensor value;
+  {
+    GradModeGuard on(true);
+    value = fn();
+  }
+  TensorList g = grad(value, ps, opts);
+  ParamTree out;
+  for (size_t i = 0; i < ps.size(); ++i) out.insert(params[i].first, g[i]);
+  return {value.detach(), std::move(out)};
+}
+
+}  // namespace titanax

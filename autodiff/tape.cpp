@@ -1,0 +1,42 @@
+#include "autodiff/tape.h"
+
+#include <atomic>
+
+namespace titanax {
+namespace {
+thread_local bool g_grad_enabled = true;
+std::atomic<uint64_t> g_seq{0};
+}  // namespace
+
+bool GradMode::enabled() { return g_grad_enabled; }
+void GradMode::set(bool on) { g_grad_enabled = on; }
+
+void record(const OpPtr& op, const TensorList& inputs, TensorList& outputs) {
+  if (!g_grad_enabled || !op->differentiable()) return;
+  bool any = false;
+  for (const auto& t : inputs) any = any || t.requires_grad();
+  if (!any) return;
+  auto node = std::make_shared<Node>();
+  node->op = op;
+  node->inputs = inputs;
+  node->input_versions.reserve(inputs.size());
+  for (const auto& t : inputs) node->input_versions.push_back(t.storage()->version());
+  node->out_specs.reserve(outputs.size());
+  for (const auto& o : outputs) node->out_specs.push_back({o.shape(), o.dtype(), o.device()});
+  if (op->saves_outputs()) {
+    for (const auto& o : outputs) {
+      node->outputs.push_back(o.detach());  // an alias without grad_fn: no reference cycle
+      node->output_versions.push_back(o.storage()->version());
+    }
+  }
+  node->seq = g_seq.fetch_add(1, std::memory_order_relaxed);
+  for (size_t i = 0; i < outputs.size(); ++i) {
+    TensorImpl* impl = outputs[i].get();
+    if (!is_floating(impl->dtype)) continue;
+    impl->requires_grad = true;
+    impl->grad_fn = node;
+    impl->output_index = uint32_t(i);
+  }
+}
+
+}  // namespace titanax

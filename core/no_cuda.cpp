@@ -1,0 +1,26 @@
+// Linked into builds without CUDA: every entry point of the CUDA runtime interface throws DeviceError,
+// so code paths stay free of #ifdefs and a user who asks for a GPU gets a clear message.
+#include "core/allocator.h"
+#include "core/cuda_runtime.h"
+#include "core/error.h"
+
+namespace titanax {
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw DeviceError(std::string(what) + ": this Titanax was built without CUDA", "a build with CUDA",
+                    "the cpu build", "configure with `cmake --preset cuda` on a machine with the CUDA toolkit");
+}
+}  // namespace
+
+Allocator& cuda_allocator(int) { no_cuda("cuda allocator"); }
+int cuda_device_count() { return 0; }
+
+namespace cuda_rt {
+bool built_with_cuda() { return false; }
+int device_count() { return 0; }
+void memcpy_h2d(void*, const void*, size_t, int) { no_cuda("memcpy to cuda"); }
+void memcpy_d2h(void*, const void*, size_t, int) { no_cuda("memcpy from cuda"); }
+void memcpy_d2d(void*, const void*, size_t, int) { no_cuda("memcpy on cuda"); }
+void synchronize(int) { no_cuda("cuda synchronize"); }
+}  // namespace cuda_rt
+}  // namespace titanax

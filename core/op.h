@@ -1,0 +1,77 @@
+// Op: one definition owns an operation's shape rule, its kernels per device and its derivative
+// (the shape MLX uses for its primitives).
+//
+//   struct Exp final : Op {
+//     const char* name() const override { return "exp"; }
+//     std::vector<TensorSpec> infer(const TensorList& in) const override;   // shape + dtype, with errors
+//     void cpu(const TensorList& in, TensorList& out) const override;       // kernels/cpu
+//     void cuda(const TensorList& in, TensorList& out) const override;      // kernels/cuda
+//     TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+//                    const std::vector<bool>& needs) const override;       // written with ops
+//   };
+//
+// apply(op, inputs) checks devices, allocates outputs, runs the kernel for the inputs' device and, when
+// grad mode is on and an input requires grad, records a node on the thread's tape.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace titanax {
+
+/// Shape, dtype and device of an op's output.
+struct TensorSpec {
+  Shape shape;
+  DType dtype = DType::f32;
+  Device device;
+};
+
+class Op {
+ public:
+  virtual ~Op() = default;
+  /// Short op name: "matmul", "layer_norm".
+  virtual const char* name() const = 0;
+  /// The op's attributes as text ("axes=[0] keepdims=0"): shown in errors, graphs and JIT cache keys.
+  virtual std::string attrs() const { return {}; }
+
+  /// Output specs for these inputs. Throws ShapeError / DTypeError on invalid inputs.
+  virtual std::vector<TensorSpec> infer(const TensorList& in) const = 0;
+  /// CPU kernel: `out` is allocated (contiguous) per infer(); inputs may be strided.
+  virtual void cpu(const TensorList& in, TensorList& out) const = 0;
+  /// CUDA kernel. The default throws DeviceError naming the op and the device.
+  virtual void cuda(const TensorList& in, TensorList& out) const;
+
+  /// Cotangents of the inputs given cotangents `ct` of the outputs (one per output, never undefined:
+  /// outputs that received none get zeros). `needs[i]` says whether input i wants a gradient; return an
+  /// undefined Tensor where it does not (or where the input is not differentiable). `out` holds the
+  /// outputs when saves_outputs() is true, else undefined tensors. Written with ops, so the backward
+  /// pass is itself recorded (higher-order) and traceable. The default throws AutodiffError.
+  virtual TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                         const std::vector<bool>& needs) const;
+
+  /// Runs the op eagerly: infer, allocate, dispatch to cpu()/cuda(). View ops override this to alias.
+  virtual TensorList forward(const TensorList& in) const;
+
+  /// Whether vjp() reads the outputs (they are then kept alive by the tape node).
+  virtual bool saves_outputs() const { return false; }
+  /// False for ops without a derivative (comparisons, argmax, casts to integers): never recorded.
+  virtual bool differentiable() const { return true; }
+};
+
+using OpPtr = std::shared_ptr<const Op>;
+
+/// Runs `op` on `inputs` and records it on the tape when needed. Throws DeviceError when inputs live on
+/// different devices; errors from infer() propagate with the caller's location.
+TensorList apply(OpPtr op, TensorList inputs);
+/// apply() for single-output ops.
+Tensor apply1(OpPtr op, TensorList inputs);
+
+/// Throws DTypeError unless `t` has one of `allowed` dtypes; `what` names the op for the message.
+void check_dtype(const Tensor& t, std::initializer_list<DType> allowed, const char* what);
+/// Throws DTypeError unless every input shares the dtype of the first.
+void check_same_dtype(const TensorList& in, const char* what);
+
+}  // namespace titanax

@@ -1,0 +1,221 @@
+// Elementwise ops: broadcasting binary arithmetic and comparisons, unary functions, where, clamp.
+#include "kernels/cpu/elementwise.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+using kernels::cpu::BinaryOp;
+using kernels::cpu::UnaryOp;
+
+class Binary final : public Op {
+ public:
+  explicit Binary(BinaryOp k) : k_(k) {}
+  const char* name() const override { return kernels::cpu::binary_name(k_); }
+  bool differentiable() const override { return !kernels::cpu::is_comparison(k_); }
+
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_same_dtype(in, name());
+    Shape s = broadcast_shapes(in[0].shape(), in[1].shape());
+    DType out = kernels::cpu::is_comparison(k_) ? DType::bool_ : in[0].dtype();
+    return {{s, out, in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::binary(k_, in[0], in[1], out[0]); }
+
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const Tensor &a = in[0], &b = in[1], &g = ct[0];
+    TensorList r(2);
+    auto red = [](const Tensor& t, const Tensor& like) { return sum_to(t, like.shape()); };
+    switch (k_) {
+      case BinaryOp::add:
+        if (needs[0]) r[0] = red(g, a);
+        if (needs[1]) r[1] = red(g, b);
+        break;
+      case BinaryOp::sub:
+        if (needs[0]) r[0] = red(g, a);
+        if (needs[1]) r[1] = red(neg(g), b);
+        break;
+      case BinaryOp::mul:
+        if (needs[0]) r[0] = red(mul(g, b), a);
+        if (needs[1]) r[1] = red(mul(g, a), b);
+        break;
+      case BinaryOp::div:
+        if (needs[0]) r[0] = red(div(g, b), a);
+        if (needs[1]) r[1] = red(neg(div(mul(g, a), mul(b, b))), b);
+        break;
+      case BinaryOp::maximum:
+      case BinaryOp::minimum: {
+        Tensor pick_a = k_ == BinaryOp::maximum ? ge(a, b) : le(a, b);
+        Tensor zero = scalar_like(0.0, g);
+        if (needs[0]) r[0] = red(where(pick_a, g, zero), a);
+        if (needs[1]) r[1] = red(where(pick_a, zero, g), b);
+        break;
+      }
+      case BinaryOp::pow:
+        if (needs[0]) r[0] = red(mul(g, mul(b, pow(a, sub(b, scalar_like(1.0, b))))), a);
+        if (needs[1]) r[1] = red(mul(g, mul(pow(a, b), log(a))), b);
+        break;
+      case BinaryOp::relu_backward:  // (dy, y): linear in dy, piecewise constant in y
+        if (needs[0]) r[0] = relu_backward(g, b);
+        break;
+      case BinaryOp::gelu_tanh_backward:
+      case BinaryOp::gelu_erf_backward:
+        if (needs[0]) r[0] = gelu_backward(g, b, k_ == BinaryOp::gelu_tanh_backward);
+        if (needs[1])
+          throw AutodiffError("second derivative of gelu is not implemented", "first-order gradients of gelu",
+                              "a gradient of gelu_backward with respect to x", "use relu or tanh for higher-order terms");
+        break;
+      default: break;
+    }
+    return r;
+  }
+
+ private:
+  BinaryOp k_;
+};
+
+class Unary final : public Op {
+ public:
+  explicit Unary(UnaryOp k) : k_(k) {}
+  const char* name() const override { return kernels::cpu::unary_name(k_); }
+  bool differentiable() const override { return k_ != UnaryOp::sign; }
+  bool saves_outputs() const override {
+    switch (k_) {
+      case UnaryOp::exp: case UnaryOp::sqrt: case UnaryOp::rsqrt: case UnaryOp::tanh: case UnaryOp::sigmoid:
+      case UnaryOp::reciprocal: case UnaryOp::relu: return true;
+      default: return false;
+    }
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::unary(k_, in[0], out[0]); }
+
+  TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    const Tensor &x = in[0], &y = out.empty() ? Tensor() : out[0], &g = ct[0];
+    switch (k_) {
+      case UnaryOp::neg: return {neg(g)};
+      case UnaryOp::exp: return {mul(g, y)};
+      case UnaryOp::log: return {div(g, x)};
+      case UnaryOp::sqrt: return {div(mul(g, scalar_like(0.5, g)), y)};
+      case UnaryOp::rsqrt: return {mul(g, mul(scalar_like(-0.5, y), mul(y, square(y))))};
+      case UnaryOp::tanh: return {mul(g, sub(scalar_like(1.0, y), square(y)))};
+      case UnaryOp::sigmoid: return {mul(g, mul(y, sub(scalar_like(1.0, y), y)))};
+      case UnaryOp::abs: return {mul(g, apply1(std::make_shared<Unary>(UnaryOp::sign), {x}))};
+      case UnaryOp::square: return {mul(g, mul(x, scalar_like(2.0, x)))};
+      case UnaryOp::reciprocal: return {neg(mul(g, square(y)))};
+      case UnaryOp::relu: return {relu_backward(g, y)};
+      case UnaryOp::gelu_tanh: return {gelu_backward(g, x, true)};
+      case UnaryOp::gelu_erf: return {gelu_backward(g, x, false)};
+      default: return {Tensor()};
+    }
+  }
+
+ private:
+  UnaryOp k_;
+};
+
+class Where final : public Op {
+ public:
+  const char* name() const override { return "where"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_dtype(in[0], {DType::bool_}, "where (condition)");
+    if (in[1].dtype() != in[2].dtype())
+      throw DTypeError("where: branches have different dtypes", std::string(dtype_name(in[1].dtype())),
+                       std::string(dtype_name(in[2].dtype())), "cast one branch with astype()");
+    Shape s = broadcast_shapes(broadcast_shapes(in[0].shape(), in[1].shape()), in[2].shape());
+    return {{s, in[1].dtype(), in[1].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::where(in[0], in[1], in[2], out[0]); }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    TensorList r(3);
+    Tensor zero = scalar_like(0.0, ct[0]);
+    if (needs[1]) r[1] = sum_to(where(in[0], ct[0], zero), in[1].shape());
+    if (needs[2]) r[2] = sum_to(where(in[0], zero, ct[0]), in[2].shape());
+    return r;
+  }
+};
+
+class Clamp final : public Op {
+ public:
+  Clamp(double lo, double hi) : lo_(lo), hi_(hi) {}
+  const char* name() const override { return "clamp"; }
+  std::string attrs() const override { return "lo=" + std::to_string(lo_) + " hi=" + std::to_string(hi_); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    if (lo_ > hi_) throw ValueError("clamp with lo > hi", "lo <= hi", std::to_string(lo_) + " > " + std::to_string(hi_));
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::clamp(in[0], lo_, hi_, out[0]); }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    const Tensor& x = in[0];
+    Tensor zero = scalar_like(0.0, ct[0]);
+    return {where(ge(x, scalar_like(lo_, x)), where(le(x, scalar_like(hi_, x)), ct[0], zero), zero)};
+  }
+
+ private:
+  double lo_, hi_;
+};
+
+Tensor bin(BinaryOp k, const Tensor& a, const Tensor& b) { return apply1(std::make_shared<Binary>(k), {a, b}); }
+Tensor un(UnaryOp k, const Tensor& x) { return apply1(std::make_shared<Unary>(k), {x}); }
+
+}  // namespace
+
+Tensor scalar_like(double v, const Tensor& like) { return scalar(v, like.dtype(), like.device()); }
+
+Tensor add(const Tensor& a, const Tensor& b) { return bin(BinaryOp::add, a, b); }
+Tensor sub(const Tensor& a, const Tensor& b) { return bin(BinaryOp::sub, a, b); }
+Tensor mul(const Tensor& a, const Tensor& b) { return bin(BinaryOp::mul, a, b); }
+Tensor div(const Tensor& a, const Tensor& b) { return bin(BinaryOp::div, a, b); }
+Tensor maximum(const Tensor& a, const Tensor& b) { return bin(BinaryOp::maximum, a, b); }
+Tensor minimum(const Tensor& a, const Tensor& b) { return bin(BinaryOp::minimum, a, b); }
+Tensor pow(const Tensor& a, const Tensor& b) { return bin(BinaryOp::pow, a, b); }
+Tensor eq(const Tensor& a, const Tensor& b) { return bin(BinaryOp::eq, a, b); }
+Tensor ne(const Tensor& a, const Tensor& b) { return bin(BinaryOp::ne, a, b); }
+Tensor lt(const Tensor& a, const Tensor& b) { return bin(BinaryOp::lt, a, b); }
+Tensor le(const Tensor& a, const Tensor& b) { return bin(BinaryOp::le, a, b); }
+Tensor gt(const Tensor& a, const Tensor& b) { return bin(BinaryOp::gt, a, b); }
+Tensor ge(const Tensor& a, const Tensor& b) { return bin(BinaryOp::ge, a, b); }
+Tensor relu_backward(const Tensor& dy, const Tensor& y) { return bin(BinaryOp::relu_backward, dy, y); }
+Tensor gelu_backward(const Tensor& dy, const Tensor& x, bool approximate) {
+  return bin(approximate ? BinaryOp::gelu_tanh_backward : BinaryOp::gelu_erf_backward, dy, x);
+}
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
+  return apply1(std::make_shared<Where>(), {cond, a, b});
+}
+
+Tensor neg(const Tensor& x) { return un(UnaryOp::neg, x); }
+Tensor exp(const Tensor& x) { return un(UnaryOp::exp, x); }
+Tensor log(const Tensor& x) { return un(UnaryOp::log, x); }
+Tensor sqrt(const Tensor& x) { return un(UnaryOp::sqrt, x); }
+Tensor rsqrt(const Tensor& x) { return un(UnaryOp::rsqrt, x); }
+Tensor tanh(const Tensor& x) { return un(UnaryOp::tanh, x); }
+Tensor sigmoid(const Tensor& x) { return un(UnaryOp::sigmoid, x); }
+Tensor abs(const Tensor& x) { return un(UnaryOp::abs, x); }
+Tensor square(const Tensor& x) { return un(UnaryOp::square, x); }
+Tensor reciprocal(const Tensor& x) { return un(UnaryOp::reciprocal, x); }
+Tensor relu(const Tensor& x) { return un(UnaryOp::relu, x); }
+Tensor gelu(const Tensor& x, bool approximate) { return un(approximate ? UnaryOp::gelu_tanh : UnaryOp::gelu_erf, x); }
+Tensor clamp(const Tensor& x, double lo, double hi) { return apply1(std::make_shared<Clamp>(lo, hi), {x}); }
+
+Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+Tensor operator-(const Tensor& a) { return neg(a); }
+Tensor operator+(const Tensor& a, double b) { return add(a, scalar_like(b, a)); }
+Tensor operator-(const Tensor& a, double b) { return sub(a, scalar_like(b, a)); }
+Tensor operator*(const Tensor& a, double b) { return mul(a, scalar_like(b, a)); }
+Tensor operator/(const Tensor& a, double b) { return div(a, scalar_like(b, a)); }
+Tensor operator+(double a, const Tensor& b) { return add(scalar_like(a, b), b); }
+Tensor operator-(double a, const Tensor& b) { return sub(scalar_like(a, b), b); }
+Tensor operator*(double a, const Tensor& b) { return mul(scalar_like(a, b), b); }
+Tensor operator/(double a, const Tensor& b) { return div(scalar_like(a, b), b); }
+
+}  // namespace titanax

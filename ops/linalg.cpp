@@ -1,0 +1,175 @@
+// matmul (batched, broadcasting) and linear (x @ w^T + b).
+#include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/gemm.h"
+#include "kernels/cpu/loops.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+// How a [rows, cols] matrix view maps onto gemm's (transpose flag, leading dimension), or nothing.
+struct MatLayout {
+  bool trans = false;
+  int64_t ld = 0;
+};
+bool gemm_layout(int64_t rows, int64_t cols, int64_t s_row, int64_t s_col, MatLayout& m) {
+  if ((s_col == 1 || cols == 1) && s_row >= std::max<int64_t>(cols, 1)) {
+    m = {false, std::max<int64_t>(s_row, std::max<int64_t>(cols, 1))};
+    return true;
+  }
+  if ((s_row == 1 || rows == 1) && s_col >= std::max<int64_t>(rows, 1)) {
+    m = {true, std::max<int64_t>(s_col, std::max<int64_t>(rows, 1))};
+    return true;
+  }
+  return false;
+}
+
+Tensor gemm_ready(const Tensor& t, MatLayout& m) {
+  int r = t.dim();
+  if (gemm_layout(t.shape()[r - 2], t.shape()[r - 1], t.strides()[r - 2], t.strides()[r - 1], m)) return t;
+  Tensor c = t.detach().contiguous();
+  gemm_layout(c.shape()[r - 2], c.shape()[r - 1], c.strides()[r - 2], c.strides()[r - 1], m);
+  return c;
+}
+
+class Matmul final : public Op {
+ public:
+  const char* name() const override { return "matmul"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &a = in[0], &b = in[1];
+    check_same_dtype(in, "matmul");
+    check_dtype(a, {DType::f32, DType::f64}, "matmul");
+    if (a.dim() < 2 || b.dim() < 2)
+      throw ShapeError("matmul operands need rank >= 2 here", "[..., m, k] @ [..., k, n]", a.shape().str() + " @ " + b.shape().str());
+    if (a.shape()[a.dim() - 1] != b.shape()[b.dim() - 2])
+      throw ShapeError("matmul inner dimensions differ", "a.shape[-1] == b.shape[-2]", a.shape().str() + " @ " + b.shape().str(),
+                       "transpose one operand (x.T()) or check the layer sizes");
+    Shape ba(a.shape().begin(), a.shape().end() - 2), bb(b.shape().begin(), b.shape().end() - 2);
+    Shape s = broadcast_shapes(ba, bb);
+    s.push_back(a.shape()[a.dim() - 2]);
+    s.push_back(b.shape()[b.dim() - 1]);
+    return {{s, a.dtype(), a.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor& c = out[0];
+    const int r = c.dim();
+    const int64_t M = c.shape()[r - 2], N = c.shape()[r - 1], K = in[0].shape()[in[0].dim() - 1];
+    MatLayout la, lb;
+    Tensor a = gemm_ready(in[0], la), b = gemm_ready(in[1], lb);
+    Shape batch(c.shape().begin(), c.shape().end() - 2);
+    // Broadcast strides of the batch axes only.
+    auto batch_strides = [&](const Tensor& t) {
+      Shape bs;
+      bs.resize(batch.rank());
+      int off = batch.rank() - (t.dim() - 2);
+      for (int i = 0; i < batch.rank(); ++i) {
+        int j = i - off;
+        bs[i] = (j < 0 || t.shape()[j] == 1) ? 0 : t.strides()[j];
+      }
+      return bs;
+    };
+    Shape bsa = batch_strides(a), bsb = batch_strides(b);
+    const int64_t nb = batch.numel();
+    TX_DISPATCH_FLOAT(c.dtype(), "matmul", {
+      using T = scalar_t;
+      const T* pa = a.data<T>();
+      const T* pb = b.data<T>();
+      T* pc = c.data<T>();
+      for (int64_t i = 0; i < nb; ++i) {
+        int64_t oa = 0, ob = 0, rem = i;
+        for (int d = batch.rank() - 1; d >= 0; --d) {
+          int64_t idx = rem % batch[d];
+          rem /= batch[d];
+          oa += idx * bsa[d];
+          ob += idx * bsb[d];
+        }
+        kernels::cpu::gemm(la.trans, lb.trans, M, N, K, T(1), pa + oa, la.ld, pb + ob, lb.ld, T(0), pc + i * M * N,
+                           std::max<int64_t>(N, 1));
+      }
+    });
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const Tensor &a = in[0], &b = in[1], &g = ct[0];
+    TensorList r(2);
+    if (needs[0]) r[0] = sum_to(matmul(g, b.transpose(-2, -1)), a.shape());
+    if (needs[1]) r[1] = sum_to(matmul(a.transpose(-2, -1), g), b.shape());
+    return r;
+  }
+};
+
+class Linear final : public Op {
+ public:
+  const char* name() const override { return "linear"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &x = in[0], &w = in[1];
+    check_same_dtype(in, "linear");
+    check_dtype(x, {DType::f32, DType::f64}, "linear");
+    if (w.dim() != 2 || x.dim() < 1 || x.shape()[x.dim() - 1] != w.shape()[1])
+      throw ShapeError("linear: x[..., in] and w[out, in] do not match", "x.shape[-1] == w.shape[1] with w of rank 2",
+                       "x " + x.shape().str() + ", w " + w.shape().str(), "w is [out_features, in_features] (PyTorch's layout)");
+    if (in.size() > 2 && (in[2].dim() != 1 || in[2].shape()[0] != w.shape()[0]))
+      throw ShapeError("linear: bias does not match the output features", "b of shape [" + std::to_string(w.shape()[0]) + "]",
+                       in[2].shape().str());
+    Shape s = x.shape();
+    s[s.rank() - 1] = w.shape()[0];
+    return {{s, x.dtype(), x.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    const Tensor& w0 = in[1];
+    Tensor x = in[0].detach().contiguous();
+    const int64_t in_f = w0.shape()[1], out_f = w0.shape()[0], M = x.numel() / std::max<int64_t>(in_f, 1);
+    MatLayout lw;
+    Tensor w = gemm_ready(w0, lw);  // [out, in]; used transposed
+    TX_DISPATCH_FLOAT(x.dtype(), "linear", {
+      using T = scalar_t;
+      T* y = out[0].data<T>();
+      T beta = T(0);
+      if (in.size() > 2) {
+        Tensor b = in[2].detach().contiguous();
+        const T* pb = b.data<T>();
+        for (int64_t i = 0; i < M; ++i) std::copy(pb, pb + out_f, y + i * out_f);
+        beta = T(1);
+      }
+      kernels::cpu::gemm(false, !lw.trans, M, out_f, in_f, T(1), x.data<T>(), std::max<int64_t>(in_f, 1), w.data<T>(),
+                         lw.ld, beta, y, std::max<int64_t>(out_f, 1));
+    });
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const Tensor &x = in[0], &w = in[1], &g = ct[0];
+    TensorList r(in.size());
+    const int64_t in_f = w.shape()[1], out_f = w.shape()[0];
+    if (needs[0]) r[0] = matmul(g, w);
+    if (needs[1]) {
+      Tensor g2 = g.reshape(Shape{-1, out_f}), x2 = x.reshape(Shape{-1, in_f});
+      r[1] = matmul(g2.T(), x2);
+    }
+    if (in.size() > 2 && needs[2]) {
+      std::vector<int> axes;
+      for (int i = 0; i + 1 < g.dim(); ++i) axes.push_back(i);
+      r[2] = axes.empty() ? g : sum(g, axes);
+    }
+    return r;
+  }
+};
+
+}  // namespace
+
+Tensor matmul(const Tensor& a, const Tensor& b) {
+  if (a.dim() == 0 || b.dim() == 0)
+    throw ShapeError("matmul of a 0-d tensor", "operands of rank >= 1", a.shape().str() + " @ " + b.shape().str(), "use mul()");
+  Tensor aa = a.dim() == 1 ? a.unsqueeze(0) : a;
+  Tensor bb = b.dim() == 1 ? b.unsqueeze(1) : b;
+  Tensor c = apply1(std::make_shared<Matmul>(), {aa, bb});
+  if (b.dim() == 1) c = c.squeeze(-1);
+  if (a.dim() == 1) c = c.squeeze(c.dim() == 1 ? 0 : -2);
+  return c;
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b) {
+  if (b.defined()) return apply1(std::make_shared<Linear>(), {x, w, b});
+  return apply1(std::make_shared<Linear>(), {x, w});
+}
+
+}  // namespace titanax

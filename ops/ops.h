@@ -1,0 +1,152 @@
+// The public operations. Each is an Op (core/op.h) with a CPU kernel (kernels/cpu), a shape and dtype
+// rule and a vjp, so every function here is differentiable unless it says otherwise.
+//
+// Conventions: shapes broadcast like NumPy; axes may be negative; floating ops accept f32 and f64
+// (f16 / bf16 tensors are cast with astype() first); integer label / index inputs accept i32 and i64.
+// Errors: ShapeError for incompatible shapes, DTypeError for unsupported dtypes, DeviceError for inputs
+// on different devices; each names the op, what it expected and what it found.
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include <array>
+
+#include "core/op.h"
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace titanax {
+
+// ------------------------------------------------------------------------------------ elementwise
+/// out = a + b (broadcasting). f32/f64 (i32/i64 allowed, not differentiable).
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+/// Elementwise max / min; the gradient goes to `a` where a >= b (resp. a <= b), else to `b`.
+Tensor maximum(const Tensor& a, const Tensor& b);
+Tensor minimum(const Tensor& a, const Tensor& b);
+/// a ** b for a > 0 (or integer-valued b).
+Tensor pow(const Tensor& a, const Tensor& b);
+/// Comparisons give bool tensors and are not differentiable.
+Tensor eq(const Tensor& a, const Tensor& b);
+Tensor ne(const Tensor& a, const Tensor& b);
+Tensor lt(const Tensor& a, const Tensor& b);
+Tensor le(const Tensor& a, const Tensor& b);
+Tensor gt(const Tensor& a, const Tensor& b);
+Tensor ge(const Tensor& a, const Tensor& b);
+/// cond ? a : b elementwise (cond: bool, broadcasting over all three).
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
+
+Tensor neg(const Tensor& x);
+Tensor exp(const Tensor& x);
+Tensor log(const Tensor& x);
+Tensor sqrt(const Tensor& x);
+Tensor rsqrt(const Tensor& x);
+Tensor tanh(const Tensor& x);
+Tensor sigmoid(const Tensor& x);
+Tensor abs(const Tensor& x);
+Tensor square(const Tensor& x);
+Tensor reciprocal(const Tensor& x);
+Tensor relu(const Tensor& x);
+/// GELU. approximate = true: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (GPT-2, Hendrycks &
+/// Gimpel 2016); false: x * Phi(x) with the exact erf.
+Tensor gelu(const Tensor& x, bool approximate = true);
+/// Clamps to [lo, hi]; gradient 1 inside, 0 outside.
+Tensor clamp(const Tensor& x, double lo, double hi);
+/// dy * (y > 0): the ReLU backward, given the ReLU output y.
+Tensor relu_backward(const Tensor& dy, const Tensor& y);
+/// dy * gelu'(x).
+Tensor gelu_backward(const Tensor& dy, const Tensor& x, bool approximate = true);
+
+/// 0-d tensor holding v with like's dtype and device.
+Tensor scalar_like(double v, const Tensor& like);
+
+// Operators (scalar operands become 0-d tensors of the tensor's dtype).
+Tensor operator+(const Tensor& a, const Tensor& b);
+Tensor operator-(const Tensor& a, const Tensor& b);
+Tensor operator*(const Tensor& a, const Tensor& b);
+Tensor operator/(const Tensor& a, const Tensor& b);
+Tensor operator-(const Tensor& a);
+Tensor operator+(const Tensor& a, double b);
+Tensor operator-(const Tensor& a, double b);
+Tensor operator*(const Tensor& a, double b);
+Tensor operator/(const Tensor& a, double b);
+Tensor operator+(double a, const Tensor& b);
+Tensor operator-(double a, const Tensor& b);
+Tensor operator*(double a, const Tensor& b);
+Tensor operator/(double a, const Tensor& b);
+
+// ------------------------------------------------------------------------------------ reductions
+/// Sum over `axes` (all axes when empty). keepdims keeps reduced axes as size 1. Accumulates in f64.
+Tensor sum(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
+Tensor mean(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
+/// Max / min over axes; the gradient is split evenly among tied maxima.
+Tensor max(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
+Tensor min(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
+/// log(sum(exp(x))) over axes, computed stably (max subtracted).
+Tensor logsumexp(const Tensor& x, std::vector<int> axes, bool keepdims = false);
+/// Index of the largest element along `axis` (first on ties), as i64. Not differentiable.
+Tensor argmax(const Tensor& x, int axis, bool keepdims = false);
+/// Sums `x` down to `shape` (the reverse of broadcasting): used by vjps of broadcasting ops.
+Tensor sum_to(const Tensor& x, const Shape& shape);
+
+// ------------------------------------------------------------------------------------ shapes
+/// Free functions for the Tensor view methods (same semantics).
+Tensor reshape(const Tensor& x, const Shape& shape);
+Tensor permute(const Tensor& x, const std::vector<int>& axes);
+Tensor transpose(const Tensor& x, int a, int b);
+Tensor expand(const Tensor& x, const Shape& shape);
+Tensor slice(const Tensor& x, int axis, int64_t start, int64_t stop, int64_t step = 1);
+/// Joins tensors along an existing axis; all other dimensions must match.
+Tensor concat(const TensorList& xs, int axis);
+/// Pads with zeros: `before` / `after` elements along `axis` (used by the vjp of slice).
+Tensor pad(const Tensor& x, int axis, int64_t before, int64_t after);
+/// out[..., labels[i], ...] = 1: f32 one-hot of integer labels with `classes` entries (new last axis).
+Tensor one_hot(const Tensor& labels, int64_t classes, DType dtype = DType::f32);
+/// Gathers x[..., idx[...], ...] along `axis`: out.shape = x.shape with axis replaced by idx.shape.
+Tensor take(const Tensor& x, const Tensor& idx, int axis);
+
+// ------------------------------------------------------------------------------------ linear algebra
+/// Matrix product with NumPy semantics: [.., m, k] @ [.., k, n] -> [.., m, n], batch axes broadcast;
+/// rank-1 operands are promoted (and the added axis removed). f32 through oneDNN's sgemm; f64 by Eigen.
+Tensor matmul(const Tensor& a, const Tensor& b);
+/// y = x @ w^T + b with w: [out, in] (PyTorch's layout), x: [..., in], b: [out] or undefined.
+Tensor linear(const Tensor& x, const Tensor& w, const Tensor& b = {});
+
+// ------------------------------------------------------------------------------------ neural network
+/// softmax / log-softmax along `axis`, computed with the max subtracted.
+Tensor softmax(const Tensor& x, int axis = -1);
+Tensor log_softmax(const Tensor& x, int axis = -1);
+
+enum class Reduction { mean, sum, none };
+/// Cross-entropy of logits [N, C] (or [..., C]) against integer labels [N] (or [...]), fused with the
+/// log-softmax. Labels equal to ignore_index contribute nothing; `mean` divides by the number of
+/// non-ignored labels. A label outside [0, C) throws ValueError naming it.
+Tensor cross_entropy(const Tensor& logits, const Tensor& labels, Reduction reduction = Reduction::mean,
+                     int64_t ignore_index = -100);
+/// Layer normalisation over the last axis (Ba, Kiros & Hinton 2016): (x - mean) / sqrt(var + eps) * w + b,
+/// w and b of shape [x.shape[-1]] (either may be undefined).
+Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps = 1e-5);
+/// Inverted dropout (Srivastava et al. 2014): zeroes each element with probability p and scales the
+/// rest by 1/(1-p). The mask comes from Philox(key) by element index, so it is the same on every device.
+/// Identity when !training or p == 0. Throws ValueError unless 0 <= p < 1.
+Tensor dropout(const Tensor& x, double p, RngKey key, bool training = true);
+/// Rows of weight [V, D] for integer ids [...] -> [..., D]. An id outside [0, V) throws ValueError.
+/// The gradient scatters into weight deterministically (sequentially per row).
+Tensor embedding(const Tensor& weight, const Tensor& ids);
+/// 2-D convolution (cross-correlation, as PyTorch): x [N, C, H, W], w [O, C, kh, kw], b [O] or
+/// undefined; oneDNN on the CPU.
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b = {}, std::array<int64_t, 2> stride = {1, 1},
+              std::array<int64_t, 2> padding = {0, 0});
+/// Max pooling over [N, C, H, W] windows; stride defaults to the kernel size.
+Tensor max_pool2d(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride = {0, 0},
+                  std::array<int64_t, 2> padding = {0, 0});
+
+// ------------------------------------------------------------------------------------ random
+/// Uniform [0, 1) and standard normal samples from Philox(key) by element index (same on every device).
+Tensor random_uniform(RngKey key, const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+Tensor random_normal(RngKey key, const Shape& shape, DType dtype = DType::f32, Device device = Device::cpu());
+
+}  // namespace titanax

@@ -1,0 +1,157 @@
+// Reductions: sum, mean, max, min, logsumexp, argmax, sum_to.
+#include <algorithm>
+
+#include "kernels/cpu/reduce.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+using kernels::cpu::ReduceOp;
+
+std::vector<bool> reduced_mask(const Shape& s, const std::vector<int>& axes) {
+  std::vector<bool> m(size_t(s.rank()), axes.empty());
+  for (int a : axes) {
+    int n = normalize_axis(a, s.rank());
+    if (m[size_t(n)] && !axes.empty())
+      throw ShapeError("axis repeated in a reduction", "distinct axes", "axis " + std::to_string(a) + " twice");
+    m[size_t(n)] = true;
+  }
+  return m;
+}
+
+Shape keep_shape(const Shape& s, const std::vector<bool>& m) {
+  Shape k = s;
+  for (int i = 0; i < s.rank(); ++i)
+    if (m[size_t(i)]) k[i] = 1;
+  return k;
+}
+
+Shape out_shape(const Shape& s, const std::vector<bool>& m, bool keepdims) {
+  if (keepdims) return keep_shape(s, m);
+  Shape o;
+  for (int i = 0; i < s.rank(); ++i)
+    if (!m[size_t(i)]) o.push_back(s[i]);
+  return o;
+}
+
+class Reduce final : public Op {
+ public:
+  Reduce(ReduceOp k, std::vector<int> axes, bool keepdims) : k_(k), axes_(std::move(axes)), keepdims_(keepdims) {}
+  const char* name() const override { return k_ == ReduceOp::sum ? "sum" : k_ == ReduceOp::max ? "max" : "min"; }
+  std::string attrs() const override {
+    std::string s = "axes=[";
+    for (size_t i = 0; i < axes_.size(); ++i) s += (i ? "," : "") + std::to_string(axes_[i]);
+    return s + "] keepdims=" + std::to_string(keepdims_);
+  }
+  bool saves_outputs() const override { return k_ != ReduceOp::sum; }
+
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_dtype(in[0], {DType::f32, DType::f64}, name());
+    auto m = reduced_mask(in[0].shape(), axes_);
+    if (k_ != ReduceOp::sum)
+      for (int i = 0; i < in[0].dim(); ++i)
+        if (m[size_t(i)] && in[0].shape()[i] == 0)
+          throw ShapeError(std::string(name()) + " over an empty axis", "a non-empty axis", in[0].shape().str());
+    return {{out_shape(in[0].shape(), m, keepdims_), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    auto m = reduced_mask(in[0].shape(), axes_);
+    Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(), 0);
+    kernels::cpu::reduce(k_, in[0], m, o);
+  }
+  TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    const Tensor& x = in[0];
+    auto m = reduced_mask(x.shape(), axes_);
+    Shape ks = keep_shape(x.shape(), m);
+    Tensor g = reshape(ct[0], ks);
+    if (k_ == ReduceOp::sum) return {expand(g, x.shape())};
+    // max / min: split the cotangent evenly among the elements equal to the result.
+    Tensor hit = eq(x, reshape(out[0], ks)).astype(x.dtype());
+    std::vector<int> ax;
+    for (int i = 0; i < x.dim(); ++i)
+      if (m[size_t(i)]) ax.push_back(i);
+    Tensor count = sum(hit, ax, true);
+    return {mul(hit, div(g, count))};
+  }
+
+ private:
+  ReduceOp k_;
+  std::vector<int> axes_;
+  bool keepdims_;
+};
+
+class ArgMax final : public Op {
+ public:
+  ArgMax(int axis, bool keepdims) : axis_(axis), keepdims_(keepdims) {}
+  const char* name() const override { return "argmax"; }
+  std::string attrs() const override { return "axis=" + std::to_string(axis_) + " keepdims=" + std::to_string(keepdims_); }
+  bool differentiable() const override { return false; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    int a = normalize_axis(axis_, in[0].dim());
+    if (in[0].shape()[a] == 0) throw ShapeError("argmax over an empty axis", "a non-empty axis", in[0].shape().str());
+    std::vector<bool> m(size_t(in[0].dim()), false);
+    m[size_t(a)] = true;
+    return {{out_shape(in[0].shape(), m, keepdims_), DType::i64, in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    int a = normalize_axis(axis_, in[0].dim());
+    kernels::cpu::argmax(in[0], a, out[0]);
+  }
+
+ private:
+  int axis_;
+  bool keepdims_;
+};
+
+}  // namespace
+
+Tensor sum(const Tensor& x, std::vector<int> axes, bool keepdims) {
+  return apply1(std::make_shared<Reduce>(ReduceOp::sum, std::move(axes), keepdims), {x});
+}
+
+Tensor mean(const Tensor& x, std::vector<int> axes, bool keepdims) {
+  auto m = reduced_mask(x.shape(), axes);
+  int64_t n = 1;
+  for (int i = 0; i < x.dim(); ++i)
+    if (m[size_t(i)]) n *= x.shape()[i];
+  return mul(sum(x, std::move(axes), keepdims), scalar_like(1.0 / double(std::max<int64_t>(n, 1)), x));
+}
+
+Tensor max(const Tensor& x, std::vector<int> axes, bool keepdims) {
+  return apply1(std::make_shared<Reduce>(ReduceOp::max, std::move(axes), keepdims), {x});
+}
+Tensor min(const Tensor& x, std::vector<int> axes, bool keepdims) {
+  return apply1(std::make_shared<Reduce>(ReduceOp::min, std::move(axes), keepdims), {x});
+}
+
+Tensor logsumexp(const Tensor& x, std::vector<int> axes, bool keepdims) {
+  Tensor m = max(x, axes, true).detach();  // a constant shift: the gradient is softmax(x) either way
+  Tensor s = log(sum(exp(sub(x, m)), axes, true)) + m;
+  if (keepdims) return s;
+  auto mask = reduced_mask(x.shape(), axes);
+  return reshape(s, out_shape(x.shape(), mask, false));
+}
+
+Tensor argmax(const Tensor& x, int axis, bool keepdims) {
+  return apply1(std::make_shared<ArgMax>(axis, keepdims), {x});
+}
+
+Tensor sum_to(const Tensor& x, const Shape& shape) {
+  if (x.shape() == shape) return x;
+  int lead = x.dim() - shape.rank();
+  if (lead < 0) throw ShapeError("sum_to a larger rank", "rank <= " + std::to_string(x.dim()), shape.str());
+  std::vector<int> axes;
+  for (int i = 0; i < x.dim(); ++i) {
+    if (i < lead) axes.push_back(i);
+    else if (shape[i - lead] == 1 && x.shape()[i] != 1) axes.push_back(i);
+    else if (shape[i - lead] != x.shape()[i])
+      throw ShapeError("sum_to: shape is not a broadcast source", "a shape that broadcasts to " + x.shape().str(), shape.str());
+  }
+  Tensor s = sum(x, axes, true);
+  return reshape(s, shape);
+}
+
+}  // namespace titanax

@@ -1,0 +1,145 @@
+// Forward values of the core ops against naive reference loops written here, on random inputs.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "op_cases.h"
+
+using namespace titanax;
+using testing::randn64;
+
+namespace {
+
+// Row-major index helpers for the naive references.
+double at3(const std::vector<double>& v, const Shape& s, int64_t i, int64_t j, int64_t k) {
+  return v[size_t((i * s[1] + j) * s[2] + k)];
+}
+
+void check_close(const std::vector<double>& got, const std::vector<double>& want, double tol = 1e-12) {
+  REQUIRE(got.size() == want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    INFO("element " << i);
+    REQUIRE(got[i] == Approx(want[i]).margin(tol).epsilon(tol));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("binary ops broadcast like NumPy", "[ops][elementwise]") {
+  RngKey key = RngKey::from_seed(11);
+  Tensor a = randn64(fold_in(key, 0), Shape{2, 3, 4});
+  Tensor b = randn64(fold_in(key, 1), Shape{3, 1});
+  auto av = a.to_vector<double>(), bv = b.to_vector<double>();
+  std::vector<double> want;
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 3; ++j)
+      for (int k = 0; k < 4; ++k) want.push_back(at3(av, a.shape(), i, j, k) * bv[size_t(j)]);
+  check_close((a * b).to_vector<double>(), want);
+  // Strided operand (transposed view) and a scalar.
+  Tensor m = randn64(fold_in(key, 2), Shape{4, 3});
+  auto mv = m.to_vector<double>();
+  std::vector<double> want2;
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 4; ++j) want2.push_back(mv[size_t(j * 3 + i)] - 2.0);
+  check_close((m.T() - 2.0).to_vector<double>(), want2);
+  CHECK_THROWS_AS(a + randn64(key, Shape{5}), ShapeError);
+  CHECK_THROWS_AS(a + a.astype(DType::f32), DTypeError);
+}
+
+TEST_CASE("unary ops match the C library", "[ops][elementwise]") {
+  Tensor x = testing::uniform64(RngKey::from_seed(3), Shape{64}, 0.1, 3.0);
+  auto xv = x.to_vector<double>();
+  auto run = [&](Tensor y, double (*f)(double)) {
+    std::vector<double> want;
+    for (double v : xv) want.push_back(f(v));
+    check_close(y.to_vector<double>(), want);
+  };
+  run(exp(x), [](double v) { return std::exp(v); });
+  run(log(x), [](double v) { return std::log(v); });
+  run(sqrt(x), [](double v) { return std::sqrt(v); });
+  run(tanh(x), [](double v) { return std::tanh(v); });
+  run(sigmoid(neg(x)), [](double v) { return 1.0 / (1.0 + std::exp(v)); });
+  run(gelu(x, false), [](double v) { return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0))); });
+  run(gelu(x, true), [](double v) {
+    return 0.5 * v * (1 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+  });
+}
+
+TEST_CASE("reductions over every axis set match naive loops", "[ops][reduce]") {
+  Tensor x = randn64(RngKey::from_seed(5), Shape{3, 4, 5});
+  auto xv = x.to_vector<double>();
+  for (int mask = 0; mask < 8; ++mask) {
+    std::vector<int> axes;
+    for (int d = 0; d < 3; ++d)
+      if (mask & (1 << d)) axes.push_back(d);
+    if (axes.empty()) continue;
+    int64_t n0 = (mask & 1) ? 1 : 3, n1 = (mask & 2) ? 1 : 4, n2 = (mask & 4) ? 1 : 5;
+    std::vector<double> s(size_t(n0 * n1 * n2), 0.0), mx(s.size(), -INFINITY);
+    for (int i = 0; i < 3; ++i)
+      for (int j = 0; j < 4; ++j)
+        for (int k = 0; k < 5; ++k) {
+          size_t o = size_t(((mask & 1 ? 0 : i) * n1 + (mask & 2 ? 0 : j)) * n2 + (mask & 4 ? 0 : k));
+          s[o] += at3(xv, x.shape(), i, j, k);
+          mx[o] = std::max(mx[o], at3(xv, x.shape(), i, j, k));
+        }
+    INFO("mask " << mask);
+    check_close(sum(x, axes, true).to_vector<double>(), s);
+    check_close(max(x, axes, true).to_vector<double>(), mx);
+    // Also over a transposed (strided) view of the same data.
+    Tensor xt = x.permute({2, 1, 0}).contiguous().permute({2, 1, 0});
+    check_close(sum(xt, axes, true).to_vector<double>(), s);
+  }
+  CHECK(sum(x).item() == Approx([&] { double t = 0; for (double v : xv) t += v; return t; }()).epsilon(1e-12));
+  // Large reductions take the multithreaded paths.
+  Tensor big = ones(Shape{300, 1000});
+  CHECK(sum(big).item() == 300000.0);
+  CHECK(sum(big, {0}).to_vector<float>() == std::vector<float>(1000, 300.0f));
+  CHECK(sum(big, {1}).to_vector<float>() == std::vector<float>(300, 1000.0f));
+}
+
+TEST_CASE("argmax picks the first maximum", "[ops][reduce]") {
+  Tensor x = from_vector(std::vector<float>{1, 5, 5, 0, 7, 2}, Shape{2, 3});
+  CHECK(argmax(x, 1).to_vector<int64_t>() == std::vector<int64_t>{1, 1});
+  CHECK(argmax(x, 0).to_vector<int64_t>() == std::vector<int64_t>{0, 1, 0});
+}
+
+TEST_CASE("matmul matches a naive triple loop (f32 and f64, batched, transposed)", "[ops][matmul]") {
+  RngKey key = RngKey::from_seed(9);
+  for (DType dt : {DType::f64, DType::f32}) {
+    Tensor a = randn64(fold_in(key, 1), Shape{2, 7, 13}).astype(dt);
+    Tensor b = randn64(fold_in(key, 2), Shape{13, 9}).astype(dt);
+    auto av = a.to_vector<double>(), bv = b.to_vector<double>();
+    std::vector<double> want(2 * 7 * 9, 0.0);
+    for (int bt = 0; bt < 2; ++bt)
+      for (int i = 0; i < 7; ++i)
+        for (int j = 0; j < 9; ++j)
+          for (int k = 0; k < 13; ++k) want[size_t((bt * 7 + i) * 9 + j)] += av[size_t((bt * 7 + i) * 13 + k)] * bv[size_t(k * 9 + j)];
+    double tol = dt == DType::f32 ? 1e-5 : 1e-12;
+    check_close(matmul(a, b).to_vector<double>(), want, tol);
+    // The same product through transposed views of transposed copies.
+    Tensor at = a.transpose(-2, -1).contiguous().transpose(-2, -1);
+    Tensor bt = b.T().contiguous().T();
+    check_close(matmul(at, bt).to_vector<double>(), want, tol);
+  }
+  CHECK_THROWS_AS(matmul(ones(Shape{2, 3}), ones(Shape{4, 5})), ShapeError);
+}
+
+TEST_CASE("linear is x @ w^T + b", "[ops][matmul]") {
+  RngKey key = RngKey::from_seed(10);
+  Tensor x = randn64(fold_in(key, 1), Shape{6, 5}), w = randn64(fold_in(key, 2), Shape{4, 5}), b = randn64(fold_in(key, 3), Shape{4});
+  check_close(linear(x, w, b).to_vector<double>(), (matmul(x, w.T()) + b).to_vector<double>(), 1e-12);
+  CHECK_THROWS_AS(linear(x, ones(Shape{4, 6}, DType::f64)), ShapeError);
+}
+
+TEST_CASE("where, concat, slice, pad, one_hot", "[ops][shape]") {
+  Tensor a = from_vector(std::vector<float>{1, 2, 3, 4}, Shape{2, 2});
+  Tensor b = from_vector(std::vector<float>{10, 20}, Shape{2});
+  Tensor c = gt(a, scalar(2.5));
+  CHECK(where(c, a, b).to_vector<float>() == std::vector<float>{10, 20, 3, 4});
+  CHECK(concat({a, a}, 0).shape() == Shape{4, 2});
+  CHECK(concat({a, b.reshape(Shape{2, 1})}, 1).to_vector<float>() == std::vector<float>{1, 2, 10, 3, 4, 20});
+  CHECK(pad(b, 0, 1, 2).to_vector<float>() == std::vector<float>{0, 10, 20, 0, 0});
+  CHECK(one_hot(from_vector(std::vector<int64_t>{2, 0}, Shape{2}), 3).to_vector<float>() == std::vector<float>{0, 0, 1, 1, 0, 0});
+  CHECK_THROWS_AS(one_hot(from_vector(std::vector<int64_t>{3}, Shape{1}), 3), ValueError);
+  CHECK_THROWS_AS(concat({a, ones(Shape{3, 3})}, 0), ShapeError);
+}
