@@ -1,0 +1,62 @@
+// Communicator: a group of ranks and the collectives over it. Backends: "local" (one process, no MPI),
+// "mpi" (OpenMPI; device tensors are staged through host memory), later "nccl". Every method is
+// collective over the group unless it says otherwise: all ranks call it in the same order with
+// matching shapes and dtypes, else a CollectiveError (where detectable) or a hang, as with MPI itself.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace titanax {
+
+enum class CollectiveOp { sum, max, min };
+
+/// An in-flight non-blocking collective. wait() completes it (idempotent); the destructor waits too.
+class CollectiveRequest {
+ public:
+  virtual ~CollectiveRequest() = default;
+  virtual void wait() = 0;
+};
+
+class Communicator {
+ public:
+  virtual ~Communicator() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+  /// "local", "mpi", "nccl".
+  virtual std::string backend() const = 0;
+
+  /// In place: every rank's t becomes the elementwise reduction over ranks. t must be contiguous;
+  /// dtypes f32, f64, i32, i64 (bf16 / f16 reduce through f32).
+  virtual void all_reduce(Tensor& t, CollectiveOp op = CollectiveOp::sum) = 0;
+  /// Starts all_reduce without waiting; t must not be read or written until wait().
+  virtual std::unique_ptr<CollectiveRequest> iall_reduce(Tensor& t, CollectiveOp op = CollectiveOp::sum) = 0;
+  /// In place: every rank's t becomes root's t.
+  virtual void broadcast(Tensor& t, int root) = 0;
+  /// Concatenation of every rank's t along axis 0, in rank order: [size * t.shape[0], ...].
+  virtual Tensor all_gather(const Tensor& t) = 0;
+  /// t: [size * n, ...] on every rank; returns rank r's block [n, ...] of the elementwise reduction.
+  /// Throws CollectiveError unless t.shape[0] divides by size.
+  virtual Tensor reduce_scatter(const Tensor& t, CollectiveOp op = CollectiveOp::sum) = 0;
+  /// t: [size * n, ...]; block j goes to rank j; returns the blocks received, in source-rank order.
+  virtual Tensor all_to_all(const Tensor& t) = 0;
+  /// Sends t to `dst` and returns what `src` sent (same shape and dtype as t). dst / src may be -1 for
+  /// none (then returns zeros resp. sends nothing). Pairs with the peers' sendrecv calls.
+  virtual Tensor sendrecv(const Tensor& t, int dst, int src) = 0;
+  /// Point-to-point (not collective): blocking send / receive into a preallocated tensor.
+  virtual void send(const Tensor& t, int dst, int tag = 0) = 0;
+  virtual void recv(Tensor& t, int src, int tag = 0) = 0;
+  virtual void barrier() = 0;
+  /// Every rank's string, in rank order (for metadata, consistency checks and error messages).
+  virtual std::vector<std::string> all_gather_string(const std::string& s) = 0;
+  /// Sub-groups: ranks with the same color form a group, ordered by key (MPI_Comm_split semantics).
+  virtual std::shared_ptr<Communicator> split(int color, int key) = 0;
+};
+
+/// A one-rank communicator: every collective is the identity (used without mpirun and in tests).
+std::shared_ptr<Communicator> make_local_communicator();
+
+}  // namespace titanax
