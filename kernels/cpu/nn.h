@@ -1,0 +1,81 @@
+// CPU kernels of the neural-network ops (ops/nn.cpp): softmax / log-softmax, fused cross-entropy,
+// layer normalisation, dropout, and gather / scatter-add along an axis (take, embedding).
+//
+// Conventions (internal to kernels/cpu, called by the ops after their shape checks):
+//   * Floating tensors are f32 or f64 (anything else: DTypeError through unsupported_dtype). Integer
+//     label / index tensors are i32 or i64.
+//   * Every input must be contiguous (the ops call .contiguous() first); outputs are contiguous tensors
+//     allocated by the caller with the documented shape.
+//   * Reductions inside a row accumulate in double; all results are independent of the thread count
+//     (threads only ever split rows, columns or disjoint output rows).
+//   * Errors are raised before any parallel region: kernels never throw from inside OpenMP.
+#pragma once
+
+#include <cstdint>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+
+namespace titanax::kernels::cpu {
+
+// ------------------------------------------------------------------------------------ softmax
+/// y = softmax(x) (or log_softmax when `log`) along the middle axis of x viewed as [outer, n, inner]
+/// (x, y contiguous, same shape and dtype). Stable: the maximum of each slice is subtracted before exp.
+/// inner == 1 (the last axis) takes a row fast path; other axes work on inner-contiguous columns.
+void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y);
+
+// ------------------------------------------------------------------------------------ cross-entropy
+enum class LossReduction { mean, sum, none };
+
+/// Checks integer labels [R] (i32 / i64, contiguous) against C classes: every label is in [0, C) or equals
+/// ignore_index. Returns the number of non-ignored labels. Throws ValueError naming the first bad label
+/// and its position (row-major index into `labels_shape`, the user's labels shape).
+int64_t check_labels(const Tensor& labels, int64_t classes, int64_t ignore_index, const Shape& labels_shape,
+                     const char* what);
+
+/// Fused log-softmax + NLL over logits [R, C]: loss_r = logsumexp(logits[r]) - logits[r, label_r] (0 for
+/// ignored rows), in one pass per row (no log-softmax tensor). out: [R] for none, 0-d for sum, and for
+/// mean the sum divided by `count` (the number of non-ignored labels; 0 when count == 0). Row losses are
+/// summed in row order, so sum / mean do not depend on the thread count. Labels must be checked first.
+void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red,
+                   int64_t count, Tensor& out);
+
+/// dlogits [R, C] = (softmax(logits) - onehot(labels)) * scale_r, one pass per row, with scale_r = ct[r]
+/// for none (ct: [R]), ct / count for mean and ct for sum (ct: one element); 0 on ignored rows.
+void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                            LossReduction red, int64_t count, Tensor& dlogits);
+
+// ------------------------------------------------------------------------------------ layer norm
+/// y [R, D] = (x - mean_r) * rstd_r * w + b with rstd_r = 1 / sqrt(var_r + eps) (biased variance, two
+/// passes in double). w, b: [D] or nullptr (then 1 / 0).
+void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, Tensor& y);
+
+/// The layer-norm backward (PyTorch's native_layer_norm_backward; llm.c layernorm_backward), with mean and
+/// rstd recomputed per row: xhat = (x - mean) * rstd, dxhat = dy * w,
+///   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
+///   dw = sum_r dy * xhat,  db = sum_r dy.
+/// dx is parallel over rows; dw and db are parallel over columns (each column summed in row order, so the
+/// result is bitwise independent of the thread count). dw / db may be nullptr (not wanted).
+void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
+                         Tensor* db);
+
+// ------------------------------------------------------------------------------------ dropout
+/// out[i] = uniform_at(key, i) >= p ? x[i] * T(1 / (1 - p)) : 0, i the row-major element index.
+/// (One Philox block serves four consecutive elements, exactly as uniform_at indexes them.)
+void dropout(const Tensor& x, double p, RngKey key, Tensor& out);
+
+// ------------------------------------------------------------------------------------ gather / scatter
+/// Checks integer indices (i32 / i64, contiguous) against [0, n). Throws ValueError naming the first
+/// index out of range and its position in `idx_shape`; `what` names the op ("embedding", "take").
+void check_indices(const Tensor& idx, int64_t n, const Shape& idx_shape, const char* what);
+
+/// out[a, k, b] = x[a, idx[k], b] with x viewed as [A, n, B] and out as [A, K, B] (K = idx.numel()).
+void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
+
+/// out[a, r, b] = sum over k with idx[k] == r, in increasing k, of g[a, k, b]: the adjoint of gather.
+/// g: [A, K, B], out: [A, n, B] (fully written, zero for rows no index hits). Deterministic: indices are
+/// bucketed by row with a counting sort, then threads split disjoint output rows; each row's sum runs
+/// in index order, so results are bitwise identical run to run and for any thread count.
+void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
+
+}  // namespace titanax::kernels::cpu

@@ -1,0 +1,395 @@
+// Neural-network ops: softmax, log_softmax, cross_entropy (+ its fused backward), layer_norm (+ backward),
+// dropout, take / embedding (+ their scatter-add backward). Kernels in kernels/cpu/nn.h.
+#include <cmath>
+
+#include "kernels/cpu/nn.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+namespace kc = kernels::cpu;
+
+// A contiguous alias of an input, cut from the tape (kernels read raw pointers).
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
+
+// ------------------------------------------------------------------------------------ softmax
+
+class Softmax final : public Op {
+ public:
+  Softmax(int axis, bool log) : axis_(axis), log_(log) {}
+  const char* name() const override { return log_ ? "log_softmax" : "softmax"; }
+  std::string attrs() const override { return "axis=" + std::to_string(axis_); }
+  bool saves_outputs() const override { return true; }
+
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_dtype(in[0], {DType::f32, DType::f64}, name());
+    if (in[0].dim() == 0)
+      throw ShapeError(std::string(name()) + " of a 0-d tensor", "a tensor with at least one axis", in[0].shape().str(),
+                       "reshape the value to [1] or [n]");
+    normalize_axis(axis_, in[0].dim());
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    const Shape& s = x.shape();
+    const int a = normalize_axis(axis_, x.dim());
+    int64_t outer = 1, inner = 1;
+    for (int i = 0; i < a; ++i) outer *= s[i];
+    for (int i = a + 1; i < s.rank(); ++i) inner *= s[i];
+    kc::softmax(x, outer, s[a], inner, log_, out[0]);
+  }
+  TensorList vjp(const TensorList&, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    const Tensor &y = out[0], &g = ct[0];
+    if (log_) return {sub(g, mul(exp(y), sum(g, {axis_}, true)))};  // g - softmax * sum(g)
+    return {mul(y, sub(g, sum(mul(g, y), {axis_}, true)))};          // y * (g - sum(g * y))
+  }
+
+ private:
+  int axis_;
+  bool log_;
+};
+
+// ------------------------------------------------------------------------------------ cross-entropy
+
+kc::LossReduction to_kernel(Reduction r) {
+  switch (r) {
+    case Reduction::mean: return kc::LossReduction::mean;
+    case Reduction::sum: return kc::LossReduction::sum;
+    default: return kc::LossReduction::none;
+  }
+}
+const char* reduction_name(Reduction r) {
+  return r == Reduction::mean ? "mean" : r == Reduction::sum ? "sum" : "none";
+}
+
+// Shared shape / dtype rule of cross_entropy and its backward.
+void check_ce_inputs(const Tensor& logits, const Tensor& labels, const char* what) {
+  check_dtype(logits, {DType::f32, DType::f64}, what);
+  check_dtype(labels, {DType::i32, DType::i64}, (std::string(what) + " (labels)").c_str());
+  if (logits.dim() < 1)
+    throw ShapeError(std::string(what) + ": logits need a class axis", "logits [..., C]", logits.shape().str());
+  Shape want(logits.shape().begin(), logits.shape().end() - 1);
+  if (labels.shape() != want)
+    throw ShapeError(std::string(what) + ": labels do not match the logits", "labels of shape " + want.str() +
+                                                                               " for logits " + logits.shape().str(),
+                     labels.shape().str(), "labels hold one class index per row of logits (no one-hot, no class axis)");
+}
+
+class CrossEntropyBackward final : public Op {
+ public:
+  CrossEntropyBackward(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
+  const char* name() const override { return "cross_entropy_backward"; }
+  std::string attrs() const override {
+    return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_ce_inputs(in[0], in[1], name());
+    const Tensor& ct = in[2];
+    Shape want = red_ == Reduction::none ? in[1].shape() : Shape{};
+    if (ct.shape() != want || ct.dtype() != in[0].dtype())
+      throw ShapeError("cross_entropy_backward: cotangent does not match the loss",
+                       std::string(dtype_name(in[0].dtype())) + want.str(), std::string(dtype_name(ct.dtype())) + ct.shape().str());
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]), ct = dense(in[2]);
+    const int64_t C = logits.shape().back();
+    int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
+    kc::cross_entropy_backward(logits, labels, ct, ignore_, to_kernel(red_), count, out[0]);
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("second derivative of cross_entropy is not implemented", "first-order gradients of cross_entropy",
+                        "a gradient of cross_entropy_backward",
+                        "write the loss as -sum(one_hot(labels) * log_softmax(logits)) for higher-order terms");
+  }
+
+ private:
+  Reduction red_;
+  int64_t ignore_;
+};
+
+class CrossEntropy final : public Op {
+ public:
+  CrossEntropy(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
+  const char* name() const override { return "cross_entropy"; }
+  std::string attrs() const override {
+    return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_ce_inputs(in[0], in[1], name());
+    Shape s = red_ == Reduction::none ? in[1].shape() : Shape{};
+    return {{s, in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]);
+    const int64_t C = logits.shape().back();
+    int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
+    kc::cross_entropy(logits, labels, ignore_, to_kernel(red_), count, out[0]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    TensorList r(2);
+    if (needs[0]) r[0] = apply1(std::make_shared<CrossEntropyBackward>(red_, ignore_), {in[0], in[1], ct[0]});
+    return r;
+  }
+
+ private:
+  Reduction red_;
+  int64_t ignore_;
+};
+
+// ------------------------------------------------------------------------------------ layer norm
+
+void check_ln_param(const Tensor& x, const Tensor& p, const char* which) {
+  const int64_t D = x.shape().back();
+  if (p.dim() != 1 || p.shape()[0] != D)
+    throw ShapeError(std::string("layer_norm: ") + which + " does not match the normalised axis",
+                     "shape [" + std::to_string(D) + "] (x.shape[-1] of x " + x.shape().str() + ")", p.shape().str(),
+                     "layer_norm normalises the last axis only; pass parameters of that size");
+  if (p.dtype() != x.dtype())
+    throw DTypeError(std::string("layer_norm: ") + which + " has a different dtype from x",
+                     std::string(dtype_name(x.dtype())), std::string(dtype_name(p.dtype())), "cast it with astype()");
+}
+
+// Inputs (dy, x[, w]); outputs dx, then dw when want_w, then db when want_b.
+class LayerNormBackward final : public Op {
+ public:
+  LayerNormBackward(double eps, bool has_w, bool want_w, bool want_b)
+      : eps_(eps), has_w_(has_w), want_w_(want_w), want_b_(want_b) {}
+  const char* name() const override { return "layer_norm_backward"; }
+  std::string attrs() const override {
+    return "eps=" + std::to_string(eps_) + " w=" + std::to_string(has_w_) + " dw=" + std::to_string(want_w_) +
+           " db=" + std::to_string(want_b_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_dtype(in[1], {DType::f32, DType::f64}, name());
+    check_same_dtype(in, name());
+    if (in[0].shape() != in[1].shape())
+      throw ShapeError("layer_norm_backward: dy and x differ in shape", in[1].shape().str(), in[0].shape().str());
+    if (in[1].dim() < 1) throw ShapeError("layer_norm_backward of a 0-d tensor", "rank >= 1", in[1].shape().str());
+    if (has_w_) check_ln_param(in[1], in[2], "w");
+    const Device d = in[1].device();
+    std::vector<TensorSpec> s{{in[1].shape(), in[1].dtype(), d}};
+    Shape p{in[1].shape().back()};
+    if (want_w_) s.push_back({p, in[1].dtype(), d});
+    if (want_b_) s.push_back({p, in[1].dtype(), d});
+    return s;
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor dy = dense(in[0]), x = dense(in[1]);
+    Tensor w = has_w_ ? dense(in[2]) : Tensor();
+    size_t k = 1;
+    Tensor* dw = want_w_ ? &out[k++] : nullptr;
+    Tensor* db = want_b_ ? &out[k++] : nullptr;
+    kc::layer_norm_backward(dy, x, has_w_ ? &w : nullptr, eps_, out[0], dw, db);
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("second derivative of layer_norm is not implemented", "first-order gradients of layer_norm",
+                        "a gradient of layer_norm_backward", "compose layer_norm from mean / rsqrt for higher-order terms");
+  }
+
+ private:
+  double eps_;
+  bool has_w_, want_w_, want_b_;
+};
+
+// Inputs (x[, w][, b]) as flagged.
+class LayerNorm final : public Op {
+ public:
+  LayerNorm(double eps, bool has_w, bool has_b) : eps_(eps), has_w_(has_w), has_b_(has_b) {}
+  const char* name() const override { return "layer_norm"; }
+  std::string attrs() const override {
+    return "eps=" + std::to_string(eps_) + " w=" + std::to_string(has_w_) + " b=" + std::to_string(has_b_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_dtype(in[0], {DType::f32, DType::f64}, name());
+    if (in[0].dim() < 1)
+      throw ShapeError("layer_norm of a 0-d tensor", "x of shape [..., D]", in[0].shape().str());
+    if (has_w_) check_ln_param(in[0], in[1], "w");
+    if (has_b_) check_ln_param(in[0], in[has_w_ ? 2 : 1], "b");
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    Tensor w = has_w_ ? dense(in[1]) : Tensor(), b = has_b_ ? dense(in[has_w_ ? 2 : 1]) : Tensor();
+    kc::layer_norm(x, has_w_ ? &w : nullptr, has_b_ ? &b : nullptr, eps_, out[0]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const size_t iw = 1, ib = has_w_ ? 2 : 1;
+    const bool want_w = has_w_ && needs[iw], want_b = has_b_ && needs[ib];
+    TensorList bin{ct[0], in[0]};
+    if (has_w_) bin.push_back(in[iw]);
+    TensorList g = titanax::apply(std::make_shared<LayerNormBackward>(eps_, has_w_, want_w, want_b), bin);
+    TensorList r(in.size());
+    size_t k = 1;
+    if (needs[0]) r[0] = g[0];
+    if (want_w) r[iw] = g[k++];
+    if (want_b) r[ib] = g[k++];
+    return r;
+  }
+
+ private:
+  double eps_;
+  bool has_w_, has_b_;
+};
+
+// ------------------------------------------------------------------------------------ dropout
+
+class Dropout final : public Op {
+ public:
+  Dropout(double p, RngKey key) : p_(p), key_(key) {}
+  const char* name() const override { return "dropout"; }
+  std::string attrs() const override { return "p=" + std::to_string(p_) + " key=" + key_.str(); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_dtype(in[0], {DType::f32, DType::f64}, name());
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    kc::dropout(dense(in[0]), p_, key_, out[0]);
+  }
+  // Linear in x: the cotangent goes through the same mask (recomputed from the key, never stored).
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    return {apply1(std::make_shared<Dropout>(p_, key_), {ct[0]})};
+  }
+
+ private:
+  double p_;
+  RngKey key_;
+};
+
+// ------------------------------------------------------------------------------------ take / embedding
+
+// x viewed as [A, n, B] around `axis`.
+void split_at(const Shape& s, int axis, int64_t& A, int64_t& n, int64_t& B) {
+  A = 1, B = 1;
+  for (int i = 0; i < axis; ++i) A *= s[i];
+  n = s[axis];
+  for (int i = axis + 1; i < s.rank(); ++i) B *= s[i];
+}
+
+Shape gathered_shape(const Shape& x, const Shape& idx, int axis) {
+  Shape o;
+  for (int i = 0; i < axis; ++i) o.push_back(x[i]);
+  for (int64_t d : idx) o.push_back(d);
+  for (int i = axis + 1; i < x.rank(); ++i) o.push_back(x[i]);
+  if (o.rank() > kMaxRank) throw ShapeError("take: result has too many axes", "rank <= 8", std::to_string(o.rank()));
+  return o;
+}
+
+// Gathers along `axis` (take) or rows of a [V, D] table (embedding: axis 0, extra checks).
+class Gather final : public Op {
+ public:
+  Gather(int axis, bool embedding) : axis_(axis), embedding_(embedding) {}
+  const char* name() const override { return embedding_ ? "embedding" : "take"; }
+  std::string attrs() const override { return "axis=" + std::to_string(axis_); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &x = in[0], &idx = in[1];
+    check_dtype(x, {DType::f32, DType::f64}, name());
+    check_dtype(idx, {DType::i32, DType::i64}, embedding_ ? "embedding (ids)" : "take (indices)");
+    if (embedding_ && x.dim() != 2)
+      throw ShapeError("embedding: the table must be 2-D", "weight [V, D]", x.shape().str());
+    if (x.dim() == 0) throw ShapeError("take from a 0-d tensor", "a tensor with at least one axis", x.shape().str());
+    int a = normalize_axis(axis_, x.dim());
+    return {{gathered_shape(x.shape(), idx.shape(), a), x.dtype(), x.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]), idx = dense(in[1]);
+    int64_t A, n, B;
+    split_at(x.shape(), normalize_axis(axis_, x.dim()), A, n, B);
+    kc::check_indices(idx, n, in[1].shape(), name());
+    kc::gather(x, idx, A, n, B, out[0]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override;
+
+ private:
+  int axis_;
+  bool embedding_;
+};
+
+// The adjoint of Gather: scatter-adds g [.., idx.shape, ..] into zeros of `shape` (deterministic).
+class ScatterAdd final : public Op {
+ public:
+  ScatterAdd(int axis, Shape shape, bool embedding) : axis_(axis), shape_(shape), embedding_(embedding) {}
+  const char* name() const override { return embedding_ ? "embedding_backward" : "take_backward"; }
+  std::string attrs() const override { return "axis=" + std::to_string(axis_) + " shape=" + shape_.str(); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &g = in[0], &idx = in[1];
+    check_dtype(g, {DType::f32, DType::f64}, name());
+    check_dtype(idx, {DType::i32, DType::i64}, name());
+    Shape want = gathered_shape(shape_, idx.shape(), axis_);
+    if (g.shape() != want)
+      throw ShapeError(std::string(name()) + ": gradient does not match the gathered shape", want.str(), g.shape().str());
+    return {{shape_, g.dtype(), g.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor g = dense(in[0]), idx = dense(in[1]);
+    int64_t A, n, B;
+    split_at(shape_, axis_, A, n, B);
+    kc::check_indices(idx, n, in[1].shape(), name());
+    kc::scatter_add(g, idx, A, n, B, out[0]);
+  }
+  // Linear in g: the adjoint of a scatter-add is the gather.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    TensorList r(2);
+    if (needs[0]) r[0] = apply1(std::make_shared<Gather>(axis_, embedding_), {ct[0], in[1]});
+    return r;
+  }
+
+ private:
+  int axis_;  // normalised
+  Shape shape_;
+  bool embedding_;
+};
+
+TensorList Gather::vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                       const std::vector<bool>& needs) const {
+  TensorList r(2);
+  if (needs[0])
+    r[0] = apply1(std::make_shared<ScatterAdd>(normalize_axis(axis_, in[0].dim()), in[0].shape(), embedding_),
+                  {ct[0], in[1]});
+  return r;
+}
+
+}  // namespace
+
+Tensor softmax(const Tensor& x, int axis) { return apply1(std::make_shared<Softmax>(axis, false), {x}); }
+Tensor log_softmax(const Tensor& x, int axis) { return apply1(std::make_shared<Softmax>(axis, true), {x}); }
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& labels, Reduction reduction, int64_t ignore_index) {
+  return apply1(std::make_shared<CrossEntropy>(reduction, ignore_index), {logits, labels});
+}
+
+Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
+  if (!(eps >= 0)) throw ValueError("layer_norm: eps must be >= 0", ">= 0 (typically 1e-5)", std::to_string(eps));
+  TensorList in{x};
+  if (w.defined()) in.push_back(w);
+  if (b.defined()) in.push_back(b);
+  return apply1(std::make_shared<LayerNorm>(eps, w.defined(), b.defined()), in);
+}
+
+Tensor dropout(const Tensor& x, double p, RngKey key, bool training) {
+  if (!(p >= 0 && p < 1))
+    throw ValueError("dropout: p must be in [0, 1)", "0 <= p < 1", "p = " + std::to_string(p),
+                     "p is the probability of zeroing an element; use training = false to disable dropout");
+  check_dtype(x, {DType::f32, DType::f64}, "dropout");
+  if (!training || p == 0) return x;
+  return apply1(std::make_shared<Dropout>(p, key), {x});
+}
+
+Tensor embedding(const Tensor& weight, const Tensor& ids) {
+  return apply1(std::make_shared<Gather>(0, true), {weight, ids});
+}
+
+Tensor take(const Tensor& x, const Tensor& idx, int axis) {
+  return apply1(std::make_shared<Gather>(axis, false), {x, idx});
+}
+
+}  // namespace titanax
