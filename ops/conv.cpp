@@ -1,0 +1,302 @@
+// conv2d and max_pool2d, with their backward ops (conv2d_backward_input, conv2d_backward_weight,
+// max_pool2d_backward). Kernels in kernels/cpu/conv.h: oneDNN for f32, direct loops for f64.
+//
+// The convolution backward ops are linear in each input, so their own vjps are convolutions again and
+// conv2d is differentiable to any order. max_pool2d_backward's vjp throws AutodiffError.
+#include "kernels/cpu/conv.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+namespace kc = kernels::cpu;
+using Pair = std::array<int64_t, 2>;
+
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
+std::string pair_str(Pair p) {
+  std::string s = std::to_string(p[0]);  // (built by appending: GCC 12 warns falsely on "(" + string)
+  s.insert(s.begin(), '(');
+  s.append(", ").append(std::to_string(p[1])).append(")");
+  return s;
+}
+
+void check_rank4(const Tensor& t, const char* op, const char* what, const char* layout, const char* fix) {
+  if (t.dim() != 4)
+    throw ShapeError(std::string(op) + ": " + what + " must be 4-D", layout, t.shape().str(), fix);
+}
+
+void check_window(const char* op, Pair stride, Pair padding) {
+  if (stride[0] <= 0 || stride[1] <= 0)
+    throw ShapeError(std::string(op) + ": stride must be positive", "stride >= 1 on both axes", pair_str(stride));
+  if (padding[0] < 0 || padding[1] < 0)
+    throw ShapeError(std::string(op) + ": padding must be non-negative", "padding >= 0 on both axes", pair_str(padding));
+}
+
+// Each spatial axis of x (H, W) padded must hold the kernel.
+void check_fits(const char* op, const Tensor& x, Pair kernel, Pair padding) {
+  for (int a = 0; a < 2; ++a) {
+    const int64_t in = x.shape()[2 + a], padded = in + 2 * padding[size_t(a)];
+    if (padded < kernel[size_t(a)])
+      throw ShapeError(std::string(op) + ": kernel larger than the padded input",
+                       std::string("kernel ") + (a ? "width" : "height") + " <= " + (a ? "W" : "H") + " + 2 * padding = " +
+                           std::to_string(padded),
+                       "kernel " + pair_str(kernel) + " over input " + x.shape().str() + " with padding " + pair_str(padding),
+                       "use a smaller kernel, more padding, or a larger input");
+  }
+}
+
+kc::Conv2dGeom conv_geom(const Shape& x, const Shape& w, Pair stride, Pair padding) {
+  return {x[0], x[1], x[2], x[3], w[0], w[2], w[3], stride[0], stride[1], padding[0], padding[1]};
+}
+
+// ------------------------------------------------------------------------------------ conv2d
+
+Tensor conv_backward_input(const Tensor& dy, const Tensor& w, Pair hw, Pair stride, Pair padding);
+TensorList conv_backward_weight(const Tensor& dy, const Tensor& x, Pair khw, Pair stride, Pair padding, bool bias);
+
+class Conv2d final : public Op {
+ public:
+  Conv2d(Pair stride, Pair padding, bool bias) : stride_(stride), padding_(padding), bias_(bias) {}
+  const char* name() const override { return "conv2d"; }
+  std::string attrs() const override {
+    return "stride=" + pair_str(stride_) + " padding=" + pair_str(padding_) + " bias=" + std::to_string(bias_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &x = in[0], &w = in[1];
+    check_dtype(x, {DType::f32, DType::f64}, "conv2d");
+    check_same_dtype(in, "conv2d");
+    check_rank4(x, "conv2d", "x", "x [N, C, H, W]", "add a batch axis with unsqueeze(0)");
+    check_rank4(w, "conv2d", "w", "w [O, C, kh, kw]", "w is [out_channels, in_channels, kernel_h, kernel_w]");
+    check_window("conv2d", stride_, padding_);
+    if (x.shape()[1] != w.shape()[1])
+      throw ShapeError("conv2d: input channels of x and w differ",
+                       "x.shape[1] == w.shape[1] (w is [O, C, kh, kw])",
+                       "x " + x.shape().str() + " has " + std::to_string(x.shape()[1]) + " channels, w " + w.shape().str() +
+                           " expects " + std::to_string(w.shape()[1]),
+                       "check the previous layer's output channels, or the layout (NCHW, not NHWC)");
+    check_fits("conv2d", x, {w.shape()[2], w.shape()[3]}, padding_);
+    if (bias_ && (in[2].dim() != 1 || in[2].shape()[0] != w.shape()[0]))
+      throw ShapeError("conv2d: bias does not match the output channels", "b of shape [" + std::to_string(w.shape()[0]) + "]",
+                       in[2].shape().str());
+    kc::Conv2dGeom g = conv_geom(x.shape(), w.shape(), stride_, padding_);
+    return {{Shape{g.N, g.O, g.OH(), g.OW()}, x.dtype(), x.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]), w = dense(in[1]), b = bias_ ? dense(in[2]) : Tensor();
+    kc::conv2d_forward(x, w, bias_ ? &b : nullptr, conv_geom(x.shape(), w.shape(), stride_, padding_), out[0]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const Tensor &x = in[0], &w = in[1], &g = ct[0];
+    TensorList r(in.size());
+    if (needs[0]) r[0] = conv_backward_input(g, w, {x.shape()[2], x.shape()[3]}, stride_, padding_);
+    const bool want_b = bias_ && needs[2];
+    if (needs[1]) {
+      TensorList gw = conv_backward_weight(g, x, {w.shape()[2], w.shape()[3]}, stride_, padding_, want_b);
+      r[1] = gw[0];
+      if (want_b) r[2] = gw[1];
+    } else if (want_b) {
+      r[2] = sum(g, {0, 2, 3});
+    }
+    return r;
+  }
+
+ private:
+  Pair stride_, padding_;
+  bool bias_;
+};
+
+// Inputs (dy [N, O, OH, OW], w [O, C, kh, kw]) -> dx [N, C, H, W].
+class Conv2dBackwardInput final : public Op {
+ public:
+  Conv2dBackwardInput(Pair hw, Pair stride, Pair padding) : hw_(hw), stride_(stride), padding_(padding) {}
+  const char* name() const override { return "conv2d_backward_input"; }
+  std::string attrs() const override {
+    return "input_hw=" + pair_str(hw_) + " stride=" + pair_str(stride_) + " padding=" + pair_str(padding_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &dy = in[0], &w = in[1];
+    check_dtype(dy, {DType::f32, DType::f64}, name());
+    check_same_dtype(in, name());
+    check_rank4(dy, name(), "dy", "dy [N, O, OH, OW]", "");
+    check_rank4(w, name(), "w", "w [O, C, kh, kw]", "");
+    check_window(name(), stride_, padding_);
+    Shape xs{dy.shape()[0], w.shape()[1], hw_[0], hw_[1]};
+    kc::Conv2dGeom g = conv_geom(xs, w.shape(), stride_, padding_);
+    Shape want{g.N, g.O, g.OH(), g.OW()};
+    if (hw_[0] + 2 * padding_[0] < g.KH || hw_[1] + 2 * padding_[1] < g.KW || dy.shape() != want)
+      throw ShapeError("conv2d_backward_input: dy does not match the convolution", want.str(), dy.shape().str());
+    return {{xs, dy.dtype(), dy.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor dy = dense(in[0]), w = dense(in[1]);
+    kc::conv2d_backward_input(dy, w, conv_geom(out[0].shape(), w.shape(), stride_, padding_), out[0]);
+  }
+  // dx is bilinear in (dy, w): <G, dx> = <dy, conv2d(G, w)> = <w, conv2d_backward_weight(dy, G)>.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const Tensor &dy = in[0], &w = in[1], &G = ct[0];
+    TensorList r(2);
+    if (needs[0]) r[0] = conv2d(G, w, {}, stride_, padding_);
+    if (needs[1]) r[1] = conv_backward_weight(dy, G, {w.shape()[2], w.shape()[3]}, stride_, padding_, false)[0];
+    return r;
+  }
+
+ private:
+  Pair hw_, stride_, padding_;
+};
+
+// Inputs (dy [N, O, OH, OW], x [N, C, H, W]) -> dw [O, C, kh, kw] (and db [O] when bias).
+class Conv2dBackwardWeight final : public Op {
+ public:
+  Conv2dBackwardWeight(Pair khw, Pair stride, Pair padding, bool bias)
+      : khw_(khw), stride_(stride), padding_(padding), bias_(bias) {}
+  const char* name() const override { return "conv2d_backward_weight"; }
+  std::string attrs() const override {
+    return "kernel=" + pair_str(khw_) + " stride=" + pair_str(stride_) + " padding=" + pair_str(padding_) +
+           " bias=" + std::to_string(bias_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &dy = in[0], &x = in[1];
+    check_dtype(dy, {DType::f32, DType::f64}, name());
+    check_same_dtype(in, name());
+    check_rank4(dy, name(), "dy", "dy [N, O, OH, OW]", "");
+    check_rank4(x, name(), "x", "x [N, C, H, W]", "");
+    check_window(name(), stride_, padding_);
+    check_fits(name(), x, khw_, padding_);
+    Shape ws{dy.shape()[1], x.shape()[1], khw_[0], khw_[1]};
+    kc::Conv2dGeom g = conv_geom(x.shape(), ws, stride_, padding_);
+    Shape want{g.N, g.O, g.OH(), g.OW()};
+    if (dy.shape() != want)
+      throw ShapeError("conv2d_backward_weight: dy does not match the convolution", want.str(), dy.shape().str());
+    std::vector<TensorSpec> s{{ws, dy.dtype(), dy.device()}};
+    if (bias_) s.push_back({Shape{g.O}, dy.dtype(), dy.device()});
+    return s;
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor dy = dense(in[0]), x = dense(in[1]);
+    kc::conv2d_backward_weight(dy, x, conv_geom(x.shape(), out[0].shape(), stride_, padding_), out[0],
+                               bias_ ? &out[1] : nullptr);
+  }
+  // (dw, db) is bilinear in (dy, x): <Gw, dw> + <Gb, db> = <dy, conv2d(x, Gw, Gb)> = <x, conv2d_backward_input(dy, Gw)>.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    const Tensor &dy = in[0], &x = in[1];
+    TensorList r(2);
+    if (needs[0]) r[0] = conv2d(x, ct[0], bias_ ? ct[1] : Tensor(), stride_, padding_);
+    if (needs[1]) r[1] = conv_backward_input(dy, ct[0], {x.shape()[2], x.shape()[3]}, stride_, padding_);
+    return r;
+  }
+
+ private:
+  Pair khw_, stride_, padding_;
+  bool bias_;
+};
+
+Tensor conv_backward_input(const Tensor& dy, const Tensor& w, Pair hw, Pair stride, Pair padding) {
+  return apply1(std::make_shared<Conv2dBackwardInput>(hw, stride, padding), {dy, w});
+}
+TensorList conv_backward_weight(const Tensor& dy, const Tensor& x, Pair khw, Pair stride, Pair padding, bool bias) {
+  return titanax::apply(std::make_shared<Conv2dBackwardWeight>(khw, stride, padding, bias), {dy, x});
+}
+
+// ------------------------------------------------------------------------------------ max_pool2d
+
+kc::Pool2dGeom pool_geom(const Shape& x, Pair k, Pair s, Pair p) {
+  return {x[0], x[1], x[2], x[3], k[0], k[1], s[0], s[1], p[0], p[1]};
+}
+
+void check_pool(const char* op, const Tensor& x, Pair kernel, Pair stride, Pair padding) {
+  check_rank4(x, op, "x", "x [N, C, H, W]", "add a batch axis with unsqueeze(0)");
+  if (kernel[0] <= 0 || kernel[1] <= 0)
+    throw ShapeError(std::string(op) + ": kernel must be positive", "kernel >= 1 on both axes", pair_str(kernel));
+  check_window(op, stride, padding);
+  if (2 * padding[0] > kernel[0] || 2 * padding[1] > kernel[1])
+    throw ShapeError(std::string(op) + ": padding larger than half the kernel", "padding <= kernel / 2",
+                     "padding " + pair_str(padding) + " with kernel " + pair_str(kernel),
+                     "windows made mostly of padding have no maximum; reduce the padding");
+  check_fits(op, x, kernel, padding);
+}
+
+// Inputs (dy [N, C, OH, OW], ws u8) -> dx [N, C, H, W].
+class MaxPool2dBackward final : public Op {
+ public:
+  explicit MaxPool2dBackward(kc::Pool2dGeom g) : g_(g) {}
+  const char* name() const override { return "max_pool2d_backward"; }
+  std::string attrs() const override {
+    return "input=" + Shape{g_.N, g_.C, g_.H, g_.W}.str() + " kernel=" + pair_str({g_.KH, g_.KW}) +
+           " stride=" + pair_str({g_.SH, g_.SW}) + " padding=" + pair_str({g_.PH, g_.PW});
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor &dy = in[0], &ws = in[1];
+    check_dtype(dy, {DType::f32, DType::f64}, name());
+    check_dtype(ws, {DType::u8}, "max_pool2d_backward (workspace)");
+    Shape want{g_.N, g_.C, g_.OH(), g_.OW()};
+    if (dy.shape() != want)
+      throw ShapeError("max_pool2d_backward: dy does not match the pooling", want.str(), dy.shape().str());
+    const int64_t bytes = kc::max_pool2d_workspace_bytes(g_, dy.dtype());
+    if (ws.numel() != bytes)
+      throw ShapeError("max_pool2d_backward: workspace from a different pooling", std::to_string(bytes) + " bytes",
+                       std::to_string(ws.numel()) + " bytes", "pass the workspace the matching max_pool2d produced");
+    return {{Shape{g_.N, g_.C, g_.H, g_.W}, dy.dtype(), dy.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    kc::max_pool2d_backward(dense(in[0]), dense(in[1]), g_, out[0]);
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("second derivative of max_pool2d is not implemented", "first-order gradients of max_pool2d",
+                        "a gradient of max_pool2d_backward");
+  }
+
+ private:
+  kc::Pool2dGeom g_;
+};
+
+// Outputs y [N, C, OH, OW] and a hidden u8 workspace (which element won each window), saved for the vjp.
+class MaxPool2d final : public Op {
+ public:
+  MaxPool2d(Pair kernel, Pair stride, Pair padding) : kernel_(kernel), stride_(stride), padding_(padding) {}
+  const char* name() const override { return "max_pool2d"; }
+  std::string attrs() const override {
+    return "kernel=" + pair_str(kernel_) + " stride=" + pair_str(stride_) + " padding=" + pair_str(padding_);
+  }
+  bool saves_outputs() const override { return true; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor& x = in[0];
+    check_dtype(x, {DType::f32, DType::f64}, name());
+    check_pool(name(), x, kernel_, stride_, padding_);
+    kc::Pool2dGeom g = pool_geom(x.shape(), kernel_, stride_, padding_);
+    return {{Shape{g.N, g.C, g.OH(), g.OW()}, x.dtype(), x.device()},
+            {Shape{kc::max_pool2d_workspace_bytes(g, x.dtype())}, DType::u8, x.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    kc::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0], out[1]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    kc::Pool2dGeom g = pool_geom(in[0].shape(), kernel_, stride_, padding_);
+    return {apply1(std::make_shared<MaxPool2dBackward>(g), {ct[0], out[1]})};
+  }
+
+ private:
+  Pair kernel_, stride_, padding_;
+};
+
+}  // namespace
+
+Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, std::array<int64_t, 2> stride,
+              std::array<int64_t, 2> padding) {
+  if (b.defined()) return apply1(std::make_shared<Conv2d>(stride, padding, true), {x, w, b});
+  return apply1(std::make_shared<Conv2d>(stride, padding, false), {x, w});
+}
+
+Tensor max_pool2d(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                  std::array<int64_t, 2> padding) {
+  if (stride[0] == 0) stride[0] = kernel[0];
+  if (stride[1] == 0) stride[1] = kernel[1];
+  return titanax::apply(std::make_shared<MaxPool2d>(kernel, stride, padding), {x})[0];
+}
+
+}  // namespace titanax
