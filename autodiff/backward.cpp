@@ -20,6 +20,7 @@ struct Engine {
   std::unordered_map<Node*, std::vector<std::pair<uint32_t, size_t>>> mid_wanted;  // node -> (output, wrt index)
   std::unordered_map<TensorImpl*, Tensor> leaf_grad;
   std::unordered_map<Node*, TensorList> cts;
+  std::unordered_map<Node*, std::shared_ptr<Node>> owners;  // Node* -> its owning pointer (for create_graph)
   TensorList result;
   std::vector<bool> done;
 
@@ -35,7 +36,10 @@ struct Engine {
       for (const auto& in : n->inputs) {
         if (!in.requires_grad()) continue;
         if (Node* p = in.get()->grad_fn.get()) {
-          if (seen.insert(p).second) stack.push_back(p);
+          if (seen.insert(p).second) {
+            stack.push_back(p);
+            owners[p] = in.get()->grad_fn;
+          }
         } else {
           ++leaf_pending[in.get()];
         }
@@ -73,6 +77,7 @@ struct Engine {
       }
       return;
     }
+    owners[rn] = root.get()->grad_fn;
     collect(rn);
     cts[rn].resize(rn->out_specs.size());
     cts[rn][root.get()->output_index] = seed;
@@ -101,7 +106,7 @@ struct Engine {
       bool any = false;
       for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = n->inputs[i].requires_grad());
       if (!any) continue;
-      TensorList g = n->op->vjp(n->inputs, n->outputs, ct, needs);
+      TensorList g = n->op->vjp(n->inputs, saved_outputs(n), ct, needs);
       if (g.size() != n->inputs.size())
         throw InternalError(std::string("vjp of '") + n->op->name() + "' returned the wrong number of cotangents",
                             std::to_string(n->inputs.size()), std::to_string(g.size()));
@@ -124,6 +129,24 @@ struct Engine {
         if (!in.get()->grad_fn) finish_leaf_edge(in.get());
       }
     }
+  }
+
+  // The node keeps its outputs as detached aliases (no reference cycle). When the backward pass is itself
+  // recorded, hand the vjp aliases that point back at the node, so a vjp reading its outputs (exp,
+  // softmax, ...) stays differentiable with respect to the node's inputs.
+  TensorList saved_outputs(Node* n) {
+    if (!opts.create_graph || n->outputs.empty()) return n->outputs;
+    TensorList outs;
+    for (size_t i = 0; i < n->outputs.size(); ++i) {
+      auto impl = std::make_shared<TensorImpl>(*n->outputs[i].get());
+      if (is_floating(impl->dtype)) {
+        impl->requires_grad = true;
+        impl->grad_fn = owners[n];
+        impl->output_index = uint32_t(i);
+      }
+      outs.emplace_back(std::move(impl));
+    }
+    return outs;
   }
 
   static void check_versions(const Node& n) {
