@@ -364,7 +364,8 @@ void check_indices(const Tensor& idx, int64_t n, const Shape& idx_shape, const c
     if (v[i] < 0 || v[i] >= n)
       throw ValueError(std::string(what) + ": index out of range", "indices in [0, " + std::to_string(n) + ")",
                        "index " + std::to_string(v[i]) + " at position " + position(int64_t(i), idx_shape),
-                       "check the vocabulary / table size against the ids");
+                       std::string(what) == "embedding" ? "check the vocabulary size of the table against the ids"
+                                                        : "indices must be non-negative and below the axis size");
 }
 
 void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out) {
