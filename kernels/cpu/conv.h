@@ -1,8 +1,10 @@
 // CPU kernels of 2-D convolution and max pooling (ops/conv.cpp), NCHW layout.
 //
 //   f32: oneDNN 2.6 primitives (convolution_forward / _backward_data / _backward_weights, pooling_forward /
-//        pooling_backward with pooling_max) on plain nchw / oihw memory. Primitives are created once per
-//        geometry and kept in a mutex-protected cache, so a training loop reuses them every step.
+//        pooling_backward with pooling_max). Tensors stay plain nchw / oihw; convolutions run in the
+//        blocked layouts oneDNN picks (format_tag::any), with cached reorders in and out; pooling runs on
+//        nchw directly. Primitives (and reorders) are created once per geometry and kept in a
+//        mutex-protected cache, so a training loop reuses them every step.
 //   f64: direct loops (the readable reference; also what float64 gradient checks run on).
 // Convolution is cross-correlation (PyTorch's conv2d): y[n, o, i, j] = b[o] + sum_{c, p, q}
 //   x[n, c, i * SH - PH + p, j * SW - PW + q] * w[o, c, p, q], out-of-range x reading as 0.
