@@ -125,13 +125,13 @@ TEST_CASE("IDX malformed files give DataError naming the file and the field", "[
 
   auto truncated = good;
   truncated.resize(truncated.size() - 1);
-  io_test::write_bytes(d / "truncated", truncated);
-  expect_data_error(d / "truncated", "truncated");
+  io_test::write_bytes(d / "case_a", truncated);
+  expect_data_error(d / "case_a", "truncated");
 
   auto bad_magic = good;
   bad_magic[0] = 0x1F;
-  io_test::write_bytes(d / "bad_magic", bad_magic);
-  expect_data_error(d / "bad_magic", "magic");
+  io_test::write_bytes(d / "case_b", bad_magic);
+  expect_data_error(d / "case_b", "magic");
 
   auto bad_type = good;
   bad_type[2] = 0x0B;  // int16: not supported
