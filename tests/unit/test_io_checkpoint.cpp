@@ -9,7 +9,11 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <condition_variable>
 #include <filesystem>
+#include <functional>
+#include <mutex>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 #include <titanax/titanax.h>
@@ -432,4 +436,129 @@ TEST_CASE("Checkpointer: a crash mid-save leaves the previous checkpoint intact"
   ck.save(2, p1);
   CHECK(ck.steps() == std::vector<int64_t>{1, 2});
   CHECK_FALSE(fs::exists(d.path / "step_00000002.tmp"));
+}
+
+// ---------------------------------------------------------------------------------------- collective save
+
+namespace {
+
+// In-process "ranks" as threads: only what Checkpointer uses (rank, size, all_gather_string) works.
+struct GatherHub {
+  std::mutex mu;
+  std::condition_variable cv;
+  int size;
+  int arrived = 0;
+  uint64_t generation = 0;
+  std::vector<std::string> slots, result;
+  explicit GatherHub(int n) : size(n), slots(size_t(n)) {}
+  std::vector<std::string> gather(int rank, const std::string& s) {
+    std::unique_lock<std::mutex> lock(mu);
+    slots[size_t(rank)] = s;
+    uint64_t gen = generation;
+    if (++arrived == size) {
+      result = slots;
+      arrived = 0;
+      ++generation;
+      cv.notify_all();
+    } else {
+      cv.wait(lock, [&] { return generation != gen; });
+    }
+    return result;
+  }
+};
+
+struct ThreadComm final : Communicator {
+  std::shared_ptr<GatherHub> hub;
+  int r;
+  ThreadComm(std::shared_ptr<GatherHub> h, int rank) : hub(std::move(h)), r(rank) {}
+  int rank() const override { return r; }
+  int size() const override { return hub->size; }
+  std::string backend() const override { return "threads"; }
+  std::vector<std::string> all_gather_string(const std::string& s) override { return hub->gather(r, s); }
+  [[noreturn]] static void no() { throw InternalError("not used by Checkpointer"); }
+  void all_reduce(Tensor&, CollectiveOp) override { no(); }
+  std::unique_ptr<CollectiveRequest> iall_reduce(Tensor&, CollectiveOp) override { no(); }
+  void broadcast(Tensor&, int) override { no(); }
+  Tensor all_gather(const Tensor&) override { no(); }
+  Tensor reduce_scatter(const Tensor&, CollectiveOp) override { no(); }
+  Tensor all_to_all(const Tensor&) override { no(); }
+  Tensor sendrecv(const Tensor&, int, int) override { no(); }
+  void send(const Tensor&, int, int) override { no(); }
+  void recv(Tensor&, int, int) override { no(); }
+  void barrier() override { hub->gather(r, ""); }
+  std::shared_ptr<Communicator> split(int, int) override { no(); }
+};
+
+// Runs fn(rank, comm) on `world` threads; returns each rank's error message ("" when it succeeded).
+std::vector<std::string> run_ranks(int world, const std::function<void(int, std::shared_ptr<Communicator>)>& fn) {
+  auto hub = std::make_shared<GatherHub>(world);
+  std::vector<std::string> errors(static_cast<size_t>(world));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        fn(r, std::make_shared<ThreadComm>(hub, r));
+      } catch (const std::exception& e) {
+        errors[size_t(r)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+}  // namespace
+
+TEST_CASE("Checkpointer saves collectively: one shard per rank, metadata from rank 0", "[io]") {
+  TempDir d;
+  const int world = 2;
+  // Rank r holds its half of a [4, 3] weight split over "model" and a replicated bias.
+  auto shard_of = [](int r) {
+    ParamTree p;
+    p.insert("w", full(Shape{2, 3}, double(r + 1)));
+    p.insert("b", from_vector(std::vector<float>{0.5f, 1.5f}, Shape{2}));
+    return p;
+  };
+  auto errors = run_ranks(world, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(d.path.string(), 2, comm);
+    ck.save(7, shard_of(r), R"({"epoch": 3})", {{"w", {"model", ""}}}, R"({"axes": ["model"], "shape": [2]})");
+    ParamTree into{{"w", zeros(Shape{2, 3})}, {"b", zeros(Shape{2})}};
+    CheckpointInfo info = ck.load(7, into);
+    if (info.world_size != 2) throw std::runtime_error("world_size");
+    if (into.at("w").to_vector<float>() != std::vector<float>(6, float(r + 1))) throw std::runtime_error("w values");
+  });
+  CHECK(errors == std::vector<std::string>{"", ""});
+  CHECK(fs::exists(d.path / "step_00000007" / "rank_00000.safetensors"));
+  CHECK(fs::exists(d.path / "step_00000007" / "rank_00001.safetensors"));
+  auto meta = read_json((d.path / "step_00000007" / "metadata.json").string());
+  CHECK(meta["world_size"] == 2);
+  CHECK(meta["shards"].size() == 2);
+  CHECK(meta["shards"][1]["file"] == "rank_00001.safetensors");
+  CHECK(meta["tensors"]["w"]["global_shape"] == nlohmann::json::array({4, 3}));
+  CHECK(meta["extra"]["epoch"] == 3);
+
+  // A single-rank run cannot load a two-rank checkpoint.
+  Checkpointer single(d.path.string(), 2);
+  CHECK(single.latest() == 7);
+  ParamTree into{{"w", zeros(Shape{2, 3})}, {"b", zeros(Shape{2})}};
+  try {
+    single.load(7, into);
+    FAIL("expected CheckpointError");
+  } catch (const CheckpointError& e) {
+    CHECK(contains(e.what(), "number of ranks"));
+  }
+}
+
+TEST_CASE("Checkpointer: a failure on one rank fails the save on every rank, without a hang", "[io]") {
+  TempDir d;
+  auto errors = run_ranks(3, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(d.path.string(), 2, comm);
+    ParamTree p{{"x", full(Shape{2}, 1.0)}};
+    ck.save(1, p, r == 1 ? "{broken" : "{}");
+  });
+  REQUIRE(errors.size() == 3);
+  CHECK(contains(errors[1], "ValueError"));  // the failing rank gets its own error
+  CHECK(contains(errors[0], "rank 1"));      // the others learn which rank failed
+  CHECK(contains(errors[2], "rank 1"));
+  CHECK(Checkpointer(d.path.string()).steps().empty());
+  CHECK_FALSE(fs::exists(d.path / "step_00000001.tmp"));
 }
