@@ -409,7 +409,8 @@ CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into) const {
       throw CheckpointError("checkpoint shard '" + shard_path.string() + "' holds an unexpected tensor '" + name + "'",
                             "only the tensors [" + join(into.paths()) + "]", "'" + name + "'",
                             did_you_mean(name, into.paths()));
-  for (auto& [name, t] : into) copy_(t, f.tensors.at(name));
+  for (auto& [name, t] : into)
+    if (t.numel() > 0) copy_(t, f.tensors.at(name));
 
   CheckpointInfo info;
   info.step = step;
