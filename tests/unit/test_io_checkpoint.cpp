@@ -1,0 +1,564 @@
+// io/safetensors and io/checkpoint: format compatibility, validation of hostile files, atomic
+// checkpoints, pruning, corruption detection and crash safety.
+#include <catch2/catch.hpp>
+
+#include <sys/wait.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <condition_variable>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+#include <titanax/titanax.h>
+
+#include "io/checkpoint.h"
+#include "io/safetensors.h"
+#include "io_test_util.h"
+
+using namespace titanax;
+using io_test::TempDir;
+namespace fs = std::filesystem;
+
+namespace {
+
+bool contains(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+std::vector<unsigned char> bytes_of(const Tensor& t) {
+  Tensor c = t.contiguous();
+  std::vector<unsigned char> v(c.nbytes());
+  if (!v.empty()) std::memcpy(v.data(), c.raw_data(), v.size());
+  return v;
+}
+
+void le64(std::vector<unsigned char>& v, uint64_t x) {
+  for (int i = 0; i < 8; ++i) v.push_back((unsigned char)(x >> (8 * i)));
+}
+
+// A safetensors file assembled by hand: 8-byte little-endian header length, header, data.
+std::vector<unsigned char> st_file(const std::string& header, const std::vector<unsigned char>& data) {
+  std::vector<unsigned char> f;
+  le64(f, header.size());
+  f.insert(f.end(), header.begin(), header.end());
+  f.insert(f.end(), data.begin(), data.end());
+  return f;
+}
+
+// Expects read_safetensors(path) to throw CheckpointError naming the file and `check`.
+void expect_st_error(const std::string& path, const std::string& check) {
+  try {
+    read_safetensors(path);
+    FAIL("expected CheckpointError for " << path);
+  } catch (const CheckpointError& e) {
+    INFO(e.what());
+    CHECK(contains(e.what(), path));
+    CHECK(contains(e.what(), check));
+  }
+}
+
+ParamTree sample_tree(uint64_t seed) {
+  RngKey k = RngKey::from_seed(seed);
+  ParamTree p;
+  p.insert("layers/0/w", random_normal(fold_in(k, 0), Shape{4, 3}));
+  p.insert("layers/0/b", random_normal(fold_in(k, 1), Shape{3}).astype(DType::bf16));
+  p.insert("step_count", scalar(double(seed) + 41, DType::i64));
+  p.insert("mask", from_vector(std::vector<float>{1, 0, 1}, Shape{3}).astype(DType::u8));
+  p.insert("opt/m", random_uniform(fold_in(k, 2), Shape{2, 2}, DType::f64));
+  return p;
+}
+
+ParamTree zeros_like_tree(const ParamTree& p) {
+  return p.map([](const std::string&, const Tensor& t) { return zeros_like(t); });
+}
+
+void check_bitwise_equal(const ParamTree& a, const ParamTree& b) {
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(a[i].first == b[i].first);
+    CHECK(a[i].second.dtype() == b[i].second.dtype());
+    CHECK(a[i].second.shape() == b[i].second.shape());
+    CHECK(bytes_of(a[i].second) == bytes_of(b[i].second));
+  }
+}
+
+nlohmann::json read_json(const std::string& path) {
+  auto b = io_test::read_bytes(path);
+  return nlohmann::json::parse(std::string(b.begin(), b.end()));
+}
+
+uint32_t zlib_crc(const std::string& path) {
+  auto b = io_test::read_bytes(path);
+  return uint32_t(crc32(crc32(0L, Z_NULL, 0), b.data(), uInt(b.size())));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------- safetensors
+
+TEST_CASE("safetensors round trip of every dtype, bitwise", "[io]") {
+  TempDir d;
+  ParamTree p;
+  p.insert("f32", from_vector(std::vector<float>{1.5f, -0.0f, 3.25e-20f, INFINITY}, Shape{2, 2}));
+  p.insert("f64", from_vector(std::vector<double>{1e300, -2.5}, Shape{2}));
+  p.insert("f16", from_vector(std::vector<float>{1.0f, -65504.0f, 0.333f}, Shape{3}).astype(DType::f16));
+  p.insert("bf16", from_vector(std::vector<float>{3.14159f, -1e30f}, Shape{1, 2}).astype(DType::bf16));
+  p.insert("i32", from_vector(std::vector<int32_t>{INT32_MIN, 7, -1}, Shape{3}));
+  p.insert("i64", from_vector(std::vector<int64_t>{INT64_MAX, -5}, Shape{2, 1}));
+  p.insert("u8", from_vector(std::vector<float>{0, 255, 128}, Shape{3}).astype(DType::u8));
+  p.insert("bool", from_vector(std::vector<float>{1, 0, 0, 1}, Shape{2, 2}).astype(DType::bool_));
+  p.insert("scalar", scalar(2.0, DType::f32));
+  p.insert("empty", empty(Shape{0, 3}));  // (zeros() of an empty shape trips a core bug: fill divides by 0)
+  p.insert("strided", from_vector(std::vector<float>{1, 2, 3, 4, 5, 6}, Shape{2, 3}).T());  // written contiguous
+  std::map<std::string, std::string> meta{{"format", "pt"}, {"note", "hello \"world\""}};
+  uint32_t crc = write_safetensors(d / "all.safetensors", p, meta);
+  CHECK(crc == zlib_crc(d / "all.safetensors"));
+
+  SafetensorsFile f = read_safetensors(d / "all.safetensors");
+  CHECK(f.metadata == meta);
+  check_bitwise_equal(p, f.tensors);
+  CHECK(f.tensors.at("strided").to_vector<float>() == std::vector<float>{1, 4, 2, 5, 3, 6});
+
+  // The bytes follow the specification (checked here with a JSON parser, not the reader).
+  auto raw = io_test::read_bytes(d / "all.safetensors");
+  uint64_t n = 0;
+  for (int i = 0; i < 8; ++i) n |= uint64_t(raw[size_t(i)]) << (8 * i);
+  CHECK((8 + n) % 8 == 0);
+  auto h = nlohmann::json::parse(std::string(raw.begin() + 8, raw.begin() + 8 + long(n)));
+  CHECK(h["__metadata__"]["format"] == "pt");
+  CHECK(h["bf16"]["dtype"] == "BF16");
+  CHECK(h["bool"]["dtype"] == "BOOL");
+  CHECK(h["f16"]["dtype"] == "F16");
+  CHECK(h["i64"]["shape"] == nlohmann::json::array({2, 1}));
+  CHECK(h["scalar"]["shape"] == nlohmann::json::array());
+  uint64_t b = h["i32"]["data_offsets"][0], e = h["i32"]["data_offsets"][1];
+  CHECK(e - b == 12);
+  const unsigned char* p_i32 = raw.data() + 8 + n + b;
+  CHECK(std::vector<unsigned char>(p_i32, p_i32 + 4) == std::vector<unsigned char>{0, 0, 0, 0x80});  // INT32_MIN LE
+  CHECK(h["f32"]["data_offsets"][0] == 0);  // ParamTree order
+  CHECK(h["empty"]["data_offsets"][0] == h["empty"]["data_offsets"][1]);
+  CHECK(raw.size() == 8 + n + uint64_t(h["strided"]["data_offsets"][1]));
+
+  CHECK_THROWS_AS(write_safetensors(d / "bad", ParamTree{{"__metadata__", zeros(Shape{1})}}), ValueError);
+}
+
+TEST_CASE("safetensors reads a file laid out as Python's safetensors writes it", "[io]") {
+  TempDir d;
+  // As safetensors.serialize would: compact JSON, "__metadata__" first, tensors sorted by alignment then
+  // name in the data (I64 before F32 before BF16), header padded with spaces to 8 bytes.
+  std::string header =
+      R"({"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[8,16]},)"
+      R"("b":{"dtype":"I64","shape":[1,1],"data_offsets":[0,8]},"c":{"dtype":"BF16","shape":[],"data_offsets":[16,18]}})";
+  while ((8 + header.size()) % 8) header += ' ';
+  std::vector<unsigned char> data = {
+      0xFD, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,  // b = -3 (i64 LE)
+      0x00, 0x00, 0xC0, 0x3F, 0x00, 0x00, 0x00, 0xC0,  // a = [1.5, -2.0] (f32 LE)
+      0x80, 0x3F,                                      // c = 1.0 (bf16 0x3F80)
+  };
+  io_test::write_bytes(d / "py.safetensors", st_file(header, data));
+  SafetensorsFile f = read_safetensors(d / "py.safetensors");
+  CHECK(f.metadata.at("format") == "pt");
+  REQUIRE(f.tensors.size() == 3);
+  CHECK(f.tensors.paths() == std::vector<std::string>{"b", "a", "c"});  // data order
+  CHECK(f.tensors.at("a").dtype() == DType::f32);
+  CHECK(f.tensors.at("a").to_vector<float>() == std::vector<float>{1.5f, -2.0f});
+  CHECK(f.tensors.at("b").shape() == Shape{1, 1});
+  CHECK(f.tensors.at("b").to_vector<int64_t>() == std::vector<int64_t>{-3});
+  CHECK(f.tensors.at("c").dtype() == DType::bf16);
+  CHECK(f.tensors.at("c").shape() == Shape{});
+  CHECK(f.tensors.at("c").item() == 1.0);
+  // No metadata and no padding at all is fine too.
+  std::string h2 = R"({"x":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}})";
+  io_test::write_bytes(d / "min.safetensors", st_file(h2, {7, 8, 9}));
+  auto g = read_safetensors(d / "min.safetensors");
+  CHECK(g.metadata.empty());
+  CHECK(g.tensors.at("x").to_vector<uint8_t>() == std::vector<uint8_t>{7, 8, 9});
+}
+
+TEST_CASE("safetensors rejects files that lie or are cut short", "[io]") {
+  TempDir d;
+  const std::string ok = R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  const std::vector<unsigned char> eight(8, 0);
+  // Files are numbered, so a check word can never match the file's own name.
+  int counter = 0;
+  auto put = [&](const std::string& /*what*/, const std::vector<unsigned char>& bytes) {
+    std::string path = d / ("case" + std::to_string(counter++) + ".safetensors");
+    io_test::write_bytes(path, bytes);
+    return path;
+  };
+
+  auto lie = st_file(ok, eight);
+  lie[0] = 0xFF, lie[1] = 0xFF;  // header length 65535 + ... in a 70-byte file
+  expect_st_error(put("lie", lie), "header length beyond the file size");
+  auto huge = st_file(ok, eight);
+  for (int i = 0; i < 8; ++i) huge[size_t(i)] = 0xFF;
+  expect_st_error(put("huge", huge), "header length beyond the file size");
+  expect_st_error(put("tiny", {1, 2, 3}), "too short");
+
+  auto cut = st_file(ok, eight);
+  cut.resize(cut.size() - 3);
+  expect_st_error(put("truncated", cut), "past the end");
+
+  expect_st_error(put("badjson", st_file(R"({"x":{"dtype":"F32",)", eight)), "not valid JSON");
+  expect_st_error(put("array", st_file("[1,2]", {})), "not a JSON object");
+  expect_st_error(put("dtype", st_file(R"({"x":{"dtype":"I16","shape":[4],"data_offsets":[0,8]}})", eight)),
+                  "unsupported dtype");
+  expect_st_error(put("size", st_file(R"({"x":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", eight)),
+                  "numel * itemsize");
+  expect_st_error(put("overlap", st_file(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                                         R"("y":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                                         eight)),
+                  "overlap");
+  expect_st_error(put("gap", st_file(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", eight)), "gap");
+  expect_st_error(put("trailing", st_file(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", eight)),
+                  "longer than its tensors");
+  expect_st_error(put("noshape", st_file(R"({"x":{"dtype":"F32","data_offsets":[0,8]}})", eight)), "shape");
+  expect_st_error(put("negdim", st_file(R"({"x":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", eight)),
+                  "bad dimension");
+  expect_st_error(put("offsets", st_file(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[8]}})", eight)),
+                  "data_offsets");
+  expect_st_error(put("reversed", st_file(R"({"x":{"dtype":"U8","shape":[0],"data_offsets":[8,0]}})", eight)),
+                  "end < begin");
+  expect_st_error(put("meta", st_file(R"({"__metadata__":{"a":1},"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", eight)),
+                  "__metadata__");
+  expect_st_error(put("bool", st_file(R"({"x":{"dtype":"BOOL","shape":[2],"data_offsets":[0,2]}})", {1, 2})), "BOOL");
+  expect_st_error(put("bigshape", st_file(R"({"x":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", eight)),
+                  "numel * itemsize");
+  CHECK_THROWS_AS(read_safetensors(d / "does_not_exist"), IOError);
+}
+
+// ---------------------------------------------------------------------------------------- Checkpointer
+
+TEST_CASE("Checkpointer save / load round trip is bitwise and keeps tensor identity", "[io]") {
+  TempDir d;
+  Checkpointer ck((d.path / "ckpt").string(), 3);
+  CHECK(ck.steps().empty());
+  CHECK_FALSE(ck.latest().has_value());
+  ParamTree p = sample_tree(1);
+  ck.save(100, p, R"({"loader_step": 100, "config": "lr: 0.1"})", {{"layers/0/w", {"model", ""}}},
+          R"({"data": 1, "model": 2})", R"({"dp": "data"})");
+  CHECK(fs::is_directory(d.path / "ckpt" / "step_00000100"));
+  CHECK(fs::is_regular_file(d.path / "ckpt" / "step_00000100" / "rank_00000.safetensors"));
+  CHECK_FALSE(fs::exists(d.path / "ckpt" / "step_00000100.tmp"));
+  CHECK(ck.steps() == std::vector<int64_t>{100});
+  CHECK(ck.latest() == 100);
+
+  ParamTree into = zeros_like_tree(p);
+  std::vector<const void*> ptrs;
+  for (const auto& [n, t] : into) ptrs.push_back(t.raw_data());
+  CheckpointInfo info = ck.load(100, into);
+  check_bitwise_equal(p, into);
+  for (size_t i = 0; i < into.size(); ++i) CHECK(into[i].second.raw_data() == ptrs[i]);  // in place
+  CHECK(info.step == 100);
+  CHECK(info.world_size == 1);
+  CHECK(info.path == (d.path / "ckpt" / "step_00000100").string());
+  auto extra = nlohmann::json::parse(info.extra_json);
+  CHECK(extra["loader_step"] == 100);
+  CHECK(extra["config"] == "lr: 0.1");
+
+  // metadata.json as documented; the checksum is the file's CRC-32 computed here with zlib.
+  auto meta = read_json((d.path / "ckpt" / "step_00000100" / "metadata.json").string());
+  CHECK(meta["format_version"] == 1);
+  CHECK(meta["step"] == 100);
+  CHECK(meta["world_size"] == 1);
+  CHECK(meta["plan"]["dp"] == "data");
+  CHECK(meta["mesh"]["model"] == 2);
+  REQUIRE(meta["shards"].size() == 1);
+  CHECK(meta["shards"][0]["file"] == "rank_00000.safetensors");
+  char want[16];
+  std::snprintf(want, sizeof want, "%08x", zlib_crc((d.path / "ckpt" / "step_00000100" / "rank_00000.safetensors").string()));
+  CHECK(meta["shards"][0]["crc32"] == want);
+  CHECK(meta["tensors"]["layers/0/w"]["global_shape"] == nlohmann::json::array({8, 3}));
+  CHECK(meta["tensors"]["layers/0/w"]["spec"] == nlohmann::json::array({"model", ""}));
+  CHECK(meta["tensors"]["layers/0/b"]["global_shape"] == nlohmann::json::array({3}));
+  CHECK(meta["tensors"]["layers/0/b"]["dtype"] == "bf16");
+  // The shard is a plain safetensors file.
+  auto shard = read_safetensors((d.path / "ckpt" / "step_00000100" / "rank_00000.safetensors").string());
+  check_bitwise_equal(p, shard.tensors);
+
+  CHECK_THROWS_AS(ck.save(101, p, "{not json"), ValueError);
+  CHECK_THROWS_AS(ck.save(101, p, "{}", {{"layers/0/W", {"model"}}}), ValueError);  // no such tensor
+  CHECK_THROWS_AS(ck.save(-1, p), ValueError);
+  CHECK(ck.steps() == std::vector<int64_t>{100});  // failed saves leave nothing behind
+  CHECK_FALSE(fs::exists(d.path / "ckpt" / "step_00000101.tmp"));
+  CHECK_THROWS_AS(Checkpointer(d.path.string(), 0), ValueError);
+}
+
+TEST_CASE("Checkpointer keeps the last N checkpoints and ignores incomplete ones", "[io]") {
+  TempDir d;
+  Checkpointer ck(d.path.string(), 2);
+  ParamTree p = sample_tree(2);
+  fs::create_directories(d.path / "step_00000009.tmp");  // a crashed save's leftovers
+  fs::create_directories(d.path / "step_00000007");      // no metadata.json: incomplete
+  fs::create_directories(d.path / "notes");
+  for (int64_t s : {1, 2, 3, 4, 5}) ck.save(s * 10, p);
+  CHECK(ck.steps() == std::vector<int64_t>{40, 50});
+  CHECK(ck.latest() == 50);
+  CHECK_FALSE(fs::exists(d.path / "step_00000010"));
+  CHECK_FALSE(fs::exists(d.path / "step_00000030"));
+  CHECK_FALSE(fs::exists(d.path / "step_00000009.tmp"));
+  CHECK(fs::exists(d.path / "step_00000007"));  // not ours to delete
+  CHECK(fs::exists(d.path / "notes"));
+
+  // Saving a step again replaces it.
+  ParamTree q = sample_tree(3);
+  ck.save(50, q);
+  CHECK(ck.steps() == std::vector<int64_t>{40, 50});
+  ParamTree into = zeros_like_tree(q);
+  ck.load(50, into);
+  check_bitwise_equal(q, into);
+  // A step above 10^8 still sorts numerically.
+  ck.save(123456789, p);
+  CHECK(ck.latest() == 123456789);
+  CHECK(fs::exists(d.path / "step_123456789"));
+}
+
+TEST_CASE("Checkpointer load detects corruption and mismatches, leaving the tensors untouched", "[io]") {
+  TempDir d;
+  Checkpointer ck(d.path.string(), 5);
+  ParamTree p = sample_tree(4);
+  ck.save(1, p);
+  const std::string shard = (d.path / "step_00000001" / "rank_00000.safetensors").string();
+  const std::string meta_path = (d.path / "step_00000001" / "metadata.json").string();
+  auto expect_ck_error = [&](ParamTree& into, std::vector<std::string> words, int64_t step = 1) {
+    ParamTree before = into.map([](const std::string&, const Tensor& t) { return t.clone(); });
+    try {
+      ck.load(step, into);
+      FAIL("expected CheckpointError");
+    } catch (const CheckpointError& e) {
+      INFO(e.what());
+      for (const auto& w : words) CHECK(contains(e.what(), w));
+    }
+    check_bitwise_equal(before, into);
+  };
+
+  SECTION("a flipped byte in the shard") {
+    auto b = io_test::read_bytes(shard);
+    b[b.size() - 5] ^= 0x01;
+    io_test::write_bytes(shard, b);
+    ParamTree into = zeros_like_tree(p);
+    expect_ck_error(into, {"checksum", "rank_00000.safetensors"});
+  }
+  SECTION("a tensor of another shape") {
+    ParamTree into = zeros_like_tree(p);
+    into.at("layers/0/w") = zeros(Shape{3, 4});
+    expect_ck_error(into, {"layers/0/w", "shape", "[3, 4]", "[4, 3]", "rank_00000.safetensors"});
+  }
+  SECTION("a tensor of another dtype") {
+    ParamTree into = zeros_like_tree(p);
+    into.at("opt/m") = zeros(Shape{2, 2}, DType::f32);
+    expect_ck_error(into, {"opt/m", "dtype"});
+  }
+  SECTION("a tensor missing from the checkpoint") {
+    ParamTree into = zeros_like_tree(p);
+    into.insert("layers/1/w", zeros(Shape{2}));
+    expect_ck_error(into, {"layers/1/w", "missing"});
+  }
+  SECTION("a tensor the model does not have") {
+    ParamTree into;
+    for (const auto& [n, t] : p)
+      if (n != "mask") into.insert(n, zeros_like(t));
+    expect_ck_error(into, {"unexpected", "mask"});
+  }
+  SECTION("another world size") {
+    auto m = read_json(meta_path);
+    m["world_size"] = 2;
+    std::string s = m.dump();
+    io_test::write_bytes(meta_path, std::vector<unsigned char>(s.begin(), s.end()));
+    ParamTree into = zeros_like_tree(p);
+    expect_ck_error(into, {"ranks", "2"});
+  }
+  SECTION("an unknown format version") {
+    auto m = read_json(meta_path);
+    m["format_version"] = 99;
+    std::string s = m.dump();
+    io_test::write_bytes(meta_path, std::vector<unsigned char>(s.begin(), s.end()));
+    ParamTree into = zeros_like_tree(p);
+    expect_ck_error(into, {"format version", "99"});
+  }
+  SECTION("a metadata.json that is not JSON") {
+    io_test::write_bytes(meta_path, {'{', 'x'});
+    ParamTree into = zeros_like_tree(p);
+    expect_ck_error(into, {"metadata.json", "not valid JSON"});
+    CHECK(ck.steps().empty());  // no longer a complete checkpoint
+  }
+  SECTION("a missing shard or step") {
+    fs::remove(shard);
+    ParamTree into = zeros_like_tree(p);
+    expect_ck_error(into, {"rank_00000.safetensors", "missing"});
+    expect_ck_error(into, {"step_00000002", "not found"}, 2);
+  }
+}
+
+TEST_CASE("Checkpointer: a crash mid-save leaves the previous checkpoint intact", "[io]") {
+  TempDir d;
+  ParamTree p1 = sample_tree(5);
+  {
+    Checkpointer ck(d.path.string(), 3);
+    ck.save(1, p1);
+  }
+  pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    // Child: die by SIGKILL after 100 bytes of the step-2 shard (mid-header).
+    setenv("TITANAX_TEST_KILL_DURING_SAVE", "100", 1);
+    try {
+      Checkpointer ck(d.path.string(), 3);
+      ck.save(2, sample_tree(6));
+    } catch (...) {
+      _exit(3);
+    }
+    _exit(0);  // not reached when the hook works
+  }
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  REQUIRE(WIFSIGNALED(status));
+  CHECK(WTERMSIG(status) == SIGKILL);
+  // The partial save is there, under its temporary name, with exactly 100 bytes written.
+  const fs::path partial = d.path / "step_00000002.tmp" / "rank_00000.safetensors";
+  REQUIRE(fs::exists(partial));
+  CHECK(fs::file_size(partial) == 100);
+  CHECK_FALSE(fs::exists(d.path / "step_00000002"));
+
+  Checkpointer ck(d.path.string(), 3);
+  CHECK(ck.latest() == 1);
+  CHECK(ck.steps() == std::vector<int64_t>{1});
+  ParamTree into = zeros_like_tree(p1);
+  ck.load(1, into);
+  check_bitwise_equal(p1, into);
+  // The next save goes through and clears the leftovers.
+  ck.save(2, p1);
+  CHECK(ck.steps() == std::vector<int64_t>{1, 2});
+  CHECK_FALSE(fs::exists(d.path / "step_00000002.tmp"));
+}
+
+// ---------------------------------------------------------------------------------------- collective save
+
+namespace {
+
+// In-process "ranks" as threads: only what Checkpointer uses (rank, size, all_gather_string) works.
+struct GatherHub {
+  std::mutex mu;
+  std::condition_variable cv;
+  int size;
+  int arrived = 0;
+  uint64_t generation = 0;
+  std::vector<std::string> slots, result;
+  explicit GatherHub(int n) : size(n), slots(size_t(n)) {}
+  std::vector<std::string> gather(int rank, const std::string& s) {
+    std::unique_lock<std::mutex> lock(mu);
+    slots[size_t(rank)] = s;
+    uint64_t gen = generation;
+    if (++arrived == size) {
+      result = slots;
+      arrived = 0;
+      ++generation;
+      cv.notify_all();
+    } else {
+      cv.wait(lock, [&] { return generation != gen; });
+    }
+    return result;
+  }
+};
+
+struct ThreadComm final : Communicator {
+  std::shared_ptr<GatherHub> hub;
+  int r;
+  ThreadComm(std::shared_ptr<GatherHub> h, int rank) : hub(std::move(h)), r(rank) {}
+  int rank() const override { return r; }
+  int size() const override { return hub->size; }
+  std::string backend() const override { return "threads"; }
+  std::vector<std::string> all_gather_string(const std::string& s) override { return hub->gather(r, s); }
+  [[noreturn]] static void no() { throw InternalError("not used by Checkpointer"); }
+  void all_reduce(Tensor&, CollectiveOp) override { no(); }
+  std::unique_ptr<CollectiveRequest> iall_reduce(Tensor&, CollectiveOp) override { no(); }
+  void broadcast(Tensor&, int) override { no(); }
+  Tensor all_gather(const Tensor&) override { no(); }
+  Tensor reduce_scatter(const Tensor&, CollectiveOp) override { no(); }
+  Tensor all_to_all(const Tensor&) override { no(); }
+  Tensor sendrecv(const Tensor&, int, int) override { no(); }
+  void send(const Tensor&, int, int) override { no(); }
+  void recv(Tensor&, int, int) override { no(); }
+  void barrier() override { hub->gather(r, ""); }
+  std::shared_ptr<Communicator> split(int, int) override { no(); }
+};
+
+// Runs fn(rank, comm) on `world` threads; returns each rank's error message ("" when it succeeded).
+std::vector<std::string> run_ranks(int world, const std::function<void(int, std::shared_ptr<Communicator>)>& fn) {
+  auto hub = std::make_shared<GatherHub>(world);
+  std::vector<std::string> errors(static_cast<size_t>(world));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < world; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        fn(r, std::make_shared<ThreadComm>(hub, r));
+      } catch (const std::exception& e) {
+        errors[size_t(r)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  return errors;
+}
+
+}  // namespace
+
+TEST_CASE("Checkpointer saves collectively: one shard per rank, metadata from rank 0", "[io]") {
+  TempDir d;
+  const int world = 2;
+  // Rank r holds its half of a [4, 3] weight split over "model" and a replicated bias.
+  auto shard_of = [](int r) {
+    ParamTree p;
+    p.insert("w", full(Shape{2, 3}, double(r + 1)));
+    p.insert("b", from_vector(std::vector<float>{0.5f, 1.5f}, Shape{2}));
+    return p;
+  };
+  auto errors = run_ranks(world, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(d.path.string(), 2, comm);
+    ck.save(7, shard_of(r), R"({"epoch": 3})", {{"w", {"model", ""}}}, R"({"axes": ["model"], "shape": [2]})");
+    ParamTree into{{"w", zeros(Shape{2, 3})}, {"b", zeros(Shape{2})}};
+    CheckpointInfo info = ck.load(7, into);
+    if (info.world_size != 2) throw std::runtime_error("world_size");
+    if (into.at("w").to_vector<float>() != std::vector<float>(6, float(r + 1))) throw std::runtime_error("w values");
+  });
+  CHECK(errors == std::vector<std::string>{"", ""});
+  CHECK(fs::exists(d.path / "step_00000007" / "rank_00000.safetensors"));
+  CHECK(fs::exists(d.path / "step_00000007" / "rank_00001.safetensors"));
+  auto meta = read_json((d.path / "step_00000007" / "metadata.json").string());
+  CHECK(meta["world_size"] == 2);
+  CHECK(meta["shards"].size() == 2);
+  CHECK(meta["shards"][1]["file"] == "rank_00001.safetensors");
+  CHECK(meta["tensors"]["w"]["global_shape"] == nlohmann::json::array({4, 3}));
+  CHECK(meta["extra"]["epoch"] == 3);
+
+  // A single-rank run cannot load a two-rank checkpoint.
+  Checkpointer single(d.path.string(), 2);
+  CHECK(single.latest() == 7);
+  ParamTree into{{"w", zeros(Shape{2, 3})}, {"b", zeros(Shape{2})}};
+  try {
+    single.load(7, into);
+    FAIL("expected CheckpointError");
+  } catch (const CheckpointError& e) {
+    CHECK(contains(e.what(), "number of ranks"));
+  }
+}
+
+TEST_CASE("Checkpointer: a failure on one rank fails the save on every rank, without a hang", "[io]") {
+  TempDir d;
+  auto errors = run_ranks(3, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(d.path.string(), 2, comm);
+    ParamTree p{{"x", full(Shape{2}, 1.0)}};
+    ck.save(1, p, r == 1 ? "{broken" : "{}");
+  });
+  REQUIRE(errors.size() == 3);
+  CHECK(contains(errors[1], "ValueError"));  // the failing rank gets its own error
+  CHECK(contains(errors[0], "rank 1"));      // the others learn which rank failed
+  CHECK(contains(errors[2], "rank 1"));
+  CHECK(Checkpointer(d.path.string()).steps().empty());
+  CHECK_FALSE(fs::exists(d.path / "step_00000001.tmp"));
+}

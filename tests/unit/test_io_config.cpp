@@ -1,0 +1,243 @@
+// io/config: schema-checked YAML with defaults, types, suggestions, env substitution and overrides.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+
+#include <titanax/titanax.h>
+
+#include "io/config.h"
+#include "io_test_util.h"
+
+using namespace titanax;
+
+namespace {
+
+bool contains(const std::string& s, const std::string& sub) { return s.find(sub) != std::string::npos; }
+
+// A sample schema (the engine defines the real one).
+ConfigSchema sample_schema() {
+  ConfigSchema s;
+  s.add_float("optimizer.learning_rate", 1e-3, "peak learning rate")
+      .add_float_list("optimizer.betas", std::vector<double>{0.9, 0.95}, "Adam betas")
+      .add_string("optimizer.name", "adamw", "optimizer", {"adamw", "sgd", "lion"})
+      .add_int("train.steps", 1000, "optimizer steps")
+      .add_bool("train.bf16", false, "bf16 autocast")
+      .add_int_list("model.hidden", std::vector<int64_t>{512, 512}, "hidden widths")
+      .add_map("mesh", std::map<std::string, int64_t>{{"data", -1}}, "mesh axes and sizes")
+      .add_string("run.name", std::nullopt, "run name (optional)")
+      .add_required("data.dir", ConfigType::string, "dataset directory");
+  return s;
+}
+
+// Runs fn, expecting a ConfigError whose message holds every word.
+template <class F>
+void expect_config_error(F&& fn, const std::vector<std::string>& words) {
+  try {
+    fn();
+    FAIL("expected ConfigError");
+  } catch (const ConfigError& e) {
+    INFO(e.what());
+    for (const auto& w : words) CHECK(contains(e.what(), w));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Config: defaults, types and nested keys", "[io]") {
+  ConfigSchema schema = sample_schema();
+  Config c = Config::from_string(
+      "optimizer:\n"
+      "  learning_rate: 3e-4\n"
+      "  betas: [0.8, 0.99]\n"
+      "train:\n"
+      "  bf16: yes\n"
+      "data:\n"
+      "  dir: /tmp/mnist\n"
+      "model.hidden: [64, 32, 16]\n",  // a dotted key works as well
+      {}, schema, "run.yaml");
+  CHECK(c.get_float("optimizer.learning_rate") == 3e-4);
+  CHECK(c.get_float_list("optimizer.betas") == std::vector<double>{0.8, 0.99});
+  CHECK(c.get_string("optimizer.name") == "adamw");  // default
+  CHECK(c.get_int("train.steps") == 1000);           // default
+  CHECK(c.get_bool("train.bf16"));
+  CHECK(c.get_int_list("model.hidden") == std::vector<int64_t>{64, 32, 16});
+  CHECK(c.get_map("mesh") == std::map<std::string, int64_t>{{"data", -1}});
+  CHECK(c.get_string("data.dir") == "/tmp/mnist");
+  CHECK(c.has("train.steps"));
+  CHECK_FALSE(c.has("run.name"));
+  CHECK(c.source("train.steps") == "default");
+  CHECK(c.source("optimizer.learning_rate") == "run.yaml:2:3");
+  CHECK(c.source("data.dir") == "run.yaml:7:3");
+
+  // An int is a fine float; a float is not an int.
+  Config d = Config::from_string("optimizer: {learning_rate: 1}\ndata: {dir: x}\n", {}, schema);
+  CHECK(d.get_float("optimizer.learning_rate") == 1.0);
+  expect_config_error([&] { Config::from_string("train: {steps: 1.5}\ndata: {dir: x}\n", {}, schema, "a.yaml"); },
+                      {"expected int at train.steps", "'1.5'", "a.yaml:1:9"});
+  expect_config_error([&] { Config::from_string("optimizer:\n  learning_rate: abc\ndata: {dir: x}\n", {}, schema, "b.yaml"); },
+                      {"expected float at optimizer.learning_rate", "found 'abc'", "b.yaml:2:3"});
+  expect_config_error([&] { Config::from_string("train: {bf16: maybe}\ndata: {dir: x}\n", {}, schema); },
+                      {"expected bool at train.bf16", "'maybe'"});
+  expect_config_error([&] { Config::from_string("model: {hidden: 5}\ndata: {dir: x}\n", {}, schema); },
+                      {"expected int_list at model.hidden"});
+  expect_config_error([&] { Config::from_string("model: {hidden: [1, x]}\ndata: {dir: x}\n", {}, schema); },
+                      {"expected int_list at model.hidden", "'x'"});
+  expect_config_error([&] { Config::from_string("mesh: {data: two}\ndata: {dir: x}\n", {}, schema); },
+                      {"mesh.data", "'two'"});
+  expect_config_error([&] { Config::from_string("data: {dir: [a, b]}\n", {}, schema); }, {"expected string at data.dir"});
+  expect_config_error([&] { Config::from_string("train: 5\ndata: {dir: x}\n", {}, schema); },
+                      {"'train' is a section", "train.steps"});
+  expect_config_error([&] { Config::from_string("train:\n  steps:\ndata: {dir: x}\n", {}, schema); },
+                      {"found null"});
+  expect_config_error([&] { Config::from_string("train: {steps: 99999999999999999999}\ndata: {dir: x}\n", {}, schema); },
+                      {"expected int at train.steps"});
+  // Getter misuse.
+  expect_config_error([&] { (void)c.get_int("optimizer.learning_rate"); }, {"of type float"});
+  expect_config_error([&] { (void)c.get_string("run.name"); }, {"not set"});
+  expect_config_error([&] { (void)c.get_int("train.step"); }, {"unknown config key 'train.step'", "did you mean 'train.steps'?"});
+}
+
+TEST_CASE("Config: unknown keys name the file, line and nearest key", "[io]") {
+  ConfigSchema schema;
+  schema.add_float("optimizer.learning_rate", 0.1, "lr").add_int("optimizer.warmup", 0, "warmup steps");
+  expect_config_error(
+      [&] { Config::from_string("optimizer:\n  warmup: 10\n  lerning_rate: 0.3\n", {}, schema, "cfg.yaml"); },
+      {"unknown config key 'optimizer.lerning_rate'", "cfg.yaml:3:3", "did you mean 'optimizer.learning_rate'?"});
+  // A misspelt section: the suggestion is still the full key.
+  expect_config_error([&] { Config::from_string("optimzer:\n  learning_rate: 0.3\n", {}, schema, "cfg.yaml"); },
+                      {"'optimzer.learning_rate'", "cfg.yaml:2:3", "did you mean 'optimizer.learning_rate'?"});
+  // Nothing near: the known keys are listed.
+  expect_config_error([&] { Config::from_string("completely_different: 1\n", {}, schema); },
+                      {"'completely_different'", "known: optimizer.learning_rate, optimizer.warmup"});
+  expect_config_error([&] { Config::from_string("optimizer:\n  warmup: 1\n  warmup: 2\n", {}, schema, "d.yaml"); },
+                      {"duplicate config key 'optimizer.warmup'", "d.yaml:3:3"});
+  expect_config_error([&] { Config::from_string("optimizer: [1, 2\n", {}, schema, "e.yaml"); }, {"YAML syntax error", "e.yaml"});
+  expect_config_error([&] { Config::from_string("- a\n- b\n", {}, schema); }, {"not a mapping"});
+  // Empty documents are fine.
+  CHECK(Config::from_string("", {}, schema).get_float("optimizer.learning_rate") == 0.1);
+  CHECK(Config::from_string("# only a comment\n", {}, schema).get_int("optimizer.warmup") == 0);
+}
+
+TEST_CASE("Config: allowed values and required keys", "[io]") {
+  ConfigSchema schema = sample_schema();
+  Config c = Config::from_string("optimizer: {name: lion}\ndata: {dir: d}\n", {}, schema);
+  CHECK(c.get_string("optimizer.name") == "lion");
+  expect_config_error([&] { Config::from_string("optimizer: {name: adamm}\ndata: {dir: d}\n", {}, schema, "f.yaml"); },
+                      {"'adamm' is not allowed for optimizer.name", "one of: adamw, sgd, lion", "did you mean 'adamw'?",
+                       "f.yaml:1:13"});
+  expect_config_error([&] { Config::from_string("train: {steps: 1}\n", {}, schema); },
+                      {"required config key 'data.dir'", "--set data.dir="});
+  // Schema mistakes are the programmer's: ValueError.
+  ConfigSchema bad;
+  bad.add_int("a.b", 1, "");
+  CHECK_THROWS_AS(bad.add_int("a.b", 2, ""), ValueError);
+  CHECK_THROWS_AS(bad.add_int("a", 2, ""), ValueError);        // "a" is a section
+  CHECK_THROWS_AS(bad.add_int("a.b.c", 2, ""), ValueError);    // under a leaf
+  CHECK_THROWS_AS(bad.add_int("a..c", 2, ""), ValueError);
+  CHECK_THROWS_AS(bad.add_string("s", "x", "", {"y", "z"}), ValueError);
+  CHECK_THROWS_AS(bad.add({"i", ConfigType::int_, ConfigValue(1.5), false, "", {}}), ValueError);
+  CHECK_THROWS_AS(bad.add({"j", ConfigType::int_, std::nullopt, false, "", {"a"}}), ValueError);
+}
+
+TEST_CASE("Config: ${ENV} and ${ENV:default} substitution", "[io]") {
+  ConfigSchema schema = sample_schema();
+  ::setenv("TITANAX_CFG_TEST_LR", "0.25", 1);
+  ::setenv("TITANAX_CFG_TEST_DIR", "/data/x", 1);
+  ::unsetenv("TITANAX_CFG_TEST_UNSET");
+  Config c = Config::from_string(
+      "optimizer:\n"
+      "  learning_rate: ${TITANAX_CFG_TEST_LR}\n"
+      "  betas: [\"${TITANAX_CFG_TEST_UNSET:0.5}\", 0.75]\n"
+      "train: {steps: \"${TITANAX_CFG_TEST_UNSET:12}\"}\n"
+      "data: {dir: \"${TITANAX_CFG_TEST_DIR}/train\"}\n"
+      "run: {name: \"cost $${NOT_A_VAR} ${TITANAX_CFG_TEST_UNSET:}\"}\n",
+      {}, schema);
+  CHECK(c.get_float("optimizer.learning_rate") == 0.25);
+  CHECK(c.get_float_list("optimizer.betas") == std::vector<double>{0.5, 0.75});
+  CHECK(c.get_int("train.steps") == 12);
+  CHECK(c.get_string("data.dir") == "/data/x/train");
+  CHECK(c.get_string("run.name") == "cost ${NOT_A_VAR} ");
+  expect_config_error([&] { Config::from_string("data: {dir: \"${TITANAX_CFG_TEST_UNSET}\"}\n", {}, schema, "g.yaml"); },
+                      {"TITANAX_CFG_TEST_UNSET is not set", "data.dir", "g.yaml:1:8"});
+  expect_config_error([&] { Config::from_string("data: {dir: \"${OOPS\"}\n", {}, schema); }, {"unterminated"});
+  ::setenv("TITANAX_CFG_TEST_LR", "fast", 1);
+  expect_config_error([&] { Config::from_string("optimizer: {learning_rate: \"${TITANAX_CFG_TEST_LR}\"}\ndata: {dir: d}\n", {}, schema); },
+                      {"expected float at optimizer.learning_rate", "'fast'"});
+  ::unsetenv("TITANAX_CFG_TEST_LR");
+  ::unsetenv("TITANAX_CFG_TEST_DIR");
+}
+
+TEST_CASE("Config: --set overrides", "[io]") {
+  ConfigSchema schema = sample_schema();
+  io_test::TempDir d;
+  const std::string path = d / "run.yaml";
+  {
+    std::ofstream f(path);
+    f << "optimizer:\n  learning_rate: 0.01\ndata:\n  dir: /a\nmesh: {data: 2, model: 2}\n";
+  }
+  Config c = Config::load(path,
+                          {"optimizer.learning_rate=0.5", "model.hidden=[8, 4]", "train.bf16=true", "mesh.model=4",
+                           "run.name=exp: one", "data.dir='/b'", "optimizer.betas=[0.1,0.2]"},
+                          schema);
+  CHECK(c.get_float("optimizer.learning_rate") == 0.5);
+  CHECK(c.get_int_list("model.hidden") == std::vector<int64_t>{8, 4});
+  CHECK(c.get_bool("train.bf16"));
+  CHECK(c.get_map("mesh") == std::map<std::string, int64_t>{{"data", 2}, {"model", 4}});
+  CHECK(c.get_string("run.name") == "exp: one");  // string keys take the text as is
+  CHECK(c.get_string("data.dir") == "/b");         // quotes removed
+  CHECK(c.get_float_list("optimizer.betas") == std::vector<double>{0.1, 0.2});
+  CHECK(c.source("optimizer.learning_rate") == "--set optimizer.learning_rate=0.5");
+  // A whole map replaces; an entry of the default map refines it.
+  CHECK(Config::from_string("data: {dir: a}", {"mesh={pipe: 3}"}, schema).get_map("mesh") ==
+        std::map<std::string, int64_t>{{"pipe", 3}});
+  CHECK(Config::from_string("data: {dir: a}", {"mesh.model=2"}, schema).get_map("mesh") ==
+        std::map<std::string, int64_t>{{"data", -1}, {"model", 2}});
+  // Later overrides win; the required key can come from an override.
+  CHECK(Config::from_string("", {"data.dir=x", "data.dir=y"}, schema).get_string("data.dir") == "y");
+
+  expect_config_error([&] { Config::load(path, {"optimizer.lerning_rate=0.1"}, schema); },
+                      {"unknown config key 'optimizer.lerning_rate'", "--set optimizer.lerning_rate=0.1",
+                       "did you mean 'optimizer.learning_rate'?"});
+  expect_config_error([&] { Config::load(path, {"train.steps=many"}, schema); },
+                      {"expected int at train.steps", "'many'", "--set train.steps=many"});
+  expect_config_error([&] { Config::load(path, {"model.hidden=[1, b]"}, schema); }, {"'b'", "--set model.hidden"});
+  expect_config_error([&] { Config::load(path, {"train.steps"}, schema); }, {"without '='"});
+  expect_config_error([&] { Config::load(path, {"optimizer.name=adam"}, schema); }, {"not allowed", "adamw"});
+  CHECK_THROWS_AS(Config::load(d / "missing.yaml", {}, schema), IOError);
+}
+
+TEST_CASE("Config: dump() round-trips and the schema documents itself", "[io]") {
+  ConfigSchema schema = sample_schema();
+  schema.add_float("x.tiny", 1e-300, "").add_float("x.inf", INFINITY, "").add_string("x.tricky", "true", "")
+      .add_string("x.empty", "", "").add_string("x.colon", "a: b # c", "");
+  Config c = Config::from_string("data: {dir: \"/p q\"}\noptimizer: {learning_rate: 0.1}\n",
+                                 {"run.name=${TITANAX_CFG_NOPE:lit}", "mesh.model=3"}, schema);
+  const std::string y = c.dump();
+  INFO(y);
+  CHECK(contains(y, "optimizer:\n  learning_rate: 0.1\n"));
+  CHECK(contains(y, "mesh: {data: -1, model: 3}"));
+  CHECK(contains(y, "hidden: [512, 512]"));
+  Config r = Config::from_string(y, {}, schema);
+  for (const auto& key : schema.keys()) {
+    INFO(key);
+    REQUIRE(r.has(key) == c.has(key));
+    if (c.has(key)) CHECK(r.get(key) == c.get(key));
+  }
+  CHECK(r.get_string("run.name") == "lit");
+  CHECK(r.get_string("x.tricky") == "true");
+  CHECK(r.get_float("x.tiny") == 1e-300);
+  CHECK(std::isinf(r.get_float("x.inf")));
+  CHECK(r.dump() == y);
+
+  const std::string doc = schema.describe();
+  INFO(doc);
+  CHECK(contains(doc, "optimizer.learning_rate"));
+  CHECK(contains(doc, "peak learning rate"));
+  CHECK(contains(doc, "0.001"));
+  CHECK(contains(doc, "(required)"));
+  CHECK(contains(doc, "one of: adamw, sgd, lion"));
+  CHECK(contains(doc, "string_int_map"));
+  CHECK(config_type_name(ConfigType::float_list) == "float_list");
+}
