@@ -18,7 +18,13 @@ enum class CollectiveOp { sum, max, min };
 class CollectiveRequest {
  public:
   virtual ~CollectiveRequest() = default;
+  /// Blocks until the collective has completed and its result is in the tensor. Throws CollectiveError
+  /// when the underlying call failed. Idempotent.
   virtual void wait() = 0;
+  /// Non-blocking: drives progress (MPI only advances a non-blocking collective inside MPI calls) and
+  /// returns true once the collective has completed; wait() must still be called to finish it (copy
+  /// staged data back). The default returns false ("not known to be complete").
+  virtual bool test() { return false; }
 };
 
 class Communicator {
