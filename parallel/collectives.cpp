@@ -357,7 +357,11 @@ void check_perm(const Ctx& c, const std::vector<std::pair<int, int>>& perm) {
   const int n = c.size();
   std::vector<int> src_seen(size_t(n), 0), dst_seen(size_t(n), 0);
   for (auto [s, d] : perm) {
-    std::string pair = "(" + std::to_string(s) + ", " + std::to_string(d) + ")";
+    std::string pair = "(";  // built by appends: GCC 12 -O3 warns (-Wrestrict) on "(" + to_string(...)
+    pair += std::to_string(s);
+    pair += ", ";
+    pair += std::to_string(d);
+    pair += ")";
     if (s < 0 || s >= n || d < 0 || d >= n)
       throw CollectiveError("ppermute over axis '" + c.axis + "': pair " + pair + " is out of range",
                             "axis indices in [0, " + std::to_string(n) + ")", pair, "", c.loc);

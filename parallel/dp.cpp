@@ -127,7 +127,10 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
     bool fits = cur >= 0 && s_->buckets[size_t(cur)].dtype == pd && s_->buckets[size_t(cur)].device == p.device &&
                 cur_bytes + bytes <= cap;
     if (!fits) {
-      s_->buckets.push_back({pd, p.device});
+      State::Bucket nb;
+      nb.dtype = pd;
+      nb.device = p.device;
+      s_->buckets.push_back(std::move(nb));
       bucket_params_.emplace_back();
       cur = int(s_->buckets.size()) - 1;
       cur_bytes = 0;
