@@ -23,12 +23,17 @@ struct MeshSpec {
   std::vector<std::string> axes;  ///< axis names, e.g. {"data", "model"}
   std::vector<int> shape;         ///< sizes; one may be -1 (inferred from the world size)
 
-  /// Resolves -1 against `world_size` and validates: same number of names and sizes, unique non-empty
-  /// names, sizes >= 1, product == world_size. Throws MeshError (e.g. "mesh [3] does not divide 4 ranks").
+  /// Resolves -1 against `world_size` and validates: at least one axis, same number of names and sizes,
+  /// unique non-empty names, sizes >= 1 (or one -1), product == world_size. Not collective. Throws
+  /// MeshError at `loc`, e.g. "mesh {data: 3} does not divide 4 ranks" (fix: "use -1 for one axis to
+  /// infer its size, or run with mpirun -np 3"), "mesh {data: 2} covers 2 of 4 ranks",
+  /// "mesh {data: -1, model: -1} has two axes of size -1".
   std::vector<int> resolve(int world_size, Loc loc = Loc::current()) const;
-  /// Builds the mesh over rt's world communicator: collective over all ranks.
+  /// Builds the mesh over rt's world communicator: collective over all ranks, which must pass the same
+  /// spec (else MeshError on every rank, not a hang). Splits one communicator per axis, in axis order,
+  /// and makes the result Mesh::current(). Throws what resolve() throws.
   Mesh build(const Runtime& rt, Loc loc = Loc::current()) const;
-  /// Builds over an explicit world communicator (tests).
+  /// Builds over an explicit world communicator (tests; make_local_communicator() for one rank).
   Mesh build(std::shared_ptr<Communicator> world, Loc loc = Loc::current()) const;
   /// "{data: 2, model: -1}".
   std::string describe() const;
@@ -39,23 +44,28 @@ class Mesh {
   Mesh() = default;
   const std::vector<std::string>& axes() const { return axes_; }
   const std::vector<int>& shape() const { return shape_; }
-  int size() const;  ///< number of ranks
+  int size() const;  ///< number of ranks (0 for a default-constructed Mesh)
   int rank() const;  ///< this rank in the world
+  /// This rank's coordinates, one per axis (row-major: rank = sum coords[i] * prod(shape[i+1:])).
+  const std::vector<int>& coords() const { return coords_; }
   /// Size of an axis; throws MeshError naming the known axes (and the nearest) for an unknown name.
   int axis_size(const std::string& axis, Loc loc = Loc::current()) const;
-  /// This rank's coordinate on an axis.
+  /// This rank's coordinate on an axis (MeshError for an unknown axis).
   int axis_index(const std::string& axis, Loc loc = Loc::current()) const;
-  /// The communicator over an axis.
+  /// The communicator over an axis: its rank is this rank's coordinate on the axis (MeshError for an
+  /// unknown axis).
   Communicator& comm(const std::string& axis, Loc loc = Loc::current()) const;
   std::shared_ptr<Communicator> comm_ptr(const std::string& axis, Loc loc = Loc::current()) const;
-  Communicator& world() const { return *world_; }
+  /// The world communicator the mesh was built over; throws MeshError on a default-constructed Mesh.
+  Communicator& world() const;
   bool has_axis(const std::string& axis) const;
   /// Throws MeshError unless `axis` is an axis of this mesh.
   void check_axis(const std::string& axis, Loc loc = Loc::current()) const;
   /// "mesh {data: 2, model: 2} over 4 ranks (mpi); rank 3 at {data: 1, model: 1}".
   std::string describe() const;
 
-  /// The mesh collectives use when none is passed: the last one built in this process.
+  /// The mesh collectives use when none is passed: the last one built in this process (the reference
+  /// stays valid and follows later builds). Throws MeshError (with the fix) if none was built.
   static const Mesh& current(Loc loc = Loc::current());
   static bool has_current();
 

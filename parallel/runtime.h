@@ -1,7 +1,14 @@
-// Runtime: one per process. Initialises MPI when launched by mpirun (OMPI_COMM_WORLD_SIZE or
-// PMIX_RANK set), else runs as a single rank without MPI; picks this rank's device (local_rank % gpus,
-// or the CPU); sets the OpenMP threads per rank to cores / ranks-on-this-node; sets up logging with the
-// rank in every line ("[12:00:01.123] [rank 1/2] [info] ...").
+// Runtime: one per process. Initialises MPI when launched by mpirun (OMPI_COMM_WORLD_SIZE, PMIX_RANK or
+// PMI_RANK set; MPI_Init_thread with MPI_THREAD_FUNNELED: call collectives from the main thread), else
+// runs as a single rank without MPI; picks this rank's device (local_rank % gpus, or the CPU); sets the
+// OpenMP threads per rank to cores / ranks-on-this-node; sets up spdlog's default logger with the rank in
+// every line ("[12:00:01.123] [rank 1/2] [info] ...").
+//
+// The state is per process: every Runtime object (and Runtime::instance()) shares the first one's
+// setup; a later Runtime's options are validated (same errors) but not applied (a warning says so).
+// MPI is finalised once, at process exit (atexit), not by ~Runtime, so meshes and communicators stay
+// usable for the whole program. If the program called MPI_Init itself, Titanax uses that MPI and leaves
+// finalisation to the program.
 #pragma once
 
 #include <memory>
@@ -15,7 +22,7 @@ namespace titanax {
 struct RuntimeOptions {
   /// "auto": the first CUDA device by local rank if any, else the CPU; or "cpu", "cuda".
   std::string device = "auto";
-  /// Threads per rank; 0 = hardware threads / ranks on this node (at least 1).
+  /// Threads per rank; 0 = OMP_NUM_THREADS when set, else hardware threads / ranks on this node (>= 1).
   int threads = 0;
   /// spdlog level: "trace", "debug", "info", "warn", "error", "off".
   std::string log_level = "info";
@@ -24,17 +31,22 @@ struct RuntimeOptions {
 class Runtime {
  public:
   /// Initialises once per process; a second Runtime in the same process shares the first's state.
+  /// Throws ValueError for an unknown log level, DeviceError for a device that is not there ("cuda" in a
+  /// CPU build or on a machine without GPUs, "cuda:3" with two GPUs, "tpu"), CollectiveError when an
+  /// MPI call fails or MPI was already finalised.
   Runtime(int& argc, char**& argv, RuntimeOptions opts = {});
   explicit Runtime(RuntimeOptions opts = {});
   ~Runtime();
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
 
+  /// This process's rank in the world, and the number of ranks (1 without mpirun).
   int rank() const;
   int world_size() const;
   /// Rank among the processes on this node, and their number.
   int local_rank() const;
   int local_size() const;
+  /// This rank's device (RuntimeOptions::device resolved).
   Device device() const;
   /// The world communicator ("local" without mpirun, else "mpi").
   std::shared_ptr<Communicator> world() const;

@@ -1,0 +1,279 @@
+#include "parallel/dp.h"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "autodiff/tape.h"
+#include "ops/ops.h"
+
+namespace titanax {
+namespace {
+
+DType pack_dtype(DType t) { return (t == DType::bf16 || t == DType::f16) ? DType::f32 : t; }
+
+std::string hex64(uint64_t h) {
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+std::vector<std::string> split_lines(const std::string& s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start < s.size()) {
+    size_t nl = s.find('\n', start);
+    if (nl == std::string::npos) nl = s.size();
+    out.push_back(s.substr(start, nl - start));
+    start = nl + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
+struct GradientSync::State {
+  struct Param {
+    std::string path;
+    Shape shape;
+    DType dtype;
+    Device device;
+    int bucket = -1;  // -1: not floating, passed through
+    int64_t offset = 0;
+  };
+  struct Bucket {
+    DType dtype;
+    Device device;
+    int64_t numel = 0;
+    size_t pending = 0;
+    bool launched = false;
+    Tensor buffer;
+    std::unique_ptr<CollectiveRequest> req;
+  };
+  std::shared_ptr<Communicator> comm;
+  std::string axis;
+  std::vector<Param> params;
+  std::vector<Bucket> buckets;
+  std::vector<Tensor> grads;
+  size_t next_launch = 0;
+  bool in_step = false;
+};
+
+GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const ParamTree& params, size_t bucket_bytes,
+                           size_t first_bucket_bytes, Loc loc)
+    : s_(std::make_unique<State>()) {
+  if (!mesh.has_axis(axis)) {
+    std::string hint = mesh.axes().empty() ? "build a mesh first" : did_you_mean(axis, mesh.axes());
+    throw PlanError("gradient averaging axis '" + axis + "' is not in the mesh", "one of [" + join(mesh.axes()) + "]",
+                    "'" + axis + "'", hint, loc);
+  }
+  s_->comm = mesh.comm_ptr(axis, loc);
+  s_->axis = axis;
+
+  // Describe the parameters; every rank must agree on this (and on the bucket sizes) before any bucket runs.
+  std::string desc = "bucket_bytes " + std::to_string(bucket_bytes) + " first_bucket_bytes " +
+                     std::to_string(first_bucket_bytes) + "\n";
+  for (const auto& [path, t] : params) {
+    if (!t.defined())
+      throw ValueError("GradientSync: parameter '" + path + "' is an undefined tensor", "defined tensors", "Tensor()", "", loc);
+    s_->params.push_back({path, t.shape(), t.dtype(), t.device()});
+    desc += "'" + path + "' " + std::string(dtype_name(t.dtype())) + t.shape().str() + "\n";
+  }
+  const int n = s_->comm->size();
+  if (n > 1) {
+    std::string digest = hex64(fnv1a(desc)) + " " + std::to_string(params.size());
+    std::vector<std::string> digests = s_->comm->all_gather_string(digest);
+    bool same = true;
+    for (const auto& d : digests) same &= (d == digests[0]);
+    if (!same) {  // every rank sees the mismatch: gather the full lists and report the same error everywhere
+      std::vector<std::string> all = s_->comm->all_gather_string(desc);
+      std::vector<std::string> ref = split_lines(all[0]);
+      std::string first;
+      std::vector<std::string> differing;
+      for (int r = 1; r < n; ++r) {
+        if (all[size_t(r)] == all[0]) continue;
+        differing.push_back(std::to_string(r));
+        if (!first.empty()) continue;
+        std::vector<std::string> mine = split_lines(all[size_t(r)]);
+        size_t i = 0;
+        while (i < ref.size() && i < mine.size() && ref[i] == mine[i]) ++i;
+        auto at = [](const std::vector<std::string>& v, size_t i) {
+          return i < v.size() ? v[i] : std::string("(no parameter)");
+        };
+        std::string where = i == 0 ? "in the bucket sizes" : "at parameter index " + std::to_string(i - 1);
+        first = where + ": rank 0 has " + at(ref, i) + ", rank " + std::to_string(r) + " has " + at(mine, i);
+      }
+      throw PlanError("parameter lists differ between the ranks of axis '" + axis + "'",
+                      "the same parameter paths, shapes and dtypes (and bucket sizes) on every rank",
+                      first + " (ranks differing from rank 0: " + join(differing) + ")",
+                      "build the model identically on every rank: same config, no rank-dependent layers", loc);
+    }
+  }
+
+  // Buckets over the floating parameters in reverse order.
+  int cur = -1;
+  size_t cur_bytes = 0;
+  for (size_t k = params.size(); k-- > 0;) {
+    auto& p = s_->params[k];
+    if (!is_floating(p.dtype)) continue;
+    DType pd = pack_dtype(p.dtype);
+    size_t bytes = size_t(p.shape.numel()) * itemsize(pd);
+    size_t cap = cur <= 0 ? first_bucket_bytes : bucket_bytes;  // cur 0 (or none yet): the first bucket
+    bool fits = cur >= 0 && s_->buckets[size_t(cur)].dtype == pd && s_->buckets[size_t(cur)].device == p.device &&
+                cur_bytes + bytes <= cap;
+    if (!fits) {
+      State::Bucket nb;
+      nb.dtype = pd;
+      nb.device = p.device;
+      s_->buckets.push_back(std::move(nb));
+      bucket_params_.emplace_back();
+      cur = int(s_->buckets.size()) - 1;
+      cur_bytes = 0;
+    }
+    auto& b = s_->buckets[size_t(cur)];
+    p.bucket = cur;
+    p.offset = b.numel;
+    b.numel += p.shape.numel();
+    b.pending += 1;
+    cur_bytes += bytes;
+    bucket_params_[size_t(cur)].push_back(k);
+  }
+  s_->grads.resize(params.size());
+}
+
+GradientSync::~GradientSync() {
+  if (s_) reset();
+}
+
+int GradientSync::axis_size() const { return s_->comm->size(); }
+
+std::function<void(size_t, const Tensor&)> GradientSync::hook() {
+  return [this](size_t i, const Tensor& g) { on_grad_ready(i, g); };
+}
+
+void GradientSync::on_grad_ready(size_t index, const Tensor& grad) {
+  auto& s = *s_;
+  if (index >= s.params.size())
+    throw ValueError("GradientSync: gradient index out of range", "< " + std::to_string(s.params.size()),
+                     std::to_string(index));
+  auto& p = s.params[index];
+  if (s.grads[index].defined())
+    throw ValueError("GradientSync: gradient of '" + p.path + "' reported twice in one step", "one report per step",
+                     "a second report", "call finish() (or reset()) between steps");
+  if (!grad.defined())
+    throw ValueError("GradientSync: undefined gradient for '" + p.path + "'", "a tensor", "Tensor()");
+  if (grad.shape() != p.shape)
+    throw ShapeError("GradientSync: gradient of '" + p.path + "' has the wrong shape", p.shape.str(), grad.shape().str());
+  s.in_step = true;
+  s.grads[index] = grad.detach();
+  if (p.bucket >= 0 && --s.buckets[size_t(p.bucket)].pending == 0) launch_ready();
+  for (size_t b = 0; b < s.next_launch; ++b)  // let MPI progress the buckets in flight
+    if (s.buckets[b].req) s.buckets[b].req->test();
+}
+
+void GradientSync::launch_ready() {
+  auto& s = *s_;
+  while (s.next_launch < s.buckets.size() && s.buckets[s.next_launch].pending == 0) launch(s.next_launch++);
+}
+
+void GradientSync::launch(size_t bi) {
+  auto& s = *s_;
+  auto& b = s.buckets[bi];
+  NoGradGuard ng;
+  b.buffer = empty(Shape{b.numel}, b.dtype, b.device);
+  for (size_t k : bucket_params_[bi]) {
+    const auto& p = s.params[k];
+    Tensor view = make_view(b.buffer, p.shape, p.shape.contiguous_strides(), p.offset);
+    if (s.grads[k].defined()) copy_(view, s.grads[k]);
+    else fill_(view, 0.0);
+  }
+  b.launched = true;
+  b.req = s.comm->iall_reduce(b.buffer, CollectiveOp::sum);
+}
+
+ParamTree GradientSync::finish() {
+  auto& s = *s_;
+  ParamTree out;
+  try {
+    for (auto& b : s.buckets) b.pending = 0;  // missing gradients count as zeros
+    launch_ready();
+    for (auto& b : s.buckets) b.req->wait();
+    NoGradGuard ng;
+    const double inv = 1.0 / s.comm->size();
+    std::vector<Tensor> avg(s.buckets.size());
+    for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
+      Tensor& buf = s.buckets[bi].buffer;
+      avg[bi] = s.comm->size() == 1 ? buf : mul(buf, scalar_like(inv, buf));
+    }
+    for (size_t k = 0; k < s.params.size(); ++k) {
+      const auto& p = s.params[k];
+      Tensor g;
+      if (p.bucket < 0) {
+        g = s.grads[k].defined() ? s.grads[k] : zeros(p.shape, p.dtype, p.device);
+      } else {
+        g = make_view(avg[size_t(p.bucket)], p.shape, p.shape.contiguous_strides(), p.offset);
+        if (g.dtype() != p.dtype) g = g.astype(p.dtype);
+      }
+      out.insert(p.path, g);
+    }
+  } catch (...) {
+    reset();
+    throw;
+  }
+  reset();
+  return out;
+}
+
+ParamTree GradientSync::sync(const ParamTree& grads) {
+  auto& s = *s_;
+  if (s.in_step)
+    throw ValueError("GradientSync::sync() while an overlapped step is in progress",
+                     "finish() before sync()", "gradients already reported through on_grad_ready");
+  for (const auto& [path, t] : grads)
+    if (std::none_of(s.params.begin(), s.params.end(), [&](const State::Param& p) { return p.path == path; }))
+      throw ValueError("GradientSync::sync(): unexpected gradient path '" + path + "'", "the parameters' paths",
+                       "'" + path + "'");
+  try {
+    for (size_t k = s.params.size(); k-- > 0;) on_grad_ready(k, grads.at(s.params[k].path));
+  } catch (...) {
+    reset();
+    throw;
+  }
+  return finish();
+}
+
+void GradientSync::reset() {
+  auto& s = *s_;
+  for (auto& b : s.buckets) {
+    if (b.req) {
+      try {
+        b.req->wait();
+      } catch (...) {
+      }
+    }
+    b.req.reset();
+    b.buffer = Tensor();
+    b.launched = false;
+    b.pending = 0;
+  }
+  for (size_t k = 0; k < s.params.size(); ++k)
+    if (s.params[k].bucket >= 0) s.buckets[size_t(s.params[k].bucket)].pending += 1;
+  for (auto& g : s.grads) g = Tensor();
+  s.next_launch = 0;
+  s.in_step = false;
+}
+
+DataShard data_shard(const Mesh& mesh, const Plan& plan, Loc loc) {
+  if (!plan.dp) return {0, 1};
+  plan.validate(mesh, loc);
+  return {mesh.axis_index(plan.dp->axis, loc), mesh.axis_size(plan.dp->axis, loc)};
+}
+
+RngKey rank_key(RngKey base, const Mesh& mesh) { return fold_in(base, uint64_t(mesh.rank())); }
+
+}  // namespace titanax
