@@ -85,6 +85,7 @@ void strided_loop(const Layout<N>& L, std::array<char*, N> base, F&& inner, int6
   const int64_t inner_n = L.size[last];
   int64_t total = inner_n;
   for (int r = 0; r < last; ++r) total *= L.size[r];
+  if (total == 0) return;  // an empty tensor: nothing to visit
   int64_t istr[N];
   for (int k = 0; k < N; ++k) istr[k] = L.stride[k][last];
 

@@ -155,3 +155,12 @@ TEST_CASE("ParamTree keeps order and suggests near paths", "[core][tree]") {
   }
   CHECK_THROWS_AS(t.insert("layers/0/bias", zeros(Shape{1})), ValueError);
 }
+
+TEST_CASE("empty tensors go through every kernel path", "[core][tensor]") {
+  Tensor e = zeros(Shape{0, 3});
+  CHECK(e.numel() == 0);
+  CHECK((e + 1.0).shape() == Shape{0, 3});
+  CHECK(sum(e, {0}).to_vector<float>() == std::vector<float>{0, 0, 0});
+  CHECK(e.astype(DType::f64).T().contiguous().shape() == Shape{3, 0});
+  CHECK(concat({e, ones(Shape{2, 3})}, 0).shape() == Shape{2, 3});
+}

@@ -1,0 +1,93 @@
+// bench/mlp_step: one training step of the MNIST MLP (784-512-512-10, ReLU, softmax cross-entropy,
+// AdamW, f32) at B=128 on random inputs: forward, backward, optimizer update. Prints one line:
+//   bench=mlp_step device=cpu B=128 threads=2 us_per_step=... peer_us_per_step=... speedup=...
+// with ../shared/peers/mlp_torch.py --device cpu run in the same invocation when /usr/bin/python3 has
+// torch (else peer=unavailable). Options: --steps N (default 500), --B N, --hidden N, --no-peer.
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include <titanax/titanax.h>
+
+#include "engine/nn.h"
+#include "engine/optim.h"
+#include "peer.h"
+
+namespace tx = titanax;
+
+int main(int argc, char** argv) {
+  int64_t steps = 500, B = 128, hidden = 512;
+  bool peer = true;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
+    else if (a == "--B" && i + 1 < argc) B = std::stoll(argv[++i]);
+    else if (a == "--hidden" && i + 1 < argc) hidden = std::stoll(argv[++i]);
+    else if (a == "--no-peer") peer = false;
+    else {
+      std::fprintf(stderr, "usage: mlp_step [--steps N] [--B N] [--hidden N] [--no-peer]\n");
+      return 2;
+    }
+  }
+  try {
+    tx::nn::MLP model({784, hidden, hidden, 10});
+    auto opt = tx::optim::adamw(tx::optim::constant(1e-3));
+    const int64_t N = 60000;  // the peer's data layout: uniform inputs, random labels, sliding batches
+    tx::Tensor X = tx::random_uniform(tx::RngKey::from_seed(1), tx::Shape{N, 784});
+    tx::Tensor Y = tx::arange(0, N).astype(tx::DType::i64);
+    {
+      std::vector<int64_t> y(static_cast<size_t>(N));
+      auto u = tx::random_uniform(tx::RngKey::from_seed(2), tx::Shape{N}, tx::DType::f64).to_vector<double>();
+      for (int64_t i = 0; i < N; ++i) y[size_t(i)] = int64_t(u[size_t(i)] * 10) % 10;
+      Y = tx::from_vector(y, tx::Shape{N});
+    }
+    double loss = 0;
+    auto step = [&](int64_t i) {
+      int64_t j = (i * B) % (N - B);
+      tx::Tensor xb = X.slice(0, j, j + B), yb = Y.slice(0, j, j + B);
+      tx::ParamTree params = model.parameters();
+      auto [l, g] = tx::value_and_grad([&] { return tx::cross_entropy(model(xb), yb); }, params);
+      opt->step(params, g);
+      loss = l.item();
+    };
+    for (int64_t i = 0; i < 50; ++i) step(i);
+    auto t0 = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < steps; ++i) step(i);
+    double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / double(steps);
+
+    std::string line = "bench=mlp_step device=cpu B=" + std::to_string(B) + " hidden=" + std::to_string(hidden) +
+                       " threads=" + std::to_string(omp_get_max_threads()) + " steps=" + std::to_string(steps);
+    char buf[256];
+    std::snprintf(buf, sizeof buf, " us_per_step=%.1f samples_per_s=%.0f loss=%.4f", us, double(B) * 1e6 / us, loss);
+    line += buf;
+    const std::string py = "/usr/bin/python3";
+    std::string dir = tx::bench::peers_dir();
+    if (!peer) {
+      line += " peer=skipped";
+    } else if (dir.empty() || !tx::bench::python_has_torch(py)) {
+      line += " peer=unavailable";
+    } else {
+      std::string why;
+      auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py",
+                                    "--device cpu --B " + std::to_string(B) + " --hidden " + std::to_string(hidden) +
+                                        " --steps " + std::to_string(std::min<int64_t>(steps, 300)),
+                                    why);
+      if (kv.count("us_per_step")) {
+        double peer_us = std::stod(kv["us_per_step"]);
+        std::snprintf(buf, sizeof buf, " peer=%s peer_us_per_step=%.1f speedup=%.2f", kv["peer"].c_str(), peer_us, peer_us / us);
+        line += buf;
+      } else {
+        line += " peer=failed";
+        std::fprintf(stderr, "peer failed: %s\n", why.c_str());
+      }
+    }
+    std::printf("%s\n", line.c_str());
+    return 0;
+  } catch (const tx::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
+}

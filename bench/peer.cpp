@@ -1,0 +1,53 @@
+#include "peer.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <sstream>
+
+namespace titanax::bench {
+
+std::string peers_dir() {
+  if (const char* e = std::getenv("TITANAX_PEERS")) return e;
+  namespace fs = std::filesystem;
+  for (const char* rel : {"/../shared/peers", "/shared/peers"}) {
+    fs::path p = fs::path(TITANAX_SOURCE_DIR + std::string(rel));
+    if (fs::exists(p)) return fs::canonical(p).string();
+  }
+  return "";
+}
+
+bool python_has_torch(const std::string& python) {
+  std::string cmd = python + " -c 'import torch' >/dev/null 2>&1";
+  return std::system(cmd.c_str()) == 0;
+}
+
+std::map<std::string, std::string> run_peer(const std::string& python, const std::string& script,
+                                            const std::string& args, std::string& why) {
+  std::map<std::string, std::string> kv;
+  std::string cmd = python + " " + script + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) {
+    why = "popen failed";
+    return kv;
+  }
+  std::string out, last;
+  char buf[4096];
+  while (fgets(buf, sizeof buf, p)) out += buf;
+  int rc = pclose(p);
+  std::istringstream is(out);
+  for (std::string line; std::getline(is, line);)
+    if (line.find('=') != std::string::npos) last = line;
+  if (rc != 0 || last.empty()) {
+    why = "peer exited with " + std::to_string(rc) + ": " + out.substr(out.size() > 300 ? out.size() - 300 : 0);
+    return {};
+  }
+  std::istringstream ls(last);
+  for (std::string tok; ls >> tok;) {
+    auto eq = tok.find('=');
+    if (eq != std::string::npos) kv[tok.substr(0, eq)] = tok.substr(eq + 1);
+  }
+  return kv;
+}
+
+}  // namespace titanax::bench

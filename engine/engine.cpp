@@ -1,0 +1,232 @@
+#include "engine/engine.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+
+#include "autodiff/autodiff.h"
+#include "parallel/dp.h"
+
+namespace titanax {
+
+std::string Precision::str() const {
+  return "params " + std::string(dtype_name(params)) + ", compute " + std::string(dtype_name(compute));
+}
+
+Tensor classification_loss(nn::Module& model, const Batch& b) { return cross_entropy(model(b["x"]), b["y"]); }
+
+Metrics classification_metrics(nn::Module& model, const Batch& b) {
+  Tensor logits = model(b["x"]);
+  const Tensor& y = b["y"];
+  double loss = cross_entropy(logits, y, Reduction::sum).item();
+  double correct = sum(eq(argmax(logits, -1), y.astype(DType::i64)).astype(DType::f64)).item();
+  return {{"loss", loss}, {"accuracy", correct}, {"count", double(y.shape()[0])}};
+}
+
+Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> opt, EngineOptions opts)
+    : mesh_(mesh), plan_(std::move(plan)), opt_(std::move(opt)), opts_(std::move(opts)) {
+  if (!opt_) throw ValueError("Engine needs an optimizer", "optim::adamw(...) or similar", "nullptr");
+  plan_.validate(mesh_);
+  if (opts_.precision.params != DType::f32 || opts_.precision.compute != DType::f32)
+    throw DTypeError("this precision needs the CUDA backend", "params f32, compute f32 on the CPU",
+                     opts_.precision.str(), "use Precision::f32() on the CPU");
+  if (opts_.grad_clip < 0) throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
+}
+
+Engine::~Engine() = default;
+
+int Engine::dp_size() const { return plan_.dp ? mesh_.axis_size(plan_.dp->axis) : 1; }
+
+StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+  const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
+  const int64_t B = batch.size();
+  if (B % acc != 0 || B == 0)
+    throw PlanError("the local batch does not split into accumulate_steps microbatches",
+                    "a local batch divisible by accumulate_steps=" + std::to_string(acc), std::to_string(B) + " examples",
+                    "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
+  const int64_t micro = B / acc;
+  ParamTree params = model.parameters();
+  if (!sync_ && dp_size() > 1)
+    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
+
+  const int64_t step_no = opt_->steps();
+  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), uint64_t(mesh_.rank())), uint64_t(step_no)));
+  model.train(true);
+
+  ParamTree acc_grads;
+  double loss_sum = 0;
+  for (int i = 0; i < acc; ++i) {
+    Batch mb = acc == 1 ? batch : batch.slice(i * micro, (i + 1) * micro);
+    const bool last = i == acc - 1;
+    BackwardOptions bo;
+    if (last && sync_) {
+      // Overlap: hand each parameter's final gradient (accumulated, averaged over microbatches) to the
+      // bucketed all-reduce as soon as backward produces it.
+      bo.on_grad_ready = [&](size_t idx, const Tensor& g) {
+        NoGradGuard ng;
+        Tensor total = acc_grads.empty() ? g : add(acc_grads[idx].second, g);
+        if (acc > 1) total = total * (1.0 / acc);
+        sync_->on_grad_ready(idx, total);
+      };
+    }
+    auto [loss, grads] = value_and_grad([&] { return loss_fn(model, mb); }, params, bo);
+    loss_sum += loss.item();
+    if (!last || !sync_) {
+      NoGradGuard ng;
+      if (acc_grads.empty()) acc_grads = grads;
+      else
+        for (size_t k = 0; k < grads.size(); ++k) acc_grads[k].second = add(acc_grads[k].second, grads[k].second);
+    }
+  }
+  ParamTree grads;
+  if (sync_) {
+    grads = sync_->finish();
+  } else {
+    NoGradGuard ng;
+    grads = acc == 1 ? acc_grads : acc_grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
+  }
+
+  StepResult r;
+  r.lr = opt_->lr();
+  r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip) : optim::global_norm(grads);
+  opt_->step(params, grads);
+
+  r.loss = loss_sum / acc;
+  if (dp_size() > 1) {  // mean over data-parallel ranks, for logging
+    Tensor l = scalar(r.loss, DType::f64);
+    mesh_.comm(plan_.dp->axis).all_reduce(l);
+    r.loss = l.item() / dp_size();
+  }
+  return r;
+}
+
+Metrics Engine::evaluate(nn::Module& model, const EvalSpec& eval) {
+  Metrics out;
+  if (!eval.data) return out;
+  NoGradGuard ng;
+  model.eval();
+  const int64_t N = eval.data->size();
+  const int shards = dp_size(), me = plan_.dp ? mesh_.axis_index(plan_.dp->axis) : 0;
+  if (N < shards)
+    throw ValueError("the evaluation set is smaller than the number of data-parallel ranks",
+                     "at least " + std::to_string(shards) + " examples", std::to_string(N) + " examples");
+  const int64_t lo = N * me / shards, hi = N * (me + 1) / shards;
+  Metrics sums;
+  for (int64_t s = lo; s < hi; s += eval.batch_size) {
+    std::vector<int64_t> idx;
+    for (int64_t i = s; i < std::min(hi, s + eval.batch_size); ++i) idx.push_back(i);
+    for (const auto& [k, v] : eval.fn(model, eval.data->get(idx))) sums[k] += v;
+  }
+  model.train(true);
+  // Sum over the data-parallel ranks in a fixed key order (every rank has the same keys).
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : sums) keys.push_back(k);
+  if (shards > 1) {
+    Tensor t = zeros(Shape{int64_t(keys.size())}, DType::f64);
+    double* p = t.data<double>();
+    for (size_t i = 0; i < keys.size(); ++i) p[i] = sums[keys[i]];
+    mesh_.comm(plan_.dp->axis).all_reduce(t);
+    for (size_t i = 0; i < keys.size(); ++i) sums[keys[i]] = p[i];
+  }
+  const double count = sums.count("count") ? sums["count"] : 0;
+  for (const auto& [k, v] : sums)
+    if (k != "count") out["eval/" + k] = count > 0 ? v / count : 0.0;
+  return out;
+}
+
+ParamTree Engine::state_tree(nn::Module& model) {
+  ParamTree params = model.parameters();
+  if (opt_->state().size() <= 1) opt_->init(params);  // create the moments so loading can fill them
+  ParamTree t;
+  for (const auto& [p, v] : params) t.insert("params/" + p, v);
+  for (const auto& [p, v] : opt_->state()) t.insert("opt/" + p, v);
+  return t;
+}
+
+void Engine::save(nn::Module& model) {
+  if (!opts_.checkpointer) throw ValueError("save() without a checkpointer", "EngineOptions::checkpointer set", "none");
+  opts_.checkpointer->save(global_step(), state_tree(model), "{}", {}, "{}", plan_.to_json());
+}
+
+std::optional<int64_t> Engine::restore(nn::Module& model) {
+  if (!opts_.checkpointer) return std::nullopt;
+  auto latest = opts_.checkpointer->latest();
+  if (!latest) return std::nullopt;
+  ParamTree t = state_tree(model);
+  opts_.checkpointer->load(*latest, t);
+  return *latest;
+}
+
+namespace {
+bool eval_due(const FitOptions& fo, int64_t step) {
+  if (!fo.eval.data) return false;
+  return step == fo.steps || (fo.eval.every > 0 && step % fo.eval.every == 0);
+}
+}  // namespace
+
+FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, const FitOptions& fo) {
+  FitResult res;
+  if (fo.resume)
+    if (auto s = restore(model)) {
+      res.resumed_from = *s;
+      if (mesh_.rank() == 0) spdlog::info("resumed from checkpoint step {} in {}", *s, opts_.checkpointer->dir());
+    }
+  std::vector<std::shared_ptr<Logger>> loggers = fo.loggers;
+  if (loggers.empty()) loggers.push_back(std::make_shared<ConsoleLogger>(fo.steps));
+  const bool main = mesh_.rank() == 0;
+  auto log = [&](int64_t step, const Metrics& m) {
+    if (main)
+      for (auto& l : loggers) l->log(step, m);
+  };
+
+  data.seek(global_step());
+  const int64_t global_batch = data.options().batch_size;
+  auto t_start = std::chrono::steady_clock::now();
+  auto t_last = t_start;
+  int64_t steps_since = 0, steps_done = 0;
+  while (global_step() < fo.steps) {
+    Batch b = data.next();
+    StepResult r = step(model, loss, b);
+    ++steps_since;
+    ++steps_done;
+    res.final_loss = r.loss;
+    const int64_t s = global_step();
+    if (!std::isfinite(r.loss))
+      throw ValueError("the training loss is not finite at step " + std::to_string(s), "a finite loss",
+                       std::to_string(r.loss), "lower the learning rate or enable grad_clip");
+    bool log_now = fo.log_every > 0 && (s % fo.log_every == 0 || s == fo.steps);
+    bool eval_now = eval_due(fo, s);
+    if (log_now) {
+      auto now = std::chrono::steady_clock::now();
+      double dt = std::chrono::duration<double>(now - t_last).count();
+      Metrics m{{"train/loss", r.loss}, {"train/lr", r.lr}, {"train/grad_norm", r.grad_norm},
+                {"train/samples_per_s", dt > 0 ? double(global_batch * steps_since) / dt : 0.0},
+                {"train/step_ms", steps_since ? 1e3 * dt / double(steps_since) : 0.0}};
+      if (eval_now) {
+        res.final_eval = evaluate(model, fo.eval);
+        for (const auto& [k, v] : res.final_eval) m[k] = v;
+      }
+      log(s, m);
+      t_last = std::chrono::steady_clock::now();
+      steps_since = 0;
+    } else if (eval_now) {
+      Metrics m = evaluate(model, fo.eval);
+      res.final_eval = m;
+      log(s, m);
+    }
+    if (opts_.checkpointer && fo.checkpoint_every > 0 && s % fo.checkpoint_every == 0 && s < fo.steps) save(model);
+  }
+  res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  res.samples_per_s = res.seconds > 0 ? double(global_batch * steps_done) / res.seconds : 0;
+  res.steps = global_step();
+  if (fo.eval.data && steps_done == 0) {  // nothing trained (already at fo.steps): still report
+    res.final_eval = evaluate(model, fo.eval);
+    log(global_step(), res.final_eval);
+  }
+  if (opts_.checkpointer && steps_done > 0) save(model);
+  for (auto& l : loggers) l->flush();
+  return res;
+}
+
+}  // namespace titanax

@@ -1,0 +1,129 @@
+// The engine: one training step (microbatched gradient accumulation, data-parallel gradient averaging
+// overlapped with backward, clipping, the optimizer update) and the fit loop around it (periodic eval,
+// logging, checkpoints, resume).
+//
+//   tx::Engine engine(mesh, plan, tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 3000)));
+//   engine.fit(model, loss, loader, {.steps = 3000, .log_every = 50, .eval = {.data = test, .every = 500}});
+//
+// Determinism: a step's result depends only on the seed, the step number and the data, never on wall
+// clock or thread scheduling, so a resumed run is bitwise identical to an uninterrupted one (same rank
+// count), and different rank counts agree to rounding.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+
+#include "engine/logger.h"
+#include "engine/nn.h"
+#include "engine/optim.h"
+#include "io/checkpoint.h"
+#include "io/data.h"
+#include "parallel/mesh.h"
+#include "parallel/plan.h"
+
+namespace titanax {
+
+class GradientSync;
+
+/// Dtypes of the master weights and of the computation. The CPU backend computes in f32; bf16 / fp16
+/// compute comes with the CUDA backend (constructing an Engine with them on the CPU throws DTypeError).
+struct Precision {
+  DType params = DType::f32;
+  DType compute = DType::f32;
+  static Precision f32() { return {}; }
+  static Precision bf16() { return {DType::f32, DType::bf16}; }
+  std::string str() const;
+};
+
+/// Scalar loss of a batch (mean over its examples).
+using LossFn = std::function<Tensor(nn::Module&, const Batch&)>;
+/// Per-batch SUMS of metrics ("loss", "correct", ...) plus "count" (examples); the engine sums over
+/// batches and ranks and divides by count.
+using EvalFn = std::function<Metrics(nn::Module&, const Batch&)>;
+
+/// Cross-entropy loss of model(batch["x"]) against batch["y"].
+Tensor classification_loss(nn::Module& model, const Batch& b);
+/// {"loss": sum of cross-entropies, "accuracy": number correct, "count": examples}.
+Metrics classification_metrics(nn::Module& model, const Batch& b);
+
+struct EvalSpec {
+  std::shared_ptr<const Dataset> data;  ///< none = no evaluation
+  int64_t every = 0;                    ///< steps between evaluations (0 = only at the end)
+  int64_t batch_size = 1000;
+  EvalFn fn = classification_metrics;
+};
+
+struct EngineOptions {
+  Precision precision = Precision::f32();
+  /// Saves / resumes checkpoints when set.
+  std::shared_ptr<Checkpointer> checkpointer;
+  /// Seeds dropout and other per-step randomness (fold_in(seed, rank, step)).
+  uint64_t seed = 0;
+  /// Global gradient-norm clipping threshold (0 = off).
+  double grad_clip = 0.0;
+  /// Bucket size for data-parallel all-reduces.
+  size_t bucket_bytes = 25u << 20;
+};
+
+struct FitOptions {
+  int64_t steps = 1000;           ///< total optimizer steps of the run (a resumed run continues to this)
+  int64_t log_every = 50;
+  int64_t checkpoint_every = 0;   ///< 0 = only at the end (when a checkpointer is set)
+  bool resume = true;             ///< continue from the latest checkpoint when there is one
+  EvalSpec eval;
+  std::vector<std::shared_ptr<Logger>> loggers;  ///< empty = console
+};
+
+struct StepResult {
+  double loss = 0;       ///< mean over the global batch
+  double grad_norm = 0;  ///< before clipping
+  double lr = 0;         ///< the learning rate the step used
+};
+
+struct FitResult {
+  int64_t steps = 0;          ///< optimizer steps done in total (including resumed ones)
+  int64_t resumed_from = -1;  ///< checkpoint step resumed from, or -1
+  double final_loss = 0;      ///< train loss of the last step
+  Metrics final_eval;         ///< metrics of the final evaluation ("eval/accuracy", ...)
+  double seconds = 0;
+  double samples_per_s = 0;   ///< global examples per second over the run
+};
+
+class Engine {
+ public:
+  /// Validates `plan` against `mesh` (PlanError) and the precision (DTypeError).
+  Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> opt, EngineOptions opts = {});
+  ~Engine();
+
+  /// Trains until opts.steps optimizer steps are done.
+  FitResult fit(nn::Module& model, const LossFn& loss, DataLoader& data, const FitOptions& opts);
+  /// One optimizer step on this rank's part of a global batch (split into accumulate_steps microbatches).
+  /// Throws PlanError when the local batch does not divide into the microbatches.
+  StepResult step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
+  /// Evaluates on the whole dataset (each data-parallel rank takes a contiguous shard), in eval mode,
+  /// without recording; returns "eval/<name>" = sum / count for each metric.
+  Metrics evaluate(nn::Module& model, const EvalSpec& eval);
+
+  /// Saves parameters and optimizer state at the current step (collective).
+  void save(nn::Module& model);
+  /// Loads the latest checkpoint into the model and optimizer; returns its step, or nullopt if none.
+  std::optional<int64_t> restore(nn::Module& model);
+
+  /// Optimizer steps done.
+  int64_t global_step() const { return opt_->steps(); }
+  optim::Optimizer& optimizer() { return *opt_; }
+  const Plan& plan() const { return plan_; }
+  const Mesh& mesh() const { return mesh_; }
+
+ private:
+  ParamTree state_tree(nn::Module& model);
+  int dp_size() const;
+  Mesh mesh_;
+  Plan plan_;
+  std::unique_ptr<optim::Optimizer> opt_;
+  EngineOptions opts_;
+  std::unique_ptr<GradientSync> sync_;
+};
+
+}  // namespace titanax

@@ -1,0 +1,245 @@
+#include "engine/nn.h"
+
+#include <cmath>
+#include <functional>
+
+#include "autodiff/tape.h"
+
+namespace titanax::nn {
+
+// ------------------------------------------------------------------------------ RngContext
+namespace {
+thread_local RngKey g_step_key = RngKey::from_seed(0);
+thread_local uint64_t g_counter = 0;
+
+uint64_t path_hash(const std::string& s) {  // FNV-1a: stable across runs and platforms
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+}  // namespace
+
+void RngContext::set(RngKey step_key) {
+  g_step_key = step_key;
+  g_counter = 0;
+}
+RngKey RngContext::next_key() { return fold_in(g_step_key, g_counter++); }
+
+// ------------------------------------------------------------------------------ Module
+ParamTree Module::parameters() const {
+  ParamTree out;
+  collect("", out);
+  return out;
+}
+
+void Module::collect(const std::string& prefix, ParamTree& out) const {
+  for (const auto& p : params_) out.insert(prefix + p.name, p.tensor);
+  for (const auto& [n, c] : children_) c->collect(prefix + n + "/", out);
+}
+
+void Module::train(bool on) {
+  training_ = on;
+  for (auto& [n, c] : children_) c->train(on);
+}
+
+std::string Module::describe(int indent) const {
+  std::string pad(size_t(indent) * 2, ' ');
+  std::string s = pad + name();
+  int64_t own = 0;
+  for (const auto& p : params_) own += p.tensor.numel();
+  if (own) s += "  [" + std::to_string(own) + " params]";
+  s += "\n";
+  for (const auto& [n, c] : children_) s += pad + "  (" + n + ") " + c->describe(indent + 1).substr(size_t(indent + 1) * 2);
+  return s;
+}
+
+void Module::init_parameters(uint64_t seed) { init_rec("", RngKey::from_seed(seed)); }
+
+void Module::init_rec(const std::string& prefix, RngKey base) {
+  NoGradGuard ng;
+  for (auto& p : params_)
+    if (p.init) p.init(p.tensor, fold_in(base, path_hash(prefix + p.name)));
+  for (auto& [n, c] : children_) c->init_rec(prefix + n + "/", base);
+}
+
+Tensor& Module::register_parameter(const std::string& name, Tensor t, std::function<void(Tensor&, RngKey)> init) {
+  for (const auto& p : params_)
+    if (p.name == name) throw ValueError("parameter registered twice", "unique names", "'" + name + "'");
+  params_.push_back({name, t, std::move(init)});
+  return params_.back().tensor;
+}
+
+void uniform_(Tensor& t, RngKey key, double bound) {
+  NoGradGuard ng;
+  Tensor u = random_uniform(key, t.shape(), DType::f64);
+  Tensor v = u * (2 * bound) - bound;
+  copy_(t, v);
+}
+
+void normal_(Tensor& t, RngKey key, double std) {
+  NoGradGuard ng;
+  Tensor v = random_normal(key, t.shape(), DType::f64) * std;
+  copy_(t, v);
+}
+
+namespace {
+std::function<void(Tensor&, RngKey)> uniform_init(double bound) {
+  return [bound](Tensor& t, RngKey k) { uniform_(t, k, bound); };
+}
+std::function<void(Tensor&, RngKey)> const_init(double v) {
+  return [v](Tensor& t, RngKey) { fill_(t, v); };
+}
+void check_positive(int64_t v, const char* what, const char* module) {
+  if (v <= 0)
+    throw ValueError(std::string(module) + ": " + what + " must be positive", "> 0", std::to_string(v));
+}
+}  // namespace
+
+// ------------------------------------------------------------------------------ layers
+Linear::Linear(int64_t in, int64_t out, bool has_bias, DType dtype) : in_(in), out_(out) {
+  check_positive(in, "in_features", "Linear");
+  check_positive(out, "out_features", "Linear");
+  double bound = 1.0 / std::sqrt(double(in));
+  weight = register_parameter("weight", empty(Shape{out, in}, dtype), uniform_init(bound));
+  if (has_bias) bias = register_parameter("bias", empty(Shape{out}, dtype), uniform_init(bound));
+  init_parameters(0);
+}
+Tensor Linear::forward(const Tensor& x) { return linear(x, weight, bias); }
+std::string Linear::name() const {
+  return "Linear(" + std::to_string(in_) + " -> " + std::to_string(out_) + (bias.defined() ? ", bias)" : ")");
+}
+
+Conv2d::Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride, int64_t padding, bool has_bias,
+               DType dtype)
+    : in_(in_channels), out_(out_channels), k_(kernel), stride_(stride), pad_(padding) {
+  check_positive(in_channels, "in_channels", "Conv2d");
+  check_positive(out_channels, "out_channels", "Conv2d");
+  check_positive(kernel, "kernel", "Conv2d");
+  double bound = 1.0 / std::sqrt(double(in_channels * kernel * kernel));
+  weight = register_parameter("weight", empty(Shape{out_channels, in_channels, kernel, kernel}, dtype), uniform_init(bound));
+  if (has_bias) bias = register_parameter("bias", empty(Shape{out_channels}, dtype), uniform_init(bound));
+  init_parameters(0);
+}
+Tensor Conv2d::forward(const Tensor& x) { return conv2d(x, weight, bias, {stride_, stride_}, {pad_, pad_}); }
+std::string Conv2d::name() const {
+  return "Conv2d(" + std::to_string(in_) + " -> " + std::to_string(out_) + ", k=" + std::to_string(k_) +
+         ", stride=" + std::to_string(stride_) + ", pad=" + std::to_string(pad_) + ")";
+}
+
+MaxPool2d::MaxPool2d(int64_t kernel, int64_t stride, int64_t padding) : k_(kernel), stride_(stride ? stride : kernel), pad_(padding) {
+  check_positive(kernel, "kernel", "MaxPool2d");
+}
+Tensor MaxPool2d::forward(const Tensor& x) { return max_pool2d(x, {k_, k_}, {stride_, stride_}, {pad_, pad_}); }
+std::string MaxPool2d::name() const { return "MaxPool2d(k=" + std::to_string(k_) + ", stride=" + std::to_string(stride_) + ")"; }
+
+Dropout::Dropout(double p) : p_(p) {
+  if (!(p >= 0 && p < 1)) throw ValueError("Dropout probability out of range", "0 <= p < 1", std::to_string(p));
+}
+Tensor Dropout::forward(const Tensor& x) {
+  if (!training() || p_ == 0) return x;
+  return dropout(x, p_, RngContext::next_key(), true);
+}
+std::string Dropout::name() const { return "Dropout(p=" + std::to_string(p_) + ")"; }
+
+LayerNorm::LayerNorm(int64_t dim, double eps, DType dtype) : dim_(dim), eps_(eps) {
+  check_positive(dim, "dim", "LayerNorm");
+  weight = register_parameter("weight", empty(Shape{dim}, dtype), const_init(1.0));
+  bias = register_parameter("bias", empty(Shape{dim}, dtype), const_init(0.0));
+  init_parameters(0);
+}
+Tensor LayerNorm::forward(const Tensor& x) { return layer_norm(x, weight, bias, eps_); }
+std::string LayerNorm::name() const { return "LayerNorm(" + std::to_string(dim_) + ")"; }
+
+Embedding::Embedding(int64_t num, int64_t dim, double init_std, DType dtype) : num_(num), dim_(dim) {
+  check_positive(num, "num_embeddings", "Embedding");
+  check_positive(dim, "dim", "Embedding");
+  weight = register_parameter("weight", empty(Shape{num, dim}, dtype),
+                              [init_std](Tensor& t, RngKey k) { normal_(t, k, init_std); });
+  init_parameters(0);
+}
+Tensor Embedding::forward(const Tensor& ids) { return embedding(weight, ids); }
+std::string Embedding::name() const { return "Embedding(" + std::to_string(num_) + ", " + std::to_string(dim_) + ")"; }
+
+Sequential::Sequential(std::vector<std::shared_ptr<Module>> layers) {
+  for (auto& l : layers) add(std::move(l));
+}
+Sequential& Sequential::add(std::shared_ptr<Module> m) {
+  register_module(std::to_string(children().size()), std::move(m));
+  return *this;
+}
+Tensor Sequential::forward(const Tensor& x) {
+  Tensor h = x;
+  for (const auto& [n, c] : children()) h = c->forward(h);
+  return h;
+}
+
+MLP::MLP(std::vector<int64_t> sizes, MLPOptions opts) : sizes_(std::move(sizes)), opts_(std::move(opts)) {
+  if (sizes_.size() < 2)
+    throw ValueError("MLP needs at least an input and an output size", "sizes like [784, 512, 10]",
+                     std::to_string(sizes_.size()) + " sizes");
+  if (opts_.activation != "relu" && opts_.activation != "gelu" && opts_.activation != "tanh")
+    throw ValueError("unknown MLP activation", "relu, gelu or tanh", "'" + opts_.activation + "'",
+                     did_you_mean(opts_.activation, {"relu", "gelu", "tanh"}));
+  auto layers = std::make_shared<Sequential>();
+  for (size_t i = 0; i + 1 < sizes_.size(); ++i) {
+    auto l = std::make_shared<Linear>(sizes_[i], sizes_[i + 1], true, opts_.dtype);
+    layers_.push_back(l);
+    layers->add(l);
+    if (i + 2 < sizes_.size() && opts_.dropout > 0) drops_.push_back(std::make_shared<Dropout>(opts_.dropout));
+  }
+  register_module("layers", layers);
+  init_parameters(0);  // keys from the full paths ("layers/1/weight"), so layers differ
+}
+
+Tensor MLP::forward(const Tensor& x) {
+  Tensor h = x.dim() > 2 ? x.flatten(1) : x;
+  if (h.shape()[h.dim() - 1] != sizes_[0])
+    throw ShapeError("MLP input has the wrong number of features", std::to_string(sizes_[0]) + " features",
+                     x.shape().str(), "check model.sizes[0] against the data");
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    h = layers_[i]->forward(h);
+    if (i + 1 == layers_.size()) break;
+    h = opts_.activation == "relu" ? relu(h) : opts_.activation == "gelu" ? gelu(h) : tanh(h);
+    if (!drops_.empty()) {
+      drops_[i]->train(training());
+      h = drops_[i]->forward(h);
+    }
+  }
+  return h;
+}
+
+std::string MLP::name() const {
+  std::string s = "MLP(";
+  for (size_t i = 0; i < sizes_.size(); ++i) s += (i ? "-" : "") + std::to_string(sizes_[i]);
+  return s + ", " + opts_.activation + ")";
+}
+
+CNN::CNN(CNNOptions opts) : opts_(std::move(opts)) {
+  if (opts_.channels.size() != 2) throw ValueError("CNN takes two conv layers", "channels: [c1, c2]", std::to_string(opts_.channels.size()) + " values");
+  if (opts_.image_size % 4 != 0)
+    throw ValueError("CNN image size must divide by 4 (two 2x2 pools)", "a multiple of 4", std::to_string(opts_.image_size));
+  features_ = std::make_shared<Sequential>();
+  features_->add(std::make_shared<Conv2d>(opts_.in_channels, opts_.channels[0], 3, 1, 1))
+      .add(std::make_shared<ReLU>())
+      .add(std::make_shared<MaxPool2d>(2))
+      .add(std::make_shared<Conv2d>(opts_.channels[0], opts_.channels[1], 3, 1, 1))
+      .add(std::make_shared<ReLU>())
+      .add(std::make_shared<MaxPool2d>(2))
+      .add(std::make_shared<Flatten>(1));
+  int64_t s = opts_.image_size / 4;
+  head_ = std::make_shared<Sequential>();
+  head_->add(std::make_shared<Linear>(opts_.channels[1] * s * s, opts_.hidden)).add(std::make_shared<ReLU>());
+  if (opts_.dropout > 0) head_->add(std::make_shared<Dropout>(opts_.dropout));
+  head_->add(std::make_shared<Linear>(opts_.hidden, opts_.classes));
+  register_module("features", features_);
+  register_module("head", head_);
+  init_parameters(0);
+}
+
+Tensor CNN::forward(const Tensor& x) {
+  Tensor h = x;
+  if (h.dim() == 2) h = h.reshape(Shape{h.shape()[0], opts_.in_channels, opts_.image_size, opts_.image_size});
+  return head_->forward(features_->forward(h));
+}
+
+}  // namespace titanax::nn

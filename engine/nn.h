@@ -1,0 +1,228 @@
+// Neural-network modules with named parameters ("layers/0/weight").
+//
+// A Module owns parameter tensors and child modules. parameters() returns a ParamTree whose tensors are
+// the module's own (same storage): optimizers and checkpoint loading update them in place. Parameter
+// initialisation is deterministic: each tensor draws from Philox keyed by (init seed, parameter path),
+// so every rank and every world size gets the same initial model without communication.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/rng.h"
+#include "core/tree.h"
+#include "ops/ops.h"
+
+namespace titanax::nn {
+
+/// Per-thread randomness for stochastic layers (dropout). The engine sets a fresh key every step
+/// (derived from the run seed, the rank and the step), so runs are reproducible and resumable.
+/// Each call to next_key() returns a new key derived from the step key and a counter.
+struct RngContext {
+  static void set(RngKey step_key);
+  static RngKey next_key();
+};
+
+class Module {
+ public:
+  virtual ~Module() = default;
+  /// The forward pass for single-input modules. Throws ShapeError on a mismatched input.
+  virtual Tensor forward(const Tensor& x) = 0;
+  Tensor operator()(const Tensor& x) { return forward(x); }
+
+  /// Every parameter of this module and its children, in registration order, by "/"-joined path.
+  ParamTree parameters() const;
+  /// Number of parameter elements.
+  int64_t num_parameters() const { return parameters().numel(); }
+  /// Training mode (dropout active) or evaluation mode; recursive.
+  void train(bool on = true);
+  void eval() { train(false); }
+  bool training() const { return training_; }
+  /// One line: "Linear(784 -> 512, bias)".
+  virtual std::string name() const = 0;
+  /// The module tree with parameter shapes, one line per module.
+  std::string describe(int indent = 0) const;
+  /// (Re)initialises every parameter from `seed` (PyTorch's default schemes; see each module).
+  void init_parameters(uint64_t seed);
+
+ protected:
+  /// Adds a parameter; `init` fills it (given a key derived from the seed and the full path).
+  Tensor& register_parameter(const std::string& name, Tensor t,
+                             std::function<void(Tensor&, RngKey)> init = nullptr);
+  template <class M>
+  std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> m) {
+    children_.emplace_back(name, m);
+    return m;
+  }
+  const std::vector<std::pair<std::string, std::shared_ptr<Module>>>& children() const { return children_; }
+
+ private:
+  void collect(const std::string& prefix, ParamTree& out) const;
+  void init_rec(const std::string& prefix, RngKey base);
+  struct Param {
+    std::string name;
+    Tensor tensor;
+    std::function<void(Tensor&, RngKey)> init;
+  };
+  std::vector<Param> params_;
+  std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
+  bool training_ = true;
+};
+
+/// Fills t with U(-bound, bound) from key (f32 / f64).
+void uniform_(Tensor& t, RngKey key, double bound);
+/// Fills t with N(0, std^2) from key.
+void normal_(Tensor& t, RngKey key, double std);
+
+/// y = x w^T + b, w: [out, in]. Init as PyTorch: w, b ~ U(-1/sqrt(in), 1/sqrt(in)).
+class Linear final : public Module {
+ public:
+  Linear(int64_t in, int64_t out, bool bias = true, DType dtype = DType::f32);
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override;
+  Tensor weight, bias;
+
+ private:
+  int64_t in_, out_;
+};
+
+/// 2-D convolution over [N, C, H, W]. Init as PyTorch: U(-1/sqrt(C*kh*kw), +) for weight and bias.
+class Conv2d final : public Module {
+ public:
+  Conv2d(int64_t in_channels, int64_t out_channels, int64_t kernel, int64_t stride = 1, int64_t padding = 0,
+         bool bias = true, DType dtype = DType::f32);
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override;
+  Tensor weight, bias;
+
+ private:
+  int64_t in_, out_, k_, stride_, pad_;
+};
+
+class MaxPool2d final : public Module {
+ public:
+  explicit MaxPool2d(int64_t kernel, int64_t stride = 0, int64_t padding = 0);
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override;
+
+ private:
+  int64_t k_, stride_, pad_;
+};
+
+class ReLU final : public Module {
+ public:
+  Tensor forward(const Tensor& x) override { return relu(x); }
+  std::string name() const override { return "ReLU"; }
+};
+
+class GELU final : public Module {
+ public:
+  explicit GELU(bool approximate = true) : approximate_(approximate) {}
+  Tensor forward(const Tensor& x) override { return gelu(x, approximate_); }
+  std::string name() const override { return approximate_ ? "GELU(tanh)" : "GELU"; }
+
+ private:
+  bool approximate_;
+};
+
+/// Inverted dropout; identity in eval mode. Keys come from RngContext.
+class Dropout final : public Module {
+ public:
+  explicit Dropout(double p);
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override;
+
+ private:
+  double p_;
+};
+
+/// Layer normalisation over the last axis; weight = 1, bias = 0 at init.
+class LayerNorm final : public Module {
+ public:
+  explicit LayerNorm(int64_t dim, double eps = 1e-5, DType dtype = DType::f32);
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override;
+  Tensor weight, bias;
+
+ private:
+  int64_t dim_;
+  double eps_;
+};
+
+/// Lookup table [num, dim]; forward takes integer ids. Init N(0, 1) as PyTorch (set std for GPT's 0.02).
+class Embedding final : public Module {
+ public:
+  Embedding(int64_t num, int64_t dim, double init_std = 1.0, DType dtype = DType::f32);
+  Tensor forward(const Tensor& ids) override;
+  std::string name() const override;
+  Tensor weight;
+
+ private:
+  int64_t num_, dim_;
+};
+
+/// Flattens axes [start, end] into one.
+class Flatten final : public Module {
+ public:
+  explicit Flatten(int start = 1, int end = -1) : start_(start), end_(end) {}
+  Tensor forward(const Tensor& x) override { return x.flatten(start_, end_); }
+  std::string name() const override { return "Flatten"; }
+
+ private:
+  int start_, end_;
+};
+
+/// Children named "0", "1", ... applied in order.
+class Sequential final : public Module {
+ public:
+  Sequential() = default;
+  explicit Sequential(std::vector<std::shared_ptr<Module>> layers);
+  Sequential& add(std::shared_ptr<Module> m);
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override { return "Sequential"; }
+  size_t size() const { return children().size(); }
+};
+
+struct MLPOptions {
+  std::string activation = "relu";  ///< "relu", "gelu", "tanh"
+  double dropout = 0.0;             ///< after each hidden activation
+  DType dtype = DType::f32;
+};
+
+/// Linear layers sizes[0] -> sizes[1] -> ... -> sizes.back() with the activation between them (none
+/// after the last). Parameters "layers/<i>/weight", "layers/<i>/bias". Inputs of rank > 2 are flattened
+/// from axis 1.
+class MLP final : public Module {
+ public:
+  explicit MLP(std::vector<int64_t> sizes, MLPOptions opts = {});
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override;
+
+ private:
+  std::vector<int64_t> sizes_;
+  MLPOptions opts_;
+  std::vector<std::shared_ptr<Linear>> layers_;
+  std::vector<std::shared_ptr<Dropout>> drops_;
+};
+
+/// The MNIST CNN: [conv3x3(c_in->c1), ReLU, maxpool2] -> [conv3x3(c1->c2), ReLU, maxpool2] -> flatten ->
+/// Linear(c2*7*7 -> hidden) -> ReLU -> [dropout] -> Linear(hidden -> classes). Padding 1 keeps 28 -> 14 -> 7.
+struct CNNOptions {
+  int64_t in_channels = 1, image_size = 28, classes = 10, hidden = 128;
+  std::vector<int64_t> channels = {32, 64};
+  double dropout = 0.0;
+};
+class CNN final : public Module {
+ public:
+  explicit CNN(CNNOptions opts = {});
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override { return "CNN"; }
+
+ private:
+  CNNOptions opts_;
+  std::shared_ptr<Sequential> features_, head_;
+};
+
+}  // namespace titanax::nn

@@ -1,0 +1,195 @@
+#include "engine/optim.h"
+
+#include <cmath>
+
+#include "autodiff/tape.h"
+#include "kernels/cpu/optim.h"
+#include "ops/ops.h"
+
+namespace titanax::optim {
+
+Schedule constant(double lr) {
+  return [lr](int64_t) { return lr; };
+}
+
+Schedule cosine(double lr, int64_t total, double r) {
+  if (total <= 0) throw ValueError("cosine schedule needs total_steps > 0", "> 0", std::to_string(total));
+  return [=](int64_t s) {
+    double t = std::min<double>(double(s), double(total)) / double(total);
+    return lr * (r + (1 - r) * 0.5 * (1 + std::cos(M_PI * t)));
+  };
+}
+
+Schedule warmup_cosine(double lr, int64_t warmup, int64_t total, double r) {
+  if (warmup < 0 || total <= warmup)
+    throw ValueError("warmup_cosine needs 0 <= warmup < total_steps", "0 <= warmup < total",
+                     "warmup=" + std::to_string(warmup) + " total=" + std::to_string(total));
+  return [=](int64_t s) {
+    if (s < warmup) return lr * double(s + 1) / double(warmup);
+    double t = std::min<double>(double(s - warmup), double(total - warmup)) / double(total - warmup);
+    return lr * (r + (1 - r) * 0.5 * (1 + std::cos(M_PI * t)));
+  };
+}
+
+Schedule exponential(double lr, double rate, int64_t decay_steps) {
+  if (decay_steps <= 0) throw ValueError("exponential schedule needs decay_steps > 0", "> 0", std::to_string(decay_steps));
+  return [=](int64_t s) { return lr * std::pow(rate, double(s) / double(decay_steps)); };
+}
+
+Optimizer::Optimizer(Schedule s) : schedule_(std::move(s)), step_(zeros(Shape{}, DType::i64)) {}
+
+int64_t Optimizer::steps() const { return step_.data<int64_t>()[0]; }
+
+namespace {
+
+void check_grads(const ParamTree& params, const ParamTree& grads) {
+  params.check_same_structure(grads, "optimizer step: parameters vs gradients");
+  for (const auto& [p, t] : params)
+    if (!t.device().is_cpu() || !t.is_contiguous())
+      throw ValueError("optimizer step needs contiguous CPU parameters", "contiguous cpu tensors", "'" + p + "': " + t.str());
+}
+
+void bump(int64_t* step, ParamTree& params) {
+  ++*step;
+  for (auto& [p, t] : params) t.storage()->bump_version();
+}
+
+class Adam final : public Optimizer {
+ public:
+  Adam(Schedule s, AdamOptions o, bool decoupled) : Optimizer(std::move(s)), o_(std::move(o)), decoupled_(decoupled) {
+    if (o_.beta1 < 0 || o_.beta1 >= 1 || o_.beta2 < 0 || o_.beta2 >= 1)
+      throw ValueError("Adam betas must lie in [0, 1)", "0 <= beta < 1", std::to_string(o_.beta1) + ", " + std::to_string(o_.beta2));
+    if (o_.eps <= 0) throw ValueError("Adam eps must be positive", "> 0", std::to_string(o_.eps));
+  }
+  void init(const ParamTree& params) override {
+    m_ = ParamTree();
+    v_ = ParamTree();
+    decay_.clear();
+    for (const auto& [p, t] : params) {
+      m_.insert(p, zeros_like(t));
+      v_.insert(p, zeros_like(t));
+      decay_.push_back(!o_.decay_filter || o_.decay_filter(p, t));
+    }
+  }
+  void step(ParamTree& params, const ParamTree& grads) override {
+    if (m_.size() != params.size()) init(params);
+    check_grads(params, grads);
+    NoGradGuard ng;
+    const double lr = this->lr();
+    const int64_t t = steps() + 1;
+    for (size_t i = 0; i < params.size(); ++i) {
+      Tensor& p = params[i].second;
+      Tensor g = grads.at(params[i].first).contiguous();
+      Tensor &m = m_[i].second, &v = v_[i].second;
+      double wd = decay_[i] ? o_.weight_decay : 0.0;
+      if (p.dtype() == DType::f32)
+        kernels::cpu::adam_update(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), p.numel(), lr,
+                                  o_.beta1, o_.beta2, o_.eps, wd, t, decoupled_);
+      else if (p.dtype() == DType::f64)
+        kernels::cpu::adam_update(p.data<double>(), g.data<double>(), m.data<double>(), v.data<double>(), p.numel(), lr,
+                                  o_.beta1, o_.beta2, o_.eps, wd, t, decoupled_);
+      else
+        check_dtype(p, {DType::f32, DType::f64}, "adam update");
+    }
+    bump(step_.data<int64_t>(), params);
+  }
+  ParamTree state() const override {
+    ParamTree s;
+    s.insert("step", step_);
+    for (const auto& [p, t] : m_) s.insert("m/" + p, t);
+    for (const auto& [p, t] : v_) s.insert("v/" + p, t);
+    return s;
+  }
+  std::string describe() const override {
+    return std::string(decoupled_ ? "AdamW" : "Adam") + "(betas=(" + std::to_string(o_.beta1) + ", " +
+           std::to_string(o_.beta2) + "), eps=" + std::to_string(o_.eps) + ", weight_decay=" + std::to_string(o_.weight_decay) + ")";
+  }
+
+ private:
+  AdamOptions o_;
+  bool decoupled_;
+  ParamTree m_, v_;
+  std::vector<bool> decay_;
+};
+
+class SGD final : public Optimizer {
+ public:
+  SGD(Schedule s, double mu, double wd, bool nesterov) : Optimizer(std::move(s)), mu_(mu), wd_(wd), nesterov_(nesterov) {
+    if (mu < 0) throw ValueError("SGD momentum must be >= 0", ">= 0", std::to_string(mu));
+    if (nesterov && mu == 0) throw ValueError("Nesterov momentum needs momentum > 0", "momentum > 0", "0");
+  }
+  void init(const ParamTree& params) override {
+    buf_ = ParamTree();
+    if (mu_ > 0)
+      for (const auto& [p, t] : params) buf_.insert(p, zeros_like(t));
+    inited_ = true;
+  }
+  void step(ParamTree& params, const ParamTree& grads) override {
+    if (!inited_ || (mu_ > 0 && buf_.size() != params.size())) init(params);
+    check_grads(params, grads);
+    NoGradGuard ng;
+    const double lr = this->lr();
+    const bool first = steps() == 0;
+    for (size_t i = 0; i < params.size(); ++i) {
+      Tensor& p = params[i].second;
+      Tensor g = grads.at(params[i].first).contiguous();
+      if (p.dtype() == DType::f32)
+        kernels::cpu::sgd_update(p.data<float>(), g.data<float>(), mu_ > 0 ? buf_[i].second.data<float>() : nullptr,
+                                 p.numel(), lr, mu_, wd_, nesterov_, first);
+      else if (p.dtype() == DType::f64)
+        kernels::cpu::sgd_update(p.data<double>(), g.data<double>(), mu_ > 0 ? buf_[i].second.data<double>() : nullptr,
+                                 p.numel(), lr, mu_, wd_, nesterov_, first);
+      else
+        check_dtype(p, {DType::f32, DType::f64}, "sgd update");
+    }
+    bump(step_.data<int64_t>(), params);
+  }
+  ParamTree state() const override {
+    ParamTree s;
+    s.insert("step", step_);
+    for (const auto& [p, t] : buf_) s.insert("momentum/" + p, t);
+    return s;
+  }
+  std::string describe() const override {
+    return "SGD(momentum=" + std::to_string(mu_) + ", weight_decay=" + std::to_string(wd_) + (nesterov_ ? ", nesterov)" : ")");
+  }
+
+ private:
+  double mu_, wd_;
+  bool nesterov_;
+  bool inited_ = false;
+  ParamTree buf_;
+};
+
+}  // namespace
+
+std::unique_ptr<Optimizer> sgd(Schedule lr, double momentum, double weight_decay, bool nesterov) {
+  return std::make_unique<SGD>(std::move(lr), momentum, weight_decay, nesterov);
+}
+std::unique_ptr<Optimizer> adam(Schedule lr, AdamOptions opts) { return std::make_unique<Adam>(std::move(lr), std::move(opts), false); }
+std::unique_ptr<Optimizer> adamw(Schedule lr, AdamOptions opts) { return std::make_unique<Adam>(std::move(lr), std::move(opts), true); }
+
+double global_norm(const ParamTree& grads) {
+  double total = 0;
+  for (const auto& [p, g0] : grads) {
+    Tensor g = g0.detach().contiguous();
+    if (g.dtype() == DType::f32) total += kernels::cpu::sum_squares(g.data<float>(), g.numel());
+    else if (g.dtype() == DType::f64) total += kernels::cpu::sum_squares(g.data<double>(), g.numel());
+    else check_dtype(g, {DType::f32, DType::f64}, "global_norm");
+  }
+  return std::sqrt(total);
+}
+
+double clip_grad_norm(ParamTree& grads, double max_norm) {
+  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  double norm = global_norm(grads);
+  double coef = max_norm / (norm + 1e-6);
+  if (coef < 1) {
+    // New tensors, not in-place scaling: gradients from backward may share storage with each other.
+    NoGradGuard ng;
+    for (auto& [p, g] : grads) g = g * coef;
+  }
+  return norm;
+}
+
+}  // namespace titanax::optim

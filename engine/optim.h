@@ -1,0 +1,74 @@
+// Optimizers, learning-rate schedules and gradient clipping.
+//
+// Updates follow torch.optim exactly (same formulas, same order of operations), so a Titanax run and a
+// PyTorch run from the same initial weights and batches follow the same trajectory up to rounding.
+// Updates run in place on the parameters' storage with fused CPU kernels (kernels/cpu/optim.h).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "core/tree.h"
+
+namespace titanax::optim {
+
+/// Learning rate as a function of the (0-based) step.
+using Schedule = std::function<double(int64_t step)>;
+
+Schedule constant(double lr);
+/// Cosine decay from lr to lr * final_ratio over total_steps (then flat): lr * (r + (1 - r) * 0.5 (1 + cos(pi t / T))).
+Schedule cosine(double lr, int64_t total_steps, double final_ratio = 0.0);
+/// Linear warm-up from lr / warmup to lr over `warmup` steps (step s gets lr * (s + 1) / warmup), then
+/// cosine decay to lr * final_ratio at total_steps (as nanoGPT / llm.c).
+Schedule warmup_cosine(double lr, int64_t warmup, int64_t total_steps, double final_ratio = 0.0);
+/// lr * rate^(step / decay_steps) (continuous).
+Schedule exponential(double lr, double rate, int64_t decay_steps);
+
+/// Which parameters get weight decay (default: all). E.g. matrices only: [](auto&, const Tensor& t) { return t.dim() >= 2; }.
+using DecayFilter = std::function<bool(const std::string& path, const Tensor& t)>;
+
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+  /// Creates the state for `params` (zeros); called once before the first step (step() calls it lazily).
+  virtual void init(const ParamTree& params) = 0;
+  /// One update of `params` in place with `grads` (same paths, shapes and dtypes; ValueError otherwise)
+  /// at learning rate schedule(steps()); then steps() increases by one.
+  virtual void step(ParamTree& params, const ParamTree& grads) = 0;
+  /// The state as named tensors ("m/<path>", "v/<path>", "step"): the optimizer's own tensors, so
+  /// loading a checkpoint into them (in place) restores the optimizer.
+  virtual ParamTree state() const = 0;
+  virtual std::string describe() const = 0;
+  /// Updates done so far.
+  int64_t steps() const;
+  /// The learning rate the next step uses.
+  double lr() const { return schedule_(steps()); }
+
+ protected:
+  explicit Optimizer(Schedule s);
+  Schedule schedule_;
+  Tensor step_;  // i64 scalar: part of state(), restored by checkpoints
+};
+
+struct AdamOptions {
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.0;
+  DecayFilter decay_filter;  ///< empty = decay every parameter
+};
+
+/// SGD with (Nesterov) momentum and L2 weight decay (torch.optim.SGD).
+std::unique_ptr<Optimizer> sgd(Schedule lr, double momentum = 0.0, double weight_decay = 0.0, bool nesterov = false);
+/// Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient (torch.optim.Adam).
+std::unique_ptr<Optimizer> adam(Schedule lr, AdamOptions opts = {});
+/// AdamW: Adam with decoupled weight decay (Loshchilov & Hutter 2019; torch.optim.AdamW, whose default
+/// weight_decay is 0.01).
+std::unique_ptr<Optimizer> adamw(Schedule lr, AdamOptions opts = {.weight_decay = 0.01});
+
+/// Global L2 norm over every gradient (accumulated in double, independent of the thread count).
+double global_norm(const ParamTree& grads);
+/// Scales every gradient in place by max_norm / norm when the global norm exceeds max_norm
+/// (torch.nn.utils.clip_grad_norm_, with its 1e-6 guard). Returns the norm before clipping.
+double clip_grad_norm(ParamTree& grads, double max_norm);
+
+}  // namespace titanax::optim
