@@ -146,7 +146,7 @@ ParamTree Engine::state_tree(nn::Module& model) {
 
 void Engine::save(nn::Module& model) {
   if (!opts_.checkpointer) throw ValueError("save() without a checkpointer", "EngineOptions::checkpointer set", "none");
-  opts_.checkpointer->save(global_step(), state_tree(model), "{}", {}, "{}", plan_.to_json());
+  opts_.checkpointer->save(global_step(), state_tree(model), "{}", {}, mesh_.to_json(), plan_.to_json());
 }
 
 std::optional<int64_t> Engine::restore(nn::Module& model) {
@@ -184,8 +184,9 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
   const int64_t global_batch = data.options().batch_size;
   auto t_start = std::chrono::steady_clock::now();
   auto t_last = t_start;
-  int64_t steps_since = 0, steps_done = 0;
-  while (global_step() < fo.steps) {
+  int64_t steps_since = 0, steps_done = 0, eval_step = -1;
+  const int64_t end = fo.stop_at > 0 ? std::min(fo.stop_at, fo.steps) : fo.steps;
+  while (global_step() < end) {
     Batch b = data.next();
     StepResult r = step(model, loss, b);
     ++steps_since;
@@ -205,6 +206,7 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
                 {"train/step_ms", steps_since ? 1e3 * dt / double(steps_since) : 0.0}};
       if (eval_now) {
         res.final_eval = evaluate(model, fo.eval);
+        eval_step = s;
         for (const auto& [k, v] : res.final_eval) m[k] = v;
       }
       log(s, m);
@@ -213,14 +215,15 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
     } else if (eval_now) {
       Metrics m = evaluate(model, fo.eval);
       res.final_eval = m;
+      eval_step = s;
       log(s, m);
     }
-    if (opts_.checkpointer && fo.checkpoint_every > 0 && s % fo.checkpoint_every == 0 && s < fo.steps) save(model);
+    if (opts_.checkpointer && fo.checkpoint_every > 0 && s % fo.checkpoint_every == 0 && s < end) save(model);
   }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   res.samples_per_s = res.seconds > 0 ? double(global_batch * steps_done) / res.seconds : 0;
   res.steps = global_step();
-  if (fo.eval.data && steps_done == 0) {  // nothing trained (already at fo.steps): still report
+  if (fo.eval.data && eval_step != global_step()) {  // stopped early, or nothing left to train: still report
     res.final_eval = evaluate(model, fo.eval);
     log(global_step(), res.final_eval);
   }

@@ -68,6 +68,8 @@ struct EngineOptions {
 
 struct FitOptions {
   int64_t steps = 1000;           ///< total optimizer steps of the run (a resumed run continues to this)
+  int64_t stop_at = 0;            ///< stop (and checkpoint) once this global step is reached, keeping the
+                                  ///< schedule of `steps`: splits a run over job time limits (0 = off)
   int64_t log_every = 50;
   int64_t checkpoint_every = 0;   ///< 0 = only at the end (when a checkpointer is set)
   bool resume = true;             ///< continue from the latest checkpoint when there is one

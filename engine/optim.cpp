@@ -1,6 +1,8 @@
 #include "engine/optim.h"
 
 #include <cmath>
+#include <cstdio>
+#include <string>
 
 #include "autodiff/tape.h"
 #include "kernels/cpu/optim.h"
@@ -41,6 +43,13 @@ Optimizer::Optimizer(Schedule s) : schedule_(std::move(s)), step_(zeros(Shape{},
 int64_t Optimizer::steps() const { return step_.data<int64_t>()[0]; }
 
 namespace {
+
+// Shortest round-trip-ish form for descriptions: 1e-08, 0.9, 0.01.
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
 
 void check_grads(const ParamTree& params, const ParamTree& grads) {
   params.check_same_structure(grads, "optimizer step: parameters vs gradients");
@@ -101,8 +110,8 @@ class Adam final : public Optimizer {
     return s;
   }
   std::string describe() const override {
-    return std::string(decoupled_ ? "AdamW" : "Adam") + "(betas=(" + std::to_string(o_.beta1) + ", " +
-           std::to_string(o_.beta2) + "), eps=" + std::to_string(o_.eps) + ", weight_decay=" + std::to_string(o_.weight_decay) + ")";
+    return std::string(decoupled_ ? "AdamW" : "Adam") + "(betas=(" + num(o_.beta1) + ", " + num(o_.beta2) +
+           "), eps=" + num(o_.eps) + ", weight_decay=" + num(o_.weight_decay) + ")";
   }
 
  private:
@@ -151,7 +160,7 @@ class SGD final : public Optimizer {
     return s;
   }
   std::string describe() const override {
-    return "SGD(momentum=" + std::to_string(mu_) + ", weight_decay=" + std::to_string(wd_) + (nesterov_ ? ", nesterov)" : ")");
+    return "SGD(momentum=" + num(mu_) + ", weight_decay=" + num(wd_) + (nesterov_ ? ", nesterov)" : ")");
   }
 
  private:

@@ -4,6 +4,8 @@
 #include <exception>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "parallel/runtime.h"
 
 namespace titanax {
@@ -197,6 +199,12 @@ std::string Mesh::describe() const {
   if (!world_) return "mesh {} (empty: not built)";
   return "mesh " + braces(axes_, shape_) + " over " + std::to_string(size()) + " rank" + (size() == 1 ? "" : "s") +
          " (" + world_->backend() + "); rank " + std::to_string(rank()) + " at " + braces(axes_, coords_);
+}
+
+std::string Mesh::to_json() const {
+  nlohmann::json j = nlohmann::json::object();
+  for (size_t i = 0; i < axes_.size(); ++i) j[axes_[i]] = shape_[i];
+  return j.dump();
 }
 
 const Mesh& Mesh::current(Loc loc) {

@@ -63,6 +63,8 @@ class Mesh {
   void check_axis(const std::string& axis, Loc loc = Loc::current()) const;
   /// "mesh {data: 2, model: 2} over 4 ranks (mpi); rank 3 at {data: 1, model: 1}".
   std::string describe() const;
+  /// {"data": 2, "model": 2}: axis sizes as JSON (what checkpoints record as their mesh).
+  std::string to_json() const;
 
   /// The mesh collectives use when none is passed: the last one built in this process (the reference
   /// stays valid and follows later builds). Throws MeshError (with the fix) if none was built.

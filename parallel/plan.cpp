@@ -1,5 +1,7 @@
 #include "parallel/plan.h"
 
+#include <algorithm>
+
 #include <nlohmann/json.hpp>
 
 #include "parallel/mesh.h"
@@ -7,19 +9,23 @@
 namespace titanax {
 
 void Plan::validate(const Mesh& mesh, Loc loc) const {
+  if (dp && mesh.axes().empty())
+    throw PlanError("DP axis '" + dp->axis + "' is not in the mesh: the mesh is empty", "a built mesh", "Mesh{}",
+                    "build one first: auto mesh = MeshSpec{{\"data\"}, {-1}}.build(rt);", loc);
+  validate(mesh.axes(), loc);
+}
+
+void Plan::validate(const std::vector<std::string>& axes, Loc loc) const {
   if (!dp) return;
   if (dp->axis.empty())
     throw PlanError("DP has an empty axis name", "the name of a mesh axis, e.g. \"data\"", "\"\"",
-                    mesh.axes().empty() ? "" : "use one of: " + join(mesh.axes()), loc);
-  if (!mesh.has_axis(dp->axis)) {
-    if (mesh.axes().empty())
-      throw PlanError("DP axis '" + dp->axis + "' is not in the mesh: the mesh is empty", "a built mesh",
-                      "Mesh{}", "build one first: auto mesh = MeshSpec{{\"data\"}, {-1}}.build(rt);", loc);
-    std::string hint = did_you_mean(dp->axis, mesh.axes());
+                    axes.empty() ? "" : "use one of: " + join(axes), loc);
+  if (std::find(axes.begin(), axes.end(), dp->axis) == axes.end()) {
+    std::string hint = did_you_mean(dp->axis, axes);
     const bool near = hint.rfind("did you mean", 0) == 0;
     throw PlanError("DP axis '" + dp->axis + "' is not in the mesh" + (near ? "; " + hint : ""),
-                    "one of [" + join(mesh.axes()) + "]", "'" + dp->axis + "'",
-                    near ? "set DP{.axis = \"" + nearest(dp->axis, mesh.axes()) + "\"}" : hint, loc);
+                    "one of [" + join(axes) + "]", "'" + dp->axis + "'",
+                    near ? "set DP{.axis = \"" + nearest(dp->axis, axes) + "\"}" : hint, loc);
   }
   if (dp->accumulate_steps < 1)
     throw PlanError("DP accumulate_steps must be at least 1", ">= 1", std::to_string(dp->accumulate_steps),

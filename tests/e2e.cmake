@@ -1,0 +1,33 @@
+# End-to-end tests: the `titanax` CLI and the example on real MNIST digits under mpirun, error exits, and
+# an installed-package consumer. The cases live in tests/e2e/cases.sh; MNIST is fetched once (fixture).
+if(NOT TARGET titanax_cli)
+  return()
+endif()
+set(E2E_DATA ${PROJECT_BINARY_DIR}/data/mnist)
+set(E2E_ENV "TITANAX=$<TARGET_FILE:titanax_cli>;EXAMPLE=$<TARGET_FILE:mnist_dp>;SRC=${PROJECT_SOURCE_DIR}"
+            "DATA=${E2E_DATA};MPIEXEC=${MPIEXEC_EXECUTABLE};OMPI_MCA_rmaps_base_oversubscribe=1")
+
+function(titanax_e2e name processors timeout)
+  add_test(NAME e2e_${name} COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/e2e/cases.sh ${name})
+  set_tests_properties(e2e_${name} PROPERTIES ENVIRONMENT "${E2E_ENV};WORK=${PROJECT_BINARY_DIR}/e2e/${name}"
+    PROCESSORS ${processors} TIMEOUT ${timeout} LABELS e2e ${ARGN})
+endfunction()
+
+titanax_e2e(fetch 1 600 FIXTURES_SETUP mnist)
+foreach(case mlp_accuracy cnn_accuracy loss_parity resume example)
+  titanax_e2e(${case} 2 900 FIXTURES_REQUIRED mnist)
+endforeach()
+foreach(case error_truncated_idx error_malformed_idx error_unknown_key error_mesh_ranks error_axis error_checksum)
+  titanax_e2e(${case} 2 300 FIXTURES_REQUIRED mnist)
+endforeach()
+titanax_e2e(describe 1 120)
+
+# find_package(titanax) from another project, against a scratch install of this build.
+add_test(NAME e2e_install_consumer COMMAND bash -c
+  "set -e; rm -rf '${PROJECT_BINARY_DIR}/e2e/consumer'; \
+   cmake --install '${PROJECT_BINARY_DIR}' --prefix '${PROJECT_BINARY_DIR}/e2e/consumer/prefix' >/dev/null; \
+   cmake -S '${CMAKE_CURRENT_SOURCE_DIR}/e2e/consumer' -B '${PROJECT_BINARY_DIR}/e2e/consumer/build' -G Ninja \
+     -DCMAKE_PREFIX_PATH='${PROJECT_BINARY_DIR}/e2e/consumer/prefix'; \
+   cmake --build '${PROJECT_BINARY_DIR}/e2e/consumer/build'; \
+   '${PROJECT_BINARY_DIR}/e2e/consumer/build/consumer'")
+set_tests_properties(e2e_install_consumer PROPERTIES TIMEOUT 600 LABELS e2e)

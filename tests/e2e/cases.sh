@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# End-to-end cases of the `titanax` CLI on real MNIST digits, run by CTest (tests/e2e.cmake):
+#   cases.sh CASE
+# Environment (set by CTest): TITANAX (the CLI), SRC (source tree), DATA (MNIST IDX folder, filled by the
+# `fetch` case), WORK (an empty scratch folder for this case), MPIEXEC (mpirun).
+# Each case exits non-zero with a message saying what differed from the expectation.
+set -euo pipefail
+case_name=$1
+: "${TITANAX:?}" "${SRC:?}" "${DATA:?}" "${WORK:?}" "${MPIEXEC:?}"
+rm -rf "$WORK" && mkdir -p "$WORK"
+cd "$WORK"
+
+root=(); [[ $(id -u) -eq 0 ]] && root=(--allow-run-as-root)
+mpi() { local np=$1; shift; OMP_NUM_THREADS=1 "$MPIEXEC" "${root[@]}" --oversubscribe -np "$np" "$@"; }
+fail() { echo "FAIL: $*" >&2; exit 1; }
+# `titanax run` with quiet logging, the fetched data and scratch outputs; extra arguments are --set pairs.
+run() {
+  local np=$1 config=$2; shift 2
+  mpi "$np" "$TITANAX" run --config "$SRC/examples/configs/$config" --set "data.path=$DATA" --set data.fetch=false \
+    --set logging.level=warn --set "logging.csv=$WORK/metrics.csv" --set checkpoint.dir= "$@"
+}
+value() { sed -n "s/^$1 //p" | tail -1; }  # the number after a "key " prefix in the last matching line
+# at_least ACTUAL MIN WHAT
+at_least() { awk -v a="$1" -v m="$2" 'BEGIN { exit !(a != "" && a + 0 >= m + 0) }' || fail "$3: $1 < $2"; }
+# rel_close A B TOL WHAT: |A - B| <= TOL * |B|
+rel_close() {
+  awk -v a="$1" -v b="$2" -v t="$3" 'BEGIN { d = a - b; if (d < 0) d = -d; r = b < 0 ? -b : b; exit !(a != "" && d <= t * r) }' \
+    || fail "$4: $1 vs $2 (relative tolerance $3)"
+}
+# expect_error PATTERN COMMAND...: the command must exit with a code in 1..125 (not a crash or signal) and
+# print a line matching PATTERN (extended regex) on stderr or stdout.
+expect_error() {
+  local pattern=$1; shift
+  set +e; "$@" >out.txt 2>&1; local rc=$?; set -e
+  cat out.txt
+  [[ $rc -ne 0 ]] || fail "expected a non-zero exit from: $*"
+  [[ $rc -le 125 ]] || fail "exit code $rc (a crash or signal) from: $*"
+  grep -Eq 'Segmentation|signal [0-9]+|core dumped|terminate called' out.txt && fail "crashed: $*"
+  grep -Eq "$pattern" out.txt || fail "output does not match /$pattern/"
+  echo "ok: exit $rc, matched /$pattern/"
+}
+
+case $case_name in
+fetch)
+  "$TITANAX" fetch mnist --out "$DATA"
+  for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
+    [[ -s $DATA/$f || -s $DATA/$f.gz ]] || fail "missing $DATA/$f"
+  done ;;
+
+mlp_accuracy)  # the README's main job: 784-512-512-10 over 2 ranks, at least 95% on the held-out digits
+  run 2 mnist_mlp.yaml | tee out.txt
+  at_least "$(value 'test accuracy' <out.txt)" 0.95 "MLP test accuracy"
+  grep -q '^700,eval/accuracy,' metrics.csv || fail "metrics.csv lacks the final eval/accuracy row" ;;
+
+cnn_accuracy)  # two conv3x3+pool stages, 128 hidden: at least 97.5%
+  run 2 mnist_cnn.yaml | tee out.txt
+  at_least "$(value 'test accuracy' <out.txt)" 0.975 "CNN test accuracy" ;;
+
+loss_parity)  # same seed and global batch on 1, 2 and 4 ranks: the same loss after 50 steps
+  for np in 1 2 4; do
+    run "$np" mnist_mlp.yaml --set train.steps=50 --set schedule.warmup_steps=10 | tee "np$np.txt"
+  done
+  l1=$(value 'final train loss' <np1.txt)
+  for np in 2 4; do rel_close "$(value 'final train loss' <np$np.txt)" "$l1" 1e-4 "loss after 50 steps, $np ranks vs 1"; done
+  echo "losses: $l1 $(value 'final train loss' <np2.txt) $(value 'final train loss' <np4.txt)" ;;
+
+resume)  # 100 steps, checkpoint, stop; resume for 100 more == 200 straight steps, bitwise, on 2 ranks
+  common=(--set train.steps=200 --set schedule.warmup_steps=20 --set model.dropout=0.1 --set train.eval_every=0)
+  run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/straight" | tee straight.txt
+  run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/split" --set train.stop_at=100 | tee first.txt
+  [[ -d split/step_00000100 ]] || fail "no checkpoint at step 100"
+  run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/split" --set checkpoint.resume=true | tee second.txt
+  for r in 00000 00001; do
+    cmp "straight/step_00000200/rank_$r.safetensors" "split/step_00000200/rank_$r.safetensors" \
+      || fail "rank $r state after a resumed run differs from the straight run"
+  done
+  [[ $(value 'final train loss' <straight.txt) == "$(value 'final train loss' <second.txt)" ]] || fail "final losses differ"
+  [[ $(value 'test accuracy' <straight.txt) == "$(value 'test accuracy' <second.txt)" ]] || fail "accuracies differ" ;;
+
+describe)  # no training; the parameter count of 784-512-512-10 is 784*512+512 + 512*512+512 + 512*10+10
+  "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 4 | tee out.txt
+  grep -q '^parameters: 669706$' out.txt || fail "parameter count"
+  grep -q 'mesh over 4 rank(s): {data: 4}' out.txt || fail "mesh line"
+  "$TITANAX" describe --schema >schema.txt
+  grep -q '^optimizer\.lr ' schema.txt || fail "schema lacks optimizer.lr" ;;
+
+error_truncated_idx)
+  mkdir bad && cp "$DATA"/* bad/ && gunzip -f bad/*.gz 2>/dev/null || true
+  truncate -s 100000 bad/train-images-idx3-ubyte
+  expect_error 'DataError.*(truncated|short|size)' run 2 mnist_mlp.yaml --set "data.path=$WORK/bad" ;;
+
+error_malformed_idx)
+  mkdir bad && cp "$DATA"/* bad/ && gunzip -f bad/*.gz 2>/dev/null || true
+  printf '\x00\x00\x07\x01garbage' >bad/t10k-labels-idx1-ubyte
+  expect_error 'DataError.*t10k-labels' run 1 mnist_mlp.yaml --set "data.path=$WORK/bad" ;;
+
+error_unknown_key)
+  sed 's/^optimizer:/optimzer:/' "$SRC/examples/configs/mnist_mlp.yaml" >typo.yaml
+  expect_error "ConfigError: unknown config key 'optimzer\.name' \(typo\.yaml:[0-9]+" mpi 2 "$TITANAX" run --config typo.yaml
+  grep -q "fix: *did you mean 'optimizer.name'?" out.txt || fail "no suggestion of the nearest key" ;;
+
+error_mesh_ranks)
+  expect_error 'MeshError: mesh \{data: 3\} does not divide 2 ranks' run 2 mnist_mlp.yaml --set mesh.data=3 ;;
+
+error_axis)
+  expect_error "PlanError: DP axis 'dta' is not in the mesh; did you mean 'data'" run 2 mnist_mlp.yaml --set plan.dp.axis=dta ;;
+
+error_checksum)
+  args=(--set train.steps=20 --set schedule.warmup_steps=5 --set "checkpoint.dir=$WORK/ck")
+  run 2 mnist_mlp.yaml "${args[@]}" --set train.stop_at=10
+  f=ck/step_00000010/rank_00001.safetensors
+  size=$(stat -c %s "$f")
+  printf '\xff\xff\xff\xff' | dd of="$f" bs=1 seek=$((size - 1000)) conv=notrunc status=none  # flip tensor bytes
+  expect_error "CheckpointError: checksum mismatch in checkpoint shard '.*rank_00001.safetensors'" \
+    run 2 mnist_mlp.yaml "${args[@]}" --set checkpoint.resume=true ;;
+
+example)  # the library-API example of the README
+  mpi 2 "$EXAMPLE" "$DATA" | tee out.txt
+  at_least "$(value 'test accuracy' <out.txt)" 0.95 "example test accuracy" ;;
+
+*) fail "unknown case '$case_name'" ;;
+esac
