@@ -1,23 +1,64 @@
 // Checkpoints: a directory per step, step_00001000/, holding
 //   metadata.json   format version, step, world size, mesh, plan, each tensor's global shape, dtype and
-//                   PartitionSpec, a CRC-32 per shard file, and caller-provided JSON ("extra")
-//   rank_00000.safetensors, rank_00001.safetensors, ...   one per rank: the tensors that rank holds
+//                   PartitionSpec; per shard file the rank and mesh coordinates that wrote it, the slice of
+//                   each global tensor it holds, and CRC-32 checksums; caller-provided JSON ("extra")
+//   rank_00000.safetensors, rank_00001.safetensors, ...   one per rank of the saving group
 // Written under step_XXXXXXXX.tmp/, each file flushed (fsync), then renamed into place, so a crash
-// mid-save leaves the previous checkpoint intact. Loading verifies the checksum and every tensor, and
-// throws CheckpointError naming the file and the check that failed.
+// mid-save leaves the previous checkpoint intact. The shard files are plain safetensors files
+// (io/safetensors.h): Python's safetensors reads them.
 //
-// metadata.json (format_version 1):
-//   {"format": "titanax-checkpoint", "format_version": 1, "step": 1000, "world_size": 2,
-//    "mesh": <mesh_json>, "plan": <plan_json>,
-//    "tensors": {"layers/0/w": {"dtype": "f32", "local_shape": [256, 784], "global_shape": [512, 784],
-//                               "spec": ["model", ""]}, ...},
-//    "shards": [{"file": "rank_00000.safetensors", "crc32": "89abcdef", "bytes": 123456,
-//                "tensors": {"layers/0/w": {"dtype": "f32", "shape": [256, 784]}, ...}}, ...],
+// metadata.json (format_version 2; version 1 files are refused with a CheckpointError):
+//   {"format": "titanax-checkpoint", "format_version": 2, "step": 1000, "world_size": 4,
+//    "mesh": <mesh_json as given>, "plan": <plan_json as given>,
+//    "layout": {"axes": ["data", "model"], "shape": [2, 2]},      the mesh axes in order
+//    "tensors": {"layers/0/w": {"dtype": "f32", "global_shape": [512, 784], "spec": ["model", ""]}, ...},
+//    "shards": [{"file": "rank_00000.safetensors", "rank": 0, "coords": [0, 0],
+//                "bytes": 123456, "crc32": "89abcdef",                 whole file
+//                "header_bytes": 256, "header_crc32": "01234567",      8-byte length + JSON header
+//                "chunk_bytes": 1048576,
+//                "tensors": {"layers/0/w": {"dtype": "f32", "shape": [256, 784], "offsets": [0, 0],
+//                                           "data_offsets": [0, 802816], "chunk_crc32": "89abcdef..."}}},
+//               ...],
 //    "extra": <extra_json>}
-// "global_shape" multiplies each split dimension by its axis size, read from mesh_json when that is an
-// object of axis sizes ({"data": 2, "model": 2}) or {"axes": [...], "shape": [...]}; it is omitted
-// when a spec's axis size is unknown. "local_shape" is that of the first rank holding the tensor.
-// The shard files are plain safetensors files (io/safetensors.h): Python's safetensors reads them.
+// "coords" are the rank's mesh coordinates, one per layout axis. "offsets" is the global index of the
+// first element of the slice the shard holds (per dim), "shape" its extent, "data_offsets" its bytes
+// relative to the safetensors data section, and "chunk_crc32" the CRC-32 of each chunk_bytes-long chunk
+// of those bytes (8 hex digits per chunk, the last chunk shorter).
+//
+// Layout rule (Megatron): a tensor whose spec splits dim d over axis a of size k is cut into k equal
+// contiguous blocks along d, and the rank at coordinate c on a holds block c: global indices
+// [c * local_d, (c + 1) * local_d) of that dim, where local_d = global_d / k. Unsplit dims are whole.
+// The layout is taken from mesh_json ({"data": 2, "model": 2} as Mesh::to_json() writes it, keys in axis
+// order, or {"axes": [...], "shape": [...]}); with the JSON save a rank's coordinates are its rank in
+// the saving group laid out row-major over those axes (the last axis fastest, as MeshSpec::build does);
+// the Mesh save records mesh.coords().
+// Each block is written once: of the ranks holding the same block of a tensor (same coordinates on the
+// axes its spec uses: a replicated tensor on every rank, a TP weight on every data-parallel replica),
+// only the lowest rank writes it, so such tensors are not read k times either. A mesh_json naming no
+// axes says nothing about what is replicated: then every rank writes every tensor it holds.
+//
+// Resharding load: load(step, into, specs, mesh) takes `into` in the NEW layout (each tensor's local
+// shape under `specs` on `mesh`). For each tensor it computes the global slice this rank needs by the
+// rule above, checks that local shape x axis sizes equals the saved global shape and that the dtypes
+// agree, and assembles the slice from the saved pieces that overlap it: one shard per distinct saved
+// block (this rank's own file when it holds that block, else the lowest rank's). Only those files are
+// opened, and from each only its header and the byte runs of the slice (contiguous row-major runs,
+// read with pread) rounded out to whole checksum chunks. The world size, the mesh, the degree and the
+// split dim may all differ from the save: TP 2 -> 4, TP 4 -> 1, TP -> DP, DP x TP -> TP, a dim-0 split
+// loaded as a dim-1 split. load(step, into) is the same-layout case: same world size, this rank's saved
+// coordinates and the saved specs.
+//
+// What is verified: every byte a load copies into `into` lies in a chunk whose CRC-32 it checked, and
+// each shard's header is checked against its CRC-32 and must agree with metadata.json (dtype, shape,
+// byte range of each tensor read); a shard whose size differs from the recorded one is reported as
+// truncated (or grown) before anything is read. Trade-off: reads are rounded out to whole chunks
+// (default 1 MiB, set_crc_chunk_bytes), so a contiguous run costs at most one extra chunk at each end
+// (slices along dim 0 read ~ what they need), but a slice along an inner dim whose rows are shorter than
+// a chunk reads the whole saved piece (TP 2 -> 4 of a dim-1 split reads its rank's 1/2 piece for a 1/4
+// slice). Smaller chunks cut that at the cost of 8 hex digits per chunk in metadata.json. The whole-file
+// CRC-32 is not checked by load (that would read every byte); verify(step) checks it.
+// Nothing is written into `into` before every piece has been read and verified, so on error it is
+// unchanged. Errors are CheckpointErrors naming the file and the failed check (expected / found / fix).
 //
 // Test-only hook: when the environment variable TITANAX_TEST_KILL_DURING_SAVE=N is set, a rank saving
 // its shard raises SIGKILL right after N bytes of that shard reached the disk (crash-safety tests).
@@ -37,33 +78,69 @@ namespace titanax {
 
 struct CheckpointInfo {
   int64_t step = 0;
-  int world_size = 1;
+  int world_size = 1;      ///< ranks that saved it
   std::string path;        ///< the checkpoint directory
   std::string extra_json;  ///< the caller's JSON as saved (e.g. loader position, config)
+  // Read statistics of this load (this rank only).
+  uint64_t bytes_needed = 0;     ///< bytes of tensor data in this rank's slices (the least a load must read)
+  uint64_t data_bytes_read = 0;  ///< tensor data read from shard files (bytes_needed rounded out to chunks)
+  uint64_t bytes_read = 0;       ///< all bytes read from shard files (data + headers)
+  int files_read = 0;            ///< shard files opened
+};
+
+/// Where one rank sits in a mesh: the axes in order, their sizes and this rank's coordinate on each,
+/// plus its world rank (a load prefers this rank's own shard file). What the resharding load needs;
+/// build it from a Mesh, or by hand to load "as rank r of n" (tools, tests).
+struct MeshCoords {
+  std::vector<std::string> axes;
+  std::vector<int> shape;
+  std::vector<int> coords;
+  int rank = 0;
+  static MeshCoords of(const Mesh& mesh);
+  /// Rank `rank` placed row-major over `shape` (the last axis fastest, as MeshSpec::build does).
+  /// Throws ValueError for mismatched sizes, a size < 1 or a rank outside the mesh.
+  static MeshCoords at(std::vector<std::string> axes, std::vector<int> shape, int rank);
+  /// "{data: 2, model: 2} at {data: 1, model: 0}".
+  std::string describe() const;
 };
 
 class Checkpointer {
  public:
+  static constexpr uint64_t kDefaultCrcChunkBytes = 1 << 20;
+
   /// `dir` holds the step_* directories; keep_last >= 1 checkpoints are kept (older ones deleted).
   /// `comm` is the group that saves together (the world); nullptr means a single rank.
   /// Throws ValueError for an empty dir or keep_last < 1. Touches no file.
   Checkpointer(std::string dir, int keep_last = 3, std::shared_ptr<Communicator> comm = nullptr);
 
-  /// Collective: every rank writes its `tensors`; rank 0 writes metadata.json (with `extra_json`,
-  /// `mesh_json` and `plan_json` verbatim, and `specs` by tensor name) and commits by renaming.
-  /// Steps: rank 0 creates step_XXXXXXXX.tmp/ (8-digit zero-padded step); every rank writes and fsyncs
-  /// rank_RRRRR.safetensors there (tensors in any layout / device: copied to host) and reports its
-  /// CRC-32 with all_gather_string; rank 0 writes and fsyncs metadata.json, fsyncs the directory,
-  /// renames it to step_XXXXXXXX/ (replacing an earlier save of the same step), fsyncs `dir`, then
-  /// deletes all but the keep_last newest complete checkpoints (never the one just written) and stale
-  /// step_*.tmp/ directories. Each phase ends in an all-gather of every rank's outcome, so a failure on
-  /// one rank makes every rank throw (the failing rank its own error, the others a CheckpointError
-  /// naming it) instead of hanging; the .tmp directory is removed then.
+  /// Collective: every rank passes its local `tensors`; rank 0 writes metadata.json (with `extra_json`,
+  /// `mesh_json` and `plan_json` verbatim, and `specs` by tensor name; tensors without a spec are
+  /// replicated) and commits by renaming.
+  /// Steps: rank 0 creates step_XXXXXXXX.tmp/ (8-digit zero-padded step); ranks all-gather what they
+  /// hold and agree who writes each block (see the header comment); every rank writes and fsyncs
+  /// rank_RRRRR.safetensors there (its blocks, in any layout / device: copied to host; possibly none)
+  /// and reports its checksums with all_gather_string; rank 0 writes and fsyncs metadata.json, fsyncs
+  /// the directory, renames it to step_XXXXXXXX/ (replacing an earlier save of the same step), fsyncs
+  /// `dir`, then deletes all but the keep_last newest complete checkpoints (never the one just written)
+  /// and stale step_*.tmp/ directories. Each phase ends in an all-gather of every rank's outcome, so a
+  /// failure on one rank makes every rank throw (the failing rank its own error, the others a
+  /// CheckpointError naming it) instead of hanging; the .tmp directory is removed then.
   /// Throws ValueError: step < 0, extra_json / mesh_json / plan_json not JSON, an undefined tensor, a
-  /// spec naming a tensor no rank saves or longer than its tensor's rank; IOError: a write failed.
+  /// spec naming a tensor no rank saves, longer than its tensor's rank, naming an axis not in mesh_json
+  /// or one axis twice, a rank outside the mesh, ranks holding one tensor with different dtypes or
+  /// shapes, or (when the mesh covers the group) a split tensor some block of which no rank holds;
+  /// IOError: a write failed.
   void save(int64_t step, const ParamTree& tensors, const std::string& extra_json = "{}",
             const std::map<std::string, PartitionSpec>& specs = {}, const std::string& mesh_json = "{}",
             const std::string& plan_json = "{}");
+  /// The same, with the layout taken from `mesh` (mesh.to_json(), and each rank's mesh.coords());
+  /// mesh.size() must equal the saving group's size (ValueError).
+  void save(int64_t step, const ParamTree& tensors, const std::map<std::string, PartitionSpec>& specs,
+            const Mesh& mesh, const std::string& extra_json = "{}", const std::string& plan_json = "{}");
+
+  /// CRC-32 chunk size of later saves (>= 1; ValueError otherwise). See the trade-off above.
+  void set_crc_chunk_bytes(uint64_t n);
+  uint64_t crc_chunk_bytes() const { return chunk_bytes_; }
 
   /// Steps of the complete checkpoints present, ascending: directories step_XXXXXXXX/ holding a
   /// metadata.json that parses (.tmp leftovers of interrupted saves are not listed). Not collective.
@@ -71,21 +148,47 @@ class Checkpointer {
   /// The newest complete checkpoint's step, if any.
   std::optional<int64_t> latest() const;
 
-  /// Reads this rank's shard of checkpoint `step` into the tensors of `into` (same names, shapes and
-  /// dtypes; values copied in place, so optimizer state and parameters keep their identity).
-  /// Throws CheckpointError: missing directory or file, world size differs, checksum mismatch,
-  /// a tensor missing / unexpected / of another shape or dtype (naming the tensor and the file),
-  /// metadata.json unparsable or of an unknown format_version, a malformed shard (see
-  /// read_safetensors). Everything is checked before the first tensor is written, so on error `into`
-  /// is unchanged. Not collective (each rank reads its own shard, rank_<comm->rank()>).
+  /// Same-layout load (resume): reads this rank's slices of checkpoint `step` into the tensors of
+  /// `into` (same names, local shapes and dtypes; values copied in place, so optimizer state and
+  /// parameters keep their identity). Requires the world size it was saved with; this rank takes the
+  /// coordinates its rank had then, and the saved specs. Not collective.
+  /// Throws CheckpointError: missing directory or file, world size differs, checksum mismatch, a
+  /// truncated shard, a tensor missing / unexpected / of another shape or dtype (naming the tensor and
+  /// the file), metadata.json unparsable, malformed or of another format_version, a shard header that
+  /// disagrees with metadata.json. On error `into` is unchanged.
   CheckpointInfo load(int64_t step, ParamTree& into) const;
+
+  /// Resharding load: `into` holds this rank's tensors in a new layout, `specs` their PartitionSpecs
+  /// (absent = replicated) on `mesh`; any world size. Every saved tensor must be in `into` and vice
+  /// versa, with the saved dtype and global shape (local shape x the sizes of the axes its spec
+  /// splits). Not collective: each rank reads the pieces it needs. Throws ValueError for specs naming a
+  /// tensor not in `into`, an axis not in the mesh or one axis twice, or longer than the tensor's rank;
+  /// CheckpointError as load(step, into), plus a saved layout that leaves part of a needed slice in no
+  /// shard. On error `into` is unchanged.
+  CheckpointInfo load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
+                      const Mesh& mesh) const;
+  /// The same at an explicit position (load "as rank r of a mesh" without building it).
+  CheckpointInfo load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
+                      const MeshCoords& where) const;
+
+  /// Reads every shard file of checkpoint `step` whole and checks its size and CRC-32 against
+  /// metadata.json (a full integrity check; load checks only what it reads). Not collective.
+  /// Throws CheckpointError naming the first bad file.
+  void verify(int64_t step) const;
 
   const std::string& dir() const { return dir_; }
 
  private:
+  void save_impl(int64_t step, const ParamTree& tensors, const std::string& extra_json,
+                 const std::map<std::string, PartitionSpec>& specs, const std::string& mesh_json,
+                 const std::string& plan_json, const std::vector<int>* coords);
+  CheckpointInfo load_impl(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>* specs,
+                           const MeshCoords* where) const;
+
   std::string dir_;
   int keep_last_;
   std::shared_ptr<Communicator> comm_;
+  uint64_t chunk_bytes_ = kDefaultCrcChunkBytes;
 };
 
 }  // namespace titanax

@@ -50,8 +50,12 @@ class Sink {
     if (fd_ >= 0) ::close(fd_);
   }
   void write(const void* data, size_t n) {
+    write(data, n, uint32_t(::crc32_z(::crc32(0L, Z_NULL, 0), static_cast<const Bytef*>(data), n)));
+  }
+  // Writes n bytes whose own CRC-32 the caller computed (it is folded into the file's).
+  void write(const void* data, size_t n, uint32_t piece_crc) {
     const char* p = static_cast<const char*>(data);
-    crc_ = uint32_t(::crc32_z(crc_, reinterpret_cast<const Bytef*>(p), n));
+    crc_ = uint32_t(::crc32_combine(crc_, piece_crc, z_off_t(n)));
     if (kill_after_ >= 0 && written_ + int64_t(n) >= kill_after_) {
       // Test hook: let exactly kill_after_ bytes reach the file, then die as a crash would.
       raw_write(p, size_t(kill_after_ - written_));
@@ -114,6 +118,14 @@ namespace detail {
 uint32_t write_safetensors(const std::string& path, const ParamTree& tensors,
                            const std::map<std::string, std::string>& metadata, bool do_fsync,
                            int64_t kill_after_bytes) {
+  return write_safetensors_chunked(path, tensors, metadata, do_fsync, kill_after_bytes, UINT64_MAX).file_crc;
+}
+
+WriteReport write_safetensors_chunked(const std::string& path, const ParamTree& tensors,
+                                      const std::map<std::string, std::string>& metadata, bool do_fsync,
+                                      int64_t kill_after_bytes, uint64_t chunk_bytes) {
+  if (chunk_bytes == 0) throw ValueError("write_safetensors_chunked: chunk_bytes must be at least 1", ">= 1", "0");
+  WriteReport report;
   json header = json::object();
   if (!metadata.empty()) {
     json m = json::object();
@@ -135,6 +147,7 @@ uint32_t write_safetensors(const std::string& path, const ParamTree& tensors,
     e["shape"] = h.shape().vec();
     e["data_offsets"] = {offset, offset + uint64_t(h.nbytes())};
     header[name] = e;
+    report.tensors.push_back({name, offset, offset + uint64_t(h.nbytes()), {}});
     offset += h.nbytes();
     host.push_back(h);
   }
@@ -147,10 +160,22 @@ uint32_t write_safetensors(const std::string& path, const ParamTree& tensors,
   Sink sink(path, kill_after_bytes);
   sink.write(len, 8);
   sink.write(text.data(), text.size());
-  for (const auto& h : host)
-    if (h.nbytes()) sink.write(h.raw_data(), h.nbytes());
+  report.header_bytes = 8 + n;
+  report.header_crc = sink.crc();
+  for (size_t i = 0; i < host.size(); ++i) {
+    const auto* p = static_cast<const unsigned char*>(host[i].raw_data());
+    const uint64_t nb = host[i].nbytes();
+    for (uint64_t at = 0; at < nb; at += std::min(chunk_bytes, nb - at)) {
+      const size_t len = size_t(std::min(chunk_bytes, nb - at));
+      const uint32_t c = uint32_t(::crc32_z(::crc32(0L, Z_NULL, 0), p + at, len));
+      report.tensors[i].chunk_crcs.push_back(c);
+      sink.write(p + at, len, c);
+    }
+  }
   sink.finish(do_fsync);
-  return sink.crc();
+  report.file_crc = sink.crc();
+  report.file_bytes = report.header_bytes + offset;
+  return report;
 }
 
 uint32_t crc32_file(const std::string& path) {

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include "core/tree.h"
 
@@ -49,6 +50,24 @@ namespace detail {
 uint32_t write_safetensors(const std::string& path, const ParamTree& tensors,
                            const std::map<std::string, std::string>& metadata, bool fsync,
                            int64_t kill_after_bytes);
+/// What a chunked write reports (Checkpointer records it in metadata.json).
+struct WriteReport {
+  uint32_t file_crc = 0;      ///< CRC-32 of the whole file
+  uint64_t file_bytes = 0;    ///< its size
+  uint64_t header_bytes = 0;  ///< 8 + header length: the offset of the data section
+  uint32_t header_crc = 0;    ///< CRC-32 of those first header_bytes bytes
+  struct Entry {
+    std::string name;
+    uint64_t begin = 0, end = 0;       ///< byte range relative to the data section (as data_offsets)
+    std::vector<uint32_t> chunk_crcs;  ///< CRC-32 of each chunk_bytes-long piece of [begin, end) (last one shorter)
+  };
+  std::vector<Entry> tensors;  ///< in file order
+};
+/// write_safetensors (fsync and crash-test hook as above) that also reports a CRC-32 per
+/// `chunk_bytes` (>= 1) chunk of every tensor's data, computed in the same pass as the file's.
+WriteReport write_safetensors_chunked(const std::string& path, const ParamTree& tensors,
+                                      const std::map<std::string, std::string>& metadata, bool fsync,
+                                      int64_t kill_after_bytes, uint64_t chunk_bytes);
 /// CRC-32 (zlib) of a whole file; IOError when it cannot be read.
 uint32_t crc32_file(const std::string& path);
 }  // namespace detail

@@ -202,7 +202,7 @@ std::string Mesh::describe() const {
 }
 
 std::string Mesh::to_json() const {
-  nlohmann::json j = nlohmann::json::object();
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();  // keys in axis order (checkpoints rely on it)
   for (size_t i = 0; i < axes_.size(); ++i) j[axes_[i]] = shape_[i];
   return j.dump();
 }

@@ -21,6 +21,7 @@
 #include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "io_test_util.h"
+#include "reshard_util.h"
 
 using namespace titanax;
 using io_test::TempDir;
@@ -264,7 +265,7 @@ TEST_CASE("Checkpointer save / load round trip is bitwise and keeps tensor ident
 
   // metadata.json as documented; the checksum is the file's CRC-32 computed here with zlib.
   auto meta = read_json((d.path / "ckpt" / "step_00000100" / "metadata.json").string());
-  CHECK(meta["format_version"] == 1);
+  CHECK(meta["format_version"] == 2);
   CHECK(meta["step"] == 100);
   CHECK(meta["world_size"] == 1);
   CHECK(meta["plan"]["dp"] == "data");
@@ -561,4 +562,353 @@ TEST_CASE("Checkpointer: a failure on one rank fails the save on every rank, wit
   CHECK(contains(errors[2], "rank 1"));
   CHECK(Checkpointer(d.path.string()).steps().empty());
   CHECK_FALSE(fs::exists(d.path / "step_00000001.tmp"));
+}
+
+// ---------------------------------------------------------------------------------------- resharding
+
+namespace {
+
+using namespace reshard_test;
+
+// Saves `gs` from `world` thread-ranks laid out row-major on (axes, shape) with `specs`.
+void save_as_ranks(const std::string& dir, int64_t step, const std::vector<GlobalT>& gs,
+                   const std::vector<std::string>& axes, const std::vector<int>& shape,
+                   const std::map<std::string, PartitionSpec>& specs, uint64_t chunk = Checkpointer::kDefaultCrcChunkBytes) {
+  const int world = mesh_size(shape);
+  auto errors = run_ranks(world, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(dir, 5, comm);
+    ck.set_crc_chunk_bytes(chunk);
+    ck.save(step, local_tree(gs, specs, pos_at(axes, shape, r)), R"({"note": "resharding"})", specs,
+            mesh_json(axes, shape));
+  });
+  REQUIRE(errors == std::vector<std::string>(size_t(world), ""));
+}
+
+// Loads checkpoint `step` as every rank of `t` (one process) and checks every element.
+void check_target(const Checkpointer& ck, int64_t step, const std::vector<GlobalT>& gs, const Target& t) {
+  INFO("target " << t.what);
+  for (int r = 0; r < mesh_size(t.shape); ++r) {
+    INFO("as rank " << r);
+    Pos p = pos_at(t.axes, t.shape, r);
+    ParamTree into = zeros_tree(gs, t.specs, p);
+    CheckpointInfo info = ck.load(step, into, t.specs, coords_of(p));
+    CHECK(check_tree(into, gs, t.specs, p) == "");
+    uint64_t need = 0;
+    for (const auto& [n, x] : into) need += x.nbytes();
+    CHECK(info.bytes_needed == need);
+    CHECK(info.data_bytes_read >= need);
+    CHECK(info.extra_json == R"({"note":"resharding"})");
+  }
+}
+
+std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const CheckpointError& e) {
+    return std::string("CheckpointError: ") + e.what();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("MeshCoords places ranks row-major and validates", "[io]") {
+  MeshCoords m = MeshCoords::at({"data", "model"}, {2, 3}, 4);
+  CHECK(m.coords == std::vector<int>{1, 1});
+  CHECK(m.rank == 4);
+  CHECK(m.describe() == "{data: 2, model: 3} at {data: 1, model: 1} (rank 4)");
+  CHECK_THROWS_AS(MeshCoords::at({"data"}, {2}, 2), ValueError);
+  CHECK_THROWS_AS(MeshCoords::at({"data"}, {0}, 0), ValueError);
+  CHECK_THROWS_AS(MeshCoords::at({"data", "model"}, {2}, 0), ValueError);
+  Mesh mesh = MeshSpec{{"model"}, {1}}.build(make_local_communicator());
+  MeshCoords o = MeshCoords::of(mesh);
+  CHECK(o.axes == std::vector<std::string>{"model"});
+  CHECK(o.coords == std::vector<int>{0});
+}
+
+TEST_CASE("Checkpointer records each shard's coordinates and slices, and writes replicated blocks once", "[io]") {
+  TempDir d;
+  const auto gs = standard_tensors();
+  save_as_ranks(d.path.string(), 3, gs, {"data", "model"}, {2, 2}, tp_specs());
+  auto meta = read_json(d / "step_00000003/metadata.json");
+  CHECK(meta["format_version"] == 2);
+  CHECK(meta["layout"]["axes"] == nlohmann::json::array({"data", "model"}));
+  CHECK(meta["layout"]["shape"] == nlohmann::json::array({2, 2}));
+  CHECK(meta["tensors"]["w"]["global_shape"] == nlohmann::json::array({8, 6}));
+  CHECK(meta["tensors"]["v"]["global_shape"] == nlohmann::json::array({6, 8}));
+  CHECK(meta["tensors"]["v"]["spec"] == nlohmann::json::array({"", "model"}));
+  CHECK(meta["tensors"]["b"]["spec"] == nlohmann::json::array());
+  REQUIRE(meta["shards"].size() == 4);
+  for (int r = 0; r < 4; ++r) {
+    INFO("rank " << r);
+    const auto& s = meta["shards"][size_t(r)];
+    CHECK(s["rank"] == r);
+    CHECK(s["coords"] == nlohmann::json::array({r / 2, r % 2}));
+    CHECK(s["crc32"].get<std::string>().size() == 8);
+    // data = 0 ranks write their TP blocks; the data = 1 replicas write nothing; b and s only rank 0.
+    std::set<std::string> names;
+    for (auto it = s["tensors"].begin(); it != s["tensors"].end(); ++it) names.insert(it.key());
+    std::set<std::string> want;
+    if (r == 0) want = {"w", "v", "b", "s"};
+    if (r == 1) want = {"w", "v"};
+    CHECK(names == want);
+    if (r < 2) {
+      CHECK(s["tensors"]["w"]["offsets"] == nlohmann::json::array({4 * r, 0}));
+      CHECK(s["tensors"]["w"]["shape"] == nlohmann::json::array({4, 6}));
+      CHECK(s["tensors"]["v"]["offsets"] == nlohmann::json::array({0, 4 * r}));
+    }
+    // The shard file is a plain safetensors file holding exactly those tensors.
+    auto f = read_safetensors(d / ("step_00000003/" + s["file"].get<std::string>()));
+    CHECK(f.tensors.size() == want.size());
+  }
+  // The same-layout load still works on every rank (b and s come from rank 0's file).
+  auto errors = run_ranks(4, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(d.path.string(), 5, comm);
+    Pos p = pos_at({"data", "model"}, {2, 2}, r);
+    ParamTree into = zeros_tree(gs, tp_specs(), p);
+    ck.load(3, into);
+    std::string bad = check_tree(into, gs, tp_specs(), p);
+    if (!bad.empty()) throw std::runtime_error(bad);
+  });
+  CHECK(errors == std::vector<std::string>(4, ""));
+}
+
+TEST_CASE("Checkpointer reshards a TP 2 checkpoint into other degrees, dims, meshes and world sizes", "[io]") {
+  TempDir d;
+  const auto gs = standard_tensors();
+  save_as_ranks(d.path.string(), 10, gs, {"model"}, {2}, tp_specs(), /*chunk=*/16);  // many small chunks
+  Checkpointer ck(d.path.string());
+  for (const auto& t : standard_targets()) check_target(ck, 10, gs, t);
+  // The default chunk size too (one chunk per piece).
+  TempDir e;
+  save_as_ranks(e.path.string(), 10, gs, {"model"}, {2}, tp_specs());
+  Checkpointer ck2(e.path.string());
+  for (const auto& t : standard_targets()) check_target(ck2, 10, gs, t);
+}
+
+TEST_CASE("Checkpointer reshards DP x TP 2 x 2, TP 4 and DP checkpoints", "[io]") {
+  const auto gs = standard_tensors();
+  struct Source {
+    std::vector<std::string> axes;
+    std::vector<int> shape;
+    std::map<std::string, PartitionSpec> specs;
+  };
+  for (const Source& src : {Source{{"data", "model"}, {2, 2}, tp_specs()}, Source{{"model"}, {4}, tp_specs()},
+                            Source{{"data"}, {2}, {}},
+                            Source{{"data", "model"}, {2, 2}, {{"w", {"data", "model"}}, {"v", {"model", ""}}}}}) {
+    INFO("saved on " << mesh_json(src.axes, src.shape));
+    TempDir d;
+    save_as_ranks(d.path.string(), 1, gs, src.axes, src.shape, src.specs, 8);
+    Checkpointer ck(d.path.string());
+    for (const auto& t : standard_targets()) check_target(ck, 1, gs, t);
+  }
+}
+
+TEST_CASE("Checkpointer::save with a Mesh records its layout; a one-rank load of it is bitwise", "[io]") {
+  TempDir d;
+  Mesh mesh = MeshSpec{{"pipe", "model"}, {1, 1}}.build(make_local_communicator());
+  const auto gs = standard_tensors();
+  Checkpointer ck(d.path.string());
+  Pos p = pos_at({"pipe", "model"}, {1, 1}, 0);
+  ParamTree src = local_tree(gs, tp_specs(), p);
+  ck.save(4, src, tp_specs(), mesh, R"({"k": 1})", R"({"tp": "model"})");
+  auto meta = read_json(d / "step_00000004/metadata.json");
+  CHECK(meta["layout"]["axes"] == nlohmann::json::array({"pipe", "model"}));  // not alphabetical
+  CHECK(meta["plan"]["tp"] == "model");
+  ParamTree into = zeros_tree(gs, tp_specs(), p);
+  ck.load(4, into, tp_specs(), mesh);
+  check_bitwise_equal(src, into);
+  CHECK_NOTHROW(ck.verify(4));
+  // Another mesh of the group's size; a spec naming an axis it lacks.
+  Mesh two = MeshSpec{{"model"}, {1}}.build(make_local_communicator());
+  CHECK_NOTHROW(ck.save(5, src, tp_specs(), two));
+  CHECK(error_of([&] { ck.save(6, src, {{"w", {"modle", ""}}}, two); }).find("did you mean 'model'") != std::string::npos);
+}
+
+TEST_CASE("Checkpointer resharding reads about the slice it needs", "[io]") {
+  // A [64, 256] f32 tensor (64 KiB) saved as TP 2, loaded as TP 4: each rank needs 16 KiB.
+  const std::vector<GlobalT> dim0{{"x", 1, {64, 256}, DType::f32}};
+  const std::vector<GlobalT> dim1{{"x", 1, {64, 256}, DType::f32}};
+  const std::map<std::string, PartitionSpec> s0{{"x", {"model", ""}}}, s1{{"x", {"", "model"}}};
+  const uint64_t total = 64 * 256 * 4;
+  auto load_quarter = [&](const std::string& dir, const std::vector<GlobalT>& gs,
+                          const std::map<std::string, PartitionSpec>& specs, int r) {
+    Checkpointer ck(dir);
+    Pos p = pos_at({"model"}, {4}, r);
+    ParamTree into = zeros_tree(gs, specs, p);
+    CheckpointInfo info = ck.load(1, into, specs, coords_of(p));
+    CHECK(check_tree(into, gs, specs, p) == "");
+    CHECK(info.bytes_needed == total / 4);
+    CHECK(info.files_read == 1);
+    CHECK(info.bytes_read > info.data_bytes_read);  // plus the header
+    CHECK(info.bytes_read < info.data_bytes_read + 1024);
+    return info;
+  };
+  SECTION("split along dim 0: contiguous runs, exactly the slice") {
+    TempDir d;
+    save_as_ranks(d.path.string(), 1, dim0, {"model"}, {2}, s0, 4096);
+    for (int r = 0; r < 4; ++r) CHECK(load_quarter(d.path.string(), dim0, s0, r).data_bytes_read == total / 4);
+    // With 1 MiB chunks (the default) the rank reads its whole saved half (one chunk): the trade-off.
+    TempDir e;
+    save_as_ranks(e.path.string(), 1, dim0, {"model"}, {2}, s0);
+    CHECK(load_quarter(e.path.string(), dim0, s0, 1).data_bytes_read == total / 2);
+  }
+  SECTION("split along dim 1: one run per row, chunks no longer than a run read exactly the slice") {
+    TempDir d;
+    save_as_ranks(d.path.string(), 1, dim1, {"model"}, {2}, s1, 256);  // a row of a saved half = 512 B
+    for (int r = 0; r < 4; ++r) CHECK(load_quarter(d.path.string(), dim1, s1, r).data_bytes_read == total / 4);
+    TempDir e;
+    save_as_ranks(e.path.string(), 1, dim1, {"model"}, {2}, s1, 4096);  // chunks span rows: the whole half
+    CHECK(load_quarter(e.path.string(), dim1, s1, 2).data_bytes_read == total / 2);
+  }
+  SECTION("a replicated tensor is read from one file, not from every rank's") {
+    TempDir d;
+    save_as_ranks(d.path.string(), 1, dim0, {"data"}, {4}, {}, 4096);
+    Checkpointer ck(d.path.string());
+    Pos p = pos_at({"data"}, {1}, 0);
+    ParamTree into = zeros_tree(dim0, {}, p);
+    CheckpointInfo info = ck.load(1, into, {}, coords_of(p));
+    CHECK(info.files_read == 1);
+    CHECK(info.data_bytes_read == total);
+    CHECK(check_tree(into, dim0, {}, p) == "");
+  }
+}
+
+TEST_CASE("Checkpointer resharding rejects other models, bad specs and damaged shards", "[io]") {
+  TempDir d;
+  const auto gs = standard_tensors();
+  save_as_ranks(d.path.string(), 2, gs, {"model"}, {2}, tp_specs(), 32);
+  Checkpointer ck(d.path.string());
+  const std::string dir = (d.path / "step_00000002").string();
+  const Pos p4 = pos_at({"model"}, {4}, 3);  // needs rows 6..8 of w and columns 6..8 of v: rank 1's file
+  auto load4 = [&](ParamTree& into, std::map<std::string, PartitionSpec> specs = tp_specs(), Pos p = pos_at({"model"}, {4}, 3)) {
+    return error_of([&] { ck.load(2, into, specs, coords_of(p)); });
+  };
+  auto has = [](const std::string& msg, std::vector<std::string> words) {
+    INFO(msg);
+    for (const auto& w : words) CHECK(msg.find(w) != std::string::npos);
+  };
+
+  SECTION("a tensor missing from the checkpoint, and one the model lacks") {
+    ParamTree into = zeros_tree(gs, tp_specs(), p4);
+    into.insert("u", zeros(Shape{2}));
+    has(load4(into), {"CheckpointError", "'u' is missing", "metadata.json"});
+    ParamTree fewer;
+    for (const auto& [n, t] : zeros_tree(gs, tp_specs(), p4))
+      if (n != "b") fewer.insert(n, t);
+    has(load4(fewer), {"CheckpointError", "unexpected tensor 'b'"});
+  }
+  SECTION("another global shape, and another dtype") {
+    ParamTree into = zeros_tree(gs, tp_specs(), p4);
+    into.at("w") = zeros(Shape{2, 5});  // global [8, 5] under TP 4
+    has(load4(into), {"CheckpointError", "'w'", "global shape", "[8, 5]", "[8, 6] (saved)", "metadata.json", "model: 4"});
+    ParamTree into2 = zeros_tree(gs, tp_specs(), p4);
+    into2.at("v") = zeros(Shape{6, 2}, DType::f32);
+    has(load4(into2), {"CheckpointError", "'v'", "dtype", "f32 (the model's)", "f64 (saved)"});
+    // A spec the tensors do not follow makes the global shape wrong too.
+    ParamTree into3 = zeros_tree(gs, tp_specs(), p4);
+    has(load4(into3, {{"w", {"", "model"}}, {"v", {"", "model"}}}), {"'w'", "global shape", "[2, 24]"});
+  }
+  SECTION("specs naming unknown tensors or axes") {
+    ParamTree into = zeros_tree(gs, tp_specs(), p4);
+    has(load4(into, {{"w", {"modle", ""}}, {"v", {"", "model"}}}), {"ValueError", "did you mean 'model'"});
+    has(load4(into, {{"ww", {"model", ""}}}), {"ValueError", "'ww'"});
+    has(load4(into, {{"b", {"model", "model"}}}), {"ValueError"});
+  }
+  SECTION("a truncated shard") {
+    const std::string f = dir + "/rank_00001.safetensors";
+    auto b = io_test::read_bytes(f);
+    b.resize(b.size() - 10);
+    io_test::write_bytes(f, b);
+    ParamTree into = zeros_tree(gs, tp_specs(), p4);
+    has(load4(into), {"CheckpointError", "rank_00001.safetensors", "truncated", std::to_string(b.size() + 10) + " bytes (metadata.json)",
+                      std::to_string(b.size()) + " bytes"});
+    // Rank 0 of TP 4 needs only rank 0's file (w rows 0..2, v columns 0..2, b, s): it still loads.
+    ParamTree into0 = zeros_tree(gs, tp_specs(), pos_at({"model"}, {4}, 0));
+    CHECK(load4(into0, tp_specs(), pos_at({"model"}, {4}, 0)) == "");
+    has(error_of([&] { ck.verify(2); }), {"rank_00001.safetensors", "truncated"});
+  }
+  SECTION("corrupted bytes: found by the ranks that read them, and by verify()") {
+    // Flip a byte of w's row 6 (in rank 1's block, bytes 48..96) inside the 32-byte chunk [64, 96), which
+    // only TP 4 rank 3 reads (rank 2 reads bytes 0..48: chunks [0, 64)).
+    auto meta = read_json(dir + "/metadata.json");
+    const auto& e = meta["shards"][1]["tensors"]["w"];
+    const uint64_t at = meta["shards"][1]["header_bytes"].get<uint64_t>() + e["data_offsets"][0].get<uint64_t>() + 2 * 6 * 4 + 20;
+    const std::string f = dir + "/rank_00001.safetensors";
+    auto b = io_test::read_bytes(f);
+    b[at] ^= 0x40;
+    io_test::write_bytes(f, b);
+    for (int r = 0; r < 4; ++r) {
+      ParamTree into = zeros_tree(gs, tp_specs(), pos_at({"model"}, {4}, r));
+      ParamTree before = into.map([](const std::string&, const Tensor& t) { return t.clone(); });
+      std::string err = load4(into, tp_specs(), pos_at({"model"}, {4}, r));
+      if (r == 3) {
+        has(err, {"CheckpointError", "checksum mismatch", "rank_00001.safetensors", "tensor 'w'"});
+        check_bitwise_equal(before, into);  // untouched
+      } else {
+        CHECK(err == "");  // with 32-byte chunks, ranks 0..2 never read the bad chunk
+      }
+    }
+    has(error_of([&] { ck.verify(2); }), {"checksum mismatch", "rank_00001.safetensors"});
+    // The same-layout load of rank 1 reads it too.
+    auto errors = run_ranks(2, [&](int r, std::shared_ptr<Communicator> comm) {
+      Checkpointer c(d.path.string(), 5, comm);
+      ParamTree into = zeros_tree(gs, tp_specs(), pos_at({"model"}, {2}, r));
+      c.load(2, into);
+    });
+    CHECK(errors[0] == "");
+    has(errors[1], {"checksum mismatch", "rank_00001.safetensors"});
+  }
+  SECTION("a corrupted header, or a shard from another save") {
+    const std::string f = dir + "/rank_00000.safetensors";
+    auto b = io_test::read_bytes(f);
+    auto b2 = b;
+    b2[20] = b2[20] == 'x' ? 'y' : 'x';
+    io_test::write_bytes(f, b2);
+    ParamTree into = zeros_tree(gs, tp_specs(), p4);
+    has(load4(into, tp_specs(), pos_at({"model"}, {4}, 0)), {"checksum mismatch in the header", "rank_00000.safetensors"});
+    // Both shards swapped: sizes and header checksums disagree with metadata.json.
+    io_test::write_bytes(f, io_test::read_bytes(dir + "/rank_00001.safetensors"));
+    std::string err = load4(into, tp_specs(), pos_at({"model"}, {4}, 0));
+    has(err, {"CheckpointError", "rank_00000.safetensors"});
+  }
+  SECTION("a checkpoint of the old format") {
+    auto meta = read_json(dir + "/metadata.json");
+    meta["format_version"] = 1;
+    std::string s = meta.dump();
+    io_test::write_bytes(dir + "/metadata.json", std::vector<unsigned char>(s.begin(), s.end()));
+    ParamTree into = zeros_tree(gs, tp_specs(), p4);
+    has(load4(into), {"CheckpointError", "format version 1", "metadata.json", "save it again"});
+  }
+  SECTION("a checkpoint that does not hold every block") {
+    TempDir e;
+    // One rank saving "as rank 0 of {model: 2}": the second half of w and v is in no file.
+    Checkpointer one(e.path.string());
+    one.save(1, local_tree(gs, tp_specs(), pos_at({"model"}, {2}, 0)), "{}", tp_specs(), R"({"model": 2})");
+    ParamTree into = zeros_tree(gs, tp_specs(), pos_at({"model"}, {1}, 0));
+    has(error_of([&] { one.load(1, into, tp_specs(), coords_of(pos_at({"model"}, {1}, 0))); }),
+        {"CheckpointError", "does not hold all of tensor", "24 of its 48 elements"});
+    // The first half loads.
+    ParamTree half = zeros_tree(gs, tp_specs(), pos_at({"model"}, {4}, 1));
+    CHECK(error_of([&] { one.load(1, half, tp_specs(), coords_of(pos_at({"model"}, {4}, 1))); }) == "");
+  }
+}
+
+TEST_CASE("Checkpointer::save validates specs against the mesh and across ranks", "[io]") {
+  TempDir d;
+  ParamTree p{{"w", zeros(Shape{4, 2})}};
+  Checkpointer ck(d.path.string());
+  CHECK(error_of([&] { ck.save(1, p, "{}", {{"w", {"model"}}}); }).find("not in the mesh") != std::string::npos);
+  CHECK(error_of([&] { ck.save(1, p, "{}", {{"w", {"model", "model"}}}, R"({"model": 1})"); }).find("two dims") !=
+        std::string::npos);
+  // Ranks holding one tensor with different shapes (blocks must be equal).
+  auto errors = run_ranks(2, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer c(d.path.string(), 3, comm);
+    c.save(2, ParamTree{{"w", zeros(Shape{r + 1, 2})}}, "{}", {{"w", {"model", ""}}}, R"({"model": 2})");
+  });
+  CHECK(errors[0].find("different dtypes or shapes") != std::string::npos);
+  CHECK(errors[1].find("different dtypes or shapes") != std::string::npos);
+  CHECK(Checkpointer(d.path.string()).steps().empty());
 }
