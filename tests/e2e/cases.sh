@@ -108,10 +108,11 @@ error_axis)
 error_checksum)
   args=(--set train.steps=20 --set schedule.warmup_steps=5 --set "checkpoint.dir=$WORK/ck")
   run 2 mnist_mlp.yaml "${args[@]}" --set train.stop_at=10
-  f=ck/step_00000010/rank_00001.safetensors
+  # DP state is replicated, so rank 0's shard holds it all (rank 1's holds no tensors) and both ranks read it.
+  f=ck/step_00000010/rank_00000.safetensors
   size=$(stat -c %s "$f")
   printf '\xff\xff\xff\xff' | dd of="$f" bs=1 seek=$((size - 1000)) conv=notrunc status=none  # flip tensor bytes
-  expect_error "CheckpointError: checksum mismatch in checkpoint shard '.*rank_00001.safetensors'" \
+  expect_error "CheckpointError: checksum mismatch in checkpoint shard '.*rank_00000.safetensors'" \
     run 2 mnist_mlp.yaml "${args[@]}" --set checkpoint.resume=true ;;
 
 example)  # the library-API example of the README
