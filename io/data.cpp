@@ -147,6 +147,11 @@ std::vector<int64_t> DataLoader::indices(int64_t step) const {
   const int64_t epoch = step / spe, pos = step % spe;
   const int64_t B = opts_.batch_size, per_rank = B / opts_.world;
   const int64_t begin = pos * B + int64_t(opts_.rank) * per_rank;
+  if (!opts_.shuffle) {  // the identity order: no permutation to build (datasets may be large and lazy)
+    std::vector<int64_t> out(static_cast<size_t>(per_rank));
+    std::iota(out.begin(), out.end(), begin);
+    return out;
+  }
   auto perm = permutation(epoch);
   return std::vector<int64_t>(perm->begin() + begin, perm->begin() + begin + per_rank);
 }

@@ -98,7 +98,8 @@ class DataLoader {
   /// key = fold_in(RngKey::from_seed(seed), epoch); start from the identity p = [0, 1, ..., n-1] and
   /// for i = n-1 down to 1 (draw number d = n-1-i = 0, 1, ...) swap p[i] with p[j], j = u % (i + 1),
   /// where u is the 64-bit word (w0 << 32 | w1) of block philox4x32({d, d >> 32, 0x7065726d, 0}, key)
-  /// (Fisher-Yates; the modulo bias is below n / 2^64). Without shuffling the order is the identity.
+  /// (Fisher-Yates; the modulo bias is below n / 2^64). Without shuffling the order is the identity
+  /// (computed per batch, so a large lazy dataset costs no O(n) memory).
   static std::vector<int64_t> epoch_permutation(int64_t n, uint64_t seed, int64_t epoch);
 
  private:

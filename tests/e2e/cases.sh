@@ -2,7 +2,8 @@
 # End-to-end cases of the `titanax` CLI on real MNIST digits, run by CTest (tests/e2e.cmake):
 #   cases.sh CASE
 # Environment (set by CTest): TITANAX (the CLI), SRC (source tree), DATA (MNIST IDX folder, filled by the
-# `fetch` case), WORK (an empty scratch folder for this case), MPIEXEC (mpirun).
+# `fetch` case), BROWN (Brown corpus shards, filled by the `fetch_brown` case), WORK (an empty scratch
+# folder for this case), MPIEXEC (mpirun).
 # Each case exits non-zero with a message saying what differed from the expectation.
 set -euo pipefail
 case_name=$1
@@ -46,6 +47,22 @@ fetch)
   for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
     [[ -s $DATA/$f || -s $DATA/$f.gz ]] || fail "missing $DATA/$f"
   done ;;
+
+fetch_brown)  # tokenizer + llm.c shards; Brown has ~1.16M words: ~1.39M train / ~77k val BPE tokens at vocab 8192
+  : "${BROWN:?}"
+  "$TITANAX" fetch brown --out "$BROWN" | tee out.txt
+  line=$(grep -E '^(wrote|found) Brown corpus' out.txt) || fail "no summary line"
+  train=$(sed -n 's/.*train\.bin (\([0-9]*\) tokens).*/\1/p' <<<"$line")
+  val=$(sed -n 's/.*val\.bin (\([0-9]*\) tokens).*/\1/p' <<<"$line")
+  grep -q 'tokenizer.model (vocab 8192)' <<<"$line" || fail "vocabulary is not 8192: $line"
+  at_least "$train" 1200000 "train tokens"; at_least 1600000 "$train" "train tokens (upper bound)"
+  at_least "$val" 50000 "val tokens"; at_least 110000 "$val" "val tokens (upper bound)"
+  for f in train val; do  # llm.c's rule: the file is exactly 1024 + 2 * count bytes
+    n=$([[ $f == train ]] && echo "$train" || echo "$val")
+    [[ $(stat -c %s "$BROWN/$f.bin") -eq $((1024 + 2 * n)) ]] || fail "$f.bin size is not 1024 + 2 * $n"
+  done
+  [[ -s $BROWN/tokenizer.model ]] || fail "missing $BROWN/tokenizer.model"
+  "$TITANAX" fetch brown --out "$BROWN" | grep -q '^found Brown corpus' || fail "a second fetch did not find the files" ;;
 
 mlp_accuracy)  # the README's main job: 784-512-512-10 over 2 ranks, at least 95% on the held-out digits
   run 2 mnist_mlp.yaml | tee out.txt
