@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/loops.h"
+#include "kernels/cpu/vmath.h"
 
 namespace titanax::kernels::cpu {
 namespace {
@@ -46,15 +47,18 @@ std::vector<int64_t> read_ints(const Tensor& t, const char* what) {
 template <class T>
 inline T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
 
-// sum_j exp(x[j] - m), accumulated in double.
+// sum_j exp(x[j] - m), accumulated in double (vectorised: a fixed lane order, so the result does not
+// depend on threads; exp is kernels/cpu/vmath.h's for f32).
 template <class T>
 inline double row_sumexp(const T* x, int64_t n, T m) {
   double s = 0;
-  for (int64_t j = 0; j < n; ++j) s += double(std::exp(x[j] - m));
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += double(fexp(T(x[j] - m)));
   return s;
 }
 
@@ -70,8 +74,9 @@ void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) {
         for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - m) - lse;
       } else {
         double s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < n; ++j) {
-          T e = std::exp(xr[j] - m);
+          T e = fexp(T(xr[j] - m));
           yr[j] = e;
           s += double(e);
         }
@@ -185,7 +190,7 @@ void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, in
       const T* xr = x + r * C;
       const T m = row_max(xr, C);
       const T k = T(scale / row_sumexp(xr, C, m));
-      for (int64_t j = 0; j < C; ++j) dr[j] = std::exp(xr[j] - m) * k;
+      for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
       dr[lab[r]] -= T(scale);
     }
   });
@@ -252,7 +257,7 @@ void shard_backward(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, 
       const T* xr = x + r * C;
       const T m = T(stats[r]);
       const T k = T(scale / stats[R + r]);
-      for (int64_t j = 0; j < C; ++j) dr[j] = std::exp(xr[j] - m) * k;
+      for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
       const int64_t j = int64_t(lab[r]) - lo;
       if (j >= 0 && j < C) dr[j] -= T(scale);
     }
