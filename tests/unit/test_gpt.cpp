@@ -4,7 +4,11 @@
 #include <catch2/catch.hpp>
 #include <nlohmann/json.hpp>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 
 #include "engine/engine.h"
 #include "engine/gpt.h"
@@ -367,6 +371,21 @@ TEST_CASE("Engine with a TP plan on one rank trains like the plain engine", "[en
   auto data = std::make_shared<TensorDataset>(std::map<std::string, Tensor>{{"x", tokens(7, 10, 6, 16)}, {"y", tokens(8, 10, 6, 16)}});
   Metrics ev = tp.evaluate(split, {.data = data, .batch_size = 4, .fn = nn::lm_metrics});
   CHECK(ev.at("eval/loss") == Approx(split.loss(tokens(7, 10, 6, 16), tokens(8, 10, 6, 16)).item()).epsilon(1e-6));
+
+  // Checkpoints record the spec of each split parameter and of its optimizer moments.
+  namespace fs = std::filesystem;
+  fs::path dir = fs::temp_directory_path() / ("titanax_gpt_ckpt_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  Engine saver(m, Plan{.dp = DP{"data"}, .tp = TP{"model"}}, opt(), {.checkpointer = std::make_shared<Checkpointer>(dir.string())});
+  saver.step(split, nn::lm_loss, Batch{{{"x", tokens(1, 2, 6, 16)}, {"y", tokens(2, 2, 6, 16)}}});
+  saver.save(split);
+  std::ifstream mf(dir / "step_00000001" / "metadata.json");
+  auto meta = nlohmann::json::parse(mf);
+  CHECK(meta["tensors"]["params/wte/weight"]["spec"] == nlohmann::json::array({"model", ""}));
+  CHECK(meta["tensors"]["opt/m/blocks/0/mlp/fc/weight"]["spec"] == nlohmann::json::array({"model", ""}));
+  CHECK(meta["tensors"]["opt/v/blocks/1/attn/qkv/weight"]["spec"] == nlohmann::json::array({"", "model", ""}));
+  CHECK(meta["plan"]["tp"]["axis"] == "model");
+  fs::remove_all(dir);
 
   // A plan whose rules split parameters the model holds whole: PlanError naming the parameter.
   Engine bad(m, Plan{.tp = TP{"model", nn::GPT::sharding_rules("model")}}, opt());
