@@ -90,10 +90,8 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
                     "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
   const int64_t micro = B / acc;
   ParamTree params = model.parameters();
-  if (plan_.tp && !tp_ready_) {
-    tp_specs_ = partition_specs(model);
-    tp_ready_ = true;
-  }
+  std::map<std::string, PartitionSpec> tp_specs;
+  if (plan_.tp) tp_specs = partition_specs(model);  // cheap (glob matching); checked before any work
   if (!sync_ && dp_size() > 1)
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
 
@@ -137,8 +135,8 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
   StepResult r;
   r.lr = opt_->lr();
   if (plan_.tp)  // split parameters: squares summed over the TP axis, replicated ones counted once
-    r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs_, mesh_)
-                                      : optim::global_norm(grads, tp_specs_, mesh_);
+    r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs, mesh_)
+                                      : optim::global_norm(grads, tp_specs, mesh_);
   else
     r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip) : optim::global_norm(grads);
   opt_->step(params, grads);

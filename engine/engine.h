@@ -142,8 +142,6 @@ class Engine {
   ParamTree state_tree(nn::Module& model);
   int dp_size() const;
   uint64_t replica_rank() const;
-  std::map<std::string, PartitionSpec> tp_specs_;  // resolved on the first step under TP
-  bool tp_ready_ = false;
   Mesh mesh_;
   Plan plan_;
   std::unique_ptr<optim::Optimizer> opt_;
