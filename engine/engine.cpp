@@ -7,6 +7,7 @@
 
 #include "autodiff/autodiff.h"
 #include "parallel/dp.h"
+#include "parallel/sharding.h"
 
 namespace titanax {
 
@@ -38,6 +39,48 @@ Engine::~Engine() = default;
 
 int Engine::dp_size() const { return plan_.dp ? mesh_.axis_size(plan_.dp->axis) : 1; }
 
+// The world rank with the TP coordinate set to 0: the same for every rank of a TP group, so replicated
+// activations see the same per-step randomness (the world rank itself without TP).
+uint64_t Engine::replica_rank() const {
+  if (!plan_.tp) return uint64_t(mesh_.rank());
+  uint64_t r = 0;
+  for (size_t i = 0; i < mesh_.axes().size(); ++i)
+    r = r * uint64_t(mesh_.shape()[i]) + (mesh_.axes()[i] == plan_.tp->axis ? 0 : uint64_t(mesh_.coords()[i]));
+  return r;
+}
+
+std::map<std::string, PartitionSpec> Engine::partition_specs(nn::Module& model) const {
+  ParamTree params = model.parameters();
+  std::map<std::string, PartitionSpec> out;
+  for (const auto& [p, t] : params) out[p] = {};
+  if (!plan_.tp) return out;
+  const std::string& axis = plan_.tp->axis;
+  auto from_model = model.partition_specs();
+  std::map<std::string, PartitionSpec> from_rules;
+  if (!plan_.tp->rules.empty()) from_rules = titanax::partition_specs(plan_.tp->rules, params);
+  auto norm = [](PartitionSpec s) {  // trailing "" entries do not change a spec
+    while (!s.empty() && s.back().empty()) s.pop_back();
+    return s;
+  };
+  for (const auto& [p, t] : params) {
+    auto m = from_model.find(p);
+    PartitionSpec spec = m != from_model.end() ? m->second : from_rules.count(p) ? from_rules[p] : PartitionSpec{};
+    if (!from_model.empty() && !from_rules.empty() && norm(spec) != norm(from_rules[p]))
+      throw PlanError("the plan's TP rules and the model disagree on how '" + p + "' is split",
+                      "the model's spec " + spec_str(spec), "the rules' spec " + spec_str(from_rules[p]),
+                      spec.empty() || !is_sharded(spec)
+                          ? "build the model with the mesh (e.g. nn::GPT(cfg, mesh)) so it holds its block, or drop the rules"
+                          : "use the model's own rules (e.g. nn::GPT::sharding_rules(\"" + axis + "\")) or leave TP.rules empty");
+    for (const auto& a : spec)
+      if (!a.empty() && a != axis)
+        throw PlanError("parameter '" + p + "' is split over axis '" + a + "', which is not the TP axis '" + axis + "'",
+                        "specs naming only '" + axis + "'", spec_str(spec),
+                        "set TP{.axis = \"" + a + "\"} or build the model on axis '" + axis + "'");
+    out[p] = spec;
+  }
+  return out;
+}
+
 StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
   const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
   const int64_t B = batch.size();
@@ -47,11 +90,13 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
                     "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
   const int64_t micro = B / acc;
   ParamTree params = model.parameters();
+  std::map<std::string, PartitionSpec> tp_specs;
+  if (plan_.tp) tp_specs = partition_specs(model);  // cheap (glob matching); checked before any work
   if (!sync_ && dp_size() > 1)
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
 
   const int64_t step_no = opt_->steps();
-  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), uint64_t(mesh_.rank())), uint64_t(step_no)));
+  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), uint64_t(step_no)));
   model.train(true);
 
   ParamTree acc_grads;
@@ -89,7 +134,11 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
 
   StepResult r;
   r.lr = opt_->lr();
-  r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip) : optim::global_norm(grads);
+  if (plan_.tp)  // split parameters: squares summed over the TP axis, replicated ones counted once
+    r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs, mesh_)
+                                      : optim::global_norm(grads, tp_specs, mesh_);
+  else
+    r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip) : optim::global_norm(grads);
   opt_->step(params, grads);
 
   r.loss = loss_sum / acc;
@@ -146,7 +195,18 @@ ParamTree Engine::state_tree(nn::Module& model) {
 
 void Engine::save(nn::Module& model) {
   if (!opts_.checkpointer) throw ValueError("save() without a checkpointer", "EngineOptions::checkpointer set", "none");
-  opts_.checkpointer->save(global_step(), state_tree(model), "{}", {}, mesh_.to_json(), plan_.to_json());
+  std::map<std::string, PartitionSpec> specs;
+  if (plan_.tp) {  // each split parameter ("params/<path>") and its optimizer state ("opt/m/<path>", ...)
+    auto ps = partition_specs(model);
+    for (const auto& [name, v] : state_tree(model)) {
+      std::string rest;
+      if (name.rfind("params/", 0) == 0) rest = name.substr(7);
+      else if (name.rfind("opt/", 0) == 0 && name.find('/', 4) != std::string::npos) rest = name.substr(name.find('/', 4) + 1);
+      auto it = ps.find(rest);
+      if (it != ps.end() && is_sharded(it->second)) specs[name] = it->second;
+    }
+  }
+  opts_.checkpointer->save(global_step(), state_tree(model), "{}", specs, mesh_.to_json(), plan_.to_json());
 }
 
 std::optional<int64_t> Engine::restore(nn::Module& model) {

@@ -5,6 +5,21 @@
 //   tx::Engine engine(mesh, plan, tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 3000)));
 //   engine.fit(model, loss, loader, {.steps = 3000, .log_every = 50, .eval = {.data = test, .every = 500}});
 //
+// Tensor parallelism (Plan::tp): the model holds only its block of each split parameter and runs the
+// collectives itself (nn::GPT built with the mesh; parallel/tp.h). The engine takes each parameter's
+// PartitionSpec from the model (nn::Module::partition_specs()) or, when the model does not say (an empty
+// map), from the plan's TP rules; when both exist they must agree (PlanError naming the first parameter
+// that differs, e.g. a plan with TP rules and a model built without the mesh). With those specs:
+//   * gradients of split parameters stay local (each rank owns its block): nothing is all-reduced over
+//     the TP axis; data-parallel averaging runs over the DP axis only (its groups hold ranks with the
+//     same TP index, hence the same blocks);
+//   * global gradient-norm clipping is TP-aware: squares of split parameters are summed over the TP axis,
+//     replicated ones counted once (optim::global_norm(grads, specs, mesh)), so every rank clips by the
+//     same factor as the unsplit model would;
+//   * the reported loss is the mean over the global batch (TP ranks hold the same loss; the mean runs
+//     over the DP axis), and per-step randomness is the same on the ranks of a TP group;
+//   * checkpoints record each parameter's (and its optimizer moments') spec.
+//
 // Determinism: a step's result depends only on the seed, the step number and the data, never on wall
 // clock or thread scheduling, so a resumed run is bitwise identical to an uninterrupted one (same rank
 // count), and different rank counts agree to rounding.
@@ -117,10 +132,16 @@ class Engine {
   optim::Optimizer& optimizer() { return *opt_; }
   const Plan& plan() const { return plan_; }
   const Mesh& mesh() const { return mesh_; }
+  /// The PartitionSpec of every parameter of `model` as the engine uses it (empty specs = replicated):
+  /// from the model and the plan's TP rules as described above; all replicated without Plan::tp. Throws
+  /// PlanError when the model's specs and the plan's rules disagree, or a spec names an axis other than
+  /// the TP axis.
+  std::map<std::string, PartitionSpec> partition_specs(nn::Module& model) const;
 
  private:
   ParamTree state_tree(nn::Module& model);
   int dp_size() const;
+  uint64_t replica_rank() const;
   Mesh mesh_;
   Plan plan_;
   std::unique_ptr<optim::Optimizer> opt_;

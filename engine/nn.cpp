@@ -53,6 +53,13 @@ std::string Module::describe(int indent) const {
   return s;
 }
 
+std::map<std::string, PartitionSpec> Module::partition_specs() const {
+  std::map<std::string, PartitionSpec> out;
+  for (const auto& [n, c] : children_)
+    for (auto& [p, s] : c->partition_specs()) out[n + "/" + p] = s;
+  return out;
+}
+
 void Module::init_parameters(uint64_t seed) { init_rec("", RngKey::from_seed(seed)); }
 
 void Module::init_rec(const std::string& prefix, RngKey base) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <array>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "core/rng.h"
 #include "core/tree.h"
 #include "ops/ops.h"
+#include "parallel/mesh.h"
 
 namespace titanax::nn {
 
@@ -46,6 +48,12 @@ class Module {
   std::string describe(int indent = 0) const;
   /// (Re)initialises every parameter from `seed` (PyTorch's default schemes; see each module).
   void init_parameters(uint64_t seed);
+  /// How the parameters are laid out over mesh axes (tensor parallelism), by path: a parameter whose
+  /// spec names an axis holds only this rank's block of the global tensor (parallel/sharding.h).
+  /// The default collects the children's specs under their prefixes and is empty for modules that hold
+  /// whole tensors; an empty map means "the module does not say" (the engine then uses the plan's TP
+  /// rules). Tensor-parallel models (nn::GPT) override it.
+  virtual std::map<std::string, PartitionSpec> partition_specs() const;
 
  protected:
   /// Adds a parameter; `init` fills it (given a key derived from the seed and the full path).

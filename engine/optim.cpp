@@ -1,5 +1,6 @@
 #include "engine/optim.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -178,26 +179,66 @@ std::unique_ptr<Optimizer> sgd(Schedule lr, double momentum, double weight_decay
 std::unique_ptr<Optimizer> adam(Schedule lr, AdamOptions opts) { return std::make_unique<Adam>(std::move(lr), std::move(opts), false); }
 std::unique_ptr<Optimizer> adamw(Schedule lr, AdamOptions opts) { return std::make_unique<Adam>(std::move(lr), std::move(opts), true); }
 
-double global_norm(const ParamTree& grads) {
-  double total = 0;
-  for (const auto& [p, g0] : grads) {
-    Tensor g = g0.detach().contiguous();
-    if (g.dtype() == DType::f32) total += kernels::cpu::sum_squares(g.data<float>(), g.numel());
-    else if (g.dtype() == DType::f64) total += kernels::cpu::sum_squares(g.data<double>(), g.numel());
-    else check_dtype(g, {DType::f32, DType::f64}, "global_norm");
-  }
-  return std::sqrt(total);
+namespace {
+double squares(const Tensor& g0) {
+  Tensor g = g0.detach().contiguous();
+  if (g.dtype() == DType::f32) return kernels::cpu::sum_squares(g.data<float>(), g.numel());
+  if (g.dtype() == DType::f64) return kernels::cpu::sum_squares(g.data<double>(), g.numel());
+  check_dtype(g, {DType::f32, DType::f64}, "global_norm");
+  return 0;
 }
 
-double clip_grad_norm(ParamTree& grads, double max_norm) {
-  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
-  double norm = global_norm(grads);
+void scale_if_above(ParamTree& grads, double norm, double max_norm) {
   double coef = max_norm / (norm + 1e-6);
   if (coef < 1) {
     // New tensors, not in-place scaling: gradients from backward may share storage with each other.
     NoGradGuard ng;
     for (auto& [p, g] : grads) g = g * coef;
   }
+}
+}  // namespace
+
+double global_norm(const ParamTree& grads) {
+  double total = 0;
+  for (const auto& [p, g] : grads) total += squares(g);
+  return std::sqrt(total);
+}
+
+double clip_grad_norm(ParamTree& grads, double max_norm) {
+  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  double norm = global_norm(grads);
+  scale_if_above(grads, norm, max_norm);
+  return norm;
+}
+
+double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh) {
+  // Sums of squares by the set of axes the parameter is split over ({} = replicated), in a fixed order.
+  std::map<std::vector<std::string>, double> by_axes;
+  by_axes[{}] = 0;
+  for (const auto& [p, g] : grads) {
+    auto it = specs.find(p);
+    std::vector<std::string> axes;
+    if (it != specs.end())
+      for (const auto& a : it->second)
+        if (!a.empty() && std::find(axes.begin(), axes.end(), a) == axes.end()) axes.push_back(a);
+    std::sort(axes.begin(), axes.end());
+    by_axes[axes] += squares(g);
+  }
+  // Every rank has the same specs, hence the same keys: the all-reduces match across ranks.
+  double total = 0;
+  for (auto& [axes, v] : by_axes) {
+    Tensor t = scalar(v, DType::f64);
+    for (const auto& a : axes) mesh.comm(a).all_reduce(t);
+    total += t.item();
+  }
+  return std::sqrt(total);
+}
+
+double clip_grad_norm(ParamTree& grads, double max_norm, const std::map<std::string, PartitionSpec>& specs,
+                      const Mesh& mesh) {
+  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  double norm = global_norm(grads, specs, mesh);
+  scale_if_above(grads, norm, max_norm);
   return norm;
 }
 

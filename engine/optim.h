@@ -7,10 +7,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 
 #include "core/tree.h"
+#include "parallel/mesh.h"
 
 namespace titanax::optim {
 
@@ -70,5 +72,17 @@ double global_norm(const ParamTree& grads);
 /// Scales every gradient in place by max_norm / norm when the global norm exceeds max_norm
 /// (torch.nn.utils.clip_grad_norm_, with its 1e-6 guard). Returns the norm before clipping.
 double clip_grad_norm(ParamTree& grads, double max_norm);
+
+/// Global L2 norm of the gradients of a model whose parameters are split over mesh axes (tensor
+/// parallelism): sqrt(sum over parameters of ||g||^2) where a parameter whose spec (specs[path]; absent =
+/// replicated) names axes holds only its block, so its squares are summed over the ranks of those axes,
+/// and a replicated parameter (whose gradient is the same on every rank) is counted once. Equals
+/// global_norm() of the unsplit model's gradients. Collective over every axis a spec names (one
+/// all-reduce per axis set; every rank must pass the same specs). Throws MeshError for an axis not in
+/// the mesh.
+double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh);
+/// clip_grad_norm with that norm: every rank scales its gradients by the same factor.
+double clip_grad_norm(ParamTree& grads, double max_norm, const std::map<std::string, PartitionSpec>& specs,
+                      const Mesh& mesh);
 
 }  // namespace titanax::optim

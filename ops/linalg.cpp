@@ -1,4 +1,8 @@
 // matmul (batched, broadcasting) and linear (x @ w^T + b).
+#include <omp.h>
+
+#include <exception>
+
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/loops.h"
@@ -30,6 +34,22 @@ Tensor gemm_ready(const Tensor& t, MatLayout& m) {
   Tensor c = t.detach().contiguous();
   gemm_layout(c.shape()[r - 2], c.shape()[r - 1], c.strides()[r - 2], c.strides()[r - 1], m);
   return c;
+}
+
+// Runs one(i) for i in [0, n) over the OpenMP threads; an exception is rethrown after the region.
+template <class F>
+void parallel_batches(int64_t n, F& one) {
+  std::exception_ptr err;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    try {
+      one(i);
+    } catch (...) {
+#pragma omp critical(titanax_matmul_error)
+      if (!err) err = std::current_exception();
+    }
+  }
+  if (err) std::rethrow_exception(err);
 }
 
 class Matmul final : public Op {
@@ -70,12 +90,29 @@ class Matmul final : public Op {
     };
     Shape bsa = batch_strides(a), bsb = batch_strides(b);
     const int64_t nb = batch.numel();
+    // One matrix b for every batch (a weight) and a's batches stacked as consecutive row blocks: fold the
+    // batch into M and run one large GEMM instead of nb small ones.
+    bool fold = nb > 1 && !la.trans;
+    int64_t expect = M * la.ld;
+    for (int d = batch.rank() - 1; fold && d >= 0; --d) {
+      if (bsb[d] != 0) fold = false;
+      if (batch[d] == 1) continue;
+      if (bsa[d] != expect) fold = false;
+      expect *= batch[d];
+    }
+    // Many small independent GEMMs (attention heads): one per thread (oneDNN runs single-threaded inside
+    // a parallel region) rather than each one split over the threads.
+    const bool by_batch = !fold && nb > 1 && M * N * K <= (int64_t(1) << 24) && omp_get_max_threads() > 1 && !omp_in_parallel();
     TX_DISPATCH_FLOAT(c.dtype(), "matmul", {
       using T = scalar_t;
       const T* pa = a.data<T>();
       const T* pb = b.data<T>();
       T* pc = c.data<T>();
-      for (int64_t i = 0; i < nb; ++i) {
+      if (fold) {
+        kernels::cpu::gemm(false, lb.trans, nb * M, N, K, T(1), pa, la.ld, pb, lb.ld, T(0), pc, std::max<int64_t>(N, 1));
+        break;
+      }
+      auto one = [&](int64_t i) {
         int64_t oa = 0, ob = 0, rem = i;
         for (int d = batch.rank() - 1; d >= 0; --d) {
           int64_t idx = rem % batch[d];
@@ -85,7 +122,12 @@ class Matmul final : public Op {
         }
         kernels::cpu::gemm(la.trans, lb.trans, M, N, K, T(1), pa + oa, la.ld, pb + ob, lb.ld, T(0), pc + i * M * N,
                            std::max<int64_t>(N, 1));
+      };
+      if (!by_batch) {
+        for (int64_t i = 0; i < nb; ++i) one(i);
+        break;
       }
+      parallel_batches(nb, one);
     });
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,

@@ -9,27 +9,55 @@
 namespace titanax {
 
 void Plan::validate(const Mesh& mesh, Loc loc) const {
-  if (dp && mesh.axes().empty())
-    throw PlanError("DP axis '" + dp->axis + "' is not in the mesh: the mesh is empty", "a built mesh", "Mesh{}",
+  if ((dp || tp) && mesh.axes().empty())
+    throw PlanError(std::string(dp ? "DP" : "TP") + " axis '" + (dp ? dp->axis : tp->axis) + "' is not in the mesh: the mesh is empty", "a built mesh", "Mesh{}",
                     "build one first: auto mesh = MeshSpec{{\"data\"}, {-1}}.build(rt);", loc);
   validate(mesh.axes(), loc);
 }
 
-void Plan::validate(const std::vector<std::string>& axes, Loc loc) const {
-  if (!dp) return;
-  if (dp->axis.empty())
-    throw PlanError("DP has an empty axis name", "the name of a mesh axis, e.g. \"data\"", "\"\"",
+namespace {
+// PlanError for an axis name that is empty or not in the mesh; `what` is "DP" or "TP".
+void check_plan_axis(const char* what, const std::string& axis, const std::vector<std::string>& axes, Loc loc) {
+  if (axis.empty())
+    throw PlanError(std::string(what) + " has an empty axis name",
+                    std::string("the name of a mesh axis, e.g. \"") + (what[0] == 'D' ? "data" : "model") + "\"", "\"\"",
                     axes.empty() ? "" : "use one of: " + join(axes), loc);
-  if (std::find(axes.begin(), axes.end(), dp->axis) == axes.end()) {
-    std::string hint = did_you_mean(dp->axis, axes);
+  if (std::find(axes.begin(), axes.end(), axis) == axes.end()) {
+    std::string hint = did_you_mean(axis, axes);
     const bool near = hint.rfind("did you mean", 0) == 0;
-    throw PlanError("DP axis '" + dp->axis + "' is not in the mesh" + (near ? "; " + hint : ""),
-                    "one of [" + join(axes) + "]", "'" + dp->axis + "'",
-                    near ? "set DP{.axis = \"" + nearest(dp->axis, axes) + "\"}" : hint, loc);
+    throw PlanError(std::string(what) + " axis '" + axis + "' is not in the mesh" + (near ? "; " + hint : ""),
+                    "one of [" + join(axes) + "]", "'" + axis + "'",
+                    near ? "set " + std::string(what) + "{.axis = \"" + nearest(axis, axes) + "\"}"
+                         : (what[0] == 'T' ? "add the axis to the mesh, e.g. MeshSpec{{\"data\", \"model\"}, {-1, 2}}" : hint),
+                    loc);
   }
-  if (dp->accumulate_steps < 1)
-    throw PlanError("DP accumulate_steps must be at least 1", ">= 1", std::to_string(dp->accumulate_steps),
-                    "use 1 for no gradient accumulation", loc);
+}
+}  // namespace
+
+void Plan::validate(const std::vector<std::string>& axes, Loc loc) const {
+  if (dp) {
+    check_plan_axis("DP", dp->axis, axes, loc);
+    if (dp->accumulate_steps < 1)
+      throw PlanError("DP accumulate_steps must be at least 1", ">= 1", std::to_string(dp->accumulate_steps),
+                      "use 1 for no gradient accumulation", loc);
+  }
+  if (tp) {
+    check_plan_axis("TP", tp->axis, axes, loc);
+    if (dp && dp->axis == tp->axis)
+      throw PlanError("DP and TP use the same mesh axis '" + tp->axis + "'", "two different axes",
+                      "DP{\"" + dp->axis + "\"} and TP{\"" + tp->axis + "\"}",
+                      "build a mesh with both, e.g. MeshSpec{{\"data\", \"model\"}, {-1, 2}}", loc);
+    for (const auto& r : tp->rules) {
+      if (r.pattern.empty())
+        throw PlanError("a TP sharding rule has an empty pattern", "a glob over parameter paths, e.g. \"blocks/*/mlp/fc/weight\"",
+                        "\"\"", "", loc);
+      for (const auto& a : r.spec)
+        if (!a.empty() && a != tp->axis)
+          throw PlanError("TP rule '" + r.pattern + "' splits over axis '" + a + "', not TP's axis '" + tp->axis + "'",
+                          "specs naming only '" + tp->axis + "' (or \"\")", spec_str(r.spec),
+                          "replace '" + a + "' by '" + tp->axis + "'; splitting parameters over other axes is not supported", loc);
+    }
+  }
 }
 
 std::string Plan::describe() const {
@@ -39,7 +67,15 @@ std::string Plan::describe() const {
          " step" + (dp->accumulate_steps == 1 ? "" : "s") + "\n";
   else
     s += "  data parallel: off\n";
-  s += "  tensor parallel: off\n";
+  if (tp) {
+    s += "  tensor parallel: axis '" + tp->axis + "', " +
+         (tp->rules.empty() ? std::string("sharding rules from the model")
+                            : std::to_string(tp->rules.size()) + " sharding rule" + (tp->rules.size() == 1 ? "" : "s")) +
+         "\n";
+    for (const auto& r : tp->rules) s += "    " + r.pattern + " -> " + spec_str(r.spec) + "\n";
+  } else {
+    s += "  tensor parallel: off\n";
+  }
   s += "  pipeline parallel: off\n";
   return s;
 }
@@ -49,6 +85,8 @@ std::string Plan::describe(const Mesh& mesh) const {
   s += "  on " + mesh.describe() + "\n";
   if (dp && mesh.has_axis(dp->axis))
     s += "  gradients averaged over " + std::to_string(mesh.axis_size(dp->axis)) + " rank(s) on axis '" + dp->axis + "'\n";
+  if (tp && mesh.has_axis(tp->axis))
+    s += "  parameters split over " + std::to_string(mesh.axis_size(tp->axis)) + " rank(s) on axis '" + tp->axis + "'\n";
   return s;
 }
 
@@ -56,6 +94,13 @@ std::string Plan::to_json() const {
   nlohmann::json j;
   if (dp) j["dp"] = {{"axis", dp->axis}, {"accumulate_steps", dp->accumulate_steps}};
   else j["dp"] = nullptr;
+  if (tp) {
+    nlohmann::json rules = nlohmann::json::array();
+    for (const auto& r : tp->rules) rules.push_back({{"pattern", r.pattern}, {"spec", r.spec}});
+    j["tp"] = {{"axis", tp->axis}, {"rules", rules}};
+  } else {
+    j["tp"] = nullptr;
+  }
   return j.dump();
 }
 

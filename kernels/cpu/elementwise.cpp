@@ -4,6 +4,7 @@
 
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/loops.h"
+#include "kernels/cpu/vmath.h"
 
 namespace titanax::kernels::cpu {
 
@@ -31,10 +32,10 @@ constexpr double kInvSqrt2 = 0.7071067811865476;
 constexpr double kInvSqrt2Pi = 0.3989422804014327;
 
 template <class T>
-inline T gelu_tanh_grad(T x) {
+[[gnu::always_inline]] inline T gelu_tanh_grad(T x) {
   const T c = T(kSqrt2OverPi), k = T(0.044715);
   T u = c * (x + k * x * x * x);
-  T t = std::tanh(u);
+  T t = ftanh(u);
   return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3) * k * x * x);
 }
 template <class T>
@@ -106,7 +107,7 @@ void arith(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
     case BinaryOp::pow: loop3<T, T, T>(a, b, out, [](T x, T y) { return T(std::pow(x, y)); }); break;
     case BinaryOp::relu_backward: loop3<T, T, T>(a, b, out, [](T dy, T y) { return y > T(0) ? dy : T(0); }); break;
     case BinaryOp::gelu_tanh_backward:
-      if constexpr (std::is_floating_point_v<T>) loop3<T, T, T>(a, b, out, [](T dy, T x) { return dy * gelu_tanh_grad(x); });
+      if constexpr (std::is_floating_point_v<T>) loop3<T, T, T>(a, b, out, [](T dy, T x) __attribute__((always_inline)) { return dy * gelu_tanh_grad(x); });
       else unsupported_dtype("gelu_backward", a.dtype(), "f32, f64");
       break;
     case BinaryOp::gelu_erf_backward:
@@ -165,18 +166,21 @@ void unary(UnaryOp op, const Tensor& x, Tensor& out) {
   TX_DISPATCH_FLOAT(x.dtype(), nm, {
     using T = scalar_t;
     switch (op) {
-      case UnaryOp::exp: loop2<T, T>(x, out, [](T v) { return std::exp(v); }); break;
+      case UnaryOp::exp: loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) { return fexp(v); }); break;
       case UnaryOp::log: loop2<T, T>(x, out, [](T v) { return std::log(v); }); break;
       case UnaryOp::sqrt: loop2<T, T>(x, out, [](T v) { return std::sqrt(v); }); break;
       case UnaryOp::rsqrt: loop2<T, T>(x, out, [](T v) { return T(1) / std::sqrt(v); }); break;
-      case UnaryOp::tanh: loop2<T, T>(x, out, [](T v) { return std::tanh(v); }); break;
+      case UnaryOp::tanh: loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) { return ftanh(v); }); break;
       case UnaryOp::sigmoid:
-        loop2<T, T>(x, out, [](T v) { return v >= 0 ? T(1) / (T(1) + std::exp(-v)) : std::exp(v) / (T(1) + std::exp(v)); });
+        loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) {
+          const T e = fexp(v >= 0 ? -v : v);  // exp(-|v|) never overflows
+          return v >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
+        });
         break;
       case UnaryOp::reciprocal: loop2<T, T>(x, out, [](T v) { return T(1) / v; }); break;
       case UnaryOp::gelu_tanh:
-        loop2<T, T>(x, out, [](T v) {
-          return T(0.5) * v * (T(1) + std::tanh(T(kSqrt2OverPi) * (v + T(0.044715) * v * v * v)));
+        loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) {
+          return T(0.5) * v * (T(1) + ftanh(T(kSqrt2OverPi) * (v + T(0.044715) * v * v * v)));
         });
         break;
       case UnaryOp::gelu_erf:

@@ -9,6 +9,7 @@
 
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/loops.h"
+#include "kernels/cpu/vmath.h"
 
 namespace titanax::kernels::cpu {
 namespace {
@@ -46,15 +47,18 @@ std::vector<int64_t> read_ints(const Tensor& t, const char* what) {
 template <class T>
 inline T row_max(const T* x, int64_t n) {
   T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
   return m;
 }
 
-// sum_j exp(x[j] - m), accumulated in double.
+// sum_j exp(x[j] - m), accumulated in double (vectorised: a fixed lane order, so the result does not
+// depend on threads; exp is kernels/cpu/vmath.h's for f32).
 template <class T>
 inline double row_sumexp(const T* x, int64_t n, T m) {
   double s = 0;
-  for (int64_t j = 0; j < n; ++j) s += double(std::exp(x[j] - m));
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += double(fexp(T(x[j] - m)));
   return s;
 }
 
@@ -70,8 +74,9 @@ void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) {
         for (int64_t j = 0; j < n; ++j) yr[j] = (xr[j] - m) - lse;
       } else {
         double s = 0;
+#pragma omp simd reduction(+ : s)
         for (int64_t j = 0; j < n; ++j) {
-          T e = std::exp(xr[j] - m);
+          T e = fexp(T(xr[j] - m));
           yr[j] = e;
           s += double(e);
         }
@@ -185,7 +190,7 @@ void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, in
       const T* xr = x + r * C;
       const T m = row_max(xr, C);
       const T k = T(scale / row_sumexp(xr, C, m));
-      for (int64_t j = 0; j < C; ++j) dr[j] = std::exp(xr[j] - m) * k;
+      for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
       dr[lab[r]] -= T(scale);
     }
   });
@@ -216,6 +221,85 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Te
     else
       ce_backward(logits.data<T>(), labels.data<int32_t>(), ct.data<T>(), R, C, ignore_index, red, count,
                   dlogits.data<T>());
+  });
+}
+
+// ------------------------------------------------------------------------------------ vocab-parallel CE
+namespace {
+
+template <class T, class L>
+void shard_partials(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, const double* gmax, double* part) {
+  parallel_for(R, 3 * C, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * C;
+      const T m = T(gmax[r]);
+      part[r] = row_sumexp(xr, C, m);
+      const int64_t j = int64_t(lab[r]) - lo;
+      part[R + r] = (j >= 0 && j < C) ? double(xr[j]) : 0.0;
+    }
+  });
+}
+
+template <class T, class L>
+void shard_backward(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, const double* stats, const T* ct,
+                    int64_t ignore, LossReduction red, int64_t count, T* dx) {
+  double uniform = 0;
+  if (red == LossReduction::sum) uniform = double(ct[0]);
+  if (red == LossReduction::mean) uniform = count > 0 ? double(ct[0]) / double(count) : 0.0;
+  parallel_for(R, 4 * C, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* dr = dx + r * C;
+      if (int64_t(lab[r]) == ignore) {
+        std::fill(dr, dr + C, T(0));
+        continue;
+      }
+      const double scale = red == LossReduction::none ? double(ct[r]) : uniform;
+      const T* xr = x + r * C;
+      const T m = T(stats[r]);
+      const T k = T(scale / stats[R + r]);
+      for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
+      const int64_t j = int64_t(lab[r]) - lo;
+      if (j >= 0 && j < C) dr[j] -= T(scale);
+    }
+  });
+}
+
+}  // namespace
+
+void ce_shard_max(const Tensor& logits, Tensor& rowmax) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;
+  double* out = rowmax.data<double>();
+  TX_DISPATCH_FLOAT(logits.dtype(), "vocab_parallel_cross_entropy", {
+    using T = scalar_t;
+    const T* x = logits.data<T>();
+    parallel_for(R, C, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) out[r] = double(row_max(x + r * C, C));
+    });
+  });
+}
+
+void ce_shard_partials(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& gmax, Tensor& partial) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;
+  TX_DISPATCH_FLOAT(logits.dtype(), "vocab_parallel_cross_entropy", {
+    using T = scalar_t;
+    if (labels.dtype() == DType::i64)
+      shard_partials(logits.data<T>(), labels.data<int64_t>(), R, C, lo, gmax.data<double>(), partial.data<double>());
+    else
+      shard_partials(logits.data<T>(), labels.data<int32_t>(), R, C, lo, gmax.data<double>(), partial.data<double>());
+  });
+}
+
+void ce_shard_backward(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& stats, const Tensor& ct,
+                       int64_t ignore_index, LossReduction red, int64_t count, Tensor& dlogits) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;
+  TX_DISPATCH_FLOAT(logits.dtype(), "vocab_parallel_cross_entropy_backward", {
+    using T = scalar_t;
+    if (labels.dtype() == DType::i64)
+      shard_backward(logits.data<T>(), labels.data<int64_t>(), R, C, lo, stats.data<double>(), ct.data<T>(), ignore_index,
+                     red, count, dlogits.data<T>());
+    else
+      shard_backward(logits.data<T>(), labels.data<int32_t>(), R, C, lo, stats.data<double>(), ct.data<T>(), ignore_index,
+                     red, count, dlogits.data<T>());
   });
 }
 

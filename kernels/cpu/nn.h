@@ -45,6 +45,20 @@ void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_in
 void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
                             LossReduction red, int64_t count, Tensor& dlogits);
 
+// ------------------------------------------------------------------------------------ vocab-parallel CE
+// Megatron-LM's vocabulary-parallel cross-entropy (parallel/tp.h): logits [R, C] hold global classes
+// [lo, lo + C) of this rank; labels [R] are global ids (checked first); stats are f64.
+/// rowmax[r] = max_j logits[r, j] (rowmax: f64 [R]).
+void ce_shard_max(const Tensor& logits, Tensor& rowmax);
+/// With the global row maxima gmax [R] (f64): partial[0, r] = sum_j exp(logits[r, j] - gmax[r]) (exp in the
+/// logits' dtype, summed in double, as cross_entropy) and partial[1, r] = logits[r, label_r - lo] when
+/// lo <= label_r < lo + C, else 0 (partial: f64 [2, R]).
+void ce_shard_partials(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& gmax, Tensor& partial);
+/// dlogits [R, C] = (exp(logits - gmax_r) / sumexp_r - [lo + j == label_r]) * scale_r, scale_r as in
+/// cross_entropy_backward (ct, reduction, count); 0 on ignored rows. stats: f64 [2, R] = (gmax, sumexp).
+void ce_shard_backward(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& stats, const Tensor& ct,
+                       int64_t ignore_index, LossReduction red, int64_t count, Tensor& dlogits);
+
 // ------------------------------------------------------------------------------------ layer norm
 /// y [R, D] = (x - mean_r) * rstd_r * w + b with rstd_r = 1 / sqrt(var_r + eps) (biased variance, two
 /// passes in double). w, b: [D] or nullptr (then 1 / 0).

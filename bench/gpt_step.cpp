@@ -1,0 +1,145 @@
+// bench/gpt_step: one training step of the GPT reference config (../shared/peers/gpt_small_torch.py:
+// vocab 8192, 4 layers, dim 256, 4 heads, T 128, B 16; AdamW(0.9, 0.95), weight decay 0.1 on matrices,
+// global grad-norm clip 1.0; f32) through Engine::step on random tokens. Prints one line:
+//   bench=gpt_step device=cpu ranks=1 tp=1 threads=2 ... us_per_step=... peer_us_per_step=... speedup=...
+// Under mpirun the model is split over TP = world size (mesh {model: n}).
+// The peer (gpt_small_torch.py --device cpu on a synthetic token shard, same shapes) runs in the same
+// invocation when /usr/bin/python3 has torch (else peer=unavailable); its time per step is its total
+// over --peer-steps steps (it reports no finer figure).
+// Options: --steps N (default 20), --warmup N (default 3), --B, --T, --vocab, --dim, --layers, --heads,
+// --peer-steps N (default 20), --no-peer.
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+#include <string>
+
+#include <titanax/titanax.h>
+
+#include "engine/engine.h"
+#include "engine/gpt.h"
+#include "peer.h"
+
+namespace tx = titanax;
+
+namespace {
+// An llm.c / nanoGPT token shard: 256 int32 header (20240520, 1, count), then uint16 tokens.
+void write_shard(const std::string& path, int64_t count, int64_t vocab, uint64_t seed) {
+  std::vector<int32_t> header(256, 0);
+  header[0] = 20240520;
+  header[1] = 1;
+  header[2] = int32_t(count);
+  auto u = tx::random_uniform(tx::RngKey::from_seed(seed), tx::Shape{count}, tx::DType::f64).to_vector<double>();
+  std::vector<uint16_t> tok(static_cast<size_t>(count));
+  for (int64_t i = 0; i < count; ++i) tok[size_t(i)] = uint16_t(std::min<int64_t>(vocab - 1, int64_t(u[size_t(i)] * double(vocab))));
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(header.data()), 1024);
+  f.write(reinterpret_cast<const char*>(tok.data()), std::streamsize(tok.size() * 2));
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t steps = 20, warmup = 3, peer_steps = 20;
+  tx::nn::GPTConfig cfg;  // the reference config
+  int64_t B = 16;
+  bool peer = true;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto next = [&] { return std::stoll(argv[++i]); };
+    if (i + 1 < argc && a == "--steps") steps = next();
+    else if (i + 1 < argc && a == "--warmup") warmup = next();
+    else if (i + 1 < argc && a == "--peer-steps") peer_steps = next();
+    else if (i + 1 < argc && a == "--B") B = next();
+    else if (i + 1 < argc && a == "--T") cfg.seq_len = next();
+    else if (i + 1 < argc && a == "--vocab") cfg.vocab = next();
+    else if (i + 1 < argc && a == "--dim") cfg.dim = next();
+    else if (i + 1 < argc && a == "--layers") cfg.layers = next();
+    else if (i + 1 < argc && a == "--heads") cfg.heads = next();
+    else if (a == "--no-peer") peer = false;
+    else {
+      std::fprintf(stderr, "usage: gpt_step [--steps N] [--warmup N] [--B N] [--T N] [--vocab N] [--dim N] [--layers N] "
+                           "[--heads N] [--peer-steps N] [--no-peer]\n");
+      return 2;
+    }
+  }
+  try {
+    tx::Runtime rt(argc, argv);
+    const int n = rt.world_size();
+    tx::Mesh mesh = tx::MeshSpec{{"model"}, {n}}.build(rt);
+    std::unique_ptr<tx::nn::GPT> model = n > 1 ? std::make_unique<tx::nn::GPT>(cfg, mesh) : std::make_unique<tx::nn::GPT>(cfg);
+    tx::Plan plan;
+    if (n > 1) plan.tp = tx::TP{"model", tx::nn::GPT::sharding_rules("model")};
+    auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
+                                {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
+                                 .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
+    tx::Engine engine(mesh, plan, std::move(opt), {.grad_clip = 1.0});
+    const int64_t T = cfg.seq_len;
+    auto batch = [&](int64_t i) {
+      tx::Tensor u = tx::random_uniform(tx::RngKey::from_seed(uint64_t(100 + i)), tx::Shape{B, T + 1}, tx::DType::f64);
+      auto uv = u.to_vector<double>();
+      std::vector<int64_t> v(uv.size());
+      for (size_t k = 0; k < v.size(); ++k) v[k] = std::min<int64_t>(cfg.vocab - 1, int64_t(uv[k] * double(cfg.vocab)));
+      tx::Tensor w = tx::from_vector(v, tx::Shape{B, T + 1});
+      return tx::Batch{{{"x", w.slice(1, 0, T).contiguous()}, {"y", w.slice(1, 1, T + 1).contiguous()}}};
+    };
+    tx::StepResult r;
+    for (int64_t i = 0; i < warmup; ++i) r = engine.step(*model, tx::nn::lm_loss, batch(i));
+    double total = 0, best = 1e300;
+    for (int64_t i = 0; i < steps; ++i) {
+      tx::Batch b = batch(warmup + i);
+      auto t0 = std::chrono::steady_clock::now();
+      r = engine.step(*model, tx::nn::lm_loss, b);
+      double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+      total += us;
+      best = std::min(best, us);
+    }
+    const double us = total / double(steps);
+    char buf[512];
+    std::snprintf(buf, sizeof buf,
+                  "bench=gpt_step device=cpu ranks=%d tp=%d threads=%d vocab=%lld layers=%lld dim=%lld heads=%lld T=%lld B=%lld "
+                  "steps=%lld us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f",
+                  n, n, omp_get_max_threads(), (long long)cfg.vocab, (long long)cfg.layers, (long long)cfg.dim,
+                  (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, us, best, double(B * T) * 1e6 / us,
+                  r.loss, us * 2000 / 6e7);
+    std::string line = buf;
+    const std::string py = "/usr/bin/python3";
+    std::string dir = tx::bench::peers_dir();
+    if (!peer || n > 1) {
+      line += " peer=skipped";
+    } else if (dir.empty() || !tx::bench::python_has_torch(py)) {
+      line += " peer=unavailable";
+    } else {
+      namespace fs = std::filesystem;
+      fs::path tmp = fs::temp_directory_path() / ("titanax_gpt_bench_" + std::to_string(::getpid()));
+      fs::create_directories(tmp);
+      write_shard((tmp / "train.bin").string(), (peer_steps + 2) * B * T + T + 2, cfg.vocab, 1);
+      write_shard((tmp / "val.bin").string(), 64 * T, cfg.vocab, 2);
+      std::string why;
+      auto kv = tx::bench::run_peer(py, dir + "/gpt_small_torch.py",
+                                    "--device cpu --train " + (tmp / "train.bin").string() + " --val " + (tmp / "val.bin").string() +
+                                        " --steps " + std::to_string(peer_steps) + " --val_batches 1 --B " + std::to_string(B) +
+                                        " --T " + std::to_string(T) + " --vocab " + std::to_string(cfg.vocab) + " --dim " +
+                                        std::to_string(cfg.dim) + " --layers " + std::to_string(cfg.layers) + " --heads " +
+                                        std::to_string(cfg.heads),
+                                    why);
+      fs::remove_all(tmp);
+      if (kv.count("seconds")) {
+        double peer_us = std::stod(kv["seconds"]) * 1e6 / double(peer_steps);
+        std::snprintf(buf, sizeof buf, " peer=torch peer_us_per_step=%.0f speedup=%.2f", peer_us, peer_us / us);
+        line += buf;
+      } else {
+        line += " peer=failed";
+        std::fprintf(stderr, "peer failed: %s\n", why.c_str());
+      }
+    }
+    if (rt.is_main()) std::printf("%s\n", line.c_str());
+    return 0;
+  } catch (const tx::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
+}

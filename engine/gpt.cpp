@@ -1,0 +1,264 @@
+#include "engine/gpt.h"
+
+#include <cmath>
+#include <limits>
+
+#include "parallel/tp.h"
+
+namespace titanax::nn {
+
+// ------------------------------------------------------------------------------ blocks
+
+/// Causal self-attention with heads / n heads on this rank: qkv column-parallel (3 groups), proj
+/// row-parallel. x [B, T, dim] replicated -> [B, T, dim] replicated.
+class CausalSelfAttention final : public Module {
+ public:
+  CausalSelfAttention(int64_t dim, int64_t heads, const TPGroup& tp, DType dt) : dim_(dim), heads_(heads), n_(tp.size()) {
+    qkv = register_module("qkv", std::make_shared<ColumnParallelLinear>(dim, 3 * dim, tp, true, 3, 0.02, dt));
+    proj = register_module("proj", std::make_shared<RowParallelLinear>(dim, dim, tp, true, 0.02, dt));
+  }
+  Tensor forward(const Tensor& x) override {
+    const int64_t B = x.shape()[0], T = x.shape()[1], hl = heads_ / n_, hd = dim_ / heads_;
+    // [B, T, 3 * hl * hd] -> [3, B, hl, T, hd] (a view): this rank's q, k, v heads.
+    Tensor qkv5 = qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}).permute({2, 0, 3, 1, 4});
+    Tensor q = qkv5.slice(0, 0, 1), k = qkv5.slice(0, 1, 2), v = qkv5.slice(0, 2, 3);  // [1, B, hl, T, hd]
+    Tensor att = matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(hd)));      // [1, B, hl, T, T]
+    att = softmax(att + causal_mask(T, att.dtype()), -1);
+    Tensor y = matmul(att, v).reshape(Shape{B, hl, T, hd}).permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
+    return proj->forward(y);
+  }
+  std::string name() const override {
+    return "CausalSelfAttention(dim=" + std::to_string(dim_) + ", heads=" + std::to_string(heads_) +
+           (n_ > 1 ? ", " + std::to_string(heads_ / n_) + " per rank)" : ")");
+  }
+  std::shared_ptr<ColumnParallelLinear> qkv;
+  std::shared_ptr<RowParallelLinear> proj;
+
+ private:
+  /// [T, T]: 0 where key <= query, -inf above the diagonal (the mask of PyTorch's is_causal=True).
+  static Tensor causal_mask(int64_t T, DType dtype) {
+    std::vector<double> m(size_t(T * T), 0.0);
+    for (int64_t i = 0; i < T; ++i)
+      for (int64_t j = i + 1; j < T; ++j) m[size_t(i * T + j)] = -std::numeric_limits<double>::infinity();
+    return from_vector(m, Shape{T, T}).astype(dtype);
+  }
+  int64_t dim_, heads_;
+  int n_;
+};
+
+/// fc column-parallel -> tanh-GELU -> out row-parallel.
+class GPTMLP final : public Module {
+ public:
+  GPTMLP(int64_t dim, const TPGroup& tp, DType dt) {
+    fc = register_module("fc", std::make_shared<ColumnParallelLinear>(dim, 4 * dim, tp, true, 1, 0.02, dt));
+    out = register_module("out", std::make_shared<RowParallelLinear>(4 * dim, dim, tp, true, 0.02, dt));
+  }
+  Tensor forward(const Tensor& x) override { return out->forward(gelu(fc->forward(x), true)); }
+  std::string name() const override { return "MLP(fc -> gelu(tanh) -> out)"; }
+  std::shared_ptr<ColumnParallelLinear> fc;
+  std::shared_ptr<RowParallelLinear> out;
+};
+
+/// Pre-LN transformer block.
+class GPTBlock final : public Module {
+ public:
+  GPTBlock(int64_t dim, int64_t heads, const TPGroup& tp, DType dt) {
+    ln1 = register_module("ln1", std::make_shared<LayerNorm>(dim, 1e-5, dt));
+    attn = register_module("attn", std::make_shared<CausalSelfAttention>(dim, heads, tp, dt));
+    ln2 = register_module("ln2", std::make_shared<LayerNorm>(dim, 1e-5, dt));
+    mlp = register_module("mlp", std::make_shared<GPTMLP>(dim, tp, dt));
+  }
+  Tensor forward(const Tensor& x) override {
+    Tensor h = add(x, attn->forward(ln1->forward(x)));
+    return add(h, mlp->forward(ln2->forward(h)));
+  }
+  std::string name() const override { return "Block"; }
+  std::shared_ptr<LayerNorm> ln1, ln2;
+  std::shared_ptr<CausalSelfAttention> attn;
+  std::shared_ptr<GPTMLP> mlp;
+};
+
+// ------------------------------------------------------------------------------ GPT
+
+namespace {
+void check_config(const GPTConfig& c) {
+  auto pos = [](int64_t v, const char* what) {
+    if (v <= 0) throw ValueError(std::string("GPTConfig.") + what + " must be positive", "> 0", std::to_string(v));
+  };
+  pos(c.vocab, "vocab");
+  pos(c.layers, "layers");
+  pos(c.heads, "heads");
+  pos(c.dim, "dim");
+  pos(c.seq_len, "seq_len");
+  if (c.dim % c.heads != 0)
+    throw ValueError("GPTConfig.dim must divide by heads", "dim a multiple of heads=" + std::to_string(c.heads),
+                     "dim=" + std::to_string(c.dim), "pick dim = heads * head_dim, e.g. 256 = 4 * 64");
+  if (c.tp_axis.empty())
+    throw ValueError("GPTConfig.tp_axis is empty", "a mesh axis name, e.g. \"model\"", "\"\"");
+  if (c.dtype != DType::f32 && c.dtype != DType::f64)
+    throw DTypeError("GPTConfig.dtype must be f32 or f64", "f32 or f64", std::string(dtype_name(c.dtype)),
+                     "use f32 (mixed precision comes with the CUDA backend)");
+}
+}  // namespace
+
+void GPT::check_tensor_parallel(const GPTConfig& c, int n, const std::string& axis, Loc loc) {
+  auto need = [&](int64_t v, const std::string& what, const std::string& fix) {
+    if (v % n != 0)
+      throw PlanError("GPT: " + what + " (" + std::to_string(v) + ") does not divide by the tensor-parallel size " +
+                          std::to_string(n) + " of axis '" + axis + "'",
+                      what + " a multiple of " + std::to_string(n), std::to_string(v),
+                      "use a '" + axis + "' axis whose size divides " + std::to_string(v) + ", or " + fix, loc);
+  };
+  need(c.heads, "heads", "change GPTConfig.heads (each rank holds heads / n whole attention heads)");
+  need(4 * c.dim, "4 * dim", "change GPTConfig.dim (the MLP width 4 * dim is split over the ranks)");
+  need(c.vocab, "vocab", "pad GPTConfig.vocab to a multiple of " + std::to_string(n) + " (unused ids are harmless)");
+}
+
+GPT::GPT(GPTConfig cfg) : cfg_(std::move(cfg)) {
+  check_config(cfg_);
+  build();
+}
+
+GPT::GPT(GPTConfig cfg, const Mesh& mesh, Loc loc) : cfg_(std::move(cfg)) {
+  check_config(cfg_);
+  if (!mesh.has_axis(cfg_.tp_axis)) {
+    std::string hint = did_you_mean(cfg_.tp_axis, mesh.axes());
+    const bool near = hint.rfind("did you mean", 0) == 0;
+    throw PlanError("GPT: tensor-parallel axis '" + cfg_.tp_axis + "' is not in the mesh" + (near ? "; " + hint : ""),
+                    "one of [" + join(mesh.axes()) + "]", "'" + cfg_.tp_axis + "'",
+                    near ? "set GPTConfig.tp_axis = \"" + nearest(cfg_.tp_axis, mesh.axes()) + "\""
+                         : "add the axis to the mesh, e.g. MeshSpec{{\"data\", \"" + cfg_.tp_axis + "\"}, {-1, 2}}",
+                    loc);
+  }
+  check_tensor_parallel(cfg_, mesh.axis_size(cfg_.tp_axis), cfg_.tp_axis, loc);
+  tp_ = TPGroup(mesh, cfg_.tp_axis, loc);
+  build();
+}
+
+void GPT::build() {
+  const int64_t D = cfg_.dim;
+  const DType dt = cfg_.dtype;
+  wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.vocab, D, tp_, 0.02, dt));
+  wpe_ = register_module("wpe", std::make_shared<Embedding>(cfg_.seq_len, D, 0.02, dt));
+  auto blocks = std::make_shared<Sequential>();
+  for (int64_t i = 0; i < cfg_.layers; ++i) {
+    blocks_.push_back(std::make_shared<GPTBlock>(D, cfg_.heads, tp_, dt));
+    blocks->add(blocks_.back());
+  }
+  register_module("blocks", blocks);
+  lnf_ = register_module("lnf", std::make_shared<LayerNorm>(D, 1e-5, dt));
+  init_parameters(0);  // keys from the full paths ("blocks/1/mlp/fc/weight"), so layers differ
+
+  // The layers implement the compute; the rules are the declared layout the plan, the engine and
+  // checkpoints read. They must agree (a broken invariant here is a bug in this file).
+  if (tp_.has_mesh()) {
+    auto from_rules = partition_specs();
+    auto from_layers = Module::partition_specs();
+    for (const auto& [p, t] : parameters()) {
+      if (from_rules.at(p) != from_layers[p])
+        throw InternalError("GPT: the sharding rules and the layers disagree on '" + p + "'", spec_str(from_layers[p]),
+                            spec_str(from_rules.at(p)));
+      Shape want = tp_.local_shape(global_shape(t.shape(), from_rules.at(p), tp_.mesh()), from_rules.at(p), p);
+      if (want != t.shape()) throw InternalError("GPT: local shape of '" + p + "'", want.str(), t.shape().str());
+    }
+  }
+}
+
+ShardingRules GPT::sharding_rules(const std::string& a) {
+  return {{"wte/weight", {a, ""}},
+          {"blocks/*/attn/qkv/weight", {"", a, ""}},
+          {"blocks/*/attn/qkv/bias", {"", a}},
+          {"blocks/*/attn/proj/weight", {"", a}},
+          {"blocks/*/mlp/fc/weight", {a, ""}},
+          {"blocks/*/mlp/fc/bias", {a}},
+          {"blocks/*/mlp/out/weight", {"", a}}};
+}
+
+std::vector<ParamLayout> GPT::layout(const GPTConfig& c) {
+  check_config(c);
+  const int64_t D = c.dim;
+  std::vector<std::pair<std::string, Shape>> shapes{{"wte/weight", {c.vocab, D}}, {"wpe/weight", {c.seq_len, D}}};
+  for (int64_t i = 0; i < c.layers; ++i) {
+    const std::string b = "blocks/" + std::to_string(i) + "/";
+    shapes.push_back({b + "ln1/weight", {D}});
+    shapes.push_back({b + "ln1/bias", {D}});
+    shapes.push_back({b + "attn/qkv/weight", ColumnParallelLinear::weight_shape(D, 3 * D, 3)});
+    shapes.push_back({b + "attn/qkv/bias", ColumnParallelLinear::bias_shape(3 * D, 3)});
+    shapes.push_back({b + "attn/proj/weight", {D, D}});
+    shapes.push_back({b + "attn/proj/bias", {D}});
+    shapes.push_back({b + "ln2/weight", {D}});
+    shapes.push_back({b + "ln2/bias", {D}});
+    shapes.push_back({b + "mlp/fc/weight", {4 * D, D}});
+    shapes.push_back({b + "mlp/fc/bias", {4 * D}});
+    shapes.push_back({b + "mlp/out/weight", {D, 4 * D}});
+    shapes.push_back({b + "mlp/out/bias", {D}});
+  }
+  shapes.push_back({"lnf/weight", {D}});
+  shapes.push_back({"lnf/bias", {D}});
+  auto specs = titanax::partition_specs(sharding_rules(c.tp_axis), shapes);
+  std::vector<ParamLayout> out;
+  for (auto& [p, s] : shapes) out.push_back({p, s, specs.at(p)});
+  return out;
+}
+
+std::map<std::string, PartitionSpec> GPT::partition_specs() const {
+  std::map<std::string, PartitionSpec> out;
+  ShardingRules rules = sharding_rules(cfg_.tp_axis);
+  for (const auto& [p, t] : parameters()) out[p] = tp_.has_mesh() ? spec_for(rules, p) : PartitionSpec{};
+  return out;
+}
+
+Tensor GPT::forward(const Tensor& ids) {
+  check_dtype(ids, {DType::i32, DType::i64}, "GPT (token ids)");
+  if (ids.dim() != 2)
+    throw ShapeError("GPT takes token ids [B, T]", "a rank-2 tensor of token ids", ids.shape().str(),
+                     "reshape a single sequence to [1, T]");
+  const int64_t T = ids.shape()[1];
+  if (T > cfg_.seq_len || T == 0)
+    throw ShapeError("GPT: sequence length out of range", "1 <= T <= seq_len = " + std::to_string(cfg_.seq_len),
+                     "T = " + std::to_string(T), "raise GPTConfig.seq_len or cut the sequences");
+  Tensor x = add(wte_->forward(ids), wpe_->weight.slice(0, 0, T));
+  for (auto& b : blocks_) x = b->forward(x);
+  x = lnf_->forward(x);
+  // Tied head: logits = x @ wte^T; under TP, f before the local matmul gives this rank's vocabulary block.
+  if (!tp_.has_mesh()) return linear(x, wte_->weight);
+  return linear(copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()), wte_->weight);
+}
+
+Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
+  if (targets.shape() != ids.shape())
+    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + ids.shape().str(),
+                     targets.shape().str(), "targets are the next tokens: y[b, t] = x[b, t + 1]");
+  Tensor logits = forward(ids);
+  const int64_t V = logits.shape()[2];
+  Tensor l2 = logits.reshape(Shape{-1, V}), y = targets.reshape(Shape{-1});
+  if (tp_.size() > 1) return vocab_parallel_cross_entropy(tp_.mesh(), l2, y, tp_.axis(), reduction);
+  return cross_entropy(l2, y, reduction);
+}
+
+std::string GPT::name() const {
+  return "GPT(vocab=" + std::to_string(cfg_.vocab) + ", layers=" + std::to_string(cfg_.layers) +
+         ", heads=" + std::to_string(cfg_.heads) + ", dim=" + std::to_string(cfg_.dim) +
+         ", seq_len=" + std::to_string(cfg_.seq_len) +
+         (tp_.has_mesh() ? ", tensor parallel " + std::to_string(tp_.size()) + " on '" + tp_.axis() + "')" : ")");
+}
+
+Tensor lm_loss(Module& model, const Batch& b) {
+  if (auto* g = dynamic_cast<GPT*>(&model)) return g->loss(b["x"], b["y"]);
+  Tensor logits = model(b["x"]);
+  return cross_entropy(logits.reshape(Shape{-1, logits.shape().back()}), b["y"].reshape(Shape{-1}));
+}
+
+Metrics lm_metrics(Module& model, const Batch& b) {
+  const Tensor &x = b["x"], &y = b["y"];
+  double loss;
+  if (auto* g = dynamic_cast<GPT*>(&model)) {
+    loss = g->loss(x, y, Reduction::sum).item();
+  } else {
+    Tensor logits = model(x);
+    loss = cross_entropy(logits.reshape(Shape{-1, logits.shape().back()}), y.reshape(Shape{-1}), Reduction::sum).item();
+  }
+  return {{"loss", loss}, {"count", double(y.numel())}};
+}
+
+}  // namespace titanax::nn

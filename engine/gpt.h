@@ -1,0 +1,121 @@
+// GPT-2 style decoder-only transformer (Radford et al. 2019, "Language Models are Unsupervised Multitask
+// Learners"), optionally split over a mesh axis with Megatron-LM tensor parallelism (Shoeybi et al.
+// 2019, arXiv:1909.08053).
+//
+// It computes exactly what ../shared/peers/gpt_small_torch.py computes:
+//   x = wte[ids] + wpe[0:T]
+//   per block (pre-LN):  x = x + proj(causal_attention(split_qkv(qkv(ln1(x)))))
+//                        x = x + out(gelu_tanh(fc(ln2(x))))
+//   logits = lnf(x) @ wte^T                       (head tied to the token embedding, no bias)
+// with q, k, v = the three consecutive dim-wide blocks of qkv's output (PyTorch's split(C, 2)), heads
+// = view(B, T, heads, dim / heads), attention softmax(q k^T / sqrt(dim / heads) + causal mask) v.
+// Init: Linear and Embedding weights N(0, 0.02^2), biases 0, LayerNorm weight 1 and bias 0 (eps 1e-5).
+//
+// Parameters (global shapes; "/"-joined paths):
+//   wte/weight [vocab, dim]        wpe/weight [seq_len, dim]       lnf/weight, lnf/bias [dim]
+//   blocks/<i>/ln1/{weight,bias} [dim]                 blocks/<i>/ln2/{weight,bias} [dim]
+//   blocks/<i>/attn/qkv/weight [3, dim, dim]  bias [3, dim]   (the memory of PyTorch's [3 dim, dim])
+//   blocks/<i>/attn/proj/weight [dim, dim]    bias [dim]
+//   blocks/<i>/mlp/fc/weight [4 dim, dim]     bias [4 dim]
+//   blocks/<i>/mlp/out/weight [dim, 4 dim]    bias [dim]
+// qkv keeps q, k and v as a leading axis of 3 so that splitting its dim 1 over the TP axis gives every
+// rank whole q, k and v for its heads with a plain block split (what Megatron does by interleaving).
+//
+// Tensor parallelism over axis `tp_axis` of size n (GPT(cfg, mesh)): sharding_rules() say which
+// parameters are split (vocab-parallel wte, column-parallel qkv / fc, row-parallel proj / out; the rest
+// replicated); the local shapes follow from those specs and the mesh. Each rank holds heads / n heads
+// and its vocabulary block; forward returns logits [B, T, vocab / n] (this rank's vocabulary block) and
+// loss() uses the vocabulary-parallel cross-entropy, so the full logits are never gathered. Every
+// parameter is initialised as the full tensor from the key of its path and then cut, so TP = 1, 2, 4
+// start from the same model.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "engine/nn.h"
+#include "engine/tp_layers.h"
+#include "parallel/sharding.h"
+
+namespace titanax::nn {
+
+struct GPTConfig {
+  int64_t vocab = 8192;
+  int64_t layers = 4;
+  int64_t heads = 4;
+  int64_t dim = 256;
+  int64_t seq_len = 128;          ///< the longest sequence (rows of the position embedding)
+  std::string tp_axis = "model";  ///< mesh axis of tensor parallelism (used when built with a mesh)
+  DType dtype = DType::f32;       ///< parameters and computation (f64 for gradient checks)
+};
+
+/// One parameter as the model declares it: path, global shape, and spec from the sharding rules.
+struct ParamLayout {
+  std::string path;
+  Shape global_shape;
+  PartitionSpec spec;
+};
+
+class CausalSelfAttention;
+class GPTBlock;
+
+class GPT final : public Module {
+ public:
+  /// The whole model on this rank (no collectives). Throws ValueError for non-positive sizes or a dim
+  /// not divisible by heads.
+  explicit GPT(GPTConfig cfg);
+  /// Split over mesh axis cfg.tp_axis (any size n >= 1, collective-free to construct). Throws what
+  /// GPT(cfg) throws, and PlanError (at `loc`) when the axis is not in the mesh ("did you mean"), or
+  /// when heads, 4 * dim or vocab does not divide by n (naming the value and the fix).
+  GPT(GPTConfig cfg, const Mesh& mesh, Loc loc = Loc::current());
+
+  /// ids: i32 / i64 [B, T] with T <= seq_len and every id in [0, vocab) -> logits [B, T, vocab / n] in
+  /// the parameters' dtype (this rank's vocabulary block; the full logits when n = 1). ShapeError for a
+  /// wrong rank or T > seq_len, DTypeError for non-integer ids, ValueError for an id out of range.
+  Tensor forward(const Tensor& ids) override;
+  /// Language-model loss: cross-entropy of forward(ids) against targets [B, T] (global token ids),
+  /// averaged over the B * T positions for Reduction::mean (the same on every TP rank). Uses the
+  /// vocabulary-parallel cross-entropy when n > 1. ShapeError when targets' shape differs from ids'.
+  Tensor loss(const Tensor& ids, const Tensor& targets, Reduction reduction = Reduction::mean);
+
+  std::string name() const override;
+  /// Each parameter's spec from sharding_rules(cfg.tp_axis) when built with a mesh; all replicated
+  /// (empty specs) for GPT(cfg), whose tensors are whole.
+  std::map<std::string, PartitionSpec> partition_specs() const override;
+  const GPTConfig& config() const { return cfg_; }
+  /// The TP size n and this rank's index on the TP axis (1 and 0 without a mesh).
+  int tp_size() const { return tp_.size(); }
+  int tp_index() const { return tp_.index(); }
+
+  /// Megatron's layout as glob rules over the parameter paths (parallel/sharding.h):
+  ///   wte/weight -> {axis, ""}, blocks/*/attn/qkv/weight -> {"", axis, ""}, blocks/*/attn/qkv/bias ->
+  ///   {"", axis}, blocks/*/attn/proj/weight -> {"", axis}, blocks/*/mlp/fc/weight -> {axis, ""},
+  ///   blocks/*/mlp/fc/bias -> {axis}, blocks/*/mlp/out/weight -> {"", axis}; everything else replicated.
+  static ShardingRules sharding_rules(const std::string& axis = "model");
+  /// Every parameter of a model with config `cfg` in parameter order, with its global shape and its
+  /// spec from sharding_rules(cfg.tp_axis). Needs no mesh (for checkpoint metadata and resharding).
+  static std::vector<ParamLayout> layout(const GPTConfig& cfg);
+  /// Throws PlanError (at `loc`) unless heads, 4 * dim and vocab divide by `tp_size`.
+  static void check_tensor_parallel(const GPTConfig& cfg, int tp_size, const std::string& axis, Loc loc = Loc::current());
+
+ private:
+  void build();
+  GPTConfig cfg_;
+  TPGroup tp_;
+  std::shared_ptr<VocabParallelEmbedding> wte_;
+  std::shared_ptr<Embedding> wpe_;
+  std::vector<std::shared_ptr<GPTBlock>> blocks_;
+  std::shared_ptr<LayerNorm> lnf_;
+};
+
+/// Engine LossFn for language models: mean cross-entropy of batch "x" (token ids [B, T]) against "y"
+/// (next tokens [B, T]): GPT::loss for a GPT (vocabulary-parallel under TP), else
+/// cross_entropy(model(x) reshaped to [B * T, V], y reshaped to [B * T]).
+Tensor lm_loss(Module& model, const Batch& batch);
+/// Engine EvalFn for language models: {"loss": summed cross-entropy over the tokens, "count": B * T};
+/// the engine reports "eval/loss" = mean per-token loss.
+Metrics lm_metrics(Module& model, const Batch& batch);
+
+}  // namespace titanax::nn

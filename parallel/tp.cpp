@@ -1,0 +1,419 @@
+// Tensor-parallel collectives (Megatron's f, g, scatter, gather) as Ops whose vjps are each other, and
+// the vocabulary-parallel embedding and cross-entropy.
+#include "parallel/tp.h"
+
+#include <cmath>
+
+#include "autodiff/tape.h"
+#include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/nn.h"
+
+namespace titanax {
+namespace {
+
+namespace kc = kernels::cpu;
+
+struct TPCtx {
+  std::shared_ptr<Communicator> comm;
+  std::string axis;
+  Loc loc;
+  int size() const { return comm->size(); }
+  int rank() const { return comm->rank(); }
+};
+
+TPCtx make_ctx(const Mesh& mesh, const std::string& axis, const Tensor& x, const char* what, Loc loc) {
+  mesh.check_axis(axis, loc);
+  if (!x.defined())
+    throw ValueError(std::string(what) + " of an undefined tensor", "a defined tensor", "Tensor()", "", loc);
+  return {mesh.comm_ptr(axis, loc), axis, loc};
+}
+
+Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
+
+class TPOpBase : public Op {
+ public:
+  explicit TPOpBase(TPCtx c) : c_(std::move(c)) {}
+  std::string attrs() const override { return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + more_attrs(); }
+
+ protected:
+  virtual std::string more_attrs() const { return {}; }
+  // Runs a communicator call, re-raising its CollectiveError at the user's call site with the op's name.
+  template <class F>
+  auto guarded(F&& f) const {
+    try {
+      return f();
+    } catch (const CollectiveError& e) {
+      throw CollectiveError(std::string(name()) + " over axis '" + c_.axis + "': " + e.message(), e.expected(),
+                            e.found(), e.suggestion(), c_.loc);
+    }
+  }
+  int norm_dim(int dim, const Tensor& x) const {
+    if (x.dim() == 0)
+      throw ShapeError(std::string(name()) + " of a 0-d tensor", "a tensor with at least one dimension", x.str(),
+                       "reshape it to [1] first", c_.loc);
+    return normalize_axis(dim, x.dim(), c_.loc);
+  }
+  TPCtx c_;
+};
+
+Tensor copy_to_c(const TPCtx& c, const Tensor& x);
+Tensor reduce_from_c(const TPCtx& c, const Tensor& x);
+Tensor scatter_to_c(const TPCtx& c, const Tensor& x, int dim);
+Tensor gather_from_c(const TPCtx& c, const Tensor& x, int dim);
+
+// f: identity forward, psum backward.
+class CopyToTP final : public TPOpBase {
+ public:
+  using TPOpBase::TPOpBase;
+  const char* name() const override { return "copy_to_tensor_parallel_region"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  TensorList forward(const TensorList& in) const override { return {in[0]}; }  // apply() gives it its own handle
+  void cpu(const TensorList& in, TensorList& out) const override { copy_(out[0], in[0]); }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    return {reduce_from_c(c_, ct[0])};
+  }
+};
+
+// g: psum forward, identity backward.
+class ReduceFromTP final : public TPOpBase {
+ public:
+  using TPOpBase::TPOpBase;
+  const char* name() const override { return "reduce_from_tensor_parallel_region"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    if (in[0].dtype() == DType::bool_)
+      throw DTypeError(std::string(name()) + ": dtype cannot be reduced", "f32, f64, f16, bf16, i32, i64 or u8", "bool",
+                       "cast with astype(DType::f32)", c_.loc);
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  TensorList forward(const TensorList& in) const override {
+    infer(in);
+    NoGradGuard ng;
+    Tensor y = empty(in[0].shape(), in[0].dtype(), in[0].device());
+    copy_(y, in[0]);
+    guarded([&] {
+      c_.comm->all_reduce(y, CollectiveOp::sum);
+      return 0;
+    });
+    return {y};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { copy_(out[0], forward(in)[0]); }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    return {copy_to_c(c_, ct[0])};
+  }
+};
+
+class ScatterToTP final : public TPOpBase {
+ public:
+  ScatterToTP(TPCtx c, int dim) : TPOpBase(std::move(c)), dim_(dim) {}
+  const char* name() const override { return "scatter_to_tensor_parallel_region"; }
+  std::string more_attrs() const override { return " dim=" + std::to_string(dim_); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const int d = norm_dim(dim_, in[0]);
+    Shape s = in[0].shape();
+    if (s[d] % c_.size() != 0)
+      throw ShapeError(std::string(name()) + ": dimension " + std::to_string(d) + " does not divide by the size of axis '" +
+                           c_.axis + "'",
+                       "a multiple of " + std::to_string(c_.size()), in[0].str(), "", c_.loc);
+    s[d] /= c_.size();
+    return {{s, in[0].dtype(), in[0].device()}};
+  }
+  TensorList forward(const TensorList& in) const override {
+    infer(in);
+    const int d = normalize_axis(dim_, in[0].dim());
+    const int64_t n = in[0].shape()[d] / c_.size();
+    NoGradGuard ng;
+    return {in[0].slice(d, c_.rank() * n, (c_.rank() + 1) * n).clone()};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { copy_(out[0], forward(in)[0]); }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    return {gather_from_c(c_, ct[0], dim_)};
+  }
+
+ private:
+  int dim_;
+};
+
+class GatherFromTP final : public TPOpBase {
+ public:
+  GatherFromTP(TPCtx c, int dim) : TPOpBase(std::move(c)), dim_(dim) {}
+  const char* name() const override { return "gather_from_tensor_parallel_region"; }
+  std::string more_attrs() const override { return " dim=" + std::to_string(dim_); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const int d = norm_dim(dim_, in[0]);
+    Shape s = in[0].shape();
+    s[d] *= c_.size();
+    return {{s, in[0].dtype(), in[0].device()}};
+  }
+  TensorList forward(const TensorList& in) const override {
+    infer(in);
+    const Tensor& x = in[0];
+    const int d = normalize_axis(dim_, x.dim());
+    NoGradGuard ng;
+    Tensor g = guarded([&] { return c_.comm->all_gather(dense(x).unsqueeze(0)); });  // [n, *x.shape]
+    // [n, c0, .., cd, ..] -> [c0, .., n, cd, ..] -> merge n into dim d.
+    std::vector<int> perm;
+    for (int i = 0; i < d; ++i) perm.push_back(i + 1);
+    perm.push_back(0);
+    for (int i = d; i < x.dim(); ++i) perm.push_back(i + 1);
+    Shape s = x.shape();
+    s[d] *= c_.size();
+    return {g.permute(perm).contiguous().reshape(s)};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { copy_(out[0], forward(in)[0]); }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    if (!needs[0]) return {Tensor()};
+    return {scatter_to_c(c_, ct[0], dim_)};
+  }
+
+ private:
+  int dim_;
+};
+
+Tensor copy_to_c(const TPCtx& c, const Tensor& x) {
+  if (c.size() == 1) return x;
+  return apply1(std::make_shared<CopyToTP>(c), {x});
+}
+Tensor reduce_from_c(const TPCtx& c, const Tensor& x) {
+  if (c.size() == 1) return x;
+  return apply1(std::make_shared<ReduceFromTP>(c), {x});
+}
+Tensor scatter_to_c(const TPCtx& c, const Tensor& x, int dim) {
+  if (c.size() == 1) return x;
+  return apply1(std::make_shared<ScatterToTP>(c, dim), {x});
+}
+Tensor gather_from_c(const TPCtx& c, const Tensor& x, int dim) {
+  if (c.size() == 1) return x;
+  return apply1(std::make_shared<GatherFromTP>(c, dim), {x});
+}
+
+// ------------------------------------------------------------------------------------ vocab-parallel CE
+
+kc::LossReduction to_kernel(Reduction r) {
+  return r == Reduction::mean ? kc::LossReduction::mean : r == Reduction::sum ? kc::LossReduction::sum : kc::LossReduction::none;
+}
+
+void check_vp_inputs(const Tensor& logits, const Tensor& labels, const char* what, Loc loc) {
+  check_dtype(logits, {DType::f32, DType::f64}, what);
+  check_dtype(labels, {DType::i32, DType::i64}, (std::string(what) + " (labels)").c_str());
+  if (logits.dim() < 1)
+    throw ShapeError(std::string(what) + ": logits need a class axis", "logits [..., V / n]", logits.shape().str(), "", loc);
+  Shape want(logits.shape().begin(), logits.shape().end() - 1);
+  if (labels.shape() != want)
+    throw ShapeError(std::string(what) + ": labels do not match the logits",
+                     "labels of shape " + want.str() + " for logits " + logits.shape().str(), labels.shape().str(),
+                     "labels hold one global class index per row of logits", loc);
+}
+
+class VocabParallelCEBackward final : public Op {
+ public:
+  VocabParallelCEBackward(int64_t lo, int64_t vocab, Reduction r, int64_t ignore, Loc loc)
+      : lo_(lo), vocab_(vocab), red_(r), ignore_(ignore), loc_(loc) {}
+  const char* name() const override { return "vocab_parallel_cross_entropy_backward"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_vp_inputs(in[0], in[1], name(), loc_);
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]), stats = dense(in[2]), ct = dense(in[3]);
+    int64_t count = kc::check_labels(labels, vocab_, ignore_, in[1].shape(), "vocab_parallel_cross_entropy");
+    kc::ce_shard_backward(logits, labels, lo_, stats, ct, ignore_, to_kernel(red_), count, out[0]);
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("second derivative of vocab_parallel_cross_entropy is not implemented",
+                        "first-order gradients", "a gradient of vocab_parallel_cross_entropy_backward");
+  }
+
+ private:
+  int64_t lo_, vocab_;
+  Reduction red_;
+  int64_t ignore_;
+  Loc loc_;
+};
+
+// Outputs: the loss, and stats f64 [2, R] = (global row max, global sum of exp(logit - max)) for the vjp.
+class VocabParallelCE final : public TPOpBase {
+ public:
+  VocabParallelCE(TPCtx c, Reduction r, int64_t ignore) : TPOpBase(std::move(c)), red_(r), ignore_(ignore) {}
+  const char* name() const override { return "vocab_parallel_cross_entropy"; }
+  bool saves_outputs() const override { return true; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_vp_inputs(in[0], in[1], name(), c_.loc);
+    const int64_t R = in[1].numel();
+    Shape s = red_ == Reduction::none ? in[1].shape() : Shape{};
+    return {{s, in[0].dtype(), in[0].device()}, {Shape{2, R}, DType::f64, in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]);
+    const int64_t C = logits.shape().back(), R = labels.numel();
+    const int64_t lo = int64_t(c_.rank()) * C, vocab = C * c_.size();
+    // Labels are the same on every rank of the axis, so a bad label throws on all of them (no hang).
+    const int64_t count = kc::check_labels(labels, vocab, ignore_, in[1].shape(), name());
+    Tensor gmax = empty(Shape{R}, DType::f64);
+    kc::ce_shard_max(logits, gmax);
+    guarded([&] {
+      c_.comm->all_reduce(gmax, CollectiveOp::max);
+      return 0;
+    });
+    Tensor part = empty(Shape{2, R}, DType::f64);
+    kc::ce_shard_partials(logits, labels, lo, gmax, part);
+    guarded([&] {
+      c_.comm->all_reduce(part, CollectiveOp::sum);
+      return 0;
+    });
+    const double* m = gmax.data<double>();
+    const double* p = part.data<double>();
+    double* st = out[1].data<double>();
+    std::vector<int64_t> lab = labels.to_vector<int64_t>();
+    double total = 0;
+    TX_DISPATCH_FLOAT(logits.dtype(), name(), {
+      using T = scalar_t;
+      T* o = out[0].data<T>();
+      for (int64_t r = 0; r < R; ++r) {
+        st[r] = m[r];
+        st[R + r] = p[r];
+        // As cross_entropy: max + log(sum exp(x - max)) - x[label], with the max in the logits' dtype.
+        const double loss = lab[size_t(r)] == ignore_ ? 0.0 : double(T(m[r])) + std::log(p[r]) - p[R + r];
+        if (red_ == Reduction::none) o[r] = T(loss);
+        else total += loss;  // row order: independent of threads and ranks
+      }
+      if (red_ == Reduction::mean) total = count > 0 ? total / double(count) : 0.0;
+      if (red_ != Reduction::none) o[0] = T(total);
+    });
+  }
+  TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    TensorList r(2);
+    if (needs[0]) {
+      const int64_t C = in[0].shape().back();
+      r[0] = apply1(std::make_shared<VocabParallelCEBackward>(int64_t(c_.rank()) * C, C * c_.size(), red_, ignore_, c_.loc),
+                    {in[0], in[1], out[1], ct[0]});
+    }
+    return r;
+  }
+
+ private:
+  Reduction red_;
+  int64_t ignore_;
+};
+
+}  // namespace
+
+Tensor copy_to_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
+  return copy_to_c(make_ctx(mesh, axis, x, "copy_to_tensor_parallel_region", loc), x);
+}
+Tensor copy_to_tensor_parallel_region(const Tensor& x, const std::string& axis, Loc loc) {
+  return copy_to_tensor_parallel_region(Mesh::current(loc), x, axis, loc);
+}
+Tensor reduce_from_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
+  return reduce_from_c(make_ctx(mesh, axis, x, "reduce_from_tensor_parallel_region", loc), x);
+}
+Tensor reduce_from_tensor_parallel_region(const Tensor& x, const std::string& axis, Loc loc) {
+  return reduce_from_tensor_parallel_region(Mesh::current(loc), x, axis, loc);
+}
+Tensor scatter_to_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, int dim, Loc loc) {
+  TPCtx c = make_ctx(mesh, axis, x, "scatter_to_tensor_parallel_region", loc);
+  if (c.size() == 1) return x;
+  return apply1(std::make_shared<ScatterToTP>(c, dim), {x});
+}
+Tensor gather_from_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, int dim, Loc loc) {
+  TPCtx c = make_ctx(mesh, axis, x, "gather_from_tensor_parallel_region", loc);
+  if (c.size() == 1) return x;
+  return apply1(std::make_shared<GatherFromTP>(c, dim), {x});
+}
+
+Tensor column_parallel_linear(const Mesh& mesh, const Tensor& x, const Tensor& w, const Tensor& b,
+                              const std::string& axis, Loc loc) {
+  return linear(copy_to_tensor_parallel_region(mesh, x, axis, loc), w, b);
+}
+
+Tensor row_parallel_linear(const Mesh& mesh, const Tensor& x, const Tensor& w, const Tensor& b, const std::string& axis,
+                           Loc loc) {
+  Tensor y = reduce_from_tensor_parallel_region(mesh, linear(x, w), axis, loc);
+  return b.defined() ? add(y, b) : y;
+}
+
+Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Tensor& ids, const std::string& axis,
+                                Loc loc) {
+  TPCtx c = make_ctx(mesh, axis, weight, "vocab_parallel_embedding", loc);
+  if (weight.dim() != 2)
+    throw ShapeError("vocab_parallel_embedding: the table must be 2-D", "weight [V / n, D]", weight.shape().str(), "", loc);
+  check_dtype(ids, {DType::i32, DType::i64}, "vocab_parallel_embedding (ids)");
+  if (c.size() == 1) return embedding(weight, ids);
+  const int64_t rows = weight.shape()[0], lo = int64_t(c.rank()) * rows, vocab = rows * c.size();
+  std::vector<int64_t> id = ids.to_vector<int64_t>(), local(id.size());
+  std::vector<float> keep(id.size());
+  for (size_t i = 0; i < id.size(); ++i) {
+    if (id[i] < 0 || id[i] >= vocab)
+      throw ValueError("vocab_parallel_embedding: id out of range", "ids in [0, " + std::to_string(vocab) + ")",
+                       "id " + std::to_string(id[i]) + " at flat position " + std::to_string(i),
+                       "check the vocabulary size of the model against the token ids", loc);
+    const bool mine = id[i] >= lo && id[i] < lo + rows;
+    local[i] = mine ? id[i] - lo : 0;
+    keep[i] = mine ? 1.f : 0.f;
+  }
+  Shape ms = ids.shape();
+  ms.push_back(1);
+  Tensor mask = from_vector(keep, ms).astype(weight.dtype());
+  Tensor e = mul(embedding(weight, from_vector(local, ids.shape())), mask);  // rows of other ranks -> 0
+  return reduce_from_c(c, e);
+}
+
+Tensor vocab_parallel_cross_entropy(const Mesh& mesh, const Tensor& logits, const Tensor& labels,
+                                    const std::string& axis, Reduction reduction, int64_t ignore_index, Loc loc) {
+  TPCtx c = make_ctx(mesh, axis, logits, "vocab_parallel_cross_entropy", loc);
+  if (!labels.defined())
+    throw ValueError("vocab_parallel_cross_entropy of undefined labels", "a defined tensor", "Tensor()", "", loc);
+  return apply(std::make_shared<VocabParallelCE>(c, reduction, ignore_index), {logits, labels})[0];
+}
+
+}  // namespace titanax
+
+// ------------------------------------------------------------------------------------ TPGroup
+namespace titanax {
+
+TPGroup::TPGroup(const Mesh& mesh, std::string axis, Loc loc) : mesh_(mesh), axis_(std::move(axis)), has_mesh_(true) {
+  mesh.check_axis(axis_, loc);
+  size_ = mesh.axis_size(axis_, loc);
+  index_ = mesh.axis_index(axis_, loc);
+}
+
+const Mesh& TPGroup::mesh(Loc loc) const {
+  if (!has_mesh_)
+    throw MeshError("this tensor-parallel group has no mesh", "a TPGroup built from a mesh and an axis", "TPGroup()",
+                    "build it as TPGroup(mesh, \"model\")", loc);
+  return mesh_;
+}
+
+Shape TPGroup::local_shape(const Shape& global, const PartitionSpec& spec, const std::string& what, Loc loc) const {
+  if (int(spec.size()) > global.rank())
+    throw PlanError(what + ": spec has more entries than the tensor has dimensions", "at most " + std::to_string(global.rank()),
+                    spec_str(spec), "", loc);
+  Shape s = global;
+  for (size_t d = 0; d < spec.size(); ++d) {
+    if (spec[d].empty() || !has_mesh_) continue;  // no mesh: every tensor is whole
+    if (spec[d] != axis_)
+      throw PlanError(what + ": spec splits over axis '" + spec[d] + "', not the tensor-parallel axis '" + axis_ + "'",
+                      "specs naming only '" + axis_ + "'", spec_str(spec), "", loc);
+    if (s[d] % size_ != 0)
+      throw ShapeError(what + ": dimension " + std::to_string(d) + " of " + global.str() + " does not divide by the " +
+                           std::to_string(size_) + " ranks of axis '" + axis_ + "'",
+                       "a multiple of " + std::to_string(size_), std::to_string(s[d]), "", loc);
+    s[d] /= size_;
+  }
+  return s;
+}
+
+Tensor TPGroup::shard(const Tensor& global, const PartitionSpec& spec, Loc loc) const {
+  Shape ls = local_shape(global.shape(), spec, "shard", loc);
+  Tensor t = global;
+  for (size_t d = 0; d < spec.size(); ++d)
+    if (!spec[d].empty() && has_mesh_) t = slice(t, int(d), index_ * ls[d], (index_ + 1) * ls[d]);
+  return t;
+}
+
+}  // namespace titanax

@@ -1,0 +1,395 @@
+// engine/gpt.h, parallel/sharding.h, parallel/tp.h and Plan{TP} on one rank: GPT shapes, gradients
+// against finite differences (f64), the causal property, sharding-rule matching and precedence, plan
+// validation, and the tensor-parallel code path on a model axis of size 1.
+#include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+
+#include "engine/engine.h"
+#include "engine/gpt.h"
+#include "op_cases.h"
+#include "parallel/sharding.h"
+#include "parallel/tp.h"
+
+using namespace titanax;
+using Catch::Matchers::Contains;
+
+namespace {
+
+Mesh local_mesh(std::vector<std::string> axes, std::vector<int> shape) {
+  return MeshSpec{std::move(axes), std::move(shape)}.build(make_local_communicator());
+}
+
+template <class E, class F>
+E catch_error(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e;
+  }
+  FAIL("expected an exception");
+  throw std::logic_error("unreachable");
+}
+
+nn::GPTConfig tiny(DType dt = DType::f32) {
+  nn::GPTConfig c;
+  c.vocab = 16;
+  c.layers = 2;
+  c.heads = 2;
+  c.dim = 8;
+  c.seq_len = 6;
+  c.dtype = dt;
+  return c;
+}
+
+Tensor tokens(uint64_t seed, int64_t B, int64_t T, int64_t vocab) { return testing::randint(RngKey::from_seed(seed), Shape{B, T}, vocab); }
+
+/// Binds the model's parameters to given tensors (as torch.func.functional_call): each parameter's
+/// TensorImpl becomes a differentiable copy of its tensor, so gradients of what the model computes reach
+/// those tensors. The parameters are restored when the binder dies (after any backward pass).
+class ParamBinder {
+ public:
+  explicit ParamBinder(nn::Module& m) : p_(m.parameters()) {
+    for (auto& [path, t] : p_) saved_.push_back(*t.get());
+  }
+  ~ParamBinder() {
+    for (size_t i = 0; i < p_.size(); ++i) *p_[i].second.get() = saved_[i];
+  }
+  void bind(const TensorList& args) {
+    REQUIRE(p_.size() == args.size());
+    for (size_t i = 0; i < p_.size(); ++i) {
+      Tensor bound = args[i].clone();  // a node whose input is the arg
+      *p_[i].second.get() = *bound.get();
+    }
+  }
+
+ private:
+  ParamTree p_;
+  std::vector<TensorImpl> saved_;
+};
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------ GPT
+
+TEST_CASE("GPT parameters, shapes and init", "[gpt]") {
+  nn::GPTConfig c = tiny();
+  nn::GPT m(c);
+  ParamTree p = m.parameters();
+  CHECK(p.size() == 2 + 12 * 2 + 2);
+  CHECK(p.paths()[0] == "wte/weight");
+  CHECK(p.at("wte/weight").shape() == Shape{16, 8});
+  CHECK(p.at("wpe/weight").shape() == Shape{6, 8});
+  CHECK(p.at("blocks/0/attn/qkv/weight").shape() == Shape{3, 8, 8});
+  CHECK(p.at("blocks/0/attn/qkv/bias").shape() == Shape{3, 8});
+  CHECK(p.at("blocks/1/attn/proj/weight").shape() == Shape{8, 8});
+  CHECK(p.at("blocks/1/mlp/fc/weight").shape() == Shape{32, 8});
+  CHECK(p.at("blocks/1/mlp/out/weight").shape() == Shape{8, 32});
+  CHECK(p.at("lnf/bias").shape() == Shape{8});
+  CHECK(m.num_parameters() == 16 * 8 + 6 * 8 + 2 * (4 * 8 + 3 * 8 * 8 + 3 * 8 + 8 * 8 + 8 + 32 * 8 + 32 + 8 * 32 + 8) + 2 * 8);
+  // The layout (no model needed) lists the same paths and shapes.
+  auto lay = nn::GPT::layout(c);
+  REQUIRE(lay.size() == p.size());
+  for (size_t i = 0; i < lay.size(); ++i) {
+    CHECK(lay[i].path == p[i].first);
+    CHECK(lay[i].global_shape == p[i].second.shape());
+  }
+  // Init: N(0, 0.02) weights, zero biases, LayerNorm 1 / 0; deterministic; layers differ.
+  auto w = p.at("blocks/0/mlp/fc/weight").to_vector<double>();
+  double s2 = 0;
+  for (double v : w) s2 += v * v;
+  CHECK(std::sqrt(s2 / double(w.size())) == Approx(0.02).epsilon(0.15));
+  for (double v : p.at("blocks/0/mlp/fc/bias").to_vector<double>()) CHECK(v == 0.0);
+  for (double v : p.at("blocks/0/ln1/weight").to_vector<double>()) CHECK(v == 1.0);
+  CHECK(p.at("blocks/1/mlp/fc/weight").to_vector<double>() != w);
+  nn::GPT again(c);
+  CHECK(again.parameters().at("blocks/0/mlp/fc/weight").to_vector<double>() == w);
+  // Unsplit: every spec replicated.
+  for (const auto& [path, s] : m.partition_specs()) CHECK(!is_sharded(s));
+
+  // Forward: logits [B, T, vocab]; shorter sequences work.
+  Tensor logits = m(tokens(1, 3, 6, 16));
+  CHECK(logits.shape() == Shape{3, 6, 16});
+  CHECK(m(tokens(2, 2, 4, 16)).shape() == Shape{2, 4, 16});
+  Tensor l = m.loss(tokens(1, 3, 6, 16), tokens(3, 3, 6, 16));
+  CHECK(l.dim() == 0);
+  CHECK(l.item() == Approx(std::log(16.0)).epsilon(0.05));  // near-uniform predictions at init
+
+  CHECK_THROWS_AS(m(tokens(1, 2, 7, 16)), ShapeError);            // T > seq_len
+  CHECK_THROWS_AS(m(tokens(1, 6, 1, 16).reshape(Shape{6})), ShapeError);
+  CHECK_THROWS_AS(m(ones(Shape{2, 3})), DTypeError);
+  CHECK_THROWS_AS(m(full(Shape{2, 3}, 16, DType::i64)), ValueError);  // id out of range
+  CHECK_THROWS_AS(m.loss(tokens(1, 2, 6, 16), tokens(1, 2, 5, 16)), ShapeError);
+  nn::GPTConfig bad = tiny();
+  bad.dim = 10;
+  bad.heads = 4;
+  CHECK_THROWS_AS(nn::GPT(bad), ValueError);
+}
+
+TEST_CASE("GPT loss gradient matches finite differences (f64)", "[gpt][gradcheck]") {
+  nn::GPTConfig c = tiny(DType::f64);
+  c.vocab = 11;
+  c.dim = 4;
+  c.seq_len = 4;
+  nn::GPT m(c);
+  // Larger weights than the 0.02 init so every path (attention, GELU, LayerNorm) matters.
+  for (auto& [path, t] : m.parameters()) {
+    Tensor r = testing::randn64(RngKey::from_seed(std::hash<std::string>{}(path)), t.shape(), 0.5);
+    copy_(t, r);
+  }
+  Tensor x = tokens(11, 2, 4, 11), y = tokens(12, 2, 4, 11);
+  TensorList start = m.parameters().tensors();
+  GradcheckResult r;
+  {
+    ParamBinder binder(m);
+    auto fn = [&](const TensorList& args) {
+      binder.bind(args);
+      return m.loss(x, y);
+    };
+    r = gradcheck(fn, start, 1e-6, 1e-7, 1e-5);
+  }
+  INFO(r.report << " max abs " << r.max_abs_error);
+  CHECK(r.ok);
+  // The same gradient through value_and_grad (what the engine uses).
+  auto [loss, g] = value_and_grad([&] { return m.loss(x, y); }, m.parameters());
+  CHECK(g.at("wte/weight").shape() == Shape{11, 4});
+}
+
+TEST_CASE("GPT is causal: later tokens do not change earlier logits", "[gpt]") {
+  nn::GPT m(tiny(DType::f64));
+  for (auto& [path, t] : m.parameters())
+    copy_(t, testing::randn64(RngKey::from_seed(std::hash<std::string>{}(path)), t.shape(), 0.3));
+  std::vector<int64_t> ids = {1, 5, 9, 2, 7, 3};
+  Tensor a = m(from_vector(ids, Shape{1, 6}));
+  for (int64_t t = 0; t + 1 < 6; ++t) {
+    std::vector<int64_t> changed = ids;
+    changed[size_t(t + 1)] = (changed[size_t(t + 1)] + 4) % 16;
+    Tensor b = m(from_vector(changed, Shape{1, 6}));
+    auto va = a.slice(1, 0, t + 1).contiguous().to_vector<double>(), vb = b.slice(1, 0, t + 1).contiguous().to_vector<double>();
+    CHECK(va == vb);  // bitwise: position <= t never sees position t + 1
+    auto la = a.slice(1, t + 1, t + 2).contiguous().to_vector<double>(), lb = b.slice(1, t + 1, t + 2).contiguous().to_vector<double>();
+    CHECK(la != lb);  // and position t + 1 does
+  }
+}
+
+TEST_CASE("GPT on a model axis of size 1 equals the unsplit model", "[gpt][tp]") {
+  Mesh mesh = local_mesh({"data", "model"}, {1, 1});
+  nn::GPT whole(tiny()), split(tiny(), mesh);
+  CHECK(split.tp_size() == 1);
+  CHECK(split.parameters().at("wte/weight").to_vector<float>() == whole.parameters().at("wte/weight").to_vector<float>());
+  Tensor x = tokens(5, 2, 6, 16), y = tokens(6, 2, 6, 16);
+  auto [l1, g1] = value_and_grad([&] { return whole.loss(x, y); }, whole.parameters());
+  auto [l2, g2] = value_and_grad([&] { return split.loss(x, y); }, split.parameters());
+  CHECK(l1.item() == l2.item());
+  for (const auto& [p, g] : g1) CHECK(g.to_vector<float>() == g2.at(p).to_vector<float>());
+  // Split specs name the axis even at size 1 (what checkpoints record).
+  auto specs = split.partition_specs();
+  CHECK(specs.at("wte/weight") == PartitionSpec{"model", ""});
+  CHECK(specs.at("blocks/1/attn/qkv/weight") == PartitionSpec{"", "model", ""});
+  CHECK(specs.at("blocks/1/attn/proj/bias").empty());
+  CHECK(split.name().find("tensor parallel 1 on 'model'") != std::string::npos);
+
+  // Errors: a missing axis (with did-you-mean), sizes that do not divide.
+  Mesh dp_only = local_mesh({"data", "modle"}, {1, 1});
+  auto e = catch_error<PlanError>([&] { nn::GPT(tiny(), dp_only); });
+  CHECK_THAT(e.message(), Contains("did you mean 'modle'"));
+  nn::GPTConfig c = tiny();
+  c.heads = 2;
+  e = catch_error<PlanError>([&] { nn::GPT::check_tensor_parallel(c, 4, "model"); });
+  CHECK_THAT(e.message(), Contains("heads (2) does not divide by the tensor-parallel size 4"));
+  c.heads = 4;
+  c.vocab = 18;
+  e = catch_error<PlanError>([&] { nn::GPT::check_tensor_parallel(c, 4, "model"); });
+  CHECK_THAT(e.message(), Contains("vocab (18)"));
+  CHECK_NOTHROW(nn::GPT::check_tensor_parallel(tiny(), 2, "model"));
+}
+
+TEST_CASE("vocab-parallel cross-entropy on one rank equals cross_entropy, gradient included", "[tp]") {
+  Mesh mesh = local_mesh({"model"}, {1});
+  Tensor logits = testing::randn64(RngKey::from_seed(3), Shape{5, 7}, 2.0);
+  Tensor labels = from_vector(std::vector<int64_t>{0, 6, 3, -100, 2}, Shape{5});
+  for (Reduction red : {Reduction::mean, Reduction::sum, Reduction::none}) {
+    Tensor a = vocab_parallel_cross_entropy(mesh, logits, labels, "model", red);
+    Tensor b = cross_entropy(logits, labels, red);
+    auto va = a.to_vector<double>(), vb = b.to_vector<double>();
+    REQUIRE(va.size() == vb.size());
+    for (size_t i = 0; i < va.size(); ++i) CHECK(va[i] == Approx(vb[i]).epsilon(1e-12));
+    auto r = gradcheck([&](const TensorList& in) { return vocab_parallel_cross_entropy(mesh, in[0], in[1], "model", red); },
+                       {logits, labels});
+    INFO(r.report);
+    CHECK(r.ok);
+  }
+  CHECK_THROWS_AS(vocab_parallel_cross_entropy(mesh, logits, from_vector(std::vector<int64_t>{0, 7, 0, 0, 0}, Shape{5}), "model"),
+                  ValueError);
+  CHECK_THROWS_AS(vocab_parallel_cross_entropy(mesh, logits, labels.slice(0, 0, 4), "model"), ShapeError);
+  CHECK_THROWS_AS(vocab_parallel_cross_entropy(mesh, logits, labels, "modl"), MeshError);
+  // f and g are the identity on one rank.
+  Tensor x = testing::randn64(RngKey::from_seed(4), Shape{3});
+  CHECK(copy_to_tensor_parallel_region(mesh, x, "model").to_vector<double>() == x.to_vector<double>());
+  CHECK(reduce_from_tensor_parallel_region(mesh, x, "model").to_vector<double>() == x.to_vector<double>());
+}
+
+// ------------------------------------------------------------------------------------------ sharding rules
+
+TEST_CASE("glob patterns over parameter paths", "[sharding]") {
+  CHECK(glob_match("blocks/*/attn/qkv/weight", "blocks/0/attn/qkv/weight"));
+  CHECK(glob_match("blocks/*/attn/qkv/weight", "blocks/12/attn/qkv/weight"));
+  CHECK_FALSE(glob_match("blocks/*/attn/qkv/weight", "blocks/0/1/attn/qkv/weight"));  // * stays in one segment
+  CHECK_FALSE(glob_match("blocks/*/attn/qkv/weight", "blocks/0/attn/qkv/weights"));   // whole path only
+  CHECK(glob_match("**/bias", "bias"));
+  CHECK(glob_match("**/bias", "blocks/0/mlp/fc/bias"));
+  CHECK(glob_match("blocks/**", "blocks/0/mlp/fc/bias"));
+  CHECK(glob_match("blocks/**/fc/*", "blocks/0/mlp/fc/bias"));
+  CHECK(glob_match("h*d/w*", "head/weight"));
+  CHECK_FALSE(glob_match("h*d/w*", "heads/weight"));
+  CHECK(glob_match("*", "wte"));
+  CHECK_FALSE(glob_match("*", "wte/weight"));
+  CHECK(glob_match("wte/weight", "wte/weight"));
+  CHECK_FALSE(glob_match("wte/weight", "wpe/weight"));
+}
+
+TEST_CASE("the most specific sharding rule wins", "[sharding]") {
+  auto sp = specificity("blocks/*/attn/qkv/weight");
+  CHECK(sp.double_stars == 0);
+  CHECK(sp.stars == 1);
+  CHECK(sp.literal_chars == int(std::string("blocks//attn/qkv/weight").size()));
+  CHECK(specificity("**/w").double_stars == 1);
+
+  ShardingRules rules{{"**", {}},
+                      {"**/weight", {"", "model"}},
+                      {"blocks/*/mlp/*/weight", {"model", ""}},
+                      {"blocks/*/mlp/fc/weight", {"model", "x"}},
+                      {"blocks/0/mlp/fc/weight", {"", ""}}};
+  CHECK(spec_for(rules, "blocks/0/mlp/fc/weight") == PartitionSpec{"", ""});         // no wildcard
+  CHECK(spec_for(rules, "blocks/1/mlp/fc/weight") == PartitionSpec{"model", "x"});   // 1 star, longer
+  CHECK(spec_for(rules, "blocks/1/mlp/out/weight") == PartitionSpec{"model", ""});   // 2 stars beat **
+  CHECK(spec_for(rules, "lnf/weight") == PartitionSpec{"", "model"});                // 1 ** beats ** (literals)
+  CHECK(spec_for(rules, "lnf/bias").empty());
+  CHECK(spec_for({}, "anything").empty());                                            // unmatched: replicated
+  CHECK(match_rule(rules, "blocks/1/mlp/out/weight")->pattern == "blocks/*/mlp/*/weight");
+
+  // Equally specific rules with different specs are an error; with the same spec they are fine.
+  ShardingRules amb{{"b*/0/fc", {"model"}}, {"*s/0/fc", {}}};
+  auto e = catch_error<PlanError>([&] { spec_for(amb, "blocks/0/fc"); });
+  CHECK_THAT(e.message(), Contains("ambiguous"));
+  CHECK_THAT(e.found(), Contains("'b*/0/fc'"));
+  ShardingRules same{{"b*/0/fc", {"model"}}, {"*s/0/fc", {"model"}}};
+  CHECK(spec_for(same, "blocks/0/fc") == PartitionSpec{"model"});
+
+  // partition_specs checks each spec against its tensor.
+  ParamTree params{{"a/w", zeros(Shape{4, 2})}, {"b", zeros(Shape{4})}};
+  auto specs = partition_specs(ShardingRules{{"a/*", {"model", ""}}}, params);
+  CHECK(specs.at("a/w") == PartitionSpec{"model", ""});
+  CHECK(specs.at("b").empty());
+  CHECK_THROWS_AS(partition_specs(ShardingRules{{"b", {"model", ""}}}, params), PlanError);   // too many entries
+  CHECK_THROWS_AS(partition_specs(ShardingRules{{"a/w", {"model", "model"}}}, params), PlanError);
+
+  // GPT's rules give Megatron's layout.
+  nn::GPTConfig c = tiny();
+  for (const auto& l : nn::GPT::layout(c)) {
+    INFO(l.path);
+    if (l.path == "wte/weight" || l.path.find("mlp/fc/weight") != std::string::npos) CHECK(l.spec == PartitionSpec{"model", ""});
+    else if (l.path.find("qkv/weight") != std::string::npos) CHECK(l.spec == PartitionSpec{"", "model", ""});
+    else if (l.path.find("qkv/bias") != std::string::npos) CHECK(l.spec == PartitionSpec{"", "model"});
+    else if (l.path.find("proj/weight") != std::string::npos || l.path.find("out/weight") != std::string::npos)
+      CHECK(l.spec == PartitionSpec{"", "model"});
+    else if (l.path.find("fc/bias") != std::string::npos) CHECK(l.spec == PartitionSpec{"model"});
+    else CHECK(l.spec.empty());
+  }
+}
+
+TEST_CASE("shapes and slices implied by a spec on a mesh", "[sharding]") {
+  Mesh m = local_mesh({"data", "model"}, {1, 1});
+  CHECK(local_shape(Shape{8, 4}, {"model", ""}, m) == Shape{8, 4});
+  CHECK(global_shape(Shape{8, 4}, {"", "model"}, m) == Shape{8, 4});
+  Tensor t = testing::randn64(RngKey::from_seed(1), Shape{4, 6});
+  CHECK(shard_of(t, {"model", ""}, m).to_vector<double>() == t.to_vector<double>());
+  CHECK(unshard(t, {"", "model"}, m).to_vector<double>() == t.to_vector<double>());
+  CHECK_THROWS_AS(local_shape(Shape{8}, {"modl"}, m), MeshError);
+  CHECK_THROWS_AS(local_shape(Shape{8}, {"model", ""}, m), PlanError);
+  CHECK(spec_str({"model", ""}) == "[model, -]");
+  CHECK(spec_axes({"", "model"}) == std::vector<std::string>{"model"});
+  // TPGroup: the block this rank holds.
+  TPGroup g(m, "model");
+  CHECK(g.size() == 1);
+  CHECK(g.local_shape(Shape{6, 3}, {"model", ""}) == Shape{6, 3});
+  CHECK_THROWS_AS(g.local_shape(Shape{6, 3}, {"data", ""}), PlanError);
+  CHECK_THROWS_AS(TPGroup(m, "modle"), MeshError);
+  CHECK(TPGroup().local_shape(Shape{6, 3}, {"model", ""}) == Shape{6, 3});  // no mesh: whole
+}
+
+// ------------------------------------------------------------------------------------------ plan and engine
+
+TEST_CASE("Plan with TP: validation, describe, to_json", "[parallel][tp]") {
+  Mesh m = local_mesh({"data", "model"}, {1, 1});
+  Plan p{.dp = DP{"data"}, .tp = TP{"model", nn::GPT::sharding_rules("model")}};
+  CHECK_NOTHROW(p.validate(m));
+  CHECK_THAT(p.describe(), Contains("tensor parallel: axis 'model', 7 sharding rules"));
+  CHECK_THAT(p.describe(), Contains("blocks/*/attn/qkv/weight -> [-, model, -]"));
+  CHECK_THAT(p.describe(m), Contains("parameters split over 1 rank(s) on axis 'model'"));
+  auto j = nlohmann::json::parse(p.to_json());
+  CHECK(j["tp"]["axis"] == "model");
+  CHECK(j["tp"]["rules"][0]["pattern"] == "wte/weight");
+  CHECK(j["tp"]["rules"][0]["spec"] == nlohmann::json::array({"model", ""}));
+  CHECK(nlohmann::json::parse(Plan{}.to_json())["tp"].is_null());
+
+  auto e = catch_error<PlanError>([&] { Plan{.tp = TP{"modle"}}.validate(local_mesh({"data", "model"}, {1, 1})); });
+  CHECK_THAT(e.message(), Contains("TP axis 'modle' is not in the mesh; did you mean 'model'?"));
+  e = catch_error<PlanError>([&] { Plan{.tp = TP{"model"}}.validate(local_mesh({"data"}, {1})); });
+  CHECK_THAT(e.suggestion(), Contains("add the axis to the mesh"));
+  e = catch_error<PlanError>([&] { Plan{.dp = DP{"data"}, .tp = TP{"data"}}.validate(local_mesh({"data"}, {1})); });
+  CHECK_THAT(e.message(), Contains("same mesh axis"));
+  e = catch_error<PlanError>([&] { Plan{.tp = TP{"model", {{"w", {"data"}}}}}.validate(m); });
+  CHECK_THAT(e.message(), Contains("splits over axis 'data'"));
+  CHECK_THROWS_AS(Plan{.tp = TP{""}}.validate(m), PlanError);
+}
+
+TEST_CASE("Engine with a TP plan on one rank trains like the plain engine", "[engine][tp]") {
+  Mesh m = local_mesh({"data", "model"}, {1, 1});
+  nn::GPTConfig c = tiny();
+  nn::GPT whole(c), split(c, m);
+  auto opt = [] {
+    return optim::adamw(optim::constant(1e-2), {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
+                                                .decay_filter = [](const std::string&, const Tensor& t) { return t.dim() >= 2; }});
+  };
+  Engine plain(m, Plan{.dp = DP{"data"}}, opt(), {.grad_clip = 0.5});
+  Engine tp(m, Plan{.dp = DP{"data"}, .tp = TP{"model", nn::GPT::sharding_rules("model")}}, opt(), {.grad_clip = 0.5});
+  CHECK(tp.partition_specs(split).at("blocks/0/mlp/fc/weight") == PartitionSpec{"model", ""});
+  for (int s = 0; s < 5; ++s) {
+    Batch b{{{"x", tokens(100 + s, 4, 6, 16)}, {"y", tokens(200 + s, 4, 6, 16)}}};
+    StepResult a = plain.step(whole, nn::lm_loss, b), t = tp.step(split, nn::lm_loss, b);
+    CHECK(a.loss == t.loss);
+    CHECK(a.grad_norm == Approx(t.grad_norm).epsilon(1e-12));
+  }
+  CHECK(whole.parameters().at("wte/weight").to_vector<float>() == split.parameters().at("wte/weight").to_vector<float>());
+  // Evaluation with lm_metrics: mean per-token loss.
+  auto data = std::make_shared<TensorDataset>(std::map<std::string, Tensor>{{"x", tokens(7, 10, 6, 16)}, {"y", tokens(8, 10, 6, 16)}});
+  Metrics ev = tp.evaluate(split, {.data = data, .batch_size = 4, .fn = nn::lm_metrics});
+  CHECK(ev.at("eval/loss") == Approx(split.loss(tokens(7, 10, 6, 16), tokens(8, 10, 6, 16)).item()).epsilon(1e-6));
+
+  // Checkpoints record the spec of each split parameter and of its optimizer moments.
+  namespace fs = std::filesystem;
+  fs::path dir = fs::temp_directory_path() / ("titanax_gpt_ckpt_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  Engine saver(m, Plan{.dp = DP{"data"}, .tp = TP{"model"}}, opt(), {.checkpointer = std::make_shared<Checkpointer>(dir.string())});
+  saver.step(split, nn::lm_loss, Batch{{{"x", tokens(1, 2, 6, 16)}, {"y", tokens(2, 2, 6, 16)}}});
+  saver.save(split);
+  std::ifstream mf(dir / "step_00000001" / "metadata.json");
+  auto meta = nlohmann::json::parse(mf);
+  CHECK(meta["tensors"]["params/wte/weight"]["spec"] == nlohmann::json::array({"model", ""}));
+  CHECK(meta["tensors"]["opt/m/blocks/0/mlp/fc/weight"]["spec"] == nlohmann::json::array({"model", ""}));
+  CHECK(meta["tensors"]["opt/v/blocks/1/attn/qkv/weight"]["spec"] == nlohmann::json::array({"", "model", ""}));
+  CHECK(meta["plan"]["tp"]["axis"] == "model");
+  fs::remove_all(dir);
+
+  // A plan whose rules split parameters the model holds whole: PlanError naming the parameter.
+  Engine bad(m, Plan{.tp = TP{"model", nn::GPT::sharding_rules("model")}}, opt());
+  auto e = catch_error<PlanError>([&] { bad.partition_specs(whole); });
+  CHECK_THAT(e.message(), Contains("'wte/weight'"));
+  CHECK_THAT(e.suggestion(), Contains("build the model with the mesh"));
+}
