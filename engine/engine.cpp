@@ -193,20 +193,24 @@ ParamTree Engine::state_tree(nn::Module& model) {
   return t;
 }
 
+std::map<std::string, PartitionSpec> Engine::state_specs(nn::Module& model, const ParamTree& state) {
+  std::map<std::string, PartitionSpec> specs;  // each split parameter ("params/<path>") and its optimizer
+  if (!plan_.tp) return specs;                 // state ("opt/m/<path>", ...) share the parameter's spec
+  auto ps = partition_specs(model);
+  for (const auto& [name, v] : state) {
+    std::string rest;
+    if (name.rfind("params/", 0) == 0) rest = name.substr(7);
+    else if (name.rfind("opt/", 0) == 0 && name.find('/', 4) != std::string::npos) rest = name.substr(name.find('/', 4) + 1);
+    auto it = ps.find(rest);
+    if (it != ps.end() && is_sharded(it->second)) specs[name] = it->second;
+  }
+  return specs;
+}
+
 void Engine::save(nn::Module& model) {
   if (!opts_.checkpointer) throw ValueError("save() without a checkpointer", "EngineOptions::checkpointer set", "none");
-  std::map<std::string, PartitionSpec> specs;
-  if (plan_.tp) {  // each split parameter ("params/<path>") and its optimizer state ("opt/m/<path>", ...)
-    auto ps = partition_specs(model);
-    for (const auto& [name, v] : state_tree(model)) {
-      std::string rest;
-      if (name.rfind("params/", 0) == 0) rest = name.substr(7);
-      else if (name.rfind("opt/", 0) == 0 && name.find('/', 4) != std::string::npos) rest = name.substr(name.find('/', 4) + 1);
-      auto it = ps.find(rest);
-      if (it != ps.end() && is_sharded(it->second)) specs[name] = it->second;
-    }
-  }
-  opts_.checkpointer->save(global_step(), state_tree(model), "{}", specs, mesh_.to_json(), plan_.to_json());
+  ParamTree t = state_tree(model);
+  opts_.checkpointer->save(global_step(), t, state_specs(model, t), mesh_, "{}", plan_.to_json());
 }
 
 std::optional<int64_t> Engine::restore(nn::Module& model) {
@@ -214,7 +218,8 @@ std::optional<int64_t> Engine::restore(nn::Module& model) {
   auto latest = opts_.checkpointer->latest();
   if (!latest) return std::nullopt;
   ParamTree t = state_tree(model);
-  opts_.checkpointer->load(*latest, t);
+  // Resharding load: the checkpoint may come from another TP degree, mesh or number of ranks.
+  opts_.checkpointer->load(*latest, t, state_specs(model, t), mesh_);
   return *latest;
 }
 

@@ -122,9 +122,12 @@ class Engine {
   /// without recording; returns "eval/<name>" = sum / count for each metric.
   Metrics evaluate(nn::Module& model, const EvalSpec& eval);
 
-  /// Saves parameters and optimizer state at the current step (collective).
+  /// Saves parameters and optimizer state at the current step (collective), with each tensor's
+  /// PartitionSpec and this mesh, so the checkpoint can be loaded under another layout.
   void save(nn::Module& model);
   /// Loads the latest checkpoint into the model and optimizer; returns its step, or nullopt if none.
+  /// The checkpoint may come from another TP degree, mesh or world size: each rank reads its own slices
+  /// (Checkpointer's resharding load); CheckpointError when it holds another model.
   std::optional<int64_t> restore(nn::Module& model);
 
   /// Optimizer steps done.
@@ -140,6 +143,7 @@ class Engine {
 
  private:
   ParamTree state_tree(nn::Module& model);
+  std::map<std::string, PartitionSpec> state_specs(nn::Module& model, const ParamTree& state);
   int dp_size() const;
   uint64_t replica_rank() const;
   Mesh mesh_;

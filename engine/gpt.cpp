@@ -1,8 +1,11 @@
 #include "engine/gpt.h"
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <numeric>
 
+#include "autodiff/tape.h"
 #include "parallel/tp.h"
 
 namespace titanax::nn {
@@ -259,6 +262,51 @@ Metrics lm_metrics(Module& model, const Batch& b) {
     loss = cross_entropy(logits.reshape(Shape{-1, logits.shape().back()}), y.reshape(Shape{-1}), Reduction::sum).item();
   }
   return {{"loss", loss}, {"count", double(y.numel())}};
+}
+
+std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const GenerateOptions& o) {
+  const GPTConfig& cfg = model.config();
+  if (prompt.empty()) throw ValueError("generate: empty prompt", "at least one token id", "none", "encode some text first");
+  if (o.temperature < 0 || o.top_k < 0)
+    throw ValueError("generate: temperature and top_k must not be negative", ">= 0",
+                     "temperature " + std::to_string(o.temperature) + ", top_k " + std::to_string(o.top_k));
+  for (int64_t id : prompt)
+    if (id < 0 || id >= cfg.vocab)
+      throw ValueError("generate: prompt id out of range", "ids in [0, " + std::to_string(cfg.vocab) + ")",
+                       std::to_string(id), "use the tokenizer the model was trained with");
+  NoGradGuard no_grad;
+  const bool was_training = model.training();
+  model.eval();
+  const RngKey key = RngKey::from_seed(o.seed);
+  for (int64_t i = 0; i < o.max_new_tokens; ++i) {
+    const int64_t T = std::min<int64_t>(int64_t(prompt.size()), cfg.seq_len);
+    std::vector<int64_t> window(prompt.end() - T, prompt.end());
+    Tensor logits = model.forward(from_vector(window, Shape{1, T})).slice(1, T - 1, T);  // [1, 1, V / n]
+    if (model.tp_size() > 1)
+      logits = gather_from_tensor_parallel_region(model.tp_group().mesh(), logits, cfg.tp_axis, -1);
+    std::vector<double> l = logits.astype(DType::f64).contiguous().to_vector<double>();
+    int64_t next = 0;
+    if (o.temperature == 0) {
+      next = std::max_element(l.begin(), l.end()) - l.begin();
+    } else {
+      std::vector<int64_t> order(l.size());
+      std::iota(order.begin(), order.end(), int64_t(0));
+      const size_t k = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), l.size()) : l.size();
+      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
+      std::vector<double> p(k);
+      double total = 0;
+      for (size_t j = 0; j < k; ++j) total += p[j] = std::exp((l[order[j]] - l[order[0]]) / o.temperature);
+      auto w = philox4x32({uint32_t(i), uint32_t(uint64_t(i) >> 32), 0, 0}, key);
+      double u = double(((uint64_t(w[0]) << 32) | w[1]) >> 11) / 9007199254740992.0 * total;  // U[0, total), 53 bits
+      size_t j = 0;
+      while (j + 1 < k && u >= p[j]) u -= p[j++];
+      next = order[j];
+    }
+    prompt.push_back(next);
+    if (next == o.stop_token) break;
+  }
+  model.train(was_training);
+  return prompt;
 }
 
 }  // namespace titanax::nn

@@ -88,6 +88,8 @@ class GPT final : public Module {
   /// The TP size n and this rank's index on the TP axis (1 and 0 without a mesh).
   int tp_size() const { return tp_.size(); }
   int tp_index() const { return tp_.index(); }
+  /// Where the model is split (a default group without a mesh).
+  const TPGroup& tp_group() const { return tp_; }
 
   /// Megatron's layout as glob rules over the parameter paths (parallel/sharding.h):
   ///   wte/weight -> {axis, ""}, blocks/*/attn/qkv/weight -> {"", axis, ""}, blocks/*/attn/qkv/bias ->
@@ -109,6 +111,24 @@ class GPT final : public Module {
   std::vector<std::shared_ptr<GPTBlock>> blocks_;
   std::shared_ptr<LayerNorm> lnf_;
 };
+
+/// Options of generate(). temperature 0 = greedy (argmax); otherwise tokens are drawn from
+/// softmax(logits / temperature), restricted to the top_k most likely tokens when top_k > 0.
+struct GenerateOptions {
+  int64_t max_new_tokens = 100;
+  double temperature = 1.0;
+  int64_t top_k = 0;
+  uint64_t seed = 0;         ///< draw i uses philox4x32({i, 0, 0, 0}, key(seed)): the same on every rank
+  int64_t stop_token = -1;   ///< stop after emitting this id (e.g. the tokenizer's end-of-text); -1 = never
+};
+
+/// Autoregressive sampling (as in GPT-2 / nanoGPT's generate): appends up to max_new_tokens ids to
+/// `prompt` (ids in [0, vocab)), feeding at most the last seq_len tokens each step (no KV cache: one
+/// forward of the window per token). Under TP it is collective (every rank of the model's TP group must
+/// call it with the same arguments) and all ranks return the same ids. Runs without recording a tape.
+/// Returns prompt + the new ids. Throws ValueError for an empty prompt, a negative temperature or
+/// top_k, or an id out of range.
+std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const GenerateOptions& opts = {});
 
 /// Engine LossFn for language models: mean cross-entropy of batch "x" (token ids [B, T]) against "y"
 /// (next tokens [B, T]): GPT::loss for a GPT (vocabulary-parallel under TP), else

