@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cpu/dispatch.h"
@@ -173,9 +174,12 @@ void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, 
   out[0] = T(s);
 }
 
-template <class T, class L>
-void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, LossReduction red,
-                 int64_t count, T* dx) {
+// d(loss)/d(logits) row by row: softmax(x_r) * scale, minus scale at the label (its column `lab - lo` when
+// it falls in this block of C columns). stats(r, xr) gives the row's max and sum of exp(x - max) over the
+// full vocabulary (computed here for whole rows; all-reduced ones for a vocabulary shard).
+template <class T, class L, class Stats>
+void softmax_xent_grad(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t lo, int64_t ignore,
+                       LossReduction red, int64_t count, T* dx, Stats stats) {
   double uniform = 0;
   if (red == LossReduction::sum) uniform = double(ct[0]);
   if (red == LossReduction::mean) uniform = count > 0 ? double(ct[0]) / double(count) : 0.0;
@@ -188,11 +192,21 @@ void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, in
       }
       const double scale = red == LossReduction::none ? double(ct[r]) : uniform;
       const T* xr = x + r * C;
-      const T m = row_max(xr, C);
-      const T k = T(scale / row_sumexp(xr, C, m));
+      const auto [m, sumexp] = stats(r, xr);
+      const T k = T(scale / sumexp);
       for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
-      dr[lab[r]] -= T(scale);
+      const int64_t j = int64_t(lab[r]) - lo;
+      if (j >= 0 && j < C) dr[j] -= T(scale);
     }
+  });
+}
+
+template <class T, class L>
+void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, LossReduction red,
+                 int64_t count, T* dx) {
+  softmax_xent_grad(x, lab, ct, R, C, 0, ignore, red, count, dx, [C](int64_t, const T* xr) {
+    const T m = row_max(xr, C);
+    return std::pair<T, double>(m, double(row_sumexp(xr, C, m)));
   });
 }
 
@@ -243,24 +257,8 @@ void shard_partials(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, 
 template <class T, class L>
 void shard_backward(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, const double* stats, const T* ct,
                     int64_t ignore, LossReduction red, int64_t count, T* dx) {
-  double uniform = 0;
-  if (red == LossReduction::sum) uniform = double(ct[0]);
-  if (red == LossReduction::mean) uniform = count > 0 ? double(ct[0]) / double(count) : 0.0;
-  parallel_for(R, 4 * C, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      T* dr = dx + r * C;
-      if (int64_t(lab[r]) == ignore) {
-        std::fill(dr, dr + C, T(0));
-        continue;
-      }
-      const double scale = red == LossReduction::none ? double(ct[r]) : uniform;
-      const T* xr = x + r * C;
-      const T m = T(stats[r]);
-      const T k = T(scale / stats[R + r]);
-      for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
-      const int64_t j = int64_t(lab[r]) - lo;
-      if (j >= 0 && j < C) dr[j] -= T(scale);
-    }
+  softmax_xent_grad(x, lab, ct, R, C, lo, ignore, red, count, dx, [stats, R](int64_t r, const T*) {
+    return std::pair<T, double>(T(stats[r]), stats[R + r]);
   });
 }
 

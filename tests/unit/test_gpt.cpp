@@ -2,6 +2,8 @@
 // against finite differences (f64), the causal property, sharding-rule matching and precedence, plan
 // validation, and the tensor-parallel code path on a model axis of size 1.
 #include <catch2/catch.hpp>
+
+#include "test_util.h"
 #include <nlohmann/json.hpp>
 
 #include <unistd.h>
@@ -25,16 +27,7 @@ Mesh local_mesh(std::vector<std::string> axes, std::vector<int> shape) {
   return MeshSpec{std::move(axes), std::move(shape)}.build(make_local_communicator());
 }
 
-template <class E, class F>
-E catch_error(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e;
-  }
-  FAIL("expected an exception");
-  throw std::logic_error("unreachable");
-}
+using testing::catch_error;
 
 nn::GPTConfig tiny(DType dt = DType::f32) {
   nn::GPTConfig c;

@@ -1,6 +1,8 @@
 // parallel/ without mpirun: mesh resolution and errors, plans, the local communicator, the collectives
 // on a one-rank mesh (identity) and their vjps, gradient averaging on one rank.
 #include <catch2/catch.hpp>
+
+#include "test_util.h"
 #include <nlohmann/json.hpp>
 
 #include "op_cases.h"
@@ -27,16 +29,7 @@ Tensor seq(const Shape& s, double start = 1.0) {
   return from_vector(v, s);
 }
 
-template <class E, class F>
-E catch_error(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e;
-  }
-  FAIL("expected an exception");
-  throw std::logic_error("unreachable");
-}
+using testing::catch_error;
 
 }  // namespace
 
