@@ -18,5 +18,8 @@ void memcpy_d2h(void* dst, const void* src, size_t bytes, int device);
 void memcpy_d2d(void* dst, const void* src, size_t bytes, int device);
 /// Waits for all work queued on `device`.
 void synchronize(int device);
+/// The stream kernels and copies for `device` are queued on (a cudaStream_t; nullptr is the legacy
+/// default stream, which is what the backend uses so far). nullptr without CUDA.
+void* current_stream(int device);
 
 }  // namespace titanax::cuda_rt

@@ -22,5 +22,6 @@ void memcpy_h2d(void*, const void*, size_t, int) { no_cuda("memcpy to cuda"); }
 void memcpy_d2h(void*, const void*, size_t, int) { no_cuda("memcpy from cuda"); }
 void memcpy_d2d(void*, const void*, size_t, int) { no_cuda("memcpy on cuda"); }
 void synchronize(int) { no_cuda("cuda synchronize"); }
+void* current_stream(int) { return nullptr; }
 }  // namespace cuda_rt
 }  // namespace titanax

@@ -1,5 +1,6 @@
 // Elementwise ops: broadcasting binary arithmetic and comparisons, unary functions, where, clamp.
 #include "kernels/cpu/elementwise.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -21,6 +22,7 @@ class Binary final : public Op {
     return {{s, out, in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::binary(k_, in[0], in[1], out[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::binary(k_, in[0], in[1], out[0]); }
 
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -91,6 +93,7 @@ class Unary final : public Op {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::unary(k_, in[0], out[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::unary(k_, in[0], out[0]); }
 
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -130,6 +133,7 @@ class Where final : public Op {
     return {{s, in[1].dtype(), in[1].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::where(in[0], in[1], in[2], out[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::where(in[0], in[1], in[2], out[0]); }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     TensorList r(3);
@@ -150,6 +154,7 @@ class Clamp final : public Op {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::clamp(in[0], lo_, hi_, out[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::clamp(in[0], lo_, hi_, out[0]); }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     if (!needs[0]) return {Tensor()};

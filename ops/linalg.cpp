@@ -6,6 +6,7 @@
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/loops.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -130,6 +131,9 @@ class Matmul final : public Op {
       parallel_batches(nb, one);
     });
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::matmul(in[0], in[1], out[0], kernels::cuda::allow_tf32());
+  }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     const Tensor &a = in[0], &b = in[1], &g = ct[0];
@@ -176,6 +180,10 @@ class Linear final : public Op {
       kernels::cpu::gemm(false, !lw.trans, M, out_f, in_f, T(1), x.data<T>(), std::max<int64_t>(in_f, 1), w.data<T>(),
                          lw.ld, beta, y, std::max<int64_t>(out_f, 1));
     });
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor b = in.size() > 2 ? in[2] : Tensor();
+    kernels::cuda::linear(in[0], in[1], in.size() > 2 ? &b : nullptr, out[0], kernels::cuda::allow_tf32());
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

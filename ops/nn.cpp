@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "kernels/cpu/nn.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -12,6 +13,8 @@ namespace kc = kernels::cpu;
 
 // A contiguous alias of an input, cut from the tape (kernels read raw pointers).
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
+// Labels / indices are checked on the host (the same errors as on the CPU): one small device-to-host copy.
+Tensor host_copy(const Tensor& t) { return t.device().is_cpu() ? t : t.detach().to(Device::cpu()); }
 
 // ------------------------------------------------------------------------------------ softmax
 
@@ -38,6 +41,15 @@ class Softmax final : public Op {
     for (int i = 0; i < a; ++i) outer *= s[i];
     for (int i = a + 1; i < s.rank(); ++i) inner *= s[i];
     kc::softmax(x, outer, s[a], inner, log_, out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    const Shape& s = x.shape();
+    const int a = normalize_axis(axis_, x.dim());
+    int64_t outer = 1, inner = 1;
+    for (int i = 0; i < a; ++i) outer *= s[i];
+    for (int i = a + 1; i < s.rank(); ++i) inner *= s[i];
+    kernels::cuda::softmax(x, outer, s[a], inner, log_, out[0]);
   }
   TensorList vjp(const TensorList&, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -100,6 +112,11 @@ class CrossEntropyBackward final : public Op {
     int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
     kc::cross_entropy_backward(logits, labels, ct, ignore_, to_kernel(red_), count, out[0]);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]), ct = dense(in[2]);
+    int64_t count = kc::check_labels(host_copy(labels), logits.shape().back(), ignore_, in[1].shape(), "cross_entropy");
+    kernels::cuda::cross_entropy_backward(logits, labels, ct, ignore_, to_kernel(red_), count, out[0]);
+  }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of cross_entropy is not implemented", "first-order gradients of cross_entropy",
                         "a gradient of cross_entropy_backward",
@@ -128,6 +145,11 @@ class CrossEntropy final : public Op {
     const int64_t C = logits.shape().back();
     int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
     kc::cross_entropy(logits, labels, ignore_, to_kernel(red_), count, out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]);
+    int64_t count = kc::check_labels(host_copy(labels), logits.shape().back(), ignore_, in[1].shape(), "cross_entropy");
+    kernels::cuda::cross_entropy(logits, labels, ignore_, to_kernel(red_), count, out[0]);
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -186,6 +208,14 @@ class LayerNormBackward final : public Op {
     Tensor* db = want_b_ ? &out[k++] : nullptr;
     kc::layer_norm_backward(dy, x, has_w_ ? &w : nullptr, eps_, out[0], dw, db);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor dy = dense(in[0]), x = dense(in[1]);
+    Tensor w = has_w_ ? dense(in[2]) : Tensor();
+    size_t k = 1;
+    Tensor* dw = want_w_ ? &out[k++] : nullptr;
+    Tensor* db = want_b_ ? &out[k++] : nullptr;
+    kernels::cuda::layer_norm_backward(dy, x, has_w_ ? &w : nullptr, eps_, out[0], dw, db);
+  }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of layer_norm is not implemented", "first-order gradients of layer_norm",
                         "a gradient of layer_norm_backward", "compose layer_norm from mean / rsqrt for higher-order terms");
@@ -216,6 +246,11 @@ class LayerNorm final : public Op {
     Tensor x = dense(in[0]);
     Tensor w = has_w_ ? dense(in[1]) : Tensor(), b = has_b_ ? dense(in[has_w_ ? 2 : 1]) : Tensor();
     kc::layer_norm(x, has_w_ ? &w : nullptr, has_b_ ? &b : nullptr, eps_, out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    Tensor w = has_w_ ? dense(in[1]) : Tensor(), b = has_b_ ? dense(in[has_w_ ? 2 : 1]) : Tensor();
+    kernels::cuda::layer_norm(x, has_w_ ? &w : nullptr, has_b_ ? &b : nullptr, eps_, out[0]);
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -305,6 +340,13 @@ class Gather final : public Op {
     kc::check_indices(idx, n, in[1].shape(), name());
     kc::gather(x, idx, A, n, B, out[0]);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]), idx = dense(in[1]);
+    int64_t A, n, B;
+    split_at(x.shape(), normalize_axis(axis_, x.dim()), A, n, B);
+    kc::check_indices(host_copy(idx), n, in[1].shape(), name());
+    kernels::cuda::gather(x, idx, A, n, B, out[0]);
+  }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override;
 
@@ -334,6 +376,13 @@ class ScatterAdd final : public Op {
     split_at(shape_, axis_, A, n, B);
     kc::check_indices(idx, n, in[1].shape(), name());
     kc::scatter_add(g, idx, A, n, B, out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor g = dense(in[0]), idx = dense(in[1]);
+    int64_t A, n, B;
+    split_at(shape_, axis_, A, n, B);
+    kc::check_indices(host_copy(idx), n, in[1].shape(), name());
+    kernels::cuda::scatter_add(g, idx, A, n, B, out[0]);
   }
   // Linear in g: the adjoint of a scatter-add is the gather.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,

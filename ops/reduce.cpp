@@ -2,6 +2,7 @@
 #include <algorithm>
 
 #include "kernels/cpu/reduce.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -59,6 +60,11 @@ class Reduce final : public Op {
     auto m = reduced_mask(in[0].shape(), axes_);
     Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(), 0);
     kernels::cpu::reduce(k_, in[0], m, o);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    auto m = reduced_mask(in[0].shape(), axes_);
+    Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(), 0);
+    kernels::cuda::reduce(k_, in[0], m, o);
   }
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

@@ -5,6 +5,7 @@
 #include "core/cuda_runtime.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/loops.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -55,7 +56,7 @@ class Copy final : public Op {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::copy_cast(in[0], out[0]); }
-  void cuda(const TensorList& in, TensorList& out) const override { copy_(out[0], in[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::copy_cast(in[0], out[0]); }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {ct[0]};
   }
@@ -169,6 +170,11 @@ class SliceScatter final : public Op {
     Tensor v = slice_view(out[0], sp_);
     kernels::cpu::copy_cast(in[0], v);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    fill_(out[0], 0.0);
+    Tensor v = slice_view(out[0], sp_);
+    kernels::cuda::copy_cast(in[0], v);
+  }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {slice(ct[0], sp_.axis, sp_.start, sp_.stop, sp_.step)};
   }
@@ -224,6 +230,15 @@ class Concat final : public Op {
       off += t.shape()[a];
     }
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    int a = normalize_axis(axis_, in[0].dim());
+    int64_t off = 0;
+    for (const auto& t : in) {
+      Tensor v = slice_view(out[0], {a, off, off + t.shape()[a], 1});
+      kernels::cuda::copy_cast(t, v);
+      off += t.shape()[a];
+    }
+  }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
     int a = normalize_axis(axis_, in[0].dim());
     TensorList r(in.size());
@@ -248,6 +263,7 @@ class AsType final : public Op {
   bool differentiable() const override { return is_floating(t_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), t_, in[0].device()}}; }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::copy_cast(in[0], out[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::copy_cast(in[0], out[0]); }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
     if (!needs[0] || !is_floating(in[0].dtype())) return {Tensor()};
     return {ct[0].astype(in[0].dtype())};

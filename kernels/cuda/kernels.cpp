@@ -1,0 +1,246 @@
+// Host wrappers of the CUDA kernels (kernels/cuda/kernels.h): Tensor -> raw pointers and layouts, dtype
+// checks, launch, error check. The kernels themselves are in the .cu files (kernels/cuda/launch.h).
+#include "kernels/cuda/kernels.h"
+
+#include <atomic>
+
+#include "core/cuda_runtime.h"
+#include "kernels/cpu/loops.h"
+#include "kernels/cuda/check.h"
+#include "kernels/cuda/launch.h"
+
+namespace titanax::kernels::cuda {
+
+static_assert(int(BinaryOp::gelu_erf_backward) == ew::gelu_erf_backward && int(BinaryOp::eq) == ew::eq,
+              "launch.h ew::Binary must mirror kernels::cpu::BinaryOp");
+static_assert(int(UnaryOp::sign) == ew::sign && int(UnaryOp::relu) == ew::relu,
+              "launch.h ew::Unary must mirror kernels::cpu::UnaryOp");
+
+namespace {
+
+Dt to_dt(DType t, const char* what) {
+  switch (t) {
+    case DType::f32: return Dt::f32;
+    case DType::f64: return Dt::f64;
+    case DType::i32: return Dt::i32;
+    case DType::i64: return Dt::i64;
+    case DType::u8: return Dt::u8;
+    case DType::bool_: return Dt::b8;
+    default:
+      throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, i32, i64, u8, bool",
+                       std::string(dtype_name(t)), "cast with astype(DType::f32)");
+  }
+}
+
+Dt floating(const Tensor& t, const char* what) {
+  if (t.dtype() != DType::f32 && t.dtype() != DType::f64)
+    throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64", std::string(dtype_name(t.dtype())),
+                     "cast with astype(DType::f32)");
+  return t.dtype() == DType::f32 ? Dt::f32 : Dt::f64;
+}
+
+void* stream_of(const Tensor& t) { return cuda_rt::current_stream(t.device().index); }
+
+// Iteration layout over `shape` with the given operand strides (operand 0 the output).
+Layout make_layout(const Shape& shape, std::initializer_list<Shape> strides) {
+  if (shape.rank() > kMaxDims)
+    throw ShapeError("CUDA elementwise kernel: too many axes", "rank <= " + std::to_string(kMaxDims), shape.str());
+  Layout L;
+  L.ndim = shape.rank();
+  for (int d = 0; d < L.ndim; ++d) L.size[d] = shape[d];
+  int k = 0;
+  for (const Shape& s : strides) {
+    for (int d = 0; d < L.ndim; ++d) L.stride[k][d] = s[d];
+    ++k;
+  }
+  return L;
+}
+
+bool dense_like(const Tensor& t, const Tensor& out) { return t.is_contiguous() && t.shape() == out.shape(); }
+
+void check(int err, const char* what) {
+  if (err != 0) throw_cuda_error(err, what, __FILE__, __LINE__);
+}
+
+}  // namespace
+
+void copy_cast(const Tensor& src, Tensor& dst) {
+  Layout L = make_layout(dst.shape(), {dst.strides(), cpu::broadcast_strides(src, dst.shape())});
+  check(launch_copy(to_dt(src.dtype(), "copy"), to_dt(dst.dtype(), "copy"), src.raw_data(), dst.raw_data(), L,
+                    dst.numel(), stream_of(dst)),
+        "launch_copy");
+}
+
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
+  const char* nm = cpu::binary_name(op);
+  Dt t = to_dt(a.dtype(), nm);
+  if (!cpu::is_comparison(op) && (t == Dt::u8 || t == Dt::b8))
+    throw DTypeError(std::string(nm) + ": unsupported dtype on CUDA", "f32, f64, i32, i64",
+                     std::string(dtype_name(a.dtype())), "cast with astype(DType::f32)");
+  if ((op == BinaryOp::gelu_tanh_backward || op == BinaryOp::gelu_erf_backward)) floating(a, nm);
+  Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(a, out.shape()),
+                                       cpu::broadcast_strides(b, out.shape())});
+  const bool contig = out.is_contiguous() && dense_like(a, out) && dense_like(b, out);
+  check(launch_binary(int(op), t, a.raw_data(), b.raw_data(), out.raw_data(), L, out.numel(), contig, stream_of(out)),
+        nm);
+}
+
+void unary(UnaryOp op, const Tensor& x, Tensor& out) {
+  const char* nm = cpu::unary_name(op);
+  const bool int_ok = op == UnaryOp::neg || op == UnaryOp::abs || op == UnaryOp::square || op == UnaryOp::sign ||
+                      op == UnaryOp::relu;
+  Dt t = int_ok ? to_dt(x.dtype(), nm) : floating(x, nm);
+  if (t == Dt::u8 || t == Dt::b8) floating(x, nm);
+  Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(x, out.shape())});
+  const bool contig = out.is_contiguous() && dense_like(x, out);
+  check(launch_unary(int(op), t, x.raw_data(), out.raw_data(), L, out.numel(), contig, stream_of(out)), nm);
+}
+
+void clamp(const Tensor& x, double lo, double hi, Tensor& out) {
+  Dt t = to_dt(x.dtype(), "clamp");
+  if (t == Dt::u8 || t == Dt::b8) floating(x, "clamp");
+  Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(x, out.shape())});
+  check(launch_clamp(t, x.raw_data(), out.raw_data(), lo, hi, L, out.numel(), stream_of(out)), "clamp");
+}
+
+void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out) {
+  Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(cond, out.shape()),
+                                       cpu::broadcast_strides(a, out.shape()), cpu::broadcast_strides(b, out.shape())});
+  check(launch_where(to_dt(out.dtype(), "where"), cond.raw_data(), a.raw_data(), b.raw_data(), out.raw_data(), L,
+                     out.numel(), stream_of(out)),
+        "where");
+}
+
+void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out) {
+  Dt t = floating(x, "reduce");
+  if (x.dim() > kMaxDims) throw ShapeError("CUDA reduction: too many axes", "rank <= 8", x.shape().str());
+  ReduceLayout L;
+  for (int d = 0; d < x.dim(); ++d) {
+    if (reduced[size_t(d)]) {
+      L.rsize[L.nr] = x.shape()[d];
+      L.rstride[L.nr++] = x.strides()[d];
+      L.nred *= x.shape()[d];
+    } else {
+      L.ksize[L.nk] = x.shape()[d];
+      L.kstride[L.nk++] = x.strides()[d];
+      L.nout *= x.shape()[d];
+    }
+  }
+  check(launch_reduce(op == ReduceOp::sum ? 0 : op == ReduceOp::max ? 1 : 2, t, x.raw_data(), out.raw_data(), L,
+                      stream_of(out)),
+        "reduce");
+}
+
+void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y) {
+  check(launch_softmax(floating(x, "softmax"), x.raw_data(), y.raw_data(), outer, n, inner, log, stream_of(y)),
+        "softmax");
+}
+
+namespace {
+int red_code(LossReduction r) { return r == LossReduction::mean ? 0 : r == LossReduction::sum ? 1 : 2; }
+}  // namespace
+
+void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red,
+                   int64_t count, Tensor& out) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : labels.numel();
+  Tensor rows = empty(Shape{std::max<int64_t>(R, 1)}, DType::f64, logits.device());
+  check(launch_cross_entropy(floating(logits, "cross_entropy"), labels.dtype() == DType::i64, logits.raw_data(),
+                             labels.raw_data(), R, C, ignore_index, red_code(red), count, out.raw_data(),
+                             static_cast<double*>(rows.raw_data()), stream_of(out)),
+        "cross_entropy");
+}
+
+void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                            LossReduction red, int64_t count, Tensor& dlogits) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;
+  check(launch_cross_entropy_backward(floating(logits, "cross_entropy_backward"), labels.dtype() == DType::i64,
+                                      logits.raw_data(), labels.raw_data(), ct.raw_data(), R, C, ignore_index,
+                                      red_code(red), count, dlogits.raw_data(), stream_of(dlogits)),
+        "cross_entropy_backward");
+}
+
+void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, Tensor& y) {
+  const int64_t D = x.shape().back(), R = D > 0 ? x.numel() / D : 0;
+  check(launch_layer_norm(floating(x, "layer_norm"), x.raw_data(), w ? w->raw_data() : nullptr,
+                          b ? b->raw_data() : nullptr, R, D, eps, y.raw_data(), stream_of(y)),
+        "layer_norm");
+}
+
+void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
+                         Tensor* db) {
+  const int64_t D = x.shape().back(), R = D > 0 ? x.numel() / D : 0;
+  Tensor stats = empty(Shape{std::max<int64_t>(2 * R, 1)}, DType::f64, x.device());
+  check(launch_layer_norm_backward(floating(x, "layer_norm_backward"), dy.raw_data(), x.raw_data(),
+                                   w ? w->raw_data() : nullptr, R, D, eps, dx.raw_data(),
+                                   dw ? dw->raw_data() : nullptr, db ? db->raw_data() : nullptr,
+                                   static_cast<double*>(stats.raw_data()), stream_of(dx)),
+        "layer_norm_backward");
+}
+
+void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out) {
+  check(launch_gather(floating(x, "gather"), idx.dtype() == DType::i64, x.raw_data(), idx.raw_data(), A, n, B,
+                      idx.numel(), out.raw_data(), stream_of(out)),
+        "gather");
+}
+
+void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out) {
+  const Dt t = floating(g, "scatter_add");
+  std::vector<int64_t> ids = idx.detach().to(Device::cpu()).astype(DType::i64).to_vector<int64_t>();
+  const int64_t K = int64_t(ids.size());
+  std::vector<int64_t> start(size_t(n + 1), 0), ks(size_t(std::max<int64_t>(K, 1)), 0);
+  for (int64_t r : ids) ++start[size_t(r + 1)];
+  for (int64_t r = 0; r < n; ++r) start[size_t(r + 1)] += start[size_t(r)];
+  std::vector<int64_t> fill(start.begin(), start.end() - 1);
+  for (int64_t k = 0; k < K; ++k) ks[size_t(fill[size_t(ids[size_t(k)])]++)] = k;  // increasing k per row
+  Tensor dstart = from_vector(start, Shape{n + 1}).to(out.device());
+  Tensor dks = from_vector(ks, Shape{int64_t(ks.size())}).to(out.device());
+  check(launch_scatter_add(t, g.raw_data(), static_cast<const int64_t*>(dstart.raw_data()),
+                           static_cast<const int64_t*>(dks.raw_data()), A, n, B, K, out.raw_data(), stream_of(out)),
+        "scatter_add");
+  // dstart / dks go back to the stream-ordered pool here; a later allocation reusing them is queued after
+  // this kernel on the same stream, so no synchronisation is needed.
+}
+
+namespace {
+std::atomic<bool> g_tf32{false};
+
+}  // namespace
+
+bool allow_tf32() { return g_tf32.load(); }
+void set_allow_tf32(bool on) { g_tf32.store(on); }
+
+void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& m,
+                 const std::vector<Tensor>& v, double lr, double b1, double b2, double eps, double wd, int64_t t,
+                 bool decoupled) {
+  if (p.empty()) return;
+  const Dt dt = floating(p[0], "adam_update");
+  for (size_t s = 0; s < p.size(); s += kMaxTensors) {
+    TensorChunk c;
+    for (size_t i = s; i < std::min(p.size(), s + kMaxTensors); ++i, ++c.count) {
+      c.p[c.count] = p[i].raw_data();
+      c.g[c.count] = g[i].raw_data();
+      c.m[c.count] = m[i].raw_data();
+      c.v[c.count] = v[i].raw_data();
+      c.n[c.count] = p[i].numel();
+    }
+    check(launch_adam(dt, c, lr, b1, b2, eps, wd, t, decoupled, stream_of(p[0])), "adam_update");
+  }
+}
+
+void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf, double lr,
+                double mu, double wd, bool nesterov, bool first) {
+  if (p.empty()) return;
+  const Dt dt = floating(p[0], "sgd_update");
+  for (size_t s = 0; s < p.size(); s += kMaxTensors) {
+    TensorChunk c;
+    for (size_t i = s; i < std::min(p.size(), s + kMaxTensors); ++i, ++c.count) {
+      c.p[c.count] = p[i].raw_data();
+      c.g[c.count] = g[i].raw_data();
+      c.m[c.count] = (i < buf.size() && buf[i].defined()) ? buf[i].raw_data() : nullptr;
+      c.n[c.count] = p[i].numel();
+    }
+    check(launch_sgd(dt, c, lr, mu, wd, nesterov, first, stream_of(p[0])), "sgd_update");
+  }
+}
+
+}  // namespace titanax::kernels::cuda

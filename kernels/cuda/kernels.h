@@ -1,0 +1,93 @@
+// CUDA kernels of the ops, at the Tensor level: the counterpart of kernels/cpu/*.h, called by the ops'
+// cuda() methods (ops/*.cpp). Each computes what its CPU twin computes (same formulas, row statistics
+// and sums accumulated in double), on tensors that live on one CUDA device, queued on that device's
+// current stream (cuda_rt::current_stream). Outputs are allocated by the caller with the documented
+// shape (contiguous unless stated). dtypes: floating kernels take f32 / f64; integer index / label
+// tensors i32 / i64; anything else throws DTypeError. CUDA failures throw DeviceError (call, file, line,
+// CUDA's error string).
+//
+// A build without CUDA links ops/no_cuda.cpp instead, whose versions throw DeviceError, so the ops call
+// these without #ifdefs (and are never reached there: no tensor can live on a CUDA device).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "kernels/cpu/elementwise.h"
+#include "kernels/cpu/nn.h"
+#include "kernels/cpu/reduce.h"
+
+namespace titanax::kernels::cuda {
+
+using cpu::BinaryOp;
+using cpu::LossReduction;
+using cpu::ReduceOp;
+using cpu::UnaryOp;
+
+// ------------------------------------------------------------------------------------ elementwise
+/// dst = src converted to dst's dtype; same shape, any strides (both on the same device). f32, f64, i32,
+/// i64, u8, bool (f16 / bf16: DTypeError for now).
+void copy_cast(const Tensor& src, Tensor& dst);
+/// out = op(a, b), a and b broadcast to out.shape(); out may be strided. Arithmetic on f32/f64/i32/i64,
+/// comparisons (any of those plus u8 / bool) write bool. Contiguous same-shape f32 operands take a
+/// 16-byte vector path.
+void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);
+/// out = op(x) (f32/f64; neg, abs, square, sign, relu also i32/i64).
+void unary(UnaryOp op, const Tensor& x, Tensor& out);
+/// out = min(max(x, lo), hi).
+void clamp(const Tensor& x, double lo, double hi, Tensor& out);
+/// out = cond ? a : b, all broadcast to out.shape(); cond is bool.
+void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out);
+
+// ------------------------------------------------------------------------------------ reductions
+/// out = op over the axes of x marked in `reduced` (out: contiguous, x's rank with reduced axes of size 1).
+/// f32/f64; sums accumulate in double; max / min propagate NaN.
+void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out);
+
+// ------------------------------------------------------------------------------------ nn (contiguous inputs)
+/// Softmax / log-softmax along the middle axis of x viewed as [outer, n, inner] (see kernels/cpu/nn.h).
+void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y);
+/// Fused log-softmax + NLL over logits [R, C] and labels [R] (already checked on the host); out as in
+/// kernels::cpu::cross_entropy. sum / mean add the row losses deterministically (one block, fixed order).
+void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red,
+                   int64_t count, Tensor& out);
+/// dlogits [R, C] = (softmax(logits) - onehot(labels)) * scale_r; ct on the device (see the CPU twin).
+void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                            LossReduction red, int64_t count, Tensor& dlogits);
+/// y [R, D] = (x - mean) * rstd * w + b over the last axis; w, b may be nullptr.
+void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, Tensor& y);
+/// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).
+void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
+                         Tensor* db);
+/// out[a, k, b] = x[a, idx[k], b], x viewed as [A, n, B]; indices already checked (in range).
+void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
+/// out[a, r, b] = sum over k with idx[k] == r, in increasing k, of g[a, k, b] (the embedding backward).
+/// Deterministic without atomics: the indices are bucketed by row on the host (a counting sort; one
+/// device-to-host copy of idx), then one thread per output element sums its row's list in order.
+void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
+
+// ------------------------------------------------------------------------------------ GEMM (cuBLASLt)
+/// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is
+/// allocated contiguous by the caller). f32 (TF32 tensor cores when `allow_tf32`, else full FP32) or f64.
+/// Strided operands are made contiguous first; batches go to one strided-batched cuBLASLt call.
+void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool allow_tf32);
+/// y [M, out] = x [M, in] @ w[out, in]^T (+ bias [out] when not nullptr). f32 / f64.
+void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool allow_tf32);
+/// Whether f32 GEMMs may use TF32 tensor cores (default false: results then match the CPU to ~1e-6).
+/// Set by the user or the precision policy; read by the matmul / linear ops.
+bool allow_tf32();
+void set_allow_tf32(bool on);
+
+// ------------------------------------------------------------------------------------ optimizers
+/// Fused multi-tensor AdamW / Adam (formulas of kernels/cpu/optim.h) over parameter lists p, g, m, v
+/// (equal lengths; tensor i of each list has the same numel, dtype f32 or f64, contiguous, on one device),
+/// in place: one kernel launch per 24 tensors.
+void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& m,
+                 const std::vector<Tensor>& v, double lr, double b1, double b2, double eps, double wd, int64_t t,
+                 bool decoupled);
+/// Fused multi-tensor SGD with momentum (buf entries may be undefined when mu == 0).
+void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf, double lr,
+                double mu, double wd, bool nesterov, bool first);
+
+}  // namespace titanax::kernels::cuda

@@ -1,0 +1,102 @@
+// Launchers of the hand-written CUDA kernels (kernels/cuda/*.cu). Internal to kernels/cuda.
+//
+// This header is shared by the .cu files (nvcc, C++17) and the host wrappers (kernels/cuda/kernels.cpp,
+// C++20), so it uses plain types only: raw device pointers, element counts, strides in elements and an
+// opaque `stream` (a cudaStream_t; nullptr is the legacy default stream). Every launcher returns the
+// cudaError_t of the launch as an int (0 = success); the host wrappers turn a failure into DeviceError.
+// Callers have already checked shapes and dtypes; pointers point at the first element of each operand.
+#pragma once
+
+#include <cstdint>
+
+namespace titanax::kernels::cuda {
+
+constexpr int kMaxDims = 8;
+
+/// Element types the kernels handle (b8 is bool stored as one byte).
+enum class Dt : int { f32, f64, i32, i64, u8, b8 };
+
+/// A common N-d iteration shape (at most kMaxDims axes) with the strides, in elements, of up to four
+/// operands (0 on broadcast axes). Operand 0 is the output. Linear index i walks `size` row-major.
+struct Layout {
+  int ndim = 0;
+  int64_t size[kMaxDims] = {};
+  int64_t stride[4][kMaxDims] = {};
+};
+
+/// Mirrors of kernels::cpu::BinaryOp / UnaryOp (same order; kernels.cpp static_asserts it).
+namespace ew {
+enum Binary { add, sub, mul, div, maximum, minimum, pow, eq, ne, lt, le, gt, ge, relu_backward,
+              gelu_tanh_backward, gelu_erf_backward };
+enum Unary { neg, exp, log, sqrt, rsqrt, tanh, sigmoid, abs, square, reciprocal, relu, gelu_tanh, gelu_erf, sign };
+}  // namespace ew
+
+// ---------------------------------------------------------------- elementwise (elementwise.cu)
+/// d = convert(s) over n elements laid out by L (operand 0: d, 1: s).
+int launch_copy(Dt src, Dt dst, const void* s, void* d, const Layout& L, int64_t n, void* stream);
+/// out = op(a, b); a, b and out share dtype t except comparisons (out b8). `contig`: every operand is
+/// contiguous with the output's shape (no broadcast): a flat loop, 16-byte vector loads for aligned f32.
+int launch_binary(int op, Dt t, const void* a, const void* b, void* out, const Layout& L, int64_t n, bool contig,
+                  void* stream);
+/// out = op(x), f32/f64 (neg, abs, square, sign, relu also i32/i64).
+int launch_unary(int op, Dt t, const void* x, void* out, const Layout& L, int64_t n, bool contig, void* stream);
+/// out = min(max(x, lo), hi) in dtype t.
+int launch_clamp(Dt t, const void* x, void* out, double lo, double hi, const Layout& L, int64_t n, void* stream);
+/// out = c ? a : b (operands: out, c (b8), a, b).
+int launch_where(Dt t, const void* c, const void* a, const void* b, void* out, const Layout& L, int64_t n,
+                 void* stream);
+
+// ---------------------------------------------------------------- reductions (reduce.cu)
+/// Reduction of x over the `r` axes for every combination of the kept `k` axes. The output is
+/// contiguous in the kept axes' row-major order (nout elements); each output reduces nred elements.
+struct ReduceLayout {
+  int nk = 0, nr = 0;
+  int64_t ksize[kMaxDims] = {}, kstride[kMaxDims] = {};
+  int64_t rsize[kMaxDims] = {}, rstride[kMaxDims] = {};
+  int64_t nout = 1, nred = 1;
+};
+/// op: 0 sum (accumulated in double), 1 max, 2 min (NaN propagates). t: f32 / f64.
+int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, void* stream);
+
+// ---------------------------------------------------------------- nn (nn.cu); contiguous operands
+/// Softmax / log-softmax along the middle axis of [outer, n, inner].
+int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64_t inner, bool log, void* stream);
+/// Fused log-softmax + NLL over logits [R, C], labels [R] (i64 when lab64 else i32). red: 0 mean, 1 sum,
+/// 2 none. For mean / sum, `rows` (R doubles of scratch) receives the row losses, summed in row order.
+int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t ignore,
+                         int red, int64_t count, void* out, double* rows, void* stream);
+/// dlogits = (softmax(x) - onehot) * scale_r (see kernels/cpu/nn.h).
+int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
+                                  int64_t C, int64_t ignore, int red, int64_t count, void* dx, void* stream);
+/// y [R, D] = (x - mean) * rstd * w + b; w, b may be null.
+int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
+                      void* stream);
+/// dx, and dw / db (may be null) summed over rows in row order; `stats`: 2R doubles of scratch.
+int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, int64_t R, int64_t D, double eps,
+                               void* dx, void* dw, void* db, double* stats, void* stream);
+/// out[a, k, b] = x[a, idx[k], b]; x [A, n, B], out [A, K, B].
+int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
+                  void* out, void* stream);
+/// out[a, r, b] = sum over ks[row_start[r] .. row_start[r+1]) (increasing k) of g[a, k, b]: one thread per
+/// output element, a fixed order, no atomics (deterministic). row_start: n + 1 entries, ks: K entries.
+int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
+                       int64_t B, int64_t K, void* out, void* stream);
+
+// ---------------------------------------------------------------- optimizers (optim.cu)
+/// Up to kMaxTensors tensors updated by one launch (passed by value as a kernel parameter).
+constexpr int kMaxTensors = 24;
+struct TensorChunk {
+  int count = 0;
+  void* p[kMaxTensors] = {};
+  const void* g[kMaxTensors] = {};
+  void* m[kMaxTensors] = {};  ///< Adam m / SGD momentum buffer (may be null for SGD without momentum)
+  void* v[kMaxTensors] = {};  ///< Adam v
+  int64_t n[kMaxTensors] = {};
+};
+/// Fused AdamW / Adam over a chunk (formulas of kernels/cpu/optim.h), f32 or f64.
+int launch_adam(Dt t, const TensorChunk& c, double lr, double b1, double b2, double eps, double wd, int64_t step,
+                bool decoupled, void* stream);
+/// Fused SGD with momentum over a chunk.
+int launch_sgd(Dt t, const TensorChunk& c, double lr, double mu, double wd, bool nesterov, bool first, void* stream);
+
+}  // namespace titanax::kernels::cuda

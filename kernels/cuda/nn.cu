@@ -1,0 +1,324 @@
+// Neural-network kernels: softmax / log-softmax, fused cross-entropy forward and backward, layer norm
+// forward and backward, gather / deterministic scatter-add (embedding). Row kernels use one block per
+// row with block reductions (warp shuffles); row statistics accumulate in double as on the CPU.
+#include "kernels/cuda/common.cuh"
+
+namespace titanax::kernels::cuda {
+namespace {
+
+template <class T> __device__ __forceinline__ T dexp(T v) { return exp(v); }
+template <> __device__ __forceinline__ float dexp(float v) { return expf(v); }
+
+// Row max (x > m ? x : m, as the CPU row_max) and sum of exp(x - max) in double, over the whole block.
+template <class T>
+__device__ void row_stats(const T* xr, int64_t n, int64_t stride, T& m, double& s) {
+  T lm = T(-INFINITY);
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) lm = plain_max(lm, xr[j * stride]);
+  m = block_max(lm, T(-INFINITY));
+  double ls = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) ls += double(dexp(T(xr[j * stride] - m)));
+  s = block_sum(ls);
+}
+
+template <class T>
+__global__ void k_softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * n;
+    T* yr = y + r * n;
+    T m;
+    double s;
+    row_stats(xr, n, 1, m, s);
+    if (log) {
+      const T lse = T(::log(s));
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = (xr[j] - m) - lse;
+    } else {
+      const T inv = T(1.0 / s);
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = dexp(T(xr[j] - m)) * inv;
+    }
+  }
+}
+
+// One thread per column of [outer, n, inner] (inner > 1), as the CPU's column path.
+template <class T>
+__global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64_t inner, bool log) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < outer * inner;
+       c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t o = c / inner, b = c % inner;
+    const T* xo = x + o * n * inner + b;
+    T* yo = y + o * n * inner + b;
+    T m = T(-INFINITY);
+    for (int64_t i = 0; i < n; ++i) m = plain_max(m, xo[i * inner]);
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += double(exp(xo[i * inner] - m));
+    if (log) {
+      const T lse = T(::log(s));
+      for (int64_t i = 0; i < n; ++i) yo[i * inner] = (xo[i * inner] - m) - lse;
+    } else {
+      const T inv = T(1.0 / s);
+      for (int64_t i = 0; i < n; ++i) yo[i * inner] = exp(xo[i * inner] - m) * inv;
+    }
+  }
+}
+
+template <class T, class L>
+__global__ void k_ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out,
+                             double* rows) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    double loss = 0;
+    if (int64_t(lab[r]) != ignore) {
+      const T* xr = x + r * C;
+      T m;
+      double s;
+      row_stats(xr, C, 1, m, s);
+      loss = double(m) + ::log(s) - double(xr[lab[r]]);
+    }
+    if (threadIdx.x == 0) {
+      if (red == 2) out[r] = T(loss);
+      else rows[r] = loss;
+    }
+    __syncthreads();
+  }
+}
+
+// Sum of the row losses by one block with a fixed partition: deterministic run to run.
+template <class T>
+__global__ void k_ce_total(const double* rows, int64_t R, int red, int64_t count, T* out) {
+  double s = 0;
+  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) s += rows[r];
+  s = block_sum(s);
+  if (threadIdx.x == 0) {
+    if (red == 0) s = count > 0 ? s / double(count) : 0.0;
+    out[0] = T(s);
+  }
+}
+
+template <class T, class L>
+__global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
+                              int64_t count, T* dx) {
+  double uniform = 0;
+  if (red == 1) uniform = double(ct[0]);
+  if (red == 0) uniform = count > 0 ? double(ct[0]) / double(count) : 0.0;
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    T* dr = dx + r * C;
+    const int64_t label = int64_t(lab[r]);
+    if (label == ignore) {
+      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) dr[j] = T(0);
+      continue;
+    }
+    const double scale = red == 2 ? double(ct[r]) : uniform;
+    const T* xr = x + r * C;
+    T m;
+    double s;
+    row_stats(xr, C, 1, m, s);
+    const T k = T(scale / s);
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+      T v = dexp(T(xr[j] - m)) * k;
+      if (j == label) v -= T(scale);
+      dr[j] = v;
+    }
+  }
+}
+
+template <class T>
+__device__ void row_moments(const T* xr, int64_t D, double eps, double& mean, double& rstd) {
+  double s = 0;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) s += double(xr[j]);
+  mean = block_sum(s) / double(D);
+  double v = 0;
+  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+    const double d = double(xr[j]) - mean;
+    v += d * d;
+  }
+  rstd = 1.0 / ::sqrt(block_sum(v) / double(D) + eps);
+}
+
+template <class T>
+__global__ void k_layer_norm(const T* x, const T* w, const T* b, int64_t R, int64_t D, double eps, T* y) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const T* xr = x + r * D;
+    T* yr = y + r * D;
+    double mean, rstd;
+    row_moments(xr, D, eps, mean, rstd);
+    const T tm = T(mean), ts = T(rstd);
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      T v = (xr[j] - tm) * ts;
+      if (w) v *= w[j];
+      if (b) v += b[j];
+      yr[j] = v;
+    }
+  }
+}
+
+template <class T>
+__global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int64_t D, double eps, T* dx,
+                                double* stats) {
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const T* xr = x + r * D;
+    const T* gr = dy + r * D;
+    double mean, rstd;
+    row_moments(xr, D, eps, mean, rstd);
+    if (threadIdx.x == 0 && stats) stats[2 * r] = mean, stats[2 * r + 1] = rstd;
+    double s1 = 0, s2 = 0;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      const double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
+      s1 += g;
+      s2 += g * (double(xr[j]) - mean) * rstd;
+    }
+    s1 = block_sum(s1);
+    s2 = block_sum(s2);
+    const double m1 = s1 / double(D), m2 = s2 / double(D);
+    T* dr = dx + r * D;
+    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
+      const double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
+      const double xh = (double(xr[j]) - mean) * rstd;
+      dr[j] = T(rstd * (g - m1 - xh * m2));
+    }
+  }
+}
+
+// dw / db: one thread per column, rows summed in order (deterministic; coalesced across the warp).
+template <class T>
+__global__ void k_layer_norm_dwdb(const T* dy, const T* x, const double* stats, int64_t R, int64_t D, T* dw, T* db) {
+  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < D; c += int64_t(gridDim.x) * blockDim.x) {
+    double aw = 0, ab = 0;
+    for (int64_t r = 0; r < R; ++r) {
+      const double g = double(dy[r * D + c]);
+      aw += g * (double(x[r * D + c]) - stats[2 * r]) * stats[2 * r + 1];
+      ab += g;
+    }
+    if (dw) dw[c] = T(aw);
+    if (db) db[c] = T(ab);
+  }
+}
+
+template <class T, class I>
+__global__ void k_gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t B, int64_t K, T* out) {
+  const int64_t total = A * K * B;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i % B, k = (i / B) % K, a = i / (B * K);
+    out[i] = x[(a * n + int64_t(idx[k])) * B + b];
+  }
+}
+
+template <class T>
+__global__ void k_scatter_add(const T* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
+                              int64_t B, int64_t K, T* out) {
+  const int64_t total = A * n * B;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i % B, r = (i / B) % n, a = i / (B * n);
+    T acc = T(0);
+    for (int64_t e = row_start[r]; e < row_start[r + 1]; ++e) acc += g[(a * K + ks[e]) * B + b];
+    out[i] = acc;
+  }
+}
+
+unsigned row_blocks(int64_t R) { return unsigned(R < 1 ? 1 : (R > 65535 * 4 ? 65535 * 4 : R)); }
+
+template <class Body>
+int floating(Dt t, Body body) {
+  if (t == Dt::f32) body(float{});
+  else if (t == Dt::f64) body(double{});
+  else return int(cudaErrorInvalidValue);
+  return int(cudaGetLastError());
+}
+
+}  // namespace
+
+int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64_t inner, bool log, void* stream) {
+  if (outer * n * inner == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    if (inner == 1)
+      k_softmax_rows<<<row_blocks(outer), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x),
+                                                                             static_cast<T*>(y), outer, n, log);
+    else
+      k_softmax_cols<<<grid_for(outer * inner), kThreads, 0, as_stream(stream)>>>(
+          static_cast<const T*>(x), static_cast<T*>(y), outer, n, inner, log);
+  });
+}
+
+int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t ignore,
+                         int red, int64_t count, void* out, double* rows, void* stream) {
+  auto st = as_stream(stream);
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    if (R > 0) {
+      if (lab64)
+        k_ce_forward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int64_t*>(lab), R,
+                                                         C, ignore, red, static_cast<T*>(out), rows);
+      else
+        k_ce_forward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab), R,
+                                                         C, ignore, red, static_cast<T*>(out), rows);
+    }
+    if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
+  });
+}
+
+int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
+                                  int64_t C, int64_t ignore, int red, int64_t count, void* dx, void* stream) {
+  if (R * C == 0) return 0;
+  auto st = as_stream(stream);
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    if (lab64)
+      k_ce_backward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int64_t*>(lab),
+                                                        static_cast<const T*>(ct), R, C, ignore, red, count,
+                                                        static_cast<T*>(dx));
+    else
+      k_ce_backward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab),
+                                                        static_cast<const T*>(ct), R, C, ignore, red, count,
+                                                        static_cast<T*>(dx));
+  });
+}
+
+int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
+                      void* stream) {
+  if (R * D == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    k_layer_norm<<<row_blocks(R), kThreads, 0, as_stream(stream)>>>(
+        static_cast<const T*>(x), static_cast<const T*>(w), static_cast<const T*>(b), R, D, eps, static_cast<T*>(y));
+  });
+}
+
+int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, int64_t R, int64_t D, double eps,
+                               void* dx, void* dw, void* db, double* stats, void* stream) {
+  if (D == 0) return 0;
+  auto st = as_stream(stream);
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    if (R > 0)
+      k_layer_norm_dx<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
+                                                          static_cast<const T*>(w), R, D, eps, static_cast<T*>(dx),
+                                                          stats);
+    if (dw || db)
+      k_layer_norm_dwdb<<<grid_for(D), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x), stats,
+                                                          R, D, static_cast<T*>(dw), static_cast<T*>(db));
+  });
+}
+
+int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
+                  void* out, void* stream) {
+  if (A * K * B == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    if (idx64)
+      k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(
+          static_cast<const T*>(x), static_cast<const int64_t*>(idx), A, n, B, K, static_cast<T*>(out));
+    else
+      k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(
+          static_cast<const T*>(x), static_cast<const int32_t*>(idx), A, n, B, K, static_cast<T*>(out));
+  });
+}
+
+int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
+                       int64_t B, int64_t K, void* out, void* stream) {
+  if (A * n * B == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    k_scatter_add<<<grid_for(A * n * B), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(g), row_start, ks, A,
+                                                                           n, B, K, static_cast<T*>(out));
+  });
+}
+
+}  // namespace titanax::kernels::cuda

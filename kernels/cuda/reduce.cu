@@ -1,0 +1,97 @@
+// Reductions over any set of axes: a group of threads (a warp, or a block when there are few outputs)
+// per output element, strided over the reduced elements, combined with warp shuffles. Sums accumulate in
+// double (as the CPU); max / min let NaN win.
+#include <cfloat>
+
+#include "kernels/cuda/common.cuh"
+
+namespace titanax::kernels::cuda {
+namespace {
+
+template <class T> __device__ __forceinline__ T lowest();
+template <> __device__ __forceinline__ float lowest<float>() { return -INFINITY; }
+template <> __device__ __forceinline__ double lowest<double>() { return -INFINITY; }
+
+__device__ __forceinline__ int64_t kept_offset(const ReduceLayout& L, int64_t o) {
+  int64_t off = 0;
+  for (int d = L.nk - 1; d >= 0; --d) {
+    off += (o % L.ksize[d]) * L.kstride[d];
+    o /= L.ksize[d];
+  }
+  return off;
+}
+__device__ __forceinline__ int64_t red_offset(const ReduceLayout& L, int64_t r) {
+  int64_t off = 0;
+  for (int d = L.nr - 1; d >= 0; --d) {
+    off += (r % L.rsize[d]) * L.rstride[d];
+    r /= L.rsize[d];
+  }
+  return off;
+}
+
+template <class A, class T>
+__device__ __forceinline__ A combine(int op, A a, A b) {
+  if (op == 0) return a + b;
+  return op == 1 ? nan_max(a, b) : nan_min(a, b);
+}
+
+template <class A>
+__device__ __forceinline__ A warp_combine(int op, A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = combine<A, A>(op, v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// GROUP threads per output: 32 (a warp; blockDim 256 = 8 outputs per block) or blockDim (one output per block).
+template <class T, class A, int GROUP>
+__global__ void k_reduce(int op, const T* x, T* out, ReduceLayout L) {
+  const int lane = threadIdx.x % GROUP;
+  const int64_t groups_per_block = blockDim.x / GROUP;
+  const A init = op == 0 ? A(0) : (op == 1 ? A(lowest<T>()) : A(-lowest<T>()));
+  for (int64_t o = blockIdx.x * groups_per_block + threadIdx.x / GROUP; o < L.nout;
+       o += int64_t(gridDim.x) * groups_per_block) {
+    const T* base = x + kept_offset(L, o);
+    A acc = init;
+    for (int64_t r = lane; r < L.nred; r += GROUP) acc = combine<A, A>(op, acc, A(base[red_offset(L, r)]));
+    acc = warp_combine(op, acc);
+    if constexpr (GROUP > 32) {
+      __shared__ A sh[32];
+      const int w = threadIdx.x >> 5;
+      __syncthreads();
+      if ((threadIdx.x & 31) == 0) sh[w] = acc;
+      __syncthreads();
+      if (threadIdx.x < 32) {
+        A v = threadIdx.x < GROUP / 32 ? sh[threadIdx.x] : init;
+        v = warp_combine(op, v);
+        if (threadIdx.x == 0) out[o] = T(v);
+      }
+    } else {
+      if (lane == 0) out[o] = T(acc);
+    }
+  }
+}
+
+template <class T>
+void run(int op, const T* x, T* out, const ReduceLayout& L, cudaStream_t st) {
+  if (L.nout < 2048 && L.nred >= 1024) {
+    unsigned blocks = unsigned(L.nout > 65535 ? 65535 : L.nout);
+    if (op == 0) k_reduce<T, double, kThreads><<<blocks, kThreads, 0, st>>>(op, x, out, L);
+    else k_reduce<T, T, kThreads><<<blocks, kThreads, 0, st>>>(op, x, out, L);
+  } else {
+    unsigned blocks = grid_for(L.nout, kThreads / 32);
+    if (op == 0) k_reduce<T, double, 32><<<blocks, kThreads, 0, st>>>(op, x, out, L);
+    else k_reduce<T, T, 32><<<blocks, kThreads, 0, st>>>(op, x, out, L);
+  }
+}
+
+}  // namespace
+
+int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, void* stream) {
+  if (L.nout == 0) return 0;
+  if (t == Dt::f32) run(op, static_cast<const float*>(x), static_cast<float*>(out), L, as_stream(stream));
+  else if (t == Dt::f64) run(op, static_cast<const double*>(x), static_cast<double*>(out), L, as_stream(stream));
+  else return int(cudaErrorInvalidValue);
+  return int(cudaGetLastError());
+}
+
+}  // namespace titanax::kernels::cuda

@@ -1,0 +1,241 @@
+// The CUDA side of core/cuda_runtime.h (device count, copies, synchronisation) and the CUDA caching
+// allocator behind core/allocator.h's Allocator interface.
+//
+// Allocator: stream-ordered caching pool, one per device. Requests are rounded up to 512 B (below 1 MiB)
+// or 2 MiB (above); a freed block goes back to the free list of (its stream, its size class) and is handed
+// out again only to an allocation on that same stream, so the stream's own ordering guarantees that
+// earlier kernels reading or writing the block are done before later ones touch it (no synchronisation,
+// no events). Statistics: current / peak / reserved bytes, allocate() calls and cudaMalloc calls. When
+// cudaMalloc fails, the cache is freed (after a device synchronisation) and cudaMalloc retried once;
+// then OutOfMemoryError carries the request and the statistics. With TITANAX_CUDA_POISON=1 in the
+// environment every allocation is filled with 0xFF bytes (NaN) first, so kernels that leave output
+// elements unwritten fail the CUDA tests.
+#include <cuda_runtime_api.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "core/allocator.h"
+#include "core/cuda_runtime.h"
+#include "kernels/cuda/check.h"
+
+namespace titanax {
+
+namespace kernels::cuda {
+
+void throw_cuda_error(int err, const char* call, const char* file, int line) {
+  throw DeviceError(std::string("CUDA call failed: ") + call + " at " + file + ":" + std::to_string(line),
+                    "cudaSuccess", std::string(cudaGetErrorName(cudaError_t(err))) + ": " +
+                                       cudaGetErrorString(cudaError_t(err)),
+                    "check that the GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES) and that the build's "
+                    "CMAKE_CUDA_ARCHITECTURES covers it");
+}
+
+void throw_cublas_error(int status, const char* call, const char* file, int line) {
+  throw DeviceError(std::string("cuBLASLt call failed: ") + call + " at " + file + ":" + std::to_string(line),
+                    "CUBLAS_STATUS_SUCCESS", "cublasStatus_t " + std::to_string(status),
+                    "check the operand shapes and that the GPU supports the requested compute type");
+}
+
+}  // namespace kernels::cuda
+
+namespace {
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int d) {
+    TX_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != d) TX_CUDA_CHECK(cudaSetDevice(d));
+    cur_ = d;
+  }
+  ~DeviceGuard() {
+    if (prev_ != cur_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0, cur_ = 0;
+};
+
+class CudaAllocator final : public Allocator {
+ public:
+  explicit CudaAllocator(int index) : index_(index) {
+    const char* e = std::getenv("TITANAX_CUDA_POISON");
+    poison_ = e && *e && *e != '0';
+  }
+
+  static size_t round(size_t b) {
+    if (b == 0) b = 1;
+    const size_t g = b < (size_t(1) << 20) ? 512 : (size_t(2) << 20);
+    return (b + g - 1) / g * g;
+  }
+
+  void* allocate(size_t bytes) override {
+    const size_t sz = round(bytes);
+    void* stream = cuda_rt::current_stream(index_);
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      ++stats_.num_allocs;
+      auto it = free_.find({stream, sz});
+      if (it != free_.end() && !it->second.empty()) {
+        void* p = it->second.back();
+        it->second.pop_back();
+        live_[p] = {stream, sz};
+        note_alloc(sz);
+        if (poison_) fill_nan(p, sz, stream);
+        return p;
+      }
+      ++stats_.num_system_allocs;
+    }
+    DeviceGuard dg(index_);
+    void* p = nullptr;
+    cudaError_t err = cudaMalloc(&p, sz);
+    if (err == cudaErrorMemoryAllocation) {
+      cudaGetLastError();  // clear the sticky-free error state of this failure
+      empty_cache();
+      err = cudaMalloc(&p, sz);
+    }
+    if (err == cudaErrorMemoryAllocation) {
+      cudaGetLastError();
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      throw OutOfMemoryError("CUDA out of memory on cuda:" + std::to_string(index_),
+                             std::to_string(bytes) + " bytes (" + std::to_string(sz) + " rounded)",
+                             stats().str() + "; device free " + std::to_string(free_b) + "B of " +
+                                 std::to_string(total_b) + "B",
+                             "reduce the batch size or sequence length, or free tensors held across steps");
+    }
+    TX_CUDA_CHECK(err);
+    std::lock_guard<std::mutex> g(mu_);
+    stats_.reserved_bytes += int64_t(sz);
+    live_[p] = {stream, sz};
+    note_alloc(sz);
+    if (poison_) fill_nan(p, sz, stream);
+    return p;
+  }
+
+  void deallocate(void* p, size_t) override {
+    if (!p) return;
+    std::lock_guard<std::mutex> g(mu_);
+    auto it = live_.find(p);
+    if (it == live_.end()) return;  // not ours: ignore rather than corrupt the pool
+    const auto [stream, sz] = it->second;
+    live_.erase(it);
+    stats_.current_bytes -= int64_t(sz);
+    free_[{stream, sz}].push_back(p);
+  }
+
+  Device device() const override { return Device::cuda(index_); }
+  AllocatorStats stats() const override {
+    std::lock_guard<std::mutex> g(mu_);
+    return stats_;
+  }
+  void reset_peak() override {
+    std::lock_guard<std::mutex> g(mu_);
+    stats_.peak_bytes = stats_.current_bytes;
+  }
+  void empty_cache() override {
+    std::lock_guard<std::mutex> g(mu_);
+    bool any = false;
+    for (auto& kv : free_) any = any || !kv.second.empty();
+    if (!any) return;
+    DeviceGuard dg(index_);
+    cudaDeviceSynchronize();  // cached blocks may still be read by queued work of their stream
+    for (auto& [key, list] : free_) {
+      for (void* p : list) cudaFree(p);
+      stats_.reserved_bytes -= int64_t(key.second * list.size());
+    }
+    free_.clear();
+  }
+
+ private:
+  // Every byte 0xFF: a NaN in f32 and f64, -1 in integers (tests: unwritten outputs show up).
+  void fill_nan(void* p, size_t sz, void* stream) {
+    DeviceGuard dg(index_);
+    TX_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, sz, static_cast<cudaStream_t>(stream)));
+  }
+  void note_alloc(size_t sz) {
+    stats_.current_bytes += int64_t(sz);
+    if (stats_.current_bytes > stats_.peak_bytes) stats_.peak_bytes = stats_.current_bytes;
+  }
+
+  int index_;
+  bool poison_ = false;  // TITANAX_CUDA_POISON=1: fill every allocation with NaN bytes
+  mutable std::mutex mu_;
+  AllocatorStats stats_;
+  std::map<std::pair<void*, size_t>, std::vector<void*>> free_;
+  std::unordered_map<void*, std::pair<void*, size_t>> live_;
+};
+
+void check_index(int index) {
+  const int n = cuda_rt::device_count();
+  if (index < 0 || index >= n)
+    throw DeviceError("no such CUDA device", "an index in [0, " + std::to_string(n) + ")",
+                      "cuda:" + std::to_string(index),
+                      n == 0 ? "this machine has no visible GPU: run on the CPU" : "check CUDA_VISIBLE_DEVICES");
+}
+
+}  // namespace
+
+Allocator& cuda_allocator(int index) {
+  check_index(index);
+  static std::mutex mu;
+  static std::vector<CudaAllocator*> pools;  // never destroyed: tensors may outlive statics
+  std::lock_guard<std::mutex> g(mu);
+  if (pools.empty()) pools.resize(size_t(cuda_rt::device_count()), nullptr);
+  if (!pools[size_t(index)]) pools[size_t(index)] = new CudaAllocator(index);
+  return *pools[size_t(index)];
+}
+
+int cuda_device_count() { return cuda_rt::device_count(); }
+
+namespace cuda_rt {
+
+bool built_with_cuda() { return true; }
+
+int device_count() {
+  static const int n = [] {
+    int c = 0;
+    if (cudaGetDeviceCount(&c) != cudaSuccess) {  // no driver / no device: report none, clear the error
+      cudaGetLastError();
+      return 0;
+    }
+    return c;
+  }();
+  return n;
+}
+
+void* current_stream(int) { return nullptr; }
+
+namespace {
+void copy(void* dst, const void* src, size_t bytes, int device, cudaMemcpyKind kind) {
+  if (bytes == 0) return;
+  check_index(device);
+  DeviceGuard dg(device);
+  auto st = static_cast<cudaStream_t>(current_stream(device));
+  TX_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, st));
+  TX_CUDA_CHECK(cudaStreamSynchronize(st));
+}
+}  // namespace
+
+void memcpy_h2d(void* dst, const void* src, size_t bytes, int device) {
+  copy(dst, src, bytes, device, cudaMemcpyHostToDevice);
+}
+void memcpy_d2h(void* dst, const void* src, size_t bytes, int device) {
+  copy(dst, src, bytes, device, cudaMemcpyDeviceToHost);
+}
+void memcpy_d2d(void* dst, const void* src, size_t bytes, int device) {
+  copy(dst, src, bytes, device, cudaMemcpyDeviceToDevice);
+}
+
+void synchronize(int device) {
+  check_index(device);
+  DeviceGuard dg(device);
+  TX_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+}  // namespace cuda_rt
+}  // namespace titanax

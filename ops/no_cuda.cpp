@@ -1,0 +1,44 @@
+// Linked into builds without CUDA (CUDA builds drop */no_cuda.cpp and compile kernels/cuda instead): the
+// entry points of kernels/cuda/kernels.h, each throwing DeviceError, so the ops' cuda() methods need no
+// #ifdefs. They are unreachable in practice: without CUDA no tensor can live on a CUDA device.
+#include "kernels/cuda/kernels.h"
+
+namespace titanax::kernels::cuda {
+namespace {
+[[noreturn]] void no_cuda(const char* what) {
+  throw DeviceError(std::string(what) + ": this Titanax was built without CUDA", "a build with CUDA", "the cpu build",
+                    "configure with `cmake --preset cuda` on a machine with the CUDA toolkit");
+}
+}  // namespace
+
+void copy_cast(const Tensor&, Tensor&) { no_cuda("copy"); }
+void binary(BinaryOp op, const Tensor&, const Tensor&, Tensor&) { no_cuda(cpu::binary_name(op)); }
+void unary(UnaryOp op, const Tensor&, Tensor&) { no_cuda(cpu::unary_name(op)); }
+void clamp(const Tensor&, double, double, Tensor&) { no_cuda("clamp"); }
+void where(const Tensor&, const Tensor&, const Tensor&, Tensor&) { no_cuda("where"); }
+void reduce(ReduceOp, const Tensor&, const std::vector<bool>&, Tensor&) { no_cuda("reduce"); }
+void softmax(const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("softmax"); }
+void cross_entropy(const Tensor&, const Tensor&, int64_t, LossReduction, int64_t, Tensor&) { no_cuda("cross_entropy"); }
+void cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, int64_t, LossReduction, int64_t, Tensor&) {
+  no_cuda("cross_entropy_backward");
+}
+void layer_norm(const Tensor&, const Tensor*, const Tensor*, double, Tensor&) { no_cuda("layer_norm"); }
+void layer_norm_backward(const Tensor&, const Tensor&, const Tensor*, double, Tensor&, Tensor*, Tensor*) {
+  no_cuda("layer_norm_backward");
+}
+void gather(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("gather"); }
+void scatter_add(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("scatter_add"); }
+void matmul(const Tensor&, const Tensor&, Tensor&, bool) { no_cuda("matmul"); }
+void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&, bool) { no_cuda("linear"); }
+bool allow_tf32() { return false; }
+void set_allow_tf32(bool) {}
+void adam_update(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>&,
+                 const std::vector<Tensor>&, double, double, double, double, double, int64_t, bool) {
+  no_cuda("adam_update");
+}
+void sgd_update(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>&, double, double,
+                double, bool, bool) {
+  no_cuda("sgd_update");
+}
+
+}  // namespace titanax::kernels::cuda

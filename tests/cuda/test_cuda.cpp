@@ -1,0 +1,189 @@
+// CUDA backend tests (titanax_cuda_tests): every op case of tests/op_cases.h run on the GPU against the
+// CPU on fresh random inputs (f32), forward and gradients, with every CUDA allocation poisoned (NaN)
+// first so elements a kernel leaves unwritten fail; plus the caching allocator's statistics and
+// Tensor::to round trips. On a machine without a GPU the binary prints why and exits 77, which CTest
+// reports as skipped.
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+#include "core/allocator.h"
+#include "core/cuda_runtime.h"
+#include "kernels/cpu/optim.h"
+#include "kernels/cuda/kernels.h"
+#include "op_cases.h"
+
+using namespace titanax;
+
+namespace {
+
+// Runs before Catch's main: skip (77) without a GPU; poison CUDA allocations before the pool exists.
+const bool kReady = [] {
+  if (!cuda_rt::built_with_cuda() || cuda_rt::device_count() == 0) {
+    std::printf("titanax_cuda_tests: skipped: %s\n",
+                cuda_rt::built_with_cuda() ? "no CUDA device is visible (cudaGetDeviceCount is 0 or failed)"
+                                           : "this build has no CUDA backend");
+    std::fflush(stdout);
+    std::exit(77);
+  }
+  setenv("TITANAX_CUDA_POISON", "1", 1);
+  return true;
+}();
+
+// Relative error of the worst element: max |got - want| / max(max |want|, tiny). NaN anywhere fails.
+double rel_error(const Tensor& got, const Tensor& want) {
+  std::vector<double> g = got.to(Device::cpu()).astype(DType::f64).to_vector<double>();
+  std::vector<double> w = want.astype(DType::f64).to_vector<double>();
+  if (g.size() != w.size()) return INFINITY;
+  double num = 0, den = 1e-30;
+  for (size_t i = 0; i < g.size(); ++i) {
+    if (std::isnan(g[i]) != std::isnan(w[i])) return INFINITY;
+    if (std::isnan(w[i])) continue;
+    num = std::max(num, std::fabs(g[i] - w[i]));
+    den = std::max(den, std::fabs(w[i]));
+  }
+  return num / den;
+}
+
+bool is_reduction_like(const std::string& name) {
+  for (const char* k : {"sum", "mean", "max", "min", "logsumexp", "softmax", "entropy", "norm", "matmul", "linear",
+                        "embedding", "take", "attention", "gpt", "mlp"})
+    if (name.find(k) != std::string::npos) return true;
+  return false;
+}
+
+TensorList as_f32(const TensorList& in, Device d) {
+  TensorList out;
+  for (const auto& t : in) out.push_back((is_floating(t.dtype()) ? t.astype(DType::f32) : t).detach().to(d));
+  return out;
+}
+
+uint64_t fresh_seed() {
+  if (const char* s = std::getenv("TITANAX_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+}
+
+}  // namespace
+
+TEST_CASE("cuda: every op case matches the CPU (forward and gradients, f32)") {
+  REQUIRE(kReady);
+  const uint64_t seed = fresh_seed();
+  INFO("seed " << seed << " (rerun with TITANAX_TEST_SEED=" << seed << ")");
+  const RngKey base = RngKey::from_seed(seed);
+  int ran = 0, unsupported = 0;
+  for (const auto& c : testing::op_cases()) {
+    INFO("case " << c.name);
+    const RngKey key = fold_in(base, std::hash<std::string>{}(c.name));
+    TensorList in64 = c.inputs(key);
+    TensorList cpu_in = as_f32(in64, Device::cpu()), gpu_in = as_f32(in64, Device::cuda(0));
+    Tensor want, got;
+    try {
+      got = c.fn(gpu_in);
+    } catch (const DeviceError& e) {  // an op without a CUDA kernel yet: reported, not failed
+      ++unsupported;
+      WARN("no CUDA kernel: " << c.name << ": " << e.what());
+      continue;
+    }
+    want = c.fn(cpu_in);
+    const double tol = is_reduction_like(c.name) ? 1e-4 : 1e-5;
+    CHECK(got.device() == Device::cuda(0));
+    CHECK(got.shape() == want.shape());
+    CHECK(rel_error(got, want) < tol);
+    ++ran;
+    if (!c.check_grad || !is_floating(want.dtype())) continue;
+    // Gradients of sum(y * w) for a random w: exercises the backward kernels.
+    for (auto* ins : {&cpu_in, &gpu_in})
+      for (auto& t : *ins)
+        if (is_floating(t.dtype())) t.set_requires_grad(true);
+    Tensor w = testing::randn64(fold_in(key, 99), want.shape()).astype(DType::f32);
+    sum(mul(c.fn(cpu_in), w)).backward();
+    try {
+      sum(mul(c.fn(gpu_in), w.to(Device::cuda(0)))).backward();
+    } catch (const DeviceError& e) {
+      ++unsupported;
+      WARN("no CUDA kernel in the backward of " << c.name << ": " << e.what());
+      continue;
+    }
+    for (size_t i = 0; i < cpu_in.size(); ++i) {
+      if (!cpu_in[i].grad().defined()) continue;
+      INFO("gradient of input " << i);
+      REQUIRE(gpu_in[i].grad().defined());
+      CHECK(rel_error(gpu_in[i].grad(), cpu_in[i].grad()) < 1e-4);
+    }
+  }
+  std::printf("cuda op cases: %d ran, %d without a CUDA kernel\n", ran, unsupported);
+  CHECK(ran > 0);
+}
+
+TEST_CASE("cuda: Tensor::to round trips and strided device copies") {
+  Tensor x = testing::randn64(RngKey::from_seed(fresh_seed()), Shape{5, 7}).astype(DType::f32);
+  Tensor d = x.to(Device::cuda(0));
+  CHECK(d.device() == Device::cuda(0));
+  CHECK(rel_error(d, x) == 0.0);
+  CHECK(rel_error(d.T().contiguous(), x.T().contiguous()) == 0.0);  // strided copy kernel
+  CHECK(rel_error(d.astype(DType::f64), x.astype(DType::f64)) == 0.0);
+  Tensor i = from_vector(std::vector<int64_t>{1, -2, 3}, Shape{3}).to(Device::cuda(0));
+  CHECK(i.to(Device::cpu()).to_vector<int64_t>() == std::vector<int64_t>{1, -2, 3});
+}
+
+TEST_CASE("cuda: caching allocator statistics") {
+  Allocator& a = cuda_allocator(0);
+  a.empty_cache();
+  const AllocatorStats s0 = a.stats();
+  {
+    Tensor t = empty(Shape{1 << 20}, DType::f32, Device::cuda(0));  // 4 MiB: a fresh cudaMalloc
+    const AllocatorStats s1 = a.stats();
+    CHECK(s1.current_bytes - s0.current_bytes >= int64_t(4) << 20);
+    CHECK(s1.num_system_allocs == s0.num_system_allocs + 1);
+    CHECK(s1.peak_bytes >= s1.current_bytes);
+  }
+  const AllocatorStats s2 = a.stats();
+  CHECK(s2.current_bytes == s0.current_bytes);
+  CHECK(s2.reserved_bytes > s0.reserved_bytes);  // cached, not returned
+  {
+    Tensor t = empty(Shape{1 << 20}, DType::f32, Device::cuda(0));  // same size class, same stream: reused
+    CHECK(a.stats().num_system_allocs == s2.num_system_allocs);
+  }
+  a.empty_cache();
+  CHECK(a.stats().reserved_bytes == s0.reserved_bytes);  // the cached 4 MiB went back to the driver
+  a.reset_peak();
+  CHECK(a.stats().peak_bytes == a.stats().current_bytes);
+}
+
+TEST_CASE("cuda: out of memory is an OutOfMemoryError with the statistics") {
+  bool threw = false;
+  try {
+    Tensor t = empty(Shape{int64_t(1) << 50}, DType::u8, Device::cuda(0));  // 1 PiB
+  } catch (const OutOfMemoryError& e) {
+    threw = true;
+    CHECK(std::string(e.what()).find("reserved=") != std::string::npos);
+  }
+  CHECK(threw);
+}
+
+TEST_CASE("cuda: fused AdamW matches the CPU update") {
+  const RngKey key = RngKey::from_seed(fresh_seed());
+  std::vector<Tensor> p, g, m, v, dp, dg, dm, dv;
+  for (int i = 0; i < 30; ++i) {  // more than one 24-tensor chunk
+    Shape s{int64_t(3 + i * 37)};
+    p.push_back(testing::randn64(fold_in(key, 4 * i), s).astype(DType::f32));
+    g.push_back(testing::randn64(fold_in(key, 4 * i + 1), s).astype(DType::f32));
+    m.push_back(zeros(s));
+    v.push_back(zeros(s));
+    using L = std::vector<Tensor>;
+    const std::pair<L*, L*> pairs[] = {{&p, &dp}, {&g, &dg}, {&m, &dm}, {&v, &dv}};
+    for (auto [src, dst] : pairs) dst->push_back(src->back().to(Device::cuda(0)));
+  }
+  for (size_t i = 0; i < p.size(); ++i)
+    kernels::cpu::adam_update(p[i].data<float>(), g[i].data<float>(), m[i].data<float>(), v[i].data<float>(),
+                              p[i].numel(), 1e-3, 0.9, 0.999, 1e-8, 0.1, 1, true);
+  kernels::cuda::adam_update(dp, dg, dm, dv, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1, true);
+  for (size_t i = 0; i < p.size(); ++i) {
+    CHECK(rel_error(dp[i], p[i]) < 1e-5);
+    CHECK(rel_error(dv[i], v[i]) < 1e-5);
+  }
+}
