@@ -96,7 +96,7 @@ resume)  # 100 steps, checkpoint, stop; resume for 100 more == 200 straight step
 
 describe)  # no training; the parameter count of 784-512-512-10 is 784*512+512 + 512*512+512 + 512*10+10
   "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 4 | tee out.txt
-  grep -q '^parameters: 669706$' out.txt || fail "parameter count"
+  grep -q '^parameters: 669706 (the whole model)$' out.txt || fail "parameter count"
   grep -q 'mesh over 4 rank(s): {data: 4}' out.txt || fail "mesh line"
   "$TITANAX" describe --schema >schema.txt
   grep -q '^optimizer\.lr ' schema.txt || fail "schema lacks optimizer.lr" ;;
