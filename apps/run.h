@@ -16,8 +16,8 @@ const ConfigSchema& run_schema();
 /// Loads and validates a run config (ConfigError / IOError on bad input).
 Config load_run_config(const std::string& path, const std::vector<std::string>& overrides);
 
-/// The mesh spec from `mesh:`: axes in canonical order (data, then pipe, then model, others in name
-/// order between), so the model axis varies fastest over consecutive ranks, as Megatron lays them out.
+/// The mesh spec from `mesh:`: axes in canonical order (data, other axes in name order, pipe, model;
+/// the last varies fastest), so tensor-parallel groups are consecutive ranks, as Megatron lays them out.
 MeshSpec mesh_spec(const Config& c);
 /// The plan from `plan:` (DP always; TP when plan.tp.axis is set).
 Plan plan(const Config& c);
