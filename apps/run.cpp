@@ -17,6 +17,12 @@ const ConfigSchema& run_schema() {
     s.add_string("plan.dp.axis", "data", "mesh axis gradients are averaged over");
     s.add_int("plan.dp.accumulate_steps", 1, "microbatches accumulated per optimizer step");
     s.add_string("plan.tp.axis", "", "mesh axis of Megatron tensor parallelism (gpt only; empty = off)");
+    s.add_string("plan.pp.axis", "", "mesh axis of pipeline parallelism: one stage per rank (gpt only; empty = off)");
+    s.add_int("plan.pp.microbatches", 1, "microbatches per step flowing through the pipeline (>= stages for 1f1b)");
+    s.add_string("plan.pp.schedule", "1f1b", "pipeline schedule", {"1f1b", "gpipe"});
+    s.add_string("plan.pp.recompute", "none", "activation recomputation per stage: none, full (the whole stage), "
+                 "layers (groups of plan.pp.recompute_layers blocks)", {"none", "full", "layers"});
+    s.add_int("plan.pp.recompute_layers", 1, "blocks per recomputed group with plan.pp.recompute: layers");
     s.add_string("data.dataset", "mnist", "mnist: IDX files; brown: the Brown corpus as BPE tokens; tokens: "
                  "your own llm.c token shards (train.bin, val.bin)", {"mnist", "brown", "tokens"});
     s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz)");
@@ -88,13 +94,18 @@ MeshSpec mesh_spec(const Config& c) {
 Plan plan(const Config& c) {
   Plan p{.dp = DP{c.get_string("plan.dp.axis"), int(c.get_int("plan.dp.accumulate_steps"))}};
   if (!c.get_string("plan.tp.axis").empty()) p.tp = TP{.axis = c.get_string("plan.tp.axis")};
+  if (!c.get_string("plan.pp.axis").empty())
+    p.pp = PP{.axis = c.get_string("plan.pp.axis"), .microbatches = int(c.get_int("plan.pp.microbatches")),
+              .schedule = parse_schedule(c.get_string("plan.pp.schedule")),
+              .recompute = parse_recompute(c.get_string("plan.pp.recompute")),
+              .recompute_layers = int(c.get_int("plan.pp.recompute_layers"))};
   return p;
 }
 
 nn::GPTConfig gpt_config(const Config& c) {
   return {.vocab = c.get_int("model.vocab"), .layers = c.get_int("model.layers"), .heads = c.get_int("model.heads"),
           .dim = c.get_int("model.dim"), .seq_len = c.get_int("model.seq_len"),
-          .tp_axis = c.get_string("plan.tp.axis").empty() ? "model" : c.get_string("plan.tp.axis")};
+          .tp_axis = c.get_string("plan.tp.axis"), .pp_axis = c.get_string("plan.pp.axis")};
 }
 
 namespace {
@@ -109,10 +120,11 @@ void check_model_data(const Config& c) {
                       is_lm(c) ? "a token dataset (brown or tokens)" : "an image dataset (mnist)",
                       c.get_string("data.dataset"),
                       is_lm(c) ? "set data.dataset: brown" : "set data.dataset: mnist, or model.kind: gpt");
-  if (!is_lm(c) && !c.get_string("plan.tp.axis").empty())
-    throw ConfigError("plan.tp.axis is set but model.kind " + c.get_string("model.kind") +
-                          " has no tensor-parallel layers", "plan.tp.axis empty (or model.kind gpt)",
-                      c.get_string("plan.tp.axis"), "remove plan.tp.axis");
+  for (const char* key : {"plan.tp.axis", "plan.pp.axis"})
+    if (!is_lm(c) && !c.get_string(key).empty())
+      throw ConfigError(std::string(key) + " is set but model.kind " + c.get_string("model.kind") + " cannot be split " +
+                            (key[5] == 't' ? "over tensor-parallel ranks" : "into pipeline stages"),
+                        std::string(key) + " empty (or model.kind gpt)", c.get_string(key), std::string("remove ") + key);
 }
 }  // namespace
 
@@ -128,7 +140,7 @@ std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh) {
     m = std::make_shared<nn::CNN>(nn::CNNOptions{.hidden = c.get_int("model.hidden"),
                                                  .channels = c.get_int_list("model.channels"),
                                                  .dropout = c.get_float("model.dropout")});
-  } else if (mesh && !c.get_string("plan.tp.axis").empty()) {
+  } else if (mesh && (!c.get_string("plan.tp.axis").empty() || !c.get_string("plan.pp.axis").empty())) {
     m = std::make_shared<nn::GPT>(gpt_config(c), *mesh);
   } else {
     m = std::make_shared<nn::GPT>(gpt_config(c));
@@ -327,10 +339,11 @@ int describe(const Config& c, Runtime& rt, int world_size) {
   const MeshSpec spec = mesh_spec(c);
   const std::vector<int> shape = spec.resolve(world_size);
   const Plan p = plan(c);
-  p.validate(spec.axes);
+  p.validate(spec.axes, shape);
   auto size_of = [&](const std::string& axis) { return shape[std::find(spec.axes.begin(), spec.axes.end(), axis) - spec.axes.begin()]; };
   auto net = model(c, nullptr);  // the whole model: its global parameter count
   if (p.tp) nn::GPT::check_tensor_parallel(gpt_config(c), size_of(p.tp->axis), p.tp->axis);
+  if (p.pp) nn::GPT::check_pipeline(gpt_config(c), size_of(p.pp->axis), p.pp->axis);
   if (!rt.is_main()) return 0;
   std::string mesh_line = "mesh over " + std::to_string(world_size) + " rank(s): {";
   for (size_t i = 0; i < shape.size(); ++i)
@@ -346,6 +359,17 @@ int describe(const Config& c, Runtime& rt, int world_size) {
   std::printf("global batch %lld, %lld per rank on axis '%s'\n", static_cast<long long>(c.get_int("data.batch_size")),
               static_cast<long long>(c.get_int("data.batch_size") / size_of(p.dp->axis)),
               p.dp->axis.c_str());
+  if (p.pp) {
+    const int S = size_of(p.pp->axis), M = p.pp->microbatches;
+    const int64_t local = c.get_int("data.batch_size") / size_of(p.dp->axis);
+    std::printf("pipeline: %d stage(s) of %lld block(s), %d microbatch(es) of %lld, schedule %s; bubble %.3f "
+                "((S - 1) / (M + S - 1)); stage 0 holds at most %d microbatch(es) of activations\n",
+                S, static_cast<long long>(c.get_int("model.layers") / S), M, static_cast<long long>(local / M),
+                schedule_name(p.pp->schedule), ideal_bubble_fraction(S, M),
+                peak_in_flight(pipeline_actions(p.pp->schedule, S, 0, M)));
+    std::printf("schedule (one column per tick, F = forward, B = backward of microbatch i, . = idle):\n%s\n",
+                pipeline_timeline(p.pp->schedule, S, M).str().c_str());
+  }
   return 0;
 }
 

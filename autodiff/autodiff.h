@@ -40,6 +40,23 @@ void backward(const Tensor& root, const Tensor& seed = {});
 std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, const ParamTree& params,
                                             const BackwardOptions& opts = {});
 
+/// Activation checkpointing (gradient checkpointing: Chen et al. 2016, "Training Deep Nets with
+/// Sublinear Memory Cost", arXiv:1604.06174; PyTorch's torch.utils.checkpoint). Returns fn(x) computed
+/// without recording fn's inside: the tape holds one node whose inputs are x and `params`, so only x
+/// (not fn's intermediates) stays alive until backward. The node's vjp runs fn again with recording on
+/// and takes d fn / d(x, params) of the recomputed graph with the incoming cotangent: the gradients are
+/// those of recording fn directly (the same ops; equal up to the order in which a parameter's
+/// contributions are summed).
+/// `params`: every tensor fn reads besides x whose gradient is wanted (a module's parameters); a
+/// requires-grad tensor fn reads but that is not listed gets no gradient through this node.
+/// fn must compute the same thing twice (no fresh randomness per call; collectives inside fn run again,
+/// so every rank of their group must checkpoint the same way). x may be integer (token ids; then only
+/// `params` get gradients) or undefined (fn reads its input elsewhere; it is called with Tensor()).
+/// Without grad mode, or when neither x nor a param requires grad, it is just fn(x). Throws what fn
+/// throws; AutodiffError when the backward pass is itself recorded (create_graph: higher-order
+/// gradients through a checkpoint are not supported) or fn returns an undefined tensor.
+Tensor checkpoint(const std::function<Tensor(const Tensor&)>& fn, const Tensor& x, const TensorList& params = {});
+
 /// Result of gradcheck.
 struct GradcheckResult {
   bool ok = true;

@@ -4,9 +4,11 @@
 
 #include <chrono>
 #include <cmath>
+#include <set>
 
 #include "autodiff/autodiff.h"
 #include "parallel/dp.h"
+#include "parallel/pipeline.h"
 #include "parallel/sharding.h"
 
 namespace titanax {
@@ -81,7 +83,79 @@ std::map<std::string, PartitionSpec> Engine::partition_specs(nn::Module& model) 
   return out;
 }
 
+nn::PipelineModule& Engine::pipeline_module(nn::Module& model) const {
+  auto* pm = dynamic_cast<nn::PipelineModule*>(&model);
+  const std::string& axis = plan_.pp->axis;
+  if (!pm)
+    throw PlanError("the plan has pipeline parallelism but the model cannot run as pipeline stages",
+                    "a model implementing nn::PipelineModule (nn::GPT)", model.name(),
+                    "drop Plan::pp, or use a model that splits into stages");
+  if (pm->pipeline_stages() != mesh_.axis_size(axis) || pm->pipeline_stage() != mesh_.axis_index(axis))
+    throw PlanError("the model is not split into the stages of pipe axis '" + axis + "'",
+                    std::to_string(mesh_.axis_size(axis)) + " stages, this rank's being " + std::to_string(mesh_.axis_index(axis)),
+                    std::to_string(pm->pipeline_stages()) + " stage(s), this rank's being " + std::to_string(pm->pipeline_stage()),
+                    "build the model on the mesh with its pipeline axis set (nn::GPTConfig.pp_axis = \"" + axis + "\")");
+  return *pm;
+}
+
+StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
+  const PP& pp = *plan_.pp;
+  nn::PipelineModule& pm = pipeline_module(model);
+  const int M = pp.microbatches;
+  const int64_t B = batch.size();
+  if (B % M != 0 || B == 0)
+    throw PlanError("the local batch does not split into the pipeline's microbatches",
+                    "a local batch divisible by microbatches=" + std::to_string(M), std::to_string(B) + " examples",
+                    "make batch_size a multiple of (data-parallel ranks x microbatches)");
+  const int64_t micro = B / M;
+  std::vector<Batch> mbs;
+  for (int i = 0; i < M; ++i) mbs.push_back(batch.slice(i * micro, (i + 1) * micro));
+  ParamTree params = model.parameters();
+  std::map<std::string, PartitionSpec> tp_specs;
+  if (plan_.tp) tp_specs = partition_specs(model);
+  if (!sync_ && dp_size() > 1)
+    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
+
+  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), uint64_t(opt_->steps())));
+  model.train(true);
+  pm.set_recompute_layers(pp.recompute == Recompute::layers ? pp.recompute_layers : 0);
+  TensorList tensors;
+  for (const auto& [p, t] : params) tensors.push_back(t);
+  PipelineStageFns fns{
+      .forward = [&](int i, const Tensor& in) { return pm.stage_forward(in, mbs[size_t(i)], Reduction::mean); },
+      .input_spec = [&](int i) { return pm.stage_input_spec(mbs[size_t(i)]); }};
+  PipelineResult pr = run_pipeline(mesh_.comm(pp.axis), pp, tensors, fns);
+  last_pipeline_stats_ = pr.stats;
+
+  ParamTree grads;
+  for (size_t k = 0; k < params.size(); ++k) grads.insert(params[k].first, pr.grads[k]);
+  // Tied weights: both stages add the other's gradient (a + b == b + a in IEEE arithmetic, so the two
+  // copies get bit-identical gradients and stay identical under the same update).
+  std::set<std::string> not_counted;
+  for (const auto& t : pm.tied_parameters()) {
+    NoGradGuard ng;
+    Tensor& g = grads.at(t.path);
+    g = add(g, mesh_.comm(pp.axis).sendrecv(g, t.peer_stage, t.peer_stage));
+    if (!t.counted) not_counted.insert(t.path);
+  }
+  if (sync_) grads = sync_->sync(grads);
+
+  StepResult r;
+  r.lr = opt_->lr();
+  r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs, mesh_, pp.axis, not_counted)
+                                    : optim::global_norm(grads, tp_specs, mesh_, pp.axis, not_counted);
+  opt_->step(params, grads);
+  r.loss = pr.loss;
+  if (dp_size() > 1) {
+    Tensor l = scalar(r.loss, DType::f64);
+    mesh_.comm(plan_.dp->axis).all_reduce(l);
+    r.loss = l.item() / dp_size();
+  }
+  return r;
+}
+
 StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+  if (plan_.pp) return pipeline_step(model, batch);
   const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
   const int64_t B = batch.size();
   if (B % acc != 0 || B == 0)
@@ -162,10 +236,18 @@ Metrics Engine::evaluate(nn::Module& model, const EvalSpec& eval) {
                      "at least " + std::to_string(shards) + " examples", std::to_string(N) + " examples");
   const int64_t lo = N * me / shards, hi = N * (me + 1) / shards;
   Metrics sums;
+  nn::PipelineModule* pm = plan_.pp ? &pipeline_module(model) : nullptr;
   for (int64_t s = lo; s < hi; s += eval.batch_size) {
     std::vector<int64_t> idx;
     for (int64_t i = s; i < std::min(hi, s + eval.batch_size); ++i) idx.push_back(i);
-    for (const auto& [k, v] : eval.fn(model, eval.data->get(idx))) sums[k] += v;
+    if (pm) pipeline_eval_batch(*pm, eval.data->get(idx), sums);
+    else
+      for (const auto& [k, v] : eval.fn(model, eval.data->get(idx))) sums[k] += v;
+  }
+  if (pm) {  // the sums live on the last stage: every stage reports them
+    Tensor t = from_vector(std::vector<double>{sums["loss"], sums["count"]}, Shape{2});
+    mesh_.comm(plan_.pp->axis).broadcast(t, pm->pipeline_stages() - 1);
+    sums = {{"loss", t.to_vector<double>()[0]}, {"count", t.to_vector<double>()[1]}};
   }
   model.train(true);
   // Sum over the data-parallel ranks in a fixed key order (every rank has the same keys).
@@ -182,6 +264,27 @@ Metrics Engine::evaluate(nn::Module& model, const EvalSpec& eval) {
   for (const auto& [k, v] : sums)
     if (k != "count") out["eval/" + k] = count > 0 ? v / count : 0.0;
   return out;
+}
+
+// One evaluation batch through the stages: each stage receives the previous stage's activation
+// (blocking; stages run batches back to back, so consecutive batches overlap across stages), computes,
+// and sends on; the last stage adds the summed loss and the number of targets to `sums`.
+void Engine::pipeline_eval_batch(nn::PipelineModule& pm, const Batch& b, Metrics& sums) {
+  Communicator& pipe = mesh_.comm(plan_.pp->axis);
+  const int s = pm.pipeline_stage(), S = pm.pipeline_stages();
+  Tensor x;
+  if (s > 0) {
+    const TensorSpec sp = pm.stage_input_spec(b);
+    x = empty(sp.shape, sp.dtype, sp.device);
+    pipe.recv(x, s - 1, 0);
+  }
+  Tensor y = pm.stage_forward(x, b, Reduction::sum);
+  if (s < S - 1) {
+    pipe.send(y, s + 1, 0);
+    return;
+  }
+  sums["loss"] += y.item();
+  sums["count"] += double(b["y"].numel());
 }
 
 ParamTree Engine::state_tree(nn::Module& model) {
@@ -218,8 +321,21 @@ std::optional<int64_t> Engine::restore(nn::Module& model) {
   auto latest = opts_.checkpointer->latest();
   if (!latest) return std::nullopt;
   ParamTree t = state_tree(model);
-  // Resharding load: the checkpoint may come from another TP degree, mesh or number of ranks.
-  opts_.checkpointer->load(*latest, t, state_specs(model, t), mesh_);
+  // Resharding load: the checkpoint may come from another TP degree, mesh or number of ranks. A pipeline
+  // stage loads only its own tensors; the stages together must load every saved one.
+  const CheckpointInfo info = opts_.checkpointer->load(*latest, t, state_specs(model, t), mesh_, plan_.pp.has_value());
+  if (plan_.pp) {
+    std::string mine;
+    for (const auto& [name, v] : t) mine += name + "\n";
+    std::set<std::string> loaded;
+    for (const auto& names : mesh_.comm(plan_.pp->axis).all_gather_string(mine))
+      for (size_t a = 0, b; a < names.size(); a = b + 1) loaded.insert(names.substr(a, (b = names.find('\n', a)) - a));
+    for (const auto& name : info.saved_tensors)
+      if (!loaded.count(name))
+        throw CheckpointError("checkpoint step " + std::to_string(*latest) + " in '" + opts_.checkpointer->dir() +
+                                  "' holds tensor '" + name + "' that no pipeline stage of this model has",
+                              "only tensors of this model", "'" + name + "'", "the checkpoint is from another model");
+  }
   return *latest;
 }
 

@@ -5,7 +5,7 @@
 #include <limits>
 #include <numeric>
 
-#include "autodiff/tape.h"
+#include "autodiff/autodiff.h"
 #include "parallel/tp.h"
 
 namespace titanax::nn {
@@ -96,8 +96,6 @@ void check_config(const GPTConfig& c) {
   if (c.dim % c.heads != 0)
     throw ValueError("GPTConfig.dim must divide by heads", "dim a multiple of heads=" + std::to_string(c.heads),
                      "dim=" + std::to_string(c.dim), "pick dim = heads * head_dim, e.g. 256 = 4 * 64");
-  if (c.tp_axis.empty())
-    throw ValueError("GPTConfig.tp_axis is empty", "a mesh axis name, e.g. \"model\"", "\"\"");
   if (c.dtype != DType::f32 && c.dtype != DType::f64)
     throw DTypeError("GPTConfig.dtype must be f32 or f64", "f32 or f64", std::string(dtype_name(c.dtype)),
                      "use f32 (mixed precision comes with the CUDA backend)");
@@ -122,34 +120,71 @@ GPT::GPT(GPTConfig cfg) : cfg_(std::move(cfg)) {
   build();
 }
 
+void GPT::check_pipeline(const GPTConfig& c, int stages, const std::string& axis, Loc loc) {
+  if (c.layers % stages != 0)
+    throw PlanError("GPT: layers (" + std::to_string(c.layers) + ") do not divide into the " + std::to_string(stages) +
+                        " pipeline stages of axis '" + axis + "'",
+                    "layers a multiple of " + std::to_string(stages), std::to_string(c.layers),
+                    "use a '" + axis + "' axis whose size divides " + std::to_string(c.layers) + ", or change GPTConfig.layers",
+                    loc);
+}
+
+namespace {
+// PlanError unless `axis` is in the mesh ("did you mean", the config field to set).
+void need_axis(const Mesh& mesh, const std::string& axis, const char* role, const char* field, Loc loc) {
+  if (mesh.has_axis(axis)) return;
+  std::string hint = did_you_mean(axis, mesh.axes());
+  const bool near = hint.rfind("did you mean", 0) == 0;
+  throw PlanError("GPT: " + std::string(role) + " axis '" + axis + "' is not in the mesh" + (near ? "; " + hint : ""),
+                  "one of [" + join(mesh.axes()) + "]", "'" + axis + "'",
+                  near ? "set GPTConfig." + std::string(field) + " = \"" + nearest(axis, mesh.axes()) + "\""
+                       : "add the axis to the mesh, e.g. MeshSpec{{\"data\", \"" + axis + "\"}, {-1, 2}}",
+                  loc);
+}
+}  // namespace
+
 GPT::GPT(GPTConfig cfg, const Mesh& mesh, Loc loc) : cfg_(std::move(cfg)) {
   check_config(cfg_);
-  if (!mesh.has_axis(cfg_.tp_axis)) {
-    std::string hint = did_you_mean(cfg_.tp_axis, mesh.axes());
-    const bool near = hint.rfind("did you mean", 0) == 0;
-    throw PlanError("GPT: tensor-parallel axis '" + cfg_.tp_axis + "' is not in the mesh" + (near ? "; " + hint : ""),
-                    "one of [" + join(mesh.axes()) + "]", "'" + cfg_.tp_axis + "'",
-                    near ? "set GPTConfig.tp_axis = \"" + nearest(cfg_.tp_axis, mesh.axes()) + "\""
-                         : "add the axis to the mesh, e.g. MeshSpec{{\"data\", \"" + cfg_.tp_axis + "\"}, {-1, 2}}",
-                    loc);
+  if (!cfg_.tp_axis.empty()) {
+    need_axis(mesh, cfg_.tp_axis, "tensor-parallel", "tp_axis", loc);
+    check_tensor_parallel(cfg_, mesh.axis_size(cfg_.tp_axis), cfg_.tp_axis, loc);
+    tp_ = TPGroup(mesh, cfg_.tp_axis, loc);
   }
-  check_tensor_parallel(cfg_, mesh.axis_size(cfg_.tp_axis), cfg_.tp_axis, loc);
-  tp_ = TPGroup(mesh, cfg_.tp_axis, loc);
+  if (!cfg_.pp_axis.empty()) {
+    need_axis(mesh, cfg_.pp_axis, "pipeline", "pp_axis", loc);
+    if (cfg_.pp_axis == cfg_.tp_axis)
+      throw PlanError("GPT: tensor and pipeline parallelism on the same axis '" + cfg_.pp_axis + "'", "two different axes",
+                      "tp_axis = pp_axis = '" + cfg_.pp_axis + "'", "e.g. tp_axis \"model\", pp_axis \"pipe\"", loc);
+    pp_size_ = mesh.axis_size(cfg_.pp_axis);
+    check_pipeline(cfg_, pp_size_, cfg_.pp_axis, loc);
+    pp_index_ = mesh.axis_index(cfg_.pp_axis);
+  }
   build();
 }
+
+/// A stage's blocks under their global indices ("blocks/<i>" for i from `first`).
+class GPTBlocks final : public Module {
+ public:
+  GPTBlocks(const std::vector<std::shared_ptr<GPTBlock>>& blocks, int64_t first) {
+    for (size_t k = 0; k < blocks.size(); ++k) register_module(std::to_string(first + int64_t(k)), blocks[k]);
+  }
+  Tensor forward(const Tensor&) override {
+    throw InternalError("GPTBlocks::forward: GPT runs its blocks itself", "GPT::run_blocks", "GPTBlocks::forward");
+  }
+  std::string name() const override { return "Blocks"; }
+};
 
 void GPT::build() {
   const int64_t D = cfg_.dim;
   const DType dt = cfg_.dtype;
-  wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.vocab, D, tp_, 0.02, dt));
-  wpe_ = register_module("wpe", std::make_shared<Embedding>(cfg_.seq_len, D, 0.02, dt));
-  auto blocks = std::make_shared<Sequential>();
-  for (int64_t i = 0; i < cfg_.layers; ++i) {
-    blocks_.push_back(std::make_shared<GPTBlock>(D, cfg_.heads, tp_, dt));
-    blocks->add(blocks_.back());
-  }
-  register_module("blocks", blocks);
-  lnf_ = register_module("lnf", std::make_shared<LayerNorm>(D, 1e-5, dt));
+  const bool first = pp_index_ == 0, last = pp_index_ == pp_size_ - 1;
+  layer_lo_ = cfg_.layers * pp_index_ / pp_size_;
+  layer_hi_ = cfg_.layers * (pp_index_ + 1) / pp_size_;
+  if (first || last) wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.vocab, D, tp_, 0.02, dt));
+  if (first) wpe_ = register_module("wpe", std::make_shared<Embedding>(cfg_.seq_len, D, 0.02, dt));
+  for (int64_t i = layer_lo_; i < layer_hi_; ++i) blocks_.push_back(std::make_shared<GPTBlock>(D, cfg_.heads, tp_, dt));
+  register_module("blocks", std::make_shared<GPTBlocks>(blocks_, layer_lo_));
+  if (last) lnf_ = register_module("lnf", std::make_shared<LayerNorm>(D, 1e-5, dt));
   init_parameters(0);  // keys from the full paths ("blocks/1/mlp/fc/weight"), so layers differ
 
   // The layers implement the compute; the rules are the declared layout the plan, the engine and
@@ -211,7 +246,16 @@ std::map<std::string, PartitionSpec> GPT::partition_specs() const {
   return out;
 }
 
-Tensor GPT::forward(const Tensor& ids) {
+void GPT::check_whole(const char* what) const {
+  if (pp_size_ > 1)
+    throw PlanError(std::string("GPT::") + what + " needs the whole model, but this rank holds pipeline stage " +
+                        std::to_string(pp_index_) + " of " + std::to_string(pp_size_),
+                    "a GPT built without a pipe axis", "stage " + std::to_string(pp_index_) + " of " + std::to_string(pp_size_),
+                    "train through the Engine (it runs stage_forward on every stage), or load the checkpoint into a "
+                    "GPT built without GPTConfig.pp_axis");
+}
+
+Tensor GPT::embed(const Tensor& ids) {
   check_dtype(ids, {DType::i32, DType::i64}, "GPT (token ids)");
   if (ids.dim() != 2)
     throw ShapeError("GPT takes token ids [B, T]", "a rank-2 tensor of token ids", ids.shape().str(),
@@ -220,30 +264,108 @@ Tensor GPT::forward(const Tensor& ids) {
   if (T > cfg_.seq_len || T == 0)
     throw ShapeError("GPT: sequence length out of range", "1 <= T <= seq_len = " + std::to_string(cfg_.seq_len),
                      "T = " + std::to_string(T), "raise GPTConfig.seq_len or cut the sequences");
-  Tensor x = add(wte_->forward(ids), wpe_->weight.slice(0, 0, T));
-  for (auto& b : blocks_) x = b->forward(x);
-  x = lnf_->forward(x);
+  return add(wte_->forward(ids), wpe_->weight.slice(0, 0, T));
+}
+
+Tensor GPT::run_blocks(Tensor x) {
+  const size_t n = blocks_.size(), k = recompute_layers_ > 0 ? size_t(recompute_layers_) : n;
+  for (size_t lo = 0; lo < n; lo += k) {
+    const size_t hi = std::min(n, lo + k);
+    auto group = [this, lo, hi](const Tensor& in) {
+      Tensor h = in;
+      for (size_t i = lo; i < hi; ++i) h = blocks_[i]->forward(h);
+      return h;
+    };
+    if (recompute_layers_ == 0) {
+      x = group(x);
+      continue;
+    }
+    TensorList params;
+    for (size_t i = lo; i < hi; ++i)
+      for (const auto& [p, t] : blocks_[i]->parameters()) params.push_back(t);
+    x = checkpoint(group, x, params);
+  }
+  return x;
+}
+
+Tensor GPT::head(const Tensor& x0) {
+  Tensor x = lnf_->forward(x0);
   // Tied head: logits = x @ wte^T; under TP, f before the local matmul gives this rank's vocabulary block.
   if (!tp_.has_mesh()) return linear(x, wte_->weight);
   return linear(copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()), wte_->weight);
 }
 
-Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
-  if (targets.shape() != ids.shape())
-    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + ids.shape().str(),
-                     targets.shape().str(), "targets are the next tokens: y[b, t] = x[b, t + 1]");
-  Tensor logits = forward(ids);
+Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction) {
+  const Shape want{logits.shape()[0], logits.shape()[1]};
+  if (targets.shape() != want)
+    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + want.str(), targets.shape().str(),
+                     "targets are the next tokens: y[b, t] = x[b, t + 1]");
   const int64_t V = logits.shape()[2];
   Tensor l2 = logits.reshape(Shape{-1, V}), y = targets.reshape(Shape{-1});
   if (tp_.size() > 1) return vocab_parallel_cross_entropy(tp_.mesh(), l2, y, tp_.axis(), reduction);
   return cross_entropy(l2, y, reduction);
 }
 
+Tensor GPT::forward(const Tensor& ids) {
+  check_whole("forward");
+  return head(run_blocks(embed(ids)));
+}
+
+Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
+  check_whole("loss");
+  if (targets.shape() != ids.shape())
+    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + ids.shape().str(),
+                     targets.shape().str(), "targets are the next tokens: y[b, t] = x[b, t + 1]");
+  return lm_loss_of(forward(ids), targets, reduction);
+}
+
+Tensor GPT::stage_forward(const Tensor& input, const Batch& mb, Reduction reduction) {
+  const bool first = pp_index_ == 0, last = pp_index_ == pp_size_ - 1;
+  Tensor x;
+  if (first) {
+    x = embed(mb["x"]);
+  } else {
+    const TensorSpec want = stage_input_spec(mb);
+    if (!input.defined() || input.shape() != want.shape)
+      throw ShapeError("GPT stage " + std::to_string(pp_index_) + " got the wrong input activation",
+                       want.shape.str() + " from stage " + std::to_string(pp_index_ - 1),
+                       input.defined() ? input.shape().str() : "none",
+                       "every stage must get the same microbatch (same B and T)");
+    x = input;
+  }
+  x = run_blocks(x);
+  return last ? lm_loss_of(head(x), mb["y"], reduction) : x;
+}
+
+TensorSpec GPT::stage_input_spec(const Batch& mb) const {
+  const Tensor& ids = mb["x"];
+  if (ids.dim() != 2)
+    throw ShapeError("GPT takes token ids [B, T]", "a rank-2 tensor of token ids", ids.shape().str(),
+                     "reshape a single sequence to [1, T]");
+  return {Shape{ids.shape()[0], ids.shape()[1], cfg_.dim}, cfg_.dtype, Device::cpu()};
+}
+
+std::vector<PipelineModule::Tied> GPT::tied_parameters() const {
+  if (pp_size_ == 1) return {};
+  if (pp_index_ == 0) return {{"wte/weight", pp_size_ - 1, true}};
+  if (pp_index_ == pp_size_ - 1) return {{"wte/weight", 0, false}};
+  return {};
+}
+
+void GPT::set_recompute_layers(int k) {
+  if (k < 0) throw ValueError("GPT::set_recompute_layers: k must be >= 0", ">= 0 (0 = off)", std::to_string(k));
+  recompute_layers_ = k;
+}
+
 std::string GPT::name() const {
   return "GPT(vocab=" + std::to_string(cfg_.vocab) + ", layers=" + std::to_string(cfg_.layers) +
          ", heads=" + std::to_string(cfg_.heads) + ", dim=" + std::to_string(cfg_.dim) +
          ", seq_len=" + std::to_string(cfg_.seq_len) +
-         (tp_.has_mesh() ? ", tensor parallel " + std::to_string(tp_.size()) + " on '" + tp_.axis() + "')" : ")");
+         (tp_.has_mesh() ? ", tensor parallel " + std::to_string(tp_.size()) + " on '" + tp_.axis() + "'" : "") +
+         (pp_size_ > 1 ? ", pipeline stage " + std::to_string(pp_index_) + " of " + std::to_string(pp_size_) + " on '" +
+                             cfg_.pp_axis + "' (blocks " + std::to_string(layer_lo_) + ".." + std::to_string(layer_hi_ - 1) + ")"
+                       : "") +
+         ")";
 }
 
 Tensor lm_loss(Module& model, const Batch& b) {

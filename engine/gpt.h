@@ -28,6 +28,13 @@
 // loss() uses the vocabulary-parallel cross-entropy, so the full logits are never gathered. Every
 // parameter is initialised as the full tensor from the key of its path and then cut, so TP = 1, 2, 4
 // start from the same model.
+//
+// Pipeline parallelism over mesh axis `pp_axis` of size S (GPT(cfg, mesh) with cfg.pp_axis set): the
+// rank at stage s holds blocks [s L / S, (s + 1) L / S) under their global paths ("blocks/2/..." on
+// stage 1 of 2 for L = 4), stage 0 also wte and wpe, the last stage also lnf and wte (the tied head:
+// one parameter of the model held by two stages, nn::PipelineModule::tied_parameters()). Parameters
+// start as in the unsplit model (keys from the global paths). The engine runs the stages with
+// stage_forward(); forward() and loss() need the whole model (S = 1).
 #pragma once
 
 #include <map>
@@ -47,7 +54,8 @@ struct GPTConfig {
   int64_t heads = 4;
   int64_t dim = 256;
   int64_t seq_len = 128;          ///< the longest sequence (rows of the position embedding)
-  std::string tp_axis = "model";  ///< mesh axis of tensor parallelism (used when built with a mesh)
+  std::string tp_axis = "model";  ///< mesh axis of tensor parallelism (used when built with a mesh; "" = none)
+  std::string pp_axis;            ///< mesh axis of pipeline parallelism (used when built with a mesh; "" = none)
   DType dtype = DType::f32;       ///< parameters and computation (f64 for gradient checks)
 };
 
@@ -61,19 +69,21 @@ struct ParamLayout {
 class CausalSelfAttention;
 class GPTBlock;
 
-class GPT final : public Module {
+class GPT final : public Module, public PipelineModule {
  public:
   /// The whole model on this rank (no collectives). Throws ValueError for non-positive sizes or a dim
   /// not divisible by heads.
   explicit GPT(GPTConfig cfg);
-  /// Split over mesh axis cfg.tp_axis (any size n >= 1, collective-free to construct). Throws what
-  /// GPT(cfg) throws, and PlanError (at `loc`) when the axis is not in the mesh ("did you mean"), or
-  /// when heads, 4 * dim or vocab does not divide by n (naming the value and the fix).
+  /// Split over mesh axis cfg.tp_axis (any size n >= 1) when it is set, and into stages over
+  /// cfg.pp_axis when that is set; collective-free to construct. Throws what GPT(cfg) throws, and
+  /// PlanError (at `loc`) when an axis is not in the mesh ("did you mean"), when heads, 4 * dim or vocab
+  /// does not divide by n, or layers by S (naming the value and the fix).
   GPT(GPTConfig cfg, const Mesh& mesh, Loc loc = Loc::current());
 
   /// ids: i32 / i64 [B, T] with T <= seq_len and every id in [0, vocab) -> logits [B, T, vocab / n] in
   /// the parameters' dtype (this rank's vocabulary block; the full logits when n = 1). ShapeError for a
-  /// wrong rank or T > seq_len, DTypeError for non-integer ids, ValueError for an id out of range.
+  /// wrong rank or T > seq_len, DTypeError for non-integer ids, ValueError for an id out of range;
+  /// PlanError on a pipeline stage (S > 1: use stage_forward).
   Tensor forward(const Tensor& ids) override;
   /// Language-model loss: cross-entropy of forward(ids) against targets [B, T] (global token ids),
   /// averaged over the B * T positions for Reduction::mean (the same on every TP rank). Uses the
@@ -85,6 +95,23 @@ class GPT final : public Module {
   /// (empty specs) for GPT(cfg), whose tensors are whole.
   std::map<std::string, PartitionSpec> partition_specs() const override;
   const GPTConfig& config() const { return cfg_; }
+  // nn::PipelineModule (S = 1 without a pipe axis: one stage holding everything).
+  int pipeline_stages() const override { return pp_size_; }
+  int pipeline_stage() const override { return pp_index_; }
+  /// Stage 0: embeds mb["x"] ([B, T] ids); other stages take `input` [B, T, dim]; runs this stage's
+  /// blocks; the last stage returns loss(…) of the result against mb["y"] with `reduction`, the others
+  /// the activation [B, T, dim]. Throws ShapeError / ValueError as forward() and loss(), and ShapeError
+  /// when `input` is missing or of the wrong shape on a stage > 0.
+  Tensor stage_forward(const Tensor& input, const Batch& mb, Reduction reduction) override;
+  /// [B, T, dim] in the model's dtype, B and T from mb["x"].
+  TensorSpec stage_input_spec(const Batch& mb) const override;
+  /// {"wte/weight", the other end, counted on stage 0} on the first and last stage when S > 1; none else.
+  std::vector<Tied> tied_parameters() const override;
+  /// k >= 0 (ValueError otherwise): groups of k consecutive blocks of this stage (the last one shorter).
+  void set_recompute_layers(int k) override;
+  /// This stage's blocks: global indices [first_layer(), first_layer() + local layers).
+  int64_t first_layer() const { return layer_lo_; }
+
   /// The TP size n and this rank's index on the TP axis (1 and 0 without a mesh).
   int tp_size() const { return tp_.size(); }
   int tp_index() const { return tp_.index(); }
@@ -101,11 +128,21 @@ class GPT final : public Module {
   static std::vector<ParamLayout> layout(const GPTConfig& cfg);
   /// Throws PlanError (at `loc`) unless heads, 4 * dim and vocab divide by `tp_size`.
   static void check_tensor_parallel(const GPTConfig& cfg, int tp_size, const std::string& axis, Loc loc = Loc::current());
+  /// Throws PlanError (at `loc`) unless layers divide by `stages`.
+  static void check_pipeline(const GPTConfig& cfg, int stages, const std::string& axis, Loc loc = Loc::current());
 
  private:
   void build();
+  Tensor embed(const Tensor& ids);
+  Tensor run_blocks(Tensor x);
+  Tensor head(const Tensor& x);
+  Tensor lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction);
+  void check_whole(const char* what) const;
   GPTConfig cfg_;
   TPGroup tp_;
+  int pp_size_ = 1, pp_index_ = 0;
+  int64_t layer_lo_ = 0, layer_hi_ = 0;
+  int recompute_layers_ = 0;
   std::shared_ptr<VocabParallelEmbedding> wte_;
   std::shared_ptr<Embedding> wpe_;
   std::vector<std::shared_ptr<GPTBlock>> blocks_;

@@ -211,11 +211,13 @@ double clip_grad_norm(ParamTree& grads, double max_norm) {
   return norm;
 }
 
-double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh) {
+double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh,
+                   const std::string& stage_axis, const std::set<std::string>& not_counted) {
   // Sums of squares by the set of axes the parameter is split over ({} = replicated), in a fixed order.
   std::map<std::vector<std::string>, double> by_axes;
   by_axes[{}] = 0;
   for (const auto& [p, g] : grads) {
+    if (not_counted.count(p)) continue;
     auto it = specs.find(p);
     std::vector<std::string> axes;
     if (it != specs.end())
@@ -231,13 +233,18 @@ double global_norm(const ParamTree& grads, const std::map<std::string, Partition
     for (const auto& a : axes) mesh.comm(a).all_reduce(t);
     total += t.item();
   }
+  if (!stage_axis.empty()) {  // the stages' sums: the same total on every rank
+    Tensor t = scalar(total, DType::f64);
+    mesh.comm(stage_axis).all_reduce(t);
+    total = t.item();
+  }
   return std::sqrt(total);
 }
 
 double clip_grad_norm(ParamTree& grads, double max_norm, const std::map<std::string, PartitionSpec>& specs,
-                      const Mesh& mesh) {
+                      const Mesh& mesh, const std::string& stage_axis, const std::set<std::string>& not_counted) {
   if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
-  double norm = global_norm(grads, specs, mesh);
+  double norm = global_norm(grads, specs, mesh, stage_axis, not_counted);
   scale_if_above(grads, norm, max_norm);
   return norm;
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 
@@ -80,9 +81,14 @@ double clip_grad_norm(ParamTree& grads, double max_norm);
 /// global_norm() of the unsplit model's gradients. Collective over every axis a spec names (one
 /// all-reduce per axis set; every rank must pass the same specs). Throws MeshError for an axis not in
 /// the mesh.
-double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh);
+/// Pipeline parallelism: `stage_axis` names the axis whose ranks hold different parameters (stages);
+/// the per-stage sums are then added over it (one more all-reduce), and the paths in `not_counted`
+/// are skipped on this rank (a tied weight held by two stages counts once). Every rank of a TP group
+/// must pass the same specs (the ranks of one stage do); stages may differ.
+double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh,
+                   const std::string& stage_axis = "", const std::set<std::string>& not_counted = {});
 /// clip_grad_norm with that norm: every rank scales its gradients by the same factor.
 double clip_grad_norm(ParamTree& grads, double max_norm, const std::map<std::string, PartitionSpec>& specs,
-                      const Mesh& mesh);
+                      const Mesh& mesh, const std::string& stage_axis = "", const std::set<std::string>& not_counted = {});
 
 }  // namespace titanax::optim

@@ -851,21 +851,21 @@ void open_shard(Fd& f, const std::string& path, const SavedShard& sh) {
 
 }  // namespace
 
-CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into) const { return load_impl(step, into, nullptr, nullptr); }
+CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into) const { return load_impl(step, into, nullptr, nullptr, false); }
 
 CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                                  const Mesh& mesh) const {
+                                  const Mesh& mesh, bool subset) const {
   const MeshCoords where = MeshCoords::of(mesh);
-  return load_impl(step, into, &specs, &where);
+  return load_impl(step, into, &specs, &where, subset);
 }
 
 CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                                  const MeshCoords& where) const {
-  return load_impl(step, into, &specs, &where);
+                                  const MeshCoords& where, bool subset) const {
+  return load_impl(step, into, &specs, &where, subset);
 }
 
 CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>* new_specs,
-                                       const MeshCoords* where) const {
+                                       const MeshCoords* where, bool subset) const {
   const bool same_layout = new_specs == nullptr;
   const int my_rank = comm_ ? comm_->rank() : 0;
   const int world = comm_ ? comm_->size() : 1;
@@ -920,7 +920,7 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
       throw CheckpointError("tensor '" + name + "' is missing from " + where_file, "a tensor named '" + name + "'",
                             "tensors " + names_str(P.names), did_you_mean(name, P.names));
   for (const auto& name : P.names)
-    if (!into.contains(name))
+    if (!subset && !into.contains(name))
       throw CheckpointError(where_file + " holds an unexpected tensor '" + name + "'",
                             "only the tensors " + names_str(into.paths()), "'" + name + "'", did_you_mean(name, into.paths()));
 
@@ -933,6 +933,7 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
   std::map<int, std::vector<Read>> by_shard;
   std::vector<Tensor> bufs(into.size());
   CheckpointInfo info;
+  info.saved_tensors = P.names;
   for (size_t i = 0; i < into.size(); ++i) {
     const auto& [name, t] = into[i];
     const SavedTensor& st = P.tensors.at(name);

@@ -81,6 +81,7 @@ struct CheckpointInfo {
   int world_size = 1;      ///< ranks that saved it
   std::string path;        ///< the checkpoint directory
   std::string extra_json;  ///< the caller's JSON as saved (e.g. loader position, config)
+  std::vector<std::string> saved_tensors;  ///< every tensor the checkpoint holds (for subset loads)
   // Read statistics of this load (this rank only).
   uint64_t bytes_needed = 0;     ///< bytes of tensor data in this rank's slices (the least a load must read)
   uint64_t data_bytes_read = 0;  ///< tensor data read from shard files (bytes_needed rounded out to chunks)
@@ -165,11 +166,14 @@ class Checkpointer {
   /// tensor not in `into`, an axis not in the mesh or one axis twice, or longer than the tensor's rank;
   /// CheckpointError as load(step, into), plus a saved layout that leaves part of a needed slice in no
   /// shard. On error `into` is unchanged.
+  /// subset = true: `into` may hold only some of the saved tensors (a pipeline stage loads its own
+  /// layers); the rest are not read, and the caller checks that its ranks together load every one of
+  /// CheckpointInfo::saved_tensors (Engine::restore does).
   CheckpointInfo load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                      const Mesh& mesh) const;
+                      const Mesh& mesh, bool subset = false) const;
   /// The same at an explicit position (load "as rank r of a mesh" without building it).
   CheckpointInfo load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                      const MeshCoords& where) const;
+                      const MeshCoords& where, bool subset = false) const;
 
   /// Reads every shard file of checkpoint `step` whole and checks its size and CRC-32 against
   /// metadata.json (a full integrity check; load checks only what it reads). Not collective.
@@ -183,7 +187,7 @@ class Checkpointer {
                  const std::map<std::string, PartitionSpec>& specs, const std::string& mesh_json,
                  const std::string& plan_json, const std::vector<int>* coords);
   CheckpointInfo load_impl(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>* specs,
-                           const MeshCoords* where) const;
+                           const MeshCoords* where, bool subset) const;
 
   std::string dir_;
   int keep_last_;

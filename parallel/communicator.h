@@ -69,6 +69,14 @@ class Communicator {
   /// queues sends to itself, so send-then-recv works on one rank (recv of nothing throws).
   virtual void send(const Tensor& t, int dst, int tag = 0) = 0;
   virtual void recv(Tensor& t, int src, int tag = 0) = 0;
+  /// Non-blocking send / receive (MPI_Isend / MPI_Irecv; not collective): start the transfer and return
+  /// at once. t must stay unmodified (isend) resp. unread (irecv) until wait(); the request keeps t's
+  /// storage alive. irecv's wait() throws CollectiveError when the message has a different size than t.
+  /// Tags and peers as send / recv. The local backend sends at once (to its mailbox) and receives in
+  /// wait(), so isend-then-irecv works on one rank. Used by pipeline parallelism to overlap the transfer
+  /// of activations and their gradients with compute.
+  virtual std::unique_ptr<CollectiveRequest> isend(const Tensor& t, int dst, int tag = 0) = 0;
+  virtual std::unique_ptr<CollectiveRequest> irecv(Tensor& t, int src, int tag = 0) = 0;
   virtual void barrier() = 0;
   /// Every rank's string, in rank order (for metadata, consistency checks and error messages).
   virtual std::vector<std::string> all_gather_string(const std::string& s) = 0;

@@ -34,6 +34,18 @@ void check_peer(int peer, bool allow_none, const char* what, const char* role) {
                         std::to_string(peer), "this communicator has one rank (run under mpirun for more)");
 }
 
+class LocalCommunicator;
+
+/// irecv on one rank: the message must have been sent before wait() (else it would block forever).
+struct DeferredRecv final : CollectiveRequest {
+  DeferredRecv(LocalCommunicator& c, Tensor t, int tag) : comm(c), t(std::move(t)), tag(tag) {}
+  void wait() override;
+  LocalCommunicator& comm;
+  Tensor t;
+  int tag;
+  bool done = false;
+};
+
 class LocalCommunicator final : public Communicator {
  public:
   int rank() const override { return 0; }
@@ -103,6 +115,17 @@ class LocalCommunicator final : public Communicator {
     copy_(t, make_view(m, t.shape(), t.shape().contiguous_strides(), 0));
   }
 
+  std::unique_ptr<CollectiveRequest> isend(const Tensor& t, int dst, int tag) override {
+    send(t, dst, tag);
+    return std::make_unique<DoneRequest>();
+  }
+
+  std::unique_ptr<CollectiveRequest> irecv(Tensor& t, int src, int tag) override {
+    check_defined(t, "irecv");
+    check_peer(src, false, "irecv", "source");
+    return std::make_unique<DeferredRecv>(*this, t, tag);
+  }
+
   void barrier() override {}
   std::vector<std::string> all_gather_string(const std::string& s) override { return {s}; }
 
@@ -115,6 +138,12 @@ class LocalCommunicator final : public Communicator {
  private:
   std::map<int, std::deque<Tensor>> mailbox_;
 };
+
+void DeferredRecv::wait() {
+  if (done) return;
+  done = true;
+  comm.recv(t, 0, tag);
+}
 
 }  // namespace
 

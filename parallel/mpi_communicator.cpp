@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 
 #include "parallel/comm_detail.h"
@@ -281,6 +282,9 @@ class MpiCommunicator final : public Communicator {
     s.finish();
   }
 
+  std::unique_ptr<CollectiveRequest> isend(const Tensor& t, int dst, int tag) override;
+  std::unique_ptr<CollectiveRequest> irecv(Tensor& t, int src, int tag) override;
+
   void barrier() override {
     verify(Signature{Kind::barrier});
     TX_MPI_CHECK(MPI_Barrier(comm_));
@@ -389,7 +393,9 @@ class MpiCommunicator final : public Communicator {
 
 class MpiRequest final : public CollectiveRequest {
  public:
-  MpiRequest(std::vector<MPI_Request> reqs, Staged staged) : reqs_(std::move(reqs)), staged_(std::move(staged)) {}
+  /// `check`, when set, validates the one request's status after completion (irecv's message size).
+  MpiRequest(std::vector<MPI_Request> reqs, Staged staged, std::function<void(const MPI_Status&)> check = nullptr)
+      : reqs_(std::move(reqs)), staged_(std::move(staged)), check_(std::move(check)) {}
   ~MpiRequest() override {
     if (done_ || finalized()) return;
     try {
@@ -400,8 +406,9 @@ class MpiRequest final : public CollectiveRequest {
   void wait() override {
     if (done_) return;
     done_ = true;
-    if (!reqs_.empty())
-      TX_MPI_CHECK(MPI_Waitall(int(reqs_.size()), reqs_.data(), MPI_STATUSES_IGNORE));
+    std::vector<MPI_Status> st(reqs_.size());
+    if (!reqs_.empty()) TX_MPI_CHECK(MPI_Waitall(int(reqs_.size()), reqs_.data(), st.data()));
+    if (check_) check_(st.at(0));
     if (staged_.orig.defined()) staged_.finish();
   }
   bool test() override {
@@ -414,8 +421,32 @@ class MpiRequest final : public CollectiveRequest {
  private:
   std::vector<MPI_Request> reqs_;
   Staged staged_;
+  std::function<void(const MPI_Status&)> check_;
   bool done_ = false;
 };
+
+std::unique_ptr<CollectiveRequest> MpiCommunicator::isend(const Tensor& t, int dst, int tag) {
+  detail::check_defined(t, "isend");
+  check_peer(dst, false, "isend", "destination");
+  check_tag(tag);
+  Staged s(t, t.dtype(), true);
+  s.orig = Tensor();  // nothing to copy back; `work` keeps the bytes alive until the send completes
+  MPI_Request r;
+  TX_MPI_CHECK(MPI_Isend(s.work.raw_data(), checked_count(s.work.nbytes(), "isend"), MPI_BYTE, dst, tag, comm_, &r));
+  return std::make_unique<MpiRequest>(std::vector<MPI_Request>{r}, std::move(s));
+}
+
+std::unique_ptr<CollectiveRequest> MpiCommunicator::irecv(Tensor& t, int src, int tag) {
+  detail::check_defined(t, "irecv");
+  check_peer(src, false, "irecv", "source");
+  check_tag(tag);
+  Staged s(t, t.dtype(), false);
+  const int bytes = checked_count(s.work.nbytes(), "irecv");
+  MPI_Request r;
+  TX_MPI_CHECK(MPI_Irecv(s.work.raw_data(), bytes, MPI_BYTE, src, tag, comm_, &r));
+  return std::make_unique<MpiRequest>(std::vector<MPI_Request>{r}, std::move(s),
+                                      [this, bytes, t, src](const MPI_Status& st) { check_received(st, bytes, t, "irecv", src); });
+}
 
 std::unique_ptr<CollectiveRequest> MpiCommunicator::iall_reduce(Tensor& t, CollectiveOp op) {
   detail::check_reducible(t, "iall_reduce");

@@ -16,6 +16,7 @@
 #include "parallel/communicator.h"
 #include "parallel/dp.h"
 #include "parallel/mesh.h"
+#include "parallel/pipeline.h"
 #include "parallel/plan.h"
 #include "parallel/runtime.h"
 #include "parallel/sharding.h"

@@ -486,6 +486,8 @@ struct ThreadComm final : Communicator {
   Tensor sendrecv(const Tensor&, int, int) override { no(); }
   void send(const Tensor&, int, int) override { no(); }
   void recv(Tensor&, int, int) override { no(); }
+  std::unique_ptr<CollectiveRequest> isend(const Tensor&, int, int) override { no(); }
+  std::unique_ptr<CollectiveRequest> irecv(Tensor&, int, int) override { no(); }
   void barrier() override { hub->gather(r, ""); }
   std::shared_ptr<Communicator> split(int, int) override { no(); }
 };
