@@ -147,6 +147,34 @@ gpt_tp_parity)  # the GPT config on real Brown tokens: TP 1, 2, 4 and DP x TP 2 
   for f in tp2 tp4 dp2tp2; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "GPT loss after 20 steps, $f vs TP 1"; done
   echo "losses: $l1 $(value 'final train loss' <tp2.txt) $(value 'final train loss' <tp4.txt) $(value 'final train loss' <dp2tp2.txt)" ;;
 
+gpt_pp_parity)  # pipeline stages on real Brown tokens: PP 2 and 4, GPipe with recomputation, and DP x TP x PP
+  # 2 x 2 x 2 on 8 ranks give the loss of one stage after 20 steps; describe prints the 1F1B schedule
+  gpt() { local np=$1; shift; run "$np" gpt_small_pp.yaml --set "data.path=$BROWN" --set train.steps=20 \
+            --set schedule.warmup_steps=5 --set train.eval_every=0 --set data.val_batches=2 "$@"; }
+  gpt 1 --set mesh.pipe=1 | tee pp1.txt
+  gpt 2 | tee pp2.txt
+  gpt 4 --set mesh.pipe=4 | tee pp4.txt
+  gpt 2 --set plan.pp.schedule=gpipe --set plan.pp.microbatches=8 --set plan.pp.recompute=full | tee gpipe.txt
+  gpt 8 --set mesh.data=2 --set mesh.model=2 --set plan.pp.microbatches=2 | tee dp2pp2tp2.txt
+  gpt 1 --set mesh.pipe=1 --set plan.pp.microbatches=8 | tee pp1m8.txt
+  gpt 1 --set mesh.pipe=1 --set plan.pp.microbatches=2 | tee pp1m2.txt
+  l1=$(value 'final train loss' <pp1.txt)
+  for f in pp2 pp4; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "GPT loss after 20 steps, $f vs PP 1"; done
+  rel_close "$(value 'final train loss' <gpipe.txt)" "$(value 'final train loss' <pp1m8.txt)" 1e-4 "GPipe M=8 + recompute vs PP 1"
+  rel_close "$(value 'final train loss' <dp2pp2tp2.txt)" "$(value 'final train loss' <pp1m2.txt)" 1e-4 "DP x TP x PP 2 x 2 x 2 vs PP 1"
+  rel_close "$(value 'val loss' <pp4.txt)" "$(value 'val loss' <pp1.txt)" 1e-4 "val loss, PP 4 vs PP 1"
+  "$TITANAX" describe --config "$SRC/examples/configs/gpt_small_pp.yaml" --ranks 4 --set mesh.pipe=4 | tee describe.txt
+  grep -q "pipeline parallel: axis 'pipe', 4 microbatches, schedule 1f1b" describe.txt || fail "describe: plan line"
+  grep -Eq '^stage 0 +F0 +F1 +F2 +F3 +\. +\. +\. +B0 +\. +B1 +\. +B2 +\. +B3$' describe.txt || fail "describe: stage 0's 1F1B row"
+  grep -Eq '^stage 3 +\. +\. +\. +F0 +B0 +F1 +B1 +F2 +B2 +F3 +B3 +\. +\. +\.$' describe.txt || fail "describe: stage 3's row"
+  expect_error "PlanError: 1F1B needs at least as many microbatches as stages" \
+    gpt 4 --set mesh.pipe=4 --set plan.pp.microbatches=2
+  expect_error "PlanError: GPT: layers \(4\) do not divide into the 3 pipeline stages" gpt 3 --set mesh.pipe=3 \
+    --set plan.pp.microbatches=3
+  echo "losses: PP1 $l1, PP2 $(value 'final train loss' <pp2.txt), PP4 $(value 'final train loss' <pp4.txt)," \
+       "GPipe+recompute M8 $(value 'final train loss' <gpipe.txt) vs $(value 'final train loss' <pp1m8.txt)," \
+       "DPxTPxPP $(value 'final train loss' <dp2pp2tp2.txt) vs $(value 'final train loss' <pp1m2.txt)" ;;
+
 gpt_reshard)  # checkpoints move TP 2 -> TP 4 -> TP 1 mid-run and training continues as if they had not
   gpt() { local np=$1; shift; run "$np" gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=30 \
             --set schedule.warmup_steps=5 --set train.eval_every=0 --set data.val_batches=2 --set checkpoint.keep_last=5 "$@"; }
