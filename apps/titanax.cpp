@@ -104,6 +104,14 @@ int main(int argc, char** argv) {
   std::optional<tx::Config> cfg;
   try {
     cfg = tx::app::load_run_config(config, sets);
+    // Sampling runs the whole model (generate() needs every layer): a pipeline-parallel config samples
+    // with its stages joined; the resharding load reads every stage's shard.
+    if (*sample && !cfg->get_string("plan.pp.axis").empty()) {
+      const std::string axis = cfg->get_string("plan.pp.axis");
+      sets.push_back("plan.pp.axis=");
+      if (cfg->get_map("mesh").count(axis)) sets.push_back("mesh." + axis + "=1");
+      cfg = tx::app::load_run_config(config, sets);
+    }
   } catch (const std::exception& e) {
     if (launcher_rank() == 0) report(e);
     return 2;

@@ -20,6 +20,16 @@
 //     over the DP axis), and per-step randomness is the same on the ranks of a TP group;
 //   * checkpoints record each parameter's (and its optimizer moments') spec.
 //
+// Pipeline parallelism (Plan::pp): the model is an nn::PipelineModule built on the mesh's pipe axis
+// (nn::GPT with GPTConfig.pp_axis), holding one stage. step() cuts the local batch into PP::microbatches
+// and runs run_pipeline() (parallel/pipeline.h) with the plan's schedule and recompute policy; tied
+// parameters (GPT's token embedding on the first and last stage) get the sum of both stages'
+// gradients; DP averages each stage's gradients over its DP group; the clipping norm is TP-aware per
+// stage and summed over the stages (a tied weight counted once); the loss comes from the last stage.
+// evaluate() runs the batches through the stages (forward only; the metrics are the last stage's
+// summed loss and the number of targets, as lm_metrics reports them); restore() loads each stage's own
+// tensors and checks that the stages together loaded every saved one.
+//
 // Determinism: a step's result depends only on the seed, the step number and the data, never on wall
 // clock or thread scheduling, so a resumed run is bitwise identical to an uninterrupted one (same rank
 // count), and different rank counts agree to rounding.
@@ -149,8 +159,10 @@ class Engine {
 
   /// Trains until opts.steps optimizer steps are done.
   FitResult fit(nn::Module& model, const LossFn& loss, DataLoader& data, const FitOptions& opts);
-  /// One optimizer step on this rank's part of a global batch (split into accumulate_steps microbatches).
-  /// Throws PlanError when the local batch does not divide into the microbatches.
+  /// One optimizer step on this rank's part of a global batch (split into accumulate_steps microbatches,
+  /// or under Plan::pp into PP::microbatches run by the pipeline schedule; loss_fn is then unused: the
+  /// stages compute the loss). Throws PlanError when the local batch does not divide into the
+  /// microbatches, or under Plan::pp when the model is not an nn::PipelineModule on the plan's pipe axis.
   StepResult step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// Evaluates on the whole dataset (each data-parallel rank takes a contiguous shard), in eval mode,
   /// without recording; returns "eval/<name>" = sum / count for each metric.

@@ -151,8 +151,8 @@ gpt_pp_parity)  # pipeline stages on real Brown tokens: PP 2 and 4, GPipe with r
   # 2 x 2 x 2 on 8 ranks give the loss of one stage after 20 steps; describe prints the 1F1B schedule
   gpt() { local np=$1; shift; run "$np" gpt_small_pp.yaml --set "data.path=$BROWN" --set train.steps=20 \
             --set schedule.warmup_steps=5 --set train.eval_every=0 --set data.val_batches=2 "$@"; }
-  gpt 1 --set mesh.pipe=1 | tee pp1.txt
-  gpt 2 | tee pp2.txt
+  gpt 1 --set mesh.pipe=1 --set "checkpoint.dir=$WORK/ck1" | tee pp1.txt
+  gpt 2 --set "checkpoint.dir=$WORK/ck2" | tee pp2.txt
   gpt 4 --set mesh.pipe=4 | tee pp4.txt
   gpt 2 --set plan.pp.schedule=gpipe --set plan.pp.microbatches=8 --set plan.pp.recompute=full | tee gpipe.txt
   gpt 8 --set mesh.data=2 --set mesh.model=2 --set plan.pp.microbatches=2 | tee dp2pp2tp2.txt
@@ -167,6 +167,14 @@ gpt_pp_parity)  # pipeline stages on real Brown tokens: PP 2 and 4, GPipe with r
   grep -q "pipeline parallel: axis 'pipe', 4 microbatches, schedule 1f1b" describe.txt || fail "describe: plan line"
   grep -Eq '^stage 0 +F0 +F1 +F2 +F3 +\. +\. +\. +B0 +\. +B1 +\. +B2 +\. +B3$' describe.txt || fail "describe: stage 0's 1F1B row"
   grep -Eq '^stage 3 +\. +\. +\. +F0 +B0 +F1 +B1 +F2 +B2 +F3 +B3 +\. +\. +\.$' describe.txt || fail "describe: stage 3's row"
+  # Sampling joins the stages (the checkpoint of 2 stages loads into the whole model): the same greedy
+  # text as from the one-stage run's checkpoint.
+  smp() { "$TITANAX" sample --config "$SRC/examples/configs/gpt_small_pp.yaml" --set "data.path=$BROWN" \
+            --set logging.level=warn --set "checkpoint.dir=$1" --prompt "The jury said" -n 12 -t 0; }
+  smp "$WORK/ck1" | tee s1.txt
+  smp "$WORK/ck2" | tee s2.txt
+  [[ $(wc -w <s2.txt) -gt 4 ]] || fail "no text sampled"
+  cmp s1.txt s2.txt || fail "greedy samples from the 1-stage and 2-stage checkpoints differ"
   expect_error "PlanError: 1F1B needs at least as many microbatches as stages" \
     gpt 4 --set mesh.pipe=4 --set plan.pp.microbatches=2
   expect_error "PlanError: GPT: layers \(4\) do not divide into the 3 pipeline stages" gpt 3 --set mesh.pipe=3 \
