@@ -107,6 +107,11 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
     throw PlanError("the local batch does not split into the pipeline's microbatches",
                     "a local batch divisible by microbatches=" + std::to_string(M), std::to_string(B) + " examples",
                     "make batch_size a multiple of (data-parallel ranks x microbatches)");
+  if (pp.recompute != Recompute::none && model.stochastic())
+    throw PlanError("activation recomputation of a model that draws randomness in its forward (dropout)",
+                    "a deterministic model with recompute " + std::string(recompute_name(pp.recompute)),
+                    model.name() + " (a recomputed dropout mask would differ from the one used)",
+                    "set the plan's recompute to none, or drop the dropout");
   const int64_t micro = B / M;
   std::vector<Batch> mbs;
   for (int i = 0; i < M; ++i) mbs.push_back(batch.slice(i * micro, (i + 1) * micro));

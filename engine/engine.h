@@ -41,6 +41,7 @@
 
 #include "engine/logger.h"
 #include "engine/nn.h"
+#include "engine/pipeline_module.h"
 #include "engine/optim.h"
 #include "io/checkpoint.h"
 #include "io/data.h"
@@ -62,38 +63,6 @@ struct Precision {
   std::string str() const;
 };
 
-namespace nn {
-
-/// A model that runs as a pipeline of stages (Plan::pp): built on a mesh with a pipe axis, each rank
-/// holds only its stage's layers (nn::GPT). The engine drives it through these calls.
-class PipelineModule {
- public:
-  virtual ~PipelineModule() = default;
-  /// The number of stages S the model is split into, and this rank's stage (0 <= stage < S).
-  virtual int pipeline_stages() const = 0;
-  virtual int pipeline_stage() const = 0;
-  /// One microbatch through this stage. `input`: the previous stage's output (undefined on stage 0,
-  /// which reads mb["x"]). Returns the activation for the next stage, or on the last stage the loss
-  /// against mb["y"] with `reduction` (mean: the training loss; sum: evaluation).
-  virtual Tensor stage_forward(const Tensor& input, const Batch& mb, Reduction reduction) = 0;
-  /// Shape, dtype and device of the activation stage_forward receives for `mb` (stages > 0).
-  virtual TensorSpec stage_input_spec(const Batch& mb) const = 0;
-  /// Parameters of the whole model held by two stages (tied weights, e.g. GPT's token embedding on the
-  /// first stage and its head on the last), with the other stage holding each: the engine sums their
-  /// gradients between the two stages after backward, so both copies take the same update. A copy
-  /// with counted == false is left out of the gradient norm (the parameter counts once).
-  struct Tied {
-    std::string path;
-    int peer_stage;
-    bool counted;
-  };
-  virtual std::vector<Tied> tied_parameters() const = 0;
-  /// Activation recomputation inside the stage: checkpoint() every group of k consecutive layers
-  /// (0 = off). Set by the engine from PP::recompute.
-  virtual void set_recompute_layers(int k) = 0;
-};
-
-}  // namespace nn
 
 /// Scalar loss of a batch (mean over its examples).
 using LossFn = std::function<Tensor(nn::Module&, const Batch&)>;

@@ -162,18 +162,6 @@ GPT::GPT(GPTConfig cfg, const Mesh& mesh, Loc loc) : cfg_(std::move(cfg)) {
   build();
 }
 
-/// A stage's blocks under their global indices ("blocks/<i>" for i from `first`).
-class GPTBlocks final : public Module {
- public:
-  GPTBlocks(const std::vector<std::shared_ptr<GPTBlock>>& blocks, int64_t first) {
-    for (size_t k = 0; k < blocks.size(); ++k) register_module(std::to_string(first + int64_t(k)), blocks[k]);
-  }
-  Tensor forward(const Tensor&) override {
-    throw InternalError("GPTBlocks::forward: GPT runs its blocks itself", "GPT::run_blocks", "GPTBlocks::forward");
-  }
-  std::string name() const override { return "Blocks"; }
-};
-
 void GPT::build() {
   const int64_t D = cfg_.dim;
   const DType dt = cfg_.dtype;
@@ -183,7 +171,8 @@ void GPT::build() {
   if (first || last) wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.vocab, D, tp_, 0.02, dt));
   if (first) wpe_ = register_module("wpe", std::make_shared<Embedding>(cfg_.seq_len, D, 0.02, dt));
   for (int64_t i = layer_lo_; i < layer_hi_; ++i) blocks_.push_back(std::make_shared<GPTBlock>(D, cfg_.heads, tp_, dt));
-  register_module("blocks", std::make_shared<GPTBlocks>(blocks_, layer_lo_));
+  auto blocks = register_module("blocks", std::make_shared<NamedModules>());  // global indices: "blocks/2", ...
+  for (size_t k = 0; k < blocks_.size(); ++k) blocks->add(std::to_string(layer_lo_ + int64_t(k)), blocks_[k]);
   if (last) lnf_ = register_module("lnf", std::make_shared<LayerNorm>(D, 1e-5, dt));
   init_parameters(0);  // keys from the full paths ("blocks/1/mlp/fc/weight"), so layers differ
 

@@ -42,6 +42,17 @@ void Module::train(bool on) {
   for (auto& [n, c] : children_) c->train(on);
 }
 
+bool Module::stochastic() const {
+  for (const auto& [n, c] : children_)
+    if (c->stochastic()) return true;
+  return false;
+}
+
+Tensor NamedModules::forward(const Tensor&) {
+  throw InternalError("NamedModules::forward: the owner runs the children", "the owning module's forward",
+                      "NamedModules::forward");
+}
+
 std::string Module::describe(int indent) const {
   std::string pad(size_t(indent) * 2, ' ');
   std::string s = pad + name();

@@ -40,6 +40,9 @@ class Module {
   int64_t num_parameters() const { return parameters().numel(); }
   /// Training mode (dropout active) or evaluation mode; recursive.
   void train(bool on = true);
+  /// Whether the forward draws randomness (this module or a child: dropout with p > 0), so that running
+  /// it twice gives different results (activation recomputation refuses such modules).
+  virtual bool stochastic() const;
   void eval() { train(false); }
   bool training() const { return training_; }
   /// One line: "Linear(784 -> 512, bias)".
@@ -141,6 +144,7 @@ class Dropout final : public Module {
   explicit Dropout(double p);
   Tensor forward(const Tensor& x) override;
   std::string name() const override;
+  bool stochastic() const override { return p_ > 0; }
 
  private:
   double p_;
@@ -191,6 +195,17 @@ class Sequential final : public Module {
   Tensor forward(const Tensor& x) override;
   std::string name() const override { return "Sequential"; }
   size_t size() const { return children().size(); }
+};
+
+/// Children under names the caller chooses (a pipeline stage's layers under their global indices:
+/// "blocks/2", "blocks/3" on stage 1 of 2); a container only: its owner runs the children.
+class NamedModules final : public Module {
+ public:
+  /// Adds `m` under `name`; returns m.
+  std::shared_ptr<Module> add(const std::string& name, std::shared_ptr<Module> m) { return register_module(name, std::move(m)); }
+  /// Throws InternalError: the owner runs the children itself.
+  Tensor forward(const Tensor& x) override;
+  std::string name() const override { return "Modules"; }
 };
 
 struct MLPOptions {

@@ -200,3 +200,35 @@ TEST_CASE("a checkpoint saved by pipeline stages loads into the whole model and 
   rt().world()->barrier();
   if (world_rank() == 0) std::filesystem::remove_all(dir);
 }
+
+TEST_CASE("PipelineSequential: an MLP split by path filters trains as on one stage", "[mpi][pp][engine]") {
+  const int n = world_size();
+  Mesh mesh = MeshSpec{{"pipe"}, {n}}.build(rt());
+  Mesh solo = MeshSpec{{"pipe"}, {1}}.build(make_local_communicator());
+  // 2 n Linear layers with a ReLU after each but the last; stage s holds Linear layers 2s and 2s + 1
+  // (indices 4s and 4s + 2 among all layers), named by path filters.
+  auto build = [&](const Mesh& m, nn::StageSplit split) {
+    std::vector<nn::PipelineSequential::Factory> f;
+    for (int i = 0; i < 2 * n; ++i) {
+      f.push_back([i, n] { return std::make_shared<nn::Linear>(i == 0 ? 12 : 16, i == 2 * n - 1 ? 5 : 16); });
+      if (i < 2 * n - 1) f.push_back([] { return std::make_shared<nn::ReLU>(); });
+    }
+    return nn::PipelineSequential(
+        f, m, "pipe", std::move(split),
+        [](const Tensor& out, const Batch& mb, Reduction r) { return cross_entropy(out, mb["y"], r); },
+        [](int, const Batch& mb) { return TensorSpec{Shape{mb.size(), 16}, DType::f32, Device::cpu()}; });
+  };
+  nn::StageSplit filters;
+  for (int s = 0; s < n; ++s) filters.path_filters.push_back({"layers/" + std::to_string(4 * s) + "/*", "layers/" + std::to_string(4 * s + 2) + "/*"});
+  nn::PipelineSequential staged = build(mesh, filters), whole = build(solo, {});
+  CHECK(staged.layer_indices().front() == 4 * mesh.axis_index("pipe"));
+  Engine ref(solo, Plan{.pp = PP{"pipe", 4}}, optim::sgd(optim::constant(0.05), 0.9));
+  Engine eng(mesh, Plan{.pp = PP{"pipe", 4}}, optim::sgd(optim::constant(0.05), 0.9));
+  for (int step = 0; step < 10; ++step) {
+    Batch b{{{"x", random_normal(RngKey::from_seed(uint64_t(10 + step)), Shape{8, 12}, DType::f32)},
+             {"y", tokens(uint64_t(50 + step), Shape{8}, 5)}}};
+    const double a = ref.step(whole, classification_loss, b).loss, c = eng.step(staged, classification_loss, b).loss;
+    INFO("step " << step);
+    CHECK(c == Approx(a).epsilon(1e-5));
+  }
+}

@@ -259,3 +259,55 @@ TEST_CASE("GPT stages: layout, errors, and the whole-model calls refused on a st
   e = catch_error<PlanError>([&] { eng.step(mlp, classification_loss, mb); });
   CHECK_THAT(e.message(), Contains("cannot run as pipeline stages"));
 }
+
+TEST_CASE("stages by layer index or by parameter-path filters") {
+  using nn::StageSplit;
+  // Six layers: Linear, ReLU (no parameters), Linear, ReLU, Linear, Linear.
+  const std::vector<std::vector<std::string>> L{{"layers/0/weight", "layers/0/bias"}, {}, {"layers/2/weight"}, {},
+                                                {"layers/4/weight"}, {"layers/5/weight"}};
+  CHECK(nn::assign_stages(L, 2, {}) == std::vector<int>{0, 0, 0, 1, 1, 1});                 // even
+  CHECK(nn::assign_stages(L, 3, {}) == std::vector<int>{0, 0, 1, 1, 2, 2});
+  CHECK(nn::assign_stages(L, 2, StageSplit{.boundaries = {4}}) == std::vector<int>{0, 0, 0, 0, 1, 1});
+  CHECK(nn::assign_stages(L, 3, StageSplit{.boundaries = {1, 5}}) == std::vector<int>{0, 1, 1, 1, 1, 2});
+  const StageSplit by_path{.path_filters = {{"layers/0/**", "layers/2/**"}, {"layers/4/*", "layers/5/*"}}};
+  CHECK(nn::assign_stages(L, 2, by_path) == std::vector<int>{0, 0, 0, 0, 1, 1});  // ReLUs follow the layer before
+
+  auto e = catch_error<PlanError>([&] { nn::assign_stages(L, 2, StageSplit{.boundaries = {0}}); });
+  CHECK_THAT(e.expected(), Contains("strictly ascending layer indices in (0, 6)"));
+  e = catch_error<PlanError>([&] { nn::assign_stages(L, 2, StageSplit{.path_filters = {{"layers/0/**"}, {"layers/4/*"}}}); });
+  CHECK_THAT(e.message(), Contains("no stage's path filter matches layer 2"));
+  e = catch_error<PlanError>([&] { nn::assign_stages(L, 2, StageSplit{.path_filters = {{"**/weight"}, {"layers/5/*"}}}); });
+  CHECK_THAT(e.message(), Contains("both match layer 5"));
+  e = catch_error<PlanError>([&] {
+    nn::assign_stages(L, 2, StageSplit{.path_filters = {{"layers/0/**", "layers/5/*"}, {"layers/2/*", "layers/4/*"}}});
+  });
+  CHECK_THAT(e.message(), Contains("layer 5 is on stage 0, before the stage 1"));
+  e = catch_error<PlanError>([&] { nn::assign_stages(L, 7, {}); });
+  CHECK_THAT(e.message(), Contains("fewer layers than pipeline stages"));
+  e = catch_error<PlanError>([&] {
+    nn::assign_stages(L, 2, StageSplit{.path_filters = {{"layers/*/**"}, {"nothing"}}});
+  });
+  CHECK_THAT(e.message(), Contains("stage 1 gets no layer"));
+}
+
+TEST_CASE("PipelineSequential on one stage: the layers then the loss, recompute refused with dropout") {
+  Mesh mesh = local_mesh({"pipe"}, {1});
+  auto linear = [](int64_t i, int64_t o) { return [=] { return std::make_shared<nn::Linear>(i, o, true, DType::f64); }; };
+  auto stack = [&](std::vector<nn::PipelineSequential::Factory> f) {
+    return nn::PipelineSequential(
+        std::move(f), mesh, "pipe", {},
+        [](const Tensor& out, const Batch& mb, Reduction r) { return cross_entropy(out, mb["y"], r); },
+        [](int, const Batch& mb) { return TensorSpec{Shape{mb.size(), 8}, DType::f64, Device::cpu()}; });
+  };
+  nn::PipelineSequential net = stack({linear(4, 8), [] { return std::make_shared<nn::ReLU>(); }, linear(8, 3)});
+  CHECK(net.parameters().paths() == std::vector<std::string>{"layers/0/weight", "layers/0/bias", "layers/2/weight", "layers/2/bias"});
+  Batch b;
+  b.items["x"] = testing::randn64(RngKey::from_seed(1), Shape{5, 4});
+  b.items["y"] = testing::randint(RngKey::from_seed(2), Shape{5}, 3);
+  CHECK(net.stage_forward({}, b, Reduction::mean).item() == cross_entropy(net(b["x"]), b["y"]).item());
+
+  nn::PipelineSequential noisy = stack({linear(4, 8), [] { return std::make_shared<nn::Dropout>(0.5); }, linear(8, 3)});
+  Engine eng(mesh, Plan{.pp = PP{.axis = "pipe", .microbatches = 1, .recompute = Recompute::full}}, optim::sgd(optim::constant(0.1)));
+  auto e = catch_error<PlanError>([&] { eng.step(noisy, nn::lm_loss, b); });
+  CHECK_THAT(e.message(), Contains("activation recomputation of a model that draws randomness"));
+}
