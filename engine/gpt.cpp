@@ -257,24 +257,9 @@ Tensor GPT::embed(const Tensor& ids) {
 }
 
 Tensor GPT::run_blocks(Tensor x) {
-  const size_t n = blocks_.size(), k = recompute_layers_ > 0 ? size_t(recompute_layers_) : n;
-  for (size_t lo = 0; lo < n; lo += k) {
-    const size_t hi = std::min(n, lo + k);
-    auto group = [this, lo, hi](const Tensor& in) {
-      Tensor h = in;
-      for (size_t i = lo; i < hi; ++i) h = blocks_[i]->forward(h);
-      return h;
-    };
-    if (recompute_layers_ == 0) {
-      x = group(x);
-      continue;
-    }
-    TensorList params;
-    for (size_t i = lo; i < hi; ++i)
-      for (const auto& [p, t] : blocks_[i]->parameters()) params.push_back(t);
-    x = checkpoint(group, x, params);
-  }
-  return x;
+  std::vector<Module*> ls;
+  for (auto& b : blocks_) ls.push_back(b.get());
+  return run_layers(ls, std::move(x), recompute_layers_);
 }
 
 Tensor GPT::head(const Tensor& x0) {

@@ -77,6 +77,27 @@ std::vector<int> assign_stages(const std::vector<std::vector<std::string>>& laye
   return st;
 }
 
+Tensor run_layers(const std::vector<Module*>& layers, Tensor x, int k) {
+  const size_t n = layers.size(), g = k > 0 ? size_t(k) : n;
+  for (size_t lo = 0; lo < n; lo += g) {
+    const size_t hi = std::min(n, lo + g);
+    auto group = [&layers, lo, hi](const Tensor& in) {
+      Tensor h = in;
+      for (size_t i = lo; i < hi; ++i) h = layers[i]->forward(h);
+      return h;
+    };
+    if (k <= 0) {
+      x = group(x);
+      continue;
+    }
+    TensorList params;
+    for (size_t i = lo; i < hi; ++i)
+      for (const auto& [p, t] : layers[i]->parameters()) params.push_back(t);
+    x = checkpoint(group, x, params);
+  }
+  return x;
+}
+
 PipelineSequential::PipelineSequential(std::vector<Factory> layers, const Mesh& mesh, const std::string& axis,
                                        StageSplit split, StageLoss loss, ActivationSpec activation, Loc loc)
     : total_(int64_t(layers.size())), loss_(std::move(loss)), activation_(std::move(activation)) {
@@ -130,23 +151,9 @@ Tensor PipelineSequential::stage_forward(const Tensor& input, const Batch& mb, R
                        want.shape.str(), h.defined() ? h.shape().str() : "none",
                        "check the activation spec against what the previous stage's last layer returns");
   }
-  const size_t n = layers_.size(), k = recompute_ > 0 ? size_t(recompute_) : n;
-  for (size_t lo = 0; lo < n; lo += k) {
-    const size_t hi = std::min(n, lo + k);
-    auto group = [this, lo, hi](const Tensor& in) {
-      Tensor x = in;
-      for (size_t i = lo; i < hi; ++i) x = layers_[i]->forward(x);
-      return x;
-    };
-    if (recompute_ == 0) {
-      h = group(h);
-      continue;
-    }
-    TensorList params;
-    for (size_t i = lo; i < hi; ++i)
-      for (const auto& [p, t] : layers_[i]->parameters()) params.push_back(t);
-    h = checkpoint(group, h, params);
-  }
+  std::vector<Module*> ls;
+  for (auto& l : layers_) ls.push_back(l.get());
+  h = run_layers(ls, h, recompute_);
   return s_ == S_ - 1 ? loss_(h, mb, reduction) : h;
 }
 

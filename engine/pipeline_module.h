@@ -69,6 +69,11 @@ struct StageSplit {
 std::vector<int> assign_stages(const std::vector<std::vector<std::string>>& layer_params, int stages,
                                const StageSplit& split, Loc loc = Loc::current());
 
+/// Runs `layers` in order on x. With k > 0 each group of k consecutive layers (the last one shorter) is
+/// wrapped in checkpoint() with the group's parameters as the node's inputs, so only the group's input
+/// is kept for the backward, where the group runs again (activation recomputation). k <= 0: plain.
+Tensor run_layers(const std::vector<Module*>& layers, Tensor x, int k);
+
 /// A stack of layers (x -> layer 0 -> layer 1 -> ... -> loss) run as pipeline stages over mesh axis
 /// `axis`: the rank at stage s builds and holds only its layers, under their global paths
 /// ("layers/<i>/..."), so any S starts from the same parameters (init keys come from the paths) and
