@@ -81,9 +81,11 @@ Tensor run_layers(const std::vector<Module*>& layers, Tensor x, int k) {
   const size_t n = layers.size(), g = k > 0 ? size_t(k) : n;
   for (size_t lo = 0; lo < n; lo += g) {
     const size_t hi = std::min(n, lo + g);
-    auto group = [&layers, lo, hi](const Tensor& in) {
+    // By value: checkpoint() keeps the function for the backward, after this call has returned.
+    std::vector<Module*> mine(layers.begin() + std::ptrdiff_t(lo), layers.begin() + std::ptrdiff_t(hi));
+    auto group = [mine](const Tensor& in) {
       Tensor h = in;
-      for (size_t i = lo; i < hi; ++i) h = layers[i]->forward(h);
+      for (Module* l : mine) h = l->forward(h);
       return h;
     };
     if (k <= 0) {

@@ -71,7 +71,8 @@ std::vector<int> assign_stages(const std::vector<std::vector<std::string>>& laye
 
 /// Runs `layers` in order on x. With k > 0 each group of k consecutive layers (the last one shorter) is
 /// wrapped in checkpoint() with the group's parameters as the node's inputs, so only the group's input
-/// is kept for the backward, where the group runs again (activation recomputation). k <= 0: plain.
+/// is kept for the backward, where the group runs again (activation recomputation); the modules must
+/// outlive that backward. k <= 0: plain.
 Tensor run_layers(const std::vector<Module*>& layers, Tensor x, int k);
 
 /// A stack of layers (x -> layer 0 -> layer 1 -> ... -> loss) run as pipeline stages over mesh axis
