@@ -25,6 +25,7 @@
 #include "engine/gpt.h"
 #include "engine/logger.h"
 #include "engine/nn.h"
+#include "engine/pipeline_module.h"
 #include "engine/optim.h"
 #include "io/brown.h"
 #include "engine/tp_layers.h"

@@ -232,3 +232,23 @@ TEST_CASE("PipelineSequential: an MLP split by path filters trains as on one sta
     CHECK(c == Approx(a).epsilon(1e-5));
   }
 }
+
+TEST_CASE("isend / irecv: data arrives, a message of another size is a CollectiveError", "[mpi][pp][p2p]") {
+  auto world = rt().world();
+  const int r = world->rank(), n = world->size();
+  // A ring: every rank sends its values to the next and receives the previous rank's.
+  Tensor mine = value_of(r, Shape{6}), got = zeros(Shape{6}, DType::f64);
+  auto rq = world->irecv(got, (r + n - 1) % n, 5);
+  auto sq = world->isend(mine, (r + 1) % n, 5);
+  rq->wait();
+  sq->wait();
+  CHECK(vals(got) == vals(value_of((r + n - 1) % n, Shape{6})));
+  // Rank 1 expects 7 values where rank 0 sends 6.
+  if (r == 0) world->isend(value_of(0, Shape{6}), 1, 6)->wait();
+  if (r == 1) {
+    Tensor big = zeros(Shape{7}, DType::f64);
+    auto q = world->irecv(big, 0, 6);
+    CHECK_THROWS_AS(q->wait(), CollectiveError);
+  }
+  world->barrier();
+}

@@ -311,3 +311,15 @@ TEST_CASE("PipelineSequential on one stage: the layers then the loss, recompute 
   auto e = catch_error<PlanError>([&] { eng.step(noisy, nn::lm_loss, b); });
   CHECK_THAT(e.message(), Contains("activation recomputation of a model that draws randomness"));
 }
+
+TEST_CASE("isend / irecv on one rank: the mailbox") {
+  auto c = make_local_communicator();
+  Tensor a = from_vector(std::vector<double>{1, 2, 3}, Shape{3}), b = zeros(Shape{3}, DType::f64);
+  auto rq = c->irecv(b, 0, 4);
+  c->isend(a, 0, 4)->wait();
+  rq->wait();  // receives in wait(): the message is there
+  CHECK(b.to_vector<double>() == std::vector<double>{1, 2, 3});
+  Tensor none = zeros(Shape{3}, DType::f64);
+  CHECK_THROWS_AS(c->irecv(none, 0, 9)->wait(), CollectiveError);  // nothing sent: would block forever
+  CHECK_THROWS_AS(c->isend(a, 1, 0), CollectiveError);                // no rank 1
+}
