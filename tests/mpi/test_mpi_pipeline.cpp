@@ -149,14 +149,15 @@ TEST_CASE("1F1B: stage 0 holds at most S microbatches' activations; GPipe holds 
     }
     for (auto& t : ps) t.set_requires_grad(false);
   }
-  auto peak_of = [&](PipelineSchedule s) {
+  auto peak_of = [&](PipelineSchedule s, Recompute rc = Recompute::none) {
     const int64_t base = a.stats().current_bytes;
     a.reset_peak();
-    PipelineResult r = run_pipeline(mesh.comm("pipe"), PP{"pipe", M, s}, ps, fns);
+    PipelineResult r = run_pipeline(mesh.comm("pipe"), PP{"pipe", M, s, rc}, ps, fns);
     return std::make_pair(a.stats().peak_bytes - base, r.stats.peak_in_flight);
   };
   auto [p1f1b, held1f1b] = peak_of(PipelineSchedule::one_f_one_b);
   auto [pgpipe, heldgpipe] = peak_of(PipelineSchedule::gpipe);
+  auto [pfull, heldfull] = peak_of(PipelineSchedule::one_f_one_b, Recompute::full);
   if (mesh.axis_index("pipe") == 0) {
     INFO("one microbatch's activations " << A << " B; peak over the step: 1F1B " << p1f1b << " B, GPipe " << pgpipe << " B");
     REQUIRE(A > 0);
@@ -166,6 +167,10 @@ TEST_CASE("1F1B: stage 0 holds at most S microbatches' activations; GPipe holds 
     // the accumulated gradients (stage 0's parameters are tiny next to A).
     CHECK(p1f1b <= 5 * A);
     CHECK(pgpipe >= M * A);  // the measurement sees all M held by GPipe
+    // Recomputing the whole stage keeps only each microbatch's input (ids here) and output: the peak is
+    // about one microbatch's forward and backward.
+    INFO("1F1B with full recomputation: " << pfull << " B");
+    CHECK(pfull <= 2 * A);
   }
 }
 
