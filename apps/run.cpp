@@ -23,6 +23,8 @@ const ConfigSchema& run_schema() {
     s.add_string("plan.pp.recompute", "none", "activation recomputation per stage: none, full (the whole stage), "
                  "layers (groups of plan.pp.recompute_layers blocks)", {"none", "full", "layers"});
     s.add_int("plan.pp.recompute_layers", 1, "blocks per recomputed group with plan.pp.recompute: layers");
+    s.add_int_list("plan.pp.boundaries", std::vector<int64_t>{}, "gpt: first block of each stage after the first "
+                   "(ascending); empty = an even split (layers divisible by the stages)");
     s.add_string("data.dataset", "mnist", "mnist: IDX files; brown: the Brown corpus as BPE tokens; tokens: "
                  "your own llm.c token shards (train.bin, val.bin)", {"mnist", "brown", "tokens"});
     s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz)");
@@ -105,7 +107,8 @@ Plan plan(const Config& c) {
 nn::GPTConfig gpt_config(const Config& c) {
   return {.vocab = c.get_int("model.vocab"), .layers = c.get_int("model.layers"), .heads = c.get_int("model.heads"),
           .dim = c.get_int("model.dim"), .seq_len = c.get_int("model.seq_len"),
-          .tp_axis = c.get_string("plan.tp.axis"), .pp_axis = c.get_string("plan.pp.axis")};
+          .tp_axis = c.get_string("plan.tp.axis"), .pp_axis = c.get_string("plan.pp.axis"),
+          .pp_boundaries = c.get_int_list("plan.pp.boundaries")};
 }
 
 namespace {
@@ -362,9 +365,13 @@ int describe(const Config& c, Runtime& rt, int world_size) {
   if (p.pp) {
     const int S = size_of(p.pp->axis), M = p.pp->microbatches;
     const int64_t local = c.get_int("data.batch_size") / size_of(p.dp->axis);
-    std::printf("pipeline: %d stage(s) of %lld block(s), %d microbatch(es) of %lld, schedule %s; bubble %.3f "
+    const std::vector<int> stage_of = nn::GPT::check_pipeline(gpt_config(c), S, p.pp->axis);
+    std::string blocks;
+    for (int s = 0; s < S; ++s)
+      blocks += (s ? ", " : "") + std::to_string(std::count(stage_of.begin(), stage_of.end(), s));
+    std::printf("pipeline: %d stage(s) of [%s] block(s), %d microbatch(es) of %lld, schedule %s; bubble %.3f "
                 "((S - 1) / (M + S - 1)); stage 0 holds at most %d microbatch(es) of activations\n",
-                S, static_cast<long long>(c.get_int("model.layers") / S), M, static_cast<long long>(local / M),
+                S, blocks.c_str(), M, static_cast<long long>(local / M),
                 schedule_name(p.pp->schedule), ideal_bubble_fraction(S, M),
                 peak_in_flight(pipeline_actions(p.pp->schedule, S, 0, M)));
     std::printf("schedule (one column per tick, F = forward, B = backward of microbatch i, . = idle):\n%s\n",

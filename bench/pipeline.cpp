@@ -1,7 +1,7 @@
 // bench/pipeline: pipeline parallelism on the GPT reference config (vocab 8192, 4 layers, dim 256,
 // 4 heads, T 128; AdamW, clip 1.0; f32, one thread per rank) over S = the ranks of this launch
 // (mesh {pipe: S}), for M microbatches of --mb sequences each. Run under mpirun -np S (S = 1, 2, 4).
-// In the same run, rank 0 first times PP = 1 alone (the whole model, the same global batch of M x mb
+// Stages: an even split of the 4 blocks, or --boundaries. In the same run, rank 0 first times PP = 1 alone (the whole model, the same global batch of M x mb
 // sequences as one stage with the same M microbatches) while the other ranks wait, then all ranks run
 // the pipeline. One line per M:
 //   bench=pipeline stages=S microbatches=M schedule=1f1b ideal_bubble=(S-1)/(M+S-1) measured_bubble=...
@@ -9,6 +9,7 @@
 // measured_bubble: 1 - (time in forwards and backwards) / (step time), averaged over the stages (what
 // the stages did not compute: the schedule's bubble plus message waits and transfers).
 // Options: --microbatches 4,8,16  --mb 2  --steps 4  --warmup 1  --schedule 1f1b|gpipe  --no-pp1
+//          --boundaries 3[,..]  (the first block of each stage after the first; default: an even split)
 #include <omp.h>
 
 #include <algorithm>
@@ -74,6 +75,7 @@ int main(int argc, char** argv) {
   std::vector<int> Ms{4, 8, 16};
   int mb = 2, steps = 4, warmup = 1;
   bool pp1 = true;
+  std::vector<int64_t> boundaries;
   tx::PipelineSchedule schedule = tx::PipelineSchedule::one_f_one_b;
   for (int i = 1; i < argc; ++i) {
     auto next = [&] { return i + 1 < argc ? std::string(argv[++i]) : std::string(); };
@@ -86,18 +88,25 @@ int main(int argc, char** argv) {
     else if (!std::strcmp(argv[i], "--warmup")) warmup = std::stoi(next());
     else if (!std::strcmp(argv[i], "--schedule")) schedule = tx::parse_schedule(next());
     else if (!std::strcmp(argv[i], "--no-pp1")) pp1 = false;
+    else if (!std::strcmp(argv[i], "--boundaries")) {
+      std::stringstream ss(next());
+      for (std::string x; std::getline(ss, x, ',');) boundaries.push_back(std::stoll(x));
+    }
   }
   omp_set_num_threads(1);
   const int S = rt.world_size();
   tx::Mesh mesh = tx::MeshSpec{{"pipe"}, {S}}.build(rt);
   tx::Mesh solo = tx::MeshSpec{{"pipe"}, {1}}.build(tx::make_local_communicator());
-  const tx::nn::GPTConfig cfg = config();
+  tx::nn::GPTConfig cfg = config();
+  cfg.pp_boundaries = boundaries;
   for (int M : Ms) {
     const tx::Batch b = batch(int64_t(M) * mb, cfg.seq_len, cfg.vocab, uint64_t(M));
     const double tokens = double(M) * mb * double(cfg.seq_len);
     double pp1_tps = 0;
     if (pp1 && rt.rank() == 0) {
-      tx::nn::GPT whole(cfg, solo);
+      tx::nn::GPTConfig one = cfg;
+      one.pp_boundaries.clear();
+      tx::nn::GPT whole(one, solo);
       tx::Engine eng(solo, tx::Plan{.pp = tx::PP{"pipe", M}}, adamw(), {.grad_clip = 1.0});
       pp1_tps = tokens / time_steps(eng, whole, b, warmup, steps).step_s;
     }
@@ -110,9 +119,11 @@ int main(int argc, char** argv) {
     rt.world()->all_reduce(v);
     const double bubble = v.to_vector<double>()[0] / S, step_s = v.to_vector<double>()[1] / S;
     if (rt.rank() == 0) {
-      std::printf("bench=pipeline stages=%d microbatches=%d microbatch_size=%d schedule=%s ideal_bubble=%.3f "
+      std::string split = "even";
+      for (size_t k = 0; k < boundaries.size(); ++k) split = (k ? split + "," : "") + std::to_string(boundaries[k]);
+      std::printf("bench=pipeline stages=%d split=%s microbatches=%d microbatch_size=%d schedule=%s ideal_bubble=%.3f "
                   "measured_bubble=%.3f step_ms=%.1f tokens_per_s=%.0f",
-                  S, M, mb, tx::schedule_name(schedule), tx::ideal_bubble_fraction(S, M), bubble, 1e3 * step_s,
+                  S, split.c_str(), M, mb, tx::schedule_name(schedule), tx::ideal_bubble_fraction(S, M), bubble, 1e3 * step_s,
                   tokens / step_s);
       if (pp1) std::printf(" pp1_tokens_per_s=%.0f throughput_vs_pp1=%.2f", pp1_tps, tokens / step_s / pp1_tps);
       std::printf(" threads_per_rank=1 cores=%u\n", std::thread::hardware_concurrency());

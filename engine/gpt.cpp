@@ -117,16 +117,21 @@ void GPT::check_tensor_parallel(const GPTConfig& c, int n, const std::string& ax
 
 GPT::GPT(GPTConfig cfg) : cfg_(std::move(cfg)) {
   check_config(cfg_);
+  layer_hi_ = cfg_.layers;
   build();
 }
 
-void GPT::check_pipeline(const GPTConfig& c, int stages, const std::string& axis, Loc loc) {
-  if (c.layers % stages != 0)
+std::vector<int> GPT::check_pipeline(const GPTConfig& c, int stages, const std::string& axis, Loc loc) {
+  if (c.pp_boundaries.empty() && c.layers % stages != 0)
     throw PlanError("GPT: layers (" + std::to_string(c.layers) + ") do not divide into the " + std::to_string(stages) +
                         " pipeline stages of axis '" + axis + "'",
                     "layers a multiple of " + std::to_string(stages), std::to_string(c.layers),
-                    "use a '" + axis + "' axis whose size divides " + std::to_string(c.layers) + ", or change GPTConfig.layers",
+                    "use a '" + axis + "' axis whose size divides " + std::to_string(c.layers) +
+                        ", change GPTConfig.layers, or give pp_boundaries",
                     loc);
+  std::vector<std::vector<std::string>> blocks;
+  for (int64_t i = 0; i < c.layers; ++i) blocks.push_back({"blocks/" + std::to_string(i)});
+  return assign_stages(blocks, stages, StageSplit{.boundaries = c.pp_boundaries}, loc);
 }
 
 namespace {
@@ -156,8 +161,12 @@ GPT::GPT(GPTConfig cfg, const Mesh& mesh, Loc loc) : cfg_(std::move(cfg)) {
       throw PlanError("GPT: tensor and pipeline parallelism on the same axis '" + cfg_.pp_axis + "'", "two different axes",
                       "tp_axis = pp_axis = '" + cfg_.pp_axis + "'", "e.g. tp_axis \"model\", pp_axis \"pipe\"", loc);
     pp_size_ = mesh.axis_size(cfg_.pp_axis);
-    check_pipeline(cfg_, pp_size_, cfg_.pp_axis, loc);
     pp_index_ = mesh.axis_index(cfg_.pp_axis);
+    const std::vector<int> st = check_pipeline(cfg_, pp_size_, cfg_.pp_axis, loc);
+    layer_lo_ = std::find(st.begin(), st.end(), pp_index_) - st.begin();
+    layer_hi_ = st.rend() - std::find(st.rbegin(), st.rend(), pp_index_);
+  } else {
+    layer_hi_ = cfg_.layers;
   }
   build();
 }
@@ -166,8 +175,6 @@ void GPT::build() {
   const int64_t D = cfg_.dim;
   const DType dt = cfg_.dtype;
   const bool first = pp_index_ == 0, last = pp_index_ == pp_size_ - 1;
-  layer_lo_ = cfg_.layers * pp_index_ / pp_size_;
-  layer_hi_ = cfg_.layers * (pp_index_ + 1) / pp_size_;
   if (first || last) wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.vocab, D, tp_, 0.02, dt));
   if (first) wpe_ = register_module("wpe", std::make_shared<Embedding>(cfg_.seq_len, D, 0.02, dt));
   for (int64_t i = layer_lo_; i < layer_hi_; ++i) blocks_.push_back(std::make_shared<GPTBlock>(D, cfg_.heads, tp_, dt));

@@ -30,8 +30,8 @@
 // start from the same model.
 //
 // Pipeline parallelism over mesh axis `pp_axis` of size S (GPT(cfg, mesh) with cfg.pp_axis set): the
-// rank at stage s holds blocks [s L / S, (s + 1) L / S) under their global paths ("blocks/2/..." on
-// stage 1 of 2 for L = 4), stage 0 also wte and wpe, the last stage also lnf and wte (the tied head:
+// rank at stage s holds blocks [s L / S, (s + 1) L / S) (or the split cfg.pp_boundaries gives) under
+// their global paths ("blocks/2/..." on stage 1 of 2 for L = 4), stage 0 also wte and wpe, the last stage also lnf and wte (the tied head:
 // one parameter of the model held by two stages, nn::PipelineModule::tied_parameters()). Parameters
 // start as in the unsplit model (keys from the global paths). The engine runs the stages with
 // stage_forward(); forward() and loss() need the whole model (S = 1).
@@ -43,6 +43,7 @@
 
 #include "engine/engine.h"
 #include "engine/nn.h"
+#include "engine/pipeline_module.h"
 #include "engine/tp_layers.h"
 #include "parallel/sharding.h"
 
@@ -56,6 +57,10 @@ struct GPTConfig {
   int64_t seq_len = 128;          ///< the longest sequence (rows of the position embedding)
   std::string tp_axis = "model";  ///< mesh axis of tensor parallelism (used when built with a mesh; "" = none)
   std::string pp_axis;            ///< mesh axis of pipeline parallelism (used when built with a mesh; "" = none)
+  /// First block of each pipeline stage after stage 0 (S - 1 ascending indices; nn::StageSplit);
+  /// empty = the even split, which needs layers divisible by S. Uneven splits balance the stages: the
+  /// first also embeds, the last also runs the vocabulary head.
+  std::vector<int64_t> pp_boundaries;
   DType dtype = DType::f32;       ///< parameters and computation (f64 for gradient checks)
 };
 
@@ -128,8 +133,9 @@ class GPT final : public Module, public PipelineModule {
   static std::vector<ParamLayout> layout(const GPTConfig& cfg);
   /// Throws PlanError (at `loc`) unless heads, 4 * dim and vocab divide by `tp_size`.
   static void check_tensor_parallel(const GPTConfig& cfg, int tp_size, const std::string& axis, Loc loc = Loc::current());
-  /// Throws PlanError (at `loc`) unless layers divide by `stages`.
-  static void check_pipeline(const GPTConfig& cfg, int stages, const std::string& axis, Loc loc = Loc::current());
+  /// The stage of each block (assign_stages with cfg.pp_boundaries). Throws PlanError (at `loc`) when
+  /// layers do not divide by `stages` for the even split, or the boundaries do not split the layers.
+  static std::vector<int> check_pipeline(const GPTConfig& cfg, int stages, const std::string& axis, Loc loc = Loc::current());
 
  private:
   void build();

@@ -154,12 +154,13 @@ gpt_pp_parity)  # pipeline stages on real Brown tokens: PP 2 and 4, GPipe with r
   gpt 1 --set mesh.pipe=1 --set "checkpoint.dir=$WORK/ck1" | tee pp1.txt
   gpt 2 --set "checkpoint.dir=$WORK/ck2" | tee pp2.txt
   gpt 4 --set mesh.pipe=4 | tee pp4.txt
+  gpt 2 --set 'plan.pp.boundaries=[3]' | tee pp2uneven.txt
   gpt 2 --set plan.pp.schedule=gpipe --set plan.pp.microbatches=8 --set plan.pp.recompute=full | tee gpipe.txt
   gpt 8 --set mesh.data=2 --set mesh.model=2 --set plan.pp.microbatches=2 | tee dp2pp2tp2.txt
   gpt 1 --set mesh.pipe=1 --set plan.pp.microbatches=8 | tee pp1m8.txt
   gpt 1 --set mesh.pipe=1 --set plan.pp.microbatches=2 | tee pp1m2.txt
   l1=$(value 'final train loss' <pp1.txt)
-  for f in pp2 pp4; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "GPT loss after 20 steps, $f vs PP 1"; done
+  for f in pp2 pp4 pp2uneven; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "GPT loss after 20 steps, $f vs PP 1"; done
   rel_close "$(value 'final train loss' <gpipe.txt)" "$(value 'final train loss' <pp1m8.txt)" 1e-4 "GPipe M=8 + recompute vs PP 1"
   rel_close "$(value 'final train loss' <dp2pp2tp2.txt)" "$(value 'final train loss' <pp1m2.txt)" 1e-4 "DP x TP x PP 2 x 2 x 2 vs PP 1"
   rel_close "$(value 'val loss' <pp4.txt)" "$(value 'val loss' <pp1.txt)" 1e-4 "val loss, PP 4 vs PP 1"

@@ -234,8 +234,13 @@ TEST_CASE("GPT stages: layout, errors, and the whole-model calls refused on a st
   cfg.layers = 3;
   auto e = catch_error<PlanError>([&] { nn::GPT::check_pipeline(cfg, 2, "pipe"); });
   CHECK_THAT(e.message(), Contains("layers (3) do not divide into the 2 pipeline stages"));
+  cfg.pp_boundaries = {2};  // an uneven split is fine: blocks 0-1 and 2
+  CHECK(nn::GPT::check_pipeline(cfg, 2, "pipe") == std::vector<int>{0, 0, 1});
+  cfg.pp_boundaries = {3};
+  CHECK_THROWS_AS(nn::GPT::check_pipeline(cfg, 2, "pipe"), PlanError);  // stage 1 would be empty
+  cfg.pp_boundaries = {};
   cfg.layers = 4;
-  CHECK_NOTHROW(nn::GPT::check_pipeline(cfg, 2, "pipe"));
+  CHECK(nn::GPT::check_pipeline(cfg, 2, "pipe") == std::vector<int>{0, 0, 1, 1});
   cfg.pp_axis = "pipes";
   e = catch_error<PlanError>([&] { nn::GPT(cfg, local_mesh({"data", "pipe", "model"}, {1, 1, 1})); });
   CHECK_THAT(e.message(), Contains("pipeline axis 'pipes' is not in the mesh; did you mean 'pipe'"));
