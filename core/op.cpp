@@ -25,6 +25,16 @@ TensorList Op::forward(const TensorList& in) const {
   return out;
 }
 
+namespace {
+thread_local ApplyObserver* t_observer = nullptr;
+}  // namespace
+
+ApplyObserver* set_apply_observer(ApplyObserver* o) {
+  ApplyObserver* prev = t_observer;
+  t_observer = o;
+  return prev;
+}
+
 TensorList apply(OpPtr op, TensorList inputs) {
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (!inputs[i].defined())
@@ -41,6 +51,7 @@ TensorList apply(OpPtr op, TensorList inputs) {
     for (const auto& i : inputs)
       if (o.same(i)) o = make_view(i, i.shape(), i.strides(), i.offset());
   record(op, inputs, out);
+  if (t_observer) t_observer->on_apply(op, inputs, out);
   return out;
 }
 

@@ -63,6 +63,16 @@ class Op {
 
 using OpPtr = std::shared_ptr<const Op>;
 
+/// Sees every apply() on its thread while installed: the JIT's tracer (jit/graph.h). on_apply runs after
+/// the op ran (and was recorded on the tape), with its inputs and outputs.
+class ApplyObserver {
+ public:
+  virtual ~ApplyObserver() = default;
+  virtual void on_apply(const OpPtr& op, const TensorList& inputs, const TensorList& outputs) = 0;
+};
+/// Installs `o` for the calling thread (nullptr removes it); returns the one installed before.
+ApplyObserver* set_apply_observer(ApplyObserver* o);
+
 /// Runs `op` on `inputs` and records it on the tape when needed. Throws DeviceError when inputs live on
 /// different devices; errors from infer() propagate with the caller's location.
 TensorList apply(OpPtr op, TensorList inputs);

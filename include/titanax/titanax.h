@@ -11,6 +11,7 @@
 #include "core/shape.h"
 #include "core/tensor.h"
 #include "core/tree.h"
+#include "jit/graph.h"
 #include "ops/ops.h"
 #include "parallel/collectives.h"
 #include "parallel/communicator.h"

@@ -1,0 +1,76 @@
+// jit/graph.h: tracing into the SSA IR, replay on fresh inputs against eager execution, the text and
+// DOT forms, and the passes (dead code, common subexpressions, constant folding) on small graphs.
+#include <catch2/catch.hpp>
+
+#include "test_util.h"
+
+#include "jit/graph.h"
+#include "op_cases.h"
+#include "ops/ops.h"
+
+using namespace titanax;
+using Catch::Matchers::Contains;
+
+namespace {
+Tensor rnd(uint64_t seed, const Shape& s) { return testing::randn64(RngKey::from_seed(seed), s); }
+std::vector<double> vec(const Tensor& t) { return t.contiguous().to_vector<double>(); }
+int count_op(const jit::Graph& g, const std::string& name) {
+  int n = 0;
+  for (const auto& node : g.nodes) n += name == node.op->name();
+  return n;
+}
+}  // namespace
+
+TEST_CASE("jit: a trace replays the function on fresh inputs") {
+  const Tensor w = rnd(1, Shape{3, 5});
+  auto f = [&](const TensorList& in) { return TensorList{tanh(matmul(in[0], w)) + exp(in[1]) * 2.0, sum(in[1])}; };
+  const Tensor x = rnd(2, Shape{4, 3}), y = rnd(3, Shape{4, 5});
+  jit::Graph g = jit::trace(f, {x, y});
+  REQUIRE(g.inputs.size() == 2);
+  REQUIRE(g.outputs.size() == 2);
+  const Tensor x2 = rnd(4, Shape{4, 3}), y2 = rnd(5, Shape{4, 5});
+  TensorList got = g.run({x2, y2}), want = f({x2, y2});
+  CHECK(vec(got[0]) == vec(want[0]));  // the same ops and kernels: bitwise
+  CHECK(vec(got[1]) == vec(want[1]));
+  // w and the scalar 2 are constants of the graph.
+  int consts = 0;
+  for (const auto& v : g.values) consts += v.kind == jit::Value::Kind::constant;
+  CHECK(consts >= 2);
+  CHECK_THAT(g.str(), Contains("graph(%0: f64[4, 3], %1: f64[4, 5])") && Contains("= matmul(%0, %") && Contains("return"));
+  CHECK_THAT(g.dot(), Contains("digraph jit") && Contains("shape=box") && Contains("-> out0"));
+  // The signature is fixed at trace time.
+  CHECK_THROWS_AS(g.run({rnd(6, Shape{2, 3}), y2}), ShapeError);
+  CHECK_THROWS_AS(g.run({x2.astype(DType::f32), y2}), DTypeError);
+  CHECK_THROWS_AS(g.run({x2}), ValueError);
+}
+
+TEST_CASE("jit passes: dead code, common subexpressions, constant folding") {
+  const Tensor c = rnd(7, Shape{4});
+  auto f = [&](const TensorList& in) {
+    Tensor unused = log(exp(in[0]));                  // dead
+    Tensor a = exp(in[0]) + exp(in[0]);               // exp twice: one after CSE
+    Tensor k = exp(c) * 3.0;                          // constants only: folded
+    return TensorList{a * k};
+  };
+  const Tensor x = rnd(8, Shape{4});
+  jit::Graph g = jit::trace(f, {x});
+  const TensorList want = f({x});
+  CHECK(count_op(g, "exp") == 4);
+  CHECK(jit::eliminate_dead_code(g) == 2);  // log and its exp
+  CHECK(count_op(g, "log") == 0);
+  CHECK(jit::eliminate_common_subexpressions(g) == 1);
+  CHECK(count_op(g, "exp") == 2);  // exp(x) and exp(c)
+  CHECK(jit::fold_constants(g) == 2);  // exp(c), then * 3
+  CHECK(count_op(g, "exp") == 1);
+  CHECK(jit::eliminate_dead_code(g) == 0);
+  CHECK(g.num_nodes() == 3);  // exp(x), add, mul
+  CHECK(vec(g.run({x})[0]) == vec(want[0]));
+  const Tensor x2 = rnd(9, Shape{4});
+  CHECK(vec(g.run({x2})[0]) == vec(f({x2})[0]));
+
+  // Equal constants made separately merge, so nodes reading them merge too.
+  auto h = [](const TensorList& in) { return TensorList{in[0] * 2.0 + in[0] * 2.0}; };
+  jit::Graph g2 = jit::trace(h, {x});
+  CHECK(jit::eliminate_common_subexpressions(g2) == 1);
+  CHECK(vec(g2.run({x2})[0]) == vec(h({x2})[0]));
+}
