@@ -7,6 +7,11 @@
 #include "autodiff/tape.h"
 #include "core/error.h"
 
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cstdlib>
+
 namespace titanax::jit {
 namespace {
 
@@ -270,5 +275,66 @@ int fold_constants(Graph& g) {
   renumber_producers(g);
   return folded;
 }
+
+namespace {
+std::string signature(const TensorList& args) {
+  std::string s;
+  for (size_t i = 0; i < args.size(); ++i)
+    s += (i ? ";" : "") + (args[i].defined() ? spec_str(spec_of(args[i])) : std::string("undefined"));
+  return s;
+}
+std::vector<std::string> split_sig(const std::string& s) {
+  std::vector<std::string> out;
+  size_t a = 0;
+  for (size_t b; (b = s.find(';', a)) != std::string::npos; a = b + 1) out.push_back(s.substr(a, b - a));
+  out.push_back(s.substr(a));
+  return out;
+}
+}  // namespace
+
+const Graph* Compiled::graph_for(const TensorList& args) const {
+  auto it = cache_.find(signature(args));
+  return it == cache_.end() ? nullptr : &it->second;
+}
+
+TensorList Compiled::operator()(const TensorList& args) {
+  const std::string sig = signature(args);
+  auto it = cache_.find(sig);
+  if (it != cache_.end()) {
+    ++stats_.hits;
+    return it->second.run(args);
+  }
+  if (const char* e = std::getenv("TITANAX_LOG_COMPILES"); e && std::string(e) == "1") {
+    std::string why = "first call";
+    if (!cache_.empty()) {  // name the first input that differs from the nearest cached signature
+      const auto mine = split_sig(sig);
+      size_t best = 0;
+      std::string reason;
+      for (const auto& [cached, g] : cache_) {
+        const auto theirs = split_sig(cached);
+        size_t same = 0;
+        std::string diff = theirs.size() != mine.size()
+                               ? std::to_string(mine.size()) + " inputs (cached: " + std::to_string(theirs.size()) + ")"
+                               : "";
+        for (size_t i = 0; i < mine.size() && i < theirs.size(); ++i) {
+          if (mine[i] == theirs[i]) ++same;
+          else if (diff.empty()) diff = "input " + std::to_string(i) + ": " + mine[i] + " (cached: " + theirs[i] + ")";
+        }
+        if (reason.empty() || same > best) best = same, reason = diff;
+      }
+      why = "new signature, " + reason;
+    }
+    spdlog::info("jit: compiling ({}); {} graph(s) cached", why, cache_.size());
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  Graph g = trace(fn_, args);
+  for (int changed = 1; changed > 0;)
+    changed = fold_constants(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
+  stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++stats_.misses;
+  return cache_.emplace(sig, std::move(g)).first->second.run(args);
+}
+
+Compiled jit(std::function<TensorList(const TensorList&)> fn) { return Compiled(std::move(fn)); }
 
 }  // namespace titanax::jit

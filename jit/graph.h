@@ -15,11 +15,13 @@
 //
 // Scope of this first slice of the JIT (issue "JIT"): tracing of pure tensor functions (no autodiff tape
 // or in-place updates inside the trace), the IR with text and Graphviz DOT printing, replay, and the
-// passes dead-code elimination, common-subexpression elimination and constant folding. Not yet: the
-// signature cache, control-flow ops, tracing whole training steps, fusion and memory planning.
+// passes dead-code elimination, common-subexpression elimination and constant folding, and a cache of
+// compiled graphs by input signature (jit()). Not yet: control-flow ops, tracing whole training steps
+// (tape and optimizer), fusion and memory planning.
 #pragma once
 
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -88,5 +90,38 @@ int eliminate_common_subexpressions(Graph& g);
 /// Evaluates nodes whose inputs are all constants (running their op now) and replaces their outputs by
 /// constants. Returns the number of nodes folded.
 int fold_constants(Graph& g);
+
+/// Counters of a jit-compiled function.
+struct JitStats {
+  int64_t hits = 0;             ///< calls served by a cached graph
+  int64_t misses = 0;           ///< calls that traced and optimised a new graph
+  double compile_seconds = 0;   ///< total time spent tracing and optimising
+};
+
+/// A function compiled per input signature (each input's shape, dtype and device): the first call
+/// with a new signature traces fn, runs the passes (dead code, common subexpressions, constant
+/// folding, to a fixed point) and caches the graph; later calls with that signature replay it.
+/// With the environment variable TITANAX_LOG_COMPILES=1 every compile logs why it happened (the first
+/// call, or which input differs from the signatures seen, e.g. "input 0: f32[8, 3] (cached: f32[4, 3])").
+/// Constants are captured at trace time: a function reading tensors that change between calls (weights
+/// being trained) must take them as inputs.
+class Compiled {
+ public:
+  explicit Compiled(std::function<TensorList(const TensorList&)> fn) : fn_(std::move(fn)) {}
+  /// Runs the cached graph for args' signature (tracing it first on a miss). Throws what the function
+  /// throws while tracing.
+  TensorList operator()(const TensorList& args);
+  const JitStats& stats() const { return stats_; }
+  /// The cached graph for a signature, if any (for describe / tests).
+  const Graph* graph_for(const TensorList& args) const;
+
+ private:
+  std::function<TensorList(const TensorList&)> fn_;
+  std::map<std::string, Graph> cache_;
+  JitStats stats_;
+};
+
+/// Compiled(fn) (see above).
+Compiled jit(std::function<TensorList(const TensorList&)> fn);
 
 }  // namespace titanax::jit

@@ -74,3 +74,27 @@ TEST_CASE("jit passes: dead code, common subexpressions, constant folding") {
   CHECK(jit::eliminate_common_subexpressions(g2) == 1);
   CHECK(vec(g2.run({x2})[0]) == vec(h({x2})[0]));
 }
+
+TEST_CASE("jit(): one compile per input signature, hits replay the cached graph") {
+  int traced = 0;
+  auto f = jit::jit([&](const TensorList& in) {
+    ++traced;
+    return TensorList{exp(in[0]) + exp(in[0]) * 2.0};
+  });
+  const Tensor a = rnd(1, Shape{4, 3}), b = rnd(2, Shape{4, 3}), c = rnd(3, Shape{8, 3});
+  CHECK(vec(f({a})[0]) == vec(exp(a) + exp(a) * 2.0));
+  CHECK(vec(f({b})[0]) == vec(exp(b) + exp(b) * 2.0));  // same signature: no new trace
+  CHECK(traced == 1);
+  CHECK(f.stats().hits == 1);
+  CHECK(f.stats().misses == 1);
+  f({c});                                               // a new shape compiles again
+  f({a.astype(DType::f32)});                            // and a new dtype
+  CHECK(traced == 3);
+  CHECK(f.stats().misses == 3);
+  CHECK(f.stats().compile_seconds > 0);
+  // The cached graph was optimised: exp(x) once.
+  const jit::Graph* g = f.graph_for({a});
+  REQUIRE(g != nullptr);
+  CHECK(count_op(*g, "exp") == 1);
+  CHECK(f.graph_for({rnd(4, Shape{2, 2})}) == nullptr);
+}
