@@ -1,5 +1,6 @@
 // Activation checkpointing: one tape node whose forward runs the function unrecorded and whose vjp
 // recomputes it recorded (see autodiff.h).
+#include <cstdint>
 #include <utility>
 
 #include "autodiff/autodiff.h"
@@ -12,6 +13,8 @@ namespace {
 struct Checkpoint final : Op {
   Checkpoint(std::function<Tensor(const Tensor&)> f, bool has_x) : fn(std::move(f)), has_x(has_x) {}
   const char* name() const override { return "checkpoint"; }
+  // Each checkpoint wraps its own function: no two are interchangeable (the JIT's CSE compares attrs).
+  std::string attrs() const override { return "fn=" + std::to_string(reinterpret_cast<uintptr_t>(this)); }
   std::vector<TensorSpec> infer(const TensorList&) const override {
     throw InternalError("checkpoint: infer() is not used (forward() runs the function)", "forward()", "infer()");
   }

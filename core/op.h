@@ -34,7 +34,9 @@ class Op {
   virtual ~Op() = default;
   /// Short op name: "matmul", "layer_norm".
   virtual const char* name() const = 0;
-  /// The op's attributes as text ("axes=[0] keepdims=0"): shown in errors, graphs and JIT cache keys.
+  /// The op's attributes as text ("axes=[0] keepdims=0"): shown in errors and graphs, and compared by
+  /// the JIT (two nodes with the same name, attributes and inputs are merged), so every parameter that
+  /// changes the result must appear here.
   virtual std::string attrs() const { return {}; }
 
   /// Output specs for these inputs. Throws ShapeError / DTypeError on invalid inputs.

@@ -87,6 +87,11 @@ class Permute final : public ViewOp {
  public:
   explicit Permute(std::vector<int> axes) : axes_(std::move(axes)) {}
   const char* name() const override { return "permute"; }
+  std::string attrs() const override {
+    std::string a = "axes=[";
+    for (size_t i = 0; i < axes_.size(); ++i) a += (i ? "," : "") + std::to_string(axes_[i]);
+    return a + "]";
+  }
   Tensor view(const Tensor& x) const override {
     if (int(axes_.size()) != x.dim())
       throw ShapeError("permute needs one axis per dimension", std::to_string(x.dim()) + " axes",
@@ -158,6 +163,10 @@ class SliceScatter final : public Op {
  public:
   SliceScatter(Shape shape, SliceSpec sp) : shape_(shape), sp_(sp) {}
   const char* name() const override { return "slice_scatter"; }
+  std::string attrs() const override {
+    return "shape=" + shape_.str() + " axis=" + std::to_string(sp_.axis) + " start=" + std::to_string(sp_.start) +
+           " stop=" + std::to_string(sp_.stop) + " step=" + std::to_string(sp_.step);
+  }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     Tensor probe = make_view(in[0], shape_, shape_.contiguous_strides(), 0);
     Tensor v = slice_view(probe, sp_);
@@ -205,6 +214,7 @@ class Concat final : public Op {
  public:
   explicit Concat(int axis) : axis_(axis) {}
   const char* name() const override { return "concat"; }
+  std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     if (in.empty()) throw ValueError("concat of no tensors", "at least one tensor", "an empty list");
     check_same_dtype(in, "concat");
@@ -300,6 +310,7 @@ class OneHot final : public Op {
  public:
   OneHot(int64_t classes, DType t) : classes_(classes), t_(t) {}
   const char* name() const override { return "one_hot"; }
+  std::string attrs() const override { return "classes=" + std::to_string(classes_) + " dtype=" + std::string(dtype_name(t_)); }
   bool differentiable() const override { return false; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[0], {DType::i64, DType::i32}, "one_hot (labels)");

@@ -214,6 +214,10 @@ class VocabParallelCEBackward final : public Op {
   VocabParallelCEBackward(int64_t lo, int64_t vocab, Reduction r, int64_t ignore, Loc loc)
       : lo_(lo), vocab_(vocab), red_(r), ignore_(ignore), loc_(loc) {}
   const char* name() const override { return "vocab_parallel_cross_entropy_backward"; }
+  std::string attrs() const override {
+    return "lo=" + std::to_string(lo_) + " vocab=" + std::to_string(vocab_) + " reduction=" +
+           std::to_string(int(red_)) + " ignore=" + std::to_string(ignore_);
+  }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_vp_inputs(in[0], in[1], name(), loc_);
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};

@@ -98,3 +98,19 @@ TEST_CASE("jit(): one compile per input signature, hits replay the cached graph"
   CHECK(count_op(*g, "exp") == 1);
   CHECK(f.graph_for({rnd(4, Shape{2, 2})}) == nullptr);
 }
+
+TEST_CASE("jit CSE keeps ops that differ only in their attributes") {
+  auto f = [](const TensorList& in) {
+    return TensorList{in[0].permute({1, 0, 2}) + in[0].permute({0, 2, 1}).reshape(Shape{3, 2, 4}),
+                      sum(concat({in[0], in[0]}, 0)) + sum(concat({in[0], in[0]}, 1))};
+  };
+  const Tensor x = rnd(11, Shape{2, 3, 4});
+  jit::Graph g = jit::trace(f, {x});
+  jit::eliminate_common_subexpressions(g);
+  CHECK(count_op(g, "permute") == 2);
+  CHECK(count_op(g, "concat") == 2);
+  const Tensor x2 = rnd(12, Shape{2, 3, 4});
+  const TensorList got = g.run({x2}), want = f({x2});
+  CHECK(vec(got[0]) == vec(want[0]));
+  CHECK(vec(got[1]) == vec(want[1]));
+}
