@@ -249,6 +249,65 @@ int eliminate_common_subexpressions(Graph& g) {
   return merged;
 }
 
+namespace {
+// Whether value v is a constant whose every element equals x.
+bool constant_all(const Graph& g, int v, double x) {
+  const Value& val = g.values[size_t(v)];
+  if (val.kind != Value::Kind::constant || val.constant.numel() == 0) return false;
+  for (double e : val.constant.astype(DType::f64).contiguous().to_vector<double>())
+    if (e != x) return false;
+  return true;
+}
+// "axes=[1,0,2]" -> {1, 0, 2}.
+std::vector<int> axes_of(const std::string& attrs) {
+  std::vector<int> out;
+  const size_t a = attrs.find('['), b = attrs.find(']');
+  if (a == std::string::npos || b == std::string::npos) return out;
+  std::string body = attrs.substr(a + 1, b - a - 1);
+  for (size_t i = 0, j; i < body.size(); i = j + 1) {
+    j = body.find(',', i);
+    if (j == std::string::npos) j = body.size();
+    out.push_back(std::stoi(body.substr(i, j - i)));
+  }
+  return out;
+}
+bool same_spec(const TensorSpec& a, const TensorSpec& b) { return a.shape == b.shape && a.dtype == b.dtype && a.device == b.device; }
+}  // namespace
+
+int simplify_algebra(Graph& g) {
+  int bypassed = 0;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node& n = g.nodes[i];
+    if (n.outputs.size() != 1) continue;
+    const std::string op = n.op->name();
+    const int out = n.outputs[0];
+    int same = -1;  // the input the node's output equals
+    if (n.inputs.size() == 2) {
+      const int a = n.inputs[0], b = n.inputs[1];
+      if ((op == "mul" || op == "div") && constant_all(g, b, 1.0)) same = a;
+      else if (op == "mul" && constant_all(g, a, 1.0)) same = b;
+      else if ((op == "add" || op == "sub") && constant_all(g, b, 0.0)) same = a;
+      else if (op == "add" && constant_all(g, a, 0.0)) same = b;
+    } else if (op == "permute" && n.inputs.size() == 1) {
+      const Value& in = g.values[size_t(n.inputs[0])];
+      if (in.kind == Value::Kind::node_output && std::string(g.nodes[size_t(in.producer)].op->name()) == "permute") {
+        const std::vector<int> p = axes_of(g.nodes[size_t(in.producer)].op->attrs()), q = axes_of(n.op->attrs());
+        const int d = int(q.size());
+        bool identity = d > 0 && int(p.size()) == d;
+        for (int j = 0; identity && j < d; ++j) {
+          const int qj = (q[size_t(j)] % d + d) % d;
+          identity = (p[size_t(qj)] % d + d) % d == j;
+        }
+        if (identity) same = g.nodes[size_t(in.producer)].inputs[0];
+      }
+    }
+    if (same < 0 || same == out || !same_spec(g.values[size_t(same)].spec, g.values[size_t(out)].spec)) continue;
+    replace_uses(g, out, same);
+    ++bypassed;
+  }
+  return bypassed;
+}
+
 int fold_constants(Graph& g) {
   std::vector<Node> kept;
   int folded = 0;
@@ -329,7 +388,7 @@ TensorList Compiled::operator()(const TensorList& args) {
   const auto t0 = std::chrono::steady_clock::now();
   Graph g = trace(fn_, args);
   for (int changed = 1; changed > 0;)
-    changed = fold_constants(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
+    changed = fold_constants(g) + simplify_algebra(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
   return cache_.emplace(sig, std::move(g)).first->second.run(args);

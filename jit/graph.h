@@ -15,7 +15,8 @@
 //
 // Scope of this first slice of the JIT (issue "JIT"): tracing of pure tensor functions (no autodiff tape
 // or in-place updates inside the trace), the IR with text and Graphviz DOT printing, replay, and the
-// passes dead-code elimination, common-subexpression elimination and constant folding, and a cache of
+// passes dead-code elimination, common-subexpression elimination, algebraic simplification and constant
+// folding, and a cache of
 // compiled graphs by input signature (jit()). Not yet: control-flow ops, tracing whole training steps
 // (tape and optimizer), fusion and memory planning.
 #pragma once
@@ -87,6 +88,11 @@ int eliminate_dead_code(Graph& g);
 /// uses of the later one's outputs are redirected. Constants with equal dtype, shape and bytes are
 /// merged first. Returns the number of nodes merged away.
 int eliminate_common_subexpressions(Graph& g);
+/// Algebraic simplification: removes nodes that return one of their inputs unchanged, redirecting
+/// uses to that input: x * 1, 1 * x, x + 0, 0 + x, x - 0, x / 1 (the constant all ones / zeros, and the
+/// result of the same shape, dtype and device as x), and permute(permute(x, p), q) when q undoes p.
+/// Nodes left unused are removed by eliminate_dead_code. Returns the number of nodes bypassed.
+int simplify_algebra(Graph& g);
 /// Evaluates nodes whose inputs are all constants (running their op now) and replaces their outputs by
 /// constants. Returns the number of nodes folded.
 int fold_constants(Graph& g);

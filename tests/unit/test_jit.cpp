@@ -114,3 +114,33 @@ TEST_CASE("jit CSE keeps ops that differ only in their attributes") {
   CHECK(vec(got[0]) == vec(want[0]));
   CHECK(vec(got[1]) == vec(want[1]));
 }
+
+TEST_CASE("jit algebraic simplification: x*1, x+0, x-0, x/1, permute undone") {
+  const Tensor ones4 = ones(Shape{4}, DType::f64), zeros4 = zeros(Shape{4}, DType::f64);
+  auto f = [&](const TensorList& in) {
+    Tensor x = in[0];
+    Tensor y = ((x * 1.0 + 0.0) - zeros4) / ones4;           // all four bypassed
+    Tensor z = ones4 * exp(x);                                 // 1 * e -> e
+    Tensor t = in[1].permute({2, 0, 1}).permute({1, 2, 0});    // undone
+    Tensor u = in[1].permute({1, 0, 2}).permute({1, 0, 2});    // undone
+    Tensor v = in[1].permute({1, 2, 0}).permute({1, 2, 0});    // not undone: a 3-cycle applied twice
+    return TensorList{y + z, t + u, v};
+  };
+  const Tensor x = rnd(13, Shape{4}), w = rnd(14, Shape{2, 3, 3});
+  jit::Graph g = jit::trace(f, {x, w});
+  CHECK(jit::simplify_algebra(g) == 7);
+  jit::eliminate_dead_code(g);
+  CHECK(count_op(g, "mul") == 0);
+  CHECK(count_op(g, "div") == 0);
+  CHECK(count_op(g, "sub") == 0);
+  CHECK(count_op(g, "add") == 2);     // y + z and t + u remain
+  CHECK(count_op(g, "permute") == 2);  // only v's
+  const Tensor x2 = rnd(15, Shape{4}), w2 = rnd(16, Shape{2, 3, 3});
+  const TensorList got = g.run({x2, w2}), want = f({x2, w2});
+  for (size_t k = 0; k < 3; ++k) CHECK(vec(got[k]) == vec(want[k]));
+
+  // A broadcasting multiply by ones changes the shape: kept.
+  auto h = [](const TensorList& in) { return TensorList{in[0] * ones(Shape{2, 4}, DType::f64)}; };
+  jit::Graph g2 = jit::trace(h, {x});
+  CHECK(jit::simplify_algebra(g2) == 0);
+}
