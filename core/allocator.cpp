@@ -15,12 +15,27 @@ std::string AllocatorStats::str() const {
          " system_allocs=" + std::to_string(num_system_allocs);
 }
 
+AllocatorStats StatsAllocator::stats() const {
+  std::lock_guard<std::mutex> g(mu_);
+  return stats_;
+}
+
+void StatsAllocator::reset_peak() {
+  std::lock_guard<std::mutex> g(mu_);
+  stats_.peak_bytes = stats_.current_bytes;
+}
+
+void StatsAllocator::note_alloc(size_t bytes) {
+  stats_.current_bytes += int64_t(bytes);
+  if (stats_.current_bytes > stats_.peak_bytes) stats_.peak_bytes = stats_.current_bytes;
+}
+
 namespace {
 
 // Caching CPU allocator. Blocks are rounded to 64 bytes (small) or 4 KiB (large) and kept on a per-size
 // free list when freed, so a training loop that allocates the same shapes every step stops calling
 // malloc after the first step (and stops paying for page faults on fresh mmap'd memory).
-class CpuAllocator final : public Allocator {
+class CpuAllocator final : public StatsAllocator {
  public:
   static constexpr size_t kAlign = 64;
   static constexpr int64_t kMaxCachedBytes = int64_t(2) << 30;
@@ -58,7 +73,7 @@ class CpuAllocator final : public Allocator {
     if (!p) return;
     size_t sz = round(bytes);
     std::lock_guard<std::mutex> g(mu_);
-    stats_.current_bytes -= int64_t(sz);
+    note_free(sz);
     if (cached_ + int64_t(sz) <= kMaxCachedBytes) {
       free_[sz].push_back(p);
       cached_ += int64_t(sz);
@@ -69,14 +84,6 @@ class CpuAllocator final : public Allocator {
   }
 
   Device device() const override { return Device::cpu(); }
-  AllocatorStats stats() const override {
-    std::lock_guard<std::mutex> g(mu_);
-    return stats_;
-  }
-  void reset_peak() override {
-    std::lock_guard<std::mutex> g(mu_);
-    stats_.peak_bytes = stats_.current_bytes;
-  }
   void empty_cache() override {
     std::lock_guard<std::mutex> g(mu_);
     for (auto& [sz, list] : free_) {
@@ -93,13 +100,6 @@ class CpuAllocator final : public Allocator {
     size_t g = b <= 4096 ? kAlign : 4096;
     return (b + g - 1) / g * g;
   }
-  void note_alloc(size_t sz) {
-    stats_.current_bytes += int64_t(sz);
-    if (stats_.current_bytes > stats_.peak_bytes) stats_.peak_bytes = stats_.current_bytes;
-  }
-
-  mutable std::mutex mu_;
-  AllocatorStats stats_;
   int64_t cached_ = 0;
   std::unordered_map<size_t, std::vector<void*>> free_;
 };

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <string>
 
 #include "core/device.h"
@@ -33,6 +34,22 @@ class Allocator {
   virtual void reset_peak() = 0;
   /// Gives cached, unused blocks back to the system.
   virtual void empty_cache() = 0;
+};
+
+/// What the caching allocators (CPU, CUDA) share: the statistics, the lock that guards them and the
+/// allocator's own pools, and their bookkeeping. Derived classes take mu_ around pool and stats updates.
+class StatsAllocator : public Allocator {
+ public:
+  AllocatorStats stats() const override;
+  void reset_peak() override;
+
+ protected:
+  /// A block of `bytes` handed out (call with mu_ held): current and peak bytes.
+  void note_alloc(size_t bytes);
+  /// A block of `bytes` given back by its user (call with mu_ held).
+  void note_free(size_t bytes) { stats_.current_bytes -= int64_t(bytes); }
+  mutable std::mutex mu_;
+  AllocatorStats stats_;
 };
 
 /// The allocator for a device. The CPU one is a caching, thread-safe pool of 64-byte-aligned blocks.

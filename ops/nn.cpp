@@ -1,5 +1,6 @@
 // Neural-network ops: softmax, log_softmax, cross_entropy (+ its fused backward), layer_norm (+ backward),
 // dropout, take / embedding (+ their scatter-add backward). Kernels in kernels/cpu/nn.h.
+#include <array>
 #include <cmath>
 
 #include "kernels/cpu/nn.h"
@@ -35,21 +36,22 @@ class Softmax final : public Op {
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
-    const Shape& s = x.shape();
-    const int a = normalize_axis(axis_, x.dim());
-    int64_t outer = 1, inner = 1;
-    for (int i = 0; i < a; ++i) outer *= s[i];
-    for (int i = a + 1; i < s.rank(); ++i) inner *= s[i];
-    kc::softmax(x, outer, s[a], inner, log_, out[0]);
+    const auto [outer, n, inner] = layout(x);
+    kc::softmax(x, outer, n, inner, log_, out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
+    const auto [outer, n, inner] = layout(x);
+    kernels::cuda::softmax(x, outer, n, inner, log_, out[0]);
+  }
+  /// x viewed as [outer, n, inner] around the softmax axis.
+  std::array<int64_t, 3> layout(const Tensor& x) const {
     const Shape& s = x.shape();
     const int a = normalize_axis(axis_, x.dim());
     int64_t outer = 1, inner = 1;
     for (int i = 0; i < a; ++i) outer *= s[i];
     for (int i = a + 1; i < s.rank(); ++i) inner *= s[i];
-    kernels::cuda::softmax(x, outer, s[a], inner, log_, out[0]);
+    return {outer, s[a], inner};
   }
   TensorList vjp(const TensorList&, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

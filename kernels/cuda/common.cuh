@@ -59,29 +59,24 @@ __device__ __forceinline__ T warp_max(T v) {
   return v;
 }
 
-/// Block-wide sum (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-template <class T>
-__device__ T block_sum(T v) {
+/// Block-wide reduction with the warp reduction `warp_op` (warp_sum / warp_max) and its identity
+/// (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+template <class T, class WarpOp>
+__device__ T block_reduce(T v, T identity, WarpOp warp_op) {
   __shared__ T sh[32];
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_sum(v);
+  v = warp_op(v);
   __syncthreads();
   if (lane == 0) sh[w] = v;
   __syncthreads();
-  T r = lane < nw ? sh[lane] : T(0);
-  return warp_sum(r);
+  T r = lane < nw ? sh[lane] : identity;
+  return warp_op(r);
 }
 
 template <class T>
-__device__ T block_max(T v, T lowest) {
-  __shared__ T sh[32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_max(v);
-  __syncthreads();
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  T r = lane < nw ? sh[lane] : lowest;
-  return warp_max(r);
-}
+__device__ T block_sum(T v) { return block_reduce(v, T(0), [](T x) { return warp_sum(x); }); }
+
+template <class T>
+__device__ T block_max(T v, T lowest) { return block_reduce(v, lowest, [](T x) { return warp_max(x); }); }
 
 }  // namespace titanax::kernels::cuda

@@ -12,22 +12,17 @@ template <class T> __device__ __forceinline__ T lowest();
 template <> __device__ __forceinline__ float lowest<float>() { return -INFINITY; }
 template <> __device__ __forceinline__ double lowest<double>() { return -INFINITY; }
 
-__device__ __forceinline__ int64_t kept_offset(const ReduceLayout& L, int64_t o) {
+// Offset of flat index i over `n` dims of sizes / strides (row-major: the last dim fastest).
+__device__ __forceinline__ int64_t unravel_offset(int64_t i, const int64_t* size, const int64_t* stride, int n) {
   int64_t off = 0;
-  for (int d = L.nk - 1; d >= 0; --d) {
-    off += (o % L.ksize[d]) * L.kstride[d];
-    o /= L.ksize[d];
+  for (int d = n - 1; d >= 0; --d) {
+    off += (i % size[d]) * stride[d];
+    i /= size[d];
   }
   return off;
 }
-__device__ __forceinline__ int64_t red_offset(const ReduceLayout& L, int64_t r) {
-  int64_t off = 0;
-  for (int d = L.nr - 1; d >= 0; --d) {
-    off += (r % L.rsize[d]) * L.rstride[d];
-    r /= L.rsize[d];
-  }
-  return off;
-}
+__device__ __forceinline__ int64_t kept_offset(const ReduceLayout& L, int64_t o) { return unravel_offset(o, L.ksize, L.kstride, L.nk); }
+__device__ __forceinline__ int64_t red_offset(const ReduceLayout& L, int64_t r) { return unravel_offset(r, L.rsize, L.rstride, L.nr); }
 
 template <class A, class T>
 __device__ __forceinline__ A combine(int op, A a, A b) {

@@ -60,7 +60,7 @@ class DeviceGuard {
   int prev_ = 0, cur_ = 0;
 };
 
-class CudaAllocator final : public Allocator {
+class CudaAllocator final : public StatsAllocator {
  public:
   explicit CudaAllocator(int index) : index_(index) {
     const char* e = std::getenv("TITANAX_CUDA_POISON");
@@ -124,19 +124,11 @@ class CudaAllocator final : public Allocator {
     if (it == live_.end()) return;  // not ours: ignore rather than corrupt the pool
     const auto [stream, sz] = it->second;
     live_.erase(it);
-    stats_.current_bytes -= int64_t(sz);
+    note_free(sz);
     free_[{stream, sz}].push_back(p);
   }
 
   Device device() const override { return Device::cuda(index_); }
-  AllocatorStats stats() const override {
-    std::lock_guard<std::mutex> g(mu_);
-    return stats_;
-  }
-  void reset_peak() override {
-    std::lock_guard<std::mutex> g(mu_);
-    stats_.peak_bytes = stats_.current_bytes;
-  }
   void empty_cache() override {
     std::lock_guard<std::mutex> g(mu_);
     bool any = false;
@@ -157,15 +149,9 @@ class CudaAllocator final : public Allocator {
     DeviceGuard dg(index_);
     TX_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, sz, static_cast<cudaStream_t>(stream)));
   }
-  void note_alloc(size_t sz) {
-    stats_.current_bytes += int64_t(sz);
-    if (stats_.current_bytes > stats_.peak_bytes) stats_.peak_bytes = stats_.current_bytes;
-  }
 
   int index_;
   bool poison_ = false;  // TITANAX_CUDA_POISON=1: fill every allocation with NaN bytes
-  mutable std::mutex mu_;
-  AllocatorStats stats_;
   std::map<std::pair<void*, size_t>, std::vector<void*>> free_;
   std::unordered_map<void*, std::pair<void*, size_t>> live_;
 };
