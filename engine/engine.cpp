@@ -83,6 +83,20 @@ std::map<std::string, PartitionSpec> Engine::partition_specs(nn::Module& model) 
   return out;
 }
 
+void Engine::begin_step(nn::Module& model, const ParamTree& params) {
+  if (!sync_ && dp_size() > 1)
+    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
+  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), uint64_t(opt_->steps())));
+  model.train(true);
+}
+
+double Engine::dp_mean(double v) const {
+  if (dp_size() == 1) return v;
+  Tensor l = scalar(v, DType::f64);
+  mesh_.comm(plan_.dp->axis).all_reduce(l);
+  return l.item() / dp_size();
+}
+
 nn::PipelineModule& Engine::pipeline_module(nn::Module& model) const {
   auto* pm = dynamic_cast<nn::PipelineModule*>(&model);
   const std::string& axis = plan_.pp->axis;
@@ -118,11 +132,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   ParamTree params = model.parameters();
   std::map<std::string, PartitionSpec> tp_specs;
   if (plan_.tp) tp_specs = partition_specs(model);
-  if (!sync_ && dp_size() > 1)
-    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
-
-  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), uint64_t(opt_->steps())));
-  model.train(true);
+  begin_step(model, params);
   pm.set_recompute_layers(pp.recompute == Recompute::layers ? pp.recompute_layers : 0);
   TensorList tensors;
   for (const auto& [p, t] : params) tensors.push_back(t);
@@ -150,12 +160,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs, mesh_, pp.axis, not_counted)
                                     : optim::global_norm(grads, tp_specs, mesh_, pp.axis, not_counted);
   opt_->step(params, grads);
-  r.loss = pr.loss;
-  if (dp_size() > 1) {
-    Tensor l = scalar(r.loss, DType::f64);
-    mesh_.comm(plan_.dp->axis).all_reduce(l);
-    r.loss = l.item() / dp_size();
-  }
+  r.loss = dp_mean(pr.loss);
   return r;
 }
 
@@ -171,12 +176,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
   ParamTree params = model.parameters();
   std::map<std::string, PartitionSpec> tp_specs;
   if (plan_.tp) tp_specs = partition_specs(model);  // cheap (glob matching); checked before any work
-  if (!sync_ && dp_size() > 1)
-    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
-
-  const int64_t step_no = opt_->steps();
-  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), uint64_t(step_no)));
-  model.train(true);
+  begin_step(model, params);
 
   ParamTree acc_grads;
   double loss_sum = 0;
@@ -220,12 +220,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
     r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip) : optim::global_norm(grads);
   opt_->step(params, grads);
 
-  r.loss = loss_sum / acc;
-  if (dp_size() > 1) {  // mean over data-parallel ranks, for logging
-    Tensor l = scalar(r.loss, DType::f64);
-    mesh_.comm(plan_.dp->axis).all_reduce(l);
-    r.loss = l.item() / dp_size();
-  }
+  r.loss = dp_mean(loss_sum / acc);
   return r;
 }
 

@@ -161,6 +161,11 @@ class Engine {
 
  private:
   StepResult pipeline_step(nn::Module& model, const Batch& local_batch);
+  /// Per-step setup of both step paths: the gradient sync (first step, with DP), the step's RNG key,
+  /// training mode.
+  void begin_step(nn::Module& model, const ParamTree& params);
+  /// The mean of v over the data-parallel ranks (collective over the DP axis; v itself without DP).
+  double dp_mean(double v) const;
   void pipeline_eval_batch(nn::PipelineModule& pm, const Batch& b, Metrics& sums);
   /// The model as pipeline stages matching the plan's pipe axis; PlanError otherwise.
   nn::PipelineModule& pipeline_module(nn::Module& model) const;

@@ -294,10 +294,7 @@ Tensor GPT::forward(const Tensor& ids) {
 
 Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
   check_whole("loss");
-  if (targets.shape() != ids.shape())
-    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + ids.shape().str(),
-                     targets.shape().str(), "targets are the next tokens: y[b, t] = x[b, t + 1]");
-  return lm_loss_of(forward(ids), targets, reduction);
+  return lm_loss_of(forward(ids), targets, reduction);  // checks targets against the ids' [B, T]
 }
 
 Tensor GPT::stage_forward(const Tensor& input, const Batch& mb, Reduction reduction) {
