@@ -27,7 +27,23 @@ TensorList Op::forward(const TensorList& in) const {
 
 namespace {
 thread_local ApplyObserver* t_observer = nullptr;
+thread_local int t_op_depth = 0;  // > 0 while an op's forward runs (its kernels' copies are not the user's)
+struct OpDepth {
+  OpDepth() { ++t_op_depth; }
+  ~OpDepth() { --t_op_depth; }
+};
 }  // namespace
+
+ApplyObserver* apply_observer() { return t_observer; }
+
+namespace detail {
+void notify_write(const Tensor& dst, const Tensor& src) {
+  if (t_observer && t_op_depth == 0) t_observer->on_write(dst, src);
+}
+void notify_host_read(const Tensor& t) {
+  if (t_observer && t_op_depth == 0) t_observer->on_host_read(t);
+}
+}  // namespace detail
 
 ApplyObserver* set_apply_observer(ApplyObserver* o) {
   ApplyObserver* prev = t_observer;
@@ -46,12 +62,16 @@ TensorList apply(OpPtr op, TensorList inputs) {
                         "input " + std::to_string(i) + " on " + inputs[i].device().str(),
                         "move the inputs with .to(device)");
   }
-  TensorList out = op->forward(inputs);
+  TensorList out;
+  {
+    OpDepth depth;
+    out = op->forward(inputs);
+  }
   for (auto& o : out)  // an op may hand an input back unchanged: give it its own handle so the tape stays acyclic
     for (const auto& i : inputs)
       if (o.same(i)) o = make_view(i, i.shape(), i.strides(), i.offset());
   record(op, inputs, out);
-  if (t_observer) t_observer->on_apply(op, inputs, out);
+  if (t_observer && t_op_depth == 0) t_observer->on_apply(op, inputs, out);  // ops an op runs inside are its own
   return out;
 }
 

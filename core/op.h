@@ -66,14 +66,40 @@ class Op {
 using OpPtr = std::shared_ptr<const Op>;
 
 /// Sees every apply() on its thread while installed: the JIT's tracer (jit/graph.h). on_apply runs after
-/// the op ran (and was recorded on the tape), with its inputs and outputs.
+/// the op ran (and was recorded on the tape), with its inputs and outputs. The other two hooks see what
+/// happens to tensors outside ops while the observer is installed (never from inside an op's kernels):
+/// on_write an in-place write (copy_, fill_) of src into dst, before it happens (fill_ passes its value
+/// as an expanded scalar), on_host_read a read of a tensor's values on the host (item(), to_vector()).
 class ApplyObserver {
  public:
   virtual ~ApplyObserver() = default;
   virtual void on_apply(const OpPtr& op, const TensorList& inputs, const TensorList& outputs) = 0;
+  virtual void on_write(const Tensor& dst, const Tensor& src) {}
+  virtual void on_host_read(const Tensor& t) {}
 };
 /// Installs `o` for the calling thread (nullptr removes it); returns the one installed before.
 ApplyObserver* set_apply_observer(ApplyObserver* o);
+/// The observer installed on the calling thread, or nullptr. Code whose effects bypass apply() (fused
+/// in-place optimizer updates) checks it to take an op-based path while a function is being traced.
+ApplyObserver* apply_observer();
+/// Suspends the calling thread's observer for its scope: one-time setup inside a traced function (an
+/// optimizer creating its state on the first step) that a replay must not repeat.
+class NoTraceGuard {
+ public:
+  NoTraceGuard() : prev_(set_apply_observer(nullptr)) {}
+  ~NoTraceGuard() { set_apply_observer(prev_); }
+  NoTraceGuard(const NoTraceGuard&) = delete;
+  NoTraceGuard& operator=(const NoTraceGuard&) = delete;
+
+ private:
+  ApplyObserver* prev_;
+};
+namespace detail {
+/// Called by copy_ / fill_ and by item() / to_vector(): forwards to the observer unless the call comes
+/// from inside an op (a kernel's own copies and reads are part of the op).
+void notify_write(const Tensor& dst, const Tensor& src);
+void notify_host_read(const Tensor& t);
+}  // namespace detail
 
 /// Runs `op` on `inputs` and records it on the tape when needed. Throws DeviceError when inputs live on
 /// different devices; errors from infer() propagate with the caller's location.

@@ -11,13 +11,21 @@ namespace titanax {
 
 // ---------------------------------------------------------------- Storage
 
-Storage::Storage(size_t nbytes, Device device) : nbytes_(nbytes), device_(device) {
+namespace {
+std::atomic<uint64_t> g_storage_serial{1};
+}  // namespace
+
+uint64_t Storage::next_serial() { return g_storage_serial.load(std::memory_order_relaxed); }
+
+Storage::Storage(size_t nbytes, Device device)
+    : nbytes_(nbytes), device_(device), serial_(g_storage_serial.fetch_add(1, std::memory_order_relaxed)) {
   allocator_ = &allocator_for(device);
   data_ = allocator_->allocate(nbytes);
 }
 
 Storage::Storage(void* data, size_t nbytes, Device device, void (*release)(void*, void*), void* ctx)
-    : data_(data), nbytes_(nbytes), device_(device), release_(release), release_ctx_(ctx) {}
+    : data_(data), nbytes_(nbytes), device_(device), release_(release), release_ctx_(ctx),
+      serial_(g_storage_serial.fetch_add(1, std::memory_order_relaxed)) {}
 
 Storage::~Storage() {
   if (allocator_) allocator_->deallocate(data_, nbytes_);
@@ -61,11 +69,12 @@ void* Tensor::check_host_ptr(size_t elem_size) const {
 double Tensor::item() const {
   if (numel() != 1)
     throw ShapeError("item() of a tensor with more than one element", "exactly 1 element", str());
-  return to_vector<double>()[0];
+  return to_vector<double>()[0];  // to_vector tells a tracer
 }
 
 template <class T>
 std::vector<T> Tensor::to_vector() const {
+  detail::notify_host_read(*this);
   Tensor host = device().is_cpu() ? *this : detach().to(Device::cpu());
   DType want = DType::f64;
   if constexpr (std::is_same_v<T, float>) want = DType::f32;
@@ -181,6 +190,7 @@ Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, i
 void copy_(Tensor& dst, const Tensor& src) {
   if (dst.shape() != src.shape())
     throw ShapeError("copy_ between different shapes", dst.shape().str(), src.shape().str());
+  detail::notify_write(dst, src);
   if (dst.device().is_cpu() && src.device().is_cpu()) {
     kernels::cpu::copy_cast(src, dst);
   } else if (dst.device().is_cpu()) {  // device -> host: bring a contiguous copy over, then cast/strided-copy
@@ -204,6 +214,11 @@ void copy_(Tensor& dst, const Tensor& src) {
 }
 
 void fill_(Tensor& dst, double value) {
+  if (apply_observer()) {  // the value as a tensor (made without fill_) for the tracer
+    Tensor v = empty(Shape{}, dst.dtype());
+    kernels::cpu::fill(v, value);
+    detail::notify_write(dst, (dst.device().is_cpu() ? v : v.to(dst.device())).expand(dst.shape()));
+  }
   if (dst.device().is_cpu()) {
     kernels::cpu::fill(dst, value);
   } else {

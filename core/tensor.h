@@ -36,6 +36,11 @@ class Storage {
   size_t nbytes() const { return nbytes_; }
   Device device() const { return device_; }
   uint64_t version() const { return version_.load(std::memory_order_relaxed); }
+  /// Creation order of this storage among all storages of the process (1, 2, ...): the JIT's tracer
+  /// tells storages created during a trace from older ones with it.
+  uint64_t serial() const { return serial_; }
+  /// The serial the next storage will get.
+  static uint64_t next_serial();
   void bump_version() { version_.fetch_add(1, std::memory_order_relaxed); }
 
  private:
@@ -46,6 +51,7 @@ class Storage {
   void (*release_)(void*, void*) = nullptr;
   void* release_ctx_ = nullptr;
   std::atomic<uint64_t> version_{0};
+  uint64_t serial_;
 };
 
 struct Node;  // autodiff/tape.h
@@ -172,7 +178,8 @@ Tensor from_vector(const std::vector<int32_t>& values, const Shape& shape, DType
 Tensor make_view(const Tensor& base, const Shape& shape, const Shape& strides, int64_t offset);
 
 /// Copies src into dst elementwise (same shape; dtypes may differ; any devices), bumping dst's version.
-/// Not recorded on the tape: for optimizers, loaders and checkpoint loading.
+/// Not recorded on the tape: for optimizers, loaders and checkpoint loading. Inside a function being
+/// traced by the JIT the write becomes one of the graph's in-place updates (jit/graph.h).
 void copy_(Tensor& dst, const Tensor& src);
 /// Writes `value` into every element of dst in place (not recorded on the tape).
 void fill_(Tensor& dst, double value);

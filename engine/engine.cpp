@@ -1,5 +1,7 @@
 #include "engine/engine.h"
 
+#include "jit/graph.h"
+
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -166,6 +168,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
 
 StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
   if (plan_.pp) return pipeline_step(model, batch);
+  if (opts_.jit) return jit_step(model, loss_fn, batch);
   const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
   const int64_t B = batch.size();
   if (B % acc != 0 || B == 0)
@@ -223,6 +226,61 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
   r.loss = dp_mean(loss_sum / acc);
   return r;
 }
+
+StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+  if (plan_.tp || plan_.pp || dp_size() > 1)
+    throw PlanError("the JIT-compiled step runs single-rank plans only", "no data, tensor or pipeline parallelism with jit",
+                    plan_.describe(), "set jit: false for parallel plans");
+  if (model.stochastic())
+    throw ValueError("the JIT-compiled step does not support stochastic layers yet", "a model without dropout (p = 0)",
+                     model.name() + " has dropout", "set dropout to 0 or jit: false (a traced step would reuse one dropout mask)");
+  const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
+  const int64_t B = batch.size();
+  if (B % acc != 0 || B == 0)
+    throw PlanError("the local batch does not split into accumulate_steps microbatches",
+                    "a local batch divisible by accumulate_steps=" + std::to_string(acc), std::to_string(B) + " examples",
+                    "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
+  std::vector<std::string> keys;
+  TensorList args;
+  for (const auto& [k, t] : batch.items) keys.push_back(k), args.push_back(t);
+  if (!jit_step_ || jit_model_ != &model) {
+    jit_model_ = &model;
+    jit_step_ = std::make_unique<jit::Compiled>([this, &model, loss_fn, keys, acc](const TensorList& in) {
+      Batch b;
+      for (size_t i = 0; i < keys.size(); ++i) b.items[keys[i]] = in[i];
+      ParamTree params = model.parameters();
+      const int64_t micro = b.size() / acc;
+      Tensor loss;
+      ParamTree grads;
+      for (int i = 0; i < acc; ++i) {
+        Batch mb = acc == 1 ? b : b.slice(i * micro, (i + 1) * micro);
+        auto [l, g] = value_and_grad([&] { return loss_fn(model, mb); }, params);
+        NoGradGuard ng;
+        loss = loss.defined() ? loss + l : l;
+        if (grads.empty()) grads = g;
+        else
+          for (size_t k = 0; k < g.size(); ++k) grads[k].second = add(grads[k].second, g[k].second);
+      }
+      NoGradGuard ng;
+      if (acc > 1) {
+        loss = loss * (1.0 / acc);
+        grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
+      }
+      Tensor norm = opts_.grad_clip > 0 ? optim::clip_grad_norm_tensor(grads, opts_.grad_clip) : optim::global_norm_tensor(grads);
+      opt_->step(params, grads);
+      return TensorList{loss, norm};
+    });
+  }
+  begin_step(model, model.parameters());
+  StepResult r;
+  r.lr = opt_->lr();
+  const TensorList out = (*jit_step_)(args);
+  r.loss = out[0].item();
+  r.grad_norm = out[1].item();
+  return r;
+}
+
+const jit::JitStats* Engine::jit_stats() const { return jit_step_ ? &jit_step_->stats() : nullptr; }
 
 Metrics Engine::evaluate(nn::Module& model, const EvalSpec& eval) {
   Metrics out;

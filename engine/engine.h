@@ -52,6 +52,10 @@
 namespace titanax {
 
 class GradientSync;
+namespace jit {
+class Compiled;
+struct JitStats;
+}  // namespace jit
 
 /// Dtypes of the master weights and of the computation. The CPU backend computes in f32; bf16 / fp16
 /// compute comes with the CUDA backend (constructing an Engine with them on the CPU throws DTypeError).
@@ -92,6 +96,11 @@ struct EngineOptions {
   double grad_clip = 0.0;
   /// Bucket size for data-parallel all-reduces.
   size_t bucket_bytes = 25u << 20;
+  /// Compile the training step with the JIT (jit/graph.h): the first step of each batch signature is
+  /// traced (forward, the tape's backward, clipping and the optimizer update: one graph) and later steps
+  /// replay the optimised graph. Single-rank plans without TP / PP, and models without dropout (its
+  /// per-step key would be fixed in the graph): PlanError / ValueError otherwise.
+  bool jit = false;
 };
 
 struct FitOptions {
@@ -156,11 +165,14 @@ class Engine {
   /// the TP axis.
   std::map<std::string, PartitionSpec> partition_specs(nn::Module& model) const;
 
+  /// Counters of the compiled step under EngineOptions::jit (nullptr before the first step or without jit).
+  const jit::JitStats* jit_stats() const;
   /// Measurements of the last pipelined step on this rank (zeros without Plan::pp).
   const PipelineStats& last_pipeline_stats() const { return last_pipeline_stats_; }
 
  private:
   StepResult pipeline_step(nn::Module& model, const Batch& local_batch);
+  StepResult jit_step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// Per-step setup of both step paths: the gradient sync (first step, with DP), the step's RNG key,
   /// training mode.
   void begin_step(nn::Module& model, const ParamTree& params);
@@ -179,6 +191,8 @@ class Engine {
   EngineOptions opts_;
   std::unique_ptr<GradientSync> sync_;
   PipelineStats last_pipeline_stats_;
+  std::unique_ptr<jit::Compiled> jit_step_;
+  const nn::Module* jit_model_ = nullptr;  // the model jit_step_ was made for
 };
 
 }  // namespace titanax

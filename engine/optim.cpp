@@ -6,6 +6,7 @@
 #include <string>
 
 #include "autodiff/tape.h"
+#include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/optim.h"
 #include "ops/ops.h"
 
@@ -64,6 +65,104 @@ void bump(int64_t* step, ParamTree& params) {
   for (auto& [p, t] : params) t.storage()->bump_version();
 }
 
+// ---- The update as ops, for a step being traced by the JIT (jit/graph.h): the same fused kernels run
+// on copies, the results are written back with copy_ (the graph's in-place updates), and the learning
+// rate and step count are computed from the step tensor at each replay, not fixed at trace time.
+
+// lr = schedule(step), evaluated on the host at each run.
+struct ScheduleOp final : Op {
+  Schedule schedule;
+  const void* owner;  // the optimizer: two optimizers' schedules never compare equal
+  ScheduleOp(Schedule s, const void* o) : schedule(std::move(s)), owner(o) {}
+  const char* name() const override { return "lr_schedule"; }
+  std::string attrs() const override { return "optimizer=" + std::to_string(reinterpret_cast<uintptr_t>(owner)); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override { return {{Shape{}, DType::f64, Device::cpu()}}; }
+  void cpu(const TensorList& in, TensorList& out) const override { out[0].data<double>()[0] = schedule(in[0].data<int64_t>()[0]); }
+  bool differentiable() const override { return false; }
+};
+
+// step + 1 (i64 scalar).
+struct IncrementOp final : Op {
+  const char* name() const override { return "increment"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override { return {{Shape{}, DType::i64, Device::cpu()}}; }
+  void cpu(const TensorList& in, TensorList& out) const override { out[0].data<int64_t>()[0] = in[0].data<int64_t>()[0] + 1; }
+  bool differentiable() const override { return false; }
+};
+
+// Inputs: the k state tensors (parameter first, then moments / momentum), the gradient, the step
+// count and the learning rate; outputs: the k updated state tensors.
+struct UpdateOp : Op {
+  int k;
+  explicit UpdateOp(int states) : k(states) {}
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    std::vector<TensorSpec> out;
+    for (int i = 0; i < k; ++i) out.push_back({in[size_t(i)].shape(), in[size_t(i)].dtype(), in[size_t(i)].device()});
+    return out;
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    for (int i = 0; i < k; ++i) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
+    update(out, in[size_t(k)], in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
+  }
+  bool differentiable() const override { return false; }
+  /// Updates `s` (contiguous copies of the states) in place with gradient g (contiguous).
+  virtual void update(TensorList& s, const Tensor& g, int64_t step, double lr) const = 0;
+};
+
+struct AdamUpdateOp final : UpdateOp {
+  AdamOptions o;
+  double wd;
+  bool decoupled;
+  AdamUpdateOp(const AdamOptions& opts, double decay, bool dec) : UpdateOp(3), o(opts), wd(decay), decoupled(dec) {}
+  const char* name() const override { return decoupled ? "adamw_update" : "adam_update"; }
+  std::string attrs() const override {
+    return "betas=(" + std::to_string(o.beta1) + "," + std::to_string(o.beta2) + ") eps=" + std::to_string(o.eps) + " wd=" + std::to_string(wd);
+  }
+  void update(TensorList& s, const Tensor& g, int64_t step, double lr) const override {
+    if (s[0].dtype() == DType::f32)
+      kernels::cpu::adam_update(s[0].data<float>(), g.data<float>(), s[1].data<float>(), s[2].data<float>(), s[0].numel(), lr,
+                                o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
+    else
+      kernels::cpu::adam_update(s[0].data<double>(), g.data<double>(), s[1].data<double>(), s[2].data<double>(), s[0].numel(), lr,
+                                o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
+  }
+};
+
+struct SgdUpdateOp final : UpdateOp {
+  double mu, wd;
+  bool nesterov;
+  SgdUpdateOp(double m, double w, bool n) : UpdateOp(m > 0 ? 2 : 1), mu(m), wd(w), nesterov(n) {}
+  const char* name() const override { return "sgd_update"; }
+  std::string attrs() const override {
+    return "momentum=" + std::to_string(mu) + " wd=" + std::to_string(wd) + " nesterov=" + std::to_string(nesterov);
+  }
+  void update(TensorList& s, const Tensor& g, int64_t step, double lr) const override {
+    if (s[0].dtype() == DType::f32)
+      kernels::cpu::sgd_update(s[0].data<float>(), g.data<float>(), mu > 0 ? s[1].data<float>() : nullptr, s[0].numel(), lr, mu,
+                               wd, nesterov, step == 0);
+    else
+      kernels::cpu::sgd_update(s[0].data<double>(), g.data<double>(), mu > 0 ? s[1].data<double>() : nullptr, s[0].numel(), lr,
+                               mu, wd, nesterov, step == 0);
+  }
+};
+
+// One traced update: per parameter, the update op on (states..., g, step, lr), written back in place.
+void traced_update(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
+                   const std::function<std::pair<OpPtr, TensorList>(size_t i)>& op_and_states) {
+  NoGradGuard ng;
+  const Tensor lr = apply1(std::make_shared<ScheduleOp>(schedule, owner), {step});
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
+    auto [op, states] = op_and_states(i);
+    TensorList in = states;
+    in.push_back(grads.at(params[i].first).contiguous());
+    in.push_back(step);
+    in.push_back(lr);
+    TensorList out = apply(op, in);
+    for (size_t k = 0; k < states.size(); ++k) copy_(states[k], out[k]);
+  }
+  copy_(step, apply1(std::make_shared<IncrementOp>(), {step}));
+}
+
 class Adam final : public Optimizer {
  public:
   Adam(Schedule s, AdamOptions o, bool decoupled) : Optimizer(std::move(s)), o_(std::move(o)), decoupled_(decoupled) {
@@ -82,8 +181,18 @@ class Adam final : public Optimizer {
     }
   }
   void step(ParamTree& params, const ParamTree& grads) override {
-    if (m_.size() != params.size()) init(params);
+    if (m_.size() != params.size()) {
+      NoTraceGuard once;  // the first step's setup is not part of a traced step
+      init(params);
+    }
     check_grads(params, grads);
+    if (apply_observer()) {
+      traced_update(schedule_, this, step_, params, grads, [&](size_t i) {
+        const OpPtr op = std::make_shared<AdamUpdateOp>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_);
+        return std::make_pair(op, TensorList{params[i].second, m_[i].second, v_[i].second});
+      });
+      return;
+    }
     NoGradGuard ng;
     const double lr = this->lr();
     const int64_t t = steps() + 1;
@@ -135,8 +244,19 @@ class SGD final : public Optimizer {
     inited_ = true;
   }
   void step(ParamTree& params, const ParamTree& grads) override {
-    if (!inited_ || (mu_ > 0 && buf_.size() != params.size())) init(params);
+    if (!inited_ || (mu_ > 0 && buf_.size() != params.size())) {
+      NoTraceGuard once;  // the first step's setup is not part of a traced step
+      init(params);
+    }
     check_grads(params, grads);
+    if (apply_observer()) {
+      traced_update(schedule_, this, step_, params, grads, [&](size_t i) {
+        TensorList states{params[i].second};
+        if (mu_ > 0) states.push_back(buf_[i].second);
+        return std::make_pair(OpPtr(std::make_shared<SgdUpdateOp>(mu_, wd_, nesterov_)), states);
+      });
+      return;
+    }
     NoGradGuard ng;
     const double lr = this->lr();
     const bool first = steps() == 0;
@@ -208,6 +328,22 @@ double clip_grad_norm(ParamTree& grads, double max_norm) {
   if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
   double norm = global_norm(grads);
   scale_if_above(grads, norm, max_norm);
+  return norm;
+}
+
+Tensor global_norm_tensor(const ParamTree& grads) {
+  NoGradGuard ng;
+  Tensor total = scalar(0.0, DType::f64);
+  for (const auto& [p, g] : grads) total = total + sum(square(g.detach().astype(DType::f64)));
+  return sqrt(total);
+}
+
+Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm) {
+  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  Tensor norm = global_norm_tensor(grads);
+  NoGradGuard ng;
+  const Tensor coef = minimum(max_norm / (norm + 1e-6), scalar(1.0, DType::f64));
+  for (auto& [p, g] : grads) g = g * coef.astype(g.dtype());
   return norm;
 }
 

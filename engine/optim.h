@@ -74,6 +74,15 @@ double global_norm(const ParamTree& grads);
 /// (torch.nn.utils.clip_grad_norm_, with its 1e-6 guard). Returns the norm before clipping.
 double clip_grad_norm(ParamTree& grads, double max_norm);
 
+/// global_norm and clip_grad_norm written with ops (the norm as an f64 scalar tensor; no value is read
+/// on the host), so a traced training step (jit/graph.h) computes them at every replay: the sum of
+/// squares in f64 and, when clipping, every gradient multiplied by min(max_norm / (norm + 1e-6), 1)
+/// (torch.nn.utils.clip_grad_norm_'s clamped coefficient; a factor of exactly 1 leaves a gradient
+/// bitwise unchanged, as the eager form's skipped scaling does). Equal to the double versions up to the
+/// order of the f64 summation. ValueError for max_norm <= 0.
+Tensor global_norm_tensor(const ParamTree& grads);
+Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm);
+
 /// Global L2 norm of the gradients of a model whose parameters are split over mesh axes (tensor
 /// parallelism): sqrt(sum over parameters of ||g||^2) where a parameter whose spec (specs[path]; absent =
 /// replicated) names axes holds only its block, so its squares are summed over the ranks of those axes,

@@ -1,12 +1,15 @@
 #include "jit/graph.h"
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "autodiff/tape.h"
 #include "core/error.h"
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 #include <chrono>
@@ -19,23 +22,69 @@ TensorSpec spec_of(const Tensor& t) { return {t.shape(), t.dtype(), t.device()};
 
 std::string spec_str(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str() + (s.device.is_cpu() ? "" : "@" + s.device.str()); }
 
-// Records apply() calls into a graph while installed.
+// Runs f with no observer installed (the tracer's own copies are not the traced function's).
+template <class F>
+auto untraced(F&& f) {
+  NoTraceGuard guard;
+  return f();
+}
+
+// Records apply() calls, in-place writes and host reads into a graph while installed.
 class Tracer final : public ApplyObserver {
  public:
   Graph g;
   std::unordered_map<const TensorImpl*, int> ids;  // tensor -> value id
   TensorList keep;                                  // every traced tensor stays alive, so addresses stay unique
+  const uint64_t first_serial = Storage::next_serial();  // storages from this serial on were made by the trace
+  std::unordered_set<const Storage*> written;      // storages written in place during the trace
+  std::unordered_set<int> stale;                   // values whose storage was written after they were made
+  std::unordered_set<const TensorImpl*> written_handles;  // tensors written in place (they stand for the value written)
+
+  bool fresh(const Tensor& t) const { return t.storage()->serial() >= first_serial; }
+  std::string describe(int id) const {
+    const Value& v = g.values[size_t(id)];
+    const std::string what = v.kind == Value::Kind::node_output ? "the output of op '" + std::string(g.nodes[size_t(v.producer)].op->name()) + "'"
+                             : v.kind == Value::Kind::input     ? "input " + std::to_string(v.index)
+                             : v.kind == Value::Kind::state     ? "a state tensor (a parameter or optimizer state)"
+                                                                : "a constant";
+    return "%" + std::to_string(id) + ", " + what + ", " + spec_str(v.spec);
+  }
+  int checked(int id) const {
+    if (stale.count(id))
+      throw TraceError("jit::trace: the traced function uses a tensor after an in-place write to its storage through another handle",
+                       "reads of a written tensor through the handle that was written", describe(id),
+                       "read the written tensor itself after copy_, or write before taking views of it");
+    return id;
+  }
+  // A tensor's layout over its storage: another handle with the same key (detach() makes one without an
+  // op) is the same value.
+  using ViewKey = std::tuple<const Storage*, int64_t, std::string, std::string, int>;
+  static ViewKey key_of(const Tensor& t) { return {t.storage().get(), t.offset(), t.shape().str(), t.strides().str(), int(t.dtype())}; }
+  std::map<ViewKey, int> views;
 
   int value_of(const Tensor& t) {
-    if (auto it = ids.find(t.get()); it != ids.end()) return it->second;
-    Value v{Value::Kind::constant, spec_of(t), -1, 0, t};  // read by the function, made outside the trace
-    for (const Value& c : g.values) v.index += c.kind == Value::Kind::constant;
+    if (auto it = ids.find(t.get()); it != ids.end()) return checked(it->second);
+    if (auto it = views.find(key_of(t)); it != views.end()) {
+      ids[t.get()] = it->second;
+      keep.push_back(t);
+      return checked(it->second);
+    }
+    if (written.count(t.storage().get()))
+      throw TraceError("jit::trace: the traced function reads a tensor through another view after an in-place write to it",
+                       "reads of a written tensor through the handle that was written", t.str(),
+                       "read the written tensor itself after copy_");
+    // Read by the function, made outside the trace: live state if it is a parameter being
+    // differentiated (a write later in the trace also makes it state), else a constant.
+    const bool state = t.requires_grad() && !fresh(t);
+    Value v{state ? Value::Kind::state : Value::Kind::constant, spec_of(t), -1, 0, t};
+    for (const Value& c : g.values) v.index += c.kind == Value::Kind::constant || c.kind == Value::Kind::state;
     return add(std::move(v), t);
   }
   int add(Value v, const Tensor& t) {
     g.values.push_back(std::move(v));
     const int id = int(g.values.size()) - 1;
     ids[t.get()] = id;
+    views[key_of(t)] = id;
     keep.push_back(t);
     return id;
   }
@@ -46,6 +95,90 @@ class Tracer final : public ApplyObserver {
     for (size_t k = 0; k < out.size(); ++k) n.outputs.push_back(add(Value{Value::Kind::node_output, spec_of(out[k]), idx, int(k), {}}, out[k]));
     g.nodes.push_back(std::move(n));
   }
+  // Called before the write: src is the value written (fill_ passes an expanded constant). Every write
+  // becomes an update; finish() drops those into temporaries of the trace.
+  void on_write(const Tensor& dst, const Tensor& src) override {
+    auto it = ids.find(dst.get());
+    if (it != ids.end() && !written_handles.count(dst.get()) &&
+        (g.values[size_t(it->second)].kind == Value::Kind::input || g.values[size_t(it->second)].kind == Value::Kind::node_output))
+      throw TraceError("jit::trace: in-place write into a tensor the traced function computed or received as input",
+                       "in-place writes only into tensors that outlive the call (parameters, optimizer state)", describe(it->second),
+                       "compute a new tensor with ops instead of writing into this one");
+    if (src.dtype() != dst.dtype())
+      throw TraceError("jit::trace: copy_ that changes the dtype inside a traced function",
+                       std::string(dtype_name(dst.dtype())), std::string(dtype_name(src.dtype())), "cast with astype() before copy_");
+    const int v = value_of(src);
+    if (fresh(dst) && (!dst.is_contiguous() || dst.offset() != 0 || dst.nbytes() != dst.storage()->nbytes()))
+      throw TraceError("jit::trace: copy_ into part of a tensor made inside a traced function", "writes into whole tensors",
+                       dst.str() + " (a view of a larger tensor)",
+                       "build the tensor with ops (concat, slice_scatter, pad) instead of copy_ into its slices");
+    // Values read from this storage so far keep what they saw: a snapshot, used if the storage turns out
+    // to be a temporary of the trace (finish()); other handles on it become stale.
+    for (const auto& [impl, id] : ids) {
+      if (impl->storage != dst.storage()) continue;
+      Value& c = g.values[size_t(id)];
+      if (c.kind == Value::Kind::constant && fresh(dst) && !snapshots.count(id))
+        snapshots[id] = untraced([&] { return c.constant.detach().clone(); });
+      if (c.kind == Value::Kind::constant && !fresh(dst)) c.kind = Value::Kind::state;  // read live, never folded
+      if (impl != dst.get()) stale.insert(id);
+    }
+    g.updates.push_back(Update{dst, v});
+    written.insert(dst.storage().get());
+    written_handles.insert(dst.get());
+    ids[dst.get()] = v;
+    views[key_of(dst)] = v;
+    keep.push_back(dst);
+  }
+  // After fn returned and the tracer's own references are the last ones it holds: a storage made during
+  // the trace and written in place is state if something outside still holds it (an optimizer's moments
+  // created on the first call), else a temporary whose writes are dropped and whose earlier reads become
+  // constants (their snapshots).
+  void finish() {
+    std::unordered_map<const Storage*, std::weak_ptr<Storage>> fresh_written;
+    for (const Update& u : g.updates)
+      if (fresh(u.target)) fresh_written[u.target.storage().get()] = u.target.storage();
+    if (fresh_written.empty()) return;
+    // Hold fresh-written tensors weakly while the check runs.
+    std::vector<std::pair<size_t, std::weak_ptr<TensorImpl>>> targets, reads;
+    for (size_t i = 0; i < g.updates.size(); ++i)
+      if (fresh_written.count(g.updates[i].target.storage().get())) {
+        targets.emplace_back(i, g.updates[i].target.impl_ptr());
+        g.updates[i].target = Tensor();
+      }
+    for (auto& [id, snap] : snapshots) {
+      reads.emplace_back(size_t(id), g.values[size_t(id)].constant.impl_ptr());
+      g.values[size_t(id)].constant = snap;
+    }
+    snapshots.clear();
+    keep.clear();
+    ids.clear();
+    views.clear();
+    std::unordered_set<const Storage*> persistent;
+    for (auto& [i, w] : targets)
+      if (auto impl = w.lock()) {
+        g.updates[i].target = Tensor(impl);
+        persistent.insert(impl->storage.get());
+      }
+    for (auto& [id, w] : reads)
+      if (auto impl = w.lock(); impl && persistent.count(impl->storage.get())) {
+        g.values[id].constant = Tensor(impl);
+        g.values[id].kind = Value::Kind::state;
+      }
+    std::erase_if(g.updates, [](const Update& u) { return !u.target.defined(); });
+  }
+  std::unordered_map<int, Tensor> snapshots;  // constant value -> its contents before the first write
+
+  void on_host_read(const Tensor& t) override {
+    auto it = ids.find(t.get());
+    const bool traced = it != ids.end() ? g.values[size_t(it->second)].kind != Value::Kind::constant
+                                        : (t.requires_grad() && !fresh(t)) || written.count(t.storage().get());
+    if (!traced) return;
+    throw TraceError("jit::trace: the traced function reads a traced value on the host (item() / to_vector())",
+                     "no host reads of traced values: a C++ branch on one would be fixed in the graph at its trace-time value",
+                     it != ids.end() ? describe(it->second) : t.str(),
+                     "choose per element with where(), pass the value as a static input (JitOptions::static_inputs), or "
+                     "read it outside the traced function");
+  }
 };
 
 // Every use of value `from` becomes a use of `to`.
@@ -55,6 +188,8 @@ void replace_uses(Graph& g, int from, int to) {
       if (i == from) i = to;
   for (auto& o : g.outputs)
     if (o == from) o = to;
+  for (auto& u : g.updates)
+    if (u.value == from) u.value = to;
 }
 
 bool same_bytes(const Tensor& a, const Tensor& b) {
@@ -70,27 +205,50 @@ void renumber_producers(Graph& g) {
 
 }  // namespace
 
-Graph trace(const std::function<TensorList(const TensorList&)>& fn, const TensorList& args) {
+Graph trace(const std::function<TensorList(const TensorList&)>& fn, const TensorList& args,
+            const std::vector<int>& static_inputs, TensorList* eager_outputs) {
   Tracer tr;
+  TensorList handles;
   for (size_t i = 0; i < args.size(); ++i) {
     if (!args[i].defined()) throw ValueError("jit::trace: input " + std::to_string(i) + " is undefined", "a tensor", "Tensor()");
-    // A fresh handle per input: two arguments sharing a tensor stay two inputs.
-    Tensor h = args[i].detach();
-    tr.g.inputs.push_back(tr.add(Value{Value::Kind::input, spec_of(h), -1, int(i), {}}, h));
+    const bool is_static = std::find(static_inputs.begin(), static_inputs.end(), int(i)) != static_inputs.end();
+    // A fresh handle per input: two arguments sharing a tensor stay two inputs. A static input is a
+    // copy, so the graph's constant does not change with the caller's tensor.
+    Tensor h = is_static ? args[i].detach().clone() : args[i].detach();
+    if (is_static) tr.add(Value{Value::Kind::constant, spec_of(h), -1, int(i), h}, h);
+    else tr.g.inputs.push_back(tr.add(Value{Value::Kind::input, spec_of(h), -1, int(tr.g.inputs.size()), {}}, h));
+    handles.push_back(h);
   }
-  TensorList handles(tr.keep.begin(), tr.keep.end());
-  ApplyObserver* prev = set_apply_observer(&tr);
+  for (int s : static_inputs)
+    if (s < 0 || s >= int(args.size()))
+      throw ValueError("jit::trace: static input position out of range", "0 <= position < " + std::to_string(args.size()), std::to_string(s));
   TensorList out;
-  try {
+  {
+    ApplyObserver* prev = set_apply_observer(&tr);
+    struct Restore {
+      ApplyObserver* prev;
+      ~Restore() { set_apply_observer(prev); }
+    } r{prev};
     out = fn(handles);
-  } catch (...) {
-    set_apply_observer(prev);
-    throw;
   }
-  set_apply_observer(prev);
   for (size_t k = 0; k < out.size(); ++k) {
     if (!out[k].defined()) throw ValueError("jit::trace: output " + std::to_string(k) + " is undefined", "a tensor", "Tensor()");
     tr.g.outputs.push_back(tr.value_of(out[k]));
+  }
+  // The call's results, as copies: the tensors fn returned must not count as holders of its temporaries.
+  if (eager_outputs) {
+    eager_outputs->clear();
+    for (const auto& o : out) eager_outputs->push_back(o.detach().clone());
+  }
+  out.clear();
+  handles.clear();
+  tr.finish();
+  for (const Update& u : tr.g.updates) {
+    const Value& v = tr.g.values[size_t(u.value)];
+    if (v.kind == Value::Kind::state && tr.written.count(v.constant.storage().get()))
+      throw TraceError("jit::trace: a state tensor is copied into another after being written itself",
+                       "copy_ sources that are computed values or unwritten tensors", tr.describe(u.value),
+                       "copy a computed value (e.g. x * 1.0) instead");
   }
   return std::move(tr.g);
 }
@@ -110,12 +268,13 @@ TensorList Graph::run(const TensorList& args) const {
     env[size_t(inputs[i])] = a;
   }
   for (size_t v = 0; v < values.size(); ++v)
-    if (values[v].kind == Value::Kind::constant) env[v] = values[v].constant;
-  // Last use of each value (node index; outputs live to the end).
+    if (values[v].kind == Value::Kind::constant || values[v].kind == Value::Kind::state) env[v] = values[v].constant;
+  // Last use of each value (node index; outputs and written values live to the end).
   std::vector<int> last(values.size(), -1);
   for (size_t i = 0; i < nodes.size(); ++i)
     for (int v : nodes[i].inputs) last[size_t(v)] = int(i);
   for (int o : outputs) last[size_t(o)] = int(nodes.size());
+  for (const Update& u : updates) last[size_t(u.value)] = int(nodes.size());
   NoGradGuard ng;
   for (size_t i = 0; i < nodes.size(); ++i) {
     const Node& n = nodes[i];
@@ -128,7 +287,17 @@ TensorList Graph::run(const TensorList& args) const {
   }
   TensorList res;
   for (int o : outputs) res.push_back(env[size_t(o)]);
+  for (const Update& u : updates) {
+    Tensor target = u.target;
+    copy_(target, env[size_t(u.value)]);
+  }
   return res;
+}
+
+std::string Graph::target_name(const Tensor& t) const {
+  for (size_t id = 0; id < values.size(); ++id)
+    if (values[id].kind == Value::Kind::state && values[id].constant.same(t)) return "%" + std::to_string(id);
+  return "tensor " + spec_str({t.shape(), t.dtype(), t.device()});
 }
 
 std::string Graph::str() const {
@@ -140,10 +309,14 @@ std::string Graph::str() const {
   for (const auto& n : nodes)
     for (int i : n.inputs) used[size_t(i)] = true;
   for (int o : outputs) used[size_t(o)] = true;
+  for (const Update& u : updates) used[size_t(u.value)] = true;
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind == Value::Kind::constant && used[id]) {
       const Tensor& c = values[id].constant;
       s += "  " + v(int(id)) + " = const " + spec_str(values[id].spec) + (c.numel() == 1 ? " " + std::to_string(c.item()) : "") + "\n";
+    } else if (values[id].kind == Value::Kind::state && used[id]) {
+      const std::string& name = values[id].constant.name();
+      s += "  " + v(int(id)) + " = state " + spec_str(values[id].spec) + (name.empty() ? "" : " '" + name + "'") + "\n";
     }
   for (const auto& n : nodes) {
     s += "  ";
@@ -157,6 +330,7 @@ std::string Graph::str() const {
     for (size_t k = 0; k < n.outputs.size(); ++k) s += (k ? ", " : " ") + spec_str(values[size_t(n.outputs[k])].spec);
     s += "\n";
   }
+  for (const Update& u : updates) s += "  " + target_name(u.target) + " <- " + v(u.value) + "\n";
   s += "  return";
   for (size_t k = 0; k < outputs.size(); ++k) s += (k ? ", " : " ") + v(outputs[k]);
   return s + "\n}\n";
@@ -177,11 +351,12 @@ std::string Graph::dot() const {
   for (const auto& n : nodes)
     for (int i : n.inputs) used[size_t(i)] = true;
   for (int o : outputs) used[size_t(o)] = true;
+  for (const Update& u : updates) used[size_t(u.value)] = true;
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind != Value::Kind::node_output && used[id])
       s += "  v" + std::to_string(id) + " [shape=ellipse, label=\"" +
-           (values[id].kind == Value::Kind::input ? "input " : "const ") + "%" + std::to_string(id) + "\\n" +
-           spec_str(values[id].spec) + "\"];\n";
+           (values[id].kind == Value::Kind::input ? "input " : values[id].kind == Value::Kind::state ? "state " : "const ") +
+           "%" + std::to_string(id) + "\\n" + spec_str(values[id].spec) + "\"];\n";
   for (size_t i = 0; i < nodes.size(); ++i) {
     const std::string a = nodes[i].op->attrs();
     s += "  n" + std::to_string(i) + " [shape=box, label=\"" + esc(std::string(nodes[i].op->name()) + (a.empty() ? "" : "\\n" + a)) + "\"];\n";
@@ -191,12 +366,16 @@ std::string Graph::dot() const {
   for (size_t k = 0; k < outputs.size(); ++k)
     s += "  out" + std::to_string(k) + " [shape=doublecircle, label=\"out " + std::to_string(k) + "\"];\n  " + src(outputs[k]) +
          " -> out" + std::to_string(k) + ";\n";
+  for (size_t k = 0; k < updates.size(); ++k)
+    s += "  w" + std::to_string(k) + " [shape=house, label=\"" + esc(target_name(updates[k].target)) + " <-\"];\n  " +
+         src(updates[k].value) + " -> w" + std::to_string(k) + ";\n";
   return s + "}\n";
 }
 
 int eliminate_dead_code(Graph& g) {
   std::vector<bool> live(g.values.size(), false);
   for (int o : g.outputs) live[size_t(o)] = true;
+  for (const Update& u : g.updates) live[size_t(u.value)] = true;
   std::vector<bool> keep(g.nodes.size(), false);
   for (size_t i = g.nodes.size(); i-- > 0;) {
     for (int o : g.nodes[i].outputs) keep[i] = keep[i] || live[size_t(o)];
@@ -336,11 +515,19 @@ int fold_constants(Graph& g) {
 }
 
 namespace {
-std::string signature(const TensorList& args) {
-  std::string s;
-  for (size_t i = 0; i < args.size(); ++i)
-    s += (i ? ";" : "") + (args[i].defined() ? spec_str(spec_of(args[i])) : std::string("undefined"));
-  return s;
+// A static input's key: its spec and its values (the first 16, and a hash of all bytes beyond that).
+std::string static_key(const Tensor& t) {
+  const Tensor c = t.detach().contiguous().to(Device::cpu());
+  const auto* p = static_cast<const unsigned char*>(c.raw_data());
+  std::string s = "static " + spec_str(spec_of(t)) + "{";
+  const std::vector<double> vals = c.to_vector<double>();
+  for (size_t i = 0; i < vals.size() && i < 16; ++i) s += (i ? "," : "") + fmt::format("{}", vals[i]);
+  if (vals.size() > 16) {
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (size_t i = 0; i < c.nbytes(); ++i) h = (h ^ p[i]) * 1099511628211ull;
+    s += fmt::format(",...#{:016x}", h);
+  }
+  return s + "}";
 }
 std::vector<std::string> split_sig(const std::string& s) {
   std::vector<std::string> out;
@@ -351,17 +538,34 @@ std::vector<std::string> split_sig(const std::string& s) {
 }
 }  // namespace
 
+std::string Compiled::signature(const TensorList& args) const {
+  std::string s;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const bool is_static = std::find(opts_.static_inputs.begin(), opts_.static_inputs.end(), int(i)) != opts_.static_inputs.end();
+    s += (i ? ";" : "") + (!args[i].defined() ? std::string("undefined") : is_static ? static_key(args[i]) : spec_str(spec_of(args[i])));
+  }
+  return s;
+}
+
+TensorList Compiled::graph_args(const TensorList& args) const {
+  TensorList out;
+  for (size_t i = 0; i < args.size(); ++i)
+    if (std::find(opts_.static_inputs.begin(), opts_.static_inputs.end(), int(i)) == opts_.static_inputs.end()) out.push_back(args[i]);
+  return out;
+}
+
 const Graph* Compiled::graph_for(const TensorList& args) const {
   auto it = cache_.find(signature(args));
   return it == cache_.end() ? nullptr : &it->second;
 }
 
 TensorList Compiled::operator()(const TensorList& args) {
+  if (apply_observer()) return fn_(args);  // inside another trace: inline
   const std::string sig = signature(args);
   auto it = cache_.find(sig);
   if (it != cache_.end()) {
     ++stats_.hits;
-    return it->second.run(args);
+    return it->second.run(graph_args(args));
   }
   if (const char* e = std::getenv("TITANAX_LOG_COMPILES"); e && std::string(e) == "1") {
     std::string why = "first call";
@@ -386,14 +590,16 @@ TensorList Compiled::operator()(const TensorList& args) {
     spdlog::info("jit: compiling ({}); {} graph(s) cached", why, cache_.size());
   }
   const auto t0 = std::chrono::steady_clock::now();
-  Graph g = trace(fn_, args);
+  TensorList eager;  // tracing runs fn once, with its effects: that run answers this call
+  Graph g = trace(fn_, args, opts_.static_inputs, &eager);
   for (int changed = 1; changed > 0;)
     changed = fold_constants(g) + simplify_algebra(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
-  return cache_.emplace(sig, std::move(g)).first->second.run(args);
+  cache_.emplace(sig, std::move(g));
+  return eager;
 }
 
-Compiled jit(std::function<TensorList(const TensorList&)> fn) { return Compiled(std::move(fn)); }
+Compiled jit(std::function<TensorList(const TensorList&)> fn, JitOptions opts) { return Compiled(std::move(fn), std::move(opts)); }
 
 }  // namespace titanax::jit

@@ -8,17 +8,28 @@
 //   tx::TensorList y = g.run({x2});                // replay on new inputs of the same signature
 //
 // Tracing runs the function eagerly once and records every op it applies (core/op.h apply(), the
-// single place ops run): each op's outputs become new SSA values; a tensor the function reads that
-// neither is an input nor was produced by a recorded op (weights, scalars it creates) becomes a
-// constant of the graph, holding that tensor. Nodes hold the ops themselves (OpPtr), so the graph runs
-// by calling each op's forward, and passes can evaluate ops (constant folding).
+// single place ops run): each op's outputs become new SSA values. A tensor the function reads that
+// neither is an input nor was produced by a recorded op becomes
+//   * a state value when it is live state: a tensor that requires grad (a parameter being
+//     differentiated) or one the function writes in place (optimizer moments, the step counter). The
+//     graph holds the tensor and reads its current contents at every replay; passes never fold it;
+//   * otherwise a constant of the graph (its value at trace time; passes may fold it).
+// In-place writes (copy_, fill_) into tensors that existed before the trace become the graph's
+// `updates`: after the last node, each update writes its value into its target, so a replay has the
+// effect of the eager call (a training step updates the weights). Reads of a written tensor later in the
+// trace see the written value. Nodes hold the ops themselves (OpPtr), so the graph runs by calling each
+// op's forward, and passes can evaluate ops (constant folding).
 //
-// Scope of this first slice of the JIT (issue "JIT"): tracing of pure tensor functions (no autodiff tape
-// or in-place updates inside the trace), the IR with text and Graphviz DOT printing, replay, and the
-// passes dead-code elimination, common-subexpression elimination, algebraic simplification and constant
-// folding, and a cache of
-// compiled graphs by input signature (jit()). Not yet: control-flow ops, tracing whole training steps
-// (tape and optimizer), fusion and memory planning.
+// What a graph cannot replay is refused while tracing with a TraceError: reading a traced value on the
+// host (item(), to_vector(): a C++ branch on it would be baked into the graph; use where() for a
+// per-element choice), an in-place write into a tensor the function computed or was given as input, a
+// dtype-changing copy_, and a read through another view of a tensor after it was written. Effects that
+// bypass both apply() and copy_/fill_ (writing through data<T>() by hand) are invisible to the tracer.
+//
+// Scope of the JIT so far (issue "JIT"): tracing of functions including the tape's backward and the
+// optimizer update (one graph per training step), the IR with text and Graphviz DOT printing, replay,
+// the passes dead-code elimination, common-subexpression elimination, algebraic simplification and
+// constant folding, and a cache of compiled graphs by input signature with static arguments (jit()).
 #pragma once
 
 #include <functional>
@@ -32,14 +43,22 @@
 namespace titanax::jit {
 
 /// One SSA value: the output `index` of node `producer`, or a graph input (producer -1, kind input),
-/// or a constant (producer -1, kind constant; `constant` holds the tensor).
+/// or a constant (producer -1, kind constant; `constant` holds the tensor), or live state (kind state:
+/// `constant` holds the tensor whose current contents each replay reads).
 struct Value {
-  enum class Kind : uint8_t { input, constant, node_output };
+  enum class Kind : uint8_t { input, constant, node_output, state };
   Kind kind = Kind::node_output;
   TensorSpec spec;
   int producer = -1;  ///< node index for node outputs
   int index = 0;      ///< output index in the producer, or the input / constant position
-  Tensor constant;    ///< the value of a constant
+  Tensor constant;    ///< the value of a constant, or the state tensor
+};
+
+/// An in-place write done at the end of each replay: `value`'s contents are copied into `target` (a
+/// tensor that existed before the trace: a parameter, an optimizer moment).
+struct Update {
+  Tensor target;
+  int value = -1;
 };
 
 /// One op application: the op (its kernels, attributes and shape rule) on input values, giving outputs.
@@ -57,10 +76,13 @@ class Graph {
   std::vector<Node> nodes;
   /// Value ids of the graph's inputs and outputs, in order.
   std::vector<int> inputs, outputs;
+  /// In-place writes, in the order the function did them (a later write to the same target wins).
+  std::vector<Update> updates;
 
   /// Runs the graph on `args` (one per input; each must match the traced input's shape, dtype and
   /// device: ShapeError / DTypeError / DeviceError naming the input otherwise) without recording a tape;
-  /// returns the outputs. Each node's outputs are released after their last use.
+  /// then performs the updates; returns the outputs. Each node's outputs are released after their last
+  /// use.
   TensorList run(const TensorList& args) const;
 
   /// One line per input, constant, node and output:
@@ -68,6 +90,8 @@ class Graph {
   ///     %1 = const f32[] 2
   ///     %2 = exp(%0) : f32[4, 3]
   ///     %3 = mul(%2, %1) : f32[4, 3]
+  ///     %4 = state f32[4, 3]             (live state, read at each replay)
+  ///     %4 <- %3                         (an in-place update)
   ///     return %3
   ///   }
   std::string str() const;
@@ -76,13 +100,19 @@ class Graph {
   std::string dot() const;
   /// Nodes currently in the graph.
   size_t num_nodes() const { return nodes.size(); }
+  /// How str() and dot() name an update's target: "%<id>" of its state value, else its spec.
+  std::string target_name(const Tensor& t) const;
 };
 
-/// Traces fn on `args` (see the header comment). The function runs eagerly once (its result is not
-/// returned). Throws what fn throws; ValueError when an output is undefined.
-Graph trace(const std::function<TensorList(const TensorList&)>& fn, const TensorList& args);
+/// Traces fn on `args` (see the header comment). The function runs eagerly once, with its effects (its
+/// in-place updates happen). `static_inputs` lists the positions of arguments traced as constants (their
+/// values are baked into the graph and they are not graph inputs; a host read of them is allowed).
+/// `eager_outputs`, when given, receives fn's outputs of this eager run (detached). Throws what fn
+/// throws; TraceError for what a graph cannot replay (above); ValueError when an output is undefined.
+Graph trace(const std::function<TensorList(const TensorList&)>& fn, const TensorList& args,
+            const std::vector<int>& static_inputs = {}, TensorList* eager_outputs = nullptr);
 
-/// Removes nodes none of whose outputs reaches a graph output. Returns the number removed.
+/// Removes nodes none of whose outputs reaches a graph output or an update. Returns the number removed.
 int eliminate_dead_code(Graph& g);
 /// Merges nodes with the same op (name and attributes) on the same input values, keeping the first;
 /// uses of the later one's outputs are redirected. Constants with equal dtype, shape and bytes are
@@ -104,30 +134,47 @@ struct JitStats {
   double compile_seconds = 0;   ///< total time spent tracing and optimising
 };
 
-/// A function compiled per input signature (each input's shape, dtype and device): the first call
-/// with a new signature traces fn, runs the passes (dead code, common subexpressions, constant
-/// folding, to a fixed point) and caches the graph; later calls with that signature replay it.
+/// Options of jit().
+struct JitOptions {
+  /// Positions of static arguments: traced as constants, and their values (not only their specs) are
+  /// part of the cache key, so a new value compiles a new graph (the C++ form of JAX's static_argnums:
+  /// pass a flag or a small count as a tensor and branch on it with item()). Keep them small: the key
+  /// holds their bytes.
+  std::vector<int> static_inputs;
+};
+
+/// A function compiled per input signature (each input's shape, dtype and device, and the values of
+/// static inputs): the first call with a new signature traces fn (that call runs eagerly, as tracing
+/// does), runs the passes (dead code, common subexpressions, algebraic simplification, constant folding,
+/// to a fixed point) and caches the graph; later calls with that signature replay it.
 /// With the environment variable TITANAX_LOG_COMPILES=1 every compile logs why it happened (the first
 /// call, or which input differs from the signatures seen, e.g. "input 0: f32[8, 3] (cached: f32[4, 3])").
-/// Constants are captured at trace time: a function reading tensors that change between calls (weights
-/// being trained) must take them as inputs.
+/// Tensors the function reads from outside are constants captured at trace time unless they are live
+/// state (they require grad, or the function writes them in place): a training step's parameters and
+/// optimizer state are read and written live at every replay; other tensors that change between calls
+/// must be inputs. Called while another function is being traced, it runs fn directly (inlined into the
+/// outer trace).
 class Compiled {
  public:
-  explicit Compiled(std::function<TensorList(const TensorList&)> fn) : fn_(std::move(fn)) {}
+  explicit Compiled(std::function<TensorList(const TensorList&)> fn, JitOptions opts = {})
+      : fn_(std::move(fn)), opts_(std::move(opts)) {}
   /// Runs the cached graph for args' signature (tracing it first on a miss). Throws what the function
-  /// throws while tracing.
+  /// throws while tracing, ValueError for a static input position out of range.
   TensorList operator()(const TensorList& args);
   const JitStats& stats() const { return stats_; }
   /// The cached graph for a signature, if any (for describe / tests).
   const Graph* graph_for(const TensorList& args) const;
 
  private:
+  std::string signature(const TensorList& args) const;
+  TensorList graph_args(const TensorList& args) const;
   std::function<TensorList(const TensorList&)> fn_;
+  JitOptions opts_;
   std::map<std::string, Graph> cache_;
   JitStats stats_;
 };
 
-/// Compiled(fn) (see above).
-Compiled jit(std::function<TensorList(const TensorList&)> fn);
+/// Compiled(fn, opts) (see above).
+Compiled jit(std::function<TensorList(const TensorList&)> fn, JitOptions opts = {});
 
 }  // namespace titanax::jit

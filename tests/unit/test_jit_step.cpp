@@ -1,0 +1,226 @@
+// jit/graph.h on whole training steps: the tape's backward and the optimizer update traced into one
+// graph with in-place updates of live state, against eager steps from the same initial weights; static
+// inputs; what tracing refuses (host reads of traced values, writes into computed tensors).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include <titanax/titanax.h>
+
+#include "engine/engine.h"
+#include "engine/gpt.h"
+#include "jit/graph.h"
+#include "parallel/runtime.h"
+#include "op_cases.h"
+#include "test_util.h"
+
+using namespace titanax;
+using Catch::Matchers::Contains;
+
+namespace {
+Mesh single_mesh() { return MeshSpec{{"data"}, {1}}.build(make_local_communicator()); }
+
+std::vector<double> values(const Tensor& t) { return t.to_vector<double>(); }
+
+int count_op(const jit::Graph& g, const std::string& name) {
+  int n = 0;
+  for (const auto& node : g.nodes) n += name == node.op->name();
+  return n;
+}
+
+// |a - b| <= 1e-5 * max(1, |b|) at every step, and reports the largest difference.
+void check_trajectories(const std::vector<double>& jit, const std::vector<double>& eager) {
+  REQUIRE(jit.size() == eager.size());
+  double worst = 0;
+  for (size_t i = 0; i < jit.size(); ++i) {
+    INFO("step " << i << ": jit " << jit[i] << " eager " << eager[i]);
+    REQUIRE(std::isfinite(jit[i]));
+    CHECK(std::fabs(jit[i] - eager[i]) <= 1e-5 * std::max(1.0, std::fabs(eager[i])));
+    worst = std::max(worst, std::fabs(jit[i] - eager[i]));
+  }
+  UNSCOPED_INFO("largest loss difference " << worst);
+}
+
+// Random classification batches: x [B, in] (or images), labels in [0, classes).
+Batch batch_of(uint64_t seed, const Shape& x_shape, int64_t classes) {
+  const RngKey k = RngKey::from_seed(seed);
+  Tensor x = random_normal(k, x_shape);
+  Tensor y = (random_uniform(fold_in(k, 1), Shape{x_shape[0]}, DType::f64) * double(classes)).astype(DType::i64);
+  return Batch{{{"x", x}, {"y", y}}};
+}
+
+// Runs `steps` Engine steps on the same batches eagerly and under jit, from the same initial weights.
+template <class MakeModel>
+void engine_parity(MakeModel make, const std::function<Batch(int)>& data, const LossFn& loss, int steps,
+                   std::function<std::unique_ptr<optim::Optimizer>()> opt, double clip) {
+  std::vector<double> losses[2], norms[2];
+  ParamTree finals[2];
+  int64_t hits = 0, misses = 0;
+  for (int use_jit = 0; use_jit < 2; ++use_jit) {
+    auto model = make();
+    Mesh mesh = single_mesh();
+    Engine engine(mesh, Plan{.dp = DP{"data", 1}}, opt(), EngineOptions{.grad_clip = clip, .jit = use_jit == 1});
+    for (int s = 0; s < steps; ++s) {
+      StepResult r = engine.step(*model, loss, data(s));
+      losses[use_jit].push_back(r.loss);
+      norms[use_jit].push_back(r.grad_norm);
+    }
+    finals[use_jit] = model->parameters();
+    if (use_jit) {
+      REQUIRE(engine.jit_stats() != nullptr);
+      hits = engine.jit_stats()->hits;
+      misses = engine.jit_stats()->misses;
+    }
+  }
+  check_trajectories(losses[1], losses[0]);
+  check_trajectories(norms[1], norms[0]);
+  CHECK(misses == 1);  // one signature: traced once, replayed after
+  CHECK(hits == steps - 1);
+  for (const auto& [path, w] : finals[0]) {
+    INFO(path);
+    const std::vector<double> a = values(w), b = values(finals[1].at(path));
+    double worst = 0;
+    for (size_t i = 0; i < a.size(); ++i) worst = std::max(worst, std::fabs(a[i] - b[i]));
+    CHECK(worst <= 1e-5);
+  }
+}
+}  // namespace
+
+TEST_CASE("jit traces a whole training step: forward, backward, clipping and AdamW in one graph", "[jit][step]") {
+  nn::MLP model({6, 16, 3}), twin({6, 16, 3});
+  ParamTree params = model.parameters(), tp = twin.parameters();
+  twin.init_parameters(7);  // different weights, then the same as model's: the copy is what makes them equal
+  for (size_t i = 0; i < params.size(); ++i) copy_(tp[i].second, params[i].second);
+  auto opt = optim::adamw(optim::warmup_cosine(1e-2, 3, 20));  // the lr changes every step: it must not be baked
+  auto step = [&](const TensorList& in) {
+    auto [loss, grads] = value_and_grad([&] { return cross_entropy(model.forward(in[0]), in[1]); }, params);
+    Tensor norm = optim::clip_grad_norm_tensor(grads, 0.5);
+    opt->step(params, grads);
+    return TensorList{loss, norm};
+  };
+  jit::Graph g = jit::trace(step, {batch_of(1, Shape{8, 6}, 3)["x"], batch_of(1, Shape{8, 6}, 3)["y"]});
+  // Each parameter and its two moments written back, plus the step count; the parameters are live state.
+  CHECK(g.updates.size() == 3 * params.size() + 1);
+  CHECK(count_op(g, "adamw_update") == int(params.size()));
+  CHECK(count_op(g, "lr_schedule") == 1);
+  int state = 0;
+  for (const auto& v : g.values) state += v.kind == jit::Value::Kind::state;
+  CHECK(state == 3 * int(params.size()) + 1);
+  CHECK_THAT(g.str(), Contains("= state f32[16, 6]") && Contains(" <- %"));
+  CHECK_THAT(g.dot(), Contains("state %") && Contains("shape=house"));
+
+  // The same steps eagerly on the twin: the trace took the first step on `model`, replays the rest.
+  auto topt = optim::adamw(optim::warmup_cosine(1e-2, 3, 20));
+  for (int s = 1; s < 12; ++s) {
+    Batch b = batch_of(uint64_t(s), Shape{8, 6}, 3);
+    const TensorList got = s == 1 ? TensorList{} : g.run({b["x"], b["y"]});
+    auto [l, gr] = value_and_grad([&] { return cross_entropy(twin.forward(b["x"]), b["y"]); }, tp);
+    const Tensor n = optim::clip_grad_norm_tensor(gr, 0.5);
+    topt->step(tp, gr);
+    if (s == 1) continue;
+    CHECK(got[0].item() == l.item());  // the same kernels in the same order: bitwise
+    CHECK(got[1].item() == n.item());
+  }
+  CHECK(opt->steps() == topt->steps());
+  for (size_t i = 0; i < params.size(); ++i) CHECK(params[i].second.to_vector<float>() == tp[i].second.to_vector<float>());
+}
+
+TEST_CASE("jit(step) follows the eager loss trajectory: MNIST-shaped MLP and CNN, GPT-small", "[jit][step]") {
+  SECTION("MLP 784-64-10, AdamW with warm-up and clipping") {
+    engine_parity([] { return std::make_unique<nn::MLP>(std::vector<int64_t>{784, 64, 10}); },
+                  [](int s) { return batch_of(100 + uint64_t(s), Shape{32, 784}, 10); }, classification_loss, 8,
+                  [] { return optim::adamw(optim::warmup_cosine(3e-3, 3, 8)); }, 1.0);
+  }
+  SECTION("MLP with SGD + Nesterov momentum") {
+    engine_parity([] { return std::make_unique<nn::MLP>(std::vector<int64_t>{784, 32, 10}); },
+                  [](int s) { return batch_of(200 + uint64_t(s), Shape{16, 784}, 10); }, classification_loss, 6,
+                  [] { return optim::sgd(optim::cosine(0.05, 6), 0.9, 1e-4, true); }, 0.0);
+  }
+  SECTION("CNN on 28x28 images") {
+    engine_parity([] { return std::make_unique<nn::CNN>(nn::CNNOptions{.hidden = 32, .channels = {4, 8}}); },
+                  [](int s) { return batch_of(300 + uint64_t(s), Shape{8, 1, 28, 28}, 10); }, classification_loss, 5,
+                  [] { return optim::adamw(optim::constant(1e-3)); }, 1.0);
+  }
+  SECTION("GPT (2 layers, dim 32) on random tokens") {
+    const nn::GPTConfig cfg{.vocab = 64, .layers = 2, .heads = 2, .dim = 32, .seq_len = 16};
+    auto tokens = [&](int s) {
+      const RngKey k = RngKey::from_seed(400 + uint64_t(s));
+      Tensor t = (random_uniform(k, Shape{4, cfg.seq_len + 1}, DType::f64) * double(cfg.vocab)).astype(DType::i64);
+      return Batch{{{"x", t.slice(1, 0, cfg.seq_len).contiguous()}, {"y", t.slice(1, 1, cfg.seq_len + 1).contiguous()}}};
+    };
+    engine_parity([&] { return std::make_unique<nn::GPT>(cfg); }, tokens, nn::lm_loss, 6,
+                  [] { return optim::adamw(optim::warmup_cosine(1e-3, 2, 6)); }, 1.0);
+  }
+}
+
+TEST_CASE("jit refuses what a graph cannot replay, with TraceErrors that say why", "[jit][step]") {
+  const Tensor x = testing::randn64(RngKey::from_seed(1), Shape{4});
+  // A C++ branch on a traced value.
+  auto branchy = [](const TensorList& in) {
+    Tensor s = sum(in[0]);
+    return TensorList{s.item() > 0 ? in[0] * 2.0 : in[0] * 3.0};
+  };
+  try {
+    jit::trace(branchy, {x});
+    FAIL("expected a TraceError");
+  } catch (const TraceError& e) {
+    CHECK_THAT(std::string(e.what()), Contains("reads a traced value on the host") && Contains("'sum'") && Contains("where()"));
+  }
+  // Writing into an input or a computed tensor.
+  CHECK_THROWS_AS(jit::trace([](const TensorList& in) { Tensor a = in[0]; copy_(a, in[0] * 2.0); return TensorList{a}; }, {x}), TraceError);
+  CHECK_THROWS_AS(jit::trace([](const TensorList& in) { Tensor y = exp(in[0]); fill_(y, 1.0); return TensorList{y}; }, {x}), TraceError);
+  // Reading a constant on the host is fine: it is fixed.
+  const Tensor c = scalar(2.0, DType::f64);
+  jit::Graph g = jit::trace([&](const TensorList& in) { return TensorList{in[0] * c.item()}; }, {x});
+  CHECK(g.run({x})[0].to_vector<double>() == (x * 2.0).to_vector<double>());
+}
+
+TEST_CASE("jit in-place writes: live state is updated at every replay, temporaries are not state", "[jit][step]") {
+  Tensor counter = zeros(Shape{3}, DType::f64);  // made before the trace: every write to it is replayed
+  auto f = [&](const TensorList& in) {
+    Tensor tmp = zeros(Shape{3}, DType::f64);  // a temporary: filled, written, read
+    copy_(tmp, in[0] * 2.0);
+    copy_(counter, counter + tmp);
+    return TensorList{counter * 1.0};
+  };
+  const Tensor x = from_vector(std::vector<double>{1, 2, 3}, Shape{3});
+  jit::Graph g = jit::trace(f, {x});  // the trace ran once: counter = 2x
+  CHECK(counter.to_vector<double>() == std::vector<double>{2, 4, 6});
+  REQUIRE(g.updates.size() == 1);  // the temporary's writes are dropped
+  CHECK(g.updates[0].target.same(counter));
+  g.run({x});
+  CHECK(counter.to_vector<double>() == std::vector<double>{4, 8, 12});
+  const TensorList out = g.run({x});
+  CHECK(out[0].to_vector<double>() == std::vector<double>{6, 12, 18});
+  CHECK(counter.to_vector<double>() == std::vector<double>{6, 12, 18});
+  // Folding never touches state: after the passes the value read is still the live one.
+  jit::fold_constants(g);
+  jit::eliminate_dead_code(g);
+  g.run({x});
+  CHECK(counter.to_vector<double>() == std::vector<double>{8, 16, 24});
+}
+
+TEST_CASE("jit static inputs: baked in as constants, a new value compiles a new graph", "[jit][step]") {
+  int traced = 0;
+  auto f = jit::jit(
+      [&](const TensorList& in) {
+        ++traced;
+        const int64_t k = int64_t(in[1].item());  // allowed: a static input is a constant
+        Tensor y = in[0];
+        for (int64_t i = 0; i < k; ++i) y = y * 2.0;
+        return TensorList{y};
+      },
+      {.static_inputs = {1}});
+  const Tensor x = testing::randn64(RngKey::from_seed(3), Shape{5});
+  const Tensor two = scalar(2, DType::i64), three = scalar(3, DType::i64);
+  CHECK(f({x, two})[0].to_vector<double>() == (x * 4.0).to_vector<double>());
+  CHECK(f({x, two})[0].to_vector<double>() == (x * 4.0).to_vector<double>());
+  CHECK(traced == 1);
+  CHECK(f({x, three})[0].to_vector<double>() == (x * 8.0).to_vector<double>());
+  CHECK(traced == 2);
+  CHECK(f.stats().misses == 2);
+  CHECK(f.stats().hits == 1);
+  REQUIRE(f.graph_for({x, two}) != nullptr);
+  CHECK(f.graph_for({x, two})->inputs.size() == 1);  // the static input is not a graph input
+  CHECK_THROWS_AS(jit::trace([](const TensorList& in) { return in; }, {x}, {4}), ValueError);
+}
