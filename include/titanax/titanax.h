@@ -12,6 +12,7 @@
 #include "core/tensor.h"
 #include "core/tree.h"
 #include "jit/graph.h"
+#include "jit/vmap.h"
 #include "ops/ops.h"
 #include "parallel/collectives.h"
 #include "parallel/communicator.h"

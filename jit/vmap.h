@@ -1,0 +1,108 @@
+// vmap: vectorising a per-example function over a batch axis, as a graph transformation (JAX's
+// jax.vmap; its batching rules are the model for the ones here).
+//
+//   // per-example loss: x [in], y [] (a class index) -> loss []
+//   auto loss = [&](const tx::TensorList& in) {
+//     return tx::TensorList{tx::cross_entropy(tx::linear(in[0], w, b), in[1])};
+//   };
+//   auto losses = tx::jit::vmap(loss);            // x [B, in], y [B] -> losses [B]
+//   tx::TensorList l = losses({xs, ys});
+//   // a shared input and the batch on axis 1 of the first input:
+//   auto f = tx::jit::vmap(g, {1, tx::jit::not_batched});
+//
+// How it works. Calling the vmapped function checks the inputs' batch sizes, takes one example of each
+// batched input (index 0 along its axis, a view), traces fn on the examples with jit::trace into the
+// per-example graph (cached per signature: which inputs are batched and each one's per-example shape,
+// dtype and device), then interprets that graph on the whole batch: every node whose inputs include a
+// batched value is rewritten by its op's batching rule, which issues ordinary ops (ops/ops.h, apply())
+// on operands whose batch axis is axis 0. Nodes reading only unbatched values (the graph's constants:
+// weights and scalars fn read; inputs passed as not_batched) run once, unbatched. Because the rules
+// emit ordinary ops, the vmapped function composes: eagerly it just runs them; under jit::trace they
+// are recorded into the outer graph; under an outer vmap they are batched again (vmap(vmap(f)) maps
+// over two axes); under autodiff they are recorded on the tape.
+//
+// Batching rules (which ops run batched as one op, not once per example):
+//   elementwise unary ops, copy, astype, to_device, clamp, one_hot: the op on the batched operand;
+//   broadcasting binary ops (arithmetic, comparisons, relu_backward, gelu_*_backward) and where: a
+//     batched operand of lower per-example rank gets size-1 axes after its batch axis, an unbatched one
+//     broadcasts from the right;
+//   sum, max, min, argmax, softmax, log_softmax, concat, slice, permute: the axes shifted by one;
+//   reshape, expand: the per-example result shape behind the batch axis;
+//   slice_scatter (the vjp of slice, and pad) with step 1: pad;
+//   matmul: the operands' ranks aligned, the batch folded into matmul's broadcast batch axes;
+//   linear: with a shared weight, the op on the batched x (one GEMM); with a batched weight or bias,
+//     matmul with the transposed weight plus the bias;
+//   layer_norm: the op on the batched x (with a batched w or b: the op with w = 1, b = 0, then * w + b);
+//   layer_norm_backward when only dx is wanted and w is shared;
+//   cross_entropy (none: the op; sum / mean: per-example sums of the unreduced losses, the mean divided
+//     by the number of labels that are not ignore_index); cross_entropy_backward with reduction none;
+//   take / embedding with a batched table or batched indices (not both);
+//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N.
+// Every other case falls back to a loop over the batch: each batched operand is sliced per example,
+// the node's own op runs on each slice, and the results are stacked. The fallback is always correct;
+// vmap_stats() counts, per op name, the nodes batched by a rule and those that fell back. Ops falling
+// back at present: dropout (its mask is drawn by element index, so the batch must not share one draw),
+// take_backward, embedding_backward, max_pool2d(+_backward), conv2d_backward_weight, layer_norm_backward
+// when dw / db are wanted, cross_entropy_backward with reduction sum / mean, slice_scatter with step > 1,
+// take with both operands batched, and any op without a rule.
+//
+// Semantics and limits (as JAX's vmap):
+//  - fn must be a pure tensor function of its inputs: its control flow may not depend on the values of
+//    its inputs (it is traced once per signature on one example), only on their shapes.
+//  - Tensors fn reads that are not its inputs become constants of the cached graph (jit::trace): they
+//    are shared by the whole batch, and in-place updates to them (an optimizer step) are seen by later
+//    calls, but a closure re-bound to another tensor is not (make it an input).
+//  - fn may take gradients inside (grad / value_and_grad on one example): the backward ops are in the
+//    traced graph and are batched like the forward ones (per-example gradients).
+//  - An output that does not depend on any batched input is broadcast to the batch (expand, a view).
+//  - Randomness inside fn (dropout, random_normal with a key) is the same for every example, as in a
+//    loop calling fn with the same key.
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace titanax::jit {
+
+/// A function from tensors to tensors (the same type jit::trace and jit() take).
+using Fn = std::function<TensorList(const TensorList&)>;
+
+/// An in_axes entry for an input shared by the whole batch (JAX's in_axes=None).
+inline constexpr int not_batched = INT_MIN;
+
+/// Returns fn mapped over a batch axis of its inputs (see the header comment).
+///
+/// in_axes: one entry per input, the input's batch axis (negative counts from the end of the input's
+/// axes) or not_batched; empty means axis 0 for every input. out_axes: one entry per output, where the
+/// batch axis goes in that output (negative counts from the end of the batched output's axes); empty
+/// means 0 for every output. Every batched input must have the same size B >= 1 along its batch axis;
+/// output k has shape fn's per-example output k with B inserted at out_axes[k], same dtype and device.
+///
+/// The returned function throws, on a call:
+///  - ValueError: in_axes has a size other than the number of inputs; out_axes has a size other than the
+///    number of outputs; no input is batched; an input is undefined; the batch is empty (B = 0).
+///  - ShapeError: an in_axes or out_axes entry out of range for its tensor (a 0-d input cannot be
+///    batched); batched inputs whose batch sizes differ (naming both).
+///  - whatever fn throws while it is traced on one example, and the ops' own errors for the batch.
+/// vmap itself throws ValueError when fn is empty.
+Fn vmap(Fn fn, std::vector<int> in_axes = {}, std::vector<int> out_axes = {});
+
+/// Counters of the batching interpreter, per op name, on the calling thread since the last reset.
+struct VmapStats {
+  /// Nodes rewritten by their op's batching rule (run once for the whole batch).
+  std::map<std::string, int64_t> batched;
+  /// Nodes that fell back to a loop over the batch (their op ran once per example).
+  std::map<std::string, int64_t> fallback;
+};
+/// The counters of the calling thread (nodes of nested vmaps count once per interpretation).
+const VmapStats& vmap_stats();
+/// Zeroes the calling thread's counters.
+void reset_vmap_stats();
+
+}  // namespace titanax::jit

@@ -1,0 +1,430 @@
+// jit/vmap.h: every result is compared with a loop over the batch (fn applied to each example, the
+// results stacked) on fresh random f64 inputs. Where the batched ops run the same kernels over the same
+// per-example data the comparison is bitwise; where a rule changes the computation (a GEMM over more
+// rows, a bias added after the GEMM instead of inside it) a relative tolerance is stated.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "test_util.h"
+
+#include "autodiff/autodiff.h"
+#include "jit/graph.h"
+#include "jit/vmap.h"
+#include "op_cases.h"
+#include "ops/ops.h"
+
+using namespace titanax;
+using Catch::Matchers::Contains;
+
+namespace {
+
+Tensor rnd(uint64_t seed, const Shape& s) { return testing::randn64(RngKey::from_seed(seed), s); }
+std::vector<double> vec(const Tensor& t) { return t.contiguous().to_vector<double>(); }
+
+// The reference: fn on each example (index b along its in_axes entry; not_batched inputs shared, each
+// example made contiguous), output k stacked along out_axes[k].
+TensorList loop(const jit::Fn& fn, const TensorList& args, std::vector<int> in_axes = {}, std::vector<int> out_axes = {}) {
+  if (in_axes.empty()) in_axes.assign(args.size(), 0);
+  int64_t B = -1;
+  for (size_t i = 0; i < args.size(); ++i)
+    if (in_axes[i] != jit::not_batched) B = args[i].size(in_axes[i]);
+  std::vector<TensorList> per_example;
+  for (int64_t b = 0; b < B; ++b) {
+    TensorList ex;
+    for (size_t i = 0; i < args.size(); ++i)
+      ex.push_back(in_axes[i] == jit::not_batched ? args[i] : args[i].slice(in_axes[i], b, b + 1).squeeze(in_axes[i]).contiguous());
+    per_example.push_back(fn(ex));
+  }
+  TensorList res;
+  for (size_t k = 0; k < per_example[0].size(); ++k) {
+    const int a = out_axes.empty() ? 0 : out_axes[k];
+    TensorList parts;
+    for (const auto& outs : per_example) parts.push_back(outs[k].unsqueeze(a));
+    res.push_back(concat(parts, a));
+  }
+  return res;
+}
+
+// Largest |got - want| / max(|want|, 1) over the elements (shapes must agree).
+double max_rel_err(const Tensor& got, const Tensor& want) {
+  REQUIRE(got.shape() == want.shape());
+  const auto g = vec(got), w = vec(want);
+  double e = 0;
+  for (size_t i = 0; i < g.size(); ++i) e = std::max(e, std::abs(g[i] - w[i]) / std::max(std::abs(w[i]), 1.0));
+  return e;
+}
+
+// Bitwise equality of every output (shapes and dtypes too).
+void check_same(const TensorList& got, const TensorList& want) {
+  REQUIRE(got.size() == want.size());
+  for (size_t k = 0; k < got.size(); ++k) {
+    INFO("output " << k);
+    CHECK(got[k].shape() == want[k].shape());
+    CHECK(got[k].dtype() == want[k].dtype());
+    CHECK(vec(got[k]) == vec(want[k]));
+  }
+}
+
+bool no_fallback() { return jit::vmap_stats().fallback.empty(); }
+int64_t batched_count(const std::string& op) {
+  auto it = jit::vmap_stats().batched.find(op);
+  return it == jit::vmap_stats().batched.end() ? 0 : it->second;
+}
+
+}  // namespace
+
+TEST_CASE("vmap: elementwise ops broadcast against unbatched weights and lower-rank batched operands", "[vmap]") {
+  const Tensor w = rnd(1, Shape{3, 4}), c = rnd(2, Shape{4});
+  // x [3, 4] and v [4] per example; w and c are constants of the graph.
+  auto f = [&](const TensorList& in) {
+    const Tensor &x = in[0], &v = in[1];
+    return TensorList{tanh(x * w + c) - exp(x) / 2.0, x * v, where(gt(x, v), x, v * 3.0), maximum(v, c)};
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(3, Shape{5, 3, 4}), v = rnd(4, Shape{5, 4});
+  check_same(jit::vmap(f)({x, v}), loop(f, {x, v}));
+  CHECK(no_fallback());
+  CHECK(batched_count("mul") >= 2);
+  CHECK(batched_count("where") == 1);
+}
+
+TEST_CASE("vmap: matmul and linear with a batched x and a shared weight", "[vmap]") {
+  const Tensor W = rnd(10, Shape{3, 4}), W2 = rnd(11, Shape{6, 3}), b2 = rnd(12, Shape{6});
+  auto f = [&](const TensorList& in) {
+    const Tensor& x = in[0];  // [5, 3]
+    return TensorList{matmul(x, W), linear(x, W2, b2), matmul(x.slice(0, 0, 1).squeeze(0), W), linear(x, W2)};
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(13, Shape{7, 5, 3});
+  // The batch folds into one GEMM over 7x more rows (Eigen in f64), whose vectorised kernel may cover
+  // rows the per-example GEMM computes in its remainder path (another FMA pattern): a few ulps.
+  const TensorList got = jit::vmap(f)({x}), want = loop(f, {x});
+  for (size_t k = 0; k < got.size(); ++k) CHECK(max_rel_err(got[k], want[k]) <= 1e-15);
+  CHECK(no_fallback());
+  CHECK(batched_count("matmul") == 2);
+  CHECK(batched_count("linear") == 2);
+}
+
+TEST_CASE("vmap: matmul and linear with both operands batched, and a batched weight with a shared x", "[vmap]") {
+  // a [2, 5, 3] @ b [3, 4] per example; b of higher per-example rank than a in the second product.
+  auto f = [](const TensorList& in) { return TensorList{matmul(in[0], in[1]), matmul(in[1].T(), in[0].transpose(-1, -2))}; };
+  jit::reset_vmap_stats();
+  const Tensor a = rnd(20, Shape{6, 2, 5, 3}), b = rnd(21, Shape{6, 3, 4});
+  // Per example, matmul folds a's two matrices into one GEMM (b is shared); batched, b varies with the
+  // batch, so each matrix is its own GEMM: a few ulps.
+  const TensorList got_ab = jit::vmap(f)({a, b}), want_ab = loop(f, {a, b});
+  for (size_t k = 0; k < 2; ++k) CHECK(max_rel_err(got_ab[k], want_ab[k]) <= 1e-15);
+  // An ensemble: per-member weights and biases, one shared input x.
+  auto g = [](const TensorList& in) { return TensorList{linear(in[0], in[1], in[2])}; };
+  const Tensor x = rnd(22, Shape{5, 3}), w = rnd(23, Shape{6, 4, 3}), bias = rnd(24, Shape{6, 4});
+  const std::vector<int> axes{jit::not_batched, 0, 0};
+  // linear adds the bias inside its GEMM (beta = 1), the rule after a matmul: one rounding apart.
+  const TensorList got = jit::vmap(g, axes)({x, w, bias}), want = loop(g, {x, w, bias}, axes);
+  CHECK(max_rel_err(got[0], want[0]) <= 1e-15);
+  // Only the bias batched: the op without it on the shared x, then + b (one rounding, as above).
+  const std::vector<int> bias_only{jit::not_batched, jit::not_batched, 0};
+  const Tensor w0 = w.slice(0, 0, 1).squeeze(0);
+  CHECK(max_rel_err(jit::vmap(g, bias_only)({x, w0, bias})[0], loop(g, {x, w0, bias}, bias_only)[0]) <= 1e-15);
+  CHECK(no_fallback());
+}
+
+TEST_CASE("vmap: reductions with keepdims and negative axes", "[vmap]") {
+  auto f = [](const TensorList& in) {
+    const Tensor& x = in[0];  // [3, 4, 5]
+    return TensorList{sum(x, {-1}, true), max(x, {0}), mean(x, {0, -1}), min(x), logsumexp(x, {-2}, true),
+                      sum(x, {}, true), sum(sum(x), {})};  // the last reduces a 0-d value
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(30, Shape{4, 3, 4, 5});
+  check_same(jit::vmap(f)({x}), loop(f, {x}));
+  auto am = [](const TensorList& in) { return TensorList{argmax(in[0], -2, true), argmax(in[0], 0)}; };
+  const TensorList got = jit::vmap(am)({x}), want = loop(am, {x});
+  for (size_t k = 0; k < 2; ++k) {
+    CHECK(got[k].shape() == want[k].shape());
+    CHECK(got[k].to_vector<int64_t>() == want[k].to_vector<int64_t>());
+  }
+  CHECK(no_fallback());
+  CHECK(batched_count("sum") >= 5);
+  CHECK(batched_count("argmax") == 2);
+}
+
+TEST_CASE("vmap: softmax, log_softmax and layer_norm", "[vmap]") {
+  const Tensor w = rnd(40, Shape{6}), b = rnd(41, Shape{6});
+  auto f = [&](const TensorList& in) {
+    const Tensor& x = in[0];  // [4, 6]
+    return TensorList{softmax(x, 0), log_softmax(x, -1), layer_norm(x, w, b), layer_norm(x, {}, {}, 1e-3)};
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(42, Shape{3, 4, 6});
+  check_same(jit::vmap(f)({x}), loop(f, {x}));
+  // Per-example layer-norm parameters: normalised with w = 1, b = 0, then scaled and shifted by separate
+  // ops, where the kernel may contract v * w + b into one FMA (-march=native): one rounding apart.
+  auto g = [](const TensorList& in) { return TensorList{layer_norm(in[0], in[1], in[2])}; };
+  const Tensor ws = rnd(43, Shape{3, 6}), bs = rnd(44, Shape{3, 6}), x0 = x.slice(0, 0, 1).squeeze(0);
+  const std::vector<int> shared_x{jit::not_batched, 0, 0};
+  CHECK(max_rel_err(jit::vmap(g)({x, ws, bs})[0], loop(g, {x, ws, bs})[0]) <= 1e-15);
+  CHECK(max_rel_err(jit::vmap(g, shared_x)({x0, ws, bs})[0], loop(g, {x0, ws, bs}, shared_x)[0]) <= 1e-15);
+  CHECK(no_fallback());
+  CHECK(batched_count("layer_norm") == 4);
+}
+
+TEST_CASE("vmap: reshape, permute, transpose, slice, concat, expand, take, one_hot", "[vmap]") {
+  const Tensor idx = from_vector(std::vector<int64_t>{2, 0, 2, 1}, Shape{4});
+  auto f = [&](const TensorList& in) {
+    const Tensor& x = in[0];  // [3, 4]
+    return TensorList{x.reshape(Shape{2, 6}), x.permute({1, 0}), x.T().slice(-1, 1, 3), x.slice(0, 0, 3, 2),
+                      concat({x, x * 2.0}, -1), x.slice(0, 0, 1).expand(Shape{2, 3, 4}), take(x, idx, 0),
+                      take(x, idx.slice(0, 0, 2), -1), pad(x, 1, 1, 2), x.flatten().unsqueeze(0)};
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(50, Shape{5, 3, 4});
+  check_same(jit::vmap(f)({x}), loop(f, {x}));
+  // Batched indices into a shared table, and one_hot of batched labels.
+  const Tensor table = rnd(51, Shape{5, 3}), ids = testing::randint(RngKey::from_seed(52), Shape{4, 2}, 5);
+  auto g = [&](const TensorList& in) {
+    return TensorList{embedding(table, in[0]), take(table, in[0], 0), take(table.T(), in[0], 1), one_hot(in[0], 5, DType::f64)};
+  };
+  check_same(jit::vmap(g)({ids}), loop(g, {ids}));
+  // A batched table with shared ids.
+  auto h = [&](const TensorList& in) { return TensorList{embedding(in[0], ids)}; };
+  const Tensor tables = rnd(53, Shape{3, 5, 2});
+  check_same(jit::vmap(h)({tables}), loop(h, {tables}));
+  CHECK(no_fallback());
+}
+
+TEST_CASE("vmap: conv2d with a shared weight, and per-example gradients through convolutions", "[vmap]") {
+  const Tensor w1 = rnd(55, Shape{4, 2, 3, 3}), b1 = rnd(56, Shape{4}), w2 = rnd(57, Shape{3, 4, 3, 3});
+  // Per example: x [2, 2, 7, 7] (N = 2 images).
+  auto net = [&](const Tensor& x) { return conv2d(relu(conv2d(x, w1, b1, {1, 1}, {1, 1})), w2, {}, {2, 2}); };
+  auto f = [&](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return sum(square(net(in[0]))); }, {{"w1", w1}, {"b1", b1}, {"w2", w2}});
+    return TensorList{net(in[0]), value, g.at("w1"), g.at("b1"), g.at("w2")};
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(58, Shape{3, 2, 2, 7, 7});
+  // The f64 convolution kernels are direct loops computing each image on its own: bitwise.
+  check_same(jit::vmap(f)({x}), loop(f, {x}));
+  CHECK(batched_count("conv2d") == 4);  // the forward twice (the output, and inside value_and_grad)
+  CHECK(batched_count("conv2d_backward_input") == 1);
+  // The weight gradient sums over N: per example, so it loops (once per conv layer).
+  CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"conv2d_backward_weight", 2}});
+}
+
+TEST_CASE("vmap: in_axes 1, negative in_axes and not_batched inputs", "[vmap]") {
+  auto f = [](const TensorList& in) { return TensorList{matmul(in[0], in[1]) + in[2]}; };  // x [3, 4], w [4, 2], c [2]
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(60, Shape{3, 5, 4}), w = rnd(61, Shape{4, 2}), c = rnd(62, Shape{2, 5});
+  const std::vector<int> axes{1, jit::not_batched, -1};
+  const TensorList got = jit::vmap(f, axes)({x, w, c}), want = loop(f, {x, w, c}, axes);
+  CHECK(max_rel_err(got[0], want[0]) <= 1e-15);  // one folded GEMM (see above)
+  CHECK(no_fallback());
+}
+
+TEST_CASE("vmap: out_axes move the batch axis in each output; unbatched outputs are broadcast", "[vmap]") {
+  const Tensor w = rnd(70, Shape{3});
+  auto f = [&](const TensorList& in) { return TensorList{in[0] * w, sum(in[0], {0}), w * 2.0}; };  // x [4, 3]
+  const Tensor x = rnd(71, Shape{6, 4, 3});
+  const std::vector<int> out_axes{1, -1, 1};
+  const TensorList got = jit::vmap(f, {}, out_axes)({x}), want = loop(f, {x}, {}, out_axes);
+  check_same(got, want);
+  CHECK(got[0].shape() == Shape{4, 6, 3});
+  CHECK(got[1].shape() == Shape{3, 6});
+  CHECK(got[2].shape() == Shape{3, 6});  // does not depend on x: the same row for every example
+}
+
+namespace {
+// A two-layer MLP on one example: x [T, 8] -> logits [T, 5]; params w1 [16, 8], b1 [16], w2 [5, 16], b2 [5].
+struct Mlp {
+  Tensor w1 = rnd(80, Shape{16, 8}), b1 = rnd(81, Shape{16}), w2 = rnd(82, Shape{5, 16}), b2 = rnd(83, Shape{5});
+  ParamTree params() const { return {{"w1", w1}, {"b1", b1}, {"w2", w2}, {"b2", b2}}; }
+  Tensor logits(const Tensor& x) const { return linear(tanh(linear(x, w1, b1)), w2, b2); }
+  Tensor ce(const Tensor& x, const Tensor& y) const { return cross_entropy(logits(x), y); }
+  Tensor mse(const Tensor& x, const Tensor& t) const { return mean(square(logits(x) - t)); }
+};
+}  // namespace
+
+TEST_CASE("vmap: an MLP loss per example", "[vmap]") {
+  const Mlp m;
+  auto f = [&](const TensorList& in) { return TensorList{m.ce(in[0], in[1]), m.mse(in[0], in[2])}; };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(84, Shape{6, 3, 8}), y = testing::randint(RngKey::from_seed(85), Shape{6, 3}, 5), t = rnd(86, Shape{6, 3, 5});
+  // The linears run one GEMM over the batch's rows (Eigen's vectorised path covers more of them than
+  // for one example's 3 rows); the mean cross-entropy is the sum of the unreduced losses over each
+  // example's rows divided by the count, as the kernel sums them: a few ulps.
+  const TensorList got = jit::vmap(f)({x, y, t}), want = loop(f, {x, y, t});
+  for (size_t k = 0; k < 2; ++k) CHECK(max_rel_err(got[k], want[k]) <= 1e-15);
+  CHECK(no_fallback());
+  CHECK(batched_count("cross_entropy") == 1);
+  // Labels set to ignore_index are left out of each example's mean (an example with all of them ignored: 0).
+  Tensor y2 = y.clone(), first = y2.slice(0, 0, 1), one = y2.slice(0, 1, 2).slice(1, 0, 1);
+  fill_(first, -100);
+  fill_(one, -100);
+  const TensorList got2 = jit::vmap(f)({x, y2, t}), want2 = loop(f, {x, y2, t});
+  CHECK(max_rel_err(got2[0], want2[0]) <= 1e-15);
+  CHECK(vec(got2[0])[0] == 0.0);
+}
+
+TEST_CASE("vmap: per-example gradients batch the backward ops too", "[vmap]") {
+  const Mlp m;
+  // Per example: the loss and its gradient with respect to every parameter.
+  auto grads_of = [&](std::function<Tensor(const Tensor&, const Tensor&)> loss) {
+    return [&m, loss](const TensorList& in) {
+      auto [value, g] = value_and_grad([&] { return loss(in[0], in[1]); }, m.params());
+      return TensorList{value, g.at("w1"), g.at("b1"), g.at("w2"), g.at("b2")};
+    };
+  };
+  const Tensor x = rnd(90, Shape{5, 3, 8}), t = rnd(91, Shape{5, 3, 5}), y = testing::randint(RngKey::from_seed(92), Shape{5, 3}, 5);
+  // The forward and backward GEMMs run over the whole batch (see above), and the errors of the forward
+  // pass propagate through the backward one: a few ulps more.
+  const double tol = 1e-14;
+
+  SECTION("mean squared error: every forward and backward op has a rule") {
+    auto f = grads_of([&](const Tensor& xi, const Tensor& ti) { return m.mse(xi, ti); });
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f)({x, t}), want = loop(f, {x, t});
+    for (size_t k = 0; k < got.size(); ++k) {
+      INFO("output " << k);
+      CHECK(max_rel_err(got[k], want[k]) <= tol);
+    }
+    CHECK(no_fallback());
+    CHECK(batched_count("matmul") == 3);  // linear's vjp: dw = g^T @ x for both layers, dx = g @ w for the second
+  }
+  SECTION("cross-entropy: only its fused backward (reduction mean) loops over the batch") {
+    auto f = grads_of([&](const Tensor& xi, const Tensor& yi) { return m.ce(xi, yi); });
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f)({x, y}), want = loop(f, {x, y});
+    for (size_t k = 0; k < got.size(); ++k) {
+      INFO("output " << k);
+      CHECK(max_rel_err(got[k], want[k]) <= tol);
+    }
+    CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"cross_entropy_backward", 1}});
+  }
+  SECTION("layer_norm: its backward wants dw and db per example, so it loops") {
+    const Tensor lw = rnd(93, Shape{8}), lb = rnd(94, Shape{8});
+    auto f = [&](const TensorList& in) {
+      auto [value, g] = value_and_grad([&] { return sum(square(relu(layer_norm(in[0], lw, lb)))); }, {{"w", lw}, {"b", lb}});
+      return TensorList{value, g.at("w"), g.at("b")};
+    };
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f)({x}), want = loop(f, {x});
+    for (size_t k = 0; k < got.size(); ++k) {
+      INFO("output " << k);
+      CHECK(max_rel_err(got[k], want[k]) <= tol);
+    }
+    CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"layer_norm_backward", 1}});
+  }
+}
+
+TEST_CASE("vmap: nested vmap matches a double loop", "[vmap]") {
+  const Tensor w = rnd(100, Shape{4, 3});
+  // Per (i, j): x [4], v [3] -> softmax(x @ w) . v and x * 2.
+  auto f = [&](const TensorList& in) { return TensorList{sum(softmax(matmul(in[0], w)) * in[1]), in[0] * 2.0}; };
+  const Tensor x = rnd(101, Shape{5, 6, 4}), v = rnd(102, Shape{6, 3});
+  // Inner: over x's axis 0 (i) with v shared; outer: over x's axis 1 and v's axis 0 (j).
+  auto inner = jit::vmap(f, {0, jit::not_batched});
+  auto outer = jit::vmap(inner, {1, 0}, {-1, 0});
+  jit::reset_vmap_stats();
+  const TensorList got = outer({x, v});
+  // The double loop: out[i, j] = f(x[i, j], v[j]) for the first output (batch axes i, j), and
+  // [j, i, 4] for the second.
+  auto inner_loop = [&](const TensorList& in) { return loop(f, in, {0, jit::not_batched}); };
+  const TensorList want = loop(inner_loop, {x, v}, {1, 0}, {-1, 0});
+  REQUIRE(got[0].shape() == Shape{5, 6});
+  REQUIRE(got[1].shape() == Shape{6, 5, 4});
+  // matmul of a [4] row by w: one GEMM per example in the loop, one over all 30 rows batched.
+  CHECK(max_rel_err(got[0], want[0]) <= 1e-15);
+  CHECK(vec(got[1]) == vec(want[1]));
+  CHECK(no_fallback());
+}
+
+TEST_CASE("vmap under jit::trace: the traced graph replays on new inputs", "[vmap]") {
+  const Tensor w = rnd(110, Shape{4, 3}), c = rnd(111, Shape{3});
+  auto f = [&](const TensorList& in) { return TensorList{log_softmax(matmul(in[0], w) + c), max(in[0], {-1})}; };
+  auto vf = jit::vmap(f);
+  const Tensor x = rnd(112, Shape{6, 2, 4});
+  jit::Graph g = jit::trace(vf, {x});
+  CHECK_THAT(g.str(), Contains("matmul") && Contains("log_softmax"));
+  const Tensor x2 = rnd(113, Shape{6, 2, 4});
+  const TensorList got = g.run({x2}), want = loop(f, {x2});
+  CHECK(max_rel_err(got[0], want[0]) <= 1e-15);  // one folded GEMM (see above)
+  CHECK(vec(got[1]) == vec(want[1]));
+  // And through jit(): compiled once, replayed for a new batch of the same shape.
+  auto compiled = jit::jit(vf);
+  compiled({x});
+  const TensorList got2 = compiled({x2});
+  CHECK(compiled.stats().misses == 1);
+  CHECK(compiled.stats().hits == 1);
+  CHECK(vec(got2[1]) == vec(want[1]));
+}
+
+TEST_CASE("vmap: gradients flow through a vmapped function", "[vmap]") {
+  const Tensor w = rnd(120, Shape{4, 3});
+  auto f = [&](const TensorList& in) { return TensorList{tanh(matmul(in[0], w))}; };
+  auto vf = jit::vmap(f);
+  const Tensor x = rnd(121, Shape{5, 2, 4});
+  auto [v1, g1] = value_and_grad([&] { return sum(vf({x})[0]); }, {{"w", w}});
+  auto [v2, g2] = value_and_grad([&] { return sum(loop(f, {x})[0]); }, {{"w", w}});
+  // The gradient of w sums over the examples in another order (one GEMM over all rows, not a sum of
+  // per-example GEMMs): a few ulps.
+  CHECK(max_rel_err(v1, v2) <= 1e-14);
+  CHECK(max_rel_err(g1.at("w"), g2.at("w")) <= 1e-14);
+}
+
+TEST_CASE("vmap: the common ops take their rule; ops without one loop and stay correct", "[vmap]") {
+  const Tensor w = rnd(130, Shape{4, 4}), lw = rnd(131, Shape{4});
+  auto f = [&](const TensorList& in) {
+    const Tensor& x = in[0];  // [3, 4]
+    Tensor h = gelu(linear(x, w)) + relu(sum(x, {-1}, true)) * sigmoid(mean(x, {0}));
+    Tensor n = layer_norm(h, lw, {});
+    Tensor s = softmax(n.reshape(Shape{4, 3}).T(), -1);
+    return TensorList{sum(s.slice(0, 1, 3), {0}), sqrt(abs(n)) - square(n) / clamp(exp(n), 0.5, 2.0)};
+  };
+  jit::reset_vmap_stats();
+  const Tensor x = rnd(132, Shape{4, 3, 4});
+  const TensorList got = jit::vmap(f)({x}), want = loop(f, {x});
+  for (size_t k = 0; k < got.size(); ++k) CHECK(max_rel_err(got[k], want[k]) <= 1e-15);
+  CHECK(no_fallback());
+  for (const char* op : {"linear", "gelu_tanh", "add", "relu", "sum", "mul", "sigmoid", "layer_norm", "reshape", "permute",
+                         "softmax", "slice", "sqrt", "abs", "square", "div", "clamp", "exp", "sub"}) {
+    INFO(op);
+    CHECK(batched_count(op) >= 1);
+  }
+  // dropout has no rule (its mask is drawn by element index): it loops, one draw per example with the
+  // same key, as the loop does.
+  auto d = [](const TensorList& in) { return TensorList{dropout(in[0], 0.5, RngKey::from_seed(7))}; };
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(d)({x}), loop(d, {x}));
+  CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"dropout", 1}});
+}
+
+TEST_CASE("vmap: errors", "[vmap]") {
+  auto f = [](const TensorList& in) { return TensorList{in[0] + in.back()}; };
+  const Tensor x = rnd(140, Shape{4, 3}), y = rnd(141, Shape{5, 3});
+  auto e1 = testing::catch_error<ValueError>([&] { jit::vmap(f, {0})({x, x}); });
+  CHECK_THAT(e1.message(), Contains("in_axes"));
+  CHECK(e1.expected() == "2 entries (or none)");
+  auto e2 = testing::catch_error<ShapeError>([&] { jit::vmap(f, {2, 0})({x, x}); });
+  CHECK_THAT(e2.message(), Contains("in_axes[0] is out of range"));
+  CHECK_THAT(e2.found(), Contains("[4, 3]"));
+  testing::catch_error<ShapeError>([&] { jit::vmap(f, {-3, 0})({x, x}); });
+  auto e3 = testing::catch_error<ShapeError>([&] { jit::vmap(f, {0, jit::not_batched})({scalar(1.0, DType::f64), x}); });
+  CHECK_THAT(e3.expected(), Contains("0-d"));
+  auto e4 = testing::catch_error<ShapeError>([&] { jit::vmap(f)({x, y}); });
+  CHECK_THAT(e4.message(), Contains("different batch sizes"));
+  CHECK_THAT(e4.expected(), Contains("4 (input 0"));
+  CHECK_THAT(e4.found(), Contains("5 (input 1"));
+  auto e5 = testing::catch_error<ValueError>([&] { jit::vmap(f, {jit::not_batched, jit::not_batched})({x, x}); });
+  CHECK_THAT(e5.message(), Contains("no input is batched"));
+  auto e6 = testing::catch_error<ValueError>([&] { jit::vmap(f, {}, {0, 1})({x, x}); });
+  CHECK_THAT(e6.message(), Contains("out_axes"));
+  CHECK(e6.expected() == "1 entries (or none)");
+  auto e7 = testing::catch_error<ShapeError>([&] { jit::vmap(f, {}, {2})({x, x}); });
+  CHECK_THAT(e7.message(), Contains("out_axes[0] is out of range"));
+  testing::catch_error<ValueError>([&] { jit::vmap(f)({x, Tensor()}); });
+  testing::catch_error<ValueError>([&] { jit::vmap(f)({x.slice(0, 0, 0), x.slice(0, 0, 0)}); });
+  testing::catch_error<ValueError>([&] { jit::vmap(jit::Fn()); });
+  // fn's own errors surface from the trace on one example.
+  auto bad = [](const TensorList& in) { return TensorList{matmul(in[0], in[0])}; };  // [3] @ [3]: fine; [2, 3] @ [2, 3]: not
+  testing::catch_error<ShapeError>([&] { jit::vmap(bad)({rnd(142, Shape{4, 2, 3})}); });
+}
