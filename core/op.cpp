@@ -2,6 +2,8 @@
 
 #include "autodiff/tape.h"
 
+#include <fmt/format.h>
+
 namespace titanax {
 
 void Op::cuda(const TensorList&, TensorList&) const {
@@ -76,6 +78,8 @@ TensorList apply(OpPtr op, TensorList inputs) {
 }
 
 Tensor apply1(OpPtr op, TensorList inputs) { return apply(std::move(op), std::move(inputs))[0]; }
+
+std::string attr_num(double v) { return fmt::format("{}", v); }
 
 void check_dtype(const Tensor& t, std::initializer_list<DType> allowed, const char* what) {
   for (DType d : allowed)

@@ -107,6 +107,10 @@ TensorList apply(OpPtr op, TensorList inputs);
 /// apply() for single-output ops.
 Tensor apply1(OpPtr op, TensorList inputs);
 
+/// A floating-point attribute as attrs() text: the shortest form that reads back as the same double
+/// ("1e-05", "0.1"), so ops that differ in a parameter never print alike (std::to_string keeps 6 decimals).
+std::string attr_num(double v);
+
 /// Throws DTypeError unless `t` has one of `allowed` dtypes; `what` names the op for the message.
 void check_dtype(const Tensor& t, std::initializer_list<DType> allowed, const char* what);
 /// Throws DTypeError unless every input shares the dtype of the first.

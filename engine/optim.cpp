@@ -115,7 +115,7 @@ struct AdamUpdateOp final : UpdateOp {
   AdamUpdateOp(const AdamOptions& opts, double decay, bool dec) : UpdateOp(3), o(opts), wd(decay), decoupled(dec) {}
   const char* name() const override { return decoupled ? "adamw_update" : "adam_update"; }
   std::string attrs() const override {
-    return "betas=(" + std::to_string(o.beta1) + "," + std::to_string(o.beta2) + ") eps=" + std::to_string(o.eps) + " wd=" + std::to_string(wd);
+    return "betas=(" + attr_num(o.beta1) + "," + attr_num(o.beta2) + ") eps=" + attr_num(o.eps) + " wd=" + attr_num(wd);
   }
   void update(TensorList& s, const Tensor& g, int64_t step, double lr) const override {
     if (s[0].dtype() == DType::f32)
@@ -133,7 +133,7 @@ struct SgdUpdateOp final : UpdateOp {
   SgdUpdateOp(double m, double w, bool n) : UpdateOp(m > 0 ? 2 : 1), mu(m), wd(w), nesterov(n) {}
   const char* name() const override { return "sgd_update"; }
   std::string attrs() const override {
-    return "momentum=" + std::to_string(mu) + " wd=" + std::to_string(wd) + " nesterov=" + std::to_string(nesterov);
+    return "momentum=" + attr_num(mu) + " wd=" + attr_num(wd) + " nesterov=" + std::to_string(nesterov);
   }
   void update(TensorList& s, const Tensor& g, int64_t step, double lr) const override {
     if (s[0].dtype() == DType::f32)

@@ -44,57 +44,15 @@ Tensor front_to_axis(const Tensor& t, int a) {
 
 // ------------------------------------------------------------------------------------ tracing one example
 
-// Installed inside jit::trace around fn: forwards every apply() to the tracer, first replacing each
-// input that the trace has not seen by the traced tensor it aliases (same storage, offset, shape,
-// strides and dtype), if any. Such aliases are detach()es of traced tensors: the tape keeps an op's
-// outputs as detached aliases and hands them to vjps that read outputs (exp, softmax, relu, ...), and
-// value_and_grad returns its value detached. Without this the tracer would take them for constants,
-// freezing the example's values into the graph, and per-example gradients would be wrong.
-class AliasResolver final : public ApplyObserver {
- public:
-  ApplyObserver* next = nullptr;  // the tracer
-
-  void remember(const Tensor& t) {
-    seen_.insert(t.get());
-    keep_.push_back(t);
-    by_layout_[layout(t)] = t;
-  }
-  Tensor canonical(const Tensor& t) const {
-    if (!t.defined() || seen_.count(t.get())) return t;
-    auto it = by_layout_.find(layout(t));
-    return it == by_layout_.end() ? t : it->second;
-  }
-  void on_apply(const OpPtr& op, const TensorList& in, const TensorList& out) override {
-    TensorList resolved;
-    for (const auto& t : in) resolved.push_back(canonical(t));
-    for (const auto& t : out) remember(t);
-    next->on_apply(op, resolved, out);
-  }
-
- private:
-  using Layout = std::tuple<const Storage*, int64_t, DType, std::vector<int64_t>, std::vector<int64_t>>;
-  static Layout layout(const Tensor& t) { return {t.storage().get(), t.offset(), t.dtype(), t.shape().vec(), t.strides().vec()}; }
-  std::unordered_set<const TensorImpl*> seen_;
-  TensorList keep_;  // seen tensors stay alive, so their addresses stay unique
-  std::map<Layout, Tensor> by_layout_;
-};
-
-// The per-example graph of fn on `example`, without dead nodes (ops' internal copies are recorded too).
+// The per-example graph of fn on `example`, without dead nodes. (The tracer resolves detach()ed aliases
+// of traced tensors, which the tape hands to vjps and value_and_grad returns, to the traced values, so
+// per-example gradients follow the example.)
 Graph trace_example(const Fn& fn, const TensorList& example) {
-  AliasResolver res;
-  Graph g = trace(
-      [&](const TensorList& in) {
-        for (const auto& t : in) res.remember(t);
-        res.next = set_apply_observer(&res);
-        struct Restore {
-          ApplyObserver* tracer;
-          ~Restore() { set_apply_observer(tracer); }
-        } restore{res.next};
-        TensorList out = fn(in);
-        for (auto& o : out) o = res.canonical(o);
-        return out;
-      },
-      example);
+  Graph g = trace(fn, example);
+  if (!g.updates.empty())
+    throw ValueError("vmap of a function that writes tensors in place", "a pure function (no copy_ / fill_ into outside tensors)",
+                     std::to_string(g.updates.size()) + " in-place update(s), the first into " + g.target_name(g.updates[0].target),
+                     "return the new values and write them after the vmapped call");
   eliminate_dead_code(g);
   return g;
 }
@@ -385,7 +343,8 @@ std::vector<Operand> run_batched(const Graph& g, const std::vector<Operand>& arg
   std::vector<Operand> env(g.values.size());
   for (size_t i = 0; i < g.inputs.size(); ++i) env[size_t(g.inputs[i])] = args[i];
   for (size_t v = 0; v < g.values.size(); ++v)
-    if (g.values[v].kind == Value::Kind::constant) env[v] = {g.values[v].constant, false};
+    if (g.values[v].kind == Value::Kind::constant || g.values[v].kind == Value::Kind::state)
+      env[v] = {g.values[v].constant, false};  // unbatched operands (state: its current contents)
   std::vector<int> last(g.values.size(), -1);  // last use of each value, to release it
   for (size_t i = 0; i < g.nodes.size(); ++i)
     for (int v : g.nodes[i].inputs) last[size_t(v)] = int(i);

@@ -148,7 +148,7 @@ class Clamp final : public Op {
  public:
   Clamp(double lo, double hi) : lo_(lo), hi_(hi) {}
   const char* name() const override { return "clamp"; }
-  std::string attrs() const override { return "lo=" + std::to_string(lo_) + " hi=" + std::to_string(hi_); }
+  std::string attrs() const override { return "lo=" + attr_num(lo_) + " hi=" + attr_num(hi_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     if (lo_ > hi_) throw ValueError("clamp with lo > hi", "lo <= hi", std::to_string(lo_) + " > " + std::to_string(hi_));
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};

@@ -185,7 +185,7 @@ class LayerNormBackward final : public Op {
       : eps_(eps), has_w_(has_w), want_w_(want_w), want_b_(want_b) {}
   const char* name() const override { return "layer_norm_backward"; }
   std::string attrs() const override {
-    return "eps=" + std::to_string(eps_) + " w=" + std::to_string(has_w_) + " dw=" + std::to_string(want_w_) +
+    return "eps=" + attr_num(eps_) + " w=" + std::to_string(has_w_) + " dw=" + std::to_string(want_w_) +
            " db=" + std::to_string(want_b_);
   }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
@@ -234,7 +234,7 @@ class LayerNorm final : public Op {
   LayerNorm(double eps, bool has_w, bool has_b) : eps_(eps), has_w_(has_w), has_b_(has_b) {}
   const char* name() const override { return "layer_norm"; }
   std::string attrs() const override {
-    return "eps=" + std::to_string(eps_) + " w=" + std::to_string(has_w_) + " b=" + std::to_string(has_b_);
+    return "eps=" + attr_num(eps_) + " w=" + std::to_string(has_w_) + " b=" + std::to_string(has_b_);
   }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[0], {DType::f32, DType::f64}, name());
@@ -280,7 +280,7 @@ class Dropout final : public Op {
  public:
   Dropout(double p, RngKey key) : p_(p), key_(key) {}
   const char* name() const override { return "dropout"; }
-  std::string attrs() const override { return "p=" + std::to_string(p_) + " key=" + key_.str(); }
+  std::string attrs() const override { return "p=" + attr_num(p_) + " key=" + key_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[0], {DType::f32, DType::f64}, name());
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};

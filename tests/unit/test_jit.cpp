@@ -113,6 +113,14 @@ TEST_CASE("jit CSE keeps ops that differ only in their attributes") {
   const TensorList got = g.run({x2}), want = f({x2});
   CHECK(vec(got[0]) == vec(want[0]));
   CHECK(vec(got[1]) == vec(want[1]));
+
+  // Floating-point attributes print exactly: clamps 1e-7 apart stay two ops.
+  auto h = [](const TensorList& in) { return TensorList{clamp(in[0], 0.0, 1.0000001) + clamp(in[0], 0.0, 1.0000002)}; };
+  jit::Graph g2 = jit::trace(h, {x});
+  jit::eliminate_common_subexpressions(g2);
+  CHECK(count_op(g2, "clamp") == 2);
+  const Tensor x3 = rnd(13, Shape{2, 3, 4}) * 4.0;
+  CHECK(vec(g2.run({x3})[0]) == vec(h({x3})[0]));
 }
 
 TEST_CASE("jit algebraic simplification: x*1, x+0, x-0, x/1, permute undone") {
