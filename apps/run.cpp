@@ -65,6 +65,8 @@ const ConfigSchema& run_schema() {
     s.add_int("train.stop_at", 0, "stop (with a checkpoint) at this step; resume later to finish (0 = off)");
     s.add_int("train.log_every", 50, "steps between log lines");
     s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
+    s.add_bool("train.jit", false, "compile the training step with the JIT: traced once, then replayed as one "
+               "optimised graph (single-rank plans, no dropout)");
     s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints; titanax sample reads it)");
     s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)");
     s.add_int("checkpoint.keep_last", 2, "checkpoints kept");
@@ -264,7 +266,8 @@ Setup setup(const Config& c, Runtime& rt) {
 }
 
 std::unique_ptr<Engine> engine(const Config& c, Runtime& rt, const Setup& s, int64_t steps) {
-  EngineOptions eo{.seed = uint64_t(c.get_int("seed")), .grad_clip = c.get_float("optimizer.grad_clip")};
+  EngineOptions eo{.seed = uint64_t(c.get_int("seed")), .grad_clip = c.get_float("optimizer.grad_clip"),
+                   .jit = c.get_bool("train.jit")};
   if (!c.get_string("checkpoint.dir").empty())
     eo.checkpointer = std::make_shared<Checkpointer>(c.get_string("checkpoint.dir"),
                                                      int(c.get_int("checkpoint.keep_last")), rt.world());
@@ -338,12 +341,40 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
   return 0;
 }
 
-int describe(const Config& c, Runtime& rt, int world_size) {
+namespace {
+// The optimised graph of one training step of the config's model on zeros shaped like a local batch.
+int describe_graph(const Config& c, const Plan& p, int64_t local_batch, const std::string& format) {
+  if (p.pp)
+    throw ConfigError("describe --graph shows the JIT-compiled step, which runs single-rank plans",
+                      "no plan.pp.axis", "plan.pp.axis: " + p.pp->axis, "--set plan.pp.axis=");
+  auto net = model(c, nullptr);  // the whole model, on one rank
+  Mesh single = MeshSpec{{p.dp->axis}, {1}}.build(make_local_communicator());
+  Engine eng(single, Plan{.dp = p.dp}, optimizer(c, std::max<int64_t>(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1)),
+             EngineOptions{.grad_clip = c.get_float("optimizer.grad_clip"), .jit = true});
+  Batch b;
+  if (is_lm(c)) {
+    const int64_t T = c.get_int("model.seq_len");
+    b.items = {{"x", zeros(Shape{local_batch, T}, DType::i64)}, {"y", zeros(Shape{local_batch, T}, DType::i64)}};
+  } else {
+    b.items = {{"x", zeros(Shape{local_batch, 1, 28, 28})}, {"y", zeros(Shape{local_batch}, DType::i64)}};
+  }
+  const jit::Graph g = eng.trace_step(*net, is_lm(c) ? LossFn(nn::lm_loss) : LossFn(classification_loss), b);
+  std::printf("%s", format == "dot" ? g.dot().c_str() : g.str().c_str());
+  if (format != "dot")
+    std::printf("# training step of %s, local batch %lld: %zu nodes, %zu in-place updates\n", net->name().c_str(),
+                static_cast<long long>(local_batch), g.num_nodes(), g.updates.size());
+  return 0;
+}
+}  // namespace
+
+int describe(const Config& c, Runtime& rt, int world_size, const std::string& graph_format) {
   const MeshSpec spec = mesh_spec(c);
   const std::vector<int> shape = spec.resolve(world_size);
   const Plan p = plan(c);
   p.validate(spec.axes, shape);
   auto size_of = [&](const std::string& axis) { return shape[std::find(spec.axes.begin(), spec.axes.end(), axis) - spec.axes.begin()]; };
+  if (!graph_format.empty())
+    return rt.is_main() ? describe_graph(c, p, c.get_int("data.batch_size") / size_of(p.dp->axis), graph_format) : 0;
   auto net = model(c, nullptr);  // the whole model: its global parameter count
   if (p.tp) nn::GPT::check_tensor_parallel(gpt_config(c), size_of(p.tp->axis), p.tp->axis);
   if (p.pp) nn::GPT::check_pipeline(gpt_config(c), size_of(p.pp->axis), p.pp->axis);

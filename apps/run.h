@@ -56,6 +56,9 @@ struct SampleOptions {
 int sample(const Config& c, Runtime& rt, const SampleOptions& opts);
 
 /// Prints mesh, plan, model and parameter count for `world_size` ranks, without training.
-int describe(const Config& c, Runtime& rt, int world_size);
+/// With `graph_format` "text" or "dot" it prints instead the optimised graph of one training step as
+/// train.jit compiles it (jit::Graph::str() / dot()), traced on a batch of zeros of the local batch's
+/// shape, for the whole model on one rank; ConfigError under pipeline parallelism.
+int describe(const Config& c, Runtime& rt, int world_size, const std::string& graph_format = "");
 
 }  // namespace titanax::app

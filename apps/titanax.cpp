@@ -1,6 +1,7 @@
 // The `titanax` command line:
 //   titanax run --config FILE [--set key=value ...]        train (under mpirun for data parallelism)
 //   titanax describe --config FILE [--ranks N] [--set ...] mesh, plan, model, parameter count; no training
+//   titanax describe --config FILE --graph text|dot       the optimised graph of one JIT-compiled training step
 //   titanax describe --schema                              every config key with its type, default and doc
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
@@ -49,6 +50,9 @@ int main(int argc, char** argv) {
   desc->add_option("--set,-s", sets, "override a config key (repeatable)");
   desc->add_option("--ranks,-n", ranks, "describe for this many ranks (default: the ranks of this launch)");
   desc->add_flag("--schema", schema, "print every config key with its type, default and doc");
+  std::string graph_format;
+  desc->add_option("--graph", graph_format, "print the optimised graph of one JIT-compiled training step instead")
+      ->check(CLI::IsMember({"text", "dot"}));
 
   tx::app::SampleOptions so;
   auto* sample = app.add_subcommand("sample", "generate text from a prompt with the latest checkpoint of a GPT config");
@@ -125,7 +129,7 @@ int main(int argc, char** argv) {
                                   .log_level = cfg->get_string("logging.level")});
     code = *run      ? tx::app::run(*cfg, *rt)
            : *sample ? tx::app::sample(*cfg, *rt, so)
-                     : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size());
+                     : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.
     const bool same_everywhere = e.kind() == "MeshError" || e.kind() == "PlanError" || e.kind() == "ConfigError";

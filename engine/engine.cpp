@@ -227,10 +227,11 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
   return r;
 }
 
-StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
-  if (plan_.tp || plan_.pp || dp_size() > 1)
-    throw PlanError("the JIT-compiled step runs single-rank plans only", "no data, tensor or pipeline parallelism with jit",
-                    plan_.describe(), "set jit: false for parallel plans");
+void Engine::check_jit(nn::Module& model, const Batch& batch) const {
+  if (plan_.pp || mesh_.size() > 1)
+    throw PlanError("the JIT-compiled step runs single-rank plans only",
+                    "one rank and no pipeline parallelism with jit (TP or DP axes of size 1 are fine)",
+                    std::to_string(mesh_.size()) + " rank(s); " + plan_.describe(), "set jit: false for parallel plans");
   if (model.stochastic())
     throw ValueError("the JIT-compiled step does not support stochastic layers yet", "a model without dropout (p = 0)",
                      model.name() + " has dropout", "set dropout to 0 or jit: false (a traced step would reuse one dropout mask)");
@@ -240,36 +241,53 @@ StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batc
     throw PlanError("the local batch does not split into accumulate_steps microbatches",
                     "a local batch divisible by accumulate_steps=" + std::to_string(acc), std::to_string(B) + " examples",
                     "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
+}
+
+std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& model, const LossFn& loss_fn,
+                                                                   const std::vector<std::string>& keys) {
+  const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
+  return [this, &model, loss_fn, keys, acc](const TensorList& in) {
+    Batch b;
+    for (size_t i = 0; i < keys.size(); ++i) b.items[keys[i]] = in[i];
+    ParamTree params = model.parameters();
+    const int64_t micro = b.size() / acc;
+    Tensor loss;
+    ParamTree grads;
+    for (int i = 0; i < acc; ++i) {
+      Batch mb = acc == 1 ? b : b.slice(i * micro, (i + 1) * micro);
+      auto [l, g] = value_and_grad([&] { return loss_fn(model, mb); }, params);
+      NoGradGuard ng;
+      loss = loss.defined() ? loss + l : l;
+      if (grads.empty()) grads = g;
+      else
+        for (size_t k = 0; k < g.size(); ++k) grads[k].second = add(grads[k].second, g[k].second);
+    }
+    NoGradGuard ng;
+    if (acc > 1) {
+      loss = loss * (1.0 / acc);
+      grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
+    }
+    Tensor norm = opts_.grad_clip > 0 ? optim::clip_grad_norm_tensor(grads, opts_.grad_clip) : optim::global_norm_tensor(grads);
+    opt_->step(params, grads);
+    return TensorList{loss, norm};
+  };
+}
+
+namespace {
+std::pair<std::vector<std::string>, TensorList> batch_args(const Batch& batch) {
   std::vector<std::string> keys;
   TensorList args;
   for (const auto& [k, t] : batch.items) keys.push_back(k), args.push_back(t);
+  return {keys, args};
+}
+}  // namespace
+
+StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+  check_jit(model, batch);
+  auto [keys, args] = batch_args(batch);
   if (!jit_step_ || jit_model_ != &model) {
     jit_model_ = &model;
-    jit_step_ = std::make_unique<jit::Compiled>([this, &model, loss_fn, keys, acc](const TensorList& in) {
-      Batch b;
-      for (size_t i = 0; i < keys.size(); ++i) b.items[keys[i]] = in[i];
-      ParamTree params = model.parameters();
-      const int64_t micro = b.size() / acc;
-      Tensor loss;
-      ParamTree grads;
-      for (int i = 0; i < acc; ++i) {
-        Batch mb = acc == 1 ? b : b.slice(i * micro, (i + 1) * micro);
-        auto [l, g] = value_and_grad([&] { return loss_fn(model, mb); }, params);
-        NoGradGuard ng;
-        loss = loss.defined() ? loss + l : l;
-        if (grads.empty()) grads = g;
-        else
-          for (size_t k = 0; k < g.size(); ++k) grads[k].second = add(grads[k].second, g[k].second);
-      }
-      NoGradGuard ng;
-      if (acc > 1) {
-        loss = loss * (1.0 / acc);
-        grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
-      }
-      Tensor norm = opts_.grad_clip > 0 ? optim::clip_grad_norm_tensor(grads, opts_.grad_clip) : optim::global_norm_tensor(grads);
-      opt_->step(params, grads);
-      return TensorList{loss, norm};
-    });
+    jit_step_ = std::make_unique<jit::Compiled>(step_function(model, loss_fn, keys));
   }
   begin_step(model, model.parameters());
   StepResult r;
@@ -278,6 +296,15 @@ StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batc
   r.loss = out[0].item();
   r.grad_norm = out[1].item();
   return r;
+}
+
+jit::Graph Engine::trace_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+  check_jit(model, batch);
+  auto [keys, args] = batch_args(batch);
+  begin_step(model, model.parameters());
+  jit::Graph g = jit::trace(step_function(model, loss_fn, keys), args);
+  jit::optimize(g);
+  return g;
 }
 
 const jit::JitStats* Engine::jit_stats() const { return jit_step_ ? &jit_step_->stats() : nullptr; }

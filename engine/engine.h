@@ -54,6 +54,7 @@ namespace titanax {
 class GradientSync;
 namespace jit {
 class Compiled;
+class Graph;
 struct JitStats;
 }  // namespace jit
 
@@ -98,8 +99,9 @@ struct EngineOptions {
   size_t bucket_bytes = 25u << 20;
   /// Compile the training step with the JIT (jit/graph.h): the first step of each batch signature is
   /// traced (forward, the tape's backward, clipping and the optimizer update: one graph) and later steps
-  /// replay the optimised graph. Single-rank plans without TP / PP, and models without dropout (its
-  /// per-step key would be fixed in the graph): PlanError / ValueError otherwise.
+  /// replay the optimised graph. Single-rank meshes without Plan::pp (a TP axis of size 1 is fine), and
+  /// models without dropout (its per-step key would be fixed in the graph): PlanError / ValueError
+  /// otherwise.
   bool jit = false;
 };
 
@@ -165,6 +167,10 @@ class Engine {
   /// the TP axis.
   std::map<std::string, PartitionSpec> partition_specs(nn::Module& model) const;
 
+  /// The graph of one training step on `local_batch` as EngineOptions::jit compiles it (traced, then
+  /// optimised by jit::optimize); tracing runs the step once, so the model and optimizer take that step.
+  /// For `titanax describe --graph`. Throws what jit steps throw (PlanError, ValueError).
+  jit::Graph trace_step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// Counters of the compiled step under EngineOptions::jit (nullptr before the first step or without jit).
   const jit::JitStats* jit_stats() const;
   /// Measurements of the last pipelined step on this rank (zeros without Plan::pp).
@@ -173,6 +179,11 @@ class Engine {
  private:
   StepResult pipeline_step(nn::Module& model, const Batch& local_batch);
   StepResult jit_step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
+  /// PlanError / ValueError when the JIT cannot compile this step (see EngineOptions::jit).
+  void check_jit(nn::Module& model, const Batch& batch) const;
+  /// One whole training step over the batch tensors (in `keys` order) -> {loss, gradient norm}.
+  std::function<TensorList(const TensorList&)> step_function(nn::Module& model, const LossFn& loss,
+                                                             const std::vector<std::string>& keys);
   /// Per-step setup of both step paths: the gradient sync (first step, with DP), the step's RNG key,
   /// training mode.
   void begin_step(nn::Module& model, const ParamTree& params);

@@ -313,7 +313,7 @@ std::string Graph::str() const {
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind == Value::Kind::constant && used[id]) {
       const Tensor& c = values[id].constant;
-      s += "  " + v(int(id)) + " = const " + spec_str(values[id].spec) + (c.numel() == 1 ? " " + std::to_string(c.item()) : "") + "\n";
+      s += "  " + v(int(id)) + " = const " + spec_str(values[id].spec) + (c.numel() == 1 ? " " + attr_num(c.item()) : "") + "\n";
     } else if (values[id].kind == Value::Kind::state && used[id]) {
       const std::string& name = values[id].constant.name();
       s += "  " + v(int(id)) + " = state " + spec_str(values[id].spec) + (name.empty() ? "" : " '" + name + "'") + "\n";
@@ -514,6 +514,11 @@ int fold_constants(Graph& g) {
   return folded;
 }
 
+void optimize(Graph& g) {
+  for (int changed = 1; changed > 0;)
+    changed = fold_constants(g) + simplify_algebra(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
+}
+
 namespace {
 // A static input's key: its spec and its values (the first 16, and a hash of all bytes beyond that).
 std::string static_key(const Tensor& t) {
@@ -592,8 +597,7 @@ TensorList Compiled::operator()(const TensorList& args) {
   const auto t0 = std::chrono::steady_clock::now();
   TensorList eager;  // tracing runs fn once, with its effects: that run answers this call
   Graph g = trace(fn_, args, opts_.static_inputs, &eager);
-  for (int changed = 1; changed > 0;)
-    changed = fold_constants(g) + simplify_algebra(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
+  optimize(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
   cache_.emplace(sig, std::move(g));

@@ -127,6 +127,10 @@ int simplify_algebra(Graph& g);
 /// constants. Returns the number of nodes folded.
 int fold_constants(Graph& g);
 
+/// The passes jit() runs, to a fixed point: constant folding, algebraic simplification, common
+/// subexpressions, dead code.
+void optimize(Graph& g);
+
 /// Counters of a jit-compiled function.
 struct JitStats {
   int64_t hits = 0;             ///< calls served by a cached graph

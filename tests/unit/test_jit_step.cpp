@@ -153,6 +153,15 @@ TEST_CASE("jit(step) follows the eager loss trajectory: MNIST-shaped MLP and CNN
   }
 }
 
+TEST_CASE("the JIT-compiled Engine step refuses dropout (its key would be fixed) and multi-rank meshes", "[jit][step]") {
+  nn::MLP model({6, 8, 3}, {.dropout = 0.1});
+  CHECK(model.stochastic());
+  CHECK_FALSE(nn::MLP({6, 8, 3}).stochastic());
+  Mesh mesh = single_mesh();
+  Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::constant(1e-3)), EngineOptions{.jit = true});
+  CHECK_THROWS_AS(engine.step(model, classification_loss, batch_of(1, Shape{4, 6}, 3)), ValueError);
+}
+
 TEST_CASE("jit refuses what a graph cannot replay, with TraceErrors that say why", "[jit][step]") {
   const Tensor x = testing::randn64(RngKey::from_seed(1), Shape{4});
   // A C++ branch on a traced value.
