@@ -176,8 +176,8 @@ class Tracer final : public ApplyObserver {
     throw TraceError("jit::trace: the traced function reads a traced value on the host (item() / to_vector())",
                      "no host reads of traced values: a C++ branch on one would be fixed in the graph at its trace-time value",
                      it != ids.end() ? describe(it->second) : t.str(),
-                     "choose per element with where(), pass the value as a static input (JitOptions::static_inputs), or "
-                     "read it outside the traced function");
+                     "branch with jit::cond / loop with jit::while_loop (jit/control_flow.h), choose per element with where(), "
+                     "pass the value as a static input (JitOptions::static_inputs), or read it outside the traced function");
   }
 };
 

@@ -21,8 +21,8 @@
 // op's forward, and passes can evaluate ops (constant folding).
 //
 // What a graph cannot replay is refused while tracing with a TraceError: reading a traced value on the
-// host (item(), to_vector(): a C++ branch on it would be baked into the graph; use where() for a
-// per-element choice), an in-place write into a tensor the function computed or was given as input, a
+// host (item(), to_vector(): a C++ branch on it would be baked into the graph; use jit::cond /
+// jit::while_loop from jit/control_flow.h to branch or loop on it, where() for a per-element choice), an in-place write into a tensor the function computed or was given as input, a
 // dtype-changing copy_, and a read through another view of a tensor after it was written. Effects that
 // bypass both apply() and copy_/fill_ (writing through data<T>() by hand) are invisible to the tracer.
 //

@@ -11,6 +11,7 @@
 #include "core/shape.h"
 #include "core/tensor.h"
 #include "core/tree.h"
+#include "jit/control_flow.h"
 #include "jit/graph.h"
 #include "jit/vmap.h"
 #include "ops/ops.h"

@@ -1,0 +1,319 @@
+// cond / while_loop / scan: each traces its functions into sub-graphs (captures lifted into extra
+// inputs) and applies one op that runs them (see control_flow.h).
+#include "jit/control_flow.h"
+
+#include <cstdint>
+
+#include "autodiff/autodiff.h"
+#include "core/error.h"
+#include "ops/ops.h"
+
+namespace titanax::jit {
+namespace {
+
+std::string spec_str(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str(); }
+
+// A traced function: its graph takes (the function's arguments..., captures...).
+struct SubGraph {
+  std::shared_ptr<const Graph> g;
+  TensorList captures;  // tensors read from outside, fed to the graph's extra inputs at every run
+  std::vector<TensorSpec> out_specs() const {
+    std::vector<TensorSpec> s;
+    for (int o : g->outputs) s.push_back(g->values[size_t(o)].spec);
+    return s;
+  }
+};
+
+// Traces fn on args (unrecorded: the tape sees only the op that applies the graph). Every constant or
+// state value whose storage existed before the trace is a capture: it becomes an input of the graph,
+// so its current value (under an outer trace: the outer graph's value) is passed in at each run.
+SubGraph trace_sub(const Fn& fn, const TensorList& args, const std::string& what) {
+  const uint64_t first = Storage::next_serial();
+  Graph g;
+  {
+    NoGradGuard ng;
+    g = trace(fn, args);
+  }
+  if (!g.updates.empty())
+    throw TraceError(what + " writes in place into a tensor from outside", "pure functions (results returned, not written)",
+                     g.target_name(g.updates[0].target), "return the new value and write it after the call");
+  SubGraph s;
+  for (size_t id = 0; id < g.values.size(); ++id) {
+    Value& v = g.values[id];
+    if ((v.kind != Value::Kind::constant && v.kind != Value::Kind::state) || v.constant.storage()->serial() >= first) continue;
+    s.captures.push_back(v.constant);
+    v.kind = Value::Kind::input;
+    v.index = int(g.inputs.size());
+    v.constant = Tensor();
+    g.inputs.push_back(int(id));
+  }
+  s.g = std::make_shared<const Graph>(std::move(g));
+  return s;
+}
+
+// Runs a sub-graph on (arguments..., values of its captures...); results that are its constants are
+// copied, so callers never write into the graph.
+TensorList run_sub(const SubGraph& s, const TensorList& args) {
+  TensorList out = s.g->run(args);
+  for (size_t k = 0; k < out.size(); ++k)
+    if (s.g->values[size_t(s.g->outputs[k])].kind == Value::Kind::constant) out[k] = out[k].clone();
+  return out;
+}
+
+// The sub-graph's nodes applied one by one through apply(): recorded on the tape (for a vjp) and seen
+// by a tracer, unlike Graph::run.
+TensorList replay_recorded(const Graph& g, const TensorList& args) {
+  std::vector<Tensor> env(g.values.size());
+  for (size_t i = 0; i < g.inputs.size(); ++i) env[size_t(g.inputs[i])] = args[i];
+  for (size_t v = 0; v < g.values.size(); ++v)
+    if (g.values[v].kind == Value::Kind::constant) env[v] = g.values[v].constant;
+  for (const Node& n : g.nodes) {
+    TensorList in;
+    for (int v : n.inputs) in.push_back(env[size_t(v)]);
+    TensorList out = titanax::apply(n.op, in);
+    for (size_t k = 0; k < n.outputs.size(); ++k) env[size_t(n.outputs[k])] = out[k];
+  }
+  TensorList res;
+  for (int o : g.outputs) res.push_back(env[size_t(o)]);
+  return res;
+}
+
+// Throws unless `got` (results of `what`) has the specs `want` (those of `ref`).
+void check_specs(const std::vector<TensorSpec>& want, const std::vector<TensorSpec>& got, const std::string& what,
+                 const std::string& ref) {
+  if (want.size() != got.size())
+    throw ShapeError(what + " returns another number of results than " + ref, std::to_string(want.size()), std::to_string(got.size()),
+                     "return the same tensors from both");
+  for (size_t k = 0; k < want.size(); ++k) {
+    const std::string r = what + " result " + std::to_string(k);
+    if (want[k].shape != got[k].shape)
+      throw ShapeError(r + " has another shape than " + ref, spec_str(want[k]), spec_str(got[k]), "reshape or broadcast it to match");
+    if (want[k].dtype != got[k].dtype)
+      throw DTypeError(r + " has another dtype than " + ref, spec_str(want[k]), spec_str(got[k]), "cast it with astype()");
+  }
+}
+
+std::vector<TensorSpec> specs_of(const TensorList& ts) {
+  std::vector<TensorSpec> s;
+  for (const auto& t : ts) s.push_back({t.shape(), t.dtype(), t.device()});
+  return s;
+}
+
+void check_scalar(const Tensor& t, const std::string& what) {
+  if (!t.defined()) throw ValueError(what + " is undefined", "a 0-d tensor", "Tensor()");
+  if (t.shape().size() != 0) throw ShapeError(what + " must be a 0-d tensor", "[]", t.shape().str(), "reduce it, e.g. with sum() or a comparison of a 0-d tensor");
+}
+
+// Nonzero (read inside an op's forward: not a host read of the traced function).
+bool truth(const Tensor& pred) { return pred.item() != 0.0; }
+
+// Base of the control-flow ops: forward() runs sub-graphs, so there is no kernel.
+struct ControlOp : Op {
+  // Each op wraps its own functions: no two are interchangeable (the JIT's CSE compares attrs).
+  std::string attrs() const override { return "fn=" + std::to_string(reinterpret_cast<uintptr_t>(this)); }
+  void cpu(const TensorList&, TensorList&) const override {
+    throw InternalError(std::string(name()) + ": the kernel is the traced sub-graph", "forward()", "cpu()");
+  }
+};
+
+// Inputs: {pred, operands..., captures of the false branch..., captures of the true branch...}.
+struct CondOp final : ControlOp {
+  CondOp(SubGraph f, SubGraph t, size_t n) : br{std::move(f), std::move(t)}, n_operands(n) {}
+  const char* name() const override { return "cond"; }
+  std::vector<TensorSpec> infer(const TensorList&) const override { return br[1].out_specs(); }
+  // The operands and captures of branch b (as its graph takes them), from the node's inputs after pred.
+  TensorList args_of(const TensorList& rest, int b) const {
+    TensorList a(rest.begin(), rest.begin() + ptrdiff_t(n_operands));
+    const size_t off = n_operands + (b ? br[0].captures.size() : 0);
+    a.insert(a.end(), rest.begin() + ptrdiff_t(off), rest.begin() + ptrdiff_t(off + br[size_t(b)].captures.size()));
+    return a;
+  }
+  // Position of a node input after pred (`i`) among branch b's graph inputs, or -1 (the other's capture).
+  int local(size_t i, int b) const {
+    if (i < n_operands) return int(i);
+    const size_t cap0 = n_operands + (b ? br[0].captures.size() : 0);
+    return i >= cap0 && i < cap0 + br[size_t(b)].captures.size() ? int(n_operands + (i - cap0)) : -1;
+  }
+  TensorList forward(const TensorList& in) const override {
+    const int b = truth(in[0]);
+    return run_sub(br[size_t(b)], args_of(TensorList(in.begin() + 1, in.end()), b));
+  }
+  // A cond over the two branches' vjps: branch b replays its sub-graph recorded and differentiates it
+  // with the incoming cotangents; inputs the other branch owns (its captures) get zeros. Being a cond,
+  // it is one node under an outer trace, choosing at replay time like the forward.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    std::vector<size_t> wanted;  // node inputs after pred that get a cotangent
+    for (size_t i = 1; i < in.size(); ++i)
+      if (needs[i] && is_floating(in[i].dtype())) wanted.push_back(i - 1);
+    TensorList result(in.size());
+    if (wanted.empty()) return result;
+    // The vjp's operands: the node's inputs after pred, then the cotangents of its results.
+    TensorList operands(in.begin() + 1, in.end());
+    const size_t n_rest = operands.size();
+    operands.insert(operands.end(), ct.begin(), ct.end());
+    auto branch_vjp = [this, wanted, n_rest](int b) {
+      return [this, wanted, n_rest, b](const TensorList& v) {
+        GradModeGuard on(true);
+        TensorList a = args_of(TensorList(v.begin(), v.begin() + ptrdiff_t(n_rest)), b);
+        for (auto& t : a) {
+          t = t.detach();
+          if (is_floating(t.dtype())) t.set_requires_grad(true);
+        }
+        TensorList outs = replay_recorded(*br[size_t(b)].g, a);
+        Tensor root;  // sum_k <out_k, ct_k>: its gradient is the vjp
+        for (size_t k = 0; k < outs.size(); ++k) {
+          if (!is_floating(outs[k].dtype())) continue;
+          Tensor term = sum(outs[k] * v[n_rest + k]);
+          root = root.defined() ? root + term.astype(root.dtype()) : term;
+        }
+        TensorList wrt;
+        for (size_t i : wanted)
+          if (local(i, b) >= 0) wrt.push_back(a[size_t(local(i, b))]);
+        const TensorList g = root.defined() ? grad(root, wrt) : TensorList{};
+        TensorList res;
+        size_t j = 0;
+        for (size_t i : wanted) res.push_back(local(i, b) >= 0 && !g.empty() ? g[j++] : zeros_like(v[i]));
+        return res;
+      };
+    };
+    const TensorList got = cond(in[0], branch_vjp(1), branch_vjp(0), operands);
+    for (size_t k = 0; k < wanted.size(); ++k) result[wanted[k] + 1] = got[k];
+    return result;
+  }
+  SubGraph br[2];  // [0] false_fn, [1] true_fn
+  size_t n_operands;
+};
+
+// Inputs: {init..., captures of cond_fn..., captures of body_fn...}.
+struct WhileOp final : ControlOp {
+  WhileOp(SubGraph c, SubGraph b, size_t n) : cond_g(std::move(c)), body_g(std::move(b)), n_carry(n) {}
+  const char* name() const override { return "while_loop"; }
+  std::vector<TensorSpec> infer(const TensorList&) const override { return body_g.out_specs(); }
+  TensorList forward(const TensorList& in) const override {
+    const ptrdiff_t n = ptrdiff_t(n_carry), nc = ptrdiff_t(cond_g.captures.size());
+    const TensorList cond_caps(in.begin() + n, in.begin() + n + nc), body_caps(in.begin() + n + nc, in.end());
+    TensorList carry(in.begin(), in.begin() + n);
+    auto with = [](TensorList a, const TensorList& caps) {
+      a.insert(a.end(), caps.begin(), caps.end());
+      return a;
+    };
+    while (truth(cond_g.g->run(with(carry, cond_caps))[0])) carry = run_sub(body_g, with(carry, body_caps));
+    return carry;
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("while_loop is not reverse-mode differentiable (its trip count is only known at run time)",
+                        "scan or a C++ loop with a fixed number of steps", "a gradient through while_loop",
+                        "use jit::scan with a fixed length, or detach() the loop's inputs");
+  }
+  SubGraph cond_g, body_g;
+  size_t n_carry;
+};
+
+// Inputs: {init..., xs..., captures...}; results: {carry..., ys...}.
+struct ScanOp final : ControlOp {
+  ScanOp(SubGraph f, size_t nc, size_t nx) : body(std::move(f)), n_carry(nc), n_xs(nx) {}
+  const char* name() const override { return "scan"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    std::vector<TensorSpec> s = body.out_specs();
+    for (size_t k = n_carry; k < s.size(); ++k) {
+      std::vector<int64_t> d{in[n_carry].shape()[0]};
+      for (size_t a = 0; a < s[k].shape.size(); ++a) d.push_back(s[k].shape[a]);
+      s[k].shape = Shape(d);
+    }
+    return s;
+  }
+  TensorList forward(const TensorList& in) const override {
+    NoGradGuard ng;  // the slicing and stacking below belong to this op
+    const int64_t steps = in[n_carry].shape()[0];
+    const TensorList caps(in.begin() + ptrdiff_t(n_carry + n_xs), in.end());
+    TensorList carry(in.begin(), in.begin() + ptrdiff_t(n_carry));
+    const size_t n_ys = body.g->outputs.size() - n_carry;
+    std::vector<TensorList> ys(n_ys);
+    for (int64_t t = 0; t < steps; ++t) {
+      TensorList args = carry;
+      for (size_t i = 0; i < n_xs; ++i) args.push_back(in[n_carry + i].slice(0, t, t + 1).squeeze(0));
+      args.insert(args.end(), caps.begin(), caps.end());
+      TensorList out = body.g->run(args);
+      carry.assign(out.begin(), out.begin() + ptrdiff_t(n_carry));
+      for (size_t k = 0; k < n_ys; ++k) ys[k].push_back(out[n_carry + k].unsqueeze(0));
+    }
+    const std::vector<TensorSpec> specs = infer(in);
+    TensorList res = carry;
+    for (size_t k = 0; k < n_ys; ++k) {
+      const TensorSpec& s = specs[n_carry + k];
+      res.push_back(steps == 0 ? zeros(s.shape, s.dtype, s.device) : concat(ys[k], 0));
+    }
+    for (size_t k = 0; k < n_carry; ++k)  // a carry that is a constant of the body is copied out
+      if (steps > 0 && body.g->values[size_t(body.g->outputs[k])].kind == Value::Kind::constant) res[k] = res[k].clone();
+    return res;
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("scan has no gradient yet", "a differentiable op", "a gradient through scan",
+                        "unroll the loop in C++ (a traced C++ loop over a fixed length is one graph), or detach() the inputs");
+  }
+  SubGraph body;
+  size_t n_carry, n_xs;
+};
+}  // namespace
+
+TensorList cond(const Tensor& pred, const Fn& true_fn, const Fn& false_fn, const TensorList& operands) {
+  check_scalar(pred, "cond: pred");
+  SubGraph t = trace_sub(true_fn, operands, "cond: true_fn");
+  SubGraph f = trace_sub(false_fn, operands, "cond: false_fn");
+  check_specs(t.out_specs(), f.out_specs(), "cond: false_fn", "true_fn");
+  TensorList in{pred};
+  in.insert(in.end(), operands.begin(), operands.end());
+  in.insert(in.end(), f.captures.begin(), f.captures.end());
+  in.insert(in.end(), t.captures.begin(), t.captures.end());
+  const size_t n = operands.size();
+  return titanax::apply(std::make_shared<CondOp>(std::move(f), std::move(t), n), std::move(in));
+}
+
+TensorList while_loop(const Fn& cond_fn, const Fn& body_fn, const TensorList& init) {
+  SubGraph c = trace_sub(cond_fn, init, "while_loop: cond_fn");
+  if (c.g->outputs.size() != 1)
+    throw ShapeError("while_loop: cond_fn must return one 0-d tensor", "1 result", std::to_string(c.g->outputs.size()) + " results");
+  if (const TensorSpec s = c.out_specs()[0]; s.shape.size() != 0)
+    throw ShapeError("while_loop: cond_fn result 0 must be a 0-d tensor", "[]", spec_str(s), "reduce it, e.g. with sum() or a comparison of a 0-d tensor");
+  SubGraph b = trace_sub(body_fn, init, "while_loop: body_fn");
+  check_specs(specs_of(init), b.out_specs(), "while_loop: body_fn", "the carry init");
+  TensorList in = init;
+  in.insert(in.end(), c.captures.begin(), c.captures.end());
+  in.insert(in.end(), b.captures.begin(), b.captures.end());
+  const size_t n = init.size();
+  return titanax::apply(std::make_shared<WhileOp>(std::move(c), std::move(b), n), std::move(in));
+}
+
+TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs) {
+  if (xs.empty()) throw ShapeError("scan: xs is empty", "at least one tensor to scan over", "0 tensors", "pass the sequence as xs");
+  TensorList example;  // x[0] of each xs (zeros when T == 0): what f is traced on
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (!xs[i].defined()) throw ValueError("scan: xs " + std::to_string(i) + " is undefined", "a tensor", "Tensor()");
+    if (xs[i].shape().size() == 0) throw ShapeError("scan: xs " + std::to_string(i) + " is 0-d", "a leading axis to scan over", "[]");
+    if (xs[i].shape()[0] != xs[0].shape()[0])
+      throw ShapeError("scan: xs have different leading extents", "xs 0: " + xs[0].shape().str(),
+                       "xs " + std::to_string(i) + ": " + xs[i].shape().str());
+    NoTraceGuard nt;  // building the example is not part of the traced function
+    NoGradGuard ng;
+    const Tensor x = xs[i].detach();
+    std::vector<int64_t> d;
+    for (size_t a = 1; a < x.shape().size(); ++a) d.push_back(x.shape()[a]);
+    example.push_back(x.shape()[0] > 0 ? x.slice(0, 0, 1).squeeze(0) : zeros(Shape(d), x.dtype(), x.device()));
+  }
+  const size_t nc = init.size();
+  Fn body = [&](const TensorList& in) {
+    auto [carry, y] = f(TensorList(in.begin(), in.begin() + ptrdiff_t(nc)), TensorList(in.begin() + ptrdiff_t(nc), in.end()));
+    check_specs(specs_of(init), specs_of(carry), "scan: f's carry", "the carry init");
+    carry.insert(carry.end(), y.begin(), y.end());
+    return carry;
+  };
+  TensorList args = init;
+  args.insert(args.end(), example.begin(), example.end());
+  SubGraph s = trace_sub(body, args, "scan: f");
+  TensorList in = init;
+  in.insert(in.end(), xs.begin(), xs.end());
+  in.insert(in.end(), s.captures.begin(), s.captures.end());
+  return titanax::apply(std::make_shared<ScanOp>(std::move(s), nc, xs.size()), std::move(in));
+}
+
+}  // namespace titanax::jit

@@ -1,0 +1,291 @@
+// jit/control_flow.h: cond, while_loop and scan, eagerly and traced (one node, replayed on inputs that
+// take another branch / trip count), captures lifted into node inputs, and cond's gradient; each
+// compared with plain C++ control flow over the same ops.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "autodiff/autodiff.h"
+#include "jit/control_flow.h"
+#include "op_cases.h"
+#include "ops/ops.h"
+
+using namespace titanax;
+using Catch::Matchers::Contains;
+
+namespace {
+Tensor rnd(uint64_t seed, const Shape& s) { return testing::randn64(RngKey::from_seed(seed), s); }
+std::vector<double> vec(const Tensor& t) { return t.contiguous().to_vector<double>(); }
+int count_op(const jit::Graph& g, const std::string& name) {
+  int n = 0;
+  for (const auto& node : g.nodes) n += name == node.op->name();
+  return n;
+}
+void require_close(const Tensor& got, const Tensor& want, double tol = 1e-12) {
+  REQUIRE(got.shape() == want.shape());
+  const auto a = vec(got), b = vec(want);
+  for (size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i] - b[i]) <= tol * (1 + std::abs(b[i])));
+}
+Tensor positive(const Tensor& s) { return gt(s, scalar_like(0.0, s)); }
+
+// The two branches used below, and the same computation written with a C++ if.
+TensorList branch_t(const TensorList& in) { return {tanh(in[0]) * in[1] + 1.0, sum(in[1])}; }
+TensorList branch_f(const TensorList& in) { return {exp(in[0]) - in[1], sum(in[0])}; }
+TensorList plain(const Tensor& x, const Tensor& y) { return sum(x).item() > 0 ? branch_t({x, y}) : branch_f({x, y}); }
+TensorList with_cond(const TensorList& in) { return jit::cond(positive(sum(in[0])), branch_t, branch_f, {in[0], in[1]}); }
+}  // namespace
+
+TEST_CASE("cond runs the branch its predicate picks", "[jit]") {
+  int taken[2] = {0, 0};
+  for (uint64_t seed = 1; seed <= 8; ++seed) {
+    const Tensor x = rnd(seed, Shape{3, 2}), y = rnd(100 + seed, Shape{3, 2});
+    const TensorList got = with_cond({x, y}), want = plain(x, y);
+    REQUIRE(got.size() == 2);
+    CHECK(vec(got[0]) == vec(want[0]));
+    CHECK(vec(got[1]) == vec(want[1]));
+    ++taken[sum(x).item() > 0];
+  }
+  CHECK(taken[0] > 0);  // the seeds exercise both branches
+  CHECK(taken[1] > 0);
+  // Any dtype: nonzero is true.
+  const Tensor x = rnd(20, Shape{4});
+  auto twice = [](const TensorList& in) { return TensorList{in[0] * 2.0}; };
+  auto neg = [](const TensorList& in) { return TensorList{-in[0]}; };
+  CHECK(vec(jit::cond(scalar(3, DType::i64), twice, neg, {x})[0]) == vec(x * 2.0));
+  CHECK(vec(jit::cond(scalar(0, DType::bool_), twice, neg, {x})[0]) == vec(-x));
+  CHECK(vec(jit::cond(scalar(0.5, DType::f32), twice, neg, {x})[0]) == vec(x * 2.0));
+  // A branch may return an operand unchanged.
+  auto same = [](const TensorList& in) { return TensorList{in[0]}; };
+  CHECK(vec(jit::cond(scalar(1, DType::u8), same, neg, {x})[0]) == vec(x));
+}
+
+TEST_CASE("cond under trace is one node that picks the branch at replay time", "[jit]") {
+  const Tensor x = rnd(1, Shape{3, 2}), y = rnd(2, Shape{3, 2});
+  jit::Graph g = jit::trace(with_cond, {x, y});
+  CHECK(count_op(g, "cond") == 1);
+  CHECK(count_op(g, "tanh") == 0);  // the branches live inside the node
+  CHECK(count_op(g, "exp") == 0);
+  CHECK_THAT(g.str(), Contains("= cond["));
+  int taken[2] = {0, 0};
+  for (uint64_t seed = 10; seed < 20; ++seed) {
+    const Tensor x2 = rnd(seed, Shape{3, 2}), y2 = rnd(50 + seed, Shape{3, 2});
+    const TensorList got = g.run({x2, y2}), want = plain(x2, y2);
+    CHECK(vec(got[0]) == vec(want[0]));
+    CHECK(vec(got[1]) == vec(want[1]));
+    ++taken[sum(x2).item() > 0];
+  }
+  CHECK(taken[0] > 0);
+  CHECK(taken[1] > 0);
+  // Through jit(): the cached graph replays both branches.
+  auto f = jit::jit(with_cond);
+  const Tensor p = abs(x), n = -abs(x);
+  CHECK(vec(f({p, y})[0]) == vec(plain(p, y)[0]));  // traces
+  CHECK(vec(f({n, y})[0]) == vec(plain(n, y)[0]));  // replays, other branch
+  CHECK(vec(f({p, y})[0]) == vec(plain(p, y)[0]));
+  CHECK(f.stats().misses == 1);
+  CHECK(f.stats().hits == 2);
+  CHECK(count_op(*f.graph_for({x, y}), "cond") == 1);
+}
+
+TEST_CASE("cond branches capture outside tensors as node inputs, traced intermediates included", "[jit]") {
+  const Tensor w = rnd(3, Shape{2});  // a weight captured as a constant of the outer graph
+  auto f = [&](const TensorList& in) {
+    const Tensor h = in[0] * in[1];  // an intermediate of the outer trace, closed over by both branches
+    return jit::cond(positive(sum(in[1])), [&](const TensorList& o) { return TensorList{o[0] + h * w}; },
+                     [&](const TensorList& o) { return TensorList{o[0] - exp(h)}; }, {in[0]});
+  };
+  auto want = [&](const Tensor& x, const Tensor& y) { return sum(y).item() > 0 ? x + (x * y) * w : x - exp(x * y); };
+  const Tensor x = rnd(4, Shape{3, 2}), y = rnd(5, Shape{3, 2});
+  CHECK(vec(f({x, y})[0]) == vec(want(x, y)));
+  jit::Graph g = jit::trace(f, {x, y});
+  REQUIRE(count_op(g, "cond") == 1);
+  for (const auto& n : g.nodes)
+    if (std::string(n.op->name()) == "cond") CHECK(n.inputs.size() == 5);  // pred, the operand, h for each branch, w for the true branch
+  int taken[2] = {0, 0};
+  for (uint64_t seed = 30; seed < 40; ++seed) {
+    const Tensor x2 = rnd(seed, Shape{3, 2}), y2 = rnd(60 + seed, Shape{3, 2});
+    CHECK(vec(g.run({x2, y2})[0]) == vec(want(x2, y2)));  // h of the replay's inputs, not the trace's
+    ++taken[sum(y2).item() > 0];
+  }
+  CHECK(taken[0] > 0);
+  CHECK(taken[1] > 0);
+}
+
+TEST_CASE("cond refuses branches whose results differ, and a non-scalar predicate", "[jit]") {
+  const Tensor x = rnd(6, Shape{4}), p = scalar(1.0, DType::f64);
+  auto ok = [](const TensorList& in) { return TensorList{in[0] * 2.0}; };
+  auto shape = [](const TensorList& in) { return TensorList{sum(in[0])}; };
+  auto dtype = [](const TensorList& in) { return TensorList{in[0].astype(DType::f32)}; };
+  auto two = [](const TensorList& in) { return TensorList{in[0], in[0]}; };
+  CHECK_THROWS_WITH(jit::cond(p, ok, shape, {x}), Contains("false_fn result 0 has another shape"));
+  CHECK_THROWS_AS(jit::cond(p, ok, shape, {x}), ShapeError);
+  CHECK_THROWS_WITH(jit::cond(p, ok, dtype, {x}), Contains("false_fn result 0 has another dtype"));
+  CHECK_THROWS_AS(jit::cond(p, ok, dtype, {x}), DTypeError);
+  CHECK_THROWS_AS(jit::cond(p, ok, two, {x}), ShapeError);
+  CHECK_THROWS_AS(jit::cond(x, ok, ok, {x}), ShapeError);
+  // A branch that writes into an outside tensor cannot be replayed.
+  Tensor state = zeros(Shape{4}, DType::f64);
+  auto writes = [&](const TensorList& in) { copy_(state, in[0]); return TensorList{in[0] * 2.0}; };
+  CHECK_THROWS_AS(jit::cond(p, writes, ok, {x}), TraceError);
+}
+
+TEST_CASE("cond's gradient is the gradient of the branch taken, eagerly and under trace", "[jit]") {
+  // f(x) with w captured: true: sum(tanh(x) * w), false: sum(exp(x) * w * w).
+  auto grads_cond = [](const Tensor& pred, const Tensor& x0, const Tensor& w0) {
+    Tensor x = x0.detach(), w = w0.detach();
+    x.set_requires_grad(true);
+    w.set_requires_grad(true);
+    const Tensor y = jit::cond(pred, [&](const TensorList& in) { return TensorList{sum(tanh(in[0]) * w)}; },
+                               [&](const TensorList& in) { return TensorList{sum(exp(in[0]) * w * w)}; }, {x})[0];
+    TensorList g = grad(y, {x, w});
+    return TensorList{y.detach(), g[0], g[1]};
+  };
+  auto want = [](bool p, const Tensor& x, const Tensor& w) {  // the chosen branch, by hand
+    if (p) return TensorList{sum(tanh(x) * w), (1.0 - tanh(x) * tanh(x)) * w, tanh(x)};
+    return TensorList{sum(exp(x) * w * w), exp(x) * w * w, exp(x) * w * 2.0};
+  };
+  for (int p = 0; p < 2; ++p) {
+    const Tensor x = rnd(7 + uint64_t(p), Shape{5}), w = rnd(9 + uint64_t(p), Shape{5});
+    const TensorList got = grads_cond(scalar(p, DType::bool_), x, w), ref = want(p, x, w);
+    for (int k = 0; k < 3; ++k) require_close(got[size_t(k)], ref[size_t(k)]);
+  }
+  // A training-step-like trace: forward and backward in one graph, pred an input.
+  auto step = [&](const TensorList& in) { return grads_cond(positive(in[0]), in[1], in[2]); };
+  const Tensor x = rnd(11, Shape{5}), w = rnd(12, Shape{5});
+  jit::Graph g = jit::trace(step, {scalar(1.0, DType::f64), x, w});
+  CHECK(count_op(g, "cond") == 2);  // the forward and its vjp, each one node
+  CHECK(count_op(g, "tanh") == 0);
+  for (uint64_t seed = 40; seed < 44; ++seed)
+    for (int p = 0; p < 2; ++p) {
+      const Tensor x2 = rnd(seed, Shape{5}), w2 = rnd(seed + 10, Shape{5});
+      const TensorList got = g.run({scalar(p ? 2.0 : -2.0, DType::f64), x2, w2}), ref = want(p, x2, w2);
+      for (int k = 0; k < 3; ++k) require_close(got[size_t(k)], ref[size_t(k)]);
+    }
+  // Against finite differences, both branches, operands and a captured tensor.
+  for (int p = 0; p < 2; ++p) {
+    const Tensor c = rnd(13, Shape{3});
+    auto fn = [&](const TensorList& in) {
+      const Tensor a = in[1];
+      return jit::cond(scalar(p, DType::bool_), [&](const TensorList& o) { return TensorList{tanh(o[0]) * a}; },
+                       [&](const TensorList& o) { return TensorList{o[0] * o[0] * a + c}; }, {in[0]})[0];
+    };
+    const GradcheckResult r = gradcheck(fn, {rnd(14, Shape{3}), rnd(15, Shape{3})});
+    CHECK(r.ok);
+    INFO(r.report);
+  }
+}
+
+TEST_CASE("while_loop repeats the body while cond_fn holds, with trip counts fixed at run time", "[jit]") {
+  // Doubling until the sum exceeds 100, counting the steps.
+  auto cond_fn = [](const TensorList& c) { return TensorList{le(sum(c[0]), scalar_like(100.0, c[0]))}; };
+  auto body_fn = [](const TensorList& c) { return TensorList{c[0] * 2.0, c[1] + 1.0}; };
+  auto loop = [&](const TensorList& in) { return jit::while_loop(cond_fn, body_fn, {in[0], zeros(Shape{}, DType::f64)}); };
+  auto plain_loop = [](const Tensor& x0) {
+    Tensor x = x0;
+    double n = 0;
+    while (sum(x).item() <= 100) x = x * 2.0, n += 1;
+    return std::make_pair(x, n);
+  };
+  const Tensor x = abs(rnd(16, Shape{3})) + 0.1;
+  const TensorList got = loop({x});
+  const auto [wx, wn] = plain_loop(x);
+  CHECK(vec(got[0]) == vec(wx));
+  CHECK(got[1].item() == wn);
+  jit::Graph g = jit::trace(loop, {x});
+  CHECK(count_op(g, "while_loop") == 1);
+  CHECK(count_op(g, "mul") == 0);
+  std::vector<double> counts;
+  for (double scale : {1e-3, 0.5, 20.0, 500.0}) {  // many trips, a few, one or none
+    const Tensor x2 = (abs(rnd(uint64_t(scale * 1000) + 1, Shape{3})) + 0.1) * scale;
+    const TensorList r = g.run({x2});
+    const auto [w2, n2] = plain_loop(x2);
+    CHECK(vec(r[0]) == vec(w2));
+    CHECK(r[1].item() == n2);
+    counts.push_back(n2);
+  }
+  CHECK(counts.front() > counts[1]);
+  CHECK(counts.back() == 0);
+  // Not differentiable; the body must keep the carry's specs.
+  Tensor xg = x.detach();
+  xg.set_requires_grad(true);
+  const Tensor y = jit::while_loop(cond_fn, body_fn, {xg, zeros(Shape{}, DType::f64)})[0];
+  CHECK_THROWS_WITH(grad(sum(y), {xg}), Contains("while_loop is not reverse-mode differentiable"));
+  CHECK_THROWS_AS(jit::while_loop(cond_fn, [](const TensorList& c) { return TensorList{c[0].astype(DType::f32), c[1]}; },
+                                  {x, zeros(Shape{}, DType::f64)}),
+                  DTypeError);
+  CHECK_THROWS_AS(jit::while_loop([](const TensorList& c) { return TensorList{c[0]}; }, body_fn, {x, zeros(Shape{}, DType::f64)}),
+                  ShapeError);
+}
+
+TEST_CASE("scan carries state over the leading axis and stacks the outputs", "[jit]") {
+  // Cumulative sum.
+  auto cumsum = [](const TensorList& in) {
+    return jit::scan([](const TensorList& c, const TensorList& x) {
+      const Tensor s = c[0] + x[0];
+      return std::make_pair(TensorList{s}, TensorList{s});
+    }, {zeros(Shape{3}, DType::f64)}, {in[0]});
+  };
+  auto plain_cumsum = [](const Tensor& xs) {
+    std::vector<double> v = vec(xs), out(v.size());
+    const size_t T = size_t(xs.shape()[0]), d = size_t(xs.shape()[1]);
+    for (size_t j = 0; j < d; ++j)
+      for (size_t t = 0; t < T; ++t) out[t * d + j] = (t ? out[(t - 1) * d + j] : 0.0) + v[t * d + j];
+    return out;
+  };
+  const Tensor xs = rnd(17, Shape{6, 3});
+  TensorList got = cumsum({xs});
+  REQUIRE(got[1].shape() == Shape{6, 3});
+  std::vector<double> want = plain_cumsum(xs);
+  CHECK(vec(got[1]) == want);  // the same additions in the same order
+  CHECK(vec(got[0]) == std::vector<double>(want.end() - 3, want.end()));
+  jit::Graph g = jit::trace(cumsum, {xs});
+  CHECK(count_op(g, "scan") == 1);
+  const Tensor xs2 = rnd(18, Shape{6, 3});
+  got = g.run({xs2});
+  want = plain_cumsum(xs2);
+  CHECK(vec(got[1]) == want);
+
+  // An RNN: h' = tanh(W h + U x_t), y_t = sum(h'); W and U are inputs of the outer function, captured
+  // by the body (so a replay reads the new weights).
+  auto rnn = [](const TensorList& in) {
+    const Tensor W = in[1], U = in[2];
+    return jit::scan([&](const TensorList& c, const TensorList& x) {
+      const Tensor h = tanh(matmul(W, c[0]) + matmul(U, x[0]));
+      return std::make_pair(TensorList{h}, TensorList{sum(h)});
+    }, {zeros(Shape{4}, DType::f64)}, {in[0]});
+  };
+  auto plain_rnn = [](const Tensor& xs, const Tensor& W, const Tensor& U) {
+    Tensor h = zeros(Shape{4}, DType::f64);
+    std::vector<double> ys;
+    for (int64_t t = 0; t < xs.shape()[0]; ++t) {
+      h = tanh(matmul(W, h) + matmul(U, xs.slice(0, t, t + 1).squeeze(0)));
+      ys.push_back(sum(h).item());
+    }
+    return std::make_pair(h, ys);
+  };
+  const Tensor seq = rnd(19, Shape{5, 3}), W = rnd(20, Shape{4, 4}) * 0.5, U = rnd(21, Shape{4, 3});
+  const TensorList r = rnn({seq, W, U});
+  const auto [h, ys] = plain_rnn(seq, W, U);
+  CHECK(vec(r[0]) == vec(h));
+  CHECK(vec(r[1]) == ys);
+  jit::Graph gr = jit::trace(rnn, {seq, W, U});
+  CHECK(count_op(gr, "scan") == 1);
+  CHECK(count_op(gr, "tanh") == 0);
+  const Tensor seq2 = rnd(22, Shape{5, 3}), W2 = rnd(23, Shape{4, 4}) * 0.5, U2 = rnd(24, Shape{4, 3});
+  const TensorList r2 = gr.run({seq2, W2, U2});
+  const auto [h2, ys2] = plain_rnn(seq2, W2, U2);
+  CHECK(vec(r2[0]) == vec(h2));
+  CHECK(vec(r2[1]) == ys2);
+
+  // Zero steps: the carry is init, the ys are empty.
+  const TensorList empty = cumsum({zeros(Shape{0, 3}, DType::f64)});
+  CHECK(vec(empty[0]) == std::vector<double>(3, 0.0));
+  CHECK(empty[1].shape() == Shape{0, 3});
+  CHECK_THROWS_AS(jit::scan([](const TensorList& c, const TensorList&) { return std::make_pair(c, c); }, {xs}, {xs, rnd(1, Shape{5})}),
+                  ShapeError);
+}
+
+TEST_CASE("a host read of a traced value points to jit::cond", "[jit]") {
+  auto branchy = [](const TensorList& in) { return TensorList{sum(in[0]).item() > 0 ? in[0] * 2.0 : in[0]}; };
+  CHECK_THROWS_WITH(jit::trace(branchy, {rnd(25, Shape{4})}), Contains("jit::cond") && Contains("where()"));
+}
