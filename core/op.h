@@ -41,7 +41,8 @@ class Op {
 
   /// Output specs for these inputs. Throws ShapeError / DTypeError on invalid inputs.
   virtual std::vector<TensorSpec> infer(const TensorList& in) const = 0;
-  /// CPU kernel: `out` is allocated (contiguous) per infer(); inputs may be strided.
+  /// CPU kernel: `out` is allocated (contiguous) per infer(), possibly at a nonzero offset into a larger
+  /// storage (the JIT's memory plan); inputs may be strided.
   virtual void cpu(const TensorList& in, TensorList& out) const = 0;
   /// CUDA kernel. The default throws DeviceError naming the op and the device.
   virtual void cuda(const TensorList& in, TensorList& out) const;
