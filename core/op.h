@@ -57,6 +57,11 @@ class Op {
 
   /// Runs the op eagerly: infer, allocate, dispatch to cpu()/cuda(). View ops override this to alias.
   virtual TensorList forward(const TensorList& in) const;
+  /// True for ops that override forward(): views (their outputs alias the input's storage) and ops with
+  /// their own allocation (device copies, collectives, checkpoint). The JIT's memory plan
+  /// (jit/memory_plan.h) preallocates outputs only where this is false, and treats the outputs of the
+  /// others as possibly sharing storage with their inputs. An op that overrides forward() overrides this.
+  virtual bool custom_forward() const { return false; }
 
   /// Whether vjp() reads the outputs (they are then kept alive by the tape node).
   virtual bool saves_outputs() const { return false; }

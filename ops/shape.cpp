@@ -15,6 +15,7 @@ namespace {
 class ViewOp : public Op {
  public:
   void cpu(const TensorList&, TensorList&) const override {}
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override { return {view(in[0])}; }
   virtual Tensor view(const Tensor& x) const = 0;
   std::vector<TensorSpec> infer(const TensorList& in) const override {
@@ -290,6 +291,7 @@ class ToDevice final : public Op {
   std::string attrs() const override { return "device=" + d_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), in[0].dtype(), d_}}; }
   void cpu(const TensorList&, TensorList&) const override {}
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     if (d_.is_cuda() && d_.index >= cuda_rt::device_count())
       throw DeviceError("no such CUDA device", "an index below " + std::to_string(cuda_rt::device_count()), d_.str(),
