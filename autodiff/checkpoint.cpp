@@ -21,6 +21,7 @@ struct Checkpoint final : Op {
   void cpu(const TensorList&, TensorList&) const override {
     throw InternalError("checkpoint: the kernel is the function itself", "forward()", "cpu()");
   }
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     NoGradGuard ng;  // the inside is not recorded: only this node is
     return {checked(fn(has_x ? in[0] : Tensor()))};

@@ -41,7 +41,8 @@ class Op {
 
   /// Output specs for these inputs. Throws ShapeError / DTypeError on invalid inputs.
   virtual std::vector<TensorSpec> infer(const TensorList& in) const = 0;
-  /// CPU kernel: `out` is allocated (contiguous) per infer(); inputs may be strided.
+  /// CPU kernel: `out` is allocated (contiguous) per infer(), possibly at a nonzero offset into a larger
+  /// storage (the JIT's memory plan); inputs may be strided.
   virtual void cpu(const TensorList& in, TensorList& out) const = 0;
   /// CUDA kernel. The default throws DeviceError naming the op and the device.
   virtual void cuda(const TensorList& in, TensorList& out) const;
@@ -56,6 +57,11 @@ class Op {
 
   /// Runs the op eagerly: infer, allocate, dispatch to cpu()/cuda(). View ops override this to alias.
   virtual TensorList forward(const TensorList& in) const;
+  /// True for ops that override forward(): views (their outputs alias the input's storage) and ops with
+  /// their own allocation (device copies, collectives, checkpoint). The JIT's memory plan
+  /// (jit/memory_plan.h) preallocates outputs only where this is false, and treats the outputs of the
+  /// others as possibly sharing storage with their inputs. An op that overrides forward() overrides this.
+  virtual bool custom_forward() const { return false; }
 
   /// Whether vjp() reads the outputs (they are then kept alive by the tape node).
   virtual bool saves_outputs() const { return false; }

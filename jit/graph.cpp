@@ -8,6 +8,7 @@
 
 #include "autodiff/tape.h"
 #include "core/error.h"
+#include "jit/memory_plan.h"
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -276,11 +277,12 @@ TensorList Graph::run(const TensorList& args) const {
   for (int o : outputs) last[size_t(o)] = int(nodes.size());
   for (const Update& u : updates) last[size_t(u.value)] = int(nodes.size());
   NoGradGuard ng;
+  const std::shared_ptr<Storage> arena = plan ? make_arena(*this, *plan) : nullptr;  // planned intermediates live here
   for (size_t i = 0; i < nodes.size(); ++i) {
     const Node& n = nodes[i];
     TensorList in;
     for (int v : n.inputs) in.push_back(env[size_t(v)]);
-    TensorList out = n.op->forward(in);
+    TensorList out = plan ? run_node(*this, *plan, arena, i, in) : n.op->forward(in);
     for (size_t k = 0; k < n.outputs.size(); ++k) env[size_t(n.outputs[k])] = out[k];
     for (int v : n.inputs)
       if (last[size_t(v)] == int(i) && values[size_t(v)].kind == Value::Kind::node_output) env[size_t(v)] = Tensor();

@@ -34,6 +34,7 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -61,6 +62,8 @@ struct Update {
   int value = -1;
 };
 
+struct MemoryPlan;  // jit/memory_plan.h
+
 /// One op application: the op (its kernels, attributes and shape rule) on input values, giving outputs.
 struct Node {
   OpPtr op;
@@ -78,11 +81,14 @@ class Graph {
   std::vector<int> inputs, outputs;
   /// In-place writes, in the order the function did them (a later write to the same target wins).
   std::vector<Update> updates;
+  /// When set (plan_memory_pass in jit/memory_plan.h), run() places the planned intermediate values in
+  /// one arena per run instead of allocating each.
+  std::shared_ptr<const MemoryPlan> plan;
 
   /// Runs the graph on `args` (one per input; each must match the traced input's shape, dtype and
   /// device: ShapeError / DTypeError / DeviceError naming the input otherwise) without recording a tape;
   /// then performs the updates; returns the outputs. Each node's outputs are released after their last
-  /// use.
+  /// use. With a plan, also throws ValueError when the graph changed since it was planned.
   TensorList run(const TensorList& args) const;
 
   /// One line per input, constant, node and output:

@@ -58,12 +58,14 @@ class Reduce final : public Op {
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     auto m = reduced_mask(in[0].shape(), axes_);
-    Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(), 0);
+    Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(),
+                         out[0].offset());
     kernels::cpu::reduce(k_, in[0], m, o);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
     auto m = reduced_mask(in[0].shape(), axes_);
-    Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(), 0);
+    Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(),
+                         out[0].offset());
     kernels::cuda::reduce(k_, in[0], m, o);
   }
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,

@@ -15,6 +15,7 @@ namespace {
 class ViewOp : public Op {
  public:
   void cpu(const TensorList&, TensorList&) const override {}
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override { return {view(in[0])}; }
   virtual Tensor view(const Tensor& x) const = 0;
   std::vector<TensorSpec> infer(const TensorList& in) const override {
@@ -290,6 +291,7 @@ class ToDevice final : public Op {
   std::string attrs() const override { return "device=" + d_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), in[0].dtype(), d_}}; }
   void cpu(const TensorList&, TensorList&) const override {}
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     if (d_.is_cuda() && d_.index >= cuda_rt::device_count())
       throw DeviceError("no such CUDA device", "an index below " + std::to_string(cuda_rt::device_count()), d_.str(),
@@ -321,12 +323,12 @@ class OneHot final : public Op {
   void cpu(const TensorList& in, TensorList& out) const override {
     std::vector<int64_t> lab = in[0].to_vector<int64_t>();
     kernels::cpu::fill(out[0], 0.0);
-    Tensor flat = make_view(out[0], Shape{int64_t(lab.size()), classes_}, Shape{classes_, 1}, 0);
+    Tensor flat = make_view(out[0], Shape{int64_t(lab.size()), classes_}, Shape{classes_, 1}, out[0].offset());
     for (size_t i = 0; i < lab.size(); ++i) {
       if (lab[i] < 0 || lab[i] >= classes_)
         throw ValueError("one_hot: label out of range", "labels in [0, " + std::to_string(classes_) + ")",
                          std::to_string(lab[i]) + " at position " + std::to_string(i));
-      Tensor cell = make_view(flat, Shape{}, Shape{}, int64_t(i) * classes_ + lab[i]);
+      Tensor cell = make_view(flat, Shape{}, Shape{}, flat.offset() + int64_t(i) * classes_ + lab[i]);
       kernels::cpu::fill(cell, 1.0);
     }
   }

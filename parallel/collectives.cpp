@@ -64,6 +64,7 @@ class CollectiveOpBase : public Op {
   explicit CollectiveOpBase(Ctx c) : c_(std::move(c)) {}
   std::string attrs() const override { return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + more_attrs(); }
 
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     infer(in);
     NoGradGuard ng;

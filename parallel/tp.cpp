@@ -69,6 +69,7 @@ class CopyToTP final : public TPOpBase {
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override { return {in[0]}; }  // apply() gives it its own handle
   void cpu(const TensorList& in, TensorList& out) const override { copy_(out[0], in[0]); }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
@@ -88,6 +89,7 @@ class ReduceFromTP final : public TPOpBase {
                        "cast with astype(DType::f32)", c_.loc);
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     infer(in);
     NoGradGuard ng;
@@ -121,6 +123,7 @@ class ScatterToTP final : public TPOpBase {
     s[d] /= c_.size();
     return {{s, in[0].dtype(), in[0].device()}};
   }
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     infer(in);
     const int d = normalize_axis(dim_, in[0].dim());
@@ -149,6 +152,7 @@ class GatherFromTP final : public TPOpBase {
     s[d] *= c_.size();
     return {{s, in[0].dtype(), in[0].device()}};
   }
+  bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
     infer(in);
     const Tensor& x = in[0];
