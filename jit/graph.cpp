@@ -600,6 +600,7 @@ TensorList Compiled::operator()(const TensorList& args) {
   TensorList eager;  // tracing runs fn once, with its effects: that run answers this call
   Graph g = trace(fn_, args, opts_.static_inputs, &eager);
   optimize(g);
+  plan_memory_pass(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
   cache_.emplace(sig, std::move(g));

@@ -156,7 +156,8 @@ struct JitOptions {
 /// A function compiled per input signature (each input's shape, dtype and device, and the values of
 /// static inputs): the first call with a new signature traces fn (that call runs eagerly, as tracing
 /// does), runs the passes (dead code, common subexpressions, algebraic simplification, constant folding,
-/// to a fixed point) and caches the graph; later calls with that signature replay it.
+/// to a fixed point), plans the intermediates' memory (jit/memory_plan.h) and caches the graph; later
+/// calls with that signature replay it.
 /// With the environment variable TITANAX_LOG_COMPILES=1 every compile logs why it happened (the first
 /// call, or which input differs from the signatures seen, e.g. "input 0: f32[8, 3] (cached: f32[4, 3])").
 /// Tensors the function reads from outside are constants captured at trace time unless they are live

@@ -1,0 +1,152 @@
+// bench/jit: a whole training step (forward, backward, AdamW update; f32) eager vs compiled with
+// jit::jit, for the MNIST MLP (784-512-512-10, B=128) and a GPT (default: the reference config of
+// ../shared/peers/gpt_small_torch.py, vocab 8192, 4 layers, dim 256, 4 heads, T 128, B 16; --gpt2 for
+// GPT-2 124M: 12 layers, dim 768, 12 heads, vocab 50304, T 1024, B 16). One line per model:
+//   bench=jit model=mlp device=cpu ... first_call_s=... compile_s=... eager_us_per_step=...
+//   jit_us_per_step=... speedup=... nodes=... launches_unfused=... launches=... arena_bytes=...
+//   unplanned_bytes=... disk_cache=none [peer_eager_us_per_step=...]
+// first_call_s: the first jit call (trace, which runs the step once, plus the passes and the memory
+// plan); compile_s: the passes' share as JitStats counts it (trace included). The CPU backend
+// interprets fused groups (no generated code), so there is no disk cache to be cold or warm.
+// launches: nodes that run a kernel (views excluded), before and after elementwise fusion.
+// The MLP's peer (../shared/peers/mlp_torch.py --device cpu, same shapes) runs in the same invocation when
+// /usr/bin/python3 has torch. Options: --steps N (default 50 MLP, 5 GPT), --model mlp|gpt|both, --gpt2,
+// --no-peer.
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include <titanax/titanax.h>
+
+#include "engine/gpt.h"
+#include "engine/nn.h"
+#include "engine/optim.h"
+#include "jit/fusion.h"
+#include "jit/memory_plan.h"
+#include "peer.h"
+
+namespace tx = titanax;
+
+namespace {
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+struct Case {
+  std::string name, shape;
+  std::shared_ptr<tx::nn::Module> model;
+  std::function<tx::Tensor(tx::nn::Module&, const tx::TensorList&)> loss;
+  std::function<tx::TensorList(int64_t step)> batch;
+};
+
+// Times `steps` eager steps and `steps` jit steps of the same model from the same weights; prints the line.
+void run_case(Case& c, int64_t steps, std::string extra) {
+  tx::ParamTree params = c.model->parameters();
+  std::vector<tx::Tensor> init;
+  for (const auto& [p, t] : params) init.push_back(t.detach().clone());
+  auto reset = [&] {
+    for (size_t i = 0; i < params.size(); ++i) tx::copy_(params[i].second, init[i]);
+  };
+  std::unique_ptr<tx::optim::Optimizer> opt;
+  auto step_fn = [&](const tx::TensorList& in) {
+    auto [loss, grads] = tx::value_and_grad([&] { return c.loss(*c.model, in); }, params);
+    opt->step(params, grads);
+    return tx::TensorList{loss};
+  };
+  // Eager: one warm-up step, then timed steps.
+  opt = tx::optim::adamw(tx::optim::constant(1e-4));
+  step_fn(c.batch(0));
+  auto t0 = Clock::now();
+  double eager_loss = 0;
+  for (int64_t s = 0; s < steps; ++s) eager_loss = step_fn(c.batch(s))[0].item();
+  const double eager_us = seconds_since(t0) * 1e6 / double(steps);
+
+  reset();
+  opt = tx::optim::adamw(tx::optim::constant(1e-4));
+  tx::jit::Compiled step = tx::jit::jit(step_fn);
+  t0 = Clock::now();
+  step(c.batch(0));
+  const double first_call_s = seconds_since(t0);
+  t0 = Clock::now();
+  double jit_loss = 0;
+  for (int64_t s = 0; s < steps; ++s) jit_loss = step(c.batch(s))[0].item();
+  const double jit_us = seconds_since(t0) * 1e6 / double(steps);
+
+  const tx::jit::Graph* g = step.graph_for(c.batch(0));
+  // The same step traced and optimised without fusion (tracing takes one more step: the timings are done).
+  tx::jit::Graph unfused = tx::jit::trace(step_fn, c.batch(0));
+  tx::jit::optimize(unfused);
+  char buf[640];
+  std::snprintf(buf, sizeof buf,
+                "bench=jit model=%s %s device=cpu threads=%d steps=%lld first_call_s=%.3f compile_s=%.3f eager_us_per_step=%.1f "
+                "jit_us_per_step=%.1f speedup=%.2f eager_loss=%.6f jit_loss=%.6f nodes=%zu launches_unfused=%d launches=%d "
+                "arena_bytes=%lld unplanned_bytes=%lld disk_cache=none",
+                c.name.c_str(), c.shape.c_str(), omp_get_max_threads(), static_cast<long long>(steps), first_call_s,
+                step.stats().compile_seconds, eager_us, jit_us, eager_us / jit_us, eager_loss, jit_loss, g->num_nodes(),
+                tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
+                static_cast<long long>(g->plan ? g->plan->total_bytes : 0));
+  std::printf("%s%s\n", buf, extra.c_str());
+  std::fflush(stdout);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  int64_t steps = 0;
+  std::string which = "both";
+  bool peer = true, gpt2 = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
+    else if (a == "--model" && i + 1 < argc) which = argv[++i];
+    else if (a == "--gpt2") gpt2 = true;
+    else if (a == "--no-peer") peer = false;
+    else {
+      std::fprintf(stderr, "usage: jit [--steps N] [--model mlp|gpt|both] [--gpt2] [--no-peer]\n");
+      return 2;
+    }
+  }
+  try {
+    if (which == "mlp" || which == "both") {
+      const int64_t B = 128;
+      Case c{"mlp", "B=128 sizes=784-512-512-10", std::make_shared<tx::nn::MLP>(std::vector<int64_t>{784, 512, 512, 10}),
+             [](tx::nn::Module& m, const tx::TensorList& in) { return tx::cross_entropy(m(in[0]), in[1]); },
+             [&](int64_t s) {
+               const tx::RngKey k = tx::fold_in(tx::RngKey::from_seed(1), uint64_t(s));
+               tx::Tensor y = (tx::random_uniform(tx::fold_in(k, 1), tx::Shape{B}, tx::DType::f64) * 10.0).astype(tx::DType::i64);
+               return tx::TensorList{tx::random_uniform(k, tx::Shape{B, 784}), y};
+             }};
+      std::string extra;
+      const std::string py = "/usr/bin/python3", dir = tx::bench::peers_dir();
+      const int64_t n = steps > 0 ? steps : 50;
+      if (!peer) extra = " peer=skipped";
+      else if (dir.empty() || !tx::bench::python_has_torch(py)) extra = " peer=unavailable";
+      else {
+        std::string why;
+        auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py", "--device cpu --B 128 --hidden 512 --steps " + std::to_string(n), why);
+        extra = kv.count("us_per_step") ? " peer=" + kv["peer"] + " peer_eager_us_per_step=" + kv["us_per_step"] : " peer=failed";
+      }
+      run_case(c, n, extra);
+    }
+    if (which == "gpt" || which == "both") {
+      tx::nn::GPTConfig cfg{.vocab = 8192, .layers = 4, .heads = 4, .dim = 256, .seq_len = 128};
+      int64_t B = 16;
+      if (gpt2) cfg = {.vocab = 50304, .layers = 12, .heads = 12, .dim = 768, .seq_len = 1024};
+      const int64_t T = cfg.seq_len;
+      Case c{gpt2 ? "gpt2_124m" : "gpt_reference",
+             "B=" + std::to_string(B) + " T=" + std::to_string(T) + " layers=" + std::to_string(cfg.layers) + " dim=" + std::to_string(cfg.dim),
+             std::make_shared<tx::nn::GPT>(cfg),
+             [](tx::nn::Module& m, const tx::TensorList& in) { return tx::nn::lm_loss(m, tx::Batch{{{"x", in[0]}, {"y", in[1]}}}); },
+             [&](int64_t s) {
+               const tx::RngKey k = tx::fold_in(tx::RngKey::from_seed(2), uint64_t(s));
+               tx::Tensor t = (tx::random_uniform(k, tx::Shape{B, T + 1}, tx::DType::f64) * double(cfg.vocab)).astype(tx::DType::i64);
+               return tx::TensorList{t.slice(1, 0, T).contiguous(), t.slice(1, 1, T + 1).contiguous()};
+             }};
+      run_case(c, steps > 0 ? steps : 5, "");
+    }
+    return 0;
+  } catch (const tx::Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
+}
