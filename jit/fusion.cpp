@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -821,21 +822,22 @@ void replace_nodes(Graph& g, int at, Node fused, const std::vector<int>& drop) {
   topo_sort(g);
 }
 
-// "key=[1,-2]" or "key=3" in an attrs string, as integers; nullopt when absent.
+// "key=[1,-2]" or "key=3" in an attrs string, as integers; nullopt when absent or malformed.
 std::optional<std::vector<int64_t>> attr_ints(const std::string& attrs, const std::string& key) {
   size_t at = 0;
   while ((at = attrs.find(key + "=", at)) != std::string::npos && at > 0 && attrs[at - 1] != ' ') ++at;
   if (at == std::string::npos) return std::nullopt;
-  size_t i = at + key.size() + 1;
-  const bool list = i < attrs.size() && attrs[i] == '[';
-  if (list) ++i;
+  const char* p = attrs.c_str() + at + key.size() + 1;
+  const bool list = *p == '[';
+  if (list) ++p;
   std::vector<int64_t> out;
-  while (i < attrs.size() && attrs[i] != ']' && attrs[i] != ' ') {
-    size_t used = 0;
-    out.push_back(std::stoll(attrs.substr(i), &used));
-    i += used;
-    if (i < attrs.size() && attrs[i] == ',') ++i;
+  while (*p != '\0' && *p != ']' && *p != ' ') {
+    char* end = nullptr;
+    out.push_back(std::strtoll(p, &end, 10));
+    if (end == p) return std::nullopt;
+    p = end;
     if (!list) break;
+    if (*p == ',') ++p;
   }
   return out;
 }

@@ -18,6 +18,10 @@
 // one-element input is a scalar operand), runs every instruction over the chunk into small per-thread
 // buffers and writes the outputs. Intermediates never leave those buffers.
 //
+// A fused node runs on inputs of exactly the shapes and dtypes it was fused for: others throw ShapeError /
+// DTypeError naming the input (ValueError for a wrong number of inputs); on a CUDA device it throws
+// DeviceError (the default Op::cuda()).
+//
 // Fused ops print their whole program in attrs(), so CSE merges two fused nodes only when their programs
 // (instructions, input shapes and dtypes, output shape) and inputs are the same; DCE and constant folding
 // treat them as ordinary nodes. Their vjp re-runs the program with the public ops it was made from and
@@ -65,7 +69,7 @@ int fuse_elementwise(Graph& g);
 /// so the rows are cache-hot as far as the output fits in cache. When the matmul result is also used
 /// elsewhere (a pre-activation kept for the backward pass) it becomes output 0 of the fused node. The
 /// first consumer (in node order) that qualifies without making the graph cyclic is taken. Run after
-/// fuse_elementwise. Returns the number of nodes removed.
+/// fuse_elementwise. Returns the number of nodes removed. Throws InternalError as fuse_elementwise.
 int fuse_matmul_epilogues(Graph& g);
 
 /// Reduction prologues: a CPU sum node (f32 / f64; mean is sum times a constant, so its sum part: the
@@ -75,18 +79,19 @@ int fuse_matmul_epilogues(Graph& g);
 /// and accumulates them without materialising the elementwise result, in the summation order of the sum
 /// kernel (kernels/cpu/reduce.h reduce_sum_generated), so the result is bitwise equal. A group with
 /// other outputs is left alone (its values are needed anyway). Run after fuse_elementwise. Returns the
-/// number of nodes removed.
+/// number of nodes removed. Throws InternalError as fuse_elementwise.
 int fuse_reduction_prologues(Graph& g);
 
-/// fuse_elementwise, then fuse_matmul_epilogues, then fuse_reduction_prologues; returns the nodes
-/// removed in all.
+/// fuse_elementwise, then fuse_matmul_epilogues, then fuse_reduction_prologues (one pass each; the
+/// later passes absorb the first one's fused nodes); returns the nodes removed in all. Throws what they
+/// throw.
 int fuse(Graph& g);
 
 /// The number of nodes that launch a kernel when the graph runs: every node except views of their
 /// input. Views: permute, expand, slice, and reshape of contiguous data (a reshape of a non-contiguous
 /// value copies, so it counts). Contiguity is followed through the graph: node outputs are contiguous,
 /// graph inputs are taken as contiguous, constants as they are, views permute / broadcast / step their
-/// input's strides.
+/// input's strides. Throws nothing.
 int kernel_launches(const Graph& g);
 
 }  // namespace titanax::jit

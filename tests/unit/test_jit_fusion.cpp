@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <iostream>
+#include <random>
 
 #include <omp.h>
 
@@ -283,6 +284,68 @@ TEST_CASE("jit fusion: empty tensors, integer nodes, and programs that differ on
   check_bitwise(gc.run({x2}), c({x2}));
 }
 
+TEST_CASE("jit fusion: random elementwise graphs with broadcasting match the unfused graph bitwise", "[jit][fusion]") {
+  std::mt19937 rng(2024);
+  for (int trial = 0; trial < 40; ++trial) {
+    const DType t = trial % 2 ? DType::f32 : DType::f64, other = trial % 2 ? DType::f64 : DType::f32;
+    const Shape full{int64_t(1 + rng() % 20), int64_t(1 + rng() % 30), int64_t(1 + rng() % 70)};
+    std::vector<Shape> shapes;
+    for (int i = 0; i < 3; ++i) {
+      Shape s;
+      for (int d = int(rng() % 3); d < 3; ++d) s.push_back(rng() % 3 == 0 ? 1 : full[size_t(d)]);  // some axes broadcast
+      shapes.push_back(s);
+    }
+    shapes[0] = full;
+    const uint32_t seed = rng();
+    // The same ops on every call: the choices come from `seed`.
+    auto f = [&, seed](const TensorList& in) {
+      std::mt19937 r(seed);
+      std::vector<Tensor> pool(in.begin(), in.end());
+      auto pick = [&] { return pool[r() % pool.size()]; };
+      auto pos = [](const Tensor& x) { return abs(x) + 0.5; };
+      for (int k = 0; k < 14; ++k) {
+        const Tensor a = pick(), b = pick();
+        Tensor y;
+        switch (r() % 24) {
+          case 0: y = neg(a); break;
+          case 1: y = exp(clamp(a, -5, 5)); break;
+          case 2: y = log(pos(a)); break;
+          case 3: y = sqrt(abs(a)); break;
+          case 4: y = rsqrt(pos(a)); break;
+          case 5: y = tanh(a); break;
+          case 6: y = sigmoid(a); break;
+          case 7: y = square(a); break;
+          case 8: y = reciprocal(pos(a)); break;
+          case 9: y = relu(a); break;
+          case 10: y = gelu(a, true); break;
+          case 11: y = gelu(a, false); break;
+          case 12: y = a + b; break;
+          case 13: y = a - b; break;
+          case 14: y = a * b; break;
+          case 15: y = a / pos(b); break;
+          case 16: y = maximum(a, b); break;
+          case 17: y = minimum(a, b); break;
+          case 18: y = pow(pos(a), clamp(b, -2, 2)); break;
+          case 19: y = where(gt(a, b), a, b * 0.5); break;
+          case 20: y = relu_backward(a, b); break;
+          case 21: y = gelu_backward(a, b, r() % 2 == 0); break;
+          case 22: y = a.astype(other).astype(a.dtype()) * 3.0; break;
+          default: y = where(le(a, scalar_like(0.0, a)), exp(clamp(b, -5, 5)), a); break;
+        }
+        pool.push_back(y);
+      }
+      return TensorList{pool.back(), pool[pool.size() - 4], sum(pool[pool.size() - 2], {-1})};
+    };
+    auto args = [&](uint64_t s) {
+      TensorList in;
+      for (size_t i = 0; i < shapes.size(); ++i) in.push_back(rnd(s + i, shapes[i], t));
+      return in;
+    };
+    INFO("trial " << trial << " shape " << full.str());
+    fused_vs_unfused(f, args(200 + uint64_t(trial) * 10), args(205 + uint64_t(trial) * 10), jit::fuse);
+  }
+}
+
 TEST_CASE("jit fusion: kernel_launches counts kernels, not views", "[jit][fusion]") {
   auto f = [](const TensorList& in) {
     Tensor x = in[0];                                  // [4, 6]
@@ -408,7 +471,7 @@ TEST_CASE("jit fusion: GEMM epilogue vjp matches finite differences", "[jit][fus
   CHECK(gc.ok);
 }
 
-TEST_CASE("jit fusion bench: replay of 1M-element chains of 8 elementwise ops, fused vs unfused", "[.bench][jit]") {
+TEST_CASE("jit fusion bench: replay of 1M-element chains of 8 elementwise ops, fused vs unfused", "[.bench]") {
   // Arithmetic only (memory-bound unfused) and with exp / tanh / sigmoid (compute-bound).
   auto arith = [](const TensorList& in) {
     const Tensor &x = in[0], &y = in[1];
@@ -427,19 +490,24 @@ TEST_CASE("jit fusion bench: replay of 1M-element chains of 8 elementwise ops, f
       const jit::Graph g = jit::trace(f, in);
       jit::Graph fg = g;
       jit::fuse(fg);
-      auto time = [&](const jit::Graph& gr) {  // the fastest of 30 replays, after one warm-up
+      auto time = [&](const jit::Graph& gr) {  // {fastest, median} of 50 replays after one warm-up, in ms
         gr.run(in);
-        double best = 1e30;
-        for (int r = 0; r < 30; ++r) {
+        std::vector<double> ms;
+        for (int r = 0; r < 50; ++r) {
           const auto t0 = std::chrono::steady_clock::now();
           gr.run(in);
-          best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+          ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
         }
-        return best;
+        std::sort(ms.begin(), ms.end());
+        return std::pair{ms.front(), ms[ms.size() / 2]};
       };
-      const double unfused = time(g), fused = time(fg);
+      // Interleaved, so both see the same machine load.
+      const auto [u_min, u_med] = time(g);
+      const auto [f_min, f_med] = time(fg);
       std::cout << "fusion_bench chain=" << name << " dtype=" << dtype_name(t) << " elements=" << in[0].numel()
-                << " nodes=" << g.num_nodes() << " fused_nodes=" << fg.num_nodes() << " unfused_ms=" << unfused
-                << " fused_ms=" << fused << " speedup=" << unfused / fused << " threads=" << omp_get_max_threads() << "\n";
+                << " nodes=" << g.num_nodes() << " fused_nodes=" << fg.num_nodes() << " unfused_min_ms=" << u_min
+                << " fused_min_ms=" << f_min << " unfused_median_ms=" << u_med << " fused_median_ms=" << f_med
+                << " speedup_min=" << u_min / f_min << " speedup_median=" << u_med / f_med
+                << " threads=" << omp_get_max_threads() << "\n";
     }
 }
