@@ -9,7 +9,6 @@
 #include <optional>
 #include <queue>
 
-#include "autodiff/tape.h"
 #include "core/error.h"
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/elementwise_math.h"
