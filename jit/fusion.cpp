@@ -624,7 +624,8 @@ std::vector<int> producers(const Graph& g) {
   return p;
 }
 
-// The nodes reading each value (ascending, once per node), and whether it is a graph output.
+// The nodes reading each value (ascending, once per node), and whether the graph reads it after the
+// last node (a graph output, or the value an update writes).
 struct Uses {
   std::vector<std::vector<int>> consumers;
   std::vector<bool> graph_output;
@@ -637,6 +638,7 @@ Uses uses_of(const Graph& g) {
       if (c.empty() || c.back() != int(i)) c.push_back(int(i));
     }
   for (int o : g.outputs) u.graph_output[size_t(o)] = true;
+  for (const Update& w : g.updates) u.graph_output[size_t(w.value)] = true;
   return u;
 }
 
@@ -1029,8 +1031,8 @@ int fuse(Graph& g) { return fuse_elementwise(g) + fuse_matmul_epilogues(g) + fus
 int kernel_launches(const Graph& g) {
   std::vector<Shape> strides(g.values.size());
   for (size_t v = 0; v < g.values.size(); ++v)
-    strides[v] = g.values[v].kind == Value::Kind::constant ? g.values[v].constant.strides()
-                                                          : g.values[v].spec.shape.contiguous_strides();
+    strides[v] = g.values[v].constant.defined() ? g.values[v].constant.strides()  // constants and state
+                                                : g.values[v].spec.shape.contiguous_strides();
   auto contiguous = [](const Shape& s, const Shape& st) {
     int64_t expect = 1;
     for (int i = s.rank() - 1; i >= 0; --i) {

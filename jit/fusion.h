@@ -47,8 +47,9 @@ inline constexpr int64_t kFusedChunk = 1024;
 /// Rules:
 ///  - every member's output has the group's shape (inputs may broadcast to it), so one chunk of the
 ///    output indexes every member;
-///  - a member's output used outside the group (by another node or as a graph output) becomes an extra
-///    output of the fused node (multi-output), so a shared intermediate does not stop fusion;
+///  - a member's output used outside the group (by another node, as a graph output or by an update)
+///    becomes an extra output of the fused node (multi-output), so a shared intermediate does not stop
+///    fusion;
 ///  - nodes are visited in order; a node joins the groups of its producers (of its shape) that it can
 ///    join while the graph stays acyclic once the groups are contracted, merging them: a group never
 ///    spans a path through a node outside it (e.g. a matmul or reduction whose input comes from the
@@ -90,8 +91,8 @@ int fuse(Graph& g);
 /// The number of nodes that launch a kernel when the graph runs: every node except views of their
 /// input. Views: permute, expand, slice, and reshape of contiguous data (a reshape of a non-contiguous
 /// value copies, so it counts). Contiguity is followed through the graph: node outputs are contiguous,
-/// graph inputs are taken as contiguous, constants as they are, views permute / broadcast / step their
-/// input's strides. Throws nothing.
+/// graph inputs are taken as contiguous, constants and state tensors as they are, views permute /
+/// broadcast / step their input's strides. Throws nothing.
 int kernel_launches(const Graph& g);
 
 }  // namespace titanax::jit
