@@ -1,10 +1,8 @@
 #include "kernels/cpu/elementwise.h"
 
-#include <cmath>
-
 #include "kernels/cpu/dispatch.h"
+#include "kernels/cpu/elementwise_math.h"
 #include "kernels/cpu/loops.h"
-#include "kernels/cpu/vmath.h"
 
 namespace titanax::kernels::cpu {
 
@@ -26,22 +24,6 @@ const char* unary_name(UnaryOp op) {
 bool is_comparison(BinaryOp op) { return op >= BinaryOp::eq && op <= BinaryOp::ge; }
 
 namespace {
-
-constexpr double kSqrt2OverPi = 0.7978845608028654;
-constexpr double kInvSqrt2 = 0.7071067811865476;
-constexpr double kInvSqrt2Pi = 0.3989422804014327;
-
-template <class T>
-[[gnu::always_inline]] inline T gelu_tanh_grad(T x) {
-  const T c = T(kSqrt2OverPi), k = T(0.044715);
-  T u = c * (x + k * x * x * x);
-  T t = ftanh(u);
-  return T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * c * (T(1) + T(3) * k * x * x);
-}
-template <class T>
-inline T gelu_erf_grad(T x) {
-  return T(0.5) * (T(1) + std::erf(x * T(kInvSqrt2))) + x * T(kInvSqrt2Pi) * std::exp(T(-0.5) * x * x);
-}
 
 // Runs f over (out, a, b) with fast paths for contiguous and scalar-broadcast inner runs.
 template <class TO, class TA, class TB, class F>
@@ -89,29 +71,29 @@ void loop2(const Tensor& a, Tensor& out, F f) {
                   });
 }
 
+// Binary op OP over a, b into out (T -> T, comparisons T -> bool), the math of elementwise_math.h.
+template <BinaryOp OP, class T>
+void binary_loop(const Tensor& a, const Tensor& b, Tensor& out) {
+  loop3<binary_result_t<OP, T>, T, T>(a, b, out, [](T x, T y) __attribute__((always_inline)) { return binary_fn<OP, T>(x, y); });
+}
+
 template <class T>
 void arith(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
   switch (op) {
-    case BinaryOp::add: loop3<T, T, T>(a, b, out, [](T x, T y) { return T(x + y); }); break;
-    case BinaryOp::sub: loop3<T, T, T>(a, b, out, [](T x, T y) { return T(x - y); }); break;
-    case BinaryOp::mul: loop3<T, T, T>(a, b, out, [](T x, T y) { return T(x * y); }); break;
-    case BinaryOp::div:
-      if constexpr (std::is_integral_v<T>) {
-        loop3<T, T, T>(a, b, out, [](T x, T y) { return y == 0 ? T(0) : T(x / y); });
-      } else {
-        loop3<T, T, T>(a, b, out, [](T x, T y) { return T(x / y); });
-      }
-      break;
-    case BinaryOp::maximum: loop3<T, T, T>(a, b, out, [](T x, T y) { return x >= y || x != x ? x : y; }); break;
-    case BinaryOp::minimum: loop3<T, T, T>(a, b, out, [](T x, T y) { return x <= y || x != x ? x : y; }); break;
-    case BinaryOp::pow: loop3<T, T, T>(a, b, out, [](T x, T y) { return T(std::pow(x, y)); }); break;
-    case BinaryOp::relu_backward: loop3<T, T, T>(a, b, out, [](T dy, T y) { return y > T(0) ? dy : T(0); }); break;
+    case BinaryOp::add: binary_loop<BinaryOp::add, T>(a, b, out); break;
+    case BinaryOp::sub: binary_loop<BinaryOp::sub, T>(a, b, out); break;
+    case BinaryOp::mul: binary_loop<BinaryOp::mul, T>(a, b, out); break;
+    case BinaryOp::div: binary_loop<BinaryOp::div, T>(a, b, out); break;
+    case BinaryOp::maximum: binary_loop<BinaryOp::maximum, T>(a, b, out); break;
+    case BinaryOp::minimum: binary_loop<BinaryOp::minimum, T>(a, b, out); break;
+    case BinaryOp::pow: binary_loop<BinaryOp::pow, T>(a, b, out); break;
+    case BinaryOp::relu_backward: binary_loop<BinaryOp::relu_backward, T>(a, b, out); break;
     case BinaryOp::gelu_tanh_backward:
-      if constexpr (std::is_floating_point_v<T>) loop3<T, T, T>(a, b, out, [](T dy, T x) __attribute__((always_inline)) { return dy * gelu_tanh_grad(x); });
+      if constexpr (std::is_floating_point_v<T>) binary_loop<BinaryOp::gelu_tanh_backward, T>(a, b, out);
       else unsupported_dtype("gelu_backward", a.dtype(), "f32, f64");
       break;
     case BinaryOp::gelu_erf_backward:
-      if constexpr (std::is_floating_point_v<T>) loop3<T, T, T>(a, b, out, [](T dy, T x) { return dy * gelu_erf_grad(x); });
+      if constexpr (std::is_floating_point_v<T>) binary_loop<BinaryOp::gelu_erf_backward, T>(a, b, out);
       else unsupported_dtype("gelu_backward", a.dtype(), "f32, f64");
       break;
     default: break;
@@ -121,14 +103,20 @@ void arith(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
 template <class T>
 void compare(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
   switch (op) {
-    case BinaryOp::eq: loop3<bool, T, T>(a, b, out, [](T x, T y) { return x == y; }); break;
-    case BinaryOp::ne: loop3<bool, T, T>(a, b, out, [](T x, T y) { return x != y; }); break;
-    case BinaryOp::lt: loop3<bool, T, T>(a, b, out, [](T x, T y) { return x < y; }); break;
-    case BinaryOp::le: loop3<bool, T, T>(a, b, out, [](T x, T y) { return x <= y; }); break;
-    case BinaryOp::gt: loop3<bool, T, T>(a, b, out, [](T x, T y) { return x > y; }); break;
-    case BinaryOp::ge: loop3<bool, T, T>(a, b, out, [](T x, T y) { return x >= y; }); break;
+    case BinaryOp::eq: binary_loop<BinaryOp::eq, T>(a, b, out); break;
+    case BinaryOp::ne: binary_loop<BinaryOp::ne, T>(a, b, out); break;
+    case BinaryOp::lt: binary_loop<BinaryOp::lt, T>(a, b, out); break;
+    case BinaryOp::le: binary_loop<BinaryOp::le, T>(a, b, out); break;
+    case BinaryOp::gt: binary_loop<BinaryOp::gt, T>(a, b, out); break;
+    case BinaryOp::ge: binary_loop<BinaryOp::ge, T>(a, b, out); break;
     default: break;
   }
+}
+
+// Unary op OP over x into out, the math of elementwise_math.h.
+template <UnaryOp OP, class T>
+void unary_loop(const Tensor& x, Tensor& out) {
+  loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) { return unary_fn<OP, T>(v); });
 }
 
 }  // namespace
@@ -146,46 +134,25 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
 void unary(UnaryOp op, const Tensor& x, Tensor& out) {
   const char* nm = unary_name(op);
   switch (op) {
-    case UnaryOp::neg:
-      TX_DISPATCH_ARITH(x.dtype(), nm, loop2<scalar_t, scalar_t>(x, out, [](scalar_t v) { return scalar_t(-v); }));
-      return;
-    case UnaryOp::abs:
-      TX_DISPATCH_ARITH(x.dtype(), nm, loop2<scalar_t, scalar_t>(x, out, [](scalar_t v) { return v < 0 ? scalar_t(-v) : v; }));
-      return;
-    case UnaryOp::square:
-      TX_DISPATCH_ARITH(x.dtype(), nm, loop2<scalar_t, scalar_t>(x, out, [](scalar_t v) { return scalar_t(v * v); }));
-      return;
-    case UnaryOp::sign:
-      TX_DISPATCH_ARITH(x.dtype(), nm, loop2<scalar_t, scalar_t>(x, out, [](scalar_t v) { return scalar_t((v > 0) - (v < 0)); }));
-      return;
-    case UnaryOp::relu:
-      TX_DISPATCH_ARITH(x.dtype(), nm, loop2<scalar_t, scalar_t>(x, out, [](scalar_t v) { return v > 0 ? v : scalar_t(0); }));
-      return;
+    case UnaryOp::neg: TX_DISPATCH_ARITH(x.dtype(), nm, unary_loop<UnaryOp::neg, scalar_t>(x, out)); return;
+    case UnaryOp::abs: TX_DISPATCH_ARITH(x.dtype(), nm, unary_loop<UnaryOp::abs, scalar_t>(x, out)); return;
+    case UnaryOp::square: TX_DISPATCH_ARITH(x.dtype(), nm, unary_loop<UnaryOp::square, scalar_t>(x, out)); return;
+    case UnaryOp::sign: TX_DISPATCH_ARITH(x.dtype(), nm, unary_loop<UnaryOp::sign, scalar_t>(x, out)); return;
+    case UnaryOp::relu: TX_DISPATCH_ARITH(x.dtype(), nm, unary_loop<UnaryOp::relu, scalar_t>(x, out)); return;
     default: break;
   }
   TX_DISPATCH_FLOAT(x.dtype(), nm, {
     using T = scalar_t;
     switch (op) {
-      case UnaryOp::exp: loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) { return fexp(v); }); break;
-      case UnaryOp::log: loop2<T, T>(x, out, [](T v) { return std::log(v); }); break;
-      case UnaryOp::sqrt: loop2<T, T>(x, out, [](T v) { return std::sqrt(v); }); break;
-      case UnaryOp::rsqrt: loop2<T, T>(x, out, [](T v) { return T(1) / std::sqrt(v); }); break;
-      case UnaryOp::tanh: loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) { return ftanh(v); }); break;
-      case UnaryOp::sigmoid:
-        loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) {
-          const T e = fexp(v >= 0 ? -v : v);  // exp(-|v|) never overflows
-          return v >= 0 ? T(1) / (T(1) + e) : e / (T(1) + e);
-        });
-        break;
-      case UnaryOp::reciprocal: loop2<T, T>(x, out, [](T v) { return T(1) / v; }); break;
-      case UnaryOp::gelu_tanh:
-        loop2<T, T>(x, out, [](T v) __attribute__((always_inline)) {
-          return T(0.5) * v * (T(1) + ftanh(T(kSqrt2OverPi) * (v + T(0.044715) * v * v * v)));
-        });
-        break;
-      case UnaryOp::gelu_erf:
-        loop2<T, T>(x, out, [](T v) { return T(0.5) * v * (T(1) + std::erf(v * T(kInvSqrt2))); });
-        break;
+      case UnaryOp::exp: unary_loop<UnaryOp::exp, T>(x, out); break;
+      case UnaryOp::log: unary_loop<UnaryOp::log, T>(x, out); break;
+      case UnaryOp::sqrt: unary_loop<UnaryOp::sqrt, T>(x, out); break;
+      case UnaryOp::rsqrt: unary_loop<UnaryOp::rsqrt, T>(x, out); break;
+      case UnaryOp::tanh: unary_loop<UnaryOp::tanh, T>(x, out); break;
+      case UnaryOp::sigmoid: unary_loop<UnaryOp::sigmoid, T>(x, out); break;
+      case UnaryOp::reciprocal: unary_loop<UnaryOp::reciprocal, T>(x, out); break;
+      case UnaryOp::gelu_tanh: unary_loop<UnaryOp::gelu_tanh, T>(x, out); break;
+      case UnaryOp::gelu_erf: unary_loop<UnaryOp::gelu_erf, T>(x, out); break;
       default: break;
     }
   });
@@ -194,7 +161,7 @@ void unary(UnaryOp op, const Tensor& x, Tensor& out) {
 void clamp(const Tensor& x, double lo, double hi, Tensor& out) {
   TX_DISPATCH_ARITH(x.dtype(), "clamp", {
     scalar_t l = scalar_t(lo), h = scalar_t(hi);
-    loop2<scalar_t, scalar_t>(x, out, [l, h](scalar_t v) { return v < l ? l : (v > h ? h : v); });
+    loop2<scalar_t, scalar_t>(x, out, [l, h](scalar_t v) { return clamp_fn(v, l, h); });
   });
 }
 

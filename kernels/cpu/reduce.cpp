@@ -144,6 +144,132 @@ void reduce_impl(const Tensor& x, const std::vector<bool>& reduced, Tensor& out)
   });
 }
 
+// Requests the elements of a generated tensor in runs of up to kGeneratedRun, merging segments that are
+// adjacent in the tensor, and hands every element to take() in the order the segments were given.
+template <class T, class Take>
+class SegmentStream {
+ public:
+  SegmentStream(const ElementSource& source, Take& take) : source_(source), take_(take) {}
+  void segment(int64_t off, int64_t len) {
+    while (len > 0) {
+      if (n_ > 0 && (off != start_ + n_ || n_ == kGeneratedRun)) flush();
+      if (n_ == 0) start_ = off;
+      const int64_t m = std::min(len, kGeneratedRun - n_);
+      n_ += m;
+      off += m;
+      len -= m;
+    }
+  }
+  void flush() {
+    if (n_ == 0) return;
+    source_(start_, n_, buf_);
+    for (int64_t i = 0; i < n_; ++i) take_(buf_[i]);
+    n_ = 0;
+  }
+
+ private:
+  const ElementSource& source_;
+  Take& take_;
+  T buf_[kGeneratedRun];
+  int64_t start_ = 0, n_ = 0;
+};
+
+// reduce_impl<T, sum> over a contiguous x whose elements come from `source`: the same three cases, the
+// same accumulator per output and the same order of additions into it.
+template <class T>
+void reduce_sum_generated_impl(const Shape& shape, const std::vector<bool>& reduced, Tensor& out,
+                               const ElementSource& source) {
+  using Acc = double;
+  using C = Combine<T, Acc, ReduceOp::sum>;
+  Axes kept, red;
+  const Shape st = shape.contiguous_strides();
+  for (int i = 0; i < shape.rank(); ++i) (reduced[size_t(i)] ? red : kept).add(shape[i], st[i]);
+  T* po = out.data<T>();
+  const int64_t nout = kept.count(), nred = red.count();
+
+  if (nout == 1 && nred > 0) {
+    // Full reduction. x is contiguous, so red is one stride-1 axis (or none): element k is at offset k.
+    int nt = threads_for(nred);
+    std::vector<Acc> part(size_t(std::max(nt, 1)), C::init());
+    auto body = [&](int64_t s, int64_t e, Acc& acc) {
+      auto take = [&acc](T v) { acc = C::apply(acc, v); };
+      SegmentStream<T, decltype(take)> in(source, take);
+      in.segment(s, e - s);
+      in.flush();
+    };
+    if (nt <= 1) {
+      body(0, nred, part[0]);
+    } else {
+#pragma omp parallel num_threads(nt)
+      {
+        int t = omp_get_thread_num(), m = omp_get_num_threads();
+        int64_t chunk = (nred + m - 1) / m, s = std::min(nred, chunk * t), e = std::min(nred, s + chunk);
+        body(s, e, part[size_t(t)]);
+      }
+    }
+    Acc acc = C::init();
+    for (auto p : part) acc += p;
+    po[0] = T(acc);
+    return;
+  }
+
+  if (kept.n > 0 && kept.stride[kept.n - 1] == 1 && red.n > 0) {
+    // Innermost kept axis contiguous: rows of J accumulators, rows visited in reduced order.
+    const int64_t J = kept.size[kept.n - 1];
+    Axes outer = kept;
+    outer.n -= 1;
+    const int64_t nouter = outer.count();
+    parallel_for(nouter, J * nred, [&](int64_t s, int64_t e) {
+      std::vector<Acc> acc(static_cast<size_t>(J), C::init());
+      int64_t o = s, j = 0, r = 0;  // the output row, column and reduced row the next element belongs to
+      auto take = [&](T v) {
+        acc[size_t(j)] = C::apply(acc[size_t(j)], v);
+        if (++j < J) return;
+        j = 0;
+        if (++r < nred) return;
+        r = 0;
+        T* dst = po + o * J;
+        for (int64_t q = 0; q < J; ++q) dst[q] = T(acc[size_t(q)]);
+        std::fill(acc.begin(), acc.end(), C::init());
+        ++o;
+      };
+      SegmentStream<T, decltype(take)> in(source, take);
+      for (int64_t oo = s; oo < e; ++oo) {
+        const int64_t base = outer.offset(oo);
+        for (int64_t rr = 0; rr < nred; ++rr) in.segment(base + red.offset(rr), J);
+      }
+      in.flush();
+      for (; o < e; ++o)  // nred == 0: sums of nothing
+        for (int64_t q = 0; q < J; ++q) po[o * J + q] = T(C::init());
+    });
+    return;
+  }
+
+  // One accumulator per output. x is contiguous, so the innermost reduced axis (if any) has stride 1.
+  const int64_t inner = red.n > 0 ? red.size[red.n - 1] : 1;
+  Axes red_outer = red;
+  if (red.n > 0) red_outer.n -= 1;
+  const int64_t nro = red_outer.count();
+  parallel_for(nout, nred, [&](int64_t s, int64_t e) {
+    Acc acc = C::init();
+    int64_t o = s, k = 0;  // the output and the index among its nred elements of the next element
+    auto take = [&](T v) {
+      acc = C::apply(acc, v);
+      if (++k < nred) return;
+      k = 0;
+      po[o++] = T(acc);
+      acc = C::init();
+    };
+    SegmentStream<T, decltype(take)> in(source, take);
+    for (int64_t oo = s; oo < e; ++oo) {
+      const int64_t base = kept.offset(oo);
+      for (int64_t r = 0; r < nro; ++r) in.segment(base + red_outer.offset(r), inner);
+    }
+    in.flush();
+    for (; o < e; ++o) po[o] = T(C::init());  // nred == 0: sums of nothing
+  });
+}
+
 }  // namespace
 
 void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out) {
@@ -178,6 +304,11 @@ void argmax(const Tensor& x, int axis, Tensor& out) {
       }
     });
   });
+}
+
+void reduce_sum_generated(DType dtype, const Shape& shape, const std::vector<bool>& reduced, Tensor& out,
+                          const ElementSource& source) {
+  TX_DISPATCH_FLOAT(dtype, "reduce_sum_generated", reduce_sum_generated_impl<scalar_t>(shape, reduced, out, source));
 }
 
 }  // namespace titanax::kernels::cpu
