@@ -9,6 +9,8 @@
 // plan); compile_s: the passes' share as JitStats counts it (trace included). The CPU backend
 // interprets fused groups (no generated code), so there is no disk cache to be cold or warm.
 // launches: nodes that run a kernel (views excluded), before and after elementwise fusion.
+// planned_us_per_step: the same compiled step with JitOptions::memory_plan (intermediates in one arena of
+// arena_bytes instead of unplanned_bytes of separate buffers).
 // The MLP's peer (../shared/peers/mlp_torch.py --device cpu, same shapes) runs in the same invocation when
 // /usr/bin/python3 has torch. Options: --steps N (default 50 MLP, 5 GPT), --model mlp|gpt|both, --gpt2,
 // --no-peer.
@@ -62,29 +64,36 @@ void run_case(Case& c, int64_t steps, std::string extra) {
   for (int64_t s = 0; s < steps; ++s) eager_loss = step_fn(c.batch(s))[0].item();
   const double eager_us = seconds_since(t0) * 1e6 / double(steps);
 
-  reset();
-  opt = tx::optim::adamw(tx::optim::constant(1e-4));
-  tx::jit::Compiled step = tx::jit::jit(step_fn);
-  t0 = Clock::now();
-  step(c.batch(0));
-  const double first_call_s = seconds_since(t0);
-  t0 = Clock::now();
-  double jit_loss = 0;
-  for (int64_t s = 0; s < steps; ++s) jit_loss = step(c.batch(s))[0].item();
-  const double jit_us = seconds_since(t0) * 1e6 / double(steps);
-
+  // Compiled without, then with the memory plan (each from the initial weights).
+  double first_call_s = 0, jit_loss = 0, planned_loss = 0, jit_us = 0, planned_us = 0, compile_s = 0;
+  std::unique_ptr<tx::jit::Compiled> planned;
+  for (bool plan : {false, true}) {
+    reset();
+    opt = tx::optim::adamw(tx::optim::constant(1e-4));
+    auto step = std::make_unique<tx::jit::Compiled>(step_fn, tx::jit::JitOptions{.memory_plan = plan});
+    t0 = Clock::now();
+    (*step)(c.batch(0));
+    if (!plan) first_call_s = seconds_since(t0), compile_s = step->stats().compile_seconds;
+    t0 = Clock::now();
+    double loss = 0;
+    for (int64_t s = 0; s < steps; ++s) loss = (*step)(c.batch(s))[0].item();
+    (plan ? planned_us : jit_us) = seconds_since(t0) * 1e6 / double(steps);
+    (plan ? planned_loss : jit_loss) = loss;
+    if (plan) planned = std::move(step);
+  }
+  tx::jit::Compiled& step = *planned;
   const tx::jit::Graph* g = step.graph_for(c.batch(0));
   // The same step traced and optimised without fusion (tracing takes one more step: the timings are done).
   tx::jit::Graph unfused = tx::jit::trace(step_fn, c.batch(0));
   tx::jit::optimize(unfused);
-  char buf[640];
+  char buf[768];
   std::snprintf(buf, sizeof buf,
                 "bench=jit model=%s %s device=cpu threads=%d steps=%lld first_call_s=%.3f compile_s=%.3f eager_us_per_step=%.1f "
                 "jit_us_per_step=%.1f speedup=%.2f eager_loss=%.6f jit_loss=%.6f nodes=%zu launches_unfused=%d launches=%d "
-                "arena_bytes=%lld unplanned_bytes=%lld disk_cache=none",
+                "planned_us_per_step=%.1f planned_loss=%.6f arena_bytes=%lld unplanned_bytes=%lld disk_cache=none",
                 c.name.c_str(), c.shape.c_str(), omp_get_max_threads(), static_cast<long long>(steps), first_call_s,
-                step.stats().compile_seconds, eager_us, jit_us, eager_us / jit_us, eager_loss, jit_loss, g->num_nodes(),
-                tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
+                compile_s, eager_us, jit_us, eager_us / jit_us, eager_loss, jit_loss, g->num_nodes(),
+                tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), planned_us, planned_loss, static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
                 static_cast<long long>(g->plan ? g->plan->total_bytes : 0));
   std::printf("%s%s\n", buf, extra.c_str());
   std::fflush(stdout);

@@ -8,6 +8,7 @@
 
 #include "autodiff/tape.h"
 #include "core/error.h"
+#include "jit/fusion.h"
 #include "jit/memory_plan.h"
 
 #include <fmt/format.h>
@@ -600,7 +601,8 @@ TensorList Compiled::operator()(const TensorList& args) {
   TensorList eager;  // tracing runs fn once, with its effects: that run answers this call
   Graph g = trace(fn_, args, opts_.static_inputs, &eager);
   optimize(g);
-  plan_memory_pass(g);
+  if (fuse(g) > 0) optimize(g);
+  if (opts_.memory_plan) plan_memory_pass(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
   cache_.emplace(sig, std::move(g));

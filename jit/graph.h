@@ -151,13 +151,17 @@ struct JitOptions {
   /// pass a flag or a small count as a tensor and branch on it with item()). Keep them small: the key
   /// holds their bytes.
   std::vector<int> static_inputs;
+  /// Plan the intermediates' memory into one arena (jit/memory_plan.h). Off by default: on the CPU the
+  /// planned replay is slower today (docs/jit.md, bench/jit's planned_us_per_step).
+  bool memory_plan = false;
 };
 
 /// A function compiled per input signature (each input's shape, dtype and device, and the values of
 /// static inputs): the first call with a new signature traces fn (that call runs eagerly, as tracing
 /// does), runs the passes (dead code, common subexpressions, algebraic simplification, constant folding,
-/// to a fixed point), plans the intermediates' memory (jit/memory_plan.h) and caches the graph; later
-/// calls with that signature replay it.
+/// to a fixed point), fuses elementwise work (jit/fusion.h), with JitOptions::memory_plan plans the
+/// intermediates' memory (jit/memory_plan.h), and caches the graph; later calls with that signature
+/// replay it.
 /// With the environment variable TITANAX_LOG_COMPILES=1 every compile logs why it happened (the first
 /// call, or which input differs from the signatures seen, e.g. "input 0: f32[8, 3] (cached: f32[4, 3])").
 /// Tensors the function reads from outside are constants captured at trace time unless they are live

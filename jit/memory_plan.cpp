@@ -131,7 +131,12 @@ std::shared_ptr<Storage> make_arena(const Graph& g, const MemoryPlan& plan) {
     throw ValueError("jit: the graph's memory plan is stale: the graph changed after it was planned",
                      "a plan made by plan_memory_pass on the graph as it is", "a graph with other nodes or uses",
                      "run plan_memory_pass(g) again after the other passes");
-  return std::make_shared<Storage>(plan.arena_bytes, Device::cpu());
+  std::lock_guard<std::mutex> lock(plan.spare->mu);
+  std::shared_ptr<Storage>& spare = plan.spare->arena;
+  if (spare && spare.use_count() == 1) return spare;  // no run holds it
+  auto fresh = std::make_shared<Storage>(plan.arena_bytes, Device::cpu());
+  if (!spare) spare = fresh;
+  return fresh;
 }
 
 TensorList run_node(const Graph& g, const MemoryPlan& plan, const std::shared_ptr<Storage>& arena, size_t node,

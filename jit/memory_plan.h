@@ -25,6 +25,8 @@
 // size is rounded up to MemoryPlan::alignment bytes, the alignment the CPU allocator gives.
 #pragma once
 
+#include <mutex>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -52,6 +54,12 @@ struct MemoryPlan {
   size_t total_bytes = 0;                  ///< sum of the planned values' sizes: the memory without reuse
   size_t peak_live_bytes = 0;              ///< largest sum of sizes live at one node: a lower bound of arena_bytes
   uint64_t graph_hash = 0;                 ///< structure_hash() of the graph planned
+  /// The arena kept between runs (make_arena): shared by copies of the plan.
+  struct Spare {
+    std::mutex mu;
+    std::shared_ptr<Storage> arena;
+  };
+  std::shared_ptr<Spare> spare = std::make_shared<Spare>();
 
   /// One line: "arena 8.0 KiB for 12.0 KiB of values in 3 buffers (peak live 8.0 KiB)".
   std::string str() const;
@@ -69,10 +77,11 @@ MemoryPlan plan_memory(const Graph& g);
 /// that changes g afterwards makes Graph::run throw ValueError until this is run again. Returns the plan.
 const MemoryPlan& plan_memory_pass(Graph& g);
 
-/// The arena one planned run of g writes into: a fresh CPU storage of plan.arena_bytes, from the caching
-/// CPU allocator (each run has its own, so concurrent runs of one graph never share it; the outputs a run
-/// returns are not planned and never point into it). Throws ValueError when the plan was made for another
-/// graph or g changed since (structure_hash differs).
+/// The arena one planned run of g writes into: a CPU storage of plan.arena_bytes, the plan's spare one when
+/// no other run holds it (a training loop reuses one arena: no allocation and no page faults per step),
+/// else a fresh one, so concurrent runs of one graph never share an arena (the outputs a run returns are
+/// not planned and never point into it). Throws ValueError when the plan was made for another graph or g
+/// changed since (structure_hash differs).
 std::shared_ptr<Storage> make_arena(const Graph& g, const MemoryPlan& plan);
 
 /// Runs node `node` of g on `in` as Graph::run does with a plan: a node with a planned output runs
