@@ -169,12 +169,8 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
 StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
   if (plan_.pp) return pipeline_step(model, batch);
   if (opts_.jit) return jit_step(model, loss_fn, batch);
-  const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
+  const int acc = accumulate_steps(batch);
   const int64_t B = batch.size();
-  if (B % acc != 0 || B == 0)
-    throw PlanError("the local batch does not split into accumulate_steps microbatches",
-                    "a local batch divisible by accumulate_steps=" + std::to_string(acc), std::to_string(B) + " examples",
-                    "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
   const int64_t micro = B / acc;
   ParamTree params = model.parameters();
   std::map<std::string, PartitionSpec> tp_specs;
@@ -227,6 +223,16 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
   return r;
 }
 
+int Engine::accumulate_steps(const Batch& batch) const {
+  const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
+  const int64_t B = batch.size();
+  if (B % acc != 0 || B == 0)
+    throw PlanError("the local batch does not split into accumulate_steps microbatches",
+                    "a local batch divisible by accumulate_steps=" + std::to_string(acc), std::to_string(B) + " examples",
+                    "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
+  return acc;
+}
+
 void Engine::check_jit(nn::Module& model, const Batch& batch) const {
   if (plan_.pp || mesh_.size() > 1)
     throw PlanError("the JIT-compiled step runs single-rank plans only",
@@ -235,12 +241,7 @@ void Engine::check_jit(nn::Module& model, const Batch& batch) const {
   if (model.stochastic())
     throw ValueError("the JIT-compiled step does not support stochastic layers yet", "a model without dropout (p = 0)",
                      model.name() + " has dropout", "set dropout to 0 or jit: false (a traced step would reuse one dropout mask)");
-  const int acc = plan_.dp ? plan_.dp->accumulate_steps : 1;
-  const int64_t B = batch.size();
-  if (B % acc != 0 || B == 0)
-    throw PlanError("the local batch does not split into accumulate_steps microbatches",
-                    "a local batch divisible by accumulate_steps=" + std::to_string(acc), std::to_string(B) + " examples",
-                    "make batch_size a multiple of (data-parallel ranks x accumulate_steps)");
+  accumulate_steps(batch);
 }
 
 std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& model, const LossFn& loss_fn,

@@ -179,6 +179,8 @@ class Engine {
  private:
   StepResult pipeline_step(nn::Module& model, const Batch& local_batch);
   StepResult jit_step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
+  /// The plan's accumulate_steps; PlanError when the batch does not split into that many microbatches.
+  int accumulate_steps(const Batch& batch) const;
   /// PlanError / ValueError when the JIT cannot compile this step (see EngineOptions::jit).
   void check_jit(nn::Module& model, const Batch& batch) const;
   /// One whole training step over the batch tensors (in `keys` order) -> {loss, gradient norm}.

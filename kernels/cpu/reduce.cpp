@@ -55,6 +55,22 @@ struct Combine {
   }
 };
 
+// A full reduction of nred elements over nt threads: thread t runs body(start, stop, part[t]) on its
+// contiguous share (the same shares for the same nt, so results do not depend on scheduling).
+template <class Acc, class Body>
+void split_reduction(int nt, int64_t nred, std::vector<Acc>& part, const Body& body) {
+  if (nt <= 1) {
+    body(0, nred, part[0]);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    int t = omp_get_thread_num(), m = omp_get_num_threads();
+    int64_t chunk = (nred + m - 1) / m, s = std::min(nred, chunk * t), e = std::min(nred, s + chunk);
+    body(s, e, part[size_t(t)]);
+  }
+}
+
 template <class T, ReduceOp OP>
 void reduce_impl(const Tensor& x, const std::vector<bool>& reduced, Tensor& out) {
   using Acc = std::conditional_t<OP == ReduceOp::sum, double, T>;
@@ -78,16 +94,7 @@ void reduce_impl(const Tensor& x, const std::vector<bool>& reduced, Tensor& out)
         for (int64_t k = s; k < e; ++k) acc = C::apply(acc, px[red.offset(k)]);
       }
     };
-    if (nt <= 1) {
-      body(0, nred, part[0]);
-    } else {
-#pragma omp parallel num_threads(nt)
-      {
-        int t = omp_get_thread_num(), m = omp_get_num_threads();
-        int64_t chunk = (nred + m - 1) / m, s = std::min(nred, chunk * t), e = std::min(nred, s + chunk);
-        body(s, e, part[size_t(t)]);
-      }
-    }
+    split_reduction(nt, nred, part, body);
     Acc acc = C::init();
     for (auto p : part) {
       if constexpr (OP == ReduceOp::sum) acc += p;
@@ -197,16 +204,7 @@ void reduce_sum_generated_impl(const Shape& shape, const std::vector<bool>& redu
       in.segment(s, e - s);
       in.flush();
     };
-    if (nt <= 1) {
-      body(0, nred, part[0]);
-    } else {
-#pragma omp parallel num_threads(nt)
-      {
-        int t = omp_get_thread_num(), m = omp_get_num_threads();
-        int64_t chunk = (nred + m - 1) / m, s = std::min(nred, chunk * t), e = std::min(nred, s + chunk);
-        body(s, e, part[size_t(t)]);
-      }
-    }
+    split_reduction(nt, nred, part, body);
     Acc acc = C::init();
     for (auto p : part) acc += p;
     po[0] = T(acc);
