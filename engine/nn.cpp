@@ -206,6 +206,8 @@ MLP::MLP(std::vector<int64_t> sizes, MLPOptions opts) : sizes_(std::move(sizes))
     if (i + 2 < sizes_.size() && opts_.dropout > 0) drops_.push_back(std::make_shared<Dropout>(opts_.dropout));
   }
   register_module("layers", layers);
+  // Children (no parameters), so that train() / eval() and stochastic() reach them.
+  for (size_t i = 0; i < drops_.size(); ++i) register_module("dropout" + std::to_string(i), drops_[i]);
   init_parameters(0);  // keys from the full paths ("layers/1/weight"), so layers differ
 }
 
@@ -218,10 +220,7 @@ Tensor MLP::forward(const Tensor& x) {
     h = layers_[i]->forward(h);
     if (i + 1 == layers_.size()) break;
     h = opts_.activation == "relu" ? relu(h) : opts_.activation == "gelu" ? gelu(h) : tanh(h);
-    if (!drops_.empty()) {
-      drops_[i]->train(training());
-      h = drops_[i]->forward(h);
-    }
+    if (!drops_.empty()) h = drops_[i]->forward(h);
   }
   return h;
 }

@@ -222,8 +222,6 @@ class MLP final : public Module {
   explicit MLP(std::vector<int64_t> sizes, MLPOptions opts = {});
   Tensor forward(const Tensor& x) override;
   std::string name() const override;
-  /// True with dropout (its Dropout layers are run by forward(), not registered as children).
-  bool stochastic() const override { return !drops_.empty(); }
 
  private:
   std::vector<int64_t> sizes_;

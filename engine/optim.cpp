@@ -104,7 +104,8 @@ struct UpdateOp : Op {
     update(out, in[size_t(k)], in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
   }
   bool differentiable() const override { return false; }
-  /// Updates `s` (contiguous copies of the states) in place with gradient g (contiguous).
+  /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
+  /// eagerly) in place with gradient g (contiguous) at step count `step` (updates done before this one).
   virtual void update(TensorList& s, const Tensor& g, int64_t step, double lr) const = 0;
 };
 
@@ -145,22 +146,35 @@ struct SgdUpdateOp final : UpdateOp {
   }
 };
 
-// One traced update: per parameter, the update op on (states..., g, step, lr), written back in place.
-void traced_update(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
-                   const std::function<std::pair<OpPtr, TensorList>(size_t i)>& op_and_states) {
+// One optimizer step: per parameter, update_for(i) gives the update op and the state tensors it updates
+// (the parameter first). Eagerly the op's kernel updates them in place; while traced (jit/graph.h) the op
+// runs on copies that are written back with copy_, and the learning rate and step count are ops of the
+// step tensor, so a replay computes them anew.
+using UpdateFor = std::function<std::pair<std::shared_ptr<const UpdateOp>, TensorList>(size_t i)>;
+void update_parameters(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
+                       const UpdateFor& update_for) {
   NoGradGuard ng;
-  const Tensor lr = apply1(std::make_shared<ScheduleOp>(schedule, owner), {step});
+  const bool traced = apply_observer() != nullptr;
+  const int64_t t = traced ? 0 : step.data<int64_t>()[0];
+  const double lr_now = traced ? 0.0 : schedule(t);
+  const Tensor lr = traced ? apply1(std::make_shared<ScheduleOp>(schedule, owner), {step}) : Tensor();
   for (size_t i = 0; i < params.size(); ++i) {
     check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
-    auto [op, states] = op_and_states(i);
+    auto [op, states] = update_for(i);
+    const Tensor g = grads.at(params[i].first).contiguous();
+    if (!traced) {
+      op->update(states, g, t, lr_now);
+      continue;
+    }
     TensorList in = states;
-    in.push_back(grads.at(params[i].first).contiguous());
+    in.push_back(g);
     in.push_back(step);
     in.push_back(lr);
-    TensorList out = apply(op, in);
+    TensorList out = titanax::apply(OpPtr(op), in);
     for (size_t k = 0; k < states.size(); ++k) copy_(states[k], out[k]);
   }
-  copy_(step, apply1(std::make_shared<IncrementOp>(), {step}));
+  if (traced) copy_(step, apply1(std::make_shared<IncrementOp>(), {step}));
+  else bump(step.data<int64_t>(), params);
 }
 
 class Adam final : public Optimizer {
@@ -186,31 +200,10 @@ class Adam final : public Optimizer {
       init(params);
     }
     check_grads(params, grads);
-    if (apply_observer()) {
-      traced_update(schedule_, this, step_, params, grads, [&](size_t i) {
-        const OpPtr op = std::make_shared<AdamUpdateOp>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_);
-        return std::make_pair(op, TensorList{params[i].second, m_[i].second, v_[i].second});
-      });
-      return;
-    }
-    NoGradGuard ng;
-    const double lr = this->lr();
-    const int64_t t = steps() + 1;
-    for (size_t i = 0; i < params.size(); ++i) {
-      Tensor& p = params[i].second;
-      Tensor g = grads.at(params[i].first).contiguous();
-      Tensor &m = m_[i].second, &v = v_[i].second;
-      double wd = decay_[i] ? o_.weight_decay : 0.0;
-      if (p.dtype() == DType::f32)
-        kernels::cpu::adam_update(p.data<float>(), g.data<float>(), m.data<float>(), v.data<float>(), p.numel(), lr,
-                                  o_.beta1, o_.beta2, o_.eps, wd, t, decoupled_);
-      else if (p.dtype() == DType::f64)
-        kernels::cpu::adam_update(p.data<double>(), g.data<double>(), m.data<double>(), v.data<double>(), p.numel(), lr,
-                                  o_.beta1, o_.beta2, o_.eps, wd, t, decoupled_);
-      else
-        check_dtype(p, {DType::f32, DType::f64}, "adam update");
-    }
-    bump(step_.data<int64_t>(), params);
+    update_parameters(schedule_, this, step_, params, grads, [&](size_t i) {
+      return std::make_pair(std::make_shared<const AdamUpdateOp>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_),
+                            TensorList{params[i].second, m_[i].second, v_[i].second});
+    });
   }
   ParamTree state() const override {
     ParamTree s;
@@ -249,30 +242,11 @@ class SGD final : public Optimizer {
       init(params);
     }
     check_grads(params, grads);
-    if (apply_observer()) {
-      traced_update(schedule_, this, step_, params, grads, [&](size_t i) {
-        TensorList states{params[i].second};
-        if (mu_ > 0) states.push_back(buf_[i].second);
-        return std::make_pair(OpPtr(std::make_shared<SgdUpdateOp>(mu_, wd_, nesterov_)), states);
-      });
-      return;
-    }
-    NoGradGuard ng;
-    const double lr = this->lr();
-    const bool first = steps() == 0;
-    for (size_t i = 0; i < params.size(); ++i) {
-      Tensor& p = params[i].second;
-      Tensor g = grads.at(params[i].first).contiguous();
-      if (p.dtype() == DType::f32)
-        kernels::cpu::sgd_update(p.data<float>(), g.data<float>(), mu_ > 0 ? buf_[i].second.data<float>() : nullptr,
-                                 p.numel(), lr, mu_, wd_, nesterov_, first);
-      else if (p.dtype() == DType::f64)
-        kernels::cpu::sgd_update(p.data<double>(), g.data<double>(), mu_ > 0 ? buf_[i].second.data<double>() : nullptr,
-                                 p.numel(), lr, mu_, wd_, nesterov_, first);
-      else
-        check_dtype(p, {DType::f32, DType::f64}, "sgd update");
-    }
-    bump(step_.data<int64_t>(), params);
+    update_parameters(schedule_, this, step_, params, grads, [&](size_t i) {
+      TensorList states{params[i].second};
+      if (mu_ > 0) states.push_back(buf_[i].second);
+      return std::make_pair(std::make_shared<const SgdUpdateOp>(mu_, wd_, nesterov_), states);
+    });
   }
   ParamTree state() const override {
     ParamTree s;

@@ -40,6 +40,7 @@ class Tracer final : public ApplyObserver {
   const uint64_t first_serial = Storage::next_serial();  // storages from this serial on were made by the trace
   std::unordered_set<const Storage*> written;      // storages written in place during the trace
   std::unordered_set<int> stale;                   // values whose storage was written after they were made
+  int external = 0;                                // constants and state values so far (their `index`)
   std::unordered_set<const TensorImpl*> written_handles;  // tensors written in place (they stand for the value written)
 
   bool fresh(const Tensor& t) const { return t.storage()->serial() >= first_serial; }
@@ -78,9 +79,7 @@ class Tracer final : public ApplyObserver {
     // Read by the function, made outside the trace: live state if it is a parameter being
     // differentiated (a write later in the trace also makes it state), else a constant.
     const bool state = t.requires_grad() && !fresh(t);
-    Value v{state ? Value::Kind::state : Value::Kind::constant, spec_of(t), -1, 0, t};
-    for (const Value& c : g.values) v.index += c.kind == Value::Kind::constant || c.kind == Value::Kind::state;
-    return add(std::move(v), t);
+    return add(Value{state ? Value::Kind::state : Value::Kind::constant, spec_of(t), -1, external++, t}, t);
   }
   int add(Value v, const Tensor& t) {
     g.values.push_back(std::move(v));
@@ -297,6 +296,18 @@ TensorList Graph::run(const TensorList& args) const {
   return res;
 }
 
+namespace {
+// Values some node, output or update reads (the inputs and constants str() and dot() show).
+std::vector<bool> used_values(const Graph& g) {
+  std::vector<bool> used(g.values.size(), false);
+  for (const auto& n : g.nodes)
+    for (int i : n.inputs) used[size_t(i)] = true;
+  for (int o : g.outputs) used[size_t(o)] = true;
+  for (const Update& u : g.updates) used[size_t(u.value)] = true;
+  return used;
+}
+}  // namespace
+
 std::string Graph::target_name(const Tensor& t) const {
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind == Value::Kind::state && values[id].constant.same(t)) return "%" + std::to_string(id);
@@ -308,11 +319,7 @@ std::string Graph::str() const {
   std::string s = "graph(";
   for (size_t i = 0; i < inputs.size(); ++i) s += (i ? ", " : "") + v(inputs[i]) + ": " + spec_str(values[size_t(inputs[i])].spec);
   s += ") {\n";
-  std::vector<bool> used(values.size(), false);
-  for (const auto& n : nodes)
-    for (int i : n.inputs) used[size_t(i)] = true;
-  for (int o : outputs) used[size_t(o)] = true;
-  for (const Update& u : updates) used[size_t(u.value)] = true;
+  const std::vector<bool> used = used_values(*this);
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind == Value::Kind::constant && used[id]) {
       const Tensor& c = values[id].constant;
@@ -350,11 +357,7 @@ std::string Graph::dot() const {
     const Value& val = values[size_t(id)];
     return val.kind == Value::Kind::node_output ? "n" + std::to_string(val.producer) : "v" + std::to_string(id);
   };
-  std::vector<bool> used(values.size(), false);
-  for (const auto& n : nodes)
-    for (int i : n.inputs) used[size_t(i)] = true;
-  for (int o : outputs) used[size_t(o)] = true;
-  for (const Update& u : updates) used[size_t(u.value)] = true;
+  const std::vector<bool> used = used_values(*this);
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind != Value::Kind::node_output && used[id])
       s += "  v" + std::to_string(id) + " [shape=ellipse, label=\"" +

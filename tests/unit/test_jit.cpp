@@ -5,6 +5,7 @@
 #include "test_util.h"
 
 #include "jit/graph.h"
+#include "jit_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
 
@@ -14,11 +15,7 @@ using Catch::Matchers::Contains;
 namespace {
 Tensor rnd(uint64_t seed, const Shape& s) { return testing::randn64(RngKey::from_seed(seed), s); }
 std::vector<double> vec(const Tensor& t) { return t.contiguous().to_vector<double>(); }
-int count_op(const jit::Graph& g, const std::string& name) {
-  int n = 0;
-  for (const auto& node : g.nodes) n += name == node.op->name();
-  return n;
-}
+using testing::count_op;
 }  // namespace
 
 TEST_CASE("jit: a trace replays the function on fresh inputs") {

@@ -7,6 +7,7 @@
 
 #include "autodiff/autodiff.h"
 #include "jit/control_flow.h"
+#include "jit_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
 
@@ -16,11 +17,7 @@ using Catch::Matchers::Contains;
 namespace {
 Tensor rnd(uint64_t seed, const Shape& s) { return testing::randn64(RngKey::from_seed(seed), s); }
 std::vector<double> vec(const Tensor& t) { return t.contiguous().to_vector<double>(); }
-int count_op(const jit::Graph& g, const std::string& name) {
-  int n = 0;
-  for (const auto& node : g.nodes) n += name == node.op->name();
-  return n;
-}
+using testing::count_op;
 void require_close(const Tensor& got, const Tensor& want, double tol = 1e-12) {
   REQUIRE(got.shape() == want.shape());
   const auto a = vec(got), b = vec(want);

@@ -18,6 +18,7 @@
 #include "engine/nn.h"
 #include "engine/optim.h"
 #include "jit/fusion.h"
+#include "jit_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
 
@@ -27,11 +28,7 @@ namespace {
 Tensor rnd(uint64_t seed, const Shape& s, DType t = DType::f64) {
   return testing::randn64(RngKey::from_seed(seed), s).astype(t);
 }
-int count_op(const jit::Graph& g, const std::string& name) {
-  int n = 0;
-  for (const auto& node : g.nodes) n += name == node.op->name();
-  return n;
-}
+using testing::count_op;
 const jit::Node& first_op(const jit::Graph& g, const std::string& name) {
   for (const auto& node : g.nodes)
     if (name == node.op->name()) return node;

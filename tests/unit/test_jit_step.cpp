@@ -10,6 +10,7 @@
 #include "engine/engine.h"
 #include "engine/gpt.h"
 #include "jit/graph.h"
+#include "jit_test_util.h"
 #include "parallel/runtime.h"
 #include "op_cases.h"
 #include "test_util.h"
@@ -22,11 +23,7 @@ Mesh single_mesh() { return MeshSpec{{"data"}, {1}}.build(make_local_communicato
 
 std::vector<double> values(const Tensor& t) { return t.to_vector<double>(); }
 
-int count_op(const jit::Graph& g, const std::string& name) {
-  int n = 0;
-  for (const auto& node : g.nodes) n += name == node.op->name();
-  return n;
-}
+using testing::count_op;
 
 // |a - b| <= 1e-5 * max(1, |b|) at every step, and reports the largest difference.
 void check_trajectories(const std::vector<double>& jit, const std::vector<double>& eager) {
