@@ -1,15 +1,20 @@
 #include "jit/fusion.h"
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <queue>
 
 #include "core/error.h"
+#include "jit/codegen.h"
+#include "jit/fusion_program.h"
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/elementwise_math.h"
 #include "kernels/cpu/loops.h"
@@ -31,102 +36,76 @@ bool is_float(DType d) { return d == DType::f32 || d == DType::f64; }
 bool is_register_dtype(DType d) { return is_float(d) || d == DType::bool_; }
 std::string spec_text(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str(); }
 
-// ------------------------------------------------------------------------------------ programs
+using fused::Instr;
+using fused::Program;
 
-// One instruction: its result has the program's shape and `dtype`; its operands are registers.
-struct Instr {
-  enum class Kind : uint8_t { unary, binary, where, clamp, cast };
-  Kind kind = Kind::unary;
-  UnaryOp unary = UnaryOp::neg;
-  BinaryOp binary = BinaryOp::add;
-  double lo = 0, hi = 0;  // clamp bounds, as the clamp kernel rounds them to dtype
-  DType dtype = DType::f32;
-  std::vector<int> args;
-  OpPtr op;  // the op this instruction computes (its vjp, its name in the text)
-};
+}  // namespace
 
-// A straight-line elementwise program. Registers 0..nin-1 are the inputs, nin + k instruction k's result.
-struct Program {
-  Shape shape;                      // every instruction's result shape
-  std::vector<TensorSpec> inputs;   // each broadcasts to shape
-  std::vector<Instr> code;
-  std::vector<int> outputs;         // registers, in output order
-
-  // Derived by finalize().
-  std::vector<DType> reg_dtype;
-  std::vector<bool> reg_scalar;     // one value for the whole program (inputs of one element and what only they feed)
-  std::vector<int> out_index;       // output position of a register, or -1
-  std::vector<int> slot;            // scratch buffer of a register, or -1 (scalars; outputs are written in place)
-  int nslots = 0;
-  std::string text;
-
-  int nin() const { return int(inputs.size()); }
-  int nregs() const { return nin() + int(code.size()); }
-
-  void finalize() {
-    const int n = nregs();
-    reg_dtype.assign(size_t(n), DType::f32);
-    reg_scalar.assign(size_t(n), false);
-    out_index.assign(size_t(n), -1);
-    for (int i = 0; i < nin(); ++i) {
-      reg_dtype[size_t(i)] = inputs[size_t(i)].dtype;
-      reg_scalar[size_t(i)] = inputs[size_t(i)].shape.numel() == 1;
+void fused::Program::finalize() {
+  const int n = nregs();
+  reg_dtype.assign(size_t(n), DType::f32);
+  reg_scalar.assign(size_t(n), false);
+  out_index.assign(size_t(n), -1);
+  for (int i = 0; i < nin(); ++i) {
+    reg_dtype[size_t(i)] = inputs[size_t(i)].dtype;
+    reg_scalar[size_t(i)] = inputs[size_t(i)].shape.numel() == 1;
+  }
+  std::vector<int> last(size_t(n), -1);  // last instruction reading each register
+  for (size_t k = 0; k < code.size(); ++k) {
+    const int r = nin() + int(k);
+    reg_dtype[size_t(r)] = code[k].dtype;
+    bool scalar = true;
+    for (int a : code[k].args) {
+      scalar = scalar && reg_scalar[size_t(a)];
+      last[size_t(a)] = int(k);
     }
-    std::vector<int> last(size_t(n), -1);  // last instruction reading each register
-    for (size_t k = 0; k < code.size(); ++k) {
-      const int r = nin() + int(k);
-      reg_dtype[size_t(r)] = code[k].dtype;
-      bool scalar = true;
-      for (int a : code[k].args) {
-        scalar = scalar && reg_scalar[size_t(a)];
-        last[size_t(a)] = int(k);
-      }
-      reg_scalar[size_t(r)] = scalar;
+    reg_scalar[size_t(r)] = scalar;
+  }
+  for (size_t k = 0; k < outputs.size(); ++k) out_index[size_t(outputs[k])] = int(k);
+  // Linear scan: a buffer is free again after the last instruction reading its register. The result's
+  // buffer is taken before the operands' are freed: a result wider than an operand (f32 -> f64, bool ->
+  // f32) written over it would clobber operand values not yet read.
+  slot.assign(size_t(n), -1);
+  std::vector<int> free_slots;
+  auto take = [&]() {
+    if (free_slots.empty()) return nslots++;
+    const int s = free_slots.back();
+    free_slots.pop_back();
+    return s;
+  };
+  nslots = 0;
+  for (int i = 0; i < nin(); ++i)
+    if (!reg_scalar[size_t(i)]) slot[size_t(i)] = take();
+  for (size_t k = 0; k < code.size(); ++k) {
+    const int r = nin() + int(k);
+    if (!reg_scalar[size_t(r)] && out_index[size_t(r)] < 0) slot[size_t(r)] = take();
+    for (int a : code[k].args)  // an operand read twice (mul(x, x)) is freed once
+      if (last[size_t(a)] == int(k) && slot[size_t(a)] >= 0 &&
+          std::find(free_slots.begin(), free_slots.end(), slot[size_t(a)]) == free_slots.end())
+        free_slots.push_back(slot[size_t(a)]);
+  }
+  // The text: everything that decides the result, so equal texts mean equal programs.
+  text = shape.str() + " in(";
+  for (int i = 0; i < nin(); ++i) text += (i ? ", " : "") + spec_text(inputs[size_t(i)]);
+  text += ")";
+  for (size_t k = 0; k < code.size(); ++k) {
+    const Instr& in = code[k];
+    text += " r" + std::to_string(nin() + int(k)) + ":" + std::string(dtype_name(in.dtype)) + "=" + in.op->name();
+    if (in.kind == Instr::Kind::clamp) {
+      char b[96];
+      std::snprintf(b, sizeof b, "[%a,%a]", in.lo, in.hi);  // exact
+      text += b;
     }
-    for (size_t k = 0; k < outputs.size(); ++k) out_index[size_t(outputs[k])] = int(k);
-    // Linear scan: a buffer is free again after the last instruction reading its register. The result's
-    // buffer is taken before the operands' are freed: a result wider than an operand (f32 -> f64, bool ->
-    // f32) written over it would clobber operand values not yet read.
-    slot.assign(size_t(n), -1);
-    std::vector<int> free_slots;
-    auto take = [&]() {
-      if (free_slots.empty()) return nslots++;
-      const int s = free_slots.back();
-      free_slots.pop_back();
-      return s;
-    };
-    nslots = 0;
-    for (int i = 0; i < nin(); ++i)
-      if (!reg_scalar[size_t(i)]) slot[size_t(i)] = take();
-    for (size_t k = 0; k < code.size(); ++k) {
-      const int r = nin() + int(k);
-      if (!reg_scalar[size_t(r)] && out_index[size_t(r)] < 0) slot[size_t(r)] = take();
-      for (int a : code[k].args)  // an operand read twice (mul(x, x)) is freed once
-        if (last[size_t(a)] == int(k) && slot[size_t(a)] >= 0 &&
-            std::find(free_slots.begin(), free_slots.end(), slot[size_t(a)]) == free_slots.end())
-          free_slots.push_back(slot[size_t(a)]);
-    }
-    // The text: everything that decides the result, so equal texts mean equal programs.
-    text = shape.str() + " in(";
-    for (int i = 0; i < nin(); ++i) text += (i ? ", " : "") + spec_text(inputs[size_t(i)]);
-    text += ")";
-    for (size_t k = 0; k < code.size(); ++k) {
-      const Instr& in = code[k];
-      text += " r" + std::to_string(nin() + int(k)) + ":" + std::string(dtype_name(in.dtype)) + "=" + in.op->name();
-      if (in.kind == Instr::Kind::clamp) {
-        char b[96];
-        std::snprintf(b, sizeof b, "[%a,%a]", in.lo, in.hi);  // exact
-        text += b;
-      }
-      text += "(";
-      for (size_t j = 0; j < in.args.size(); ++j) text += (j ? "," : "") + std::string("r") + std::to_string(in.args[j]);
-      text += ")";
-    }
-    text += " out(";
-    for (size_t k = 0; k < outputs.size(); ++k) text += (k ? "," : "") + std::string("r") + std::to_string(outputs[k]);
+    text += "(";
+    for (size_t j = 0; j < in.args.size(); ++j) text += (j ? "," : "") + std::string("r") + std::to_string(in.args[j]);
     text += ")";
   }
-};
+  text += " out(";
+  for (size_t k = 0; k < outputs.size(); ++k) text += (k ? "," : "") + std::string("r") + std::to_string(outputs[k]);
+  text += ")";
+}
+
+namespace {
 
 // ------------------------------------------------------------------------------------ the interpreter
 
@@ -493,17 +472,73 @@ std::vector<TensorSpec> program_out_specs(const Program& p) {
   return out;
 }
 
+// A program's generated CUDA kernel (jit/codegen.h): the source is made on first use, the loaded kernel
+// kept per device, so a replay costs one launch and no lookups.
+class GeneratedKernel {
+ public:
+  // may_alias: an output may share memory with an input (the in-place GEMM epilogue), so the source
+  // must not declare its pointers __restrict__.
+  GeneratedKernel(const Program& p, bool may_alias) : p_(p), may_alias_(may_alias) {}
+
+  const std::string& source() const {
+    std::call_once(once_, [this] { source_ = cuda_source(p_, may_alias_); });
+    return source_;
+  }
+
+  // Runs the program over CUDA tensors `in` (any strides, broadcasting to the program's shape) into the
+  // contiguous outputs `out`.
+  void run(const TensorList& in, const TensorList& out) const {
+    const int dev = out[0].device().index;
+    if (dev < 0 || dev >= kMaxDevices)
+      throw DeviceError("fused CUDA kernel: device index out of range", "cuda:0 .. cuda:" + std::to_string(kMaxDevices - 1),
+                        out[0].device().str());
+    const void* k = kernel_[size_t(dev)].load(std::memory_order_acquire);
+    if (!k) {
+      k = detail::load_fused_kernel(source(), dev);
+      kernel_[size_t(dev)].store(k, std::memory_order_release);
+    }
+    const int rank = std::max(1, p_.shape.rank());
+    const Shape dense = p_.shape.contiguous_strides();
+    std::vector<const void*> ip;
+    std::vector<void*> op;
+    std::vector<int64_t> st;
+    bool all_dense = true;
+    for (int i = 0; i < p_.nin(); ++i) {
+      const Tensor& t = in[size_t(i)];
+      ip.push_back(t.raw_data());
+      const Shape s = kernels::cpu::broadcast_strides(t, p_.shape);
+      for (int d = 0; d < rank; ++d) st.push_back(d < p_.shape.rank() ? s[d] : 0);
+      if (p_.reg_scalar[size_t(i)]) continue;
+      for (int d = 0; d < p_.shape.rank(); ++d)
+        if (p_.shape[d] != 1 && s[d] != dense[d]) all_dense = false;
+    }
+    for (const Tensor& t : out) op.push_back(t.raw_data());
+    detail::launch_fused_kernel(k, dev, ip, op, st, p_.shape.numel(), all_dense);
+  }
+
+ private:
+  static constexpr int kMaxDevices = 16;
+  const Program& p_;
+  bool may_alias_;
+  mutable std::once_flag once_;
+  mutable std::string source_;
+  mutable std::array<std::atomic<const void*>, kMaxDevices> kernel_{};
+};
+
 class FusedElementwise final : public FusedOp {
  public:
   explicit FusedElementwise(Program p)
-      : FusedOp(p.inputs, program_out_specs(p), program_steps(p), p.outputs), p_(std::move(p)) {}
+      : FusedOp(p.inputs, program_out_specs(p), program_steps(p), p.outputs), p_(std::move(p)), kernel_(p_, false) {}
   const char* name() const override { return "fused"; }
   std::string attrs() const override { return p_.text; }
   void cpu(const TensorList& in, TensorList& out) const override { run_chunks(p_, Bound(p_, in), out); }
+  void cuda(const TensorList& in, TensorList& out) const override { kernel_.run(in, out); }
   const Program& program() const { return p_; }
+  const GeneratedKernel& kernel() const { return kernel_; }
 
  private:
   Program p_;
+  GeneratedKernel kernel_;
 };
 
 // Inputs: the GEMM op's inputs, then the program's inputs except `k`, which is the GEMM's result.
@@ -512,14 +547,20 @@ class FusedMatmulEpilogue final : public FusedOp {
  public:
   FusedMatmulEpilogue(OpPtr gemm, std::vector<TensorSpec> gemm_in, TensorSpec gemm_out, Program p, int k, bool keep)
       : FusedOp(inputs_of(gemm_in, p, k), outputs_of(gemm_out, p, keep), steps_of(gemm, gemm_in.size(), p, k), outs_of(gemm_in.size(), p, k, keep)),
-        gemm_(std::move(gemm)), ngemm_(int(gemm_in.size())), gemm_out_(gemm_out), p_(std::move(p)), k_(k), keep_(keep) {}
+        gemm_(std::move(gemm)), ngemm_(int(gemm_in.size())), gemm_out_(gemm_out), p_(std::move(p)), k_(k), keep_(keep),
+        kernel_(p_, true) {}
   const char* name() const override { return "fused_matmul"; }
   std::string attrs() const override {
     std::string s = std::string("gemm=") + gemm_->name();
     if (const std::string a = gemm_->attrs(); !a.empty()) s += "[" + a + "]";
     return s + " result=r" + std::to_string(k_) + (keep_ ? " kept" : "") + " epilogue=" + p_.text;
   }
-  void cpu(const TensorList& in, TensorList& out) const override {
+  void cpu(const TensorList& in, TensorList& out) const override { run(in, out, false); }
+  void cuda(const TensorList& in, TensorList& out) const override { run(in, out, true); }
+  const GeneratedKernel& kernel() const { return kernel_; }
+
+ private:
+  void run(const TensorList& in, TensorList& out, bool on_cuda) const {
     const TensorList gin(in.begin(), in.begin() + ngemm_);
     // The GEMM writes into an output of its shape and dtype, which the epilogue then rewrites in place.
     Tensor target;
@@ -532,14 +573,17 @@ class FusedMatmulEpilogue final : public FusedOp {
       target = alias >= 0 ? out[size_t(alias)] : empty(gemm_out_.shape, gemm_out_.dtype, in[0].device());
     }
     TensorList gout{target};
-    gemm_->cpu(gin, gout);
+    if (on_cuda) gemm_->cuda(gin, gout);
+    else gemm_->cpu(gin, gout);
     TensorList pin;
     for (int j = 0; j < p_.nin(); ++j) pin.push_back(j == k_ ? target : in[size_t(ngemm_ + (j < k_ ? j : j - 1))]);
     const TensorList pout(out.begin() + (keep_ ? 1 : 0), out.end());
-    run_chunks(p_, Bound(p_, pin, alias >= 0 ? k_ : -1), pout);
+    // On CUDA each thread reads every input of its element before writing its outputs, so the epilogue
+    // may run in place without a copy (the kernel is generated without __restrict__ for that).
+    if (on_cuda) kernel_.run(pin, pout);
+    else run_chunks(p_, Bound(p_, pin, alias >= 0 ? k_ : -1), pout);
   }
 
- private:
   static std::vector<TensorSpec> inputs_of(const std::vector<TensorSpec>& gemm_in, const Program& p, int k) {
     std::vector<TensorSpec> in = gemm_in;
     for (int j = 0; j < p.nin(); ++j)
@@ -583,6 +627,7 @@ class FusedMatmulEpilogue final : public FusedOp {
   Program p_;
   int k_;
   bool keep_;
+  GeneratedKernel kernel_;
 };
 
 // sum(program's one output) over the reduced axes, never materialising the program's result.
@@ -723,10 +768,10 @@ bool creates_cycle(const Graph& g, const Uses& u, const std::vector<int>& seeds,
 std::optional<Instr> as_instr(const Graph& g, const Node& n) {
   if (n.outputs.size() != 1 || n.inputs.empty() || n.inputs.size() > 3) return std::nullopt;
   const TensorSpec& o = spec(g, n.outputs[0]);
-  if (!o.device.is_cpu()) return std::nullopt;
+  if (!o.device.is_cpu() && !o.device.is_cuda()) return std::nullopt;
   std::vector<DType> dt;
   for (int v : n.inputs) {
-    if (!spec(g, v).device.is_cpu()) return std::nullopt;
+    if (spec(g, v).device != o.device) return std::nullopt;
     dt.push_back(spec(g, v).dtype);
   }
   const std::string name = n.op->name();
@@ -966,7 +1011,7 @@ int fuse_matmul_epilogues(Graph& g) {
       if ((name != "matmul" && name != "linear") || mm.outputs.size() != 1) continue;
       const int v = mm.outputs[0];
       const TensorSpec& vs = spec(g, v);
-      if (!vs.device.is_cpu() || !is_float(vs.dtype)) continue;
+      if ((!vs.device.is_cpu() && !vs.device.is_cuda()) || !is_float(vs.dtype)) continue;
       for (int c : u.consumers[size_t(v)]) {
         std::vector<int> pin, pout;
         std::optional<Program> p = program_of(g, c, pin, pout);
@@ -1024,6 +1069,15 @@ int fuse_reduction_prologues(Graph& g) {
   g.nodes = std::move(kept);
   topo_sort(g);
   return int(drop.size());
+}
+
+std::vector<std::string> fused_kernel_sources(const Graph& g) {
+  std::vector<std::string> out;
+  for (const Node& n : g.nodes) {
+    if (const auto* fe = dynamic_cast<const FusedElementwise*>(n.op.get())) out.push_back(fe->kernel().source());
+    else if (const auto* fm = dynamic_cast<const FusedMatmulEpilogue*>(n.op.get())) out.push_back(fm->kernel().source());
+  }
+  return out;
 }
 
 int fuse(Graph& g) { return fuse_elementwise(g) + fuse_matmul_epilogues(g) + fuse_reduction_prologues(g); }

@@ -1,50 +1,41 @@
 // Elementwise kernels: strided N-d (broadcasting) binary / unary ops, clamp, where, casts.
-// Contiguous same-shape f32 operands with 16-byte-aligned pointers take a float4 path.
+// Contiguous same-shape f32 operands with 16-byte-aligned pointers take a float4 path. The scalar math is
+// kernels/cuda/ew_math.cuh (shared with the JIT's generated kernels); this file compiles with -fmad=false
+// (cmake/cuda.cmake) so that its roundings are those of the generated kernels.
 #include <cmath>
+#include <type_traits>
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/ew_math.cuh"
 
 namespace titanax::kernels::cuda {
 namespace {
-
-constexpr double kSqrt2OverPi = 0.7978845608028654;
-constexpr double kInvSqrt2 = 0.7071067811865476;
-constexpr double kInvSqrt2Pi = 0.3989422804014327;
-
-template <class T> __device__ __forceinline__ T dexp(T v) { return exp(v); }
-template <> __device__ __forceinline__ float dexp(float v) { return expf(v); }
 
 template <class T>
 struct BinaryF {
   int op;
   __device__ __forceinline__ T operator()(T x, T y) const {
     switch (op) {
-      case ew::add: return T(x + y);
-      case ew::sub: return T(x - y);
-      case ew::mul: return T(x * y);
-      case ew::div:
-        if constexpr (std::is_integral_v<T>) return y == 0 ? T(0) : T(x / y);
-        else return T(x / y);
-      case ew::maximum: return (x >= y || x != x) ? x : y;
-      case ew::minimum: return (x <= y || x != x) ? x : y;
-      case ew::pow:
-        if constexpr (std::is_same_v<T, float>) return powf(x, y);
-        else return T(::pow(double(x), double(y)));
-      case ew::relu_backward: return y > T(0) ? x : T(0);
-      case ew::gelu_tanh_backward:
-        if constexpr (std::is_floating_point_v<T>) {
-          const T c = T(kSqrt2OverPi), k = T(0.044715);
-          T u = c * (y + k * y * y * y);
-          T t = tanh(u);
-          return x * (T(0.5) * (T(1) + t) + T(0.5) * y * (T(1) - t * t) * c * (T(1) + T(3) * k * y * y));
-        }
-        return T(0);
-      case ew::gelu_erf_backward:
-        if constexpr (std::is_floating_point_v<T>)
-          return x * (T(0.5) * (T(1) + erf(y * T(kInvSqrt2))) + y * T(kInvSqrt2Pi) * dexp(T(-0.5) * y * y));
-        return T(0);
-      default: return T(0);
+      case ew::add: return ewm::add(x, y);
+      case ew::sub: return ewm::sub(x, y);
+      case ew::mul: return ewm::mul(x, y);
+      case ew::div: return ewm::div_(x, y);
+      case ew::maximum: return ewm::maximum(x, y);
+      case ew::minimum: return ewm::minimum(x, y);
+      case ew::relu_backward: return ewm::relu_backward(x, y);
+      default: break;
     }
+    if constexpr (std::is_floating_point_v<T>) {
+      switch (op) {
+        case ew::pow: return ewm::pow_(x, y);
+        case ew::gelu_tanh_backward: return ewm::gelu_tanh_backward(x, y);
+        case ew::gelu_erf_backward: return ewm::gelu_erf_backward(x, y);
+        default: break;
+      }
+    } else if (op == ew::pow) {
+      return T(::pow(double(x), double(y)));
+    }
+    return T(0);
   }
 };
 
@@ -53,12 +44,12 @@ struct CompareF {
   int op;
   __device__ __forceinline__ bool operator()(T x, T y) const {
     switch (op) {
-      case ew::eq: return x == y;
-      case ew::ne: return x != y;
-      case ew::lt: return x < y;
-      case ew::le: return x <= y;
-      case ew::gt: return x > y;
-      default: return x >= y;
+      case ew::eq: return ewm::eq(x, y);
+      case ew::ne: return ewm::ne(x, y);
+      case ew::lt: return ewm::lt(x, y);
+      case ew::le: return ewm::le(x, y);
+      case ew::gt: return ewm::gt(x, y);
+      default: return ewm::ge(x, y);
     }
   }
 };
@@ -68,27 +59,24 @@ struct UnaryF {
   int op;
   __device__ __forceinline__ T operator()(T v) const {
     switch (op) {
-      case ew::neg: return T(-v);
-      case ew::abs: return v < T(0) ? T(-v) : v;
-      case ew::square: return T(v * v);
-      case ew::sign: return T((v > T(0)) - (v < T(0)));
-      case ew::relu: return v > T(0) ? v : T(0);
+      case ew::neg: return ewm::neg(v);
+      case ew::abs: return ewm::abs_(v);
+      case ew::square: return ewm::square(v);
+      case ew::sign: return ewm::sign(v);
+      case ew::relu: return ewm::relu(v);
       default: break;
     }
     if constexpr (std::is_floating_point_v<T>) {
       switch (op) {
-        case ew::exp: return dexp(v);
-        case ew::log: return log(v);
-        case ew::sqrt: return sqrt(v);
-        case ew::rsqrt: return T(1) / sqrt(v);
-        case ew::tanh: return tanh(v);
-        case ew::sigmoid: {
-          const T e = dexp(v >= T(0) ? -v : v);
-          return v >= T(0) ? T(1) / (T(1) + e) : e / (T(1) + e);
-        }
-        case ew::reciprocal: return T(1) / v;
-        case ew::gelu_tanh: return T(0.5) * v * (T(1) + tanh(T(kSqrt2OverPi) * (v + T(0.044715) * v * v * v)));
-        case ew::gelu_erf: return T(0.5) * v * (T(1) + erf(v * T(kInvSqrt2)));
+        case ew::exp: return ewm::exp_(v);
+        case ew::log: return ewm::log_(v);
+        case ew::sqrt: return ewm::sqrt_(v);
+        case ew::rsqrt: return ewm::rsqrt_(v);
+        case ew::tanh: return ewm::tanh_(v);
+        case ew::sigmoid: return ewm::sigmoid(v);
+        case ew::reciprocal: return ewm::reciprocal(v);
+        case ew::gelu_tanh: return ewm::gelu_tanh(v);
+        case ew::gelu_erf: return ewm::gelu_erf(v);
         default: break;
       }
     }
@@ -153,15 +141,12 @@ __global__ void k_where(T* out, const bool* c, const T* a, const T* b, Layout L,
 
 template <class D, class S>
 struct CastF {
-  __device__ __forceinline__ D operator()(S v) const {
-    if constexpr (std::is_same_v<D, bool>) return v != S(0);
-    else return static_cast<D>(v);
-  }
+  __device__ __forceinline__ D operator()(S v) const { return ewm::cast_to<D, S>::f(v); }
 };
 template <class T>
 struct ClampF {
   T lo, hi;
-  __device__ __forceinline__ T operator()(T v) const { return v < lo ? lo : (v > hi ? hi : v); }
+  __device__ __forceinline__ T operator()(T v) const { return ewm::clamp(v, lo, hi); }
 };
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }

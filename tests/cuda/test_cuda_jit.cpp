@@ -1,0 +1,162 @@
+// The JIT on the GPU (part of titanax_cuda_tests: skipped, exit 77, without a GPU; see test_cuda.cpp):
+// fused groups run NVRTC-generated kernels (jit/codegen.h). Generated and eager CUDA kernels share their
+// scalar math (kernels/cuda/ew_math.cuh) and both compile without FMA contraction, so the fused graph
+// must equal the unfused graph on the GPU bitwise; against the CPU the usual f32 / f64 tolerances hold.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+
+#include "autodiff/autodiff.h"
+#include "jit/codegen.h"
+#include "jit/fusion.h"
+#include "jit/graph.h"
+#include "ops/ops.h"
+#include "op_cases.h"
+#include "test_util.h"
+
+using namespace titanax;
+
+namespace {
+
+TensorList to_cuda(const TensorList& in) {
+  TensorList out;
+  for (const Tensor& t : in) out.push_back(t.to(Device::cuda(0)));
+  return out;
+}
+
+// Same shape, dtype and bytes (copied to the host).
+void check_bitwise(const TensorList& got, const TensorList& want) {
+  REQUIRE(got.size() == want.size());
+  for (size_t k = 0; k < got.size(); ++k) {
+    INFO("output " << k);
+    REQUIRE(got[k].shape() == want[k].shape());
+    REQUIRE(got[k].dtype() == want[k].dtype());
+    const Tensor a = got[k].to(Device::cpu()).contiguous(), b = want[k].to(Device::cpu()).contiguous();
+    CHECK(std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0);
+  }
+}
+
+// max |got - want| / max(max |want|, 1e-30) over every output (NaN in one but not the other: inf).
+double rel_error(const TensorList& got, const TensorList& want) {
+  double worst = 0;
+  for (size_t k = 0; k < got.size(); ++k) {
+    const auto g = got[k].to(Device::cpu()).astype(DType::f64).to_vector<double>();
+    const auto w = want[k].to(Device::cpu()).astype(DType::f64).to_vector<double>();
+    double num = 0, den = 1e-30;
+    for (size_t i = 0; i < g.size(); ++i) {
+      if (std::isnan(g[i]) != std::isnan(w[i])) return INFINITY;
+      if (std::isnan(w[i])) continue;
+      num = std::max(num, std::fabs(g[i] - w[i]));
+      den = std::max(den, std::fabs(w[i]));
+    }
+    worst = std::max(worst, num / den);
+  }
+  return worst;
+}
+
+int count_fused(const jit::Graph& g) {
+  int n = 0;
+  for (const auto& node : g.nodes) n += std::string(node.op->name()).rfind("fused", 0) == 0;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE("cuda jit: random fused elementwise graphs equal the unfused graph on the GPU bitwise, and the CPU") {
+  std::mt19937 rng(2025);
+  for (int trial = 0; trial < 24; ++trial) {
+    const DType t = trial % 2 ? DType::f32 : DType::f64, other = trial % 2 ? DType::f64 : DType::f32;
+    const Shape full{int64_t(1 + rng() % 9), int64_t(1 + rng() % 33), int64_t(1 + rng() % 130)};
+    std::vector<Shape> shapes{full};
+    for (int i = 0; i < 2; ++i) {
+      Shape s;
+      for (int d = int(rng() % 3); d < 3; ++d) s.push_back(rng() % 3 == 0 ? 1 : full[size_t(d)]);  // broadcasting
+      shapes.push_back(s);
+    }
+    const uint32_t seed = rng();
+    auto f = [seed, other](const TensorList& in) {
+      std::mt19937 r(seed);
+      std::vector<Tensor> pool(in.begin(), in.end());
+      auto pick = [&] { return pool[r() % pool.size()]; };
+      auto pos = [](const Tensor& x) { return abs(x) + 0.5; };
+      for (int k = 0; k < 14; ++k) {
+        const Tensor a = pick(), b = pick();
+        Tensor y;
+        switch (r() % 16) {
+          case 0: y = exp(clamp(a, -5, 5)); break;
+          case 1: y = log(pos(a)); break;
+          case 2: y = sqrt(abs(a)) - rsqrt(pos(b)); break;
+          case 3: y = tanh(a) * sigmoid(b); break;
+          case 4: y = gelu(a, true); break;
+          case 5: y = gelu(a, false); break;
+          case 6: y = a + b; break;
+          case 7: y = a * b - reciprocal(pos(b)); break;
+          case 8: y = a / pos(b); break;
+          case 9: y = maximum(a, b); break;
+          case 10: y = pow(pos(a), clamp(b, -2, 2)); break;
+          case 11: y = where(gt(a, b), a, b * 0.5); break;
+          case 12: y = relu_backward(a, relu(b)); break;
+          case 13: y = gelu_backward(a, b, r() % 2 == 0); break;
+          case 14: y = a.astype(other).astype(a.dtype()) * 3.0; break;
+          default: y = square(a) + neg(b); break;
+        }
+        pool.push_back(y);
+      }
+      return TensorList{pool.back(), pool[pool.size() - 4]};
+    };
+    auto args = [&](uint64_t s) {
+      TensorList in;
+      for (size_t i = 0; i < shapes.size(); ++i) in.push_back(testing::randn64(RngKey::from_seed(s + i), shapes[i]).astype(t));
+      return in;
+    };
+    INFO("trial " << trial << " shape " << full.str() << " dtype " << dtype_name(t));
+    const jit::Graph g = jit::trace(f, to_cuda(args(500 + uint64_t(trial) * 10)));
+    jit::Graph fg = g;
+    jit::fuse(fg);
+    CHECK(count_fused(fg) > 0);
+    const TensorList fresh = args(505 + uint64_t(trial) * 10);
+    const TensorList want = g.run(to_cuda(fresh)), got = fg.run(to_cuda(fresh));
+    check_bitwise(got, want);
+    // A transposed (strided) input takes the kernel's general path.
+    TensorList strided = to_cuda(fresh);
+    strided[0] = strided[0].transpose(1, 2).contiguous().transpose(1, 2);
+    check_bitwise(fg.run(strided), g.run(strided));
+    CHECK(rel_error(got, f(fresh)) <= (t == DType::f32 ? 1e-5 : 1e-12));
+  }
+}
+
+TEST_CASE("cuda jit: an MLP training step with GEMM epilogues: fused equals unfused on the GPU bitwise") {
+  auto step = [](const TensorList& in) {
+    ParamTree p{{"w1", in[2]}, {"b1", in[3]}, {"w2", in[4]}, {"b2", in[5]}};
+    Tensor loss;
+    auto g = value_and_grad(
+                 [&] {
+                   Tensor h = gelu(linear(in[0], p.at("w1"), p.at("b1")), true);
+                   Tensor o = linear(h, p.at("w2"), p.at("b2"));
+                   return loss = mean(square(o - in[1]));
+                 },
+                 p)
+                 .second;
+    return TensorList{loss, g.at("w1"), g.at("b1"), g.at("w2"), g.at("b2")};
+  };
+  auto args = [](uint64_t s) {
+    TensorList a;
+    for (const Shape& sh : {Shape{128, 64}, Shape{128, 16}, Shape{256, 64}, Shape{256}, Shape{16, 256}, Shape{16}})
+      a.push_back(testing::randn64(RngKey::from_seed(s++), sh).astype(DType::f32).to(Device::cuda(0)));
+    return a;
+  };
+  jit::Graph g = jit::trace(step, args(20));
+  jit::optimize(g);
+  jit::Graph fg = g;
+  jit::reset_kernel_cache_stats();
+  REQUIRE(jit::fuse(fg) > 0);
+  int epilogues = 0;
+  for (const auto& node : fg.nodes) epilogues += std::string(node.op->name()) == "fused_matmul";
+  CHECK(epilogues > 0);
+  check_bitwise(fg.run(args(30)), g.run(args(30)));
+  check_bitwise(fg.run(args(40)), step(args(40)));  // and eager
+  const auto st = jit::kernel_cache_stats();
+  CHECK(st.compiles + st.disk_hits + st.memory_hits >= int64_t(jit::fused_kernel_sources(fg).size()));
+}
