@@ -7,7 +7,9 @@
 //   unplanned_bytes=... disk_cache=none [peer_eager_us_per_step=...]
 // first_call_s: the first jit call (trace, which runs the step once, plus the passes and the memory
 // plan); compile_s: the passes' share as JitStats counts it (trace included). The CPU backend
-// interprets fused groups (no generated code), so there is no disk cache to be cold or warm.
+// interprets fused groups (no generated code), so there is no disk cache to be cold or warm on the CPU
+// (disk_cache=none); in CUDA builds the line adds codegen_*: the NVRTC compile time of the step graph's
+// generated kernels with a cold and a warm disk cache (see codegen_figures).
 // launches: nodes that run a kernel (views excluded), before and after elementwise fusion.
 // planned_us_per_step: the same compiled step with JitOptions::memory_plan (intermediates in one arena of
 // arena_bytes instead of unplanned_bytes of separate buffers).
@@ -16,8 +18,12 @@
 // --no-peer.
 #include <omp.h>
 
+#include <unistd.h>
+
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include <titanax/titanax.h>
@@ -25,6 +31,8 @@
 #include "engine/gpt.h"
 #include "engine/nn.h"
 #include "engine/optim.h"
+#include "core/cuda_runtime.h"
+#include "jit/codegen.h"
 #include "jit/fusion.h"
 #include "jit/memory_plan.h"
 #include "peer.h"
@@ -34,6 +42,34 @@ namespace tx = titanax;
 namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// In CUDA builds: the NVRTC compile of every generated kernel of the step's fused graph (what a CUDA run
+// of the same graph compiles; NVRTC needs no GPU), cold (an empty disk cache) and warm (the memory cache
+// dropped, as in a new process, the disk cache kept). " codegen=unavailable" in CPU builds.
+std::string codegen_figures(const tx::jit::Graph& g) {
+  if (!tx::cuda_rt::built_with_cuda()) return " codegen=unavailable";
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("titanax-bench-kcache-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  const char* before = std::getenv("TITANAX_KERNEL_CACHE");
+  const std::string saved = before ? before : "";
+  setenv("TITANAX_KERNEL_CACHE", dir.c_str(), 1);
+  const std::vector<std::string> sources = tx::jit::fused_kernel_sources(g);
+  double t[2] = {0, 0};
+  for (int warm = 0; warm < 2; ++warm) {
+    tx::jit::clear_kernel_memory_cache();
+    const auto t0 = Clock::now();
+    for (const auto& src : sources) tx::jit::compile_cuda(src, 90);
+    t[warm] = seconds_since(t0);
+  }
+  if (before) setenv("TITANAX_KERNEL_CACHE", saved.c_str(), 1);
+  else unsetenv("TITANAX_KERNEL_CACHE");
+  fs::remove_all(dir);
+  char buf[256];
+  std::snprintf(buf, sizeof buf, " codegen_arch=sm_90 codegen_kernels=%zu codegen_cold_disk_s=%.3f codegen_warm_disk_s=%.4f",
+                sources.size(), t[0], t[1]);
+  return buf;
+}
 
 struct Case {
   std::string name, shape;
@@ -95,7 +131,7 @@ void run_case(Case& c, int64_t steps, std::string extra) {
                 compile_s, eager_us, jit_us, eager_us / jit_us, eager_loss, jit_loss, g->num_nodes(),
                 tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), planned_us, planned_loss, static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
                 static_cast<long long>(g->plan ? g->plan->total_bytes : 0));
-  std::printf("%s%s\n", buf, extra.c_str());
+  std::printf("%s%s%s\n", buf, codegen_figures(*g).c_str(), extra.c_str());
   std::fflush(stdout);
 }
 }  // namespace
