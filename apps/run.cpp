@@ -66,7 +66,7 @@ const ConfigSchema& run_schema() {
     s.add_int("train.log_every", 50, "steps between log lines");
     s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
     s.add_bool("train.jit", false, "compile the training step with the JIT: traced once, then replayed as one "
-               "optimised graph (single-rank plans, no dropout)");
+               "optimised graph (data-parallel plans, no dropout)");
     s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints; titanax sample reads it)");
     s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)");
     s.add_int("checkpoint.keep_last", 2, "checkpoints kept");

@@ -9,6 +9,7 @@
 #include <set>
 
 #include "autodiff/autodiff.h"
+#include "parallel/collectives.h"
 #include "parallel/dp.h"
 #include "parallel/pipeline.h"
 #include "parallel/sharding.h"
@@ -234,10 +235,11 @@ int Engine::accumulate_steps(const Batch& batch) const {
 }
 
 void Engine::check_jit(nn::Module& model, const Batch& batch) const {
-  if (plan_.pp || mesh_.size() > 1)
-    throw PlanError("the JIT-compiled step runs single-rank plans only",
-                    "one rank and no pipeline parallelism with jit (TP or DP axes of size 1 are fine)",
-                    std::to_string(mesh_.size()) + " rank(s); " + plan_.describe(), "set jit: false for parallel plans");
+  if (plan_.pp || mesh_.size() != dp_size())
+    throw PlanError("the JIT-compiled step runs data-parallel plans only",
+                    "every rank on the DP axis and no pipeline parallelism with jit (TP or PP axes of size 1 are fine)",
+                    std::to_string(mesh_.size()) + " rank(s), " + std::to_string(dp_size()) + " on the DP axis; " + plan_.describe(),
+                    "set jit: false for tensor- or pipeline-parallel plans");
   if (model.stochastic())
     throw ValueError("the JIT-compiled step does not support stochastic layers yet", "a model without dropout (p = 0)",
                      model.name() + " has dropout", "set dropout to 0 or jit: false (a traced step would reuse one dropout mask)");
@@ -267,6 +269,10 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     if (acc > 1) {
       loss = loss * (1.0 / acc);
       grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
+    }
+    if (dp_size() > 1) {  // the averages over the DP replicas, as traced collectives the graph replays
+      grads = bucketed_pmean(mesh_, grads, plan_.dp->axis, opts_.bucket_bytes);
+      loss = pmean(mesh_, loss, plan_.dp->axis);
     }
     Tensor norm = opts_.grad_clip > 0 ? optim::clip_grad_norm_tensor(grads, opts_.grad_clip) : optim::global_norm_tensor(grads);
     opt_->step(params, grads);

@@ -99,9 +99,10 @@ struct EngineOptions {
   size_t bucket_bytes = 25u << 20;
   /// Compile the training step with the JIT (jit/graph.h): the first step of each batch signature is
   /// traced (forward, the tape's backward, clipping and the optimizer update: one graph) and later steps
-  /// replay the optimised graph. Single-rank meshes without Plan::pp (a TP axis of size 1 is fine), and
-  /// models without dropout (its per-step key would be fixed in the graph): PlanError / ValueError
-  /// otherwise.
+  /// replay the optimised graph. Data-parallel plans (every rank on the DP axis: the gradient and loss
+  /// averages are pmean collectives in the graph, gradients packed in buckets of bucket_bytes; no
+  /// Plan::pp; TP or other axes of size 1 are fine), and models without dropout (its per-step key
+  /// would be fixed in the graph): PlanError / ValueError otherwise.
   bool jit = false;
 };
 

@@ -5,6 +5,7 @@
 
 #include "autodiff/tape.h"
 #include "ops/ops.h"
+#include "parallel/collectives.h"
 
 namespace titanax {
 namespace {
@@ -275,5 +276,35 @@ DataShard data_shard(const Mesh& mesh, const Plan& plan, Loc loc) {
 }
 
 RngKey rank_key(RngKey base, const Mesh& mesh) { return fold_in(base, uint64_t(mesh.rank())); }
+
+ParamTree bucketed_pmean(const Mesh& mesh, const ParamTree& grads, const std::string& axis, size_t bucket_bytes,
+                         Loc loc) {
+  ParamTree out = grads;
+  std::vector<size_t> bucket;
+  size_t bytes = 0;
+  auto flush = [&] {
+    if (bucket.empty()) return;
+    TensorList flat;
+    for (size_t i : bucket) flat.push_back(reshape(grads[i].second, Shape{grads[i].second.numel()}));
+    const Tensor mean = pmean(mesh, flat.size() == 1 ? flat[0] : concat(flat, 0), axis, loc);
+    int64_t at = 0;
+    for (size_t i : bucket) {
+      const Tensor& g = grads[i].second;
+      out[i].second = reshape(mean.slice(0, at, at + g.numel()), g.shape());
+      at += g.numel();
+    }
+    bucket.clear();
+    bytes = 0;
+  };
+  for (size_t k = grads.size(); k-- > 0;) {
+    const Tensor& g = grads[k].second;
+    if (!is_floating(g.dtype())) continue;
+    if (!bucket.empty() && (grads[bucket[0]].second.dtype() != g.dtype() || bytes + g.nbytes() > bucket_bytes)) flush();
+    bucket.push_back(k);
+    bytes += g.nbytes();
+  }
+  flush();
+  return out;
+}
 
 }  // namespace titanax

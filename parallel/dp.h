@@ -75,6 +75,16 @@ class GradientSync {
   std::vector<std::vector<size_t>> bucket_params_;
 };
 
+/// The mean of every gradient over `axis`, written with ops (reshape, concat, pmean, slice) so that it can
+/// be traced into a graph (the JIT-compiled data-parallel step, engine/engine.cpp) and replayed: the
+/// gradients, in reverse order, are packed into flat buckets of up to `bucket_bytes` (a larger gradient
+/// alone; one dtype per bucket), each bucket is averaged with one pmean (one all-reduce), and the
+/// results are unpacked into the shapes of `grads`, in its order. Collective over `axis`: every rank
+/// passes the same paths, shapes and dtypes (the communicator's cross-rank check raises CollectiveError
+/// otherwise). Non-floating entries are returned unchanged. MeshError for an axis not in the mesh.
+ParamTree bucketed_pmean(const Mesh& mesh, const ParamTree& grads, const std::string& axis, size_t bucket_bytes,
+                         Loc loc = Loc::current());
+
 /// Which shard of the data this rank reads: `index` of `count` equal shards.
 struct DataShard {
   int index = 0;

@@ -94,7 +94,7 @@ resume)  # 100 steps, checkpoint, stop; resume for 100 more == 200 straight step
   [[ $(value 'final train loss' <straight.txt) == "$(value 'final train loss' <second.txt)" ]] || fail "final losses differ"
   [[ $(value 'test accuracy' <straight.txt) == "$(value 'test accuracy' <second.txt)" ]] || fail "accuracies differ" ;;
 
-jit_parity)  # train.jit: the compiled step follows the eager losses on real digits (MLP 50 steps, CNN 20)
+jit_parity)  # train.jit: the compiled step follows the eager losses on real digits (MLP 50 steps, CNN 20, MLP on 2 ranks)
   run 1 mnist_mlp.yaml --set train.steps=50 --set schedule.warmup_steps=10 | tee mlp_eager.txt
   run 1 mnist_mlp.yaml --set train.steps=50 --set schedule.warmup_steps=10 --set train.jit=true | tee mlp_jit.txt
   rel_close "$(value 'final train loss' <mlp_jit.txt)" "$(value 'final train loss' <mlp_eager.txt)" 1e-5 "MLP loss, jit vs eager"
@@ -108,7 +108,11 @@ jit_parity)  # train.jit: the compiled step follows the eager losses on real dig
   grep -Eq '^# training step of MLP.*: [0-9]+ nodes, 19 in-place updates$' graph.txt || fail "graph summary (3 x 6 parameters + step)"
   "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --graph dot >graph.dot
   [[ $(head -1 graph.dot) == "digraph jit {" ]] || fail "dot output"
-  expect_error 'single-rank plans only' run 2 mnist_mlp.yaml --set train.steps=2 --set schedule.warmup_steps=1 --set train.jit=true
+  # Data parallelism under jit: the gradient and loss averages are collectives in the graph.
+  run 2 mnist_mlp.yaml --set train.steps=30 --set schedule.warmup_steps=5 --set train.eval_every=0 | tee dp_eager.txt
+  run 2 mnist_mlp.yaml --set train.steps=30 --set schedule.warmup_steps=5 --set train.eval_every=0 --set train.jit=true | tee dp_jit.txt
+  rel_close "$(value 'final train loss' <dp_jit.txt)" "$(value 'final train loss' <dp_eager.txt)" 1e-5 "MLP loss on 2 ranks, jit vs eager"
+  echo "MLP on 2 ranks: $(value 'final train loss' <dp_eager.txt) eager, $(value 'final train loss' <dp_jit.txt) jit"
   expect_error 'stochastic layers' run 1 mnist_mlp.yaml --set train.steps=2 --set schedule.warmup_steps=1 --set train.jit=true --set model.dropout=0.1 ;;
 
 gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same loss as eager after 10 steps
@@ -117,7 +121,9 @@ gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same l
   gpt | tee eager.txt
   gpt --set train.jit=true | tee jit.txt
   rel_close "$(value 'final train loss' <jit.txt)" "$(value 'final train loss' <eager.txt)" 1e-5 "GPT loss, jit vs eager"
-  echo "GPT: $(value 'final train loss' <eager.txt) eager, $(value 'final train loss' <jit.txt) jit" ;;
+  echo "GPT: $(value 'final train loss' <eager.txt) eager, $(value 'final train loss' <jit.txt) jit"
+  expect_error 'data-parallel plans only' run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=2 \
+    --set schedule.warmup_steps=1 --set mesh.model=2 --set train.jit=true ;;
 
 describe)  # no training; the parameter count of 784-512-512-10 is 784*512+512 + 512*512+512 + 512*10+10
   "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 4 | tee out.txt

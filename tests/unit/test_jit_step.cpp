@@ -150,7 +150,7 @@ TEST_CASE("jit(step) follows the eager loss trajectory: MNIST-shaped MLP and CNN
   }
 }
 
-TEST_CASE("the JIT-compiled Engine step refuses dropout (its key would be fixed) and multi-rank meshes", "[jit][step]") {
+TEST_CASE("the JIT-compiled Engine step refuses dropout (its key would be fixed)", "[jit][step]") {
   nn::MLP model({6, 8, 3}, {.dropout = 0.1});
   CHECK(model.stochastic());
   CHECK_FALSE(nn::MLP({6, 8, 3}).stochastic());
