@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One prepared device run for a session lent a GPU (device time is short: build, test and time in one
+# call). From the project root on this machine: `../shared/device/prepare.sh`, then call the device with
+# carry [".device"] and the command `source .device/on-device.sh && scripts/gpu-check.sh`.
+# Builds the cuda preset (library, CUDA tests, codegen tests, benchmarks) on all cores, runs the CUDA
+# tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph) and the JIT benchmark,
+# writes full logs under $OUT (or build/cuda/gpu-check) and prints a short summary last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-build/cuda/gpu-check}
+mkdir -p "$out"
+jobs=$(nproc)
+summary=()
+step() {  # step NAME COMMAND...: runs it, logs to $out/NAME.log, records pass / fail and seconds
+  local name=$1; shift
+  local t0=$(date +%s)
+  "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-14s rc=%-3s %4ss  %s' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$(tail -1 "$out/$name.log" | cut -c1-150)")")
+  return $rc
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
+step configure cmake --preset cuda || { printf '%s\n' "${summary[@]}"; exit 1; }
+step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_codegen_tests bench_jit \
+  || { tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
+step codegen build/cuda/tests/titanax_codegen_tests
+TITANAX_KERNEL_CACHE="$out/kcache" step cuda_tests build/cuda/tests/titanax_cuda_tests --durations yes
+step bench_jit_mlp build/cuda/bench/jit --model mlp --steps 20 --no-peer
+grep -E "FAILED|failed|with expansion" -A3 "$out/cuda_tests.log" | head -60
+echo "GPU: $(cat "$out/gpu.txt")"
+printf '%s\n' "${summary[@]}"
