@@ -67,6 +67,10 @@ const ConfigSchema& run_schema() {
     s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
     s.add_bool("train.jit", false, "compile the training step with the JIT: traced once, then replayed as one "
                "optimised graph (data-parallel plans, no dropout)");
+    s.add_string("train.loss_scale", "none", "loss scaling: none, dynamic (skip steps with inf / NaN gradients, "
+                 "halve; double after train.loss_scale_growth_interval good steps) or a fixed scale such as 1024");
+    s.add_float("train.loss_scale_init", 65536.0, "dynamic loss scaling: the initial scale");
+    s.add_int("train.loss_scale_growth_interval", 2000, "dynamic loss scaling: good steps before the scale doubles");
     s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints; titanax sample reads it)");
     s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)");
     s.add_int("checkpoint.keep_last", 2, "checkpoints kept");
@@ -265,9 +269,24 @@ Setup setup(const Config& c, Runtime& rt) {
   return s;
 }
 
+// train.loss_scale: "none", "dynamic" or a positive number (a fixed scale).
+LossScaleOptions loss_scale(const Config& c) {
+  const std::string v = c.get_string("train.loss_scale");
+  if (v == "none") return LossScaleOptions::none();
+  if (v == "dynamic")
+    return LossScaleOptions::dynamic(c.get_float("train.loss_scale_init"), c.get_int("train.loss_scale_growth_interval"));
+  char* end = nullptr;
+  const double scale = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end != '\0' || !(scale > 0))
+    throw ConfigError("train.loss_scale must be none, dynamic or a positive number", "none | dynamic | e.g. 1024", v,
+                      "--set train.loss_scale=dynamic");
+  return LossScaleOptions::fixed(scale);
+}
+
 std::unique_ptr<Engine> engine(const Config& c, Runtime& rt, const Setup& s, int64_t steps) {
   EngineOptions eo{.seed = uint64_t(c.get_int("seed")), .grad_clip = c.get_float("optimizer.grad_clip"),
                    .jit = c.get_bool("train.jit")};
+  eo.loss_scale = loss_scale(c);
   if (!c.get_string("checkpoint.dir").empty())
     eo.checkpointer = std::make_shared<Checkpointer>(c.get_string("checkpoint.dir"),
                                                      int(c.get_int("checkpoint.keep_last")), rt.world());

@@ -38,7 +38,17 @@ Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> op
     throw DTypeError("this precision needs the CUDA backend", "params f32, compute f32 on the CPU",
                      opts_.precision.str(), "use Precision::f32() on the CPU");
   if (opts_.grad_clip < 0) throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
+  if (opts_.precision.compute == DType::f16 && !opts_.loss_scale.enabled()) opts_.loss_scale = LossScaleOptions::dynamic();
+  if (opts_.loss_scale.enabled()) {
+    if (plan_.pp || opts_.jit)
+      throw PlanError("loss scaling runs with eager data- and tensor-parallel steps only",
+                      "no plan.pp and jit: false with loss scaling", std::string(plan_.pp ? "plan.pp" : "jit: true") + " with loss scale " + opts_.loss_scale.str(),
+                      "set loss_scale to none (or drop pipeline parallelism / jit)");
+    scaler_ = std::make_unique<LossScaler>(opts_.loss_scale);
+  }
 }
+
+int64_t Engine::global_step() const { return opt_->steps() + (scaler_ ? scaler_->skipped_steps() : 0); }
 
 Engine::~Engine() = default;
 
@@ -177,6 +187,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
   std::map<std::string, PartitionSpec> tp_specs;
   if (plan_.tp) tp_specs = partition_specs(model);  // cheap (glob matching); checked before any work
   begin_step(model, params);
+  const double scale = scaler_ ? scaler_->scale() : 1.0;
 
   ParamTree acc_grads;
   double loss_sum = 0;
@@ -194,8 +205,13 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
         sync_->on_grad_ready(idx, total);
       };
     }
-    auto [loss, grads] = value_and_grad([&] { return loss_fn(model, mb); }, params, bo);
-    loss_sum += loss.item();
+    auto [loss, grads] = value_and_grad(
+        [&] {
+          Tensor l = loss_fn(model, mb);
+          return scaler_ ? l * scale : l;  // backward of S * loss: every gradient scaled by S
+        },
+        params, bo);
+    loss_sum += loss.item() / scale;
     if (!last || !sync_) {
       NoGradGuard ng;
       if (acc_grads.empty()) acc_grads = grads;
@@ -213,13 +229,21 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& b
 
   StepResult r;
   r.lr = opt_->lr();
-  if (plan_.tp)  // split parameters: squares summed over the TP axis, replicated ones counted once
-    r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs, mesh_)
-                                      : optim::global_norm(grads, tp_specs, mesh_);
-  else
-    r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip) : optim::global_norm(grads);
-  opt_->step(params, grads);
-
+  r.loss_scale = scale;
+  if (scaler_) {
+    NoGradGuard ng;
+    grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / scale); });  // unscale first
+  }
+  // Split parameters: squares summed over the TP axis, replicated ones counted once. The norm is the same
+  // on every rank (DP averages, TP sums), so is the loss scaler's decision: an inf or NaN in any
+  // gradient on any rank makes it non-finite everywhere.
+  r.grad_norm = plan_.tp ? optim::global_norm(grads, tp_specs, mesh_) : optim::global_norm(grads);
+  if (scaler_ && scaler_->update(!std::isfinite(r.grad_norm))) {
+    r.skipped = true;  // no update: parameters, moments and the optimizer's step counter unchanged
+  } else {
+    if (opts_.grad_clip > 0) optim::clip_to_norm(grads, r.grad_norm, opts_.grad_clip);
+    opt_->step(params, grads);
+  }
   r.loss = dp_mean(loss_sum / acc);
   return r;
 }
@@ -385,6 +409,11 @@ ParamTree Engine::state_tree(nn::Module& model) {
   ParamTree t;
   for (const auto& [p, v] : params) t.insert("params/" + p, v);
   for (const auto& [p, v] : opt_->state()) t.insert("opt/" + p, v);
+  if (scaler_) {
+    t.insert("scaler/scale", scaler_->scale_tensor());
+    t.insert("scaler/good", scaler_->good_tensor());
+    t.insert("scaler/skipped", scaler_->skipped_tensor());
+  }
   return t;
 }
 
@@ -466,7 +495,7 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
     ++steps_done;
     res.final_loss = r.loss;
     const int64_t s = global_step();
-    if (!std::isfinite(r.loss))
+    if (!std::isfinite(r.loss) && !r.skipped)
       throw ValueError("the training loss is not finite at step " + std::to_string(s), "a finite loss",
                        std::to_string(r.loss), "lower the learning rate or enable grad_clip");
     bool log_now = fo.log_every > 0 && (s % fo.log_every == 0 || s == fo.steps);
@@ -477,6 +506,10 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
       Metrics m{{"train/loss", r.loss}, {"train/lr", r.lr}, {"train/grad_norm", r.grad_norm},
                 {"train/samples_per_s", dt > 0 ? double(global_batch * steps_since) / dt : 0.0},
                 {"train/step_ms", steps_since ? 1e3 * dt / double(steps_since) : 0.0}};
+      if (scaler_) {
+        m["train/loss_scale"] = scaler_->scale();
+        m["train/skipped_steps"] = double(scaler_->skipped_steps());
+      }
       if (eval_now) {
         res.final_eval = evaluate(model, fo.eval);
         eval_step = s;

@@ -40,6 +40,7 @@
 #include <optional>
 
 #include "engine/logger.h"
+#include "engine/loss_scale.h"
 #include "engine/nn.h"
 #include "engine/pipeline_module.h"
 #include "engine/optim.h"
@@ -65,6 +66,9 @@ struct Precision {
   DType compute = DType::f32;
   static Precision f32() { return {}; }
   static Precision bf16() { return {DType::f32, DType::bf16}; }
+  /// f32 master weights, fp16 compute; the Engine then scales the loss dynamically unless
+  /// EngineOptions::loss_scale says otherwise (fp16's range needs it; bf16's does not).
+  static Precision fp16() { return {DType::f32, DType::f16}; }
   std::string str() const;
 };
 
@@ -95,6 +99,9 @@ struct EngineOptions {
   uint64_t seed = 0;
   /// Global gradient-norm clipping threshold (0 = off).
   double grad_clip = 0.0;
+  /// Loss scaling (engine/loss_scale.h): none by default; dynamic when precision is fp16 and this is
+  /// left at none. Eager data- and tensor-parallel steps; PlanError with pipeline parallelism or jit.
+  LossScaleOptions loss_scale;
   /// Bucket size for data-parallel all-reduces.
   size_t bucket_bytes = 25u << 20;
   /// Compile the training step with the JIT (jit/graph.h): the first step of each batch signature is
@@ -121,6 +128,8 @@ struct StepResult {
   double loss = 0;       ///< mean over the global batch
   double grad_norm = 0;  ///< before clipping
   double lr = 0;         ///< the learning rate the step used
+  double loss_scale = 1; ///< the loss scale the step used (1 without loss scaling)
+  bool skipped = false;  ///< the gradients had an inf / NaN: no update (loss scaling only)
 };
 
 struct FitResult {
@@ -158,7 +167,10 @@ class Engine {
   std::optional<int64_t> restore(nn::Module& model);
 
   /// Optimizer steps done.
-  int64_t global_step() const { return opt_->steps(); }
+  /// Steps taken: optimizer updates plus steps skipped by the loss scaler (each consumed a batch).
+  int64_t global_step() const;
+  /// The loss scaler (nullptr without loss scaling).
+  const LossScaler* loss_scaler() const { return scaler_.get(); }
   optim::Optimizer& optimizer() { return *opt_; }
   const Plan& plan() const { return plan_; }
   const Mesh& mesh() const { return mesh_; }
@@ -204,6 +216,7 @@ class Engine {
   std::unique_ptr<optim::Optimizer> opt_;
   EngineOptions opts_;
   std::unique_ptr<GradientSync> sync_;
+  std::unique_ptr<LossScaler> scaler_;
   PipelineStats last_pipeline_stats_;
   std::unique_ptr<jit::Compiled> jit_step_;
   const nn::Module* jit_model_ = nullptr;  // the model jit_step_ was made for

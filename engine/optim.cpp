@@ -305,6 +305,11 @@ double clip_grad_norm(ParamTree& grads, double max_norm) {
   return norm;
 }
 
+void clip_to_norm(ParamTree& grads, double norm, double max_norm) {
+  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  scale_if_above(grads, norm, max_norm);
+}
+
 Tensor global_norm_tensor(const ParamTree& grads) {
   NoGradGuard ng;
   Tensor total = scalar(0.0, DType::f64);

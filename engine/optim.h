@@ -73,6 +73,10 @@ double global_norm(const ParamTree& grads);
 /// Scales every gradient in place by max_norm / norm when the global norm exceeds max_norm
 /// (torch.nn.utils.clip_grad_norm_, with its 1e-6 guard). Returns the norm before clipping.
 double clip_grad_norm(ParamTree& grads, double max_norm);
+/// clip_grad_norm's scaling when the global norm is already known (norm: global_norm of grads, however
+/// computed, e.g. TP-aware): every gradient times max_norm / (norm + 1e-6) when that is below 1.
+/// ValueError unless max_norm > 0.
+void clip_to_norm(ParamTree& grads, double norm, double max_norm);
 
 /// global_norm and clip_grad_norm written with ops (the norm as an f64 scalar tensor; no value is read
 /// on the host), so a traced training step (jit/graph.h) computes them at every replay: the sum of
