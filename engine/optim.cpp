@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <string>
 
 #include "autodiff/tape.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/optim.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax::optim {
@@ -55,9 +57,15 @@ std::string num(double v) {
 
 void check_grads(const ParamTree& params, const ParamTree& grads) {
   params.check_same_structure(grads, "optimizer step: parameters vs gradients");
-  for (const auto& [p, t] : params)
-    if (!t.device().is_cpu() || !t.is_contiguous())
-      throw ValueError("optimizer step needs contiguous CPU parameters", "contiguous cpu tensors", "'" + p + "': " + t.str());
+  const Device dev = params.size() ? params[0].second.device() : Device::cpu();
+  for (const auto& [p, t] : params) {
+    if (!t.is_contiguous() || t.device() != dev)
+      throw ValueError("optimizer step needs contiguous parameters on one device", "contiguous tensors on " + dev.str(),
+                       "'" + p + "': " + t.str());
+    if (grads.at(p).device() != dev)
+      throw DeviceError("optimizer step: a gradient on another device than its parameter", dev.str(),
+                        "'" + p + "': " + grads.at(p).device().str(), "compute the loss on the parameters' device");
+  }
 }
 
 void bump(int64_t* step, ParamTree& params) {
@@ -107,6 +115,9 @@ struct UpdateOp : Op {
   /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
   /// eagerly) in place with gradient g (contiguous) at step count `step` (updates done before this one).
   virtual void update(TensorList& s, const Tensor& g, int64_t step, double lr) const = 0;
+  /// The same for many parameters on a CUDA device with this op's settings: the fused multi-tensor
+  /// kernels (kernels/cuda/optim.cu), one launch per 24 tensors. Each entry: the state tensors, the gradient.
+  virtual void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, int64_t step, double lr) const = 0;
 };
 
 struct AdamUpdateOp final : UpdateOp {
@@ -126,6 +137,11 @@ struct AdamUpdateOp final : UpdateOp {
       kernels::cpu::adam_update(s[0].data<double>(), g.data<double>(), s[1].data<double>(), s[2].data<double>(), s[0].numel(), lr,
                                 o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
   }
+  void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, int64_t step, double lr) const override {
+    std::vector<Tensor> p, g, m, v;
+    for (const auto& [s, grad] : group) p.push_back(s[0]), m.push_back(s[1]), v.push_back(s[2]), g.push_back(grad);
+    kernels::cuda::adam_update(p, g, m, v, lr, o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
+  }
 };
 
 struct SgdUpdateOp final : UpdateOp {
@@ -144,6 +160,15 @@ struct SgdUpdateOp final : UpdateOp {
       kernels::cpu::sgd_update(s[0].data<double>(), g.data<double>(), mu > 0 ? s[1].data<double>() : nullptr, s[0].numel(), lr,
                                mu, wd, nesterov, step == 0);
   }
+  void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, int64_t step, double lr) const override {
+    std::vector<Tensor> p, g, buf;
+    for (const auto& [s, grad] : group) {
+      p.push_back(s[0]);
+      g.push_back(grad);
+      buf.push_back(mu > 0 ? s[1] : Tensor());
+    }
+    kernels::cuda::sgd_update(p, g, buf, lr, mu, wd, nesterov, step == 0);
+  }
 };
 
 // One optimizer step: per parameter, update_for(i) gives the update op and the state tensors it updates
@@ -158,6 +183,21 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
   const int64_t t = traced ? 0 : step.data<int64_t>()[0];
   const double lr_now = traced ? 0.0 : schedule(t);
   const Tensor lr = traced ? apply1(std::make_shared<ScheduleOp>(schedule, owner), {step}) : Tensor();
+  if (!traced && params.size() && params[0].second.device().is_cuda()) {
+    // Eagerly on CUDA: one fused multi-tensor update per group of parameters with the same settings and
+    // dtype (e.g. with and without weight decay), instead of a launch per parameter.
+    std::map<std::string, std::pair<std::shared_ptr<const UpdateOp>, std::vector<std::pair<TensorList, Tensor>>>> groups;
+    for (size_t i = 0; i < params.size(); ++i) {
+      check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
+      auto [op, states] = update_for(i);
+      auto& grp = groups[op->attrs() + " " + std::string(dtype_name(params[i].second.dtype()))];
+      grp.first = op;
+      grp.second.push_back({states, grads.at(params[i].first).contiguous()});
+    }
+    for (const auto& [key, grp] : groups) grp.first->update_cuda(grp.second, t, lr_now);
+    bump(step.data<int64_t>(), params);
+    return;
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
     auto [op, states] = update_for(i);
@@ -276,6 +316,10 @@ std::unique_ptr<Optimizer> adamw(Schedule lr, AdamOptions opts) { return std::ma
 namespace {
 double squares(const Tensor& g0) {
   Tensor g = g0.detach().contiguous();
+  if (g.device().is_cuda()) {  // the GPU reduction (accumulated in double), then one scalar read
+    NoGradGuard ng;
+    return sum(square(g.astype(DType::f64))).item();
+  }
   if (g.dtype() == DType::f32) return kernels::cpu::sum_squares(g.data<float>(), g.numel());
   if (g.dtype() == DType::f64) return kernels::cpu::sum_squares(g.data<double>(), g.numel());
   check_dtype(g, {DType::f32, DType::f64}, "global_norm");
