@@ -2,21 +2,13 @@
 
 #include <cstdio>
 
+#include "core/philox.h"
+
 namespace titanax {
 
 std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> c, RngKey key) {
-  constexpr uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u, W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-  uint32_t k0 = key.k0, k1 = key.k1;
-  for (int round = 0; round < 10; ++round) {
-    uint64_t p0 = uint64_t(M0) * c[0];
-    uint64_t p1 = uint64_t(M1) * c[2];
-    uint32_t hi0 = uint32_t(p0 >> 32), lo0 = uint32_t(p0);
-    uint32_t hi1 = uint32_t(p1 >> 32), lo1 = uint32_t(p1);
-    c = {hi1 ^ c[1] ^ k0, lo1, hi0 ^ c[3] ^ k1, lo0};
-    k0 += W0;
-    k1 += W1;
-  }
-  return c;
+  const philox::Words r = philox::block(c[0], c[1], c[2], c[3], key.k0, key.k1);
+  return {r.w[0], r.w[1], r.w[2], r.w[3]};
 }
 
 RngKey fold_in(RngKey key, uint64_t data) {

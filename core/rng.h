@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <string>
 
+#include "core/philox.h"
+
 namespace titanax {
 
 /// A 64-bit Philox key (two 32-bit words). Derive new keys with split / fold_in, as in JAX.
@@ -20,7 +22,7 @@ struct RngKey {
   std::string str() const;
 };
 
-/// One Philox 4x32-10 block: 4 random 32-bit words for (counter, key).
+/// One Philox 4x32-10 block: 4 random 32-bit words for (counter, key) (core/philox.h, shared with CUDA).
 std::array<uint32_t, 4> philox4x32(std::array<uint32_t, 4> counter, RngKey key);
 
 /// A new key that depends on `key` and `data` (e.g. the rank, the step): independent streams.
@@ -29,7 +31,7 @@ RngKey fold_in(RngKey key, uint64_t data);
 std::array<RngKey, 2> split(RngKey key);
 
 /// Uniform float in [0, 1) from 24 random bits.
-inline float u32_to_unit_float(uint32_t x) { return float(x >> 8) * (1.0f / 16777216.0f); }
+inline float u32_to_unit_float(uint32_t x) { return philox::unit_float(x); }
 /// Uniform double in [0, 1) from 53 random bits.
 inline double u64_to_unit_double(uint32_t hi, uint32_t lo) {
   return double(((uint64_t(hi) << 32) | lo) >> 11) * (1.0 / 9007199254740992.0);

@@ -3,6 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <nvrtc.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <string>
@@ -117,8 +118,8 @@ void launch_fused_kernel(const void* kernel, int device, const std::vector<const
   for (void* p : outputs) ptrs.push_back(p);
   for (auto& p : ptrs) args.push_back(&p);
   // TxStrides: a struct of long long[max(1, count)], passed by value from contiguous storage.
-  std::vector<long long> st(strides.begin(), strides.end());
-  if (st.empty()) st.push_back(0);
+  std::vector<long long> st(std::max<size_t>(1, strides.size()), 0);
+  std::copy(strides.begin(), strides.end(), st.begin());
   args.push_back(st.data());
   long long count = n;
   int flag = dense ? 1 : 0;

@@ -288,6 +288,9 @@ class Dropout final : public Op {
   void cpu(const TensorList& in, TensorList& out) const override {
     kc::dropout(dense(in[0]), p_, key_, out[0]);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::dropout(in[0].contiguous(), p_, key_, out[0]);
+  }
   // Linear in x: the cotangent goes through the same mask (recomputed from the key, never stored).
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

@@ -17,6 +17,8 @@ void unary(UnaryOp op, const Tensor&, Tensor&) { no_cuda(cpu::unary_name(op)); }
 void clamp(const Tensor&, double, double, Tensor&) { no_cuda("clamp"); }
 void where(const Tensor&, const Tensor&, const Tensor&, Tensor&) { no_cuda("where"); }
 void reduce(ReduceOp, const Tensor&, const std::vector<bool>&, Tensor&) { no_cuda("reduce"); }
+void argmax(const Tensor&, int, Tensor&) { no_cuda("argmax"); }
+void dropout(const Tensor&, double, RngKey, Tensor&) { no_cuda("dropout"); }
 void softmax(const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("softmax"); }
 void cross_entropy(const Tensor&, const Tensor&, int64_t, LossReduction, int64_t, Tensor&) { no_cuda("cross_entropy"); }
 void cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, int64_t, LossReduction, int64_t, Tensor&) {

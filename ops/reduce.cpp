@@ -108,6 +108,9 @@ class ArgMax final : public Op {
     int a = normalize_axis(axis_, in[0].dim());
     kernels::cpu::argmax(in[0], a, out[0]);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::argmax(in[0], normalize_axis(axis_, in[0].dim()), out[0]);
+  }
 
  private:
   int axis_;

@@ -131,6 +131,34 @@ void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tens
         "reduce");
 }
 
+void argmax(const Tensor& x, int axis, Tensor& out) {
+  const Dt t = to_dt(x.dtype(), "argmax");
+  if (t == Dt::u8 || t == Dt::b8)
+    throw DTypeError("argmax: unsupported dtype on CUDA", "f32, f64, i32, i64", std::string(dtype_name(x.dtype())),
+                     "cast with astype(DType::f32)");
+  if (x.dim() > kMaxDims) throw ShapeError("CUDA argmax: too many axes", "rank <= 8", x.shape().str());
+  ReduceLayout L;
+  for (int d = 0; d < x.dim(); ++d) {
+    if (d == axis) {
+      L.rsize[0] = x.shape()[d];
+      L.rstride[0] = x.strides()[d];
+      L.nr = 1;
+      L.nred = x.shape()[d];
+    } else {
+      L.ksize[L.nk] = x.shape()[d];
+      L.kstride[L.nk++] = x.strides()[d];
+      L.nout *= x.shape()[d];
+    }
+  }
+  check(launch_argmax(t, x.raw_data(), static_cast<int64_t*>(out.raw_data()), L, stream_of(out)), "argmax");
+}
+
+void dropout(const Tensor& x, double p, RngKey key, Tensor& out) {
+  if (!x.is_contiguous()) throw ShapeError("CUDA dropout needs a contiguous input", "contiguous", x.str());
+  check(launch_dropout(floating(x, "dropout"), x.raw_data(), out.raw_data(), x.numel(), p, key.k0, key.k1, stream_of(out)),
+        "dropout");
+}
+
 void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y) {
   check(launch_softmax(floating(x, "softmax"), x.raw_data(), y.raw_data(), outer, n, inner, log, stream_of(y)),
         "softmax");

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/rng.h"
 #include "core/tensor.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/nn.h"
@@ -45,6 +46,10 @@ void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out);
 /// f32/f64; sums accumulate in double; max / min propagate NaN.
 void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out);
 
+/// out (i64, contiguous, x's shape without `axis` or with it as 1) = the first index of the maximum of x
+/// along `axis` (as kernels::cpu::argmax). f32, f64, i32, i64.
+void argmax(const Tensor& x, int axis, Tensor& out);
+
 // ------------------------------------------------------------------------------------ nn (contiguous inputs)
 /// Softmax / log-softmax along the middle axis of x viewed as [outer, n, inner] (see kernels/cpu/nn.h).
 void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y);
@@ -60,6 +65,9 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 /// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
                          Tensor* db);
+/// Inverted dropout of contiguous x with the mask the CPU draws for `key` (kernels/cpu/nn.h): bitwise
+/// the CPU's result. f32 / f64.
+void dropout(const Tensor& x, double p, RngKey key, Tensor& out);
 /// out[a, k, b] = x[a, idx[k], b], x viewed as [A, n, B]; indices already checked (in range).
 void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
 /// out[a, r, b] = sum over k with idx[k] == r, in increasing k, of g[a, k, b] (the embedding backward).

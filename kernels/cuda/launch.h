@@ -57,6 +57,9 @@ struct ReduceLayout {
 };
 /// op: 0 sum (accumulated in double), 1 max, 2 min (NaN propagates). t: f32 / f64.
 int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, void* stream);
+/// out[o] (i64) = first index of the maximum of x along the single reduced axis (L.nr == 1) of output o
+/// (strict >, as the CPU). t: f32, f64, i32, i64.
+int launch_argmax(Dt t, const void* x, int64_t* out, const ReduceLayout& L, void* stream);
 
 // ---------------------------------------------------------------- nn (nn.cu); contiguous operands
 /// Softmax / log-softmax along the middle axis of [outer, n, inner].
@@ -75,6 +78,10 @@ int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t
 int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, int64_t R, int64_t D, double eps,
                                void* dx, void* dw, void* db, double* stats, void* stream);
 /// out[a, k, b] = x[a, idx[k], b]; x [A, n, B], out [A, K, B].
+/// Inverted dropout over n contiguous elements with the CPU's mask (kernels/cpu/nn.h dropout): element i
+/// kept (times 1 / (1 - p)) when the uniform of Philox counter (i / 4, 0, 0, 0), key (k0, k1), word
+/// i % 4 is >= p. f32 / f64.
+int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream);
 int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
                   void* out, void* stream);
 /// out[a, r, b] = sum over ks[row_start[r] .. row_start[r+1]) (increasing k) of g[a, k, b]: one thread per

@@ -1,6 +1,7 @@
 // Neural-network kernels: softmax / log-softmax, fused cross-entropy forward and backward, layer norm
-// forward and backward, gather / deterministic scatter-add (embedding). Row kernels use one block per
+// forward and backward, gather / deterministic scatter-add (embedding), dropout (Philox: the CPU's mask). Row kernels use one block per
 // row with block reductions (warp shuffles); row statistics accumulate in double as on the CPU.
+#include "core/philox.h"
 #include "kernels/cuda/common.cuh"
 
 namespace titanax::kernels::cuda {
@@ -319,6 +320,38 @@ int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int6
     k_scatter_add<<<grid_for(A * n * B), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(g), row_start, ks, A,
                                                                            n, B, K, static_cast<T*>(out));
   });
+}
+
+namespace {
+// One thread per block of 4 elements: the Philox block of counter (blk, 0, 0, 0) gives elements 4 blk ..
+// 4 blk + 3 their uniforms (kernels/cpu/random.h uniform_at); kept when u >= p, scaled by `scale`.
+template <class T>
+__global__ void k_dropout(const T* x, T* out, int64_t n, double p, T scale, uint32_t k0, uint32_t k1) {
+  const int64_t nblk = (n + 3) / 4;
+  for (int64_t blk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; blk < nblk; blk += int64_t(gridDim.x) * blockDim.x) {
+    const philox::Words r = philox::block(uint32_t(uint64_t(blk)), uint32_t(uint64_t(blk) >> 32), 0, 0, k0, k1);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int64_t i = blk * 4 + k;
+      if (i < n) out[i] = double(philox::unit_float(r.w[k])) >= p ? x[i] * scale : T(0);
+    }
+  }
+}
+}  // namespace
+
+int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream) {
+  if (n == 0) return 0;
+  const int64_t nblk = (n + 3) / 4;
+  auto st = as_stream(stream);
+  if (t == Dt::f32)
+    k_dropout<<<grid_for(nblk), kThreads, 0, st>>>(static_cast<const float*>(x), static_cast<float*>(out), n, p,
+                                                   float(1.0 / (1.0 - p)), k0, k1);
+  else if (t == Dt::f64)
+    k_dropout<<<grid_for(nblk), kThreads, 0, st>>>(static_cast<const double*>(x), static_cast<double*>(out), n, p,
+                                                   1.0 / (1.0 - p), k0, k1);
+  else
+    return int(cudaErrorInvalidValue);
+  return int(cudaGetLastError());
 }
 
 }  // namespace titanax::kernels::cuda

@@ -81,6 +81,38 @@ void run(int op, const T* x, T* out, const ReduceLayout& L, cudaStream_t st) {
 
 }  // namespace
 
+namespace {
+// One thread per output: the first index of the maximum along the one reduced axis (strict >, as the CPU:
+// NaN wins only at index 0).
+template <class T>
+__global__ void k_argmax(const T* x, int64_t* out, ReduceLayout L) {
+  for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < L.nout; o += int64_t(gridDim.x) * blockDim.x) {
+    const T* base = x + kept_offset(L, o);
+    const int64_t n = L.rsize[0], st = L.rstride[0];
+    int64_t best = 0;
+    T bv = base[0];
+    for (int64_t j = 1; j < n; ++j) {
+      const T v = base[j * st];
+      if (v > bv) bv = v, best = j;
+    }
+    out[o] = best;
+  }
+}
+}  // namespace
+
+int launch_argmax(Dt t, const void* x, int64_t* out, const ReduceLayout& L, void* stream) {
+  if (L.nout == 0) return 0;
+  auto st = as_stream(stream);
+  switch (t) {
+    case Dt::f32: k_argmax<<<grid_for(L.nout), kThreads, 0, st>>>(static_cast<const float*>(x), out, L); break;
+    case Dt::f64: k_argmax<<<grid_for(L.nout), kThreads, 0, st>>>(static_cast<const double*>(x), out, L); break;
+    case Dt::i32: k_argmax<<<grid_for(L.nout), kThreads, 0, st>>>(static_cast<const int32_t*>(x), out, L); break;
+    case Dt::i64: k_argmax<<<grid_for(L.nout), kThreads, 0, st>>>(static_cast<const int64_t*>(x), out, L); break;
+    default: return int(cudaErrorInvalidValue);
+  }
+  return int(cudaGetLastError());
+}
+
 int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, void* stream) {
   if (L.nout == 0) return 0;
   if (t == Dt::f32) run(op, static_cast<const float*>(x), static_cast<float*>(out), L, as_stream(stream));

@@ -1,0 +1,99 @@
+// What the Engine needs on CUDA beyond the op cases (part of titanax_cuda_tests: skipped without a GPU):
+// Optimizer::step on parameters living on cuda:0 takes the fused multi-tensor kernels (one group per
+// setting, e.g. with and without weight decay) and must match the same steps on CPU copies, the global
+// gradient norm too; argmax (classification accuracy) must equal the CPU's exactly, ties included.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstring>
+
+#include "engine/optim.h"
+#include "op_cases.h"
+#include "ops/ops.h"
+
+using namespace titanax;
+
+namespace {
+ParamTree make(uint64_t seed, Device d) {
+  ParamTree p;
+  int k = 0;
+  for (const Shape& s : {Shape{33, 7}, Shape{7}, Shape{5, 5, 3}, Shape{1}, Shape{1000}}) {
+    p.insert("p" + std::to_string(k) + (k % 2 ? "/bias" : "/w"),
+             testing::randn64(RngKey::from_seed(seed + uint64_t(k)), s).astype(DType::f32).to(d));
+    ++k;
+  }
+  return p;
+}
+double max_rel(const ParamTree& got, const ParamTree& want) {
+  double worst = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const auto g = got[i].second.to(Device::cpu()).to_vector<double>(), w = want[i].second.to_vector<double>();
+    for (size_t j = 0; j < w.size(); ++j) worst = std::max(worst, std::fabs(g[j] - w[j]) / std::max(1.0, std::fabs(w[j])));
+  }
+  return worst;
+}
+}  // namespace
+
+TEST_CASE("cuda optimizers: fused AdamW (two weight-decay groups) and SGD + Nesterov match the CPU over 5 steps") {
+  for (int which = 0; which < 2; ++which) {
+    INFO((which == 0 ? "adamw" : "sgd"));
+    auto make_opt = [&] {
+      optim::AdamOptions o{.weight_decay = 0.1, .decay_filter = [](const std::string& p, const Tensor&) {
+                             return p.find("bias") == std::string::npos;
+                           }};
+      return which == 0 ? optim::adamw(optim::warmup_cosine(1e-2, 2, 5), o) : optim::sgd(optim::constant(0.05), 0.9, 1e-3, true);
+    };
+    ParamTree cpu = make(1, Device::cpu()), gpu = make(1, Device::cuda(0));
+    auto oc = make_opt(), og = make_opt();
+    for (int s = 0; s < 5; ++s) {
+      ParamTree gc = make(100 + uint64_t(s) * 10, Device::cpu()), gg = make(100 + uint64_t(s) * 10, Device::cuda(0));
+      CHECK(optim::global_norm(gg) == Approx(optim::global_norm(gc)).epsilon(1e-6));
+      oc->step(cpu, gc);
+      og->step(gpu, gg);
+    }
+    CHECK(og->steps() == 5);
+    CHECK(max_rel(gpu, cpu) <= 1e-5);
+    CHECK(max_rel(og->state(), oc->state()) <= 1e-5);
+  }
+}
+
+TEST_CASE("cuda argmax equals the CPU exactly: any axis, strided input, ties take the first index") {
+  for (DType t : {DType::f32, DType::f64, DType::i64}) {
+    // Values rounded to a few levels, so rows have ties.
+    const Tensor x = (testing::randn64(RngKey::from_seed(uint64_t(t) + 9), Shape{37, 11, 5}) * 2.0).astype(DType::i64).astype(t);
+    for (int axis : {0, 1, 2, -1}) {
+      INFO("dtype " << dtype_name(t) << " axis " << axis);
+      const Tensor want = argmax(x, axis);
+      const Tensor got = argmax(x.to(Device::cuda(0)), axis);
+      CHECK(got.device().is_cuda());
+      CHECK(got.to(Device::cpu()).to_vector<int64_t>() == want.to_vector<int64_t>());
+      // A strided (transposed) view on the device.
+      CHECK(argmax(x.to(Device::cuda(0)).transpose(0, 2), axis).to(Device::cpu()).to_vector<int64_t>() ==
+            argmax(x.transpose(0, 2), axis).to_vector<int64_t>());
+    }
+  }
+}
+
+TEST_CASE("cuda dropout draws the CPU's mask: bitwise equal outputs and gradients for the same key") {
+  for (DType t : {DType::f32, DType::f64}) {
+    for (int64_t n : {int64_t(1), int64_t(7), int64_t(4099), int64_t(37 * 1000)}) {
+      INFO("dtype " << dtype_name(t) << " n " << n);
+      const Tensor x = testing::randn64(RngKey::from_seed(uint64_t(n)), Shape{n}).astype(t);
+      const RngKey key = fold_in(RngKey::from_seed(3), uint64_t(n));
+      const Tensor want = dropout(x, 0.3, key);
+      const Tensor got = dropout(x.to(Device::cuda(0)), 0.3, key).to(Device::cpu());
+      CHECK(std::memcmp(got.raw_data(), want.raw_data(), want.nbytes()) == 0);
+    }
+  }
+  // A strided input on the device (made contiguous first), and the vjp (the same mask on the cotangent).
+  const Tensor x = testing::randn64(RngKey::from_seed(11), Shape{64, 48}).astype(DType::f32);
+  const RngKey key = RngKey::from_seed(12);
+  CHECK(dropout(x.to(Device::cuda(0)).T(), 0.5, key).to(Device::cpu()).to_vector<float>() ==
+        dropout(x.T(), 0.5, key).to_vector<float>());
+  Tensor xc = x.clone(), xg = x.to(Device::cuda(0));
+  xc.set_requires_grad(true);
+  xg.set_requires_grad(true);
+  sum(dropout(xc, 0.25, key) * 3.0).backward();
+  sum(dropout(xg, 0.25, key) * 3.0).backward();
+  CHECK(xg.grad().to(Device::cpu()).to_vector<float>() == xc.grad().to_vector<float>());
+}
