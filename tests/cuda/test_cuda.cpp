@@ -15,6 +15,7 @@
 #include "core/cuda_runtime.h"
 #include "kernels/cpu/optim.h"
 #include "kernels/cuda/kernels.h"
+#include "cuda_test_util.h"
 #include "op_cases.h"
 
 using namespace titanax;
@@ -34,20 +35,7 @@ const bool kReady = [] {
   return true;
 }();
 
-// Relative error of the worst element: max |got - want| / max(max |want|, tiny). NaN anywhere fails.
-double rel_error(const Tensor& got, const Tensor& want) {
-  std::vector<double> g = got.to(Device::cpu()).astype(DType::f64).to_vector<double>();
-  std::vector<double> w = want.astype(DType::f64).to_vector<double>();
-  if (g.size() != w.size()) return INFINITY;
-  double num = 0, den = 1e-30;
-  for (size_t i = 0; i < g.size(); ++i) {
-    if (std::isnan(g[i]) != std::isnan(w[i])) return INFINITY;
-    if (std::isnan(w[i])) continue;
-    num = std::max(num, std::fabs(g[i] - w[i]));
-    den = std::max(den, std::fabs(w[i]));
-  }
-  return num / den;
-}
+using testing::rel_error;
 
 bool is_reduction_like(const std::string& name) {
   for (const char* k : {"sum", "mean", "max", "min", "logsumexp", "softmax", "entropy", "norm", "matmul", "linear",

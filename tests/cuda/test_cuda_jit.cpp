@@ -13,6 +13,7 @@
 #include "jit/fusion.h"
 #include "jit/graph.h"
 #include "ops/ops.h"
+#include "cuda_test_util.h"
 #include "op_cases.h"
 #include "test_util.h"
 
@@ -38,21 +39,10 @@ void check_bitwise(const TensorList& got, const TensorList& want) {
   }
 }
 
-// max |got - want| / max(max |want|, 1e-30) over every output (NaN in one but not the other: inf).
+// testing::rel_error of the worst output.
 double rel_error(const TensorList& got, const TensorList& want) {
   double worst = 0;
-  for (size_t k = 0; k < got.size(); ++k) {
-    const auto g = got[k].to(Device::cpu()).astype(DType::f64).to_vector<double>();
-    const auto w = want[k].to(Device::cpu()).astype(DType::f64).to_vector<double>();
-    double num = 0, den = 1e-30;
-    for (size_t i = 0; i < g.size(); ++i) {
-      if (std::isnan(g[i]) != std::isnan(w[i])) return INFINITY;
-      if (std::isnan(w[i])) continue;
-      num = std::max(num, std::fabs(g[i] - w[i]));
-      den = std::max(den, std::fabs(w[i]));
-    }
-    worst = std::max(worst, num / den);
-  }
+  for (size_t k = 0; k < got.size(); ++k) worst = std::max(worst, testing::rel_error(got[k], want[k]));
   return worst;
 }
 

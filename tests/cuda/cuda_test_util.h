@@ -1,0 +1,28 @@
+// Helpers shared by the CUDA tests (tests/cuda/*.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/tensor.h"
+
+namespace titanax::testing {
+
+/// Relative error of the worst element: max |got - want| / max(max |want|, tiny), both copied to the host
+/// in f64. NaN in one but not the other, or a size mismatch: infinity.
+inline double rel_error(const Tensor& got, const Tensor& want) {
+  const std::vector<double> g = got.to(Device::cpu()).astype(DType::f64).to_vector<double>();
+  const std::vector<double> w = want.to(Device::cpu()).astype(DType::f64).to_vector<double>();
+  if (g.size() != w.size()) return INFINITY;
+  double num = 0, den = 1e-30;
+  for (size_t i = 0; i < g.size(); ++i) {
+    if (std::isnan(g[i]) != std::isnan(w[i])) return INFINITY;
+    if (std::isnan(w[i])) continue;
+    num = std::max(num, std::fabs(g[i] - w[i]));
+    den = std::max(den, std::fabs(w[i]));
+  }
+  return num / den;
+}
+
+}  // namespace titanax::testing
