@@ -99,9 +99,7 @@ bool finalized() {
   return f != 0;
 }
 
-enum class Kind : int64_t {
-  all_reduce = 1, iall_reduce, broadcast, all_gather, reduce_scatter, all_to_all, barrier, gather_string, split
-};
+using Kind = CheckedCall;
 
 const char* kind_name(Kind k) {
   switch (k) {
@@ -387,6 +385,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   friend class MpiRequest;
+  friend void mpi::verify_call(Communicator&, CheckedCall, const Tensor*, int64_t, int64_t, int64_t, const std::string&);
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1, world_rank_ = 0;
 };
@@ -516,6 +515,18 @@ std::shared_ptr<Communicator> world() {
   MPI_Comm dup = MPI_COMM_NULL;
   TX_MPI_CHECK(MPI_Comm_dup(MPI_COMM_WORLD, &dup));
   return std::make_shared<MpiCommunicator>(dup);
+}
+
+void verify_call(Communicator& mpi_comm, CheckedCall call, const Tensor* t, int64_t op, int64_t root, int64_t extra,
+                 const std::string& note) {
+  if (mpi_comm.size() == 1) return;  // nothing to compare (also lets a one-rank local group through)
+  auto* m = dynamic_cast<MpiCommunicator*>(&mpi_comm);
+  if (!m)
+    throw InternalError("mpi::verify_call on a communicator that is not MPI's", "backend mpi", mpi_comm.backend());
+  Signature sig{call, t, op, root};
+  sig.extra = extra;
+  sig.note = note;
+  m->verify(sig);
 }
 
 void abort(int code) {

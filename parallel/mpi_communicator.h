@@ -14,7 +14,9 @@
 //     sendrecv / send / recv (CollectiveError beyond); all_reduce and broadcast split larger tensors.
 #pragma once
 
+#include <cstdint>
 #include <memory>
+#include <string>
 
 #include "parallel/communicator.h"
 
@@ -49,5 +51,22 @@ std::shared_ptr<Communicator> world();
 
 /// MPI_Abort(MPI_COMM_WORLD, code) when MPI is active, else std::_Exit(code).
 [[noreturn]] void abort(int code);
+
+/// The collectives the cross-rank check knows (one code each in the compared signature).
+enum class CheckedCall : int64_t {
+  all_reduce = 1, iall_reduce, broadcast, all_gather, reduce_scatter, all_to_all, barrier, gather_string, split
+};
+
+/// For backends layered on an MPI communicator (the NCCL one, parallel/nccl_communicator.h): runs the
+/// MPI backend's cross-rank check of one call on `mpi_comm`'s group, exactly as its own collectives do:
+/// every rank compares (call, t's dtype and shape, reduction op, root, extra) in one 128-byte
+/// MPI_Allreduce; on a mismatch every rank throws the same CollectiveError listing what each rank called
+/// (`note` is added to this rank's description). `extra` tells apart calls that must not meet (the NCCL
+/// backend passes a nonzero value for its device path, so one rank on NCCL and another on host MPI is an
+/// error, not a hang). Collective over the group; nothing when the group has one rank or
+/// TITANAX_CHECK_COLLECTIVES=0. Throws InternalError when `mpi_comm` has more than one rank and is not
+/// an MPI communicator.
+void verify_call(Communicator& mpi_comm, CheckedCall call, const Tensor* t, int64_t op = -1, int64_t root = -1,
+                 int64_t extra = 0, const std::string& note = {});
 
 }  // namespace titanax::mpi
