@@ -4,8 +4,11 @@
 #   * titanax_add_cuda(target) adds kernels/cuda/*.cu, kernels/cuda/*.cpp and every */cuda_*.cpp of the
 #     layered folders to `target`, links the CUDA runtime, cuBLASLt, cuBLAS and NVRTC (the JIT's
 #     generated kernels), embeds kernels/cuda/ew_math.cuh for NVRTC, and defines
-#     TITANAX_WITH_CUDA. cuDNN and NCCL are looked for (optional, for conv and collectives to come) and
-#     reported in the configure log.
+#     TITANAX_WITH_CUDA. cuDNN is looked for (optional, for conv to come) and reported in the configure log.
+#   * NCCL (optional): TITANAX_NCCL_INCLUDE / TITANAX_NCCL_LIB. When both are found TITANAX_HAVE_NCCL is ON,
+#     titanax_add_cuda links NCCL and the root CMakeLists.txt compiles parallel/cuda_nccl_communicator.cpp;
+#     otherwise parallel/no_nccl.cpp (collectives of GPU tensors through MPI and host memory), and the
+#     configure log says so.
 # .cu files compile as C++17 (nvcc 13 trips over some host headers in C++20 mode); they include CUDA
 # headers and kernels/cuda/launch.h only. Host logic (Tensors, errors) lives in .cpp files (C++20).
 if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES AND NOT DEFINED ENV{CUDAARCHS})
@@ -27,7 +30,15 @@ find_path(TITANAX_CUDNN_INCLUDE cudnn.h HINTS ${CUDAToolkit_INCLUDE_DIRS} PATHS 
 find_library(TITANAX_CUDNN_LIB cudnn HINTS ${CUDAToolkit_LIBRARY_DIR} PATHS /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
 find_path(TITANAX_NCCL_INCLUDE nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} PATHS /usr/include /usr/local/cuda/include)
 find_library(TITANAX_NCCL_LIB nccl HINTS ${CUDAToolkit_LIBRARY_DIR} PATHS /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
-message(STATUS "Titanax CUDA: cuDNN ${TITANAX_CUDNN_LIB}, NCCL ${TITANAX_NCCL_LIB} (not used yet)")
+message(STATUS "Titanax CUDA: cuDNN ${TITANAX_CUDNN_LIB} (not used yet)")
+if(TITANAX_NCCL_INCLUDE AND TITANAX_NCCL_LIB)
+  set(TITANAX_HAVE_NCCL ON)
+  message(STATUS "Titanax CUDA: NCCL ${TITANAX_NCCL_LIB} (collectives of GPU tensors)")
+else()
+  set(TITANAX_HAVE_NCCL OFF)
+  message(STATUS "Titanax CUDA: NCCL not found: GPU tensors' collectives go through MPI and host memory "
+                 "(parallel/no_nccl.cpp); set TITANAX_NCCL_INCLUDE and TITANAX_NCCL_LIB to use it")
+endif()
 
 function(titanax_add_cuda target)
   # */cuda_*.cpp files of the layered folders are already in the root glob (it drops them only in CPU builds).
@@ -51,6 +62,10 @@ const char* const kEwMathSource = R\"txembed(@TX_EW_MATH_TEXT@)txembed\";
   # generated kernels (NVRTC --fmad=false), so fused and unfused programs agree bitwise.
   set_source_files_properties(${PROJECT_SOURCE_DIR}/kernels/cuda/elementwise.cu PROPERTIES COMPILE_OPTIONS "-fmad=false")
   target_link_libraries(${target} PRIVATE CUDA::cudart CUDA::cublasLt CUDA::cublas CUDA::nvrtc)
+  if(TITANAX_HAVE_NCCL)
+    target_include_directories(${target} PRIVATE ${TITANAX_NCCL_INCLUDE})
+    target_link_libraries(${target} PRIVATE ${TITANAX_NCCL_LIB})
+  endif()
   target_compile_definitions(${target} PRIVATE TITANAX_WITH_CUDA)
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CUDA>:--expt-relaxed-constexpr -lineinfo -Xcompiler=-fPIC>)
