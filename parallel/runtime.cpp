@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "parallel/mpi_communicator.h"
+#include "parallel/nccl_communicator.h"
 
 namespace titanax {
 namespace {
@@ -77,14 +78,13 @@ void init_state(int* argc, char*** argv, const RuntimeOptions& opts) {
     s.size = info.size;
     s.local_rank = info.local_rank;
     s.local_size = info.local_size;
-    s.world = mpi::world();
-  } else {
-    s.world = make_local_communicator();
   }
   spdlog::set_pattern("[%H:%M:%S.%e] [rank " + std::to_string(s.rank) + "/" + std::to_string(s.size) + "] [%l] %v");
   spdlog::set_level(level);
 
   s.device = pick_device(opts.device, s.local_rank);
+  // NCCL where every rank has its own GPU (and the build has it), else MPI; TITANAX_COMM overrides.
+  s.world = s.mpi ? make_device_communicator(mpi::world(), s.device) : make_local_communicator();
 
   if (opts.threads > 0) {
     s.threads = opts.threads;

@@ -1,8 +1,9 @@
 // Runtime: one per process. Initialises MPI when launched by mpirun (OMPI_COMM_WORLD_SIZE, PMIX_RANK or
 // PMI_RANK set; MPI_Init_thread with MPI_THREAD_FUNNELED: call collectives from the main thread), else
-// runs as a single rank without MPI; picks this rank's device (local_rank % gpus, or the CPU); sets the
-// OpenMP threads per rank to cores / ranks-on-this-node; sets up spdlog's default logger with the rank in
-// every line ("[12:00:01.123] [rank 1/2] [info] ...").
+// runs as a single rank without MPI; picks this rank's device (local_rank % gpus, or the CPU); builds the
+// world communicator (NCCL when every rank has its own GPU and the build has NCCL, else MPI; TITANAX_COMM
+// overrides: parallel/nccl_communicator.h); sets the OpenMP threads per rank to cores / ranks-on-this-node;
+// sets up spdlog's default logger with the rank in every line ("[12:00:01.123] [rank 1/2] [info] ...").
 //
 // The state is per process: every Runtime object (and Runtime::instance()) shares the first one's
 // setup; a later Runtime's options are validated (same errors) but not applied (a warning says so).
@@ -33,7 +34,8 @@ class Runtime {
   /// Initialises once per process; a second Runtime in the same process shares the first's state.
   /// Throws ValueError for an unknown log level, DeviceError for a device that is not there ("cuda" in a
   /// CPU build or on a machine without GPUs, "cuda:3" with two GPUs, "tpu"), CollectiveError when an
-  /// MPI call fails or MPI was already finalised.
+  /// MPI or NCCL call fails, MPI was already finalised, or TITANAX_COMM=nccl cannot be honoured (the
+  /// message says why), ValueError for a bad TITANAX_COMM.
   Runtime(int& argc, char**& argv, RuntimeOptions opts = {});
   explicit Runtime(RuntimeOptions opts = {});
   ~Runtime();
@@ -48,7 +50,9 @@ class Runtime {
   int local_size() const;
   /// This rank's device (RuntimeOptions::device resolved).
   Device device() const;
-  /// The world communicator ("local" without mpirun, else "mpi").
+  /// The world communicator: "local" without mpirun; under mpirun "nccl" when every rank computes on its
+  /// own GPU and the build has NCCL, else "mpi" (parallel/nccl_communicator.h; TITANAX_COMM=mpi|nccl
+  /// overrides). Mesh axes split from it choose again per axis.
   std::shared_ptr<Communicator> world() const;
   bool is_main() const { return rank() == 0; }
 
