@@ -10,7 +10,8 @@
 //   unset, "" or "auto"  NCCL where it can serve, else MPI (the default);
 //   "mpi"                always MPI (host staging);
 //   "nccl"               NCCL or a CollectiveError on every rank saying why it cannot serve.
-// Ranks that disagree on TITANAX_COMM get a CollectiveError on every rank.
+// Ranks that disagree on TITANAX_COMM get a CollectiveError on every rank. Without mpirun the Runtime
+// uses the local backend (one rank, nothing to communicate) and TITANAX_COMM is not consulted.
 //
 // Behaviour of the NCCL communicator (see parallel/communicator.h for each collective's semantics):
 //   * It wraps an MPI communicator of the same group, which serves host tensors, all_gather_string,
