@@ -31,7 +31,7 @@ find_library(TITANAX_CUDNN_LIB cudnn HINTS ${CUDAToolkit_LIBRARY_DIR} PATHS /usr
 find_path(TITANAX_NCCL_INCLUDE nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} PATHS /usr/include /usr/local/cuda/include)
 find_library(TITANAX_NCCL_LIB nccl HINTS ${CUDAToolkit_LIBRARY_DIR} PATHS /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
 message(STATUS "Titanax CUDA: cuDNN ${TITANAX_CUDNN_LIB} (not used yet)")
-if(TITANAX_NCCL_INCLUDE AND TITANAX_NCCL_LIB)
+if(TITANAX_NCCL_INCLUDE AND TITANAX_NCCL_LIB AND EXISTS "${TITANAX_NCCL_LIB}" AND EXISTS "${TITANAX_NCCL_INCLUDE}/nccl.h")
   set(TITANAX_HAVE_NCCL ON)
   message(STATUS "Titanax CUDA: NCCL ${TITANAX_NCCL_LIB} (collectives of GPU tensors)")
 else()
