@@ -3,7 +3,8 @@
 # call). From the project root on this machine: `../shared/device/prepare.sh`, then call the device with
 # carry [".device"] and the command `source .device/on-device.sh && scripts/gpu-check.sh`.
 # Builds the cuda preset (library, CUDA tests, codegen tests, benchmarks) on all cores, runs the CUDA
-# tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph) and the JIT benchmark,
+# tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph), the CUDA collectives on
+# 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank) and the JIT benchmark,
 # writes full logs under $OUT (or build/cuda/gpu-check) and prints a short summary last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,10 +22,11 @@ step() {  # step NAME COMMAND...: runs it, logs to $out/NAME.log, records pass /
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 step configure cmake --preset cuda || { printf '%s\n' "${summary[@]}"; exit 1; }
-step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_codegen_tests bench_jit \
+step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_cuda_mpi_tests titanax_codegen_tests bench_jit \
   || { tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
 step codegen build/cuda/tests/titanax_codegen_tests
 TITANAX_KERNEL_CACHE="$out/kcache" step cuda_tests build/cuda/tests/titanax_cuda_tests --durations yes
+step cuda_mpi_np2 mpirun --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 build/cuda/tests/titanax_cuda_mpi_tests
 step bench_jit_mlp build/cuda/bench/jit --model mlp --steps 20 --no-peer
 grep -E "FAILED|failed|with expansion" -A3 "$out/cuda_tests.log" | head -60
 echo "GPU: $(cat "$out/gpu.txt")"
