@@ -177,7 +177,8 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   return r;
 }
 
-StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& local_batch) {
+  const Batch batch = local_batch.to(model.device());  // the loader's batches live on the CPU
   if (plan_.pp) return pipeline_step(model, batch);
   if (opts_.jit) return jit_step(model, loss_fn, batch);
   const int acc = accumulate_steps(batch);
@@ -329,7 +330,8 @@ StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batc
   return r;
 }
 
-jit::Graph Engine::trace_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
+jit::Graph Engine::trace_step(nn::Module& model, const LossFn& loss_fn, const Batch& local_batch) {
+  const Batch batch = local_batch.to(model.device());
   check_jit(model, batch);
   auto [keys, args] = batch_args(batch);
   begin_step(model, model.parameters());
@@ -353,12 +355,14 @@ Metrics Engine::evaluate(nn::Module& model, const EvalSpec& eval) {
   const int64_t lo = N * me / shards, hi = N * (me + 1) / shards;
   Metrics sums;
   nn::PipelineModule* pm = plan_.pp ? &pipeline_module(model) : nullptr;
+  const Device device = model.device();
   for (int64_t s = lo; s < hi; s += eval.batch_size) {
     std::vector<int64_t> idx;
     for (int64_t i = s; i < std::min(hi, s + eval.batch_size); ++i) idx.push_back(i);
-    if (pm) pipeline_eval_batch(*pm, eval.data->get(idx), sums);
+    const Batch b = eval.data->get(idx).to(device);
+    if (pm) pipeline_eval_batch(*pm, b, sums);
     else
-      for (const auto& [k, v] : eval.fn(model, eval.data->get(idx))) sums[k] += v;
+      for (const auto& [k, v] : eval.fn(model, b)) sums[k] += v;
   }
   if (pm) {  // the sums live on the last stage: every stage reports them
     Tensor t = from_vector(std::vector<double>{sums["loss"], sums["count"]}, Shape{2});

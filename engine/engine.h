@@ -149,6 +149,10 @@ class Engine {
 
   /// Trains until opts.steps optimizer steps are done.
   FitResult fit(nn::Module& model, const LossFn& loss, DataLoader& data, const FitOptions& opts);
+  /// Devices: the model computes where its parameters are (nn::Module::to); step(), evaluate() and
+  /// trace_step() move each batch there (the loader's batches are CPU tensors). Scalars the engine
+  /// reports (loss, gradient norm, metrics) are read back to the host.
+  ///
   /// One optimizer step on this rank's part of a global batch (split into accumulate_steps microbatches,
   /// or under Plan::pp into PP::microbatches run by the pipeline schedule; loss_fn is then unused: the
   /// stages compute the loss). Throws PlanError when the local batch does not divide into the

@@ -26,7 +26,7 @@ class CausalSelfAttention final : public Module {
     Tensor qkv5 = qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}).permute({2, 0, 3, 1, 4});
     Tensor q = qkv5.slice(0, 0, 1), k = qkv5.slice(0, 1, 2), v = qkv5.slice(0, 2, 3);  // [1, B, hl, T, hd]
     Tensor att = matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(hd)));      // [1, B, hl, T, T]
-    att = softmax(att + causal_mask(T, att.dtype()), -1);
+    att = softmax(att + causal_mask(T, att.dtype(), att.device()), -1);
     Tensor y = matmul(att, v).reshape(Shape{B, hl, T, hd}).permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
     return proj->forward(y);
   }
@@ -39,11 +39,11 @@ class CausalSelfAttention final : public Module {
 
  private:
   /// [T, T]: 0 where key <= query, -inf above the diagonal (the mask of PyTorch's is_causal=True).
-  static Tensor causal_mask(int64_t T, DType dtype) {
+  static Tensor causal_mask(int64_t T, DType dtype, Device device) {
     std::vector<double> m(size_t(T * T), 0.0);
     for (int64_t i = 0; i < T; ++i)
       for (int64_t j = i + 1; j < T; ++j) m[size_t(i * T + j)] = -std::numeric_limits<double>::infinity();
-    return from_vector(m, Shape{T, T}).astype(dtype);
+    return from_vector(m, Shape{T, T}).astype(dtype).to(device);
   }
   int64_t dim_, heads_;
   int n_;
@@ -320,7 +320,7 @@ TensorSpec GPT::stage_input_spec(const Batch& mb) const {
   if (ids.dim() != 2)
     throw ShapeError("GPT takes token ids [B, T]", "a rank-2 tensor of token ids", ids.shape().str(),
                      "reshape a single sequence to [1, T]");
-  return {Shape{ids.shape()[0], ids.shape()[1], cfg_.dim}, cfg_.dtype, Device::cpu()};
+  return {Shape{ids.shape()[0], ids.shape()[1], cfg_.dim}, cfg_.dtype, device()};
 }
 
 std::vector<PipelineModule::Tied> GPT::tied_parameters() const {
@@ -381,7 +381,7 @@ std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const Gen
   for (int64_t i = 0; i < o.max_new_tokens; ++i) {
     const int64_t T = std::min<int64_t>(int64_t(prompt.size()), cfg.seq_len);
     std::vector<int64_t> window(prompt.end() - T, prompt.end());
-    Tensor logits = model.forward(from_vector(window, Shape{1, T})).slice(1, T - 1, T);  // [1, 1, V / n]
+    Tensor logits = model.forward(from_vector(window, Shape{1, T}).to(model.device())).slice(1, T - 1, T);  // [1, 1, V / n]
     if (model.tp_size() > 1)
       logits = gather_from_tensor_parallel_region(model.tp_group().mesh(), logits, cfg.tp_axis, -1);
     std::vector<double> l = logits.astype(DType::f64).contiguous().to_vector<double>();

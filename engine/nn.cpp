@@ -37,6 +37,25 @@ void Module::collect(const std::string& prefix, ParamTree& out) const {
   for (const auto& [n, c] : children_) c->collect(prefix + n + "/", out);
 }
 
+void Module::to(Device device) {
+  NoGradGuard ng;
+  for (auto& p : params_) {
+    TensorImpl& impl = *p.tensor.get();
+    if (p.tensor.device() == device) continue;  // also a tensor registered twice, moved on its first visit
+    Tensor moved = p.tensor.detach().to(device).contiguous();
+    impl.storage = moved.storage();
+    impl.strides = moved.strides();
+    impl.offset = moved.offset();
+    impl.grad.reset();
+  }
+  for (auto& [n, c] : children_) c->to(device);
+}
+
+Device Module::device() const {
+  ParamTree ps = parameters();
+  return ps.size() ? ps[0].second.device() : Device::cpu();
+}
+
 void Module::train(bool on) {
   training_ = on;
   for (auto& [n, c] : children_) c->train(on);

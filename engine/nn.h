@@ -38,6 +38,16 @@ class Module {
   ParamTree parameters() const;
   /// Number of parameter elements.
   int64_t num_parameters() const { return parameters().numel(); }
+  /// Moves every parameter (this module's and its children's) to `device` in place, as PyTorch's
+  /// Module.to(device): each parameter keeps its identity (the handles the module, the parameters() tree
+  /// and the user hold see the new storage), gets fresh contiguous storage on the device with its values,
+  /// and loses its accumulated grad(). Parameters already there are left alone. Move the model before its
+  /// first training step: optimizer state created earlier stays where it was (the optimizer then throws
+  /// DeviceError), and a JIT-compiled step keeps the storages it was traced with. Throws DeviceError for a
+  /// CUDA device the build or the machine does not have.
+  void to(Device device);
+  /// The device of the parameters (the first one's; the CPU for a module without parameters).
+  Device device() const;
   /// Training mode (dropout active) or evaluation mode; recursive.
   void train(bool on = true);
   /// Whether the forward draws randomness (this module or a child: dropout with p > 0), so that running

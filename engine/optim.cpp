@@ -68,6 +68,16 @@ void check_grads(const ParamTree& params, const ParamTree& grads) {
   }
 }
 
+// The optimizer's state tensors of a parameter (states[0] is the parameter) live on its device: state
+// created before the model moved (Module::to) would hand the kernels pointers of another device.
+void check_state_device(const std::string& path, const TensorList& states) {
+  for (size_t k = 1; k < states.size(); ++k)
+    if (states[k].device() != states[0].device())
+      throw DeviceError("optimizer state of '" + path + "' is on another device than the parameter",
+                        states[0].device().str(), states[k].device().str(),
+                        "move the model (Module::to) before the optimizer's first step, or start a new optimizer");
+}
+
 void bump(int64_t* step, ParamTree& params) {
   ++*step;
   for (auto& [p, t] : params) t.storage()->bump_version();
@@ -190,6 +200,7 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
     for (size_t i = 0; i < params.size(); ++i) {
       check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
       auto [op, states] = update_for(i);
+      check_state_device(params[i].first, states);
       auto& grp = groups[op->attrs() + " " + std::string(dtype_name(params[i].second.dtype()))];
       grp.first = op;
       grp.second.push_back({states, grads.at(params[i].first).contiguous()});
@@ -201,6 +212,7 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
   for (size_t i = 0; i < params.size(); ++i) {
     check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
     auto [op, states] = update_for(i);
+    check_state_device(params[i].first, states);
     const Tensor g = grads.at(params[i].first).contiguous();
     if (!traced) {
       op->update(states, g, t, lr_now);

@@ -31,6 +31,12 @@ Batch Batch::slice(int64_t start, int64_t stop) const {
   return out;
 }
 
+Batch Batch::to(Device device) const {
+  Batch out;
+  for (const auto& [k, t] : items) out.items.emplace(k, t.to(device));
+  return out;
+}
+
 // ---------------------------------------------------------------- TensorDataset
 
 TensorDataset::TensorDataset(std::map<std::string, Tensor> items) {

@@ -31,6 +31,9 @@ struct Batch {
   int64_t size() const;
   /// Rows [start, stop) of every item (views).
   Batch slice(int64_t start, int64_t stop) const;
+  /// Every item on `device` (items already there are shared, not copied). Throws DeviceError for a
+  /// device the build or the machine does not have.
+  Batch to(Device device) const;
 };
 
 class Dataset {

@@ -366,8 +366,8 @@ Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Te
   }
   Shape ms = ids.shape();
   ms.push_back(1);
-  Tensor mask = from_vector(keep, ms).astype(weight.dtype());
-  Tensor e = mul(embedding(weight, from_vector(local, ids.shape())), mask);  // rows of other ranks -> 0
+  Tensor mask = from_vector(keep, ms).astype(weight.dtype()).to(weight.device());
+  Tensor e = mul(embedding(weight, from_vector(local, ids.shape()).to(weight.device())), mask);  // rows of other ranks -> 0
   return reduce_from_c(c, e);
 }
 

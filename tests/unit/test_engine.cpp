@@ -8,6 +8,7 @@
 
 #include <titanax/titanax.h>
 
+#include "core/cuda_runtime.h"
 #include "engine/engine.h"
 #include "parallel/runtime.h"
 
@@ -195,4 +196,33 @@ TEST_CASE("the engine learns a separable problem and evaluates it", "[engine]") 
   CHECK(r.final_eval.at("eval/loss") < 0.4);
   Engine two_micro(mesh, Plan{.dp = DP{"data", 2}}, optim::sgd(optim::constant(0.1)));
   CHECK_THROWS_AS(two_micro.step(model, classification_loss, train->get({0, 1, 2})), PlanError);  // 3 examples, 2 microbatches
+}
+
+TEST_CASE("Module::to moves parameters in place; Batch::to shares what is already there", "[engine][device]") {
+  nn::MLP model({12, 8, 4});
+  ParamTree before = model.parameters();
+  const std::vector<float> values = flat_params(model);
+  model.to(Device::cpu());  // already there: nothing moves, nothing is copied
+  CHECK(model.device() == Device::cpu());
+  for (size_t i = 0; i < before.size(); ++i)
+    CHECK(model.parameters()[i].second.storage() == before[i].second.storage());
+
+  if (cuda_rt::device_count() == 0) {
+    // No GPU (or a CPU build): a clear DeviceError and the model left untouched on the CPU.
+    CHECK_THROWS_AS(model.to(Device::cuda(0)), DeviceError);
+    CHECK(model.device() == Device::cpu());
+    CHECK(flat_params(model) == values);
+  } else {
+    // The handles taken before the move see the new storage (one identity, as PyTorch's Module.to).
+    model.to(Device::cuda(0));
+    for (const auto& [p, t] : before) CHECK(t.device() == Device::cuda(0));
+    model.to(Device::cpu());
+    CHECK(flat_params(model) == values);
+  }
+
+  auto data = synthetic(8, 1);
+  const Batch b = data->get({0, 1, 2});
+  const Batch same = b.to(Device::cpu());
+  CHECK(same["x"].storage() == b["x"].storage());
+  CHECK(same["y"].storage() == b["y"].storage());
 }
