@@ -78,6 +78,8 @@ const ConfigSchema& run_schema() {
     s.add_string("logging.csv", "", "CSV metrics file (step,metric,value; empty = none)");
     s.add_string("logging.level", "info", "log level", {"trace", "debug", "info", "warn", "error", "off"});
     s.add_int("runtime.threads", 0, "CPU threads per rank (0 = cores / ranks on the node)");
+    s.add_string("runtime.device", "auto", "where each rank computes: auto (GPU local_rank % gpus when the build "
+                 "has CUDA and a GPU is visible, else the CPU), cpu, cuda (local_rank % gpus) or cuda:N");
     return s;
   }();
   return schema;
@@ -266,6 +268,7 @@ Setup setup(const Config& c, Runtime& rt) {
   Setup s{.mesh = mesh_spec(c).build(rt), .plan = plan(c)};
   s.plan.validate(s.mesh);
   s.net = model(c, &s.mesh);
+  s.net->to(rt.device());  // runtime.device; the engine moves each batch to the model's device
   return s;
 }
 
@@ -302,8 +305,8 @@ int run(const Config& c, Runtime& rt) {
   auto eng = engine(c, rt, s, steps);
   if (rt.is_main()) {
     spdlog::info("{}", s.mesh.describe());
-    spdlog::info("model {} with {} parameters on this rank; {} training examples; {} steps", s.net->name(),
-                 s.net->num_parameters(), d.train_examples, steps);
+    spdlog::info("model {} with {} parameters on this rank ({}); {} training examples; {} steps", s.net->name(),
+                 s.net->num_parameters(), s.net->device().str(), d.train_examples, steps);
   }
   const int64_t tokens = is_lm(c) ? c.get_int("model.seq_len") : 1;
   FitOptions fo{.steps = steps, .stop_at = c.get_int("train.stop_at"), .log_every = c.get_int("train.log_every"),

@@ -125,7 +125,8 @@ int main(int argc, char** argv) {
   std::optional<tx::Runtime> rt;
   try {
     rt.emplace(argc, argv,
-               tx::RuntimeOptions{.threads = int(cfg->get_int("runtime.threads")),
+               tx::RuntimeOptions{.device = cfg->get_string("runtime.device"),
+                                  .threads = int(cfg->get_int("runtime.threads")),
                                   .log_level = cfg->get_string("logging.level")});
     code = *run      ? tx::app::run(*cfg, *rt)
            : *sample ? tx::app::sample(*cfg, *rt, so)

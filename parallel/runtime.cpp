@@ -50,7 +50,7 @@ Device pick_device(const std::string& req, int local_rank) {
   if (gpus == 0)
     throw DeviceError("device '" + req + "' requested but no CUDA device is visible", "at least one CUDA device",
                       "0 CUDA devices (" + std::string("cpu build or no GPU") + ")",
-                      "use RuntimeOptions{.device = \"cpu\"} or \"auto\"");
+                      "use RuntimeOptions{.device = \"cpu\"} or \"auto\" (titanax: --set runtime.device=cpu)");
   if (req.find(':') == std::string::npos) return Device::cuda(local_rank % gpus);
   if (d.index >= gpus)
     throw DeviceError("device '" + req + "' does not exist", "cuda:0 .. cuda:" + std::to_string(gpus - 1), req,

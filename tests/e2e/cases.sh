@@ -153,6 +153,14 @@ error_mesh_ranks)
 error_axis)
   expect_error "PlanError: DP axis 'dta' is not in the mesh; did you mean 'data'" run 2 mnist_mlp.yaml --set plan.dp.axis=dta ;;
 
+error_device)  # runtime.device naming a GPU this machine (or build) does not have, and a malformed device
+  expect_error "DeviceError: device 'cuda:64' (requested but no CUDA device is visible|does not exist)" \
+    run 2 mnist_mlp.yaml --set runtime.device=cuda:64
+  expect_error "DeviceError" run 1 mnist_mlp.yaml --set runtime.device=gpu0
+  # The default (auto: the CPU in a build without CUDA, else the GPU) trains, and the log names the device.
+  run 1 mnist_mlp.yaml --set train.steps=2 --set schedule.name=constant --set logging.level=info | tee out.txt
+  grep -Eq "parameters on this rank \((cpu:0|cuda:0)\)" out.txt || fail "the run log does not name the model's device" ;;
+
 error_checksum)
   args=(--set train.steps=20 --set schedule.warmup_steps=5 --set "checkpoint.dir=$WORK/ck")
   run 2 mnist_mlp.yaml "${args[@]}" --set train.stop_at=10
