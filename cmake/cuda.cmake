@@ -4,7 +4,9 @@
 #   * titanax_add_cuda(target) adds kernels/cuda/*.cu, kernels/cuda/*.cpp and every */cuda_*.cpp of the
 #     layered folders to `target`, links the CUDA runtime, cuBLASLt, cuBLAS and NVRTC (the JIT's
 #     generated kernels), embeds kernels/cuda/ew_math.cuh for NVRTC, and defines
-#     TITANAX_WITH_CUDA. cuDNN is looked for (optional, for conv to come) and reported in the configure log.
+#     TITANAX_WITH_CUDA.
+#   * cuDNN (required: the convolutions of kernels/cuda/conv.cpp): TITANAX_CUDNN_INCLUDE / TITANAX_CUDNN_LIB,
+#     found in the CUDA toolkit or the system folders; configuring stops with a message when it is missing.
 #   * NCCL (optional): TITANAX_NCCL_INCLUDE / TITANAX_NCCL_LIB. When both are found TITANAX_HAVE_NCCL is ON,
 #     titanax_add_cuda links NCCL and the root CMakeLists.txt compiles parallel/cuda_nccl_communicator.cpp;
 #     otherwise parallel/no_nccl.cpp (collectives of GPU tensors through MPI and host memory), and the
@@ -25,12 +27,18 @@ set(CMAKE_CUDA_STANDARD 17)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 message(STATUS "Titanax CUDA: nvcc ${CMAKE_CUDA_COMPILER_VERSION}, architectures ${CMAKE_CUDA_ARCHITECTURES}")
 
-# Optional libraries for the later pieces of the backend (conv through cuDNN, NCCL collectives).
+# cuDNN (convolutions) and NCCL (collectives of GPU tensors; optional).
 find_path(TITANAX_CUDNN_INCLUDE cudnn.h HINTS ${CUDAToolkit_INCLUDE_DIRS} PATHS /usr/include /usr/local/cuda/include)
 find_library(TITANAX_CUDNN_LIB cudnn HINTS ${CUDAToolkit_LIBRARY_DIR} PATHS /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
 find_path(TITANAX_NCCL_INCLUDE nccl.h HINTS ${CUDAToolkit_INCLUDE_DIRS} PATHS /usr/include /usr/local/cuda/include)
 find_library(TITANAX_NCCL_LIB nccl HINTS ${CUDAToolkit_LIBRARY_DIR} PATHS /usr/lib/x86_64-linux-gnu /usr/local/cuda/lib64)
-message(STATUS "Titanax CUDA: cuDNN ${TITANAX_CUDNN_LIB} (not used yet)")
+if(NOT TITANAX_CUDNN_INCLUDE OR NOT TITANAX_CUDNN_LIB OR NOT EXISTS "${TITANAX_CUDNN_INCLUDE}/cudnn.h")
+  message(FATAL_ERROR "Titanax CUDA: cuDNN not found (cudnn.h: '${TITANAX_CUDNN_INCLUDE}', libcudnn: "
+                      "'${TITANAX_CUDNN_LIB}'). The CUDA backend's convolutions need cuDNN 9: install it "
+                      "(apt-get install cudnn9-cuda-13 from NVIDIA's repository, or the CUDA toolkit's copy) "
+                      "or pass -DTITANAX_CUDNN_INCLUDE=<dir of cudnn.h> -DTITANAX_CUDNN_LIB=<libcudnn.so>.")
+endif()
+message(STATUS "Titanax CUDA: cuDNN ${TITANAX_CUDNN_LIB} (convolutions)")
 if(TITANAX_NCCL_INCLUDE AND TITANAX_NCCL_LIB AND EXISTS "${TITANAX_NCCL_LIB}" AND EXISTS "${TITANAX_NCCL_INCLUDE}/nccl.h")
   set(TITANAX_HAVE_NCCL ON)
   message(STATUS "Titanax CUDA: NCCL ${TITANAX_NCCL_LIB} (collectives of GPU tensors)")
@@ -61,7 +69,8 @@ const char* const kEwMathSource = R\"txembed(@TX_EW_MATH_TEXT@)txembed\";
   # No FMA contraction in the eager elementwise kernels: their roundings are then those of the JIT's
   # generated kernels (NVRTC --fmad=false), so fused and unfused programs agree bitwise.
   set_source_files_properties(${PROJECT_SOURCE_DIR}/kernels/cuda/elementwise.cu PROPERTIES COMPILE_OPTIONS "-fmad=false")
-  target_link_libraries(${target} PRIVATE CUDA::cudart CUDA::cublasLt CUDA::cublas CUDA::nvrtc)
+  target_link_libraries(${target} PRIVATE CUDA::cudart CUDA::cublasLt CUDA::cublas CUDA::nvrtc ${TITANAX_CUDNN_LIB})
+  target_include_directories(${target} PRIVATE ${TITANAX_CUDNN_INCLUDE})
   if(TITANAX_HAVE_NCCL)
     target_include_directories(${target} PRIVATE ${TITANAX_NCCL_INCLUDE})
     target_link_libraries(${target} PRIVATE ${TITANAX_NCCL_LIB})

@@ -1,9 +1,12 @@
 // conv2d and max_pool2d, with their backward ops (conv2d_backward_input, conv2d_backward_weight,
-// max_pool2d_backward). Kernels in kernels/cpu/conv.h: oneDNN for f32, direct loops for f64.
+// max_pool2d_backward). CPU kernels in kernels/cpu/conv.h (oneDNN for f32, direct loops for f64); CUDA
+// kernels in kernels/cuda/kernels.h (cuDNN convolutions, our own max-pooling kernels). The max-pool
+// workspace (which element won each window) has a per-device layout: its size comes from the backend.
 //
 // The convolution backward ops are linear in each input, so their own vjps are convolutions again and
 // conv2d is differentiable to any order. max_pool2d_backward's vjp throws AutodiffError.
 #include "kernels/cpu/conv.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -85,6 +88,10 @@ class Conv2d final : public Op {
     Tensor x = dense(in[0]), w = dense(in[1]), b = bias_ ? dense(in[2]) : Tensor();
     kc::conv2d_forward(x, w, bias_ ? &b : nullptr, conv_geom(x.shape(), w.shape(), stride_, padding_), out[0]);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]), w = dense(in[1]), b = bias_ ? dense(in[2]) : Tensor();
+    kernels::cuda::conv2d_forward(x, w, bias_ ? &b : nullptr, conv_geom(x.shape(), w.shape(), stride_, padding_), out[0]);
+  }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     const Tensor &x = in[0], &w = in[1], &g = ct[0];
@@ -132,6 +139,10 @@ class Conv2dBackwardInput final : public Op {
     Tensor dy = dense(in[0]), w = dense(in[1]);
     kc::conv2d_backward_input(dy, w, conv_geom(out[0].shape(), w.shape(), stride_, padding_), out[0]);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor dy = dense(in[0]), w = dense(in[1]);
+    kernels::cuda::conv2d_backward_input(dy, w, conv_geom(out[0].shape(), w.shape(), stride_, padding_), out[0]);
+  }
   // dx is bilinear in (dy, w): <G, dx> = <dy, conv2d(G, w)> = <w, conv2d_backward_weight(dy, G)>.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -178,6 +189,11 @@ class Conv2dBackwardWeight final : public Op {
     kc::conv2d_backward_weight(dy, x, conv_geom(x.shape(), out[0].shape(), stride_, padding_), out[0],
                                bias_ ? &out[1] : nullptr);
   }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor dy = dense(in[0]), x = dense(in[1]);
+    kernels::cuda::conv2d_backward_weight(dy, x, conv_geom(x.shape(), out[0].shape(), stride_, padding_), out[0],
+                                          bias_ ? &out[1] : nullptr);
+  }
   // (dw, db) is bilinear in (dy, x): <Gw, dw> + <Gb, db> = <dy, conv2d(x, Gw, Gb)> = <x, conv2d_backward_input(dy, Gw)>.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -204,6 +220,11 @@ TensorList conv_backward_weight(const Tensor& dy, const Tensor& x, Pair khw, Pai
 
 kc::Pool2dGeom pool_geom(const Shape& x, Pair k, Pair s, Pair p) {
   return {x[0], x[1], x[2], x[3], k[0], k[1], s[0], s[1], p[0], p[1]};
+}
+
+// Bytes of max_pool2d's workspace on `device` (the CPU and CUDA kernels record the winners differently).
+int64_t pool_workspace_bytes(const kc::Pool2dGeom& g, DType dtype, Device device) {
+  return device.is_cuda() ? kernels::cuda::max_pool2d_workspace_bytes(g) : kc::max_pool2d_workspace_bytes(g, dtype);
 }
 
 void check_pool(const char* op, const Tensor& x, Pair kernel, Pair stride, Pair padding) {
@@ -234,7 +255,7 @@ class MaxPool2dBackward final : public Op {
     Shape want{g_.N, g_.C, g_.OH(), g_.OW()};
     if (dy.shape() != want)
       throw ShapeError("max_pool2d_backward: dy does not match the pooling", want.str(), dy.shape().str());
-    const int64_t bytes = kc::max_pool2d_workspace_bytes(g_, dy.dtype());
+    const int64_t bytes = pool_workspace_bytes(g_, dy.dtype(), dy.device());
     if (ws.numel() != bytes)
       throw ShapeError("max_pool2d_backward: workspace from a different pooling", std::to_string(bytes) + " bytes",
                        std::to_string(ws.numel()) + " bytes", "pass the workspace the matching max_pool2d produced");
@@ -242,6 +263,9 @@ class MaxPool2dBackward final : public Op {
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     kc::max_pool2d_backward(dense(in[0]), dense(in[1]), g_, out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::max_pool2d_backward(dense(in[0]), dense(in[1]), g_, out[0]);
   }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of max_pool2d is not implemented", "first-order gradients of max_pool2d",
@@ -267,11 +291,15 @@ class MaxPool2d final : public Op {
     check_pool(name(), x, kernel_, stride_, padding_);
     kc::Pool2dGeom g = pool_geom(x.shape(), kernel_, stride_, padding_);
     return {{Shape{g.N, g.C, g.OH(), g.OW()}, x.dtype(), x.device()},
-            {Shape{kc::max_pool2d_workspace_bytes(g, x.dtype())}, DType::u8, x.device()}};
+            {Shape{pool_workspace_bytes(g, x.dtype(), x.device())}, DType::u8, x.device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
     kc::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0], out[1]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    kernels::cuda::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0], out[1]);
   }
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

@@ -32,6 +32,16 @@ void gather(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { 
 void scatter_add(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("scatter_add"); }
 void matmul(const Tensor&, const Tensor&, Tensor&, bool) { no_cuda("matmul"); }
 void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&, bool) { no_cuda("linear"); }
+void conv2d_forward(const Tensor&, const Tensor&, const Tensor*, const cpu::Conv2dGeom&, Tensor&) { no_cuda("conv2d"); }
+void conv2d_backward_input(const Tensor&, const Tensor&, const cpu::Conv2dGeom&, Tensor&) {
+  no_cuda("conv2d_backward_input");
+}
+void conv2d_backward_weight(const Tensor&, const Tensor&, const cpu::Conv2dGeom&, Tensor&, Tensor*) {
+  no_cuda("conv2d_backward_weight");
+}
+int64_t max_pool2d_workspace_bytes(const cpu::Pool2dGeom& g) { return g.N * g.C * g.OH() * g.OW() * 4; }
+void max_pool2d_forward(const Tensor&, const cpu::Pool2dGeom&, Tensor&, Tensor&) { no_cuda("max_pool2d"); }
+void max_pool2d_backward(const Tensor&, const Tensor&, const cpu::Pool2dGeom&, Tensor&) { no_cuda("max_pool2d_backward"); }
 bool allow_tf32() { return false; }
 void set_allow_tf32(bool) {}
 void adam_update(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>&,

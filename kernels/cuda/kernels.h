@@ -15,6 +15,7 @@
 
 #include "core/rng.h"
 #include "core/tensor.h"
+#include "kernels/cpu/conv.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cpu/reduce.h"
@@ -86,6 +87,26 @@ void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, boo
 /// Set by the user or the precision policy; read by the matmul / linear ops.
 bool allow_tf32();
 void set_allow_tf32(bool on);
+
+// ------------------------------------------------------------------------------------ convolution, pooling
+// NCHW, contiguous operands and outputs (the ops guarantee it), f32 / f64, the geometry of
+// kernels/cpu/conv.h. Convolutions run through cuDNN (kernels/cuda/conv.cpp): one handle per device,
+// the fastest algorithm cuDNN's heuristics rank that is deterministic (cached per geometry), the
+// workspace from the caching allocator; f32 in full FP32 (CUDNN_FMA_MATH) unless allow_tf32(). Bias
+// sums use the reduction kernel (sums in double, as the CPU). cuDNN failures throw DeviceError with
+// cuDNN's error string.
+/// y [N, O, OH, OW] = conv2d(x, w) + b (b may be nullptr); cross-correlation as PyTorch's conv2d.
+void conv2d_forward(const Tensor& x, const Tensor& w, const Tensor* b, const cpu::Conv2dGeom& g, Tensor& y);
+/// dx [N, C, H, W]: the adjoint of conv2d in x applied to dy.
+void conv2d_backward_input(const Tensor& dy, const Tensor& w, const cpu::Conv2dGeom& g, Tensor& dx);
+/// dw [O, C, KH, KW] and db [O] (may be nullptr) of conv2d for dy.
+void conv2d_backward_weight(const Tensor& dy, const Tensor& x, const cpu::Conv2dGeom& g, Tensor& dw, Tensor* db);
+/// Bytes of the CUDA max-pool workspace: one int32 per output element (the winner's offset in its plane).
+int64_t max_pool2d_workspace_bytes(const cpu::Pool2dGeom& g);
+/// y [N, C, OH, OW] = max over windows (kernels/cpu/conv.h semantics), ws: u8 [workspace bytes].
+void max_pool2d_forward(const Tensor& x, const cpu::Pool2dGeom& g, Tensor& y, Tensor& ws);
+/// dx [N, C, H, W] = dy routed to each window's maximum (sums where windows overlap), deterministic.
+void max_pool2d_backward(const Tensor& dy, const Tensor& ws, const cpu::Pool2dGeom& g, Tensor& dx);
 
 // ------------------------------------------------------------------------------------ optimizers
 /// Fused multi-tensor AdamW / Adam (formulas of kernels/cpu/optim.h) over parameter lists p, g, m, v

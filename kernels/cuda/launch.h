@@ -89,6 +89,18 @@ int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, i
 int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
                        int64_t B, int64_t K, void* out, void* stream);
 
+// ---------------------------------------------------------------- max pooling (pool.cu)
+/// Geometry of a max pooling over [N, C, H, W] with windows KH x KW, strides SH, SW and padding PH, PW;
+/// output [N, C, OH, OW]. Every tensor contiguous.
+struct Pool2dParams {
+  int64_t N, C, H, W, KH, KW, SH, SW, PH, PW, OH, OW;
+};
+/// y = the maximum of each window's in-range elements (first NaN, else first maximum in row-major
+/// window order), ws[o] = its offset h * W + w in the plane (int32, one per output). f32 / f64.
+int launch_max_pool2d(Dt t, const void* x, void* y, int32_t* ws, const Pool2dParams& g, void* stream);
+/// dx[n, c, h, w] = sum of dy over the windows whose ws chose (h, w), in increasing output order.
+int launch_max_pool2d_backward(Dt t, const void* dy, const int32_t* ws, void* dx, const Pool2dParams& g, void* stream);
+
 // ---------------------------------------------------------------- optimizers (optim.cu)
 /// Up to kMaxTensors tensors updated by one launch (passed by value as a kernel parameter).
 constexpr int kMaxTensors = 24;
