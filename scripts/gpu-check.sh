@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # One prepared device run for a session lent a GPU (device time is short: build, test and time in one
 # call). From the project root on this machine: `../shared/device/prepare.sh`, then call the device with
-# carry [".device"] and the command `source .device/on-device.sh && scripts/gpu-check.sh`.
+# carry [".device"] and the command `source .device/on-device.sh && scripts/gpu-check.sh`. With the MNIST
+# files too (carry "build/cpu/data/mnist", fetched here by `build/cpu/apps/titanax fetch mnist --out
+# build/cpu/data/mnist`), it also trains the MNIST MLP and CNN configs on the GPU (1 rank, and the MLP on
+# 2 ranks sharing it) and checks the accuracy bars of e2e_mlp_accuracy / e2e_cnn_accuracy.
 # Builds the cuda preset (library, CUDA tests, codegen tests, benchmarks) on all cores, runs the CUDA
 # tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph), the CUDA collectives on
-# 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank) and the JIT benchmark,
+# 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank), the JIT, kernel and MLP-step
+# benchmarks,
 # writes full logs under $OUT (or build/cuda/gpu-check) and prints a short summary last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +27,28 @@ step() {  # step NAME COMMAND...: runs it, logs to $out/NAME.log, records pass /
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 step configure cmake --preset cuda || { printf '%s\n' "${summary[@]}"; exit 1; }
 step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_cuda_mpi_tests titanax_codegen_tests bench_jit \
+  bench_kernels bench_mlp_step titanax_cli \
   || { tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
 step codegen build/cuda/tests/titanax_codegen_tests
 TITANAX_KERNEL_CACHE="$out/kcache" step cuda_tests build/cuda/tests/titanax_cuda_tests --durations yes
 step cuda_mpi_np2 mpirun --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 build/cuda/tests/titanax_cuda_mpi_tests
 step bench_jit_mlp build/cuda/bench/jit --model mlp --steps 20 --no-peer
+step bench_kernels build/cuda/bench/kernels --device cuda
+step bench_mlp_cuda build/cuda/bench/mlp_step --device cuda --steps 300
+mnist=${MNIST:-build/cpu/data/mnist}
+if [[ -d $mnist ]]; then
+  train() {  # train NP CONFIG MIN_ACCURACY: trains on the GPU, fails below the accuracy bar
+    local np=$1 config=$2 bar=$3
+    timeout 300 mpirun --allow-run-as-root --oversubscribe -np "$np" -x OMP_NUM_THREADS=1 build/cuda/apps/titanax run \
+      --config "examples/configs/$config" --set "data.path=$mnist" --set data.fetch=false --set checkpoint.dir= \
+      --set runtime.device=cuda || return 1
+    awk -v m="$bar" '/^test accuracy/ { a = $3 } END { print "accuracy " a " (bar " m ")"; exit !(a + 0 >= m + 0) }' \
+      "$out/$STEP_NAME.log"
+  }
+  STEP_NAME=mnist_mlp step mnist_mlp train 1 mnist_mlp.yaml 0.95
+  STEP_NAME=mnist_mlp_np2 step mnist_mlp_np2 train 2 mnist_mlp.yaml 0.95
+  STEP_NAME=mnist_cnn step mnist_cnn train 1 mnist_cnn.yaml 0.975
+fi
 grep -E "FAILED|failed|with expansion" -A3 "$out/cuda_tests.log" | head -60
 echo "GPU: $(cat "$out/gpu.txt")"
 printf '%s\n' "${summary[@]}"
