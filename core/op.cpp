@@ -58,11 +58,17 @@ TensorList apply(OpPtr op, TensorList inputs) {
     if (!inputs[i].defined())
       throw ValueError(std::string("op '") + op->name() + "' got an undefined input", "defined tensors",
                        "input " + std::to_string(i) + " is Tensor()");
-    if (i > 0 && !(inputs[i].device() == inputs[0].device()))
+    if (op->host_input(i)) {
+      if (!inputs[i].device().is_cpu())
+        throw DeviceError(std::string("op '") + op->name() + "' reads input " + std::to_string(i) + " on the host",
+                          "a CPU tensor", "input " + std::to_string(i) + " on " + inputs[i].device().str(),
+                          "pass it with .to(Device::cpu())");
+    } else if (i > 0 && !(inputs[i].device() == inputs[0].device())) {
       throw DeviceError(std::string("op '") + op->name() + "' got inputs on different devices",
                         "all inputs on " + inputs[0].device().str(),
                         "input " + std::to_string(i) + " on " + inputs[i].device().str(),
                         "move the inputs with .to(device)");
+    }
   }
   TensorList out;
   {

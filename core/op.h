@@ -67,6 +67,10 @@ class Op {
   virtual bool saves_outputs() const { return false; }
   /// False for ops without a derivative (comparisons, argmax, casts to integers): never recorded.
   virtual bool differentiable() const { return true; }
+  /// True when input i is a host scalar that the kernel launcher reads on the CPU (an optimizer update's
+  /// step count and learning rate): it must be a CPU tensor, and it may stay there while the other inputs
+  /// live on a GPU (apply() checks every other input against input 0's device).
+  virtual bool host_input(size_t i) const { return false; }
 };
 
 using OpPtr = std::shared_ptr<const Op>;

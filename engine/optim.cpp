@@ -121,6 +121,13 @@ struct UpdateOp : Op {
     for (int i = 0; i < k; ++i) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
     update(out, in[size_t(k)], in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
   }
+  // Traced on a GPU: the copies on the device, then the fused kernel for this one parameter; the step
+  // count and the learning rate are host scalars (the JIT computes them on the CPU at each replay).
+  void cuda(const TensorList& in, TensorList& out) const override {
+    for (int i = 0; i < k; ++i) kernels::cuda::copy_cast(in[size_t(i)], out[size_t(i)]);
+    update_cuda({{out, in[size_t(k)]}}, in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
+  }
+  bool host_input(size_t i) const override { return i > size_t(k); }
   bool differentiable() const override { return false; }
   /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
   /// eagerly) in place with gradient g (contiguous) at step count `step` (updates done before this one).
@@ -368,16 +375,19 @@ void clip_to_norm(ParamTree& grads, double norm, double max_norm) {
 
 Tensor global_norm_tensor(const ParamTree& grads) {
   NoGradGuard ng;
-  Tensor total = scalar(0.0, DType::f64);
-  for (const auto& [p, g] : grads) total = total + sum(square(g.detach().astype(DType::f64)));
-  return sqrt(total);
+  Tensor total;  // on the gradients' device
+  for (const auto& [p, g] : grads) {
+    Tensor s = sum(square(g.detach().astype(DType::f64)));
+    total = total.defined() ? total + s : s;
+  }
+  return sqrt(total.defined() ? total : scalar(0.0, DType::f64));
 }
 
 Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm) {
   if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
   Tensor norm = global_norm_tensor(grads);
   NoGradGuard ng;
-  const Tensor coef = minimum(max_norm / (norm + 1e-6), scalar(1.0, DType::f64));
+  const Tensor coef = minimum(max_norm / (norm + 1e-6), scalar_like(1.0, norm));
   for (auto& [p, g] : grads) g = g * coef.astype(g.dtype());
   return norm;
 }
