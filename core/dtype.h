@@ -24,6 +24,9 @@ constexpr size_t itemsize(DType t) {
 constexpr bool is_floating(DType t) {
   return t == DType::f32 || t == DType::f64 || t == DType::f16 || t == DType::bf16;
 }
+/// The 16-bit floating types. Kernels compute them in f32: inputs widen exactly, results round to
+/// nearest even when stored (as CUDA's half-precision arithmetic and PyTorch's kernels do).
+constexpr bool is_half(DType t) { return t == DType::f16 || t == DType::bf16; }
 constexpr bool is_integral(DType t) { return t == DType::i32 || t == DType::i64 || t == DType::u8; }
 
 /// "f32", "bf16", ... (the names configs and safetensors use, see dtype_from_name).

@@ -4,6 +4,9 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace titanax {
 
 void Op::cuda(const TensorList&, TensorList&) const {
@@ -14,6 +17,17 @@ void Op::cuda(const TensorList&, TensorList&) const {
 TensorList Op::vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const {
   throw AutodiffError(std::string("op '") + name() + "' has no gradient", "a differentiable op", name(),
                       "wrap the call in NoGradGuard or detach() its inputs");
+}
+
+void Op::run_in_f32(const TensorList& in, TensorList& out) const {
+  NoGradGuard ng;
+  TensorList in32, out32;
+  for (const auto& t : in) in32.push_back(t.defined() && is_half(t.dtype()) ? t.detach().astype(DType::f32) : t);
+  for (const auto& o : out) out32.push_back(is_half(o.dtype()) ? empty(o.shape(), DType::f32, o.device()) : o);
+  if (out.empty() || out[0].device().is_cpu()) cpu(in32, out32);
+  else cuda(in32, out32);
+  for (size_t i = 0; i < out.size(); ++i)
+    if (is_half(out[i].dtype())) copy_(out[i], out32[i]);
 }
 
 TensorList Op::forward(const TensorList& in) const {
@@ -38,6 +52,51 @@ struct OpDepth {
 
 ApplyObserver* apply_observer() { return t_observer; }
 
+namespace {
+thread_local DType t_autocast = DType::f32;
+
+// The inputs cast by the op's autocast policy (the casts are ops themselves: their own inputs are
+// single-dtype, so they are left alone).
+TensorList autocast_inputs(const Op& op, TensorList in) {
+  const DType low = t_autocast;
+  switch (op.autocast_policy()) {
+    case AutocastPolicy::lower:
+      for (auto& t : in)
+        if (t.defined() && t.dtype() == DType::f32) t = t.astype(low);
+      break;
+    case AutocastPolicy::f32:
+      for (auto& t : in)
+        if (t.defined() && is_half(t.dtype())) t = t.astype(DType::f32);
+      break;
+    case AutocastPolicy::promote: {
+      bool half = false;
+      DType widest = DType::f32;
+      std::vector<DType> seen;  // the distinct floating dtypes
+      for (const auto& t : in) {
+        if (!t.defined() || !is_floating(t.dtype())) continue;
+        half = half || is_half(t.dtype());
+        if (t.dtype() == DType::f64) widest = DType::f64;
+        if (std::find(seen.begin(), seen.end(), t.dtype()) == seen.end()) seen.push_back(t.dtype());
+      }
+      if (!half || seen.size() < 2) break;
+      for (auto& t : in)
+        if (t.defined() && is_half(t.dtype())) t = t.astype(widest);
+      break;
+    }
+  }
+  return in;
+}
+}  // namespace
+
+AutocastGuard::AutocastGuard(DType dtype) : prev_(t_autocast) {
+  if (dtype != DType::f32 && !is_half(dtype))
+    throw DTypeError("autocast needs a floating dtype to lower to", "bf16, f16 (or f32: off)",
+                     std::string(dtype_name(dtype)), "use AutocastGuard(DType::bf16)");
+  t_autocast = dtype;
+}
+AutocastGuard::~AutocastGuard() { t_autocast = prev_; }
+DType autocast_dtype() { return t_autocast; }
+
 namespace detail {
 void notify_write(const Tensor& dst, const Tensor& src) {
   if (t_observer && t_op_depth == 0) t_observer->on_write(dst, src);
@@ -54,6 +113,7 @@ ApplyObserver* set_apply_observer(ApplyObserver* o) {
 }
 
 TensorList apply(OpPtr op, TensorList inputs) {
+  if (t_autocast != DType::f32 && t_op_depth == 0) inputs = autocast_inputs(*op, std::move(inputs));
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (!inputs[i].defined())
       throw ValueError(std::string("op '") + op->name() + "' got an undefined input", "defined tensors",

@@ -29,6 +29,14 @@ struct TensorSpec {
   Device device;
 };
 
+/// What an op does to its floating inputs while autocast is on (AutocastGuard), after PyTorch's
+/// torch.autocast op lists (docs.pytorch.org/docs/stable/amp.html, "CUDA Ops that can autocast"):
+///   lower:   f32 inputs are cast to the autocast dtype (GEMMs: linear, matmul);
+///   f32:     f16 / bf16 inputs are cast to f32 (softmax, log-softmax, cross-entropy, layer-norm, sums);
+///   promote: when a 16-bit input meets a wider floating input, the 16-bit ones are cast to the widest
+///            (everything else; single-dtype inputs are left alone).
+enum class AutocastPolicy { promote, lower, f32 };
+
 class Op {
  public:
   virtual ~Op() = default;
@@ -71,7 +79,35 @@ class Op {
   /// step count and learning rate): it must be a CPU tensor, and it may stay there while the other inputs
   /// live on a GPU (apply() checks every other input against input 0's device).
   virtual bool host_input(size_t i) const { return false; }
+  /// How autocast treats this op's inputs (AutocastPolicy).
+  virtual AutocastPolicy autocast_policy() const { return AutocastPolicy::promote; }
+
+ protected:
+  /// For kernels without native f16 / bf16 code: runs this op's cpu() or cuda() (by out[0]'s device) on
+  /// f32 copies of its 16-bit floating inputs, into f32 buffers for its 16-bit outputs, and rounds those
+  /// into `out` (nearest even). Elementwise results then equal a native 16-bit kernel's (compute in f32,
+  /// round on store); reductions and GEMMs accumulate as their f32 kernels do.
+  void run_in_f32(const TensorList& in, TensorList& out) const;
 };
+
+/// Mixed precision for a scope (PyTorch's torch.autocast): while one is alive on the calling thread,
+/// apply() casts the inputs of each op by its autocast_policy(), with `dtype` (bf16 or f16) as the
+/// lower precision. The casts are astype ops: recorded on the tape (gradients flow back to the f32
+/// tensors in f32) and traced by the JIT. Run the forward under it, not the backward (the Engine wraps
+/// the loss function only): the vjps then compute in the dtypes the forward chose. Nests; the innermost
+/// wins. Throws DTypeError for a dtype other than bf16, f16 or f32 (f32 = off).
+class AutocastGuard {
+ public:
+  explicit AutocastGuard(DType dtype);
+  ~AutocastGuard();
+  AutocastGuard(const AutocastGuard&) = delete;
+  AutocastGuard& operator=(const AutocastGuard&) = delete;
+
+ private:
+  DType prev_;
+};
+/// The calling thread's autocast dtype: bf16 or f16 inside an AutocastGuard, f32 (off) otherwise.
+DType autocast_dtype();
 
 using OpPtr = std::shared_ptr<const Op>;
 

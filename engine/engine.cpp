@@ -34,9 +34,13 @@ Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> op
     : mesh_(mesh), plan_(std::move(plan)), opt_(std::move(opt)), opts_(std::move(opts)) {
   if (!opt_) throw ValueError("Engine needs an optimizer", "optim::adamw(...) or similar", "nullptr");
   plan_.validate(mesh_);
-  if (opts_.precision.params != DType::f32 || opts_.precision.compute != DType::f32)
-    throw DTypeError("this precision needs the CUDA backend", "params f32, compute f32 on the CPU",
-                     opts_.precision.str(), "use Precision::f32() on the CPU");
+  if (opts_.precision.params != DType::f32 || (opts_.precision.compute != DType::f32 && !is_half(opts_.precision.compute)))
+    throw DTypeError("unsupported precision policy", "f32 master weights with f32, bf16 or f16 compute",
+                     opts_.precision.str(), "use Precision::f32(), Precision::bf16() or Precision::fp16()");
+  if (is_half(opts_.precision.compute) && (plan_.pp || mesh_.size() != dp_size()))
+    throw PlanError("mixed precision runs data-parallel plans only",
+                    "every rank on the DP axis and no pipeline parallelism with Precision " + opts_.precision.str(),
+                    plan_.describe(), "use Precision::f32() for tensor- or pipeline-parallel plans");
   if (opts_.grad_clip < 0) throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
   if (opts_.precision.compute == DType::f16 && !opts_.loss_scale.enabled()) opts_.loss_scale = LossScaleOptions::dynamic();
   if (opts_.loss_scale.enabled()) {
@@ -51,6 +55,15 @@ Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> op
 int64_t Engine::global_step() const { return opt_->steps() + (scaler_ ? scaler_->skipped_steps() : 0); }
 
 Engine::~Engine() = default;
+
+Tensor Engine::policy_loss(nn::Module& model, const LossFn& loss_fn, const Batch& mb) const {
+  Tensor l;
+  {
+    AutocastGuard ac(opts_.precision.compute);  // f32: off
+    l = loss_fn(model, mb);
+  }
+  return is_half(l.dtype()) ? l.astype(DType::f32) : l;
+}
 
 int Engine::dp_size() const { return plan_.dp ? mesh_.axis_size(plan_.dp->axis) : 1; }
 
@@ -208,7 +221,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
     }
     auto [loss, grads] = value_and_grad(
         [&] {
-          Tensor l = loss_fn(model, mb);
+          Tensor l = policy_loss(model, loss_fn, mb);
           return scaler_ ? l * scale : l;  // backward of S * loss: every gradient scaled by S
         },
         params, bo);
@@ -283,7 +296,7 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     ParamTree grads;
     for (int i = 0; i < acc; ++i) {
       Batch mb = acc == 1 ? b : b.slice(i * micro, (i + 1) * micro);
-      auto [l, g] = value_and_grad([&] { return loss_fn(model, mb); }, params);
+      auto [l, g] = value_and_grad([&] { return policy_loss(model, loss_fn, mb); }, params);
       NoGradGuard ng;
       loss = loss.defined() ? loss + l : l;
       if (grads.empty()) grads = g;

@@ -59,8 +59,13 @@ class Graph;
 struct JitStats;
 }  // namespace jit
 
-/// Dtypes of the master weights and of the computation. The CPU backend computes in f32; bf16 / fp16
-/// compute comes with the CUDA backend (constructing an Engine with them on the CPU throws DTypeError).
+/// Dtypes of the master weights and of the computation (mixed precision, Micikevicius et al. 2018): the
+/// parameters, their gradients and the optimizer state stay f32; with bf16 / fp16 compute the Engine runs
+/// the loss function under autocast (core/op.h AutocastGuard, PyTorch's torch.autocast op lists: GEMMs
+/// in the compute dtype, softmax / cross-entropy / layer-norm / sums in f32), and the loss is f32. The
+/// backward follows the forward's dtypes; gradients reach the f32 parameters through the casts. On the
+/// CPU the 16-bit ops compute in f32 and round (correct, not fast); on CUDA the GEMMs are native cuBLASLt
+/// bf16 / fp16. Data-parallel plans only (PlanError with TP or PP axes of size > 1).
 struct Precision {
   DType params = DType::f32;
   DType compute = DType::f32;
@@ -214,6 +219,9 @@ class Engine {
   ParamTree state_tree(nn::Module& model);
   std::map<std::string, PartitionSpec> state_specs(nn::Module& model, const ParamTree& state);
   int dp_size() const;
+  /// The loss of one microbatch under the precision policy: loss_fn under autocast to the compute
+  /// dtype (core/op.h AutocastGuard; none for f32), the loss itself in f32.
+  Tensor policy_loss(nn::Module& model, const LossFn& loss_fn, const Batch& mb) const;
   uint64_t replica_rank() const;
   Mesh mesh_;
   Plan plan_;

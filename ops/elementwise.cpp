@@ -21,8 +21,15 @@ class Binary final : public Op {
     DType out = kernels::cpu::is_comparison(k_) ? DType::bool_ : in[0].dtype();
     return {{s, out, in[0].device()}};
   }
-  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::binary(k_, in[0], in[1], out[0]); }
-  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::binary(k_, in[0], in[1], out[0]); }
+  // f16 / bf16: computed in f32 and rounded (run_in_f32), on both devices.
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kernels::cpu::binary(k_, in[0], in[1], out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kernels::cuda::binary(k_, in[0], in[1], out[0]);
+  }
 
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -92,8 +99,14 @@ class Unary final : public Op {
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
-  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::unary(k_, in[0], out[0]); }
-  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::unary(k_, in[0], out[0]); }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kernels::cpu::unary(k_, in[0], out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kernels::cuda::unary(k_, in[0], out[0]);
+  }
 
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -133,7 +146,10 @@ class Where final : public Op {
     return {{s, in[1].dtype(), in[1].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::where(in[0], in[1], in[2], out[0]); }
-  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::where(in[0], in[1], in[2], out[0]); }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[1].dtype())) return run_in_f32(in, out);  // the CPU kernel moves 16-bit values natively
+    kernels::cuda::where(in[0], in[1], in[2], out[0]);
+  }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     TensorList r(3);
@@ -153,8 +169,14 @@ class Clamp final : public Op {
     if (lo_ > hi_) throw ValueError("clamp with lo > hi", "lo <= hi", std::to_string(lo_) + " > " + std::to_string(hi_));
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
-  void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::clamp(in[0], lo_, hi_, out[0]); }
-  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::clamp(in[0], lo_, hi_, out[0]); }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kernels::cpu::clamp(in[0], lo_, hi_, out[0]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kernels::cuda::clamp(in[0], lo_, hi_, out[0]);
+  }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     if (!needs[0]) return {Tensor()};

@@ -56,10 +56,11 @@ void parallel_batches(int64_t n, F& one) {
 class Matmul final : public Op {
  public:
   const char* name() const override { return "matmul"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &a = in[0], &b = in[1];
     check_same_dtype(in, "matmul");
-    check_dtype(a, {DType::f32, DType::f64}, "matmul");
+    check_dtype(a, {DType::f32, DType::f64, DType::bf16, DType::f16}, "matmul");
     if (a.dim() < 2 || b.dim() < 2)
       throw ShapeError("matmul operands need rank >= 2 here", "[..., m, k] @ [..., k, n]", a.shape().str() + " @ " + b.shape().str());
     if (a.shape()[a.dim() - 1] != b.shape()[b.dim() - 2])
@@ -71,7 +72,10 @@ class Matmul final : public Op {
     s.push_back(b.shape()[b.dim() - 1]);
     return {{s, a.dtype(), a.device()}};
   }
+  // f16 / bf16: an f32 GEMM of the widened operands, rounded (cuBLASLt's 16-bit GEMM with f32 accumulation
+  // on CUDA).
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     Tensor& c = out[0];
     const int r = c.dim();
     const int64_t M = c.shape()[r - 2], N = c.shape()[r - 1], K = in[0].shape()[in[0].dim() - 1];
@@ -147,10 +151,11 @@ class Matmul final : public Op {
 class Linear final : public Op {
  public:
   const char* name() const override { return "linear"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &x = in[0], &w = in[1];
     check_same_dtype(in, "linear");
-    check_dtype(x, {DType::f32, DType::f64}, "linear");
+    check_dtype(x, {DType::f32, DType::f64, DType::bf16, DType::f16}, "linear");
     if (w.dim() != 2 || x.dim() < 1 || x.shape()[x.dim() - 1] != w.shape()[1])
       throw ShapeError("linear: x[..., in] and w[out, in] do not match", "x.shape[-1] == w.shape[1] with w of rank 2",
                        "x " + x.shape().str() + ", w " + w.shape().str(), "w is [out_features, in_features] (PyTorch's layout)");
@@ -162,6 +167,7 @@ class Linear final : public Op {
     return {{s, x.dtype(), x.device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     const Tensor& w0 = in[1];
     Tensor x = in[0].detach().contiguous();
     const int64_t in_f = w0.shape()[1], out_f = w0.shape()[0], M = x.numel() / std::max<int64_t>(in_f, 1);

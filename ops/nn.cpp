@@ -23,6 +23,7 @@ class Softmax final : public Op {
  public:
   Softmax(int axis, bool log) : axis_(axis), log_(log) {}
   const char* name() const override { return log_ ? "log_softmax" : "softmax"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
   std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   bool saves_outputs() const override { return true; }
 
@@ -134,6 +135,7 @@ class CrossEntropy final : public Op {
  public:
   CrossEntropy(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
   const char* name() const override { return "cross_entropy"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
   std::string attrs() const override {
     return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
   }
@@ -233,6 +235,7 @@ class LayerNorm final : public Op {
  public:
   LayerNorm(double eps, bool has_w, bool has_b) : eps_(eps), has_w_(has_w), has_b_(has_b) {}
   const char* name() const override { return "layer_norm"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
   std::string attrs() const override {
     return "eps=" + attr_num(eps_) + " w=" + std::to_string(has_w_) + " b=" + std::to_string(has_b_);
   }
@@ -282,13 +285,16 @@ class Dropout final : public Op {
   const char* name() const override { return "dropout"; }
   std::string attrs() const override { return "p=" + attr_num(p_) + " key=" + key_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
-    check_dtype(in[0], {DType::f32, DType::f64}, name());
+    check_dtype(in[0], {DType::f32, DType::f64, DType::bf16, DType::f16}, name());
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
+  // f16 / bf16: the same mask (by element index) over the widened values, rounded.
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kc::dropout(dense(in[0]), p_, key_, out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kernels::cuda::dropout(in[0].contiguous(), p_, key_, out[0]);
   }
   // Linear in x: the cotangent goes through the same mask (recomputed from the key, never stored).

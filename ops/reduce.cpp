@@ -40,6 +40,8 @@ class Reduce final : public Op {
  public:
   Reduce(ReduceOp k, std::vector<int> axes, bool keepdims) : k_(k), axes_(std::move(axes)), keepdims_(keepdims) {}
   const char* name() const override { return k_ == ReduceOp::sum ? "sum" : k_ == ReduceOp::max ? "max" : "min"; }
+  // Sums under autocast run in f32 (PyTorch's list); max / min are exact in any dtype.
+  AutocastPolicy autocast_policy() const override { return k_ == ReduceOp::sum ? AutocastPolicy::f32 : AutocastPolicy::promote; }
   std::string attrs() const override {
     std::string s = "axes=[";
     for (size_t i = 0; i < axes_.size(); ++i) s += (i ? "," : "") + std::to_string(axes_[i]);
@@ -48,7 +50,7 @@ class Reduce final : public Op {
   bool saves_outputs() const override { return k_ != ReduceOp::sum; }
 
   std::vector<TensorSpec> infer(const TensorList& in) const override {
-    check_dtype(in[0], {DType::f32, DType::f64}, name());
+    check_dtype(in[0], {DType::f32, DType::f64, DType::bf16, DType::f16}, name());
     auto m = reduced_mask(in[0].shape(), axes_);
     if (k_ != ReduceOp::sum)
       for (int i = 0; i < in[0].dim(); ++i)
@@ -56,13 +58,16 @@ class Reduce final : public Op {
           throw ShapeError(std::string(name()) + " over an empty axis", "a non-empty axis", in[0].shape().str());
     return {{out_shape(in[0].shape(), m, keepdims_), in[0].dtype(), in[0].device()}};
   }
+  // f16 / bf16: reduced in f32 (sums accumulate in double as ever), rounded once.
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     auto m = reduced_mask(in[0].shape(), axes_);
     Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(),
                          out[0].offset());
     kernels::cpu::reduce(k_, in[0], m, o);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     auto m = reduced_mask(in[0].shape(), axes_);
     Tensor o = make_view(out[0], keep_shape(in[0].shape(), m), keep_shape(in[0].shape(), m).contiguous_strides(),
                          out[0].offset());
