@@ -1,7 +1,12 @@
 // Elementwise kernels: strided N-d (broadcasting) binary / unary ops, clamp, where, casts.
 // Contiguous same-shape f32 operands with 16-byte-aligned pointers take a float4 path. The scalar math is
 // kernels/cuda/ew_math.cuh (shared with the JIT's generated kernels); this file compiles with -fmad=false
-// (cmake/cuda.cmake) so that its roundings are those of the generated kernels.
+// (cmake/cuda.cmake) so that its roundings are those of the generated kernels. Casts also take f16 and
+// bf16 (through f32, rounding to nearest even: the CPU's conversions); arithmetic on them is done in f32
+// by the ops (Op::run_in_f32).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <cmath>
 #include <type_traits>
 
@@ -139,9 +144,29 @@ __global__ void k_where(T* out, const bool* c, const T* a, const T* b, Layout L,
   }
 }
 
+template <class T> struct is16 : std::false_type {};
+template <> struct is16<__half> : std::true_type {};
+template <> struct is16<__nv_bfloat16> : std::true_type {};
+__device__ __forceinline__ float widen16(__half v) { return __half2float(v); }
+__device__ __forceinline__ float widen16(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <class D> __device__ __forceinline__ D narrow16(float f);
+template <> __device__ __forceinline__ __half narrow16<__half>(float f) { return __float2half_rn(f); }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow16<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
+
+// Conversion as astype; 16-bit floats go through f32 (as kernels/cpu/dispatch.h convert does).
 template <class D, class S>
 struct CastF {
-  __device__ __forceinline__ D operator()(S v) const { return ewm::cast_to<D, S>::f(v); }
+  __device__ __forceinline__ D operator()(S v) const {
+    if constexpr (is16<S>::value || is16<D>::value) {
+      float f;
+      if constexpr (is16<S>::value) f = widen16(v);
+      else f = ewm::cast_to<float, S>::f(v);
+      if constexpr (is16<D>::value) return narrow16<D>(f);
+      else return ewm::cast_to<D, float>::f(f);
+    } else {
+      return ewm::cast_to<D, S>::f(v);
+    }
+  }
 };
 template <class T>
 struct ClampF {
@@ -172,6 +197,18 @@ int dispatch_all(Dt t, Body body) {
     case Dt::i64: body(int64_t{}); break;
     case Dt::u8: body(uint8_t{}); break;
     case Dt::b8: body(bool{}); break;
+    default: return int(cudaErrorInvalidValue);
+  }
+  return int(cudaGetLastError());
+}
+
+// Every dtype including the 16-bit floats (copies and casts only).
+template <class Body>
+int dispatch_copy(Dt t, Body body) {
+  switch (t) {
+    case Dt::f16: body(__half{}); break;
+    case Dt::bf16: body(__nv_bfloat16{}); break;
+    default: return dispatch_all(t, body);
   }
   return int(cudaGetLastError());
 }
@@ -180,14 +217,16 @@ int dispatch_all(Dt t, Body body) {
 
 int launch_copy(Dt src, Dt dst, const void* s, void* d, const Layout& L, int64_t n, void* stream) {
   if (n == 0) return 0;
-  return dispatch_all(src, [&](auto sv) {
+  int inner = 0;
+  const int outer = dispatch_copy(src, [&](auto sv) {
     using S = decltype(sv);
-    dispatch_all(dst, [&](auto dv) {
+    inner = dispatch_copy(dst, [&](auto dv) {
       using D = decltype(dv);
       k_unary<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(static_cast<D*>(d), static_cast<const S*>(s), L, n,
                                                                  CastF<D, S>{});
     });
   });
+  return outer ? outer : inner;
 }
 
 int launch_binary(int op, Dt t, const void* a, const void* b, void* out, const Layout& L, int64_t n, bool contig,

@@ -1,6 +1,7 @@
 // GEMM through cuBLASLt (kernels/cuda/kernels.h: matmul, linear). Row-major C = A @ B is computed as the
 // column-major C^T = B^T A^T, so no operand is copied for a transpose. One cuBLASLt handle and a 32 MiB
-// workspace per device, created on first use.
+// workspace per device, created on first use. f16 / bf16 operands multiply with f32 accumulation and f32
+// scalars (CUBLAS_COMPUTE_32F), the output rounded to the operands' dtype.
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
@@ -55,10 +56,12 @@ void gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   if (m == 0 || n == 0 || batch == 0) return;
   LtContext& ctx = context(device);
   const bool f64 = dt == DType::f64;
-  const cudaDataType_t type = f64 ? CUDA_R_64F : CUDA_R_32F;
-  const cublasComputeType_t compute = f64 ? CUBLAS_COMPUTE_64F : (tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  const cudaDataType_t type = f64 ? CUDA_R_64F : dt == DType::bf16 ? CUDA_R_16BF : dt == DType::f16 ? CUDA_R_16F : CUDA_R_32F;
+  const cublasComputeType_t compute =
+      f64 ? CUBLAS_COMPUTE_64F : (tf32 && dt == DType::f32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  const cudaDataType_t scale = f64 ? CUDA_R_64F : CUDA_R_32F;
   Owned<cublasLtMatmulDesc_t, destroy_desc> desc;
-  TX_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.h, compute, type));
+  TX_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.h, compute, scale));
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   TX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.h, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
   TX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.h, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
@@ -99,8 +102,8 @@ void gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
 }
 
 void check_float(const Tensor& t, const char* what) {
-  if (t.dtype() != DType::f32 && t.dtype() != DType::f64)
-    throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64", std::string(dtype_name(t.dtype())),
+  if (!is_floating(t.dtype()))
+    throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, bf16, f16", std::string(dtype_name(t.dtype())),
                      "cast with astype(DType::f32)");
 }
 

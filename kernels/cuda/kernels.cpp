@@ -26,8 +26,10 @@ Dt to_dt(DType t, const char* what) {
     case DType::i64: return Dt::i64;
     case DType::u8: return Dt::u8;
     case DType::bool_: return Dt::b8;
+    case DType::f16: return Dt::f16;
+    case DType::bf16: return Dt::bf16;
     default:
-      throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, i32, i64, u8, bool",
+      throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, f16, bf16, i32, i64, u8, bool",
                        std::string(dtype_name(t)), "cast with astype(DType::f32)");
   }
 }
@@ -133,7 +135,7 @@ void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tens
 
 void argmax(const Tensor& x, int axis, Tensor& out) {
   const Dt t = to_dt(x.dtype(), "argmax");
-  if (t == Dt::u8 || t == Dt::b8)
+  if (t == Dt::u8 || t == Dt::b8 || t == Dt::f16 || t == Dt::bf16)
     throw DTypeError("argmax: unsupported dtype on CUDA", "f32, f64, i32, i64", std::string(dtype_name(x.dtype())),
                      "cast with astype(DType::f32)");
   if (x.dim() > kMaxDims) throw ShapeError("CUDA argmax: too many axes", "rank <= 8", x.shape().str());

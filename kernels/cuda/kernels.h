@@ -28,8 +28,9 @@ using cpu::ReduceOp;
 using cpu::UnaryOp;
 
 // ------------------------------------------------------------------------------------ elementwise
-/// dst = src converted to dst's dtype; same shape, any strides (both on the same device). f32, f64, i32,
-/// i64, u8, bool (f16 / bf16: DTypeError for now).
+/// dst = src converted to dst's dtype; same shape, any strides (both on the same device). f32, f64, f16,
+/// bf16, i32, i64, u8, bool; 16-bit floats convert through f32 with round-to-nearest-even (the CPU's rule).
+/// The other kernels below take f16 / bf16 only where they say so (the ops compute them in f32 otherwise).
 void copy_cast(const Tensor& src, Tensor& dst);
 /// out = op(a, b), a and b broadcast to out.shape(); out may be strided. Arithmetic on f32/f64/i32/i64,
 /// comparisons (any of those plus u8 / bool) write bool. Contiguous same-shape f32 operands take a
@@ -78,10 +79,11 @@ void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64
 
 // ------------------------------------------------------------------------------------ GEMM (cuBLASLt)
 /// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is
-/// allocated contiguous by the caller). f32 (TF32 tensor cores when `allow_tf32`, else full FP32) or f64.
+/// allocated contiguous by the caller). f32 (TF32 tensor cores when `allow_tf32`, else full FP32), f64, or
+/// bf16 / f16 (tensor cores, f32 accumulation, the result rounded to the operands' dtype).
 /// Strided operands are made contiguous first; batches go to one strided-batched cuBLASLt call.
 void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool allow_tf32);
-/// y [M, out] = x [M, in] @ w[out, in]^T (+ bias [out] when not nullptr). f32 / f64.
+/// y [M, out] = x [M, in] @ w[out, in]^T (+ bias [out] when not nullptr). f32 / f64 / bf16 / f16 as matmul.
 void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool allow_tf32);
 /// Whether f32 GEMMs may use TF32 tensor cores (default false: results then match the CPU to ~1e-6).
 /// Set by the user or the precision policy; read by the matmul / linear ops.

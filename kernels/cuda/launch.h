@@ -14,7 +14,7 @@ namespace titanax::kernels::cuda {
 constexpr int kMaxDims = 8;
 
 /// Element types the kernels handle (b8 is bool stored as one byte).
-enum class Dt : int { f32, f64, i32, i64, u8, b8 };
+enum class Dt : int { f32, f64, i32, i64, u8, b8, f16, bf16 };
 
 /// A common N-d iteration shape (at most kMaxDims axes) with the strides, in elements, of up to four
 /// operands (0 on broadcast axes). Operand 0 is the output. Linear index i walks `size` row-major.
