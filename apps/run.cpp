@@ -67,6 +67,9 @@ const ConfigSchema& run_schema() {
     s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
     s.add_bool("train.jit", false, "compile the training step with the JIT: traced once, then replayed as one "
                "optimised graph (data-parallel plans, no dropout)");
+    s.add_string("train.precision", "f32", "compute dtype beside f32 master weights: f32, bf16 or fp16 (autocast: "
+                 "GEMMs in 16 bits, softmax / cross-entropy / layer-norm / sums in f32; fp16 turns on dynamic loss "
+                 "scaling when train.loss_scale is none; data-parallel plans only)", {"f32", "bf16", "fp16"});
     s.add_string("train.loss_scale", "none", "loss scaling: none, dynamic (skip steps with inf / NaN gradients, "
                  "halve; double after train.loss_scale_growth_interval good steps) or a fixed scale such as 1024");
     s.add_float("train.loss_scale_init", 65536.0, "dynamic loss scaling: the initial scale");
@@ -290,6 +293,8 @@ std::unique_ptr<Engine> engine(const Config& c, Runtime& rt, const Setup& s, int
   EngineOptions eo{.seed = uint64_t(c.get_int("seed")), .grad_clip = c.get_float("optimizer.grad_clip"),
                    .jit = c.get_bool("train.jit")};
   eo.loss_scale = loss_scale(c);
+  const std::string prec = c.get_string("train.precision");
+  eo.precision = prec == "bf16" ? Precision::bf16() : prec == "fp16" ? Precision::fp16() : Precision::f32();
   if (!c.get_string("checkpoint.dir").empty())
     eo.checkpointer = std::make_shared<Checkpointer>(c.get_string("checkpoint.dir"),
                                                      int(c.get_int("checkpoint.keep_last")), rt.world());

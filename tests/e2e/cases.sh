@@ -115,22 +115,37 @@ jit_parity)  # train.jit: the compiled step follows the eager losses on real dig
   echo "MLP on 2 ranks: $(value 'final train loss' <dp_eager.txt) eager, $(value 'final train loss' <dp_jit.txt) jit"
   expect_error 'stochastic layers' run 1 mnist_mlp.yaml --set train.steps=2 --set schedule.warmup_steps=1 --set train.jit=true --set model.dropout=0.1 ;;
 
-gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same loss as eager after 10 steps
+precision)  # train.precision: bf16 and fp16 (dynamic loss scaling) autocast reach the MLP's f32 accuracy bar
+  for prec in bf16 fp16; do
+    run 2 mnist_mlp.yaml --set train.precision=$prec | tee $prec.txt
+    at_least "$(value 'test accuracy' <$prec.txt)" 0.95 "MLP test accuracy under $prec"
+  done
+  echo "test accuracy: $(value 'test accuracy' <bf16.txt) bf16, $(value 'test accuracy' <fp16.txt) fp16"
+  expect_error "ConfigError.*train.precision" run 1 mnist_mlp.yaml --set train.precision=f8 ;;
+
+gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same loss as eager after 10 steps; bf16 close to f32
   gpt() { run 1 gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=10 --set schedule.warmup_steps=3 \
             --set train.eval_every=0 --set data.val_batches=2 "$@"; }
   gpt | tee eager.txt
   gpt --set train.jit=true | tee jit.txt
   rel_close "$(value 'final train loss' <jit.txt)" "$(value 'final train loss' <eager.txt)" 1e-5 "GPT loss, jit vs eager"
   echo "GPT: $(value 'final train loss' <eager.txt) eager, $(value 'final train loss' <jit.txt) jit"
+  # bf16 autocast (attention and MLP GEMMs in bf16, softmax / layer-norm / cross-entropy in f32) tracks f32
+  gpt --set train.precision=bf16 | tee bf16.txt
+  rel_close "$(value 'final train loss' <bf16.txt)" "$(value 'final train loss' <eager.txt)" 1e-3 "GPT loss, bf16 vs f32"
   expect_error 'data-parallel plans only' run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=2 \
-    --set schedule.warmup_steps=1 --set mesh.model=2 --set train.jit=true ;;
+    --set schedule.warmup_steps=1 --set mesh.model=2 --set train.jit=true
+  expect_error 'mixed precision runs data-parallel plans only' run 2 gpt_small_tp.yaml --set "data.path=$BROWN" \
+    --set train.steps=2 --set schedule.warmup_steps=1 --set mesh.model=2 --set train.precision=bf16 ;;
 
 describe)  # no training; the parameter count of 784-512-512-10 is 784*512+512 + 512*512+512 + 512*10+10
   "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 4 | tee out.txt
   grep -q '^parameters: 669706 (the whole model)$' out.txt || fail "parameter count"
   grep -q 'mesh over 4 rank(s): {data: 4}' out.txt || fail "mesh line"
   "$TITANAX" describe --schema >schema.txt
-  grep -q '^optimizer\.lr ' schema.txt || fail "schema lacks optimizer.lr" ;;
+  grep -q '^optimizer\.lr ' schema.txt || fail "schema lacks optimizer.lr"
+  # docs/config.md holds the same table between its first pair of ``` fences
+  awk '/^```/ { n++; next } n == 1' "$SRC/docs/config.md" | diff - schema.txt || fail "docs/config.md is not the schema" ;;
 
 error_truncated_idx)
   mkdir bad && cp "$DATA"/* bad/ && gunzip -f bad/*.gz 2>/dev/null || true
