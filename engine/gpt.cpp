@@ -25,9 +25,9 @@ class CausalSelfAttention final : public Module {
     // [B, T, 3 * hl * hd] -> [3, B, hl, T, hd] (a view): this rank's q, k, v heads.
     Tensor qkv5 = qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}).permute({2, 0, 3, 1, 4});
     Tensor q = qkv5.slice(0, 0, 1), k = qkv5.slice(0, 1, 2), v = qkv5.slice(0, 2, 3);  // [1, B, hl, T, hd]
-    Tensor att = matmul(q, k.transpose(-2, -1)) * (1.0 / std::sqrt(double(hd)));      // [1, B, hl, T, T]
-    att = softmax(att + causal_mask(T, att.dtype(), att.device()), -1);
-    Tensor y = matmul(att, v).reshape(Shape{B, hl, T, hd}).permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
+    // softmax(q k^T / sqrt(hd) + causal mask) v, fused (FlashAttention-2 tiling: no [T, T] scores in memory).
+    Tensor att = scaled_dot_product_attention(q, k, v, /*is_causal=*/true);              // [1, B, hl, T, hd]
+    Tensor y = att.reshape(Shape{B, hl, T, hd}).permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
     return proj->forward(y);
   }
   std::string name() const override {
@@ -38,13 +38,6 @@ class CausalSelfAttention final : public Module {
   std::shared_ptr<RowParallelLinear> proj;
 
  private:
-  /// [T, T]: 0 where key <= query, -inf above the diagonal (the mask of PyTorch's is_causal=True).
-  static Tensor causal_mask(int64_t T, DType dtype, Device device) {
-    std::vector<double> m(size_t(T * T), 0.0);
-    for (int64_t i = 0; i < T; ++i)
-      for (int64_t j = i + 1; j < T; ++j) m[size_t(i * T + j)] = -std::numeric_limits<double>::infinity();
-    return from_vector(m, Shape{T, T}).astype(dtype).to(device);
-  }
   int64_t dim_, heads_;
   int n_;
 };

@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 
+#include "kernels/cpu/attention.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
@@ -277,6 +278,97 @@ class LayerNorm final : public Op {
   bool has_w_, has_b_;
 };
 
+// ------------------------------------------------------------------------------------ attention
+
+// The lse output's dtype: f64 beside f64 inputs, else f32 (16-bit inputs keep their row statistics in f32).
+DType lse_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
+
+// q [..., Tq, D], k [..., Tk, D], v [..., Tk, D] with equal leading axes and Tk, D >= 1.
+void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const char* what) {
+  check_dtype(q, {DType::f32, DType::f64, DType::bf16, DType::f16}, what);
+  check_same_dtype({q, k, v}, what);
+  const std::string got = "q " + q.shape().str() + ", k " + k.shape().str() + ", v " + v.shape().str();
+  const char* fix = "pass q [..., Tq, D], k and v [..., Tk, D] with the same leading (batch, head) axes, "
+                    "e.g. [B, heads, T, head_dim]";
+  if (q.dim() < 2 || k.dim() != q.dim() || v.dim() != q.dim())
+    throw ShapeError(std::string(what) + ": q, k, v need one rank >= 2", "q [..., Tq, D], k [..., Tk, D], v [..., Tk, D]",
+                     got, fix);
+  const int r = q.dim();
+  bool ok = k.shape() == v.shape() && q.shape()[r - 1] == k.shape()[r - 1];
+  for (int i = 0; i < r - 2; ++i) ok = ok && q.shape()[i] == k.shape()[i];
+  if (!ok) throw ShapeError(std::string(what) + ": q, k, v do not match", "q [..., Tq, D], k [..., Tk, D], v [..., Tk, D]", got, fix);
+  if (k.shape()[r - 2] < 1 || q.shape()[r - 1] < 1)
+    throw ShapeError(std::string(what) + ": no keys or an empty head dimension", "Tk >= 1 and D >= 1", got,
+                     "every query needs at least one key to attend to");
+}
+
+// Inputs (q, k, v, o, lse, dout); outputs dq, dk, dv.
+class AttentionBackward final : public Op {
+ public:
+  AttentionBackward(bool causal, double scale) : causal_(causal), scale_(scale) {}
+  const char* name() const override { return "scaled_dot_product_attention_backward"; }
+  std::string attrs() const override { return "causal=" + std::to_string(causal_) + " scale=" + attr_num(scale_); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_attention(in[0], in[1], in[2], name());
+    check_same_dtype({in[0], in[3], in[5]}, name());
+    const Device d = in[0].device();
+    return {{in[0].shape(), in[0].dtype(), d}, {in[1].shape(), in[1].dtype(), d}, {in[2].shape(), in[2].dtype(), d}};
+  }
+  // f16 / bf16: in f32 and rounded (the CUDA kernels take 16-bit operands natively).
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kc::attention_backward(dense(in[0]), dense(in[1]), dense(in[2]), dense(in[3]), dense(in[4]), dense(in[5]), causal_,
+                           scale_, out[0], out[1], out[2]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::attention_backward(dense(in[0]), dense(in[1]), dense(in[2]), dense(in[3]), dense(in[4]),
+                                      dense(in[5]), causal_, scale_, out[0], out[1], out[2]);
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    throw AutodiffError("second derivative of scaled_dot_product_attention is not implemented",
+                        "first-order gradients of scaled_dot_product_attention", "a gradient of its backward",
+                        "compose attention from matmul and softmax for higher-order terms");
+  }
+
+ private:
+  bool causal_;
+  double scale_;
+};
+
+// Inputs (q, k, v); outputs o and the row logsumexp (saved for the backward).
+class Attention final : public Op {
+ public:
+  Attention(bool causal, double scale) : causal_(causal), scale_(scale) {}
+  const char* name() const override { return "scaled_dot_product_attention"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }  // as torch.autocast
+  std::string attrs() const override { return "causal=" + std::to_string(causal_) + " scale=" + attr_num(scale_); }
+  bool saves_outputs() const override { return true; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    check_attention(in[0], in[1], in[2], name());
+    Shape rows = in[0].shape();
+    rows.resize(rows.rank() - 1);
+    const Device d = in[0].device();
+    return {{in[0].shape(), in[0].dtype(), d}, {rows, lse_dtype(in[0].dtype()), d}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    kc::attention_forward(dense(in[0]), dense(in[1]), dense(in[2]), causal_, scale_, out[0], out[1]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::attention_forward(dense(in[0]), dense(in[1]), dense(in[2]), causal_, scale_, out[0], out[1]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0] && !needs[1] && !needs[2]) return TensorList(3);
+    // The lse output is internal (scaled_dot_product_attention returns o only): its cotangent is zero.
+    return apply(std::make_shared<AttentionBackward>(causal_, scale_), {in[0], in[1], in[2], out[0], out[1], ct[0]});
+  }
+
+ private:
+  bool causal_;
+  double scale_;
+};
+
 // ------------------------------------------------------------------------------------ dropout
 
 class Dropout final : public Op {
@@ -435,11 +527,21 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps)
   return apply1(std::make_shared<LayerNorm>(eps, w.defined(), b.defined()), in);
 }
 
+Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
+                                    std::optional<double> scale) {
+  // Shapes and dtypes are checked by the op (after autocast has cast its inputs).
+  const double sc = scale ? *scale : 1.0 / std::sqrt(double(q.dim() >= 1 ? std::max<int64_t>(q.shape().back(), 1) : 1));
+  if (!std::isfinite(sc))
+    throw ValueError("scaled_dot_product_attention: scale must be finite", "a finite scale (default 1 / sqrt(D))",
+                     std::to_string(sc));
+  return apply(std::make_shared<Attention>(is_causal, sc), {q, k, v})[0];
+}
+
 Tensor dropout(const Tensor& x, double p, RngKey key, bool training) {
   if (!(p >= 0 && p < 1))
     throw ValueError("dropout: p must be in [0, 1)", "0 <= p < 1", "p = " + std::to_string(p),
                      "p is the probability of zeroing an element; use training = false to disable dropout");
-  check_dtype(x, {DType::f32, DType::f64}, "dropout");
+  check_dtype(x, {DType::f32, DType::f64, DType::bf16, DType::f16}, "dropout");
   if (!training || p == 0) return x;
   return apply1(std::make_shared<Dropout>(p, key), {x});
 }

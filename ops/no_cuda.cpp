@@ -30,6 +30,13 @@ void layer_norm_backward(const Tensor&, const Tensor&, const Tensor*, double, Te
 }
 void gather(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("gather"); }
 void scatter_add(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("scatter_add"); }
+void attention_forward(const Tensor&, const Tensor&, const Tensor&, bool, double, Tensor&, Tensor&) {
+  no_cuda("attention");
+}
+void attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool,
+                        double, Tensor&, Tensor&, Tensor&) {
+  no_cuda("attention");
+}
 void matmul(const Tensor&, const Tensor&, Tensor&, bool) { no_cuda("matmul"); }
 void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&, bool) { no_cuda("linear"); }
 void conv2d_forward(const Tensor&, const Tensor&, const Tensor*, const cpu::Conv2dGeom&, Tensor&) { no_cuda("conv2d"); }

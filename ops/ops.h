@@ -129,6 +129,17 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& labels, Reduction reduc
 /// Layer normalisation over the last axis (Ba, Kiros & Hinton 2016): (x - mean) / sqrt(var + eps) * w + b,
 /// w and b of shape [x.shape[-1]] (either may be undefined).
 Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps = 1e-5);
+/// Scaled dot-product attention (PyTorch's F.scaled_dot_product_attention without a mask tensor or
+/// dropout): softmax(scale * q k^T [+ causal mask]) v for q [..., Tq, D], k and v [..., Tk, D] with the
+/// same leading axes (e.g. [B, heads, T, head_dim]) -> [..., Tq, D] in q's dtype. is_causal masks key j
+/// for query i when j > i (top-left aligned, as PyTorch). scale defaults to 1 / sqrt(D).
+/// Computed FlashAttention-2 style (Dao 2023, arXiv 2307.08691; kernels/cpu/attention.h, and the CUDA
+/// kernels for f32 / bf16 / f16): tiles with an online softmax, never a [Tq, Tk] matrix; the backward
+/// recomputes the probabilities from the saved row logsumexp. Under autocast its inputs lower to the
+/// 16-bit dtype. Throws ShapeError for mismatched shapes, Tk == 0 or D == 0 (and on CUDA, D > 128),
+/// DTypeError unless q, k, v share a floating dtype, ValueError for a non-finite scale.
+Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal = false,
+                                    std::optional<double> scale = std::nullopt);
 /// Inverted dropout (Srivastava et al. 2014): zeroes each element with probability p and scales the
 /// rest by 1/(1-p). The mask comes from Philox(key) by element index, so it is the same on every device.
 /// Identity when !training or p == 0. Throws ValueError unless 0 <= p < 1.

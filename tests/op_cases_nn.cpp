@@ -88,6 +88,24 @@ std::vector<OpCase> extra_op_cases() {
                 },
                 [](const TensorList& in) { return layer_norm(in[0], {}, in[1]); }});
 
+  // ---- scaled_dot_product_attention: causal and full, Tq != Tk, one and several 64-row tiles (kernels/cpu/
+  // attention.h), head dimensions below and above a warp's 32 lanes (the CUDA kernels), a strided q.
+  auto attention_case = [&cs](std::string name, Shape qs, Shape ks, bool causal, bool transposed_q = false) {
+    cs.push_back({"scaled_dot_product_attention/" + name, [qs, ks](RngKey key) {
+                    return TensorList{randn64(k(key, 0), qs), randn64(k(key, 1), ks), randn64(k(key, 2), ks)};
+                  },
+                  [causal, transposed_q](const TensorList& in) {
+                    Tensor q = transposed_q ? in[0].transpose(0, 1).contiguous().transpose(0, 1) : in[0];
+                    return scaled_dot_product_attention(q, in[1], in[2], causal);
+                  }});
+  };
+  attention_case("causal", Shape{2, 2, 9, 4}, Shape{2, 2, 9, 4}, true);
+  attention_case("full_tq_ne_tk", Shape{3, 5, 6}, Shape{3, 7, 6}, false);
+  attention_case("causal_tq_gt_tk", Shape{2, 7, 3}, Shape{2, 4, 3}, true);
+  attention_case("causal_tiles", Shape{1, 70, 5}, Shape{1, 70, 5}, true);
+  attention_case("full_tiles_d33", Shape{1, 65, 33}, Shape{1, 66, 33}, false);
+  attention_case("strided_q", Shape{4, 2, 8, 3}, Shape{4, 2, 8, 3}, true, true);
+
   // ---- dropout (training, fixed key): linear in x, the mask fixed by the key.
   cs.push_back({"dropout/training", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{4, 8})}; },
                 [](const TensorList& in) { return dropout(in[0], 0.3, RngKey::from_seed(42), true); }});

@@ -232,6 +232,91 @@ void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64
 }
 
 namespace {
+constexpr int64_t kMaxAttentionHeadDim = 128;
+
+// The dtype of q (checked against `others`): f32, bf16 or f16.
+Dt attention_dtype(const char* what, const Tensor& q, std::initializer_list<const Tensor*> others) {
+  Dt t;
+  switch (q.dtype()) {
+    case DType::f32: t = Dt::f32; break;
+    case DType::bf16: t = Dt::bf16; break;
+    case DType::f16: t = Dt::f16; break;
+    default:
+      throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, bf16 or f16",
+                       std::string(dtype_name(q.dtype())),
+                       q.dtype() == DType::f64
+                           ? "the CUDA attention kernels have no f64 version: cast q, k, v with astype(DType::f32) "
+                             "(or run the f64 attention on the CPU)"
+                           : "cast q, k, v with astype(DType::f32)");
+  }
+  for (const Tensor* o : others)
+    if (o->dtype() != q.dtype())
+      throw DTypeError(std::string(what) + ": q, k, v (and o, dout) must share one dtype",
+                       std::string(dtype_name(q.dtype())) + " (q's dtype)", std::string(dtype_name(o->dtype())),
+                       "cast them all to one dtype with astype");
+  return t;
+}
+
+void attention_lse_f32(const char* what, const Tensor& lse) {
+  if (lse.dtype() != DType::f32)
+    throw DTypeError(std::string(what) + ": the row logsumexp must be f32 on CUDA", "f32",
+                     std::string(dtype_name(lse.dtype())), "allocate lse as f32 for f32 / bf16 / f16 inputs");
+}
+
+struct AttentionDims {
+  int64_t N, Tq, Tk, D;
+};
+
+// q [..., Tq, D], k [..., Tk, D] (the leading axes flattened to N, as the CPU twin); D <= 128.
+AttentionDims attention_dims(const char* what, const Tensor& q, const Tensor& k) {
+  const int r = q.dim();
+  if (r < 2 || k.dim() != r)
+    throw ShapeError(std::string(what) + ": q and k must be [..., T, D] of one rank >= 2",
+                     "q [..., Tq, D], k [..., Tk, D]", "q " + q.shape().str() + ", k " + k.shape().str(),
+                     "keep the batch and head axes in front: [B, heads, T, head_dim]");
+  int64_t N = 1;
+  for (int d = 0; d < r - 2; ++d) N *= q.shape()[d];
+  const AttentionDims a{N, q.shape()[r - 2], k.shape()[r - 2], q.shape()[r - 1]};
+  if (a.D > kMaxAttentionHeadDim)
+    throw ShapeError(std::string(what) + ": head dimension too large for the CUDA attention kernels",
+                     "D <= " + std::to_string(kMaxAttentionHeadDim),
+                     "D = " + std::to_string(a.D) + " (q " + q.shape().str() + ")",
+                     "use more heads of at most 128 features each, or compute the attention as matmul + softmax + "
+                     "matmul");
+  return a;
+}
+}  // namespace
+
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, Tensor& o,
+                       Tensor& lse) {
+  const char* nm = "attention_forward";
+  const Dt t = attention_dtype(nm, q, {&k, &v, &o});
+  attention_lse_f32(nm, lse);
+  const AttentionDims a = attention_dims(nm, q, k);
+  if (a.N == 0 || a.Tq == 0) return;  // o and lse are empty
+  check(launch_attention_forward(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
+                                 o.raw_data(), static_cast<float*>(lse.raw_data()), stream_of(o)),
+        nm);
+}
+
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                        const Tensor& dout, bool causal, double scale, Tensor& dq, Tensor& dk, Tensor& dv) {
+  const char* nm = "attention_backward";
+  const Dt t = attention_dtype(nm, q, {&k, &v, &o, &dout, &dq, &dk, &dv});
+  attention_lse_f32(nm, lse);
+  const AttentionDims a = attention_dims(nm, q, k);
+  if (a.N == 0) return;  // every gradient is empty
+  // delta_i = sum_d dout[i, d] o[i, d] (f32 scratch from the stream-ordered pool; released when this returns,
+  // and any reuse is queued on the same stream after the kernels that read it).
+  Tensor delta = empty(Shape{std::max<int64_t>(a.N * a.Tq, 1)}, DType::f32, q.device());
+  check(launch_attention_backward(t, q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(),
+                                  static_cast<const float*>(lse.raw_data()), dout.raw_data(), a.N, a.Tq, a.Tk, a.D,
+                                  causal, scale, dq.raw_data(), dk.raw_data(), dv.raw_data(),
+                                  static_cast<float*>(delta.raw_data()), stream_of(dq)),
+        nm);
+}
+
+namespace {
 std::atomic<bool> g_tf32{false};
 
 }  // namespace

@@ -77,6 +77,29 @@ void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B,
 /// device-to-host copy of idx), then one thread per output element sums its row's list in order.
 void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
 
+// ------------------------------------------------------------------------------------ attention
+// FlashAttention-2 style kernels (kernels/cuda/attention.cu; Dao 2023, "FlashAttention-2: Faster Attention
+// with Better Parallelism and Work Partitioning", arXiv 2307.08691): the keys stream through shared memory in
+// tiles with an online softmax, the backward recomputes the probabilities from lse, so no T x T matrix is
+// stored; f32 accumulation, deterministic (fixed summation order, no atomics). The caller guarantees every
+// tensor contiguous, on one CUDA device, with consistent shapes, and the outputs allocated with the shapes
+// and dtypes below (they need not be zeroed: every output element is written). Throws ShapeError when
+// D > 128 and DTypeError for dtypes other than f32, bf16, f16 (f64 has no CUDA kernel) or mixed dtypes.
+// Any rank >= 2 is taken: q [..., Tq, D] with the leading axes (equal for q, k, v) flattened to N, as the
+// CPU twin (kernels/cpu/attention.h); lse is then [..., Tq]. Empty problems: N == 0 or Tq == 0 writes
+// nothing (the outputs are empty) except dk = dv = 0 when Tq == 0; Tk == 0 (no key visible: the empty
+// sum) gives o = 0, lse = -inf, dq = 0.
+/// Attention forward over contiguous q [N, Tq, D], k [N, Tk, D], v [N, Tk, D] (f32, bf16 or f16, all one
+/// dtype): o [N, Tq, D] (q's dtype) = softmax(scale * q k^T [+ causal mask]) v, lse [N, Tq] (f32) = the row
+/// logsumexp of scale * q k^T over the visible keys. causal: key j is visible to query i iff j <= i
+/// (top-left aligned, PyTorch's is_causal).
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, Tensor& o,
+                       Tensor& lse);
+/// dq, dk, dv (q's dtype, shapes of q, k, v) of the above given o, lse from the forward and the cotangent
+/// dout [N, Tq, D].
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
+                        const Tensor& dout, bool causal, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
+
 // ------------------------------------------------------------------------------------ GEMM (cuBLASLt)
 /// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is
 /// allocated contiguous by the caller). f32 (TF32 tensor cores when `allow_tf32`, else full FP32), f64, or

@@ -89,6 +89,21 @@ int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, i
 int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
                        int64_t B, int64_t K, void* out, void* stream);
 
+// ---------------------------------------------------------------- attention (attention.cu)
+// FlashAttention-2 style (Dao 2023, arXiv 2307.08691): online softmax over key tiles in shared memory, no
+// T x T matrix, f32 accumulation. Contiguous q [N, Tq, D], k, v [N, Tk, D], o, dout [N, Tq, D] of dtype t
+// (f32, f16 or bf16; cudaErrorInvalidValue otherwise or when D > 128); lse, delta [N, Tq] f32.
+// causal: key j is visible to query i iff j <= i. Every output element is written. Deterministic (no atomics).
+/// o = softmax(scale q k^T [+ mask]) v, lse = the row logsumexp of the visible scale q k^T. Tk == 0: o = 0,
+/// lse = -inf (the empty sum). Nothing is launched when N * Tq == 0.
+int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
+                             int64_t D, bool causal, double scale, void* o, float* lse, void* stream);
+/// dq [N, Tq, D], dk, dv [N, Tk, D] of the forward above from its o, lse and the cotangent dout; `delta`:
+/// N * Tq floats of scratch (receives sum_d dout * o per row). Tk == 0: dq = 0; Tq == 0: dk = dv = 0.
+int launch_attention_backward(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
+                              const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
+                              double scale, void* dq, void* dk, void* dv, float* delta, void* stream);
+
 // ---------------------------------------------------------------- max pooling (pool.cu)
 /// Geometry of a max pooling over [N, C, H, W] with windows KH x KW, strides SH, SW and padding PH, PW;
 /// output [N, C, OH, OW]. Every tensor contiguous.

@@ -56,7 +56,8 @@ TEST_CASE("f16 / bf16 elementwise ops: the f64 result rounded once to the 16-bit
     };
     for (const Case& c : {Case{"add", a + b, a64 + b64}, Case{"mul", a * b, a64 * b64}, Case{"div", a / bp, a64 / bp.astype(DType::f64)},
                           Case{"exp", exp(a), exp(a64)}, Case{"gelu", gelu(a), gelu(a64)}, Case{"relu", relu(a), relu(a64)},
-                          Case{"tanh", tanh(a), tanh(a64)}}) {
+                          Case{"tanh", tanh(a), tanh(a64)},
+                          Case{"dropout", dropout(a, 0.3, RngKey::from_seed(5)), dropout(a64, 0.3, RngKey::from_seed(5))}}) {
       INFO(c.name);
       CHECK(c.got.dtype() == t);
       CHECK(worst_rel(c.got, c.want, 1e-3) <= half_ulp * 1.01 + 1e-6);

@@ -1,0 +1,126 @@
+// scaled_dot_product_attention (kernels/cpu/attention.h, FlashAttention-2 tiling with an online softmax)
+// against the attention written out with matmul and softmax (the T x T scores materialised) in f64, on
+// shapes that span several 64-row tiles; f32 against that f64 reference; its errors; and the GPT built
+// on it against the same GPT with the written-out attention. Finite-difference checks of its vjp are
+// in the op table (tests/op_cases_nn.cpp).
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+
+#include <titanax/titanax.h>
+
+#include "op_cases.h"
+
+using namespace titanax;
+using testing::randn64;
+
+namespace {
+
+// softmax(scale * q k^T + mask) v with the scores in memory; the mask of PyTorch's is_causal.
+Tensor reference(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  const int64_t Tq = q.shape()[q.dim() - 2], Tk = k.shape()[k.dim() - 2];
+  Tensor s = matmul(q, k.transpose(-2, -1)) * scale;
+  if (causal) {
+    std::vector<double> m(size_t(Tq * Tk), 0.0);
+    for (int64_t i = 0; i < Tq; ++i)
+      for (int64_t j = i + 1; j < Tk; ++j) m[size_t(i * Tk + j)] = -std::numeric_limits<double>::infinity();
+    s = s + from_vector(m, Shape{Tq, Tk}).astype(q.dtype());
+  }
+  return matmul(softmax(s, -1), v);
+}
+
+double worst_abs(const Tensor& a, const Tensor& b) {
+  const auto x = a.astype(DType::f64).to_vector<double>(), y = b.astype(DType::f64).to_vector<double>();
+  REQUIRE(x.size() == y.size());
+  double w = 0;
+  for (size_t i = 0; i < x.size(); ++i) w = std::max(w, std::fabs(x[i] - y[i]));
+  return w;
+}
+
+struct Grads {
+  Tensor o, dq, dk, dv;
+};
+// Output and the gradients of sum(o * ct) for q, k, v.
+template <class F>
+Grads run(F&& f, const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& ct) {
+  Tensor q = q0.detach(), k = k0.detach(), v = v0.detach();
+  for (Tensor* t : {&q, &k, &v}) t->set_requires_grad();
+  Tensor o = f(q, k, v);
+  TensorList g = grad(sum(o * ct), {q, k, v});
+  return {o.detach(), g[0], g[1], g[2]};
+}
+
+}  // namespace
+
+TEST_CASE("attention: tiled online softmax equals the written-out attention (f64, forward and gradients)", "[ops][attention]") {
+  const RngKey key = RngKey::from_seed(11);
+  struct Case {
+    Shape q, kv;
+    bool causal;
+  };
+  // Several tiles in both directions, ragged last tiles, Tq < Tk, Tq > Tk, D = 1.
+  for (const Case& c : {Case{{2, 3, 150, 16}, {2, 3, 150, 16}, true}, Case{{2, 3, 150, 16}, {2, 3, 150, 16}, false},
+                        Case{{4, 65, 8}, {4, 200, 8}, true}, Case{{4, 200, 8}, {4, 65, 8}, true},
+                        Case{{3, 129, 1}, {3, 129, 1}, false}}) {
+    INFO("q " << c.q.str() << " kv " << c.kv.str() << " causal " << c.causal);
+    const Tensor q = randn64(fold_in(key, 1), c.q, 1.5), k = randn64(fold_in(key, 2), c.kv, 1.5),
+                 v = randn64(fold_in(key, 3), c.kv), ct = randn64(fold_in(key, 4), c.q);
+    const double scale = 0.7;
+    Grads got = run([&](auto& a, auto& b, auto& d) { return scaled_dot_product_attention(a, b, d, c.causal, scale); }, q,
+                    k, v, ct);
+    Grads want = run([&](auto& a, auto& b, auto& d) { return reference(a, b, d, c.causal, scale); }, q, k, v, ct);
+    CHECK(got.o.shape() == c.q);
+    CHECK(worst_abs(got.o, want.o) < 1e-12);
+    CHECK(worst_abs(got.dq, want.dq) < 1e-11);
+    CHECK(worst_abs(got.dk, want.dk) < 1e-11);
+    CHECK(worst_abs(got.dv, want.dv) < 1e-11);
+  }
+}
+
+TEST_CASE("attention: f32 within 1e-5 of f64; the default scale is 1 / sqrt(D)", "[ops][attention]") {
+  const RngKey key = RngKey::from_seed(12);
+  const Shape s{2, 4, 190, 32};
+  const Tensor q = randn64(fold_in(key, 1), s), k = randn64(fold_in(key, 2), s), v = randn64(fold_in(key, 3), s),
+               ct = randn64(fold_in(key, 4), s);
+  auto f = [](auto& a, auto& b, auto& d) { return scaled_dot_product_attention(a, b, d, true); };
+  Grads g32 = run(f, q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32), ct.astype(DType::f32));
+  Grads g64 = run([](auto& a, auto& b, auto& d) { return reference(a, b, d, true, 1.0 / std::sqrt(32.0)); }, q, k, v, ct);
+  CHECK(g32.o.dtype() == DType::f32);
+  CHECK(worst_abs(g32.o, g64.o) < 1e-5);
+  CHECK(worst_abs(g32.dq, g64.dq) < 1e-4);
+  CHECK(worst_abs(g32.dk, g64.dk) < 1e-4);
+  CHECK(worst_abs(g32.dv, g64.dv) < 1e-4);
+}
+
+TEST_CASE("attention: bf16 inputs compute in f32 and round; autocast lowers f32 inputs", "[ops][attention][mixed]") {
+  const RngKey key = RngKey::from_seed(13);
+  const Shape s{2, 70, 16};
+  const Tensor q = randn64(fold_in(key, 1), s).astype(DType::bf16), k = randn64(fold_in(key, 2), s).astype(DType::bf16),
+               v = randn64(fold_in(key, 3), s).astype(DType::bf16);
+  const Tensor o = scaled_dot_product_attention(q, k, v, true);
+  CHECK(o.dtype() == DType::bf16);
+  const Tensor want = reference(q.astype(DType::f64), k.astype(DType::f64), v.astype(DType::f64), true, 0.25);
+  CHECK(worst_abs(o, want) < 1e-2);  // |o| <= max |v| ~ 4: half a bf16 ulp there is 2^-6
+  AutocastGuard ac(DType::bf16);
+  CHECK(scaled_dot_product_attention(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32)).dtype() ==
+        DType::bf16);
+}
+
+TEST_CASE("attention: mismatched shapes, no keys, mixed dtypes and a bad scale are errors", "[ops][attention]") {
+  const Tensor q = zeros(Shape{2, 5, 4}), k = zeros(Shape{2, 6, 4});
+  CHECK_THROWS_AS(scaled_dot_product_attention(q, k, zeros(Shape{2, 5, 4})), ShapeError);  // v rows != k rows
+  CHECK_THROWS_AS(scaled_dot_product_attention(q, zeros(Shape{2, 6, 3}), zeros(Shape{2, 6, 3})), ShapeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention(q, zeros(Shape{3, 6, 4}), zeros(Shape{3, 6, 4})), ShapeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention(q, zeros(Shape{2, 0, 4}), zeros(Shape{2, 0, 4})), ShapeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention(zeros(Shape{4}), zeros(Shape{4}), zeros(Shape{4})), ShapeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention(q, k.astype(DType::f64), k), DTypeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention(q.astype(DType::i64), k.astype(DType::i64), k.astype(DType::i64)), DTypeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention(q, k, k, false, std::numeric_limits<double>::infinity()), ValueError);
+  // No queries: an empty output, and zero gradients for k and v.
+  Grads g = run([](auto& a, auto& b, auto& d) { return scaled_dot_product_attention(a, b, d, true); }, zeros(Shape{2, 0, 4}),
+                ones(Shape{2, 6, 4}), ones(Shape{2, 6, 4}), zeros(Shape{2, 0, 4}));
+  CHECK(g.o.numel() == 0);
+  CHECK(g.dk.astype(DType::f64).to_vector<double>() == std::vector<double>(48, 0.0));
+  CHECK(g.dv.astype(DType::f64).to_vector<double>() == std::vector<double>(48, 0.0));
+}
