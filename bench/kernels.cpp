@@ -3,13 +3,19 @@
 // measured in the same run (cudaMemcpy device to device on a GPU, memcpy on the CPU). Issue #3's target
 // on the GPU: each kernel at least 80% of the copy. Prints one line:
 //   bench=kernels device=cuda:0 copy_GBps=... add_GBps=... add_of_copy=... gelu_GBps=... ...
-//   attention=unimplemented
+//   attention_fwd_TFLOPs=... attention_bwd_TFLOPs=... peer_attention_fwd_TFLOPs=... attention_fwd_of_peer=...
 // GB/s counts the bytes a kernel must move at least (inputs read once, outputs written once: add 12 B
 // per element, GELU 8, layer-norm 8, softmax 8, cross-entropy 12 per logit: the forward reads the logits,
 // the backward reads them again and writes the gradient) over the mean time of one call (each output
-// freshly allocated, as in training; the GPU synchronised before the clock stops). The attention
-// comparison against PyTorch's scaled_dot_product_attention waits for the flash-attention kernel.
-// Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20).
+// freshly allocated, as in training; the GPU synchronised before the clock stops).
+// Causal attention (scaled_dot_product_attention) in TFLOP/s as FlashAttention counts them (forward
+// 2 * 2 * B * H * T^2 * D / 2, backward 2.5x that; backward time = forward + backward - forward), beside
+// PyTorch's F.scaled_dot_product_attention on the same shapes in the same run (bench/peers/sdpa_torch.py,
+// when /usr/bin/python3 has torch): on the GPU issue #3's shapes B=16, heads 12, T=1024, D=64 in bf16
+// (target: at least 0.8x of PyTorch), on the CPU B=2, heads 4, T=512, D=64 in f32.
+// Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
+// --no-peer.
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -20,6 +26,7 @@
 #include <titanax/titanax.h>
 
 #include "core/cuda_runtime.h"
+#include "peer.h"
 
 namespace tx = titanax;
 
@@ -47,12 +54,14 @@ struct Timer {
 int main(int argc, char** argv) {
   std::string device = tx::cuda_rt::device_count() > 0 ? "cuda" : "cpu";
   int iters = 20;
+  bool peer = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--device" && i + 1 < argc) device = argv[++i];
     else if (a == "--iters" && i + 1 < argc) iters = std::stoi(argv[++i]);
+    else if (a == "--no-peer") peer = false;
     else {
-      std::fprintf(stderr, "usage: kernels [--device cpu|cuda] [--iters N]\n");
+      std::fprintf(stderr, "usage: kernels [--device cpu|cuda] [--iters N] [--no-peer]\n");
       return 2;
     }
   }
@@ -98,7 +107,7 @@ int main(int argc, char** argv) {
                           auto [l, g] = tx::value_and_grad([&] { return tx::cross_entropy(p.at("logits"), labels); }, p);
                           out = g.at("logits");
                         }) / 1e9});
-    char buf[128];
+    char buf[512];
     std::string line = "bench=kernels device=" + dev.str() + " iters=" + std::to_string(iters);
     std::snprintf(buf, sizeof buf, " copy_GBps=%.1f", copy);
     line += buf;
@@ -106,7 +115,51 @@ int main(int argc, char** argv) {
       std::snprintf(buf, sizeof buf, " %s_GBps=%.1f %s_of_copy=%.2f", r.name, r.gbps, r.name, r.gbps / copy);
       line += buf;
     }
-    line += " attention=unimplemented";
+
+    // Causal attention forward and forward + backward.
+    const int64_t aB = gpu ? 16 : 2, aH = gpu ? 12 : 4, aT = gpu ? 1024 : 512, aD = 64;
+    const tx::DType adt = gpu ? tx::DType::bf16 : tx::DType::f32;
+    const tx::Shape as{aB, aH, aT, aD};
+    auto normal = [&](uint64_t seed) { return tx::random_normal(tx::RngKey::from_seed(seed), as, tx::DType::f32, dev).astype(adt); };
+    tx::Tensor q = normal(7), k = normal(8), v = normal(9);
+    const tx::Tensor ct = normal(10);
+    for (tx::Tensor* t : {&q, &k, &v}) t->set_requires_grad();
+    const double t_fwd = time([&] {
+      tx::NoGradGuard ng;
+      out = tx::scaled_dot_product_attention(q, k, v, true);
+    });
+    const double t_both = time([&] {
+      tx::Tensor o = tx::scaled_dot_product_attention(q, k, v, true);
+      out = tx::grad(o, {q, k, v}, tx::BackwardOptions{.seed = ct})[0];
+    });
+    const double t_bwd = std::max(t_both - t_fwd, 1e-12);
+    const double flops = 4.0 * double(aB * aH) * double(aT) * double(aT) * double(aD) * 0.5;
+    const double fwd_tf = flops / t_fwd / 1e12, bwd_tf = 2.5 * flops / t_bwd / 1e12;
+    std::snprintf(buf, sizeof buf, " attention_shape=%lldx%lldx%lldx%lld_%s_causal attention_fwd_TFLOPs=%.3f attention_bwd_TFLOPs=%.3f",
+                  (long long)aB, (long long)aH, (long long)aT, (long long)aD, std::string(tx::dtype_name(adt)).c_str(), fwd_tf, bwd_tf);
+    line += buf;
+    const std::string py = "/usr/bin/python3";
+    if (!peer) {
+      line += " peer=skipped";
+    } else if (!tx::bench::python_has_torch(py)) {
+      line += " peer=unavailable";
+    } else {
+      std::string why;
+      auto kv = tx::bench::run_peer(py, std::string(TITANAX_SOURCE_DIR) + "/bench/peers/sdpa_torch.py",
+                                    "--device " + device + " --B " + std::to_string(aB) + " --H " + std::to_string(aH) +
+                                        " --T " + std::to_string(aT) + " --D " + std::to_string(aD) + " --dtype " +
+                                        (gpu ? "bf16" : "f32") + " --causal 1 --iters " + std::to_string(iters),
+                                    why);
+      if (kv.count("fwd_TFLOPs") && kv.count("bwd_TFLOPs")) {
+        const double pf = std::stod(kv["fwd_TFLOPs"]), pb = std::stod(kv["bwd_TFLOPs"]);
+        std::snprintf(buf, sizeof buf, " peer=%s peer_attention_fwd_TFLOPs=%.3f peer_attention_bwd_TFLOPs=%.3f"
+                      " attention_fwd_of_peer=%.2f attention_bwd_of_peer=%.2f", kv["peer"].c_str(), pf, pb, fwd_tf / pf, bwd_tf / pb);
+        line += buf;
+      } else {
+        line += " peer=failed";
+        std::fprintf(stderr, "peer failed: %s\n", why.c_str());
+      }
+    }
     std::printf("%s\n", line.c_str());
     return 0;
   } catch (const tx::Error& e) {
