@@ -290,6 +290,14 @@ Result fold_into_n(const Ctx& c) {
   return TensorList{reshape(apply1(c.op(), in), with_batch_axis(c.B, c.out_spec[0].shape))};
 }
 
+// scaled_dot_product_attention and its backward treat every axis before [T, D] (and before lse's [T]) as a
+// batch of independent problems: the vmapped batch is one more leading axis of every operand.
+Result leading_batch(const Ctx& c) {
+  TensorList in;
+  for (size_t i = 0; i < c.in.size(); ++i) in.push_back(c.with_batch(i));
+  return apply(c.op(), in);
+}
+
 const std::unordered_map<std::string, Rule>& rules() {
   static const std::unordered_map<std::string, Rule> table = [] {
     std::unordered_map<std::string, Rule> m;
@@ -315,6 +323,7 @@ const std::unordered_map<std::string, Rule>& rules() {
     m["linear"] = linear_rule;
     m["take"] = m["embedding"] = gather_rule;
     m["conv2d"] = m["conv2d_backward_input"] = fold_into_n;
+    m["scaled_dot_product_attention"] = m["scaled_dot_product_attention_backward"] = leading_batch;
     return m;
   }();
   return table;

@@ -390,6 +390,20 @@ TEST_CASE("vmap: the common ops take their rule; ops without one loop and stay c
     INFO(op);
     CHECK(batched_count(op) >= 1);
   }
+  // Attention: the batch is one more leading axis, forward and backward (q batched; k, v shared or batched).
+  const Tensor k = rnd(133, Shape{2, 5, 4}), v = rnd(134, Shape{2, 5, 4});
+  auto att = [&](const TensorList& in) {
+    auto [value, g] = value_and_grad(
+        [&] { return sum(square(scaled_dot_product_attention(in[0], in[1], v, true))); }, ParamTree{{"k", in[1]}});
+    return TensorList{scaled_dot_product_attention(in[0], k, in[1]), value, g.at("k")};
+  };
+  const Tensor qb = rnd(135, Shape{3, 2, 5, 4}), kb = rnd(136, Shape{3, 2, 5, 4});
+  jit::reset_vmap_stats();
+  const TensorList ga = jit::vmap(att)({qb, kb}), wa = loop(att, {qb, kb});
+  for (size_t i = 0; i < ga.size(); ++i) CHECK(max_rel_err(ga[i], wa[i]) <= 1e-13);
+  CHECK(no_fallback());
+  CHECK(batched_count("scaled_dot_product_attention") == 2);
+  CHECK(batched_count("scaled_dot_product_attention_backward") == 1);
   // dropout has no rule (its mask is drawn by element index): it loops, one draw per example with the
   // same key, as the loop does.
   auto d = [](const TensorList& in) { return TensorList{dropout(in[0], 0.5, RngKey::from_seed(7))}; };
