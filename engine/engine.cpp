@@ -44,10 +44,10 @@ Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> op
   if (opts_.grad_clip < 0) throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
   if (opts_.precision.compute == DType::f16 && !opts_.loss_scale.enabled()) opts_.loss_scale = LossScaleOptions::dynamic();
   if (opts_.loss_scale.enabled()) {
-    if (plan_.pp || opts_.jit)
-      throw PlanError("loss scaling runs with eager data- and tensor-parallel steps only",
-                      "no plan.pp and jit: false with loss scaling", std::string(plan_.pp ? "plan.pp" : "jit: true") + " with loss scale " + opts_.loss_scale.str(),
-                      "set loss_scale to none (or drop pipeline parallelism / jit)");
+    if (plan_.pp)
+      throw PlanError("loss scaling runs with data- and tensor-parallel steps only",
+                      "no plan.pp with loss scaling", "plan.pp with loss scale " + opts_.loss_scale.str(),
+                      "set loss_scale to none (or drop pipeline parallelism)");
     scaler_ = std::make_unique<LossScaler>(opts_.loss_scale);
   }
 }
@@ -292,11 +292,21 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     for (size_t i = 0; i < keys.size(); ++i) b.items[keys[i]] = in[i];
     ParamTree params = model.parameters();
     const int64_t micro = b.size() / acc;
+    // Loss scaling: S is the scaler's state tensor (read at every replay), on the loss's device and dtype.
+    Tensor scale, inv_scale;
+    auto scaled = [&](const Tensor& l) {
+      if (!scaler_) return l;
+      if (!scale.defined()) {
+        scale = scaler_->scale_tensor().astype(l.dtype()).to(l.device());
+        inv_scale = reciprocal(scaler_->scale_tensor()).astype(l.dtype()).to(l.device());
+      }
+      return l * scale;  // backward of S * loss: every gradient scaled by S, as the eager step
+    };
     Tensor loss;
     ParamTree grads;
     for (int i = 0; i < acc; ++i) {
       Batch mb = acc == 1 ? b : b.slice(i * micro, (i + 1) * micro);
-      auto [l, g] = value_and_grad([&] { return policy_loss(model, loss_fn, mb); }, params);
+      auto [l, g] = value_and_grad([&] { return scaled(policy_loss(model, loss_fn, mb)); }, params);
       NoGradGuard ng;
       loss = loss.defined() ? loss + l : l;
       if (grads.empty()) grads = g;
@@ -312,8 +322,15 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
       grads = bucketed_pmean(mesh_, grads, plan_.dp->axis, opts_.bucket_bytes);
       loss = pmean(mesh_, loss, plan_.dp->axis);
     }
+    Tensor skip;
+    if (scaler_) {  // unscale, then the scaler's decision on the norm (inf or NaN: skip the update)
+      loss = loss * inv_scale;
+      grads = grads.map([&](const std::string&, const Tensor& g) { return g * inv_scale.astype(g.dtype()); });
+    }
     Tensor norm = opts_.grad_clip > 0 ? optim::clip_grad_norm_tensor(grads, opts_.grad_clip) : optim::global_norm_tensor(grads);
-    opt_->step(params, grads);
+    if (scaler_)
+      skip = scaler_->update_traced(lt(abs(norm), scalar(INFINITY, norm.dtype(), norm.device())).to(Device::cpu()));
+    opt_->step(params, grads, skip);
     return TensorList{loss, norm};
   };
 }
@@ -337,9 +354,12 @@ StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batc
   begin_step(model, model.parameters());
   StepResult r;
   r.lr = opt_->lr();
+  r.loss_scale = scaler_ ? scaler_->scale() : 1.0;
+  const int64_t skipped = scaler_ ? scaler_->skipped_steps() : 0;
   const TensorList out = (*jit_step_)(args);
   r.loss = out[0].item();
   r.grad_norm = out[1].item();
+  r.skipped = scaler_ && scaler_->skipped_steps() > skipped;
   return r;
 }
 

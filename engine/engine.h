@@ -105,7 +105,8 @@ struct EngineOptions {
   /// Global gradient-norm clipping threshold (0 = off).
   double grad_clip = 0.0;
   /// Loss scaling (engine/loss_scale.h): none by default; dynamic when precision is fp16 and this is
-  /// left at none. Eager data- and tensor-parallel steps; PlanError with pipeline parallelism or jit.
+  /// left at none. Data- and tensor-parallel steps, eager or under jit (the scaler's decision is then an
+  /// op of the graph: LossScaler::update_traced, Optimizer::step's skip); PlanError with pipeline parallelism.
   LossScaleOptions loss_scale;
   /// Bucket size for data-parallel all-reduces.
   size_t bucket_bytes = 25u << 20;

@@ -52,6 +52,11 @@ class LossScaler {
   /// the policy. Returns whether the step must be skipped (= found_inf).
   bool update(bool found_inf);
   /// Consecutive good steps since S last changed, and steps skipped in total.
+  /// update() written with ops, for a traced training step (jit/graph.h): `finite` (0-d bool on the CPU)
+  /// tells whether every gradient was finite; one `loss_scale_update` op moves the state, written back
+  /// into the state tensors with copy_ (the graph's updates: every replay moves the scale). Returns the
+  /// 0-d bool (CPU) skip flag for Optimizer::step. Throws ValueError for another kind of `finite`.
+  Tensor update_traced(const Tensor& finite);
   int64_t good_steps() const;
   int64_t skipped_steps() const;
   const LossScaleOptions& options() const { return opts_; }

@@ -99,16 +99,22 @@ struct ScheduleOp final : Op {
   bool differentiable() const override { return false; }
 };
 
-// step + 1 (i64 scalar).
+// Whether the optional skip input at position i (a 0-d bool on the CPU) is present and true.
+bool skipped(const TensorList& in, size_t i) { return in.size() > i && in[i].item() != 0; }
+
+// step + 1 (i64 scalar); step itself when the optional second input (skip) is true.
 struct IncrementOp final : Op {
   const char* name() const override { return "increment"; }
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{Shape{}, DType::i64, Device::cpu()}}; }
-  void cpu(const TensorList& in, TensorList& out) const override { out[0].data<int64_t>()[0] = in[0].data<int64_t>()[0] + 1; }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    out[0].data<int64_t>()[0] = in[0].data<int64_t>()[0] + (skipped(in, 1) ? 0 : 1);
+  }
   bool differentiable() const override { return false; }
 };
 
 // Inputs: the k state tensors (parameter first, then moments / momentum), the gradient, the step
-// count and the learning rate; outputs: the k updated state tensors.
+// count, the learning rate and optionally skip (true: the states come out unchanged); outputs: the k
+// updated state tensors.
 struct UpdateOp : Op {
   int k;
   explicit UpdateOp(int states) : k(states) {}
@@ -119,12 +125,14 @@ struct UpdateOp : Op {
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     for (int i = 0; i < k; ++i) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
+    if (skipped(in, size_t(k + 3))) return;
     update(out, in[size_t(k)], in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
   }
   // Traced on a GPU: the copies on the device, then the fused kernel for this one parameter; the step
   // count and the learning rate are host scalars (the JIT computes them on the CPU at each replay).
   void cuda(const TensorList& in, TensorList& out) const override {
     for (int i = 0; i < k; ++i) kernels::cuda::copy_cast(in[size_t(i)], out[size_t(i)]);
+    if (skipped(in, size_t(k + 3))) return;
     update_cuda({{out, in[size_t(k)]}}, in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
   }
   bool host_input(size_t i) const override { return i > size_t(k); }
@@ -194,9 +202,13 @@ struct SgdUpdateOp final : UpdateOp {
 // step tensor, so a replay computes them anew.
 using UpdateFor = std::function<std::pair<std::shared_ptr<const UpdateOp>, TensorList>(size_t i)>;
 void update_parameters(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
-                       const UpdateFor& update_for) {
+                       const Tensor& skip, const UpdateFor& update_for) {
   NoGradGuard ng;
   const bool traced = apply_observer() != nullptr;
+  if (skip.defined() && (skip.dim() != 0 || skip.dtype() != DType::bool_ || !skip.device().is_cpu()))
+    throw ValueError("optimizer step: skip must be a 0-d bool tensor on the CPU", "shape [], bool, cpu",
+                     skip.shape().str() + ", " + std::string(dtype_name(skip.dtype())) + ", " + skip.device().str());
+  if (!traced && skip.defined() && skip.item() != 0) return;
   const int64_t t = traced ? 0 : step.data<int64_t>()[0];
   const double lr_now = traced ? 0.0 : schedule(t);
   const Tensor lr = traced ? apply1(std::make_shared<ScheduleOp>(schedule, owner), {step}) : Tensor();
@@ -229,10 +241,11 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
     in.push_back(g);
     in.push_back(step);
     in.push_back(lr);
+    if (skip.defined()) in.push_back(skip);
     TensorList out = titanax::apply(OpPtr(op), in);
     for (size_t k = 0; k < states.size(); ++k) copy_(states[k], out[k]);
   }
-  if (traced) copy_(step, apply1(std::make_shared<IncrementOp>(), {step}));
+  if (traced) copy_(step, apply1(std::make_shared<IncrementOp>(), skip.defined() ? TensorList{step, skip} : TensorList{step}));
   else bump(step.data<int64_t>(), params);
 }
 
@@ -253,13 +266,13 @@ class Adam final : public Optimizer {
       decay_.push_back(!o_.decay_filter || o_.decay_filter(p, t));
     }
   }
-  void step(ParamTree& params, const ParamTree& grads) override {
+  void step(ParamTree& params, const ParamTree& grads, const Tensor& skip) override {
     if (m_.size() != params.size()) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
       init(params);
     }
     check_grads(params, grads);
-    update_parameters(schedule_, this, step_, params, grads, [&](size_t i) {
+    update_parameters(schedule_, this, step_, params, grads, skip, [&](size_t i) {
       return std::make_pair(std::make_shared<const AdamUpdateOp>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_),
                             TensorList{params[i].second, m_[i].second, v_[i].second});
     });
@@ -295,13 +308,13 @@ class SGD final : public Optimizer {
       for (const auto& [p, t] : params) buf_.insert(p, zeros_like(t));
     inited_ = true;
   }
-  void step(ParamTree& params, const ParamTree& grads) override {
+  void step(ParamTree& params, const ParamTree& grads, const Tensor& skip) override {
     if (!inited_ || (mu_ > 0 && buf_.size() != params.size())) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
       init(params);
     }
     check_grads(params, grads);
-    update_parameters(schedule_, this, step_, params, grads, [&](size_t i) {
+    update_parameters(schedule_, this, step_, params, grads, skip, [&](size_t i) {
       TensorList states{params[i].second};
       if (mu_ > 0) states.push_back(buf_[i].second);
       return std::make_pair(std::make_shared<const SgdUpdateOp>(mu_, wd_, nesterov_), states);

@@ -38,8 +38,10 @@ class Optimizer {
   /// Creates the state for `params` (zeros); called once before the first step (step() calls it lazily).
   virtual void init(const ParamTree& params) = 0;
   /// One update of `params` in place with `grads` (same paths, shapes and dtypes; ValueError otherwise)
-  /// at learning rate schedule(steps()); then steps() increases by one.
-  virtual void step(ParamTree& params, const ParamTree& grads) = 0;
+  /// at learning rate schedule(steps()); then steps() increases by one. `skip` (optional, a 0-d bool CPU
+  /// tensor) is read when the update runs, in a traced step (jit/graph.h) at every replay: true leaves
+  /// the parameters, the optimizer state and steps() unchanged (loss scaling's skipped step).
+  virtual void step(ParamTree& params, const ParamTree& grads, const Tensor& skip = {}) = 0;
   /// The state as named tensors ("m/<path>", "v/<path>", "step"): the optimizer's own tensors, so
   /// loading a checkpoint into them (in place) restores the optimizer.
   virtual ParamTree state() const = 0;

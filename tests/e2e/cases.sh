@@ -115,12 +115,17 @@ jit_parity)  # train.jit: the compiled step follows the eager losses on real dig
   echo "MLP on 2 ranks: $(value 'final train loss' <dp_eager.txt) eager, $(value 'final train loss' <dp_jit.txt) jit"
   expect_error 'stochastic layers' run 1 mnist_mlp.yaml --set train.steps=2 --set schedule.warmup_steps=1 --set train.jit=true --set model.dropout=0.1 ;;
 
-precision)  # train.precision: bf16 and fp16 (dynamic loss scaling) autocast reach the MLP's f32 accuracy bar
+precision)  # train.precision: bf16 and fp16 (dynamic loss scaling) autocast reach the MLP's f32 accuracy bar; fp16 under jit
   for prec in bf16 fp16; do
     run 2 mnist_mlp.yaml --set train.precision=$prec | tee $prec.txt
     at_least "$(value 'test accuracy' <$prec.txt)" 0.95 "MLP test accuracy under $prec"
   done
   echo "test accuracy: $(value 'test accuracy' <bf16.txt) bf16, $(value 'test accuracy' <fp16.txt) fp16"
+  # fp16 under jit: the loss scaler's decisions are ops of the compiled step; the same losses as eager
+  short=(--set train.steps=50 --set schedule.warmup_steps=10 --set train.eval_every=0 --set train.precision=fp16)
+  run 1 mnist_mlp.yaml "${short[@]}" | tee fp16_eager.txt
+  run 1 mnist_mlp.yaml "${short[@]}" --set train.jit=true | tee fp16_jit.txt
+  rel_close "$(value 'final train loss' <fp16_jit.txt)" "$(value 'final train loss' <fp16_eager.txt)" 1e-5 "fp16 loss, jit vs eager"
   expect_error "ConfigError.*train.precision" run 1 mnist_mlp.yaml --set train.precision=f8 ;;
 
 gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same loss as eager after 10 steps; bf16 close to f32
