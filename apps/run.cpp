@@ -66,7 +66,7 @@ const ConfigSchema& run_schema() {
     s.add_int("train.log_every", 50, "steps between log lines");
     s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
     s.add_bool("train.jit", false, "compile the training step with the JIT: traced once, then replayed as one "
-               "optimised graph (data-parallel plans, no dropout)");
+               "optimised graph (data-parallel plans)");
     s.add_string("train.precision", "f32", "compute dtype beside f32 master weights: f32, bf16 or fp16 (autocast: "
                  "GEMMs in 16 bits, softmax / cross-entropy / layer-norm / sums in f32; fp16 turns on dynamic loss "
                  "scaling when train.loss_scale is none; data-parallel plans only)", {"f32", "bf16", "fp16"});

@@ -112,7 +112,9 @@ std::map<std::string, PartitionSpec> Engine::partition_specs(nn::Module& model) 
 void Engine::begin_step(nn::Module& model, const ParamTree& params) {
   if (!sync_ && dp_size() > 1)
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
-  nn::RngContext::set(fold_in(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), uint64_t(opt_->steps())));
+  // Dropout keys: fold_in(fold_in(seed, replica), layer call) folded with the optimizer's step counter
+  // when the op runs (a compiled step reads the counter at every replay).
+  nn::RngContext::set(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), opt_->state().at("step"));
   model.train(true);
 }
 
@@ -278,9 +280,6 @@ void Engine::check_jit(nn::Module& model, const Batch& batch) const {
                     "every rank on the DP axis and no pipeline parallelism with jit (TP or PP axes of size 1 are fine)",
                     std::to_string(mesh_.size()) + " rank(s), " + std::to_string(dp_size()) + " on the DP axis; " + plan_.describe(),
                     "set jit: false for tensor- or pipeline-parallel plans");
-  if (model.stochastic())
-    throw ValueError("the JIT-compiled step does not support stochastic layers yet", "a model without dropout (p = 0)",
-                     model.name() + " has dropout", "set dropout to 0 or jit: false (a traced step would reuse one dropout mask)");
   accumulate_steps(batch);
 }
 

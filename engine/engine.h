@@ -100,7 +100,7 @@ struct EngineOptions {
   Precision precision = Precision::f32();
   /// Saves / resumes checkpoints when set.
   std::shared_ptr<Checkpointer> checkpointer;
-  /// Seeds dropout and other per-step randomness (fold_in(seed, rank, step)).
+  /// Seeds dropout and other per-step randomness (fold_in(fold_in(fold_in(seed, rank), call), step)).
   uint64_t seed = 0;
   /// Global gradient-norm clipping threshold (0 = off).
   double grad_clip = 0.0;
@@ -114,8 +114,8 @@ struct EngineOptions {
   /// traced (forward, the tape's backward, clipping and the optimizer update: one graph) and later steps
   /// replay the optimised graph. Data-parallel plans (every rank on the DP axis: the gradient and loss
   /// averages are pmean collectives in the graph, gradients packed in buckets of bucket_bytes; no
-  /// Plan::pp; TP or other axes of size 1 are fine), and models without dropout (its per-step key
-  /// would be fixed in the graph): PlanError / ValueError otherwise.
+  /// Plan::pp; TP or other axes of size 1 are fine): PlanError otherwise. Dropout keys are folded with
+  /// the optimizer's step counter when the op runs (nn::RngContext), so each replay draws eager's masks.
   bool jit = false;
 };
 

@@ -11,6 +11,7 @@ namespace titanax::nn {
 namespace {
 thread_local RngKey g_step_key = RngKey::from_seed(0);
 thread_local uint64_t g_counter = 0;
+thread_local Tensor g_step;
 
 uint64_t path_hash(const std::string& s) {  // FNV-1a: stable across runs and platforms
   uint64_t h = 1469598103934665603ull;
@@ -19,11 +20,13 @@ uint64_t path_hash(const std::string& s) {  // FNV-1a: stable across runs and pl
 }
 }  // namespace
 
-void RngContext::set(RngKey step_key) {
-  g_step_key = step_key;
+void RngContext::set(RngKey key, const Tensor& step) {
+  g_step_key = key;
   g_counter = 0;
+  g_step = step;
 }
 RngKey RngContext::next_key() { return fold_in(g_step_key, g_counter++); }
+const Tensor& RngContext::step() { return g_step; }
 
 // ------------------------------------------------------------------------------ Module
 ParamTree Module::parameters() const {
@@ -174,7 +177,8 @@ Dropout::Dropout(double p) : p_(p) {
 }
 Tensor Dropout::forward(const Tensor& x) {
   if (!training() || p_ == 0) return x;
-  return dropout(x, p_, RngContext::next_key(), true);
+  const Tensor& step = RngContext::step();
+  return step.defined() ? dropout(x, p_, RngContext::next_key(), step) : dropout(x, p_, RngContext::next_key());
 }
 std::string Dropout::name() const { return "Dropout(p=" + std::to_string(p_) + ")"; }
 

@@ -19,12 +19,16 @@
 
 namespace titanax::nn {
 
-/// Per-thread randomness for stochastic layers (dropout). The engine sets a fresh key every step
-/// (derived from the run seed, the rank and the step), so runs are reproducible and resumable.
-/// Each call to next_key() returns a new key derived from the step key and a counter.
+/// Per-thread randomness for stochastic layers (dropout), so runs are reproducible and resumable.
+/// set(key) fixes the keys of what follows; set(base, step) (the Engine, at each step: the run seed and
+/// the rank, and the optimizer's step counter) makes the layers draw with the key fold_in(next_key(),
+/// step) read when each op runs, so a JIT-compiled step draws new masks at every replay. Each call to
+/// next_key() returns a new key derived from the key and a counter.
 struct RngContext {
-  static void set(RngKey step_key);
+  static void set(RngKey key, const Tensor& step = {});
   static RngKey next_key();
+  /// The step tensor of set(base, step) (a 0-d i64 CPU tensor), or undefined.
+  static const Tensor& step();
 };
 
 class Module {

@@ -371,34 +371,47 @@ class Attention final : public Op {
 
 // ------------------------------------------------------------------------------------ dropout
 
+// Inputs (x) or, stepped, (x, step): the mask's key is then fold_in(key, step) with step (a 0-d i64 on
+// the CPU) read when the op runs, so a replayed graph draws a new mask whenever the step tensor moves.
 class Dropout final : public Op {
  public:
-  Dropout(double p, RngKey key) : p_(p), key_(key) {}
+  Dropout(double p, RngKey key, bool stepped) : p_(p), key_(key), stepped_(stepped) {}
   const char* name() const override { return "dropout"; }
-  std::string attrs() const override { return "p=" + attr_num(p_) + " key=" + key_.str(); }
+  std::string attrs() const override {
+    return "p=" + attr_num(p_) + " key=" + key_.str() + (stepped_ ? " stepped=1" : "");
+  }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[0], {DType::f32, DType::f64, DType::bf16, DType::f16}, name());
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
+  bool host_input(size_t i) const override { return i == 1; }
   // f16 / bf16: the same mask (by element index) over the widened values, rounded.
   void cpu(const TensorList& in, TensorList& out) const override {
     if (is_half(in[0].dtype())) return run_in_f32(in, out);
-    kc::dropout(dense(in[0]), p_, key_, out[0]);
+    kc::dropout(dense(in[0]), p_, key(in), out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
     if (is_half(in[0].dtype())) return run_in_f32(in, out);
-    kernels::cuda::dropout(in[0].contiguous(), p_, key_, out[0]);
+    kernels::cuda::dropout(in[0].contiguous(), p_, key(in), out[0]);
   }
   // Linear in x: the cotangent goes through the same mask (recomputed from the key, never stored).
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct,
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
-    if (!needs[0]) return {Tensor()};
-    return {apply1(std::make_shared<Dropout>(p_, key_), {ct[0]})};
+    TensorList r(in.size());
+    if (!needs[0]) return r;
+    TensorList args{ct[0]};
+    if (stepped_) args.push_back(in[1]);
+    r[0] = apply1(std::make_shared<Dropout>(p_, key_, stepped_), args);
+    return r;
   }
 
  private:
+  RngKey key(const TensorList& in) const {
+    return stepped_ ? fold_in(key_, uint64_t(in[1].data<int64_t>()[0])) : key_;
+  }
   double p_;
   RngKey key_;
+  bool stepped_;
 };
 
 // ------------------------------------------------------------------------------------ take / embedding
@@ -537,13 +550,30 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   return apply(std::make_shared<Attention>(is_causal, sc), {q, k, v})[0];
 }
 
-Tensor dropout(const Tensor& x, double p, RngKey key, bool training) {
+namespace {
+void check_dropout(const Tensor& x, double p) {
   if (!(p >= 0 && p < 1))
     throw ValueError("dropout: p must be in [0, 1)", "0 <= p < 1", "p = " + std::to_string(p),
                      "p is the probability of zeroing an element; use training = false to disable dropout");
   check_dtype(x, {DType::f32, DType::f64, DType::bf16, DType::f16}, "dropout");
+}
+}  // namespace
+
+Tensor dropout(const Tensor& x, double p, RngKey key, bool training) {
+  check_dropout(x, p);
   if (!training || p == 0) return x;
-  return apply1(std::make_shared<Dropout>(p, key), {x});
+  return apply1(std::make_shared<Dropout>(p, key, false), {x});
+}
+
+Tensor dropout(const Tensor& x, double p, RngKey key, const Tensor& step, bool training) {
+  if (!step.defined() || step.dim() != 0 || step.dtype() != DType::i64 || !step.device().is_cpu())
+    throw ValueError("dropout: step must be a 0-d i64 tensor on the CPU",
+                     "shape [], i64, cpu (e.g. the optimizer's step counter)",
+                     step.defined() ? step.shape().str() + ", " + std::string(dtype_name(step.dtype())) + ", " + step.device().str()
+                                    : "an undefined tensor");
+  check_dropout(x, p);
+  if (!training || p == 0) return x;
+  return apply1(std::make_shared<Dropout>(p, key, true), {x, step});
 }
 
 Tensor embedding(const Tensor& weight, const Tensor& ids) {

@@ -144,6 +144,10 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
 /// rest by 1/(1-p). The mask comes from Philox(key) by element index, so it is the same on every device.
 /// Identity when !training or p == 0. Throws ValueError unless 0 <= p < 1.
 Tensor dropout(const Tensor& x, double p, RngKey key, bool training = true);
+/// dropout() with the mask of key fold_in(key, step), `step` (a 0-d i64 CPU tensor, e.g. the optimizer's
+/// step counter) read when the op runs: a traced training step (jit) draws a new mask at every replay as
+/// the counter moves, and the vjp reuses the forward's. Throws ValueError for another kind of `step`.
+Tensor dropout(const Tensor& x, double p, RngKey key, const Tensor& step, bool training = true);
 /// Rows of weight [V, D] for integer ids [...] -> [..., D]. An id outside [0, V) throws ValueError.
 /// The gradient scatters into weight deterministically (sequentially per row).
 Tensor embedding(const Tensor& weight, const Tensor& ids);

@@ -150,13 +150,25 @@ TEST_CASE("jit(step) follows the eager loss trajectory: MNIST-shaped MLP and CNN
   }
 }
 
-TEST_CASE("the JIT-compiled Engine step refuses dropout (its key would be fixed)", "[jit][step]") {
-  nn::MLP model({6, 8, 3}, {.dropout = 0.1});
-  CHECK(model.stochastic());
+TEST_CASE("dropout under jit: a new mask at every replay, the same masks as eager", "[jit][step]") {
+  nn::MLP probe({6, 8, 3}, {.dropout = 0.1});
+  CHECK(probe.stochastic());
   CHECK_FALSE(nn::MLP({6, 8, 3}).stochastic());
+  // engine_parity: the same losses, norms and parameters as the eager steps, whose masks move with the
+  // step (a mask fixed at trace time would leave the compiled run behind after the first step).
+  engine_parity([] { return std::make_unique<nn::MLP>(std::vector<int64_t>{784, 64, 10}, nn::MLPOptions{.dropout = 0.3}); },
+                [](int s) { return batch_of(300 + uint64_t(s), Shape{32, 784}, 10); }, classification_loss, 8,
+                [] { return optim::adamw(optim::warmup_cosine(3e-3, 3, 8)); }, 1.0);
+  // The masks do move: two replays on the same batch and weights (lr 0) give different losses.
+  nn::MLP model({784, 64, 10}, {.dropout = 0.3});
   Mesh mesh = single_mesh();
-  Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::constant(1e-3)), EngineOptions{.jit = true});
-  CHECK_THROWS_AS(engine.step(model, classification_loss, batch_of(1, Shape{4, 6}, 3)), ValueError);
+  Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::sgd(optim::constant(0.0)), EngineOptions{.jit = true});
+  const Batch b = batch_of(1, Shape{32, 784}, 10);
+  const double l0 = engine.step(model, classification_loss, b).loss, l1 = engine.step(model, classification_loss, b).loss,
+               l2 = engine.step(model, classification_loss, b).loss;
+  CHECK(engine.jit_stats()->hits == 2);
+  CHECK(l1 != l0);
+  CHECK(l2 != l1);
 }
 
 TEST_CASE("jit refuses what a graph cannot replay, with TraceErrors that say why", "[jit][step]") {
