@@ -41,6 +41,9 @@ Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> op
     throw PlanError("mixed precision runs data-parallel plans only",
                     "every rank on the DP axis and no pipeline parallelism with Precision " + opts_.precision.str(),
                     plan_.describe(), "use Precision::f32() for tensor- or pipeline-parallel plans");
+  if (opts_.jit && plan_.pp)  // step() runs the pipeline schedule eagerly: refuse rather than ignore jit
+    throw PlanError("the JIT-compiled step runs data- and tensor-parallel plans only",
+                    "no pipeline parallelism with jit", plan_.describe(), "set jit: false for pipeline-parallel plans");
   if (opts_.grad_clip < 0) throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
   if (opts_.precision.compute == DType::f16 && !opts_.loss_scale.enabled()) opts_.loss_scale = LossScaleOptions::dynamic();
   if (opts_.loss_scale.enabled()) {
@@ -275,11 +278,13 @@ int Engine::accumulate_steps(const Batch& batch) const {
 }
 
 void Engine::check_jit(nn::Module& model, const Batch& batch) const {
-  if (plan_.pp || mesh_.size() != dp_size())
-    throw PlanError("the JIT-compiled step runs data-parallel plans only",
-                    "every rank on the DP axis and no pipeline parallelism with jit (TP or PP axes of size 1 are fine)",
-                    std::to_string(mesh_.size()) + " rank(s), " + std::to_string(dp_size()) + " on the DP axis; " + plan_.describe(),
-                    "set jit: false for tensor- or pipeline-parallel plans");
+  const int tp = plan_.tp ? mesh_.axis_size(plan_.tp->axis) : 1;
+  if (plan_.pp || mesh_.size() != dp_size() * tp)
+    throw PlanError("the JIT-compiled step runs data- and tensor-parallel plans only",
+                    "every rank on the plan's DP and TP axes with jit (other mesh axes of size 1)",
+                    std::to_string(mesh_.size()) + " rank(s), " + std::to_string(dp_size()) + " on the DP axis x " +
+                        std::to_string(tp) + " on the TP axis; " + plan_.describe(),
+                    "give the plan an axis for every mesh axis of size > 1, or set jit: false");
   accumulate_steps(batch);
 }
 
@@ -326,7 +331,9 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
       loss = loss * inv_scale;
       grads = grads.map([&](const std::string&, const Tensor& g) { return g * inv_scale.astype(g.dtype()); });
     }
-    Tensor norm = opts_.grad_clip > 0 ? optim::clip_grad_norm_tensor(grads, opts_.grad_clip) : optim::global_norm_tensor(grads);
+    // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once.
+    Tensor norm = plan_.tp ? optim::global_norm_tensor(grads, partition_specs(model), mesh_) : optim::global_norm_tensor(grads);
+    if (opts_.grad_clip > 0) optim::clip_to_norm_tensor(grads, norm, opts_.grad_clip);
     if (scaler_)
       skip = scaler_->update_traced(lt(abs(norm), scalar(INFINITY, norm.dtype(), norm.device())).to(Device::cpu()));
     opt_->step(params, grads, skip);

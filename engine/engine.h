@@ -112,9 +112,10 @@ struct EngineOptions {
   size_t bucket_bytes = 25u << 20;
   /// Compile the training step with the JIT (jit/graph.h): the first step of each batch signature is
   /// traced (forward, the tape's backward, clipping and the optimizer update: one graph) and later steps
-  /// replay the optimised graph. Data-parallel plans (every rank on the DP axis: the gradient and loss
-  /// averages are pmean collectives in the graph, gradients packed in buckets of bucket_bytes; no
-  /// Plan::pp; TP or other axes of size 1 are fine): PlanError otherwise. Dropout keys are folded with
+  /// replay the optimised graph. Data- and tensor-parallel plans (every rank on the DP and TP axes: the
+  /// gradient and loss averages are pmean collectives in the graph, gradients packed in buckets of
+  /// bucket_bytes; Megatron's f / g, the vocabulary shard and the TP-aware gradient norm are nodes too;
+  /// no Plan::pp): PlanError otherwise, pipeline plans at construction. Dropout keys are folded with
   /// the optimizer's step counter when the op runs (nn::RngContext), so each replay draws eager's masks.
   bool jit = false;
 };

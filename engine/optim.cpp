@@ -11,6 +11,7 @@
 #include "kernels/cpu/optim.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
+#include "parallel/collectives.h"
 
 namespace titanax::optim {
 
@@ -396,13 +397,47 @@ Tensor global_norm_tensor(const ParamTree& grads) {
   return sqrt(total.defined() ? total : scalar(0.0, DType::f64));
 }
 
-Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm) {
+void clip_to_norm_tensor(ParamTree& grads, const Tensor& norm, double max_norm) {
   if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
-  Tensor norm = global_norm_tensor(grads);
   NoGradGuard ng;
   const Tensor coef = minimum(max_norm / (norm + 1e-6), scalar_like(1.0, norm));
   for (auto& [p, g] : grads) g = g * coef.astype(g.dtype());
+}
+
+Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm) {
+  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  Tensor norm = global_norm_tensor(grads);
+  clip_to_norm_tensor(grads, norm, max_norm);
   return norm;
+}
+
+namespace {
+// The mesh axes parameter `path` is split over (sorted, each once; {} = replicated).
+std::vector<std::string> split_axes(const std::string& path, const std::map<std::string, PartitionSpec>& specs) {
+  std::vector<std::string> axes;
+  auto it = specs.find(path);
+  if (it != specs.end())
+    for (const auto& a : it->second)
+      if (!a.empty() && std::find(axes.begin(), axes.end(), a) == axes.end()) axes.push_back(a);
+  std::sort(axes.begin(), axes.end());
+  return axes;
+}
+}  // namespace
+
+Tensor global_norm_tensor(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh) {
+  NoGradGuard ng;
+  std::map<std::vector<std::string>, Tensor> by_axes;  // f64 sums of squares on the gradients' device
+  for (const auto& [p, g] : grads) {
+    Tensor s = sum(square(g.detach().astype(DType::f64)));
+    Tensor& acc = by_axes[split_axes(p, specs)];
+    acc = acc.defined() ? acc + s : s;
+  }
+  Tensor total;
+  for (auto& [axes, t] : by_axes) {  // every rank has the same keys: the collectives match
+    for (const auto& a : axes) t = psum(mesh, t, a);
+    total = total.defined() ? total + t : t;
+  }
+  return sqrt(total.defined() ? total : scalar(0.0, DType::f64));
 }
 
 double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh,
@@ -412,13 +447,7 @@ double global_norm(const ParamTree& grads, const std::map<std::string, Partition
   by_axes[{}] = 0;
   for (const auto& [p, g] : grads) {
     if (not_counted.count(p)) continue;
-    auto it = specs.find(p);
-    std::vector<std::string> axes;
-    if (it != specs.end())
-      for (const auto& a : it->second)
-        if (!a.empty() && std::find(axes.begin(), axes.end(), a) == axes.end()) axes.push_back(a);
-    std::sort(axes.begin(), axes.end());
-    by_axes[axes] += squares(g);
+    by_axes[split_axes(p, specs)] += squares(g);
   }
   // Every rank has the same specs, hence the same keys: the all-reduces match across ranks.
   double total = 0;

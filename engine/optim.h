@@ -88,6 +88,8 @@ void clip_to_norm(ParamTree& grads, double norm, double max_norm);
 /// order of the f64 summation. ValueError for max_norm <= 0.
 Tensor global_norm_tensor(const ParamTree& grads);
 Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm);
+/// clip_grad_norm_tensor's scaling for a known norm (an f64 0-d tensor, e.g. the TP-aware one below).
+void clip_to_norm_tensor(ParamTree& grads, const Tensor& norm, double max_norm);
 
 /// Global L2 norm of the gradients of a model whose parameters are split over mesh axes (tensor
 /// parallelism): sqrt(sum over parameters of ||g||^2) where a parameter whose spec (specs[path]; absent =
@@ -102,6 +104,9 @@ Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm);
 /// must pass the same specs (the ranks of one stage do); stages may differ.
 double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh,
                    const std::string& stage_axis = "", const std::set<std::string>& not_counted = {});
+/// The TP-aware global_norm written with ops (f64 0-d on the gradients' device; the sums over split axes
+/// are traced psum collectives), for a compiled tensor-parallel step; no pipeline stages.
+Tensor global_norm_tensor(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh);
 /// clip_grad_norm with that norm: every rank scales its gradients by the same factor.
 double clip_grad_norm(ParamTree& grads, double max_norm, const std::map<std::string, PartitionSpec>& specs,
                       const Mesh& mesh, const std::string& stage_axis = "", const std::set<std::string>& not_counted = {});

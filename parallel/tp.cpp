@@ -309,6 +309,50 @@ class VocabParallelCE final : public TPOpBase {
   int64_t ignore_;
 };
 
+// The vocabulary shard's view of token ids: outputs local ids (ids - lo on this rank's rows [lo, lo + rows),
+// 0 elsewhere; ids' dtype) and keep ([..., 1] in `dt`: 1 on this rank's rows, else 0). An op, so a traced
+// step recomputes them (and checks the range) at every replay; the ids are read on the host (one small
+// copy from a GPU, as cross_entropy's label check).
+class VocabShardIds final : public Op {
+ public:
+  VocabShardIds(int64_t lo, int64_t rows, int64_t vocab, DType dt, Loc loc)
+      : lo_(lo), rows_(rows), vocab_(vocab), dt_(dt), loc_(loc) {}
+  const char* name() const override { return "vocab_shard_ids"; }
+  std::string attrs() const override {
+    return "lo=" + std::to_string(lo_) + " rows=" + std::to_string(rows_) + " vocab=" + std::to_string(vocab_) +
+           " dtype=" + std::string(dtype_name(dt_));
+  }
+  bool differentiable() const override { return false; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    Shape ms = in[0].shape();
+    ms.push_back(1);
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}, {ms, dt_, in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override { run(in, out); }
+  void cuda(const TensorList& in, TensorList& out) const override { run(in, out); }
+
+ private:
+  void run(const TensorList& in, TensorList& out) const {
+    const Tensor host = in[0].device().is_cpu() ? in[0] : in[0].detach().to(Device::cpu());
+    std::vector<int64_t> id = host.to_vector<int64_t>(), local(id.size());
+    std::vector<float> keep(id.size());
+    for (size_t i = 0; i < id.size(); ++i) {
+      if (id[i] < 0 || id[i] >= vocab_)
+        throw ValueError("vocab_parallel_embedding: id out of range", "ids in [0, " + std::to_string(vocab_) + ")",
+                         "id " + std::to_string(id[i]) + " at flat position " + std::to_string(i),
+                         "check the vocabulary size of the model against the token ids", loc_);
+      const bool mine = id[i] >= lo_ && id[i] < lo_ + rows_;
+      local[i] = mine ? id[i] - lo_ : 0;
+      keep[i] = mine ? 1.f : 0.f;
+    }
+    copy_(out[0], from_vector(local, in[0].shape()).astype(in[0].dtype()));
+    copy_(out[1], from_vector(keep, out[1].shape()).astype(dt_));
+  }
+  int64_t lo_, rows_, vocab_;
+  DType dt_;
+  Loc loc_;
+};
+
 }  // namespace
 
 Tensor copy_to_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
@@ -352,22 +396,10 @@ Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Te
     throw ShapeError("vocab_parallel_embedding: the table must be 2-D", "weight [V / n, D]", weight.shape().str(), "", loc);
   check_dtype(ids, {DType::i32, DType::i64}, "vocab_parallel_embedding (ids)");
   if (c.size() == 1) return embedding(weight, ids);
-  const int64_t rows = weight.shape()[0], lo = int64_t(c.rank()) * rows, vocab = rows * c.size();
-  std::vector<int64_t> id = ids.to_vector<int64_t>(), local(id.size());
-  std::vector<float> keep(id.size());
-  for (size_t i = 0; i < id.size(); ++i) {
-    if (id[i] < 0 || id[i] >= vocab)
-      throw ValueError("vocab_parallel_embedding: id out of range", "ids in [0, " + std::to_string(vocab) + ")",
-                       "id " + std::to_string(id[i]) + " at flat position " + std::to_string(i),
-                       "check the vocabulary size of the model against the token ids", loc);
-    const bool mine = id[i] >= lo && id[i] < lo + rows;
-    local[i] = mine ? id[i] - lo : 0;
-    keep[i] = mine ? 1.f : 0.f;
-  }
-  Shape ms = ids.shape();
-  ms.push_back(1);
-  Tensor mask = from_vector(keep, ms).astype(weight.dtype()).to(weight.device());
-  Tensor e = mul(embedding(weight, from_vector(local, ids.shape()).to(weight.device())), mask);  // rows of other ranks -> 0
+  const int64_t rows = weight.shape()[0];
+  TensorList shard = apply(std::make_shared<VocabShardIds>(int64_t(c.rank()) * rows, rows, rows * c.size(), weight.dtype(), loc),
+                           {ids.to(weight.device())});
+  Tensor e = mul(embedding(weight, shard[0]), shard[1]);  // rows of other ranks -> 0
   return reduce_from_c(c, e);
 }
 

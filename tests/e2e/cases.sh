@@ -132,7 +132,7 @@ precision)  # train.precision: bf16 and fp16 (dynamic loss scaling) autocast rea
   rel_close "$(value 'final train loss' <fp16_jit.txt)" "$(value 'final train loss' <fp16_eager.txt)" 1e-5 "fp16 loss, jit vs eager"
   expect_error "ConfigError.*train.precision" run 1 mnist_mlp.yaml --set train.precision=f8 ;;
 
-gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same loss as eager after 10 steps; bf16 close to f32
+gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same loss as eager after 10 steps (TP too); bf16 close to f32
   gpt() { run 1 gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=10 --set schedule.warmup_steps=3 \
             --set train.eval_every=0 --set data.val_batches=2 "$@"; }
   gpt | tee eager.txt
@@ -142,8 +142,18 @@ gpt_jit_parity)  # train.jit on the GPT config and real Brown tokens: the same l
   # bf16 autocast (attention and MLP GEMMs in bf16, softmax / layer-norm / cross-entropy in f32) tracks f32
   gpt --set train.precision=bf16 | tee bf16.txt
   rel_close "$(value 'final train loss' <bf16.txt)" "$(value 'final train loss' <eager.txt)" 1e-3 "GPT loss, bf16 vs f32"
-  expect_error 'data-parallel plans only' run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=2 \
-    --set schedule.warmup_steps=1 --set mesh.model=2 --set train.jit=true
+  # Tensor parallelism under jit (TP 2, and DP x TP 2 x 2): the collectives, the vocabulary shard and the
+  # TP-aware gradient norm are nodes of the graph
+  for np in 2 4; do
+    run $np gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=10 --set schedule.warmup_steps=3 \
+      --set train.eval_every=0 --set data.val_batches=2 --set mesh.model=2 | tee tp_eager_$np.txt
+    run $np gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=10 --set schedule.warmup_steps=3 \
+      --set train.eval_every=0 --set data.val_batches=2 --set mesh.model=2 --set train.jit=true | tee tp_jit_$np.txt
+    rel_close "$(value 'final train loss' <tp_jit_$np.txt)" "$(value 'final train loss' <tp_eager_$np.txt)" 1e-5 \
+      "GPT TP 2 on $np ranks, jit vs eager"
+  done
+  expect_error 'data- and tensor-parallel plans only' run 2 gpt_small_pp.yaml --set "data.path=$BROWN" --set train.steps=2 \
+    --set schedule.warmup_steps=1 --set train.jit=true
   expect_error 'mixed precision runs data-parallel plans only' run 2 gpt_small_tp.yaml --set "data.path=$BROWN" \
     --set train.steps=2 --set schedule.warmup_steps=1 --set mesh.model=2 --set train.precision=bf16 ;;
 

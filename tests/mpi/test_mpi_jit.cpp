@@ -96,7 +96,7 @@ TEST_CASE("the compiled DP step's graph holds one all-reduce per gradient bucket
   CHECK(pmeans == 2);  // the 4 gradients fit one 1 MiB bucket; the loss
 }
 
-TEST_CASE("the jit-compiled step refuses meshes with ranks off the DP axis, with a PlanError on every rank", "[mpi][jit]") {
+TEST_CASE("the jit-compiled step refuses meshes with ranks off the plan's axes, with a PlanError on every rank", "[mpi][jit]") {
   if (world_size() % 2 != 0) return;
   Mesh mesh = MeshSpec{{"data", "model"}, {-1, 2}}.build(rt());
   nn::MLP model({20, 32, 5});
@@ -105,6 +105,6 @@ TEST_CASE("the jit-compiled step refuses meshes with ranks off the DP axis, with
     engine.step(model, classification_loss, rank_batch(0, 8, 20, 5));
     FAIL("no error");
   } catch (const PlanError& e) {
-    CHECK_THAT(std::string(e.what()), Contains("data-parallel plans only"));
+    CHECK_THAT(std::string(e.what()), Contains("data- and tensor-parallel plans only"));
   }
 }
