@@ -66,6 +66,23 @@ __device__ __forceinline__ void load_rows(float* dst, const T* src, int64_t r0, 
 
 __device__ __forceinline__ bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
+// For the warp's rows r: s[r] = sum_d a[r * P + d] * x[d] and t[r] = sum_d b[r * P + d] * y[d] (x, y: this
+// lane's rows of the streamed tile). The scores and dP of the backward kernels.
+__device__ __forceinline__ void two_dots(float (&s)[kRowsPerWarp], const float* a, const float* x,
+                                         float (&t)[kRowsPerWarp], const float* b, const float* y, int P, int D) {
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) s[r] = t[r] = 0.f;
+#pragma unroll 4
+  for (int d = 0; d < D; ++d) {
+    const float xd = x[d], yd = y[d];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      s[r] = fmaf(a[r * P + d], xd, s[r]);
+      t[r] = fmaf(b[r * P + d], yd, t[r]);
+    }
+  }
+}
+
 // acc[r][c] += sum over the tile's rows jj of wt_r(jj) * tile[jj][lane + 32 c], where wt_r(jj) is lane jj's
 // wt[r] (broadcast by __shfl_sync): the p V of the forward and the dS K of dq, for the warp's rows.
 template <int DC>
@@ -223,19 +240,7 @@ __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
       load_rows(Vs, vn, k0, kTile, Tk, D, P);
       __syncthreads();
       float s[kRowsPerWarp], dp[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) s[r] = dp[r] = 0.f;
-      const float* kr = Ks + lane * P;
-      const float* vr = Vs + lane * P;
-#pragma unroll 4
-      for (int d = 0; d < D; ++d) {
-        const float kd = kr[d], vd = vr[d];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          s[r] = fmaf(qw[r * P + d], kd, s[r]);
-          dp[r] = fmaf(ow[r * P + d], vd, dp[r]);
-        }
-      }
+      two_dots(s, qw, Ks + lane * P, dp, ow, Vs + lane * P, P, D);  // s = q_i . k_j, dp = dout_i . v_j
       const int64_t j = k0 + lane;
       float ds[kRowsPerWarp];
 #pragma unroll
@@ -307,19 +312,7 @@ __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
       const int64_t i = q0 + lane;
       const float li = Ls[lane], di = Ds[lane];
       float s[kRowsPerWarp], dp[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) s[r] = dp[r] = 0.f;
-      const float* qr = Qs + lane * P;
-      const float* orow = Os + lane * P;
-#pragma unroll 4
-      for (int d = 0; d < D; ++d) {
-        const float qd = qr[d], od = orow[d];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          s[r] = fmaf(qd, kw[r * P + d], s[r]);
-          dp[r] = fmaf(od, vw[r * P + d], dp[r]);
-        }
-      }
+      two_dots(s, kw, Qs + lane * P, dp, vw, Os + lane * P, P, D);  // s = k_j . q_i, dp = v_j . dout_i
       float p[kRowsPerWarp], ds[kRowsPerWarp];
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
