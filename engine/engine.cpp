@@ -117,7 +117,7 @@ void Engine::begin_step(nn::Module& model, const ParamTree& params) {
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
   // Dropout keys: fold_in(fold_in(seed, replica), layer call) folded with the optimizer's step counter
   // when the op runs (a compiled step reads the counter at every replay).
-  nn::RngContext::set(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), opt_->state().at("step"));
+  nn::RngContext::set(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), opt_->step_tensor());
   model.train(true);
 }
 

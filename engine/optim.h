@@ -48,6 +48,9 @@ class Optimizer {
   virtual std::string describe() const = 0;
   /// Updates done so far.
   int64_t steps() const;
+  /// The step counter itself (0-d i64 on the CPU, the "step" of state()): read live by a traced step
+  /// (jit) and by the dropout keys the Engine derives from it.
+  const Tensor& step_tensor() const { return step_; }
   /// The learning rate the next step uses.
   double lr() const { return schedule_(steps()); }
 
