@@ -296,21 +296,23 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     for (size_t i = 0; i < keys.size(); ++i) b.items[keys[i]] = in[i];
     ParamTree params = model.parameters();
     const int64_t micro = b.size() / acc;
-    // Loss scaling: S is the scaler's state tensor (read at every replay), on the loss's device and dtype.
+    // Loss scaling: S is the scaler's f64 state tensor (read at every replay), moved to the model's device;
+    // 1 / S in f64, rounded to each use's dtype as the eager step's double factor is.
     Tensor scale, inv_scale;
-    auto scaled = [&](const Tensor& l) {
-      if (!scaler_) return l;
-      if (!scale.defined()) {
-        scale = scaler_->scale_tensor().astype(l.dtype()).to(l.device());
-        inv_scale = reciprocal(scaler_->scale_tensor()).astype(l.dtype()).to(l.device());
-      }
-      return l * scale;  // backward of S * loss: every gradient scaled by S, as the eager step
-    };
+    if (scaler_) {
+      scale = scaler_->scale_tensor().to(model.device());
+      inv_scale = reciprocal(scale);
+    }
     Tensor loss;
     ParamTree grads;
     for (int i = 0; i < acc; ++i) {
       Batch mb = acc == 1 ? b : b.slice(i * micro, (i + 1) * micro);
-      auto [l, g] = value_and_grad([&] { return scaled(policy_loss(model, loss_fn, mb)); }, params);
+      auto [l, g] = value_and_grad(
+          [&] {
+            Tensor l = policy_loss(model, loss_fn, mb);
+            return scaler_ ? l * scale.astype(l.dtype()) : l;  // backward of S * loss: gradients scaled by S
+          },
+          params);
       NoGradGuard ng;
       loss = loss.defined() ? loss + l : l;
       if (grads.empty()) grads = g;
@@ -328,7 +330,7 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     }
     Tensor skip;
     if (scaler_) {  // unscale, then the scaler's decision on the norm (inf or NaN: skip the update)
-      loss = loss * inv_scale;
+      loss = loss * inv_scale.astype(loss.dtype());
       grads = grads.map([&](const std::string&, const Tensor& g) { return g * inv_scale.astype(g.dtype()); });
     }
     // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once.

@@ -397,9 +397,10 @@ Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Te
   check_dtype(ids, {DType::i32, DType::i64}, "vocab_parallel_embedding (ids)");
   if (c.size() == 1) return embedding(weight, ids);
   const int64_t rows = weight.shape()[0];
+  // On the ids' device (the op reads them on the host), then to the table's.
   TensorList shard = apply(std::make_shared<VocabShardIds>(int64_t(c.rank()) * rows, rows, rows * c.size(), weight.dtype(), loc),
-                           {ids.to(weight.device())});
-  Tensor e = mul(embedding(weight, shard[0]), shard[1]);  // rows of other ranks -> 0
+                           {ids});
+  Tensor e = mul(embedding(weight, shard[0].to(weight.device())), shard[1].to(weight.device()));  // other ranks' rows -> 0
   return reduce_from_c(c, e);
 }
 
