@@ -1,7 +1,8 @@
-// bench/jit: a whole training step (forward, backward, AdamW update; f32) eager vs compiled with
-// jit::jit, for the MNIST MLP (784-512-512-10, B=128) and a GPT (default: the reference config of
-// ../shared/peers/gpt_small_torch.py, vocab 8192, 4 layers, dim 256, 4 heads, T 128, B 16; --gpt2 for
-// GPT-2 124M: 12 layers, dim 768, 12 heads, vocab 50304, T 1024, B 16). One line per model:
+// bench/jit: a whole training step (forward, backward, AdamW update; f32, or the forward under bf16
+// autocast with --precision bf16) eager vs compiled with jit::jit, for the MNIST MLP (784-512-512-10,
+// B=128) and a GPT (default: the reference config of ../shared/peers/gpt_small_torch.py, vocab 8192,
+// 4 layers, dim 256, 4 heads, T 128, B 16; --gpt2 for GPT-2 124M: 12 layers, dim 768, 12 heads, vocab
+// 50304, T 1024, B 16). One line per model:
 //   bench=jit model=mlp device=cpu ... first_call_s=... compile_s=... eager_us_per_step=...
 //   jit_us_per_step=... speedup=... nodes=... launches_unfused=... launches=... arena_bytes=...
 //   unplanned_bytes=... disk_cache=none [peer_eager_us_per_step=...]
@@ -13,9 +14,12 @@
 // launches: nodes that run a kernel (views excluded), before and after elementwise fusion.
 // planned_us_per_step: the same compiled step with JitOptions::memory_plan (intermediates in one arena of
 // arena_bytes instead of unplanned_bytes of separate buffers).
-// The MLP's peer (../shared/peers/mlp_torch.py --device cpu, same shapes) runs in the same invocation when
-// /usr/bin/python3 has torch. Options: --steps N (default 50 MLP, 5 GPT), --model mlp|gpt|both, --gpt2,
-// --no-peer.
+// The MLP's peer (../shared/peers/mlp_torch.py --device <same>, same shapes) runs in the same invocation
+// when /usr/bin/python3 has torch. Options: --device cpu|cuda (cuda:0: the model and 8 batches resident
+// on the GPU, cycled), --precision f32|bf16 (bf16: f32 master weights, the loss function under
+// AutocastGuard(bf16), as EngineOptions::precision does), --steps N (default 50 MLP, 5 GPT), --model
+// mlp|gpt|both, --gpt2, --no-peer. Steps are timed without reading the loss back (the last step's loss is
+// read after the clock stops, the GPU synchronised first), as the peer times them.
 #include <omp.h>
 
 #include <unistd.h>
@@ -24,6 +28,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <optional>
 #include <string>
 
 #include <titanax/titanax.h>
@@ -79,26 +84,53 @@ struct Case {
 };
 
 // Times `steps` eager steps and `steps` jit steps of the same model from the same weights; prints the line.
-void run_case(Case& c, int64_t steps, std::string extra) {
+void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::string extra) {
+  c.model->to(dev);
   tx::ParamTree params = c.model->parameters();
   std::vector<tx::Tensor> init;
   for (const auto& [p, t] : params) init.push_back(t.detach().clone());
   auto reset = [&] {
     for (size_t i = 0; i < params.size(); ++i) tx::copy_(params[i].second, init[i]);
   };
+  std::vector<tx::TensorList> batches;  // made before the clock starts, on the device
+  for (int64_t s = 0; s < 8; ++s) {
+    tx::TensorList b;
+    for (const auto& t : c.batch(s)) b.push_back(t.to(dev));
+    batches.push_back(std::move(b));
+  }
+  auto batch = [&](int64_t s) { return batches[size_t(s % int64_t(batches.size()))]; };
+  auto sync = [&] {
+    if (dev.is_cuda()) tx::cuda_rt::synchronize(dev.index);
+  };
   std::unique_ptr<tx::optim::Optimizer> opt;
   auto step_fn = [&](const tx::TensorList& in) {
-    auto [loss, grads] = tx::value_and_grad([&] { return c.loss(*c.model, in); }, params);
+    auto [loss, grads] = tx::value_and_grad(
+        [&] {
+          std::optional<tx::AutocastGuard> ac;
+          if (precision != tx::DType::f32) ac.emplace(precision);
+          return c.loss(*c.model, in).astype(tx::DType::f32);
+        },
+        params);
     opt->step(params, grads);
     return tx::TensorList{loss};
   };
+  // Times `steps` calls of f from step 1 (step 0 was the warm-up); returns microseconds per step and
+  // the last step's loss, read after the clock stopped.
+  auto timed = [&](const std::function<tx::TensorList(const tx::TensorList&)>& f, double& loss) {
+    sync();
+    auto t0 = Clock::now();
+    tx::Tensor last;
+    for (int64_t s = 1; s <= steps; ++s) last = f(batch(s))[0];
+    sync();
+    const double us = seconds_since(t0) * 1e6 / double(steps);
+    loss = last.item();
+    return us;
+  };
   // Eager: one warm-up step, then timed steps.
   opt = tx::optim::adamw(tx::optim::constant(1e-4));
-  step_fn(c.batch(0));
-  auto t0 = Clock::now();
+  step_fn(batch(0));
   double eager_loss = 0;
-  for (int64_t s = 0; s < steps; ++s) eager_loss = step_fn(c.batch(s))[0].item();
-  const double eager_us = seconds_since(t0) * 1e6 / double(steps);
+  const double eager_us = timed(step_fn, eager_loss);
 
   // Compiled without, then with the memory plan (each from the initial weights).
   double first_call_s = 0, jit_loss = 0, planned_loss = 0, jit_us = 0, planned_us = 0, compile_s = 0;
@@ -107,29 +139,29 @@ void run_case(Case& c, int64_t steps, std::string extra) {
     reset();
     opt = tx::optim::adamw(tx::optim::constant(1e-4));
     auto step = std::make_unique<tx::jit::Compiled>(step_fn, tx::jit::JitOptions{.memory_plan = plan});
-    t0 = Clock::now();
-    (*step)(c.batch(0));
+    sync();
+    auto t0 = Clock::now();
+    (*step)(batch(0));
+    sync();
     if (!plan) first_call_s = seconds_since(t0), compile_s = step->stats().compile_seconds;
-    t0 = Clock::now();
-    double loss = 0;
-    for (int64_t s = 0; s < steps; ++s) loss = (*step)(c.batch(s))[0].item();
-    (plan ? planned_us : jit_us) = seconds_since(t0) * 1e6 / double(steps);
-    (plan ? planned_loss : jit_loss) = loss;
+    (plan ? planned_us : jit_us) = timed(*step, plan ? planned_loss : jit_loss);
     if (plan) planned = std::move(step);
   }
   tx::jit::Compiled& step = *planned;
-  const tx::jit::Graph* g = step.graph_for(c.batch(0));
+  const tx::jit::Graph* g = step.graph_for(batch(0));
   // The same step traced and optimised without fusion (tracing takes one more step: the timings are done).
-  tx::jit::Graph unfused = tx::jit::trace(step_fn, c.batch(0));
+  tx::jit::Graph unfused = tx::jit::trace(step_fn, batch(0));
   tx::jit::optimize(unfused);
   char buf[768];
   std::snprintf(buf, sizeof buf,
-                "bench=jit model=%s %s device=cpu threads=%d steps=%lld first_call_s=%.3f compile_s=%.3f eager_us_per_step=%.1f "
-                "jit_us_per_step=%.1f speedup=%.2f eager_loss=%.6f jit_loss=%.6f nodes=%zu launches_unfused=%d launches=%d "
-                "planned_us_per_step=%.1f planned_loss=%.6f arena_bytes=%lld unplanned_bytes=%lld disk_cache=none",
-                c.name.c_str(), c.shape.c_str(), omp_get_max_threads(), static_cast<long long>(steps), first_call_s,
-                compile_s, eager_us, jit_us, eager_us / jit_us, eager_loss, jit_loss, g->num_nodes(),
-                tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), planned_us, planned_loss, static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
+                "bench=jit model=%s %s device=%s precision=%s threads=%d steps=%lld first_call_s=%.3f compile_s=%.3f "
+                "eager_us_per_step=%.1f jit_us_per_step=%.1f speedup=%.2f eager_loss=%.6f jit_loss=%.6f nodes=%zu "
+                "launches_unfused=%d launches=%d planned_us_per_step=%.1f planned_loss=%.6f arena_bytes=%lld "
+                "unplanned_bytes=%lld disk_cache=none",
+                c.name.c_str(), c.shape.c_str(), dev.str().c_str(), std::string(tx::dtype_name(precision)).c_str(), omp_get_max_threads(),
+                static_cast<long long>(steps), first_call_s, compile_s, eager_us, jit_us, eager_us / jit_us, eager_loss,
+                jit_loss, g->num_nodes(), tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), planned_us,
+                planned_loss, static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
                 static_cast<long long>(g->plan ? g->plan->total_bytes : 0));
   std::printf("%s%s%s\n", buf, codegen_figures(*g).c_str(), extra.c_str());
   std::fflush(stdout);
@@ -140,18 +172,30 @@ int main(int argc, char** argv) {
   int64_t steps = 0;
   std::string which = "both";
   bool peer = true, gpt2 = false;
+  std::string device = "cpu", precision = "f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
+    else if (a == "--device" && i + 1 < argc) device = argv[++i];
+    else if (a == "--precision" && i + 1 < argc) precision = argv[++i];
     else if (a == "--model" && i + 1 < argc) which = argv[++i];
     else if (a == "--gpt2") gpt2 = true;
     else if (a == "--no-peer") peer = false;
     else {
-      std::fprintf(stderr, "usage: jit [--steps N] [--model mlp|gpt|both] [--gpt2] [--no-peer]\n");
+      std::fprintf(stderr,
+                   "usage: jit [--device cpu|cuda] [--precision f32|bf16] [--steps N] [--model mlp|gpt|both] [--gpt2] "
+                   "[--no-peer]\n");
       return 2;
     }
   }
+  if ((device != "cpu" && device != "cuda") || (precision != "f32" && precision != "bf16")) {
+    std::fprintf(stderr, "jit: --device must be cpu or cuda and --precision f32 or bf16, not '%s' / '%s'\n",
+                 device.c_str(), precision.c_str());
+    return 2;
+  }
   try {
+    const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
+    const tx::DType prec = precision == "bf16" ? tx::DType::bf16 : tx::DType::f32;
     if (which == "mlp" || which == "both") {
       const int64_t B = 128;
       Case c{"mlp", "B=128 sizes=784-512-512-10", std::make_shared<tx::nn::MLP>(std::vector<int64_t>{784, 512, 512, 10}),
@@ -168,10 +212,10 @@ int main(int argc, char** argv) {
       else if (dir.empty() || !tx::bench::python_has_torch(py)) extra = " peer=unavailable";
       else {
         std::string why;
-        auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py", "--device cpu --B 128 --hidden 512 --steps " + std::to_string(n), why);
+        auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py", "--device " + device + " --B 128 --hidden 512 --steps " + std::to_string(n), why);
         extra = kv.count("us_per_step") ? " peer=" + kv["peer"] + " peer_eager_us_per_step=" + kv["us_per_step"] : " peer=failed";
       }
-      run_case(c, n, extra);
+      run_case(c, n, dev, prec, extra);
     }
     if (which == "gpt" || which == "both") {
       tx::nn::GPTConfig cfg{.vocab = 8192, .layers = 4, .heads = 4, .dim = 256, .seq_len = 128};
@@ -187,7 +231,7 @@ int main(int argc, char** argv) {
                tx::Tensor t = (tx::random_uniform(k, tx::Shape{B, T + 1}, tx::DType::f64) * double(cfg.vocab)).astype(tx::DType::i64);
                return tx::TensorList{t.slice(1, 0, T).contiguous(), t.slice(1, 1, T + 1).contiguous()};
              }};
-      run_case(c, steps > 0 ? steps : 5, "");
+      run_case(c, steps > 0 ? steps : 5, dev, prec, "");
     }
     return 0;
   } catch (const tx::Error& e) {

@@ -79,6 +79,12 @@ class Op {
   /// step count and learning rate): it must be a CPU tensor, and it may stay there while the other inputs
   /// live on a GPU (apply() checks every other input against input 0's device).
   virtual bool host_input(size_t i) const { return false; }
+  /// The input whose memory output `out` may be written into (-1: none, the default). An op returns an
+  /// input i here only when its kernels stay correct with out[out] being in[i] itself (same tensor:
+  /// same shape, dtype, device, contiguous), e.g. an optimizer update that copies its state and then
+  /// updates the copy. The JIT's update_in_place pass (jit/graph.h) uses it to write optimizer updates
+  /// into the parameters and moments directly instead of into copies written back afterwards.
+  virtual int in_place_input(size_t out) const { return -1; }
   /// How autocast treats this op's inputs (AutocastPolicy).
   virtual AutocastPolicy autocast_policy() const { return AutocastPolicy::promote; }
 

@@ -110,6 +110,7 @@ struct IncrementOp final : Op {
   void cpu(const TensorList& in, TensorList& out) const override {
     out[0].data<int64_t>()[0] = in[0].data<int64_t>()[0] + (skipped(in, 1) ? 0 : 1);
   }
+  int in_place_input(size_t) const override { return 0; }
   bool differentiable() const override { return false; }
 };
 
@@ -125,18 +126,23 @@ struct UpdateOp : Op {
     return out;
   }
   void cpu(const TensorList& in, TensorList& out) const override {
-    for (int i = 0; i < k; ++i) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
+    for (int i = 0; i < k; ++i)
+      if (!out[size_t(i)].same(in[size_t(i)])) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
     if (skipped(in, size_t(k + 3))) return;
     update(out, in[size_t(k)], in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
   }
   // Traced on a GPU: the copies on the device, then the fused kernel for this one parameter; the step
   // count and the learning rate are host scalars (the JIT computes them on the CPU at each replay).
   void cuda(const TensorList& in, TensorList& out) const override {
-    for (int i = 0; i < k; ++i) kernels::cuda::copy_cast(in[size_t(i)], out[size_t(i)]);
+    for (int i = 0; i < k; ++i)
+      if (!out[size_t(i)].same(in[size_t(i)])) kernels::cuda::copy_cast(in[size_t(i)], out[size_t(i)]);
     if (skipped(in, size_t(k + 3))) return;
     update_cuda({{out, in[size_t(k)]}}, in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
   }
   bool host_input(size_t i) const override { return i > size_t(k); }
+  // State i may be updated where it is (the JIT's update_in_place): the copy above is then skipped and
+  // the kernels read and write each element in place, as the eager step does.
+  int in_place_input(size_t out) const override { return out < size_t(k) ? int(out) : -1; }
   bool differentiable() const override { return false; }
   /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
   /// eagerly) in place with gradient g (contiguous) at step count `step` (updates done before this one).

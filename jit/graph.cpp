@@ -254,6 +254,11 @@ Graph trace(const std::function<TensorList(const TensorList&)>& fn, const Tensor
   return std::move(tr.g);
 }
 
+bool same_memory(const Tensor& a, const Tensor& b) {
+  return a.defined() && b.defined() && a.storage() == b.storage() && a.offset() == b.offset() && a.shape() == b.shape() &&
+         a.strides() == b.strides() && a.dtype() == b.dtype();
+}
+
 TensorList Graph::run(const TensorList& args) const {
   if (args.size() != inputs.size())
     throw ValueError("jit graph: wrong number of inputs", std::to_string(inputs.size()), std::to_string(args.size()));
@@ -282,7 +287,7 @@ TensorList Graph::run(const TensorList& args) const {
     const Node& n = nodes[i];
     TensorList in;
     for (int v : n.inputs) in.push_back(env[size_t(v)]);
-    TensorList out = plan ? run_node(*this, *plan, arena, i, in) : n.op->forward(in);
+    TensorList out = plan || !n.in_place.empty() ? run_node(*this, plan.get(), arena, i, in) : n.op->forward(in);
     for (size_t k = 0; k < n.outputs.size(); ++k) env[size_t(n.outputs[k])] = out[k];
     for (int v : n.inputs)
       if (last[size_t(v)] == int(i) && values[size_t(v)].kind == Value::Kind::node_output) env[size_t(v)] = Tensor();
@@ -291,7 +296,8 @@ TensorList Graph::run(const TensorList& args) const {
   for (int o : outputs) res.push_back(env[size_t(o)]);
   for (const Update& u : updates) {
     Tensor target = u.target;
-    copy_(target, env[size_t(u.value)]);
+    const Tensor& src = env[size_t(u.value)];
+    if (!same_memory(target, src)) copy_(target, src);  // else written in place (update_in_place)
   }
   return res;
 }
@@ -338,6 +344,10 @@ std::string Graph::str() const {
     for (size_t k = 0; k < n.inputs.size(); ++k) s += (k ? ", " : "") + v(n.inputs[k]);
     s += ") :";
     for (size_t k = 0; k < n.outputs.size(); ++k) s += (k ? ", " : " ") + spec_str(values[size_t(n.outputs[k])].spec);
+    std::string inplace;
+    for (size_t k = 0; k < n.in_place.size(); ++k)
+      if (n.in_place[k] >= 0) inplace += (inplace.empty() ? "" : ", ") + v(n.outputs[k]) + " into " + v(n.inputs[size_t(n.in_place[k])]);
+    if (!inplace.empty()) s += "   (in place: " + inplace + ")";
     s += "\n";
   }
   for (const Update& u : updates) s += "  " + target_name(u.target) + " <- " + v(u.value) + "\n";
@@ -525,6 +535,53 @@ void optimize(Graph& g) {
     changed = fold_constants(g) + simplify_algebra(g) + eliminate_common_subexpressions(g) + eliminate_dead_code(g);
 }
 
+int update_in_place(Graph& g) {
+  // Per storage: the updates writing it and the state / constant values holding it.
+  std::map<const Storage*, int> writes, holders;
+  for (const Update& u : g.updates) ++writes[u.target.storage().get()];
+  for (const Value& val : g.values)
+    if ((val.kind == Value::Kind::state || val.kind == Value::Kind::constant) && val.constant.defined())
+      ++holders[val.constant.storage().get()];
+  std::vector<bool> is_output(g.values.size(), false), update_reads(g.values.size(), false);
+  for (int o : g.outputs) is_output[size_t(o)] = true;
+  for (const Update& u : g.updates) update_reads[size_t(u.value)] = true;
+  int made = 0;
+  for (const Update& u : g.updates) {
+    const Value& val = g.values[size_t(u.value)];
+    if (val.kind != Value::Kind::node_output || is_output[size_t(u.value)]) continue;
+    const size_t at = size_t(val.producer);
+    Node& n = g.nodes[at];
+    const int j = n.op->in_place_input(size_t(val.index));
+    if (j < 0 || size_t(j) >= n.inputs.size()) continue;
+    const int s = n.inputs[size_t(j)];
+    const Value& sv = g.values[size_t(s)];
+    const Storage* st = u.target.storage().get();
+    if (sv.kind != Value::Kind::state || !same_memory(sv.constant, u.target) || !u.target.is_contiguous() ||
+        !(sv.spec.shape == val.spec.shape && sv.spec.dtype == val.spec.dtype && sv.spec.device == val.spec.device) || writes[st] != 1 || holders[st] != 1 ||
+        std::count(n.inputs.begin(), n.inputs.end(), s) != 1)
+      continue;
+    // T's value and the views of it (outputs of custom-forward ops on an alias, in node order).
+    std::vector<bool> alias(g.values.size(), false);
+    alias[size_t(s)] = true;
+    bool read_later = false;
+    for (size_t m = 0; m < g.nodes.size() && !read_later; ++m) {
+      const Node& o = g.nodes[m];
+      const bool reads = std::any_of(o.inputs.begin(), o.inputs.end(), [&](int x) { return alias[size_t(x)]; });
+      if (!reads) continue;
+      if (m > at) read_later = true;
+      if (o.op->custom_forward())
+        for (int y : o.outputs) alias[size_t(y)] = true;
+    }
+    for (size_t x = 0; x < g.values.size() && !read_later; ++x)
+      read_later = alias[x] && (is_output[x] || update_reads[x]);
+    if (read_later) continue;
+    if (n.in_place.empty()) n.in_place.assign(n.outputs.size(), -1);
+    n.in_place[size_t(val.index)] = j;
+    ++made;
+  }
+  return made;
+}
+
 namespace {
 // A static input's key: its spec and its values (the first 16, and a hash of all bytes beyond that).
 std::string static_key(const Tensor& t) {
@@ -605,6 +662,7 @@ TensorList Compiled::operator()(const TensorList& args) {
   Graph g = trace(fn_, args, opts_.static_inputs, &eager);
   optimize(g);
   if (fuse(g) > 0) optimize(g);
+  update_in_place(g);
   if (opts_.memory_plan) plan_memory_pass(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;

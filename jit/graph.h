@@ -69,6 +69,9 @@ struct Node {
   OpPtr op;
   std::vector<int> inputs;   ///< value ids
   std::vector<int> outputs;  ///< value ids
+  /// Empty, or one entry per output: the position in `inputs` of the state value whose tensor the
+  /// output is written into (update_in_place), -1 for an output in memory of its own.
+  std::vector<int> in_place;
 };
 
 class Graph {
@@ -137,6 +140,22 @@ int fold_constants(Graph& g);
 /// subexpressions, dead code.
 void optimize(Graph& g);
 
+/// Buffer donation for in-place updates (XLA's input/output aliasing, JAX's donate_argnums, applied to
+/// live state): where an update writes value v into target T, and v is output k of a node whose op
+/// allows writing output k into its input j (Op::in_place_input) and input j is T's state value, the
+/// node is marked to write v into T itself (Node::in_place), and the update's copy becomes a no-op. An
+/// optimizer step then updates the parameters and moments where they are instead of updating copies
+/// and copying them back (per parameter and state tensor: one read and one write of it saved, and no
+/// temporary). Only where it cannot change a result: T is contiguous, covers its storage's only state
+/// value (no other view of it is read), has no other update, v is not a graph output, and no later
+/// node, graph output or update reads T's value or a view of it. Run it after the other passes (a pass
+/// that reorders nodes afterwards could move a read of T past the write). Returns the number of
+/// outputs made in place.
+int update_in_place(Graph& g);
+/// Whether a and b are the same elements: one storage, offset, shape, strides and dtype (undefined
+/// tensors never are).
+bool same_memory(const Tensor& a, const Tensor& b);
+
 /// Counters of a jit-compiled function.
 struct JitStats {
   int64_t hits = 0;             ///< calls served by a cached graph
@@ -159,9 +178,9 @@ struct JitOptions {
 /// A function compiled per input signature (each input's shape, dtype and device, and the values of
 /// static inputs): the first call with a new signature traces fn (that call runs eagerly, as tracing
 /// does), runs the passes (dead code, common subexpressions, algebraic simplification, constant folding,
-/// to a fixed point), fuses elementwise work (jit/fusion.h), with JitOptions::memory_plan plans the
-/// intermediates' memory (jit/memory_plan.h), and caches the graph; later calls with that signature
-/// replay it.
+/// to a fixed point), fuses elementwise work (jit/fusion.h), makes updates in place (update_in_place),
+/// with JitOptions::memory_plan plans the intermediates' memory (jit/memory_plan.h), and caches the
+/// graph; later calls with that signature replay it.
 /// With the environment variable TITANAX_LOG_COMPILES=1 every compile logs why it happened (the first
 /// call, or which input differs from the signatures seen, e.g. "input 0: f32[8, 3] (cached: f32[4, 3])").
 /// Tensors the function reads from outside are constants captured at trace time unless they are live

@@ -43,6 +43,7 @@ uint64_t structure_hash(const Graph& g) {
     for (int v : n.inputs) mix(uint64_t(v));
     mix(n.outputs.size());
     for (int v : n.outputs) mix(uint64_t(v));
+    for (int j : n.in_place) mix(uint64_t(j + 1));
   }
   mix(g.outputs.size());
   for (int v : g.outputs) mix(uint64_t(v));
@@ -77,7 +78,9 @@ MemoryPlan plan_memory(const Graph& g) {
   for (size_t i = 0; i < g.nodes.size(); ++i) {
     const Node& n = g.nodes[i];
     if (!preallocatable(g, n)) continue;
-    for (int o : n.outputs) {
+    for (size_t k = 0; k < n.outputs.size(); ++k) {
+      const int o = n.outputs[k];
+      if (k < n.in_place.size() && n.in_place[k] >= 0) continue;  // the state tensor itself
       const TensorSpec& s = g.values[size_t(o)].spec;
       const size_t bytes = align_up(size_t(s.shape.numel()) * itemsize(s.dtype));
       if (escapes[size_t(o)] || bytes == 0) continue;
@@ -139,23 +142,34 @@ std::shared_ptr<Storage> make_arena(const Graph& g, const MemoryPlan& plan) {
   return fresh;
 }
 
-TensorList run_node(const Graph& g, const MemoryPlan& plan, const std::shared_ptr<Storage>& arena, size_t node,
+TensorList run_node(const Graph& g, const MemoryPlan* plan, const std::shared_ptr<Storage>& arena, size_t node,
                     const TensorList& in) {
   const Node& n = g.nodes[node];
   bool planned = false;
-  for (int o : n.outputs) planned = planned || plan.slot[size_t(o)] >= 0;
-  if (!planned) return n.op->forward(in);
+  if (plan)
+    for (int o : n.outputs) planned = planned || plan->slot[size_t(o)] >= 0;
+  if (!planned && n.in_place.empty()) return n.op->forward(in);
   const std::vector<TensorSpec> specs = n.op->infer(in);
   TensorList out;
   out.reserve(specs.size());
   for (size_t k = 0; k < specs.size(); ++k) {
     const TensorSpec& s = specs[k];
-    const int slot = k < n.outputs.size() ? plan.slot[size_t(n.outputs[k])] : -1;
+    const int into = k < n.in_place.size() ? n.in_place[k] : -1;
+    if (into >= 0) {  // update_in_place: the output is the state tensor itself
+      const Tensor& t = in[size_t(into)];
+      if (!(t.shape() == s.shape) || t.dtype() != s.dtype || !(t.device() == s.device) || !t.is_contiguous())
+        throw InternalError("jit: op '" + std::string(n.op->name()) + "' writes output " + std::to_string(k) +
+                                " in place into an input of another spec or layout",
+                            std::string(dtype_name(s.dtype)) + s.shape.str() + " on " + s.device.str() + ", contiguous", t.str());
+      out.push_back(t);
+      continue;
+    }
+    const int slot = plan && k < n.outputs.size() ? plan->slot[size_t(n.outputs[k])] : -1;
     if (slot < 0) {
       out.push_back(empty(s.shape, s.dtype, s.device));
       continue;
     }
-    const PlannedValue& p = plan.planned[size_t(slot)];
+    const PlannedValue& p = plan->planned[size_t(slot)];
     const size_t bytes = size_t(s.shape.numel()) * itemsize(s.dtype);
     if (align_up(bytes) != p.bytes || bytes == 0)
       throw InternalError("jit: op '" + std::string(n.op->name()) + "' inferred another output size than the memory plan holds",
@@ -169,7 +183,9 @@ TensorList run_node(const Graph& g, const MemoryPlan& plan, const std::shared_pt
     impl->storage = arena;
     out.emplace_back(std::move(impl));
   }
-  n.op->cpu(in, out);
+  const Device d = !in.empty() ? in[0].device() : !specs.empty() ? specs[0].device : Device::cpu();
+  if (d.is_cpu()) n.op->cpu(in, out);
+  else n.op->cuda(in, out);
   return out;
 }
 

@@ -14,6 +14,7 @@
 // device copies; collectives; checkpoint) keeps its own forward and its outputs are taken to share storage
 // with its inputs: a value read through such a view stays live until the view's last use.
 //
+// Outputs written in place into state tensors (update_in_place in jit/graph.h) are not planned.
 // Liveness: a planned value is live from the node that produces it to its last use, counted in node
 // indices (graph outputs and values written by updates count as used at index nodes.size(), after the
 // last node). A node's inputs and outputs are live at the same time (kernels never run in place).
@@ -84,11 +85,13 @@ const MemoryPlan& plan_memory_pass(Graph& g);
 /// changed since (structure_hash differs).
 std::shared_ptr<Storage> make_arena(const Graph& g, const MemoryPlan& plan);
 
-/// Runs node `node` of g on `in` as Graph::run does with a plan: a node with a planned output runs
-/// infer, then the CPU kernel with its planned outputs as views of `arena` (from make_arena) at their
-/// offsets and fresh tensors for the others; any other node runs op->forward. Throws what the op throws;
-/// InternalError when an inferred output differs in size from the size planned.
-TensorList run_node(const Graph& g, const MemoryPlan& plan, const std::shared_ptr<Storage>& arena, size_t node,
+/// Runs node `node` of g on `in` as Graph::run does: a node with a planned output (plan may be null: none)
+/// or an output written in place (Node::in_place) runs infer, then its kernel with its planned outputs
+/// as views of `arena` (from make_arena) at their offsets, its in-place outputs as the inputs they are
+/// written into, and fresh tensors for the others; any other node runs op->forward. Throws what the op
+/// throws; InternalError when an inferred output differs in size from the size planned or from the
+/// input it is written into.
+TensorList run_node(const Graph& g, const MemoryPlan* plan, const std::shared_ptr<Storage>& arena, size_t node,
                     const TensorList& in);
 
 }  // namespace titanax::jit
