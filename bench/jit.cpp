@@ -14,6 +14,10 @@
 // launches: nodes that run a kernel (views excluded), before and after elementwise fusion.
 // planned_us_per_step: the same compiled step with JitOptions::memory_plan (intermediates in one arena of
 // arena_bytes instead of unplanned_bytes of separate buffers).
+// On a GPU, jit_us_per_step replays through CUDA graphs (jit/capture.h) and the line adds
+// nographs_us_per_step (the same compiled step replayed op by op, JitOptions::cuda_graphs off) and the
+// replay's segments: graph_segments (CUDA graphs launched per step), graph_captured_nodes,
+// graph_eager_nodes (run op by op between them) and graph_failed_captures.
 // The MLP's peer (../shared/peers/mlp_torch.py --device <same>, same shapes) runs in the same invocation
 // when /usr/bin/python3 has torch. Options: --device cpu|cuda (cuda:0: the model and 8 batches resident
 // on the GPU, cycled), --precision f32|bf16 (bf16: f32 master weights, the loss function under
@@ -28,6 +32,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -37,6 +42,7 @@
 #include "engine/nn.h"
 #include "engine/optim.h"
 #include "core/cuda_runtime.h"
+#include "jit/capture.h"
 #include "jit/codegen.h"
 #include "jit/fusion.h"
 #include "jit/memory_plan.h"
@@ -132,20 +138,24 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
   double eager_loss = 0;
   const double eager_us = timed(step_fn, eager_loss);
 
-  // Compiled without, then with the memory plan (each from the initial weights).
+  // Compiled as jit() does by default (on a GPU: replayed through CUDA graphs), then on a GPU without
+  // CUDA graphs, then with the memory plan; each from the initial weights.
   double first_call_s = 0, jit_loss = 0, planned_loss = 0, jit_us = 0, planned_us = 0, compile_s = 0;
-  std::unique_ptr<tx::jit::Compiled> planned;
-  for (bool plan : {false, true}) {
+  double nographs_us = 0, nographs_loss = 0;
+  std::unique_ptr<tx::jit::Compiled> main_step, planned;
+  for (int variant = 0; variant < 3; ++variant) {
+    if (variant == 1 && !dev.is_cuda()) continue;
     reset();
     opt = tx::optim::adamw(tx::optim::constant(1e-4));
-    auto step = std::make_unique<tx::jit::Compiled>(step_fn, tx::jit::JitOptions{.memory_plan = plan});
+    auto step = std::make_unique<tx::jit::Compiled>(step_fn, tx::jit::JitOptions{.memory_plan = variant == 2, .cuda_graphs = variant == 0});
     sync();
     auto t0 = Clock::now();
     (*step)(batch(0));
     sync();
-    if (!plan) first_call_s = seconds_since(t0), compile_s = step->stats().compile_seconds;
-    (plan ? planned_us : jit_us) = timed(*step, plan ? planned_loss : jit_loss);
-    if (plan) planned = std::move(step);
+    if (variant == 0) first_call_s = seconds_since(t0), compile_s = step->stats().compile_seconds;
+    double& us = variant == 0 ? jit_us : variant == 1 ? nographs_us : planned_us;
+    us = timed(std::ref(*step), variant == 0 ? jit_loss : variant == 1 ? nographs_loss : planned_loss);
+    (variant == 0 ? main_step : planned) = std::move(step);
   }
   tx::jit::Compiled& step = *planned;
   const tx::jit::Graph* g = step.graph_for(batch(0));
@@ -163,6 +173,16 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
                 jit_loss, g->num_nodes(), tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), planned_us,
                 planned_loss, static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
                 static_cast<long long>(g->plan ? g->plan->total_bytes : 0));
+  if (dev.is_cuda()) {  // the CUDA-graph replay: its segments, and the same step replayed op by op
+    const tx::jit::CaptureStats* cs = main_step->capture_stats_for(batch(0));
+    char graphs[256];
+    std::snprintf(graphs, sizeof graphs,
+                  " nographs_us_per_step=%.1f nographs_loss=%.6f graph_segments=%d graph_captured_nodes=%d "
+                  "graph_eager_nodes=%d graph_failed_captures=%d",
+                  nographs_us, nographs_loss, cs ? cs->segments : 0, cs ? cs->captured_nodes : 0,
+                  cs ? cs->eager_nodes : int(g->num_nodes()), cs ? cs->failed_captures : 0);
+    extra = graphs + extra;
+  }
   std::printf("%s%s%s\n", buf, codegen_figures(*g).c_str(), extra.c_str());
   std::fflush(stdout);
 }

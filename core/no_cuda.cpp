@@ -23,5 +23,18 @@ void memcpy_d2h(void*, const void*, size_t, int) { no_cuda("memcpy from cuda"); 
 void memcpy_d2d(void*, const void*, size_t, int) { no_cuda("memcpy on cuda"); }
 void synchronize(int) { no_cuda("cuda synchronize"); }
 void* current_stream(int) { return nullptr; }
+void* create_stream(int) { no_cuda("cuda stream"); }
+void destroy_stream(int, void*) noexcept {}
+void set_current_stream(int, void* stream) {
+  if (stream) no_cuda("cuda stream");
+}
+void begin_capture(int, const void*) { no_cuda("cuda graph capture"); }
+void* end_capture(int, std::string* why) noexcept {
+  if (why) *why = "built without CUDA";
+  return nullptr;
+}
+void launch_graph(int, void*) { no_cuda("cuda graph launch"); }
+void destroy_graph(void*) noexcept {}
+void release_pool(int, const void*) noexcept {}
 }  // namespace cuda_rt
 }  // namespace titanax

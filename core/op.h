@@ -79,6 +79,14 @@ class Op {
   /// step count and learning rate): it must be a CPU tensor, and it may stay there while the other inputs
   /// live on a GPU (apply() checks every other input against input 0's device).
   virtual bool host_input(size_t i) const { return false; }
+  /// Whether a CUDA graph capture of this op's forward replays it (the JIT's captured replay,
+  /// jit/capture.h): it queues all its device work on the current stream, reads no device memory on
+  /// the host, and what it queues depends only on its inputs' addresses, specs and its attributes. The
+  /// default: ops without their own forward(). Views (no device work) say true; ops that read their
+  /// inputs on the host (label and index checks, control flow's predicates) say false. (An op that
+  /// breaks this anyway costs a failed capture when it synchronises; one whose launches depend on host
+  /// state that changes between calls would replay stale arguments: it must say false.)
+  virtual bool capturable() const { return !custom_forward(); }
   /// The input whose memory output `out` may be written into (-1: none, the default). An op returns an
   /// input i here only when its kernels stay correct with out[out] being in[i] itself (same tensor:
   /// same shape, dtype, device, contiguous), e.g. an optimizer update that copies its state and then

@@ -8,6 +8,7 @@
 
 #include "autodiff/tape.h"
 #include "core/error.h"
+#include "jit/capture.h"
 #include "jit/fusion.h"
 #include "jit/memory_plan.h"
 
@@ -259,10 +260,9 @@ bool same_memory(const Tensor& a, const Tensor& b) {
          a.strides() == b.strides() && a.dtype() == b.dtype();
 }
 
-TensorList Graph::run(const TensorList& args) const {
+void Graph::check_inputs(const TensorList& args) const {
   if (args.size() != inputs.size())
     throw ValueError("jit graph: wrong number of inputs", std::to_string(inputs.size()), std::to_string(args.size()));
-  std::vector<Tensor> env(values.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const TensorSpec& want = values[size_t(inputs[i])].spec;
     const Tensor& a = args[i];
@@ -271,16 +271,38 @@ TensorList Graph::run(const TensorList& args) const {
     if (a.shape() != want.shape) throw ShapeError(what + " has another shape than when traced", want.shape.str(), a.shape().str(), "trace again for this shape");
     if (a.dtype() != want.dtype) throw DTypeError(what + " has another dtype than when traced", std::string(dtype_name(want.dtype)), std::string(dtype_name(a.dtype())), "trace again for this dtype");
     if (!(a.device() == want.device)) throw DeviceError(what + " is on another device than when traced", want.device.str(), a.device().str(), "trace again on this device");
-    env[size_t(inputs[i])] = a;
   }
-  for (size_t v = 0; v < values.size(); ++v)
-    if (values[v].kind == Value::Kind::constant || values[v].kind == Value::Kind::state) env[v] = values[v].constant;
-  // Last use of each value (node index; outputs and written values live to the end).
+}
+
+std::vector<int> Graph::last_uses() const {
   std::vector<int> last(values.size(), -1);
   for (size_t i = 0; i < nodes.size(); ++i)
     for (int v : nodes[i].inputs) last[size_t(v)] = int(i);
   for (int o : outputs) last[size_t(o)] = int(nodes.size());
   for (const Update& u : updates) last[size_t(u.value)] = int(nodes.size());
+  return last;
+}
+
+void Graph::write_updates(const std::vector<Tensor>& env) const {
+  for (const Update& u : updates) {
+    Tensor target = u.target;
+    const Tensor& src = env[size_t(u.value)];
+    if (!same_memory(target, src)) copy_(target, src);  // else written in place (update_in_place)
+  }
+}
+
+std::vector<Tensor> Graph::environment(const TensorList& args) const {
+  check_inputs(args);
+  std::vector<Tensor> env(values.size());
+  for (size_t i = 0; i < inputs.size(); ++i) env[size_t(inputs[i])] = args[i];
+  for (size_t v = 0; v < values.size(); ++v)
+    if (values[v].kind == Value::Kind::constant || values[v].kind == Value::Kind::state) env[v] = values[v].constant;
+  return env;
+}
+
+TensorList Graph::run(const TensorList& args) const {
+  std::vector<Tensor> env = environment(args);
+  const std::vector<int> last = last_uses();  // node index of each value's last use
   NoGradGuard ng;
   const std::shared_ptr<Storage> arena = plan ? make_arena(*this, *plan) : nullptr;  // planned intermediates live here
   for (size_t i = 0; i < nodes.size(); ++i) {
@@ -294,11 +316,7 @@ TensorList Graph::run(const TensorList& args) const {
   }
   TensorList res;
   for (int o : outputs) res.push_back(env[size_t(o)]);
-  for (const Update& u : updates) {
-    Tensor target = u.target;
-    const Tensor& src = env[size_t(u.value)];
-    if (!same_memory(target, src)) copy_(target, src);  // else written in place (update_in_place)
-  }
+  write_updates(env);
   return res;
 }
 
@@ -624,7 +642,12 @@ TensorList Compiled::graph_args(const TensorList& args) const {
 
 const Graph* Compiled::graph_for(const TensorList& args) const {
   auto it = cache_.find(signature(args));
-  return it == cache_.end() ? nullptr : &it->second;
+  return it == cache_.end() ? nullptr : &it->second.graph;
+}
+
+const CaptureStats* Compiled::capture_stats_for(const TensorList& args) const {
+  auto it = cache_.find(signature(args));
+  return it == cache_.end() || !it->second.replay ? nullptr : &it->second.replay->stats();
 }
 
 TensorList Compiled::operator()(const TensorList& args) {
@@ -633,7 +656,12 @@ TensorList Compiled::operator()(const TensorList& args) {
   auto it = cache_.find(sig);
   if (it != cache_.end()) {
     ++stats_.hits;
-    return it->second.run(graph_args(args));
+    Entry& e = it->second;
+    if (!e.replay_made) {
+      e.replay_made = true;
+      if (opts_.cuda_graphs) e.replay = make_cuda_graph_replay(e.graph);
+    }
+    return e.replay ? e.replay->run(graph_args(args)) : e.graph.run(graph_args(args));
   }
   if (const char* e = std::getenv("TITANAX_LOG_COMPILES"); e && std::string(e) == "1") {
     std::string why = "first call";
@@ -641,7 +669,7 @@ TensorList Compiled::operator()(const TensorList& args) {
       const auto mine = split_sig(sig);
       size_t best = 0;
       std::string reason;
-      for (const auto& [cached, g] : cache_) {
+      for (const auto& [cached, entry] : cache_) {
         const auto theirs = split_sig(cached);
         size_t same = 0;
         std::string diff = theirs.size() != mine.size()
@@ -666,7 +694,7 @@ TensorList Compiled::operator()(const TensorList& args) {
   if (opts_.memory_plan) plan_memory_pass(g);
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
-  cache_.emplace(sig, std::move(g));
+  cache_.emplace(sig, Entry{std::move(g)});
   return eager;
 }
 

@@ -62,7 +62,9 @@ struct Update {
   int value = -1;
 };
 
-struct MemoryPlan;  // jit/memory_plan.h
+struct MemoryPlan;      // jit/memory_plan.h
+class CapturedReplay;   // jit/capture.h
+struct CaptureStats;    // jit/capture.h
 
 /// One op application: the op (its kernels, attributes and shape rule) on input values, giving outputs.
 struct Node {
@@ -93,6 +95,16 @@ class Graph {
   /// then performs the updates; returns the outputs. Each node's outputs are released after their last
   /// use. With a plan, also throws ValueError when the graph changed since it was planned.
   TensorList run(const TensorList& args) const;
+  /// Throws what run() throws for `args` that do not match the traced inputs (count, shape, dtype, device).
+  void check_inputs(const TensorList& args) const;
+  /// The values a run starts from, by value id: `args` at the inputs (checked as check_inputs does),
+  /// constants and state tensors at theirs, undefined tensors elsewhere.
+  std::vector<Tensor> environment(const TensorList& args) const;
+  /// Per value id: the index of the last node that reads it (nodes.size() for graph outputs and values
+  /// updates write; -1 when unused).
+  std::vector<int> last_uses() const;
+  /// Performs the updates from the values in `env` (indexed by value id), skipping those written in place.
+  void write_updates(const std::vector<Tensor>& env) const;
 
   /// One line per input, constant, node and output:
   ///   graph(%0: f32[4, 3]) {
@@ -173,6 +185,10 @@ struct JitOptions {
   /// Plan the intermediates' memory into one arena (jit/memory_plan.h). Off by default: on the CPU the
   /// planned replay is slower today (docs/jit.md, bench/jit's planned_us_per_step).
   bool memory_plan = false;
+  /// On a GPU, replay through captured CUDA graphs (jit/capture.h: the runs of capturable nodes
+  /// recorded once, then one launch each per call; the rest op by op between them). The environment
+  /// variable TITANAX_CUDA_GRAPHS=0 turns it off too. No effect on CPU graphs.
+  bool cuda_graphs = true;
 };
 
 /// A function compiled per input signature (each input's shape, dtype and device, and the values of
@@ -180,7 +196,7 @@ struct JitOptions {
 /// does), runs the passes (dead code, common subexpressions, algebraic simplification, constant folding,
 /// to a fixed point), fuses elementwise work (jit/fusion.h), makes updates in place (update_in_place),
 /// with JitOptions::memory_plan plans the intermediates' memory (jit/memory_plan.h), and caches the
-/// graph; later calls with that signature replay it.
+/// graph; later calls with that signature replay it (on a GPU through CUDA graphs: JitOptions::cuda_graphs).
 /// With the environment variable TITANAX_LOG_COMPILES=1 every compile logs why it happened (the first
 /// call, or which input differs from the signatures seen, e.g. "input 0: f32[8, 3] (cached: f32[4, 3])").
 /// Tensors the function reads from outside are constants captured at trace time unless they are live
@@ -192,19 +208,32 @@ class Compiled {
  public:
   explicit Compiled(std::function<TensorList(const TensorList&)> fn, JitOptions opts = {})
       : fn_(std::move(fn)), opts_(std::move(opts)) {}
+  Compiled(Compiled&&) = default;
+  Compiled& operator=(Compiled&&) = default;
+  Compiled(const Compiled&) = delete;  // a captured replay refers to its own graph
+  Compiled& operator=(const Compiled&) = delete;
   /// Runs the cached graph for args' signature (tracing it first on a miss). Throws what the function
   /// throws while tracing, ValueError for a static input position out of range.
   TensorList operator()(const TensorList& args);
   const JitStats& stats() const { return stats_; }
   /// The cached graph for a signature, if any (for describe / tests).
   const Graph* graph_for(const TensorList& args) const;
+  /// What the captured replay of a signature's graph did (jit/capture.h), or nullptr when that graph
+  /// is not replayed through CUDA graphs (not cached or not replayed yet, a CPU graph, none capturable,
+  /// JitOptions::cuda_graphs off).
+  const CaptureStats* capture_stats_for(const TensorList& args) const;
 
  private:
+  struct Entry {
+    Graph graph;
+    bool replay_made = false;                // make_cuda_graph_replay was asked (at the first replay)
+    std::shared_ptr<CapturedReplay> replay;  // null: Graph::run
+  };
   std::string signature(const TensorList& args) const;
   TensorList graph_args(const TensorList& args) const;
   std::function<TensorList(const TensorList&)> fn_;
   JitOptions opts_;
-  std::map<std::string, Graph> cache_;
+  std::map<std::string, Entry> cache_;
   JitStats stats_;
 };
 

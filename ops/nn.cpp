@@ -98,6 +98,7 @@ class CrossEntropyBackward final : public Op {
  public:
   CrossEntropyBackward(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
   const char* name() const override { return "cross_entropy_backward"; }
+  bool capturable() const override { return false; }  // reads the labels on the host (check_labels)
   std::string attrs() const override {
     return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
   }
@@ -136,6 +137,7 @@ class CrossEntropy final : public Op {
  public:
   CrossEntropy(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
   const char* name() const override { return "cross_entropy"; }
+  bool capturable() const override { return false; }  // reads the labels on the host (check_labels)
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
   std::string attrs() const override {
     return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
@@ -438,6 +440,7 @@ class Gather final : public Op {
  public:
   Gather(int axis, bool embedding) : axis_(axis), embedding_(embedding) {}
   const char* name() const override { return embedding_ ? "embedding" : "take"; }
+  bool capturable() const override { return false; }  // reads the indices on the host (check_indices)
   std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &x = in[0], &idx = in[1];
@@ -476,6 +479,7 @@ class ScatterAdd final : public Op {
  public:
   ScatterAdd(int axis, Shape shape, bool embedding) : axis_(axis), shape_(shape), embedding_(embedding) {}
   const char* name() const override { return embedding_ ? "embedding_backward" : "take_backward"; }
+  bool capturable() const override { return false; }  // reads the indices on the host
   std::string attrs() const override { return "axis=" + std::to_string(axis_) + " shape=" + shape_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &g = in[0], &idx = in[1];

@@ -16,6 +16,7 @@ class ViewOp : public Op {
  public:
   void cpu(const TensorList&, TensorList&) const override {}
   bool custom_forward() const override { return true; }
+  bool capturable() const override { return true; }  // no device work: a view of its input's memory
   TensorList forward(const TensorList& in) const override { return {view(in[0])}; }
   virtual Tensor view(const Tensor& x) const = 0;
   std::vector<TensorSpec> infer(const TensorList& in) const override {

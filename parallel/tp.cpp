@@ -318,6 +318,7 @@ class VocabShardIds final : public Op {
   VocabShardIds(int64_t lo, int64_t rows, int64_t vocab, DType dt, Loc loc)
       : lo_(lo), rows_(rows), vocab_(vocab), dt_(dt), loc_(loc) {}
   const char* name() const override { return "vocab_shard_ids"; }
+  bool capturable() const override { return false; }  // reads the ids on the host (range check)
   std::string attrs() const override {
     return "lo=" + std::to_string(lo_) + " rows=" + std::to_string(rows_) + " vocab=" + std::to_string(vocab_) +
            " dtype=" + std::string(dtype_name(dt_));

@@ -15,6 +15,8 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <set>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -60,6 +62,22 @@ class DeviceGuard {
   int prev_ = 0, cur_ = 0;
 };
 
+// The calling thread's current stream per device (set_current_stream) and the memory pool its
+// allocations use while it captures a CUDA graph (begin_capture .. end_capture).
+thread_local std::vector<void*> t_streams;
+thread_local const void* t_pool = nullptr;
+thread_local int t_pool_device = -1;
+
+// cudaMalloc is not queued on a stream, so it may run while a stream captures; CUDA refuses it in the
+// strict capture modes, so it runs in relaxed mode (as PyTorch's caching allocator does).
+cudaError_t malloc_relaxed(void** p, size_t bytes) {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  const cudaError_t err = cudaMalloc(p, bytes);
+  cudaThreadExchangeStreamCaptureMode(&mode);
+  return err;
+}
+
 class CudaAllocator final : public StatsAllocator {
  public:
   explicit CudaAllocator(int index) : index_(index) {
@@ -76,14 +94,16 @@ class CudaAllocator final : public StatsAllocator {
   void* allocate(size_t bytes) override {
     const size_t sz = round(bytes);
     void* stream = cuda_rt::current_stream(index_);
+    // The free-list key: the capture's pool while this thread captures on this device, else the stream.
+    void* key = t_pool && t_pool_device == index_ ? const_cast<void*>(t_pool) : stream;
     {
       std::lock_guard<std::mutex> g(mu_);
       ++stats_.num_allocs;
-      auto it = free_.find({stream, sz});
+      auto it = free_.find({key, sz});
       if (it != free_.end() && !it->second.empty()) {
         void* p = it->second.back();
         it->second.pop_back();
-        live_[p] = {stream, sz};
+        live_[p] = {key, sz};
         note_alloc(sz);
         if (poison_) fill_nan(p, sz, stream);
         return p;
@@ -92,11 +112,11 @@ class CudaAllocator final : public StatsAllocator {
     }
     DeviceGuard dg(index_);
     void* p = nullptr;
-    cudaError_t err = cudaMalloc(&p, sz);
-    if (err == cudaErrorMemoryAllocation) {
+    cudaError_t err = malloc_relaxed(&p, sz);
+    if (err == cudaErrorMemoryAllocation && !t_pool) {  // (emptying the cache synchronises: not while capturing)
       cudaGetLastError();  // clear the sticky-free error state of this failure
       empty_cache();
-      err = cudaMalloc(&p, sz);
+      err = malloc_relaxed(&p, sz);
     }
     if (err == cudaErrorMemoryAllocation) {
       cudaGetLastError();
@@ -111,7 +131,7 @@ class CudaAllocator final : public StatsAllocator {
     TX_CUDA_CHECK(err);
     std::lock_guard<std::mutex> g(mu_);
     stats_.reserved_bytes += int64_t(sz);
-    live_[p] = {stream, sz};
+    live_[p] = {key, sz};
     note_alloc(sz);
     if (poison_) fill_nan(p, sz, stream);
     return p;
@@ -122,25 +142,37 @@ class CudaAllocator final : public StatsAllocator {
     std::lock_guard<std::mutex> g(mu_);
     auto it = live_.find(p);
     if (it == live_.end()) return;  // not ours: ignore rather than corrupt the pool
-    const auto [stream, sz] = it->second;
+    const auto [key, sz] = it->second;
     live_.erase(it);
     note_free(sz);
-    free_[{stream, sz}].push_back(p);
+    free_[{key, sz}].push_back(p);
   }
 
   Device device() const override { return Device::cuda(index_); }
-  void empty_cache() override {
+  // Frees the cached blocks, except those of the pools of captured graphs (their graphs still write
+  // them at every launch) unless `pool` names one: then only that pool's.
+  void empty_cache() override { free_cached(nullptr); }
+  void free_cached(const void* pool) {
     std::lock_guard<std::mutex> g(mu_);
+    if (pool) pools_.erase(pool);  // its blocks still in use are freed by a later empty_cache
     bool any = false;
-    for (auto& kv : free_) any = any || !kv.second.empty();
+    for (auto& kv : free_) any = any || (!kv.second.empty() && !keep(kv.first.first, pool));
     if (!any) return;
     DeviceGuard dg(index_);
     cudaDeviceSynchronize();  // cached blocks may still be read by queued work of their stream
-    for (auto& [key, list] : free_) {
-      for (void* p : list) cudaFree(p);
-      stats_.reserved_bytes -= int64_t(key.second * list.size());
+    for (auto it = free_.begin(); it != free_.end();) {
+      if (keep(it->first.first, pool)) {
+        ++it;
+        continue;
+      }
+      for (void* p : it->second) cudaFree(p);
+      stats_.reserved_bytes -= int64_t(it->first.second * it->second.size());
+      it = free_.erase(it);
     }
-    free_.clear();
+  }
+  void add_pool(const void* pool) {
+    std::lock_guard<std::mutex> g(mu_);
+    pools_.insert(pool);
   }
 
  private:
@@ -150,7 +182,11 @@ class CudaAllocator final : public StatsAllocator {
     TX_CUDA_CHECK(cudaMemsetAsync(p, 0xFF, sz, static_cast<cudaStream_t>(stream)));
   }
 
+  // Whether free list `key` stays when freeing for `pool` (nullptr: all but the live capture pools).
+  bool keep(const void* key, const void* pool) const { return pool ? key != pool : pools_.count(key) > 0; }
+
   int index_;
+  std::set<const void*> pools_;  // capture pools (begin_capture) not yet released
   bool poison_ = false;  // TITANAX_CUDA_POISON=1: fill every allocation with NaN bytes
   std::map<std::pair<void*, size_t>, std::vector<void*>> free_;
   std::unordered_map<void*, std::pair<void*, size_t>> live_;
@@ -164,9 +200,8 @@ void check_index(int index) {
                       n == 0 ? "this machine has no visible GPU: run on the CPU" : "check CUDA_VISIBLE_DEVICES");
 }
 
-}  // namespace
-
-Allocator& cuda_allocator(int index) {
+// The caching allocator of device `index` (made on first use).
+CudaAllocator& pool_of(int index) {
   check_index(index);
   static std::mutex mu;
   static std::vector<CudaAllocator*> pools;  // never destroyed: tensors may outlive statics
@@ -175,6 +210,10 @@ Allocator& cuda_allocator(int index) {
   if (!pools[size_t(index)]) pools[size_t(index)] = new CudaAllocator(index);
   return *pools[size_t(index)];
 }
+
+}  // namespace
+
+Allocator& cuda_allocator(int index) { return pool_of(index); }
 
 int cuda_device_count() { return cuda_rt::device_count(); }
 
@@ -194,7 +233,85 @@ int device_count() {
   return n;
 }
 
-void* current_stream(int) { return nullptr; }
+void* current_stream(int device) {
+  return device >= 0 && size_t(device) < t_streams.size() ? t_streams[size_t(device)] : nullptr;
+}
+
+void* create_stream(int device) {
+  check_index(device);
+  DeviceGuard dg(device);
+  cudaStream_t st = nullptr;
+  TX_CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamDefault));
+  return st;
+}
+
+void destroy_stream(int device, void* stream) noexcept {
+  if (!stream) return;
+  int prev = 0;
+  cudaGetDevice(&prev);
+  cudaSetDevice(device);
+  cudaStreamSynchronize(static_cast<cudaStream_t>(stream));
+  cudaStreamDestroy(static_cast<cudaStream_t>(stream));
+  cudaSetDevice(prev);
+}
+
+void set_current_stream(int device, void* stream) {
+  check_index(device);
+  if (t_streams.size() <= size_t(device)) t_streams.resize(size_t(device) + 1, nullptr);
+  t_streams[size_t(device)] = stream;
+}
+
+void begin_capture(int device, const void* pool) {
+  check_index(device);
+  auto st = static_cast<cudaStream_t>(current_stream(device));
+  if (!st || !pool || t_pool)
+    throw DeviceError("cuda graph capture: cannot begin here", "a stream of create_stream made current, a pool tag, no capture running",
+                      st ? (t_pool ? "a capture already running on this thread" : "no pool") : "the legacy default stream",
+                      "call set_current_stream(device, create_stream(device)) first");
+  DeviceGuard dg(device);
+  pool_of(device).add_pool(pool);
+  TX_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+  t_pool = pool;
+  t_pool_device = device;
+}
+
+void* end_capture(int device, std::string* why) noexcept {
+  t_pool = nullptr;
+  t_pool_device = -1;
+  int prev = 0;
+  cudaGetDevice(&prev);
+  cudaSetDevice(device);
+  auto st = static_cast<cudaStream_t>(current_stream(device));
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  cudaError_t err = cudaStreamEndCapture(st, &graph);
+  if (err == cudaSuccess && graph) err = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph) cudaGraphDestroy(graph);
+  if (err != cudaSuccess || !exec) {
+    if (why) *why = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+    cudaGetLastError();  // capture errors are not sticky: clear the last one
+    exec = nullptr;
+  }
+  cudaSetDevice(prev);
+  return exec;
+}
+
+void launch_graph(int device, void* exec) {
+  check_index(device);
+  DeviceGuard dg(device);
+  TX_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec), static_cast<cudaStream_t>(current_stream(device))));
+}
+
+void destroy_graph(void* exec) noexcept {
+  if (exec) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec));
+}
+
+void release_pool(int device, const void* pool) noexcept {
+  try {
+    pool_of(device).free_cached(pool);
+  } catch (...) {  // no device: nothing was cached
+  }
+}
 
 namespace {
 void copy(void* dst, const void* src, size_t bytes, int device, cudaMemcpyKind kind) {
@@ -203,7 +320,9 @@ void copy(void* dst, const void* src, size_t bytes, int device, cudaMemcpyKind k
   DeviceGuard dg(device);
   auto st = static_cast<cudaStream_t>(current_stream(device));
   TX_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, kind, st));
-  TX_CUDA_CHECK(cudaStreamSynchronize(st));
+  // The host waits for copies that touch host memory; a device-to-device copy is ordered on the stream
+  // like a kernel (so a CUDA graph capture can record it).
+  if (kind != cudaMemcpyDeviceToDevice) TX_CUDA_CHECK(cudaStreamSynchronize(st));
 }
 }  // namespace
 
