@@ -211,10 +211,12 @@ struct WhileOp final : ControlOp {
   size_t n_carry;
 };
 
-// Inputs: {init..., xs..., captures...}; results: {carry..., ys...}.
+// Inputs: {init..., xs..., captures...}; results: {carry..., ys...}. Steps run over t = 0 .. T-1, or
+// T-1 .. 0 when reverse; y_t lands at index t either way.
 struct ScanOp final : ControlOp {
-  ScanOp(SubGraph f, size_t nc, size_t nx) : body(std::move(f)), n_carry(nc), n_xs(nx) {}
+  ScanOp(SubGraph f, size_t nc, size_t nx, bool rev) : body(std::move(f)), n_carry(nc), n_xs(nx), reverse(rev) {}
   const char* name() const override { return "scan"; }
+  std::string attrs() const override { return ControlOp::attrs() + (reverse ? " reverse=1" : ""); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     std::vector<TensorSpec> s = body.out_specs();
     for (size_t k = n_carry; k < s.size(); ++k) {
@@ -230,14 +232,15 @@ struct ScanOp final : ControlOp {
     const TensorList caps(in.begin() + ptrdiff_t(n_carry + n_xs), in.end());
     TensorList carry(in.begin(), in.begin() + ptrdiff_t(n_carry));
     const size_t n_ys = body.g->outputs.size() - n_carry;
-    std::vector<TensorList> ys(n_ys);
-    for (int64_t t = 0; t < steps; ++t) {
+    std::vector<TensorList> ys(n_ys, TensorList(size_t(steps)));
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t t = reverse ? steps - 1 - s : s;
       TensorList args = carry;
       for (size_t i = 0; i < n_xs; ++i) args.push_back(in[n_carry + i].slice(0, t, t + 1).squeeze(0));
       args.insert(args.end(), caps.begin(), caps.end());
       TensorList out = body.g->run(args);
       carry.assign(out.begin(), out.begin() + ptrdiff_t(n_carry));
-      for (size_t k = 0; k < n_ys; ++k) ys[k].push_back(out[n_carry + k].unsqueeze(0));
+      for (size_t k = 0; k < n_ys; ++k) ys[k][size_t(t)] = out[n_carry + k].unsqueeze(0);
     }
     const std::vector<TensorSpec> specs = infer(in);
     TensorList res = carry;
@@ -249,12 +252,92 @@ struct ScanOp final : ControlOp {
       if (steps > 0 && body.g->values[size_t(body.g->outputs[k])].kind == Value::Kind::constant) res[k] = res[k].clone();
     return res;
   }
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    throw AutodiffError("scan has no gradient yet", "a differentiable op", "a gradient through scan",
-                        "unroll the loop in C++ (a traced C++ loop over a fixed length is one graph), or detach() the inputs");
+  // Reverse mode as two scans (JAX's scan transpose, with the carries recomputed instead of saved): a
+  // scan in the forward direction emits the carry entering each step; a scan in the other direction
+  // replays the body at each step recorded on the tape and pulls the cotangents back through it:
+  //   d_carry_t = (d f / d carry_t)^T (d_carry_{t+1}, ct_y_t),  d_x_t likewise (stacked as ys),
+  //   d_captures = sum over t of their step's pullback (accumulated in the carry).
+  // Both are scans written with ops, so under an outer trace the backward is two nodes, and it is itself
+  // differentiable. Integer carries, xs and ys take no cotangent.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    const size_t n_ys = body.g->outputs.size() - n_carry;
+    TensorList result(in.size());
+    bool any = false;
+    for (size_t i = 0; i < in.size(); ++i) any = any || (needs[i] && is_floating(in[i].dtype()));
+    if (!any) return result;
+    const TensorList init(in.begin(), in.begin() + ptrdiff_t(n_carry)),
+        xs(in.begin() + ptrdiff_t(n_carry), in.begin() + ptrdiff_t(n_carry + n_xs)),
+        caps(in.begin() + ptrdiff_t(n_carry + n_xs), in.end());
+    const std::shared_ptr<const Graph> g = body.g;
+    const size_t nc = n_carry, nx = n_xs;
+    auto floating_at = [](const TensorList& ts) {
+      std::vector<size_t> idx;
+      for (size_t k = 0; k < ts.size(); ++k)
+        if (is_floating(ts[k].dtype())) idx.push_back(k);
+      return idx;
+    };
+    // 1. The carry entering each step, stacked: [T, ...] per carry.
+    const TensorList fwd = scan(
+        [&](const TensorList& c, const TensorList& x) {
+          TensorList a = c;
+          a.insert(a.end(), x.begin(), x.end());
+          a.insert(a.end(), caps.begin(), caps.end());
+          const TensorList o = replay_recorded(*g, a);
+          return std::make_pair(TensorList(o.begin(), o.begin() + ptrdiff_t(nc)), c);
+        },
+        init, xs, reverse);
+    const TensorList carries(fwd.begin() + ptrdiff_t(n_carry), fwd.end());
+    // 2. Backwards through the steps. Carry: {d carry (floating carries), d captures (floating)};
+    // xs: {carry entering the step..., x_t..., ct of y_t (floating ys)}; ys: d x_t (floating xs).
+    const std::vector<size_t> fc = floating_at(init), fx = floating_at(xs), fcap = floating_at(caps);
+    std::vector<size_t> fy;
+    for (size_t k = 0; k < n_ys; ++k)
+      if (is_floating(ct[n_carry + k].dtype())) fy.push_back(k);
+    TensorList gc0, gxs = carries;
+    for (size_t k : fc) gc0.push_back(ct[k]);
+    for (size_t j : fcap) gc0.push_back(zeros_like(caps[j]));
+    gxs.insert(gxs.end(), xs.begin(), xs.end());
+    for (size_t k : fy) gxs.push_back(ct[n_carry + k]);
+    const TensorList bwd = scan(
+        [&](const TensorList& gc, const TensorList& gx) {
+          GradModeGuard on(true);
+          TensorList a(gx.begin(), gx.begin() + ptrdiff_t(nc + nx));  // carry_t, x_t
+          a.insert(a.end(), caps.begin(), caps.end());
+          for (auto& t : a) {
+            t = t.detach();
+            if (is_floating(t.dtype())) t.set_requires_grad(true);
+          }
+          const TensorList o = replay_recorded(*g, a);
+          Tensor root;  // sum <out, cotangent>: its gradient is the pullback
+          auto add = [&](const Tensor& out, const Tensor& cot) {
+            Tensor term = sum(out * cot);
+            root = root.defined() ? root + term.astype(root.dtype()) : term;
+          };
+          for (size_t i = 0; i < fc.size(); ++i) add(o[fc[i]], gc[i]);
+          for (size_t i = 0; i < fy.size(); ++i) add(o[nc + fy[i]], gx[nc + nx + i]);
+          TensorList wrt;
+          for (size_t k : fc) wrt.push_back(a[k]);
+          for (size_t i : fx) wrt.push_back(a[nc + i]);
+          for (size_t j : fcap) wrt.push_back(a[nc + nx + j]);
+          TensorList d = root.defined() ? grad(root, wrt) : TensorList{};
+          if (d.empty())
+            for (const Tensor& w : wrt) d.push_back(zeros_like(w));
+          TensorList next(d.begin(), d.begin() + ptrdiff_t(fc.size()));  // d carry_t
+          for (size_t j = 0; j < fcap.size(); ++j) next.push_back(gc[fc.size() + j] + d[fc.size() + fx.size() + j]);
+          return std::make_pair(next, TensorList(d.begin() + ptrdiff_t(fc.size()), d.begin() + ptrdiff_t(fc.size() + fx.size())));
+        },
+        gc0, gxs, !reverse);
+    for (size_t i = 0; i < fc.size(); ++i)
+      if (needs[fc[i]]) result[fc[i]] = bwd[i];
+    for (size_t j = 0; j < fcap.size(); ++j)
+      if (needs[n_carry + n_xs + fcap[j]]) result[n_carry + n_xs + fcap[j]] = bwd[fc.size() + j];
+    for (size_t i = 0; i < fx.size(); ++i)
+      if (needs[n_carry + fx[i]]) result[n_carry + fx[i]] = bwd[fc.size() + fcap.size() + i];
+    return result;
   }
   SubGraph body;
   size_t n_carry, n_xs;
+  bool reverse;
 };
 }  // namespace
 
@@ -286,7 +369,7 @@ TensorList while_loop(const Fn& cond_fn, const Fn& body_fn, const TensorList& in
   return titanax::apply(std::make_shared<WhileOp>(std::move(c), std::move(b), n), std::move(in));
 }
 
-TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs) {
+TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs, bool reverse) {
   if (xs.empty()) throw ShapeError("scan: xs is empty", "at least one tensor to scan over", "0 tensors", "pass the sequence as xs");
   TensorList example;  // x[0] of each xs (zeros when T == 0): what f is traced on
   for (size_t i = 0; i < xs.size(); ++i) {
@@ -315,7 +398,7 @@ TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs) {
   TensorList in = init;
   in.insert(in.end(), xs.begin(), xs.end());
   in.insert(in.end(), s.captures.begin(), s.captures.end());
-  return titanax::apply(std::make_shared<ScanOp>(std::move(s), nc, xs.size()), std::move(in));
+  return titanax::apply(std::make_shared<ScanOp>(std::move(s), nc, xs.size(), reverse), std::move(in));
 }
 
 }  // namespace titanax::jit

@@ -60,12 +60,17 @@ TensorList cond(const Tensor& pred, const Fn& true_fn, const Fn& false_fn, const
 TensorList while_loop(const Fn& cond_fn, const Fn& body_fn, const TensorList& init);
 
 /// jax.lax.scan: for t in [0, T): (carry, y_t) = f(carry, {x[t] for x in xs}); returns the final carry
-/// followed by the ys stacked along a new leading axis ([T, ...y_t's shape] each). Every xs[i] has
-/// the same leading extent T >= 0 (x[t] drops that axis); f's carry must keep init's shapes and dtypes
-/// and its y_t the same specs at every step (they are fixed by tracing f once on init and x[0], or on
-/// zeros when T == 0). Not differentiable yet (its vjp throws AutodiffError). Throws ValueError for an
-/// undefined xs, ShapeError when xs is empty, a x is 0-d or the leading extents differ, ShapeError / DTypeError naming the result
-/// when f's carry differs from init, TraceError as cond(); what f throws while being traced.
-TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs);
+/// followed by the ys stacked along a new leading axis ([T, ...y_t's shape] each). With `reverse` the
+/// steps run for t = T-1 down to 0 (y_t still lands at index t), as jax.lax.scan(..., reverse=True).
+/// Every xs[i] has the same leading extent T >= 0 (x[t] drops that axis); f's carry must keep init's
+/// shapes and dtypes and its y_t the same specs at every step (they are fixed by tracing f once on init
+/// and x[0], or on zeros when T == 0). Differentiable with respect to init, xs and tensors f captures:
+/// the vjp is a scan in the same direction that recomputes the carry entering each step, then a scan in
+/// the other direction that pulls the cotangents back through f step by step (JAX's scan transpose,
+/// recomputing instead of saving the carries: memory of one step's tape at a time, twice the forward
+/// work); integer carries, xs and results take no cotangent. Throws ValueError for an undefined xs,
+/// ShapeError when xs is empty, a x is 0-d or the leading extents differ, ShapeError / DTypeError naming
+/// the result when f's carry differs from init, TraceError as cond(); what f throws while being traced.
+TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs, bool reverse = false);
 
 }  // namespace titanax::jit

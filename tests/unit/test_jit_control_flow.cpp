@@ -1,6 +1,6 @@
 // jit/control_flow.h: cond, while_loop and scan, eagerly and traced (one node, replayed on inputs that
-// take another branch / trip count), captures lifted into node inputs, and cond's gradient; each
-// compared with plain C++ control flow over the same ops.
+// take another branch / trip count), captures lifted into node inputs, and the gradients of cond and
+// scan; each compared with plain C++ control flow over the same ops.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -280,6 +280,90 @@ TEST_CASE("scan carries state over the leading axis and stacks the outputs", "[j
   CHECK(empty[1].shape() == Shape{0, 3});
   CHECK_THROWS_AS(jit::scan([](const TensorList& c, const TensorList&) { return std::make_pair(c, c); }, {xs}, {xs, rnd(1, Shape{5})}),
                   ShapeError);
+}
+
+namespace {
+// An RNN over xs [T, 3] with an integer step counter in the carry: h' = tanh(W h + U x_t) (W, U captured),
+// y_t = (h' * h', the counter); returns {final h, ys, final counter, the counter's ys}.
+TensorList rnn_scan(const Tensor& h0, const Tensor& xs, const Tensor& W, const Tensor& U, bool reverse) {
+  const TensorList r = jit::scan([&](const TensorList& c, const TensorList& x) {
+    const Tensor h = tanh(matmul(W, c[0]) + matmul(U, x[0]));
+    const Tensor n = c[1] + scalar_like(1.0, c[1]);
+    return std::make_pair(TensorList{h, n}, TensorList{h * h, n});
+  }, {h0, zeros(Shape{}, DType::i64)}, {xs}, reverse);
+  return {r[0], r[2], r[1], r[3]};
+}
+// The same computation as a C++ loop (the tape records every step).
+TensorList rnn_unrolled(const Tensor& h0, const Tensor& xs, const Tensor& W, const Tensor& U, bool reverse) {
+  const int64_t T = xs.shape()[0];
+  Tensor h = h0;
+  TensorList ys(static_cast<size_t>(T));
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    h = tanh(matmul(W, h) + matmul(U, xs.slice(0, t, t + 1).squeeze(0)));
+    ys[size_t(t)] = (h * h).unsqueeze(0);
+  }
+  return {h, T ? concat(ys, 0) : zeros(Shape{0, h0.shape()[0]}, DType::f64)};
+}
+}  // namespace
+
+TEST_CASE("scan's gradient: finite differences, the unrolled loop, reverse, and under trace", "[jit]") {
+  for (bool reverse : {false, true}) {
+    INFO("reverse " << reverse);
+    // Against finite differences: init, xs and both captured weights (L = <[h_T, ys], v>).
+    auto fn = [&](const TensorList& in) {
+      const TensorList r = rnn_scan(in[0], in[1], in[2], in[3], reverse);
+      return concat({r[0], r[1].flatten()}, 0);
+    };
+    const TensorList args{rnd(30, Shape{4}), rnd(31, Shape{5, 3}), rnd(32, Shape{4, 4}) * 0.5, rnd(33, Shape{4, 3})};
+    const GradcheckResult r = gradcheck(fn, args);
+    INFO(r.report);
+    CHECK(r.ok);
+    CHECK(r.max_abs_error > 0);  // the check compared numbers (not all zeros)
+
+    // Against the unrolled loop: the same values and gradients (to rounding: other summation orders).
+    const Tensor wy = rnd(34, Shape{5, 4});
+    auto grads_of = [&](bool scanned, const TensorList& in) {
+      TensorList leaves;
+      for (const Tensor& t : in) {
+        Tensor l = t.detach();
+        l.set_requires_grad(true);
+        leaves.push_back(l);
+      }
+      const TensorList o = scanned ? rnn_scan(leaves[0], leaves[1], leaves[2], leaves[3], reverse)
+                                   : rnn_unrolled(leaves[0], leaves[1], leaves[2], leaves[3], reverse);
+      const Tensor loss = sum(o[0] * scalar_like(1.5, o[0])) + sum(o[1] * wy);
+      TensorList g = grad(loss, leaves);
+      g.insert(g.begin(), loss.detach());
+      return g;
+    };
+    const TensorList a = grads_of(true, args), b = grads_of(false, args);
+    for (size_t k = 0; k < a.size(); ++k) require_close(a[k], b[k]);
+    // The integer counter carried and stacked: 5 steps.
+    const TensorList ints = rnn_scan(args[0], args[1], args[2], args[3], reverse);
+    CHECK(ints[2].item() == 5);
+    CHECK(vec(ints[3]) == (reverse ? std::vector<double>{5, 4, 3, 2, 1} : std::vector<double>{1, 2, 3, 4, 5}));
+
+    // Under trace: forward and backward in one graph (the forward scan, and the backward's two); a
+    // replay on new inputs equals the unrolled loop's gradients.
+    jit::Graph g = jit::trace([&](const TensorList& in) { return grads_of(true, in); }, args);
+    CHECK(count_op(g, "scan") == 3);
+    CHECK(count_op(g, "tanh") == 0);
+    const TensorList args2{rnd(40, Shape{4}), rnd(41, Shape{5, 3}), rnd(42, Shape{4, 4}) * 0.5, rnd(43, Shape{4, 3})};
+    const TensorList got = g.run(args2), want = grads_of(false, args2);
+    REQUIRE(got.size() == want.size());
+    for (size_t k = 0; k < got.size(); ++k) require_close(got[k], want[k]);
+  }
+  // Zero steps: the final carry is init, so its cotangent passes straight through; nothing else moves.
+  Tensor h0 = rnd(50, Shape{4}), W = rnd(51, Shape{4, 4}), U = rnd(52, Shape{4, 3}), xs = zeros(Shape{0, 3}, DType::f64);
+  for (Tensor* t : {&h0, &W, &U, &xs}) t->set_requires_grad(true);
+  const TensorList o = rnn_scan(h0, xs, W, U, false);
+  const Tensor c = rnd(53, Shape{4});
+  const TensorList g = grad(sum(o[0] * c), {h0, W, U, xs});
+  require_close(g[0], c);
+  CHECK(vec(g[1]) == std::vector<double>(16, 0.0));
+  CHECK(vec(g[2]) == std::vector<double>(12, 0.0));
+  CHECK(g[3].shape() == Shape{0, 3});
 }
 
 TEST_CASE("a host read of a traced value points to jit::cond", "[jit]") {
