@@ -86,7 +86,8 @@ void bump(int64_t* step, ParamTree& params) {
 
 // ---- The update as ops, for a step being traced by the JIT (jit/graph.h): the same fused kernels run
 // on copies, the results are written back with copy_ (the graph's in-place updates), and the learning
-// rate and step count are computed from the step tensor at each replay, not fixed at trace time.
+// rate, step count and the update's scalars are computed from the step tensor at each replay, not fixed
+// at trace time.
 
 // lr = schedule(step), evaluated on the host at each run.
 struct ScheduleOp final : Op {
@@ -114,9 +115,10 @@ struct IncrementOp final : Op {
   bool differentiable() const override { return false; }
 };
 
-// Inputs: the k state tensors (parameter first, then moments / momentum), the gradient, the step
-// count, the learning rate and optionally skip (true: the states come out unchanged); outputs: the k
-// updated state tensors.
+// Inputs: the k state tensors (parameter first, then moments / momentum), the gradient and the step's
+// scalars (kernels/update_scalars.h: f64 [4] on the states' device, from ScalarsOp); outputs: the k
+// updated state tensors (unchanged when the scalars say the step is skipped). Every input lives on the
+// states' device, so on a GPU the node can be captured into a CUDA graph (jit/capture.h).
 struct UpdateOp : Op {
   int k;
   explicit UpdateOp(int states) : k(states) {}
@@ -128,28 +130,55 @@ struct UpdateOp : Op {
   void cpu(const TensorList& in, TensorList& out) const override {
     for (int i = 0; i < k; ++i)
       if (!out[size_t(i)].same(in[size_t(i)])) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
-    if (skipped(in, size_t(k + 3))) return;
-    update(out, in[size_t(k)], in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
+    kernels::UpdateScalars s;
+    const Tensor& sc = in[size_t(k + 1)];
+    for (int j = 0; j < kernels::UpdateScalars::size; ++j) s.v[j] = sc.data<double>()[j];
+    update(out, in[size_t(k)], s);
   }
-  // Traced on a GPU: the copies on the device, then the fused kernel for this one parameter; the step
-  // count and the learning rate are host scalars (the JIT computes them on the CPU at each replay).
+  // On a GPU: the copies on the device, then the fused kernel for this one parameter, reading the
+  // scalars from device memory.
   void cuda(const TensorList& in, TensorList& out) const override {
     for (int i = 0; i < k; ++i)
       if (!out[size_t(i)].same(in[size_t(i)])) kernels::cuda::copy_cast(in[size_t(i)], out[size_t(i)]);
-    if (skipped(in, size_t(k + 3))) return;
-    update_cuda({{out, in[size_t(k)]}}, in[size_t(k + 1)].data<int64_t>()[0], in[size_t(k + 2)].data<double>()[0]);
+    update_cuda({{out, in[size_t(k)]}}, kernels::UpdateScalars{}, &in[size_t(k + 1)]);
   }
-  bool host_input(size_t i) const override { return i > size_t(k); }
   // State i may be updated where it is (the JIT's update_in_place): the copy above is then skipped and
   // the kernels read and write each element in place, as the eager step does.
   int in_place_input(size_t out) const override { return out < size_t(k) ? int(out) : -1; }
   bool differentiable() const override { return false; }
+  /// This update's scalars at step count `step` (updates done before this one) and learning rate lr.
+  virtual kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const = 0;
   /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
-  /// eagerly) in place with gradient g (contiguous) at step count `step` (updates done before this one).
-  virtual void update(TensorList& s, const Tensor& g, int64_t step, double lr) const = 0;
+  /// eagerly) in place with gradient g (contiguous) on the CPU.
+  virtual void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const = 0;
   /// The same for many parameters on a CUDA device with this op's settings: the fused multi-tensor
-  /// kernels (kernels/cuda/optim.cu), one launch per 24 tensors. Each entry: the state tensors, the gradient.
-  virtual void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, int64_t step, double lr) const = 0;
+  /// kernels (kernels/cuda/optim.cu), one launch per 24 tensors. Each entry: the state tensors, the
+  /// gradient. The scalars are `sc`, or those in device_scalars when given.
+  virtual void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, const kernels::UpdateScalars& sc,
+                           const Tensor* device_scalars) const = 0;
+};
+
+// The step's update scalars (UpdateOp::scalars) from the step count, the learning rate and optionally
+// skip, host scalars read at each run, as f64 [4] on the parameters' device: on a GPU written by a kernel
+// launch that carries the values, so nothing waits and the update reading them can be captured.
+struct ScalarsOp final : Op {
+  std::shared_ptr<const UpdateOp> update;
+  Device device;
+  ScalarsOp(std::shared_ptr<const UpdateOp> u, Device d) : update(std::move(u)), device(d) {}
+  const char* name() const override { return "update_scalars"; }
+  std::string attrs() const override { return std::string(update->name()) + " " + update->attrs() + " device=" + device.str(); }
+  std::vector<TensorSpec> infer(const TensorList&) const override {
+    return {{Shape{kernels::UpdateScalars::size}, DType::f64, device}};
+  }
+  bool host_input(size_t) const override { return true; }
+  bool capturable() const override { return false; }  // its values come from the host at every run
+  bool differentiable() const override { return false; }
+  // Runs on the host (its inputs are host scalars) for either output device.
+  void cpu(const TensorList& in, TensorList& out) const override {
+    const kernels::UpdateScalars s = update->scalars(in[0].data<int64_t>()[0], in[1].data<double>()[0], !skipped(in, 2));
+    if (out[0].device().is_cuda()) return kernels::cuda::set_update_scalars(out[0], s);
+    for (int j = 0; j < kernels::UpdateScalars::size; ++j) out[0].data<double>()[j] = s.v[j];
+  }
 };
 
 struct AdamUpdateOp final : UpdateOp {
@@ -161,18 +190,22 @@ struct AdamUpdateOp final : UpdateOp {
   std::string attrs() const override {
     return "betas=(" + attr_num(o.beta1) + "," + attr_num(o.beta2) + ") eps=" + attr_num(o.eps) + " wd=" + attr_num(wd);
   }
-  void update(TensorList& s, const Tensor& g, int64_t step, double lr) const override {
-    if (s[0].dtype() == DType::f32)
-      kernels::cpu::adam_update(s[0].data<float>(), g.data<float>(), s[1].data<float>(), s[2].data<float>(), s[0].numel(), lr,
-                                o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
-    else
-      kernels::cpu::adam_update(s[0].data<double>(), g.data<double>(), s[1].data<double>(), s[2].data<double>(), s[0].numel(), lr,
-                                o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
+  kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const override {
+    return kernels::adam_scalars(lr, o.beta1, o.beta2, wd, step + 1, apply);
   }
-  void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, int64_t step, double lr) const override {
+  void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const override {
+    if (s[0].dtype() == DType::f32)
+      kernels::cpu::adam_update(s[0].data<float>(), g.data<float>(), s[1].data<float>(), s[2].data<float>(), s[0].numel(), sc,
+                                o.beta1, o.beta2, o.eps, wd, decoupled);
+    else
+      kernels::cpu::adam_update(s[0].data<double>(), g.data<double>(), s[1].data<double>(), s[2].data<double>(), s[0].numel(),
+                                sc, o.beta1, o.beta2, o.eps, wd, decoupled);
+  }
+  void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, const kernels::UpdateScalars& sc,
+                   const Tensor* device_scalars) const override {
     std::vector<Tensor> p, g, m, v;
     for (const auto& [s, grad] : group) p.push_back(s[0]), m.push_back(s[1]), v.push_back(s[2]), g.push_back(grad);
-    kernels::cuda::adam_update(p, g, m, v, lr, o.beta1, o.beta2, o.eps, wd, step + 1, decoupled);
+    kernels::cuda::adam_update(p, g, m, v, sc, o.beta1, o.beta2, o.eps, wd, decoupled, device_scalars);
   }
 };
 
@@ -184,29 +217,33 @@ struct SgdUpdateOp final : UpdateOp {
   std::string attrs() const override {
     return "momentum=" + attr_num(mu) + " wd=" + attr_num(wd) + " nesterov=" + std::to_string(nesterov);
   }
-  void update(TensorList& s, const Tensor& g, int64_t step, double lr) const override {
-    if (s[0].dtype() == DType::f32)
-      kernels::cpu::sgd_update(s[0].data<float>(), g.data<float>(), mu > 0 ? s[1].data<float>() : nullptr, s[0].numel(), lr, mu,
-                               wd, nesterov, step == 0);
-    else
-      kernels::cpu::sgd_update(s[0].data<double>(), g.data<double>(), mu > 0 ? s[1].data<double>() : nullptr, s[0].numel(), lr,
-                               mu, wd, nesterov, step == 0);
+  kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const override {
+    return kernels::sgd_scalars(lr, step == 0, apply);
   }
-  void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, int64_t step, double lr) const override {
+  void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const override {
+    if (s[0].dtype() == DType::f32)
+      kernels::cpu::sgd_update(s[0].data<float>(), g.data<float>(), mu > 0 ? s[1].data<float>() : nullptr, s[0].numel(), sc, mu,
+                               wd, nesterov);
+    else
+      kernels::cpu::sgd_update(s[0].data<double>(), g.data<double>(), mu > 0 ? s[1].data<double>() : nullptr, s[0].numel(), sc,
+                               mu, wd, nesterov);
+  }
+  void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, const kernels::UpdateScalars& sc,
+                   const Tensor* device_scalars) const override {
     std::vector<Tensor> p, g, buf;
     for (const auto& [s, grad] : group) {
       p.push_back(s[0]);
       g.push_back(grad);
       buf.push_back(mu > 0 ? s[1] : Tensor());
     }
-    kernels::cuda::sgd_update(p, g, buf, lr, mu, wd, nesterov, step == 0);
+    kernels::cuda::sgd_update(p, g, buf, sc, mu, wd, nesterov, device_scalars);
   }
 };
 
 // One optimizer step: per parameter, update_for(i) gives the update op and the state tensors it updates
-// (the parameter first). Eagerly the op's kernel updates them in place; while traced (jit/graph.h) the op
-// runs on copies that are written back with copy_, and the learning rate and step count are ops of the
-// step tensor, so a replay computes them anew.
+// (the parameter first). Eagerly the op's kernel updates them in place with scalars computed here; while
+// traced (jit/graph.h) the op runs on copies that are written back with copy_, and the learning rate,
+// the step count and the update's scalars are ops of the step tensor, so a replay computes them anew.
 using UpdateFor = std::function<std::pair<std::shared_ptr<const UpdateOp>, TensorList>(size_t i)>;
 void update_parameters(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
                        const Tensor& skip, const UpdateFor& update_for) {
@@ -219,41 +256,48 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
   const int64_t t = traced ? 0 : step.data<int64_t>()[0];
   const double lr_now = traced ? 0.0 : schedule(t);
   const Tensor lr = traced ? apply1(std::make_shared<ScheduleOp>(schedule, owner), {step}) : Tensor();
-  if (!traced && params.size() && params[0].second.device().is_cuda()) {
-    // Eagerly on CUDA: one fused multi-tensor update per group of parameters with the same settings and
-    // dtype (e.g. with and without weight decay), instead of a launch per parameter.
-    std::map<std::string, std::pair<std::shared_ptr<const UpdateOp>, std::vector<std::pair<TensorList, Tensor>>>> groups;
-    for (size_t i = 0; i < params.size(); ++i) {
-      check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
-      auto [op, states] = update_for(i);
-      check_state_device(params[i].first, states);
-      auto& grp = groups[op->attrs() + " " + std::string(dtype_name(params[i].second.dtype()))];
-      grp.first = op;
-      grp.second.push_back({states, grads.at(params[i].first).contiguous()});
-    }
-    for (const auto& [key, grp] : groups) grp.first->update_cuda(grp.second, t, lr_now);
-    bump(step.data<int64_t>(), params);
-    return;
-  }
+  struct Pending {
+    std::shared_ptr<const UpdateOp> op;
+    TensorList states;  // the parameter first
+    Tensor grad;
+  };
+  std::vector<Pending> todo;
   for (size_t i = 0; i < params.size(); ++i) {
     check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
     auto [op, states] = update_for(i);
     check_state_device(params[i].first, states);
-    const Tensor g = grads.at(params[i].first).contiguous();
-    if (!traced) {
-      op->update(states, g, t, lr_now);
-      continue;
-    }
-    TensorList in = states;
-    in.push_back(g);
-    in.push_back(step);
-    in.push_back(lr);
-    if (skip.defined()) in.push_back(skip);
-    TensorList out = titanax::apply(OpPtr(op), in);
-    for (size_t k = 0; k < states.size(); ++k) copy_(states[k], out[k]);
+    todo.push_back({op, states, grads.at(params[i].first).contiguous()});
   }
-  if (traced) copy_(step, apply1(std::make_shared<IncrementOp>(), skip.defined() ? TensorList{step, skip} : TensorList{step}));
-  else bump(step.data<int64_t>(), params);
+  if (!traced) {
+    if (params.size() && params[0].second.device().is_cuda()) {
+      // On CUDA: one fused multi-tensor update per group of parameters with the same settings and dtype
+      // (e.g. with and without weight decay), instead of a launch per parameter.
+      std::map<std::string, std::pair<std::shared_ptr<const UpdateOp>, std::vector<std::pair<TensorList, Tensor>>>> groups;
+      for (const Pending& u : todo) {
+        auto& grp = groups[u.op->attrs() + " " + std::string(dtype_name(u.states[0].dtype()))];
+        grp.first = u.op;
+        grp.second.push_back({u.states, u.grad});
+      }
+      for (const auto& [key, grp] : groups) grp.first->update_cuda(grp.second, grp.first->scalars(t, lr_now, true), nullptr);
+    } else {
+      for (Pending& u : todo) u.op->update(u.states, u.grad, u.op->scalars(t, lr_now, true));
+    }
+    bump(step.data<int64_t>(), params);
+    return;
+  }
+  // Traced: every update's scalars first (host ops, op by op on a GPU; CSE merges equal ones), then the
+  // updates (device ops only: one run of nodes a CUDA graph can capture whole).
+  const TensorList host = skip.defined() ? TensorList{step, lr, skip} : TensorList{step, lr};
+  std::vector<Tensor> scalars;
+  for (const Pending& u : todo) scalars.push_back(apply1(std::make_shared<ScalarsOp>(u.op, u.states[0].device()), host));
+  for (size_t i = 0; i < todo.size(); ++i) {
+    TensorList in = todo[i].states;
+    in.push_back(todo[i].grad);
+    in.push_back(scalars[i]);
+    TensorList out = titanax::apply(OpPtr(todo[i].op), in);
+    for (size_t k = 0; k < todo[i].states.size(); ++k) copy_(todo[i].states[k], out[k]);
+  }
+  copy_(step, apply1(std::make_shared<IncrementOp>(), skip.defined() ? TensorList{step, skip} : TensorList{step}));
 }
 
 class Adam final : public Optimizer {

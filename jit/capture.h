@@ -12,9 +12,8 @@
 // Segments: maximal runs of consecutive nodes that can be captured (capturable_node): every input and
 // output on the device, no host-scalar input (Op::host_input), Op::capturable() (not an op that reads
 // labels or indices on the host, runs sub-graphs or communicates). The others (the optimizer's
-// learning-rate and step-count ops on the CPU, the update kernels that take them as host scalars,
-// cross-entropy's host label check) run op by op between the segments' launches, in node order, on
-// the same stream.
+// learning-rate, step-count and update-scalar ops, which compute on the host; cross-entropy's host
+// label check) run op by op between the segments' launches, in node order, on the same stream.
 //
 // Memory: a captured kernel reads and writes the addresses it had when it was captured, so
 //  * the graph inputs the segments read are copied into buffers of the replay (one device copy each);

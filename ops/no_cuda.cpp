@@ -52,12 +52,13 @@ void max_pool2d_backward(const Tensor&, const Tensor&, const cpu::Pool2dGeom&, T
 bool allow_tf32() { return false; }
 void set_allow_tf32(bool) {}
 void adam_update(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>&,
-                 const std::vector<Tensor>&, double, double, double, double, double, int64_t, bool) {
+                 const std::vector<Tensor>&, const UpdateScalars&, double, double, double, double, bool, const Tensor*) {
   no_cuda("adam_update");
 }
-void sgd_update(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>&, double, double,
-                double, bool, bool) {
+void sgd_update(const std::vector<Tensor>&, const std::vector<Tensor>&, const std::vector<Tensor>&, const UpdateScalars&,
+                double, double, bool, const Tensor*) {
   no_cuda("sgd_update");
 }
+void set_update_scalars(Tensor&, const UpdateScalars&) { no_cuda("set_update_scalars"); }
 
 }  // namespace titanax::kernels::cuda

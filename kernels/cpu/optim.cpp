@@ -8,13 +8,13 @@ namespace titanax::kernels::cpu {
 namespace {
 
 template <class T>
-void adam_impl(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1, double b2, double eps, double wd,
-               int64_t t, bool decoupled) {
-  const double bc1 = 1 - std::pow(b1, double(t)), bc2 = 1 - std::pow(b2, double(t));
-  const T step = T(lr / bc1), inv_sqrt_bc2 = T(1 / std::sqrt(bc2)), e = T(eps);
-  const T decay = T(1 - lr * wd), l2 = T(wd), tb1 = T(b1), tb2 = T(b2), ob1 = T(1 - b1), ob2 = T(1 - b2);
-  parallel_for(n, 16, [&](int64_t s, int64_t end) {
-    for (int64_t i = s; i < end; ++i) {
+void adam_impl(T* p, const T* g, T* m, T* v, int64_t n, const UpdateScalars& s, double b1, double b2, double eps, double wd,
+               bool decoupled) {
+  if (s.v[0] == 0) return;
+  const T step = T(s.v[1]), inv_sqrt_bc2 = T(s.v[2]), e = T(eps);
+  const T decay = T(s.v[3]), l2 = T(wd), tb1 = T(b1), tb2 = T(b2), ob1 = T(1 - b1), ob2 = T(1 - b2);
+  parallel_for(n, 16, [&](int64_t s0, int64_t end) {
+    for (int64_t i = s0; i < end; ++i) {
       T gi = g[i];
       if (decoupled) p[i] *= decay;
       else gi += l2 * p[i];
@@ -26,10 +26,12 @@ void adam_impl(T* p, const T* g, T* m, T* v, int64_t n, double lr, double b1, do
 }
 
 template <class T>
-void sgd_impl(T* p, const T* g, T* buf, int64_t n, double lr, double mu, double wd, bool nesterov, bool first) {
-  const T tl = T(lr), tm = T(mu), tw = T(wd);
-  parallel_for(n, 8, [&](int64_t s, int64_t end) {
-    for (int64_t i = s; i < end; ++i) {
+void sgd_impl(T* p, const T* g, T* buf, int64_t n, const UpdateScalars& s, double mu, double wd, bool nesterov) {
+  if (s.v[0] == 0) return;
+  const T tl = T(s.v[1]), tm = T(mu), tw = T(wd);
+  const bool first = s.v[2] != 0;
+  parallel_for(n, 8, [&](int64_t s0, int64_t end) {
+    for (int64_t i = s0; i < end; ++i) {
       T gi = g[i] + tw * p[i];
       if (buf) {
         buf[i] = first ? gi : tm * buf[i] + gi;
@@ -59,20 +61,20 @@ double sumsq_impl(const T* g, int64_t n) {
 
 }  // namespace
 
-void adam_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double b1, double b2, double eps,
-                 double wd, int64_t t, bool decoupled) {
-  adam_impl(p, g, m, v, n, lr, b1, b2, eps, wd, t, decoupled);
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const UpdateScalars& s, double b1, double b2,
+                 double eps, double wd, bool decoupled) {
+  adam_impl(p, g, m, v, n, s, b1, b2, eps, wd, decoupled);
 }
-void adam_update(double* p, const double* g, double* m, double* v, int64_t n, double lr, double b1, double b2,
-                 double eps, double wd, int64_t t, bool decoupled) {
-  adam_impl(p, g, m, v, n, lr, b1, b2, eps, wd, t, decoupled);
+void adam_update(double* p, const double* g, double* m, double* v, int64_t n, const UpdateScalars& s, double b1,
+                 double b2, double eps, double wd, bool decoupled) {
+  adam_impl(p, g, m, v, n, s, b1, b2, eps, wd, decoupled);
 }
-void sgd_update(float* p, const float* g, float* buf, int64_t n, double lr, double mu, double wd, bool nesterov, bool first) {
-  sgd_impl(p, g, buf, n, lr, mu, wd, nesterov, first);
+void sgd_update(float* p, const float* g, float* buf, int64_t n, const UpdateScalars& s, double mu, double wd, bool nesterov) {
+  sgd_impl(p, g, buf, n, s, mu, wd, nesterov);
 }
-void sgd_update(double* p, const double* g, double* buf, int64_t n, double lr, double mu, double wd, bool nesterov,
-                bool first) {
-  sgd_impl(p, g, buf, n, lr, mu, wd, nesterov, first);
+void sgd_update(double* p, const double* g, double* buf, int64_t n, const UpdateScalars& s, double mu, double wd,
+                bool nesterov) {
+  sgd_impl(p, g, buf, n, s, mu, wd, nesterov);
 }
 double sum_squares(const float* g, int64_t n) { return sumsq_impl(g, n); }
 double sum_squares(const double* g, int64_t n) { return sumsq_impl(g, n); }

@@ -3,20 +3,24 @@
 
 #include <cstdint>
 
+#include "kernels/update_scalars.h"
+
 namespace titanax::kernels::cpu {
 
 /// AdamW (Loshchilov & Hutter 2019) exactly as torch.optim.AdamW (non-amsgrad):
 ///   p *= 1 - lr * wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
 ///   p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-/// `decoupled` false gives Adam with L2 (g += wd p first), as torch.optim.Adam.
-void adam_update(float* p, const float* g, float* m, float* v, int64_t n, double lr, double b1, double b2, double eps,
-                 double wd, int64_t t, bool decoupled);
-void adam_update(double* p, const double* g, double* m, double* v, int64_t n, double lr, double b1, double b2,
-                 double eps, double wd, int64_t t, bool decoupled);
+/// with the step's scalars `s` from adam_scalars (kernels/update_scalars.h; nothing happens when s says
+/// not to apply). `decoupled` false gives Adam with L2 (g += wd p first), as torch.optim.Adam.
+void adam_update(float* p, const float* g, float* m, float* v, int64_t n, const UpdateScalars& s, double b1, double b2,
+                 double eps, double wd, bool decoupled);
+void adam_update(double* p, const double* g, double* m, double* v, int64_t n, const UpdateScalars& s, double b1,
+                 double b2, double eps, double wd, bool decoupled);
 /// SGD with momentum as torch.optim.SGD: g += wd p; buf = mu buf + g (buf = g on the first step);
-/// p -= lr * (nesterov ? g + mu buf : buf). buf may be null when mu == 0.
-void sgd_update(float* p, const float* g, float* buf, int64_t n, double lr, double mu, double wd, bool nesterov, bool first);
-void sgd_update(double* p, const double* g, double* buf, int64_t n, double lr, double mu, double wd, bool nesterov, bool first);
+/// p -= lr * (nesterov ? g + mu buf : buf), with lr and the first step from sgd_scalars (`s`). buf may
+/// be null when mu == 0.
+void sgd_update(float* p, const float* g, float* buf, int64_t n, const UpdateScalars& s, double mu, double wd, bool nesterov);
+void sgd_update(double* p, const double* g, double* buf, int64_t n, const UpdateScalars& s, double mu, double wd, bool nesterov);
 /// Sum of squares in double.
 double sum_squares(const float* g, int64_t n);
 double sum_squares(const double* g, int64_t n);

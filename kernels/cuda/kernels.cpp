@@ -324,11 +324,23 @@ std::atomic<bool> g_tf32{false};
 bool allow_tf32() { return g_tf32.load(); }
 void set_allow_tf32(bool on) { g_tf32.store(on); }
 
+namespace {
+// The device pointer of an update's scalars (f64 [UpdateScalars::size] on the parameters' device), or null.
+const double* scalars_ptr(const Tensor* t, const Tensor& like, const char* what) {
+  if (!t) return nullptr;
+  if (t->dtype() != DType::f64 || t->numel() != UpdateScalars::size || !t->is_contiguous() || !(t->device() == like.device()))
+    throw ValueError(std::string(what) + ": the step's scalars must be f64 [4], contiguous, on the parameters' device",
+                     "f64[4] on " + like.device().str(), t->str());
+  return static_cast<const double*>(t->raw_data());
+}
+}  // namespace
+
 void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& m,
-                 const std::vector<Tensor>& v, double lr, double b1, double b2, double eps, double wd, int64_t t,
-                 bool decoupled) {
+                 const std::vector<Tensor>& v, const UpdateScalars& sc, double b1, double b2, double eps, double wd,
+                 bool decoupled, const Tensor* device_scalars) {
   if (p.empty()) return;
   const Dt dt = floating(p[0], "adam_update");
+  const double* sd = scalars_ptr(device_scalars, p[0], "adam_update");
   for (size_t s = 0; s < p.size(); s += kMaxTensors) {
     TensorChunk c;
     for (size_t i = s; i < std::min(p.size(), s + kMaxTensors); ++i, ++c.count) {
@@ -338,14 +350,15 @@ void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, con
       c.v[c.count] = v[i].raw_data();
       c.n[c.count] = p[i].numel();
     }
-    check(launch_adam(dt, c, lr, b1, b2, eps, wd, t, decoupled, stream_of(p[0])), "adam_update");
+    check(launch_adam(dt, c, sc, sd, b1, b2, eps, wd, decoupled, stream_of(p[0])), "adam_update");
   }
 }
 
-void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf, double lr,
-                double mu, double wd, bool nesterov, bool first) {
+void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf,
+                const UpdateScalars& sc, double mu, double wd, bool nesterov, const Tensor* device_scalars) {
   if (p.empty()) return;
   const Dt dt = floating(p[0], "sgd_update");
+  const double* sd = scalars_ptr(device_scalars, p[0], "sgd_update");
   for (size_t s = 0; s < p.size(); s += kMaxTensors) {
     TensorChunk c;
     for (size_t i = s; i < std::min(p.size(), s + kMaxTensors); ++i, ++c.count) {
@@ -354,8 +367,14 @@ void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, cons
       c.m[c.count] = (i < buf.size() && buf[i].defined()) ? buf[i].raw_data() : nullptr;
       c.n[c.count] = p[i].numel();
     }
-    check(launch_sgd(dt, c, lr, mu, wd, nesterov, first, stream_of(p[0])), "sgd_update");
+    check(launch_sgd(dt, c, sc, sd, mu, wd, nesterov, stream_of(p[0])), "sgd_update");
   }
+}
+
+void set_update_scalars(Tensor& dst, const UpdateScalars& s) {
+  if (dst.dtype() != DType::f64 || dst.numel() != UpdateScalars::size || !dst.is_contiguous() || !dst.device().is_cuda())
+    throw ValueError("set_update_scalars: needs f64 [4], contiguous, on a GPU", "f64[4] on cuda", dst.str());
+  check(launch_set_update_scalars(static_cast<double*>(dst.raw_data()), s, stream_of(dst)), "set_update_scalars");
 }
 
 }  // namespace titanax::kernels::cuda

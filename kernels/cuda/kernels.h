@@ -19,6 +19,7 @@
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cpu/reduce.h"
+#include "kernels/update_scalars.h"
 
 namespace titanax::kernels::cuda {
 
@@ -136,12 +137,17 @@ void max_pool2d_backward(const Tensor& dy, const Tensor& ws, const cpu::Pool2dGe
 // ------------------------------------------------------------------------------------ optimizers
 /// Fused multi-tensor AdamW / Adam (formulas of kernels/cpu/optim.h) over parameter lists p, g, m, v
 /// (equal lengths; tensor i of each list has the same numel, dtype f32 or f64, contiguous, on one device),
-/// in place: one kernel launch per 24 tensors.
+/// in place: one kernel launch per 24 tensors. The step's scalars (kernels/update_scalars.h) are `s`, or,
+/// when `device_scalars` is given (f64 [UpdateScalars::size] on the parameters' device), read by the
+/// kernels from there: what a captured CUDA graph needs, as the values change at every step.
 void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& m,
-                 const std::vector<Tensor>& v, double lr, double b1, double b2, double eps, double wd, int64_t t,
-                 bool decoupled);
-/// Fused multi-tensor SGD with momentum (buf entries may be undefined when mu == 0).
-void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf, double lr,
-                double mu, double wd, bool nesterov, bool first);
+                 const std::vector<Tensor>& v, const UpdateScalars& s, double b1, double b2, double eps, double wd,
+                 bool decoupled, const Tensor* device_scalars = nullptr);
+/// Fused multi-tensor SGD with momentum (buf entries may be undefined when mu == 0); scalars as adam_update.
+void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf,
+                const UpdateScalars& s, double mu, double wd, bool nesterov, const Tensor* device_scalars = nullptr);
+/// Writes s into dst (f64 [UpdateScalars::size], contiguous, on a GPU) with a kernel launch on the current
+/// stream that carries the values: nothing waits. Throws DTypeError / ShapeError for another dst.
+void set_update_scalars(Tensor& dst, const UpdateScalars& s);
 
 }  // namespace titanax::kernels::cuda

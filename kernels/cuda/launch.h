@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "kernels/update_scalars.h"
+
 namespace titanax::kernels::cuda {
 
 constexpr int kMaxDims = 8;
@@ -127,10 +129,16 @@ struct TensorChunk {
   void* v[kMaxTensors] = {};  ///< Adam v
   int64_t n[kMaxTensors] = {};
 };
-/// Fused AdamW / Adam over a chunk (formulas of kernels/cpu/optim.h), f32 or f64.
-int launch_adam(Dt t, const TensorChunk& c, double lr, double b1, double b2, double eps, double wd, int64_t step,
-                bool decoupled, void* stream);
-/// Fused SGD with momentum over a chunk.
-int launch_sgd(Dt t, const TensorChunk& c, double lr, double mu, double wd, bool nesterov, bool first, void* stream);
+/// Fused AdamW / Adam over a chunk (formulas of kernels/cpu/optim.h), f32 or f64, with the step's
+/// scalars `s` (kernels/update_scalars.h), or, when `s_device` is non-null, the UpdateScalars::size
+/// doubles it points to in device memory (read by the kernel: a captured launch replays with new values).
+int launch_adam(Dt t, const TensorChunk& c, const UpdateScalars& s, const double* s_device, double b1, double b2,
+                double eps, double wd, bool decoupled, void* stream);
+/// Fused SGD with momentum over a chunk; scalars as launch_adam.
+int launch_sgd(Dt t, const TensorChunk& c, const UpdateScalars& s, const double* s_device, double mu, double wd,
+               bool nesterov, void* stream);
+/// Writes s.v into dst (UpdateScalars::size doubles in device memory) with a one-block kernel: queued on
+/// the stream, the values travel as the launch's arguments (nothing waits, no host buffer to keep).
+int launch_set_update_scalars(double* dst, const UpdateScalars& s, void* stream);
 
 }  // namespace titanax::kernels::cuda

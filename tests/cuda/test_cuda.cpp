@@ -166,12 +166,26 @@ TEST_CASE("cuda: fused AdamW matches the CPU update") {
     const std::pair<L*, L*> pairs[] = {{&p, &dp}, {&g, &dg}, {&m, &dm}, {&v, &dv}};
     for (auto [src, dst] : pairs) dst->push_back(src->back().to(Device::cuda(0)));
   }
-  for (size_t i = 0; i < p.size(); ++i)
-    kernels::cpu::adam_update(p[i].data<float>(), g[i].data<float>(), m[i].data<float>(), v[i].data<float>(),
-                              p[i].numel(), 1e-3, 0.9, 0.999, 1e-8, 0.1, 1, true);
-  kernels::cuda::adam_update(dp, dg, dm, dv, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1, true);
-  for (size_t i = 0; i < p.size(); ++i) {
-    CHECK(rel_error(dp[i], p[i]) < 1e-5);
-    CHECK(rel_error(dv[i], v[i]) < 1e-5);
+  // Step 1 with the scalars by value, step 2 with them read from device memory (as a captured CUDA graph
+  // does), step 3 skipped (apply 0: nothing moves), each against the CPU kernel.
+  Tensor on_device = empty(Shape{kernels::UpdateScalars::size}, DType::f64, Device::cuda(0));
+  for (int64_t t = 1; t <= 3; ++t) {
+    INFO("step " << t);
+    const kernels::UpdateScalars sc = kernels::adam_scalars(1e-3 * double(t), 0.9, 0.999, 0.1, t, t != 3);
+    for (size_t i = 0; i < p.size(); ++i)
+      kernels::cpu::adam_update(p[i].data<float>(), g[i].data<float>(), m[i].data<float>(), v[i].data<float>(),
+                                p[i].numel(), sc, 0.9, 0.999, 1e-8, 0.1, true);
+    if (t == 1) {
+      kernels::cuda::adam_update(dp, dg, dm, dv, sc, 0.9, 0.999, 1e-8, 0.1, true);
+    } else {
+      kernels::cuda::set_update_scalars(on_device, sc);
+      kernels::cuda::adam_update(dp, dg, dm, dv, kernels::UpdateScalars{}, 0.9, 0.999, 1e-8, 0.1, true, &on_device);
+    }
+    for (size_t i = 0; i < p.size(); ++i) {
+      CHECK(rel_error(dp[i], p[i]) < 1e-5);
+      CHECK(rel_error(dm[i], m[i]) < 1e-5);
+      CHECK(rel_error(dv[i], v[i]) < 1e-5);
+    }
   }
+  CHECK(on_device.to(Device::cpu()).to_vector<double>()[0] == 0.0);  // the skipped step's apply flag
 }

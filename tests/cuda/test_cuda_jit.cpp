@@ -208,6 +208,19 @@ TEST_CASE("cuda jit: a training step replayed through CUDA graphs equals the op-
   CHECK(st->recaptures == 1);
   CHECK(st->launches == int64_t(st->segments) * 8);  // calls 2..9 (call 0 traced, call 1 warmed up)
   CHECK(plain.step.capture_stats_for(batch(0)) == nullptr);
+  // The AdamW updates read their scalars from device memory: inside a segment, not op by op.
+  const jit::Graph* g = graphs.step.graph_for(batch(0));
+  REQUIRE(g != nullptr);
+  const auto segs = jit::capture_segments(*g, [&](size_t j) { return jit::capturable_node(*g, g->nodes[j], Device::cuda(0)); });
+  int updates = 0;
+  for (size_t j = 0; j < g->nodes.size(); ++j) {
+    if (std::string(g->nodes[j].op->name()) != "adamw_update") continue;
+    ++updates;
+    bool inside = false;
+    for (const auto& [b, e] : segs) inside = inside || (j >= b && j < e);
+    CHECK(inside);
+  }
+  CHECK(updates == int(graphs.params.size()));
 
   // TITANAX_CUDA_GRAPHS=0 replays op by op.
   ::setenv("TITANAX_CUDA_GRAPHS", "0", 1);

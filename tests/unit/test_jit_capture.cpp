@@ -171,7 +171,15 @@ void check_against_graph_run(Step& s, jit::CapturedReplay& replay, int calls, co
 TEST_CASE("captured replay: segments are maximal runs of capturable nodes with device work", "[jit][capture]") {
   Step s;
   const auto segs = jit::capture_segments(s.g, like_cuda(s.g));
-  REQUIRE(segs.size() >= 2);  // cross-entropy and the optimizer's host-scalar updates split the step
+  REQUIRE(segs.size() >= 2);  // cross-entropy (host label check) and the update scalars (host values) split it
+  // The optimizer's updates read their step's scalars from memory on their device: capturable.
+  int updates = 0;
+  for (size_t j = 0; j < s.g.nodes.size(); ++j)
+    if (std::string(s.g.nodes[j].op->name()) == "adamw_update") {
+      ++updates;
+      CHECK(like_cuda(s.g)(j));
+    }
+  CHECK(updates == int(s.params.size()));
   for (size_t k = 0; k < segs.size(); ++k) {
     const auto [b, e] = segs[k];
     REQUIRE(b < e);
@@ -190,7 +198,7 @@ TEST_CASE("captured replay: segments are maximal runs of capturable nodes with d
 
 TEST_CASE("captured replay of a training step equals Graph::run bitwise, call after call", "[jit][capture]") {
   Step s;
-  SECTION("segments as on a GPU: cross-entropy and the host-scalar updates op by op") {
+  SECTION("segments as on a GPU: cross-entropy and the host-scalar ops op by op") {
     auto rec = std::make_unique<EmulatedCapture>(s.g);
     EmulatedCapture& emu = *rec;
     jit::CapturedReplay replay(s.g, std::move(rec), like_cuda(s.g));
