@@ -190,6 +190,17 @@ TensorList CapturedReplay::capture(const TensorList& args) {
   };
   int failed = 0;
   std::vector<Segment> made;
+  // An op-by-op node that throws (bad labels, say) ends the call: release what this capture made.
+  struct Unwind {
+    SegmentRecorder& rec;
+    std::vector<Segment>& made;
+    bool armed = true;
+    ~Unwind() {
+      if (!armed || made.empty()) return;
+      rec.synchronize();
+      for (Segment& s : made) rec.destroy(s.handle);
+    }
+  } unwind{*rec_, made};
   size_t next = 0;
   for (size_t i = 0; i < N;) {
     if (next >= segs.size() || segs[next].first != i) {
@@ -254,6 +265,7 @@ TensorList CapturedReplay::capture(const TensorList& args) {
   TensorList res;
   for (int o : g_.outputs) res.push_back(env[size_t(o)]);
   g_.write_updates(env);
+  unwind.armed = false;
   segments_ = std::move(made);
   if (failed) {
     drop_captures();  // captures again next call, without the refused nodes

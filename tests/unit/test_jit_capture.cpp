@@ -263,3 +263,29 @@ TEST_CASE("captured replay: state that moved under a capture is captured again",
   CHECK(replay.stats().recaptures == 1);
   CHECK(emu.begun == 2 * replay.stats().segments);
 }
+
+TEST_CASE("captured replay: a node that throws during the capturing call leaves no segment behind", "[jit][capture]") {
+  Step s, twin;
+  auto rec = std::make_unique<EmulatedCapture>(s.g);
+  EmulatedCapture& emu = *rec;
+  jit::CapturedReplay replay(s.g, std::move(rec), like_cuda(s.g));
+  auto check_call = [&](const TensorList& args) {
+    const TensorList got = replay.run(args), want = twin.g.run(args);
+    CHECK(got[0].item() == want[0].item());
+    CHECK(got[1].item() == want[1].item());
+  };
+  check_call(batch(1));  // warm-up
+  // A label out of range: cross-entropy (op by op, after the forward's segment) throws in the call
+  // that captures, as Graph::run does; the segment captured before it is released.
+  TensorList bad = batch(2);
+  bad[1] = from_vector(std::vector<int64_t>{0, 1, 2, 7, 0, 1, 2, 0}, Shape{8});
+  CHECK_THROWS_AS(replay.run(bad), ValueError);
+  CHECK_THROWS_AS(twin.g.run(bad), ValueError);
+  CHECK(emu.begun >= 1);
+  CHECK(emu.live == 0);
+  CHECK(replay.stats().segments == 0);
+  for (uint64_t c = 3; c < 7; ++c) check_call(batch(c));  // captures again, then launches
+  CHECK(replay.stats().segments > 0);
+  CHECK(emu.live == replay.stats().segments);
+  for (size_t i = 0; i < s.params.size(); ++i) CHECK(bitwise_equal(s.params[i].second, twin.params[i].second));
+}
