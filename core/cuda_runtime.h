@@ -15,11 +15,16 @@ int device_count();
 /// Host-to-device, device-to-host and device-to-device copies on `device`'s current stream. The first
 /// two wait for completion (they feed host code, or read host memory the caller may free); a
 /// device-to-device copy is queued like a kernel (stream-ordered, capturable into a CUDA graph). Throw
-/// DeviceError with the CUDA error string on failure.
+/// DeviceError with the CUDA error string on failure. After a device-to-host copy has waited, bad input a
+/// kernel found on the device since the last wait (cross-entropy's labels: kernels/cuda/check.h
+/// report_slot) is thrown as a ValueError, as the CPU kernel would have thrown it at once.
 void memcpy_h2d(void* dst, const void* src, size_t bytes, int device);
 void memcpy_d2h(void* dst, const void* src, size_t bytes, int device);
 void memcpy_d2d(void* dst, const void* src, size_t bytes, int device);
-/// Waits for all work queued on `device`.
+/// Sets `bytes` bytes at dst (device memory of `device`) to zero, queued on the current stream like a
+/// kernel (nothing waits; capturable into a CUDA graph). Throws DeviceError.
+void memset_zero(void* dst, size_t bytes, int device);
+/// Waits for all work queued on `device`, then throws bad input a kernel reported (as memcpy_d2h).
 void synchronize(int device);
 /// The stream kernels and copies for `device` are queued on by the calling thread (a cudaStream_t):
 /// the one set by set_current_stream, else nullptr, the legacy default stream. nullptr without CUDA.

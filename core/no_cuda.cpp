@@ -21,6 +21,7 @@ int device_count() { return 0; }
 void memcpy_h2d(void*, const void*, size_t, int) { no_cuda("memcpy to cuda"); }
 void memcpy_d2h(void*, const void*, size_t, int) { no_cuda("memcpy from cuda"); }
 void memcpy_d2d(void*, const void*, size_t, int) { no_cuda("memcpy on cuda"); }
+void memset_zero(void*, size_t, int) { no_cuda("memset on cuda"); }
 void synchronize(int) { no_cuda("cuda synchronize"); }
 void* current_stream(int) { return nullptr; }
 void* create_stream(int) { no_cuda("cuda stream"); }

@@ -1,5 +1,6 @@
 #include "core/tensor.h"
 
+#include <cmath>
 #include <cstring>
 #include <sstream>
 
@@ -221,6 +222,8 @@ void fill_(Tensor& dst, double value) {
   }
   if (dst.device().is_cpu()) {
     kernels::cpu::fill(dst, value);
+  } else if (value == 0.0 && !std::signbit(value) && dst.is_contiguous()) {  // +0 is all zero bytes in every dtype
+    cuda_rt::memset_zero(dst.raw_data(), dst.nbytes(), dst.device().index);   // queued: nothing waits
   } else {
     Tensor host = full(dst.shape(), value, dst.dtype());
     copy_(dst, host);

@@ -228,9 +228,13 @@ TensorList CapturedReplay::capture(const TensorList& args) {
         const TensorList in = inputs_of(j);
         set_outputs(j, rec_->record(j, in, [&] { return run_node(g_, g_.plan.get(), arena, j, in); }));
         release_inputs(j, b, e);  // the segment's own temporaries (outside values stay for a rerun)
-      } catch (const std::exception& ex) {
+      } catch (const DeviceError& ex) {  // CUDA refused what the node queued: leave the node out
         why = ex.what();
         at = j;
+      } catch (...) {  // the node's own error (bad input): not the capture's; end it and pass it on
+        std::string ignored;
+        rec_->destroy(rec_->end(&ignored));
+        throw;
       }
     }
     std::string refused;

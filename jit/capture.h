@@ -11,9 +11,9 @@
 //
 // Segments: maximal runs of consecutive nodes that can be captured (capturable_node): every input and
 // output on the device, no host-scalar input (Op::host_input), Op::capturable() (not an op that reads
-// labels or indices on the host, runs sub-graphs or communicates). The others (the optimizer's
-// learning-rate, step-count and update-scalar ops, which compute on the host; cross-entropy's host
-// label check) run op by op between the segments' launches, in node order, on the same stream.
+// indices on the host, runs sub-graphs or communicates). The others (the optimizer's learning-rate,
+// step-count and update-scalar ops, which compute on the host; the embedding's host index check) run op
+// by op between the segments' launches, in node order, on the same stream.
 //
 // Memory: a captured kernel reads and writes the addresses it had when it was captured, so
 //  * the graph inputs the segments read are copied into buffers of the replay (one device copy each);
@@ -28,9 +28,11 @@
 //    drops its captures and captures again.
 // Everything is queued on the replay's stream, which synchronises with the legacy default stream.
 //
-// When a capture fails (an op synchronised or queued something a graph cannot hold), the segment's
-// nodes run op by op for that call, the node that failed (or the whole segment) is no longer captured,
-// and the next call captures again without it: a failed capture costs time, never a result.
+// When a capture fails (an op synchronised or queued something a graph cannot hold: a DeviceError while
+// recording, or a graph CUDA cannot instantiate), the segment's nodes run op by op for that call, the
+// node that failed (or the whole segment) is no longer captured, and the next call captures again
+// without it: a failed capture costs time, never a result. Any other error a node throws while being
+// recorded is its own (bad input): the capture is dropped and the error passes to the caller.
 // TITANAX_CUDA_GRAPHS=0 in the environment (or JitOptions::cuda_graphs = false) replays op by op.
 //
 // CapturedReplay holds the bookkeeping and does not depend on CUDA: a SegmentRecorder records and

@@ -98,7 +98,6 @@ class CrossEntropyBackward final : public Op {
  public:
   CrossEntropyBackward(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
   const char* name() const override { return "cross_entropy_backward"; }
-  bool capturable() const override { return false; }  // reads the labels on the host (check_labels)
   std::string attrs() const override {
     return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
   }
@@ -117,10 +116,9 @@ class CrossEntropyBackward final : public Op {
     int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
     kc::cross_entropy_backward(logits, labels, ct, ignore_, to_kernel(red_), count, out[0]);
   }
+  // The labels are checked on the device (kernels/cuda/kernels.h): nothing waits.
   void cuda(const TensorList& in, TensorList& out) const override {
-    Tensor logits = dense(in[0]), labels = dense(in[1]), ct = dense(in[2]);
-    int64_t count = kc::check_labels(host_copy(labels), logits.shape().back(), ignore_, in[1].shape(), "cross_entropy");
-    kernels::cuda::cross_entropy_backward(logits, labels, ct, ignore_, to_kernel(red_), count, out[0]);
+    kernels::cuda::cross_entropy_backward(dense(in[0]), dense(in[1]), dense(in[2]), ignore_, to_kernel(red_), out[0]);
   }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of cross_entropy is not implemented", "first-order gradients of cross_entropy",
@@ -137,7 +135,6 @@ class CrossEntropy final : public Op {
  public:
   CrossEntropy(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
   const char* name() const override { return "cross_entropy"; }
-  bool capturable() const override { return false; }  // reads the labels on the host (check_labels)
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
   std::string attrs() const override {
     return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
@@ -153,10 +150,10 @@ class CrossEntropy final : public Op {
     int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
     kc::cross_entropy(logits, labels, ignore_, to_kernel(red_), count, out[0]);
   }
+  // The labels are checked on the device (kernels/cuda/kernels.h): a bad one is thrown at the host's next
+  // wait for the device, and nothing waits here, so the op can be captured into a CUDA graph.
   void cuda(const TensorList& in, TensorList& out) const override {
-    Tensor logits = dense(in[0]), labels = dense(in[1]);
-    int64_t count = kc::check_labels(host_copy(labels), logits.shape().back(), ignore_, in[1].shape(), "cross_entropy");
-    kernels::cuda::cross_entropy(logits, labels, ignore_, to_kernel(red_), count, out[0]);
+    kernels::cuda::cross_entropy(dense(in[0]), dense(in[1]), ignore_, to_kernel(red_), out[0]);
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

@@ -20,8 +20,8 @@ void reduce(ReduceOp, const Tensor&, const std::vector<bool>&, Tensor&) { no_cud
 void argmax(const Tensor&, int, Tensor&) { no_cuda("argmax"); }
 void dropout(const Tensor&, double, RngKey, Tensor&) { no_cuda("dropout"); }
 void softmax(const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("softmax"); }
-void cross_entropy(const Tensor&, const Tensor&, int64_t, LossReduction, int64_t, Tensor&) { no_cuda("cross_entropy"); }
-void cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, int64_t, LossReduction, int64_t, Tensor&) {
+void cross_entropy(const Tensor&, const Tensor&, int64_t, LossReduction, Tensor&) { no_cuda("cross_entropy"); }
+void cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, int64_t, LossReduction, Tensor&) {
   no_cuda("cross_entropy_backward");
 }
 void layer_norm(const Tensor&, const Tensor*, const Tensor*, double, Tensor&) { no_cuda("layer_norm"); }

@@ -8,8 +8,14 @@
 #include <string>
 
 #include "core/error.h"
+#include "kernels/cuda/launch.h"
 
 namespace titanax::kernels::cuda {
+
+/// Where kernels on `device` report bad input they find (launch.h ReportSlot), made with the device's
+/// caching allocator. The host throws a pending report as a ValueError whenever it waits for the device
+/// (cuda_rt::memcpy_d2h, cuda_rt::synchronize). Throws DeviceError.
+ReportSlot report_slot(int device);
 
 [[noreturn]] void throw_cuda_error(int err, const char* call, const char* file, int line);
 [[noreturn]] void throw_cublas_error(int status, const char* call, const char* file, int line);

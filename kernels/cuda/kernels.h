@@ -56,13 +56,16 @@ void argmax(const Tensor& x, int axis, Tensor& out);
 // ------------------------------------------------------------------------------------ nn (contiguous inputs)
 /// Softmax / log-softmax along the middle axis of x viewed as [outer, n, inner] (see kernels/cpu/nn.h).
 void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y);
-/// Fused log-softmax + NLL over logits [R, C] and labels [R] (already checked on the host); out as in
-/// kernels::cpu::cross_entropy. sum / mean add the row losses deterministically (one block, fixed order).
-void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red,
-                   int64_t count, Tensor& out);
+/// Fused log-softmax + NLL over logits [R, C] and labels [R]; out as in kernels::cpu::cross_entropy. sum /
+/// mean add the row losses deterministically (one block, fixed order). The labels are checked on the
+/// device (nothing waits, so the op can be captured into a CUDA graph): a label outside [0, C) that is not
+/// ignore_index makes its row's loss NaN and is thrown as a ValueError at the host's next wait for the
+/// device (a loss read, cuda_rt::synchronize), as the CPU would have thrown at once.
+void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red, Tensor& out);
 /// dlogits [R, C] = (softmax(logits) - onehot(labels)) * scale_r; ct on the device (see the CPU twin).
+/// Labels checked as cross_entropy does (a bad label's row is NaN).
 void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
-                            LossReduction red, int64_t count, Tensor& dlogits);
+                            LossReduction red, Tensor& dlogits);
 /// y [R, D] = (x - mean) * rstd * w + b over the last axis; w, b may be nullptr.
 void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, Tensor& y);
 /// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).

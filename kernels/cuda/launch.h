@@ -15,6 +15,22 @@ namespace titanax::kernels::cuda {
 
 constexpr int kMaxDims = 8;
 
+/// Bad input a kernel found, reported to the host after the fact (cuda_rt::report_slot, checked whenever
+/// the host waits for the device). The first report since the last check wins.
+struct DeviceReport {
+  int code = 0;       ///< ReportCode; 0: nothing to report
+  int64_t index = 0;  ///< flat position of the bad element
+  int64_t value = 0;  ///< its value
+  int64_t bound = 0;  ///< the exclusive upper bound it broke
+};
+enum ReportCode : int { kNoReport = 0, kLabelOutOfRange = 1 };
+/// Where kernels report: `flag`, an int in device memory (atomicCAS from 0 picks the first report), and
+/// `host`, a DeviceReport in pinned host memory mapped for the device, which the winner fills.
+struct ReportSlot {
+  int* flag = nullptr;
+  DeviceReport* host = nullptr;
+};
+
 /// Element types the kernels handle (b8 is bool stored as one byte).
 enum class Dt : int { f32, f64, i32, i64, u8, b8, f16, bf16 };
 
@@ -68,11 +84,16 @@ int launch_argmax(Dt t, const void* x, int64_t* out, const ReduceLayout& L, void
 int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64_t inner, bool log, void* stream);
 /// Fused log-softmax + NLL over logits [R, C], labels [R] (i64 when lab64 else i32). red: 0 mean, 1 sum,
 /// 2 none. For mean / sum, `rows` (R doubles of scratch) receives the row losses, summed in row order.
+/// The labels are checked on the device first: `count` (one i64 of device scratch) receives the number
+/// of labels that are not `ignore` (mean's divisor), and a label outside [0, C) is reported into `slot`
+/// (its row's loss is NaN).
 int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t ignore,
-                         int red, int64_t count, void* out, double* rows, void* stream);
-/// dlogits = (softmax(x) - onehot) * scale_r (see kernels/cpu/nn.h).
+                         int red, int64_t* count, const ReportSlot& slot, void* out, double* rows, void* stream);
+/// dlogits = (softmax(x) - onehot) * scale_r (see kernels/cpu/nn.h); labels checked as launch_cross_entropy
+/// does (a bad label's row is NaN).
 int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
-                                  int64_t C, int64_t ignore, int red, int64_t count, void* dx, void* stream);
+                                  int64_t C, int64_t ignore, int red, int64_t* count, const ReportSlot& slot,
+                                  void* dx, void* stream);
 /// y [R, D] = (x - mean) * rstd * w + b; w, b may be null.
 int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
                       void* stream);

@@ -61,17 +61,48 @@ __global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64
   }
 }
 
+// Reports a bad element into the slot: the first report since the host last checked wins.
+__device__ void report(const ReportSlot& slot, int code, int64_t index, int64_t value, int64_t bound) {
+  if (atomicCAS(slot.flag, 0, code) != 0) return;
+  volatile DeviceReport* h = slot.host;
+  h->index = index;
+  h->value = value;
+  h->bound = bound;
+  __threadfence_system();
+  h->code = code;
+}
+
+// One block: counts the labels that are not `ignore` into *count (mean's divisor) and reports one
+// outside [0, C).
+template <class L>
+__global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, int64_t* count, ReportSlot slot) {
+  double n = 0;
+  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
+    const int64_t l = int64_t(lab[r]);
+    if (l == ignore) continue;
+    if (l < 0 || l >= C) report(slot, kLabelOutOfRange, r, l, C);
+    else n += 1;
+  }
+  n = block_sum(n);
+  if (threadIdx.x == 0) *count = int64_t(n);
+}
+
+__device__ inline bool bad_label(int64_t l, int64_t C) { return l < 0 || l >= C; }
+
 template <class T, class L>
 __global__ void k_ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out,
                              double* rows) {
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     double loss = 0;
-    if (int64_t(lab[r]) != ignore) {
+    const int64_t l = int64_t(lab[r]);
+    if (l != ignore && bad_label(l, C)) {
+      loss = __longlong_as_double(0x7ff8000000000000LL);  // NaN: the label was reported
+    } else if (l != ignore) {
       const T* xr = x + r * C;
       T m;
       double s;
       row_stats(xr, C, 1, m, s);
-      loss = double(m) + ::log(s) - double(xr[lab[r]]);
+      loss = double(m) + ::log(s) - double(xr[l]);
     }
     if (threadIdx.x == 0) {
       if (red == 2) out[r] = T(loss);
@@ -83,27 +114,28 @@ __global__ void k_ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int
 
 // Sum of the row losses by one block with a fixed partition: deterministic run to run.
 template <class T>
-__global__ void k_ce_total(const double* rows, int64_t R, int red, int64_t count, T* out) {
+__global__ void k_ce_total(const double* rows, int64_t R, int red, const int64_t* count, T* out) {
   double s = 0;
   for (int64_t r = threadIdx.x; r < R; r += blockDim.x) s += rows[r];
   s = block_sum(s);
   if (threadIdx.x == 0) {
-    if (red == 0) s = count > 0 ? s / double(count) : 0.0;
+    if (red == 0) s = *count > 0 ? s / double(*count) : 0.0;
     out[0] = T(s);
   }
 }
 
 template <class T, class L>
 __global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                              int64_t count, T* dx) {
+                              const int64_t* count, T* dx) {
   double uniform = 0;
   if (red == 1) uniform = double(ct[0]);
-  if (red == 0) uniform = count > 0 ? double(ct[0]) / double(count) : 0.0;
+  if (red == 0) uniform = *count > 0 ? double(ct[0]) / double(*count) : 0.0;
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
     T* dr = dx + r * C;
     const int64_t label = int64_t(lab[r]);
-    if (label == ignore) {
-      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) dr[j] = T(0);
+    if (label == ignore || bad_label(label, C)) {  // a bad label (reported) gets a NaN row
+      const T fill = label == ignore ? T(0) : T(__longlong_as_double(0x7ff8000000000000LL));
+      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) dr[j] = fill;
       continue;
     }
     const double scale = red == 2 ? double(ct[r]) : uniform;
@@ -118,6 +150,14 @@ __global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, 
       dr[j] = v;
     }
   }
+}
+
+// The labels' check and count (k_ce_labels), for both directions.
+int launch_ce_labels(bool lab64, const void* lab, int64_t R, int64_t C, int64_t ignore, int64_t* count,
+                     const ReportSlot& slot, cudaStream_t st) {
+  if (lab64) k_ce_labels<<<1, 1024, 0, st>>>(static_cast<const int64_t*>(lab), R, C, ignore, count, slot);
+  else k_ce_labels<<<1, 1024, 0, st>>>(static_cast<const int32_t*>(lab), R, C, ignore, count, slot);
+  return int(cudaGetLastError());
 }
 
 template <class T>
@@ -239,8 +279,9 @@ int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64
 }
 
 int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t ignore,
-                         int red, int64_t count, void* out, double* rows, void* stream) {
+                         int red, int64_t* count, const ReportSlot& slot, void* out, double* rows, void* stream) {
   auto st = as_stream(stream);
+  if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
   return floating(t, [&](auto v) {
     using T = decltype(v);
     if (R > 0) {
@@ -256,9 +297,11 @@ int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64
 }
 
 int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
-                                  int64_t C, int64_t ignore, int red, int64_t count, void* dx, void* stream) {
+                                  int64_t C, int64_t ignore, int red, int64_t* count, const ReportSlot& slot,
+                                  void* dx, void* stream) {
   if (R * C == 0) return 0;
   auto st = as_stream(stream);
+  if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
   return floating(t, [&](auto v) {
     using T = decltype(v);
     if (lab64)

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
 #include <set>
 #include <string>
 #include <unordered_map>
@@ -83,7 +84,21 @@ class CudaAllocator final : public StatsAllocator {
   explicit CudaAllocator(int index) : index_(index) {
     const char* e = std::getenv("TITANAX_CUDA_POISON");
     poison_ = e && *e && *e != '0';
+    // The device's report slot (kernels/cuda/launch.h), made here: before any kernel, so never while a
+    // stream captures.
+    DeviceGuard dg(index);
+    void *flag = nullptr, *host = nullptr, *mapped = nullptr;
+    TX_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+    TX_CUDA_CHECK(cudaMemset(flag, 0, sizeof(int)));
+    TX_CUDA_CHECK(cudaHostAlloc(&host, sizeof(kernels::cuda::DeviceReport), cudaHostAllocMapped));
+    report = new (host) kernels::cuda::DeviceReport{};
+    TX_CUDA_CHECK(cudaHostGetDevicePointer(&mapped, host, 0));
+    slot.flag = static_cast<int*>(flag);
+    slot.host = static_cast<kernels::cuda::DeviceReport*>(mapped);
   }
+
+  kernels::cuda::ReportSlot slot;                // what kernels write: the flag, the record's device address
+  kernels::cuda::DeviceReport* report = nullptr;  // the record, as the host reads it
 
   static size_t round(size_t b) {
     if (b == 0) b = 1;
@@ -215,6 +230,31 @@ CudaAllocator& pool_of(int index) {
 
 Allocator& cuda_allocator(int index) { return pool_of(index); }
 
+namespace kernels::cuda {
+ReportSlot report_slot(int device) { return pool_of(device).slot; }
+}  // namespace kernels::cuda
+
+namespace {
+// Throws the report a kernel left on `device` (and clears it for the next one); called after the host
+// waited for the device, when every queued kernel's report is visible.
+void check_reports(int device) {
+  CudaAllocator& a = pool_of(device);
+  volatile kernels::cuda::DeviceReport* h = a.report;
+  if (h->code == kernels::cuda::kNoReport) return;
+  const int code = h->code;
+  const int64_t index = h->index, value = h->value, bound = h->bound;
+  h->code = kernels::cuda::kNoReport;
+  TX_CUDA_CHECK(cudaMemsetAsync(a.slot.flag, 0, sizeof(int), static_cast<cudaStream_t>(cuda_rt::current_stream(device))));
+  if (code == kernels::cuda::kLabelOutOfRange)
+    throw ValueError("cross_entropy: label out of range (found on " + Device::cuda(device).str() +
+                         " by the kernel; reported at the host's next wait for the device)",
+                     "labels in [0, " + std::to_string(bound) + ") or ignore_index",
+                     "label " + std::to_string(value) + " at flat position " + std::to_string(index),
+                     "check the number of classes of the last layer, or pass the padding label as ignore_index");
+  throw InternalError("a CUDA kernel reported an unknown problem", "a known report code", std::to_string(code));
+}
+}  // namespace
+
 int cuda_device_count() { return cuda_rt::device_count(); }
 
 namespace cuda_rt {
@@ -323,6 +363,7 @@ void copy(void* dst, const void* src, size_t bytes, int device, cudaMemcpyKind k
   // The host waits for copies that touch host memory; a device-to-device copy is ordered on the stream
   // like a kernel (so a CUDA graph capture can record it).
   if (kind != cudaMemcpyDeviceToDevice) TX_CUDA_CHECK(cudaStreamSynchronize(st));
+  if (kind == cudaMemcpyDeviceToHost) check_reports(device);
 }
 }  // namespace
 
@@ -336,10 +377,18 @@ void memcpy_d2d(void* dst, const void* src, size_t bytes, int device) {
   copy(dst, src, bytes, device, cudaMemcpyDeviceToDevice);
 }
 
+void memset_zero(void* dst, size_t bytes, int device) {
+  if (bytes == 0) return;
+  check_index(device);
+  DeviceGuard dg(device);
+  TX_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, static_cast<cudaStream_t>(current_stream(device))));
+}
+
 void synchronize(int device) {
   check_index(device);
   DeviceGuard dg(device);
   TX_CUDA_CHECK(cudaDeviceSynchronize());
+  check_reports(device);
 }
 
 }  // namespace cuda_rt

@@ -1,12 +1,15 @@
 // What the Engine needs on CUDA beyond the op cases (part of titanax_cuda_tests: skipped without a GPU):
 // Optimizer::step on parameters living on cuda:0 takes the fused multi-tensor kernels (one group per
 // setting, e.g. with and without weight decay) and must match the same steps on CPU copies, the global
-// gradient norm too; argmax (classification accuracy) must equal the CPU's exactly, ties included.
+// gradient norm too; argmax (classification accuracy) must equal the CPU's exactly, ties included;
+// cross-entropy's labels are checked on the device and a bad one is thrown at the next wait.
 #include <catch2/catch.hpp>
 
 #include <cmath>
 #include <cstring>
 
+#include "autodiff/autodiff.h"
+#include "core/cuda_runtime.h"
 #include "engine/optim.h"
 #include "op_cases.h"
 #include "ops/ops.h"
@@ -96,4 +99,28 @@ TEST_CASE("cuda dropout draws the CPU's mask: bitwise equal outputs and gradient
   sum(dropout(xc, 0.25, key) * 3.0).backward();
   sum(dropout(xg, 0.25, key) * 3.0).backward();
   CHECK(xg.grad().to(Device::cpu()).to_vector<float>() == xc.grad().to_vector<float>());
+}
+
+TEST_CASE("cuda cross-entropy checks labels on the device: a bad one is a ValueError at the next wait, then cleared") {
+  // cross_entropy on the GPU does not wait for the labels (so it can be captured into a CUDA graph): a
+  // label out of range is reported by the kernel and thrown when the host next waits for the device.
+  const Tensor logits = testing::randn64(RngKey::from_seed(77), Shape{4, 5}).astype(DType::f32);
+  const Tensor good = from_vector(std::vector<int64_t>{0, 4, 2, 1}, Shape{4});
+  const Tensor bad = from_vector(std::vector<int64_t>{0, 7, 2, 1}, Shape{4});
+  const Tensor dl = logits.to(Device::cuda(0));
+  const Tensor loss = cross_entropy(dl, bad.to(Device::cuda(0)));  // queued, not checked yet
+  CHECK_THROWS_WITH(loss.to(Device::cpu()),
+                    Catch::Matchers::Contains("label out of range") && Catch::Matchers::Contains("label 7 at flat position 1"));
+  // Cleared: the next loss reads back without an error and equals the CPU's.
+  CHECK(std::fabs(cross_entropy(dl, good.to(Device::cuda(0))).to(Device::cpu()).item() - cross_entropy(logits, good).item()) < 1e-5);
+  // The backward checks them too (an ignored label is fine: -100 is the default ignore_index).
+  Tensor x = dl.detach();
+  x.set_requires_grad(true);
+  const Tensor l2 = cross_entropy(x, from_vector(std::vector<int64_t>{0, -100, 9, 1}, Shape{4}).to(Device::cuda(0)));
+  const TensorList g = grad(l2, {x});
+  CHECK_THROWS_AS(cuda_rt::synchronize(0), ValueError);
+  CHECK_NOTHROW(cuda_rt::synchronize(0));
+  const Tensor l3 = cross_entropy(dl, from_vector(std::vector<int64_t>{0, -100, 3, 1}, Shape{4}).to(Device::cuda(0)));
+  CHECK(std::fabs(l3.to(Device::cpu()).item() -
+                  cross_entropy(logits, from_vector(std::vector<int64_t>{0, -100, 3, 1}, Shape{4})).item()) < 1e-5);
 }
