@@ -7,8 +7,8 @@
 # 2 ranks sharing it) and checks the accuracy bars of e2e_mlp_accuracy / e2e_cnn_accuracy.
 # Builds the cuda preset (library, CUDA tests, codegen tests, benchmarks) on all cores, runs the CUDA
 # tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph), the CUDA collectives on
-# 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank), the JIT, kernel and MLP-step
-# benchmarks,
+# 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank), the JIT (MLP; GPT-2 124M last),
+# kernel and MLP-step benchmarks,
 # writes full logs under $OUT (or build/cuda/gpu-check) and prints a short summary last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +49,9 @@ if [[ -d $mnist ]]; then
   STEP_NAME=mnist_mlp_np2 step mnist_mlp_np2 train 2 mnist_mlp.yaml 0.95
   STEP_NAME=mnist_cnn step mnist_cnn train 1 mnist_cnn.yaml 0.975
 fi
+# Last (the longest, and a timing rather than a check): GPT-2 124M under jit, bf16 (issue #6's first-step
+# target: at most 3 s cold).
+step bench_jit_gpt2 timeout 300 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer
 grep -E "FAILED|failed|with expansion" -A3 "$out/cuda_tests.log" | head -60
 echo "GPU: $(cat "$out/gpu.txt")"
 printf '%s\n' "${summary[@]}"
