@@ -535,7 +535,9 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& labels, Reduction reduc
 
 Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps) {
   if (!(eps >= 0)) throw ValueError("layer_norm: eps must be >= 0", ">= 0 (typically 1e-5)", std::to_string(eps));
-  TensorList in{x};
+  TensorList in;
+  in.reserve(3);  // (also keeps GCC 12's -Warray-bounds from a false positive on the growth of {x})
+  in.push_back(x);
   if (w.defined()) in.push_back(w);
   if (b.defined()) in.push_back(b);
   return apply1(std::make_shared<LayerNorm>(eps, w.defined(), b.defined()), in);
