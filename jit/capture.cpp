@@ -127,6 +127,21 @@ bool CapturedReplay::moved() const {
   return false;
 }
 
+TensorList CapturedReplay::node_inputs(size_t j, const std::vector<Tensor>& env) const {
+  TensorList in;
+  for (int v : g_.nodes[j].inputs) in.push_back(env[size_t(v)]);
+  return in;
+}
+
+void CapturedReplay::release_last_uses(size_t j, std::vector<Tensor>& env, size_t b, size_t e) const {
+  for (int v : g_.nodes[j].inputs) {
+    if (last_[size_t(v)] != int(j) || g_.values[size_t(v)].kind != Value::Kind::node_output) continue;
+    const size_t p = size_t(g_.values[size_t(v)].producer);
+    if (b < e && !(p >= b && p < e)) continue;
+    env[size_t(v)] = Tensor();
+  }
+}
+
 TensorList CapturedReplay::run(const TensorList& args) {
   const std::shared_ptr<void> scope = rec_->enter();
   if (calls_++ == 0) return g_.run(args);  // warm-up: kernels load and libraries initialise outside a capture
@@ -167,23 +182,11 @@ TensorList CapturedReplay::capture(const TensorList& args) {
     env[size_t(v)] = static_in_[k];
   }
   const std::shared_ptr<Storage> arena = g_.plan ? make_arena(g_, *g_.plan) : nullptr;
-  auto inputs_of = [&](size_t j) {
-    TensorList in;
-    for (int v : g_.nodes[j].inputs) in.push_back(env[size_t(v)]);
-    return in;
-  };
+  auto inputs_of = [&](size_t j) { return node_inputs(j, env); };
   auto set_outputs = [&](size_t j, const TensorList& out) {
     for (size_t k = 0; k < g_.nodes[j].outputs.size(); ++k) env[size_t(g_.nodes[j].outputs[k])] = out[k];
   };
-  // Drops node j's inputs at their last use: node outputs, or only those made inside [b, e) when b < e.
-  auto release_inputs = [&](size_t j, size_t b, size_t e) {
-    for (int v : g_.nodes[j].inputs) {
-      if (last_[size_t(v)] != int(j) || g_.values[size_t(v)].kind != Value::Kind::node_output) continue;
-      const size_t p = size_t(g_.values[size_t(v)].producer);
-      if (b < e && !(p >= b && p < e)) continue;
-      env[size_t(v)] = Tensor();
-    }
-  };
+  auto release_inputs = [&](size_t j, size_t b, size_t e) { release_last_uses(j, env, b, e); };
   auto eager = [&](size_t j) {
     set_outputs(j, run_node(g_, g_.plan.get(), arena, j, inputs_of(j)));
     release_inputs(j, 0, 0);
@@ -296,10 +299,6 @@ TensorList CapturedReplay::launch(const TensorList& args) {
       env[size_t(g_.inputs[k])] = static_in_[k];
     }
   const std::shared_ptr<Storage> arena = g_.plan ? make_arena(g_, *g_.plan) : nullptr;
-  auto release_inputs = [&](size_t j) {
-    for (int v : g_.nodes[j].inputs)
-      if (last_[size_t(v)] == int(j) && g_.values[size_t(v)].kind == Value::Kind::node_output) env[size_t(v)] = Tensor();
-  };
   const size_t N = g_.nodes.size();
   size_t next = 0;
   for (size_t i = 0; i < N;) {
@@ -308,21 +307,21 @@ TensorList CapturedReplay::launch(const TensorList& args) {
       rec_->launch(s.handle);
       ++stats_.launches;
       for (int v : s.results) env[size_t(v)] = held_[size_t(v)];
-      for (size_t j = s.begin; j < s.end; ++j) release_inputs(j);
+      for (size_t j = s.begin; j < s.end; ++j) release_last_uses(j, env);
       i = s.end;
       continue;
     }
+    // An op-by-op node writes a value the segments read straight into the buffer they read it from
+    // (run_node's `into`); an op with its own forward allocates, and its result is copied there.
     const Node& n = g_.nodes[i];
-    TensorList in;
-    for (int v : n.inputs) in.push_back(env[size_t(v)]);
-    const TensorList out = run_node(g_, g_.plan.get(), arena, i, in);
+    const TensorList out = run_node(g_, g_.plan.get(), arena, i, node_inputs(i, env), &held_);
     for (size_t k = 0; k < n.outputs.size(); ++k) {
       const int v = n.outputs[k];
       Tensor& h = held_[size_t(v)];
-      if (h.defined()) copy_(h, out[k]);  // into the buffer the segments read it from
+      if (h.defined() && !same_memory(h, out[k])) copy_(h, out[k]);
       env[size_t(v)] = h.defined() ? h : out[k];
     }
-    release_inputs(i);
+    release_last_uses(i, env);
     ++i;
   }
   TensorList res;

@@ -19,8 +19,8 @@
 //  * the graph inputs the segments read are copied into buffers of the replay (one device copy each);
 //  * values crossing a segment's boundary are held by the replay: a segment's results stay at their
 //    captured address and are read from there (graph outputs are returned as copies, as a later launch
-//    overwrites them); an op-by-op node's result that a segment reads is copied into a buffer of the
-//    replay at each call;
+//    overwrites them); an op-by-op node's result that a segment reads is written into a buffer of the
+//    replay at each call (copied there when the op allocates its own outputs);
 //  * allocations while capturing come from a pool of this replay (cuda_rt::begin_capture), never handed
 //    to allocations outside its captures, so no other tensor can be placed where a segment writes;
 //  * parameters, optimizer state and constants are read and written where they are, as in any replay.
@@ -126,6 +126,11 @@ class CapturedReplay {
   TensorList launch(const TensorList& args);
   bool moved() const;
   void drop_captures() noexcept;
+  // Node j's inputs from env (per value id).
+  TensorList node_inputs(size_t j, const std::vector<Tensor>& env) const;
+  // Drops from env the node outputs node j reads for the last time; with b < e only those made by
+  // nodes in [b, e).
+  void release_last_uses(size_t j, std::vector<Tensor>& env, size_t b = 0, size_t e = 0) const;
 
   const Graph& g_;
   std::unique_ptr<SegmentRecorder> rec_;

@@ -143,12 +143,22 @@ std::shared_ptr<Storage> make_arena(const Graph& g, const MemoryPlan& plan) {
 }
 
 TensorList run_node(const Graph& g, const MemoryPlan* plan, const std::shared_ptr<Storage>& arena, size_t node,
-                    const TensorList& in) {
+                    const TensorList& in, const std::vector<Tensor>* into) {
   const Node& n = g.nodes[node];
   bool planned = false;
   if (plan)
     for (int o : n.outputs) planned = planned || plan->slot[size_t(o)] >= 0;
-  if (!planned && n.in_place.empty()) return n.op->forward(in);
+  // A buffer of the caller for an output (only for ops whose outputs Op::forward would allocate).
+  auto given = [&](size_t k, const TensorSpec& s) -> const Tensor* {
+    if (!into || n.op->custom_forward() || k >= n.outputs.size()) return nullptr;
+    const Tensor& t = (*into)[size_t(n.outputs[k])];
+    const bool fits = t.defined() && t.shape() == s.shape && t.dtype() == s.dtype && t.device() == s.device && t.is_contiguous();
+    return fits ? &t : nullptr;
+  };
+  bool direct = false;
+  if (into && !n.op->custom_forward())
+    for (int o : n.outputs) direct = direct || (*into)[size_t(o)].defined();
+  if (!planned && n.in_place.empty() && !direct) return n.op->forward(in);
   const std::vector<TensorSpec> specs = n.op->infer(in);
   TensorList out;
   out.reserve(specs.size());
@@ -162,6 +172,10 @@ TensorList run_node(const Graph& g, const MemoryPlan* plan, const std::shared_pt
                                 " in place into an input of another spec or layout",
                             std::string(dtype_name(s.dtype)) + s.shape.str() + " on " + s.device.str() + ", contiguous", t.str());
       out.push_back(t);
+      continue;
+    }
+    if (const Tensor* t = given(k, s)) {
+      out.push_back(*t);
       continue;
     }
     const int slot = plan && k < n.outputs.size() ? plan->slot[size_t(n.outputs[k])] : -1;

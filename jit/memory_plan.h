@@ -88,10 +88,13 @@ std::shared_ptr<Storage> make_arena(const Graph& g, const MemoryPlan& plan);
 /// Runs node `node` of g on `in` as Graph::run does: a node with a planned output (plan may be null: none)
 /// or an output written in place (Node::in_place) runs infer, then its kernel with its planned outputs
 /// as views of `arena` (from make_arena) at their offsets, its in-place outputs as the inputs they are
-/// written into, and fresh tensors for the others; any other node runs op->forward. Throws what the op
+/// written into, and fresh tensors for the others; any other node runs op->forward. With `into` (per
+/// value id; undefined where not given), an output whose entry is defined, of the inferred spec and
+/// contiguous is written there instead (the buffers a CUDA-graph replay holds: jit/capture.h), unless
+/// the op has its own forward (Op::custom_forward), which allocates its outputs. Throws what the op
 /// throws; InternalError when an inferred output differs in size from the size planned or from the
 /// input it is written into.
 TensorList run_node(const Graph& g, const MemoryPlan* plan, const std::shared_ptr<Storage>& arena, size_t node,
-                    const TensorList& in);
+                    const TensorList& in, const std::vector<Tensor>* into = nullptr);
 
 }  // namespace titanax::jit

@@ -132,17 +132,21 @@ void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log,
 
 // ------------------------------------------------------------------------------------ cross-entropy
 
+void throw_label_out_of_range(const std::string& what, int64_t classes, int64_t ignore_index, int64_t label,
+                              const std::string& position) {
+  throw ValueError(what + ": label out of range",
+                   "labels in [0, " + std::to_string(classes) + ") or ignore_index (" + std::to_string(ignore_index) + ")",
+                   "label " + std::to_string(label) + " at position " + position,
+                   "check the number of classes of the last layer, or pass the padding label as ignore_index");
+}
+
 int64_t check_labels(const Tensor& labels, int64_t classes, int64_t ignore_index, const Shape& labels_shape,
                      const char* what) {
   std::vector<int64_t> lab = read_ints(labels, what);
   int64_t count = 0;
   for (size_t i = 0; i < lab.size(); ++i) {
     if (lab[i] == ignore_index) continue;
-    if (lab[i] < 0 || lab[i] >= classes)
-      throw ValueError(std::string(what) + ": label out of range",
-                       "labels in [0, " + std::to_string(classes) + ") or ignore_index (" + std::to_string(ignore_index) + ")",
-                       "label " + std::to_string(lab[i]) + " at position " + position(int64_t(i), labels_shape),
-                       "check the number of classes of the last layer, or pass the padding label as ignore_index");
+    if (lab[i] < 0 || lab[i] >= classes) throw_label_out_of_range(what, classes, ignore_index, lab[i], position(int64_t(i), labels_shape));
     ++count;
   }
   return count;

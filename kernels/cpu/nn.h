@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -26,6 +27,12 @@ void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log,
 
 // ------------------------------------------------------------------------------------ cross-entropy
 enum class LossReduction { mean, sum, none };
+
+/// The ValueError of `what` (e.g. "cross_entropy") for `label`, outside [0, classes) and not
+/// ignore_index, at `position` (as the user sees it, e.g. "[1, 3]" or "7 (flat)"): thrown by the CPU
+/// check below and by the CUDA kernels' device-side check (kernels/cuda/check.h report_slot).
+[[noreturn]] void throw_label_out_of_range(const std::string& what, int64_t classes, int64_t ignore_index, int64_t label,
+                                           const std::string& position);
 
 /// Checks integer labels [R] (i32 / i64, contiguous) against C classes: every label is in [0, C) or equals
 /// ignore_index. Returns the number of non-ignored labels. Throws ValueError naming the first bad label

@@ -328,11 +328,12 @@ bool allow_tf32() { return g_tf32.load(); }
 void set_allow_tf32(bool on) { g_tf32.store(on); }
 
 namespace {
-// The device pointer of an update's scalars (f64 [UpdateScalars::size] on the parameters' device), or null.
+// The device pointer of an update's scalars (f64 [UpdateScalars::size], contiguous, on like's device), or
+// null for none.
 const double* scalars_ptr(const Tensor* t, const Tensor& like, const char* what) {
   if (!t) return nullptr;
   if (t->dtype() != DType::f64 || t->numel() != UpdateScalars::size || !t->is_contiguous() || !(t->device() == like.device()))
-    throw ValueError(std::string(what) + ": the step's scalars must be f64 [4], contiguous, on the parameters' device",
+    throw ValueError(std::string(what) + ": the step's scalars must be f64 [4], contiguous, on the parameters' GPU",
                      "f64[4] on " + like.device().str(), t->str());
   return static_cast<const double*>(t->raw_data());
 }
@@ -375,9 +376,8 @@ void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, cons
 }
 
 void set_update_scalars(Tensor& dst, const UpdateScalars& s) {
-  if (dst.dtype() != DType::f64 || dst.numel() != UpdateScalars::size || !dst.is_contiguous() || !dst.device().is_cuda())
-    throw ValueError("set_update_scalars: needs f64 [4], contiguous, on a GPU", "f64[4] on cuda", dst.str());
-  check(launch_set_update_scalars(static_cast<double*>(dst.raw_data()), s, stream_of(dst)), "set_update_scalars");
+  double* d = const_cast<double*>(scalars_ptr(&dst, dst, "set_update_scalars"));
+  check(launch_set_update_scalars(d, s, stream_of(dst)), "set_update_scalars");
 }
 
 }  // namespace titanax::kernels::cuda

@@ -150,7 +150,7 @@ void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, con
 void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf,
                 const UpdateScalars& s, double mu, double wd, bool nesterov, const Tensor* device_scalars = nullptr);
 /// Writes s into dst (f64 [UpdateScalars::size], contiguous, on a GPU) with a kernel launch on the current
-/// stream that carries the values: nothing waits. Throws DTypeError / ShapeError for another dst.
+/// stream that carries the values: nothing waits. Throws ValueError for another dst.
 void set_update_scalars(Tensor& dst, const UpdateScalars& s);
 
 }  // namespace titanax::kernels::cuda

@@ -22,6 +22,7 @@ struct DeviceReport {
   int64_t index = 0;  ///< flat position of the bad element
   int64_t value = 0;  ///< its value
   int64_t bound = 0;  ///< the exclusive upper bound it broke
+  int64_t aux = 0;    ///< what else the code needs to say (kLabelOutOfRange: the ignore_index)
 };
 enum ReportCode : int { kNoReport = 0, kLabelOutOfRange = 1 };
 /// Where kernels report: `flag`, an int in device memory (atomicCAS from 0 picks the first report), and

@@ -62,12 +62,13 @@ __global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64
 }
 
 // Reports a bad element into the slot: the first report since the host last checked wins.
-__device__ void report(const ReportSlot& slot, int code, int64_t index, int64_t value, int64_t bound) {
+__device__ void report(const ReportSlot& slot, int code, int64_t index, int64_t value, int64_t bound, int64_t aux) {
   if (atomicCAS(slot.flag, 0, code) != 0) return;
   volatile DeviceReport* h = slot.host;
   h->index = index;
   h->value = value;
   h->bound = bound;
+  h->aux = aux;
   __threadfence_system();
   h->code = code;
 }
@@ -80,7 +81,7 @@ __global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, 
   for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
     const int64_t l = int64_t(lab[r]);
     if (l == ignore) continue;
-    if (l < 0 || l >= C) report(slot, kLabelOutOfRange, r, l, C);
+    if (l < 0 || l >= C) report(slot, kLabelOutOfRange, r, l, C, ignore);
     else n += 1;
   }
   n = block_sum(n);

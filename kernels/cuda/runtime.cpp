@@ -24,6 +24,7 @@
 
 #include "core/allocator.h"
 #include "core/cuda_runtime.h"
+#include "kernels/cpu/nn.h"
 #include "kernels/cuda/check.h"
 
 namespace titanax {
@@ -242,15 +243,13 @@ void check_reports(int device) {
   volatile kernels::cuda::DeviceReport* h = a.report;
   if (h->code == kernels::cuda::kNoReport) return;
   const int code = h->code;
-  const int64_t index = h->index, value = h->value, bound = h->bound;
+  const int64_t index = h->index, value = h->value, bound = h->bound, aux = h->aux;
   h->code = kernels::cuda::kNoReport;
   TX_CUDA_CHECK(cudaMemsetAsync(a.slot.flag, 0, sizeof(int), static_cast<cudaStream_t>(cuda_rt::current_stream(device))));
-  if (code == kernels::cuda::kLabelOutOfRange)
-    throw ValueError("cross_entropy: label out of range (found on " + Device::cuda(device).str() +
-                         " by the kernel; reported at the host's next wait for the device)",
-                     "labels in [0, " + std::to_string(bound) + ") or ignore_index",
-                     "label " + std::to_string(value) + " at flat position " + std::to_string(index),
-                     "check the number of classes of the last layer, or pass the padding label as ignore_index");
+  if (code == kernels::cuda::kLabelOutOfRange)  // the CPU check's error, found later
+    kernels::cpu::throw_label_out_of_range("cross_entropy (checked on " + Device::cuda(device).str() +
+                                               ", reported at the host's next wait for it)",
+                                           bound, aux, value, std::to_string(index) + " (flat)");
   throw InternalError("a CUDA kernel reported an unknown problem", "a known report code", std::to_string(code));
 }
 }  // namespace
