@@ -6,6 +6,7 @@
 
 #include "autodiff/autodiff.h"
 #include "core/error.h"
+#include "jit/batching.h"
 #include "ops/ops.h"
 
 namespace titanax::jit {
@@ -124,8 +125,9 @@ struct CondOp final : ControlOp {
   const char* name() const override { return "cond"; }
   std::vector<TensorSpec> infer(const TensorList&) const override { return br[1].out_specs(); }
   // The operands and captures of branch b (as its graph takes them), from the node's inputs after pred.
-  TensorList args_of(const TensorList& rest, int b) const {
-    TensorList a(rest.begin(), rest.begin() + ptrdiff_t(n_operands));
+  template <class T>
+  std::vector<T> args_of(const std::vector<T>& rest, int b) const {
+    std::vector<T> a(rest.begin(), rest.begin() + ptrdiff_t(n_operands));
     const size_t off = n_operands + (b ? br[0].captures.size() : 0);
     a.insert(a.end(), rest.begin() + ptrdiff_t(off), rest.begin() + ptrdiff_t(off + br[size_t(b)].captures.size()));
     return a;
@@ -400,5 +402,158 @@ TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs, b
   in.insert(in.end(), s.captures.begin(), s.captures.end());
   return titanax::apply(std::make_shared<ScanOp>(std::move(s), nc, xs.size(), reverse), std::move(in));
 }
+
+// ------------------------------------------------------------------------------------ batching rules (vmap)
+
+namespace detail {
+namespace {
+
+TensorList tensors_of(const std::vector<BatchedValue>& vs) {
+  TensorList ts;
+  for (const auto& v : vs) ts.push_back(v.t);
+  return ts;
+}
+
+std::vector<bool> flags_of(const std::vector<BatchedValue>& vs) {
+  std::vector<bool> f;
+  for (const auto& v : vs) f.push_back(v.batched);
+  return f;
+}
+
+std::vector<BatchedValue> with_flags(const TensorList& ts, const std::vector<bool>& f) {
+  std::vector<BatchedValue> vs;
+  for (size_t i = 0; i < ts.size(); ++i) vs.push_back({ts[i], f[i]});
+  return vs;
+}
+
+template <class T>
+std::vector<T> joined(std::vector<T> a, const std::vector<T>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// v with the batch on axis 0 (a shared value broadcast to the batch: a view).
+Tensor with_batch(const BatchedValue& v, int64_t B) {
+  if (v.batched) return v.t;
+  std::vector<int64_t> d{B};
+  for (int64_t e : v.t.shape()) d.push_back(e);
+  return expand(v.t, Shape(d));
+}
+
+// A batched predicate [B] (any dtype, nonzero is true) as bool [B, 1, ...] with `rank` size-1 axes
+// behind the batch, to select per example between values of that per-example rank.
+Tensor example_mask(const Tensor& pred, int rank) {
+  Tensor p = pred.dtype() == DType::bool_ ? pred : ne(pred, scalar(0.0, pred.dtype(), pred.device()));
+  std::vector<int64_t> d{p.shape()[0]};
+  d.resize(size_t(rank) + 1, 1);
+  return reshape(p, Shape(d));
+}
+
+// The carries of a loop body (graph inputs: carry..., then `rest`) that are batched in the least
+// fixpoint: a carry is batched when its init is or when the body makes it so from batched inputs.
+std::vector<bool> carry_fixpoint(const Graph& body, std::vector<bool> carry, const std::vector<bool>& rest) {
+  for (bool changed = true; changed;) {
+    changed = false;
+    const std::vector<bool> out = batched_outputs(body, joined(carry, rest));
+    for (size_t k = 0; k < carry.size(); ++k)
+      if (out[k] && !carry[k]) carry[k] = changed = true;
+  }
+  return carry;
+}
+
+// Values of a loop's carry: each batched one (flag set) with its batch, the others as they are.
+TensorList carry_values(const std::vector<BatchedValue>& vs, const std::vector<bool>& batched, int64_t B) {
+  TensorList ts;
+  for (size_t k = 0; k < batched.size(); ++k) ts.push_back(batched[k] ? with_batch(vs[k], B) : vs[k].t);
+  return ts;
+}
+
+TensorList batch_cond(const CondOp& c, const std::vector<BatchedValue>& in, int64_t B, const RunBatched& run) {
+  const std::vector<BatchedValue> rest(in.begin() + 1, in.end());
+  const std::vector<bool> rest_flags = flags_of(rest);
+  if (!in[0].batched) {  // one branch for the whole batch: a cond whose branches are batched
+    auto branch = [&](int b) {
+      return [&, b](const TensorList& v) {
+        const std::vector<BatchedValue> out = run(*c.br[size_t(b)].g, c.args_of(with_flags(v, rest_flags), b));
+        TensorList res;
+        for (const auto& o : out) res.push_back(with_batch(o, B));
+        return res;
+      };
+    };
+    return cond(in[0].t, branch(1), branch(0), tensors_of(rest));
+  }
+  // A branch per example: both branches on the whole batch, then a select.
+  const std::vector<BatchedValue> t = run(*c.br[1].g, c.args_of(rest, 1)), f = run(*c.br[0].g, c.args_of(rest, 0));
+  const std::vector<TensorSpec> specs = c.br[1].out_specs();
+  TensorList res;
+  for (size_t k = 0; k < t.size(); ++k)
+    res.push_back(where(example_mask(in[0].t, specs[k].shape.rank()), with_batch(t[k], B), with_batch(f[k], B)));
+  return res;
+}
+
+TensorList batch_while(const WhileOp& w, const std::vector<BatchedValue>& in, int64_t B, const RunBatched& run) {
+  const size_t n = w.n_carry, ncc = w.cond_g.captures.size();
+  const std::vector<BatchedValue> init(in.begin(), in.begin() + ptrdiff_t(n)),
+      cond_caps(in.begin() + ptrdiff_t(n), in.begin() + ptrdiff_t(n + ncc)), body_caps(in.begin() + ptrdiff_t(n + ncc), in.end());
+  std::vector<bool> carry = carry_fixpoint(*w.body_g.g, flags_of(init), flags_of(body_caps));
+  const bool per_example = batched_outputs(*w.cond_g.g, joined(carry, flags_of(cond_caps)))[0];
+  if (per_example) carry.assign(n, true);
+  auto pred = [&](const TensorList& v) { return run(*w.cond_g.g, joined(with_flags(v, carry), cond_caps))[0].t; };
+  auto body = [&](const TensorList& v) { return carry_values(run(*w.body_g.g, joined(with_flags(v, carry), body_caps)), carry, B); };
+  TensorList res;
+  if (!per_example) {
+    res = while_loop([&](const TensorList& v) { return TensorList{pred(v)}; }, body, carry_values(init, carry, B));
+  } else {
+    const std::vector<TensorSpec> specs = w.body_g.out_specs();
+    res = while_loop(
+        [&](const TensorList& v) {  // while any example goes on
+          return TensorList{gt(sum(example_mask(pred(v), 0).astype(DType::f32)), scalar(0.0, DType::f32, v[0].device()))};
+        },
+        [&](const TensorList& v) {  // examples whose predicate is false keep their carry
+          const Tensor p = pred(v);
+          TensorList next = body(v);
+          for (size_t k = 0; k < n; ++k) next[k] = where(example_mask(p, specs[k].shape.rank()), next[k], v[k]);
+          return next;
+        },
+        carry_values(init, carry, B));
+  }
+  for (size_t k = 0; k < n; ++k) res[k] = with_batch({res[k], carry[k]}, B);
+  return res;
+}
+
+TensorList batch_scan(const ScanOp& s, const std::vector<BatchedValue>& in, int64_t B, const RunBatched& run) {
+  const size_t nc = s.n_carry, nx = s.n_xs;
+  const std::vector<BatchedValue> init(in.begin(), in.begin() + ptrdiff_t(nc)),
+      xs(in.begin() + ptrdiff_t(nc), in.begin() + ptrdiff_t(nc + nx)), caps(in.begin() + ptrdiff_t(nc + nx), in.end());
+  const std::vector<bool> x_flags = flags_of(xs), cap_flags = flags_of(caps);
+  const std::vector<bool> carry = carry_fixpoint(*s.body.g, flags_of(init), joined(x_flags, cap_flags));
+  const std::vector<bool> out = batched_outputs(*s.body.g, joined(joined(carry, x_flags), cap_flags));
+  TensorList xs_t;  // a batched x scanned along its second axis: [T, B, ...], so x_t is [B, ...]
+  for (const auto& x : xs) xs_t.push_back(x.batched ? transpose(x.t, 0, 1) : x.t);
+  const TensorList res = scan(
+      [&](const TensorList& c, const TensorList& x) {
+        const std::vector<BatchedValue> o = run(*s.body.g, joined(joined(with_flags(c, carry), with_flags(x, x_flags)), caps));
+        TensorList ys;
+        for (size_t k = nc; k < o.size(); ++k) ys.push_back(o[k].t);
+        return std::make_pair(carry_values(o, carry, B), ys);
+      },
+      carry_values(init, carry, B), xs_t, s.reverse);
+  TensorList batched;
+  for (size_t k = 0; k < nc; ++k) batched.push_back(with_batch({res[k], carry[k]}, B));
+  for (size_t k = nc; k < res.size(); ++k)  // ys: [T, B, ...] -> [B, T, ...]; a shared one [T, ...] broadcast
+    batched.push_back(out[k] ? transpose(res[k], 0, 1) : with_batch({res[k], false}, B));
+  return batched;
+}
+
+}  // namespace
+
+std::optional<TensorList> batch_control_flow(const Op& op, const std::vector<BatchedValue>& in, int64_t B, const RunBatched& run) {
+  if (const auto* c = dynamic_cast<const CondOp*>(&op)) return batch_cond(*c, in, B, run);
+  if (const auto* w = dynamic_cast<const WhileOp*>(&op)) return batch_while(*w, in, B, run);
+  if (const auto* s = dynamic_cast<const ScanOp*>(&op)) return batch_scan(*s, in, B, run);
+  return std::nullopt;
+}
+
+}  // namespace detail
 
 }  // namespace titanax::jit

@@ -7,6 +7,7 @@
 #include <unordered_map>
 #include <unordered_set>
 
+#include "jit/batching.h"
 #include "jit/graph.h"
 #include "ops/ops.h"
 
@@ -60,10 +61,7 @@ Graph trace_example(const Fn& fn, const TensorList& example) {
 // ------------------------------------------------------------------------------------ batching rules
 
 // A value of the interpreted graph: batched ones hold the whole batch on axis 0.
-struct Operand {
-  Tensor t;
-  bool batched = false;
-};
+using Operand = detail::BatchedValue;
 
 // What a rule sees of one node: its op, operands and per-example input / output specs.
 struct Ctx {
@@ -298,6 +296,14 @@ Result leading_batch(const Ctx& c) {
   return apply(c.op(), in);
 }
 
+std::vector<Operand> run_batched(const Graph& g, const std::vector<Operand>& args, int64_t B);
+
+// cond, while_loop, scan: new control-flow ops over the sub-graphs run batched (jit/control_flow.cpp).
+Result control_flow(const Ctx& c) {
+  const int64_t B = c.B;
+  return detail::batch_control_flow(*c.op(), c.in, B, [B](const Graph& g, const std::vector<Operand>& args) { return run_batched(g, args, B); });
+}
+
 const std::unordered_map<std::string, Rule>& rules() {
   static const std::unordered_map<std::string, Rule> table = [] {
     std::unordered_map<std::string, Rule> m;
@@ -324,6 +330,7 @@ const std::unordered_map<std::string, Rule>& rules() {
     m["take"] = m["embedding"] = gather_rule;
     m["conv2d"] = m["conv2d_backward_input"] = fold_into_n;
     m["scaled_dot_product_attention"] = m["scaled_dot_product_attention_backward"] = leading_batch;
+    m["cond"] = m["while_loop"] = m["scan"] = control_flow;
     return m;
   }();
   return table;
@@ -399,6 +406,26 @@ std::vector<Operand> run_batched(const Graph& g, const std::vector<Operand>& arg
   for (int o : g.outputs) res.push_back(env[size_t(o)]);
   return res;
 }
+
+}  // namespace
+
+std::vector<bool> detail::batched_outputs(const Graph& g, const std::vector<bool>& in) {
+  if (in.size() != g.inputs.size())
+    throw InternalError("vmap: batched_outputs needs one flag per graph input", std::to_string(g.inputs.size()), std::to_string(in.size()),
+                        "pass the graph's arguments and captures");
+  std::vector<bool> batched(g.values.size(), false);
+  for (size_t i = 0; i < in.size(); ++i) batched[size_t(g.inputs[i])] = in[i];
+  for (const Node& n : g.nodes) {
+    bool any = false;
+    for (int v : n.inputs) any = any || batched[size_t(v)];
+    for (int v : n.outputs) batched[size_t(v)] = any;
+  }
+  std::vector<bool> out;
+  for (int o : g.outputs) out.push_back(batched[size_t(o)]);
+  return out;
+}
+
+namespace {
 
 // The state of one vmapped function: its arguments and the per-example graphs traced so far.
 class Vmapped {

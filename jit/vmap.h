@@ -37,7 +37,11 @@
 //   cross_entropy (none: the op; sum / mean: per-example sums of the unreduced losses, the mean divided
 //     by the number of labels that are not ignore_index); cross_entropy_backward with reduction none;
 //   take / embedding with a batched table or batched indices (not both);
-//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N.
+//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N;
+//   cond, while_loop, scan: new control-flow ops over their sub-graphs run batched (jit/batching.h):
+//     a shared cond predicate keeps one cond, a per-example one runs both branches and selects (where);
+//     loops batch the carries a batched input reaches; a per-example while predicate runs until no
+//     example goes on, finished examples keeping their carry (JAX's rules for jax.lax's ops).
 // Every other case falls back to a loop over the batch: each batched operand is sliced per example,
 // the node's own op runs on each slice, and the results are stacked. The fallback is always correct;
 // vmap_stats() counts, per op name, the nodes batched by a rule and those that fell back. Ops falling

@@ -4,11 +4,13 @@
 // rows, a bias added after the GEMM instead of inside it) a relative tolerance is stated.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 
 #include "test_util.h"
 
 #include "autodiff/autodiff.h"
+#include "jit/control_flow.h"
 #include "jit/graph.h"
 #include "jit/vmap.h"
 #include "op_cases.h"
@@ -441,4 +443,161 @@ TEST_CASE("vmap: errors", "[vmap]") {
   // fn's own errors surface from the trace on one example.
   auto bad = [](const TensorList& in) { return TensorList{matmul(in[0], in[0])}; };  // [3] @ [3]: fine; [2, 3] @ [2, 3]: not
   testing::catch_error<ShapeError>([&] { jit::vmap(bad)({rnd(142, Shape{4, 2, 3})}); });
+}
+
+// ------------------------------------------------------------------------------------ control flow
+
+namespace {
+// How many examples (entries of a [B] predicate) are nonzero.
+int64_t count_true(const Tensor& p) {
+  int64_t n = 0;
+  for (double v : vec(p.astype(DType::f64))) n += v != 0.0;
+  return n;
+}
+}  // namespace
+
+TEST_CASE("vmap of cond: a shared predicate keeps one cond, a per-example one selects per example", "[vmap][control_flow]") {
+  const Tensor w = rnd(200, Shape{3});
+  // Per example: x [3], s [] -> branches reading w (a capture) and a batched intermediate u.
+  auto f = [&](const TensorList& in) {
+    const Tensor u = exp(in[0]);
+    auto t = [&](const TensorList& a) { return TensorList{a[0] * w + u, sum(a[0])}; };
+    auto e = [&](const TensorList& a) { return TensorList{a[0] - u, max(a[0], {0})}; };
+    return jit::cond(gt(in[1], scalar(0.0, DType::f64)), t, e, {in[0]});
+  };
+  const Tensor x = rnd(201, Shape{6, 3});
+  SECTION("the predicate is shared by the batch (s not batched): one cond over the batched branches") {
+    for (double sv : {1.0, -1.0}) {
+      const Tensor s = scalar(sv, DType::f64);
+      jit::reset_vmap_stats();
+      check_same(jit::vmap(f, {0, jit::not_batched})({x, s}), loop(f, {x, s}, {0, jit::not_batched}));
+      CHECK(batched_count("cond") == 1);
+      CHECK(no_fallback());
+    }
+  }
+  SECTION("a predicate per example: both branches on the batch, then where") {
+    const Tensor s = rnd(202, Shape{6});
+    REQUIRE(count_true(gt(s, scalar(0.0, DType::f64))) > 0);  // both branches are taken in the batch
+    REQUIRE(count_true(le(s, scalar(0.0, DType::f64))) > 0);
+    jit::reset_vmap_stats();
+    check_same(jit::vmap(f)({x, s}), loop(f, {x, s}));
+    CHECK(batched_count("cond") == 1);
+    CHECK(no_fallback());
+  }
+}
+
+TEST_CASE("vmap of while_loop: shared and per-example trip counts", "[vmap][control_flow]") {
+  SECTION("a shared predicate: a carry made batched by the body is batched from the start") {
+    // carry (i, acc): i counts to n (shared), acc starts as a shared zero and adds x each step.
+    auto f = [&](const TensorList& in) {
+      const Tensor x = in[0], n = in[1];
+      const TensorList out = jit::while_loop([&](const TensorList& c) { return TensorList{lt(c[0], n)}; },
+                                             [&](const TensorList& c) { return TensorList{c[0] + 1.0, c[1] * 0.5 + x}; },
+                                             {scalar(0.0, DType::f64), zeros(Shape{3}, DType::f64)});
+      return TensorList{out[0], out[1]};
+    };
+    const Tensor x = rnd(210, Shape{5, 3}), n = scalar(4.0, DType::f64);
+    jit::reset_vmap_stats();
+    check_same(jit::vmap(f, {0, jit::not_batched})({x, n}), loop(f, {x, n}, {0, jit::not_batched}));
+    CHECK(batched_count("while_loop") == 1);
+    CHECK(no_fallback());
+  }
+  SECTION("a per-example predicate: each example stops at its own step") {
+    // Halve x until it is at most 1, counting the steps (a shared zero at first).
+    auto f = [&](const TensorList& in) {
+      const TensorList out = jit::while_loop([&](const TensorList& c) { return TensorList{gt(c[0], scalar(1.0, DType::f64))}; },
+                                             [&](const TensorList& c) { return TensorList{c[0] * 0.5, c[1] + 1.0}; },
+                                             {in[0], scalar(0.0, DType::f64)});
+      return TensorList{out[0], out[1]};
+    };
+    const Tensor x = abs(rnd(211, Shape{8})) * 20.0;
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f)({x}), want = loop(f, {x});
+    check_same(got, want);
+    std::vector<double> steps = vec(want[1]);
+    std::sort(steps.begin(), steps.end());
+    REQUIRE(steps.front() < steps.back());  // the examples really stop at different steps
+    CHECK(batched_count("while_loop") == 1);
+    CHECK(no_fallback());
+  }
+}
+
+TEST_CASE("vmap of scan: batched and shared sequences, batched carries, reverse", "[vmap][control_flow]") {
+  const Tensor a = rnd(220, Shape{4});
+  // Per example: xs [T, 4] (batched), zs [T] (shared); h starts as a shared zero.
+  auto f = [&](bool reverse) {
+    return [&a, reverse](const TensorList& in) {
+      auto step = [&](const TensorList& c, const TensorList& x) {
+        const Tensor h = tanh(c[0] * a + x[0] + x[1]);
+        return std::make_pair(TensorList{h}, TensorList{h * 2.0, x[1] * 3.0});
+      };
+      return jit::scan(step, {zeros(Shape{4}, DType::f64)}, {in[0], in[1]}, reverse);
+    };
+  };
+  const Tensor xs = rnd(221, Shape{3, 5, 4}), zs = rnd(222, Shape{5});
+  for (bool reverse : {false, true}) {
+    INFO("reverse " << reverse);
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f(reverse), {0, jit::not_batched})({xs, zs});
+    check_same(got, loop(f(reverse), {xs, zs}, {0, jit::not_batched}));
+    CHECK(got[2].shape() == Shape{3, 5});  // the shared y, broadcast to the batch
+    CHECK(batched_count("scan") == 1);
+    CHECK(no_fallback());
+  }
+  SECTION("in_axes 1 on the sequence: the batch behind the scanned axis") {
+    const Tensor xt = rnd(223, Shape{5, 3, 4});  // [T, B, 4]
+    check_same(jit::vmap(f(false), {1, jit::not_batched})({xt, zs}), loop(f(false), {xt, zs}, {1, jit::not_batched}));
+  }
+}
+
+TEST_CASE("vmap of control flow: per-example gradients through scan and cond, nested vmap, under jit", "[vmap][control_flow]") {
+  const Tensor a = rnd(230, Shape{4});
+  // loss(x [T, 4], s []) = sum of a scan's ys, through a cond on s; its gradient with respect to a.
+  auto loss = [&](const Tensor& x, const Tensor& s) {
+    auto step = [&](const TensorList& c, const TensorList& xt) {
+      const Tensor h = tanh(c[0] * a + xt[0]);
+      return std::make_pair(TensorList{h}, TensorList{square(h)});
+    };
+    const Tensor ys = jit::scan(step, {zeros(Shape{4}, DType::f64)}, {x})[1];
+    return jit::cond(gt(s, scalar(0.0, DType::f64)), [](const TensorList& v) { return TensorList{sum(v[0])}; },
+                     [](const TensorList& v) { return TensorList{sum(v[0] * 3.0)}; }, {ys})[0];
+  };
+  auto grad_fn = [&](const TensorList& in) {
+    auto [v, g] = value_and_grad([&] { return loss(in[0], in[1]); }, {{"a", a}});
+    return TensorList{v, g.at("a")};
+  };
+  const Tensor xs = rnd(231, Shape{6, 5, 4}), s = rnd(232, Shape{6});
+  REQUIRE(count_true(gt(s, scalar(0.0, DType::f64))) % 6 != 0);  // both branches in the batch
+
+  SECTION("per-example gradients (the backward scans and conds batched too)") {
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(grad_fn)({xs, s}), want = loop(grad_fn, {xs, s});
+    // sum() of a batched [B, T, 4] reduces each example's elements in the same order, but the
+    // gradient's reductions of a's cotangent run over a [B, ...] operand: a few ulps.
+    for (size_t k = 0; k < got.size(); ++k) {
+      INFO("output " << k);
+      CHECK(max_rel_err(got[k], want[k]) <= 1e-14);
+    }
+    CHECK(batched_count("scan") >= 3);  // the forward scan and the vjp's two
+    CHECK(batched_count("cond") >= 2);  // the forward cond and the vjp's
+    CHECK(no_fallback());
+  }
+  SECTION("nested vmap: a per-example predicate at both levels") {
+    auto f = [&](const TensorList& in) { return TensorList{loss(in[0], in[1])}; };
+    const Tensor x2 = rnd(233, Shape{2, 6, 5, 4}), s2 = rnd(234, Shape{2, 6});
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(jit::vmap(f))({x2, s2});
+    const TensorList want = loop([&](const TensorList& in) { return loop(f, in); }, {x2, s2});
+    CHECK(max_rel_err(got[0], want[0]) <= 1e-14);
+    CHECK(no_fallback());
+  }
+  SECTION("under jit(): the per-example choice is made at replay time") {
+    auto f = [&](const TensorList& in) { return TensorList{loss(in[0], in[1])}; };
+    auto compiled = jit::jit(jit::vmap(f));
+    compiled({xs, s});
+    const Tensor s2 = -s;  // every example takes the other branch
+    const TensorList got = compiled({xs, s2}), want = loop(f, {xs, s2});
+    CHECK(compiled.stats().hits == 1);
+    CHECK(max_rel_err(got[0], want[0]) <= 1e-14);
+  }
 }
