@@ -15,8 +15,6 @@ namespace kc = kernels::cpu;
 
 // A contiguous alias of an input, cut from the tape (kernels read raw pointers).
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
-// Labels / indices are checked on the host (the same errors as on the CPU): one small device-to-host copy.
-Tensor host_copy(const Tensor& t) { return t.device().is_cpu() ? t : t.detach().to(Device::cpu()); }
 
 // ------------------------------------------------------------------------------------ softmax
 
@@ -437,7 +435,6 @@ class Gather final : public Op {
  public:
   Gather(int axis, bool embedding) : axis_(axis), embedding_(embedding) {}
   const char* name() const override { return embedding_ ? "embedding" : "take"; }
-  bool capturable() const override { return false; }  // reads the indices on the host (check_indices)
   std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &x = in[0], &idx = in[1];
@@ -460,8 +457,7 @@ class Gather final : public Op {
     Tensor x = dense(in[0]), idx = dense(in[1]);
     int64_t A, n, B;
     split_at(x.shape(), normalize_axis(axis_, x.dim()), A, n, B);
-    kc::check_indices(host_copy(idx), n, in[1].shape(), name());
-    kernels::cuda::gather(x, idx, A, n, B, out[0]);
+    kernels::cuda::gather(x, idx, A, n, B, embedding_, out[0]);  // indices checked on the device
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override;
@@ -476,7 +472,6 @@ class ScatterAdd final : public Op {
  public:
   ScatterAdd(int axis, Shape shape, bool embedding) : axis_(axis), shape_(shape), embedding_(embedding) {}
   const char* name() const override { return embedding_ ? "embedding_backward" : "take_backward"; }
-  bool capturable() const override { return false; }  // reads the indices on the host
   std::string attrs() const override { return "axis=" + std::to_string(axis_) + " shape=" + shape_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &g = in[0], &idx = in[1];
@@ -498,8 +493,7 @@ class ScatterAdd final : public Op {
     Tensor g = dense(in[0]), idx = dense(in[1]);
     int64_t A, n, B;
     split_at(shape_, axis_, A, n, B);
-    kc::check_indices(host_copy(idx), n, in[1].shape(), name());
-    kernels::cuda::scatter_add(g, idx, A, n, B, out[0]);
+    kernels::cuda::scatter_add(g, idx, A, n, B, embedding_, out[0]);  // indices checked on the device
   }
   // Linear in g: the adjoint of a scatter-add is the gather.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,

@@ -28,8 +28,8 @@ void layer_norm(const Tensor&, const Tensor*, const Tensor*, double, Tensor&) { 
 void layer_norm_backward(const Tensor&, const Tensor&, const Tensor*, double, Tensor&, Tensor*, Tensor*) {
   no_cuda("layer_norm_backward");
 }
-void gather(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("gather"); }
-void scatter_add(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, Tensor&) { no_cuda("scatter_add"); }
+void gather(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("gather"); }
+void scatter_add(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("scatter_add"); }
 void attention_forward(const Tensor&, const Tensor&, const Tensor&, bool, double, Tensor&, Tensor&) {
   no_cuda("attention");
 }

@@ -444,14 +444,17 @@ void dropout(const Tensor& x, double p, RngKey key, Tensor& out) {
 
 // ------------------------------------------------------------------------------------ gather / scatter
 
+void throw_index_out_of_range(const std::string& what, int64_t n, int64_t index, const std::string& position) {
+  throw ValueError(what + ": index out of range", "indices in [0, " + std::to_string(n) + ")",
+                   "index " + std::to_string(index) + " at position " + position,
+                   what.rfind("embedding", 0) == 0 ? "check the vocabulary size of the table against the ids"
+                                                   : "indices must be non-negative and below the axis size");
+}
+
 void check_indices(const Tensor& idx, int64_t n, const Shape& idx_shape, const char* what) {
   std::vector<int64_t> v = read_ints(idx, what);
   for (size_t i = 0; i < v.size(); ++i)
-    if (v[i] < 0 || v[i] >= n)
-      throw ValueError(std::string(what) + ": index out of range", "indices in [0, " + std::to_string(n) + ")",
-                       "index " + std::to_string(v[i]) + " at position " + position(int64_t(i), idx_shape),
-                       std::string(what) == "embedding" ? "check the vocabulary size of the table against the ids"
-                                                        : "indices must be non-negative and below the axis size");
+    if (v[i] < 0 || v[i] >= n) throw_index_out_of_range(what, n, v[i], position(int64_t(i), idx_shape));
 }
 
 void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out) {

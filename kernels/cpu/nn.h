@@ -86,6 +86,11 @@ void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, dou
 void dropout(const Tensor& x, double p, RngKey key, Tensor& out);
 
 // ------------------------------------------------------------------------------------ gather / scatter
+/// The ValueError of op `what` ("take", "embedding", "take_backward", "embedding_backward", possibly
+/// followed by where it was checked) for `index`, outside [0, n), at `position` (as the user sees it,
+/// e.g. "[1, 3]" or "7 (flat)"): thrown by check_indices and by the CUDA kernels' device-side check.
+[[noreturn]] void throw_index_out_of_range(const std::string& what, int64_t n, int64_t index, const std::string& position);
+
 /// Checks integer indices (i32 / i64, contiguous) against [0, n). Throws ValueError naming the first
 /// index out of range and its position in `idx_shape`; `what` names the op ("embedding", "take").
 void check_indices(const Tensor& idx, int64_t n, const Shape& idx_shape, const char* what);

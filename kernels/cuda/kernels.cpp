@@ -210,28 +210,23 @@ void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, dou
         "layer_norm_backward");
 }
 
-void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out) {
+void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, bool embedding, Tensor& out) {
   check(launch_gather(floating(x, "gather"), idx.dtype() == DType::i64, x.raw_data(), idx.raw_data(), A, n, B,
-                      idx.numel(), out.raw_data(), stream_of(out)),
+                      idx.numel(), embedding ? kEmbedding : kTake, report_slot(out.device().index), out.raw_data(),
+                      stream_of(out)),
         "gather");
 }
 
-void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out) {
+void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, bool embedding, Tensor& out) {
   const Dt t = floating(g, "scatter_add");
-  std::vector<int64_t> ids = idx.detach().to(Device::cpu()).astype(DType::i64).to_vector<int64_t>();
-  const int64_t K = int64_t(ids.size());
-  std::vector<int64_t> start(size_t(n + 1), 0), ks(size_t(std::max<int64_t>(K, 1)), 0);
-  for (int64_t r : ids) ++start[size_t(r + 1)];
-  for (int64_t r = 0; r < n; ++r) start[size_t(r + 1)] += start[size_t(r)];
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t k = 0; k < K; ++k) ks[size_t(fill[size_t(ids[size_t(k)])]++)] = k;  // increasing k per row
-  Tensor dstart = from_vector(start, Shape{n + 1}).to(out.device());
-  Tensor dks = from_vector(ks, Shape{int64_t(ks.size())}).to(out.device());
-  check(launch_scatter_add(t, g.raw_data(), static_cast<const int64_t*>(dstart.raw_data()),
-                           static_cast<const int64_t*>(dks.raw_data()), A, n, B, K, out.raw_data(), stream_of(out)),
+  const int64_t K = idx.numel();
+  Tensor work = empty(Shape{int64_t(scatter_add_workspace(n, K))}, DType::u8, out.device());
+  check(launch_scatter_add(t, idx.dtype() == DType::i64, g.raw_data(), idx.raw_data(), A, n, B, K, work.raw_data(),
+                           embedding ? kEmbeddingBackward : kTakeBackward, report_slot(out.device().index), out.raw_data(),
+                           stream_of(out)),
         "scatter_add");
-  // dstart / dks go back to the stream-ordered pool here; a later allocation reusing them is queued after
-  // this kernel on the same stream, so no synchronisation is needed.
+  // work goes back to the stream-ordered pool here; a later allocation reusing it is queued after these
+  // kernels on the same stream, so no synchronisation is needed.
 }
 
 namespace {

@@ -74,12 +74,18 @@ void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, dou
 /// Inverted dropout of contiguous x with the mask the CPU draws for `key` (kernels/cpu/nn.h): bitwise
 /// the CPU's result. f32 / f64.
 void dropout(const Tensor& x, double p, RngKey key, Tensor& out);
-/// out[a, k, b] = x[a, idx[k], b], x viewed as [A, n, B]; indices already checked (in range).
-void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
+/// out[a, k, b] = x[a, idx[k], b], x viewed as [A, n, B] (f32 / f64; idx i32 / i64, contiguous). The
+/// indices are checked on the device, without waiting for it (so the op can be captured into a CUDA
+/// graph): one outside [0, n) makes its output NaN and is thrown at the host's next wait for the device
+/// as the CPU's ValueError (kernels/cpu/nn.h throw_index_out_of_range), naming `embedding ? "embedding"
+/// : "take"`.
+void gather(const Tensor& x, const Tensor& idx, int64_t A, int64_t n, int64_t B, bool embedding, Tensor& out);
 /// out[a, r, b] = sum over k with idx[k] == r, in increasing k, of g[a, k, b] (the embedding backward).
-/// Deterministic without atomics: the indices are bucketed by row on the host (a counting sort; one
-/// device-to-host copy of idx), then one thread per output element sums its row's list in order.
-void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, Tensor& out);
+/// Deterministic without atomics and without the host: a stable radix sort of the rows on the device
+/// (CUB), then one thread per output element sums its row's run in index order. Indices are checked as
+/// in gather (one out of range is left out and thrown at the next wait, naming take_backward or
+/// embedding_backward).
+void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64_t B, bool embedding, Tensor& out);
 
 // ------------------------------------------------------------------------------------ attention
 // FlashAttention-2 style kernels (kernels/cuda/attention.cu; Dao 2023, "FlashAttention-2: Faster Attention

@@ -22,9 +22,16 @@ struct DeviceReport {
   int64_t index = 0;  ///< flat position of the bad element
   int64_t value = 0;  ///< its value
   int64_t bound = 0;  ///< the exclusive upper bound it broke
-  int64_t aux = 0;    ///< what else the code needs to say (kLabelOutOfRange: the ignore_index)
+  int64_t aux = 0;    ///< what else the code needs to say (kLabelOutOfRange: the ignore_index;
+                      ///< kIndexOutOfRange: the op, an IndexOp)
 };
-enum ReportCode : int { kNoReport = 0, kLabelOutOfRange = 1 };
+enum ReportCode : int { kNoReport = 0, kLabelOutOfRange = 1, kIndexOutOfRange = 2 };
+/// The ops that report kIndexOutOfRange (DeviceReport::aux), and their names.
+enum IndexOp : int { kTake = 0, kEmbedding = 1, kTakeBackward = 2, kEmbeddingBackward = 3 };
+inline const char* index_op_name(int op) {
+  static const char* const names[] = {"take", "embedding", "take_backward", "embedding_backward"};
+  return op >= 0 && op < 4 ? names[op] : "an indexing op";
+}
 /// Where kernels report: `flag`, an int in device memory (atomicCAS from 0 picks the first report), and
 /// `host`, a DeviceReport in pinned host memory mapped for the device, which the winner fills.
 struct ReportSlot {
@@ -106,12 +113,21 @@ int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* 
 /// kept (times 1 / (1 - p)) when the uniform of Philox counter (i / 4, 0, 0, 0), key (k0, k1), word
 /// i % 4 is >= p. f32 / f64.
 int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream);
+/// out[a, k, b] = x[a, idx[k], b] (x [A, n, B], idx K entries, i64 when idx64 else i32, out [A, K, B]);
+/// f32 / f64. An index outside [0, n) is reported into `slot` as kIndexOutOfRange (aux: `op`, an
+/// IndexOp) and its output elements are NaN.
 int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
-                  void* out, void* stream);
-/// out[a, r, b] = sum over ks[row_start[r] .. row_start[r+1]) (increasing k) of g[a, k, b]: one thread per
-/// output element, a fixed order, no atomics (deterministic). row_start: n + 1 entries, ks: K entries.
-int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
-                       int64_t B, int64_t K, void* out, void* stream);
+                  int op, const ReportSlot& slot, void* out, void* stream);
+/// Bytes of device workspace launch_scatter_add needs for n rows and K indices (no device work).
+size_t scatter_add_workspace(int64_t n, int64_t K);
+/// out[a, r, b] = sum over k with idx[k] == r, in increasing k, of g[a, k, b] (g [A, K, B], out [A, n, B],
+/// every element written); f32 / f64. Deterministic without atomics and without the host: the indices
+/// are sorted by row on the device with a stable radix sort (CUB) carrying k, each row's start found
+/// by binary search, then one thread per output element sums its row's run in increasing k. An index
+/// outside [0, n) is reported into `slot` as kIndexOutOfRange (aux: `op`) and left out of every sum.
+/// `work`: scatter_add_workspace(n, K) bytes of device memory.
+int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
+                       void* work, int op, const ReportSlot& slot, void* out, void* stream);
 
 // ---------------------------------------------------------------- attention (attention.cu)
 // FlashAttention-2 style (Dao 2023, arXiv 2307.08691): online softmax over key tiles in shared memory, no

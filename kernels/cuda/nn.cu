@@ -1,6 +1,8 @@
 // Neural-network kernels: softmax / log-softmax, fused cross-entropy forward and backward, layer norm
 // forward and backward, gather / deterministic scatter-add (embedding), dropout (Philox: the CPU's mask). Row kernels use one block per
 // row with block reductions (warp shuffles); row statistics accumulate in double as on the CPU.
+#include <cub/device/device_radix_sort.cuh>
+
 #include "core/philox.h"
 #include "kernels/cuda/common.cuh"
 
@@ -234,11 +236,43 @@ __global__ void k_layer_norm_dwdb(const T* dy, const T* x, const double* stats, 
 }
 
 template <class T, class I>
-__global__ void k_gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t B, int64_t K, T* out) {
+__global__ void k_gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t B, int64_t K, int op, ReportSlot slot,
+                         T* out) {
   const int64_t total = A * K * B;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i % B, k = (i / B) % K, a = i / (B * K);
-    out[i] = x[(a * n + int64_t(idx[k])) * B + b];
+    const int64_t b = i % B, k = (i / B) % K, a = i / (B * K), r = int64_t(idx[k]);
+    if (r >= 0 && r < n) {
+      out[i] = x[(a * n + r) * B + b];
+    } else {
+      if (a == 0 && b == 0) report(slot, kIndexOutOfRange, k, r, n, op);
+      out[i] = T(NAN);
+    }
+  }
+}
+
+// Sort keys of the scatter-add: the row of each index (n for one out of range, reported), carrying k.
+template <class I>
+__global__ void k_scatter_keys(const I* idx, int64_t K, int64_t n, int op, ReportSlot slot, uint64_t* keys, int64_t* ks) {
+  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < K; k += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = int64_t(idx[k]);
+    const bool bad = r < 0 || r >= n;
+    if (bad) report(slot, kIndexOutOfRange, k, r, n, op);
+    keys[k] = uint64_t(bad ? n : r);
+    ks[k] = k;
+  }
+}
+
+// row_start[r] = the first position of row r in the sorted keys (a lower bound), r in [0, n]: rows
+// never indexed get an empty run, and the out-of-range keys (n) sort after row_start[n].
+__global__ void k_row_starts(const uint64_t* sorted, int64_t K, int64_t n, int64_t* row_start) {
+  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r <= n; r += int64_t(gridDim.x) * blockDim.x) {
+    int64_t lo = 0, hi = K;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (sorted[mid] < uint64_t(r)) lo = mid + 1;
+      else hi = mid;
+    }
+    row_start[r] = lo;
   }
 }
 
@@ -343,26 +377,88 @@ int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* 
 }
 
 int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
-                  void* out, void* stream) {
+                  int op, const ReportSlot& slot, void* out, void* stream) {
   if (A * K * B == 0) return 0;
   return floating(t, [&](auto v) {
     using T = decltype(v);
     if (idx64)
       k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(
-          static_cast<const T*>(x), static_cast<const int64_t*>(idx), A, n, B, K, static_cast<T*>(out));
+          static_cast<const T*>(x), static_cast<const int64_t*>(idx), A, n, B, K, op, slot, static_cast<T*>(out));
     else
       k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(
-          static_cast<const T*>(x), static_cast<const int32_t*>(idx), A, n, B, K, static_cast<T*>(out));
+          static_cast<const T*>(x), static_cast<const int32_t*>(idx), A, n, B, K, op, slot, static_cast<T*>(out));
   });
 }
 
-int launch_scatter_add(Dt t, const void* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
-                       int64_t B, int64_t K, void* out, void* stream) {
+namespace {
+// The scatter-add's workspace, each part 256-byte aligned: keys and sorted keys (u64 [K]), ks and sorted
+// ks (i64 [K]), row_start (i64 [n + 1]), then CUB's temporary storage.
+struct ScatterWork {
+  uint64_t *keys, *keys_sorted;
+  int64_t *ks, *ks_sorted, *row_start;
+  void* cub_temp;
+  size_t cub_bytes, total;
+};
+
+size_t align256(size_t b) { return (b + 255) / 256 * 256; }
+
+// Bits of the sort keys: rows 0 .. n need floor(log2(n)) + 1 bits (at least 1).
+int key_bits(int64_t n) {
+  int bits = 1;
+  while (bits < 64 && (uint64_t(n) >> bits) != 0) ++bits;
+  return bits;
+}
+
+ScatterWork scatter_work(void* base, int64_t n, int64_t K) {
+  ScatterWork w{};
+  size_t cub_bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+                                  static_cast<const int64_t*>(nullptr), static_cast<int64_t*>(nullptr), K, 0, key_bits(n));
+  char* p = static_cast<char*>(base);
+  size_t off = 0;
+  auto take = [&](size_t bytes) {
+    void* at = p ? p + off : nullptr;
+    off += align256(bytes);
+    return at;
+  };
+  const size_t k8 = size_t(K) * 8;
+  w.keys = static_cast<uint64_t*>(take(k8));
+  w.keys_sorted = static_cast<uint64_t*>(take(k8));
+  w.ks = static_cast<int64_t*>(take(k8));
+  w.ks_sorted = static_cast<int64_t*>(take(k8));
+  w.row_start = static_cast<int64_t*>(take(size_t(n + 1) * 8));
+  w.cub_temp = take(cub_bytes);
+  w.cub_bytes = cub_bytes;
+  w.total = off;
+  return w;
+}
+}  // namespace
+
+size_t scatter_add_workspace(int64_t n, int64_t K) { return scatter_work(nullptr, n, K).total; }
+
+int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t A, int64_t n, int64_t B, int64_t K,
+                       void* work, int op, const ReportSlot& slot, void* out, void* stream) {
   if (A * n * B == 0) return 0;
+  const cudaStream_t st = as_stream(stream);
+  ScatterWork w = scatter_work(work, n, K);
+  if (K > 0) {
+    if (idx64)
+      k_scatter_keys<<<grid_for(K), kThreads, 0, st>>>(static_cast<const int64_t*>(idx), K, n, op, slot, w.keys, w.ks);
+    else
+      k_scatter_keys<<<grid_for(K), kThreads, 0, st>>>(static_cast<const int32_t*>(idx), K, n, op, slot, w.keys, w.ks);
+    if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return int(e);
+    // Stable (LSD radix): equal rows keep increasing k, so each row's sum runs in index order.
+    if (const cudaError_t e = cub::DeviceRadixSort::SortPairs(w.cub_temp, w.cub_bytes, w.keys, w.keys_sorted, w.ks, w.ks_sorted,
+                                                             K, 0, key_bits(n), st);
+        e != cudaSuccess)
+      return int(e);
+  }
+  k_row_starts<<<grid_for(n + 1), kThreads, 0, st>>>(w.keys_sorted, K, n, w.row_start);
+  if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return int(e);
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    k_scatter_add<<<grid_for(A * n * B), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(g), row_start, ks, A,
-                                                                           n, B, K, static_cast<T*>(out));
+    k_scatter_add<<<grid_for(A * n * B), kThreads, 0, st>>>(static_cast<const T*>(g), w.row_start, w.ks_sorted, A, n, B, K,
+                                                            static_cast<T*>(out));
   });
 }
 

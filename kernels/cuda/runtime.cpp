@@ -246,10 +246,12 @@ void check_reports(int device) {
   const int64_t index = h->index, value = h->value, bound = h->bound, aux = h->aux;
   h->code = kernels::cuda::kNoReport;
   TX_CUDA_CHECK(cudaMemsetAsync(a.slot.flag, 0, sizeof(int), static_cast<cudaStream_t>(cuda_rt::current_stream(device))));
-  if (code == kernels::cuda::kLabelOutOfRange)  // the CPU check's error, found later
-    kernels::cpu::throw_label_out_of_range("cross_entropy (checked on " + Device::cuda(device).str() +
-                                               ", reported at the host's next wait for it)",
-                                           bound, aux, value, std::to_string(index) + " (flat)");
+  const std::string checked = " (checked on " + Device::cuda(device).str() + ", reported at the host's next wait for it)";
+  if (code == kernels::cuda::kLabelOutOfRange)  // the CPU checks' errors, found later
+    kernels::cpu::throw_label_out_of_range("cross_entropy" + checked, bound, aux, value, std::to_string(index) + " (flat)");
+  if (code == kernels::cuda::kIndexOutOfRange)
+    kernels::cpu::throw_index_out_of_range(kernels::cuda::index_op_name(int(aux)) + checked, bound, value,
+                                           std::to_string(index) + " (flat)");
   throw InternalError("a CUDA kernel reported an unknown problem", "a known report code", std::to_string(code));
 }
 }  // namespace

@@ -2,9 +2,11 @@
 // Optimizer::step on parameters living on cuda:0 takes the fused multi-tensor kernels (one group per
 // setting, e.g. with and without weight decay) and must match the same steps on CPU copies, the global
 // gradient norm too; argmax (classification accuracy) must equal the CPU's exactly, ties included;
-// cross-entropy's labels are checked on the device and a bad one is thrown at the next wait.
+// cross-entropy's labels and the embedding's / take's indices are checked on the device and a bad one is
+// thrown at the next wait; the embedding backward's device-side sort sums each row in index order.
 #include <catch2/catch.hpp>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -123,4 +125,62 @@ TEST_CASE("cuda cross-entropy checks labels on the device: a bad one is a ValueE
   const Tensor l3 = cross_entropy(dl, from_vector(std::vector<int64_t>{0, -100, 3, 1}, Shape{4}).to(Device::cuda(0)));
   CHECK(std::fabs(l3.to(Device::cpu()).item() -
                   cross_entropy(logits, from_vector(std::vector<int64_t>{0, -100, 3, 1}, Shape{4})).item()) < 1e-5);
+}
+
+TEST_CASE("cuda embedding / take: indices checked on the device; the backward sorts on the device and equals the CPU bitwise") {
+  const RngKey key = RngKey::from_seed(uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count()));
+  const Tensor w = testing::randn64(key, Shape{17, 33}).astype(DType::f32);
+  const Tensor dw = w.to(Device::cuda(0));
+  SECTION("the backward: heavily repeated ids (i64 and i32) sum in index order, as the CPU") {
+    for (DType it : {DType::i64, DType::i32}) {
+      INFO(dtype_name(it));
+      const Tensor ids = (random_uniform(fold_in(key, 1), Shape{3, 1000}, DType::f64) * 17.0).astype(it);
+      const Tensor g = testing::randn64(fold_in(key, 2), Shape{3, 1000, 33}).astype(DType::f32);
+      auto grad_of = [&](const Tensor& table, const Tensor& i, const Tensor& ct) {
+        Tensor t = table.detach();
+        t.set_requires_grad(true);
+        return grad(sum(embedding(t, i) * ct), {t})[0];
+      };
+      const Tensor want = grad_of(w, ids, g), got = grad_of(dw, ids.to(Device::cuda(0)), g.to(Device::cuda(0)));
+      const Tensor gc = got.to(Device::cpu());
+      CHECK(std::memcmp(gc.raw_data(), want.raw_data(), want.nbytes()) == 0);
+      // And take along axis 1 (A = 17 rows of the gathered axis' outer part).
+      const Tensor i1 = (random_uniform(fold_in(key, 3), Shape{50}, DType::f64) * 33.0).astype(it);
+      const Tensor x = testing::randn64(fold_in(key, 4), Shape{17, 33, 2}).astype(DType::f32);
+      const Tensor ct = testing::randn64(fold_in(key, 5), Shape{17, 50, 2}).astype(DType::f32);
+      auto take_grad = [&](const Tensor& xx, const Tensor& i, const Tensor& c) {
+        Tensor t = xx.detach();
+        t.set_requires_grad(true);
+        return grad(sum(take(t, i, 1) * c), {t})[0];
+      };
+      const Tensor tw = take_grad(x, i1, ct), tg = take_grad(x.to(Device::cuda(0)), i1.to(Device::cuda(0)), ct.to(Device::cuda(0)));
+      CHECK(tg.to(Device::cpu()).to_vector<float>() == tw.to_vector<float>());
+    }
+  }
+  SECTION("no ids: an all-zero gradient") {
+    const Tensor none = from_vector(std::vector<int64_t>{}, Shape{0});
+    Tensor t = dw.detach();
+    t.set_requires_grad(true);
+    const Tensor g = grad(sum(embedding(t, none.to(Device::cuda(0)))) + sum(t) * 0.0, {t})[0];
+    for (float v : g.to(Device::cpu()).to_vector<float>()) CHECK(v == 0.0f);
+  }
+  SECTION("a bad id is a ValueError at the next wait, forward and backward, then cleared") {
+    const Tensor bad = from_vector(std::vector<int64_t>{3, 0, 17, 5}, Shape{2, 2}).to(Device::cuda(0));
+    Tensor t = dw.detach();
+    t.set_requires_grad(true);
+    const Tensor y = embedding(t, bad);  // queued, not checked yet
+    CHECK_THROWS_WITH(y.to(Device::cpu()), Catch::Matchers::Contains("embedding") && Catch::Matchers::Contains("index out of range") &&
+                                               Catch::Matchers::Contains("index 17 at position 2 (flat)"));
+    const TensorList g = grad(sum(y), {t});  // the backward's own check
+    CHECK_THROWS_WITH(cuda_rt::synchronize(0), Catch::Matchers::Contains("embedding_backward") &&
+                                                   Catch::Matchers::Contains("index 17 at position 2 (flat)"));
+    CHECK_NOTHROW(cuda_rt::synchronize(0));
+    const Tensor neg = from_vector(std::vector<int64_t>{1, -1}, Shape{2}, DType::i32).to(Device::cuda(0));
+    const Tensor z = take(dw, neg, 1);
+    CHECK_THROWS_WITH(z.to(Device::cpu()), Catch::Matchers::Contains("ValueError: take (checked on cuda:0") &&
+                                               Catch::Matchers::Contains("index -1 at position 1 (flat)"));
+    // Cleared: a good lookup reads back and equals the CPU's.
+    const Tensor ok = from_vector(std::vector<int64_t>{16, 0}, Shape{2});
+    CHECK(embedding(dw, ok.to(Device::cuda(0))).to(Device::cpu()).to_vector<float>() == embedding(w, ok).to_vector<float>());
+  }
 }

@@ -11,6 +11,7 @@
 #include <random>
 
 #include "autodiff/autodiff.h"
+#include "engine/gpt.h"
 #include "engine/nn.h"
 #include "engine/optim.h"
 #include "jit/capture.h"
@@ -49,6 +50,20 @@ double rel_error(const TensorList& got, const TensorList& want) {
   double worst = 0;
   for (size_t k = 0; k < got.size(); ++k) worst = std::max(worst, testing::rel_error(got[k], want[k]));
   return worst;
+}
+
+// How many nodes of g run `op`, and how many of them lie inside a CUDA-graph segment on cuda:0.
+std::pair<int, int> nodes_captured(const jit::Graph& g, const std::string& op) {
+  const auto segs = jit::capture_segments(g, [&](size_t j) { return jit::capturable_node(g, g.nodes[j], Device::cuda(0)); });
+  int total = 0, inside = 0;
+  for (size_t j = 0; j < g.nodes.size(); ++j) {
+    if (g.nodes[j].op->name() != op) continue;
+    ++total;
+    bool in = false;
+    for (const auto& [b, e] : segs) in = in || (j >= b && j < e);
+    inside += in;
+  }
+  return {total, inside};
 }
 
 int count_fused(const jit::Graph& g) {
@@ -211,16 +226,9 @@ TEST_CASE("cuda jit: a training step replayed through CUDA graphs equals the op-
   // The AdamW updates read their scalars from device memory: inside a segment, not op by op.
   const jit::Graph* g = graphs.step.graph_for(batch(0));
   REQUIRE(g != nullptr);
-  const auto segs = jit::capture_segments(*g, [&](size_t j) { return jit::capturable_node(*g, g->nodes[j], Device::cuda(0)); });
-  int updates = 0;
-  for (size_t j = 0; j < g->nodes.size(); ++j) {
-    if (std::string(g->nodes[j].op->name()) != "adamw_update") continue;
-    ++updates;
-    bool inside = false;
-    for (const auto& [b, e] : segs) inside = inside || (j >= b && j < e);
-    CHECK(inside);
-  }
+  const auto [updates, inside] = nodes_captured(*g, "adamw_update");
   CHECK(updates == int(graphs.params.size()));
+  CHECK(inside == updates);
 
   // TITANAX_CUDA_GRAPHS=0 replays op by op.
   ::setenv("TITANAX_CUDA_GRAPHS", "0", 1);
@@ -228,4 +236,52 @@ TEST_CASE("cuda jit: a training step replayed through CUDA graphs equals the op-
   for (int s = 0; s < 3; ++s) off.step(batch(uint64_t(s)));
   ::unsetenv("TITANAX_CUDA_GRAPHS");
   CHECK(off.step.capture_stats_for(batch(0)) == nullptr);
+}
+
+TEST_CASE("cuda jit: a GPT training step captures its embeddings too, and equals the op-by-op replay bitwise") {
+  // The token and position embeddings (gather forward, device-sorted scatter-add backward) check their
+  // ids on the device, so nothing in the step waits for the host: every embedding node is captured.
+  struct Twin {
+    nn::GPT model{nn::GPTConfig{.vocab = 64, .layers = 1, .heads = 2, .dim = 32, .seq_len = 16, .tp_axis = ""}};
+    std::unique_ptr<optim::Optimizer> opt = optim::adamw(optim::constant(3e-3));
+    ParamTree params;
+    jit::Compiled step;
+    explicit Twin(bool graphs)
+        : step([this](const TensorList& in) {
+                 auto [loss, grads] = value_and_grad([&] { return model.loss(in[0], in[1]); }, params);
+                 opt->step(params, grads);
+                 return TensorList{loss};
+               },
+               jit::JitOptions{.cuda_graphs = graphs}) {
+      model.init_parameters(11);
+      model.to(Device::cuda(0));
+      params = model.parameters();
+    }
+  };
+  auto batch = [](uint64_t s) {
+    const RngKey k = RngKey::from_seed(700 + s);
+    Tensor ids = (random_uniform(k, Shape{4, 16}, DType::f64) * 64.0).astype(DType::i64);
+    Tensor tgt = (random_uniform(fold_in(k, 1), Shape{4, 16}, DType::f64) * 64.0).astype(DType::i64);
+    return TensorList{ids.to(Device::cuda(0)), tgt.to(Device::cuda(0))};
+  };
+  Twin graphs(true), plain(false);
+  for (int s = 0; s < 6; ++s) {
+    INFO("call " << s);
+    check_bitwise(graphs.step(batch(uint64_t(s))), plain.step(batch(uint64_t(s))));
+  }
+  for (size_t i = 0; i < graphs.params.size(); ++i) {
+    INFO(graphs.params[i].first);
+    check_bitwise({graphs.params[i].second}, {plain.params[i].second});
+  }
+  const jit::CaptureStats* st = graphs.step.capture_stats_for(batch(0));
+  REQUIRE(st != nullptr);
+  CHECK(st->failed_captures == 0);
+  const jit::Graph* g = graphs.step.graph_for(batch(0));
+  REQUIRE(g != nullptr);
+  for (const char* op : {"embedding", "embedding_backward", "cross_entropy", "adamw_update"}) {
+    INFO(op);
+    const auto [total, inside] = nodes_captured(*g, op);
+    CHECK(total > 0);
+    CHECK(inside == total);
+  }
 }
