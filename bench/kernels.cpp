@@ -12,7 +12,8 @@
 // 2 * 2 * B * H * T^2 * D / 2, backward 2.5x that; backward time = forward + backward - forward), beside
 // PyTorch's F.scaled_dot_product_attention on the same shapes in the same run (bench/peers/sdpa_torch.py,
 // when /usr/bin/python3 has torch): on the GPU issue #3's shapes B=16, heads 12, T=1024, D=64 in bf16
-// (target: at least 0.8x of PyTorch), on the CPU B=2, heads 4, T=512, D=64 in f32.
+// (target: at least 0.8x of PyTorch), on the CPU B=2, heads 4, T=512, D=64 in f32. On the GPU the line
+// adds attention_fp32_kernels_*: the same shapes with the tensor-core kernels turned off.
 // Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
 // --no-peer.
 #include <algorithm>
@@ -26,6 +27,7 @@
 #include <titanax/titanax.h>
 
 #include "core/cuda_runtime.h"
+#include "kernels/cuda/kernels.h"
 #include "peer.h"
 
 namespace tx = titanax;
@@ -124,20 +126,33 @@ int main(int argc, char** argv) {
     tx::Tensor q = normal(7), k = normal(8), v = normal(9);
     const tx::Tensor ct = normal(10);
     for (tx::Tensor* t : {&q, &k, &v}) t->set_requires_grad();
-    const double t_fwd = time([&] {
-      tx::NoGradGuard ng;
-      out = tx::scaled_dot_product_attention(q, k, v, true);
-    });
-    const double t_both = time([&] {
-      tx::Tensor o = tx::scaled_dot_product_attention(q, k, v, true);
-      out = tx::grad(o, {q, k, v}, tx::BackwardOptions{.seed = ct})[0];
-    });
-    const double t_bwd = std::max(t_both - t_fwd, 1e-12);
     const double flops = 4.0 * double(aB * aH) * double(aT) * double(aT) * double(aD) * 0.5;
-    const double fwd_tf = flops / t_fwd / 1e12, bwd_tf = 2.5 * flops / t_bwd / 1e12;
+    // Forward and backward TFLOP/s of the attention kernels in use.
+    auto attention_tflops = [&](double& fwd, double& bwd) {
+      const double t_fwd = time([&] {
+        tx::NoGradGuard ng;
+        out = tx::scaled_dot_product_attention(q, k, v, true);
+      });
+      const double t_both = time([&] {
+        tx::Tensor o = tx::scaled_dot_product_attention(q, k, v, true);
+        out = tx::grad(o, {q, k, v}, tx::BackwardOptions{.seed = ct})[0];
+      });
+      fwd = flops / t_fwd / 1e12;
+      bwd = 2.5 * flops / std::max(t_both - t_fwd, 1e-12) / 1e12;
+    };
+    double fwd_tf = 0, bwd_tf = 0;
+    attention_tflops(fwd_tf, bwd_tf);
     std::snprintf(buf, sizeof buf, " attention_shape=%lldx%lldx%lldx%lld_%s_causal attention_fwd_TFLOPs=%.3f attention_bwd_TFLOPs=%.3f",
                   (long long)aB, (long long)aH, (long long)aT, (long long)aD, std::string(tx::dtype_name(adt)).c_str(), fwd_tf, bwd_tf);
     line += buf;
+    if (gpu) {  // the same shapes on the FP32 (CUDA-core) kernels, for comparison with the tensor-core ones
+      double f = 0, b = 0;
+      tx::kernels::cuda::set_attention_tensor_cores(false);
+      attention_tflops(f, b);
+      tx::kernels::cuda::set_attention_tensor_cores(true);
+      std::snprintf(buf, sizeof buf, " attention_fp32_kernels_fwd_TFLOPs=%.3f attention_fp32_kernels_bwd_TFLOPs=%.3f", f, b);
+      line += buf;
+    }
     const std::string py = "/usr/bin/python3";
     if (!peer) {
       line += " peer=skipped";

@@ -37,6 +37,8 @@ void attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tenso
                         double, Tensor&, Tensor&, Tensor&) {
   no_cuda("attention");
 }
+bool attention_tensor_cores() { return false; }  // no CUDA kernels at all
+void set_attention_tensor_cores(bool) {}
 void matmul(const Tensor&, const Tensor&, Tensor&, bool) { no_cuda("matmul"); }
 void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&, bool) { no_cuda("linear"); }
 void conv2d_forward(const Tensor&, const Tensor&, const Tensor*, const cpu::Conv2dGeom&, Tensor&) { no_cuda("conv2d"); }

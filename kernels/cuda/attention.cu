@@ -419,6 +419,16 @@ int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, 
   });
 }
 
+int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int64_t D, float* delta, void* stream) {
+  if (R == 0) return 0;
+  return dispatch_attention(t, D, [&](auto tv, auto) -> int {
+    using T = decltype(tv);
+    k_attn_delta<<<grid_for(R, kThreads / 32), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(o),
+                                                                                 static_cast<const T*>(dout), delta, R, int(D));
+    return 0;
+  });
+}
+
 int launch_attention_backward(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
                               const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
                               double scale, void* dq, void* dk, void* dv, float* delta, void* stream) {
@@ -434,8 +444,7 @@ int launch_attention_backward(Dt t, const void* q, const void* k, const void* v,
     const T* vt = static_cast<const T*>(v);
     const T* ot = static_cast<const T*>(dout);
     if (Tq > 0) {
-      const int64_t R = N * Tq;
-      k_attn_delta<<<grid_for(R, kThreads / 32), kThreads, 0, st>>>(static_cast<const T*>(o), ot, delta, R, int(D));
+      if (int e = launch_attention_delta(t, o, dout, N * Tq, D, delta, stream)) return e;
       if (int e = allow_smem(k_attn_dq<T, DC>, bq)) return e;
       k_attn_dq<T, DC><<<attention_grid(Tq, N), kAttnThreads, bq, st>>>(qt, kt, vt, ot, lse, delta,
                                                                          static_cast<T*>(dq), N, Tq, Tk, int(D),

@@ -3,6 +3,8 @@
 #include "kernels/cuda/kernels.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <string>
 
 #include "core/cuda_runtime.h"
 #include "kernels/cpu/loops.h"
@@ -292,8 +294,10 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool c
   attention_lse_f32(nm, lse);
   const AttentionDims a = attention_dims(nm, q, k);
   if (a.N == 0 || a.Tq == 0) return;  // o and lse are empty
-  check(launch_attention_forward(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
-                                 o.raw_data(), static_cast<float*>(lse.raw_data()), stream_of(o)),
+  const bool mma = attention_tensor_cores() && attention_mma_supported(t, a.D, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data()});
+  check((mma ? launch_attention_forward_mma : launch_attention_forward)(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq,
+                                                                        a.Tk, a.D, causal, scale, o.raw_data(),
+                                                                        static_cast<float*>(lse.raw_data()), stream_of(o)),
         nm);
 }
 
@@ -307,12 +311,25 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   // delta_i = sum_d dout[i, d] o[i, d] (f32 scratch from the stream-ordered pool; released when this returns,
   // and any reuse is queued on the same stream after the kernels that read it).
   Tensor delta = empty(Shape{std::max<int64_t>(a.N * a.Tq, 1)}, DType::f32, q.device());
-  check(launch_attention_backward(t, q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(),
-                                  static_cast<const float*>(lse.raw_data()), dout.raw_data(), a.N, a.Tq, a.Tk, a.D,
-                                  causal, scale, dq.raw_data(), dk.raw_data(), dv.raw_data(),
-                                  static_cast<float*>(delta.raw_data()), stream_of(dq)),
+  const bool mma = attention_tensor_cores() &&
+                   attention_mma_supported(t, a.D, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), dout.raw_data(),
+                                                    dq.raw_data(), dk.raw_data(), dv.raw_data()});
+  check((mma ? launch_attention_backward_mma : launch_attention_backward)(
+            t, q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), static_cast<const float*>(lse.raw_data()),
+            dout.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(), dk.raw_data(), dv.raw_data(),
+            static_cast<float*>(delta.raw_data()), stream_of(dq)),
         nm);
 }
+
+namespace {
+std::atomic<bool> g_attention_mma{[] {
+  const char* e = std::getenv("TITANAX_ATTENTION_MMA");
+  return !(e && std::string(e) == "0");
+}()};
+}  // namespace
+
+bool attention_tensor_cores() { return g_attention_mma.load(); }
+void set_attention_tensor_cores(bool on) { g_attention_mma.store(on); }
 
 namespace {
 std::atomic<bool> g_tf32{false};

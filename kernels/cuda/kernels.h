@@ -109,6 +109,12 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool c
 /// dout [N, Tq, D].
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
                         const Tensor& dout, bool causal, double scale, Tensor& dq, Tensor& dk, Tensor& dv);
+/// Whether bf16 / f16 attention with head dim 64 or 128 (16-byte aligned operands) runs on tensor cores
+/// (kernels/cuda/attention_mma.cu: mma.sync with f32 accumulation, P and dS rounded to the inputs' dtype
+/// for their products, as FlashAttention-2) rather than on the FP32 kernels. On by default;
+/// TITANAX_ATTENTION_MMA=0 in the environment turns it off at start-up.
+bool attention_tensor_cores();
+void set_attention_tensor_cores(bool on);
 
 // ------------------------------------------------------------------------------------ GEMM (cuBLASLt)
 /// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "kernels/update_scalars.h"
 
@@ -143,6 +144,19 @@ int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, 
 int launch_attention_backward(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
                               const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
                               double scale, void* dq, void* dk, void* dv, float* delta, void* stream);
+/// delta[r] = sum_d dout[r, d] o[r, d] over R rows of D (the backward's first step), f32.
+int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int64_t D, float* delta, void* stream);
+
+// The same two operations on tensor cores (attention_mma.cu: mma.sync m16n8k16 with f32 accumulation, P and
+// dS rounded to t for their products as FlashAttention does): same arguments and results up to rounding.
+/// Whether the tensor-core kernels take these operands: t bf16 or f16, D 64 or 128, every pointer 16-byte
+/// aligned.
+bool attention_mma_supported(Dt t, int64_t D, std::initializer_list<const void*> ptrs);
+int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
+                                 int64_t D, bool causal, double scale, void* o, float* lse, void* stream);
+int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
+                                  const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
+                                  double scale, void* dq, void* dk, void* dv, float* delta, void* stream);
 
 // ---------------------------------------------------------------- max pooling (pool.cu)
 /// Geometry of a max pooling over [N, C, H, W] with windows KH x KW, strides SH, SW and padding PH, PW;

@@ -4,11 +4,15 @@
 // forward and gradients in f32 within 1e-4 (the kernels sum in another order; the op table harness in
 // test_cuda.cpp covers the small cases at 1e-5), bf16 / f16 within 1e-2 of the CPU's f32 on the same
 // rounded inputs. Every CUDA allocation is poisoned with NaN (test_cuda.cpp), so an unwritten element fails.
+// bf16 / f16 with head dim 64 or 128 run on the tensor-core kernels (attention_mma.cu) by default; they are
+// also checked with those turned off (the FP32 kernels), on GPT-2's shape, and with misaligned operands
+// (which fall back to the FP32 kernels).
 #include <catch2/catch.hpp>
 
 #include <chrono>
 
 #include "cuda_test_util.h"
+#include "kernels/cuda/kernels.h"
 #include "op_cases.h"
 
 using namespace titanax;
@@ -67,4 +71,65 @@ TEST_CASE("cuda attention: head dimensions above 128 and f64 are clear errors") 
   CHECK_THROWS_AS(scaled_dot_product_attention(big, big, big), ShapeError);
   const Tensor d64 = zeros(Shape{1, 4, 8}, DType::f64, g);
   CHECK_THROWS_AS(scaled_dot_product_attention(d64, d64, d64), DTypeError);
+}
+
+TEST_CASE("cuda attention: tensor-core and FP32 kernels both match the CPU (GPT-2's shape, ragged tiles, misaligned operands)") {
+  const uint64_t seed = seed_now();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  struct Case {
+    Shape q, kv;
+    bool causal;
+  };
+  for (const Case& c : {Case{{1, 12, 1024, 64}, {1, 12, 1024, 64}, true}, Case{{2, 2, 130, 128}, {2, 2, 70, 128}, true},
+                        Case{{2, 2, 65, 64}, {2, 2, 191, 64}, false}}) {
+    for (DType t : {DType::bf16, DType::f16}) {
+      INFO("q " << c.q.str() << " kv " << c.kv.str() << " causal " << c.causal << " " << dtype_name(t));
+      const Tensor q = testing::randn64(fold_in(key, 1), c.q).astype(t), k = testing::randn64(fold_in(key, 2), c.kv).astype(t),
+                   v = testing::randn64(fold_in(key, 3), c.kv).astype(t), ct = testing::randn64(fold_in(key, 4), c.q).astype(t);
+      const Result want = run(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32), ct.astype(DType::f32),
+                              c.causal, Device::cpu());
+      Result got[2];
+      for (int mma = 0; mma < 2; ++mma) {
+        INFO((mma ? "tensor cores" : "FP32 kernels"));
+        kernels::cuda::set_attention_tensor_cores(mma == 1);
+        got[mma] = run(q, k, v, ct, c.causal, Device::cuda(0));
+        CHECK(rel_error(got[mma].o, want.o) <= 1e-2);
+        CHECK(rel_error(got[mma].dq, want.dq) <= 1e-2);
+        CHECK(rel_error(got[mma].dk, want.dk) <= 1e-2);
+        CHECK(rel_error(got[mma].dv, want.dv) <= 1e-2);
+      }
+      kernels::cuda::set_attention_tensor_cores(true);
+      // The switch really changes kernels: the tensor cores round P to 16 bits before P V.
+      const Tensor a = got[0].o.to(Device::cpu()).astype(DType::f32), b = got[1].o.to(Device::cpu()).astype(DType::f32);
+      CHECK(a.to_vector<float>() != b.to_vector<float>());
+    }
+  }
+  SECTION("operands not 16-byte aligned take the FP32 kernels, with the same results") {
+    const Shape s{1, 2, 100, 64};
+    const int64_t n = s.numel();
+    auto shifted = [&](uint64_t i) {  // a contiguous view one element into its buffer: 2 bytes off
+      const Tensor flat = testing::randn64(fold_in(key, 10 + i), Shape{n + 1}).astype(DType::bf16);
+      return flat.slice(0, 1, n + 1).reshape(s);
+    };
+    const Tensor q = shifted(0), k = shifted(1), v = shifted(2), ct = shifted(3);
+    const Result want = run(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32), ct.astype(DType::f32), true,
+                            Device::cpu());
+    const Tensor dq = q.to(Device::cuda(0)), dk = k.to(Device::cuda(0)), dv = v.to(Device::cuda(0));
+    // to() copies into fresh (aligned) memory: cut the misaligned views on the device instead.
+    auto device_shifted = [&](const Tensor& t) {
+      Tensor flat = zeros(Shape{n + 1}, t.dtype(), Device::cuda(0));
+      Tensor view = flat.slice(0, 1, n + 1).reshape(s);
+      copy_(view, t);
+      return view;
+    };
+    Tensor gq = device_shifted(dq), gk = device_shifted(dk), gv = device_shifted(dv);
+    for (Tensor* x : {&gq, &gk, &gv}) x->set_requires_grad();
+    const Tensor o = scaled_dot_product_attention(gq, gk, gv, true);
+    const TensorList g = grad(o, {gq, gk, gv}, BackwardOptions{.seed = device_shifted(ct.to(Device::cuda(0)))});
+    CHECK(rel_error(o, want.o) <= 1e-2);
+    CHECK(rel_error(g[0], want.dq) <= 1e-2);
+    CHECK(rel_error(g[1], want.dk) <= 1e-2);
+    CHECK(rel_error(g[2], want.dv) <= 1e-2);
+  }
 }
