@@ -122,12 +122,19 @@ TX_MMA_FN void load_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
   }
 }
 
-// The same rows transposed: dst[d][r] (pitch R + 8).
+// The same rows transposed: dst[d][r] (pitch R + 8). A thread reads 8 consecutive features of one row (16
+// bytes) and writes them down 8 columns; consecutive threads take consecutive rows, so each of the 8
+// 2-byte stores of a warp covers 64 consecutive bytes (no bank conflict).
 template <class Hw, class T, int D, int R>
 TX_MMA_FN void load_tile_t(T* dst, const T* src, int64_t r0, int64_t limit) {
-  for (int e = Hw::thread(); e < R * D; e += kMmaThreads) {
-    const int r = e / D, d = e - r * D;
-    dst[d * (R + 8) + r] = r0 + r < limit ? src[(r0 + r) * D + d] : T(0.f);
+  constexpr int V = D / 8;
+  for (int e = Hw::thread(); e < R * V; e += kMmaThreads) {
+    const int r = e % R, d0 = (e / R) * 8;
+    alignas(16) T vals[8];
+    if (r0 + r < limit) Hw::copy16(vals, src + (r0 + r) * D + d0);
+    else Hw::zero16(vals);
+    TX_UNROLL
+    for (int i = 0; i < 8; ++i) dst[(d0 + i) * (R + 8) + r] = vals[i];
   }
 }
 
