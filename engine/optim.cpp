@@ -115,56 +115,92 @@ struct IncrementOp final : Op {
   bool differentiable() const override { return false; }
 };
 
-// Inputs: the k state tensors (parameter first, then moments / momentum), the gradient and the step's
-// scalars (kernels/update_scalars.h: f64 [4] on the states' device, from ScalarsOp); outputs: the k
-// updated state tensors (unchanged when the scalars say the step is skipped). Every input lives on the
-// states' device, so on a GPU the node can be captured into a CUDA graph (jit/capture.h).
-struct UpdateOp : Op {
+// How one optimizer updates a parameter: its settings (name and attrs, the grouping key and the node's
+// attributes), the number k of state tensors (the parameter first, then moments / momentum), the step's
+// scalars (kernels/update_scalars.h) and the kernels. Eager steps call update / update_cuda directly;
+// traced steps apply an UpdateOp node per group of parameters with equal settings (below).
+struct UpdateRule {
   int k;
-  explicit UpdateOp(int states) : k(states) {}
-  std::vector<TensorSpec> infer(const TensorList& in) const override {
-    std::vector<TensorSpec> out;
-    for (int i = 0; i < k; ++i) out.push_back({in[size_t(i)].shape(), in[size_t(i)].dtype(), in[size_t(i)].device()});
-    return out;
-  }
-  void cpu(const TensorList& in, TensorList& out) const override {
-    for (int i = 0; i < k; ++i)
-      if (!out[size_t(i)].same(in[size_t(i)])) kernels::cpu::copy_cast(in[size_t(i)], out[size_t(i)]);
-    kernels::UpdateScalars s;
-    const Tensor& sc = in[size_t(k + 1)];
-    for (int j = 0; j < kernels::UpdateScalars::size; ++j) s.v[j] = sc.data<double>()[j];
-    update(out, in[size_t(k)], s);
-  }
-  // On a GPU: the copies on the device, then the fused kernel for this one parameter, reading the
-  // scalars from device memory.
-  void cuda(const TensorList& in, TensorList& out) const override {
-    for (int i = 0; i < k; ++i)
-      if (!out[size_t(i)].same(in[size_t(i)])) kernels::cuda::copy_cast(in[size_t(i)], out[size_t(i)]);
-    update_cuda({{out, in[size_t(k)]}}, kernels::UpdateScalars{}, &in[size_t(k + 1)]);
-  }
-  // State i may be updated where it is (the JIT's update_in_place): the copy above is then skipped and
-  // the kernels read and write each element in place, as the eager step does.
-  int in_place_input(size_t out) const override { return out < size_t(k) ? int(out) : -1; }
-  bool differentiable() const override { return false; }
+  explicit UpdateRule(int states) : k(states) {}
+  virtual ~UpdateRule() = default;
+  virtual const char* name() const = 0;
+  virtual std::string attrs() const = 0;
   /// This update's scalars at step count `step` (updates done before this one) and learning rate lr.
   virtual kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const = 0;
   /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
   /// eagerly) in place with gradient g (contiguous) on the CPU.
   virtual void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const = 0;
-  /// The same for many parameters on a CUDA device with this op's settings: the fused multi-tensor
-  /// kernels (kernels/cuda/optim.cu), one launch per 24 tensors. Each entry: the state tensors, the
-  /// gradient. The scalars are `sc`, or those in device_scalars when given.
+  /// The same for many parameters on a CUDA device with these settings: the fused multi-tensor kernels
+  /// (kernels/cuda/optim.cu), one launch per 24 tensors. Each entry: the state tensors, the gradient. The
+  /// scalars are `sc`, or those in device_scalars when given.
   virtual void update_cuda(const std::vector<std::pair<TensorList, Tensor>>& group, const kernels::UpdateScalars& sc,
                            const Tensor* device_scalars) const = 0;
 };
 
-// The step's update scalars (UpdateOp::scalars) from the step count, the learning rate and optionally
+// The update of n parameters with one rule, as one node (a traced step's multi-tensor update: on a GPU one
+// fused launch per 24 tensors, as the eager step, instead of a launch per parameter). Inputs: per
+// parameter its k state tensors and its gradient, then the step's scalars (f64 [4] on the states' device,
+// from ScalarsOp); outputs: the n * k updated state tensors (unchanged when the scalars say the step is
+// skipped). Every input lives on the states' device, so on a GPU the node can be captured into a CUDA
+// graph (jit/capture.h).
+struct UpdateOp final : Op {
+  std::shared_ptr<const UpdateRule> rule;
+  size_t n;
+  UpdateOp(std::shared_ptr<const UpdateRule> r, size_t params) : rule(std::move(r)), n(params) {}
+  const char* name() const override { return rule->name(); }
+  std::string attrs() const override { return rule->attrs() + " params=" + std::to_string(n); }
+  // Node input of state s of parameter i (the gradient is at i * (k + 1) + k, the scalars last).
+  size_t state_input(size_t i, int s) const { return i * size_t(rule->k + 1) + size_t(s); }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    std::vector<TensorSpec> out;
+    for (size_t i = 0; i < n; ++i)
+      for (int s = 0; s < rule->k; ++s) {
+        const Tensor& t = in[state_input(i, s)];
+        out.push_back({t.shape(), t.dtype(), t.device()});
+      }
+    return out;
+  }
+  // Output j's state, copied from its input unless the JIT made it that input's memory (update in place).
+  TensorList states_of(const TensorList& in, TensorList& out, size_t i, bool cuda) const {
+    TensorList st;
+    for (int s = 0; s < rule->k; ++s) {
+      Tensor& o = out[i * size_t(rule->k) + size_t(s)];
+      const Tensor& src = in[state_input(i, s)];
+      if (!o.same(src)) cuda ? kernels::cuda::copy_cast(src, o) : kernels::cpu::copy_cast(src, o);
+      st.push_back(o);
+    }
+    return st;
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    kernels::UpdateScalars sc;
+    for (int j = 0; j < kernels::UpdateScalars::size; ++j) sc.v[j] = in.back().data<double>()[j];
+    for (size_t i = 0; i < n; ++i) {
+      TensorList st = states_of(in, out, i, false);
+      rule->update(st, in[state_input(i, rule->k)], sc);
+    }
+  }
+  // On a GPU: the copies on the device, then the fused multi-tensor kernel reading the scalars from
+  // device memory.
+  void cuda(const TensorList& in, TensorList& out) const override {
+    std::vector<std::pair<TensorList, Tensor>> group;
+    for (size_t i = 0; i < n; ++i) group.push_back({states_of(in, out, i, true), in[state_input(i, rule->k)]});
+    rule->update_cuda(group, kernels::UpdateScalars{}, &in.back());
+  }
+  // Every state may be updated where it is (the JIT's update_in_place): the copy above is then skipped
+  // and the kernels read and write each element in place, as the eager step does.
+  int in_place_input(size_t out) const override {
+    return out < n * size_t(rule->k) ? int(state_input(out / size_t(rule->k), int(out % size_t(rule->k)))) : -1;
+  }
+  bool differentiable() const override { return false; }
+};
+
+// The step's update scalars (UpdateRule::scalars) from the step count, the learning rate and optionally
 // skip, host scalars read at each run, as f64 [4] on the parameters' device: on a GPU written by a kernel
 // launch that carries the values, so nothing waits and the update reading them can be captured.
 struct ScalarsOp final : Op {
-  std::shared_ptr<const UpdateOp> update;
+  std::shared_ptr<const UpdateRule> update;
   Device device;
-  ScalarsOp(std::shared_ptr<const UpdateOp> u, Device d) : update(std::move(u)), device(d) {}
+  ScalarsOp(std::shared_ptr<const UpdateRule> u, Device d) : update(std::move(u)), device(d) {}
   const char* name() const override { return "update_scalars"; }
   std::string attrs() const override { return std::string(update->name()) + " " + update->attrs() + " device=" + device.str(); }
   std::vector<TensorSpec> infer(const TensorList&) const override {
@@ -181,11 +217,11 @@ struct ScalarsOp final : Op {
   }
 };
 
-struct AdamUpdateOp final : UpdateOp {
+struct AdamRule final : UpdateRule {
   AdamOptions o;
   double wd;
   bool decoupled;
-  AdamUpdateOp(const AdamOptions& opts, double decay, bool dec) : UpdateOp(3), o(opts), wd(decay), decoupled(dec) {}
+  AdamRule(const AdamOptions& opts, double decay, bool dec) : UpdateRule(3), o(opts), wd(decay), decoupled(dec) {}
   const char* name() const override { return decoupled ? "adamw_update" : "adam_update"; }
   std::string attrs() const override {
     return "betas=(" + attr_num(o.beta1) + "," + attr_num(o.beta2) + ") eps=" + attr_num(o.eps) + " wd=" + attr_num(wd);
@@ -209,10 +245,10 @@ struct AdamUpdateOp final : UpdateOp {
   }
 };
 
-struct SgdUpdateOp final : UpdateOp {
+struct SgdRule final : UpdateRule {
   double mu, wd;
   bool nesterov;
-  SgdUpdateOp(double m, double w, bool n) : UpdateOp(m > 0 ? 2 : 1), mu(m), wd(w), nesterov(n) {}
+  SgdRule(double m, double w, bool n) : UpdateRule(m > 0 ? 2 : 1), mu(m), wd(w), nesterov(n) {}
   const char* name() const override { return "sgd_update"; }
   std::string attrs() const override {
     return "momentum=" + attr_num(mu) + " wd=" + attr_num(wd) + " nesterov=" + std::to_string(nesterov);
@@ -244,7 +280,7 @@ struct SgdUpdateOp final : UpdateOp {
 // (the parameter first). Eagerly the op's kernel updates them in place with scalars computed here; while
 // traced (jit/graph.h) the op runs on copies that are written back with copy_, and the learning rate,
 // the step count and the update's scalars are ops of the step tensor, so a replay computes them anew.
-using UpdateFor = std::function<std::pair<std::shared_ptr<const UpdateOp>, TensorList>(size_t i)>;
+using UpdateFor = std::function<std::pair<std::shared_ptr<const UpdateRule>, TensorList>(size_t i)>;
 void update_parameters(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
                        const Tensor& skip, const UpdateFor& update_for) {
   NoGradGuard ng;
@@ -257,7 +293,7 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
   const double lr_now = traced ? 0.0 : schedule(t);
   const Tensor lr = traced ? apply1(std::make_shared<ScheduleOp>(schedule, owner), {step}) : Tensor();
   struct Pending {
-    std::shared_ptr<const UpdateOp> op;
+    std::shared_ptr<const UpdateRule> op;
     TensorList states;  // the parameter first
     Tensor grad;
   };
@@ -268,34 +304,48 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
     check_state_device(params[i].first, states);
     todo.push_back({op, states, grads.at(params[i].first).contiguous()});
   }
+  // Groups of parameters with the same settings and dtype (e.g. with and without weight decay), in the
+  // order of their first parameter: on CUDA one fused multi-tensor update per group, eagerly and traced.
+  std::vector<std::vector<Pending*>> groups;
+  {
+    std::map<std::string, size_t> index;
+    for (Pending& u : todo) {
+      const std::string key = std::string(u.op->name()) + " " + u.op->attrs() + " " + std::string(dtype_name(u.states[0].dtype()));
+      auto [it, fresh] = index.emplace(key, groups.size());
+      if (fresh) groups.emplace_back();
+      groups[it->second].push_back(&u);
+    }
+  }
   if (!traced) {
     if (params.size() && params[0].second.device().is_cuda()) {
-      // On CUDA: one fused multi-tensor update per group of parameters with the same settings and dtype
-      // (e.g. with and without weight decay), instead of a launch per parameter.
-      std::map<std::string, std::pair<std::shared_ptr<const UpdateOp>, std::vector<std::pair<TensorList, Tensor>>>> groups;
-      for (const Pending& u : todo) {
-        auto& grp = groups[u.op->attrs() + " " + std::string(dtype_name(u.states[0].dtype()))];
-        grp.first = u.op;
-        grp.second.push_back({u.states, u.grad});
+      for (const auto& grp : groups) {
+        std::vector<std::pair<TensorList, Tensor>> entries;
+        for (Pending* u : grp) entries.push_back({u->states, u->grad});
+        grp[0]->op->update_cuda(entries, grp[0]->op->scalars(t, lr_now, true), nullptr);
       }
-      for (const auto& [key, grp] : groups) grp.first->update_cuda(grp.second, grp.first->scalars(t, lr_now, true), nullptr);
     } else {
       for (Pending& u : todo) u.op->update(u.states, u.grad, u.op->scalars(t, lr_now, true));
     }
     bump(step.data<int64_t>(), params);
     return;
   }
-  // Traced: every update's scalars first (host ops, op by op on a GPU; CSE merges equal ones), then the
-  // updates (device ops only: one run of nodes a CUDA graph can capture whole).
+  // Traced: every group's scalars first (host ops, op by op on a GPU), then one update node per group
+  // (device ops only: one run of nodes a CUDA graph can capture whole).
   const TensorList host = skip.defined() ? TensorList{step, lr, skip} : TensorList{step, lr};
   std::vector<Tensor> scalars;
-  for (const Pending& u : todo) scalars.push_back(apply1(std::make_shared<ScalarsOp>(u.op, u.states[0].device()), host));
-  for (size_t i = 0; i < todo.size(); ++i) {
-    TensorList in = todo[i].states;
-    in.push_back(todo[i].grad);
-    in.push_back(scalars[i]);
-    TensorList out = titanax::apply(OpPtr(todo[i].op), in);
-    for (size_t k = 0; k < todo[i].states.size(); ++k) copy_(todo[i].states[k], out[k]);
+  for (const auto& grp : groups)
+    scalars.push_back(apply1(std::make_shared<ScalarsOp>(grp[0]->op, grp[0]->states[0].device()), host));
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    TensorList in;
+    for (Pending* u : groups[gi]) {
+      in.insert(in.end(), u->states.begin(), u->states.end());
+      in.push_back(u->grad);
+    }
+    in.push_back(scalars[gi]);
+    const TensorList out = titanax::apply(std::make_shared<UpdateOp>(groups[gi][0]->op, groups[gi].size()), in);
+    size_t j = 0;
+    for (Pending* u : groups[gi])
+      for (Tensor& st : u->states) copy_(st, out[j++]);
   }
   copy_(step, apply1(std::make_shared<IncrementOp>(), skip.defined() ? TensorList{step, skip} : TensorList{step}));
 }
@@ -324,7 +374,7 @@ class Adam final : public Optimizer {
     }
     check_grads(params, grads);
     update_parameters(schedule_, this, step_, params, grads, skip, [&](size_t i) {
-      return std::make_pair(std::make_shared<const AdamUpdateOp>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_),
+      return std::make_pair(std::make_shared<const AdamRule>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_),
                             TensorList{params[i].second, m_[i].second, v_[i].second});
     });
   }
@@ -368,7 +418,7 @@ class SGD final : public Optimizer {
     update_parameters(schedule_, this, step_, params, grads, skip, [&](size_t i) {
       TensorList states{params[i].second};
       if (mu_ > 0) states.push_back(buf_[i].second);
-      return std::make_pair(std::make_shared<const SgdUpdateOp>(mu_, wd_, nesterov_), states);
+      return std::make_pair(std::make_shared<const SgdRule>(mu_, wd_, nesterov_), states);
     });
   }
   ParamTree state() const override {
