@@ -49,11 +49,15 @@ void destroy_desc(cublasLtMatmulDesc_t d) { cublasLtMatmulDescDestroy(d); }
 void destroy_layout(cublasLtMatrixLayout_t l) { cublasLtMatrixLayoutDestroy(l); }
 void destroy_pref(cublasLtMatmulPreference_t p) { cublasLtMatmulPreferenceDestroy(p); }
 
-// Column-major C[m, n] (ldc) = op(A) @ op(B) + beta C over `batch` strided matrices.
-void gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* A, int64_t lda,
+// Column-major C[m, n] (ldc) = op(A) @ op(B) + beta C over `batch` strided matrices, plus bias[i] on row i
+// of C when `bias` is given (cuBLASLt's BIAS epilogue: a vector of m elements of C's dtype, added in the
+// f32 epilogue before C is rounded; no separate launch). Returns false, having done nothing, when
+// cuBLASLt has no algorithm for the BIAS epilogue (the caller adds the bias another way); throws
+// DeviceError when it has none at all.
+bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* A, int64_t lda,
              int64_t sa, const void* B, int64_t ldb, int64_t sb, void* C, int64_t ldc, int64_t sc, int64_t batch,
-             double beta, bool tf32) {
-  if (m == 0 || n == 0 || batch == 0) return;
+             double beta, bool tf32, const void* bias = nullptr) {
+  if (m == 0 || n == 0 || batch == 0) return true;
   LtContext& ctx = context(device);
   const bool f64 = dt == DType::f64;
   const cudaDataType_t type = f64 ? CUDA_R_64F : dt == DType::bf16 ? CUDA_R_16BF : dt == DType::f16 ? CUDA_R_16F : CUDA_R_32F;
@@ -65,6 +69,11 @@ void gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   cublasOperation_t opa = ta ? CUBLAS_OP_T : CUBLAS_OP_N, opb = tb ? CUBLAS_OP_T : CUBLAS_OP_N;
   TX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.h, CUBLASLT_MATMUL_DESC_TRANSA, &opa, sizeof(opa)));
   TX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.h, CUBLASLT_MATMUL_DESC_TRANSB, &opb, sizeof(opb)));
+  if (bias) {
+    const cublasLtEpilogue_t epi = CUBLASLT_EPILOGUE_BIAS;
+    TX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.h, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    TX_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.h, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
   auto layout = [&](Owned<cublasLtMatrixLayout_t, destroy_layout>& l, int64_t rows, int64_t cols, int64_t ld,
                     int64_t stride) {
     TX_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&l.h, type, uint64_t(rows), uint64_t(cols), ld));
@@ -86,7 +95,9 @@ void gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
       cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
-  TX_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.h, la.h, lb.h, lc.h, lc.h, pref.h, 1, &heur, &found));
+  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.h, la.h, lb.h, lc.h, lc.h, pref.h, 1, &heur, &found);
+  if (bias && (hs != CUBLAS_STATUS_SUCCESS || found == 0)) return false;
+  TX_CUBLAS_CHECK(hs);
   if (found == 0)
     throw DeviceError("cuBLASLt found no algorithm for a matmul", "a supported GEMM",
                       "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
@@ -99,6 +110,7 @@ void gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   auto st = static_cast<cudaStream_t>(cuda_rt::current_stream(device));
   TX_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.h, alpha, A, la.h, B, lb.h, bet, C, lc.h, C, lc.h, &heur.algo,
                                  ctx.workspace, kWorkspace, st));
+  return true;
 }
 
 void check_float(const Tensor& t, const char* what) {
@@ -137,6 +149,17 @@ void linear(const Tensor& x0, const Tensor& w0, const Tensor* bias, Tensor& y, b
   check_float(x0, "linear");
   Tensor x = x0.detach().contiguous(), w = w0.detach().contiguous();
   const int64_t in_f = w.shape()[1], out_f = w.shape()[0], M = in_f > 0 ? x.numel() / in_f : y.numel() / std::max<int64_t>(out_f, 1);
+  // Row-major Y[M,out] = X[M,in] W[out,in]^T  <=>  column-major Y^T[out,M] = W'[in,out]^T X^T[in,M]; the bias
+  // is per row of Y^T (an output feature): cuBLASLt's BIAS epilogue (not for f64, whose GEMMs take no
+  // epilogue), else the bias copied into Y first and accumulated with beta = 1.
+  auto gemm = [&](double beta, const void* b) {
+    return gemm_cm(y.device().index, y.dtype(), true, false, out_f, M, in_f, w.raw_data(), in_f, 0, x.raw_data(), in_f, 0,
+                   y.raw_data(), out_f, 0, 1, beta, tf32, b);
+  };
+  if (in_f > 0 && bias && y.dtype() != DType::f64 && M > 0) {
+    const Tensor b = bias->detach().astype(y.dtype()).contiguous();
+    if (gemm(0.0, b.raw_data())) return;  // b goes back to the stream-ordered pool after the queued GEMM
+  }
   double beta = 0.0;
   if (bias) {
     Tensor yb = y;
@@ -147,9 +170,7 @@ void linear(const Tensor& x0, const Tensor& w0, const Tensor* bias, Tensor& y, b
     if (!bias) fill_(y, 0.0);
     return;
   }
-  // Row-major Y[M,out] = X[M,in] W[out,in]^T  <=>  column-major Y^T[out,M] = W'[in,out]^T X^T[in,M].
-  gemm_cm(y.device().index, y.dtype(), true, false, out_f, M, in_f, w.raw_data(), in_f, 0, x.raw_data(), in_f, 0,
-          y.raw_data(), out_f, 0, 1, beta, tf32);
+  gemm(beta, nullptr);
 }
 
 }  // namespace titanax::kernels::cuda
