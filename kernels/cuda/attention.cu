@@ -389,13 +389,6 @@ int dispatch_attention(Dt t, int64_t D, Body body) {
   return err ? err : int(cudaGetLastError());
 }
 
-// Opts a kernel into more than the default 48 KB of dynamic shared memory when it needs it.
-template <class K>
-int allow_smem(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return 0;
-  return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 dim3 attention_grid(int64_t rows, int64_t N) {
   const int64_t bx = (rows + kBlockRows - 1) / kBlockRows;
   return dim3(unsigned(bx), unsigned(N < 65535 ? N : 65535));

@@ -81,13 +81,6 @@ int dispatch_mma(Dt t, int64_t D, Body body) {
   return err ? err : int(cudaGetLastError());
 }
 
-// Opts a kernel into more than the default 48 KB of dynamic shared memory when it needs it.
-template <class K>
-int allow_smem_mma(K kernel, size_t bytes) {
-  if (bytes <= 48 * 1024) return 0;
-  return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 dim3 mma_grid(int64_t rows, int64_t N) {
   return dim3(unsigned((rows + ma::kMmaRows - 1) / ma::kMmaRows), unsigned(N < 65535 ? N : 65535));
 }
@@ -109,7 +102,7 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
     using T = decltype(tv);
     constexpr int HD = decltype(hd)::value;
     constexpr size_t bytes = ma::fwd_smem_bytes<T, HD>();
-    if (int e = allow_smem_mma(k_attn_fwd_mma<T, HD>, bytes)) return e;
+    if (int e = allow_smem(k_attn_fwd_mma<T, HD>, bytes)) return e;
     k_attn_fwd_mma<T, HD><<<mma_grid(Tq, N), ma::kMmaThreads, bytes, st>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, N, Tq, Tk,
         causal, float(scale) * ma::kLog2e);
@@ -134,13 +127,13 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
     const float sl2 = float(scale) * ma::kLog2e;
     if (Tq > 0) {
       constexpr size_t bytes = ma::dq_smem_bytes<T, HD>();
-      if (int e = allow_smem_mma(k_attn_dq_mma<T, HD>, bytes)) return e;
+      if (int e = allow_smem(k_attn_dq_mma<T, HD>, bytes)) return e;
       k_attn_dq_mma<T, HD><<<mma_grid(Tq, N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dq),
                                                                             N, Tq, Tk, causal, sl2, float(scale));
     }
     if (Tk > 0) {  // Tq == 0: no query tile, dk = dv = 0
       constexpr size_t bytes = ma::dkdv_smem_bytes<T, HD>();
-      if (int e = allow_smem_mma(k_attn_dkdv_mma<T, HD>, bytes)) return e;
+      if (int e = allow_smem(k_attn_dkdv_mma<T, HD>, bytes)) return e;
       k_attn_dkdv_mma<T, HD><<<mma_grid(Tk, N), ma::kMmaThreads, bytes, st>>>(
           qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale));
     }

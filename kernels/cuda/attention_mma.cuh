@@ -151,6 +151,24 @@ TX_MMA_FN float quad_sum(float v) {
 
 TX_MMA_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
+// acc (the warp's 16 x D f32 C fragments) += X Y, where X is the warp's 16 x 64 product held as C
+// fragments x (rounded to T for the MMA) and Y a 64 x D tile given transposed in shared memory:
+// yt[d][row], pitch kMmaTile + 8. P V, dS K, P^T dO and dS^T Q.
+template <class Hw, class T, int D>
+TX_MMA_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaTile / 8][4], const T* yt, int g, int c) {
+  TX_UNROLL
+  for (int kk = 0; kk < kMmaTile / 16; ++kk) {
+    uint32_t a[4];
+    a_from_c<T>(a, x[2 * kk], x[2 * kk + 1]);
+    TX_UNROLL
+    for (int dt = 0; dt < D / 8; ++dt) {
+      uint32_t b[2];
+      load_bt<Hw>(b, yt, kMmaTile + 8, dt * 8, kk * 16, g, c);  // B[row][d] = yt[d][row]
+      Hw::mma(acc[dt], a, b, T{});
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------ forward
 
 // o = softmax(scale q k^T [+ mask]) v and lse, for the 64 query rows of block x (every n = block_y, +
@@ -158,7 +176,7 @@ TX_MMA_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j 
 template <class Hw, class T, int D>
 TX_MMA_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
-  constexpr int P = D + 8, VP = kMmaTile + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int P = D + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
   T* Qs = reinterpret_cast<T*>(smem);
   T* Ks = Qs + kMmaRows * P;
   T* Vt = Ks + kMmaTile * P;
@@ -231,17 +249,7 @@ TX_MMA_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int
         acc[dt][2] *= alpha[1];
         acc[dt][3] *= alpha[1];
       }
-      TX_UNROLL
-      for (int kk = 0; kk < NT / 2; ++kk) {
-        uint32_t pa[4];
-        a_from_c<T>(pa, s[2 * kk], s[2 * kk + 1]);
-        TX_UNROLL
-        for (int dt = 0; dt < DT; ++dt) {
-          uint32_t b[2];
-          load_bt<Hw>(b, Vt, VP, dt * 8, kk * 16, g, c);  // B[key][d] = V^T[d][key]
-          Hw::mma(acc[dt], pa, b, T{});
-        }
-      }
+      accumulate_product<Hw, T, D>(acc, s, Vt, g, c);  // o += P V
     }
     T* on = o + n * Tq * D;
     TX_UNROLL
@@ -265,7 +273,7 @@ template <class Hw, class T, int D>
 TX_MMA_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                            unsigned char* smem) {
-  constexpr int P = D + 8, TP = kMmaTile + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int P = D + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
   T* Qs = reinterpret_cast<T*>(smem);
   T* Os = Qs + kMmaRows * P;
   T* Ks = Os + kMmaRows * P;
@@ -321,17 +329,7 @@ TX_MMA_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, co
           dp[nt][e] = vis ? pij * (dp[nt][e] - di[e >> 1]) : 0.f;
         }
       }
-      TX_UNROLL
-      for (int kk = 0; kk < NT / 2; ++kk) {
-        uint32_t a[4];
-        a_from_c<T>(a, dp[2 * kk], dp[2 * kk + 1]);
-        TX_UNROLL
-        for (int dt = 0; dt < DT; ++dt) {
-          uint32_t b[2];
-          load_bt<Hw>(b, Kt, TP, dt * 8, kk * 16, g, c);  // B[key][d] = K^T[d][key]
-          Hw::mma(acc[dt], a, b, T{});
-        }
-      }
+      accumulate_product<Hw, T, D>(acc, dp, Kt, g, c);  // dq += dS K
     }
     T* dqn = dq + n * Tq * D;
     TX_UNROLL
@@ -413,20 +411,8 @@ TX_MMA_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, 
           dpt[nt][e] = vis ? pij * (dpt[nt][e] - Ds[qi]) : 0.f;
         }
       }
-      TX_UNROLL
-      for (int kk = 0; kk < NT / 2; ++kk) {
-        uint32_t pa[4], da[4];
-        a_from_c<T>(pa, st[2 * kk], st[2 * kk + 1]);
-        a_from_c<T>(da, dpt[2 * kk], dpt[2 * kk + 1]);
-        TX_UNROLL
-        for (int dt = 0; dt < DT; ++dt) {
-          uint32_t b[2];
-          load_bt<Hw>(b, Ot, TP, dt * 8, kk * 16, g, c);  // B[query][d] = dO^T[d][query]
-          Hw::mma(av[dt], pa, b, T{});
-          load_bt<Hw>(b, Qt, TP, dt * 8, kk * 16, g, c);  // B[query][d] = Q^T[d][query]
-          Hw::mma(ak[dt], da, b, T{});
-        }
-      }
+      accumulate_product<Hw, T, D>(av, st, Ot, g, c);   // dv += P^T dO
+      accumulate_product<Hw, T, D>(ak, dpt, Qt, g, c);  // dk += dS^T Q (scaled at the end)
     }
     T* dkn = dk + n * Tk * D;
     T* dvn = dv + n * Tk * D;

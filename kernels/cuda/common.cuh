@@ -22,6 +22,14 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
   return unsigned(b);
 }
 
+/// Opts `kernel` into more than the default 48 KB of dynamic shared memory when it needs `bytes`; returns
+/// the cudaError_t as an int (0 = success).
+template <class K>
+inline int allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return 0;
+  return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
 /// Element offsets of operands 0..N-1 for linear index i of layout L.
 template <int N>
 __device__ __forceinline__ void offsets(const Layout& L, int64_t i, int64_t* off) {

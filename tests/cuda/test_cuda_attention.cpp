@@ -35,26 +35,35 @@ Result run(const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& c
 
 uint64_t seed_now() { return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count()); }
 
+struct Case {
+  Shape q, kv;
+  bool causal;
+};
+
+// Fresh inputs rounded to t once, and the CPU reference on the same values in f32.
+struct Inputs {
+  Tensor q, k, v, ct;
+  Result want;
+  Inputs(RngKey key, const Case& c, DType t)
+      : q(testing::randn64(fold_in(key, 1), c.q).astype(t)), k(testing::randn64(fold_in(key, 2), c.kv).astype(t)),
+        v(testing::randn64(fold_in(key, 3), c.kv).astype(t)), ct(testing::randn64(fold_in(key, 4), c.q).astype(t)),
+        want(run(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32), ct.astype(DType::f32), c.causal,
+                 Device::cpu())) {}
+};
+
 }  // namespace
 
 TEST_CASE("cuda attention: forward and gradients match the CPU (f32, bf16, f16; causal and full)") {
   const uint64_t seed = seed_now();
   INFO("seed " << seed);
   const RngKey key = RngKey::from_seed(seed);
-  struct Case {
-    Shape q, kv;
-    bool causal;
-  };
   for (const Case& c : {Case{{2, 3, 300, 64}, {2, 3, 300, 64}, true}, Case{{2, 3, 300, 64}, {2, 3, 300, 64}, false},
                         Case{{1, 2, 77, 128}, {1, 2, 200, 128}, false}, Case{{3, 150, 40}, {3, 90, 40}, true}}) {
     for (DType t : {DType::f32, DType::bf16, DType::f16}) {
       INFO("q " << c.q.str() << " kv " << c.kv.str() << " causal " << c.causal << " " << dtype_name(t));
-      // Inputs rounded to t once; the CPU reference computes on the same values in f32.
-      const Tensor q = testing::randn64(fold_in(key, 1), c.q).astype(t), k = testing::randn64(fold_in(key, 2), c.kv).astype(t),
-                   v = testing::randn64(fold_in(key, 3), c.kv).astype(t), ct = testing::randn64(fold_in(key, 4), c.q).astype(t);
-      const Result want = run(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32), ct.astype(DType::f32),
-                              c.causal, Device::cpu());
-      const Result got = run(q, k, v, ct, c.causal, Device::cuda(0));
+      const Inputs in(key, c, t);
+      const Result& want = in.want;
+      const Result got = run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0));
       CHECK(got.o.dtype() == t);
       const double tol = t == DType::f32 ? 1e-4 : 1e-2;
       CHECK(rel_error(got.o, want.o) <= tol);
@@ -77,23 +86,17 @@ TEST_CASE("cuda attention: tensor-core and FP32 kernels both match the CPU (GPT-
   const uint64_t seed = seed_now();
   INFO("seed " << seed);
   const RngKey key = RngKey::from_seed(seed);
-  struct Case {
-    Shape q, kv;
-    bool causal;
-  };
   for (const Case& c : {Case{{1, 12, 1024, 64}, {1, 12, 1024, 64}, true}, Case{{2, 2, 130, 128}, {2, 2, 70, 128}, true},
                         Case{{2, 2, 65, 64}, {2, 2, 191, 64}, false}}) {
     for (DType t : {DType::bf16, DType::f16}) {
       INFO("q " << c.q.str() << " kv " << c.kv.str() << " causal " << c.causal << " " << dtype_name(t));
-      const Tensor q = testing::randn64(fold_in(key, 1), c.q).astype(t), k = testing::randn64(fold_in(key, 2), c.kv).astype(t),
-                   v = testing::randn64(fold_in(key, 3), c.kv).astype(t), ct = testing::randn64(fold_in(key, 4), c.q).astype(t);
-      const Result want = run(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32), ct.astype(DType::f32),
-                              c.causal, Device::cpu());
+      const Inputs in(key, c, t);
+      const Result& want = in.want;
       Result got[2];
       for (int mma = 0; mma < 2; ++mma) {
         INFO((mma ? "tensor cores" : "FP32 kernels"));
         kernels::cuda::set_attention_tensor_cores(mma == 1);
-        got[mma] = run(q, k, v, ct, c.causal, Device::cuda(0));
+        got[mma] = run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0));
         CHECK(rel_error(got[mma].o, want.o) <= 1e-2);
         CHECK(rel_error(got[mma].dq, want.dq) <= 1e-2);
         CHECK(rel_error(got[mma].dk, want.dk) <= 1e-2);
