@@ -151,6 +151,26 @@ TX_MMA_FN float quad_sum(float v) {
 
 TX_MMA_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
+// For n-tile nt of two products over the D features, s = X1 Y1^T and t = X2 Y2^T: the warp's 16 rows of
+// X1 / X2 at x1 / x2 against rows [8 nt, 8 nt + 8) of the tiles Y1 / Y2 (all row-major, pitch D + 8).
+// The backward's S and dP (dq) or S^T and dP^T (dk / dv).
+template <class Hw, class T, int D>
+TX_MMA_FN void two_products(float (&s)[4], float (&t)[4], const T* x1, const T* y1, const T* x2, const T* y2, int nt, int g,
+                            int c) {
+  TX_UNROLL
+  for (int e = 0; e < 4; ++e) s[e] = t[e] = 0.f;
+  TX_UNROLL
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4], b[2];
+    load_a<Hw>(a, x1, D + 8, kk * 16, g, c);
+    load_bt<Hw>(b, y1, D + 8, nt * 8, kk * 16, g, c);
+    Hw::mma(s, a, b, T{});
+    load_a<Hw>(a, x2, D + 8, kk * 16, g, c);
+    load_bt<Hw>(b, y2, D + 8, nt * 8, kk * 16, g, c);
+    Hw::mma(t, a, b, T{});
+  }
+}
+
 // acc (the warp's 16 x D f32 C fragments) += X Y, where X is the warp's 16 x 64 product held as C
 // fragments x (rounded to T for the MMA) and Y a 64 x D tile given transposed in shared memory:
 // yt[d][row], pitch kMmaTile + 8. P V, dS K, P^T dO and dS^T Q.
@@ -273,7 +293,7 @@ template <class Hw, class T, int D>
 TX_MMA_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                            unsigned char* smem) {
-  constexpr int P = D + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int P = D + 8, NT = kMmaTile / 8, DT = D / 8;
   T* Qs = reinterpret_cast<T*>(smem);
   T* Os = Qs + kMmaRows * P;
   T* Ks = Os + kMmaRows * P;
@@ -309,18 +329,7 @@ TX_MMA_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, co
       float s[NT][4], dp[NT][4];
       TX_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        TX_UNROLL
-        for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-        TX_UNROLL
-        for (int kk = 0; kk < KS; ++kk) {
-          uint32_t a[4], b[2];
-          load_a<Hw>(a, qw, P, kk * 16, g, c);
-          load_bt<Hw>(b, Ks, P, nt * 8, kk * 16, g, c);
-          Hw::mma(s[nt], a, b, T{});
-          load_a<Hw>(a, ow, P, kk * 16, g, c);
-          load_bt<Hw>(b, Vs, P, nt * 8, kk * 16, g, c);
-          Hw::mma(dp[nt], a, b, T{});
-        }
+        two_products<Hw, T, D>(s[nt], dp[nt], qw, Ks, ow, Vs, nt, g, c);  // S = Q K^T, dP = dO V^T
         TX_UNROLL
         for (int e = 0; e < 4; ++e) {  // dS, into dp
           const int64_t i = row[e >> 1], j = k0 + nt * 8 + 2 * c + (e & 1);
@@ -348,7 +357,7 @@ template <class Hw, class T, int D>
 TX_MMA_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem) {
-  constexpr int P = D + 8, TP = kMmaTile + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int P = D + 8, TP = kMmaTile + 8, NT = kMmaTile / 8, DT = D / 8;
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + kMmaRows * P;
   T* Qs = Vs + kMmaRows * P;
@@ -389,18 +398,7 @@ TX_MMA_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, 
       float st[NT][4], dpt[NT][4];  // rows: the warp's keys; columns: the tile's queries
       TX_UNROLL
       for (int nt = 0; nt < NT; ++nt) {
-        TX_UNROLL
-        for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-        TX_UNROLL
-        for (int kk = 0; kk < KS; ++kk) {
-          uint32_t a[4], b[2];
-          load_a<Hw>(a, kw, P, kk * 16, g, c);
-          load_bt<Hw>(b, Qs, P, nt * 8, kk * 16, g, c);
-          Hw::mma(st[nt], a, b, T{});
-          load_a<Hw>(a, vw, P, kk * 16, g, c);
-          load_bt<Hw>(b, Os, P, nt * 8, kk * 16, g, c);
-          Hw::mma(dpt[nt], a, b, T{});
-        }
+        two_products<Hw, T, D>(st[nt], dpt[nt], kw, Qs, vw, Os, nt, g, c);  // S^T = K Q^T, dP^T = V dO^T
         TX_UNROLL
         for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
           const int qi = nt * 8 + 2 * c + (e & 1);
