@@ -19,6 +19,7 @@
 #include "kernels/cpu/elementwise_math.h"
 #include "kernels/cpu/loops.h"
 #include "kernels/cpu/reduce.h"
+#include "ops/fused_ops.h"
 #include "ops/ops.h"
 
 namespace titanax::jit {
@@ -1080,7 +1081,56 @@ std::vector<std::string> fused_kernel_sources(const Graph& g) {
   return out;
 }
 
-int fuse(Graph& g) { return fuse_elementwise(g) + fuse_matmul_epilogues(g) + fuse_reduction_prologues(g); }
+namespace {
+// Whether value v is computed from value w (v == w included).
+bool depends_on(const Graph& g, const std::vector<int>& prod, int v, int w) {
+  std::vector<int> stack{v};
+  std::vector<bool> seen(g.values.size(), false);
+  while (!stack.empty()) {
+    const int x = stack.back();
+    stack.pop_back();
+    if (x == w) return true;
+    if (seen[size_t(x)] || prod[size_t(x)] < 0) continue;
+    seen[size_t(x)] = true;
+    for (int in : g.nodes[size_t(prod[size_t(x)])].inputs) stack.push_back(in);
+  }
+  return false;
+}
+}  // namespace
+
+int fuse_cross_entropy(Graph& g) {
+  const std::vector<int> prod = producers(g);
+  std::vector<bool> dropped(g.nodes.size(), false);
+  int fused = 0;
+  for (size_t i = 0; i < g.nodes.size(); ++i) {
+    const Node f = g.nodes[i];
+    if (dropped[i] || std::string(f.op->name()) != "cross_entropy" || f.inputs.size() != 2) continue;
+    for (size_t j = i + 1; j < g.nodes.size(); ++j) {
+      const Node& b = g.nodes[j];
+      if (dropped[j] || b.inputs.size() != 3 || b.inputs[0] != f.inputs[0] || b.inputs[1] != f.inputs[1]) continue;
+      // The cotangent must not come from the loss (a seed, a loss scale, a weighting: topo_sort then
+      // places the fused node after its producer).
+      if (depends_on(g, prod, b.inputs[2], f.outputs[0])) continue;
+      OpPtr op = fused_cross_entropy_op(*f.op, *b.op);
+      if (!op) continue;
+      g.nodes[i] = Node{std::move(op), b.inputs, {f.outputs[0], b.outputs[0]}, {}};
+      dropped[j] = true;
+      ++fused;
+      break;
+    }
+  }
+  if (fused == 0) return 0;
+  std::vector<Node> kept;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (!dropped[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
+  topo_sort(g);
+  return fused;
+}
+
+int fuse(Graph& g) {
+  return fuse_cross_entropy(g) + fuse_elementwise(g) + fuse_matmul_epilogues(g) + fuse_reduction_prologues(g);
+}
 
 int kernel_launches(const Graph& g) {
   std::vector<Shape> strides(g.values.size());

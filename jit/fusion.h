@@ -83,9 +83,17 @@ int fuse_matmul_epilogues(Graph& g);
 /// number of nodes removed. Throws InternalError as fuse_elementwise.
 int fuse_reduction_prologues(Graph& g);
 
-/// fuse_elementwise, then fuse_matmul_epilogues, then fuse_reduction_prologues (one pass each; the
-/// later passes absorb the first one's fused nodes); returns the nodes removed in all. Throws what they
-/// throw.
+/// Cross-entropy with its gradient: a cross_entropy node and a later cross_entropy_backward node of the
+/// same logits, labels, reduction and ignore_index, whose cotangent is not computed from the loss (a
+/// seed, a loss scale, a weighting of unreduced losses), become one "cross_entropy_with_grad" node
+/// (ops/fused_ops.h; placed after the cotangent's producer): each row of the logits is read for its statistics once for both,
+/// the labels checked once, and on a GPU two launches are saved; results bitwise those of the two nodes.
+/// On any device. Returns the number of nodes removed.
+int fuse_cross_entropy(Graph& g);
+
+/// fuse_cross_entropy, fuse_elementwise, then fuse_matmul_epilogues, then fuse_reduction_prologues (one
+/// pass each; the later passes absorb the elementwise pass's fused nodes); returns the nodes removed in
+/// all. Throws what they throw.
 int fuse(Graph& g);
 
 /// The number of nodes that launch a kernel when the graph runs: every node except views of their

@@ -6,6 +6,7 @@
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cuda/kernels.h"
+#include "ops/fused_ops.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -123,6 +124,8 @@ class CrossEntropyBackward final : public Op {
                         "a gradient of cross_entropy_backward",
                         "write the loss as -sum(one_hot(labels) * log_softmax(logits)) for higher-order terms");
   }
+  Reduction reduction() const { return red_; }
+  int64_t ignore_index() const { return ignore_; }
 
  private:
   Reduction red_;
@@ -159,6 +162,38 @@ class CrossEntropy final : public Op {
     if (needs[0]) r[0] = apply1(std::make_shared<CrossEntropyBackward>(red_, ignore_), {in[0], in[1], ct[0]});
     return r;
   }
+  Reduction reduction() const { return red_; }
+  int64_t ignore_index() const { return ignore_; }
+
+ private:
+  Reduction red_;
+  int64_t ignore_;
+};
+
+// cross_entropy and its backward in one node (built by the JIT's fuse_cross_entropy, ops/fused_ops.h).
+class CrossEntropyWithGrad final : public Op {
+ public:
+  CrossEntropyWithGrad(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
+  const char* name() const override { return "cross_entropy_with_grad"; }
+  std::string attrs() const override {
+    return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
+  }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const std::vector<TensorSpec> loss = CrossEntropy(red_, ignore_).infer({in[0], in[1]});
+    const std::vector<TensorSpec> grad = CrossEntropyBackward(red_, ignore_).infer(in);
+    return {loss[0], grad[0]};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor logits = dense(in[0]), labels = dense(in[1]), ct = dense(in[2]);
+    const int64_t count = kc::check_labels(labels, logits.shape().back(), ignore_, in[1].shape(), "cross_entropy");
+    kc::cross_entropy_fused(logits, labels, ct, ignore_, to_kernel(red_), count, out[0], out[1]);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    kernels::cuda::cross_entropy_fused(dense(in[0]), dense(in[1]), dense(in[2]), ignore_, to_kernel(red_), out[0], out[1]);
+  }
+  bool differentiable() const override { return false; }
+  Reduction reduction() const { return red_; }
+  int64_t ignore_index() const { return ignore_; }
 
  private:
   Reduction red_;
@@ -522,6 +557,13 @@ TensorList Gather::vjp(const TensorList& in, const TensorList&, const TensorList
 
 Tensor softmax(const Tensor& x, int axis) { return apply1(std::make_shared<Softmax>(axis, false), {x}); }
 Tensor log_softmax(const Tensor& x, int axis) { return apply1(std::make_shared<Softmax>(axis, true), {x}); }
+
+OpPtr fused_cross_entropy_op(const Op& fwd, const Op& bwd) {
+  const auto* f = dynamic_cast<const CrossEntropy*>(&fwd);
+  const auto* b = dynamic_cast<const CrossEntropyBackward*>(&bwd);
+  if (!f || !b || f->reduction() != b->reduction() || f->ignore_index() != b->ignore_index()) return nullptr;
+  return std::make_shared<CrossEntropyWithGrad>(f->reduction(), f->ignore_index());
+}
 
 Tensor cross_entropy(const Tensor& logits, const Tensor& labels, Reduction reduction, int64_t ignore_index) {
   return apply1(std::make_shared<CrossEntropy>(reduction, ignore_index), {logits, labels});

@@ -21,6 +21,9 @@ void argmax(const Tensor&, int, Tensor&) { no_cuda("argmax"); }
 void dropout(const Tensor&, double, RngKey, Tensor&) { no_cuda("dropout"); }
 void softmax(const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("softmax"); }
 void cross_entropy(const Tensor&, const Tensor&, int64_t, LossReduction, Tensor&) { no_cuda("cross_entropy"); }
+void cross_entropy_fused(const Tensor&, const Tensor&, const Tensor&, int64_t, LossReduction, Tensor&, Tensor&) {
+  no_cuda("cross_entropy");
+}
 void cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, int64_t, LossReduction, Tensor&) {
   no_cuda("cross_entropy_backward");
 }

@@ -154,9 +154,11 @@ int64_t check_labels(const Tensor& labels, int64_t classes, int64_t ignore_index
 
 namespace {
 
-template <class T, class L>
-void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, LossReduction red, int64_t count,
-                T* out) {
+// The losses of the rows: out[r] (none), or their sum in row order (independent of the thread count),
+// divided by count for mean. stats(r, xr) gives the row's max and sum of exp(x - max).
+template <class T, class L, class Stats>
+void ce_losses(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, LossReduction red, int64_t count, T* out,
+               Stats stats) {
   std::vector<double> rows;
   if (red != LossReduction::none) rows.assign(size_t(R), 0.0);
   parallel_for(R, 3 * C, [&](int64_t r0, int64_t r1) {
@@ -164,8 +166,8 @@ void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, 
       double loss = 0;
       if (int64_t(lab[r]) != ignore) {
         const T* xr = x + r * C;
-        const T m = row_max(xr, C);
-        loss = double(m) + std::log(row_sumexp(xr, C, m)) - double(xr[lab[r]]);
+        const auto [m, sumexp] = stats(r, xr);
+        loss = double(m) + std::log(sumexp) - double(xr[lab[r]]);
       }
       if (red == LossReduction::none) out[r] = T(loss);
       else rows[size_t(r)] = loss;
@@ -173,9 +175,22 @@ void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, 
   });
   if (red == LossReduction::none) return;
   double s = 0;
-  for (double v : rows) s += v;  // row order: independent of the thread count
+  for (double v : rows) s += v;
   if (red == LossReduction::mean) s = count > 0 ? s / double(count) : 0.0;
   out[0] = T(s);
+}
+
+// A row's max and sum of exp(x - max) (the sum in double, its terms in T).
+template <class T>
+std::pair<T, double> ce_row_stats(const T* xr, int64_t C) {
+  const T m = row_max(xr, C);
+  return {m, row_sumexp(xr, C, m)};
+}
+
+template <class T, class L>
+void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, LossReduction red, int64_t count,
+                T* out) {
+  ce_losses(x, lab, R, C, ignore, red, count, out, [C](int64_t, const T* xr) { return ce_row_stats(xr, C); });
 }
 
 // d(loss)/d(logits) row by row: softmax(x_r) * scale, minus scale at the label (its column `lab - lo` when
@@ -208,10 +223,21 @@ void softmax_xent_grad(const T* x, const L* lab, const T* ct, int64_t R, int64_t
 template <class T, class L>
 void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, LossReduction red,
                  int64_t count, T* dx) {
-  softmax_xent_grad(x, lab, ct, R, C, 0, ignore, red, count, dx, [C](int64_t, const T* xr) {
-    const T m = row_max(xr, C);
-    return std::pair<T, double>(m, double(row_sumexp(xr, C, m)));
+  softmax_xent_grad(x, lab, ct, R, C, 0, ignore, red, count, dx, [C](int64_t, const T* xr) { return ce_row_stats(xr, C); });
+}
+
+// Both: the rows' statistics once (for the non-ignored rows), then the losses and the gradient from them.
+template <class T, class L>
+void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, LossReduction red,
+              int64_t count, T* out, T* dx) {
+  std::vector<std::pair<T, double>> st(static_cast<size_t>(R));
+  parallel_for(R, 2 * C, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      if (int64_t(lab[r]) != ignore) st[size_t(r)] = ce_row_stats(x + r * C, C);
   });
+  auto stats = [&](int64_t r, const T*) { return st[size_t(r)]; };
+  ce_losses(x, lab, R, C, ignore, red, count, out, stats);
+  softmax_xent_grad(x, lab, ct, R, C, 0, ignore, red, count, dx, stats);
 }
 
 }  // namespace
@@ -225,6 +251,20 @@ void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_in
       ce_forward(logits.data<T>(), labels.data<int64_t>(), R, C, ignore_index, red, count, out.data<T>());
     else
       ce_forward(logits.data<T>(), labels.data<int32_t>(), R, C, ignore_index, red, count, out.data<T>());
+  });
+}
+
+void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                         LossReduction red, int64_t count, Tensor& out, Tensor& dlogits) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : labels.numel();
+  TX_DISPATCH_FLOAT(logits.dtype(), "cross_entropy", {
+    using T = scalar_t;
+    if (labels.dtype() == DType::i64)
+      ce_fused(logits.data<T>(), labels.data<int64_t>(), ct.data<T>(), R, C, ignore_index, red, count, out.data<T>(),
+               dlogits.data<T>());
+    else
+      ce_fused(logits.data<T>(), labels.data<int32_t>(), ct.data<T>(), R, C, ignore_index, red, count, out.data<T>(),
+               dlogits.data<T>());
   });
 }
 

@@ -52,6 +52,11 @@ void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_in
 void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
                             LossReduction red, int64_t count, Tensor& dlogits);
 
+/// cross_entropy and cross_entropy_backward at once: each row's max and sum of exponentials computed once
+/// for both; out and dlogits bitwise what the two functions give.
+void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                         LossReduction red, int64_t count, Tensor& out, Tensor& dlogits);
+
 // ------------------------------------------------------------------------------------ vocab-parallel CE
 // Megatron-LM's vocabulary-parallel cross-entropy (parallel/tp.h): logits [R, C] hold global classes
 // [lo, lo + C) of this rank; labels [R] are global ids (checked first); stats are f64.

@@ -183,6 +183,18 @@ void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_in
         "cross_entropy");
 }
 
+void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                         LossReduction red, Tensor& out, Tensor& dlogits) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : labels.numel();
+  Tensor rows = empty(Shape{std::max<int64_t>(R, 1)}, DType::f64, logits.device());
+  Tensor count = empty(Shape{}, DType::i64, logits.device());
+  check(launch_cross_entropy_fused(floating(logits, "cross_entropy"), labels.dtype() == DType::i64, logits.raw_data(),
+                                   labels.raw_data(), ct.raw_data(), R, C, ignore_index, red_code(red),
+                                   static_cast<int64_t*>(count.raw_data()), report_slot(logits.device().index),
+                                   out.raw_data(), static_cast<double*>(rows.raw_data()), dlogits.raw_data(), stream_of(out)),
+        "cross_entropy");
+}
+
 void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
                             LossReduction red, Tensor& dlogits) {
   const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;

@@ -66,6 +66,11 @@ void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_in
 /// Labels checked as cross_entropy does (a bad label's row is NaN).
 void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
                             LossReduction red, Tensor& dlogits);
+/// cross_entropy and cross_entropy_backward at once (the JIT's fused node when the cotangent does not
+/// depend on the loss): each row of the logits is read for its statistics once, then for its gradient;
+/// out and dlogits bitwise what the two functions give, labels checked once.
+void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                         LossReduction red, Tensor& out, Tensor& dlogits);
 /// y [R, D] = (x - mean) * rstd * w + b over the last axis; w, b may be nullptr.
 void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, Tensor& y);
 /// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).

@@ -103,6 +103,11 @@ int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64
 int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
                                   int64_t C, int64_t ignore, int red, int64_t* count, const ReportSlot& slot,
                                   void* dx, void* stream);
+/// Both at once, one pass over each row of the logits (its max and sum of exponentials computed once):
+/// out / rows as launch_cross_entropy, dx as launch_cross_entropy_backward, bitwise what they give.
+int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R, int64_t C,
+                               int64_t ignore, int red, int64_t* count, const ReportSlot& slot, void* out, double* rows,
+                               void* dx, void* stream);
 /// y [R, D] = (x - mean) * rstd * w + b; w, b may be null.
 int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
                       void* stream);

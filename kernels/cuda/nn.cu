@@ -92,25 +92,76 @@ __global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, 
 
 __device__ inline bool bad_label(int64_t l, int64_t C) { return l < 0 || l >= C; }
 
+// Row r's loss (0 when ignored, NaN for a bad label: reported by k_ce_labels) from the row's statistics.
+template <class T>
+__device__ double ce_row_loss(const T* xr, int64_t l, int64_t C, int64_t ignore, T m, double s) {
+  if (l == ignore) return 0;
+  if (bad_label(l, C)) return __longlong_as_double(0x7ff8000000000000LL);
+  return double(m) + ::log(s) - double(xr[l]);
+}
+
+// Row r's loss into out[r] (none) or rows[r] (summed later), by thread 0.
+template <class T>
+__device__ void ce_store_loss(double loss, int64_t r, int red, T* out, double* rows) {
+  if (threadIdx.x == 0) {
+    if (red == 2) out[r] = T(loss);
+    else rows[r] = loss;
+  }
+}
+
+// The backward's scale of every row for sum / mean (none: ct[r] per row).
+template <class T>
+__device__ double ce_uniform_scale(const T* ct, int red, const int64_t* count) {
+  if (red == 1) return double(ct[0]);
+  if (red == 0) return *count > 0 ? double(ct[0]) / double(*count) : 0.0;
+  return 0;
+}
+
+// Row r of dlogits: (softmax - onehot) * scale from the row's statistics; 0 for an ignored row, NaN for a
+// bad label (reported by k_ce_labels).
+template <class T>
+__device__ void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore, double scale, T m, double s, T* dr) {
+  if (label == ignore || bad_label(label, C)) {
+    const T fill = label == ignore ? T(0) : T(__longlong_as_double(0x7ff8000000000000LL));
+    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) dr[j] = fill;
+    return;
+  }
+  const T k = T(scale / s);
+  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
+    T v = dexp(T(xr[j] - m)) * k;
+    if (j == label) v -= T(scale);
+    dr[j] = v;
+  }
+}
+
 template <class T, class L>
 __global__ void k_ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out,
                              double* rows) {
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    double loss = 0;
     const int64_t l = int64_t(lab[r]);
-    if (l != ignore && bad_label(l, C)) {
-      loss = __longlong_as_double(0x7ff8000000000000LL);  // NaN: the label was reported
-    } else if (l != ignore) {
-      const T* xr = x + r * C;
-      T m;
-      double s;
-      row_stats(xr, C, 1, m, s);
-      loss = double(m) + ::log(s) - double(xr[l]);
-    }
-    if (threadIdx.x == 0) {
-      if (red == 2) out[r] = T(loss);
-      else rows[r] = loss;
-    }
+    const T* xr = x + r * C;
+    T m = T(0);
+    double s = 0;
+    if (l != ignore && !bad_label(l, C)) row_stats(xr, C, 1, m, s);
+    ce_store_loss(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
+    __syncthreads();
+  }
+}
+
+// The forward and the backward in one pass over each row: its statistics once, then its loss and its
+// gradient (each bitwise what k_ce_forward and k_ce_backward give).
+template <class T, class L>
+__global__ void k_ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
+                           const int64_t* count, T* out, double* rows, T* dx) {
+  const double uniform = ce_uniform_scale(ct, red, count);
+  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
+    const int64_t l = int64_t(lab[r]);
+    const T* xr = x + r * C;
+    T m = T(0);
+    double s = 0;
+    if (l != ignore && !bad_label(l, C)) row_stats(xr, C, 1, m, s);
+    ce_store_loss(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
+    ce_row_grad(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
     __syncthreads();
   }
 }
@@ -130,28 +181,14 @@ __global__ void k_ce_total(const double* rows, int64_t R, int red, const int64_t
 template <class T, class L>
 __global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
                               const int64_t* count, T* dx) {
-  double uniform = 0;
-  if (red == 1) uniform = double(ct[0]);
-  if (red == 0) uniform = *count > 0 ? double(ct[0]) / double(*count) : 0.0;
+  const double uniform = ce_uniform_scale(ct, red, count);
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    T* dr = dx + r * C;
-    const int64_t label = int64_t(lab[r]);
-    if (label == ignore || bad_label(label, C)) {  // a bad label (reported) gets a NaN row
-      const T fill = label == ignore ? T(0) : T(__longlong_as_double(0x7ff8000000000000LL));
-      for (int64_t j = threadIdx.x; j < C; j += blockDim.x) dr[j] = fill;
-      continue;
-    }
-    const double scale = red == 2 ? double(ct[r]) : uniform;
+    const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
-    T m;
-    double s;
-    row_stats(xr, C, 1, m, s);
-    const T k = T(scale / s);
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-      T v = dexp(T(xr[j] - m)) * k;
-      if (j == label) v -= T(scale);
-      dr[j] = v;
-    }
+    T m = T(0);
+    double s = 0;
+    if (l != ignore && !bad_label(l, C)) row_stats(xr, C, 1, m, s);
+    ce_row_grad(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
   }
 }
 
@@ -326,6 +363,27 @@ int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64
       else
         k_ce_forward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab), R,
                                                          C, ignore, red, static_cast<T*>(out), rows);
+    }
+    if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
+  });
+}
+
+int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R, int64_t C,
+                               int64_t ignore, int red, int64_t* count, const ReportSlot& slot, void* out, double* rows,
+                               void* dx, void* stream) {
+  auto st = as_stream(stream);
+  if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    if (R > 0) {
+      if (lab64)
+        k_ce_fused<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int64_t*>(lab),
+                                                       static_cast<const T*>(ct), R, C, ignore, red, count,
+                                                       static_cast<T*>(out), rows, static_cast<T*>(dx));
+      else
+        k_ce_fused<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab),
+                                                       static_cast<const T*>(ct), R, C, ignore, red, count,
+                                                       static_cast<T*>(out), rows, static_cast<T*>(dx));
     }
     if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
   });

@@ -558,3 +558,58 @@ TEST_CASE("jit fusion bench: replay of 1M-element chains of 8 elementwise ops, f
                 << " threads=" << omp_get_max_threads() << "\n";
     }
 }
+
+TEST_CASE("jit fusion: cross-entropy and its backward become one node, bitwise, unless the cotangent comes from the loss",
+          "[jit][fusion]") {
+  // logits [6, 5] (rows 1 and 4 ignored), labels i64 or i32; the gradient with respect to the logits.
+  auto labels = [](DType t, uint64_t s) {
+    std::vector<int64_t> v{int64_t(s % 5), -100, 3, int64_t((s + 2) % 5), -100, 0};
+    return from_vector(v, Shape{6}, t);
+  };
+  for (DType t : {DType::f32, DType::f64})
+    for (DType lt : {DType::i64, DType::i32})
+      for (Reduction red : {Reduction::mean, Reduction::sum, Reduction::none}) {
+        INFO(dtype_name(t) << " labels " << dtype_name(lt) << " reduction " << int(red));
+        // none: the losses weighted by in[2] (the cotangent is the weights, computed after the forward
+        // in the traced order but not from the loss).
+        auto step = [red](const TensorList& in) {
+          ParamTree p{{"x", in[0]}};
+          Tensor loss;
+          auto g = value_and_grad(
+                       [&] {
+                         loss = cross_entropy(p.at("x"), in[1], red);
+                         return red == Reduction::none ? sum(loss * in[2]) : loss;
+                       },
+                       p)
+                       .second;
+          return TensorList{loss, g.at("x")};
+        };
+        auto args = [&](uint64_t s) { return TensorList{rnd(s, Shape{6, 5}, t), labels(lt, s), rnd(s + 1, Shape{6}, t)}; };
+        const jit::Graph fg = fused_vs_unfused(step, args(1), args(7), jit::fuse_cross_entropy);
+        CHECK(count_op(fg, "cross_entropy_with_grad") == 1);
+        CHECK(count_op(fg, "cross_entropy") == 0);
+        CHECK(count_op(fg, "cross_entropy_backward") == 0);
+        check_bitwise(fg.run(args(9)), step(args(9)));  // and eager
+      }
+  SECTION("a cotangent computed from the loss keeps the two nodes") {
+    auto step = [](const TensorList& in) {
+      ParamTree p{{"x", in[0]}};
+      auto g = value_and_grad([&] { return square(cross_entropy(p.at("x"), in[1])); }, p).second;
+      return TensorList{g.at("x")};
+    };
+    jit::Graph g = jit::trace(step, {rnd(3, Shape{6, 5}), labels(DType::i64, 3)});
+    CHECK(jit::fuse_cross_entropy(g) == 0);
+    CHECK(count_op(g, "cross_entropy_backward") == 1);
+  }
+  SECTION("a bad label is the same error as unfused") {
+    auto step = [](const TensorList& in) {
+      ParamTree p{{"x", in[0]}};
+      auto [l, g] = value_and_grad([&] { return cross_entropy(p.at("x"), in[1]); }, p);
+      return TensorList{g.at("x")};
+    };
+    jit::Graph g = jit::trace(step, {rnd(3, Shape{6, 5}), labels(DType::i64, 3)});
+    REQUIRE(jit::fuse_cross_entropy(g) == 1);
+    const Tensor bad = from_vector(std::vector<int64_t>{0, 1, 7, 2, 3, 4}, Shape{6});
+    CHECK_THROWS_WITH(g.run({rnd(4, Shape{6, 5}), bad}), Catch::Matchers::Contains("label 7 at position [2]"));
+  }
+}
