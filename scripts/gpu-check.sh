@@ -54,4 +54,5 @@ fi
 step bench_jit_gpt2 timeout 300 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer
 grep -E "FAILED|failed|with expansion" -A3 "$out/cuda_tests.log" | head -60
 echo "GPU: $(cat "$out/gpu.txt")"
+grep -h "^bench=" "$out"/bench_*.log 2>/dev/null  # every benchmark's whole key=value line
 printf '%s\n' "${summary[@]}"
