@@ -1,189 +1,47 @@
-// Attention forward and backward in the FlashAttention-2 style (Dao 2023, "FlashAttention-2: Faster
-// Attention with Better Parallelism and Work Partitioning", arXiv 2307.08691): tiles of keys stream through
-// shared memory, the forward keeps an online softmax (running max m, running sum l, rescaled accumulator)
-// per query row, and the backward recomputes P = exp(scale q k^T - lse) tile by tile, so no T x T matrix
-// is ever stored. Everything accumulates in f32 registers; f16 / bf16 operands are widened on load and the
-// results rounded to nearest on store. Deterministic: every sum has a fixed order and there are no atomics
-// (the backward computes dq and dk / dv in two separate kernels instead of FA2's atomic dq).
-//
-// Layout: q [N, Tq, D], k, v [N, Tk, D], o, dout [N, Tq, D], lse, delta [N, Tq] (f32), all contiguous.
-// visible(i, j) = !causal || j <= i (top-left aligned). D <= 128: a lane owns features d = lane + 32 c,
-// c < DC = ceil(D / 32) (a template parameter). Shared-memory rows hold floats with an odd pitch
-// P = D | 1 >= D, so 32 lanes reading 32 different rows at the same column hit 32 different banks.
-//
-// Kernels (128 threads = 4 warps per block; each warp owns kRowsPerWarp = 4 rows of its block):
-//   k_attn_fwd   grid (ceil(Tq / 16), N): 16 query rows per block, key tiles of 32. Lane j computes the
-//                scores of key j of the tile for the warp's 4 rows, the warp reduces max / sum by shuffles,
-//                then each lane accumulates its features of p V (p_j broadcast by __shfl_sync).
-//                Shared: (16 + 32 + 32) P floats (41,280 bytes at D = 128).
-//   k_attn_delta delta_i = sum_d dout[i, d] o[i, d] (one warp per row).
-//   k_attn_dq    grid (ceil(Tq / 16), N): as the forward; dS = P * (dP - delta), dq = scale dS K.
-//                Shared: (16 + 16 + 32 + 32) P floats (49,536 bytes at D = 128: opt-in above 48 KB).
-//   k_attn_dkdv  grid (ceil(Tk / 16), N): 16 keys per block, query tiles of 32 (lane i = query i of the
-//                tile); dv = P^T dout, dk = scale dS^T Q. Shared: (16 + 16 + 32 + 32) P + 64 floats.
-// Causal blocks skip the tiles that are masked for every row of the block: the forward and dq stop after
-// the key tile holding key min(Tk - 1, last query row of the block); dk / dv start at the query tile
-// holding query = the block's first key. grid.y is capped at 65535; blocks loop over n beyond it.
+// Attention forward and backward on CUDA cores (FP32 FMAs): the FlashAttention-2 style block bodies of
+// kernels/cuda/attention_fp32.cuh (algorithm, layout and tiling are described there) as __global__
+// kernels over the GPU's primitives (kernels/cuda/hw_policy.h), the delta kernel of the backward, and the
+// launchers. bf16 / f16 with head dim 64 or 128 normally take the tensor-core kernels instead
+// (attention_mma.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "kernels/cuda/attention_fp32.cuh"
 #include "kernels/cuda/common.cuh"
 
 namespace titanax::kernels::cuda {
 namespace {
+using namespace fp32_attention;
 
-constexpr int kAttnWarps = 4;
-constexpr int kAttnThreads = 32 * kAttnWarps;
-constexpr int kRowsPerWarp = 4;
-constexpr int kBlockRows = kAttnWarps * kRowsPerWarp;  // 16 query rows (forward, dq) or keys (dk / dv) per block
-constexpr int kTile = 32;                              // keys (forward, dq) or queries (dk / dv) per streamed tile
-constexpr unsigned kFull = 0xffffffffu;
 // Blocks per SM the register allocation targets (4 x 128 threads; <= 128 registers a thread). With only the
 // thread bound ptxas capped dq at 64 registers and spilled; 4 blocks of <= 49.8 KB shared also fit an SM.
 constexpr int kMinBlocks = 4;
 
-__device__ __forceinline__ float ldf(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float ldf(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float ldf(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-
-__device__ __forceinline__ void stf(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void stf(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void stf(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
-
-// Rows [r0, r0 + nrows) of a contiguous [rows, D] matrix into shared memory (pitch P), as floats; rows at or
-// beyond `limit` are zeros (so that masked products are 0 * 0, never 0 * stale). The rows are one
-// contiguous range of global memory: consecutive threads read consecutive elements.
-template <class T>
-__device__ __forceinline__ void load_rows(float* dst, const T* src, int64_t r0, int nrows, int64_t limit, int D,
-                                          int P) {
-  const int total = nrows * D;
-  for (int e = threadIdx.x; e < total; e += blockDim.x) {
-    const int r = e / D, d = e - r * D;
-    const int64_t gr = r0 + r;
-    dst[r * P + d] = gr < limit ? ldf(src, gr * D + d) : 0.f;
-  }
-}
-
-__device__ __forceinline__ bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
-
-// For the warp's rows r: s[r] = sum_d a[r * P + d] * x[d] and t[r] = sum_d b[r * P + d] * y[d] (x, y: this
-// lane's rows of the streamed tile). The scores and dP of the backward kernels.
-__device__ __forceinline__ void two_dots(float (&s)[kRowsPerWarp], const float* a, const float* x,
-                                         float (&t)[kRowsPerWarp], const float* b, const float* y, int P, int D) {
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) s[r] = t[r] = 0.f;
-#pragma unroll 4
-  for (int d = 0; d < D; ++d) {
-    const float xd = x[d], yd = y[d];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      s[r] = fmaf(a[r * P + d], xd, s[r]);
-      t[r] = fmaf(b[r * P + d], yd, t[r]);
-    }
-  }
-}
-
-// acc[r][c] += sum over the tile's rows jj of wt_r(jj) * tile[jj][lane + 32 c], where wt_r(jj) is lane jj's
-// wt[r] (broadcast by __shfl_sync): the p V of the forward and the dS K of dq, for the warp's rows.
-template <int DC>
-__device__ __forceinline__ void accumulate_tile(float (&acc)[kRowsPerWarp][DC], const float (&wt)[kRowsPerWarp],
-                                                const float* tile, int P, int D, int lane) {
-#pragma unroll 4
-  for (int jj = 0; jj < kTile; ++jj) {
-    float t[DC];
-#pragma unroll
-    for (int c = 0; c < DC; ++c) {
-      const int d = lane + 32 * c;
-      t[c] = d < D ? tile[jj * P + d] : 0.f;
-    }
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const float wj = __shfl_sync(kFull, wt[r], jj);
-#pragma unroll
-      for (int c = 0; c < DC; ++c) acc[r][c] = fmaf(wj, t[c], acc[r][c]);
-    }
-  }
-}
-
-// Forward: o = softmax(scale q k^T [+ mask]) v, lse = m + log(l).
 template <class T, int DC>
 __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
     k_attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                float* __restrict__ lse, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal, float scale) {
   extern __shared__ float sm[];
-  const int P = D | 1;
-  float* Qs = sm;                    // [kBlockRows][P]
-  float* Ks = Qs + kBlockRows * P;   // [kTile][P]
-  float* Vs = Ks + kTile * P;        // [kTile][P]
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int64_t q0 = int64_t(blockIdx.x) * kBlockRows;
-  const int64_t last = (q0 + kBlockRows < Tq ? q0 + kBlockRows : Tq) - 1;  // last valid query row of the block
-  const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;      // keys [0, kend) may be visible
-  const float* qw = Qs + w * kRowsPerWarp * P;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    const T* qn = q + n * Tq * D;
-    const T* kn = k + n * Tk * D;
-    const T* vn = v + n * Tk * D;
-    __syncthreads();  // the previous n's readers of Qs / Ks / Vs are done
-    load_rows(Qs, qn, q0, kBlockRows, Tq, D, P);
-    float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][DC];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      m[r] = -INFINITY;
-      l[r] = 0.f;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) acc[r][c] = 0.f;
-    }
-    for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
-      __syncthreads();  // everyone is done with the previous tile
-      load_rows(Ks, kn, k0, kTile, Tk, D, P);
-      load_rows(Vs, vn, k0, kTile, Tk, D, P);
-      __syncthreads();
-      // Scores of key j = k0 + lane for the warp's rows (one pass over K's row: reused by 4 rows).
-      float s[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) s[r] = 0.f;
-      const float* kr = Ks + lane * P;
-#pragma unroll 4
-      for (int d = 0; d < D; ++d) {
-        const float kd = kr[d];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) s[r] = fmaf(qw[r * P + d], kd, s[r]);
-      }
-      const int64_t j = k0 + lane;
-      float p[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int64_t i = q0 + w * kRowsPerWarp + r;
-        const bool vis = j < Tk && visible(i, j, causal);
-        const float sv = vis ? s[r] * scale : -INFINITY;
-        const float mnew = fmaxf(m[r], warp_max(sv));
-        // m = -inf: nothing accumulated yet (l = acc = 0); guards exp(-inf - -inf) = NaN.
-        const float alpha = m[r] == -INFINITY ? 0.f : expf(m[r] - mnew);
-        p[r] = vis ? expf(sv - mnew) : 0.f;
-        l[r] = l[r] * alpha + warp_sum(p[r]);
-        m[r] = mnew;
-#pragma unroll
-        for (int c = 0; c < DC; ++c) acc[r][c] *= alpha;
-      }
-      accumulate_tile<DC>(acc, p, Vs, P, D, lane);
-    }
-    T* on = o + n * Tq * D;
-    float* ln = lse + n * Tq;
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = q0 + w * kRowsPerWarp + r;
-      if (i >= Tq) continue;
-      // l == 0 only when no key is visible (Tk == 0): the empty sum, o = 0 and lse = -inf. A NaN l
-      // (NaN inputs) propagates.
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < D) stf(on, i * D + d, l[r] == 0.f ? 0.f : acc[r][c] / l[r]);
-      }
-      if (lane == 0) ln[i] = l[r] == 0.f ? -INFINITY : m[r] + logf(l[r]);
-    }
-  }
+  forward<DevicePrim, T, DC>(q, k, v, o, lse, N, Tq, Tk, D, causal, scale, sm);
+}
+
+template <class T, int DC>
+__global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
+    k_attn_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+              const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t N,
+              int64_t Tq, int64_t Tk, int D, bool causal, float scale) {
+  extern __shared__ float sm[];
+  backward_dq<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dq, N, Tq, Tk, D, causal, scale, sm);
+}
+
+template <class T, int DC>
+__global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
+    k_attn_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal,
+                float scale) {
+  extern __shared__ float sm[];
+  backward_dkdv<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, D, causal, scale, sm);
 }
 
 // delta[r] = sum_d dout[r, d] o[r, d] over R rows; one warp per row, a fixed order.
@@ -197,166 +55,6 @@ __global__ void k_attn_delta(const T* __restrict__ o, const T* __restrict__ dout
     for (int d = lane; d < D; d += 32) s = fmaf(ldf(dout, r * D + d), ldf(o, r * D + d), s);
     s = warp_sum(s);
     if (lane == 0) delta[r] = s;
-  }
-}
-
-// dq_i = scale sum_j dS_ij k_j with dS_ij = P_ij (dP_ij - delta_i), P_ij = exp(scale q_i.k_j - lse_i),
-// dP_ij = dout_i.v_j. Same tiling as the forward.
-template <class T, int DC>
-__global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
-    k_attn_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-              const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t N,
-              int64_t Tq, int64_t Tk, int D, bool causal, float scale) {
-  extern __shared__ float sm[];
-  const int P = D | 1;
-  float* Qs = sm;                    // [kBlockRows][P]
-  float* Os = Qs + kBlockRows * P;   // dout rows [kBlockRows][P]
-  float* Ks = Os + kBlockRows * P;   // [kTile][P]
-  float* Vs = Ks + kTile * P;        // [kTile][P]
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int64_t q0 = int64_t(blockIdx.x) * kBlockRows;
-  const int64_t last = (q0 + kBlockRows < Tq ? q0 + kBlockRows : Tq) - 1;
-  const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;
-  const float* qw = Qs + w * kRowsPerWarp * P;
-  const float* ow = Os + w * kRowsPerWarp * P;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    const T* kn = k + n * Tk * D;
-    const T* vn = v + n * Tk * D;
-    __syncthreads();
-    load_rows(Qs, q + n * Tq * D, q0, kBlockRows, Tq, D, P);
-    load_rows(Os, dout + n * Tq * D, q0, kBlockRows, Tq, D, P);
-    float li[kRowsPerWarp], di[kRowsPerWarp], acc[kRowsPerWarp][DC];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = q0 + w * kRowsPerWarp + r;
-      li[r] = i < Tq ? lse[n * Tq + i] : 0.f;
-      di[r] = i < Tq ? delta[n * Tq + i] : 0.f;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) acc[r][c] = 0.f;
-    }
-    for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
-      __syncthreads();
-      load_rows(Ks, kn, k0, kTile, Tk, D, P);
-      load_rows(Vs, vn, k0, kTile, Tk, D, P);
-      __syncthreads();
-      float s[kRowsPerWarp], dp[kRowsPerWarp];
-      two_dots(s, qw, Ks + lane * P, dp, ow, Vs + lane * P, P, D);  // s = q_i . k_j, dp = dout_i . v_j
-      const int64_t j = k0 + lane;
-      float ds[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int64_t i = q0 + w * kRowsPerWarp + r;
-        const bool vis = i < Tq && j < Tk && visible(i, j, causal);
-        const float pij = vis ? expf(s[r] * scale - li[r]) : 0.f;
-        ds[r] = vis ? pij * (dp[r] - di[r]) : 0.f;
-      }
-      accumulate_tile<DC>(acc, ds, Ks, P, D, lane);
-    }
-    T* dqn = dq + n * Tq * D;
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = q0 + w * kRowsPerWarp + r;
-      if (i >= Tq) continue;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < D) stf(dqn, i * D + d, acc[r][c] * scale);
-      }
-    }
-  }
-}
-
-// dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i: 16 keys per block (4 per warp), query tiles of 32
-// with lane i = query q0 + i of the tile.
-template <class T, int DC>
-__global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
-    k_attn_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal,
-                float scale) {
-  extern __shared__ float sm[];
-  const int P = D | 1;
-  float* Ks = sm;                    // the block's keys [kBlockRows][P]
-  float* Vs = Ks + kBlockRows * P;   // [kBlockRows][P]
-  float* Qs = Vs + kBlockRows * P;   // query tile [kTile][P]
-  float* Os = Qs + kTile * P;        // dout tile [kTile][P]
-  float* Ls = Os + kTile * P;        // lse of the tile [kTile]
-  float* Ds = Ls + kTile;            // delta of the tile [kTile]
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  const int64_t j0 = int64_t(blockIdx.x) * kBlockRows;
-  // Causal: queries i < j0 see none of the block's keys; start at the tile holding query j0.
-  const int64_t qbegin = causal ? (j0 / kTile) * kTile : 0;
-  const float* kw = Ks + w * kRowsPerWarp * P;
-  const float* vw = Vs + w * kRowsPerWarp * P;
-  for (int64_t n = blockIdx.y; n < N; n += gridDim.y) {
-    const T* qn = q + n * Tq * D;
-    const T* on = dout + n * Tq * D;
-    __syncthreads();
-    load_rows(Ks, k + n * Tk * D, j0, kBlockRows, Tk, D, P);
-    load_rows(Vs, v + n * Tk * D, j0, kBlockRows, Tk, D, P);
-    float ak[kRowsPerWarp][DC], av[kRowsPerWarp][DC];
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r)
-#pragma unroll
-      for (int c = 0; c < DC; ++c) ak[r][c] = av[r][c] = 0.f;
-    for (int64_t q0 = qbegin; q0 < Tq; q0 += kTile) {
-      __syncthreads();
-      load_rows(Qs, qn, q0, kTile, Tq, D, P);
-      load_rows(Os, on, q0, kTile, Tq, D, P);
-      if (threadIdx.x < kTile) {
-        const int64_t i = q0 + threadIdx.x;
-        Ls[threadIdx.x] = i < Tq ? lse[n * Tq + i] : 0.f;
-        Ds[threadIdx.x] = i < Tq ? delta[n * Tq + i] : 0.f;
-      }
-      __syncthreads();
-      const int64_t i = q0 + lane;
-      const float li = Ls[lane], di = Ds[lane];
-      float s[kRowsPerWarp], dp[kRowsPerWarp];
-      two_dots(s, kw, Qs + lane * P, dp, vw, Os + lane * P, P, D);  // s = k_j . q_i, dp = v_j . dout_i
-      float p[kRowsPerWarp], ds[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int64_t j = j0 + w * kRowsPerWarp + r;
-        const bool vis = i < Tq && j < Tk && visible(i, j, causal);
-        p[r] = vis ? expf(s[r] * scale - li) : 0.f;
-        ds[r] = vis ? p[r] * (dp[r] - di) : 0.f;
-      }
-#pragma unroll 4
-      for (int ii = 0; ii < kTile; ++ii) {
-        float qq[DC], oo[DC];
-#pragma unroll
-        for (int c = 0; c < DC; ++c) {
-          const int d = lane + 32 * c;
-          qq[c] = d < D ? Qs[ii * P + d] : 0.f;
-          oo[c] = d < D ? Os[ii * P + d] : 0.f;
-        }
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const float pi = __shfl_sync(kFull, p[r], ii);
-          const float dsi = __shfl_sync(kFull, ds[r], ii);
-#pragma unroll
-          for (int c = 0; c < DC; ++c) {
-            av[r][c] = fmaf(pi, oo[c], av[r][c]);
-            ak[r][c] = fmaf(dsi, qq[c], ak[r][c]);
-          }
-        }
-      }
-    }
-    T* dkn = dk + n * Tk * D;
-    T* dvn = dv + n * Tk * D;
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t j = j0 + w * kRowsPerWarp + r;
-      if (j >= Tk) continue;
-#pragma unroll
-      for (int c = 0; c < DC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < D) {
-          stf(dkn, j * D + d, ak[r][c] * scale);
-          stf(dvn, j * D + d, av[r][c]);
-        }
-      }
-    }
   }
 }
 
@@ -400,7 +98,7 @@ int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, 
                              int64_t D, bool causal, double scale, void* o, float* lse, void* stream) {
   if (N == 0 || Tq == 0) return 0;
   auto st = as_stream(stream);
-  const size_t bytes = size_t(kBlockRows + 2 * kTile) * size_t(D | 1) * sizeof(float);
+  const size_t bytes = fwd_smem_floats(int(D)) * sizeof(float);
   return dispatch_attention(t, D, [&](auto tv, auto ch) -> int {
     using T = decltype(tv);
     constexpr int DC = decltype(ch)::value;
@@ -427,8 +125,7 @@ int launch_attention_backward(Dt t, const void* q, const void* k, const void* v,
                               double scale, void* dq, void* dk, void* dv, float* delta, void* stream) {
   if (N == 0) return 0;
   auto st = as_stream(stream);
-  const size_t bq = size_t(2 * kBlockRows + 2 * kTile) * size_t(D | 1) * sizeof(float);
-  const size_t bkv = bq + size_t(2 * kTile) * sizeof(float);
+  const size_t bq = dq_smem_floats(int(D)) * sizeof(float), bkv = dkdv_smem_floats(int(D)) * sizeof(float);
   return dispatch_attention(t, D, [&](auto tv, auto ch) -> int {
     using T = decltype(tv);
     constexpr int DC = decltype(ch)::value;

@@ -1,5 +1,5 @@
 // The tensor-core attention kernels (kernels/cuda/attention_mma.cuh holds the algorithm and its block
-// bodies) on the GPU: the hardware primitives they are written against, the __global__ wrappers and the
+// bodies) on the GPU: the __global__ wrappers over the GPU's primitives (kernels/cuda/hw_policy.h) and the
 // launchers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -12,31 +12,6 @@
 namespace titanax::kernels::cuda {
 namespace {
 namespace ma = mma_attention;
-
-struct DevicePrim {
-  static __device__ __forceinline__ int thread() { return int(threadIdx.x); }
-  static __device__ __forceinline__ int block_x() { return int(blockIdx.x); }
-  static __device__ __forceinline__ int block_y() { return int(blockIdx.y); }
-  static __device__ __forceinline__ int grid_y() { return int(gridDim.y); }
-  static __device__ __forceinline__ void sync() { __syncthreads(); }
-  static __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __nv_bfloat16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __half) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
-  static __device__ __forceinline__ void st32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
-  static __device__ __forceinline__ void copy16(void* d, const void* s) { *static_cast<uint4*>(d) = *static_cast<const uint4*>(s); }
-  static __device__ __forceinline__ void zero16(void* d) { *static_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u); }
-};
 
 template <class T, int D>
 __global__ void __launch_bounds__(ma::kMmaThreads)

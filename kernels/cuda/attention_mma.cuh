@@ -20,15 +20,10 @@
 // products, as FlashAttention does. Deterministic: fixed orders, no atomics (dq and dk / dv in separate
 // kernels, as attention.cu). Causal blocks skip fully masked tiles as attention.cu does.
 //
-// The block bodies are written against a policy `Hw` of hardware primitives, so that the same code runs
-// on the GPU (attention_mma.cu: threadIdx, __syncthreads, __shfl_xor_sync, the mma instruction) and in
-// tests/emulated/ (128 host threads per block, barriers, and the mma computed from the documented
-// fragment layout), where CI checks it without a GPU. Hw provides, as static functions:
-//   int thread(), block_x(), block_y(), grid_y();  void sync();  float shfl_xor(float, int lane_mask);
-//   void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], T)   (d += A B);
-//   uint32_t ld32(const void*);  void st32(void*, uint32_t);  void copy16(void*, const void*);
-//   void zero16(void*)   (4- and 16-byte aligned accesses).
-// Every block runs kMmaThreads threads; `smem` holds the *_smem_bytes below.
+// The block bodies are written against a policy `Hw` of hardware primitives (kernels/cuda/hw_policy.h),
+// so that the same code runs on the GPU (attention_mma.cu) and in tests/emulated/ (128 host threads per
+// block, barriers, and the mma computed from the documented fragment layout), where CI checks it without a
+// GPU. Every block runs kMmaThreads threads; `smem` holds the *_smem_bytes below.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,13 +34,8 @@
 #include <cstdint>
 #include <cstring>
 
-#ifdef __CUDACC__
-#define TX_MMA_FN __device__ __forceinline__
-#define TX_UNROLL _Pragma("unroll")
-#else
-#define TX_MMA_FN inline
-#define TX_UNROLL
-#endif
+#include "kernels/cuda/hw_policy.h"
+
 
 namespace titanax::kernels::cuda::mma_attention {
 
@@ -71,13 +61,13 @@ constexpr size_t dkdv_smem_bytes() {  // K, V, Q, dO [64][D+8], Q^T, dO^T [D][72
 }
 
 // Two floats rounded to the 16-bit type, lo in the low half.
-TX_MMA_FN uint32_t pack2(float lo, float hi, __nv_bfloat16) {
+TX_HW_FN uint32_t pack2(float lo, float hi, __nv_bfloat16) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   uint32_t u;
   memcpy(&u, &v, 4);
   return u;
 }
-TX_MMA_FN uint32_t pack2(float lo, float hi, __half) {
+TX_HW_FN uint32_t pack2(float lo, float hi, __half) {
   const __half2 v = __floats2half2_rn(lo, hi);
   uint32_t u;
   memcpy(&u, &v, 4);
@@ -86,7 +76,7 @@ TX_MMA_FN uint32_t pack2(float lo, float hi, __half) {
 
 // The A fragment of the 16 rows at `base` (pitch P), columns [k0, k0 + 16).
 template <class Hw, class T>
-TX_MMA_FN void load_a(uint32_t (&a)[4], const T* base, int P, int k0, int g, int c) {
+TX_HW_FN void load_a(uint32_t (&a)[4], const T* base, int P, int k0, int g, int c) {
   a[0] = Hw::ld32(base + g * P + k0 + 2 * c);
   a[1] = Hw::ld32(base + (g + 8) * P + k0 + 2 * c);
   a[2] = Hw::ld32(base + g * P + k0 + 8 + 2 * c);
@@ -95,7 +85,7 @@ TX_MMA_FN void load_a(uint32_t (&a)[4], const T* base, int P, int k0, int g, int
 
 // The B fragment of B[k][n] = Y[n0 + n][k0 + k] for Y row-major at `y` (pitch P): B = Y^T.
 template <class Hw, class T>
-TX_MMA_FN void load_bt(uint32_t (&b)[2], const T* y, int P, int n0, int k0, int g, int c) {
+TX_HW_FN void load_bt(uint32_t (&b)[2], const T* y, int P, int n0, int k0, int g, int c) {
   b[0] = Hw::ld32(y + (n0 + g) * P + k0 + 2 * c);
   b[1] = Hw::ld32(y + (n0 + g) * P + k0 + 8 + 2 * c);
 }
@@ -103,7 +93,7 @@ TX_MMA_FN void load_bt(uint32_t (&b)[2], const T* y, int P, int n0, int k0, int 
 // The A fragment of a 16 x 16 block of a product's f32 C fragments: columns [16 kk, 16 kk + 16) are the
 // n-tiles 2 kk (lo) and 2 kk + 1 (hi), rounded to T.
 template <class T>
-TX_MMA_FN void a_from_c(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
+TX_HW_FN void a_from_c(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)[4]) {
   a[0] = pack2(lo[0], lo[1], T{});
   a[1] = pack2(lo[2], lo[3], T{});
   a[2] = pack2(hi[0], hi[1], T{});
@@ -113,7 +103,7 @@ TX_MMA_FN void a_from_c(uint32_t (&a)[4], const float (&lo)[4], const float (&hi
 // Rows [r0, r0 + R) of a contiguous [rows, D] matrix into shared memory (pitch D + 8), 16 bytes at a time;
 // rows at or beyond `limit` are zeros.
 template <class Hw, class T, int D, int R>
-TX_MMA_FN void load_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
+TX_HW_FN void load_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
   constexpr int V = D / 8;
   for (int e = Hw::thread(); e < R * V; e += kMmaThreads) {
     const int r = e / V, col = (e - r * V) * 8;
@@ -126,7 +116,7 @@ TX_MMA_FN void load_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
 // bytes) and writes them down 8 columns; consecutive threads take consecutive rows, so each of the 8
 // 2-byte stores of a warp covers 64 consecutive bytes (no bank conflict).
 template <class Hw, class T, int D, int R>
-TX_MMA_FN void load_tile_t(T* dst, const T* src, int64_t r0, int64_t limit) {
+TX_HW_FN void load_tile_t(T* dst, const T* src, int64_t r0, int64_t limit) {
   constexpr int V = D / 8;
   for (int e = Hw::thread(); e < R * V; e += kMmaThreads) {
     const int r = e % R, d0 = (e / R) * 8;
@@ -139,23 +129,23 @@ TX_MMA_FN void load_tile_t(T* dst, const T* src, int64_t r0, int64_t limit) {
 }
 
 template <class Hw>
-TX_MMA_FN float quad_max(float v) {
+TX_HW_FN float quad_max(float v) {
   v = fmaxf(v, Hw::shfl_xor(v, 1));
   return fmaxf(v, Hw::shfl_xor(v, 2));
 }
 template <class Hw>
-TX_MMA_FN float quad_sum(float v) {
+TX_HW_FN float quad_sum(float v) {
   v += Hw::shfl_xor(v, 1);
   return v + Hw::shfl_xor(v, 2);
 }
 
-TX_MMA_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
+TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
 // For n-tile nt of two products over the D features, s = X1 Y1^T and t = X2 Y2^T: the warp's 16 rows of
 // X1 / X2 at x1 / x2 against rows [8 nt, 8 nt + 8) of the tiles Y1 / Y2 (all row-major, pitch D + 8).
 // The backward's S and dP (dq) or S^T and dP^T (dk / dv).
 template <class Hw, class T, int D>
-TX_MMA_FN void two_products(float (&s)[4], float (&t)[4], const T* x1, const T* y1, const T* x2, const T* y2, int nt, int g,
+TX_HW_FN void two_products(float (&s)[4], float (&t)[4], const T* x1, const T* y1, const T* x2, const T* y2, int nt, int g,
                             int c) {
   TX_UNROLL
   for (int e = 0; e < 4; ++e) s[e] = t[e] = 0.f;
@@ -175,7 +165,7 @@ TX_MMA_FN void two_products(float (&s)[4], float (&t)[4], const T* x1, const T* 
 // fragments x (rounded to T for the MMA) and Y a 64 x D tile given transposed in shared memory:
 // yt[d][row], pitch kMmaTile + 8. P V, dS K, P^T dO and dS^T Q.
 template <class Hw, class T, int D>
-TX_MMA_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaTile / 8][4], const T* yt, int g, int c) {
+TX_HW_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaTile / 8][4], const T* yt, int g, int c) {
   TX_UNROLL
   for (int kk = 0; kk < kMmaTile / 16; ++kk) {
     uint32_t a[4];
@@ -194,7 +184,7 @@ TX_MMA_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaT
 // o = softmax(scale q k^T [+ mask]) v and lse, for the 64 query rows of block x (every n = block_y, +
 // grid_y, ...). scale_log2 = scale * log2(e).
 template <class Hw, class T, int D>
-TX_MMA_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
+TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
   constexpr int P = D + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
   T* Qs = reinterpret_cast<T*>(smem);
@@ -290,7 +280,7 @@ TX_MMA_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int
 // dq_i = scale sum_j dS_ij k_j, dS = P (dP - delta), P = exp(scale q k^T - lse), dP = dout v^T, for the 64
 // query rows of block x. delta_i = sum_d dout_id o_id (computed before).
 template <class Hw, class T, int D>
-TX_MMA_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
+TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                            unsigned char* smem) {
   constexpr int P = D + 8, NT = kMmaTile / 8, DT = D / 8;
@@ -354,7 +344,7 @@ TX_MMA_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, co
 // dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the 64 keys of block x, query tiles of 64. The
 // transposed products: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
 template <class Hw, class T, int D>
-TX_MMA_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
+TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem) {
   constexpr int P = D + 8, TP = kMmaTile + 8, NT = kMmaTile / 8, DT = D / 8;
