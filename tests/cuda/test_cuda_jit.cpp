@@ -278,7 +278,7 @@ TEST_CASE("cuda jit: a GPT training step captures its embeddings too, and equals
   CHECK(st->failed_captures == 0);
   const jit::Graph* g = graphs.step.graph_for(batch(0));
   REQUIRE(g != nullptr);
-  for (const char* op : {"embedding", "embedding_backward", "cross_entropy", "adamw_update"}) {
+  for (const char* op : {"embedding", "embedding_backward", "cross_entropy_with_grad", "adamw_update"}) {
     INFO(op);
     const auto [total, inside] = nodes_captured(*g, op);
     CHECK(total > 0);
