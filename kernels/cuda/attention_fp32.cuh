@@ -46,24 +46,6 @@ constexpr int kRowsPerWarp = 4;
 constexpr int kBlockRows = kAttnWarps * kRowsPerWarp;  // 16 query rows (forward, dq) or keys (dk / dv) per block
 constexpr int kTile = 32;                              // keys (forward, dq) or queries (dk / dv) per streamed tile
 
-// Warp reductions through the policy's shuffles (as common.cuh's warp_sum / warp_max: a max that ignores
-// NaN comparisons, x > m ? x : m).
-template <class Hw>
-TX_HW_FN float warp_sum(float v) {
-  TX_UNROLL
-  for (int o = 16; o > 0; o >>= 1) v += Hw::shfl_xor(v, o);
-  return v;
-}
-template <class Hw>
-TX_HW_FN float warp_max(float v) {
-  TX_UNROLL
-  for (int o = 16; o > 0; o >>= 1) {
-    const float x = Hw::shfl_xor(v, o);
-    v = x > v ? x : v;
-  }
-  return v;
-}
-
 TX_HW_FN float ldf(const float* p, int64_t i) { return p[i]; }
 TX_HW_FN float ldf(const __half* p, int64_t i) { return __half2float(p[i]); }
 TX_HW_FN float ldf(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
@@ -176,11 +158,11 @@ TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T*
         const int64_t i = q0 + w * kRowsPerWarp + r;
         const bool vis = j < Tk && visible(i, j, causal);
         const float sv = vis ? s[r] * scale : -INFINITY;
-        const float mnew = fmaxf(m[r], warp_max<Hw>(sv));
+        const float mnew = fmaxf(m[r], warp_max_of<Hw>(sv));
         // m = -inf: nothing accumulated yet (l = acc = 0); guards exp(-inf - -inf) = NaN.
         const float alpha = m[r] == -INFINITY ? 0.f : expf(m[r] - mnew);
         p[r] = vis ? expf(sv - mnew) : 0.f;
-        l[r] = l[r] * alpha + warp_sum<Hw>(p[r]);
+        l[r] = l[r] * alpha + warp_sum_of<Hw>(p[r]);
         m[r] = mnew;
         TX_UNROLL
         for (int c = 0; c < DC; ++c) acc[r][c] *= alpha;

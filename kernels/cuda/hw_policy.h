@@ -1,10 +1,14 @@
 // Kernels written against a policy of hardware primitives, so that the same block bodies run on the GPU
 // and, in tests/emulated/, on the CPU (where CI checks them without a GPU). A policy `Hw` provides, as
 // static functions:
-//   int thread(), block_x(), block_y(), grid_y()   threadIdx.x, blockIdx.x / .y, gridDim.y
+//   int thread(), threads()                         threadIdx.x, blockDim.x
+//   int block_x(), block_y(), grid_x(), grid_y()    blockIdx.x / .y, gridDim.x / .y
 //   void sync()                                     __syncthreads()
-//   float shfl_xor(float v, int lane_mask)          __shfl_xor_sync over the full warp
+//   float / double shfl_xor(v, int lane_mask)       __shfl_xor_sync over the full warp
 //   float shfl(float v, int src_lane)               __shfl_sync over the full warp
+//   void report(const ReportSlot&, int code, int64_t index, int64_t value, int64_t bound, int64_t aux)
+//                                                   bad input into the device's report slot (launch.h);
+//                                                   the first report since the host's last check wins
 //   void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], T)
 //                                                   d += A B, mma.sync.aligned.m16n8k16 (T bf16 or f16)
 //   uint32_t ld32(const void*); void st32(void*, uint32_t); void copy16(void*, const void*); void zero16(void*)
@@ -14,6 +18,8 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/launch.h"
+
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,10 +27,14 @@
 #define TX_HW_FN __device__ __forceinline__
 #define TX_UNROLL _Pragma("unroll")
 #define TX_UNROLL_4 _Pragma("unroll 4")
+// Block-shared storage declared inside a block body (the emulator runs one block at a time, so a static
+// is shared by exactly one block's threads there).
+#define TX_SHARED __shared__
 #else
 #define TX_HW_FN inline
 #define TX_UNROLL
 #define TX_UNROLL_4
+#define TX_SHARED static
 #endif
 
 namespace titanax::kernels::cuda {
@@ -32,11 +42,24 @@ namespace titanax::kernels::cuda {
 #ifdef __CUDACC__
 struct DevicePrim {
   static __device__ __forceinline__ int thread() { return int(threadIdx.x); }
+  static __device__ __forceinline__ int threads() { return int(blockDim.x); }
   static __device__ __forceinline__ int block_x() { return int(blockIdx.x); }
   static __device__ __forceinline__ int block_y() { return int(blockIdx.y); }
+  static __device__ __forceinline__ int grid_x() { return int(gridDim.x); }
   static __device__ __forceinline__ int grid_y() { return int(gridDim.y); }
   static __device__ __forceinline__ void sync() { __syncthreads(); }
   static __device__ __forceinline__ float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+  static __device__ __forceinline__ double shfl_xor(double v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
+  static __device__ void report(const ReportSlot& slot, int code, int64_t index, int64_t value, int64_t bound, int64_t aux) {
+    if (atomicCAS(slot.flag, 0, code) != 0) return;
+    volatile DeviceReport* h = slot.host;
+    h->index = index;
+    h->value = value;
+    h->bound = bound;
+    h->aux = aux;
+    __threadfence_system();
+    h->code = code;
+  }
   static __device__ __forceinline__ float shfl(float v, int lane) { return __shfl_sync(0xffffffffu, v, lane); }
   static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], __nv_bfloat16) {
     asm volatile(
@@ -56,5 +79,47 @@ struct DevicePrim {
   static __device__ __forceinline__ void zero16(void* d) { *static_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u); }
 };
 #endif
+
+// ---- reductions over a policy's warps and blocks
+
+/// x > m ? x : m: a max that ignores NaN comparisons, as the CPU's row_max.
+template <class T>
+TX_HW_FN T plain_max_of(T m, T x) { return x > m ? x : m; }
+
+/// Sum / max over the 32 lanes of the warp (butterfly shuffles): every lane gets the result.
+template <class Hw, class T>
+TX_HW_FN T warp_sum_of(T v) {
+  TX_UNROLL
+  for (int o = 16; o > 0; o >>= 1) v += Hw::shfl_xor(v, o);
+  return v;
+}
+template <class Hw, class T>
+TX_HW_FN T warp_max_of(T v) {
+  TX_UNROLL
+  for (int o = 16; o > 0; o >>= 1) v = plain_max_of(v, Hw::shfl_xor(v, o));
+  return v;
+}
+
+/// Sum / max over the whole block (threads() a multiple of 32, at most 1024): every thread gets the
+/// result. Each call begins with a barrier, so consecutive calls never race on the shared partials.
+template <class Hw, class T, class WarpOp>
+TX_HW_FN T block_reduce_of(T v, T identity, WarpOp warp_op) {
+  TX_SHARED T sh[32];
+  const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, nw = Hw::threads() >> 5;
+  v = warp_op(v);
+  Hw::sync();
+  if (lane == 0) sh[w] = v;
+  Hw::sync();
+  const T r = lane < nw ? sh[lane] : identity;
+  return warp_op(r);
+}
+template <class Hw, class T>
+TX_HW_FN T block_sum_of(T v) {
+  return block_reduce_of<Hw>(v, T(0), [](T x) { return warp_sum_of<Hw>(x); });
+}
+template <class Hw, class T>
+TX_HW_FN T block_max_of(T v, T lowest) {
+  return block_reduce_of<Hw>(v, lowest, [](T x) { return warp_max_of<Hw>(x); });
+}
 
 }  // namespace titanax::kernels::cuda

@@ -1,44 +1,20 @@
 // Neural-network kernels: softmax / log-softmax, fused cross-entropy forward and backward, layer norm
-// forward and backward, gather / deterministic scatter-add (embedding), dropout (Philox: the CPU's mask). Row kernels use one block per
-// row with block reductions (warp shuffles); row statistics accumulate in double as on the CPU.
+// forward and backward (their block bodies are in kernels/cuda/rows.cuh, over the GPU's primitives here),
+// the column softmax, gather / deterministic scatter-add (embedding), dropout (Philox: the CPU's mask).
 #include <cub/device/device_radix_sort.cuh>
 
 #include "core/philox.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/rows.cuh"
 
 namespace titanax::kernels::cuda {
 namespace {
 
-template <class T> __device__ __forceinline__ T dexp(T v) { return exp(v); }
-template <> __device__ __forceinline__ float dexp(float v) { return expf(v); }
-
-// Row max (x > m ? x : m, as the CPU row_max) and sum of exp(x - max) in double, over the whole block.
-template <class T>
-__device__ void row_stats(const T* xr, int64_t n, int64_t stride, T& m, double& s) {
-  T lm = T(-INFINITY);
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) lm = plain_max(lm, xr[j * stride]);
-  m = block_max(lm, T(-INFINITY));
-  double ls = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) ls += double(dexp(T(xr[j * stride] - m)));
-  s = block_sum(ls);
-}
+using namespace row_kernels;
 
 template <class T>
 __global__ void k_softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) {
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T* xr = x + r * n;
-    T* yr = y + r * n;
-    T m;
-    double s;
-    row_stats(xr, n, 1, m, s);
-    if (log) {
-      const T lse = T(::log(s));
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = (xr[j] - m) - lse;
-    } else {
-      const T inv = T(1.0 / s);
-      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = dexp(T(xr[j] - m)) * inv;
-    }
-  }
+  softmax_rows<DevicePrim>(x, y, rows, n, log);
 }
 
 // One thread per column of [outer, n, inner] (inner > 1), as the CPU's column path.
@@ -63,133 +39,32 @@ __global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64
   }
 }
 
-// Reports a bad element into the slot: the first report since the host last checked wins.
-__device__ void report(const ReportSlot& slot, int code, int64_t index, int64_t value, int64_t bound, int64_t aux) {
-  if (atomicCAS(slot.flag, 0, code) != 0) return;
-  volatile DeviceReport* h = slot.host;
-  h->index = index;
-  h->value = value;
-  h->bound = bound;
-  h->aux = aux;
-  __threadfence_system();
-  h->code = code;
-}
-
-// One block: counts the labels that are not `ignore` into *count (mean's divisor) and reports one
-// outside [0, C).
 template <class L>
 __global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, int64_t* count, ReportSlot slot) {
-  double n = 0;
-  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) {
-    const int64_t l = int64_t(lab[r]);
-    if (l == ignore) continue;
-    if (l < 0 || l >= C) report(slot, kLabelOutOfRange, r, l, C, ignore);
-    else n += 1;
-  }
-  n = block_sum(n);
-  if (threadIdx.x == 0) *count = int64_t(n);
-}
-
-__device__ inline bool bad_label(int64_t l, int64_t C) { return l < 0 || l >= C; }
-
-// Row r's loss (0 when ignored, NaN for a bad label: reported by k_ce_labels) from the row's statistics.
-template <class T>
-__device__ double ce_row_loss(const T* xr, int64_t l, int64_t C, int64_t ignore, T m, double s) {
-  if (l == ignore) return 0;
-  if (bad_label(l, C)) return __longlong_as_double(0x7ff8000000000000LL);
-  return double(m) + ::log(s) - double(xr[l]);
-}
-
-// Row r's loss into out[r] (none) or rows[r] (summed later), by thread 0.
-template <class T>
-__device__ void ce_store_loss(double loss, int64_t r, int red, T* out, double* rows) {
-  if (threadIdx.x == 0) {
-    if (red == 2) out[r] = T(loss);
-    else rows[r] = loss;
-  }
-}
-
-// The backward's scale of every row for sum / mean (none: ct[r] per row).
-template <class T>
-__device__ double ce_uniform_scale(const T* ct, int red, const int64_t* count) {
-  if (red == 1) return double(ct[0]);
-  if (red == 0) return *count > 0 ? double(ct[0]) / double(*count) : 0.0;
-  return 0;
-}
-
-// Row r of dlogits: (softmax - onehot) * scale from the row's statistics; 0 for an ignored row, NaN for a
-// bad label (reported by k_ce_labels).
-template <class T>
-__device__ void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore, double scale, T m, double s, T* dr) {
-  if (label == ignore || bad_label(label, C)) {
-    const T fill = label == ignore ? T(0) : T(__longlong_as_double(0x7ff8000000000000LL));
-    for (int64_t j = threadIdx.x; j < C; j += blockDim.x) dr[j] = fill;
-    return;
-  }
-  const T k = T(scale / s);
-  for (int64_t j = threadIdx.x; j < C; j += blockDim.x) {
-    T v = dexp(T(xr[j] - m)) * k;
-    if (j == label) v -= T(scale);
-    dr[j] = v;
-  }
+  ce_labels<DevicePrim>(lab, R, C, ignore, count, slot);
 }
 
 template <class T, class L>
 __global__ void k_ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out,
                              double* rows) {
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const int64_t l = int64_t(lab[r]);
-    const T* xr = x + r * C;
-    T m = T(0);
-    double s = 0;
-    if (l != ignore && !bad_label(l, C)) row_stats(xr, C, 1, m, s);
-    ce_store_loss(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
-    __syncthreads();
-  }
+  ce_forward<DevicePrim>(x, lab, R, C, ignore, red, out, rows);
 }
 
-// The forward and the backward in one pass over each row: its statistics once, then its loss and its
-// gradient (each bitwise what k_ce_forward and k_ce_backward give).
 template <class T, class L>
 __global__ void k_ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
                            const int64_t* count, T* out, double* rows, T* dx) {
-  const double uniform = ce_uniform_scale(ct, red, count);
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const int64_t l = int64_t(lab[r]);
-    const T* xr = x + r * C;
-    T m = T(0);
-    double s = 0;
-    if (l != ignore && !bad_label(l, C)) row_stats(xr, C, 1, m, s);
-    ce_store_loss(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
-    ce_row_grad(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
-    __syncthreads();
-  }
+  ce_fused<DevicePrim>(x, lab, ct, R, C, ignore, red, count, out, rows, dx);
 }
 
-// Sum of the row losses by one block with a fixed partition: deterministic run to run.
 template <class T>
 __global__ void k_ce_total(const double* rows, int64_t R, int red, const int64_t* count, T* out) {
-  double s = 0;
-  for (int64_t r = threadIdx.x; r < R; r += blockDim.x) s += rows[r];
-  s = block_sum(s);
-  if (threadIdx.x == 0) {
-    if (red == 0) s = *count > 0 ? s / double(*count) : 0.0;
-    out[0] = T(s);
-  }
+  ce_total<DevicePrim>(rows, R, red, count, out);
 }
 
 template <class T, class L>
 __global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
                               const int64_t* count, T* dx) {
-  const double uniform = ce_uniform_scale(ct, red, count);
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const int64_t l = int64_t(lab[r]);
-    const T* xr = x + r * C;
-    T m = T(0);
-    double s = 0;
-    if (l != ignore && !bad_label(l, C)) row_stats(xr, C, 1, m, s);
-    ce_row_grad(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
-  }
+  ce_backward<DevicePrim>(x, lab, ct, R, C, ignore, red, count, dx);
 }
 
 // The labels' check and count (k_ce_labels), for both directions.
@@ -201,75 +76,19 @@ int launch_ce_labels(bool lab64, const void* lab, int64_t R, int64_t C, int64_t 
 }
 
 template <class T>
-__device__ void row_moments(const T* xr, int64_t D, double eps, double& mean, double& rstd) {
-  double s = 0;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) s += double(xr[j]);
-  mean = block_sum(s) / double(D);
-  double v = 0;
-  for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-    const double d = double(xr[j]) - mean;
-    v += d * d;
-  }
-  rstd = 1.0 / ::sqrt(block_sum(v) / double(D) + eps);
-}
-
-template <class T>
 __global__ void k_layer_norm(const T* x, const T* w, const T* b, int64_t R, int64_t D, double eps, T* y) {
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const T* xr = x + r * D;
-    T* yr = y + r * D;
-    double mean, rstd;
-    row_moments(xr, D, eps, mean, rstd);
-    const T tm = T(mean), ts = T(rstd);
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      T v = (xr[j] - tm) * ts;
-      if (w) v *= w[j];
-      if (b) v += b[j];
-      yr[j] = v;
-    }
-  }
+  layer_norm<DevicePrim>(x, w, b, R, D, eps, y);
 }
 
 template <class T>
 __global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int64_t D, double eps, T* dx,
                                 double* stats) {
-  for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const T* xr = x + r * D;
-    const T* gr = dy + r * D;
-    double mean, rstd;
-    row_moments(xr, D, eps, mean, rstd);
-    if (threadIdx.x == 0 && stats) stats[2 * r] = mean, stats[2 * r + 1] = rstd;
-    double s1 = 0, s2 = 0;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
-      s1 += g;
-      s2 += g * (double(xr[j]) - mean) * rstd;
-    }
-    s1 = block_sum(s1);
-    s2 = block_sum(s2);
-    const double m1 = s1 / double(D), m2 = s2 / double(D);
-    T* dr = dx + r * D;
-    for (int64_t j = threadIdx.x; j < D; j += blockDim.x) {
-      const double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
-      const double xh = (double(xr[j]) - mean) * rstd;
-      dr[j] = T(rstd * (g - m1 - xh * m2));
-    }
-  }
+  layer_norm_dx<DevicePrim>(dy, x, w, R, D, eps, dx, stats);
 }
 
-// dw / db: one thread per column, rows summed in order (deterministic; coalesced across the warp).
 template <class T>
 __global__ void k_layer_norm_dwdb(const T* dy, const T* x, const double* stats, int64_t R, int64_t D, T* dw, T* db) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < D; c += int64_t(gridDim.x) * blockDim.x) {
-    double aw = 0, ab = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const double g = double(dy[r * D + c]);
-      aw += g * (double(x[r * D + c]) - stats[2 * r]) * stats[2 * r + 1];
-      ab += g;
-    }
-    if (dw) dw[c] = T(aw);
-    if (db) db[c] = T(ab);
-  }
+  layer_norm_dwdb<DevicePrim>(dy, x, stats, R, D, dw, db);
 }
 
 template <class T, class I>
@@ -281,7 +100,7 @@ __global__ void k_gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t
     if (r >= 0 && r < n) {
       out[i] = x[(a * n + r) * B + b];
     } else {
-      if (a == 0 && b == 0) report(slot, kIndexOutOfRange, k, r, n, op);
+      if (a == 0 && b == 0) DevicePrim::report(slot, kIndexOutOfRange, k, r, n, op);
       out[i] = T(NAN);
     }
   }
@@ -293,7 +112,7 @@ __global__ void k_scatter_keys(const I* idx, int64_t K, int64_t n, int op, Repor
   for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < K; k += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = int64_t(idx[k]);
     const bool bad = r < 0 || r >= n;
-    if (bad) report(slot, kIndexOutOfRange, k, r, n, op);
+    if (bad) DevicePrim::report(slot, kIndexOutOfRange, k, r, n, op);
     keys[k] = uint64_t(bad ? n : r);
     ks[k] = k;
   }

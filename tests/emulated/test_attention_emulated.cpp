@@ -1,30 +1,21 @@
 // The attention kernels, tensor-core (kernels/cuda/attention_mma.cuh) and FP32 (attention_fp32.cuh), run on
-// the CPU through an emulation of the GPU primitives they are written against (kernels/cuda/hw_policy.h),
-// so CI checks the kernels' tiling, fragment indexing, masking, online softmax and shared-memory layout
-// without a GPU. Each block runs as 128 host threads: __syncthreads is a barrier of the block, a warp
-// shuffle an exchange through the warp's slots between two barriers of the warp, and
-// mma.sync.m16n8k16 gathers every lane's A and B registers, rebuilds the 16x16
-// and 16x8 matrices from the fragment layout the PTX ISA documents ("Matrix Fragments for mma.m16n8k16
-// with floating point type"; written here independently of the kernels' loaders) and gives each lane its
-// elements of C += A B. Shared memory and the outputs start as NaN, so an element read before it is
-// written, or never written, fails. The results are compared with the CPU attention (kernels/cpu) on the
-// same inputs within 1e-2 (f32 through the FP32 kernels: 1e-4), as tests/cuda/test_cuda_attention.cpp
-// compares the GPU; the hardware itself (timing, the real instructions) is left to that GPU test.
+// the CPU through the emulated GPU primitives of emulator.h (128 host threads per block; the mma rebuilt
+// from the PTX ISA's fragment layout), so CI checks the kernels' tiling, fragment indexing, masking,
+// online softmax and shared-memory layout without a GPU. Shared memory and the outputs start as NaN, so an
+// element read before it is written, or never written, fails. The results are compared with the CPU
+// attention (kernels/cpu) on the same inputs within 1e-2 (f32 through the FP32 kernels: 1e-4), as
+// tests/cuda/test_cuda_attention.cpp compares the GPU.
 #include <catch2/catch.hpp>
 
-#include <barrier>
 #include <chrono>
-#include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
-#include <vector>
 
 #include "kernels/cuda/attention_fp32.cuh"
 #include "kernels/cuda/attention_mma.cuh"
 
 #include "autodiff/autodiff.h"
 #include "cuda/cuda_test_util.h"
+#include "emulator.h"
 #include "op_cases.h"
 #include "ops/ops.h"
 
@@ -34,104 +25,12 @@ namespace fa = titanax::kernels::cuda::fp32_attention;
 
 namespace {
 
-constexpr int kThreads = ma::kMmaThreads, kWarps = kThreads / 32;
+using testing::emu::HostPrim;
 
-// What the threads of one emulated block share.
-struct Block {
-  int bx = 0, by = 0, gy = 1;
-  std::barrier<> block{kThreads};
-  std::vector<std::unique_ptr<std::barrier<>>> warp;
-  float shfl[kWarps][32] = {};
-  uint32_t a[kWarps][32][4] = {}, b[kWarps][32][2] = {};
-  Block() {
-    for (int w = 0; w < kWarps; ++w) warp.push_back(std::make_unique<std::barrier<>>(32));
-  }
-};
-thread_local Block* t_block = nullptr;
-thread_local int t_tid = 0;
-
-float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-float to_float(__half v) { return __half2float(v); }
-
-// The two 16-bit elements of a register as floats (the lower index in the low half).
-template <class T>
-void unpack(uint32_t u, float& lo, float& hi) {
-  T v[2];
-  std::memcpy(v, &u, 4);
-  lo = to_float(v[0]);
-  hi = to_float(v[1]);
-}
-
-struct HostPrim {
-  static int thread() { return t_tid; }
-  static int block_x() { return t_block->bx; }
-  static int block_y() { return t_block->by; }
-  static int grid_y() { return t_block->gy; }
-  static void sync() { t_block->block.arrive_and_wait(); }
-  static float shfl_xor(float v, int mask) { return shfl(v, (t_tid % 32) ^ mask); }
-  static float shfl(float v, int src_lane) {
-    Block& blk = *t_block;
-    const int w = t_tid / 32, lane = t_tid % 32;
-    blk.shfl[w][lane] = v;
-    blk.warp[w]->arrive_and_wait();
-    const float r = blk.shfl[w][src_lane];
-    blk.warp[w]->arrive_and_wait();
-    return r;
-  }
-  template <class T>
-  static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], T) {
-    Block& blk = *t_block;
-    const int w = t_tid / 32, lane = t_tid % 32;
-    std::memcpy(blk.a[w][lane], a, sizeof a);
-    std::memcpy(blk.b[w][lane], b, sizeof b);
-    blk.warp[w]->arrive_and_wait();
-    float A[16][16], B[16][8];
-    for (int L = 0; L < 32; ++L) {
-      const int g = L / 4, c = L % 4;
-      unpack<T>(blk.a[w][L][0], A[g][2 * c], A[g][2 * c + 1]);
-      unpack<T>(blk.a[w][L][1], A[g + 8][2 * c], A[g + 8][2 * c + 1]);
-      unpack<T>(blk.a[w][L][2], A[g][2 * c + 8], A[g][2 * c + 9]);
-      unpack<T>(blk.a[w][L][3], A[g + 8][2 * c + 8], A[g + 8][2 * c + 9]);
-      unpack<T>(blk.b[w][L][0], B[2 * c][g], B[2 * c + 1][g]);
-      unpack<T>(blk.b[w][L][1], B[2 * c + 8][g], B[2 * c + 9][g]);
-    }
-    blk.warp[w]->arrive_and_wait();  // every lane has read the registers before they are overwritten
-    const int g = lane / 4, c = lane % 4;
-    for (int e = 0; e < 4; ++e) {
-      const int row = g + 8 * (e / 2), col = 2 * c + e % 2;
-      float s = 0.f;
-      for (int kk = 0; kk < 16; ++kk) s += A[row][kk] * B[kk][col];
-      d[e] += s;
-    }
-  }
-  static uint32_t ld32(const void* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-  }
-  static void st32(void* p, uint32_t v) { std::memcpy(p, &v, 4); }
-  static void copy16(void* d, const void* s) { std::memcpy(d, s, 16); }
-  static void zero16(void* d) { std::memset(d, 0, 16); }
-};
-
-// Runs body(smem) as a grid gx x gy of 128-thread blocks, one block at a time; shared memory starts as NaN.
+// A grid of the attention kernels' 128-thread blocks.
 template <class Body>
 void launch(int64_t gx, int gy, size_t smem_bytes, Body body) {
-  for (int by = 0; by < gy; ++by)
-    for (int64_t bx = 0; bx < gx; ++bx) {
-      Block blk;
-      blk.bx = int(bx), blk.by = by, blk.gy = gy;
-      std::vector<unsigned char> smem(smem_bytes + 16, 0xff);  // 0xffff: NaN in bf16 and f16
-      unsigned char* base = smem.data() + (16 - reinterpret_cast<uintptr_t>(smem.data()) % 16) % 16;
-      std::vector<std::thread> threads;
-      for (int t = 0; t < kThreads; ++t)
-        threads.emplace_back([&, t] {
-          t_block = &blk;
-          t_tid = t;
-          body(base);
-        });
-      for (auto& th : threads) th.join();
-    }
+  testing::emu::launch(gx, gy, 128, smem_bytes, body);
 }
 
 template <class T>

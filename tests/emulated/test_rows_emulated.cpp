@@ -1,0 +1,214 @@
+// The row kernels of kernels/cuda/nn.cu (block bodies in kernels/cuda/rows.cuh: softmax, cross-entropy,
+// layer norm) run on the CPU through the emulated GPU primitives of emulator.h, against the CPU kernels
+// (kernels/cpu/nn.h) on fresh random inputs: the same formulas in another summation order, so f32 within
+// 1e-5 (1e-4 where a whole row or column is summed) and f64 within 1e-12. Blocks are 256 threads as
+// nn.cu launches them (1024 for the one-block label and total kernels), and fewer blocks than rows, so the
+// grid-stride loops and the block reductions' reuse of their shared partials are exercised. Outputs
+// start as NaN, so an unwritten element fails. The fused cross-entropy must equal the separate forward
+// and backward bitwise, as the JIT's fusion promises.
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+#include "kernels/cuda/rows.cuh"
+
+#include "cuda/cuda_test_util.h"
+#include "emulator.h"
+#include "kernels/cpu/nn.h"
+#include "op_cases.h"
+#include "ops/ops.h"
+
+using namespace titanax;
+namespace rk = titanax::kernels::cuda::row_kernels;
+namespace kc = titanax::kernels::cpu;
+using testing::emu::HostPrim;
+
+namespace {
+
+constexpr int kRowThreads = 256;
+
+RngKey fresh_key() {
+  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  UNSCOPED_INFO("seed " << seed);
+  return RngKey::from_seed(seed);
+}
+
+Tensor nan_tensor(const Shape& s, DType t) { return full(s, std::nan(""), t); }
+
+bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0;
+}
+
+template <class T>
+T* ptr(Tensor& t) { return static_cast<T*>(t.raw_data()); }
+template <class T>
+const T* cptr(const Tensor& t) { return static_cast<const T*>(t.raw_data()); }
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("row kernels, emulated: softmax and log-softmax over rows match the CPU", "[emulated]", float, double) {
+  const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
+  const double tol = dt == DType::f32 ? 1e-5 : 1e-12;
+  const RngKey key = fresh_key();
+  for (const int64_t n : {int64_t(7), int64_t(300), int64_t(1000)}) {
+    INFO("n " << n);
+    const int64_t R = 5;
+    Tensor x = (testing::randn64(fold_in(key, uint64_t(n)), Shape{R, n}) * 4.0).astype(dt);
+    // One logit far above its row's others: exp overflows unless the true row max is subtracted.
+    ptr<TestType>(x)[2 * n] = TestType(800);
+    for (bool log : {false, true}) {
+      Tensor y = nan_tensor(x.shape(), dt), want = empty(x.shape(), dt);
+      testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
+        rk::softmax_rows<HostPrim>(cptr<TestType>(x), ptr<TestType>(y), R, n, log);
+      });
+      kc::softmax(x, R, n, 1, log, want);
+      CHECK(testing::rel_error(y, want) <= tol);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and both fused match the CPU", "[emulated]", float,
+                   double) {
+  const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
+  const double tol = dt == DType::f32 ? 1e-5 : 1e-12;
+  const RngKey key = fresh_key();
+  const int64_t R = 9, C = 333, ignore = -100;
+  const Tensor x = (testing::randn64(fold_in(key, 1), Shape{R, C}) * 3.0).astype(dt);
+  std::vector<int64_t> lv;
+  for (int64_t r = 0; r < R; ++r) lv.push_back(r % 4 == 1 ? ignore : (r * 37 + 5) % C);
+  for (DType lt : {DType::i64, DType::i32}) {
+    const Tensor labels = from_vector(lv, Shape{R}, lt);
+    const bool l64 = lt == DType::i64;
+    const Tensor ct_none = testing::randn64(fold_in(key, 2), Shape{R}).astype(dt), ct_one = scalar(0.75, dt);
+    for (int red : {0, 1, 2}) {  // mean, sum, none (nn.cu's codes)
+      INFO("labels " << dtype_name(lt) << " reduction " << red);
+      const kc::LossReduction cred = red == 0 ? kc::LossReduction::mean : red == 1 ? kc::LossReduction::sum : kc::LossReduction::none;
+      const Tensor& ct = red == 2 ? ct_none : ct_one;
+      const Shape lshape = red == 2 ? Shape{R} : Shape{};
+      Tensor count = full(Shape{}, -1.0, DType::i64), rows = nan_tensor(Shape{R}, DType::f64);
+      Tensor loss = nan_tensor(lshape, dt), dx = nan_tensor(x.shape(), dt);
+      Tensor loss_f = nan_tensor(lshape, dt), dx_f = nan_tensor(x.shape(), dt);
+      const kernels::cuda::ReportSlot slot{};
+      testing::emu::reset_report();
+      auto labels_kernel = [&] {
+        testing::emu::launch(1, 1, 1024, 0, [&](unsigned char*) {
+          if (l64) rk::ce_labels<HostPrim>(cptr<int64_t>(labels), R, C, ignore, ptr<int64_t>(count), slot);
+          else rk::ce_labels<HostPrim>(cptr<int32_t>(labels), R, C, ignore, ptr<int64_t>(count), slot);
+        });
+      };
+      auto total_kernel = [&](Tensor& out) {
+        if (red != 2)
+          testing::emu::launch(1, 1, 1024, 0, [&](unsigned char*) {
+            rk::ce_total<HostPrim>(cptr<double>(rows), R, red, cptr<int64_t>(count), ptr<TestType>(out));
+          });
+      };
+      // Separate: labels, forward, total; labels, backward.
+      labels_kernel();
+      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+        if (l64) rk::ce_forward<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), R, C, ignore, red, ptr<TestType>(loss), ptr<double>(rows));
+        else rk::ce_forward<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), R, C, ignore, red, ptr<TestType>(loss), ptr<double>(rows));
+      });
+      total_kernel(loss);
+      labels_kernel();
+      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+        if (l64)
+          rk::ce_backward<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
+                                    cptr<int64_t>(count), ptr<TestType>(dx));
+        else
+          rk::ce_backward<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
+                                    cptr<int64_t>(count), ptr<TestType>(dx));
+      });
+      CHECK(count.item() == 7);  // rows 1 and 5 ignored
+      CHECK_FALSE(testing::emu::reported().any);
+      // The CPU kernels.
+      const int64_t n = kc::check_labels(labels, C, ignore, labels.shape(), "cross_entropy");
+      Tensor want_loss = empty(lshape, dt), want_dx = empty(x.shape(), dt);
+      kc::cross_entropy(x, labels, ignore, cred, n, want_loss);
+      kc::cross_entropy_backward(x, labels, ct, ignore, cred, n, want_dx);
+      CHECK(testing::rel_error(loss, want_loss) <= tol);
+      CHECK(testing::rel_error(dx, want_dx) <= tol);
+      // Fused: labels, fused, total; bitwise the separate kernels' results.
+      rows = nan_tensor(Shape{R}, DType::f64);
+      labels_kernel();
+      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+        if (l64)
+          rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
+                                 cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f));
+        else
+          rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
+                                 cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f));
+      });
+      total_kernel(loss_f);
+      CHECK(bitwise_equal(loss_f, loss));
+      CHECK(bitwise_equal(dx_f, dx));
+    }
+  }
+  SECTION("a label out of range is reported once (the first), its row's loss and gradient NaN") {
+    std::vector<int64_t> bad = lv;
+    bad[3] = C + 4;
+    bad[6] = -7;
+    const Tensor labels = from_vector(bad, Shape{R});
+    Tensor count = full(Shape{}, -1.0, DType::i64), loss = nan_tensor(Shape{R}, dt), dx = nan_tensor(x.shape(), dt);
+    Tensor rows = nan_tensor(Shape{R}, DType::f64);
+    const Tensor ct = testing::randn64(fold_in(key, 3), Shape{R}).astype(dt);
+    testing::emu::reset_report();
+    testing::emu::launch(1, 1, 1024, 0, [&](unsigned char*) {
+      rk::ce_labels<HostPrim>(cptr<int64_t>(labels), R, C, ignore, ptr<int64_t>(count), kernels::cuda::ReportSlot{});
+    });
+    testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+      rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, 2,
+                             cptr<int64_t>(count), ptr<TestType>(loss), ptr<double>(rows), ptr<TestType>(dx));
+    });
+    REQUIRE(testing::emu::reported().any);
+    const kernels::cuda::DeviceReport& r = testing::emu::reported().r;
+    CHECK(r.code == kernels::cuda::kLabelOutOfRange);
+    CHECK(((r.index == 3 && r.value == C + 4) || (r.index == 6 && r.value == -7)));  // either may win the race
+    CHECK(r.bound == C);
+    CHECK(r.aux == ignore);
+    const std::vector<double> l = loss.astype(DType::f64).to_vector<double>();
+    CHECK(std::isnan(l[3]));
+    CHECK(std::isnan(l[6]));
+    CHECK(std::isfinite(l[0]));
+    CHECK(l[1] == 0.0);  // ignored
+  }
+}
+
+TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match the CPU", "[emulated]", float, double) {
+  const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
+  const double tol = dt == DType::f32 ? 1e-5 : 1e-12;
+  const RngKey key = fresh_key();
+  const int64_t R = 6, D = 300;
+  const double eps = 1e-5;
+  const Tensor x = (testing::randn64(fold_in(key, 1), Shape{R, D}) * 2.0 + 0.5).astype(dt);
+  const Tensor w = testing::randn64(fold_in(key, 2), Shape{D}).astype(dt), b = testing::randn64(fold_in(key, 3), Shape{D}).astype(dt);
+  const Tensor dy = testing::randn64(fold_in(key, 4), Shape{R, D}).astype(dt);
+  for (bool affine : {true, false}) {
+    INFO("affine " << affine);
+    const Tensor* wp = affine ? &w : nullptr;
+    const Tensor* bp = affine ? &b : nullptr;
+    Tensor y = nan_tensor(x.shape(), dt), want_y = empty(x.shape(), dt);
+    testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+      rk::layer_norm<HostPrim>(cptr<TestType>(x), wp ? cptr<TestType>(*wp) : nullptr, bp ? cptr<TestType>(*bp) : nullptr, R, D, eps,
+                               ptr<TestType>(y));
+    });
+    kc::layer_norm(x, wp, bp, eps, want_y);
+    CHECK(testing::rel_error(y, want_y) <= tol);
+    Tensor dx = nan_tensor(x.shape(), dt), dw = nan_tensor(Shape{D}, dt), db = nan_tensor(Shape{D}, dt);
+    Tensor stats = nan_tensor(Shape{2 * R}, DType::f64);
+    testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+      rk::layer_norm_dx<HostPrim>(cptr<TestType>(dy), cptr<TestType>(x), wp ? cptr<TestType>(*wp) : nullptr, R, D, eps,
+                                  ptr<TestType>(dx), ptr<double>(stats));
+    });
+    testing::emu::launch(2, 1, kRowThreads, 0, [&](unsigned char*) {  // 2 x 256 threads over 300 columns
+      rk::layer_norm_dwdb<HostPrim>(cptr<TestType>(dy), cptr<TestType>(x), cptr<double>(stats), R, D, ptr<TestType>(dw),
+                                    ptr<TestType>(db));
+    });
+    Tensor want_dx = empty(x.shape(), dt), want_dw = empty(Shape{D}, dt), want_db = empty(Shape{D}, dt);
+    kc::layer_norm_backward(dy, x, wp, eps, want_dx, &want_dw, &want_db);
+    CHECK(testing::rel_error(dx, want_dx) <= tol);
+    CHECK(testing::rel_error(dw, want_dw) <= (dt == DType::f32 ? 1e-4 : 1e-12));
+    CHECK(testing::rel_error(db, want_db) <= (dt == DType::f32 ? 1e-4 : 1e-12));
+  }
+}
