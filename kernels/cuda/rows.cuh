@@ -104,15 +104,23 @@ TX_HW_FN void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore,
   }
 }
 
+// Row statistics for the loss and gradient of a row whose label counts (zeros for an ignored or bad
+// label, whose row needs none); block-uniform, as row_stats synchronises the block.
+template <class Hw, class T>
+TX_HW_FN void ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, T& m, double& s) {
+  m = T(0);
+  s = 0;
+  if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, 1, m, s);
+}
+
 template <class Hw, class T, class L>
-TX_HW_FN void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out,
-                             double* rows) {
+TX_HW_FN void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out, double* rows) {
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
-    T m = T(0);
-    double s = 0;
-    if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, 1, m, s);
+    T m;
+    double s;
+    ce_row_stats<Hw>(xr, l, C, ignore, m, s);
     ce_store_loss<Hw>(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
     Hw::sync();
   }
@@ -122,14 +130,14 @@ TX_HW_FN void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t
 // gradient (each bitwise what k_ce_forward and k_ce_backward give).
 template <class Hw, class T, class L>
 TX_HW_FN void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                           const int64_t* count, T* out, double* rows, T* dx) {
+                       const int64_t* count, T* out, double* rows, T* dx) {
   const double uniform = ce_uniform_scale(ct, red, count);
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
-    T m = T(0);
-    double s = 0;
-    if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, 1, m, s);
+    T m;
+    double s;
+    ce_row_stats<Hw>(xr, l, C, ignore, m, s);
     ce_store_loss<Hw>(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
     ce_row_grad<Hw>(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
     Hw::sync();
@@ -150,14 +158,14 @@ TX_HW_FN void ce_total(const double* rows, int64_t R, int red, const int64_t* co
 
 template <class Hw, class T, class L>
 TX_HW_FN void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                              const int64_t* count, T* dx) {
+                          const int64_t* count, T* dx) {
   const double uniform = ce_uniform_scale(ct, red, count);
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
-    T m = T(0);
-    double s = 0;
-    if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, 1, m, s);
+    T m;
+    double s;
+    ce_row_stats<Hw>(xr, l, C, ignore, m, s);
     ce_row_grad<Hw>(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
   }
 }
@@ -194,7 +202,7 @@ TX_HW_FN void layer_norm(const T* x, const T* w, const T* b, int64_t R, int64_t 
 
 template <class Hw, class T>
 TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int64_t D, double eps, T* dx,
-                                double* stats) {
+                            double* stats) {
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const T* xr = x + r * D;
     const T* gr = dy + r * D;
