@@ -1,55 +1,23 @@
 // Fused multi-tensor optimizer updates: one launch updates up to kMaxTensors parameters (blockIdx.y picks
-// the tensor), in place, with the formulas of kernels/cpu/optim.cpp.
+// the tensor), in place, with the formulas of kernels/cpu/optim.cpp. The block bodies are in
+// kernels/cuda/optim.cuh (over the GPU's primitives here).
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/optim.cuh"
 
 namespace titanax::kernels::cuda {
 namespace {
 
-// The step's scalars: from device memory when given (a captured launch), else the launch's own copy.
-__device__ inline const double* scalars_of(const UpdateScalars& s, const double* sd) { return sd ? sd : s.v; }
+using namespace optim_kernels;
 
 template <class T>
 __global__ void k_adam(TensorChunk c, UpdateScalars s, const double* sd, T e, T l2, T b1, T b2, T ob1, T ob2,
                        bool decoupled) {
-  const double* sc = scalars_of(s, sd);
-  if (sc[0] == 0) return;  // a skipped step
-  const T step = T(sc[1]), inv_sqrt_bc2 = T(sc[2]), decay = T(sc[3]);
-  const int t = blockIdx.y;
-  T* p = static_cast<T*>(c.p[t]);
-  const T* g = static_cast<const T*>(c.g[t]);
-  T* m = static_cast<T*>(c.m[t]);
-  T* v = static_cast<T*>(c.v[t]);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < c.n[t]; i += int64_t(gridDim.x) * blockDim.x) {
-    T gi = g[i], pi = p[i];
-    if (decoupled) pi *= decay;
-    else gi += l2 * pi;
-    const T mi = b1 * m[i] + ob1 * gi;
-    const T vi = b2 * v[i] + ob2 * gi * gi;
-    m[i] = mi;
-    v[i] = vi;
-    p[i] = pi - step * mi / (sqrt(vi) * inv_sqrt_bc2 + e);
-  }
+  adam<DevicePrim>(c, s, sd, e, l2, b1, b2, ob1, ob2, decoupled);
 }
 
 template <class T>
 __global__ void k_sgd(TensorChunk c, UpdateScalars s, const double* sd, T mu, T wd, bool nesterov) {
-  const double* sc = scalars_of(s, sd);
-  if (sc[0] == 0) return;
-  const T lr = T(sc[1]);
-  const bool first = sc[2] != 0;
-  const int t = blockIdx.y;
-  T* p = static_cast<T*>(c.p[t]);
-  const T* g = static_cast<const T*>(c.g[t]);
-  T* buf = static_cast<T*>(c.m[t]);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < c.n[t]; i += int64_t(gridDim.x) * blockDim.x) {
-    T gi = g[i] + wd * p[i];
-    if (buf) {
-      const T b = first ? gi : mu * buf[i] + gi;
-      buf[i] = b;
-      gi = nesterov ? gi + mu * b : b;
-    }
-    p[i] -= lr * gi;
-  }
+  sgd<DevicePrim>(c, s, sd, mu, wd, nesterov);
 }
 
 __global__ void k_set_update_scalars(double* dst, UpdateScalars s) {
