@@ -93,13 +93,25 @@ void check_ce_inputs(const Tensor& logits, const Tensor& labels, const char* wha
                      labels.shape().str(), "labels hold one class index per row of logits (no one-hot, no class axis)");
 }
 
-class CrossEntropyBackward final : public Op {
+// What the cross-entropy ops share: the reduction and ignore_index, printed as their attributes.
+class CrossEntropyBase : public Op {
  public:
-  CrossEntropyBackward(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
-  const char* name() const override { return "cross_entropy_backward"; }
+  CrossEntropyBase(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
   std::string attrs() const override {
     return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
   }
+  Reduction reduction() const { return red_; }
+  int64_t ignore_index() const { return ignore_; }
+
+ protected:
+  Reduction red_;
+  int64_t ignore_;
+};
+
+class CrossEntropyBackward final : public CrossEntropyBase {
+ public:
+  using CrossEntropyBase::CrossEntropyBase;
+  const char* name() const override { return "cross_entropy_backward"; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_ce_inputs(in[0], in[1], name());
     const Tensor& ct = in[2];
@@ -124,22 +136,13 @@ class CrossEntropyBackward final : public Op {
                         "a gradient of cross_entropy_backward",
                         "write the loss as -sum(one_hot(labels) * log_softmax(logits)) for higher-order terms");
   }
-  Reduction reduction() const { return red_; }
-  int64_t ignore_index() const { return ignore_; }
-
- private:
-  Reduction red_;
-  int64_t ignore_;
 };
 
-class CrossEntropy final : public Op {
+class CrossEntropy final : public CrossEntropyBase {
  public:
-  CrossEntropy(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
+  using CrossEntropyBase::CrossEntropyBase;
   const char* name() const override { return "cross_entropy"; }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
-  std::string attrs() const override {
-    return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
-  }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_ce_inputs(in[0], in[1], name());
     Shape s = red_ == Reduction::none ? in[1].shape() : Shape{};
@@ -162,22 +165,13 @@ class CrossEntropy final : public Op {
     if (needs[0]) r[0] = apply1(std::make_shared<CrossEntropyBackward>(red_, ignore_), {in[0], in[1], ct[0]});
     return r;
   }
-  Reduction reduction() const { return red_; }
-  int64_t ignore_index() const { return ignore_; }
-
- private:
-  Reduction red_;
-  int64_t ignore_;
 };
 
 // cross_entropy and its backward in one node (built by the JIT's fuse_cross_entropy, ops/fused_ops.h).
-class CrossEntropyWithGrad final : public Op {
+class CrossEntropyWithGrad final : public CrossEntropyBase {
  public:
-  CrossEntropyWithGrad(Reduction r, int64_t ignore) : red_(r), ignore_(ignore) {}
+  using CrossEntropyBase::CrossEntropyBase;
   const char* name() const override { return "cross_entropy_with_grad"; }
-  std::string attrs() const override {
-    return std::string("reduction=") + reduction_name(red_) + " ignore_index=" + std::to_string(ignore_);
-  }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const std::vector<TensorSpec> loss = CrossEntropy(red_, ignore_).infer({in[0], in[1]});
     const std::vector<TensorSpec> grad = CrossEntropyBackward(red_, ignore_).infer(in);
@@ -192,12 +186,6 @@ class CrossEntropyWithGrad final : public Op {
     kernels::cuda::cross_entropy_fused(dense(in[0]), dense(in[1]), dense(in[2]), ignore_, to_kernel(red_), out[0], out[1]);
   }
   bool differentiable() const override { return false; }
-  Reduction reduction() const { return red_; }
-  int64_t ignore_index() const { return ignore_; }
-
- private:
-  Reduction red_;
-  int64_t ignore_;
 };
 
 // ------------------------------------------------------------------------------------ layer norm

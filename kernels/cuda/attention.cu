@@ -53,7 +53,7 @@ __global__ void k_attn_delta(const T* __restrict__ o, const T* __restrict__ dout
   for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < R; r += int64_t(gridDim.x) * wpb) {
     float s = 0.f;
     for (int d = lane; d < D; d += 32) s = fmaf(ldf(dout, r * D + d), ldf(o, r * D + d), s);
-    s = warp_sum(s);
+    s = warp_sum_of<DevicePrim>(s);
     if (lane == 0) delta[r] = s;
   }
 }

@@ -1,4 +1,5 @@
-// Device helpers shared by the .cu files: grid sizing, the strided N-d indexer, warp / block reductions.
+// Device helpers shared by the .cu files: grid sizing, the strided N-d indexer, NaN-aware min / max (warp
+// and block reductions: hw_policy.h).
 // CUDA headers only (see kernels/cuda/launch.h).
 #pragma once
 
@@ -6,6 +7,7 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/hw_policy.h"
 #include "kernels/cuda/launch.h"
 
 namespace titanax::kernels::cuda {
@@ -44,47 +46,10 @@ __device__ __forceinline__ void offsets(const Layout& L, int64_t i, int64_t* off
   }
 }
 
-template <class T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 /// Max that lets NaN win (as the CPU reductions).
 template <class T>
 __device__ __forceinline__ T nan_max(T a, T b) { return (a != a || a >= b) ? a : b; }
 template <class T>
 __device__ __forceinline__ T nan_min(T a, T b) { return (a != a || a <= b) ? a : b; }
-/// Max that ignores NaN comparisons the way the CPU row_max does (x > m ? x : m).
-template <class T>
-__device__ __forceinline__ T plain_max(T m, T x) { return x > m ? x : m; }
-
-template <class T>
-__device__ __forceinline__ T warp_max(T v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = plain_max(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-/// Block-wide reduction with the warp reduction `warp_op` (warp_sum / warp_max) and its identity
-/// (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-template <class T, class WarpOp>
-__device__ T block_reduce(T v, T identity, WarpOp warp_op) {
-  __shared__ T sh[32];
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
-  v = warp_op(v);
-  __syncthreads();
-  if (lane == 0) sh[w] = v;
-  __syncthreads();
-  T r = lane < nw ? sh[lane] : identity;
-  return warp_op(r);
-}
-
-template <class T>
-__device__ T block_sum(T v) { return block_reduce(v, T(0), [](T x) { return warp_sum(x); }); }
-
-template <class T>
-__device__ T block_max(T v, T lowest) { return block_reduce(v, lowest, [](T x) { return warp_max(x); }); }
 
 }  // namespace titanax::kernels::cuda

@@ -172,27 +172,29 @@ namespace {
 int red_code(LossReduction r) { return r == LossReduction::mean ? 0 : r == LossReduction::sum ? 1 : 2; }
 }  // namespace
 
-void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red, Tensor& out) {
-  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : labels.numel();
-  Tensor rows = empty(Shape{std::max<int64_t>(R, 1)}, DType::f64, logits.device());
-  Tensor count = empty(Shape{}, DType::i64, logits.device());
-  check(launch_cross_entropy(floating(logits, "cross_entropy"), labels.dtype() == DType::i64, logits.raw_data(),
-                             labels.raw_data(), R, C, ignore_index, red_code(red), static_cast<int64_t*>(count.raw_data()),
-                             report_slot(logits.device().index), out.raw_data(), static_cast<double*>(rows.raw_data()),
-                             stream_of(out)),
-        "cross_entropy");
-}
-
-void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
-                         LossReduction red, Tensor& out, Tensor& dlogits) {
+namespace {
+// The cross-entropy forward, and with ct and dlogits its backward in the same pass (launch_cross_entropy_fused).
+void cross_entropy_rows(const Tensor& logits, const Tensor& labels, const Tensor* ct, int64_t ignore_index, LossReduction red,
+                        Tensor& out, Tensor* dlogits) {
   const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : labels.numel();
   Tensor rows = empty(Shape{std::max<int64_t>(R, 1)}, DType::f64, logits.device());
   Tensor count = empty(Shape{}, DType::i64, logits.device());
   check(launch_cross_entropy_fused(floating(logits, "cross_entropy"), labels.dtype() == DType::i64, logits.raw_data(),
-                                   labels.raw_data(), ct.raw_data(), R, C, ignore_index, red_code(red),
+                                   labels.raw_data(), ct ? ct->raw_data() : nullptr, R, C, ignore_index, red_code(red),
                                    static_cast<int64_t*>(count.raw_data()), report_slot(logits.device().index),
-                                   out.raw_data(), static_cast<double*>(rows.raw_data()), dlogits.raw_data(), stream_of(out)),
+                                   out.raw_data(), static_cast<double*>(rows.raw_data()),
+                                   dlogits ? dlogits->raw_data() : nullptr, stream_of(out)),
         "cross_entropy");
+}
+}  // namespace
+
+void cross_entropy(const Tensor& logits, const Tensor& labels, int64_t ignore_index, LossReduction red, Tensor& out) {
+  cross_entropy_rows(logits, labels, nullptr, ignore_index, red, out, nullptr);
+}
+
+void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,
+                         LossReduction red, Tensor& out, Tensor& dlogits) {
+  cross_entropy_rows(logits, labels, &ct, ignore_index, red, out, &dlogits);
 }
 
 void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Tensor& ct, int64_t ignore_index,

@@ -91,23 +91,21 @@ int launch_argmax(Dt t, const void* x, int64_t* out, const ReduceLayout& L, void
 // ---------------------------------------------------------------- nn (nn.cu); contiguous operands
 /// Softmax / log-softmax along the middle axis of [outer, n, inner].
 int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64_t inner, bool log, void* stream);
-/// Fused log-softmax + NLL over logits [R, C], labels [R] (i64 when lab64 else i32). red: 0 mean, 1 sum,
-/// 2 none. For mean / sum, `rows` (R doubles of scratch) receives the row losses, summed in row order.
-/// The labels are checked on the device first: `count` (one i64 of device scratch) receives the number
-/// of labels that are not `ignore` (mean's divisor), and a label outside [0, C) is reported into `slot`
-/// (its row's loss is NaN).
-int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t ignore,
-                         int red, int64_t* count, const ReportSlot& slot, void* out, double* rows, void* stream);
-/// dlogits = (softmax(x) - onehot) * scale_r (see kernels/cpu/nn.h); labels checked as launch_cross_entropy
-/// does (a bad label's row is NaN).
-int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
-                                  int64_t C, int64_t ignore, int red, int64_t* count, const ReportSlot& slot,
-                                  void* dx, void* stream);
-/// Both at once, one pass over each row of the logits (its max and sum of exponentials computed once):
-/// out / rows as launch_cross_entropy, dx as launch_cross_entropy_backward, bitwise what they give.
+/// Fused log-softmax + NLL over logits [R, C], labels [R] (i64 when lab64 else i32) into `out`. red: 0
+/// mean, 1 sum, 2 none. For mean / sum, `rows` (R doubles of scratch) receives the row losses, summed in
+/// row order. The labels are checked on the device first: `count` (one i64 of device scratch) receives
+/// the number of labels that are not `ignore` (mean's divisor), and a label outside [0, C) is reported
+/// into `slot` (its row's loss is NaN). With ct and dx (else null): the backward in the same pass over
+/// each row (its max and sum of exponentials computed once), dx bitwise what
+/// launch_cross_entropy_backward gives.
 int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R, int64_t C,
                                int64_t ignore, int red, int64_t* count, const ReportSlot& slot, void* out, double* rows,
                                void* dx, void* stream);
+/// dlogits = (softmax(x) - onehot) * scale_r (see kernels/cpu/nn.h); labels checked as
+/// launch_cross_entropy_fused does (a bad label's row is NaN).
+int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
+                                  int64_t C, int64_t ignore, int red, int64_t* count, const ReportSlot& slot,
+                                  void* dx, void* stream);
 /// y [R, D] = (x - mean) * rstd * w + b; w, b may be null.
 int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
                       void* stream);

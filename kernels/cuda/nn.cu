@@ -26,7 +26,7 @@ __global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64
     const T* xo = x + o * n * inner + b;
     T* yo = y + o * n * inner + b;
     T m = T(-INFINITY);
-    for (int64_t i = 0; i < n; ++i) m = plain_max(m, xo[i * inner]);
+    for (int64_t i = 0; i < n; ++i) m = plain_max_of(m, xo[i * inner]);
     double s = 0;
     for (int64_t i = 0; i < n; ++i) s += double(exp(xo[i * inner] - m));
     if (log) {
@@ -42,12 +42,6 @@ __global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64
 template <class L>
 __global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, int64_t* count, ReportSlot slot) {
   ce_labels<DevicePrim>(lab, R, C, ignore, count, slot);
-}
-
-template <class T, class L>
-__global__ void k_ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out,
-                             double* rows) {
-  ce_forward<DevicePrim>(x, lab, R, C, ignore, red, out, rows);
 }
 
 template <class T, class L>
@@ -166,24 +160,6 @@ int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64
     else
       k_softmax_cols<<<grid_for(outer * inner), kThreads, 0, as_stream(stream)>>>(
           static_cast<const T*>(x), static_cast<T*>(y), outer, n, inner, log);
-  });
-}
-
-int launch_cross_entropy(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t ignore,
-                         int red, int64_t* count, const ReportSlot& slot, void* out, double* rows, void* stream) {
-  auto st = as_stream(stream);
-  if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
-  return floating(t, [&](auto v) {
-    using T = decltype(v);
-    if (R > 0) {
-      if (lab64)
-        k_ce_forward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int64_t*>(lab), R,
-                                                         C, ignore, red, static_cast<T*>(out), rows);
-      else
-        k_ce_forward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab), R,
-                                                         C, ignore, red, static_cast<T*>(out), rows);
-    }
-    if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
   });
 }
 

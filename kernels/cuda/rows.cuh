@@ -113,25 +113,12 @@ TX_HW_FN void ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, T&
   if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, 1, m, s);
 }
 
-template <class Hw, class T, class L>
-TX_HW_FN void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, int red, T* out, double* rows) {
-  for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
-    const int64_t l = int64_t(lab[r]);
-    const T* xr = x + r * C;
-    T m;
-    double s;
-    ce_row_stats<Hw>(xr, l, C, ignore, m, s);
-    ce_store_loss<Hw>(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
-    Hw::sync();
-  }
-}
-
-// The forward and the backward in one pass over each row: its statistics once, then its loss and its
-// gradient (each bitwise what k_ce_forward and k_ce_backward give).
+// The forward, and with dx (and ct, count) the backward in the same pass over each row: its statistics
+// once, then its loss and its gradient (the gradient bitwise what ce_backward gives).
 template <class Hw, class T, class L>
 TX_HW_FN void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
                        const int64_t* count, T* out, double* rows, T* dx) {
-  const double uniform = ce_uniform_scale(ct, red, count);
+  const double uniform = dx ? ce_uniform_scale(ct, red, count) : 0.0;
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
@@ -139,7 +126,7 @@ TX_HW_FN void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t
     double s;
     ce_row_stats<Hw>(xr, l, C, ignore, m, s);
     ce_store_loss<Hw>(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
-    ce_row_grad<Hw>(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
+    if (dx) ce_row_grad<Hw>(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
     Hw::sync();
   }
 }

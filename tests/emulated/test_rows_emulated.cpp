@@ -104,11 +104,15 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
             rk::ce_total<HostPrim>(cptr<double>(rows), R, red, cptr<int64_t>(count), ptr<TestType>(out));
           });
       };
-      // Separate: labels, forward, total; labels, backward.
+      // Separate: labels, forward (the fused body without ct and dx, as nn.cu launches it), total; labels, backward.
       labels_kernel();
       testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
-        if (l64) rk::ce_forward<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), R, C, ignore, red, ptr<TestType>(loss), ptr<double>(rows));
-        else rk::ce_forward<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), R, C, ignore, red, ptr<TestType>(loss), ptr<double>(rows));
+        if (l64)
+          rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), static_cast<const TestType*>(nullptr), R, C, ignore, red,
+                                 nullptr, ptr<TestType>(loss), ptr<double>(rows), static_cast<TestType*>(nullptr));
+        else
+          rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), static_cast<const TestType*>(nullptr), R, C, ignore, red,
+                                 nullptr, ptr<TestType>(loss), ptr<double>(rows), static_cast<TestType*>(nullptr));
       });
       total_kernel(loss);
       labels_kernel();
