@@ -9,21 +9,26 @@
 //   B 16x8 (k x n):       b[0] = B[2c, 2c+1][g]   b[1] = B[2c+8, 2c+9][g]
 //   C 16x8, f32:          c[0], c[1] = C[g][2c, 2c+1]   c[2], c[3] = C[g+8][2c, 2c+1]
 // A C fragment of scores is, packed to 16 bits, the A fragment of the next product (FA2's register reuse:
-// P never goes through shared memory). A product X Y^T with both operands row-major in shared memory
-// reads B = Y^T as pairs of one Y row; a product X Y reads B = Y from a transposed copy of Y (pitch
-// rows + 8) so that its pairs are contiguous too. Shared rows have a pitch of D + 8 elements (16-byte
-// aligned rows; consecutive rows start 4 banks apart).
+// P never goes through shared memory). Every tile stays row-major in shared memory, and the fragments come
+// from it by ldmatrix, four 8x8 matrices per instruction: an A fragment is the four quarters of a 16x16
+// block; the B fragment of a product X Y^T is a plain load of Y's rows, and that of X Y a transposing load
+// (.trans) of Y's rows, so no tile is ever stored transposed. Shared rows have a pitch of D + 8 elements:
+// 16-byte aligned rows, and the 8 rows of an ldmatrix phase start 4 banks apart (no bank conflict).
 //
 // Blocks of 4 warps; a warp owns 16 rows (queries in the forward and dq, keys in dk / dv), a block 64, and
-// the other side streams through shared memory in tiles of 64. Softmax statistics stay in f32 (exp2 of
-// scores pre-multiplied by scale * log2(e)); P and dS are rounded to the inputs' 16-bit type for their
-// products, as FlashAttention does. Deterministic: fixed orders, no atomics (dq and dk / dv in separate
-// kernels, as attention.cu). Causal blocks skip fully masked tiles as attention.cu does.
+// the other side streams through shared memory in tiles of 64, FA2's software pipeline: tiles arrive by
+// cp.async into two buffers, the next tile's copies in flight while the current one is computed on.
+// Softmax statistics stay in f32 (exp2 of scores pre-multiplied by scale * log2(e)); P and dS are rounded
+// to the inputs' 16-bit type for their products, as FlashAttention does. Deterministic: fixed orders, no
+// atomics (dq and dk / dv in separate kernels, as attention.cu). Causal blocks skip fully masked tiles as
+// attention.cu does, and the forward and dq take their query blocks last first: under a causal mask the
+// last see the most keys, so the grid ends on short blocks.
 //
 // The block bodies are written against a policy `Hw` of hardware primitives (kernels/cuda/hw_policy.h),
 // so that the same code runs on the GPU (attention_mma.cu) and in tests/emulated/ (128 host threads per
-// block, barriers, and the mma computed from the documented fragment layout), where CI checks it without a
-// GPU. Every block runs kMmaThreads threads; `smem` holds the *_smem_bytes below.
+// block, barriers, the mma and ldmatrix from the documented fragment layouts, cp.async whose destination
+// is NaN until waited for), where CI checks it without a GPU. Every block runs kMmaThreads threads; `smem`
+// holds the *_smem_bytes below.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,20 +49,25 @@ constexpr int kMmaRows = 64;      // rows a block owns (16 per warp)
 constexpr int kMmaTile = 64;      // rows of a streamed tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
+static_assert(kMmaRows == kMmaTile, "the shared-memory budgets below count tiles of one size");
 
+/// Bytes of one [64][D + 8] tile of T in shared memory.
+template <class T, int D>
+constexpr size_t mma_tile_bytes() {
+  return size_t(kMmaTile) * (D + 8) * sizeof(T);
+}
 /// Dynamic shared memory of each kernel, in bytes.
 template <class T, int D>
-constexpr size_t fwd_smem_bytes() {  // Q, K [64][D+8], V^T [D][72]
-  return (size_t(kMmaRows + kMmaTile) * (D + 8) + size_t(D) * (kMmaTile + 8)) * sizeof(T);
+constexpr size_t fwd_smem_bytes() {  // Q; K, V twice
+  return 5 * mma_tile_bytes<T, D>();
 }
 template <class T, int D>
-constexpr size_t dq_smem_bytes() {  // Q, dO, K, V [64][D+8], K^T [D][72]
-  return (size_t(2 * kMmaRows + 2 * kMmaTile) * (D + 8) + size_t(D) * (kMmaTile + 8)) * sizeof(T);
+constexpr size_t dq_smem_bytes() {  // Q, dO; K, V twice
+  return 6 * mma_tile_bytes<T, D>();
 }
 template <class T, int D>
-constexpr size_t dkdv_smem_bytes() {  // K, V, Q, dO [64][D+8], Q^T, dO^T [D][72], lse and delta [64] f32
-  return (size_t(2 * kMmaRows + 2 * kMmaTile) * (D + 8) + size_t(2 * D) * (kMmaTile + 8)) * sizeof(T) +
-         size_t(2 * kMmaTile) * sizeof(float);
+constexpr size_t dkdv_smem_bytes() {  // K, V; Q, dO, and lse and delta [64] f32, twice
+  return 6 * mma_tile_bytes<T, D>() + size_t(4 * kMmaTile) * sizeof(float);
 }
 
 // Two floats rounded to the 16-bit type, lo in the low half.
@@ -74,20 +84,31 @@ TX_HW_FN uint32_t pack2(float lo, float hi, __half) {
   return u;
 }
 
-// The A fragment of the 16 rows at `base` (pitch P), columns [k0, k0 + 16).
+// The A fragment of the 16 rows at `x` (pitch P), columns [k0, k0 + 16): matrices 0..3 are the quarters
+// (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15).
 template <class Hw, class T>
-TX_HW_FN void load_a(uint32_t (&a)[4], const T* base, int P, int k0, int g, int c) {
-  a[0] = Hw::ld32(base + g * P + k0 + 2 * c);
-  a[1] = Hw::ld32(base + (g + 8) * P + k0 + 2 * c);
-  a[2] = Hw::ld32(base + g * P + k0 + 8 + 2 * c);
-  a[3] = Hw::ld32(base + (g + 8) * P + k0 + 8 + 2 * c);
+TX_HW_FN void ldsm_a(uint32_t (&a)[4], const T* x, int P, int k0, int lane) {
+  Hw::ldsm_x4(a, x + (lane & 15) * P + k0 + (lane >> 4) * 8);
 }
 
-// The B fragment of B[k][n] = Y[n0 + n][k0 + k] for Y row-major at `y` (pitch P): B = Y^T.
+// The B fragments of B = Y^T (B[k][n] = Y[n][k], Y row-major at `y`, pitch P) for the n-tiles [n0, n0 + 8)
+// (b0) and [n0 + 8, n0 + 16) (b1), k in [k0, k0 + 16): matrices (Y rows, cols) (n0, k0), (n0, k0 + 8),
+// (n0 + 8, k0), (n0 + 8, k0 + 8), loaded as stored.
 template <class Hw, class T>
-TX_HW_FN void load_bt(uint32_t (&b)[2], const T* y, int P, int n0, int k0, int g, int c) {
-  b[0] = Hw::ld32(y + (n0 + g) * P + k0 + 2 * c);
-  b[1] = Hw::ld32(y + (n0 + g) * P + k0 + 8 + 2 * c);
+TX_HW_FN void ldsm_bt(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* y, int P, int n0, int k0, int lane) {
+  uint32_t r[4];
+  Hw::ldsm_x4(r, y + (n0 + (lane & 7) + (lane >> 4) * 8) * P + k0 + ((lane >> 3) & 1) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
+}
+
+// The B fragments of B = Y (Y[k][n] row-major at `y`, pitch P) for the n-tiles [n0, n0 + 8) (b0) and
+// [n0 + 8, n0 + 16) (b1), k in [k0, k0 + 16): matrices (Y rows, cols) (k0, n0), (k0 + 8, n0), (k0, n0 + 8),
+// (k0 + 8, n0 + 8), loaded transposed.
+template <class Hw, class T>
+TX_HW_FN void ldsm_b(uint32_t (&b0)[2], uint32_t (&b1)[2], const T* y, int P, int k0, int n0, int lane) {
+  uint32_t r[4];
+  Hw::ldsm_x4_trans(r, y + (k0 + (lane & 15)) * P + n0 + (lane >> 4) * 8);
+  b0[0] = r[0], b0[1] = r[1], b1[0] = r[2], b1[1] = r[3];
 }
 
 // The A fragment of a 16 x 16 block of a product's f32 C fragments: columns [16 kk, 16 kk + 16) are the
@@ -100,31 +121,39 @@ TX_HW_FN void a_from_c(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
   a[3] = pack2(hi[2], hi[3], T{});
 }
 
-// Rows [r0, r0 + R) of a contiguous [rows, D] matrix into shared memory (pitch D + 8), 16 bytes at a time;
-// rows at or beyond `limit` are zeros.
+// Starts copying rows [r0, r0 + R) of a contiguous [rows, D] matrix into shared memory (pitch D + 8), 16
+// bytes per cp.async, consecutive threads along a row; rows at or beyond `limit` become zeros (a masked
+// score's weight is 0, and 0 times a stale NaN would not be).
 template <class Hw, class T, int D, int R>
-TX_HW_FN void load_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
+TX_HW_FN void issue_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
   constexpr int V = D / 8;
   for (int e = Hw::thread(); e < R * V; e += kMmaThreads) {
     const int r = e / V, col = (e - r * V) * 8;
-    if (r0 + r < limit) Hw::copy16(dst + r * (D + 8) + col, src + (r0 + r) * D + col);
-    else Hw::zero16(dst + r * (D + 8) + col);
+    const bool in = r0 + r < limit;
+    Hw::cp_async16(dst + r * (D + 8) + col, in ? src + (r0 + r) * D + col : src, in);
   }
 }
 
-// The same rows transposed: dst[d][r] (pitch R + 8). A thread reads 8 consecutive features of one row (16
-// bytes) and writes them down 8 columns; consecutive threads take consecutive rows, so each of the 8
-// 2-byte stores of a warp covers 64 consecutive bytes (no bank conflict).
-template <class Hw, class T, int D, int R>
-TX_HW_FN void load_tile_t(T* dst, const T* src, int64_t r0, int64_t limit) {
-  constexpr int V = D / 8;
-  for (int e = Hw::thread(); e < R * V; e += kMmaThreads) {
-    const int r = e % R, d0 = (e / R) * 8;
-    alignas(16) T vals[8];
-    if (r0 + r < limit) Hw::copy16(vals, src + (r0 + r) * D + d0);
-    else Hw::zero16(vals);
-    TX_UNROLL
-    for (int i = 0; i < 8; ++i) dst[(d0 + i) * (R + 8) + r] = vals[i];
+// FA2's software pipeline over `tiles` tiles and two shared buffers: issue(t, b) starts the copies of tile
+// t into buffer b, compute(t, b) uses them once every thread's copies have landed. Tile t + 1's copies are
+// in flight while tile t is computed on. Copies the caller issued before the call (uncommitted) land with
+// tile 0's; when the call returns, no copy is in flight.
+template <class Hw, class Issue, class Compute>
+TX_HW_FN void stream_tiles(int64_t tiles, Issue&& issue, Compute&& compute) {
+  if (tiles > 0) issue(int64_t(0), 0);
+  Hw::cp_async_commit();
+  if (tiles == 0) Hw::cp_async_wait(0);
+  for (int64_t t = 0; t < tiles; ++t) {
+    if (t + 1 < tiles) {
+      if (t > 0) Hw::sync();  // every warp is done with buffer (t + 1) & 1, computed on at t - 1
+      issue(t + 1, int((t + 1) & 1));
+      Hw::cp_async_commit();
+      Hw::cp_async_wait(1);
+    } else {
+      Hw::cp_async_wait(0);
+    }
+    Hw::sync();
+    compute(t, int(t & 1));
   }
 }
 
@@ -141,88 +170,104 @@ TX_HW_FN float quad_sum(float v) {
 
 TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
-// For n-tile nt of two products over the D features, s = X1 Y1^T and t = X2 Y2^T: the warp's 16 rows of
-// X1 / X2 at x1 / x2 against rows [8 nt, 8 nt + 8) of the tiles Y1 / Y2 (all row-major, pitch D + 8).
-// The backward's S and dP (dq) or S^T and dP^T (dk / dv).
+// s += X Y^T over features [16 kk, 16 kk + 16): X's A fragment `a` (16 rows) against the 64 rows of the
+// tile Y (row-major at y, pitch D + 8), as C fragments by n-tile.
 template <class Hw, class T, int D>
-TX_HW_FN void two_products(float (&s)[4], float (&t)[4], const T* x1, const T* y1, const T* x2, const T* y2, int nt, int g,
-                            int c) {
+TX_HW_FN void product_bt(float (&s)[kMmaTile / 8][4], const uint32_t (&a)[4], const T* y, int kk, int lane) {
   TX_UNROLL
-  for (int e = 0; e < 4; ++e) s[e] = t[e] = 0.f;
+  for (int ntp = 0; ntp < kMmaTile / 16; ++ntp) {
+    uint32_t b0[2], b1[2];
+    ldsm_bt<Hw>(b0, b1, y, D + 8, ntp * 16, kk * 16, lane);
+    Hw::mma(s[2 * ntp], a, b0, T{});
+    Hw::mma(s[2 * ntp + 1], a, b1, T{});
+  }
+}
+
+// s = X1 Y1^T and t = X2 Y2^T: the warp's 16 rows of X1 / X2 at x1 / x2 against the 64 rows of the tiles
+// Y1 / Y2 (all row-major, pitch D + 8). The backward's S and dP (dq) or S^T and dP^T (dk / dv).
+template <class Hw, class T, int D>
+TX_HW_FN void two_products(float (&s)[kMmaTile / 8][4], float (&t)[kMmaTile / 8][4], const T* x1, const T* y1,
+                            const T* x2, const T* y2, int lane) {
+  TX_UNROLL
+  for (int nt = 0; nt < kMmaTile / 8; ++nt)
+    TX_UNROLL
+    for (int e = 0; e < 4; ++e) s[nt][e] = t[nt][e] = 0.f;
   TX_UNROLL
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4], b[2];
-    load_a<Hw>(a, x1, D + 8, kk * 16, g, c);
-    load_bt<Hw>(b, y1, D + 8, nt * 8, kk * 16, g, c);
-    Hw::mma(s, a, b, T{});
-    load_a<Hw>(a, x2, D + 8, kk * 16, g, c);
-    load_bt<Hw>(b, y2, D + 8, nt * 8, kk * 16, g, c);
-    Hw::mma(t, a, b, T{});
+    uint32_t a[4];
+    ldsm_a<Hw>(a, x1, D + 8, kk * 16, lane);
+    product_bt<Hw, T, D>(s, a, y1, kk, lane);
+    ldsm_a<Hw>(a, x2, D + 8, kk * 16, lane);
+    product_bt<Hw, T, D>(t, a, y2, kk, lane);
   }
 }
 
 // acc (the warp's 16 x D f32 C fragments) += X Y, where X is the warp's 16 x 64 product held as C
-// fragments x (rounded to T for the MMA) and Y a 64 x D tile given transposed in shared memory:
-// yt[d][row], pitch kMmaTile + 8. P V, dS K, P^T dO and dS^T Q.
+// fragments x (rounded to T for the MMA) and Y a 64 x D tile row-major in shared memory (pitch D + 8).
+// P V, dS K, P^T dO and dS^T Q.
 template <class Hw, class T, int D>
-TX_HW_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaTile / 8][4], const T* yt, int g, int c) {
+TX_HW_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaTile / 8][4], const T* y, int lane) {
   TX_UNROLL
   for (int kk = 0; kk < kMmaTile / 16; ++kk) {
     uint32_t a[4];
     a_from_c<T>(a, x[2 * kk], x[2 * kk + 1]);
     TX_UNROLL
-    for (int dt = 0; dt < D / 8; ++dt) {
-      uint32_t b[2];
-      load_bt<Hw>(b, yt, kMmaTile + 8, dt * 8, kk * 16, g, c);  // B[row][d] = yt[d][row]
-      Hw::mma(acc[dt], a, b, T{});
+    for (int dtp = 0; dtp < D / 16; ++dtp) {
+      uint32_t b0[2], b1[2];
+      ldsm_b<Hw>(b0, b1, y, D + 8, kk * 16, dtp * 16, lane);
+      Hw::mma(acc[2 * dtp], a, b0, T{});
+      Hw::mma(acc[2 * dtp + 1], a, b1, T{});
     }
   }
 }
 
+// The first row of the block's 64: block x, counted from the last block, so that under a causal mask the
+// blocks that see the most keys start first.
+template <class Hw>
+TX_HW_FN int64_t last_first_row0() {
+  return int64_t(Hw::grid_x() - 1 - Hw::block_x()) * kMmaRows;
+}
+
 // ------------------------------------------------------------------------------------ forward
 
-// o = softmax(scale q k^T [+ mask]) v and lse, for the 64 query rows of block x (every n = block_y, +
+// o = softmax(scale q k^T [+ mask]) v and lse, for the 64 query rows of the block (every n = block_y, +
 // grid_y, ...). scale_log2 = scale * log2(e).
 template <class Hw, class T, int D>
 TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
   constexpr int P = D + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = Qs + kMmaRows * P;
-  T* Vt = Ks + kMmaTile * P;
+  auto k_buf = [&](int b) { return Qs + (kMmaRows + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
-  const int64_t q0 = int64_t(Hw::block_x()) * kMmaRows;
+  const int64_t q0 = last_first_row0<Hw>();
   const int64_t last = (q0 + kMmaRows < Tq ? q0 + kMmaRows : Tq) - 1;
   const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;
   const int64_t row[2] = {q0 + w * 16 + g, q0 + w * 16 + g + 8};
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
     const T* kn = k + n * Tk * D;
     const T* vn = v + n * Tk * D;
-    Hw::sync();
-    load_tile<Hw, T, D, kMmaRows>(Qs, q + n * Tq * D, q0, Tq);
-    Hw::sync();
+    Hw::sync();  // every warp is done with the buffers of the previous n
+    issue_tile<Hw, T, D, kMmaRows>(Qs, q + n * Tq * D, q0, Tq);
     uint32_t qa[KS][4];
-    TX_UNROLL
-    for (int kk = 0; kk < KS; ++kk) load_a<Hw>(qa[kk], Qs + w * 16 * P, P, kk * 16, g, c);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[DT][4];
     TX_UNROLL
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    for (int64_t k0 = 0; k0 < kend; k0 += kMmaTile) {
-      Hw::sync();
-      load_tile<Hw, T, D, kMmaTile>(Ks, kn, k0, Tk);
-      load_tile_t<Hw, T, D, kMmaTile>(Vt, vn, k0, Tk);
-      Hw::sync();
+    auto issue = [&](int64_t t, int b) {
+      issue_tile<Hw, T, D, kMmaTile>(k_buf(b), kn, t * kMmaTile, Tk);
+      issue_tile<Hw, T, D, kMmaTile>(k_buf(b) + kMmaTile * P, vn, t * kMmaTile, Tk);
+    };
+    auto compute = [&](int64_t t, int b) {
+      const T* Ks = k_buf(b);
+      const int64_t k0 = t * kMmaTile;
+      if (t == 0) {  // Q's fragments, kept in registers for every tile
+        TX_UNROLL
+        for (int kk = 0; kk < KS; ++kk) ldsm_a<Hw>(qa[kk], Qs + w * 16 * P, P, kk * 16, lane);
+      }
       float s[NT][4];
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
-        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-        TX_UNROLL
-        for (int kk = 0; kk < KS; ++kk) {
-          uint32_t b[2];
-          load_bt<Hw>(b, Ks, P, nt * 8, kk * 16, g, c);
-          Hw::mma(s[nt], qa[kk], b, T{});
-        }
-      }
+      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+      TX_UNROLL
+      for (int kk = 0; kk < KS; ++kk) product_bt<Hw, T, D>(s, qa[kk], Ks, kk, lane);  // S = Q K^T
       float mx[2] = {m[0], m[1]};
       TX_UNROLL
       for (int nt = 0; nt < NT; ++nt)
@@ -259,8 +304,9 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
         acc[dt][2] *= alpha[1];
         acc[dt][3] *= alpha[1];
       }
-      accumulate_product<Hw, T, D>(acc, s, Vt, g, c);  // o += P V
-    }
+      accumulate_product<Hw, T, D>(acc, s, Ks + kMmaTile * P, lane);  // o += P V
+    };
+    stream_tiles<Hw>((kend + kMmaTile - 1) / kMmaTile, issue, compute);
     T* on = o + n * Tq * D;
     TX_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -278,7 +324,7 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
 // ------------------------------------------------------------------------------------ backward
 
 // dq_i = scale sum_j dS_ij k_j, dS = P (dP - delta), P = exp(scale q k^T - lse), dP = dout v^T, for the 64
-// query rows of block x. delta_i = sum_d dout_id o_id (computed before).
+// query rows of the block. delta_i = sum_d dout_id o_id (computed before).
 template <class Hw, class T, int D>
 TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
@@ -286,11 +332,9 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
   constexpr int P = D + 8, NT = kMmaTile / 8, DT = D / 8;
   T* Qs = reinterpret_cast<T*>(smem);
   T* Os = Qs + kMmaRows * P;
-  T* Ks = Os + kMmaRows * P;
-  T* Vs = Ks + kMmaTile * P;
-  T* Kt = Vs + kMmaTile * P;
+  auto k_buf = [&](int b) { return Os + (kMmaRows + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
-  const int64_t q0 = int64_t(Hw::block_x()) * kMmaRows;
+  const int64_t q0 = last_first_row0<Hw>();
   const int64_t last = (q0 + kMmaRows < Tq ? q0 + kMmaRows : Tq) - 1;
   const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;
   const int64_t row[2] = {q0 + w * 16 + g, q0 + w * 16 + g + 8};
@@ -299,9 +343,9 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
     const T* kn = k + n * Tk * D;
     const T* vn = v + n * Tk * D;
-    Hw::sync();
-    load_tile<Hw, T, D, kMmaRows>(Qs, q + n * Tq * D, q0, Tq);
-    load_tile<Hw, T, D, kMmaRows>(Os, dout + n * Tq * D, q0, Tq);
+    Hw::sync();  // every warp is done with the buffers of the previous n
+    issue_tile<Hw, T, D, kMmaRows>(Qs, q + n * Tq * D, q0, Tq);
+    issue_tile<Hw, T, D, kMmaRows>(Os, dout + n * Tq * D, q0, Tq);
     float l2[2], di[2], acc[DT][4];
     TX_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -310,16 +354,17 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
     }
     TX_UNROLL
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    for (int64_t k0 = 0; k0 < kend; k0 += kMmaTile) {
-      Hw::sync();
-      load_tile<Hw, T, D, kMmaTile>(Ks, kn, k0, Tk);
-      load_tile<Hw, T, D, kMmaTile>(Vs, vn, k0, Tk);
-      load_tile_t<Hw, T, D, kMmaTile>(Kt, kn, k0, Tk);
-      Hw::sync();
+    auto issue = [&](int64_t t, int b) {
+      issue_tile<Hw, T, D, kMmaTile>(k_buf(b), kn, t * kMmaTile, Tk);
+      issue_tile<Hw, T, D, kMmaTile>(k_buf(b) + kMmaTile * P, vn, t * kMmaTile, Tk);
+    };
+    auto compute = [&](int64_t t, int b) {
+      const T* Ks = k_buf(b);
+      const int64_t k0 = t * kMmaTile;
       float s[NT][4], dp[NT][4];
+      two_products<Hw, T, D>(s, dp, qw, Ks, ow, Ks + kMmaTile * P, lane);  // S = Q K^T, dP = dO V^T
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
-        two_products<Hw, T, D>(s[nt], dp[nt], qw, Ks, ow, Vs, nt, g, c);  // S = Q K^T, dP = dO V^T
+      for (int nt = 0; nt < NT; ++nt)
         TX_UNROLL
         for (int e = 0; e < 4; ++e) {  // dS, into dp
           const int64_t i = row[e >> 1], j = k0 + nt * 8 + 2 * c + (e & 1);
@@ -327,9 +372,9 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
           const float pij = vis ? exp2f(s[nt][e] * scale_log2 - l2[e >> 1]) : 0.f;
           dp[nt][e] = vis ? pij * (dp[nt][e] - di[e >> 1]) : 0.f;
         }
-      }
-      accumulate_product<Hw, T, D>(acc, dp, Kt, g, c);  // dq += dS K
-    }
+      accumulate_product<Hw, T, D>(acc, dp, Ks, lane);  // dq += dS K
+    };
+    stream_tiles<Hw>((kend + kMmaTile - 1) / kMmaTile, issue, compute);
     T* dqn = dq + n * Tq * D;
     TX_UNROLL
     for (int r = 0; r < 2; ++r) {
@@ -347,17 +392,14 @@ template <class Hw, class T, int D>
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem) {
-  constexpr int P = D + 8, TP = kMmaTile + 8, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int P = D + 8, NT = kMmaTile / 8, DT = D / 8;
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + kMmaRows * P;
-  T* Qs = Vs + kMmaRows * P;
-  T* Os = Qs + kMmaTile * P;
-  T* Qt = Os + kMmaTile * P;
-  T* Ot = Qt + D * TP;
-  float* Ls = reinterpret_cast<float*>(Ot + D * TP);  // lse * log2(e) of the tile
-  float* Ds = Ls + kMmaTile;                          // delta of the tile
+  auto q_buf = [&](int b) { return Vs + (kMmaRows + 2 * b * kMmaTile) * P; };  // Q of buffer b; its dO follows
+  // lse (natural log) of buffer b's queries; their delta follows.
+  auto lse_buf = [&](int b) { return reinterpret_cast<float*>(Vs + (kMmaRows + 4 * kMmaTile) * P) + 2 * b * kMmaTile; };
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
-  const int64_t j0 = int64_t(Hw::block_x()) * kMmaRows;
+  const int64_t j0 = int64_t(Hw::block_x()) * kMmaRows;  // under a causal mask the first keys are the heaviest
   const int64_t qbegin = causal ? (j0 / kMmaTile) * kMmaTile : 0;  // queries before j0 see none of the keys
   const int64_t key[2] = {j0 + w * 16 + g, j0 + w * 16 + g + 8};
   const T* kw = Ks + w * 16 * P;
@@ -365,43 +407,47 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
     const T* qn = q + n * Tq * D;
     const T* on = dout + n * Tq * D;
-    Hw::sync();
-    load_tile<Hw, T, D, kMmaRows>(Ks, k + n * Tk * D, j0, Tk);
-    load_tile<Hw, T, D, kMmaRows>(Vs, v + n * Tk * D, j0, Tk);
+    Hw::sync();  // every warp is done with the buffers of the previous n
+    issue_tile<Hw, T, D, kMmaRows>(Ks, k + n * Tk * D, j0, Tk);
+    issue_tile<Hw, T, D, kMmaRows>(Vs, v + n * Tk * D, j0, Tk);
     float ak[DT][4], av[DT][4];
     TX_UNROLL
     for (int dt = 0; dt < DT; ++dt)
       TX_UNROLL
       for (int e = 0; e < 4; ++e) ak[dt][e] = av[dt][e] = 0.f;
-    for (int64_t i0 = qbegin; i0 < Tq; i0 += kMmaTile) {
-      Hw::sync();
-      load_tile<Hw, T, D, kMmaTile>(Qs, qn, i0, Tq);
-      load_tile<Hw, T, D, kMmaTile>(Os, on, i0, Tq);
-      load_tile_t<Hw, T, D, kMmaTile>(Qt, qn, i0, Tq);
-      load_tile_t<Hw, T, D, kMmaTile>(Ot, on, i0, Tq);
-      if (Hw::thread() < kMmaTile) {
-        const int64_t i = i0 + Hw::thread();
-        Ls[Hw::thread()] = i < Tq ? lse[n * Tq + i] * kLog2e : 0.f;
-        Ds[Hw::thread()] = i < Tq ? delta[n * Tq + i] : 0.f;
-      }
-      Hw::sync();
+    auto issue = [&](int64_t t, int b) {
+      const int64_t i0 = qbegin + t * kMmaTile;
+      issue_tile<Hw, T, D, kMmaTile>(q_buf(b), qn, i0, Tq);
+      issue_tile<Hw, T, D, kMmaTile>(q_buf(b) + kMmaTile * P, on, i0, Tq);
+      // Threads 0-63 copy the tile's lse, 64-127 its delta; rows at or beyond Tq become zeros (masked).
+      const int r = Hw::thread() % kMmaTile;
+      const float* src = (Hw::thread() < kMmaTile ? lse : delta) + n * Tq;
+      const bool in = i0 + r < Tq;
+      Hw::cp_async4(lse_buf(b) + Hw::thread(), in ? src + i0 + r : src, in);
+    };
+    auto compute = [&](int64_t t, int b) {
+      const T* Qs = q_buf(b);
+      const T* Os = Qs + kMmaTile * P;
+      const float* Ls = lse_buf(b);
+      const float* Ds = Ls + kMmaTile;
+      const int64_t i0 = qbegin + t * kMmaTile;
       float st[NT][4], dpt[NT][4];  // rows: the warp's keys; columns: the tile's queries
+      two_products<Hw, T, D>(st, dpt, kw, Qs, vw, Os, lane);  // S^T = K Q^T, dP^T = V dO^T
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt) {
-        two_products<Hw, T, D>(st[nt], dpt[nt], kw, Qs, vw, Os, nt, g, c);  // S^T = K Q^T, dP^T = V dO^T
+      for (int nt = 0; nt < NT; ++nt)
         TX_UNROLL
         for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
           const int qi = nt * 8 + 2 * c + (e & 1);
           const int64_t i = i0 + qi, j = key[e >> 1];
           const bool vis = i < Tq && j < Tk && visible(i, j, causal);
-          const float pij = vis ? exp2f(st[nt][e] * scale_log2 - Ls[qi]) : 0.f;
+          const float pij = vis ? exp2f(st[nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
           st[nt][e] = pij;
           dpt[nt][e] = vis ? pij * (dpt[nt][e] - Ds[qi]) : 0.f;
         }
-      }
-      accumulate_product<Hw, T, D>(av, st, Ot, g, c);   // dv += P^T dO
-      accumulate_product<Hw, T, D>(ak, dpt, Qt, g, c);  // dk += dS^T Q (scaled at the end)
-    }
+      accumulate_product<Hw, T, D>(av, st, Os, lane);   // dv += P^T dO
+      accumulate_product<Hw, T, D>(ak, dpt, Qs, lane);  // dk += dS^T Q (scaled at the end)
+    };
+    stream_tiles<Hw>(Tq > qbegin ? (Tq - qbegin + kMmaTile - 1) / kMmaTile : 0, issue, compute);
     T* dkn = dk + n * Tk * D;
     T* dvn = dv + n * Tk * D;
     TX_UNROLL

@@ -11,8 +11,21 @@
 //                                                   the first report since the host's last check wins
 //   void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], T)
 //                                                   d += A B, mma.sync.aligned.m16n8k16 (T bf16 or f16)
-//   uint32_t ld32(const void*); void st32(void*, uint32_t); void copy16(void*, const void*); void zero16(void*)
-//                                                   4- and 16-byte aligned loads and stores
+//   void st32(void*, uint32_t)                      a 4-byte aligned store
+//   void ldsm_x4(uint32_t (&r)[4], const void* row), ldsm_x4_trans(...)
+//                                                   ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane
+//                                                   8 m + i gives the shared address of row i of 8x8 matrix m
+//                                                   (16 bytes, 16-byte aligned); lane 4 g + c receives in
+//                                                   r[m] elements (g, 2c) and (g, 2c + 1) of matrix m, or
+//                                                   with .trans (2c, g) and (2c + 1, g), the lower in the low
+//                                                   half (PTX ISA, "Warp-level matrix load instruction")
+//   void cp_async16(void* smem, const void* global, bool valid), cp_async4(...)
+//                                                   cp.async of 16 (.cg) / 4 (.ca) bytes, global to shared;
+//                                                   !valid writes zeros and reads nothing (src-size 0)
+//   void cp_async_commit(); void cp_async_wait(int pending)
+//                                                   cp.async.commit_group; cp.async.wait_group 0 or 1: the
+//                                                   thread's copies, but for the `pending` newest committed
+//                                                   groups, have landed (other threads see them after a sync)
 // DevicePrim below is the GPU's policy (nvcc only); tests/emulated/ has the CPU's.
 #pragma once
 
@@ -73,10 +86,31 @@ struct DevicePrim {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
   }
-  static __device__ __forceinline__ uint32_t ld32(const void* p) { return *static_cast<const uint32_t*>(p); }
   static __device__ __forceinline__ void st32(void* p, uint32_t v) { *static_cast<uint32_t*>(p) = v; }
-  static __device__ __forceinline__ void copy16(void* d, const void* s) { *static_cast<uint4*>(d) = *static_cast<const uint4*>(s); }
-  static __device__ __forceinline__ void zero16(void* d) { *static_cast<uint4*>(d) = make_uint4(0u, 0u, 0u, 0u); }
+  static __device__ __forceinline__ unsigned smem_addr(const void* p) { return unsigned(__cvta_generic_to_shared(p)); }
+  static __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+  }
+  static __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* row) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+  }
+  static __device__ __forceinline__ void cp_async16(void* d, const void* s, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(d)), "l"(s), "r"(valid ? 16 : 0)
+                 : "memory");
+  }
+  static __device__ __forceinline__ void cp_async4(void* d, const void* s, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(d)), "l"(s), "r"(valid ? 4 : 0)
+                 : "memory");
+  }
+  static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+  static __device__ __forceinline__ void cp_async_wait(int pending) {
+    if (pending == 0) asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+    else asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  }
 };
 #endif
 

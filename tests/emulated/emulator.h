@@ -5,6 +5,12 @@
 // mma.sync.m16n8k16 gathers every lane's A and B registers, rebuilds the 16x16 and 16x8 matrices from the
 // fragment layout the PTX ISA documents ("Matrix Fragments for mma.m16n8k16 with floating point type";
 // written here independently of the kernels' loaders) and gives each lane its elements of C += A B;
+// ldmatrix gathers the warp's row addresses and gives each lane its elements by the ISA's layout (lane
+// 8 m + i addresses row i of matrix m; lane 4 g + c receives (g, 2c), (g, 2c + 1), transposed (2c, g),
+// (2c + 1, g)); cp.async is asynchronous in the way that matters to correctness: the destination reads as
+// NaN from the issue until the issuing thread waits for the copy's group, and only then holds the data,
+// so a read before the wait and the barrier after it, or a copy into a buffer other warps still read,
+// shows as NaN. Copies never waited for, and misaligned ldmatrix / cp.async addresses, fail the launch.
 // report() keeps the first report, as the device's slot does. Dynamic shared memory starts as NaN
 // (0xff bytes), so a read before a write shows. The hardware itself (timing, the real instructions,
 // memory ordering) is left to the GPU tests.
@@ -17,8 +23,11 @@
 #include <barrier>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -33,15 +42,35 @@ struct Block {
   std::vector<std::unique_ptr<std::barrier<>>> warp;
   std::vector<double> shfl;          // [warp][lane]
   std::vector<uint32_t> a, b;        // [warp][lane][4], [warp][lane][2]
+  std::vector<const void*> rows;     // [warp][lane]: ldmatrix row addresses
+  std::mutex mu;
+  std::string fault;                 // the first misuse of a primitive, if any
   explicit Block(int n) : threads(n), block(std::make_unique<std::barrier<>>(n)) {
     for (int w = 0; w < n / 32; ++w) warp.push_back(std::make_unique<std::barrier<>>(32));
     shfl.assign(size_t(n), 0.0);
     a.assign(size_t(n) * 4, 0u);
     b.assign(size_t(n) * 2, 0u);
+    rows.assign(size_t(n), nullptr);
+  }
+  void fail(const std::string& what) {
+    std::lock_guard<std::mutex> g(mu);
+    if (fault.empty()) fault = what;
   }
 };
 inline thread_local Block* t_block = nullptr;
 inline thread_local int t_tid = 0;
+
+// A thread's cp.async copies: those not yet committed, and the committed groups, oldest first.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+  bool valid;
+};
+inline thread_local std::vector<AsyncCopy> t_open;
+inline thread_local std::deque<std::vector<AsyncCopy>> t_groups;
+
+inline bool aligned(const void* p, size_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
 
 // The first report since reset_report(), as the device's report slot keeps it.
 struct Reported {
@@ -119,14 +148,46 @@ struct HostPrim {
       d[e] += s;
     }
   }
-  static uint32_t ld32(const void* p) {
-    uint32_t v;
-    std::memcpy(&v, p, 4);
-    return v;
-  }
   static void st32(void* p, uint32_t v) { std::memcpy(p, &v, 4); }
-  static void copy16(void* d, const void* s) { std::memcpy(d, s, 16); }
-  static void zero16(void* d) { std::memset(d, 0, 16); }
+  static void ldsm(uint32_t (&r)[4], const void* row, bool trans) {
+    Block& blk = *t_block;
+    const int w = t_tid / 32, lane = t_tid % 32;
+    if (!aligned(row, 16)) blk.fail("ldmatrix: a row address not 16-byte aligned");
+    blk.rows[size_t(t_tid)] = row;
+    blk.warp[size_t(w)]->arrive_and_wait();
+    auto element = [&](int m, int i, int j) {  // element (i, j) of matrix m
+      uint16_t e;
+      std::memcpy(&e, static_cast<const unsigned char*>(blk.rows[size_t(w * 32 + 8 * m + i)]) + 2 * j, 2);
+      return uint32_t(e);
+    };
+    const int g = lane / 4, c = lane % 4;
+    for (int m = 0; m < 4; ++m)
+      r[m] = trans ? element(m, 2 * c, g) | element(m, 2 * c + 1, g) << 16 : element(m, g, 2 * c) | element(m, g, 2 * c + 1) << 16;
+    blk.warp[size_t(w)]->arrive_and_wait();  // every lane has read the addresses before they are overwritten
+  }
+  static void ldsm_x4(uint32_t (&r)[4], const void* row) { ldsm(r, row, false); }
+  static void ldsm_x4_trans(uint32_t (&r)[4], const void* row) { ldsm(r, row, true); }
+  static void cp_async(void* d, const void* s, int bytes, bool valid) {
+    if (!aligned(d, size_t(bytes)) || (valid && !aligned(s, size_t(bytes))))
+      t_block->fail("cp.async: an address not aligned to the copy's size");
+    std::memset(d, 0xff, size_t(bytes));  // undefined (NaN) while in flight
+    t_open.push_back({d, s, bytes, valid});
+  }
+  static void cp_async16(void* d, const void* s, bool valid) { cp_async(d, s, 16, valid); }
+  static void cp_async4(void* d, const void* s, bool valid) { cp_async(d, s, 4, valid); }
+  static void cp_async_commit() {
+    t_groups.push_back(std::move(t_open));
+    t_open.clear();
+  }
+  static void cp_async_wait(int pending) {
+    while (t_groups.size() > size_t(pending)) {
+      for (const AsyncCopy& cp : t_groups.front()) {
+        if (cp.valid) std::memcpy(cp.dst, cp.src, size_t(cp.bytes));
+        else std::memset(cp.dst, 0, size_t(cp.bytes));
+      }
+      t_groups.pop_front();
+    }
+  }
   static void report(const kernels::cuda::ReportSlot&, int code, int64_t index, int64_t value, int64_t bound, int64_t aux) {
     std::lock_guard<std::mutex> g(reported().mu);
     if (reported().any) return;
@@ -136,7 +197,8 @@ struct HostPrim {
 };
 
 /// Runs body(smem) as a grid gx x gy of blocks of `threads` threads (a multiple of 32), one block at a
-/// time; `smem_bytes` of dynamic shared memory (16-byte aligned) start as NaN.
+/// time; `smem_bytes` of dynamic shared memory (16-byte aligned) start as NaN. Throws std::runtime_error
+/// naming the block when a primitive was misused (see above).
 template <class Body>
 void launch(int64_t gx, int gy, int threads, size_t smem_bytes, Body body) {
   for (int by = 0; by < gy; ++by)
@@ -151,8 +213,10 @@ void launch(int64_t gx, int gy, int threads, size_t smem_bytes, Body body) {
           t_block = &blk;
           t_tid = t;
           body(base);
+          if (!t_open.empty() || !t_groups.empty()) blk.fail("cp.async copies issued but never waited for");
         });
       for (auto& th : pool) th.join();
+      if (!blk.fault.empty()) throw std::runtime_error("emulated block (" + std::to_string(bx) + ", " + std::to_string(by) + "): " + blk.fault);
     }
 }
 
