@@ -81,8 +81,14 @@ __global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, 
 }
 
 template <class T>
-__global__ void k_layer_norm_dwdb(const T* dy, const T* x, const double* stats, int64_t R, int64_t D, T* dw, T* db) {
-  layer_norm_dwdb<DevicePrim>(dy, x, stats, R, D, dw, db);
+__global__ void k_layer_norm_dwdb_partial(const T* dy, const T* x, const double* stats, int64_t R, int64_t D,
+                                          double* partial) {
+  layer_norm_dwdb_partial<DevicePrim>(dy, x, stats, R, D, partial);
+}
+
+template <class T>
+__global__ void k_layer_norm_dwdb_total(const double* partial, int64_t R, int64_t D, T* dw, T* db) {
+  layer_norm_dwdb_total<DevicePrim>(partial, R, D, dw, db);
 }
 
 template <class T, class I>
@@ -213,19 +219,30 @@ int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t
   });
 }
 
+size_t layer_norm_backward_workspace(int64_t R, int64_t D) {
+  return size_t(2 * R + 2 * ln_chunks(R) * D);
+}
+
 int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, int64_t R, int64_t D, double eps,
-                               void* dx, void* dw, void* db, double* stats, void* stream) {
+                               void* dx, void* dw, void* db, double* work, void* stream) {
   if (D == 0) return 0;
   auto st = as_stream(stream);
+  double* stats = work;             // [R][2]: mean, rstd
+  double* partial = work + 2 * R;   // [2][chunks][D]
   return floating(t, [&](auto v) {
     using T = decltype(v);
     if (R > 0)
       k_layer_norm_dx<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
                                                           static_cast<const T*>(w), R, D, eps, static_cast<T*>(dx),
                                                           stats);
-    if (dw || db)
-      k_layer_norm_dwdb<<<grid_for(D), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x), stats,
-                                                          R, D, static_cast<T*>(dw), static_cast<T*>(db));
+    if (dw || db) {
+      const int64_t tiles = (D + 31) / 32, chunks = ln_chunks(R);
+      if (chunks > 0)
+        k_layer_norm_dwdb_partial<<<dim3(unsigned(tiles < 65535 ? tiles : 65535), unsigned(chunks < 65535 ? chunks : 65535)),
+                                    kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x), stats, R, D,
+                                                       partial);
+      k_layer_norm_dwdb_total<<<grid_for(D), kThreads, 0, st>>>(partial, R, D, static_cast<T*>(dw), static_cast<T*>(db));
+    }
   });
 }
 

@@ -214,16 +214,52 @@ TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int6
   }
 }
 
-// dw / db: one thread per column, rows summed in order (deterministic; coalesced across the warp).
+// dw / db in two deterministic stages (fixed assignment and order, no atomics). Stage 1: block (x: a tile
+// of 32 columns, y: a chunk of kLnChunkRows rows); lane = column, so each warp's loads are coalesced, and
+// warp w sums rows w, w + warps, ... of the chunk; the warps' sums are added in warp order into
+// partial[chunk][column] (dw's, then db's after ln_chunks(R) * D of them). Stage 2 adds a column's chunks
+// in chunk order. (Summing each column over all rows in one thread left D threads, 768 for GPT-2, walking
+// B*T rows one dependent load after another.)
+constexpr int64_t kLnChunkRows = 256;
+constexpr int64_t ln_chunks(int64_t R) { return (R + kLnChunkRows - 1) / kLnChunkRows; }
+
 template <class Hw, class T>
-TX_HW_FN void layer_norm_dwdb(const T* dy, const T* x, const double* stats, int64_t R, int64_t D, T* dw, T* db) {
+TX_HW_FN void layer_norm_dwdb_partial(const T* dy, const T* x, const double* stats, int64_t R, int64_t D,
+                                      double* partial) {
+  TX_SHARED double sw[32][32], sb[32][32];  // [warp][lane]
+  const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, nw = Hw::threads() >> 5;
+  const int64_t chunks = ln_chunks(R), tiles = (D + 31) / 32;
+  for (int64_t tile = Hw::block_x(); tile < tiles; tile += Hw::grid_x())
+    for (int64_t ch = Hw::block_y(); ch < chunks; ch += Hw::grid_y()) {
+      const int64_t c = tile * 32 + lane, end = (ch + 1) * kLnChunkRows < R ? (ch + 1) * kLnChunkRows : R;
+      double aw = 0, ab = 0;
+      if (c < D) {
+        TX_UNROLL_4
+        for (int64_t r = ch * kLnChunkRows + w; r < end; r += nw) {
+          const double g = double(dy[r * D + c]);
+          aw += g * (double(x[r * D + c]) - stats[2 * r]) * stats[2 * r + 1];
+          ab += g;
+        }
+      }
+      Hw::sync();  // every warp has read the previous (tile, chunk)'s sums
+      sw[w][lane] = aw;
+      sb[w][lane] = ab;
+      Hw::sync();
+      if (w == 0 && c < D) {
+        double tw = 0, tb = 0;
+        for (int i = 0; i < nw; ++i) tw += sw[i][lane], tb += sb[i][lane];
+        partial[ch * D + c] = tw;
+        partial[(chunks + ch) * D + c] = tb;
+      }
+    }
+}
+
+template <class Hw, class T>
+TX_HW_FN void layer_norm_dwdb_total(const double* partial, int64_t R, int64_t D, T* dw, T* db) {
+  const int64_t chunks = ln_chunks(R);
   for (int64_t c = Hw::block_x() * int64_t(Hw::threads()) + Hw::thread(); c < D; c += int64_t(Hw::grid_x()) * Hw::threads()) {
     double aw = 0, ab = 0;
-    for (int64_t r = 0; r < R; ++r) {
-      const double g = double(dy[r * D + c]);
-      aw += g * (double(x[r * D + c]) - stats[2 * r]) * stats[2 * r + 1];
-      ab += g;
-    }
+    for (int64_t ch = 0; ch < chunks; ++ch) aw += partial[ch * D + c], ab += partial[(chunks + ch) * D + c];
     if (dw) dw[c] = T(aw);
     if (db) db[c] = T(ab);
   }

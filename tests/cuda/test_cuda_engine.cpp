@@ -3,7 +3,8 @@
 // setting, e.g. with and without weight decay) and must match the same steps on CPU copies, the global
 // gradient norm too; argmax (classification accuracy) must equal the CPU's exactly, ties included;
 // cross-entropy's labels and the embedding's / take's indices are checked on the device and a bad one is
-// thrown at the next wait; the embedding backward's device-side sort sums each row in index order.
+// thrown at the next wait; the embedding backward's device-side sort sums each row in index order; layer
+// norm's dw / db, summed over chunks of rows, match the CPU on more rows than one chunk.
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -12,6 +13,7 @@
 
 #include "autodiff/autodiff.h"
 #include "core/cuda_runtime.h"
+#include "cuda_test_util.h"
 #include "engine/optim.h"
 #include "op_cases.h"
 #include "ops/ops.h"
@@ -59,6 +61,33 @@ TEST_CASE("cuda optimizers: fused AdamW (two weight-decay groups) and SGD + Nest
     CHECK(og->steps() == 5);
     CHECK(max_rel(gpu, cpu) <= 1e-5);
     CHECK(max_rel(og->state(), oc->state()) <= 1e-5);
+  }
+}
+
+TEST_CASE("cuda layer norm over many rows: y, dx, dw and db (summed by chunks of rows) match the CPU") {
+  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  // GPT-2's width over 1000 rows (3 full chunks of 256 and a partial one); a partial 32-column tile.
+  for (const Shape& s : {Shape{4, 250, 768}, Shape{1000, 100}}) {
+    INFO("shape " << s.str());
+    const int64_t D = s.back();
+    auto f32 = [&](uint64_t i, const Shape& sh) { return testing::randn64(fold_in(key, i), sh).astype(DType::f32); };
+    const Tensor x = f32(1, s) * 2.0 + 0.5, w = f32(2, Shape{D}), b = f32(3, Shape{D}), dy = f32(4, s);
+    TensorList cpu{x.clone(), w.clone(), b.clone()}, gpu{x.to(Device::cuda(0)), w.to(Device::cuda(0)), b.to(Device::cuda(0))};
+    Tensor y[2];
+    for (int d = 0; d < 2; ++d) {
+      TensorList& in = d == 0 ? cpu : gpu;
+      for (Tensor& t : in) t.set_requires_grad(true);
+      y[d] = layer_norm(in[0], in[1], in[2]);
+      sum(y[d] * dy.to(in[0].device())).backward();
+    }
+    CHECK(testing::rel_error(y[1], y[0]) <= 1e-5);
+    const char* names[3] = {"dx", "dw", "db"};
+    for (int i = 0; i < 3; ++i) {
+      INFO(names[i]);
+      CHECK(testing::rel_error(gpu[size_t(i)].grad(), cpu[size_t(i)].grad()) <= 1e-4);
+    }
   }
 }
 

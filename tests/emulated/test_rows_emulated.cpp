@@ -183,7 +183,8 @@ TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match
   const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
   const double tol = dt == DType::f32 ? 1e-5 : 1e-12;
   const RngKey key = fresh_key();
-  const int64_t R = 6, D = 300;
+  // R: two full chunks of dw / db's stage 1 and a partial one; D: ten 32-column tiles, the last partial.
+  const int64_t R = 2 * rk::kLnChunkRows + 88, D = 300;
   const double eps = 1e-5;
   const Tensor x = (testing::randn64(fold_in(key, 1), Shape{R, D}) * 2.0 + 0.5).astype(dt);
   const Tensor w = testing::randn64(fold_in(key, 2), Shape{D}).astype(dt), b = testing::randn64(fold_in(key, 3), Shape{D}).astype(dt);
@@ -200,14 +201,17 @@ TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match
     kc::layer_norm(x, wp, bp, eps, want_y);
     CHECK(testing::rel_error(y, want_y) <= tol);
     Tensor dx = nan_tensor(x.shape(), dt), dw = nan_tensor(Shape{D}, dt), db = nan_tensor(Shape{D}, dt);
-    Tensor stats = nan_tensor(Shape{2 * R}, DType::f64);
+    Tensor stats = nan_tensor(Shape{2 * R}, DType::f64), partial = nan_tensor(Shape{2 * rk::ln_chunks(R) * D}, DType::f64);
     testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
       rk::layer_norm_dx<HostPrim>(cptr<TestType>(dy), cptr<TestType>(x), wp ? cptr<TestType>(*wp) : nullptr, R, D, eps,
                                   ptr<TestType>(dx), ptr<double>(stats));
     });
-    testing::emu::launch(2, 1, kRowThreads, 0, [&](unsigned char*) {  // 2 x 256 threads over 300 columns
-      rk::layer_norm_dwdb<HostPrim>(cptr<TestType>(dy), cptr<TestType>(x), cptr<double>(stats), R, D, ptr<TestType>(dw),
-                                    ptr<TestType>(db));
+    testing::emu::launch(4, 2, kRowThreads, 0, [&](unsigned char*) {  // blocks loop over tiles and chunks
+      rk::layer_norm_dwdb_partial<HostPrim>(cptr<TestType>(dy), cptr<TestType>(x), cptr<double>(stats), R, D,
+                                            ptr<double>(partial));
+    });
+    testing::emu::launch(1, 1, kRowThreads, 0, [&](unsigned char*) {  // 256 threads over 300 columns
+      rk::layer_norm_dwdb_total<HostPrim>(cptr<double>(partial), R, D, ptr<TestType>(dw), ptr<TestType>(db));
     });
     Tensor want_dx = empty(x.shape(), dt), want_dw = empty(Shape{D}, dt), want_db = empty(Shape{D}, dt);
     kc::layer_norm_backward(dy, x, wp, eps, want_dx, &want_dw, &want_db);
