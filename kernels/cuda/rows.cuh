@@ -16,15 +16,28 @@ namespace titanax::kernels::cuda::row_kernels {
 template <class T> TX_HW_FN T dexp(T v) { return exp(v); }
 template <> TX_HW_FN float dexp(float v) { return expf(v); }
 
-// Row max (x > m ? x : m, as the CPU row_max) and sum of exp(x - max) in double, over the whole block.
+// Row max (x > m ? x : m, as the CPU row_max) and sum of exp(x - max) in double, over the whole block, in
+// one read of the row (online softmax: Milakov & Gimelshein 2018, arXiv 1805.02867): each thread keeps a
+// running max and a sum relative to it, rescaled by exp(old - new) when the max grows; the block then
+// rescales every thread's sum to the row's max and adds them. The same values as the CPU's two passes up
+// to rounding; NaN and +inf propagate to s as there, and an all -inf row gives s = 0 (CPU: NaN), which
+// every caller turns into the same NaN results.
 template <class Hw, class T>
-TX_HW_FN void row_stats(const T* xr, int64_t n, int64_t stride, T& m, double& s) {
+TX_HW_FN void row_stats(const T* xr, int64_t n, T& m, double& s) {
   T lm = T(-INFINITY);
-  for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) lm = plain_max_of(lm, xr[j * stride]);
-  m = block_max_of<Hw>(lm, T(-INFINITY));
   double ls = 0;
-  for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) ls += double(dexp(T(xr[j * stride] - m)));
-  s = block_sum_of<Hw>(ls);
+  TX_UNROLL_4
+  for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) {
+    const T v = xr[j];
+    if (v > lm) {
+      ls = ls * double(dexp(T(lm - v))) + 1.0;
+      lm = v;
+    } else if (!(v == T(-INFINITY))) {  // -inf adds exp(-inf) = 0, even to a running max of -inf
+      ls += double(dexp(T(v - lm)));
+    }
+  }
+  m = block_max_of<Hw>(lm, T(-INFINITY));
+  s = block_sum_of<Hw>(lm == T(-INFINITY) ? ls : ls * double(dexp(T(lm - m))));  // ls: 0, or NaN from a NaN
 }
 
 template <class Hw, class T>
@@ -34,7 +47,7 @@ TX_HW_FN void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) 
     T* yr = y + r * n;
     T m;
     double s;
-    row_stats<Hw>(xr, n, 1, m, s);
+    row_stats<Hw>(xr, n, m, s);
     if (log) {
       const T lse = T(::log(s));
       for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) yr[j] = (xr[j] - m) - lse;
@@ -110,7 +123,7 @@ template <class Hw, class T>
 TX_HW_FN void ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, T& m, double& s) {
   m = T(0);
   s = 0;
-  if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, 1, m, s);
+  if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, m, s);
 }
 
 // The forward, and with dx (and ct, count) the backward in the same pass over each row: its statistics

@@ -56,8 +56,14 @@ TEMPLATE_TEST_CASE("row kernels, emulated: softmax and log-softmax over rows mat
     INFO("n " << n);
     const int64_t R = 5;
     Tensor x = (testing::randn64(fold_in(key, uint64_t(n)), Shape{R, n}) * 4.0).astype(dt);
-    // One logit far above its row's others: exp overflows unless the true row max is subtracted.
-    ptr<TestType>(x)[2 * n] = TestType(800);
+    TestType* xv = ptr<TestType>(x);
+    // Row 1: its first two thirds masked (-inf), so threads start their running max at -inf and keep it.
+    for (int64_t j = 0; j < 2 * n / 3; ++j) xv[n + j] = TestType(-INFINITY);
+    // Row 2: one logit far above its row's others: exp overflows unless the true row max is subtracted.
+    xv[2 * n] = TestType(800);
+    // Row 3 holds a NaN (a NaN row, as on the CPU); row 4 is all -inf (NaN too).
+    xv[3 * n + n / 2] = TestType(NAN);
+    for (int64_t j = 0; j < n; ++j) xv[4 * n + j] = TestType(-INFINITY);
     for (bool log : {false, true}) {
       Tensor y = nan_tensor(x.shape(), dt), want = empty(x.shape(), dt);
       testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
