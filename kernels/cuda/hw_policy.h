@@ -44,6 +44,9 @@
 // is shared by exactly one block's threads there).
 #define TX_SHARED __shared__
 #else
+#include <vector_types.h>
+
+#include <cstring>
 #define TX_HW_FN inline
 #define TX_UNROLL
 #define TX_UNROLL_4
@@ -113,6 +116,25 @@ struct DevicePrim {
   }
 };
 #endif
+
+// ---- 16-byte accesses to global memory (16-byte aligned), the same code on the GPU and in the emulator
+
+TX_HW_FN float4 load_f4(const float* p) {
+#ifdef __CUDACC__
+  return *reinterpret_cast<const float4*>(p);
+#else
+  float4 v;
+  std::memcpy(&v, p, 16);
+  return v;
+#endif
+}
+TX_HW_FN void store_f4(float* p, float4 v) {
+#ifdef __CUDACC__
+  *reinterpret_cast<float4*>(p) = v;
+#else
+  std::memcpy(p, &v, 16);
+#endif
+}
 
 // ---- reductions over a policy's warps and blocks
 

@@ -80,6 +80,16 @@ __global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, 
   layer_norm_dx<DevicePrim>(dy, x, w, R, D, eps, dx, stats);
 }
 
+__global__ void k_layer_norm_warp(const float* x, const float* w, const float* b, int64_t R, int64_t D, double eps,
+                                  float* y) {
+  layer_norm_warp<DevicePrim, kLnWarpVecs>(x, w, b, R, D, eps, y);
+}
+
+__global__ void k_layer_norm_dx_warp(const float* dy, const float* x, const float* w, int64_t R, int64_t D, double eps,
+                                     float* dx, double* stats) {
+  layer_norm_dx_warp<DevicePrim, kLnWarpVecs>(dy, x, w, R, D, eps, dx, stats);
+}
+
 template <class T>
 __global__ void k_layer_norm_dwdb_partial(const T* dy, const T* x, const double* stats, int64_t R, int64_t D,
                                           double* partial) {
@@ -209,9 +219,25 @@ int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* l
   });
 }
 
+// Whether layer norm takes the warp-per-row kernels (rows.cuh: f32, D a multiple of 4 up to 1024, every
+// operand 16-byte aligned), and their grid: kThreads / 32 rows per block.
+bool ln_warp_path(Dt t, int64_t D, std::initializer_list<const void*> ptrs) {
+  if (t != Dt::f32 || !ln_warp_rows(D)) return false;
+  for (const void* p : ptrs)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  return true;
+}
+unsigned warp_row_blocks(int64_t R) { return grid_for(R, kThreads / 32); }
+
 int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
                       void* stream) {
   if (R * D == 0) return 0;
+  if (ln_warp_path(t, D, {x, w, b, y})) {
+    k_layer_norm_warp<<<warp_row_blocks(R), kThreads, 0, as_stream(stream)>>>(
+        static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b), R, D, eps,
+        static_cast<float*>(y));
+    return int(cudaGetLastError());
+  }
   return floating(t, [&](auto v) {
     using T = decltype(v);
     k_layer_norm<<<row_blocks(R), kThreads, 0, as_stream(stream)>>>(
@@ -231,7 +257,11 @@ int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* 
   double* partial = work + 2 * R;   // [2][chunks][D]
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    if (R > 0)
+    if (R > 0 && ln_warp_path(t, D, {dy, x, w, dx}))
+      k_layer_norm_dx_warp<<<warp_row_blocks(R), kThreads, 0, st>>>(
+          static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(w), R, D, eps,
+          static_cast<float*>(dx), stats);
+    else if (R > 0)
       k_layer_norm_dx<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
                                                           static_cast<const T*>(w), R, D, eps, static_cast<T*>(dx),
                                                           stats);

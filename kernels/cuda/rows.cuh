@@ -170,6 +170,23 @@ TX_HW_FN void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int6
   }
 }
 
+// The per-element formulas of layer norm, shared by the block-per-row and warp-per-row bodies: y from x,
+// the weighted gradient g = dy * w, and dx from g (xh = (x - mean) * rstd, m1 = mean(g), m2 = mean(g xh)).
+template <class T>
+TX_HW_FN T ln_y(T x, T tm, T ts, const T* w, const T* b, int64_t j) {
+  T v = (x - tm) * ts;
+  if (w) v *= w[j];
+  if (b) v += b[j];
+  return v;
+}
+template <class T>
+TX_HW_FN double ln_g(T dy, const T* w, int64_t j) { return double(dy) * (w ? double(w[j]) : 1.0); }
+template <class T>
+TX_HW_FN T ln_dx(double g, T x, double mean, double rstd, double m1, double m2) {
+  const double xh = (double(x) - mean) * rstd;
+  return T(rstd * (g - m1 - xh * m2));
+}
+
 template <class Hw, class T>
 TX_HW_FN void row_moments(const T* xr, int64_t D, double eps, double& mean, double& rstd) {
   double s = 0;
@@ -191,12 +208,7 @@ TX_HW_FN void layer_norm(const T* x, const T* w, const T* b, int64_t R, int64_t 
     double mean, rstd;
     row_moments<Hw>(xr, D, eps, mean, rstd);
     const T tm = T(mean), ts = T(rstd);
-    for (int64_t j = Hw::thread(); j < D; j += Hw::threads()) {
-      T v = (xr[j] - tm) * ts;
-      if (w) v *= w[j];
-      if (b) v += b[j];
-      yr[j] = v;
-    }
+    for (int64_t j = Hw::thread(); j < D; j += Hw::threads()) yr[j] = ln_y(xr[j], tm, ts, w, b, j);
   }
 }
 
@@ -211,18 +223,111 @@ TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int6
     if (Hw::thread() == 0 && stats) stats[2 * r] = mean, stats[2 * r + 1] = rstd;
     double s1 = 0, s2 = 0;
     for (int64_t j = Hw::thread(); j < D; j += Hw::threads()) {
-      const double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
+      const double g = ln_g(gr[j], w, j);
       s1 += g;
       s2 += g * (double(xr[j]) - mean) * rstd;
     }
-    s1 = block_sum_of<Hw>(s1);
-    s2 = block_sum_of<Hw>(s2);
-    const double m1 = s1 / double(D), m2 = s2 / double(D);
+    const double m1 = block_sum_of<Hw>(s1) / double(D), m2 = block_sum_of<Hw>(s2) / double(D);
     T* dr = dx + r * D;
-    for (int64_t j = Hw::thread(); j < D; j += Hw::threads()) {
-      const double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
-      const double xh = (double(xr[j]) - mean) * rstd;
-      dr[j] = T(rstd * (g - m1 - xh * m2));
+    for (int64_t j = Hw::thread(); j < D; j += Hw::threads()) dr[j] = ln_dx(ln_g(gr[j], w, j), xr[j], mean, rstd, m1, m2);
+  }
+}
+
+// ---- layer norm, a warp per row: f32, D a multiple of 4 and at most 128 kLnWarpVecs, every pointer 16-byte
+// aligned (ln_warp_rows). A lane holds its row's elements in registers (float4 lane + 32 i), so the row is
+// read from memory once and the reductions are warp shuffles, with no block barrier; a block of W warps
+// has W rows in flight. Same formulas as above (a summation order of their own).
+constexpr int kLnWarpVecs = 8;  // D <= 1024: GPT-2's 768, BERT's 1024
+constexpr bool ln_warp_rows(int64_t D) { return D % 4 == 0 && D > 0 && D <= 128 * kLnWarpVecs; }
+
+TX_HW_FN float f4_at(const float4& v, int e) { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
+
+// The row's KV float4 at `row` (those at lane + 32 i < D / 4; zeros beyond).
+template <int KV>
+TX_HW_FN void warp_row_load(float4 (&v)[KV], const float* row, int64_t D, int lane) {
+  TX_UNROLL
+  for (int i = 0; i < KV; ++i) v[i] = lane + 32 * i < D / 4 ? load_f4(row + 4 * (lane + 32 * i)) : float4{0.f, 0.f, 0.f, 0.f};
+}
+
+template <class Hw, int KV>
+TX_HW_FN void warp_row_moments(const float4 (&v)[KV], int64_t D, int lane, double eps, double& mean, double& rstd) {
+  double s = 0;
+  TX_UNROLL
+  for (int i = 0; i < KV; ++i)
+    TX_UNROLL
+    for (int e = 0; e < 4; ++e) s += double(f4_at(v[i], e));  // the zeros beyond D add nothing
+  mean = warp_sum_of<Hw>(s) / double(D);
+  double q = 0;
+  TX_UNROLL
+  for (int i = 0; i < KV; ++i)
+    if (lane + 32 * i < D / 4)
+      TX_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const double d = double(f4_at(v[i], e)) - mean;
+        q += d * d;
+      }
+  rstd = 1.0 / ::sqrt(warp_sum_of<Hw>(q) / double(D) + eps);
+}
+
+// The warp's first row and the rows' stride over the grid.
+template <class Hw>
+TX_HW_FN int64_t warp_row0() { return int64_t(Hw::block_x()) * (Hw::threads() >> 5) + (Hw::thread() >> 5); }
+template <class Hw>
+TX_HW_FN int64_t warp_rows_stride() { return int64_t(Hw::grid_x()) * (Hw::threads() >> 5); }
+
+template <class Hw, int KV>
+TX_HW_FN void layer_norm_warp(const float* x, const float* w, const float* b, int64_t R, int64_t D, double eps, float* y) {
+  const int lane = Hw::thread() & 31;
+  for (int64_t r = warp_row0<Hw>(); r < R; r += warp_rows_stride<Hw>()) {
+    float4 v[KV];
+    warp_row_load(v, x + r * D, D, lane);
+    double mean, rstd;
+    warp_row_moments<Hw>(v, D, lane, eps, mean, rstd);
+    const float tm = float(mean), ts = float(rstd);
+    TX_UNROLL
+    for (int i = 0; i < KV; ++i) {
+      const int64_t j = 4 * (lane + 32 * i);
+      if (j >= D) continue;
+      float o[4];
+      TX_UNROLL
+      for (int e = 0; e < 4; ++e) o[e] = ln_y(f4_at(v[i], e), tm, ts, w, b, j + e);
+      store_f4(y + r * D + j, float4{o[0], o[1], o[2], o[3]});
+    }
+  }
+}
+
+template <class Hw, int KV>
+TX_HW_FN void layer_norm_dx_warp(const float* dy, const float* x, const float* w, int64_t R, int64_t D, double eps,
+                                 float* dx, double* stats) {
+  const int lane = Hw::thread() & 31;
+  for (int64_t r = warp_row0<Hw>(); r < R; r += warp_rows_stride<Hw>()) {
+    float4 xv[KV], gv[KV];
+    warp_row_load(xv, x + r * D, D, lane);
+    warp_row_load(gv, dy + r * D, D, lane);
+    double mean, rstd;
+    warp_row_moments<Hw>(xv, D, lane, eps, mean, rstd);
+    if (lane == 0 && stats) stats[2 * r] = mean, stats[2 * r + 1] = rstd;
+    double s1 = 0, s2 = 0;
+    TX_UNROLL
+    for (int i = 0; i < KV; ++i) {
+      const int64_t j = 4 * (lane + 32 * i);
+      if (j >= D) continue;
+      TX_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const double g = ln_g(f4_at(gv[i], e), w, j + e);
+        s1 += g;
+        s2 += g * (double(f4_at(xv[i], e)) - mean) * rstd;
+      }
+    }
+    const double m1 = warp_sum_of<Hw>(s1) / double(D), m2 = warp_sum_of<Hw>(s2) / double(D);
+    TX_UNROLL
+    for (int i = 0; i < KV; ++i) {
+      const int64_t j = 4 * (lane + 32 * i);
+      if (j >= D) continue;
+      float o[4];
+      TX_UNROLL
+      for (int e = 0; e < 4; ++e) o[e] = ln_dx(ln_g(f4_at(gv[i], e), w, j + e), f4_at(xv[i], e), mean, rstd, m1, m2);
+      store_f4(dx + r * D + j, float4{o[0], o[1], o[2], o[3]});
     }
   }
 }

@@ -226,3 +226,49 @@ TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match
     CHECK(testing::rel_error(db, want_db) <= (dt == DType::f32 ? 1e-4 : 1e-12));
   }
 }
+
+TEST_CASE("row kernels, emulated: layer norm's warp-per-row f32 bodies match the CPU", "[emulated]") {
+  const RngKey key = fresh_key();
+  const double eps = 1e-5;
+  // 37 rows over 24 warps (a warp takes two rows, some one); D: ragged over the lanes (300: 75 float4, so
+  // lanes 11-31 have two and the others three), the largest the path takes, and one float4.
+  const int64_t R = 37;
+  for (const int64_t D : {int64_t(300), int64_t(128 * rk::kLnWarpVecs), int64_t(4)}) {
+    REQUIRE(rk::ln_warp_rows(D));
+    const Tensor x = (testing::randn64(fold_in(key, uint64_t(D)), Shape{R, D}) * 2.0 + 0.5).astype(DType::f32);
+    const Tensor w = testing::randn64(fold_in(key, 2), Shape{D}).astype(DType::f32);
+    const Tensor b = testing::randn64(fold_in(key, 3), Shape{D}).astype(DType::f32);
+    const Tensor dy = testing::randn64(fold_in(key, 4), Shape{R, D}).astype(DType::f32);
+    for (bool affine : {true, false}) {
+      INFO("D " << D << " affine " << affine);
+      const float* wp = affine ? cptr<float>(w) : nullptr;
+      const float* bp = affine ? cptr<float>(b) : nullptr;
+      Tensor y = nan_tensor(x.shape(), DType::f32), dx = nan_tensor(x.shape(), DType::f32);
+      Tensor stats = nan_tensor(Shape{2 * R}, DType::f64);
+      testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
+        rk::layer_norm_warp<HostPrim, rk::kLnWarpVecs>(cptr<float>(x), wp, bp, R, D, eps, ptr<float>(y));
+      });
+      testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
+        rk::layer_norm_dx_warp<HostPrim, rk::kLnWarpVecs>(cptr<float>(dy), cptr<float>(x), wp, R, D, eps, ptr<float>(dx),
+                                                          ptr<double>(stats));
+      });
+      Tensor want_y = empty(x.shape(), DType::f32), want_dx = empty(x.shape(), DType::f32);
+      kc::layer_norm(x, affine ? &w : nullptr, affine ? &b : nullptr, eps, want_y);
+      kc::layer_norm_backward(dy, x, affine ? &w : nullptr, eps, want_dx, nullptr, nullptr);
+      CHECK(testing::rel_error(y, want_y) <= 1e-5);
+      CHECK(testing::rel_error(dx, want_dx) <= 1e-5);
+      // The rows' mean and rstd (for dw / db) against the CPU's, in f64.
+      const std::vector<double> st = stats.to_vector<double>(), xs = x.astype(DType::f64).to_vector<double>();
+      double worst = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        double mean = 0, var = 0;
+        for (int64_t j = 0; j < D; ++j) mean += xs[size_t(r * D + j)] / double(D);
+        for (int64_t j = 0; j < D; ++j) var += (xs[size_t(r * D + j)] - mean) * (xs[size_t(r * D + j)] - mean) / double(D);
+        const double rstd = 1.0 / std::sqrt(var + eps);
+        worst = std::max(worst, std::fabs(st[size_t(2 * r)] - mean) / (1.0 + std::fabs(mean)));
+        worst = std::max(worst, std::fabs(st[size_t(2 * r + 1)] - rstd) / rstd);
+      }
+      CHECK(worst <= 1e-12);
+    }
+  }
+}
