@@ -269,15 +269,26 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
       TX_UNROLL
       for (int kk = 0; kk < KS; ++kk) product_bt<Hw, T, D>(s, qa[kk], Ks, kk, lane);  // S = Q K^T
       float mx[2] = {m[0], m[1]};
+      // Only a tile on an edge (past Tk, or reaching above the warp's first row under the causal mask)
+      // tests its elements; the warp's others are all visible.
+      if (k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > q0 + w * 16)) {
+        TX_UNROLL
+        for (int nt = 0; nt < NT; ++nt)
+          TX_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int64_t j = k0 + nt * 8 + 2 * c + (e & 1);
+            s[nt][e] = j < Tk && visible(row[e >> 1], j, causal) ? s[nt][e] * scale_log2 : -INFINITY;
+          }
+      } else {
+        TX_UNROLL
+        for (int nt = 0; nt < NT; ++nt)
+          TX_UNROLL
+          for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+      }
       TX_UNROLL
       for (int nt = 0; nt < NT; ++nt)
         TX_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const int64_t j = k0 + nt * 8 + 2 * c + (e & 1);
-          const bool vis = j < Tk && visible(row[e >> 1], j, causal);
-          s[nt][e] = vis ? s[nt][e] * scale_log2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-        }
+        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
       float alpha[2], rs[2] = {0.f, 0.f};
       TX_UNROLL
       for (int r = 0; r < 2; ++r) {
@@ -363,14 +374,18 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
       const int64_t k0 = t * kMmaTile;
       float s[NT][4], dp[NT][4];
       two_products<Hw, T, D>(s, dp, qw, Ks, ow, Ks + kMmaTile * P, lane);  // S = Q K^T, dP = dO V^T
+      // Only a tile on an edge (the warp's rows past Tq, keys past Tk, or the causal diagonal) tests its
+      // elements.
+      const bool edge = q0 + w * 16 + 16 > Tq || k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > q0 + w * 16);
       TX_UNROLL
       for (int nt = 0; nt < NT; ++nt)
         TX_UNROLL
         for (int e = 0; e < 4; ++e) {  // dS, into dp
           const int64_t i = row[e >> 1], j = k0 + nt * 8 + 2 * c + (e & 1);
-          const bool vis = i < Tq && j < Tk && visible(i, j, causal);
-          const float pij = vis ? exp2f(s[nt][e] * scale_log2 - l2[e >> 1]) : 0.f;
-          dp[nt][e] = vis ? pij * (dp[nt][e] - di[e >> 1]) : 0.f;
+          if (!edge || (i < Tq && j < Tk && visible(i, j, causal)))
+            dp[nt][e] = exp2f(s[nt][e] * scale_log2 - l2[e >> 1]) * (dp[nt][e] - di[e >> 1]);
+          else
+            dp[nt][e] = 0.f;
         }
       accumulate_product<Hw, T, D>(acc, dp, Ks, lane);  // dq += dS K
     };
@@ -433,13 +448,16 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
       const int64_t i0 = qbegin + t * kMmaTile;
       float st[NT][4], dpt[NT][4];  // rows: the warp's keys; columns: the tile's queries
       two_products<Hw, T, D>(st, dpt, kw, Qs, vw, Os, lane);  // S^T = K Q^T, dP^T = V dO^T
+      // Only a tile on an edge (queries past Tq, the warp's keys past Tk, or the causal diagonal) tests its
+      // elements.
+      const bool edge = i0 + kMmaTile > Tq || j0 + w * 16 + 16 > Tk || (causal && j0 + w * 16 + 15 > i0);
       TX_UNROLL
       for (int nt = 0; nt < NT; ++nt)
         TX_UNROLL
         for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
           const int qi = nt * 8 + 2 * c + (e & 1);
           const int64_t i = i0 + qi, j = key[e >> 1];
-          const bool vis = i < Tq && j < Tk && visible(i, j, causal);
+          const bool vis = !edge || (i < Tq && j < Tk && visible(i, j, causal));
           const float pij = vis ? exp2f(st[nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
           st[nt][e] = pij;
           dpt[nt][e] = vis ? pij * (dpt[nt][e] - Ds[qi]) : 0.f;
