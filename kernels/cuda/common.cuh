@@ -1,5 +1,5 @@
-// Device helpers shared by the .cu files: grid sizing, the strided N-d indexer, NaN-aware min / max (warp
-// and block reductions: hw_policy.h).
+// Device helpers shared by the .cu files: grid sizing, the strided N-d indexer (warp and block reductions:
+// hw_policy.h).
 // CUDA headers only (see kernels/cuda/launch.h).
 #pragma once
 
@@ -45,11 +45,5 @@ __device__ __forceinline__ void offsets(const Layout& L, int64_t i, int64_t* off
     for (int k = 0; k < N; ++k) off[k] += c * L.stride[k][d];
   }
 }
-
-/// Max that lets NaN win (as the CPU reductions).
-template <class T>
-__device__ __forceinline__ T nan_max(T a, T b) { return (a != a || a >= b) ? a : b; }
-template <class T>
-__device__ __forceinline__ T nan_min(T a, T b) { return (a != a || a <= b) ? a : b; }
 
 }  // namespace titanax::kernels::cuda

@@ -115,9 +115,10 @@ void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out) {
         "where");
 }
 
-void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out) {
-  Dt t = floating(x, "reduce");
-  if (x.dim() > kMaxDims) throw ShapeError("CUDA reduction: too many axes", "rank <= 8", x.shape().str());
+ReduceLayout reduce_layout(const Tensor& x, const std::vector<bool>& reduced) {
+  if (x.dim() > kMaxDims)
+    throw ShapeError("CUDA reduction: too many axes", "rank <= " + std::to_string(kMaxDims), x.shape().str(),
+                     "reshape to merge adjacent axes that are reduced together");
   ReduceLayout L;
   for (int d = 0; d < x.dim(); ++d) {
     if (reduced[size_t(d)]) {
@@ -130,6 +131,12 @@ void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tens
       L.nout *= x.shape()[d];
     }
   }
+  return L;
+}
+
+void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out) {
+  Dt t = floating(x, "reduce");
+  const ReduceLayout L = reduce_layout(x, reduced);
   check(launch_reduce(op == ReduceOp::sum ? 0 : op == ReduceOp::max ? 1 : 2, t, x.raw_data(), out.raw_data(), L,
                       stream_of(out)),
         "reduce");
@@ -140,20 +147,9 @@ void argmax(const Tensor& x, int axis, Tensor& out) {
   if (t == Dt::u8 || t == Dt::b8 || t == Dt::f16 || t == Dt::bf16)
     throw DTypeError("argmax: unsupported dtype on CUDA", "f32, f64, i32, i64", std::string(dtype_name(x.dtype())),
                      "cast with astype(DType::f32)");
-  if (x.dim() > kMaxDims) throw ShapeError("CUDA argmax: too many axes", "rank <= 8", x.shape().str());
-  ReduceLayout L;
-  for (int d = 0; d < x.dim(); ++d) {
-    if (d == axis) {
-      L.rsize[0] = x.shape()[d];
-      L.rstride[0] = x.strides()[d];
-      L.nr = 1;
-      L.nred = x.shape()[d];
-    } else {
-      L.ksize[L.nk] = x.shape()[d];
-      L.kstride[L.nk++] = x.strides()[d];
-      L.nout *= x.shape()[d];
-    }
-  }
+  std::vector<bool> reduced(size_t(x.dim()), false);
+  reduced[size_t(axis)] = true;
+  const ReduceLayout L = reduce_layout(x, reduced);
   check(launch_argmax(t, x.raw_data(), static_cast<int64_t*>(out.raw_data()), L, stream_of(out)), "argmax");
 }
 

@@ -19,6 +19,7 @@
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cpu/reduce.h"
+#include "kernels/cuda/launch.h"
 #include "kernels/update_scalars.h"
 
 namespace titanax::kernels::cuda {
@@ -45,6 +46,9 @@ void clamp(const Tensor& x, double lo, double hi, Tensor& out);
 void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out);
 
 // ------------------------------------------------------------------------------------ reductions
+/// The kept and the reduced axes of x (sizes and strides, in order) for the reduction kernels
+/// (kernels/cuda/reduce.cuh). Throws ShapeError when x has more than kMaxDims axes.
+ReduceLayout reduce_layout(const Tensor& x, const std::vector<bool>& reduced);
 /// out = op over the axes of x marked in `reduced` (out: contiguous, x's rank with reduced axes of size 1).
 /// f32/f64; sums accumulate in double; max / min propagate NaN.
 void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out);
