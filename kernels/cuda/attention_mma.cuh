@@ -134,6 +134,13 @@ TX_HW_FN void issue_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
   }
 }
 
+// Starts copying the key tile at row k0 of K and of V into `dst` (K's tile, then V's).
+template <class Hw, class T, int D>
+TX_HW_FN void issue_kv(T* dst, const T* kn, const T* vn, int64_t k0, int64_t Tk) {
+  issue_tile<Hw, T, D, kMmaTile>(dst, kn, k0, Tk);
+  issue_tile<Hw, T, D, kMmaTile>(dst + kMmaTile * (D + 8), vn, k0, Tk);
+}
+
 // FA2's software pipeline over `tiles` tiles and two shared buffers: issue(t, b) starts the copies of tile
 // t into buffer b, compute(t, b) uses them once every thread's copies have landed. Tile t + 1's copies are
 // in flight while tile t is computed on. Copies the caller issued before the call (uncommitted) land with
@@ -252,10 +259,7 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[DT][4];
     TX_UNROLL
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    auto issue = [&](int64_t t, int b) {
-      issue_tile<Hw, T, D, kMmaTile>(k_buf(b), kn, t * kMmaTile, Tk);
-      issue_tile<Hw, T, D, kMmaTile>(k_buf(b) + kMmaTile * P, vn, t * kMmaTile, Tk);
-    };
+    auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
       const int64_t k0 = t * kMmaTile;
@@ -365,10 +369,7 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
     }
     TX_UNROLL
     for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
-    auto issue = [&](int64_t t, int b) {
-      issue_tile<Hw, T, D, kMmaTile>(k_buf(b), kn, t * kMmaTile, Tk);
-      issue_tile<Hw, T, D, kMmaTile>(k_buf(b) + kMmaTile * P, vn, t * kMmaTile, Tk);
-    };
+    auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
       const int64_t k0 = t * kMmaTile;

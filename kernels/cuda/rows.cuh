@@ -269,6 +269,20 @@ TX_HW_FN void warp_row_moments(const float4 (&v)[KV], int64_t D, int lane, doubl
   rstd = 1.0 / ::sqrt(warp_sum_of<Hw>(q) / double(D) + eps);
 }
 
+// Stores f(i, e, j) (element e of the lane's float4 i, at column j) to the lane's share of `row`.
+template <int KV, class F>
+TX_HW_FN void warp_row_store(float* row, int64_t D, int lane, F f) {
+  TX_UNROLL
+  for (int i = 0; i < KV; ++i) {
+    const int64_t j = 4 * (lane + 32 * i);
+    if (j >= D) continue;
+    float o[4];
+    TX_UNROLL
+    for (int e = 0; e < 4; ++e) o[e] = f(i, e, j + e);
+    store_f4(row + j, float4{o[0], o[1], o[2], o[3]});
+  }
+}
+
 // The warp's first row and the rows' stride over the grid.
 template <class Hw>
 TX_HW_FN int64_t warp_row0() { return int64_t(Hw::block_x()) * (Hw::threads() >> 5) + (Hw::thread() >> 5); }
@@ -284,15 +298,7 @@ TX_HW_FN void layer_norm_warp(const float* x, const float* w, const float* b, in
     double mean, rstd;
     warp_row_moments<Hw>(v, D, lane, eps, mean, rstd);
     const float tm = float(mean), ts = float(rstd);
-    TX_UNROLL
-    for (int i = 0; i < KV; ++i) {
-      const int64_t j = 4 * (lane + 32 * i);
-      if (j >= D) continue;
-      float o[4];
-      TX_UNROLL
-      for (int e = 0; e < 4; ++e) o[e] = ln_y(f4_at(v[i], e), tm, ts, w, b, j + e);
-      store_f4(y + r * D + j, float4{o[0], o[1], o[2], o[3]});
-    }
+    warp_row_store<KV>(y + r * D, D, lane, [&](int i, int e, int64_t j) { return ln_y(f4_at(v[i], e), tm, ts, w, b, j); });
   }
 }
 
@@ -320,15 +326,9 @@ TX_HW_FN void layer_norm_dx_warp(const float* dy, const float* x, const float* w
       }
     }
     const double m1 = warp_sum_of<Hw>(s1) / double(D), m2 = warp_sum_of<Hw>(s2) / double(D);
-    TX_UNROLL
-    for (int i = 0; i < KV; ++i) {
-      const int64_t j = 4 * (lane + 32 * i);
-      if (j >= D) continue;
-      float o[4];
-      TX_UNROLL
-      for (int e = 0; e < 4; ++e) o[e] = ln_dx(ln_g(f4_at(gv[i], e), w, j + e), f4_at(xv[i], e), mean, rstd, m1, m2);
-      store_f4(dx + r * D + j, float4{o[0], o[1], o[2], o[3]});
-    }
+    warp_row_store<KV>(dx + r * D, D, lane, [&](int i, int e, int64_t j) {
+      return ln_dx(ln_g(f4_at(gv[i], e), w, j), f4_at(xv[i], e), mean, rstd, m1, m2);
+    });
   }
 }
 
