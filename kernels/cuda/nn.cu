@@ -12,9 +12,16 @@ namespace {
 
 using namespace row_kernels;
 
+// The row cache of a row kernel: its dynamic shared memory when the launch gave it some (row_launch).
 template <class T>
-__global__ void k_softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) {
-  softmax_rows<DevicePrim>(x, y, rows, n, log);
+__device__ __forceinline__ T* row_cache(unsigned char* smem, bool cached) {
+  return cached ? reinterpret_cast<T*>(smem) : nullptr;
+}
+
+template <class T>
+__global__ void k_softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log, bool cached) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  softmax_rows<DevicePrim>(x, y, rows, n, log, row_cache<T>(smem, cached));
 }
 
 // One thread per column of [outer, n, inner] (inner > 1), as the CPU's column path.
@@ -46,8 +53,9 @@ __global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, 
 
 template <class T, class L>
 __global__ void k_ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                           const int64_t* count, T* out, double* rows, T* dx) {
-  ce_fused<DevicePrim>(x, lab, ct, R, C, ignore, red, count, out, rows, dx);
+                           const int64_t* count, T* out, double* rows, T* dx, bool cached) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  ce_fused<DevicePrim>(x, lab, ct, R, C, ignore, red, count, out, rows, dx, row_cache<T>(smem, cached));
 }
 
 template <class T>
@@ -57,8 +65,9 @@ __global__ void k_ce_total(const double* rows, int64_t R, int red, const int64_t
 
 template <class T, class L>
 __global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                              const int64_t* count, T* dx) {
-  ce_backward<DevicePrim>(x, lab, ct, R, C, ignore, red, count, dx);
+                              const int64_t* count, T* dx, bool cached) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  ce_backward<DevicePrim>(x, lab, ct, R, C, ignore, red, count, dx, row_cache<T>(smem, cached));
 }
 
 // The labels' check and count (k_ce_labels), for both directions.
@@ -156,6 +165,25 @@ __global__ void k_scatter_add(const T* g, const int64_t* row_start, const int64_
 
 unsigned row_blocks(int64_t R) { return unsigned(R < 1 ? 1 : (R > 65535 * 4 ? 65535 * 4 : R)); }
 
+// A row kernel's block size and row cache: 1024 threads for wide rows (GPT-2's 50304 logits), and the
+// row in shared memory when it fits the device's opt-in limit (less 1 KB for the block reductions'
+// partials), so that a kernel reading the row twice reads global memory once.
+struct RowLaunch {
+  unsigned threads;
+  size_t smem;  // 0: no cache
+};
+template <class T, class K>
+RowLaunch row_launch(K kernel, int64_t n, bool wants_cache) {
+  static int limit[64] = {};  // per device, bytes
+  int dev = 0;
+  cudaGetDevice(&dev);
+  int& lim = limit[dev & 63];
+  if (lim == 0 && cudaDeviceGetAttribute(&lim, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) lim = -1;
+  const size_t bytes = size_t(n) * sizeof(T);
+  RowLaunch rl{n >= 8192 ? 1024u : unsigned(kThreads), 0};
+  if (wants_cache && lim > 1024 && bytes <= size_t(lim - 1024) && allow_smem(kernel, bytes) == 0) rl.smem = bytes;
+  return rl;
+}
 template <class Body>
 int floating(Dt t, Body body) {
   if (t == Dt::f32) body(float{});
@@ -170,10 +198,11 @@ int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64
   if (outer * n * inner == 0) return 0;
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    if (inner == 1)
-      k_softmax_rows<<<row_blocks(outer), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x),
-                                                                             static_cast<T*>(y), outer, n, log);
-    else
+    if (inner == 1) {
+      const RowLaunch rl = row_launch<T>(k_softmax_rows<T>, n, true);
+      k_softmax_rows<<<row_blocks(outer), rl.threads, rl.smem, as_stream(stream)>>>(
+          static_cast<const T*>(x), static_cast<T*>(y), outer, n, log, rl.smem > 0);
+    } else
       k_softmax_cols<<<grid_for(outer * inner), kThreads, 0, as_stream(stream)>>>(
           static_cast<const T*>(x), static_cast<T*>(y), outer, n, inner, log);
   });
@@ -187,14 +216,18 @@ int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab,
   return floating(t, [&](auto v) {
     using T = decltype(v);
     if (R > 0) {
-      if (lab64)
-        k_ce_fused<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int64_t*>(lab),
-                                                       static_cast<const T*>(ct), R, C, ignore, red, count,
-                                                       static_cast<T*>(out), rows, static_cast<T*>(dx));
-      else
-        k_ce_fused<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab),
-                                                       static_cast<const T*>(ct), R, C, ignore, red, count,
-                                                       static_cast<T*>(out), rows, static_cast<T*>(dx));
+      // The forward alone reads each row once: no cache.
+      if (lab64) {
+        const RowLaunch rl = row_launch<T>(k_ce_fused<T, int64_t>, C, dx != nullptr);
+        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(
+            static_cast<const T*>(x), static_cast<const int64_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red,
+            count, static_cast<T*>(out), rows, static_cast<T*>(dx), rl.smem > 0);
+      } else {
+        const RowLaunch rl = row_launch<T>(k_ce_fused<T, int32_t>, C, dx != nullptr);
+        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(
+            static_cast<const T*>(x), static_cast<const int32_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red,
+            count, static_cast<T*>(out), rows, static_cast<T*>(dx), rl.smem > 0);
+      }
     }
     if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
   });
@@ -208,14 +241,17 @@ int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* l
   if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    if (lab64)
-      k_ce_backward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int64_t*>(lab),
-                                                        static_cast<const T*>(ct), R, C, ignore, red, count,
-                                                        static_cast<T*>(dx));
-    else
-      k_ce_backward<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(x), static_cast<const int32_t*>(lab),
-                                                        static_cast<const T*>(ct), R, C, ignore, red, count,
-                                                        static_cast<T*>(dx));
+    if (lab64) {
+      const RowLaunch rl = row_launch<T>(k_ce_backward<T, int64_t>, C, true);
+      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(
+          static_cast<const T*>(x), static_cast<const int64_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red, count,
+          static_cast<T*>(dx), rl.smem > 0);
+    } else {
+      const RowLaunch rl = row_launch<T>(k_ce_backward<T, int32_t>, C, true);
+      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(
+          static_cast<const T*>(x), static_cast<const int32_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red, count,
+          static_cast<T*>(dx), rl.smem > 0);
+    }
   });
 }
 

@@ -21,14 +21,17 @@ template <> TX_HW_FN float dexp(float v) { return expf(v); }
 // running max and a sum relative to it, rescaled by exp(old - new) when the max grows; the block then
 // rescales every thread's sum to the row's max and adds them. The same values as the CPU's two passes up
 // to rounding; NaN and +inf propagate to s as there, and an all -inf row gives s = 0 (CPU: NaN), which
-// every caller turns into the same NaN results.
+// every caller turns into the same NaN results. With a `cache` (shared memory for n elements), each thread
+// also stores the elements it reads there, for the caller's next pass over the row: the same thread reads
+// them back (the same j), so that pass needs no barrier and no second read of global memory.
 template <class Hw, class T>
-TX_HW_FN void row_stats(const T* xr, int64_t n, T& m, double& s) {
+TX_HW_FN void row_stats(const T* xr, int64_t n, T& m, double& s, T* cache) {
   T lm = T(-INFINITY);
   double ls = 0;
   TX_UNROLL_4
   for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) {
     const T v = xr[j];
+    if (cache) cache[j] = v;
     if (v > lm) {
       ls = ls * double(dexp(T(lm - v))) + 1.0;
       lm = v;
@@ -40,14 +43,15 @@ TX_HW_FN void row_stats(const T* xr, int64_t n, T& m, double& s) {
   s = block_sum_of<Hw>(lm == T(-INFINITY) ? ls : ls * double(dexp(T(lm - m))));  // ls: 0, or NaN from a NaN
 }
 
+// `cache`: null, or shared memory for n elements (see row_stats).
 template <class Hw, class T>
-TX_HW_FN void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log) {
+TX_HW_FN void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log, T* cache) {
   for (int64_t r = Hw::block_x(); r < rows; r += Hw::grid_x()) {
-    const T* xr = x + r * n;
     T* yr = y + r * n;
     T m;
     double s;
-    row_stats<Hw>(xr, n, m, s);
+    row_stats<Hw>(x + r * n, n, m, s, cache);
+    const T* xr = cache ? cache : x + r * n;
     if (log) {
       const T lse = T(::log(s));
       for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) yr[j] = (xr[j] - m) - lse;
@@ -119,27 +123,30 @@ TX_HW_FN void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore,
 
 // Row statistics for the loss and gradient of a row whose label counts (zeros for an ignored or bad
 // label, whose row needs none); block-uniform, as row_stats synchronises the block.
+// Returns where the row's gradient pass reads it: `cache` when given (and filled), else xr.
 template <class Hw, class T>
-TX_HW_FN void ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, T& m, double& s) {
+TX_HW_FN const T* ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, T& m, double& s, T* cache) {
   m = T(0);
   s = 0;
-  if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, m, s);
+  if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, m, s, cache);
+  return cache ? cache : xr;
 }
 
 // The forward, and with dx (and ct, count) the backward in the same pass over each row: its statistics
-// once, then its loss and its gradient (the gradient bitwise what ce_backward gives).
+// once, then its loss and its gradient (the gradient bitwise what ce_backward gives). `cache`: null, or
+// shared memory for C elements (see row_stats; only the gradient reads the row again).
 template <class Hw, class T, class L>
 TX_HW_FN void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                       const int64_t* count, T* out, double* rows, T* dx) {
+                       const int64_t* count, T* out, double* rows, T* dx, T* cache) {
   const double uniform = dx ? ce_uniform_scale(ct, red, count) : 0.0;
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
     T m;
     double s;
-    ce_row_stats<Hw>(xr, l, C, ignore, m, s);
+    const T* src = ce_row_stats<Hw>(xr, l, C, ignore, m, s, dx ? cache : nullptr);
     ce_store_loss<Hw>(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
-    if (dx) ce_row_grad<Hw>(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
+    if (dx) ce_row_grad<Hw>(src, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
     Hw::sync();
   }
 }
@@ -156,17 +163,18 @@ TX_HW_FN void ce_total(const double* rows, int64_t R, int red, const int64_t* co
   }
 }
 
+// `cache`: null, or shared memory for C elements (see row_stats).
 template <class Hw, class T, class L>
 TX_HW_FN void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                          const int64_t* count, T* dx) {
+                          const int64_t* count, T* dx, T* cache) {
   const double uniform = ce_uniform_scale(ct, red, count);
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
     T m;
     double s;
-    ce_row_stats<Hw>(xr, l, C, ignore, m, s);
-    ce_row_grad<Hw>(xr, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
+    const T* src = ce_row_stats<Hw>(xr, l, C, ignore, m, s, cache);
+    ce_row_grad<Hw>(src, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
   }
 }
 

@@ -65,12 +65,17 @@ TEMPLATE_TEST_CASE("row kernels, emulated: softmax and log-softmax over rows mat
     xv[3 * n + n / 2] = TestType(NAN);
     for (int64_t j = 0; j < n; ++j) xv[4 * n + j] = TestType(-INFINITY);
     for (bool log : {false, true}) {
-      Tensor y = nan_tensor(x.shape(), dt), want = empty(x.shape(), dt);
+      Tensor y = nan_tensor(x.shape(), dt), yc = nan_tensor(x.shape(), dt), want = empty(x.shape(), dt);
       testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
-        rk::softmax_rows<HostPrim>(cptr<TestType>(x), ptr<TestType>(y), R, n, log);
+        rk::softmax_rows<HostPrim>(cptr<TestType>(x), ptr<TestType>(y), R, n, log, static_cast<TestType*>(nullptr));
+      });
+      // With the row cached in shared memory (the second pass reads it there): bitwise the same.
+      testing::emu::launch(3, 1, kRowThreads, size_t(n) * sizeof(TestType), [&](unsigned char* smem) {
+        rk::softmax_rows<HostPrim>(cptr<TestType>(x), ptr<TestType>(yc), R, n, log, reinterpret_cast<TestType*>(smem));
       });
       kc::softmax(x, R, n, 1, log, want);
       CHECK(testing::rel_error(y, want) <= tol);
+      CHECK(bitwise_equal(yc, y));
     }
   }
 }
@@ -115,21 +120,32 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
       testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
         if (l64)
           rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), static_cast<const TestType*>(nullptr), R, C, ignore, red,
-                                 nullptr, ptr<TestType>(loss), ptr<double>(rows), static_cast<TestType*>(nullptr));
+                                 nullptr, ptr<TestType>(loss), ptr<double>(rows), static_cast<TestType*>(nullptr),
+                                 static_cast<TestType*>(nullptr));
         else
           rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), static_cast<const TestType*>(nullptr), R, C, ignore, red,
-                                 nullptr, ptr<TestType>(loss), ptr<double>(rows), static_cast<TestType*>(nullptr));
+                                 nullptr, ptr<TestType>(loss), ptr<double>(rows), static_cast<TestType*>(nullptr),
+                                 static_cast<TestType*>(nullptr));
       });
       total_kernel(loss);
-      labels_kernel();
-      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
-        if (l64)
-          rk::ce_backward<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
-                                    cptr<int64_t>(count), ptr<TestType>(dx));
-        else
-          rk::ce_backward<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
-                                    cptr<int64_t>(count), ptr<TestType>(dx));
-      });
+      // The backward with each row cached in shared memory (as nn.cu launches it where the row fits), and
+      // without: bitwise the same.
+      auto backward_kernel = [&](Tensor& out, bool cached) {
+        labels_kernel();
+        testing::emu::launch(4, 1, kRowThreads, cached ? size_t(C) * sizeof(TestType) : 0, [&](unsigned char* smem) {
+          TestType* cache = cached ? reinterpret_cast<TestType*>(smem) : nullptr;
+          if (l64)
+            rk::ce_backward<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
+                                      cptr<int64_t>(count), ptr<TestType>(out), cache);
+          else
+            rk::ce_backward<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
+                                      cptr<int64_t>(count), ptr<TestType>(out), cache);
+        });
+      };
+      backward_kernel(dx, true);
+      Tensor dx_nc = nan_tensor(x.shape(), dt);
+      backward_kernel(dx_nc, false);
+      CHECK(bitwise_equal(dx_nc, dx));
       CHECK(count.item() == 7);  // rows 1 and 5 ignored
       CHECK_FALSE(testing::emu::reported().any);
       // The CPU kernels.
@@ -142,13 +158,14 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
       // Fused: labels, fused, total; bitwise the separate kernels' results.
       rows = nan_tensor(Shape{R}, DType::f64);
       labels_kernel();
-      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+      testing::emu::launch(4, 1, kRowThreads, size_t(C) * sizeof(TestType), [&](unsigned char* smem) {
+        TestType* cache = reinterpret_cast<TestType*>(smem);
         if (l64)
           rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
-                                 cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f));
+                                 cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f), cache);
         else
           rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), cptr<TestType>(ct), R, C, ignore, red,
-                                 cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f));
+                                 cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f), cache);
       });
       total_kernel(loss_f);
       CHECK(bitwise_equal(loss_f, loss));
@@ -169,7 +186,8 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
     });
     testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
       rk::ce_fused<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, ignore, 2,
-                             cptr<int64_t>(count), ptr<TestType>(loss), ptr<double>(rows), ptr<TestType>(dx));
+                             cptr<int64_t>(count), ptr<TestType>(loss), ptr<double>(rows), ptr<TestType>(dx),
+                             static_cast<TestType*>(nullptr));
     });
     REQUIRE(testing::emu::reported().any);
     const kernels::cuda::DeviceReport& r = testing::emu::reported().r;
