@@ -174,11 +174,9 @@ struct RowLaunch {
 };
 template <class T, class K>
 RowLaunch row_launch(K kernel, int64_t n, bool wants_cache) {
-  static int limit[64] = {};  // per device, bytes
-  int dev = 0;
-  cudaGetDevice(&dev);
-  int& lim = limit[dev & 63];
-  if (lim == 0 && cudaDeviceGetAttribute(&lim, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) lim = -1;
+  int dev = 0, lim = 0;  // the current device's opt-in limit, bytes (a cached attribute: cheap to ask)
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&lim, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess)
+    lim = 0;
   const size_t bytes = size_t(n) * sizeof(T);
   RowLaunch rl{n >= 8192 ? 1024u : unsigned(kThreads), 0};
   if (wants_cache && lim > 1024 && bytes <= size_t(lim - 1024) && allow_smem(kernel, bytes) == 0) rl.smem = bytes;
