@@ -25,10 +25,13 @@ inline unsigned grid_for(int64_t n, int threads = kThreads) {
 }
 
 /// Opts `kernel` into more than the default 48 KB of dynamic shared memory when it needs `bytes`; returns
-/// the cudaError_t as an int (0 = success).
+/// the cudaError_t as an int (0 = success). The limit only ever rises, so a CUDA graph captured with a
+/// larger launch of the same kernel still replays after a smaller one.
 template <class K>
 inline int allow_smem(K kernel, size_t bytes) {
   if (bytes <= 48 * 1024) return 0;
+  cudaFuncAttributes a{};
+  if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess && size_t(a.maxDynamicSharedSizeBytes) >= bytes) return 0;
   return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
