@@ -276,13 +276,17 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
       // Only a tile on an edge (past Tk, or reaching above the warp's first row under the causal mask)
       // tests its elements; the warp's others are all visible.
       if (k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > q0 + w * 16)) {
+        int last_col[2];  // per row of the lane: the tile column of its last visible key (-1: none)
+        TX_UNROLL
+        for (int r = 0; r < 2; ++r) {
+          const int64_t lv = (causal && row[r] < Tk - 1 ? row[r] : Tk - 1) - k0;
+          last_col[r] = int(lv < -1 ? -1 : (lv > kMmaTile ? kMmaTile : lv));
+        }
         TX_UNROLL
         for (int nt = 0; nt < NT; ++nt)
           TX_UNROLL
-          for (int e = 0; e < 4; ++e) {
-            const int64_t j = k0 + nt * 8 + 2 * c + (e & 1);
-            s[nt][e] = j < Tk && visible(row[e >> 1], j, causal) ? s[nt][e] * scale_log2 : -INFINITY;
-          }
+          for (int e = 0; e < 4; ++e)
+            s[nt][e] = nt * 8 + 2 * c + (e & 1) <= last_col[e >> 1] ? s[nt][e] * scale_log2 : -INFINITY;
       } else {
         TX_UNROLL
         for (int nt = 0; nt < NT; ++nt)

@@ -52,6 +52,9 @@ struct Problem {
   int64_t N, Tq, Tk, D;
   bool causal;
   int grid_y;  // < N: blocks loop over n
+  // Every score negative (q >= 0, k <= 0): a key past Tk (a zero row, score 0) let through would
+  // outweigh the real ones, so a mask off by one key fails far beyond the tolerance.
+  bool negative_scores = false;
 };
 
 // The problem's buffers (inputs rounded to T once; outputs and lse NaN before the kernels run), and the
@@ -66,7 +69,9 @@ struct Buffers {
   Buffers(const Problem& p, RngKey key) : pb(p), scale(1.0 / std::sqrt(double(p.D))) {
     const DType dt = Dtype<T>::value;
     const Shape sq{pb.N, pb.Tq, pb.D}, sk{pb.N, pb.Tk, pb.D};
-    q = testing::randn64(fold_in(key, 1), sq).astype(dt), k = testing::randn64(fold_in(key, 2), sk).astype(dt);
+    q = testing::randn64(fold_in(key, 1), sq), k = testing::randn64(fold_in(key, 2), sk);
+    if (pb.negative_scores) q = abs(q), k = neg(abs(k));
+    q = q.astype(dt), k = k.astype(dt);
     v = testing::randn64(fold_in(key, 3), sk).astype(dt), ct = testing::randn64(fold_in(key, 4), sq).astype(dt);
     Tensor q32 = q.astype(DType::f32), k32 = k.astype(DType::f32), v32 = v.astype(DType::f32);
     for (Tensor* t : {&q32, &k32, &v32}) t->set_requires_grad();
@@ -161,6 +166,10 @@ TEST_CASE("tensor-core attention, emulated on the CPU: forward and backward matc
   SECTION("f16, D 64, full attention, more keys than queries") { check_mma<__half, 64>({1, 65, 150, 64, false, 1}, key); }
   SECTION("bf16, D 128, causal") { check_mma<__nv_bfloat16, 128>({1, 70, 70, 128, true, 1}, key); }
   SECTION("f16, D 64, causal, the last query row alone in its key tile") { check_mma<__half, 64>({1, 65, 65, 64, true, 1}, key); }
+  SECTION("bf16, D 64, causal and full, every score negative, ragged key tiles") {
+    check_mma<__nv_bfloat16, 64>({1, 100, 70, 64, true, 1, true}, key);
+    check_mma<__nv_bfloat16, 64>({1, 70, 100, 64, false, 1, true}, key);
+  }
 }
 
 TEST_CASE("FP32 attention kernels, emulated on the CPU: forward and backward match the CPU kernels", "[emulated]") {
