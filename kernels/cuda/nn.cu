@@ -89,15 +89,19 @@ __global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, 
   layer_norm_dx<DevicePrim>(dy, x, w, R, D, eps, dx, stats);
 }
 
-__global__ void k_layer_norm_warp(const float* x, const float* w, const float* b, int64_t R, int64_t D, double eps,
-                                  float* y) {
-  layer_norm_warp<DevicePrim, kLnWarpVecs>(x, w, b, R, D, eps, y);
+// KV float4 per lane: ln_warp_vecs(D).
+template <int KV>
+__global__ void __launch_bounds__(kThreads) k_layer_norm_warp(const float* x, const float* w, const float* b, int64_t R,
+                                                              int64_t D, double eps, float* y) {
+  layer_norm_warp<DevicePrim, KV>(x, w, b, R, D, eps, y);
 }
 
-__global__ void k_layer_norm_dx_warp(const float* dy, const float* x, const float* w, int64_t R, int64_t D, double eps,
-                                     float* dx, double* stats) {
-  layer_norm_dx_warp<DevicePrim, kLnWarpVecs>(dy, x, w, R, D, eps, dx, stats);
+template <int KV>
+__global__ void __launch_bounds__(kThreads) k_layer_norm_dx_warp(const float* dy, const float* x, const float* w, int64_t R,
+                                                                 int64_t D, double eps, float* dx, double* stats) {
+  layer_norm_dx_warp<DevicePrim, KV>(dy, x, w, R, D, eps, dx, stats);
 }
+
 
 template <class T>
 __global__ void k_layer_norm_dwdb_partial(const T* dy, const T* x, const double* stats, int64_t R, int64_t D,
@@ -267,9 +271,11 @@ int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t
                       void* stream) {
   if (R * D == 0) return 0;
   if (ln_warp_path(t, D, {x, w, b, y})) {
-    k_layer_norm_warp<<<warp_row_blocks(R), kThreads, 0, as_stream(stream)>>>(
-        static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b), R, D, eps,
-        static_cast<float*>(y));
+    with_ln_warp_vecs(D, [&](auto kv) {
+      k_layer_norm_warp<decltype(kv)::value><<<warp_row_blocks(R), kThreads, 0, as_stream(stream)>>>(
+          static_cast<const float*>(x), static_cast<const float*>(w), static_cast<const float*>(b), R, D, eps,
+          static_cast<float*>(y));
+    });
     return int(cudaGetLastError());
   }
   return floating(t, [&](auto v) {
@@ -292,9 +298,11 @@ int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* 
   return floating(t, [&](auto v) {
     using T = decltype(v);
     if (R > 0 && ln_warp_path(t, D, {dy, x, w, dx}))
-      k_layer_norm_dx_warp<<<warp_row_blocks(R), kThreads, 0, st>>>(
-          static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(w), R, D, eps,
-          static_cast<float*>(dx), stats);
+      with_ln_warp_vecs(D, [&](auto kv) {
+        k_layer_norm_dx_warp<decltype(kv)::value><<<warp_row_blocks(R), kThreads, 0, st>>>(
+            static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(w), R, D, eps,
+            static_cast<float*>(dx), stats);
+      });
     else if (R > 0)
       k_layer_norm_dx<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
                                                           static_cast<const T*>(w), R, D, eps, static_cast<T*>(dx),

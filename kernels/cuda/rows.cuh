@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/hw_policy.h"
 
@@ -247,6 +248,24 @@ TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int6
 // has W rows in flight. Same formulas as above (a summation order of their own).
 constexpr int kLnWarpVecs = 8;  // D <= 1024: GPT-2's 768, BERT's 1024
 constexpr bool ln_warp_rows(int64_t D) { return D % 4 == 0 && D > 0 && D <= 128 * kLnWarpVecs; }
+/// The float4 per lane (KV) the warp bodies are instantiated with for a width D that ln_warp_rows takes:
+/// the fewest of 2, 4, 6, 8 that hold the row, so that its registers leave room for more blocks per SM
+/// (GPT-2's 768 takes 6).
+constexpr int ln_warp_vecs(int64_t D) {
+  const int64_t v = (D + 127) / 128;
+  return v <= 2 ? 2 : v <= 4 ? 4 : v <= 6 ? 6 : 8;
+}
+/// body(std::integral_constant<int, KV>{}) with KV = ln_warp_vecs(D).
+template <class Body>
+void with_ln_warp_vecs(int64_t D, Body body) {
+  static_assert(kLnWarpVecs == 8, "the instantiations below cover up to 8 float4 per lane");
+  switch (ln_warp_vecs(D)) {
+    case 2: body(std::integral_constant<int, 2>{}); break;
+    case 4: body(std::integral_constant<int, 4>{}); break;
+    case 6: body(std::integral_constant<int, 6>{}); break;
+    default: body(std::integral_constant<int, 8>{}); break;
+  }
+}
 
 TX_HW_FN float f4_at(const float4& v, int e) { return e == 0 ? v.x : e == 1 ? v.y : e == 2 ? v.z : v.w; }
 

@@ -248,10 +248,11 @@ TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match
 TEST_CASE("row kernels, emulated: layer norm's warp-per-row f32 bodies match the CPU", "[emulated]") {
   const RngKey key = fresh_key();
   const double eps = 1e-5;
-  // 37 rows over 24 warps (a warp takes two rows, some one); D: ragged over the lanes (300: 75 float4, so
-  // lanes 11-31 have two and the others three), the largest the path takes, and one float4.
+  // 37 rows over 24 warps (a warp takes two rows, some one); D (with the float4 per lane nn.cu takes):
+  // ragged over the lanes (300 with 4: 75 float4, so lanes 11-31 hold two and the others three), GPT-2's 768
+  // (6), the largest the path takes (8), and one float4 (2).
   const int64_t R = 37;
-  for (const int64_t D : {int64_t(300), int64_t(128 * rk::kLnWarpVecs), int64_t(4)}) {
+  for (const int64_t D : {int64_t(300), int64_t(768), int64_t(128 * rk::kLnWarpVecs), int64_t(4)}) {
     REQUIRE(rk::ln_warp_rows(D));
     const Tensor x = (testing::randn64(fold_in(key, uint64_t(D)), Shape{R, D}) * 2.0 + 0.5).astype(DType::f32);
     const Tensor w = testing::randn64(fold_in(key, 2), Shape{D}).astype(DType::f32);
@@ -263,12 +264,15 @@ TEST_CASE("row kernels, emulated: layer norm's warp-per-row f32 bodies match the
       const float* bp = affine ? cptr<float>(b) : nullptr;
       Tensor y = nan_tensor(x.shape(), DType::f32), dx = nan_tensor(x.shape(), DType::f32);
       Tensor stats = nan_tensor(Shape{2 * R}, DType::f64);
-      testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
-        rk::layer_norm_warp<HostPrim, rk::kLnWarpVecs>(cptr<float>(x), wp, bp, R, D, eps, ptr<float>(y));
-      });
-      testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
-        rk::layer_norm_dx_warp<HostPrim, rk::kLnWarpVecs>(cptr<float>(dy), cptr<float>(x), wp, R, D, eps, ptr<float>(dx),
-                                                          ptr<double>(stats));
+      rk::with_ln_warp_vecs(D, [&](auto kv) {
+        constexpr int KV = decltype(kv)::value;
+        testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
+          rk::layer_norm_warp<HostPrim, KV>(cptr<float>(x), wp, bp, R, D, eps, ptr<float>(y));
+        });
+        testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
+          rk::layer_norm_dx_warp<HostPrim, KV>(cptr<float>(dy), cptr<float>(x), wp, R, D, eps, ptr<float>(dx),
+                                               ptr<double>(stats));
+        });
       });
       Tensor want_y = empty(x.shape(), DType::f32), want_dx = empty(x.shape(), DType::f32);
       kc::layer_norm(x, affine ? &w : nullptr, affine ? &b : nullptr, eps, want_y);
