@@ -102,7 +102,6 @@ __global__ void __launch_bounds__(kThreads) k_layer_norm_dx_warp(const float* dy
   layer_norm_dx_warp<DevicePrim, KV>(dy, x, w, R, D, eps, dx, stats);
 }
 
-
 template <class T>
 __global__ void k_layer_norm_dwdb_partial(const T* dy, const T* x, const double* stats, int64_t R, int64_t D,
                                           double* partial) {

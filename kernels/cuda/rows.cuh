@@ -2,8 +2,9 @@
 // primitives (kernels/cuda/hw_policy.h), so that tests/emulated/ runs them on the CPU too: softmax /
 // log-softmax over rows, cross-entropy (the labels' check and count, forward, backward, both fused, the
 // total), layer norm forward and backward. One block per row (grid-stride over rows), block reductions
-// by warp shuffles; row statistics accumulate in double as on the CPU (kernels/cpu/nn.h: the same
-// formulas, in another summation order).
+// by warp shuffles, an optional shared-memory copy of the row for a second pass; layer norm also a warp
+// per row with the row in registers, and its dw / db in chunks of rows. Row statistics accumulate in
+// double as on the CPU (kernels/cpu/nn.h: the same formulas, in another summation order).
 #pragma once
 
 #include <cmath>
