@@ -69,6 +69,21 @@ TX_HW_FN void load_rows(float* dst, const T* src, int64_t r0, int nrows, int64_t
 
 TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
+// Stores value(r, c) to row row0 + r (r < kRowsPerWarp: the warp's rows, those below `limit`), column
+// lane + 32 c (those below D), of the row-major [rows, D] `dst`.
+template <int DC, class T, class F>
+TX_HW_FN void store_warp_rows(T* dst, int64_t row0, int64_t limit, int D, int lane, F value) {
+  TX_UNROLL
+  for (int r = 0; r < kRowsPerWarp; ++r) {
+    if (row0 + r >= limit) continue;
+    TX_UNROLL
+    for (int c = 0; c < DC; ++c) {
+      const int d = lane + 32 * c;
+      if (d < D) stf(dst, (row0 + r) * D + d, value(r, c));
+    }
+  }
+}
+
 // For the warp's rows r: s[r] = sum_d a[r * P + d] * x[d] and t[r] = sum_d b[r * P + d] * y[d] (x, y: this
 // lane's rows of the streamed tile). The scores and dP of the backward kernels.
 TX_HW_FN void two_dots(float (&s)[kRowsPerWarp], const float* a, const float* x, float (&t)[kRowsPerWarp],
@@ -169,21 +184,13 @@ TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T*
       }
       accumulate_tile<Hw, DC>(acc, p, Vs, P, D, lane);
     }
-    T* on = o + n * Tq * D;
-    float* ln = lse + n * Tq;
+    // l == 0 only when no key is visible (Tk == 0): the empty sum, o = 0 and lse = -inf. A NaN l (NaN
+    // inputs) propagates.
+    const int64_t row0 = q0 + w * kRowsPerWarp;
+    store_warp_rows<DC>(o + n * Tq * D, row0, Tq, D, lane, [&](int r, int c) { return l[r] == 0.f ? 0.f : acc[r][c] / l[r]; });
     TX_UNROLL
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = q0 + w * kRowsPerWarp + r;
-      if (i >= Tq) continue;
-      // l == 0 only when no key is visible (Tk == 0): the empty sum, o = 0 and lse = -inf. A NaN l
-      // (NaN inputs) propagates.
-      TX_UNROLL
-      for (int c = 0; c < DC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < D) stf(on, i * D + d, l[r] == 0.f ? 0.f : acc[r][c] / l[r]);
-      }
-      if (lane == 0) ln[i] = l[r] == 0.f ? -INFINITY : m[r] + logf(l[r]);
-    }
+    for (int r = 0; r < kRowsPerWarp; ++r)
+      if (lane == 0 && row0 + r < Tq) lse[n * Tq + row0 + r] = l[r] == 0.f ? -INFINITY : m[r] + logf(l[r]);
   }
 }
 
@@ -237,17 +244,7 @@ TX_HW_FN void backward_dq(const T* __restrict__ q, const T* __restrict__ k, cons
       }
       accumulate_tile<Hw, DC>(acc, ds, Ks, P, D, lane);
     }
-    T* dqn = dq + n * Tq * D;
-    TX_UNROLL
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t i = q0 + w * kRowsPerWarp + r;
-      if (i >= Tq) continue;
-      TX_UNROLL
-      for (int c = 0; c < DC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < D) stf(dqn, i * D + d, acc[r][c] * scale);
-      }
-    }
+    store_warp_rows<DC>(dq + n * Tq * D, q0 + w * kRowsPerWarp, Tq, D, lane, [&](int r, int c) { return acc[r][c] * scale; });
   }
 }
 
@@ -325,21 +322,9 @@ TX_HW_FN void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, co
         }
       }
     }
-    T* dkn = dk + n * Tk * D;
-    T* dvn = dv + n * Tk * D;
-    TX_UNROLL
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int64_t j = j0 + w * kRowsPerWarp + r;
-      if (j >= Tk) continue;
-      TX_UNROLL
-      for (int c = 0; c < DC; ++c) {
-        const int d = lane + 32 * c;
-        if (d < D) {
-          stf(dkn, j * D + d, ak[r][c] * scale);
-          stf(dvn, j * D + d, av[r][c]);
-        }
-      }
-    }
+    const int64_t row0 = j0 + w * kRowsPerWarp;
+    store_warp_rows<DC>(dk + n * Tk * D, row0, Tk, D, lane, [&](int r, int c) { return ak[r][c] * scale; });
+    store_warp_rows<DC>(dv + n * Tk * D, row0, Tk, D, lane, [&](int r, int c) { return av[r][c]; });
   }
 }
 

@@ -154,12 +154,17 @@ void check_fp32(const Problem& pb, RngKey key) {
   b.check_backward(tol);
 }
 
+// A key from the clock, logged with the test's failures.
+RngKey fresh_key() {
+  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  UNSCOPED_INFO("seed " << seed);
+  return RngKey::from_seed(seed);
+}
+
 }  // namespace
 
 TEST_CASE("tensor-core attention, emulated on the CPU: forward and backward match the CPU kernels", "[emulated]") {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  INFO("seed " << seed);
-  const RngKey key = RngKey::from_seed(seed);
+  const RngKey key = fresh_key();
   SECTION("bf16, D 64, causal, Tq != Tk, ragged tiles, blocks looping over n") {
     check_mma<__nv_bfloat16, 64>({2, 130, 70, 64, true, 1}, key);
   }
@@ -173,9 +178,7 @@ TEST_CASE("tensor-core attention, emulated on the CPU: forward and backward matc
 }
 
 TEST_CASE("FP32 attention kernels, emulated on the CPU: forward and backward match the CPU kernels", "[emulated]") {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  INFO("seed " << seed);
-  const RngKey key = RngKey::from_seed(seed);
+  const RngKey key = fresh_key();
   SECTION("f32, D 40 (a partial lane chunk), causal, Tq != Tk, blocks looping over n") {
     check_fp32<float, 2>({2, 50, 37, 40, true, 1}, key);
   }
