@@ -56,8 +56,9 @@ int dispatch_mma(Dt t, int64_t D, Body body) {
   return err ? err : int(cudaGetLastError());
 }
 
-dim3 mma_grid(int64_t rows, int64_t N) {
-  return dim3(unsigned((rows + ma::kMmaRows - 1) / ma::kMmaRows), unsigned(N < 65535 ? N : 65535));
+// Blocks of R rows over `rows`, by N (at most 65535: the blocks loop over n).
+dim3 mma_grid(int64_t rows, int R, int64_t N) {
+  return dim3(unsigned((rows + R - 1) / R), unsigned(N < 65535 ? N : 65535));
 }
 
 }  // namespace
@@ -78,7 +79,7 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
     constexpr int HD = decltype(hd)::value;
     constexpr size_t bytes = ma::fwd_smem_bytes<T, HD>();
     if (int e = allow_smem(k_attn_fwd_mma<T, HD>, bytes)) return e;
-    k_attn_fwd_mma<T, HD><<<mma_grid(Tq, N), ma::kMmaThreads, bytes, st>>>(
+    k_attn_fwd_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::fwd_mtiles<HD>()>(), N), ma::kMmaThreads, bytes, st>>>(
         static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, N, Tq, Tk,
         causal, float(scale) * ma::kLog2e);
     return 0;
@@ -103,13 +104,13 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
     if (Tq > 0) {
       constexpr size_t bytes = ma::dq_smem_bytes<T, HD>();
       if (int e = allow_smem(k_attn_dq_mma<T, HD>, bytes)) return e;
-      k_attn_dq_mma<T, HD><<<mma_grid(Tq, N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dq),
+      k_attn_dq_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::kDqMtiles>(), N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dq),
                                                                             N, Tq, Tk, causal, sl2, float(scale));
     }
     if (Tk > 0) {  // Tq == 0: no query tile, dk = dv = 0
       constexpr size_t bytes = ma::dkdv_smem_bytes<T, HD>();
       if (int e = allow_smem(k_attn_dkdv_mma<T, HD>, bytes)) return e;
-      k_attn_dkdv_mma<T, HD><<<mma_grid(Tk, N), ma::kMmaThreads, bytes, st>>>(
+      k_attn_dkdv_mma<T, HD><<<mma_grid(Tk, ma::block_rows<ma::kDkdvMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
           qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale));
     }
     return 0;

@@ -15,9 +15,10 @@
 // (.trans) of Y's rows, so no tile is ever stored transposed. Shared rows have a pitch of D + 8 elements:
 // 16-byte aligned rows, and the 8 rows of an ldmatrix phase start 4 banks apart (no bank conflict).
 //
-// Blocks of 4 warps; a warp owns 16 rows (queries in the forward and dq, keys in dk / dv), a block 64, and
-// the other side streams through shared memory in tiles of 64, FA2's software pipeline: tiles arrive by
-// cp.async into two buffers, the next tile's copies in flight while the current one is computed on.
+// Blocks of 4 warps; a warp owns 16 rows, or 32 (fwd_mtiles below), of queries in the forward and dq, of
+// keys in dk / dv, and the other side streams through shared memory in tiles of 64, FA2's software
+// pipeline: tiles arrive by cp.async into two buffers, the next tile's copies in flight while the current
+// one is computed on.
 // Softmax statistics stay in f32 (exp2 of scores pre-multiplied by scale * log2(e)); P and dS are rounded
 // to the inputs' 16-bit type for their products, as FlashAttention does. Deterministic: fixed orders, no
 // atomics (dq and dk / dv in separate kernels, as attention.cu). Causal blocks skip fully masked tiles as
@@ -45,29 +46,43 @@
 namespace titanax::kernels::cuda::mma_attention {
 
 constexpr int kMmaThreads = 128;  // 4 warps
-constexpr int kMmaRows = 64;      // rows a block owns (16 per warp)
 constexpr int kMmaTile = 64;      // rows of a streamed tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-static_assert(kMmaRows == kMmaTile, "the shared-memory budgets below count tiles of one size");
 
-/// Bytes of one [64][D + 8] tile of T in shared memory.
+/// M-tiles (16 rows each) a warp owns. The forward at D 64 takes two (FA2's 128-row blocks): every B
+/// fragment read from shared memory then feeds two MMAs, so the block reads half the shared bytes per
+/// product (232 registers, no spill, on sm_90). At D 128 its accumulators leave no room for a second, nor
+/// do the backward's: dq with two at D 64 spills, and dk / dv hold two accumulators already.
+template <int D>
+constexpr int fwd_mtiles() {
+  return D == 64 ? 2 : 1;
+}
+constexpr int kDqMtiles = 1;
+constexpr int kDkdvMtiles = 1;
+/// Rows a block of M m-tiles per warp owns.
+template <int M>
+constexpr int block_rows() {
+  return 4 * 16 * M;
+}
+
+/// Bytes of `rows` rows of T in shared memory (pitch D + 8).
 template <class T, int D>
-constexpr size_t mma_tile_bytes() {
-  return size_t(kMmaTile) * (D + 8) * sizeof(T);
+constexpr size_t mma_rows_bytes(int rows) {
+  return size_t(rows) * (D + 8) * sizeof(T);
 }
 /// Dynamic shared memory of each kernel, in bytes.
 template <class T, int D>
-constexpr size_t fwd_smem_bytes() {  // Q; K, V twice
-  return 5 * mma_tile_bytes<T, D>();
+constexpr size_t fwd_smem_bytes() {  // the block's Q rows; K, V twice
+  return mma_rows_bytes<T, D>(block_rows<fwd_mtiles<D>()>() + 4 * kMmaTile);
 }
 template <class T, int D>
-constexpr size_t dq_smem_bytes() {  // Q, dO; K, V twice
-  return 6 * mma_tile_bytes<T, D>();
+constexpr size_t dq_smem_bytes() {  // the block's Q, dO rows; K, V twice
+  return mma_rows_bytes<T, D>(2 * block_rows<kDqMtiles>() + 4 * kMmaTile);
 }
 template <class T, int D>
-constexpr size_t dkdv_smem_bytes() {  // K, V; Q, dO, and lse and delta [64] f32, twice
-  return 6 * mma_tile_bytes<T, D>() + size_t(4 * kMmaTile) * sizeof(float);
+constexpr size_t dkdv_smem_bytes() {  // the block's K, V rows; Q, dO, and lse and delta [64] f32, twice
+  return mma_rows_bytes<T, D>(2 * block_rows<kDkdvMtiles>() + 4 * kMmaTile) + size_t(4 * kMmaTile) * sizeof(float);
 }
 
 // Two floats rounded to the 16-bit type, lo in the low half.
@@ -177,264 +192,314 @@ TX_HW_FN float quad_sum(float v) {
 
 TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
-// s += X Y^T over features [16 kk, 16 kk + 16): X's A fragment `a` (16 rows) against the 64 rows of the
-// tile Y (row-major at y, pitch D + 8), as C fragments by n-tile.
-template <class Hw, class T, int D>
-TX_HW_FN void product_bt(float (&s)[kMmaTile / 8][4], const uint32_t (&a)[4], const T* y, int kk, int lane) {
+// A warp's rows: with M m-tiles, warp w owns rows [16 M w, 16 M (w + 1)) of its block, m-tile m the 16 from
+// 16 (M w + m). Lane (g, c) holds, in C fragments, rows 16 m + g (elements 0, 1) and 16 m + g + 8 (2, 3) of
+// them: row slot 2 m + (e >> 1) of the lane's 2 M.
+
+// s[m] += X_m Y^T over features [16 kk, 16 kk + 16): the A fragments a[m] of the warp's m-tiles against the
+// 64 rows of the tile Y (row-major at y, pitch D + 8), as C fragments by n-tile. Each B fragment read
+// from shared memory feeds M MMAs.
+template <class Hw, class T, int D, int M>
+TX_HW_FN void product_bt(float (&s)[M][kMmaTile / 8][4], const uint32_t (&a)[M][4], const T* y, int kk, int lane) {
   TX_UNROLL
   for (int ntp = 0; ntp < kMmaTile / 16; ++ntp) {
     uint32_t b0[2], b1[2];
     ldsm_bt<Hw>(b0, b1, y, D + 8, ntp * 16, kk * 16, lane);
-    Hw::mma(s[2 * ntp], a, b0, T{});
-    Hw::mma(s[2 * ntp + 1], a, b1, T{});
-  }
-}
-
-// s = X1 Y1^T and t = X2 Y2^T: the warp's 16 rows of X1 / X2 at x1 / x2 against the 64 rows of the tiles
-// Y1 / Y2 (all row-major, pitch D + 8). The backward's S and dP (dq) or S^T and dP^T (dk / dv).
-template <class Hw, class T, int D>
-TX_HW_FN void two_products(float (&s)[kMmaTile / 8][4], float (&t)[kMmaTile / 8][4], const T* x1, const T* y1,
-                            const T* x2, const T* y2, int lane) {
-  TX_UNROLL
-  for (int nt = 0; nt < kMmaTile / 8; ++nt)
     TX_UNROLL
-    for (int e = 0; e < 4; ++e) s[nt][e] = t[nt][e] = 0.f;
-  TX_UNROLL
-  for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t a[4];
-    ldsm_a<Hw>(a, x1, D + 8, kk * 16, lane);
-    product_bt<Hw, T, D>(s, a, y1, kk, lane);
-    ldsm_a<Hw>(a, x2, D + 8, kk * 16, lane);
-    product_bt<Hw, T, D>(t, a, y2, kk, lane);
-  }
-}
-
-// acc (the warp's 16 x D f32 C fragments) += X Y, where X is the warp's 16 x 64 product held as C
-// fragments x (rounded to T for the MMA) and Y a 64 x D tile row-major in shared memory (pitch D + 8).
-// P V, dS K, P^T dO and dS^T Q.
-template <class Hw, class T, int D>
-TX_HW_FN void accumulate_product(float (&acc)[D / 8][4], const float (&x)[kMmaTile / 8][4], const T* y, int lane) {
-  TX_UNROLL
-  for (int kk = 0; kk < kMmaTile / 16; ++kk) {
-    uint32_t a[4];
-    a_from_c<T>(a, x[2 * kk], x[2 * kk + 1]);
-    TX_UNROLL
-    for (int dtp = 0; dtp < D / 16; ++dtp) {
-      uint32_t b0[2], b1[2];
-      ldsm_b<Hw>(b0, b1, y, D + 8, kk * 16, dtp * 16, lane);
-      Hw::mma(acc[2 * dtp], a, b0, T{});
-      Hw::mma(acc[2 * dtp + 1], a, b1, T{});
+    for (int m = 0; m < M; ++m) {
+      Hw::mma(s[m][2 * ntp], a[m], b0, T{});
+      Hw::mma(s[m][2 * ntp + 1], a[m], b1, T{});
     }
   }
 }
 
-// The first row of the block's 64: block x, counted from the last block, so that under a causal mask the
+// s = X1 Y1^T and t = X2 Y2^T: the warp's 16 M rows of X1 / X2 at x1 / x2 against the 64 rows of the
+// tiles Y1 / Y2 (all row-major, pitch D + 8). The backward's S and dP (dq) or S^T and dP^T (dk / dv).
+template <class Hw, class T, int D, int M>
+TX_HW_FN void two_products(float (&s)[M][kMmaTile / 8][4], float (&t)[M][kMmaTile / 8][4], const T* x1, const T* y1,
+                            const T* x2, const T* y2, int lane) {
+  TX_UNROLL
+  for (int m = 0; m < M; ++m)
+    TX_UNROLL
+    for (int nt = 0; nt < kMmaTile / 8; ++nt)
+      TX_UNROLL
+      for (int e = 0; e < 4; ++e) s[m][nt][e] = t[m][nt][e] = 0.f;
+  TX_UNROLL
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[M][4];
+    TX_UNROLL
+    for (int m = 0; m < M; ++m) ldsm_a<Hw>(a[m], x1 + 16 * m * (D + 8), D + 8, kk * 16, lane);
+    product_bt<Hw, T, D, M>(s, a, y1, kk, lane);
+    TX_UNROLL
+    for (int m = 0; m < M; ++m) ldsm_a<Hw>(a[m], x2 + 16 * m * (D + 8), D + 8, kk * 16, lane);
+    product_bt<Hw, T, D, M>(t, a, y2, kk, lane);
+  }
+}
+
+// acc[m] (the warp's 16 M x D f32 C fragments) += X_m Y, where X is the warp's 16 M x 64 product held as C
+// fragments x (rounded to T for the MMA) and Y a 64 x D tile row-major in shared memory (pitch D + 8).
+// P V, dS K, P^T dO and dS^T Q.
+template <class Hw, class T, int D, int M>
+TX_HW_FN void accumulate_product(float (&acc)[M][D / 8][4], const float (&x)[M][kMmaTile / 8][4], const T* y, int lane) {
+  TX_UNROLL
+  for (int kk = 0; kk < kMmaTile / 16; ++kk) {
+    uint32_t a[M][4];
+    TX_UNROLL
+    for (int m = 0; m < M; ++m) a_from_c<T>(a[m], x[m][2 * kk], x[m][2 * kk + 1]);
+    TX_UNROLL
+    for (int dtp = 0; dtp < D / 16; ++dtp) {
+      uint32_t b0[2], b1[2];
+      ldsm_b<Hw>(b0, b1, y, D + 8, kk * 16, dtp * 16, lane);
+      TX_UNROLL
+      for (int m = 0; m < M; ++m) {
+        Hw::mma(acc[m][2 * dtp], a[m], b0, T{});
+        Hw::mma(acc[m][2 * dtp + 1], a[m], b1, T{});
+      }
+    }
+  }
+}
+
+template <int M, int N>
+TX_HW_FN void zero_fragments(float (&x)[M][N][4]) {
+  TX_UNROLL
+  for (int m = 0; m < M; ++m)
+    TX_UNROLL
+    for (int i = 0; i < N; ++i) x[m][i][0] = x[m][i][1] = x[m][i][2] = x[m][i][3] = 0.f;
+}
+
+// Stores the warp's 16 M x D accumulators times `scale`, rounded to T, as rows row[2 M] (the lane's row
+// slots) of `out` (row-major, D columns); rows at or beyond `rows` are not stored.
+template <class Hw, class T, int D, int M>
+TX_HW_FN void store_rows(T* out, const float (&acc)[M][D / 8][4], const int64_t (&row)[2 * M], int64_t rows,
+                         const float (&scale)[2 * M], int c) {
+  TX_UNROLL
+  for (int rr = 0; rr < 2 * M; ++rr) {
+    if (row[rr] >= rows) continue;
+    const int m = rr >> 1, h = 2 * (rr & 1);
+    TX_UNROLL
+    for (int dt = 0; dt < D / 8; ++dt)
+      Hw::st32(out + row[rr] * D + dt * 8 + 2 * c, pack2(acc[m][dt][h] * scale[rr], acc[m][dt][h + 1] * scale[rr], T{}));
+  }
+}
+
+// The first row of the block's R: block x, counted from the last block, so that under a causal mask the
 // blocks that see the most keys start first.
 template <class Hw>
-TX_HW_FN int64_t last_first_row0() {
-  return int64_t(Hw::grid_x() - 1 - Hw::block_x()) * kMmaRows;
+TX_HW_FN int64_t last_first_row0(int R) {
+  return int64_t(Hw::grid_x() - 1 - Hw::block_x()) * R;
 }
 
 // ------------------------------------------------------------------------------------ forward
 
-// o = softmax(scale q k^T [+ mask]) v and lse, for the 64 query rows of the block (every n = block_y, +
-// grid_y, ...). scale_log2 = scale * log2(e).
+// o = softmax(scale q k^T [+ mask]) v and lse, for the block_rows<fwd_mtiles<D>()>() query rows of the
+// block (every n = block_y, + grid_y, ...). scale_log2 = scale * log2(e).
 template <class Hw, class T, int D>
 TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
-  constexpr int P = D + 8, KS = D / 16, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int M = fwd_mtiles<D>(), R = block_rows<M>(), P = D + 8, KS = D / 16, NT = kMmaTile / 8;
   T* Qs = reinterpret_cast<T*>(smem);
-  auto k_buf = [&](int b) { return Qs + (kMmaRows + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
+  auto k_buf = [&](int b) { return Qs + (R + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
-  const int64_t q0 = last_first_row0<Hw>();
-  const int64_t last = (q0 + kMmaRows < Tq ? q0 + kMmaRows : Tq) - 1;
+  const int64_t q0 = last_first_row0<Hw>(R), w0 = q0 + w * 16 * M;  // the block's and the warp's first rows
+  const int64_t last = (q0 + R < Tq ? q0 + R : Tq) - 1;
   const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;
-  const int64_t row[2] = {q0 + w * 16 + g, q0 + w * 16 + g + 8};
+  int64_t row[2 * M];
+  TX_UNROLL
+  for (int rr = 0; rr < 2 * M; ++rr) row[rr] = w0 + 16 * (rr >> 1) + g + 8 * (rr & 1);
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
     const T* kn = k + n * Tk * D;
     const T* vn = v + n * Tk * D;
     Hw::sync();  // every warp is done with the buffers of the previous n
-    issue_tile<Hw, T, D, kMmaRows>(Qs, q + n * Tq * D, q0, Tq);
-    uint32_t qa[KS][4];
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, acc[DT][4];
+    issue_tile<Hw, T, D, R>(Qs, q + n * Tq * D, q0, Tq);
+    uint32_t qa[KS][M][4];
+    float rmax[2 * M], rsum[2 * M], acc[M][D / 8][4];  // the running max and sum of each row slot
     TX_UNROLL
-    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    for (int rr = 0; rr < 2 * M; ++rr) rmax[rr] = -INFINITY, rsum[rr] = 0.f;
+    zero_fragments(acc);
     auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
       const int64_t k0 = t * kMmaTile;
       if (t == 0) {  // Q's fragments, kept in registers for every tile
         TX_UNROLL
-        for (int kk = 0; kk < KS; ++kk) ldsm_a<Hw>(qa[kk], Qs + w * 16 * P, P, kk * 16, lane);
+        for (int kk = 0; kk < KS; ++kk)
+          TX_UNROLL
+          for (int m = 0; m < M; ++m) ldsm_a<Hw>(qa[kk][m], Qs + (w * M + m) * 16 * P, P, kk * 16, lane);
       }
-      float s[NT][4];
+      float s[M][NT][4];
+      zero_fragments(s);
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-      TX_UNROLL
-      for (int kk = 0; kk < KS; ++kk) product_bt<Hw, T, D>(s, qa[kk], Ks, kk, lane);  // S = Q K^T
-      float mx[2] = {m[0], m[1]};
+      for (int kk = 0; kk < KS; ++kk) product_bt<Hw, T, D, M>(s, qa[kk], Ks, kk, lane);  // S = Q K^T
       // Only a tile on an edge (past Tk, or reaching above the warp's first row under the causal mask)
       // tests its elements; the warp's others are all visible.
-      if (k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > q0 + w * 16)) {
-        int last_col[2];  // per row of the lane: the tile column of its last visible key (-1: none)
+      if (k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > w0)) {
+        int last_col[2 * M];  // per row slot: the tile column of its last visible key (-1: none)
         TX_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          const int64_t lv = (causal && row[r] < Tk - 1 ? row[r] : Tk - 1) - k0;
-          last_col[r] = int(lv < -1 ? -1 : (lv > kMmaTile ? kMmaTile : lv));
+        for (int rr = 0; rr < 2 * M; ++rr) {
+          const int64_t lv = (causal && row[rr] < Tk - 1 ? row[rr] : Tk - 1) - k0;
+          last_col[rr] = int(lv < -1 ? -1 : (lv > kMmaTile ? kMmaTile : lv));
         }
         TX_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
+        for (int m = 0; m < M; ++m)
           TX_UNROLL
-          for (int e = 0; e < 4; ++e)
-            s[nt][e] = nt * 8 + 2 * c + (e & 1) <= last_col[e >> 1] ? s[nt][e] * scale_log2 : -INFINITY;
+          for (int nt = 0; nt < NT; ++nt)
+            TX_UNROLL
+            for (int e = 0; e < 4; ++e)
+              s[m][nt][e] = nt * 8 + 2 * c + (e & 1) <= last_col[2 * m + (e >> 1)] ? s[m][nt][e] * scale_log2 : -INFINITY;
       } else {
         TX_UNROLL
+        for (int m = 0; m < M; ++m)
+          TX_UNROLL
+          for (int nt = 0; nt < NT; ++nt)
+            TX_UNROLL
+            for (int e = 0; e < 4; ++e) s[m][nt][e] *= scale_log2;
+      }
+      float mx[2 * M], alpha[2 * M], rs[2 * M];
+      TX_UNROLL
+      for (int rr = 0; rr < 2 * M; ++rr) mx[rr] = rmax[rr], rs[rr] = 0.f;
+      TX_UNROLL
+      for (int m = 0; m < M; ++m)
+        TX_UNROLL
         for (int nt = 0; nt < NT; ++nt)
           TX_UNROLL
-          for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+          for (int e = 0; e < 4; ++e) mx[2 * m + (e >> 1)] = fmaxf(mx[2 * m + (e >> 1)], s[m][nt][e]);
+      TX_UNROLL
+      for (int rr = 0; rr < 2 * M; ++rr) {
+        mx[rr] = quad_max<Hw>(mx[rr]);
+        alpha[rr] = rmax[rr] == -INFINITY ? 0.f : exp2f(rmax[rr] - mx[rr]);  // nothing accumulated yet: no NaN
       }
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt)
+      for (int m = 0; m < M; ++m)
         TX_UNROLL
-        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[nt][e]);
-      float alpha[2], rs[2] = {0.f, 0.f};
+        for (int nt = 0; nt < NT; ++nt)
+          TX_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            const int rr = 2 * m + (e >> 1);
+            const float p = s[m][nt][e] == -INFINITY ? 0.f : exp2f(s[m][nt][e] - mx[rr]);
+            s[m][nt][e] = p;
+            rs[rr] += p;
+          }
       TX_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = quad_max<Hw>(mx[r]);
-        alpha[r] = m[r] == -INFINITY ? 0.f : exp2f(m[r] - mx[r]);  // nothing accumulated yet: no NaN
+      for (int rr = 0; rr < 2 * M; ++rr) {
+        rsum[rr] = rsum[rr] * alpha[rr] + quad_sum<Hw>(rs[rr]);
+        rmax[rr] = mx[rr];
       }
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt)
+      for (int m = 0; m < M; ++m)
         TX_UNROLL
-        for (int e = 0; e < 4; ++e) {
-          const float p = s[nt][e] == -INFINITY ? 0.f : exp2f(s[nt][e] - mx[e >> 1]);
-          s[nt][e] = p;
-          rs[e >> 1] += p;
-        }
-      TX_UNROLL
-      for (int r = 0; r < 2; ++r) {
-        l[r] = l[r] * alpha[r] + quad_sum<Hw>(rs[r]);
-        m[r] = mx[r];
-      }
-      TX_UNROLL
-      for (int dt = 0; dt < DT; ++dt) {
-        acc[dt][0] *= alpha[0];
-        acc[dt][1] *= alpha[0];
-        acc[dt][2] *= alpha[1];
-        acc[dt][3] *= alpha[1];
-      }
-      accumulate_product<Hw, T, D>(acc, s, Ks + kMmaTile * P, lane);  // o += P V
+        for (int dt = 0; dt < D / 8; ++dt)
+          TX_UNROLL
+          for (int e = 0; e < 4; ++e) acc[m][dt][e] *= alpha[2 * m + (e >> 1)];
+      accumulate_product<Hw, T, D, M>(acc, s, Ks + kMmaTile * P, lane);  // o += P V
     };
     stream_tiles<Hw>((kend + kMmaTile - 1) / kMmaTile, issue, compute);
-    T* on = o + n * Tq * D;
+    // rsum == 0 only when no key is visible (Tk == 0): o = 0 and lse = -inf, as attention.cu.
+    float inv[2 * M];
     TX_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= Tq) continue;
-      // l == 0 only when no key is visible (Tk == 0): o = 0 and lse = -inf, as attention.cu.
-      const float inv = l[r] == 0.f ? 0.f : 1.f / l[r];
-      TX_UNROLL
-      for (int dt = 0; dt < DT; ++dt)
-        Hw::st32(on + row[r] * D + dt * 8 + 2 * c, pack2(acc[dt][2 * r] * inv, acc[dt][2 * r + 1] * inv, T{}));
-      if (c == 0) lse[n * Tq + row[r]] = l[r] == 0.f ? -INFINITY : (m[r] + log2f(l[r])) * kLn2;
+    for (int rr = 0; rr < 2 * M; ++rr) {
+      inv[rr] = rsum[rr] == 0.f ? 0.f : 1.f / rsum[rr];
+      if (c == 0 && row[rr] < Tq) lse[n * Tq + row[rr]] = rsum[rr] == 0.f ? -INFINITY : (rmax[rr] + log2f(rsum[rr])) * kLn2;
     }
+    store_rows<Hw, T, D, M>(o + n * Tq * D, acc, row, Tq, inv, c);
   }
 }
 
 // ------------------------------------------------------------------------------------ backward
 
-// dq_i = scale sum_j dS_ij k_j, dS = P (dP - delta), P = exp(scale q k^T - lse), dP = dout v^T, for the 64
-// query rows of the block. delta_i = sum_d dout_id o_id (computed before).
+// dq_i = scale sum_j dS_ij k_j, dS = P (dP - delta), P = exp(scale q k^T - lse), dP = dout v^T, for the
+// block_rows<kDqMtiles>() query rows of the block. delta_i = sum_d dout_id o_id (computed before).
 template <class Hw, class T, int D>
 TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                            unsigned char* smem) {
-  constexpr int P = D + 8, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int M = kDqMtiles, R = block_rows<M>(), P = D + 8, NT = kMmaTile / 8;
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Os = Qs + kMmaRows * P;
-  auto k_buf = [&](int b) { return Os + (kMmaRows + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
+  T* Os = Qs + R * P;
+  auto k_buf = [&](int b) { return Os + (R + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
-  const int64_t q0 = last_first_row0<Hw>();
-  const int64_t last = (q0 + kMmaRows < Tq ? q0 + kMmaRows : Tq) - 1;
+  const int64_t q0 = last_first_row0<Hw>(R), w0 = q0 + w * 16 * M;  // the block's and the warp's first rows
+  const int64_t last = (q0 + R < Tq ? q0 + R : Tq) - 1;
   const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;
-  const int64_t row[2] = {q0 + w * 16 + g, q0 + w * 16 + g + 8};
-  const T* qw = Qs + w * 16 * P;
-  const T* ow = Os + w * 16 * P;
+  int64_t row[2 * M];
+  TX_UNROLL
+  for (int rr = 0; rr < 2 * M; ++rr) row[rr] = w0 + 16 * (rr >> 1) + g + 8 * (rr & 1);
+  const T* qw = Qs + w * 16 * M * P;
+  const T* ow = Os + w * 16 * M * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
     const T* kn = k + n * Tk * D;
     const T* vn = v + n * Tk * D;
     Hw::sync();  // every warp is done with the buffers of the previous n
-    issue_tile<Hw, T, D, kMmaRows>(Qs, q + n * Tq * D, q0, Tq);
-    issue_tile<Hw, T, D, kMmaRows>(Os, dout + n * Tq * D, q0, Tq);
-    float l2[2], di[2], acc[DT][4];
+    issue_tile<Hw, T, D, R>(Qs, q + n * Tq * D, q0, Tq);
+    issue_tile<Hw, T, D, R>(Os, dout + n * Tq * D, q0, Tq);
+    float l2[2 * M], di[2 * M], acc[M][D / 8][4];
     TX_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      l2[r] = row[r] < Tq ? lse[n * Tq + row[r]] * kLog2e : 0.f;
-      di[r] = row[r] < Tq ? delta[n * Tq + row[r]] : 0.f;
+    for (int rr = 0; rr < 2 * M; ++rr) {
+      l2[rr] = row[rr] < Tq ? lse[n * Tq + row[rr]] * kLog2e : 0.f;
+      di[rr] = row[rr] < Tq ? delta[n * Tq + row[rr]] : 0.f;
     }
-    TX_UNROLL
-    for (int dt = 0; dt < DT; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    zero_fragments(acc);
     auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
       const int64_t k0 = t * kMmaTile;
-      float s[NT][4], dp[NT][4];
-      two_products<Hw, T, D>(s, dp, qw, Ks, ow, Ks + kMmaTile * P, lane);  // S = Q K^T, dP = dO V^T
+      float s[M][NT][4], dp[M][NT][4];
+      two_products<Hw, T, D, M>(s, dp, qw, Ks, ow, Ks + kMmaTile * P, lane);  // S = Q K^T, dP = dO V^T
       // Only a tile on an edge (the warp's rows past Tq, keys past Tk, or the causal diagonal) tests its
       // elements.
-      const bool edge = q0 + w * 16 + 16 > Tq || k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > q0 + w * 16);
+      const bool edge = w0 + 16 * M > Tq || k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > w0);
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt)
+      for (int m = 0; m < M; ++m)
         TX_UNROLL
-        for (int e = 0; e < 4; ++e) {  // dS, into dp
-          const int64_t i = row[e >> 1], j = k0 + nt * 8 + 2 * c + (e & 1);
-          if (!edge || (i < Tq && j < Tk && visible(i, j, causal)))
-            dp[nt][e] = exp2f(s[nt][e] * scale_log2 - l2[e >> 1]) * (dp[nt][e] - di[e >> 1]);
-          else
-            dp[nt][e] = 0.f;
-        }
-      accumulate_product<Hw, T, D>(acc, dp, Ks, lane);  // dq += dS K
+        for (int nt = 0; nt < NT; ++nt)
+          TX_UNROLL
+          for (int e = 0; e < 4; ++e) {  // dS, into dp
+            const int rr = 2 * m + (e >> 1);
+            const int64_t i = row[rr], j = k0 + nt * 8 + 2 * c + (e & 1);
+            if (!edge || (i < Tq && j < Tk && visible(i, j, causal)))
+              dp[m][nt][e] = exp2f(s[m][nt][e] * scale_log2 - l2[rr]) * (dp[m][nt][e] - di[rr]);
+            else
+              dp[m][nt][e] = 0.f;
+          }
+      accumulate_product<Hw, T, D, M>(acc, dp, Ks, lane);  // dq += dS K
     };
     stream_tiles<Hw>((kend + kMmaTile - 1) / kMmaTile, issue, compute);
-    T* dqn = dq + n * Tq * D;
+    float sc[2 * M];
     TX_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      if (row[r] >= Tq) continue;
-      TX_UNROLL
-      for (int dt = 0; dt < DT; ++dt)
-        Hw::st32(dqn + row[r] * D + dt * 8 + 2 * c, pack2(acc[dt][2 * r] * scale, acc[dt][2 * r + 1] * scale, T{}));
-    }
+    for (int rr = 0; rr < 2 * M; ++rr) sc[rr] = scale;
+    store_rows<Hw, T, D, M>(dq + n * Tq * D, acc, row, Tq, sc, c);
   }
 }
 
-// dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the 64 keys of block x, query tiles of 64. The
-// transposed products: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
+// dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the block_rows<kDkdvMtiles>() keys of block x,
+// query tiles of 64. The transposed products: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
 template <class Hw, class T, int D>
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem) {
-  constexpr int P = D + 8, NT = kMmaTile / 8, DT = D / 8;
+  constexpr int M = kDkdvMtiles, R = block_rows<M>(), P = D + 8, NT = kMmaTile / 8;
   T* Ks = reinterpret_cast<T*>(smem);
-  T* Vs = Ks + kMmaRows * P;
-  auto q_buf = [&](int b) { return Vs + (kMmaRows + 2 * b * kMmaTile) * P; };  // Q of buffer b; its dO follows
+  T* Vs = Ks + R * P;
+  auto q_buf = [&](int b) { return Vs + (R + 2 * b * kMmaTile) * P; };  // Q of buffer b; its dO follows
   // lse (natural log) of buffer b's queries; their delta follows.
-  auto lse_buf = [&](int b) { return reinterpret_cast<float*>(Vs + (kMmaRows + 4 * kMmaTile) * P) + 2 * b * kMmaTile; };
+  auto lse_buf = [&](int b) { return reinterpret_cast<float*>(Vs + (R + 4 * kMmaTile) * P) + 2 * b * kMmaTile; };
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
-  const int64_t j0 = int64_t(Hw::block_x()) * kMmaRows;  // under a causal mask the first keys are the heaviest
+  const int64_t j0 = int64_t(Hw::block_x()) * R;  // under a causal mask the first keys are the heaviest
+  const int64_t w0 = j0 + w * 16 * M;              // the warp's first key
   const int64_t qbegin = causal ? (j0 / kMmaTile) * kMmaTile : 0;  // queries before j0 see none of the keys
-  const int64_t key[2] = {j0 + w * 16 + g, j0 + w * 16 + g + 8};
-  const T* kw = Ks + w * 16 * P;
-  const T* vw = Vs + w * 16 * P;
+  int64_t key[2 * M];
+  TX_UNROLL
+  for (int rr = 0; rr < 2 * M; ++rr) key[rr] = w0 + 16 * (rr >> 1) + g + 8 * (rr & 1);
+  const T* kw = Ks + w * 16 * M * P;
+  const T* vw = Vs + w * 16 * M * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
     const T* qn = q + n * Tq * D;
     const T* on = dout + n * Tq * D;
     Hw::sync();  // every warp is done with the buffers of the previous n
-    issue_tile<Hw, T, D, kMmaRows>(Ks, k + n * Tk * D, j0, Tk);
-    issue_tile<Hw, T, D, kMmaRows>(Vs, v + n * Tk * D, j0, Tk);
-    float ak[DT][4], av[DT][4];
-    TX_UNROLL
-    for (int dt = 0; dt < DT; ++dt)
-      TX_UNROLL
-      for (int e = 0; e < 4; ++e) ak[dt][e] = av[dt][e] = 0.f;
+    issue_tile<Hw, T, D, R>(Ks, k + n * Tk * D, j0, Tk);
+    issue_tile<Hw, T, D, R>(Vs, v + n * Tk * D, j0, Tk);
+    float ak[M][D / 8][4], av[M][D / 8][4];
+    zero_fragments(ak);
+    zero_fragments(av);
     auto issue = [&](int64_t t, int b) {
       const int64_t i0 = qbegin + t * kMmaTile;
       issue_tile<Hw, T, D, kMmaTile>(q_buf(b), qn, i0, Tq);
@@ -451,37 +516,33 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
       const float* Ls = lse_buf(b);
       const float* Ds = Ls + kMmaTile;
       const int64_t i0 = qbegin + t * kMmaTile;
-      float st[NT][4], dpt[NT][4];  // rows: the warp's keys; columns: the tile's queries
-      two_products<Hw, T, D>(st, dpt, kw, Qs, vw, Os, lane);  // S^T = K Q^T, dP^T = V dO^T
+      float st[M][NT][4], dpt[M][NT][4];  // rows: the warp's keys; columns: the tile's queries
+      two_products<Hw, T, D, M>(st, dpt, kw, Qs, vw, Os, lane);  // S^T = K Q^T, dP^T = V dO^T
       // Only a tile on an edge (queries past Tq, the warp's keys past Tk, or the causal diagonal) tests its
       // elements.
-      const bool edge = i0 + kMmaTile > Tq || j0 + w * 16 + 16 > Tk || (causal && j0 + w * 16 + 15 > i0);
+      const bool edge = i0 + kMmaTile > Tq || w0 + 16 * M > Tk || (causal && w0 + 16 * M - 1 > i0);
       TX_UNROLL
-      for (int nt = 0; nt < NT; ++nt)
+      for (int m = 0; m < M; ++m)
         TX_UNROLL
-        for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
-          const int qi = nt * 8 + 2 * c + (e & 1);
-          const int64_t i = i0 + qi, j = key[e >> 1];
-          const bool vis = !edge || (i < Tq && j < Tk && visible(i, j, causal));
-          const float pij = vis ? exp2f(st[nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
-          st[nt][e] = pij;
-          dpt[nt][e] = vis ? pij * (dpt[nt][e] - Ds[qi]) : 0.f;
-        }
-      accumulate_product<Hw, T, D>(av, st, Os, lane);   // dv += P^T dO
-      accumulate_product<Hw, T, D>(ak, dpt, Qs, lane);  // dk += dS^T Q (scaled at the end)
+        for (int nt = 0; nt < NT; ++nt)
+          TX_UNROLL
+          for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
+            const int qi = nt * 8 + 2 * c + (e & 1);
+            const int64_t i = i0 + qi, j = key[2 * m + (e >> 1)];
+            const bool vis = !edge || (i < Tq && j < Tk && visible(i, j, causal));
+            const float pij = vis ? exp2f(st[m][nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
+            st[m][nt][e] = pij;
+            dpt[m][nt][e] = vis ? pij * (dpt[m][nt][e] - Ds[qi]) : 0.f;
+          }
+      accumulate_product<Hw, T, D, M>(av, st, Os, lane);   // dv += P^T dO
+      accumulate_product<Hw, T, D, M>(ak, dpt, Qs, lane);  // dk += dS^T Q (scaled at the end)
     };
     stream_tiles<Hw>(Tq > qbegin ? (Tq - qbegin + kMmaTile - 1) / kMmaTile : 0, issue, compute);
-    T* dkn = dk + n * Tk * D;
-    T* dvn = dv + n * Tk * D;
+    float sk[2 * M], one[2 * M];
     TX_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      if (key[r] >= Tk) continue;
-      TX_UNROLL
-      for (int dt = 0; dt < DT; ++dt) {
-        Hw::st32(dkn + key[r] * D + dt * 8 + 2 * c, pack2(ak[dt][2 * r] * scale, ak[dt][2 * r + 1] * scale, T{}));
-        Hw::st32(dvn + key[r] * D + dt * 8 + 2 * c, pack2(av[dt][2 * r], av[dt][2 * r + 1], T{}));
-      }
-    }
+    for (int rr = 0; rr < 2 * M; ++rr) sk[rr] = scale, one[rr] = 1.f;
+    store_rows<Hw, T, D, M>(dk + n * Tk * D, ak, key, Tk, sk, c);
+    store_rows<Hw, T, D, M>(dv + n * Tk * D, av, key, Tk, one, c);
   }
 }
 

@@ -107,18 +107,18 @@ void check_mma(const Problem& pb, RngKey key) {
   Buffers<T> b(pb, key);
   using B = Buffers<T>;
   const float sl2 = float(b.scale) * ma::kLog2e;
-  launch(blocks(pb.Tq, ma::kMmaRows), pb.grid_y, ma::fwd_smem_bytes<T, D>(), [&](unsigned char* smem) {
+  launch(blocks(pb.Tq, ma::block_rows<ma::fwd_mtiles<D>()>()), pb.grid_y, ma::fwd_smem_bytes<T, D>(), [&](unsigned char* smem) {
     ma::forward<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::out(b.o), b.lse_out(), pb.N, pb.Tq, pb.Tk, pb.causal,
                                 sl2, smem);
   });
   b.check_forward(1e-2);
   const Tensor delta = b.delta();
   const float* dl = static_cast<const float*>(delta.raw_data());
-  launch(blocks(pb.Tq, ma::kMmaRows), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
+  launch(blocks(pb.Tq, ma::block_rows<ma::kDqMtiles>()), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
     ma::backward_dq<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dq), pb.N,
                                     pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
   });
-  launch(blocks(pb.Tk, ma::kMmaRows), pb.grid_y, ma::dkdv_smem_bytes<T, D>(), [&](unsigned char* smem) {
+  launch(blocks(pb.Tk, ma::block_rows<ma::kDkdvMtiles>()), pb.grid_y, ma::dkdv_smem_bytes<T, D>(), [&](unsigned char* smem) {
     ma::backward_dkdv<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dk),
                                       B::out(b.dv), pb.N, pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
   });
@@ -170,6 +170,9 @@ TEST_CASE("tensor-core attention, emulated on the CPU: forward and backward matc
   }
   SECTION("f16, D 64, full attention, more keys than queries") { check_mma<__half, 64>({1, 65, 150, 64, false, 1}, key); }
   SECTION("bf16, D 128, causal") { check_mma<__nv_bfloat16, 128>({1, 70, 70, 128, true, 1}, key); }
+  SECTION("f16, D 64, causal, Tq = Tk over two forward blocks (128 rows: two m-tiles per warp)") {
+    check_mma<__half, 64>({1, 200, 200, 64, true, 1}, key);
+  }
   SECTION("f16, D 64, causal, the last query row alone in its key tile") { check_mma<__half, 64>({1, 65, 65, 64, true, 1}, key); }
   SECTION("bf16, D 64, causal and full, every score negative, ragged key tiles") {
     check_mma<__nv_bfloat16, 64>({1, 100, 70, 64, true, 1, true}, key);
