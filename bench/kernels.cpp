@@ -13,7 +13,10 @@
 // PyTorch's F.scaled_dot_product_attention on the same shapes in the same run (bench/peers/sdpa_torch.py,
 // when /usr/bin/python3 has torch): on the GPU issue #3's shapes B=16, heads 12, T=1024, D=64 in bf16
 // (target: at least 0.8x of PyTorch), on the CPU B=2, heads 4, T=512, D=64 in f32. On the GPU the line
-// adds attention_fp32_kernels_*: the same shapes with the tensor-core kernels turned off.
+// adds attention_fp32_kernels_*: the same shapes with the tensor-core kernels turned off, and
+// attention_fused_bwd_*: the backward with dq added by atomics in the dk / dv kernel (FlashAttention-2's,
+// and PyTorch's default; not deterministic: kernels::cuda::set_attention_deterministic) instead of the
+// default deterministic kernels.
 // Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
 // --no-peer.
 #include <algorithm>
@@ -140,7 +143,7 @@ int main(int argc, char** argv) {
       fwd = flops / t_fwd / 1e12;
       bwd = 2.5 * flops / std::max(t_both - t_fwd, 1e-12) / 1e12;
     };
-    double fwd_tf = 0, bwd_tf = 0;
+    double fwd_tf = 0, bwd_tf = 0, fused_bwd_tf = 0;
     attention_tflops(fwd_tf, bwd_tf);
     std::snprintf(buf, sizeof buf, " attention_shape=%lldx%lldx%lldx%lld_%s_causal attention_fwd_TFLOPs=%.3f attention_bwd_TFLOPs=%.3f",
                   (long long)aB, (long long)aH, (long long)aT, (long long)aD, std::string(tx::dtype_name(adt)).c_str(), fwd_tf, bwd_tf);
@@ -151,6 +154,12 @@ int main(int argc, char** argv) {
       attention_tflops(f, b);
       tx::kernels::cuda::set_attention_tensor_cores(true);
       std::snprintf(buf, sizeof buf, " attention_fp32_kernels_fwd_TFLOPs=%.3f attention_fp32_kernels_bwd_TFLOPs=%.3f", f, b);
+      line += buf;
+      // FA2's fused backward (dq by atomics: not deterministic, PyTorch's default semantics).
+      tx::kernels::cuda::set_attention_deterministic(false);
+      attention_tflops(f, fused_bwd_tf);
+      tx::kernels::cuda::set_attention_deterministic(true);
+      std::snprintf(buf, sizeof buf, " attention_fused_bwd_TFLOPs=%.3f", fused_bwd_tf);
       line += buf;
     }
     const std::string py = "/usr/bin/python3";
@@ -170,6 +179,10 @@ int main(int argc, char** argv) {
         std::snprintf(buf, sizeof buf, " peer=%s peer_attention_fwd_TFLOPs=%.3f peer_attention_bwd_TFLOPs=%.3f"
                       " attention_fwd_of_peer=%.2f attention_bwd_of_peer=%.2f", kv["peer"].c_str(), pf, pb, fwd_tf / pf, bwd_tf / pb);
         line += buf;
+        if (fused_bwd_tf > 0) {
+          std::snprintf(buf, sizeof buf, " attention_fused_bwd_of_peer=%.2f", fused_bwd_tf / pb);
+          line += buf;
+        }
       } else {
         line += " peer=failed";
         std::fprintf(stderr, "peer failed: %s\n", why.c_str());

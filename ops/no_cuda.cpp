@@ -42,6 +42,8 @@ void attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tenso
 }
 bool attention_tensor_cores() { return false; }  // no CUDA kernels at all
 void set_attention_tensor_cores(bool) {}
+bool attention_deterministic() { return true; }
+void set_attention_deterministic(bool) {}
 void matmul(const Tensor&, const Tensor&, Tensor&, bool) { no_cuda("matmul"); }
 void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&, bool) { no_cuda("linear"); }
 void conv2d_forward(const Tensor&, const Tensor&, const Tensor*, const cpu::Conv2dGeom&, Tensor&) { no_cuda("conv2d"); }

@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/cuda/attention_mma.cuh"
@@ -38,6 +39,22 @@ __global__ void __launch_bounds__(ma::kMmaThreads)
                     float scale_log2, float scale) {
   extern __shared__ __align__(16) unsigned char smem[];
   ma::backward_dkdv<DevicePrim, T, D>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, causal, scale_log2, scale, smem);
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(ma::kMmaThreads)
+    k_attn_dkdv_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
+                       T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, bool causal,
+                       float scale_log2, float scale, float* __restrict__ dq_accum) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  ma::backward_dkdv<DevicePrim, T, D, true>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, causal, scale_log2, scale, smem,
+                                            dq_accum);
+}
+
+template <class T>
+__global__ void k_dq_from_accum(const float* __restrict__ dq_accum, T* __restrict__ dq, int64_t count, float scale) {
+  ma::dq_from_accum<DevicePrim, T>(dq_accum, dq, count, scale);
 }
 
 template <int V>
@@ -88,7 +105,8 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
 
 int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
                                   const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
-                                  double scale, void* dq, void* dk, void* dv, float* delta, void* stream) {
+                                  double scale, void* dq, void* dk, void* dv, float* delta, float* dq_accum,
+                                  void* stream) {
   if (N == 0) return 0;
   const cudaStream_t st = as_stream(stream);
   if (Tq > 0)  // delta_i = sum_d dout[i, d] o[i, d], as the FP32 path computes it
@@ -101,6 +119,24 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
     const T* vt = static_cast<const T*>(v);
     const T* ot = static_cast<const T*>(dout);
     const float sl2 = float(scale) * ma::kLog2e;
+    if (dq_accum) {  // FA2's fused backward: dq by atomic adds in the dk / dv pass, then rounded
+      const int64_t count = N * Tq * HD;
+      if (count > 0)
+        if (cudaError_t e = cudaMemsetAsync(dq_accum, 0, size_t(count) * sizeof(float), st)) return int(e);
+      if (Tk > 0) {
+        constexpr size_t bytes = ma::dkdv_dq_smem_bytes<T, HD>();
+        if (int e = allow_smem(k_attn_dkdv_dq_mma<T, HD>, bytes)) return e;
+        k_attn_dkdv_dq_mma<T, HD><<<mma_grid(Tk, ma::block_rows<ma::kDkdvMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
+            qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale),
+            dq_accum);
+      }
+      if (count > 0) {
+        const int64_t quads = count / 4, threads = 256;
+        const unsigned grid = unsigned(std::min<int64_t>((quads + threads - 1) / threads, 65535));
+        k_dq_from_accum<T><<<grid, threads, 0, st>>>(dq_accum, static_cast<T*>(dq), count, float(scale));
+      }
+      return 0;
+    }
     if (Tq > 0) {
       constexpr size_t bytes = ma::dq_smem_bytes<T, HD>();
       if (int e = allow_smem(k_attn_dq_mma<T, HD>, bytes)) return e;

@@ -20,8 +20,9 @@
 // pipeline: tiles arrive by cp.async into two buffers, the next tile's copies in flight while the current
 // one is computed on.
 // Softmax statistics stay in f32 (exp2 of scores pre-multiplied by scale * log2(e)); P and dS are rounded
-// to the inputs' 16-bit type for their products, as FlashAttention does. Deterministic: fixed orders, no
-// atomics (dq and dk / dv in separate kernels, as attention.cu). Causal blocks skip fully masked tiles as
+// to the inputs' 16-bit type for their products, as FlashAttention does. Deterministic by default: fixed
+// orders, no atomics (dq and dk / dv in separate kernels, as attention.cu); backward_dkdv's kFusedDq is
+// FA2's own backward, dq added by f32 atomics in the dk / dv pass. Causal blocks skip fully masked tiles as
 // attention.cu does, and the forward and dq take their query blocks last first: under a causal mask the
 // last see the most keys, so the grid ends on short blocks.
 //
@@ -85,6 +86,12 @@ constexpr size_t dkdv_smem_bytes() {  // the block's K, V rows; Q, dO, and lse a
   return mma_rows_bytes<T, D>(2 * block_rows<kDkdvMtiles>() + 4 * kMmaTile) + size_t(4 * kMmaTile) * sizeof(float);
 }
 
+/// backward_dkdv with dq (kFusedDq): dk / dv's shared memory and the dS^T tile [64 keys][64 + 8 queries].
+template <class T, int D>
+constexpr size_t dkdv_dq_smem_bytes() {
+  return dkdv_smem_bytes<T, D>() + size_t(kMmaTile) * (kMmaTile + 8) * sizeof(T);
+}
+
 // Two floats rounded to the 16-bit type, lo in the low half.
 TX_HW_FN uint32_t pack2(float lo, float hi, __nv_bfloat16) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -104,6 +111,14 @@ TX_HW_FN uint32_t pack2(float lo, float hi, __half) {
 template <class Hw, class T>
 TX_HW_FN void ldsm_a(uint32_t (&a)[4], const T* x, int P, int k0, int lane) {
   Hw::ldsm_x4(a, x + (lane & 15) * P + k0 + (lane >> 4) * 8);
+}
+
+// The A fragment of X = Y^T for X's rows [m0, m0 + 16) and columns [k0, k0 + 16), Y row-major at `y` (pitch
+// P): a transposing load of Y's rows [k0, k0 + 16), columns [m0, m0 + 16); X's quarters (rows 0-7, cols
+// 0-7), (8-15, 0-7), (0-7, 8-15), (8-15, 8-15) are Y's (k0, m0), (k0, m0 + 8), (k0 + 8, m0), (k0 + 8, m0 + 8).
+template <class Hw, class T>
+TX_HW_FN void ldsm_a_trans(uint32_t (&a)[4], const T* y, int P, int m0, int k0, int lane) {
+  Hw::ldsm_x4_trans(a, y + (k0 + (lane & 7) + (lane >> 4) * 8) * P + m0 + ((lane >> 3) & 1) * 8);
 }
 
 // The B fragments of B = Y^T (B[k][n] = Y[n][k], Y row-major at `y`, pitch P) for the n-tiles [n0, n0 + 8)
@@ -470,18 +485,81 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
   }
 }
 
+// FA2's dq in the dk / dv pass: dq_accum rows [i0, i0 + 64) += dS K over the block's 64 keys (Ks, pitch
+// D + 8). The warps' dS^T fragments (rows: their keys; columns: the tile's queries) go to shared memory
+// (dSs, pitch 72) rounded to T, as dk's product uses them; after a barrier warp w takes the tile's queries
+// [16 w, 16 w + 16), whose dS fragments it loads transposed, multiplies them by K in chunks of 64 features
+// and adds the chunk to dq_accum (f32, row-major, D columns) by vector reductions. Rows at or beyond Tq are
+// not added. The caller's next write of dSs must follow a barrier (stream_tiles has one before each tile).
+template <class Hw, class T, int D>
+TX_HW_FN void add_dq_tile(float* dq_accum, T* dSs, const float (&dst)[1][kMmaTile / 8][4], const T* Ks, int64_t i0,
+                          int64_t Tq, int w, int lane) {
+  static_assert(block_rows<kDkdvMtiles>() == kMmaTile, "the dS tile is the block's keys by a query tile");
+  constexpr int PS = kMmaTile + 8, P = D + 8, DC = D < 64 ? D : 64;
+  const int g = lane >> 2, c = lane & 3;
+  TX_UNROLL
+  for (int nt = 0; nt < kMmaTile / 8; ++nt) {
+    T* r0 = dSs + (w * 16 + g) * PS + nt * 8 + 2 * c;
+    Hw::st32(r0, pack2(dst[0][nt][0], dst[0][nt][1], T{}));
+    Hw::st32(r0 + 8 * PS, pack2(dst[0][nt][2], dst[0][nt][3], T{}));
+  }
+  Hw::sync();
+  uint32_t a[kMmaTile / 16][4];  // dS, rows: the warp's 16 queries; k-steps of 16 keys
+  TX_UNROLL
+  for (int kk = 0; kk < kMmaTile / 16; ++kk) ldsm_a_trans<Hw>(a[kk], dSs, PS, w * 16, kk * 16, lane);
+  TX_UNROLL
+  for (int d0 = 0; d0 < D; d0 += DC) {
+    float acc[DC / 8][4];
+    TX_UNROLL
+    for (int dt = 0; dt < DC / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
+    TX_UNROLL
+    for (int kk = 0; kk < kMmaTile / 16; ++kk)
+      TX_UNROLL
+      for (int dtp = 0; dtp < DC / 16; ++dtp) {
+        uint32_t b0[2], b1[2];
+        ldsm_b<Hw>(b0, b1, Ks, P, kk * 16, d0 + dtp * 16, lane);
+        Hw::mma(acc[2 * dtp], a[kk], b0, T{});
+        Hw::mma(acc[2 * dtp + 1], a[kk], b1, T{});
+      }
+    TX_UNROLL
+    for (int r = 0; r < 2; ++r) {
+      const int64_t i = i0 + w * 16 + g + 8 * r;
+      if (i >= Tq) continue;
+      TX_UNROLL
+      for (int dt = 0; dt < DC / 8; ++dt) Hw::red_add_f32x2(dq_accum + i * D + d0 + dt * 8 + 2 * c, acc[dt][2 * r], acc[dt][2 * r + 1]);
+    }
+  }
+}
+
+// dq = scale * dq_accum rounded to T, over `count` elements (a multiple of 4; both 16-byte aligned): the
+// fused backward's last step. Any grid; threads() a multiple of 32.
+template <class Hw, class T>
+TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float scale) {
+  const int64_t stride = int64_t(Hw::grid_x()) * Hw::threads() * 4;
+  for (int64_t i = (int64_t(Hw::block_x()) * Hw::threads() + Hw::thread()) * 4; i < count; i += stride) {
+    const float4 v = load_f4(dq_accum + i);
+    Hw::st32(dq + i, pack2(v.x * scale, v.y * scale, T{}));
+    Hw::st32(dq + i + 2, pack2(v.z * scale, v.w * scale, T{}));
+  }
+}
+
 // dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the block_rows<kDkdvMtiles>() keys of block x,
 // query tiles of 64. The transposed products: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
-template <class Hw, class T, int D>
+// kFusedDq (FA2's backward: five products per tile instead of the separate dq kernel's two more) also adds
+// each tile's dq = dS K, unscaled, to dq_accum (f32 [N, Tq, D], zero before) by atomic reductions: the
+// result depends on the order in which blocks add, so it is not deterministic; smem then holds
+// dkdv_dq_smem_bytes.
+template <class Hw, class T, int D, bool kFusedDq = false>
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
-                             unsigned char* smem) {
+                             unsigned char* smem, float* dq_accum = nullptr) {
   constexpr int M = kDkdvMtiles, R = block_rows<M>(), P = D + 8, NT = kMmaTile / 8;
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + R * P;
   auto q_buf = [&](int b) { return Vs + (R + 2 * b * kMmaTile) * P; };  // Q of buffer b; its dO follows
   // lse (natural log) of buffer b's queries; their delta follows.
   auto lse_buf = [&](int b) { return reinterpret_cast<float*>(Vs + (R + 4 * kMmaTile) * P) + 2 * b * kMmaTile; };
+  [[maybe_unused]] T* dSs = reinterpret_cast<T*>(lse_buf(2));  // kFusedDq: the dS^T tile, after both buffers' lse and delta
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;
   const int64_t j0 = int64_t(Hw::block_x()) * R;  // under a causal mask the first keys are the heaviest
   const int64_t w0 = j0 + w * 16 * M;              // the warp's first key
@@ -536,6 +614,8 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
           }
       accumulate_product<Hw, T, D, M>(av, st, Os, lane);   // dv += P^T dO
       accumulate_product<Hw, T, D, M>(ak, dpt, Qs, lane);  // dk += dS^T Q (scaled at the end)
+      if constexpr (kFusedDq)
+        add_dq_tile<Hw, T, D>(dq_accum + n * Tq * D, dSs, dpt, Ks, i0, Tq, w, lane);
     };
     stream_tiles<Hw>(Tq > qbegin ? (Tq - qbegin + kMmaTile - 1) / kMmaTile : 0, issue, compute);
     float sk[2 * M], one[2 * M];

@@ -26,6 +26,9 @@
 //                                                   cp.async.commit_group; cp.async.wait_group 0 or 1: the
 //                                                   thread's copies, but for the `pending` newest committed
 //                                                   groups, have landed (other threads see them after a sync)
+//   void red_add_f32x2(float* p, float a, float b)  p[0] += a and p[1] += b, each atomic (no value
+//                                                   returned), p global and 8-byte aligned:
+//                                                   red.global.add.v2.f32 on sm_90, two atomicAdd before
 // DevicePrim below is the GPU's policy (nvcc only); tests/emulated/ has the CPU's.
 #pragma once
 
@@ -108,6 +111,14 @@ struct DevicePrim {
   static __device__ __forceinline__ void cp_async4(void* d, const void* s, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(d)), "l"(s), "r"(valid ? 4 : 0)
                  : "memory");
+  }
+  static __device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
   }
   static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
   static __device__ __forceinline__ void cp_async_wait(int pending) {

@@ -324,10 +324,21 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   const bool mma = attention_tensor_cores() &&
                    attention_mma_supported(t, a.D, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), dout.raw_data(),
                                                     dq.raw_data(), dk.raw_data(), dv.raw_data()});
-  check((mma ? launch_attention_backward_mma : launch_attention_backward)(
-            t, q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), static_cast<const float*>(lse.raw_data()),
-            dout.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(), dk.raw_data(), dv.raw_data(),
-            static_cast<float*>(delta.raw_data()), stream_of(dq)),
+  const void *qp = q.raw_data(), *kp = k.raw_data(), *vp = v.raw_data(), *op = o.raw_data(), *dop = dout.raw_data();
+  const float* lp = static_cast<const float*>(lse.raw_data());
+  float* dl = static_cast<float*>(delta.raw_data());
+  if (!mma) {
+    check(launch_attention_backward(t, qp, kp, vp, op, lp, dop, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
+                                    dk.raw_data(), dv.raw_data(), dl, stream_of(dq)),
+          nm);
+    return;
+  }
+  // The fused backward's f32 dq accumulator (pool scratch, as delta).
+  Tensor dq_accum;
+  if (!attention_deterministic()) dq_accum = empty(Shape{std::max<int64_t>(a.N * a.Tq * a.D, 1)}, DType::f32, q.device());
+  check(launch_attention_backward_mma(t, qp, kp, vp, op, lp, dop, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
+                                      dk.raw_data(), dv.raw_data(), dl,
+                                      dq_accum.defined() ? static_cast<float*>(dq_accum.raw_data()) : nullptr, stream_of(dq)),
         nm);
 }
 
@@ -340,6 +351,16 @@ std::atomic<bool> g_attention_mma{[] {
 
 bool attention_tensor_cores() { return g_attention_mma.load(); }
 void set_attention_tensor_cores(bool on) { g_attention_mma.store(on); }
+
+namespace {
+std::atomic<bool> g_attention_deterministic{[] {
+  const char* e = std::getenv("TITANAX_ATTENTION_DETERMINISTIC");
+  return !(e && std::string(e) == "0");
+}()};
+}  // namespace
+
+bool attention_deterministic() { return g_attention_deterministic.load(); }
+void set_attention_deterministic(bool on) { g_attention_deterministic.store(on); }
 
 namespace {
 std::atomic<bool> g_tf32{false};

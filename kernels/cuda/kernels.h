@@ -124,6 +124,15 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 /// TITANAX_ATTENTION_MMA=0 in the environment turns it off at start-up.
 bool attention_tensor_cores();
 void set_attention_tensor_cores(bool on);
+/// Whether the tensor-core attention backward is deterministic (the default): dq in its own kernel, every
+/// sum in a fixed order, so a run repeats bitwise (engine/engine.h promises it). Off, it takes
+/// FlashAttention-2's fused backward: the dk / dv kernel also computes each tile's dq and adds it into an
+/// f32 buffer by atomics (5 matrix products per tile instead of 7, N * Tq * D floats of scratch), so dq
+/// varies in its last bits with the order of the adds: PyTorch's default (torch.use_deterministic_algorithms
+/// off). TITANAX_ATTENTION_DETERMINISTIC=0 in the environment turns it off at start-up. The FP32 kernels
+/// are always deterministic.
+bool attention_deterministic();
+void set_attention_deterministic(bool on);
 
 // ------------------------------------------------------------------------------------ GEMM (cuBLASLt)
 /// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is

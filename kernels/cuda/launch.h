@@ -161,9 +161,14 @@ int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int
 bool attention_mma_supported(Dt t, int64_t D, std::initializer_list<const void*> ptrs);
 int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
                                  int64_t D, bool causal, double scale, void* o, float* lse, void* stream);
+/// The backward also takes `dq_accum`: nullptr for the deterministic kernels (dq; dk and dv), or N * Tq * D
+/// floats of scratch (16-byte aligned) for FA2's fused backward, where the dk / dv kernel adds each tile's
+/// dq into it by f32 atomics (5 matrix products per tile instead of 7; dq then depends on the order of the
+/// adds: not deterministic) and a last kernel rounds it to dq.
 int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
                                   const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
-                                  double scale, void* dq, void* dk, void* dv, float* delta, void* stream);
+                                  double scale, void* dq, void* dk, void* dv, float* delta, float* dq_accum,
+                                  void* stream);
 
 // ---------------------------------------------------------------- max pooling (pool.cu)
 /// Geometry of a max pooling over [N, C, H, W] with windows KH x KW, strides SH, SW and padding PH, PW;

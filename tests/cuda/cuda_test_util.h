@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/tensor.h"
@@ -23,6 +24,13 @@ inline double rel_error(const Tensor& got, const Tensor& want) {
     den = std::max(den, std::fabs(w[i]));
   }
   return num / den;
+}
+
+/// Whether the two tensors have the same shape, dtype and bytes (copied to the host first).
+inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  if (a.shape() != b.shape() || a.dtype() != b.dtype()) return false;
+  const Tensor ha = a.to(Device::cpu()).contiguous(), hb = b.to(Device::cpu()).contiguous();
+  return std::memcmp(ha.raw_data(), hb.raw_data(), ha.nbytes()) == 0;
 }
 
 }  // namespace titanax::testing

@@ -6,7 +6,8 @@
 // rounded inputs. Every CUDA allocation is poisoned with NaN (test_cuda.cpp), so an unwritten element fails.
 // bf16 / f16 with head dim 64 or 128 run on the tensor-core kernels (attention_mma.cu) by default; they are
 // also checked with those turned off (the FP32 kernels), on GPT-2's shape, and with misaligned operands
-// (which fall back to the FP32 kernels).
+// (which fall back to the FP32 kernels). The default (deterministic) backward repeats bitwise, and the fused
+// one with atomic dq (set_attention_deterministic(false)) matches the CPU with dk / dv bitwise the default's.
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -134,5 +135,30 @@ TEST_CASE("cuda attention: tensor-core and FP32 kernels both match the CPU (GPT-
     CHECK(rel_error(g[0], want.dq) <= 1e-2);
     CHECK(rel_error(g[1], want.dk) <= 1e-2);
     CHECK(rel_error(g[2], want.dv) <= 1e-2);
+  }
+}
+
+TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused backward (atomic dq) matches the CPU") {
+  const uint64_t seed = seed_now();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  REQUIRE(kernels::cuda::attention_deterministic());
+  for (const Case& c : {Case{{2, 12, 1024, 64}, {2, 12, 1024, 64}, true}, Case{{2, 2, 130, 128}, {2, 2, 70, 128}, true},
+                        Case{{2, 2, 65, 64}, {2, 2, 191, 64}, false}}) {
+    INFO("q " << c.q.str() << " kv " << c.kv.str() << " causal " << c.causal);
+    const Inputs in(key, c, DType::bf16);
+    const Result det[2] = {run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0)),
+                           run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0))};
+    CHECK(testing::bitwise_equal(det[0].dq, det[1].dq));
+    CHECK(testing::bitwise_equal(det[0].dk, det[1].dk));
+    kernels::cuda::set_attention_deterministic(false);
+    const Result fused = run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0));
+    kernels::cuda::set_attention_deterministic(true);
+    CHECK(rel_error(fused.dq, in.want.dq) <= 1e-2);
+    CHECK(rel_error(fused.dk, in.want.dk) <= 1e-2);
+    CHECK(rel_error(fused.dv, in.want.dv) <= 1e-2);
+    // dk and dv are the deterministic kernel's computation, in the same order.
+    CHECK(testing::bitwise_equal(fused.dk, det[0].dk));
+    CHECK(testing::bitwise_equal(fused.dv, det[0].dv));
   }
 }

@@ -11,7 +11,8 @@
 // NaN from the issue until the issuing thread waits for the copy's group, and only then holds the data,
 // so a read before the wait and the barrier after it, or a copy into a buffer other warps still read,
 // shows as NaN. Copies never waited for, and misaligned ldmatrix / cp.async addresses, fail the launch.
-// report() keeps the first report, as the device's slot does. Dynamic shared memory starts as NaN
+// red.global.add is an atomic add on the host (blocks run one after another, so only a block's own
+// threads could race). report() keeps the first report, as the device's slot does. Dynamic shared memory starts as NaN
 // (0xff bytes), so a read before a write shows. The hardware itself (timing, the real instructions,
 // memory ordering) is left to the GPU tests.
 #pragma once
@@ -187,6 +188,11 @@ struct HostPrim {
       }
       t_groups.pop_front();
     }
+  }
+  static void red_add_f32x2(float* p, float a, float b) {
+    if (!aligned(p, 8)) t_block->fail("red.global.add.v2.f32: an address not 8-byte aligned");
+    std::atomic_ref<float>(p[0]).fetch_add(a);
+    std::atomic_ref<float>(p[1]).fetch_add(b);
   }
   static void report(const kernels::cuda::ReportSlot&, int code, int64_t index, int64_t value, int64_t bound, int64_t aux) {
     std::lock_guard<std::mutex> g(reported().mu);

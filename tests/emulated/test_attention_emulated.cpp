@@ -4,11 +4,13 @@
 // online softmax and shared-memory layout without a GPU. Shared memory and the outputs start as NaN, so an
 // element read before it is written, or never written, fails. The results are compared with the CPU
 // attention (kernels/cpu) on the same inputs within 1e-2 (f32 through the FP32 kernels: 1e-4), as
-// tests/cuda/test_cuda_attention.cpp compares the GPU.
+// tests/cuda/test_cuda_attention.cpp compares the GPU. The tensor-core backward runs twice: the
+// deterministic kernels, then FA2's fused one (dq by atomic adds), whose dk / dv must be bitwise the same.
 #include <catch2/catch.hpp>
 
 #include <chrono>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/attention_fp32.cuh"
 #include "kernels/cuda/attention_mma.cuh"
@@ -123,6 +125,22 @@ void check_mma(const Problem& pb, RngKey key) {
                                       B::out(b.dv), pb.N, pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
   });
   b.check_backward(1e-2);
+  // FA2's fused backward: dk / dv as the kernel above computes them (bitwise), dq added by atomics into a
+  // zeroed f32 accumulator, then scaled and rounded.
+  const Tensor dk = b.dk.clone(), dv = b.dv.clone();
+  for (Tensor* t : {&b.dq, &b.dk, &b.dv}) fill_(*t, std::nan(""));
+  std::vector<float> dq_accum(size_t(pb.N * pb.Tq * D), 0.f);
+  launch(blocks(pb.Tk, ma::block_rows<ma::kDkdvMtiles>()), pb.grid_y, ma::dkdv_dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
+    ma::backward_dkdv<HostPrim, T, D, true>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dk),
+                                            B::out(b.dv), pb.N, pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem,
+                                            dq_accum.data());
+  });
+  launch(3, 1, 0, [&](unsigned char*) {  // fewer threads than quads: the grid-stride loop
+    ma::dq_from_accum<HostPrim, T>(dq_accum.data(), B::out(b.dq), int64_t(dq_accum.size()), float(b.scale));
+  });
+  b.check_backward(1e-2);
+  CHECK(testing::bitwise_equal(b.dk, dk));
+  CHECK(testing::bitwise_equal(b.dv, dv));
 }
 
 // The FP32 (CUDA-core) kernels; DC = ceil(D / 32) lanes' feature chunks. f32 within 1e-4 of the CPU, as

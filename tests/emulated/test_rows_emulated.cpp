@@ -37,10 +37,6 @@ RngKey fresh_key() {
 
 Tensor nan_tensor(const Shape& s, DType t) { return full(s, std::nan(""), t); }
 
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.raw_data(), b.raw_data(), a.nbytes()) == 0;
-}
-
 template <class T>
 T* ptr(Tensor& t) { return static_cast<T*>(t.raw_data()); }
 template <class T>
@@ -75,7 +71,7 @@ TEMPLATE_TEST_CASE("row kernels, emulated: softmax and log-softmax over rows mat
       });
       kc::softmax(x, R, n, 1, log, want);
       CHECK(testing::rel_error(y, want) <= tol);
-      CHECK(bitwise_equal(yc, y));
+      CHECK(testing::bitwise_equal(yc, y));
     }
   }
 }
@@ -145,7 +141,7 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
       backward_kernel(dx, true);
       Tensor dx_nc = nan_tensor(x.shape(), dt);
       backward_kernel(dx_nc, false);
-      CHECK(bitwise_equal(dx_nc, dx));
+      CHECK(testing::bitwise_equal(dx_nc, dx));
       CHECK(count.item() == 7);  // rows 1 and 5 ignored
       CHECK_FALSE(testing::emu::reported().any);
       // The CPU kernels.
@@ -168,8 +164,8 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
                                  cptr<int64_t>(count), ptr<TestType>(loss_f), ptr<double>(rows), ptr<TestType>(dx_f), cache);
       });
       total_kernel(loss_f);
-      CHECK(bitwise_equal(loss_f, loss));
-      CHECK(bitwise_equal(dx_f, dx));
+      CHECK(testing::bitwise_equal(loss_f, loss));
+      CHECK(testing::bitwise_equal(dx_f, dx));
     }
   }
   SECTION("a label out of range is reported once (the first), its row's loss and gradient NaN") {
