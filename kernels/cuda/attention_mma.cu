@@ -140,8 +140,8 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
     if (Tq > 0) {
       constexpr size_t bytes = ma::dq_smem_bytes<T, HD>();
       if (int e = allow_smem(k_attn_dq_mma<T, HD>, bytes)) return e;
-      k_attn_dq_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::kDqMtiles>(), N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dq),
-                                                                            N, Tq, Tk, causal, sl2, float(scale));
+      k_attn_dq_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::kDqMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
+          qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq, Tk, causal, sl2, float(scale));
     }
     if (Tk > 0) {  // Tq == 0: no query tile, dk = dv = 0
       constexpr size_t bytes = ma::dkdv_smem_bytes<T, HD>();

@@ -211,6 +211,15 @@ TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <
 // 16 (M w + m). Lane (g, c) holds, in C fragments, rows 16 m + g (elements 0, 1) and 16 m + g + 8 (2, 3) of
 // them: row slot 2 m + (e >> 1) of the lane's 2 M.
 
+// Zeros C fragments.
+template <int M, int N>
+TX_HW_FN void zero_fragments(float (&x)[M][N][4]) {
+  TX_UNROLL
+  for (int m = 0; m < M; ++m)
+    TX_UNROLL
+    for (int i = 0; i < N; ++i) x[m][i][0] = x[m][i][1] = x[m][i][2] = x[m][i][3] = 0.f;
+}
+
 // s[m] += X_m Y^T over features [16 kk, 16 kk + 16): the A fragments a[m] of the warp's m-tiles against the
 // 64 rows of the tile Y (row-major at y, pitch D + 8), as C fragments by n-tile. Each B fragment read
 // from shared memory feeds M MMAs.
@@ -233,12 +242,8 @@ TX_HW_FN void product_bt(float (&s)[M][kMmaTile / 8][4], const uint32_t (&a)[M][
 template <class Hw, class T, int D, int M>
 TX_HW_FN void two_products(float (&s)[M][kMmaTile / 8][4], float (&t)[M][kMmaTile / 8][4], const T* x1, const T* y1,
                             const T* x2, const T* y2, int lane) {
-  TX_UNROLL
-  for (int m = 0; m < M; ++m)
-    TX_UNROLL
-    for (int nt = 0; nt < kMmaTile / 8; ++nt)
-      TX_UNROLL
-      for (int e = 0; e < 4; ++e) s[m][nt][e] = t[m][nt][e] = 0.f;
+  zero_fragments(s);
+  zero_fragments(t);
   TX_UNROLL
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[M][4];
@@ -272,14 +277,6 @@ TX_HW_FN void accumulate_product(float (&acc)[M][D / 8][4], const float (&x)[M][
       }
     }
   }
-}
-
-template <int M, int N>
-TX_HW_FN void zero_fragments(float (&x)[M][N][4]) {
-  TX_UNROLL
-  for (int m = 0; m < M; ++m)
-    TX_UNROLL
-    for (int i = 0; i < N; ++i) x[m][i][0] = x[m][i][1] = x[m][i][2] = x[m][i][3] = 0.f;
 }
 
 // Stores the warp's 16 M x D accumulators times `scale`, rounded to T, as rows row[2 M] (the lane's row

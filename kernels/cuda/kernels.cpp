@@ -336,28 +336,24 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   // The fused backward's f32 dq accumulator (pool scratch, as delta).
   Tensor dq_accum;
   if (!attention_deterministic()) dq_accum = empty(Shape{std::max<int64_t>(a.N * a.Tq * a.D, 1)}, DType::f32, q.device());
+  float* acc = dq_accum.defined() ? static_cast<float*>(dq_accum.raw_data()) : nullptr;
   check(launch_attention_backward_mma(t, qp, kp, vp, op, lp, dop, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
-                                      dk.raw_data(), dv.raw_data(), dl,
-                                      dq_accum.defined() ? static_cast<float*>(dq_accum.raw_data()) : nullptr, stream_of(dq)),
+                                      dk.raw_data(), dv.raw_data(), dl, acc, stream_of(dq)),
         nm);
 }
 
 namespace {
-std::atomic<bool> g_attention_mma{[] {
-  const char* e = std::getenv("TITANAX_ATTENTION_MMA");
+// A switch that is on unless the environment variable says 0.
+bool on_unless_zero(const char* var) {
+  const char* e = std::getenv(var);
   return !(e && std::string(e) == "0");
-}()};
+}
+std::atomic<bool> g_attention_mma{on_unless_zero("TITANAX_ATTENTION_MMA")};
+std::atomic<bool> g_attention_deterministic{on_unless_zero("TITANAX_ATTENTION_DETERMINISTIC")};
 }  // namespace
 
 bool attention_tensor_cores() { return g_attention_mma.load(); }
 void set_attention_tensor_cores(bool on) { g_attention_mma.store(on); }
-
-namespace {
-std::atomic<bool> g_attention_deterministic{[] {
-  const char* e = std::getenv("TITANAX_ATTENTION_DETERMINISTIC");
-  return !(e && std::string(e) == "0");
-}()};
-}  // namespace
 
 bool attention_deterministic() { return g_attention_deterministic.load(); }
 void set_attention_deterministic(bool on) { g_attention_deterministic.store(on); }
