@@ -16,7 +16,8 @@
 // adds attention_fp32_kernels_*: the same shapes with the tensor-core kernels turned off, and
 // attention_fused_bwd_*: the backward with dq added by atomics in the dk / dv kernel (FlashAttention-2's,
 // and PyTorch's default; not deterministic: kernels::cuda::set_attention_deterministic) instead of the
-// default deterministic kernels.
+// default deterministic kernels, and attention_fwd_16rows_per_warp_TFLOPs: the forward with 64-row blocks
+// instead of the default 128 (kernels::cuda::set_attention_forward_rows_per_warp).
 // Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
 // --no-peer.
 #include <algorithm>
@@ -159,7 +160,13 @@ int main(int argc, char** argv) {
       tx::kernels::cuda::set_attention_deterministic(false);
       attention_tflops(f, fused_bwd_tf);
       tx::kernels::cuda::set_attention_deterministic(true);
-      std::snprintf(buf, sizeof buf, " attention_fused_bwd_TFLOPs=%.3f", fused_bwd_tf);
+      // The forward with 16 query rows per warp instead of 32 (the backward is unchanged by it).
+      double f16rows = 0;
+      tx::kernels::cuda::set_attention_forward_rows_per_warp(16);
+      attention_tflops(f16rows, b);
+      tx::kernels::cuda::set_attention_forward_rows_per_warp(32);
+      std::snprintf(buf, sizeof buf, " attention_fused_bwd_TFLOPs=%.3f attention_fwd_16rows_per_warp_TFLOPs=%.3f",
+                    fused_bwd_tf, f16rows);
       line += buf;
     }
     const std::string py = "/usr/bin/python3";

@@ -14,12 +14,12 @@ namespace titanax::kernels::cuda {
 namespace {
 namespace ma = mma_attention;
 
-template <class T, int D>
+template <class T, int D, int M>
 __global__ void __launch_bounds__(ma::kMmaThreads)
     k_attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
                    float* __restrict__ lse, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ma::forward<DevicePrim, T, D>(q, k, v, o, lse, N, Tq, Tk, causal, scale_log2, smem);
+  ma::forward<DevicePrim, T, D, M>(q, k, v, o, lse, N, Tq, Tk, causal, scale_log2, smem);
 }
 
 template <class T, int D>
@@ -88,18 +88,23 @@ bool attention_mma_supported(Dt t, int64_t D, std::initializer_list<const void*>
 }
 
 int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
-                                 int64_t D, bool causal, double scale, void* o, float* lse, void* stream) {
+                                 int64_t D, bool causal, double scale, void* o, float* lse, bool narrow, void* stream) {
   if (N == 0 || Tq == 0) return 0;
   const cudaStream_t st = as_stream(stream);
   return dispatch_mma(t, D, [&](auto tv, auto hd) -> int {
     using T = decltype(tv);
     constexpr int HD = decltype(hd)::value;
-    constexpr size_t bytes = ma::fwd_smem_bytes<T, HD>();
-    if (int e = allow_smem(k_attn_fwd_mma<T, HD>, bytes)) return e;
-    k_attn_fwd_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::fwd_mtiles<HD>()>(), N), ma::kMmaThreads, bytes, st>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, N, Tq, Tk,
-        causal, float(scale) * ma::kLog2e);
-    return 0;
+    auto launch = [&](auto kernel, size_t bytes, int rows) -> int {
+      if (int e = allow_smem(kernel, bytes)) return e;
+      kernel<<<mma_grid(Tq, rows, N), ma::kMmaThreads, bytes, st>>>(static_cast<const T*>(q), static_cast<const T*>(k),
+                                                                    static_cast<const T*>(v), static_cast<T*>(o), lse, N,
+                                                                    Tq, Tk, causal, float(scale) * ma::kLog2e);
+      return 0;
+    };
+    constexpr int M = ma::fwd_mtiles<HD>();
+    if constexpr (M > 1)
+      if (narrow) return launch(k_attn_fwd_mma<T, HD, 1>, ma::fwd_smem_bytes<T, HD, 1>(), ma::block_rows<1>());
+    return launch(k_attn_fwd_mma<T, HD, M>, ma::fwd_smem_bytes<T, HD, M>(), ma::block_rows<M>());
   });
 }
 

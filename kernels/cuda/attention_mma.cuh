@@ -51,10 +51,12 @@ constexpr int kMmaTile = 64;      // rows of a streamed tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-/// M-tiles (16 rows each) a warp owns. The forward at D 64 takes two (FA2's 128-row blocks): every B
-/// fragment read from shared memory then feeds two MMAs, so the block reads half the shared bytes per
-/// product (232 registers, no spill, on sm_90). At D 128 its accumulators leave no room for a second, nor
-/// do the backward's: dq with two at D 64 spills, and dk / dv hold two accumulators already.
+/// M-tiles (16 rows each) a warp owns. The forward at D 64 takes two by default (FA2's 128-row blocks):
+/// every B fragment read from shared memory then feeds two MMAs, so the block reads half the shared bytes
+/// per product (232 registers, no spill, on sm_90, against 123 with one: half the blocks per SM). One
+/// stays available there (forward<..., 1>) for comparison; the results are bitwise the same. At D 128 the
+/// forward's accumulators leave no room for a second, nor do the backward's: dq with two at D 64 spills,
+/// and dk / dv hold two accumulators already.
 template <int D>
 constexpr int fwd_mtiles() {
   return D == 64 ? 2 : 1;
@@ -73,9 +75,9 @@ constexpr size_t mma_rows_bytes(int rows) {
   return size_t(rows) * (D + 8) * sizeof(T);
 }
 /// Dynamic shared memory of each kernel, in bytes.
-template <class T, int D>
+template <class T, int D, int M = fwd_mtiles<D>()>
 constexpr size_t fwd_smem_bytes() {  // the block's Q rows; K, V twice
-  return mma_rows_bytes<T, D>(block_rows<fwd_mtiles<D>()>() + 4 * kMmaTile);
+  return mma_rows_bytes<T, D>(block_rows<M>() + 4 * kMmaTile);
 }
 template <class T, int D>
 constexpr size_t dq_smem_bytes() {  // the block's Q, dO rows; K, V twice
@@ -303,12 +305,12 @@ TX_HW_FN int64_t last_first_row0(int R) {
 
 // ------------------------------------------------------------------------------------ forward
 
-// o = softmax(scale q k^T [+ mask]) v and lse, for the block_rows<fwd_mtiles<D>()>() query rows of the
-// block (every n = block_y, + grid_y, ...). scale_log2 = scale * log2(e).
-template <class Hw, class T, int D>
+// o = softmax(scale q k^T [+ mask]) v and lse, for the block_rows<M>() query rows of the block (every n =
+// block_y, + grid_y, ...). scale_log2 = scale * log2(e).
+template <class Hw, class T, int D, int M = fwd_mtiles<D>()>
 TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
-  constexpr int M = fwd_mtiles<D>(), R = block_rows<M>(), P = D + 8, KS = D / 16, NT = kMmaTile / 8;
+  constexpr int R = block_rows<M>(), P = D + 8, KS = D / 16, NT = kMmaTile / 8;
   T* Qs = reinterpret_cast<T*>(smem);
   auto k_buf = [&](int b) { return Qs + (R + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
   const int lane = Hw::thread() & 31, w = Hw::thread() >> 5, g = lane >> 2, c = lane & 3;

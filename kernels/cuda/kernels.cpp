@@ -305,10 +305,15 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool c
   const AttentionDims a = attention_dims(nm, q, k);
   if (a.N == 0 || a.Tq == 0) return;  // o and lse are empty
   const bool mma = attention_tensor_cores() && attention_mma_supported(t, a.D, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data()});
-  check((mma ? launch_attention_forward_mma : launch_attention_forward)(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq,
-                                                                        a.Tk, a.D, causal, scale, o.raw_data(),
-                                                                        static_cast<float*>(lse.raw_data()), stream_of(o)),
-        nm);
+  float* lp = static_cast<float*>(lse.raw_data());
+  if (mma)
+    check(launch_attention_forward_mma(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
+                                       o.raw_data(), lp, attention_forward_rows_per_warp() == 16, stream_of(o)),
+          nm);
+  else
+    check(launch_attention_forward(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
+                                   o.raw_data(), lp, stream_of(o)),
+          nm);
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
@@ -350,6 +355,7 @@ bool on_unless_zero(const char* var) {
 }
 std::atomic<bool> g_attention_mma{on_unless_zero("TITANAX_ATTENTION_MMA")};
 std::atomic<bool> g_attention_deterministic{on_unless_zero("TITANAX_ATTENTION_DETERMINISTIC")};
+std::atomic<int> g_attention_forward_rows{32};
 }  // namespace
 
 bool attention_tensor_cores() { return g_attention_mma.load(); }
@@ -357,6 +363,13 @@ void set_attention_tensor_cores(bool on) { g_attention_mma.store(on); }
 
 bool attention_deterministic() { return g_attention_deterministic.load(); }
 void set_attention_deterministic(bool on) { g_attention_deterministic.store(on); }
+int attention_forward_rows_per_warp() { return g_attention_forward_rows.load(); }
+void set_attention_forward_rows_per_warp(int rows) {
+  if (rows != 16 && rows != 32)
+    throw ValueError("set_attention_forward_rows_per_warp: query rows per warp of the tensor-core forward", "16 or 32",
+                     std::to_string(rows), "pass 32 (the default) or 16");
+  g_attention_forward_rows.store(rows);
+}
 
 namespace {
 std::atomic<bool> g_tf32{false};

@@ -159,8 +159,10 @@ int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int
 /// Whether the tensor-core kernels take these operands: t bf16 or f16, D 64 or 128, every pointer 16-byte
 /// aligned.
 bool attention_mma_supported(Dt t, int64_t D, std::initializer_list<const void*> ptrs);
+/// The forward also takes `narrow`: at head dim 64, 16 query rows per warp instead of the default 32
+/// (bitwise the same results; for benchmarks comparing the two). Ignored at head dim 128 (always 16).
 int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
-                                 int64_t D, bool causal, double scale, void* o, float* lse, void* stream);
+                                 int64_t D, bool causal, double scale, void* o, float* lse, bool narrow, void* stream);
 /// The backward also takes `dq_accum`: nullptr for the deterministic kernels (dq; dk and dv), or N * Tq * D
 /// floats of scratch (16-byte aligned) for FA2's fused backward, where the dk / dv kernel adds each tile's
 /// dq into it by f32 atomics (5 matrix products per tile instead of 7; dq then depends on the order of the

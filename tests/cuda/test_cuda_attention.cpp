@@ -138,7 +138,8 @@ TEST_CASE("cuda attention: tensor-core and FP32 kernels both match the CPU (GPT-
   }
 }
 
-TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused backward (atomic dq) matches the CPU") {
+TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused backward (atomic dq) matches the CPU; "
+          "16 or 32 query rows per warp give the same forward") {
   const uint64_t seed = seed_now();
   INFO("seed " << seed);
   const RngKey key = RngKey::from_seed(seed);
@@ -160,5 +161,11 @@ TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused bac
     // dk and dv are the deterministic kernel's computation, in the same order.
     CHECK(testing::bitwise_equal(fused.dk, det[0].dk));
     CHECK(testing::bitwise_equal(fused.dv, det[0].dv));
+    // The forward with 16 query rows per warp instead of 32: bitwise the same.
+    kernels::cuda::set_attention_forward_rows_per_warp(16);
+    const Result narrow = run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0));
+    kernels::cuda::set_attention_forward_rows_per_warp(32);
+    CHECK(testing::bitwise_equal(narrow.o, det[0].o));
   }
+  CHECK_THROWS_AS(kernels::cuda::set_attention_forward_rows_per_warp(24), ValueError);
 }

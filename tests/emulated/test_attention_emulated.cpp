@@ -114,6 +114,16 @@ void check_mma(const Problem& pb, RngKey key) {
                                 sl2, smem);
   });
   b.check_forward(1e-2);
+  if constexpr (ma::fwd_mtiles<D>() > 1) {  // 16 rows per warp instead: bitwise the same o and lse
+    Tensor o = full(b.o.shape(), std::nan(""), DType::f32).astype(b.o.dtype());
+    Tensor lse = full(b.lse.shape(), std::nan(""), DType::f32);
+    launch(blocks(pb.Tq, ma::block_rows<1>()), pb.grid_y, ma::fwd_smem_bytes<T, D, 1>(), [&](unsigned char* smem) {
+      ma::forward<HostPrim, T, D, 1>(B::in(b.q), B::in(b.k), B::in(b.v), B::out(o), static_cast<float*>(lse.raw_data()), pb.N,
+                                     pb.Tq, pb.Tk, pb.causal, sl2, smem);
+    });
+    CHECK(testing::bitwise_equal(o, b.o));
+    CHECK(testing::bitwise_equal(lse, b.lse));
+  }
   const Tensor delta = b.delta();
   const float* dl = static_cast<const float*>(delta.raw_data());
   launch(blocks(pb.Tq, ma::block_rows<ma::kDqMtiles>()), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
