@@ -4,8 +4,8 @@
 //   bench=gpt_step device=cpu ranks=1 tp=1 threads=2 ... us_per_step=... peer_us_per_step=... speedup=...
 // Under mpirun the model is split over TP = world size (mesh {model: n}).
 // The peer (gpt_small_torch.py --device cpu on a synthetic token shard, same shapes) runs in the same
-// invocation when /usr/bin/python3 has torch (else peer=unavailable); its time per step is its total
-// over --peer-steps steps (it reports no finer figure).
+// invocation when a Python with torch is found (bench/peer.h; else peer=unavailable); its time per step
+// is its total over --peer-steps steps (it reports no finer figure).
 // Options: --steps N (default 20), --warmup N (default 3), --B, --T, --vocab, --dim, --layers, --heads,
 // --peer-steps N (default 20), --no-peer.
 #include <omp.h>
@@ -106,11 +106,11 @@ int main(int argc, char** argv) {
                   (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, us, best, double(B * T) * 1e6 / us,
                   r.loss, us * 2000 / 6e7);
     std::string line = buf;
-    const std::string py = "/usr/bin/python3";
+    std::string py;
     std::string dir = tx::bench::peers_dir();
     if (!peer || n > 1) {
       line += " peer=skipped";
-    } else if (dir.empty() || !tx::bench::python_has_torch(py)) {
+    } else if (dir.empty() || (py = tx::bench::peer_python()).empty()) {
       line += " peer=unavailable";
     } else {
       namespace fs = std::filesystem;

@@ -19,8 +19,8 @@
 // replay's segments: graph_segments (CUDA graphs launched per step), graph_captured_nodes,
 // graph_eager_nodes (run op by op between them) and graph_failed_captures.
 // The MLP's peer (../shared/peers/mlp_torch.py --device <same>, same shapes) runs in the same invocation
-// when /usr/bin/python3 has torch. Options: --device cpu|cuda (cuda:0: the model and 8 batches resident
-// on the GPU, cycled), --precision f32|bf16 (bf16: f32 master weights, the loss function under
+// when a Python with torch is found (bench/peer.h). Options: --device cpu|cuda (cuda:0: the model and 8
+// batches resident on the GPU, cycled), --precision f32|bf16 (bf16: f32 master weights, the loss function under
 // AutocastGuard(bf16), as EngineOptions::precision does), --steps N (default 50 MLP, 5 GPT), --model
 // mlp|gpt|both, --gpt2, --no-peer. Steps are timed without reading the loss back (the last step's loss is
 // read after the clock stops, the GPU synchronised first), as the peer times them.
@@ -226,10 +226,11 @@ int main(int argc, char** argv) {
                return tx::TensorList{tx::random_uniform(k, tx::Shape{B, 784}), y};
              }};
       std::string extra;
-      const std::string py = "/usr/bin/python3", dir = tx::bench::peers_dir();
+      std::string py;
+      const std::string dir = tx::bench::peers_dir();
       const int64_t n = steps > 0 ? steps : 50;
       if (!peer) extra = " peer=skipped";
-      else if (dir.empty() || !tx::bench::python_has_torch(py)) extra = " peer=unavailable";
+      else if (dir.empty() || (py = tx::bench::peer_python()).empty()) extra = " peer=unavailable";
       else {
         std::string why;
         auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py", "--device " + device + " --B 128 --hidden 512 --steps " + std::to_string(n), why);

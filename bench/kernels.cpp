@@ -11,7 +11,7 @@
 // Causal attention (scaled_dot_product_attention) in TFLOP/s as FlashAttention counts them (forward
 // 2 * 2 * B * H * T^2 * D / 2, backward 2.5x that; backward time = forward + backward - forward), beside
 // PyTorch's F.scaled_dot_product_attention on the same shapes in the same run (bench/peers/sdpa_torch.py,
-// when /usr/bin/python3 has torch): on the GPU issue #3's shapes B=16, heads 12, T=1024, D=64 in bf16
+// when a Python with torch is found: bench/peer.h): on the GPU issue #3's shapes B=16, heads 12, T=1024, D=64 in bf16
 // (target: at least 0.8x of PyTorch), on the CPU B=2, heads 4, T=512, D=64 in f32. On the GPU the line
 // adds attention_fp32_kernels_*: the same shapes with the tensor-core kernels turned off, and
 // attention_fused_bwd_*: the backward with dq added by atomics in the dk / dv kernel (FlashAttention-2's,
@@ -169,10 +169,10 @@ int main(int argc, char** argv) {
                     fused_bwd_tf, f16rows);
       line += buf;
     }
-    const std::string py = "/usr/bin/python3";
+    std::string py;
     if (!peer) {
       line += " peer=skipped";
-    } else if (!tx::bench::python_has_torch(py)) {
+    } else if ((py = tx::bench::peer_python()).empty()) {
       line += " peer=unavailable";
     } else {
       std::string why;

@@ -1,8 +1,8 @@
 // bench/mlp_step: one training step of the MNIST MLP (784-512-512-10, ReLU, softmax cross-entropy,
 // AdamW, f32) at B=128 on random inputs: forward, backward, optimizer update. Prints one line:
 //   bench=mlp_step device=cpu mode=eager B=128 threads=2 us_per_step=... peer_us_per_step=... speedup=...
-// with ../shared/peers/mlp_torch.py --device <same> run in the same invocation when /usr/bin/python3 has
-// torch (else peer=unavailable). Options: --device cpu|cuda (cuda: cuda:0, inputs resident on the GPU as
+// with ../shared/peers/mlp_torch.py --device <same> run in the same invocation when a Python with torch
+// is found (bench/peer.h; else peer=unavailable). Options: --device cpu|cuda (cuda: cuda:0, inputs resident on the GPU as
 // the peer's), --jit (the Engine's compiled step, EngineOptions::jit, instead of eager value_and_grad +
 // Optimizer::step), --steps N (default 500), --B N, --hidden N, --no-peer. The loss is read back once,
 // after the timed steps (eager; the Engine reads each step's loss), and the GPU is synchronised before
@@ -99,11 +99,11 @@ int main(int argc, char** argv) {
     char buf[256];
     std::snprintf(buf, sizeof buf, " us_per_step=%.1f samples_per_s=%.0f loss=%.4f", us, double(B) * 1e6 / us, loss);
     line += buf;
-    const std::string py = "/usr/bin/python3";
+    std::string py;
     std::string dir = tx::bench::peers_dir();
     if (!peer) {
       line += " peer=skipped";
-    } else if (dir.empty() || !tx::bench::python_has_torch(py)) {
+    } else if (dir.empty() || (py = tx::bench::peer_python()).empty()) {
       line += " peer=unavailable";
     } else {
       std::string why;

@@ -22,6 +22,13 @@ bool python_has_torch(const std::string& python) {
   return std::system(cmd.c_str()) == 0;
 }
 
+std::string peer_python() {
+  if (const char* e = std::getenv("TITANAX_PEER_PYTHON"); e && *e) return e;
+  for (const char* py : {"/usr/bin/python3", "python3"})
+    if (python_has_torch(py)) return py;
+  return "";
+}
+
 std::map<std::string, std::string> run_peer(const std::string& python, const std::string& script,
                                             const std::string& args, std::string& why) {
   std::map<std::string, std::string> kv;

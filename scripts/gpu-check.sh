@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One prepared device run for a session lent a GPU (device time is short: build, test and time in one
-# call). From the project root on this machine: `../shared/device/prepare.sh`, then call the device with
-# carry [".device"] and the command `source .device/on-device.sh && scripts/gpu-check.sh`. With the MNIST
-# files too (carry "build/cpu/data/mnist", fetched here by `build/cpu/apps/titanax fetch mnist --out
-# build/cpu/data/mnist`), it also trains the MNIST MLP and CNN configs on the GPU (1 rank, and the MLP on
-# 2 ranks sharing it) and checks the accuracy bars of e2e_mlp_accuracy / e2e_cnn_accuracy.
+# call). From the project root on this machine: `scripts/gpu-prepare.sh` (puts the carried oneDNN and
+# Catch2, the peer scripts and the MNIST files in .device/), then call the device with carry [".device"]
+# and the command `source .device/on-device.sh && scripts/gpu-check.sh`. With .device/mnist it also trains
+# the MNIST MLP and CNN configs on the GPU (1 rank, and the MLP on 2 ranks sharing it) and checks the
+# accuracy bars of e2e_mlp_accuracy / e2e_cnn_accuracy; with .device/peers the benchmarks run their
+# PyTorch peers (the Python that imports torch: bench/peer.h).
 # Builds the cuda preset (library, CUDA tests, codegen tests, benchmarks) on all cores, runs the CUDA
 # tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph), the CUDA collectives on
 # 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank), the JIT (MLP; GPT-2 124M last),
@@ -18,6 +19,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-build/cuda/gpu-check}
+[[ -d .device/peers ]] && export TITANAX_PEERS=${TITANAX_PEERS:-$PWD/.device/peers}
 mkdir -p "$out"
 jobs=$(nproc)
 t_start=$(date +%s)
@@ -56,7 +58,7 @@ step bench_mlp_cuda build/cuda/bench/mlp_step --device cuda --steps 300
 step bench_mlp_cuda_jit build/cuda/bench/mlp_step --device cuda --jit --steps 300 --no-peer
 step bench_jit_mlp build/cuda/bench/jit --model mlp --steps 20 --no-peer
 step cuda_mpi_np2 mpirun --allow-run-as-root --oversubscribe -np 2 -x OMP_NUM_THREADS=1 build/cuda/tests/titanax_cuda_mpi_tests
-mnist=${MNIST:-build/cpu/data/mnist}
+mnist=${MNIST:-.device/mnist}
 if [[ -d $mnist ]]; then
   train() {  # train NP CONFIG MIN_ACCURACY: trains on the GPU, fails below the accuracy bar
     local np=$1 config=$2 bar=$3
