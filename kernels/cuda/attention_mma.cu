@@ -80,8 +80,8 @@ dim3 mma_grid(int64_t rows, int R, int64_t N) {
 
 }  // namespace
 
-bool attention_mma_supported(Dt t, int64_t D, std::initializer_list<const void*> ptrs) {
-  if ((t != Dt::bf16 && t != Dt::f16) || (D != 64 && D != 128)) return false;
+bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs) {
+  if ((t != Dt::bf16 && t != Dt::f16) || (D != 64 && D != 128) || !(scale > 0)) return false;
   for (const void* p : ptrs)
     if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
   return true;

@@ -19,7 +19,7 @@
 // keys in dk / dv, and the other side streams through shared memory in tiles of 64, FA2's software
 // pipeline: tiles arrive by cp.async into two buffers, the next tile's copies in flight while the current
 // one is computed on.
-// Softmax statistics stay in f32 (exp2 of scores pre-multiplied by scale * log2(e)); P and dS are rounded
+// Softmax statistics stay in f32 (exp2 of scores times scale * log2(e), by ex2.approx.ftz); P and dS are rounded
 // to the inputs' 16-bit type for their products, as FlashAttention does. Deterministic by default: fixed
 // orders, no atomics (dq and dk / dv in separate kernels, as attention.cu); backward_dkdv's kFusedDq is
 // FA2's own backward, dq added by f32 atomics in the dk / dv pass. Causal blocks skip fully masked tiles as
@@ -306,7 +306,7 @@ TX_HW_FN int64_t last_first_row0(int R) {
 // ------------------------------------------------------------------------------------ forward
 
 // o = softmax(scale q k^T [+ mask]) v and lse, for the block_rows<M>() query rows of the block (every n =
-// block_y, + grid_y, ...). scale_log2 = scale * log2(e).
+// block_y, + grid_y, ...). scale_log2 = scale * log2(e) > 0.
 template <class Hw, class T, int D, int M = fwd_mtiles<D>()>
 TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
@@ -326,7 +326,7 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
     Hw::sync();  // every warp is done with the buffers of the previous n
     issue_tile<Hw, T, D, R>(Qs, q + n * Tq * D, q0, Tq);
     uint32_t qa[KS][M][4];
-    float rmax[2 * M], rsum[2 * M], acc[M][D / 8][4];  // the running max and sum of each row slot
+    float rmax[2 * M], rsum[2 * M], acc[M][D / 8][4];  // each row slot's running max (unscaled) and sum
     TX_UNROLL
     for (int rr = 0; rr < 2 * M; ++rr) rmax[rr] = -INFINITY, rsum[rr] = 0.f;
     zero_fragments(acc);
@@ -359,16 +359,11 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
           for (int nt = 0; nt < NT; ++nt)
             TX_UNROLL
             for (int e = 0; e < 4; ++e)
-              s[m][nt][e] = nt * 8 + 2 * c + (e & 1) <= last_col[2 * m + (e >> 1)] ? s[m][nt][e] * scale_log2 : -INFINITY;
-      } else {
-        TX_UNROLL
-        for (int m = 0; m < M; ++m)
-          TX_UNROLL
-          for (int nt = 0; nt < NT; ++nt)
-            TX_UNROLL
-            for (int e = 0; e < 4; ++e) s[m][nt][e] *= scale_log2;
+              if (nt * 8 + 2 * c + (e & 1) > last_col[2 * m + (e >> 1)]) s[m][nt][e] = -INFINITY;
       }
-      float mx[2 * M], alpha[2 * M], rs[2 * M];
+      // FA2's softmax in the scores' own units (scale_log2 > 0, so the row max commutes with the scaling):
+      // each probability is one FFMA and one MUFU.EX2 (exp2_ftz), a masked score's exp2(-inf) = 0.
+      float mx[2 * M], ms[2 * M], alpha[2 * M], rs[2 * M];
       TX_UNROLL
       for (int rr = 0; rr < 2 * M; ++rr) mx[rr] = rmax[rr], rs[rr] = 0.f;
       TX_UNROLL
@@ -380,7 +375,8 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
       TX_UNROLL
       for (int rr = 0; rr < 2 * M; ++rr) {
         mx[rr] = quad_max<Hw>(mx[rr]);
-        alpha[rr] = rmax[rr] == -INFINITY ? 0.f : exp2f(rmax[rr] - mx[rr]);  // nothing accumulated yet: no NaN
+        ms[rr] = mx[rr] == -INFINITY ? 0.f : mx[rr] * scale_log2;  // no key visible yet: any finite value
+        alpha[rr] = rmax[rr] == -INFINITY ? 0.f : Hw::exp2_ftz(rmax[rr] * scale_log2 - ms[rr]);  // nothing accumulated yet
       }
       TX_UNROLL
       for (int m = 0; m < M; ++m)
@@ -389,7 +385,7 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
           TX_UNROLL
           for (int e = 0; e < 4; ++e) {
             const int rr = 2 * m + (e >> 1);
-            const float p = s[m][nt][e] == -INFINITY ? 0.f : exp2f(s[m][nt][e] - mx[rr]);
+            const float p = Hw::exp2_ftz(s[m][nt][e] * scale_log2 - ms[rr]);
             s[m][nt][e] = p;
             rs[rr] += p;
           }
@@ -412,7 +408,8 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
     TX_UNROLL
     for (int rr = 0; rr < 2 * M; ++rr) {
       inv[rr] = rsum[rr] == 0.f ? 0.f : 1.f / rsum[rr];
-      if (c == 0 && row[rr] < Tq) lse[n * Tq + row[rr]] = rsum[rr] == 0.f ? -INFINITY : (rmax[rr] + log2f(rsum[rr])) * kLn2;
+      if (c == 0 && row[rr] < Tq)
+        lse[n * Tq + row[rr]] = rsum[rr] == 0.f ? -INFINITY : (rmax[rr] * scale_log2 + log2f(rsum[rr])) * kLn2;
     }
     store_rows<Hw, T, D, M>(o + n * Tq * D, acc, row, Tq, inv, c);
   }
@@ -470,7 +467,7 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
             const int rr = 2 * m + (e >> 1);
             const int64_t i = row[rr], j = k0 + nt * 8 + 2 * c + (e & 1);
             if (!edge || (i < Tq && j < Tk && visible(i, j, causal)))
-              dp[m][nt][e] = exp2f(s[m][nt][e] * scale_log2 - l2[rr]) * (dp[m][nt][e] - di[rr]);
+              dp[m][nt][e] = Hw::exp2_ftz(s[m][nt][e] * scale_log2 - l2[rr]) * (dp[m][nt][e] - di[rr]);
             else
               dp[m][nt][e] = 0.f;
           }
@@ -607,7 +604,7 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
             const int qi = nt * 8 + 2 * c + (e & 1);
             const int64_t i = i0 + qi, j = key[2 * m + (e >> 1)];
             const bool vis = !edge || (i < Tq && j < Tk && visible(i, j, causal));
-            const float pij = vis ? exp2f(st[m][nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
+            const float pij = vis ? Hw::exp2_ftz(st[m][nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
             st[m][nt][e] = pij;
             dpt[m][nt][e] = vis ? pij * (dpt[m][nt][e] - Ds[qi]) : 0.f;
           }

@@ -26,6 +26,9 @@
 //                                                   cp.async.commit_group; cp.async.wait_group 0 or 1: the
 //                                                   thread's copies, but for the `pending` newest committed
 //                                                   groups, have landed (other threads see them after a sync)
+//   float exp2_ftz(float x)                         2^x by ex2.approx.ftz.f32 (one MUFU.EX2: relative error
+//                                                   about 2^-22, -inf gives 0, results below 2^-126 flush
+//                                                   to 0), the softmax exponential of FlashAttention
 //   void red_add_f32x2(float* p, float a, float b)  p[0] += a and p[1] += b, each atomic (no value
 //                                                   returned), p global and 8-byte aligned:
 //                                                   red.global.add.v2.f32 on sm_90, two atomicAdd before
@@ -111,6 +114,11 @@ struct DevicePrim {
   static __device__ __forceinline__ void cp_async4(void* d, const void* s, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(d)), "l"(s), "r"(valid ? 4 : 0)
                  : "memory");
+  }
+  static __device__ __forceinline__ float exp2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
   }
   static __device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
 #if __CUDA_ARCH__ >= 900

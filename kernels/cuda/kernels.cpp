@@ -304,7 +304,8 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool c
   attention_lse_f32(nm, lse);
   const AttentionDims a = attention_dims(nm, q, k);
   if (a.N == 0 || a.Tq == 0) return;  // o and lse are empty
-  const bool mma = attention_tensor_cores() && attention_mma_supported(t, a.D, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data()});
+  const bool mma = attention_tensor_cores() &&
+                   attention_mma_supported(t, a.D, scale, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data()});
   float* lp = static_cast<float*>(lse.raw_data());
   if (mma)
     check(launch_attention_forward_mma(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
@@ -327,7 +328,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   // and any reuse is queued on the same stream after the kernels that read it).
   Tensor delta = empty(Shape{std::max<int64_t>(a.N * a.Tq, 1)}, DType::f32, q.device());
   const bool mma = attention_tensor_cores() &&
-                   attention_mma_supported(t, a.D, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), dout.raw_data(),
+                   attention_mma_supported(t, a.D, scale, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), dout.raw_data(),
                                                     dq.raw_data(), dk.raw_data(), dv.raw_data()});
   const void *qp = q.raw_data(), *kp = k.raw_data(), *vp = v.raw_data(), *op = o.raw_data(), *dop = dout.raw_data();
   const float* lp = static_cast<const float*>(lse.raw_data());

@@ -156,9 +156,9 @@ int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int
 
 // The same two operations on tensor cores (attention_mma.cu: mma.sync m16n8k16 with f32 accumulation, P and
 // dS rounded to t for their products as FlashAttention does): same arguments and results up to rounding.
-/// Whether the tensor-core kernels take these operands: t bf16 or f16, D 64 or 128, every pointer 16-byte
-/// aligned.
-bool attention_mma_supported(Dt t, int64_t D, std::initializer_list<const void*> ptrs);
+/// Whether the tensor-core kernels take these operands: t bf16 or f16, D 64 or 128, scale > 0 (the forward
+/// takes the row max before scaling, as FA2), every pointer 16-byte aligned.
+bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs);
 /// The forward also takes `narrow`: at head dim 64, 16 query rows per warp instead of the default 32
 /// (bitwise the same results; for benchmarks comparing the two). Ignored at head dim 128 (always 16).
 int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,

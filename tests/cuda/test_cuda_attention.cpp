@@ -169,3 +169,20 @@ TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused bac
   }
   CHECK_THROWS_AS(kernels::cuda::set_attention_forward_rows_per_warp(24), ValueError);
 }
+
+TEST_CASE("cuda attention: a scale <= 0 (the tensor-core forward takes the row max unscaled) still matches the CPU") {
+  const uint64_t seed = seed_now();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  const Shape s{1, 2, 130, 64};
+  auto fresh = [&](uint64_t i) { return testing::randn64(fold_in(key, i), s).astype(DType::bf16); };
+  const Tensor q = fresh(1), k = fresh(2), v = fresh(3);
+  for (double scale : {-0.3, 0.0, 0.125}) {
+    INFO("scale " << scale);
+    const Tensor want = scaled_dot_product_attention(q.astype(DType::f32), k.astype(DType::f32), v.astype(DType::f32),
+                                                     true, scale);
+    const Tensor got = scaled_dot_product_attention(q.to(Device::cuda(0)), k.to(Device::cuda(0)), v.to(Device::cuda(0)),
+                                                    true, scale);
+    CHECK(rel_error(got, want) <= 1e-2);
+  }
+}

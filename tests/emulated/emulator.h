@@ -22,6 +22,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -188,6 +189,10 @@ struct HostPrim {
       }
       t_groups.pop_front();
     }
+  }
+  static float exp2_ftz(float x) {
+    const float y = std::exp2(x);
+    return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
   }
   static void red_add_f32x2(float* p, float a, float b) {
     if (!aligned(p, 8)) t_block->fail("red.global.add.v2.f32: an address not 8-byte aligned");
