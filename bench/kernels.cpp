@@ -16,8 +16,9 @@
 // adds attention_fp32_kernels_*: the same shapes with the tensor-core kernels turned off, and
 // attention_fused_bwd_*: the backward with dq added by atomics in the dk / dv kernel (FlashAttention-2's,
 // and PyTorch's default; not deterministic: kernels::cuda::set_attention_deterministic) instead of the
-// default deterministic kernels, and attention_fwd_16rows_per_warp_TFLOPs: the forward with 64-row blocks
-// instead of the default 128 (kernels::cuda::set_attention_forward_rows_per_warp).
+// default deterministic kernels, and attention_16rows_per_warp_*: the forward and the deterministic
+// backward with 64-row blocks in the forward and dk / dv instead of the default 128
+// (kernels::cuda::set_attention_rows_per_warp).
 // Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
 // --no-peer.
 #include <algorithm>
@@ -160,13 +161,15 @@ int main(int argc, char** argv) {
       tx::kernels::cuda::set_attention_deterministic(false);
       attention_tflops(f, fused_bwd_tf);
       tx::kernels::cuda::set_attention_deterministic(true);
-      // The forward with 16 query rows per warp instead of 32 (the backward is unchanged by it).
-      double f16rows = 0;
-      tx::kernels::cuda::set_attention_forward_rows_per_warp(16);
-      attention_tflops(f16rows, b);
-      tx::kernels::cuda::set_attention_forward_rows_per_warp(32);
-      std::snprintf(buf, sizeof buf, " attention_fused_bwd_TFLOPs=%.3f attention_fwd_16rows_per_warp_TFLOPs=%.3f",
-                    fused_bwd_tf, f16rows);
+      // 16 rows per warp instead of 32 (the forward's queries, dk / dv's keys), deterministic backward.
+      double f16 = 0, b16 = 0;
+      tx::kernels::cuda::set_attention_rows_per_warp(16);
+      attention_tflops(f16, b16);
+      tx::kernels::cuda::set_attention_rows_per_warp(32);
+      std::snprintf(buf, sizeof buf,
+                    " attention_fused_bwd_TFLOPs=%.3f attention_16rows_per_warp_fwd_TFLOPs=%.3f"
+                    " attention_16rows_per_warp_bwd_TFLOPs=%.3f",
+                    fused_bwd_tf, f16, b16);
       line += buf;
     }
     std::string py;

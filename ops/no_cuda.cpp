@@ -44,8 +44,8 @@ bool attention_tensor_cores() { return false; }  // no CUDA kernels at all
 void set_attention_tensor_cores(bool) {}
 bool attention_deterministic() { return true; }
 void set_attention_deterministic(bool) {}
-int attention_forward_rows_per_warp() { return 32; }
-void set_attention_forward_rows_per_warp(int) {}
+int attention_rows_per_warp() { return 32; }
+void set_attention_rows_per_warp(int) {}
 void matmul(const Tensor&, const Tensor&, Tensor&, bool) { no_cuda("matmul"); }
 void linear(const Tensor&, const Tensor&, const Tensor*, Tensor&, bool) { no_cuda("linear"); }
 void conv2d_forward(const Tensor&, const Tensor&, const Tensor*, const cpu::Conv2dGeom&, Tensor&) { no_cuda("conv2d"); }

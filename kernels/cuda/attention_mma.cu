@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/attention_mma.cuh"
 #include "kernels/cuda/common.cuh"
@@ -31,25 +32,22 @@ __global__ void __launch_bounds__(ma::kMmaThreads)
   ma::backward_dq<DevicePrim, T, D>(q, k, v, dout, lse, delta, dq, N, Tq, Tk, causal, scale_log2, scale, smem);
 }
 
-template <class T, int D>
+// dk / dv with M m-tiles per warp; kFusedDq also adds dq into dq_accum (FA2's fused backward).
+template <class T, int D, bool kFusedDq, int M>
 __global__ void __launch_bounds__(ma::kMmaThreads)
     k_attn_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                     T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, bool causal,
-                    float scale_log2, float scale) {
+                    float scale_log2, float scale, float* __restrict__ dq_accum) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ma::backward_dkdv<DevicePrim, T, D>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, causal, scale_log2, scale, smem);
+  ma::backward_dkdv<DevicePrim, T, D, kFusedDq, M>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, causal, scale_log2, scale,
+                                                   smem, dq_accum);
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(ma::kMmaThreads)
-    k_attn_dkdv_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                       const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                       T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, bool causal,
-                       float scale_log2, float scale, float* __restrict__ dq_accum) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  ma::backward_dkdv<DevicePrim, T, D, true>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, causal, scale_log2, scale, smem,
-                                            dq_accum);
+// Shared memory of k_attn_dkdv_mma<T, D, kFusedDq, M>.
+template <class T, int D, bool kFusedDq, int M>
+constexpr size_t dkdv_bytes() {
+  return kFusedDq ? ma::dkdv_dq_smem_bytes<T, D, M>() : ma::dkdv_smem_bytes<T, D, M>();
 }
 
 template <class T>
@@ -111,7 +109,7 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
 int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
                                   const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
                                   double scale, void* dq, void* dk, void* dv, float* delta, float* dq_accum,
-                                  void* stream) {
+                                  bool narrow, void* stream) {
   if (N == 0) return 0;
   const cudaStream_t st = as_stream(stream);
   if (Tq > 0)  // delta_i = sum_d dout[i, d] o[i, d], as the FP32 path computes it
@@ -124,17 +122,27 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
     const T* vt = static_cast<const T*>(v);
     const T* ot = static_cast<const T*>(dout);
     const float sl2 = float(scale) * ma::kLog2e;
+    // dk and dv, with M m-tiles per warp (one when `narrow`); fused, dq's accumulation too.
+    auto dkdv = [&](auto fused) -> int {
+      constexpr bool F = decltype(fused)::value;
+      auto launch = [&](auto kernel, size_t bytes, int rows) -> int {
+        if (int e = allow_smem(kernel, bytes)) return e;
+        kernel<<<mma_grid(Tk, rows, N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dk),
+                                                                      static_cast<T*>(dv), N, Tq, Tk, causal, sl2,
+                                                                      float(scale), dq_accum);
+        return 0;
+      };
+      constexpr int M = ma::dkdv_mtiles<HD>();
+      if constexpr (M > 1)
+        if (narrow) return launch(k_attn_dkdv_mma<T, HD, F, 1>, dkdv_bytes<T, HD, F, 1>(), ma::block_rows<1>());
+      return launch(k_attn_dkdv_mma<T, HD, F, M>, dkdv_bytes<T, HD, F, M>(), ma::block_rows<M>());
+    };
     if (dq_accum) {  // FA2's fused backward: dq by atomic adds in the dk / dv pass, then rounded
       const int64_t count = N * Tq * HD;
       if (count > 0)
         if (cudaError_t e = cudaMemsetAsync(dq_accum, 0, size_t(count) * sizeof(float), st)) return int(e);
-      if (Tk > 0) {
-        constexpr size_t bytes = ma::dkdv_dq_smem_bytes<T, HD>();
-        if (int e = allow_smem(k_attn_dkdv_dq_mma<T, HD>, bytes)) return e;
-        k_attn_dkdv_dq_mma<T, HD><<<mma_grid(Tk, ma::block_rows<ma::kDkdvMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
-            qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale),
-            dq_accum);
-      }
+      if (Tk > 0)
+        if (int e = dkdv(std::true_type{})) return e;
       if (count > 0) {
         const int64_t quads = count / 4, threads = 256;
         const unsigned grid = unsigned(std::min<int64_t>((quads + threads - 1) / threads, 65535));
@@ -148,12 +156,8 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
       k_attn_dq_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::kDqMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
           qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq, Tk, causal, sl2, float(scale));
     }
-    if (Tk > 0) {  // Tq == 0: no query tile, dk = dv = 0
-      constexpr size_t bytes = ma::dkdv_smem_bytes<T, HD>();
-      if (int e = allow_smem(k_attn_dkdv_mma<T, HD>, bytes)) return e;
-      k_attn_dkdv_mma<T, HD><<<mma_grid(Tk, ma::block_rows<ma::kDkdvMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
-          qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale));
-    }
+    if (Tk > 0)  // Tq == 0: no query tile, dk = dv = 0
+      return dkdv(std::false_type{});
     return 0;
   });
 }

@@ -51,18 +51,27 @@ constexpr int kMmaTile = 64;      // rows of a streamed tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-/// M-tiles (16 rows each) a warp owns. The forward at D 64 takes two by default (FA2's 128-row blocks):
-/// every B fragment read from shared memory then feeds two MMAs, so the block reads half the shared bytes
-/// per product (232 registers, no spill, on sm_90, against 123 with one: half the blocks per SM). One
-/// stays available there (forward<..., 1>) for comparison; the results are bitwise the same. At D 128 the
-/// forward's accumulators leave no room for a second, nor do the backward's: dq with two at D 64 spills,
-/// and dk / dv hold two accumulators already.
+/// M-tiles (16 rows each) a warp owns. At D 64 the forward and dk / dv take two by default (FA2's 128-row
+/// blocks): every B fragment read from shared memory then feeds two MMAs, so a block reads half the shared
+/// bytes per product, for about twice the registers (sm_90: forward 230 against 127, dk / dv 253 against
+/// 179, no spill; half the blocks per SM). One stays available there (the template argument M = 1) for
+/// comparison, with bitwise the same results. dk / dv compute a tile's scores in passes of 64 / M queries
+/// (dkdv_pass) to leave their two accumulators room. At D 128 the accumulators leave no room for a second
+/// m-tile, nor do dq's at D 64 (two spill).
 template <int D>
 constexpr int fwd_mtiles() {
   return D == 64 ? 2 : 1;
 }
 constexpr int kDqMtiles = 1;
-constexpr int kDkdvMtiles = 1;
+template <int D>
+constexpr int dkdv_mtiles() {
+  return D == 64 ? 2 : 1;
+}
+/// Queries of a tile per pass of backward_dkdv with M m-tiles (the width of its S^T and dP^T fragments).
+template <int M>
+constexpr int dkdv_pass() {
+  return kMmaTile / M;
+}
 /// Rows a block of M m-tiles per warp owns.
 template <int M>
 constexpr int block_rows() {
@@ -83,15 +92,16 @@ template <class T, int D>
 constexpr size_t dq_smem_bytes() {  // the block's Q, dO rows; K, V twice
   return mma_rows_bytes<T, D>(2 * block_rows<kDqMtiles>() + 4 * kMmaTile);
 }
-template <class T, int D>
+template <class T, int D, int M = dkdv_mtiles<D>()>
 constexpr size_t dkdv_smem_bytes() {  // the block's K, V rows; Q, dO, and lse and delta [64] f32, twice
-  return mma_rows_bytes<T, D>(2 * block_rows<kDkdvMtiles>() + 4 * kMmaTile) + size_t(4 * kMmaTile) * sizeof(float);
+  return mma_rows_bytes<T, D>(2 * block_rows<M>() + 4 * kMmaTile) + size_t(4 * kMmaTile) * sizeof(float);
 }
 
-/// backward_dkdv with dq (kFusedDq): dk / dv's shared memory and the dS^T tile [64 keys][64 + 8 queries].
-template <class T, int D>
+/// backward_dkdv with dq (kFusedDq): dk / dv's shared memory and the dS^T tile [the block's keys][64 + 8
+/// queries].
+template <class T, int D, int M = dkdv_mtiles<D>()>
 constexpr size_t dkdv_dq_smem_bytes() {
-  return dkdv_smem_bytes<T, D>() + size_t(kMmaTile) * (kMmaTile + 8) * sizeof(T);
+  return dkdv_smem_bytes<T, D, M>() + size_t(block_rows<M>()) * (kMmaTile + 8) * sizeof(T);
 }
 
 // Two floats rounded to the 16-bit type, lo in the low half.
@@ -223,12 +233,12 @@ TX_HW_FN void zero_fragments(float (&x)[M][N][4]) {
 }
 
 // s[m] += X_m Y^T over features [16 kk, 16 kk + 16): the A fragments a[m] of the warp's m-tiles against the
-// 64 rows of the tile Y (row-major at y, pitch D + 8), as C fragments by n-tile. Each B fragment read
-// from shared memory feeds M MMAs.
-template <class Hw, class T, int D, int M>
-TX_HW_FN void product_bt(float (&s)[M][kMmaTile / 8][4], const uint32_t (&a)[M][4], const T* y, int kk, int lane) {
+// N rows of Y (row-major at y, pitch D + 8; 64 by default, a streamed tile), as C fragments by n-tile.
+// Each B fragment read from shared memory feeds M MMAs.
+template <class Hw, class T, int D, int M, int N = kMmaTile>
+TX_HW_FN void product_bt(float (&s)[M][N / 8][4], const uint32_t (&a)[M][4], const T* y, int kk, int lane) {
   TX_UNROLL
-  for (int ntp = 0; ntp < kMmaTile / 16; ++ntp) {
+  for (int ntp = 0; ntp < N / 16; ++ntp) {
     uint32_t b0[2], b1[2];
     ldsm_bt<Hw>(b0, b1, y, D + 8, ntp * 16, kk * 16, lane);
     TX_UNROLL
@@ -239,11 +249,11 @@ TX_HW_FN void product_bt(float (&s)[M][kMmaTile / 8][4], const uint32_t (&a)[M][
   }
 }
 
-// s = X1 Y1^T and t = X2 Y2^T: the warp's 16 M rows of X1 / X2 at x1 / x2 against the 64 rows of the
-// tiles Y1 / Y2 (all row-major, pitch D + 8). The backward's S and dP (dq) or S^T and dP^T (dk / dv).
-template <class Hw, class T, int D, int M>
-TX_HW_FN void two_products(float (&s)[M][kMmaTile / 8][4], float (&t)[M][kMmaTile / 8][4], const T* x1, const T* y1,
-                            const T* x2, const T* y2, int lane) {
+// s = X1 Y1^T and t = X2 Y2^T: the warp's 16 M rows of X1 / X2 at x1 / x2 against N rows of Y1 / Y2 (all
+// row-major, pitch D + 8). The backward's S and dP (dq) or S^T and dP^T (dk / dv).
+template <class Hw, class T, int D, int M, int N = kMmaTile>
+TX_HW_FN void two_products(float (&s)[M][N / 8][4], float (&t)[M][N / 8][4], const T* x1, const T* y1, const T* x2,
+                            const T* y2, int lane) {
   zero_fragments(s);
   zero_fragments(t);
   TX_UNROLL
@@ -251,20 +261,20 @@ TX_HW_FN void two_products(float (&s)[M][kMmaTile / 8][4], float (&t)[M][kMmaTil
     uint32_t a[M][4];
     TX_UNROLL
     for (int m = 0; m < M; ++m) ldsm_a<Hw>(a[m], x1 + 16 * m * (D + 8), D + 8, kk * 16, lane);
-    product_bt<Hw, T, D, M>(s, a, y1, kk, lane);
+    product_bt<Hw, T, D, M, N>(s, a, y1, kk, lane);
     TX_UNROLL
     for (int m = 0; m < M; ++m) ldsm_a<Hw>(a[m], x2 + 16 * m * (D + 8), D + 8, kk * 16, lane);
-    product_bt<Hw, T, D, M>(t, a, y2, kk, lane);
+    product_bt<Hw, T, D, M, N>(t, a, y2, kk, lane);
   }
 }
 
-// acc[m] (the warp's 16 M x D f32 C fragments) += X_m Y, where X is the warp's 16 M x 64 product held as C
-// fragments x (rounded to T for the MMA) and Y a 64 x D tile row-major in shared memory (pitch D + 8).
-// P V, dS K, P^T dO and dS^T Q.
-template <class Hw, class T, int D, int M>
-TX_HW_FN void accumulate_product(float (&acc)[M][D / 8][4], const float (&x)[M][kMmaTile / 8][4], const T* y, int lane) {
+// acc[m] (the warp's 16 M x D f32 C fragments) += X_m Y, where X is the warp's 16 M x K product held as C
+// fragments x (rounded to T for the MMA) and Y K x D, row-major in shared memory (pitch D + 8; K 64 by
+// default, a streamed tile). P V, dS K, P^T dO and dS^T Q.
+template <class Hw, class T, int D, int M, int K = kMmaTile>
+TX_HW_FN void accumulate_product(float (&acc)[M][D / 8][4], const float (&x)[M][K / 8][4], const T* y, int lane) {
   TX_UNROLL
-  for (int kk = 0; kk < kMmaTile / 16; ++kk) {
+  for (int kk = 0; kk < K / 16; ++kk) {
     uint32_t a[M][4];
     TX_UNROLL
     for (int m = 0; m < M; ++m) a_from_c<T>(a[m], x[m][2 * kk], x[m][2 * kk + 1]);
@@ -481,42 +491,50 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
   }
 }
 
-// FA2's dq in the dk / dv pass: dq_accum rows [i0, i0 + 64) += dS K over the block's 64 keys (Ks, pitch
-// D + 8). The warps' dS^T fragments (rows: their keys; columns: the tile's queries) go to shared memory
-// (dSs, pitch 72) rounded to T, as dk's product uses them; after a barrier warp w takes the tile's queries
-// [16 w, 16 w + 16), whose dS fragments it loads transposed, multiplies them by K in chunks of 64 features
-// and adds the chunk to dq_accum (f32, row-major, D columns) by vector reductions. Rows at or beyond Tq are
-// not added. The caller's next write of dSs must follow a barrier (stream_tiles has one before each tile).
-template <class Hw, class T, int D>
-TX_HW_FN void add_dq_tile(float* dq_accum, T* dSs, const float (&dst)[1][kMmaTile / 8][4], const T* Ks, int64_t i0,
-                          int64_t Tq, int w, int lane) {
-  static_assert(block_rows<kDkdvMtiles>() == kMmaTile, "the dS tile is the block's keys by a query tile");
-  constexpr int PS = kMmaTile + 8, P = D + 8, DC = D < 64 ? D : 64;
+// FA2's dq in the dk / dv pass, in two steps. First each warp stores its dS^T fragments (rows: its 16 M
+// keys; columns: queries [q0, q0 + N) of the tile) in the shared dS^T tile dSs (pitch 72), rounded to T as
+// dk's product uses them.
+template <class Hw, class T, int M, int N>
+TX_HW_FN void store_dst(T* dSs, const float (&dst)[M][N / 8][4], int w, int q0, int lane) {
+  constexpr int PS = kMmaTile + 8;
   const int g = lane >> 2, c = lane & 3;
   TX_UNROLL
-  for (int nt = 0; nt < kMmaTile / 8; ++nt) {
-    T* r0 = dSs + (w * 16 + g) * PS + nt * 8 + 2 * c;
-    Hw::st32(r0, pack2(dst[0][nt][0], dst[0][nt][1], T{}));
-    Hw::st32(r0 + 8 * PS, pack2(dst[0][nt][2], dst[0][nt][3], T{}));
-  }
+  for (int m = 0; m < M; ++m)
+    TX_UNROLL
+    for (int nt = 0; nt < N / 8; ++nt) {
+      T* r0 = dSs + ((w * M + m) * 16 + g) * PS + q0 + nt * 8 + 2 * c;
+      Hw::st32(r0, pack2(dst[m][nt][0], dst[m][nt][1], T{}));
+      Hw::st32(r0 + 8 * PS, pack2(dst[m][nt][2], dst[m][nt][3], T{}));
+    }
+}
+
+// Then, once every warp has stored the whole tile, dq_accum rows [i0, i0 + 64) += dS K over the block's R
+// keys (Ks, pitch D + 8): after a barrier warp w takes the tile's queries [16 w, 16 w + 16), loads their
+// dS fragments transposed from dSs, multiplies them by K in chunks of 64 features and adds each chunk to
+// dq_accum (f32, row-major, D columns) by vector reductions. Rows at or beyond Tq are not added. The
+// caller's next write of dSs must follow a barrier (stream_tiles has one before each tile).
+template <class Hw, class T, int D, int R>
+TX_HW_FN void add_dq_tile(float* dq_accum, const T* dSs, const T* Ks, int64_t i0, int64_t Tq, int w, int lane) {
+  constexpr int PS = kMmaTile + 8, P = D + 8, DC = D < 64 ? D : 64;
+  const int g = lane >> 2, c = lane & 3;
   Hw::sync();
-  uint32_t a[kMmaTile / 16][4];  // dS, rows: the warp's 16 queries; k-steps of 16 keys
-  TX_UNROLL
-  for (int kk = 0; kk < kMmaTile / 16; ++kk) ldsm_a_trans<Hw>(a[kk], dSs, PS, w * 16, kk * 16, lane);
   TX_UNROLL
   for (int d0 = 0; d0 < D; d0 += DC) {
     float acc[DC / 8][4];
     TX_UNROLL
     for (int dt = 0; dt < DC / 8; ++dt) acc[dt][0] = acc[dt][1] = acc[dt][2] = acc[dt][3] = 0.f;
     TX_UNROLL
-    for (int kk = 0; kk < kMmaTile / 16; ++kk)
+    for (int kk = 0; kk < R / 16; ++kk) {
+      uint32_t a[4];  // dS, rows: the warp's 16 queries; columns: keys [16 kk, 16 kk + 16)
+      ldsm_a_trans<Hw>(a, dSs, PS, w * 16, kk * 16, lane);
       TX_UNROLL
       for (int dtp = 0; dtp < DC / 16; ++dtp) {
         uint32_t b0[2], b1[2];
         ldsm_b<Hw>(b0, b1, Ks, P, kk * 16, d0 + dtp * 16, lane);
-        Hw::mma(acc[2 * dtp], a[kk], b0, T{});
-        Hw::mma(acc[2 * dtp + 1], a[kk], b1, T{});
+        Hw::mma(acc[2 * dtp], a, b0, T{});
+        Hw::mma(acc[2 * dtp + 1], a, b1, T{});
       }
+    }
     TX_UNROLL
     for (int r = 0; r < 2; ++r) {
       const int64_t i = i0 + w * 16 + g + 8 * r;
@@ -539,17 +557,18 @@ TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float s
   }
 }
 
-// dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the block_rows<kDkdvMtiles>() keys of block x,
-// query tiles of 64. The transposed products: S^T = K Q^T, dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
+// dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the block_rows<M>() keys of block x, query
+// tiles of 64 (in passes of dkdv_pass<M>() queries). The transposed products: S^T = K Q^T,
+// dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
 // kFusedDq (FA2's backward: five products per tile instead of the separate dq kernel's two more) also adds
 // each tile's dq = dS K, unscaled, to dq_accum (f32 [N, Tq, D], zero before) by atomic reductions: the
 // result depends on the order in which blocks add, so it is not deterministic; smem then holds
 // dkdv_dq_smem_bytes.
-template <class Hw, class T, int D, bool kFusedDq = false>
+template <class Hw, class T, int D, bool kFusedDq = false, int M = dkdv_mtiles<D>()>
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem, float* dq_accum = nullptr) {
-  constexpr int M = kDkdvMtiles, R = block_rows<M>(), P = D + 8, NT = kMmaTile / 8;
+  constexpr int R = block_rows<M>(), P = D + 8, QN = dkdv_pass<M>();
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + R * P;
   auto q_buf = [&](int b) { return Vs + (R + 2 * b * kMmaTile) * P; };  // Q of buffer b; its dO follows
@@ -560,9 +579,7 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
   const int64_t j0 = int64_t(Hw::block_x()) * R;  // under a causal mask the first keys are the heaviest
   const int64_t w0 = j0 + w * 16 * M;              // the warp's first key
   const int64_t qbegin = causal ? (j0 / kMmaTile) * kMmaTile : 0;  // queries before j0 see none of the keys
-  int64_t key[2 * M];
-  TX_UNROLL
-  for (int rr = 0; rr < 2 * M; ++rr) key[rr] = w0 + 16 * (rr >> 1) + g + 8 * (rr & 1);
+  auto key = [&](int rr) { return w0 + 16 * (rr >> 1) + g + 8 * (rr & 1); };  // the key of row slot rr
   const T* kw = Ks + w * 16 * M * P;
   const T* vw = Vs + w * 16 * M * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
@@ -590,35 +607,47 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
       const float* Ls = lse_buf(b);
       const float* Ds = Ls + kMmaTile;
       const int64_t i0 = qbegin + t * kMmaTile;
-      float st[M][NT][4], dpt[M][NT][4];  // rows: the warp's keys; columns: the tile's queries
-      two_products<Hw, T, D, M>(st, dpt, kw, Qs, vw, Os, lane);  // S^T = K Q^T, dP^T = V dO^T
       // Only a tile on an edge (queries past Tq, the warp's keys past Tk, or the causal diagonal) tests its
       // elements.
       const bool edge = i0 + kMmaTile > Tq || w0 + 16 * M > Tk || (causal && w0 + 16 * M - 1 > i0);
+      // There, row slot rr sees the tile's queries [first[rr], qend): none past Tq, none for a key past Tk,
+      // and under the causal mask none before the key.
+      const int qend = int(Tq - i0 < kMmaTile ? Tq - i0 : kMmaTile);
+      int first[2 * M];
       TX_UNROLL
-      for (int m = 0; m < M; ++m)
+      for (int rr = 0; rr < 2 * M; ++rr) {
+        const int64_t f = key(rr) >= Tk ? kMmaTile : (causal ? key(rr) - i0 : 0);
+        first[rr] = int(f < 0 ? 0 : (f > kMmaTile ? kMmaTile : f));
+      }
+      TX_NO_UNROLL  // one pass's fragments live at a time
+      for (int q0 = 0; q0 < kMmaTile; q0 += QN) {  // the tile's queries [q0, q0 + QN)
+        float st[M][QN / 8][4], dpt[M][QN / 8][4];  // rows: the warp's keys; columns: the pass's queries
+        two_products<Hw, T, D, M, QN>(st, dpt, kw, Qs + q0 * P, vw, Os + q0 * P, lane);  // S^T = K Q^T, dP^T = V dO^T
         TX_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
+        for (int m = 0; m < M; ++m)
           TX_UNROLL
-          for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
-            const int qi = nt * 8 + 2 * c + (e & 1);
-            const int64_t i = i0 + qi, j = key[2 * m + (e >> 1)];
-            const bool vis = !edge || (i < Tq && j < Tk && visible(i, j, causal));
-            const float pij = vis ? Hw::exp2_ftz(st[m][nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
-            st[m][nt][e] = pij;
-            dpt[m][nt][e] = vis ? pij * (dpt[m][nt][e] - Ds[qi]) : 0.f;
-          }
-      accumulate_product<Hw, T, D, M>(av, st, Os, lane);   // dv += P^T dO
-      accumulate_product<Hw, T, D, M>(ak, dpt, Qs, lane);  // dk += dS^T Q (scaled at the end)
-      if constexpr (kFusedDq)
-        add_dq_tile<Hw, T, D>(dq_accum + n * Tq * D, dSs, dpt, Ks, i0, Tq, w, lane);
+          for (int nt = 0; nt < QN / 8; ++nt)
+            TX_UNROLL
+            for (int e = 0; e < 4; ++e) {  // P^T into st, dS^T into dpt
+              const int qi = q0 + nt * 8 + 2 * c + (e & 1);
+              const bool vis = !edge || (qi >= first[2 * m + (e >> 1)] && qi < qend);
+              const float pij = vis ? Hw::exp2_ftz(st[m][nt][e] * scale_log2 - Ls[qi] * kLog2e) : 0.f;
+              st[m][nt][e] = pij;
+              dpt[m][nt][e] = vis ? pij * (dpt[m][nt][e] - Ds[qi]) : 0.f;
+            }
+        accumulate_product<Hw, T, D, M, QN>(av, st, Os + q0 * P, lane);   // dv += P^T dO
+        accumulate_product<Hw, T, D, M, QN>(ak, dpt, Qs + q0 * P, lane);  // dk += dS^T Q (scaled at the end)
+        if constexpr (kFusedDq) store_dst<Hw, T, M, QN>(dSs, dpt, w, q0, lane);
+      }
+      if constexpr (kFusedDq) add_dq_tile<Hw, T, D, R>(dq_accum + n * Tq * D, dSs, Ks, i0, Tq, w, lane);
     };
     stream_tiles<Hw>(Tq > qbegin ? (Tq - qbegin + kMmaTile - 1) / kMmaTile : 0, issue, compute);
     float sk[2 * M], one[2 * M];
+    int64_t keys[2 * M];
     TX_UNROLL
-    for (int rr = 0; rr < 2 * M; ++rr) sk[rr] = scale, one[rr] = 1.f;
-    store_rows<Hw, T, D, M>(dk + n * Tk * D, ak, key, Tk, sk, c);
-    store_rows<Hw, T, D, M>(dv + n * Tk * D, av, key, Tk, one, c);
+    for (int rr = 0; rr < 2 * M; ++rr) sk[rr] = scale, one[rr] = 1.f, keys[rr] = key(rr);
+    store_rows<Hw, T, D, M>(dk + n * Tk * D, ak, keys, Tk, sk, c);
+    store_rows<Hw, T, D, M>(dv + n * Tk * D, av, keys, Tk, one, c);
   }
 }
 

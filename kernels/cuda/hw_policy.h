@@ -46,6 +46,7 @@
 #define TX_HW_FN __device__ __forceinline__
 #define TX_UNROLL _Pragma("unroll")
 #define TX_UNROLL_4 _Pragma("unroll 4")
+#define TX_NO_UNROLL _Pragma("unroll 1")
 // Block-shared storage declared inside a block body (the emulator runs one block at a time, so a static
 // is shared by exactly one block's threads there).
 #define TX_SHARED __shared__
@@ -56,6 +57,7 @@
 #define TX_HW_FN inline
 #define TX_UNROLL
 #define TX_UNROLL_4
+#define TX_NO_UNROLL
 #define TX_SHARED static
 #endif
 

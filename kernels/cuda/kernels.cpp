@@ -309,7 +309,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool c
   float* lp = static_cast<float*>(lse.raw_data());
   if (mma)
     check(launch_attention_forward_mma(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
-                                       o.raw_data(), lp, attention_forward_rows_per_warp() == 16, stream_of(o)),
+                                       o.raw_data(), lp, attention_rows_per_warp() == 16, stream_of(o)),
           nm);
   else
     check(launch_attention_forward(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
@@ -344,7 +344,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   if (!attention_deterministic()) dq_accum = empty(Shape{std::max<int64_t>(a.N * a.Tq * a.D, 1)}, DType::f32, q.device());
   float* acc = dq_accum.defined() ? static_cast<float*>(dq_accum.raw_data()) : nullptr;
   check(launch_attention_backward_mma(t, qp, kp, vp, op, lp, dop, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
-                                      dk.raw_data(), dv.raw_data(), dl, acc, stream_of(dq)),
+                                      dk.raw_data(), dv.raw_data(), dl, acc, attention_rows_per_warp() == 16, stream_of(dq)),
         nm);
 }
 
@@ -356,7 +356,7 @@ bool on_unless_zero(const char* var) {
 }
 std::atomic<bool> g_attention_mma{on_unless_zero("TITANAX_ATTENTION_MMA")};
 std::atomic<bool> g_attention_deterministic{on_unless_zero("TITANAX_ATTENTION_DETERMINISTIC")};
-std::atomic<int> g_attention_forward_rows{32};
+std::atomic<int> g_attention_rows{32};
 }  // namespace
 
 bool attention_tensor_cores() { return g_attention_mma.load(); }
@@ -364,12 +364,12 @@ void set_attention_tensor_cores(bool on) { g_attention_mma.store(on); }
 
 bool attention_deterministic() { return g_attention_deterministic.load(); }
 void set_attention_deterministic(bool on) { g_attention_deterministic.store(on); }
-int attention_forward_rows_per_warp() { return g_attention_forward_rows.load(); }
-void set_attention_forward_rows_per_warp(int rows) {
+int attention_rows_per_warp() { return g_attention_rows.load(); }
+void set_attention_rows_per_warp(int rows) {
   if (rows != 16 && rows != 32)
-    throw ValueError("set_attention_forward_rows_per_warp: query rows per warp of the tensor-core forward", "16 or 32",
+    throw ValueError("set_attention_rows_per_warp: rows per warp of the tensor-core attention kernels", "16 or 32",
                      std::to_string(rows), "pass 32 (the default) or 16");
-  g_attention_forward_rows.store(rows);
+  g_attention_rows.store(rows);
 }
 
 namespace {

@@ -133,12 +133,12 @@ void set_attention_tensor_cores(bool on);
 /// are always deterministic.
 bool attention_deterministic();
 void set_attention_deterministic(bool on);
-/// Query rows per warp of the tensor-core forward at head dim 64: 32 (the default: 128-row blocks, every
-/// K / V fragment feeding two MMAs) or 16 (64-row blocks, fewer registers: twice the blocks per SM).
-/// Bitwise the same results; bench/kernels times both. Head dim 128 always uses 16. Throws ValueError for
-/// any other count.
-int attention_forward_rows_per_warp();
-void set_attention_forward_rows_per_warp(int rows);
+/// Rows per warp of the tensor-core attention kernels at head dim 64 (queries in the forward, keys in the
+/// dk / dv kernel): 32 (the default: 128-row blocks, every fragment read from shared memory feeding two
+/// MMAs) or 16 (64-row blocks, fewer registers: twice the blocks per SM). Bitwise the same o, lse, dk and
+/// dv; bench/kernels times both. Head dim 128 always uses 16. Throws ValueError for any other count.
+int attention_rows_per_warp();
+void set_attention_rows_per_warp(int rows);
 
 // ------------------------------------------------------------------------------------ GEMM (cuBLASLt)
 /// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is

@@ -130,27 +130,45 @@ void check_mma(const Problem& pb, RngKey key) {
     ma::backward_dq<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dq), pb.N,
                                     pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
   });
-  launch(blocks(pb.Tk, ma::block_rows<ma::kDkdvMtiles>()), pb.grid_y, ma::dkdv_smem_bytes<T, D>(), [&](unsigned char* smem) {
-    ma::backward_dkdv<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dk),
-                                      B::out(b.dv), pb.N, pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
-  });
+  // dk and dv by backward_dkdv with M m-tiles per warp into NaN-poisoned outputs; fused (FA2's backward),
+  // dq too, added by atomics into a zeroed f32 accumulator, then scaled and rounded.
+  auto dkdv = [&](auto fused, auto mtiles) {
+    constexpr bool F = decltype(fused)::value;
+    constexpr int M = decltype(mtiles)::value;
+    for (Tensor* t : {&b.dk, &b.dv}) fill_(*t, std::nan(""));
+    std::vector<float> dq_accum(F ? size_t(pb.N * pb.Tq * D) : 0, 0.f);
+    const size_t bytes = F ? ma::dkdv_dq_smem_bytes<T, D, M>() : ma::dkdv_smem_bytes<T, D, M>();
+    launch(blocks(pb.Tk, ma::block_rows<M>()), pb.grid_y, bytes, [&](unsigned char* smem) {
+      ma::backward_dkdv<HostPrim, T, D, F, M>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dk),
+                                              B::out(b.dv), pb.N, pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem,
+                                              dq_accum.data());
+    });
+    if constexpr (F) {
+      fill_(b.dq, std::nan(""));
+      launch(3, 1, 0, [&](unsigned char*) {  // fewer threads than quads: the grid-stride loop
+        ma::dq_from_accum<HostPrim, T>(dq_accum.data(), B::out(b.dq), int64_t(dq_accum.size()), float(b.scale));
+      });
+    }
+  };
+  constexpr int M = ma::dkdv_mtiles<D>();
+  dkdv(std::false_type{}, std::integral_constant<int, M>{});
   b.check_backward(1e-2);
-  // FA2's fused backward: dk / dv as the kernel above computes them (bitwise), dq added by atomics into a
-  // zeroed f32 accumulator, then scaled and rounded.
+  // The fused backward computes dk / dv as the deterministic kernel does: bitwise the same.
   const Tensor dk = b.dk.clone(), dv = b.dv.clone();
-  for (Tensor* t : {&b.dq, &b.dk, &b.dv}) fill_(*t, std::nan(""));
-  std::vector<float> dq_accum(size_t(pb.N * pb.Tq * D), 0.f);
-  launch(blocks(pb.Tk, ma::block_rows<ma::kDkdvMtiles>()), pb.grid_y, ma::dkdv_dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
-    ma::backward_dkdv<HostPrim, T, D, true>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dk),
-                                            B::out(b.dv), pb.N, pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem,
-                                            dq_accum.data());
-  });
-  launch(3, 1, 0, [&](unsigned char*) {  // fewer threads than quads: the grid-stride loop
-    ma::dq_from_accum<HostPrim, T>(dq_accum.data(), B::out(b.dq), int64_t(dq_accum.size()), float(b.scale));
-  });
+  dkdv(std::true_type{}, std::integral_constant<int, M>{});
   b.check_backward(1e-2);
   CHECK(testing::bitwise_equal(b.dk, dk));
   CHECK(testing::bitwise_equal(b.dv, dv));
+  if constexpr (M > 1) {  // 16 keys per warp instead: bitwise the same dk / dv, fused or not
+    for (bool fused : {false, true}) {
+      INFO("one m-tile per warp, fused " << fused);
+      if (fused) dkdv(std::true_type{}, std::integral_constant<int, 1>{});
+      else dkdv(std::false_type{}, std::integral_constant<int, 1>{});
+      b.check_backward(1e-2);
+      CHECK(testing::bitwise_equal(b.dk, dk));
+      CHECK(testing::bitwise_equal(b.dv, dv));
+    }
+  }
 }
 
 // The FP32 (CUDA-core) kernels; DC = ceil(D / 32) lanes' feature chunks. f32 within 1e-4 of the CPU, as
