@@ -17,8 +17,7 @@
 // attention_fused_bwd_*: the backward with dq added by atomics in the dk / dv kernel (FlashAttention-2's,
 // and PyTorch's default; not deterministic: kernels::cuda::set_attention_deterministic) instead of the
 // default deterministic kernels, and attention_16rows_per_warp_*: the forward and the deterministic
-// backward with 64-row blocks in the forward and dk / dv instead of the default 128
-// (kernels::cuda::set_attention_rows_per_warp).
+// backward with 64-row blocks instead of the default 128 (kernels::cuda::set_attention_rows_per_warp).
 // Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
 // --no-peer.
 #include <algorithm>
@@ -161,7 +160,7 @@ int main(int argc, char** argv) {
       tx::kernels::cuda::set_attention_deterministic(false);
       attention_tflops(f, fused_bwd_tf);
       tx::kernels::cuda::set_attention_deterministic(true);
-      // 16 rows per warp instead of 32 (the forward's queries, dk / dv's keys), deterministic backward.
+      // 16 rows per warp instead of 32 (queries in the forward and dq, keys in dk / dv), deterministic.
       double f16 = 0, b16 = 0;
       tx::kernels::cuda::set_attention_rows_per_warp(16);
       attention_tflops(f16, b16);

@@ -23,13 +23,13 @@ __global__ void __launch_bounds__(ma::kMmaThreads)
   ma::forward<DevicePrim, T, D, M>(q, k, v, o, lse, N, Tq, Tk, causal, scale_log2, smem);
 }
 
-template <class T, int D>
+template <class T, int D, int M>
 __global__ void __launch_bounds__(ma::kMmaThreads)
     k_attn_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
                   const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t N,
                   int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ma::backward_dq<DevicePrim, T, D>(q, k, v, dout, lse, delta, dq, N, Tq, Tk, causal, scale_log2, scale, smem);
+  ma::backward_dq<DevicePrim, T, D, M>(q, k, v, dout, lse, delta, dq, N, Tq, Tk, causal, scale_log2, scale, smem);
 }
 
 // dk / dv with M m-tiles per warp; kFusedDq also adds dq into dq_accum (FA2's fused backward).
@@ -150,11 +150,18 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
       }
       return 0;
     }
-    if (Tq > 0) {
-      constexpr size_t bytes = ma::dq_smem_bytes<T, HD>();
-      if (int e = allow_smem(k_attn_dq_mma<T, HD>, bytes)) return e;
-      k_attn_dq_mma<T, HD><<<mma_grid(Tq, ma::block_rows<ma::kDqMtiles>(), N), ma::kMmaThreads, bytes, st>>>(
-          qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq, Tk, causal, sl2, float(scale));
+    if (Tq > 0) {  // dq, with M m-tiles per warp (one when `narrow`)
+      auto launch = [&](auto kernel, size_t bytes, int rows) -> int {
+        if (int e = allow_smem(kernel, bytes)) return e;
+        kernel<<<mma_grid(Tq, rows, N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq,
+                                                                      Tk, causal, sl2, float(scale));
+        return 0;
+      };
+      constexpr int M = ma::dq_mtiles<HD>();
+      int e = 0;
+      if (M > 1 && narrow) e = launch(k_attn_dq_mma<T, HD, 1>, ma::dq_smem_bytes<T, HD, 1>(), ma::block_rows<1>());
+      else e = launch(k_attn_dq_mma<T, HD, M>, ma::dq_smem_bytes<T, HD, M>(), ma::block_rows<M>());
+      if (e) return e;
     }
     if (Tk > 0)  // Tq == 0: no query tile, dk = dv = 0
       return dkdv(std::false_type{});

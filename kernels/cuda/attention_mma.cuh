@@ -51,25 +51,28 @@ constexpr int kMmaTile = 64;      // rows of a streamed tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-/// M-tiles (16 rows each) a warp owns. At D 64 the forward and dk / dv take two by default (FA2's 128-row
-/// blocks): every B fragment read from shared memory then feeds two MMAs, so a block reads half the shared
-/// bytes per product, for about twice the registers (sm_90: forward 230 against 127, dk / dv 253 against
-/// 179, no spill; half the blocks per SM). One stays available there (the template argument M = 1) for
-/// comparison, with bitwise the same results. dk / dv compute a tile's scores in passes of 64 / M queries
-/// (dkdv_pass) to leave their two accumulators room. At D 128 the accumulators leave no room for a second
-/// m-tile, nor do dq's at D 64 (two spill).
+/// M-tiles (16 rows each) a warp owns. At D 64 every kernel takes two by default (FA2's 128-row blocks):
+/// every B fragment read from shared memory then feeds two MMAs, so a block reads about half the shared
+/// bytes per product, for more registers (sm_90, no spill: forward 230 against 127, dq 232 against 152,
+/// dk / dv 253 against 180; half the blocks per SM). One stays available there (the template argument
+/// M = 1) for comparison, with bitwise the same o, lse, dk and dv. The backward kernels compute a tile's
+/// scores in passes of pass_width<M>() columns (keys in dq, queries in dk / dv) so that their
+/// accumulators fit. At D 128 the accumulators leave no room for a second m-tile.
 template <int D>
 constexpr int fwd_mtiles() {
   return D == 64 ? 2 : 1;
 }
-constexpr int kDqMtiles = 1;
+template <int D>
+constexpr int dq_mtiles() {
+  return D == 64 ? 2 : 1;
+}
 template <int D>
 constexpr int dkdv_mtiles() {
   return D == 64 ? 2 : 1;
 }
-/// Queries of a tile per pass of backward_dkdv with M m-tiles (the width of its S^T and dP^T fragments).
+/// Columns of a tile per pass of the backward kernels with M m-tiles (the width of their score fragments).
 template <int M>
-constexpr int dkdv_pass() {
+constexpr int pass_width() {
   return kMmaTile / M;
 }
 /// Rows a block of M m-tiles per warp owns.
@@ -88,9 +91,9 @@ template <class T, int D, int M = fwd_mtiles<D>()>
 constexpr size_t fwd_smem_bytes() {  // the block's Q rows; K, V twice
   return mma_rows_bytes<T, D>(block_rows<M>() + 4 * kMmaTile);
 }
-template <class T, int D>
+template <class T, int D, int M = dq_mtiles<D>()>
 constexpr size_t dq_smem_bytes() {  // the block's Q, dO rows; K, V twice
-  return mma_rows_bytes<T, D>(2 * block_rows<kDqMtiles>() + 4 * kMmaTile);
+  return mma_rows_bytes<T, D>(2 * block_rows<M>() + 4 * kMmaTile);
 }
 template <class T, int D, int M = dkdv_mtiles<D>()>
 constexpr size_t dkdv_smem_bytes() {  // the block's K, V rows; Q, dO, and lse and delta [64] f32, twice
@@ -217,8 +220,6 @@ TX_HW_FN float quad_sum(float v) {
   return v + Hw::shfl_xor(v, 2);
 }
 
-TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
-
 // A warp's rows: with M m-tiles, warp w owns rows [16 M w, 16 M (w + 1)) of its block, m-tile m the 16 from
 // 16 (M w + m). Lane (g, c) holds, in C fragments, rows 16 m + g (elements 0, 1) and 16 m + g + 8 (2, 3) of
 // them: row slot 2 m + (e >> 1) of the lane's 2 M.
@@ -306,6 +307,18 @@ TX_HW_FN void store_rows(T* out, const float (&acc)[M][D / 8][4], const int64_t 
   }
 }
 
+// For each of the lane's query row slots (rows row[rr]), the column of the key tile at k0 holding its last
+// visible key: the key before Tk, and under the causal mask at most the row itself; -1 when it sees none of
+// the tile, clamped to 64.
+template <int M>
+TX_HW_FN void last_visible_cols(int (&last_col)[2 * M], const int64_t (&row)[2 * M], int64_t k0, int64_t Tk, bool causal) {
+  TX_UNROLL
+  for (int rr = 0; rr < 2 * M; ++rr) {
+    const int64_t lv = (causal && row[rr] < Tk - 1 ? row[rr] : Tk - 1) - k0;
+    last_col[rr] = int(lv < -1 ? -1 : (lv > kMmaTile ? kMmaTile : lv));
+  }
+}
+
 // The first row of the block's R: block x, counted from the last block, so that under a causal mask the
 // blocks that see the most keys start first.
 template <class Hw>
@@ -357,12 +370,8 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
       // Only a tile on an edge (past Tk, or reaching above the warp's first row under the causal mask)
       // tests its elements; the warp's others are all visible.
       if (k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > w0)) {
-        int last_col[2 * M];  // per row slot: the tile column of its last visible key (-1: none)
-        TX_UNROLL
-        for (int rr = 0; rr < 2 * M; ++rr) {
-          const int64_t lv = (causal && row[rr] < Tk - 1 ? row[rr] : Tk - 1) - k0;
-          last_col[rr] = int(lv < -1 ? -1 : (lv > kMmaTile ? kMmaTile : lv));
-        }
+        int last_col[2 * M];
+        last_visible_cols<M>(last_col, row, k0, Tk, causal);
         TX_UNROLL
         for (int m = 0; m < M; ++m)
           TX_UNROLL
@@ -428,12 +437,13 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
 // ------------------------------------------------------------------------------------ backward
 
 // dq_i = scale sum_j dS_ij k_j, dS = P (dP - delta), P = exp(scale q k^T - lse), dP = dout v^T, for the
-// block_rows<kDqMtiles>() query rows of the block. delta_i = sum_d dout_id o_id (computed before).
-template <class Hw, class T, int D>
+// block_rows<M>() query rows of the block (keys in passes of pass_width<M>()). delta_i = sum_d dout_id o_id
+// (computed before).
+template <class Hw, class T, int D, int M = dq_mtiles<D>()>
 TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                            unsigned char* smem) {
-  constexpr int M = kDqMtiles, R = block_rows<M>(), P = D + 8, NT = kMmaTile / 8;
+  constexpr int R = block_rows<M>(), P = D + 8, KN = pass_width<M>();
   T* Qs = reinterpret_cast<T*>(smem);
   T* Os = Qs + R * P;
   auto k_buf = [&](int b) { return Os + (R + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
@@ -462,26 +472,32 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
     auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
+      const T* Vs = Ks + kMmaTile * P;
       const int64_t k0 = t * kMmaTile;
-      float s[M][NT][4], dp[M][NT][4];
-      two_products<Hw, T, D, M>(s, dp, qw, Ks, ow, Ks + kMmaTile * P, lane);  // S = Q K^T, dP = dO V^T
-      // Only a tile on an edge (the warp's rows past Tq, keys past Tk, or the causal diagonal) tests its
-      // elements.
-      const bool edge = w0 + 16 * M > Tq || k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > w0);
-      TX_UNROLL
-      for (int m = 0; m < M; ++m)
+      // Only a tile on an edge (keys past Tk, or the causal diagonal) tests its elements: row slot rr sees
+      // the tile's keys up to last_col[rr] (-1: none). Rows past Tq have zero q, dout, lse and delta, so
+      // their dS is 0 and they are not stored.
+      const bool edge = k0 + kMmaTile > Tk || (causal && k0 + kMmaTile - 1 > w0);
+      int last_col[2 * M];
+      last_visible_cols<M>(last_col, row, k0, Tk, causal);
+      TX_NO_UNROLL  // one pass's fragments live at a time
+      for (int j0 = 0; j0 < kMmaTile; j0 += KN) {  // the tile's keys [j0, j0 + KN)
+        float s[M][KN / 8][4], dp[M][KN / 8][4];
+        two_products<Hw, T, D, M, KN>(s, dp, qw, Ks + j0 * P, ow, Vs + j0 * P, lane);  // S = Q K^T, dP = dO V^T
         TX_UNROLL
-        for (int nt = 0; nt < NT; ++nt)
+        for (int m = 0; m < M; ++m)
           TX_UNROLL
-          for (int e = 0; e < 4; ++e) {  // dS, into dp
-            const int rr = 2 * m + (e >> 1);
-            const int64_t i = row[rr], j = k0 + nt * 8 + 2 * c + (e & 1);
-            if (!edge || (i < Tq && j < Tk && visible(i, j, causal)))
-              dp[m][nt][e] = Hw::exp2_ftz(s[m][nt][e] * scale_log2 - l2[rr]) * (dp[m][nt][e] - di[rr]);
-            else
-              dp[m][nt][e] = 0.f;
-          }
-      accumulate_product<Hw, T, D, M>(acc, dp, Ks, lane);  // dq += dS K
+          for (int nt = 0; nt < KN / 8; ++nt)
+            TX_UNROLL
+            for (int e = 0; e < 4; ++e) {  // dS, into dp
+              const int rr = 2 * m + (e >> 1);
+              if (!edge || j0 + nt * 8 + 2 * c + (e & 1) <= last_col[rr])
+                dp[m][nt][e] = Hw::exp2_ftz(s[m][nt][e] * scale_log2 - l2[rr]) * (dp[m][nt][e] - di[rr]);
+              else
+                dp[m][nt][e] = 0.f;
+            }
+        accumulate_product<Hw, T, D, M, KN>(acc, dp, Ks + j0 * P, lane);  // dq += dS K
+      }
     };
     stream_tiles<Hw>((kend + kMmaTile - 1) / kMmaTile, issue, compute);
     float sc[2 * M];
@@ -558,7 +574,7 @@ TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float s
 }
 
 // dv_j = sum_i P_ij dout_i, dk_j = scale sum_i dS_ij q_i for the block_rows<M>() keys of block x, query
-// tiles of 64 (in passes of dkdv_pass<M>() queries). The transposed products: S^T = K Q^T,
+// tiles of 64 (in passes of pass_width<M>() queries). The transposed products: S^T = K Q^T,
 // dP^T = V dO^T, then dV += P^T dO, dK += dS^T Q.
 // kFusedDq (FA2's backward: five products per tile instead of the separate dq kernel's two more) also adds
 // each tile's dq = dS K, unscaled, to dq_accum (f32 [N, Tq, D], zero before) by atomic reductions: the
@@ -568,7 +584,7 @@ template <class Hw, class T, int D, bool kFusedDq = false, int M = dkdv_mtiles<D
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem, float* dq_accum = nullptr) {
-  constexpr int R = block_rows<M>(), P = D + 8, QN = dkdv_pass<M>();
+  constexpr int R = block_rows<M>(), P = D + 8, QN = pass_width<M>();
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + R * P;
   auto q_buf = [&](int b) { return Vs + (R + 2 * b * kMmaTile) * P; };  // Q of buffer b; its dO follows

@@ -133,10 +133,11 @@ void set_attention_tensor_cores(bool on);
 /// are always deterministic.
 bool attention_deterministic();
 void set_attention_deterministic(bool on);
-/// Rows per warp of the tensor-core attention kernels at head dim 64 (queries in the forward, keys in the
-/// dk / dv kernel): 32 (the default: 128-row blocks, every fragment read from shared memory feeding two
-/// MMAs) or 16 (64-row blocks, fewer registers: twice the blocks per SM). Bitwise the same o, lse, dk and
-/// dv; bench/kernels times both. Head dim 128 always uses 16. Throws ValueError for any other count.
+/// Rows per warp of the tensor-core attention kernels at head dim 64 (queries in the forward and dq, keys
+/// in dk / dv): 32 (the default: 128-row blocks, every fragment read from shared memory feeding two MMAs)
+/// or 16 (64-row blocks, fewer registers: more blocks per SM). Bitwise the same o, lse and deterministic
+/// gradients; bench/kernels times both. Head dim 128 always uses 16. Throws ValueError for any other
+/// count.
 int attention_rows_per_warp();
 void set_attention_rows_per_warp(int rows);
 

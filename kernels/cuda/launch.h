@@ -159,9 +159,9 @@ int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int
 /// Whether the tensor-core kernels take these operands: t bf16 or f16, D 64 or 128, scale > 0 (the forward
 /// takes the row max before scaling, as FA2), every pointer 16-byte aligned.
 bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs);
-/// Both take `narrow`: at head dim 64, 16 rows per warp (queries in the forward, keys in the dk / dv
-/// kernel) instead of the default 32: bitwise the same o, lse, dk and dv (for benchmarks comparing the
-/// two). Ignored at head dim 128 (always 16).
+/// Both take `narrow`: at head dim 64, 16 rows per warp (queries in the forward and dq, keys in dk / dv)
+/// instead of the default 32: bitwise the same o, lse, dq (deterministic), dk and dv (for benchmarks
+/// comparing the two). Ignored at head dim 128 (always 16).
 int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
                                  int64_t D, bool causal, double scale, void* o, float* lse, bool narrow, void* stream);
 /// The backward also takes `dq_accum`: nullptr for the deterministic kernels (dq; dk and dv), or N * Tq * D

@@ -139,7 +139,7 @@ TEST_CASE("cuda attention: tensor-core and FP32 kernels both match the CPU (GPT-
 }
 
 TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused backward (atomic dq) matches the CPU; "
-          "16 or 32 rows per warp give the same o, dk and dv") {
+          "16 or 32 rows per warp give the same o and gradients") {
   const uint64_t seed = seed_now();
   INFO("seed " << seed);
   const RngKey key = RngKey::from_seed(seed);
@@ -161,11 +161,12 @@ TEST_CASE("cuda attention: the default backward repeats bitwise; FA2's fused bac
     // dk and dv are the deterministic kernel's computation, in the same order.
     CHECK(testing::bitwise_equal(fused.dk, det[0].dk));
     CHECK(testing::bitwise_equal(fused.dv, det[0].dv));
-    // 16 rows per warp instead of 32 (the forward's queries, dk / dv's keys): bitwise the same.
+    // 16 rows per warp instead of 32 (queries in the forward and dq, keys in dk / dv): bitwise the same.
     kernels::cuda::set_attention_rows_per_warp(16);
     const Result narrow = run(in.q, in.k, in.v, in.ct, c.causal, Device::cuda(0));
     kernels::cuda::set_attention_rows_per_warp(32);
     CHECK(testing::bitwise_equal(narrow.o, det[0].o));
+    CHECK(testing::bitwise_equal(narrow.dq, det[0].dq));
     CHECK(testing::bitwise_equal(narrow.dk, det[0].dk));
     CHECK(testing::bitwise_equal(narrow.dv, det[0].dv));
   }

@@ -126,10 +126,18 @@ void check_mma(const Problem& pb, RngKey key) {
   }
   const Tensor delta = b.delta();
   const float* dl = static_cast<const float*>(delta.raw_data());
-  launch(blocks(pb.Tq, ma::block_rows<ma::kDqMtiles>()), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
+  launch(blocks(pb.Tq, ma::block_rows<ma::dq_mtiles<D>()>()), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
     ma::backward_dq<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dq), pb.N,
                                     pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
   });
+  if constexpr (ma::dq_mtiles<D>() > 1) {  // 16 rows per warp instead: bitwise the same dq
+    Tensor dq = full(b.dq.shape(), std::nan(""), DType::f32).astype(b.dq.dtype());
+    launch(blocks(pb.Tq, ma::block_rows<1>()), pb.grid_y, ma::dq_smem_bytes<T, D, 1>(), [&](unsigned char* smem) {
+      ma::backward_dq<HostPrim, T, D, 1>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(dq), pb.N,
+                                         pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
+    });
+    CHECK(testing::bitwise_equal(dq, b.dq));
+  }
   // dk and dv by backward_dkdv with M m-tiles per warp into NaN-poisoned outputs; fused (FA2's backward),
   // dq too, added by atomics into a zeroed f32 accumulator, then scaled and rounded.
   auto dkdv = [&](auto fused, auto mtiles) {
