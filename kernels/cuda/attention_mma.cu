@@ -99,7 +99,7 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
                                                                     Tq, Tk, causal, float(scale) * ma::kLog2e);
       return 0;
     };
-    constexpr int M = ma::fwd_mtiles<HD>();
+    constexpr int M = ma::mtiles<HD>();
     if constexpr (M > 1)
       if (narrow) return launch(k_attn_fwd_mma<T, HD, 1>, ma::fwd_smem_bytes<T, HD, 1>(), ma::block_rows<1>());
     return launch(k_attn_fwd_mma<T, HD, M>, ma::fwd_smem_bytes<T, HD, M>(), ma::block_rows<M>());
@@ -132,7 +132,7 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
                                                                       float(scale), dq_accum);
         return 0;
       };
-      constexpr int M = ma::dkdv_mtiles<HD>();
+      constexpr int M = ma::mtiles<HD>();
       if constexpr (M > 1)
         if (narrow) return launch(k_attn_dkdv_mma<T, HD, F, 1>, dkdv_bytes<T, HD, F, 1>(), ma::block_rows<1>());
       return launch(k_attn_dkdv_mma<T, HD, F, M>, dkdv_bytes<T, HD, F, M>(), ma::block_rows<M>());
@@ -157,7 +157,7 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
                                                                       Tk, causal, sl2, float(scale));
         return 0;
       };
-      constexpr int M = ma::dq_mtiles<HD>();
+      constexpr int M = ma::mtiles<HD>();
       int e = 0;
       if (M > 1 && narrow) e = launch(k_attn_dq_mma<T, HD, 1>, ma::dq_smem_bytes<T, HD, 1>(), ma::block_rows<1>());
       else e = launch(k_attn_dq_mma<T, HD, M>, ma::dq_smem_bytes<T, HD, M>(), ma::block_rows<M>());

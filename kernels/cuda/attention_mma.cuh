@@ -15,16 +15,15 @@
 // (.trans) of Y's rows, so no tile is ever stored transposed. Shared rows have a pitch of D + 8 elements:
 // 16-byte aligned rows, and the 8 rows of an ldmatrix phase start 4 banks apart (no bank conflict).
 //
-// Blocks of 4 warps; a warp owns 16 rows, or 32 (fwd_mtiles below), of queries in the forward and dq, of
-// keys in dk / dv, and the other side streams through shared memory in tiles of 64, FA2's software
-// pipeline: tiles arrive by cp.async into two buffers, the next tile's copies in flight while the current
-// one is computed on.
-// Softmax statistics stay in f32 (exp2 of scores times scale * log2(e), by ex2.approx.ftz); P and dS are rounded
-// to the inputs' 16-bit type for their products, as FlashAttention does. Deterministic by default: fixed
-// orders, no atomics (dq and dk / dv in separate kernels, as attention.cu); backward_dkdv's kFusedDq is
-// FA2's own backward, dq added by f32 atomics in the dk / dv pass. Causal blocks skip fully masked tiles as
-// attention.cu does, and the forward and dq take their query blocks last first: under a causal mask the
-// last see the most keys, so the grid ends on short blocks.
+// Blocks of 4 warps; a warp owns 16 rows, or 32 (mtiles below), of queries in the forward and dq, of keys
+// in dk / dv, and the other side streams through shared memory in tiles of 64, FA2's software pipeline:
+// tiles arrive by cp.async into two buffers, the next tile's copies in flight while the current one is
+// computed on. Softmax statistics stay in f32 (exp2 of scores times scale * log2(e), by ex2.approx.ftz);
+// P and dS are rounded to the inputs' 16-bit type for their products, as FlashAttention does.
+// Deterministic by default: fixed orders, no atomics (dq and dk / dv in separate kernels, as attention.cu);
+// backward_dkdv's kFusedDq is FA2's own backward, dq added by f32 atomics in the dk / dv pass. Causal
+// blocks skip fully masked tiles as attention.cu does, and the forward and dq take their query blocks last
+// first: under a causal mask the last see the most keys, so the grid ends on short blocks.
 //
 // The block bodies are written against a policy `Hw` of hardware primitives (kernels/cuda/hw_policy.h),
 // so that the same code runs on the GPU (attention_mma.cu) and in tests/emulated/ (128 host threads per
@@ -59,15 +58,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 /// scores in passes of pass_width<M>() columns (keys in dq, queries in dk / dv) so that their
 /// accumulators fit. At D 128 the accumulators leave no room for a second m-tile.
 template <int D>
-constexpr int fwd_mtiles() {
-  return D == 64 ? 2 : 1;
-}
-template <int D>
-constexpr int dq_mtiles() {
-  return D == 64 ? 2 : 1;
-}
-template <int D>
-constexpr int dkdv_mtiles() {
+constexpr int mtiles() {
   return D == 64 ? 2 : 1;
 }
 /// Columns of a tile per pass of the backward kernels with M m-tiles (the width of their score fragments).
@@ -87,22 +78,22 @@ constexpr size_t mma_rows_bytes(int rows) {
   return size_t(rows) * (D + 8) * sizeof(T);
 }
 /// Dynamic shared memory of each kernel, in bytes.
-template <class T, int D, int M = fwd_mtiles<D>()>
+template <class T, int D, int M = mtiles<D>()>
 constexpr size_t fwd_smem_bytes() {  // the block's Q rows; K, V twice
   return mma_rows_bytes<T, D>(block_rows<M>() + 4 * kMmaTile);
 }
-template <class T, int D, int M = dq_mtiles<D>()>
+template <class T, int D, int M = mtiles<D>()>
 constexpr size_t dq_smem_bytes() {  // the block's Q, dO rows; K, V twice
   return mma_rows_bytes<T, D>(2 * block_rows<M>() + 4 * kMmaTile);
 }
-template <class T, int D, int M = dkdv_mtiles<D>()>
+template <class T, int D, int M = mtiles<D>()>
 constexpr size_t dkdv_smem_bytes() {  // the block's K, V rows; Q, dO, and lse and delta [64] f32, twice
   return mma_rows_bytes<T, D>(2 * block_rows<M>() + 4 * kMmaTile) + size_t(4 * kMmaTile) * sizeof(float);
 }
 
 /// backward_dkdv with dq (kFusedDq): dk / dv's shared memory and the dS^T tile [the block's keys][64 + 8
 /// queries].
-template <class T, int D, int M = dkdv_mtiles<D>()>
+template <class T, int D, int M = mtiles<D>()>
 constexpr size_t dkdv_dq_smem_bytes() {
   return dkdv_smem_bytes<T, D, M>() + size_t(block_rows<M>()) * (kMmaTile + 8) * sizeof(T);
 }
@@ -330,7 +321,7 @@ TX_HW_FN int64_t last_first_row0(int R) {
 
 // o = softmax(scale q k^T [+ mask]) v and lse, for the block_rows<M>() query rows of the block (every n =
 // block_y, + grid_y, ...). scale_log2 = scale * log2(e) > 0.
-template <class Hw, class T, int D, int M = fwd_mtiles<D>()>
+template <class Hw, class T, int D, int M = mtiles<D>()>
 TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
                        bool causal, float scale_log2, unsigned char* smem) {
   constexpr int R = block_rows<M>(), P = D + 8, KS = D / 16, NT = kMmaTile / 8;
@@ -439,7 +430,7 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
 // dq_i = scale sum_j dS_ij k_j, dS = P (dP - delta), P = exp(scale q k^T - lse), dP = dout v^T, for the
 // block_rows<M>() query rows of the block (keys in passes of pass_width<M>()). delta_i = sum_d dout_id o_id
 // (computed before).
-template <class Hw, class T, int D, int M = dq_mtiles<D>()>
+template <class Hw, class T, int D, int M = mtiles<D>()>
 TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                            T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                            unsigned char* smem) {
@@ -580,7 +571,7 @@ TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float s
 // each tile's dq = dS K, unscaled, to dq_accum (f32 [N, Tq, D], zero before) by atomic reductions: the
 // result depends on the order in which blocks add, so it is not deterministic; smem then holds
 // dkdv_dq_smem_bytes.
-template <class Hw, class T, int D, bool kFusedDq = false, int M = dkdv_mtiles<D>()>
+template <class Hw, class T, int D, bool kFusedDq = false, int M = mtiles<D>()>
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
                              T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
                              unsigned char* smem, float* dq_accum = nullptr) {

@@ -109,12 +109,12 @@ void check_mma(const Problem& pb, RngKey key) {
   Buffers<T> b(pb, key);
   using B = Buffers<T>;
   const float sl2 = float(b.scale) * ma::kLog2e;
-  launch(blocks(pb.Tq, ma::block_rows<ma::fwd_mtiles<D>()>()), pb.grid_y, ma::fwd_smem_bytes<T, D>(), [&](unsigned char* smem) {
+  launch(blocks(pb.Tq, ma::block_rows<ma::mtiles<D>()>()), pb.grid_y, ma::fwd_smem_bytes<T, D>(), [&](unsigned char* smem) {
     ma::forward<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::out(b.o), b.lse_out(), pb.N, pb.Tq, pb.Tk, pb.causal,
                                 sl2, smem);
   });
   b.check_forward(1e-2);
-  if constexpr (ma::fwd_mtiles<D>() > 1) {  // 16 rows per warp instead: bitwise the same o and lse
+  if constexpr (ma::mtiles<D>() > 1) {  // 16 rows per warp instead: bitwise the same o and lse
     Tensor o = full(b.o.shape(), std::nan(""), DType::f32).astype(b.o.dtype());
     Tensor lse = full(b.lse.shape(), std::nan(""), DType::f32);
     launch(blocks(pb.Tq, ma::block_rows<1>()), pb.grid_y, ma::fwd_smem_bytes<T, D, 1>(), [&](unsigned char* smem) {
@@ -126,11 +126,11 @@ void check_mma(const Problem& pb, RngKey key) {
   }
   const Tensor delta = b.delta();
   const float* dl = static_cast<const float*>(delta.raw_data());
-  launch(blocks(pb.Tq, ma::block_rows<ma::dq_mtiles<D>()>()), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
+  launch(blocks(pb.Tq, ma::block_rows<ma::mtiles<D>()>()), pb.grid_y, ma::dq_smem_bytes<T, D>(), [&](unsigned char* smem) {
     ma::backward_dq<HostPrim, T, D>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(b.dq), pb.N,
                                     pb.Tq, pb.Tk, pb.causal, sl2, float(b.scale), smem);
   });
-  if constexpr (ma::dq_mtiles<D>() > 1) {  // 16 rows per warp instead: bitwise the same dq
+  if constexpr (ma::mtiles<D>() > 1) {  // 16 rows per warp instead: bitwise the same dq
     Tensor dq = full(b.dq.shape(), std::nan(""), DType::f32).astype(b.dq.dtype());
     launch(blocks(pb.Tq, ma::block_rows<1>()), pb.grid_y, ma::dq_smem_bytes<T, D, 1>(), [&](unsigned char* smem) {
       ma::backward_dq<HostPrim, T, D, 1>(B::in(b.q), B::in(b.k), B::in(b.v), B::in(b.ct), b.lse_out(), dl, B::out(dq), pb.N,
@@ -158,7 +158,7 @@ void check_mma(const Problem& pb, RngKey key) {
       });
     }
   };
-  constexpr int M = ma::dkdv_mtiles<D>();
+  constexpr int M = ma::mtiles<D>();
   dkdv(std::false_type{}, std::integral_constant<int, M>{});
   b.check_backward(1e-2);
   // The fused backward computes dk / dv as the deterministic kernel does: bitwise the same.
