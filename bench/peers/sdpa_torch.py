@@ -2,7 +2,7 @@
 """Peer of bench/kernels' attention rows: PyTorch's F.scaled_dot_product_attention, forward and backward
 (PyTorch < 2.0 has none: there the written-out softmax(q k^T / sqrt(D) + mask) v, peer=torch-math-<device>).
 
-Prints: peer=torch-sdpa-<device> fwd_TFLOPs=<float> bwd_TFLOPs=<float> fwd_ms=<float> bwd_ms=<float>
+Prints: peer=torch<version>-sdpa-<device> fwd_TFLOPs=<float> bwd_TFLOPs=<float> fwd_ms=<float> bwd_ms=<float>
 FLOPs as FlashAttention counts them (Dao 2023): forward 4 * B * H * T^2 * D (halved when causal),
 backward 2.5x the forward. bwd_ms is (forward + backward) - forward, as bench/kernels measures ours.
 Usage: sdpa_torch.py [--B 16] [--H 12] [--T 1024] [--D 64] [--dtype bf16|f16|f32] [--causal 1] [--device cuda|cpu]
@@ -61,6 +61,6 @@ fwd = timed(attn)
 both = timed(lambda: torch.autograd.grad(attn(), (q, k, v), ct))
 bwd = max(both - fwd, 1e-9)
 flops = 4.0 * a.B * a.H * a.T * a.T * a.D * (0.5 if a.causal else 1.0)
-print(f"peer=torch-{name}-{a.device} B={a.B} H={a.H} T={a.T} D={a.D} dtype={a.dtype} causal={a.causal} "
+print(f"peer=torch{torch.__version__}-{name}-{a.device} B={a.B} H={a.H} T={a.T} D={a.D} dtype={a.dtype} causal={a.causal} "
       f"fwd_TFLOPs={flops / fwd / 1e12:.3f} bwd_TFLOPs={2.5 * flops / bwd / 1e12:.3f} "
       f"fwd_ms={fwd * 1e3:.3f} bwd_ms={bwd * 1e3:.3f}")
