@@ -71,6 +71,16 @@ int dispatch_mma(Dt t, int64_t D, Body body) {
   return err ? err : int(cudaGetLastError());
 }
 
+// body(std::integral_constant<int, M>{}) for the m-tiles per warp of the kernels at head dim D: mtiles<D>(),
+// or 1 when `narrow`.
+template <int D, class Body>
+int with_mtiles(bool narrow, Body body) {
+  constexpr int M = ma::mtiles<D>();
+  if constexpr (M > 1)
+    if (narrow) return body(std::integral_constant<int, 1>{});
+  return body(std::integral_constant<int, M>{});
+}
+
 // Blocks of R rows over `rows`, by N (at most 65535: the blocks loop over n).
 dim3 mma_grid(int64_t rows, int R, int64_t N) {
   return dim3(unsigned((rows + R - 1) / R), unsigned(N < 65535 ? N : 65535));
@@ -92,17 +102,15 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
   return dispatch_mma(t, D, [&](auto tv, auto hd) -> int {
     using T = decltype(tv);
     constexpr int HD = decltype(hd)::value;
-    auto launch = [&](auto kernel, size_t bytes, int rows) -> int {
-      if (int e = allow_smem(kernel, bytes)) return e;
-      kernel<<<mma_grid(Tq, rows, N), ma::kMmaThreads, bytes, st>>>(static_cast<const T*>(q), static_cast<const T*>(k),
-                                                                    static_cast<const T*>(v), static_cast<T*>(o), lse, N,
-                                                                    Tq, Tk, causal, float(scale) * ma::kLog2e);
+    return with_mtiles<HD>(narrow, [&](auto mt) -> int {
+      constexpr int M = decltype(mt)::value;
+      constexpr size_t bytes = ma::fwd_smem_bytes<T, HD, M>();
+      if (int e = allow_smem(k_attn_fwd_mma<T, HD, M>, bytes)) return e;
+      k_attn_fwd_mma<T, HD, M><<<mma_grid(Tq, ma::block_rows<M>(), N), ma::kMmaThreads, bytes, st>>>(
+          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, N, Tq, Tk,
+          causal, float(scale) * ma::kLog2e);
       return 0;
-    };
-    constexpr int M = ma::mtiles<HD>();
-    if constexpr (M > 1)
-      if (narrow) return launch(k_attn_fwd_mma<T, HD, 1>, ma::fwd_smem_bytes<T, HD, 1>(), ma::block_rows<1>());
-    return launch(k_attn_fwd_mma<T, HD, M>, ma::fwd_smem_bytes<T, HD, M>(), ma::block_rows<M>());
+    });
   });
 }
 
@@ -122,20 +130,18 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
     const T* vt = static_cast<const T*>(v);
     const T* ot = static_cast<const T*>(dout);
     const float sl2 = float(scale) * ma::kLog2e;
-    // dk and dv, with M m-tiles per warp (one when `narrow`); fused, dq's accumulation too.
+    // dk and dv (fused: dq's accumulation too); every kernel with with_mtiles's m-tiles per warp.
     auto dkdv = [&](auto fused) -> int {
-      constexpr bool F = decltype(fused)::value;
-      auto launch = [&](auto kernel, size_t bytes, int rows) -> int {
-        if (int e = allow_smem(kernel, bytes)) return e;
-        kernel<<<mma_grid(Tk, rows, N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dk),
-                                                                      static_cast<T*>(dv), N, Tq, Tk, causal, sl2,
-                                                                      float(scale), dq_accum);
+      return with_mtiles<HD>(narrow, [&](auto mt) -> int {
+        constexpr bool F = decltype(fused)::value;
+        constexpr int M = decltype(mt)::value;
+        constexpr size_t bytes = dkdv_bytes<T, HD, F, M>();
+        if (int e = allow_smem(k_attn_dkdv_mma<T, HD, F, M>, bytes)) return e;
+        k_attn_dkdv_mma<T, HD, F, M><<<mma_grid(Tk, ma::block_rows<M>(), N), ma::kMmaThreads, bytes, st>>>(
+            qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale),
+            dq_accum);
         return 0;
-      };
-      constexpr int M = ma::mtiles<HD>();
-      if constexpr (M > 1)
-        if (narrow) return launch(k_attn_dkdv_mma<T, HD, F, 1>, dkdv_bytes<T, HD, F, 1>(), ma::block_rows<1>());
-      return launch(k_attn_dkdv_mma<T, HD, F, M>, dkdv_bytes<T, HD, F, M>(), ma::block_rows<M>());
+      });
     };
     if (dq_accum) {  // FA2's fused backward: dq by atomic adds in the dk / dv pass, then rounded
       const int64_t count = N * Tq * HD;
@@ -150,17 +156,15 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
       }
       return 0;
     }
-    if (Tq > 0) {  // dq, with M m-tiles per warp (one when `narrow`)
-      auto launch = [&](auto kernel, size_t bytes, int rows) -> int {
-        if (int e = allow_smem(kernel, bytes)) return e;
-        kernel<<<mma_grid(Tq, rows, N), ma::kMmaThreads, bytes, st>>>(qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq,
-                                                                      Tk, causal, sl2, float(scale));
+    if (Tq > 0) {  // dq
+      const int e = with_mtiles<HD>(narrow, [&](auto mt) -> int {
+        constexpr int M = decltype(mt)::value;
+        constexpr size_t bytes = ma::dq_smem_bytes<T, HD, M>();
+        if (int e = allow_smem(k_attn_dq_mma<T, HD, M>, bytes)) return e;
+        k_attn_dq_mma<T, HD, M><<<mma_grid(Tq, ma::block_rows<M>(), N), ma::kMmaThreads, bytes, st>>>(
+            qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq, Tk, causal, sl2, float(scale));
         return 0;
-      };
-      constexpr int M = ma::mtiles<HD>();
-      int e = 0;
-      if (M > 1 && narrow) e = launch(k_attn_dq_mma<T, HD, 1>, ma::dq_smem_bytes<T, HD, 1>(), ma::block_rows<1>());
-      else e = launch(k_attn_dq_mma<T, HD, M>, ma::dq_smem_bytes<T, HD, M>(), ma::block_rows<M>());
+      });
       if (e) return e;
     }
     if (Tk > 0)  // Tq == 0: no query tile, dk = dv = 0
