@@ -1,16 +1,18 @@
 // Neural-network kernels: softmax / log-softmax, fused cross-entropy forward and backward, layer norm
 // forward and backward (their block bodies are in kernels/cuda/rows.cuh, over the GPU's primitives here),
-// the column softmax, gather / deterministic scatter-add (embedding), dropout (Philox: the CPU's mask).
+// the column softmax, gather / deterministic scatter-add (embedding), dropout (Philox: the CPU's mask; these
+// bodies in kernels/cuda/index.cuh).
 #include <cub/device/device_radix_sort.cuh>
 
-#include "core/philox.h"
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/index.cuh"
 #include "kernels/cuda/rows.cuh"
 
 namespace titanax::kernels::cuda {
 namespace {
 
 using namespace row_kernels;
+namespace ik = index_kernels;
 
 // The row cache of a row kernel: its dynamic shared memory when the launch gave it some (row_launch).
 template <class T>
@@ -116,54 +118,22 @@ __global__ void k_layer_norm_dwdb_total(const double* partial, int64_t R, int64_
 template <class T, class I>
 __global__ void k_gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t B, int64_t K, int op, ReportSlot slot,
                          T* out) {
-  const int64_t total = A * K * B;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i % B, k = (i / B) % K, a = i / (B * K), r = int64_t(idx[k]);
-    if (r >= 0 && r < n) {
-      out[i] = x[(a * n + r) * B + b];
-    } else {
-      if (a == 0 && b == 0) DevicePrim::report(slot, kIndexOutOfRange, k, r, n, op);
-      out[i] = T(NAN);
-    }
-  }
+  ik::gather<DevicePrim>(x, idx, A, n, B, K, op, slot, out);
 }
 
-// Sort keys of the scatter-add: the row of each index (n for one out of range, reported), carrying k.
 template <class I>
 __global__ void k_scatter_keys(const I* idx, int64_t K, int64_t n, int op, ReportSlot slot, uint64_t* keys, int64_t* ks) {
-  for (int64_t k = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; k < K; k += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = int64_t(idx[k]);
-    const bool bad = r < 0 || r >= n;
-    if (bad) DevicePrim::report(slot, kIndexOutOfRange, k, r, n, op);
-    keys[k] = uint64_t(bad ? n : r);
-    ks[k] = k;
-  }
+  ik::scatter_keys<DevicePrim>(idx, K, n, op, slot, keys, ks);
 }
 
-// row_start[r] = the first position of row r in the sorted keys (a lower bound), r in [0, n]: rows
-// never indexed get an empty run, and the out-of-range keys (n) sort after row_start[n].
 __global__ void k_row_starts(const uint64_t* sorted, int64_t K, int64_t n, int64_t* row_start) {
-  for (int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; r <= n; r += int64_t(gridDim.x) * blockDim.x) {
-    int64_t lo = 0, hi = K;
-    while (lo < hi) {
-      const int64_t mid = lo + (hi - lo) / 2;
-      if (sorted[mid] < uint64_t(r)) lo = mid + 1;
-      else hi = mid;
-    }
-    row_start[r] = lo;
-  }
+  ik::row_starts<DevicePrim>(sorted, K, n, row_start);
 }
 
 template <class T>
 __global__ void k_scatter_add(const T* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n,
                               int64_t B, int64_t K, T* out) {
-  const int64_t total = A * n * B;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t b = i % B, r = (i / B) % n, a = i / (B * n);
-    T acc = T(0);
-    for (int64_t e = row_start[r]; e < row_start[r + 1]; ++e) acc += g[(a * K + ks[e]) * B + b];
-    out[i] = acc;
-  }
+  ik::scatter_add<DevicePrim>(g, row_start, ks, A, n, B, K, out);
 }
 
 unsigned row_blocks(int64_t R) { return unsigned(R < 1 ? 1 : (R > 65535 * 4 ? 65535 * 4 : R)); }
@@ -404,19 +374,9 @@ int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t
 }
 
 namespace {
-// One thread per block of 4 elements: the Philox block of counter (blk, 0, 0, 0) gives elements 4 blk ..
-// 4 blk + 3 their uniforms (kernels/cpu/random.h uniform_at); kept when u >= p, scaled by `scale`.
 template <class T>
 __global__ void k_dropout(const T* x, T* out, int64_t n, double p, T scale, uint32_t k0, uint32_t k1) {
-  const int64_t nblk = (n + 3) / 4;
-  for (int64_t blk = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; blk < nblk; blk += int64_t(gridDim.x) * blockDim.x) {
-    const philox::Words r = philox::block(uint32_t(uint64_t(blk)), uint32_t(uint64_t(blk) >> 32), 0, 0, k0, k1);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const int64_t i = blk * 4 + k;
-      if (i < n) out[i] = double(philox::unit_float(r.w[k])) >= p ? x[i] * scale : T(0);
-    }
-  }
+  ik::dropout<DevicePrim>(x, out, n, p, scale, k0, k1);
 }
 }  // namespace
 
