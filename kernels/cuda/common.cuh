@@ -1,5 +1,5 @@
-// Device helpers shared by the .cu files: grid sizing, the strided N-d indexer (warp and block reductions:
-// hw_policy.h).
+// Device helpers shared by the .cu files: grid sizing, shared-memory opt-in (warp and block reductions:
+// hw_policy.h; the strided N-d indexer: elementwise.cuh).
 // CUDA headers only (see kernels/cuda/launch.h).
 #pragma once
 
@@ -33,20 +33,6 @@ inline int allow_smem(K kernel, size_t bytes) {
   cudaFuncAttributes a{};
   if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess && size_t(a.maxDynamicSharedSizeBytes) >= bytes) return 0;
   return int(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
-/// Element offsets of operands 0..N-1 for linear index i of layout L.
-template <int N>
-__device__ __forceinline__ void offsets(const Layout& L, int64_t i, int64_t* off) {
-#pragma unroll
-  for (int k = 0; k < N; ++k) off[k] = 0;
-  for (int d = L.ndim - 1; d >= 0; --d) {
-    const int64_t s = L.size[d];
-    const int64_t c = i % s;
-    i /= s;
-#pragma unroll
-    for (int k = 0; k < N; ++k) off[k] += c * L.stride[k][d];
-  }
 }
 
 }  // namespace titanax::kernels::cuda

@@ -45,7 +45,15 @@ Dt floating(const Tensor& t, const char* what) {
 
 void* stream_of(const Tensor& t) { return cuda_rt::current_stream(t.device().index); }
 
-// Iteration layout over `shape` with the given operand strides (operand 0 the output).
+
+bool dense_like(const Tensor& t, const Tensor& out) { return t.is_contiguous() && t.shape() == out.shape(); }
+
+void check(int err, const char* what) {
+  if (err != 0) throw_cuda_error(err, what, __FILE__, __LINE__);
+}
+
+}  // namespace
+
 Layout make_layout(const Shape& shape, std::initializer_list<Shape> strides) {
   if (shape.rank() > kMaxDims)
     throw ShapeError("CUDA elementwise kernel: too many axes", "rank <= " + std::to_string(kMaxDims), shape.str());
@@ -59,14 +67,6 @@ Layout make_layout(const Shape& shape, std::initializer_list<Shape> strides) {
   }
   return L;
 }
-
-bool dense_like(const Tensor& t, const Tensor& out) { return t.is_contiguous() && t.shape() == out.shape(); }
-
-void check(int err, const char* what) {
-  if (err != 0) throw_cuda_error(err, what, __FILE__, __LINE__);
-}
-
-}  // namespace
 
 void copy_cast(const Tensor& src, Tensor& dst) {
   Layout L = make_layout(dst.shape(), {dst.strides(), cpu::broadcast_strides(src, dst.shape())});

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <vector>
 
 #include "core/rng.h"
@@ -44,6 +45,10 @@ void unary(UnaryOp op, const Tensor& x, Tensor& out);
 void clamp(const Tensor& x, double lo, double hi, Tensor& out);
 /// out = cond ? a : b, all broadcast to out.shape(); cond is bool.
 void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out);
+/// The elementwise kernels' iteration layout over `shape` (kernels/cuda/elementwise.cuh): operand k's
+/// strides are strides[k], operand 0 the output's, the inputs' broadcast to `shape`
+/// (cpu::broadcast_strides). Throws ShapeError when shape has more than kMaxDims axes.
+Layout make_layout(const Shape& shape, std::initializer_list<Shape> strides);
 
 // ------------------------------------------------------------------------------------ reductions
 /// The kept and the reduced axes of x (sizes and strides, in order) for the reduction kernels
