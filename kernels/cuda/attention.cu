@@ -44,18 +44,10 @@ __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
   backward_dkdv<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, D, causal, scale, sm);
 }
 
-// delta[r] = sum_d dout[r, d] o[r, d] over R rows; one warp per row, a fixed order.
 template <class T>
 __global__ void k_attn_delta(const T* __restrict__ o, const T* __restrict__ dout, float* __restrict__ delta,
                              int64_t R, int D) {
-  const int lane = threadIdx.x & 31;
-  const int64_t wpb = blockDim.x >> 5;
-  for (int64_t r = blockIdx.x * wpb + (threadIdx.x >> 5); r < R; r += int64_t(gridDim.x) * wpb) {
-    float s = 0.f;
-    for (int d = lane; d < D; d += 32) s = fmaf(ldf(dout, r * D + d), ldf(o, r * D + d), s);
-    s = warp_sum_of<DevicePrim>(s);
-    if (lane == 0) delta[r] = s;
-  }
+  attention_delta<DevicePrim>(o, dout, delta, R, D);
 }
 
 template <int C>

@@ -50,6 +50,20 @@ TX_HW_FN float ldf(const float* p, int64_t i) { return p[i]; }
 TX_HW_FN float ldf(const __half* p, int64_t i) { return __half2float(p[i]); }
 TX_HW_FN float ldf(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
 
+// The backward's first step, for both kernel families: delta[r] = sum_d dout[r, d] o[r, d] over R rows of
+// D, in f32; one warp per row (any grid), lanes striding over d, then a fixed shuffle order.
+template <class Hw, class T>
+TX_HW_FN void attention_delta(const T* o, const T* dout, float* delta, int64_t R, int D) {
+  const int lane = Hw::thread() & 31;
+  const int64_t wpb = Hw::threads() >> 5;
+  for (int64_t r = int64_t(Hw::block_x()) * wpb + (Hw::thread() >> 5); r < R; r += int64_t(Hw::grid_x()) * wpb) {
+    float s = 0.f;
+    for (int d = lane; d < D; d += 32) s = fmaf(ldf(dout, r * D + d), ldf(o, r * D + d), s);
+    s = warp_sum_of<Hw>(s);
+    if (lane == 0) delta[r] = s;
+  }
+}
+
 TX_HW_FN void stf(float* p, int64_t i, float v) { p[i] = v; }
 TX_HW_FN void stf(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 TX_HW_FN void stf(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }

@@ -26,26 +26,9 @@ __global__ void k_softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool l
   softmax_rows<DevicePrim>(x, y, rows, n, log, row_cache<T>(smem, cached));
 }
 
-// One thread per column of [outer, n, inner] (inner > 1), as the CPU's column path.
 template <class T>
 __global__ void k_softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64_t inner, bool log) {
-  for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < outer * inner;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t o = c / inner, b = c % inner;
-    const T* xo = x + o * n * inner + b;
-    T* yo = y + o * n * inner + b;
-    T m = T(-INFINITY);
-    for (int64_t i = 0; i < n; ++i) m = plain_max_of(m, xo[i * inner]);
-    double s = 0;
-    for (int64_t i = 0; i < n; ++i) s += double(exp(xo[i * inner] - m));
-    if (log) {
-      const T lse = T(::log(s));
-      for (int64_t i = 0; i < n; ++i) yo[i * inner] = (xo[i * inner] - m) - lse;
-    } else {
-      const T inv = T(1.0 / s);
-      for (int64_t i = 0; i < n; ++i) yo[i * inner] = exp(xo[i * inner] - m) * inv;
-    }
-  }
+  softmax_cols<DevicePrim>(x, y, outer, n, inner, log);
 }
 
 template <class L>

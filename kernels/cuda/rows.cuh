@@ -64,6 +64,29 @@ TX_HW_FN void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log, 
   }
 }
 
+// Softmax / log-softmax over the middle axis of [outer, n, inner] (inner > 1), one thread per column (any
+// grid), as the CPU's column path: the column max, then the sum of exp in f64.
+template <class Hw, class T>
+TX_HW_FN void softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64_t inner, bool log) {
+  for (int64_t c = int64_t(Hw::block_x()) * Hw::threads() + Hw::thread(); c < outer * inner;
+       c += int64_t(Hw::grid_x()) * Hw::threads()) {
+    const int64_t o = c / inner, b = c % inner;
+    const T* xo = x + o * n * inner + b;
+    T* yo = y + o * n * inner + b;
+    T m = T(-INFINITY);
+    for (int64_t i = 0; i < n; ++i) m = plain_max_of(m, xo[i * inner]);
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i) s += double(dexp(T(xo[i * inner] - m)));
+    if (log) {
+      const T lse = T(::log(s));
+      for (int64_t i = 0; i < n; ++i) yo[i * inner] = (xo[i * inner] - m) - lse;
+    } else {
+      const T inv = T(1.0 / s);
+      for (int64_t i = 0; i < n; ++i) yo[i * inner] = dexp(T(xo[i * inner] - m)) * inv;
+    }
+  }
+}
+
 // One block: counts the labels that are not `ignore` into *count (mean's divisor) and reports one
 // outside [0, C).
 template <class Hw, class L>

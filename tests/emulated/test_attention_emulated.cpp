@@ -87,8 +87,17 @@ struct Buffers {
   static const T* in(const Tensor& t) { return static_cast<const T*>(t.raw_data()); }
   static T* out(Tensor& t) { return static_cast<T*>(t.raw_data()); }
   float* lse_out() { return static_cast<float*>(lse.raw_data()); }
-  // delta_i = sum_d dout_id o_id from the emulated o (what the GPU's delta kernel computes), after forward.
-  Tensor delta() const { return sum(ct.astype(DType::f32) * o.astype(DType::f32), {-1}).contiguous(); }
+  // delta_i = sum_d dout_id o_id from the emulated o by the backward's delta kernel (attention_delta: 2
+  // blocks of 4 warps striding over the rows), checked against the host's sum; after forward.
+  Tensor delta() const {
+    const Tensor want = sum(ct.astype(DType::f32) * o.astype(DType::f32), {-1}).contiguous();
+    Tensor got = full(want.shape(), std::nan(""), DType::f32);
+    testing::emu::launch(2, 1, 128, 0, [&](unsigned char*) {
+      fa::attention_delta<HostPrim>(in(o), in(ct), static_cast<float*>(got.raw_data()), pb.N * pb.Tq, int(pb.D));
+    });
+    CHECK(testing::rel_error(got, want) <= 1e-5);
+    return got;
+  }
   void check_forward(double tol) const { CHECK(testing::rel_error(o, o_ref) <= tol); }
   void check_backward(double tol) const {
     const Tensor grads[3] = {dq, dk, dv};
