@@ -556,8 +556,7 @@ TX_HW_FN void add_dq_tile(float* dq_accum, const T* dSs, const T* Ks, int64_t i0
 // fused backward's last step. Any grid; threads() a multiple of 32.
 template <class Hw, class T>
 TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float scale) {
-  const int64_t stride = int64_t(Hw::grid_x()) * Hw::threads() * 4;
-  for (int64_t i = (int64_t(Hw::block_x()) * Hw::threads() + Hw::thread()) * 4; i < count; i += stride) {
+  for (int64_t i = grid_index<Hw>() * 4; i < count; i += grid_stride<Hw>() * 4) {
     const float4 v = load_f4(dq_accum + i);
     Hw::st32(dq + i, pack2(v.x * scale, v.y * scale, T{}));
     Hw::st32(dq + i + 2, pack2(v.z * scale, v.w * scale, T{}));

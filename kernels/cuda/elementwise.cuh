@@ -127,16 +127,6 @@ struct ClampF {
   TX_HW_FN T operator()(T v) const { return ewm::clamp(v, lo, hi); }
 };
 
-// This thread's first index and the grid's stride.
-template <class Hw>
-TX_HW_FN int64_t first_index() {
-  return int64_t(Hw::block_x()) * Hw::threads() + Hw::thread();
-}
-template <class Hw>
-TX_HW_FN int64_t grid_stride() {
-  return int64_t(Hw::grid_x()) * Hw::threads();
-}
-
 /// Element offsets of operands 0..N-1 for linear (row-major) index i of layout L.
 template <int N>
 TX_HW_FN void offsets(const Layout& L, int64_t i, int64_t* off) {
@@ -154,7 +144,7 @@ TX_HW_FN void offsets(const Layout& L, int64_t i, int64_t* off) {
 /// out = f(a, b) over n elements of layout L (operands 0, 1, 2: out, a, b).
 template <class Hw, class TO, class TA, class TB, class F>
 TX_HW_FN void binary(TO* out, const TA* a, const TB* b, const Layout& L, int64_t n, F f) {
-  for (int64_t i = first_index<Hw>(); i < n; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < n; i += grid_stride<Hw>()) {
     int64_t o[3];
     offsets<3>(L, i, o);
     out[o[0]] = f(a[o[1]], b[o[2]]);
@@ -163,22 +153,22 @@ TX_HW_FN void binary(TO* out, const TA* a, const TB* b, const Layout& L, int64_t
 /// out[i] = f(a[i], b[i]): contiguous operands of one shape.
 template <class Hw, class TO, class TA, class TB, class F>
 TX_HW_FN void binary_flat(TO* out, const TA* a, const TB* b, int64_t n, F f) {
-  for (int64_t i = first_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
+  for (int64_t i = grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
 }
 /// The same over f32 with 16-byte aligned pointers: one float4 per thread and step, then the tail.
 template <class Hw, class F>
 TX_HW_FN void binary_vec4(float* out, const float* a, const float* b, int64_t n, F f) {
   const int64_t n4 = n / 4;
-  for (int64_t i = first_index<Hw>(); i < n4; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < n4; i += grid_stride<Hw>()) {
     const float4 x = load_f4(a + 4 * i), y = load_f4(b + 4 * i);
     store_f4(out + 4 * i, make_float4(f(x.x, y.x), f(x.y, y.y), f(x.z, y.z), f(x.w, y.w)));
   }
-  for (int64_t i = n4 * 4 + first_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
+  for (int64_t i = n4 * 4 + grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
 }
 /// out = f(x) over n elements of layout L (operands 0, 1: out, x).
 template <class Hw, class TO, class TA, class F>
 TX_HW_FN void unary(TO* out, const TA* x, const Layout& L, int64_t n, F f) {
-  for (int64_t i = first_index<Hw>(); i < n; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < n; i += grid_stride<Hw>()) {
     int64_t o[2];
     offsets<2>(L, i, o);
     out[o[0]] = f(x[o[1]]);
@@ -188,16 +178,16 @@ TX_HW_FN void unary(TO* out, const TA* x, const Layout& L, int64_t n, F f) {
 template <class Hw, class F>
 TX_HW_FN void unary_vec4(float* out, const float* x, int64_t n, F f) {
   const int64_t n4 = n / 4;
-  for (int64_t i = first_index<Hw>(); i < n4; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < n4; i += grid_stride<Hw>()) {
     const float4 v = load_f4(x + 4 * i);
     store_f4(out + 4 * i, make_float4(f(v.x), f(v.y), f(v.z), f(v.w)));
   }
-  for (int64_t i = n4 * 4 + first_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(x[i]);
+  for (int64_t i = n4 * 4 + grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(x[i]);
 }
 /// out = c ? a : b over n elements of layout L (operands 0..3: out, c, a, b).
 template <class Hw, class T>
 TX_HW_FN void where(T* out, const bool* c, const T* a, const T* b, const Layout& L, int64_t n) {
-  for (int64_t i = first_index<Hw>(); i < n; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < n; i += grid_stride<Hw>()) {
     int64_t o[4];
     offsets<4>(L, i, o);
     out[o[0]] = c[o[1]] ? a[o[2]] : b[o[3]];

@@ -157,6 +157,17 @@ TX_HW_FN void store_f4(float* p, float4 v) {
 #endif
 }
 
+// ---- grid-stride loops: a thread's first linear index over the grid, and the grid's stride
+
+template <class Hw>
+TX_HW_FN int64_t grid_index() {
+  return int64_t(Hw::block_x()) * Hw::threads() + Hw::thread();
+}
+template <class Hw>
+TX_HW_FN int64_t grid_stride() {
+  return int64_t(Hw::grid_x()) * Hw::threads();
+}
+
 // ---- reductions over a policy's warps and blocks
 
 /// x > m ? x : m: a max that ignores NaN comparisons, as the CPU's row_max.

@@ -11,23 +11,13 @@
 
 namespace titanax::kernels::cuda::index_kernels {
 
-// This thread's first linear index and the grid's stride.
-template <class Hw>
-TX_HW_FN int64_t first_index() {
-  return int64_t(Hw::block_x()) * Hw::threads() + Hw::thread();
-}
-template <class Hw>
-TX_HW_FN int64_t grid_stride() {
-  return int64_t(Hw::grid_x()) * Hw::threads();
-}
-
 /// out[a, k, b] = x[a, idx[k], b], x viewed as [A, n, B], out as [A, K, B]. An index outside [0, n) is
 /// reported into `slot` (kIndexOutOfRange, aux `op`) and its outputs are NaN.
 template <class Hw, class T, class I>
 TX_HW_FN void gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t B, int64_t K, int op, const ReportSlot& slot,
                      T* out) {
   const int64_t total = A * K * B;
-  for (int64_t i = first_index<Hw>(); i < total; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < total; i += grid_stride<Hw>()) {
     const int64_t b = i % B, k = (i / B) % K, a = i / (B * K), r = int64_t(idx[k]);
     if (r >= 0 && r < n) {
       out[i] = x[(a * n + r) * B + b];
@@ -42,7 +32,7 @@ TX_HW_FN void gather(const T* x, const I* idx, int64_t A, int64_t n, int64_t B, 
 /// ks[k] = k. A stable sort of (keys, ks) by key then lists each row's indices in increasing k.
 template <class Hw, class I>
 TX_HW_FN void scatter_keys(const I* idx, int64_t K, int64_t n, int op, const ReportSlot& slot, uint64_t* keys, int64_t* ks) {
-  for (int64_t k = first_index<Hw>(); k < K; k += grid_stride<Hw>()) {
+  for (int64_t k = grid_index<Hw>(); k < K; k += grid_stride<Hw>()) {
     const int64_t r = int64_t(idx[k]);
     const bool bad = r < 0 || r >= n;
     if (bad) Hw::report(slot, kIndexOutOfRange, k, r, n, op);
@@ -55,7 +45,7 @@ TX_HW_FN void scatter_keys(const I* idx, int64_t K, int64_t n, int op, const Rep
 /// indexed get an empty run, and the out-of-range keys (n) sort after row_start[n].
 template <class Hw>
 TX_HW_FN void row_starts(const uint64_t* sorted, int64_t K, int64_t n, int64_t* row_start) {
-  for (int64_t r = first_index<Hw>(); r <= n; r += grid_stride<Hw>()) {
+  for (int64_t r = grid_index<Hw>(); r <= n; r += grid_stride<Hw>()) {
     int64_t lo = 0, hi = K;
     while (lo < hi) {
       const int64_t mid = lo + (hi - lo) / 2;
@@ -73,7 +63,7 @@ template <class Hw, class T>
 TX_HW_FN void scatter_add(const T* g, const int64_t* row_start, const int64_t* ks, int64_t A, int64_t n, int64_t B,
                           int64_t K, T* out) {
   const int64_t total = A * n * B;
-  for (int64_t i = first_index<Hw>(); i < total; i += grid_stride<Hw>()) {
+  for (int64_t i = grid_index<Hw>(); i < total; i += grid_stride<Hw>()) {
     const int64_t b = i % B, r = (i / B) % n, a = i / (B * n);
     T acc = T(0);
     for (int64_t e = row_start[r]; e < row_start[r + 1]; ++e) acc += g[(a * K + ks[e]) * B + b];
@@ -87,7 +77,7 @@ TX_HW_FN void scatter_add(const T* g, const int64_t* row_start, const int64_t* k
 template <class Hw, class T>
 TX_HW_FN void dropout(const T* x, T* out, int64_t n, double p, T scale, uint32_t k0, uint32_t k1) {
   const int64_t nblk = (n + 3) / 4;
-  for (int64_t blk = first_index<Hw>(); blk < nblk; blk += grid_stride<Hw>()) {
+  for (int64_t blk = grid_index<Hw>(); blk < nblk; blk += grid_stride<Hw>()) {
     const philox::Words r = philox::block(uint32_t(uint64_t(blk)), uint32_t(uint64_t(blk) >> 32), 0, 0, k0, k1);
     TX_UNROLL
     for (int k = 0; k < 4; ++k) {

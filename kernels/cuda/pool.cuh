@@ -17,7 +17,7 @@ namespace titanax::kernels::cuda::pool_kernels {
 template <class Hw, class T>
 TX_HW_FN void max_pool2d(const T* x, T* y, int32_t* ws, const Pool2dParams& g, int64_t total) {
   const int64_t OH = g.OH, OW = g.OW;
-  for (int64_t o = int64_t(Hw::block_x()) * Hw::threads() + Hw::thread(); o < total; o += int64_t(Hw::grid_x()) * Hw::threads()) {
+  for (int64_t o = grid_index<Hw>(); o < total; o += grid_stride<Hw>()) {
     const int64_t j = o % OW, i = (o / OW) % OH, plane = o / (OW * OH);
     const T* xp = x + plane * g.H * g.W;
     T best = -T(INFINITY);  // as the CPU (every window holds an element: padding <= kernel / 2)
@@ -45,7 +45,7 @@ TX_HW_FN void max_pool2d(const T* x, T* y, int32_t* ws, const Pool2dParams& g, i
 template <class Hw, class T>
 TX_HW_FN void max_pool2d_backward(const T* dy, const int32_t* ws, T* dx, const Pool2dParams& g, int64_t total) {
   const int64_t OH = g.OH, OW = g.OW;
-  for (int64_t e = int64_t(Hw::block_x()) * Hw::threads() + Hw::thread(); e < total; e += int64_t(Hw::grid_x()) * Hw::threads()) {
+  for (int64_t e = grid_index<Hw>(); e < total; e += grid_stride<Hw>()) {
     const int64_t w = e % g.W, h = (e / g.W) % g.H, plane = e / (g.W * g.H);
     const int32_t me = int32_t(h * g.W + w);
     // Output rows i with i*SH - PH <= h <= i*SH - PH + KH - 1, columns likewise.

@@ -68,8 +68,7 @@ TX_HW_FN void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log, 
 // grid), as the CPU's column path: the column max, then the sum of exp in f64.
 template <class Hw, class T>
 TX_HW_FN void softmax_cols(const T* x, T* y, int64_t outer, int64_t n, int64_t inner, bool log) {
-  for (int64_t c = int64_t(Hw::block_x()) * Hw::threads() + Hw::thread(); c < outer * inner;
-       c += int64_t(Hw::grid_x()) * Hw::threads()) {
+  for (int64_t c = grid_index<Hw>(); c < outer * inner; c += grid_stride<Hw>()) {
     const int64_t o = c / inner, b = c % inner;
     const T* xo = x + o * n * inner + b;
     T* yo = y + o * n * inner + b;

@@ -8,7 +8,6 @@
 // deterministic kernels, then FA2's fused one (dq by atomic adds), whose dk / dv must be bitwise the same.
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <type_traits>
 #include <vector>
 
@@ -17,6 +16,7 @@
 
 #include "autodiff/autodiff.h"
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "op_cases.h"
 #include "ops/ops.h"
@@ -28,6 +28,7 @@ namespace fa = titanax::kernels::cuda::fp32_attention;
 namespace {
 
 using testing::emu::HostPrim;
+using testing::emu::fresh_key;
 
 // A grid of the attention kernels' 128-thread blocks.
 template <class Body>
@@ -215,13 +216,6 @@ void check_fp32(const Problem& pb, RngKey key) {
                                        B::out(b.dv), pb.N, pb.Tq, pb.Tk, D, pb.causal, float(b.scale), f32(smem));
   });
   b.check_backward(tol);
-}
-
-// A key from the clock, logged with the test's failures.
-RngKey fresh_key() {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  UNSCOPED_INFO("seed " << seed);
-  return RngKey::from_seed(seed);
 }
 
 }  // namespace

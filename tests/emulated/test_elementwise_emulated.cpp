@@ -9,10 +9,10 @@
 
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <cmath>
 
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/loops.h"
@@ -25,28 +25,13 @@ namespace ek = titanax::kernels::cuda::elementwise_kernels;
 namespace kc = titanax::kernels::cpu;
 using kernels::cuda::Layout;
 using testing::emu::HostPrim;
+using testing::emu::launch_strided;
+using testing::emu::fresh_key;
+using testing::emu::cptr;
+using testing::emu::ptr;
 
 namespace {
 
-RngKey fresh_key() {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  UNSCOPED_INFO("seed " << seed);
-  return RngKey::from_seed(seed);
-}
-
-template <class Body>
-void launch(Body body) {
-  testing::emu::launch(3, 1, 64, 0, [&](unsigned char*) { body(); });
-}
-
-template <class T>
-T* ptr(Tensor& t) {
-  return static_cast<T*>(t.raw_data());
-}
-template <class T>
-const T* cptr(const Tensor& t) {
-  return static_cast<const T*>(t.raw_data());
-}
 Tensor poisoned(const Shape& s, DType dt) {
   return dt == DType::bool_ || dt == DType::i32 || dt == DType::i64 ? full(s, 7.0, DType::f64).astype(dt)
                                                                     : full(s, std::nan(""), DType::f64).astype(dt);
@@ -77,13 +62,13 @@ TEST_CASE("elementwise kernels, emulated: broadcasting, strided and float4 binar
     Tensor want = poisoned(os, DType::f32), got = poisoned(os, DType::f32);
     kc::binary(op, a, b, want);
     const Layout L = kernels::cuda::make_layout(os, {got.strides(), kc::broadcast_strides(a, os), kc::broadcast_strides(b, os)});
-    launch([&] { ek::binary<HostPrim>(ptr<float>(got), cptr<float>(a), cptr<float>(b), L, os.numel(), f); });
+    launch_strided([&] { ek::binary<HostPrim>(ptr<float>(got), cptr<float>(a), cptr<float>(b), L, os.numel(), f); });
     check_same(got, want, exact(op));
     Tensor want4 = poisoned(x.shape(), DType::f32), got4 = poisoned(x.shape(), DType::f32), gotf = poisoned(x.shape(), DType::f32);
     kc::binary(op, abs(x), y, want4);
     const Tensor ax = abs(x);
-    launch([&] { ek::binary_vec4<HostPrim>(ptr<float>(got4), cptr<float>(ax), cptr<float>(y), x.numel(), f); });
-    launch([&] { ek::binary_flat<HostPrim>(ptr<float>(gotf), cptr<float>(ax), cptr<float>(y), x.numel(), f); });
+    launch_strided([&] { ek::binary_vec4<HostPrim>(ptr<float>(got4), cptr<float>(ax), cptr<float>(y), x.numel(), f); });
+    launch_strided([&] { ek::binary_flat<HostPrim>(ptr<float>(gotf), cptr<float>(ax), cptr<float>(y), x.numel(), f); });
     check_same(got4, want4, exact(op));
     check_same(gotf, want4, exact(op));
   }
@@ -96,12 +81,12 @@ TEST_CASE("elementwise kernels, emulated: broadcasting, strided and float4 binar
       INFO(kc::binary_name(op));
       Tensor want = poisoned(os, DType::bool_), got = poisoned(os, DType::bool_);
       kc::binary(op, ia, ib, want);
-      launch([&] { ek::binary<HostPrim>(ptr<bool>(got), cptr<int64_t>(ia), cptr<int64_t>(ib), L, os.numel(), ek::CompareF<int64_t>{int(op)}); });
+      launch_strided([&] { ek::binary<HostPrim>(ptr<bool>(got), cptr<int64_t>(ia), cptr<int64_t>(ib), L, os.numel(), ek::CompareF<int64_t>{int(op)}); });
       CHECK(testing::bitwise_equal(got, want));
     }
     Tensor want = poisoned(os, DType::i64), got = poisoned(os, DType::i64);
     kc::binary(kc::BinaryOp::div, ia, ib, want);
-    launch([&] {
+    launch_strided([&] {
       ek::binary<HostPrim>(ptr<int64_t>(got), cptr<int64_t>(ia), cptr<int64_t>(ib), L, os.numel(), ek::BinaryF<int64_t>{int(kc::BinaryOp::div)});
     });
     CHECK(testing::bitwise_equal(got, want));
@@ -120,11 +105,11 @@ TEST_CASE("elementwise kernels, emulated: unary ops, clamp, where and casts matc
     Tensor want = poisoned(x.shape(), DType::f32), got = poisoned(x.shape(), DType::f32);
     kc::unary(op, x, want);
     const Layout L = kernels::cuda::make_layout(x.shape(), {got.strides(), kc::broadcast_strides(x, x.shape())});
-    launch([&] { ek::unary<HostPrim>(ptr<float>(got), cptr<float>(x), L, x.numel(), f); });
+    launch_strided([&] { ek::unary<HostPrim>(ptr<float>(got), cptr<float>(x), L, x.numel(), f); });
     check_same(got, want, exact_op);
     Tensor want4 = poisoned(v.shape(), DType::f32), got4 = poisoned(v.shape(), DType::f32);
     kc::unary(op, v, want4);
-    launch([&] { ek::unary_vec4<HostPrim>(ptr<float>(got4), cptr<float>(v), v.numel(), f); });
+    launch_strided([&] { ek::unary_vec4<HostPrim>(ptr<float>(got4), cptr<float>(v), v.numel(), f); });
     check_same(got4, want4, exact_op);
   }
   SECTION("clamp (f64, strided)") {
@@ -132,7 +117,7 @@ TEST_CASE("elementwise kernels, emulated: unary ops, clamp, where and casts matc
     Tensor want = poisoned(xd.shape(), DType::f64), got = poisoned(xd.shape(), DType::f64);
     kc::clamp(xd, -0.5, 0.75, want);
     const Layout L = kernels::cuda::make_layout(xd.shape(), {got.strides(), kc::broadcast_strides(xd, xd.shape())});
-    launch([&] { ek::unary<HostPrim>(ptr<double>(got), cptr<double>(xd), L, xd.numel(), ek::ClampF<double>{-0.5, 0.75}); });
+    launch_strided([&] { ek::unary<HostPrim>(ptr<double>(got), cptr<double>(xd), L, xd.numel(), ek::ClampF<double>{-0.5, 0.75}); });
     CHECK(testing::bitwise_equal(got, want));
   }
   SECTION("where: a condition [9, 1] and a [7] broadcast against b [9, 7]") {
@@ -143,7 +128,7 @@ TEST_CASE("elementwise kernels, emulated: unary ops, clamp, where and casts matc
     kc::where(c, a, x, want);
     const Layout L = kernels::cuda::make_layout(
         os, {got.strides(), kc::broadcast_strides(c, os), kc::broadcast_strides(a, os), kc::broadcast_strides(x, os)});
-    launch([&] { ek::where<HostPrim>(ptr<float>(got), cptr<bool>(c), cptr<float>(a), cptr<float>(x), L, os.numel()); });
+    launch_strided([&] { ek::where<HostPrim>(ptr<float>(got), cptr<bool>(c), cptr<float>(a), cptr<float>(x), L, os.numel()); });
     CHECK(testing::bitwise_equal(got, want));
   }
   SECTION("casts: f32 -> bf16 -> f32, f32 -> f16, f64 -> i32, f32 -> bool, i64 -> f32 (strided sources)") {
@@ -154,7 +139,7 @@ TEST_CASE("elementwise kernels, emulated: unary ops, clamp, where and casts matc
       Tensor want = poisoned(src.shape(), to), got = poisoned(src.shape(), to);
       kc::copy_cast(src, want);
       const Layout L = kernels::cuda::make_layout(src.shape(), {got.strides(), kc::broadcast_strides(src, src.shape())});
-      launch([&] { ek::unary<HostPrim>(ptr<D>(got), cptr<S>(src), L, src.numel(), ek::CastF<D, S>{}); });
+      launch_strided([&] { ek::unary<HostPrim>(ptr<D>(got), cptr<S>(src), L, src.numel(), ek::CastF<D, S>{}); });
       CHECK(testing::bitwise_equal(got, want));
       return got;
     };

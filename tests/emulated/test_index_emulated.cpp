@@ -7,13 +7,13 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
-#include <chrono>
 #include <numeric>
 #include <vector>
 
 #include "kernels/cuda/index.cuh"
 
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "kernels/cpu/nn.h"
 #include "op_cases.h"
@@ -22,31 +22,13 @@
 using namespace titanax;
 namespace ik = titanax::kernels::cuda::index_kernels;
 using testing::emu::HostPrim;
+using testing::emu::launch_strided;
+using testing::emu::fresh_key;
+using testing::emu::cptr;
+using testing::emu::ptr;
+using testing::emu::nan_tensor;
 
 namespace {
-
-RngKey fresh_key() {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  UNSCOPED_INFO("seed " << seed);
-  return RngKey::from_seed(seed);
-}
-
-// A small grid, so that the grid-stride loops go round several times.
-template <class Body>
-void launch(Body body) {
-  testing::emu::launch(3, 1, 64, 0, [&](unsigned char*) { body(); });
-}
-
-Tensor nan_tensor(const Shape& s, DType dt) { return full(s, std::nan(""), DType::f64).astype(dt); }
-
-template <class T>
-T* ptr(Tensor& t) {
-  return static_cast<T*>(t.raw_data());
-}
-template <class T>
-const T* cptr(const Tensor& t) {
-  return static_cast<const T*>(t.raw_data());
-}
 
 // Random indices in [0, n) (repeats included) as I.
 template <class I>
@@ -73,7 +55,7 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     const Tensor x = testing::randn64(fold_in(key, 2), Shape{A, n, B}).astype(dt);
     Tensor want = nan_tensor(Shape{A, K, B}, dt), got = nan_tensor(Shape{A, K, B}, dt);
     kernels::cpu::gather(x, idx, A, n, B, want);
-    launch([&] {
+    launch_strided([&] {
       if (idx64) ik::gather<HostPrim>(cptr<TestType>(x), cptr<int64_t>(idx), A, n, B, K, 0, slot, ptr<TestType>(got));
       else ik::gather<HostPrim>(cptr<TestType>(x), cptr<int32_t>(idx), A, n, B, K, 0, slot, ptr<TestType>(got));
     });
@@ -84,7 +66,7 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     kernels::cpu::scatter_add(g, idx, A, n, B, swant);
     std::vector<uint64_t> keys(static_cast<size_t>(K)), sorted(static_cast<size_t>(K));
     std::vector<int64_t> ks(static_cast<size_t>(K)), ks_sorted(static_cast<size_t>(K)), row_start(static_cast<size_t>(n + 1), -1);
-    launch([&] {
+    launch_strided([&] {
       if (idx64) ik::scatter_keys<HostPrim>(cptr<int64_t>(idx), K, n, 0, slot, keys.data(), ks.data());
       else ik::scatter_keys<HostPrim>(cptr<int32_t>(idx), K, n, 0, slot, keys.data(), ks.data());
     });
@@ -92,8 +74,8 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return keys[size_t(a)] < keys[size_t(b)]; });
     for (int64_t e = 0; e < K; ++e) sorted[size_t(e)] = keys[size_t(order[size_t(e)])], ks_sorted[size_t(e)] = ks[size_t(order[size_t(e)])];
-    launch([&] { ik::row_starts<HostPrim>(sorted.data(), K, n, row_start.data()); });
-    launch([&] {
+    launch_strided([&] { ik::row_starts<HostPrim>(sorted.data(), K, n, row_start.data()); });
+    launch_strided([&] {
       ik::scatter_add<HostPrim>(cptr<TestType>(g), row_start.data(), ks_sorted.data(), A, n, B, K, ptr<TestType>(sgot));
     });
     CHECK(testing::bitwise_equal(sgot, swant));
@@ -106,7 +88,7 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     const Tensor x = testing::randn64(fold_in(key, 5), Shape{A, n, B}).astype(dt);
     Tensor got = nan_tensor(Shape{A, K, B}, dt);
     testing::emu::reset_report();
-    launch([&] {
+    launch_strided([&] {
       ik::gather<HostPrim>(cptr<TestType>(x), cptr<int64_t>(idx), A, n, B, K, 3, kernels::cuda::ReportSlot{}, ptr<TestType>(got));
     });
     REQUIRE(testing::emu::reported().any);
@@ -123,7 +105,7 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     std::vector<uint64_t> keys(static_cast<size_t>(K));
     std::vector<int64_t> ks(static_cast<size_t>(K));
     testing::emu::reset_report();
-    launch([&] {
+    launch_strided([&] {
       ik::scatter_keys<HostPrim>(cptr<int64_t>(idx), K, n, 3, kernels::cuda::ReportSlot{}, keys.data(), ks.data());
     });
     CHECK(testing::emu::reported().any);
@@ -141,7 +123,7 @@ TEMPLATE_TEST_CASE("dropout kernel, emulated: bitwise the CPU's Philox mask and 
     const RngKey dk = fold_in(key, 2);
     Tensor want = nan_tensor(Shape{n}, dt), got = nan_tensor(Shape{n}, dt);
     kernels::cpu::dropout(x, p, dk, want);
-    launch([&] {
+    launch_strided([&] {
       ik::dropout<HostPrim>(cptr<TestType>(x), ptr<TestType>(got), n, p, TestType(1.0 / (1.0 - p)), dk.k0, dk.k1);
     });
     CHECK(testing::bitwise_equal(got, want));

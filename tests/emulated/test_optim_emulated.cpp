@@ -6,12 +6,12 @@
 // launch's own.
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <type_traits>
 
 #include "kernels/cuda/optim.cuh"
 
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "kernels/cpu/optim.h"
 #include "kernels/update_scalars.h"
@@ -21,14 +21,9 @@
 using namespace titanax;
 namespace ok = titanax::kernels::cuda::optim_kernels;
 using testing::emu::HostPrim;
+using testing::emu::fresh_key;
 
 namespace {
-
-RngKey fresh_key() {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  UNSCOPED_INFO("seed " << seed);
-  return RngKey::from_seed(seed);
-}
 
 // Three tensors of different sizes (one smaller than a block, one over several blocks of the grid).
 const int64_t kSizes[3] = {5, 700, 2100};

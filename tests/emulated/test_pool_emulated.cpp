@@ -6,13 +6,13 @@
 // blocks of 64 threads makes the kernels stride.
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <cmath>
 #include <vector>
 
 #include "kernels/cuda/pool.cuh"
 
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "kernels/cpu/conv.h"
 #include "op_cases.h"
@@ -22,9 +22,7 @@ using namespace titanax;
 using testing::emu::HostPrim;
 
 TEMPLATE_TEST_CASE("max pooling kernels, emulated: y and dx match the CPU's", "[emulated]", float, double) {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  INFO("seed " << seed);
-  const RngKey key = RngKey::from_seed(seed);
+  const RngKey key = testing::emu::fresh_key();
   const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
   // {N, C, H, W, KH, KW, SH, SW, PH, PW}
   for (const kernels::cpu::Pool2dGeom& g : {kernels::cpu::Pool2dGeom{2, 3, 9, 8, 3, 3, 2, 2, 1, 1},

@@ -5,7 +5,6 @@
 // kernels::cuda::reduce_layout, as the GPU's launches do. Outputs start as NaN, so an unwritten one fails.
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <cmath>
 #include <type_traits>
 
@@ -13,6 +12,7 @@
 #include "kernels/cuda/reduce.cuh"
 
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "op_cases.h"
 #include "ops/ops.h"
@@ -55,9 +55,7 @@ Tensor cpu_reduce(int op, const Tensor& x, const std::vector<int>& axes) {
 
 TEMPLATE_TEST_CASE("reduction kernels, emulated: sum / max / min over any axes match the CPU", "[emulated]", float, double) {
   const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  INFO("seed " << seed);
-  Tensor x = testing::randn64(RngKey::from_seed(seed), Shape{5, 7, 300}).astype(dt);
+  Tensor x = testing::randn64(testing::emu::fresh_key(), Shape{5, 7, 300}).astype(dt);
   // A NaN in output (1, *) of the reduction over axis 2 (and in its block reductions): max and min keep it.
   static_cast<TestType*>(x.raw_data())[1 * 300 + 17] = TestType(NAN);
   const Tensor xt = x.transpose(0, 2);  // strided: [300, 7, 5]

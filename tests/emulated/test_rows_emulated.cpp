@@ -8,13 +8,13 @@
 // and backward bitwise, as the JIT's fusion promises.
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <cmath>
 #include <cstring>
 
 #include "kernels/cuda/rows.cuh"
 
 #include "cuda/cuda_test_util.h"
+#include "emu_test_util.h"
 #include "emulator.h"
 #include "kernels/cpu/nn.h"
 #include "op_cases.h"
@@ -24,23 +24,14 @@ using namespace titanax;
 namespace rk = titanax::kernels::cuda::row_kernels;
 namespace kc = titanax::kernels::cpu;
 using testing::emu::HostPrim;
+using testing::emu::fresh_key;
+using testing::emu::cptr;
+using testing::emu::ptr;
+using testing::emu::nan_tensor;
 
 namespace {
 
 constexpr int kRowThreads = 256;
-
-RngKey fresh_key() {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  UNSCOPED_INFO("seed " << seed);
-  return RngKey::from_seed(seed);
-}
-
-Tensor nan_tensor(const Shape& s, DType t) { return full(s, std::nan(""), t); }
-
-template <class T>
-T* ptr(Tensor& t) { return static_cast<T*>(t.raw_data()); }
-template <class T>
-const T* cptr(const Tensor& t) { return static_cast<const T*>(t.raw_data()); }
 
 }  // namespace
 

@@ -1,0 +1,42 @@
+// Helpers shared by the emulated kernel tests (tests/emulated/*.cpp).
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <cmath>
+
+#include "core/rng.h"
+#include "core/tensor.h"
+#include "emulator.h"
+
+namespace titanax::testing::emu {
+
+/// A fresh key from the clock, logged with the test's failures (so a failing draw can be replayed).
+inline RngKey fresh_key() {
+  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  UNSCOPED_INFO("seed " << seed);
+  return RngKey::from_seed(seed);
+}
+
+/// A tensor of shape s and dtype dt (floating) filled with NaN: an output a kernel must overwrite.
+inline Tensor nan_tensor(const Shape& s, DType dt) { return full(s, std::nan(""), DType::f64).astype(dt); }
+
+/// body() on every thread of a grid of 3 blocks of 64 threads: small, so that a grid-stride loop over a
+/// few hundred elements goes round several times.
+template <class Body>
+void launch_strided(Body body) {
+  launch(3, 1, 64, 0, [&](unsigned char*) { body(); });
+}
+
+/// A host tensor's elements as T (its dtype's C++ type).
+template <class T>
+T* ptr(Tensor& t) {
+  return static_cast<T*>(t.raw_data());
+}
+template <class T>
+const T* cptr(const Tensor& t) {
+  return static_cast<const T*>(t.raw_data());
+}
+
+}  // namespace titanax::testing::emu
