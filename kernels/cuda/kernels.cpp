@@ -45,7 +45,6 @@ Dt floating(const Tensor& t, const char* what) {
 
 void* stream_of(const Tensor& t) { return cuda_rt::current_stream(t.device().index); }
 
-
 bool dense_like(const Tensor& t, const Tensor& out) { return t.is_contiguous() && t.shape() == out.shape(); }
 
 void check(int err, const char* what) {
