@@ -2,9 +2,6 @@
 // functors are kernels/cuda/elementwise.cuh (over the hardware-primitive policy, so tests/emulated/ runs
 // them too); this file holds the __global__ wrappers and the launchers, and compiles with -fmad=false
 // (cmake/cuda.cmake) so that its roundings are those of the JIT's generated kernels.
-#include <cmath>
-#include <type_traits>
-
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/elementwise.cuh"
 

@@ -4,6 +4,8 @@
 // bodies in kernels/cuda/index.cuh).
 #include <cub/device/device_radix_sort.cuh>
 
+#include <type_traits>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/cuda/index.cuh"
 #include "kernels/cuda/rows.cuh"
@@ -55,11 +57,17 @@ __global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, 
   ce_backward<DevicePrim>(x, lab, ct, R, C, ignore, red, count, dx, row_cache<T>(smem, cached));
 }
 
+// body(p) with p the labels / indices at `p` as const int64_t* (i64) or const int32_t*.
+template <class Body>
+void with_index_type(bool i64, const void* p, Body body) {
+  if (i64) body(static_cast<const int64_t*>(p));
+  else body(static_cast<const int32_t*>(p));
+}
+
 // The labels' check and count (k_ce_labels), for both directions.
 int launch_ce_labels(bool lab64, const void* lab, int64_t R, int64_t C, int64_t ignore, int64_t* count,
                      const ReportSlot& slot, cudaStream_t st) {
-  if (lab64) k_ce_labels<<<1, 1024, 0, st>>>(static_cast<const int64_t*>(lab), R, C, ignore, count, slot);
-  else k_ce_labels<<<1, 1024, 0, st>>>(static_cast<const int32_t*>(lab), R, C, ignore, count, slot);
+  with_index_type(lab64, lab, [&](auto l) { k_ce_labels<<<1, 1024, 0, st>>>(l, R, C, ignore, count, slot); });
   return int(cudaGetLastError());
 }
 
@@ -171,17 +179,13 @@ int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab,
     using T = decltype(v);
     if (R > 0) {
       // The forward alone reads each row once: no cache.
-      if (lab64) {
-        const RowLaunch rl = row_launch<T>(k_ce_fused<T, int64_t>, C, dx != nullptr);
-        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(
-            static_cast<const T*>(x), static_cast<const int64_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red,
-            count, static_cast<T*>(out), rows, static_cast<T*>(dx), rl.smem > 0);
-      } else {
-        const RowLaunch rl = row_launch<T>(k_ce_fused<T, int32_t>, C, dx != nullptr);
-        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(
-            static_cast<const T*>(x), static_cast<const int32_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red,
-            count, static_cast<T*>(out), rows, static_cast<T*>(dx), rl.smem > 0);
-      }
+      with_index_type(lab64, lab, [&](auto l) {
+        using L = std::remove_cv_t<std::remove_pointer_t<decltype(l)>>;
+        const RowLaunch rl = row_launch<T>(k_ce_fused<T, L>, C, dx != nullptr);
+        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(static_cast<const T*>(x), l, static_cast<const T*>(ct), R, C,
+                                                               ignore, red, count, static_cast<T*>(out), rows,
+                                                               static_cast<T*>(dx), rl.smem > 0);
+      });
     }
     if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
   });
@@ -195,17 +199,12 @@ int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* l
   if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    if (lab64) {
-      const RowLaunch rl = row_launch<T>(k_ce_backward<T, int64_t>, C, true);
-      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(
-          static_cast<const T*>(x), static_cast<const int64_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red, count,
-          static_cast<T*>(dx), rl.smem > 0);
-    } else {
-      const RowLaunch rl = row_launch<T>(k_ce_backward<T, int32_t>, C, true);
-      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(
-          static_cast<const T*>(x), static_cast<const int32_t*>(lab), static_cast<const T*>(ct), R, C, ignore, red, count,
-          static_cast<T*>(dx), rl.smem > 0);
-    }
+    with_index_type(lab64, lab, [&](auto l) {
+      using L = std::remove_cv_t<std::remove_pointer_t<decltype(l)>>;
+      const RowLaunch rl = row_launch<T>(k_ce_backward<T, L>, C, true);
+      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(static_cast<const T*>(x), l, static_cast<const T*>(ct), R, C,
+                                                                ignore, red, count, static_cast<T*>(dx), rl.smem > 0);
+    });
   });
 }
 
@@ -275,12 +274,10 @@ int launch_gather(Dt t, bool idx64, const void* x, const void* idx, int64_t A, i
   if (A * K * B == 0) return 0;
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    if (idx64)
-      k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(
-          static_cast<const T*>(x), static_cast<const int64_t*>(idx), A, n, B, K, op, slot, static_cast<T*>(out));
-    else
-      k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(
-          static_cast<const T*>(x), static_cast<const int32_t*>(idx), A, n, B, K, op, slot, static_cast<T*>(out));
+    with_index_type(idx64, idx, [&](auto i) {
+      k_gather<<<grid_for(A * K * B), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x), i, A, n, B, K, op, slot,
+                                                                        static_cast<T*>(out));
+    });
   });
 }
 
@@ -336,10 +333,9 @@ int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t
   const cudaStream_t st = as_stream(stream);
   ScatterWork w = scatter_work(work, n, K);
   if (K > 0) {
-    if (idx64)
-      k_scatter_keys<<<grid_for(K), kThreads, 0, st>>>(static_cast<const int64_t*>(idx), K, n, op, slot, w.keys, w.ks);
-    else
-      k_scatter_keys<<<grid_for(K), kThreads, 0, st>>>(static_cast<const int32_t*>(idx), K, n, op, slot, w.keys, w.ks);
+    with_index_type(idx64, idx, [&](auto i) {
+      k_scatter_keys<<<grid_for(K), kThreads, 0, st>>>(i, K, n, op, slot, w.keys, w.ks);
+    });
     if (const cudaError_t e = cudaGetLastError(); e != cudaSuccess) return int(e);
     // Stable (LSD radix): equal rows keep increasing k, so each row's sum runs in index order.
     if (const cudaError_t e = cub::DeviceRadixSort::SortPairs(w.cub_temp, w.cub_bytes, w.keys, w.keys_sorted, w.ks, w.ks_sorted,

@@ -17,7 +17,7 @@ TX_HW_FN const double* scalars_of(const UpdateScalars& s, const double* sd) { re
 // Elements i of tensor block_y handled by this thread: body(i) for each.
 template <class Hw, class Body>
 TX_HW_FN void for_elements(int64_t n, Body body) {
-  for (int64_t i = Hw::block_x() * int64_t(Hw::threads()) + Hw::thread(); i < n; i += int64_t(Hw::grid_x()) * Hw::threads())
+  for (int64_t i = grid_index<Hw>(); i < n; i += grid_stride<Hw>())
     body(i);
 }
 

@@ -84,8 +84,7 @@ TX_HW_FN void reduce(int op, const T* x, T* out, const ReduceLayout& L) {
 /// out[o] = the first index of the maximum along the one reduced axis of output o.
 template <class Hw, class T>
 TX_HW_FN void argmax(const T* x, int64_t* out, const ReduceLayout& L) {
-  for (int64_t o = Hw::block_x() * int64_t(Hw::threads()) + Hw::thread(); o < L.nout;
-       o += int64_t(Hw::grid_x()) * Hw::threads()) {
+  for (int64_t o = grid_index<Hw>(); o < L.nout; o += grid_stride<Hw>()) {
     const T* base = x + kept_offset(L, o);
     const int64_t n = L.rsize[0], st = L.rstride[0];
     int64_t best = 0;

@@ -425,7 +425,7 @@ TX_HW_FN void layer_norm_dwdb_partial(const T* dy, const T* x, const double* sta
 template <class Hw, class T>
 TX_HW_FN void layer_norm_dwdb_total(const double* partial, int64_t R, int64_t D, T* dw, T* db) {
   const int64_t chunks = ln_chunks(R);
-  for (int64_t c = Hw::block_x() * int64_t(Hw::threads()) + Hw::thread(); c < D; c += int64_t(Hw::grid_x()) * Hw::threads()) {
+  for (int64_t c = grid_index<Hw>(); c < D; c += grid_stride<Hw>()) {
     double aw = 0, ab = 0;
     for (int64_t ch = 0; ch < chunks; ++ch) aw += partial[ch * D + c], ab += partial[(chunks + ch) * D + c];
     if (dw) dw[c] = T(aw);

@@ -12,8 +12,9 @@
 // so a read before the wait and the barrier after it, or a copy into a buffer other warps still read,
 // shows as NaN. Copies never waited for, and misaligned ldmatrix / cp.async addresses, fail the launch.
 // red.global.add is an atomic add on the host (blocks run one after another, so only a block's own
-// threads could race). report() keeps the first report, as the device's slot does. Dynamic shared memory starts as NaN
-// (0xff bytes), so a read before a write shows. The hardware itself (timing, the real instructions,
+// threads could race), ex2.approx.ftz an exact exp2 whose subnormal results flush to 0. report() keeps
+// the first report, as the device's slot does. Dynamic shared memory starts as NaN (0xff bytes), so a
+// read before a write shows. The hardware itself (timing, the real instructions,
 // memory ordering) is left to the GPU tests.
 #pragma once
 
