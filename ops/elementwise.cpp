@@ -21,13 +21,12 @@ class Binary final : public Op {
     DType out = kernels::cpu::is_comparison(k_) ? DType::bool_ : in[0].dtype();
     return {{s, out, in[0].device()}};
   }
-  // f16 / bf16: computed in f32 and rounded (run_in_f32), on both devices.
+  // f16 / bf16: computed in f32 and rounded once (run_in_f32 on the CPU; natively on CUDA, in one pass).
   void cpu(const TensorList& in, TensorList& out) const override {
     if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kernels::cpu::binary(k_, in[0], in[1], out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
-    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kernels::cuda::binary(k_, in[0], in[1], out[0]);
   }
 
@@ -104,7 +103,6 @@ class Unary final : public Op {
     kernels::cpu::unary(k_, in[0], out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
-    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kernels::cuda::unary(k_, in[0], out[0]);
   }
 
@@ -147,7 +145,6 @@ class Where final : public Op {
   }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::where(in[0], in[1], in[2], out[0]); }
   void cuda(const TensorList& in, TensorList& out) const override {
-    if (is_half(in[1].dtype())) return run_in_f32(in, out);  // the CPU kernel moves 16-bit values natively
     kernels::cuda::where(in[0], in[1], in[2], out[0]);
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
@@ -174,7 +171,6 @@ class Clamp final : public Op {
     kernels::cpu::clamp(in[0], lo_, hi_, out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
-    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kernels::cuda::clamp(in[0], lo_, hi_, out[0]);
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,

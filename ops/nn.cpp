@@ -405,13 +405,13 @@ class Dropout final : public Op {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
   bool host_input(size_t i) const override { return i == 1; }
-  // f16 / bf16: the same mask (by element index) over the widened values, rounded.
+  // f16 / bf16: the same mask (by element index) over the widened values, rounded (run_in_f32 on the
+  // CPU; natively on CUDA).
   void cpu(const TensorList& in, TensorList& out) const override {
     if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kc::dropout(dense(in[0]), p_, key(in), out[0]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
-    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     kernels::cuda::dropout(in[0].contiguous(), p_, key(in), out[0]);
   }
   // Linear in x: the cotangent goes through the same mask (recomputed from the key, never stored).

@@ -18,17 +18,17 @@ template <class TO, class TA, class TB, class F>
 __global__ void k_binary_flat(TO* out, const TA* a, const TB* b, int64_t n, F f) {
   binary_flat<DevicePrim>(out, a, b, n, f);
 }
-template <class F>
-__global__ void k_binary_vec4(float* out, const float* a, const float* b, int64_t n, F f) {
-  binary_vec4<DevicePrim>(out, a, b, n, f);
+template <class T, class F>
+__global__ void k_binary_packed(T* out, const T* a, const T* b, int64_t n, F f) {
+  binary_packed<DevicePrim>(out, a, b, n, f);
 }
 template <class TO, class TA, class F>
 __global__ void k_unary(TO* out, const TA* x, Layout L, int64_t n, F f) {
   unary<DevicePrim>(out, x, L, n, f);
 }
-template <class F>
-__global__ void k_unary_vec4(float* out, const float* x, int64_t n, F f) {
-  unary_vec4<DevicePrim>(out, x, n, f);
+template <class T, class F>
+__global__ void k_unary_packed(T* out, const T* x, int64_t n, F f) {
+  unary_packed<DevicePrim>(out, x, n, f);
 }
 template <class T>
 __global__ void k_where(T* out, const bool* c, const T* a, const T* b, Layout L, int64_t n) {
@@ -37,41 +37,42 @@ __global__ void k_where(T* out, const bool* c, const T* a, const T* b, Layout L,
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-template <class T, class Body>
+// The arithmetic dtypes: f32, f64, i32, i64, and f16 / bf16 (computed in f32: functors go through widened<T>).
+template <class Body>
 int dispatch_arith(Dt t, Body body) {
   switch (t) {
     case Dt::f32: body(float{}); break;
     case Dt::f64: body(double{}); break;
     case Dt::i32: body(int32_t{}); break;
     case Dt::i64: body(int64_t{}); break;
+    case Dt::f16: body(__half{}); break;
+    case Dt::bf16: body(__nv_bfloat16{}); break;
     default: return int(cudaErrorInvalidValue);
   }
   return int(cudaGetLastError());
 }
 
+// Every dtype (copies, casts, where and comparisons).
 template <class Body>
 int dispatch_all(Dt t, Body body) {
   switch (t) {
-    case Dt::f32: body(float{}); break;
-    case Dt::f64: body(double{}); break;
-    case Dt::i32: body(int32_t{}); break;
-    case Dt::i64: body(int64_t{}); break;
     case Dt::u8: body(uint8_t{}); break;
     case Dt::b8: body(bool{}); break;
-    default: return int(cudaErrorInvalidValue);
+    default: return dispatch_arith(t, body);
   }
   return int(cudaGetLastError());
 }
 
-// Every dtype including the 16-bit floats (copies and casts only).
-template <class Body>
-int dispatch_copy(Dt t, Body body) {
-  switch (t) {
-    case Dt::f16: body(__half{}); break;
-    case Dt::bf16: body(__nv_bfloat16{}); break;
-    default: return dispatch_all(t, body);
+// f(x) over layout L: the packed body for contiguous aligned f32 / f16 / bf16, else the strided one.
+template <class T, class F>
+void unary_any(T* out, const T* x, const Layout& L, int64_t n, bool contig, F f, cudaStream_t st) {
+  if constexpr (kPackable<T>) {
+    if (contig && aligned16(x) && aligned16(out)) {
+      k_unary_packed<<<grid_for((n + Pack16<T>::n - 1) / Pack16<T>::n), kThreads, 0, st>>>(out, x, n, f);
+      return;
+    }
   }
-  return int(cudaGetLastError());
+  k_unary<<<grid_for(n), kThreads, 0, st>>>(out, x, L, n, f);
 }
 
 }  // namespace
@@ -79,9 +80,9 @@ int dispatch_copy(Dt t, Body body) {
 int launch_copy(Dt src, Dt dst, const void* s, void* d, const Layout& L, int64_t n, void* stream) {
   if (n == 0) return 0;
   int inner = 0;
-  const int outer = dispatch_copy(src, [&](auto sv) {
+  const int outer = dispatch_all(src, [&](auto sv) {
     using S = decltype(sv);
-    inner = dispatch_copy(dst, [&](auto dv) {
+    inner = dispatch_all(dst, [&](auto dv) {
       using D = decltype(dv);
       k_unary<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(static_cast<D*>(d), static_cast<const S*>(s), L, n,
                                                                  CastF<D, S>{});
@@ -98,50 +99,48 @@ int launch_binary(int op, Dt t, const void* a, const void* b, void* out, const L
   if (cmp) {
     return dispatch_all(t, [&](auto v) {
       using T = decltype(v);
+      const auto f = widened<T>(CompareF<compute_t<T>>{op});
       if (contig)
         k_binary_flat<<<grid_for(n), kThreads, 0, st>>>(static_cast<bool*>(out), static_cast<const T*>(a),
-                                                        static_cast<const T*>(b), n, CompareF<T>{op});
+                                                        static_cast<const T*>(b), n, f);
       else
         k_binary<<<grid_for(n), kThreads, 0, st>>>(static_cast<bool*>(out), static_cast<const T*>(a),
-                                                   static_cast<const T*>(b), L, n, CompareF<T>{op});
+                                                   static_cast<const T*>(b), L, n, f);
     });
   }
-  if (t == Dt::f32 && contig && aligned16(a) && aligned16(b) && aligned16(out)) {
-    k_binary_vec4<<<grid_for((n + 3) / 4), kThreads, 0, st>>>(static_cast<float*>(out), static_cast<const float*>(a),
-                                                              static_cast<const float*>(b), n, BinaryF<float>{op});
-    return int(cudaGetLastError());
-  }
-  return dispatch_arith<void>(t, [&](auto v) {
+  return dispatch_arith(t, [&](auto v) {
     using T = decltype(v);
-    if (contig)
-      k_binary_flat<<<grid_for(n), kThreads, 0, st>>>(static_cast<T*>(out), static_cast<const T*>(a),
-                                                      static_cast<const T*>(b), n, BinaryF<T>{op});
-    else
-      k_binary<<<grid_for(n), kThreads, 0, st>>>(static_cast<T*>(out), static_cast<const T*>(a),
-                                                 static_cast<const T*>(b), L, n, BinaryF<T>{op});
+    const auto f = widened<T>(BinaryF<compute_t<T>>{op});
+    T* o = static_cast<T*>(out);
+    const T *pa = static_cast<const T*>(a), *pb = static_cast<const T*>(b);
+    if constexpr (kPackable<T>) {
+      if (contig && aligned16(pa) && aligned16(pb) && aligned16(o)) {
+        k_binary_packed<<<grid_for((n + Pack16<T>::n - 1) / Pack16<T>::n), kThreads, 0, st>>>(o, pa, pb, n, f);
+        return;
+      }
+    }
+    if (contig) k_binary_flat<<<grid_for(n), kThreads, 0, st>>>(o, pa, pb, n, f);
+    else k_binary<<<grid_for(n), kThreads, 0, st>>>(o, pa, pb, L, n, f);
   });
 }
 
 int launch_unary(int op, Dt t, const void* x, void* out, const Layout& L, int64_t n, bool contig, void* stream) {
   if (n == 0) return 0;
-  auto st = as_stream(stream);
-  if (t == Dt::f32 && contig && aligned16(x) && aligned16(out)) {
-    k_unary_vec4<<<grid_for((n + 3) / 4), kThreads, 0, st>>>(static_cast<float*>(out), static_cast<const float*>(x),
-                                                             n, UnaryF<float>{op});
-    return int(cudaGetLastError());
-  }
-  return dispatch_arith<void>(t, [&](auto v) {
+  return dispatch_arith(t, [&](auto v) {
     using T = decltype(v);
-    k_unary<<<grid_for(n), kThreads, 0, st>>>(static_cast<T*>(out), static_cast<const T*>(x), L, n, UnaryF<T>{op});
+    unary_any(static_cast<T*>(out), static_cast<const T*>(x), L, n, contig, widened<T>(UnaryF<compute_t<T>>{op}),
+              as_stream(stream));
   });
 }
 
-int launch_clamp(Dt t, const void* x, void* out, double lo, double hi, const Layout& L, int64_t n, void* stream) {
+int launch_clamp(Dt t, const void* x, void* out, double lo, double hi, const Layout& L, int64_t n, bool contig,
+                 void* stream) {
   if (n == 0) return 0;
-  return dispatch_arith<void>(t, [&](auto v) {
+  return dispatch_arith(t, [&](auto v) {
     using T = decltype(v);
-    k_unary<<<grid_for(n), kThreads, 0, as_stream(stream)>>>(static_cast<T*>(out), static_cast<const T*>(x), L, n,
-                                                              ClampF<T>{T(lo), T(hi)});
+    using C = compute_t<T>;
+    unary_any(static_cast<T*>(out), static_cast<const T*>(x), L, n, contig, widened<T>(ClampF<C>{C(lo), C(hi)}),
+              as_stream(stream));
   });
 }
 

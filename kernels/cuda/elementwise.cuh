@@ -1,21 +1,18 @@
 // Elementwise kernels (strided N-d binary / unary ops with broadcasting, clamp, where, casts) written
 // against the hardware-primitive policy of kernels/cuda/hw_policy.h: elementwise.cu runs them on the GPU,
-// tests/emulated/ on the CPU. Contiguous same-shape f32 operands with 16-byte-aligned pointers take the
-// float4 bodies. The scalar math is kernels/cuda/ew_math.cuh (shared with the JIT's generated kernels);
-// elementwise.cu compiles with -fmad=false (cmake/cuda.cmake) so that its roundings are those of the
-// generated kernels. Casts also take f16 and bf16 (through f32, rounding to nearest even: the CPU's
-// conversions); arithmetic on them is done in f32 by the ops (Op::run_in_f32). CUDA headers only.
+// tests/emulated/ on the CPU. Contiguous same-shape f32, f16 and bf16 operands with 16-byte-aligned
+// pointers take the packed bodies (16 bytes per access). The scalar math is kernels/cuda/ew_math.cuh
+// (shared with the JIT's generated kernels); elementwise.cu compiles with -fmad=false (cmake/cuda.cmake) so
+// that its roundings are those of the generated kernels. f16 and bf16 operands compute in f32 and round
+// once on store (half.cuh's Widened): Op::run_in_f32's values, bitwise, in one pass. Casts convert
+// 16-bit floats through f32, rounding to nearest even (the CPU's conversions). CUDA headers only.
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
-#include <vector_functions.h>
-
+#include "kernels/cuda/half.cuh"
 #include "kernels/cuda/hw_policy.h"
 #ifndef __CUDACC__
 #define TX_EW_DEVICE inline  // the emulator's host build of the scalar math
@@ -97,15 +94,6 @@ struct UnaryF {
   }
 };
 
-template <class T> struct is16 : std::false_type {};
-template <> struct is16<__half> : std::true_type {};
-template <> struct is16<__nv_bfloat16> : std::true_type {};
-TX_HW_FN float widen16(__half v) { return __half2float(v); }
-TX_HW_FN float widen16(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <class D> TX_HW_FN D narrow16(float f);
-template <> TX_HW_FN __half narrow16<__half>(float f) { return __float2half_rn(f); }
-template <> TX_HW_FN __nv_bfloat16 narrow16<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
-
 // Conversion as astype; 16-bit floats go through f32 (as kernels/cpu/dispatch.h convert does).
 template <class D, class S>
 struct CastF {
@@ -155,15 +143,20 @@ template <class Hw, class TO, class TA, class TB, class F>
 TX_HW_FN void binary_flat(TO* out, const TA* a, const TB* b, int64_t n, F f) {
   for (int64_t i = grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
 }
-/// The same over f32 with 16-byte aligned pointers: one float4 per thread and step, then the tail.
-template <class Hw, class F>
-TX_HW_FN void binary_vec4(float* out, const float* a, const float* b, int64_t n, F f) {
-  const int64_t n4 = n / 4;
-  for (int64_t i = grid_index<Hw>(); i < n4; i += grid_stride<Hw>()) {
-    const float4 x = load_f4(a + 4 * i), y = load_f4(b + 4 * i);
-    store_f4(out + 4 * i, make_float4(f(x.x, y.x), f(x.y, y.y), f(x.z, y.z), f(x.w, y.w)));
+/// The same with 16-byte aligned pointers to f32, f16 or bf16 (kPackable): one 16-byte pack of each
+/// operand per thread and step, then the tail.
+template <class Hw, class T, class F>
+TX_HW_FN void binary_packed(T* out, const T* a, const T* b, int64_t n, F f) {
+  constexpr int W = Pack16<T>::n;
+  const int64_t np = n / W;
+  for (int64_t i = grid_index<Hw>(); i < np; i += grid_stride<Hw>()) {
+    const Pack16<T> x = load16(a + W * i), y = load16(b + W * i);
+    Pack16<T> r;
+    TX_UNROLL
+    for (int k = 0; k < W; ++k) r.v[k] = f(x.v[k], y.v[k]);
+    store16(out + W * i, r);
   }
-  for (int64_t i = n4 * 4 + grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
+  for (int64_t i = np * W + grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(a[i], b[i]);
 }
 /// out = f(x) over n elements of layout L (operands 0, 1: out, x).
 template <class Hw, class TO, class TA, class F>
@@ -174,15 +167,20 @@ TX_HW_FN void unary(TO* out, const TA* x, const Layout& L, int64_t n, F f) {
     out[o[0]] = f(x[o[1]]);
   }
 }
-/// The same over contiguous f32 with 16-byte aligned pointers: one float4 per thread and step, then the tail.
-template <class Hw, class F>
-TX_HW_FN void unary_vec4(float* out, const float* x, int64_t n, F f) {
-  const int64_t n4 = n / 4;
-  for (int64_t i = grid_index<Hw>(); i < n4; i += grid_stride<Hw>()) {
-    const float4 v = load_f4(x + 4 * i);
-    store_f4(out + 4 * i, make_float4(f(v.x), f(v.y), f(v.z), f(v.w)));
+/// The same over contiguous operands with 16-byte aligned pointers to f32, f16 or bf16 (kPackable): one
+/// 16-byte pack per thread and step, then the tail.
+template <class Hw, class T, class F>
+TX_HW_FN void unary_packed(T* out, const T* x, int64_t n, F f) {
+  constexpr int W = Pack16<T>::n;
+  const int64_t np = n / W;
+  for (int64_t i = grid_index<Hw>(); i < np; i += grid_stride<Hw>()) {
+    const Pack16<T> v = load16(x + W * i);
+    Pack16<T> r;
+    TX_UNROLL
+    for (int k = 0; k < W; ++k) r.v[k] = f(v.v[k]);
+    store16(out + W * i, r);
   }
-  for (int64_t i = n4 * 4 + grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(x[i]);
+  for (int64_t i = np * W + grid_index<Hw>(); i < n; i += grid_stride<Hw>()) out[i] = f(x[i]);
 }
 /// out = c ? a : b over n elements of layout L (operands 0..3: out, c, a, b).
 template <class Hw, class T>

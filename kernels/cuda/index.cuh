@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "core/philox.h"
+#include "kernels/cuda/half.cuh"
 #include "kernels/cuda/hw_policy.h"
 
 namespace titanax::kernels::cuda::index_kernels {
@@ -73,16 +74,16 @@ TX_HW_FN void scatter_add(const T* g, const int64_t* row_start, const int64_t* k
 
 /// Inverted dropout over n elements, one thread per block of 4: the Philox block of counter (blk, 0, 0, 0)
 /// and key (k0, k1) gives elements 4 blk .. 4 blk + 3 their uniforms (kernels/cpu/random.h uniform_at);
-/// out[i] = u >= p ? x[i] * scale : 0.
+/// out[i] = u >= p ? x[i] * scale : 0, computed in compute_t<T> (f16 / bf16: in f32, rounded once).
 template <class Hw, class T>
-TX_HW_FN void dropout(const T* x, T* out, int64_t n, double p, T scale, uint32_t k0, uint32_t k1) {
+TX_HW_FN void dropout(const T* x, T* out, int64_t n, double p, compute_t<T> scale, uint32_t k0, uint32_t k1) {
   const int64_t nblk = (n + 3) / 4;
   for (int64_t blk = grid_index<Hw>(); blk < nblk; blk += grid_stride<Hw>()) {
     const philox::Words r = philox::block(uint32_t(uint64_t(blk)), uint32_t(uint64_t(blk) >> 32), 0, 0, k0, k1);
     TX_UNROLL
     for (int k = 0; k < 4; ++k) {
       const int64_t i = blk * 4 + k;
-      if (i < n) out[i] = double(philox::unit_float(r.w[k])) >= p ? x[i] * scale : T(0);
+      if (i < n) out[i] = narrow<T>(double(philox::unit_float(r.w[k])) >= p ? widen(x[i]) * scale : compute_t<T>(0));
     }
   }
 }

@@ -43,6 +43,15 @@ Dt floating(const Tensor& t, const char* what) {
   return t.dtype() == DType::f32 ? Dt::f32 : Dt::f64;
 }
 
+// The floating dtypes including f16 / bf16 (kernels that compute them in f32 and round once: half.cuh).
+Dt any_floating(const Tensor& t, const char* what) {
+  if (is_half(t.dtype())) return to_dt(t.dtype(), what);
+  if (t.dtype() != DType::f32 && t.dtype() != DType::f64)
+    throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, f16, bf16",
+                     std::string(dtype_name(t.dtype())), "cast with astype(DType::f32)");
+  return t.dtype() == DType::f32 ? Dt::f32 : Dt::f64;
+}
+
 void* stream_of(const Tensor& t) { return cuda_rt::current_stream(t.device().index); }
 
 bool dense_like(const Tensor& t, const Tensor& out) { return t.is_contiguous() && t.shape() == out.shape(); }
@@ -80,7 +89,7 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
   if (!cpu::is_comparison(op) && (t == Dt::u8 || t == Dt::b8))
     throw DTypeError(std::string(nm) + ": unsupported dtype on CUDA", "f32, f64, i32, i64",
                      std::string(dtype_name(a.dtype())), "cast with astype(DType::f32)");
-  if ((op == BinaryOp::gelu_tanh_backward || op == BinaryOp::gelu_erf_backward)) floating(a, nm);
+  if ((op == BinaryOp::gelu_tanh_backward || op == BinaryOp::gelu_erf_backward)) any_floating(a, nm);
   Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(a, out.shape()),
                                        cpu::broadcast_strides(b, out.shape())});
   const bool contig = out.is_contiguous() && dense_like(a, out) && dense_like(b, out);
@@ -92,8 +101,8 @@ void unary(UnaryOp op, const Tensor& x, Tensor& out) {
   const char* nm = cpu::unary_name(op);
   const bool int_ok = op == UnaryOp::neg || op == UnaryOp::abs || op == UnaryOp::square || op == UnaryOp::sign ||
                       op == UnaryOp::relu;
-  Dt t = int_ok ? to_dt(x.dtype(), nm) : floating(x, nm);
-  if (t == Dt::u8 || t == Dt::b8) floating(x, nm);
+  Dt t = int_ok ? to_dt(x.dtype(), nm) : any_floating(x, nm);
+  if (t == Dt::u8 || t == Dt::b8) any_floating(x, nm);
   Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(x, out.shape())});
   const bool contig = out.is_contiguous() && dense_like(x, out);
   check(launch_unary(int(op), t, x.raw_data(), out.raw_data(), L, out.numel(), contig, stream_of(out)), nm);
@@ -101,9 +110,10 @@ void unary(UnaryOp op, const Tensor& x, Tensor& out) {
 
 void clamp(const Tensor& x, double lo, double hi, Tensor& out) {
   Dt t = to_dt(x.dtype(), "clamp");
-  if (t == Dt::u8 || t == Dt::b8) floating(x, "clamp");
+  if (t == Dt::u8 || t == Dt::b8) any_floating(x, "clamp");
   Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(x, out.shape())});
-  check(launch_clamp(t, x.raw_data(), out.raw_data(), lo, hi, L, out.numel(), stream_of(out)), "clamp");
+  const bool contig = out.is_contiguous() && dense_like(x, out);
+  check(launch_clamp(t, x.raw_data(), out.raw_data(), lo, hi, L, out.numel(), contig, stream_of(out)), "clamp");
 }
 
 void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out) {
@@ -154,7 +164,7 @@ void argmax(const Tensor& x, int axis, Tensor& out) {
 
 void dropout(const Tensor& x, double p, RngKey key, Tensor& out) {
   if (!x.is_contiguous()) throw ShapeError("CUDA dropout needs a contiguous input", "contiguous", x.str());
-  check(launch_dropout(floating(x, "dropout"), x.raw_data(), out.raw_data(), x.numel(), p, key.k0, key.k1, stream_of(out)),
+  check(launch_dropout(any_floating(x, "dropout"), x.raw_data(), out.raw_data(), x.numel(), p, key.k0, key.k1, stream_of(out)),
         "dropout");
 }
 

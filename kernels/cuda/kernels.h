@@ -34,16 +34,19 @@ using cpu::UnaryOp;
 /// dst = src converted to dst's dtype; same shape, any strides (both on the same device). f32, f64, f16,
 /// bf16, i32, i64, u8, bool; 16-bit floats convert through f32 with round-to-nearest-even (the CPU's rule).
 /// The other kernels below take f16 / bf16 only where they say so (the ops compute them in f32 otherwise).
+/// Those that do compute them in f32 and round the result once, to nearest even (kernels/cuda/half.cuh):
+/// bitwise what the CPU gives for widened inputs, rounded.
 void copy_cast(const Tensor& src, Tensor& dst);
-/// out = op(a, b), a and b broadcast to out.shape(); out may be strided. Arithmetic on f32/f64/i32/i64,
-/// comparisons (any of those plus u8 / bool) write bool. Contiguous same-shape f32 operands take a
-/// 16-byte vector path.
+/// out = op(a, b), a and b broadcast to out.shape(); out may be strided. Arithmetic on f32 / f64 / i32 /
+/// i64 / f16 / bf16, comparisons (any of those plus u8 / bool) write bool. Contiguous same-shape f32, f16
+/// and bf16 operands take a 16-byte vector path. Throws DTypeError for arithmetic on u8 / bool.
 void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out);
-/// out = op(x) (f32/f64; neg, abs, square, sign, relu also i32/i64).
+/// out = op(x) (f32 / f64 / f16 / bf16; neg, abs, square, sign, relu also i32 / i64). Throws DTypeError
+/// otherwise.
 void unary(UnaryOp op, const Tensor& x, Tensor& out);
-/// out = min(max(x, lo), hi).
+/// out = min(max(x, lo), hi) (f32 / f64 / f16 / bf16 / i32 / i64).
 void clamp(const Tensor& x, double lo, double hi, Tensor& out);
-/// out = cond ? a : b, all broadcast to out.shape(); cond is bool.
+/// out = cond ? a : b, all broadcast to out.shape(); cond is bool; a, b, out of any one dtype.
 void where(const Tensor& cond, const Tensor& a, const Tensor& b, Tensor& out);
 /// The elementwise kernels' iteration layout over `shape` (kernels/cuda/elementwise.cuh): operand k's
 /// strides are strides[k], operand 0 the output's, the inputs' broadcast to `shape`
@@ -86,7 +89,7 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
                          Tensor* db);
 /// Inverted dropout of contiguous x with the mask the CPU draws for `key` (kernels/cpu/nn.h): bitwise
-/// the CPU's result. f32 / f64.
+/// the CPU's result. f32 / f64 / f16 / bf16.
 void dropout(const Tensor& x, double p, RngKey key, Tensor& out);
 /// out[a, k, b] = x[a, idx[k], b], x viewed as [A, n, B] (f32 / f64; idx i32 / i64, contiguous). The
 /// indices are checked on the device, without waiting for it (so the op can be captured into a CUDA

@@ -62,13 +62,17 @@ enum Unary { neg, exp, log, sqrt, rsqrt, tanh, sigmoid, abs, square, reciprocal,
 /// d = convert(s) over n elements laid out by L (operand 0: d, 1: s).
 int launch_copy(Dt src, Dt dst, const void* s, void* d, const Layout& L, int64_t n, void* stream);
 /// out = op(a, b); a, b and out share dtype t except comparisons (out b8). `contig`: every operand is
-/// contiguous with the output's shape (no broadcast): a flat loop, 16-byte vector loads for aligned f32.
+/// contiguous with the output's shape (no broadcast): a flat loop, 16-byte accesses for aligned f32, f16
+/// and bf16. f16 / bf16 compute in f32 and round once (half.cuh).
 int launch_binary(int op, Dt t, const void* a, const void* b, void* out, const Layout& L, int64_t n, bool contig,
                   void* stream);
-/// out = op(x), f32/f64 (neg, abs, square, sign, relu also i32/i64).
+/// out = op(x), f32 / f64 / f16 / bf16 (neg, abs, square, sign, relu also i32 / i64); `contig` as
+/// launch_binary's.
 int launch_unary(int op, Dt t, const void* x, void* out, const Layout& L, int64_t n, bool contig, void* stream);
-/// out = min(max(x, lo), hi) in dtype t.
-int launch_clamp(Dt t, const void* x, void* out, double lo, double hi, const Layout& L, int64_t n, void* stream);
+/// out = min(max(x, lo), hi) with lo and hi in t's compute type (f32 for f16 / bf16); `contig` as
+/// launch_binary's.
+int launch_clamp(Dt t, const void* x, void* out, double lo, double hi, const Layout& L, int64_t n, bool contig,
+                 void* stream);
 /// out = c ? a : b (operands: out, c (b8), a, b).
 int launch_where(Dt t, const void* c, const void* a, const void* b, void* out, const Layout& L, int64_t n,
                  void* stream);
@@ -119,7 +123,7 @@ int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* 
 /// out[a, k, b] = x[a, idx[k], b]; x [A, n, B], out [A, K, B].
 /// Inverted dropout over n contiguous elements with the CPU's mask (kernels/cpu/nn.h dropout): element i
 /// kept (times 1 / (1 - p)) when the uniform of Philox counter (i / 4, 0, 0, 0), key (k0, k1), word
-/// i % 4 is >= p. f32 / f64.
+/// i % 4 is >= p. f32 / f64 / f16 / bf16 (f16 / bf16: x widened, times the f32 scale, rounded once).
 int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream);
 /// out[a, k, b] = x[a, idx[k], b] (x [A, n, B], idx K entries, i64 when idx64 else i32, out [A, K, B]);
 /// f32 / f64. An index outside [0, n) is reported into `slot` as kIndexOutOfRange (aux: `op`, an

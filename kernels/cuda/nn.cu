@@ -354,7 +354,7 @@ int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t
 
 namespace {
 template <class T>
-__global__ void k_dropout(const T* x, T* out, int64_t n, double p, T scale, uint32_t k0, uint32_t k1) {
+__global__ void k_dropout(const T* x, T* out, int64_t n, double p, compute_t<T> scale, uint32_t k0, uint32_t k1) {
   ik::dropout<DevicePrim>(x, out, n, p, scale, k0, k1);
 }
 }  // namespace
@@ -362,15 +362,19 @@ __global__ void k_dropout(const T* x, T* out, int64_t n, double p, T scale, uint
 int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream) {
   if (n == 0) return 0;
   const int64_t nblk = (n + 3) / 4;
-  auto st = as_stream(stream);
-  if (t == Dt::f32)
-    k_dropout<<<grid_for(nblk), kThreads, 0, st>>>(static_cast<const float*>(x), static_cast<float*>(out), n, p,
-                                                   float(1.0 / (1.0 - p)), k0, k1);
-  else if (t == Dt::f64)
-    k_dropout<<<grid_for(nblk), kThreads, 0, st>>>(static_cast<const double*>(x), static_cast<double*>(out), n, p,
-                                                   1.0 / (1.0 - p), k0, k1);
-  else
-    return int(cudaErrorInvalidValue);
+  auto body = [&](auto v) {
+    using T = decltype(v);
+    using C = compute_t<T>;
+    k_dropout<<<grid_for(nblk), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x), static_cast<T*>(out), n, p,
+                                                                    C(1.0 / (1.0 - p)), k0, k1);
+  };
+  switch (t) {
+    case Dt::f32: body(float{}); break;
+    case Dt::f64: body(double{}); break;
+    case Dt::f16: body(__half{}); break;
+    case Dt::bf16: body(__nv_bfloat16{}); break;
+    default: return int(cudaErrorInvalidValue);
+  }
   return int(cudaGetLastError());
 }
 

@@ -2,13 +2,21 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
 #include "core/tensor.h"
 
 namespace titanax::testing {
+
+/// A seed for fresh random inputs: $TITANAX_TEST_SEED when set (to replay a failure), else the clock.
+inline uint64_t fresh_seed() {
+  if (const char* s = std::getenv("TITANAX_TEST_SEED")) return std::strtoull(s, nullptr, 10);
+  return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+}
 
 /// Relative error of the worst element: max |got - want| / max(max |want|, tiny), both copied to the host
 /// in f64. NaN in one but not the other, or a size mismatch: infinity.

@@ -5,7 +5,6 @@
 // reports as skipped.
 #include <catch2/catch.hpp>
 
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -50,16 +49,11 @@ TensorList as_f32(const TensorList& in, Device d) {
   return out;
 }
 
-uint64_t fresh_seed() {
-  if (const char* s = std::getenv("TITANAX_TEST_SEED")) return std::strtoull(s, nullptr, 10);
-  return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-}
-
 }  // namespace
 
 TEST_CASE("cuda: every op case matches the CPU (forward and gradients, f32)") {
   REQUIRE(kReady);
-  const uint64_t seed = fresh_seed();
+  const uint64_t seed = testing::fresh_seed();
   INFO("seed " << seed << " (rerun with TITANAX_TEST_SEED=" << seed << ")");
   const RngKey base = RngKey::from_seed(seed);
   int ran = 0, unsupported = 0;
@@ -108,7 +102,7 @@ TEST_CASE("cuda: every op case matches the CPU (forward and gradients, f32)") {
 }
 
 TEST_CASE("cuda: Tensor::to round trips and strided device copies") {
-  Tensor x = testing::randn64(RngKey::from_seed(fresh_seed()), Shape{5, 7}).astype(DType::f32);
+  Tensor x = testing::randn64(RngKey::from_seed(testing::fresh_seed()), Shape{5, 7}).astype(DType::f32);
   Tensor d = x.to(Device::cuda(0));
   CHECK(d.device() == Device::cuda(0));
   CHECK(rel_error(d, x) == 0.0);
@@ -154,7 +148,7 @@ TEST_CASE("cuda: out of memory is an OutOfMemoryError with the statistics") {
 }
 
 TEST_CASE("cuda: fused AdamW matches the CPU update") {
-  const RngKey key = RngKey::from_seed(fresh_seed());
+  const RngKey key = RngKey::from_seed(testing::fresh_seed());
   std::vector<Tensor> p, g, m, v, dp, dg, dm, dv;
   for (int i = 0; i < 30; ++i) {  // more than one 24-tensor chunk
     Shape s{int64_t(3 + i * 37)};

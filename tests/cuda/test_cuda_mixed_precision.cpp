@@ -1,7 +1,7 @@
 // Mixed precision on the GPU (part of titanax_cuda_tests: skipped, exit 77, without a GPU; see
 // test_cuda.cpp) against the CPU (tests/unit/test_mixed_precision.cpp): f16 / bf16 casts bitwise, the
-// 16-bit elementwise ops bitwise (both compute in f32 and round), cuBLASLt's bf16 / f16 GEMMs within 1e-2,
-// and bf16 training with the Engine's Precision policy on cuda:0 against the same run on the CPU.
+// 16-bit elementwise ops and dropout bitwise (both compute in f32 and round once: the GPU natively, the
+// CPU by run_in_f32), cuBLASLt's bf16 / f16 GEMMs within 1e-2, and bf16 training with the Engine's Precision policy on cuda:0 against the same run on the CPU.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -20,17 +20,32 @@ std::vector<double> host(const Tensor& t) { return t.to(Device::cpu()).astype(DT
 
 TEST_CASE("cuda mixed precision: f16 / bf16 casts and elementwise ops equal the CPU bitwise") {
   const Device g = Device::cuda(0);
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
   for (DType t : {DType::bf16, DType::f16}) {
     INFO(dtype_name(t));
-    const Tensor x = testing::randn64(RngKey::from_seed(31), Shape{1031, 3}) * 3.0;
-    const Tensor a = x.astype(t), b = (testing::randn64(RngKey::from_seed(32), Shape{1031, 3})).astype(t);
+    const Tensor x = testing::randn64(fold_in(key, 1), Shape{1031, 3}) * 3.0;
+    const Tensor a = x.astype(t), b = (testing::randn64(fold_in(key, 2), Shape{1031, 3})).astype(t);
+    const Tensor row = testing::randn64(fold_in(key, 3), Shape{3}).astype(t);
     CHECK(host(x.to(g).astype(t)) == host(a));                           // f64 -> 16-bit on the GPU
     CHECK(host(a.to(g).astype(DType::f32)) == host(a.astype(DType::f32)));  // and back
     CHECK(host(a.to(g).transpose(0, 1).astype(DType::f32)) == host(a.transpose(0, 1).astype(DType::f32)));  // strided
-    const Tensor ag = a.to(g), bg = b.to(g);
-    CHECK(host(ag + bg) == host(a + b));
-    CHECK(host(ag * bg) == host(a * b));
-    CHECK(host(relu(ag)) == host(relu(a)));
+    // The native 16-bit kernels (f32 arithmetic, one rounding: 16-byte packs over 3093 contiguous
+    // elements and their tail, the strided body for broadcasts and transposes) against the CPU's
+    // run_in_f32.
+    const Tensor ag = a.to(g), bg = b.to(g), rg = row.to(g);
+    CHECK(testing::bitwise_equal(ag + bg, a + b));
+    CHECK(testing::bitwise_equal(ag * bg, a * b));
+    CHECK(testing::bitwise_equal(ag / rg, a / row));  // broadcast
+    CHECK(testing::bitwise_equal(ag.transpose(0, 1) - bg.transpose(0, 1), a.transpose(0, 1) - b.transpose(0, 1)));
+    CHECK(testing::bitwise_equal(relu(ag), relu(a)));
+    CHECK(testing::bitwise_equal(clamp(ag, -0.5, 1.25), clamp(a, -0.5, 1.25)));
+    CHECK(testing::bitwise_equal(lt(ag, bg), lt(a, b)));
+    CHECK(testing::bitwise_equal(where(lt(ag, bg), ag, bg), where(lt(a, b), a, b)));
+    CHECK(testing::bitwise_equal(dropout(ag, 0.2, fold_in(key, 4)), dropout(a, 0.2, fold_in(key, 4))));
+    CHECK(rel_error(gelu(ag), gelu(a)) <= 1e-2);  // the device's tanhf may differ from the host's in its last bit
+    CHECK(rel_error(gelu_backward(bg, ag), gelu_backward(b, a)) <= 1e-2);
     CHECK(rel_error(sum(ag, {1}), sum(a, {1})) <= 1e-2);  // f32 accumulation, order may differ
   }
 }

@@ -9,6 +9,7 @@
 #include "core/rng.h"
 #include "core/tensor.h"
 #include "emulator.h"
+#include "kernels/cuda/half.cuh"
 
 namespace titanax::testing::emu {
 
@@ -27,6 +28,15 @@ inline Tensor nan_tensor(const Shape& s, DType dt) { return full(s, std::nan("")
 template <class Body>
 void launch_strided(Body body) {
   launch(3, 1, 64, 0, [&](unsigned char*) { body(); });
+}
+
+/// The DType of storage type T (f32, f64, f16 as __half, bf16 as __nv_bfloat16).
+template <class T>
+constexpr DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return DType::f32;
+  else if constexpr (std::is_same_v<T, double>) return DType::f64;
+  else if constexpr (std::is_same_v<T, __half>) return DType::f16;
+  else return DType::bf16;
 }
 
 /// A host tensor's elements as T (its dtype's C++ type).

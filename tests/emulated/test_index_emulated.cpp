@@ -1,7 +1,8 @@
 // The gather, deterministic scatter-add and dropout kernels (kernels/cuda/index.cuh) run on the CPU through
 // the emulated GPU primitives of emulator.h, against the CPU kernels (kernels/cpu/nn.h) on fresh random
 // inputs: gather and scatter-add bitwise (the same elements summed in the same order: the scatter's
-// stable radix sort on the device is a std::stable_sort here), dropout bitwise (the same Philox mask).
+// stable radix sort on the device is a std::stable_sort here), dropout bitwise (the same Philox mask;
+// f16 / bf16 against the CPU's f32 dropout of the widened input, rounded once).
 // Outputs start as NaN, so an element left unwritten fails; a grid of 3 blocks of 64 threads makes every
 // kernel stride. An index out of range is reported (first report wins) and its outputs are NaN.
 #include <catch2/catch.hpp>
@@ -113,19 +114,19 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
   }
 }
 
-TEMPLATE_TEST_CASE("dropout kernel, emulated: bitwise the CPU's Philox mask and scale", "[emulated]", float, double) {
+TEMPLATE_TEST_CASE("dropout kernel, emulated: bitwise the CPU's Philox mask and scale", "[emulated]", float, double, __half,
+                   __nv_bfloat16) {
   const RngKey key = fresh_key();
-  const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
+  using C = kernels::cuda::compute_t<TestType>;
+  const DType dt = testing::emu::dtype_of<TestType>(), ct = testing::emu::dtype_of<C>();
   const int64_t n = 1001;  // not a multiple of 4: a partial last Philox block
   const Tensor x = testing::randn64(fold_in(key, 1), Shape{n}).astype(dt);
   for (double p : {0.1, 0.5}) {
     INFO("p " << p);
     const RngKey dk = fold_in(key, 2);
-    Tensor want = nan_tensor(Shape{n}, dt), got = nan_tensor(Shape{n}, dt);
-    kernels::cpu::dropout(x, p, dk, want);
-    launch_strided([&] {
-      ik::dropout<HostPrim>(cptr<TestType>(x), ptr<TestType>(got), n, p, TestType(1.0 / (1.0 - p)), dk.k0, dk.k1);
-    });
-    CHECK(testing::bitwise_equal(got, want));
+    Tensor want = nan_tensor(Shape{n}, ct), got = nan_tensor(Shape{n}, dt);
+    kernels::cpu::dropout(x.astype(ct), p, dk, want);
+    launch_strided([&] { ik::dropout<HostPrim>(cptr<TestType>(x), ptr<TestType>(got), n, p, C(1.0 / (1.0 - p)), dk.k0, dk.k1); });
+    CHECK(testing::bitwise_equal(got, want.astype(dt)));
   }
 }
