@@ -5,6 +5,7 @@
 
 #include <zlib.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,16 +27,45 @@ namespace {
 using fused::BinaryOp;
 using fused::UnaryOp;
 
+// The C type of values of dtype d in memory: f16 / bf16 as their bits (the source includes no CUDA
+// header; the conversions are tx_widen / tx_narrow below).
 const char* c_type(DType d) {
   switch (d) {
     case DType::f32: return "float";
     case DType::f64: return "double";
     case DType::bool_: return "bool";
+    case DType::f16:
+    case DType::bf16: return "unsigned short";
     default:
-      throw InternalError("fused CUDA kernel: a register of an unsupported dtype", "f32, f64 or bool",
+      throw InternalError("fused CUDA kernel: a register of an unsupported dtype", "f32, f64, f16, bf16 or bool",
                           std::string(dtype_name(d)));
   }
 }
+// The C type a register of dtype d is computed in.
+const char* reg_type(DType d) { return c_type(fused::compute_dtype(d)); }
+
+// f16 / bf16 <-> f32 as cuda_fp16.h / cuda_bf16.h convert on sm_80 and later (cvt with round to nearest
+// even; widening is exact), with cuda_bf16.h's integer rounding before sm_80 (no bf16 cvt there).
+const char* kHalfConversions = R"(__device__ __forceinline__ float tx_widen_bf16(unsigned short h) { return __uint_as_float((unsigned)h << 16); }
+__device__ __forceinline__ unsigned short tx_narrow_bf16(float f) {
+#if __CUDA_ARCH__ >= 800
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
+  unsigned u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (unsigned short)(u >> 16);
+#endif
+}
+__device__ __forceinline__ float tx_widen_f16(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ unsigned short tx_narrow_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
+)";
+
+// Expression e (f32) rounded to 16-bit dtype d, as d's bits; and d's bits e widened to f32.
+std::string narrow(DType d, const std::string& e) { return std::string(d == DType::bf16 ? "tx_narrow_bf16(" : "tx_narrow_f16(") + e + ")"; }
+std::string widen(DType d, const std::string& e) { return std::string(d == DType::bf16 ? "tx_widen_bf16(" : "tx_widen_f16(") + e + ")"; }
 
 const char* unary_fn(UnaryOp op) {
   switch (op) {
@@ -107,6 +137,7 @@ std::string cuda_source(const fused::Program& p, bool may_alias) {
   s += "// titanax fused kernel: " + p.text + "\n";
   s += "#include \"tx_ew_math.cuh\"\n";
   s += "namespace ewm = titanax::kernels::cuda::ewm;\n";
+  if (std::any_of(p.reg_dtype.begin(), p.reg_dtype.end(), [](DType d) { return is_half(d); })) s += kHalfConversions;
   s += "struct TxStrides { long long s[" + std::to_string(std::max(1, nin * rank)) + "]; };\n";
   s += "extern \"C\" __global__ void __launch_bounds__(256) tx_fused(";
   for (int i = 0; i < nin; ++i) s += std::string("const ") + c_type(p.inputs[size_t(i)].dtype) + "*" + restrict_ + " in" + std::to_string(i) + ", ";
@@ -131,14 +162,17 @@ std::string cuda_source(const fused::Program& p, bool may_alias) {
     s += "    }\n";
   }
   for (int i = 0; i < nin; ++i) {
+    const DType t = p.inputs[size_t(i)].dtype;
     const std::string at = p.reg_scalar[size_t(i)] ? "0" : "o" + std::to_string(i);
-    s += std::string("    const ") + c_type(p.inputs[size_t(i)].dtype) + " " + reg(i) + " = in" + std::to_string(i) + "[" + at + "];\n";
+    const std::string v = "in" + std::to_string(i) + "[" + at + "]";
+    s += std::string("    const ") + reg_type(t) + " " + reg(i) + " = " + (is_half(t) ? widen(t, v) : v) + ";\n";
   }
   for (size_t k = 0; k < p.code.size(); ++k) {
     const fused::Instr& in = p.code[k];
     const int r = nin + int(k);
-    const char* t = c_type(in.dtype);
-    const char* a0 = c_type(p.reg_dtype[size_t(in.args[0])]);
+    const char* t = reg_type(in.dtype);
+    const char* a0 = reg_type(p.reg_dtype[size_t(in.args[0])]);
+    const DType ct = fused::compute_dtype(in.dtype);
     std::string e;
     switch (in.kind) {
       case Kind::unary: e = std::string("ewm::") + unary_fn(in.unary) + "<" + t + ">(" + reg(in.args[0]) + ")"; break;
@@ -147,13 +181,18 @@ std::string cuda_source(const fused::Program& p, bool may_alias) {
         break;
       case Kind::where: e = reg(in.args[0]) + " ? " + reg(in.args[1]) + " : " + reg(in.args[2]); break;
       case Kind::clamp:
-        e = std::string("ewm::clamp<") + t + ">(" + reg(in.args[0]) + ", " + literal(in.lo, in.dtype) + ", " + literal(in.hi, in.dtype) + ")";
+        e = std::string("ewm::clamp<") + t + ">(" + reg(in.args[0]) + ", " + literal(in.lo, ct) + ", " + literal(in.hi, ct) + ")";
         break;
       case Kind::cast: e = std::string("ewm::cast_to<") + t + ", " + a0 + ">::f(" + reg(in.args[0]) + ")"; break;
     }
+    if (is_half(in.dtype)) e = widen(in.dtype, narrow(in.dtype, e));  // the eager kernel's rounding
     s += std::string("    const ") + t + " " + reg(r) + " = " + e + ";\n";
   }
-  for (size_t k = 0; k < p.outputs.size(); ++k) s += "    out" + std::to_string(k) + "[i] = " + reg(p.outputs[k]) + ";\n";
+  for (size_t k = 0; k < p.outputs.size(); ++k) {
+    const DType t = p.reg_dtype[size_t(p.outputs[k])];
+    const std::string v = reg(p.outputs[k]);
+    s += "    out" + std::to_string(k) + "[i] = " + (is_half(t) ? narrow(t, v) : v) + ";\n";
+  }
   s += "  }\n}\n";
   return s;
 }

@@ -34,9 +34,12 @@ using kernels::cpu::unary_fn;
 static_assert(kernels::cpu::kGeneratedRun <= kFusedChunk, "a fused reduction asks for runs of at most one chunk");
 
 bool is_float(DType d) { return d == DType::f32 || d == DType::f64; }
-bool is_register_dtype(DType d) { return is_float(d) || d == DType::bool_; }
+// The floating dtypes of fusable ops: f32, f64, and f16 / bf16 (computed in f32, rounded after each op).
+bool is_fusable_float(DType d) { return is_float(d) || is_half(d); }
+bool is_register_dtype(DType d) { return is_fusable_float(d) || d == DType::bool_; }
 std::string spec_text(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str(); }
 
+using fused::compute_dtype;
 using fused::Instr;
 using fused::Program;
 
@@ -79,7 +82,7 @@ void fused::Program::finalize() {
     if (!reg_scalar[size_t(i)]) slot[size_t(i)] = take();
   for (size_t k = 0; k < code.size(); ++k) {
     const int r = nin() + int(k);
-    if (!reg_scalar[size_t(r)] && out_index[size_t(r)] < 0) slot[size_t(r)] = take();
+    if (!reg_scalar[size_t(r)] && (out_index[size_t(r)] < 0 || is_half(reg_dtype[size_t(r)]))) slot[size_t(r)] = take();
     for (int a : code[k].args)  // an operand read twice (mul(x, x)) is freed once
       if (last[size_t(a)] == int(k) && slot[size_t(a)] >= 0 &&
           std::find(free_slots.begin(), free_slots.end(), slot[size_t(a)]) == free_slots.end())
@@ -221,10 +224,11 @@ void run_cast(DType from, int64_t n, void* d, Operand a) {
   }
 }
 
-void run_instr(const Instr& in, DType arg0, int64_t n, void* d, const Operand* a) {
+// Instruction `in` over compute dtypes: its result's `res`, its first operand's `arg0` (f32, f64 or bool).
+void run_instr(const Instr& in, DType res, DType arg0, int64_t n, void* d, const Operand* a) {
   switch (in.kind) {
     case Instr::Kind::unary:
-      if (in.dtype == DType::f32) run_unary<float>(in.unary, n, d, a[0]);
+      if (res == DType::f32) run_unary<float>(in.unary, n, d, a[0]);
       else run_unary<double>(in.unary, n, d, a[0]);
       return;
     case Instr::Kind::binary:
@@ -232,11 +236,11 @@ void run_instr(const Instr& in, DType arg0, int64_t n, void* d, const Operand* a
       else run_binary<double>(in.binary, n, d, a[0], a[1]);
       return;
     case Instr::Kind::where:
-      if (in.dtype == DType::f32) run_where<float>(n, d, a[0], a[1], a[2]);
+      if (res == DType::f32) run_where<float>(n, d, a[0], a[1], a[2]);
       else run_where<double>(n, d, a[0], a[1], a[2]);
       return;
     case Instr::Kind::clamp:
-      if (in.dtype == DType::f32) {
+      if (res == DType::f32) {
         const float l = float(in.lo), h = float(in.hi);
         map1<float, float>(n, d, a[0], [l, h](float v) { return kernels::cpu::clamp_fn(v, l, h); });
       } else {
@@ -245,11 +249,41 @@ void run_instr(const Instr& in, DType arg0, int64_t n, void* d, const Operand* a
       }
       return;
     case Instr::Kind::cast:
-      if (in.dtype == DType::f32) run_cast<float>(arg0, n, d, a[0]);
-      else if (in.dtype == DType::f64) run_cast<double>(arg0, n, d, a[0]);
+      if (res == DType::f32) run_cast<float>(arg0, n, d, a[0]);
+      else if (res == DType::f64) run_cast<double>(arg0, n, d, a[0]);
       else run_cast<bool>(arg0, n, d, a[0]);
       return;
   }
+}
+
+// 16-bit storage of f16 / bf16 registers (t): the CPU's conversions (kernels/cpu/dispatch.h), as the eager
+// kernels' run_in_f32 rounds.
+template <class H>
+void widen_as(const void* src, int64_t n, float* dst) {
+  const H* h = static_cast<const H*>(src);
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(h[i]);
+}
+template <class H>
+void round_as(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = float(H(v[i]));
+}
+template <class H>
+void narrow_as(const float* v, int64_t n, bool scalar, void* dst) {
+  H* h = static_cast<H*>(dst);
+  for (int64_t i = 0; i < n; ++i) h[i] = H(v[scalar ? 0 : i]);
+}
+void widen16(DType t, const void* src, int64_t n, float* dst) {
+  if (t == DType::bf16) widen_as<bf16_t>(src, n, dst);
+  else widen_as<f16_t>(src, n, dst);
+}
+void round16(DType t, float* v, int64_t n) {
+  if (t == DType::bf16) round_as<bf16_t>(v, n);
+  else round_as<f16_t>(v, n);
+}
+// n 16-bit values from v (one value repeated when scalar).
+void narrow16(DType t, const float* v, int64_t n, bool scalar, void* dst) {
+  if (t == DType::bf16) narrow_as<bf16_t>(v, n, scalar, dst);
+  else narrow_as<f16_t>(v, n, scalar, dst);
 }
 
 // Copies n elements of `size` bytes from src (byte stride `stride`, possibly 0) to the contiguous dst.
@@ -292,19 +326,35 @@ class Bound {
     auto slot_ptr = [&](int r) { return reinterpret_cast<char*>(buf + size_t(p_.slot[size_t(r)]) * size_t(kFusedChunk)); };
     thread_local std::vector<Operand> reg;
     reg.resize(cells);
-    for (int i = 0; i < p_.nin(); ++i)
-      reg[size_t(i)] = {p_.reg_scalar[size_t(i)] ? in_[size_t(i)].base : load(i, start, n, slot_ptr(i)), p_.reg_scalar[size_t(i)]};
+    for (int i = 0; i < p_.nin(); ++i) {
+      const bool scalar = p_.reg_scalar[size_t(i)];
+      const DType t = p_.reg_dtype[size_t(i)];
+      if (!is_half(t)) {
+        reg[size_t(i)] = {scalar ? in_[size_t(i)].base : load(i, start, n, slot_ptr(i)), scalar};
+        continue;
+      }
+      // Widened into the register's f32 buffer; gathered, when strided, into the slot's upper half.
+      float* w = scalar ? reinterpret_cast<float*>(cell + i) : reinterpret_cast<float*>(slot_ptr(i));
+      const char* raw = scalar ? in_[size_t(i)].base : load(i, start, n, slot_ptr(i) + kFusedChunk * sizeof(float));
+      widen16(t, raw, scalar ? 1 : n, w);
+      reg[size_t(i)] = {w, scalar};
+    }
     Operand args[3];
     for (size_t k = 0; k < p_.code.size(); ++k) {
       const Instr& ins = p_.code[k];
       const int r = p_.nin() + int(k);
       const bool scalar = p_.reg_scalar[size_t(r)];
       const int out = p_.out_index[size_t(r)];
-      void* d = scalar ? static_cast<void*>(cell + r) : out >= 0 ? static_cast<void*>(dst[out]) : slot_ptr(r);
+      void* d = scalar ? static_cast<void*>(cell + r) : p_.slot[size_t(r)] >= 0 ? slot_ptr(r) : static_cast<void*>(dst[out]);
       for (size_t j = 0; j < ins.args.size(); ++j) args[j] = reg[size_t(ins.args[j])];
-      run_instr(ins, p_.reg_dtype[size_t(ins.args[0])], n, d, args);
+      run_instr(ins, compute_dtype(ins.dtype), compute_dtype(p_.reg_dtype[size_t(ins.args[0])]), n, d, args);
       reg[size_t(r)] = {d, scalar};
-      if (scalar && out >= 0) gather(dst[out], static_cast<const char*>(d), 0, n, int64_t(itemsize(ins.dtype)));
+      if (is_half(ins.dtype)) {
+        round16(ins.dtype, static_cast<float*>(d), scalar ? 1 : n);
+        if (out >= 0) narrow16(ins.dtype, static_cast<const float*>(d), n, scalar, dst[out]);
+      } else if (scalar && out >= 0) {
+        gather(dst[out], static_cast<const char*>(d), 0, n, int64_t(itemsize(ins.dtype)));
+      }
     }
   }
 
@@ -418,7 +468,7 @@ class FusedOp : public Op {
     const size_t nin = in.size();
     TensorList reg(in.begin(), in.end());
     std::vector<bool> need(nin + steps_.size(), false);
-    for (size_t i = 0; i < nin; ++i) need[i] = needs[i] && is_float(in[i].dtype());
+    for (size_t i = 0; i < nin; ++i) need[i] = needs[i] && is_fusable_float(in[i].dtype());
     for (size_t s = 0; s < steps_.size(); ++s) {
       TensorList args;
       for (int a : steps_[s].args) {
@@ -782,16 +832,17 @@ std::optional<Instr> as_instr(const Graph& g, const Node& n) {
   if (n.inputs.size() == 1) {
     for (int k = 0; k <= int(UnaryOp::sign); ++k)
       if (name == kernels::cpu::unary_name(UnaryOp(k))) {
-        if (!is_float(dt[0]) || o.dtype != dt[0]) return std::nullopt;
+        if (!is_fusable_float(dt[0]) || o.dtype != dt[0]) return std::nullopt;
         in.kind = Instr::Kind::unary;
         in.unary = UnaryOp(k);
         return in;
       }
-    if (name == "clamp" && is_float(dt[0]) && o.dtype == dt[0]) {
-      // The bounds, exactly as the clamp kernel rounds them: clamp(-inf) = lo, clamp(+inf) = hi.
+    if (name == "clamp" && is_fusable_float(dt[0]) && o.dtype == dt[0]) {
+      // The bounds, exactly as the clamp kernel rounds them (to the compute dtype): clamp(-inf) = lo,
+      // clamp(+inf) = hi.
       const double inf = std::numeric_limits<double>::infinity();
-      const Tensor probe = dt[0] == DType::f32 ? from_vector(std::vector<float>{-float(inf), float(inf)}, Shape{2})
-                                               : from_vector(std::vector<double>{-inf, inf}, Shape{2});
+      const Tensor probe = compute_dtype(dt[0]) == DType::f32 ? from_vector(std::vector<float>{-float(inf), float(inf)}, Shape{2})
+                                                              : from_vector(std::vector<double>{-inf, inf}, Shape{2});
       const std::vector<double> b = n.op->forward({probe})[0].to_vector<double>();
       in.kind = Instr::Kind::clamp;
       in.lo = b[0];
@@ -808,14 +859,14 @@ std::optional<Instr> as_instr(const Graph& g, const Node& n) {
     for (int k = 0; k <= int(BinaryOp::gelu_erf_backward); ++k)
       if (name == kernels::cpu::binary_name(BinaryOp(k))) {
         const bool cmp = kernels::cpu::is_comparison(BinaryOp(k));
-        if (!is_float(dt[0]) || dt[1] != dt[0] || o.dtype != (cmp ? DType::bool_ : dt[0])) return std::nullopt;
+        if (!is_fusable_float(dt[0]) || dt[1] != dt[0] || o.dtype != (cmp ? DType::bool_ : dt[0])) return std::nullopt;
         in.kind = Instr::Kind::binary;
         in.binary = BinaryOp(k);
         return in;
       }
     return std::nullopt;
   }
-  if (name == "where" && dt[0] == DType::bool_ && is_float(dt[1]) && dt[2] == dt[1] && o.dtype == dt[1]) {
+  if (name == "where" && dt[0] == DType::bool_ && is_fusable_float(dt[1]) && dt[2] == dt[1] && o.dtype == dt[1]) {
     in.kind = Instr::Kind::where;
     return in;
   }
@@ -1012,7 +1063,7 @@ int fuse_matmul_epilogues(Graph& g) {
       if ((name != "matmul" && name != "linear") || mm.outputs.size() != 1) continue;
       const int v = mm.outputs[0];
       const TensorSpec& vs = spec(g, v);
-      if ((!vs.device.is_cpu() && !vs.device.is_cuda()) || !is_float(vs.dtype)) continue;
+      if ((!vs.device.is_cpu() && !vs.device.is_cuda()) || !is_fusable_float(vs.dtype)) continue;
       for (int c : u.consumers[size_t(v)]) {
         std::vector<int> pin, pout;
         std::optional<Program> p = program_of(g, c, pin, pout);

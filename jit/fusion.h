@@ -9,7 +9,9 @@
 //
 // The fused ops compute bitwise what the nodes they replace computed: they call the same scalar math as
 // the eager kernels (kernels/cpu/elementwise_math.h), the existing GEMM kernel, and the reduction's own
-// summation order. They run on the CPU only (their cuda() throws DeviceError): the passes fuse CPU nodes.
+// summation order; f16 / bf16 registers are computed in f32 and rounded to their dtype after every
+// instruction, where each eager op rounds. On CUDA tensors they run NVRTC-generated kernels
+// (jit/codegen.h) instead of the interpreter.
 //
 // A fused program is a list of instructions over registers: registers 0..n-1 are the node's inputs
 // (each broadcast to the program's shape), register n + k is instruction k's result. The executor walks
@@ -19,8 +21,7 @@
 // buffers and writes the outputs. Intermediates never leave those buffers.
 //
 // A fused node runs on inputs of exactly the shapes and dtypes it was fused for: others throw ShapeError /
-// DTypeError naming the input (ValueError for a wrong number of inputs); on a CUDA device it throws
-// DeviceError (the default Op::cuda()).
+// DTypeError naming the input (ValueError for a wrong number of inputs).
 //
 // Fused ops print their whole program in attrs(), so CSE merges two fused nodes only when their programs
 // (instructions, input shapes and dtypes, output shape) and inputs are the same; DCE and constant folding
@@ -39,11 +40,11 @@ namespace titanax::jit {
 /// per live register).
 inline constexpr int64_t kFusedChunk = 1024;
 
-/// Replaces each maximal group of connected elementwise CPU nodes by one node whose op is
-/// FusedElementwise (name "fused", attrs the program text). Fusable ops (f32 / f64 operands; their
-/// results may be bool): neg exp log sqrt rsqrt tanh sigmoid abs square reciprocal relu gelu_tanh gelu_erf
+/// Replaces each maximal group of connected elementwise nodes (CPU or CUDA) by one node whose op is
+/// FusedElementwise (name "fused", attrs the program text). Fusable ops (f32 / f64 / f16 / bf16 operands;
+/// their results may be bool): neg exp log sqrt rsqrt tanh sigmoid abs square reciprocal relu gelu_tanh gelu_erf
 /// sign clamp; add sub mul div maximum minimum pow eq ne lt le gt ge relu_backward gelu_tanh_backward
-/// gelu_erf_backward (broadcasting); where; astype and copy between f32, f64 and bool.
+/// gelu_erf_backward (broadcasting); where; astype and copy between f32, f64, f16, bf16 and bool.
 /// Rules:
 ///  - every member's output has the group's shape (inputs may broadcast to it), so one chunk of the
 ///    output indexes every member;
@@ -60,7 +61,7 @@ inline constexpr int64_t kFusedChunk = 1024;
 /// Throws InternalError if the rewrite would break the topological order (a bug, never bad input).
 int fuse_elementwise(Graph& g);
 
-/// GEMM epilogues: a CPU matmul / linear node (f32 / f64) whose output is read by an elementwise group
+/// GEMM epilogues: a matmul / linear node (f32 / f64 / f16 / bf16) whose output is read by an elementwise group
 /// (a "fused" node from fuse_elementwise, or one fusable elementwise node) of the same shape becomes
 /// one FusedMatmulEpilogue node (name "fused_matmul"): it runs the matmul / linear op's own CPU kernel
 /// into an output buffer of its shape and dtype, then applies the group's program to that buffer in

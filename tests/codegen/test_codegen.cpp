@@ -117,12 +117,15 @@ TEST_CASE("codegen: every fused program of MLP, CNN and GPT training steps compi
   UNSCOPED_INFO(unique.size() << " kernels compiled in " << st.compile_seconds << " s");
 }
 
-TEST_CASE("codegen: random elementwise programs (every op kind, broadcasting, casts, clamp bounds) compile", "[codegen]") {
+TEST_CASE("codegen: random elementwise programs (every op kind, broadcasting, casts, clamp bounds, 16-bit) compile", "[codegen]") {
   ScratchCache cache("random");
   std::mt19937 rng(7);
   int compiled = 0;
-  for (int trial = 0; trial < 12; ++trial) {
-    const DType t = trial % 2 ? DType::f32 : DType::f64, other = trial % 2 ? DType::f64 : DType::f32;
+  // f64, f32, bf16 and f16 in turn; casts to another of them (16-bit registers compute in f32 and round
+  // through the generated tx_narrow / tx_widen conversions).
+  const DType dts[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
+  for (int trial = 0; trial < 16; ++trial) {
+    const DType t = dts[trial % 4], other = dts[(trial + 1) % 4];
     const Shape full{int64_t(1 + rng() % 5), int64_t(1 + rng() % 7), int64_t(2 + rng() % 9)};
     const Tensor a = testing::randn64(RngKey::from_seed(trial), full).astype(t);
     const Tensor b = testing::randn64(RngKey::from_seed(trial + 100), Shape{full[2]}).astype(t);
@@ -156,11 +159,12 @@ TEST_CASE("codegen: random elementwise programs (every op kind, broadcasting, ca
     jit::fuse(g);
     for (const std::string& s : jit::fused_kernel_sources(g)) {
       INFO(s);
+      if (is_half(t)) CHECK_THAT(s, Contains(t == DType::bf16 ? "tx_narrow_bf16(" : "tx_narrow_f16("));  // 16-bit registers
       CHECK(jit::compile_cuda(s, 90)->size() > 0);
       ++compiled;
     }
   }
-  CHECK(compiled >= 12);
+  CHECK(compiled >= 16);
 }
 
 TEST_CASE("codegen: the disk cache serves a new process, and ignores corrupt or foreign files", "[codegen]") {

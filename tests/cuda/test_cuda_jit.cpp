@@ -76,8 +76,11 @@ int count_fused(const jit::Graph& g) {
 
 TEST_CASE("cuda jit: random fused elementwise graphs equal the unfused graph on the GPU bitwise, and the CPU") {
   std::mt19937 rng(2025);
-  for (int trial = 0; trial < 24; ++trial) {
-    const DType t = trial % 2 ? DType::f32 : DType::f64, other = trial % 2 ? DType::f64 : DType::f32;
+  // f64, f32, bf16, f16 in turn: 16-bit registers computed in f32 and rounded after every op, as the
+  // native eager kernels round.
+  const DType dts[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
+  for (int trial = 0; trial < 32; ++trial) {
+    const DType t = dts[trial % 4], other = dts[(trial + 1) % 4];
     const Shape full{int64_t(1 + rng() % 9), int64_t(1 + rng() % 33), int64_t(1 + rng() % 130)};
     std::vector<Shape> shapes{full};
     for (int i = 0; i < 2; ++i) {
@@ -133,7 +136,10 @@ TEST_CASE("cuda jit: random fused elementwise graphs equal the unfused graph on 
     TensorList strided = to_cuda(fresh);
     strided[0] = strided[0].transpose(1, 2).contiguous().transpose(1, 2);
     check_bitwise(fg.run(strided), g.run(strided));
-    CHECK(rel_error(got, f(fresh)) <= (t == DType::f32 ? 1e-5 : 1e-12));
+    // Against the CPU: f32 / f64 only. In 16 bits a last-bit difference of the device's libm (exp, tanh,
+    // pow) moves a rounding boundary, and the ops after it amplify that one 16-bit step (the GPU's
+    // 16-bit kernels are checked against the CPU op by op in test_cuda_mixed_precision.cpp).
+    if (!is_half(t)) CHECK(rel_error(got, f(fresh)) <= (t == DType::f32 ? 1e-5 : 1e-12));
   }
 }
 

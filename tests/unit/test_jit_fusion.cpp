@@ -75,7 +75,8 @@ TEST_CASE("jit fusion: a gelu / tanh chain with a broadcast bias becomes one nod
     Tensor y = gelu(t, true) - exp(neg(square(x))) / (abs(h) + 1.0);
     return TensorList{gelu(y, false) + clamp(y, -0.25, 0.75)};
   };
-  for (DType t : {DType::f32, DType::f64}) {
+  for (DType t : {DType::f32, DType::f64, DType::bf16, DType::f16}) {
+    INFO(dtype_name(t));
     // 300 x 257: chunks straddle rows, the bias is gathered, and the chunks run on several threads.
     const Shape s{300, 257}, sb{257};
     jit::Graph fg = fused_vs_unfused(f, {rnd(1, s, t), rnd(2, sb, t)}, {rnd(3, s, t), rnd(4, sb, t)}, jit::fuse_elementwise);
@@ -95,7 +96,8 @@ TEST_CASE("jit fusion: strided and broadcast inputs, comparisons, where and cast
     Tensor u = tanh(exp(xt.clone()).astype(DType::f32)).astype(DType::f64) * xt.astype(DType::f64);  // copy, casts
     return TensorList{minimum(z, relu(xt)) + relu_backward(z, xt) + gelu_backward(z, xt, true), u};
   };
-  for (DType t : {DType::f32, DType::f64}) {
+  for (DType t : {DType::f32, DType::f64, DType::bf16}) {
+    INFO(dtype_name(t));
     const Shape s{64, 33}, sc{33, 1};
     jit::Graph fg = fused_vs_unfused(f, {rnd(5, s, t), rnd(6, sc, t)}, {rnd(7, s, t), rnd(8, sc, t)}, jit::fuse_elementwise);
     CHECK(count_op(fg, "fused") == 2);  // the two outputs share only inputs: two groups
@@ -243,7 +245,8 @@ TEST_CASE("jit fusion: a whole training step with AdamW updates of live state re
 
 TEST_CASE("jit fusion: linear + gelu becomes a GEMM with an epilogue, bitwise", "[jit][fusion]") {
   auto f = [](const TensorList& in) { return TensorList{gelu(linear(in[0], in[1], in[2]), true) * 1.5}; };
-  for (DType t : {DType::f32, DType::f64}) {
+  for (DType t : {DType::f32, DType::f64, DType::bf16}) {
+    INFO(dtype_name(t));
     auto args = [&](uint64_t s) { return TensorList{rnd(s, Shape{96, 48}, t), rnd(s + 1, Shape{80, 48}, t), rnd(s + 2, Shape{80}, t)}; };
     jit::Graph fg = fused_vs_unfused(f, args(50), args(60), jit::fuse);
     CHECK(fg.num_nodes() == 1);
@@ -313,6 +316,7 @@ TEST_CASE("jit fusion: empty tensors, integer nodes, and programs that differ on
   // A program of one element: every register is a scalar.
   auto one = [](const TensorList& in) { return TensorList{exp(sum(in[0])) * 2.0 + 1.0}; };
   fused_vs_unfused(one, {rnd(178, Shape{3})}, {rnd(179, Shape{3})}, jit::fuse_elementwise);
+  fused_vs_unfused(one, {rnd(178, Shape{3}, DType::bf16)}, {rnd(179, Shape{3}, DType::bf16)}, jit::fuse_elementwise);
   // Integer arithmetic is not fused.
   auto i = [](const TensorList& in) {
     Tensor k = in[1] + in[1];
@@ -333,8 +337,11 @@ TEST_CASE("jit fusion: empty tensors, integer nodes, and programs that differ on
 
 TEST_CASE("jit fusion: random elementwise graphs with broadcasting match the unfused graph bitwise", "[jit][fusion]") {
   std::mt19937 rng(2024);
-  for (int trial = 0; trial < 40; ++trial) {
-    const DType t = trial % 2 ? DType::f32 : DType::f64, other = trial % 2 ? DType::f64 : DType::f32;
+  // f64, f32, bf16, f16 in turn (16-bit: computed in f32, rounded after every op as the eager kernels
+  // round), casts through another of them.
+  const DType dts[] = {DType::f64, DType::f32, DType::bf16, DType::f16};
+  for (int trial = 0; trial < 48; ++trial) {
+    const DType t = dts[trial % 4], other = dts[(trial + 1) % 4];
     const Shape full{int64_t(1 + rng() % 20), int64_t(1 + rng() % 30), int64_t(1 + rng() % 70)};
     std::vector<Shape> shapes;
     for (int i = 0; i < 3; ++i) {
