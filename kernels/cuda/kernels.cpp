@@ -2,6 +2,7 @@
 // checks, launch, error check. The kernels themselves are in the .cu files (kernels/cuda/launch.h).
 #include "kernels/cuda/kernels.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -129,24 +130,67 @@ ReduceLayout reduce_layout(const Tensor& x, const std::vector<bool>& reduced) {
     throw ShapeError("CUDA reduction: too many axes", "rank <= " + std::to_string(kMaxDims), x.shape().str(),
                      "reshape to merge adjacent axes that are reduced together");
   ReduceLayout L;
+  bool last_reduced = false;  // the kind of the last axis appended
   for (int d = 0; d < x.dim(); ++d) {
-    if (reduced[size_t(d)]) {
-      L.rsize[L.nr] = x.shape()[d];
-      L.rstride[L.nr++] = x.strides()[d];
-      L.nred *= x.shape()[d];
+    const int64_t size = x.shape()[d], stride = x.strides()[d];
+    if (size == 1) continue;  // no index to walk
+    const bool r = reduced[size_t(d)];
+    int& n = r ? L.nr : L.nk;
+    int64_t* sizes = r ? L.rsize : L.ksize;
+    int64_t* strides = r ? L.rstride : L.kstride;
+    (r ? L.nred : L.nout) *= size;
+    // Adjacent axes of one kind whose strides nest walk as one axis, in the same order.
+    if (n > 0 && last_reduced == r && strides[n - 1] == stride * size) {
+      sizes[n - 1] *= size;
+      strides[n - 1] = stride;
     } else {
-      L.ksize[L.nk] = x.shape()[d];
-      L.kstride[L.nk++] = x.strides()[d];
-      L.nout *= x.shape()[d];
+      sizes[n] = size;
+      strides[n++] = stride;
     }
+    last_reduced = r;
   }
   return L;
 }
 
+ReducePlan reduce_plan(const ReduceLayout& L) {
+  // Enough independent items to fill an H100 (132 SMs x 8 resident blocks of 256 threads), while every
+  // thread still reduces a run of elements; the numbers depend on the sizes only, so the summation order
+  // (and the result) is the same on every run and every device.
+  constexpr int64_t kTargetBlocks = 1024, kPerThread = 16;
+  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  ReducePlan P;
+  int64_t items_wanted, group;
+  const bool kept_contiguous = L.nk > 0 && L.kstride[L.nk - 1] == 1;
+  const bool red_contiguous = L.nr > 0 && L.rstride[L.nr - 1] == 1;
+  if (kept_contiguous && !red_contiguous) {
+    P.shape = ReducePlan::kCols;
+    items_wanted = ceil_div(kTargetBlocks, ceil_div(L.nout, 32));  // splits per tile of 32 outputs
+    group = kReduceThreads / 32;                                     // row groups
+  } else if (L.nout < 2048 && L.nred >= 1024) {
+    P.shape = ReducePlan::kRowsBlock;
+    items_wanted = ceil_div(kTargetBlocks, L.nout);
+    group = kReduceThreads;
+  } else {
+    P.shape = ReducePlan::kRowsWarp;
+    items_wanted = ceil_div(kTargetBlocks * (kReduceThreads / 32), L.nout);
+    group = 32;
+  }
+  const int64_t max_splits = std::max<int64_t>(1, L.nred / (group * kPerThread));
+  P.splits = std::clamp<int64_t>(items_wanted, 1, max_splits);
+  P.chunk = std::max<int64_t>(1, ceil_div(L.nred, P.splits));
+  P.splits = std::max<int64_t>(1, ceil_div(L.nred, P.chunk));  // no empty split
+  return P;
+}
+
 void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out) {
-  Dt t = floating(x, "reduce");
+  const Dt t = any_floating(x, "reduce");
   const ReduceLayout L = reduce_layout(x, reduced);
-  check(launch_reduce(op == ReduceOp::sum ? 0 : op == ReduceOp::max ? 1 : 2, t, x.raw_data(), out.raw_data(), L,
+  const ReducePlan P = reduce_plan(L);
+  const int code = op == ReduceOp::sum ? 0 : op == ReduceOp::max ? 1 : 2;
+  // The splits' accumulators: double for sums, else x's compute type (f32 for f16 / bf16).
+  const DType acc = code == 0 ? DType::f64 : is_half(x.dtype()) ? DType::f32 : x.dtype();
+  const Tensor work = P.splits > 1 ? empty(Shape{P.splits * L.nout}, acc, x.device()) : Tensor();
+  check(launch_reduce(code, t, x.raw_data(), out.raw_data(), L, P, work.defined() ? work.raw_data() : nullptr,
                       stream_of(out)),
         "reduce");
 }

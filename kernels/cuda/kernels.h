@@ -57,6 +57,12 @@ Layout make_layout(const Shape& shape, std::initializer_list<Shape> strides);
 /// The kept and the reduced axes of x (sizes and strides, in order) for the reduction kernels
 /// (kernels/cuda/reduce.cuh). Throws ShapeError when x has more than kMaxDims axes.
 ReduceLayout reduce_layout(const Tensor& x, const std::vector<bool>& reduced);
+/// How launch_reduce covers layout L (kernels/cuda/reduce.cuh): column tiles when the kept innermost axis
+/// is the contiguous one and the reduced one is not, else a block per output (fewer than 2048 outputs of
+/// at least 1024 elements) or a warp per output; each output's elements split into chunks of at least
+/// 16 per thread until about 1024 blocks' worth of items exist (one split when the outputs alone give
+/// that). A function of the sizes and strides only, so a reduction repeats bitwise. Throws nothing.
+ReducePlan reduce_plan(const ReduceLayout& L);
 /// out = op over the axes of x marked in `reduced` (out: contiguous, x's rank with reduced axes of size 1).
 /// f32/f64; sums accumulate in double; max / min propagate NaN.
 void reduce(ReduceOp op, const Tensor& x, const std::vector<bool>& reduced, Tensor& out);

@@ -86,8 +86,21 @@ struct ReduceLayout {
   int64_t rsize[kMaxDims] = {}, rstride[kMaxDims] = {};
   int64_t nout = 1, nred = 1;
 };
-/// op: 0 sum (accumulated in double), 1 max, 2 min (NaN propagates). t: f32 / f64.
-int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, void* stream);
+/// How launch_reduce covers a layout (kernels/cuda/reduce.cuh): `shape` rows by a warp (kRowsWarp) or a
+/// block (kRowsBlock) per (output, split), or column tiles (kCols); each output's nred elements cut into
+/// `splits` chunks of `chunk` (splits == 1: no workspace, no second pass).
+/// Threads per block of the reduction kernels (a multiple of 32).
+inline constexpr int kReduceThreads = 256;
+struct ReducePlan {
+  enum Shape { kRowsWarp, kRowsBlock, kCols };
+  Shape shape = kRowsWarp;
+  int64_t splits = 1, chunk = 1;
+};
+/// op: 0 sum (accumulated in double), 1 max, 2 min (NaN propagates). t: f32 / f64 / f16 / bf16 (f16 /
+/// bf16: widened on load, the result rounded once). With P.splits > 1, `work` holds P.splits * L.nout
+/// accumulators (double for sums, else t's compute type: f32 for f16 / bf16).
+int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, const ReducePlan& P, void* work,
+                  void* stream);
 /// out[o] (i64) = first index of the maximum of x along the single reduced axis (L.nr == 1) of output o
 /// (strict >, as the CPU). t: f32, f64, i32, i64.
 int launch_argmax(Dt t, const void* x, int64_t* out, const ReduceLayout& L, void* stream);

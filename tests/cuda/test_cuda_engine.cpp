@@ -4,7 +4,8 @@
 // gradient norm too; argmax (classification accuracy) must equal the CPU's exactly, ties included;
 // cross-entropy's labels and the embedding's / take's indices are checked on the device and a bad one is
 // thrown at the next wait; the embedding backward's device-side sort sums each row in index order; layer
-// norm's dw / db, summed over chunks of rows, match the CPU on more rows than one chunk.
+// norm's dw / db, summed over chunks of rows, match the CPU on more rows than one chunk; reductions at
+// training sizes take every plan (column tiles, splits) and match the CPU.
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -89,6 +90,38 @@ TEST_CASE("cuda layer norm over many rows: y, dx, dw and db (summed by chunks of
       INFO(names[i]);
       CHECK(testing::rel_error(gpu[size_t(i)].grad(), cpu[size_t(i)].grad()) <= 1e-4);
     }
+  }
+}
+
+TEST_CASE("cuda reductions at training sizes: column tiles, split reductions and 16-bit inputs match the CPU, and repeat bitwise") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  const Device g = Device::cuda(0);
+  // A bias gradient (the sum over rows of [4096, 3072]: column tiles in splits), the same over [B, T, C]
+  // (axes 0 and 1 merge), a full reduction of 8M elements (1024 splits of blocks), a row reduction (a warp
+  // per row) and a transposed input; max / min too (NaN-free inputs: exact).
+  const Tensor a = testing::randn64(fold_in(key, 1), Shape{4096, 3072}).astype(DType::f32);
+  const Tensor b = testing::randn64(fold_in(key, 2), Shape{8, 512, 768}).astype(DType::f32);
+  const Tensor ag = a.to(g), bg = b.to(g);
+  CHECK(testing::rel_error(sum(ag, {0}), sum(a, {0})) <= 1e-4);
+  CHECK(testing::rel_error(sum(bg, {0, 1}), sum(b, {0, 1})) <= 1e-4);
+  CHECK(testing::rel_error(sum(ag), sum(a)) <= 1e-4);
+  CHECK(testing::rel_error(sum(ag, {1}), sum(a, {1})) <= 1e-4);
+  CHECK(testing::rel_error(sum(ag.T(), {1}), sum(a.T(), {1})) <= 1e-4);
+  CHECK(testing::bitwise_equal(max(ag, {0}), max(a, {0})));
+  CHECK(testing::bitwise_equal(min(bg, {0, 1}), min(b, {0, 1})));
+  CHECK(testing::bitwise_equal(max(ag), max(a)));
+  // The plan depends on the sizes only: a second run sums in the same order.
+  CHECK(testing::bitwise_equal(sum(ag, {0}), sum(ag, {0})));
+  CHECK(testing::bitwise_equal(sum(ag), sum(ag)));
+  // 16-bit inputs: widened on load, accumulated in double, rounded once (the CPU: run_in_f32).
+  for (DType t : {DType::bf16, DType::f16}) {
+    INFO(dtype_name(t));
+    const Tensor h = a.astype(t), hg = h.to(g);
+    CHECK(testing::rel_error(sum(hg, {0}), sum(h, {0})) <= 1e-2);
+    CHECK(testing::rel_error(sum(hg), sum(h)) <= 1e-2);
+    CHECK(testing::bitwise_equal(max(hg, {1}), max(h, {1})));
   }
 }
 
