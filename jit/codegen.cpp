@@ -12,8 +12,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <atomic>
+#include <exception>
 #include <mutex>
+#include <string_view>
+#include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include <spdlog/spdlog.h>
 
@@ -349,6 +354,36 @@ std::shared_ptr<const std::string> compile_cuda(const std::string& source, int a
     if (k == key) return c;  // another thread got there first
   g_memory[h].push_back({key, cubin});
   return cubin;
+}
+
+int compile_cuda_parallel(const std::vector<std::string>& sources, int arch, int threads) {
+  std::vector<const std::string*> todo;
+  {
+    std::unordered_set<std::string_view> seen;
+    for (const auto& s : sources)
+      if (seen.insert(s).second) todo.push_back(&s);
+  }
+  const int hw = int(std::max(1u, std::thread::hardware_concurrency()));
+  const int n = std::min<int>(threads > 0 ? threads : hw, int(todo.size()));
+  std::atomic<size_t> next{0};
+  std::exception_ptr first;
+  std::mutex mu;
+  auto work = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < todo.size();) {
+      try {
+        compile_cuda(*todo[i], arch);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!first) first = std::current_exception();
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n; ++t) pool.emplace_back(work);
+  work();  // this thread takes a share too
+  for (auto& t : pool) t.join();
+  if (first) std::rethrow_exception(first);
+  return int(todo.size());
 }
 
 }  // namespace titanax::jit

@@ -63,11 +63,26 @@ std::string cuda_source(const fused::Program& p, bool may_alias = false);
 /// Throws DeviceError with NVRTC's log when the source does not compile, and in builds without CUDA.
 std::shared_ptr<const std::string> compile_cuda(const std::string& source, int arch);
 
+/// compile_cuda for every source, up to `threads` NVRTC compilations at once (0: the machine's hardware
+/// threads), so that a graph's kernels compile in about the time of its slowest one on a machine with
+/// as many cores. Equal sources compile once. Returns the number of distinct sources. Thread-safe.
+/// Throws the first DeviceError of a source that does not compile (after the others have finished).
+int compile_cuda_parallel(const std::vector<std::string>& sources, int arch, int threads = 0);
+
 /// The generated CUDA sources of every fused node of g that runs a generated kernel ("fused" nodes and
 /// the epilogues of "fused_matmul" nodes), in node order. Throws what cuda_source throws.
 std::vector<std::string> fused_kernel_sources(const Graph& g);
 
+/// Compiles (compile_cuda_parallel, for each device's architecture) the generated kernels of g's fused
+/// nodes that live on a CUDA device, so that their first run only loads them: jit() calls it once per
+/// new signature, after the passes. Does nothing for a graph without CUDA fused nodes (any build).
+/// Throws what compile_cuda_parallel throws.
+void precompile_fused_kernels(const Graph& g);
+
 namespace detail {
+/// Compute capability of CUDA device `device` times 10 (90 for an H100). Throws DeviceError (and in
+/// builds without CUDA).
+int device_arch(int device);
 /// The kernel `tx_fused` of `source`, compiled for device `device`'s architecture and loaded
 /// (cudaLibraryLoadData): an opaque cudaKernel_t. Cached per (source, device). Throws DeviceError.
 const void* load_fused_kernel(const std::string& source, int device);

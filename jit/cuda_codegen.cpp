@@ -40,13 +40,6 @@ std::vector<std::string> options(int arch) {
     if (tx_r_ != NVRTC_SUCCESS) nvrtc_fail(tx_r_, #call);     \
   } while (0)
 
-int device_arch(int device) {
-  int major = 0, minor = 0;
-  TX_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  TX_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major * 10 + minor;
-}
-
 struct Loaded {
   std::shared_ptr<const std::string> cubin;  // kept alive with the library
   cudaLibrary_t library = nullptr;
@@ -56,6 +49,13 @@ std::mutex g_mu;
 std::map<std::pair<std::string, int>, Loaded> g_loaded;  // (source, device) -> kernel
 
 }  // namespace
+
+int device_arch(int device) {
+  int major = 0, minor = 0;
+  TX_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  TX_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major * 10 + minor;
+}
 
 std::string nvrtc_key(int arch) {
   int major = 0, minor = 0;

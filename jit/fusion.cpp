@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <queue>
@@ -1121,6 +1122,18 @@ int fuse_reduction_prologues(Graph& g) {
   g.nodes = std::move(kept);
   topo_sort(g);
   return int(drop.size());
+}
+
+void precompile_fused_kernels(const Graph& g) {
+  std::map<int, std::vector<std::string>> by_device;  // CUDA device index -> sources
+  for (const Node& n : g.nodes) {
+    const GeneratedKernel* k = nullptr;
+    if (const auto* fe = dynamic_cast<const FusedElementwise*>(n.op.get())) k = &fe->kernel();
+    else if (const auto* fm = dynamic_cast<const FusedMatmulEpilogue*>(n.op.get())) k = &fm->kernel();
+    const Device d = n.outputs.empty() ? Device::cpu() : g.values[size_t(n.outputs[0])].spec.device;
+    if (k && d.is_cuda()) by_device[d.index].push_back(k->source());
+  }
+  for (const auto& [dev, sources] : by_device) compile_cuda_parallel(sources, detail::device_arch(dev));
 }
 
 std::vector<std::string> fused_kernel_sources(const Graph& g) {

@@ -9,6 +9,7 @@
 #include "autodiff/tape.h"
 #include "core/error.h"
 #include "jit/capture.h"
+#include "jit/codegen.h"
 #include "jit/fusion.h"
 #include "jit/memory_plan.h"
 
@@ -692,6 +693,7 @@ TensorList Compiled::operator()(const TensorList& args) {
   if (fuse(g) > 0) optimize(g);
   update_in_place(g);
   if (opts_.memory_plan) plan_memory_pass(g);
+  precompile_fused_kernels(g);  // the generated kernels in parallel, now rather than one by one at first replay
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
   cache_.emplace(sig, Entry{std::move(g)});

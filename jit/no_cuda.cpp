@@ -15,6 +15,7 @@ namespace {
 }  // namespace
 
 namespace detail {
+int device_arch(int) { no_cuda("CUDA device query"); }
 std::string nvrtc_key(int) { no_cuda("NVRTC"); }
 std::string nvrtc_compile(const std::string&, int) { no_cuda("NVRTC"); }
 const void* load_fused_kernel(const std::string&, int) { no_cuda("fused CUDA kernel"); }

@@ -246,3 +246,38 @@ TEST_CASE("codegen: a source that does not compile throws DeviceError with NVRTC
   }
   CHECK(cache.files().empty());
 }
+
+TEST_CASE("codegen: compile_cuda_parallel compiles distinct sources once each, on several threads", "[codegen]") {
+  ScratchCache cache("parallel");
+  std::vector<std::string> sources;
+  for (int k = 0; k < 6; ++k)
+    sources.push_back("#include \"tx_ew_math.cuh\"\nextern \"C\" __global__ void tx_fused(float* o) { o[0] = "
+                      "titanax::kernels::cuda::ewm::gelu_tanh<float>(" + std::to_string(k) + ".0f); }\n");
+  sources.push_back(sources[2]);  // a repeat
+  sources.push_back(sources[0]);
+  CHECK(jit::compile_cuda_parallel(sources, 90, 3) == 6);
+  auto st = jit::kernel_cache_stats();
+  CHECK(st.compiles == 6);
+  CHECK(cache.files().size() == 6);
+  // Later requests (a fused node's first run) are served from memory.
+  for (const auto& s : sources) CHECK(jit::compile_cuda(s, 90)->compare(0, 4, "\x7f" "ELF") == 0);
+  st = jit::kernel_cache_stats();
+  CHECK(st.compiles == 6);
+  CHECK(st.memory_hits == int64_t(sources.size()));
+
+  SECTION("a source that does not compile throws once the others are compiled") {
+    const std::string bad = "extern \"C\" __global__ void tx_fused() { undeclared_name = 1; }\n";
+    const std::string fresh = sources[0] + "// another\n";
+    CHECK_THROWS_AS(jit::compile_cuda_parallel({bad, fresh}, 90, 2), DeviceError);
+    jit::compile_cuda(fresh, 90);
+    CHECK(jit::kernel_cache_stats().compiles == 7);  // `fresh` compiled by the parallel call, then a hit
+  }
+  SECTION("precompile_fused_kernels leaves a CPU graph alone") {
+    auto f = [](const TensorList& in) { return TensorList{exp(in[0]) * 2.0 + 1.0}; };
+    jit::Graph g = jit::trace(f, {testing::randn64(RngKey::from_seed(1), Shape{8})});
+    jit::fuse(g);
+    REQUIRE(jit::fused_kernel_sources(g).size() == 1);
+    jit::precompile_fused_kernels(g);
+    CHECK(jit::kernel_cache_stats().compiles == 6);
+  }
+}
