@@ -177,6 +177,27 @@ TEST_CASE("cuda jit: an MLP training step with GEMM epilogues: fused equals unfu
   CHECK(st.compiles + st.disk_hits + st.memory_hits >= int64_t(jit::fused_kernel_sources(fg).size()));
 }
 
+TEST_CASE("cuda jit: the first call compiles every generated kernel (in parallel); replays compile nothing") {
+  auto f = [](const TensorList& in) {
+    Tensor h = gelu(in[0] * in[1] + 1.0, true);
+    return TensorList{tanh(h) * 0.5, sigmoid(h - in[1]).astype(DType::bf16) * 2.0};
+  };
+  const TensorList a = to_cuda({testing::randn64(RngKey::from_seed(61), Shape{64, 96}).astype(DType::f32),
+                                testing::randn64(RngKey::from_seed(62), Shape{96}).astype(DType::f32)});
+  jit::clear_kernel_memory_cache();
+  jit::reset_kernel_cache_stats();
+  jit::Compiled step(f);
+  step(a);  // trace, passes, then the kernels' compiles
+  const auto first = jit::kernel_cache_stats();
+  CHECK(first.compiles + first.disk_hits > 0);
+  const TensorList got = step(a), again = step(a);
+  const auto later = jit::kernel_cache_stats();
+  CHECK(later.compiles == first.compiles);
+  CHECK(later.disk_hits == first.disk_hits);
+  check_bitwise(got, f(a));
+  check_bitwise(again, got);
+}
+
 TEST_CASE("cuda jit: a training step replayed through CUDA graphs equals the op-by-op replay bitwise") {
   // Two identical MLPs on cuda:0 with their own AdamW (warm-up schedule: the learning rate changes at
   // every step) and clipping; one compiled with CUDA graphs, one without. The same fresh batches.
