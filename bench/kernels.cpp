@@ -1,13 +1,16 @@
-// bench/kernels: achieved memory bandwidth of the memory-bound kernels (elementwise add and GELU,
-// layer-norm, softmax, cross-entropy forward + backward) against the device's own copy bandwidth
+// bench/kernels: achieved memory bandwidth of the memory-bound kernels (elementwise add and GELU in f32
+// and bf16, layer-norm, softmax, cross-entropy forward + backward, column and full sums) against the
+// device's own copy bandwidth
 // measured in the same run (cudaMemcpy device to device on a GPU, memcpy on the CPU). Issue #3's target
 // on the GPU: each kernel at least 80% of the copy. Prints one line:
 //   bench=kernels device=cuda:0 copy_GBps=... add_GBps=... add_of_copy=... gelu_GBps=... ...
 //   attention_fwd_TFLOPs=... attention_bwd_TFLOPs=... peer_attention_fwd_TFLOPs=... attention_fwd_of_peer=...
 // GB/s counts the bytes a kernel must move at least (inputs read once, outputs written once: add 12 B
-// per element, GELU 8, layer-norm 8, softmax 8, cross-entropy 12 per logit: the forward reads the logits,
-// the backward reads them again and writes the gradient) over the mean time of one call (each output
-// freshly allocated, as in training; the GPU synchronised before the clock stops).
+// per element, GELU 8, their bf16 versions add_bf16 6 and gelu_bf16 4, layer-norm 8, softmax 8,
+// cross-entropy 12 per logit: the forward reads the logits, the backward reads them again and writes the
+// gradient; sum_rows (a bias gradient: the column sums of [16384, 3072]) and sum_all (all of the 64M
+// elements) 4) over the mean time of one call (each output freshly allocated, as in training; the GPU
+// synchronised before the clock stops).
 // Causal attention (scaled_dot_product_attention) in TFLOP/s as FlashAttention counts them (forward
 // 2 * 2 * B * H * T^2 * D / 2, backward 2.5x that; backward time = forward + backward - forward), beside
 // PyTorch's F.scaled_dot_product_attention on the same shapes in the same run (bench/peers/sdpa_torch.py,
@@ -105,6 +108,18 @@ int main(int argc, char** argv) {
     std::vector<Row> rows_out;
     rows_out.push_back({"add", 3 * bytes_n / time([&] { out = a + b; }) / 1e9});
     rows_out.push_back({"gelu", 2 * bytes_n / time([&] { out = tx::gelu(a); }) / 1e9});
+    {  // The same in bf16 (half the bytes per element; the native 16-bit kernels on the GPU).
+      const tx::Tensor a16 = a.astype(tx::DType::bf16), b16 = b.astype(tx::DType::bf16);
+      tx::Tensor o16;
+      rows_out.push_back({"add_bf16", 1.5 * bytes_n / time([&] { o16 = a16 + b16; }) / 1e9});
+      rows_out.push_back({"gelu_bf16", 1.0 * bytes_n / time([&] { o16 = tx::gelu(a16); }) / 1e9});
+    }
+    {  // Reductions: a bias gradient (the sum over the rows of [B*T, 4 * 768]: column tiles) and a full sum.
+      const int64_t brows = gpu ? 16384 : 2048, bcols = 3072;
+      const tx::Tensor g = uniform(7, tx::Shape{brows, bcols});
+      rows_out.push_back({"sum_rows", 4.0 * double(brows * bcols) / time([&] { out = tx::sum(g, {0}); }) / 1e9});
+      rows_out.push_back({"sum_all", bytes_n / time([&] { out = tx::sum(a); }) / 1e9});
+    }
     rows_out.push_back({"layer_norm", 8.0 * double(rows * dim) / time([&] { out = tx::layer_norm(x, w, bias); }) / 1e9});
     rows_out.push_back({"softmax", 8.0 * double(crow * vocab) / time([&] { out = tx::softmax(logits, -1); }) / 1e9});
     // Cross-entropy forward + backward: the gradient of the mean loss in the logits.
