@@ -18,6 +18,8 @@ void clamp(const Tensor&, double, double, Tensor&) { no_cuda("clamp"); }
 void where(const Tensor&, const Tensor&, const Tensor&, Tensor&) { no_cuda("where"); }
 void reduce(ReduceOp, const Tensor&, const std::vector<bool>&, Tensor&) { no_cuda("reduce"); }
 void argmax(const Tensor&, int, Tensor&) { no_cuda("argmax"); }
+void fill_random(bool, RngKey, Tensor&) { no_cuda("random fill"); }
+void one_hot(const Tensor&, int64_t, Tensor&) { no_cuda("one_hot"); }
 void dropout(const Tensor&, double, RngKey, Tensor&) { no_cuda("dropout"); }
 void softmax(const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("softmax"); }
 void cross_entropy(const Tensor&, const Tensor&, int64_t, LossReduction, Tensor&) { no_cuda("cross_entropy"); }

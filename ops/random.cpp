@@ -1,5 +1,6 @@
 // Sampling ops (no inputs, not differentiable).
 #include "kernels/cpu/random.h"
+#include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -25,6 +26,8 @@ class Sample final : public Op {
     normal_ ? kernels::cpu::fill_normal(tmp, key_) : kernels::cpu::fill_uniform(tmp, key_);
     copy_(out[0], tmp);
   }
+  // The CPU's samples (kernels/cuda/random.cuh: the same Philox indexing), made on the device.
+  void cuda(const TensorList&, TensorList& out) const override { kernels::cuda::fill_random(normal_, key_, out[0]); }
 
  private:
   bool normal_;

@@ -333,6 +333,8 @@ class OneHot final : public Op {
       kernels::cpu::fill(cell, 1.0);
     }
   }
+  // On the device: one pass writing every element; a bad label is a ValueError at the next wait.
+  void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::one_hot(in[0], classes_, out[0]); }
 
  private:
   int64_t classes_;

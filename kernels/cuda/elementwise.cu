@@ -37,32 +37,6 @@ __global__ void k_where(T* out, const bool* c, const T* a, const T* b, Layout L,
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The arithmetic dtypes: f32, f64, i32, i64, and f16 / bf16 (computed in f32: functors go through widened<T>).
-template <class Body>
-int dispatch_arith(Dt t, Body body) {
-  switch (t) {
-    case Dt::f32: body(float{}); break;
-    case Dt::f64: body(double{}); break;
-    case Dt::i32: body(int32_t{}); break;
-    case Dt::i64: body(int64_t{}); break;
-    case Dt::f16: body(__half{}); break;
-    case Dt::bf16: body(__nv_bfloat16{}); break;
-    default: return int(cudaErrorInvalidValue);
-  }
-  return int(cudaGetLastError());
-}
-
-// Every dtype (copies, casts, where and comparisons).
-template <class Body>
-int dispatch_all(Dt t, Body body) {
-  switch (t) {
-    case Dt::u8: body(uint8_t{}); break;
-    case Dt::b8: body(bool{}); break;
-    default: return dispatch_arith(t, body);
-  }
-  return int(cudaGetLastError());
-}
-
 // f(x) over layout L: the packed body for contiguous aligned f32 / f16 / bf16, else the strided one.
 template <class T, class F>
 void unary_any(T* out, const T* x, const Layout& L, int64_t n, bool contig, F f, cudaStream_t st) {

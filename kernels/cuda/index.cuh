@@ -1,6 +1,6 @@
-// Gather / deterministic scatter-add (take, embedding and their adjoints) and dropout, written against the
-// hardware-primitive policy of kernels/cuda/hw_policy.h, so that nn.cu runs them on the GPU and
-// tests/emulated/ on the CPU. Grid-stride loops over any grid. CUDA headers only.
+// Gather / deterministic scatter-add (take, embedding and their adjoints), one-hot and dropout, written
+// against the hardware-primitive policy of kernels/cuda/hw_policy.h, so that nn.cu runs them on the GPU
+// and tests/emulated/ on the CPU. Grid-stride loops over any grid. CUDA headers only.
 #pragma once
 
 #include <cmath>
@@ -69,6 +69,17 @@ TX_HW_FN void scatter_add(const T* g, const int64_t* row_start, const int64_t* k
     T acc = T(0);
     for (int64_t e = row_start[r]; e < row_start[r + 1]; ++e) acc += g[(a * K + ks[e]) * B + b];
     out[i] = acc;
+  }
+}
+
+/// out [R, C] = the one-hot rows of lab [R]: out[r, c] = 1 when lab[r] == c, else 0 (T any element type).
+/// A label outside [0, C) is reported into `slot` (kIndexOutOfRange, aux kOneHot) and its row is zeros.
+template <class Hw, class T, class I>
+TX_HW_FN void one_hot(const I* lab, int64_t R, int64_t C, const ReportSlot& slot, T* out) {
+  for (int64_t e = grid_index<Hw>(); e < R * C; e += grid_stride<Hw>()) {
+    const int64_t r = e / C, c = e % C, l = int64_t(lab[r]);
+    if (c == 0 && (l < 0 || l >= C)) Hw::report(slot, kIndexOutOfRange, r, l, C, kOneHot);
+    out[e] = narrow<T>(compute_t<T>(l == c ? 1 : 0));
   }
 }
 

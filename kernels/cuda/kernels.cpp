@@ -206,6 +206,20 @@ void argmax(const Tensor& x, int axis, Tensor& out) {
   check(launch_argmax(t, x.raw_data(), static_cast<int64_t*>(out.raw_data()), L, stream_of(out)), "argmax");
 }
 
+void fill_random(bool normal, RngKey key, Tensor& out) {
+  if (!out.is_contiguous()) throw ShapeError("CUDA random fill needs a contiguous output", "contiguous", out.str());
+  const char* what = normal ? "random_normal" : "random_uniform";
+  check(launch_fill_random(normal, any_floating(out, what), out.raw_data(), out.numel(), key.k0, key.k1, stream_of(out)),
+        what);
+}
+
+void one_hot(const Tensor& labels, int64_t classes, Tensor& out) {
+  const Tensor lab = labels.contiguous();
+  check(launch_one_hot(to_dt(out.dtype(), "one_hot"), lab.dtype() == DType::i64, lab.raw_data(), lab.numel(), classes,
+                       report_slot(out.device().index), out.raw_data(), stream_of(out)),
+        "one_hot");
+}
+
 void dropout(const Tensor& x, double p, RngKey key, Tensor& out) {
   if (!x.is_contiguous()) throw ShapeError("CUDA dropout needs a contiguous input", "contiguous", x.str());
   check(launch_dropout(any_floating(x, "dropout"), x.raw_data(), out.raw_data(), x.numel(), p, key.k0, key.k1, stream_of(out)),

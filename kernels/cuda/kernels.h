@@ -94,6 +94,13 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 /// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
                          Tensor* db);
+/// Fills contiguous `out` (f32 / f64 / f16 / bf16) with the samples kernels::cpu::fill_uniform /
+/// fill_normal draw for `key` (kernels/cuda/random.cuh): uniform bitwise the CPU's, normal within the
+/// device libm's last bit. Throws DTypeError for other dtypes.
+void fill_random(bool normal, RngKey key, Tensor& out);
+/// out [..., classes] (contiguous, any dtype) = the one-hot rows of labels (i32 / i64, contiguous). A label
+/// outside [0, classes) is a ValueError at the host's next wait for the device (its row stays zeros).
+void one_hot(const Tensor& labels, int64_t classes, Tensor& out);
 /// Inverted dropout of contiguous x with the mask the CPU draws for `key` (kernels/cpu/nn.h): bitwise
 /// the CPU's result. f32 / f64 / f16 / bf16.
 void dropout(const Tensor& x, double p, RngKey key, Tensor& out);

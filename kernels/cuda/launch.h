@@ -28,10 +28,10 @@ struct DeviceReport {
 };
 enum ReportCode : int { kNoReport = 0, kLabelOutOfRange = 1, kIndexOutOfRange = 2 };
 /// The ops that report kIndexOutOfRange (DeviceReport::aux), and their names.
-enum IndexOp : int { kTake = 0, kEmbedding = 1, kTakeBackward = 2, kEmbeddingBackward = 3 };
+enum IndexOp : int { kTake = 0, kEmbedding = 1, kTakeBackward = 2, kEmbeddingBackward = 3, kOneHot = 4 };
 inline const char* index_op_name(int op) {
-  static const char* const names[] = {"take", "embedding", "take_backward", "embedding_backward"};
-  return op >= 0 && op < 4 ? names[op] : "an indexing op";
+  static const char* const names[] = {"take", "embedding", "take_backward", "embedding_backward", "one_hot"};
+  return op >= 0 && op < 5 ? names[op] : "an indexing op";
 }
 /// Where kernels report: `flag`, an int in device memory (atomicCAS from 0 picks the first report), and
 /// `host`, a DeviceReport in pinned host memory mapped for the device, which the winner fills.
@@ -138,6 +138,13 @@ int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* 
 /// kept (times 1 / (1 - p)) when the uniform of Philox counter (i / 4, 0, 0, 0), key (k0, k1), word
 /// i % 4 is >= p. f32 / f64 / f16 / bf16 (f16 / bf16: x widened, times the f32 scale, rounded once).
 int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream);
+/// Fills n contiguous elements of dtype t (f32 / f64 / f16 / bf16) with the samples the CPU draws for key
+/// (k0, k1) (kernels/cpu/random.h): uniform [0, 1) when !normal, else standard normal (random.cuh).
+int launch_fill_random(bool normal, Dt t, void* out, int64_t n, uint32_t k0, uint32_t k1, void* stream);
+/// out [R, C] (dtype t, any) = the one-hot rows of labels [R] (i64 when lab64, else i32). A label outside
+/// [0, C) is reported into `slot` as kIndexOutOfRange (aux kOneHot) and its row is all zeros.
+int launch_one_hot(Dt t, bool lab64, const void* lab, int64_t R, int64_t C, const ReportSlot& slot, void* out,
+                   void* stream);
 /// out[a, k, b] = x[a, idx[k], b] (x [A, n, B], idx K entries, i64 when idx64 else i32, out [A, K, B]);
 /// f32 / f64. An index outside [0, n) is reported into `slot` as kIndexOutOfRange (aux: `op`, an
 /// IndexOp) and its output elements are NaN.

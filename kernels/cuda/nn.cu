@@ -353,6 +353,24 @@ int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t
 }
 
 namespace {
+template <class T, class I>
+__global__ void k_one_hot(const I* lab, int64_t R, int64_t C, ReportSlot slot, T* out) {
+  ik::one_hot<DevicePrim>(lab, R, C, slot, out);
+}
+}  // namespace
+
+int launch_one_hot(Dt t, bool lab64, const void* lab, int64_t R, int64_t C, const ReportSlot& slot, void* out,
+                   void* stream) {
+  if (R * C == 0) return 0;
+  return dispatch_all(t, [&](auto v) {
+    using T = decltype(v);
+    with_index_type(lab64, lab, [&](auto l) {
+      k_one_hot<<<grid_for(R * C), kThreads, 0, as_stream(stream)>>>(l, R, C, slot, static_cast<T*>(out));
+    });
+  });
+}
+
+namespace {
 template <class T>
 __global__ void k_dropout(const T* x, T* out, int64_t n, double p, compute_t<T> scale, uint32_t k0, uint32_t k1) {
   ik::dropout<DevicePrim>(x, out, n, p, scale, k0, k1);
@@ -362,20 +380,12 @@ __global__ void k_dropout(const T* x, T* out, int64_t n, double p, compute_t<T> 
 int launch_dropout(Dt t, const void* x, void* out, int64_t n, double p, uint32_t k0, uint32_t k1, void* stream) {
   if (n == 0) return 0;
   const int64_t nblk = (n + 3) / 4;
-  auto body = [&](auto v) {
+  return dispatch_floating(t, [&](auto v) {
     using T = decltype(v);
     using C = compute_t<T>;
     k_dropout<<<grid_for(nblk), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x), static_cast<T*>(out), n, p,
                                                                     C(1.0 / (1.0 - p)), k0, k1);
-  };
-  switch (t) {
-    case Dt::f32: body(float{}); break;
-    case Dt::f64: body(double{}); break;
-    case Dt::f16: body(__half{}); break;
-    case Dt::bf16: body(__nv_bfloat16{}); break;
-    default: return int(cudaErrorInvalidValue);
-  }
-  return int(cudaGetLastError());
+  });
 }
 
 }  // namespace titanax::kernels::cuda

@@ -71,15 +71,7 @@ int launch_argmax(Dt t, const void* x, int64_t* out, const ReduceLayout& L, void
 int launch_reduce(int op, Dt t, const void* x, void* out, const ReduceLayout& L, const ReducePlan& P, void* work,
                   void* stream) {
   if (L.nout == 0) return 0;
-  auto st = as_stream(stream);
-  switch (t) {
-    case Dt::f32: run_op<float>(op, x, out, L, P, work, st); break;
-    case Dt::f64: run_op<double>(op, x, out, L, P, work, st); break;
-    case Dt::f16: run_op<__half>(op, x, out, L, P, work, st); break;
-    case Dt::bf16: run_op<__nv_bfloat16>(op, x, out, L, P, work, st); break;
-    default: return int(cudaErrorInvalidValue);
-  }
-  return int(cudaGetLastError());
+  return dispatch_floating(t, [&](auto v) { run_op<decltype(v)>(op, x, out, L, P, work, as_stream(stream)); });
 }
 
 }  // namespace titanax::kernels::cuda

@@ -166,6 +166,30 @@ TEST_CASE("cuda dropout draws the CPU's mask: bitwise equal outputs and gradient
   CHECK(xg.grad().to(Device::cpu()).to_vector<float>() == xc.grad().to_vector<float>());
 }
 
+TEST_CASE("cuda sampling and one-hot on the device: the CPU's values for the same key and labels; a bad label at the next wait") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  const Device g = Device::cuda(0);
+  // 3000 elements (whole Philox blocks of 4) and 35 (a partial last block).
+  for (const Shape& sh : {Shape{1000, 3}, Shape{7, 5}}) {
+    for (DType t : {DType::f32, DType::f64, DType::bf16}) {
+      INFO(sh.str() << " " << dtype_name(t));
+      CHECK(testing::bitwise_equal(random_uniform(key, sh, t, g), random_uniform(key, sh, t)));
+      // Box-Muller through the device's logf / cosf / sinf: their last bit may differ from the host's,
+      // so the f32 samples agree within a few ulps (bf16: within one rounding step).
+      CHECK(testing::rel_error(random_normal(key, sh, t, g), random_normal(key, sh, t)) <= (t == DType::bf16 ? 1e-2 : 1e-5));
+    }
+  }
+  const Tensor lab = from_vector(std::vector<int64_t>{3, 0, 9, 9, 1}, Shape{5});
+  for (DType t : {DType::f32, DType::bf16, DType::i64, DType::bool_})
+    CHECK(testing::bitwise_equal(one_hot(lab.to(g), 10, t), one_hot(lab, 10, t)));
+  CHECK(testing::bitwise_equal(one_hot(lab.astype(DType::i32).to(g), 10, DType::f32), one_hot(lab, 10, DType::f32)));
+  const Tensor bad = one_hot(from_vector(std::vector<int64_t>{3, 10}, Shape{2}).to(g), 10, DType::f32);  // queued
+  CHECK_THROWS_WITH(bad.to(Device::cpu()), Catch::Matchers::Contains("one_hot") && Catch::Matchers::Contains("index 10 at position 1"));
+  CHECK_NOTHROW(cuda_rt::synchronize(0));  // cleared
+}
+
 TEST_CASE("cuda cross-entropy checks labels on the device: a bad one is a ValueError at the next wait, then cleared") {
   // cross_entropy on the GPU does not wait for the labels (so it can be captured into a CUDA graph): a
   // label out of range is reported by the kernel and thrown when the host next waits for the device.

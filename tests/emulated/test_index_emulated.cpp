@@ -1,10 +1,12 @@
 // The gather, deterministic scatter-add and dropout kernels (kernels/cuda/index.cuh) run on the CPU through
 // the emulated GPU primitives of emulator.h, against the CPU kernels (kernels/cpu/nn.h) on fresh random
 // inputs: gather and scatter-add bitwise (the same elements summed in the same order: the scatter's
-// stable radix sort on the device is a std::stable_sort here), dropout bitwise (the same Philox mask;
+// stable radix sort on the device is a std::stable_sort here), one-hot rows in several dtypes, dropout
+// bitwise (the same Philox mask;
 // f16 / bf16 against the CPU's f32 dropout of the widened input, rounded once).
 // Outputs start as NaN, so an element left unwritten fails; a grid of 3 blocks of 64 threads makes every
-// kernel stride. An index out of range is reported (first report wins) and its outputs are NaN.
+// kernel stride. An index out of range is reported (first report wins) and its outputs are NaN (one-hot:
+// its row is zeros).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -112,6 +114,50 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     CHECK(testing::emu::reported().any);
     CHECK(keys[7] == uint64_t(n));  // sorts after row_start[n]: in no row's sum
   }
+}
+
+TEST_CASE("one-hot kernel, emulated: the CPU's rows in f32, bf16, i64 and bool; a bad label reported, its row zeros",
+          "[emulated]") {
+  const RngKey key = fresh_key();
+  const int64_t R = 37, C = 11;
+  const Tensor lab = random_indices<int64_t>(fold_in(key, 1), R, C).reshape(Shape{R});
+  const Tensor lab32 = lab.astype(DType::i32);
+  auto run = [&](const Tensor& labels, auto t, DType dt) {
+    using T = decltype(t);
+    Tensor got = nan_tensor(Shape{R, C}, DType::f64).astype(dt);
+    const kernels::cuda::ReportSlot slot{};
+    launch_strided([&] {
+      if (labels.dtype() == DType::i64) ik::one_hot<HostPrim>(cptr<int64_t>(labels), R, C, slot, ptr<T>(got));
+      else ik::one_hot<HostPrim>(cptr<int32_t>(labels), R, C, slot, ptr<T>(got));
+    });
+    return got;
+  };
+  testing::emu::reset_report();
+  CHECK(testing::bitwise_equal(run(lab, float{}, DType::f32), one_hot(lab, C, DType::f32)));
+  CHECK(testing::bitwise_equal(run(lab32, __nv_bfloat16{}, DType::bf16), one_hot(lab32, C, DType::bf16)));
+  CHECK(testing::bitwise_equal(run(lab, int64_t{}, DType::i64), one_hot(lab, C, DType::i64)));
+  CHECK(testing::bitwise_equal(run(lab32, bool{}, DType::bool_), one_hot(lab32, C, DType::bool_)));
+  CHECK(!testing::emu::reported().any);
+  // Label 11 at row 5: reported (first report wins), row 5 all zeros, the other rows still one-hot.
+  Tensor bad = lab.clone();
+  static_cast<int64_t*>(bad.raw_data())[5] = C;
+  const Tensor got = run(bad, float{}, DType::f32);
+  REQUIRE(testing::emu::reported().any);
+  const kernels::cuda::DeviceReport& r = testing::emu::reported().r;
+  CHECK(r.code == kernels::cuda::kIndexOutOfRange);
+  CHECK(r.index == 5);
+  CHECK(r.value == C);
+  CHECK(r.bound == C);
+  CHECK(r.aux == kernels::cuda::kOneHot);
+  CHECK(sum(got.slice(0, 5, 6)).item() == 0.0);
+  CHECK(sum(got).item() == double(R - 1));  // One class: every label must be 0.
+  const Tensor one = from_vector(std::vector<int32_t>{0, 1, 0}, Shape{3});
+  Tensor got1 = nan_tensor(Shape{3, 1}, DType::f32);
+  testing::emu::reset_report();
+  launch_strided([&] { ik::one_hot<HostPrim>(cptr<int32_t>(one), 3, 1, kernels::cuda::ReportSlot{}, ptr<float>(got1)); });
+  REQUIRE(testing::emu::reported().any);
+  CHECK(testing::emu::reported().r.index == 1);
+  CHECK(got1.to_vector<double>() == std::vector<double>{1, 0, 1});
 }
 
 TEMPLATE_TEST_CASE("dropout kernel, emulated: bitwise the CPU's Philox mask and scale", "[emulated]", float, double, __half,
