@@ -18,6 +18,12 @@ void clamp(const Tensor&, double, double, Tensor&) { no_cuda("clamp"); }
 void where(const Tensor&, const Tensor&, const Tensor&, Tensor&) { no_cuda("where"); }
 void reduce(ReduceOp, const Tensor&, const std::vector<bool>&, Tensor&) { no_cuda("reduce"); }
 void argmax(const Tensor&, int, Tensor&) { no_cuda("argmax"); }
+void ce_shard_max(const Tensor&, Tensor&) { no_cuda("vocab_parallel_cross_entropy"); }
+void ce_shard_partials(const Tensor&, const Tensor&, int64_t, const Tensor&, Tensor&) { no_cuda("vocab_parallel_cross_entropy"); }
+void ce_shard_backward(const Tensor&, const Tensor&, int64_t, const Tensor&, const Tensor&, int64_t, LossReduction, int64_t,
+                       Tensor&) {
+  no_cuda("vocab_parallel_cross_entropy_backward");
+}
 void fill_random(bool, RngKey, Tensor&) { no_cuda("random fill"); }
 void one_hot(const Tensor&, int64_t, Tensor&) { no_cuda("one_hot"); }
 void dropout(const Tensor&, double, RngKey, Tensor&) { no_cuda("dropout"); }

@@ -7,6 +7,7 @@
 #include "autodiff/tape.h"
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/nn.h"
+#include "kernels/cuda/kernels.h"
 
 namespace titanax {
 namespace {
@@ -226,11 +227,9 @@ class VocabParallelCEBackward final : public Op {
     check_vp_inputs(in[0], in[1], name(), loc_);
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
-  void cpu(const TensorList& in, TensorList& out) const override {
-    Tensor logits = dense(in[0]), labels = dense(in[1]), stats = dense(in[2]), ct = dense(in[3]);
-    int64_t count = kc::check_labels(labels, vocab_, ignore_, in[1].shape(), "vocab_parallel_cross_entropy");
-    kc::ce_shard_backward(logits, labels, lo_, stats, ct, ignore_, to_kernel(red_), count, out[0]);
-  }
+  void cpu(const TensorList& in, TensorList& out) const override { run(in, out); }
+  void cuda(const TensorList& in, TensorList& out) const override { run(in, out); }
+  bool capturable() const override { return false; }  // reads the labels on the host
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of vocab_parallel_cross_entropy is not implemented",
                         "first-order gradients", "a gradient of vocab_parallel_cross_entropy_backward");
@@ -241,6 +240,13 @@ class VocabParallelCEBackward final : public Op {
   Reduction red_;
   int64_t ignore_;
   Loc loc_;
+
+  void run(const TensorList& in, TensorList& out) const {
+    const Tensor logits = dense(in[0]), labels = dense(in[1]), stats = dense(in[2]), ct = dense(in[3]);
+    const int64_t count = kc::check_labels(labels.to(Device::cpu()), vocab_, ignore_, in[1].shape(), "vocab_parallel_cross_entropy");
+    if (logits.device().is_cpu()) kc::ce_shard_backward(logits, labels, lo_, stats, ct, ignore_, to_kernel(red_), count, out[0]);
+    else kernels::cuda::ce_shard_backward(logits, labels, lo_, stats, ct, ignore_, to_kernel(red_), count, out[0]);
+  }
 };
 
 // Outputs: the loss, and stats f64 [2, R] = (global row max, global sum of exp(logit - max)) for the vjp.
@@ -255,44 +261,9 @@ class VocabParallelCE final : public TPOpBase {
     Shape s = red_ == Reduction::none ? in[1].shape() : Shape{};
     return {{s, in[0].dtype(), in[0].device()}, {Shape{2, R}, DType::f64, in[0].device()}};
   }
-  void cpu(const TensorList& in, TensorList& out) const override {
-    Tensor logits = dense(in[0]), labels = dense(in[1]);
-    const int64_t C = logits.shape().back(), R = labels.numel();
-    const int64_t lo = int64_t(c_.rank()) * C, vocab = C * c_.size();
-    // Labels are the same on every rank of the axis, so a bad label throws on all of them (no hang).
-    const int64_t count = kc::check_labels(labels, vocab, ignore_, in[1].shape(), name());
-    Tensor gmax = empty(Shape{R}, DType::f64);
-    kc::ce_shard_max(logits, gmax);
-    guarded([&] {
-      c_.comm->all_reduce(gmax, CollectiveOp::max);
-      return 0;
-    });
-    Tensor part = empty(Shape{2, R}, DType::f64);
-    kc::ce_shard_partials(logits, labels, lo, gmax, part);
-    guarded([&] {
-      c_.comm->all_reduce(part, CollectiveOp::sum);
-      return 0;
-    });
-    const double* m = gmax.data<double>();
-    const double* p = part.data<double>();
-    double* st = out[1].data<double>();
-    std::vector<int64_t> lab = labels.to_vector<int64_t>();
-    double total = 0;
-    TX_DISPATCH_FLOAT(logits.dtype(), name(), {
-      using T = scalar_t;
-      T* o = out[0].data<T>();
-      for (int64_t r = 0; r < R; ++r) {
-        st[r] = m[r];
-        st[R + r] = p[r];
-        // As cross_entropy: max + log(sum exp(x - max)) - x[label], with the max in the logits' dtype.
-        const double loss = lab[size_t(r)] == ignore_ ? 0.0 : double(T(m[r])) + std::log(p[r]) - p[R + r];
-        if (red_ == Reduction::none) o[r] = T(loss);
-        else total += loss;  // row order: independent of threads and ranks
-      }
-      if (red_ == Reduction::mean) total = count > 0 ? total / double(count) : 0.0;
-      if (red_ != Reduction::none) o[0] = T(total);
-    });
-  }
+  void cpu(const TensorList& in, TensorList& out) const override { run(in, out); }
+  void cuda(const TensorList& in, TensorList& out) const override { run(in, out); }
+  bool capturable() const override { return false; }  // reads the labels on the host, all-reduces
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     TensorList r(2);
@@ -307,6 +278,57 @@ class VocabParallelCE final : public TPOpBase {
  private:
   Reduction red_;
   int64_t ignore_;
+
+  // On either device: the shard kernels there, the all-reduces of their row statistics, then the loss
+  // composed on the host from the global statistics (R values each), as cross_entropy composes it.
+  void run(const TensorList& in, TensorList& out) const {
+    const Tensor logits = dense(in[0]), labels = dense(in[1]);
+    const Device dev = logits.device();
+    const bool on_cpu = dev.is_cpu();
+    const int64_t C = logits.shape().back(), R = labels.numel();
+    const int64_t lo = int64_t(c_.rank()) * C, vocab = C * c_.size();
+    // Labels are the same on every rank of the axis, so a bad label throws on all of them (no hang); on a
+    // GPU they are read on the host (R ids, as VocabShardIds reads them).
+    const Tensor host_labels = labels.to(Device::cpu());
+    const int64_t count = kc::check_labels(host_labels, vocab, ignore_, in[1].shape(), name());
+    Tensor gmax = empty(Shape{R}, DType::f64, dev);
+    if (on_cpu) kc::ce_shard_max(logits, gmax);
+    else kernels::cuda::ce_shard_max(logits, gmax);
+    guarded([&] {
+      c_.comm->all_reduce(gmax, CollectiveOp::max);
+      return 0;
+    });
+    Tensor part = empty(Shape{2, R}, DType::f64, dev);
+    if (on_cpu) kc::ce_shard_partials(logits, labels, lo, gmax, part);
+    else kernels::cuda::ce_shard_partials(logits, labels, lo, gmax, part);
+    guarded([&] {
+      c_.comm->all_reduce(part, CollectiveOp::sum);
+      return 0;
+    });
+    const Tensor gmax_h = gmax.to(Device::cpu()), part_h = part.to(Device::cpu());
+    Tensor loss_h = empty(out[0].shape(), out[0].dtype()), stats_h = empty(Shape{2, R}, DType::f64);
+    const double* m = gmax_h.data<double>();
+    const double* p = part_h.data<double>();
+    double* st = stats_h.data<double>();
+    std::vector<int64_t> lab = host_labels.to_vector<int64_t>();
+    double total = 0;
+    TX_DISPATCH_FLOAT(logits.dtype(), name(), {
+      using T = scalar_t;
+      T* o = loss_h.data<T>();
+      for (int64_t r = 0; r < R; ++r) {
+        st[r] = m[r];
+        st[R + r] = p[r];
+        // As cross_entropy: max + log(sum exp(x - max)) - x[label], with the max in the logits' dtype.
+        const double loss = lab[size_t(r)] == ignore_ ? 0.0 : double(T(m[r])) + std::log(p[r]) - p[R + r];
+        if (red_ == Reduction::none) o[r] = T(loss);
+        else total += loss;  // row order: independent of threads and ranks
+      }
+      if (red_ == Reduction::mean) total = count > 0 ? total / double(count) : 0.0;
+      if (red_ != Reduction::none) o[0] = T(total);
+    });
+    copy_(out[0], loss_h);
+    copy_(out[1], stats_h);
+  }
 };
 
 // The vocabulary shard's view of token ids: outputs local ids (ids - lo on this rank's rows [lo, lo + rows),

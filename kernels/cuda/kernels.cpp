@@ -53,6 +53,8 @@ Dt any_floating(const Tensor& t, const char* what) {
   return t.dtype() == DType::f32 ? Dt::f32 : Dt::f64;
 }
 
+int red_code(LossReduction r) { return r == LossReduction::mean ? 0 : r == LossReduction::sum ? 1 : 2; }
+
 void* stream_of(const Tensor& t) { return cuda_rt::current_stream(t.device().index); }
 
 bool dense_like(const Tensor& t, const Tensor& out) { return t.is_contiguous() && t.shape() == out.shape(); }
@@ -206,6 +208,31 @@ void argmax(const Tensor& x, int axis, Tensor& out) {
   check(launch_argmax(t, x.raw_data(), static_cast<int64_t*>(out.raw_data()), L, stream_of(out)), "argmax");
 }
 
+void ce_shard_max(const Tensor& logits, Tensor& gmax) {
+  const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;
+  check(launch_ce_shard_max(floating(logits, "vocab_parallel_cross_entropy"), logits.raw_data(), R, C,
+                            static_cast<double*>(gmax.raw_data()), stream_of(gmax)),
+        "vocab_parallel_cross_entropy");
+}
+
+void ce_shard_partials(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& gmax, Tensor& partial) {
+  const int64_t C = logits.shape().back(), R = labels.numel();
+  check(launch_ce_shard_partials(floating(logits, "vocab_parallel_cross_entropy"), labels.dtype() == DType::i64,
+                                 logits.raw_data(), labels.raw_data(), R, C, lo, static_cast<const double*>(gmax.raw_data()),
+                                 static_cast<double*>(partial.raw_data()), stream_of(partial)),
+        "vocab_parallel_cross_entropy");
+}
+
+void ce_shard_backward(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& stats, const Tensor& ct,
+                       int64_t ignore_index, LossReduction red, int64_t count, Tensor& dlogits) {
+  const int64_t C = logits.shape().back(), R = labels.numel();
+  check(launch_ce_shard_backward(floating(logits, "vocab_parallel_cross_entropy_backward"), labels.dtype() == DType::i64,
+                                 logits.raw_data(), labels.raw_data(), ct.raw_data(), R, C, lo,
+                                 static_cast<const double*>(stats.raw_data()), ignore_index, red_code(red), count,
+                                 dlogits.raw_data(), stream_of(dlogits)),
+        "vocab_parallel_cross_entropy_backward");
+}
+
 void fill_random(bool normal, RngKey key, Tensor& out) {
   if (!out.is_contiguous()) throw ShapeError("CUDA random fill needs a contiguous output", "contiguous", out.str());
   const char* what = normal ? "random_normal" : "random_uniform";
@@ -230,10 +257,6 @@ void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log,
   check(launch_softmax(floating(x, "softmax"), x.raw_data(), y.raw_data(), outer, n, inner, log, stream_of(y)),
         "softmax");
 }
-
-namespace {
-int red_code(LossReduction r) { return r == LossReduction::mean ? 0 : r == LossReduction::sum ? 1 : 2; }
-}  // namespace
 
 namespace {
 // The cross-entropy forward, and with ct and dlogits its backward in the same pass (launch_cross_entropy_fused).

@@ -94,6 +94,15 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 /// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
                          Tensor* db);
+/// The vocabulary-parallel cross-entropy's shard kernels (as kernels::cpu::ce_shard_*; contiguous logits
+/// [R, C] f32 / f64 on the device, labels [R] i32 / i64, gmax f64 [R], partial / stats f64 [2, R] on the
+/// device): the row maxima; with the global maxima, the sums of exp(x - gmax) and the label's logit where
+/// it falls in columns lo .. lo + C - 1; the gradient from the all-reduced stats (labels checked by the
+/// caller, `count` the labels that are not ignore_index). Throw DTypeError for other dtypes.
+void ce_shard_max(const Tensor& logits, Tensor& gmax);
+void ce_shard_partials(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& gmax, Tensor& partial);
+void ce_shard_backward(const Tensor& logits, const Tensor& labels, int64_t lo, const Tensor& stats, const Tensor& ct,
+                       int64_t ignore_index, LossReduction red, int64_t count, Tensor& dlogits);
 /// Fills contiguous `out` (f32 / f64 / f16 / bf16) with the samples kernels::cpu::fill_uniform /
 /// fill_normal draw for `key` (kernels/cuda/random.cuh): uniform bitwise the CPU's, normal within the
 /// device libm's last bit. Throws DTypeError for other dtypes.

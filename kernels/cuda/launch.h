@@ -123,6 +123,17 @@ int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab,
 int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R,
                                   int64_t C, int64_t ignore, int red, int64_t* count, const ReportSlot& slot,
                                   void* dx, void* stream);
+/// The vocabulary-parallel cross-entropy's shard kernels over this rank's logits [R, C] (f32 / f64; labels
+/// i64 when lab64, else i32; kernels/cuda/rows.cuh ce_shard_*): gmax [R] = the row maxima; with the global
+/// maxima, part [2, R] = (sum of exp(x - gmax), the label's logit when it lies in columns lo .. lo + C - 1,
+/// else 0); dx from stats [2, R] = (gmax, sumexp) all-reduced (red: 0 mean over `count` labels, 1 sum, 2
+/// none; ct on the device).
+int launch_ce_shard_max(Dt t, const void* x, int64_t R, int64_t C, double* gmax, void* stream);
+int launch_ce_shard_partials(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t lo,
+                             const double* gmax, double* part, void* stream);
+int launch_ce_shard_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R, int64_t C,
+                             int64_t lo, const double* stats, int64_t ignore, int red, int64_t count, void* dx,
+                             void* stream);
 /// y [R, D] = (x - mean) * rstd * w + b; w, b may be null.
 int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t R, int64_t D, double eps, void* y,
                       void* stream);

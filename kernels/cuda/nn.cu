@@ -208,6 +208,57 @@ int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* l
   });
 }
 
+namespace {
+template <class T>
+__global__ void k_ce_shard_max(const T* x, int64_t R, int64_t C, double* gmax) {
+  ce_shard_max<DevicePrim>(x, R, C, gmax);
+}
+template <class T, class L>
+__global__ void k_ce_shard_partials(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, const double* gmax,
+                                    double* part) {
+  ce_shard_partials<DevicePrim>(x, lab, R, C, lo, gmax, part);
+}
+template <class T, class L>
+__global__ void k_ce_shard_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t lo,
+                                    const double* stats, int64_t ignore, int red, int64_t count, T* dx) {
+  ce_shard_backward<DevicePrim>(x, lab, ct, R, C, lo, stats, ignore, red, count, dx);
+}
+}  // namespace
+
+int launch_ce_shard_max(Dt t, const void* x, int64_t R, int64_t C, double* gmax, void* stream) {
+  if (R == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    k_ce_shard_max<<<row_blocks(R), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x), R, C, gmax);
+  });
+}
+
+int launch_ce_shard_partials(Dt t, bool lab64, const void* x, const void* lab, int64_t R, int64_t C, int64_t lo,
+                             const double* gmax, double* part, void* stream) {
+  if (R == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    with_index_type(lab64, lab, [&](auto l) {
+      k_ce_shard_partials<<<row_blocks(R), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x), l, R, C, lo, gmax,
+                                                                              part);
+    });
+  });
+}
+
+int launch_ce_shard_backward(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R, int64_t C,
+                             int64_t lo, const double* stats, int64_t ignore, int red, int64_t count, void* dx,
+                             void* stream) {
+  if (R * C == 0) return 0;
+  return floating(t, [&](auto v) {
+    using T = decltype(v);
+    with_index_type(lab64, lab, [&](auto l) {
+      k_ce_shard_backward<<<row_blocks(R), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(x), l,
+                                                                              static_cast<const T*>(ct), R, C, lo, stats,
+                                                                              ignore, red, count, static_cast<T*>(dx));
+    });
+  });
+}
+
 // Whether layer norm takes the warp-per-row kernels (rows.cuh: f32, D a multiple of 4 up to 1024, every
 // operand 16-byte aligned), and their grid: kThreads / 32 rows per block.
 bool ln_warp_path(Dt t, int64_t D, std::initializer_list<const void*> ptrs) {

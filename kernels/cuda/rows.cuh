@@ -128,21 +128,28 @@ TX_HW_FN double ce_uniform_scale(const T* ct, int red, const int64_t* count) {
   return 0;
 }
 
+// A row of dlogits: softmax(x) * scale from the row's statistics (max m, sum s of exp(x - m) over the
+// whole vocabulary), minus scale at column `hot` (none when hot is outside [0, C)).
+template <class Hw, class T>
+TX_HW_FN void softmax_xent_row_grad(const T* xr, int64_t C, int64_t hot, double scale, T m, double s, T* dr) {
+  const T k = T(scale / s);
+  for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) {
+    T v = dexp(T(xr[j] - m)) * k;
+    if (j == hot) v -= T(scale);
+    dr[j] = v;
+  }
+}
+template <class Hw, class T>
+TX_HW_FN void fill_row(T* dr, int64_t C, T v) {
+  for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) dr[j] = v;
+}
+
 // Row r of dlogits: (softmax - onehot) * scale from the row's statistics; 0 for an ignored row, NaN for a
 // bad label (reported by k_ce_labels).
 template <class Hw, class T>
 TX_HW_FN void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore, double scale, T m, double s, T* dr) {
-  if (label == ignore || bad_label(label, C)) {
-    const T fill = label == ignore ? T(0) : T(double(NAN));
-    for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) dr[j] = fill;
-    return;
-  }
-  const T k = T(scale / s);
-  for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) {
-    T v = dexp(T(xr[j] - m)) * k;
-    if (j == label) v -= T(scale);
-    dr[j] = v;
-  }
+  if (label == ignore || bad_label(label, C)) fill_row<Hw>(dr, C, label == ignore ? T(0) : T(double(NAN)));
+  else softmax_xent_row_grad<Hw>(xr, C, label, scale, m, s, dr);
 }
 
 // Row statistics for the loss and gradient of a row whose label counts (zeros for an ignored or bad
@@ -199,6 +206,52 @@ TX_HW_FN void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int6
     double s;
     const T* src = ce_row_stats<Hw>(xr, l, C, ignore, m, s, cache);
     ce_row_grad<Hw>(src, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);
+  }
+}
+
+// ---- the vocabulary-parallel cross-entropy's shard kernels (parallel/tp.cpp): a block per row of this
+// rank's logits [R, C] (columns lo .. lo + C - 1 of the vocabulary); the all-reduces between them run on
+// the host's communicator. The same quantities as kernels/cpu/nn.h ce_shard_*.
+
+/// gmax[r] = the row's maximum (x > m ? x : m, as the CPU's row_max), as a double.
+template <class Hw, class T>
+TX_HW_FN void ce_shard_max(const T* x, int64_t R, int64_t C, double* gmax) {
+  for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
+    T lm = T(-INFINITY);
+    for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) lm = plain_max_of(lm, x[r * C + j]);
+    const T m = block_max_of<Hw>(lm, T(-INFINITY));
+    if (Hw::thread() == 0) gmax[r] = double(m);
+  }
+}
+
+/// With the global row maxima gmax: part[r] = sum_j exp(x[r, j] - gmax[r]) (exp in T, summed in double)
+/// and part[R + r] = x[r, label_r - lo] when the label falls in this shard, else 0.
+template <class Hw, class T, class L>
+TX_HW_FN void ce_shard_partials(const T* x, const L* lab, int64_t R, int64_t C, int64_t lo, const double* gmax, double* part) {
+  for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
+    const T m = T(gmax[r]);
+    double ls = 0;
+    for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) ls += double(dexp(T(x[r * C + j] - m)));
+    const double s = block_sum_of<Hw>(ls);
+    if (Hw::thread() == 0) {
+      const int64_t j = int64_t(lab[r]) - lo;
+      part[r] = s;
+      part[R + r] = j >= 0 && j < C ? double(x[r * C + j]) : 0.0;
+    }
+  }
+}
+
+/// dx [R, C] = (exp(x - gmax_r) / sumexp_r - [lo + j == label_r]) * scale_r from stats f64 [2, R] =
+/// (gmax, sumexp); scale_r = ct[r] (red 2, none), ct[0] (1, sum) or ct[0] / count (0, mean; 0 when count
+/// is 0); 0 on ignored rows. The labels were checked on the host.
+template <class Hw, class T, class L>
+TX_HW_FN void ce_shard_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t lo, const double* stats,
+                                int64_t ignore, int red, int64_t count, T* dx) {
+  const double uniform = red == 1 ? double(ct[0]) : red == 0 && count > 0 ? double(ct[0]) / double(count) : 0.0;
+  for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
+    const int64_t l = int64_t(lab[r]);
+    if (l == ignore) fill_row<Hw>(dx + r * C, C, T(0));
+    else softmax_xent_row_grad<Hw>(x + r * C, C, l - lo, red == 2 ? double(ct[r]) : uniform, T(stats[r]), stats[R + r], dx + r * C);
   }
 }
 

@@ -5,7 +5,8 @@
 // cross-entropy's labels and the embedding's / take's indices are checked on the device and a bad one is
 // thrown at the next wait; the embedding backward's device-side sort sums each row in index order; layer
 // norm's dw / db, summed over chunks of rows, match the CPU on more rows than one chunk; reductions at
-// training sizes take every plan (column tiles, splits) and match the CPU.
+// training sizes take every plan (column tiles, splits) and match the CPU; sampling, one-hot and the
+// vocabulary-parallel cross-entropy (one rank) run on the device and match the CPU.
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -18,6 +19,9 @@
 #include "engine/optim.h"
 #include "op_cases.h"
 #include "ops/ops.h"
+#include "parallel/communicator.h"
+#include "parallel/mesh.h"
+#include "parallel/tp.h"
 
 using namespace titanax;
 
@@ -188,6 +192,33 @@ TEST_CASE("cuda sampling and one-hot on the device: the CPU's values for the sam
   const Tensor bad = one_hot(from_vector(std::vector<int64_t>{3, 10}, Shape{2}).to(g), 10, DType::f32);  // queued
   CHECK_THROWS_WITH(bad.to(Device::cpu()), Catch::Matchers::Contains("one_hot") && Catch::Matchers::Contains("index 10 at position 1"));
   CHECK_NOTHROW(cuda_rt::synchronize(0));  // cleared
+}
+
+TEST_CASE("cuda vocabulary-parallel cross-entropy on one rank equals cross_entropy on the CPU (loss and gradient)") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  Mesh mesh = MeshSpec{{"model"}, {1}}.build(make_local_communicator());
+  const Tensor logits = (testing::randn64(fold_in(key, 1), Shape{6, 5, 300}) * 3.0).astype(DType::f32);
+  std::vector<int64_t> lv;
+  for (int64_t i = 0; i < 30; ++i) lv.push_back(i % 7 == 3 ? -100 : (i * 53 + 11) % 300);
+  const Tensor labels = from_vector(lv, Shape{6, 5});
+  for (Reduction red : {Reduction::mean, Reduction::sum, Reduction::none}) {
+    INFO("reduction " << int(red));
+    Tensor xg = logits.to(Device::cuda(0)), xc = logits.clone();
+    xg.set_requires_grad(true);
+    xc.set_requires_grad(true);
+    const Tensor lg = vocab_parallel_cross_entropy(mesh, xg, labels.to(Device::cuda(0)), "model", red);
+    const Tensor lc = cross_entropy(xc, labels, red);
+    CHECK(lg.device().is_cuda());
+    CHECK(testing::rel_error(lg, lc) <= 1e-5);
+    const Tensor w = testing::randn64(fold_in(key, 2), lc.shape()).astype(DType::f32);
+    const Tensor gg = grad(sum(lg * w.to(Device::cuda(0))), {xg})[0], gc = grad(sum(lc * w), {xc})[0];
+    CHECK(testing::rel_error(gg, gc) <= 1e-5);
+  }
+  // A label beyond the vocabulary: checked on the host, a ValueError right away.
+  CHECK_THROWS_AS(vocab_parallel_cross_entropy(mesh, logits.to(Device::cuda(0)), full(Shape{6, 5}, 300.0, DType::i64).to(Device::cuda(0)), "model"),
+                  ValueError);
 }
 
 TEST_CASE("cuda cross-entropy checks labels on the device: a bad one is a ValueError at the next wait, then cleared") {

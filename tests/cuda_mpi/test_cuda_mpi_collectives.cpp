@@ -3,7 +3,9 @@
 // world and on every mesh axis, whichever backend the runtime chose (NCCL where each rank has its own
 // GPU, the MPI fallback with host staging where ranks share one); which backend is chosen and that the
 // fallback is logged; a data-parallel training run on the GPU against one rank's full-batch run, by
-// hand (GradientSync) and through the Engine (the MLP of the MNIST config moved with Module::to).
+// hand (GradientSync) and through the Engine (the MLP of the MNIST config moved with Module::to); a GPT
+// split over a tensor-parallel axis on the GPU (vocabulary-parallel embedding and cross-entropy included)
+// against the whole model on one rank.
 // Skipped (exit 77 on every rank alike, after agreeing over MPI) where some rank has no GPU or the build
 // has no CUDA.
 #include <catch2/catch.hpp>
@@ -19,6 +21,7 @@
 #include "autodiff/tape.h"
 #include "core/cuda_runtime.h"
 #include "engine/engine.h"
+#include "cuda/cuda_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
 #include "parallel/collectives.h"
@@ -26,6 +29,8 @@
 #include "parallel/mesh.h"
 #include "parallel/nccl_communicator.h"
 #include "parallel/runtime.h"
+#include "parallel/sharding.h"
+#include "engine/gpt.h"
 
 using namespace titanax;
 using Catch::Matchers::Contains;
@@ -393,4 +398,37 @@ TEST_CASE("cuda collectives: the Engine's data-parallel MLP training on the GPU 
     CHECK(many[s] == Approx(one[s]).epsilon(1e-5));  // per-rank means averaged vs one mean: rounding apart
   }
   CHECK(one.back() < one.front());
+}
+
+TEST_CASE("cuda tensor parallelism: a GPT split over the model axis on the GPU equals the whole model (loss, gradients)") {
+  const int n = nranks();
+  nn::GPTConfig cfg;
+  cfg.vocab = 64;
+  cfg.layers = 2;
+  cfg.heads = 4;
+  cfg.dim = 32;
+  cfg.seq_len = 16;
+  if (cfg.heads % n != 0 || cfg.vocab % n != 0) {
+    SUCCEED("the GPT does not divide over " << n << " ranks");
+    return;
+  }
+  Mesh mesh = MeshSpec{{"model"}, {-1}}.build(rt());
+  INFO("model axis backend " << mesh.comm("model").backend());
+  nn::GPT whole(cfg), split(cfg, mesh);
+  whole.to(dev());
+  split.to(dev());
+  const auto specs = split.partition_specs();
+  auto ids = [&](uint64_t seed) {
+    return (random_uniform(RngKey::from_seed(seed), Shape{4, cfg.seq_len}, DType::f64) * double(cfg.vocab)).astype(DType::i64).to(dev());
+  };
+  const Tensor x = ids(31), y = ids(32);
+  auto [ls, gs] = value_and_grad([&] { return split.loss(x, y); }, split.parameters());
+  auto [lw, gw] = value_and_grad([&] { return whole.loss(x, y); }, whole.parameters());
+  CHECK(ls.device() == dev());
+  CHECK(ls.item() == Approx(lw.item()).epsilon(1e-5));
+  for (const auto& [p, g] : gs) {
+    INFO(p);
+    CHECK(g.device() == dev());
+    CHECK(testing::rel_error(unshard(g.to(Device::cpu()), specs.at(p), mesh), gw.at(p)) <= 1e-5);
+  }
 }

@@ -1,5 +1,5 @@
 // The row kernels of kernels/cuda/nn.cu (block bodies in kernels/cuda/rows.cuh: softmax, cross-entropy,
-// layer norm) run on the CPU through the emulated GPU primitives of emulator.h, against the CPU kernels
+// the vocabulary-parallel cross-entropy's shard kernels, layer norm) run on the CPU through the emulated GPU primitives of emulator.h, against the CPU kernels
 // (kernels/cpu/nn.h) on fresh random inputs: the same formulas in another summation order, so f32 within
 // 1e-5 (1e-4 where a whole row or column is summed) and f64 within 1e-12. Blocks are 256 threads as
 // nn.cu launches them (1024 for the one-block label and total kernels), and fewer blocks than rows, so the
@@ -317,6 +317,56 @@ TEST_CASE("row kernels, emulated: layer norm's warp-per-row f32 bodies match the
         worst = std::max(worst, std::fabs(st[size_t(2 * r + 1)] - rstd) / rstd);
       }
       CHECK(worst <= 1e-12);
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("row kernels, emulated: the vocabulary-parallel cross-entropy's shard kernels match the CPU's", "[emulated]",
+                   float, double) {
+  const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
+  const double tol = dt == DType::f32 ? 1e-5 : 1e-12;
+  const RngKey key = fresh_key();
+  // This rank's shard: columns lo .. lo + C - 1 of a vocabulary of 3 C; labels in every shard, some ignored.
+  const int64_t R = 9, C = 111, lo = C, ignore = -100;
+  const Tensor x = (testing::randn64(fold_in(key, 1), Shape{R, C}) * 3.0).astype(dt);
+  std::vector<int64_t> lv;
+  for (int64_t r = 0; r < R; ++r) lv.push_back(r % 4 == 1 ? ignore : (r * 37 + 5) % (3 * C));
+  const Tensor gmax_all = testing::randn64(fold_in(key, 2), Shape{R}) + 9.0;  // a larger max from another shard
+  for (DType lt : {DType::i64, DType::i32}) {
+    INFO("labels " << dtype_name(lt));
+    const Tensor labels = from_vector(lv, Shape{R}, lt);
+    const bool l64 = lt == DType::i64;
+    Tensor want_max = nan_tensor(Shape{R}, DType::f64), got_max = nan_tensor(Shape{R}, DType::f64);
+    kc::ce_shard_max(x, want_max);
+    testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) { rk::ce_shard_max<HostPrim>(cptr<TestType>(x), R, C, ptr<double>(got_max)); });
+    CHECK(testing::bitwise_equal(got_max, want_max));
+    Tensor want_part = nan_tensor(Shape{2, R}, DType::f64), got_part = nan_tensor(Shape{2, R}, DType::f64);
+    kc::ce_shard_partials(x, labels, lo, gmax_all, want_part);
+    testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+      if (l64) rk::ce_shard_partials<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), R, C, lo, cptr<double>(gmax_all), ptr<double>(got_part));
+      else rk::ce_shard_partials<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), R, C, lo, cptr<double>(gmax_all), ptr<double>(got_part));
+    });
+    CHECK(testing::rel_error(got_part.slice(0, 0, 1), want_part.slice(0, 0, 1)) <= tol);  // sums in another order
+    CHECK(testing::bitwise_equal(got_part.slice(0, 1, 2).contiguous(), want_part.slice(0, 1, 2).contiguous()));  // the label's logit
+    // The backward from all-reduced stats (gmax_all, the shard's sums standing in for the global ones).
+    const Tensor stats = concat({gmax_all.reshape(Shape{1, R}), want_part.slice(0, 0, 1) * 3.0}, 0).contiguous();
+    const Tensor ct_none = testing::randn64(fold_in(key, 3), Shape{R}).astype(dt), ct_one = scalar(0.75, dt);
+    const int64_t count = 7;  // the labels that are not ignored
+    for (int red : {0, 1, 2}) {
+      INFO("reduction " << red);
+      const kc::LossReduction cred = red == 0 ? kc::LossReduction::mean : red == 1 ? kc::LossReduction::sum : kc::LossReduction::none;
+      const Tensor& ct = red == 2 ? ct_none : ct_one;
+      Tensor want = nan_tensor(x.shape(), dt), got = nan_tensor(x.shape(), dt);
+      kc::ce_shard_backward(x, labels, lo, stats, ct, ignore, cred, count, want);
+      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+        if (l64)
+          rk::ce_shard_backward<HostPrim>(cptr<TestType>(x), cptr<int64_t>(labels), cptr<TestType>(ct), R, C, lo, cptr<double>(stats),
+                                          ignore, red, count, ptr<TestType>(got));
+        else
+          rk::ce_shard_backward<HostPrim>(cptr<TestType>(x), cptr<int32_t>(labels), cptr<TestType>(ct), R, C, lo, cptr<double>(stats),
+                                          ignore, red, count, ptr<TestType>(got));
+      });
+      CHECK(testing::rel_error(got, want) <= tol);
     }
   }
 }
