@@ -447,16 +447,26 @@ std::unique_ptr<Optimizer> adam(Schedule lr, AdamOptions opts) { return std::mak
 std::unique_ptr<Optimizer> adamw(Schedule lr, AdamOptions opts) { return std::make_unique<Adam>(std::move(lr), std::move(opts), true); }
 
 namespace {
-double squares(const Tensor& g0) {
-  Tensor g = g0.detach().contiguous();
-  if (g.device().is_cuda()) {  // the GPU reduction (accumulated in double), then one scalar read
-    NoGradGuard ng;
-    return sum(square(g.astype(DType::f64))).item();
+// The sum of the squares of gs (one sum_squares op per device: a multi-tensor kernel on a GPU, then one
+// scalar read), in double.
+double squares(const std::vector<Tensor>& gs) {
+  NoGradGuard ng;
+  std::vector<std::pair<Device, TensorList>> by_device;  // in order of first appearance
+  for (const Tensor& g : gs) {
+    auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& e) { return e.first == g.device(); });
+    if (it == by_device.end()) it = by_device.insert(by_device.end(), {g.device(), {}});
+    it->second.push_back(g.detach());
   }
-  if (g.dtype() == DType::f32) return kernels::cpu::sum_squares(g.data<float>(), g.numel());
-  if (g.dtype() == DType::f64) return kernels::cpu::sum_squares(g.data<double>(), g.numel());
-  check_dtype(g, {DType::f32, DType::f64}, "global_norm");
-  return 0;
+  double total = 0;
+  for (const auto& [d, ts] : by_device) total += sum_squares(ts).item();
+  return total;
+}
+
+// The gradients, in order.
+std::vector<Tensor> values_of(const ParamTree& grads) {
+  std::vector<Tensor> gs;
+  for (const auto& [p, g] : grads) gs.push_back(g);
+  return gs;
 }
 
 void scale_if_above(ParamTree& grads, double norm, double max_norm) {
@@ -469,11 +479,7 @@ void scale_if_above(ParamTree& grads, double norm, double max_norm) {
 }
 }  // namespace
 
-double global_norm(const ParamTree& grads) {
-  double total = 0;
-  for (const auto& [p, g] : grads) total += squares(g);
-  return std::sqrt(total);
-}
+double global_norm(const ParamTree& grads) { return std::sqrt(squares(values_of(grads))); }
 
 double clip_grad_norm(ParamTree& grads, double max_norm) {
   if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
@@ -489,12 +495,9 @@ void clip_to_norm(ParamTree& grads, double norm, double max_norm) {
 
 Tensor global_norm_tensor(const ParamTree& grads) {
   NoGradGuard ng;
-  Tensor total;  // on the gradients' device
-  for (const auto& [p, g] : grads) {
-    Tensor s = sum(square(g.detach().astype(DType::f64)));
-    total = total.defined() ? total + s : s;
-  }
-  return sqrt(total.defined() ? total : scalar(0.0, DType::f64));
+  TensorList gs;
+  for (const auto& [p, g] : grads) gs.push_back(g.detach());
+  return sqrt(sum_squares(gs));  // on the gradients' device
 }
 
 void clip_to_norm_tensor(ParamTree& grads, const Tensor& norm, double max_norm) {
@@ -526,14 +529,11 @@ std::vector<std::string> split_axes(const std::string& path, const std::map<std:
 
 Tensor global_norm_tensor(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh) {
   NoGradGuard ng;
-  std::map<std::vector<std::string>, Tensor> by_axes;  // f64 sums of squares on the gradients' device
-  for (const auto& [p, g] : grads) {
-    Tensor s = sum(square(g.detach().astype(DType::f64)));
-    Tensor& acc = by_axes[split_axes(p, specs)];
-    acc = acc.defined() ? acc + s : s;
-  }
+  std::map<std::vector<std::string>, TensorList> by_axes;  // the gradients by the axes they are split over
+  for (const auto& [p, g] : grads) by_axes[split_axes(p, specs)].push_back(g.detach());
   Tensor total;
-  for (auto& [axes, t] : by_axes) {  // every rank has the same keys: the collectives match
+  for (auto& [axes, gs] : by_axes) {  // every rank has the same keys: the collectives match
+    Tensor t = sum_squares(gs);  // f64, on the gradients' device
     for (const auto& a : axes) t = psum(mesh, t, a);
     total = total.defined() ? total + t : t;
   }
@@ -543,16 +543,14 @@ Tensor global_norm_tensor(const ParamTree& grads, const std::map<std::string, Pa
 double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh,
                    const std::string& stage_axis, const std::set<std::string>& not_counted) {
   // Sums of squares by the set of axes the parameter is split over ({} = replicated), in a fixed order.
-  std::map<std::vector<std::string>, double> by_axes;
-  by_axes[{}] = 0;
-  for (const auto& [p, g] : grads) {
-    if (not_counted.count(p)) continue;
-    by_axes[split_axes(p, specs)] += squares(g);
-  }
+  std::map<std::vector<std::string>, std::vector<Tensor>> by_axes;
+  by_axes[{}] = {};
+  for (const auto& [p, g] : grads)
+    if (!not_counted.count(p)) by_axes[split_axes(p, specs)].push_back(g);
   // Every rank has the same specs, hence the same keys: the all-reduces match across ranks.
   double total = 0;
-  for (auto& [axes, v] : by_axes) {
-    Tensor t = scalar(v, DType::f64);
+  for (auto& [axes, gs] : by_axes) {
+    Tensor t = scalar(squares(gs), DType::f64);
     for (const auto& a : axes) mesh.comm(a).all_reduce(t);
     total += t.item();
   }

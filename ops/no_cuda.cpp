@@ -25,6 +25,7 @@ void ce_shard_backward(const Tensor&, const Tensor&, int64_t, const Tensor&, con
   no_cuda("vocab_parallel_cross_entropy_backward");
 }
 void fill_random(bool, RngKey, Tensor&) { no_cuda("random fill"); }
+void sum_squares(const std::vector<Tensor>&, Tensor&) { no_cuda("sum_squares"); }
 void one_hot(const Tensor&, int64_t, Tensor&) { no_cuda("one_hot"); }
 void dropout(const Tensor&, double, RngKey, Tensor&) { no_cuda("dropout"); }
 void softmax(const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("softmax"); }

@@ -82,6 +82,11 @@ Tensor operator/(double a, const Tensor& b);
 /// Sum over `axes` (all axes when empty). keepdims keeps reduced axes as size 1. Accumulates in f64.
 Tensor sum(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
 Tensor mean(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
+/// The sum of the squares of every element of every tensor in xs (f32 / f64 / f16 / bf16, on one device),
+/// accumulated in double: a 0-d f64 tensor on their device (0 for an empty list). The squares of a
+/// gradient norm in one op: on CUDA a multi-tensor kernel (a few launches for any number of tensors), on
+/// the CPU kernels::cpu::sum_squares per tensor, summed in order. Differentiable (2 x ct).
+Tensor sum_squares(const TensorList& xs);
 /// Max / min over axes; the gradient is split evenly among tied maxima.
 Tensor max(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);
 Tensor min(const Tensor& x, std::vector<int> axes = {}, bool keepdims = false);

@@ -1,6 +1,7 @@
-// Reductions: sum, mean, max, min, logsumexp, argmax, sum_to.
+// Reductions: sum, mean, max, min, logsumexp, argmax, sum_to, sum_squares.
 #include <algorithm>
 
+#include "kernels/cpu/optim.h"
 #include "kernels/cpu/reduce.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
@@ -122,7 +123,45 @@ class ArgMax final : public Op {
   bool keepdims_;
 };
 
+// Inputs: any number of tensors on one device; output: the 0-d f64 sum of all their squared elements.
+class SumSquares final : public Op {
+ public:
+  const char* name() const override { return "sum_squares"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    for (const Tensor& t : in) check_dtype(t, {DType::f32, DType::f64, DType::bf16, DType::f16}, name());
+    return {{Shape{}, DType::f64, in.empty() ? Device::cpu() : in[0].device()}};
+  }
+  // Tensor by tensor, each by kernels::cpu::sum_squares (fixed chunks of 16384, so thread counts do not
+  // change it; 16-bit tensors widened first, exactly), summed in input order.
+  void cpu(const TensorList& in, TensorList& out) const override {
+    double total = 0;
+    for (const Tensor& t : in) {
+      const Tensor c = is_half(t.dtype()) ? t.astype(DType::f32) : t.contiguous();
+      total += c.dtype() == DType::f32 ? kernels::cpu::sum_squares(c.data<float>(), c.numel())
+                                       : kernels::cpu::sum_squares(c.data<double>(), c.numel());
+    }
+    out[0].data<double>()[0] = total;
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    std::vector<Tensor> xs;
+    for (const Tensor& t : in) xs.push_back(t.contiguous());
+    kernels::cuda::sum_squares(xs, out[0]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    TensorList r(in.size());
+    for (size_t i = 0; i < in.size(); ++i)
+      if (needs[i]) r[i] = in[i] * (ct[0] * 2.0).astype(in[i].dtype());
+    return r;
+  }
+};
+
 }  // namespace
+
+Tensor sum_squares(const TensorList& xs) {
+  if (xs.empty()) return scalar(0.0, DType::f64);
+  return apply1(std::make_shared<SumSquares>(), xs);
+}
 
 Tensor sum(const Tensor& x, std::vector<int> axes, bool keepdims) {
   return apply1(std::make_shared<Reduce>(ReduceOp::sum, std::move(axes), keepdims), {x});

@@ -111,6 +111,13 @@ std::vector<OpCase> build() {
   cs.push_back({"sum/transposed_view", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{3, 5})}; },
                 [](const TensorList& in) { return sum(in[0].T(), {1}); }});
 
+  // The sum of squares of several tensors (a gradient norm's), one of them a strided view (the CUDA
+  // tests add tensors of several 16384-element chunks).
+  cs.push_back({"sum_squares", [](RngKey key) {
+                  return TensorList{randn64(k(key, 0), Shape{3, 5}), randn64(k(key, 1), Shape{40}), randn64(k(key, 2), Shape{7})};
+                },
+                [](const TensorList& in) { return sum_squares({in[0].T(), in[1], in[2]}); }});
+
   // Shapes and views.
   cs.push_back({"reshape", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{2, 6})}; },
                 [](const TensorList& in) { return mul(in[0].reshape(Shape{3, -1}), in[0].reshape(Shape{3, 4})); }});

@@ -37,21 +37,15 @@ Dt to_dt(DType t, const char* what) {
   }
 }
 
-Dt floating(const Tensor& t, const char* what) {
-  if (t.dtype() != DType::f32 && t.dtype() != DType::f64)
-    throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64", std::string(dtype_name(t.dtype())),
-                     "cast with astype(DType::f32)");
-  return t.dtype() == DType::f32 ? Dt::f32 : Dt::f64;
+// t's Dt when it is f32 / f64 (or, with half_ok, f16 / bf16: kernels that compute them in f32 and round
+// once, half.cuh); DTypeError otherwise.
+Dt floating_dt(const Tensor& t, const char* what, bool half_ok) {
+  if (t.dtype() == DType::f32 || t.dtype() == DType::f64 || (half_ok && is_half(t.dtype()))) return to_dt(t.dtype(), what);
+  throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", half_ok ? "f32, f64, f16, bf16" : "f32, f64",
+                   std::string(dtype_name(t.dtype())), "cast with astype(DType::f32)");
 }
-
-// The floating dtypes including f16 / bf16 (kernels that compute them in f32 and round once: half.cuh).
-Dt any_floating(const Tensor& t, const char* what) {
-  if (is_half(t.dtype())) return to_dt(t.dtype(), what);
-  if (t.dtype() != DType::f32 && t.dtype() != DType::f64)
-    throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, f16, bf16",
-                     std::string(dtype_name(t.dtype())), "cast with astype(DType::f32)");
-  return t.dtype() == DType::f32 ? Dt::f32 : Dt::f64;
-}
+Dt floating(const Tensor& t, const char* what) { return floating_dt(t, what, false); }
+Dt any_floating(const Tensor& t, const char* what) { return floating_dt(t, what, true); }
 
 int red_code(LossReduction r) { return r == LossReduction::mean ? 0 : r == LossReduction::sum ? 1 : 2; }
 
@@ -90,7 +84,7 @@ void binary(BinaryOp op, const Tensor& a, const Tensor& b, Tensor& out) {
   const char* nm = cpu::binary_name(op);
   Dt t = to_dt(a.dtype(), nm);
   if (!cpu::is_comparison(op) && (t == Dt::u8 || t == Dt::b8))
-    throw DTypeError(std::string(nm) + ": unsupported dtype on CUDA", "f32, f64, i32, i64",
+    throw DTypeError(std::string(nm) + ": unsupported dtype on CUDA", "f32, f64, f16, bf16, i32, i64",
                      std::string(dtype_name(a.dtype())), "cast with astype(DType::f32)");
   if ((op == BinaryOp::gelu_tanh_backward || op == BinaryOp::gelu_erf_backward)) any_floating(a, nm);
   Layout L = make_layout(out.shape(), {out.strides(), cpu::broadcast_strides(a, out.shape()),
@@ -499,6 +493,31 @@ void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, con
     }
     check(launch_adam(dt, c, sc, sd, b1, b2, eps, wd, decoupled, stream_of(p[0])), "adam_update");
   }
+}
+
+void sum_squares(const std::vector<Tensor>& xs, Tensor& out) {
+  // The partials: tensor by tensor, kSquaresChunk elements each; launches group up to kMaxTensors tensors
+  // of one dtype.
+  std::vector<int64_t> first(xs.size());
+  int64_t P = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    any_floating(xs[i], "sum_squares");
+    first[i] = P;
+    P += (xs[i].numel() + kSquaresChunk - 1) / kSquaresChunk;
+  }
+  const Tensor partial = empty(Shape{std::max<int64_t>(P, 1)}, DType::f64, out.device());
+  auto* part = static_cast<double*>(partial.raw_data());
+  for (size_t s = 0; s < xs.size();) {
+    SquaresChunk c;
+    const DType dt = xs[s].dtype();
+    for (; s < xs.size() && c.count < kMaxTensors && xs[s].dtype() == dt; ++s, ++c.count) {
+      c.x[c.count] = xs[s].raw_data();
+      c.n[c.count] = xs[s].numel();
+      c.first[c.count] = first[s];
+    }
+    check(launch_sum_squares(to_dt(dt, "sum_squares"), c, part, stream_of(out)), "sum_squares");
+  }
+  check(launch_sum_partials(part, P, static_cast<double*>(out.raw_data()), stream_of(out)), "sum_squares");
 }
 
 void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf,

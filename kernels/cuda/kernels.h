@@ -213,6 +213,12 @@ void max_pool2d_backward(const Tensor& dy, const Tensor& ws, const cpu::Pool2dGe
 void adam_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& m,
                  const std::vector<Tensor>& v, const UpdateScalars& s, double b1, double b2, double eps, double wd,
                  bool decoupled, const Tensor* device_scalars = nullptr);
+/// out (a 0-d f64 tensor on the tensors' device) = the sum over the tensors (contiguous, on one CUDA device;
+/// f32 / f64 / f16 / bf16, mixed allowed) of the sums of their squared elements, in double: a gradient
+/// norm's squares in two launches per 24 tensors and one more, whatever their number (kernels/cuda/
+/// optim.cuh). Partial sums of 16384 elements (the CPU's chunks) combined in a fixed order: repeats
+/// bitwise. Throws DTypeError for other dtypes.
+void sum_squares(const std::vector<Tensor>& xs, Tensor& out);
 /// Fused multi-tensor SGD with momentum (buf entries may be undefined when mu == 0); scalars as adam_update.
 void sgd_update(const std::vector<Tensor>& p, const std::vector<Tensor>& g, const std::vector<Tensor>& buf,
                 const UpdateScalars& s, double mu, double wd, bool nesterov, const Tensor* device_scalars = nullptr);

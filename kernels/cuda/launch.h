@@ -231,6 +231,21 @@ struct TensorChunk {
   void* v[kMaxTensors] = {};  ///< Adam v
   int64_t n[kMaxTensors] = {};
 };
+/// Up to kMaxTensors tensors whose squares launch_sum_squares sums: tensor t's chunk k of kSquaresChunk
+/// elements goes to partial[first[t] + k].
+struct SquaresChunk {
+  int count = 0;
+  const void* x[kMaxTensors] = {};
+  int64_t n[kMaxTensors] = {};
+  int64_t first[kMaxTensors] = {};
+};
+/// Elements per partial sum of launch_sum_squares (the CPU's sum_squares chunk, kernels/cpu/optim.cpp).
+constexpr int64_t kSquaresChunk = int64_t(1) << 14;
+/// partial[first[t] + k] = the sum, in double, of the squares of elements [k kSquaresChunk, (k + 1)
+/// kSquaresChunk) of tensor t of the chunk (dtype t: f32 / f64 / f16 / bf16; optim.cuh).
+int launch_sum_squares(Dt t, const SquaresChunk& c, double* partial, void* stream);
+/// out[0] = the sum of partial[0 .. P) in a fixed order (one block).
+int launch_sum_partials(const double* partial, int64_t P, double* out, void* stream);
 /// Fused AdamW / Adam over a chunk (formulas of kernels/cpu/optim.h), f32 or f64, with the step's
 /// scalars `s` (kernels/update_scalars.h), or, when `s_device` is non-null, the UpdateScalars::size
 /// doubles it points to in device memory (read by the kernel: a captured launch replays with new values).

@@ -20,6 +20,13 @@ __global__ void k_sgd(TensorChunk c, UpdateScalars s, const double* sd, T mu, T 
   sgd<DevicePrim>(c, s, sd, mu, wd, nesterov);
 }
 
+template <class T>
+__global__ void k_sum_squares(SquaresChunk c, double* partial) {
+  sum_squares<DevicePrim, T>(c, partial);
+}
+
+__global__ void k_sum_partials(const double* partial, int64_t P, double* out) { sum_partials<DevicePrim>(partial, P, out); }
+
 __global__ void k_set_update_scalars(double* dst, UpdateScalars s) {
   if (threadIdx.x < UpdateScalars::size) dst[threadIdx.x] = s.v[threadIdx.x];
 }
@@ -56,6 +63,24 @@ int launch_sgd(Dt t, const TensorChunk& c, const UpdateScalars& s, const double*
   else if (t == Dt::f64)
     k_sgd<double><<<chunk_grid(c), kThreads, 0, st>>>(c, s, s_device, mu, wd, nesterov);
   else return int(cudaErrorInvalidValue);
+  return int(cudaGetLastError());
+}
+
+int launch_sum_squares(Dt t, const SquaresChunk& c, double* partial, void* stream) {
+  if (c.count == 0) return 0;
+  int64_t most = 1;  // chunks of the longest tensor (blocks stride over them beyond 1024)
+  for (int i = 0; i < c.count; ++i) {
+    const int64_t k = (c.n[i] + kSquaresChunk - 1) / kSquaresChunk;
+    most = k > most ? k : most;
+  }
+  const dim3 grid(unsigned(most < 1024 ? most : 1024), unsigned(c.count));
+  return dispatch_floating(t, [&](auto v) {
+    k_sum_squares<decltype(v)><<<grid, kThreads, 0, as_stream(stream)>>>(c, partial);
+  });
+}
+
+int launch_sum_partials(const double* partial, int64_t P, double* out, void* stream) {
+  k_sum_partials<<<1, 1024, 0, as_stream(stream)>>>(partial, P, out);
   return int(cudaGetLastError());
 }
 

@@ -1,12 +1,14 @@
 // The fused multi-tensor optimizer updates of kernels/cuda/optim.cu (which launches them) as block bodies
 // over a policy of hardware primitives (kernels/cuda/hw_policy.h), so that tests/emulated/ runs them on
 // the CPU too. One launch updates up to kMaxTensors parameters of a TensorChunk (block_y picks the
-// tensor; blocks stride over its elements), in place, with the formulas of kernels/cpu/optim.h.
+// tensor; blocks stride over its elements), in place, with the formulas of kernels/cpu/optim.h; the
+// gradient norm's sums of squares take the same multi-tensor shape (SquaresChunk).
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/cuda/half.cuh"
 #include "kernels/cuda/hw_policy.h"
 
 namespace titanax::kernels::cuda::optim_kernels {
@@ -67,6 +69,35 @@ TX_HW_FN void sgd(const TensorChunk& c, const UpdateScalars& s, const double* sd
     }
     p[i] -= lr * gi;
   });
+}
+
+/// The sums of squares of a gradient norm: block (k, t) sums, in double, the squares of chunk k
+/// (kSquaresChunk elements) of tensor t = block_y of c into partial[c.first[t] + k]; blocks stride over
+/// the chunks. Every chunk's sum has a fixed order (a fixed partition over the block, then its tree).
+template <class Hw, class T>
+TX_HW_FN void sum_squares(const SquaresChunk& c, double* partial) {
+  const int t = Hw::block_y();
+  const T* x = static_cast<const T*>(c.x[t]);
+  const int64_t n = c.n[t], chunks = (n + kSquaresChunk - 1) / kSquaresChunk;
+  for (int64_t k = Hw::block_x(); k < chunks; k += Hw::grid_x()) {
+    const int64_t end = (k + 1) * kSquaresChunk < n ? (k + 1) * kSquaresChunk : n;
+    double acc = 0;
+    for (int64_t i = k * kSquaresChunk + Hw::thread(); i < end; i += Hw::threads()) {
+      const double v = double(widen(x[i]));
+      acc += v * v;
+    }
+    acc = block_sum_of<Hw>(acc);
+    if (Hw::thread() == 0) partial[c.first[t] + k] = acc;
+  }
+}
+
+/// out[0] = the sum of partial[0 .. P) by one block: thread i takes i, i + threads(), ..., then the tree.
+template <class Hw>
+TX_HW_FN void sum_partials(const double* partial, int64_t P, double* out) {
+  double acc = 0;
+  for (int64_t i = Hw::thread(); i < P; i += Hw::threads()) acc += partial[i];
+  acc = block_sum_of<Hw>(acc);
+  if (Hw::thread() == 0) out[0] = acc;
 }
 
 }  // namespace titanax::kernels::cuda::optim_kernels

@@ -129,6 +129,25 @@ TEST_CASE("cuda reductions at training sizes: column tiles, split reductions and
   }
 }
 
+TEST_CASE("cuda sum_squares (the gradient norm's): 30 tensors of mixed sizes and dtypes in a few launches, as the CPU") {
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  TensorList host, dev;
+  for (int i = 0; i < 30; ++i) {  // more than one launch's 24 tensors; a bf16 run in the middle
+    const Shape s = i % 7 == 0 ? Shape{300, 777} : Shape{int64_t(1 + 37 * i)};
+    const DType t = i >= 10 && i < 13 ? DType::bf16 : DType::f32;
+    host.push_back(testing::randn64(fold_in(key, uint64_t(i)), s).astype(t));
+    dev.push_back(host.back().to(Device::cuda(0)));
+  }
+  dev[3] = dev[3].reshape(Shape{2, -1}).T();  // a strided view
+  host[3] = host[3].reshape(Shape{2, -1}).T();
+  const Tensor got = sum_squares(dev);
+  CHECK(got.device().is_cuda());
+  CHECK(got.item() == Approx(sum_squares(host).item()).epsilon(1e-12));  // double sums in another order
+  CHECK(testing::bitwise_equal(sum_squares(dev), got));                   // a fixed order: repeats bitwise
+}
+
 TEST_CASE("cuda argmax equals the CPU exactly: any axis, strided input, ties take the first index") {
   for (DType t : {DType::f32, DType::f64, DType::i64}) {
     // Values rounded to a few levels, so rows have ties.

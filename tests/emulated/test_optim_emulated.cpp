@@ -3,10 +3,13 @@
 // several sizes in one chunk (block_y picks the tensor, blocks stride over its elements): f32 within 1e-6,
 // f64 within 1e-13 (the same formulas; compilers may contract multiply-adds differently). A skipped step
 // leaves everything untouched, and scalars read from "device memory" (a captured launch) act as the
-// launch's own.
+// launch's own. The gradient norm's multi-tensor sums of squares: each chunk's partial and the total
+// against the CPU's, in double.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cuda/optim.cuh"
 
@@ -137,4 +140,40 @@ TEMPLATE_TEST_CASE("optimizer kernels, emulated: multi-tensor SGD (momentum, Nes
       if (st.mu > 0) CHECK(testing::rel_error(got.m[size_t(i)], want.m[size_t(i)]) <= tol);
     }
   }
+}
+
+TEMPLATE_TEST_CASE("optimizer kernels, emulated: the gradient norm's multi-tensor sums of squares match the CPU", "[emulated]",
+                   float, double, __nv_bfloat16) {
+  using T = TestType;
+  const DType dt = testing::emu::dtype_of<T>();
+  const RngKey key = fresh_key();
+  // 40000 elements (two whole chunks of 16384 and a partial one), 7, exactly one chunk, and an empty tensor.
+  const std::vector<int64_t> sizes{40000, 7, kernels::cuda::kSquaresChunk, 0};
+  std::vector<Tensor> xs;
+  kernels::cuda::SquaresChunk c;
+  int64_t P = 0;
+  for (size_t i = 0; i < sizes.size(); ++i, ++c.count) {
+    xs.push_back(testing::randn64(fold_in(key, i), Shape{sizes[i]}).astype(dt));
+    c.x[c.count] = xs.back().raw_data();
+    c.n[c.count] = sizes[i];
+    c.first[c.count] = P;
+    P += (sizes[i] + kernels::cuda::kSquaresChunk - 1) / kernels::cuda::kSquaresChunk;
+  }
+  std::vector<double> partial(size_t(P), NAN);
+  double out = NAN;
+  // Blocks of 64 threads, 2 blocks over the chunks (so they loop) by one per tensor.
+  testing::emu::launch(2, c.count, 64, 0, [&](unsigned char*) { ok::sum_squares<HostPrim, T>(c, partial.data()); });
+  testing::emu::launch(1, 1, 64, 0, [&](unsigned char*) { ok::sum_partials<HostPrim>(partial.data(), P, &out); });
+  // The CPU: each chunk's sum of squares in double (in another order within the chunk), and the total.
+  for (size_t i = 0, p = 0; i < xs.size(); ++i) {
+    const std::vector<double> v = xs[i].astype(DType::f64).to_vector<double>();
+    for (int64_t k = 0; k * kernels::cuda::kSquaresChunk < sizes[i]; ++k, ++p) {
+      double chunk = 0;
+      for (int64_t j = k * kernels::cuda::kSquaresChunk; j < std::min(sizes[i], (k + 1) * kernels::cuda::kSquaresChunk); ++j)
+        chunk += v[size_t(j)] * v[size_t(j)];
+      INFO("tensor " << i << " chunk " << k);
+      CHECK(partial[p] == Approx(chunk).epsilon(1e-12));
+    }
+  }
+  CHECK(out == Approx(sum_squares(TensorList(xs.begin(), xs.end())).item()).epsilon(1e-12));
 }
