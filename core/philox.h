@@ -1,7 +1,7 @@
 // Philox 4x32-10 (Salmon, Moraes, Dror & Shaw, "Parallel random numbers: as easy as 1, 2, 3", SC 2011),
-// the one definition shared by host code (core/rng.cpp) and CUDA kernels (kernels/cuda/index.cuh: dropout), so
-// a key and counter give the same words on every device. Plain C++ (cstdint only) so .cu files may
-// include it; under nvcc the functions are __host__ __device__.
+// the one definition shared by host code (core/rng.cpp) and CUDA kernels (kernels/cuda/random.cuh:
+// sampling and dropout), so a key and counter give the same words on every device. Plain C++ (cstdint
+// only) so .cu files may include it; under nvcc the functions are __host__ __device__.
 #pragma once
 
 #include <cstdint>

@@ -6,9 +6,9 @@
 #include <cmath>
 #include <cstdint>
 
-#include "core/philox.h"
 #include "kernels/cuda/half.cuh"
 #include "kernels/cuda/hw_policy.h"
+#include "kernels/cuda/random.cuh"
 
 namespace titanax::kernels::cuda::index_kernels {
 
@@ -88,15 +88,13 @@ TX_HW_FN void one_hot(const I* lab, int64_t R, int64_t C, const ReportSlot& slot
 /// out[i] = u >= p ? x[i] * scale : 0, computed in compute_t<T> (f16 / bf16: in f32, rounded once).
 template <class Hw, class T>
 TX_HW_FN void dropout(const T* x, T* out, int64_t n, double p, compute_t<T> scale, uint32_t k0, uint32_t k1) {
-  const int64_t nblk = (n + 3) / 4;
-  for (int64_t blk = grid_index<Hw>(); blk < nblk; blk += grid_stride<Hw>()) {
-    const philox::Words r = philox::block(uint32_t(uint64_t(blk)), uint32_t(uint64_t(blk) >> 32), 0, 0, k0, k1);
+  random_kernels::philox_blocks<Hw>(n, 0, k0, k1, [&](int64_t blk, const philox::Words& r) {
     TX_UNROLL
     for (int k = 0; k < 4; ++k) {
       const int64_t i = blk * 4 + k;
       if (i < n) out[i] = narrow<T>(double(philox::unit_float(r.w[k])) >= p ? widen(x[i]) * scale : compute_t<T>(0));
     }
-  }
+  });
 }
 
 }  // namespace titanax::kernels::cuda::index_kernels

@@ -15,16 +15,23 @@
 
 namespace titanax::kernels::cuda::random_kernels {
 
+/// body(b, words) for every block b of 4 of n elements (grid-strided): words = Philox 4x32-10 of counter
+/// (b, 0, c2, 0) and key (k0, k1), the CPU's indexing (kernels/cpu/random.h).
+template <class Hw, class Body>
+TX_HW_FN void philox_blocks(int64_t n, uint32_t c2, uint32_t k0, uint32_t k1, Body body) {
+  const int64_t nblk = (n + 3) / 4;
+  for (int64_t b = grid_index<Hw>(); b < nblk; b += grid_stride<Hw>())
+    body(b, philox::block(uint32_t(uint64_t(b)), uint32_t(uint64_t(b) >> 32), c2, 0, k0, k1));
+}
+
 /// out[i] = unit(word i % 4 of Philox counter (i / 4, 0, 0, 0), key (k0, k1)): uniform in [0, 1).
 template <class Hw, class T>
 TX_HW_FN void fill_uniform(T* out, int64_t n, uint32_t k0, uint32_t k1) {
-  const int64_t nblk = (n + 3) / 4;
-  for (int64_t b = grid_index<Hw>(); b < nblk; b += grid_stride<Hw>()) {
-    const philox::Words r = philox::block(uint32_t(uint64_t(b)), uint32_t(uint64_t(b) >> 32), 0, 0, k0, k1);
+  philox_blocks<Hw>(n, 0, k0, k1, [&](int64_t b, const philox::Words& r) {
     TX_UNROLL
     for (int k = 0; k < 4; ++k)
       if (b * 4 + k < n) out[b * 4 + k] = narrow<T>(compute_t<T>(philox::unit_float(r.w[k])));
-  }
+  });
 }
 
 /// Standard normal samples: elements 4b .. 4b + 3 are the Box-Muller transforms of the word pairs (0, 1)
@@ -32,9 +39,7 @@ TX_HW_FN void fill_uniform(T* out, int64_t n, uint32_t k0, uint32_t k1) {
 /// r = sqrt(-2 ln u1), elements r cos(2 pi u2) and r sin(2 pi u2).
 template <class Hw, class T>
 TX_HW_FN void fill_normal(T* out, int64_t n, uint32_t k0, uint32_t k1) {
-  const int64_t nblk = (n + 3) / 4;
-  for (int64_t b = grid_index<Hw>(); b < nblk; b += grid_stride<Hw>()) {
-    const philox::Words r = philox::block(uint32_t(uint64_t(b)), uint32_t(uint64_t(b) >> 32), 1, 0, k0, k1);
+  philox_blocks<Hw>(n, 1, k0, k1, [&](int64_t b, const philox::Words& r) {
     TX_UNROLL
     for (int pair = 0; pair < 2; ++pair) {
       const float u1 = (float(r.w[2 * pair] >> 8) + 1.0f) * (1.0f / 16777216.0f);
@@ -44,7 +49,7 @@ TX_HW_FN void fill_normal(T* out, int64_t n, uint32_t k0, uint32_t k1) {
       if (i < n) out[i] = narrow<T>(compute_t<T>(rad * cosf(th)));
       if (i + 1 < n) out[i + 1] = narrow<T>(compute_t<T>(rad * sinf(th)));
     }
-  }
+  });
 }
 
 }  // namespace titanax::kernels::cuda::random_kernels

@@ -402,12 +402,7 @@ TEST_CASE("cuda collectives: the Engine's data-parallel MLP training on the GPU 
 
 TEST_CASE("cuda tensor parallelism: a GPT split over the model axis on the GPU equals the whole model (loss, gradients)") {
   const int n = nranks();
-  nn::GPTConfig cfg;
-  cfg.vocab = 64;
-  cfg.layers = 2;
-  cfg.heads = 4;
-  cfg.dim = 32;
-  cfg.seq_len = 16;
+  const nn::GPTConfig cfg{.vocab = 64, .layers = 2, .heads = 4, .dim = 32, .seq_len = 16};
   if (cfg.heads % n != 0 || cfg.vocab % n != 0) {
     SUCCEED("the GPT does not divide over " << n << " ranks");
     return;
