@@ -82,6 +82,7 @@ TX_HW_FN void sum_squares(const SquaresChunk& c, double* partial) {
   for (int64_t k = Hw::block_x(); k < chunks; k += Hw::grid_x()) {
     const int64_t end = (k + 1) * kSquaresChunk < n ? (k + 1) * kSquaresChunk : n;
     double acc = 0;
+    TX_UNROLL_4  // four loads in flight per thread (the adds keep their order)
     for (int64_t i = k * kSquaresChunk + Hw::thread(); i < end; i += Hw::threads()) {
       const double v = double(widen(x[i]));
       acc += v * v;

@@ -75,6 +75,7 @@ template <class T, class A>
 TX_HW_FN A chunk_of(int op, const T* base, const ReduceLayout& L, int64_t s, int64_t chunk, int64_t first, int64_t step) {
   A acc = identity<A>(op);
   const int64_t end = (s + 1) * chunk < L.nred ? (s + 1) * chunk : L.nred;
+  TX_UNROLL_4  // four loads in flight per thread (the adds keep their order)
   for (int64_t r = s * chunk + first; r < end; r += step) acc = combine<A>(op, acc, A(widen(base[red_offset(L, r)])));
   return acc;
 }
