@@ -447,24 +447,16 @@ std::unique_ptr<Optimizer> adam(Schedule lr, AdamOptions opts) { return std::mak
 std::unique_ptr<Optimizer> adamw(Schedule lr, AdamOptions opts) { return std::make_unique<Adam>(std::move(lr), std::move(opts), true); }
 
 namespace {
-// The sum of the squares of gs (one sum_squares op per device: a multi-tensor kernel on a GPU, then one
-// scalar read), in double.
-double squares(const std::vector<Tensor>& gs) {
+// The sum of the squares of gs (on one device), in double: one sum_squares op (a multi-tensor kernel on a
+// GPU), then one scalar read.
+double squares(const TensorList& gs) {
   NoGradGuard ng;
-  std::vector<std::pair<Device, TensorList>> by_device;  // in order of first appearance
-  for (const Tensor& g : gs) {
-    auto it = std::find_if(by_device.begin(), by_device.end(), [&](const auto& e) { return e.first == g.device(); });
-    if (it == by_device.end()) it = by_device.insert(by_device.end(), {g.device(), {}});
-    it->second.push_back(g.detach());
-  }
-  double total = 0;
-  for (const auto& [d, ts] : by_device) total += sum_squares(ts).item();
-  return total;
+  return sum_squares(gs).item();
 }
 
 // The gradients, in order.
-std::vector<Tensor> values_of(const ParamTree& grads) {
-  std::vector<Tensor> gs;
+TensorList values_of(const ParamTree& grads) {
+  TensorList gs;
   for (const auto& [p, g] : grads) gs.push_back(g);
   return gs;
 }
@@ -495,9 +487,7 @@ void clip_to_norm(ParamTree& grads, double norm, double max_norm) {
 
 Tensor global_norm_tensor(const ParamTree& grads) {
   NoGradGuard ng;
-  TensorList gs;
-  for (const auto& [p, g] : grads) gs.push_back(g.detach());
-  return sqrt(sum_squares(gs));  // on the gradients' device
+  return sqrt(sum_squares(values_of(grads)));  // on the gradients' device
 }
 
 void clip_to_norm_tensor(ParamTree& grads, const Tensor& norm, double max_norm) {
@@ -530,7 +520,7 @@ std::vector<std::string> split_axes(const std::string& path, const std::map<std:
 Tensor global_norm_tensor(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh) {
   NoGradGuard ng;
   std::map<std::vector<std::string>, TensorList> by_axes;  // the gradients by the axes they are split over
-  for (const auto& [p, g] : grads) by_axes[split_axes(p, specs)].push_back(g.detach());
+  for (const auto& [p, g] : grads) by_axes[split_axes(p, specs)].push_back(g);
   Tensor total;
   for (auto& [axes, gs] : by_axes) {  // every rank has the same keys: the collectives match
     Tensor t = sum_squares(gs);  // f64, on the gradients' device
@@ -543,7 +533,7 @@ Tensor global_norm_tensor(const ParamTree& grads, const std::map<std::string, Pa
 double global_norm(const ParamTree& grads, const std::map<std::string, PartitionSpec>& specs, const Mesh& mesh,
                    const std::string& stage_axis, const std::set<std::string>& not_counted) {
   // Sums of squares by the set of axes the parameter is split over ({} = replicated), in a fixed order.
-  std::map<std::vector<std::string>, std::vector<Tensor>> by_axes;
+  std::map<std::vector<std::string>, TensorList> by_axes;
   by_axes[{}] = {};
   for (const auto& [p, g] : grads)
     if (!not_counted.count(p)) by_axes[split_axes(p, specs)].push_back(g);

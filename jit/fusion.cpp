@@ -257,34 +257,31 @@ void run_instr(const Instr& in, DType res, DType arg0, int64_t n, void* d, const
   }
 }
 
-// 16-bit storage of f16 / bf16 registers (t): the CPU's conversions (kernels/cpu/dispatch.h), as the eager
-// kernels' run_in_f32 rounds.
-template <class H>
-void widen_as(const void* src, int64_t n, float* dst) {
-  const H* h = static_cast<const H*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = float(h[i]);
-}
-template <class H>
-void round_as(float* v, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) v[i] = float(H(v[i]));
-}
-template <class H>
-void narrow_as(const float* v, int64_t n, bool scalar, void* dst) {
-  H* h = static_cast<H*>(dst);
-  for (int64_t i = 0; i < n; ++i) h[i] = H(v[scalar ? 0 : i]);
+// 16-bit storage of f16 / bf16 registers: body(H{}) with H = bf16_t or f16_t for dtype t, whose
+// conversions (core/dtype.h) are the CPU's, as the eager kernels' run_in_f32 rounds.
+template <class Body>
+void with_half(DType t, Body body) {
+  if (t == DType::bf16) body(bf16_t{});
+  else body(f16_t{});
 }
 void widen16(DType t, const void* src, int64_t n, float* dst) {
-  if (t == DType::bf16) widen_as<bf16_t>(src, n, dst);
-  else widen_as<f16_t>(src, n, dst);
+  with_half(t, [&](auto h) {
+    const auto* x = static_cast<const decltype(h)*>(src);
+    for (int64_t i = 0; i < n; ++i) dst[i] = float(x[i]);
+  });
 }
+// v rounded to dtype t in place (values stay f32).
 void round16(DType t, float* v, int64_t n) {
-  if (t == DType::bf16) round_as<bf16_t>(v, n);
-  else round_as<f16_t>(v, n);
+  with_half(t, [&](auto h) {
+    for (int64_t i = 0; i < n; ++i) v[i] = float(decltype(h)(v[i]));
+  });
 }
 // n 16-bit values from v (one value repeated when scalar).
 void narrow16(DType t, const float* v, int64_t n, bool scalar, void* dst) {
-  if (t == DType::bf16) narrow_as<bf16_t>(v, n, scalar, dst);
-  else narrow_as<f16_t>(v, n, scalar, dst);
+  with_half(t, [&](auto h) {
+    auto* o = static_cast<decltype(h)*>(dst);
+    for (int64_t i = 0; i < n; ++i) o[i] = decltype(h)(v[scalar ? 0 : i]);
+  });
 }
 
 // Copies n elements of `size` bytes from src (byte stride `stride`, possibly 0) to the contiguous dst.

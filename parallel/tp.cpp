@@ -305,19 +305,20 @@ class VocabParallelCE final : public TPOpBase {
       c_.comm->all_reduce(part, CollectiveOp::sum);
       return 0;
     });
+    // The saved statistics (global max, sum of exp) for the backward, where they are.
+    Tensor max_row = out[1].slice(0, 0, 1), sum_row = out[1].slice(0, 1, 2);
+    copy_(max_row, gmax.reshape(Shape{1, R}));
+    copy_(sum_row, part.slice(0, 0, 1));
     const Tensor gmax_h = gmax.to(Device::cpu()), part_h = part.to(Device::cpu());
-    Tensor loss_h = empty(out[0].shape(), out[0].dtype()), stats_h = empty(Shape{2, R}, DType::f64);
+    Tensor loss_h = empty(out[0].shape(), out[0].dtype());
     const double* m = gmax_h.data<double>();
     const double* p = part_h.data<double>();
-    double* st = stats_h.data<double>();
     std::vector<int64_t> lab = host_labels.to_vector<int64_t>();
     double total = 0;
     TX_DISPATCH_FLOAT(logits.dtype(), name(), {
       using T = scalar_t;
       T* o = loss_h.data<T>();
       for (int64_t r = 0; r < R; ++r) {
-        st[r] = m[r];
-        st[R + r] = p[r];
         // As cross_entropy: max + log(sum exp(x - max)) - x[label], with the max in the logits' dtype.
         const double loss = lab[size_t(r)] == ignore_ ? 0.0 : double(T(m[r])) + std::log(p[r]) - p[R + r];
         if (red_ == Reduction::none) o[r] = T(loss);
@@ -327,7 +328,6 @@ class VocabParallelCE final : public TPOpBase {
       if (red_ != Reduction::none) o[0] = T(total);
     });
     copy_(out[0], loss_h);
-    copy_(out[1], stats_h);
   }
 };
 

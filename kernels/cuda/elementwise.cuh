@@ -97,17 +97,7 @@ struct UnaryF {
 // Conversion as astype; 16-bit floats go through f32 (as kernels/cpu/dispatch.h convert does).
 template <class D, class S>
 struct CastF {
-  TX_HW_FN D operator()(S v) const {
-    if constexpr (is16<S>::value || is16<D>::value) {
-      float f;
-      if constexpr (is16<S>::value) f = widen16(v);
-      else f = ewm::cast_to<float, S>::f(v);
-      if constexpr (is16<D>::value) return narrow16<D>(f);
-      else return ewm::cast_to<D, float>::f(f);
-    } else {
-      return ewm::cast_to<D, S>::f(v);
-    }
-  }
+  TX_HW_FN D operator()(S v) const { return narrow<D>(ewm::cast_to<compute_t<D>, compute_t<S>>::f(widen(v))); }
 };
 template <class T>
 struct ClampF {

@@ -43,6 +43,12 @@ TX_HW_FN T narrow(compute_t<T> v) {
   else return v;
 }
 
+/// v (any arithmetic value) stored as T: converted to T's compute type, then rounded to T once.
+template <class T, class V>
+TX_HW_FN T store_as(V v) {
+  return narrow<T>(compute_t<T>(v));
+}
+
 /// A functor over f32 applied to 16-bit storage T: its arguments widened, an f32 result rounded to T
 /// once, any other result (a comparison's bool) passed through.
 template <class T, class F>

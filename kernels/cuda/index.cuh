@@ -79,7 +79,7 @@ TX_HW_FN void one_hot(const I* lab, int64_t R, int64_t C, const ReportSlot& slot
   for (int64_t e = grid_index<Hw>(); e < R * C; e += grid_stride<Hw>()) {
     const int64_t r = e / C, c = e % C, l = int64_t(lab[r]);
     if (c == 0 && (l < 0 || l >= C)) Hw::report(slot, kIndexOutOfRange, r, l, C, kOneHot);
-    out[e] = narrow<T>(compute_t<T>(l == c ? 1 : 0));
+    out[e] = store_as<T>(l == c ? 1 : 0);
   }
 }
 

@@ -30,7 +30,7 @@ TX_HW_FN void fill_uniform(T* out, int64_t n, uint32_t k0, uint32_t k1) {
   philox_blocks<Hw>(n, 0, k0, k1, [&](int64_t b, const philox::Words& r) {
     TX_UNROLL
     for (int k = 0; k < 4; ++k)
-      if (b * 4 + k < n) out[b * 4 + k] = narrow<T>(compute_t<T>(philox::unit_float(r.w[k])));
+      if (b * 4 + k < n) out[b * 4 + k] = store_as<T>(philox::unit_float(r.w[k]));
   });
 }
 
@@ -46,8 +46,8 @@ TX_HW_FN void fill_normal(T* out, int64_t n, uint32_t k0, uint32_t k1) {
       const float u2 = philox::unit_float(r.w[2 * pair + 1]);
       const float rad = sqrtf(-2.0f * logf(u1)), th = 6.2831853071795864f * u2;
       const int64_t i = b * 4 + 2 * pair;
-      if (i < n) out[i] = narrow<T>(compute_t<T>(rad * cosf(th)));
-      if (i + 1 < n) out[i + 1] = narrow<T>(compute_t<T>(rad * sinf(th)));
+      if (i < n) out[i] = store_as<T>(rad * cosf(th));
+      if (i + 1 < n) out[i + 1] = store_as<T>(rad * sinf(th));
     }
   });
 }

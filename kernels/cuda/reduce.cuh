@@ -44,10 +44,6 @@ TX_HW_FN A combine(int op, A a, A b) {
 template <class A>
 TX_HW_FN A identity(int op) { return op == 0 ? A(0) : A(op == 1 ? -INFINITY : INFINITY); }
 
-/// An accumulator rounded to the storage type T (through T's compute type).
-template <class T, class A>
-TX_HW_FN T store_as(A v) { return narrow<T>(compute_t<T>(v)); }
-
 /// Offset of flat index i over `n` dims of sizes / strides (row-major: the last dim fastest); one dim
 /// (the common case: reduce_layout merges adjacent axes) without a division.
 TX_HW_FN int64_t unravel_offset(int64_t i, const int64_t* size, const int64_t* stride, int n) {

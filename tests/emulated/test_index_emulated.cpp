@@ -42,6 +42,17 @@ Tensor random_indices(RngKey key, int64_t K, int64_t n) {
   return from_vector(idx, Shape{K});
 }
 
+// The emulated report slot holds a kIndexOutOfRange report with these fields.
+void check_index_report(int64_t index, int64_t value, int64_t bound, int64_t aux) {
+  REQUIRE(testing::emu::reported().any);
+  const kernels::cuda::DeviceReport& r = testing::emu::reported().r;
+  CHECK(r.code == kernels::cuda::kIndexOutOfRange);
+  CHECK(r.index == index);
+  CHECK(r.value == value);
+  CHECK(r.bound == bound);
+  CHECK(r.aux == aux);
+}
+
 }  // namespace
 
 TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, indices i32 and i64", "[emulated]", float,
@@ -94,13 +105,7 @@ TEMPLATE_TEST_CASE("gather / scatter-add kernels, emulated: bitwise the CPU's, i
     launch_strided([&] {
       ik::gather<HostPrim>(cptr<TestType>(x), cptr<int64_t>(idx), A, n, B, K, 3, kernels::cuda::ReportSlot{}, ptr<TestType>(got));
     });
-    REQUIRE(testing::emu::reported().any);
-    const kernels::cuda::DeviceReport& r = testing::emu::reported().r;
-    CHECK(r.code == kernels::cuda::kIndexOutOfRange);
-    CHECK(r.index == 7);
-    CHECK(r.value == n);
-    CHECK(r.bound == n);
-    CHECK(r.aux == 3);
+    check_index_report(7, n, n, 3);
     const std::vector<double> o = got.astype(DType::f64).to_vector<double>();
     for (int64_t a = 0; a < A; ++a)
       for (int64_t k = 0; k < K; ++k)
@@ -142,15 +147,10 @@ TEST_CASE("one-hot kernel, emulated: the CPU's rows in f32, bf16, i64 and bool; 
   Tensor bad = lab.clone();
   static_cast<int64_t*>(bad.raw_data())[5] = C;
   const Tensor got = run(bad, float{}, DType::f32);
-  REQUIRE(testing::emu::reported().any);
-  const kernels::cuda::DeviceReport& r = testing::emu::reported().r;
-  CHECK(r.code == kernels::cuda::kIndexOutOfRange);
-  CHECK(r.index == 5);
-  CHECK(r.value == C);
-  CHECK(r.bound == C);
-  CHECK(r.aux == kernels::cuda::kOneHot);
+  check_index_report(5, C, C, kernels::cuda::kOneHot);
   CHECK(sum(got.slice(0, 5, 6)).item() == 0.0);
-  CHECK(sum(got).item() == double(R - 1));  // One class: every label must be 0.
+  CHECK(sum(got).item() == double(R - 1));
+  // One class: every label must be 0.
   const Tensor one = from_vector(std::vector<int32_t>{0, 1, 0}, Shape{3});
   Tensor got1 = nan_tensor(Shape{3, 1}, DType::f32);
   testing::emu::reset_report();
