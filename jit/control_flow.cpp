@@ -112,6 +112,9 @@ bool truth(const Tensor& pred) { return pred.item() != 0.0; }
 struct ControlOp : Op {
   // Each op wraps its own functions: no two are interchangeable (the JIT's CSE compares attrs).
   std::string attrs() const override { return "fn=" + std::to_string(reinterpret_cast<uintptr_t>(this)); }
+  // The sub-graphs allocate the results, which may be operands passed through (a branch returning its
+  // input): the memory plan must neither place them nor free the operands under them.
+  bool custom_forward() const override { return true; }
   // cond and while_loop read their predicate on the host; a captured scan would hide its body's nodes.
   bool capturable() const override { return false; }
   void cpu(const TensorList&, TensorList&) const override {

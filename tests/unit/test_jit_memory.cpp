@@ -213,3 +213,29 @@ TEST_CASE("jit memory plan: a graph changed after planning refuses to run", "[ji
   jit::plan_memory_pass(g);
   check_planned_equals_unplanned(g, {rnd(7, Shape{8})});
 }
+
+TEST_CASE("jit memory plan: control-flow results may be their operands: never planned, operands kept live", "[jit]") {
+  // The true branch returns its operand a itself; e and h (a's size) are made after the cond, and the
+  // last node reads the cond's result: a's buffer must not be reused before that read.
+  auto f = [](const TensorList& in) {
+    const Tensor a = exp(in[0]);
+    const Tensor r = jit::cond(gt(sum(in[0]), scalar(0.0, DType::f32)), [](const TensorList& o) { return TensorList{o[0]}; },
+                               [](const TensorList& o) { return TensorList{o[0] * 2.0}; }, {a})[0];
+    const Tensor h = exp(tanh(in[0]));
+    return TensorList{r + h};
+  };
+  jit::Graph g = jit::trace(f, {rnd(40, Shape{4, 6})});
+  const jit::MemoryPlan& plan = jit::plan_memory_pass(g);
+  int cond_node = -1;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (std::string(g.nodes[i].op->name()) == "cond") cond_node = int(i);
+  REQUIRE(cond_node >= 0);
+  CHECK(plan.slot[size_t(g.nodes[size_t(cond_node)].outputs[0])] == -1);
+  CHECK(planned(plan, g.nodes[0].outputs[0]).last == int(g.nodes.size()) - 1);  // a: until r's last use
+  check_no_overlap(plan);
+  for (uint64_t s = 41; s < 45; ++s) {
+    Tensor x = rnd(s, Shape{4, 6});
+    check_planned_equals_unplanned(g, {x});
+    check_planned_equals_unplanned(g, {-x});  // the other branch
+  }
+}
