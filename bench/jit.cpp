@@ -4,8 +4,8 @@
 // 4 layers, dim 256, 4 heads, T 128, B 16; --gpt2 for GPT-2 124M: 12 layers, dim 768, 12 heads, vocab
 // 50304, T 1024, B 16). One line per model:
 //   bench=jit model=mlp device=cpu ... first_call_s=... compile_s=... eager_us_per_step=...
-//   jit_us_per_step=... speedup=... nodes=... launches_unfused=... launches=... arena_bytes=...
-//   unplanned_bytes=... disk_cache=none [peer_eager_us_per_step=...]
+//   jit_us_per_step=... speedup=... nodes=... launches_unfused=... launches=... eager_faults_per_step=...
+//   jit_faults_per_step=... disk_cache=none [arena_bytes=... unplanned_*=...] [peer_eager_us_per_step=...]
 // first_call_s: the first jit call (trace, which runs the step once, plus the passes and the memory
 // plan); compile_s: the passes' share as JitStats counts it (trace included). The CPU backend
 // interprets fused groups (no generated code), so there is no disk cache to be cold or warm on the CPU
@@ -14,8 +14,13 @@
 // them, and one by one) and a warm one (see codegen_figures). On a GPU, first_call_s includes that
 // parallel compile.
 // launches: nodes that run a kernel (views excluded), before and after elementwise fusion.
-// planned_us_per_step: the same compiled step with JitOptions::memory_plan (intermediates in one arena of
-// arena_bytes instead of unplanned_bytes of separate buffers).
+// *_faults_per_step: minor page faults per timed step (getrusage), the cost of memory mapped afresh (the
+// CPU caching allocator and a reused arena take none in a steady state). Every variant takes 3 untimed
+// steps first (the compiled ones: the trace, an op-by-op replay, then the CUDA-graph capture or the
+// arena's first touch) and the same timed ones, so all end on the same loss.
+// On the CPU, jit_us_per_step runs the default JitOptions (intermediates in the memory plan's arena of
+// arena_bytes) and the line adds unplanned_us_per_step, unplanned_loss and unplanned_faults_per_step (the
+// same compiled step with JitOptions::memory_plan off: unplanned_bytes of separate buffers).
 // On a GPU, jit_us_per_step replays through CUDA graphs (jit/capture.h) and the line adds
 // nographs_us_per_step (the same compiled step replayed op by op, JitOptions::cuda_graphs off) and the
 // replay's segments: graph_segments (CUDA graphs launched per step), graph_captured_nodes,
@@ -28,6 +33,7 @@
 // read after the clock stops, the GPU synchronised first), as the peer times them.
 #include <omp.h>
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -57,6 +63,13 @@ namespace tx = titanax;
 namespace {
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+// Minor page faults of this process so far (first touches of fresh pages: the cost of memory the
+// allocator maps anew on every step).
+long minor_faults() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
 
 // In CUDA builds: the NVRTC compile of every generated kernel of the step's fused graph (what a CUDA run
 // of the same graph compiles; NVRTC needs no GPU), cold (an empty disk cache) and warm (the memory cache
@@ -130,45 +143,53 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
     opt->step(params, grads);
     return tx::TensorList{loss};
   };
-  // Times `steps` calls of f from step 1 (step 0 was the warm-up); returns microseconds per step and
-  // the last step's loss, read after the clock stopped.
+  // Every variant takes kWarmup untimed steps first (a compiled step's first call traces, its second
+  // replays op by op, its third captures CUDA graphs and touches a memory plan's arena for the first
+  // time), then the same `steps` timed ones, so that all end on the same loss.
+  constexpr int64_t kWarmup = 3;
+  // Times `steps` calls of f from step kWarmup; returns microseconds per step and the last step's loss,
+  // read after the clock stopped; `faults` gets the minor page faults per step.
+  double faults = 0;
   auto timed = [&](const std::function<tx::TensorList(const tx::TensorList&)>& f, double& loss) {
     sync();
+    const long f0 = minor_faults();
     auto t0 = Clock::now();
     tx::Tensor last;
-    for (int64_t s = 1; s <= steps; ++s) last = f(batch(s))[0];
+    for (int64_t s = kWarmup; s < kWarmup + steps; ++s) last = f(batch(s))[0];
     sync();
     const double us = seconds_since(t0) * 1e6 / double(steps);
+    faults = double(minor_faults() - f0) / double(steps);
     loss = last.item();
     return us;
   };
-  // Eager: one warm-up step, then timed steps.
   opt = tx::optim::adamw(tx::optim::constant(1e-4));
-  step_fn(batch(0));
+  for (int64_t s = 0; s < kWarmup; ++s) step_fn(batch(s));
   double eager_loss = 0;
   const double eager_us = timed(step_fn, eager_loss);
+  const double eager_faults = faults;
 
-  // Compiled as jit() does by default (on a GPU: replayed through CUDA graphs), then on a GPU without
-  // CUDA graphs, then with the memory plan; each from the initial weights.
-  double first_call_s = 0, jit_loss = 0, planned_loss = 0, jit_us = 0, planned_us = 0, compile_s = 0;
-  double nographs_us = 0, nographs_loss = 0;
-  std::unique_ptr<tx::jit::Compiled> main_step, planned;
-  for (int variant = 0; variant < 3; ++variant) {
-    if (variant == 1 && !dev.is_cuda()) continue;
+  // Compiled as jit() does by default (on a GPU: replayed through CUDA graphs; on the CPU: intermediates
+  // in the memory plan's arena), then on a GPU without CUDA graphs, on the CPU without the memory plan;
+  // each from the initial weights.
+  double first_call_s = 0, compile_s = 0;
+  double jit_us = 0, jit_loss = 0, jit_faults = 0, other_us = 0, other_loss = 0, other_faults = 0;
+  std::unique_ptr<tx::jit::Compiled> main_step;
+  for (int variant = 0; variant < 2; ++variant) {
     reset();
     opt = tx::optim::adamw(tx::optim::constant(1e-4));
-    auto step = std::make_unique<tx::jit::Compiled>(step_fn, tx::jit::JitOptions{.memory_plan = variant == 2, .cuda_graphs = variant == 0});
+    auto step = std::make_unique<tx::jit::Compiled>(
+        step_fn, variant == 0 ? tx::jit::JitOptions{} : tx::jit::JitOptions{.memory_plan = false, .cuda_graphs = false});
     sync();
     auto t0 = Clock::now();
     (*step)(batch(0));
     sync();
     if (variant == 0) first_call_s = seconds_since(t0), compile_s = step->stats().compile_seconds;
-    double& us = variant == 0 ? jit_us : variant == 1 ? nographs_us : planned_us;
-    us = timed(std::ref(*step), variant == 0 ? jit_loss : variant == 1 ? nographs_loss : planned_loss);
-    (variant == 0 ? main_step : planned) = std::move(step);
+    for (int64_t s = 1; s < kWarmup; ++s) (*step)(batch(s));
+    (variant == 0 ? jit_us : other_us) = timed(std::ref(*step), variant == 0 ? jit_loss : other_loss);
+    (variant == 0 ? jit_faults : other_faults) = faults;
+    if (variant == 0) main_step = std::move(step);
   }
-  tx::jit::Compiled& step = *planned;
-  const tx::jit::Graph* g = step.graph_for(batch(0));
+  const tx::jit::Graph* g = main_step->graph_for(batch(0));
   // The same step traced and optimised without fusion (tracing takes one more step: the timings are done).
   tx::jit::Graph unfused = tx::jit::trace(step_fn, batch(0));
   tx::jit::optimize(unfused);
@@ -176,20 +197,25 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
   std::snprintf(buf, sizeof buf,
                 "bench=jit model=%s %s device=%s precision=%s threads=%d steps=%lld first_call_s=%.3f compile_s=%.3f "
                 "eager_us_per_step=%.1f jit_us_per_step=%.1f speedup=%.2f eager_loss=%.6f jit_loss=%.6f nodes=%zu "
-                "launches_unfused=%d launches=%d planned_us_per_step=%.1f planned_loss=%.6f arena_bytes=%lld "
-                "unplanned_bytes=%lld disk_cache=none",
+                "launches_unfused=%d launches=%d eager_faults_per_step=%.0f jit_faults_per_step=%.0f disk_cache=none",
                 c.name.c_str(), c.shape.c_str(), dev.str().c_str(), std::string(tx::dtype_name(precision)).c_str(), omp_get_max_threads(),
                 static_cast<long long>(steps), first_call_s, compile_s, eager_us, jit_us, eager_us / jit_us, eager_loss,
-                jit_loss, g->num_nodes(), tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), planned_us,
-                planned_loss, static_cast<long long>(g->plan ? g->plan->arena_bytes : 0),
-                static_cast<long long>(g->plan ? g->plan->total_bytes : 0));
+                jit_loss, g->num_nodes(), tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), eager_faults, jit_faults);
+  if (!dev.is_cuda()) {  // the memory plan's arena, and the same step without it
+    char plan[256];
+    std::snprintf(plan, sizeof plan,
+                  " arena_bytes=%lld unplanned_bytes=%lld unplanned_us_per_step=%.1f unplanned_loss=%.6f unplanned_faults_per_step=%.0f",
+                  static_cast<long long>(g->plan ? g->plan->arena_bytes : 0), static_cast<long long>(g->plan ? g->plan->total_bytes : 0),
+                  other_us, other_loss, other_faults);
+    extra = plan + extra;
+  }
   if (dev.is_cuda()) {  // the CUDA-graph replay: its segments, and the same step replayed op by op
     const tx::jit::CaptureStats* cs = main_step->capture_stats_for(batch(0));
     char graphs[256];
     std::snprintf(graphs, sizeof graphs,
                   " nographs_us_per_step=%.1f nographs_loss=%.6f graph_segments=%d graph_captured_nodes=%d "
                   "graph_eager_nodes=%d graph_failed_captures=%d",
-                  nographs_us, nographs_loss, cs ? cs->segments : 0, cs ? cs->captured_nodes : 0,
+                  other_us, other_loss, cs ? cs->segments : 0, cs ? cs->captured_nodes : 0,
                   cs ? cs->eager_nodes : int(g->num_nodes()), cs ? cs->failed_captures : 0);
     extra = graphs + extra;
   }
