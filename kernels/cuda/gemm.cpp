@@ -5,8 +5,11 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 
+#include <array>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "core/allocator.h"
@@ -49,6 +52,34 @@ void destroy_desc(cublasLtMatmulDesc_t d) { cublasLtMatmulDescDestroy(d); }
 void destroy_layout(cublasLtMatrixLayout_t l) { cublasLtMatrixLayoutDestroy(l); }
 void destroy_pref(cublasLtMatmulPreference_t p) { cublasLtMatmulPreferenceDestroy(p); }
 
+// The largest power of two up to 256 that divides p's address. cuBLASLt's heuristic assumes 256-byte
+// aligned operands unless the preference says otherwise (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*_BYTES), and
+// an algorithm picked under that assumption may not run on a view at an odd offset (a microbatch's rows);
+// PyTorch sets these preferences the same way (aten/src/ATen/cuda/CUDABlas.cpp).
+uint32_t alignment(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  uint32_t al = 256;
+  while (al > 1 && a % al != 0) al >>= 1;
+  return al;
+}
+
+// The algorithm cuBLASLt's heuristic chose for a GEMM problem, per device, dtype, transposes, sizes,
+// leading dimensions, batch strides, compute mode, epilogue and operand alignments: the heuristic query
+// costs tens of microseconds of host time, as much as a small GEMM itself, and a training step asks for
+// the same few problems every step. A problem the BIAS epilogue has no algorithm for is remembered too.
+struct AlgoCache {
+  struct Entry {
+    bool found = false;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  std::mutex mu;
+  std::map<std::array<int64_t, 19>, Entry> entries;
+};
+AlgoCache& algo_cache() {
+  static AlgoCache* c = new AlgoCache();  // leaked at exit on purpose, as the contexts
+  return *c;
+}
+
 // Column-major C[m, n] (ldc) = op(A) @ op(B) + beta C over `batch` strided matrices, plus bias[i] on row i
 // of C when `bias` is given (cuBLASLt's BIAS epilogue: a vector of m elements of C's dtype, added in the
 // f32 epilogue before C is rounded; no separate launch). Returns false, having done nothing, when
@@ -88,17 +119,40 @@ bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   layout(la, ta ? k : m, ta ? m : k, lda, sa);
   layout(lb, tb ? n : k, tb ? k : n, ldb, sb);
   layout(lc, m, n, ldc, sc);
-  Owned<cublasLtMatmulPreference_t, destroy_pref> pref;
-  TX_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.h));
-  size_t ws = kWorkspace;
-  TX_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
-  cublasLtMatmulHeuristicResult_t heur{};
-  int found = 0;
-  const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.h, la.h, lb.h, lc.h, lc.h, pref.h, 1, &heur, &found);
-  if (bias && (hs != CUBLAS_STATUS_SUCCESS || found == 0)) return false;
-  TX_CUBLAS_CHECK(hs);
-  if (found == 0)
+  const uint32_t align_a = alignment(A), align_b = alignment(B), align_c = alignment(C);
+  const std::array<int64_t, 19> key{device, int64_t(dt), ta, tb, tf32, bias != nullptr, m, n, k, lda, sa, ldb, sb, ldc, sc,
+                                    batch, align_a, align_b, align_c};
+  AlgoCache& cache = algo_cache();
+  AlgoCache::Entry entry;
+  bool cached = false;
+  {
+    std::lock_guard<std::mutex> g(cache.mu);
+    if (auto it = cache.entries.find(key); it != cache.entries.end()) entry = it->second, cached = true;
+  }
+  if (!cached) {
+    Owned<cublasLtMatmulPreference_t, destroy_pref> pref;
+    TX_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.h));
+    size_t ws = kWorkspace;
+    TX_CUBLAS_CHECK(
+        cublasLtMatmulPreferenceSetAttribute(pref.h, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align_a},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align_b},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align_c},
+        {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align_c}};
+    for (const auto& [attr, value] : aligns)
+      TX_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.h, attr, &value, sizeof(value)));
+    cublasLtMatmulHeuristicResult_t heur{};
+    int found = 0;
+    const cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(ctx.handle, desc.h, la.h, lb.h, lc.h, lc.h, pref.h, 1, &heur, &found);
+    if (!bias) TX_CUBLAS_CHECK(hs);  // with a bias, a failed query means no algorithm for the epilogue
+    entry.found = hs == CUBLAS_STATUS_SUCCESS && found > 0;
+    entry.algo = heur.algo;
+    std::lock_guard<std::mutex> g(cache.mu);
+    cache.entries.emplace(key, entry);
+  }
+  if (!entry.found && bias) return false;
+  if (!entry.found)
     throw DeviceError("cuBLASLt found no algorithm for a matmul", "a supported GEMM",
                       "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
                           " batch=" + std::to_string(batch) + " " + std::string(dtype_name(dt)),
@@ -108,7 +162,7 @@ bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   const void* alpha = f64 ? static_cast<const void*>(&one64) : static_cast<const void*>(&one32);
   const void* bet = f64 ? static_cast<const void*>(&beta64) : static_cast<const void*>(&beta32);
   auto st = static_cast<cudaStream_t>(cuda_rt::current_stream(device));
-  TX_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.h, alpha, A, la.h, B, lb.h, bet, C, lc.h, C, lc.h, &heur.algo,
+  TX_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.h, alpha, A, la.h, B, lb.h, bet, C, lc.h, C, lc.h, &entry.algo,
                                  ctx.workspace, kWorkspace, st));
   return true;
 }
@@ -157,7 +211,10 @@ void linear(const Tensor& x0, const Tensor& w0, const Tensor* bias, Tensor& y, b
                    y.raw_data(), out_f, 0, 1, beta, tf32, b);
   };
   if (in_f > 0 && bias && y.dtype() != DType::f64 && M > 0) {
-    const Tensor b = bias->detach().astype(y.dtype()).contiguous();
+    Tensor b = bias->detach().astype(y.dtype()).contiguous();
+    // A bias at an odd offset (a view into a larger buffer) is copied: the alignment preferences cover
+    // A, B and C only, and the epilogue's kernels may load the bias in vectors.
+    if (alignment(b.raw_data()) < 16) b = b.clone();
     if (gemm(0.0, b.raw_data())) return;  // b goes back to the stream-ordered pool after the queued GEMM
   }
   double beta = 0.0;

@@ -183,3 +183,37 @@ TEST_CASE("cuda: fused AdamW matches the CPU update") {
   }
   CHECK(on_device.to(Device::cpu()).to_vector<double>()[0] == 0.0);  // the skipped step's apply flag
 }
+
+TEST_CASE("cuda: matmul and linear on views at odd offsets (cuBLASLt's alignment preferences) match the CPU") {
+  // Row 1 onwards of [rows + 1, k] with k odd: each operand starts 4 (f32) or 2 (bf16) bytes past an
+  // aligned address, and the leading dimensions are odd, so an algorithm picked for 256-byte aligned
+  // operands may not run on them; the bias is a view at an odd offset too.
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  for (DType t : {DType::f32, DType::bf16}) {
+    INFO(dtype_name(t));
+    const double tol = t == DType::f32 ? 1e-5 : 1e-2;
+    const Tensor xb = testing::randn64(fold_in(key, 1), Shape{65, 257}).astype(t);
+    const Tensor wb = (testing::randn64(fold_in(key, 2), Shape{97, 257}) * 0.1).astype(t);
+    const Tensor bb = testing::randn64(fold_in(key, 3), Shape{97}).astype(t);
+    const Tensor mb = testing::randn64(fold_in(key, 4), Shape{258, 41}).astype(t);
+    const Tensor x = xb.slice(0, 1, 65), w = wb.slice(0, 1, 97), b = bb.slice(0, 1, 97), m = mb.slice(0, 1, 258);
+    const Device g = Device::cuda(0);
+    const Tensor xg = xb.to(g).slice(0, 1, 65), wg = wb.to(g).slice(0, 1, 97), bg = bb.to(g).slice(0, 1, 97),
+                 mg = mb.to(g).slice(0, 1, 258);
+    REQUIRE(xg.is_contiguous());
+    REQUIRE(reinterpret_cast<uintptr_t>(xg.raw_data()) % 8 != 0);
+    const Tensor want_lin = linear(x.astype(DType::f64), w.astype(DType::f64), b.astype(DType::f64));
+    const Tensor want_mm = matmul(x.astype(DType::f64), m.astype(DType::f64));
+    const Tensor lin = linear(xg, wg, bg), mm = matmul(xg, mg);
+    CHECK(rel_error(lin, want_lin) <= tol);
+    CHECK(rel_error(mm, want_mm) <= tol);
+    // A second call of each problem takes its algorithm from the cache: the same result, bitwise.
+    CHECK(testing::bitwise_equal(linear(xg, wg, bg), lin));
+    CHECK(testing::bitwise_equal(matmul(xg, mg), mm));
+    // The same problems on aligned copies (another cache entry, maybe another algorithm).
+    CHECK(rel_error(linear(xg.clone(), wg.clone(), bg.clone()), want_lin) <= tol);
+    CHECK(rel_error(matmul(xg.clone(), mg.clone()), want_mm) <= tol);
+  }
+}
