@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -167,6 +168,51 @@ bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   return true;
 }
 
+// An operand of matmul as cuBLASLt reads it without a copy: the matrices [rows, cols] of t (the first at
+// t.raw_data()) either row-major (the column stride 1) or transposed (the row stride 1, as a
+// permute(-1, -2) of a contiguous tensor: the weight gradient's dY^T), `ld` the other stride, and one
+// stride between the batch's matrices.
+struct Operand {
+  Tensor t;
+  bool transposed = false;
+  int64_t ld = 0, batch_stride = 0;
+};
+
+// t's last two axes [rows, cols] as an Operand (batch_stride unset), when their strides allow. A stride
+// of an axis of extent 1 is never used: the smallest valid ld is taken there.
+std::optional<Operand> matrix_operand(const Tensor& t, int64_t rows, int64_t cols) {
+  const int r = t.dim();
+  const int64_t sr = t.strides()[r - 2], sc = t.strides()[r - 1];
+  if ((cols == 1 || sc == 1) && (rows == 1 || sr >= cols)) return Operand{t, false, rows == 1 ? cols : sr, 0};
+  if ((rows == 1 || sr == 1) && sc >= rows) return Operand{t, true, sc, 0};  // cols > 1 here
+  return std::nullopt;
+}
+
+// t broadcast to [batch..., rows, cols]: as stored when its matrices' layout allows and its batch axes
+// step by one uniform, nonzero stride, else a contiguous copy (a broadcast, an interleaved layout).
+Operand gemm_operand(const Tensor& t0, const Shape& batch, int64_t rows, int64_t cols) {
+  Shape s = batch;
+  s.push_back(rows);
+  s.push_back(cols);
+  Tensor v = t0.detach();
+  if (v.shape() != s) v = v.expand(s);
+  int64_t bs = rows * cols, next = -1;  // the batch axes of more than one matrix, innermost first
+  bool uniform = true;
+  for (int d = v.dim() - 3; d >= 0; --d) {
+    const int64_t n = v.shape()[d], st = v.strides()[d];
+    if (n == 1) continue;
+    if (next < 0) bs = st;
+    else uniform = uniform && st == next;
+    next = st * n;
+    uniform = uniform && st != 0;
+  }
+  if (std::optional<Operand> o = uniform ? matrix_operand(v, rows, cols) : std::nullopt) {
+    o->batch_stride = bs;
+    return *o;
+  }
+  return {v.contiguous(), false, cols, rows * cols};
+}
+
 void check_float(const Tensor& t, const char* what) {
   if (!is_floating(t.dtype()))
     throw DTypeError(std::string(what) + ": unsupported dtype on CUDA", "f32, f64, bf16, f16", std::string(dtype_name(t.dtype())),
@@ -175,28 +221,36 @@ void check_float(const Tensor& t, const char* what) {
 
 }  // namespace
 
-void matmul(const Tensor& a0, const Tensor& b0, Tensor& c, bool tf32) {
-  check_float(a0, "matmul");
-  const int r = c.dim();
-  const int64_t M = c.shape()[r - 2], N = c.shape()[r - 1], K = a0.shape()[a0.dim() - 1];
-  Shape batch(c.shape().begin(), c.shape().end() - 2);
+GemmCall matmul_call(const Tensor& a0, const Tensor& b0, const Shape& cs) {
+  const int r = cs.rank();
+  const int64_t M = cs[r - 2], N = cs[r - 1], K = a0.shape()[a0.dim() - 1];
+  const Shape batch(cs.begin(), cs.end() - 2);
   const int64_t nb = batch.numel();
-  auto full = [&](const Tensor& t, int64_t rows, int64_t cols) {  // broadcast batch, contiguous
-    Shape s = batch;
-    s.push_back(rows);
-    s.push_back(cols);
-    Tensor v = t.detach();
-    if (v.shape() != s) v = v.expand(s);
-    return v.contiguous();
-  };
-  Tensor a = full(a0, M, K), b = full(b0, K, N);
-  if (K == 0) {  // an empty sum: zeros
+  const Operand a = gemm_operand(a0, batch, M, K);
+  // Row-major C[M,N] = A[M,K] B[K,N]  <=>  column-major C^T[N,M] = B^T[N,K] A^T[K,M]: a row-major operand is
+  // its column-major transpose as stored (no op), a transposed one is stored column-major (op T).
+  // One matrix b for every batch (a weight: the input gradient of a linear layer on [B, T, in], dY @ W)
+  // and a's batches stacked row blocks: one GEMM of nb * M rows, as the CPU folds it, instead of nb
+  // copies of b.
+  if (nb > 1 && !a.transposed && a.batch_stride == M * a.ld) {
+    bool shared = true;
+    for (int d = 0; d + 2 < b0.dim(); ++d) shared = shared && (b0.shape()[d] == 1 || b0.strides()[d] == 0);
+    if (const std::optional<Operand> b = shared ? matrix_operand(b0.detach(), K, N) : std::nullopt)
+      return GemmCall{b->transposed, false, N, nb * M, K, b->t, a.t, b->ld, 0, a.ld, 0, N, 0, 1};
+  }
+  const Operand b = gemm_operand(b0, batch, K, N);
+  return GemmCall{b.transposed, a.transposed, N, M, K, b.t, a.t, b.ld, b.batch_stride, a.ld, a.batch_stride, N, M * N, nb};
+}
+
+void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool tf32) {
+  check_float(a, "matmul");
+  if (a.shape()[a.dim() - 1] == 0) {  // an empty sum: zeros
     fill_(c, 0.0);
     return;
   }
-  // Row-major C[M,N] = A[M,K] B[K,N]  <=>  column-major C^T[N,M] = B^T[N,K] A^T[K,M].
-  gemm_cm(c.device().index, c.dtype(), false, false, N, M, K, b.raw_data(), N, K * N, a.raw_data(), K, M * K,
-          c.raw_data(), N, M * N, nb, 0.0, tf32);
+  const GemmCall g = matmul_call(a, b, c.shape());
+  gemm_cm(c.device().index, c.dtype(), g.ta, g.tb, g.m, g.n, g.k, g.A.raw_data(), g.lda, g.sa, g.B.raw_data(), g.ldb, g.sb,
+          c.raw_data(), g.ldc, g.sc, g.batch, 0.0, tf32);
 }
 
 void linear(const Tensor& x0, const Tensor& w0, const Tensor* bias, Tensor& y, bool tf32) {

@@ -177,6 +177,23 @@ void set_attention_rows_per_warp(int rows);
 /// bf16 / f16 (tensor cores, f32 accumulation, the result rounded to the operands' dtype).
 /// Strided operands are made contiguous first; batches go to one strided-batched cuBLASLt call.
 void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool allow_tf32);
+/// How matmul runs c [batch..., M, N] = a @ b (K > 0) as one cuBLASLt call, in cuBLASLt's column-major
+/// terms: C (m x n, leading dimension ldc, stride sc between the batch's matrices) = op_ta(A) op_tb(B)
+/// over `batch` matrices, A (m x k after its op) stored column-major with lda and stride sa from
+/// A.raw_data(), B likewise. Row-major C = A B is column-major C^T = B^T A^T, so A is matmul's b and B its
+/// a. Operands are read where they are when their layout allows: a transposed matrix (a permute of the
+/// last two axes: a weight gradient's dY^T) by its op flag, a column slice by its leading dimension,
+/// batches one uniform stride apart; a matrix b shared by every batch (a weight) with a's batches stacked
+/// row blocks folds the batch into m (one GEMM, as the CPU folds it). Anything else is a contiguous copy.
+/// Host-only (no CUDA call): tests check it against the CPU's matmul with a reference of the column-major
+/// semantics (tests/emulated/test_gemm_plan_emulated.cpp).
+struct GemmCall {
+  bool ta = false, tb = false;
+  int64_t m = 0, n = 0, k = 0;
+  Tensor A, B;
+  int64_t lda = 0, sa = 0, ldb = 0, sb = 0, ldc = 0, sc = 0, batch = 1;
+};
+GemmCall matmul_call(const Tensor& a, const Tensor& b, const Shape& c);
 /// y [M, out] = x [M, in] @ w[out, in]^T (+ bias [out] when not nullptr). f32 / f64 / bf16 / f16 as matmul.
 void linear(const Tensor& x, const Tensor& w, const Tensor* bias, Tensor& y, bool allow_tf32);
 /// Whether f32 GEMMs may use TF32 tensor cores (default false: results then match the CPU to ~1e-6).
