@@ -574,7 +574,15 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   if (!std::isfinite(sc))
     throw ValueError("scaled_dot_product_attention: scale must be finite", "a finite scale (default 1 / sqrt(D))",
                      std::to_string(sc));
-  return apply(std::make_shared<Attention>(is_causal, sc), {q, k, v})[0];
+  // The kernels read contiguous [N, T, D] operands. A view (q, k, v cut from one qkv projection and
+  // permuted to [B, heads, T, D]) is made contiguous here, once: the tape then saves the copy, and the
+  // backward reads it instead of copying the view again. An f32 view that autocast lowers is left to the
+  // cast, whose result is contiguous.
+  auto packed = [](const Tensor& t) {
+    const bool cast = autocast_dtype() != DType::f32 && t.dtype() == DType::f32;
+    return t.is_contiguous() || cast ? t : t.contiguous();
+  };
+  return apply(std::make_shared<Attention>(is_causal, sc), {packed(q), packed(k), packed(v)})[0];
 }
 
 namespace {

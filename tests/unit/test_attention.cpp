@@ -107,6 +107,45 @@ TEST_CASE("attention: bf16 inputs compute in f32 and round; autocast lowers f32 
         DType::bf16);
 }
 
+TEST_CASE("attention: q, k, v as views of one qkv projection are copied once, before the op", "[ops][attention]") {
+  // [B, T, 3, H, D] permuted to [3, B, H, T, D] and sliced, as a GPT block cuts them: the op and its
+  // backward must read contiguous copies made once on the tape (the kernels read [N, T, D]), and the
+  // gradient must flow back into the projection.
+  const RngKey key = RngKey::from_seed(14);
+  const Tensor qkv0 = randn64(fold_in(key, 1), Shape{2, 40, 3, 2, 8}), ct = randn64(fold_in(key, 2), Shape{1, 2, 2, 40, 8});
+  auto cut = [](const Tensor& qkv, int i) { return qkv.permute({2, 0, 3, 1, 4}).slice(0, i, i + 1); };
+  auto step = [&](const TensorList& in) {
+    Tensor qkv = in[0].detach();
+    qkv.set_requires_grad();
+    const Tensor o = scaled_dot_product_attention(cut(qkv, 0), cut(qkv, 1), cut(qkv, 2), true);
+    return TensorList{o.detach(), grad(sum(o * in[1]), {qkv})[0]};
+  };
+  const TensorList got = step({qkv0, ct});
+  Tensor qkv = qkv0.detach();
+  qkv.set_requires_grad();
+  const Tensor o = reference(cut(qkv, 0), cut(qkv, 1), cut(qkv, 2), true, 1.0 / std::sqrt(8.0));
+  CHECK(worst_abs(got[0], o) < 1e-12);
+  CHECK(worst_abs(got[1], grad(sum(o * ct), {qkv})[0]) < 1e-11);
+
+  const jit::Graph g = jit::trace(step, {qkv0, ct});
+  std::vector<int> producer(g.values.size(), -1);
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    for (int v : g.nodes[i].outputs) producer[size_t(v)] = int(i);
+  int checked = 0;
+  for (const auto& n : g.nodes) {
+    const std::string name = n.op->name();
+    if (name != "scaled_dot_product_attention" && name != "scaled_dot_product_attention_backward") continue;
+    for (int k = 0; k < 3; ++k) {
+      INFO(name << " input " << k);
+      const int p = producer[size_t(n.inputs[size_t(k)])];
+      REQUIRE(p >= 0);
+      CHECK(std::string(g.nodes[size_t(p)].op->name()) == "copy");
+      ++checked;
+    }
+  }
+  CHECK(checked == 6);
+}
+
 TEST_CASE("attention: mismatched shapes, no keys, mixed dtypes and a bad scale are errors", "[ops][attention]") {
   const Tensor q = zeros(Shape{2, 5, 4}), k = zeros(Shape{2, 6, 4});
   CHECK_THROWS_AS(scaled_dot_product_attention(q, k, zeros(Shape{2, 5, 4})), ShapeError);  // v rows != k rows
