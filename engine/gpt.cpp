@@ -22,12 +22,12 @@ class CausalSelfAttention final : public Module {
   }
   Tensor forward(const Tensor& x) override {
     const int64_t B = x.shape()[0], T = x.shape()[1], hl = heads_ / n_, hd = dim_ / heads_;
-    // [B, T, 3 * hl * hd] -> [3, B, hl, T, hd] (a view): this rank's q, k, v heads.
-    Tensor qkv5 = qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}).permute({2, 0, 3, 1, 4});
-    Tensor q = qkv5.slice(0, 0, 1), k = qkv5.slice(0, 1, 2), v = qkv5.slice(0, 2, 3);  // [1, B, hl, T, hd]
+    // [B, T, 3 * hl * hd] -> [3, B, hl, T, hd] -> q, k, v [B, hl, T, hd] (views): this rank's heads. One
+    // unbind, whose gradient is one concat (three slices would scatter three zeroed copies and sum them).
+    const TensorList qkv3 = unbind(qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}).permute({2, 0, 3, 1, 4}), 0);
     // softmax(q k^T / sqrt(hd) + causal mask) v, fused (FlashAttention-2 tiling: no [T, T] scores in memory).
-    Tensor att = scaled_dot_product_attention(q, k, v, /*is_causal=*/true);              // [1, B, hl, T, hd]
-    Tensor y = att.reshape(Shape{B, hl, T, hd}).permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
+    Tensor att = scaled_dot_product_attention(qkv3[0], qkv3[1], qkv3[2], /*is_causal=*/true);  // [B, hl, T, hd]
+    Tensor y = att.permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
     return proj->forward(y);
   }
   std::string name() const override {

@@ -1209,6 +1209,13 @@ int kernel_launches(const Graph& g) {
   int launches = 0;
   for (const Node& n : g.nodes) {
     const std::string name = n.op->name();
+    if (name == "unbind" && n.inputs.size() == 1) {  // views: the input's strides without the axis
+      const auto axis = attr_ints(n.op->attrs(), "axis");
+      Shape st = strides[size_t(n.inputs[0])];
+      st.erase(normalize_axis(int(axis.value_or(std::vector<int64_t>{0}).at(0)), st.rank()));
+      for (int y : n.outputs) strides[size_t(y)] = st;
+      continue;
+    }
     if (n.inputs.size() == 1 && n.outputs.size() == 1) {
       const int x = n.inputs[0], y = n.outputs[0];
       const Shape &xs = spec(g, x).shape, &xst = strides[size_t(x)], &ys = spec(g, y).shape;

@@ -98,8 +98,8 @@ int fuse_cross_entropy(Graph& g);
 int fuse(Graph& g);
 
 /// The number of nodes that launch a kernel when the graph runs: every node except views of their
-/// input. Views: permute, expand, slice, and reshape of contiguous data (a reshape of a non-contiguous
-/// value copies, so it counts). Contiguity is followed through the graph: node outputs are contiguous,
+/// input. Views: permute, expand, slice, unbind, and reshape of contiguous data (a reshape of a
+/// non-contiguous value copies, so it counts). Contiguity is followed through the graph: node outputs are contiguous,
 /// graph inputs are taken as contiguous, constants and state tensors as they are, views permute /
 /// broadcast / step their input's strides. Throws nothing.
 int kernel_launches(const Graph& g);

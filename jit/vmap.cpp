@@ -219,6 +219,8 @@ Result concat_rule(const Ctx& c) {
   return TensorList{concat(in, c.shifted(c.attr_int("axis")))};
 }
 
+Result unbind_rule(const Ctx& c) { return unbind(c.t(0), c.shifted(c.attr_int("axis"))); }
+
 Result slice_rule(const Ctx& c) {
   return TensorList{slice(c.t(0), c.shifted(c.attr_int("axis")), c.attr_int("start"), c.attr_int("stop"), c.attr_int("step"))};
 }
@@ -322,6 +324,7 @@ const std::unordered_map<std::string, Rule>& rules() {
     m["cross_entropy_backward"] = cross_entropy_backward_rule;
     m["concat"] = concat_rule;
     m["slice"] = slice_rule;
+    m["unbind"] = unbind_rule;
     m["slice_scatter"] = slice_scatter_rule;
     m["permute"] = permute_rule;
     m["reshape"] = reshape_rule;

@@ -106,6 +106,12 @@ Tensor expand(const Tensor& x, const Shape& shape);
 Tensor slice(const Tensor& x, int axis, int64_t start, int64_t stop, int64_t step = 1);
 /// Joins tensors along an existing axis; all other dimensions must match.
 Tensor concat(const TensorList& xs, int axis);
+/// torch.unbind: the x.shape[axis] slices of x along `axis`, each without that axis, as views of x's
+/// memory (no copy), in one op. Differentiable: the gradient is one concat of the cotangents (zeros for
+/// unused slices), where slicing each index apart would scatter each cotangent into a zeroed copy of x
+/// and sum the copies (a GPT block's q, k, v cut from one projection: one pass instead of seven). An
+/// x.shape[axis] of 0 gives no tensors. Throws ShapeError for a 0-d x or an axis out of range.
+TensorList unbind(const Tensor& x, int axis = 0);
 /// Pads with zeros: `before` / `after` elements along `axis` (used by the vjp of slice).
 Tensor pad(const Tensor& x, int axis, int64_t before, int64_t after);
 /// out[..., labels[i], ...] = 1: f32 one-hot of integer labels with `classes` entries (new last axis).

@@ -267,6 +267,48 @@ class Concat final : public Op {
   int axis_;
 };
 
+// The slices of x along `axis`, each without that axis: views of x's memory. Its vjp is one concat of
+// the cotangents (their adjoint), where slicing each index apart would scatter each cotangent into a
+// zeroed copy of x and sum the copies.
+class Unbind final : public Op {
+ public:
+  explicit Unbind(int axis) : axis_(axis) {}
+  const char* name() const override { return "unbind"; }
+  std::string attrs() const override { return "axis=" + std::to_string(axis_); }
+  bool custom_forward() const override { return true; }
+  bool capturable() const override { return true; }  // no device work: views of its input's memory
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    if (in[0].dim() == 0) throw ShapeError("unbind of a 0-d tensor", "a tensor of rank >= 1", "[]", "reshape it first");
+    const int a = normalize_axis(axis_, in[0].dim());
+    Shape s = in[0].shape();
+    const int64_t n = s[a];
+    s.erase(a);
+    return std::vector<TensorSpec>(size_t(n), TensorSpec{s, in[0].dtype(), in[0].device()});
+  }
+  TensorList forward(const TensorList& in) const override {
+    const Tensor& x = in[0];
+    const std::vector<TensorSpec> specs = infer(in);
+    const int a = normalize_axis(axis_, x.dim());
+    Shape st = x.strides();
+    st.erase(a);
+    TensorList out;
+    for (int64_t i = 0; i < int64_t(specs.size()); ++i) out.push_back(make_view(x, specs[0].shape, st, x.offset() + i * x.strides()[a]));
+    return out;
+  }
+  void cpu(const TensorList&, TensorList&) const override {}
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
+    const int a = normalize_axis(axis_, in[0].dim());
+    Shape one = in[0].shape();
+    one[a] = 1;
+    TensorList parts;
+    for (const Tensor& c : ct) parts.push_back(reshape(c, one));
+    return {concat(parts, a)};
+  }
+
+ private:
+  int axis_;
+};
+
 class AsType final : public Op {
  public:
   explicit AsType(DType t) : t_(t) {}
@@ -362,6 +404,7 @@ Tensor slice(const Tensor& x, int axis, int64_t start, int64_t stop, int64_t ste
   return apply1(std::make_shared<Slice>(SliceSpec{axis, start, stop, step}), {x});
 }
 Tensor concat(const TensorList& xs, int axis) { return apply1(std::make_shared<Concat>(axis), xs); }
+TensorList unbind(const Tensor& x, int axis) { return apply(std::make_shared<Unbind>(axis), {x}); }
 Tensor pad(const Tensor& x, int axis, int64_t before, int64_t after) {
   int a = normalize_axis(axis, x.dim());
   if (before < 0 || after < 0) throw ValueError("pad with a negative width", ">= 0", std::to_string(before) + ", " + std::to_string(after));

@@ -129,6 +129,11 @@ std::vector<OpCase> build() {
                 [](const TensorList& in) { return square(in[0].expand(Shape{2, 3, 4})); }});
   cs.push_back({"slice/step2", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{4, 7})}; },
                 [](const TensorList& in) { return square(in[0].slice(1, 1, 6, 2)); }});
+  cs.push_back({"unbind", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{4, 3, 5})}; },
+                [](const TensorList& in) {  // slice 1 unused: its cotangent is zeros
+                  const TensorList p = unbind(in[0].permute({1, 0, 2}), 0);
+                  return p[0] * 2.0 + square(p[2]);
+                }});
   cs.push_back({"slice/negative", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{4, 7})}; },
                 [](const TensorList& in) { return in[0].slice(0, -3, 4); }});
   cs.push_back({"concat", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{2, 3}), randn64(k(key, 1), Shape{2, 2})}; },

@@ -3,6 +3,8 @@
 
 #include <cmath>
 
+#include <titanax/titanax.h>
+
 #include "op_cases.h"
 
 using namespace titanax;
@@ -142,4 +144,33 @@ TEST_CASE("where, concat, slice, pad, one_hot", "[ops][shape]") {
   CHECK(one_hot(from_vector(std::vector<int64_t>{2, 0}, Shape{2}), 3).to_vector<float>() == std::vector<float>{0, 0, 1, 1, 0, 0});
   CHECK_THROWS_AS(one_hot(from_vector(std::vector<int64_t>{3}, Shape{1}), 3), ValueError);
   CHECK_THROWS_AS(concat({a, ones(Shape{3, 3})}, 0), ShapeError);
+}
+
+TEST_CASE("unbind: views of each slice; the gradient is one concat", "[ops][shape]") {
+  const Tensor x = from_vector(std::vector<float>{1, 2, 3, 4, 5, 6}, Shape{2, 3});
+  const TensorList cols = unbind(x, -1);
+  REQUIRE(cols.size() == 3);
+  CHECK(cols[1].shape() == Shape{2});
+  CHECK(cols[1].to_vector<float>() == std::vector<float>{2, 5});
+  CHECK(cols[2].raw_data() == static_cast<const float*>(x.raw_data()) + 2);  // a view, no copy
+  CHECK(unbind(x, 0)[1].to_vector<float>() == std::vector<float>{4, 5, 6});
+  CHECK(unbind(zeros(Shape{0, 4}), 0).empty());
+  CHECK_THROWS_AS(unbind(scalar(1.0), 0), ShapeError);
+  CHECK_THROWS_AS(unbind(x, 2), ShapeError);
+  // The gradient of every slice is one node (a concat), not a scatter per slice and their sum.
+  auto f = [](const TensorList& in) {
+    Tensor w = in[0].detach();
+    w.set_requires_grad();
+    const TensorList p = unbind(w, 1);
+    return TensorList{grad(sum(p[0] * 3.0 + p[2]), {w})[0]};
+  };
+  const jit::Graph g = jit::trace(f, {x});
+  int concats = 0, scatters = 0;
+  for (const auto& n : g.nodes) {
+    concats += std::string(n.op->name()) == "concat";
+    scatters += std::string(n.op->name()) == "slice_scatter";
+  }
+  CHECK(concats == 1);
+  CHECK(scatters == 0);
+  CHECK(g.run({x})[0].to_vector<float>() == std::vector<float>{3, 0, 1, 3, 0, 1});
 }

@@ -171,13 +171,14 @@ TEST_CASE("vmap: softmax, log_softmax and layer_norm", "[vmap]") {
   CHECK(batched_count("layer_norm") == 4);
 }
 
-TEST_CASE("vmap: reshape, permute, transpose, slice, concat, expand, take, one_hot", "[vmap]") {
+TEST_CASE("vmap: reshape, permute, transpose, slice, concat, expand, take, one_hot, unbind", "[vmap]") {
   const Tensor idx = from_vector(std::vector<int64_t>{2, 0, 2, 1}, Shape{4});
   auto f = [&](const TensorList& in) {
     const Tensor& x = in[0];  // [3, 4]
     return TensorList{x.reshape(Shape{2, 6}), x.permute({1, 0}), x.T().slice(-1, 1, 3), x.slice(0, 0, 3, 2),
                       concat({x, x * 2.0}, -1), x.slice(0, 0, 1).expand(Shape{2, 3, 4}), take(x, idx, 0),
-                      take(x, idx.slice(0, 0, 2), -1), pad(x, 1, 1, 2), x.flatten().unsqueeze(0)};
+                      take(x, idx.slice(0, 0, 2), -1), pad(x, 1, 1, 2), x.flatten().unsqueeze(0), unbind(x, 1)[2],
+                      unbind(x.T(), -1)[0]};
   };
   jit::reset_vmap_stats();
   const Tensor x = rnd(50, Shape{5, 3, 4});
