@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdio>
 
+#include "jit/memory_plan.h"
+
 namespace titanax::app {
 
 const ConfigSchema& run_schema() {
@@ -387,9 +389,11 @@ int describe_graph(const Config& c, const Plan& p, int64_t local_batch, const st
   }
   const jit::Graph g = eng.trace_step(*net, is_lm(c) ? LossFn(nn::lm_loss) : LossFn(classification_loss), b);
   std::printf("%s", format == "dot" ? g.dot().c_str() : g.str().c_str());
-  if (format != "dot")
+  if (format != "dot") {
     std::printf("# training step of %s, local batch %lld: %zu nodes, %zu in-place updates\n", net->name().c_str(),
                 static_cast<long long>(local_batch), g.num_nodes(), g.updates.size());
+    if (g.plan) std::printf("# memory plan: %s\n", g.plan->str().c_str());
+  }
   return 0;
 }
 }  // namespace

@@ -377,7 +377,7 @@ jit::Graph Engine::trace_step(nn::Module& model, const LossFn& loss_fn, const Ba
   auto [keys, args] = batch_args(batch);
   begin_step(model, model.parameters());
   jit::Graph g = jit::trace(step_function(model, loss_fn, keys), args);
-  jit::optimize(g);
+  jit::optimize_for_replay(g);  // the options of the engine's jit step (the defaults)
   return g;
 }
 

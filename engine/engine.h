@@ -191,8 +191,9 @@ class Engine {
   /// the TP axis.
   std::map<std::string, PartitionSpec> partition_specs(nn::Module& model) const;
 
-  /// The graph of one training step on `local_batch` as EngineOptions::jit compiles it (traced, then
-  /// optimised by jit::optimize); tracing runs the step once, so the model and optimizer take that step.
+  /// The graph of one training step on `local_batch` as EngineOptions::jit compiles it and replays it
+  /// (traced, then jit::optimize_for_replay: fused, updates in place, the memory plan); tracing runs
+  /// the step once, so the model and optimizer take that step.
   /// For `titanax describe --graph`. Throws what jit steps throw (PlanError, ValueError).
   jit::Graph trace_step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// Counters of the compiled step under EngineOptions::jit (nullptr before the first step or without jit).

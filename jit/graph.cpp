@@ -689,15 +689,19 @@ TensorList Compiled::operator()(const TensorList& args) {
   const auto t0 = std::chrono::steady_clock::now();
   TensorList eager;  // tracing runs fn once, with its effects: that run answers this call
   Graph g = trace(fn_, args, opts_.static_inputs, &eager);
-  optimize(g);
-  if (fuse(g) > 0) optimize(g);
-  update_in_place(g);
-  if (opts_.memory_plan) plan_memory_pass(g);
+  optimize_for_replay(g, opts_);
   precompile_fused_kernels(g);  // the generated kernels in parallel, now rather than one by one at first replay
   stats_.compile_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++stats_.misses;
   cache_.emplace(sig, Entry{std::move(g)});
   return eager;
+}
+
+void optimize_for_replay(Graph& g, const JitOptions& opts) {
+  optimize(g);
+  if (fuse(g) > 0) optimize(g);
+  update_in_place(g);
+  if (opts.memory_plan) plan_memory_pass(g);
 }
 
 Compiled jit(std::function<TensorList(const TensorList&)> fn, JitOptions opts) { return Compiled(std::move(fn), std::move(opts)); }

@@ -193,6 +193,12 @@ struct JitOptions {
   bool cuda_graphs = true;
 };
 
+/// What jit() does to a newly traced graph, in order: optimize(), fuse() (jit/fusion.h; optimize again
+/// when it fused something), update_in_place(), and plan_memory_pass() (jit/memory_plan.h) when
+/// opts.memory_plan. The result is the graph a replay runs (`titanax describe --graph` prints it).
+/// Throws what the passes throw.
+void optimize_for_replay(Graph& g, const JitOptions& opts = {});
+
 /// A function compiled per input signature (each input's shape, dtype and device, and the values of
 /// static inputs): the first call with a new signature traces fn (that call runs eagerly, as tracing
 /// does), runs the passes (dead code, common subexpressions, algebraic simplification, constant folding,
