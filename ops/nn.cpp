@@ -82,7 +82,7 @@ const char* reduction_name(Reduction r) {
 
 // Shared shape / dtype rule of cross_entropy and its backward.
 void check_ce_inputs(const Tensor& logits, const Tensor& labels, const char* what) {
-  check_dtype(logits, {DType::f32, DType::f64}, what);
+  check_dtype(logits, {DType::f32, DType::f64, DType::bf16, DType::f16}, what);
   check_dtype(labels, {DType::i32, DType::i64}, (std::string(what) + " (labels)").c_str());
   if (logits.dim() < 1)
     throw ShapeError(std::string(what) + ": logits need a class axis", "logits [..., C]", logits.shape().str());
@@ -92,6 +92,10 @@ void check_ce_inputs(const Tensor& logits, const Tensor& labels, const char* wha
                                                                                " for logits " + logits.shape().str(),
                      labels.shape().str(), "labels hold one class index per row of logits (no one-hot, no class axis)");
 }
+
+// The loss's dtype for logits of dtype t: f32 for f16 / bf16 logits (the loss of their exact f32 copy,
+// as llm.c's and FlashAttention's fused cross-entropy kernels return it), else t.
+DType ce_loss_dtype(DType t) { return is_half(t) ? DType::f32 : t; }
 
 // What the cross-entropy ops share: the reduction and ignore_index, printed as their attributes.
 class CrossEntropyBase : public Op {
@@ -116,12 +120,14 @@ class CrossEntropyBackward final : public CrossEntropyBase {
     check_ce_inputs(in[0], in[1], name());
     const Tensor& ct = in[2];
     Shape want = red_ == Reduction::none ? in[1].shape() : Shape{};
-    if (ct.shape() != want || ct.dtype() != in[0].dtype())
+    if (ct.shape() != want || ct.dtype() != ce_loss_dtype(in[0].dtype()))
       throw ShapeError("cross_entropy_backward: cotangent does not match the loss",
-                       std::string(dtype_name(in[0].dtype())) + want.str(), std::string(dtype_name(ct.dtype())) + ct.shape().str());
+                       std::string(dtype_name(ce_loss_dtype(in[0].dtype()))) + want.str(),
+                       std::string(dtype_name(ct.dtype())) + ct.shape().str());
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     Tensor logits = dense(in[0]), labels = dense(in[1]), ct = dense(in[2]);
     const int64_t C = logits.shape().back();
     int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
@@ -142,13 +148,17 @@ class CrossEntropy final : public CrossEntropyBase {
  public:
   using CrossEntropyBase::CrossEntropyBase;
   const char* name() const override { return "cross_entropy"; }
-  AutocastPolicy autocast_policy() const override { return AutocastPolicy::f32; }
+  // Under autocast 16-bit logits stay as they are: the loss is f32 anyway (ce_loss_dtype), bitwise that of
+  // the f32 copy PyTorch's autocast would make (2 + 4 bytes per logit written and read again, and as much
+  // for the gradient's cast back).
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::promote; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_ce_inputs(in[0], in[1], name());
     Shape s = red_ == Reduction::none ? in[1].shape() : Shape{};
-    return {{s, in[0].dtype(), in[0].device()}};
+    return {{s, ce_loss_dtype(in[0].dtype()), in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     Tensor logits = dense(in[0]), labels = dense(in[1]);
     const int64_t C = logits.shape().back();
     int64_t count = kc::check_labels(labels, C, ignore_, in[1].shape(), "cross_entropy");
@@ -178,6 +188,7 @@ class CrossEntropyWithGrad final : public CrossEntropyBase {
     return {loss[0], grad[0]};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
     Tensor logits = dense(in[0]), labels = dense(in[1]), ct = dense(in[2]);
     const int64_t count = kc::check_labels(labels, logits.shape().back(), ignore_, in[1].shape(), "cross_entropy");
     kc::cross_entropy_fused(logits, labels, ct, ignore_, to_kernel(red_), count, out[0], out[1]);

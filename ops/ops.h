@@ -134,7 +134,11 @@ Tensor log_softmax(const Tensor& x, int axis = -1);
 enum class Reduction { mean, sum, none };
 /// Cross-entropy of logits [N, C] (or [..., C]) against integer labels [N] (or [...]), fused with the
 /// log-softmax. Labels equal to ignore_index contribute nothing; `mean` divides by the number of
-/// non-ignored labels. A label outside [0, C) throws ValueError naming it.
+/// non-ignored labels. A label outside [0, C) throws ValueError naming it. Logits f32, f64, f16 or bf16;
+/// f16 / bf16 logits compute in f32 and give an f32 loss (PyTorch returns their dtype; llm.c's and
+/// FlashAttention's fused kernels return f32, as here), bitwise the loss of their f32 copy, and their
+/// gradient rounded to their dtype once. So autocast leaves 16-bit logits as they are (no f32 copy of a
+/// [tokens, vocabulary] tensor and of its gradient).
 Tensor cross_entropy(const Tensor& logits, const Tensor& labels, Reduction reduction = Reduction::mean,
                      int64_t ignore_index = -100);
 /// Layer normalisation over the last axis (Ba, Kiros & Hinton 2016): (x - mean) / sqrt(var + eps) * w + b,

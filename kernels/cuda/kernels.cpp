@@ -259,7 +259,7 @@ void cross_entropy_rows(const Tensor& logits, const Tensor& labels, const Tensor
   const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : labels.numel();
   Tensor rows = empty(Shape{std::max<int64_t>(R, 1)}, DType::f64, logits.device());
   Tensor count = empty(Shape{}, DType::i64, logits.device());
-  check(launch_cross_entropy_fused(floating(logits, "cross_entropy"), labels.dtype() == DType::i64, logits.raw_data(),
+  check(launch_cross_entropy_fused(any_floating(logits, "cross_entropy"), labels.dtype() == DType::i64, logits.raw_data(),
                                    labels.raw_data(), ct ? ct->raw_data() : nullptr, R, C, ignore_index, red_code(red),
                                    static_cast<int64_t*>(count.raw_data()), report_slot(logits.device().index),
                                    out.raw_data(), static_cast<double*>(rows.raw_data()),
@@ -281,7 +281,7 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& labels, const Te
                             LossReduction red, Tensor& dlogits) {
   const int64_t C = logits.shape().back(), R = C > 0 ? logits.numel() / C : 0;
   Tensor count = empty(Shape{}, DType::i64, logits.device());
-  check(launch_cross_entropy_backward(floating(logits, "cross_entropy_backward"), labels.dtype() == DType::i64,
+  check(launch_cross_entropy_backward(any_floating(logits, "cross_entropy_backward"), labels.dtype() == DType::i64,
                                       logits.raw_data(), labels.raw_data(), ct.raw_data(), R, C, ignore_index,
                                       red_code(red), static_cast<int64_t*>(count.raw_data()),
                                       report_slot(logits.device().index), dlogits.raw_data(), stream_of(dlogits)),

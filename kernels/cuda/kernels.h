@@ -74,7 +74,9 @@ void argmax(const Tensor& x, int axis, Tensor& out);
 // ------------------------------------------------------------------------------------ nn (contiguous inputs)
 /// Softmax / log-softmax along the middle axis of x viewed as [outer, n, inner] (see kernels/cpu/nn.h).
 void softmax(const Tensor& x, int64_t outer, int64_t n, int64_t inner, bool log, Tensor& y);
-/// Fused log-softmax + NLL over logits [R, C] and labels [R]; out as in kernels::cpu::cross_entropy. sum /
+/// Fused log-softmax + NLL over logits [R, C] and labels [R]; out as in kernels::cpu::cross_entropy. Logits
+/// f32, f64, f16 or bf16: 16-bit logits compute in f32 with an f32 loss (out) and cotangent (ct), and
+/// their gradient rounded to their dtype once, bitwise what their f32 copy gives. sum /
 /// mean add the row losses deterministically (one block, fixed order). The labels are checked on the
 /// device (nothing waits, so the op can be captured into a CUDA graph): a label outside [0, C) that is not
 /// ignore_index makes its row's loss NaN and is thrown as a ValueError at the host's next wait for the

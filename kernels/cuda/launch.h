@@ -114,7 +114,8 @@ int launch_softmax(Dt t, const void* x, void* y, int64_t outer, int64_t n, int64
 /// the number of labels that are not `ignore` (mean's divisor), and a label outside [0, C) is reported
 /// into `slot` (its row's loss is NaN). With ct and dx (else null): the backward in the same pass over
 /// each row (its max and sum of exponentials computed once), dx bitwise what
-/// launch_cross_entropy_backward gives.
+/// launch_cross_entropy_backward gives. t: f32, f64, f16, bf16 (the logits and dx); out and ct are t's
+/// compute type (f32 for f16 / bf16: the loss of their exact f32 copy, dx rounded to t once).
 int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab, const void* ct, int64_t R, int64_t C,
                                int64_t ignore, int red, int64_t* count, const ReportSlot& slot, void* out, double* rows,
                                void* dx, void* stream);

@@ -38,9 +38,10 @@ __global__ void k_ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, 
   ce_labels<DevicePrim>(lab, R, C, ignore, count, slot);
 }
 
+// T: the logits' storage type; the loss and its cotangent are compute_t<T> (f32 for f16 / bf16 logits).
 template <class T, class L>
-__global__ void k_ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                           const int64_t* count, T* out, double* rows, T* dx, bool cached) {
+__global__ void k_ce_fused(const T* x, const L* lab, const compute_t<T>* ct, int64_t R, int64_t C, int64_t ignore, int red,
+                           const int64_t* count, compute_t<T>* out, double* rows, T* dx, bool cached) {
   extern __shared__ __align__(16) unsigned char smem[];
   ce_fused<DevicePrim>(x, lab, ct, R, C, ignore, red, count, out, rows, dx, row_cache<T>(smem, cached));
 }
@@ -51,8 +52,8 @@ __global__ void k_ce_total(const double* rows, int64_t R, int red, const int64_t
 }
 
 template <class T, class L>
-__global__ void k_ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                              const int64_t* count, T* dx, bool cached) {
+__global__ void k_ce_backward(const T* x, const L* lab, const compute_t<T>* ct, int64_t R, int64_t C, int64_t ignore,
+                              int red, const int64_t* count, T* dx, bool cached) {
   extern __shared__ __align__(16) unsigned char smem[];
   ce_backward<DevicePrim>(x, lab, ct, R, C, ignore, red, count, dx, row_cache<T>(smem, cached));
 }
@@ -175,19 +176,20 @@ int launch_cross_entropy_fused(Dt t, bool lab64, const void* x, const void* lab,
                                void* dx, void* stream) {
   auto st = as_stream(stream);
   if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
-  return floating(t, [&](auto v) {
+  return dispatch_floating(t, [&](auto v) {
     using T = decltype(v);
+    using LT = compute_t<T>;  // the loss type
     if (R > 0) {
       // The forward alone reads each row once: no cache.
       with_index_type(lab64, lab, [&](auto l) {
         using L = std::remove_cv_t<std::remove_pointer_t<decltype(l)>>;
         const RowLaunch rl = row_launch<T>(k_ce_fused<T, L>, C, dx != nullptr);
-        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(static_cast<const T*>(x), l, static_cast<const T*>(ct), R, C,
-                                                               ignore, red, count, static_cast<T*>(out), rows,
+        k_ce_fused<<<row_blocks(R), rl.threads, rl.smem, st>>>(static_cast<const T*>(x), l, static_cast<const LT*>(ct), R,
+                                                               C, ignore, red, count, static_cast<LT*>(out), rows,
                                                                static_cast<T*>(dx), rl.smem > 0);
       });
     }
-    if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<T*>(out));
+    if (red != 2) k_ce_total<<<1, 1024, 0, st>>>(rows, R, red, count, static_cast<LT*>(out));
   });
 }
 
@@ -197,13 +199,14 @@ int launch_cross_entropy_backward(Dt t, bool lab64, const void* x, const void* l
   if (R * C == 0) return 0;
   auto st = as_stream(stream);
   if (const int err = launch_ce_labels(lab64, lab, R, C, ignore, count, slot, st)) return err;
-  return floating(t, [&](auto v) {
+  return dispatch_floating(t, [&](auto v) {
     using T = decltype(v);
     with_index_type(lab64, lab, [&](auto l) {
       using L = std::remove_cv_t<std::remove_pointer_t<decltype(l)>>;
       const RowLaunch rl = row_launch<T>(k_ce_backward<T, L>, C, true);
-      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(static_cast<const T*>(x), l, static_cast<const T*>(ct), R, C,
-                                                                ignore, red, count, static_cast<T*>(dx), rl.smem > 0);
+      k_ce_backward<<<row_blocks(R), rl.threads, rl.smem, st>>>(static_cast<const T*>(x), l,
+                                                                static_cast<const compute_t<T>*>(ct), R, C, ignore, red,
+                                                                count, static_cast<T*>(dx), rl.smem > 0);
     });
   });
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kernels/cuda/half.cuh"
 #include "kernels/cuda/hw_policy.h"
 
 namespace titanax::kernels::cuda::row_kernels {
@@ -26,23 +27,26 @@ template <> TX_HW_FN float dexp(float v) { return expf(v); }
 // every caller turns into the same NaN results. With a `cache` (shared memory for n elements), each thread
 // also stores the elements it reads there, for the caller's next pass over the row: the same thread reads
 // them back (the same j), so that pass needs no barrier and no second read of global memory.
+// T: the storage type (f16 / bf16 elements widen to f32 on load, exactly; the cache keeps them as stored).
 template <class Hw, class T>
-TX_HW_FN void row_stats(const T* xr, int64_t n, T& m, double& s, T* cache) {
-  T lm = T(-INFINITY);
+TX_HW_FN void row_stats(const T* xr, int64_t n, compute_t<T>& m, double& s, T* cache) {
+  using C = compute_t<T>;
+  C lm = C(-INFINITY);
   double ls = 0;
   TX_UNROLL_4
   for (int64_t j = Hw::thread(); j < n; j += Hw::threads()) {
-    const T v = xr[j];
-    if (cache) cache[j] = v;
+    const T raw = xr[j];
+    if (cache) cache[j] = raw;
+    const C v = widen(raw);
     if (v > lm) {
-      ls = ls * double(dexp(T(lm - v))) + 1.0;
+      ls = ls * double(dexp(C(lm - v))) + 1.0;
       lm = v;
-    } else if (!(v == T(-INFINITY))) {  // -inf adds exp(-inf) = 0, even to a running max of -inf
-      ls += double(dexp(T(v - lm)));
+    } else if (!(v == C(-INFINITY))) {  // -inf adds exp(-inf) = 0, even to a running max of -inf
+      ls += double(dexp(C(v - lm)));
     }
   }
-  m = block_max_of<Hw>(lm, T(-INFINITY));
-  s = block_sum_of<Hw>(lm == T(-INFINITY) ? ls : ls * double(dexp(T(lm - m))));  // ls: 0, or NaN from a NaN
+  m = block_max_of<Hw>(lm, C(-INFINITY));
+  s = block_sum_of<Hw>(lm == C(-INFINITY) ? ls : ls * double(dexp(C(lm - m))));  // ls: 0, or NaN from a NaN
 }
 
 // `cache`: null, or shared memory for n elements (see row_stats).
@@ -50,7 +54,7 @@ template <class Hw, class T>
 TX_HW_FN void softmax_rows(const T* x, T* y, int64_t rows, int64_t n, bool log, T* cache) {
   for (int64_t r = Hw::block_x(); r < rows; r += Hw::grid_x()) {
     T* yr = y + r * n;
-    T m;
+    compute_t<T> m;
     double s;
     row_stats<Hw>(x + r * n, n, m, s, cache);
     const T* xr = cache ? cache : x + r * n;
@@ -103,26 +107,30 @@ TX_HW_FN void ce_labels(const L* lab, int64_t R, int64_t C, int64_t ignore, int6
 
 TX_HW_FN bool bad_label(int64_t l, int64_t C) { return l < 0 || l >= C; }
 
+// The cross-entropy of logits stored as T computes in compute_t<T> (f32 for f16 / bf16 logits): its loss
+// (and so the cotangent of the loss) has that type, the gradient is rounded to T once, so that 16-bit
+// logits give bitwise the loss and the rounded gradient of their f32 copy, without the copy.
+
 // Row r's loss (0 when ignored, NaN for a bad label: reported by k_ce_labels) from the row's statistics.
 template <class T>
-TX_HW_FN double ce_row_loss(const T* xr, int64_t l, int64_t C, int64_t ignore, T m, double s) {
+TX_HW_FN double ce_row_loss(const T* xr, int64_t l, int64_t C, int64_t ignore, compute_t<T> m, double s) {
   if (l == ignore) return 0;
   if (bad_label(l, C)) return double(NAN);
-  return double(m) + ::log(s) - double(xr[l]);
+  return double(m) + ::log(s) - double(widen(xr[l]));
 }
 
-// Row r's loss into out[r] (none) or rows[r] (summed later), by thread 0.
-template <class Hw, class T>
-TX_HW_FN void ce_store_loss(double loss, int64_t r, int red, T* out, double* rows) {
+// Row r's loss into out[r] (none) or rows[r] (summed later), by thread 0. LT: the loss type.
+template <class Hw, class LT>
+TX_HW_FN void ce_store_loss(double loss, int64_t r, int red, LT* out, double* rows) {
   if (Hw::thread() == 0) {
-    if (red == 2) out[r] = T(loss);
+    if (red == 2) out[r] = LT(loss);
     else rows[r] = loss;
   }
 }
 
-// The backward's scale of every row for sum / mean (none: ct[r] per row).
-template <class T>
-TX_HW_FN double ce_uniform_scale(const T* ct, int red, const int64_t* count) {
+// The backward's scale of every row for sum / mean (none: ct[r] per row). LT: the loss type.
+template <class LT>
+TX_HW_FN double ce_uniform_scale(const LT* ct, int red, const int64_t* count) {
   if (red == 1) return double(ct[0]);
   if (red == 0) return *count > 0 ? double(ct[0]) / double(*count) : 0.0;
   return 0;
@@ -131,12 +139,13 @@ TX_HW_FN double ce_uniform_scale(const T* ct, int red, const int64_t* count) {
 // A row of dlogits: softmax(x) * scale from the row's statistics (max m, sum s of exp(x - m) over the
 // whole vocabulary), minus scale at column `hot` (none when hot is outside [0, C)).
 template <class Hw, class T>
-TX_HW_FN void softmax_xent_row_grad(const T* xr, int64_t C, int64_t hot, double scale, T m, double s, T* dr) {
-  const T k = T(scale / s);
+TX_HW_FN void softmax_xent_row_grad(const T* xr, int64_t C, int64_t hot, double scale, compute_t<T> m, double s, T* dr) {
+  using CT = compute_t<T>;
+  const CT k = CT(scale / s);
   for (int64_t j = Hw::thread(); j < C; j += Hw::threads()) {
-    T v = dexp(T(xr[j] - m)) * k;
-    if (j == hot) v -= T(scale);
-    dr[j] = v;
+    CT v = dexp(CT(widen(xr[j]) - m)) * k;
+    if (j == hot) v -= CT(scale);
+    dr[j] = narrow<T>(v);
   }
 }
 template <class Hw, class T>
@@ -147,8 +156,9 @@ TX_HW_FN void fill_row(T* dr, int64_t C, T v) {
 // Row r of dlogits: (softmax - onehot) * scale from the row's statistics; 0 for an ignored row, NaN for a
 // bad label (reported by k_ce_labels).
 template <class Hw, class T>
-TX_HW_FN void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore, double scale, T m, double s, T* dr) {
-  if (label == ignore || bad_label(label, C)) fill_row<Hw>(dr, C, label == ignore ? T(0) : T(double(NAN)));
+TX_HW_FN void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore, double scale, compute_t<T> m, double s,
+                          T* dr) {
+  if (label == ignore || bad_label(label, C)) fill_row<Hw>(dr, C, store_as<T>(label == ignore ? 0.0 : double(NAN)));
   else softmax_xent_row_grad<Hw>(xr, C, label, scale, m, s, dr);
 }
 
@@ -156,8 +166,8 @@ TX_HW_FN void ce_row_grad(const T* xr, int64_t label, int64_t C, int64_t ignore,
 // label, whose row needs none); block-uniform, as row_stats synchronises the block.
 // Returns where the row's gradient pass reads it: `cache` when given (and filled), else xr.
 template <class Hw, class T>
-TX_HW_FN const T* ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, T& m, double& s, T* cache) {
-  m = T(0);
+TX_HW_FN const T* ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore, compute_t<T>& m, double& s, T* cache) {
+  m = compute_t<T>(0);
   s = 0;
   if (l != ignore && !bad_label(l, C)) row_stats<Hw>(xr, C, m, s, cache);
   return cache ? cache : xr;
@@ -167,13 +177,13 @@ TX_HW_FN const T* ce_row_stats(const T* xr, int64_t l, int64_t C, int64_t ignore
 // once, then its loss and its gradient (the gradient bitwise what ce_backward gives). `cache`: null, or
 // shared memory for C elements (see row_stats; only the gradient reads the row again).
 template <class Hw, class T, class L>
-TX_HW_FN void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
-                       const int64_t* count, T* out, double* rows, T* dx, T* cache) {
+TX_HW_FN void ce_fused(const T* x, const L* lab, const compute_t<T>* ct, int64_t R, int64_t C, int64_t ignore, int red,
+                       const int64_t* count, compute_t<T>* out, double* rows, T* dx, T* cache) {
   const double uniform = dx ? ce_uniform_scale(ct, red, count) : 0.0;
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
-    T m;
+    compute_t<T> m;
     double s;
     const T* src = ce_row_stats<Hw>(xr, l, C, ignore, m, s, dx ? cache : nullptr);
     ce_store_loss<Hw>(ce_row_loss(xr, l, C, ignore, m, s), r, red, out, rows);
@@ -196,13 +206,13 @@ TX_HW_FN void ce_total(const double* rows, int64_t R, int red, const int64_t* co
 
 // `cache`: null, or shared memory for C elements (see row_stats).
 template <class Hw, class T, class L>
-TX_HW_FN void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, int red,
+TX_HW_FN void ce_backward(const T* x, const L* lab, const compute_t<T>* ct, int64_t R, int64_t C, int64_t ignore, int red,
                           const int64_t* count, T* dx, T* cache) {
   const double uniform = ce_uniform_scale(ct, red, count);
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const int64_t l = int64_t(lab[r]);
     const T* xr = x + r * C;
-    T m;
+    compute_t<T> m;
     double s;
     const T* src = ce_row_stats<Hw>(xr, l, C, ignore, m, s, cache);
     ce_row_grad<Hw>(src, l, C, ignore, red == 2 ? double(ct[r]) : uniform, m, s, dx + r * C);

@@ -50,6 +50,38 @@ TEST_CASE("cuda mixed precision: f16 / bf16 casts and elementwise ops equal the 
   }
 }
 
+TEST_CASE("cuda mixed precision: cross-entropy of bf16 / f16 logits is that of their f32 copy, bitwise, on the GPU") {
+  // The kernels read 16-bit logits and compute in f32 (kernels/cuda/rows.cuh): the loss and the gradient
+  // rounded once must be what the f32 kernels give on the widened copy, fused (as under jit) and not.
+  const Device g = Device::cuda(0);
+  const uint64_t seed = testing::fresh_seed();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  const Tensor labels = testing::randint(fold_in(key, 1), Shape{300}, 5003).to(g);
+  for (DType t : {DType::bf16, DType::f16}) {
+    INFO(dtype_name(t));
+    const Tensor x = (testing::randn64(fold_in(key, 2), Shape{300, 5003}) * 3.0).astype(t).to(g);
+    auto run = [&](const Tensor& logits) {
+      Tensor p = logits.detach();
+      p.set_requires_grad();
+      const Tensor l = cross_entropy(p, labels);
+      return TensorList{l.detach(), grad(l * 1.5, {p})[0]};
+    };
+    const TensorList got = run(x), want = run(x.astype(DType::f32));
+    CHECK(got[0].dtype() == DType::f32);
+    CHECK(testing::bitwise_equal(got[0], want[0]));
+    CHECK(testing::bitwise_equal(got[1], want[1].astype(t)));
+    jit::Compiled compiled = jit::jit([&](const TensorList& in) { return run(in[0]); });
+    compiled({x});  // traces; the next calls replay the graph, the loss and gradient one fused node
+    for (int call = 0; call < 2; ++call) {
+      const TensorList replayed = compiled({x});
+      CHECK(testing::bitwise_equal(replayed[0], got[0]));
+      CHECK(testing::bitwise_equal(replayed[1], got[1]));
+    }
+    CHECK(rel_error(got[0], run(x.to(Device::cpu()))[0]) <= 1e-5);  // and the CPU's, within f32 rounding
+  }
+}
+
 TEST_CASE("cuda mixed precision: bf16 / f16 linear and matmul through cuBLASLt within 1e-2 of the CPU") {
   const Device g = Device::cuda(0);
   for (DType t : {DType::bf16, DType::f16}) {

@@ -210,6 +210,54 @@ TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy forward, backward and b
   }
 }
 
+TEMPLATE_TEST_CASE("row kernels, emulated: cross-entropy of f16 / bf16 logits is that of their f32 copy, bitwise", "[emulated]",
+                   __half, __nv_bfloat16) {
+  // 16-bit logits widen exactly and compute in f32: the f32 loss and the f32 gradient rounded once must be
+  // bitwise what the f32 kernels give on the widened copy (the copy autocast no longer makes).
+  using S = TestType;
+  const DType dt = testing::emu::dtype_of<S>();
+  const RngKey key = fresh_key();
+  const int64_t R = 9, C = 333, ignore = -100;
+  const Tensor x = (testing::randn64(fold_in(key, 1), Shape{R, C}) * 3.0).astype(dt), x32 = x.astype(DType::f32);
+  std::vector<int64_t> lv;
+  for (int64_t r = 0; r < R; ++r) lv.push_back(r % 4 == 1 ? ignore : (r * 37 + 5) % C);
+  const Tensor labels = from_vector(lv, Shape{R});
+  for (int red : {0, 1, 2}) {  // mean, sum, none
+    INFO("reduction " << red);
+    const Tensor ct = red == 2 ? testing::randn64(fold_in(key, 2), Shape{R}).astype(DType::f32) : scalar(0.75, DType::f32);
+    const Shape lshape = red == 2 ? Shape{R} : Shape{};
+    // The fused kernel (labels, loss and gradient with the row cached, total) on logits stored as T.
+    auto fused = [&]<class T>(const Tensor& logits, Tensor& loss, Tensor& dx) {
+      Tensor count = full(Shape{}, -1.0, DType::i64), rows = nan_tensor(Shape{R}, DType::f64);
+      testing::emu::launch(1, 1, 1024, 0, [&](unsigned char*) {
+        rk::ce_labels<HostPrim>(cptr<int64_t>(labels), R, C, ignore, ptr<int64_t>(count), kernels::cuda::ReportSlot{});
+      });
+      testing::emu::launch(4, 1, kRowThreads, size_t(C) * sizeof(T), [&](unsigned char* smem) {
+        rk::ce_fused<HostPrim>(cptr<T>(logits), cptr<int64_t>(labels), cptr<float>(ct), R, C, ignore, red, cptr<int64_t>(count),
+                               ptr<float>(loss), ptr<double>(rows), ptr<T>(dx), reinterpret_cast<T*>(smem));
+      });
+      if (red != 2)
+        testing::emu::launch(1, 1, 1024, 0, [&](unsigned char*) {
+          rk::ce_total<HostPrim>(cptr<double>(rows), R, red, cptr<int64_t>(count), ptr<float>(loss));
+        });
+      // The backward alone, without a cache: bitwise the fused gradient.
+      Tensor dx_b = nan_tensor(logits.shape(), logits.dtype());
+      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+        rk::ce_backward<HostPrim>(cptr<T>(logits), cptr<int64_t>(labels), cptr<float>(ct), R, C, ignore, red,
+                                  cptr<int64_t>(count), ptr<T>(dx_b), static_cast<T*>(nullptr));
+      });
+      CHECK(testing::bitwise_equal(dx_b, dx));
+    };
+    Tensor loss = nan_tensor(lshape, DType::f32), dx = nan_tensor(x.shape(), dt);
+    Tensor loss32 = nan_tensor(lshape, DType::f32), dx32 = nan_tensor(x.shape(), DType::f32);
+    fused.template operator()<S>(x, loss, dx);
+    fused.template operator()<float>(x32, loss32, dx32);
+    CHECK(testing::bitwise_equal(loss, loss32));
+    CHECK(testing::bitwise_equal(dx, dx32.astype(dt)));
+    CHECK(std::isfinite(loss.astype(DType::f64).to_vector<double>()[0]));
+  }
+}
+
 TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match the CPU", "[emulated]", float, double) {
   const DType dt = std::is_same_v<TestType, float> ? DType::f32 : DType::f64;
   const double tol = dt == DType::f32 ? 1e-5 : 1e-12;

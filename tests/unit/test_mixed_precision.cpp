@@ -140,6 +140,41 @@ TEST_CASE("autocast: GEMMs lower to bf16, softmax / cross-entropy / sums run in 
   }
 }
 
+TEST_CASE("cross-entropy of f16 / bf16 logits: an f32 loss, the gradient in their dtype; autocast makes no f32 copy", "[mixed]") {
+  std::vector<int64_t> lv{3, -100, 0, 36, 7, 7};
+  const Tensor labels = from_vector(lv, Shape{6});
+  for (DType dt : {DType::bf16, DType::f16}) {
+    INFO(dtype_name(dt));
+    const Tensor x = (randn(21, Shape{6, 37}) * 3.0).astype(dt);
+    for (Reduction red : {Reduction::mean, Reduction::sum, Reduction::none}) {
+      INFO("reduction " << int(red));
+      const Tensor ct = red == Reduction::none ? randn(22, Shape{6}).astype(DType::f32) : scalar(0.5, DType::f32);
+      auto run = [&](const Tensor& logits) {
+        Tensor p = logits.detach();
+        p.set_requires_grad();
+        const Tensor l = cross_entropy(p, labels, red);
+        return TensorList{l.detach(), grad(sum(l * ct), {p})[0]};
+      };
+      const TensorList got = run(x), want = run(x.astype(DType::f32));  // the f32 copy's loss and gradient
+      CHECK(got[0].dtype() == DType::f32);
+      CHECK(got[1].dtype() == dt);
+      CHECK(values(got[0]) == values(want[0]));
+      CHECK(values(got[1]) == values(want[1].astype(dt)));  // rounded once
+    }
+  }
+  // Under autocast the bf16 logits of a lowered linear go to the cross-entropy as they are.
+  const Tensor h = randn(23, Shape{6, 16}).astype(DType::f32), w = randn(24, Shape{37, 16}, 0.3).astype(DType::f32);
+  auto f = [&](const TensorList& in) {
+    AutocastGuard ac(DType::bf16);
+    return TensorList{cross_entropy(linear(in[0], w), labels)};
+  };
+  const jit::Graph g = jit::trace(f, {h});
+  int casts = 0;
+  for (const auto& n : g.nodes) casts += std::string(n.op->name()) == "astype";
+  CHECK(casts == 2);  // h and w lowered to bf16; the logits are not cast up
+  CHECK(g.run({h})[0].dtype() == DType::f32);
+}
+
 TEST_CASE("Engine precision policy: bf16 and fp16 compute with f32 master weights follow f32 training", "[mixed][engine]") {
   auto data = synthetic(512, 3);
   // fp16 with a dynamic loss scale starting at 1024: no overflowing (skipped) step, so the trajectories
