@@ -147,32 +147,31 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
   // replays op by op, its third captures CUDA graphs and touches a memory plan's arena for the first
   // time), then the same `steps` timed ones, so that all end on the same loss.
   constexpr int64_t kWarmup = 3;
-  // Times `steps` calls of f from step kWarmup; returns microseconds per step and the last step's loss,
-  // read after the clock stopped; `faults` gets the minor page faults per step.
-  double faults = 0;
-  auto timed = [&](const std::function<tx::TensorList(const tx::TensorList&)>& f, double& loss) {
+  // Times `steps` calls of f from step kWarmup: microseconds and minor page faults per step, and the last
+  // step's loss, read after the clock stopped.
+  struct Timed {
+    double us = 0, faults = 0, loss = 0;
+  };
+  auto timed = [&](const std::function<tx::TensorList(const tx::TensorList&)>& f) {
     sync();
     const long f0 = minor_faults();
     auto t0 = Clock::now();
     tx::Tensor last;
     for (int64_t s = kWarmup; s < kWarmup + steps; ++s) last = f(batch(s))[0];
     sync();
-    const double us = seconds_since(t0) * 1e6 / double(steps);
-    faults = double(minor_faults() - f0) / double(steps);
-    loss = last.item();
-    return us;
+    Timed r{seconds_since(t0) * 1e6 / double(steps), double(minor_faults() - f0) / double(steps)};
+    r.loss = last.item();
+    return r;
   };
   opt = tx::optim::adamw(tx::optim::constant(1e-4));
   for (int64_t s = 0; s < kWarmup; ++s) step_fn(batch(s));
-  double eager_loss = 0;
-  const double eager_us = timed(step_fn, eager_loss);
-  const double eager_faults = faults;
+  const Timed eager = timed(step_fn);
 
   // Compiled as jit() does by default (on a GPU: replayed through CUDA graphs; on the CPU: intermediates
   // in the memory plan's arena), then on a GPU without CUDA graphs, on the CPU without the memory plan;
   // each from the initial weights.
   double first_call_s = 0, compile_s = 0;
-  double jit_us = 0, jit_loss = 0, jit_faults = 0, other_us = 0, other_loss = 0, other_faults = 0;
+  Timed run[2];  // the default; without CUDA graphs / the memory plan
   std::unique_ptr<tx::jit::Compiled> main_step;
   for (int variant = 0; variant < 2; ++variant) {
     reset();
@@ -185,10 +184,10 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
     sync();
     if (variant == 0) first_call_s = seconds_since(t0), compile_s = step->stats().compile_seconds;
     for (int64_t s = 1; s < kWarmup; ++s) (*step)(batch(s));
-    (variant == 0 ? jit_us : other_us) = timed(std::ref(*step), variant == 0 ? jit_loss : other_loss);
-    (variant == 0 ? jit_faults : other_faults) = faults;
+    run[variant] = timed(std::ref(*step));
     if (variant == 0) main_step = std::move(step);
   }
+  const Timed &compiled = run[0], &other = run[1];
   const tx::jit::Graph* g = main_step->graph_for(batch(0));
   // The same step traced and optimised without fusion (tracing takes one more step: the timings are done).
   tx::jit::Graph unfused = tx::jit::trace(step_fn, batch(0));
@@ -199,14 +198,14 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
                 "eager_us_per_step=%.1f jit_us_per_step=%.1f speedup=%.2f eager_loss=%.6f jit_loss=%.6f nodes=%zu "
                 "launches_unfused=%d launches=%d eager_faults_per_step=%.0f jit_faults_per_step=%.0f disk_cache=none",
                 c.name.c_str(), c.shape.c_str(), dev.str().c_str(), std::string(tx::dtype_name(precision)).c_str(), omp_get_max_threads(),
-                static_cast<long long>(steps), first_call_s, compile_s, eager_us, jit_us, eager_us / jit_us, eager_loss,
-                jit_loss, g->num_nodes(), tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), eager_faults, jit_faults);
+                static_cast<long long>(steps), first_call_s, compile_s, eager.us, compiled.us, eager.us / compiled.us, eager.loss,
+                compiled.loss, g->num_nodes(), tx::jit::kernel_launches(unfused), tx::jit::kernel_launches(*g), eager.faults, compiled.faults);
   if (!dev.is_cuda()) {  // the memory plan's arena, and the same step without it
     char plan[256];
     std::snprintf(plan, sizeof plan,
                   " arena_bytes=%lld unplanned_bytes=%lld unplanned_us_per_step=%.1f unplanned_loss=%.6f unplanned_faults_per_step=%.0f",
                   static_cast<long long>(g->plan ? g->plan->arena_bytes : 0), static_cast<long long>(g->plan ? g->plan->total_bytes : 0),
-                  other_us, other_loss, other_faults);
+                  other.us, other.loss, other.faults);
     extra = plan + extra;
   }
   if (dev.is_cuda()) {  // the CUDA-graph replay: its segments, and the same step replayed op by op
@@ -215,7 +214,7 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
     std::snprintf(graphs, sizeof graphs,
                   " nographs_us_per_step=%.1f nographs_loss=%.6f graph_segments=%d graph_captured_nodes=%d "
                   "graph_eager_nodes=%d graph_failed_captures=%d",
-                  other_us, other_loss, cs ? cs->segments : 0, cs ? cs->captured_nodes : 0,
+                  other.us, other.loss, cs ? cs->segments : 0, cs ? cs->captured_nodes : 0,
                   cs ? cs->eager_nodes : int(g->num_nodes()), cs ? cs->failed_captures : 0);
     extra = graphs + extra;
   }

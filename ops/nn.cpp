@@ -373,6 +373,8 @@ class Attention final : public Op {
   const char* name() const override { return "scaled_dot_product_attention"; }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }  // as torch.autocast
   std::string attrs() const override { return "causal=" + std::to_string(causal_) + " scale=" + attr_num(scale_); }
+  // q, k, v cut from one qkv projection and permuted to [B, heads, T, D] are copied once, on the tape.
+  bool contiguous_inputs() const override { return true; }
   bool saves_outputs() const override { return true; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_attention(in[0], in[1], in[2], name());
@@ -585,15 +587,7 @@ Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tens
   if (!std::isfinite(sc))
     throw ValueError("scaled_dot_product_attention: scale must be finite", "a finite scale (default 1 / sqrt(D))",
                      std::to_string(sc));
-  // The kernels read contiguous [N, T, D] operands. A view (q, k, v cut from one qkv projection and
-  // permuted to [B, heads, T, D]) is made contiguous here, once: the tape then saves the copy, and the
-  // backward reads it instead of copying the view again. An f32 view that autocast lowers is left to the
-  // cast, whose result is contiguous.
-  auto packed = [](const Tensor& t) {
-    const bool cast = autocast_dtype() != DType::f32 && t.dtype() == DType::f32;
-    return t.is_contiguous() || cast ? t : t.contiguous();
-  };
-  return apply(std::make_shared<Attention>(is_causal, sc), {packed(q), packed(k), packed(v)})[0];
+  return apply(std::make_shared<Attention>(is_causal, sc), {q, k, v})[0];
 }
 
 namespace {
