@@ -114,9 +114,9 @@ ApplyObserver* set_apply_observer(ApplyObserver* o) {
 
 TensorList apply(OpPtr op, TensorList inputs) {
   if (t_autocast != DType::f32 && t_op_depth == 0) inputs = autocast_inputs(*op, std::move(inputs));
-  if (op->contiguous_inputs() && t_op_depth == 0)
+  if (t_op_depth == 0)
     for (auto& t : inputs)
-      if (t.defined() && !t.is_contiguous()) t = t.contiguous();
+      if (t.defined() && !t.is_contiguous() && op->contiguous_input(t)) t = t.contiguous();
   for (size_t i = 0; i < inputs.size(); ++i) {
     if (!inputs[i].defined())
       throw ValueError(std::string("op '") + op->name() + "' got an undefined input", "defined tensors",

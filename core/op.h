@@ -71,11 +71,12 @@ class Op {
   /// others as possibly sharing storage with their inputs. An op that overrides forward() overrides this.
   virtual bool custom_forward() const { return false; }
 
-  /// True for ops whose kernels read contiguous operands and whose vjp reads the inputs again (attention):
-  /// apply() then makes a non-contiguous input contiguous itself, once, as an op on the tape (after
-  /// autocast's casts, whose results are contiguous already), so the backward reads that copy instead of
-  /// copying the view a second time. Off by default: most kernels take strided operands.
-  virtual bool contiguous_inputs() const { return false; }
+  /// True for a non-contiguous input t that this op's kernels would copy and whose vjp reads it again
+  /// (attention on the CPU, or a view its CUDA kernels cannot read in place): apply() then makes it
+  /// contiguous itself, once, as an op on the tape (after autocast's casts, whose results are contiguous
+  /// already), so the backward reads that copy instead of copying the view a second time. False by default:
+  /// most kernels take strided operands.
+  virtual bool contiguous_input(const Tensor& t) const { return false; }
 
   /// Whether vjp() reads the outputs (they are then kept alive by the tape node).
   virtual bool saves_outputs() const { return false; }

@@ -352,8 +352,8 @@ class AttentionBackward final : public Op {
                            scale_, out[0], out[1], out[2]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
-    kernels::cuda::attention_backward(dense(in[0]), dense(in[1]), dense(in[2]), dense(in[3]), dense(in[4]),
-                                      dense(in[5]), causal_, scale_, out[0], out[1], out[2]);
+    kernels::cuda::attention_backward(in[0], in[1], in[2], in[3], dense(in[4]), in[5], causal_, scale_, out[0], out[1],
+                                      out[2]);  // q, k, v, o and dout strided as attention_rows allows
   }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of scaled_dot_product_attention is not implemented",
@@ -373,8 +373,11 @@ class Attention final : public Op {
   const char* name() const override { return "scaled_dot_product_attention"; }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }  // as torch.autocast
   std::string attrs() const override { return "causal=" + std::to_string(causal_) + " scale=" + attr_num(scale_); }
-  // q, k, v cut from one qkv projection and permuted to [B, heads, T, D] are copied once, on the tape.
-  bool contiguous_inputs() const override { return true; }
+  // The CUDA kernels read q, k, v cut from one qkv projection and permuted to [B, heads, T, D] in place
+  // (kernels::cuda::attention_rows); the CPU's copy them, and so once, on the tape.
+  bool contiguous_input(const Tensor& t) const override {
+    return !t.device().is_cuda() || !kernels::cuda::attention_rows(t).has_value();
+  }
   bool saves_outputs() const override { return true; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_attention(in[0], in[1], in[2], name());
@@ -388,7 +391,7 @@ class Attention final : public Op {
     kc::attention_forward(dense(in[0]), dense(in[1]), dense(in[2]), causal_, scale_, out[0], out[1]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
-    kernels::cuda::attention_forward(dense(in[0]), dense(in[1]), dense(in[2]), causal_, scale_, out[0], out[1]);
+    kernels::cuda::attention_forward(in[0], in[1], in[2], causal_, scale_, out[0], out[1]);  // strided: attention_rows
   }
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {

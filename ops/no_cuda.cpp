@@ -49,6 +49,7 @@ void attention_backward(const Tensor&, const Tensor&, const Tensor&, const Tenso
                         double, Tensor&, Tensor&, Tensor&) {
   no_cuda("attention");
 }
+std::optional<AttnRows> attention_rows(const Tensor&) { return std::nullopt; }  // asked of CUDA tensors only
 bool attention_tensor_cores() { return false; }  // no CUDA kernels at all
 void set_attention_tensor_cores(bool) {}
 bool attention_deterministic() { return true; }

@@ -1,5 +1,6 @@
 // Views and layout ops: reshape, permute, expand, slice (views); copy, concat, pad, astype, to(device),
 // one_hot (copies). Also the Tensor methods that wrap them.
+#include <algorithm>
 #include <numeric>
 
 #include "core/cuda_runtime.h"
@@ -296,16 +297,45 @@ class Unbind final : public Op {
     return out;
   }
   void cpu(const TensorList&, TensorList&) const override {}
+  // One concat, laid out in x's memory order (PyTorch's preserve_format): where x is a permuted view of
+  // one dense buffer (GPT's q, k, v cut from a [B, T, 3, heads, D] projection), the slices are concatenated
+  // in that buffer's axis order and permuted back, so the gradient has x's strides and the vjps of the
+  // permute and reshape before the unbind stay views instead of copying it a second time.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
-    const int a = normalize_axis(axis_, in[0].dim());
-    Shape one = in[0].shape();
+    const Tensor& x = in[0];
+    const int a = normalize_axis(axis_, x.dim());
+    Shape one = x.shape();
     one[a] = 1;
+    const std::vector<int> order = memory_order(x);
+    const bool identity = std::is_sorted(order.begin(), order.end());
     TensorList parts;
-    for (const Tensor& c : ct) parts.push_back(reshape(c, one));
-    return {concat(parts, a)};
+    for (const Tensor& c : ct) parts.push_back(identity ? reshape(c, one) : permute(reshape(c, one), order));
+    if (identity) return {concat(parts, a)};
+    std::vector<int> inverse(order.size());
+    for (size_t i = 0; i < order.size(); ++i) inverse[size_t(order[i])] = int(i);
+    return {permute(concat(parts, inverse[size_t(a)]), inverse)};
   }
 
  private:
+  // x's axes from the largest stride to the smallest (ties in axis order) where x densely covers its memory
+  // in that order (every stride the product of the extents inside it, axes of one element aside); the
+  // identity otherwise (an overlapping or gapped view: a plain concat).
+  static std::vector<int> memory_order(const Tensor& x) {
+    std::vector<int> order(size_t(x.dim()));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return x.strides()[p] > x.strides()[q]; });
+    int64_t inner = 1;
+    for (auto it = order.rbegin(); it != order.rend(); ++it) {
+      const int64_t n = x.shape()[*it];
+      if (n == 1) continue;
+      if (x.strides()[*it] != inner) {
+        std::iota(order.begin(), order.end(), 0);
+        return order;
+      }
+      inner *= n;
+    }
+    return order;
+  }
   int axis_;
 };
 

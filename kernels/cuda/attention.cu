@@ -20,34 +20,35 @@ constexpr int kMinBlocks = 4;
 template <class T, int DC>
 __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
     k_attn_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-               float* __restrict__ lse, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal, float scale) {
+               float* __restrict__ lse, const AttentionLayout L, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal,
+               float scale) {
   extern __shared__ float sm[];
-  forward<DevicePrim, T, DC>(q, k, v, o, lse, N, Tq, Tk, D, causal, scale, sm);
+  forward<DevicePrim, T, DC>(q, k, v, o, lse, L, N, Tq, Tk, D, causal, scale, sm);
 }
 
 template <class T, int DC>
 __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
     k_attn_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-              const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t N,
-              int64_t Tq, int64_t Tk, int D, bool causal, float scale) {
+              const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, const AttentionLayout L,
+              int64_t N, int64_t Tq, int64_t Tk, int D, bool causal, float scale) {
   extern __shared__ float sm[];
-  backward_dq<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dq, N, Tq, Tk, D, causal, scale, sm);
+  backward_dq<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dq, L, N, Tq, Tk, D, causal, scale, sm);
 }
 
 template <class T, int DC>
 __global__ void __launch_bounds__(kAttnThreads, kMinBlocks)
     k_attn_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                 const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal,
-                float scale) {
+                T* __restrict__ dk, T* __restrict__ dv, const AttentionLayout L, int64_t N, int64_t Tq, int64_t Tk, int D,
+                bool causal, float scale) {
   extern __shared__ float sm[];
-  backward_dkdv<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, D, causal, scale, sm);
+  backward_dkdv<DevicePrim, T, DC>(q, k, v, dout, lse, delta, dk, dv, L, N, Tq, Tk, D, causal, scale, sm);
 }
 
 template <class T>
-__global__ void k_attn_delta(const T* __restrict__ o, const T* __restrict__ dout, float* __restrict__ delta,
-                             int64_t R, int D) {
-  attention_delta<DevicePrim>(o, dout, delta, R, D);
+__global__ void k_attn_delta(const T* __restrict__ o, const T* __restrict__ dout, const AttentionLayout L,
+                             float* __restrict__ delta, int64_t N, int64_t Tq, int D) {
+  attention_delta<DevicePrim>(o, dout, L, delta, N, Tq, D);
 }
 
 template <int C>
@@ -86,8 +87,9 @@ dim3 attention_grid(int64_t rows, int64_t N) {
 
 }  // namespace
 
-int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
-                             int64_t D, bool causal, double scale, void* o, float* lse, void* stream) {
+int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, const AttentionLayout& L, int64_t N,
+                             int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale, void* o, float* lse,
+                             void* stream) {
   if (N == 0 || Tq == 0) return 0;
   auto st = as_stream(stream);
   const size_t bytes = fwd_smem_floats(int(D)) * sizeof(float);
@@ -96,25 +98,26 @@ int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, 
     constexpr int DC = decltype(ch)::value;
     if (int e = allow_smem(k_attn_fwd<T, DC>, bytes)) return e;
     k_attn_fwd<T, DC><<<attention_grid(Tq, N), kAttnThreads, bytes, st>>>(
-        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, N,
+        static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, L, N,
         Tq, Tk, int(D), causal, float(scale));
     return 0;
   });
 }
 
-int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int64_t D, float* delta, void* stream) {
-  if (R == 0) return 0;
+int launch_attention_delta(Dt t, const void* o, const void* dout, const AttentionLayout& L, int64_t N, int64_t Tq,
+                           int64_t D, float* delta, void* stream) {
+  if (N * Tq == 0) return 0;
   return dispatch_attention(t, D, [&](auto tv, auto) -> int {
     using T = decltype(tv);
-    k_attn_delta<<<grid_for(R, kThreads / 32), kThreads, 0, as_stream(stream)>>>(static_cast<const T*>(o),
-                                                                                 static_cast<const T*>(dout), delta, R, int(D));
+    k_attn_delta<<<grid_for(N * Tq, kThreads / 32), kThreads, 0, as_stream(stream)>>>(
+        static_cast<const T*>(o), static_cast<const T*>(dout), L, delta, N, Tq, int(D));
     return 0;
   });
 }
 
 int launch_attention_backward(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
-                              const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
-                              double scale, void* dq, void* dk, void* dv, float* delta, void* stream) {
+                              const void* dout, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk, int64_t D,
+                              bool causal, double scale, void* dq, void* dk, void* dv, float* delta, void* stream) {
   if (N == 0) return 0;
   auto st = as_stream(stream);
   const size_t bq = dq_smem_floats(int(D)) * sizeof(float), bkv = dkdv_smem_floats(int(D)) * sizeof(float);
@@ -126,16 +129,16 @@ int launch_attention_backward(Dt t, const void* q, const void* k, const void* v,
     const T* vt = static_cast<const T*>(v);
     const T* ot = static_cast<const T*>(dout);
     if (Tq > 0) {
-      if (int e = launch_attention_delta(t, o, dout, N * Tq, D, delta, stream)) return e;
+      if (int e = launch_attention_delta(t, o, dout, L, N, Tq, D, delta, stream)) return e;
       if (int e = allow_smem(k_attn_dq<T, DC>, bq)) return e;
       k_attn_dq<T, DC><<<attention_grid(Tq, N), kAttnThreads, bq, st>>>(qt, kt, vt, ot, lse, delta,
-                                                                         static_cast<T*>(dq), N, Tq, Tk, int(D),
+                                                                         static_cast<T*>(dq), L, N, Tq, Tk, int(D),
                                                                          causal, float(scale));
     }
     if (Tk > 0) {  // with Tq == 0 the loop over query tiles is empty: dk = dv = 0
       if (int e = allow_smem(k_attn_dkdv<T, DC>, bkv)) return e;
       k_attn_dkdv<T, DC><<<attention_grid(Tk, N), kAttnThreads, bkv, st>>>(
-          qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, int(D), causal,
+          qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), L, N, Tq, Tk, int(D), causal,
           float(scale));
     }
     return 0;

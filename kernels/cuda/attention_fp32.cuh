@@ -10,7 +10,9 @@
 // results rounded to nearest on store. Deterministic: every sum has a fixed order and there are no atomics
 // (the backward computes dq and dk / dv in two separate kernels instead of FA2's atomic dq).
 //
-// Layout: q [N, Tq, D], k, v [N, Tk, D], o, dout [N, Tq, D], lse, delta [N, Tq] (f32), all contiguous.
+// Layout: q [N, Tq, D], k, v [N, Tk, D], o, dout [N, Tq, D] with rows where their AttnRows in the
+// AttentionLayout put them (kernels/cuda/launch.h: views such as GPT's q, k, v are read in place), lse,
+// delta [N, Tq] (f32) contiguous.
 // visible(i, j) = !causal || j <= i (top-left aligned). D <= 128: a lane owns features d = lane + 32 c,
 // c < DC = ceil(D / 32) (a template parameter). Shared-memory rows hold floats with an odd pitch
 // P = D | 1 >= D, so 32 lanes reading 32 different rows at the same column hit 32 different banks.
@@ -50,15 +52,20 @@ TX_HW_FN float ldf(const float* p, int64_t i) { return p[i]; }
 TX_HW_FN float ldf(const __half* p, int64_t i) { return __half2float(p[i]); }
 TX_HW_FN float ldf(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
 
-// The backward's first step, for both kernel families: delta[r] = sum_d dout[r, d] o[r, d] over R rows of
-// D, in f32; one warp per row (any grid), lanes striding over d, then a fixed shuffle order.
+// The backward's first step, for both kernel families: delta[n Tq + i] = sum_d dout[n, i, d] o[n, i, d] over
+// the N * Tq rows of D (o, dout laid out as L.o, L.dout), in f32; one warp per row (any grid), lanes striding
+// over d, then a fixed shuffle order.
 template <class Hw, class T>
-TX_HW_FN void attention_delta(const T* o, const T* dout, float* delta, int64_t R, int D) {
+TX_HW_FN void attention_delta(const T* o, const T* dout, const AttentionLayout& L, float* delta, int64_t N, int64_t Tq,
+                              int D) {
   const int lane = Hw::thread() & 31;
-  const int64_t wpb = Hw::threads() >> 5;
+  const int64_t wpb = Hw::threads() >> 5, R = N * Tq;
   for (int64_t r = int64_t(Hw::block_x()) * wpb + (Hw::thread() >> 5); r < R; r += int64_t(Hw::grid_x()) * wpb) {
+    const int64_t n = r / Tq, i = r - n * Tq;
+    const T* orow = o + L.o.matrix(n) + i * L.o.row;
+    const T* drow = dout + L.dout.matrix(n) + i * L.dout.row;
     float s = 0.f;
-    for (int d = lane; d < D; d += 32) s = fmaf(ldf(dout, r * D + d), ldf(o, r * D + d), s);
+    for (int d = lane; d < D; d += 32) s = fmaf(ldf(drow, d), ldf(orow, d), s);
     s = warp_sum_of<Hw>(s);
     if (lane == 0) delta[r] = s;
   }
@@ -68,32 +75,32 @@ TX_HW_FN void stf(float* p, int64_t i, float v) { p[i] = v; }
 TX_HW_FN void stf(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
 TX_HW_FN void stf(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
-// Rows [r0, r0 + nrows) of a contiguous [rows, D] matrix into shared memory (pitch P), as floats; rows at or
-// beyond `limit` are zeros (so that masked products are 0 * 0, never 0 * stale). The rows are one
-// contiguous range of global memory: consecutive threads read consecutive elements.
+// Rows [r0, r0 + nrows) of a [rows, D] matrix (row i at src + i * ld, its D features contiguous) into shared
+// memory (pitch P), as floats; rows at or beyond `limit` are zeros (so that masked products are 0 * 0, never
+// 0 * stale). Consecutive threads read consecutive elements of a row.
 template <class Hw, class T>
-TX_HW_FN void load_rows(float* dst, const T* src, int64_t r0, int nrows, int64_t limit, int D, int P) {
+TX_HW_FN void load_rows(float* dst, const T* src, int64_t ld, int64_t r0, int nrows, int64_t limit, int D, int P) {
   const int total = nrows * D;
   for (int e = Hw::thread(); e < total; e += kAttnThreads) {
     const int r = e / D, d = e - r * D;
     const int64_t gr = r0 + r;
-    dst[r * P + d] = gr < limit ? ldf(src, gr * D + d) : 0.f;
+    dst[r * P + d] = gr < limit ? ldf(src, gr * ld + d) : 0.f;
   }
 }
 
 TX_HW_FN bool visible(int64_t i, int64_t j, bool causal) { return !causal || j <= i; }
 
 // Stores value(r, c) to row row0 + r (r < kRowsPerWarp: the warp's rows, those below `limit`), column
-// lane + 32 c (those below D), of the row-major [rows, D] `dst`.
+// lane + 32 c (those below D), of the [rows, D] `dst` (row i at dst + i * ld).
 template <int DC, class T, class F>
-TX_HW_FN void store_warp_rows(T* dst, int64_t row0, int64_t limit, int D, int lane, F value) {
+TX_HW_FN void store_warp_rows(T* dst, int64_t ld, int64_t row0, int64_t limit, int D, int lane, F value) {
   TX_UNROLL
   for (int r = 0; r < kRowsPerWarp; ++r) {
     if (row0 + r >= limit) continue;
     TX_UNROLL
     for (int c = 0; c < DC; ++c) {
       const int d = lane + 32 * c;
-      if (d < D) stf(dst, (row0 + r) * D + d, value(r, c));
+      if (d < D) stf(dst, (row0 + r) * ld + d, value(r, c));
     }
   }
 }
@@ -140,7 +147,8 @@ TX_HW_FN void accumulate_tile(float (&acc)[kRowsPerWarp][DC], const float (&wt)[
 // Forward: o = softmax(scale q k^T [+ mask]) v, lse = m + log(l).
 template <class Hw, class T, int DC>
 TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-               float* __restrict__ lse, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal, float scale, float* sm) {
+                      float* __restrict__ lse, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk, int D,
+                      bool causal, float scale, float* sm) {
   const int P = D | 1;
   float* Qs = sm;                    // [kBlockRows][P]
   float* Ks = Qs + kBlockRows * P;   // [kTile][P]
@@ -151,11 +159,10 @@ TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T*
   const int64_t kend = causal ? (Tk < last + 1 ? Tk : last + 1) : Tk;      // keys [0, kend) may be visible
   const float* qw = Qs + w * kRowsPerWarp * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
-    const T* qn = q + n * Tq * D;
-    const T* kn = k + n * Tk * D;
-    const T* vn = v + n * Tk * D;
+    const T* kn = k + L.k.matrix(n);
+    const T* vn = v + L.v.matrix(n);
     Hw::sync();  // the previous n's readers of Qs / Ks / Vs are done
-    load_rows<Hw>(Qs, qn, q0, kBlockRows, Tq, D, P);
+    load_rows<Hw>(Qs, q + L.q.matrix(n), L.q.row, q0, kBlockRows, Tq, D, P);
     float m[kRowsPerWarp], l[kRowsPerWarp], acc[kRowsPerWarp][DC];
     TX_UNROLL
     for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -166,8 +173,8 @@ TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T*
     }
     for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
       Hw::sync();  // everyone is done with the previous tile
-      load_rows<Hw>(Ks, kn, k0, kTile, Tk, D, P);
-      load_rows<Hw>(Vs, vn, k0, kTile, Tk, D, P);
+      load_rows<Hw>(Ks, kn, L.k.row, k0, kTile, Tk, D, P);
+      load_rows<Hw>(Vs, vn, L.v.row, k0, kTile, Tk, D, P);
       Hw::sync();
       // Scores of key j = k0 + lane for the warp's rows (one pass over K's row: reused by 4 rows).
       float s[kRowsPerWarp];
@@ -201,7 +208,7 @@ TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T*
     // l == 0 only when no key is visible (Tk == 0): the empty sum, o = 0 and lse = -inf. A NaN l (NaN
     // inputs) propagates.
     const int64_t row0 = q0 + w * kRowsPerWarp;
-    store_warp_rows<DC>(o + n * Tq * D, row0, Tq, D, lane, [&](int r, int c) { return l[r] == 0.f ? 0.f : acc[r][c] / l[r]; });
+    store_warp_rows<DC>(o + L.o.matrix(n), L.o.row, row0, Tq, D, lane, [&](int r, int c) { return l[r] == 0.f ? 0.f : acc[r][c] / l[r]; });
     TX_UNROLL
     for (int r = 0; r < kRowsPerWarp; ++r)
       if (lane == 0 && row0 + r < Tq) lse[n * Tq + row0 + r] = l[r] == 0.f ? -INFINITY : m[r] + logf(l[r]);
@@ -212,8 +219,8 @@ TX_HW_FN void forward(const T* __restrict__ q, const T* __restrict__ k, const T*
 // dP_ij = dout_i.v_j. Same tiling as the forward.
 template <class Hw, class T, int DC>
 TX_HW_FN void backward_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-              const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t N,
-              int64_t Tq, int64_t Tk, int D, bool causal, float scale, float* sm) {
+              const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
+              const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal, float scale, float* sm) {
   const int P = D | 1;
   float* Qs = sm;                    // [kBlockRows][P]
   float* Os = Qs + kBlockRows * P;   // dout rows [kBlockRows][P]
@@ -226,11 +233,11 @@ TX_HW_FN void backward_dq(const T* __restrict__ q, const T* __restrict__ k, cons
   const float* qw = Qs + w * kRowsPerWarp * P;
   const float* ow = Os + w * kRowsPerWarp * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
-    const T* kn = k + n * Tk * D;
-    const T* vn = v + n * Tk * D;
+    const T* kn = k + L.k.matrix(n);
+    const T* vn = v + L.v.matrix(n);
     Hw::sync();
-    load_rows<Hw>(Qs, q + n * Tq * D, q0, kBlockRows, Tq, D, P);
-    load_rows<Hw>(Os, dout + n * Tq * D, q0, kBlockRows, Tq, D, P);
+    load_rows<Hw>(Qs, q + L.q.matrix(n), L.q.row, q0, kBlockRows, Tq, D, P);
+    load_rows<Hw>(Os, dout + L.dout.matrix(n), L.dout.row, q0, kBlockRows, Tq, D, P);
     float li[kRowsPerWarp], di[kRowsPerWarp], acc[kRowsPerWarp][DC];
     TX_UNROLL
     for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -242,8 +249,8 @@ TX_HW_FN void backward_dq(const T* __restrict__ q, const T* __restrict__ k, cons
     }
     for (int64_t k0 = 0; k0 < kend; k0 += kTile) {
       Hw::sync();
-      load_rows<Hw>(Ks, kn, k0, kTile, Tk, D, P);
-      load_rows<Hw>(Vs, vn, k0, kTile, Tk, D, P);
+      load_rows<Hw>(Ks, kn, L.k.row, k0, kTile, Tk, D, P);
+      load_rows<Hw>(Vs, vn, L.v.row, k0, kTile, Tk, D, P);
       Hw::sync();
       float s[kRowsPerWarp], dp[kRowsPerWarp];
       two_dots(s, qw, Ks + lane * P, dp, ow, Vs + lane * P, P, D);  // s = q_i . k_j, dp = dout_i . v_j
@@ -258,7 +265,7 @@ TX_HW_FN void backward_dq(const T* __restrict__ q, const T* __restrict__ k, cons
       }
       accumulate_tile<Hw, DC>(acc, ds, Ks, P, D, lane);
     }
-    store_warp_rows<DC>(dq + n * Tq * D, q0 + w * kRowsPerWarp, Tq, D, lane, [&](int r, int c) { return acc[r][c] * scale; });
+    store_warp_rows<DC>(dq + L.dq.matrix(n), L.dq.row, q0 + w * kRowsPerWarp, Tq, D, lane, [&](int r, int c) { return acc[r][c] * scale; });
   }
 }
 
@@ -267,8 +274,8 @@ TX_HW_FN void backward_dq(const T* __restrict__ q, const T* __restrict__ k, cons
 template <class Hw, class T, int DC>
 TX_HW_FN void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                 const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, int D, bool causal,
-                float scale, float* sm) {
+                T* __restrict__ dk, T* __restrict__ dv, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk,
+                int D, bool causal, float scale, float* sm) {
   const int P = D | 1;
   float* Ks = sm;                    // the block's keys [kBlockRows][P]
   float* Vs = Ks + kBlockRows * P;   // [kBlockRows][P]
@@ -283,11 +290,11 @@ TX_HW_FN void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, co
   const float* kw = Ks + w * kRowsPerWarp * P;
   const float* vw = Vs + w * kRowsPerWarp * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
-    const T* qn = q + n * Tq * D;
-    const T* on = dout + n * Tq * D;
+    const T* qn = q + L.q.matrix(n);
+    const T* on = dout + L.dout.matrix(n);
     Hw::sync();
-    load_rows<Hw>(Ks, k + n * Tk * D, j0, kBlockRows, Tk, D, P);
-    load_rows<Hw>(Vs, v + n * Tk * D, j0, kBlockRows, Tk, D, P);
+    load_rows<Hw>(Ks, k + L.k.matrix(n), L.k.row, j0, kBlockRows, Tk, D, P);
+    load_rows<Hw>(Vs, v + L.v.matrix(n), L.v.row, j0, kBlockRows, Tk, D, P);
     float ak[kRowsPerWarp][DC], av[kRowsPerWarp][DC];
     TX_UNROLL
     for (int r = 0; r < kRowsPerWarp; ++r)
@@ -295,8 +302,8 @@ TX_HW_FN void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, co
       for (int c = 0; c < DC; ++c) ak[r][c] = av[r][c] = 0.f;
     for (int64_t q0 = qbegin; q0 < Tq; q0 += kTile) {
       Hw::sync();
-      load_rows<Hw>(Qs, qn, q0, kTile, Tq, D, P);
-      load_rows<Hw>(Os, on, q0, kTile, Tq, D, P);
+      load_rows<Hw>(Qs, qn, L.q.row, q0, kTile, Tq, D, P);
+      load_rows<Hw>(Os, on, L.dout.row, q0, kTile, Tq, D, P);
       if (Hw::thread() < kTile) {
         const int64_t i = q0 + Hw::thread();
         Ls[Hw::thread()] = i < Tq ? lse[n * Tq + i] : 0.f;
@@ -337,8 +344,8 @@ TX_HW_FN void backward_dkdv(const T* __restrict__ q, const T* __restrict__ k, co
       }
     }
     const int64_t row0 = j0 + w * kRowsPerWarp;
-    store_warp_rows<DC>(dk + n * Tk * D, row0, Tk, D, lane, [&](int r, int c) { return ak[r][c] * scale; });
-    store_warp_rows<DC>(dv + n * Tk * D, row0, Tk, D, lane, [&](int r, int c) { return av[r][c]; });
+    store_warp_rows<DC>(dk + L.dk.matrix(n), L.dk.row, row0, Tk, D, lane, [&](int r, int c) { return ak[r][c] * scale; });
+    store_warp_rows<DC>(dv + L.dv.matrix(n), L.dv.row, row0, Tk, D, lane, [&](int r, int c) { return av[r][c]; });
   }
 }
 

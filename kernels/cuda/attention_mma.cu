@@ -18,18 +18,19 @@ namespace ma = mma_attention;
 template <class T, int D, int M>
 __global__ void __launch_bounds__(ma::kMmaThreads)
     k_attn_fwd_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o,
-                   float* __restrict__ lse, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2) {
+                   float* __restrict__ lse, const AttentionLayout L, int64_t N, int64_t Tq, int64_t Tk, bool causal,
+                   float scale_log2) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ma::forward<DevicePrim, T, D, M>(q, k, v, o, lse, N, Tq, Tk, causal, scale_log2, smem);
+  ma::forward<DevicePrim, T, D, M>(q, k, v, o, lse, L, N, Tq, Tk, causal, scale_log2, smem);
 }
 
 template <class T, int D, int M>
 __global__ void __launch_bounds__(ma::kMmaThreads)
     k_attn_dq_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
-                  const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, int64_t N,
-                  int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale) {
+                  const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq,
+                  const AttentionLayout L, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ma::backward_dq<DevicePrim, T, D, M>(q, k, v, dout, lse, delta, dq, N, Tq, Tk, causal, scale_log2, scale, smem);
+  ma::backward_dq<DevicePrim, T, D, M>(q, k, v, dout, lse, delta, dq, L, N, Tq, Tk, causal, scale_log2, scale, smem);
 }
 
 // dk / dv with M m-tiles per warp; kFusedDq also adds dq into dq_accum (FA2's fused backward).
@@ -37,11 +38,11 @@ template <class T, int D, bool kFusedDq, int M>
 __global__ void __launch_bounds__(ma::kMmaThreads)
     k_attn_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                     const T* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                    T* __restrict__ dk, T* __restrict__ dv, int64_t N, int64_t Tq, int64_t Tk, bool causal,
-                    float scale_log2, float scale, float* __restrict__ dq_accum) {
+                    T* __restrict__ dk, T* __restrict__ dv, const AttentionLayout L, int64_t N, int64_t Tq, int64_t Tk,
+                    bool causal, float scale_log2, float scale, float* __restrict__ dq_accum) {
   extern __shared__ __align__(16) unsigned char smem[];
-  ma::backward_dkdv<DevicePrim, T, D, kFusedDq, M>(q, k, v, dout, lse, delta, dk, dv, N, Tq, Tk, causal, scale_log2, scale,
-                                                   smem, dq_accum);
+  ma::backward_dkdv<DevicePrim, T, D, kFusedDq, M>(q, k, v, dout, lse, delta, dk, dv, L, N, Tq, Tk, causal, scale_log2,
+                                                   scale, smem, dq_accum);
 }
 
 // Shared memory of k_attn_dkdv_mma<T, D, kFusedDq, M>.
@@ -51,8 +52,9 @@ constexpr size_t dkdv_bytes() {
 }
 
 template <class T>
-__global__ void k_dq_from_accum(const float* __restrict__ dq_accum, T* __restrict__ dq, int64_t count, float scale) {
-  ma::dq_from_accum<DevicePrim, T>(dq_accum, dq, count, scale);
+__global__ void k_dq_from_accum(const float* __restrict__ dq_accum, T* __restrict__ dq, const AttentionLayout L, int64_t N,
+                                int64_t Tq, int D, float scale) {
+  ma::dq_from_accum<DevicePrim, T>(dq_accum, dq, L, N, Tq, D, scale);
 }
 
 template <int V>
@@ -88,15 +90,19 @@ dim3 mma_grid(int64_t rows, int R, int64_t N) {
 
 }  // namespace
 
-bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs) {
+bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs,
+                             std::initializer_list<AttnRows> rows) {
   if ((t != Dt::bf16 && t != Dt::f16) || (D != 64 && D != 128) || !(scale > 0)) return false;
   for (const void* p : ptrs)
     if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
+  for (const AttnRows& r : rows)
+    if (r.batch % 8 != 0 || r.head % 8 != 0 || r.row % 8 != 0) return false;
   return true;
 }
 
-int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
-                                 int64_t D, bool causal, double scale, void* o, float* lse, bool narrow, void* stream) {
+int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, const AttentionLayout& L, int64_t N,
+                                 int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale, void* o, float* lse,
+                                 bool narrow, void* stream) {
   if (N == 0 || Tq == 0) return 0;
   const cudaStream_t st = as_stream(stream);
   return dispatch_mma(t, D, [&](auto tv, auto hd) -> int {
@@ -107,21 +113,21 @@ int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void*
       constexpr size_t bytes = ma::fwd_smem_bytes<T, HD, M>();
       if (int e = allow_smem(k_attn_fwd_mma<T, HD, M>, bytes)) return e;
       k_attn_fwd_mma<T, HD, M><<<mma_grid(Tq, ma::block_rows<M>(), N), ma::kMmaThreads, bytes, st>>>(
-          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, N, Tq, Tk,
-          causal, float(scale) * ma::kLog2e);
+          static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o), lse, L, N, Tq,
+          Tk, causal, float(scale) * ma::kLog2e);
       return 0;
     });
   });
 }
 
 int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
-                                  const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
-                                  double scale, void* dq, void* dk, void* dv, float* delta, float* dq_accum,
-                                  bool narrow, void* stream) {
+                                  const void* dout, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk,
+                                  int64_t D, bool causal, double scale, void* dq, void* dk, void* dv, float* delta,
+                                  float* dq_accum, bool narrow, void* stream) {
   if (N == 0) return 0;
   const cudaStream_t st = as_stream(stream);
   if (Tq > 0)  // delta_i = sum_d dout[i, d] o[i, d], as the FP32 path computes it
-    if (int e = launch_attention_delta(t, o, dout, N * Tq, D, delta, stream)) return e;
+    if (int e = launch_attention_delta(t, o, dout, L, N, Tq, D, delta, stream)) return e;
   return dispatch_mma(t, D, [&](auto tv, auto hd) -> int {
     using T = decltype(tv);
     constexpr int HD = decltype(hd)::value;
@@ -138,8 +144,8 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
         constexpr size_t bytes = dkdv_bytes<T, HD, F, M>();
         if (int e = allow_smem(k_attn_dkdv_mma<T, HD, F, M>, bytes)) return e;
         k_attn_dkdv_mma<T, HD, F, M><<<mma_grid(Tk, ma::block_rows<M>(), N), ma::kMmaThreads, bytes, st>>>(
-            qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), N, Tq, Tk, causal, sl2, float(scale),
-            dq_accum);
+            qt, kt, vt, ot, lse, delta, static_cast<T*>(dk), static_cast<T*>(dv), L, N, Tq, Tk, causal, sl2,
+            float(scale), dq_accum);
         return 0;
       });
     };
@@ -152,7 +158,7 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
       if (count > 0) {
         const int64_t quads = count / 4, threads = 256;
         const unsigned grid = unsigned(std::min<int64_t>((quads + threads - 1) / threads, 65535));
-        k_dq_from_accum<T><<<grid, threads, 0, st>>>(dq_accum, static_cast<T*>(dq), count, float(scale));
+        k_dq_from_accum<T><<<grid, threads, 0, st>>>(dq_accum, static_cast<T*>(dq), L, N, Tq, HD, float(scale));
       }
       return 0;
     }
@@ -162,7 +168,7 @@ int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void
         constexpr size_t bytes = ma::dq_smem_bytes<T, HD, M>();
         if (int e = allow_smem(k_attn_dq_mma<T, HD, M>, bytes)) return e;
         k_attn_dq_mma<T, HD, M><<<mma_grid(Tq, ma::block_rows<M>(), N), ma::kMmaThreads, bytes, st>>>(
-            qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), N, Tq, Tk, causal, sl2, float(scale));
+            qt, kt, vt, ot, lse, delta, static_cast<T*>(dq), L, N, Tq, Tk, causal, sl2, float(scale));
         return 0;
       });
       if (e) return e;

@@ -157,24 +157,25 @@ TX_HW_FN void a_from_c(uint32_t (&a)[4], const float (&lo)[4], const float (&hi)
   a[3] = pack2(hi[2], hi[3], T{});
 }
 
-// Starts copying rows [r0, r0 + R) of a contiguous [rows, D] matrix into shared memory (pitch D + 8), 16
-// bytes per cp.async, consecutive threads along a row; rows at or beyond `limit` become zeros (a masked
-// score's weight is 0, and 0 times a stale NaN would not be).
+// Starts copying rows [r0, r0 + R) of a [rows, D] matrix (row i at src + i * ld, 16-byte aligned) into shared
+// memory (pitch D + 8), 16 bytes per cp.async, consecutive threads along a row; rows at or beyond `limit`
+// become zeros (a masked score's weight is 0, and 0 times a stale NaN would not be).
 template <class Hw, class T, int D, int R>
-TX_HW_FN void issue_tile(T* dst, const T* src, int64_t r0, int64_t limit) {
+TX_HW_FN void issue_tile(T* dst, const T* src, int64_t ld, int64_t r0, int64_t limit) {
   constexpr int V = D / 8;
   for (int e = Hw::thread(); e < R * V; e += kMmaThreads) {
     const int r = e / V, col = (e - r * V) * 8;
     const bool in = r0 + r < limit;
-    Hw::cp_async16(dst + r * (D + 8) + col, in ? src + (r0 + r) * D + col : src, in);
+    Hw::cp_async16(dst + r * (D + 8) + col, in ? src + (r0 + r) * ld + col : src, in);
   }
 }
 
-// Starts copying the key tile at row k0 of K and of V into `dst` (K's tile, then V's).
+// Starts copying the key tile at row k0 of K and of V (matrices kn, vn with rows as L.k, L.v) into `dst`
+// (K's tile, then V's).
 template <class Hw, class T, int D>
-TX_HW_FN void issue_kv(T* dst, const T* kn, const T* vn, int64_t k0, int64_t Tk) {
-  issue_tile<Hw, T, D, kMmaTile>(dst, kn, k0, Tk);
-  issue_tile<Hw, T, D, kMmaTile>(dst + kMmaTile * (D + 8), vn, k0, Tk);
+TX_HW_FN void issue_kv(T* dst, const T* kn, const T* vn, const AttentionLayout& L, int64_t k0, int64_t Tk) {
+  issue_tile<Hw, T, D, kMmaTile>(dst, kn, L.k.row, k0, Tk);
+  issue_tile<Hw, T, D, kMmaTile>(dst + kMmaTile * (D + 8), vn, L.v.row, k0, Tk);
 }
 
 // FA2's software pipeline over `tiles` tiles and two shared buffers: issue(t, b) starts the copies of tile
@@ -284,9 +285,9 @@ TX_HW_FN void accumulate_product(float (&acc)[M][D / 8][4], const float (&x)[M][
 }
 
 // Stores the warp's 16 M x D accumulators times `scale`, rounded to T, as rows row[2 M] (the lane's row
-// slots) of `out` (row-major, D columns); rows at or beyond `rows` are not stored.
+// slots) of `out` (D columns, row i at out + i * ld); rows at or beyond `rows` are not stored.
 template <class Hw, class T, int D, int M>
-TX_HW_FN void store_rows(T* out, const float (&acc)[M][D / 8][4], const int64_t (&row)[2 * M], int64_t rows,
+TX_HW_FN void store_rows(T* out, int64_t ld, const float (&acc)[M][D / 8][4], const int64_t (&row)[2 * M], int64_t rows,
                          const float (&scale)[2 * M], int c) {
   TX_UNROLL
   for (int rr = 0; rr < 2 * M; ++rr) {
@@ -294,7 +295,7 @@ TX_HW_FN void store_rows(T* out, const float (&acc)[M][D / 8][4], const int64_t 
     const int m = rr >> 1, h = 2 * (rr & 1);
     TX_UNROLL
     for (int dt = 0; dt < D / 8; ++dt)
-      Hw::st32(out + row[rr] * D + dt * 8 + 2 * c, pack2(acc[m][dt][h] * scale[rr], acc[m][dt][h + 1] * scale[rr], T{}));
+      Hw::st32(out + row[rr] * ld + dt * 8 + 2 * c, pack2(acc[m][dt][h] * scale[rr], acc[m][dt][h + 1] * scale[rr], T{}));
   }
 }
 
@@ -322,8 +323,8 @@ TX_HW_FN int64_t last_first_row0(int R) {
 // o = softmax(scale q k^T [+ mask]) v and lse, for the block_rows<M>() query rows of the block (every n =
 // block_y, + grid_y, ...). scale_log2 = scale * log2(e) > 0.
 template <class Hw, class T, int D, int M = mtiles<D>()>
-TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int64_t N, int64_t Tq, int64_t Tk,
-                       bool causal, float scale_log2, unsigned char* smem) {
+TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, const AttentionLayout& L, int64_t N,
+                       int64_t Tq, int64_t Tk, bool causal, float scale_log2, unsigned char* smem) {
   constexpr int R = block_rows<M>(), P = D + 8, KS = D / 16, NT = kMmaTile / 8;
   T* Qs = reinterpret_cast<T*>(smem);
   auto k_buf = [&](int b) { return Qs + (R + 2 * b * kMmaTile) * P; };  // K of buffer b; its V follows
@@ -335,16 +336,16 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
   TX_UNROLL
   for (int rr = 0; rr < 2 * M; ++rr) row[rr] = w0 + 16 * (rr >> 1) + g + 8 * (rr & 1);
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
-    const T* kn = k + n * Tk * D;
-    const T* vn = v + n * Tk * D;
+    const T* kn = k + L.k.matrix(n);
+    const T* vn = v + L.v.matrix(n);
     Hw::sync();  // every warp is done with the buffers of the previous n
-    issue_tile<Hw, T, D, R>(Qs, q + n * Tq * D, q0, Tq);
+    issue_tile<Hw, T, D, R>(Qs, q + L.q.matrix(n), L.q.row, q0, Tq);
     uint32_t qa[KS][M][4];
     float rmax[2 * M], rsum[2 * M], acc[M][D / 8][4];  // each row slot's running max (unscaled) and sum
     TX_UNROLL
     for (int rr = 0; rr < 2 * M; ++rr) rmax[rr] = -INFINITY, rsum[rr] = 0.f;
     zero_fragments(acc);
-    auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
+    auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, L, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
       const int64_t k0 = t * kMmaTile;
@@ -421,7 +422,7 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
       if (c == 0 && row[rr] < Tq)
         lse[n * Tq + row[rr]] = rsum[rr] == 0.f ? -INFINITY : (rmax[rr] * scale_log2 + log2f(rsum[rr])) * kLn2;
     }
-    store_rows<Hw, T, D, M>(o + n * Tq * D, acc, row, Tq, inv, c);
+    store_rows<Hw, T, D, M>(o + L.o.matrix(n), L.o.row, acc, row, Tq, inv, c);
   }
 }
 
@@ -432,8 +433,8 @@ TX_HW_FN void forward(const T* q, const T* k, const T* v, T* o, float* lse, int6
 // (computed before).
 template <class Hw, class T, int D, int M = mtiles<D>()>
 TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
-                           T* dq, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
-                           unsigned char* smem) {
+                           T* dq, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk, bool causal,
+                           float scale_log2, float scale, unsigned char* smem) {
   constexpr int R = block_rows<M>(), P = D + 8, KN = pass_width<M>();
   T* Qs = reinterpret_cast<T*>(smem);
   T* Os = Qs + R * P;
@@ -448,11 +449,11 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
   const T* qw = Qs + w * 16 * M * P;
   const T* ow = Os + w * 16 * M * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
-    const T* kn = k + n * Tk * D;
-    const T* vn = v + n * Tk * D;
+    const T* kn = k + L.k.matrix(n);
+    const T* vn = v + L.v.matrix(n);
     Hw::sync();  // every warp is done with the buffers of the previous n
-    issue_tile<Hw, T, D, R>(Qs, q + n * Tq * D, q0, Tq);
-    issue_tile<Hw, T, D, R>(Os, dout + n * Tq * D, q0, Tq);
+    issue_tile<Hw, T, D, R>(Qs, q + L.q.matrix(n), L.q.row, q0, Tq);
+    issue_tile<Hw, T, D, R>(Os, dout + L.dout.matrix(n), L.dout.row, q0, Tq);
     float l2[2 * M], di[2 * M], acc[M][D / 8][4];
     TX_UNROLL
     for (int rr = 0; rr < 2 * M; ++rr) {
@@ -460,7 +461,7 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
       di[rr] = row[rr] < Tq ? delta[n * Tq + row[rr]] : 0.f;
     }
     zero_fragments(acc);
-    auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, t * kMmaTile, Tk); };
+    auto issue = [&](int64_t t, int b) { issue_kv<Hw, T, D>(k_buf(b), kn, vn, L, t * kMmaTile, Tk); };
     auto compute = [&](int64_t t, int b) {
       const T* Ks = k_buf(b);
       const T* Vs = Ks + kMmaTile * P;
@@ -494,7 +495,7 @@ TX_HW_FN void backward_dq(const T* q, const T* k, const T* v, const T* dout, con
     float sc[2 * M];
     TX_UNROLL
     for (int rr = 0; rr < 2 * M; ++rr) sc[rr] = scale;
-    store_rows<Hw, T, D, M>(dq + n * Tq * D, acc, row, Tq, sc, c);
+    store_rows<Hw, T, D, M>(dq + L.dq.matrix(n), L.dq.row, acc, row, Tq, sc, c);
   }
 }
 
@@ -552,14 +553,18 @@ TX_HW_FN void add_dq_tile(float* dq_accum, const T* dSs, const T* Ks, int64_t i0
   }
 }
 
-// dq = scale * dq_accum rounded to T, over `count` elements (a multiple of 4; both 16-byte aligned): the
-// fused backward's last step. Any grid; threads() a multiple of 32.
+// dq = scale * dq_accum rounded to T: dq_accum f32 [N, Tq, D] contiguous, dq laid out as L.dq (D a
+// multiple of 4; both 16-byte aligned): the fused backward's last step. Any grid; threads() a multiple of 32.
 template <class Hw, class T>
-TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float scale) {
+TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, const AttentionLayout& L, int64_t N, int64_t Tq, int D,
+                            float scale) {
+  const int64_t count = N * Tq * D;
   for (int64_t i = grid_index<Hw>() * 4; i < count; i += grid_stride<Hw>() * 4) {
+    const int64_t r = i / D, n = r / Tq;
+    T* out = dq + L.dq.matrix(n) + (r - n * Tq) * L.dq.row + (i - r * D);
     const float4 v = load_f4(dq_accum + i);
-    Hw::st32(dq + i, pack2(v.x * scale, v.y * scale, T{}));
-    Hw::st32(dq + i + 2, pack2(v.z * scale, v.w * scale, T{}));
+    Hw::st32(out, pack2(v.x * scale, v.y * scale, T{}));
+    Hw::st32(out + 2, pack2(v.z * scale, v.w * scale, T{}));
   }
 }
 
@@ -572,8 +577,8 @@ TX_HW_FN void dq_from_accum(const float* dq_accum, T* dq, int64_t count, float s
 // dkdv_dq_smem_bytes.
 template <class Hw, class T, int D, bool kFusedDq = false, int M = mtiles<D>()>
 TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse, const float* delta,
-                             T* dk, T* dv, int64_t N, int64_t Tq, int64_t Tk, bool causal, float scale_log2, float scale,
-                             unsigned char* smem, float* dq_accum = nullptr) {
+                             T* dk, T* dv, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk, bool causal,
+                             float scale_log2, float scale, unsigned char* smem, float* dq_accum = nullptr) {
   constexpr int R = block_rows<M>(), P = D + 8, QN = pass_width<M>();
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + R * P;
@@ -589,18 +594,18 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
   const T* kw = Ks + w * 16 * M * P;
   const T* vw = Vs + w * 16 * M * P;
   for (int64_t n = Hw::block_y(); n < N; n += Hw::grid_y()) {
-    const T* qn = q + n * Tq * D;
-    const T* on = dout + n * Tq * D;
+    const T* qn = q + L.q.matrix(n);
+    const T* on = dout + L.dout.matrix(n);
     Hw::sync();  // every warp is done with the buffers of the previous n
-    issue_tile<Hw, T, D, R>(Ks, k + n * Tk * D, j0, Tk);
-    issue_tile<Hw, T, D, R>(Vs, v + n * Tk * D, j0, Tk);
+    issue_tile<Hw, T, D, R>(Ks, k + L.k.matrix(n), L.k.row, j0, Tk);
+    issue_tile<Hw, T, D, R>(Vs, v + L.v.matrix(n), L.v.row, j0, Tk);
     float ak[M][D / 8][4], av[M][D / 8][4];
     zero_fragments(ak);
     zero_fragments(av);
     auto issue = [&](int64_t t, int b) {
       const int64_t i0 = qbegin + t * kMmaTile;
-      issue_tile<Hw, T, D, kMmaTile>(q_buf(b), qn, i0, Tq);
-      issue_tile<Hw, T, D, kMmaTile>(q_buf(b) + kMmaTile * P, on, i0, Tq);
+      issue_tile<Hw, T, D, kMmaTile>(q_buf(b), qn, L.q.row, i0, Tq);
+      issue_tile<Hw, T, D, kMmaTile>(q_buf(b) + kMmaTile * P, on, L.dout.row, i0, Tq);
       // Threads 0-63 copy the tile's lse, 64-127 its delta; rows at or beyond Tq become zeros (masked).
       const int r = Hw::thread() % kMmaTile;
       const float* src = (Hw::thread() < kMmaTile ? lse : delta) + n * Tq;
@@ -652,8 +657,8 @@ TX_HW_FN void backward_dkdv(const T* q, const T* k, const T* v, const T* dout, c
     int64_t keys[2 * M];
     TX_UNROLL
     for (int rr = 0; rr < 2 * M; ++rr) sk[rr] = scale, one[rr] = 1.f, keys[rr] = key(rr);
-    store_rows<Hw, T, D, M>(dk + n * Tk * D, ak, keys, Tk, sk, c);
-    store_rows<Hw, T, D, M>(dv + n * Tk * D, av, keys, Tk, one, c);
+    store_rows<Hw, T, D, M>(dk + L.dk.matrix(n), L.dk.row, ak, keys, Tk, sk, c);
+    store_rows<Hw, T, D, M>(dv + L.dv.matrix(n), L.dv.row, av, keys, Tk, one, c);
   }
 }
 

@@ -381,53 +381,110 @@ AttentionDims attention_dims(const char* what, const Tensor& q, const Tensor& k)
 }
 }  // namespace
 
-void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale, Tensor& o,
+std::optional<AttnRows> attention_rows(const Tensor& t) {
+  const int r = t.dim();
+  if (r < 2) return std::nullopt;
+  const Shape& sh = t.shape();
+  const Shape& st = t.strides();
+  if (sh[r - 1] > 1 && st[r - 1] != 1) return std::nullopt;
+  // The leading axes of more than one element, adjacent ones merged where one stride steps over the other
+  // (a contiguous [B, heads] is one axis of B * heads): at most two may remain, [batch, heads].
+  std::vector<std::pair<int64_t, int64_t>> axes;  // (extent, stride), outermost first
+  for (int d = 0; d < r - 2; ++d) {
+    if (sh[d] == 1) continue;
+    if (!axes.empty() && axes.back().second == st[d] * sh[d]) axes.back() = {axes.back().first * sh[d], st[d]};
+    else axes.emplace_back(sh[d], st[d]);
+  }
+  if (axes.size() > 2) return std::nullopt;
+  AttnRows rows;
+  rows.row = sh[r - 2] > 1 ? st[r - 2] : 0;
+  if (axes.size() == 2) rows.heads = axes[1].first, rows.head = axes[1].second;
+  if (!axes.empty()) rows.batch = axes[0].second;
+  return rows;
+}
+
+namespace {
+// An attention operand as the kernels read it: t itself where attention_rows takes it, else a contiguous
+// copy (an interleaved or transposed view).
+struct AttnOperand {
+  Tensor t;
+  AttnRows rows;
+};
+AttnOperand attention_operand(const Tensor& t) {
+  if (std::optional<AttnRows> r = attention_rows(t)) return {t, *r};
+  Tensor c = t.detach().contiguous();
+  return {c, *attention_rows(c)};
+}
+// An output: written in place where attention_rows takes it without a zero stride (no element twice).
+AttnRows attention_output(const char* what, const Tensor& t) {
+  const std::optional<AttnRows> r = attention_rows(t);
+  bool ok = r.has_value();
+  for (int d = 0; ok && d < t.dim(); ++d) ok = t.shape()[d] == 1 || t.strides()[d] != 0;
+  if (!ok)
+    throw ValueError(std::string(what) + ": an output's layout is not one the kernels write",
+                     "[..., T, D] with contiguous rows and no broadcast axis (e.g. contiguous)",
+                     t.shape().str() + " with strides " + t.strides().str(),
+                     "allocate the output contiguous");
+  return *r;
+}
+}  // namespace
+
+void attention_forward(const Tensor& q0, const Tensor& k0, const Tensor& v0, bool causal, double scale, Tensor& o,
                        Tensor& lse) {
   const char* nm = "attention_forward";
-  const Dt t = attention_dtype(nm, q, {&k, &v, &o});
+  const Dt t = attention_dtype(nm, q0, {&k0, &v0, &o});
   attention_lse_f32(nm, lse);
-  const AttentionDims a = attention_dims(nm, q, k);
+  const AttentionDims a = attention_dims(nm, q0, k0);
   if (a.N == 0 || a.Tq == 0) return;  // o and lse are empty
+  const AttnOperand q = attention_operand(q0), k = attention_operand(k0), v = attention_operand(v0);
+  AttentionLayout L;
+  L.q = q.rows, L.k = k.rows, L.v = v.rows, L.o = attention_output(nm, o);
+  const void *qp = q.t.raw_data(), *kp = k.t.raw_data(), *vp = v.t.raw_data();
   const bool mma = attention_tensor_cores() &&
-                   attention_mma_supported(t, a.D, scale, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data()});
+                   attention_mma_supported(t, a.D, scale, {qp, kp, vp, o.raw_data()}, {L.q, L.k, L.v, L.o});
   float* lp = static_cast<float*>(lse.raw_data());
   if (mma)
-    check(launch_attention_forward_mma(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
-                                       o.raw_data(), lp, attention_rows_per_warp() == 16, stream_of(o)),
+    check(launch_attention_forward_mma(t, qp, kp, vp, L, a.N, a.Tq, a.Tk, a.D, causal, scale, o.raw_data(), lp,
+                                       attention_rows_per_warp() == 16, stream_of(o)),
           nm);
   else
-    check(launch_attention_forward(t, q.raw_data(), k.raw_data(), v.raw_data(), a.N, a.Tq, a.Tk, a.D, causal, scale,
-                                   o.raw_data(), lp, stream_of(o)),
+    check(launch_attention_forward(t, qp, kp, vp, L, a.N, a.Tq, a.Tk, a.D, causal, scale, o.raw_data(), lp, stream_of(o)),
           nm);
 }
 
-void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o, const Tensor& lse,
-                        const Tensor& dout, bool causal, double scale, Tensor& dq, Tensor& dk, Tensor& dv) {
+void attention_backward(const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& o0, const Tensor& lse,
+                        const Tensor& dout0, bool causal, double scale, Tensor& dq, Tensor& dk, Tensor& dv) {
   const char* nm = "attention_backward";
-  const Dt t = attention_dtype(nm, q, {&k, &v, &o, &dout, &dq, &dk, &dv});
+  const Dt t = attention_dtype(nm, q0, {&k0, &v0, &o0, &dout0, &dq, &dk, &dv});
   attention_lse_f32(nm, lse);
-  const AttentionDims a = attention_dims(nm, q, k);
+  const AttentionDims a = attention_dims(nm, q0, k0);
   if (a.N == 0) return;  // every gradient is empty
+  const AttnOperand q = attention_operand(q0), k = attention_operand(k0), v = attention_operand(v0),
+                    o = attention_operand(o0), dout = attention_operand(dout0);
+  AttentionLayout L;
+  L.q = q.rows, L.k = k.rows, L.v = v.rows, L.o = o.rows, L.dout = dout.rows;
+  L.dq = attention_output(nm, dq), L.dk = attention_output(nm, dk), L.dv = attention_output(nm, dv);
   // delta_i = sum_d dout[i, d] o[i, d] (f32 scratch from the stream-ordered pool; released when this returns,
   // and any reuse is queued on the same stream after the kernels that read it).
-  Tensor delta = empty(Shape{std::max<int64_t>(a.N * a.Tq, 1)}, DType::f32, q.device());
+  Tensor delta = empty(Shape{std::max<int64_t>(a.N * a.Tq, 1)}, DType::f32, q0.device());
+  const void *qp = q.t.raw_data(), *kp = k.t.raw_data(), *vp = v.t.raw_data(), *op = o.t.raw_data(),
+             *dop = dout.t.raw_data();
   const bool mma = attention_tensor_cores() &&
-                   attention_mma_supported(t, a.D, scale, {q.raw_data(), k.raw_data(), v.raw_data(), o.raw_data(), dout.raw_data(),
-                                                    dq.raw_data(), dk.raw_data(), dv.raw_data()});
-  const void *qp = q.raw_data(), *kp = k.raw_data(), *vp = v.raw_data(), *op = o.raw_data(), *dop = dout.raw_data();
+                   attention_mma_supported(t, a.D, scale, {qp, kp, vp, op, dop, dq.raw_data(), dk.raw_data(), dv.raw_data()},
+                                           {L.q, L.k, L.v, L.o, L.dout, L.dq, L.dk, L.dv});
   const float* lp = static_cast<const float*>(lse.raw_data());
   float* dl = static_cast<float*>(delta.raw_data());
   if (!mma) {
-    check(launch_attention_backward(t, qp, kp, vp, op, lp, dop, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
+    check(launch_attention_backward(t, qp, kp, vp, op, lp, dop, L, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
                                     dk.raw_data(), dv.raw_data(), dl, stream_of(dq)),
           nm);
     return;
   }
   // The fused backward's f32 dq accumulator (pool scratch, as delta).
   Tensor dq_accum;
-  if (!attention_deterministic()) dq_accum = empty(Shape{std::max<int64_t>(a.N * a.Tq * a.D, 1)}, DType::f32, q.device());
+  if (!attention_deterministic()) dq_accum = empty(Shape{std::max<int64_t>(a.N * a.Tq * a.D, 1)}, DType::f32, q0.device());
   float* acc = dq_accum.defined() ? static_cast<float*>(dq_accum.raw_data()) : nullptr;
-  check(launch_attention_backward_mma(t, qp, kp, vp, op, lp, dop, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
+  check(launch_attention_backward_mma(t, qp, kp, vp, op, lp, dop, L, a.N, a.Tq, a.Tk, a.D, causal, scale, dq.raw_data(),
                                       dk.raw_data(), dv.raw_data(), dl, acc, attention_rows_per_warp() == 16, stream_of(dq)),
         nm);
 }

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 #include <vector>
 
 #include "core/rng.h"
@@ -133,14 +134,23 @@ void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64
 // with Better Parallelism and Work Partitioning", arXiv 2307.08691): the keys stream through shared memory in
 // tiles with an online softmax, the backward recomputes the probabilities from lse, so no T x T matrix is
 // stored; f32 accumulation, deterministic (fixed summation order, no atomics). The caller guarantees every
-// tensor contiguous, on one CUDA device, with consistent shapes, and the outputs allocated with the shapes
-// and dtypes below (they need not be zeroed: every output element is written). Throws ShapeError when
+// tensor on one CUDA device, with consistent shapes, and the outputs allocated with the shapes and dtypes
+// below (they need not be zeroed: every output element is written). The inputs are read in place where
+// attention_rows() takes them (GPT's q, k, v views of one projection; the cotangent of a permuted o) and
+// copied contiguous otherwise; the outputs are written in place in any layout attention_rows() takes without
+// a broadcast axis (ValueError otherwise; contiguous is one). Throws ShapeError when
 // D > 128 and DTypeError for dtypes other than f32, bf16, f16 (f64 has no CUDA kernel) or mixed dtypes.
 // Any rank >= 2 is taken: q [..., Tq, D] with the leading axes (equal for q, k, v) flattened to N, as the
 // CPU twin (kernels/cpu/attention.h); lse is then [..., Tq]. Empty problems: N == 0 or Tq == 0 writes
 // nothing (the outputs are empty) except dk = dv = 0 when Tq == 0; Tk == 0 (no key visible: the empty
 // sum) gives o = 0, lse = -inf, dq = 0.
-/// Attention forward over contiguous q [N, Tq, D], k [N, Tk, D], v [N, Tk, D] (f32, bf16 or f16, all one
+/// Where the kernels find the rows of an attention operand t [..., T, D] without a copy: its last axis
+/// contiguous (stride 1) and its leading axes, adjacent ones merged where one steps over the other, at most
+/// two strided axes [batch, heads] (n = b * heads + h: AttnRows, kernels/cuda/launch.h); nullopt otherwise
+/// (then the kernels copy it contiguous). A [B, heads, T, D] permute of a [B, T, heads, D] tensor takes
+/// {heads, T * heads * D, D, heads * D}; an axis broadcast by expand (stride 0) is read in place too.
+std::optional<AttnRows> attention_rows(const Tensor& t);
+/// Attention forward over q [N, Tq, D], k [N, Tk, D], v [N, Tk, D] (f32, bf16 or f16, all one
 /// dtype): o [N, Tq, D] (q's dtype) = softmax(scale * q k^T [+ causal mask]) v, lse [N, Tq] (f32) = the row
 /// logsumexp of scale * q k^T over the visible keys. causal: key j is visible to query i iff j <= i
 /// (top-left aligned, PyTorch's is_causal).

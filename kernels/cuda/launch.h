@@ -175,39 +175,68 @@ int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t
 
 // ---------------------------------------------------------------- attention (attention.cu)
 // FlashAttention-2 style (Dao 2023, arXiv 2307.08691): online softmax over key tiles in shared memory, no
-// T x T matrix, f32 accumulation. Contiguous q [N, Tq, D], k, v [N, Tk, D], o, dout [N, Tq, D] of dtype t
-// (f32, f16 or bf16; cudaErrorInvalidValue otherwise or when D > 128); lse, delta [N, Tq] f32.
-// causal: key j is visible to query i iff j <= i. Every output element is written. Deterministic (no atomics).
+// T x T matrix, f32 accumulation. q [N, Tq, D], k, v [N, Tk, D], o, dout, dq [N, Tq, D], dk, dv [N, Tk, D] of
+// dtype t (f32, f16 or bf16; cudaErrorInvalidValue otherwise or when D > 128), each laid out as its AttnRows
+// in the AttentionLayout says; lse, delta [N, Tq] f32, contiguous. causal: key j is visible to query i iff
+// j <= i. Every output element is written. Deterministic (no atomics).
+
+#ifdef __CUDACC__
+#define TX_HOST_DEVICE __host__ __device__
+#else
+#define TX_HOST_DEVICE
+#endif
+/// Where the rows of an attention operand [N, T, D] lie, so that the kernels read views in place: its
+/// matrix n = b * heads + h (the leading axes [B, heads] flattened) starts batch * b + head * h elements
+/// after the operand's first element, its row i `row` * i elements after that, and a row's D features are
+/// contiguous. A contiguous [N, T, D] is {1, T * D, 0, D}; GPT's q, k and v, [B, heads, T, D] views of one
+/// [B, T, 3, heads, D] projection, are {heads, 3 * T * heads * D, D, 3 * heads * D}.
+struct AttnRows {
+  int64_t heads = 1, batch = 0, head = 0, row = 0;
+  /// The offset, in elements, of matrix n's first row.
+  TX_HOST_DEVICE int64_t matrix(int64_t n) const { return (n / heads) * batch + (n % heads) * head; }
+};
+/// The rows of every operand of the attention kernels: the forward reads q, k, v and writes o; the
+/// backward reads q, k, v, o, dout and writes dq, dk, dv. Outputs must not overlap themselves.
+struct AttentionLayout {
+  AttnRows q, k, v, o, dout, dq, dk, dv;
+};
+
 /// o = softmax(scale q k^T [+ mask]) v, lse = the row logsumexp of the visible scale q k^T. Tk == 0: o = 0,
 /// lse = -inf (the empty sum). Nothing is launched when N * Tq == 0.
-int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
-                             int64_t D, bool causal, double scale, void* o, float* lse, void* stream);
-/// dq [N, Tq, D], dk, dv [N, Tk, D] of the forward above from its o, lse and the cotangent dout; `delta`:
-/// N * Tq floats of scratch (receives sum_d dout * o per row). Tk == 0: dq = 0; Tq == 0: dk = dv = 0.
+int launch_attention_forward(Dt t, const void* q, const void* k, const void* v, const AttentionLayout& L, int64_t N,
+                             int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale, void* o, float* lse,
+                             void* stream);
+/// dq, dk, dv of the forward above from its o, lse and the cotangent dout; `delta`: N * Tq floats of scratch
+/// (receives sum_d dout * o per row). Tk == 0: dq = 0; Tq == 0: dk = dv = 0.
 int launch_attention_backward(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
-                              const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
-                              double scale, void* dq, void* dk, void* dv, float* delta, void* stream);
-/// delta[r] = sum_d dout[r, d] o[r, d] over R rows of D (the backward's first step), f32.
-int launch_attention_delta(Dt t, const void* o, const void* dout, int64_t R, int64_t D, float* delta, void* stream);
+                              const void* dout, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk, int64_t D,
+                              bool causal, double scale, void* dq, void* dk, void* dv, float* delta, void* stream);
+/// delta[n Tq + i] = sum_d dout[n, i, d] o[n, i, d] (the backward's first step), f32; o and dout laid out as
+/// L.o and L.dout.
+int launch_attention_delta(Dt t, const void* o, const void* dout, const AttentionLayout& L, int64_t N, int64_t Tq,
+                           int64_t D, float* delta, void* stream);
 
 // The same two operations on tensor cores (attention_mma.cu: mma.sync m16n8k16 with f32 accumulation, P and
 // dS rounded to t for their products as FlashAttention does): same arguments and results up to rounding.
 /// Whether the tensor-core kernels take these operands: t bf16 or f16, D 64 or 128, scale > 0 (the forward
-/// takes the row max before scaling, as FA2), every pointer 16-byte aligned.
-bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs);
+/// takes the row max before scaling, as FA2), every pointer 16-byte aligned and every stride of `rows` a
+/// multiple of 8 elements (so that every row is: cp.async copies 16 bytes).
+bool attention_mma_supported(Dt t, int64_t D, double scale, std::initializer_list<const void*> ptrs,
+                             std::initializer_list<AttnRows> rows);
 /// Both take `narrow`: at head dim 64, 16 rows per warp (queries in the forward and dq, keys in dk / dv)
 /// instead of the default 32: bitwise the same o, lse, dq (deterministic), dk and dv (for benchmarks
 /// comparing the two). Ignored at head dim 128 (always 16).
-int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, int64_t N, int64_t Tq, int64_t Tk,
-                                 int64_t D, bool causal, double scale, void* o, float* lse, bool narrow, void* stream);
+int launch_attention_forward_mma(Dt t, const void* q, const void* k, const void* v, const AttentionLayout& L, int64_t N,
+                                 int64_t Tq, int64_t Tk, int64_t D, bool causal, double scale, void* o, float* lse,
+                                 bool narrow, void* stream);
 /// The backward also takes `dq_accum`: nullptr for the deterministic kernels (dq; dk and dv), or N * Tq * D
-/// floats of scratch (16-byte aligned) for FA2's fused backward, where the dk / dv kernel adds each tile's
-/// dq into it by f32 atomics (5 matrix products per tile instead of 7; dq then depends on the order of the
-/// adds: not deterministic) and a last kernel rounds it to dq.
+/// floats of scratch (contiguous, 16-byte aligned) for FA2's fused backward, where the dk / dv kernel adds
+/// each tile's dq into it by f32 atomics (5 matrix products per tile instead of 7; dq then depends on the
+/// order of the adds: not deterministic) and a last kernel rounds it to dq.
 int launch_attention_backward_mma(Dt t, const void* q, const void* k, const void* v, const void* o, const float* lse,
-                                  const void* dout, int64_t N, int64_t Tq, int64_t Tk, int64_t D, bool causal,
-                                  double scale, void* dq, void* dk, void* dv, float* delta, float* dq_accum,
-                                  bool narrow, void* stream);
+                                  const void* dout, const AttentionLayout& L, int64_t N, int64_t Tq, int64_t Tk,
+                                  int64_t D, bool causal, double scale, void* dq, void* dk, void* dv, float* delta,
+                                  float* dq_accum, bool narrow, void* stream);
 
 // ---------------------------------------------------------------- max pooling (pool.cu)
 /// Geometry of a max pooling over [N, C, H, W] with windows KH x KW, strides SH, SW and padding PH, PW;

@@ -8,9 +8,15 @@
 // also checked with those turned off (the FP32 kernels), on GPT-2's shape, and with misaligned operands
 // (which fall back to the FP32 kernels). The default (deterministic) backward repeats bitwise, and the fused
 // one with atomic dq (set_attention_deterministic(false)) matches the CPU with dk / dv bitwise the default's.
+// GPT's q, k, v (views of one projection) and the cotangent of its permuted o are read in place (no copy
+// on the tape), on both kernel families.
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <string>
+#include <vector>
+
+#include <titanax/titanax.h>
 
 #include "cuda_test_util.h"
 #include "kernels/cuda/kernels.h"
@@ -187,5 +193,59 @@ TEST_CASE("cuda attention: a scale <= 0 (the tensor-core forward takes the row m
     const Tensor got = scaled_dot_product_attention(q.to(Device::cuda(0)), k.to(Device::cuda(0)), v.to(Device::cuda(0)),
                                                     true, scale);
     CHECK(rel_error(got, want) <= 1e-2);
+  }
+}
+
+TEST_CASE("cuda attention: GPT's q, k, v views of one projection and the permuted cotangent are read in place; "
+          "a view the kernels cannot read is copied once") {
+  const uint64_t seed = seed_now();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  const int64_t B = 2, T = 130, H = 3, D = 64;
+  // [B, T, 3, H, D] cut into q, k, v [B, H, T, D] (views) as engine/gpt.cpp does; o goes back to [B, T, H * D],
+  // so its cotangent reaches the backward as a [B, H, T, D] permute too. `transposed` hands q over as the
+  // transpose of a [B, H, D, T] tensor instead: its features are not contiguous.
+  auto step = [&](bool transposed) {
+    return [=](const TensorList& in) {
+      Tensor qkv = in[0].detach();
+      qkv.set_requires_grad();
+      const TensorList cut = unbind(qkv.permute({2, 0, 3, 1, 4}), 0);
+      const Tensor q = transposed ? cut[0].transpose(2, 3).contiguous().transpose(2, 3) : cut[0];
+      const Tensor o = scaled_dot_product_attention(q, cut[1], cut[2], true).permute({0, 2, 1, 3}).reshape(Shape{B, T, H * D});
+      return TensorList{o.detach(), grad(sum(o * in[1]), {qkv})[0]};
+    };
+  };
+  const Tensor qkv = testing::randn64(fold_in(key, 1), Shape{B, T, 3, H, D}).astype(DType::bf16);
+  const Tensor ct = testing::randn64(fold_in(key, 2), Shape{B, T, H * D}).astype(DType::bf16);
+  const TensorList want = step(false)({qkv.astype(DType::f32), ct.astype(DType::f32)});
+  const Device g = Device::cuda(0);
+  for (bool transposed : {false, true}) {
+    for (bool mma : {true, false}) {
+      INFO("q transposed " << transposed << ", " << (mma ? "tensor cores" : "FP32 kernels"));
+      kernels::cuda::set_attention_tensor_cores(mma);
+      const TensorList got = step(transposed)({qkv.to(g), ct.to(g)});
+      kernels::cuda::set_attention_tensor_cores(true);
+      CHECK(rel_error(got[0], want[0]) <= 1e-2);
+      CHECK(rel_error(got[1], want[1]) <= 1e-2);
+    }
+    // Which inputs of the attention ops a copy produced: only the transposed q, once, for both ops.
+    const jit::Graph gr = jit::trace(step(transposed), {qkv.to(g), ct.to(g)});
+    std::vector<int> producer(gr.values.size(), -1);
+    for (size_t i = 0; i < gr.nodes.size(); ++i)
+      for (int v : gr.nodes[i].outputs) producer[size_t(v)] = int(i);
+    int ops = 0;
+    for (const auto& n : gr.nodes) {
+      const std::string name = n.op->name();
+      const bool fwd = name == "scaled_dot_product_attention";
+      if (!fwd && name != "scaled_dot_product_attention_backward") continue;
+      ++ops;
+      for (size_t k : fwd ? std::vector<size_t>{0, 1, 2} : std::vector<size_t>{0, 1, 2, 5}) {  // q, k, v (, dout)
+        INFO(name << " input " << k);
+        const int p = producer[size_t(n.inputs[k])];
+        REQUIRE(p >= 0);
+        CHECK((std::string(gr.nodes[size_t(p)].op->name()) == "copy") == (transposed && k == 0));
+      }
+    }
+    CHECK(ops == 2);
   }
 }

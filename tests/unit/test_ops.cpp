@@ -174,3 +174,35 @@ TEST_CASE("unbind: views of each slice; the gradient is one concat", "[ops][shap
   CHECK(scatters == 0);
   CHECK(g.run({x})[0].to_vector<float>() == std::vector<float>{3, 0, 1, 3, 0, 1});
 }
+
+TEST_CASE("unbind: the gradient of a permuted view of one buffer has the view's strides", "[ops][shape]") {
+  // GPT's cut: [B, T, 3, H, D] permuted to [3, B, H, T, D] and unbound into q, k, v. The gradient laid out
+  // as the view is, permuted back, is a contiguous [B, T, 3, H, D]: its reshape to the projection's
+  // [B, T, 3 H D] is then a view, not a copy.
+  const RngKey key = RngKey::from_seed(31);
+  const Shape s{2, 4, 3, 2, 5};
+  Tensor x = testing::randn64(fold_in(key, 0), s).permute({2, 0, 3, 1, 4});
+  x.set_requires_grad();
+  const TensorList parts = unbind(x, 0);
+  TensorList cts, rows;
+  Tensor loss = scalar(0.0, DType::f64);
+  for (uint64_t i = 0; i < 3; ++i) {
+    cts.push_back(testing::randn64(fold_in(key, 1 + i), parts[0].shape()));
+    loss = loss + sum(parts[size_t(i)] * cts.back());
+    rows.push_back(cts.back().unsqueeze(0));
+  }
+  const Tensor g = grad(loss, {x})[0];
+  CHECK(g.strides() == x.strides());
+  CHECK(g.permute({1, 3, 0, 2, 4}).is_contiguous());
+  CHECK(g.contiguous().to_vector<double>() == concat(rows, 0).to_vector<double>());  // d sum(p c) / dp = c, exactly
+  // A contiguous input keeps the plain concat; a view with gaps (a slice of a transpose) too, with the same
+  // values.
+  for (const Tensor& y0 : {testing::randn64(fold_in(key, 5), Shape{3, 4}), testing::randn64(fold_in(key, 6), Shape{4, 6}).T().slice(0, 0, 3)}) {
+    Tensor y = y0.detach();
+    y.set_requires_grad();
+    const TensorList p = unbind(y, 1);
+    const Tensor gy = grad(sum(p[1] * 2.0), {y})[0];
+    CHECK(gy.is_contiguous());
+    CHECK(gy.to_vector<double>() == std::vector<double>{0, 2, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0});
+  }
+}
