@@ -84,8 +84,8 @@ AlgoCache& algo_cache() {
 // Column-major C[m, n] (ldc) = op(A) @ op(B) + beta C over `batch` strided matrices, plus bias[i] on row i
 // of C when `bias` is given (cuBLASLt's BIAS epilogue: a vector of m elements of C's dtype, added in the
 // f32 epilogue before C is rounded; no separate launch). Returns false, having done nothing, when
-// cuBLASLt has no algorithm for the BIAS epilogue (the caller adds the bias another way); throws
-// DeviceError when it has none at all.
+// cuBLASLt has no algorithm for the problem (the caller adds the bias another way, or copies the operands
+// into a layout it takes; no_algorithm() is the error when nothing is left).
 bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64_t k, const void* A, int64_t lda,
              int64_t sa, const void* B, int64_t ldb, int64_t sb, void* C, int64_t ldc, int64_t sc, int64_t batch,
              double beta, bool tf32, const void* bias = nullptr) {
@@ -152,12 +152,7 @@ bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
     std::lock_guard<std::mutex> g(cache.mu);
     cache.entries.emplace(key, entry);
   }
-  if (!entry.found && bias) return false;
-  if (!entry.found)
-    throw DeviceError("cuBLASLt found no algorithm for a matmul", "a supported GEMM",
-                      "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
-                          " batch=" + std::to_string(batch) + " " + std::string(dtype_name(dt)),
-                      "try f32, or make the operands contiguous");
+  if (!entry.found) return false;
   const double one64 = 1.0, beta64 = beta;
   const float one32 = 1.0f, beta32 = float(beta);
   const void* alpha = f64 ? static_cast<const void*>(&one64) : static_cast<const void*>(&one32);
@@ -166,6 +161,13 @@ bool gemm_cm(int device, DType dt, bool ta, bool tb, int64_t m, int64_t n, int64
   TX_CUBLAS_CHECK(cublasLtMatmul(ctx.handle, desc.h, alpha, A, la.h, B, lb.h, bet, C, lc.h, C, lc.h, &entry.algo,
                                  ctx.workspace, kWorkspace, st));
   return true;
+}
+
+[[noreturn]] void no_algorithm(const char* what, DType dt, int64_t m, int64_t n, int64_t k, int64_t batch) {
+  throw DeviceError(std::string("cuBLASLt found no algorithm for ") + what, "a supported GEMM",
+                    "column-major m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                        " batch=" + std::to_string(batch) + " " + std::string(dtype_name(dt)),
+                    "try f32, or pad the matrices' sizes to multiples of 8");
 }
 
 // An operand of matmul as cuBLASLt reads it without a copy: the matrices [rows, cols] of t (the first at
@@ -248,9 +250,15 @@ void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool tf32) {
     fill_(c, 0.0);
     return;
   }
-  const GemmCall g = matmul_call(a, b, c.shape());
-  gemm_cm(c.device().index, c.dtype(), g.ta, g.tb, g.m, g.n, g.k, g.A.raw_data(), g.lda, g.sa, g.B.raw_data(), g.ldb, g.sb,
-          c.raw_data(), g.ldc, g.sc, g.batch, 0.0, tf32);
+  auto run = [&](const GemmCall& g) {
+    return gemm_cm(c.device().index, c.dtype(), g.ta, g.tb, g.m, g.n, g.k, g.A.raw_data(), g.lda, g.sa, g.B.raw_data(), g.ldb,
+                   g.sb, c.raw_data(), g.ldc, g.sc, g.batch, 0.0, tf32);
+  };
+  if (run(matmul_call(a, b, c.shape()))) return;
+  // No algorithm for the views as they lie (an odd leading dimension or offset of a 16-bit view): fresh,
+  // contiguous, 256-byte aligned copies, the layout cuBLASLt covers most widely.
+  const GemmCall g = matmul_call(a.detach().clone(), b.detach().clone(), c.shape());
+  if (!run(g)) no_algorithm("a matmul", c.dtype(), g.m, g.n, g.k, g.batch);
 }
 
 void linear(const Tensor& x0, const Tensor& w0, const Tensor* bias, Tensor& y, bool tf32) {
@@ -281,7 +289,7 @@ void linear(const Tensor& x0, const Tensor& w0, const Tensor* bias, Tensor& y, b
     if (!bias) fill_(y, 0.0);
     return;
   }
-  gemm(beta, nullptr);
+  if (!gemm(beta, nullptr)) no_algorithm("a linear layer", y.dtype(), out_f, M, in_f, 1);
 }
 
 }  // namespace titanax::kernels::cuda

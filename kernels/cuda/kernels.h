@@ -187,7 +187,9 @@ void set_attention_rows_per_warp(int rows);
 /// c [batch..., M, N] = a [batch_a..., M, K] @ b [batch_b..., K, N] with broadcast batch axes (c is
 /// allocated contiguous by the caller). f32 (TF32 tensor cores when `allow_tf32`, else full FP32), f64, or
 /// bf16 / f16 (tensor cores, f32 accumulation, the result rounded to the operands' dtype).
-/// Strided operands are made contiguous first; batches go to one strided-batched cuBLASLt call.
+/// One cuBLASLt call as matmul_call plans it (views read in place where their layout allows); where
+/// cuBLASLt has no algorithm for that layout, on fresh contiguous copies of a and b instead. Throws
+/// DeviceError when it has none for those either.
 void matmul(const Tensor& a, const Tensor& b, Tensor& c, bool allow_tf32);
 /// How matmul runs c [batch..., M, N] = a @ b (K > 0) as one cuBLASLt call, in cuBLASLt's column-major
 /// terms: C (m x n, leading dimension ldc, stride sc between the batch's matrices) = op_ta(A) op_tb(B)
