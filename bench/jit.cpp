@@ -29,8 +29,12 @@
 // when a Python with torch is found (bench/peer.h). Options: --device cpu|cuda (cuda:0: the model and 8
 // batches resident on the GPU, cycled), --precision f32|bf16 (bf16: f32 master weights, the loss function under
 // AutocastGuard(bf16), as EngineOptions::precision does), --steps N (default 50 MLP, 5 GPT), --model
-// mlp|gpt|both, --gpt2, --no-peer. Steps are timed without reading the loss back (the last step's loss is
-// read after the clock stops, the GPU synchronised first), as the peer times them.
+// mlp|gpt|both, --gpt2, --no-peer, --profile. Steps are timed without reading the loss back (the last step's
+// loss is read after the clock stops, the GPU synchronised first), as the peer times them.
+// --profile adds, after the line, where an eager step spends its time (OpProfiler, core/profiler.h: the
+// device synchronised around every op, 2 steps after the timed ones), one line per op by time, the top 25:
+//   profile model=... op=... calls_per_step=... ms_per_step=... share=... out_mb_per_step=...
+// and `profile model=... total_ms_per_step=...` (slower than eager_us_per_step by the waits: read shares).
 #include <omp.h>
 
 #include <sys/resource.h>
@@ -113,7 +117,7 @@ struct Case {
 };
 
 // Times `steps` eager steps and `steps` jit steps of the same model from the same weights; prints the line.
-void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::string extra) {
+void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::string extra, bool profile) {
   c.model->to(dev);
   tx::ParamTree params = c.model->parameters();
   std::vector<tx::Tensor> init;
@@ -219,6 +223,18 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
     extra = graphs + extra;
   }
   std::printf("%s%s%s\n", buf, codegen_figures(*g).c_str(), extra.c_str());
+  if (profile) {  // two eager steps op by op, the device synchronised around each op
+    constexpr int64_t kProfileSteps = 2;
+    tx::OpProfiler prof;
+    for (int64_t s = 0; s < kProfileSteps; ++s) step_fn(batch(s));
+    const double total = prof.total_seconds();
+    const std::vector<tx::OpProfiler::Entry> es = prof.entries();
+    for (size_t i = 0; i < es.size() && i < 25; ++i)
+      std::printf("profile model=%s op=%s calls_per_step=%.1f ms_per_step=%.3f share=%.3f out_mb_per_step=%.1f\n",
+                  c.name.c_str(), es[i].op.c_str(), double(es[i].calls) / kProfileSteps, es[i].seconds * 1e3 / kProfileSteps,
+                  total > 0 ? es[i].seconds / total : 0.0, double(es[i].output_bytes) / 1e6 / kProfileSteps);
+    std::printf("profile model=%s total_ms_per_step=%.3f ops=%zu\n", c.name.c_str(), total * 1e3 / kProfileSteps, es.size());
+  }
   std::fflush(stdout);
 }
 }  // namespace
@@ -226,7 +242,7 @@ void run_case(Case& c, int64_t steps, tx::Device dev, tx::DType precision, std::
 int main(int argc, char** argv) {
   int64_t steps = 0;
   std::string which = "both";
-  bool peer = true, gpt2 = false;
+  bool peer = true, gpt2 = false, profile = false;
   std::string device = "cpu", precision = "f32";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -236,10 +252,11 @@ int main(int argc, char** argv) {
     else if (a == "--model" && i + 1 < argc) which = argv[++i];
     else if (a == "--gpt2") gpt2 = true;
     else if (a == "--no-peer") peer = false;
+    else if (a == "--profile") profile = true;
     else {
       std::fprintf(stderr,
                    "usage: jit [--device cpu|cuda] [--precision f32|bf16] [--steps N] [--model mlp|gpt|both] [--gpt2] "
-                   "[--no-peer]\n");
+                   "[--no-peer] [--profile]\n");
       return 2;
     }
   }
@@ -271,7 +288,7 @@ int main(int argc, char** argv) {
         auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py", "--device " + device + " --B 128 --hidden 512 --steps " + std::to_string(n), why);
         extra = kv.count("us_per_step") ? " peer=" + kv["peer"] + " peer_eager_us_per_step=" + kv["us_per_step"] : " peer=failed";
       }
-      run_case(c, n, dev, prec, extra);
+      run_case(c, n, dev, prec, extra, profile);
     }
     if (which == "gpt" || which == "both") {
       tx::nn::GPTConfig cfg{.vocab = 8192, .layers = 4, .heads = 4, .dim = 256, .seq_len = 128};
@@ -287,7 +304,7 @@ int main(int argc, char** argv) {
                tx::Tensor t = (tx::random_uniform(k, tx::Shape{B, T + 1}, tx::DType::f64) * double(cfg.vocab)).astype(tx::DType::i64);
                return tx::TensorList{t.slice(1, 0, T).contiguous(), t.slice(1, 1, T + 1).contiguous()};
              }};
-      run_case(c, steps > 0 ? steps : 5, dev, prec, "");
+      run_case(c, steps > 0 ? steps : 5, dev, prec, "", profile);
     }
     return 0;
   } catch (const tx::Error& e) {

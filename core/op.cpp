@@ -1,6 +1,7 @@
 #include "core/op.h"
 
 #include "autodiff/tape.h"
+#include "core/profiler.h"
 
 #include <fmt/format.h>
 
@@ -134,10 +135,13 @@ TensorList apply(OpPtr op, TensorList inputs) {
     }
   }
   TensorList out;
+  OpProfiler* prof = t_op_depth == 0 ? OpProfiler::current() : nullptr;
+  const double t0 = prof ? prof->start(inputs) : 0.0;
   {
     OpDepth depth;
     out = op->forward(inputs);
   }
+  if (prof) prof->stop(*op, t0, inputs, out);
   for (auto& o : out)  // an op may hand an input back unchanged: give it its own handle so the tape stays acyclic
     for (const auto& i : inputs)
       if (o.same(i)) o = make_view(i, i.shape(), i.strides(), i.offset());

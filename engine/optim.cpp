@@ -7,6 +7,7 @@
 #include <string>
 
 #include "autodiff/tape.h"
+#include "core/profiler.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cpu/optim.h"
 #include "kernels/cuda/kernels.h"
@@ -319,12 +320,16 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
   if (!traced) {
     if (params.size() && params[0].second.device().is_cuda()) {
       for (const auto& grp : groups) {
+        ProfileRange range(grp[0]->op->name(), params[0].second.device());
         std::vector<std::pair<TensorList, Tensor>> entries;
         for (Pending* u : grp) entries.push_back({u->states, u->grad});
         grp[0]->op->update_cuda(entries, grp[0]->op->scalars(t, lr_now, true), nullptr);
       }
     } else {
-      for (Pending& u : todo) u.op->update(u.states, u.grad, u.op->scalars(t, lr_now, true));
+      for (Pending& u : todo) {
+        ProfileRange range(u.op->name(), Device::cpu());
+        u.op->update(u.states, u.grad, u.op->scalars(t, lr_now, true));
+      }
     }
     bump(step.data<int64_t>(), params);
     return;

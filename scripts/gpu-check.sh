@@ -73,9 +73,11 @@ if [[ -d $mnist ]]; then
   STEP_NAME=mnist_cnn step mnist_cnn train 1 mnist_cnn.yaml 0.975
 fi
 # GPT-2 124M under jit, bf16 (issue #6's first-step target: at most 3 s cold).
-step bench_jit_gpt2 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer
+# --profile: where the eager step's time goes, op by op (the next tuning targets).
+step bench_jit_gpt2 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer --profile
 step codegen build/cuda/tests/titanax_codegen_tests
 grep -E "FAILED|failed|with expansion" -A3 "$out/cuda_tests.log" | head -60
 echo "GPU: $(cat "$out/gpu.txt")"
 grep -h "^bench=" "$out"/bench_*.log 2>/dev/null  # every benchmark's whole key=value line
+grep -h "^profile " "$out"/bench_jit_gpt2.log 2>/dev/null | cut -c1-160  # GPT-2's eager step by op
 printf '%s\n' "${summary[@]}"

@@ -7,6 +7,7 @@
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/op.h"
+#include "core/profiler.h"
 #include "core/rng.h"
 #include "core/shape.h"
 #include "core/tensor.h"
