@@ -1189,8 +1189,54 @@ int fuse_cross_entropy(Graph& g) {
   return fused;
 }
 
+int fuse_layer_norm_backward_add(Graph& g) {
+  const std::vector<int> prod = producers(g);
+  const Uses u = uses_of(g);
+  auto same = [&](int v, const TensorSpec& s) {
+    const TensorSpec& t = spec(g, v);
+    return t.shape == s.shape && t.dtype == s.dtype && t.device == s.device;
+  };
+  std::vector<bool> dropped(g.nodes.size(), false);
+  int fused = 0;
+  for (size_t a = 0; a < g.nodes.size(); ++a) {
+    const Node& add = g.nodes[a];
+    if (std::string(add.op->name()) != "add" || add.inputs.size() != 2 || add.outputs.size() != 1) continue;
+    const TensorSpec& out = spec(g, add.outputs[0]);
+    for (int side = 0; side < 2; ++side) {
+      const int dx = add.inputs[size_t(side)], res = add.inputs[size_t(1 - side)];
+      const int l = prod[size_t(dx)];
+      if (l < 0 || dropped[size_t(l)] || dx == res) continue;
+      Node& ln = g.nodes[size_t(l)];
+      // dx read by this add alone, no broadcast on either side, and the residual gradient not computed
+      // from the norm's own outputs (the fused node reads it).
+      if (ln.outputs[0] != dx || !ln.in_place.empty() || u.graph_output[size_t(dx)] || u.consumers[size_t(dx)].size() != 1 ||
+          !same(dx, out) || !same(res, out))
+        continue;
+      bool cyclic = false;
+      for (int o : ln.outputs) cyclic = cyclic || depends_on(g, prod, res, o);
+      OpPtr op = cyclic ? nullptr : layer_norm_backward_residual_op(*ln.op);
+      if (!op) continue;
+      std::vector<int> in = ln.inputs, outs = ln.outputs;
+      in.push_back(res);
+      outs[0] = add.outputs[0];
+      ln = Node{std::move(op), std::move(in), std::move(outs), {}};
+      dropped[a] = true;
+      ++fused;
+      break;
+    }
+  }
+  if (fused == 0) return 0;
+  std::vector<Node> kept;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (!dropped[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
+  topo_sort(g);
+  return fused;
+}
+
 int fuse(Graph& g) {
-  return fuse_cross_entropy(g) + fuse_elementwise(g) + fuse_matmul_epilogues(g) + fuse_reduction_prologues(g);
+  return fuse_cross_entropy(g) + fuse_layer_norm_backward_add(g) + fuse_elementwise(g) + fuse_matmul_epilogues(g) +
+         fuse_reduction_prologues(g);
 }
 
 int kernel_launches(const Graph& g) {

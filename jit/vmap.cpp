@@ -183,10 +183,13 @@ Result layer_norm_rule(const Ctx& c) {
   return TensorList{y};
 }
 
-// dx only (the kernel's dw / db sum over every row of the batch, not per example).
+// dx only (the kernel's dw / db sum over every row of the batch, not per example), and not the JIT's
+// variant with a residual input (fuse_layer_norm_backward_add).
 Result layer_norm_backward_rule(const Ctx& c) {
   const bool has_w = c.attr_int("w") != 0;
-  if (c.attr_int("dw") != 0 || c.attr_int("db") != 0 || (has_w && c.batched(2))) return std::nullopt;
+  if (c.attr_int("dw") != 0 || c.attr_int("db") != 0 || (has_w && c.batched(2)) ||
+      c.op()->attrs().find("residual=1") != std::string::npos)
+    return std::nullopt;
   TensorList in{c.with_batch(0), c.with_batch(1)};
   if (has_w) in.push_back(c.t(2));
   return apply(c.op(), in);

@@ -13,4 +13,10 @@ namespace titanax {
 /// nullptr. Throws nothing.
 OpPtr fused_cross_entropy_op(const Op& fwd, const Op& bwd);
 
+/// When `bwd` is a layer_norm_backward op without one: the same op with a last input more, `residual`
+/// (x's shape and dtype), added to dx as it is stored (dx rounded first: bitwise a separate add of dx and
+/// residual). The residual stream's two gradients, the norm's and the skip connection's, summed without a
+/// pass of their own over memory. Not differentiable. Otherwise nullptr. Throws nothing.
+OpPtr layer_norm_backward_residual_op(const Op& bwd);
+
 }  // namespace titanax

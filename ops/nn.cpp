@@ -212,21 +212,25 @@ void check_ln_param(const Tensor& x, const Tensor& p, const char* which) {
                      std::string(dtype_name(x.dtype())), std::string(dtype_name(p.dtype())), "cast it with astype()");
 }
 
-// Inputs (dy, x[, w]); outputs dx, then dw when want_w, then db when want_b.
+// Inputs (dy, x[, w][, residual]); outputs dx, then dw when want_w, then db when want_b. With `residual` (only the JIT builds it:
+// layer_norm_backward_residual_op) dx also adds the residual input, the residual stream's other gradient.
 class LayerNormBackward final : public Op {
  public:
-  LayerNormBackward(double eps, bool has_w, bool want_w, bool want_b)
-      : eps_(eps), has_w_(has_w), want_w_(want_w), want_b_(want_b) {}
+  LayerNormBackward(double eps, bool has_w, bool want_w, bool want_b, bool residual = false)
+      : eps_(eps), has_w_(has_w), want_w_(want_w), want_b_(want_b), residual_(residual) {}
   const char* name() const override { return "layer_norm_backward"; }
   std::string attrs() const override {
     return "eps=" + attr_num(eps_) + " w=" + std::to_string(has_w_) + " dw=" + std::to_string(want_w_) +
-           " db=" + std::to_string(want_b_);
+           " db=" + std::to_string(want_b_) + (residual_ ? " residual=1" : "");
   }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[1], {DType::f32, DType::f64}, name());
     check_same_dtype(in, name());
     if (in[0].shape() != in[1].shape())
       throw ShapeError("layer_norm_backward: dy and x differ in shape", in[1].shape().str(), in[0].shape().str());
+    if (residual_ && in.back().shape() != in[1].shape())
+      throw ShapeError("layer_norm_backward: the residual gradient and x differ in shape", in[1].shape().str(),
+                       in.back().shape().str());
     if (in[1].dim() < 1) throw ShapeError("layer_norm_backward of a 0-d tensor", "rank >= 1", in[1].shape().str());
     if (has_w_) check_ln_param(in[1], in[2], "w");
     const Device d = in[1].device();
@@ -236,30 +240,30 @@ class LayerNormBackward final : public Op {
     if (want_b_) s.push_back({p, in[1].dtype(), d});
     return s;
   }
-  void cpu(const TensorList& in, TensorList& out) const override {
-    Tensor dy = dense(in[0]), x = dense(in[1]);
-    Tensor w = has_w_ ? dense(in[2]) : Tensor();
-    size_t k = 1;
-    Tensor* dw = want_w_ ? &out[k++] : nullptr;
-    Tensor* db = want_b_ ? &out[k++] : nullptr;
-    kc::layer_norm_backward(dy, x, has_w_ ? &w : nullptr, eps_, out[0], dw, db);
-  }
-  void cuda(const TensorList& in, TensorList& out) const override {
-    Tensor dy = dense(in[0]), x = dense(in[1]);
-    Tensor w = has_w_ ? dense(in[2]) : Tensor();
-    size_t k = 1;
-    Tensor* dw = want_w_ ? &out[k++] : nullptr;
-    Tensor* db = want_b_ ? &out[k++] : nullptr;
-    kernels::cuda::layer_norm_backward(dy, x, has_w_ ? &w : nullptr, eps_, out[0], dw, db);
-  }
+  void cpu(const TensorList& in, TensorList& out) const override { run(in, out, kc::layer_norm_backward); }
+  void cuda(const TensorList& in, TensorList& out) const override { run(in, out, kernels::cuda::layer_norm_backward); }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("second derivative of layer_norm is not implemented", "first-order gradients of layer_norm",
                         "a gradient of layer_norm_backward", "compose layer_norm from mean / rsqrt for higher-order terms");
   }
+  /// This op with the residual input added (nullptr when it has one already).
+  OpPtr with_residual() const {
+    return residual_ ? nullptr : std::make_shared<LayerNormBackward>(eps_, has_w_, want_w_, want_b_, true);
+  }
 
  private:
+  // The device's kernel on dense operands.
+  template <class Kernel>
+  void run(const TensorList& in, TensorList& out, Kernel kernel) const {
+    Tensor dy = dense(in[0]), x = dense(in[1]);
+    Tensor w = has_w_ ? dense(in[2]) : Tensor(), r = residual_ ? dense(in.back()) : Tensor();
+    size_t k = 1;
+    Tensor* dw = want_w_ ? &out[k++] : nullptr;
+    Tensor* db = want_b_ ? &out[k++] : nullptr;
+    kernel(dy, x, has_w_ ? &w : nullptr, eps_, out[0], dw, db, residual_ ? &r : nullptr);
+  }
   double eps_;
-  bool has_w_, want_w_, want_b_;
+  bool has_w_, want_w_, want_b_, residual_;
 };
 
 // Inputs (x[, w][, b]) as flagged.
@@ -561,6 +565,11 @@ TensorList Gather::vjp(const TensorList& in, const TensorList&, const TensorList
 
 Tensor softmax(const Tensor& x, int axis) { return apply1(std::make_shared<Softmax>(axis, false), {x}); }
 Tensor log_softmax(const Tensor& x, int axis) { return apply1(std::make_shared<Softmax>(axis, true), {x}); }
+
+OpPtr layer_norm_backward_residual_op(const Op& bwd) {
+  const auto* b = dynamic_cast<const LayerNormBackward*>(&bwd);
+  return b ? b->with_residual() : nullptr;
+}
 
 OpPtr fused_cross_entropy_op(const Op& fwd, const Op& bwd) {
   const auto* f = dynamic_cast<const CrossEntropy*>(&fwd);

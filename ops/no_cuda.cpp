@@ -37,7 +37,7 @@ void cross_entropy_backward(const Tensor&, const Tensor&, const Tensor&, int64_t
   no_cuda("cross_entropy_backward");
 }
 void layer_norm(const Tensor&, const Tensor*, const Tensor*, double, Tensor&) { no_cuda("layer_norm"); }
-void layer_norm_backward(const Tensor&, const Tensor&, const Tensor*, double, Tensor&, Tensor*, Tensor*) {
+void layer_norm_backward(const Tensor&, const Tensor&, const Tensor*, double, Tensor&, Tensor*, Tensor*, const Tensor*) {
   no_cuda("layer_norm_backward");
 }
 void gather(const Tensor&, const Tensor&, int64_t, int64_t, int64_t, bool, Tensor&) { no_cuda("gather"); }

@@ -381,7 +381,8 @@ void ln_forward(const T* x, const T* w, const T* b, int64_t R, int64_t D, double
 }
 
 template <class T>
-void ln_backward(const T* dy, const T* x, const T* w, int64_t R, int64_t D, double eps, T* dx, T* dw, T* db) {
+void ln_backward(const T* dy, const T* x, const T* w, const T* res, int64_t R, int64_t D, double eps, T* dx, T* dw,
+                 T* db) {
   std::vector<double> stats(size_t(2 * R));  // mean, rstd per row (reused by the column pass)
   parallel_for(R, 6 * D, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -404,6 +405,11 @@ void ln_backward(const T* dy, const T* x, const T* w, int64_t R, int64_t D, doub
         double xh = (double(xr[j]) - mean) * rstd;
         dr[j] = T(rstd * (g - m1 - xh * m2));
       }
+      // The residual gradient in a loop of its own over the stored row: in the loop above GCC would contract
+      // the f64 product and the add into an FMA (-ffp-contract=fast), and the sum would no longer be
+      // bitwise that of a separate add.
+      if (res)
+        for (int64_t j = 0; j < D; ++j) dr[j] = T(dr[j] + res[r * D + j]);
     }
   });
   if (!dw && !db) return;
@@ -444,7 +450,7 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 }
 
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
-                         Tensor* db) {
+                         Tensor* db, const Tensor* residual) {
   const int64_t D = x.shape().back(), R = D > 0 ? x.numel() / D : 0;
   TX_DISPATCH_FLOAT(x.dtype(), "layer_norm_backward", {
     using T = scalar_t;
@@ -454,7 +460,8 @@ void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, dou
       if (db) std::fill(db->data<T>(), db->data<T>() + D, T(0));
       break;
     }
-    ln_backward(dy.data<T>(), x.data<T>(), w ? w->data<T>() : (const T*)nullptr, R, D, eps, dx.data<T>(),
+    ln_backward(dy.data<T>(), x.data<T>(), w ? w->data<T>() : (const T*)nullptr,
+                residual ? residual->data<T>() : (const T*)nullptr, R, D, eps, dx.data<T>(),
                 dw ? dw->data<T>() : (T*)nullptr, db ? db->data<T>() : (T*)nullptr);
   });
 }

@@ -81,9 +81,12 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 ///   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),
 ///   dw = sum_r dy * xhat,  db = sum_r dy.
 /// dx is parallel over rows; dw and db are parallel over columns (each column summed in row order, so the
-/// result is bitwise independent of the thread count). dw / db may be nullptr (not wanted).
+/// result is bitwise independent of the thread count). dw / db may be nullptr (not wanted). `residual`
+/// (contiguous like x), when not nullptr, is added to dx as it is stored, after dx is rounded to its
+/// dtype: bitwise dx followed by a separate add (the residual stream's two gradients, summed where the
+/// JIT fuses the add into this op).
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
-                         Tensor* db);
+                         Tensor* db, const Tensor* residual = nullptr);
 
 // ------------------------------------------------------------------------------------ dropout
 /// out[i] = uniform_at(key, i) >= p ? x[i] * T(1 / (1 - p)) : 0, i the row-major element index.

@@ -210,4 +210,15 @@ TX_HW_FN T block_max_of(T v, T lowest) {
   return block_reduce_of<Hw>(v, lowest, [](T x) { return warp_max_of<Hw>(x); });
 }
 
+/// a + b rounded once and never merged with a product before it into an FMA (compilers contract a * b + c
+/// by default: nvcc's --fmad, GCC's -ffp-contract=fast), so that a fused kernel adds bitwise as a separate
+/// add kernel would: __fadd_rn / __dadd_rn on the GPU, a call the host compiler keeps in tests/emulated/.
+#ifdef __CUDACC__
+TX_HW_FN float add_rn(float a, float b) { return __fadd_rn(a, b); }
+TX_HW_FN double add_rn(double a, double b) { return __dadd_rn(a, b); }
+#else
+[[gnu::noinline]] inline float add_rn(float a, float b) { return a + b; }
+[[gnu::noinline]] inline double add_rn(double a, double b) { return a + b; }
+#endif
+
 }  // namespace titanax::kernels::cuda

@@ -296,11 +296,12 @@ void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, T
 }
 
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
-                         Tensor* db) {
+                         Tensor* db, const Tensor* residual) {
   const int64_t D = x.shape().back(), R = D > 0 ? x.numel() / D : 0;
   Tensor work = empty(Shape{std::max<int64_t>(int64_t(layer_norm_backward_workspace(R, D)), 1)}, DType::f64, x.device());
   check(launch_layer_norm_backward(floating(x, "layer_norm_backward"), dy.raw_data(), x.raw_data(),
-                                   w ? w->raw_data() : nullptr, R, D, eps, dx.raw_data(),
+                                   w ? w->raw_data() : nullptr, residual ? residual->raw_data() : nullptr, R, D, eps,
+                                   dx.raw_data(),
                                    dw ? dw->raw_data() : nullptr, db ? db->raw_data() : nullptr,
                                    static_cast<double*>(work.raw_data()), stream_of(dx)),
         "layer_norm_backward");

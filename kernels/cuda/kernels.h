@@ -94,9 +94,10 @@ void cross_entropy_fused(const Tensor& logits, const Tensor& labels, const Tenso
                          LossReduction red, Tensor& out, Tensor& dlogits);
 /// y [R, D] = (x - mean) * rstd * w + b over the last axis; w, b may be nullptr.
 void layer_norm(const Tensor& x, const Tensor* w, const Tensor* b, double eps, Tensor& y);
-/// dx (and dw, db when not nullptr; each column summed over rows in row order: deterministic).
+/// dx (plus `residual`, contiguous like x, when not nullptr: dx rounded, then the add, bitwise a separate
+/// add's result), and dw, db when not nullptr (each column summed over rows in row order: deterministic).
 void layer_norm_backward(const Tensor& dy, const Tensor& x, const Tensor* w, double eps, Tensor& dx, Tensor* dw,
-                         Tensor* db);
+                         Tensor* db, const Tensor* residual = nullptr);
 /// The vocabulary-parallel cross-entropy's shard kernels (as kernels::cpu::ce_shard_*; contiguous logits
 /// [R, C] f32 / f64 on the device, labels [R] i32 / i64, gmax f64 [R], partial / stats f64 [2, R] on the
 /// device): the row maxima; with the global maxima, the sums of exp(x - gmax) and the label's logit where

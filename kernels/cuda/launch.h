@@ -141,10 +141,11 @@ int launch_layer_norm(Dt t, const void* x, const void* w, const void* b, int64_t
 /// Doubles of scratch launch_layer_norm_backward needs: the rows' mean and rstd, and dw / db's partial sums
 /// over chunks of rows.
 size_t layer_norm_backward_workspace(int64_t R, int64_t D);
-/// dx, and dw / db (may be null) summed over rows deterministically (kernels/cuda/rows.cuh: chunks of rows
-/// in a fixed order); `work`: layer_norm_backward_workspace(R, D) doubles of scratch.
-int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, int64_t R, int64_t D, double eps,
-                               void* dx, void* dw, void* db, double* work, void* stream);
+/// dx (plus res [R, D], the residual stream's other gradient, when not null: added after dx is rounded),
+/// and dw / db (may be null) summed over rows deterministically (kernels/cuda/rows.cuh: chunks of rows in a
+/// fixed order); `work`: layer_norm_backward_workspace(R, D) doubles of scratch.
+int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, const void* res, int64_t R, int64_t D,
+                               double eps, void* dx, void* dw, void* db, double* work, void* stream);
 /// out[a, k, b] = x[a, idx[k], b]; x [A, n, B], out [A, K, B].
 /// Inverted dropout over n contiguous elements with the CPU's mask (kernels/cpu/nn.h dropout): element i
 /// kept (times 1 / (1 - p)) when the uniform of Philox counter (i / 4, 0, 0, 0), key (k0, k1), word

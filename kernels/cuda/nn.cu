@@ -78,9 +78,9 @@ __global__ void k_layer_norm(const T* x, const T* w, const T* b, int64_t R, int6
 }
 
 template <class T>
-__global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int64_t D, double eps, T* dx,
+__global__ void k_layer_norm_dx(const T* dy, const T* x, const T* w, const T* res, int64_t R, int64_t D, double eps, T* dx,
                                 double* stats) {
-  layer_norm_dx<DevicePrim>(dy, x, w, R, D, eps, dx, stats);
+  layer_norm_dx<DevicePrim>(dy, x, w, res, R, D, eps, dx, stats);
 }
 
 // KV float4 per lane: ln_warp_vecs(D).
@@ -91,9 +91,10 @@ __global__ void __launch_bounds__(kThreads) k_layer_norm_warp(const float* x, co
 }
 
 template <int KV>
-__global__ void __launch_bounds__(kThreads) k_layer_norm_dx_warp(const float* dy, const float* x, const float* w, int64_t R,
-                                                                 int64_t D, double eps, float* dx, double* stats) {
-  layer_norm_dx_warp<DevicePrim, KV>(dy, x, w, R, D, eps, dx, stats);
+__global__ void __launch_bounds__(kThreads) k_layer_norm_dx_warp(const float* dy, const float* x, const float* w,
+                                                                 const float* res, int64_t R, int64_t D, double eps,
+                                                                 float* dx, double* stats) {
+  layer_norm_dx_warp<DevicePrim, KV>(dy, x, w, res, R, D, eps, dx, stats);
 }
 
 template <class T>
@@ -294,24 +295,24 @@ size_t layer_norm_backward_workspace(int64_t R, int64_t D) {
   return size_t(2 * R + 2 * ln_chunks(R) * D);
 }
 
-int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, int64_t R, int64_t D, double eps,
-                               void* dx, void* dw, void* db, double* work, void* stream) {
+int launch_layer_norm_backward(Dt t, const void* dy, const void* x, const void* w, const void* res, int64_t R, int64_t D,
+                               double eps, void* dx, void* dw, void* db, double* work, void* stream) {
   if (D == 0) return 0;
   auto st = as_stream(stream);
   double* stats = work;             // [R][2]: mean, rstd
   double* partial = work + 2 * R;   // [2][chunks][D]
   return floating(t, [&](auto v) {
     using T = decltype(v);
-    if (R > 0 && ln_warp_path(t, D, {dy, x, w, dx}))
+    if (R > 0 && ln_warp_path(t, D, {dy, x, w, res, dx}))
       with_ln_warp_vecs(D, [&](auto kv) {
         k_layer_norm_dx_warp<decltype(kv)::value><<<warp_row_blocks(R), kThreads, 0, st>>>(
-            static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(w), R, D, eps,
-            static_cast<float*>(dx), stats);
+            static_cast<const float*>(dy), static_cast<const float*>(x), static_cast<const float*>(w),
+            static_cast<const float*>(res), R, D, eps, static_cast<float*>(dx), stats);
       });
     else if (R > 0)
       k_layer_norm_dx<<<row_blocks(R), kThreads, 0, st>>>(static_cast<const T*>(dy), static_cast<const T*>(x),
-                                                          static_cast<const T*>(w), R, D, eps, static_cast<T*>(dx),
-                                                          stats);
+                                                          static_cast<const T*>(w), static_cast<const T*>(res), R, D,
+                                                          eps, static_cast<T*>(dx), stats);
     if (dw || db) {
       const int64_t tiles = (D + 31) / 32, chunks = ln_chunks(R);
       if (chunks > 0)

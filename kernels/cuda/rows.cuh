@@ -281,6 +281,12 @@ TX_HW_FN T ln_dx(double g, T x, double mean, double rstd, double m1, double m2) 
   const double xh = (double(x) - mean) * rstd;
   return T(rstd * (g - m1 - xh * m2));
 }
+// dx as stored: plus the residual gradient's element when there is one, added in T after dx is rounded
+// and never contracted with dx's product (add_rn: bitwise what a separate add of the two gives).
+template <class T>
+TX_HW_FN T ln_dx_plus(T dx, const T* res, int64_t j) {
+  return res ? add_rn(dx, res[j]) : dx;
+}
 
 template <class Hw, class T>
 TX_HW_FN void row_moments(const T* xr, int64_t D, double eps, double& mean, double& rstd) {
@@ -308,7 +314,7 @@ TX_HW_FN void layer_norm(const T* x, const T* w, const T* b, int64_t R, int64_t 
 }
 
 template <class Hw, class T>
-TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int64_t D, double eps, T* dx,
+TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, const T* res, int64_t R, int64_t D, double eps, T* dx,
                             double* stats) {
   for (int64_t r = Hw::block_x(); r < R; r += Hw::grid_x()) {
     const T* xr = x + r * D;
@@ -324,7 +330,9 @@ TX_HW_FN void layer_norm_dx(const T* dy, const T* x, const T* w, int64_t R, int6
     }
     const double m1 = block_sum_of<Hw>(s1) / double(D), m2 = block_sum_of<Hw>(s2) / double(D);
     T* dr = dx + r * D;
-    for (int64_t j = Hw::thread(); j < D; j += Hw::threads()) dr[j] = ln_dx(ln_g(gr[j], w, j), xr[j], mean, rstd, m1, m2);
+    const T* rr = res ? res + r * D : nullptr;
+    for (int64_t j = Hw::thread(); j < D; j += Hw::threads())
+      dr[j] = ln_dx_plus(ln_dx(ln_g(gr[j], w, j), xr[j], mean, rstd, m1, m2), rr, j);
   }
 }
 
@@ -416,8 +424,8 @@ TX_HW_FN void layer_norm_warp(const float* x, const float* w, const float* b, in
 }
 
 template <class Hw, int KV>
-TX_HW_FN void layer_norm_dx_warp(const float* dy, const float* x, const float* w, int64_t R, int64_t D, double eps,
-                                 float* dx, double* stats) {
+TX_HW_FN void layer_norm_dx_warp(const float* dy, const float* x, const float* w, const float* res, int64_t R, int64_t D,
+                                 double eps, float* dx, double* stats) {
   const int lane = Hw::thread() & 31;
   for (int64_t r = warp_row0<Hw>(); r < R; r += warp_rows_stride<Hw>()) {
     float4 xv[KV], gv[KV];
@@ -439,8 +447,9 @@ TX_HW_FN void layer_norm_dx_warp(const float* dy, const float* x, const float* w
       }
     }
     const double m1 = warp_sum_of<Hw>(s1) / double(D), m2 = warp_sum_of<Hw>(s2) / double(D);
+    const float* rr = res ? res + r * D : nullptr;
     warp_row_store<KV>(dx + r * D, D, lane, [&](int i, int e, int64_t j) {
-      return ln_dx(ln_g(f4_at(gv[i], e), w, j), f4_at(xv[i], e), mean, rstd, m1, m2);
+      return ln_dx_plus(ln_dx(ln_g(f4_at(gv[i], e), w, j), f4_at(xv[i], e), mean, rstd, m1, m2), rr, j);
     });
   }
 }

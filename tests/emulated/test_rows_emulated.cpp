@@ -293,12 +293,21 @@ TEMPLATE_TEST_CASE("row kernels, emulated: layer norm forward and backward match
     CHECK(testing::rel_error(y, want_y) <= tol);
     Tensor dx = nan_tensor(xb.shape(), dt), stats = nan_tensor(Shape{2 * Rb}, DType::f64);
     testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
-      rk::layer_norm_dx<HostPrim>(cptr<TestType>(dyb), cptr<TestType>(xb), wp ? cptr<TestType>(*wp) : nullptr, Rb, D, eps,
-                                  ptr<TestType>(dx), ptr<double>(stats));
+      rk::layer_norm_dx<HostPrim>(cptr<TestType>(dyb), cptr<TestType>(xb), wp ? cptr<TestType>(*wp) : nullptr,
+                                  static_cast<const TestType*>(nullptr), Rb, D, eps, ptr<TestType>(dx), ptr<double>(stats));
     });
     Tensor want_dx = empty(xb.shape(), dt);
     kc::layer_norm_backward(dyb, xb, wp, eps, want_dx, nullptr, nullptr);
     CHECK(testing::rel_error(dx, want_dx) <= tol);
+    {  // with the residual stream's other gradient: bitwise dx, then a separate add
+      const Tensor res = testing::randn64(fold_in(key, 5), xb.shape()).astype(dt);
+      Tensor dxr = nan_tensor(xb.shape(), dt);
+      testing::emu::launch(4, 1, kRowThreads, 0, [&](unsigned char*) {
+        rk::layer_norm_dx<HostPrim>(cptr<TestType>(dyb), cptr<TestType>(xb), wp ? cptr<TestType>(*wp) : nullptr,
+                                    cptr<TestType>(res), Rb, D, eps, ptr<TestType>(dxr), nullptr);
+      });
+      CHECK(testing::bitwise_equal(dxr, dx + res));
+    }
     const std::vector<double> st = stats.to_vector<double>();
     for (int64_t i = 0; i < 2 * Rb; ++i)
       CHECK(std::fabs(st[size_t(i)] - host_stats[size_t(i)]) <= 1e-12 * (1.0 + std::fabs(host_stats[size_t(i)])));
@@ -344,9 +353,17 @@ TEST_CASE("row kernels, emulated: layer norm's warp-per-row f32 bodies match the
           rk::layer_norm_warp<HostPrim, KV>(cptr<float>(x), wp, bp, R, D, eps, ptr<float>(y));
         });
         testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
-          rk::layer_norm_dx_warp<HostPrim, KV>(cptr<float>(dy), cptr<float>(x), wp, R, D, eps, ptr<float>(dx),
+          rk::layer_norm_dx_warp<HostPrim, KV>(cptr<float>(dy), cptr<float>(x), wp, nullptr, R, D, eps, ptr<float>(dx),
                                                ptr<double>(stats));
         });
+        // With the residual stream's other gradient: bitwise dx, then a separate add.
+        const Tensor res = testing::randn64(fold_in(key, 6), x.shape()).astype(DType::f32);
+        Tensor dxr = nan_tensor(x.shape(), DType::f32);
+        testing::emu::launch(3, 1, kRowThreads, 0, [&](unsigned char*) {
+          rk::layer_norm_dx_warp<HostPrim, KV>(cptr<float>(dy), cptr<float>(x), wp, cptr<float>(res), R, D, eps,
+                                               ptr<float>(dxr), nullptr);
+        });
+        CHECK(testing::bitwise_equal(dxr, dx + res));
       });
       Tensor want_y = empty(x.shape(), DType::f32), want_dx = empty(x.shape(), DType::f32);
       kc::layer_norm(x, affine ? &w : nullptr, affine ? &b : nullptr, eps, want_y);

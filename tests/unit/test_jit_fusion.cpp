@@ -620,3 +620,46 @@ TEST_CASE("jit fusion: cross-entropy and its backward become one node, bitwise, 
     CHECK_THROWS_WITH(g.run({rnd(4, Shape{6, 5}), bad}), Catch::Matchers::Contains("label 7 at position [2]"));
   }
 }
+
+TEST_CASE("jit fusion: a layer-norm backward's dx and the skip connection's gradient are summed in the norm's "
+          "node, bitwise", "[jit][fusion]") {
+  // A pre-LN residual block: y = x + tanh(layer_norm(x) * w2); x's gradient is the skip connection's plus the
+  // norm's dx: one add, fused; the forward's add (not of a norm's dx) is left alone.
+  for (DType t : {DType::f32, DType::f64}) {
+    INFO(dtype_name(t));
+    auto step = [](const TensorList& in) {
+      ParamTree p{{"x", in[0]}, {"w", in[1]}, {"b", in[2]}};
+      auto g = value_and_grad(
+                   [&] {
+                     const Tensor y = p.at("x") + tanh(layer_norm(p.at("x"), p.at("w"), p.at("b")) * in[3]);
+                     return sum(y * in[4]);
+                   },
+                   p)
+                   .second;
+      return TensorList{g.at("x"), g.at("w"), g.at("b")};
+    };
+    const Shape s{6, 10}, d{10};
+    auto args = [&](uint64_t k) { return TensorList{rnd(k, s, t), rnd(k + 1, d, t), rnd(k + 2, d, t), rnd(k + 3, s, t), rnd(k + 4, s, t)}; };
+    const jit::Graph g = jit::trace(step, args(1));
+    const int adds = count_op(g, "add");
+    const jit::Graph fg = fused_vs_unfused(step, args(1), args(11), jit::fuse_layer_norm_backward_add);
+    CHECK(count_op(fg, "add") == adds - 1);
+    CHECK(first_op(fg, "layer_norm_backward").op->attrs().find("residual=1") != std::string::npos);
+    check_bitwise(fg.run(args(21)), step(args(21)));  // and eager
+  }
+  SECTION("no fusion when dx has another reader, is an output, or meets a broadcast addend") {
+    for (int use = 0; use < 3; ++use) {
+      INFO("case " << use);
+      auto step = [use](const TensorList& in) {
+        ParamTree p{{"x", in[0]}};
+        auto g = value_and_grad([&] { return sum(layer_norm(p.at("x"), Tensor(), Tensor()) * in[1]); }, p).second;
+        const Tensor dx = g.at("x");
+        if (use == 0) return TensorList{dx + in[2], dx * in[2]};
+        if (use == 1) return TensorList{dx + in[2], dx};
+        return TensorList{dx + in[3]};  // in[3]: one row, broadcast
+      };
+      jit::Graph g = jit::trace(step, {rnd(1, Shape{4, 8}), rnd(2, Shape{4, 8}), rnd(3, Shape{4, 8}), rnd(4, Shape{8})});
+      CHECK(jit::fuse_layer_norm_backward_add(g) == 0);
+    }
+  }
+}
