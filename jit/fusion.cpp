@@ -1157,6 +1157,18 @@ bool depends_on(const Graph& g, const std::vector<int>& prod, int v, int w) {
   }
   return false;
 }
+
+// Removes the nodes marked in `dropped` (a pass folded them into others), restores a topological order
+// (a fused node may have to move after an input's producer) and returns `fused`, the pass's count.
+int remove_nodes(Graph& g, const std::vector<bool>& dropped, int fused) {
+  if (fused == 0) return 0;
+  std::vector<Node> kept;
+  for (size_t i = 0; i < g.nodes.size(); ++i)
+    if (!dropped[i]) kept.push_back(std::move(g.nodes[i]));
+  g.nodes = std::move(kept);
+  topo_sort(g);
+  return fused;
+}
 }  // namespace
 
 int fuse_cross_entropy(Graph& g) {
@@ -1180,13 +1192,7 @@ int fuse_cross_entropy(Graph& g) {
       break;
     }
   }
-  if (fused == 0) return 0;
-  std::vector<Node> kept;
-  for (size_t i = 0; i < g.nodes.size(); ++i)
-    if (!dropped[i]) kept.push_back(std::move(g.nodes[i]));
-  g.nodes = std::move(kept);
-  topo_sort(g);
-  return fused;
+  return remove_nodes(g, dropped, fused);
 }
 
 int fuse_layer_norm_backward_add(Graph& g) {
@@ -1225,13 +1231,7 @@ int fuse_layer_norm_backward_add(Graph& g) {
       break;
     }
   }
-  if (fused == 0) return 0;
-  std::vector<Node> kept;
-  for (size_t i = 0; i < g.nodes.size(); ++i)
-    if (!dropped[i]) kept.push_back(std::move(g.nodes[i]));
-  g.nodes = std::move(kept);
-  topo_sort(g);
-  return fused;
+  return remove_nodes(g, dropped, fused);
 }
 
 int fuse(Graph& g) {
