@@ -212,8 +212,9 @@ void check_ln_param(const Tensor& x, const Tensor& p, const char* which) {
                      std::string(dtype_name(x.dtype())), std::string(dtype_name(p.dtype())), "cast it with astype()");
 }
 
-// Inputs (dy, x[, w][, residual]); outputs dx, then dw when want_w, then db when want_b. With `residual` (only the JIT builds it:
-// layer_norm_backward_residual_op) dx also adds the residual input, the residual stream's other gradient.
+// Inputs (dy, x[, w][, residual]); outputs dx, then dw when want_w, then db when want_b. With `residual`
+// (only the JIT builds it: layer_norm_backward_residual_op) dx also adds the residual input, the residual
+// stream's other gradient.
 class LayerNormBackward final : public Op {
  public:
   LayerNormBackward(double eps, bool has_w, bool want_w, bool want_b, bool residual = false)

@@ -319,10 +319,12 @@ class Unbind final : public Op {
  private:
   // x's axes from the largest stride to the smallest (ties in axis order) where x densely covers its memory
   // in that order (every stride the product of the extents inside it, axes of one element aside); the
-  // identity otherwise (an overlapping or gapped view: a plain concat).
+  // identity for a contiguous x (whatever the strides of its axes of one element) and otherwise (an
+  // overlapping or gapped view: a plain concat).
   static std::vector<int> memory_order(const Tensor& x) {
     std::vector<int> order(size_t(x.dim()));
     std::iota(order.begin(), order.end(), 0);
+    if (x.is_contiguous()) return order;
     std::stable_sort(order.begin(), order.end(), [&](int p, int q) { return x.strides()[p] > x.strides()[q]; });
     int64_t inner = 1;
     for (auto it = order.rbegin(); it != order.rend(); ++it) {
