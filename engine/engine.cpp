@@ -188,9 +188,8 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
 
   StepResult r;
   r.lr = opt_->lr();
-  r.grad_norm = opts_.grad_clip > 0 ? optim::clip_grad_norm(grads, opts_.grad_clip, tp_specs, mesh_, pp.axis, not_counted)
-                                    : optim::global_norm(grads, tp_specs, mesh_, pp.axis, not_counted);
-  opt_->step(params, grads);
+  r.grad_norm = optim::global_norm(grads, tp_specs, mesh_, pp.axis, not_counted);
+  opt_->step(params, grads, {}, clip_factor(r.grad_norm));
   r.loss = dp_mean(pr.loss);
   return r;
 }
@@ -260,11 +259,16 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
   if (scaler_ && scaler_->update(!std::isfinite(r.grad_norm))) {
     r.skipped = true;  // no update: parameters, moments and the optimizer's step counter unchanged
   } else {
-    if (opts_.grad_clip > 0) optim::clip_to_norm(grads, r.grad_norm, opts_.grad_clip);
-    opt_->step(params, grads);
+    opt_->step(params, grads, {}, clip_factor(r.grad_norm));
   }
   r.loss = dp_mean(loss_sum / acc);
   return r;
+}
+
+Tensor Engine::clip_factor(double norm) const {
+  if (opts_.grad_clip <= 0) return {};
+  const double coef = optim::clip_coefficient(norm, opts_.grad_clip);
+  return coef < 1 ? scalar(coef, DType::f64) : Tensor();
 }
 
 int Engine::accumulate_steps(const Batch& batch) const {
@@ -335,10 +339,10 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     }
     // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once.
     Tensor norm = plan_.tp ? optim::global_norm_tensor(grads, partition_specs(model), mesh_) : optim::global_norm_tensor(grads);
-    if (opts_.grad_clip > 0) optim::clip_to_norm_tensor(grads, norm, opts_.grad_clip);
     if (scaler_)
       skip = scaler_->update_traced(lt(abs(norm), scalar(INFINITY, norm.dtype(), norm.device())).to(Device::cpu()));
-    opt_->step(params, grads, skip);
+    // Clipping inside the fused update: no pass over the gradients of its own.
+    opt_->step(params, grads, skip, opts_.grad_clip > 0 ? optim::clip_coefficient(norm, opts_.grad_clip) : Tensor());
     return TensorList{loss, norm};
   };
 }

@@ -126,8 +126,9 @@ struct UpdateRule {
   virtual ~UpdateRule() = default;
   virtual const char* name() const = 0;
   virtual std::string attrs() const = 0;
-  /// This update's scalars at step count `step` (updates done before this one) and learning rate lr.
-  virtual kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const = 0;
+  /// This update's scalars at step count `step` (updates done before this one), learning rate lr and
+  /// gradient factor `factor` (kernels/update_scalars.h).
+  virtual kernels::UpdateScalars scalars(int64_t step, double lr, bool apply, double factor = 1) const = 0;
   /// Updates `s` (contiguous f32 / f64 state tensors: copies when traced, the optimizer's own tensors
   /// eagerly) in place with gradient g (contiguous) on the CPU.
   virtual void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const = 0;
@@ -140,10 +141,10 @@ struct UpdateRule {
 
 // The update of n parameters with one rule, as one node (a traced step's multi-tensor update: on a GPU one
 // fused launch per 24 tensors, as the eager step, instead of a launch per parameter). Inputs: per
-// parameter its k state tensors and its gradient, then the step's scalars (f64 [4] on the states' device,
-// from ScalarsOp); outputs: the n * k updated state tensors (unchanged when the scalars say the step is
-// skipped). Every input lives on the states' device, so on a GPU the node can be captured into a CUDA
-// graph (jit/capture.h).
+// parameter its k state tensors and its gradient, then the step's scalars (f64 [UpdateScalars::size] on
+// the states' device, from ScalarsOp); outputs: the n * k updated state tensors (unchanged when the
+// scalars say the step is skipped). Every input lives on the states' device, so on a GPU the node can be
+// captured into a CUDA graph (jit/capture.h).
 struct UpdateOp final : Op {
   std::shared_ptr<const UpdateRule> rule;
   size_t n;
@@ -196,8 +197,9 @@ struct UpdateOp final : Op {
 };
 
 // The step's update scalars (UpdateRule::scalars) from the step count, the learning rate and optionally
-// skip, host scalars read at each run, as f64 [4] on the parameters' device: on a GPU written by a kernel
-// launch that carries the values, so nothing waits and the update reading them can be captured.
+// skip, host scalars read at each run, as f64 [UpdateScalars::size] on the parameters' device (gradient
+// factor 1; update_parameters puts a traced one in after): on a GPU written by a kernel launch that
+// carries the values, so nothing waits and the update reading them can be captured.
 struct ScalarsOp final : Op {
   std::shared_ptr<const UpdateRule> update;
   Device device;
@@ -227,8 +229,8 @@ struct AdamRule final : UpdateRule {
   std::string attrs() const override {
     return "betas=(" + attr_num(o.beta1) + "," + attr_num(o.beta2) + ") eps=" + attr_num(o.eps) + " wd=" + attr_num(wd);
   }
-  kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const override {
-    return kernels::adam_scalars(lr, o.beta1, o.beta2, wd, step + 1, apply);
+  kernels::UpdateScalars scalars(int64_t step, double lr, bool apply, double factor) const override {
+    return kernels::adam_scalars(lr, o.beta1, o.beta2, wd, step + 1, apply, factor);
   }
   void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const override {
     if (s[0].dtype() == DType::f32)
@@ -254,8 +256,8 @@ struct SgdRule final : UpdateRule {
   std::string attrs() const override {
     return "momentum=" + attr_num(mu) + " wd=" + attr_num(wd) + " nesterov=" + std::to_string(nesterov);
   }
-  kernels::UpdateScalars scalars(int64_t step, double lr, bool apply) const override {
-    return kernels::sgd_scalars(lr, step == 0, apply);
+  kernels::UpdateScalars scalars(int64_t step, double lr, bool apply, double factor) const override {
+    return kernels::sgd_scalars(lr, step == 0, apply, factor);
   }
   void update(TensorList& s, const Tensor& g, const kernels::UpdateScalars& sc) const override {
     if (s[0].dtype() == DType::f32)
@@ -283,15 +285,23 @@ struct SgdRule final : UpdateRule {
 // the step count and the update's scalars are ops of the step tensor, so a replay computes them anew.
 using UpdateFor = std::function<std::pair<std::shared_ptr<const UpdateRule>, TensorList>(size_t i)>;
 void update_parameters(const Schedule& schedule, const void* owner, Tensor& step, ParamTree& params, const ParamTree& grads,
-                       const Tensor& skip, const UpdateFor& update_for) {
+                       const Tensor& skip, const Tensor& grad_factor, const UpdateFor& update_for) {
   NoGradGuard ng;
   const bool traced = apply_observer() != nullptr;
   if (skip.defined() && (skip.dim() != 0 || skip.dtype() != DType::bool_ || !skip.device().is_cpu()))
     throw ValueError("optimizer step: skip must be a 0-d bool tensor on the CPU", "shape [], bool, cpu",
                      skip.shape().str() + ", " + std::string(dtype_name(skip.dtype())) + ", " + skip.device().str());
+  const Device dev = params.size() ? params[0].second.device() : Device::cpu();
+  if (grad_factor.defined() && (grad_factor.dim() != 0 || !is_floating(grad_factor.dtype()) ||
+                                !(grad_factor.device().is_cpu() || grad_factor.device() == dev)))
+    throw ValueError("optimizer step: grad_factor must be a 0-d floating-point tensor on the CPU or the parameters' device",
+                     "shape [], a floating dtype, cpu or " + dev.str(),
+                     grad_factor.shape().str() + ", " + std::string(dtype_name(grad_factor.dtype())) + ", " +
+                         grad_factor.device().str());
   if (!traced && skip.defined() && skip.item() != 0) return;
   const int64_t t = traced ? 0 : step.data<int64_t>()[0];
   const double lr_now = traced ? 0.0 : schedule(t);
+  const double factor_now = traced || !grad_factor.defined() ? 1.0 : grad_factor.item();
   const Tensor lr = traced ? apply1(std::make_shared<ScheduleOp>(schedule, owner), {step}) : Tensor();
   struct Pending {
     std::shared_ptr<const UpdateRule> op;
@@ -323,23 +333,28 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
         ProfileRange range(grp[0]->op->name(), params[0].second.device());
         std::vector<std::pair<TensorList, Tensor>> entries;
         for (Pending* u : grp) entries.push_back({u->states, u->grad});
-        grp[0]->op->update_cuda(entries, grp[0]->op->scalars(t, lr_now, true), nullptr);
+        grp[0]->op->update_cuda(entries, grp[0]->op->scalars(t, lr_now, true, factor_now), nullptr);
       }
     } else {
       for (Pending& u : todo) {
         ProfileRange range(u.op->name(), Device::cpu());
-        u.op->update(u.states, u.grad, u.op->scalars(t, lr_now, true));
+        u.op->update(u.states, u.grad, u.op->scalars(t, lr_now, true, factor_now));
       }
     }
     bump(step.data<int64_t>(), params);
     return;
   }
   // Traced: every group's scalars first (host ops, op by op on a GPU), then one update node per group
-  // (device ops only: one run of nodes a CUDA graph can capture whole).
+  // (device ops only: one run of nodes a CUDA graph can capture whole). A gradient factor computed in
+  // the graph (on the device, from the gradient norm) replaces the host scalars' last entry.
   const TensorList host = skip.defined() ? TensorList{step, lr, skip} : TensorList{step, lr};
+  constexpr int64_t factor_at = kernels::UpdateScalars::size - 1;
+  const Tensor factor = grad_factor.defined() ? grad_factor.astype(DType::f64).to(dev).reshape(Shape{1}) : Tensor();
   std::vector<Tensor> scalars;
-  for (const auto& grp : groups)
-    scalars.push_back(apply1(std::make_shared<ScalarsOp>(grp[0]->op, grp[0]->states[0].device()), host));
+  for (const auto& grp : groups) {
+    Tensor sc = apply1(std::make_shared<ScalarsOp>(grp[0]->op, dev), host);
+    scalars.push_back(factor.defined() ? concat({sc.slice(0, 0, factor_at), factor}, 0) : sc);
+  }
   for (size_t gi = 0; gi < groups.size(); ++gi) {
     TensorList in;
     for (Pending* u : groups[gi]) {
@@ -372,13 +387,13 @@ class Adam final : public Optimizer {
       decay_.push_back(!o_.decay_filter || o_.decay_filter(p, t));
     }
   }
-  void step(ParamTree& params, const ParamTree& grads, const Tensor& skip) override {
+  void step(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) override {
     if (m_.size() != params.size()) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
       init(params);
     }
     check_grads(params, grads);
-    update_parameters(schedule_, this, step_, params, grads, skip, [&](size_t i) {
+    update_parameters(schedule_, this, step_, params, grads, skip, grad_factor, [&](size_t i) {
       return std::make_pair(std::make_shared<const AdamRule>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_),
                             TensorList{params[i].second, m_[i].second, v_[i].second});
     });
@@ -414,13 +429,13 @@ class SGD final : public Optimizer {
       for (const auto& [p, t] : params) buf_.insert(p, zeros_like(t));
     inited_ = true;
   }
-  void step(ParamTree& params, const ParamTree& grads, const Tensor& skip) override {
+  void step(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) override {
     if (!inited_ || (mu_ > 0 && buf_.size() != params.size())) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
       init(params);
     }
     check_grads(params, grads);
-    update_parameters(schedule_, this, step_, params, grads, skip, [&](size_t i) {
+    update_parameters(schedule_, this, step_, params, grads, skip, grad_factor, [&](size_t i) {
       TensorList states{params[i].second};
       if (mu_ > 0) states.push_back(buf_[i].second);
       return std::make_pair(std::make_shared<const SgdRule>(mu_, wd_, nesterov_), states);
@@ -466,29 +481,41 @@ TensorList values_of(const ParamTree& grads) {
   return gs;
 }
 
-void scale_if_above(ParamTree& grads, double norm, double max_norm) {
-  double coef = max_norm / (norm + 1e-6);
+// Every gradient times coef when coef is below 1; else the gradients are left as they are.
+void scale_by(ParamTree& grads, double coef) {
   if (coef < 1) {
     // New tensors, not in-place scaling: gradients from backward may share storage with each other.
     NoGradGuard ng;
     for (auto& [p, g] : grads) g = g * coef;
   }
 }
+
+void check_max_norm(double max_norm) {
+  if (max_norm <= 0) throw ValueError("gradient clipping needs max_norm > 0", "> 0", std::to_string(max_norm));
+}
 }  // namespace
+
+double clip_coefficient(double norm, double max_norm) {
+  check_max_norm(max_norm);
+  return std::min(max_norm / (norm + 1e-6), 1.0);
+}
+
+Tensor clip_coefficient(const Tensor& norm, double max_norm) {
+  check_max_norm(max_norm);
+  NoGradGuard ng;
+  return minimum(max_norm / (norm + 1e-6), scalar_like(1.0, norm));
+}
 
 double global_norm(const ParamTree& grads) { return std::sqrt(squares(values_of(grads))); }
 
 double clip_grad_norm(ParamTree& grads, double max_norm) {
-  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
-  double norm = global_norm(grads);
-  scale_if_above(grads, norm, max_norm);
+  check_max_norm(max_norm);
+  const double norm = global_norm(grads);
+  scale_by(grads, clip_coefficient(norm, max_norm));
   return norm;
 }
 
-void clip_to_norm(ParamTree& grads, double norm, double max_norm) {
-  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
-  scale_if_above(grads, norm, max_norm);
-}
+void clip_to_norm(ParamTree& grads, double norm, double max_norm) { scale_by(grads, clip_coefficient(norm, max_norm)); }
 
 Tensor global_norm_tensor(const ParamTree& grads) {
   NoGradGuard ng;
@@ -496,14 +523,13 @@ Tensor global_norm_tensor(const ParamTree& grads) {
 }
 
 void clip_to_norm_tensor(ParamTree& grads, const Tensor& norm, double max_norm) {
-  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  const Tensor coef = clip_coefficient(norm, max_norm);
   NoGradGuard ng;
-  const Tensor coef = minimum(max_norm / (norm + 1e-6), scalar_like(1.0, norm));
   for (auto& [p, g] : grads) g = g * coef.astype(g.dtype());
 }
 
 Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm) {
-  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
+  check_max_norm(max_norm);
   Tensor norm = global_norm_tensor(grads);
   clip_to_norm_tensor(grads, norm, max_norm);
   return norm;
@@ -559,9 +585,9 @@ double global_norm(const ParamTree& grads, const std::map<std::string, Partition
 
 double clip_grad_norm(ParamTree& grads, double max_norm, const std::map<std::string, PartitionSpec>& specs,
                       const Mesh& mesh, const std::string& stage_axis, const std::set<std::string>& not_counted) {
-  if (max_norm <= 0) throw ValueError("clip_grad_norm needs max_norm > 0", "> 0", std::to_string(max_norm));
-  double norm = global_norm(grads, specs, mesh, stage_axis, not_counted);
-  scale_if_above(grads, norm, max_norm);
+  check_max_norm(max_norm);
+  const double norm = global_norm(grads, specs, mesh, stage_axis, not_counted);
+  scale_by(grads, clip_coefficient(norm, max_norm));
   return norm;
 }
 

@@ -41,7 +41,13 @@ class Optimizer {
   /// at learning rate schedule(steps()); then steps() increases by one. `skip` (optional, a 0-d bool CPU
   /// tensor) is read when the update runs, in a traced step (jit/graph.h) at every replay: true leaves
   /// the parameters, the optimizer state and steps() unchanged (loss scaling's skipped step).
-  virtual void step(ParamTree& params, const ParamTree& grads, const Tensor& skip = {}) = 0;
+  /// `grad_factor` (optional, a 0-d floating tensor on the CPU or the parameters' device; ValueError
+  /// otherwise): every gradient is multiplied by it, rounded to the gradient's dtype, inside the fused
+  /// update, as if `grads` had been scaled first (bitwise the same), without a pass over the gradients
+  /// of its own: the clipping coefficient of clip_coefficient below. Eagerly its value is read once
+  /// (a device tensor waits for its stream); traced, the graph computes it at every replay. Note that
+  /// it multiplies, where torch's fused Adam divides by its grad_scale (a loss scale).
+  virtual void step(ParamTree& params, const ParamTree& grads, const Tensor& skip = {}, const Tensor& grad_factor = {}) = 0;
   /// The state as named tensors ("m/<path>", "v/<path>", "step"): the optimizer's own tensors, so
   /// loading a checkpoint into them (in place) restores the optimizer.
   virtual ParamTree state() const = 0;
@@ -93,6 +99,14 @@ Tensor global_norm_tensor(const ParamTree& grads);
 Tensor clip_grad_norm_tensor(ParamTree& grads, double max_norm);
 /// clip_grad_norm_tensor's scaling for a known norm (an f64 0-d tensor, e.g. the TP-aware one below).
 void clip_to_norm_tensor(ParamTree& grads, const Tensor& norm, double max_norm);
+
+/// The clipping coefficient of torch.nn.utils.clip_grad_norm_ for a known global norm:
+/// min(max_norm / (norm + 1e-6), 1), in f64; as a double, or as ops on an f64 0-d norm tensor (for a
+/// traced step: computed at every replay, on the norm's device). What the clip_* functions multiply
+/// every gradient by, and what the Engine hands the optimizer as its grad_factor (Optimizer::step), which
+/// clips inside the fused update instead of in a pass of its own. ValueError unless max_norm > 0.
+double clip_coefficient(double norm, double max_norm);
+Tensor clip_coefficient(const Tensor& norm, double max_norm);
 
 /// Global L2 norm of the gradients of a model whose parameters are split over mesh axes (tensor
 /// parallelism): sqrt(sum over parameters of ||g||^2) where a parameter whose spec (specs[path]; absent =

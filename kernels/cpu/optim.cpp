@@ -13,9 +13,10 @@ void adam_impl(T* p, const T* g, T* m, T* v, int64_t n, const UpdateScalars& s, 
   if (s.v[0] == 0) return;
   const T step = T(s.v[1]), inv_sqrt_bc2 = T(s.v[2]), e = T(eps);
   const T decay = T(s.v[3]), l2 = T(wd), tb1 = T(b1), tb2 = T(b2), ob1 = T(1 - b1), ob2 = T(1 - b2);
+  const T factor = T(s.v[4]);
   parallel_for(n, 16, [&](int64_t s0, int64_t end) {
     for (int64_t i = s0; i < end; ++i) {
-      T gi = g[i];
+      T gi = g[i] * factor;
       if (decoupled) p[i] *= decay;
       else gi += l2 * p[i];
       m[i] = tb1 * m[i] + ob1 * gi;
@@ -28,11 +29,11 @@ void adam_impl(T* p, const T* g, T* m, T* v, int64_t n, const UpdateScalars& s, 
 template <class T>
 void sgd_impl(T* p, const T* g, T* buf, int64_t n, const UpdateScalars& s, double mu, double wd, bool nesterov) {
   if (s.v[0] == 0) return;
-  const T tl = T(s.v[1]), tm = T(mu), tw = T(wd);
+  const T tl = T(s.v[1]), tm = T(mu), tw = T(wd), factor = T(s.v[4]);
   const bool first = s.v[2] != 0;
   parallel_for(n, 8, [&](int64_t s0, int64_t end) {
     for (int64_t i = s0; i < end; ++i) {
-      T gi = g[i] + tw * p[i];
+      T gi = g[i] * factor + tw * p[i];
       if (buf) {
         buf[i] = first ? gi : tm * buf[i] + gi;
         gi = nesterov ? gi + tm * buf[i] : buf[i];

@@ -221,4 +221,14 @@ TX_HW_FN double add_rn(double a, double b) { return __dadd_rn(a, b); }
 [[gnu::noinline]] inline double add_rn(double a, double b) { return a + b; }
 #endif
 
+/// a * b rounded once and never merged with an add after it into an FMA: __fmul_rn / __dmul_rn on the
+/// GPU, a call the host compiler keeps in tests/emulated/ (as add_rn).
+#ifdef __CUDACC__
+TX_HW_FN float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+TX_HW_FN double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+#else
+[[gnu::noinline]] inline float mul_rn(float a, float b) { return a * b; }
+[[gnu::noinline]] inline double mul_rn(double a, double b) { return a * b; }
+#endif
+
 }  // namespace titanax::kernels::cuda

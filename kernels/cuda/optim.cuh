@@ -24,20 +24,20 @@ TX_HW_FN void for_elements(int64_t n, Body body) {
 }
 
 /// AdamW (decoupled) / Adam (L2 added to the gradient) with scalars {apply, step size, 1 / sqrt(1 - b2^t),
-/// decay factor} (kernels/update_scalars.h); e = eps, ob1 = 1 - b1, ob2 = 1 - b2.
+/// decay factor, gradient factor} (kernels/update_scalars.h); e = eps, ob1 = 1 - b1, ob2 = 1 - b2.
 template <class Hw, class T>
 TX_HW_FN void adam(const TensorChunk& c, const UpdateScalars& s, const double* sd, T e, T l2, T b1, T b2, T ob1, T ob2,
                    bool decoupled) {
   const double* sc = scalars_of(s, sd);
   if (sc[0] == 0) return;  // a skipped step
-  const T step = T(sc[1]), inv_sqrt_bc2 = T(sc[2]), decay = T(sc[3]);
+  const T step = T(sc[1]), inv_sqrt_bc2 = T(sc[2]), decay = T(sc[3]), factor = T(sc[4]);
   const int t = Hw::block_y();
   T* p = static_cast<T*>(c.p[t]);
   const T* g = static_cast<const T*>(c.g[t]);
   T* m = static_cast<T*>(c.m[t]);
   T* v = static_cast<T*>(c.v[t]);
   for_elements<Hw>(c.n[t], [&](int64_t i) {
-    T gi = g[i], pi = p[i];
+    T gi = mul_rn(g[i], factor), pi = p[i];  // rounded as a separate scaling of g would be
     if (decoupled) pi *= decay;
     else gi += l2 * pi;
     const T mi = b1 * m[i] + ob1 * gi;
@@ -48,20 +48,20 @@ TX_HW_FN void adam(const TensorChunk& c, const UpdateScalars& s, const double* s
   });
 }
 
-/// SGD with momentum (torch.optim.SGD) with scalars {apply, lr, first step, unused}; the momentum buffer
-/// (c.m) may be null (no momentum).
+/// SGD with momentum (torch.optim.SGD) with scalars {apply, lr, first step, unused, gradient factor};
+/// the momentum buffer (c.m) may be null (no momentum).
 template <class Hw, class T>
 TX_HW_FN void sgd(const TensorChunk& c, const UpdateScalars& s, const double* sd, T mu, T wd, bool nesterov) {
   const double* sc = scalars_of(s, sd);
   if (sc[0] == 0) return;
-  const T lr = T(sc[1]);
+  const T lr = T(sc[1]), factor = T(sc[4]);
   const bool first = sc[2] != 0;
   const int t = Hw::block_y();
   T* p = static_cast<T*>(c.p[t]);
   const T* g = static_cast<const T*>(c.g[t]);
   T* buf = static_cast<T*>(c.m[t]);
   for_elements<Hw>(c.n[t], [&](int64_t i) {
-    T gi = g[i] + wd * p[i];
+    T gi = mul_rn(g[i], factor) + wd * p[i];
     if (buf) {
       const T b = first ? gi : mu * buf[i] + gi;
       buf[i] = b;

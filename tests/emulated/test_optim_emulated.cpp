@@ -80,10 +80,11 @@ TEMPLATE_TEST_CASE("optimizer kernels, emulated: multi-tensor AdamW / Adam match
   for (bool decoupled : {true, false}) {
     for (int from_device = 0; from_device < 2; ++from_device) {
       INFO("decoupled " << decoupled << " scalars from device memory " << from_device);
-      const kernels::UpdateScalars sc = kernels::adam_scalars(lr, b1, b2, wd, 3, true);
+      // A gradient factor (a clipping coefficient) of 0.37: the kernels scale the gradient as the CPU's do.
+      const kernels::UpdateScalars sc = kernels::adam_scalars(lr, b1, b2, wd, 3, true, 0.37);
       State<TestType> got(key, dt);
       State<TestType> want = got.clone();
-      const kernels::UpdateScalars none{};  // all zeros: would skip the step if the kernel read these
+      const kernels::UpdateScalars none{};  // step size 0, decay factor 0: a wrong result if the kernel read these
       kernels::cuda::TensorChunk c = got.chunk(true, true);
       launch_chunk([&] {
         ok::adam<HostPrim, TestType>(c, from_device ? none : sc, from_device ? sc.v : nullptr, TestType(eps), TestType(wd),
@@ -126,7 +127,7 @@ TEMPLATE_TEST_CASE("optimizer kernels, emulated: multi-tensor SGD (momentum, Nes
   };
   for (const Setting& st : {Setting{0.9, false, true}, Setting{0.9, false, false}, Setting{0.9, true, false}, Setting{0.0, false, false}}) {
     INFO("mu " << st.mu << " nesterov " << st.nesterov << " first " << st.first);
-    const kernels::UpdateScalars sc = kernels::sgd_scalars(lr, st.first, true);
+    const kernels::UpdateScalars sc = kernels::sgd_scalars(lr, st.first, true, 0.37);
     State<TestType> got(key, dt);
     State<TestType> want = got.clone();
     kernels::cuda::TensorChunk c = got.chunk(st.mu > 0, false);

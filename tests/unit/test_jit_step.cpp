@@ -9,6 +9,7 @@
 
 #include "engine/engine.h"
 #include "engine/gpt.h"
+#include "jit/fusion.h"
 #include "jit/graph.h"
 #include "jit/memory_plan.h"
 #include "jit_test_util.h"
@@ -155,6 +156,102 @@ TEST_CASE("jit: parameters with different update settings get one update node pe
     INFO(params[i].first);
     CHECK(params[i].second.to_vector<float>() == tp[i].second.to_vector<float>());
   }
+}
+
+TEST_CASE("an optimizer's grad_factor equals scaling the gradients first, bitwise, eagerly and traced", "[jit][step][optim]") {
+  struct Setting {
+    const char* name;
+    std::function<std::unique_ptr<optim::Optimizer>()> make;
+  };
+  const std::vector<Setting> settings = {
+      {"AdamW", [] { return optim::adamw(optim::warmup_cosine(1e-2, 2, 10), {.weight_decay = 0.1}); }},
+      {"Adam (L2)", [] { return optim::adam(optim::constant(1e-2), {.weight_decay = 0.1}); }},
+      {"SGD Nesterov", [] { return optim::sgd(optim::constant(0.05), 0.9, 1e-3, true); }},
+      {"SGD plain", [] { return optim::sgd(optim::constant(0.05)); }}};
+  const RngKey key = RngKey::from_seed(41);
+  auto params_of = [&] {
+    return ParamTree{{"w", random_normal(key, Shape{5, 7})}, {"b", random_normal(fold_in(key, 1), Shape{7})}};
+  };
+  auto grads_at = [&](int s) {
+    return ParamTree{{"w", random_normal(fold_in(key, 10 + s), Shape{5, 7})},
+                     {"b", random_normal(fold_in(key, 20 + s), Shape{7})}};
+  };
+  const std::vector<double> factors = {0.37, 1.0, 0.0123, 0.5};  // a new one at every step (the graph's input)
+  for (const Setting& st : settings) {
+    INFO(st.name);
+    // Reference: the gradients scaled first, as clip_to_norm_tensor does (the factor rounded to f32).
+    ParamTree want = params_of(), eager = params_of(), traced = params_of();
+    auto ref = st.make(), opt = st.make(), topt = st.make();
+    for (size_t s = 0; s < factors.size(); ++s) {
+      const Tensor f = scalar(factors[s], DType::f64);
+      ref->step(want, grads_at(int(s)).map([&](const std::string&, const Tensor& g) { return g * f.astype(g.dtype()); }));
+      opt->step(eager, grads_at(int(s)), {}, f);
+    }
+    auto step = [&](const TensorList& in) {
+      topt->step(traced, ParamTree{{"w", in[0]}, {"b", in[1]}}, {}, in[2]);
+      return TensorList{};
+    };
+    auto args = [&](size_t s) {
+      const ParamTree g = grads_at(int(s));
+      return TensorList{g.at("w"), g.at("b"), scalar(factors[s], DType::f64)};
+    };
+    jit::Graph g = jit::trace(step, args(0));  // the trace takes the first step
+    for (size_t s = 1; s < factors.size(); ++s) g.run(args(s));
+    CHECK(topt->steps() == int64_t(factors.size()));
+    for (const auto& [path, w] : want) {
+      INFO(path);
+      CHECK(eager.at(path).to_vector<float>() == w.to_vector<float>());
+      CHECK(traced.at(path).to_vector<float>() == w.to_vector<float>());
+    }
+    for (const auto& [path, m] : ref->state()) {
+      INFO("state " << path);
+      CHECK(opt->state().at(path).to_vector<double>() == m.to_vector<double>());
+      CHECK(topt->state().at(path).to_vector<double>() == m.to_vector<double>());
+    }
+  }
+  auto opt = optim::sgd(optim::constant(0.1));
+  ParamTree p = params_of();
+  CHECK_THROWS_AS(opt->step(p, grads_at(0), {}, ones(Shape{1}, DType::f64)), ValueError);  // not 0-d
+  CHECK_THROWS_AS(opt->step(p, grads_at(0), {}, scalar(2.0, DType::i64)), ValueError);     // not floating
+}
+
+TEST_CASE("the Engine's clipping inside the update equals clip_grad_norm then the step, eagerly and under jit", "[jit][step][optim]") {
+  const double clip = 0.05;  // below every step's norm: the clipping is active throughout
+  for (int use_jit = 0; use_jit < 2; ++use_jit) {
+    INFO("jit " << use_jit);
+    nn::MLP model({12, 16, 4}), twin({12, 16, 4});
+    ParamTree params = model.parameters(), tp = twin.parameters();
+    Mesh mesh = single_mesh();
+    Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::constant(1e-2)),
+                  EngineOptions{.grad_clip = clip, .jit = use_jit == 1});
+    auto ref = optim::adamw(optim::constant(1e-2));
+    for (int s = 0; s < 4; ++s) {
+      const Batch b = batch_of(500 + uint64_t(s), Shape{16, 12}, 4);
+      const StepResult r = engine.step(model, classification_loss, b);
+      auto [l, g] = value_and_grad([&] { return classification_loss(twin, b); }, tp);
+      const double norm = optim::clip_grad_norm(g, clip);
+      ref->step(tp, g);
+      INFO("step " << s);
+      CHECK(r.grad_norm == norm);
+      CHECK(r.grad_norm > clip);
+      for (size_t i = 0; i < params.size(); ++i) {
+        INFO(params[i].first);
+        CHECK(params[i].second.to_vector<float>() == tp[i].second.to_vector<float>());
+      }
+    }
+  }
+  // The traced step clips without a pass per gradient: clipping adds the coefficient's few scalar ops and
+  // one slice-and-concat of the update's scalars, however many parameters there are (12 here).
+  int launches[2];
+  for (int clipped = 0; clipped < 2; ++clipped) {
+    nn::MLP model({12, 16, 16, 16, 16, 16, 4});
+    Mesh mesh = single_mesh();
+    Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::constant(1e-2)), EngineOptions{.grad_clip = clipped ? clip : 0});
+    launches[clipped] = jit::kernel_launches(engine.trace_step(model, classification_loss, batch_of(600, Shape{16, 12}, 4)));
+  }
+  INFO("kernel launches without clipping " << launches[0] << ", with " << launches[1]);
+  CHECK(launches[1] > launches[0]);
+  CHECK(launches[1] - launches[0] <= 6);
 }
 
 TEST_CASE("jit(step) follows the eager loss trajectory: MNIST-shaped MLP and CNN, GPT-small", "[jit][step]") {

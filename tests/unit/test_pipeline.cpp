@@ -229,6 +229,36 @@ TEST_CASE("pipeline: a one-stage pipelined step equals value_and_grad of the mea
   model.set_recompute_layers(0);
 }
 
+TEST_CASE("pipeline: the Engine's clipped step equals clip_grad_norm and AdamW on the mean microbatch loss") {
+  Mesh mesh = local_mesh({"pipe"}, {1});
+  nn::GPTConfig cfg = tiny();
+  cfg.pp_axis = "pipe";
+  cfg.tp_axis = "";
+  nn::GPT model(cfg, mesh), twin(cfg, mesh);
+  ParamTree params = model.parameters(), tp = twin.parameters();
+  const double clip = 0.05;  // below every step's norm
+  Engine eng(mesh, Plan{.pp = PP{"pipe", 4}}, optim::adamw(optim::constant(1e-2)), {.grad_clip = clip});
+  auto ref = optim::adamw(optim::constant(1e-2));
+  for (int s = 0; s < 3; ++s) {
+    INFO("step " << s);
+    const Batch batch = lm_batch(20 + uint64_t(s), 4, 6, cfg.vocab);
+    const StepResult r = eng.step(model, nn::lm_loss, batch);
+    auto [l, g] = value_and_grad([&] {
+      Tensor t = scalar(0.0, DType::f64);
+      for (int i = 0; i < 4; ++i) t = add(t, twin.loss(batch.slice(i, i + 1)["x"], batch.slice(i, i + 1)["y"]));
+      return t * 0.25;
+    }, tp);
+    const double norm = optim::clip_grad_norm(g, clip);
+    ref->step(tp, g);
+    CHECK(r.grad_norm == Approx(norm).epsilon(1e-12));
+    CHECK(norm > clip);
+    for (size_t p = 0; p < params.size(); ++p) {
+      INFO(params[p].first);
+      CHECK(max_abs_diff(params[p].second, tp[p].second) <= 1e-12);
+    }
+  }
+}
+
 TEST_CASE("GPT stages: layout, errors, and the whole-model calls refused on a stage") {
   nn::GPTConfig cfg = tiny(DType::f32);
   cfg.layers = 3;
