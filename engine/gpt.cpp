@@ -22,13 +22,11 @@ class CausalSelfAttention final : public Module {
   }
   Tensor forward(const Tensor& x) override {
     const int64_t B = x.shape()[0], T = x.shape()[1], hl = heads_ / n_, hd = dim_ / heads_;
-    // [B, T, 3 * hl * hd] -> [3, B, hl, T, hd] -> q, k, v [B, hl, T, hd] (views): this rank's heads. One
-    // unbind, whose gradient is one concat (three slices would scatter three zeroed copies and sum them).
-    const TensorList qkv3 = unbind(qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}).permute({2, 0, 3, 1, 4}), 0);
-    // softmax(q k^T / sqrt(hd) + causal mask) v, fused (FlashAttention-2 tiling: no [T, T] scores in memory).
-    Tensor att = scaled_dot_product_attention(qkv3[0], qkv3[1], qkv3[2], /*is_causal=*/true);  // [B, hl, T, hd]
-    Tensor y = att.permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd});
-    return proj->forward(y);
+    // softmax(q k^T / sqrt(hd) + causal mask) v for this rank's heads, fused (FlashAttention-2 tiling: no
+    // [T, T] scores in memory) on the projection's layout [B, T, 3, hl, hd] (a view), giving [B, T, hl, hd]:
+    // on a GPU nothing is copied either way (no permute of o, no concat of dq, dk, dv).
+    const Tensor att = scaled_dot_product_attention_qkvpacked(qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}), /*is_causal=*/true);
+    return proj->forward(att.reshape(Shape{B, T, hl * hd}));
   }
   std::string name() const override {
     return "CausalSelfAttention(dim=" + std::to_string(dim_) + ", heads=" + std::to_string(heads_) +

@@ -336,6 +336,7 @@ const std::unordered_map<std::string, Rule>& rules() {
     m["take"] = m["embedding"] = gather_rule;
     m["conv2d"] = m["conv2d_backward_input"] = fold_into_n;
     m["scaled_dot_product_attention"] = m["scaled_dot_product_attention_backward"] = leading_batch;
+    m["scaled_dot_product_attention_qkvpacked"] = m["scaled_dot_product_attention_qkvpacked_backward"] = leading_batch;
     m["cond"] = m["while_loop"] = m["scan"] = control_flow;
     return m;
   }();

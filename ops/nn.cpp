@@ -338,12 +338,29 @@ void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const ch
                      "every query needs at least one key to attend to");
 }
 
-// Inputs (q, k, v, o, lse, dout); outputs dq, dk, dv.
-class AttentionBackward final : public Op {
+// What every attention op carries: the causal mask or none, and the scale of the scores.
+class AttentionOp : public Op {
  public:
-  AttentionBackward(bool causal, double scale) : causal_(causal), scale_(scale) {}
-  const char* name() const override { return "scaled_dot_product_attention_backward"; }
+  AttentionOp(bool causal, double scale) : causal_(causal), scale_(scale) {}
   std::string attrs() const override { return "causal=" + std::to_string(causal_) + " scale=" + attr_num(scale_); }
+
+ protected:
+  bool causal_;
+  double scale_;
+};
+
+// The vjp of an attention backward op.
+[[noreturn]] void no_second_derivative(const char* forward) {
+  throw AutodiffError(std::string("second derivative of ") + forward + " is not implemented",
+                      std::string("first-order gradients of ") + forward, "a gradient of its backward",
+                      "compose attention from matmul and softmax for higher-order terms");
+}
+
+// Inputs (q, k, v, o, lse, dout); outputs dq, dk, dv.
+class AttentionBackward final : public AttentionOp {
+ public:
+  using AttentionOp::AttentionOp;
+  const char* name() const override { return "scaled_dot_product_attention_backward"; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_attention(in[0], in[1], in[2], name());
     check_same_dtype({in[0], in[3], in[5]}, name());
@@ -361,23 +378,16 @@ class AttentionBackward final : public Op {
                                       out[2]);  // q, k, v, o and dout strided as attention_rows allows
   }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    throw AutodiffError("second derivative of scaled_dot_product_attention is not implemented",
-                        "first-order gradients of scaled_dot_product_attention", "a gradient of its backward",
-                        "compose attention from matmul and softmax for higher-order terms");
+    no_second_derivative("scaled_dot_product_attention");
   }
-
- private:
-  bool causal_;
-  double scale_;
 };
 
 // Inputs (q, k, v); outputs o and the row logsumexp (saved for the backward).
-class Attention final : public Op {
+class Attention final : public AttentionOp {
  public:
-  Attention(bool causal, double scale) : causal_(causal), scale_(scale) {}
+  using AttentionOp::AttentionOp;
   const char* name() const override { return "scaled_dot_product_attention"; }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }  // as torch.autocast
-  std::string attrs() const override { return "causal=" + std::to_string(causal_) + " scale=" + attr_num(scale_); }
   // The CUDA kernels read q, k, v cut from one qkv projection and permuted to [B, heads, T, D] in place
   // (kernels::cuda::attention_rows); the CPU's copy them, and so once, on the tape.
   bool contiguous_input(const Tensor& t) const override {
@@ -404,10 +414,132 @@ class Attention final : public Op {
     // The lse output is internal (scaled_dot_product_attention returns o only): its cotangent is zero.
     return apply(std::make_shared<AttentionBackward>(causal_, scale_), {in[0], in[1], in[2], out[0], out[1], ct[0]});
   }
+};
 
- private:
-  bool causal_;
-  double scale_;
+// ---------------------------------------------------------------------- attention on a packed qkv
+//
+// FlashAttention's qkv-packed layout (flash_attn_qkvpacked_func): qkv [*lead, T, 3, H, D] as a projection
+// writes it, o [*lead, T, H, D] as the next projection reads it. The kernels read and write every operand
+// by strides (kernels::cuda::attention_rows), so on a GPU the packed op needs no copy on either side: no
+// permute of o back to [B, T, C] after the forward, no concat of dq, dk, dv before the projection's
+// backward. The CPU's kernels take contiguous [N, H, T, D] operands: copies there.
+
+// The packed tensor's sizes: N (the leading axes' product), T, H, D.
+struct PackedDims {
+  int64_t N, T, H, D;
+};
+
+// qkv [*lead, T, 3, H, D] with T, D >= 1, a floating dtype the attention kernels take.
+PackedDims packed_dims(const Tensor& qkv, const char* what) {
+  check_dtype(qkv, {DType::f32, DType::f64, DType::bf16, DType::f16}, what);
+  const Shape& s = qkv.shape();
+  const int r = s.rank();
+  if (r < 4 || s[r - 3] != 3 || s[r - 4] < 1 || s[r - 1] < 1)
+    throw ShapeError(std::string(what) + ": qkv must be [..., T, 3, heads, head_dim] with T, head_dim >= 1",
+                     "qkv [..., T, 3, H, D] (FlashAttention's packed layout)", "qkv " + s.str(),
+                     "reshape the qkv projection [B, T, 3 * H * D] to [B, T, 3, H, D]");
+  int64_t n = 1;
+  for (int i = 0; i < r - 4; ++i) n *= s[i];
+  return {n, s[r - 4], s[r - 2], s[r - 1]};
+}
+
+// o's shape [*lead, T, H, D] for a packed [*lead, T, 3, H, D].
+Shape packed_out_shape(const Shape& qkv) {
+  Shape o = qkv;
+  o.erase(o.rank() - 3);
+  return o;
+}
+
+// Part j (0 q, 1 k, 2 v) of a contiguous packed qkv as an [N, H, T, D] view.
+Tensor packed_part(const Tensor& qkv, const PackedDims& d, int j) {
+  return make_view(qkv, Shape{d.N, d.H, d.T, d.D}, Shape{d.T * 3 * d.H * d.D, d.D, 3 * d.H * d.D, 1},
+                   qkv.offset() + j * d.H * d.D);
+}
+
+// A contiguous [*lead, T, H, D] tensor (o, its cotangent) as an [N, H, T, D] view.
+Tensor heads_view(const Tensor& t, const PackedDims& d) {
+  return make_view(t, Shape{d.N, d.H, d.T, d.D}, Shape{d.T * d.H * d.D, d.D, d.H * d.D, 1}, t.offset());
+}
+
+// Inputs (qkv, o, lse, dout); output dqkv, packed as qkv.
+class AttentionPackedBackward final : public AttentionOp {
+ public:
+  using AttentionOp::AttentionOp;
+  const char* name() const override { return "scaled_dot_product_attention_qkvpacked_backward"; }
+  bool contiguous_input(const Tensor&) const override { return true; }  // the views below assume it
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    packed_dims(in[0], name());
+    check_same_dtype({in[0], in[1], in[3]}, name());
+    const Shape o = packed_out_shape(in[0].shape());
+    if (in[1].shape() != o || in[3].shape() != o)
+      throw ShapeError(std::string(name()) + ": o and its cotangent must be qkv's [..., T, H, D]", o.str(),
+                       "o " + in[1].shape().str() + ", dout " + in[3].shape().str(), "pass the forward's o");
+    return {{in[0].shape(), in[0].dtype(), in[0].device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    const PackedDims d = packed_dims(in[0], name());
+    Tensor grads[3];
+    for (Tensor& g : grads) g = empty(Shape{d.N, d.H, d.T, d.D}, in[0].dtype());
+    kc::attention_backward(dense(packed_part(in[0], d, 0)), dense(packed_part(in[0], d, 1)),
+                           dense(packed_part(in[0], d, 2)), dense(heads_view(in[1], d)), in[2],
+                           dense(heads_view(in[3], d)), causal_, scale_, grads[0], grads[1], grads[2]);
+    for (int j = 0; j < 3; ++j) {
+      Tensor part = packed_part(out[0], d, j);
+      kc::copy_cast(grads[j], part);
+    }
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    const PackedDims d = packed_dims(in[0], name());
+    Tensor dq = packed_part(out[0], d, 0), dk = packed_part(out[0], d, 1), dv = packed_part(out[0], d, 2);
+    kernels::cuda::attention_backward(packed_part(in[0], d, 0), packed_part(in[0], d, 1), packed_part(in[0], d, 2),
+                                      heads_view(in[1], d), in[2], heads_view(in[3], d), causal_, scale_, dq, dk, dv);
+  }
+  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
+    no_second_derivative("scaled_dot_product_attention_qkvpacked");
+  }
+};
+
+// Input qkv [*lead, T, 3, H, D]; outputs o [*lead, T, H, D] and the row logsumexp [*lead, H, T] (saved for
+// the backward).
+class AttentionPacked final : public AttentionOp {
+ public:
+  using AttentionOp::AttentionOp;
+  const char* name() const override { return "scaled_dot_product_attention_qkvpacked"; }
+  AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }  // as the unpacked op
+  bool contiguous_input(const Tensor&) const override { return true; }  // the views below assume it
+  bool saves_outputs() const override { return true; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    packed_dims(in[0], name());
+    const Shape& s = in[0].shape();
+    const int r = s.rank();
+    Shape rows(s.begin(), s.begin() + (r - 4));  // [*lead, H, T]
+    rows.push_back(s[r - 2]);
+    rows.push_back(s[r - 4]);
+    const Device dev = in[0].device();
+    return {{packed_out_shape(s), in[0].dtype(), dev}, {rows, lse_dtype(in[0].dtype()), dev}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    if (is_half(in[0].dtype())) return run_in_f32(in, out);
+    const PackedDims d = packed_dims(in[0], name());
+    Tensor o = empty(Shape{d.N, d.H, d.T, d.D}, in[0].dtype());
+    kc::attention_forward(dense(packed_part(in[0], d, 0)), dense(packed_part(in[0], d, 1)), dense(packed_part(in[0], d, 2)),
+                          causal_, scale_, o, out[1]);
+    Tensor dst = heads_view(out[0], d);
+    kc::copy_cast(o, dst);
+  }
+  void cuda(const TensorList& in, TensorList& out) const override {
+    const PackedDims d = packed_dims(in[0], name());
+    Tensor o = heads_view(out[0], d);
+    kernels::cuda::attention_forward(packed_part(in[0], d, 0), packed_part(in[0], d, 1), packed_part(in[0], d, 2), causal_,
+                                     scale_, o, out[1]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
+                 const std::vector<bool>& needs) const override {
+    if (!needs[0]) return TensorList(1);
+    // The lse output is internal (the public function returns o only): its cotangent is zero.
+    return apply(std::make_shared<AttentionPackedBackward>(causal_, scale_), {in[0], out[0], out[1], ct[0]});
+  }
 };
 
 // ------------------------------------------------------------------------------------ dropout
@@ -593,14 +725,26 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps)
   return apply1(std::make_shared<LayerNorm>(eps, w.defined(), b.defined()), in);
 }
 
+namespace {
+// The scores' scale: `scale`, else 1 / sqrt(D) with D the size of t's last axis; ValueError unless finite.
+double attention_scale(const Tensor& t, std::optional<double> scale, const char* what) {
+  const double sc = scale ? *scale : 1.0 / std::sqrt(double(t.dim() >= 1 ? std::max<int64_t>(t.shape().back(), 1) : 1));
+  if (!std::isfinite(sc))
+    throw ValueError(std::string(what) + ": scale must be finite", "a finite scale (default 1 / sqrt(D))", std::to_string(sc));
+  return sc;
+}
+}  // namespace
+
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal,
                                     std::optional<double> scale) {
   // Shapes and dtypes are checked by the op (after autocast has cast its inputs).
-  const double sc = scale ? *scale : 1.0 / std::sqrt(double(q.dim() >= 1 ? std::max<int64_t>(q.shape().back(), 1) : 1));
-  if (!std::isfinite(sc))
-    throw ValueError("scaled_dot_product_attention: scale must be finite", "a finite scale (default 1 / sqrt(D))",
-                     std::to_string(sc));
+  const double sc = attention_scale(q, scale, "scaled_dot_product_attention");
   return apply(std::make_shared<Attention>(is_causal, sc), {q, k, v})[0];
+}
+
+Tensor scaled_dot_product_attention_qkvpacked(const Tensor& qkv, bool is_causal, std::optional<double> scale) {
+  const double sc = attention_scale(qkv, scale, "scaled_dot_product_attention_qkvpacked");
+  return apply(std::make_shared<AttentionPacked>(is_causal, sc), {qkv})[0];
 }
 
 namespace {

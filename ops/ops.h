@@ -155,6 +155,18 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps 
 /// DTypeError unless q, k, v share a floating dtype, ValueError for a non-finite scale.
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal = false,
                                     std::optional<double> scale = std::nullopt);
+/// scaled_dot_product_attention on FlashAttention's packed layout (flash_attn_qkvpacked_func): qkv
+/// [..., T, 3, H, D] (q, k, v stacked on the axis of size 3, as a [B, T, 3 * H * D] projection reshaped
+/// to [B, T, 3, H, D] holds them) -> o [..., T, H, D] in qkv's dtype, o[..., t, h, :] the attention of
+/// head h's queries over head h's keys and values. Its gradient is packed the same way. The same
+/// kernels and values as scaled_dot_product_attention(q, k, v) on the [..., H, T, D] parts, but on a GPU
+/// neither side is copied: o comes out in the layout the output projection reads (no permute back to
+/// [B, T, H * D]) and the gradient in the layout of the qkv projection (no concat of dq, dk, dv).
+/// is_causal and scale as there (scale defaults to 1 / sqrt(D)). Throws ShapeError unless qkv is
+/// [..., T, 3, H, D] with T, D >= 1 (and on CUDA, D <= 128), DTypeError for a dtype other than f32, f64,
+/// bf16 or f16, ValueError for a non-finite scale.
+Tensor scaled_dot_product_attention_qkvpacked(const Tensor& qkv, bool is_causal = false,
+                                              std::optional<double> scale = std::nullopt);
 /// Inverted dropout (Srivastava et al. 2014): zeroes each element with probability p and scales the
 /// rest by 1/(1-p). The mask comes from Philox(key) by element index, so it is the same on every device.
 /// Identity when !training or p == 0. Throws ValueError unless 0 <= p < 1.

@@ -105,6 +105,14 @@ std::vector<OpCase> extra_op_cases() {
   attention_case("causal_tiles", Shape{1, 70, 5}, Shape{1, 70, 5}, true);
   attention_case("full_tiles_d33", Shape{1, 65, 33}, Shape{1, 66, 33}, false);
   attention_case("strided_q", Shape{4, 2, 8, 3}, Shape{4, 2, 8, 3}, true, true);
+  // The packed layout ([..., T, 3, H, D] -> [..., T, H, D]): leading axes none, one, two.
+  auto packed_case = [&cs](std::string name, Shape qkv, bool causal) {
+    cs.push_back({"scaled_dot_product_attention_qkvpacked/" + name, [qkv](RngKey key) { return TensorList{randn64(k(key, 0), qkv)}; },
+                  [causal](const TensorList& in) { return scaled_dot_product_attention_qkvpacked(in[0], causal); }});
+  };
+  packed_case("causal", Shape{2, 9, 3, 2, 4}, true);
+  packed_case("full_no_batch", Shape{7, 3, 3, 5}, false);
+  packed_case("causal_tiles_two_lead_axes", Shape{1, 2, 70, 3, 1, 6}, true);
 
   // ---- dropout (training, fixed key): linear in x, the mask fixed by the key.
   cs.push_back({"dropout/training", [](RngKey key) { return TensorList{randn64(k(key, 0), Shape{4, 8})}; },

@@ -9,7 +9,8 @@
 // (which fall back to the FP32 kernels). The default (deterministic) backward repeats bitwise, and the fused
 // one with atomic dq (set_attention_deterministic(false)) matches the CPU with dk / dv bitwise the default's.
 // GPT's q, k, v (views of one projection) and the cotangent of its permuted o are read in place (no copy
-// on the tape), on both kernel families.
+// on the tape), on both kernel families. The packed op (GPT's since 2026-12-06) matches the CPU, gives
+// the unpacked op's bits on its parts, and traces with no copy or concat beside it.
 #include <catch2/catch.hpp>
 
 #include <chrono>
@@ -248,4 +249,53 @@ TEST_CASE("cuda attention: GPT's q, k, v views of one projection and the permute
     }
     CHECK(ops == 2);
   }
+}
+
+TEST_CASE("cuda attention on a packed qkv: no copy on either side; the same bits as the unpacked op on its parts; "
+          "the CPU's values") {
+  const uint64_t seed = seed_now();
+  INFO("seed " << seed);
+  const RngKey key = RngKey::from_seed(seed);
+  const int64_t B = 2, T = 130, H = 3, D = 64;
+  // o and the packed gradient of sum(o * ct) for qkv [B, T, 3, H, D]: by the packed op, or by the unpacked
+  // op on the [B, H, T, D] views of its parts (o moved back to [B, T, H, D]).
+  auto step = [&](bool packed) {
+    return [=](const TensorList& in) {
+      Tensor qkv = in[0].detach();
+      qkv.set_requires_grad();
+      Tensor o;
+      if (packed) {
+        o = scaled_dot_product_attention_qkvpacked(qkv, true);
+      } else {
+        const TensorList cut = unbind(qkv.permute({2, 0, 3, 1, 4}), 0);
+        o = scaled_dot_product_attention(cut[0], cut[1], cut[2], true).permute({0, 2, 1, 3});
+      }
+      return TensorList{o.contiguous().detach(), grad(sum(o * in[1]), {qkv})[0]};
+    };
+  };
+  const Tensor qkv = testing::randn64(fold_in(key, 1), Shape{B, T, 3, H, D}).astype(DType::bf16);
+  const Tensor ct = testing::randn64(fold_in(key, 2), Shape{B, T, H, D}).astype(DType::bf16);
+  const TensorList want = step(true)({qkv.astype(DType::f32), ct.astype(DType::f32)});
+  const Device g = Device::cuda(0);
+  for (bool mma : {true, false}) {
+    INFO((mma ? "tensor cores" : "FP32 kernels"));
+    kernels::cuda::set_attention_tensor_cores(mma);
+    const TensorList got = step(true)({qkv.to(g), ct.to(g)}), parts = step(false)({qkv.to(g), ct.to(g)});
+    kernels::cuda::set_attention_tensor_cores(true);
+    CHECK(rel_error(got[0], want[0]) <= 1e-2);
+    CHECK(rel_error(got[1], want[1]) <= 1e-2);
+    CHECK(rel_error(got[0], parts[0]) == 0.0);  // the same kernels on the same rows (deterministic backward)
+    CHECK(rel_error(got[1], parts[1]) == 0.0);
+  }
+  // Traced: the two attention ops and nothing that copies around them.
+  const jit::Graph gr = jit::trace(step(true), {qkv.to(g), ct.to(g)});
+  int ops = 0;
+  for (const auto& n : gr.nodes) {
+    const std::string name = n.op->name();
+    INFO(name);
+    ops += name == "scaled_dot_product_attention_qkvpacked" || name == "scaled_dot_product_attention_qkvpacked_backward";
+    CHECK(name != "copy");
+    CHECK(name != "concat");
+  }
+  CHECK(ops == 2);
 }

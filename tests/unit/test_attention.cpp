@@ -146,6 +146,66 @@ TEST_CASE("attention: q, k, v as views of one qkv projection are copied once, be
   CHECK(checked == 6);
 }
 
+TEST_CASE("attention on a packed qkv equals attention on its q, k, v parts, bitwise, and its gradient is packed alike", "[ops][attention]") {
+  const RngKey key = RngKey::from_seed(77);
+  for (const Shape& shape : {Shape{2, 9, 3, 2, 4}, Shape{7, 3, 3, 5}, Shape{2, 1, 70, 3, 2, 8}}) {
+    for (bool causal : {true, false}) {
+      INFO("qkv " << shape.str() << " causal " << causal);
+      const int r = shape.rank();
+      Tensor qkv = randn64(fold_in(key, r), shape).detach();
+      qkv.set_requires_grad();
+      Shape o_shape = shape;
+      o_shape.erase(r - 3);
+      const Tensor ct = randn64(fold_in(key, 100 + r), o_shape);
+      // The reference: the parts as [..., H, T, D] (axis T moved after H), the unpacked op, o moved back.
+      std::vector<int> to_heads;  // [..., T, H, D] -> [..., H, T, D]
+      for (int i = 0; i < r - 4; ++i) to_heads.push_back(i);
+      to_heads.insert(to_heads.end(), {r - 3, r - 4, r - 2});
+      const TensorList parts = unbind(qkv, r - 3);
+      const Tensor want = scaled_dot_product_attention(parts[0].permute(to_heads), parts[1].permute(to_heads),
+                                                       parts[2].permute(to_heads), causal)
+                              .permute(to_heads);  // the swap is its own inverse
+      const Tensor got = scaled_dot_product_attention_qkvpacked(qkv, causal);
+      REQUIRE(got.shape() == o_shape);
+      CHECK(got.to_vector<double>() == want.contiguous().to_vector<double>());
+      const Tensor g_want = grad(sum(want * ct), {qkv})[0], g_got = grad(sum(got * ct), {qkv})[0];
+      REQUIRE(g_got.shape() == shape);
+      CHECK(g_got.to_vector<double>() == g_want.contiguous().to_vector<double>());
+    }
+  }
+  // Traced with its gradient: the op pair and nothing that copies around them (the unpacked op on the
+  // parts needs a concat of dq, dk, dv and a copy of the permuted o).
+  const Tensor x0 = randn64(fold_in(key, 8), Shape{2, 6, 3, 2, 8});
+  const jit::Graph g = jit::trace(
+      [](const TensorList& in) {
+        Tensor qkv = in[0].detach();
+        qkv.set_requires_grad();
+        const Tensor o = scaled_dot_product_attention_qkvpacked(qkv, true).reshape(Shape{2, 6, 16});
+        return TensorList{grad(sum(o * o), {qkv})[0]};
+      },
+      {x0});
+  int ops = 0;
+  for (const auto& n : g.nodes) {
+    const std::string name = n.op->name();
+    INFO(name);
+    ops += name.rfind("scaled_dot_product_attention_qkvpacked", 0) == 0;
+    CHECK(name != "copy");
+    CHECK(name != "concat");
+  }
+  CHECK(ops == 2);
+  // bf16: computed in f32 and rounded, as the unpacked op.
+  const Tensor x = randn64(fold_in(key, 9), Shape{2, 6, 3, 2, 8}).astype(DType::f32);
+  const Tensor lo = scaled_dot_product_attention_qkvpacked(x.astype(DType::bf16), true);
+  CHECK(lo.dtype() == DType::bf16);
+  CHECK(worst_abs(lo, scaled_dot_product_attention_qkvpacked(x.astype(DType::bf16).astype(DType::f32), true)) <= 1e-2);
+  // Errors: the axis of size 3, the rank, the dtype, the scale.
+  CHECK_THROWS_AS(scaled_dot_product_attention_qkvpacked(randn64(key, Shape{2, 5, 4, 2, 4})), ShapeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention_qkvpacked(randn64(key, Shape{5, 3, 4})), ShapeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention_qkvpacked(randn64(key, Shape{0, 3, 2, 4})), ShapeError);  // T = 0
+  CHECK_THROWS_AS(scaled_dot_product_attention_qkvpacked(zeros(Shape{2, 5, 3, 2, 4}, DType::i64)), DTypeError);
+  CHECK_THROWS_AS(scaled_dot_product_attention_qkvpacked(randn64(key, Shape{2, 5, 3, 2, 4}), false, INFINITY), ValueError);
+}
+
 TEST_CASE("attention: mismatched shapes, no keys, mixed dtypes and a bad scale are errors", "[ops][attention]") {
   const Tensor q = zeros(Shape{2, 5, 4}), k = zeros(Shape{2, 6, 4});
   CHECK_THROWS_AS(scaled_dot_product_attention(q, k, zeros(Shape{2, 5, 4})), ShapeError);  // v rows != k rows

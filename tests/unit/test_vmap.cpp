@@ -407,6 +407,19 @@ TEST_CASE("vmap: the common ops take their rule; ops without one loop and stay c
   CHECK(no_fallback());
   CHECK(batched_count("scaled_dot_product_attention") == 2);
   CHECK(batched_count("scaled_dot_product_attention_backward") == 1);
+  // The packed op ([..., T, 3, H, D]) likewise, with its gradient.
+  auto packed = [](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return sum(square(scaled_dot_product_attention_qkvpacked(in[0], true))); },
+                                     ParamTree{{"qkv", in[0]}});
+    return TensorList{value, g.at("qkv")};
+  };
+  const Tensor pb = rnd(137, Shape{3, 2, 5, 3, 2, 4});
+  jit::reset_vmap_stats();
+  const TensorList gp = jit::vmap(packed)({pb}), wp = loop(packed, {pb});
+  for (size_t i = 0; i < gp.size(); ++i) CHECK(max_rel_err(gp[i], wp[i]) <= 1e-13);
+  CHECK(no_fallback());
+  CHECK(batched_count("scaled_dot_product_attention_qkvpacked") == 1);
+  CHECK(batched_count("scaled_dot_product_attention_qkvpacked_backward") == 1);
   // dropout has no rule (its mask is drawn by element index): it loops, one draw per example with the
   // same key, as the loop does.
   auto d = [](const TensorList& in) { return TensorList{dropout(in[0], 0.5, RngKey::from_seed(7))}; };
