@@ -184,7 +184,7 @@ struct JitOptions {
   std::vector<int> static_inputs;
   /// Plan the intermediates' memory into one arena (jit/memory_plan.h), reused by every replay: CPU values
   /// only (on a GPU the caching allocator, and under CUDA graphs the capture's pool, hold them). A
-  /// replay then takes no allocation; the GPT reference step's intermediates take 273 MB instead of 527
+  /// replay then takes no allocation; the GPT reference step's intermediates take 273 MB instead of 409
   /// MB at the same step time (bench/jit's unplanned_* figures, docs/jit.md).
   bool memory_plan = true;
   /// On a GPU, replay through captured CUDA graphs (jit/capture.h: the runs of capturable nodes
