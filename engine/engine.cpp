@@ -189,7 +189,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   StepResult r;
   r.lr = opt_->lr();
   r.grad_norm = optim::global_norm(grads, tp_specs, mesh_, pp.axis, not_counted);
-  opt_->step(params, grads, {}, clip_factor(r.grad_norm));
+  opt_->step(params, grads, {}, grad_factor(r.grad_norm, 1.0));  // no loss scaling with pipelines
   r.loss = dp_mean(pr.loss);
   return r;
 }
@@ -248,27 +248,28 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
   StepResult r;
   r.lr = opt_->lr();
   r.loss_scale = scale;
-  if (scaler_) {
-    NoGradGuard ng;
-    grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / scale); });  // unscale first
-  }
   // Split parameters: squares summed over the TP axis, replicated ones counted once. The norm is the same
   // on every rank (DP averages, TP sums), so is the loss scaler's decision: an inf or NaN in any
-  // gradient on any rank makes it non-finite everywhere.
-  r.grad_norm = plan_.tp ? optim::global_norm(grads, tp_specs, mesh_) : optim::global_norm(grads);
+  // gradient on any rank makes it non-finite everywhere. The gradients stay scaled by S: their norm over
+  // S is the unscaled norm, and 1 / S is part of the optimizer's grad_factor (grad_factor()).
+  const double scaled_norm = plan_.tp ? optim::global_norm(grads, tp_specs, mesh_) : optim::global_norm(grads);
+  r.grad_norm = scaled_norm / scale;
   if (scaler_ && scaler_->update(!std::isfinite(r.grad_norm))) {
     r.skipped = true;  // no update: parameters, moments and the optimizer's step counter unchanged
   } else {
-    opt_->step(params, grads, {}, clip_factor(r.grad_norm));
+    opt_->step(params, grads, {}, grad_factor(r.grad_norm, scale));
   }
   r.loss = dp_mean(loss_sum / acc);
   return r;
 }
 
-Tensor Engine::clip_factor(double norm) const {
-  if (opts_.grad_clip <= 0) return {};
-  const double coef = optim::clip_coefficient(norm, opts_.grad_clip);
-  return coef < 1 ? scalar(coef, DType::f64) : Tensor();
+Tensor Engine::grad_factor(double norm, double scale) const {
+  double f = 1.0 / scale;
+  if (opts_.grad_clip > 0) {
+    const double coef = optim::clip_coefficient(norm, opts_.grad_clip);
+    if (coef < 1) f *= coef;
+  }
+  return f != 1 ? scalar(f, DType::f64) : Tensor();
 }
 
 int Engine::accumulate_steps(const Batch& batch) const {
@@ -332,17 +333,22 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
       grads = bucketed_pmean(mesh_, grads, plan_.dp->axis, opts_.bucket_bytes);
       loss = pmean(mesh_, loss, plan_.dp->axis);
     }
-    Tensor skip;
-    if (scaler_) {  // unscale, then the scaler's decision on the norm (inf or NaN: skip the update)
-      loss = loss * inv_scale.astype(loss.dtype());
-      grads = grads.map([&](const std::string&, const Tensor& g) { return g * inv_scale.astype(g.dtype()); });
-    }
     // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once.
     Tensor norm = plan_.tp ? optim::global_norm_tensor(grads, partition_specs(model), mesh_) : optim::global_norm_tensor(grads);
-    if (scaler_)
+    // Unscaling and clipping as in the eager step: the gradients stay scaled, the norm is divided by S and
+    // the optimizer multiplies by 1 / S and the clipping coefficient as it reads them (no pass of its own).
+    Tensor skip, factor;
+    if (scaler_) {  // the scaler's decision on the norm (inf or NaN: skip the update)
+      loss = loss * inv_scale.astype(loss.dtype());
+      norm = norm / scale;
+      factor = inv_scale;
       skip = scaler_->update_traced(lt(abs(norm), scalar(INFINITY, norm.dtype(), norm.device())).to(Device::cpu()));
-    // Clipping inside the fused update: no pass over the gradients of its own.
-    opt_->step(params, grads, skip, opts_.grad_clip > 0 ? optim::clip_coefficient(norm, opts_.grad_clip) : Tensor());
+    }
+    if (opts_.grad_clip > 0) {
+      const Tensor coef = optim::clip_coefficient(norm, opts_.grad_clip);
+      factor = factor.defined() ? factor * coef : coef;
+    }
+    opt_->step(params, grads, skip, factor);
     return TensorList{loss, norm};
   };
 }

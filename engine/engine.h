@@ -103,7 +103,8 @@ struct EngineOptions {
   /// Seeds dropout and other per-step randomness (fold_in(fold_in(fold_in(seed, rank), call), step)).
   uint64_t seed = 0;
   /// Global gradient-norm clipping threshold (0 = off): every gradient times
-  /// optim::clip_coefficient(norm, grad_clip), applied inside the fused optimizer update (its grad_factor).
+  /// optim::clip_coefficient(norm, grad_clip), applied inside the fused optimizer update (its grad_factor,
+  /// with the loss scaler's 1 / S).
   double grad_clip = 0.0;
   /// Loss scaling (engine/loss_scale.h): none by default; dynamic when precision is fp16 and this is
   /// left at none. Data- and tensor-parallel steps, eager or under jit (the scaler's decision is then an
@@ -207,9 +208,10 @@ class Engine {
   StepResult jit_step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// The plan's accumulate_steps; PlanError when the batch does not split into that many microbatches.
   int accumulate_steps(const Batch& batch) const;
-  /// The optimizer's grad_factor for an eager step with global norm `norm`: the clipping coefficient
-  /// (an f64 CPU scalar) when it is below 1, else none.
-  Tensor clip_factor(double norm) const;
+  /// The optimizer's grad_factor for an eager step whose gradients are scaled by the loss scale `scale`
+  /// (1 without loss scaling) and whose unscaled global norm is `norm`: 1 / scale times the clipping
+  /// coefficient when that is below 1, as an f64 CPU scalar; none when it is 1.
+  Tensor grad_factor(double norm, double scale) const;
   /// PlanError / ValueError when the JIT cannot compile this step (see EngineOptions::jit).
   void check_jit(nn::Module& model, const Batch& batch) const;
   /// One whole training step over the batch tensors (in `keys` order) -> {loss, gradient norm}.

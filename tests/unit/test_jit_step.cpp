@@ -240,18 +240,21 @@ TEST_CASE("the Engine's clipping inside the update equals clip_grad_norm then th
       }
     }
   }
-  // The traced step clips without a pass per gradient: clipping adds the coefficient's few scalar ops and
-  // one slice-and-concat of the update's scalars, however many parameters there are (12 here).
-  int launches[2];
-  for (int clipped = 0; clipped < 2; ++clipped) {
+  // The traced step clips and unscales without a pass per gradient: clipping adds the coefficient's few
+  // scalar ops and one slice-and-concat of the update's scalars, loss scaling a few more scalar ops,
+  // however many parameters there are (12 here).
+  int launches[3];
+  for (int v = 0; v < 3; ++v) {  // plain, clipped, clipped with a loss scale
     nn::MLP model({12, 16, 16, 16, 16, 16, 4});
     Mesh mesh = single_mesh();
-    Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::constant(1e-2)), EngineOptions{.grad_clip = clipped ? clip : 0});
-    launches[clipped] = jit::kernel_launches(engine.trace_step(model, classification_loss, batch_of(600, Shape{16, 12}, 4)));
+    Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::constant(1e-2)),
+                  EngineOptions{.grad_clip = v > 0 ? clip : 0, .loss_scale = v == 2 ? LossScaleOptions::fixed(1024) : LossScaleOptions::none()});
+    launches[v] = jit::kernel_launches(engine.trace_step(model, classification_loss, batch_of(600, Shape{16, 12}, 4)));
   }
-  INFO("kernel launches without clipping " << launches[0] << ", with " << launches[1]);
+  INFO("kernel launches: plain " << launches[0] << ", clipped " << launches[1] << ", clipped and loss-scaled " << launches[2]);
   CHECK(launches[1] > launches[0]);
   CHECK(launches[1] - launches[0] <= 6);
+  CHECK(launches[2] - launches[1] <= 6);
 }
 
 TEST_CASE("jit(step) follows the eager loss trajectory: MNIST-shaped MLP and CNN, GPT-small", "[jit][step]") {
