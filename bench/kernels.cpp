@@ -21,6 +21,9 @@
 // and PyTorch's default; not deterministic: kernels::cuda::set_attention_deterministic) instead of the
 // default deterministic kernels, and attention_16rows_per_warp_*: the forward and the deterministic
 // backward with 64-row blocks instead of the default 128 (kernels::cuda::set_attention_rows_per_warp).
+// attention_qkvpacked_*: the same attention on GPT's layout (scaled_dot_product_attention_qkvpacked: q, k,
+// v rows strided in one [B, T, 3, H, D] tensor, o and the packed gradient written in place; on the CPU
+// through copies).
 // Options: --device cpu|cuda (default cuda when a GPU is visible, else cpu), --iters N (default 20),
 // --no-peer.
 #include <algorithm>
@@ -146,24 +149,37 @@ int main(int argc, char** argv) {
     const tx::Tensor ct = normal(10);
     for (tx::Tensor* t : {&q, &k, &v}) t->set_requires_grad();
     const double flops = 4.0 * double(aB * aH) * double(aT) * double(aT) * double(aD) * 0.5;
-    // Forward and backward TFLOP/s of the attention kernels in use.
-    auto attention_tflops = [&](double& fwd, double& bwd) {
+    // Forward and backward TFLOP/s of an attention given as forward(x) and its inputs x (whose gradients
+    // for the cotangent `seed` are the backward).
+    auto tflops = [&](const std::function<tx::Tensor()>& forward, const tx::TensorList& x, const tx::Tensor& seed, double& fwd,
+                      double& bwd) {
       const double t_fwd = time([&] {
         tx::NoGradGuard ng;
-        out = tx::scaled_dot_product_attention(q, k, v, true);
+        out = forward();
       });
-      const double t_both = time([&] {
-        tx::Tensor o = tx::scaled_dot_product_attention(q, k, v, true);
-        out = tx::grad(o, {q, k, v}, tx::BackwardOptions{.seed = ct})[0];
-      });
+      const double t_both = time([&] { out = tx::grad(forward(), x, tx::BackwardOptions{.seed = seed})[0]; });
       fwd = flops / t_fwd / 1e12;
       bwd = 2.5 * flops / std::max(t_both - t_fwd, 1e-12) / 1e12;
+    };
+    // The kernels in use on q, k, v [B, H, T, D].
+    auto attention_tflops = [&](double& fwd, double& bwd) {
+      tflops([&] { return tx::scaled_dot_product_attention(q, k, v, true); }, {q, k, v}, ct, fwd, bwd);
     };
     double fwd_tf = 0, bwd_tf = 0, fused_bwd_tf = 0;
     attention_tflops(fwd_tf, bwd_tf);
     std::snprintf(buf, sizeof buf, " attention_shape=%lldx%lldx%lldx%lld_%s_causal attention_fwd_TFLOPs=%.3f attention_bwd_TFLOPs=%.3f",
                   (long long)aB, (long long)aH, (long long)aT, (long long)aD, std::string(tx::dtype_name(adt)).c_str(), fwd_tf, bwd_tf);
     line += buf;
+    {  // GPT's layout: scaled_dot_product_attention_qkvpacked on one [B, T, 3, H, D] qkv, o [B, T, H, D]
+      tx::Tensor qkv = tx::random_normal(tx::RngKey::from_seed(11), tx::Shape{aB, aT, 3, aH, aD}, tx::DType::f32, dev).astype(adt);
+      qkv.set_requires_grad();
+      const tx::Tensor ct_packed =
+          tx::random_normal(tx::RngKey::from_seed(12), tx::Shape{aB, aT, aH, aD}, tx::DType::f32, dev).astype(adt);
+      double f = 0, b = 0;
+      tflops([&] { return tx::scaled_dot_product_attention_qkvpacked(qkv, true); }, {qkv}, ct_packed, f, b);
+      std::snprintf(buf, sizeof buf, " attention_qkvpacked_fwd_TFLOPs=%.3f attention_qkvpacked_bwd_TFLOPs=%.3f", f, b);
+      line += buf;
+    }
     if (gpu) {  // the same shapes on the FP32 (CUDA-core) kernels, for comparison with the tensor-core ones
       double f = 0, b = 0;
       tx::kernels::cuda::set_attention_tensor_cores(false);
