@@ -350,14 +350,12 @@ namespace {
 
 template <class T>
 inline void row_moments(const T* x, int64_t D, double eps, double& mean, double& rstd) {
-  double s = 0;
-  for (int64_t j = 0; j < D; ++j) s += double(x[j]);
-  mean = s / double(D);
-  double v = 0;
-  for (int64_t j = 0; j < D; ++j) {
-    double d = double(x[j]) - mean;
-    v += d * d;
-  }
+  mean = lane_sum(D, [x](int64_t j) { return double(x[j]); }) / double(D);
+  const double m = mean;
+  const double v = lane_sum(D, [x, m](int64_t j) {
+    const double d = double(x[j]) - m;
+    return d * d;
+  });
   rstd = 1.0 / std::sqrt(v / double(D) + eps);
 }
 
@@ -392,12 +390,10 @@ void ln_backward(const T* dy, const T* x, const T* w, const T* res, int64_t R, i
       row_moments(xr, D, eps, mean, rstd);
       stats[size_t(2 * r)] = mean;
       stats[size_t(2 * r + 1)] = rstd;
-      double s1 = 0, s2 = 0;  // sum(dxhat), sum(dxhat * xhat)
-      for (int64_t j = 0; j < D; ++j) {
-        double g = double(gr[j]) * (w ? double(w[j]) : 1.0);
-        s1 += g;
-        s2 += g * (double(xr[j]) - mean) * rstd;
-      }
+      // sum(dxhat), sum(dxhat * xhat)
+      auto dxhat = [gr, w](int64_t j) { return double(gr[j]) * (w ? double(w[j]) : 1.0); };
+      const double s1 = lane_sum(D, dxhat);
+      const double s2 = lane_sum(D, [&](int64_t j) { return dxhat(j) * (double(xr[j]) - mean) * rstd; });
       const double m1 = s1 / double(D), m2 = s2 / double(D);
       T* dr = dx + r * D;
       for (int64_t j = 0; j < D; ++j) {

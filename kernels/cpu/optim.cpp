@@ -64,23 +64,6 @@ void sgd_impl(T* p, const T* g, T* buf, int64_t n, const UpdateScalars& s, doubl
   });
 }
 
-// The sum of the squares of g[s, e) in double: kLanes running sums (element i into lane i % kLanes, which
-// the compiler keeps in vector registers: one add chain per lane instead of one for the whole range),
-// then the lanes pairwise and the tail in order. A fixed order on every machine and thread count.
-template <class T>
-double sumsq_range(const T* __restrict g, int64_t s, int64_t e) {
-  constexpr int kLanes = 16;
-  double lane[kLanes] = {};
-  int64_t i = s;
-  for (; i + kLanes <= e; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) lane[k] += double(g[i + k]) * double(g[i + k]);
-  for (int w = kLanes / 2; w >= 1; w /= 2)
-    for (int k = 0; k < w; ++k) lane[k] += lane[k + w];
-  double acc = lane[0];
-  for (; i < e; ++i) acc += double(g[i]) * double(g[i]);
-  return acc;
-}
-
 template <class T>
 double sumsq_impl(const T* g, int64_t n) {
   double total = 0;
@@ -88,7 +71,10 @@ double sumsq_impl(const T* g, int64_t n) {
   const int64_t chunk = 1 << 14, nchunks = (n + chunk - 1) / chunk;
   std::vector<double> part(size_t(std::max<int64_t>(nchunks, 1)), 0.0);
   parallel_for(nchunks, chunk, [&](int64_t s, int64_t e) {
-    for (int64_t c = s; c < e; ++c) part[size_t(c)] = sumsq_range(g, c * chunk, std::min(n, (c + 1) * chunk));
+    for (int64_t c = s; c < e; ++c) {
+      const T* gc = g + c * chunk;
+      part[size_t(c)] = lane_sum(std::min(n, (c + 1) * chunk) - c * chunk, [gc](int64_t i) { return double(gc[i]) * double(gc[i]); });
+    }
   });
   for (double v : part) total += v;
   return total;
