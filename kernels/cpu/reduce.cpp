@@ -106,21 +106,26 @@ void reduce_impl(const Tensor& x, const std::vector<bool>& reduced, Tensor& out)
 
   // Innermost kept axis contiguous in x: accumulate whole rows (vectorisable), parallel over outer rows.
   if (kept.n > 0 && kept.stride[kept.n - 1] == 1 && red.n > 0) {
-    const int64_t J = kept.size[kept.n - 1];
+    // Work items: (outer index, block of kColumns columns), so that a few wide rows (a bias gradient: the
+    // column sums of [tokens, features]) still spread over the threads. Each output keeps its own
+    // accumulator and row order, so the split does not change a bit.
+    constexpr int64_t kColumns = 512;
+    const int64_t J = kept.size[kept.n - 1], nblk = (J + kColumns - 1) / kColumns;
     Axes outer = kept;
     outer.n -= 1;
     const int64_t nouter = outer.count();
-    parallel_for(nouter, J * nred, [&](int64_t s, int64_t e) {
-      std::vector<Acc> acc(static_cast<size_t>(J));
-      for (int64_t o = s; o < e; ++o) {
-        const T* base = px + outer.offset(o);
-        std::fill(acc.begin(), acc.end(), C::init());
+    parallel_for(nouter * nblk, std::min(J, kColumns) * nred, [&](int64_t s, int64_t e) {
+      std::vector<Acc> acc(static_cast<size_t>(std::min(J, kColumns)));
+      for (int64_t w = s; w < e; ++w) {
+        const int64_t o = w / nblk, j0 = (w % nblk) * kColumns, nj = std::min(kColumns, J - j0);
+        const T* base = px + outer.offset(o) + j0;
+        std::fill(acc.begin(), acc.begin() + nj, C::init());
         for (int64_t r = 0; r < nred; ++r) {
           const T* row = base + red.offset(r);
-          for (int64_t j = 0; j < J; ++j) acc[size_t(j)] = C::apply(acc[size_t(j)], row[j]);
+          for (int64_t j = 0; j < nj; ++j) acc[size_t(j)] = C::apply(acc[size_t(j)], row[j]);
         }
-        T* dst = po + o * J;
-        for (int64_t j = 0; j < J; ++j) dst[j] = T(acc[size_t(j)]);
+        T* dst = po + o * J + j0;
+        for (int64_t j = 0; j < nj; ++j) dst[j] = T(acc[size_t(j)]);
       }
     });
     return;

@@ -294,6 +294,10 @@ TEST_CASE("jit fusion: sum and mean over elementwise prologues are never materia
         CHECK(count_op(fm, "exp") == 0);
       }
   }
+  // Column sums of rows wider than one block of columns (1300: blocks of 512, 512, 276), under 3 outer rows.
+  auto wide = [](const TensorList& in) { return TensorList{sum(in[0] * in[1], {1})}; };
+  const Shape ws{3, 20, 1300};
+  fused_vs_unfused(wide, {rnd(109, ws), rnd(110, ws)}, {rnd(111, ws), rnd(112, ws)}, jit::fuse);
   // Reducing only an axis of size 1: one element per sum.
   auto one = [](const TensorList& in) { return TensorList{sum(in[0] * in[0] - 1.0, {1})}; };
   fused_vs_unfused(one, {rnd(107, Shape{300, 1, 37})}, {rnd(108, Shape{300, 1, 37})}, jit::fuse);

@@ -92,6 +92,20 @@ TEST_CASE("reductions over every axis set match naive loops", "[ops][reduce]") {
     check_close(sum(xt, axes, true).to_vector<double>(), s);
   }
   CHECK(sum(x).item() == Approx([&] { double t = 0; for (double v : xv) t += v; return t; }()).epsilon(1e-12));
+  // Column sums of wide rows split into blocks of columns (over threads): each output still adds its rows
+  // in order, in double, so a naive loop in that order gives the same bits (outer axis of 3, 1300 columns:
+  // blocks of 512, 512 and 276).
+  for (DType t : {DType::f64, DType::f32}) {
+    const Tensor w = randn64(RngKey::from_seed(6), Shape{3, 50, 1300}).astype(t);
+    const auto wv = w.to_vector<double>();
+    std::vector<double> cs(3 * 1300, 0.0);
+    for (int64_t i = 0; i < 3; ++i)
+      for (int64_t r = 0; r < 50; ++r)
+        for (int64_t j = 0; j < 1300; ++j) cs[size_t(i * 1300 + j)] += wv[size_t((i * 50 + r) * 1300 + j)];
+    std::vector<double> want;
+    for (double v : cs) want.push_back(t == DType::f32 ? double(float(v)) : v);
+    CHECK(sum(w, {1}).to_vector<double>() == want);
+  }
   // Large reductions take the multithreaded paths.
   Tensor big = ones(Shape{300, 1000});
   CHECK(sum(big).item() == 300000.0);
