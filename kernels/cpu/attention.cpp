@@ -8,6 +8,7 @@
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/loops.h"
+#include "kernels/cpu/vmath.h"
 
 namespace titanax::kernels::cpu {
 namespace {
@@ -53,12 +54,9 @@ void forward(const T* q, const T* k, const T* v, const Dims& d, bool causal, T s
           const int64_t vis = causal ? std::clamp<int64_t>(i0 + r - j0 + 1, 0, bc) : bc;
           T mx = m[size_t(r)];
           for (int64_t c = 0; c < vis; ++c) mx = std::max(mx, row[c]);
-          const T alpha = std::exp(m[size_t(r)] - mx);  // exp(-inf) = 0 on the first tile
-          double s = 0;
-          for (int64_t c = 0; c < vis; ++c) {
-            row[c] = std::exp(row[c] - mx);
-            s += double(row[c]);
-          }
+          const T alpha = fexp(T(m[size_t(r)] - mx));  // exp(-inf) = 0 on the first tile
+          for (int64_t c = 0; c < vis; ++c) row[c] = fexp(T(row[c] - mx));  // vectorised (vmath.h) for f32
+          const double s = lane_sum(vis, [row](int64_t c) { return double(row[c]); });
           std::fill(row + vis, row + bc, T(0));
           l[size_t(r)] = l[size_t(r)] * double(alpha) + s;
           m[size_t(r)] = mx;
@@ -98,9 +96,8 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* lse, cons
       std::fill(dK, dK + d.Tk * D, T(0));
       std::fill(dV, dV + d.Tk * D, T(0));
       for (int64_t i = 0; i < d.Tq; ++i) {
-        double s = 0;
-        for (int64_t e = 0; e < D; ++e) s += double(dO[i * D + e]) * double(O[i * D + e]);
-        delta[size_t(i)] = T(s);
+        const T *dOi = dO + i * D, *Oi = O + i * D;
+        delta[size_t(i)] = T(lane_sum(D, [dOi, Oi](int64_t e) { return double(dOi[e]) * double(Oi[e]); }));
       }
       for (int64_t i0 = 0; i0 < d.Tq; i0 += kB) {
         const int64_t br = std::min(kB, d.Tq - i0), kend = key_end(causal, i0, br, d.Tk);
@@ -110,7 +107,7 @@ void backward(const T* q, const T* k, const T* v, const T* o, const T* lse, cons
           for (int64_t r = 0; r < br; ++r) {
             T* row = P.data() + r * bc;
             const int64_t vis = causal ? std::clamp<int64_t>(i0 + r - j0 + 1, 0, bc) : bc;
-            for (int64_t c = 0; c < vis; ++c) row[c] = std::exp(row[c] - L[i0 + r]);
+            for (int64_t c = 0; c < vis; ++c) row[c] = fexp(T(row[c] - L[i0 + r]));
             std::fill(row + vis, row + bc, T(0));
           }
           gemm(true, false, bc, D, br, T(1), P.data(), bc, dO + i0 * D, D, T(1), dV + j0 * D, D);
