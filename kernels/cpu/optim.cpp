@@ -73,7 +73,8 @@ double sumsq_impl(const T* g, int64_t n) {
   parallel_for(nchunks, chunk, [&](int64_t s, int64_t e) {
     for (int64_t c = s; c < e; ++c) {
       const T* gc = g + c * chunk;
-      part[size_t(c)] = lane_sum(std::min(n, (c + 1) * chunk) - c * chunk, [gc](int64_t i) { return double(gc[i]) * double(gc[i]); });
+      const int64_t len = std::min(n, (c + 1) * chunk) - c * chunk;
+      part[size_t(c)] = lane_sum(len, [gc](int64_t i) { return double(gc[i]) * double(gc[i]); });
     }
   });
   for (double v : part) total += v;

@@ -104,7 +104,7 @@ void reduce_impl(const Tensor& x, const std::vector<bool>& reduced, Tensor& out)
     return;
   }
 
-  // Innermost kept axis contiguous in x: accumulate whole rows (vectorisable), parallel over outer rows.
+  // Innermost kept axis contiguous in x: accumulate whole rows (vectorisable).
   if (kept.n > 0 && kept.stride[kept.n - 1] == 1 && red.n > 0) {
     // Work items: (outer index, block of kColumns columns), so that a few wide rows (a bias gradient: the
     // column sums of [tokens, features]) still spread over the threads. Each output keeps its own
