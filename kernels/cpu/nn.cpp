@@ -53,14 +53,14 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
-// sum_j exp(x[j] - m), accumulated in double (vectorised: a fixed lane order, so the result does not
-// depend on threads; exp is kernels/cpu/vmath.h's for f32).
+// sum_j exp(x[j] - m), accumulated in double (vectorised: lane_sum's fixed order, so the result does not
+// depend on threads or the machine; exp is kernels/cpu/vmath.h's for f32). With `e`, the terms are also
+// stored there (e[j] = exp(x[j] - m)): the same sum, for a caller that reuses them.
 template <class T>
-inline double row_sumexp(const T* x, int64_t n, T m) {
-  double s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += double(fexp(T(x[j] - m)));
-  return s;
+inline double row_sumexp(const T* x, int64_t n, T m, T* e = nullptr) {
+  if (!e) return lane_sum(n, [x, m](int64_t j) { return double(fexp(T(x[j] - m))); });
+  for (int64_t j = 0; j < n; ++j) e[j] = fexp(T(x[j] - m));
+  return lane_sum(n, [e](int64_t j) { return double(e[j]); });
 }
 
 template <class T>
@@ -195,8 +195,9 @@ void ce_forward(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, 
 
 // d(loss)/d(logits) row by row: softmax(x_r) * scale, minus scale at the label (its column `lab - lo` when
 // it falls in this block of C columns). stats(r, xr) gives the row's max and sum of exp(x - max) over the
-// full vocabulary (computed here for whole rows; all-reduced ones for a vocabulary shard).
-template <class T, class L, class Stats>
+// full vocabulary (computed here for whole rows; all-reduced ones for a vocabulary shard). Stored: dx
+// already holds exp(x - max) for the rows not ignored (ce_fused), which are scaled instead of recomputed.
+template <class T, class L, class Stats, bool Stored = false>
 void softmax_xent_grad(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t lo, int64_t ignore,
                        LossReduction red, int64_t count, T* dx, Stats stats) {
   double uniform = 0;
@@ -213,7 +214,11 @@ void softmax_xent_grad(const T* x, const L* lab, const T* ct, int64_t R, int64_t
       const T* xr = x + r * C;
       const auto [m, sumexp] = stats(r, xr);
       const T k = T(scale / sumexp);
-      for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
+      if constexpr (Stored) {
+        for (int64_t j = 0; j < C; ++j) dr[j] *= k;
+      } else {
+        for (int64_t j = 0; j < C; ++j) dr[j] = fexp(T(xr[j] - m)) * k;
+      }
       const int64_t j = int64_t(lab[r]) - lo;
       if (j >= 0 && j < C) dr[j] -= T(scale);
     }
@@ -226,18 +231,23 @@ void ce_backward(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, in
   softmax_xent_grad(x, lab, ct, R, C, 0, ignore, red, count, dx, [C](int64_t, const T* xr) { return ce_row_stats(xr, C); });
 }
 
-// Both: the rows' statistics once (for the non-ignored rows), then the losses and the gradient from them.
+// Both: the rows' statistics once (for the non-ignored rows), keeping each exp(x - max) in dx, then the
+// losses, and the gradient by scaling those: one exp per logit, the same bits as computing them twice.
 template <class T, class L>
 void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64_t ignore, LossReduction red,
               int64_t count, T* out, T* dx) {
   std::vector<std::pair<T, double>> st(static_cast<size_t>(R));
   parallel_for(R, 2 * C, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      if (int64_t(lab[r]) != ignore) st[size_t(r)] = ce_row_stats(x + r * C, C);
+      if (int64_t(lab[r]) != ignore) {
+        const T* xr = x + r * C;
+        const T m = row_max(xr, C);
+        st[size_t(r)] = {m, row_sumexp(xr, C, m, dx + r * C)};
+      }
   });
   auto stats = [&](int64_t r, const T*) { return st[size_t(r)]; };
   ce_losses(x, lab, R, C, ignore, red, count, out, stats);
-  softmax_xent_grad(x, lab, ct, R, C, 0, ignore, red, count, dx, stats);
+  softmax_xent_grad<T, L, decltype(stats), true>(x, lab, ct, R, C, 0, ignore, red, count, dx, stats);
 }
 
 }  // namespace
