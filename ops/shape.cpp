@@ -298,7 +298,7 @@ class Unbind final : public Op {
   }
   void cpu(const TensorList&, TensorList&) const override {}
   // One concat, laid out in x's memory order (PyTorch's preserve_format): where x is a permuted view of
-  // one dense buffer (GPT's q, k, v cut from a [B, T, 3, heads, D] projection), the slices are concatenated
+  // one dense buffer (q, k, v cut from a [B, T, 3, heads, D] projection), the slices are concatenated
   // in that buffer's axis order and permuted back, so the gradient has x's strides and the vjps of the
   // permute and reshape before the unbind stay views instead of copying it a second time.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {

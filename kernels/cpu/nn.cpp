@@ -180,11 +180,11 @@ void ce_losses(const T* x, const L* lab, int64_t R, int64_t C, int64_t ignore, L
   out[0] = T(s);
 }
 
-// A row's max and sum of exp(x - max) (the sum in double, its terms in T).
+// A row's max and sum of exp(x - max) (the sum in double, its terms in T, kept in e when given).
 template <class T>
-std::pair<T, double> ce_row_stats(const T* xr, int64_t C) {
+std::pair<T, double> ce_row_stats(const T* xr, int64_t C, T* e = nullptr) {
   const T m = row_max(xr, C);
-  return {m, row_sumexp(xr, C, m)};
+  return {m, row_sumexp(xr, C, m, e)};
 }
 
 template <class T, class L>
@@ -239,11 +239,7 @@ void ce_fused(const T* x, const L* lab, const T* ct, int64_t R, int64_t C, int64
   std::vector<std::pair<T, double>> st(static_cast<size_t>(R));
   parallel_for(R, 2 * C, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
-      if (int64_t(lab[r]) != ignore) {
-        const T* xr = x + r * C;
-        const T m = row_max(xr, C);
-        st[size_t(r)] = {m, row_sumexp(xr, C, m, dx + r * C)};
-      }
+      if (int64_t(lab[r]) != ignore) st[size_t(r)] = ce_row_stats(x + r * C, C, dx + r * C);
   });
   auto stats = [&](int64_t r, const T*) { return st[size_t(r)]; };
   ce_losses(x, lab, R, C, ignore, red, count, out, stats);

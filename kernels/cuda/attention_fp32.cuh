@@ -11,7 +11,7 @@
 // (the backward computes dq and dk / dv in two separate kernels instead of FA2's atomic dq).
 //
 // Layout: q [N, Tq, D], k, v [N, Tk, D], o, dout [N, Tq, D] with rows where their AttnRows in the
-// AttentionLayout put them (kernels/cuda/launch.h: views such as GPT's q, k, v are read in place), lse,
+// AttentionLayout put them (kernels/cuda/launch.h: views such as q, k, v of one projection are read in place), lse,
 // delta [N, Tq] (f32) contiguous.
 // visible(i, j) = !causal || j <= i (top-left aligned). D <= 128: a lane owns features d = lane + 32 c,
 // c < DC = ceil(D / 32) (a template parameter). Shared-memory rows hold floats with an odd pitch

@@ -137,9 +137,9 @@ void scatter_add(const Tensor& g, const Tensor& idx, int64_t A, int64_t n, int64
 // stored; f32 accumulation, deterministic (fixed summation order, no atomics). The caller guarantees every
 // tensor on one CUDA device, with consistent shapes, and the outputs allocated with the shapes and dtypes
 // below (they need not be zeroed: every output element is written). The inputs are read in place where
-// attention_rows() takes them (GPT's q, k, v views of one projection; the cotangent of a permuted o) and
-// copied contiguous otherwise; the outputs are written in place in any layout attention_rows() takes without
-// a broadcast axis (ValueError otherwise; contiguous is one). Throws ShapeError when
+// attention_rows() takes them (q, k, v views of one projection, packed or cut; the cotangent of a permuted
+// o) and copied contiguous otherwise; the outputs are written in place in any layout attention_rows()
+// takes without a broadcast axis (ValueError otherwise; contiguous is one). Throws ShapeError when
 // D > 128 and DTypeError for dtypes other than f32, bf16, f16 (f64 has no CUDA kernel) or mixed dtypes.
 // Any rank >= 2 is taken: q [..., Tq, D] with the leading axes (equal for q, k, v) flattened to N, as the
 // CPU twin (kernels/cpu/attention.h); lse is then [..., Tq]. Empty problems: N == 0 or Tq == 0 writes

@@ -189,7 +189,7 @@ int launch_scatter_add(Dt t, bool idx64, const void* g, const void* idx, int64_t
 /// Where the rows of an attention operand [N, T, D] lie, so that the kernels read views in place: its
 /// matrix n = b * heads + h (the leading axes [B, heads] flattened) starts batch * b + head * h elements
 /// after the operand's first element, its row i `row` * i elements after that, and a row's D features are
-/// contiguous. A contiguous [N, T, D] is {1, T * D, 0, D}; GPT's q, k and v, [B, heads, T, D] views of one
+/// contiguous. A contiguous [N, T, D] is {1, T * D, 0, D}; q, k and v (GPT's), [B, heads, T, D] views of one
 /// [B, T, 3, heads, D] projection, are {heads, 3 * T * heads * D, D, 3 * heads * D}.
 struct AttnRows {
   int64_t heads = 1, batch = 0, head = 0, row = 0;

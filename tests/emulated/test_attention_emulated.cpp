@@ -312,7 +312,7 @@ TEST_CASE("attention_rows: which views the attention kernels read in place, and 
   same(rows(zeros(Shape{4, T, D})), {1, T * D, 0, D});
   same(rows(zeros(Shape{B, H, T, D})), {1, T * D, 0, D});
   same(rows(zeros(Shape{T, D})), {1, 0, 0, D});
-  // GPT's q, k, v: [B, T, 3, H, D] permuted to [3, B, H, T, D] and unbound.
+  // q, k, v of one projection (GPT's layout): [B, T, 3, H, D] permuted to [3, B, H, T, D] and unbound.
   const TensorList qkv = unbind(zeros(Shape{B, T, 3, H, D}).permute({2, 0, 3, 1, 4}), 0);
   for (const Tensor& x : qkv) same(rows(x), {H, T * 3 * H * D, D, 3 * H * D});
   // A [B, T, H, D] permuted to [B, H, T, D] (an attention output's cotangent); with one row per matrix that

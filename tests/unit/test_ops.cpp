@@ -190,8 +190,9 @@ TEST_CASE("unbind: views of each slice; the gradient is one concat", "[ops][shap
 }
 
 TEST_CASE("unbind: the gradient of a permuted view of one buffer has the view's strides", "[ops][shape]") {
-  // GPT's cut: [B, T, 3, H, D] permuted to [3, B, H, T, D] and unbound into q, k, v. The gradient laid out
-  // as the view is, permuted back, is a contiguous [B, T, 3, H, D]: its reshape to the projection's
+  // The unpacked attention's cut (GPT's before the packed op): [B, T, 3, H, D] permuted to [3, B, H, T, D]
+  // and unbound into q, k, v. The gradient laid out as the view is, permuted back, is a contiguous
+  // [B, T, 3, H, D]: its reshape to the projection's
   // [B, T, 3 H D] is then a view, not a copy.
   const RngKey key = RngKey::from_seed(31);
   const Shape s{2, 4, 3, 2, 5};
