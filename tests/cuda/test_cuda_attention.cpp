@@ -42,6 +42,9 @@ Result run(const Tensor& q0, const Tensor& k0, const Tensor& v0, const Tensor& c
   return {o.detach(), g[0], g[1], g[2]};
 }
 
+// q, k, v [B, H, T, D]: views of a packed qkv [B, T, 3, H, D] permuted and unbound (the unpacked op's cut).
+TensorList cut_qkv(const Tensor& qkv) { return unbind(qkv.permute({2, 0, 3, 1, 4}), 0); }
+
 uint64_t seed_now() { return uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count()); }
 
 struct Case {
@@ -211,7 +214,7 @@ TEST_CASE("cuda attention: q, k, v views of one projection and the permuted cota
     return [=](const TensorList& in) {
       Tensor qkv = in[0].detach();
       qkv.set_requires_grad();
-      const TensorList cut = unbind(qkv.permute({2, 0, 3, 1, 4}), 0);
+      const TensorList cut = cut_qkv(qkv);
       const Tensor q = transposed ? cut[0].transpose(2, 3).contiguous().transpose(2, 3) : cut[0];
       const Tensor o = scaled_dot_product_attention(q, cut[1], cut[2], true).permute({0, 2, 1, 3}).reshape(Shape{B, T, H * D});
       return TensorList{o.detach(), grad(sum(o * in[1]), {qkv})[0]};
@@ -232,9 +235,7 @@ TEST_CASE("cuda attention: q, k, v views of one projection and the permuted cota
     }
     // Which inputs of the attention ops a copy produced: only the transposed q, once, for both ops.
     const jit::Graph gr = jit::trace(step(transposed), {qkv.to(g), ct.to(g)});
-    std::vector<int> producer(gr.values.size(), -1);
-    for (size_t i = 0; i < gr.nodes.size(); ++i)
-      for (int v : gr.nodes[i].outputs) producer[size_t(v)] = int(i);
+    const std::vector<int> producer = testing::producers(gr);
     int ops = 0;
     for (const auto& n : gr.nodes) {
       const std::string name = n.op->name();
@@ -268,7 +269,7 @@ TEST_CASE("cuda attention on a packed qkv: no copy on either side; the same bits
       if (packed) {
         o = scaled_dot_product_attention_qkvpacked(qkv, true);
       } else {
-        const TensorList cut = unbind(qkv.permute({2, 0, 3, 1, 4}), 0);
+        const TensorList cut = cut_qkv(qkv);
         o = scaled_dot_product_attention(cut[0], cut[1], cut[2], true).permute({0, 2, 1, 3});
       }
       return TensorList{o.contiguous().detach(), grad(sum(o * in[1]), {qkv})[0]};

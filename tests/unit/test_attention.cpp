@@ -129,9 +129,7 @@ TEST_CASE("attention: q, k, v as views of one qkv projection are copied once, be
   CHECK(worst_abs(got[1], grad(sum(o * ct), {qkv})[0]) < 1e-11);
 
   const jit::Graph g = jit::trace(step, {qkv0, ct});
-  std::vector<int> producer(g.values.size(), -1);
-  for (size_t i = 0; i < g.nodes.size(); ++i)
-    for (int v : g.nodes[i].outputs) producer[size_t(v)] = int(i);
+  const std::vector<int> producer = testing::producers(g);
   int checked = 0;
   for (const auto& n : g.nodes) {
     const std::string name = n.op->name();
