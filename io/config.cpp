@@ -95,6 +95,21 @@ std::string value_text(const ConfigValue& v) {
   return std::visit(V{}, v);
 }
 
+// The numbers of an int, float or list value (the values a ConfigRange bounds).
+std::vector<double> numbers(const ConfigValue& v) {
+  if (auto* i = std::get_if<int64_t>(&v)) return {double(*i)};
+  if (auto* f = std::get_if<double>(&v)) return {*f};
+  if (auto* il = std::get_if<std::vector<int64_t>>(&v)) return {il->begin(), il->end()};
+  if (auto* fl = std::get_if<std::vector<double>>(&v)) return *fl;
+  return {};
+}
+
+// A bound as written in messages: integers without a fraction ("1", not "1.0").
+std::string bound_text(double v) {
+  if (std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 1e15) return std::to_string(int64_t(v));
+  return format_float(v);
+}
+
 bool valid_segment(std::string_view s) {
   if (s.empty()) return false;
   for (char c : s)
@@ -155,6 +170,18 @@ std::string mark_text(const std::string& source, const YAML::Mark& m) {
 
 }  // namespace
 
+bool ConfigRange::contains(double v) const {
+  return (min_open ? v > min : v >= min) && (max_open ? v < max : v <= max);  // false for NaN
+}
+
+std::string ConfigRange::text() const {
+  const bool lo = std::isfinite(min), hi = std::isfinite(max);
+  if (lo && !hi) return (min_open ? "> " : ">= ") + bound_text(min);
+  if (hi && !lo) return (max_open ? "< " : "<= ") + bound_text(max);
+  if (!lo && !hi) return "any number";
+  return "in " + std::string(min_open ? "(" : "[") + bound_text(min) + ", " + bound_text(max) + (max_open ? ")" : "]");
+}
+
 std::string_view config_type_name(ConfigType t) {
   switch (t) {
     case ConfigType::int_: return "int";
@@ -195,15 +222,33 @@ ConfigSchema& ConfigSchema::add(ConfigEntry e) {
         throw ValueError("default of config key '" + e.key + "' is not an allowed value", join(e.allowed), quote(d));
     }
   }
+  if (e.range) {
+    const bool numeric = e.type == ConfigType::int_ || e.type == ConfigType::float_ ||
+                         e.type == ConfigType::int_list || e.type == ConfigType::float_list;
+    if (!numeric)
+      throw ValueError("a range is for int and float keys and their lists only", "an int, float or list key",
+                       "'" + e.key + "' of type " + std::string(config_type_name(e.type)));
+    if (!(e.range->min <= e.range->max))
+      throw ValueError("range of config key '" + e.key + "' is empty", "min <= max", e.range->text());
+    if (e.default_value)
+      for (double v : numbers(*e.default_value))
+        if (!e.range->contains(v))
+          throw ValueError("default of config key '" + e.key + "' is outside its range", e.range->text(),
+                           value_text(*e.default_value));
+  }
   entries_.push_back(std::move(e));
   return *this;
 }
 
-ConfigSchema& ConfigSchema::add_int(std::string key, std::optional<int64_t> d, std::string doc) {
-  return add({std::move(key), ConfigType::int_, d ? std::optional<ConfigValue>(*d) : std::nullopt, false, std::move(doc), {}});
+ConfigSchema& ConfigSchema::add_int(std::string key, std::optional<int64_t> d, std::string doc,
+                                    std::optional<ConfigRange> range) {
+  return add({std::move(key), ConfigType::int_, d ? std::optional<ConfigValue>(*d) : std::nullopt, false, std::move(doc),
+              {}, range});
 }
-ConfigSchema& ConfigSchema::add_float(std::string key, std::optional<double> d, std::string doc) {
-  return add({std::move(key), ConfigType::float_, d ? std::optional<ConfigValue>(*d) : std::nullopt, false, std::move(doc), {}});
+ConfigSchema& ConfigSchema::add_float(std::string key, std::optional<double> d, std::string doc,
+                                      std::optional<ConfigRange> range) {
+  return add({std::move(key), ConfigType::float_, d ? std::optional<ConfigValue>(*d) : std::nullopt, false,
+              std::move(doc), {}, range});
 }
 ConfigSchema& ConfigSchema::add_bool(std::string key, std::optional<bool> d, std::string doc) {
   return add({std::move(key), ConfigType::bool_, d ? std::optional<ConfigValue>(*d) : std::nullopt, false, std::move(doc), {}});
@@ -213,13 +258,15 @@ ConfigSchema& ConfigSchema::add_string(std::string key, std::optional<std::strin
   return add({std::move(key), ConfigType::string, d ? std::optional<ConfigValue>(std::move(*d)) : std::nullopt, false,
               std::move(doc), std::move(allowed)});
 }
-ConfigSchema& ConfigSchema::add_int_list(std::string key, std::optional<std::vector<int64_t>> d, std::string doc) {
+ConfigSchema& ConfigSchema::add_int_list(std::string key, std::optional<std::vector<int64_t>> d, std::string doc,
+                                         std::optional<ConfigRange> range) {
   return add({std::move(key), ConfigType::int_list, d ? std::optional<ConfigValue>(std::move(*d)) : std::nullopt, false,
-              std::move(doc), {}});
+              std::move(doc), {}, range});
 }
-ConfigSchema& ConfigSchema::add_float_list(std::string key, std::optional<std::vector<double>> d, std::string doc) {
+ConfigSchema& ConfigSchema::add_float_list(std::string key, std::optional<std::vector<double>> d, std::string doc,
+                                           std::optional<ConfigRange> range) {
   return add({std::move(key), ConfigType::float_list, d ? std::optional<ConfigValue>(std::move(*d)) : std::nullopt,
-              false, std::move(doc), {}});
+              false, std::move(doc), {}, range});
 }
 ConfigSchema& ConfigSchema::add_map(std::string key, std::optional<std::map<std::string, int64_t>> d, std::string doc) {
   return add({std::move(key), ConfigType::string_int_map, d ? std::optional<ConfigValue>(std::move(*d)) : std::nullopt,
@@ -255,6 +302,7 @@ std::string ConfigSchema::describe() const {
     std::string def = e.required ? "(required)" : e.default_value ? value_text(*e.default_value) : "(unset)";
     std::string doc = e.doc;
     if (!e.allowed.empty()) doc += (doc.empty() ? "" : " ") + std::string("[one of: ") + join(e.allowed, ", ") + "]";
+    if (e.range) doc += (doc.empty() ? "[" : " [") + e.range->text() + "]";
     rows.push_back({e.key, std::string(config_type_name(e.type)), def, doc});
   }
   size_t w[3] = {0, 0, 0};
@@ -313,6 +361,7 @@ struct ConfigBuilder {
     std::string t = scalar_text(n, e.key, where);
     auto v = parse_int(t);
     if (!v) wrong(e, where, quote(t));
+    check_range(e, double(*v), t, where);
     return *v;
   }
   double to_float(const ConfigEntry& e, const YAML::Node& n, const std::string& where) const {
@@ -320,6 +369,7 @@ struct ConfigBuilder {
     std::string t = scalar_text(n, e.key, where);
     auto v = parse_float(t);
     if (!v) wrong(e, where, quote(t));
+    check_range(e, *v, t, where);
     return *v;
   }
 
@@ -378,6 +428,14 @@ struct ConfigBuilder {
       }
     }
     throw InternalError("unhandled config type");
+  }
+
+  // A list's elements are checked one by one: `text` is the element's.
+  static void check_range(const ConfigEntry& e, double v, const std::string& text, const std::string& where) {
+    if (!e.range || e.range->contains(v)) return;
+    throw ConfigError("value " + quote(text) + " is out of range for " + e.key + " (" + where + ")",
+                      "a value " + e.range->text() + " (" + e.doc + ")", quote(text),
+                      "set " + e.key + " to a value " + e.range->text());
   }
 
   void check_allowed(const ConfigEntry& e, const std::string& v, const std::string& where) const {

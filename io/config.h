@@ -13,7 +13,8 @@
 // throws ConfigError naming the key, the file, line and column, what was expected and what was found,
 // with a suggestion: an unknown key ("did you mean 'optimizer.lr'?", nearest known key by edit
 // distance over the full dotted keys), a value of the wrong type, a string outside its allowed set, a
-// required key that is missing, a duplicate key.
+// number outside its key's range (ints, floats, and each element of their lists; NaN is outside every
+// range), a required key that is missing, a duplicate key.
 //
 // Substitution: inside every scalar (before typing), "${NAME}" becomes the environment variable NAME
 // (unset -> ConfigError naming it) and "${NAME:default}" becomes NAME or, when unset, `default`;
@@ -34,6 +35,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <optional>
 #include <string>
@@ -52,6 +54,28 @@ std::string_view config_type_name(ConfigType t);
 using ConfigValue = std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<double>,
                                  std::map<std::string, int64_t>>;
 
+/// The interval a numeric key's value must lie in: an int or float key, or each element of an int /
+/// float list. Bounds are closed unless marked open; NaN lies in no range, and infinity only in a range
+/// whose bound is a closed infinity (the default-constructed range: any number).
+struct ConfigRange {
+  double min = -std::numeric_limits<double>::infinity();
+  double max = std::numeric_limits<double>::infinity();
+  bool min_open = false;  ///< min itself is excluded
+  bool max_open = false;  ///< max itself is excluded
+
+  /// [m, inf), finite: ConfigRange::at_least(1) for counts, at_least(0) for "0 = off" keys.
+  static ConfigRange at_least(double m) { return {m, std::numeric_limits<double>::infinity(), false, true}; }
+  /// (m, inf), finite: ConfigRange::above(0) for scales and rates.
+  static ConfigRange above(double m) { return {m, std::numeric_limits<double>::infinity(), true, true}; }
+  /// [lo, hi], or [lo, hi) with hi_open (probabilities, betas).
+  static ConfigRange between(double lo, double hi, bool hi_open = false) { return {lo, hi, false, hi_open}; }
+
+  /// True when v lies in the range (false for NaN).
+  bool contains(double v) const;
+  /// The range as a reader writes it: ">= 1", "> 0", "in [0, 1)", "in [1, 1024]".
+  std::string text() const;
+};
+
 struct ConfigEntry {
   std::string key;                           ///< dotted path, segments of [A-Za-z0-9_-]
   ConfigType type = ConfigType::string;
@@ -59,22 +83,28 @@ struct ConfigEntry {
   bool required = false;                     ///< the config must set it (no default then)
   std::string doc;                           ///< one line, for describe()
   std::vector<std::string> allowed;          ///< string keys only: the values accepted (empty = any)
+  std::optional<ConfigRange> range;          ///< int, float, int_list, float_list keys only: the bounds
 };
 
 class ConfigSchema {
  public:
   /// Adds an entry. Throws ValueError: malformed or duplicate key, a key that is also a section of
   /// another key ("a" and "a.b"), a default of the wrong type, both a default and required, `allowed`
-  /// on a non-string key, a default outside `allowed`.
+  /// on a non-string key, a default outside `allowed`, `range` on a key that is not int, float or a
+  /// list of them, a range with min > max, a default outside `range`.
   ConfigSchema& add(ConfigEntry entry);
   /// Typed shorthands. A std::nullopt default makes the key optional (has() is false until set).
-  ConfigSchema& add_int(std::string key, std::optional<int64_t> default_value, std::string doc);
-  ConfigSchema& add_float(std::string key, std::optional<double> default_value, std::string doc);
+  ConfigSchema& add_int(std::string key, std::optional<int64_t> default_value, std::string doc,
+                        std::optional<ConfigRange> range = std::nullopt);
+  ConfigSchema& add_float(std::string key, std::optional<double> default_value, std::string doc,
+                          std::optional<ConfigRange> range = std::nullopt);
   ConfigSchema& add_bool(std::string key, std::optional<bool> default_value, std::string doc);
   ConfigSchema& add_string(std::string key, std::optional<std::string> default_value, std::string doc,
                            std::vector<std::string> allowed = {});
-  ConfigSchema& add_int_list(std::string key, std::optional<std::vector<int64_t>> default_value, std::string doc);
-  ConfigSchema& add_float_list(std::string key, std::optional<std::vector<double>> default_value, std::string doc);
+  ConfigSchema& add_int_list(std::string key, std::optional<std::vector<int64_t>> default_value, std::string doc,
+                             std::optional<ConfigRange> range = std::nullopt);
+  ConfigSchema& add_float_list(std::string key, std::optional<std::vector<double>> default_value, std::string doc,
+                               std::optional<ConfigRange> range = std::nullopt);
   ConfigSchema& add_map(std::string key, std::optional<std::map<std::string, int64_t>> default_value,
                         std::string doc);
   /// A key the config must set.
@@ -88,7 +118,7 @@ class ConfigSchema {
   /// True when `prefix` is a section, i.e. some key starts with prefix + ".".
   bool is_section(std::string_view prefix) const;
   /// The schema as documentation: one line per key with type, default ("required" / "unset") and doc,
-  /// e.g. "optimizer.lr   float   0.001   peak learning rate".
+  /// then the allowed values or the range, e.g. "optimizer.lr   float   0.001   peak learning rate [>= 0]".
   std::string describe() const;
 
  private:

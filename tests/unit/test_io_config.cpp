@@ -141,6 +141,52 @@ TEST_CASE("Config: allowed values and required keys", "[io]") {
   CHECK_THROWS_AS(bad.add({"j", ConfigType::int_, std::nullopt, false, "", {"a"}}), ValueError);
 }
 
+TEST_CASE("Config: numeric ranges bound ints, floats and list elements", "[io]") {
+  ConfigSchema schema;
+  schema.add_int("train.steps", 0, "optimizer steps (0 = epochs)", ConfigRange::at_least(0))
+      .add_float("model.dropout", 0.0, "dropout probability", ConfigRange::between(0, 1, /*hi_open=*/true))
+      .add_float("optimizer.eps", 1e-8, "epsilon", ConfigRange::above(0))
+      .add_int_list("model.sizes", std::vector<int64_t>{784, 10}, "layer widths", ConfigRange::at_least(1))
+      .add_float_list("optimizer.betas", std::vector<double>{0.9, 0.95}, "betas", ConfigRange::between(0, 1, true))
+      .add_int("runtime.threads", 0, "threads", ConfigRange::between(0, 1024));
+  // Every bound itself, inside or out as it is closed or open.
+  Config ok = Config::from_string("train: {steps: 0}\nmodel: {dropout: 0, sizes: [1, 1]}\n",
+                                  {"optimizer.eps=1e-300", "runtime.threads=1024", "optimizer.betas=[0, 0.999]"}, schema);
+  CHECK(ok.get_int("train.steps") == 0);
+  CHECK(ok.get_int("runtime.threads") == 1024);
+  expect_config_error([&] { Config::from_string("train: {steps: -1}\n", {}, schema, "f.yaml"); },
+                      {"'-1' is out of range for train.steps", "f.yaml:1:9", "a value >= 0",
+                       "optimizer steps (0 = epochs)", "set train.steps to a value >= 0"});
+  expect_config_error([&] { Config::from_string("", {"model.dropout=1"}, schema); },
+                      {"'1' is out of range for model.dropout", "--set model.dropout=1", "in [0, 1)"});
+  expect_config_error([&] { Config::from_string("", {"model.dropout=.nan"}, schema); }, {"out of range", "in [0, 1)"});
+  expect_config_error([&] { Config::from_string("", {"model.dropout=-0.1"}, schema); }, {"out of range"});
+  expect_config_error([&] { Config::from_string("", {"optimizer.eps=0"}, schema); }, {"'0' is out of range", "> 0"});
+  expect_config_error([&] { Config::from_string("", {"runtime.threads=1025"}, schema); }, {"in [0, 1024]"});
+  expect_config_error([&] { Config::from_string("model:\n  sizes: [784, 0, 10]\n", {}, schema, "g.yaml"); },
+                      {"'0' is out of range for model.sizes", "g.yaml:2:16", ">= 1"});
+  expect_config_error([&] { Config::from_string("", {"optimizer.betas=[0.9, 1]"}, schema); },
+                      {"'1' is out of range for optimizer.betas"});
+  // describe() shows the range beside the description.
+  const std::string doc = schema.describe();
+  INFO(doc);
+  CHECK(contains(doc, "optimizer steps (0 = epochs) [>= 0]"));
+  CHECK(contains(doc, "dropout probability [in [0, 1)]"));
+  CHECK(contains(doc, "epsilon [> 0]"));
+  CHECK(contains(doc, "threads [in [0, 1024]]"));
+  // Schema mistakes are the programmer's: ValueError.
+  ConfigSchema bad;
+  CHECK_THROWS_AS(bad.add_int("a", -1, "", ConfigRange::at_least(0)), ValueError);                  // default outside
+  CHECK_THROWS_AS(bad.add_int_list("b", std::vector<int64_t>{1, 0}, "", ConfigRange::at_least(1)), ValueError);
+  CHECK_THROWS_AS(bad.add_int("c", std::nullopt, "", ConfigRange::between(1, 0)), ValueError);      // empty
+  CHECK_THROWS_AS(bad.add({"d", ConfigType::string, ConfigValue(std::string("x")), false, "", {}, ConfigRange::at_least(0)}),
+                  ValueError);
+  CHECK(ConfigRange::between(0, 1).text() == "in [0, 1]");
+  CHECK(ConfigRange{-INFINITY, 5, false, true}.text() == "< 5");
+  CHECK_FALSE(ConfigRange{}.contains(NAN));
+  CHECK(ConfigRange{}.contains(INFINITY));
+}
+
 TEST_CASE("Config: ${ENV} and ${ENV:default} substitution", "[io]") {
   ConfigSchema schema = sample_schema();
   ::setenv("TITANAX_CFG_TEST_LR", "0.25", 1);
