@@ -44,7 +44,8 @@ Engine::Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> op
   if (opts_.jit && plan_.pp)  // step() runs the pipeline schedule eagerly: refuse rather than ignore jit
     throw PlanError("the JIT-compiled step runs data- and tensor-parallel plans only",
                     "no pipeline parallelism with jit", plan_.describe(), "set jit: false for pipeline-parallel plans");
-  if (opts_.grad_clip < 0) throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
+  if (!(opts_.grad_clip >= 0))  // NaN fails too
+    throw ValueError("grad_clip must be >= 0", ">= 0 (0 = off)", std::to_string(opts_.grad_clip));
   if (opts_.precision.compute == DType::f16 && !opts_.loss_scale.enabled()) opts_.loss_scale = LossScaleOptions::dynamic();
   if (opts_.loss_scale.enabled()) {
     if (plan_.pp)
@@ -360,6 +361,23 @@ std::pair<std::vector<std::string>, TensorList> batch_args(const Batch& batch) {
   for (const auto& [k, t] : batch.items) keys.push_back(k), args.push_back(t);
   return {keys, args};
 }
+
+void check_eval_batch(const EvalSpec& eval) {
+  if (eval.batch_size < 1)  // the evaluation loop would never advance
+    throw ValueError("EvalSpec::batch_size must be >= 1", ">= 1 examples per evaluation batch",
+                     std::to_string(eval.batch_size), "set the evaluation batch size (data.eval_batch_size)");
+}
+
+void check_fit_options(const FitOptions& fo) {
+  const std::pair<const char*, int64_t> counts[] = {{"steps", fo.steps}, {"stop_at", fo.stop_at},
+                                                    {"log_every", fo.log_every}, {"checkpoint_every", fo.checkpoint_every},
+                                                    {"eval.every", fo.eval.every}};
+  for (const auto& [name, v] : counts)
+    if (v < 0)
+      throw ValueError(std::string("FitOptions::") + name + " must be >= 0", ">= 0 (0 = off / the default)",
+                       std::to_string(v));
+  if (fo.eval.data) check_eval_batch(fo.eval);
+}
 }  // namespace
 
 StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
@@ -396,6 +414,7 @@ const jit::JitStats* Engine::jit_stats() const { return jit_step_ ? &jit_step_->
 Metrics Engine::evaluate(nn::Module& model, const EvalSpec& eval) {
   Metrics out;
   if (!eval.data) return out;
+  check_eval_batch(eval);
   NoGradGuard ng;
   model.eval();
   const int64_t N = eval.data->size();
@@ -523,6 +542,8 @@ bool eval_due(const FitOptions& fo, int64_t step) {
 }  // namespace
 
 FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, const FitOptions& fo) {
+  check_fit_options(fo);  // before any step: a bad evaluation batch must not surface after the training
+  if (opts_.checkpointer) opts_.checkpointer->prepare();  // nor an unwritable checkpoint directory
   FitResult res;
   if (fo.resume)
     if (auto s = restore(model)) {

@@ -152,11 +152,14 @@ struct FitResult {
 
 class Engine {
  public:
-  /// Validates `plan` against `mesh` (PlanError) and the precision (DTypeError).
+  /// Validates `plan` against `mesh` (PlanError) and the precision (DTypeError); ValueError for a
+  /// negative or NaN grad_clip.
   Engine(const Mesh& mesh, Plan plan, std::unique_ptr<optim::Optimizer> opt, EngineOptions opts = {});
   ~Engine();
 
-  /// Trains until opts.steps optimizer steps are done.
+  /// Trains until opts.steps optimizer steps are done. Before the first step: ValueError for a negative
+  /// count in `opts` or an evaluation batch_size below 1; with a checkpointer, Checkpointer::prepare()
+  /// (its directory created and writable, or IOError / CheckpointError on every rank).
   FitResult fit(nn::Module& model, const LossFn& loss, DataLoader& data, const FitOptions& opts);
   /// Devices: the model computes where its parameters are (nn::Module::to); step(), evaluate() and
   /// trace_step() move each batch there (the loader's batches are CPU tensors). Scalars the engine
@@ -168,7 +171,8 @@ class Engine {
   /// microbatches, or under Plan::pp when the model is not an nn::PipelineModule on the plan's pipe axis.
   StepResult step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// Evaluates on the whole dataset (each data-parallel rank takes a contiguous shard), in eval mode,
-  /// without recording; returns "eval/<name>" = sum / count for each metric.
+  /// without recording; returns "eval/<name>" = sum / count for each metric. ValueError for a
+  /// batch_size below 1 or a dataset smaller than the data-parallel ranks.
   Metrics evaluate(nn::Module& model, const EvalSpec& eval);
 
   /// Saves parameters and optimizer state at the current step (collective), with each tensor's

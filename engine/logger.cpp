@@ -38,8 +38,15 @@ void ConsoleLogger::log(int64_t step, const Metrics& m) {
 CsvLogger::CsvLogger(const std::string& path) {
   namespace fs = std::filesystem;
   fs::path p(path);
-  if (p.has_parent_path()) fs::create_directories(p.parent_path());
-  bool fresh = !fs::exists(p) || fs::file_size(p) == 0;
+  std::error_code ec;
+  if (p.has_parent_path() && !fs::create_directories(p.parent_path(), ec) && ec)
+    throw IOError("cannot create the metrics CSV's directory", "a directory this process can create",
+                  p.parent_path().string() + " (" + ec.message() + ")", "choose another logging.csv path");
+  if (fs::is_directory(p, ec))
+    throw IOError("the metrics CSV path is a directory", "a file path (e.g. runs/metrics.csv)", path,
+                  "name a file inside that directory");
+  const auto size = fs::file_size(p, ec);
+  const bool fresh = ec || size == 0;  // absent or empty: write the header
   f_ = std::fopen(path.c_str(), "a");
   if (!f_) throw IOError("cannot open the metrics CSV for writing", "a writable path", path, "check the directory's permissions");
   if (fresh) std::fprintf(f_, "step,metric,value\n");

@@ -32,7 +32,7 @@ class ConsoleLogger final : public Logger {
 
 /// Long-format CSV "step,metric,value" (one row per metric), appended and flushed every call, so a run
 /// killed midway keeps what it logged and a resumed run continues the same file. Throws IOError when
-/// the file cannot be opened.
+/// the file cannot be opened, its directory cannot be created, or the path is a directory.
 class CsvLogger final : public Logger {
  public:
   explicit CsvLogger(const std::string& path);

@@ -16,11 +16,22 @@
 
 namespace titanax::optim {
 
+namespace {
+// A hyper-parameter that must be a finite number >= 0 (NaN fails too): ValueError naming it.
+void check_non_negative(double v, const std::string& what) {
+  if (!(v >= 0 && std::isfinite(v)))
+    throw ValueError(what + " must be a finite number >= 0", "finite, >= 0", std::to_string(v));
+}
+}  // namespace
+
 Schedule constant(double lr) {
+  check_non_negative(lr, "learning rate");
   return [lr](int64_t) { return lr; };
 }
 
 Schedule cosine(double lr, int64_t total, double r) {
+  check_non_negative(lr, "learning rate");
+  check_non_negative(r, "cosine schedule final_ratio");
   if (total <= 0) throw ValueError("cosine schedule needs total_steps > 0", "> 0", std::to_string(total));
   return [=](int64_t s) {
     double t = std::min<double>(double(s), double(total)) / double(total);
@@ -29,6 +40,8 @@ Schedule cosine(double lr, int64_t total, double r) {
 }
 
 Schedule warmup_cosine(double lr, int64_t warmup, int64_t total, double r) {
+  check_non_negative(lr, "learning rate");
+  check_non_negative(r, "warmup_cosine schedule final_ratio");
   if (warmup < 0 || total <= warmup)
     throw ValueError("warmup_cosine needs 0 <= warmup < total_steps", "0 <= warmup < total",
                      "warmup=" + std::to_string(warmup) + " total=" + std::to_string(total));
@@ -40,6 +53,9 @@ Schedule warmup_cosine(double lr, int64_t warmup, int64_t total, double r) {
 }
 
 Schedule exponential(double lr, double rate, int64_t decay_steps) {
+  check_non_negative(lr, "learning rate");
+  if (!(rate > 0 && std::isfinite(rate)))
+    throw ValueError("exponential schedule needs a finite rate > 0", "> 0", std::to_string(rate));
   if (decay_steps <= 0) throw ValueError("exponential schedule needs decay_steps > 0", "> 0", std::to_string(decay_steps));
   return [=](int64_t s) { return lr * std::pow(rate, double(s) / double(decay_steps)); };
 }
@@ -373,9 +389,11 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
 class Adam final : public Optimizer {
  public:
   Adam(Schedule s, AdamOptions o, bool decoupled) : Optimizer(std::move(s)), o_(std::move(o)), decoupled_(decoupled) {
-    if (o_.beta1 < 0 || o_.beta1 >= 1 || o_.beta2 < 0 || o_.beta2 >= 1)
+    if (!(o_.beta1 >= 0 && o_.beta1 < 1 && o_.beta2 >= 0 && o_.beta2 < 1))  // NaN fails too
       throw ValueError("Adam betas must lie in [0, 1)", "0 <= beta < 1", std::to_string(o_.beta1) + ", " + std::to_string(o_.beta2));
-    if (o_.eps <= 0) throw ValueError("Adam eps must be positive", "> 0", std::to_string(o_.eps));
+    if (!(o_.eps > 0 && std::isfinite(o_.eps)))
+      throw ValueError("Adam eps must be a finite number > 0", "> 0", std::to_string(o_.eps));
+    check_non_negative(o_.weight_decay, "Adam weight_decay");
   }
   void init(const ParamTree& params) override {
     m_ = ParamTree();
@@ -420,7 +438,8 @@ class Adam final : public Optimizer {
 class SGD final : public Optimizer {
  public:
   SGD(Schedule s, double mu, double wd, bool nesterov) : Optimizer(std::move(s)), mu_(mu), wd_(wd), nesterov_(nesterov) {
-    if (mu < 0) throw ValueError("SGD momentum must be >= 0", ">= 0", std::to_string(mu));
+    check_non_negative(mu, "SGD momentum");
+    check_non_negative(wd, "SGD weight_decay");
     if (nesterov && mu == 0) throw ValueError("Nesterov momentum needs momentum > 0", "momentum > 0", "0");
   }
   void init(const ParamTree& params) override {
@@ -491,7 +510,7 @@ void scale_by(ParamTree& grads, double coef) {
 }
 
 void check_max_norm(double max_norm) {
-  if (max_norm <= 0) throw ValueError("gradient clipping needs max_norm > 0", "> 0", std::to_string(max_norm));
+  if (!(max_norm > 0)) throw ValueError("gradient clipping needs max_norm > 0", "> 0", std::to_string(max_norm));
 }
 }  // namespace
 

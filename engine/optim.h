@@ -17,7 +17,8 @@
 
 namespace titanax::optim {
 
-/// Learning rate as a function of the (0-based) step.
+/// Learning rate as a function of the (0-based) step. The schedules below throw ValueError for a
+/// learning rate or final_ratio that is negative, infinite or NaN, and for the bad counts they name.
 using Schedule = std::function<double(int64_t step)>;
 
 Schedule constant(double lr);
@@ -71,6 +72,8 @@ struct AdamOptions {
   DecayFilter decay_filter;  ///< empty = decay every parameter
 };
 
+/// The factories throw ValueError for a negative, infinite or NaN momentum or weight_decay, Adam betas
+/// outside [0, 1), an eps that is not finite and > 0, and Nesterov without momentum.
 /// SGD with (Nesterov) momentum and L2 weight decay (torch.optim.SGD).
 std::unique_ptr<Optimizer> sgd(Schedule lr, double momentum = 0.0, double weight_decay = 0.0, bool nesterov = false);
 /// Adam (Kingma & Ba 2015) with L2 weight decay added to the gradient (torch.optim.Adam).

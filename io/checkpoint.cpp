@@ -13,6 +13,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -472,6 +473,36 @@ bool pread_full(int fd, void* buf, uint64_t n, uint64_t off, const std::string& 
   return true;
 }
 
+// Runs fn on this rank and all-gathers every rank's outcome over comm (nullptr: one rank), so that the
+// ranks fail together instead of some waiting forever in a later collective. Returns each rank's payload
+// when every fn returned; otherwise runs cleanup (when given), then this rank rethrows its own exception
+// and the others throw a CheckpointError "<what> failed on another rank (<phase>)" listing the failures.
+std::vector<std::string> exchange_outcomes(Communicator* comm, const std::string& what, const std::string& phase,
+                                           const std::function<std::string()>& fn,
+                                           const std::function<void()>& cleanup = nullptr) {
+  std::exception_ptr err;
+  std::string out;
+  try {
+    out = "R" + fn();
+  } catch (const std::exception& e) {
+    err = std::current_exception();
+    out = std::string("E") + (*e.what() ? e.what() : "error");
+  } catch (...) {
+    err = std::current_exception();
+    out = "Eunknown error";
+  }
+  auto all = comm ? comm->all_gather_string(out) : std::vector<std::string>{out};
+  std::vector<std::string> failed;
+  for (size_t r = 0; r < all.size(); ++r) {
+    if (all[r].empty() || all[r][0] != 'R') failed.push_back("rank " + std::to_string(r) + ": " + all[r].substr(all[r].empty() ? 0 : 1));
+    else all[r].erase(0, 1);
+  }
+  if (failed.empty()) return all;
+  if (cleanup) cleanup();
+  if (err) std::rethrow_exception(err);
+  throw CheckpointError(what + " failed on another rank (" + phase + ")", "every rank to succeed", join(failed, "; "));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------- MeshCoords
@@ -512,6 +543,28 @@ Checkpointer::Checkpointer(std::string dir, int keep_last, std::shared_ptr<Commu
     throw ValueError("Checkpointer keep_last must be at least 1", "keep_last >= 1", std::to_string(keep_last_));
 }
 
+void Checkpointer::prepare() const {
+  const int rank = comm_ ? comm_->rank() : 0;
+  exchange_outcomes(comm_.get(), "preparing checkpoint directory '" + dir_ + "'", "create", [&] {
+    if (rank != 0) return std::string();
+    const fs::path root(dir_);
+    std::error_code ec;
+    fs::create_directories(root, ec);
+    if (ec)
+      throw IOError("cannot create checkpoint directory '" + dir_ + "'", "a directory this process can create",
+                    ec.message(), "choose another checkpoint directory (checkpoint.dir)");
+    const fs::path probe = root / (".write_probe_" + std::to_string(::getpid()));
+    {
+      std::ofstream f(probe, std::ios::binary);
+      if (!(f << "titanax") || !f.flush())
+        throw IOError("cannot write in checkpoint directory '" + dir_ + "'", "a writable directory",
+                      "creating " + probe.filename().string() + " failed", "check its permissions and free space");
+    }
+    fs::remove(probe, ec);
+    return std::string();
+  });
+}
+
 void Checkpointer::set_crc_chunk_bytes(uint64_t n) {
   if (n == 0) throw ValueError("Checkpointer CRC chunk size must be at least 1 byte", ">= 1", "0");
   chunk_bytes_ = n;
@@ -546,42 +599,15 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
   const fs::path final_dir = root / step_name(step);
   const fs::path tmp_dir = root / (step_name(step) + ".tmp");
 
-  // Every phase ends with an all-gather of each rank's outcome, so all ranks fail together instead of
-  // some waiting forever in a barrier. A rank rethrows its own exception; the others get a summary.
-  auto gather = [&](const std::string& s) {
-    return comm_ ? comm_->all_gather_string(s) : std::vector<std::string>{s};
-  };
-  auto fail_all = [&](std::exception_ptr mine, const std::vector<std::string>& failed, const std::string& phase) {
-    if (rank == 0) {
-      std::error_code ec;
-      fs::remove_all(tmp_dir, ec);
-    }
-    if (mine) std::rethrow_exception(mine);
-    throw CheckpointError("saving checkpoint step " + std::to_string(step) + " failed on another rank (" + phase + ")",
-                          "every rank to succeed", join(failed, "; "));
-  };
-  // Runs fn (returning this rank's payload) on every rank and all-gathers the payloads; throws on every
-  // rank when fn threw on any.
-  auto exchange = [&](const std::string& phase, auto&& fn) {
-    std::exception_ptr err;
-    std::string out;
-    try {
-      out = "R" + fn();
-    } catch (const std::exception& e) {
-      err = std::current_exception();
-      out = std::string("E") + (*e.what() ? e.what() : "error");
-    } catch (...) {
-      err = std::current_exception();
-      out = "Eunknown error";
-    }
-    auto all = gather(out);
-    std::vector<std::string> failed;
-    for (size_t r = 0; r < all.size(); ++r) {
-      if (all[r].empty() || all[r][0] != 'R') failed.push_back("rank " + std::to_string(r) + ": " + all[r].substr(all[r].empty() ? 0 : 1));
-      else all[r].erase(0, 1);
-    }
-    if (!failed.empty()) fail_all(err, failed, phase);
-    return all;
+  // Every phase ends with an all-gather of each rank's outcome (exchange_outcomes): a failure on one rank
+  // removes the .tmp directory and makes every rank throw.
+  auto exchange = [&](const std::string& phase, const std::function<std::string()>& fn) {
+    return exchange_outcomes(comm_.get(), "saving checkpoint step " + std::to_string(step), phase, fn, [&] {
+      if (rank == 0) {
+        std::error_code ec;
+        fs::remove_all(tmp_dir, ec);
+      }
+    });
   };
   auto run_phase = [&](const std::string& phase, auto&& fn) {
     exchange(phase, [&] {

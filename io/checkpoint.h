@@ -139,6 +139,11 @@ class Checkpointer {
   void save(int64_t step, const ParamTree& tensors, const std::map<std::string, PartitionSpec>& specs,
             const Mesh& mesh, const std::string& extra_json = "{}", const std::string& plan_json = "{}");
 
+  /// Collective (every rank of `comm`): rank 0 creates `dir` and checks that it can write a file there
+  /// (and removes it), so that a bad path fails before training rather than at the first save. Throws on
+  /// every rank when it fails: IOError on rank 0 (the path and the system's reason), CheckpointError
+  /// naming rank 0's failure elsewhere.
+  void prepare() const;
   /// CRC-32 chunk size of later saves (>= 1; ValueError otherwise). See the trade-off above.
   void set_crc_chunk_bytes(uint64_t n);
   uint64_t crc_chunk_bytes() const { return chunk_bytes_; }

@@ -59,6 +59,9 @@ Device pick_device(const std::string& req, int local_rank) {
 }
 
 void init_state(int* argc, char*** argv, const RuntimeOptions& opts) {
+  if (opts.threads < 0)
+    throw ValueError("RuntimeOptions::threads must be >= 0", ">= 0 (0 = OMP_NUM_THREADS or cores / local ranks)",
+                     std::to_string(opts.threads), "pass 0 for the default");
   ProcessState& s = state();
   std::lock_guard lock(s.mu);
   if (s.ready) {

@@ -24,6 +24,7 @@ struct RuntimeOptions {
   /// "auto": the first CUDA device by local rank if any, else the CPU; or "cpu", "cuda".
   std::string device = "auto";
   /// Threads per rank; 0 = OMP_NUM_THREADS when set, else hardware threads / ranks on this node (>= 1).
+  /// Negative: ValueError from the Runtime.
   int threads = 0;
   /// spdlog level: "trace", "debug", "info", "warn", "error", "off".
   std::string log_level = "info";

@@ -197,3 +197,48 @@ TEST_CASE("each rank reads about its share of a resharded tensor", "[mpi][checkp
     CHECK(world_sum(double(info.data_bytes_read)) == double(total));  // the tensor read once in all
   }
 }
+
+TEST_CASE("a failure on one rank fails prepare() and save() on every rank, naming it", "[mpi][checkpoint]") {
+  const int n = world_size(), r = world_rank();
+  if (n < 2) return;
+  SharedDir d;
+  // Under a regular file the directory cannot be created: rank 0 reports the system's reason, every
+  // other rank a CheckpointError naming rank 0 (before, only rank 0 knew, at the first save).
+  if (r == 0) std::ofstream(d.path / "file") << "x";
+  rt().world()->barrier();
+  Checkpointer bad((d.path / "file" / "ck").string(), 2, rt().world());
+  try {
+    bad.prepare();
+    FAIL("expected an error from prepare()");
+  } catch (const CheckpointError& e) {
+    CHECK(r != 0);
+    CHECK_THAT(e.what(), Catch::Matchers::Contains("preparing checkpoint directory") &&
+                             Catch::Matchers::Contains("rank 0: IOError: cannot create checkpoint directory"));
+  } catch (const IOError& e) {
+    CHECK(r == 0);
+    CHECK_THAT(e.what(), Catch::Matchers::Contains("Not a directory"));
+  }
+  // prepare() on a good path creates it; a save whose tensor is undefined on the last rank fails there
+  // with its own error and on the others with a CheckpointError naming it, and leaves no step behind.
+  Checkpointer good((d.path / "ck").string(), 2, rt().world());
+  good.prepare();
+  CHECK(fs::is_directory(d.path / "ck"));
+  CHECK(std::distance(fs::directory_iterator(d.path / "ck"), fs::directory_iterator()) == 0);  // the probe is gone
+  rt().world()->barrier();  // every rank has looked before rank 0 starts the save's .tmp directory
+  ParamTree mine{{"w", r == n - 1 ? Tensor() : zeros(Shape{2})}};
+  try {
+    good.save(3, mine);
+    FAIL("expected an error from save()");
+  } catch (const CheckpointError& e) {
+    CHECK(r != n - 1);
+    CHECK_THAT(e.what(), Catch::Matchers::Contains("saving checkpoint step 3 failed on another rank (prepare)") &&
+                             Catch::Matchers::Contains("rank " + std::to_string(n - 1) + ": "));
+  } catch (const ValueError& e) {
+    CHECK(r == n - 1);
+    CHECK_THAT(e.what(), Catch::Matchers::Contains("'w' is undefined"));
+  }
+  rt().world()->barrier();
+  CHECK(good.steps().empty());
+  CHECK_FALSE(fs::exists(d.path / "ck" / "step_00000003.tmp"));
+  CHECK(all_ranks(true));
+}

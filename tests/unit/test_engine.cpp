@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include <titanax/titanax.h>
 
@@ -198,6 +200,75 @@ TEST_CASE("the engine learns a separable problem and evaluates it", "[engine]") 
   CHECK_THROWS_AS(two_micro.step(model, classification_loss, train->get({0, 1, 2})), PlanError);  // 3 examples, 2 microbatches
 }
 
+TEST_CASE("bad hyper-parameters and fit options are refused before any step", "[engine][optim]") {
+  const double nan = std::nan(""), inf = INFINITY;
+  for (double lr : {-1e-3, nan, inf}) {
+    INFO("lr " << lr);
+    CHECK_THROWS_AS(optim::constant(lr), ValueError);
+    CHECK_THROWS_AS(optim::cosine(lr, 10), ValueError);
+    CHECK_THROWS_AS(optim::warmup_cosine(lr, 1, 10), ValueError);
+    CHECK_THROWS_AS(optim::exponential(lr, 0.5, 10), ValueError);
+  }
+  CHECK_NOTHROW(optim::constant(0.0));  // a frozen run is allowed, as in torch.optim
+  for (double bad : {-0.1, nan, inf}) {
+    INFO("value " << bad);
+    CHECK_THROWS_AS(optim::cosine(1.0, 10, bad), ValueError);
+    CHECK_THROWS_AS(optim::warmup_cosine(1.0, 1, 10, bad), ValueError);
+    CHECK_THROWS_AS(optim::adamw(optim::constant(1e-3), {.weight_decay = bad}), ValueError);
+    CHECK_THROWS_AS(optim::sgd(optim::constant(0.1), bad), ValueError);        // momentum
+    CHECK_THROWS_AS(optim::sgd(optim::constant(0.1), 0.9, bad), ValueError);   // weight decay
+  }
+  for (double max_norm : {0.0, -1.0, nan}) CHECK_THROWS_AS(optim::clip_coefficient(1.0, max_norm), ValueError);
+  CHECK(optim::clip_coefficient(1e30, inf) == 1.0);  // an infinite threshold never clips, as in torch
+  for (double rate : {0.0, -0.5, nan, inf}) CHECK_THROWS_AS(optim::exponential(1.0, rate, 10), ValueError);
+  for (double beta : {-0.1, 1.0, nan}) {
+    CHECK_THROWS_AS(optim::adam(optim::constant(1e-3), {.beta1 = beta}), ValueError);
+    CHECK_THROWS_AS(optim::adamw(optim::constant(1e-3), {.beta2 = beta}), ValueError);
+  }
+  for (double eps : {0.0, nan, inf}) CHECK_THROWS_AS(optim::adamw(optim::constant(1e-3), {.eps = eps}), ValueError);
+
+  Mesh mesh = single_mesh();
+  CHECK_THROWS_AS(Engine(mesh, Plan{.dp = DP{"data", 1}}, optim::sgd(optim::constant(0.1)), {.grad_clip = nan}),
+                  ValueError);
+  // fit() checks its options before the first step: nothing trains, and a bad evaluation batch does not
+  // surface only after the whole run (with a batch of 0 the evaluation loop never advanced).
+  auto train = synthetic(64, 7), test = synthetic(32, 8);
+  nn::MLP model({12, 8, 4});
+  const std::vector<float> before = flat_params(model);
+  Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::sgd(optim::constant(0.1)));
+  DataLoader loader(train, {.batch_size = 16, .seed = 2, .prefetch = 0});
+  auto refused = [&](auto&& edit) {
+    FitOptions fo;
+    fo.steps = 3;
+    fo.log_every = 0;
+    fo.eval = {.data = test, .every = 0, .batch_size = 8};
+    edit(fo);
+    CHECK_THROWS_AS(engine.fit(model, classification_loss, loader, fo), ValueError);
+    CHECK(flat_params(model) == before);
+  };
+  refused([](FitOptions& fo) { fo.steps = -1; });
+  refused([](FitOptions& fo) { fo.stop_at = -2; });
+  refused([](FitOptions& fo) { fo.log_every = -1; });
+  refused([](FitOptions& fo) { fo.checkpoint_every = -1; });
+  refused([](FitOptions& fo) { fo.eval.every = -5; });
+  refused([](FitOptions& fo) { fo.eval.batch_size = 0; });
+  refused([](FitOptions& fo) { fo.eval.batch_size = -8; });
+  CHECK_THROWS_AS(engine.evaluate(model, {.data = test, .every = 0, .batch_size = 0}), ValueError);
+  CHECK(engine.evaluate(model, {.data = test, .every = 0, .batch_size = 5}).at("eval/accuracy") >= 0);
+  // A checkpoint directory that cannot be created fails before the first step, not at the first save.
+  namespace fs = std::filesystem;
+  const fs::path file = fs::temp_directory_path() / ("titanax_not_a_dir_" + std::to_string(::getpid()));
+  std::ofstream(file) << "x";
+  Engine saving(mesh, Plan{.dp = DP{"data", 1}}, optim::sgd(optim::constant(0.1)),
+                {.checkpointer = std::make_shared<Checkpointer>((file / "ck").string(), 2)});
+  FitOptions fo;
+  fo.steps = 3;
+  fo.log_every = 0;
+  CHECK_THROWS_WITH(saving.fit(model, classification_loss, loader, fo), Catch::Matchers::Contains("Not a directory"));
+  CHECK(flat_params(model) == before);
+  fs::remove(file);
+}
+
 TEST_CASE("Module::to moves parameters in place; Batch::to shares what is already there", "[engine][device]") {
   nn::MLP model({12, 8, 4});
   ParamTree before = model.parameters();
@@ -225,4 +296,23 @@ TEST_CASE("Module::to moves parameters in place; Batch::to shares what is alread
   const Batch same = b.to(Device::cpu());
   CHECK(same["x"].storage() == b["x"].storage());
   CHECK(same["y"].storage() == b["y"].storage());
+}
+
+TEST_CASE("CsvLogger writes one header, appends on reopen, and refuses paths it cannot write", "[engine]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("titanax_csv_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  const fs::path csv = dir / "sub" / "metrics.csv";  // its directory is created
+  CsvLogger(csv.string()).log(1, {{"train/loss", 2.5}});
+  CsvLogger(csv.string()).log(2, {{"train/loss", 1.25}});  // a resumed run continues the file
+  std::ifstream in(csv);
+  std::stringstream text;
+  text << in.rdbuf();
+  CHECK(text.str() == "step,metric,value\n1,train/loss,2.5\n2,train/loss,1.25\n");
+  // A directory, or a path under a regular file: IOError naming the path (before: std::filesystem's own
+  // exception, or fopen's bare failure).
+  CHECK_THROWS_WITH(CsvLogger((dir / "sub").string()), Catch::Matchers::Contains("the metrics CSV path is a directory"));
+  CHECK_THROWS_AS(CsvLogger((csv / "x.csv").string()), IOError);
+  CHECK_THROWS_WITH(CsvLogger((csv / "x.csv").string()), Catch::Matchers::Contains("Not a directory"));
+  fs::remove_all(dir);
 }

@@ -179,6 +179,7 @@ TEST_CASE("Runtime without mpirun is one local rank", "[parallel]") {
   CHECK(second.world().get() == rt.world().get());
   CHECK_THROWS_AS(Runtime(RuntimeOptions{.device = "cuda"}), DeviceError);  // no GPU in this build
   CHECK_THROWS_AS(Runtime(RuntimeOptions{.device = "tpu"}), DeviceError);
+  CHECK_THROWS_AS(Runtime(RuntimeOptions{.threads = -1}), ValueError);  // refused even when not applied
   auto e = catch_error<ValueError>([] { Runtime(RuntimeOptions{.log_level = "inf"}); });
   CHECK_THAT(e.suggestion(), Contains("info"));
   Mesh m = MeshSpec{{"data"}, {-1}}.build(rt);
