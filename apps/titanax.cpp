@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <new>
 #include <optional>
 
 #include "run.h"
@@ -27,7 +28,16 @@ int launcher_rank() {
   return r ? std::atoi(r) : 0;
 }
 
-void report(const std::exception& e) { std::fprintf(stderr, "titanax: %s\n", e.what()); }
+void report(const std::exception& e) {
+  if (dynamic_cast<const std::bad_alloc*>(&e)) {  // its what() alone ("std::bad_alloc") says nothing a user can act on
+    std::fprintf(stderr,
+                 "titanax: out of host memory (%s): the run asked for more memory than this machine could give\n"
+                 "  fix: lower data.batch_size, data.eval_batch_size, the model's size (model.*) or data.prefetch\n",
+                 e.what());
+    return;
+  }
+  std::fprintf(stderr, "titanax: %s\n", e.what());
+}
 
 }  // namespace
 

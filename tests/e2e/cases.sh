@@ -183,6 +183,17 @@ error_unknown_key)
   expect_error "ConfigError: unknown config key 'optimzer\.name' \(typo\.yaml:[0-9]+" mpi 2 "$TITANAX" run --config typo.yaml
   grep -q "fix: *did you mean 'optimizer.name'?" out.txt || fail "no suggestion of the nearest key" ;;
 
+error_range)  # a number outside its key's range stops the run before any step, on every rank alike (an
+              # evaluation batch of 0 used to hang the final evaluation, a huge thread count to abort in OpenMP)
+  expect_error "ConfigError: value '0' is out of range for data.eval_batch_size \(--set data.eval_batch_size=0\)" \
+    run 2 mnist_mlp.yaml --set data.eval_batch_size=0
+  grep -q "fix: *set data.eval_batch_size to a value >= 1" out.txt || fail "no fix in the message"
+  expect_error "ConfigError: value '-7' is out of range for train.steps" run 2 mnist_mlp.yaml --set train.steps=-7
+  expect_error "ConfigError: value '99999999999' is out of range for runtime.threads" \
+    run 1 mnist_mlp.yaml --set runtime.threads=99999999999
+  expect_error "ConfigError: value 'nan' is out of range for optimizer.grad_clip" run 1 mnist_mlp.yaml --set optimizer.grad_clip=nan
+  expect_error "ConfigError: value '-0.5' is out of range for model.dropout" run 1 mnist_mlp.yaml --set model.dropout=-0.5 ;;
+
 error_mesh_ranks)
   expect_error 'MeshError: mesh \{data: 3\} does not divide 2 ranks' run 2 mnist_mlp.yaml --set mesh.data=3 ;;
 
@@ -279,6 +290,12 @@ gpt_reshard)  # checkpoints move TP 2 -> TP 4 -> TP 1 mid-run and training conti
   truncate -s $(( $(stat -c %s "$f") / 2 )) "$f"
   expect_error "CheckpointError: .*rank_00000\.safetensors.*(truncated|size)" gpt 1 --set "checkpoint.dir=$WORK/moved" \
     --set checkpoint.resume=true --set train.steps=40 ;;
+
+error_memory)  # a batch no machine can hold (the token stream takes any batch size): a message saying so and
+               # what to lower, a non-zero exit, no crash
+  expect_error "titanax: out of host memory \(std::bad_alloc\)" run 1 gpt_small_tp.yaml --set "data.path=$BROWN" \
+    --set mesh.model=1 --set train.steps=2 --set schedule.warmup_steps=0 --set data.batch_size=99999999999
+  grep -q "fix: lower data.batch_size" out.txt || fail "no fix in the message" ;;
 
 gpt_sample)  # train a few steps, then continue a prompt with the checkpoint (TP 2 checkpoint, TP 1 and 2 sampling)
   run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set mesh.model=2 --set train.steps=10 --set schedule.warmup_steps=2 \
