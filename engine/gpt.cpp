@@ -358,9 +358,11 @@ Metrics lm_metrics(Module& model, const Batch& b) {
 std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const GenerateOptions& o) {
   const GPTConfig& cfg = model.config();
   if (prompt.empty()) throw ValueError("generate: empty prompt", "at least one token id", "none", "encode some text first");
-  if (o.temperature < 0 || o.top_k < 0)
-    throw ValueError("generate: temperature and top_k must not be negative", ">= 0",
-                     "temperature " + std::to_string(o.temperature) + ", top_k " + std::to_string(o.top_k));
+  if (!(o.temperature >= 0 && std::isfinite(o.temperature)) || o.top_k < 0 || o.max_new_tokens < 0)
+    throw ValueError("generate: temperature must be finite and >= 0, top_k and max_new_tokens >= 0",
+                     "temperature >= 0 (0 = greedy), top_k >= 0 (0 = all), max_new_tokens >= 0",
+                     "temperature " + std::to_string(o.temperature) + ", top_k " + std::to_string(o.top_k) +
+                         ", max_new_tokens " + std::to_string(o.max_new_tokens));
   for (int64_t id : prompt)
     if (id < 0 || id >= cfg.vocab)
       throw ValueError("generate: prompt id out of range", "ids in [0, " + std::to_string(cfg.vocab) + ")",

@@ -169,8 +169,8 @@ struct GenerateOptions {
 /// `prompt` (ids in [0, vocab)), feeding at most the last seq_len tokens each step (no KV cache: one
 /// forward of the window per token). Under TP it is collective (every rank of the model's TP group must
 /// call it with the same arguments) and all ranks return the same ids. Runs without recording a tape.
-/// Returns prompt + the new ids. Throws ValueError for an empty prompt, a negative temperature or
-/// top_k, or an id out of range.
+/// Returns prompt + the new ids. Throws ValueError for an empty prompt, a temperature that is negative,
+/// infinite or NaN, a negative top_k or max_new_tokens, or an id out of range.
 std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const GenerateOptions& opts = {});
 
 /// Engine LossFn for language models: mean cross-entropy of batch "x" (token ids [B, T]) against "y"

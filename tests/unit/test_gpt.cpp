@@ -8,9 +8,11 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <numeric>
 
 #include "engine/engine.h"
 #include "engine/gpt.h"
@@ -168,6 +170,69 @@ TEST_CASE("GPT is causal: later tokens do not change earlier logits", "[gpt]") {
     auto la = a.slice(1, t + 1, t + 2).contiguous().to_vector<double>(), lb = b.slice(1, t + 1, t + 2).contiguous().to_vector<double>();
     CHECK(la != lb);  // and position t + 1 does
   }
+}
+
+TEST_CASE("generate: greedy is the argmax, top_k 1 is greedy, seeds repeat, bad options are refused", "[gpt]") {
+  nn::GPT m(tiny());
+  for (auto& [path, t] : m.parameters())
+    copy_(t, testing::randn64(RngKey::from_seed(std::hash<std::string>{}(path)), t.shape(), 0.5).astype(DType::f32));
+  const std::vector<int64_t> prompt = {3, 1, 4, 1, 5, 9, 2, 6};  // longer than seq_len 6: the window slides
+  // Greedy: each new id is the argmax of the model's last logits over the last seq_len ids.
+  const auto greedy = nn::generate(m, prompt, {.max_new_tokens = 5, .temperature = 0});
+  REQUIRE(greedy.size() == prompt.size() + 5);
+  CHECK(std::vector<int64_t>(greedy.begin(), greedy.begin() + 8) == prompt);
+  for (size_t i = prompt.size(); i < greedy.size(); ++i) {
+    std::vector<int64_t> window(greedy.begin() + int64_t(i) - 6, greedy.begin() + int64_t(i));
+    auto l = m(from_vector(window, Shape{1, 6})).slice(1, 5, 6).contiguous().to_vector<float>();
+    CHECK(greedy[i] == std::max_element(l.begin(), l.end()) - l.begin());
+  }
+  CHECK(nn::generate(m, prompt, {.max_new_tokens = 5, .temperature = 1.3, .top_k = 1, .seed = 4}) == greedy);
+  // Draws: the same seed gives the same ids, another seed other ids (vocabulary 16, 12 draws).
+  const nn::GenerateOptions drawn{.max_new_tokens = 12, .temperature = 2.0, .seed = 7};
+  const auto a = nn::generate(m, prompt, drawn), b = nn::generate(m, prompt, drawn);
+  CHECK(a == b);
+  nn::GenerateOptions other = drawn;
+  other.seed = 8;
+  CHECK(nn::generate(m, prompt, other) != a);
+  // The draws follow softmax(logits / temperature) over the top_k ids: frequencies of 4000 one-token
+  // draws (seeds 0..3999) against the softmax computed here, within 4 binomial standard deviations.
+  {
+    auto l = m(from_vector(std::vector<int64_t>(prompt.end() - 6, prompt.end()), Shape{1, 6}))
+                 .slice(1, 5, 6).contiguous().to_vector<float>();
+    std::vector<size_t> order(l.size());
+    std::iota(order.begin(), order.end(), size_t(0));
+    std::sort(order.begin(), order.end(), [&](size_t x, size_t y) { return l[x] > l[y]; });
+    auto softmax_top = [&](double temperature, size_t k) {
+      std::vector<double> p(l.size(), 0.0);
+      double total = 0;
+      for (size_t j = 0; j < k; ++j) total += p[order[j]] = std::exp((l[order[j]] - l[order[0]]) / temperature);
+      for (double& x : p) x /= total;
+      return p;
+    };
+    const int N = 4000;
+    const std::vector<double> want = softmax_top(0.5, 3), at_one = softmax_top(1.0, 3);
+    std::vector<double> freq(l.size(), 0.0);
+    for (int seed = 0; seed < N; ++seed)
+      freq[size_t(nn::generate(m, prompt, {.max_new_tokens = 1, .temperature = 0.5, .top_k = 3, .seed = uint64_t(seed)}).back())] += 1.0 / N;
+    double worst = 0, apart = 0;
+    for (size_t v = 0; v < l.size(); ++v) {
+      INFO("id " << v << ": drawn " << freq[v] << ", softmax " << want[v]);
+      CHECK(std::fabs(freq[v] - want[v]) <= 4 * std::sqrt(want[v] * (1 - want[v]) / N) + 1e-12);
+      worst = std::max(worst, std::fabs(freq[v] - want[v]));
+      apart = std::max(apart, std::fabs(want[v] - at_one[v]));
+    }
+    CHECK(apart > 4 * worst);  // the test tells temperature 0.5 from 1: it can fail when the scale is lost
+  }
+  // stop_token ends the output right after it; max_new_tokens 0 returns the prompt.
+  CHECK(nn::generate(m, prompt, {.max_new_tokens = 5, .temperature = 0, .stop_token = greedy[8]}).size() == 9);
+  CHECK(nn::generate(m, prompt, {.max_new_tokens = 0}) == prompt);
+  for (const nn::GenerateOptions& bad :
+       {nn::GenerateOptions{.temperature = -1}, nn::GenerateOptions{.temperature = std::nan("")},
+        nn::GenerateOptions{.temperature = INFINITY}, nn::GenerateOptions{.top_k = -1},
+        nn::GenerateOptions{.max_new_tokens = -1}})
+    CHECK_THROWS_AS(nn::generate(m, prompt, bad), ValueError);
+  CHECK_THROWS_AS(nn::generate(m, {}, {}), ValueError);
+  CHECK_THROWS_WITH(nn::generate(m, {3, 16}, {}), Contains("prompt id out of range"));
 }
 
 TEST_CASE("GPT on a model axis of size 1 equals the unsplit model", "[gpt][tp]") {
