@@ -142,6 +142,26 @@ void check_model_data(const Config& c) {
                             (key[5] == 't' ? "over tensor-parallel ranks" : "into pipeline stages"),
                         std::string(key) + " empty (or model.kind gpt)", c.get_string(key), std::string("remove ") + key);
 }
+
+// The global batch splits evenly over the data-parallel ranks, and each rank's share into the
+// accumulation or pipeline microbatches: checked from the config alone, so `describe` finds what the run
+// would, and a run stops on every rank alike (ConfigError) before loading data.
+void check_batch_split(const Config& c, const Plan& p, int dp_size) {
+  const int64_t batch = c.get_int("data.batch_size");
+  if (batch % dp_size != 0)
+    throw ConfigError("data.batch_size does not split evenly over the " + std::to_string(dp_size) +
+                          " data-parallel ranks of axis '" + p.dp->axis + "'",
+                      "a multiple of " + std::to_string(dp_size), std::to_string(batch),
+                      "set data.batch_size to a multiple of " + std::to_string(dp_size));
+  const int64_t local = batch / dp_size;
+  const auto [key, micro] = p.pp ? std::pair<const char*, int64_t>{"plan.pp.microbatches", p.pp->microbatches}
+                                  : std::pair<const char*, int64_t>{"plan.dp.accumulate_steps", p.dp->accumulate_steps};
+  if (local % micro != 0)
+    throw ConfigError("each rank's batch of " + std::to_string(local) + " does not split into " + key + " = " +
+                          std::to_string(micro) + " microbatches",
+                      "data.batch_size / " + std::to_string(dp_size) + " ranks divisible by " + std::to_string(micro),
+                      std::to_string(local), "make data.batch_size a multiple of " + std::to_string(dp_size * micro));
+}
 }  // namespace
 
 std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh) {
@@ -197,6 +217,7 @@ std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps
 
 Data data(const Config& c, const Mesh& mesh, const Plan& p) {
   check_model_data(c);
+  check_batch_split(c, p, mesh.axis_size(p.dp->axis));
   const std::string& dir = c.get_string("data.path");
   const std::string& dataset = c.get_string("data.dataset");
   Communicator& world = mesh.world();
@@ -404,6 +425,7 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
   const Plan p = plan(c);
   p.validate(spec.axes, shape);
   auto size_of = [&](const std::string& axis) { return shape[std::find(spec.axes.begin(), spec.axes.end(), axis) - spec.axes.begin()]; };
+  check_batch_split(c, p, size_of(p.dp->axis));
   if (!graph_format.empty())
     return rt.is_main() ? describe_graph(c, p, c.get_int("data.batch_size") / size_of(p.dp->axis), graph_format) : 0;
   auto net = model(c, nullptr);  // the whole model: its global parameter count

@@ -58,7 +58,8 @@ int main(int argc, char** argv) {
   auto* desc = app.add_subcommand("describe", "print mesh, plan, model and parameter count (no training)");
   desc->add_option("--config,-c", config, "YAML run config");
   desc->add_option("--set,-s", sets, "override a config key (repeatable)");
-  desc->add_option("--ranks,-n", ranks, "describe for this many ranks (default: the ranks of this launch)");
+  desc->add_option("--ranks,-n", ranks, "describe for this many ranks (default: the ranks of this launch)")
+      ->check(CLI::Range(0, 1 << 20));
   desc->add_flag("--schema", schema, "print every config key with its type, default and doc");
   std::string graph_format;
   desc->add_option("--graph", graph_format, "print the optimised graph of one JIT-compiled training step instead")

@@ -195,7 +195,14 @@ error_range)  # a number outside its key's range stops the run before any step, 
   expect_error "ConfigError: value '-0.5' is out of range for model.dropout" run 1 mnist_mlp.yaml --set model.dropout=-0.5 ;;
 
 error_mesh_ranks)
-  expect_error 'MeshError: mesh \{data: 3\} does not divide 2 ranks' run 2 mnist_mlp.yaml --set mesh.data=3 ;;
+  expect_error 'MeshError: mesh \{data: 3\} does not divide 2 ranks' run 2 mnist_mlp.yaml --set mesh.data=3
+  # A batch of 128 over 3 ranks: describe finds what the run would, and the run stops on every rank alike.
+  expect_error "ConfigError: data.batch_size does not split evenly over the 3 data-parallel ranks" \
+    "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 3
+  expect_error "ConfigError: data.batch_size does not split evenly over the 3 data-parallel ranks" run 3 mnist_mlp.yaml
+  [[ $(grep -c "ConfigError" out.txt) == 1 ]] || fail "the error was not reported once (by rank 0)"
+  expect_error "ConfigError: each rank's batch of 64 does not split into plan.dp.accumulate_steps = 3" \
+    run 2 mnist_mlp.yaml --set plan.dp.accumulate_steps=3 ;;
 
 error_axis)
   expect_error "PlanError: DP axis 'dta' is not in the mesh; did you mean 'data'" run 2 mnist_mlp.yaml --set plan.dp.axis=dta ;;
