@@ -348,9 +348,14 @@ int run(const Config& c, Runtime& rt) {
   const FitResult r = eng->fit(*s.net, is_lm(c) ? LossFn(nn::lm_loss) : LossFn(classification_loss), *d.loader, fo);
   if (rt.is_main()) {
     if (r.resumed_from >= 0) std::printf("resumed from checkpoint step %lld\n", static_cast<long long>(r.resumed_from));
-    std::printf("final train loss %.9g\n", r.final_loss);
-    std::printf("trained %lld steps in %.1f s (%.0f examples/s, %.0f tokens/s)\n", static_cast<long long>(r.steps),
-                r.seconds, r.samples_per_s, r.samples_per_s * double(tokens));
+    if (r.steps_run == 0) {
+      std::printf("nothing to train: the checkpoint is at step %lld of %lld (raise train.steps to continue)\n",
+                  static_cast<long long>(r.steps), static_cast<long long>(steps));
+    } else {
+      std::printf("final train loss %.9g\n", r.final_loss);
+      std::printf("trained %lld steps in %.1f s (%.0f examples/s, %.0f tokens/s)\n", static_cast<long long>(r.steps_run),
+                  r.seconds, r.samples_per_s, r.samples_per_s * double(tokens));
+    }
     if (is_lm(c)) {  // fit() always evaluates last
       const double vl = r.final_eval.at("eval/loss");
       std::printf("val loss %.6f\nval perplexity %.3f\n", vl, std::exp(vl));

@@ -605,6 +605,7 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   res.samples_per_s = res.seconds > 0 ? double(global_batch * steps_done) / res.seconds : 0;
   res.steps = global_step();
+  res.steps_run = steps_done;
   if (fo.eval.data && eval_step != global_step()) {  // stopped early, or nothing left to train: still report
     res.final_eval = evaluate(model, fo.eval);
     log(global_step(), res.final_eval);

@@ -143,8 +143,9 @@ struct StepResult {
 
 struct FitResult {
   int64_t steps = 0;          ///< optimizer steps done in total (including resumed ones)
+  int64_t steps_run = 0;      ///< steps this call ran (0 when the resumed checkpoint had reached opts.steps)
   int64_t resumed_from = -1;  ///< checkpoint step resumed from, or -1
-  double final_loss = 0;      ///< train loss of the last step
+  double final_loss = 0;      ///< train loss of the last step this call ran (0 when it ran none)
   Metrics final_eval;         ///< metrics of the final evaluation ("eval/accuracy", ...)
   double seconds = 0;
   double samples_per_s = 0;   ///< global examples per second over the run

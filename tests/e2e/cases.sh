@@ -92,7 +92,13 @@ resume)  # 100 steps, checkpoint, stop; resume for 100 more == 200 straight step
       || fail "rank $r state after a resumed run differs from the straight run"
   done
   [[ $(value 'final train loss' <straight.txt) == "$(value 'final train loss' <second.txt)" ]] || fail "final losses differ"
-  [[ $(value 'test accuracy' <straight.txt) == "$(value 'test accuracy' <second.txt)" ]] || fail "accuracies differ" ;;
+  [[ $(value 'test accuracy' <straight.txt) == "$(value 'test accuracy' <second.txt)" ]] || fail "accuracies differ"
+  grep -q '^trained 100 steps' second.txt || fail "the resumed run does not count the 100 steps it ran"
+  # Resuming a finished run trains nothing and says so, with the same evaluation (no made-up loss of 0).
+  run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/split" --set checkpoint.resume=true | tee third.txt
+  grep -q '^nothing to train: the checkpoint is at step 200 of 200' third.txt || fail "no 'nothing to train' line"
+  grep -q '^final train loss' third.txt && fail "a loss printed for a run that trained nothing"
+  [[ $(value 'test accuracy' <third.txt) == "$(value 'test accuracy' <straight.txt)" ]] || fail "accuracy after a no-op resume" ;;
 
 jit_parity)  # train.jit: the compiled step follows the eager losses on real digits (MLP 50 steps, CNN 20, MLP on 2 ranks)
   run 1 mnist_mlp.yaml --set train.steps=50 --set schedule.warmup_steps=10 | tee mlp_eager.txt
