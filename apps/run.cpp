@@ -242,6 +242,17 @@ Data data(const Config& c, const Mesh& mesh, const Plan& p) {
   } else {
     const int64_t T = c.get_int("model.seq_len");
     Tensor train = read_token_shard(dir + "/train.bin"), val = read_token_shard(dir + "/val.bin");
+    for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"train.bin", train}, {"val.bin", val}}) {
+      // An id the embedding cannot look up would stop the run at its first step (or its first evaluation).
+      const int64_t* ids = t.data<int64_t>();
+      const int64_t top = t.numel() ? *std::max_element(ids, ids + t.numel()) : 0;
+      if (top >= c.get_int("model.vocab"))
+        throw ConfigError(dir + "/" + name + " holds token id " + std::to_string(top) + ", outside model.vocab " +
+                              std::to_string(c.get_int("model.vocab")),
+                          "token ids below model.vocab", std::to_string(top),
+                          "set model.vocab to at least " + std::to_string(top + 1) +
+                              " (the tokenizer's vocabulary size)");
+    }
     d.train_examples = train.numel() / T;
     d.loader = token_loader(train, {.batch_size = batch, .seq_len = T, .rank = dp_rank, .world = dp_size,
                                     .prefetch = int(c.get_int("data.prefetch"))});

@@ -310,6 +310,12 @@ error_memory)  # a batch no machine can hold (the token stream takes any batch s
     --set mesh.model=1 --set train.steps=2 --set schedule.warmup_steps=0 --set data.batch_size=99999999999
   grep -q "fix: lower data.batch_size" out.txt || fail "no fix in the message" ;;
 
+error_token_ids)  # token ids the model's vocabulary cannot embed: stopped before any step, on every rank alike
+  expect_error "ConfigError: .*/train\.bin holds token id [0-9]+, outside model\.vocab 100" run 2 gpt_small_tp.yaml \
+    --set "data.path=$BROWN" --set data.dataset=tokens --set mesh.model=1 --set model.vocab=100
+  grep -q "fix: *set model.vocab to at least" out.txt || fail "no fix in the message"
+  [[ $(grep -c "ConfigError" out.txt) == 1 ]] || fail "the error was not reported once (by rank 0)" ;;
+
 gpt_sample)  # train a few steps, then continue a prompt with the checkpoint (TP 2 checkpoint, TP 1 and 2 sampling)
   run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set mesh.model=2 --set train.steps=10 --set schedule.warmup_steps=2 \
     --set train.eval_every=0 --set data.val_batches=1 --set "checkpoint.dir=$WORK/ck"
