@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 
 #include "jit/memory_plan.h"
 
@@ -100,6 +101,9 @@ MeshSpec mesh_spec(const Config& c) {
   std::stable_sort(axes.begin(), axes.end(), [&](auto& a, auto& b) { return order(a.first) < order(b.first); });
   MeshSpec spec;
   for (auto& [name, size] : axes) {
+    if (size > std::numeric_limits<int>::max())  // MeshSpec checks the rest (0, negative sizes other than -1)
+      throw ConfigError("mesh." + name + " is too large", "a rank count (or -1 to infer it)", std::to_string(size),
+                        "set mesh." + name + " to the number of ranks along that axis");
     spec.axes.push_back(name);
     spec.shape.push_back(int(size));
   }
@@ -143,10 +147,23 @@ void check_model_data(const Config& c) {
                         std::string(key) + " empty (or model.kind gpt)", c.get_string(key), std::string("remove ") + key);
 }
 
-// The global batch splits evenly over the data-parallel ranks, and each rank's share into the
-// accumulation or pipeline microbatches: checked from the config alone, so `describe` finds what the run
-// would, and a run stops on every rank alike (ConfigError) before loading data.
-void check_batch_split(const Config& c, const Plan& p, int dp_size) {
+// What the run would otherwise find late or never, checked from the config alone, so `describe` finds it
+// too and a run stops on every rank alike (ConfigError) before loading data: every mesh axis of more than
+// one rank is one the plan uses (else its ranks repeat the same work), the global batch splits evenly over
+// the data-parallel ranks, and each rank's share into the accumulation or pipeline microbatches.
+void check_layout(const Config& c, const Plan& p, const std::vector<std::string>& axes, const std::vector<int>& shape) {
+  for (size_t i = 0; i < axes.size(); ++i) {
+    const bool used = axes[i] == p.dp->axis || (p.tp && axes[i] == p.tp->axis) || (p.pp && axes[i] == p.pp->axis);
+    if (!used && shape[i] > 1)
+      throw ConfigError("mesh axis '" + axes[i] + "' has " + std::to_string(shape[i]) +
+                            " ranks but no plan uses it: they would all repeat the same work",
+                        "an axis named by plan.dp.axis, plan.tp.axis or plan.pp.axis, or of size 1",
+                        "mesh." + axes[i] + " = " + std::to_string(shape[i]),
+                        is_lm(c) ? "set plan.tp.axis / plan.pp.axis to '" + axes[i] + "', or mesh." + axes[i] + "=1"
+                                 : "set mesh." + axes[i] + "=1 (model.kind " + c.get_string("model.kind") +
+                                       " trains data-parallel only)");
+  }
+  const int dp_size = shape[size_t(std::find(axes.begin(), axes.end(), p.dp->axis) - axes.begin())];
   const int64_t batch = c.get_int("data.batch_size");
   if (batch % dp_size != 0)
     throw ConfigError("data.batch_size does not split evenly over the " + std::to_string(dp_size) +
@@ -217,7 +234,7 @@ std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps
 
 Data data(const Config& c, const Mesh& mesh, const Plan& p) {
   check_model_data(c);
-  check_batch_split(c, p, mesh.axis_size(p.dp->axis));
+  check_layout(c, p, mesh.axes(), mesh.shape());
   const std::string& dir = c.get_string("data.path");
   const std::string& dataset = c.get_string("data.dataset");
   Communicator& world = mesh.world();
@@ -441,7 +458,7 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
   const Plan p = plan(c);
   p.validate(spec.axes, shape);
   auto size_of = [&](const std::string& axis) { return shape[std::find(spec.axes.begin(), spec.axes.end(), axis) - spec.axes.begin()]; };
-  check_batch_split(c, p, size_of(p.dp->axis));
+  check_layout(c, p, spec.axes, shape);
   if (!graph_format.empty())
     return rt.is_main() ? describe_graph(c, p, c.get_int("data.batch_size") / size_of(p.dp->axis), graph_format) : 0;
   auto net = model(c, nullptr);  // the whole model: its global parameter count

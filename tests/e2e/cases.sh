@@ -208,7 +208,10 @@ error_mesh_ranks)
   expect_error "ConfigError: data.batch_size does not split evenly over the 3 data-parallel ranks" run 3 mnist_mlp.yaml
   [[ $(grep -c "ConfigError" out.txt) == 1 ]] || fail "the error was not reported once (by rank 0)"
   expect_error "ConfigError: each rank's batch of 64 does not split into plan.dp.accumulate_steps = 3" \
-    run 2 mnist_mlp.yaml --set plan.dp.accumulate_steps=3 ;;
+    run 2 mnist_mlp.yaml --set plan.dp.accumulate_steps=3
+  # An axis no plan uses (mesh.model=2 on an MLP, which has no tensor parallelism) would only repeat work.
+  expect_error "ConfigError: mesh axis 'model' has 2 ranks but no plan uses it" run 2 mnist_mlp.yaml --set mesh.model=2
+  expect_error "ConfigError: mesh.data is too large" run 2 mnist_mlp.yaml --set mesh.data=99999999999 ;;
 
 error_axis)
   expect_error "PlanError: DP axis 'dta' is not in the mesh; did you mean 'data'" run 2 mnist_mlp.yaml --set plan.dp.axis=dta ;;
