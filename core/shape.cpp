@@ -77,8 +77,10 @@ bool operator==(const Shape& a, const Shape& b) {
 
 int normalize_axis(int axis, int rank, Loc loc) {
   int a = axis < 0 ? axis + rank : axis;
-  if (a < 0 || a >= std::max(rank, 1))
-    throw ShapeError("axis out of range", "an axis in [" + std::to_string(-rank) + ", " + std::to_string(rank) + ")",
+  if (a < 0 || a >= rank)  // a 0-d tensor has no axis (its shape has no entry an op could index)
+    throw ShapeError("axis out of range",
+                     rank == 0 ? std::string("no axis: the tensor is 0-d (reshape it to [1] first)")
+                               : "an axis in [" + std::to_string(-rank) + ", " + std::to_string(rank) + ")",
                      std::to_string(axis), "", loc);
   return a;
 }

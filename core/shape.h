@@ -55,7 +55,8 @@ class Shape {
   uint8_t n_ = 0;
 };
 
-/// Normalises a possibly negative axis against `rank`; throws ShapeError when out of range.
+/// Normalises a possibly negative axis against `rank` (-rank <= axis < rank) to [0, rank); throws
+/// ShapeError when out of range, which every axis of a 0-d tensor is.
 int normalize_axis(int axis, int rank, Loc loc = Loc::current());
 
 /// NumPy broadcasting of two shapes; throws ShapeError naming both shapes when incompatible.
