@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
+#include <typeinfo>
+#include <random>
 
 #include <titanax/titanax.h>
 
@@ -286,4 +288,58 @@ TEST_CASE("Config: dump() round-trips and the schema documents itself", "[io]") 
   CHECK(contains(doc, "one of: adamw, sgd, lion"));
   CHECK(contains(doc, "string_int_map"));
   CHECK(config_type_name(ConfigType::float_list) == "float_list");
+}
+
+TEST_CASE("Config from randomly damaged YAML and overrides: a config or a ConfigError, nothing else", "[io][fuzz]") {
+  // 4000 damaged copies of a valid config (YAML's special characters inserted, ranges deleted, lines
+  // duplicated or swapped) and as many random --set overrides. yaml-cpp throws its own exceptions from
+  // parsing and from node access; every one must reach the user as a ConfigError naming the source.
+  ConfigSchema schema = sample_schema();
+  schema.add_int("train.workers", 2, "loader threads", ConfigRange::between(0, 64));
+  const std::string valid =
+      "optimizer:\n  learning_rate: ${TITANAX_FUZZ_LR:3e-4}\n  betas: [0.8, 0.99]\n  name: sgd\n"
+      "train: {steps: 10, bf16: yes, workers: 4}\nmodel.hidden: [64, 32]\nmesh: {data: 2, model: -1}\n"
+      "run:\n  name: \"a: b\"\ndata:\n  dir: /tmp/x   # a comment\n";
+  REQUIRE_NOTHROW(Config::from_string(valid, {}, schema));
+  const std::string special = ":{}[],-#&*!|>'\"%@` \n\t$~?.0123456789abcdefghijklmnopqrstuvwxyz";
+  std::mt19937_64 g(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 5);
+  auto pick = [&](size_t n) { return size_t(std::uniform_int_distribution<size_t>(0, n - 1)(g)); };
+  int refused = 0, accepted = 0;
+  auto attempt = [&](const std::string& text, const std::vector<std::string>& sets) {
+    try {
+      Config c = Config::from_string(text, sets, schema, "fuzz.yaml");
+      (void)Config::from_string(c.dump(), {}, schema);  // what loads also dumps to what loads
+      ++accepted;
+    } catch (const ConfigError&) {
+      ++refused;
+    } catch (const std::exception& e) {
+      FAIL("a " << typeid(e).name() << " that is not a ConfigError: " << e.what() << "\n--- text:\n"
+                << text << "\n--- overrides: " << sets.size());
+    }
+  };
+  for (int trial = 0; trial < 4000; ++trial) {
+    std::string t = valid;
+    for (size_t k = 0, n = 1 + pick(3); k < n; ++k) {
+      switch (pick(4)) {
+        case 0: t.insert(pick(t.size() + 1), 1 + pick(2), special[pick(special.size())]); break;
+        case 1: if (!t.empty()) { const size_t at = pick(t.size()); t.erase(at, 1 + pick(8)); } break;
+        case 2: {  // duplicate a line
+          const size_t at = t.rfind('\n', pick(t.size()));
+          const size_t from = at == std::string::npos ? 0 : at + 1, to = t.find('\n', from);
+          if (to != std::string::npos) t.insert(from, t.substr(from, to - from + 1));
+          break;
+        }
+        default: if (!t.empty()) t[pick(t.size())] = special[pick(special.size())];
+      }
+    }
+    attempt(t, {});
+    std::string ov;
+    const char* keys[] = {"optimizer.betas", "mesh", "mesh.data", "train.steps", "train.workers", "model.hidden", "run.name", "nope"};
+    ov = std::string(keys[pick(8)]) + (pick(8) ? "=" : "");
+    for (size_t k = 0, n = pick(10); k < n; ++k) ov += special[pick(special.size())];
+    attempt(valid, {ov});
+  }
+  INFO(accepted << " accepted, " << refused << " refused");
+  CHECK(accepted > 100);
+  CHECK(refused > 100);
 }
