@@ -328,7 +328,12 @@ class Bound {
       const bool scalar = p_.reg_scalar[size_t(i)];
       const DType t = p_.reg_dtype[size_t(i)];
       if (!is_half(t)) {
-        reg[size_t(i)] = {scalar ? in_[size_t(i)].base : load(i, start, n, slot_ptr(i)), scalar};
+        if (scalar && in_[size_t(i)].force_copy) {  // a one-element GEMM result: its output is written before
+          std::memcpy(cell + i, in_[size_t(i)].base, size_t(in_[size_t(i)].size));  // a later instruction reads it
+          reg[size_t(i)] = {cell + i, true};
+        } else {
+          reg[size_t(i)] = {scalar ? in_[size_t(i)].base : load(i, start, n, slot_ptr(i)), scalar};
+        }
         continue;
       }
       // Widened into the register's f32 buffer; gathered, when strided, into the slot's upper half.

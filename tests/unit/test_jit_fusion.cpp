@@ -274,6 +274,19 @@ TEST_CASE("jit fusion: linear + gelu becomes a GEMM with an epilogue, bitwise", 
   jit::Graph fb = fused_vs_unfused(b, {rnd(94, Shape{8, 6}), rnd(95, Shape{5, 6}), rnd(96, Shape{5})},
                                    {rnd(97, Shape{8, 6}), rnd(98, Shape{5, 6}), rnd(99, Shape{5})}, jit::fuse_matmul_epilogues);
   CHECK(count_op(fb, "fused_matmul") == 1);
+  // A one-element GEMM result (its registers are scalars) whose epilogue writes output 0, where the GEMM
+  // wrote, before it reads the result: the fuzzer's case of a [1, 1, 1] batched matmul in a backward.
+  auto one = [](const TensorList& in) {
+    Tensor s = sigmoid(in[2]);
+    return TensorList{s * 0.5, (matmul(in[0], in[1]) * 0.5) * (s * (1.0 - s))};
+  };
+  for (const Shape& a : {Shape{1, 1, 1}, Shape{1, 4}}) {
+    INFO("a " << a.str());
+    const Shape b = a.rank() == 3 ? Shape{1, 1, 1} : Shape{4, 1}, c = a.rank() == 3 ? Shape{1, 1, 1} : Shape{1, 1};
+    jit::Graph fo = fused_vs_unfused(one, {rnd(100, a), rnd(101, b), rnd(102, c)}, {rnd(103, a), rnd(104, b), rnd(105, c)},
+                                     jit::fuse);
+    CHECK(count_op(fo, "fused_matmul") == 1);
+  }
 }
 
 TEST_CASE("jit fusion: sum and mean over elementwise prologues are never materialised, bitwise", "[jit][fusion]") {

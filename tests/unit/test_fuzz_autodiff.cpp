@@ -1,0 +1,192 @@
+// Autodiff and the JIT on random compositions of smooth ops: values reused several times (gradients
+// accumulate), strided views (slices, permutes, transposes, expands) feeding later ops, broadcasting,
+// reductions with and without keepdims, matmul, softmax and layer norm. Each program's vjp is checked
+// against central finite differences in f64, and jit() of the program and of its gradient against eager.
+// The seed is fixed; FUZZ_SEED explores others.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <titanax/titanax.h>
+
+#include "jit/graph.h"
+
+using namespace titanax;
+
+namespace {
+
+// One step of a program: reads values by index, appends its result.
+struct Step {
+  std::string what;
+  std::function<Tensor(const TensorList&)> run;
+};
+
+struct Program {
+  std::vector<Step> steps;
+  int inputs = 0;
+  // Runs every step on `args` (the inputs), returns the last value.
+  Tensor operator()(const TensorList& args) const {
+    TensorList v = args;
+    for (const auto& s : steps) v.push_back(s.run(v));
+    return v.back();
+  }
+  std::string str() const {
+    std::string s;
+    for (size_t i = 0; i < steps.size(); ++i) s += "v" + std::to_string(inputs + int(i)) + " = " + steps[i].what + "\n";
+    return s;
+  }
+};
+
+std::string values(const Tensor& t) {
+  std::string s = t.str() + " {";
+  for (double x : t.contiguous().to_vector<double>()) s += " " + std::to_string(x);
+  return s + " }";
+}
+
+struct Gen {
+  std::mt19937_64 g;
+  int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); }
+  bool coin() { return pick(0, 1) == 1; }
+
+  // A candidate step over the values so far (it may not fit their shapes: the caller tries it).
+  Step candidate(const TensorList& v) {
+    const size_t n = v.size();
+    const size_t a = size_t(pick(0, int64_t(n) - 1)), b = size_t(pick(0, int64_t(n) - 1));
+    const std::string A = "v" + std::to_string(a), B = "v" + std::to_string(b);
+    const int rank = v[a].dim();
+    const int ax = rank ? int(pick(-rank, rank - 1)) : 0;
+    const std::string AX = std::to_string(ax);
+    switch (pick(0, 17)) {
+      case 0: return {A + " + " + B, [=](const TensorList& x) { return x[a] + x[b]; }};
+      case 1: return {A + " - " + B, [=](const TensorList& x) { return x[a] - x[b]; }};
+      case 2: return {A + " * " + B, [=](const TensorList& x) { return x[a] * x[b]; }};
+      case 3: return {A + " / (" + B + "^2 + 1)", [=](const TensorList& x) { return x[a] / (square(x[b]) + 1.0); }};
+      case 4: return {"exp(tanh(" + A + "))", [=](const TensorList& x) { return exp(tanh(x[a])); }};
+      case 5: return {"sigmoid(" + A + ") * 0.5", [=](const TensorList& x) { return sigmoid(x[a]) * 0.5; }};
+      case 6: {
+        const bool keep = coin();
+        return {"sum(" + A + ", " + AX + (keep ? ", keepdims)" : ")"), [=](const TensorList& x) { return sum(x[a], {ax}, keep); }};
+      }
+      case 7: {
+        const bool keep = coin();
+        return {"mean(" + A + ", " + AX + (keep ? ", keepdims)" : ")"), [=](const TensorList& x) { return mean(x[a], {ax}, keep); }};
+      }
+      case 8: return {"softmax(" + A + ", " + AX + ")", [=](const TensorList& x) { return softmax(x[a], ax); }};
+      case 9: return {"log_softmax(" + A + ", " + AX + ")", [=](const TensorList& x) { return log_softmax(x[a], ax); }};
+      case 10: return {"layer_norm(" + A + ")", [=](const TensorList& x) { return layer_norm(x[a], {}, {}, 1e-5); }};
+      case 11: return {"matmul(" + A + ", " + B + ")", [=](const TensorList& x) { return matmul(x[a], x[b]); }};
+      case 12: {
+        const int64_t start = pick(0, 1), stop = pick(2, 4), step = pick(1, 2);
+        return {"slice(" + A + ", " + AX + ", " + std::to_string(start) + ":" + std::to_string(stop) + ":" + std::to_string(step) + ")",
+                [=](const TensorList& x) { return slice(x[a], ax, start, stop, step); }};
+      }
+      case 13: {
+        std::vector<int> p(static_cast<size_t>(rank));
+        for (int i = 0; i < rank; ++i) p[size_t(i)] = i;
+        std::shuffle(p.begin(), p.end(), g);
+        std::string ps;
+        for (int i : p) ps += std::to_string(i);
+        return {"permute(" + A + ", " + ps + ")", [=](const TensorList& x) { return permute(x[a], p); }};
+      }
+      case 14: {
+        const int other = rank ? int(pick(0, rank - 1)) : 0;
+        return {"transpose(" + A + ", " + AX + ", " + std::to_string(other) + ")",
+                [=](const TensorList& x) { return transpose(x[a], ax, other); }};
+      }
+      case 15: return {"concat(" + A + ", " + B + ", " + AX + ")", [=](const TensorList& x) { return concat({x[a], x[b]}, ax); }};
+      case 16: return {"reshape(" + A + ", [-1])", [=](const TensorList& x) { return reshape(x[a], Shape{-1}); }};
+      default: {
+        std::vector<int64_t> d = v[a].shape().vec();
+        d.insert(d.begin(), 2);
+        const Shape s(d);
+        return {"expand(" + A + ", " + s.str() + ")", [=](const TensorList& x) { return expand(x[a], s); }};
+      }
+    }
+  }
+
+  Program program(const TensorList& inputs, int length) {
+    Program p;
+    p.inputs = int(inputs.size());
+    TensorList v = inputs;
+    NoGradGuard ng;
+    while (int(p.steps.size()) < length) {
+      Step s = candidate(v);
+      try {
+        Tensor r = s.run(v);
+        if (r.numel() == 0 || r.numel() > 256) continue;  // keep the finite differences cheap and meaningful
+        v.push_back(r);
+        p.steps.push_back(std::move(s));
+      } catch (const Error&) {
+        // not for these shapes: draw another
+      }
+    }
+    return p;
+  }
+};
+
+Shape small_shape(Gen& z) {
+  const int rank = int(z.pick(1, 3));
+  std::vector<int64_t> d(static_cast<size_t>(rank));
+  for (auto& x : d) x = z.pick(1, 3);
+  return Shape(d);
+}
+
+}  // namespace
+
+TEST_CASE("random compositions of smooth ops: vjp against finite differences, jit against eager", "[autodiff][jit][fuzz]") {
+  Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 77)};
+  for (int trial = 0; trial < 120; ++trial) {
+    TensorList inputs;
+    const Shape s0 = small_shape(z);
+    inputs.push_back(random_normal(RngKey::from_seed(z.g()), s0, DType::f64) * 0.7);
+    // A second input of a related shape (equal, broadcastable, or the matmul partner), and sometimes a third.
+    std::vector<int64_t> d = s0.vec();
+    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
+    else if (z.coin()) d[0] = 1;
+    inputs.push_back(random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64) * 0.7);
+    if (z.coin()) inputs.push_back(random_normal(RngKey::from_seed(z.g()), s0, DType::f64) * 0.7);
+    const Program prog = z.program(inputs, int(z.pick(3, 8)));
+    INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
+
+    auto fn = [&](const TensorList& x) { return prog(x); };
+    const GradcheckResult r = gradcheck(fn, inputs);
+    INFO(r.report);
+    CHECK(r.ok);
+
+    // jit of the program, and of its gradient (the tape's backward traced into the graph), against eager.
+    const Tensor eager = prog(inputs);
+    const Tensor cot = random_normal(RngKey::from_seed(z.g()), eager.shape(), DType::f64);
+    auto grads_of = [&](const TensorList& x) {
+      TensorList leaves;
+      for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
+      return grad(sum(prog(leaves) * cot), leaves);
+    };
+    const TensorList eager_grads = grads_of(inputs);
+    auto forward = jit::jit([&](const TensorList& x) { return TensorList{prog(x)}; });
+    auto backward = jit::jit(grads_of);
+    for (int call = 0; call < 2; ++call) {  // the trace, then a replay of the optimised graph
+      const auto close = [](const Tensor& got, const Tensor& want) {
+        const auto g = got.contiguous().to_vector<double>(), w = want.contiguous().to_vector<double>();
+        if (g.size() != w.size() || got.shape() != want.shape()) return false;
+        for (size_t i = 0; i < g.size(); ++i)
+          if (!(std::fabs(g[i] - w[i]) <= 1e-12 * (1 + std::fabs(w[i])))) return false;
+        return true;
+      };
+      INFO("jit call " << call);
+      const Tensor jf = forward(inputs)[0];
+      INFO("jit " << values(jf) << ", eager " << values(eager));
+      CHECK(close(jf, eager));
+      const TensorList jg = backward(inputs);
+      REQUIRE(jg.size() == eager_grads.size());
+      for (size_t i = 0; i < jg.size(); ++i) {
+        INFO("gradient of input " << i << ": jit " << values(jg[i]) << ", eager " << values(eager_grads[i]));
+        CHECK(close(jg[i], eager_grads[i]));
+      }
+    }
+  }
+}
