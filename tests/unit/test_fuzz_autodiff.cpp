@@ -61,7 +61,7 @@ struct Gen {
     const int rank = v[a].dim();
     const int ax = rank ? int(pick(-rank, rank - 1)) : 0;
     const std::string AX = std::to_string(ax);
-    switch (pick(0, 17)) {
+    switch (pick(0, 23)) {
       case 0: return {A + " + " + B, [=](const TensorList& x) { return x[a] + x[b]; }};
       case 1: return {A + " - " + B, [=](const TensorList& x) { return x[a] - x[b]; }};
       case 2: return {A + " * " + B, [=](const TensorList& x) { return x[a] * x[b]; }};
@@ -100,6 +100,23 @@ struct Gen {
       }
       case 15: return {"concat(" + A + ", " + B + ", " + AX + ")", [=](const TensorList& x) { return concat({x[a], x[b]}, ax); }};
       case 16: return {"reshape(" + A + ", [-1])", [=](const TensorList& x) { return reshape(x[a], Shape{-1}); }};
+      case 18: return {"gelu(" + A + ")", [=](const TensorList& x) { return gelu(x[a], true); }};
+      case 19: return {"log(" + A + "^2 + 1)", [=](const TensorList& x) { return log(square(x[a]) + 1.0); }};
+      case 20: return {"sqrt(" + A + "^2 + 1)", [=](const TensorList& x) { return sqrt(square(x[a]) + 1.0); }};
+      case 21: {
+        const int64_t before = pick(0, 2), after = pick(0, 2);
+        return {"pad(" + A + ", " + AX + ", " + std::to_string(before) + ", " + std::to_string(after) + ")",
+                [=](const TensorList& x) { return pad(x[a], ax, before, after); }};
+      }
+      case 22: return {"unbind(" + A + ", " + AX + ").back()", [=](const TensorList& x) { return unbind(x[a], ax).back(); }};
+      case 23: {
+        const int64_t n = rank ? v[a].shape()[size_t(ax < 0 ? ax + rank : ax)] : 1;
+        std::vector<int64_t> ids{pick(0, n - 1), pick(0, n - 1), pick(0, n - 1)};  // repeats: the gradient scatters and adds
+        const Tensor idx = from_vector(ids, Shape{3});
+        return {"take(" + A + ", [" + std::to_string(ids[0]) + " " + std::to_string(ids[1]) + " " + std::to_string(ids[2]) +
+                    "], " + AX + ")",
+                [=](const TensorList& x) { return take(x[a], idx, ax); }};
+      }
       default: {
         std::vector<int64_t> d = v[a].shape().vec();
         d.insert(d.begin(), 2);
@@ -109,7 +126,7 @@ struct Gen {
     }
   }
 
-  Program program(const TensorList& inputs, int length) {
+  Program program(const TensorList& inputs, int length, int64_t max_numel = 256) {
     Program p;
     p.inputs = int(inputs.size());
     TensorList v = inputs;
@@ -118,7 +135,7 @@ struct Gen {
       Step s = candidate(v);
       try {
         Tensor r = s.run(v);
-        if (r.numel() == 0 || r.numel() > 256) continue;  // keep the finite differences cheap and meaningful
+        if (r.numel() == 0 || r.numel() > max_numel) continue;  // keep the work bounded
         v.push_back(r);
         p.steps.push_back(std::move(s));
       } catch (const Error&) {
@@ -186,6 +203,44 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
       for (size_t i = 0; i < jg.size(); ++i) {
         INFO("gradient of input " << i << ": jit " << values(jg[i]) << ", eager " << values(eager_grads[i]));
         CHECK(close(jg[i], eager_grads[i]));
+      }
+    }
+  }
+}
+
+TEST_CASE("random compositions on larger f32 tensors: jit's fused, planned replay against eager", "[jit][fuzz]") {
+  // Shapes up to thousands of elements, so fused loops run in several chunks and threads, and the memory
+  // plan reuses buffers; forward and gradient, trace and two replays.
+  Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 91)};
+  for (int trial = 0; trial < 40; ++trial) {
+    const Shape s0{z.pick(1, 40), z.pick(1, 70), z.pick(1, 9)};
+    std::vector<int64_t> d = s0.vec();
+    if (z.coin()) d = {d.back(), z.pick(1, 50)};
+    else if (z.coin()) d[0] = 1;
+    TensorList inputs{random_normal(RngKey::from_seed(z.g()), s0), random_normal(RngKey::from_seed(z.g()), Shape(d))};
+    const Program prog = z.program(inputs, int(z.pick(3, 8)), 40000);
+    INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
+    const Tensor eager = prog(inputs);
+    const Tensor cot = random_normal(RngKey::from_seed(z.g()), eager.shape());
+    auto grads_of = [&](const TensorList& x) {
+      TensorList leaves;
+      for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
+      TensorList out = grad(sum(prog(leaves) * cot), leaves);
+      out.push_back(prog(x));
+      return out;
+    };
+    const TensorList want = grads_of(inputs);
+    auto compiled = jit::jit(grads_of);
+    for (int call = 0; call < 3; ++call) {
+      const TensorList got = compiled(inputs);
+      REQUIRE(got.size() == want.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        INFO("call " << call << ", output " << i << " (the last is the value)");
+        const auto g = got[i].contiguous().to_vector<float>(), w = want[i].contiguous().to_vector<float>();
+        REQUIRE(g.size() == w.size());
+        double worst = 0;
+        for (size_t j = 0; j < g.size(); ++j) worst = std::max(worst, std::fabs(double(g[j]) - w[j]) / (1 + std::fabs(double(w[j]))));
+        CHECK(worst == 0);
       }
     }
   }
