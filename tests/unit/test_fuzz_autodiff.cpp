@@ -245,3 +245,54 @@ TEST_CASE("random compositions on larger f32 tensors: jit's fused, planned repla
     }
   }
 }
+
+TEST_CASE("random compositions under vmap: batched values and per-example gradients against a loop", "[jit][vmap][fuzz]") {
+  // Each input batched along a random axis (or shared: not_batched), the output's batch axis placed at a
+  // random position (first or last).
+  Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 123)};
+  const int64_t B = 3;
+  for (int trial = 0; trial < 80; ++trial) {
+    const Shape s0 = small_shape(z);
+    std::vector<int64_t> d = s0.vec();
+    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
+    else if (z.coin()) d[0] = 1;
+    const TensorList example{random_normal(RngKey::from_seed(z.g()), s0, DType::f64),
+                             random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64)};
+    const Program prog = z.program(example, int(z.pick(3, 7)));
+    // Per example: the value and the gradient of sum(value * value) with respect to both inputs.
+    auto per_example = [&](const TensorList& x) {
+      TensorList leaves{x[0].detach().set_requires_grad(), x[1].detach().set_requires_grad()};
+      const Tensor y = prog(leaves);
+      TensorList out = grad(sum(y * y), leaves);
+      out.insert(out.begin(), prog(x));
+      return out;
+    };
+    const bool shared = z.coin();  // input 1 the same for every example
+    std::vector<int> in_axes{int(z.pick(-s0.rank() - 1, s0.rank())), shared ? jit::not_batched : 0};
+    TensorList batched, slices0;
+    for (int64_t b = 0; b < B; ++b) slices0.push_back(random_normal(RngKey::from_seed(z.g()), s0, DType::f64));
+    const int ax0 = in_axes[0] < 0 ? in_axes[0] + s0.rank() + 1 : in_axes[0];
+    batched.push_back(concat([&] { TensorList u; for (auto& t : slices0) u.push_back(t.unsqueeze(ax0)); return u; }(), ax0));
+    TensorList slices1;
+    for (int64_t b = 0; b < B; ++b) slices1.push_back(shared ? example[1] : random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64));
+    batched.push_back(shared ? example[1] : concat([&] { TensorList u; for (auto& t : slices1) u.push_back(t.unsqueeze(0)); return u; }(), 0));
+    const int out_axis = int(z.pick(0, 1)) ? 0 : -1;
+    INFO("trial " << trial << ", example inputs " << s0.str() << " " << Shape(d).str() << ", in_axes " << in_axes[0] << " "
+                  << (shared ? "shared" : "0") << ", out_axis " << out_axis << "\n" << prog.str());
+    const TensorList got = jit::vmap(per_example, in_axes, std::vector<int>(3, out_axis))(batched);
+    REQUIRE(got.size() == 3);
+    for (int64_t b = 0; b < B; ++b) {
+      const TensorList want = per_example({slices0[size_t(b)], slices1[size_t(b)]});
+      for (size_t k = 0; k < 3; ++k) {
+        const Tensor g = got[k].slice(out_axis < 0 ? got[k].dim() - 1 : 0, b, b + 1).squeeze(out_axis < 0 ? got[k].dim() - 1 : 0);
+        INFO("example " << b << ", output " << k << " (0 the value, then the gradients): vmap " << values(g) << ", loop "
+                        << values(want[k]));
+        REQUIRE(g.shape() == want[k].shape());
+        const auto gv = g.contiguous().to_vector<double>(), wv = want[k].contiguous().to_vector<double>();
+        bool close = true;
+        for (size_t i = 0; i < gv.size(); ++i) close = close && std::fabs(gv[i] - wv[i]) <= 1e-12 * (1 + std::fabs(wv[i]));
+        CHECK(close);
+      }
+    }
+  }
+}
