@@ -29,6 +29,7 @@ struct Step {
 struct Program {
   std::vector<Step> steps;
   int inputs = 0;
+  bool has_gemm = false;  // a matmul step: results depend on the GEMM's blocking, so on operand layouts
   // Runs every step on `args` (the inputs), returns the last value.
   Tensor operator()(const TensorList& args) const {
     TensorList v = args;
@@ -137,6 +138,7 @@ struct Gen {
         Tensor r = s.run(v);
         if (r.numel() == 0 || r.numel() > max_numel) continue;  // keep the work bounded
         v.push_back(r);
+        p.has_gemm = p.has_gemm || s.what.rfind("matmul", 0) == 0;
         p.steps.push_back(std::move(s));
       } catch (const Error&) {
         // not for these shapes: draw another
@@ -208,7 +210,7 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
   }
 }
 
-TEST_CASE("random compositions on larger f32 tensors: jit's fused, planned replay against eager", "[jit][fuzz]") {
+TEST_CASE("random compositions on larger f32 / bf16 tensors: jit's fused, planned replay equals eager", "[jit][fuzz]") {
   // Shapes up to thousands of elements, so fused loops run in several chunks and threads, and the memory
   // plan reuses buffers; forward and gradient, trace and two replays.
   Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 91)};
@@ -217,11 +219,13 @@ TEST_CASE("random compositions on larger f32 tensors: jit's fused, planned repla
     std::vector<int64_t> d = s0.vec();
     if (z.coin()) d = {d.back(), z.pick(1, 50)};
     else if (z.coin()) d[0] = 1;
-    TensorList inputs{random_normal(RngKey::from_seed(z.g()), s0), random_normal(RngKey::from_seed(z.g()), Shape(d))};
+    const DType dt = trial % 3 == 2 ? DType::bf16 : DType::f32;  // bf16: every op rounds, fused or not
+    TensorList inputs{random_normal(RngKey::from_seed(z.g()), s0).astype(dt),
+                      random_normal(RngKey::from_seed(z.g()), Shape(d)).astype(dt)};
     const Program prog = z.program(inputs, int(z.pick(3, 8)), 40000);
-    INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
+    INFO("trial " << trial << ", inputs " << inputs[0].str() << " " << inputs[1].str() << "\n" << prog.str());
     const Tensor eager = prog(inputs);
-    const Tensor cot = random_normal(RngKey::from_seed(z.g()), eager.shape());
+    const Tensor cot = random_normal(RngKey::from_seed(z.g()), eager.shape()).astype(eager.dtype());
     auto grads_of = [&](const TensorList& x) {
       TensorList leaves;
       for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
@@ -236,11 +240,15 @@ TEST_CASE("random compositions on larger f32 tensors: jit's fused, planned repla
       REQUIRE(got.size() == want.size());
       for (size_t i = 0; i < got.size(); ++i) {
         INFO("call " << call << ", output " << i << " (the last is the value)");
-        const auto g = got[i].contiguous().to_vector<float>(), w = want[i].contiguous().to_vector<float>();
+        const auto g = got[i].astype(DType::f32).contiguous().to_vector<float>();
+        const auto w = want[i].astype(DType::f32).contiguous().to_vector<float>();
         REQUIRE(g.size() == w.size());
         double worst = 0;
         for (size_t j = 0; j < g.size(); ++j) worst = std::max(worst, std::fabs(double(g[j]) - w[j]) / (1 + std::fabs(double(w[j]))));
-        CHECK(worst == 0);
+        // Bitwise, as fusion and the memory plan promise, except where a GEMM is involved: the replay may
+        // hand oneDNN another layout of the same operands (a folded constant is contiguous where eager
+        // had a strided view), hence another blocking and summation order, as in PyTorch.
+        CHECK(worst <= (!prog.has_gemm ? 0.0 : dt == DType::bf16 ? 2e-2 : 1e-5));
       }
     }
   }
