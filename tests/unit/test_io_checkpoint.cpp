@@ -980,3 +980,52 @@ TEST_CASE("Checkpointer loads of randomly damaged files: an error and untouched 
   INFO(refused << " loads refused, " << loaded << " returned the saved values");
   CHECK(refused > 600);  // the damage is seen, not merely survived
 }
+
+TEST_CASE("Checkpointer reshards random layouts: random meshes, specs, dtypes and chunk sizes", "[io][fuzz]") {
+  // 40 checkpoints of 2-4 tensors (0-3 dims of 1, 2, 6 or 12; f32, f64, i32, i64), each saved by the
+  // thread-ranks of a random mesh (1-2 axes of 1-3 ranks) under random PartitionSpecs, then loaded as
+  // every rank of another random mesh and specs: every element against f(global index).
+  std::mt19937_64 g(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 2027);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); };
+  auto mesh = [&](std::vector<std::string>& axes, std::vector<int>& shape) {
+    std::vector<std::string> names{"data", "model", "pipe"};
+    std::shuffle(names.begin(), names.end(), g);
+    axes.assign(names.begin(), names.begin() + pick(1, 2));
+    shape.clear();
+    for (size_t i = 0; i < axes.size(); ++i) shape.push_back(int(pick(1, 3)));
+  };
+  auto specs_for = [&](const std::vector<GlobalT>& gs, const std::vector<std::string>& axes, const std::vector<int>& shape) {
+    std::map<std::string, PartitionSpec> specs;
+    for (const auto& t : gs) {
+      PartitionSpec s(t.shape.size(), "");
+      for (size_t a = 0; a < axes.size(); ++a) {
+        if (t.shape.empty() || pick(0, 2) == 0) continue;
+        const size_t d = size_t(pick(0, int64_t(t.shape.size()) - 1));
+        if (s[d].empty() && t.shape[d] % shape[a] == 0) s[d] = axes[a];
+      }
+      if (pick(0, 3)) specs[t.name] = s;  // sometimes no entry at all: replicated
+    }
+    return specs;
+  };
+  for (int trial = 0; trial < 40; ++trial) {
+    std::vector<GlobalT> gs;
+    const DType dtypes[] = {DType::f32, DType::f64, DType::i32, DType::i64};
+    for (int i = 0, n = int(pick(2, 4)); i < n; ++i) {
+      std::vector<int64_t> shape(static_cast<size_t>(pick(0, 3)));
+      for (auto& x : shape) x = std::vector<int64_t>{1, 2, 6, 12}[size_t(pick(0, 3))];
+      gs.push_back({"t" + std::to_string(i), i + 1, shape, dtypes[pick(0, 3)]});
+    }
+    std::vector<std::string> axes;
+    std::vector<int> shape;
+    mesh(axes, shape);
+    const auto specs = specs_for(gs, axes, shape);
+    Target t;
+    mesh(t.axes, t.shape);
+    t.specs = specs_for(gs, t.axes, t.shape);
+    t.what = "random target " + mesh_json(t.axes, t.shape);
+    INFO("trial " << trial << ": saved on " << mesh_json(axes, shape));
+    TempDir d;
+    save_as_ranks(d.path.string(), 2, gs, axes, shape, specs, uint64_t(pick(1, 64)));
+    check_target(Checkpointer(d.path.string()), 2, gs, t);
+  }
+}
