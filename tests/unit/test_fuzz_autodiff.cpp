@@ -15,150 +15,13 @@
 #include <titanax/titanax.h>
 
 #include "jit/graph.h"
+#include "fuzz_program.h"
 
 using namespace titanax;
-
-namespace {
-
-// One step of a program: reads values by index, appends its result.
-struct Step {
-  std::string what;
-  std::function<Tensor(const TensorList&)> run;
-};
-
-struct Program {
-  std::vector<Step> steps;
-  int inputs = 0;
-  bool has_gemm = false;  // a matmul step: results depend on the GEMM's blocking, so on operand layouts
-  // Runs every step on `args` (the inputs), returns the last value.
-  Tensor operator()(const TensorList& args) const {
-    TensorList v = args;
-    for (const auto& s : steps) v.push_back(s.run(v));
-    return v.back();
-  }
-  std::string str() const {
-    std::string s;
-    for (size_t i = 0; i < steps.size(); ++i) s += "v" + std::to_string(inputs + int(i)) + " = " + steps[i].what + "\n";
-    return s;
-  }
-};
-
-std::string values(const Tensor& t) {
-  std::string s = t.str() + " {";
-  for (double x : t.contiguous().to_vector<double>()) s += " " + std::to_string(x);
-  return s + " }";
-}
-
-struct Gen {
-  std::mt19937_64 g;
-  int64_t pick(int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); }
-  bool coin() { return pick(0, 1) == 1; }
-
-  // A candidate step over the values so far (it may not fit their shapes: the caller tries it).
-  Step candidate(const TensorList& v) {
-    const size_t n = v.size();
-    const size_t a = size_t(pick(0, int64_t(n) - 1)), b = size_t(pick(0, int64_t(n) - 1));
-    const std::string A = "v" + std::to_string(a), B = "v" + std::to_string(b);
-    const int rank = v[a].dim();
-    const int ax = rank ? int(pick(-rank, rank - 1)) : 0;
-    const std::string AX = std::to_string(ax);
-    switch (pick(0, 23)) {
-      case 0: return {A + " + " + B, [=](const TensorList& x) { return x[a] + x[b]; }};
-      case 1: return {A + " - " + B, [=](const TensorList& x) { return x[a] - x[b]; }};
-      case 2: return {A + " * " + B, [=](const TensorList& x) { return x[a] * x[b]; }};
-      case 3: return {A + " / (" + B + "^2 + 1)", [=](const TensorList& x) { return x[a] / (square(x[b]) + 1.0); }};
-      case 4: return {"exp(tanh(" + A + "))", [=](const TensorList& x) { return exp(tanh(x[a])); }};
-      case 5: return {"sigmoid(" + A + ") * 0.5", [=](const TensorList& x) { return sigmoid(x[a]) * 0.5; }};
-      case 6: {
-        const bool keep = coin();
-        return {"sum(" + A + ", " + AX + (keep ? ", keepdims)" : ")"), [=](const TensorList& x) { return sum(x[a], {ax}, keep); }};
-      }
-      case 7: {
-        const bool keep = coin();
-        return {"mean(" + A + ", " + AX + (keep ? ", keepdims)" : ")"), [=](const TensorList& x) { return mean(x[a], {ax}, keep); }};
-      }
-      case 8: return {"softmax(" + A + ", " + AX + ")", [=](const TensorList& x) { return softmax(x[a], ax); }};
-      case 9: return {"log_softmax(" + A + ", " + AX + ")", [=](const TensorList& x) { return log_softmax(x[a], ax); }};
-      case 10: return {"layer_norm(" + A + ")", [=](const TensorList& x) { return layer_norm(x[a], {}, {}, 1e-5); }};
-      case 11: return {"matmul(" + A + ", " + B + ")", [=](const TensorList& x) { return matmul(x[a], x[b]); }};
-      case 12: {
-        const int64_t start = pick(0, 1), stop = pick(2, 4), step = pick(1, 2);
-        return {"slice(" + A + ", " + AX + ", " + std::to_string(start) + ":" + std::to_string(stop) + ":" + std::to_string(step) + ")",
-                [=](const TensorList& x) { return slice(x[a], ax, start, stop, step); }};
-      }
-      case 13: {
-        std::vector<int> p(static_cast<size_t>(rank));
-        for (int i = 0; i < rank; ++i) p[size_t(i)] = i;
-        std::shuffle(p.begin(), p.end(), g);
-        std::string ps;
-        for (int i : p) ps += std::to_string(i);
-        return {"permute(" + A + ", " + ps + ")", [=](const TensorList& x) { return permute(x[a], p); }};
-      }
-      case 14: {
-        const int other = rank ? int(pick(0, rank - 1)) : 0;
-        return {"transpose(" + A + ", " + AX + ", " + std::to_string(other) + ")",
-                [=](const TensorList& x) { return transpose(x[a], ax, other); }};
-      }
-      case 15: return {"concat(" + A + ", " + B + ", " + AX + ")", [=](const TensorList& x) { return concat({x[a], x[b]}, ax); }};
-      case 16: return {"reshape(" + A + ", [-1])", [=](const TensorList& x) { return reshape(x[a], Shape{-1}); }};
-      case 18: return {"gelu(" + A + ")", [=](const TensorList& x) { return gelu(x[a], true); }};
-      case 19: return {"log(" + A + "^2 + 1)", [=](const TensorList& x) { return log(square(x[a]) + 1.0); }};
-      case 20: return {"sqrt(" + A + "^2 + 1)", [=](const TensorList& x) { return sqrt(square(x[a]) + 1.0); }};
-      case 21: {
-        const int64_t before = pick(0, 2), after = pick(0, 2);
-        return {"pad(" + A + ", " + AX + ", " + std::to_string(before) + ", " + std::to_string(after) + ")",
-                [=](const TensorList& x) { return pad(x[a], ax, before, after); }};
-      }
-      case 22: return {"unbind(" + A + ", " + AX + ").back()", [=](const TensorList& x) { return unbind(x[a], ax).back(); }};
-      case 23: {
-        const int64_t n = rank ? v[a].shape()[size_t(ax < 0 ? ax + rank : ax)] : 1;
-        std::vector<int64_t> ids{pick(0, n - 1), pick(0, n - 1), pick(0, n - 1)};  // repeats: the gradient scatters and adds
-        const Tensor idx = from_vector(ids, Shape{3});
-        return {"take(" + A + ", [" + std::to_string(ids[0]) + " " + std::to_string(ids[1]) + " " + std::to_string(ids[2]) +
-                    "], " + AX + ")",
-                [=](const TensorList& x) { return take(x[a], idx, ax); }};
-      }
-      default: {
-        std::vector<int64_t> d = v[a].shape().vec();
-        d.insert(d.begin(), 2);
-        const Shape s(d);
-        return {"expand(" + A + ", " + s.str() + ")", [=](const TensorList& x) { return expand(x[a], s); }};
-      }
-    }
-  }
-
-  Program program(const TensorList& inputs, int length, int64_t max_numel = 256) {
-    Program p;
-    p.inputs = int(inputs.size());
-    TensorList v = inputs;
-    NoGradGuard ng;
-    while (int(p.steps.size()) < length) {
-      Step s = candidate(v);
-      try {
-        Tensor r = s.run(v);
-        if (r.numel() == 0 || r.numel() > max_numel) continue;  // keep the work bounded
-        v.push_back(r);
-        p.has_gemm = p.has_gemm || s.what.rfind("matmul", 0) == 0;
-        p.steps.push_back(std::move(s));
-      } catch (const Error&) {
-        // not for these shapes: draw another
-      }
-    }
-    return p;
-  }
-};
-
-Shape small_shape(Gen& z) {
-  const int rank = int(z.pick(1, 3));
-  std::vector<int64_t> d(static_cast<size_t>(rank));
-  for (auto& x : d) x = z.pick(1, 3);
-  return Shape(d);
-}
-
-}  // namespace
+using namespace titanax::testing::fuzz;
 
 TEST_CASE("random compositions of smooth ops: vjp against finite differences, jit against eager", "[autodiff][jit][fuzz]") {
-  Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 77)};
+  Gen z{std::mt19937_64(seed_or(77))};
   for (int trial = 0; trial < 120; ++trial) {
     TensorList inputs;
     const Shape s0 = small_shape(z);
@@ -213,7 +76,7 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
 TEST_CASE("random compositions on larger f32 / bf16 tensors: jit's fused, planned replay equals eager", "[jit][fuzz]") {
   // Shapes up to thousands of elements, so fused loops run in several chunks and threads, and the memory
   // plan reuses buffers; forward and gradient, trace and two replays.
-  Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 91)};
+  Gen z{std::mt19937_64(seed_or(91))};
   for (int trial = 0; trial < 40; ++trial) {
     const Shape s0{z.pick(1, 40), z.pick(1, 70), z.pick(1, 9)};
     std::vector<int64_t> d = s0.vec();
@@ -257,7 +120,7 @@ TEST_CASE("random compositions on larger f32 / bf16 tensors: jit's fused, planne
 TEST_CASE("random compositions under vmap: batched values and per-example gradients against a loop", "[jit][vmap][fuzz]") {
   // Each input batched along a random axis (or shared: not_batched), the output's batch axis placed at a
   // random position (first or last).
-  Gen z{std::mt19937_64(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 123)};
+  Gen z{std::mt19937_64(seed_or(123))};
   const int64_t B = 3;
   for (int trial = 0; trial < 80; ++trial) {
     const Shape s0 = small_shape(z);
