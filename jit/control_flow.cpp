@@ -2,6 +2,7 @@
 // inputs) and applies one op that runs them (see control_flow.h).
 #include "jit/control_flow.h"
 
+#include <algorithm>
 #include <cstdint>
 
 #include "autodiff/autodiff.h"
@@ -14,10 +15,13 @@ namespace {
 
 std::string spec_str(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str(); }
 
-// A traced function: its graph takes (the function's arguments..., captures...).
+// A traced function: its graph takes (the function's arguments..., captures...). The captures are
+// tensors read from outside; the node that applies the graph takes them as inputs, so the op keeps only
+// their number. (Holding them would keep an enclosing trace's temporaries alive past that trace, which
+// then takes a literal filled during it for state written in place: a spurious update.)
 struct SubGraph {
   std::shared_ptr<const Graph> g;
-  TensorList captures;  // tensors read from outside, fed to the graph's extra inputs at every run
+  size_t n_captures = 0;
   std::vector<TensorSpec> out_specs() const {
     std::vector<TensorSpec> s;
     for (int o : g->outputs) s.push_back(g->values[size_t(o)].spec);
@@ -27,8 +31,9 @@ struct SubGraph {
 
 // Traces fn on args (unrecorded: the tape sees only the op that applies the graph). Every constant or
 // state value whose storage existed before the trace is a capture: it becomes an input of the graph,
-// so its current value (under an outer trace: the outer graph's value) is passed in at each run.
-SubGraph trace_sub(const Fn& fn, const TensorList& args, const std::string& what) {
+// so its current value (under an outer trace: the outer graph's value) is passed in at each run. The
+// captures are appended to `captures`, for the caller to pass as the node's inputs.
+SubGraph trace_sub(const Fn& fn, const TensorList& args, const std::string& what, TensorList& captures) {
   const uint64_t first = Storage::next_serial();
   Graph g;
   {
@@ -42,7 +47,8 @@ SubGraph trace_sub(const Fn& fn, const TensorList& args, const std::string& what
   for (size_t id = 0; id < g.values.size(); ++id) {
     Value& v = g.values[id];
     if ((v.kind != Value::Kind::constant && v.kind != Value::Kind::state) || v.constant.storage()->serial() >= first) continue;
-    s.captures.push_back(v.constant);
+    captures.push_back(v.constant);
+    ++s.n_captures;
     v.kind = Value::Kind::input;
     v.index = int(g.inputs.size());
     v.constant = Tensor();
@@ -112,13 +118,27 @@ bool truth(const Tensor& pred) { return pred.item() != 0.0; }
 struct ControlOp : Op {
   // Each op wraps its own functions: no two are interchangeable (the JIT's CSE compares attrs).
   std::string attrs() const override { return "fn=" + std::to_string(reinterpret_cast<uintptr_t>(this)); }
-  // The sub-graphs allocate the results, which may be operands passed through (a branch returning its
-  // input): the memory plan must neither place them nor free the operands under them.
+  // The sub-graphs allocate the results: the memory plan must not place them.
   bool custom_forward() const override { return true; }
   // cond and while_loop read their predicate on the host; a captured scan would hide its body's nodes.
   bool capturable() const override { return false; }
   void cpu(const TensorList&, TensorList&) const override {
     throw InternalError(std::string(name()) + ": the kernel is the traced sub-graph", "forward()", "cpu()");
+  }
+
+ protected:
+  // `out` with every result that shares storage with an input or an earlier result copied. A branch or
+  // body may pass an argument through or return one tensor twice (a vjp's equal cotangents), and a loop
+  // may run zero times. Under a trace, a result that aliases another tensor takes over its storage and
+  // layout, so that later reads of that tensor through another handle (a detach()ed leaf, a cotangent)
+  // resolve to the result, and a replay that takes another branch or trip count reads the wrong value.
+  static TensorList unaliased(TensorList out, const TensorList& in) {
+    for (size_t k = 0; k < out.size(); ++k) {
+      auto shares = [&](const Tensor& t) { return t.storage() == out[k].storage(); };
+      if (std::any_of(in.begin(), in.end(), shares) || std::any_of(out.begin(), out.begin() + ptrdiff_t(k), shares))
+        out[k] = out[k].clone();
+    }
+    return out;
   }
 };
 
@@ -131,19 +151,19 @@ struct CondOp final : ControlOp {
   template <class T>
   std::vector<T> args_of(const std::vector<T>& rest, int b) const {
     std::vector<T> a(rest.begin(), rest.begin() + ptrdiff_t(n_operands));
-    const size_t off = n_operands + (b ? br[0].captures.size() : 0);
-    a.insert(a.end(), rest.begin() + ptrdiff_t(off), rest.begin() + ptrdiff_t(off + br[size_t(b)].captures.size()));
+    const size_t off = n_operands + (b ? br[0].n_captures : 0);
+    a.insert(a.end(), rest.begin() + ptrdiff_t(off), rest.begin() + ptrdiff_t(off + br[size_t(b)].n_captures));
     return a;
   }
   // Position of a node input after pred (`i`) among branch b's graph inputs, or -1 (the other's capture).
   int local(size_t i, int b) const {
     if (i < n_operands) return int(i);
-    const size_t cap0 = n_operands + (b ? br[0].captures.size() : 0);
-    return i >= cap0 && i < cap0 + br[size_t(b)].captures.size() ? int(n_operands + (i - cap0)) : -1;
+    const size_t cap0 = n_operands + (b ? br[0].n_captures : 0);
+    return i >= cap0 && i < cap0 + br[size_t(b)].n_captures ? int(n_operands + (i - cap0)) : -1;
   }
   TensorList forward(const TensorList& in) const override {
     const int b = truth(in[0]);
-    return run_sub(br[size_t(b)], args_of(TensorList(in.begin() + 1, in.end()), b));
+    return unaliased(run_sub(br[size_t(b)], args_of(TensorList(in.begin() + 1, in.end()), b)), in);
   }
   // A cond over the two branches' vjps: branch b replays its sub-graph recorded and differentiates it
   // with the incoming cotangents; inputs the other branch owns (its captures) get zeros. Being a cond,
@@ -197,7 +217,7 @@ struct WhileOp final : ControlOp {
   const char* name() const override { return "while_loop"; }
   std::vector<TensorSpec> infer(const TensorList&) const override { return body_g.out_specs(); }
   TensorList forward(const TensorList& in) const override {
-    const ptrdiff_t n = ptrdiff_t(n_carry), nc = ptrdiff_t(cond_g.captures.size());
+    const ptrdiff_t n = ptrdiff_t(n_carry), nc = ptrdiff_t(cond_g.n_captures);
     const TensorList cond_caps(in.begin() + n, in.begin() + n + nc), body_caps(in.begin() + n + nc, in.end());
     TensorList carry(in.begin(), in.begin() + n);
     auto with = [](TensorList a, const TensorList& caps) {
@@ -205,7 +225,7 @@ struct WhileOp final : ControlOp {
       return a;
     };
     while (truth(cond_g.g->run(with(carry, cond_caps))[0])) carry = run_sub(body_g, with(carry, body_caps));
-    return carry;
+    return unaliased(carry, in);
   }
   TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
     throw AutodiffError("while_loop is not reverse-mode differentiable (its trip count is only known at run time)",
@@ -255,7 +275,7 @@ struct ScanOp final : ControlOp {
     }
     for (size_t k = 0; k < n_carry; ++k)  // a carry that is a constant of the body is copied out
       if (steps > 0 && body.g->values[size_t(body.g->outputs[k])].kind == Value::Kind::constant) res[k] = res[k].clone();
-    return res;
+    return unaliased(res, in);
   }
   // Reverse mode as two scans (JAX's scan transpose, with the carries recomputed instead of saved): a
   // scan in the forward direction emits the carry entering each step; a scan in the other direction
@@ -348,28 +368,25 @@ struct ScanOp final : ControlOp {
 
 TensorList cond(const Tensor& pred, const Fn& true_fn, const Fn& false_fn, const TensorList& operands) {
   check_scalar(pred, "cond: pred");
-  SubGraph t = trace_sub(true_fn, operands, "cond: true_fn");
-  SubGraph f = trace_sub(false_fn, operands, "cond: false_fn");
-  check_specs(t.out_specs(), f.out_specs(), "cond: false_fn", "true_fn");
-  TensorList in{pred};
+  TensorList in{pred}, t_captures;
   in.insert(in.end(), operands.begin(), operands.end());
-  in.insert(in.end(), f.captures.begin(), f.captures.end());
-  in.insert(in.end(), t.captures.begin(), t.captures.end());
+  SubGraph t = trace_sub(true_fn, operands, "cond: true_fn", t_captures);
+  SubGraph f = trace_sub(false_fn, operands, "cond: false_fn", in);
+  check_specs(t.out_specs(), f.out_specs(), "cond: false_fn", "true_fn");
+  in.insert(in.end(), t_captures.begin(), t_captures.end());
   const size_t n = operands.size();
   return titanax::apply(std::make_shared<CondOp>(std::move(f), std::move(t), n), std::move(in));
 }
 
 TensorList while_loop(const Fn& cond_fn, const Fn& body_fn, const TensorList& init) {
-  SubGraph c = trace_sub(cond_fn, init, "while_loop: cond_fn");
+  TensorList in = init;
+  SubGraph c = trace_sub(cond_fn, init, "while_loop: cond_fn", in);
   if (c.g->outputs.size() != 1)
     throw ShapeError("while_loop: cond_fn must return one 0-d tensor", "1 result", std::to_string(c.g->outputs.size()) + " results");
   if (const TensorSpec s = c.out_specs()[0]; s.shape.size() != 0)
     throw ShapeError("while_loop: cond_fn result 0 must be a 0-d tensor", "[]", spec_str(s), "reduce it, e.g. with sum() or a comparison of a 0-d tensor");
-  SubGraph b = trace_sub(body_fn, init, "while_loop: body_fn");
+  SubGraph b = trace_sub(body_fn, init, "while_loop: body_fn", in);
   check_specs(specs_of(init), b.out_specs(), "while_loop: body_fn", "the carry init");
-  TensorList in = init;
-  in.insert(in.end(), c.captures.begin(), c.captures.end());
-  in.insert(in.end(), b.captures.begin(), b.captures.end());
   const size_t n = init.size();
   return titanax::apply(std::make_shared<WhileOp>(std::move(c), std::move(b), n), std::move(in));
 }
@@ -399,10 +416,9 @@ TensorList scan(const ScanFn& f, const TensorList& init, const TensorList& xs, b
   };
   TensorList args = init;
   args.insert(args.end(), example.begin(), example.end());
-  SubGraph s = trace_sub(body, args, "scan: f");
   TensorList in = init;
   in.insert(in.end(), xs.begin(), xs.end());
-  in.insert(in.end(), s.captures.begin(), s.captures.end());
+  SubGraph s = trace_sub(body, args, "scan: f", in);
   return titanax::apply(std::make_shared<ScanOp>(std::move(s), nc, xs.size(), reverse), std::move(in));
 }
 
@@ -495,7 +511,7 @@ TensorList batch_cond(const CondOp& c, const std::vector<BatchedValue>& in, int6
 }
 
 TensorList batch_while(const WhileOp& w, const std::vector<BatchedValue>& in, int64_t B, const RunBatched& run) {
-  const size_t n = w.n_carry, ncc = w.cond_g.captures.size();
+  const size_t n = w.n_carry, ncc = w.cond_g.n_captures;
   const std::vector<BatchedValue> init(in.begin(), in.begin() + ptrdiff_t(n)),
       cond_caps(in.begin() + ptrdiff_t(n), in.begin() + ptrdiff_t(n + ncc)), body_caps(in.begin() + ptrdiff_t(n + ncc), in.end());
   std::vector<bool> carry = carry_fixpoint(*w.body_g.g, flags_of(init), flags_of(body_caps));

@@ -7,6 +7,7 @@
 
 #include "autodiff/autodiff.h"
 #include "jit/control_flow.h"
+#include "jit/vmap.h"
 #include "jit_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
@@ -369,4 +370,79 @@ TEST_CASE("scan's gradient: finite differences, the unrolled loop, reverse, and 
 TEST_CASE("a host read of a traced value points to jit::cond", "[jit]") {
   auto branchy = [](const TensorList& in) { return TensorList{sum(in[0]).item() > 0 ? in[0] * 2.0 : in[0]}; };
   CHECK_THROWS_WITH(jit::trace(branchy, {rnd(25, Shape{4})}), Contains("jit::cond") && Contains("where()"));
+}
+
+TEST_CASE("a result that passes an operand through, or repeats another, stays a value of its own under trace", "[jit][control_flow]") {
+  // Found by the control-flow fuzz: a branch returning its operand (and a loop that runs zero times,
+  // or a scan whose carry is a captured tensor) gave back the operand's own storage, which the tracer
+  // then took for the operand: a later read of the operand through another handle (detach(), as a
+  // gradient's leaves are made) was traced as a read of the result, and a replay taking the other
+  // branch computed with the wrong value. Likewise two results that were one tensor (the equal
+  // cotangents of b0 + b1 in a cond's vjp): the first was read as the second.
+  auto through = [](const TensorList& o) { return TensorList{o[0]}; };
+  auto other = [](const TensorList& o) { return TensorList{o[0] * 3.0 + 1.0}; };
+  auto with_cond = [&](const TensorList& in) {
+    const Tensor y = jit::cond(gt(sum(in[0]), scalar_like(0.0, in[0])), through, other, {in[0]})[0];
+    return TensorList{y + in[0].detach() * 2.0};
+  };
+  auto with_while = [&](const TensorList& in) {  // runs once when sum(x) > 0, else zero times
+    const Tensor y = jit::while_loop([](const TensorList& c) { return TensorList{gt(sum(c[0]), scalar_like(0.0, c[0]))}; },
+                                     [](const TensorList& c) { return TensorList{c[0] - 100.0}; }, {in[0]})[0];
+    return TensorList{y + in[0].detach() * 2.0};
+  };
+  auto cond_grad = [](const TensorList& in) {  // d/dx of sum(3 x) or of sum(x + 2 x): 3 either way
+    const Tensor x = in[0].detach().set_requires_grad();
+    auto triple = [](const TensorList& o) { return TensorList{o[0] * 3.0}; };
+    auto add = [](const TensorList& o) { return TensorList{o[0] + o[1]}; };
+    return grad(sum(jit::cond(gt(sum(in[0]), scalar_like(0.0, in[0])), triple, add, {x, x * 2.0})[0]), {x});
+  };
+  const Tensor pos = abs(rnd(60, Shape{3})), neg = -abs(rnd(61, Shape{3}));
+  for (auto [fn, name] : {std::pair{jit::Fn(with_cond), "cond"}, std::pair{jit::Fn(with_while), "while_loop"},
+                          std::pair{jit::Fn(cond_grad), "the gradient of a cond"}}) {
+    INFO(name);
+    for (bool trace_pos : {true, false}) {  // trace on either branch / trip count, replay on the other
+      const jit::Graph g = jit::trace(fn, {trace_pos ? pos : neg});
+      const Tensor x = trace_pos ? neg : pos;
+      require_close(g.run({x})[0], fn({x})[0]);
+    }
+  }
+  // Eagerly too, a result never shares storage with an operand (an in-place write into it would change
+  // the operand): a branch passing its operand through, a loop of zero trips, scans of zero steps and
+  // of a carry that is a captured tensor.
+  CHECK(jit::cond(scalar(1, DType::bool_), through, other, {pos})[0].storage() != pos.storage());
+  auto twice = [](const TensorList& o) { return TensorList{o[0] + 1.0, o[0] + 1.0}; };
+  auto once = [](const TensorList& o) {
+    const Tensor y = o[0] * 2.0;
+    return TensorList{y, y};
+  };
+  const TensorList two = jit::cond(scalar(0, DType::bool_), twice, once, {pos});
+  CHECK(two[0].storage() != two[1].storage());
+  CHECK(jit::while_loop([](const TensorList& c) { return TensorList{gt(sum(c[0]), scalar_like(0.0, c[0]))}; },
+                        [](const TensorList& c) { return TensorList{c[0] - 100.0}; }, {neg})[0]
+            .storage() != neg.storage());
+  auto keep = [](const TensorList& c, const TensorList& xt) { return std::pair<TensorList, TensorList>{c, {xt[0]}}; };
+  CHECK(jit::scan(keep, {pos}, {zeros(Shape{0, 3}, DType::f64)})[0].storage() != pos.storage());
+  auto to_captured = [neg](const TensorList&, const TensorList& xt) { return std::pair<TensorList, TensorList>{{neg}, {xt[0]}}; };
+  CHECK(jit::scan(to_captured, {pos}, {rnd(62, Shape{2, 3})})[0].storage() != neg.storage());
+}
+
+TEST_CASE("control flow under a trace holds no tensor of the trace: a gradient seed does not become state", "[jit][control_flow]") {
+  // Found by the control-flow fuzz: a scan kept the tensors its body captured; its vjp, traced inside
+  // grad(), captured the filled seed of the backward pass, so the trace saw a tensor it had filled still
+  // alive afterwards, took it for state (as an optimizer's moments made on the first call) and recorded
+  // an in-place update: vmap then refused the pure function.
+  const Tensor x0 = rnd(70, Shape{3});
+  auto per_example = [](const TensorList& in) {
+    const Tensor x = in[0].detach().set_requires_grad();
+    const Tensor w = x * 2.0;
+    auto body = [w](const TensorList& c, const TensorList& xt) {
+      return std::pair<TensorList, TensorList>{{tanh(c[0] * w + xt[0])}, {c[0]}};
+    };
+    return grad(sum(jit::scan(body, {x}, {expand(x, Shape{2, 3})})[0]), {x});
+  };
+  const jit::Graph g = jit::trace(per_example, {x0});
+  CHECK(g.updates.empty());
+  const Tensor xs = rnd(71, Shape{4, 3});
+  const TensorList got = jit::vmap(per_example)({xs});
+  for (int64_t b = 0; b < 4; ++b) require_close(got[0].slice(0, b, b + 1).squeeze(0), per_example({xs.slice(0, b, b + 1).squeeze(0)})[0]);
 }
