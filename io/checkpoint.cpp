@@ -682,7 +682,12 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
   {
     auto listings = exchange("list tensors", [&] {
       json l = {{"coords", my_coords}, {"tensors", json::array()}};
-      for (const auto& [name, t] : tensors) l["tensors"].push_back({name, std::string(dtype_name(t.dtype())), t.shape().vec()});
+      // With its spec: under pipeline parallelism no rank holds every tensor, so rank 0 (which writes
+      // the metadata) learns the splits of the other stages' tensors only from their holders.
+      for (const auto& [name, t] : tensors) {
+        auto sp = specs.find(name);
+        l["tensors"].push_back({name, std::string(dtype_name(t.dtype())), t.shape().vec(), sp == specs.end() ? PartitionSpec{} : sp->second});
+      }
       return l.dump();
     });
     run_phase("plan", [&] {
@@ -693,14 +698,14 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
           const std::string name = e[0].get<std::string>();
           const DType dt = dtype_from_name(e[1].get<std::string>());
           const auto shape = e[2].get<std::vector<int64_t>>();
+          const auto spec = e[3].get<PartitionSpec>();
           auto [it, fresh] = plans.try_emplace(name);
           TensorPlan& p = it->second;
           if (fresh) {
             order.push_back(name);
             p.dtype = dt;
             p.local = shape;
-            auto sp = specs.find(name);
-            if (sp != specs.end()) p.spec = sp->second;
+            p.spec = spec;
             if (p.spec.size() > shape.size())
               throw ValueError("PartitionSpec of '" + name + "' has more entries than the tensor has dimensions",
                                "at most " + std::to_string(shape.size()) + " entries", std::to_string(p.spec.size()));
@@ -709,6 +714,10 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
                              std::string(dtype_name(p.dtype)) + shape_str(p.local) + " (the first rank holding it)",
                              std::string(dtype_name(dt)) + shape_str(shape) + " on rank " + std::to_string(r),
                              "a split tensor must have the same local shape on every rank (equal blocks)");
+          } else if (p.spec != spec) {
+            throw ValueError("ranks hold tensor '" + name + "' with different PartitionSpecs",
+                             spec_str(p.spec) + " (the first rank holding it)", spec_str(spec) + " on rank " + std::to_string(r),
+                             "pass the same specs on every rank");
           }
           p.writer.emplace(p.key(rc, layout), int(r));
         }

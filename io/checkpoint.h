@@ -128,8 +128,10 @@ class Checkpointer {
   /// CheckpointError naming it) instead of hanging; the .tmp directory is removed then.
   /// Throws ValueError: step < 0, extra_json / mesh_json / plan_json not JSON, an undefined tensor, a
   /// spec naming a tensor no rank saves, longer than its tensor's rank, naming an axis not in mesh_json
-  /// or one axis twice, a rank outside the mesh, ranks holding one tensor with different dtypes or
-  /// shapes, or (when the mesh covers the group) a split tensor some block of which no rank holds;
+  /// or one axis twice, a rank outside the mesh, ranks holding one tensor with different dtypes,
+  /// shapes or specs, or (when the mesh covers the group) a split tensor some block of which no rank
+  /// holds; each tensor's spec is the one its holders pass (a rank need not know the specs of tensors
+  /// it does not hold, as a pipeline stage does not);
   /// IOError: a write failed.
   void save(int64_t step, const ParamTree& tensors, const std::string& extra_json = "{}",
             const std::map<std::string, PartitionSpec>& specs = {}, const std::string& mesh_json = "{}",

@@ -913,7 +913,34 @@ TEST_CASE("Checkpointer::save validates specs against the mesh and across ranks"
   });
   CHECK(errors[0].find("different dtypes or shapes") != std::string::npos);
   CHECK(errors[1].find("different dtypes or shapes") != std::string::npos);
+  // ... or with different specs.
+  errors = run_ranks(2, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer c(d.path.string(), 3, comm);
+    c.save(2, ParamTree{{"w", zeros(Shape{2, 2})}}, "{}", {{"w", r ? PartitionSpec{"", "model"} : PartitionSpec{"model", ""}}},
+           R"({"model": 2})");
+  });
+  CHECK(errors[0].find("different PartitionSpecs") != std::string::npos);
+  CHECK(errors[1].find("different PartitionSpecs") != std::string::npos);
   CHECK(Checkpointer(d.path.string()).steps().empty());
+}
+
+TEST_CASE("Checkpointer::save takes each tensor's spec from the ranks holding it", "[io]") {
+  // As pipeline stages under TP: ranks (pipe, model) of {pipe: 2, model: 2}; stage 0 holds "a", stage 1
+  // "b", each split over "model", and each rank passes the specs of its own tensors only. Rank 0 writes
+  // the metadata: b's global shape comes from stage 1's ranks.
+  TempDir d;
+  const auto errors = run_ranks(4, [&](int r, std::shared_ptr<Communicator> comm) {
+    const std::string name = r < 2 ? "a" : "b";
+    Checkpointer c(d.path.string(), 3, comm);
+    c.save(1, ParamTree{{name, full(Shape{2, 3}, double(r))}}, "{}", {{name, {"model", ""}}}, R"({"pipe": 2, "model": 2})");
+  });
+  for (const auto& e : errors) CHECK(e == "");
+  const auto meta = read_json((d.path / "step_00000001" / "metadata.json").string());
+  CHECK(meta["tensors"]["a"]["global_shape"] == nlohmann::json({4, 3}));
+  CHECK(meta["tensors"]["b"]["global_shape"] == nlohmann::json({4, 3}));
+  ParamTree whole{{"a", zeros(Shape{4, 3})}, {"b", zeros(Shape{4, 3})}};
+  Checkpointer(d.path.string()).load(1, whole, {}, MeshCoords::at({}, {}, 0));
+  CHECK(whole.at("b").to_vector<float>() == std::vector<float>{2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3});
 }
 
 TEST_CASE("Checkpointer loads of randomly damaged files: an error and untouched tensors, or the saved values",
