@@ -1,4 +1,6 @@
 // Elementwise ops: broadcasting binary arithmetic and comparisons, unary functions, where, clamp.
+#include <cmath>
+
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
@@ -8,6 +10,19 @@ namespace {
 
 using kernels::cpu::BinaryOp;
 using kernels::cpu::UnaryOp;
+
+// gelu''(x), written with differentiable ops (so gelu's third and higher derivatives follow).
+//   exact:  gelu = x Phi(x), gelu'' = phi(x) (2 - x^2), phi(x) = exp(-x^2 / 2) / sqrt(2 pi);
+//   tanh:   gelu = x (1 + t) / 2 with t = tanh(s), s = k (x + c x^3), k = sqrt(2 / pi), c = 0.044715:
+//           gelu'' = (1 - t^2) (s' - x t s'^2 + x s'' / 2), s' = k (1 + 3 c x^2), s'' = 6 k c x.
+Tensor gelu_second_derivative(const Tensor& x, bool approximate) {
+  const double pi = 3.14159265358979323846;
+  const Tensor x2 = square(x);
+  if (!approximate) return exp(x2 * -0.5) * (1.0 / std::sqrt(2 * pi)) * (2.0 - x2);
+  const double k = std::sqrt(2 / pi), c = 0.044715;
+  const Tensor t = tanh((x + x2 * x * c) * k), ds = (x2 * (3 * c) + 1.0) * k;
+  return (1.0 - square(t)) * (ds - x * t * square(ds) + x2 * (3 * k * c));
+}
 
 class Binary final : public Op {
  public:
@@ -69,10 +84,8 @@ class Binary final : public Op {
         break;
       case BinaryOp::gelu_tanh_backward:
       case BinaryOp::gelu_erf_backward:
-        if (needs[0]) r[0] = gelu_backward(g, b, k_ == BinaryOp::gelu_tanh_backward);
-        if (needs[1])
-          throw AutodiffError("second derivative of gelu is not implemented", "first-order gradients of gelu",
-                              "a gradient of gelu_backward with respect to x", "use relu or tanh for higher-order terms");
+        if (needs[0]) r[0] = red(gelu_backward(g, b, k_ == BinaryOp::gelu_tanh_backward), a);
+        if (needs[1]) r[1] = red(mul(mul(g, a), gelu_second_derivative(b, k_ == BinaryOp::gelu_tanh_backward)), b);
         break;
       default: break;
     }

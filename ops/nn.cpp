@@ -243,9 +243,50 @@ class LayerNormBackward final : public Op {
   }
   void cpu(const TensorList& in, TensorList& out) const override { run(in, out, kc::layer_norm_backward); }
   void cuda(const TensorList& in, TensorList& out) const override { run(in, out, kernels::cuda::layer_norm_backward); }
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    throw AutodiffError("second derivative of layer_norm is not implemented", "first-order gradients of layer_norm",
-                        "a gradient of layer_norm_backward", "compose layer_norm from mean / rsqrt for higher-order terms");
+  // The second derivative of layer_norm, written with differentiable ops (so third and higher orders
+  // follow). Per row of D elements, with xc = x - mean(x), r = (mean(xc^2) + eps)^-1/2, xh = xc r and
+  // g = dy w (dy without w), this op computes
+  //   dx = r (g - mean(g) - xh mean(g xh)) [+ residual],   dw = sum_rows dy xh,   db = sum_rows dy.
+  // For cotangents (a, b, c) of (dx, dw, db), the map g -> dx being self-adjoint, with
+  // u = r (a~ - xh mean(a xh)), e = b dy, p~ = p - mean(p) and <p, q> the per-row dot product:
+  //   d dy = u w + b xh + c,   d w = sum_rows u dy,   d residual = a,
+  //   d x  = -r^3 xc <a~, g> / D + 3 r^5 xc <a~, xc> <g, xc> / D^2 - r^3 (<g, xc> a~ + <a~, xc> g~) / D
+  //          - r^3 xc <e, xc> / D + r e~
+  // (differentiating r and xc in dx and dw: dr/dx = -r^3 xc / D, and centring is the projection p -> p~).
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    const Tensor &dy = in[0], &x = in[1];
+    const Tensor w = has_w_ ? in[2] : Tensor();
+    const double D = double(x.shape().back());
+    auto row_mean = [](const Tensor& t) { return mean(t, {-1}, true); };
+    auto row_dot = [](const Tensor& p, const Tensor& q) { return sum(p * q, {-1}, true); };
+    const Tensor xc = x - row_mean(x);
+    const Tensor r = rsqrt(row_mean(square(xc)) + eps_);
+    const Tensor xh = xc * r;
+    const Tensor g = has_w_ ? dy * w : dy;
+    size_t k = 1;
+    const Tensor& a = ct[0];
+    const Tensor b = want_w_ ? ct[k++] : Tensor(), c = want_b_ ? ct[k++] : Tensor();
+    const Tensor ac = a - row_mean(a);
+    const Tensor u = r * (ac - xh * row_mean(a * xh));
+    TensorList res(in.size());
+    if (needs[0]) {
+      Tensor d = has_w_ ? u * w : u;
+      if (b.defined()) d = d + b * xh;
+      if (c.defined()) d = d + c;
+      res[0] = d;
+    }
+    if (needs[1]) {
+      const Tensor r3 = r * r * r, A = row_dot(ac, g), B = row_dot(ac, xc), G = row_dot(g, xc);
+      Tensor d = r3 * r * r * xc * B * G * (3.0 / (D * D)) - r3 * (xc * A + G * ac + B * (g - row_mean(g))) * (1.0 / D);
+      if (b.defined()) {
+        const Tensor e = b * dy;
+        d = d - r3 * xc * row_dot(e, xc) * (1.0 / D) + r * (e - row_mean(e));
+      }
+      res[1] = d;
+    }
+    if (has_w_ && needs[2]) res[2] = sum_to(u * dy, w.shape());
+    if (residual_ && needs.back()) res.back() = a;
+    return res;
   }
   /// This op with the residual input added (nullptr when it has one already).
   OpPtr with_residual() const {
@@ -572,8 +613,7 @@ class Dropout final : public Op {
                  const std::vector<bool>& needs) const override {
     TensorList r(in.size());
     if (!needs[0]) return r;
-    TensorList args{ct[0]};
-    if (stepped_) args.push_back(in[1]);
+    const TensorList args = stepped_ ? TensorList{ct[0], in[1]} : TensorList{ct[0]};
     r[0] = apply1(std::make_shared<Dropout>(p_, key_, stepped_), args);
     return r;
   }

@@ -73,6 +73,43 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
   }
 }
 
+TEST_CASE("random compositions: second derivatives (the vjp of the vjp) against finite differences of the gradient",
+          "[autodiff][fuzz]") {
+  // PyTorch's gradgradcheck: g(x) = <d/dx sum(prog(x) * cot), w>, a scalar function of x whose own
+  // gradient goes through every op's vjp recorded with create_graph; checked against central finite
+  // differences of g. Under gradcheck's numeric pass the inputs do not require grad: they are made
+  // leaves again so the inner gradient exists.
+  Gen z{std::mt19937_64(seed_or(303))};
+  for (int trial = 0; trial < 80; ++trial) {
+    TensorList inputs{random_normal(RngKey::from_seed(z.g()), small_shape(z), DType::f64) * 0.7};
+    std::vector<int64_t> d = inputs[0].shape().vec();
+    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
+    else if (z.coin()) d[0] = 1;
+    inputs.push_back(random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64) * 0.7);
+    const Program prog = z.program(inputs, int(z.pick(2, 6)));
+    INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
+    const Tensor cot = random_normal(RngKey::from_seed(z.g()), prog(inputs).shape(), DType::f64);
+    TensorList w;
+    for (const auto& t : inputs) w.push_back(random_normal(RngKey::from_seed(z.g()), t.shape(), DType::f64));
+    auto g = [&](const TensorList& in) {
+      GradModeGuard on(true);
+      const bool outer = in[0].requires_grad();
+      TensorList xs = in;
+      if (!outer)
+        for (auto& t : xs) t = t.detach().set_requires_grad();
+      BackwardOptions o;
+      o.create_graph = outer;
+      const TensorList gs = grad(sum(prog(xs) * cot), xs, o);
+      Tensor acc = sum(gs[0] * w[0]);
+      for (size_t i = 1; i < gs.size(); ++i) acc = acc + sum(gs[i] * w[i]);
+      return acc;
+    };
+    const GradcheckResult r = gradcheck(g, inputs);
+    INFO(r.report);
+    CHECK(r.ok);
+  }
+}
+
 TEST_CASE("random compositions on larger f32 / bf16 tensors: jit's fused, planned replay equals eager", "[jit][fuzz]") {
   // Shapes up to thousands of elements, so fused loops run in several chunks and threads, and the memory
   // plan reuses buffers; forward and gradient, trace and two replays.
