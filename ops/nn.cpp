@@ -137,10 +137,33 @@ class CrossEntropyBackward final : public CrossEntropyBase {
   void cuda(const TensorList& in, TensorList& out) const override {
     kernels::cuda::cross_entropy_backward(dense(in[0]), dense(in[1]), dense(in[2]), ignore_, to_kernel(red_), out[0]);
   }
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    throw AutodiffError("second derivative of cross_entropy is not implemented", "first-order gradients of cross_entropy",
-                        "a gradient of cross_entropy_backward",
-                        "write the loss as -sum(one_hot(labels) * log_softmax(logits)) for higher-order terms");
+  // The second derivative of cross_entropy, written with differentiable ops (so higher orders follow).
+  // This op computes dz = (s - one_hot(y)) k per row, s = softmax(z), where k is the loss cotangent (its
+  // row's under reduction none), divided by the count of rows not ignored under mean (0 when there is
+  // none, as the loss), and 0 on ignored rows. For a cotangent A of dz (softmax's Jacobian being
+  // symmetric):
+  //   d z = k s (A - <A, s>),   d ct = <A, s - one_hot(y)> per row, summed (and divided by the count)
+  //   under sum and mean; labels take none. 16-bit logits are computed in f32, as the kernels do.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    const Tensor &labels = in[1], &c = in[2];
+    const DType f = ce_loss_dtype(in[0].dtype());
+    const Tensor z = in[0].astype(f), A = ct[0].astype(f);
+    const Tensor keep = ne(labels, scalar(double(ignore_), labels.dtype(), labels.device()));
+    const Tensor kept = keep.astype(f);
+    Tensor scale = kept;  // per row: 1 / count under mean, else 1, and 0 on ignored rows
+    if (red_ == Reduction::mean) scale = kept / maximum(sum(kept), scalar_like(1.0, kept));
+    const Tensor s = softmax(z, -1);
+    TensorList r(in.size());
+    if (needs[0]) {
+      const Tensor k = (red_ == Reduction::none ? c * scale : scale * c).unsqueeze(-1);
+      r[0] = (k * s * (A - sum(A * s, {-1}, true))).astype(in[0].dtype());
+    }
+    if (needs[2]) {
+      const Tensor y = one_hot(where(keep, labels, zeros_like(labels)), z.shape().back(), f);
+      const Tensor per_row = sum(A * (s - y), {-1}) * scale;
+      r[2] = red_ == Reduction::none ? per_row : sum(per_row);
+    }
+    return r;
   }
 };
 

@@ -527,7 +527,7 @@ std::function<Tensor(const TensorList&)> grad_norm_of(std::function<Tensor(const
 
 }  // namespace
 
-TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax, dropout, take, exp, tanh, layer_norm, gelu", "[ops][nn][autodiff]") {
+TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax, dropout, take, exp, tanh, layer_norm, gelu, cross_entropy", "[ops][nn][autodiff]") {
   RngKey key = RngKey::from_seed(909);
   struct Case {
     const char* name;
@@ -553,6 +553,20 @@ TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax,
        [](const TensorList& in) { return tanh(layer_norm(in[0], in[1], in[2])); }},
       {"gelu (tanh)", {randn64(fold_in(key, 16), Shape{7}, 2.0)}, [](const TensorList& in) { return gelu(in[0], true); }},
       {"gelu (erf)", {randn64(fold_in(key, 17), Shape{7}, 2.0)}, [](const TensorList& in) { return gelu(in[0], false); }},
+      // cross_entropy_backward's own vjp; squared, so its incoming cotangent depends on the logits too.
+      // Row 1 is ignored (ignore_index -100).
+      {"cross_entropy (mean, an ignored row)", {randn64(fold_in(key, 18), Shape{4, 5})},
+       [](const TensorList& in) {
+         return square(cross_entropy(in[0], from_vector(std::vector<int64_t>{2, -100, 0, 4}, Shape{4}), Reduction::mean, -100));
+       }},
+      {"cross_entropy (sum)", {randn64(fold_in(key, 19), Shape{2, 3, 4})},
+       [](const TensorList& in) {
+         return square(cross_entropy(in[0], from_vector(std::vector<int64_t>{1, 3, 0, 2, 2, 1}, Shape{2, 3}), Reduction::sum));
+       }},
+      {"cross_entropy (none)", {randn64(fold_in(key, 20), Shape{3, 4})},
+       [](const TensorList& in) {
+         return square(cross_entropy(in[0], from_vector(std::vector<int64_t>{3, -100, 1}, Shape{3}), Reduction::none, -100));
+       }},
   };
   for (auto& c : cases) {
     INFO(c.name);
@@ -560,20 +574,35 @@ TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax,
     INFO(r.report);
     CHECK(r.ok);
   }
-  // Third derivatives of the second derivatives written with ops (layer_norm's and gelu's).
+  // Third derivatives of the second derivatives written with ops (layer_norm's, gelu's, cross_entropy's).
   for (auto& c : cases) {
-    if (std::string(c.name).rfind("layer_norm", 0) != 0 && std::string(c.name).rfind("gelu", 0) != 0) continue;
+    const std::string n = c.name;
+    if (n.rfind("layer_norm", 0) != 0 && n.rfind("gelu", 0) != 0 && n.rfind("cross_entropy", 0) != 0) continue;
     INFO(c.name << ", third derivative");
     GradcheckResult r = gradcheck(grad_norm_of(grad_norm_of(c.f)), c.in, 1e-6, 1e-5, 1e-5);
+    INFO(r.report);
+    CHECK(r.ok);
+  }
+  // A cotangent that reaches ignored rows (the squared gradient's is 0 there): <d/dz CE(z)^2, w> for each
+  // reduction; the ignored row's gradient is 0 whatever z, so its second derivative must be too.
+  for (Reduction red : {Reduction::mean, Reduction::sum, Reduction::none}) {
+    INFO("cross_entropy, reduction " << int(red) << ", a linear functional of the gradient");
+    const Tensor lab = from_vector(std::vector<int64_t>{2, -100, 0}, Shape{3});
+    const Tensor w = randn64(fold_in(key, 21), Shape{3, 4});
+    auto f = [&](const TensorList& in) {
+      GradModeGuard on(true);
+      const bool outer = in[0].requires_grad();
+      const Tensor z = outer ? in[0] : in[0].detach().set_requires_grad();
+      BackwardOptions o;
+      o.create_graph = outer;
+      return sum(grad(sum(square(cross_entropy(z, lab, red, -100))), {z}, o)[0] * w);
+    };
+    GradcheckResult r = gradcheck(f, {randn64(fold_in(key, 22), Shape{3, 4})}, 1e-6, 1e-5, 1e-5);
     INFO(r.report);
     CHECK(r.ok);
   }
   // Ops whose second derivative is not provided say so (the cotangent reaching them must depend on x).
   Tensor x = randn64(fold_in(key, 8), Shape{1, 1, 4, 4});
   CHECK_THROWS_AS(gradcheck(grad_norm_of([](const TensorList& in) { return square(max_pool2d(in[0], {2, 2})); }), {x}),
-                  AutodiffError);
-  Tensor l = randn64(fold_in(key, 9), Shape{3, 4});
-  Tensor lab = from_vector(std::vector<int64_t>{0, 3, 1}, Shape{3});
-  CHECK_THROWS_AS(gradcheck(grad_norm_of([&](const TensorList& in) { return cross_entropy(in[0], lab); }), {l}),
                   AutodiffError);
 }
