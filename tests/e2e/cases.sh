@@ -286,26 +286,31 @@ gpt_pp_parity)  # pipeline stages on real Brown tokens: PP 2 and 4, GPipe with r
        "GPipe+recompute M8 $(value 'final train loss' <gpipe.txt) vs $(value 'final train loss' <pp1m8.txt)," \
        "DPxTPxPP $(value 'final train loss' <dp2pp2tp2.txt) vs $(value 'final train loss' <pp1m2.txt)" ;;
 
-gpt_reshard)  # checkpoints move TP 2 -> TP 4 -> TP 1 mid-run and training continues as if they had not
-  gpt() { local np=$1; shift; run "$np" gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=30 \
-            --set schedule.warmup_steps=5 --set train.eval_every=0 --set data.val_batches=2 --set checkpoint.keep_last=5 "$@"; }
+gpt_reshard)  # checkpoints move TP 2 -> TP 4 -> PP x TP 2 x 2 -> TP 1 mid-run and training continues as if they had not
+  common=(--set "data.path=$BROWN" --set train.steps=40 --set schedule.warmup_steps=5 --set train.eval_every=0
+          --set data.val_batches=2 --set checkpoint.keep_last=5)
+  gpt() { local np=$1; shift; run "$np" gpt_small_tp.yaml "${common[@]}" "$@"; }
   gpt 1 --set "checkpoint.dir=$WORK/straight" | tee straight.txt
   gpt 2 --set mesh.model=2 --set "checkpoint.dir=$WORK/moved" --set train.stop_at=10 | tee a.txt
   gpt 4 --set mesh.model=4 --set "checkpoint.dir=$WORK/moved" --set checkpoint.resume=true --set train.stop_at=20 | tee b.txt
-  gpt 1 --set "checkpoint.dir=$WORK/moved" --set checkpoint.resume=true | tee c.txt
+  # Pipeline stages under TP: no rank holds every tensor, and rank 0 writes the checkpoint's metadata.
+  run 4 gpt_small_pp.yaml "${common[@]}" --set mesh.model=2 --set "checkpoint.dir=$WORK/moved" --set checkpoint.resume=true \
+    --set train.stop_at=30 | tee c.txt
+  gpt 1 --set "checkpoint.dir=$WORK/moved" --set checkpoint.resume=true | tee d.txt
   grep -q '^resumed from checkpoint step 10$' b.txt || fail "the TP 4 run did not resume from step 10"
-  grep -q '^resumed from checkpoint step 20$' c.txt || fail "the TP 1 run did not resume from step 20"
-  rel_close "$(value 'final train loss' <c.txt)" "$(value 'final train loss' <straight.txt)" 1e-5 \
-    "loss after 30 steps with TP 2 -> 4 -> 1 checkpoints vs a straight TP 1 run"
-  rel_close "$(value 'val loss' <c.txt)" "$(value 'val loss' <straight.txt)" 1e-5 "val loss after the round trip"
+  grep -q '^resumed from checkpoint step 20$' c.txt || fail "the PP x TP run did not resume from step 20"
+  grep -q '^resumed from checkpoint step 30$' d.txt || fail "the TP 1 run did not resume from step 30"
+  rel_close "$(value 'final train loss' <d.txt)" "$(value 'final train loss' <straight.txt)" 1e-5 \
+    "loss after 40 steps with TP 2 -> 4 -> PP x TP -> 1 checkpoints vs a straight TP 1 run"
+  rel_close "$(value 'val loss' <d.txt)" "$(value 'val loss' <straight.txt)" 1e-5 "val loss after the round trip"
   # A checkpoint of another model, and a truncated shard, are CheckpointErrors naming the file and the check.
   expect_error "CheckpointError: .*(shape|global).*" gpt 1 --set "checkpoint.dir=$WORK/moved" --set checkpoint.resume=true \
-    --set model.dim=128 --set train.steps=40
-  grep -q 'step_00000030' out.txt || fail "the error does not name the checkpoint"
-  f=moved/step_00000030/rank_00000.safetensors
+    --set model.dim=128 --set train.steps=50
+  grep -q 'step_00000040' out.txt || fail "the error does not name the checkpoint"
+  f=moved/step_00000040/rank_00000.safetensors
   truncate -s $(( $(stat -c %s "$f") / 2 )) "$f"
   expect_error "CheckpointError: .*rank_00000\.safetensors.*(truncated|size)" gpt 1 --set "checkpoint.dir=$WORK/moved" \
-    --set checkpoint.resume=true --set train.steps=40 ;;
+    --set checkpoint.resume=true --set train.steps=50 ;;
 
 error_memory)  # a batch no machine can hold (the token stream takes any batch size): a message saying so and
                # what to lower, a non-zero exit, no crash
