@@ -313,21 +313,31 @@ struct ScanOp final : ControlOp {
         init, xs, reverse);
     const TensorList carries(fwd.begin() + ptrdiff_t(n_carry), fwd.end());
     // 2. Backwards through the steps. Carry: {d carry (floating carries), d captures (floating)};
-    // xs: {carry entering the step..., x_t..., ct of y_t (floating ys)}; ys: d x_t (floating xs).
+    // xs: {carry entering the step..., x_t..., ct of y_t (floating ys), the captures}; ys: d x_t (floating xs).
     const std::vector<size_t> fc = floating_at(init), fx = floating_at(xs), fcap = floating_at(caps);
     std::vector<size_t> fy;
     for (size_t k = 0; k < n_ys; ++k)
       if (is_floating(ct[n_carry + k].dtype())) fy.push_back(k);
+    // The captures enter as xs too, broadcast over the steps (a view): read through the closure, they
+    // would be detached below and lifted into the traced body as new leaves, cutting the path of a
+    // second derivative back to them.
     TensorList gc0, gxs = carries;
     for (size_t k : fc) gc0.push_back(ct[k]);
     for (size_t j : fcap) gc0.push_back(zeros_like(caps[j]));
     gxs.insert(gxs.end(), xs.begin(), xs.end());
     for (size_t k : fy) gxs.push_back(ct[n_carry + k]);
+    const int64_t steps = xs[0].shape()[0];
+    for (const Tensor& c : caps) {
+      std::vector<int64_t> d{steps};
+      for (int64_t e : c.shape()) d.push_back(e);
+      gxs.push_back(expand(c.unsqueeze(0), Shape(d)));
+    }
+    const size_t n_ct_ys = fy.size();
     const TensorList bwd = scan(
         [&](const TensorList& gc, const TensorList& gx) {
           GradModeGuard on(true);
           TensorList a(gx.begin(), gx.begin() + ptrdiff_t(nc + nx));  // carry_t, x_t
-          a.insert(a.end(), caps.begin(), caps.end());
+          a.insert(a.end(), gx.begin() + ptrdiff_t(nc + nx + n_ct_ys), gx.end());  // the captures
           for (auto& t : a) {
             t = t.detach();
             if (is_floating(t.dtype())) t.set_requires_grad(true);

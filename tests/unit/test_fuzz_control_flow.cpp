@@ -229,6 +229,38 @@ TEST_CASE("random programs with cond and scan: vjp against finite differences, j
   CHECK(coverage.taken[1] >= 20);
 }
 
+TEST_CASE("random programs with cond and scan: second derivatives against finite differences of the gradient",
+          "[autodiff][control_flow][fuzz]") {
+  // gradgradcheck as in test_fuzz_autodiff.cpp: the gradient of <d/dx sum(prog(x) * cot), w>, through
+  // the vjps of cond's and scan's vjps (themselves conds and scans).
+  FlowGen z{Gen{std::mt19937_64(seed_or(77))}};
+  for (int trial = 0; trial < 40; ++trial) {
+    const TensorList inputs = z.inputs();
+    const Program prog = z.program(inputs);
+    INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
+    const Tensor cot = random_normal(RngKey::from_seed(z.z.g()), prog(inputs).shape(), DType::f64);
+    const TensorList w = z.like(inputs);
+    auto g = [&](const TensorList& in) {
+      GradModeGuard on(true);
+      const bool outer = in[0].requires_grad();
+      TensorList xs = in;
+      if (!outer)
+        for (auto& t : xs) t = t.detach().set_requires_grad();
+      BackwardOptions o;
+      o.create_graph = outer;
+      const TensorList gs = grad(sum(prog(xs) * cot), xs, o);
+      Tensor acc = sum(gs[0] * w[0]);
+      for (size_t i = 1; i < gs.size(); ++i) acc = acc + sum(gs[i] * w[i]);
+      return acc;
+    };
+    const Program second{{Step{"", [&](const TensorList& x) { return g(TensorList(x.begin(), x.begin() + ptrdiff_t(inputs.size()))); }}},
+                         int(inputs.size())};
+    const GradcheckResult r = gradcheck_branchy(second, inputs);
+    INFO(r.report);
+    CHECK(r.ok);
+  }
+}
+
 TEST_CASE("random programs with while_loop, cond and scan: jit replays and vmap against a loop over examples",
           "[jit][vmap][control_flow][fuzz]") {
   FlowGen z{Gen{std::mt19937_64(seed_or(4048))}, true};

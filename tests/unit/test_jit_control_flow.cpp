@@ -446,3 +446,41 @@ TEST_CASE("control flow under a trace holds no tensor of the trace: a gradient s
   const TensorList got = jit::vmap(per_example)({xs});
   for (int64_t b = 0; b < 4; ++b) require_close(got[0].slice(0, b, b + 1).squeeze(0), per_example({xs.slice(0, b, b + 1).squeeze(0)})[0]);
 }
+
+TEST_CASE("scan's second derivative reaches the tensors its body captures", "[jit][control_flow]") {
+  // Found by the second-order control-flow fuzz: the backward scan read the captures through its
+  // closure, detached them to differentiate, and the trace lifted those detached copies as new leaves:
+  // a second derivative with respect to a capture was 0. Here the carry becomes tanh(c) at each step, so
+  // h = tanh(c), d sum(h) / dc = 1 - tanh(c)^2, and d/dc <that, w> = -2 w tanh(c) (1 - tanh(c)^2).
+  const Tensor c = rnd(80, Shape{3}), w = rnd(81, Shape{3});
+  auto gradient_of_c = [&](const Tensor& cap, bool create_graph) {
+    auto body = [cap](const TensorList&, const TensorList& xt) { return std::pair<TensorList, TensorList>{{tanh(cap)}, {xt[0]}}; };
+    BackwardOptions o;
+    o.create_graph = create_graph;
+    return grad(sum(jit::scan(body, {zeros_like(cap)}, {rnd(82, Shape{2, 3})})[0]), {cap}, o)[0];
+  };
+  const Tensor leaf = c.detach().set_requires_grad();
+  const Tensor second = grad(sum(gradient_of_c(leaf, true) * w), {leaf})[0];
+  const Tensor t = tanh(c);
+  require_close(second, w * t * (square(t) - 1.0) * 2.0);
+  // And against finite differences, with the carry and xs in play too (init and xs as inputs).
+  auto f = [&](const TensorList& in) {
+    GradModeGuard on(true);
+    const bool outer = in[0].requires_grad();
+    TensorList xs = in;
+    if (!outer)
+      for (auto& x : xs) x = x.detach().set_requires_grad();
+    const Tensor cap = xs[2];
+    auto body = [cap](const TensorList& h, const TensorList& xt) {
+      return std::pair<TensorList, TensorList>{{tanh(h[0] * cap + xt[0])}, {h[0] * xt[0]}};
+    };
+    const TensorList r = jit::scan(body, {xs[0]}, {xs[1]});
+    BackwardOptions o;
+    o.create_graph = outer;
+    const TensorList g = grad(sum(r[0]) + sum(r[1] * r[1]), xs, o);
+    return sum(g[0] * w) + sum(g[1]) + sum(g[2] * g[2]);
+  };
+  const GradcheckResult r = gradcheck(f, {rnd(83, Shape{3}), rnd(84, Shape{4, 3}), rnd(85, Shape{3})});
+  INFO(r.report);
+  CHECK(r.ok);
+}
