@@ -5,6 +5,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <random>
@@ -52,6 +53,15 @@ inline std::string values(const Tensor& t) {
   std::string s = t.str() + " {";
   for (double x : t.contiguous().to_vector<double>()) s += " " + std::to_string(x);
   return s + " }";
+}
+
+// Same shape and every element within rel * (1 + |want|) (NaN never).
+inline bool close(const Tensor& got, const Tensor& want, double rel) {
+  if (got.shape() != want.shape()) return false;
+  const auto g = got.contiguous().to_vector<double>(), w = want.contiguous().to_vector<double>();
+  for (size_t i = 0; i < g.size(); ++i)
+    if (!(std::fabs(g[i] - w[i]) <= rel * (1 + std::fabs(w[i])))) return false;
+  return true;
 }
 
 // The fixed seed of a test, or FUZZ_SEED from the environment to explore others.
