@@ -52,7 +52,9 @@ std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, c
 /// fn must compute the same thing twice (no fresh randomness per call; collectives inside fn run again,
 /// so every rank of their group must checkpoint the same way). x may be integer (token ids; then only
 /// `params` get gradients) or undefined (fn reads its input elsewhere; it is called with Tensor()).
-/// Without grad mode, or when neither x nor a param requires grad, it is just fn(x). Throws what fn
+/// Without grad mode, or when neither x nor a param requires grad, it is just fn(x); under jit::trace
+/// (jit(), vmap) too: fn is traced inline (a replay must read every tensor through the graph's inputs,
+/// and the graph's memory plan decides what is kept). Throws what fn
 /// throws; AutodiffError when the backward pass is itself recorded (create_graph: higher-order
 /// gradients through a checkpoint are not supported) or fn returns an undefined tensor.
 Tensor checkpoint(const std::function<Tensor(const Tensor&)>& fn, const Tensor& x, const TensorList& params = {});

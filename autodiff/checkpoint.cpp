@@ -66,6 +66,10 @@ Tensor checkpoint(const std::function<Tensor(const Tensor&)>& fn, const Tensor& 
   bool any = x.defined() && x.requires_grad();
   for (const auto& p : params) any = any || p.requires_grad();
   if (!GradMode::enabled() || !any) return fn(x);
+  // Under a trace (jit, vmap) fn is recorded inline. The node would read `params` through fn's closure,
+  // not through its inputs, so a replay would compute with the tensors of the trace, not the replay's;
+  // the graph's memory plan decides instead what stays alive.
+  if (apply_observer()) return fn(x);
   TensorList in;
   if (x.defined()) in.push_back(x);
   in.insert(in.end(), params.begin(), params.end());

@@ -37,12 +37,14 @@ Tensor fit(const Tensor& u, const Shape& s) { return u.shape() == s ? u : expand
 struct FlowGen {
   Gen z;
   bool with_while = false;
+  bool with_checkpoint = false;  // also activation checkpoints (autodiff checkpoint()): not under vmap or twice differentiated
 
   Program sub(const TensorList& example, int depth) {
     return z.program(example, int(z.pick(1, 4)), 256, [this, depth](const TensorList& v) { return draw(v, depth + 1); });
   }
 
   Step draw(const TensorList& v, int depth) {
+    if (with_checkpoint && depth < 2 && z.pick(0, 9) < 2) return checkpoint_step(v, depth);
     if (depth >= 2 || z.pick(0, 9) >= 3) return z.candidate(v);
     switch (z.pick(0, with_while ? 2 : 1)) {
       case 0: return cond_step(v, depth);
@@ -55,6 +57,18 @@ struct FlowGen {
   std::string name(size_t i) { return "v" + std::to_string(i); }
   // A threshold near the example's sum(v[i]), so that other inputs fall on either side of it.
   double threshold(const Tensor& t) { return sum(t).item() + (z.coin() ? 0.4 : -0.4); }
+
+  // checkpoint(f, v[a], {v[c]}): f a random program of (x, the captured v[c]) run again in the backward
+  // pass (Chen et al.'s activation recomputation); its gradients must be those of f recorded directly.
+  Step checkpoint_step(const TensorList& v, int depth) {
+    const size_t a = any(v), c = any(v);
+    const Program f = sub({v[a], v[c]}, depth);
+    return {"checkpoint(f, " + name(a) + ", params " + name(c) + ")\n  f (inputs v0 x, v1 captured):\n" + f.str("    "),
+            [=](const TensorList& x) {
+              const Tensor captured = x[c];
+              return checkpoint([f, captured](const Tensor& in) { return f({in, captured}); }, x[a], {captured});
+            }};
+  }
 
   // cond(sum(v[p]) > thr, T, F, {v[a], v[b]}), both branches also reading the captured v[c]; F's result
   // is fitted to T's shape.
@@ -180,9 +194,10 @@ auto recorded(F&& f) {
 
 }  // namespace
 
-TEST_CASE("random programs with cond and scan: vjp against finite differences, jit against eager on inputs that branch otherwise",
+TEST_CASE("random programs with cond, scan and checkpoint: vjp against finite differences, jit against eager on inputs that branch otherwise",
           "[autodiff][jit][control_flow][fuzz]") {
   FlowGen z{Gen{std::mt19937_64(seed_or(2024))}};
+  z.with_checkpoint = true;
   coverage = {};
   int flow_programs = 0;
   for (int trial = 0; trial < 60; ++trial) {

@@ -12,6 +12,7 @@
 #include "core/allocator.h"
 #include "engine/engine.h"
 #include "engine/gpt.h"
+#include "jit/graph.h"
 #include "op_cases.h"
 #include "parallel/pipeline.h"
 
@@ -190,6 +191,26 @@ TEST_CASE("checkpoint(): same value and gradients as recording, less memory held
   BackwardOptions bo;
   bo.create_graph = true;
   CHECK_THROWS_AS(grad(y, {xl}, bo), AutodiffError);
+}
+
+TEST_CASE("checkpoint() under jit: replays read the replay's parameters, not the trace's", "[jit]") {
+  // Found by the control-flow fuzz: the checkpoint node read its params through the function's closure,
+  // so a replay computed with the tensors of the trace. Under a trace the function is now inline.
+  const RngKey k = RngKey::from_seed(8);
+  auto value_and_grads = [](const TensorList& in) {
+    const Tensor x = in[0].detach().set_requires_grad(), w = in[1].detach().set_requires_grad();
+    const Tensor y = sum(checkpoint([&](const Tensor& t) { return tanh(matmul(t, w)); }, x, {w}));
+    TensorList g = grad(y, {x, w});
+    g.insert(g.begin(), y.detach());
+    return g;
+  };
+  auto compiled = jit::jit(value_and_grads);
+  for (uint64_t s = 0; s < 3; ++s) {  // the trace, then replays on other values
+    const TensorList in{testing::randn64(fold_in(k, 2 * s), Shape{3, 4}), testing::randn64(fold_in(k, 2 * s + 1), Shape{4, 5})};
+    const TensorList got = compiled(in), want = value_and_grads(in);
+    REQUIRE(got.size() == want.size());
+    for (size_t i = 0; i < got.size(); ++i) CHECK(max_abs_diff(got[i], want[i]) <= 1e-12);
+  }
 }
 
 TEST_CASE("pipeline: a one-stage pipelined step equals value_and_grad of the mean microbatch loss") {
