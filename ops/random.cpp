@@ -11,7 +11,9 @@ class Sample final : public Op {
   Sample(bool normal, RngKey key, Shape shape, DType dtype, Device device)
       : normal_(normal), key_(key), shape_(shape), dtype_(dtype), device_(device) {}
   const char* name() const override { return normal_ ? "random_normal" : "random_uniform"; }
-  std::string attrs() const override { return "key=" + key_.str() + " shape=" + shape_.str(); }
+  std::string attrs() const override {
+    return "key=" + key_.str() + " shape=" + shape_.str() + " dtype=" + std::string(dtype_name(dtype_)) + " device=" + device_.str();
+  }
   bool differentiable() const override { return false; }
   std::vector<TensorSpec> infer(const TensorList&) const override {
     if (!is_floating(dtype_)) throw DTypeError(std::string(name()) + ": needs a floating dtype", "f32 or f64", std::string(dtype_name(dtype_)));

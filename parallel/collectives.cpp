@@ -16,6 +16,7 @@ struct Ctx {
   std::shared_ptr<Communicator> comm;
   std::string axis;
   Loc loc;
+  std::string mesh;  // Mesh::layout(): in attrs(), so that the JIT never merges collectives over other groups
   int size() const { return comm->size(); }
   int rank() const { return comm->rank(); }
 };
@@ -24,7 +25,7 @@ Ctx make_ctx(const Mesh& mesh, const std::string& axis, const Tensor& x, const c
   mesh.check_axis(axis, loc);
   if (!x.defined())
     throw ValueError(std::string(what) + " of an undefined tensor", "a defined tensor", "Tensor()", "", loc);
-  return {mesh.comm_ptr(axis, loc), axis, loc};
+  return {mesh.comm_ptr(axis, loc), axis, loc, mesh.layout()};
 }
 
 bool reducible(DType t) { return t != DType::bool_; }
@@ -62,7 +63,9 @@ Tensor merge_front(const Tensor& r, int dim) {
 class CollectiveOpBase : public Op {
  public:
   explicit CollectiveOpBase(Ctx c) : c_(std::move(c)) {}
-  std::string attrs() const override { return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + more_attrs(); }
+  std::string attrs() const override {
+    return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + " mesh=" + c_.mesh + more_attrs();
+  }
 
   bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {

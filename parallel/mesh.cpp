@@ -201,6 +201,8 @@ std::string Mesh::describe() const {
          " (" + world_->backend() + "); rank " + std::to_string(rank()) + " at " + braces(axes_, coords_);
 }
 
+std::string Mesh::layout() const { return braces(axes_, shape_); }
+
 std::string Mesh::to_json() const {
   nlohmann::ordered_json j = nlohmann::ordered_json::object();  // keys in axis order (checkpoints rely on it)
   for (size_t i = 0; i < axes_.size(); ++i) j[axes_[i]] = shape_[i];

@@ -63,6 +63,8 @@ class Mesh {
   void check_axis(const std::string& axis, Loc loc = Loc::current()) const;
   /// "mesh {data: 2, model: 2} over 4 ranks (mpi); rank 3 at {data: 1, model: 1}".
   std::string describe() const;
+  /// "{data: 2, model: 2}": the axes and their sizes, which fix every axis's groups of ranks.
+  std::string layout() const;
   /// {"data": 2, "model": 2}: axis sizes as JSON, keys in axis order (what checkpoints record as their
   /// mesh; the order gives the row-major rank coordinates).
   std::string to_json() const;

@@ -18,6 +18,7 @@ struct TPCtx {
   std::shared_ptr<Communicator> comm;
   std::string axis;
   Loc loc;
+  std::string mesh;  // Mesh::layout(): in attrs(), so that the JIT never merges collectives over other groups
   int size() const { return comm->size(); }
   int rank() const { return comm->rank(); }
 };
@@ -26,7 +27,7 @@ TPCtx make_ctx(const Mesh& mesh, const std::string& axis, const Tensor& x, const
   mesh.check_axis(axis, loc);
   if (!x.defined())
     throw ValueError(std::string(what) + " of an undefined tensor", "a defined tensor", "Tensor()", "", loc);
-  return {mesh.comm_ptr(axis, loc), axis, loc};
+  return {mesh.comm_ptr(axis, loc), axis, loc, mesh.layout()};
 }
 
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
@@ -34,7 +35,9 @@ Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contig
 class TPOpBase : public Op {
  public:
   explicit TPOpBase(TPCtx c) : c_(std::move(c)) {}
-  std::string attrs() const override { return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + more_attrs(); }
+  std::string attrs() const override {
+    return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + " mesh=" + c_.mesh + more_attrs();
+  }
 
  protected:
   virtual std::string more_attrs() const { return {}; }
@@ -254,6 +257,9 @@ class VocabParallelCE final : public TPOpBase {
  public:
   VocabParallelCE(TPCtx c, Reduction r, int64_t ignore) : TPOpBase(std::move(c)), red_(r), ignore_(ignore) {}
   const char* name() const override { return "vocab_parallel_cross_entropy"; }
+  std::string more_attrs() const override {
+    return " reduction=" + std::to_string(int(red_)) + " ignore=" + std::to_string(ignore_);
+  }
   bool saves_outputs() const override { return true; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_vp_inputs(in[0], in[1], name(), c_.loc);

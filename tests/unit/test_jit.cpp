@@ -8,6 +8,9 @@
 #include "jit_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
+#include "parallel/collectives.h"
+#include "parallel/mesh.h"
+#include "parallel/tp.h"
 
 using namespace titanax;
 using Catch::Matchers::Contains;
@@ -150,4 +153,41 @@ TEST_CASE("jit algebraic simplification: x*1, x+0, x-0, x/1, permute undone") {
   auto h = [](const TensorList& in) { return TensorList{in[0] * ones(Shape{2, 4}, DType::f64)}; };
   jit::Graph g2 = jit::trace(h, {x});
   CHECK(jit::simplify_algebra(g2) == 0);
+}
+
+TEST_CASE("CSE keeps apart ops that differ in a parameter: sample dtype, vocab-parallel loss reduction, mesh", "[jit]") {
+  // Found by auditing every op's attrs() (the CSE key): these left a parameter out, so two calls that
+  // differ only there were merged into one node.
+  auto optimized = [](const std::function<TensorList(const TensorList&)>& fn, const TensorList& in) {
+    jit::Graph g = jit::trace(fn, in);
+    jit::optimize(g);
+    return g;
+  };
+  const RngKey key = RngKey::from_seed(4);
+  auto samples = [&](const TensorList&) {
+    return TensorList{random_normal(key, Shape{3}, DType::f32), random_normal(key, Shape{3}, DType::f64)};
+  };
+  const TensorList s = optimized(samples, {}).run({});
+  CHECK(s[0].dtype() == DType::f32);
+  CHECK(s[1].dtype() == DType::f64);
+
+  Mesh mesh = MeshSpec{{"data", "model"}, {1, 1}}.build(make_local_communicator());
+  Mesh other = MeshSpec{{"model", "data"}, {1, 1}}.build(make_local_communicator());
+  const Tensor logits = testing::randn64(fold_in(key, 1), Shape{4, 6});
+  const Tensor labels = from_vector(std::vector<int64_t>{0, 5, 3, 2}, Shape{4});  // the third loss ignores class 0
+  auto losses = [&](const TensorList& in) {
+    return TensorList{vocab_parallel_cross_entropy(mesh, in[0], labels, "model", Reduction::mean),
+                      vocab_parallel_cross_entropy(mesh, in[0], labels, "model", Reduction::sum),
+                      vocab_parallel_cross_entropy(mesh, in[0], labels, "model", Reduction::sum, 0)};
+  };
+  const TensorList got = optimized(losses, {logits}).run({logits}), want = losses({logits});
+  for (size_t k = 0; k < got.size(); ++k) CHECK(got[k].item() == Approx(want[k].item()).epsilon(1e-12));
+  CHECK(want[0].item() != Approx(want[1].item()));  // the three differ
+  CHECK(want[1].item() != Approx(want[2].item()));
+
+  // Collectives over the same axis name of two meshes (other groups in general) stay two nodes.
+  auto sums = [&](const TensorList& in) { return TensorList{psum(mesh, in[0], "model"), psum(other, in[0], "model")}; };
+  CHECK(testing::count_op(optimized(sums, {logits}), "psum") == 2);
+  auto same = [&](const TensorList& in) { return TensorList{psum(mesh, in[0], "model"), psum(mesh, in[0], "model")}; };
+  CHECK(testing::count_op(optimized(same, {logits}), "psum") == 1);  // the same collective twice is one
 }
