@@ -2,6 +2,7 @@
 // are computed here from rank ids, independently of the code under test.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <string>
 #include <vector>
@@ -68,6 +69,14 @@ inline Tensor value_of(int wr, const Shape& s) {
 }
 
 inline std::vector<double> vals(const Tensor& t) { return t.to_vector<double>(); }
+
+/// Token ids in [0, n) of shape s, from a seed (the same on every rank for the same seed).
+inline Tensor tokens(uint64_t seed, const Shape& s, int64_t n) {
+  Tensor u = random_uniform(RngKey::from_seed(seed), s, DType::f64);
+  std::vector<int64_t> v;
+  for (double x : u.to_vector<double>()) v.push_back(std::min<int64_t>(n - 1, int64_t(x * double(n))));
+  return from_vector(v, s);
+}
 
 /// Sum over all ranks of a local scalar (the test's own reduction, on the world communicator).
 inline double world_sum(double v) {

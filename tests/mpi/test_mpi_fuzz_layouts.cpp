@@ -35,13 +35,6 @@ struct Draw {
 
 uint64_t seed_or(uint64_t fixed) { return std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : fixed; }
 
-Tensor tokens(uint64_t seed, const Shape& s, int64_t n) {
-  Tensor u = random_uniform(RngKey::from_seed(seed), s, DType::f64);
-  std::vector<int64_t> v;
-  for (double x : u.to_vector<double>()) v.push_back(std::min<int64_t>(n - 1, int64_t(x * double(n))));
-  return from_vector(v, s);
-}
-
 Batch batch(int step, int64_t B, int64_t T, int64_t vocab) {
   return Batch{{{"x", tokens(100 + uint64_t(step), Shape{B, T}, vocab)}, {"y", tokens(200 + uint64_t(step), Shape{B, T}, vocab)}}};
 }
@@ -165,6 +158,18 @@ Batch local_rows(const Batch& g, const Layout& l, const Mesh& mesh) {
   return g.slice(B * i / l.d, B * (i + 1) / l.d);
 }
 
+// Steps [from, to) of the global batches on both: the layout's loss and gradient norm against the reference's.
+void check_steps(int from, int to, Engine& eng, nn::GPT& model, Engine& ref, nn::GPT& whole, const Layout& l, const Mesh& mesh,
+                 int64_t B, int64_t T, int64_t vocab) {
+  for (int s = from; s < to; ++s) {
+    const Batch g = batch(s, B, T, vocab);
+    const StepResult a = ref.step(whole, nn::lm_loss, g), b = eng.step(model, nn::lm_loss, local_rows(g, l, mesh));
+    INFO("step " << s << ": loss " << a.loss << " vs " << b.loss << ", gradient norm " << a.grad_norm << " vs " << b.grad_norm);
+    CHECK(b.loss == Approx(a.loss).epsilon(1e-9));
+    CHECK(b.grad_norm == Approx(a.grad_norm).epsilon(1e-9));
+  }
+}
+
 // The final evaluation loss of `model` against the reference's.
 void check_eval(Engine& eng, nn::GPT& model, Engine& ref, nn::GPT& whole, const Layout& l, int64_t T, int64_t vocab) {
   auto val = std::make_shared<TensorDataset>(std::map<std::string, Tensor>{
@@ -203,13 +208,7 @@ TEST_CASE("random DP x TP x PP layouts train as one rank does: losses, gradient 
         CHECK(split.parameters().contains("blocks/" + std::to_string(i) + "/mlp/fc/weight") == here);
       }
     }
-    for (int s = 0; s < 4; ++s) {
-      const Batch g = batch(s, B, T, cfg.vocab);
-      const StepResult a = ref.step(whole, nn::lm_loss, g), b = eng.step(split, nn::lm_loss, local_rows(g, l, mesh));
-      INFO("step " << s << ": loss " << a.loss << " vs " << b.loss << ", gradient norm " << a.grad_norm << " vs " << b.grad_norm);
-      CHECK(b.loss == Approx(a.loss).epsilon(1e-9));
-      CHECK(b.grad_norm == Approx(a.grad_norm).epsilon(1e-9));
-    }
+    check_steps(0, 4, eng, split, ref, whole, l, mesh, B, T, cfg.vocab);
     check_eval(eng, split, ref, whole, l, T, cfg.vocab);
   }
   cover.check();
@@ -257,13 +256,7 @@ TEST_CASE("a run saved under one random layout resumes under another and continu
                {.checkpointer = std::make_shared<Checkpointer>(dir, 2, rt().world()), .grad_clip = clip, .bucket_bytes = b.bucket_bytes, .jit = b.jit});
     REQUIRE(eng.restore(model) == std::optional<int64_t>(3));
     CHECK(eng.global_step() == 3);
-    for (int s = 3; s < 6; ++s) {
-      const Batch g = batch(s, B, T, whole_cfg.vocab);
-      const StepResult x = ref.step(whole, nn::lm_loss, g), y = eng.step(model, nn::lm_loss, local_rows(g, b, mesh));
-      INFO("step " << s << ": loss " << x.loss << " vs " << y.loss << ", gradient norm " << x.grad_norm << " vs " << y.grad_norm);
-      CHECK(y.loss == Approx(x.loss).epsilon(1e-9));
-      CHECK(y.grad_norm == Approx(x.grad_norm).epsilon(1e-9));
-    }
+    check_steps(3, 6, eng, model, ref, whole, b, mesh, B, T, whole_cfg.vocab);
     check_eval(eng, model, ref, whole, b, T, whole_cfg.vocab);
     rt().world()->barrier();
     if (world_rank() == 0) std::filesystem::remove_all(dir);

@@ -42,13 +42,6 @@ nn::GPTConfig small(const Mesh& mesh) {
   return c;
 }
 
-Tensor tokens(uint64_t seed, const Shape& s, int64_t n) {
-  Tensor u = random_uniform(RngKey::from_seed(seed), s, DType::f64);
-  std::vector<int64_t> v;
-  for (double x : u.to_vector<double>()) v.push_back(std::min<int64_t>(n - 1, int64_t(x * double(n))));
-  return from_vector(v, s);
-}
-
 Batch global_batch(int step, int64_t B, int64_t T, int64_t vocab) {
   return Batch{{{"x", tokens(1000 + uint64_t(step), Shape{B, T}, vocab)}, {"y", tokens(2000 + uint64_t(step), Shape{B, T}, vocab)}}};
 }

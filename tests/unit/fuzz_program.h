@@ -64,6 +64,25 @@ inline bool close(const Tensor& got, const Tensor& want, double rel) {
   return true;
 }
 
+// x -> <d/dx sum(prog(x) * cot), w> (w: one tensor per input), a scalar whose own gradient goes through
+// the vjp of every vjp (PyTorch's gradgradcheck). Under gradcheck's numeric pass the inputs do not
+// require grad: they are made leaves again so that the inner gradient exists.
+inline std::function<Tensor(const TensorList&)> gradient_functional(Program prog, Tensor cot, TensorList w) {
+  return [prog = std::move(prog), cot = std::move(cot), w = std::move(w)](const TensorList& in) {
+    GradModeGuard on(true);
+    const bool outer = in[0].requires_grad();
+    TensorList xs = in;
+    if (!outer)
+      for (auto& t : xs) t = t.detach().set_requires_grad();
+    BackwardOptions o;
+    o.create_graph = outer;
+    const TensorList gs = grad(sum(prog(xs) * cot), xs, o);
+    Tensor acc = sum(gs[0] * w[0]);
+    for (size_t i = 1; i < gs.size(); ++i) acc = acc + sum(gs[i] * w[i]);
+    return acc;
+  };
+}
+
 // The fixed seed of a test, or FUZZ_SEED from the environment to explore others.
 inline uint64_t seed_or(uint64_t fixed) { return std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : fixed; }
 

@@ -68,10 +68,9 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
 
 TEST_CASE("random compositions: second derivatives (the vjp of the vjp) against finite differences of the gradient",
           "[autodiff][fuzz]") {
-  // PyTorch's gradgradcheck: g(x) = <d/dx sum(prog(x) * cot), w>, a scalar function of x whose own
-  // gradient goes through every op's vjp recorded with create_graph; checked against central finite
-  // differences of g. Under gradcheck's numeric pass the inputs do not require grad: they are made
-  // leaves again so the inner gradient exists.
+  // PyTorch's gradgradcheck: g(x) = <d/dx sum(prog(x) * cot), w> (gradient_functional), whose own
+  // gradient goes through every op's vjp recorded with create_graph, against central finite
+  // differences of g.
   Gen z{std::mt19937_64(seed_or(303))};
   for (int trial = 0; trial < 80; ++trial) {
     TensorList inputs{random_normal(RngKey::from_seed(z.g()), small_shape(z), DType::f64) * 0.7};
@@ -84,19 +83,7 @@ TEST_CASE("random compositions: second derivatives (the vjp of the vjp) against 
     const Tensor cot = random_normal(RngKey::from_seed(z.g()), prog(inputs).shape(), DType::f64);
     TensorList w;
     for (const auto& t : inputs) w.push_back(random_normal(RngKey::from_seed(z.g()), t.shape(), DType::f64));
-    auto g = [&](const TensorList& in) {
-      GradModeGuard on(true);
-      const bool outer = in[0].requires_grad();
-      TensorList xs = in;
-      if (!outer)
-        for (auto& t : xs) t = t.detach().set_requires_grad();
-      BackwardOptions o;
-      o.create_graph = outer;
-      const TensorList gs = grad(sum(prog(xs) * cot), xs, o);
-      Tensor acc = sum(gs[0] * w[0]);
-      for (size_t i = 1; i < gs.size(); ++i) acc = acc + sum(gs[i] * w[i]);
-      return acc;
-    };
+    const auto g = gradient_functional(prog, cot, w);
     const GradcheckResult r = gradcheck(g, inputs);
     INFO(r.report);
     CHECK(r.ok);

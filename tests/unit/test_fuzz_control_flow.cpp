@@ -167,12 +167,11 @@ struct FlowGen {
   }
 };
 
-// gradcheck of prog at x, telling a wrong vjp from a predicate that finite differences push across its
+// gradcheck of fn at x, telling a wrong vjp from a predicate that finite differences push across its
 // threshold (inputs drawn at random, and values inside scans, can land within eps of one): a jump J
 // in the value makes the numeric derivative J / (2 eps), so its error shrinks tenfold when eps grows
 // tenfold, where a wrong vjp's error stays. A failure counts unless the error shrinks so.
-GradcheckResult gradcheck_branchy(const Program& prog, const TensorList& x) {
-  auto fn = [&](const TensorList& y) { return prog(y); };
+GradcheckResult gradcheck_branchy(const std::function<Tensor(const TensorList&)>& fn, const TensorList& x) {
   GradcheckResult r = gradcheck(fn, x);
   if (r.ok) return r;
   const GradcheckResult wider = gradcheck(fn, x, 1e-5);
@@ -218,7 +217,7 @@ TEST_CASE("random programs with cond, scan and checkpoint: vjp against finite di
     auto compiled = jit::jit(value_and_grads);
     TensorList x = inputs;
     for (int call = 0; call < 4; ++call, x = z.like(inputs)) {  // the trace, then replays on fresh inputs
-      const GradcheckResult r = gradcheck_branchy(prog, x);  // eager, whichever branches x takes
+      const GradcheckResult r = gradcheck_branchy([&](const TensorList& y) { return prog(y); }, x);  // eager, whichever branches x takes
       INFO("call " << call << ": " << r.report);
       CHECK(r.ok);
       const TensorList want = recorded([&] { return value_and_grads(x); });
@@ -238,31 +237,15 @@ TEST_CASE("random programs with cond, scan and checkpoint: vjp against finite di
 
 TEST_CASE("random programs with cond and scan: second derivatives against finite differences of the gradient",
           "[autodiff][control_flow][fuzz]") {
-  // gradgradcheck as in test_fuzz_autodiff.cpp: the gradient of <d/dx sum(prog(x) * cot), w>, through
-  // the vjps of cond's and scan's vjps (themselves conds and scans).
+  // gradgradcheck (gradient_functional): the gradient of <d/dx sum(prog(x) * cot), w>, through the
+  // vjps of cond's and scan's vjps (themselves conds and scans).
   FlowGen z{Gen{std::mt19937_64(seed_or(77))}};
   for (int trial = 0; trial < 40; ++trial) {
     const TensorList inputs = z.inputs();
     const Program prog = z.program(inputs);
     INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
     const Tensor cot = random_normal(RngKey::from_seed(z.z.g()), prog(inputs).shape(), DType::f64);
-    const TensorList w = z.like(inputs);
-    auto g = [&](const TensorList& in) {
-      GradModeGuard on(true);
-      const bool outer = in[0].requires_grad();
-      TensorList xs = in;
-      if (!outer)
-        for (auto& t : xs) t = t.detach().set_requires_grad();
-      BackwardOptions o;
-      o.create_graph = outer;
-      const TensorList gs = grad(sum(prog(xs) * cot), xs, o);
-      Tensor acc = sum(gs[0] * w[0]);
-      for (size_t i = 1; i < gs.size(); ++i) acc = acc + sum(gs[i] * w[i]);
-      return acc;
-    };
-    const Program second{{Step{"", [&](const TensorList& x) { return g(TensorList(x.begin(), x.begin() + ptrdiff_t(inputs.size()))); }}},
-                         int(inputs.size())};
-    const GradcheckResult r = gradcheck_branchy(second, inputs);
+    const GradcheckResult r = gradcheck_branchy(gradient_functional(prog, cot, z.like(inputs)), inputs);
     INFO(r.report);
     CHECK(r.ok);
   }
