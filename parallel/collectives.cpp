@@ -6,27 +6,13 @@
 
 #include "autodiff/tape.h"
 #include "ops/ops.h"
+#include "parallel/axis_context.h"
 #include "parallel/comm_detail.h"
 
 namespace titanax {
 namespace {
 
-/// What a collective op needs: the axis group, the axis name for messages, and the user's call site.
-struct Ctx {
-  std::shared_ptr<Communicator> comm;
-  std::string axis;
-  Loc loc;
-  std::string mesh;  // Mesh::layout(): in attrs(), so that the JIT never merges collectives over other groups
-  int size() const { return comm->size(); }
-  int rank() const { return comm->rank(); }
-};
-
-Ctx make_ctx(const Mesh& mesh, const std::string& axis, const Tensor& x, const char* what, Loc loc) {
-  mesh.check_axis(axis, loc);
-  if (!x.defined())
-    throw ValueError(std::string(what) + " of an undefined tensor", "a defined tensor", "Tensor()", "", loc);
-  return {mesh.comm_ptr(axis, loc), axis, loc, mesh.layout()};
-}
+using Ctx = detail::AxisContext;
 
 bool reducible(DType t) { return t != DType::bool_; }
 
@@ -63,9 +49,7 @@ Tensor merge_front(const Tensor& r, int dim) {
 class CollectiveOpBase : public Op {
  public:
   explicit CollectiveOpBase(Ctx c) : c_(std::move(c)) {}
-  std::string attrs() const override {
-    return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + " mesh=" + c_.mesh + more_attrs();
-  }
+  std::string attrs() const override { return c_.attrs() + more_attrs(); }
 
   bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
@@ -381,36 +365,36 @@ void check_perm(const Ctx& c, const std::vector<std::pair<int, int>>& perm) {
 }  // namespace
 
 Tensor psum(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
-  return psum_c(make_ctx(mesh, axis, x, "psum", loc), x);
+  return psum_c(detail::axis_context(mesh, axis, x, "psum", loc), x);
 }
 Tensor psum(const Tensor& x, const std::string& axis, Loc loc) { return psum(Mesh::current(loc), x, axis, loc); }
 
 Tensor pmean(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
-  return pmean_c(make_ctx(mesh, axis, x, "pmean", loc), x);
+  return pmean_c(detail::axis_context(mesh, axis, x, "pmean", loc), x);
 }
 Tensor pmean(const Tensor& x, const std::string& axis, Loc loc) { return pmean(Mesh::current(loc), x, axis, loc); }
 
 Tensor pmax(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
-  return apply1(std::make_shared<PMax>(make_ctx(mesh, axis, x, "pmax", loc)), {x});
+  return apply1(std::make_shared<PMax>(detail::axis_context(mesh, axis, x, "pmax", loc)), {x});
 }
 Tensor pmax(const Tensor& x, const std::string& axis, Loc loc) { return pmax(Mesh::current(loc), x, axis, loc); }
 
 Tensor all_gather(const Mesh& mesh, const Tensor& x, const std::string& axis, int dim, Loc loc) {
-  return all_gather_c(make_ctx(mesh, axis, x, "all_gather", loc), x, dim);
+  return all_gather_c(detail::axis_context(mesh, axis, x, "all_gather", loc), x, dim);
 }
 Tensor all_gather(const Tensor& x, const std::string& axis, int dim, Loc loc) {
   return all_gather(Mesh::current(loc), x, axis, dim, loc);
 }
 
 Tensor reduce_scatter(const Mesh& mesh, const Tensor& x, const std::string& axis, int dim, Loc loc) {
-  return reduce_scatter_c(make_ctx(mesh, axis, x, "reduce_scatter", loc), x, dim);
+  return reduce_scatter_c(detail::axis_context(mesh, axis, x, "reduce_scatter", loc), x, dim);
 }
 Tensor reduce_scatter(const Tensor& x, const std::string& axis, int dim, Loc loc) {
   return reduce_scatter(Mesh::current(loc), x, axis, dim, loc);
 }
 
 Tensor broadcast(const Mesh& mesh, const Tensor& x, const std::string& axis, int root, Loc loc) {
-  return apply1(std::make_shared<Broadcast>(make_ctx(mesh, axis, x, "broadcast", loc), root), {x});
+  return apply1(std::make_shared<Broadcast>(detail::axis_context(mesh, axis, x, "broadcast", loc), root), {x});
 }
 Tensor broadcast(const Tensor& x, const std::string& axis, int root, Loc loc) {
   return broadcast(Mesh::current(loc), x, axis, root, loc);
@@ -418,7 +402,7 @@ Tensor broadcast(const Tensor& x, const std::string& axis, int root, Loc loc) {
 
 Tensor ppermute(const Mesh& mesh, const Tensor& x, const std::string& axis, const std::vector<std::pair<int, int>>& perm,
                 Loc loc) {
-  Ctx c = make_ctx(mesh, axis, x, "ppermute", loc);
+  Ctx c = detail::axis_context(mesh, axis, x, "ppermute", loc);
   check_perm(c, perm);
   return ppermute_c(c, x, perm);
 }
@@ -427,7 +411,7 @@ Tensor ppermute(const Tensor& x, const std::string& axis, const std::vector<std:
 }
 
 Tensor all_to_all(const Mesh& mesh, const Tensor& x, const std::string& axis, int split_dim, int concat_dim, Loc loc) {
-  return all_to_all_c(make_ctx(mesh, axis, x, "all_to_all", loc), x, split_dim, concat_dim);
+  return all_to_all_c(detail::axis_context(mesh, axis, x, "all_to_all", loc), x, split_dim, concat_dim);
 }
 Tensor all_to_all(const Tensor& x, const std::string& axis, int split_dim, int concat_dim, Loc loc) {
   return all_to_all(Mesh::current(loc), x, axis, split_dim, concat_dim, loc);

@@ -8,36 +8,21 @@
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cuda/kernels.h"
+#include "parallel/axis_context.h"
 
 namespace titanax {
 namespace {
 
 namespace kc = kernels::cpu;
 
-struct TPCtx {
-  std::shared_ptr<Communicator> comm;
-  std::string axis;
-  Loc loc;
-  std::string mesh;  // Mesh::layout(): in attrs(), so that the JIT never merges collectives over other groups
-  int size() const { return comm->size(); }
-  int rank() const { return comm->rank(); }
-};
-
-TPCtx make_ctx(const Mesh& mesh, const std::string& axis, const Tensor& x, const char* what, Loc loc) {
-  mesh.check_axis(axis, loc);
-  if (!x.defined())
-    throw ValueError(std::string(what) + " of an undefined tensor", "a defined tensor", "Tensor()", "", loc);
-  return {mesh.comm_ptr(axis, loc), axis, loc, mesh.layout()};
-}
+using TPCtx = detail::AxisContext;
 
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
 
 class TPOpBase : public Op {
  public:
   explicit TPOpBase(TPCtx c) : c_(std::move(c)) {}
-  std::string attrs() const override {
-    return "axis=" + c_.axis + " size=" + std::to_string(c_.size()) + " mesh=" + c_.mesh + more_attrs();
-  }
+  std::string attrs() const override { return c_.attrs() + more_attrs(); }
 
  protected:
   virtual std::string more_attrs() const { return {}; }
@@ -385,24 +370,24 @@ class VocabShardIds final : public Op {
 }  // namespace
 
 Tensor copy_to_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
-  return copy_to_c(make_ctx(mesh, axis, x, "copy_to_tensor_parallel_region", loc), x);
+  return copy_to_c(detail::axis_context(mesh, axis, x, "copy_to_tensor_parallel_region", loc), x);
 }
 Tensor copy_to_tensor_parallel_region(const Tensor& x, const std::string& axis, Loc loc) {
   return copy_to_tensor_parallel_region(Mesh::current(loc), x, axis, loc);
 }
 Tensor reduce_from_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, Loc loc) {
-  return reduce_from_c(make_ctx(mesh, axis, x, "reduce_from_tensor_parallel_region", loc), x);
+  return reduce_from_c(detail::axis_context(mesh, axis, x, "reduce_from_tensor_parallel_region", loc), x);
 }
 Tensor reduce_from_tensor_parallel_region(const Tensor& x, const std::string& axis, Loc loc) {
   return reduce_from_tensor_parallel_region(Mesh::current(loc), x, axis, loc);
 }
 Tensor scatter_to_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, int dim, Loc loc) {
-  TPCtx c = make_ctx(mesh, axis, x, "scatter_to_tensor_parallel_region", loc);
+  TPCtx c = detail::axis_context(mesh, axis, x, "scatter_to_tensor_parallel_region", loc);
   if (c.size() == 1) return x;
   return apply1(std::make_shared<ScatterToTP>(c, dim), {x});
 }
 Tensor gather_from_tensor_parallel_region(const Mesh& mesh, const Tensor& x, const std::string& axis, int dim, Loc loc) {
-  TPCtx c = make_ctx(mesh, axis, x, "gather_from_tensor_parallel_region", loc);
+  TPCtx c = detail::axis_context(mesh, axis, x, "gather_from_tensor_parallel_region", loc);
   if (c.size() == 1) return x;
   return apply1(std::make_shared<GatherFromTP>(c, dim), {x});
 }
@@ -420,7 +405,7 @@ Tensor row_parallel_linear(const Mesh& mesh, const Tensor& x, const Tensor& w, c
 
 Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Tensor& ids, const std::string& axis,
                                 Loc loc) {
-  TPCtx c = make_ctx(mesh, axis, weight, "vocab_parallel_embedding", loc);
+  TPCtx c = detail::axis_context(mesh, axis, weight, "vocab_parallel_embedding", loc);
   if (weight.dim() != 2)
     throw ShapeError("vocab_parallel_embedding: the table must be 2-D", "weight [V / n, D]", weight.shape().str(), "", loc);
   check_dtype(ids, {DType::i32, DType::i64}, "vocab_parallel_embedding (ids)");
@@ -435,7 +420,7 @@ Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Te
 
 Tensor vocab_parallel_cross_entropy(const Mesh& mesh, const Tensor& logits, const Tensor& labels,
                                     const std::string& axis, Reduction reduction, int64_t ignore_index, Loc loc) {
-  TPCtx c = make_ctx(mesh, axis, logits, "vocab_parallel_cross_entropy", loc);
+  TPCtx c = detail::axis_context(mesh, axis, logits, "vocab_parallel_cross_entropy", loc);
   if (!labels.defined())
     throw ValueError("vocab_parallel_cross_entropy of undefined labels", "a defined tensor", "Tensor()", "", loc);
   return apply(std::make_shared<VocabParallelCE>(c, reduction, ignore_index), {logits, labels})[0];
