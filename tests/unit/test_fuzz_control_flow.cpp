@@ -235,7 +235,7 @@ TEST_CASE("random programs with cond, scan and checkpoint: vjp against finite di
   CHECK(coverage.taken[1] >= 20);
 }
 
-TEST_CASE("random programs with cond and scan: second derivatives against finite differences of the gradient",
+TEST_CASE("random programs with cond and scan: second derivatives against finite differences of the gradient, and under jit",
           "[autodiff][control_flow][fuzz]") {
   // gradgradcheck (gradient_functional): the gradient of <d/dx sum(prog(x) * cot), w>, through the
   // vjps of cond's and scan's vjps (themselves conds and scans).
@@ -245,9 +245,26 @@ TEST_CASE("random programs with cond and scan: second derivatives against finite
     const Program prog = z.program(inputs);
     INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
     const Tensor cot = random_normal(RngKey::from_seed(z.z.g()), prog(inputs).shape(), DType::f64);
-    const GradcheckResult r = gradcheck_branchy(gradient_functional(prog, cot, z.like(inputs)), inputs);
+    const auto g = gradient_functional(prog, cot, z.like(inputs));
+    const GradcheckResult r = gradcheck_branchy(g, inputs);
     INFO(r.report);
     CHECK(r.ok);
+    // The Hessian-vector product under jit, traced once and replayed on inputs that branch otherwise.
+    auto hessian_vector = [&](const TensorList& x) {
+      TensorList leaves;
+      for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
+      return grad(g(leaves), leaves);
+    };
+    auto compiled = jit::jit(hessian_vector);
+    TensorList x = inputs;
+    for (int call = 0; call < 3; ++call, x = z.like(inputs)) {
+      const TensorList got = compiled(x), want = hessian_vector(x);
+      REQUIRE(got.size() == want.size());
+      for (size_t i = 0; i < got.size(); ++i) {
+        INFO("jit call " << call << ", input " << i << ": jit " << values(got[i]) << ", eager " << values(want[i]));
+        CHECK(close(got[i], want[i], 1e-12));
+      }
+    }
   }
 }
 
