@@ -155,7 +155,7 @@ class CrossEntropyBackward final : public CrossEntropyBase {
     const Tensor s = softmax(z, -1);
     TensorList r(in.size());
     if (needs[0]) {
-      const Tensor k = (red_ == Reduction::none ? c * scale : scale * c).unsqueeze(-1);
+      const Tensor k = (c * scale).unsqueeze(-1);  // c is 0-d, or per row under reduction none
       r[0] = (k * s * (A - sum(A * s, {-1}, true))).astype(in[0].dtype());
     }
     if (needs[2]) {
