@@ -1,9 +1,10 @@
-// cond, scan and while_loop on random programs: branches and loop bodies are random programs themselves
-// (nested control flow included) that capture tensors from the enclosing program, and predicates and
-// trip counts depend on the data. Checked: the vjp against central finite differences and jit() of
-// the program and of its gradient against eager, on the inputs of the trace and on fresh ones, so that
-// replays take other branches and trip counts than the trace; vmap against a loop over examples whose
-// predicates differ. The seeds are fixed; FUZZ_SEED explores others.
+// cond, scan, while_loop and checkpoint on random programs: branches, loop bodies and checkpointed
+// functions are random programs themselves (nested control flow included) that capture tensors from the
+// enclosing program, and predicates and trip counts depend on the data. Checked: the vjp against central
+// finite differences and jit() of the program and of its gradient against eager, on the inputs of the
+// trace and on fresh ones, so that replays take other branches and trip counts than the trace; vmap
+// against a loop over examples whose predicates differ; second derivatives against finite differences
+// and under jit. The seeds are fixed; FUZZ_SEED explores others.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -24,8 +25,8 @@ namespace {
 // under a trace, cannot read its predicate on the host): the tests check both kinds occur.
 struct Coverage {
   bool record = false;
-  int taken[2] = {0, 0};      // cond: false, true
-  int trips[2] = {0, 0};      // while_loop: one trip, three trips
+  int taken[2] = {0, 0};  // cond: false, true
+  int trips[2] = {0, 0};  // while_loop: one trip, three trips
 };
 Coverage coverage;
 
