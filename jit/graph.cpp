@@ -651,8 +651,25 @@ const CaptureStats* Compiled::capture_stats_for(const TensorList& args) const {
   return it == cache_.end() || !it->second.replay ? nullptr : &it->second.replay->stats();
 }
 
+namespace {
+bool log_compiles() {
+  const char* e = std::getenv("TITANAX_LOG_COMPILES");
+  return e && std::string(e) == "1";
+}
+}  // namespace
+
 TensorList Compiled::operator()(const TensorList& args) {
   if (apply_observer()) return fn_(args);  // inside another trace: inline
+  if (GradMode::enabled()) {  // results that must carry gradients: fn recorded on the tape, not a replay
+    const auto needs = std::find_if(args.begin(), args.end(), [](const Tensor& t) { return t.defined() && t.requires_grad(); });
+    if (needs != args.end()) {
+      if (stats_.eager_for_grad++ == 0 && log_compiles())
+        spdlog::info("jit: input {} requires grad: running the function eagerly so that its results carry gradients "
+                     "(take the gradient inside the jitted function to compile the backward pass too)",
+                     needs - args.begin());
+      return fn_(args);
+    }
+  }
   const std::string sig = signature(args);
   auto it = cache_.find(sig);
   if (it != cache_.end()) {
@@ -664,7 +681,7 @@ TensorList Compiled::operator()(const TensorList& args) {
     }
     return e.replay ? e.replay->run(graph_args(args)) : e.graph.run(graph_args(args));
   }
-  if (const char* e = std::getenv("TITANAX_LOG_COMPILES"); e && std::string(e) == "1") {
+  if (log_compiles()) {
     std::string why = "first call";
     if (!cache_.empty()) {  // name the first input that differs from the nearest cached signature
       const auto mine = split_sig(sig);

@@ -173,6 +173,7 @@ struct JitStats {
   int64_t hits = 0;             ///< calls served by a cached graph
   int64_t misses = 0;           ///< calls that traced and optimised a new graph
   double compile_seconds = 0;   ///< total time spent tracing and optimising
+  int64_t eager_for_grad = 0;   ///< calls run eagerly because an input requires grad (see Compiled)
 };
 
 /// Options of jit().
@@ -211,7 +212,10 @@ void optimize_for_replay(Graph& g, const JitOptions& opts = {});
 /// state (they require grad, or the function writes them in place): a training step's parameters and
 /// optimizer state are read and written live at every replay; other tensors that change between calls
 /// must be inputs. Called while another function is being traced, it runs fn directly (inlined into the
-/// outer trace).
+/// outer trace). A replay is not recorded on the tape, so when grad mode is on and an input requires
+/// grad, fn runs eagerly instead, recorded, and its results carry gradients as without jit (JAX's jit is
+/// transparent to grad likewise; JitStats::eager_for_grad counts these calls, and TITANAX_LOG_COMPILES=1
+/// logs the first): to compile the backward pass too, take the gradient inside fn.
 class Compiled {
  public:
   explicit Compiled(std::function<TensorList(const TensorList&)> fn, JitOptions opts = {})

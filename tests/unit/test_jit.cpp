@@ -191,3 +191,27 @@ TEST_CASE("CSE keeps apart ops that differ in a parameter: sample dtype, vocab-p
   auto same = [&](const TensorList& in) { return TensorList{psum(mesh, in[0], "model"), psum(mesh, in[0], "model")}; };
   CHECK(testing::count_op(optimized(same, {logits}), "psum") == 1);  // the same collective twice is one
 }
+
+TEST_CASE("jit(): results of a call whose input requires grad carry gradients, as without jit", "[jit]") {
+  // A replay is not recorded on the tape: such a call used to return results without gradients, so
+  // grad() through them gave zeros. Now fn runs eagerly for it (JAX's jit is transparent to grad).
+  auto f = jit::jit([](const TensorList& in) { return TensorList{tanh(in[0]) * in[1]}; });
+  const Tensor a = rnd(61, Shape{4}), b = rnd(62, Shape{4});
+  for (int call = 0; call < 2; ++call) {
+    const Tensor x = a.detach().set_requires_grad();
+    const TensorList g = grad(sum(f({x, b})[0]), {x});
+    const Tensor t = tanh(a);
+    const auto got = vec(g[0]), want = vec((1.0 - t * t) * b);
+    for (size_t i = 0; i < want.size(); ++i) CHECK(got[i] == Approx(want[i]).epsilon(1e-12));
+  }
+  CHECK(f.stats().eager_for_grad == 2);
+  CHECK(f.stats().misses == 0);
+  // Without an input that requires grad, or without grad mode, calls compile and replay as before.
+  f({a, b});
+  {
+    NoGradGuard ng;
+    f({a.detach().set_requires_grad(), b});
+  }
+  CHECK(f.stats().misses == 1);
+  CHECK(f.stats().hits == 1);
+}
