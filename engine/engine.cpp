@@ -66,6 +66,13 @@ Tensor Engine::policy_loss(nn::Module& model, const LossFn& loss_fn, const Batch
     AutocastGuard ac(opts_.precision.compute);  // f32: off
     l = loss_fn(model, mb);
   }
+  // In a training step (recording on) a loss without gradient history would train nothing, silently:
+  // every gradient zero (PyTorch refuses its backward likewise).
+  if (GradMode::enabled() && l.defined() && !l.requires_grad())
+    throw ValueError("the loss does not depend on any parameter of the model: it carries no gradient history",
+                     "a loss computed from the model's outputs while recording",
+                     "a loss without history (" + l.str() + ")",
+                     "compute it without NoGradGuard, detach() or values read with item(); every gradient would be zero");
   return is_half(l.dtype()) ? l.astype(DType::f32) : l;
 }
 
@@ -383,8 +390,13 @@ void check_fit_options(const FitOptions& fo) {
 StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batch& batch) {
   check_jit(model, batch);
   auto [keys, args] = batch_args(batch);
-  if (!jit_step_ || jit_model_ != &model) {
+  using LossPtr = Tensor (*)(nn::Module&, const Batch&);
+  const LossPtr* fp = loss_fn.target<LossPtr>();
+  const std::pair<const std::type_info*, const void*> loss_id{&loss_fn.target_type(), fp ? reinterpret_cast<const void*>(*fp) : nullptr};
+  if (!jit_step_ || jit_model_ != &model || jit_keys_ != keys || jit_loss_ != loss_id) {
     jit_model_ = &model;
+    jit_keys_ = keys;
+    jit_loss_ = loss_id;
     jit_step_ = std::make_unique<jit::Compiled>(step_function(model, loss_fn, keys));
   }
   begin_step(model, model.parameters());

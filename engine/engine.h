@@ -38,6 +38,10 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
+#include <typeinfo>
+#include <utility>
+#include <vector>
 
 #include "engine/logger.h"
 #include "engine/loss_scale.h"
@@ -169,7 +173,9 @@ class Engine {
   /// One optimizer step on this rank's part of a global batch (split into accumulate_steps microbatches,
   /// or under Plan::pp into PP::microbatches run by the pipeline schedule; loss_fn is then unused: the
   /// stages compute the loss). Throws PlanError when the local batch does not divide into the
-  /// microbatches, or under Plan::pp when the model is not an nn::PipelineModule on the plan's pipe axis.
+  /// microbatches, or under Plan::pp when the model is not an nn::PipelineModule on the plan's pipe axis;
+  /// ValueError when the loss carries no gradient history (computed under NoGradGuard, from detach()ed
+  /// outputs or item() values: every gradient would be zero).
   StepResult step(nn::Module& model, const LossFn& loss, const Batch& local_batch);
   /// Evaluates on the whole dataset (each data-parallel rank takes a contiguous shard), in eval mode,
   /// without recording; returns "eval/<name>" = sum / count for each metric. ValueError for a
@@ -245,7 +251,12 @@ class Engine {
   std::unique_ptr<LossScaler> scaler_;
   PipelineStats last_pipeline_stats_;
   std::unique_ptr<jit::Compiled> jit_step_;
-  const nn::Module* jit_model_ = nullptr;  // the model jit_step_ was made for
+  // What jit_step_ was made for: another model, loss function or set of batch keys makes a new one. The
+  // loss is told apart by its callable's type, and by the function itself when it is a function pointer
+  // (two lambdas of one type with different captures look alike to std::function).
+  const nn::Module* jit_model_ = nullptr;
+  std::vector<std::string> jit_keys_;
+  std::pair<const std::type_info*, const void*> jit_loss_{nullptr, nullptr};
 };
 
 }  // namespace titanax

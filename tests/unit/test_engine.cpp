@@ -316,3 +316,53 @@ TEST_CASE("CsvLogger writes one header, appends on reopen, and refuses paths it 
   CHECK_THROWS_WITH(CsvLogger((csv / "x.csv").string()), Catch::Matchers::Contains("Not a directory"));
   fs::remove_all(dir);
 }
+
+TEST_CASE("a training step refuses a loss without gradient history, eager and under jit", "[engine]") {
+  // PyTorch refuses such a backward; here the step would have taken all-zero gradients, silently.
+  auto data = synthetic(64, 3);
+  DataLoader loader(data, {.batch_size = 16, .shuffle = false, .prefetch = 0});
+  const Batch b = loader.next();
+  auto detached = [](nn::Module& m, const Batch& batch) { return classification_loss(m, batch).detach(); };
+  for (bool jit : {false, true}) {
+    INFO("jit " << jit);
+    nn::MLP model({12, 8, 4});
+    Mesh mesh = single_mesh();
+    Engine engine(mesh, Plan{}, optim::sgd(optim::constant(0.1)), {.jit = jit});
+    const std::vector<float> before = flat_params(model);
+    CHECK_THROWS_WITH(engine.step(model, detached, b), Catch::Matchers::Contains("does not depend on any parameter") &&
+                                                          Catch::Matchers::Contains("NoGradGuard"));
+    CHECK(flat_params(model) == before);  // nothing was updated
+    engine.step(model, classification_loss, b);  // a loss with history trains
+    CHECK(flat_params(model) != before);
+  }
+}
+
+TEST_CASE("under jit, a step with another loss function or other batch keys compiles anew", "[engine][jit]") {
+  // The compiled step was made once per model: a later step with another loss, or a batch with other
+  // keys, replayed the first one's graph.
+  auto data = synthetic(64, 3);
+  DataLoader loader(data, {.batch_size = 16, .shuffle = false, .prefetch = 0});
+  const Batch b = loader.next();
+  Batch weighted = b;
+  weighted.items["w"] = full(Shape{16}, 0.5);
+  auto doubled = [](nn::Module& m, const Batch& batch) { return classification_loss(m, batch) * 2.0; };
+  auto by_keys = [](nn::Module& m, const Batch& batch) {  // scaled by the mean weight when the batch has one
+    const Tensor l = classification_loss(m, batch);
+    return batch.items.count("w") ? l * mean(batch.items.at("w")) : l;
+  };
+  std::vector<double> losses[2];
+  for (bool jit : {false, true}) {
+    nn::MLP model({12, 8, 4});
+    Mesh mesh = single_mesh();
+    Engine engine(mesh, Plan{}, optim::sgd(optim::constant(0.1)), {.jit = jit});
+    losses[jit].push_back(engine.step(model, classification_loss, b).loss);
+    losses[jit].push_back(engine.step(model, doubled, b).loss);
+    losses[jit].push_back(engine.step(model, by_keys, b).loss);
+    losses[jit].push_back(engine.step(model, by_keys, weighted).loss);
+  }
+  for (size_t i = 0; i < losses[0].size(); ++i) {
+    INFO("step " << i);
+    CHECK(losses[1][i] == Approx(losses[0][i]).epsilon(1e-6));
+  }
+  CHECK(losses[0][1] > 1.5 * losses[0][0]);  // the second loss is the doubled one
+}
