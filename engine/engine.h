@@ -123,6 +123,9 @@ struct EngineOptions {
   /// bucket_bytes; Megatron's f / g, the vocabulary shard and the TP-aware gradient norm are nodes too;
   /// no Plan::pp): PlanError otherwise, pipeline plans at construction. Dropout keys are folded with
   /// the optimizer's step counter when the op runs (nn::RngContext), so each replay draws eager's masks.
+  /// A step with another model, other batch keys or a loss function of another callable type (or
+  /// another function pointer) compiles anew; a loss of the same lambda type with other captured values
+  /// cannot be told apart and replays the first one's graph: use another Engine for it.
   bool jit = false;
 };
 

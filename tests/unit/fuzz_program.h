@@ -83,6 +83,16 @@ inline std::function<Tensor(const TensorList&)> gradient_functional(Program prog
   };
 }
 
+// x -> the gradient of g at x (with g a gradient_functional: a Hessian-vector product), each input made
+// a leaf first.
+inline std::function<TensorList(const TensorList&)> gradient_of(std::function<Tensor(const TensorList&)> g) {
+  return [g = std::move(g)](const TensorList& x) {
+    TensorList leaves;
+    for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
+    return grad(g(leaves), leaves);
+  };
+}
+
 // The fixed seed of a test, or FUZZ_SEED from the environment to explore others.
 inline uint64_t seed_or(uint64_t fixed) { return std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : fixed; }
 

@@ -89,11 +89,7 @@ TEST_CASE("random compositions: second derivatives (the vjp of the vjp) against 
     CHECK(r.ok);
     // The second derivatives under jit (both backward passes traced into one graph; trace and replay)
     // and per example under vmap, against eager.
-    auto hessian_vector = [&](const TensorList& x) {
-      TensorList leaves;
-      for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
-      return grad(g(leaves), leaves);
-    };
+    const auto hessian_vector = gradient_of(g);
     const TensorList want = hessian_vector(inputs);
     auto compiled = jit::jit(hessian_vector);
     for (int call = 0; call < 2; ++call) {

@@ -251,11 +251,7 @@ TEST_CASE("random programs with cond and scan: second derivatives against finite
     INFO(r.report);
     CHECK(r.ok);
     // The Hessian-vector product under jit, traced once and replayed on inputs that branch otherwise.
-    auto hessian_vector = [&](const TensorList& x) {
-      TensorList leaves;
-      for (const auto& t : x) leaves.push_back(t.detach().set_requires_grad());
-      return grad(g(leaves), leaves);
-    };
+    const auto hessian_vector = gradient_of(g);
     auto compiled = jit::jit(hessian_vector);
     TensorList x = inputs;
     for (int call = 0; call < 3; ++call, x = z.like(inputs)) {
