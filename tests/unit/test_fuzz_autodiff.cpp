@@ -63,6 +63,8 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
         CHECK(close(jg[i], eager_grads[i], 1e-12));
       }
     }
+    CHECK(forward.stats().hits >= 1);  // replays of the compiled graphs, not eager runs
+    CHECK(backward.stats().hits >= 1);
   }
 }
 
@@ -100,6 +102,7 @@ TEST_CASE("random compositions: second derivatives (the vjp of the vjp) against 
         CHECK(close(got[i], want[i], 1e-12));
       }
     }
+    CHECK(compiled.stats().hits >= 1);  // replays of the compiled graph, not eager runs
     const TensorList batched{concat({inputs[0].unsqueeze(0), (inputs[0] * 0.5).unsqueeze(0)}, 0), inputs[1]};
     const TensorList per = jit::vmap(hessian_vector, {0, jit::not_batched})(batched);
     REQUIRE(per.size() == want.size());
@@ -153,6 +156,7 @@ TEST_CASE("random compositions on larger f32 / bf16 tensors: jit's fused, planne
         CHECK(worst <= (!prog.has_gemm ? 0.0 : dt == DType::bf16 ? 2e-2 : 1e-5));
       }
     }
+    CHECK(compiled.stats().hits >= 1);  // replays of the compiled graph, not eager runs
   }
 }
 

@@ -230,6 +230,7 @@ TEST_CASE("random programs with cond, scan and checkpoint: vjp against finite di
         CHECK(close(got[i], want[i], 1e-12));
       }
     }
+    CHECK(compiled.stats().hits >= 1);  // replays of the compiled graph, not eager runs
   }
   CHECK(flow_programs >= 30);  // most programs hold control flow
   CHECK(coverage.taken[0] >= 20);  // top-level conds took each branch, replays included
@@ -262,6 +263,7 @@ TEST_CASE("random programs with cond and scan: second derivatives against finite
         CHECK(close(got[i], want[i], 1e-12));
       }
     }
+    CHECK(compiled.stats().hits >= 1);  // replays of the compiled graph, not eager runs
   }
 }
 
@@ -300,6 +302,7 @@ TEST_CASE("random programs with while_loop, cond and scan: jit replays and vmap 
         CHECK(close(got[i], want[i], 1e-12));
       }
     }
+    CHECK(compiled.stats().hits >= 1);  // replays of the compiled graph, not eager runs
 
     // vmap: every input batched along axis 0 (so every predicate and trip count is per example), or the
     // last input shared.
