@@ -2,6 +2,7 @@
 #pragma once
 
 #include "autodiff/autodiff.h"
+#include "autodiff/functional.h"
 #include "core/allocator.h"
 #include "core/device.h"
 #include "core/dtype.h"

@@ -1,0 +1,98 @@
+// Function transformations over the tape: Jacobian-vector and vector-Jacobian products, Hessian-vector
+// products, whole Jacobians and Hessians. The names and contracts follow JAX (jax.jvp, jax.vjp,
+// jax.jacrev, jax.hessian) and torch.autograd.functional (jvp, vjp, hvp, jacobian, hessian).
+//
+// Everything here is reverse mode over the tape (autodiff/autodiff.h), so it differentiates whatever
+// grad() differentiates, with the same vjps:
+//   * vjp: one backward pass per call of the pullback.
+//   * jvp: the "double-vjp trick" (J. Townsend, "A new trick for calculating Jacobian vector products",
+//     2017; what torch.autograd.functional.jvp does): g(u) = J^T u is linear in the cotangent u, so the
+//     vjp of g with respect to u, taken with cotangent v, is J v. It costs a forward pass, a recorded
+//     backward pass and the backward of that (about 3 to 4 times the forward's work), and it needs the
+//     second derivative of every op on the path: one without it (the fused attention ops,
+//     vocab_parallel_cross_entropy, checkpoint()) throws AutodiffError naming it.
+//   * hvp: reverse over reverse (Pearlmutter 1994, "Fast exact multiplication by the Hessian"): the
+//     gradient of <grad f(x), v>.
+//   * jacobian / hessian: one backward pass per element of the differentiated output (rows of the
+//     Jacobian), so they suit small outputs; the Hessian's rows are the Jacobian of the recorded
+//     gradient.
+//
+// Common rules:
+//   * fn runs once, with grad mode on (also under NoGradGuard), on fresh leaves that share the primals'
+//     storage: the primals' own requires_grad flags and .grad() are never touched.
+//   * Non-floating primals (ids, labels) pass through to fn and are not differentiated; their tangents /
+//     Hessian and Jacobian entries are undefined Tensors. Non-floating outputs likewise get undefined
+//     tangents and Jacobian entries, and take no cotangent.
+//   * FunctionalOptions::create_graph = false (the default): every result is detached. With true, the
+//     results are recorded, so they can be differentiated again with respect to the primals, tangents,
+//     cotangents and whatever those were computed from (e.g. a meta-learning outer loop).
+//   * Works under jit::jit and jit::vmap like grad() does (the backward passes are traced into the graph).
+#pragma once
+
+#include <functional>
+#include <utility>
+#include <vector>
+
+#include "autodiff/autodiff.h"
+
+namespace titanax {
+
+struct FunctionalOptions {
+  /// Record the computation of the results, so that they can be differentiated again.
+  bool create_graph = false;
+};
+
+/// A function from a list of tensors to a list of tensors (the type jit::jit and jit::vmap take).
+using VectorFn = std::function<TensorList(const TensorList&)>;
+/// A function from a list of tensors to a scalar (one element), e.g. a loss.
+using ScalarFn = std::function<Tensor(const TensorList&)>;
+
+/// Jacobian-vector product (forward mode's product, computed in reverse): returns (fn(primals), J tangents), where J is fn's Jacobian at primals; the
+/// second list has one tensor per output of fn, of that output's shape and dtype: sum over j of
+/// d out_i / d primal_j contracted with tangents[j]. tangents: one per primal, of its shape (cast to its
+/// dtype); an undefined Tensor() is a zero tangent, and the only one a non-floating primal takes.
+/// Algorithm: the double-vjp trick (see the file comment).
+/// Throws AutodiffError for a tangent list of another length, a tangent of another shape, a tangent
+/// given for a non-floating primal, or an op on the path without a second derivative; whatever fn throws.
+std::pair<TensorList, TensorList> jvp(const VectorFn& fn, const TensorList& primals, const TensorList& tangents,
+                                      const FunctionalOptions& opts = {}, Loc loc = Loc::current());
+
+/// The result of vjp(): fn's outputs and the pullback u -> J^T u.
+struct VjpResult {
+  TensorList outputs;
+  /// cotangents: one per output, of its shape (cast to its dtype); undefined for a non-floating output
+  /// or one that should contribute nothing. Returns one tensor per primal, of its shape and dtype
+  /// (zeros where the outputs do not depend on it; undefined for a non-floating primal). May be called
+  /// any number of times. Throws AutodiffError for a cotangent list of another length, a cotangent of
+  /// another shape, or one given for a non-floating output.
+  std::function<TensorList(const TensorList& cotangents)> pullback;
+};
+
+/// Reverse-mode product, as jax.vjp: runs fn once and returns its outputs and a pullback computing
+/// J^T u (one backward pass per call). The pullback keeps fn's recorded graph alive.
+VjpResult vjp(const VectorFn& fn, const TensorList& primals, const FunctionalOptions& opts = {},
+              Loc loc = Loc::current());
+
+/// Hessian-vector product of a scalar function: returns (fn(primals), H v) where H is the Hessian of fn
+/// at primals with respect to all floating primals together: result j = sum over k of
+/// d^2 fn / d primal_j d primal_k contracted with v[k]. v: one per primal, as jvp's tangents. Two backward passes (reverse over reverse). Throws AutodiffError for fn
+/// returning more than one element or a non-floating value, and for v as jvp's tangents.
+std::pair<Tensor, TensorList> hvp(const ScalarFn& fn, const TensorList& primals, const TensorList& v,
+                                  const FunctionalOptions& opts = {}, Loc loc = Loc::current());
+
+/// Jacobian of fn at primals (jax.jacrev, torch.autograd.functional.jacobian): result[i][j] has shape
+/// outputs[i].shape ++ primals[j].shape and primal j's dtype: element (a, b) is d out_i[a] / d
+/// primal_j[b]. Undefined entries for non-floating outputs or primals. One backward pass per element of
+/// the floating outputs.
+std::vector<TensorList> jacobian(const VectorFn& fn, const TensorList& primals, const FunctionalOptions& opts = {},
+                                 Loc loc = Loc::current());
+
+/// Hessian of a scalar fn at primals (jax.hessian, torch.autograd.functional.hessian): result[i][j] has
+/// shape primals[i].shape ++ primals[j].shape and primal j's dtype: element (a, b) is
+/// d^2 fn / d primal_i[a] d primal_j[b]. Undefined entries where primal i or j is not floating. One
+/// backward pass for the gradient, then one per element of the floating primals. Throws AutodiffError
+/// as hvp does.
+std::vector<TensorList> hessian(const ScalarFn& fn, const TensorList& primals, const FunctionalOptions& opts = {},
+                                Loc loc = Loc::current());
+
+}  // namespace titanax
