@@ -3,8 +3,9 @@
 // kernels in kernels/cuda/kernels.h (cuDNN convolutions, our own max-pooling kernels). The max-pool
 // workspace (which element won each window) has a per-device layout: its size comes from the backend.
 //
-// The convolution backward ops are linear in each input, so their own vjps are convolutions again and
-// conv2d is differentiable to any order. max_pool2d_backward's vjp throws AutodiffError.
+// The convolution backward ops are linear in each input, so their own vjps are convolutions again:
+// conv2d is differentiable to any order. max_pool2d_backward is linear in dy; its vjp gathers the
+// cotangent at the winners max_pool2d_indices finds, so max_pool2d is differentiable to any order too.
 #include "kernels/cpu/conv.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
@@ -239,7 +240,41 @@ void check_pool(const char* op, const Tensor& x, Pair kernel, Pair stride, Pair 
   check_fits(op, x, kernel, padding);
 }
 
-// Inputs (dy [N, C, OH, OW], ws u8) -> dx [N, C, H, W].
+// The winners' plane offsets as max_pool2d_indices gives them: i64 [N, C, OH, OW].
+class MaxPool2dIndices final : public Op {
+ public:
+  MaxPool2dIndices(Pair kernel, Pair stride, Pair padding) : kernel_(kernel), stride_(stride), padding_(padding) {}
+  const char* name() const override { return "max_pool2d_indices"; }
+  std::string attrs() const override {
+    return "kernel=" + pair_str(kernel_) + " stride=" + pair_str(stride_) + " padding=" + pair_str(padding_);
+  }
+  bool differentiable() const override { return false; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const Tensor& x = in[0];
+    check_dtype(x, {DType::f32, DType::f64}, name());
+    check_pool(name(), x, kernel_, stride_, padding_);
+    kc::Pool2dGeom g = pool_geom(x.shape(), kernel_, stride_, padding_);
+    return {{Shape{g.N, g.C, g.OH(), g.OW()}, DType::i64, x.device()}};
+  }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    kc::max_pool2d_indices(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0]);
+  }
+  // The CUDA forward records the same winners as int32 plane offsets: run it and widen them.
+  void cuda(const TensorList& in, TensorList& out) const override {
+    Tensor x = dense(in[0]);
+    if (out[0].numel() == 0) return;
+    Tensor y = empty(out[0].shape(), x.dtype(), x.device()), ws = empty(out[0].shape(), DType::i32, x.device());
+    kernels::cuda::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), y, ws);
+    kernels::cuda::copy_cast(ws, out[0]);
+  }
+
+ private:
+  Pair kernel_, stride_, padding_;
+};
+
+// Inputs (dy [N, C, OH, OW], ws u8, x [N, C, H, W]) -> dx [N, C, H, W]. x is not read: it is there for
+// the vjp, which gathers the cotangent at the winners max_pool2d_indices(x) finds again.
 class MaxPool2dBackward final : public Op {
  public:
   explicit MaxPool2dBackward(kc::Pool2dGeom g) : g_(g) {}
@@ -267,9 +302,17 @@ class MaxPool2dBackward final : public Op {
   void cuda(const TensorList& in, TensorList& out) const override {
     kernels::cuda::max_pool2d_backward(dense(in[0]), dense(in[1]), g_, out[0]);
   }
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    throw AutodiffError("second derivative of max_pool2d is not implemented", "first-order gradients of max_pool2d",
-                        "a gradient of max_pool2d_backward");
+  // dx is linear in dy (dx = J^T dy with J max_pool2d's 0/1 Jacobian), so its vjp with respect to dy is
+  // J ct: the cotangent read at each window's winner. With respect to x it is zero: the winners are
+  // piecewise constant in x.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    TensorList r(3);
+    if (!needs[0]) return r;
+    const Tensor idx = max_pool2d_indices(in[2], {g_.KH, g_.KW}, {g_.SH, g_.SW}, {g_.PH, g_.PW});
+    const int64_t plane = g_.H * g_.W;
+    const Tensor base = arange(0, g_.N * g_.C * plane, plane).reshape(Shape{g_.N, g_.C, 1, 1}).to(idx.device());
+    r[0] = take(ct[0].reshape(Shape{-1}), (idx + base).reshape(Shape{-1}), 0).reshape(idx.shape());
+    return r;
   }
 
  private:
@@ -305,7 +348,7 @@ class MaxPool2d final : public Op {
                  const std::vector<bool>& needs) const override {
     if (!needs[0]) return {Tensor()};
     kc::Pool2dGeom g = pool_geom(in[0].shape(), kernel_, stride_, padding_);
-    return {apply1(std::make_shared<MaxPool2dBackward>(g), {ct[0], out[1]})};
+    return {apply1(std::make_shared<MaxPool2dBackward>(g), {ct[0], out[1], in[0]})};
   }
 
  private:
@@ -325,6 +368,13 @@ Tensor max_pool2d(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int
   if (stride[0] == 0) stride[0] = kernel[0];
   if (stride[1] == 0) stride[1] = kernel[1];
   return titanax::apply(std::make_shared<MaxPool2d>(kernel, stride, padding), {x})[0];
+}
+
+Tensor max_pool2d_indices(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
+                          std::array<int64_t, 2> padding) {
+  if (stride[0] == 0) stride[0] = kernel[0];
+  if (stride[1] == 0) stride[1] = kernel[1];
+  return apply1(std::make_shared<MaxPool2dIndices>(kernel, stride, padding), {x});
 }
 
 }  // namespace titanax

@@ -182,9 +182,18 @@ Tensor embedding(const Tensor& weight, const Tensor& ids);
 /// undefined; oneDNN on the CPU.
 Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b = {}, std::array<int64_t, 2> stride = {1, 1},
               std::array<int64_t, 2> padding = {0, 0});
-/// Max pooling over [N, C, H, W] windows; stride defaults to the kernel size.
+/// Max pooling over [N, C, H, W] windows; stride defaults to the kernel size; padding (at most half the
+/// kernel) is never a window's maximum. Each window's gradient goes to its first maximum in row-major
+/// window order (the first NaN if any). Differentiable to any order. x f32 or f64 (DTypeError
+/// otherwise); ShapeError for a non-4-d x, a non-positive kernel, bad stride / padding, or a window
+/// larger than the padded input.
 Tensor max_pool2d(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride = {0, 0},
                   std::array<int64_t, 2> padding = {0, 0});
+/// The indices torch.nn.functional.max_pool2d(..., return_indices=True) returns: i64 [N, C, OH, OW],
+/// the offset h * W + w in its H x W plane of the element max_pool2d picks in each window (the one its
+/// gradient flows to). Not differentiable. Same arguments and errors as max_pool2d.
+Tensor max_pool2d_indices(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride = {0, 0},
+                          std::array<int64_t, 2> padding = {0, 0});
 
 // ------------------------------------------------------------------------------------ random
 /// Uniform [0, 1) and standard normal samples from Philox(key) by element index (same on every device).

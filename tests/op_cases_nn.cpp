@@ -168,6 +168,23 @@ std::vector<OpCase> extra_op_cases() {
   cs.push_back({"max_pool2d/odd_input_2x2", [](RngKey key) { return TensorList{distinct64(k(key, 0), Shape{1, 2, 5, 7})}; },
                 [](const TensorList& in) { return max_pool2d(in[0], {2, 2}); }});
 
+  // max_pool2d_indices: on distinct values, and on values in {0, 1, 2} where most windows tie (the first
+  // maximum wins on every device). The second derivative: the gradient of a squared pooling, whose own
+  // gradient reads the cotangent at the winners (max_pool2d_backward's vjp).
+  cs.push_back({"max_pool2d_indices/3x3_stride2_pad1", [](RngKey key) { return TensorList{distinct64(k(key, 0), Shape{2, 2, 7, 7})}; },
+                [](const TensorList& in) { return max_pool2d_indices(in[0], {3, 3}, {2, 2}, {1, 1}); }, false});
+  cs.push_back({"max_pool2d_indices/ties", [](RngKey key) { return TensorList{randint(k(key, 0), Shape{2, 3, 7, 6}, 3).astype(DType::f64)}; },
+                [](const TensorList& in) { return max_pool2d_indices(in[0], {3, 2}, {1, 2}, {1, 1}); }, false});
+  cs.push_back({"max_pool2d/second_order", [](RngKey key) { return TensorList{distinct64(k(key, 0), Shape{2, 2, 7, 7})}; },
+                [](const TensorList& in) {
+                  GradModeGuard on(true);  // gradcheck's numeric pass runs without recording
+                  const bool outer = in[0].requires_grad();
+                  const Tensor x = outer ? in[0] : in[0].detach().set_requires_grad();
+                  BackwardOptions o;
+                  o.create_graph = outer;
+                  return grad(sum(square(max_pool2d(x, {3, 3}, {2, 2}, {1, 1}))), {x}, o)[0];
+                }});
+
   // ---- a small CNN block end to end: conv -> relu -> pool -> linear -> cross_entropy.
   cs.push_back({"cnn_block", [](RngKey key) {
                   return TensorList{distinct64(k(key, 0), Shape{2, 1, 6, 6}), randn64(k(key, 1), Shape{2, 1, 3, 3}, 0.5),

@@ -321,8 +321,10 @@ void conv_bwd_weights_ref(const T* dy, const T* x, const Conv2dGeom& g, T* dw, T
 }
 
 // ws: per output element, the winning offset ih * W + iw in its input plane (-1: empty window).
-template <class T>
-void pool_fwd_ref(const T* x, const Pool2dGeom& g, T* y, int32_t* ws) {
+// y (when not null) and the winner's offset in its plane (I: int32 for the workspace, int64 for
+// max_pool2d_indices): the first maximum of each window in row-major window order, the first NaN if any.
+template <class T, class I>
+void pool_fwd_ref(const T* x, const Pool2dGeom& g, T* y, I* ws) {
   const int64_t OH = g.OH(), OW = g.OW();
   parallel_for(g.N * g.C, OH * OW * g.KH * g.KW, [&](int64_t s, int64_t e) {
     for (int64_t t = s; t < e; ++t) {
@@ -344,8 +346,8 @@ void pool_fwd_ref(const T* x, const Pool2dGeom& g, T* y, int32_t* ws) {
               }
             }
           }
-          y[(t * OH + i) * OW + j] = best;
-          ws[(t * OH + i) * OW + j] = at;
+          if (y) y[(t * OH + i) * OW + j] = best;
+          ws[(t * OH + i) * OW + j] = I(at);
         }
     }
   });
@@ -415,6 +417,14 @@ void max_pool2d_forward(const Tensor& x, const Pool2dGeom& g, Tensor& y, Tensor&
   TX_DISPATCH_FLOAT(x.dtype(), "max_pool2d", {
     using T = scalar_t;
     pool_fwd_ref(x.data<T>(), g, y.data<T>(), static_cast<int32_t*>(ws.raw_data()));
+  });
+}
+
+void max_pool2d_indices(const Tensor& x, const Pool2dGeom& g, Tensor& idx) {
+  if (idx.numel() == 0) return;
+  TX_DISPATCH_FLOAT(x.dtype(), "max_pool2d_indices", {
+    using T = scalar_t;
+    pool_fwd_ref(x.data<T>(), g, static_cast<T*>(nullptr), idx.data<int64_t>());
   });
 }
 

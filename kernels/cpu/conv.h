@@ -50,6 +50,10 @@ int64_t max_pool2d_workspace_bytes(const Pool2dGeom& g, DType dtype);
 /// y [N, C, OH, OW] = max over each window of x [N, C, H, W]; ws: u8 [workspace bytes], filled for the
 /// backward.
 void max_pool2d_forward(const Tensor& x, const Pool2dGeom& g, Tensor& y, Tensor& ws);
+/// idx i64 [N, C, OH, OW]: the offset in its H x W plane of each window's maximum (the first in
+/// row-major window order on ties, the first NaN if any: the winner max_pool2d_forward routes the
+/// gradient to, on either path). x f32 or f64.
+void max_pool2d_indices(const Tensor& x, const Pool2dGeom& g, Tensor& idx);
 /// dx [N, C, H, W] = dy [N, C, OH, OW] routed to each window's maximum (summed where windows overlap),
 /// using the workspace of the forward. dx's dtype selects the path (the forward's dtype).
 void max_pool2d_backward(const Tensor& dy, const Tensor& ws, const Pool2dGeom& g, Tensor& dx);

@@ -224,6 +224,11 @@ std::vector<std::pair<std::string, OpFn>> ops() {
                  const int64_t k = z.note(z.pick(0, 3), "kernel"), st = z.note(z.pick(0, 2), "stride"), pd = z.note(z.pick(-1, 2), "padding");
                  return max_pool2d(x, {k, k}, {st, st}, {pd, pd});
                }});
+  o.push_back({"max_pool2d_indices", [](Fuzz& z) {
+                 Tensor x = z.tensor(z.coin(0.8) ? Shape{1, z.pick(1, 2), z.pick(0, 5), z.pick(1, 5)} : z.shape(), DType::f32);
+                 const int64_t k = z.note(z.pick(0, 3), "kernel"), st = z.note(z.pick(0, 2), "stride"), pd = z.note(z.pick(-1, 2), "padding");
+                 return max_pool2d_indices(x, {k, k}, {st, st}, {pd, pd});
+               }});
   return o;
 }
 

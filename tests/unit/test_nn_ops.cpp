@@ -471,6 +471,9 @@ TEST_CASE("max_pool2d matches a naive window maximum, forward and backward", "[o
       std::vector<double> vv = vals(v), dx(xv.size(), 0.0);
       for (size_t o = 0; o < arg.size(); ++o) dx[size_t(arg[o])] += vv[o];
       check_close(vals(grad(sum(mul(y, v)), {xl})[0]), dx, tol_for(dt), "dx");
+      std::vector<int64_t> in_plane(arg.size());
+      for (size_t o = 0; o < arg.size(); ++o) in_plane[o] = arg[o] % (H * W);
+      CHECK(max_pool2d_indices(x, pc.k, pc.st, pc.pd).to_vector<int64_t>() == in_plane);
     }
   }
   // Errors.
@@ -481,6 +484,67 @@ TEST_CASE("max_pool2d matches a naive window maximum, forward and backward", "[o
   CHECK_THROWS_AS(max_pool2d(x, {2, 2}, {-1, 1}), ShapeError);
   CHECK_THROWS_AS(max_pool2d(ones(Shape{4, 4}), {2, 2}), ShapeError);
   CHECK_THROWS_AS(max_pool2d(x.astype(DType::i64), {2, 2}), DTypeError);
+}
+
+TEST_CASE("max_pool2d on ties: indices, the gradient's routing and the second derivative pick the same winner",
+          "[ops][nn][max_pool2d]") {
+  // Values in {0, 1, 2} (a ReLU's zeros are the common case): most windows tie. Integer cotangents keep
+  // every sum exact, so f32 (oneDNN's kernels) must agree exactly with the first-maximum rule too.
+  struct PoolCase {
+    Shape s;
+    std::array<int64_t, 2> k, st, pd;
+  };
+  const std::vector<PoolCase> cases{{Shape{2, 3, 6, 6}, {2, 2}, {2, 2}, {0, 0}},
+                                    {Shape{2, 2, 7, 7}, {3, 3}, {2, 2}, {1, 1}},
+                                    {Shape{1, 3, 9, 5}, {3, 2}, {1, 2}, {1, 1}}};
+  int ci = 0;
+  for (const auto& pc : cases) {
+    ++ci;
+    const int64_t N = pc.s[0], C = pc.s[1], H = pc.s[2], W = pc.s[3];
+    const int64_t OH = (H + 2 * pc.pd[0] - pc.k[0]) / pc.st[0] + 1, OW = (W + 2 * pc.pd[1] - pc.k[1]) / pc.st[1] + 1;
+    for (DType dt : {DType::f64, DType::f32}) {
+      INFO("case " << ci << " " << dtype_name(dt));
+      const Tensor x = testing::randint(RngKey::from_seed(900 + uint64_t(ci)), pc.s, 3).astype(dt);
+      const std::vector<double> xv = vals(x);
+      std::vector<int64_t> first(size_t(N * C * OH * OW));  // the first maximum's offset in its plane
+      for (int64_t t = 0; t < N * C; ++t)
+        for (int64_t i = 0; i < OH; ++i)
+          for (int64_t j = 0; j < OW; ++j) {
+            double m = -INFINITY;
+            int64_t at = -1;
+            for (int64_t p = 0; p < pc.k[0]; ++p)
+              for (int64_t q = 0; q < pc.k[1]; ++q) {
+                const int64_t ih = i * pc.st[0] - pc.pd[0] + p, iw = j * pc.st[1] - pc.pd[1] + q;
+                if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+                if (xv[size_t((t * H + ih) * W + iw)] > m) m = xv[size_t((t * H + ih) * W + iw)], at = ih * W + iw;
+              }
+            first[size_t((t * OH + i) * OW + j)] = at;
+          }
+      CHECK(max_pool2d_indices(x, pc.k, pc.st, pc.pd).to_vector<int64_t>() == first);
+
+      // dx = J^T dy routes each window's dy to that winner.
+      const Tensor dy = testing::randint(RngKey::from_seed(950 + uint64_t(ci)), Shape{N, C, OH, OW}, 7).astype(dt) - 3.0;
+      const std::vector<double> dyv = vals(dy);
+      std::vector<double> want_dx(xv.size(), 0.0);
+      for (size_t o = 0; o < first.size(); ++o) want_dx[size_t(int64_t(o) / (OH * OW) * H * W + first[o])] += dyv[o];
+      const Tensor xl = x.detach().set_requires_grad();
+      const Tensor dyl = dy.detach().set_requires_grad();
+      BackwardOptions keep;
+      keep.create_graph = true;
+      const Tensor dx = grad(sum(max_pool2d(xl, pc.k, pc.st, pc.pd) * dyl), {xl}, keep)[0];
+      CHECK(vals(dx) == want_dx);
+      // Its vjp with respect to dy, J g: g read at each winner. With respect to x: zero.
+      const Tensor g = testing::randint(RngKey::from_seed(990 + uint64_t(ci)), pc.s, 7).astype(dt) - 3.0;
+      const std::vector<double> gv = vals(g);
+      std::vector<double> want_jg(first.size());
+      for (size_t o = 0; o < first.size(); ++o) want_jg[o] = gv[size_t(int64_t(o) / (OH * OW) * H * W + first[o])];
+      const TensorList second = grad(sum(dx * g), {dyl, xl});
+      CHECK(vals(second[0]) == want_jg);
+      CHECK(vals(second[1]) == std::vector<double>(xv.size(), 0.0));
+    }
+  }
+  CHECK_THROWS_AS(max_pool2d_indices(ones(Shape{1, 1, 4, 4}), {5, 5}), ShapeError);
+  CHECK_THROWS_AS(max_pool2d_indices(ones(Shape{1, 1, 4, 4}, DType::i32), {2, 2}), DTypeError);
 }
 
 // ====================================================================================== dtype errors
@@ -527,7 +591,7 @@ std::function<Tensor(const TensorList&)> grad_norm_of(std::function<Tensor(const
 
 }  // namespace
 
-TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax, dropout, take, exp, tanh, layer_norm, gelu, cross_entropy", "[ops][nn][autodiff]") {
+TEST_CASE("second derivatives: conv2d (both backward ops), max_pool2d, softmax, log_softmax, dropout, take, exp, tanh, layer_norm, gelu, cross_entropy", "[ops][nn][autodiff]") {
   RngKey key = RngKey::from_seed(909);
   struct Case {
     const char* name;
@@ -537,6 +601,10 @@ TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax,
   std::vector<Case> cases{
       {"conv2d", {randn64(fold_in(key, 1), Shape{2, 2, 5, 5}), randn64(fold_in(key, 2), Shape{3, 2, 3, 3}, 0.5), randn64(fold_in(key, 3), Shape{3})},
        [](const TensorList& in) { return conv2d(in[0], in[1], in[2], {2, 2}, {1, 1}); }},
+      // Overlapping windows: an element can win several; squared, so the cotangent reaching the pooling
+      // depends on x. Distinct values: finite differences never flip a window's maximum.
+      {"max_pool2d", {distinct(fold_in(key, 23), Shape{2, 2, 5, 6}, DType::f64)},
+       [](const TensorList& in) { return square(max_pool2d(in[0], {3, 3}, {2, 2}, {1, 1})); }},
       {"softmax", {randn64(fold_in(key, 4), Shape{3, 4})}, [](const TensorList& in) { return softmax(in[0], 0); }},
       // exp and tanh: core ops whose vjps read their saved outputs, like softmax's.
       {"exp", {randn64(fold_in(key, 10), Shape{5})}, [](const TensorList& in) { return exp(in[0]); }},
@@ -574,10 +642,12 @@ TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax,
     INFO(r.report);
     CHECK(r.ok);
   }
-  // Third derivatives of the second derivatives written with ops (layer_norm's, gelu's, cross_entropy's).
+  // Third derivatives of the second derivatives written with ops (layer_norm's, gelu's, cross_entropy's,
+  // max_pool2d's gather).
   for (auto& c : cases) {
     const std::string n = c.name;
-    if (n.rfind("layer_norm", 0) != 0 && n.rfind("gelu", 0) != 0 && n.rfind("cross_entropy", 0) != 0) continue;
+    if (n.rfind("layer_norm", 0) != 0 && n.rfind("gelu", 0) != 0 && n.rfind("cross_entropy", 0) != 0 && n != "max_pool2d")
+      continue;
     INFO(c.name << ", third derivative");
     GradcheckResult r = gradcheck(grad_norm_of(grad_norm_of(c.f)), c.in, 1e-6, 1e-5, 1e-5);
     INFO(r.report);
@@ -601,8 +671,4 @@ TEST_CASE("second derivatives: conv2d (both backward ops), softmax, log_softmax,
     INFO(r.report);
     CHECK(r.ok);
   }
-  // Ops whose second derivative is not provided say so (the cotangent reaching them must depend on x).
-  Tensor x = randn64(fold_in(key, 8), Shape{1, 1, 4, 4});
-  CHECK_THROWS_AS(gradcheck(grad_norm_of([](const TensorList& in) { return square(max_pool2d(in[0], {2, 2})); }), {x}),
-                  AutodiffError);
 }
