@@ -27,8 +27,11 @@ struct BackwardOptions {
 };
 
 /// d(root)/d(wrt[i]) for each i (same shape and dtype as wrt[i]; zeros where root does not depend on
-/// it). wrt may hold leaves or intermediate tensors. Throws AutodiffError for a non-scalar root without
-/// a seed, a seed of the wrong shape, or a saved tensor modified in place since it was recorded.
+/// it). wrt may hold leaves or intermediate tensors. Only the part of the recorded graph between root
+/// and wrt runs, as in torch.autograd.grad: the vjp of an op none of whose inputs leads to a wrt tensor
+/// is skipped (so is the history behind an intermediate wrt), and each vjp is asked (Op::vjp's `needs`)
+/// only for the cotangents that lead to one. Throws AutodiffError for a non-scalar root without a seed,
+/// a seed of the wrong shape, or a saved tensor on that part modified in place since it was recorded.
 TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions& opts = {});
 
 /// Accumulates d(root)/d(leaf) into leaf.grad() for every leaf that requires grad and reaches root.

@@ -21,6 +21,7 @@ struct Engine {
   std::unordered_map<TensorImpl*, Tensor> leaf_grad;
   std::unordered_map<Node*, TensorList> cts;
   std::unordered_map<Node*, std::shared_ptr<Node>> owners;  // Node* -> its owning pointer (for create_graph)
+  std::unordered_set<Node*> targets;                         // nodes whose outputs need a cotangent
   TensorList result;
   std::vector<bool> done;
 
@@ -46,6 +47,25 @@ struct Engine {
       }
     }
     std::sort(nodes.begin(), nodes.end(), [](Node* a, Node* b) { return a->seq > b->seq; });
+  }
+
+  // Only the part of the graph between the root and wrt runs (torch.autograd.grad's rule): a node is a
+  // target when a wanted value is one of its outputs or one of its inputs feeds a target or is a wanted
+  // leaf. Producers are recorded before their consumers, so increasing seq visits them first.
+  void mark_targets() {
+    for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
+      Node* n = *it;
+      bool t = mid_wanted.count(n) > 0;
+      for (size_t i = 0; !t && i < n->inputs.size(); ++i) t = feeds_wanted(n->inputs[i]);
+      if (t) targets.insert(n);
+    }
+  }
+
+  // Whether the cotangent of an input is needed: it leads to a wanted value.
+  bool feeds_wanted(const Tensor& in) const {
+    if (!in.requires_grad()) return false;
+    if (Node* p = in.get()->grad_fn.get()) return targets.count(p) > 0;
+    return leaf_wanted.count(in.get()) > 0;
   }
 
   void finish_leaf_edge(TensorImpl* leaf) {
@@ -79,6 +99,7 @@ struct Engine {
     }
     owners[rn] = root.get()->grad_fn;
     collect(rn);
+    mark_targets();
     cts[rn].resize(rn->out_specs.size());
     cts[rn][root.get()->output_index] = seed;
 
@@ -104,7 +125,7 @@ struct Engine {
       check_versions(*n);
       std::vector<bool> needs(n->inputs.size());
       bool any = false;
-      for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = n->inputs[i].requires_grad());
+      for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = feeds_wanted(n->inputs[i]));
       if (!any) continue;
       TensorList g = n->op->vjp(n->inputs, saved_outputs(n), ct, needs);
       if (g.size() != n->inputs.size())

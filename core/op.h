@@ -56,8 +56,9 @@ class Op {
   virtual void cuda(const TensorList& in, TensorList& out) const;
 
   /// Cotangents of the inputs given cotangents `ct` of the outputs (one per output, never undefined:
-  /// outputs that received none get zeros). `needs[i]` says whether input i wants a gradient; return an
-  /// undefined Tensor where it does not (or where the input is not differentiable). `out` holds the
+  /// outputs that received none get zeros). `needs[i]` says whether input i's cotangent is wanted (it
+  /// requires grad and leads to a tensor the gradient is taken with respect to); return an
+  /// undefined Tensor where it is not (or where the input is not differentiable). `out` holds the
   /// outputs when saves_outputs() is true, else undefined tensors. Written with ops, so the backward
   /// pass is itself recorded (higher-order) and traceable. The default throws AutodiffError.
   virtual TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,

@@ -85,3 +85,59 @@ TEST_CASE("on_grad_ready fires once per parameter, before backward returns", "[a
   CHECK(order == std::vector<size_t>{0, 1, 2});
   CHECK(g.at("a").to_vector<double>() == std::vector<double>{2, 2});
 }
+
+namespace {
+
+// y = x * w elementwise; its vjp records which cotangents it was asked for.
+struct RecordingMul final : Op {
+  std::vector<std::vector<bool>>* calls;
+  explicit RecordingMul(std::vector<std::vector<bool>>* c) : calls(c) {}
+  const char* name() const override { return "recording_mul"; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), in[0].dtype(), in[0].device()}}; }
+  void cpu(const TensorList& in, TensorList& out) const override {
+    NoGradGuard ng;
+    copy_(out[0], in[0] * in[1]);
+  }
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    calls->push_back(needs);
+    return {needs[0] ? ct[0] * in[1] : Tensor(), needs[1] ? ct[0] * in[0] : Tensor()};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("grad runs only the graph between the root and wrt, asking each vjp for what leads there", "[autodiff]") {
+  std::vector<std::vector<bool>> calls;
+  auto rmul = [&](const Tensor& a, const Tensor& b) { return apply1(std::make_shared<RecordingMul>(&calls), {a, b}); };
+  const Tensor x = from_vector(std::vector<double>{1, 2}, Shape{2}).set_requires_grad();
+  const Tensor w = from_vector(std::vector<double>{3, 4}, Shape{2}).set_requires_grad();
+  const Tensor v = from_vector(std::vector<double>{5, 6}, Shape{2}).set_requires_grad();
+  const Tensor h = rmul(x, w);       // the history behind h
+  const Tensor y = sum(rmul(h, v));  // dy/dh = v, dy/dv = h = x w, dy/dw = v x
+
+  CHECK(grad(y, {h})[0].to_vector<double>() == std::vector<double>{5, 6});
+  CHECK(calls == std::vector<std::vector<bool>>{{true, false}});  // h's producer never ran, v not asked
+  calls.clear();
+  CHECK(grad(y, {v})[0].to_vector<double>() == std::vector<double>{3, 8});
+  CHECK(calls == std::vector<std::vector<bool>>{{false, true}});
+  calls.clear();
+  CHECK(grad(y, {w})[0].to_vector<double>() == std::vector<double>{5, 12});
+  CHECK(calls == std::vector<std::vector<bool>>{{true, false}, {false, true}});
+  calls.clear();
+  // Both an intermediate and a leaf behind it: the history runs for the leaf, and h's gradient is
+  // still only the part through v.
+  const TensorList g = grad(y, {h, x});
+  CHECK(g[0].to_vector<double>() == std::vector<double>{5, 6});
+  CHECK(g[1].to_vector<double>() == std::vector<double>{15, 24});
+  CHECK(calls == std::vector<std::vector<bool>>{{true, false}, {true, false}});
+  calls.clear();
+  y.backward();  // every leaf
+  CHECK(calls == std::vector<std::vector<bool>>{{true, true}, {true, true}});
+  CHECK(w.grad().to_vector<double>() == std::vector<double>{5, 12});
+  // In-place changes off that part do not matter: x's storage is saved by h's producer only.
+  calls.clear();
+  Tensor xd = x.detach();
+  fill_(xd, 7.0);
+  CHECK(grad(y, {v})[0].to_vector<double>() == std::vector<double>{3, 8});
+  CHECK_THROWS_AS(grad(y, {w}), AutodiffError);
+}
