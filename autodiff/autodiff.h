@@ -21,6 +21,10 @@ struct BackwardOptions {
   Tensor seed;
   /// Record the backward pass (for higher-order derivatives).
   bool create_graph = false;
+  /// Treat the intermediate tensors of wrt as inputs: the gradient with respect to each wrt tensor is
+  /// then the partial derivative with the intermediate ones held fixed (no path through an intermediate
+  /// wrt tensor is followed). By default it is the total derivative.
+  bool stop_at_wrt = false;
   /// Called once per requested leaf (by its index in `wrt`) as soon as its gradient is final, while the
   /// rest of the backward pass still runs: data parallelism starts all-reducing buckets here.
   std::function<void(size_t index, const Tensor& grad)> on_grad_ready;
@@ -57,9 +61,10 @@ std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, c
 /// `params` get gradients) or undefined (fn reads its input elsewhere; it is called with Tensor()).
 /// Without grad mode, or when neither x nor a param requires grad, it is just fn(x); under jit::trace
 /// (jit(), vmap) too: fn is traced inline (a replay must read every tensor through the graph's inputs,
-/// and the graph's memory plan decides what is kept). Throws what fn
-/// throws; AutodiffError when the backward pass is itself recorded (create_graph: higher-order
-/// gradients through a checkpoint are not supported) or fn returns an undefined tensor.
+/// and the graph's memory plan decides what is kept). Differentiable to any order: under create_graph
+/// the vjp recomputes fn from a recorded copy of x, so the gradients it returns depend on x, params and
+/// the cotangent through recorded ops (as PyTorch's non-reentrant checkpoint). Throws what fn throws;
+/// AutodiffError when fn returns an undefined tensor.
 Tensor checkpoint(const std::function<Tensor(const Tensor&)>& fn, const Tensor& x, const TensorList& params = {});
 
 /// Result of gradcheck.

@@ -22,6 +22,7 @@ struct Engine {
   std::unordered_map<Node*, TensorList> cts;
   std::unordered_map<Node*, std::shared_ptr<Node>> owners;  // Node* -> its owning pointer (for create_graph)
   std::unordered_set<Node*> targets;                         // nodes whose outputs need a cotangent
+  std::unordered_set<Node*> stops;                           // under stop_at_wrt: producers of wrt tensors
   TensorList result;
   std::vector<bool> done;
 
@@ -56,6 +57,7 @@ struct Engine {
     for (auto it = nodes.rbegin(); it != nodes.rend(); ++it) {
       Node* n = *it;
       bool t = mid_wanted.count(n) > 0;
+      if (t && opts.stop_at_wrt) stops.insert(n);
       for (size_t i = 0; !t && i < n->inputs.size(); ++i) t = feeds_wanted(n->inputs[i]);
       if (t) targets.insert(n);
     }
@@ -79,6 +81,11 @@ struct Engine {
       done[idx] = true;
       if (opts.on_grad_ready) opts.on_grad_ready(idx, result[idx]);
     }
+  }
+
+  void finish_leaf_edges(const Node& n) {
+    for (const auto& in : n.inputs)
+      if (in.requires_grad() && !in.get()->grad_fn) finish_leaf_edge(in.get());
   }
 
   void run(const Tensor& root, const Tensor& seed) {
@@ -107,8 +114,7 @@ struct Engine {
     for (Node* n : nodes) {
       auto it = cts.find(n);
       if (it == cts.end()) {  // nothing flows through this node: its leaf edges still count as done
-        for (const auto& in : n->inputs)
-          if (in.requires_grad() && !in.get()->grad_fn) finish_leaf_edge(in.get());
+        finish_leaf_edges(*n);
         continue;
       }
       TensorList ct = std::move(it->second);
@@ -122,6 +128,10 @@ struct Engine {
           done[wi] = true;
           if (opts.on_grad_ready) opts.on_grad_ready(wi, result[wi]);
         }
+      if (stops.count(n)) {  // a wrt tensor held fixed: nothing flows past it
+        finish_leaf_edges(*n);
+        continue;
+      }
       check_versions(*n);
       std::vector<bool> needs(n->inputs.size());
       bool any = false;

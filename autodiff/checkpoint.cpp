@@ -26,18 +26,23 @@ struct Checkpoint final : Op {
     NoGradGuard ng;  // the inside is not recorded: only this node is
     return {checked(fn(has_x ? in[0] : Tensor()))};
   }
+  // Recomputes fn recorded and differentiates it with the incoming cotangent. The inner pass stops at
+  // x and the params (their own histories are the outer pass's to follow). Under create_graph (grad mode
+  // on: the outer backward is recorded) fn starts from a recorded copy of x, so the gradients returned
+  // depend on x through recorded ops and can be differentiated again.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
-    if (GradMode::enabled())
-      throw AutodiffError("backward through checkpoint() with create_graph", "create_graph = false",
-                          "create_graph = true", "differentiate the function without checkpoint() for higher-order gradients");
+    const bool create_graph = GradMode::enabled();
     GradModeGuard on(true);
-    Tensor x = has_x ? in[0].detach() : Tensor();
+    Tensor x;
     TensorList wrt;
     std::vector<size_t> idx;  // input index of each entry of wrt
-    if (has_x && needs[0]) {
-      x.set_requires_grad(true);
-      wrt.push_back(x);
-      idx.push_back(0);
+    if (has_x) {
+      x = create_graph && needs[0] ? in[0].clone() : in[0].detach();
+      if (needs[0]) {
+        if (!x.requires_grad()) x.set_requires_grad(true);
+        wrt.push_back(x);
+        idx.push_back(0);
+      }
     }
     for (size_t i = has_x ? 1 : 0; i < in.size(); ++i)
       if (needs[i]) {
@@ -47,6 +52,8 @@ struct Checkpoint final : Op {
     Tensor y = checked(fn(x));
     BackwardOptions bo;
     bo.seed = ct[0];
+    bo.create_graph = create_graph;
+    bo.stop_at_wrt = true;
     TensorList g = grad(y, wrt, bo);
     TensorList out(in.size());
     for (size_t k = 0; k < idx.size(); ++k) out[idx[k]] = g[k];

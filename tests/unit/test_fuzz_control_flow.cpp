@@ -38,7 +38,7 @@ Tensor fit(const Tensor& u, const Shape& s) { return u.shape() == s ? u : expand
 struct FlowGen {
   Gen z;
   bool with_while = false;
-  bool with_checkpoint = false;  // also activation checkpoints (autodiff checkpoint()): not under vmap or twice differentiated
+  bool with_checkpoint = false;  // also activation checkpoints (autodiff checkpoint()): not under vmap
 
   Program sub(const TensorList& example, int depth) {
     return z.program(example, int(z.pick(1, 4)), 256, [this, depth](const TensorList& v) { return draw(v, depth + 1); });
@@ -237,14 +237,17 @@ TEST_CASE("random programs with cond, scan and checkpoint: vjp against finite di
   CHECK(coverage.taken[1] >= 20);
 }
 
-TEST_CASE("random programs with cond and scan: second derivatives against finite differences of the gradient, and under jit",
+TEST_CASE("random programs with cond, scan and checkpoint: second derivatives against finite differences of the gradient, and under jit",
           "[autodiff][control_flow][fuzz]") {
   // gradgradcheck (gradient_functional): the gradient of <d/dx sum(prog(x) * cot), w>, through the
   // vjps of cond's and scan's vjps (themselves conds and scans).
   FlowGen z{Gen{std::mt19937_64(seed_or(77))}};
+  z.with_checkpoint = true;  // recomputed under create_graph from a recorded copy of their input
+  int checkpointed = 0;
   for (int trial = 0; trial < 40; ++trial) {
     const TensorList inputs = z.inputs();
     const Program prog = z.program(inputs);
+    checkpointed += prog.str().find("checkpoint(") != std::string::npos;
     INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
     const Tensor cot = random_normal(RngKey::from_seed(z.z.g()), prog(inputs).shape(), DType::f64);
     const auto g = gradient_functional(prog, cot, z.like(inputs));
@@ -265,6 +268,7 @@ TEST_CASE("random programs with cond and scan: second derivatives against finite
     }
     CHECK(compiled.stats().hits >= 1);  // replays of the compiled graph, not eager runs
   }
+  CHECK(checkpointed >= 10);  // programs differentiated twice through checkpoint()
 }
 
 TEST_CASE("random programs with while_loop, cond and scan: jit replays and vmap against a loop over examples",

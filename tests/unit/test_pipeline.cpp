@@ -148,7 +148,7 @@ TEST_CASE("plan: PP validation names the problem") {
   CHECK_THAT(p.to_json(), Contains("\"schedule\":\"gpipe\""));
 }
 
-TEST_CASE("checkpoint(): same value and gradients as recording, less memory held") {
+TEST_CASE("checkpoint(): same value and gradients as recording (to second order), less memory held") {
   const RngKey k = RngKey::from_seed(3);
   Tensor w = testing::randn64(fold_in(k, 1), Shape{64, 64}, 0.2), x = testing::randn64(fold_in(k, 2), Shape{32, 64});
   auto f = [&](const Tensor& in) {
@@ -184,13 +184,39 @@ TEST_CASE("checkpoint(): same value and gradients as recording, less memory held
   }, {testing::randn64(fold_in(k, 3), Shape{3, 4}), testing::randn64(fold_in(k, 4), Shape{4, 5})});
   CHECK(gc.ok);
 
-  // Higher-order gradients through a checkpoint are refused, not silently wrong.
-  Tensor xl = x.clone();
-  xl.set_requires_grad(true);
-  Tensor y = sum(checkpoint(f, xl));
-  BackwardOptions bo;
-  bo.create_graph = true;
-  CHECK_THROWS_AS(grad(y, {xl}, bo), AutodiffError);
+  // Second derivatives through a checkpoint whose parameter is also used before it (w shared: the
+  // recomputation must hold the checkpoint's input fixed when it differentiates with respect to w, or
+  // w's path through the input counts twice): finite differences of the gradient, and the same values
+  // as recording.
+  auto shared = [&](const TensorList& in, bool ckpt) {
+    const Tensor h = tanh(matmul(in[0], in[1]));
+    auto block = [&](const Tensor& t) { return tanh(matmul(t, in[1])) * t; };
+    return ckpt ? checkpoint(block, h, {in[1]}) : block(h);
+  };
+  const TensorList in{testing::randn64(fold_in(k, 5), Shape{3, 4}), testing::randn64(fold_in(k, 6), Shape{4, 4}, 0.5)};
+  for (bool ckpt : {true, false}) {
+    INFO("checkpoint " << ckpt);
+    const Tensor cot = testing::randn64(fold_in(k, 7), Shape{3, 4});
+    const TensorList w{testing::randn64(fold_in(k, 8), Shape{3, 4}), testing::randn64(fold_in(k, 9), Shape{4, 4})};
+    auto g = [&](const TensorList& a) {  // <d/da sum(shared(a) * cot), w>: its gradient is a Hessian-vector product
+      GradModeGuard on(true);
+      const bool outer = a[0].requires_grad();
+      TensorList xs = a;
+      if (!outer)
+        for (auto& t : xs) t = t.detach().set_requires_grad();
+      BackwardOptions o;
+      o.create_graph = outer;
+      const TensorList gs = grad(sum(shared(xs, ckpt) * cot), xs, o);
+      return sum(gs[0] * w[0]) + sum(gs[1] * w[1]);
+    };
+    const GradcheckResult r = gradcheck(g, in);
+    INFO(r.report);
+    CHECK(r.ok);
+  }
+  const TensorList hv_ckpt = hvp([&](const TensorList& a) { return sum(square(shared(a, true))); }, in, in).second;
+  const TensorList hv_rec = hvp([&](const TensorList& a) { return sum(square(shared(a, false))); }, in, in).second;
+  CHECK(max_abs_diff(hv_ckpt[0], hv_rec[0]) <= 1e-12);
+  CHECK(max_abs_diff(hv_ckpt[1], hv_rec[1]) <= 1e-12);
 }
 
 TEST_CASE("checkpoint() under jit: replays read the replay's parameters, not the trace's", "[jit]") {
