@@ -394,3 +394,39 @@ TEST_CASE("jvp under jit and vmap: a forward-mode Jacobian by vmap over tangents
   }
   CHECK(compiled.stats().hits >= 2);
 }
+
+TEST_CASE("jvp and hvp through a CNN block (conv2d, relu, max_pool2d, checkpoint) against finite differences",
+          "[autodiff][functional]") {
+  // Distinct pixel values and a positive bias keep every pooling window's maximum and every ReLU input
+  // away from ties and kinks within the finite-difference step.
+  std::vector<double> px(2 * 1 * 6 * 6);
+  for (size_t i = 0; i < px.size(); ++i) px[i] = 0.05 * double((i * 37) % px.size());
+  const Tensor x = from_vector(px, Shape{2, 1, 6, 6});
+  const Tensor w = random_normal(RngKey::from_seed(7), Shape{3, 1, 3, 3}, DType::f64) * 0.3;
+  const Tensor b = from_vector(std::vector<double>{2, 2.5, 3}, Shape{3});
+  const ScalarFn loss = [](const TensorList& a) {
+    auto block = [&](const Tensor& t) { return max_pool2d(relu(conv2d(t, a[1], a[2], {1, 1}, {1, 1})), {3, 3}, {2, 2}, {1, 1}); };
+    return sum(square(checkpoint(block, a[0], {a[1], a[2]})));
+  };
+  const TensorList in{x, w, b}, v{random_normal(RngKey::from_seed(8), x.shape(), DType::f64) * 0.1,
+                                  random_normal(RngKey::from_seed(9), w.shape(), DType::f64), Tensor()};
+  // J v of the loss by finite differences along v.
+  const double eps = 1e-6;
+  auto along = [&](double t) {
+    NoGradGuard ng;
+    return loss({x + v[0] * t, w + v[1] * t, b}).item();
+  };
+  const Tensor jv = jvp([&](const TensorList& a) { return TensorList{loss(a)}; }, in, v).second[0];
+  CHECK(jv.item() == Approx((along(eps) - along(-eps)) / (2 * eps)).epsilon(1e-6));
+  // H v by finite differences of the gradient along v.
+  auto gradient_along = [&](double t) {
+    TensorList leaves{(x + v[0] * t).detach().set_requires_grad(), (w + v[1] * t).detach().set_requires_grad(),
+                      b.detach().set_requires_grad()};
+    return grad(loss(leaves), leaves);
+  };
+  const TensorList hv = hvp(loss, in, v).second, plus = gradient_along(eps), minus = gradient_along(-eps);
+  for (size_t j = 0; j < 3; ++j) {
+    INFO("input " << j);
+    check_near(hv[j].contiguous().to_vector<double>(), ((plus[j] - minus[j]) / (2 * eps)).contiguous().to_vector<double>(), "hvp");
+  }
+}
