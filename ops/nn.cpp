@@ -3,6 +3,7 @@
 #include <array>
 #include <cmath>
 
+#include "autodiff/autodiff.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cuda/kernels.h"
@@ -413,11 +414,53 @@ class AttentionOp : public Op {
   double scale_;
 };
 
-// The vjp of an attention backward op.
-[[noreturn]] void no_second_derivative(const char* forward) {
-  throw AutodiffError(std::string("second derivative of ") + forward + " is not implemented",
-                      std::string("first-order gradients of ") + forward, "a gradient of its backward",
-                      "compose attention from matmul and softmax for higher-order terms");
+// softmax(scale * q k^T + mask) v composed of differentiable ops (PyTorch's math path): q [..., Tq, D],
+// k and v [..., Tk, D]; causal: key j visible to query i iff j <= i, as the fused kernels.
+Tensor composed_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  Tensor s = matmul(q, transpose(k, -1, -2)) * scale;
+  if (causal) {
+    const int64_t tq = q.shape()[q.dim() - 2], tk = k.shape()[k.dim() - 2];
+    std::vector<double> mask(size_t(tq * tk), 0.0);
+    for (int64_t i = 0; i < tq; ++i)
+      for (int64_t j = i + 1; j < tk; ++j) mask[size_t(i * tk + j)] = -INFINITY;
+    s = s + from_vector(mask, Shape{tq, tk}, s.dtype()).to(s.device());
+  }
+  return matmul(softmax(s, -1), v);
+}
+
+// The vjp of an attention backward op, (dq, dk, dv) = J^T dout with J the Jacobian of o = attention(q,
+// k, v): attention recomposed from matmul and softmax (O(Tq x Tk) memory, as PyTorch's math path),
+// differentiated once along dout and again along ct = the cotangents of (dq, dk, dv). Returns the
+// cotangents of q, k, v (the terms through the saved o and lse included: those inputs get none) and of
+// dout. Under create_graph (grad mode on) the recomputation starts from recorded copies, so the result
+// can be differentiated once more; 16-bit inputs are recomputed in f32.
+TensorList attention_backward_vjp(const TensorList& qkvd, const TensorList& ct, bool need_qkv, bool need_dout, bool causal,
+                                  double scale) {
+  const bool create_graph = GradMode::enabled();
+  GradModeGuard on(true);
+  TensorList x(4);
+  for (size_t i = 0; i < 4; ++i) {
+    const bool need = i < 3 ? need_qkv : need_dout;
+    x[i] = create_graph && need ? qkvd[i].clone() : qkvd[i].detach().set_requires_grad();
+  }
+  auto f32 = [](const Tensor& t) { return is_half(t.dtype()) ? t.astype(DType::f32) : t; };
+  BackwardOptions first;
+  first.create_graph = true;
+  first.stop_at_wrt = true;
+  const Tensor o = composed_attention(f32(x[0]), f32(x[1]), f32(x[2]), causal, scale);
+  const TensorList g = grad(sum(o * f32(x[3])), {x[0], x[1], x[2]}, first);
+  const Tensor inner = sum(g[0] * ct[0]) + sum(g[1] * ct[1]) + sum(g[2] * ct[2]);
+  TensorList wrt;
+  if (need_qkv) wrt.insert(wrt.end(), {x[0], x[1], x[2]});
+  if (need_dout) wrt.push_back(x[3]);
+  BackwardOptions second;
+  second.create_graph = create_graph;
+  second.stop_at_wrt = true;
+  const TensorList r = grad(inner, wrt, second);
+  TensorList out(4);
+  if (need_qkv) out[0] = r[0], out[1] = r[1], out[2] = r[2];
+  if (need_dout) out[3] = r.back();
+  return out;
 }
 
 // Inputs (q, k, v, o, lse, dout); outputs dq, dk, dv.
@@ -441,8 +484,15 @@ class AttentionBackward final : public AttentionOp {
     kernels::cuda::attention_backward(in[0], in[1], in[2], in[3], dense(in[4]), in[5], causal_, scale_, out[0], out[1],
                                       out[2]);  // q, k, v, o and dout strided as attention_rows allows
   }
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    no_second_derivative("scaled_dot_product_attention");
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    const bool need_qkv = needs[0] || needs[1] || needs[2];
+    if (!need_qkv && !needs[5]) return TensorList(6);
+    const TensorList g = attention_backward_vjp({in[0], in[1], in[2], in[5]}, ct, need_qkv, needs[5], causal_, scale_);
+    TensorList r(6);
+    for (size_t i = 0; i < 3; ++i)
+      if (needs[i]) r[i] = g[i];
+    r[5] = g[3];
+    return r;
   }
 };
 
@@ -559,8 +609,18 @@ class AttentionPackedBackward final : public AttentionOp {
     kernels::cuda::attention_backward(packed_part(in[0], d, 0), packed_part(in[0], d, 1), packed_part(in[0], d, 2),
                                       heads_view(in[1], d), in[2], heads_view(in[3], d), causal_, scale_, dq, dk, dv);
   }
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    no_second_derivative("scaled_dot_product_attention_qkvpacked");
+  // As the unpacked backward's: q, k, v and dout viewed as [..., H, T, D] by (recorded) ops.
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    if (!needs[0] && !needs[3]) return TensorList(4);
+    auto heads = [](const Tensor& t) { return transpose(t, -3, -2); };  // [..., T, H, D] -> [..., H, T, D]
+    const TensorList parts = unbind(in[0], -3), cts = unbind(ct[0], -3);
+    const TensorList g = attention_backward_vjp({heads(parts[0]), heads(parts[1]), heads(parts[2]), heads(in[3])},
+                                                {heads(cts[0]), heads(cts[1]), heads(cts[2])}, needs[0], needs[3], causal_,
+                                                scale_);
+    TensorList r(4);
+    if (needs[0]) r[0] = concat({heads(g[0]).unsqueeze(-3), heads(g[1]).unsqueeze(-3), heads(g[2]).unsqueeze(-3)}, -3);
+    if (needs[3]) r[3] = heads(g[3]);
+    return r;
   }
 };
 

@@ -150,7 +150,9 @@ Tensor layer_norm(const Tensor& x, const Tensor& w, const Tensor& b, double eps 
 /// for query i when j > i (top-left aligned, as PyTorch). scale defaults to 1 / sqrt(D).
 /// Computed FlashAttention-2 style (Dao 2023, arXiv 2307.08691; kernels/cpu/attention.h, and the CUDA
 /// kernels for f32 / bf16 / f16): tiles with an online softmax, never a [Tq, Tk] matrix; the backward
-/// recomputes the probabilities from the saved row logsumexp. Under autocast its inputs lower to the
+/// recomputes the probabilities from the saved row logsumexp. Differentiable to any order: the backward
+/// op's own vjp recomposes attention from matmul and softmax (PyTorch's math path: the [Tq, Tk] scores
+/// in memory, in f32 for 16-bit inputs) and differentiates that. Under autocast its inputs lower to the
 /// 16-bit dtype. Throws ShapeError for mismatched shapes, Tk == 0 or D == 0 (and on CUDA, D > 128),
 /// DTypeError unless q, k, v share a floating dtype, ValueError for a non-finite scale.
 Tensor scaled_dot_product_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool is_causal = false,

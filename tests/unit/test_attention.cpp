@@ -1,8 +1,8 @@
 // scaled_dot_product_attention (kernels/cpu/attention.h, FlashAttention-2 tiling with an online softmax)
 // against the attention written out with matmul and softmax (the T x T scores materialised) in f64, on
 // shapes that span several 64-row tiles; f32 against that f64 reference; its errors; and the GPT built
-// on it against the same GPT with the written-out attention. Finite-difference checks of its vjp are
-// in the op table (tests/op_cases_nn.cpp).
+// on it against the same GPT with the written-out attention; second and third derivatives (the backward
+// ops' vjps). Finite-difference checks of its vjp are in the op table (tests/op_cases_nn.cpp).
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -216,4 +216,109 @@ TEST_CASE("attention: mismatched shapes, no keys, mixed dtypes and a bad scale a
   CHECK(g.o.numel() == 0);
   CHECK(g.dk.astype(DType::f64).to_vector<double>() == std::vector<double>(48, 0.0));
   CHECK(g.dv.astype(DType::f64).to_vector<double>() == std::vector<double>(48, 0.0));
+}
+
+TEST_CASE("attention's second and third derivatives equal the written-out attention's and finite differences",
+          "[ops][attention][autodiff]") {
+  // The fused backward ops' vjps recompose attention from matmul and softmax: Hessian-vector products
+  // against the written-out attention's (the same math, other op order: 1e-10), gradcheck of the
+  // gradient's projection (second order) and of the recorded Hessian-vector product (third order).
+  const RngKey key = RngKey::from_seed(202);
+  struct Case {
+    Shape q, kv;
+    bool causal;
+  };
+  for (const Case& c : {Case{{2, 5, 4}, {2, 7, 4}, true}, Case{{2, 7, 4}, {2, 5, 4}, true}, Case{{1, 2, 6, 3}, {1, 2, 6, 3}, false}}) {
+    INFO("q " << c.q.str() << " kv " << c.kv.str() << " causal " << c.causal);
+    const TensorList in{randn64(fold_in(key, 1), c.q), randn64(fold_in(key, 2), c.kv), randn64(fold_in(key, 3), c.kv)};
+    const TensorList v{randn64(fold_in(key, 4), c.q), randn64(fold_in(key, 5), c.kv), randn64(fold_in(key, 6), c.kv)};
+    const Tensor w = randn64(fold_in(key, 7), c.q);
+    auto loss = [&](bool fused) {
+      return [&, fused](const TensorList& a) {
+        const Tensor o = fused ? scaled_dot_product_attention(a[0], a[1], a[2], c.causal, 0.6)
+                               : reference(a[0], a[1], a[2], c.causal, 0.6);
+        return sum(square(o * w));
+      };
+    };
+    const TensorList hv = hvp(loss(true), in, v).second, want = hvp(loss(false), in, v).second;
+    for (size_t i = 0; i < 3; ++i) CHECK(worst_abs(hv[i], want[i]) < 1e-10);
+    // Second order: <d loss / d in, v> differentiated by gradcheck.
+    const GradcheckResult r2 = gradcheck(
+        [&](const TensorList& a) {
+          GradModeGuard on(true);
+          TensorList x = a;
+          const bool outer = a[0].requires_grad();
+          if (!outer)
+            for (auto& t : x) t = t.detach().set_requires_grad();
+          BackwardOptions o;
+          o.create_graph = outer;
+          const TensorList g = grad(loss(true)(x), x, o);
+          return sum(g[0] * v[0]) + sum(g[1] * v[1]) + sum(g[2] * v[2]);
+        },
+        in);
+    INFO(r2.report);
+    CHECK(r2.ok);
+  }
+  // Third order on the smallest case: the recorded Hessian-vector product, differentiated.
+  const TensorList in{randn64(fold_in(key, 8), Shape{1, 3, 2}), randn64(fold_in(key, 9), Shape{1, 3, 2}),
+                      randn64(fold_in(key, 10), Shape{1, 3, 2})};
+  FunctionalOptions cg;
+  cg.create_graph = true;
+  const GradcheckResult r3 = gradcheck(
+      [&](const TensorList& a) {
+        const TensorList hv =
+            hvp([](const TensorList& x) { return sum(square(scaled_dot_product_attention(x[0], x[1], x[2], true))); }, a, in, cg)
+                .second;
+        return concat({hv[0].reshape(Shape{-1}), hv[1].reshape(Shape{-1}), hv[2].reshape(Shape{-1})}, 0);
+      },
+      in);
+  INFO(r3.report);
+  CHECK(r3.ok);
+}
+
+TEST_CASE("attention's second derivatives in bf16: recomputed in f32, within bf16 rounding of f64", "[ops][attention][autodiff][mixed]") {
+  const RngKey key = RngKey::from_seed(404);
+  const TensorList in{randn64(fold_in(key, 1), Shape{2, 6, 8}), randn64(fold_in(key, 2), Shape{2, 6, 8}),
+                      randn64(fold_in(key, 3), Shape{2, 6, 8})};
+  const TensorList v{randn64(fold_in(key, 4), Shape{2, 6, 8}), randn64(fold_in(key, 5), Shape{2, 6, 8}),
+                     randn64(fold_in(key, 6), Shape{2, 6, 8})};
+  auto loss = [](const TensorList& a) { return sum(square(scaled_dot_product_attention(a[0], a[1], a[2], true)).astype(DType::f32)); };
+  auto bf16 = [](const TensorList& ts) {
+    TensorList out;
+    for (const auto& t : ts) out.push_back(t.astype(DType::bf16));
+    return out;
+  };
+  // The f64 reference on the bf16-rounded inputs, so only the computation's rounding differs.
+  TensorList rounded;
+  for (const auto& t : bf16(in)) rounded.push_back(t.astype(DType::f64));
+  TensorList vr;
+  for (const auto& t : bf16(v)) vr.push_back(t.astype(DType::f64));
+  const TensorList got = hvp(loss, bf16(in), bf16(v)).second, want = hvp(loss, rounded, vr).second;
+  for (size_t i = 0; i < 3; ++i) {
+    INFO("input " << i);
+    CHECK(got[i].dtype() == DType::bf16);
+    double scale = 0;
+    for (double x : want[i].to_vector<double>()) scale = std::max(scale, std::fabs(x));
+    CHECK(worst_abs(got[i], want[i]) <= 1e-2 * scale);  // a few bf16 roundings (2^-8 each) of O(scale) values
+  }
+}
+
+TEST_CASE("packed attention's second derivatives equal the unpacked attention's", "[ops][attention][autodiff]") {
+  const RngKey key = RngKey::from_seed(303);
+  const Shape shape{2, 6, 3, 2, 4};  // [B, T, 3, H, D]
+  const Tensor qkv = randn64(fold_in(key, 1), shape), v = randn64(fold_in(key, 2), shape);
+  const Tensor w = randn64(fold_in(key, 3), Shape{2, 6, 2, 4});
+  for (bool causal : {true, false}) {
+    INFO("causal " << causal);
+    auto packed = [&](const TensorList& a) { return sum(square(scaled_dot_product_attention_qkvpacked(a[0], causal) * w)); };
+    auto unpacked = [&](const TensorList& a) {
+      const TensorList parts = unbind(a[0], 2);  // [B, T, H, D] each
+      auto heads = [](const Tensor& t) { return transpose(t, 1, 2); };
+      const Tensor o = scaled_dot_product_attention(heads(parts[0]), heads(parts[1]), heads(parts[2]), causal);
+      return sum(square(heads(o) * w));
+    };
+    const Tensor got = hvp(packed, {qkv}, {v}).second[0], want = hvp(unpacked, {qkv}, {v}).second[0];
+    CHECK(got.shape() == shape);
+    CHECK(worst_abs(got, want) < 1e-11);
+  }
 }

@@ -357,16 +357,13 @@ TEST_CASE("functional transforms reject mismatched vectors, non-scalar Hessians 
   CHECK_THAT(message([&] { hessian([](const TensorList& a) { return argmax(a[0], 0); }, {x}); }),
              Contains("floating scalar"));
   CHECK_THAT(message([&] { jacobian(f, {Tensor()}); }), Contains("primal 0 is undefined"));
-  // The double-vjp trick needs each op's second derivative: attention's fused backward has none.
-  const Tensor q = random_normal(RngKey::from_seed(4), Shape{1, 2, 4, 8}, DType::f64);
-  CHECK_THAT(message([&] {
-               jvp([](const TensorList& a) { return TensorList{scaled_dot_product_attention(a[0], a[0], a[0], true)}; }, {q}, {q});
-             }),
-             Contains("second derivative of scaled_dot_product_attention"));
-  // Its first-order products work.
-  CHECK(vjp([](const TensorList& a) { return TensorList{scaled_dot_product_attention(a[0], a[0], a[0], true)}; }, {q})
-            .pullback({q})[0]
-            .shape() == q.shape());
+  // The double-vjp trick needs each op's second derivative: the vocabulary-parallel cross-entropy's
+  // backward has none (as Megatron's); its first-order products work.
+  const Mesh mesh = MeshSpec{{"model"}, {1}}.build(make_local_communicator());
+  const Tensor labels = from_vector(std::vector<int64_t>{2, 0}, Shape{2});
+  const VectorFn ce = [&](const TensorList& a) { return TensorList{vocab_parallel_cross_entropy(mesh, a[0], labels, "model")}; };
+  CHECK_THAT(message([&] { jvp(ce, {x}, {x}); }), Contains("second derivative of vocab_parallel_cross_entropy"));
+  CHECK(vjp(ce, {x}).pullback({scalar(1.0, DType::f64)})[0].shape() == x.shape());
 }
 
 TEST_CASE("jvp under jit and vmap: a forward-mode Jacobian by vmap over tangents equals jacobian()",
