@@ -155,6 +155,46 @@ TEST_CASE("GPT loss gradient matches finite differences (f64)", "[gpt][gradcheck
   CHECK(g.at("wte/weight").shape() == Shape{11, 4});
 }
 
+TEST_CASE("GPT Hessian-vector product matches finite differences of the gradient (f64)", "[gpt][autodiff]") {
+  // Second derivatives through every op of the model: embeddings, layer norm, the packed attention,
+  // GELU, the tied output projection and cross-entropy.
+  nn::GPTConfig c = tiny(DType::f64);
+  c.vocab = 11;
+  c.dim = 4;
+  c.seq_len = 4;
+  nn::GPT m(c);
+  for (auto& [path, t] : m.parameters()) copy_(t, testing::randn64(RngKey::from_seed(std::hash<std::string>{}(path)), t.shape(), 0.5));
+  const Tensor x = tokens(21, 2, 4, 11), y = tokens(22, 2, 4, 11);
+  TensorList theta;  // copies: binding rewrites the parameters' own tensors
+  for (const Tensor& t : m.parameters().tensors()) theta.push_back(t.clone().detach());
+  TensorList v;
+  for (size_t i = 0; i < theta.size(); ++i) v.push_back(testing::randn64(RngKey::from_seed(500 + i), theta[i].shape()));
+  ParamBinder binder(m);
+  auto loss = [&](const TensorList& args) {
+    binder.bind(args);
+    return m.loss(x, y);
+  };
+  const TensorList hv = hvp(loss, theta, v).second;
+  auto gradient_at = [&](double t) {
+    TensorList leaves;
+    for (size_t i = 0; i < theta.size(); ++i) leaves.push_back((theta[i] + v[i] * t).detach().set_requires_grad());
+    return grad(loss(leaves), leaves);
+  };
+  const double eps = 1e-5;
+  const TensorList plus = gradient_at(eps), minus = gradient_at(-eps);
+  double worst = 0, largest = 0;
+  for (size_t i = 0; i < theta.size(); ++i) {
+    const auto got = hv[i].to_vector<double>(), num = ((plus[i] - minus[i]) / (2 * eps)).to_vector<double>();
+    for (size_t k = 0; k < got.size(); ++k) {
+      worst = std::max(worst, std::fabs(got[k] - num[k]) / (1 + std::fabs(num[k])));
+      largest = std::max(largest, std::fabs(num[k]));
+    }
+  }
+  INFO("worst relative error " << worst << ", largest element " << largest);
+  CHECK(largest > 0.1);  // the product is not trivially zero
+  CHECK(worst < 1e-6);
+}
+
 TEST_CASE("GPT is causal: later tokens do not change earlier logits", "[gpt]") {
   nn::GPT m(tiny(DType::f64));
   for (auto& [path, t] : m.parameters())
