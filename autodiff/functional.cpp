@@ -1,7 +1,9 @@
 #include "autodiff/functional.h"
 
+#include <algorithm>
 #include <string>
 
+#include "jit/vmap.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -106,28 +108,51 @@ Tensor scalar_value(const Tensor& y, const char* api, Loc loc) {
   return y;
 }
 
-// The rows of d outs[i] / d xs[j], each reshaped to outs[i].shape ++ xs[j].shape: one seeded backward
-// pass per element of each recorded floating output.
-std::vector<TensorList> jacobian_rows(const TensorList& outs, const TensorList& xs, bool create_graph) {
+// Rows k0 .. k0 + n of the identity over y's elements, as a [n, *y.shape] batch of seeds.
+Tensor basis(const Tensor& y, int64_t k0, int64_t n) {
+  const int64_t m = y.numel();
+  std::vector<double> e(size_t(n * m), 0.0);
+  for (int64_t k = 0; k < n; ++k) e[size_t(k * m + k0 + k)] = 1.0;
+  std::vector<int64_t> d{n};
+  for (int64_t x : y.shape().vec()) d.push_back(x);
+  return from_vector(e, Shape(d), y.dtype()).to(y.device());
+}
+
+// Rows of the Jacobian fed to one vmapped backward pass (bounds the batch's memory).
+constexpr int64_t kRowsPerBatch = 128;
+
+// The rows of d outs[i] / d xs[j], each reshaped to outs[i].shape ++ xs[j].shape: a backward pass per
+// element of each recorded floating output, batched by vmap unless the result is recorded.
+std::vector<TensorList> jacobian_rows(const TensorList& outs, const TensorList& xs, const FunctionalOptions& opts) {
   std::vector<TensorList> result(outs.size(), TensorList(xs.size()));
+  TensorList floating;
+  for (const Tensor& x : xs)
+    if (differentiable(x)) floating.push_back(x);
   for (size_t i = 0; i < outs.size(); ++i) {
     const Tensor& y = outs[i];
     if (!differentiable(y)) continue;
     const int64_t m = y.numel();
-    std::vector<TensorList> rows(xs.size());
-    for (int64_t k = 0; k < m && y.requires_grad(); ++k) {
-      std::vector<double> e(size_t(m), 0.0);
-      e[size_t(k)] = 1.0;
-      const Tensor seed = from_vector(e, y.shape(), y.dtype()).to(y.device());
-      const TensorList g = gradients(y, xs, create_graph, seed);
-      for (size_t j = 0; j < xs.size(); ++j)
-        if (g[j].defined()) rows[j].push_back(reshape(g[j], Shape{1, xs[j].numel()}));
+    std::vector<TensorList> rows(floating.size());  // per floating x: [n, *x.shape] row blocks
+    if (y.requires_grad() && opts.vectorize && !opts.create_graph) {
+      const jit::Fn pull = jit::vmap([&](const TensorList& seed) { return gradients(y, floating, false, seed[0]); }, {0},
+                                     std::vector<int>(floating.size(), 0));
+      for (int64_t k0 = 0; k0 < m; k0 += kRowsPerBatch) {
+        const int64_t n = std::min(kRowsPerBatch, m - k0);
+        const TensorList g = pull({basis(y, k0, n)});
+        for (size_t j = 0; j < floating.size(); ++j) rows[j].push_back(reshape(g[j], Shape{n, floating[j].numel()}));
+      }
+    } else if (y.requires_grad()) {
+      for (int64_t k = 0; k < m; ++k) {
+        const TensorList g = gradients(y, floating, opts.create_graph, reshape(basis(y, k, 1), y.shape()));
+        for (size_t j = 0; j < floating.size(); ++j) rows[j].push_back(reshape(g[j], Shape{1, floating[j].numel()}));
+      }
     }
-    for (size_t j = 0; j < xs.size(); ++j) {
+    for (size_t j = 0, f = 0; j < xs.size(); ++j) {
       if (!differentiable(xs[j])) continue;
       std::vector<int64_t> d = y.shape().vec();
       for (int64_t e : xs[j].shape().vec()) d.push_back(e);
-      result[i][j] = rows[j].empty() ? zeros(Shape(d), xs[j].dtype(), xs[j].device()) : reshape(concat(rows[j], 0), Shape(d));
+      result[i][j] = rows[f].empty() ? zeros(Shape(d), xs[j].dtype(), xs[j].device()) : reshape(concat(rows[f], 0), Shape(d));
+      ++f;
     }
   }
   return result;
@@ -182,14 +207,14 @@ std::pair<Tensor, TensorList> hvp(const ScalarFn& fn, const TensorList& primals,
 std::vector<TensorList> jacobian(const VectorFn& fn, const TensorList& primals, const FunctionalOptions& opts, Loc loc) {
   GradModeGuard on(true);
   const TensorList xs = leaves_of(primals, opts.create_graph, "jacobian", loc);
-  return jacobian_rows(fn(xs), xs, opts.create_graph);
+  return jacobian_rows(fn(xs), xs, opts);
 }
 
 std::vector<TensorList> hessian(const ScalarFn& fn, const TensorList& primals, const FunctionalOptions& opts, Loc loc) {
   GradModeGuard on(true);
   const TensorList xs = leaves_of(primals, opts.create_graph, "hessian", loc);
   const Tensor y = scalar_value(fn(xs), "hessian", loc);
-  return jacobian_rows(gradients(y, xs, /*create_graph=*/true), xs, opts.create_graph);
+  return jacobian_rows(gradients(y, xs, /*create_graph=*/true), xs, opts);
 }
 
 }  // namespace titanax

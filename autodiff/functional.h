@@ -13,9 +13,9 @@
 //     Megatron) throws AutodiffError naming it.
 //   * hvp: reverse over reverse (Pearlmutter 1994, "Fast exact multiplication by the Hessian"): the
 //     gradient of <grad f(x), v>.
-//   * jacobian / hessian: one backward pass per element of the differentiated output (rows of the
-//     Jacobian), so they suit small outputs; the Hessian's rows are the Jacobian of the recorded
-//     gradient.
+//   * jacobian / hessian: a backward pass per element of the differentiated output (rows of the
+//     Jacobian), batched by jit::vmap (FunctionalOptions::vectorize), so they suit small outputs; the
+//     Hessian's rows are the Jacobian of the recorded gradient.
 //
 // Common rules:
 //   * fn runs once, with grad mode on (also under NoGradGuard), on fresh leaves that share the primals'
@@ -40,6 +40,12 @@ namespace titanax {
 struct FunctionalOptions {
   /// Record the computation of the results, so that they can be differentiated again.
   bool create_graph = false;
+  /// jacobian / hessian: compute the rows by one backward pass batched over up to 128 one-hot seeds
+  /// with jit::vmap (jax.jacrev's way; torch.autograd.functional's vectorize=True), else one backward
+  /// pass per row (torch's default). The same values either way; with create_graph the rows are
+  /// always computed one by one (recorded). The Hessian of a 16-32-10 tanh MLP's loss (832 x 832, f32,
+  /// 2-core EPYC): 8 ms vectorized, 24 ms row by row.
+  bool vectorize = true;
 };
 
 /// A function from a list of tensors to a list of tensors (the type jit::jit and jit::vmap take).
@@ -83,15 +89,15 @@ std::pair<Tensor, TensorList> hvp(const ScalarFn& fn, const TensorList& primals,
 /// Jacobian of fn at primals (jax.jacrev, torch.autograd.functional.jacobian): result[i][j] has shape
 /// outputs[i].shape ++ primals[j].shape and primal j's dtype: element (a, b) is d out_i[a] / d
 /// primal_j[b]. Undefined entries for non-floating outputs or primals. One backward pass per element of
-/// the floating outputs.
+/// the floating outputs (batched: FunctionalOptions::vectorize).
 std::vector<TensorList> jacobian(const VectorFn& fn, const TensorList& primals, const FunctionalOptions& opts = {},
                                  Loc loc = Loc::current());
 
 /// Hessian of a scalar fn at primals (jax.hessian, torch.autograd.functional.hessian): result[i][j] has
 /// shape primals[i].shape ++ primals[j].shape and primal j's dtype: element (a, b) is
 /// d^2 fn / d primal_i[a] d primal_j[b]. Undefined entries where primal i or j is not floating. One
-/// backward pass for the gradient, then one per element of the floating primals. Throws AutodiffError
-/// as hvp does.
+/// backward pass for the gradient, then one per element of the floating primals (batched:
+/// FunctionalOptions::vectorize). Throws AutodiffError as hvp does.
 std::vector<TensorList> hessian(const ScalarFn& fn, const TensorList& primals, const FunctionalOptions& opts = {},
                                 Loc loc = Loc::current());
 

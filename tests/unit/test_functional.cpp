@@ -168,6 +168,12 @@ TEST_CASE("jvp, vjp and jacobian of random programs against finite differences",
         check_near(jac[i][j].contiguous().to_vector<double>(), fd[i][j].v,
                    "jacobian " + std::to_string(i) + ", " + std::to_string(j));
       }
+    // Row by row (vectorize off) gives the vmapped rows' values.
+    FunctionalOptions rowwise;
+    rowwise.vectorize = false;
+    const std::vector<TensorList> jac1 = jacobian(f, c.inputs, rowwise);
+    for (size_t i = 0; i < 2; ++i)
+      for (size_t j = 0; j < c.inputs.size(); ++j) CHECK(close(jac1[i][j], jac[i][j], c.prog.has_gemm ? 1e-12 : 0));
   }
 }
 
@@ -202,6 +208,9 @@ TEST_CASE("hvp and hessian of random programs against finite differences of the 
     check_near(got, want, "hvp");
 
     const std::vector<TensorList> h = hessian(f, c.inputs);
+    FunctionalOptions rowwise;
+    rowwise.vectorize = false;
+    const std::vector<TensorList> h1 = hessian(f, c.inputs, rowwise);
     int64_t row0 = 0;
     for (size_t i = 0; i < c.inputs.size(); ++i) {
       for (size_t j = 0; j < c.inputs.size(); ++j) {
@@ -212,6 +221,7 @@ TEST_CASE("hvp and hessian of random programs against finite differences of the 
         for (int64_t a = 0; a < c.inputs[i].numel(); ++a)
           for (int64_t b = 0; b < c.inputs[j].numel(); ++b) block.push_back(hfd[j].at(row0 + a, b));
         check_near(h[i][j].contiguous().to_vector<double>(), block, "hessian " + std::to_string(i) + ", " + std::to_string(j));
+        CHECK(close(h1[i][j], h[i][j], c.prog.has_gemm ? 1e-12 : 0));
       }
       row0 += c.inputs[i].numel();
     }
@@ -364,6 +374,33 @@ TEST_CASE("functional transforms reject mismatched vectors, non-scalar Hessians 
   const VectorFn ce = [&](const TensorList& a) { return TensorList{vocab_parallel_cross_entropy(mesh, a[0], labels, "model")}; };
   CHECK_THAT(message([&] { jvp(ce, {x}, {x}); }), Contains("second derivative of vocab_parallel_cross_entropy"));
   CHECK(vjp(ce, {x}).pullback({scalar(1.0, DType::f64)})[0].shape() == x.shape());
+}
+
+TEST_CASE("jacobian and hessian batch their rows in chunks: a 300-element output, a 150-element primal", "[autodiff][functional]") {
+  // d (x^3)_a / d x_b = 3 x_a^2 delta(a, b): diagonal, so a row out of place shows.
+  const Tensor x = random_normal(RngKey::from_seed(11), Shape{15, 20}, DType::f64);
+  const VectorFn cube = [](const TensorList& a) { return TensorList{a[0] * a[0] * a[0]}; };
+  const std::vector<double> xv = x.to_vector<double>();
+  for (bool vectorize : {true, false}) {
+    INFO("vectorize " << vectorize);
+    FunctionalOptions o;
+    o.vectorize = vectorize;
+    const Tensor J = jacobian(cube, {x}, o)[0][0];
+    REQUIRE(J.shape() == Shape{15, 20, 15, 20});
+    const std::vector<double> jv = J.to_vector<double>();
+    bool ok = true;
+    for (size_t a = 0; a < 300; ++a)
+      for (size_t b = 0; b < 300; ++b) ok = ok && jv[a * 300 + b] == (a == b ? 3 * xv[a] * xv[a] : 0.0);
+    CHECK(ok);
+    // sum(x^4 / 12) has Hessian diag(x^2): 150 rows over two chunks.
+    const Tensor y = x.reshape(Shape{300}).slice(0, 0, 150).contiguous();
+    const Tensor H = hessian([](const TensorList& a) { return sum(square(square(a[0]))) / 12.0; }, {y}, o)[0][0];
+    const std::vector<double> hv = H.to_vector<double>(), yv = y.to_vector<double>();
+    ok = true;
+    for (size_t a = 0; a < 150; ++a)
+      for (size_t b = 0; b < 150; ++b) ok = ok && std::fabs(hv[a * 150 + b] - (a == b ? yv[a] * yv[a] : 0.0)) <= 1e-14;
+    CHECK(ok);
+  }
 }
 
 TEST_CASE("jvp under jit and vmap: a forward-mode Jacobian by vmap over tangents equals jacobian()",
