@@ -9,8 +9,8 @@
 //     2017; what torch.autograd.functional.jvp does): g(u) = J^T u is linear in the cotangent u, so the
 //     vjp of g with respect to u, taken with cotangent v, is J v. It costs a forward pass, a recorded
 //     backward pass and the backward of that (about 3 to 4 times the forward's work), and it needs the
-//     second derivative of every op on the path: one without it (vocab_parallel_cross_entropy, as in
-//     Megatron) throws AutodiffError naming it.
+//     second derivative of every op on the path (all have one; an op without would throw
+//     AutodiffError naming it).
 //   * hvp: reverse over reverse (Pearlmutter 1994, "Fast exact multiplication by the Hessian"): the
 //     gradient of <grad f(x), v>.
 //   * jacobian / hessian: a backward pass per element of the differentiated output (rows of the

@@ -202,38 +202,77 @@ void check_vp_inputs(const Tensor& logits, const Tensor& labels, const char* wha
                      "labels hold one global class index per row of logits", loc);
 }
 
-class VocabParallelCEBackward final : public Op {
+// The total over the axis of per-rank partial sums, for use in this rank's share of the computation:
+// f(g(x)). g all-reduces the partials into the replicated total (identity backward: a replicated value's
+// cotangent is whole on every rank); f marks the total's use by this rank's shard (identity forward, the
+// shards' partial cotangents all-reduced backward). All-reduce forward and backward, to any order.
+Tensor psum_c(const TPCtx& c, const Tensor& x) { return copy_to_c(c, reduce_from_c(c, x)); }
+
+// Inputs (logits [..., C], labels [...], stats f64 [2, R], ct); output dlogits.
+class VocabParallelCEBackward final : public TPOpBase {
  public:
-  VocabParallelCEBackward(int64_t lo, int64_t vocab, Reduction r, int64_t ignore, Loc loc)
-      : lo_(lo), vocab_(vocab), red_(r), ignore_(ignore), loc_(loc) {}
+  VocabParallelCEBackward(TPCtx c, Reduction r, int64_t ignore) : TPOpBase(std::move(c)), red_(r), ignore_(ignore) {}
   const char* name() const override { return "vocab_parallel_cross_entropy_backward"; }
-  std::string attrs() const override {
-    return "lo=" + std::to_string(lo_) + " vocab=" + std::to_string(vocab_) + " reduction=" +
-           std::to_string(int(red_)) + " ignore=" + std::to_string(ignore_);
+  std::string more_attrs() const override {
+    return " reduction=" + std::to_string(int(red_)) + " ignore=" + std::to_string(ignore_);
   }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
-    check_vp_inputs(in[0], in[1], name(), loc_);
+    check_vp_inputs(in[0], in[1], name(), c_.loc);
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override { run(in, out); }
   void cuda(const TensorList& in, TensorList& out) const override { run(in, out); }
   bool capturable() const override { return false; }  // reads the labels on the host
-  TensorList vjp(const TensorList&, const TensorList&, const TensorList&, const std::vector<bool>&) const override {
-    throw AutodiffError("second derivative of vocab_parallel_cross_entropy is not implemented",
-                        "first-order gradients", "a gradient of vocab_parallel_cross_entropy_backward");
+  // dlogits = k (s - y) with s the softmax over the whole vocabulary, y this rank's block of the one-hot
+  // label, k = ct * scale per row (1 / count under mean, 0 on ignored rows); written with differentiable
+  // ops, the vocabulary-wide sums as psum_c of the rank's partial sums (as CrossEntropyBackward's vjp on
+  // one rank). Over all ranks the cotangent A pairs with dlogits as sum_r <A_r, dlogits_r>, so:
+  //   d / dlogits = k s (A - psum(sum(A s))),   d / dct = psum(sum(A (s - y))) * scale (summed over rows
+  //   unless reduction none: ct is replicated and gets the whole derivative on every rank).
+  TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
+    const Tensor &labels = in[1], &c = in[3];
+    const DType f = in[0].dtype();
+    const int64_t C = in[0].shape().back(), lo = int64_t(c_.rank()) * C;
+    const Tensor z = in[0], A = ct[0];
+    const Tensor keep = ne(labels, scalar(double(ignore_), labels.dtype(), labels.device()));
+    const Tensor kept = keep.astype(f);
+    Tensor scale = kept;
+    if (red_ == Reduction::mean) scale = kept / maximum(sum(kept), scalar_like(1.0, kept));
+    // The softmax over the vocabulary, shifted by the saved global row maximum (a constant: the softmax
+    // does not depend on it).
+    const Tensor m = in[2].slice(0, 0, 1).reshape(labels.shape()).astype(f).detach().unsqueeze(-1);
+    const Tensor e = exp(z - m);
+    const Tensor s = e / psum_c(c_, sum(e, {-1}, true));
+    TensorList r(in.size());
+    if (needs[0]) {
+      // c is 0-d, or per row under reduction none: replicated, so its use by this rank's shard goes
+      // through f (its partial cotangents all-reduced, for the next derivative).
+      const Tensor k = copy_to_c(c_, (c * scale).unsqueeze(-1));
+      r[0] = k * s * (A - psum_c(c_, sum(A * s, {-1}, true)));
+    }
+    if (needs[3]) {
+      const Tensor first = scalar(double(lo), labels.dtype(), labels.device());
+      const Tensor local = sub(labels, first);
+      const Tensor here = keep.astype(f) * ge(local, zeros_like(local)).astype(f) *
+                          lt(local, scalar(double(C), labels.dtype(), labels.device())).astype(f);
+      const Tensor y = one_hot(where(ne(here, zeros_like(here)), local, zeros_like(local)), C, f) * here.unsqueeze(-1);
+      // The whole vocabulary's sum, replicated (g alone: used as ct is, not by the shard).
+      const Tensor per_row = reduce_from_c(c_, sum(A * (s - y), {-1})) * scale;
+      r[3] = red_ == Reduction::none ? per_row : sum(per_row);
+    }
+    return r;
   }
 
  private:
-  int64_t lo_, vocab_;
   Reduction red_;
   int64_t ignore_;
-  Loc loc_;
 
   void run(const TensorList& in, TensorList& out) const {
+    const int64_t C = in[0].shape().back(), lo = int64_t(c_.rank()) * C, vocab = C * c_.size();
     const Tensor logits = dense(in[0]), labels = dense(in[1]), stats = dense(in[2]), ct = dense(in[3]);
-    const int64_t count = kc::check_labels(labels.to(Device::cpu()), vocab_, ignore_, in[1].shape(), "vocab_parallel_cross_entropy");
-    if (logits.device().is_cpu()) kc::ce_shard_backward(logits, labels, lo_, stats, ct, ignore_, to_kernel(red_), count, out[0]);
-    else kernels::cuda::ce_shard_backward(logits, labels, lo_, stats, ct, ignore_, to_kernel(red_), count, out[0]);
+    const int64_t count = kc::check_labels(labels.to(Device::cpu()), vocab, ignore_, in[1].shape(), "vocab_parallel_cross_entropy");
+    if (logits.device().is_cpu()) kc::ce_shard_backward(logits, labels, lo, stats, ct, ignore_, to_kernel(red_), count, out[0]);
+    else kernels::cuda::ce_shard_backward(logits, labels, lo, stats, ct, ignore_, to_kernel(red_), count, out[0]);
   }
 };
 
@@ -258,11 +297,7 @@ class VocabParallelCE final : public TPOpBase {
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     TensorList r(2);
-    if (needs[0]) {
-      const int64_t C = in[0].shape().back();
-      r[0] = apply1(std::make_shared<VocabParallelCEBackward>(int64_t(c_.rank()) * C, C * c_.size(), red_, ignore_, c_.loc),
-                    {in[0], in[1], out[1], ct[0]});
-    }
+    if (needs[0]) r[0] = apply1(std::make_shared<VocabParallelCEBackward>(c_, red_, ignore_), {in[0], in[1], out[1], ct[0]});
     return r;
   }
 

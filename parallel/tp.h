@@ -106,7 +106,8 @@ Tensor vocab_parallel_embedding(const Mesh& mesh, const Tensor& weight, const Te
 /// all-reduce(sum), and the target logit by a masked local pick (0 off this rank) summed with the same
 /// all-reduce; loss_r = log(sum) + max - target. Reductions and ignore_index as cross_entropy (mean over
 /// non-ignored labels). Backward (no communication): dlogits = (softmax - onehot(label on this rank))
-/// * scale, the gradient of the replicated loss. Not twice differentiable. Errors: ShapeError for labels
+/// * scale, the gradient of the replicated loss. Differentiable to any order (the backward's vjp is
+/// written with ops and Megatron's f / g around its vocabulary-wide sums). Errors: ShapeError for labels
 /// not matching logits' leading shape, DTypeError (logits f32 / f64, labels i32 / i64), ValueError for a
 /// label outside [0, V) that is not ignore_index.
 Tensor vocab_parallel_cross_entropy(const Mesh& mesh, const Tensor& logits, const Tensor& labels,

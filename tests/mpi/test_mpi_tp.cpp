@@ -151,6 +151,32 @@ TEST_CASE("vocab-parallel embedding and cross-entropy equal the unsplit ops", "[
         ob.seed = seed;
         Tensor da = grad(la, {lloc}, oa)[0], db = grad(lb, {lw}, ob)[0];
         check_rel(da, shard_of(db, {"", "model"}, mesh), tol, "cross-entropy grad");
+        // Second derivatives: Hessian-vector products of sum(loss^2) (the loss's own cotangent then
+        // depends on the logits, so both cotangents of the backward op are exercised), and a third
+        // derivative: the gradient of <that product, w>.
+        const Tensor v = randn(7, Shape{R, V}, dt), w = randn(8, Shape{R, V}, dt);
+        const Tensor vloc = shard_of(v, {"", "model"}, mesh).contiguous(), wloc = shard_of(w, {"", "model"}, mesh).contiguous();
+        auto sq_split = [&](const TensorList& a) { return sum(square(vocab_parallel_cross_entropy(mesh, a[0], labels, "model", red))); };
+        auto sq_whole = [&](const TensorList& a) { return sum(square(cross_entropy(a[0], labels, red))); };
+        check_rel(hvp(sq_split, {lloc}, {vloc}).second[0], shard_of(hvp(sq_whole, {lw}, {v}).second[0], {"", "model"}, mesh), tol,
+                  "cross-entropy Hessian-vector product");
+        FunctionalOptions cg;
+        cg.create_graph = true;
+        // <hvp, w> over the whole vocabulary: on the split, the ranks' partial sums made one replicated
+        // scalar by g (reduce_from_tensor_parallel_region), as a loss is.
+        // A fourth: the gradient of <third, w> again.
+        auto third = [&](auto&& f, const Tensor& x, const Tensor& dir, const Tensor& c, bool split, bool fourth) {
+          const Tensor leaf = x.detach().set_requires_grad();
+          auto whole_sum = [&](const Tensor& partial) { return split ? reduce_from_tensor_parallel_region(mesh, partial, "model") : partial; };
+          BackwardOptions o;
+          o.create_graph = fourth;
+          const Tensor t = grad(whole_sum(sum(hvp(f, {leaf}, {dir}, cg).second[0] * c)), {leaf}, o)[0];
+          return fourth ? grad(whole_sum(sum(t * c)), {leaf})[0] : t;
+        };
+        for (bool fourth : {false, true})
+          check_rel(third(sq_split, lloc, vloc, wloc, true, fourth),
+                    shard_of(third(sq_whole, lw, v, w, false, fourth), {"", "model"}, mesh), tol * 10,
+                    fourth ? "cross-entropy fourth derivative" : "cross-entropy third derivative");
       }
     }
     // A bad label fails on every rank of the axis (they all hold it), not a hang.
@@ -209,6 +235,50 @@ TEST_CASE("GPT split over TP equals the whole model: loss, logits and gradients"
         CHECK(optim::global_norm(gs, specs, mesh) == Approx(optim::global_norm(gw)).epsilon(tol));
       }
     }
+  }
+}
+
+TEST_CASE("GPT split over TP: Hessian-vector products equal the whole model's", "[mpi][tp][gpt][autodiff]") {
+  // Second derivatives through every tensor-parallel op (f, g, column- and row-parallel linears, the
+  // vocabulary-parallel embedding and cross-entropy): H v for a random direction v of the whole model,
+  // each rank holding its block of v. The inner product <grad, v> is one replicated scalar: the sharded
+  // parameters' partial sums joined by g, the replicated parameters' added once.
+  for (const auto& mc : tp_cases()) {
+    INFO(mc.name());
+    Mesh mesh = MeshSpec{mc.axes, mc.shape}.build(rt());
+    const int dp = mesh.has_axis("data") ? mesh.axis_size("data") : 1, di = mesh.has_axis("data") ? mesh.axis_index("data") : 0;
+    nn::GPTConfig cfg = small(DType::f64);
+    nn::GPT whole(cfg), split(cfg, mesh);
+    const auto specs = split.partition_specs();
+    const int64_t B = 4, T = 16, b0 = B * di / dp, b1 = B * (di + 1) / dp;
+    const Tensor x = randint(31, Shape{B, T}, cfg.vocab).slice(0, b0, b1).contiguous();
+    const Tensor y = randint(32, Shape{B, T}, cfg.vocab).slice(0, b0, b1).contiguous();
+    ParamTree vw;
+    uint64_t seed = 40;
+    for (const auto& [p, t] : whole.parameters()) vw.insert(p, randn(seed++, t.shape()));
+    auto hessian_vector = [&](nn::GPT& m, bool sharded) {
+      ParamTree ps = m.parameters();
+      TensorList leaves = ps.tensors();
+      for (auto& t : leaves) t.set_requires_grad(true);
+      BackwardOptions cg;
+      cg.create_graph = true;
+      const TensorList g = grad(m.loss(x, y), leaves, cg);
+      Tensor replicated = scalar(0.0, DType::f64), partial = scalar(0.0, DType::f64);
+      for (size_t i = 0; i < g.size(); ++i) {
+        const std::string& p = ps[i].first;
+        const bool split_param = sharded && !specs.at(p).empty();
+        const Tensor v = sharded ? shard_of(vw.at(p), specs.at(p), mesh).contiguous() : vw.at(p);
+        (split_param ? partial : replicated) = (split_param ? partial : replicated) + sum(g[i] * v);
+      }
+      const Tensor inner = sharded ? replicated + reduce_from_tensor_parallel_region(mesh, partial, "model") : replicated + partial;
+      const TensorList hv = grad(inner, leaves);
+      for (auto& t : leaves) t.set_requires_grad(false);
+      ParamTree out;
+      for (size_t i = 0; i < hv.size(); ++i) out.insert(ps[i].first, hv[i]);
+      return out;
+    };
+    const ParamTree hs = hessian_vector(split, true), hw = hessian_vector(whole, false);
+    for (const auto& [p, h] : hs) check_rel(unshard(h, specs.at(p), mesh), hw.at(p), 1e-10, "H v " + p);
   }
 }
 

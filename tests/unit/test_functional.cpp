@@ -367,13 +367,46 @@ TEST_CASE("functional transforms reject mismatched vectors, non-scalar Hessians 
   CHECK_THAT(message([&] { hessian([](const TensorList& a) { return argmax(a[0], 0); }, {x}); }),
              Contains("floating scalar"));
   CHECK_THAT(message([&] { jacobian(f, {Tensor()}); }), Contains("primal 0 is undefined"));
-  // The double-vjp trick needs each op's second derivative: the vocabulary-parallel cross-entropy's
-  // backward has none (as Megatron's); its first-order products work.
+  // An op without a second derivative is named (a custom op here: every op of the library has one).
+  struct FirstOrderOnly final : Op {
+    const char* name() const override { return "first_order_only"; }
+    std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), in[0].dtype(), in[0].device()}}; }
+    void cpu(const TensorList& in, TensorList& out) const override {
+      NoGradGuard ng;
+      copy_(out[0], exp(in[0]));
+    }
+    // The vjp multiplies by a detached exp(x): right once, not differentiable with respect to x, so it
+    // is a custom op of its own that refuses a vjp.
+    struct Scale final : Op {
+      const char* name() const override { return "first_order_only_backward"; }
+      std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), in[0].dtype(), in[0].device()}}; }
+      void cpu(const TensorList& in, TensorList& out) const override {
+        NoGradGuard ng;
+        copy_(out[0], in[0] * exp(in[1]));
+      }
+    };
+    TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
+      return {apply1(std::make_shared<Scale>(), {ct[0], in[0]})};
+    }
+  };
+  const VectorFn once = [](const TensorList& a) { return TensorList{apply1(std::make_shared<FirstOrderOnly>(), {a[0]})}; };
+  CHECK_THAT(message([&] { jvp(once, {x}, {x}); }), Contains("first_order_only_backward") && Contains("has no gradient"));
+  CHECK(vjp(once, {x}).pullback({x})[0].shape() == x.shape());  // first-order products work
+}
+
+TEST_CASE("jvp and hvp through the vocabulary-parallel cross-entropy (one rank) equal cross_entropy's", "[autodiff][functional][tp]") {
   const Mesh mesh = MeshSpec{{"model"}, {1}}.build(make_local_communicator());
-  const Tensor labels = from_vector(std::vector<int64_t>{2, 0}, Shape{2});
-  const VectorFn ce = [&](const TensorList& a) { return TensorList{vocab_parallel_cross_entropy(mesh, a[0], labels, "model")}; };
-  CHECK_THAT(message([&] { jvp(ce, {x}, {x}); }), Contains("second derivative of vocab_parallel_cross_entropy"));
-  CHECK(vjp(ce, {x}).pullback({scalar(1.0, DType::f64)})[0].shape() == x.shape());
+  const Tensor z = random_normal(RngKey::from_seed(12), Shape{5, 7}, DType::f64) * 3.0;
+  const Tensor labels = from_vector(std::vector<int64_t>{0, 6, 3, -100, 2}, Shape{5});
+  const Tensor v = random_normal(RngKey::from_seed(13), Shape{5, 7}, DType::f64);
+  for (Reduction red : {Reduction::mean, Reduction::sum, Reduction::none}) {
+    INFO("reduction " << int(red));
+    const ScalarFn split = [&](const TensorList& a) { return sum(square(vocab_parallel_cross_entropy(mesh, a[0], labels, "model", red))); };
+    const ScalarFn whole = [&](const TensorList& a) { return sum(square(cross_entropy(a[0], labels, red))); };
+    CHECK(close(hvp(split, {z}, {v}).second[0], hvp(whole, {z}, {v}).second[0], 1e-12));
+    const VectorFn vs = [&](const TensorList& a) { return TensorList{split(a)}; }, vw = [&](const TensorList& a) { return TensorList{whole(a)}; };
+    CHECK(close(jvp(vs, {z}, {v}).second[0], jvp(vw, {z}, {v}).second[0], 1e-12));
+  }
 }
 
 TEST_CASE("jacobian and hessian batch their rows in chunks: a 300-element output, a 150-element primal", "[autodiff][functional]") {
