@@ -249,7 +249,10 @@ class Broadcast final : public CollectiveOpBase {
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
     if (!needs[0]) return {Tensor()};
     Tensor g = psum_c(c_, ct[0]);  // every rank joins the sum; only the root keeps it
-    return {c_.rank() == root_ ? g : zeros_like(g)};
+    // By a select on a rank-dependent constant, not a rank-dependent graph: every rank records the same
+    // ops, so the backward of this backward (second derivatives) calls the same collectives everywhere.
+    const Tensor zero = scalar_like(0.0, g), root = ne(scalar_like(c_.rank() == root_ ? 1.0 : 0.0, g), zero);
+    return {where(root, g, zero)};
   }
 
  private:

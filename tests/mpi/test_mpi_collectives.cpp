@@ -1,5 +1,6 @@
 // Collectives under mpirun: values against expectations computed from rank ids, on {data: n} and
-// {data: 2, model: n/2}; vjps against finite differences of the TOTAL loss (sum over ranks); misuse
+// {data: 2, model: n/2}; vjps and second derivatives against finite differences of the TOTAL loss (sum
+// over ranks); misuse
 // raising the same error on every rank instead of hanging.
 #include <catch2/catch.hpp>
 
@@ -183,11 +184,45 @@ void check_total_vjp(const std::string& what, const Shape& xs, const std::functi
     INFO("rank " << r << " element " << e);
     CHECK(analytic[e] == Approx(numeric[e]).margin(1e-6).epsilon(1e-5));
   }
+
+  // Second derivatives: the gradient of the total over ranks of <gradient_r, u_r> (the vjp of each
+  // collective's vjp), against finite differences of that total. Every rank must record the same
+  // collectives in its backward for the second pass to stay in step.
+  const Tensor u = random_normal(fold_in(key, uint64_t(2000 + r)), xs, DType::f64);
+  auto projected_gradient = [&](const Tensor& xin, bool create_graph) {
+    GradModeGuard on(true);
+    const Tensor leaf = xin.detach().clone().detach().set_requires_grad();
+    BackwardOptions o;
+    o.create_graph = create_graph;
+    const Tensor g = grad(local_loss(leaf), {leaf}, o)[0];
+    return std::pair{leaf, sum(g * u)};
+  };
+  std::vector<double> second;
+  {
+    GradModeGuard on(true);
+    auto [leaf, q] = projected_gradient(x, true);
+    second = q.requires_grad() ? vals(grad(q, {leaf})[0]) : std::vector<double>(size_t(x.numel()), 0.0);
+  }
+  std::vector<double> numeric2(size_t(x.numel()), 0.0);
+  for (int p = 0; p < n; ++p)
+    for (int64_t e = 0; e < x.numel(); ++e) {
+      double Q[2];
+      for (int side = 0; side < 2; ++side) {
+        Tensor xp = x.clone();
+        if (r == p) xp.data<double>()[e] += side == 0 ? eps : -eps;
+        Q[side] = world_sum(projected_gradient(xp, false).second.item());
+      }
+      if (r == p) numeric2[size_t(e)] = (Q[0] - Q[1]) / (2 * eps);
+    }
+  for (size_t e = 0; e < numeric2.size(); ++e) {
+    INFO("second derivative, rank " << r << " element " << e);
+    CHECK(second[e] == Approx(numeric2[e]).margin(1e-6).epsilon(1e-5));
+  }
 }
 
 }  // namespace
 
-TEST_CASE("collective vjps match finite differences of the total loss", "[mpi]") {
+TEST_CASE("collective vjps and their vjps match finite differences of the total loss", "[mpi]") {
   for_each_axis([](const Mesh&, const std::string& axis, size_t, const std::vector<int>& group) {
     const int k = int(group.size());
     check_total_vjp("psum", Shape{2, 3}, [&](const Tensor& x) { return psum(x, axis); });

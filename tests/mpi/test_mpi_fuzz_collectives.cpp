@@ -2,7 +2,8 @@
 // ppermute, all_to_all) over the axes of a 2-D mesh, against a simulation of every rank in one process
 // written with plain ops (sums, concatenations, slices): each rank's values, and each rank's gradient of
 // the sum over all ranks of <out_r, cot_r> (JAX's SPMD convention) against the simulation's gradient
-// with respect to that rank's inputs. Every rank draws the same program from a shared seed (the shapes
+// with respect to that rank's inputs, and likewise second derivatives (the gradient of the sum over
+// ranks of <gradient_r, w_r>). Every rank draws the same program from a shared seed (the shapes
 // agree across ranks) and every rank's inputs from (trial, rank). FUZZ_SEED explores other draws.
 #include <catch2/catch.hpp>
 
@@ -190,7 +191,7 @@ struct CollectiveGen {
 
 }  // namespace
 
-TEST_CASE("random SPMD programs of collectives: every rank's values and gradients against a one-process simulation",
+TEST_CASE("random SPMD programs of collectives: every rank's values, gradients and second derivatives against a one-process simulation",
           "[mpi][fuzz][collectives]") {
   const int n = world_size();
   std::vector<std::string> axes{"a", "b"};
@@ -218,7 +219,9 @@ TEST_CASE("random SPMD programs of collectives: every rank's values and gradient
     for (const auto& t : inputs_of(world_rank())) leaves.push_back(t.detach().set_requires_grad());
     const Tensor out = prog.run(leaves);
     auto cot_of = [&](int w) { return random_normal(RngKey::from_seed(cot_seed + uint64_t(w)), out.shape(), DType::f64); };
-    const TensorList got = grad(sum(out * cot_of(world_rank())), leaves);
+    BackwardOptions cg;
+    cg.create_graph = true;  // for the second derivatives below
+    const TensorList got = grad(sum(out * cot_of(world_rank())), leaves, cg);
 
     // Simulated: all ranks in this process, differentiated as one function of every rank's inputs.
     std::vector<TensorList> all;
@@ -231,13 +234,30 @@ TEST_CASE("random SPMD programs of collectives: every rank's values and gradient
     const TensorList sim = prog.simulate(all);
     Tensor loss = sum(sim[0] * cot_of(0));
     for (int w = 1; w < n; ++w) loss = loss + sum(sim[size_t(w)] * cot_of(w));
-    const TensorList want = grad(loss, all_leaves);
+    const TensorList want = grad(loss, all_leaves, cg);
 
     CHECK(fz::close(out.detach(), sim[size_t(world_rank())].detach(), 1e-12));
     for (size_t k = 0; k < got.size(); ++k) {
       INFO("gradient of input " << k << ": distributed " << fz::values(got[k]) << ", simulated "
                                 << fz::values(want[size_t(world_rank()) * 2 + k]));
       CHECK(fz::close(got[k], want[size_t(world_rank()) * 2 + k], 1e-12));
+    }
+
+    // Second derivatives (the vjps of the collectives' vjps): the gradient of the sum over ranks of
+    // <gradient_r, w_r>, each rank differentiating its own term, against the simulation's.
+    const uint64_t w_seed = z.z.g();
+    auto w_of = [&](int w, size_t k) { return random_normal(RngKey::from_seed(w_seed + 2 * uint64_t(w) + k), k ? s1 : s0, DType::f64); };
+    Tensor inner = sum(got[0] * w_of(world_rank(), 0)) + sum(got[1] * w_of(world_rank(), 1));
+    const TensorList hv = inner.requires_grad() ? grad(inner, leaves) : TensorList{zeros_like(leaves[0]), zeros_like(leaves[1])};
+    Tensor all_inner = scalar(0.0, DType::f64);
+    for (int w = 0; w < n; ++w)
+      for (size_t k = 0; k < 2; ++k) all_inner = all_inner + sum(want[size_t(w) * 2 + k] * w_of(w, k));
+    const TensorList want_hv = all_inner.requires_grad() ? grad(all_inner, all_leaves) : TensorList(all_leaves.size());
+    for (size_t k = 0; k < hv.size(); ++k) {
+      const Tensor& wk = want_hv[size_t(world_rank()) * 2 + k];
+      INFO("second derivative, input " << k << ": distributed " << fz::values(hv[k]) << ", simulated "
+                                       << (wk.defined() ? fz::values(wk) : std::string("zero")));
+      CHECK(fz::close(hv[k], wk.defined() ? wk : zeros_like(hv[k]), 1e-12));
     }
   }
   if (n > 1) CHECK(collectives >= 40);  // most programs talk
