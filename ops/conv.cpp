@@ -240,37 +240,54 @@ void check_pool(const char* op, const Tensor& x, Pair kernel, Pair stride, Pair 
   check_fits(op, x, kernel, padding);
 }
 
-// The winners' plane offsets as max_pool2d_indices gives them: i64 [N, C, OH, OW].
-class MaxPool2dIndices final : public Op {
+// The stride of a pooling: 0 on an axis means the kernel's size there.
+Pair pool_stride(Pair kernel, Pair stride) {
+  for (size_t a = 0; a < 2; ++a)
+    if (stride[a] == 0) stride[a] = kernel[a];
+  return stride;
+}
+
+// What the max-pooling forward ops share: the window and its checks.
+class PoolOp : public Op {
  public:
-  MaxPool2dIndices(Pair kernel, Pair stride, Pair padding) : kernel_(kernel), stride_(stride), padding_(padding) {}
-  const char* name() const override { return "max_pool2d_indices"; }
+  PoolOp(Pair kernel, Pair stride, Pair padding) : kernel_(kernel), stride_(stride), padding_(padding) {}
   std::string attrs() const override {
     return "kernel=" + pair_str(kernel_) + " stride=" + pair_str(stride_) + " padding=" + pair_str(padding_);
   }
-  bool differentiable() const override { return false; }
-  std::vector<TensorSpec> infer(const TensorList& in) const override {
-    const Tensor& x = in[0];
+
+ protected:
+  // x checked (f32 / f64, [N, C, H, W], the window fits), and the geometry of pooling it.
+  kc::Pool2dGeom checked_geom(const Tensor& x) const {
     check_dtype(x, {DType::f32, DType::f64}, name());
     check_pool(name(), x, kernel_, stride_, padding_);
-    kc::Pool2dGeom g = pool_geom(x.shape(), kernel_, stride_, padding_);
-    return {{Shape{g.N, g.C, g.OH(), g.OW()}, DType::i64, x.device()}};
+    return geom(x);
+  }
+  kc::Pool2dGeom geom(const Tensor& x) const { return pool_geom(x.shape(), kernel_, stride_, padding_); }
+  Pair kernel_, stride_, padding_;
+};
+
+// The winners' plane offsets as max_pool2d_indices gives them: i64 [N, C, OH, OW].
+class MaxPool2dIndices final : public PoolOp {
+ public:
+  using PoolOp::PoolOp;
+  const char* name() const override { return "max_pool2d_indices"; }
+  bool differentiable() const override { return false; }
+  std::vector<TensorSpec> infer(const TensorList& in) const override {
+    const kc::Pool2dGeom g = checked_geom(in[0]);
+    return {{Shape{g.N, g.C, g.OH(), g.OW()}, DType::i64, in[0].device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
-    kc::max_pool2d_indices(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0]);
+    kc::max_pool2d_indices(x, geom(x), out[0]);
   }
   // The CUDA forward records the same winners as int32 plane offsets: run it and widen them.
   void cuda(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
     if (out[0].numel() == 0) return;
     Tensor y = empty(out[0].shape(), x.dtype(), x.device()), ws = empty(out[0].shape(), DType::i32, x.device());
-    kernels::cuda::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), y, ws);
+    kernels::cuda::max_pool2d_forward(x, geom(x), y, ws);
     kernels::cuda::copy_cast(ws, out[0]);
   }
-
- private:
-  Pair kernel_, stride_, padding_;
 };
 
 // Inputs (dy [N, C, OH, OW], ws u8, x [N, C, H, W]) -> dx [N, C, H, W]. x is not read: it is there for
@@ -320,39 +337,30 @@ class MaxPool2dBackward final : public Op {
 };
 
 // Outputs y [N, C, OH, OW] and a hidden u8 workspace (which element won each window), saved for the vjp.
-class MaxPool2d final : public Op {
+class MaxPool2d final : public PoolOp {
  public:
-  MaxPool2d(Pair kernel, Pair stride, Pair padding) : kernel_(kernel), stride_(stride), padding_(padding) {}
+  using PoolOp::PoolOp;
   const char* name() const override { return "max_pool2d"; }
-  std::string attrs() const override {
-    return "kernel=" + pair_str(kernel_) + " stride=" + pair_str(stride_) + " padding=" + pair_str(padding_);
-  }
   bool saves_outputs() const override { return true; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor& x = in[0];
-    check_dtype(x, {DType::f32, DType::f64}, name());
-    check_pool(name(), x, kernel_, stride_, padding_);
-    kc::Pool2dGeom g = pool_geom(x.shape(), kernel_, stride_, padding_);
+    const kc::Pool2dGeom g = checked_geom(x);
     return {{Shape{g.N, g.C, g.OH(), g.OW()}, x.dtype(), x.device()},
             {Shape{pool_workspace_bytes(g, x.dtype(), x.device())}, DType::u8, x.device()}};
   }
   void cpu(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
-    kc::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0], out[1]);
+    kc::max_pool2d_forward(x, geom(x), out[0], out[1]);
   }
   void cuda(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
-    kernels::cuda::max_pool2d_forward(x, pool_geom(x.shape(), kernel_, stride_, padding_), out[0], out[1]);
+    kernels::cuda::max_pool2d_forward(x, geom(x), out[0], out[1]);
   }
   TensorList vjp(const TensorList& in, const TensorList& out, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     if (!needs[0]) return {Tensor()};
-    kc::Pool2dGeom g = pool_geom(in[0].shape(), kernel_, stride_, padding_);
-    return {apply1(std::make_shared<MaxPool2dBackward>(g), {ct[0], out[1], in[0]})};
+    return {apply1(std::make_shared<MaxPool2dBackward>(geom(in[0])), {ct[0], out[1], in[0]})};
   }
-
- private:
-  Pair kernel_, stride_, padding_;
 };
 
 }  // namespace
@@ -365,16 +373,12 @@ Tensor conv2d(const Tensor& x, const Tensor& w, const Tensor& b, std::array<int6
 
 Tensor max_pool2d(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
                   std::array<int64_t, 2> padding) {
-  if (stride[0] == 0) stride[0] = kernel[0];
-  if (stride[1] == 0) stride[1] = kernel[1];
-  return titanax::apply(std::make_shared<MaxPool2d>(kernel, stride, padding), {x})[0];
+  return titanax::apply(std::make_shared<MaxPool2d>(kernel, pool_stride(kernel, stride), padding), {x})[0];
 }
 
 Tensor max_pool2d_indices(const Tensor& x, std::array<int64_t, 2> kernel, std::array<int64_t, 2> stride,
                           std::array<int64_t, 2> padding) {
-  if (stride[0] == 0) stride[0] = kernel[0];
-  if (stride[1] == 0) stride[1] = kernel[1];
-  return apply1(std::make_shared<MaxPool2dIndices>(kernel, stride, padding), {x});
+  return apply1(std::make_shared<MaxPool2dIndices>(kernel, pool_stride(kernel, stride), padding), {x});
 }
 
 }  // namespace titanax

@@ -225,10 +225,12 @@ class VocabParallelCEBackward final : public TPOpBase {
   bool capturable() const override { return false; }  // reads the labels on the host
   // dlogits = k (s - y) with s the softmax over the whole vocabulary, y this rank's block of the one-hot
   // label, k = ct * scale per row (1 / count under mean, 0 on ignored rows); written with differentiable
-  // ops, the vocabulary-wide sums as psum_c of the rank's partial sums (as CrossEntropyBackward's vjp on
-  // one rank). Over all ranks the cotangent A pairs with dlogits as sum_r <A_r, dlogits_r>, so:
-  //   d / dlogits = k s (A - psum(sum(A s))),   d / dct = psum(sum(A (s - y))) * scale (summed over rows
-  //   unless reduction none: ct is replicated and gets the whole derivative on every rank).
+  // ops, the vocabulary-wide sums all-reduced from the rank's partial sums (as CrossEntropyBackward's vjp
+  // on one rank). Over all ranks the cotangent A pairs with dlogits as sum_r <A_r, dlogits_r>, so:
+  //   d / dlogits = k s (A - sum_V(A s)),   d / dct = sum_V(A (s - y)) * scale (summed over rows unless
+  //   reduction none: ct is replicated and gets the whole derivative on every rank),
+  // sum_V over the whole vocabulary: psum_c where the total feeds this rank's shard, g alone where it is
+  // replicated.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>& needs) const override {
     const Tensor &labels = in[1], &c = in[3];
     const DType f = in[0].dtype();

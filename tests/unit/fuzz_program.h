@@ -207,5 +207,14 @@ inline Shape small_shape(Gen& z) {
   return Shape(d);
 }
 
+// A shape related to s0, for a second input: s0 itself, s0 with a broadcast first axis, or (rank >= 2)
+// a matmul partner [s0.back(), 1..3].
+inline Shape partner_shape(Gen& z, const Shape& s0) {
+  std::vector<int64_t> d = s0.vec();
+  if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
+  else if (z.coin()) d[0] = 1;
+  return Shape(d);
+}
+
 
 }  // namespace titanax::testing::fuzz

@@ -27,10 +27,7 @@ TEST_CASE("random compositions of smooth ops: vjp against finite differences, ji
     const Shape s0 = small_shape(z);
     inputs.push_back(random_normal(RngKey::from_seed(z.g()), s0, DType::f64) * 0.7);
     // A second input of a related shape (equal, broadcastable, or the matmul partner), and sometimes a third.
-    std::vector<int64_t> d = s0.vec();
-    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
-    else if (z.coin()) d[0] = 1;
-    inputs.push_back(random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64) * 0.7);
+    inputs.push_back(random_normal(RngKey::from_seed(z.g()), partner_shape(z, s0), DType::f64) * 0.7);
     if (z.coin()) inputs.push_back(random_normal(RngKey::from_seed(z.g()), s0, DType::f64) * 0.7);
     const Program prog = z.program(inputs, int(z.pick(3, 8)));
     INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
@@ -76,10 +73,7 @@ TEST_CASE("random compositions: second derivatives (the vjp of the vjp) against 
   Gen z{std::mt19937_64(seed_or(303))};
   for (int trial = 0; trial < 80; ++trial) {
     TensorList inputs{random_normal(RngKey::from_seed(z.g()), small_shape(z), DType::f64) * 0.7};
-    std::vector<int64_t> d = inputs[0].shape().vec();
-    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
-    else if (z.coin()) d[0] = 1;
-    inputs.push_back(random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64) * 0.7);
+    inputs.push_back(random_normal(RngKey::from_seed(z.g()), partner_shape(z, inputs[0].shape()), DType::f64) * 0.7);
     const Program prog = z.program(inputs, int(z.pick(2, 6)));
     INFO("trial " << trial << ", inputs " << inputs[0].shape().str() << " " << inputs[1].shape().str() << "\n" << prog.str());
     const Tensor cot = random_normal(RngKey::from_seed(z.g()), prog(inputs).shape(), DType::f64);
@@ -166,12 +160,9 @@ TEST_CASE("random compositions under vmap: batched values and per-example gradie
   Gen z{std::mt19937_64(seed_or(123))};
   const int64_t B = 3;
   for (int trial = 0; trial < 80; ++trial) {
-    const Shape s0 = small_shape(z);
-    std::vector<int64_t> d = s0.vec();
-    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
-    else if (z.coin()) d[0] = 1;
+    const Shape s0 = small_shape(z), s1 = partner_shape(z, s0);
     const TensorList example{random_normal(RngKey::from_seed(z.g()), s0, DType::f64),
-                             random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64)};
+                             random_normal(RngKey::from_seed(z.g()), s1, DType::f64)};
     const Program prog = z.program(example, int(z.pick(3, 7)));
     // Per example: the value and the gradient of sum(value * value) with respect to both inputs.
     auto per_example = [&](const TensorList& x) {
@@ -188,10 +179,10 @@ TEST_CASE("random compositions under vmap: batched values and per-example gradie
     const int ax0 = in_axes[0] < 0 ? in_axes[0] + s0.rank() + 1 : in_axes[0];
     batched.push_back(concat([&] { TensorList u; for (auto& t : slices0) u.push_back(t.unsqueeze(ax0)); return u; }(), ax0));
     TensorList slices1;
-    for (int64_t b = 0; b < B; ++b) slices1.push_back(shared ? example[1] : random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64));
+    for (int64_t b = 0; b < B; ++b) slices1.push_back(shared ? example[1] : random_normal(RngKey::from_seed(z.g()), s1, DType::f64));
     batched.push_back(shared ? example[1] : concat([&] { TensorList u; for (auto& t : slices1) u.push_back(t.unsqueeze(0)); return u; }(), 0));
     const int out_axis = int(z.pick(0, 1)) ? 0 : -1;
-    INFO("trial " << trial << ", example inputs " << s0.str() << " " << Shape(d).str() << ", in_axes " << in_axes[0] << " "
+    INFO("trial " << trial << ", example inputs " << s0.str() << " " << s1.str() << ", in_axes " << in_axes[0] << " "
                   << (shared ? "shared" : "0") << ", out_axis " << out_axis << "\n" << prog.str());
     const TensorList got = jit::vmap(per_example, in_axes, std::vector<int>(3, out_axis))(batched);
     REQUIRE(got.size() == 3);

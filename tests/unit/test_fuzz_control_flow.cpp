@@ -148,12 +148,9 @@ struct FlowGen {
 
   // Two or three f64 inputs of related shapes (equal, broadcastable, or a matmul partner).
   TensorList inputs() {
-    const Shape s0 = small_shape(z);
-    std::vector<int64_t> d = s0.vec();
-    if (z.coin() && d.size() >= 2) d = {d.back(), z.pick(1, 3)};
-    else if (z.coin()) d[0] = 1;
+    const Shape s0 = small_shape(z), s1 = partner_shape(z, s0);
     TensorList in{random_normal(RngKey::from_seed(z.g()), s0, DType::f64) * 0.7,
-                  random_normal(RngKey::from_seed(z.g()), Shape(d), DType::f64) * 0.7};
+                  random_normal(RngKey::from_seed(z.g()), s1, DType::f64) * 0.7};
     if (z.coin()) in.push_back(random_normal(RngKey::from_seed(z.g()), s0, DType::f64) * 0.7);
     return in;
   }

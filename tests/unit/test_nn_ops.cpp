@@ -428,11 +428,39 @@ TEST_CASE("conv2d shape, stride and dtype errors", "[ops][nn][conv2d][errors]") 
 
 // ====================================================================================== max_pool2d
 
+namespace {
+
+struct PoolCase {
+  Shape s;
+  std::array<int64_t, 2> k, st, pd;
+  int64_t OH() const { return (s[2] + 2 * pd[0] - k[0]) / st[0] + 1; }
+  int64_t OW() const { return (s[3] + 2 * pd[1] - k[1]) / st[1] + 1; }
+};
+
+// The naive window maximum of x (row-major values of shape pc.s): per output element its value and the
+// flat index of the first maximum in row-major window order.
+std::pair<std::vector<double>, std::vector<int64_t>> naive_max_pool(const std::vector<double>& xv, const PoolCase& pc) {
+  const int64_t N = pc.s[0], C = pc.s[1], H = pc.s[2], W = pc.s[3], OH = pc.OH(), OW = pc.OW();
+  std::vector<double> m(size_t(N * C * OH * OW), -INFINITY);
+  std::vector<int64_t> at(m.size(), -1);
+  for (int64_t t = 0; t < N * C; ++t)
+    for (int64_t i = 0; i < OH; ++i)
+      for (int64_t j = 0; j < OW; ++j) {
+        const size_t o = size_t((t * OH + i) * OW + j);
+        for (int64_t p = 0; p < pc.k[0]; ++p)
+          for (int64_t q = 0; q < pc.k[1]; ++q) {
+            const int64_t ih = i * pc.st[0] - pc.pd[0] + p, iw = j * pc.st[1] - pc.pd[1] + q;
+            if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
+            const double v = xv[size_t((t * H + ih) * W + iw)];
+            if (v > m[o]) m[o] = v, at[o] = (t * H + ih) * W + iw;
+          }
+      }
+  return {m, at};
+}
+
+}  // namespace
+
 TEST_CASE("max_pool2d matches a naive window maximum, forward and backward", "[ops][nn][max_pool2d]") {
-  struct PoolCase {
-    Shape s;
-    std::array<int64_t, 2> k, st, pd;
-  };
   std::vector<PoolCase> cases{{Shape{2, 3, 6, 6}, {2, 2}, {2, 2}, {0, 0}},
                               {Shape{2, 2, 7, 7}, {3, 3}, {2, 2}, {1, 1}},
                               {Shape{1, 4, 9, 5}, {3, 2}, {1, 2}, {1, 1}},
@@ -440,28 +468,12 @@ TEST_CASE("max_pool2d matches a naive window maximum, forward and backward", "[o
   int ci = 0;
   for (const auto& pc : cases) {
     ++ci;
-    const int64_t N = pc.s[0], C = pc.s[1], H = pc.s[2], W = pc.s[3];
-    const int64_t OH = (H + 2 * pc.pd[0] - pc.k[0]) / pc.st[0] + 1, OW = (W + 2 * pc.pd[1] - pc.k[1]) / pc.st[1] + 1;
+    const int64_t N = pc.s[0], C = pc.s[1], H = pc.s[2], W = pc.s[3], OH = pc.OH(), OW = pc.OW();
     for (DType dt : {DType::f64, DType::f32}) {
       INFO("case " << ci << " " << dtype_name(dt));
       Tensor x = distinct(RngKey::from_seed(700 + uint64_t(ci)), pc.s, dt);
-      std::vector<double> xv = vals(x), want(size_t(N * C * OH * OW));
-      std::vector<int64_t> arg(want.size());
-      for (int64_t t = 0; t < N * C; ++t)
-        for (int64_t i = 0; i < OH; ++i)
-          for (int64_t j = 0; j < OW; ++j) {
-            double m = -INFINITY;
-            int64_t at = -1;
-            for (int64_t p = 0; p < pc.k[0]; ++p)
-              for (int64_t q = 0; q < pc.k[1]; ++q) {
-                int64_t ih = i * pc.st[0] - pc.pd[0] + p, iw = j * pc.st[1] - pc.pd[1] + q;
-                if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
-                double v = xv[size_t((t * H + ih) * W + iw)];
-                if (v > m) m = v, at = (t * H + ih) * W + iw;
-              }
-            want[size_t((t * OH + i) * OW + j)] = m;
-            arg[size_t((t * OH + i) * OW + j)] = at;
-          }
+      const std::vector<double> xv = vals(x);
+      const auto [want, arg] = naive_max_pool(xv, pc);
       Tensor xl = x.detach().clone().detach();
       xl.set_requires_grad(true);
       Tensor y = max_pool2d(xl, pc.k, pc.st, pc.pd);
@@ -490,36 +502,19 @@ TEST_CASE("max_pool2d on ties: indices, the gradient's routing and the second de
           "[ops][nn][max_pool2d]") {
   // Values in {0, 1, 2} (a ReLU's zeros are the common case): most windows tie. Integer cotangents keep
   // every sum exact, so f32 (oneDNN's kernels) must agree exactly with the first-maximum rule too.
-  struct PoolCase {
-    Shape s;
-    std::array<int64_t, 2> k, st, pd;
-  };
   const std::vector<PoolCase> cases{{Shape{2, 3, 6, 6}, {2, 2}, {2, 2}, {0, 0}},
                                     {Shape{2, 2, 7, 7}, {3, 3}, {2, 2}, {1, 1}},
                                     {Shape{1, 3, 9, 5}, {3, 2}, {1, 2}, {1, 1}}};
   int ci = 0;
   for (const auto& pc : cases) {
     ++ci;
-    const int64_t N = pc.s[0], C = pc.s[1], H = pc.s[2], W = pc.s[3];
-    const int64_t OH = (H + 2 * pc.pd[0] - pc.k[0]) / pc.st[0] + 1, OW = (W + 2 * pc.pd[1] - pc.k[1]) / pc.st[1] + 1;
+    const int64_t N = pc.s[0], C = pc.s[1], H = pc.s[2], W = pc.s[3], OH = pc.OH(), OW = pc.OW();
     for (DType dt : {DType::f64, DType::f32}) {
       INFO("case " << ci << " " << dtype_name(dt));
       const Tensor x = testing::randint(RngKey::from_seed(900 + uint64_t(ci)), pc.s, 3).astype(dt);
       const std::vector<double> xv = vals(x);
-      std::vector<int64_t> first(size_t(N * C * OH * OW));  // the first maximum's offset in its plane
-      for (int64_t t = 0; t < N * C; ++t)
-        for (int64_t i = 0; i < OH; ++i)
-          for (int64_t j = 0; j < OW; ++j) {
-            double m = -INFINITY;
-            int64_t at = -1;
-            for (int64_t p = 0; p < pc.k[0]; ++p)
-              for (int64_t q = 0; q < pc.k[1]; ++q) {
-                const int64_t ih = i * pc.st[0] - pc.pd[0] + p, iw = j * pc.st[1] - pc.pd[1] + q;
-                if (ih < 0 || ih >= H || iw < 0 || iw >= W) continue;
-                if (xv[size_t((t * H + ih) * W + iw)] > m) m = xv[size_t((t * H + ih) * W + iw)], at = ih * W + iw;
-              }
-            first[size_t((t * OH + i) * OW + j)] = at;
-          }
+      std::vector<int64_t> first = naive_max_pool(xv, pc).second;  // the first maximum's offset in its plane
+      for (int64_t& a : first) a %= H * W;
       CHECK(max_pool2d_indices(x, pc.k, pc.st, pc.pd).to_vector<int64_t>() == first);
 
       // dx = J^T dy routes each window's dy to that winner.
