@@ -105,6 +105,8 @@ void notify_write(const Tensor& dst, const Tensor& src) {
 void notify_host_read(const Tensor& t) {
   if (t_observer && t_op_depth == 0) t_observer->on_host_read(t);
 }
+TopLevelOps::TopLevelOps() : prev_(t_op_depth) { t_op_depth = 0; }
+TopLevelOps::~TopLevelOps() { t_op_depth = prev_; }
 }  // namespace detail
 
 ApplyObserver* set_apply_observer(ApplyObserver* o) {

@@ -167,6 +167,19 @@ namespace detail {
 /// from inside an op (a kernel's own copies and reads are part of the op).
 void notify_write(const Tensor& dst, const Tensor& src);
 void notify_host_read(const Tensor& t);
+/// For its scope, ops applied on the calling thread count as called by the user, not by another op's
+/// forward: a function traced from inside an op (jit::scan / cond in the function of checkpoint(),
+/// which runs in that op's forward) has its own ops seen by the tracer, autocast and the profiler.
+class TopLevelOps {
+ public:
+  TopLevelOps();
+  ~TopLevelOps();
+  TopLevelOps(const TopLevelOps&) = delete;
+  TopLevelOps& operator=(const TopLevelOps&) = delete;
+
+ private:
+  int prev_;
+};
 }  // namespace detail
 
 /// Runs `op` on `inputs` and records it on the tape when needed. Throws DeviceError when inputs live on

@@ -232,6 +232,7 @@ Graph trace(const std::function<TensorList(const TensorList&)>& fn, const Tensor
       ApplyObserver* prev;
       ~Restore() { set_apply_observer(prev); }
     } r{prev};
+    titanax::detail::TopLevelOps top;  // fn's ops are fn's, even when the trace starts inside an op's forward
     out = fn(handles);
   }
   for (size_t k = 0; k < out.size(); ++k) {

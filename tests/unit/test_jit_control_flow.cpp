@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "autodiff/autodiff.h"
+#include "autodiff/functional.h"
 #include "jit/control_flow.h"
 #include "jit/vmap.h"
 #include "jit_test_util.h"
@@ -483,4 +484,34 @@ TEST_CASE("scan's second derivative reaches the tensors its body captures", "[ji
   const GradcheckResult r = gradcheck(f, {rnd(83, Shape{3}), rnd(84, Shape{4, 3}), rnd(85, Shape{3})});
   INFO(r.report);
   CHECK(r.ok);
+}
+
+TEST_CASE("control flow inside checkpoint(): the forward traces the function's own ops", "[jit][control_flow]") {
+  // checkpoint's forward runs its function inside an op; a scan or cond there traces its body with ops
+  // nested in that op. The body's ops must still be recorded: a body traced as constants of its example
+  // step gave every step of a scan the first step's values (and a while_loop's counter never moved).
+  const Tensor p0 = testing::randn64(RngKey::from_seed(61), Shape{3});
+  using Fn1 = std::function<Tensor(const Tensor&)>;
+  const std::vector<std::pair<const char*, Fn1>> fns{
+      {"scan ys", [](const Tensor& p) {
+         auto body = [](const TensorList& c, const TensorList& x) {
+           return std::pair<TensorList, TensorList>{{c[0] + x[0]}, {tanh(x[0] * c[0])}};
+         };
+         return jit::scan(body, {sum(p) * 0.5}, {p})[1];
+       }},
+      {"cond", [](const Tensor& p) {
+         return jit::cond(gt(sum(p), scalar_like(100.0, p)), [](const TensorList& a) { return TensorList{a[0]}; },
+                          [](const TensorList& a) { return TensorList{exp(a[0]) * a[0]}; }, {p})[0];
+       }}};
+  for (const auto& [name, f] : fns) {
+    INFO(name);
+    const Tensor plain = f(p0), ckpt = checkpoint(f, p0.detach().set_requires_grad());
+    require_close(ckpt, plain, 0.0);
+    // Gradients of a loss whose cotangent depends on the checkpoint's output, to second order.
+    auto loss = [&](const TensorList& a, bool c) { return sum(square(c ? checkpoint(f, a[0]) : f(a[0]))); };
+    const Tensor v = testing::randn64(RngKey::from_seed(62), Shape{3});
+    const Tensor h1 = hvp([&](const TensorList& a) { return loss(a, true); }, {p0}, {v}).second[0];
+    const Tensor h0 = hvp([&](const TensorList& a) { return loss(a, false); }, {p0}, {v}).second[0];
+    require_close(h1, h0);
+  }
 }
