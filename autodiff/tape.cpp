@@ -2,6 +2,8 @@
 
 #include <atomic>
 
+#include "autodiff/anomaly.h"
+
 namespace titanax {
 namespace {
 thread_local bool g_grad_enabled = true;
@@ -30,6 +32,7 @@ void record(const OpPtr& op, const TensorList& inputs, TensorList& outputs) {
     }
   }
   node->seq = g_seq.fetch_add(1, std::memory_order_relaxed);
+  if (anomaly_options()) node->scope = current_scope();
   for (size_t i = 0; i < outputs.size(); ++i) {
     TensorImpl* impl = outputs[i].get();
     if (!is_floating(impl->dtype)) continue;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/op.h"
@@ -20,6 +21,7 @@ struct Node {
   std::vector<TensorSpec> out_specs;    // for zero cotangents of outputs that received none
   std::vector<uint64_t> output_versions;
   uint64_t seq = 0;
+  std::string scope;                    // the module path at record time, kept while anomaly detection is on
 };
 
 /// Whether ops are recorded. Thread-local; on by default.

@@ -64,6 +64,7 @@ TITANAX_DEFINE_ERROR(ConfigError)       // bad YAML config: unknown key, wrong t
 TITANAX_DEFINE_ERROR(DataError)         // malformed or truncated data file
 TITANAX_DEFINE_ERROR(IOError)           // a file could not be opened, read or written
 TITANAX_DEFINE_ERROR(OutOfMemoryError)  // an allocator could not satisfy a request
+TITANAX_DEFINE_ERROR(FloatingPointError) // anomaly detection found a NaN / inf in an op's output (autodiff/anomaly.h)
 TITANAX_DEFINE_ERROR(TraceError)        // a traced function did what a graph cannot replay (host read of a traced value)
 TITANAX_DEFINE_ERROR(InternalError)     // a broken invariant inside Titanax: please report
 

@@ -1,6 +1,7 @@
 #include "core/op.h"
 
 #include "autodiff/tape.h"
+#include "autodiff/anomaly.h"
 #include "core/profiler.h"
 
 #include <fmt/format.h>
@@ -144,6 +145,11 @@ TensorList apply(OpPtr op, TensorList inputs) {
     out = op->forward(inputs);
   }
   if (prof) prof->stop(*op, t0, inputs, out);
+  if (t_op_depth == 0)
+    if (const AnomalyOptions* ao = anomaly_options()) {
+      OpDepth depth;  // the check's own ops are not the user's
+      detail::check_outputs(*ao, *op, inputs, out);
+    }
   for (auto& o : out)  // an op may hand an input back unchanged: give it its own handle so the tape stays acyclic
     for (const auto& i : inputs)
       if (o.same(i)) o = make_view(i, i.shape(), i.strides(), i.offset());

@@ -101,6 +101,10 @@ class Op {
   /// updates the copy. The JIT's update_in_place pass (jit/graph.h) uses it to write optimizer updates
   /// into the parameters and moments directly instead of into copies written back afterwards.
   virtual int in_place_input(size_t out) const { return -1; }
+  /// For ops built from other ops (the JIT's fused nodes): runs those ops on `in`, each through apply(),
+  /// and returns what they give for this op's outputs; empty for other ops (the default). Anomaly
+  /// detection (autodiff/anomaly.h) runs a fused node again this way to name the member op that made a NaN.
+  virtual TensorList run_unfused(const TensorList& in) const { return {}; }
   /// How autocast treats this op's inputs (AutocastPolicy).
   virtual AutocastPolicy autocast_policy() const { return AutocastPolicy::promote; }
 

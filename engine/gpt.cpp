@@ -25,8 +25,8 @@ class CausalSelfAttention final : public Module {
     // softmax(q k^T / sqrt(hd) + causal mask) v for this rank's heads, fused (FlashAttention-2 tiling: no
     // [T, T] scores in memory) on the projection's layout [B, T, 3, hl, hd] (a view), giving [B, T, hl, hd]:
     // on a GPU nothing is copied either way (no permute of o, no concat of dq, dk, dv).
-    const Tensor att = scaled_dot_product_attention_qkvpacked(qkv->forward(x).reshape(Shape{B, T, 3, hl, hd}), /*is_causal=*/true);
-    return proj->forward(att.reshape(Shape{B, T, hl * hd}));
+    const Tensor att = scaled_dot_product_attention_qkvpacked((*qkv)(x).reshape(Shape{B, T, 3, hl, hd}), /*is_causal=*/true);
+    return (*proj)(att.reshape(Shape{B, T, hl * hd}));
   }
   std::string name() const override {
     return "CausalSelfAttention(dim=" + std::to_string(dim_) + ", heads=" + std::to_string(heads_) +
@@ -47,7 +47,7 @@ class GPTMLP final : public Module {
     fc = register_module("fc", std::make_shared<ColumnParallelLinear>(dim, 4 * dim, tp, true, 1, 0.02, dt));
     out = register_module("out", std::make_shared<RowParallelLinear>(4 * dim, dim, tp, true, 0.02, dt));
   }
-  Tensor forward(const Tensor& x) override { return out->forward(gelu(fc->forward(x), true)); }
+  Tensor forward(const Tensor& x) override { return (*out)(gelu((*fc)(x), true)); }
   std::string name() const override { return "MLP(fc -> gelu(tanh) -> out)"; }
   std::shared_ptr<ColumnParallelLinear> fc;
   std::shared_ptr<RowParallelLinear> out;
@@ -63,8 +63,8 @@ class GPTBlock final : public Module {
     mlp = register_module("mlp", std::make_shared<GPTMLP>(dim, tp, dt));
   }
   Tensor forward(const Tensor& x) override {
-    Tensor h = add(x, attn->forward(ln1->forward(x)));
-    return add(h, mlp->forward(ln2->forward(h)));
+    Tensor h = add(x, (*attn)((*ln1)(x)));
+    return add(h, (*mlp)((*ln2)(h)));
   }
   std::string name() const override { return "Block"; }
   std::shared_ptr<LayerNorm> ln1, ln2;
@@ -251,7 +251,7 @@ Tensor GPT::embed(const Tensor& ids) {
   if (T > cfg_.seq_len || T == 0)
     throw ShapeError("GPT: sequence length out of range", "1 <= T <= seq_len = " + std::to_string(cfg_.seq_len),
                      "T = " + std::to_string(T), "raise GPTConfig.seq_len or cut the sequences");
-  return add(wte_->forward(ids), wpe_->weight.slice(0, 0, T));
+  return add((*wte_)(ids), wpe_->weight.slice(0, 0, T));
 }
 
 Tensor GPT::run_blocks(Tensor x) {
@@ -261,7 +261,7 @@ Tensor GPT::run_blocks(Tensor x) {
 }
 
 Tensor GPT::head(const Tensor& x0) {
-  Tensor x = lnf_->forward(x0);
+  Tensor x = (*lnf_)(x0);
   // Tied head: logits = x @ wte^T; under TP, f before the local matmul gives this rank's vocabulary block.
   if (!tp_.has_mesh()) return linear(x, wte_->weight);
   return linear(copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()), wte_->weight);

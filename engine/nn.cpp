@@ -36,7 +36,11 @@ ParamTree Module::parameters() const {
 }
 
 void Module::collect(const std::string& prefix, ParamTree& out) const {
-  for (const auto& p : params_) out.insert(prefix + p.name, p.tensor);
+  for (const auto& p : params_) {
+    // The tensor takes the longest path it is listed under, the root's: errors and graphs name it so.
+    if (Tensor t = p.tensor; t.name().size() < prefix.size() + p.name.size()) t.set_name(prefix + p.name);
+    out.insert(prefix + p.name, p.tensor);
+  }
   for (const auto& [n, c] : children_) c->collect(prefix + n + "/", out);
 }
 
@@ -210,7 +214,7 @@ Sequential& Sequential::add(std::shared_ptr<Module> m) {
 }
 Tensor Sequential::forward(const Tensor& x) {
   Tensor h = x;
-  for (const auto& [n, c] : children()) h = c->forward(h);
+  for (const auto& [n, c] : children()) h = (*c)(h);
   return h;
 }
 
@@ -240,10 +244,13 @@ Tensor MLP::forward(const Tensor& x) {
     throw ShapeError("MLP input has the wrong number of features", std::to_string(sizes_[0]) + " features",
                      x.shape().str(), "check model.sizes[0] against the data");
   for (size_t i = 0; i < layers_.size(); ++i) {
-    h = layers_[i]->forward(h);
+    {
+      NameScope scope("layers");  // the Sequential holding the Linear layers
+      h = (*layers_[i])(h);
+    }
     if (i + 1 == layers_.size()) break;
     h = opts_.activation == "relu" ? relu(h) : opts_.activation == "gelu" ? gelu(h) : tanh(h);
-    if (!drops_.empty()) h = drops_[i]->forward(h);
+    if (!drops_.empty()) h = (*drops_[i])(h);
   }
   return h;
 }
@@ -279,7 +286,7 @@ CNN::CNN(CNNOptions opts) : opts_(std::move(opts)) {
 Tensor CNN::forward(const Tensor& x) {
   Tensor h = x;
   if (h.dim() == 2) h = h.reshape(Shape{h.shape()[0], opts_.in_channels, opts_.image_size, opts_.image_size});
-  return head_->forward(features_->forward(h));
+  return (*head_)((*features_)(h));
 }
 
 }  // namespace titanax::nn

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "autodiff/anomaly.h"
 #include "core/rng.h"
 #include "core/tree.h"
 #include "ops/ops.h"
@@ -36,9 +37,15 @@ class Module {
   virtual ~Module() = default;
   /// The forward pass for single-input modules. Throws ShapeError on a mismatched input.
   virtual Tensor forward(const Tensor& x) = 0;
-  Tensor operator()(const Tensor& x) { return forward(x); }
+  /// forward(x) inside a NameScope (autodiff/anomaly.h) of the name this module has in its parent, so that
+  /// anomaly reports give the module path ("blocks/1/attn/proj"). Parents call their children this way.
+  Tensor operator()(const Tensor& x) {
+    NameScope scope(scope_name_);
+    return forward(x);
+  }
 
-  /// Every parameter of this module and its children, in registration order, by "/"-joined path.
+  /// Every parameter of this module and its children, in registration order, by "/"-joined path. Names
+  /// each parameter tensor by its path (Tensor::name(): a longer path, the root's, replaces a shorter).
   ParamTree parameters() const;
   /// Number of parameter elements.
   int64_t num_parameters() const { return parameters().numel(); }
@@ -79,8 +86,13 @@ class Module {
   template <class M>
   std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> m) {
     children_.emplace_back(name, m);
+    m->scope_name_ = name;
     return m;
   }
+  /// Sets the name operator() scopes m's forward under (register_module sets it to m's name).
+  static void set_scope_name(Module& m, std::string name) { m.scope_name_ = std::move(name); }
+  /// The name this module was registered under in its parent ("" for a root).
+  const std::string& scope_name() const { return scope_name_; }
   const std::vector<std::pair<std::string, std::shared_ptr<Module>>>& children() const { return children_; }
 
  private:
@@ -93,6 +105,7 @@ class Module {
   };
   std::vector<Param> params_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
+  std::string scope_name_;
   bool training_ = true;
 };
 
@@ -215,8 +228,13 @@ class Sequential final : public Module {
 /// "blocks/2", "blocks/3" on stage 1 of 2); a container only: its owner runs the children.
 class NamedModules final : public Module {
  public:
-  /// Adds `m` under `name`; returns m.
-  std::shared_ptr<Module> add(const std::string& name, std::shared_ptr<Module> m) { return register_module(name, std::move(m)); }
+  /// Adds `m` under `name`; returns m. Register the container first: since its owner runs m, m's module
+  /// path (Module::operator()) is the container's name and `name` ("blocks/2").
+  std::shared_ptr<Module> add(const std::string& name, std::shared_ptr<Module> m) {
+    register_module(name, m);
+    set_scope_name(*m, scope_name().empty() ? name : scope_name() + "/" + name);
+    return m;
+  }
   /// Throws InternalError: the owner runs the children itself.
   Tensor forward(const Tensor& x) override;
   std::string name() const override { return "Modules"; }

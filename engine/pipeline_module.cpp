@@ -85,7 +85,7 @@ Tensor run_layers(const std::vector<Module*>& layers, Tensor x, int k) {
     std::vector<Module*> mine(layers.begin() + std::ptrdiff_t(lo), layers.begin() + std::ptrdiff_t(hi));
     auto group = [mine](const Tensor& in) {
       Tensor h = in;
-      for (Module* l : mine) h = l->forward(h);
+      for (Module* l : mine) h = (*l)(h);
       return h;
     };
     if (k <= 0) {
@@ -135,7 +135,7 @@ Tensor PipelineSequential::forward(const Tensor& x) {
                         " of " + std::to_string(S_),
                     "one stage", std::to_string(S_) + " stages", "train through the Engine with a Plan::pp");
   Tensor h = x;
-  for (auto& l : layers_) h = l->forward(h);
+  for (auto& l : layers_) h = (*l)(h);
   return h;
 }
 

@@ -469,17 +469,12 @@ class FusedOp : public Op {
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     const size_t nin = in.size();
-    TensorList reg(in.begin(), in.end());
+    const TensorList reg = registers(in);
     std::vector<bool> need(nin + steps_.size(), false);
     for (size_t i = 0; i < nin; ++i) need[i] = needs[i] && is_fusable_float(in[i].dtype());
     for (size_t s = 0; s < steps_.size(); ++s) {
-      TensorList args;
-      for (int a : steps_[s].args) {
-        args.push_back(reg[size_t(a)]);
-        need[nin + s] = need[nin + s] || need[size_t(a)];
-      }
+      for (int a : steps_[s].args) need[nin + s] = need[nin + s] || need[size_t(a)];
       need[nin + s] = need[nin + s] && steps_[s].op->differentiable();
-      reg.push_back(apply1(steps_[s].op, args));
     }
     TensorList grad(reg.size());
     auto accumulate = [&](int r, const Tensor& g) { grad[size_t(r)] = grad[size_t(r)].defined() ? add(grad[size_t(r)], g) : g; };
@@ -504,7 +499,25 @@ class FusedOp : public Op {
     return res;
   }
 
+  TensorList run_unfused(const TensorList& in) const override {
+    const TensorList reg = registers(in);
+    TensorList out;
+    for (int r : outs_) out.push_back(reg[size_t(r)]);
+    return out;
+  }
+
  protected:
+  // The inputs, then each step's result: the steps run with the public ops (through apply()).
+  TensorList registers(const TensorList& in) const {
+    TensorList reg(in.begin(), in.end());
+    for (const Step& st : steps_) {
+      TensorList args;
+      for (int a : st.args) args.push_back(reg[size_t(a)]);
+      reg.push_back(apply1(st.op, args));
+    }
+    return reg;
+  }
+
   std::vector<TensorSpec> in_, out_;
   std::vector<Step> steps_;
   std::vector<int> outs_;
@@ -1022,6 +1035,8 @@ int fuse_elementwise(Graph& g) {
     Program p = build_program(g, mem, std::move(code), used_outside, node.inputs, node.outputs);
     if (p.outputs.empty()) continue;  // dead: left to eliminate_dead_code
     node.op = std::make_shared<FusedElementwise>(std::move(p));
+    node.scope = g.nodes[size_t(mem.front())].scope;
+    for (int m : mem) node.scope = common_scope(node.scope, g.nodes[size_t(m)].scope);
     for (int m : mem) drop[size_t(m)] = true;
     fused_at[size_t(mem.back())] = std::move(node);
     removed += int(mem.size()) - 1;
@@ -1084,6 +1099,7 @@ int fuse_matmul_epilogues(Graph& g) {
         if (keep) node.outputs.push_back(v);
         node.outputs.insert(node.outputs.end(), pout.begin(), pout.end());
         node.op = std::make_shared<FusedMatmulEpilogue>(mm.op, gin, vs, std::move(*p), k, keep);
+        node.scope = mm.scope;
         replace_nodes(g, c, std::move(node), {int(i)});
         ++removed;
         changed = true;
@@ -1113,7 +1129,7 @@ int fuse_reduction_prologues(Graph& g) {
     const int rank = p->shape.rank();
     std::vector<bool> reduced(size_t(rank), axes->empty());
     for (int64_t a : *axes) reduced[size_t(normalize_axis(int(a), rank))] = true;
-    Node node{std::make_shared<FusedReduce>(std::move(*p), r.op, std::move(reduced), out), pin, r.outputs};
+    Node node{std::make_shared<FusedReduce>(std::move(*p), r.op, std::move(reduced), out), pin, r.outputs, {}, r.scope};
     g.nodes[i] = std::move(node);
     drop.push_back(c);
   }
@@ -1191,7 +1207,7 @@ int fuse_cross_entropy(Graph& g) {
       if (depends_on(g, prod, b.inputs[2], f.outputs[0])) continue;
       OpPtr op = fused_cross_entropy_op(*f.op, *b.op);
       if (!op) continue;
-      g.nodes[i] = Node{std::move(op), b.inputs, {f.outputs[0], b.outputs[0]}, {}};
+      g.nodes[i] = Node{std::move(op), b.inputs, {f.outputs[0], b.outputs[0]}, {}, common_scope(f.scope, b.scope)};
       dropped[j] = true;
       ++fused;
       break;
@@ -1230,7 +1246,7 @@ int fuse_layer_norm_backward_add(Graph& g) {
       std::vector<int> in = ln.inputs, outs = ln.outputs;
       in.push_back(res);
       outs[0] = add.outputs[0];
-      ln = Node{std::move(op), std::move(in), std::move(outs), {}};
+      ln = Node{std::move(op), std::move(in), std::move(outs), {}, common_scope(ln.scope, add.scope)};
       dropped[a] = true;
       ++fused;
       break;

@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "autodiff/tape.h"
+#include "autodiff/anomaly.h"
 #include "core/error.h"
 #include "jit/capture.h"
 #include "jit/codegen.h"
@@ -92,7 +93,7 @@ class Tracer final : public ApplyObserver {
     return id;
   }
   void on_apply(const OpPtr& op, const TensorList& in, const TensorList& out) override {
-    Node n{op, {}, {}};
+    Node n{op, {}, {}, {}, current_scope()};
     for (const auto& t : in) n.inputs.push_back(value_of(t));
     const int idx = int(g.nodes.size());
     for (size_t k = 0; k < out.size(); ++k) n.outputs.push_back(add(Value{Value::Kind::node_output, spec_of(out[k]), idx, int(k), {}}, out[k]));
@@ -257,6 +258,16 @@ Graph trace(const std::function<TensorList(const TensorList&)>& fn, const Tensor
   return std::move(tr.g);
 }
 
+std::string common_scope(const std::string& a, const std::string& b) {
+  size_t n = 0;  // the length of the shared whole components
+  for (size_t i = 0; i <= a.size() && i <= b.size(); ++i) {
+    const bool end_a = i == a.size() || a[i] == '/', end_b = i == b.size() || b[i] == '/';
+    if (end_a && end_b) n = i;
+    if (i == a.size() || i == b.size() || a[i] != b[i]) break;
+  }
+  return a.substr(0, n);
+}
+
 bool same_memory(const Tensor& a, const Tensor& b) {
   return a.defined() && b.defined() && a.storage() == b.storage() && a.offset() == b.offset() && a.shape() == b.shape() &&
          a.strides() == b.strides() && a.dtype() == b.dtype();
@@ -302,16 +313,47 @@ std::vector<Tensor> Graph::environment(const TensorList& args) const {
   return env;
 }
 
+namespace {
+// "%5, %6 = name(%1, %2)": a node's values without its attributes.
+std::string node_ssa(const Node& n) {
+  std::string s;
+  for (size_t k = 0; k < n.outputs.size(); ++k) s += (k ? ", %" : "%") + std::to_string(n.outputs[k]);
+  s += " = " + std::string(n.op->name()) + "(";
+  for (size_t k = 0; k < n.inputs.size(); ++k) s += (k ? ", %" : "%") + std::to_string(n.inputs[k]);
+  return s + ")";
+}
+
+// Anomaly detection's check of node i's outputs, in the node's module path. A fused node that made a NaN
+// runs again as its member ops, each checked, so that the report names the member (unless it wrote into
+// its inputs in place).
+void check_node(const AnomalyOptions& opts, const Node& n, size_t i, const TensorList& in, const TensorList& out) {
+  const NameScope scope(n.scope);
+  const std::string where = "at node " + std::to_string(i) + " of a jit graph (" + node_ssa(n) + ")";
+  try {
+    titanax::detail::check_outputs(opts, *n.op, in, out, where);
+  } catch (const FloatingPointError&) {
+    if (n.in_place.empty()) {
+      const std::string again = where + ", run again op by op";
+      titanax::detail::AnomalyContext ctx(again);
+      n.op->run_unfused(in);  // throws at the member op that made it
+    }
+    throw;
+  }
+}
+}  // namespace
+
 TensorList Graph::run(const TensorList& args) const {
   std::vector<Tensor> env = environment(args);
   const std::vector<int> last = last_uses();  // node index of each value's last use
   NoGradGuard ng;
   const std::shared_ptr<Storage> arena = plan ? make_arena(*this, *plan) : nullptr;  // planned intermediates live here
+  const AnomalyOptions* anomaly = anomaly_options();
   for (size_t i = 0; i < nodes.size(); ++i) {
     const Node& n = nodes[i];
     TensorList in;
     for (int v : n.inputs) in.push_back(env[size_t(v)]);
     TensorList out = plan || !n.in_place.empty() ? run_node(*this, plan.get(), arena, i, in) : n.op->forward(in);
+    if (anomaly) check_node(*anomaly, n, i, in, out);
     for (size_t k = 0; k < n.outputs.size(); ++k) env[size_t(n.outputs[k])] = out[k];
     for (int v : n.inputs)
       if (last[size_t(v)] == int(i) && values[size_t(v)].kind == Value::Kind::node_output) env[size_t(v)] = Tensor();
@@ -680,7 +722,8 @@ TensorList Compiled::operator()(const TensorList& args) {
       e.replay_made = true;
       if (opts_.cuda_graphs) e.replay = make_cuda_graph_replay(e.graph);
     }
-    return e.replay ? e.replay->run(graph_args(args)) : e.graph.run(graph_args(args));
+    // Under anomaly detection, node by node (Graph::run checks each node's outputs).
+    return e.replay && !anomaly_options() ? e.replay->run(graph_args(args)) : e.graph.run(graph_args(args));
   }
   if (log_compiles()) {
     std::string why = "first call";

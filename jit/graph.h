@@ -74,6 +74,9 @@ struct Node {
   /// Empty, or one entry per output: the position in `inputs` of the state value whose tensor the
   /// output is written into (update_in_place), -1 for an output in memory of its own.
   std::vector<int> in_place;
+  /// The module path the op ran in while traced (autodiff/anomaly.h current_scope()), for anomaly reports.
+  /// A fused node has its GEMM's or reduction's path, an elementwise group the longest its members share.
+  std::string scope;
 };
 
 class Graph {
@@ -164,6 +167,8 @@ void optimize(Graph& g);
 /// that reorders nodes afterwards could move a read of T past the write). Returns the number of
 /// outputs made in place.
 int update_in_place(Graph& g);
+/// The longest module path both `a` and `b` lie in ("blocks/1/attn" and "blocks/1/mlp" share "blocks/1").
+std::string common_scope(const std::string& a, const std::string& b);
 /// Whether a and b are the same elements: one storage, offset, shape, strides and dtype (undefined
 /// tensors never are).
 bool same_memory(const Tensor& a, const Tensor& b);

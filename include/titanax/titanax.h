@@ -1,6 +1,7 @@
 // Titanax: the one header users include.  namespace tx = titanax;
 #pragma once
 
+#include "autodiff/anomaly.h"
 #include "autodiff/autodiff.h"
 #include "autodiff/functional.h"
 #include "core/allocator.h"

@@ -4,6 +4,8 @@
 // raising the same error on every rank instead of hanging.
 #include <catch2/catch.hpp>
 
+#include <limits>
+
 #include "mpi_util.h"
 
 using namespace titanax;
@@ -325,4 +327,26 @@ TEST_CASE("communicator reductions by dtype and op", "[mpi]") {
   auto s = world.all_gather_string(std::string(size_t(r), 'x'));
   REQUIRE(s.size() == size_t(n));
   for (int p = 0; p < n; ++p) CHECK(s[size_t(p)] == std::string(size_t(p), 'x'));
+}
+
+TEST_CASE("anomaly detection: a NaN one rank brings into a psum is reported on every rank, none hangs", "[mpi][anomaly]") {
+  Mesh mesh = MeshSpec{{"data"}, {world_size()}}.build(rt());
+  const int r = world_rank();
+  // Rank 0's input holds a NaN made outside any op (as data or a written parameter would be).
+  std::vector<double> v{1.0 + r, 2.0, 3.0};
+  if (r == 0) v[1] = std::numeric_limits<double>::quiet_NaN();
+  const Tensor x = from_vector(v, Shape{3});
+  DetectAnomalyGuard on;
+  std::string what;
+  try {
+    psum(x, "data");
+  } catch (const FloatingPointError& e) {
+    what = e.what();
+  }
+  CAPTURE(what);
+  CHECK(what.find("op 'psum'") != std::string::npos);
+  CHECK(what.find("the first at [1]") != std::string::npos);
+  if (r == 0) CHECK(what.find("input 0 already held it") != std::string::npos);
+  else CHECK(what.find("this rank's inputs were finite, so another rank's were not") != std::string::npos);
+  CHECK(all_ranks(!what.empty()));  // every rank threw, after the collective: the next one still matches
 }
