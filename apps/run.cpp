@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <limits>
+#include <optional>
 
 #include "jit/memory_plan.h"
 
@@ -83,6 +84,11 @@ const ConfigSchema& run_schema() {
     s.add_bool("checkpoint.resume", false, "continue from the latest checkpoint in checkpoint.dir");
     s.add_string("logging.csv", "", "CSV metrics file (step,metric,value; empty = none)");
     s.add_string("logging.level", "info", "log level", {"trace", "debug", "info", "warn", "error", "off"});
+    s.add_bool("debug.nans", false, "anomaly detection: stop at the first op whose output holds a NaN, naming the "
+               "op, its module path and its inputs, in the forward, the backward or a jit graph (slow: every op's "
+               "outputs are checked; TITANAX_DEBUG_NANS=1 does the same)");
+    s.add_bool("debug.infs", false, "anomaly detection of +-inf too (TITANAX_DEBUG_INFS=1); with fp16, a loss scale's "
+               "overflow then stops the run");
     s.add_int("runtime.threads", 0, "CPU threads per rank (0 = cores / ranks on the node)", ConfigRange::between(0, 4096));
     s.add_string("runtime.device", "auto", "where each rank computes: auto (GPU local_rank % gpus when the build "
                  "has CUDA and a GPU is visible, else the CPU), cpu, cuda (local_rank % gpus) or cuda:N");
@@ -373,6 +379,9 @@ int run(const Config& c, Runtime& rt) {
     sinks.push_back(std::make_shared<CsvLogger>(c.get_string("logging.csv")));
   fo.loggers.push_back(std::make_shared<DerivedMetrics>(sinks, tokens));
 
+  std::optional<DetectAnomalyGuard> anomaly;  // else the environment's TITANAX_DEBUG_NANS / _INFS hold
+  if (c.get_bool("debug.nans") || c.get_bool("debug.infs"))
+    anomaly.emplace(AnomalyOptions{.nans = c.get_bool("debug.nans"), .infs = c.get_bool("debug.infs")});
   const FitResult r = eng->fit(*s.net, is_lm(c) ? LossFn(nn::lm_loss) : LossFn(classification_loss), *d.loader, fo);
   if (rt.is_main()) {
     if (r.resumed_from >= 0) std::printf("resumed from checkpoint step %lld\n", static_cast<long long>(r.resumed_from));

@@ -585,7 +585,8 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
     const int64_t s = global_step();
     if (!std::isfinite(r.loss) && !r.skipped)
       throw ValueError("the training loss is not finite at step " + std::to_string(s), "a finite loss",
-                       std::to_string(r.loss), "lower the learning rate or enable grad_clip");
+                       std::to_string(r.loss), "lower the learning rate or enable grad_clip; to find the op that made it, run with anomaly detection "
+                       "(debug.nans: true, or TITANAX_DEBUG_NANS=1)");
     bool log_now = fo.log_every > 0 && (s % fo.log_every == 0 || s == fo.steps);
     bool eval_now = eval_due(fo, s);
     if (log_now) {

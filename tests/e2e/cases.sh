@@ -224,6 +224,18 @@ error_device)  # runtime.device naming a GPU this machine (or build) does not ha
   run 1 mnist_mlp.yaml --set train.steps=2 --set schedule.name=constant --set logging.level=info | tee out.txt
   grep -Eq "parameters on this rank \((cpu:0|cuda:0)\)" out.txt || fail "the run log does not name the model's device" ;;
 
+error_nan)  # a diverging run: the loss check points to anomaly detection, which names the op that made the
+           # NaN, its module and its weight, on every rank, in eager steps and in jit-compiled ones
+  args=(--set optimizer.name=sgd --set optimizer.lr=1e30 --set train.steps=5 --set schedule.name=constant)
+  expect_error "ValueError: the training loss is not finite at step" run 2 mnist_mlp.yaml "${args[@]}"
+  grep -q "debug.nans: true" out.txt || fail "the loss error does not point to anomaly detection"
+  expect_error "FloatingPointError: op 'linear' produced nan in output 0 in 'layers/1'" \
+    run 2 mnist_mlp.yaml "${args[@]}" --set debug.nans=true
+  grep -q "input 1 'layers/1/weight' f32\[512, 512\]: finite" out.txt || fail "the report does not name the weight"
+  TITANAX_DEBUG_INFS=1 expect_error \
+    "FloatingPointError: op 'linear' produced inf in output 0 in 'layers/1', at node [0-9]+ of a jit graph" \
+    run 2 mnist_mlp.yaml "${args[@]}" --set train.jit=true ;;
+
 error_checksum)
   args=(--set train.steps=20 --set schedule.warmup_steps=5 --set "checkpoint.dir=$WORK/ck")
   run 2 mnist_mlp.yaml "${args[@]}" --set train.stop_at=10
