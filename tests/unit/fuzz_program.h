@@ -64,10 +64,12 @@ inline bool close(const Tensor& got, const Tensor& want, double rel) {
   return true;
 }
 
-// x -> <d/dx sum(prog(x) * cot), w> (w: one tensor per input), a scalar whose own gradient goes through
-// the vjp of every vjp (PyTorch's gradgradcheck). Under gradcheck's numeric pass the inputs do not
-// require grad: they are made leaves again so that the inner gradient exists.
-inline std::function<Tensor(const TensorList&)> gradient_functional(Program prog, Tensor cot, TensorList w) {
+// x -> <d/dx sum(prog(x) * cot), w> (w: one tensor per input; prog: a Program or any TensorList -> Tensor
+// function), a scalar whose own gradient goes through the vjp of every vjp (PyTorch's gradgradcheck).
+// Under gradcheck's numeric pass the inputs do not require grad: they are made leaves again so that the
+// inner gradient exists.
+template <class F>
+std::function<Tensor(const TensorList&)> gradient_functional(F prog, Tensor cot, TensorList w) {
   return [prog = std::move(prog), cot = std::move(cot), w = std::move(w)](const TensorList& in) {
     GradModeGuard on(true);
     const bool outer = in[0].requires_grad();

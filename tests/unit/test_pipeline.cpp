@@ -13,6 +13,7 @@
 #include "engine/engine.h"
 #include "engine/gpt.h"
 #include "jit/graph.h"
+#include "fuzz_program.h"
 #include "op_cases.h"
 #include "parallel/pipeline.h"
 
@@ -198,17 +199,8 @@ TEST_CASE("checkpoint(): same value and gradients as recording (to second order)
     INFO("checkpoint " << ckpt);
     const Tensor cot = testing::randn64(fold_in(k, 7), Shape{3, 4});
     const TensorList w{testing::randn64(fold_in(k, 8), Shape{3, 4}), testing::randn64(fold_in(k, 9), Shape{4, 4})};
-    auto g = [&](const TensorList& a) {  // <d/da sum(shared(a) * cot), w>: its gradient is a Hessian-vector product
-      GradModeGuard on(true);
-      const bool outer = a[0].requires_grad();
-      TensorList xs = a;
-      if (!outer)
-        for (auto& t : xs) t = t.detach().set_requires_grad();
-      BackwardOptions o;
-      o.create_graph = outer;
-      const TensorList gs = grad(sum(shared(xs, ckpt) * cot), xs, o);
-      return sum(gs[0] * w[0]) + sum(gs[1] * w[1]);
-    };
+    // <d/da sum(shared(a) * cot), w>: its gradient is a Hessian-vector product
+    const auto g = testing::fuzz::gradient_functional([&](const TensorList& a) { return shared(a, ckpt); }, cot, w);
     const GradcheckResult r = gradcheck(g, in);
     INFO(r.report);
     CHECK(r.ok);
