@@ -202,6 +202,7 @@ std::string fix_for(std::string_view op, const char* differentiated, const Anoma
 
 NonFiniteCount count_non_finite(const Tensor& t) {
   if (!t.defined() || !is_floating(t.dtype()) || t.numel() == 0) return {};
+  detail::notify_host_read(t);  // the counts are host values: inside a traced function, a TraceError
   if (t.device().is_cpu() && t.is_contiguous()) {
     if (t.dtype() == DType::f32) return count_contiguous(t.data<float>(), t.numel());
     if (t.dtype() == DType::f64) return count_contiguous(t.data<double>(), t.numel());

@@ -76,7 +76,9 @@ struct NonFiniteCount {
   int64_t total() const { return nan + posinf + neginf; }
 };
 /// Counts the NaN and infinite elements of `t` (any device, any layout; 0 for integer and bool
-/// tensors). Copies t to the host in f64 (f16 / bf16 widen exactly). Not recorded on the tape.
+/// tensors). Copies t to the host in f64 (f16 / bf16 widen exactly) unless it is a contiguous f32 / f64
+/// CPU tensor. Not recorded on the tape. A read of values on the host: inside a function being traced
+/// (jit/graph.h) it throws TraceError, as item() does.
 NonFiniteCount count_non_finite(const Tensor& t);
 
 /// A name pushed onto the calling thread's module path for its scope (jax.named_scope,

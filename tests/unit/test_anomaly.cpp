@@ -48,6 +48,10 @@ TEST_CASE("count_non_finite counts NaN, +inf and -inf in every floating dtype an
   CHECK(count_non_finite(ones(Shape{4}, DType::i64)).total() == 0);
   CHECK(count_non_finite(zeros(Shape{0})).total() == 0);
   CHECK(count_non_finite(full(Shape{3}, 1e300, DType::f64) * 1e10).posinf == 3);
+  // The counts are read on the host: a traced function cannot branch on them (a replay would not recount).
+  CHECK_THROWS_AS(jit::trace([](const TensorList& in) { return TensorList{in[0] * double(count_non_finite(in[0]).nan)}; },
+                             {ones(Shape{2})}),
+                  TraceError);
 }
 
 TEST_CASE("anomaly detection is off unless asked for; guards nest and are per thread", "[anomaly]") {
