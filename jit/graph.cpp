@@ -410,6 +410,7 @@ std::string Graph::str() const {
     for (size_t k = 0; k < n.in_place.size(); ++k)
       if (n.in_place[k] >= 0) inplace += (inplace.empty() ? "" : ", ") + v(n.outputs[k]) + " into " + v(n.inputs[size_t(n.in_place[k])]);
     if (!inplace.empty()) s += "   (in place: " + inplace + ")";
+    if (!n.scope.empty()) s += "   # " + n.scope;
     s += "\n";
   }
   for (const Update& u : updates) s += "  " + target_name(u.target) + " <- " + v(u.value) + "\n";

@@ -113,7 +113,7 @@ class Graph {
   ///   graph(%0: f32[4, 3]) {
   ///     %1 = const f32[] 2
   ///     %2 = exp(%0) : f32[4, 3]
-  ///     %3 = mul(%2, %1) : f32[4, 3]
+  ///     %3 = mul(%2, %1) : f32[4, 3]   # head     (the node's module path, when it has one)
   ///     %4 = state f32[4, 3]             (live state, read at each replay)
   ///     %4 <- %3                         (an in-place update)
   ///     return %3

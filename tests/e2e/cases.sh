@@ -113,6 +113,8 @@ jit_parity)  # train.jit: the compiled step follows the eager losses on real dig
   grep -q '= adamw_update' graph.txt || fail "the step graph has no optimizer update"
   grep -Eq '^# training step of MLP.*: [0-9]+ nodes, 19 in-place updates$' graph.txt || fail "graph summary (3 x 6 parameters + step)"
   grep -q '= fused_matmul\[gemm=linear .*relu' graph.txt || fail "the graph a replay runs: linear + relu fused"
+  grep -Eq "= state f32\[512, 784\] 'layers/0/weight'" graph.txt || fail "the graph names the parameters"
+  grep -Eq '= fused_matmul.*   # layers/0$' graph.txt || fail "the graph gives a node's module path"
   grep -q '^# memory plan: arena ' graph.txt || fail "the graph's memory plan"
   "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --graph dot >graph.dot
   [[ $(head -1 graph.dot) == "digraph jit {" ]] || fail "dot output"

@@ -216,6 +216,7 @@ TEST_CASE("anomaly detection checks every node of a jit graph's replay", "[anoma
   }
   CHECK(std::isnan(f({bad})[0].to_vector<double>()[2]));  // a replay without detection: the NaN
   REQUIRE(f.stats().misses == 1);
+  CHECK(has(f.graph_for({good})->str(), ") : f32[4]   # head\n"));  // the graph prints the node's module path
   DetectAnomalyGuard on;
   const std::string what = catch_error<FloatingPointError>([&] { f({bad}); }).what();
   CAPTURE(what);
