@@ -29,6 +29,32 @@ RngKey RngContext::next_key() { return fold_in(g_step_key, g_counter++); }
 const Tensor& RngContext::step() { return g_step; }
 
 // ------------------------------------------------------------------------------ Module
+void HookHandle::remove() {
+  if (auto h = hooks_.lock()) h->erase(id_);
+  hooks_.reset();
+}
+
+HookHandle Module::register_forward_hook(ForwardHook hook) {
+  if (!hook) throw ValueError("register_forward_hook: an empty hook", "a callable", "an empty std::function");
+  if (!hooks_) hooks_ = std::make_shared<std::map<int64_t, ForwardHook>>();
+  const int64_t id = next_hook_++;
+  hooks_->emplace(id, std::move(hook));
+  return HookHandle(hooks_, id);
+}
+
+Tensor Module::run_forward_hooks(const Tensor& x, Tensor y) {
+  const auto hooks = *hooks_;  // a copy: a hook may remove itself or add others
+  for (const auto& [id, hook] : hooks) {
+    Tensor r = hook(*this, x, y);
+    if (!r.defined()) continue;
+    if (r.shape() != y.shape())
+      throw ShapeError("a forward hook of " + name() + " returned another shape than the output",
+                       y.shape().str(), r.shape().str(), "return a tensor of the output's shape, or Tensor() to keep it");
+    y = std::move(r);
+  }
+  return y;
+}
+
 ParamTree Module::parameters() const {
   ParamTree out;
   collect("", out);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <array>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -32,17 +33,45 @@ struct RngContext {
   static const Tensor& step();
 };
 
+class Module;
+
+/// A forward hook (PyTorch's Module.register_forward_hook): called by Module::operator() after forward()
+/// with the module, its input and its output, inside the module's NameScope (current_scope() gives its
+/// path). It may return a tensor to use as the output instead (same shape, ShapeError otherwise), or an
+/// undefined Tensor to keep it. Hooks run when the forward runs: under jit, once, while tracing (their
+/// ops become part of the graph; reading a value on the host there is a TraceError).
+using ForwardHook = std::function<Tensor(Module& module, const Tensor& input, const Tensor& output)>;
+
+/// Removes a hook (PyTorch's RemovableHandle). remove() is idempotent and safe after the module is gone.
+class HookHandle {
+ public:
+  HookHandle() = default;
+  void remove();
+
+ private:
+  friend class Module;
+  HookHandle(std::weak_ptr<std::map<int64_t, ForwardHook>> hooks, int64_t id) : hooks_(std::move(hooks)), id_(id) {}
+  std::weak_ptr<std::map<int64_t, ForwardHook>> hooks_;
+  int64_t id_ = -1;
+};
+
 class Module {
  public:
   virtual ~Module() = default;
   /// The forward pass for single-input modules. Throws ShapeError on a mismatched input.
   virtual Tensor forward(const Tensor& x) = 0;
   /// forward(x) inside a NameScope (autodiff/anomaly.h) of the name this module has in its parent, so that
-  /// anomaly reports give the module path ("blocks/1/attn/proj"). Parents call their children this way.
+  /// anomaly reports give the module path ("blocks/1/attn/proj"), then the forward hooks in the order they
+  /// were registered. Parents call their children this way.
   Tensor operator()(const Tensor& x) {
     NameScope scope(scope_name_);
-    return forward(x);
+    Tensor y = forward(x);
+    if (hooks_ && !hooks_->empty()) y = run_forward_hooks(x, std::move(y));
+    return y;
   }
+  /// Adds a hook that operator() calls after each forward of this module (not of its children: register
+  /// on them). Returns its handle.
+  HookHandle register_forward_hook(ForwardHook hook);
 
   /// Every parameter of this module and its children, in registration order, by "/"-joined path. Names
   /// each parameter tensor by its path (Tensor::name(): a longer path, the root's, replaces a shorter).
@@ -105,7 +134,10 @@ class Module {
   };
   std::vector<Param> params_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
+  Tensor run_forward_hooks(const Tensor& x, Tensor y);
   std::string scope_name_;
+  std::shared_ptr<std::map<int64_t, ForwardHook>> hooks_;  // by registration number
+  int64_t next_hook_ = 0;
   bool training_ = true;
 };
 
