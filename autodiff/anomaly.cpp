@@ -60,6 +60,9 @@ AnomalyContext::AnomalyContext(const std::string& what, const char* differentiat
   t_context = this;
 }
 AnomalyContext::~AnomalyContext() { t_context = prev_; }
+
+ScopeOverride::ScopeOverride(std::string_view path) : saved_(std::move(t_scopes)) { t_scopes = {path}; }
+ScopeOverride::~ScopeOverride() { t_scopes = std::move(saved_); }
 }  // namespace detail
 
 namespace {

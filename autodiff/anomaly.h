@@ -113,6 +113,19 @@ class AnomalyContext {
   const char* differentiated_;
   const AnomalyContext* prev_;
 };
+/// For its scope, the calling thread's module path is `path` alone (the open NameScopes are set aside):
+/// a jit replay checks each node in the path it was traced in, wherever the replay is called from.
+/// `path` must outlive the scope.
+class ScopeOverride {
+ public:
+  explicit ScopeOverride(std::string_view path);
+  ~ScopeOverride();
+  ScopeOverride(const ScopeOverride&) = delete;
+  ScopeOverride& operator=(const ScopeOverride&) = delete;
+
+ private:
+  std::vector<std::string_view> saved_;
+};
 /// Checks `out` (the outputs of `op` applied to `in`) against `opts`; throws FloatingPointError
 /// describing the first output holding a reported non-finite value (see the header comment). `where`
 /// adds a place to the message (a jit node); may be empty.

@@ -327,7 +327,7 @@ std::string node_ssa(const Node& n) {
 // runs again as its member ops, each checked, so that the report names the member (unless it wrote into
 // its inputs in place).
 void check_node(const AnomalyOptions& opts, const Node& n, size_t i, const TensorList& in, const TensorList& out) {
-  const NameScope scope(n.scope);
+  const titanax::detail::ScopeOverride scope(n.scope);
   const std::string where = "at node " + std::to_string(i) + " of a jit graph (" + node_ssa(n) + ")";
   try {
     titanax::detail::check_outputs(opts, *n.op, in, out, where);
