@@ -7,7 +7,7 @@
 //   * the op, its attributes, which output, how many elements and the first one's index;
 //   * whether its inputs were finite (then this op created the value) or which input already held one,
 //     and that input's name when it has one (a parameter's path);
-//   * where it ran: the module path (NameScope: "h.1/attn/proj"), and, in the backward pass, the op whose
+//   * where it ran: the module path (NameScope: "blocks/1/attn/proj"), and, in the backward pass, the op whose
 //     vjp was running and the module path of that op's forward (recorded on the tape while detection
 //     is on); in a jit-compiled graph, the node (a fused node runs again as its member ops, each checked,
 //     to name the one);
@@ -23,14 +23,14 @@
 // (read once, at the first op); a DetectAnomalyGuard overrides them in its scope. The `titanax` binary's
 // config keys debug.nans / debug.infs do the same for a run.
 //
-// Cost: every op's outputs are reduced and read on the host (on a GPU a device synchronisation per op),
-// so a step runs several times slower: a debugging mode, as in PyTorch and JAX. Off, an op pays one
-// thread-local read. Checked: the outputs of ops applied at the top level (ops an op runs inside its
-// own forward count toward it: a NaN inside a checkpoint()'s forward is reported at the checkpoint op;
-// its recomputation in the backward pass is checked op by op) and the nodes of jit graphs (replayed node
-// by node, not as captured CUDA graphs, while detection is on). Not checked: writes that bypass ops (copy_, fill_, an
-// optimizer's fused in-place update); a NaN they leave is reported at the first op that reads it, as
-// "input already held nan".
+// Cost: every op's outputs are scanned (on a GPU: reduced and read on the host, a synchronisation per
+// op): a debugging mode, as in PyTorch and JAX (1.4x to 1.6x the step time on the CPU, docs/debugging.md).
+// Off, an op pays one thread-local read. Checked: the outputs of ops applied at the top level (ops an op
+// runs inside its own forward count toward it: a NaN inside a checkpoint()'s forward is reported at the
+// checkpoint op; its recomputation in the backward pass is checked op by op) and the nodes of jit graphs
+// (replayed node by node, not as captured CUDA graphs, while detection is on). Not checked: writes that
+// bypass ops (copy_, fill_, an optimizer's fused in-place update); a NaN they leave is reported at the
+// first op that reads it, as "input ... already held it".
 #pragma once
 
 #include <cstdint>
