@@ -106,12 +106,6 @@ bool may_be_non_finite(const Tensor& t) {
   return std::isnan(sum(mul(x, scalar_like(0.0, x))).item());
 }
 
-std::string spec(const Tensor& t) {
-  std::string s = std::string(dtype_name(t.dtype())) + t.shape().str();
-  if (!t.device().is_cpu()) s += "@" + t.device().str();
-  return s;
-}
-
 std::string index_str(const Shape& shape, int64_t flat) {
   std::vector<int64_t> idx(size_t(shape.rank()));
   for (int a = shape.rank() - 1; a >= 0; --a) {
@@ -147,7 +141,7 @@ std::string describe(const Tensor& t, const AnomalyOptions& o) {
     std::isnan(x) ? ++c.nan : x > 0 ? ++c.posinf : ++c.neginf;
     if (first < 0 && ((o.nans && std::isnan(x)) || (o.infs && !std::isnan(x)))) first = int64_t(i);
   }
-  std::string s = spec(t) + ": ";
+  std::string s = spec_str({t.shape(), t.dtype(), t.device()}) + ": ";
   if (c.total() == 0) s += "finite";
   else s += counts_str(c) + " of " + std::to_string(v.size()) + " elements";
   if (first >= 0) s += ", the first at " + index_str(t.shape(), first);

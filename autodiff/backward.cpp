@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -138,16 +139,16 @@ struct Engine {
       bool any = false;
       for (size_t i = 0; i < needs.size(); ++i) any |= (needs[i] = feeds_wanted(n->inputs[i]));
       if (!any) continue;
-      TensorList g;
-      if (anomaly_options()) {  // reports of the vjp's ops name the op it differentiates
+      std::string what;  // under anomaly detection, reports of the vjp's ops name the op it differentiates
+      std::optional<detail::AnomalyContext> ctx;
+      if (anomaly_options()) {
         const std::string a = n->op->attrs();
-        const std::string what = std::string("in the backward (vjp) of op '") + n->op->name() + "'" +
-                                 (a.empty() ? "" : "[" + a + "]") + (n->scope.empty() ? "" : " from '" + n->scope + "'");
-        detail::AnomalyContext ctx(what, n->op->name());
-        g = n->op->vjp(n->inputs, saved_outputs(n), ct, needs);
-      } else {
-        g = n->op->vjp(n->inputs, saved_outputs(n), ct, needs);
+        what = std::string("in the backward (vjp) of op '") + n->op->name() + "'" + (a.empty() ? "" : "[" + a + "]") +
+               (n->scope.empty() ? "" : " from '" + n->scope + "'");
+        ctx.emplace(what, n->op->name());
       }
+      TensorList g = n->op->vjp(n->inputs, saved_outputs(n), ct, needs);
+      ctx.reset();
       if (g.size() != n->inputs.size())
         throw InternalError(std::string("vjp of '") + n->op->name() + "' returned the wrong number of cotangents",
                             std::to_string(n->inputs.size()), std::to_string(g.size()));

@@ -162,6 +162,10 @@ Tensor apply1(OpPtr op, TensorList inputs) { return apply(std::move(op), std::mo
 
 std::string attr_num(double v) { return fmt::format("{}", v); }
 
+std::string spec_str(const TensorSpec& s) {
+  return std::string(dtype_name(s.dtype)) + s.shape.str() + (s.device.is_cpu() ? "" : "@" + s.device.str());
+}
+
 void check_dtype(const Tensor& t, std::initializer_list<DType> allowed, const char* what) {
   for (DType d : allowed)
     if (t.dtype() == d) return;

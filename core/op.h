@@ -29,6 +29,9 @@ struct TensorSpec {
   Device device;
 };
 
+/// "f32[4, 3]", with "@cuda:0" after it for a spec off the CPU: how errors, graphs and reports print a spec.
+std::string spec_str(const TensorSpec& s);
+
 /// What an op does to its floating inputs while autocast is on (AutocastGuard), after PyTorch's
 /// torch.autocast op lists (docs.pytorch.org/docs/stable/amp.html, "CUDA Ops that can autocast"):
 ///   lower:   f32 inputs are cast to the autocast dtype (GEMMs: linear, matmul);

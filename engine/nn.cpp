@@ -244,6 +244,10 @@ Tensor Sequential::forward(const Tensor& x) {
   return h;
 }
 
+namespace {
+constexpr const char* kLayers = "layers";  // the name of MLP's Sequential of Linear layers
+}  // namespace
+
 MLP::MLP(std::vector<int64_t> sizes, MLPOptions opts) : sizes_(std::move(sizes)), opts_(std::move(opts)) {
   if (sizes_.size() < 2)
     throw ValueError("MLP needs at least an input and an output size", "sizes like [784, 512, 10]",
@@ -258,7 +262,7 @@ MLP::MLP(std::vector<int64_t> sizes, MLPOptions opts) : sizes_(std::move(sizes))
     layers->add(l);
     if (i + 2 < sizes_.size() && opts_.dropout > 0) drops_.push_back(std::make_shared<Dropout>(opts_.dropout));
   }
-  register_module("layers", layers);
+  register_module(kLayers, layers);
   // Children (no parameters), so that train() / eval() and stochastic() reach them.
   for (size_t i = 0; i < drops_.size(); ++i) register_module("dropout" + std::to_string(i), drops_[i]);
   init_parameters(0);  // keys from the full paths ("layers/1/weight"), so layers differ
@@ -271,7 +275,7 @@ Tensor MLP::forward(const Tensor& x) {
                      x.shape().str(), "check model.sizes[0] against the data");
   for (size_t i = 0; i < layers_.size(); ++i) {
     {
-      NameScope scope("layers");  // the Sequential holding the Linear layers
+      NameScope scope(kLayers);  // the Sequential holding them: MLP runs its layers itself
       h = (*layers_[i])(h);
     }
     if (i + 1 == layers_.size()) break;

@@ -13,8 +13,6 @@
 namespace titanax::jit {
 namespace {
 
-std::string spec_str(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str(); }
-
 // A traced function: its graph takes (the function's arguments..., captures...). The captures are
 // tensors read from outside; the node that applies the graph takes them as inputs, so the op keeps only
 // their number. (Holding them would keep an enclosing trace's temporaries alive past that trace, which

@@ -25,8 +25,6 @@ namespace {
 
 TensorSpec spec_of(const Tensor& t) { return {t.shape(), t.dtype(), t.device()}; }
 
-std::string spec_str(const TensorSpec& s) { return std::string(dtype_name(s.dtype)) + s.shape.str() + (s.device.is_cpu() ? "" : "@" + s.device.str()); }
-
 // Runs f with no observer installed (the tracer's own copies are not the traced function's).
 template <class F>
 auto untraced(F&& f) {

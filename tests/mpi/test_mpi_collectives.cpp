@@ -154,12 +154,31 @@ TEST_CASE("broadcast, ppermute and all_to_all values", "[mpi]") {
 
 namespace {
 
+/// d/dx_r of the total over ranks of f(x_r) by central differences (step 1e-6), for this rank's elements:
+/// one element of one rank moves at a time, every rank evaluates f and the totals are all-reduced.
+std::vector<double> total_fd(const Tensor& x, const std::function<double(const Tensor&)>& f) {
+  const int r = world_rank(), n = world_size();
+  const double eps = 1e-6;
+  std::vector<double> d(size_t(x.numel()), 0.0);
+  for (int p = 0; p < n; ++p)
+    for (int64_t e = 0; e < x.numel(); ++e) {
+      double total[2];
+      for (int side = 0; side < 2; ++side) {
+        Tensor xp = x.clone();
+        if (r == p) xp.data<double>()[e] += side == 0 ? eps : -eps;
+        total[side] = world_sum(f(xp));
+      }
+      if (r == p) d[size_t(e)] = (total[0] - total[1]) / (2 * eps);
+    }
+  return d;
+}
+
 /// Checks the vjp of `f` (a function of this rank's x that may call collectives) against central
 /// differences of the total loss L = sum_r l_r, l_r = sum(w_r * tanh(f(x_r))), perturbing one element
 /// of one rank at a time.
 void check_total_vjp(const std::string& what, const Shape& xs, const std::function<Tensor(const Tensor&)>& f) {
   INFO(what);
-  const int r = world_rank(), n = world_size();
+  const int r = world_rank();
   const RngKey key = RngKey::from_seed(1234);
   Tensor x = random_normal(fold_in(key, uint64_t(r)), xs, DType::f64);
   Shape ys = f(x).shape();
@@ -169,19 +188,8 @@ void check_total_vjp(const std::string& what, const Shape& xs, const std::functi
   Tensor xv = x.detach().clone().detach().set_requires_grad();
   std::vector<double> analytic = vals(grad(local_loss(xv), {xv})[0]);
 
-  const double eps = 1e-6;
-  std::vector<double> numeric(size_t(x.numel()), 0.0);
   NoGradGuard ng;
-  for (int p = 0; p < n; ++p)
-    for (int64_t e = 0; e < x.numel(); ++e) {
-      double L[2];
-      for (int side = 0; side < 2; ++side) {
-        Tensor xp = x.clone();
-        if (r == p) xp.data<double>()[e] += side == 0 ? eps : -eps;
-        L[side] = world_sum(local_loss(xp).item());
-      }
-      if (r == p) numeric[size_t(e)] = (L[0] - L[1]) / (2 * eps);
-    }
+  const std::vector<double> numeric = total_fd(x, [&](const Tensor& xp) { return local_loss(xp).item(); });
   for (size_t e = 0; e < numeric.size(); ++e) {
     INFO("rank " << r << " element " << e);
     CHECK(analytic[e] == Approx(numeric[e]).margin(1e-6).epsilon(1e-5));
@@ -205,17 +213,8 @@ void check_total_vjp(const std::string& what, const Shape& xs, const std::functi
     auto [leaf, q] = projected_gradient(x, true);
     second = q.requires_grad() ? vals(grad(q, {leaf})[0]) : std::vector<double>(size_t(x.numel()), 0.0);
   }
-  std::vector<double> numeric2(size_t(x.numel()), 0.0);
-  for (int p = 0; p < n; ++p)
-    for (int64_t e = 0; e < x.numel(); ++e) {
-      double Q[2];
-      for (int side = 0; side < 2; ++side) {
-        Tensor xp = x.clone();
-        if (r == p) xp.data<double>()[e] += side == 0 ? eps : -eps;
-        Q[side] = world_sum(projected_gradient(xp, false).second.item());
-      }
-      if (r == p) numeric2[size_t(e)] = (Q[0] - Q[1]) / (2 * eps);
-    }
+  const std::vector<double> numeric2 =
+      total_fd(x, [&](const Tensor& xp) { return projected_gradient(xp, false).second.item(); });
   for (size_t e = 0; e < numeric2.size(); ++e) {
     INFO("second derivative, rank " << r << " element " << e);
     CHECK(second[e] == Approx(numeric2[e]).margin(1e-6).epsilon(1e-5));
