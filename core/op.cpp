@@ -21,6 +21,15 @@ TensorList Op::vjp(const TensorList&, const TensorList&, const TensorList&, cons
                       "wrap the call in NoGradGuard or detach() its inputs");
 }
 
+std::optional<TensorList> Op::batch(const TensorList&, const std::vector<bool>&, int64_t) const { return std::nullopt; }
+
+Tensor with_batch(const Tensor& t, bool batched, int64_t B) {
+  if (batched) return t;
+  Shape s{B};
+  for (int64_t d : t.shape()) s.push_back(d);
+  return t.expand(s);
+}
+
 void Op::run_in_f32(const TensorList& in, TensorList& out) const {
   NoGradGuard ng;
   TensorList in32, out32;

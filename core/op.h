@@ -15,6 +15,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -108,6 +109,16 @@ class Op {
   /// and returns what they give for this op's outputs; empty for other ops (the default). Anomaly
   /// detection (autodiff/anomaly.h) runs a fused node again this way to name the member op that made a NaN.
   virtual TensorList run_unfused(const TensorList& in) const { return {}; }
+  /// vmap's batching rule (jit/vmap.h), for ops whose rule needs their internals: another op of their
+  /// family built with new attributes (a reduction, a shape, a pooling geometry). The rules that need only
+  /// an op's attributes live in jit/vmap.cpp. `in` are the op's operands: batched[i] says in[i] holds B
+  /// examples on a new leading axis ([B, per-example shape...]), else it is shared by all of them (its
+  /// per-example shape); at least one is batched. Returns the outputs for the whole batch, each
+  /// [B, per-example output shape...] with the per-example dtype, computed with ops through apply() (so a
+  /// trace records them, the tape differentiates them and an outer vmap batches them again); or nullopt
+  /// where the op has no rule for this case, and vmap then runs it once per example. The default: nullopt.
+  /// (JAX's per-primitive batching rules, jax.interpreters.batching.)
+  virtual std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const;
   /// How autocast treats this op's inputs (AutocastPolicy).
   virtual AutocastPolicy autocast_policy() const { return AutocastPolicy::promote; }
 
@@ -118,6 +129,10 @@ class Op {
   /// round on store); reductions and GEMMs accumulate as their f32 kernels do.
   void run_in_f32(const TensorList& in, TensorList& out) const;
 };
+
+/// For Op::batch rules: t when `batched` (it holds the batch on axis 0 already), else t broadcast to B
+/// examples, [B, t.shape...] (a view, expand). Throws nothing.
+Tensor with_batch(const Tensor& t, bool batched, int64_t B);
 
 /// Mixed precision for a scope (PyTorch's torch.autocast): while one is alive on the calling thread,
 /// apply() casts the inputs of each op by its autocast_policy(), with `dtype` (bf16 or f16) as the

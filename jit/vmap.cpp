@@ -120,7 +120,7 @@ struct Ctx {
     return reshape(t(i), s);
   }
   // Operand i with a batch axis (an unbatched one broadcast to the batch, a view).
-  Tensor with_batch(size_t i) const { return batched(i) ? t(i) : expand(t(i), with_batch_axis(B, in_spec[i].shape)); }
+  Tensor with_batch(size_t i) const { return titanax::with_batch(t(i), batched(i), B); }
   // A per-example axis of input 0 shifted past the batch axis.
   int shifted(int64_t axis) const { return normalize_axis(int(axis), rank(0)) + 1; }
 };
@@ -183,18 +183,6 @@ Result layer_norm_rule(const Ctx& c) {
   return TensorList{y};
 }
 
-// dx only (the kernel's dw / db sum over every row of the batch, not per example), and not the JIT's
-// variant with a residual input (fuse_layer_norm_backward_add).
-Result layer_norm_backward_rule(const Ctx& c) {
-  const bool has_w = c.attr_int("w") != 0;
-  if (c.attr_int("dw") != 0 || c.attr_int("db") != 0 || (has_w && c.batched(2)) ||
-      c.op()->attrs().find("residual=1") != std::string::npos)
-    return std::nullopt;
-  TensorList in{c.with_batch(0), c.with_batch(1)};
-  if (has_w) in.push_back(c.t(2));
-  return apply(c.op(), in);
-}
-
 Result cross_entropy_rule(const Ctx& c) {
   const Tensor logits = c.with_batch(0), labels = c.with_batch(1);
   const std::string red = c.attr("reduction");
@@ -211,11 +199,6 @@ Result cross_entropy_rule(const Ctx& c) {
   return TensorList{div(s, maximum(count, scalar_like(1.0, count)))};
 }
 
-Result cross_entropy_backward_rule(const Ctx& c) {
-  if (c.attr("reduction") != "none") return std::nullopt;
-  return apply(c.op(), {c.with_batch(0), c.with_batch(1), c.with_batch(2)});
-}
-
 Result concat_rule(const Ctx& c) {
   TensorList in;
   for (size_t i = 0; i < c.in.size(); ++i) in.push_back(c.with_batch(i));
@@ -226,17 +209,6 @@ Result unbind_rule(const Ctx& c) { return unbind(c.t(0), c.shifted(c.attr_int("a
 
 Result slice_rule(const Ctx& c) {
   return TensorList{slice(c.t(0), c.shifted(c.attr_int("axis")), c.attr_int("start"), c.attr_int("stop"), c.attr_int("step"))};
-}
-
-// out = zeros(shape); out[slice] = x: with step 1 that is pad.
-Result slice_scatter_rule(const Ctx& c) {
-  if (c.attr_int("step") != 1) return std::nullopt;
-  const Shape& shape = c.out_spec[0].shape;
-  const int a = normalize_axis(int(c.attr_int("axis")), shape.rank());
-  const int64_t n = shape[a], start = c.attr_int("start");
-  const int64_t s = start < 0 ? std::max<int64_t>(0, start + n) : std::min(start, n);  // Python slicing
-  const int64_t len = c.in_spec[0].shape[a];
-  return TensorList{pad(c.t(0), a + 1, s, n - s - len)};
 }
 
 Result permute_rule(const Ctx& c) {
@@ -274,16 +246,8 @@ Result linear_rule(const Ctx& c) {
   return TensorList{y};
 }
 
-// take(x, idx, axis) and embedding(weight, ids) (axis 0): one of the two operands batched.
-Result gather_rule(const Ctx& c) {
-  if (c.batched(0) && c.batched(1)) return std::nullopt;
-  const int a = normalize_axis(int(c.attr_int("axis")), c.rank(0));
-  if (c.batched(0)) return TensorList{take(c.t(0), c.t(1), a + 1)};  // the same gather kernel
-  if (std::string(c.op()->name()) == "embedding") return apply(c.op(), {c.t(0), c.t(1)});  // [B, ids..., D]
-  return TensorList{axis_to_front(take(c.t(0), c.t(1), a), a)};  // the batch lands at axis a
-}
-
-// conv2d(x, w[, b]) and conv2d_backward_input(dy, w) are polymorphic in N: fold the batch into N.
+// conv2d(x, w[, b]), conv2d_backward_input(dy, w) and max_pool2d_indices(x) are polymorphic in N: fold the
+// batch into N.
 Result fold_into_n(const Ctx& c) {
   for (size_t i = 1; i < c.in.size(); ++i)
     if (c.batched(i)) return std::nullopt;
@@ -322,19 +286,15 @@ const std::unordered_map<std::string, Rule>& rules() {
     m["argmax"] = argmax_rule;
     m["softmax"] = m["log_softmax"] = softmax_rule;
     m["layer_norm"] = layer_norm_rule;
-    m["layer_norm_backward"] = layer_norm_backward_rule;
     m["cross_entropy"] = cross_entropy_rule;
-    m["cross_entropy_backward"] = cross_entropy_backward_rule;
     m["concat"] = concat_rule;
     m["slice"] = slice_rule;
     m["unbind"] = unbind_rule;
-    m["slice_scatter"] = slice_scatter_rule;
     m["permute"] = permute_rule;
     m["reshape"] = reshape_rule;
     m["expand"] = expand_rule;
     m["linear"] = linear_rule;
-    m["take"] = m["embedding"] = gather_rule;
-    m["conv2d"] = m["conv2d_backward_input"] = fold_into_n;
+    m["conv2d"] = m["conv2d_backward_input"] = m["max_pool2d_indices"] = fold_into_n;
     m["scaled_dot_product_attention"] = m["scaled_dot_product_attention_backward"] = leading_batch;
     m["scaled_dot_product_attention_qkvpacked"] = m["scaled_dot_product_attention_qkvpacked_backward"] = leading_batch;
     m["cond"] = m["while_loop"] = m["scan"] = control_flow;
@@ -391,7 +351,15 @@ std::vector<Operand> run_batched(const Graph& g, const std::vector<Operand>& arg
       for (int v : n.outputs) c.out_spec.push_back(g.values[size_t(v)].spec);
       const std::string name = n.op->name();
       auto rule = rules().find(name);
-      Result r = rule == rules().end() ? std::nullopt : rule->second(c);
+      Result r;
+      if (rule != rules().end()) {
+        r = rule->second(c);
+      } else {
+        TensorList ts;
+        std::vector<bool> flags;
+        for (const auto& o : in) ts.push_back(o.t), flags.push_back(o.batched);
+        r = n.op->batch(ts, flags, B);  // the op's own rule (Op::batch), if it has one
+      }
       if (r) {
         ++t_stats.batched[name];
         out = std::move(*r);

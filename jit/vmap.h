@@ -21,23 +21,42 @@
 // are recorded into the outer graph; under an outer vmap they are batched again (vmap(vmap(f)) maps
 // over two axes); under autodiff they are recorded on the tape.
 //
-// Batching rules (which ops run batched as one op, not once per example):
+// Batching rules (which ops run batched as one op, not once per example). Those needing only an op's
+// attributes live in jit/vmap.cpp; those that build another op of the family with new attributes are the
+// op's own (Op::batch, next to its kernels and vjp):
 //   elementwise unary ops, copy, astype, to_device, clamp, one_hot: the op on the batched operand;
 //   broadcasting binary ops (arithmetic, comparisons, relu_backward, gelu_*_backward) and where: a
 //     batched operand of lower per-example rank gets size-1 axes after its batch axis, an unbatched one
 //     broadcasts from the right;
 //   sum, max, min, argmax, softmax, log_softmax, concat, slice, permute: the axes shifted by one;
 //   reshape, expand: the per-example result shape behind the batch axis;
-//   slice_scatter (the vjp of slice, and pad) with step 1: pad;
+//   slice_scatter (the vjp of slice, and pad): the op one axis further in;
 //   matmul: the operands' ranks aligned, the batch folded into matmul's broadcast batch axes;
 //   linear: with a shared weight, the op on the batched x (one GEMM); with a batched weight or bias,
 //     matmul with the transposed weight plus the bias;
 //   layer_norm: the op on the batched x (with a batched w or b: the op with w = 1, b = 0, then * w + b);
-//   layer_norm_backward when only dx is wanted and w is shared;
+//   layer_norm_backward: dx from the op without dw / db (on dy * w for a per-example w); dw and db as sums
+//     over each example's rows of dy * x^ and dy (x^ from layer_norm without w and b);
 //   cross_entropy (none: the op; sum / mean: per-example sums of the unreduced losses, the mean divided
-//     by the number of labels that are not ignore_index); cross_entropy_backward with reduction none;
-//   take / embedding with a batched table or batched indices (not both);
-//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N;
+//     by the number of labels that are not ignore_index); cross_entropy_backward: the op with reduction
+//     none, each row's cotangent its example's (divided by the example's count under mean);
+//   take / embedding: a batched x, the op one axis further in; batched indices into a shared x, the op
+//     with the batch moved to the front; both batched, the examples' copies of the gathered axis stacked
+//     into one of B * n rows and each example's indices offset into its own (after a gather from
+//     0 .. n - 1 that checks them as the op does: an index out of range is an error, never a row of
+//     another example); take_backward / embedding_backward (the scatter-adds): the same, each row summing
+//     its example's gradients in the loop's order;
+//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N; conv2d_backward_weight:
+//     per example an im2col GEMM, [B, O, N*OH*OW] @ [B, N*OH*OW, C*kh*kw] over the strided slices of the
+//     padded x (the bias gradient: a sum of dy per example);
+//   max_pool2d and max_pool2d_backward: the batch folded into N (its workspace is per output element, so
+//     the B examples' workspaces lie one after another; checked by size, else the loop);
+//     max_pool2d_indices: the batch folded into N;
+//   sum_squares (a gradient norm's square): per batched tensor, its f64 squares summed over each
+//     example's axes;
+//   dropout (f32 / f64): one mask of the example's shape (the loop draws the same one for every example),
+//     x times it where kept and 0 where dropped, as the kernel;
+//   scaled_dot_product_attention (+ _qkvpacked, + their backward ops): one more leading batch axis;
 //   cond, while_loop, scan: new control-flow ops over their sub-graphs run batched (jit/batching.h):
 //     a shared cond predicate keeps one cond, a per-example one runs both branches and selects (where);
 //     loops batch the carries a batched input reaches; a per-example while predicate runs until no
@@ -45,10 +64,10 @@
 // Every other case falls back to a loop over the batch: each batched operand is sliced per example,
 // the node's own op runs on each slice, and the results are stacked. The fallback is always correct;
 // vmap_stats() counts, per op name, the nodes batched by a rule and those that fell back. Ops falling
-// back at present: dropout (its mask is drawn by element index, so the batch must not share one draw),
-// take_backward, embedding_backward, max_pool2d(+_backward), conv2d_backward_weight, layer_norm_backward
-// when dw / db are wanted, cross_entropy_backward with reduction sum / mean, slice_scatter with step > 1,
-// take with both operands batched, and any op without a rule.
+// back at present: dropout of f16 / bf16 (its kernel scales in f32 and rounds once) or with a
+// per-example step, conv2d and conv2d_backward_input with a per-example weight, and any op without a
+// rule (the optimizer updates, the collectives, the fused ops of an optimised jit graph). So per-example
+// gradients of an MLP, a CNN or a GPT (DP-SGD's clipping, Abadi et al. 2016) run batched throughout.
 //
 // Semantics and limits (as JAX's vmap):
 //  - fn must be a pure tensor function of its inputs: its control flow may not depend on the values of

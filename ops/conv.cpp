@@ -204,6 +204,29 @@ class Conv2dBackwardWeight final : public Op {
     if (needs[1]) r[1] = conv_backward_input(dy, ct[0], {x.shape()[2], x.shape()[3]}, stride_, padding_);
     return r;
   }
+  // vmap. Per example, dw[o, c, i, j] sums dy[n, o, y, x] xpad[n, c, y * sh + i, x * sw + j] over the
+  // example's images and output positions: the im2col form of the weight gradient (Chellapilla et al.
+  // 2006), one batched GEMM [B, O, N*OH*OW] @ [B, N*OH*OW, C*kh*kw] whose patches are the kh * kw strided
+  // slices of the padded x, one per kernel offset; db sums the example's dy over N, OH, OW.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor dy = with_batch(in[0], batched[0], B), x = with_batch(in[1], batched[1], B);  // [B, N, O | C, ...]
+    const int64_t N = x.shape()[1], C = x.shape()[2], O = dy.shape()[2], OH = dy.shape()[3], OW = dy.shape()[4];
+    Tensor xp = x;
+    for (size_t a = 0; a < 2; ++a)
+      if (padding_[a] > 0) xp = pad(xp, int(3 + a), padding_[a], padding_[a]);
+    TensorList patches;  // each [B, N, OH, OW, C, 1]
+    for (int64_t i = 0; i < khw_[0]; ++i)
+      for (int64_t j = 0; j < khw_[1]; ++j) {
+        const Tensor p = xp.slice(3, i, i + stride_[0] * (OH - 1) + 1, stride_[0]).slice(4, j, j + stride_[1] * (OW - 1) + 1, stride_[1]);
+        patches.push_back(p.permute({0, 1, 3, 4, 2}).unsqueeze(-1));
+      }
+    const int64_t rows = N * OH * OW;
+    const Tensor cols = concat(patches, -1).reshape(Shape{B, rows, C * khw_[0] * khw_[1]});
+    const Tensor dyr = dy.permute({0, 2, 1, 3, 4}).reshape(Shape{B, O, rows});
+    TensorList r{matmul(dyr, cols).reshape(Shape{B, O, C, khw_[0], khw_[1]})};
+    if (bias_) r.push_back(sum(dy, {1, 3, 4}));
+    return r;
+  }
 
  private:
   Pair khw_, stride_, padding_;
@@ -319,6 +342,17 @@ class MaxPool2dBackward final : public Op {
   void cuda(const TensorList& in, TensorList& out) const override {
     kernels::cuda::max_pool2d_backward(dense(in[0]), dense(in[1]), g_, out[0]);
   }
+  // vmap: the batch folded into N, as for the forward (MaxPool2d::batch).
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor dy = with_batch(in[0], batched[0], B), ws = with_batch(in[1], batched[1], B), x = with_batch(in[2], batched[2], B);
+    kc::Pool2dGeom g = g_;
+    g.N *= B;
+    const int64_t bytes = pool_workspace_bytes(g, dy.dtype(), dy.device());
+    if (bytes != B * pool_workspace_bytes(g_, dy.dtype(), dy.device())) return std::nullopt;
+    const Tensor dx = apply1(std::make_shared<MaxPool2dBackward>(g), {dy.reshape(Shape{g.N, g.C, g.OH(), g.OW()}), ws.reshape(Shape{bytes}),
+                                                                    x.reshape(Shape{g.N, g.C, g.H, g.W})});
+    return TensorList{dx.reshape(Shape{B, g_.N, g_.C, g_.H, g_.W})};
+  }
   // dx is linear in dy (dx = J^T dy with J max_pool2d's 0/1 Jacobian), so its vjp with respect to dy is
   // J ct: the cotangent read at each window's winner. With respect to x it is zero: the winners are
   // piecewise constant in x.
@@ -360,6 +394,19 @@ class MaxPool2d final : public PoolOp {
                  const std::vector<bool>& needs) const override {
     if (!needs[0]) return {Tensor()};
     return {apply1(std::make_shared<MaxPool2dBackward>(geom(in[0])), {ct[0], out[1], in[0]})};
+  }
+  // vmap: the batch folded into N ([B, N, C, H, W] pooled as B * N images). The workspace holds each
+  // window's winner per output element, in N order, so that of the B * N images is the B examples'
+  // workspaces one after another; its size is checked (B times one example's), else the op loops.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>&, int64_t B) const override {
+    const Shape& s = in[0].shape();  // [B, N, C, H, W]
+    const Shape per_example{s[1], s[2], s[3], s[4]}, folded{B * s[1], s[2], s[3], s[4]};
+    const int64_t bytes = pool_workspace_bytes(pool_geom(per_example, kernel_, stride_, padding_), in[0].dtype(), in[0].device());
+    if (pool_workspace_bytes(pool_geom(folded, kernel_, stride_, padding_), in[0].dtype(), in[0].device()) != B * bytes)
+      return std::nullopt;
+    const TensorList r = titanax::apply(std::make_shared<MaxPool2d>(kernel_, stride_, padding_), {in[0].reshape(folded)});
+    const Shape& y = r[0].shape();
+    return TensorList{r[0].reshape(Shape{B, s[1], y[1], y[2], y[3]}), r[1].reshape(Shape{B, bytes})};
   }
 };
 

@@ -18,6 +18,26 @@ namespace kc = kernels::cpu;
 // A contiguous alias of an input, cut from the tape (kernels read raw pointers).
 Tensor dense(const Tensor& t) { return t.is_contiguous() ? t : t.detach().contiguous(); }
 
+// For batching rules (Op::batch): the axes of a batched operand [B, per-example...] after the batch one.
+std::vector<int> example_axes(const Tensor& t) {
+  std::vector<int> a;
+  for (int i = 1; i < t.dim(); ++i) a.push_back(i);
+  return a;
+}
+
+// t with its axes [from, from + count) moved, in order, to start at axis `to` of the result (a permute).
+Tensor move_axes(const Tensor& t, int from, int count, int to) {
+  std::vector<int> rest, p;
+  for (int i = 0; i < t.dim(); ++i)
+    if (i < from || i >= from + count) rest.push_back(i);
+  p.assign(rest.begin(), rest.begin() + to);
+  for (int i = from; i < from + count; ++i) p.push_back(i);
+  p.insert(p.end(), rest.begin() + to, rest.end());
+  for (int i = 0; i < t.dim(); ++i)
+    if (p[size_t(i)] != i) return permute(t, p);
+  return t;
+}
+
 // ------------------------------------------------------------------------------------ softmax
 
 class Softmax final : public Op {
@@ -137,6 +157,25 @@ class CrossEntropyBackward final : public CrossEntropyBase {
   // The labels are checked on the device (kernels/cuda/kernels.h): nothing waits.
   void cuda(const TensorList& in, TensorList& out) const override {
     kernels::cuda::cross_entropy_backward(dense(in[0]), dense(in[1]), dense(in[2]), ignore_, to_kernel(red_), out[0]);
+  }
+  // vmap: each example's gradient is this op with reduction none on the example's rows, each row's
+  // cotangent the example's loss cotangent (sum), divided by the example's count of rows not ignored
+  // (mean; 1 when there is none, as the kernel).
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor logits = with_batch(in[0], batched[0], B), labels = with_batch(in[1], batched[1], B);
+    Tensor ct = with_batch(in[2], batched[2], B);  // [B, labels...] under none, else [B]
+    if (red_ != Reduction::none) {
+      Shape per_row{B};
+      for (int i = 1; i < labels.dim(); ++i) per_row.push_back(1);
+      ct = ct.reshape(per_row);
+      if (red_ == Reduction::mean) {
+        const Tensor kept = ne(labels, scalar(double(ignore_), labels.dtype(), labels.device())).astype(ct.dtype());
+        const Tensor count = labels.dim() > 1 ? sum(kept, example_axes(kept), true) : kept;
+        ct = ct / maximum(count, scalar_like(1.0, count));
+      }
+      ct = ct.expand(labels.shape());
+    }
+    return TensorList{apply1(std::make_shared<CrossEntropyBackward>(Reduction::none, ignore_), {logits, labels, ct})};
   }
   // The second derivative of cross_entropy, written with differentiable ops (so higher orders follow).
   // This op computes dz = (s - one_hot(y)) k per row, s = softmax(z), where k is the loss cotangent (its
@@ -311,6 +350,29 @@ class LayerNormBackward final : public Op {
     if (has_w_ && needs[2]) res[2] = sum_to(u * dy, w.shape());
     if (residual_ && needs.back()) res.back() = a;
     return res;
+  }
+  // vmap: dx from this op without dw / db on the batch (with a per-example w, on dy * w: the kernel's
+  // g); dw and db per example, the sums over the example's rows of dy * x^ and of dy, x^ the
+  // normalised x (layer_norm without w and b, the same eps).
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor dy = with_batch(in[0], batched[0], B), x = with_batch(in[1], batched[1], B);
+    const bool shared_w = has_w_ && !batched[2];
+    TensorList args{dy, x};
+    if (has_w_ && !shared_w) {
+      Shape ws{B};
+      for (int i = 2; i < x.dim(); ++i) ws.push_back(1);
+      ws.push_back(x.shape().back());
+      args[0] = dy * in[2].reshape(ws);
+    }
+    if (shared_w) args.push_back(in[2]);
+    if (residual_) args.push_back(with_batch(in.back(), batched.back(), B));
+    TensorList out{apply1(std::make_shared<LayerNormBackward>(eps_, shared_w, false, false, residual_), args)};
+    std::vector<int> rows = example_axes(x);
+    rows.pop_back();  // the normalised axis stays
+    auto per_example = [&](const Tensor& t) { return rows.empty() ? t : sum(t, rows); };
+    if (want_w_) out.push_back(per_example(dy * layer_norm(x, {}, {}, eps_)));
+    if (want_b_) out.push_back(per_example(dy));
+    return out;
   }
   /// This op with the residual input added (nullptr when it has one already).
   OpPtr with_residual() const {
@@ -691,6 +753,20 @@ class Dropout final : public Op {
   void cuda(const TensorList& in, TensorList& out) const override {
     kernels::cuda::dropout(in[0].contiguous(), p_, key(in), out[0]);
   }
+  // vmap: a loop over the examples draws the same mask for each (by element index within the
+  // example): the mask of one example's shape (this op on ones: 1 / (1 - p) where kept, 0 where
+  // dropped), then x * it where kept and 0 where dropped, as the kernel (x * (1 / (1 - p)), or 0). A
+  // 16-bit x is scaled in f32 and rounded once by the kernel: that case, and a per-example step, loop.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor& x = in[0];
+    if (!batched[0] || (stepped_ && batched[1]) || is_half(x.dtype())) return std::nullopt;
+    const Shape& s = x.shape();
+    TensorList args{ones(Shape(s.begin() + 1, s.end()), x.dtype(), x.device())};
+    if (stepped_) args.push_back(in[1]);
+    const Tensor m = apply1(std::make_shared<Dropout>(p_, key_, stepped_), args);
+    const Tensor zero = scalar_like(0.0, m);
+    return TensorList{where(ne(m, zero), x * m, zero)};
+  }
   // Linear in x: the cotangent goes through the same mask (recomputed from the key, never stored).
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -760,11 +836,24 @@ class Gather final : public Op {
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override;
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override;
 
  private:
   int axis_;
   bool embedding_;
 };
+
+// vmap's batched indices idx [B, per-example...] into an axis of size n, as rows of the B copies of that
+// axis stacked into one of B * n: idx + b * n (i64). They first pass through a gather from the rows
+// 0 .. n - 1 (f64, exact), which checks them as the op's own kernel does (on a GPU without waiting for
+// it), so an index out of range is the op's error, not a row of another example.
+Tensor stacked_rows(const Tensor& idx, int64_t n, int64_t B, bool embedding) {
+  const Tensor rows = arange(0, n, 1, DType::f64).reshape(Shape{n, 1}).to(idx.device());
+  const Tensor checked = apply1(std::make_shared<Gather>(0, embedding), {rows, idx}).reshape(idx.shape());
+  Shape per_example{B};
+  for (int i = 1; i < idx.dim(); ++i) per_example.push_back(1);
+  return checked.astype(DType::i64) + arange(0, B * n, n).reshape(per_example).to(idx.device());
+}
 
 // The adjoint of Gather: scatter-adds g [.., idx.shape, ..] into zeros of `shape` (deterministic).
 class ScatterAdd final : public Op {
@@ -794,6 +883,32 @@ class ScatterAdd final : public Op {
     split_at(shape_, axis_, A, n, B);
     kernels::cuda::scatter_add(g, idx, A, n, B, embedding_, out[0]);  // indices checked on the device
   }
+  // vmap. Shared indices: this op one axis further in, on the batch. Batched ones: the example's copy
+  // of the scattered axis moved next to the batch axis, both flattened into one of B * n rows, and the
+  // example's indices offset into its own rows (stacked_rows); each row then sums its example's
+  // gradients in the loop's order.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor g = with_batch(in[0], batched[0], B);
+    Shape out{B};
+    for (int64_t d : shape_) out.push_back(d);
+    if (!batched[1]) return TensorList{apply1(std::make_shared<ScatterAdd>(axis_ + 1, out, embedding_), {g, in[1]})};
+    const int k = in[1].dim() - 1;  // the indices' per-example rank
+    const int64_t n = shape_[axis_];
+    Shape rows_shape{B * n};
+    for (int i = 0; i < shape_.rank(); ++i)
+      if (i != axis_) rows_shape.push_back(shape_[i]);
+    // g [B, pre..., idx..., post...] -> [B, idx..., pre..., post...] -> [B * |idx|, pre..., post...],
+    // in the order of the rows' indices
+    const Tensor gm = move_axes(g, 1 + axis_, k, 1);
+    Shape flat{in[1].numel()};
+    for (int i = 1 + k; i < gm.dim(); ++i) flat.push_back(gm.shape()[i]);
+    const Tensor gr = gm.reshape(flat);
+    const Tensor rows = stacked_rows(in[1], n, B, embedding_).reshape(Shape{in[1].numel()});
+    Tensor r = apply1(std::make_shared<ScatterAdd>(0, rows_shape, embedding_), {gr, rows});
+    Shape split{B, n};
+    for (int i = 1; i < rows_shape.rank(); ++i) split.push_back(rows_shape[i]);
+    return TensorList{move_axes(r.reshape(split), 1, 1, 1 + axis_)};
+  }
   // Linear in g: the adjoint of a scatter-add is the gather.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
@@ -807,6 +922,25 @@ class ScatterAdd final : public Op {
   Shape shape_;
   bool embedding_;
 };
+
+// vmap. A batched x: this op one axis further in. Batched indices into a shared x: the gather with them,
+// the batch then moved to the front (embedding's ids lead its result already). Both batched: the
+// example's copy of the gathered axis moved next to the batch axis, both flattened into one of B * n
+// rows, and the example's indices offset into its own rows (stacked_rows).
+std::optional<TensorList> Gather::batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const {
+  const Tensor &x = in[0], &idx = in[1];
+  const int a = normalize_axis(axis_, x.dim() - (batched[0] ? 1 : 0));
+  if (!batched[1]) return TensorList{take(x, idx, a + 1)};
+  const OpPtr same = std::make_shared<Gather>(axis_, embedding_);
+  if (!batched[0]) return TensorList{move_axes(apply1(same, {x, idx}), a, 1, 0)};
+  const int64_t n = x.shape()[a + 1];
+  Shape rows_shape{B * n};
+  for (int i = 1; i < x.dim(); ++i)
+    if (i != a + 1) rows_shape.push_back(x.shape()[i]);
+  const Tensor xr = move_axes(x, a + 1, 1, 1).reshape(rows_shape);
+  const Tensor y = apply1(std::make_shared<Gather>(0, embedding_), {xr, stacked_rows(idx, n, B, embedding_)});
+  return TensorList{move_axes(y, 1, idx.dim() - 1, 1 + a)};  // [B, idx..., pre..., post...] -> [B, pre..., idx..., post...]
+}
 
 TensorList Gather::vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                        const std::vector<bool>& needs) const {

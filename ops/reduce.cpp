@@ -154,6 +154,24 @@ class SumSquares final : public Op {
       if (needs[i]) r[i] = in[i] * (ct[0] * 2.0).astype(in[i].dtype());
     return r;
   }
+  // vmap (per-example gradient norms, as DP-SGD clips them): a batched tensor's squares widened to f64
+  // (exactly) and summed over each example's axes, a shared tensor's by this op; added in input order.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    Tensor total;
+    for (size_t i = 0; i < in.size(); ++i) {
+      Tensor s;
+      if (batched[i]) {
+        std::vector<int> axes;
+        for (int a = 1; a < in[i].dim(); ++a) axes.push_back(a);
+        s = square(in[i].astype(DType::f64));
+        if (!axes.empty()) s = sum(s, axes);
+      } else {
+        s = apply1(std::make_shared<SumSquares>(), {in[i]});  // 0-d
+      }
+      total = total.defined() ? total + s : s;
+    }
+    return TensorList{total};
+  }
 };
 
 }  // namespace

@@ -190,6 +190,14 @@ class SliceScatter final : public Op {
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {slice(ct[0], sp_.axis, sp_.start, sp_.stop, sp_.step)};
   }
+  // vmap: the same scatter one axis further in, into [B, shape...].
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>&, int64_t B) const override {
+    Shape s{B};
+    for (int64_t d : shape_) s.push_back(d);
+    SliceSpec sp = sp_;
+    sp.axis = normalize_axis(sp.axis, shape_.rank()) + 1;
+    return TensorList{apply1(std::make_shared<SliceScatter>(s, sp), {in[0]})};
+  }
 
  private:
   Shape shape_;

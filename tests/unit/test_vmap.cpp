@@ -10,6 +10,7 @@
 #include "test_util.h"
 
 #include "autodiff/autodiff.h"
+#include "engine/gpt.h"
 #include "jit/control_flow.h"
 #include "jit/graph.h"
 #include "jit/vmap.h"
@@ -55,6 +56,16 @@ double max_rel_err(const Tensor& got, const Tensor& want) {
   double e = 0;
   for (size_t i = 0; i < g.size(); ++i) e = std::max(e, std::abs(g[i] - w[i]) / std::max(std::abs(w[i]), 1.0));
   return e;
+}
+
+// Largest |got - want| over the largest |want| (shapes must agree): the normwise error, for f32 results
+// whose small elements come out of cancellation among large terms.
+double max_normwise_err(const Tensor& got, const Tensor& want) {
+  REQUIRE(got.shape() == want.shape());
+  const auto g = vec(got.astype(DType::f64)), w = vec(want.astype(DType::f64));
+  double e = 0, m = 0;
+  for (size_t i = 0; i < g.size(); ++i) e = std::max(e, std::abs(g[i] - w[i])), m = std::max(m, std::abs(w[i]));
+  return e / std::max(m, 1e-30);
 }
 
 // Bitwise equality of every output (shapes and dtypes too).
@@ -206,12 +217,17 @@ TEST_CASE("vmap: conv2d with a shared weight, and per-example gradients through 
   };
   jit::reset_vmap_stats();
   const Tensor x = rnd(58, Shape{3, 2, 2, 7, 7});
-  // The f64 convolution kernels are direct loops computing each image on its own: bitwise.
-  check_same(jit::vmap(f)({x}), loop(f, {x}));
+  const TensorList got = jit::vmap(f)({x}), want = loop(f, {x});
+  // The f64 convolution kernels are direct loops computing each image on its own: bitwise. The weight
+  // gradients (outputs 2 and 4) are one GEMM per batch over the patches (Conv2dBackwardWeight::batch),
+  // summing the same products in another order: a few ulps.
+  check_same({got[0], got[1], got[3]}, {want[0], want[1], want[3]});
+  CHECK(max_rel_err(got[2], want[2]) <= 1e-14);
+  CHECK(max_rel_err(got[4], want[4]) <= 1e-14);
+  CHECK(no_fallback());
   CHECK(batched_count("conv2d") == 4);  // the forward twice (the output, and inside value_and_grad)
   CHECK(batched_count("conv2d_backward_input") == 1);
-  // The weight gradient sums over N: per example, so it loops (once per conv layer).
-  CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"conv2d_backward_weight", 2}});
+  CHECK(batched_count("conv2d_backward_weight") == 2);  // with its bias gradient (b1), and without
 }
 
 TEST_CASE("vmap: in_axes 1, negative in_axes and not_batched inputs", "[vmap]") {
@@ -293,7 +309,7 @@ TEST_CASE("vmap: per-example gradients batch the backward ops too", "[vmap]") {
     CHECK(no_fallback());
     CHECK(batched_count("matmul") == 3);  // linear's vjp: dw = g^T @ x for both layers, dx = g @ w for the second
   }
-  SECTION("cross-entropy: only its fused backward (reduction mean) loops over the batch") {
+  SECTION("cross-entropy: its backward (reduction mean) runs as reduction none with per-example cotangents") {
     auto f = grads_of([&](const Tensor& xi, const Tensor& yi) { return m.ce(xi, yi); });
     jit::reset_vmap_stats();
     const TensorList got = jit::vmap(f)({x, y}), want = loop(f, {x, y});
@@ -301,9 +317,10 @@ TEST_CASE("vmap: per-example gradients batch the backward ops too", "[vmap]") {
       INFO("output " << k);
       CHECK(max_rel_err(got[k], want[k]) <= tol);
     }
-    CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"cross_entropy_backward", 1}});
+    CHECK(no_fallback());
+    CHECK(batched_count("cross_entropy_backward") == 1);
   }
-  SECTION("layer_norm: its backward wants dw and db per example, so it loops") {
+  SECTION("layer_norm: its backward's dw and db are sums over each example's rows") {
     const Tensor lw = rnd(93, Shape{8}), lb = rnd(94, Shape{8});
     auto f = [&](const TensorList& in) {
       auto [value, g] = value_and_grad([&] { return sum(square(relu(layer_norm(in[0], lw, lb)))); }, {{"w", lw}, {"b", lb}});
@@ -315,7 +332,8 @@ TEST_CASE("vmap: per-example gradients batch the backward ops too", "[vmap]") {
       INFO("output " << k);
       CHECK(max_rel_err(got[k], want[k]) <= tol);
     }
-    CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"layer_norm_backward", 1}});
+    CHECK(no_fallback());
+    CHECK(batched_count("layer_norm_backward") == 1);
   }
 }
 
@@ -420,12 +438,244 @@ TEST_CASE("vmap: the common ops take their rule; ops without one loop and stay c
   CHECK(no_fallback());
   CHECK(batched_count("scaled_dot_product_attention_qkvpacked") == 1);
   CHECK(batched_count("scaled_dot_product_attention_qkvpacked_backward") == 1);
-  // dropout has no rule (its mask is drawn by element index): it loops, one draw per example with the
-  // same key, as the loop does.
-  auto d = [](const TensorList& in) { return TensorList{dropout(in[0], 0.5, RngKey::from_seed(7))}; };
+}
+
+// ------------------------------------------------------------------------------------ per-example gradients
+// The backward ops whose per-example results sum over the example's rows (a weight gradient, a scatter
+// into a table, a reduced loss's cotangent) have rules too (Op::batch), so per-example gradients of whole
+// models run batched: no op falls back to a loop over the batch.
+
+TEST_CASE("vmap: cross_entropy_backward for each reduction, with ignored labels", "[vmap]") {
+  const Tensor w = rnd(300, Shape{5, 4});
+  const Tensor x = rnd(301, Shape{4, 3, 4});
+  Tensor y = testing::randint(RngKey::from_seed(302), Shape{4, 3}, 5);
+  Tensor y0 = y.slice(0, 0, 1), y21 = y.slice(0, 2, 3).slice(1, 1, 2);
+  fill_(y0, -100);  // every label of example 0 ignored (its mean loss and gradient: 0)
+  fill_(y21, -100);
+  for (Reduction red : {Reduction::sum, Reduction::mean, Reduction::none}) {
+    INFO("reduction " << int(red));
+    auto f = [&](const TensorList& in) {
+      auto [value, g] = value_and_grad([&] { return sum(cross_entropy(linear(in[0], w), in[1], red) * 1.5); }, ParamTree{{"x", in[0]}});
+      return TensorList{value, g.at("x")};
+    };
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f)({x, y}), want = loop(f, {x, y});
+    for (size_t k = 0; k < got.size(); ++k) CHECK(max_rel_err(got[k], want[k]) <= 1e-15);
+    CHECK(vec(got[1]) == vec(want[1]));  // example 0's gradient is exactly 0 in both
+    CHECK(no_fallback());
+    CHECK(batched_count("cross_entropy_backward") == 1);
+  }
+  // One label per example (logits [C], labels []), the class axis alone.
+  auto one = [&](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return cross_entropy(in[0], in[1]); }, ParamTree{{"z", in[0]}});
+    return TensorList{g.at("z")};
+  };
+  const Tensor z = rnd(303, Shape{6, 5}), labels = testing::randint(RngKey::from_seed(304), Shape{6}, 5);
   jit::reset_vmap_stats();
-  check_same(jit::vmap(d)({x}), loop(d, {x}));
+  CHECK(max_rel_err(jit::vmap(one)({z, labels})[0], loop(one, {z, labels})[0]) <= 1e-15);
+  CHECK(no_fallback());
+}
+
+TEST_CASE("vmap: layer_norm_backward with shared and per-example w and b, rank-1 examples", "[vmap]") {
+  const Tensor lb = rnd(310, Shape{6});
+  auto f = [&](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return sum(square(relu(layer_norm(in[0], in[1], lb)) - 0.3)); },
+                                     ParamTree{{"x", in[0]}, {"w", in[1]}, {"b", lb}});
+    return TensorList{value, g.at("x"), g.at("w"), g.at("b")};
+  };
+  for (const Shape& per_example : {Shape{3, 2, 6}, Shape{6}}) {
+    INFO(per_example.str());
+    Shape xs{4};
+    for (int64_t d : per_example) xs.push_back(d);
+    const Tensor x = rnd(311, xs), ws = rnd(312, Shape{4, 6}), w0 = rnd(313, Shape{6});
+    jit::reset_vmap_stats();
+    // Per-example w (an ensemble of norms): dx from the op on dy * w, dw and db summed per example.
+    TensorList got = jit::vmap(f)({x, ws}), want = loop(f, {x, ws});
+    for (size_t k = 0; k < got.size(); ++k) CHECK(max_rel_err(got[k], want[k]) <= 1e-14);
+    // A shared w.
+    const std::vector<int> axes{0, jit::not_batched};
+    got = jit::vmap(f, axes)({x, w0}), want = loop(f, {x, w0}, axes);
+    for (size_t k = 0; k < got.size(); ++k) CHECK(max_rel_err(got[k], want[k]) <= 1e-14);
+    CHECK(no_fallback());
+    CHECK(batched_count("layer_norm_backward") == 2);
+  }
+}
+
+TEST_CASE("vmap: dropout gives each example the loop's mask; slice_scatter with a step", "[vmap]") {
+  for (DType dt : {DType::f64, DType::f32}) {
+    INFO(dtype_name(dt));
+    Tensor x = rnd(320, Shape{4, 3, 5}).astype(dt);
+    // Non-finite values: where dropped, the kernel writes 0 (not 0 * inf).
+    Tensor a = x.slice(0, 1, 2).slice(1, 0, 1), b = x.slice(0, 3, 4).slice(2, 2, 3);
+    fill_(a, INFINITY);
+    fill_(b, NAN);
+    const Tensor step = scalar(3.0, DType::i64);
+    auto d = [&](const TensorList& in) {
+      return TensorList{dropout(in[0], 0.4, RngKey::from_seed(7)), dropout(in[0], 0.25, RngKey::from_seed(8), step)};
+    };
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(d)({x}), want = loop(d, {x});
+    REQUIRE(got.size() == 2);
+    for (size_t k = 0; k < 2; ++k) {
+      const auto g = vec(got[k]), w = vec(want[k]);
+      REQUIRE(g.size() == w.size());
+      for (size_t i = 0; i < g.size(); ++i) CHECK((g[i] == w[i] || (std::isnan(g[i]) && std::isnan(w[i]))));
+    }
+    CHECK(no_fallback());
+    CHECK(batched_count("dropout") == 2);
+  }
+  // Gradients through it (its vjp is dropout again), and a 16-bit x, which loops (the kernel scales in f32).
+  auto gd = [](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return sum(square(dropout(in[0], 0.5, RngKey::from_seed(9)))); }, ParamTree{{"x", in[0]}});
+    return TensorList{g.at("x")};
+  };
+  const Tensor x = rnd(321, Shape{3, 8});
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(gd)({x}), loop(gd, {x}));
+  CHECK(no_fallback());
+  auto half = [](const TensorList& in) { return TensorList{dropout(in[0], 0.5, RngKey::from_seed(9))}; };
+  const Tensor xh = x.astype(DType::bf16);
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(half)({xh}), loop(half, {xh}));
   CHECK(jit::vmap_stats().fallback == std::map<std::string, int64_t>{{"dropout", 1}});
+  // slice with a step: its vjp is a slice_scatter with that step.
+  auto sl = [](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return sum(square(in[0].slice(-1, 1, 7, 2))); }, ParamTree{{"x", in[0]}});
+    return TensorList{g.at("x")};
+  };
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(sl)({x}), loop(sl, {x}));
+  CHECK(no_fallback());
+  CHECK(batched_count("slice_scatter") == 1);
+}
+
+TEST_CASE("vmap: take, embedding and their scatter-add gradients with batched indices", "[vmap]") {
+  // Per example: a table x [3, 4, 2] (or shared), indices [5] into its axis 1 with repeats, ids [2, 4]
+  // into an embedding table [6, 3].
+  const Tensor xs = rnd(330, Shape{4, 3, 4, 2}), tables = rnd(331, Shape{4, 6, 3});
+  const Tensor idx = testing::randint(RngKey::from_seed(332), Shape{4, 5}, 4), ids = testing::randint(RngKey::from_seed(333), Shape{4, 2, 4}, 6);
+  auto f = [](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return sum(square(take(in[0], in[1], 1))) + sum(square(embedding(in[2], in[3])) * 0.5); },
+                                     ParamTree{{"x", in[0]}, {"t", in[2]}});
+    return TensorList{take(in[0], in[1], 1), embedding(in[2], in[3]), g.at("x"), g.at("t")};
+  };
+  // Both operands batched: the examples' tables stacked into one of B * n rows. The scatter sums each
+  // row's gradients in the loop's order: bitwise.
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(f)({xs, idx, tables, ids}), loop(f, {xs, idx, tables, ids}));
+  CHECK(no_fallback());
+  CHECK(batched_count("take_backward") == 1);
+  CHECK(batched_count("embedding_backward") == 1);
+  // Shared tables (per-example gradients of one table: batched indices), and shared indices into
+  // batched tables.
+  const Tensor x0 = xs.slice(0, 0, 1).squeeze(0), t0 = tables.slice(0, 0, 1).squeeze(0);
+  const Tensor i0 = idx.slice(0, 0, 1).squeeze(0), d0 = ids.slice(0, 0, 1).squeeze(0);
+  for (const std::vector<int>& axes : {std::vector<int>{jit::not_batched, 0, jit::not_batched, 0}, std::vector<int>{0, jit::not_batched, 0, jit::not_batched}}) {
+    const TensorList args = axes[0] == 0 ? TensorList{xs, i0, tables, d0} : TensorList{x0, idx, t0, ids};
+    jit::reset_vmap_stats();
+    check_same(jit::vmap(f, axes)(args), loop(f, args, axes));
+    CHECK(no_fallback());
+  }
+  // An index out of range in one example is that op's error, not a row of the next example's table:
+  // also where only the gradient (the scatter) is computed. (Not in example 0, which fn is traced on.)
+  Tensor bad = idx.clone(), e2 = bad.slice(0, 2, 3).slice(1, 2, 3);
+  fill_(e2, 4);
+  auto e = testing::catch_error<ValueError>([&] { jit::vmap(f)({xs, bad, tables, ids}); });
+  CHECK_THAT(e.message(), Contains("index out of range"));
+  auto only_grad = [](const TensorList& in) {
+    return TensorList{value_and_grad([&] { return sum(take(in[0], in[1], 0)); }, ParamTree{{"x", in[0]}}).second.at("x")};
+  };
+  auto eg = testing::catch_error<ValueError>([&] { jit::vmap(only_grad, {jit::not_batched, 0})({x0, bad.slice(1, 0, 3)}); });
+  CHECK_THAT(eg.message(), Contains("index out of range"));
+  CHECK_THAT(eg.found(), Contains("index 4"));
+}
+
+namespace {
+// A small CNN on one [1, 12, 12] image: conv, relu, max_pool (2, 3), conv, relu, max_pool (3, stride 2,
+// padding 1), linear, and the loss against one label, with its gradient for every parameter.
+struct Cnn {
+  explicit Cnn(DType dt)
+      : w1(rnd(340, Shape{4, 1, 3, 3}).astype(dt)), b1(rnd(341, Shape{4}).astype(dt)), w2(rnd(342, Shape{6, 4, 3, 3}).astype(dt)),
+        w3(rnd(343, Shape{5, 12}).astype(dt)) {}
+  TensorList operator()(const TensorList& in) const {
+    const ParamTree p{{"w1", w1}, {"b1", b1}, {"w2", w2}, {"w3", w3}};
+    auto [value, g] = value_and_grad(
+        [&] {
+          Tensor h = max_pool2d(relu(conv2d(in[0].unsqueeze(0), w1, b1, {1, 1}, {1, 1})), {2, 3});
+          h = max_pool2d(relu(conv2d(h, w2)), {3, 3}, {2, 2}, {1, 1});
+          return cross_entropy(linear(h.reshape(Shape{1, 12}), w3), in[1].unsqueeze(0));
+        },
+        p);
+    // DP-SGD's per-example clipping factor (Abadi et al. 2016): min(1, C / |g|) over every gradient.
+    const Tensor norm = sqrt(sum_squares(g.tensors()));
+    return TensorList{value, g.at("w1"), g.at("b1"), g.at("w2"), g.at("w3"), minimum(scalar_like(1.0, norm), 3.0 / norm)};
+  }
+  Tensor w1, b1, w2, w3;
+};
+}  // namespace
+
+TEST_CASE("vmap: per-example gradients of a CNN with max pooling (f64 loops, f32 oneDNN)", "[vmap]") {
+  // f64: direct-loop kernels; f32: oneDNN's, with its own max-pool workspace layout, over B * N images
+  // where the loop gives them N, and the weight gradients summed by a GEMM: f32 roundings in sums of a
+  // few hundred terms, measured against the output's largest element.
+  for (auto [dt, tol] : {std::pair{DType::f64, 1e-14}, std::pair{DType::f32, 2e-6}}) {
+    INFO(dtype_name(dt));
+    const Cnn net(dt);
+    auto f = [&net](const TensorList& in) { return net(in); };
+    const Tensor x = rnd(344, Shape{5, 1, 12, 12}).astype(dt), y = testing::randint(RngKey::from_seed(345), Shape{5}, 5);
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f)({x, y}), want = loop(f, {x, y});
+    for (size_t k = 0; k < got.size(); ++k) {
+      INFO("output " << k);
+      CHECK(max_normwise_err(got[k], want[k]) <= tol);
+    }
+    CHECK(no_fallback());
+    CHECK(batched_count("max_pool2d") == 2);
+    CHECK(batched_count("max_pool2d_backward") == 2);
+    CHECK(batched_count("conv2d_backward_weight") == 2);
+    CHECK(batched_count("sum_squares") == 1);
+  }
+  // The pooling's winners (max_pool2d_indices, what its second derivative gathers at).
+  auto idx = [](const TensorList& in) { return TensorList{max_pool2d_indices(in[0], {3, 2}, {2, 2}, {1, 1})}; };
+  const Tensor x = rnd(346, Shape{3, 2, 4, 7, 6});
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(idx)({x}), loop(idx, {x}));
+  CHECK(no_fallback());
+}
+
+TEST_CASE("vmap: per-example gradients of a GPT, every op by its rule", "[vmap][gpt]") {
+  nn::GPTConfig c;
+  c.vocab = 13;
+  c.layers = 2;
+  c.heads = 2;
+  c.dim = 8;
+  c.seq_len = 5;
+  c.dtype = DType::f64;
+  nn::GPT m(c);
+  for (auto& [path, t] : m.parameters()) copy_(t, testing::randn64(RngKey::from_seed(std::hash<std::string>{}(path)), t.shape(), 0.5));
+  const ParamTree params = m.parameters();
+  // Per example: one sequence of ids [T] and its targets [T] -> the loss and every parameter's gradient.
+  auto f = [&](const TensorList& in) {
+    auto [value, g] = value_and_grad([&] { return m.loss(in[0].unsqueeze(0), in[1].unsqueeze(0)); }, params);
+    TensorList out{value};
+    for (const auto& [path, t] : params) out.push_back(g.at(path));
+    return out;
+  };
+  const Tensor ids = testing::randint(RngKey::from_seed(350), Shape{4, 5}, 13), targets = testing::randint(RngKey::from_seed(351), Shape{4, 5}, 13);
+  jit::reset_vmap_stats();
+  const TensorList got = jit::vmap(f)({ids, targets}), want = loop(f, {ids, targets});
+  REQUIRE(got.size() == params.size() + 1);
+  // The linears are GEMMs over the batch's rows (other blockings than one example's): an ulp or so.
+  for (size_t k = 0; k < got.size(); ++k) {
+    INFO("output " << k << (k ? " " + params[k - 1].first : std::string(" loss")));
+    CHECK(max_rel_err(got[k], want[k]) <= 1e-15);
+  }
+  CHECK(no_fallback());
+  for (const char* op : {"embedding", "embedding_backward", "layer_norm_backward", "cross_entropy_backward",
+                         "scaled_dot_product_attention_qkvpacked_backward"}) {
+    INFO(op);
+    CHECK(batched_count(op) >= 1);
+  }
 }
 
 TEST_CASE("vmap: errors", "[vmap]") {
