@@ -124,54 +124,75 @@ class ArgMax final : public Op {
 };
 
 // Inputs: any number of tensors on one device; output: the 0-d f64 sum of all their squared elements.
+// With `rows` > 0 (vmap's batching rule builds it), every input is [rows, ...] and the output is [rows]:
+// row b the sum over the inputs' rows b, each row summed as the op sums a whole tensor (so bitwise what
+// the op gives on that row's tensors).
 class SumSquares final : public Op {
  public:
+  explicit SumSquares(int64_t rows = 0) : rows_(rows) {}
   const char* name() const override { return "sum_squares"; }
+  std::string attrs() const override { return rows_ > 0 ? "rows=" + std::to_string(rows_) : std::string(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
-    for (const Tensor& t : in) check_dtype(t, {DType::f32, DType::f64, DType::bf16, DType::f16}, name());
-    return {{Shape{}, DType::f64, in.empty() ? Device::cpu() : in[0].device()}};
+    for (const Tensor& t : in) {
+      check_dtype(t, {DType::f32, DType::f64, DType::bf16, DType::f16}, name());
+      if (rows_ > 0 && (t.dim() == 0 || t.shape()[0] != rows_))
+        throw ShapeError("sum_squares: an input without the rows to sum separately", "[" + std::to_string(rows_) + ", ...]", t.shape().str());
+    }
+    const Shape s = rows_ > 0 ? Shape{rows_} : Shape{};
+    return {{s, DType::f64, in.empty() ? Device::cpu() : in[0].device()}};
   }
   // Tensor by tensor, each by kernels::cpu::sum_squares (fixed chunks of 16384, so thread counts do not
   // change it; 16-bit tensors widened first, exactly), summed in input order.
   void cpu(const TensorList& in, TensorList& out) const override {
-    double total = 0;
+    const int64_t rows = std::max<int64_t>(rows_, 1);
+    double* total = out[0].data<double>();
+    std::fill(total, total + rows, 0.0);
     for (const Tensor& t : in) {
       const Tensor c = is_half(t.dtype()) ? t.astype(DType::f32) : t.contiguous();
-      total += c.dtype() == DType::f32 ? kernels::cpu::sum_squares(c.data<float>(), c.numel())
-                                       : kernels::cpu::sum_squares(c.data<double>(), c.numel());
+      const int64_t n = c.numel() / rows;
+      for (int64_t b = 0; b < rows; ++b)
+        total[b] += c.dtype() == DType::f32 ? kernels::cpu::sum_squares(c.data<float>() + b * n, n)
+                                            : kernels::cpu::sum_squares(c.data<double>() + b * n, n);
     }
-    out[0].data<double>()[0] = total;
   }
+  // With rows: the multi-tensor kernel once per row, on the rows' views, into that row's element.
   void cuda(const TensorList& in, TensorList& out) const override {
-    std::vector<Tensor> xs;
-    for (const Tensor& t : in) xs.push_back(t.contiguous());
-    kernels::cuda::sum_squares(xs, out[0]);
+    for (int64_t b = 0; b < std::max<int64_t>(rows_, 1); ++b) {
+      std::vector<Tensor> xs;
+      for (const Tensor& t : in) xs.push_back(rows_ > 0 ? t.contiguous().slice(0, b, b + 1) : t.contiguous());
+      Tensor o = rows_ > 0 ? out[0].slice(0, b, b + 1).reshape(Shape{}) : out[0];
+      kernels::cuda::sum_squares(xs, o);
+    }
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override {
     TensorList r(in.size());
-    for (size_t i = 0; i < in.size(); ++i)
-      if (needs[i]) r[i] = in[i] * (ct[0] * 2.0).astype(in[i].dtype());
+    for (size_t i = 0; i < in.size(); ++i) {
+      if (!needs[i]) continue;
+      Tensor k = ct[0] * 2.0;  // [rows] with rows: one factor per row
+      if (rows_ > 0) {
+        Shape s{rows_};
+        for (int a = 1; a < in[i].dim(); ++a) s.push_back(1);
+        k = k.reshape(s);
+      }
+      r[i] = in[i] * k.astype(in[i].dtype());
+    }
     return r;
   }
-  // vmap (per-example gradient norms, as DP-SGD clips them): a batched tensor's squares widened to f64
-  // (exactly) and summed over each example's axes, a shared tensor's by this op; added in input order.
+  // vmap (per-example gradient norms, as DP-SGD clips them): the batched tensors by this op with rows = B
+  // (bitwise the loop's per-example sums when every input is batched), plus the shared ones' sum by this
+  // op (an ulp from the loop's order when the two kinds are interleaved).
   std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
-    Tensor total;
-    for (size_t i = 0; i < in.size(); ++i) {
-      Tensor s;
-      if (batched[i]) {
-        std::vector<int> axes;
-        for (int a = 1; a < in[i].dim(); ++a) axes.push_back(a);
-        s = square(in[i].astype(DType::f64));
-        if (!axes.empty()) s = sum(s, axes);
-      } else {
-        s = apply1(std::make_shared<SumSquares>(), {in[i]});  // 0-d
-      }
-      total = total.defined() ? total + s : s;
-    }
+    if (rows_ > 0) return std::nullopt;
+    TensorList rows, shared;
+    for (size_t i = 0; i < in.size(); ++i) (batched[i] ? rows : shared).push_back(in[i]);
+    Tensor total = apply1(std::make_shared<SumSquares>(B), rows);
+    if (!shared.empty()) total = total + apply1(std::make_shared<SumSquares>(), shared);
     return TensorList{total};
   }
+
+ private:
+  int64_t rows_;
 };
 
 }  // namespace

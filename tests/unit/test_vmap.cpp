@@ -590,6 +590,25 @@ TEST_CASE("vmap: take, embedding and their scatter-add gradients with batched in
   CHECK_THAT(eg.found(), Contains("index 4"));
 }
 
+TEST_CASE("vmap: sum_squares per example, bitwise the loop's; its gradient through the batched op", "[vmap]") {
+  // Per example: a [40000] f32 tensor (three of the kernel's 16384-element chunks), a [3, 5] bf16 one.
+  const Tensor a = rnd(360, Shape{4, 40000}).astype(DType::f32), h = rnd(361, Shape{4, 3, 5}).astype(DType::bf16);
+  auto f = [](const TensorList& in) { return TensorList{sum_squares(in)}; };
+  jit::reset_vmap_stats();
+  check_same(jit::vmap(f)({a, h}), loop(f, {a, h}));
+  CHECK(no_fallback());
+  // A shared tensor among them: its sum added once to every example's.
+  const Tensor w = rnd(362, Shape{7});
+  const std::vector<int> axes{0, jit::not_batched, 0};
+  CHECK(max_rel_err(jit::vmap(f, axes)({a, w, h})[0], loop(f, {a, w, h}, axes)[0]) <= 1e-15);
+  // The gradient of the per-example sums' total with respect to the batch: 2 x (the rows op's vjp).
+  const Tensor x = rnd(363, Shape{3, 4, 2});
+  auto [value, g] = value_and_grad([&] { return sum(jit::vmap(f)({x})[0] * from_vector(std::vector<double>{1, 2, 3}, Shape{3})); },
+                                   ParamTree{{"x", x}});
+  const Tensor scale = from_vector(std::vector<double>{2, 4, 6}, Shape{3, 1, 1});
+  check_same({g.at("x")}, {x * scale});
+}
+
 namespace {
 // A small CNN on one [1, 12, 12] image: conv, relu, max_pool (2, 3), conv, relu, max_pool (3, stride 2,
 // padding 1), linear, and the loss against one label, with its gradient for every parameter.
