@@ -9,7 +9,7 @@
 # Builds the cuda preset (library, CUDA tests, codegen tests, benchmarks) on all cores, runs the CUDA
 # tests (every op vs the CPU, the JIT's generated kernels vs the unfused graph), the CUDA collectives on
 # 2 ranks sharing the GPU (the MPI fallback, DP training vs one rank), the JIT (MLP; GPT-2 124M last),
-# kernel and MLP-step benchmarks,
+# kernel, MLP-step and per-example-gradient benchmarks,
 # writes full logs under $OUT (or build/cuda/gpu-check) and prints a short summary last.
 # The device allows 600 s per command: the script stops starting steps once GPU_CHECK_BUDGET seconds
 # (default 540) have passed, cuts a running step at the budget, and keeps $out/summary.txt current after
@@ -48,7 +48,7 @@ step() {  # step NAME COMMAND...: runs it within the budget, logs to $out/NAME.l
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 step configure cmake --preset cuda || { printf '%s\n' "${summary[@]}"; exit 1; }
 step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_cuda_mpi_tests titanax_codegen_tests bench_jit \
-  bench_kernels bench_mlp_step titanax_cli \
+  bench_kernels bench_mlp_step bench_per_example titanax_cli \
   || { tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
 # In order of what the issues need most: correctness, then #3's timings, #6's MLP, the collectives and
 # MNIST bars, GPT-2's cold first step (the longest), and the codegen tests CI already runs without a GPU.
@@ -72,6 +72,8 @@ if [[ -d $mnist ]]; then
   STEP_NAME=mnist_mlp_np2 step mnist_mlp_np2 train 2 mnist_mlp.yaml 0.95
   STEP_NAME=mnist_cnn step mnist_cnn train 1 mnist_cnn.yaml 0.975
 fi
+# Per-example gradients (vmap's batching rules) of the MNIST CNN on the GPU, beside torch.func's.
+step bench_per_example build/cuda/bench/per_example --device cuda --model cnn
 # GPT-2 124M under jit, bf16 (issue #6's first-step target: at most 3 s cold).
 # --profile: where the eager step's time goes, op by op (the next tuning targets).
 step bench_jit_gpt2 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer --profile
