@@ -106,35 +106,26 @@ int main(int argc, char** argv) {
                   (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, us, best, double(B * T) * 1e6 / us,
                   r.loss, us * 2000 / 6e7);
     std::string line = buf;
-    std::string py;
-    std::string dir = tx::bench::peers_dir();
-    if (!peer || n > 1) {
-      line += " peer=skipped";
-    } else if (dir.empty() || (py = tx::bench::peer_python()).empty()) {
-      line += " peer=unavailable";
-    } else {
-      namespace fs = std::filesystem;
-      fs::path tmp = fs::temp_directory_path() / ("titanax_gpt_bench_" + std::to_string(::getpid()));
+    namespace fs = std::filesystem;
+    const fs::path tmp = fs::temp_directory_path() / ("titanax_gpt_bench_" + std::to_string(::getpid()));
+    const bool run_peer = peer && n == 1;  // the peer is one process
+    if (run_peer) {
       fs::create_directories(tmp);
       write_shard((tmp / "train.bin").string(), (peer_steps + 2) * B * T + T + 2, cfg.vocab, 1);
       write_shard((tmp / "val.bin").string(), 64 * T, cfg.vocab, 2);
-      std::string why;
-      auto kv = tx::bench::run_peer(py, dir + "/gpt_small_torch.py",
-                                    "--device cpu --train " + (tmp / "train.bin").string() + " --val " + (tmp / "val.bin").string() +
-                                        " --steps " + std::to_string(peer_steps) + " --val_batches 1 --B " + std::to_string(B) +
-                                        " --T " + std::to_string(T) + " --vocab " + std::to_string(cfg.vocab) + " --dim " +
-                                        std::to_string(cfg.dim) + " --layers " + std::to_string(cfg.layers) + " --heads " +
-                                        std::to_string(cfg.heads),
-                                    why);
-      fs::remove_all(tmp);
-      if (kv.count("seconds")) {
-        double peer_us = std::stod(kv["seconds"]) * 1e6 / double(peer_steps);
-        std::snprintf(buf, sizeof buf, " peer=torch peer_us_per_step=%.0f speedup=%.2f", peer_us, peer_us / us);
-        line += buf;
-      } else {
-        line += " peer=failed";
-        std::fprintf(stderr, "peer failed: %s\n", why.c_str());
-      }
+    }
+    auto kv = tx::bench::peer_figures(run_peer, tx::bench::peers_dir() + "/gpt_small_torch.py",
+                                      "--device cpu --train " + (tmp / "train.bin").string() + " --val " + (tmp / "val.bin").string() +
+                                          " --steps " + std::to_string(peer_steps) + " --val_batches 1 --B " + std::to_string(B) +
+                                          " --T " + std::to_string(T) + " --vocab " + std::to_string(cfg.vocab) + " --dim " +
+                                          std::to_string(cfg.dim) + " --layers " + std::to_string(cfg.layers) + " --heads " +
+                                          std::to_string(cfg.heads),
+                                      {"seconds"}, line);
+    if (run_peer) fs::remove_all(tmp);
+    if (!kv.empty()) {
+      double peer_us = std::stod(kv["seconds"]) * 1e6 / double(peer_steps);
+      std::snprintf(buf, sizeof buf, " peer=torch peer_us_per_step=%.0f speedup=%.2f", peer_us, peer_us / us);
+      line += buf;
     }
     if (rt.is_main()) std::printf("%s\n", line.c_str());
     return 0;

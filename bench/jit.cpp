@@ -278,16 +278,10 @@ int main(int argc, char** argv) {
                return tx::TensorList{tx::random_uniform(k, tx::Shape{B, 784}), y};
              }};
       std::string extra;
-      std::string py;
-      const std::string dir = tx::bench::peers_dir();
       const int64_t n = steps > 0 ? steps : 50;
-      if (!peer) extra = " peer=skipped";
-      else if (dir.empty() || (py = tx::bench::peer_python()).empty()) extra = " peer=unavailable";
-      else {
-        std::string why;
-        auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py", "--device " + device + " --B 128 --hidden 512 --steps " + std::to_string(n), why);
-        extra = kv.count("us_per_step") ? " peer=" + kv["peer"] + " peer_eager_us_per_step=" + kv["us_per_step"] : " peer=failed";
-      }
+      auto kv = tx::bench::peer_figures(peer, tx::bench::peers_dir() + "/mlp_torch.py",
+                                        "--device " + device + " --B 128 --hidden 512 --steps " + std::to_string(n), {"us_per_step"}, extra);
+      if (!kv.empty()) extra = " peer=" + kv["peer"] + " peer_eager_us_per_step=" + kv["us_per_step"];
       run_case(c, n, dev, prec, extra, profile);
     }
     if (which == "gpt" || which == "both") {

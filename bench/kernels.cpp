@@ -202,30 +202,19 @@ int main(int argc, char** argv) {
                     fused_bwd_tf, f16, b16);
       line += buf;
     }
-    std::string py;
-    if (!peer) {
-      line += " peer=skipped";
-    } else if ((py = tx::bench::peer_python()).empty()) {
-      line += " peer=unavailable";
-    } else {
-      std::string why;
-      auto kv = tx::bench::run_peer(py, std::string(TITANAX_SOURCE_DIR) + "/bench/peers/sdpa_torch.py",
-                                    "--device " + device + " --B " + std::to_string(aB) + " --H " + std::to_string(aH) +
-                                        " --T " + std::to_string(aT) + " --D " + std::to_string(aD) + " --dtype " +
-                                        (gpu ? "bf16" : "f32") + " --causal 1 --iters " + std::to_string(iters),
-                                    why);
-      if (kv.count("fwd_TFLOPs") && kv.count("bwd_TFLOPs")) {
-        const double pf = std::stod(kv["fwd_TFLOPs"]), pb = std::stod(kv["bwd_TFLOPs"]);
-        std::snprintf(buf, sizeof buf, " peer=%s peer_attention_fwd_TFLOPs=%.3f peer_attention_bwd_TFLOPs=%.3f"
-                      " attention_fwd_of_peer=%.2f attention_bwd_of_peer=%.2f", kv["peer"].c_str(), pf, pb, fwd_tf / pf, bwd_tf / pb);
+    auto kv = tx::bench::peer_figures(peer, std::string(TITANAX_SOURCE_DIR) + "/bench/peers/sdpa_torch.py",
+                                      "--device " + device + " --B " + std::to_string(aB) + " --H " + std::to_string(aH) +
+                                          " --T " + std::to_string(aT) + " --D " + std::to_string(aD) + " --dtype " +
+                                          (gpu ? "bf16" : "f32") + " --causal 1 --iters " + std::to_string(iters),
+                                      {"fwd_TFLOPs", "bwd_TFLOPs"}, line);
+    if (!kv.empty()) {
+      const double pf = std::stod(kv["fwd_TFLOPs"]), pb = std::stod(kv["bwd_TFLOPs"]);
+      std::snprintf(buf, sizeof buf, " peer=%s peer_attention_fwd_TFLOPs=%.3f peer_attention_bwd_TFLOPs=%.3f"
+                    " attention_fwd_of_peer=%.2f attention_bwd_of_peer=%.2f", kv["peer"].c_str(), pf, pb, fwd_tf / pf, bwd_tf / pb);
+      line += buf;
+      if (fused_bwd_tf > 0) {
+        std::snprintf(buf, sizeof buf, " attention_fused_bwd_of_peer=%.2f", fused_bwd_tf / pb);
         line += buf;
-        if (fused_bwd_tf > 0) {
-          std::snprintf(buf, sizeof buf, " attention_fused_bwd_of_peer=%.2f", fused_bwd_tf / pb);
-          line += buf;
-        }
-      } else {
-        line += " peer=failed";
-        std::fprintf(stderr, "peer failed: %s\n", why.c_str());
       }
     }
     std::printf("%s\n", line.c_str());

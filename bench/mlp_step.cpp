@@ -99,26 +99,14 @@ int main(int argc, char** argv) {
     char buf[256];
     std::snprintf(buf, sizeof buf, " us_per_step=%.1f samples_per_s=%.0f loss=%.4f", us, double(B) * 1e6 / us, loss);
     line += buf;
-    std::string py;
-    std::string dir = tx::bench::peers_dir();
-    if (!peer) {
-      line += " peer=skipped";
-    } else if (dir.empty() || (py = tx::bench::peer_python()).empty()) {
-      line += " peer=unavailable";
-    } else {
-      std::string why;
-      auto kv = tx::bench::run_peer(py, dir + "/mlp_torch.py",
-                                    "--device " + device + " --B " + std::to_string(B) + " --hidden " + std::to_string(hidden) +
-                                        " --steps " + std::to_string(std::min<int64_t>(steps, 300)),
-                                    why);
-      if (kv.count("us_per_step")) {
-        double peer_us = std::stod(kv["us_per_step"]);
-        std::snprintf(buf, sizeof buf, " peer=%s peer_us_per_step=%.1f speedup=%.2f", kv["peer"].c_str(), peer_us, peer_us / us);
-        line += buf;
-      } else {
-        line += " peer=failed";
-        std::fprintf(stderr, "peer failed: %s\n", why.c_str());
-      }
+    auto kv = tx::bench::peer_figures(peer, tx::bench::peers_dir() + "/mlp_torch.py",
+                                      "--device " + device + " --B " + std::to_string(B) + " --hidden " + std::to_string(hidden) +
+                                          " --steps " + std::to_string(std::min<int64_t>(steps, 300)),
+                                      {"us_per_step"}, line);
+    if (!kv.empty()) {
+      double peer_us = std::stod(kv["us_per_step"]);
+      std::snprintf(buf, sizeof buf, " peer=%s peer_us_per_step=%.1f speedup=%.2f", kv["peer"].c_str(), peer_us, peer_us / us);
+      line += buf;
     }
     std::printf("%s\n", line.c_str());
     return 0;

@@ -57,4 +57,29 @@ std::map<std::string, std::string> run_peer(const std::string& python, const std
   return kv;
 }
 
+std::map<std::string, std::string> peer_figures(bool enabled, const std::string& script, const std::string& args,
+                                                const std::vector<std::string>& required, std::string& line) {
+  if (!enabled) {
+    line += " peer=skipped";
+    return {};
+  }
+  std::string py;
+  if (!std::filesystem::exists(script) || (py = peer_python()).empty()) {
+    line += " peer=unavailable";
+    return {};
+  }
+  std::string why;
+  auto kv = run_peer(py, script, args, why);
+  bool complete = !kv.empty();
+  for (const auto& k : required) complete = complete && kv.count(k);
+  if (complete) return kv;
+  if (kv.count("peer")) {
+    line += " peer=" + kv["peer"];
+  } else {
+    line += " peer=failed";
+    std::fprintf(stderr, "peer failed: %s\n", why.empty() ? ("no " + required.front() + " in its output").c_str() : why.c_str());
+  }
+  return {};
+}
+
 }  // namespace titanax::bench

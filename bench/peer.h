@@ -3,6 +3,7 @@
 
 #include <map>
 #include <string>
+#include <vector>
 
 namespace titanax::bench {
 
@@ -18,5 +19,14 @@ std::string peer_python();
 /// (the reason goes to `why`).
 std::map<std::string, std::string> run_peer(const std::string& python, const std::string& script,
                                             const std::string& args, std::string& why);
+
+/// What every benchmark does with its peer: when `enabled`, runs `python script args` with peer_python()
+/// and returns its key=value figures if they include every key of `required`. Otherwise returns an empty
+/// map and appends to `line` why there are none: " peer=skipped" (not enabled), " peer=unavailable" (no
+/// Python with torch, or no such script), " peer=<its value>" (the script ran and printed a peer= value
+/// without the figures, as a peer that cannot measure here says why), or " peer=failed" (the reason on
+/// stderr).
+std::map<std::string, std::string> peer_figures(bool enabled, const std::string& script, const std::string& args,
+                                                const std::vector<std::string>& required, std::string& line);
 
 }  // namespace titanax::bench

@@ -135,25 +135,14 @@ int main(int argc, char** argv) {
                   model_name.c_str(), dev.str().c_str(), static_cast<long long>(B), omp_get_max_threads(), loop_ms, vmap_ms, jit_ms,
                   batch_ms, loop_ms / vmap_ms, loop_ms / jit_ms, static_cast<long long>(fallback), diff);
     std::string line = buf;
-    std::string py;
-    const std::string script = std::string(TITANAX_SOURCE_DIR) + "/bench/peers/per_example_torch.py";
-    if (!peer) {
-      line += " peer=skipped";
-    } else if ((py = tx::bench::peer_python()).empty()) {
-      line += " peer=unavailable";
-    } else {
-      std::string why;
-      auto kv = tx::bench::run_peer(py, script,
-                                    "--model " + model_name + " --device " + device + " --B " + std::to_string(B) + " --iters " + std::to_string(iters), why);
-      if (kv.count("ms")) {
-        const double peer_ms = std::stod(kv["ms"]);
-        std::snprintf(buf, sizeof buf, " peer=%s peer_ms=%.2f vmap_of_peer=%.2f jit_vmap_of_peer=%.2f", kv["peer"].c_str(), peer_ms,
-                      peer_ms / vmap_ms, peer_ms / jit_ms);
-        line += buf;
-      } else {
-        line += kv.count("peer") ? " peer=" + kv["peer"] : std::string(" peer=failed");
-        if (!kv.count("peer")) std::fprintf(stderr, "peer failed: %s\n", why.c_str());
-      }
+    auto kv = tx::bench::peer_figures(peer, std::string(TITANAX_SOURCE_DIR) + "/bench/peers/per_example_torch.py",
+                                      "--model " + model_name + " --device " + device + " --B " + std::to_string(B) + " --iters " + std::to_string(iters),
+                                      {"ms"}, line);
+    if (!kv.empty()) {
+      const double peer_ms = std::stod(kv["ms"]);
+      std::snprintf(buf, sizeof buf, " peer=%s peer_ms=%.2f vmap_of_peer=%.2f jit_vmap_of_peer=%.2f", kv["peer"].c_str(), peer_ms,
+                    peer_ms / vmap_ms, peer_ms / jit_ms);
+      line += buf;
     }
     std::printf("%s\n", line.c_str());
     if (profile) {
