@@ -12,6 +12,21 @@ namespace {
 
 Tensor accumulate(const Tensor& acc, const Tensor& g) { return acc.defined() ? add(acc, g) : g; }
 
+// g passed through a tensor's gradient hooks (Tensor::register_hook) in registration order. `what` names
+// the tensor for errors.
+Tensor run_grad_hooks(const Hooks<GradHook>& hooks, Tensor g, const std::string& what) {
+  for (const GradHook& hook : hooks.snapshot()) {
+    Tensor r = hook(g);
+    if (!r.defined()) continue;
+    if (r.shape() != g.shape() || r.dtype() != g.dtype() || r.device() != g.device())
+      throw AutodiffError("a gradient hook of " + what + " returned another kind of tensor than the gradient",
+                          spec_str({g.shape(), g.dtype(), g.device()}), spec_str({r.shape(), r.dtype(), r.device()}),
+                          "return a tensor like the gradient it was given, or Tensor() to keep it");
+    g = std::move(r);
+  }
+  return g;
+}
+
 struct Engine {
   const TensorList& wrt;
   const BackwardOptions& opts;
@@ -78,6 +93,8 @@ struct Engine {
     auto w = leaf_wanted.find(leaf);
     if (w == leaf_wanted.end()) return;
     auto g = leaf_grad.find(leaf);
+    if (g != leaf_grad.end() && !leaf->grad_hooks.empty())
+      g->second = run_grad_hooks(leaf->grad_hooks, g->second, "the leaf " + wrt[w->second[0]].str());
     for (size_t idx : w->second) {
       result[idx] = g != leaf_grad.end() ? g->second : zeros_like(wrt[idx]);
       done[idx] = true;
@@ -98,9 +115,9 @@ struct Engine {
     }
     Node* rn = root.get()->grad_fn.get();
     if (!rn) {  // the root is itself a leaf
-      if (root.requires_grad()) leaf_grad[root.get()] = seed;
+      const Tensor g = root.get()->grad_hooks.empty() ? seed : run_grad_hooks(root.get()->grad_hooks, seed, "the leaf " + root.str());
       for (size_t i = 0; i < wrt.size(); ++i) {
-        result[i] = wrt[i].same(root) ? seed : zeros_like(wrt[i]);
+        result[i] = wrt[i].same(root) ? g : zeros_like(wrt[i]);
         done[i] = true;
         if (opts.on_grad_ready) opts.on_grad_ready(i, result[i]);
       }
@@ -122,8 +139,11 @@ struct Engine {
       TensorList ct = std::move(it->second);
       cts.erase(it);
       ct.resize(n->out_specs.size());
-      for (size_t k = 0; k < ct.size(); ++k)
+      for (size_t k = 0; k < ct.size(); ++k) {
         if (!ct[k].defined()) ct[k] = zeros(n->out_specs[k].shape, n->out_specs[k].dtype, n->out_specs[k].device);
+        else if (k < n->grad_hooks.size() && !n->grad_hooks[k].empty())  // a gradient reached output k
+          ct[k] = run_grad_hooks(n->grad_hooks[k], ct[k], "output " + std::to_string(k) + " of op '" + n->op->name() + "'");
+      }
       if (auto mw = mid_wanted.find(n); mw != mid_wanted.end())
         for (auto [out_idx, wi] : mw->second) {
           result[wi] = ct[out_idx];

@@ -22,6 +22,7 @@ struct Node {
   std::vector<uint64_t> output_versions;
   uint64_t seq = 0;
   std::string scope;                    // the module path at record time, kept while anomaly detection is on
+  std::vector<Hooks<GradHook>> grad_hooks;  // per output: its gradient hooks (Tensor::register_hook), if any
 };
 
 /// Whether ops are recorded. Thread-local; on by default.

@@ -121,6 +121,21 @@ void Tensor::zero_grad() { impl().grad.reset(); }
 
 void Tensor::backward() const { titanax::backward(*this); }
 
+int64_t next_hook_id() {
+  static std::atomic<int64_t> next{0};
+  return next++;
+}
+
+HookHandle Tensor::register_hook(GradHook hook) const {
+  if (!hook) throw ValueError("register_hook: an empty hook", "a callable", "an empty std::function");
+  if (!is_floating(dtype()))
+    throw AutodiffError("register_hook on a non-floating tensor", "a floating tensor (it has gradients)", str());
+  Node* n = impl().grad_fn.get();
+  if (!n) return impl().grad_hooks.add(std::move(hook));  // a leaf
+  if (n->grad_hooks.size() < n->out_specs.size()) n->grad_hooks.resize(n->out_specs.size());
+  return n->grad_hooks[impl().output_index].add(std::move(hook));
+}
+
 // ---------------------------------------------------------------- factories
 
 namespace {

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -16,6 +17,7 @@
 #include "core/device.h"
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/hooks.h"
 #include "core/shape.h"
 
 namespace titanax {
@@ -56,6 +58,11 @@ class Storage {
 
 struct Node;  // autodiff/tape.h
 
+class Tensor;
+/// A gradient hook (Tensor::register_hook): called with the gradient; returns a replacement, or an
+/// undefined Tensor to keep it.
+using GradHook = std::function<Tensor(const Tensor& grad)>;
+
 /// What a Tensor handle points at. Users work with Tensor; ops and kernels may read fields directly.
 struct TensorImpl {
   Shape shape;
@@ -69,10 +76,10 @@ struct TensorImpl {
   std::shared_ptr<Node> grad_fn;       // the tape node that produced this tensor (null for leaves)
   uint32_t output_index = 0;           // which output of grad_fn
   std::shared_ptr<TensorImpl> grad;    // accumulated gradient of a leaf after backward()
+  Hooks<GradHook> grad_hooks;          // a leaf's gradient hooks (a non-leaf's are on its grad_fn node)
   std::string name;                    // optional, for error messages and graphs
 };
 
-class Tensor;
 using TensorList = std::vector<Tensor>;
 
 class Tensor {
@@ -142,6 +149,20 @@ class Tensor {
   bool is_leaf() const { return impl().grad_fn == nullptr; }
   /// Reverse-mode differentiation from this scalar: accumulates d(this)/d(leaf) into each leaf's grad().
   void backward() const;
+  /// Registers a gradient hook (PyTorch's Tensor.register_hook): whenever a backward pass (backward(),
+  /// grad(), value_and_grad(), an Engine step) computes the gradient with respect to this tensor, the
+  /// hooks run on it in registration order, each seeing the previous one's result, before it is used:
+  /// propagated further back, returned, or accumulated into grad(). A hook returns a replacement
+  /// gradient (same shape, dtype and device; else AutodiffError) or an undefined Tensor to keep it, so a
+  /// hook that only reads it (a norm per layer, to see where gradients explode) returns Tensor(). A
+  /// leaf's hooks see its total gradient (every use summed) once; a non-leaf's see the gradient of this
+  /// very output of the op that made it (views and copies of it have their own). Hooks run only where a
+  /// gradient reaches the tensor, as the backward pass's ops (recorded under create_graph, traced under
+  /// jit: there they run once, at the trace, and what they compute is replayed). Any floating tensor
+  /// takes hooks: a leaf whether or not it requires grad yet (a model's parameters require it only
+  /// inside value_and_grad). Throws AutodiffError for a non-floating tensor, ValueError for an empty
+  /// hook. The handle removes the hook.
+  HookHandle register_hook(GradHook hook) const;
   const std::string& name() const { return impl().name; }
   Tensor& set_name(std::string n) {
     impl().name = std::move(n);

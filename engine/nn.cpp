@@ -29,22 +29,13 @@ RngKey RngContext::next_key() { return fold_in(g_step_key, g_counter++); }
 const Tensor& RngContext::step() { return g_step; }
 
 // ------------------------------------------------------------------------------ Module
-void HookHandle::remove() {
-  if (auto h = hooks_.lock()) h->erase(id_);
-  hooks_.reset();
-}
-
 HookHandle Module::register_forward_hook(ForwardHook hook) {
   if (!hook) throw ValueError("register_forward_hook: an empty hook", "a callable", "an empty std::function");
-  if (!hooks_) hooks_ = std::make_shared<std::map<int64_t, ForwardHook>>();
-  const int64_t id = next_hook_++;
-  hooks_->emplace(id, std::move(hook));
-  return HookHandle(hooks_, id);
+  return hooks_.add(std::move(hook));
 }
 
 Tensor Module::run_forward_hooks(const Tensor& x, Tensor y) {
-  const auto hooks = *hooks_;  // a copy: a hook may remove itself or add others
-  for (const auto& [id, hook] : hooks) {
+  for (const ForwardHook& hook : hooks_.snapshot()) {
     Tensor r = hook(*this, x, y);
     if (!r.defined()) continue;
     if (r.shape() != y.shape())

@@ -42,18 +42,9 @@ class Module;
 /// ops become part of the graph; reading a value on the host there is a TraceError).
 using ForwardHook = std::function<Tensor(Module& module, const Tensor& input, const Tensor& output)>;
 
-/// Removes a hook (PyTorch's RemovableHandle). remove() is idempotent and safe after the module is gone.
-class HookHandle {
- public:
-  HookHandle() = default;
-  void remove();
-
- private:
-  friend class Module;
-  HookHandle(std::weak_ptr<std::map<int64_t, ForwardHook>> hooks, int64_t id) : hooks_(std::move(hooks)), id_(id) {}
-  std::weak_ptr<std::map<int64_t, ForwardHook>> hooks_;
-  int64_t id_ = -1;
-};
+/// Removes a hook (PyTorch's RemovableHandle; core/hooks.h). remove() is idempotent and safe after the
+/// module is gone.
+using HookHandle = titanax::HookHandle;
 
 class Module {
  public:
@@ -66,7 +57,7 @@ class Module {
   Tensor operator()(const Tensor& x) {
     NameScope scope(scope_name_);
     Tensor y = forward(x);
-    if (hooks_ && !hooks_->empty()) y = run_forward_hooks(x, std::move(y));
+    if (!hooks_.empty()) y = run_forward_hooks(x, std::move(y));
     return y;
   }
   /// Adds a hook that operator() calls after each forward of this module (not of its children: register
@@ -136,8 +127,7 @@ class Module {
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
   Tensor run_forward_hooks(const Tensor& x, Tensor y);
   std::string scope_name_;
-  std::shared_ptr<std::map<int64_t, ForwardHook>> hooks_;  // by registration number
-  int64_t next_hook_ = 0;
+  Hooks<ForwardHook> hooks_;
   bool training_ = true;
 };
 
