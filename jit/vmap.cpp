@@ -246,17 +246,6 @@ Result linear_rule(const Ctx& c) {
   return TensorList{y};
 }
 
-// conv2d(x, w[, b]), conv2d_backward_input(dy, w) and max_pool2d_indices(x) are polymorphic in N: fold the
-// batch into N.
-Result fold_into_n(const Ctx& c) {
-  for (size_t i = 1; i < c.in.size(); ++i)
-    if (c.batched(i)) return std::nullopt;
-  const Shape& s = c.in_spec[0].shape;
-  TensorList in{reshape(c.t(0), Shape{c.B * s[0], s[1], s[2], s[3]})};
-  for (size_t i = 1; i < c.in.size(); ++i) in.push_back(c.t(i));
-  return TensorList{reshape(apply1(c.op(), in), with_batch_axis(c.B, c.out_spec[0].shape))};
-}
-
 // scaled_dot_product_attention and its backward treat every axis before [T, D] (and before lse's [T]) as a
 // batch of independent problems: the vmapped batch is one more leading axis of every operand.
 Result leading_batch(const Ctx& c) {
@@ -294,7 +283,6 @@ const std::unordered_map<std::string, Rule>& rules() {
     m["reshape"] = reshape_rule;
     m["expand"] = expand_rule;
     m["linear"] = linear_rule;
-    m["conv2d"] = m["conv2d_backward_input"] = m["max_pool2d_indices"] = fold_into_n;
     m["scaled_dot_product_attention"] = m["scaled_dot_product_attention_backward"] = leading_batch;
     m["scaled_dot_product_attention_qkvpacked"] = m["scaled_dot_product_attention_qkvpacked_backward"] = leading_batch;
     m["cond"] = m["while_loop"] = m["scan"] = control_flow;

@@ -46,12 +46,15 @@
 //     0 .. n - 1 that checks them as the op does: an index out of range is an error, never a row of
 //     another example); take_backward / embedding_backward (the scatter-adds): the same, each row summing
 //     its example's gradients in the loop's order;
-//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N; conv2d_backward_weight:
-//     per example an im2col GEMM, [B, O, N*OH*OW] @ [B, N*OH*OW, C*kh*kw] over the strided slices of the
-//     padded x (the bias gradient: a sum of dy per example);
+//   conv2d and conv2d_backward_input with a shared weight: the batch folded into N; with a per-example
+//     weight or bias (an ensemble): conv2d as each example's im2col patches (the strided slices of the
+//     padded x) times its weight, one batched GEMM [B, N*OH*OW, C*kh*kw] @ [B, C*kh*kw, O];
+//     conv2d_backward_input as the columns dy^T w, one batched GEMM, then col2im (each kernel offset's
+//     columns added back where its slice was read); conv2d_backward_weight: per example dy times the
+//     patches, [B, O, N*OH*OW] @ [B, N*OH*OW, C*kh*kw] (the bias gradient: a sum of dy per example);
 //   max_pool2d and max_pool2d_backward: the batch folded into N (its workspace is per output element, so
 //     the B examples' workspaces lie one after another; checked by size, else the loop);
-//     max_pool2d_indices: the batch folded into N;
+//     max_pool2d_indices: the same;
 //   sum_squares (a gradient norm's square): per batched tensor, its f64 squares summed over each
 //     example's axes;
 //   dropout (f32 / f64): one mask of the example's shape (the loop draws the same one for every example),
@@ -65,9 +68,10 @@
 // the node's own op runs on each slice, and the results are stacked. The fallback is always correct;
 // vmap_stats() counts, per op name, the nodes batched by a rule and those that fell back. Ops falling
 // back at present: dropout of f16 / bf16 (its kernel scales in f32 and rounds once) or with a
-// per-example step, conv2d and conv2d_backward_input with a per-example weight, and any op without a
-// rule (the optimizer updates, the collectives, the fused ops of an optimised jit graph). So per-example
-// gradients of an MLP, a CNN or a GPT (DP-SGD's clipping, Abadi et al. 2016) run batched throughout.
+// per-example step, and any op without a rule (the optimizer updates, the collectives, the fused ops of
+// an optimised jit graph). So per-example gradients of an MLP, a CNN or a GPT (DP-SGD's clipping, Abadi
+// et al. 2016) and the training of an ensemble of them (torch.func's model ensembling) run batched
+// throughout.
 //
 // Semantics and limits (as JAX's vmap):
 //  - fn must be a pure tensor function of its inputs: its control flow may not depend on the values of

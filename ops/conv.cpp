@@ -53,6 +53,41 @@ kc::Conv2dGeom conv_geom(const Shape& x, const Shape& w, Pair stride, Pair paddi
   return {x[0], x[1], x[2], x[3], w[0], w[2], w[3], stride[0], stride[1], padding[0], padding[1]};
 }
 
+// vmap's im2col (Chellapilla et al. 2006): the patches of x [B, N, C, H, W] under a kh x kw window with
+// this stride and padding, [B, N*OH*OW, C*kh*kw] (rows in (n, oy, ox) order, columns in w's (c, i, j)
+// order), from the kh * kw strided slices of the padded x, one per kernel offset.
+Tensor batched_patches(const Tensor& x, Pair khw, Pair stride, Pair padding, int64_t OH, int64_t OW) {
+  Tensor xp = x;
+  for (size_t a = 0; a < 2; ++a)
+    if (padding[a] > 0) xp = pad(xp, int(3 + a), padding[a], padding[a]);
+  TensorList patches;  // each [B, N, OH, OW, C, 1]
+  for (int64_t i = 0; i < khw[0]; ++i)
+    for (int64_t j = 0; j < khw[1]; ++j) {
+      const Tensor p = xp.slice(3, i, i + stride[0] * (OH - 1) + 1, stride[0]).slice(4, j, j + stride[1] * (OW - 1) + 1, stride[1]);
+      patches.push_back(p.permute({0, 1, 3, 4, 2}).unsqueeze(-1));
+    }
+  const Shape& s = x.shape();
+  return concat(patches, -1).reshape(Shape{s[0], s[1] * OH * OW, s[2] * khw[0] * khw[1]});
+}
+
+// t's axis `a` (n elements) spread over an axis of `size`: element k at offset + k * step, zeros elsewhere
+// (col2im's placement of one kernel offset's contributions; the last lands inside: offset + (n - 1) * step
+// < size).
+Tensor place(const Tensor& t, int a, int64_t offset, int64_t step, int64_t size) {
+  Tensor r = t;
+  if (step > 1) {  // each element followed by step - 1 zeros: [..., n, step, ...] merged into n * step
+    Shape z = t.shape();
+    z.insert(a + 1, step - 1);
+    r = concat({t.unsqueeze(a + 1), zeros(z, t.dtype(), t.device())}, a + 1);
+    Shape merged = t.shape();
+    merged[a] *= step;
+    r = r.reshape(merged);
+  }
+  const int64_t after = size - offset - r.shape()[a];
+  r = pad(r, a, offset, std::max<int64_t>(after, 0));
+  return after < 0 ? r.slice(a, 0, size) : r;  // what is cut is the trailing zeros
+}
+
 // ------------------------------------------------------------------------------------ conv2d
 
 Tensor conv_backward_input(const Tensor& dy, const Tensor& w, Pair hw, Pair stride, Pair padding);
@@ -108,6 +143,28 @@ class Conv2d final : public Op {
     }
     return r;
   }
+  // vmap. A shared w and b: the batch folded into N, one convolution of B * N images. A per-example w or
+  // b (an ensemble of models): each example's patches times its own w, one batched GEMM
+  // [B, N*OH*OW, C*kh*kw] @ [B, C*kh*kw, O] (batched_patches), then its b.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor x = with_batch(in[0], batched[0], B);  // [B, N, C, H, W]
+    const Shape& xs = x.shape();
+    if (!batched[1] && !(bias_ && batched[2])) {
+      TensorList args{x.reshape(Shape{B * xs[1], xs[2], xs[3], xs[4]}), in[1]};
+      if (bias_) args.push_back(in[2]);
+      const Tensor y = apply1(std::make_shared<Conv2d>(stride_, padding_, bias_), args);
+      const Shape& ys = y.shape();
+      return TensorList{y.reshape(Shape{B, xs[1], ys[1], ys[2], ys[3]})};
+    }
+    const Tensor w = with_batch(in[1], batched[1], B);  // [B, O, C, kh, kw]
+    const Shape& ws = w.shape();
+    const kc::Conv2dGeom g = conv_geom(Shape(xs.begin() + 1, xs.end()), Shape(ws.begin() + 1, ws.end()), stride_, padding_);
+    const Tensor cols = batched_patches(x, {ws[3], ws[4]}, stride_, padding_, g.OH(), g.OW());
+    Tensor y = matmul(cols, transpose(w.reshape(Shape{B, ws[1], ws[2] * ws[3] * ws[4]}), -1, -2));  // [B, N*OH*OW, O]
+    y = y.reshape(Shape{B, xs[1], g.OH(), g.OW(), ws[1]}).permute({0, 1, 4, 2, 3});
+    if (bias_) y = y + with_batch(in[2], batched[2], B).reshape(Shape{B, 1, ws[1], 1, 1});
+    return TensorList{y};
+  }
 
  private:
   Pair stride_, padding_;
@@ -143,6 +200,33 @@ class Conv2dBackwardInput final : public Op {
   void cuda(const TensorList& in, TensorList& out) const override {
     Tensor dy = dense(in[0]), w = dense(in[1]);
     kernels::cuda::conv2d_backward_input(dy, w, conv_geom(out[0].shape(), w.shape(), stride_, padding_), out[0]);
+  }
+  // vmap. A shared w: the batch folded into N. A per-example w (an ensemble of models): the columns
+  // dy^T w per example, one batched GEMM [B, N*OH*OW, O] @ [B, O, C*kh*kw], then col2im, the adjoint of
+  // batched_patches: each kernel offset's columns added back where its slice of the padded x was read
+  // (spread by the stride, shifted by the offset), the padding cut off.
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
+    const Tensor dy = with_batch(in[0], batched[0], B);  // [B, N, O, OH, OW]
+    const Shape& ds = dy.shape();
+    const OpPtr same = std::make_shared<Conv2dBackwardInput>(hw_, stride_, padding_);
+    if (!batched[1]) {
+      const Tensor dx = apply1(same, {dy.reshape(Shape{B * ds[1], ds[2], ds[3], ds[4]}), in[1]});
+      const Shape& xs = dx.shape();
+      return TensorList{dx.reshape(Shape{B, ds[1], xs[1], xs[2], xs[3]})};
+    }
+    const Shape& ws = in[1].shape();  // [B, O, C, kh, kw]
+    const int64_t N = ds[1], OH = ds[3], OW = ds[4], C = ws[2], KH = ws[3], KW = ws[4];
+    const Tensor cols = matmul(dy.permute({0, 1, 3, 4, 2}).reshape(Shape{B, N * OH * OW, ds[2]}), in[1].reshape(Shape{B, ws[1], C * KH * KW}))
+                            .reshape(Shape{B, N, OH, OW, C, KH, KW});
+    const int64_t HP = hw_[0] + 2 * padding_[0], WP = hw_[1] + 2 * padding_[1];
+    Tensor dxp;
+    for (int64_t i = 0; i < KH; ++i)
+      for (int64_t j = 0; j < KW; ++j) {
+        const Tensor part = cols.slice(5, i, i + 1).slice(6, j, j + 1).reshape(Shape{B, N, OH, OW, C}).permute({0, 1, 4, 2, 3});
+        const Tensor placed = place(place(part, 3, i, stride_[0], HP), 4, j, stride_[1], WP);
+        dxp = dxp.defined() ? dxp + placed : placed;
+      }
+    return TensorList{dxp.slice(3, padding_[0], padding_[0] + hw_[0]).slice(4, padding_[1], padding_[1] + hw_[1])};
   }
   // dx is bilinear in (dy, w): <G, dx> = <dy, conv2d(G, w)> = <w, conv2d_backward_weight(dy, G)>.
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
@@ -205,27 +289,16 @@ class Conv2dBackwardWeight final : public Op {
     return r;
   }
   // vmap. Per example, dw[o, c, i, j] sums dy[n, o, y, x] xpad[n, c, y * sh + i, x * sw + j] over the
-  // example's images and output positions: the im2col form of the weight gradient (Chellapilla et al.
-  // 2006), one batched GEMM [B, O, N*OH*OW] @ [B, N*OH*OW, C*kh*kw] whose patches are the kh * kw strided
-  // slices of the padded x, one per kernel offset; db sums the example's dy over N, OH, OW.
+  // example's images and output positions: the im2col form of the weight gradient, one batched GEMM
+  // [B, O, N*OH*OW] @ [B, N*OH*OW, C*kh*kw] of dy with the patches (batched_patches); db sums the
+  // example's dy over N, OH, OW.
   std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
     const Tensor dy = with_batch(in[0], batched[0], B), x = with_batch(in[1], batched[1], B);  // [B, N, O | C, ...]
-    const int64_t N = x.shape()[1], C = x.shape()[2], O = dy.shape()[2], OH = dy.shape()[3], OW = dy.shape()[4];
-    Tensor xp = x;
-    for (size_t a = 0; a < 2; ++a)
-      if (padding_[a] > 0) xp = pad(xp, int(3 + a), padding_[a], padding_[a]);
-    TensorList patches;  // each [B, N, OH, OW, C, 1]
-    for (int64_t i = 0; i < khw_[0]; ++i)
-      for (int64_t j = 0; j < khw_[1]; ++j) {
-        const Tensor p = xp.slice(3, i, i + stride_[0] * (OH - 1) + 1, stride_[0]).slice(4, j, j + stride_[1] * (OW - 1) + 1, stride_[1]);
-        patches.push_back(p.permute({0, 1, 3, 4, 2}).unsqueeze(-1));
-      }
-    const int64_t rows = N * OH * OW;
-    const Tensor cols = concat(patches, -1).reshape(Shape{B, rows, C * khw_[0] * khw_[1]});
-    const Tensor dyr = dy.permute({0, 2, 1, 3, 4}).reshape(Shape{B, O, rows});
-    TensorList r{matmul(dyr, cols).reshape(Shape{B, O, C, khw_[0], khw_[1]})};
-    if (bias_) r.push_back(sum(dy, {1, 3, 4}));
-    return r;
+    const int64_t N = x.shape()[1], O = dy.shape()[2], OH = dy.shape()[3], OW = dy.shape()[4];
+    const Tensor cols = batched_patches(x, khw_, stride_, padding_, OH, OW);
+    const Tensor dyr = dy.permute({0, 2, 1, 3, 4}).reshape(Shape{B, O, N * OH * OW});
+    const Tensor dw = matmul(dyr, cols).reshape(Shape{B, O, x.shape()[2], khw_[0], khw_[1]});
+    return bias_ ? TensorList{dw, sum(dy, {1, 3, 4})} : TensorList{dw};
   }
 
  private:
@@ -302,6 +375,13 @@ class MaxPool2dIndices final : public PoolOp {
   void cpu(const TensorList& in, TensorList& out) const override {
     Tensor x = dense(in[0]);
     kc::max_pool2d_indices(x, geom(x), out[0]);
+  }
+  // vmap: the batch folded into N (plane offsets do not depend on the image).
+  std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>&, int64_t B) const override {
+    const Shape& s = in[0].shape();  // [B, N, C, H, W]
+    const Tensor idx = apply1(std::make_shared<MaxPool2dIndices>(kernel_, stride_, padding_), {in[0].reshape(Shape{B * s[1], s[2], s[3], s[4]})});
+    const Shape& r = idx.shape();
+    return TensorList{idx.reshape(Shape{B, s[1], r[1], r[2], r[3]})};
   }
   // The CUDA forward records the same winners as int32 plane offsets: run it and widen them.
   void cuda(const TensorList& in, TensorList& out) const override {

@@ -231,6 +231,40 @@ TEST_CASE("vmap: conv2d with a shared weight, and per-example gradients through 
   CHECK(batched_count("conv2d_backward_weight") == 2);  // with its bias gradient (b1), and without
 }
 
+TEST_CASE("vmap: conv2d of an ensemble (per-example weights and biases), and its weight gradients", "[vmap]") {
+  // Per member: w [4, 2, 3, 3], b [4]; x [2, 2, 7, 6] shared by the members or their own.
+  const Tensor ws = rnd(60, Shape{3, 4, 2, 3, 3}), bs = rnd(61, Shape{3, 4}), x = rnd(62, Shape{2, 2, 7, 6}), xs = rnd(63, Shape{3, 2, 2, 7, 6});
+  auto f = [](const TensorList& in) {
+    return TensorList{conv2d(in[0], in[1], in[2], {2, 1}, {1, 2}), conv2d(in[0], in[1], {}, {1, 1}, {0, 0})};
+  };
+  // The members' patches times their weights, one batched GEMM, against oneDNN's / the direct loops'
+  // convolution per member: the same products summed in another order.
+  for (const std::vector<int>& axes : {std::vector<int>{jit::not_batched, 0, 0}, std::vector<int>{0, 0, 0}, std::vector<int>{0, jit::not_batched, 0}}) {
+    const TensorList args{axes[0] == 0 ? xs : x, axes[1] == 0 ? ws : ws.slice(0, 0, 1).squeeze(0), bs};
+    jit::reset_vmap_stats();
+    const TensorList got = jit::vmap(f, axes)(args), want = loop(f, args, axes);
+    for (size_t k = 0; k < got.size(); ++k) CHECK(max_normwise_err(got[k], want[k]) <= 1e-15);
+    CHECK(no_fallback());
+    CHECK(batched_count("conv2d") == 2);
+  }
+  // Training an ensemble of two-layer CNNs: each member's gradients with respect to its own weights. The
+  // second layer's input gradient (for the first layer's weights) is col2im of dy^T w per member.
+  const Tensor w2s = rnd(64, Shape{3, 3, 4, 2, 3});
+  auto g = [](const TensorList& in) {
+    auto [value, gr] = value_and_grad(
+        [&] { return sum(square(relu(conv2d(relu(conv2d(in[0], in[1], in[2], {1, 1}, {1, 1})), in[3], {}, {2, 2}, {1, 0})))); },
+        ParamTree{{"w", in[1]}, {"b", in[2]}, {"w2", in[3]}});
+    return TensorList{value, gr.at("w"), gr.at("b"), gr.at("w2")};
+  };
+  const std::vector<int> axes{jit::not_batched, 0, 0, 0};
+  jit::reset_vmap_stats();
+  const TensorList got = jit::vmap(g, axes)({x, ws, bs, w2s}), want = loop(g, {x, ws, bs, w2s}, axes);
+  for (size_t k = 0; k < got.size(); ++k) CHECK(max_normwise_err(got[k], want[k]) <= 1e-15);
+  CHECK(no_fallback());
+  CHECK(batched_count("conv2d_backward_input") == 1);
+  CHECK(batched_count("conv2d_backward_weight") == 2);
+}
+
 TEST_CASE("vmap: in_axes 1, negative in_axes and not_batched inputs", "[vmap]") {
   auto f = [](const TensorList& in) { return TensorList{matmul(in[0], in[1]) + in[2]}; };  // x [3, 4], w [4, 2], c [2]
   jit::reset_vmap_stats();
