@@ -157,10 +157,16 @@ class SumSquares final : public Op {
   }
   // With rows: the multi-tensor kernel once per row, on the rows' views, into that row's element.
   void cuda(const TensorList& in, TensorList& out) const override {
-    for (int64_t b = 0; b < std::max<int64_t>(rows_, 1); ++b) {
+    std::vector<Tensor> whole;
+    for (const Tensor& t : in) whole.push_back(t.contiguous());
+    if (rows_ == 0) {
+      kernels::cuda::sum_squares(whole, out[0]);
+      return;
+    }
+    for (int64_t b = 0; b < rows_; ++b) {
       std::vector<Tensor> xs;
-      for (const Tensor& t : in) xs.push_back(rows_ > 0 ? t.contiguous().slice(0, b, b + 1) : t.contiguous());
-      Tensor o = rows_ > 0 ? out[0].slice(0, b, b + 1).reshape(Shape{}) : out[0];
+      for (const Tensor& t : whole) xs.push_back(t.slice(0, b, b + 1));
+      Tensor o = out[0].slice(0, b, b + 1).reshape(Shape{});
       kernels::cuda::sum_squares(xs, o);
     }
   }
