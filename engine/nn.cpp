@@ -34,6 +34,54 @@ HookHandle Module::register_forward_hook(ForwardHook hook) {
   return hooks_.add(std::move(hook));
 }
 
+HookHandle Module::register_full_backward_hook(BackwardHook hook) {
+  if (!hook) throw ValueError("register_full_backward_hook: an empty hook", "a callable", "an empty std::function");
+  return backward_hooks_.add(std::move(hook));
+}
+
+namespace {
+// A view of t recorded as an op of its own (unsqueeze, squeeze): a tape node whose output's gradient is
+// exactly this use's.
+Tensor own_node(const Tensor& t) { return t.unsqueeze(0).squeeze(0); }
+}  // namespace
+
+// PyTorch's BackwardHookFunction: the call's input and output pass through nodes of their own; the
+// output's gradient (computed first: it is downstream) is kept until the input's arrives, then the hooks
+// run with both. Without an input gradient, they run when the output's arrives.
+Tensor Module::call_with_backward_hooks(const Tensor& x) {
+  const bool track_in = x.requires_grad();
+  const Tensor in = track_in ? own_node(x) : x;
+  Tensor y = forward(in);
+  if (!hooks_.empty()) y = run_forward_hooks(x, std::move(y));
+  if (!y.requires_grad()) return y;
+  y = own_node(y);
+  auto grad_output = std::make_shared<Tensor>();
+  const std::string path = current_scope();
+  const Hooks<BackwardHook> hooks = backward_hooks_;  // shares the registry: later removals count
+  (void)y.register_hook([grad_output, track_in, hooks, path](const Tensor& g) {
+    *grad_output = g;
+    if (!track_in)
+      for (const BackwardHook& h : hooks.snapshot()) (void)h(path, Tensor(), g);
+    return Tensor();
+  });
+  if (track_in)
+    (void)in.register_hook([grad_output, hooks, path](const Tensor& g) {
+      Tensor gi = g;
+      for (const BackwardHook& h : hooks.snapshot()) {
+        Tensor r = h(path, gi, *grad_output);
+        if (!r.defined()) continue;
+        if (r.shape() != gi.shape() || r.dtype() != gi.dtype() || r.device() != gi.device())
+          throw AutodiffError("a backward hook of '" + path + "' returned another kind of tensor than grad_input",
+                              spec_str({gi.shape(), gi.dtype(), gi.device()}), spec_str({r.shape(), r.dtype(), r.device()}),
+                              "return a tensor like grad_input, or Tensor() to keep it");
+        gi = std::move(r);
+      }
+      *grad_output = Tensor();
+      return gi;
+    });
+  return y;
+}
+
 Tensor Module::run_forward_hooks(const Tensor& x, Tensor y) {
   for (const ForwardHook& hook : hooks_.snapshot()) {
     Tensor r = hook(*this, x, y);

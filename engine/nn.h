@@ -42,6 +42,15 @@ class Module;
 /// ops become part of the graph; reading a value on the host there is a TraceError).
 using ForwardHook = std::function<Tensor(Module& module, const Tensor& input, const Tensor& output)>;
 
+/// A backward hook (PyTorch's Module.register_full_backward_hook), called during a backward pass through
+/// one call of a module once the gradients with respect to that call's input (grad_input; undefined when
+/// the input does not require grad) and output (grad_output) are computed, with the module's path at the
+/// call (current_scope(): "blocks/1/attn"; PyTorch passes the module itself, which the tape here need not
+/// outlive). It may return a replacement for grad_input (same shape, dtype and device; else
+/// AutodiffError), or an undefined Tensor to keep it. It runs as a gradient hook on the call's output and
+/// input (Tensor::register_hook), so it composes and traces as those do.
+using BackwardHook = std::function<Tensor(const std::string& path, const Tensor& grad_input, const Tensor& grad_output)>;
+
 /// Removes a hook (PyTorch's RemovableHandle; core/hooks.h). remove() is idempotent and safe after the
 /// module is gone.
 using HookHandle = titanax::HookHandle;
@@ -56,6 +65,7 @@ class Module {
   /// were registered. Parents call their children this way.
   Tensor operator()(const Tensor& x) {
     NameScope scope(scope_name_);
+    if (!backward_hooks_.empty()) return call_with_backward_hooks(x);
     Tensor y = forward(x);
     if (!hooks_.empty()) y = run_forward_hooks(x, std::move(y));
     return y;
@@ -63,6 +73,11 @@ class Module {
   /// Adds a hook that operator() calls after each forward of this module (not of its children: register
   /// on them). Returns its handle.
   HookHandle register_forward_hook(ForwardHook hook);
+  /// Adds a backward hook (BackwardHook) for every later call of this module whose output requires grad.
+  /// Each such call wraps its input and output in a view op of its own (recorded on the tape), so the
+  /// hook sees that call's gradients, not those of other uses of the same tensors. Returns its handle;
+  /// ValueError for an empty hook.
+  HookHandle register_full_backward_hook(BackwardHook hook);
 
   /// Every parameter of this module and its children, in registration order, by "/"-joined path. Names
   /// each parameter tensor by its path (Tensor::name(): a longer path, the root's, replaces a shorter).
@@ -126,8 +141,10 @@ class Module {
   std::vector<Param> params_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;
   Tensor run_forward_hooks(const Tensor& x, Tensor y);
+  Tensor call_with_backward_hooks(const Tensor& x);
   std::string scope_name_;
   Hooks<ForwardHook> hooks_;
+  Hooks<BackwardHook> backward_hooks_;
   bool training_ = true;
 };
 

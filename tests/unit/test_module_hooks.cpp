@@ -6,6 +6,7 @@
 #include <titanax/titanax.h>
 
 #include "../op_cases.h"
+#include "test_util.h"
 
 using namespace titanax;
 
@@ -108,4 +109,85 @@ TEST_CASE("forward hooks under jit run once, at the trace; their ops are replaye
   CHECK(f.stats().hits == 1);
   CHECK(replayed == m.model(x2).to_vector<double>());  // eager, with the hook
   CHECK(calls == 2);
+}
+
+// ------------------------------------------------------------------------------ full backward hooks
+
+TEST_CASE("full backward hooks see each call's grad_input and grad_output, with its module path", "[nn][hooks]") {
+  TwoLayers m;
+  const Tensor x = rand(5, Shape{2, 4});  // data: no gradient with respect to it
+  struct Seen {
+    std::string path;
+    Tensor grad_input, grad_output;
+  };
+  std::vector<Seen> seen;
+  auto record = [&](const std::string& path, const Tensor& gi, const Tensor& go) {
+    seen.push_back({path, gi, go});
+    return Tensor();
+  };
+  nn::HookHandle ha = m.a->register_full_backward_hook(record), hb = m.b->register_full_backward_hook(record);
+  const ParamTree p = m.model.parameters();
+  auto [loss, g] = value_and_grad([&] { return sum(square(m.model(x))); }, p);
+  // Closed forms: y = h Wb^T + bb with h = x Wa^T + ba; dL/dy = 2y, dL/dh = 2y Wb.
+  const Tensor wa = p.at("0/0/weight"), ba = p.at("0/0/bias"), wb = p.at("0/1/weight"), bb = p.at("0/1/bias");
+  const Tensor h = linear(x, wa, ba), y = linear(h, wb, bb);
+  const Tensor dy = y * 2.0, dh = matmul(dy, wb);
+  REQUIRE(seen.size() == 2);  // b first: the backward pass reaches it first
+  CHECK(seen[0].path == "0/1");
+  CHECK(seen[0].grad_output.to_vector<double>() == dy.to_vector<double>());
+  REQUIRE(seen[0].grad_input.defined());
+  const auto gi = seen[0].grad_input.to_vector<double>(), want = dh.to_vector<double>();
+  for (size_t i = 0; i < gi.size(); ++i) CHECK(std::abs(gi[i] - want[i]) <= 1e-14 * std::max(1.0, std::abs(want[i])));
+  CHECK(seen[1].path == "0/0");
+  CHECK_FALSE(seen[1].grad_input.defined());  // x does not require grad
+  CHECK(seen[1].grad_output.to_vector<double>() == seen[0].grad_input.to_vector<double>());
+  // The gradients themselves are untouched.
+  for (const auto& [path, t] : p) Tensor(t).set_requires_grad();
+  const TensorList plain = grad(sum(square(linear(linear(x, wa, ba), wb, bb))), p.tensors());
+  for (size_t i = 0; i < p.size(); ++i) CHECK(g.at(p[i].first).to_vector<double>() == plain[i].to_vector<double>());
+  for (const auto& [path, t] : p) Tensor(t).set_requires_grad(false);
+  ha.remove();
+  hb.remove();
+  seen.clear();
+  (void)value_and_grad([&] { return sum(square(m.model(x))); }, p);
+  CHECK(seen.empty());
+  CHECK_THROWS_AS(m.a->register_full_backward_hook(nullptr), ValueError);
+}
+
+TEST_CASE("a full backward hook may replace grad_input; each call of a module is its own", "[nn][hooks]") {
+  TwoLayers m;
+  const Tensor x = rand(6, Shape{3, 4});
+  const ParamTree p = m.model.parameters();
+  // Zeroing what b passes back leaves a's parameters without gradient, b's as they were.
+  auto [l0, plain] = value_and_grad([&] { return sum(square(m.model(x))); }, p);
+  nn::HookHandle cut = m.b->register_full_backward_hook([](const std::string&, const Tensor& gi, const Tensor&) { return gi * 0.0; });
+  auto [l1, g] = value_and_grad([&] { return sum(square(m.model(x))); }, p);
+  for (const char* path : {"0/0/weight", "0/0/bias"})
+    for (double v : g.at(path).to_vector<double>()) CHECK(v == 0.0);
+  for (const char* path : {"0/1/weight", "0/1/bias"}) CHECK(g.at(path).to_vector<double>() == plain.at(path).to_vector<double>());
+  cut.remove();
+  // A module called twice: one hook call per call, the later call's first, each with its own gradients.
+  nn::Linear c(4, 4, true, DType::f64);
+  c.init_parameters(7);
+  std::vector<std::vector<double>> outs;
+  nn::HookHandle hc = c.register_full_backward_hook([&](const std::string&, const Tensor& gi, const Tensor& go) {
+    outs.push_back(go.to_vector<double>());
+    CHECK(gi.defined() == (outs.size() == 1));  // the first call's input is the data
+    return Tensor();
+  });
+  Tensor mid;
+  (void)value_and_grad([&] {
+    mid = c(x);
+    return sum(square(c(mid)));
+  }, c.parameters());
+  REQUIRE(outs.size() == 2);
+  const Tensor out2 = c(mid.detach());
+  CHECK(outs[0] == (out2 * 2.0).to_vector<double>());  // dL/d(second output) = 2 * output
+  CHECK(outs[1].size() == mid.numel());
+  // A replacement of another shape is an AutodiffError naming the module.
+  nn::HookHandle bad = m.b->register_full_backward_hook([](const std::string&, const Tensor& gi, const Tensor&) { return sum(gi); });
+  Tensor xg = x.clone();
+  xg.set_requires_grad();
+  auto e = testing::catch_error<AutodiffError>([&] { (void)grad(sum(m.model(xg)), {xg}); });
+  CHECK_THAT(e.message(), Catch::Matchers::Contains("backward hook of '0/1'"));
 }
