@@ -141,7 +141,7 @@ std::string describe(const Tensor& t, const AnomalyOptions& o) {
     std::isnan(x) ? ++c.nan : x > 0 ? ++c.posinf : ++c.neginf;
     if (first < 0 && ((o.nans && std::isnan(x)) || (o.infs && !std::isnan(x)))) first = int64_t(i);
   }
-  std::string s = spec_str({t.shape(), t.dtype(), t.device()}) + ": ";
+  std::string s = spec_str(t) + ": ";
   if (c.total() == 0) s += "finite";
   else s += counts_str(c) + " of " + std::to_string(v.size()) + " elements";
   if (first >= 0) s += ", the first at " + index_str(t.shape(), first);

@@ -18,10 +18,7 @@ Tensor run_grad_hooks(const Hooks<GradHook>& hooks, Tensor g, const std::string&
   for (const GradHook& hook : hooks.snapshot()) {
     Tensor r = hook(g);
     if (!r.defined()) continue;
-    if (r.shape() != g.shape() || r.dtype() != g.dtype() || r.device() != g.device())
-      throw AutodiffError("a gradient hook of " + what + " returned another kind of tensor than the gradient",
-                          spec_str({g.shape(), g.dtype(), g.device()}), spec_str({r.shape(), r.dtype(), r.device()}),
-                          "return a tensor like the gradient it was given, or Tensor() to keep it");
+    detail::check_hook_result(g, r, "a gradient hook of " + what);
     g = std::move(r);
   }
   return g;
@@ -238,6 +235,12 @@ Tensor make_seed(const Tensor& root, const Tensor& seed) {
 }
 
 }  // namespace
+
+void detail::check_hook_result(const Tensor& grad, const Tensor& returned, const std::string& what) {
+  if (returned.shape() != grad.shape() || returned.dtype() != grad.dtype() || returned.device() != grad.device())
+    throw AutodiffError(what + " returned another kind of tensor than the gradient it was given", spec_str(grad), spec_str(returned),
+                        "return a tensor like that gradient, or Tensor() to keep it");
+}
 
 TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions& opts) {
   if (!is_floating(root.dtype()))

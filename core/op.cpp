@@ -174,6 +174,7 @@ std::string attr_num(double v) { return fmt::format("{}", v); }
 std::string spec_str(const TensorSpec& s) {
   return std::string(dtype_name(s.dtype)) + s.shape.str() + (s.device.is_cpu() ? "" : "@" + s.device.str());
 }
+std::string spec_str(const Tensor& t) { return spec_str({t.shape(), t.dtype(), t.device()}); }
 
 void check_dtype(const Tensor& t, std::initializer_list<DType> allowed, const char* what) {
   for (DType d : allowed)

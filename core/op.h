@@ -32,6 +32,8 @@ struct TensorSpec {
 
 /// "f32[4, 3]", with "@cuda:0" after it for a spec off the CPU: how errors, graphs and reports print a spec.
 std::string spec_str(const TensorSpec& s);
+/// spec_str of t's shape, dtype and device.
+std::string spec_str(const Tensor& t);
 
 /// What an op does to its floating inputs while autocast is on (AutocastGuard), after PyTorch's
 /// torch.autocast op lists (docs.pytorch.org/docs/stable/amp.html, "CUDA Ops that can autocast"):

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <functional>
 
+#include "autodiff/autodiff.h"
 #include "autodiff/tape.h"
 
 namespace titanax::nn {
@@ -70,10 +71,7 @@ Tensor Module::call_with_backward_hooks(const Tensor& x) {
       for (const BackwardHook& h : hooks.snapshot()) {
         Tensor r = h(path, gi, *grad_output);
         if (!r.defined()) continue;
-        if (r.shape() != gi.shape() || r.dtype() != gi.dtype() || r.device() != gi.device())
-          throw AutodiffError("a backward hook of '" + path + "' returned another kind of tensor than grad_input",
-                              spec_str({gi.shape(), gi.dtype(), gi.device()}), spec_str({r.shape(), r.dtype(), r.device()}),
-                              "return a tensor like grad_input, or Tensor() to keep it");
+        detail::check_hook_result(gi, r, "a backward hook of '" + path + "'");
         gi = std::move(r);
       }
       *grad_output = Tensor();

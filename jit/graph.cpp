@@ -377,7 +377,7 @@ std::vector<bool> used_values(const Graph& g) {
 std::string Graph::target_name(const Tensor& t) const {
   for (size_t id = 0; id < values.size(); ++id)
     if (values[id].kind == Value::Kind::state && values[id].constant.same(t)) return "%" + std::to_string(id);
-  return "tensor " + spec_str({t.shape(), t.dtype(), t.device()});
+  return "tensor " + spec_str(t);
 }
 
 std::string Graph::str() const {

@@ -16,8 +16,6 @@ namespace {
 
 thread_local VmapStats t_stats;
 
-std::string spec_str(const Tensor& t) { return std::string(dtype_name(t.dtype())) + t.shape().str() + "@" + t.device().str(); }
-
 Shape with_batch_axis(int64_t B, const Shape& s) {
   Shape o{B};
   for (int64_t d : s) o.push_back(d);

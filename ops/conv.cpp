@@ -143,18 +143,21 @@ class Conv2d final : public Op {
     }
     return r;
   }
-  // vmap. A shared w and b: the batch folded into N, one convolution of B * N images. A per-example w or
-  // b (an ensemble of models): each example's patches times its own w, one batched GEMM
-  // [B, N*OH*OW, C*kh*kw] @ [B, C*kh*kw, O] (batched_patches), then its b.
+  // vmap. A shared w: the batch folded into N, one convolution of B * N images (a per-example b added
+  // after it). A per-example w (an ensemble of models): each example's patches times its own w, one
+  // batched GEMM [B, N*OH*OW, C*kh*kw] @ [B, C*kh*kw, O] (batched_patches), then its b.
   std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override {
     const Tensor x = with_batch(in[0], batched[0], B);  // [B, N, C, H, W]
     const Shape& xs = x.shape();
-    if (!batched[1] && !(bias_ && batched[2])) {
+    if (!batched[1]) {  // a per-example b is added after the convolution
+      const bool inner_b = bias_ && !batched[2];
       TensorList args{x.reshape(Shape{B * xs[1], xs[2], xs[3], xs[4]}), in[1]};
-      if (bias_) args.push_back(in[2]);
-      const Tensor y = apply1(std::make_shared<Conv2d>(stride_, padding_, bias_), args);
+      if (inner_b) args.push_back(in[2]);
+      const Tensor y = apply1(std::make_shared<Conv2d>(stride_, padding_, inner_b), args);
       const Shape& ys = y.shape();
-      return TensorList{y.reshape(Shape{B, xs[1], ys[1], ys[2], ys[3]})};
+      Tensor r = y.reshape(Shape{B, xs[1], ys[1], ys[2], ys[3]});
+      if (bias_ && !inner_b) r = r + in[2].reshape(Shape{B, 1, ys[1], 1, 1});
+      return TensorList{r};
     }
     const Tensor w = with_batch(in[1], batched[1], B);  // [B, O, C, kh, kw]
     const Shape& ws = w.shape();

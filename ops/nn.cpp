@@ -931,8 +931,7 @@ std::optional<TensorList> Gather::batch(const TensorList& in, const std::vector<
   const Tensor &x = in[0], &idx = in[1];
   const int a = normalize_axis(axis_, x.dim() - (batched[0] ? 1 : 0));
   if (!batched[1]) return TensorList{take(x, idx, a + 1)};
-  const OpPtr same = std::make_shared<Gather>(axis_, embedding_);
-  if (!batched[0]) return TensorList{move_axes(apply1(same, {x, idx}), a, 1, 0)};
+  if (!batched[0]) return TensorList{move_axes(apply1(std::make_shared<Gather>(axis_, embedding_), {x, idx}), a, 1, 0)};
   const int64_t n = x.shape()[a + 1];
   Shape rows_shape{B * n};
   for (int i = 1; i < x.dim(); ++i)

@@ -183,7 +183,10 @@ TEST_CASE("a full backward hook may replace grad_input; each call of a module is
   REQUIRE(outs.size() == 2);
   const Tensor out2 = c(mid.detach());
   CHECK(outs[0] == (out2 * 2.0).to_vector<double>());  // dL/d(second output) = 2 * output
-  CHECK(outs[1].size() == mid.numel());
+  // dL/d(first output) = dL/d(second output) @ W, the first call's grad_output.
+  const auto want_mid = matmul(out2 * 2.0, c.parameters().at("weight")).to_vector<double>();
+  REQUIRE(outs[1].size() == want_mid.size());
+  for (size_t i = 0; i < want_mid.size(); ++i) CHECK(std::abs(outs[1][i] - want_mid[i]) <= 1e-14 * std::max(1.0, std::abs(want_mid[i])));
   // A replacement of another shape is an AutodiffError naming the module.
   nn::HookHandle bad = m.b->register_full_backward_hook([](const std::string&, const Tensor& gi, const Tensor&) { return sum(gi); });
   Tensor xg = x.clone();
