@@ -43,6 +43,9 @@ std::string spec_str(const Tensor& t);
 ///            (everything else; single-dtype inputs are left alone).
 enum class AutocastPolicy { promote, lower, f32 };
 
+class OnnxBuilder;   // core/onnx_builder.h
+struct OnnxNodeIO;   // core/onnx_builder.h
+
 class Op {
  public:
   virtual ~Op() = default;
@@ -121,6 +124,11 @@ class Op {
   /// where the op has no rule for this case, and vmap then runs it once per example. The default: nullopt.
   /// (JAX's per-primitive batching rules, jax.interpreters.batching.)
   virtual std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const;
+  /// ONNX export rule (io/onnx.h, export_onnx): adds to `b` the ONNX nodes (opset 17) that compute this
+  /// op's outputs io.out from io.in (core/onnx_builder.h), and returns true; false where the op has no
+  /// ONNX form for these inputs (the exporter then throws a ValueError naming the op). A rule may throw
+  /// its own ValueError with a better fix (dropout: put the model in eval mode). The default: false.
+  virtual bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const { return false; }
   /// How autocast treats this op's inputs (AutocastPolicy).
   virtual AutocastPolicy autocast_policy() const { return AutocastPolicy::promote; }
 

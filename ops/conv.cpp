@@ -6,6 +6,7 @@
 // The convolution backward ops are linear in each input, so their own vjps are convolutions again:
 // conv2d is differentiable to any order. max_pool2d_backward is linear in dy; its vjp gathers the
 // cotangent at the winners max_pool2d_indices finds, so max_pool2d is differentiable to any order too.
+#include "core/onnx_builder.h"
 #include "kernels/cpu/conv.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
@@ -172,6 +173,14 @@ class Conv2d final : public Op {
  private:
   Pair stride_, padding_;
   bool bias_;
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const Shape& w = io.in_specs[1].shape;
+    b.node("Conv", io.in, io.out,
+           {{"kernel_shape", std::vector<int64_t>{w[2], w[3]}},
+            {"strides", std::vector<int64_t>{stride_[0], stride_[1]}},
+            {"pads", std::vector<int64_t>{padding_[0], padding_[1], padding_[0], padding_[1]}}});
+    return true;
+  }
 };
 
 // Inputs (dy [N, O, OH, OW], w [O, C, kh, kw]) -> dx [N, C, H, W].
@@ -490,6 +499,15 @@ class MaxPool2d final : public PoolOp {
     const TensorList r = titanax::apply(std::make_shared<MaxPool2d>(kernel_, stride_, padding_), {in[0].reshape(folded)});
     const Shape& y = r[0].shape();
     return TensorList{r[0].reshape(Shape{B, s[1], y[1], y[2], y[3]}), r[1].reshape(Shape{B, bytes})};
+  }
+  // y only: the workspace has no ONNX meaning (it feeds the backward, which an inference graph lacks).
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    if (!io.out[1].empty()) return false;
+    const kc::Pool2dGeom g = pool_geom(io.in_specs[0].shape, kernel_, stride_, padding_);
+    b.node("MaxPool", io.in, {io.out[0]},
+           {{"kernel_shape", std::vector<int64_t>{g.KH, g.KW}}, {"strides", std::vector<int64_t>{g.SH, g.SW}},
+            {"pads", std::vector<int64_t>{g.PH, g.PW, g.PH, g.PW}}});
+    return true;
   }
 };
 

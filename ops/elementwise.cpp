@@ -1,6 +1,7 @@
 // Elementwise ops: broadcasting binary arithmetic and comparisons, unary functions, where, clamp.
 #include <cmath>
 
+#include "core/onnx_builder.h"
 #include "kernels/cpu/elementwise.h"
 #include "kernels/cuda/kernels.h"
 #include "ops/ops.h"
@@ -92,6 +93,30 @@ class Binary final : public Op {
     return r;
   }
 
+  // The arithmetic and comparisons map one to one (ONNX broadcasts as NumPy does, as these ops do); ne is
+  // Not(Equal). The backward kinds have no ONNX form: an exported function is an inference function.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const char* type = nullptr;
+    switch (k_) {
+      case BinaryOp::add: type = "Add"; break;
+      case BinaryOp::sub: type = "Sub"; break;
+      case BinaryOp::mul: type = "Mul"; break;
+      case BinaryOp::div: type = "Div"; break;
+      case BinaryOp::maximum: type = "Max"; break;
+      case BinaryOp::minimum: type = "Min"; break;
+      case BinaryOp::pow: type = "Pow"; break;
+      case BinaryOp::eq: type = "Equal"; break;
+      case BinaryOp::lt: type = "Less"; break;
+      case BinaryOp::le: type = "LessOrEqual"; break;
+      case BinaryOp::gt: type = "Greater"; break;
+      case BinaryOp::ge: type = "GreaterOrEqual"; break;
+      case BinaryOp::ne: b.node("Not", {b.op("Equal", io.in)}, io.out); return true;
+      default: return false;
+    }
+    b.node(type, io.in, io.out);
+    return true;
+  }
+
  private:
   BinaryOp k_;
 };
@@ -141,6 +166,44 @@ class Unary final : public Op {
     }
   }
 
+  // One ONNX operator each, except rsqrt = 1 / sqrt, square = x * x and gelu, which opset 17 lacks:
+  //   exact: x / 2 (1 + erf(x / sqrt 2));  tanh: x / 2 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const std::string& x = io.in[0];
+    const DType t = io.in_specs[0].dtype;
+    const char* type = nullptr;
+    switch (k_) {
+      case UnaryOp::neg: type = "Neg"; break;
+      case UnaryOp::exp: type = "Exp"; break;
+      case UnaryOp::log: type = "Log"; break;
+      case UnaryOp::sqrt: type = "Sqrt"; break;
+      case UnaryOp::tanh: type = "Tanh"; break;
+      case UnaryOp::sigmoid: type = "Sigmoid"; break;
+      case UnaryOp::abs: type = "Abs"; break;
+      case UnaryOp::reciprocal: type = "Reciprocal"; break;
+      case UnaryOp::relu: type = "Relu"; break;
+      case UnaryOp::sign: type = "Sign"; break;
+      case UnaryOp::rsqrt: b.node("Reciprocal", {b.op("Sqrt", {x})}, io.out); return true;
+      case UnaryOp::square: b.node("Mul", {x, x}, io.out); return true;
+      case UnaryOp::gelu_erf:
+      case UnaryOp::gelu_tanh: {
+        std::string inner;
+        if (k_ == UnaryOp::gelu_erf) {
+          inner = b.op("Erf", {b.op("Mul", {x, b.scalar(1 / std::sqrt(2.0), t)})});
+        } else {
+          const std::string cube = b.op("Mul", {b.op("Mul", {x, x}), x});
+          const std::string s = b.op("Add", {x, b.op("Mul", {cube, b.scalar(0.044715, t)})});
+          inner = b.op("Tanh", {b.op("Mul", {s, b.scalar(std::sqrt(2 / 3.14159265358979323846), t)})});
+        }
+        const std::string half_x = b.op("Mul", {x, b.scalar(0.5, t)});
+        b.node("Mul", {half_x, b.op("Add", {inner, b.scalar(1.0, t)})}, io.out);
+        return true;
+      }
+    }
+    b.node(type, io.in, io.out);
+    return true;
+  }
+
  private:
   UnaryOp k_;
 };
@@ -168,6 +231,10 @@ class Where final : public Op {
     if (needs[2]) r[2] = sum_to(where(in[0], zero, ct[0]), in[2].shape());
     return r;
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Where", io.in, io.out);
+    return true;
+  }
 };
 
 class Clamp final : public Op {
@@ -192,6 +259,12 @@ class Clamp final : public Op {
     const Tensor& x = in[0];
     Tensor zero = scalar_like(0.0, ct[0]);
     return {where(ge(x, scalar_like(lo_, x)), where(le(x, scalar_like(hi_, x)), ct[0], zero), zero)};
+  }
+  // Clip with its bounds in x's dtype; an infinite bound is left out (ONNX: no bound).
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const DType t = io.in_specs[0].dtype;
+    b.node("Clip", {io.in[0], std::isinf(lo_) ? "" : b.scalar(lo_, t), std::isinf(hi_) ? "" : b.scalar(hi_, t)}, io.out);
+    return true;
   }
 
  private:

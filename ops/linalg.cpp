@@ -3,6 +3,8 @@
 
 #include <exception>
 
+#include "core/onnx_builder.h"
+
 #include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/loops.h"
@@ -146,6 +148,10 @@ class Matmul final : public Op {
     if (needs[1]) r[1] = sum_to(matmul(a.transpose(-2, -1), g), b.shape());
     return r;
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("MatMul", io.in, io.out);
+    return true;
+  }
 };
 
 class Linear final : public Op {
@@ -207,6 +213,16 @@ class Linear final : public Op {
       r[2] = axes.empty() ? g : sum(g, axes);
     }
     return r;
+  }  // x @ w^T + b: Gemm (transB) for a matrix x, else MatMul with the transposed w, and Add.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    if (io.in_specs[0].shape.rank() == 2) {
+      b.node("Gemm", io.in, io.out, {{"transB", int64_t(1)}});
+      return true;
+    }
+    const std::string wt = b.op("Transpose", {io.in[1]}, {{"perm", std::vector<int64_t>{1, 0}}});
+    if (io.in.size() > 2) b.node("Add", {b.op("MatMul", {io.in[0], wt}), io.in[2]}, io.out);
+    else b.node("MatMul", {io.in[0], wt}, io.out);
+    return true;
   }
 };
 

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "autodiff/autodiff.h"
+#include "core/onnx_builder.h"
 #include "kernels/cpu/attention.h"
 #include "kernels/cpu/nn.h"
 #include "kernels/cuda/kernels.h"
@@ -81,6 +82,10 @@ class Softmax final : public Op {
     const Tensor &y = out[0], &g = ct[0];
     if (log_) return {sub(g, mul(exp(y), sum(g, {axis_}, true)))};  // g - softmax * sum(g)
     return {mul(y, sub(g, sum(mul(g, y), {axis_}, true)))};          // y * (g - sum(g * y))
+  }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node(log_ ? "LogSoftmax" : "Softmax", io.in, io.out, {{"axis", int64_t(normalize_axis(axis_, io.in_specs[0].shape.rank()))}});
+    return true;
   }
 
  private:
@@ -435,6 +440,15 @@ class LayerNorm final : public Op {
     if (want_b) r[ib] = g[k++];
     return r;
   }
+  // LayerNormalization (opset 17) over the last axis; its Scale input is required: ones without w.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const TensorSpec& x = io.in_specs[0];
+    const std::string w = has_w_ ? io.in[1] : b.constant(ones(Shape{x.shape[x.shape.rank() - 1]}, x.dtype));
+    std::vector<std::string> args{io.in[0], w};
+    if (has_b_) args.push_back(io.in[has_w_ ? 2 : 1]);
+    b.node("LayerNormalization", args, io.out, {{"axis", int64_t(-1)}, {"epsilon", eps_}});
+    return true;
+  }
 
  private:
   double eps_;
@@ -445,6 +459,32 @@ class LayerNorm final : public Op {
 
 // The lse output's dtype: f64 beside f64 inputs, else f32 (16-bit inputs keep their row statistics in f32).
 DType lse_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
+
+// Attention's ONNX form, composed_attention's math: softmax(scale q k^T + causal mask) v, with q
+// [..., Tq, D] of spec `qs`, k and v [..., Tk, D]. Writes o, and the rows' logsumexp in lse_dtype into
+// `lse` unless it is empty. 16-bit operands are computed in f32 and o rounded once, as the kernels do.
+void attention_onnx(OnnxBuilder& b, std::string q, std::string k, std::string v, const TensorSpec& qs, int64_t tk,
+                    bool causal, double scale, const std::string& o, const std::string& lse) {
+  const int r = qs.shape.rank();
+  const int64_t tq = qs.shape[r - 2];
+  const DType t = is_half(qs.dtype) ? DType::f32 : qs.dtype;
+  if (t != qs.dtype)
+    for (std::string* x : {&q, &k, &v}) *x = b.op("Cast", {*x}, {{"to", int64_t(onnx_dtype(t))}});
+  std::vector<int64_t> perm(static_cast<size_t>(r));
+  for (int i = 0; i < r; ++i) perm[size_t(i)] = i;
+  std::swap(perm[size_t(r - 1)], perm[size_t(r - 2)]);
+  std::string s = b.op("Mul", {b.op("MatMul", {q, b.op("Transpose", {k}, {{"perm", perm}})}), b.scalar(scale, t)});
+  if (causal) {
+    std::vector<double> mask(size_t(tq * tk), 0.0);
+    for (int64_t i = 0; i < tq; ++i)
+      for (int64_t j = i + 1; j < tk; ++j) mask[size_t(i * tk + j)] = -INFINITY;
+    s = b.op("Add", {s, b.constant(from_vector(mask, Shape{tq, tk}, t))});
+  }
+  const std::string y = b.op("MatMul", {b.op("Softmax", {s}, {{"axis", int64_t(-1)}}), v});
+  b.node(t != qs.dtype ? "Cast" : "Identity", {y}, {o}, t != qs.dtype ? std::vector<OnnxAttr>{{"to", int64_t(onnx_dtype(qs.dtype))}} : std::vector<OnnxAttr>{});
+  if (!lse.empty())
+    b.node("ReduceLogSumExp", {s}, {lse}, {{"axes", std::vector<int64_t>{r - 1}}, {"keepdims", int64_t(0)}});
+}
 
 // q [..., Tq, D], k [..., Tk, D], v [..., Tk, D] with equal leading axes and Tk, D >= 1.
 void check_attention(const Tensor& q, const Tensor& k, const Tensor& v, const char* what) {
@@ -590,6 +630,11 @@ class Attention final : public AttentionOp {
     // The lse output is internal (scaled_dot_product_attention returns o only): its cotangent is zero.
     return apply(std::make_shared<AttentionBackward>(causal_, scale_), {in[0], in[1], in[2], out[0], out[1], ct[0]});
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const Shape& ks = io.in_specs[1].shape;
+    attention_onnx(b, io.in[0], io.in[1], io.in[2], io.in_specs[0], ks[ks.rank() - 2], causal_, scale_, io.out[0], io.out[1]);
+    return true;
+  }
 };
 
 // ---------------------------------------------------------------------- attention on a packed qkv
@@ -726,6 +771,26 @@ class AttentionPacked final : public AttentionOp {
     // The lse output is internal (the public function returns o only): its cotangent is zero.
     return apply(std::make_shared<AttentionPackedBackward>(causal_, scale_), {in[0], out[0], out[1], ct[0]});
   }
+  // qkv [*lead, T, 3, H, D] split into q, k, v [*lead, H, T, D]; o [*lead, H, T, D] permuted back to
+  // [*lead, T, H, D] (the same swap of the H and T axes).
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const Shape& s = io.in_specs[0].shape;
+    const int r = s.rank();
+    std::vector<int64_t> perm;
+    for (int i = 0; i < r - 4; ++i) perm.push_back(i);
+    for (int64_t a : {r - 3, r - 4, r - 2}) perm.push_back(a);
+    const std::vector<std::string> parts{b.fresh(), b.fresh(), b.fresh()};
+    b.node("Split", {io.in[0], b.ints({1, 1, 1})}, parts, {{"axis", int64_t(r - 3)}});
+    std::vector<std::string> qkv;
+    for (const std::string& p : parts)
+      qkv.push_back(b.op("Transpose", {b.op("Squeeze", {p, b.ints({r - 3})})}, {{"perm", perm}}));
+    Shape heads(s.begin(), s.begin() + (r - 4));
+    for (int64_t d : {s[r - 2], s[r - 4], s[r - 1]}) heads.push_back(d);
+    const std::string o = b.fresh();
+    attention_onnx(b, qkv[0], qkv[1], qkv[2], {heads, io.in_specs[0].dtype}, s[r - 4], causal_, scale_, o, io.out[1]);
+    b.node("Transpose", {o}, {io.out[0]}, {{"perm", perm}});
+    return true;
+  }
 };
 
 // ------------------------------------------------------------------------------------ dropout
@@ -775,6 +840,10 @@ class Dropout final : public Op {
     const TensorList args = stepped_ ? TensorList{ct[0], in[1]} : TensorList{ct[0]};
     r[0] = apply1(std::make_shared<Dropout>(p_, key_, stepped_), args);
     return r;
+  }
+  bool to_onnx(OnnxBuilder&, const OnnxNodeIO&) const override {
+    throw ValueError("dropout in a function exported to ONNX (an inference graph)", "no dropout op in the traced function",
+                     "dropout p=" + attr_num(p_), "call eval() on the model before exporting: eval mode skips dropout");
   }
 
  private:
@@ -837,6 +906,11 @@ class Gather final : public Op {
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct,
                  const std::vector<bool>& needs) const override;
   std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const override;
+  // ONNX's Gather also wraps negative indices, where this op throws.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Gather", io.in, io.out, {{"axis", int64_t(normalize_axis(axis_, io.in_specs[0].shape.rank()))}});
+    return true;
+  }
 
  private:
   int axis_;

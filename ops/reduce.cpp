@@ -1,6 +1,7 @@
 // Reductions: sum, mean, max, min, logsumexp, argmax, sum_to, sum_squares.
 #include <algorithm>
 
+#include "core/onnx_builder.h"
 #include "kernels/cpu/optim.h"
 #include "kernels/cpu/reduce.h"
 #include "kernels/cuda/kernels.h"
@@ -90,6 +91,20 @@ class Reduce final : public Op {
     Tensor count = sum(hit, ax, true);
     return {mul(hit, div(g, count))};
   }
+  // The axes written out (an empty list reduces every axis here; an empty ONNX axes list reduces all too,
+  // but naming them keeps a 0-d input unambiguous). Opset 17: ReduceSum takes its axes as an input,
+  // ReduceMax / ReduceMin as an attribute.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const auto m = reduced_mask(io.in_specs[0].shape, axes_);
+    std::vector<int64_t> axes;
+    for (size_t i = 0; i < m.size(); ++i)
+      if (m[i]) axes.push_back(int64_t(i));
+    const OnnxAttr keep{"keepdims", int64_t(keepdims_)};
+    if (axes.empty()) b.node("Identity", io.in, io.out);  // a 0-d input: nothing to reduce
+    else if (k_ == ReduceOp::sum) b.node("ReduceSum", {io.in[0], b.ints(axes)}, io.out, {keep});
+    else b.node(k_ == ReduceOp::max ? "ReduceMax" : "ReduceMin", io.in, io.out, {keep, {"axes", axes}});
+    return true;
+  }
 
  private:
   ReduceOp k_;
@@ -116,6 +131,12 @@ class ArgMax final : public Op {
   }
   void cuda(const TensorList& in, TensorList& out) const override {
     kernels::cuda::argmax(in[0], normalize_axis(axis_, in[0].dim()), out[0]);
+  }
+  // ONNX's ArgMax also picks the first of equal maxima (select_last_index 0) and gives int64.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("ArgMax", io.in, io.out,
+           {{"axis", int64_t(normalize_axis(axis_, io.in_specs[0].shape.rank()))}, {"keepdims", int64_t(keepdims_)}});
+    return true;
   }
 
  private:

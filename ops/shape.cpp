@@ -1,5 +1,6 @@
 // Views and layout ops: reshape, permute, expand, slice (views); copy, concat, pad, astype, to(device),
 // one_hot (copies). Also the Tensor methods that wrap them.
+#include "core/onnx_builder.h"
 #include <algorithm>
 #include <numeric>
 
@@ -63,6 +64,10 @@ class Copy final : public Op {
   TensorList vjp(const TensorList&, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {ct[0]};
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Identity", io.in, io.out);
+    return true;
+  }
 };
 
 class Reshape final : public ViewOp {
@@ -80,6 +85,11 @@ class Reshape final : public ViewOp {
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {reshape(ct[0], in[0].shape())};
+  }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const Shape& o = io.out_specs[0].shape;  // resolved: no -1 left
+    b.node("Reshape", {io.in[0], b.ints(std::vector<int64_t>(o.begin(), o.end()))}, io.out);
+    return true;
   }
 
  private:
@@ -115,6 +125,12 @@ class Permute final : public ViewOp {
     for (size_t i = 0; i < axes_.size(); ++i) inv[size_t(normalize_axis(axes_[i], in[0].dim()))] = int(i);
     return {permute(ct[0], inv)};
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    std::vector<int64_t> perm;
+    for (int a : axes_) perm.push_back(normalize_axis(a, io.in_specs[0].shape.rank()));
+    b.node("Transpose", io.in, io.out, {{"perm", perm}});
+    return true;
+  }
 
  private:
   std::vector<int> axes_;
@@ -133,6 +149,10 @@ class Expand final : public ViewOp {
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {sum_to(ct[0], in[0].shape())};
+  }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Expand", {io.in[0], b.ints(std::vector<int64_t>(s_.begin(), s_.end()))}, io.out);
+    return true;
   }
 
  private:
@@ -198,6 +218,18 @@ class SliceScatter final : public Op {
     sp.axis = normalize_axis(sp.axis, shape_.rank()) + 1;
     return TensorList{apply1(std::make_shared<SliceScatter>(s, sp), {in[0]})};
   }
+  // A contiguous slice is a zero padding (pad() makes these): Pad with the widths before and after it.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    if (sp_.step != 1) return false;
+    const int r = shape_.rank(), a = normalize_axis(sp_.axis, r);
+    int64_t start, stop;
+    sp_.resolve(shape_[a], start, stop);
+    std::vector<int64_t> pads(size_t(2 * r), 0);
+    pads[size_t(a)] = start;
+    pads[size_t(r + a)] = shape_[a] - start - io.in_specs[0].shape[a];
+    b.node("Pad", {io.in[0], b.ints(pads)}, io.out);
+    return true;
+  }
 
  private:
   Shape shape_;
@@ -215,6 +247,15 @@ class Slice final : public ViewOp {
   Tensor view(const Tensor& x) const override { return slice_view(x, sp_); }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {apply1(std::make_shared<SliceScatter>(in[0].shape(), sp_), {ct[0]})};
+  }
+  // The bounds as this op resolves them (clamped, non-negative), so ONNX's own clamping never differs.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const Shape& x = io.in_specs[0].shape;
+    const int a = normalize_axis(sp_.axis, x.rank());
+    int64_t start, stop;
+    sp_.resolve(x[a], start, stop);
+    b.node("Slice", {io.in[0], b.ints({start}), b.ints({std::max(start, stop)}), b.ints({a}), b.ints({sp_.step})}, io.out);
+    return true;
   }
 
  private:
@@ -271,6 +312,10 @@ class Concat final : public Op {
     }
     return r;
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Concat", io.in, io.out, {{"axis", int64_t(normalize_axis(axis_, io.in_specs[0].shape.rank()))}});
+    return true;
+  }
 
  private:
   int axis_;
@@ -305,6 +350,16 @@ class Unbind final : public Op {
     return out;
   }
   void cpu(const TensorList&, TensorList&) const override {}
+  // Split into slices of 1, each squeezed (unused slices still need a name: Split defines every output).
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const int64_t a = normalize_axis(axis_, io.in_specs[0].shape.rank());
+    std::vector<std::string> parts;
+    for (size_t i = 0; i < io.out.size(); ++i) parts.push_back(b.fresh());
+    b.node("Split", {io.in[0], b.ints(std::vector<int64_t>(io.out.size(), 1))}, parts, {{"axis", a}});
+    for (size_t i = 0; i < io.out.size(); ++i)
+      if (!io.out[i].empty()) b.node("Squeeze", {parts[i], b.ints({a})}, {io.out[i]});
+    return true;
+  }
   // One concat, laid out in x's memory order (PyTorch's preserve_format): where x is a permuted view of
   // one dense buffer (q, k, v cut from a [B, T, 3, heads, D] projection), the slices are concatenated
   // in that buffer's axis order and permuted back, so the gradient has x's strides and the vjps of the
@@ -362,6 +417,10 @@ class AsType final : public Op {
     if (!needs[0] || !is_floating(in[0].dtype())) return {Tensor()};
     return {ct[0].astype(in[0].dtype())};
   }
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Cast", io.in, io.out, {{"to", int64_t(onnx_dtype(t_))}});
+    return true;
+  }
 
  private:
   DType t_;
@@ -385,6 +444,11 @@ class ToDevice final : public Op {
   }
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {ct[0].to(in[0].device())};
+  }
+  // An ONNX model has no devices: the runtime that loads it places the values.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    b.node("Identity", io.in, io.out);
+    return true;
   }
 
  private:
@@ -417,6 +481,12 @@ class OneHot final : public Op {
   }
   // On the device: one pass writing every element; a bad label is a ValueError at the next wait.
   void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::one_hot(in[0], classes_, out[0]); }
+  // ONNX's OneHot gives a row of zeros for a label out of range, where this op throws.
+  bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
+    const Tensor values = from_vector(std::vector<double>{0, 1}, Shape{2}, DType::f64).astype(t_);
+    b.node("OneHot", {io.in[0], b.ints({classes_}), b.constant(values)}, io.out, {{"axis", int64_t(-1)}});
+    return true;
+  }
 
  private:
   int64_t classes_;

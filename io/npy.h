@@ -1,0 +1,31 @@
+// NumPy's .npy files (format 1.0 / 2.0 / 3.0, numpy.lib.format, https://numpy.org/doc/stable/reference/generated/numpy.lib.format.html):
+//   bytes 0-5   "\x93NUMPY", then the major and minor version bytes
+//   then        the header length (2 bytes little-endian in 1.0, 4 bytes in 2.0 / 3.0) and the header:
+//               a Python dict literal {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }
+//               padded with spaces and a newline so the data starts at a multiple of 64 bytes
+//   then        the elements, row-major (C order), in the dtype the descr names.
+// For handing tensors to and from Python (numpy.load / numpy.save) and between tests and tools: inputs
+// and outputs of an exported ONNX model (io/onnx.h), activations to inspect in a notebook.
+// dtypes: f32 '<f4', f64 '<f8', f16 '<f2', i32 '<i4', i64 '<i8', u8 '|u1', bool '|b1'. NumPy has no
+// bfloat16: cast to f32 first.
+#pragma once
+
+#include <string>
+
+#include "core/tensor.h"
+
+namespace titanax {
+
+/// Writes `t` (any layout and device: copied to contiguous host memory) to `path` as a version 1.0 .npy
+/// file, C order. Overwrites `path`. Throws ValueError for an undefined tensor, DTypeError for bf16
+/// (NumPy has no such dtype: save t.astype(DType::f32)), IOError when the file cannot be written.
+void save_npy(const std::string& path, const Tensor& t);
+
+/// Reads a .npy file (versions 1.0 to 3.0) into a fresh contiguous CPU tensor. Throws IOError when the
+/// file cannot be opened, DataError naming the file and what is wrong for a bad magic string or version,
+/// a header that is not the dict numpy writes, fortran_order True (save it with np.ascontiguousarray),
+/// a dtype other than the ones above (big-endian ones included), or data shorter or longer than the
+/// shape needs.
+Tensor load_npy(const std::string& path);
+
+}  // namespace titanax

@@ -1,0 +1,291 @@
+// ONNX export (io/onnx.h): a traced graph's nodes through their ops' export rules (Op::to_onnx) into the
+// bytes of an onnx.proto ModelProto.
+#include "io/onnx.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <set>
+
+#include "autodiff/tape.h"
+#include "core/error.h"
+#include "core/onnx_builder.h"
+
+namespace titanax {
+
+namespace {
+
+constexpr int64_t kIrVersion = 8;  // onnx.proto's IR_VERSION of ONNX 1.12 (opset 17)
+constexpr int64_t kOpset = 17;
+
+// Protocol Buffers' wire format (https://protobuf.dev/programming-guides/encoding/), the few pieces an
+// ONNX model needs: varints (int64 fields, negative ones as ten bytes), length-delimited fields (strings,
+// bytes, embedded messages) and fixed32 floats. Written by hand rather than through libprotobuf: in one
+// process with Debian's libsentencepiece (which exports its own copy of protobuf-lite) libprotobuf
+// crashes while loading.
+class Proto {
+ public:
+  Proto& varint(int field, int64_t v) {
+    key(field, 0);
+    put_varint(uint64_t(v));
+    return *this;
+  }
+  Proto& bytes(int field, const std::string& b) {
+    key(field, 2);
+    put_varint(b.size());
+    buf_ += b;
+    return *this;
+  }
+  Proto& message(int field, const Proto& m) { return bytes(field, m.buf_); }
+  Proto& fixed32(int field, float f) {
+    key(field, 5);
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    for (int i = 0; i < 4; ++i) buf_ += char((u >> (8 * i)) & 0xff);
+    return *this;
+  }
+  const std::string& str() const { return buf_; }
+  std::string& str() { return buf_; }
+
+ private:
+  void key(int field, int wire_type) { put_varint(uint64_t(field) << 3 | uint64_t(wire_type)); }
+  void put_varint(uint64_t v) {
+    while (v >= 0x80) {
+      buf_ += char((v & 0x7f) | 0x80);
+      v >>= 7;
+    }
+    buf_ += char(v);
+  }
+  std::string buf_;
+};
+
+// onnx.proto's field numbers.
+namespace f {
+constexpr int model_ir_version = 1, model_producer_name = 2, model_graph = 7, model_opset_import = 8;
+constexpr int opset_domain = 1, opset_version = 2;
+constexpr int graph_node = 1, graph_name = 2, graph_initializer = 5, graph_input = 11, graph_output = 12, graph_value_info = 13;
+constexpr int node_input = 1, node_output = 2, node_name = 3, node_op_type = 4, node_attribute = 5;
+constexpr int attr_name = 1, attr_f = 2, attr_i = 3, attr_s = 4, attr_ints = 8, attr_type = 20;
+constexpr int attr_type_float = 1, attr_type_int = 2, attr_type_string = 3, attr_type_ints = 7;
+constexpr int tensor_dims = 1, tensor_data_type = 2, tensor_name = 8, tensor_raw_data = 9;
+constexpr int value_info_name = 1, value_info_type = 2;
+constexpr int type_tensor_type = 1, tensor_type_elem_type = 1, tensor_type_shape = 2, shape_dim = 1, dim_value = 1;
+}  // namespace f
+
+// ValueInfoProto: a name with its tensor type (element type and static shape).
+Proto value_info(const std::string& name, const TensorSpec& s) {
+  Proto shape;
+  for (int64_t d : s.shape) shape.message(f::shape_dim, Proto().varint(f::dim_value, d));
+  Proto tensor;
+  tensor.varint(f::tensor_type_elem_type, onnx_dtype(s.dtype)).message(f::tensor_type_shape, shape);
+  Proto vi;
+  vi.bytes(f::value_info_name, name).message(f::value_info_type, Proto().message(f::type_tensor_type, tensor));
+  return vi;
+}
+
+class ModelBuilder final : public OnnxBuilder {
+ public:
+  void node(const std::string& op_type, const std::vector<std::string>& inputs, const std::vector<std::string>& outputs,
+            const std::vector<OnnxAttr>& attrs) override {
+    Proto n;
+    for (const std::string& i : inputs) n.bytes(f::node_input, i);
+    for (const std::string& o : outputs) {
+      n.bytes(f::node_output, o);
+      defined_.insert(o);
+    }
+    n.bytes(f::node_name, (scope_.empty() ? "" : scope_ + "/") + op_type + "_" + std::to_string(nodes_++));
+    n.bytes(f::node_op_type, op_type);
+    for (const OnnxAttr& a : attrs) {
+      Proto p;
+      p.bytes(f::attr_name, a.name);
+      if (const auto* i = std::get_if<int64_t>(&a.value)) {
+        p.varint(f::attr_i, *i).varint(f::attr_type, f::attr_type_int);
+      } else if (const auto* x = std::get_if<double>(&a.value)) {
+        p.fixed32(f::attr_f, float(*x)).varint(f::attr_type, f::attr_type_float);
+      } else if (const auto* v = std::get_if<std::vector<int64_t>>(&a.value)) {
+        for (int64_t e : *v) p.varint(f::attr_ints, e);
+        p.varint(f::attr_type, f::attr_type_ints);
+      } else {
+        p.bytes(f::attr_s, std::get<std::string>(a.value)).varint(f::attr_type, f::attr_type_string);
+      }
+      n.message(f::node_attribute, p);
+    }
+    graph_.message(f::graph_node, n);
+  }
+  std::string fresh() override {
+    std::string n;
+    do n = "t" + std::to_string(next_++);
+    while (!claim(n));
+    return n;
+  }
+  std::string constant(const Tensor& t) override { return initializer(fresh(), t); }
+
+  // Adds t as an initializer named `name` (already claimed); returns the name.
+  std::string initializer(const std::string& name, const Tensor& t) {
+    const Tensor host = t.to(Device::cpu()).contiguous();
+    Proto p;
+    for (int64_t d : host.shape()) p.varint(f::tensor_dims, d);
+    p.varint(f::tensor_data_type, onnx_dtype(host.dtype())).bytes(f::tensor_name, name);
+    p.bytes(f::tensor_raw_data, std::string(static_cast<const char*>(host.raw_data()), host.nbytes()));
+    graph_.message(f::graph_initializer, p);
+    defined_.insert(name);
+    return name;
+  }
+  void input(const std::string& name, const TensorSpec& s) {
+    graph_.message(f::graph_input, value_info(name, s));
+    defined_.insert(name);
+  }
+  void output(const std::string& name, const TensorSpec& s) { graph_.message(f::graph_output, value_info(name, s)); }
+  void declare(const std::string& name, const TensorSpec& s) { graph_.message(f::graph_value_info, value_info(name, s)); }
+  // Reserves a name; false when it is taken.
+  bool claim(const std::string& n) { return used_.insert(n).second; }
+  bool defined(const std::string& n) const { return defined_.count(n) > 0; }
+  void set_scope(const std::string& s) { scope_ = s; }
+  // The ModelProto bytes.
+  std::string model(const std::string& graph_name) {
+    graph_.bytes(f::graph_name, graph_name);
+    Proto m;
+    m.varint(f::model_ir_version, kIrVersion).bytes(f::model_producer_name, "titanax");
+    m.message(f::model_graph, graph_);
+    m.message(f::model_opset_import, Proto().bytes(f::opset_domain, "").varint(f::opset_version, kOpset));
+    return std::move(m.str());
+  }
+
+ private:
+  Proto graph_;
+  std::set<std::string> used_, defined_;
+  std::string scope_;
+  int64_t next_ = 0, nodes_ = 0;
+};
+
+// The name for a constant or state tensor: its path in `named` when it is that tensor's memory.
+std::string constant_name(const Tensor& t, const ParamTree& named, size_t& unnamed) {
+  for (const auto& [path, p] : named)
+    if (jit::same_memory(p, t)) return path;
+  return "const" + std::to_string(unnamed++);
+}
+
+// The names a user gives, or prefix0, prefix1, ...; ValueError when their count is not `n`.
+std::vector<std::string> io_names(const std::vector<std::string>& given, size_t n, const char* what) {
+  if (given.empty()) {
+    std::vector<std::string> r;
+    for (size_t i = 0; i < n; ++i) r.push_back(std::string(what) + std::to_string(i));
+    return r;
+  }
+  if (given.size() != n)
+    throw ValueError(std::string("ONNX export: one name per ") + what, std::to_string(n) + " " + what + " names",
+                     std::to_string(given.size()), std::string("set OnnxExportOptions::") + what + "_names to match, or leave it empty");
+  return given;
+}
+
+}  // namespace
+
+std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
+  if (!g.updates.empty())
+    throw ValueError("ONNX export of a function with side effects", "a function that only computes its outputs",
+                     std::to_string(g.updates.size()) + " in-place writes into tensors it did not create (" +
+                         g.target_name(g.updates[0].target) + ", ...)",
+                     "export the model's forward (an inference function), not a training step");
+  const std::vector<std::string> in_names = io_names(opts.input_names, g.inputs.size(), "input");
+  const std::vector<std::string> out_names = io_names(opts.output_names, g.outputs.size(), "output");
+  ModelBuilder b;
+
+  // Every name a value will have, claimed before any rule asks for a fresh one.
+  const std::vector<int> last = g.last_uses();
+  std::vector<std::string> name(g.values.size());
+  for (size_t k = 0; k < g.inputs.size(); ++k) {
+    const int v = g.inputs[k];
+    if (!b.claim(in_names[k]))
+      throw ValueError("ONNX export: two inputs named '" + in_names[k] + "'", "distinct input names", in_names[k]);
+    name[size_t(v)] = in_names[k];
+    b.input(in_names[k], g.values[size_t(v)].spec);
+  }
+  std::vector<bool> renamed(g.outputs.size(), false);  // output k is its value's own name (no Identity)
+  for (size_t k = 0; k < g.outputs.size(); ++k) {
+    const int v = g.outputs[k];
+    if (!b.claim(out_names[k]))
+      throw ValueError("ONNX export: output name '" + out_names[k] + "' is taken", "names distinct from each other and the inputs",
+                       out_names[k]);
+    if (name[size_t(v)].empty() && g.values[size_t(v)].kind == jit::Value::Kind::node_output) {
+      name[size_t(v)] = out_names[k];
+      renamed[k] = true;
+    }
+  }
+  size_t unnamed = 0;
+  std::set<std::string> initializers;
+  for (size_t v = 0; v < g.values.size(); ++v) {
+    const jit::Value& val = g.values[v];
+    if (val.kind == jit::Value::Kind::constant || val.kind == jit::Value::Kind::state) {
+      if (last[v] < 0) continue;
+      std::string n = constant_name(val.constant, opts.named_tensors, unnamed);
+      if (!initializers.count(n)) {  // a parameter read through several values is one initializer
+        if (!b.claim(n)) n = b.fresh();
+        initializers.insert(n);
+        b.initializer(n, val.constant);
+      }
+      name[v] = n;
+    } else if (val.kind == jit::Value::Kind::node_output && name[v].empty() && last[v] >= 0) {
+      name[v] = b.fresh();
+    }
+  }
+
+  for (const jit::Node& n : g.nodes) {
+    OnnxNodeIO io;
+    for (int v : n.inputs) {
+      io.in.push_back(name[size_t(v)]);
+      io.in_specs.push_back(g.values[size_t(v)].spec);
+    }
+    for (int v : n.outputs) {
+      io.out.push_back(name[size_t(v)]);
+      io.out_specs.push_back(g.values[size_t(v)].spec);
+    }
+    b.set_scope(n.scope);
+    const std::string what = std::string(n.op->name()) + (n.op->attrs().empty() ? "" : "(" + n.op->attrs() + ")") +
+                             (n.scope.empty() ? "" : " in " + n.scope);
+    if (!n.op->to_onnx(b, io))
+      throw ValueError("ONNX export: op " + what + " has no ONNX form", "ops of an inference function", n.op->name(),
+                       "export the model's forward only: backward ops, optimizer updates, collectives and control flow "
+                       "are not exported");
+    for (size_t i = 0; i < io.out.size(); ++i) {
+      if (io.out[i].empty()) continue;
+      if (!b.defined(io.out[i]))
+        throw InternalError("ONNX export: the rule of " + what + " left its output '" + io.out[i] + "' undefined",
+                            "every used output defined", "not defined");
+      // Declared, so that ONNX's shape inference (onnx.checker's full check) compares its result with ours.
+      if (std::find(g.outputs.begin(), g.outputs.end(), n.outputs[i]) == g.outputs.end()) b.declare(io.out[i], io.out_specs[i]);
+    }
+  }
+  b.set_scope("");
+  for (size_t k = 0; k < g.outputs.size(); ++k) {
+    const int v = g.outputs[k];
+    if (!renamed[k]) b.node("Identity", {name[size_t(v)]}, {out_names[k]}, {});
+    b.output(out_names[k], g.values[size_t(v)].spec);
+  }
+  return b.model(opts.graph_name);
+}
+
+std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
+                        const OnnxExportOptions& opts) {
+  jit::Graph g = [&] {
+    NoGradGuard no_grad;
+    return jit::trace(fn, example_inputs);
+  }();
+  jit::eliminate_dead_code(g);
+  return graph_to_onnx(g, opts);
+}
+
+void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
+                 const std::string& path, const OnnxExportOptions& opts) {
+  const std::string bytes = export_onnx(fn, example_inputs, opts);
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    if (!f || !f.write(bytes.data(), std::streamsize(bytes.size())) || !f.flush())
+      throw IOError("cannot write '" + tmp + "'", "a writable path", "the write failed");
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0)
+    throw IOError("cannot rename '" + tmp + "' to '" + path + "'", "a writable folder", "rename failed");
+}
+
+}  // namespace titanax
