@@ -1,6 +1,5 @@
 // What an op's ONNX export rule (Op::to_onnx) writes into: the model io/onnx.h builds. Kept free of
-// protobuf so that ops/ can state their ONNX form next to their kernels and vjp, whether or not this
-// build has the ONNX library (the exporter itself needs it).
+// the encoding (io/onnx.cpp) so that ops/ state their ONNX form next to their kernels and vjp.
 //
 // Names are ONNX value names. A rule reads its inputs by name, adds nodes (operators of the default
 // domain, opset 17: https://onnx.ai/onnx/operators/) and must define every output name it was given

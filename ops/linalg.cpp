@@ -213,7 +213,8 @@ class Linear final : public Op {
       r[2] = axes.empty() ? g : sum(g, axes);
     }
     return r;
-  }  // x @ w^T + b: Gemm (transB) for a matrix x, else MatMul with the transposed w, and Add.
+  }
+  // x @ w^T + b: Gemm (transB) for a matrix x, else MatMul with the transposed w, and Add.
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     if (io.in_specs[0].shape.rank() == 2) {
       b.node("Gemm", io.in, io.out, {{"transB", int64_t(1)}});
