@@ -445,7 +445,7 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
   return 0;
 }
 
-int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch) {
+int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch, bool dynamic_batch) {
   if (batch < 1) throw ConfigError("titanax export: --batch must be at least 1", ">= 1", std::to_string(batch));
   int64_t step = 0;
   Setup s = restored(c, rt, "export", step);
@@ -454,10 +454,13 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
   const Tensor x = lm ? zeros(Shape{batch, c.get_int("model.seq_len")}, DType::i64) : zeros(Shape{batch, 1, 28, 28});
   nn::Module& net = *s.net;
   titanax::export_onnx([&](const TensorList& in) { return TensorList{net(in[0].to(rt.device()))}; }, {x}, path,
-                       {.input_names = {lm ? "ids" : "images"}, .output_names = {"logits"}, .named_tensors = net.parameters()});
+                       {.input_names = {lm ? "ids" : "images"}, .output_names = {"logits"}, .named_tensors = net.parameters(),
+                        .dynamic_batch = dynamic_batch ? "batch" : ""});
   if (rt.is_main()) {
+    std::string input = spec_str(x);  // "f32[4, 1, 28, 28]", or "f32[batch, 1, 28, 28]"
+    if (dynamic_batch) input.replace(input.find('[') + 1, std::to_string(batch).size(), "batch");
     std::printf("wrote %s: ONNX opset 17, %s %s -> logits, %s weights of checkpoint step %lld\n", path.c_str(),
-                lm ? "ids" : "images", spec_str(x).c_str(), net.name().c_str(), static_cast<long long>(step));
+                lm ? "ids" : "images", input.c_str(), net.name().c_str(), static_cast<long long>(step));
     std::fflush(stdout);
   }
   return 0;

@@ -57,10 +57,12 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& opts);
 
 /// `titanax export`: loads the latest checkpoint of checkpoint.dir (as sample does) and writes the model's
 /// forward, in eval mode, as an ONNX model (io/onnx.h) to `path`: input "images" f32 [batch, 1, 28, 28]
-/// (MNIST models) or "ids" i64 [batch, model.seq_len] (GPT), output "logits". Prints what it wrote on
-/// rank 0. Throws ConfigError without checkpoint.dir or for batch < 1, CheckpointError without a
-/// checkpoint, ValueError for a model with an op that has no ONNX form.
-int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch);
+/// (MNIST models) or "ids" i64 [batch, model.seq_len] (GPT), output "logits"; with `dynamic_batch` the
+/// batch axis is the symbolic "batch" (OnnxExportOptions::dynamic_batch; traced at `batch` and
+/// batch + 1). Prints what it wrote on rank 0. Throws ConfigError without checkpoint.dir or for
+/// batch < 1, CheckpointError without a checkpoint, ValueError for a model with an op that has no ONNX
+/// form.
+int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch, bool dynamic_batch);
 
 /// Prints mesh, plan, model and parameter count for `world_size` ranks, without training.
 /// With `graph_format` "text" or "dot" it prints instead the optimised graph of one training step as

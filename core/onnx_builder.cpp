@@ -1,6 +1,8 @@
 // OnnxBuilder's helpers and the dtype numbers (core/onnx_builder.h).
 #include "core/onnx_builder.h"
 
+#include "core/error.h"
+
 namespace titanax {
 
 std::string OnnxBuilder::op(const std::string& op_type, const std::vector<std::string>& inputs,
@@ -15,6 +17,12 @@ std::string OnnxBuilder::ints(const std::vector<int64_t>& v) {
 }
 
 std::string OnnxBuilder::scalar(double v, DType dtype) { return constant(titanax::scalar(v, dtype)); }
+
+void onnx_batch_dependent(const char* op, const std::string& what) {
+  throw ValueError(std::string("ONNX export with a dynamic batch: ") + op + "'s " + what + " depends on the batch size",
+                   "sizes that do not scale with the batch where ONNX needs them constant", what,
+                   "export with a static batch (leave OnnxExportOptions::dynamic_batch empty; one model per batch size)");
+}
 
 int onnx_dtype(DType t) {
   switch (t) {

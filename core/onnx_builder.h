@@ -43,11 +43,27 @@ class OnnxBuilder {
 };
 
 /// The names and specs an export rule gets: its inputs (in, in_specs) and outputs (out, out_specs); an
-/// empty out[i] marks an output nothing reads.
+/// empty out[i] marks an output nothing reads. With a dynamic batch (OnnxExportOptions::dynamic_batch),
+/// in_dynamic / out_dynamic say which axes of each input / output scale with the batch size: the specs
+/// hold the traced example's sizes there, and a rule must not bake those sizes into the model (a
+/// Reshape writes -1 there). Empty: every axis is static.
 struct OnnxNodeIO {
   std::vector<std::string> in, out;
   std::vector<TensorSpec> in_specs, out_specs;
+  std::vector<std::vector<bool>> in_dynamic, out_dynamic;
+  /// Whether axis `axis` (normalised) of input / output i scales with the batch size.
+  bool in_dyn(size_t i, int axis) const { return dyn(in_dynamic, i, axis); }
+  bool out_dyn(size_t i, int axis) const { return dyn(out_dynamic, i, axis); }
+
+ private:
+  static bool dyn(const std::vector<std::vector<bool>>& m, size_t i, int axis) {
+    return i < m.size() && size_t(axis) < m[i].size() && m[i][size_t(axis)];
+  }
 };
+
+/// Throws the ValueError of a rule that cannot express `what` of op `op` with a dynamic batch (a size
+/// that depends on the batch where ONNX needs a constant): the fix is a static export.
+[[noreturn]] void onnx_batch_dependent(const char* op, const std::string& what);
 
 /// onnx.proto's TensorProto.DataType number of a dtype: f32 1 (FLOAT), u8 2, i32 6, i64 7, bool 9,
 /// f16 10, f64 11, bf16 16. Throws nothing (every DType has one).

@@ -11,6 +11,7 @@
 #include "autodiff/tape.h"
 #include "core/error.h"
 #include "core/onnx_builder.h"
+#include "ops/ops.h"
 
 namespace titanax {
 
@@ -70,13 +71,22 @@ constexpr int attr_name = 1, attr_f = 2, attr_i = 3, attr_s = 4, attr_ints = 8, 
 constexpr int attr_type_float = 1, attr_type_int = 2, attr_type_string = 3, attr_type_ints = 7;
 constexpr int tensor_dims = 1, tensor_data_type = 2, tensor_name = 8, tensor_raw_data = 9;
 constexpr int value_info_name = 1, value_info_type = 2;
-constexpr int type_tensor_type = 1, tensor_type_elem_type = 1, tensor_type_shape = 2, shape_dim = 1, dim_value = 1;
+constexpr int type_tensor_type = 1, tensor_type_elem_type = 1, tensor_type_shape = 2, shape_dim = 1, dim_value = 1, dim_param = 2;
 }  // namespace f
 
-// ValueInfoProto: a name with its tensor type (element type and static shape).
-Proto value_info(const std::string& name, const TensorSpec& s) {
+// How each value's axes scale with a dynamic batch: scale[value][axis] = k for an axis of k times the
+// batch size, 0 for a static one. Empty: a static export.
+using BatchScale = std::vector<std::vector<int64_t>>;
+
+// ValueInfoProto: a name with its tensor type: element type and shape, whose axes of `scale` (k per
+// axis, 0 static; may be empty) are the symbolic `batch` (k = 1) or of unknown size (k > 1).
+Proto value_info(const std::string& name, const TensorSpec& s, const std::vector<int64_t>& scale = {},
+                 const std::string& batch = {}) {
   Proto shape;
-  for (int64_t d : s.shape) shape.message(f::shape_dim, Proto().varint(f::dim_value, d));
+  for (int i = 0; i < s.shape.rank(); ++i) {
+    const int64_t k = size_t(i) < scale.size() ? scale[size_t(i)] : 0;
+    shape.message(f::shape_dim, k == 0 ? Proto().varint(f::dim_value, s.shape[i]) : k == 1 ? Proto().bytes(f::dim_param, batch) : Proto());
+  }
   Proto tensor;
   tensor.varint(f::tensor_type_elem_type, onnx_dtype(s.dtype)).message(f::tensor_type_shape, shape);
   Proto vi;
@@ -132,12 +142,12 @@ class ModelBuilder final : public OnnxBuilder {
     defined_.insert(name);
     return name;
   }
-  void input(const std::string& name, const TensorSpec& s) {
-    graph_.message(f::graph_input, value_info(name, s));
+  void input(const Proto& vi, const std::string& name) {
+    graph_.message(f::graph_input, vi);
     defined_.insert(name);
   }
-  void output(const std::string& name, const TensorSpec& s) { graph_.message(f::graph_output, value_info(name, s)); }
-  void declare(const std::string& name, const TensorSpec& s) { graph_.message(f::graph_value_info, value_info(name, s)); }
+  void output(const Proto& vi) { graph_.message(f::graph_output, vi); }
+  void declare(const Proto& vi) { graph_.message(f::graph_value_info, vi); }
   // Reserves a name; false when it is taken.
   bool claim(const std::string& n) { return used_.insert(n).second; }
   bool defined(const std::string& n) const { return defined_.count(n) > 0; }
@@ -179,9 +189,12 @@ std::vector<std::string> io_names(const std::vector<std::string>& given, size_t 
   return given;
 }
 
-}  // namespace
-
-std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
+// The model of graph g; `scale` (empty for static shapes) says which axes scale with the batch.
+std::string to_model(const jit::Graph& g, const OnnxExportOptions& opts, const BatchScale& scale) {
+  const auto scale_of = [&](int v) { return scale.empty() ? std::vector<int64_t>{} : scale[size_t(v)]; };
+  const auto info = [&](const std::string& name, int v) {
+    return value_info(name, g.values[size_t(v)].spec, scale_of(v), opts.dynamic_batch);
+  };
   if (!g.updates.empty())
     throw ValueError("ONNX export of a function with side effects", "a function that only computes its outputs",
                      std::to_string(g.updates.size()) + " in-place writes into tensors it did not create (" +
@@ -199,7 +212,7 @@ std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
     if (!b.claim(in_names[k]))
       throw ValueError("ONNX export: two inputs named '" + in_names[k] + "'", "distinct input names", in_names[k]);
     name[size_t(v)] = in_names[k];
-    b.input(in_names[k], g.values[size_t(v)].spec);
+    b.input(info(in_names[k], v), in_names[k]);
   }
   std::vector<bool> renamed(g.outputs.size(), false);  // output k is its value's own name (no Identity)
   for (size_t k = 0; k < g.outputs.size(); ++k) {
@@ -232,13 +245,20 @@ std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
 
   for (const jit::Node& n : g.nodes) {
     OnnxNodeIO io;
+    const auto dynamic = [&](int v) {
+      std::vector<bool> d;
+      for (int64_t k : scale_of(v)) d.push_back(k > 0);
+      return d;
+    };
     for (int v : n.inputs) {
       io.in.push_back(name[size_t(v)]);
       io.in_specs.push_back(g.values[size_t(v)].spec);
+      io.in_dynamic.push_back(dynamic(v));
     }
     for (int v : n.outputs) {
       io.out.push_back(name[size_t(v)]);
       io.out_specs.push_back(g.values[size_t(v)].spec);
+      io.out_dynamic.push_back(dynamic(v));
     }
     b.set_scope(n.scope);
     const std::string what = std::string(n.op->name()) + (n.op->attrs().empty() ? "" : "(" + n.op->attrs() + ")") +
@@ -253,26 +273,87 @@ std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
         throw InternalError("ONNX export: the rule of " + what + " left its output '" + io.out[i] + "' undefined",
                             "every used output defined", "not defined");
       // Declared, so that ONNX's shape inference (onnx.checker's full check) compares its result with ours.
-      if (std::find(g.outputs.begin(), g.outputs.end(), n.outputs[i]) == g.outputs.end()) b.declare(io.out[i], io.out_specs[i]);
+      if (std::find(g.outputs.begin(), g.outputs.end(), n.outputs[i]) == g.outputs.end()) b.declare(info(io.out[i], n.outputs[i]));
     }
   }
   b.set_scope("");
   for (size_t k = 0; k < g.outputs.size(); ++k) {
     const int v = g.outputs[k];
     if (!renamed[k]) b.node("Identity", {name[size_t(v)]}, {out_names[k]}, {});
-    b.output(out_names[k], g.values[size_t(v)].spec);
+    b.output(info(out_names[k], v));
   }
   return b.model(opts.graph_name);
 }
 
+// How g's values scale with the batch, from g (traced at batch B) and g2 (the same function at B + 1):
+// an axis whose sizes differ must be k B at B and k (B + 1) at B + 1. ValueError otherwise, and when
+// the graphs differ in structure or a constant's shape depends on B.
+BatchScale batch_scale(const jit::Graph& g, const jit::Graph& g2, int64_t B) {
+  const auto refuse = [](const std::string& what, const std::string& found) {
+    return ValueError("ONNX export with a dynamic batch: " + what, "a function whose graph only scales with the batch", found,
+                      "export with a static batch (leave OnnxExportOptions::dynamic_batch empty)");
+  };
+  const std::string differently = "the function traces differently at batch " + std::to_string(B) + " and " + std::to_string(B + 1);
+  for (size_t i = 0; i < std::min(g.nodes.size(), g2.nodes.size()); ++i) {
+    const jit::Node &n = g.nodes[i], &n2 = g2.nodes[i];
+    if (std::string(n.op->name()) != n2.op->name() || n.inputs != n2.inputs)
+      throw refuse(differently, std::string(n.op->name()) + " and " + n2.op->name() + " at node " + std::to_string(i) +
+                                    " (a C++ branch or loop on a size)");
+    if (n.outputs.size() != n2.outputs.size())
+      throw refuse(differently, std::string(n.op->name()) + " with " + std::to_string(n.outputs.size()) + " and " +
+                                    std::to_string(n2.outputs.size()) + " outputs (one per element of the batch axis)");
+  }
+  if (g.values.size() != g2.values.size() || g.nodes.size() != g2.nodes.size())
+    throw refuse(differently, std::to_string(g.nodes.size()) + " and " + std::to_string(g2.nodes.size()) + " nodes");
+  BatchScale scale(g.values.size());
+  for (size_t v = 0; v < g.values.size(); ++v) {
+    const Shape &a = g.values[v].spec.shape, &c = g2.values[v].spec.shape;
+    scale[v].assign(size_t(a.rank()), 0);
+    for (int i = 0; i < a.rank() && a.rank() == c.rank(); ++i) {
+      if (a[i] == c[i]) continue;
+      const int64_t k = c[i] - a[i];
+      if (k <= 0 || a[i] != k * B)
+        throw refuse("axis " + std::to_string(i) + " of a value is not a multiple of the batch size",
+                     a.str() + " at batch " + std::to_string(B) + ", " + c.str() + " at " + std::to_string(B + 1));
+      if (g.values[v].kind != jit::Value::Kind::node_output && g.values[v].kind != jit::Value::Kind::input)
+        throw refuse("a constant's shape depends on the batch size", a.str() + " at batch " + std::to_string(B) +
+                     " (build it from the inputs, e.g. with expand, or export with a static batch)");
+      scale[v][size_t(i)] = k;
+    }
+  }
+  return scale;
+}
+
+}  // namespace
+
+std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
+  if (!opts.dynamic_batch.empty())
+    throw ValueError("graph_to_onnx with a dynamic batch", "OnnxExportOptions::dynamic_batch empty", opts.dynamic_batch,
+                     "use export_onnx(fn, ...), which traces the function at two batch sizes");
+  return to_model(g, opts, {});
+}
+
 std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                         const OnnxExportOptions& opts) {
-  jit::Graph g = [&] {
+  const auto traced = [&](const TensorList& in) {
     NoGradGuard no_grad;
-    return jit::trace(fn, example_inputs);
-  }();
-  jit::eliminate_dead_code(g);
-  return graph_to_onnx(g, opts);
+    jit::Graph g = jit::trace(fn, in);
+    jit::eliminate_dead_code(g);
+    return g;
+  };
+  const jit::Graph g = traced(example_inputs);
+  if (opts.dynamic_batch.empty()) return to_model(g, opts, {});
+  if (example_inputs.empty()) throw ValueError("ONNX export with a dynamic batch of a function without inputs", "inputs", "none");
+  const int64_t B = example_inputs[0].dim() > 0 ? example_inputs[0].shape()[0] : 0;
+  TensorList bigger;  // each input with its first row appended: batch B + 1, values of the same kind
+  for (size_t i = 0; i < example_inputs.size(); ++i) {
+    const Tensor& x = example_inputs[i];
+    if (x.dim() == 0 || x.shape()[0] != B || B == 0)
+      throw ShapeError("ONNX export with a dynamic batch: input " + std::to_string(i) + " has no batch axis of the others' size",
+                       "every input [B, ...] with one B >= 1", spec_str(x), "pass example inputs that share axis 0");
+    bigger.push_back(concat({x, x.slice(0, 0, 1)}, 0));
+  }
+  return to_model(g, opts, batch_scale(g, traced(bigger), B));
 }
 
 void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,

@@ -42,10 +42,19 @@ struct OnnxExportOptions {
   ParamTree named_tensors;
   /// The ONNX graph's name.
   std::string graph_name = "titanax";
+  /// Empty: static shapes (the example inputs'). A name ("batch"): axis 0 of every input is the batch,
+  /// of any size in the model (torch.onnx.export's dynamic_axes={name: {0: "batch"}} on every input):
+  /// inputs, and outputs whose axis is the batch itself, declare it as this symbolic dimension. The
+  /// function is traced at the example's batch B and at B + 1 (each input with its first row appended);
+  /// the axes whose sizes differ scale with the batch and must be multiples of it. Refused with a
+  /// ValueError: a function that traces differently at B + 1 (C++ branches on the size), a size that is
+  /// not a multiple of B, a constant whose shape depends on B, and ops that would need a batch-dependent
+  /// size baked in (a reshape with two batch-dependent axes, a slice or unbind of the batch axis).
+  std::string dynamic_batch;
 };
 
 /// Traces fn on `example_inputs` (without recording a tape; its in-place effects are refused) and
-/// returns the ONNX model (a serialized ModelProto). Throws what fn throws, TraceError for what a
+/// returns the ONNX model (a serialized ModelProto); twice with opts.dynamic_batch (see there). Throws what fn throws, TraceError for what a
 /// trace cannot capture (jit/graph.h), ValueError for an op without an ONNX form, a function with side
 /// effects, or names that are repeated or whose count differs from the inputs / outputs; InternalError
 /// when an op's rule leaves an output undefined.
@@ -56,7 +65,7 @@ std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, 
 void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                  const std::string& path, const OnnxExportOptions& opts = {});
 /// The ONNX model of an already traced graph (jit::trace), as export_onnx builds it. Throws as
-/// export_onnx does.
+/// export_onnx does. Static shapes only (dynamic_batch must be empty: it needs a second trace).
 std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts = {});
 
 }  // namespace titanax

@@ -443,6 +443,7 @@ class LayerNorm final : public Op {
   // LayerNormalization (opset 17) over the last axis; its Scale input is required: ones without w.
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     const TensorSpec& x = io.in_specs[0];
+    if (!has_w_ && io.in_dyn(0, x.shape.rank() - 1)) onnx_batch_dependent("layer_norm", "normalised axis");
     const std::string w = has_w_ ? io.in[1] : b.constant(ones(Shape{x.shape[x.shape.rank() - 1]}, x.dtype));
     std::vector<std::string> args{io.in[0], w};
     if (has_b_) args.push_back(io.in[has_w_ ? 2 : 1]);
@@ -632,6 +633,8 @@ class Attention final : public AttentionOp {
   }
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     const Shape& ks = io.in_specs[1].shape;
+    if (causal_ && (io.in_dyn(0, ks.rank() - 2) || io.in_dyn(1, ks.rank() - 2)))
+      onnx_batch_dependent("scaled_dot_product_attention", "causal mask (sequence axes)");
     attention_onnx(b, io.in[0], io.in[1], io.in[2], io.in_specs[0], ks[ks.rank() - 2], causal_, scale_, io.out[0], io.out[1]);
     return true;
   }
@@ -776,6 +779,7 @@ class AttentionPacked final : public AttentionOp {
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     const Shape& s = io.in_specs[0].shape;
     const int r = s.rank();
+    if (causal_ && io.in_dyn(0, r - 4)) onnx_batch_dependent("scaled_dot_product_attention_qkvpacked", "causal mask (sequence axis)");
     std::vector<int64_t> perm;
     for (int i = 0; i < r - 4; ++i) perm.push_back(i);
     for (int64_t a : {r - 3, r - 4, r - 2}) perm.push_back(a);

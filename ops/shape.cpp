@@ -86,9 +86,17 @@ class Reshape final : public ViewOp {
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {reshape(ct[0], in[0].shape())};
   }
+  // The resolved shape; with a dynamic batch its one batch-dependent axis as -1 (ONNX infers it).
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
-    const Shape& o = io.out_specs[0].shape;  // resolved: no -1 left
-    b.node("Reshape", {io.in[0], b.ints(std::vector<int64_t>(o.begin(), o.end()))}, io.out);
+    const Shape& o = io.out_specs[0].shape;
+    std::vector<int64_t> shape(o.begin(), o.end());
+    int dynamic = 0;
+    for (int i = 0; i < o.rank(); ++i)
+      if (io.out_dyn(0, i)) {
+        shape[size_t(i)] = -1;
+        if (++dynamic > 1) onnx_batch_dependent("reshape", "target shape " + o.str() + " (two axes)");
+      }
+    b.node("Reshape", {io.in[0], b.ints(shape)}, io.out);
     return true;
   }
 
@@ -150,8 +158,17 @@ class Expand final : public ViewOp {
   TensorList vjp(const TensorList& in, const TensorList&, const TensorList& ct, const std::vector<bool>&) const override {
     return {sum_to(ct[0], in[0].shape())};
   }
+  // With a dynamic batch, a batch-dependent target axis is 1 where x has that axis already (Expand
+  // broadcasts both ways); expanding a size-1 axis to the batch would need the batch size itself.
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
-    b.node("Expand", {io.in[0], b.ints(std::vector<int64_t>(s_.begin(), s_.end()))}, io.out);
+    std::vector<int64_t> shape(s_.begin(), s_.end());
+    const int lead = s_.rank() - io.in_specs[0].shape.rank();
+    for (int i = 0; i < s_.rank(); ++i) {
+      if (!io.out_dyn(0, i)) continue;
+      if (i < lead || !io.in_dyn(0, i - lead)) onnx_batch_dependent("expand", "target shape " + s_.str());
+      shape[size_t(i)] = 1;
+    }
+    b.node("Expand", {io.in[0], b.ints(shape)}, io.out);
     return true;
   }
 
@@ -254,6 +271,10 @@ class Slice final : public ViewOp {
     const int a = normalize_axis(sp_.axis, x.rank());
     int64_t start, stop;
     sp_.resolve(x[a], start, stop);
+    if (io.in_dyn(0, a)) {  // only the whole batch-dependent axis has bounds that hold for every batch size
+      if (start != 0 || stop != x[a] || sp_.step != 1) onnx_batch_dependent("slice", "range of axis " + std::to_string(a));
+      stop = INT64_MAX;
+    }
     b.node("Slice", {io.in[0], b.ints({start}), b.ints({std::max(start, stop)}), b.ints({a}), b.ints({sp_.step})}, io.out);
     return true;
   }

@@ -344,10 +344,15 @@ export_onnx)  # train the CNN a few steps, export its checkpoint as ONNX, check 
   "$TITANAX" "${e[@]}" --set "checkpoint.dir=$WORK/ck" --out cnn.onnx --batch 4 | tee out.txt
   grep -q '^wrote cnn.onnx: ONNX opset 17, images f32\[4, 1, 28, 28\] -> logits, CNN weights of checkpoint step 5' out.txt \
     || fail "no summary line"
-  /usr/bin/python3 -c 'import numpy as np; np.save("x.npy", np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32))'
-  /usr/bin/python3 "$SRC/tests/onnx/onnx_reference.py" cnn.onnx out x.npy || fail "the numpy reference rejected cnn.onnx"
-  /usr/bin/python3 -c 'import numpy as np; y = np.load("out/output0.npy"); assert y.shape == (4, 10) and np.isfinite(y).all(), y' \
-    || fail "the logits are not [4, 10] and finite"
+  "$TITANAX" "${e[@]}" --set "checkpoint.dir=$WORK/ck" --out any.onnx --dynamic-batch | tee out.txt
+  grep -q '^wrote any.onnx: ONNX opset 17, images f32\[batch, 1, 28, 28\]' out.txt || fail "no dynamic-batch summary line"
+  for b in 4 3; do  # the static model at its batch, the dynamic one at another
+    m=$([[ $b == 4 ]] && echo cnn.onnx || echo any.onnx)
+    /usr/bin/python3 -c "import numpy as np; np.save('x.npy', np.random.default_rng(0).random(($b, 1, 28, 28), dtype=np.float32))"
+    /usr/bin/python3 "$SRC/tests/onnx/onnx_reference.py" "$m" out x.npy || fail "the numpy reference rejected $m"
+    /usr/bin/python3 -c "import numpy as np; y = np.load('out/output0.npy'); assert y.shape == ($b, 10) and np.isfinite(y).all(), y" \
+      || fail "the logits of $m are not [$b, 10] and finite"
+  done
   expect_error 'ConfigError: titanax export needs a checkpoint' "$TITANAX" "${e[@]}" --set checkpoint.dir= --out none.onnx
   [[ ! -e none.onnx ]] || fail "a failed export left a file" ;;
 

@@ -177,6 +177,56 @@ TEST_CASE("ONNX export: the MNIST MLP and CNN and a GPT match the numpy referenc
   check_with_reference(jobs);
 }
 
+TEST_CASE("ONNX export with a dynamic batch: models traced at batch 2 run at batch 5", "[onnx]") {
+  std::vector<Job> jobs;
+  auto add = [&](const std::string& name, nn::Module& m, const Tensor& x2, const Tensor& x5, double tol) {
+    m.eval();
+    const auto fn = [&](const TensorList& in) { return TensorList{m(in[0])}; };
+    const std::string model = export_onnx(fn, {x2}, {.named_tensors = m.parameters(), .dynamic_batch = "batch"});
+    CHECK_THAT(model, Contains("batch"));  // the inputs' and outputs' symbolic axis
+    jobs.push_back({name, model, {x5}, fn({x5}), tol});
+  };
+  const auto images = [](uint64_t seed, int64_t B) {
+    return testing::randn64(RngKey::from_seed(seed), Shape{B, 1, 28, 28}).astype(DType::f32);
+  };
+  nn::MLP mlp({784, 32, 10}, {.activation = "gelu", .dtype = DType::f64});
+  add("mlp_f64", mlp, testing::randn64(RngKey::from_seed(10), Shape{2, 784}), testing::randn64(RngKey::from_seed(11), Shape{5, 784}),
+      1e-12);
+  nn::CNN cnn({.channels = {4, 8}});
+  add("cnn_f32", cnn, images(12, 2), images(13, 5), 1e-5);
+  nn::GPT gpt({.vocab = 16, .layers = 2, .heads = 2, .dim = 8, .seq_len = 6, .dtype = DType::f64});
+  add("gpt_f64", gpt, testing::randint(RngKey::from_seed(14), Shape{2, 6}, 16), testing::randint(RngKey::from_seed(15), Shape{5, 6}, 16),
+      1e-8);  // layer norm's float32 epsilon, as above
+  check_with_reference(jobs);
+}
+
+TEST_CASE("ONNX export with a dynamic batch refuses sizes it cannot express, naming them", "[onnx]") {
+  const OnnxExportOptions dyn{.dynamic_batch = "batch"};
+  const TensorList x{testing::randn64(RngKey::from_seed(16), Shape{2, 3})};
+  const auto refusal = [&](const std::function<Tensor(const Tensor&)>& f) {
+    return std::string(catch_error<ValueError>([&] {
+      export_onnx([&](const TensorList& in) { return TensorList{f(in[0])}; }, x, dyn);
+    }).what());
+  };
+  CHECK_THAT(refusal([](const Tensor& a) { return unbind(a, 0)[0]; }), Contains("unbind with 2 and 3 outputs"));
+  CHECK_THAT(refusal([](const Tensor& a) { return a.slice(0, 0, 1); }), Contains("slice"));
+  CHECK_THAT(refusal([](const Tensor& a) { return a.slice(0, 1, INT64_MAX); }), Contains("not a multiple of the batch size"));
+  CHECK_THAT(refusal([](const Tensor& a) { return a + from_vector(std::vector<double>(size_t(a.numel()), 1.0), a.shape()); }),
+             Contains("constant's shape"));
+  CHECK_THAT(refusal([](const Tensor& a) { return a.shape()[0] > 2 ? exp(a) : a * 2.0; }),
+             Contains("traces differently") && Contains("mul and exp"));
+  CHECK_THAT(refusal([](const Tensor& a) { return a.reshape(Shape{a.shape()[0], 3, 1}).expand(Shape{a.shape()[0], 3, a.shape()[0]}); }),
+             Contains("expand"));
+  // Still exportable: the batch axis sliced whole, reshaped with one batch-dependent axis, expanded from itself.
+  const auto ok = [](const TensorList& in) {
+    const Tensor& a = in[0];
+    return TensorList{a.slice(0, 0, INT64_MAX).reshape(Shape{-1}), a.unsqueeze(1).expand(Shape{a.shape()[0], 4, 3})};
+  };
+  const TensorList x5{testing::randn64(RngKey::from_seed(17), Shape{5, 3})};
+  check_with_reference({{"ok", export_onnx(ok, x, dyn), x5, ok(x5), 0.0}});
+  CHECK_THROWS_AS(export_onnx(ok, {x[0], ones(Shape{3, 3})}, dyn), ShapeError);  // inputs of two batch sizes
+}
+
 TEST_CASE("ONNX export refuses what an inference graph cannot hold, naming it", "[onnx]") {
   nn::MLP mlp({4, 8, 2}, {.dropout = 0.5});
   mlp.train();
