@@ -177,6 +177,25 @@ TEST_CASE("ONNX export: the MNIST MLP and CNN and a GPT match the numpy referenc
   check_with_reference(jobs);
 }
 
+TEST_CASE("ONNX export under autocast: f16 compute with its casts matches the numpy reference", "[onnx]") {
+  std::vector<Job> jobs;
+  auto add = [&](const std::string& name, nn::Module& m, const Tensor& x) {
+    m.eval();
+    const auto fn = [&](const TensorList& in) {
+      AutocastGuard f16(DType::f16);  // GEMMs and attention in f16, norms and softmax in f32 (torch.autocast's lists)
+      return TensorList{m(in[0])};
+    };
+    // f16 results rounded once (ours) or per operation (numpy's f16 arithmetic): within four f16 units in
+    // the last place (2^-11 = 4.9e-4) of the largest logit.
+    jobs.push_back({name, export_onnx(fn, {x}), {x}, fn({x}), 2e-3});
+  };
+  nn::MLP mlp({32, 16, 4}, {.activation = "gelu"});
+  add("mlp_autocast_f16", mlp, testing::randn64(RngKey::from_seed(18), Shape{4, 32}).astype(DType::f32));
+  nn::GPT gpt({.vocab = 16, .layers = 2, .heads = 2, .dim = 8, .seq_len = 6});
+  add("gpt_autocast_f16", gpt, testing::randint(RngKey::from_seed(19), Shape{2, 6}, 16));
+  check_with_reference(jobs);
+}
+
 TEST_CASE("ONNX export with a dynamic batch: models traced at batch 2 run at batch 5", "[onnx]") {
   std::vector<Job> jobs;
   auto add = [&](const std::string& name, nn::Module& m, const Tensor& x2, const Tensor& x5, double tol) {
