@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <set>
 
@@ -69,7 +70,8 @@ constexpr int graph_node = 1, graph_name = 2, graph_initializer = 5, graph_input
 constexpr int node_input = 1, node_output = 2, node_name = 3, node_op_type = 4, node_attribute = 5;
 constexpr int attr_name = 1, attr_f = 2, attr_i = 3, attr_s = 4, attr_ints = 8, attr_type = 20;
 constexpr int attr_type_float = 1, attr_type_int = 2, attr_type_string = 3, attr_type_ints = 7;
-constexpr int tensor_dims = 1, tensor_data_type = 2, tensor_name = 8, tensor_raw_data = 9;
+constexpr int tensor_dims = 1, tensor_data_type = 2, tensor_name = 8, tensor_raw_data = 9, tensor_external_data = 13,
+              tensor_data_location = 14, entry_key = 1, entry_value = 2;
 constexpr int value_info_name = 1, value_info_type = 2;
 constexpr int type_tensor_type = 1, tensor_type_elem_type = 1, tensor_type_shape = 2, shape_dim = 1, dim_value = 1, dim_param = 2;
 }  // namespace f
@@ -94,8 +96,23 @@ Proto value_info(const std::string& name, const TensorSpec& s, const std::vector
   return vi;
 }
 
+// ONNX's external data (onnx.ai, "External Data"): initializers of 1 KiB or more written to one file
+// beside the model, each at a 64-byte aligned offset; their TensorProtos hold location, offset and
+// length instead of raw_data. For models over protobuf's 2 GiB limit.
+struct ExternalData {
+  std::string path;      // the data file
+  std::string location;  // its name as the model records it: relative to the model's folder
+  std::ofstream out;
+  int64_t offset = 0;
+};
+
+// protobuf's limit on one message: a ModelProto at or above it cannot be parsed.
+constexpr uint64_t kProtobufLimit = (uint64_t(1) << 31) - 1;
+
 class ModelBuilder final : public OnnxBuilder {
  public:
+  explicit ModelBuilder(ExternalData* external) : external_(external) {}
+
   void node(const std::string& op_type, const std::vector<std::string>& inputs, const std::vector<std::string>& outputs,
             const std::vector<OnnxAttr>& attrs) override {
     Proto n;
@@ -137,7 +154,21 @@ class ModelBuilder final : public OnnxBuilder {
     Proto p;
     for (int64_t d : host.shape()) p.varint(f::tensor_dims, d);
     p.varint(f::tensor_data_type, onnx_dtype(host.dtype())).bytes(f::tensor_name, name);
-    p.bytes(f::tensor_raw_data, std::string(static_cast<const char*>(host.raw_data()), host.nbytes()));
+    const char* data = static_cast<const char*>(host.raw_data());
+    const int64_t n = int64_t(host.nbytes());
+    if (!external_ || n < 1024) {
+      p.bytes(f::tensor_raw_data, std::string(data, size_t(n)));
+    } else {
+      ExternalData& e = *external_;
+      const int64_t at = (e.offset + 63) / 64 * 64;
+      e.out.write(std::string(size_t(at - e.offset), '\0').data(), at - e.offset).write(data, n);
+      if (!e.out) throw IOError("cannot write '" + e.path + "'", "the ONNX model's external data written", "the write failed");
+      e.offset = at + n;
+      for (const auto& [key, value] : {std::pair<std::string, std::string>{"location", e.location},
+                                       {"offset", std::to_string(at)}, {"length", std::to_string(n)}})
+        p.message(f::tensor_external_data, Proto().bytes(f::entry_key, key).bytes(f::entry_value, value));
+      p.varint(f::tensor_data_location, 1);  // EXTERNAL
+    }
     graph_.message(f::graph_initializer, p);
     defined_.insert(name);
     return name;
@@ -163,6 +194,7 @@ class ModelBuilder final : public OnnxBuilder {
   }
 
  private:
+  ExternalData* external_;
   Proto graph_;
   std::set<std::string> used_, defined_;
   std::string scope_;
@@ -189,8 +221,9 @@ std::vector<std::string> io_names(const std::vector<std::string>& given, size_t 
   return given;
 }
 
-// The model of graph g; `scale` (empty for static shapes) says which axes scale with the batch.
-std::string to_model(const jit::Graph& g, const OnnxExportOptions& opts, const BatchScale& scale) {
+// The model of graph g; `scale` (empty for static shapes) says which axes scale with the batch; with
+// `external`, the larger initializers go to its file. ValueError when the model reaches 2 GiB inline.
+std::string to_model(const jit::Graph& g, const OnnxExportOptions& opts, const BatchScale& scale, ExternalData* external) {
   const auto scale_of = [&](int v) { return scale.empty() ? std::vector<int64_t>{} : scale[size_t(v)]; };
   const auto info = [&](const std::string& name, int v) {
     return value_info(name, g.values[size_t(v)].spec, scale_of(v), opts.dynamic_batch);
@@ -202,7 +235,7 @@ std::string to_model(const jit::Graph& g, const OnnxExportOptions& opts, const B
                      "export the model's forward (an inference function), not a training step");
   const std::vector<std::string> in_names = io_names(opts.input_names, g.inputs.size(), "input");
   const std::vector<std::string> out_names = io_names(opts.output_names, g.outputs.size(), "output");
-  ModelBuilder b;
+  ModelBuilder b(external);
 
   // Every name a value will have, claimed before any rule asks for a fresh one.
   const std::vector<int> last = g.last_uses();
@@ -282,7 +315,22 @@ std::string to_model(const jit::Graph& g, const OnnxExportOptions& opts, const B
     if (!renamed[k]) b.node("Identity", {name[size_t(v)]}, {out_names[k]}, {});
     b.output(info(out_names[k], v));
   }
-  return b.model(opts.graph_name);
+  std::string model = b.model(opts.graph_name);
+  if (model.size() >= kProtobufLimit)
+    throw ValueError("ONNX export: the model is over protobuf's 2 GiB limit", "a model under 2 GiB with its weights inline",
+                     std::to_string(model.size()) + " bytes",
+                     "export to a file (export_onnx(fn, inputs, path)): weights over 1.5 GiB in all go to path + \".data\"");
+  return model;
+}
+
+// Bytes of g's constants and state read by its nodes: the initializers that hold its weights.
+uint64_t weight_bytes(const jit::Graph& g) {
+  const std::vector<int> last = g.last_uses();
+  uint64_t n = 0;
+  for (size_t v = 0; v < g.values.size(); ++v)
+    if (last[v] >= 0 && (g.values[v].kind == jit::Value::Kind::constant || g.values[v].kind == jit::Value::Kind::state))
+      n += g.values[v].constant.nbytes();
+  return n;
 }
 
 // How g's values scale with the batch, from g (traced at batch B) and g2 (the same function at B + 1):
@@ -330,11 +378,15 @@ std::string graph_to_onnx(const jit::Graph& g, const OnnxExportOptions& opts) {
   if (!opts.dynamic_batch.empty())
     throw ValueError("graph_to_onnx with a dynamic batch", "OnnxExportOptions::dynamic_batch empty", opts.dynamic_batch,
                      "use export_onnx(fn, ...), which traces the function at two batch sizes");
-  return to_model(g, opts, {});
+  return to_model(g, opts, {}, nullptr);
 }
 
-std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
-                        const OnnxExportOptions& opts) {
+namespace {
+
+// The model of fn traced on the example inputs (twice with a dynamic batch); the larger initializers go
+// to `external` when it is given.
+std::string traced_model(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
+                         const OnnxExportOptions& opts, const std::function<ExternalData*(const jit::Graph&)>& external) {
   const auto traced = [&](const TensorList& in) {
     NoGradGuard no_grad;
     jit::Graph g = jit::trace(fn, in);
@@ -342,7 +394,7 @@ std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, 
     return g;
   };
   const jit::Graph g = traced(example_inputs);
-  if (opts.dynamic_batch.empty()) return to_model(g, opts, {});
+  if (opts.dynamic_batch.empty()) return to_model(g, opts, {}, external(g));
   if (example_inputs.empty()) throw ValueError("ONNX export with a dynamic batch of a function without inputs", "inputs", "none");
   const int64_t B = example_inputs[0].dim() > 0 ? example_inputs[0].shape()[0] : 0;
   TensorList bigger;  // each input with its first row appended: batch B + 1, values of the same kind
@@ -353,13 +405,35 @@ std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, 
                        "every input [B, ...] with one B >= 1", spec_str(x), "pass example inputs that share axis 0");
     bigger.push_back(concat({x, x.slice(0, 0, 1)}, 0));
   }
-  return to_model(g, opts, batch_scale(g, traced(bigger), B));
+  const BatchScale scale = batch_scale(g, traced(bigger), B);
+  return to_model(g, opts, scale, external(g));
+}
+
+}  // namespace
+
+std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
+                        const OnnxExportOptions& opts) {
+  return traced_model(fn, example_inputs, opts, [](const jit::Graph&) { return nullptr; });
 }
 
 void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                  const std::string& path, const OnnxExportOptions& opts) {
-  const std::string bytes = export_onnx(fn, example_inputs, opts);
   const std::string tmp = path + ".tmp";
+  ExternalData data;
+  data.path = path + ".data";
+  data.location = std::filesystem::path(data.path).filename().string();
+  const std::string data_tmp = data.path + ".tmp";
+  const std::string bytes = traced_model(fn, example_inputs, opts, [&](const jit::Graph& g) -> ExternalData* {
+    if (!opts.external_data && weight_bytes(g) <= (uint64_t(3) << 29)) return nullptr;  // 1.5 GiB
+    data.out.open(data_tmp, std::ios::binary | std::ios::trunc);
+    if (!data.out) throw IOError("cannot create '" + data_tmp + "'", "a writable folder", "open failed");
+    return &data;
+  });
+  if (data.out.is_open()) {
+    data.out.close();
+    if (!data.out || std::rename(data_tmp.c_str(), data.path.c_str()) != 0)
+      throw IOError("cannot write '" + data.path + "'", "a writable folder", "write or rename failed");
+  }
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     if (!f || !f.write(bytes.data(), std::streamsize(bytes.size())) || !f.flush())

@@ -51,16 +51,23 @@ struct OnnxExportOptions {
   /// not a multiple of B, a constant whose shape depends on B, and ops that would need a batch-dependent
   /// size baked in (a reshape with two batch-dependent axes, a slice or unbind of the batch axis).
   std::string dynamic_batch;
+  /// Write every initializer of 1 KiB or more to path + ".data" beside the model (ONNX's external data;
+  /// onnx.load and onnxruntime read it from the model's folder) instead of inside it. export_onnx to a
+  /// path does so by itself when the weights exceed 1.5 GiB (a model must stay under protobuf's 2 GiB).
+  /// Ignored by the overloads that return the model's bytes.
+  bool external_data = false;
 };
 
 /// Traces fn on `example_inputs` (without recording a tape; its in-place effects are refused) and
 /// returns the ONNX model (a serialized ModelProto); twice with opts.dynamic_batch (see there). Throws what fn throws, TraceError for what a
 /// trace cannot capture (jit/graph.h), ValueError for an op without an ONNX form, a function with side
-/// effects, or names that are repeated or whose count differs from the inputs / outputs; InternalError
-/// when an op's rule leaves an output undefined.
+/// effects, names that are repeated or whose count differs from the inputs / outputs, or a model of 2 GiB
+/// or more (export to a path, which writes the weights beside it); InternalError when an op's rule
+/// leaves an output undefined.
 std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                         const OnnxExportOptions& opts = {});
-/// export_onnx written to `path` (written to path + ".tmp", then renamed). IOError when it cannot be
+/// export_onnx written to `path` (written to path + ".tmp", then renamed), with the weights in
+/// path + ".data" when opts.external_data is set or they exceed 1.5 GiB. IOError when a file cannot be
 /// written.
 void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                  const std::string& path, const OnnxExportOptions& opts = {});

@@ -47,10 +47,11 @@ int shell(const std::string& cmd, const std::filesystem::path& log) {
 // One model to evaluate with the numpy reference.
 struct Job {
   std::string name;
-  std::string model;   // serialized ModelProto
+  std::string model;   // serialized ModelProto, or empty: the file `path` (beside its external data)
   TensorList inputs;
   TensorList expected;  // Titanax's eager outputs
   double tol;           // on max |onnx - eager| / max(1, max |eager|); 0: exact
+  std::string path = {};
 };
 
 // Evaluates every job's model in one Python process and checks its outputs against the eager ones.
@@ -60,8 +61,8 @@ void check_with_reference(const std::vector<Job>& jobs) {
   for (size_t j = 0; j < jobs.size(); ++j) {
     const auto d = dir.path() / std::to_string(j);
     std::filesystem::create_directories(d);
-    std::ofstream(d / "model.onnx", std::ios::binary) << jobs[j].model;
-    list << (d / "model.onnx").string() << '\t' << (d / "out").string();
+    if (jobs[j].path.empty()) std::ofstream(d / "model.onnx", std::ios::binary) << jobs[j].model;
+    list << (jobs[j].path.empty() ? (d / "model.onnx").string() : jobs[j].path) << '\t' << (d / "out").string();
     for (size_t i = 0; i < jobs[j].inputs.size(); ++i) {
       save_npy((d / ("in" + std::to_string(i) + ".npy")).string(), jobs[j].inputs[i]);
       list << '\t' << (d / ("in" + std::to_string(i) + ".npy")).string();
@@ -244,6 +245,30 @@ TEST_CASE("ONNX export with a dynamic batch refuses sizes it cannot express, nam
   const TensorList x5{testing::randn64(RngKey::from_seed(17), Shape{5, 3})};
   check_with_reference({{"ok", export_onnx(ok, x, dyn), x5, ok(x5), 0.0}});
   CHECK_THROWS_AS(export_onnx(ok, {x[0], ones(Shape{3, 3})}, dyn), ShapeError);  // inputs of two batch sizes
+}
+
+TEST_CASE("ONNX export with external data: the weights beside the model, read back by onnx.load", "[onnx]") {
+  detail::TempDir dir("titanax-onnx-external");
+  nn::GPT gpt({.vocab = 64, .layers = 2, .heads = 2, .dim = 16, .seq_len = 8, .dtype = DType::f64});
+  gpt.eval();
+  const auto fn = [&](const TensorList& in) { return TensorList{gpt(in[0])}; };
+  const Tensor ids = testing::randint(RngKey::from_seed(21), Shape{2, 8}, 64);
+  const std::string path = (dir.path() / "gpt.onnx").string();
+  export_onnx(fn, {ids}, path, {.named_tensors = gpt.parameters(), .external_data = true});
+  uint64_t big = 0, count = 0;  // the parameters of 1 KiB or more: external, each at a 64-byte aligned offset
+  for (const auto& [name, p] : gpt.parameters())
+    if (p.nbytes() >= 1024) big += p.nbytes(), ++count;
+  const uint64_t model = std::filesystem::file_size(path), data = std::filesystem::file_size(path + ".data");
+  INFO("model " << model << " bytes, data " << data << " bytes, " << count << " parameters of " << big << " bytes");
+  CHECK(data >= big);
+  CHECK(data < big + 64 * count);
+  CHECK(model < big / 4);
+  CHECK_FALSE(std::filesystem::exists(path + ".tmp"));
+  CHECK_FALSE(std::filesystem::exists(path + ".data.tmp"));
+  check_with_reference({{"gpt_external", "", {ids}, fn({ids}), 1e-8, path}});
+  // Without the option, a small model stays in one file.
+  export_onnx(fn, {ids}, (dir.path() / "inline.onnx").string());
+  CHECK_FALSE(std::filesystem::exists(dir.path() / "inline.onnx.data"));
 }
 
 TEST_CASE("ONNX export refuses what an inference graph cannot hold, naming it", "[onnx]") {
