@@ -204,6 +204,7 @@ struct Engine {
         impl->output_index = uint32_t(i);
       }
       outs.emplace_back(std::move(impl));
+      detail::notify_alias(n->outputs[i], outs.back());
     }
     return outs;
   }

@@ -5,12 +5,16 @@
 // Everything here is reverse mode over the tape (autodiff/autodiff.h), so it differentiates whatever
 // grad() differentiates, with the same vjps:
 //   * vjp: one backward pass per call of the pullback.
-//   * jvp: the "double-vjp trick" (J. Townsend, "A new trick for calculating Jacobian vector products",
-//     2017; what torch.autograd.functional.jvp does): g(u) = J^T u is linear in the cotangent u, so the
-//     vjp of g with respect to u, taken with cotangent v, is J v. It costs a forward pass, a recorded
-//     backward pass and the backward of that (about 3 to 4 times the forward's work), and it needs the
-//     second derivative of every op on the path (all have one; an op without would throw
-//     AutodiffError naming it).
+//   * jvp: forward mode (jax.jvp's), no tape: fn runs once while an ApplyObserver (detail::ForwardMode)
+//     carries a tangent beside every value that depends on the tangents' primals. Each op's tangents
+//     come from its rule: the op itself applied to the tangents for linear ops (Op::linear: views,
+//     copies, add, sum, concat, gathers, ...), Op::jvp where an op has one (elementwise, matmul, linear),
+//     else the op's own vjp, linearised: g(u) = J^T u is linear in the cotangent u, so the gradient of
+//     <g(u), t> with respect to u is J t (the "double-vjp trick" of J. Townsend, 2017, applied per op,
+//     so its tape covers one op at a time). A jvp costs about two forward passes, and keeps no
+//     activations of fn alive beyond what fn itself keeps; an op on the path whose vjp has no
+//     derivative throws AutodiffError naming it. In-place writes (copy_, fill_) that touch a value with
+//     a tangent are refused (AutodiffError): forward mode follows values through ops.
 //   * hvp: reverse over reverse (Pearlmutter 1994, "Fast exact multiplication by the Hessian"): the
 //     gradient of <grad f(x), v>.
 //   * jacobian / hessian: a backward pass per element of the differentiated output (rows of the
@@ -30,12 +34,58 @@
 #pragma once
 
 #include <functional>
+#include <memory>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "autodiff/autodiff.h"
 
 namespace titanax {
+
+namespace detail {
+/// Counts of how the ops under jvp got their tangents on this thread: by a rule (Op::linear or
+/// Op::jvp) or by linearising the op's vjp.
+struct JvpStats {
+  int64_t by_rule = 0;
+  int64_t by_vjp = 0;
+};
+const JvpStats& jvp_stats();
+void reset_jvp_stats();
+/// t.detach() (a fresh handle on t's memory, cut from the tape) that keeps the tangents active jvps give
+/// t: the functional transforms' detach, so that a jvp of them (nesting, forward over reverse) sees
+/// through their fresh leaves and detached results.
+Tensor detach(const Tensor& t);
+
+/// jvp's forward mode: while alive (one per jvp, nested jvps nest), every op applied on the calling
+/// thread whose inputs carry tangents gets its outputs' tangents (see the file comment). Forwards every
+/// event to the observer installed before it (a trace, an outer jvp), which also sees the ops that
+/// compute the tangents. Tangents are keyed by the primal's TensorImpl, held weakly.
+class ForwardMode final : public ApplyObserver {
+ public:
+  ForwardMode();
+  ~ForwardMode() override;
+  ForwardMode(const ForwardMode&) = delete;
+  ForwardMode& operator=(const ForwardMode&) = delete;
+  void set_tangent(const Tensor& primal, const Tensor& tangent);
+  /// The tangent carried by `primal`, or undefined (zero).
+  Tensor tangent(const Tensor& primal) const;
+  void on_apply(const OpPtr& op, const TensorList& inputs, const TensorList& outputs) override;
+  /// Throws AutodiffError for a write that involves a value with a tangent.
+  void on_write(const Tensor& dst, const Tensor& src) override;
+  void on_host_read(const Tensor& t) override;
+  void on_alias(const Tensor& from, const Tensor& to) override;
+
+ private:
+  struct Entry {
+    std::weak_ptr<TensorImpl> primal;
+    Tensor tangent;
+  };
+  ApplyObserver* prev_;
+  std::unordered_map<const TensorImpl*, Entry> tangents_;
+  size_t swept_size_ = 0;
+};
+}  // namespace detail
 
 struct FunctionalOptions {
   /// Record the computation of the results, so that they can be differentiated again.
@@ -53,13 +103,14 @@ using VectorFn = std::function<TensorList(const TensorList&)>;
 /// A function from a list of tensors to a scalar (one element), e.g. a loss.
 using ScalarFn = std::function<Tensor(const TensorList&)>;
 
-/// Jacobian-vector product (forward mode's product, computed in reverse): returns (fn(primals), J tangents), where J is fn's Jacobian at primals; the
+/// Jacobian-vector product in forward mode (jax.jvp): returns (fn(primals), J tangents), where J is fn's Jacobian at primals; the
 /// second list has one tensor per output of fn, of that output's shape and dtype: sum over j of
 /// d out_i / d primal_j contracted with tangents[j]. tangents: one per primal, of its shape (cast to its
 /// dtype); an undefined Tensor() is a zero tangent, and the only one a non-floating primal takes.
-/// Algorithm: the double-vjp trick (see the file comment).
+/// Algorithm: forward mode, each op by its rule or its linearised vjp (see the file comment).
 /// Throws AutodiffError for a tangent list of another length, a tangent of another shape, a tangent
-/// given for a non-floating primal, or an op on the path without a second derivative; whatever fn throws.
+/// given for a non-floating primal, an op on the path without a rule whose vjp has no derivative, or an
+/// in-place write into a value with a tangent; whatever fn throws.
 std::pair<TensorList, TensorList> jvp(const VectorFn& fn, const TensorList& primals, const TensorList& tangents,
                                       const FunctionalOptions& opts = {}, Loc loc = Loc::current());
 

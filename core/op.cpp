@@ -22,6 +22,7 @@ TensorList Op::vjp(const TensorList&, const TensorList&, const TensorList&, cons
 }
 
 std::optional<TensorList> Op::batch(const TensorList&, const std::vector<bool>&, int64_t) const { return std::nullopt; }
+std::optional<TensorList> Op::jvp(const TensorList&, const TensorList&, const TensorList&) const { return std::nullopt; }
 
 Tensor with_batch(const Tensor& t, bool batched, int64_t B) {
   if (batched) return t;
@@ -114,6 +115,9 @@ void notify_write(const Tensor& dst, const Tensor& src) {
 }
 void notify_host_read(const Tensor& t) {
   if (t_observer && t_op_depth == 0) t_observer->on_host_read(t);
+}
+void notify_alias(const Tensor& from, const Tensor& to) {
+  if (t_observer) t_observer->on_alias(from, to);
 }
 TopLevelOps::TopLevelOps() : prev_(t_op_depth) { t_op_depth = 0; }
 TopLevelOps::~TopLevelOps() { t_op_depth = prev_; }

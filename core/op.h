@@ -124,6 +124,17 @@ class Op {
   /// where the op has no rule for this case, and vmap then runs it once per example. The default: nullopt.
   /// (JAX's per-primitive batching rules, jax.interpreters.batching.)
   virtual std::optional<TensorList> batch(const TensorList& in, const std::vector<bool>& batched, int64_t B) const;
+  /// Forward-mode derivative (jvp, autodiff/functional.h): the outputs' tangents J t given the inputs,
+  /// the outputs and one tangent per input (undefined: zero; at least one is defined; each of its
+  /// input's shape and dtype, undefined for non-floating inputs), written with ops through apply() (so
+  /// they are recorded, traced and batched like any op). An undefined result is a zero tangent. nullopt
+  /// (the default) where the op has no rule: jvp then takes J t from vjp(), as the vjp of the vjp with
+  /// respect to its cotangent (linear in it). Ops that are linear() need no rule.
+  virtual std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& tangents) const;
+  /// True for an op linear in its floating inputs jointly, the others held fixed (views, copies, casts
+  /// between floating dtypes, add, sub, neg, sum, concat, gathers and their scatter-adds, where's
+  /// branches): its jvp is the op itself applied to the tangents (zeros for the undefined ones).
+  virtual bool linear() const { return false; }
   /// ONNX export rule (io/onnx.h, export_onnx): adds to `b` the ONNX nodes (opset 17) that compute this
   /// op's outputs io.out from io.in (core/onnx_builder.h), and returns true; false where the op has no
   /// ONNX form for these inputs (the exporter then throws a ValueError naming the op). A rule may throw
@@ -176,6 +187,9 @@ class ApplyObserver {
   virtual void on_apply(const OpPtr& op, const TensorList& inputs, const TensorList& outputs) = 0;
   virtual void on_write(const Tensor& dst, const Tensor& src) {}
   virtual void on_host_read(const Tensor& t) {}
+  /// The autodiff engine made `to`, a new handle on `from`'s values (the tape's saved outputs): a
+  /// forward-mode jvp gives it from's tangent. (A user's detach() is not an alias: it stops tangents.)
+  virtual void on_alias(const Tensor& from, const Tensor& to) {}
 };
 /// Installs `o` for the calling thread (nullptr removes it); returns the one installed before.
 ApplyObserver* set_apply_observer(ApplyObserver* o);
@@ -199,6 +213,8 @@ namespace detail {
 /// from inside an op (a kernel's own copies and reads are part of the op).
 void notify_write(const Tensor& dst, const Tensor& src);
 void notify_host_read(const Tensor& t);
+/// Called by the tape and the backward pass when they alias an op's output (ApplyObserver::on_alias).
+void notify_alias(const Tensor& from, const Tensor& to);
 /// For its scope, ops applied on the calling thread count as called by the user, not by another op's
 /// forward: a function traced from inside an op (jit::scan / cond in the function of checkpoint(),
 /// which runs in that op's forward) has its own ops seen by the tracer, autocast and the profiler.

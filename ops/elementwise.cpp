@@ -30,6 +30,20 @@ class Binary final : public Op {
   explicit Binary(BinaryOp k) : k_(k) {}
   const char* name() const override { return kernels::cpu::binary_name(k_); }
   bool differentiable() const override { return !kernels::cpu::is_comparison(k_); }
+  bool linear() const override { return k_ == BinaryOp::add || k_ == BinaryOp::sub; }
+  // d(a b) = da b + a db;  d(a / b) = (da - (a / b) db) / b. Other ops: jvp from the vjp.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& t) const override {
+    const Tensor &a = in[0], &b = in[1], &ta = t[0], &tb = t[1];
+    if (k_ == BinaryOp::mul) {
+      const Tensor l = ta.defined() ? mul(ta, b) : Tensor(), r = tb.defined() ? mul(a, tb) : Tensor();
+      return TensorList{l.defined() && r.defined() ? add(l, r) : l.defined() ? l : r};
+    }
+    if (k_ == BinaryOp::div) {
+      const Tensor num = ta.defined() && tb.defined() ? sub(ta, mul(out[0], tb)) : ta.defined() ? ta : neg(mul(out[0], tb));
+      return TensorList{div(num, b)};
+    }
+    return std::nullopt;
+  }
 
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_same_dtype(in, name());
@@ -126,6 +140,11 @@ class Unary final : public Op {
   explicit Unary(UnaryOp k) : k_(k) {}
   const char* name() const override { return kernels::cpu::unary_name(k_); }
   bool differentiable() const override { return k_ != UnaryOp::sign; }
+  bool linear() const override { return k_ == UnaryOp::neg; }
+  // Elementwise: the Jacobian is diagonal, so J t = J^T t, the vjp with cotangent t.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& t) const override {
+    return vjp(in, out, t, {true});
+  }
   bool saves_outputs() const override {
     switch (k_) {
       case UnaryOp::exp: case UnaryOp::sqrt: case UnaryOp::rsqrt: case UnaryOp::tanh: case UnaryOp::sigmoid:
@@ -211,6 +230,7 @@ class Unary final : public Op {
 class Where final : public Op {
  public:
   const char* name() const override { return "where"; }
+  bool linear() const override { return true; }  // in its branches, the condition held fixed
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[0], {DType::bool_}, "where (condition)");
     if (in[1].dtype() != in[2].dtype())
@@ -242,6 +262,10 @@ class Clamp final : public Op {
   Clamp(double lo, double hi) : lo_(lo), hi_(hi) {}
   const char* name() const override { return "clamp"; }
   std::string attrs() const override { return "lo=" + attr_num(lo_) + " hi=" + attr_num(hi_); }
+  // Elementwise: J t = J^T t, the vjp with cotangent t.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& t) const override {
+    return vjp(in, out, t, {true});
+  }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     if (lo_ > hi_) throw ValueError("clamp with lo > hi", "lo <= hi", std::to_string(lo_) + " > " + std::to_string(hi_));
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};

@@ -58,6 +58,11 @@ void parallel_batches(int64_t n, F& one) {
 class Matmul final : public Op {
  public:
   const char* name() const override { return "matmul"; }
+  // d(a b) = da b + a db.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
+    const Tensor l = t[0].defined() ? matmul(t[0], in[1]) : Tensor(), r = t[1].defined() ? matmul(in[0], t[1]) : Tensor();
+    return TensorList{l.defined() && r.defined() ? add(l, r) : l.defined() ? l : r};
+  }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &a = in[0], &b = in[1];
@@ -157,6 +162,15 @@ class Matmul final : public Op {
 class Linear final : public Op {
  public:
   const char* name() const override { return "linear"; }
+  // d(x w^T + b) = dx w^T + x dw^T + db.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
+    Tensor r;
+    const auto plus = [&r](const Tensor& term) { r = r.defined() ? add(r, term) : term; };
+    if (t[0].defined()) plus(titanax::linear(t[0], in[1]));
+    if (t[1].defined()) plus(titanax::linear(in[0], t[1]));
+    if (in.size() > 2 && t[2].defined()) plus(r.defined() ? t[2] : expand(t[2], infer(in)[0].shape));
+    return TensorList{r};
+  }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &x = in[0], &w = in[1];

@@ -805,6 +805,7 @@ class Dropout final : public Op {
  public:
   Dropout(double p, RngKey key, bool stepped) : p_(p), key_(key), stepped_(stepped) {}
   const char* name() const override { return "dropout"; }
+  bool linear() const override { return true; }  // in x: the mask is a function of the key (and step)
   std::string attrs() const override {
     return "p=" + attr_num(p_) + " key=" + key_.str() + (stepped_ ? " stepped=1" : "");
   }
@@ -883,6 +884,7 @@ class Gather final : public Op {
  public:
   Gather(int axis, bool embedding) : axis_(axis), embedding_(embedding) {}
   const char* name() const override { return embedding_ ? "embedding" : "take"; }
+  bool linear() const override { return true; }  // in the table, the indices held fixed
   std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &x = in[0], &idx = in[1];
@@ -938,6 +940,7 @@ class ScatterAdd final : public Op {
  public:
   ScatterAdd(int axis, Shape shape, bool embedding) : axis_(axis), shape_(shape), embedding_(embedding) {}
   const char* name() const override { return embedding_ ? "embedding_backward" : "take_backward"; }
+  bool linear() const override { return true; }  // in the gradient, the indices held fixed
   std::string attrs() const override { return "axis=" + std::to_string(axis_) + " shape=" + shape_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     const Tensor &g = in[0], &idx = in[1];

@@ -50,6 +50,7 @@ class Reduce final : public Op {
     return s + "] keepdims=" + std::to_string(keepdims_);
   }
   bool saves_outputs() const override { return k_ != ReduceOp::sum; }
+  bool linear() const override { return k_ == ReduceOp::sum; }
 
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     check_dtype(in[0], {DType::f32, DType::f64, DType::bf16, DType::f16}, name());

@@ -19,6 +19,7 @@ class ViewOp : public Op {
   void cpu(const TensorList&, TensorList&) const override {}
   bool custom_forward() const override { return true; }
   bool capturable() const override { return true; }  // no device work: a view of its input's memory
+  bool linear() const override { return true; }
   TensorList forward(const TensorList& in) const override { return {view(in[0])}; }
   virtual Tensor view(const Tensor& x) const = 0;
   std::vector<TensorSpec> infer(const TensorList& in) const override {
@@ -56,6 +57,7 @@ Shape resolve_shape(const Shape& want, int64_t numel, const Shape& from) {
 class Copy final : public Op {
  public:
   const char* name() const override { return "copy"; }
+  bool linear() const override { return true; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     return {{in[0].shape(), in[0].dtype(), in[0].device()}};
   }
@@ -203,6 +205,7 @@ class SliceScatter final : public Op {
  public:
   SliceScatter(Shape shape, SliceSpec sp) : shape_(shape), sp_(sp) {}
   const char* name() const override { return "slice_scatter"; }
+  bool linear() const override { return true; }
   std::string attrs() const override {
     return "shape=" + shape_.str() + " axis=" + std::to_string(sp_.axis) + " start=" + std::to_string(sp_.start) +
            " stop=" + std::to_string(sp_.stop) + " step=" + std::to_string(sp_.step);
@@ -287,6 +290,7 @@ class Concat final : public Op {
  public:
   explicit Concat(int axis) : axis_(axis) {}
   const char* name() const override { return "concat"; }
+  bool linear() const override { return true; }
   std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
     if (in.empty()) throw ValueError("concat of no tensors", "at least one tensor", "an empty list");
@@ -349,6 +353,7 @@ class Unbind final : public Op {
  public:
   explicit Unbind(int axis) : axis_(axis) {}
   const char* name() const override { return "unbind"; }
+  bool linear() const override { return true; }
   std::string attrs() const override { return "axis=" + std::to_string(axis_); }
   bool custom_forward() const override { return true; }
   bool capturable() const override { return true; }  // no device work: views of its input's memory
@@ -429,6 +434,7 @@ class AsType final : public Op {
  public:
   explicit AsType(DType t) : t_(t) {}
   const char* name() const override { return "astype"; }
+  bool linear() const override { return is_floating(t_); }
   std::string attrs() const override { return "dtype=" + std::string(dtype_name(t_)); }
   bool differentiable() const override { return is_floating(t_); }
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), t_, in[0].device()}}; }
@@ -451,6 +457,7 @@ class ToDevice final : public Op {
  public:
   explicit ToDevice(Device d) : d_(d) {}
   const char* name() const override { return "to_device"; }
+  bool linear() const override { return true; }
   std::string attrs() const override { return "device=" + d_.str(); }
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), in[0].dtype(), d_}}; }
   void cpu(const TensorList&, TensorList&) const override {}
