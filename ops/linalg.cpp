@@ -162,14 +162,15 @@ class Matmul final : public Op {
 class Linear final : public Op {
  public:
   const char* name() const override { return "linear"; }
-  // d(x w^T + b) = dx w^T + x dw^T + db.
+  // d(x w^T + b) = dx w^T + db + x dw^T: the first two in one linear.
   std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
-    Tensor r;
-    const auto plus = [&r](const Tensor& term) { r = r.defined() ? add(r, term) : term; };
-    if (t[0].defined()) plus(titanax::linear(t[0], in[1]));
-    if (t[1].defined()) plus(titanax::linear(in[0], t[1]));
-    if (in.size() > 2 && t[2].defined()) plus(r.defined() ? t[2] : expand(t[2], infer(in)[0].shape));
-    return TensorList{r};
+    const Tensor db = in.size() > 2 ? t[2] : Tensor();
+    Tensor r = t[0].defined() ? titanax::linear(t[0], in[1], db) : Tensor();
+    if (t[1].defined()) {
+      const Tensor xdw = titanax::linear(in[0], t[1], r.defined() ? Tensor() : db);
+      r = r.defined() ? add(r, xdw) : xdw;
+    }
+    return TensorList{r.defined() ? r : expand(db, infer(in)[0].shape)};
   }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {

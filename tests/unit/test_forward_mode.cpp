@@ -83,6 +83,16 @@ TEST_CASE("jvp (forward mode): the ops of an MLP and a GPT's linear layers take 
   CHECK(detail::jvp_stats().by_rule >= 3);  // linear, gelu, linear
   CHECK(detail::jvp_stats().by_vjp == 0);
   CHECK(rel_diff(ty[0], directional_fd([&](const TensorList& in) { return mlp(in[0]); }, {x}, {t})) < 1e-6);
+  // linear's rule with a tangent on some operands only: each of x, w, b alone.
+  const Tensor w = testing::randn64(RngKey::from_seed(5), Shape{3, 6}), b = testing::randn64(RngKey::from_seed(6), Shape{3});
+  const auto lin = [](const TensorList& in) { return linear(in[0], in[1], in[2]); };
+  for (int only = 0; only < 3; ++only) {
+    TensorList tl(3);
+    tl[size_t(only)] = testing::randn64(RngKey::from_seed(uint64_t(40 + only)), TensorList{x, w, b}[size_t(only)].shape());
+    INFO("tangent on operand " << only);
+    CHECK(rel_diff(jvp([&](const TensorList& in) { return TensorList{lin(in)}; }, {x, w, b}, tl).second[0],
+                   directional_fd(lin, {x, w, b}, tl)) < 1e-6);
+  }
   // A softmax has no rule: its tangent comes from its vjp, and is still right.
   detail::reset_jvp_stats();
   const auto [s, ts] = jvp([](const TensorList& in) { return TensorList{softmax(in[0], -1)}; }, {x}, {t});
