@@ -1,9 +1,9 @@
-// Function transformations over the tape: Jacobian-vector and vector-Jacobian products, Hessian-vector
-// products, whole Jacobians and Hessians. The names and contracts follow JAX (jax.jvp, jax.vjp,
+// Function transformations: Jacobian-vector and vector-Jacobian products, Hessian-vector products,
+// whole Jacobians and Hessians. The names and contracts follow JAX (jax.jvp, jax.vjp,
 // jax.jacrev, jax.hessian) and torch.autograd.functional (jvp, vjp, hvp, jacobian, hessian).
 //
-// Everything here is reverse mode over the tape (autodiff/autodiff.h), so it differentiates whatever
-// grad() differentiates, with the same vjps:
+// jvp is forward mode; the rest is reverse mode over the tape (autodiff/autodiff.h). Both differentiate
+// whatever grad() differentiates, from the same vjps (forward mode where an op has no rule of its own):
 //   * vjp: one backward pass per call of the pullback.
 //   * jvp: forward mode (jax.jvp's), no tape: fn runs once while an ApplyObserver (detail::ForwardMode)
 //     carries a tangent beside every value that depends on the tangents' primals. Each op's tangents
@@ -22,15 +22,18 @@
 //     Hessian's rows are the Jacobian of the recorded gradient.
 //
 // Common rules:
-//   * fn runs once, with grad mode on (also under NoGradGuard), on fresh leaves that share the primals'
-//     storage: the primals' own requires_grad flags and .grad() are never touched.
+//   * fn runs once, with grad mode on (also under NoGradGuard), on fresh handles that share the primals'
+//     storage (leaves requiring grad, except for jvp's, which need no tape): the primals' own
+//     requires_grad flags and .grad() are never touched. detach() inside fn stops tangents as it stops
+//     gradients (jax.lax.stop_gradient).
 //   * Non-floating primals (ids, labels) pass through to fn and are not differentiated; their tangents /
 //     Hessian and Jacobian entries are undefined Tensors. Non-floating outputs likewise get undefined
 //     tangents and Jacobian entries, and take no cotangent.
 //   * FunctionalOptions::create_graph = false (the default): every result is detached. With true, the
 //     results are recorded, so they can be differentiated again with respect to the primals, tangents,
 //     cotangents and whatever those were computed from (e.g. a meta-learning outer loop).
-//   * Works under jit::jit and jit::vmap like grad() does (the backward passes are traced into the graph).
+//   * Works under jit::jit and jit::vmap like grad() does (the backward passes, and jvp's tangent ops,
+//     are traced into the graph), and the transforms nest (jvp of jvp, jvp of a vjp: forward over reverse).
 #pragma once
 
 #include <functional>
