@@ -48,7 +48,7 @@ step() {  # step NAME COMMAND...: runs it within the budget, logs to $out/NAME.l
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$out/gpu.txt" 2>&1
 step configure cmake --preset cuda || { printf '%s\n' "${summary[@]}"; exit 1; }
 step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_cuda_mpi_tests titanax_codegen_tests bench_jit \
-  bench_kernels bench_mlp_step bench_per_example titanax_cli \
+  bench_kernels bench_mlp_step bench_per_example bench_jvp titanax_cli \
   || { tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
 # In order of what the issues need most: correctness, then #3's timings, #6's MLP, the collectives and
 # MNIST bars, GPT-2's cold first step (the longest), and the codegen tests CI already runs without a GPU.
@@ -74,6 +74,8 @@ if [[ -d $mnist ]]; then
 fi
 # Per-example gradients (vmap's batching rules) of the MNIST CNN on the GPU, beside torch.func's.
 step bench_per_example build/cuda/bench/per_example --device cuda --model cnn
+# Forward-mode jvp on the GPU, beside torch.func.jvp.
+step bench_jvp build/cuda/bench/jvp --device cuda
 # GPT-2 124M under jit, bf16 (issue #6's first-step target: at most 3 s cold).
 # --profile: where the eager step's time goes, op by op (the next tuning targets).
 step bench_jit_gpt2 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer --profile
