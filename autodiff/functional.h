@@ -8,7 +8,8 @@
 //   * jvp: forward mode (jax.jvp's), no tape: fn runs once while an ApplyObserver (detail::ForwardMode)
 //     carries a tangent beside every value that depends on the tangents' primals. Each op's tangents
 //     come from its rule: the op itself applied to the tangents for linear ops (Op::linear: views,
-//     copies, add, sum, concat, gathers, ...), Op::jvp where an op has one (elementwise, matmul, linear),
+//     copies, add, sum, concat, gathers, ...), Op::jvp where an op has one (elementwise, matmul, linear,
+//     softmax, log_softmax),
 //     else the op's own vjp, linearised: g(u) = J^T u is linear in the cotangent u, so the gradient of
 //     <g(u), t> with respect to u is J t (the "double-vjp trick" of J. Townsend, 2017, applied per op,
 //     so its tape covers one op at a time). A jvp costs about two forward passes, and keeps no

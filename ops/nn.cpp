@@ -83,6 +83,13 @@ class Softmax final : public Op {
     if (log_) return {sub(g, mul(exp(y), sum(g, {axis_}, true)))};  // g - softmax * sum(g)
     return {mul(y, sub(g, sum(mul(g, y), {axis_}, true)))};          // y * (g - sum(g * y))
   }
+  // The Jacobian is symmetric (softmax: diag(y) - y y^T; log_softmax: I - 1 softmax^T, applied as
+  // t - sum(softmax * t)): from y and t directly, the vjp's formulas with t in place of g where they agree.
+  std::optional<TensorList> jvp(const TensorList&, const TensorList& out, const TensorList& t) const override {
+    const Tensor &y = out[0], &dt = t[0];
+    if (log_) return TensorList{sub(dt, sum(mul(exp(y), dt), {axis_}, true))};
+    return TensorList{mul(y, sub(dt, sum(mul(dt, y), {axis_}, true)))};
+  }
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     b.node(log_ ? "LogSoftmax" : "Softmax", io.in, io.out, {{"axis", int64_t(normalize_axis(axis_, io.in_specs[0].shape.rank()))}});
     return true;
