@@ -244,16 +244,15 @@ std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps
 
 namespace {
 // [n, s...]: s with a leading axis of n rows.
-Shape with_rows(int64_t n, const Shape& s) {
-  Shape r{n};
-  for (int64_t d : s) r.push_back(d);
-  return r;
+Shape with_rows(int64_t n, Shape s) {
+  s.insert(0, n);
+  return s;
 }
 
 // The shape of one example's input: MNIST's [1, 28, 28], or that of data.path/train_x.npy's rows.
 Shape example_shape(const Config& c) {
   if (c.get_string("data.dataset") != "npy") return Shape{1, 28, 28};
-  const Shape s = load_npy(c.get_string("data.path") + "/train_x.npy").shape();
+  const Shape s = npy_shape(c.get_string("data.path") + "/train_x.npy");
   return Shape(s.begin() + 1, s.end());
 }
 
@@ -264,18 +263,20 @@ void check_classifier_fits(const Config& c, const TensorDataset& d, const std::s
   const Shape row(x.shape().begin() + 1, x.shape().end());
   const bool mlp = c.get_string("model.kind") == "mlp";
   const std::vector<int64_t> sizes = mlp ? c.get_int_list("model.sizes") : std::vector<int64_t>{};
-  if (mlp ? sizes.front() != row.numel() : row != Shape{1, 28, 28})
+  const nn::CNNOptions cnn;  // model() builds the CNN with these input and class sizes
+  const Shape image{cnn.in_channels, cnn.image_size, cnn.image_size};
+  if (mlp ? sizes.front() != row.numel() : row != image)
     throw ConfigError(dir + "'s examples do not fit model.kind " + c.get_string("model.kind"),
-                      mlp ? "model.sizes[0] = the elements of one example, " + std::to_string(row.numel()) : "examples [1, 28, 28]",
+                      mlp ? "model.sizes[0] = the elements of one example, " + std::to_string(row.numel()) : "examples " + image.str(),
                       mlp ? std::to_string(sizes.front()) : row.str(),
                       mlp ? "set model.sizes: [" + std::to_string(row.numel()) + ", ...]" : "use model.kind: mlp for other shapes");
-  const int64_t classes = mlp ? sizes.back() : 10;
+  const int64_t classes = mlp ? sizes.back() : cnn.classes;
   const int64_t* lp = y.data<int64_t>();
   const int64_t top = y.numel() ? *std::max_element(lp, lp + y.numel()) : 0;
   if (top >= classes)
     throw ConfigError(dir + " holds class id " + std::to_string(top) + ", outside the model's " + std::to_string(classes) + " classes",
                       "class ids below " + std::to_string(classes), std::to_string(top),
-                      mlp ? "set the last of model.sizes to " + std::to_string(top + 1) : "the CNN has 10 classes: use model.kind: mlp");
+                      mlp ? "set the last of model.sizes to " + std::to_string(top + 1) : "the CNN's classes are fixed: use model.kind: mlp");
 }
 }  // namespace
 

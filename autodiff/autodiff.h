@@ -41,15 +41,15 @@ TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions
 /// Accumulates d(root)/d(leaf) into leaf.grad() for every leaf that requires grad and reaches root.
 void backward(const Tensor& root, const Tensor& seed = {});
 
-/// Runs fn with every tensor of `params` marked as requiring grad and returns fn's (scalar) value and
-/// the gradient with respect to each parameter, as a tree with the same paths. The params' own
-/// requires_grad flags are restored afterwards. Throws AutodiffError if a param is not a leaf.
 namespace detail {
 /// What a gradient hook returns in place of `grad` must be like it (shape, dtype, device): AutodiffError
 /// otherwise, naming the hook by `what`. Shared by Tensor::register_hook's and nn's backward hooks.
 void check_hook_result(const Tensor& grad, const Tensor& returned, const std::string& what);
 }  // namespace detail
 
+/// Runs fn with every tensor of `params` marked as requiring grad and returns fn's (scalar) value and
+/// the gradient with respect to each parameter, as a tree with the same paths. The params' own
+/// requires_grad flags are restored afterwards. Throws AutodiffError if a param is not a leaf.
 std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, const ParamTree& params,
                                             const BackwardOptions& opts = {});
 

@@ -9,153 +9,16 @@
 
 namespace titanax {
 
-// ------------------------------------------------------------------------------------ forward mode
-
-namespace detail {
-
-namespace {
-thread_local JvpStats t_jvp_stats;
-thread_local std::vector<ForwardMode*> t_forward_modes;  // the active jvps, innermost last
-
-// J t from the op's vjp: g(u) = J^T u is linear in the output cotangents u, so the gradient of
-// <g(u), t> with respect to u is J t. Recorded (differentiable again) when the caller records.
-TensorList jvp_by_vjp(const Op& op, const TensorList& in, const TensorList& out, const TensorList& t, bool record) {
-  GradModeGuard on(true);
-  TensorList us, cts;
-  for (const Tensor& y : out) {
-    const bool f = y.defined() && is_floating(y.dtype());
-    us.push_back(f ? zeros_like(y).set_requires_grad() : Tensor());
-    cts.push_back(f ? us.back() : zeros_like(y));
-  }
-  std::vector<bool> needs;
-  for (const Tensor& ti : t) needs.push_back(ti.defined());
-  const TensorList g = op.vjp(in, op.saves_outputs() ? out : TensorList(out.size()), cts, needs);
-  Tensor s;
-  for (size_t i = 0; i < g.size() && i < t.size(); ++i) {
-    if (!g[i].defined() || !t[i].defined() || !g[i].requires_grad()) continue;
-    const Tensor term = sum(g[i] * t[i].astype(g[i].dtype()));
-    s = s.defined() ? s + term.astype(s.dtype()) : term;
-  }
-  TensorList r(out.size());
-  if (!s.defined()) return r;
-  TensorList wrt;
-  for (const Tensor& u : us)
-    if (u.defined()) wrt.push_back(u);
-  BackwardOptions o;
-  o.create_graph = record;
-  const TensorList gu = grad(s, wrt, o);
-  for (size_t k = 0, w = 0; k < out.size(); ++k)
-    if (us[k].defined()) r[k] = record ? gu[w++] : detach(gu[w++]);
-  return r;
-}
-}  // namespace
-
-ForwardMode::ForwardMode() : prev_(set_apply_observer(this)) { t_forward_modes.push_back(this); }
-ForwardMode::~ForwardMode() {
-  t_forward_modes.pop_back();
-  set_apply_observer(prev_);
-}
-
-Tensor detach(const Tensor& t) {
-  if (!t.defined()) return t;
-  Tensor d = t.detach();
-  for (ForwardMode* f : t_forward_modes)
-    if (Tensor tt = f->tangent(t); tt.defined()) f->set_tangent(d, tt);
-  return d;
-}
-
-void ForwardMode::set_tangent(const Tensor& primal, const Tensor& tangent) {
-  if (tangents_.size() >= 2 * swept_size_ + 64) {  // drop the entries of primals that died (amortised)
-    for (auto it = tangents_.begin(); it != tangents_.end();) it = it->second.primal.expired() ? tangents_.erase(it) : std::next(it);
-    swept_size_ = tangents_.size();
-  }
-  tangents_[primal.get()] = {primal.impl_ptr(), tangent};
-}
-
-Tensor ForwardMode::tangent(const Tensor& primal) const {
-  auto it = tangents_.find(primal.get());
-  if (it == tangents_.end() || it->second.primal.lock().get() != primal.get()) return {};
-  return it->second.tangent;
-}
-
-void ForwardMode::on_apply(const OpPtr& op, const TensorList& inputs, const TensorList& outputs) {
-  if (prev_) prev_->on_apply(op, inputs, outputs);
-  TensorList t;
-  bool any = false;
-  for (const Tensor& x : inputs) {
-    t.push_back(x.defined() && is_floating(x.dtype()) ? tangent(x) : Tensor());
-    any = any || t.back().defined();
-  }
-  if (!any || !op->differentiable()) return;
-  // The tangents' ops are seen by the observers below this one (an outer jvp, a trace), not by this one.
-  ApplyObserver* self = set_apply_observer(prev_);
-  struct Restore {
-    ApplyObserver* o;
-    ~Restore() { set_apply_observer(o); }
-  } restore{self};
-  // Recorded on the tape only where the caller differentiates it again (create_graph, or a tangent or
-  // primal that requires grad inside fn).
-  bool record = false;
-  for (size_t i = 0; i < inputs.size(); ++i)
-    record = record || (inputs[i].defined() && inputs[i].requires_grad()) || (t[i].defined() && t[i].requires_grad());
-  record = record && GradMode::enabled();
-  TensorList out_t;
-  if (op->linear()) {
-    TensorList args;
-    for (size_t i = 0; i < inputs.size(); ++i)
-      args.push_back(!inputs[i].defined() || !is_floating(inputs[i].dtype()) ? inputs[i] : t[i].defined() ? t[i] : zeros_like(inputs[i]));
-    out_t = apply(op, args);
-    ++t_jvp_stats.by_rule;
-  } else if (auto r = op->jvp(inputs, outputs, t)) {
-    out_t = *r;
-    ++t_jvp_stats.by_rule;
-  } else {
-    out_t = jvp_by_vjp(*op, inputs, outputs, t, record);
-    ++t_jvp_stats.by_vjp;
-  }
-  for (size_t k = 0; k < outputs.size() && k < out_t.size(); ++k) {
-    if (!out_t[k].defined() || !outputs[k].defined() || !is_floating(outputs[k].dtype())) continue;
-    const Tensor tk = out_t[k].dtype() == outputs[k].dtype() ? out_t[k] : out_t[k].astype(outputs[k].dtype());
-    set_tangent(outputs[k], tk);
-    // The tape keeps an op's outputs for its vjp as detached aliases (autodiff/tape.cpp): they carry the
-    // same tangent, so a backward pass inside fn (forward over reverse) sees it.
-    const std::shared_ptr<Node>& node = outputs[k].get()->grad_fn;
-    if (node && outputs[k].get()->output_index < node->outputs.size()) set_tangent(node->outputs[outputs[k].get()->output_index], tk);
-  }
-}
-
-void ForwardMode::on_write(const Tensor& dst, const Tensor& src) {
-  if (prev_) prev_->on_write(dst, src);
-  bool involved = tangent(src).defined();
-  for (const auto& [impl, e] : tangents_)
-    if (auto p = e.primal.lock(); p && p->storage == dst.storage()) involved = true;
-  if (involved)
-    throw AutodiffError("jvp: an in-place write (copy_ / fill_) of a value that carries a tangent", "fn written out of place",
-                        "a write into " + spec_str(dst), "compute a new tensor instead (where(), concat(), slice_scatter)");
-}
-
-void ForwardMode::on_host_read(const Tensor& t) {
-  if (prev_) prev_->on_host_read(t);
-}
-
-void ForwardMode::on_alias(const Tensor& from, const Tensor& to) {
-  if (prev_) prev_->on_alias(from, to);
-  if (Tensor t = tangent(from); t.defined()) set_tangent(to, t);
-}
-
-const JvpStats& jvp_stats() { return t_jvp_stats; }
-void reset_jvp_stats() { t_jvp_stats = {}; }
-
-}  // namespace detail
-
 namespace {
 
 bool differentiable(const Tensor& t) { return t.defined() && is_floating(t.dtype()); }
 
 // Fresh leaves sharing each floating primal's storage, so fn's graph starts here and the caller's flags
-// and .grad() stay as they were. Under create_graph a primal that is itself recorded is copied by an op
-// instead, so results stay differentiable with respect to whatever it was computed from.
-TensorList leaves_of(const TensorList& primals, bool create_graph, const char* api, Loc loc) {
+// and .grad() stay as they were (requiring grad unless `require_grad` is false: jvp's, which needs no
+// tape). Under create_graph a primal that is itself recorded is copied by an op instead, so results stay
+// differentiable with respect to whatever it was computed from. Each keeps its primal's tangents under
+// an enclosing jvp (detail::detach).
+TensorList leaves_of(const TensorList& primals, bool create_graph, const char* api, Loc loc, bool require_grad = true) {
   TensorList xs;
   for (size_t i = 0; i < primals.size(); ++i) {
     const Tensor& p = primals[i];
@@ -164,7 +27,7 @@ TensorList leaves_of(const TensorList& primals, bool create_graph, const char* a
                           "pass every argument fn takes", loc);
     if (!is_floating(p.dtype())) xs.push_back(p);
     else if (create_graph && p.requires_grad()) xs.push_back(p.clone());
-    else xs.push_back(detail::detach(p).set_requires_grad());
+    else xs.push_back(require_grad ? detail::detach(p).set_requires_grad() : detail::detach(p));
   }
   return xs;
 }
@@ -301,18 +164,146 @@ std::vector<TensorList> jacobian_rows(const TensorList& outs, const TensorList& 
 
 }  // namespace
 
+// ------------------------------------------------------------------------------------ forward mode
+
+namespace detail {
+
+namespace {
+thread_local JvpStats t_jvp_stats;
+thread_local std::vector<ForwardMode*> t_forward_modes;  // the active jvps, innermost last
+
+// J t from the op's vjp: g(u) = J^T u is linear in the output cotangents u, so the gradient of
+// <g(u), t> with respect to u is J t. Recorded (differentiable again) when the caller records.
+TensorList jvp_by_vjp(const Op& op, const TensorList& in, const TensorList& out, const TensorList& t, bool record) {
+  GradModeGuard on(true);
+  TensorList us, cts;
+  for (const Tensor& y : out) {
+    const bool f = y.defined() && is_floating(y.dtype());
+    us.push_back(f ? zeros_like(y).set_requires_grad() : Tensor());
+    cts.push_back(f ? us.back() : zeros_like(y));
+  }
+  std::vector<bool> needs;
+  for (const Tensor& ti : t) needs.push_back(ti.defined());
+  const TensorList g = op.vjp(in, op.saves_outputs() ? out : TensorList(out.size()), cts, needs);
+  const Tensor s = contract(g, t);  // the vjp's cotangents of the inputs have the inputs' (= t's) dtypes
+  TensorList r(out.size());
+  if (!s.defined()) return r;
+  TensorList wrt;
+  for (const Tensor& u : us)
+    if (u.defined()) wrt.push_back(u);
+  BackwardOptions o;
+  o.create_graph = record;
+  const TensorList gu = grad(s, wrt, o);
+  for (size_t k = 0, w = 0; k < out.size(); ++k)
+    if (us[k].defined()) r[k] = record ? gu[w++] : detach(gu[w++]);
+  return r;
+}
+}  // namespace
+
+ForwardMode::ForwardMode() : prev_(set_apply_observer(this)) { t_forward_modes.push_back(this); }
+ForwardMode::~ForwardMode() {
+  t_forward_modes.pop_back();
+  set_apply_observer(prev_);
+}
+
+Tensor detach(const Tensor& t) {
+  if (!t.defined()) return t;
+  Tensor d = t.detach();
+  for (ForwardMode* f : t_forward_modes)
+    if (Tensor tt = f->tangent(t); tt.defined()) f->set_tangent(d, tt);
+  return d;
+}
+
+void ForwardMode::set_tangent(const Tensor& primal, const Tensor& tangent) {
+  if (tangents_.size() >= 2 * swept_size_ + 64) {  // drop the entries of primals that died (amortised)
+    for (auto it = tangents_.begin(); it != tangents_.end();) it = it->second.primal.expired() ? tangents_.erase(it) : std::next(it);
+    swept_size_ = tangents_.size();
+  }
+  tangents_[primal.get()] = {primal.impl_ptr(), tangent};
+}
+
+Tensor ForwardMode::tangent(const Tensor& primal) const {
+  auto it = tangents_.find(primal.get());
+  if (it == tangents_.end() || it->second.primal.lock().get() != primal.get()) return {};
+  return it->second.tangent;
+}
+
+void ForwardMode::on_apply(const OpPtr& op, const TensorList& inputs, const TensorList& outputs) {
+  if (prev_) prev_->on_apply(op, inputs, outputs);
+  TensorList t;
+  bool any = false;
+  for (const Tensor& x : inputs) {
+    t.push_back(x.defined() && is_floating(x.dtype()) ? tangent(x) : Tensor());
+    any = any || t.back().defined();
+  }
+  if (!any || !op->differentiable()) return;
+  // The tangents' ops are seen by the observers below this one (an outer jvp, a trace), not by this one.
+  ApplyObserver* self = set_apply_observer(prev_);
+  struct Restore {
+    ApplyObserver* o;
+    ~Restore() { set_apply_observer(o); }
+  } restore{self};
+  // Recorded on the tape only where the caller differentiates it again (create_graph, or a tangent or
+  // primal that requires grad inside fn).
+  bool record = false;
+  for (size_t i = 0; i < inputs.size(); ++i)
+    record = record || (inputs[i].defined() && inputs[i].requires_grad()) || (t[i].defined() && t[i].requires_grad());
+  record = record && GradMode::enabled();
+  TensorList out_t;
+  if (op->linear()) {
+    TensorList args;
+    for (size_t i = 0; i < inputs.size(); ++i)
+      args.push_back(!inputs[i].defined() || !is_floating(inputs[i].dtype()) ? inputs[i] : t[i].defined() ? t[i] : zeros_like(inputs[i]));
+    out_t = apply(op, args);
+    ++t_jvp_stats.by_rule;
+  } else if (auto r = op->jvp(inputs, outputs, t)) {
+    out_t = *r;
+    ++t_jvp_stats.by_rule;
+  } else {
+    out_t = jvp_by_vjp(*op, inputs, outputs, t, record);
+    ++t_jvp_stats.by_vjp;
+  }
+  for (size_t k = 0; k < outputs.size() && k < out_t.size(); ++k) {
+    if (!out_t[k].defined() || !outputs[k].defined() || !is_floating(outputs[k].dtype())) continue;
+    const Tensor tk = out_t[k].dtype() == outputs[k].dtype() ? out_t[k] : out_t[k].astype(outputs[k].dtype());
+    set_tangent(outputs[k], tk);
+    // The tape keeps an op's outputs for its vjp as detached aliases (autodiff/tape.cpp): they carry the
+    // same tangent, so a backward pass inside fn (forward over reverse) sees it.
+    const std::shared_ptr<Node>& node = outputs[k].get()->grad_fn;
+    if (node && outputs[k].get()->output_index < node->outputs.size()) set_tangent(node->outputs[outputs[k].get()->output_index], tk);
+  }
+}
+
+void ForwardMode::on_write(const Tensor& dst, const Tensor& src) {
+  if (prev_) prev_->on_write(dst, src);
+  bool involved = tangent(src).defined();
+  for (const auto& [impl, e] : tangents_)
+    if (auto p = e.primal.lock(); p && p->storage == dst.storage()) involved = true;
+  if (involved)
+    throw AutodiffError("jvp: an in-place write (copy_ / fill_) of a value that carries a tangent", "fn written out of place",
+                        "a write into " + spec_str(dst), "compute a new tensor instead (where(), concat(), slice_scatter)");
+}
+
+void ForwardMode::on_host_read(const Tensor& t) {
+  if (prev_) prev_->on_host_read(t);
+}
+
+void ForwardMode::on_alias(const Tensor& from, const Tensor& to) {
+  if (prev_) prev_->on_alias(from, to);
+  if (Tensor t = tangent(from); t.defined()) set_tangent(to, t);
+}
+
+const JvpStats& jvp_stats() { return t_jvp_stats; }
+void reset_jvp_stats() { t_jvp_stats = {}; }
+
+}  // namespace detail
+
 std::pair<TensorList, TensorList> jvp(const VectorFn& fn, const TensorList& primals, const TensorList& tangents,
                                       const FunctionalOptions& opts, Loc loc) {
   const TensorList v = paired(tangents, primals, "jvp", "tangents", "primal", loc);
   GradModeGuard on(true);
-  // Fresh handles on the primals' memory (so fn's own reads of the caller's tensors stay constants); under
-  // create_graph a recorded primal is copied by an op, so the results stay differentiable through it.
-  TensorList xs;
-  for (const Tensor& p : primals) {
-    if (!p.defined())
-      throw AutodiffError("jvp: a primal is undefined", "a tensor", "Tensor()", "pass every argument fn takes", loc);
-    xs.push_back(!differentiable(p) ? p : opts.create_graph && p.requires_grad() ? p.clone() : detail::detach(p));
-  }
+  // Fresh handles on the primals' memory that need no tape (forward mode keeps none).
+  const TensorList xs = leaves_of(primals, opts.create_graph, "jvp", loc, /*require_grad=*/false);
   TensorList ys, ts;
   {
     detail::ForwardMode forward;

@@ -14,7 +14,6 @@
 // shapes) runs in the same invocation. Options: --device cpu|cuda, --iters N (default 10), --no-peer.
 #include <omp.h>
 
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -77,14 +76,7 @@ int main(int argc, char** argv) {
     auto sync = [&] {
       if (dev.is_cuda()) tx::cuda_rt::synchronize(dev.index);
     };
-    auto time_ms = [&](const std::function<void()>& f) {
-      for (int i = 0; i < 2; ++i) f();
-      sync();
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < iters; ++i) f();
-      sync();
-      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / double(iters);
-    };
+    auto time_ms = [&](const std::function<void()>& f) { return tx::bench::time_ms(f, iters, sync); };
     tx::detail::reset_jvp_stats();
     const tx::Tensor fwd = tx::jvp(fn, primals, tangents).second[0];
     const int64_t by_vjp = tx::detail::jvp_stats().by_vjp;

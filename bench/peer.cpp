@@ -1,5 +1,6 @@
 #include "peer.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -80,6 +81,15 @@ std::map<std::string, std::string> peer_figures(bool enabled, const std::string&
     std::fprintf(stderr, "peer failed: %s\n", why.empty() ? ("no " + required.front() + " in its output").c_str() : why.c_str());
   }
   return {};
+}
+
+double time_ms(const std::function<void()>& f, int64_t iters, const std::function<void()>& sync) {
+  for (int i = 0; i < 2; ++i) f();
+  sync();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < iters; ++i) f();
+  sync();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / double(iters);
 }
 
 }  // namespace titanax::bench

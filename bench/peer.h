@@ -1,6 +1,9 @@
-// Runs a peer benchmark script (../shared/peers/*.py) in the same run and reads its key=value output.
+// What the benchmarks share: running a peer benchmark script (../shared/peers/*.py) in the same run and
+// reading its key=value output, and timing a call.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -28,5 +31,9 @@ std::map<std::string, std::string> run_peer(const std::string& python, const std
 /// stderr).
 std::map<std::string, std::string> peer_figures(bool enabled, const std::string& script, const std::string& args,
                                                 const std::vector<std::string>& required, std::string& line);
+
+/// Milliseconds per call of f: 2 untimed calls first (a trace, a compile, a cache's first fill), then
+/// `iters` timed ones; `sync` (waiting for a device's queued work) runs before the clock starts and stops.
+double time_ms(const std::function<void()>& f, int64_t iters, const std::function<void()>& sync);
 
 }  // namespace titanax::bench

@@ -20,7 +20,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -100,15 +99,7 @@ int main(int argc, char** argv) {
     auto sync = [&] {
       if (dev.is_cuda()) tx::cuda_rt::synchronize(dev.index);
     };
-    // Milliseconds per call of f, after 2 untimed calls (the trace and compile of the first ones).
-    auto time_ms = [&](const std::function<tx::TensorList()>& f) {
-      for (int i = 0; i < 2; ++i) f();
-      sync();
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int64_t i = 0; i < iters; ++i) f();
-      sync();
-      return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / double(iters);
-    };
+    auto time_ms = [&](const std::function<tx::TensorList()>& f) { return tx::bench::time_ms([&] { f(); }, iters, sync); };
 
     tx::jit::reset_vmap_stats();
     const tx::TensorList want = loop(), got = vmapped({X, Y});

@@ -29,6 +29,58 @@ DType dtype_of(const std::string& descr, const std::string& path) {
                   "convert it in NumPy first: np.save(path, a.astype('<f4'))");
 }
 
+// A DataError about `path`'s contents.
+DataError bad(const std::string& path, const std::string& what, const std::string& expected, const std::string& found) {
+  return DataError(".npy file '" + path + "': " + what, expected, found, "write it with numpy.save");
+}
+
+struct Header {
+  DType dtype;
+  Shape shape;
+};
+
+// Opens `path` and reads its header: `f` is left at the first element.
+Header read_header(std::ifstream& f, const std::string& path) {
+  f.open(path, std::ios::binary);
+  if (!f) throw IOError("cannot open '" + path + "'", "a readable .npy file", std::strerror(errno));
+  char pre[8] = {};
+  if (!f.read(pre, 8) || std::memcmp(pre, kMagic, 6) != 0)
+    throw bad(path, "bad magic string (bytes 0-5)", "\\x93NUMPY", "something else (not a .npy file, or truncated)");
+  const int major = pre[6];
+  if (major < 1 || major > 3) throw bad(path, "unknown format version (byte 6)", "1, 2 or 3", std::to_string(major));
+  unsigned char lb[4] = {};
+  const int nlen = major == 1 ? 2 : 4;
+  if (!f.read(reinterpret_cast<char*>(lb), nlen)) throw bad(path, "truncated header length", std::to_string(nlen) + " bytes", "fewer");
+  const uint32_t len = uint32_t(lb[0]) | uint32_t(lb[1]) << 8 | uint32_t(lb[2]) << 16 | uint32_t(lb[3]) << 24;
+  if (len > (1u << 20)) throw bad(path, "header length over 1 MiB", "a short header", std::to_string(len) + " bytes");
+  std::string header(len, '\0');
+  if (!f.read(header.data(), len)) throw bad(path, "truncated header", std::to_string(len) + " bytes", "fewer");
+
+  static const std::regex descr_re(R"('descr'\s*:\s*'([^']*)')"), order_re(R"('fortran_order'\s*:\s*(True|False))"),
+      shape_re(R"('shape'\s*:\s*\(([^)]*)\))"), dim_re(R"(\s*(\d+)\s*)");
+  std::smatch d, o, s;
+  if (!std::regex_search(header, d, descr_re) || !std::regex_search(header, o, order_re) ||
+      !std::regex_search(header, s, shape_re))
+    throw bad(path, "header is not numpy's dict", "{'descr': ..., 'fortran_order': ..., 'shape': (...), }", header);
+  if (o[1] == "True")
+    throw DataError(".npy file '" + path + "' is in Fortran order", "fortran_order False (C order)", "True",
+                    "save np.ascontiguousarray(a) instead");
+  const DType dtype = dtype_of(d[1], path);
+  Shape shape;
+  const std::string dims = s[1];
+  size_t pos = 0;
+  while (pos < dims.size()) {
+    const size_t comma = dims.find(',', pos);
+    const std::string item = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    std::smatch m;
+    if (std::regex_match(item, m, dim_re)) shape.push_back(std::stoll(m[1]));
+    else if (item.find_first_not_of(" \t") != std::string::npos) throw bad(path, "bad shape in the header", "(d0, d1, ...)", "(" + dims + ")");
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  return {dtype, shape};
+}
+
 }  // namespace
 
 void save_npy(const std::string& path, const Tensor& t) {
@@ -57,58 +109,25 @@ void save_npy(const std::string& path, const Tensor& t) {
 }
 
 Tensor load_npy(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) throw IOError("cannot open '" + path + "'", "a readable .npy file", std::strerror(errno));
-  auto bad = [&](const std::string& what, const std::string& expected, const std::string& found) {
-    return DataError(".npy file '" + path + "': " + what, expected, found, "write it with numpy.save");
-  };
-  char pre[8] = {};
-  if (!f.read(pre, 8) || std::memcmp(pre, kMagic, 6) != 0)
-    throw bad("bad magic string (bytes 0-5)", "\\x93NUMPY", "something else (not a .npy file, or truncated)");
-  const int major = pre[6];
-  if (major < 1 || major > 3) throw bad("unknown format version (byte 6)", "1, 2 or 3", std::to_string(major));
-  unsigned char lb[4] = {};
-  const int nlen = major == 1 ? 2 : 4;
-  if (!f.read(reinterpret_cast<char*>(lb), nlen)) throw bad("truncated header length", std::to_string(nlen) + " bytes", "fewer");
-  const uint32_t len = uint32_t(lb[0]) | uint32_t(lb[1]) << 8 | uint32_t(lb[2]) << 16 | uint32_t(lb[3]) << 24;
-  if (len > (1u << 20)) throw bad("header length over 1 MiB", "a short header", std::to_string(len) + " bytes");
-  std::string header(len, '\0');
-  if (!f.read(header.data(), len)) throw bad("truncated header", std::to_string(len) + " bytes", "fewer");
-
-  static const std::regex descr_re(R"('descr'\s*:\s*'([^']*)')"), order_re(R"('fortran_order'\s*:\s*(True|False))"),
-      shape_re(R"('shape'\s*:\s*\(([^)]*)\))"), dim_re(R"(\s*(\d+)\s*)");
-  std::smatch d, o, s;
-  if (!std::regex_search(header, d, descr_re) || !std::regex_search(header, o, order_re) ||
-      !std::regex_search(header, s, shape_re))
-    throw bad("header is not numpy's dict", "{'descr': ..., 'fortran_order': ..., 'shape': (...), }", header);
-  if (o[1] == "True")
-    throw DataError(".npy file '" + path + "' is in Fortran order", "fortran_order False (C order)", "True",
-                    "save np.ascontiguousarray(a) instead");
-  const DType dtype = dtype_of(d[1], path);
-  Shape shape;
-  const std::string dims = s[1];
-  size_t pos = 0;
-  while (pos < dims.size()) {
-    const size_t comma = dims.find(',', pos);
-    const std::string item = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-    std::smatch m;
-    if (std::regex_match(item, m, dim_re)) shape.push_back(std::stoll(m[1]));
-    else if (item.find_first_not_of(" \t") != std::string::npos) throw bad("bad shape in the header", "(d0, d1, ...)", "(" + dims + ")");
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
-  }
+  std::ifstream f;
+  const auto [dtype, shape] = read_header(f, path);
   Tensor t = empty(shape, dtype);
   if (!f.read(static_cast<char*>(t.raw_data()), std::streamsize(t.nbytes())))
-    throw bad("data shorter than its shape needs", std::to_string(t.nbytes()) + " bytes for " + shape.str(),
+    throw bad(path, "data shorter than its shape needs", std::to_string(t.nbytes()) + " bytes for " + shape.str(),
               std::to_string(f.gcount()) + " bytes");
   if (f.peek() != std::char_traits<char>::eof())
-    throw bad("data longer than its shape needs", std::to_string(t.nbytes()) + " bytes for " + shape.str(), "more bytes");
+    throw bad(path, "data longer than its shape needs", std::to_string(t.nbytes()) + " bytes for " + shape.str(), "more bytes");
   if (dtype == DType::bool_) {
     const auto* b = static_cast<const uint8_t*>(t.raw_data());
     for (int64_t i = 0; i < t.numel(); ++i)
-      if (b[i] > 1) throw bad("a bool element other than 0 or 1", "bytes 0 or 1", std::to_string(b[i]) + " at element " + std::to_string(i));
+      if (b[i] > 1) throw bad(path, "a bool element other than 0 or 1", "bytes 0 or 1", std::to_string(b[i]) + " at element " + std::to_string(i));
   }
   return t;
+}
+
+Shape npy_shape(const std::string& path) {
+  std::ifstream f;
+  return read_header(f, path).shape;
 }
 
 std::shared_ptr<TensorDataset> load_npy_dataset(const std::string& dir, const std::string& split) {

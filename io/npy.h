@@ -30,6 +30,10 @@ void save_npy(const std::string& path, const Tensor& t);
 /// shape needs.
 Tensor load_npy(const std::string& path);
 
+/// The shape of the array a .npy file holds, from its header alone (its data is not read). Throws what
+/// load_npy throws for a bad header.
+Shape npy_shape(const std::string& path);
+
 /// A classification dataset from .npy arrays (the config's data.dataset: npy): <dir>/<split>_x.npy, f32
 /// [N, ...] (the model's inputs, already normalised), and <split>_y.npy, integer class ids [N] (any
 /// integer dtype; read as i64). Returns a TensorDataset with "x" and "y". Throws what load_npy throws,

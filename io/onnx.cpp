@@ -8,10 +8,12 @@
 #include <filesystem>
 #include <fstream>
 #include <set>
+#include <string_view>
 
 #include "autodiff/tape.h"
 #include "core/error.h"
 #include "core/onnx_builder.h"
+#include "io/npm.h"
 #include "ops/ops.h"
 
 namespace titanax {
@@ -33,10 +35,15 @@ class Proto {
     put_varint(uint64_t(v));
     return *this;
   }
-  Proto& bytes(int field, const std::string& b) {
-    key(field, 2);
-    put_varint(b.size());
+  Proto& bytes(int field, std::string_view b) {
+    header(field, b.size());
     buf_ += b;
+    return *this;
+  }
+  // The key and length of a length-delimited field whose `len` bytes the caller appends next.
+  Proto& header(int field, size_t len) {
+    key(field, 2);
+    put_varint(len);
     return *this;
   }
   Proto& message(int field, const Proto& m) { return bytes(field, m.buf_); }
@@ -151,13 +158,14 @@ class ModelBuilder final : public OnnxBuilder {
   // Adds t as an initializer named `name` (already claimed); returns the name.
   std::string initializer(const std::string& name, const Tensor& t) {
     const Tensor host = t.to(Device::cpu()).contiguous();
-    Proto p;
+    Proto p;  // the TensorProto; inline data is appended after it, straight into the graph
     for (int64_t d : host.shape()) p.varint(f::tensor_dims, d);
     p.varint(f::tensor_data_type, onnx_dtype(host.dtype())).bytes(f::tensor_name, name);
     const char* data = static_cast<const char*>(host.raw_data());
     const int64_t n = int64_t(host.nbytes());
-    if (!external_ || n < 1024) {
-      p.bytes(f::tensor_raw_data, std::string(data, size_t(n)));
+    const bool inline_data = !external_ || n < 1024;
+    if (inline_data) {
+      p.header(f::tensor_raw_data, size_t(n));
     } else {
       ExternalData& e = *external_;
       const int64_t at = (e.offset + 63) / 64 * 64;
@@ -169,7 +177,9 @@ class ModelBuilder final : public OnnxBuilder {
         p.message(f::tensor_external_data, Proto().bytes(f::entry_key, key).bytes(f::entry_value, value));
       p.varint(f::tensor_data_location, 1);  // EXTERNAL
     }
-    graph_.message(f::graph_initializer, p);
+    graph_.header(f::graph_initializer, p.str().size() + (inline_data ? size_t(n) : 0));
+    graph_.str() += p.str();
+    if (inline_data) graph_.str().append(data, size_t(n));  // the weights' one copy
     defined_.insert(name);
     return name;
   }
@@ -183,14 +193,15 @@ class ModelBuilder final : public OnnxBuilder {
   bool claim(const std::string& n) { return used_.insert(n).second; }
   bool defined(const std::string& n) const { return defined_.count(n) > 0; }
   void set_scope(const std::string& s) { scope_ = s; }
-  // The ModelProto bytes.
+  // The ModelProto bytes, built around the graph's buffer (the weights are not copied again).
   std::string model(const std::string& graph_name) {
     graph_.bytes(f::graph_name, graph_name);
-    Proto m;
-    m.varint(f::model_ir_version, kIrVersion).bytes(f::model_producer_name, "titanax");
-    m.message(f::model_graph, graph_);
-    m.message(f::model_opset_import, Proto().bytes(f::opset_domain, "").varint(f::opset_version, kOpset));
-    return std::move(m.str());
+    Proto head;
+    head.varint(f::model_ir_version, kIrVersion).bytes(f::model_producer_name, "titanax").header(f::model_graph, graph_.str().size());
+    std::string m = std::move(graph_.str());
+    m.insert(0, head.str());
+    m += Proto().message(f::model_opset_import, Proto().bytes(f::opset_domain, "").varint(f::opset_version, kOpset)).str();
+    return m;
   }
 
  private:
@@ -258,18 +269,15 @@ std::string to_model(const jit::Graph& g, const OnnxExportOptions& opts, const B
       renamed[k] = true;
     }
   }
+  // One initializer per constant value: the trace gives a tensor's memory one value however it is read.
   size_t unnamed = 0;
-  std::set<std::string> initializers;
   for (size_t v = 0; v < g.values.size(); ++v) {
     const jit::Value& val = g.values[v];
     if (val.kind == jit::Value::Kind::constant || val.kind == jit::Value::Kind::state) {
       if (last[v] < 0) continue;
       std::string n = constant_name(val.constant, opts.named_tensors, unnamed);
-      if (!initializers.count(n)) {  // a parameter read through several values is one initializer
-        if (!b.claim(n)) n = b.fresh();
-        initializers.insert(n);
-        b.initializer(n, val.constant);
-      }
+      if (!b.claim(n)) n = b.fresh();  // the name of an input or output
+      b.initializer(n, val.constant);
       name[v] = n;
     } else if (val.kind == jit::Value::Kind::node_output && name[v].empty() && last[v] >= 0) {
       name[v] = b.fresh();
@@ -418,29 +426,28 @@ std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, 
 
 void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                  const std::string& path, const OnnxExportOptions& opts) {
-  const std::string tmp = path + ".tmp";
   ExternalData data;
   data.path = path + ".data";
   data.location = std::filesystem::path(data.path).filename().string();
-  const std::string data_tmp = data.path + ".tmp";
+  const std::filesystem::path data_tmp = detail::temp_path(data.path);
   const std::string bytes = traced_model(fn, example_inputs, opts, [&](const jit::Graph& g) -> ExternalData* {
     if (!opts.external_data && weight_bytes(g) <= (uint64_t(3) << 29)) return nullptr;  // 1.5 GiB
     data.out.open(data_tmp, std::ios::binary | std::ios::trunc);
-    if (!data.out) throw IOError("cannot create '" + data_tmp + "'", "a writable folder", "open failed");
+    if (!data.out) throw IOError("cannot create '" + data_tmp.string() + "'", "a writable folder", "open failed");
     return &data;
   });
   if (data.out.is_open()) {
     data.out.close();
-    if (!data.out || std::rename(data_tmp.c_str(), data.path.c_str()) != 0)
-      throw IOError("cannot write '" + data.path + "'", "a writable folder", "write or rename failed");
+    if (!data.out) throw IOError("cannot write '" + data_tmp.string() + "'", "the external data written", "the write failed");
+    detail::rename_into_place(data_tmp, data.path);
   }
+  const std::filesystem::path tmp = detail::temp_path(path);
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     if (!f || !f.write(bytes.data(), std::streamsize(bytes.size())) || !f.flush())
-      throw IOError("cannot write '" + tmp + "'", "a writable path", "the write failed");
+      throw IOError("cannot write '" + tmp.string() + "'", "a writable path", "the write failed");
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0)
-    throw IOError("cannot rename '" + tmp + "' to '" + path + "'", "a writable folder", "rename failed");
+  detail::rename_into_place(tmp, path);
 }
 
 }  // namespace titanax

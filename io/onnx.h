@@ -66,7 +66,7 @@ struct OnnxExportOptions {
 /// leaves an output undefined.
 std::string export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,
                         const OnnxExportOptions& opts = {});
-/// export_onnx written to `path` (written to path + ".tmp", then renamed), with the weights in
+/// export_onnx written to `path` (under a temporary name beside it, then renamed), with the weights in
 /// path + ".data" when opts.external_data is set or they exceed 1.5 GiB. IOError when a file cannot be
 /// written.
 void export_onnx(const std::function<TensorList(const TensorList&)>& fn, const TensorList& example_inputs,

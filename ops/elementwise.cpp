@@ -34,10 +34,7 @@ class Binary final : public Op {
   // d(a b) = da b + a db;  d(a / b) = (da - (a / b) db) / b. Other ops: jvp from the vjp.
   std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& t) const override {
     const Tensor &a = in[0], &b = in[1], &ta = t[0], &tb = t[1];
-    if (k_ == BinaryOp::mul) {
-      const Tensor l = ta.defined() ? mul(ta, b) : Tensor(), r = tb.defined() ? mul(a, tb) : Tensor();
-      return TensorList{l.defined() && r.defined() ? add(l, r) : l.defined() ? l : r};
-    }
+    if (k_ == BinaryOp::mul) return TensorList{sum_defined(ta.defined() ? mul(ta, b) : Tensor(), tb.defined() ? mul(a, tb) : Tensor())};
     if (k_ == BinaryOp::div) {
       const Tensor num = ta.defined() && tb.defined() ? sub(ta, mul(out[0], tb)) : ta.defined() ? ta : neg(mul(out[0], tb));
       return TensorList{div(num, b)};
@@ -301,6 +298,7 @@ Tensor un(UnaryOp k, const Tensor& x) { return apply1(std::make_shared<Unary>(k)
 }  // namespace
 
 Tensor scalar_like(double v, const Tensor& like) { return scalar(v, like.dtype(), like.device()); }
+Tensor sum_defined(const Tensor& a, const Tensor& b) { return a.defined() && b.defined() ? add(a, b) : a.defined() ? a : b; }
 
 Tensor add(const Tensor& a, const Tensor& b) { return bin(BinaryOp::add, a, b); }
 Tensor sub(const Tensor& a, const Tensor& b) { return bin(BinaryOp::sub, a, b); }

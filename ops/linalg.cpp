@@ -60,8 +60,7 @@ class Matmul final : public Op {
   const char* name() const override { return "matmul"; }
   // d(a b) = da b + a db.
   std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
-    const Tensor l = t[0].defined() ? matmul(t[0], in[1]) : Tensor(), r = t[1].defined() ? matmul(in[0], t[1]) : Tensor();
-    return TensorList{l.defined() && r.defined() ? add(l, r) : l.defined() ? l : r};
+    return TensorList{sum_defined(t[0].defined() ? matmul(t[0], in[1]) : Tensor(), t[1].defined() ? matmul(in[0], t[1]) : Tensor())};
   }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {
@@ -165,12 +164,9 @@ class Linear final : public Op {
   // d(x w^T + b) = dx w^T + db + x dw^T: the first two in one linear.
   std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
     const Tensor db = in.size() > 2 ? t[2] : Tensor();
-    Tensor r = t[0].defined() ? titanax::linear(t[0], in[1], db) : Tensor();
-    if (t[1].defined()) {
-      const Tensor xdw = titanax::linear(in[0], t[1], r.defined() ? Tensor() : db);
-      r = r.defined() ? add(r, xdw) : xdw;
-    }
-    return TensorList{r.defined() ? r : expand(db, infer(in)[0].shape)};
+    const Tensor r = t[0].defined() ? titanax::linear(t[0], in[1], db) : Tensor();
+    const Tensor xdw = t[1].defined() ? titanax::linear(in[0], t[1], r.defined() ? Tensor() : db) : Tensor();
+    return TensorList{r.defined() || xdw.defined() ? sum_defined(r, xdw) : expand(db, infer(in)[0].shape)};
   }
   AutocastPolicy autocast_policy() const override { return AutocastPolicy::lower; }
   std::vector<TensorSpec> infer(const TensorList& in) const override {

@@ -468,6 +468,15 @@ class LayerNorm final : public Op {
 // The lse output's dtype: f64 beside f64 inputs, else f32 (16-bit inputs keep their row statistics in f32).
 DType lse_dtype(DType t) { return t == DType::f64 ? DType::f64 : DType::f32; }
 
+// The causal mask of attention, [tq, tk] in dtype t: -inf where key j comes after query i (j > i), else
+// 0; added to the scores. Key j is visible to query i iff j <= i, as in the fused kernels.
+Tensor causal_mask(int64_t tq, int64_t tk, DType t) {
+  std::vector<double> mask(size_t(tq * tk), 0.0);
+  for (int64_t i = 0; i < tq; ++i)
+    for (int64_t j = i + 1; j < tk; ++j) mask[size_t(i * tk + j)] = -INFINITY;
+  return from_vector(mask, Shape{tq, tk}, t);
+}
+
 // Attention's ONNX form, composed_attention's math: softmax(scale q k^T + causal mask) v, with q
 // [..., Tq, D] of spec `qs`, k and v [..., Tk, D]. Writes o, and the rows' logsumexp in lse_dtype into
 // `lse` unless it is empty. 16-bit operands are computed in f32 and o rounded once, as the kernels do.
@@ -482,12 +491,7 @@ void attention_onnx(OnnxBuilder& b, std::string q, std::string k, std::string v,
   for (int i = 0; i < r; ++i) perm[size_t(i)] = i;
   std::swap(perm[size_t(r - 1)], perm[size_t(r - 2)]);
   std::string s = b.op("Mul", {b.op("MatMul", {q, b.op("Transpose", {k}, {{"perm", perm}})}), b.scalar(scale, t)});
-  if (causal) {
-    std::vector<double> mask(size_t(tq * tk), 0.0);
-    for (int64_t i = 0; i < tq; ++i)
-      for (int64_t j = i + 1; j < tk; ++j) mask[size_t(i * tk + j)] = -INFINITY;
-    s = b.op("Add", {s, b.constant(from_vector(mask, Shape{tq, tk}, t))});
-  }
+  if (causal) s = b.op("Add", {s, b.constant(causal_mask(tq, tk, t))});
   const std::string y = b.op("MatMul", {b.op("Softmax", {s}, {{"axis", int64_t(-1)}}), v});
   b.node(t != qs.dtype ? "Cast" : "Identity", {y}, {o}, t != qs.dtype ? std::vector<OnnxAttr>{{"to", int64_t(onnx_dtype(qs.dtype))}} : std::vector<OnnxAttr>{});
   if (!lse.empty())
@@ -528,13 +532,7 @@ class AttentionOp : public Op {
 // k and v [..., Tk, D]; causal: key j visible to query i iff j <= i, as the fused kernels.
 Tensor composed_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
   Tensor s = matmul(q, transpose(k, -1, -2)) * scale;
-  if (causal) {
-    const int64_t tq = q.shape()[q.dim() - 2], tk = k.shape()[k.dim() - 2];
-    std::vector<double> mask(size_t(tq * tk), 0.0);
-    for (int64_t i = 0; i < tq; ++i)
-      for (int64_t j = i + 1; j < tk; ++j) mask[size_t(i * tk + j)] = -INFINITY;
-    s = s + from_vector(mask, Shape{tq, tk}, s.dtype()).to(s.device());
-  }
+  if (causal) s = s + causal_mask(q.shape()[q.dim() - 2], k.shape()[k.dim() - 2], s.dtype()).to(s.device());
   return matmul(softmax(s, -1), v);
 }
 

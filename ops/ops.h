@@ -62,6 +62,9 @@ Tensor gelu_backward(const Tensor& dy, const Tensor& x, bool approximate = true)
 
 /// 0-d tensor holding v with like's dtype and device.
 Tensor scalar_like(double v, const Tensor& like);
+/// a + b where both are defined, else the defined one (undefined when neither is): a sum of optional
+/// terms, as derivative rules accumulate them (an undefined tensor is a zero).
+Tensor sum_defined(const Tensor& a, const Tensor& b);
 
 // Operators (scalar operands become 0-d tensors of the tensor's dtype).
 Tensor operator+(const Tensor& a, const Tensor& b);
