@@ -233,6 +233,32 @@ std::map<std::string, PartitionSpec> GPT::partition_specs() const {
   return out;
 }
 
+void GPT::load_global_parameters(const ParamTree& global) {
+  std::map<std::string, Shape> shapes;
+  std::vector<std::string> paths;
+  for (const ParamLayout& l : layout(cfg_)) shapes.emplace(l.path, l.global_shape), paths.push_back(l.path);
+  for (const auto& [p, t] : global) {
+    auto it = shapes.find(p);
+    if (it == shapes.end())
+      throw ValueError("GPT::load_global_parameters: '" + p + "' is not a parameter of this GPT", "a path of GPT::layout",
+                       "'" + p + "'", did_you_mean(p, paths));
+    if (!t.defined() || !is_floating(t.dtype()) || t.shape() != it->second)
+      throw ValueError("GPT::load_global_parameters: '" + p + "' does not fit the model's config",
+                       "a floating tensor of global shape " + it->second.str(), t.defined() ? spec_str(t) : "undefined",
+                       "build the GPT with the config the weights were made for");
+  }
+  for (const std::string& p : paths)
+    if (!global.contains(p))
+      throw ValueError("GPT::load_global_parameters: no tensor for '" + p + "'", "every path of GPT::layout", "none",
+                       "give the whole model's parameters (" + std::to_string(paths.size()) + " tensors)");
+  NoGradGuard ng;
+  const std::map<std::string, PartitionSpec> specs = partition_specs();
+  for (auto [p, t] : parameters()) {
+    const Tensor& g = global.at(p);
+    copy_(t, tp_.has_mesh() ? shard_of(g, specs.at(p), tp_.mesh()) : g);
+  }
+}
+
 void GPT::check_whole(const char* what) const {
   if (pp_size_ > 1)
     throw PlanError(std::string("GPT::") + what + " needs the whole model, but this rank holds pipeline stage " +

@@ -123,6 +123,14 @@ class GPT final : public Module, public PipelineModule {
   /// Where the model is split (a default group without a mesh).
   const TPGroup& tp_group() const { return tp_; }
 
+  /// Sets the parameters this rank holds from whole tensors, in place (optimizers and checkpoints keep
+  /// their references): `global` holds every path of layout(config()) with its global shape, in any
+  /// floating dtype and on any device (cast to cfg.dtype, moved to the parameters' device); each rank
+  /// copies its tensor-parallel block (shard_of its spec) of the parameters of its pipeline stage. Not
+  /// collective. Throws ValueError naming the first path that is missing, unexpected, of another shape
+  /// or not floating; nothing is written then.
+  void load_global_parameters(const ParamTree& global);
+
   /// Megatron's layout as glob rules over the parameter paths (parallel/sharding.h):
   ///   wte/weight -> {axis, ""}, blocks/*/attn/qkv/weight -> {"", axis, ""}, blocks/*/attn/qkv/bias ->
   ///   {"", axis}, blocks/*/attn/proj/weight -> {"", axis}, blocks/*/mlp/fc/weight -> {axis, ""},

@@ -29,6 +29,7 @@
 #include "parallel/tp.h"
 #include "engine/engine.h"
 #include "engine/gpt.h"
+#include "engine/gpt_pretrained.h"
 #include "engine/logger.h"
 #include "engine/nn.h"
 #include "engine/pipeline_module.h"

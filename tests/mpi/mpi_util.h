@@ -2,7 +2,11 @@
 // are computed here from rank ids, independently of the code under test.
 #pragma once
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <atomic>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -22,6 +26,28 @@ using namespace titanax;
 inline Runtime& rt() { return Runtime::instance(); }
 inline int world_rank() { return rt().rank(); }
 inline int world_size() { return rt().world_size(); }
+
+/// A scratch directory shared by every rank (rank 0 names, creates and finally removes it).
+struct SharedDir {
+  std::filesystem::path path;
+  SharedDir() {
+    static std::atomic<int> counter{0};
+    const std::string mine = (std::filesystem::temp_directory_path() /
+                              ("titanax_mpi_" + std::to_string(::getpid()) + "_" + std::to_string(counter++)))
+                                 .string();
+    path = rt().world()->all_gather_string(mine)[0];
+    if (world_rank() == 0) {
+      std::filesystem::remove_all(path);
+      std::filesystem::create_directories(path);
+    }
+    rt().world()->barrier();
+  }
+  ~SharedDir() {
+    rt().world()->barrier();
+    std::error_code ec;
+    if (world_rank() == 0) std::filesystem::remove_all(path, ec);
+  }
+};
 
 /// A mesh layout to test: axis names and fixed sizes.
 struct MeshCase {

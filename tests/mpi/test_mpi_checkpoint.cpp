@@ -21,28 +21,6 @@ namespace fs = std::filesystem;
 
 namespace {
 
-// A scratch directory shared by every rank (rank 0 names it), removed at the end.
-struct SharedDir {
-  fs::path path;
-  SharedDir() {
-    static std::atomic<int> counter{0};
-    const std::string mine = (fs::temp_directory_path() / ("titanax_mpi_ckpt_" + std::to_string(::getpid()) + "_" +
-                                                           std::to_string(counter++)))
-                                 .string();
-    path = rt().world()->all_gather_string(mine)[0];
-    if (world_rank() == 0) {
-      fs::remove_all(path);
-      fs::create_directories(path);
-    }
-    rt().world()->barrier();
-  }
-  ~SharedDir() {
-    rt().world()->barrier();
-    std::error_code ec;
-    if (world_rank() == 0) fs::remove_all(path, ec);
-  }
-};
-
 Pos pos_of(const Mesh& m) { return Pos{m.axes(), m.shape(), m.coords(), m.rank()}; }
 
 // Loads `step` as the ranks v = world_rank(), + world_size(), ... of target `t` and checks every element.

@@ -2,7 +2,8 @@
 // here from rank ids), the vocabulary-parallel embedding and cross-entropy against the unsplit ops on
 // the gathered tensors, the GPT split over TP = world size (and DP x TP = 2 x 2 at 4 ranks) against
 // the whole model computed on the same rank (loss and every gradient, gathered), and 20 AdamW steps
-// with gradient clipping under Engine against the whole model's engine.
+// with gradient clipping under Engine against the whole model's engine; GPT-2 weights written by one
+// rank load into every rank's TP block and pipeline stage.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 
 #include "engine/engine.h"
 #include "engine/gpt.h"
+#include "engine/gpt_pretrained.h"
 #include "mpi_util.h"
 #include "parallel/sharding.h"
 #include "parallel/tp.h"
@@ -279,6 +281,37 @@ TEST_CASE("GPT split over TP: Hessian-vector products equal the whole model's", 
     };
     const ParamTree hs = hessian_vector(split, true), hw = hessian_vector(whole, false);
     for (const auto& [p, h] : hs) check_rel(unshard(h, specs.at(p), mesh), hw.at(p), 1e-10, "H v " + p);
+  }
+}
+
+TEST_CASE("GPT-2 weights load into each rank's tensor-parallel block and pipeline stage", "[mpi][tp][gpt][pretrained]") {
+  const int n = world_size();
+  std::vector<MeshCase> cases{{{"model"}, {n}}};
+  if (n == 2) cases.push_back({{"pipe"}, {2}});
+  if (n == 4) cases.push_back({{"pipe", "model"}, {2, 2}});
+  // f32: the file holds f32 (the format's), so every rank's values are the whole model's exactly.
+  const nn::GPTConfig cfg = small(DType::f32);
+  nn::GPT whole(cfg);
+  whole.init_parameters(9);  // not the default init the split models start from
+  SharedDir d;
+  if (world_rank() == 0) nn::write_gpt2_safetensors(whole.parameters(), cfg, (d.path / "gpt2").string());
+  rt().world()->barrier();
+  for (const auto& mc : cases) {
+    INFO(mc.name());
+    Mesh mesh = MeshSpec{mc.axes, mc.shape}.build(rt());
+    nn::GPTConfig c = cfg;
+    c.tp_axis = mesh.has_axis("model") ? "model" : "";
+    c.pp_axis = mesh.has_axis("pipe") ? "pipe" : "";
+    nn::GPT split(c, mesh);
+    nn::load_gpt2_weights(split, (d.path / "gpt2" / "model.safetensors").string());
+    const auto specs = split.partition_specs();
+    for (const auto& [p, t] : split.parameters()) {
+      INFO(p);
+      CHECK(vals(t) == vals(shard_of(whole.parameters().at(p), specs.at(p), mesh).contiguous()));
+    }
+    if (!c.pp_axis.empty()) continue;  // a stage's loss needs the pipeline (test_mpi_pipeline.cpp)
+    Tensor x = randint(21, Shape{2, 16}, cfg.vocab), y = randint(22, Shape{2, 16}, cfg.vocab);
+    CHECK(split.loss(x, y).item() == Approx(whole.loss(x, y).item()).epsilon(1e-5));
   }
 }
 

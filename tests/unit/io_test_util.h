@@ -1,12 +1,15 @@
-// Helpers shared by the io/ tests: scratch directories and raw file bytes.
+// Helpers shared by the io/ tests: scratch directories, raw file bytes, and the Python oracles.
 #pragma once
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -41,6 +44,24 @@ inline std::vector<unsigned char> read_bytes(const std::string& path) {
 
 inline void append_be32(std::vector<unsigned char>& v, uint32_t x) {
   v.insert(v.end(), {(unsigned char)(x >> 24), (unsigned char)(x >> 16), (unsigned char)(x >> 8), (unsigned char)x});
+}
+
+/// The whole content of a text file ("" when it cannot be read).
+inline std::string read_text(const std::filesystem::path& p) {
+  std::ifstream f(p);
+  std::stringstream s;
+  s << f.rdbuf();
+  return s.str();
+}
+
+/// The interpreter of the tests' Python oracles: Debian's, with python3-numpy and python3-onnx
+/// (scripts/install-deps.sh installs them).
+inline const std::string kPython = "/usr/bin/python3";
+
+/// Runs a shell command; returns its exit code, with its output (stdout and stderr) in `log`.
+inline int shell(const std::string& cmd, const std::filesystem::path& log) {
+  const int st = std::system((cmd + " >" + log.string() + " 2>&1").c_str());
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
 /// An IDX header: magic 0 0 type ndim, then the big-endian sizes.

@@ -13,6 +13,7 @@
 #include <set>
 #include <sstream>
 
+#include "io_test_util.h"
 #include "test_util.h"
 
 #include "engine/gpt.h"
@@ -29,21 +30,9 @@ using testing::catch_error;
 
 namespace {
 
-const std::string kPython = "/usr/bin/python3";
 const std::string kReference = std::string(TITANAX_SOURCE_DIR) + "/tests/onnx/onnx_reference.py";
-
-std::string read_file(const std::filesystem::path& p) {
-  std::ifstream f(p);
-  std::stringstream s;
-  s << f.rdbuf();
-  return s.str();
-}
-
-// Runs a shell command; returns its exit code, with its output in `log`.
-int shell(const std::string& cmd, const std::filesystem::path& log) {
-  const int st = std::system((cmd + " >" + log.string() + " 2>&1").c_str());
-  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-}
+using io_test::kPython;
+using io_test::shell;
 
 // One model to evaluate with the numpy reference.
 struct Job {
@@ -73,12 +62,12 @@ void check_with_reference(const std::vector<Job>& jobs) {
   list.close();
   const auto log = dir.path() / "log.txt";
   const int rc = shell(kPython + " " + kReference + " --jobs " + (dir.path() / "jobs.txt").string(), log);
-  INFO(read_file(log));
+  INFO(io_test::read_text(log));
   REQUIRE(rc == 0);  // python3-onnx and python3-numpy missing? scripts/install-deps.sh installs them
   for (size_t j = 0; j < jobs.size(); ++j) {
     const auto out = dir.path() / std::to_string(j) / "out";
-    INFO("model " << jobs[j].name << ": " << read_file(out / "error.txt"));
-    REQUIRE(read_file(out / "rc") == "0\n");
+    INFO("model " << jobs[j].name << ": " << io_test::read_text(out / "error.txt"));
+    REQUIRE(io_test::read_text(out / "rc") == "0\n");
     for (size_t k = 0; k < jobs[j].expected.size(); ++k) {
       const Tensor& want = jobs[j].expected[k];
       const Tensor got = load_npy((out / ("output" + std::to_string(k) + ".npy")).string());
@@ -340,7 +329,7 @@ TEST_CASE(".npy files: every dtype round-trips, numpy reads ours and we read num
                                     "np.save(d + '/np_big.npy', a.astype('>f8'))\n"
                                     "np.save(d + '/np_complex.npy', a.astype(np.complex64))\n";
   const int rc = shell(kPython + " " + p("interop.py") + " " + dir.path().string(), dir.path() / "log.txt");
-  INFO(read_file(dir.path() / "log.txt"));
+  INFO(io_test::read_text(dir.path() / "log.txt"));
   REQUIRE(rc == 0);
   const Tensor row_sums = load_npy(p("np_sum.npy"));
   CHECK(row_sums.shape() == Shape{3});
@@ -355,7 +344,7 @@ TEST_CASE(".npy files: every dtype round-trips, numpy reads ours and we read num
   // Damaged files: a wrong magic string, a short data section, trailing bytes.
   std::ofstream(p("bad.npy")) << "NUMPY not really";
   CHECK_THAT(catch_error<DataError>([&] { load_npy(p("bad.npy")); }).what(), Contains("magic"));
-  const std::string good = read_file(dir.path() / "t1.npy");
+  const std::string good = io_test::read_text(dir.path() / "t1.npy");
   std::ofstream(p("short.npy"), std::ios::binary) << good.substr(0, good.size() - 8);
   CHECK_THAT(catch_error<DataError>([&] { load_npy(p("short.npy")); }).what(), Contains("shorter"));
   std::ofstream(p("long.npy"), std::ios::binary) << good << "x";

@@ -1,0 +1,60 @@
+// GPT-2 weights from and for other frameworks: start a Titanax GPT from a pretrained GPT-2 (fine-tuning,
+// sampling), and hand a Titanax-trained GPT to Hugging Face transformers.
+//
+//   nn::GPT model({.vocab = 50257, .layers = 12, .heads = 12, .dim = 768, .seq_len = 1024});
+//   nn::load_gpt2_weights(model, "gpt2/model.safetensors");     // or llm.c's "gpt2_124M.bin"
+//   nn::write_gpt2_safetensors(model.parameters(), model.config(), "out/");  // out/model.safetensors, config.json
+//
+// Titanax's GPT (engine/gpt.h) is GPT-2's architecture (pre-LN blocks, GELU in its tanh form, layer-norm
+// eps 1e-5, learned positions, the head tied to the token embedding), so the weights carry over exactly;
+// only names and layouts differ. Formats, told apart by the file's first bytes:
+//  - Hugging Face safetensors of GPT2Model or GPT2LMHeadModel ("model.safetensors" of the Hub's gpt2,
+//    gpt2-medium, ...): tensors "wte.weight", "wpe.weight", "h.<i>.ln_1.weight", "h.<i>.attn.c_attn.weight",
+//    ..., "ln_f.bias", optionally under "transformer.". GPT-2's Conv1D layers keep their weights as
+//    [in, out] (y = x W + b), the transpose of Titanax's (and torch.nn.Linear's) [out, in]. The causal
+//    mask buffers "h.<i>.attn.bias" / "h.<i>.attn.masked_bias" are skipped; "lm_head.weight" is GPT-2's
+//    tied head and must equal "wte.weight". Any of F32, F16, BF16, F64.
+//  - llm.c checkpoints ("gpt2_124M.bin", "gpt2_124M_bf16.bin", as llm.c's train_gpt2.py writes them): a
+//    header of 256 little-endian int32 (header[0] = 20240326 magic, header[1] = version, 3 for f32 and 5
+//    for bf16 parameters, then max_seq_len, vocab, layers, heads, channels, padded_vocab), then the
+//    parameters in llm.c's order, each stacked over the layers, with [out, in] weights: wte [Vp, C],
+//    wpe [maxT, C], ln1w [L, C], ln1b [L, C], qkvw [L, 3C, C], qkvb [L, 3C], attprojw [L, C, C], attprojb
+//    [L, C], ln2w [L, C], ln2b [L, C], fcw [L, 4C, C], fcb [L, 4C], fcprojw [L, C, 4C], fcprojb [L, C],
+//    lnfw [C], lnfb [C]. The padded vocabulary rows [V, Vp) are dropped.
+// Sizes must match the model's config (ValueError naming the config field to set), except the
+// positions: a model with seq_len below the file's takes the first seq_len rows of wpe (nanoGPT's
+// crop_block_size). The head count is not stored in a safetensors file (GPT-2: 12 for 124M, 16 for
+// 350M, 20 for 774M, 25 for 1558M): a wrong one loads and computes another model, as in transformers.
+#pragma once
+
+#include <string>
+
+#include "core/tree.h"
+#include "engine/gpt.h"
+
+namespace titanax::nn {
+
+/// Reads GPT-2 weights in either format above and returns the whole tensors of a GPT with config `cfg`
+/// (every path and global shape of GPT::layout(cfg), in that order; f32 CPU tensors). Throws IOError
+/// when the file cannot be read; CheckpointError when it is neither format, or is malformed (what
+/// read_safetensors checks; for llm.c: a short header, an unknown version, a size that is not the
+/// header's parameter count); ValueError naming the tensor for a missing or unexpected tensor, a shape
+/// that differs from the config's (with the config field to change), a seq_len above the file's
+/// positions, or an lm_head.weight that differs from wte.weight.
+ParamTree read_gpt2_weights(const std::string& path, const GPTConfig& cfg);
+
+/// read_gpt2_weights(path, model.config()), then model.load_global_parameters of the result: every
+/// parameter this rank holds (its tensor-parallel block, its pipeline stage's layers) takes the file's
+/// values, cast to the model's dtype, in place. Throws what both throw.
+void load_gpt2_weights(GPT& model, const std::string& path);
+
+/// Writes whole GPT parameters `params` (the paths and global shapes of GPT::layout(cfg), any floating
+/// dtype, any device) as Hugging Face GPT2LMHeadModel files in folder `dir` (created if absent):
+/// model.safetensors (the names and [in, out] Conv1D layouts above, F32, metadata format "pt", no
+/// lm_head.weight: transformers ties it to wte) and config.json (model_type gpt2, n_positions = seq_len,
+/// activation gelu_new, layer_norm_epsilon 1e-5, no dropout, tie_word_embeddings). Loads with
+/// GPT2LMHeadModel.from_pretrained(dir). Throws ValueError for a missing path or a wrong shape (naming
+/// it), IOError when a file cannot be written.
+void write_gpt2_safetensors(const ParamTree& params, const GPTConfig& cfg, const std::string& dir);
+
+}  // namespace titanax::nn
