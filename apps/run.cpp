@@ -8,6 +8,7 @@
 #include <limits>
 #include <optional>
 
+#include "engine/gpt_pretrained.h"
 #include "io/npy.h"
 #include "io/onnx.h"
 #include "jit/memory_plan.h"
@@ -52,6 +53,9 @@ const ConfigSchema& run_schema() {
     s.add_int("model.heads", 4, "gpt: attention heads", ConfigRange::at_least(1));
     s.add_int("model.dim", 256, "gpt: model width", ConfigRange::at_least(1));
     s.add_int("model.seq_len", 128, "gpt: context length T (training windows and the position table)", ConfigRange::at_least(1));
+    s.add_string("model.init_from", "", "gpt: start from pretrained GPT-2 weights instead of a random init: a Hugging "
+                 "Face model.safetensors (GPT2LMHeadModel) or an llm.c gpt2_124M.bin; model.* must describe that model "
+                 "(GPT-2 124M: vocab 50257, layers 12, heads 12, dim 768, seq_len <= 1024); checkpoint.resume wins over it");
     s.add_string("optimizer.name", "adamw", "optimizer", {"adamw", "adam", "sgd"});
     s.add_float("optimizer.lr", 1e-3, "peak learning rate", ConfigRange::at_least(0));
     s.add_float("optimizer.weight_decay", 0.0, "weight decay (decoupled for adamw, L2 for adam and sgd)", ConfigRange::at_least(0));
@@ -209,6 +213,12 @@ std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh) {
     m = std::make_shared<nn::GPT>(gpt_config(c));
   }
   m->init_parameters(uint64_t(c.get_int("seed")));
+  if (const std::string& from = c.get_string("model.init_from"); !from.empty()) {
+    if (kind != "gpt")
+      throw ConfigError("model.init_from loads GPT-2 weights, but model.kind is " + kind, "model.kind: gpt", kind,
+                        "remove model.init_from");
+    nn::load_gpt2_weights(static_cast<nn::GPT&>(*m), from);
+  }
   return m;
 }
 
@@ -509,6 +519,26 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
     if (dynamic_batch) input.replace(input.find('[') + 1, std::to_string(batch).size(), "batch");
     std::printf("wrote %s: ONNX opset 17, %s %s -> logits, %s weights of checkpoint step %lld\n", path.c_str(),
                 lm ? "ids" : "images", input.c_str(), net.name().c_str(), static_cast<long long>(step));
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
+int export_hf(const Config& c, Runtime& rt, const std::string& dir) {
+  if (!is_lm(c))
+    throw ConfigError("titanax export --format hf writes a GPT-2 for Hugging Face transformers, but model.kind is " +
+                          c.get_string("model.kind"),
+                      "model.kind: gpt", c.get_string("model.kind"), "use --format onnx for this model");
+  int64_t step = 0;
+  Setup s = restored(c, rt, "export", step);
+  const auto specs = s.net->partition_specs();
+  ParamTree whole;  // tensor-parallel blocks gathered (collective: every rank takes part)
+  for (const auto& [p, t] : s.net->parameters()) whole.insert(p, unshard(t, specs.at(p), s.mesh));
+  if (rt.is_main()) {
+    nn::write_gpt2_safetensors(whole, gpt_config(c), dir);
+    std::printf("wrote %s/model.safetensors and config.json: a Hugging Face GPT2LMHeadModel with %lld parameters, "
+                "the weights of checkpoint step %lld\n",
+                dir.c_str(), static_cast<long long>(whole.numel()), static_cast<long long>(step));
     std::fflush(stdout);
   }
   return 0;

@@ -64,6 +64,13 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& opts);
 /// form.
 int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch, bool dynamic_batch);
 
+/// `titanax export --format hf`: loads the latest checkpoint of checkpoint.dir (as sample does; under
+/// tensor parallelism every rank takes part in gathering the blocks) and writes the GPT as a Hugging Face
+/// GPT2LMHeadModel into folder `dir` (nn::write_gpt2_safetensors: model.safetensors, config.json). Prints
+/// what it wrote on rank 0. Throws ConfigError for a model that is not a GPT or without checkpoint.dir,
+/// CheckpointError without a checkpoint, IOError when a file cannot be written.
+int export_hf(const Config& c, Runtime& rt, const std::string& dir);
+
 /// Prints mesh, plan, model and parameter count for `world_size` ranks, without training.
 /// With `graph_format` "text" or "dot" it prints instead the optimised graph of one training step as
 /// train.jit compiles it (jit::Graph::str() / dot()), traced on a batch of zeros of the local batch's

