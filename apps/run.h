@@ -51,24 +51,26 @@ struct SampleOptions {
   int64_t top_k = 40;
   uint64_t seed = 0;
 };
-/// `titanax sample`: loads the latest checkpoint of checkpoint.dir (under any mesh: it reshards),
-/// encodes the prompt with <data.path>/tokenizer.model and prints the continuation on rank 0.
+/// `titanax sample`: loads the latest checkpoint of checkpoint.dir (under any mesh: it reshards), or with
+/// checkpoint.dir empty the GPT-2 weights of model.init_from; encodes the prompt with data.tokenizer
+/// (default <data.path>/tokenizer.model; a GPT-2 folder works too) and prints the weights' source, then
+/// the prompt and its continuation as the tokenizer decodes it, on rank 0. Throws ConfigError without
+/// either weights or for a tokenizer with more ids than model.vocab, CheckpointError without a checkpoint.
 int sample(const Config& c, Runtime& rt, const SampleOptions& opts);
 
-/// `titanax export`: loads the latest checkpoint of checkpoint.dir (as sample does) and writes the model's
+/// `titanax export`: loads the weights as sample does (a checkpoint, or model.init_from) and writes the model's
 /// forward, in eval mode, as an ONNX model (io/onnx.h) to `path`: input "images" f32 [batch, 1, 28, 28]
 /// (MNIST models) or "ids" i64 [batch, model.seq_len] (GPT), output "logits"; with `dynamic_batch` the
 /// batch axis is the symbolic "batch" (OnnxExportOptions::dynamic_batch; traced at `batch` and
-/// batch + 1). Prints what it wrote on rank 0. Throws ConfigError without checkpoint.dir or for
-/// batch < 1, CheckpointError without a checkpoint, ValueError for a model with an op that has no ONNX
-/// form.
+/// batch + 1). Prints what it wrote on rank 0. Throws ConfigError without weights or for batch < 1,
+/// CheckpointError without a checkpoint, ValueError for a model with an op that has no ONNX form.
 int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t batch, bool dynamic_batch);
 
-/// `titanax export --format hf`: loads the latest checkpoint of checkpoint.dir (as sample does; under
-/// tensor parallelism every rank takes part in gathering the blocks) and writes the GPT as a Hugging Face
-/// GPT2LMHeadModel into folder `dir` (nn::write_gpt2_safetensors: model.safetensors, config.json). Prints
-/// what it wrote on rank 0. Throws ConfigError for a model that is not a GPT or without checkpoint.dir,
-/// CheckpointError without a checkpoint, IOError when a file cannot be written.
+/// `titanax export --format hf`: loads the weights as sample does (under tensor parallelism every rank
+/// takes part in gathering the blocks) and writes the GPT as a Hugging Face GPT2LMHeadModel into folder
+/// `dir` (nn::write_gpt2_safetensors: model.safetensors, config.json). Prints what it wrote on rank 0.
+/// Throws ConfigError for a model that is not a GPT or without weights, CheckpointError without a
+/// checkpoint, IOError when a file cannot be written.
 int export_hf(const Config& c, Runtime& rt, const std::string& dir);
 
 /// Prints mesh, plan, model and parameter count for `world_size` ranks, without training.

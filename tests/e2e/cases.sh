@@ -420,5 +420,23 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
   expect_error "ConfigError: titanax export --format hf writes a GPT-2" \
     "$TITANAX" export --config "$SRC/examples/configs/mnist_mlp.yaml" --format hf --out hf3 ;;
 
+gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (model.init_from, data.tokenizer, no
+  # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2
+  mkdir tok w
+  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_bpe_reference.py" tok
+  V=$(/usr/bin/python3 -c "import json; print(len(json.load(open('tok/vocab.json'))))")
+  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_reference.py" make --out w --vocab "$V" --padded-vocab "$V" --layers 2 --heads 4 \
+    --dim 32 --positions 24 --seq 16 --batch 1 --seed 3
+  s=(sample --config "$SRC/examples/configs/gpt_small_tp.yaml" --set "model.vocab=$V" --set model.layers=2 --set model.heads=4
+     --set model.dim=32 --set model.seq_len=16 --set model.init_from=w/hf.safetensors --set data.tokenizer=tok
+     --set checkpoint.dir= --set logging.level=warn --prompt "The jury said" -n 30 --temperature 0)
+  "$TITANAX" "${s[@]}" | tee one.txt
+  mpi 2 "$TITANAX" "${s[@]}" --set mesh.model=2 | tee two.txt
+  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_reference.py" greedy --weights w/hf.safetensors --tokenizer tok --heads 4 \
+    --layers 2 --seq 16 --prompt "The jury said" -n 30 >want.txt || fail "the reference could not decode greedily"
+  [[ $(head -1 one.txt) == "[GPT-2 weights w/hf.safetensors]" ]] || fail "the sample does not name its weights"
+  tail -n +2 one.txt | cmp - want.txt || fail "the greedy sample differs from the reference's"
+  cmp one.txt two.txt || fail "TP 2 sampling differs from TP 1" ;;
+
 *) fail "unknown case '$case_name'" ;;
 esac

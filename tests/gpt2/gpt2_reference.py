@@ -16,9 +16,16 @@ It shares no code with Titanax: files are written and read here with NumPy alone
   check --model-dir DIR --ids IDS --logits LOGITS
         reads DIR/model.safetensors and DIR/config.json (as GPT2LMHeadModel.from_pretrained would) and
         exits 1 unless the forward of IDS matches LOGITS (float64) to 1e-9 relative to max |logit|.
+  greedy --weights FILE --tokenizer DIR --heads H --layers L --seq T --prompt TEXT -n N
+        encodes TEXT with GPT-2's tokenizer in DIR (vocab.json, merges.txt; gpt2_bpe_reference.py's
+        encoder), appends up to N argmax tokens of the safetensors weights in FILE (the window of the last
+        T ids; stopping after <|endoftext|>, which is not printed) and prints the text, as `titanax sample
+        --temperature 0` does. Exits 2 when two logits come within 1e-3 of each other (a near tie that
+        float32 rounding could decide either way).
 """
 import argparse
 import json
+import os
 import struct
 import sys
 
@@ -184,9 +191,44 @@ def check(a):
     return 1 if problems else 0
 
 
+def greedy(a):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import gpt2_bpe_reference as bpe
+    with open(a.tokenizer + "/vocab.json", encoding="utf-8") as f:
+        encoder = json.load(f)
+    with open(a.tokenizer + "/merges.txt", encoding="utf-8") as f:
+        lines = [l.rstrip("\n") for l in f if l.strip() and not l.startswith("#version")]
+    ranks = {tuple(l.split(" ")): i for i, l in reversed(list(enumerate(lines)))}
+    decoder = {v: k for k, v in encoder.items()}
+
+    def text_of(ids):
+        return b"".join(decoder[i].encode() if decoder[i] == bpe.EOT else bytes(bpe.BYTE_DECODER[c] for c in decoder[i])
+                        for i in ids)
+
+    prompt = bpe.encode(a.prompt, encoder, ranks)
+    w, _ = read_safetensors(a.weights)
+    ids = list(prompt)
+    for _ in range(a.n):
+        logits = forward(w, np.array([ids[-a.seq:]]), a.heads, a.layers)[0, -1]
+        top = np.sort(logits)[-2:]
+        if top[1] - top[0] < 1e-3:
+            print("near tie: %.6g vs %.6g" % (top[1], top[0]), file=sys.stderr)
+            return 2
+        ids.append(int(np.argmax(logits)))
+        if ids[-1] == encoder[bpe.EOT]:
+            ids.pop()
+            break
+    sys.stdout.buffer.write(a.prompt.encode() + text_of(ids)[len(text_of(prompt)):] + b"\n")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["make", "check"])
+    ap.add_argument("mode", choices=["make", "check", "greedy"])
+    ap.add_argument("--weights")
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--prompt")
+    ap.add_argument("-n", type=int)
     ap.add_argument("--out")
     ap.add_argument("--model-dir")
     ap.add_argument("--ids")
@@ -197,7 +239,7 @@ def main():
     if a.mode == "make":
         make(a)
         return 0
-    return check(a)
+    return check(a) if a.mode == "check" else greedy(a)
 
 
 if __name__ == "__main__":
