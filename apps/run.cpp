@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <optional>
 
@@ -539,6 +541,46 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
                 input.c_str(), net.name().c_str(), source.c_str());
     std::fflush(stdout);
   }
+  return 0;
+}
+
+int tokenize(const std::string& tokenizer, const std::vector<std::string>& files, const std::string& out_dir,
+             double val_fraction) {
+  if (files.empty()) throw ValueError("titanax tokenize: no text files", "one or more files", "none");
+  if (!(val_fraction > 0 && val_fraction < 1))
+    throw ValueError("titanax tokenize: --val-fraction must be between 0 and 1", "0 < fraction < 1",
+                     std::to_string(val_fraction));
+  const Tokenizer tok = Tokenizer::load(tokenizer);
+  if (tok.vocab_size() > 65536)
+    throw ValueError("titanax tokenize: the tokenizer has " + std::to_string(tok.vocab_size()) +
+                         " ids; token shards hold uint16 ids", "at most 65536 ids", std::to_string(tok.vocab_size()));
+  std::vector<int64_t> ids;
+  for (const std::string& f : files) {
+    std::ifstream in(f, std::ios::binary);
+    if (!in) throw IOError("titanax tokenize: cannot read '" + f + "'", "a readable text file", "open failed");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    if (tok.eos_id() >= 0) ids.push_back(tok.eos_id());  // a document starts after an end of text
+    try {
+      for (int id : tok.encode(text)) ids.push_back(id);
+    } catch (const DataError& e) {
+      throw DataError("titanax tokenize: '" + f + "' cannot be tokenized: " + e.message(), e.expected(), e.found(),
+                      e.suggestion());
+    }
+  }
+  const int64_t n = int64_t(ids.size());
+  const int64_t n_val = std::max<int64_t>(1, int64_t(std::ceil(val_fraction * double(n))));
+  if (n < 2 || n_val >= n)
+    throw ValueError("titanax tokenize: too little text for a train and a validation split",
+                     "at least one token in each", std::to_string(n) + " tokens", "give more text or a smaller --val-fraction");
+  std::error_code ec;
+  std::filesystem::create_directories(out_dir, ec);
+  if (ec) throw IOError("titanax tokenize: cannot create '" + out_dir + "': " + ec.message());
+  write_token_shard(out_dir + "/val.bin", from_vector(std::vector<int64_t>(ids.begin(), ids.begin() + n_val), Shape{n_val}));
+  write_token_shard(out_dir + "/train.bin",
+                    from_vector(std::vector<int64_t>(ids.begin() + n_val, ids.end()), Shape{n - n_val}));
+  std::printf("wrote %s/train.bin (%lld tokens) and %s/val.bin (%lld tokens) from %zu files, vocabulary %d\n",
+              out_dir.c_str(), static_cast<long long>(n - n_val), out_dir.c_str(), static_cast<long long>(n_val),
+              files.size(), tok.vocab_size());
   return 0;
 }
 

@@ -73,6 +73,17 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
 /// checkpoint, IOError when a file cannot be written.
 int export_hf(const Config& c, Runtime& rt, const std::string& dir);
 
+/// `titanax tokenize`: token shards (io/tokens.h, the llm.c format) of UTF-8 text files for data.dataset
+/// tokens. Each file is one document, encoded with Tokenizer::load(`tokenizer`) after the tokenizer's
+/// end-of-text id (when it has one: GPT-2's <|endoftext|>, SentencePiece's </s>), as llm.c's data scripts
+/// write them; the first `val_fraction` of all tokens (rounded up, at least one) go to <out_dir>/val.bin
+/// and the rest to <out_dir>/train.bin (llm.c's tinyshakespeare split puts validation first too).
+/// Prints what it wrote. Throws IOError for a file that cannot be read or written, ValueError for no
+/// files, a val_fraction outside (0, 1), a tokenizer with more than 65536 ids (the shards hold uint16)
+/// or fewer than two tokens in all, DataError for text the tokenizer cannot encode (naming the file).
+int tokenize(const std::string& tokenizer, const std::vector<std::string>& files, const std::string& out_dir,
+             double val_fraction);
+
 /// Prints mesh, plan, model and parameter count for `world_size` ranks, without training.
 /// With `graph_format` "text" or "dot" it prints instead the optimised graph of one training step as
 /// train.jit compiles it (jit::Graph::str() / dot()), traced on a batch of zeros of the local batch's

