@@ -514,6 +514,12 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
     // Without a prompt the sample started from an end-of-text: not part of the text.
     std::vector<int> all(out.begin() + (ids.empty() ? 1 : 0), out.end());
     if (all.size() > ids.size() && all.back() == tok.eos_id()) all.pop_back();
+    for (int id : all)  // a model with a larger (padded) vocabulary than its tokenizer's
+      if (id >= tok.vocab_size())
+        throw ValueError("titanax sample: the model generated id " + std::to_string(id) + ", which the tokenizer '" +
+                             tok_path + "' (" + std::to_string(tok.vocab_size()) + " ids) cannot decode",
+                         "ids below " + std::to_string(tok.vocab_size()), std::to_string(id),
+                         "set data.tokenizer to the tokenizer the model was trained with");
     // The continuation as the tokenizer spaces it after the prompt: decode(prompt + new) past decode(prompt).
     const std::string whole = tok.decode(all), head = tok.decode(ids);
     const std::string text = whole.rfind(head, 0) == 0 ? so.prompt + whole.substr(head.size()) : whole;
