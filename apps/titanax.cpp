@@ -3,7 +3,7 @@
 //   titanax describe --config FILE [--ranks N] [--set ...] mesh, plan, model, parameter count; no training
 //   titanax describe --config FILE --graph text|dot       the optimised graph of one JIT-compiled training step
 //   titanax describe --schema                              every config key with its type, default and doc
-//   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained GPT checkpoint
+//   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained (or pretrained) GPT
 //   titanax export --config FILE --out FILE [--batch N | --dynamic-batch]   the trained model as an ONNX model
 //   titanax export --config FILE --format hf --out DIR     a trained GPT as a Hugging Face GPT-2 (safetensors)
 //   titanax tokenize --tokenizer T --out DIR FILE...       token shards (train.bin, val.bin) of text files
@@ -69,7 +69,7 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"text", "dot"}));
 
   tx::app::SampleOptions so;
-  auto* sample = app.add_subcommand("sample", "generate text from a prompt with the latest checkpoint of a GPT config");
+  auto* sample = app.add_subcommand("sample", "generate text from a prompt with the latest checkpoint of a GPT config (or model.init_from's GPT-2)");
   sample->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
   sample->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
   sample->add_option("--prompt,-p", so.prompt, "text to continue (empty: start from an end of text)");
@@ -81,8 +81,8 @@ int main(int argc, char** argv) {
   std::string export_out, export_format = "onnx";
   int64_t onnx_batch = 1;
   bool onnx_dynamic_batch = false;
-  auto* export_cmd = app.add_subcommand("export", "write the latest checkpoint's model as an ONNX model (its forward, eval "
-                                                  "mode) or, for a GPT, as a Hugging Face GPT-2");
+  auto* export_cmd = app.add_subcommand("export", "write the latest checkpoint's model (or model.init_from's) as an ONNX "
+                                                  "model (its forward, eval mode) or, for a GPT, as a Hugging Face GPT-2");
   export_cmd->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
   export_cmd->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
   export_cmd->add_option("--format,-f", export_format, "onnx: an ONNX model file; hf: a folder with model.safetensors "

@@ -1,6 +1,7 @@
 #include "engine/gpt_pretrained.h"
 
 #include <algorithm>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -102,11 +103,9 @@ ParamTree read_hf(const std::string& path, const GPTConfig& cfg) {
   const Shape wte = by_name.at("wte.weight").shape(), wpe = by_name.at("wpe.weight").shape();
   check_sizes(path, cfg, wte[0], wte[1], layers, wpe[0]);
   if (auto it = by_name.find("lm_head.weight"); it != by_name.end()) {
-    bool same = it->second.shape() == wte;
-    if (same) {
-      const Tensor a = it->second.astype(DType::f64).contiguous(), b = by_name.at("wte.weight").astype(DType::f64).contiguous();
-      same = std::equal(a.data<double>(), a.data<double>() + a.numel(), b.data<double>());
-    }
+    const Tensor a = it->second.contiguous(), b = by_name.at("wte.weight").contiguous();  // tied: the same bytes
+    const bool same = a.shape() == b.shape() && a.dtype() == b.dtype() &&
+                      std::memcmp(a.raw_data(), b.raw_data(), size_t(a.numel()) * itemsize(a.dtype())) == 0;
     if (!same)
       throw ValueError("GPT-2 weights '" + path + "': lm_head.weight differs from wte.weight",
                        "the head tied to the token embedding (GPT-2's)", "an untied head " + spec_str(it->second),
