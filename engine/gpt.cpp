@@ -28,6 +28,19 @@ class CausalSelfAttention final : public Module {
     const Tensor att = scaled_dot_product_attention_qkvpacked((*qkv)(x).reshape(Shape{B, T, 3, hl, hd}), /*is_causal=*/true);
     return (*proj)(att.reshape(Shape{B, T, hl * hd}));
   }
+  // Incremental decoding: x [B, T, dim] at the positions after the `k` / `v` cached ([B, hl, L, hd], or
+  // undefined for L = 0). A first call (L = 0) attends causally within x; later calls take one new
+  // position (T = 1), which attends to every cached position and itself. Appends x's keys and values.
+  Tensor forward_cached(const Tensor& x, Tensor& k, Tensor& v) {
+    const int64_t B = x.shape()[0], T = x.shape()[1], hl = heads_ / n_, hd = dim_ / heads_;
+    const Tensor p = (*qkv)(x).reshape(Shape{B, T, 3, hl, hd});
+    auto part = [&](int j) { return p.slice(2, j, j + 1).reshape(Shape{B, T, hl, hd}).permute({0, 2, 1, 3}); };
+    const bool first = !k.defined();
+    k = first ? part(1).contiguous() : concat({k, part(1)}, 2);
+    v = first ? part(2).contiguous() : concat({v, part(2)}, 2);
+    const Tensor att = scaled_dot_product_attention(part(0), k, v, /*is_causal=*/first);  // [B, hl, T, hd]
+    return (*proj)(att.permute({0, 2, 1, 3}).reshape(Shape{B, T, hl * hd}));
+  }
   std::string name() const override {
     return "CausalSelfAttention(dim=" + std::to_string(dim_) + ", heads=" + std::to_string(heads_) +
            (n_ > 1 ? ", " + std::to_string(heads_ / n_) + " per rank)" : ")");
@@ -64,6 +77,10 @@ class GPTBlock final : public Module {
   }
   Tensor forward(const Tensor& x) override {
     Tensor h = add(x, (*attn)((*ln1)(x)));
+    return add(h, (*mlp)((*ln2)(h)));
+  }
+  Tensor forward_cached(const Tensor& x, Tensor& k, Tensor& v) {
+    Tensor h = add(x, attn->forward_cached((*ln1)(x), k, v));
     return add(h, (*mlp)((*ln2)(h)));
   }
   std::string name() const override { return "Block"; }
@@ -268,16 +285,18 @@ void GPT::check_whole(const char* what) const {
                     "GPT built without GPTConfig.pp_axis");
 }
 
-Tensor GPT::embed(const Tensor& ids) {
+Tensor GPT::embed(const Tensor& ids, int64_t first_position) {
   check_dtype(ids, {DType::i32, DType::i64}, "GPT (token ids)");
   if (ids.dim() != 2)
     throw ShapeError("GPT takes token ids [B, T]", "a rank-2 tensor of token ids", ids.shape().str(),
                      "reshape a single sequence to [1, T]");
-  const int64_t T = ids.shape()[1];
-  if (T > cfg_.seq_len || T == 0)
-    throw ShapeError("GPT: sequence length out of range", "1 <= T <= seq_len = " + std::to_string(cfg_.seq_len),
-                     "T = " + std::to_string(T), "raise GPTConfig.seq_len or cut the sequences");
-  return add((*wte_)(ids), wpe_->weight.slice(0, 0, T));
+  const int64_t T = ids.shape()[1], end = first_position + T;
+  if (end > cfg_.seq_len || T == 0)
+    throw ShapeError("GPT: sequence length out of range",
+                     "1 <= T and positions up to seq_len = " + std::to_string(cfg_.seq_len),
+                     "T = " + std::to_string(T) + (first_position ? " after " + std::to_string(first_position) + " cached" : ""),
+                     "raise GPTConfig.seq_len or cut the sequences");
+  return add((*wte_)(ids), wpe_->weight.slice(0, first_position, end));
 }
 
 Tensor GPT::run_blocks(Tensor x) {
@@ -307,6 +326,21 @@ Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction re
 Tensor GPT::forward(const Tensor& ids) {
   check_whole("forward");
   return head(run_blocks(embed(ids)));
+}
+
+Tensor GPT::forward_cached(const Tensor& ids, KVCache& cache) {
+  check_whole("forward_cached");
+  if (cache.k.empty()) cache.k.resize(blocks_.size()), cache.v.resize(blocks_.size());
+  if (cache.length > 0 && (ids.dim() != 2 || ids.shape()[1] != 1))
+    throw ShapeError("GPT::forward_cached: after the first call, one new position at a time",
+                     "ids [B, 1]", ids.shape().str(), "pass the prompt in the first call, then one token per call");
+  if (cache.length > 0 && ids.shape()[0] != cache.k[0].shape()[0])
+    throw ShapeError("GPT::forward_cached: the batch differs from the cached one", std::to_string(cache.k[0].shape()[0]),
+                     std::to_string(ids.shape()[0]), "use one KVCache per batch");
+  Tensor x = embed(ids, cache.length);
+  for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i]->forward_cached(x, cache.k[i], cache.v[i]);
+  cache.length += ids.shape()[1];
+  return head(x);
 }
 
 Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
@@ -397,10 +431,18 @@ std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const Gen
   const bool was_training = model.training();
   model.eval();
   const RngKey key = RngKey::from_seed(o.seed);
+  KVCache cache;
   for (int64_t i = 0; i < o.max_new_tokens; ++i) {
-    const int64_t T = std::min<int64_t>(int64_t(prompt.size()), cfg.seq_len);
-    std::vector<int64_t> window(prompt.end() - T, prompt.end());
-    Tensor logits = model.forward(from_vector(window, Shape{1, T}).to(model.device())).slice(1, T - 1, T);  // [1, 1, V / n]
+    Tensor logits;
+    if (o.kv_cache && int64_t(prompt.size()) <= cfg.seq_len) {  // the new positions only
+      std::vector<int64_t> fresh(prompt.begin() + cache.length, prompt.end());
+      const int64_t T = int64_t(fresh.size());
+      logits = model.forward_cached(from_vector(fresh, Shape{1, T}).to(model.device()), cache).slice(1, T - 1, T);
+    } else {  // the window of the last seq_len tokens from position 0, as nanoGPT crops
+      const int64_t T = std::min<int64_t>(int64_t(prompt.size()), cfg.seq_len);
+      std::vector<int64_t> window(prompt.end() - T, prompt.end());
+      logits = model.forward(from_vector(window, Shape{1, T}).to(model.device())).slice(1, T - 1, T);  // [1, 1, V / n]
+    }
     if (model.tp_size() > 1)
       logits = gather_from_tensor_parallel_region(model.tp_group().mesh(), logits, cfg.tp_axis, -1);
     std::vector<double> l = logits.astype(DType::f64).contiguous().to_vector<double>();

@@ -74,6 +74,14 @@ struct ParamLayout {
 class CausalSelfAttention;
 class GPTBlock;
 
+/// The keys and values of every block of a GPT for the positions it has seen (incremental decoding, as
+/// Hugging Face's past_key_values): per block k and v [B, heads / n, length, head_dim] in the model's
+/// dtype and device. Start from an empty cache; GPT::forward_cached fills it.
+struct KVCache {
+  std::vector<Tensor> k, v;
+  int64_t length = 0;  ///< positions cached
+};
+
 class GPT final : public Module, public PipelineModule {
  public:
   /// The whole model on this rank (no collectives). Throws ValueError for non-positive sizes or a dim
@@ -90,6 +98,14 @@ class GPT final : public Module, public PipelineModule {
   /// wrong rank or T > seq_len, DTypeError for non-integer ids, ValueError for an id out of range;
   /// PlanError on a pipeline stage (S > 1: use stage_forward).
   Tensor forward(const Tensor& ids) override;
+  /// Incremental decoding (inference; call under NoGradGuard): logits [B, T, vocab / n] of `ids` [B, T]
+  /// at positions cache.length .. cache.length + T - 1, each attending to the cached positions and
+  /// causally within ids; their keys and values are appended to `cache`. The first call on an empty
+  /// cache takes the prompt (any T), later calls one position (T = 1): the same logits as forward() of
+  /// the whole sequence, in one position's work per layer instead of the sequence's. Throws ShapeError
+  /// when the positions pass seq_len, for T != 1 on a filled cache or a batch other than the cached
+  /// one, and what forward() throws.
+  Tensor forward_cached(const Tensor& ids, KVCache& cache);
   /// Language-model loss: cross-entropy of forward(ids) against targets [B, T] (global token ids),
   /// averaged over the B * T positions for Reduction::mean (the same on every TP rank). Uses the
   /// vocabulary-parallel cross-entropy when n > 1. ShapeError when targets' shape differs from ids'.
@@ -147,7 +163,7 @@ class GPT final : public Module, public PipelineModule {
 
  private:
   void build();
-  Tensor embed(const Tensor& ids);
+  Tensor embed(const Tensor& ids, int64_t first_position = 0);
   Tensor run_blocks(Tensor x);
   Tensor head(const Tensor& x);
   Tensor lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction);
@@ -171,11 +187,15 @@ struct GenerateOptions {
   int64_t top_k = 0;
   uint64_t seed = 0;         ///< draw i uses philox4x32({i, 0, 0, 0}, key(seed)): the same on every rank
   int64_t stop_token = -1;   ///< stop after emitting this id (e.g. the tokenizer's end-of-text); -1 = never
+  /// Decode with a KVCache while the sequence fits seq_len (the prompt once, then one position per
+  /// token); false recomputes the whole window every token. Both give the same tokens.
+  bool kv_cache = true;
 };
 
 /// Autoregressive sampling (as in GPT-2 / nanoGPT's generate): appends up to max_new_tokens ids to
-/// `prompt` (ids in [0, vocab)), feeding at most the last seq_len tokens each step (no KV cache: one
-/// forward of the window per token). Under TP it is collective (every rank of the model's TP group must
+/// `prompt` (ids in [0, vocab)). While the sequence fits seq_len each token costs one position's forward
+/// (GPT::forward_cached); past it, the window of the last seq_len tokens is run from position 0 every
+/// token (nanoGPT's crop: learned positions end at seq_len). Under TP it is collective (every rank of the model's TP group must
 /// call it with the same arguments) and all ranks return the same ids. Runs without recording a tape.
 /// Returns prompt + the new ids. Throws ValueError for an empty prompt, a temperature that is negative,
 /// infinite or NaN, a negative top_k or max_new_tokens, or an id out of range.

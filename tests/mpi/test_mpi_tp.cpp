@@ -3,7 +3,7 @@
 // the gathered tensors, the GPT split over TP = world size (and DP x TP = 2 x 2 at 4 ranks) against
 // the whole model computed on the same rank (loss and every gradient, gathered), and 20 AdamW steps
 // with gradient clipping under Engine against the whole model's engine; GPT-2 weights written by one
-// rank load into every rank's TP block and pipeline stage.
+// rank load into every rank's TP block and pipeline stage; KV-cache decoding against the whole model.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -312,6 +312,32 @@ TEST_CASE("GPT-2 weights load into each rank's tensor-parallel block and pipelin
     if (!c.pp_axis.empty()) continue;  // a stage's loss needs the pipeline (test_mpi_pipeline.cpp)
     Tensor x = randint(21, Shape{2, 16}, cfg.vocab), y = randint(22, Shape{2, 16}, cfg.vocab);
     CHECK(split.loss(x, y).item() == Approx(whole.loss(x, y).item()).epsilon(1e-5));
+  }
+}
+
+TEST_CASE("GPT split over TP decodes with a KV cache as the whole model does", "[mpi][tp][gpt][kv_cache]") {
+  for (const auto& mc : tp_cases()) {
+    INFO(mc.name());
+    Mesh mesh = MeshSpec{mc.axes, mc.shape}.build(rt());
+    const nn::GPTConfig cfg = small(DType::f64);
+    nn::GPT whole(cfg), split(cfg, mesh);
+    whole.init_parameters(5);
+    split.load_global_parameters(whole.parameters());
+    NoGradGuard ng;
+    // Logits position by position against the whole model's forward (this rank's vocabulary block).
+    const Tensor ids = randint(31, Shape{2, 16}, cfg.vocab);
+    const Tensor full = whole(ids);
+    nn::KVCache cache;
+    check_rel(all_gather(mesh, split.forward_cached(ids.slice(1, 0, 6).contiguous(), cache), "model", -1),
+              full.slice(1, 0, 6), 1e-11, "prompt logits");
+    for (int64_t t = 6; t < 16; ++t)
+      check_rel(all_gather(mesh, split.forward_cached(ids.slice(1, t, t + 1).contiguous(), cache), "model", -1),
+                full.slice(1, t, t + 1), 1e-11, "position " + std::to_string(t));
+    // generate across the seq_len boundary (prompt 5 + 14 new > 16), greedy and drawn.
+    for (double temperature : {0.0, 1.5}) {
+      const nn::GenerateOptions o{.max_new_tokens = 14, .temperature = temperature, .seed = 2};
+      CHECK(nn::generate(split, {1, 2, 3, 4, 5}, o) == nn::generate(whole, {1, 2, 3, 4, 5}, o));
+    }
   }
 }
 

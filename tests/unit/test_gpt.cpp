@@ -275,6 +275,51 @@ TEST_CASE("generate: greedy is the argmax, top_k 1 is greedy, seeds repeat, bad 
   CHECK_THROWS_WITH(nn::generate(m, {3, 16}, {}), Contains("prompt id out of range"));
 }
 
+TEST_CASE("KV cache: forward_cached gives forward's logits, and generate the same tokens", "[gpt][kv_cache]") {
+  nn::GPTConfig c = tiny(DType::f64);
+  c.seq_len = 12;
+  nn::GPT m(c);
+  for (auto& [path, t] : m.parameters())
+    copy_(t, testing::randn64(RngKey::from_seed(std::hash<std::string>{}(path) + 1), t.shape(), 0.5));
+  NoGradGuard ng;
+  // Two sequences: a prompt of 5 positions, then one position at a time up to seq_len.
+  const Tensor ids = testing::randint(RngKey::from_seed(3), Shape{2, 12}, c.vocab);
+  const Tensor full = m(ids);
+  nn::KVCache cache;
+  auto close = [](const Tensor& a, const Tensor& b) {
+    REQUIRE(a.shape() == b.shape());
+    auto x = a.contiguous().to_vector<double>(), y = b.contiguous().to_vector<double>();
+    double err = 0;
+    for (size_t i = 0; i < x.size(); ++i) err = std::max(err, std::fabs(x[i] - y[i]));
+    return err;
+  };
+  CHECK(close(m.forward_cached(ids.slice(1, 0, 5).contiguous(), cache), full.slice(1, 0, 5)) < 1e-12);
+  CHECK(cache.length == 5);
+  CHECK(cache.k[0].shape() == Shape{2, 2, 5, 4});
+  for (int64_t t = 5; t < 12; ++t) {
+    INFO("position " << t);
+    CHECK(close(m.forward_cached(ids.slice(1, t, t + 1).contiguous(), cache), full.slice(1, t, t + 1)) < 1e-12);
+  }
+  // The cache is full: one more position is past seq_len. Two new positions at once, another batch: refused.
+  CHECK_THROWS_WITH(m.forward_cached(ids.slice(1, 0, 1).contiguous(), cache), Contains("after 12 cached"));
+  nn::KVCache two;
+  m.forward_cached(ids.slice(1, 0, 3).contiguous(), two);
+  CHECK_THROWS_WITH(m.forward_cached(ids.slice(1, 3, 5).contiguous(), two), Contains("one new position at a time"));
+  CHECK_THROWS_WITH(m.forward_cached(ids.slice(0, 0, 1).slice(1, 3, 4).contiguous(), two), Contains("batch differs"));
+
+  // generate: the same ids with and without the cache, greedy and drawn, across the seq_len boundary
+  // (prompt 4 + 14 new > 12: the last tokens come from the cropped window).
+  const std::vector<int64_t> prompt = {3, 1, 4, 1};
+  for (double temperature : {0.0, 1.5}) {
+    INFO("temperature " << temperature);
+    nn::GenerateOptions o{.max_new_tokens = 14, .temperature = temperature, .seed = 11};
+    const auto with = nn::generate(m, prompt, o);
+    o.kv_cache = false;
+    CHECK(with == nn::generate(m, prompt, o));
+    CHECK(with.size() == 18);
+  }
+}
+
 TEST_CASE("GPT on a model axis of size 1 equals the unsplit model", "[gpt][tp]") {
   Mesh mesh = local_mesh({"data", "model"}, {1, 1});
   nn::GPT whole(tiny()), split(tiny(), mesh);
