@@ -492,6 +492,20 @@ Setup restored(const Config& c, Runtime& rt, const char* command, std::string& s
 }
 }  // namespace
 
+int evaluate(const Config& c, Runtime& rt) {
+  std::string source;
+  Setup s = restored(c, rt, "eval", source);
+  Data d = data(c, s.mesh, s.plan);
+  const Metrics m = engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->evaluate(*s.net, d.eval);
+  if (rt.is_main()) {
+    std::printf("[%s]\n", source.c_str());
+    if (is_lm(c)) std::printf("val loss %.6f\nval perplexity %.3f\n", m.at("eval/loss"), std::exp(m.at("eval/loss")));
+    else std::printf("test loss %.6f\ntest accuracy %.4f\n", m.at("eval/loss"), m.at("eval/accuracy"));
+    std::fflush(stdout);
+  }
+  return 0;
+}
+
 int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
   if (!is_lm(c)) throw ConfigError("titanax sample needs a language model", "model.kind: gpt", c.get_string("model.kind"));
   std::string source;

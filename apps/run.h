@@ -51,6 +51,13 @@ struct SampleOptions {
   int64_t top_k = 40;
   uint64_t seed = 0;
 };
+/// `titanax eval`: loads the weights as sample does (the latest checkpoint of checkpoint.dir, under any
+/// mesh and plan, or model.init_from) and evaluates them on the config's evaluation data, as a run's
+/// final evaluation does (data.val_batches of val.bin for a GPT, the test split for a classifier);
+/// prints the weights' source, then "val loss" and "val perplexity" (GPT) or "test loss" and "test
+/// accuracy", on rank 0. Throws what sample and run throw.
+int evaluate(const Config& c, Runtime& rt);
+
 /// `titanax sample`: loads the latest checkpoint of checkpoint.dir (under any mesh: it reshards), or with
 /// checkpoint.dir empty the GPT-2 weights of model.init_from; encodes the prompt with data.tokenizer
 /// (default <data.path>/tokenizer.model; a GPT-2 folder works too) and prints the weights' source, then

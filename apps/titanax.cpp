@@ -3,6 +3,7 @@
 //   titanax describe --config FILE [--ranks N] [--set ...] mesh, plan, model, parameter count; no training
 //   titanax describe --config FILE --graph text|dot       the optimised graph of one JIT-compiled training step
 //   titanax describe --schema                              every config key with its type, default and doc
+//   titanax eval --config FILE [--set ...]                 validation loss of the latest checkpoint (or model.init_from)
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained (or pretrained) GPT
 //   titanax export --config FILE --out FILE [--batch N | --dynamic-batch]   the trained model as an ONNX model
 //   titanax export --config FILE --format hf --out DIR     a trained GPT as a Hugging Face GPT-2 (safetensors)
@@ -67,6 +68,11 @@ int main(int argc, char** argv) {
   std::string graph_format;
   desc->add_option("--graph", graph_format, "print the optimised graph of one JIT-compiled training step instead")
       ->check(CLI::IsMember({"text", "dot"}));
+
+  auto* eval = app.add_subcommand("eval", "evaluate the latest checkpoint (or model.init_from's GPT-2) on the config's "
+                                          "evaluation data");
+  eval->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
+  eval->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
 
   tx::app::SampleOptions so;
   auto* sample = app.add_subcommand("sample", "generate text from a prompt with the latest checkpoint of a GPT config (or model.init_from's GPT-2)");
@@ -183,6 +189,7 @@ int main(int argc, char** argv) {
                                   .threads = int(cfg->get_int("runtime.threads")),
                                   .log_level = cfg->get_string("logging.level")});
     code = *run          ? tx::app::run(*cfg, *rt)
+           : *eval       ? tx::app::evaluate(*cfg, *rt)
            : *sample     ? tx::app::sample(*cfg, *rt, so)
            : *export_cmd ? (export_format == "hf" ? tx::app::export_hf(*cfg, *rt, export_out)
                                                   : tx::app::export_onnx(*cfg, *rt, export_out, onnx_batch, onnx_dynamic_batch))

@@ -351,7 +351,12 @@ error_token_ids)  # token ids the model's vocabulary cannot embed: stopped befor
   [[ $(grep -c "ConfigError" out.txt) == 1 ]] || fail "the error was not reported once (by rank 0)" ;;
 
 export_onnx)  # train the CNN a few steps, export its checkpoint as ONNX, check and run the model in numpy
-  run 1 mnist_cnn.yaml --set train.steps=5 --set schedule.warmup_steps=1 --set train.eval_every=0 --set "checkpoint.dir=$WORK/ck"
+  run 1 mnist_cnn.yaml --set train.steps=5 --set schedule.warmup_steps=1 --set train.eval_every=0 --set "checkpoint.dir=$WORK/ck" \
+    | tee run.txt
+  # titanax eval of the checkpoint: the run's own final test accuracy
+  "$TITANAX" eval --config "$SRC/examples/configs/mnist_cnn.yaml" --set "data.path=$DATA" --set logging.level=warn \
+    --set "checkpoint.dir=$WORK/ck" | tee eval.txt
+  [[ "$(value 'test accuracy' <eval.txt)" == "$(value 'test accuracy' <run.txt)" ]] || fail "eval's accuracy differs from the run's"
   e=(export --config "$SRC/examples/configs/mnist_cnn.yaml" --set "data.path=$DATA" --set logging.level=warn)
   "$TITANAX" "${e[@]}" --set "checkpoint.dir=$WORK/ck" --out cnn.onnx --batch 4 | tee out.txt
   grep -q '^wrote cnn.onnx: ONNX opset 17, images f32\[4, 1, 28, 28\] -> logits, CNN weights of checkpoint step 5' out.txt \
@@ -408,7 +413,7 @@ gpt_sample)  # train a few steps, then continue a prompt with the checkpoint (TP
   [[ $(tail -1 one.txt | wc -w) -gt 3 ]] || fail "no text generated" ;;
 
 gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (5289472 parameters: 8192 x 256 + 128 x 256
-  # + 4 x 789760 per block + 512), starts a run (TP 1) with its validation loss
+  # + 4 x 789760 per block + 512), evaluates and starts a run (TP 1) with its validation loss
   g=(--set "data.path=$BROWN" --set train.eval_every=0 --set data.val_batches=2)
   run 2 gpt_small_tp.yaml "${g[@]}" --set mesh.model=2 --set train.steps=10 --set schedule.warmup_steps=2 \
     --set "checkpoint.dir=$WORK/ck" | tee a.txt
@@ -419,10 +424,18 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
     || fail "no summary line"
   /usr/bin/python3 -c "import json; c = json.load(open('hf/config.json')); assert (c['n_layer'], c['n_head'], c['n_embd'], c['vocab_size'], c['n_positions']) == (4, 4, 256, 8192, 128), c" \
     || fail "config.json does not describe the model"
-  # lr 0: the one step changes nothing, so the evaluation is of the loaded weights.
-  run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=1 --set schedule.name=constant --set optimizer.lr=0 \
-    --set model.init_from=hf/model.safetensors | tee b.txt
+  # titanax eval of the exported weights (TP 1) and of the TP 2 checkpoint resharded to TP 1: the trained model's loss.
+  v=(eval --config "$SRC/examples/configs/gpt_small_tp.yaml" "${g[@]}" --set logging.level=warn)
+  "$TITANAX" "${v[@]}" --set checkpoint.dir= --set model.init_from=hf/model.safetensors | tee b.txt
+  grep -q '^\[GPT-2 weights hf/model.safetensors\]$' b.txt || fail "eval does not name the weights"
   rel_close "$(value 'val loss' <b.txt)" "$(value 'val loss' <a.txt)" 1e-5 "val loss of the loaded GPT-2 vs the trained model"
+  "$TITANAX" "${v[@]}" --set "checkpoint.dir=$WORK/ck" | tee c.txt
+  grep -q '^\[checkpoint step 10\]$' c.txt || fail "eval does not name the checkpoint"
+  rel_close "$(value 'val loss' <c.txt)" "$(value 'val loss' <a.txt)" 1e-5 "eval of the TP 2 checkpoint at TP 1"
+  # And a run started from the GPT-2 weights: lr 0 makes its one step change nothing.
+  run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=1 --set schedule.name=constant --set optimizer.lr=0 \
+    --set model.init_from=hf/model.safetensors | tee d.txt
+  rel_close "$(value 'val loss' <d.txt)" "$(value 'val loss' <a.txt)" 1e-5 "a run from the GPT-2 weights"
   expect_error "ValueError: GPT-2 weights 'hf/model.safetensors': the file's number of blocks is 4, the model's 2" \
     run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=1 --set schedule.name=constant --set model.layers=2 \
     --set model.init_from=hf/model.safetensors
