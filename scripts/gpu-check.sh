@@ -50,7 +50,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 pcre2=ON; [[ -e /usr/include/pcre2.h || -e /opt/deps/usr/include/pcre2.h ]] || pcre2=OFF
 step configure cmake --preset cuda -DTITANAX_PCRE2=$pcre2 || { printf '%s\n' "${summary[@]}"; exit 1; }
 step build cmake --build --preset cuda -j "$jobs" --target titanax titanax_cuda_tests titanax_cuda_mpi_tests titanax_codegen_tests bench_jit \
-  bench_kernels bench_mlp_step bench_per_example bench_jvp titanax_cli \
+  bench_kernels bench_mlp_step bench_per_example bench_jvp bench_generate titanax_cli \
   || { tail -40 "$out/build.log"; printf '%s\n' "${summary[@]}"; exit 1; }
 # In order of what the issues need most: correctness, then #3's timings, #6's MLP, the collectives and
 # MNIST bars, GPT-2's cold first step (the longest), and the codegen tests CI already runs without a GPU.
@@ -78,6 +78,8 @@ fi
 step bench_per_example build/cuda/bench/per_example --device cuda --model cnn
 # Forward-mode jvp on the GPU, beside torch.func.jvp.
 step bench_jvp build/cuda/bench/jvp --device cuda
+# GPT-2 124M decoding with the KV cache (and without), beside a PyTorch past-key-values loop.
+step bench_generate build/cuda/bench/generate --device cuda
 # GPT-2 124M under jit, bf16 (issue #6's first-step target: at most 3 s cold).
 # --profile: where the eager step's time goes, op by op (the next tuning targets).
 step bench_jit_gpt2 build/cuda/bench/jit --model gpt --gpt2 --precision bf16 --steps 3 --no-peer --profile
