@@ -447,6 +447,26 @@ class LayerNorm final : public Op {
     if (want_b) r[ib] = g[k++];
     return r;
   }
+  // Forward mode. With xc = x - mean(x), r = (mean(xc^2) + eps)^-1/2 and xh = xc r per row of D, the
+  // normalisation's Jacobian r (I - 1 1^T / D - xh xh^T / D) is symmetric, so the tangent of xh is
+  // r (t~ - xh mean(xh t)) with t~ = t - mean(t) (the backward's formula with t for dy w), and
+  // dy = dxh w + xh tw + tb.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
+    const Tensor& x = in[0];
+    const size_t iw = 1, ib = has_w_ ? 2 : 1;
+    auto row_mean = [](const Tensor& v) { return mean(v, {-1}, true); };
+    const Tensor xc = x - row_mean(x);
+    const Tensor r = rsqrt(row_mean(square(xc)) + eps_);
+    const Tensor xh = xc * r;
+    Tensor d;
+    if (t[0].defined()) {
+      d = r * (t[0] - row_mean(t[0]) - xh * row_mean(t[0] * xh));
+      if (has_w_) d = d * in[iw];
+    }
+    if (has_w_ && t[iw].defined()) d = d.defined() ? d + xh * t[iw] : xh * t[iw];
+    if (has_b_ && t[ib].defined()) d = d.defined() ? d + t[ib] : expand(t[ib], x.shape());
+    return TensorList{d};
+  }
   // LayerNormalization (opset 17) over the last axis; its Scale input is required: ones without w.
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     const TensorSpec& x = io.in_specs[0];

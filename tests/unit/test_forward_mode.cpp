@@ -75,7 +75,7 @@ TEST_CASE("jvp (forward mode): every op-table case against directional finite di
   CHECK(checked >= 100);
 }
 
-TEST_CASE("jvp (forward mode): the ops of an MLP and a GPT's linear layers take rules, not their vjps", "[autodiff][functional][jvp]") {
+TEST_CASE("jvp (forward mode): the ops of an MLP, linear and layer_norm take rules, not their vjps", "[autodiff][functional][jvp]") {
   nn::MLP mlp({6, 8, 3}, {.activation = "gelu", .dtype = DType::f64});
   const Tensor x = testing::randn64(RngKey::from_seed(1), Shape{4, 6}), t = testing::randn64(RngKey::from_seed(2), Shape{4, 6});
   detail::reset_jvp_stats();
@@ -93,12 +93,29 @@ TEST_CASE("jvp (forward mode): the ops of an MLP and a GPT's linear layers take 
     CHECK(rel_diff(jvp([&](const TensorList& in) { return TensorList{lin(in)}; }, {x, w, b}, tl).second[0],
                    directional_fd(lin, {x, w, b}, tl)) < 1e-6);
   }
-  // A layer norm has no rule: its tangent comes from its vjp, and is still right.
-  const auto ln = [](const TensorList& in) { return layer_norm(in[0], Tensor(), Tensor()); };
+  // layer_norm's rule, with a tangent on x, w, b alone and on all three, and without w and b.
+  const Tensor lw = testing::randn64(RngKey::from_seed(7), Shape{6}), lb = testing::randn64(RngKey::from_seed(8), Shape{6});
+  const auto ln = [](const TensorList& in) { return layer_norm(in[0], in[1], in[2]); };
+  for (int only = -1; only < 3; ++only) {
+    TensorList tl(3);
+    for (int i = 0; i < 3; ++i)
+      if (only < 0 || only == i) tl[size_t(i)] = testing::randn64(RngKey::from_seed(uint64_t(50 + i)), TensorList{x, lw, lb}[size_t(i)].shape());
+    INFO("layer_norm, tangent on operand " << only << " (-1: all)");
+    detail::reset_jvp_stats();
+    const Tensor tn = jvp([&](const TensorList& in) { return TensorList{ln(in)}; }, {x, lw, lb}, tl).second[0];
+    CHECK(detail::jvp_stats().by_vjp == 0);
+    CHECK(rel_diff(tn, directional_fd(ln, {x, lw, lb}, tl)) < 1e-6);
+  }
+  const auto bare = [](const TensorList& in) { return layer_norm(in[0], Tensor(), Tensor()); };
+  CHECK(rel_diff(jvp([&](const TensorList& in) { return TensorList{bare(in)}; }, {x}, {t}).second[0],
+                 directional_fd(bare, {x}, {t})) < 1e-6);
+  // cross_entropy has no rule: its tangent comes from its vjp, and is still right.
+  const Tensor labels = from_vector(std::vector<int64_t>{0, 5, 2, 3}, Shape{4});
+  const auto ce = [&](const TensorList& in) { return cross_entropy(in[0], labels); };
   detail::reset_jvp_stats();
-  const auto [s, ts] = jvp([&](const TensorList& in) { return TensorList{ln(in)}; }, {x}, {t});
+  const auto [s, ts] = jvp([&](const TensorList& in) { return TensorList{ce(in)}; }, {x}, {t});
   CHECK(detail::jvp_stats().by_vjp == 1);
-  CHECK(rel_diff(ts[0], directional_fd(ln, {x}, {t})) < 1e-6);
+  CHECK(rel_diff(ts[0], directional_fd(ce, {x}, {t})) < 1e-6);
 }
 
 TEST_CASE("jvp (forward mode) nests, runs over reverse mode, and refuses in-place writes of tangent-carrying values",
