@@ -591,6 +591,36 @@ TensorList attention_backward_vjp(const TensorList& qkvd, const TensorList& ct, 
   return out;
 }
 
+// Forward mode of attention through the math path (O(Tq x Tk) memory, as the backward's own vjp): with
+// the scores s = scale q k^T (+ mask), P = softmax(s) and ds = scale (tq k^T + q tk^T), the tangents are
+//   do = (P (ds - rowsum(P ds))) v + P tv,   dlse = rowsum(P ds)
+// (products elementwise where both sides are [Tq, Tk]; masked scores have P = 0). q, k, v [..., T, D];
+// undefined tangents are zero; 16-bit operands are computed in f32 and do rounded to q's dtype.
+TensorList attention_jvp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tq, const Tensor& tk,
+                         const Tensor& tv, bool causal, double scale) {
+  auto f32 = [](const Tensor& t) { return t.defined() && is_half(t.dtype()) ? t.astype(DType::f32) : t; };
+  const Tensor q3 = f32(q), k3 = f32(k), v3 = f32(v);
+  Tensor s = matmul(q3, transpose(k3, -1, -2)) * scale;
+  if (causal) s = s + causal_mask(q.shape()[q.dim() - 2], k.shape()[k.dim() - 2], s.dtype()).to(s.device());
+  const Tensor p = softmax(s, -1);
+  Tensor ds;
+  if (tq.defined()) ds = matmul(f32(tq), transpose(k3, -1, -2)) * scale;
+  if (tk.defined()) {
+    const Tensor d = matmul(q3, transpose(f32(tk), -1, -2)) * scale;
+    ds = ds.defined() ? ds + d : d;
+  }
+  Tensor dout, dlse;
+  if (ds.defined()) {
+    const Tensor pds = p * ds;
+    dlse = sum(pds, {-1});
+    dout = matmul(pds - p * dlse.unsqueeze(-1), v3);
+  }
+  if (tv.defined()) dout = dout.defined() ? dout + matmul(p, f32(tv)) : matmul(p, f32(tv));
+  if (dout.defined() && dout.dtype() != q.dtype()) dout = dout.astype(q.dtype());
+  if (dlse.defined() && dlse.dtype() != lse_dtype(q.dtype())) dlse = dlse.astype(lse_dtype(q.dtype()));
+  return {dout, dlse};
+}
+
 // Inputs (q, k, v, o, lse, dout); outputs dq, dk, dv.
 class AttentionBackward final : public AttentionOp {
  public:
@@ -655,6 +685,9 @@ class Attention final : public AttentionOp {
     if (!needs[0] && !needs[1] && !needs[2]) return TensorList(3);
     // The lse output is internal (scaled_dot_product_attention returns o only): its cotangent is zero.
     return apply(std::make_shared<AttentionBackward>(causal_, scale_), {in[0], in[1], in[2], out[0], out[1], ct[0]});
+  }
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
+    return attention_jvp(in[0], in[1], in[2], t[0], t[1], t[2], causal_, scale_);
   }
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {
     const Shape& ks = io.in_specs[1].shape;
@@ -798,7 +831,15 @@ class AttentionPacked final : public AttentionOp {
     if (!needs[0]) return TensorList(1);
     // The lse output is internal (the public function returns o only): its cotangent is zero.
     return apply(std::make_shared<AttentionPackedBackward>(causal_, scale_), {in[0], out[0], out[1], ct[0]});
+  }  // attention_jvp on the [..., H, T, D] parts of qkv and of its tangent; do back to [..., T, H, D].
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
+    auto heads = [](const Tensor& x) { return transpose(x, -3, -2); };  // [..., T, H, D] <-> [..., H, T, D]
+    const TensorList p = unbind(in[0], -3), tp = unbind(t[0], -3);
+    TensorList r = attention_jvp(heads(p[0]), heads(p[1]), heads(p[2]), heads(tp[0]), heads(tp[1]), heads(tp[2]), causal_, scale_);
+    r[0] = heads(r[0]);
+    return r;
   }
+
   // qkv [*lead, T, 3, H, D] split into q, k, v [*lead, H, T, D]; o [*lead, H, T, D] permuted back to
   // [*lead, T, H, D] (the same swap of the H and T axes).
   bool to_onnx(OnnxBuilder& b, const OnnxNodeIO& io) const override {

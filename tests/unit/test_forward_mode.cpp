@@ -75,7 +75,7 @@ TEST_CASE("jvp (forward mode): every op-table case against directional finite di
   CHECK(checked >= 100);
 }
 
-TEST_CASE("jvp (forward mode): the ops of an MLP, linear and layer_norm take rules, not their vjps", "[autodiff][functional][jvp]") {
+TEST_CASE("jvp (forward mode): an MLP, linear, layer_norm and an attention block take rules, not their vjps", "[autodiff][functional][jvp]") {
   nn::MLP mlp({6, 8, 3}, {.activation = "gelu", .dtype = DType::f64});
   const Tensor x = testing::randn64(RngKey::from_seed(1), Shape{4, 6}), t = testing::randn64(RngKey::from_seed(2), Shape{4, 6});
   detail::reset_jvp_stats();
@@ -109,6 +109,24 @@ TEST_CASE("jvp (forward mode): the ops of an MLP, linear and layer_norm take rul
   const auto bare = [](const TensorList& in) { return layer_norm(in[0], Tensor(), Tensor()); };
   CHECK(rel_diff(jvp([&](const TensorList& in) { return TensorList{bare(in)}; }, {x}, {t}).second[0],
                  directional_fd(bare, {x}, {t})) < 1e-6);
+  // A pre-LN attention block with its weights as inputs (layer norm, the qkv projection, the packed causal
+  // attention, the output projection, the residual add): every op by its rule.
+  const int64_t B = 2, T = 5, H = 2, Dh = 3, C = H * Dh;
+  const auto block = [&](const TensorList& in) {
+    const Tensor h = layer_norm(in[0], in[1], in[2]);
+    const Tensor qkv = linear(h, in[3]).reshape(Shape{B, T, 3, H, Dh});
+    return in[0] + linear(scaled_dot_product_attention_qkvpacked(qkv, true).reshape(Shape{B, T, C}), in[4]);
+  };
+  TensorList bx, bt;
+  for (const Shape& sh : {Shape{B, T, C}, Shape{C}, Shape{C}, Shape{3 * C, C}, Shape{C, C}}) {
+    bx.push_back(testing::randn64(RngKey::from_seed(60 + bx.size()), sh));
+    bt.push_back(testing::randn64(RngKey::from_seed(70 + bt.size()), sh));
+  }
+  detail::reset_jvp_stats();
+  const Tensor tb = jvp([&](const TensorList& in) { return TensorList{block(in)}; }, bx, bt).second[0];
+  CHECK(detail::jvp_stats().by_vjp == 0);
+  CHECK(detail::jvp_stats().by_rule >= 4);  // layer_norm, 2 linear, attention
+  CHECK(rel_diff(tb, directional_fd(block, bx, bt)) < 1e-6);
   // cross_entropy has no rule: its tangent comes from its vjp, and is still right.
   const Tensor labels = from_vector(std::vector<int64_t>{0, 5, 2, 3}, Shape{4});
   const auto ce = [&](const TensorList& in) { return cross_entropy(in[0], labels); };
