@@ -144,6 +144,18 @@ class Conv2d final : public Op {
     }
     return r;
   }
+  // Forward mode: bilinear in (x, w) and linear in b, so conv2d(tx, w) + conv2d(x, tw) + tb at every pixel.
+  std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& t) const override {
+    Tensor d;
+    auto add_term = [&](const Tensor& e) { d = d.defined() ? d + e : e; };
+    if (t[0].defined()) add_term(conv2d(t[0], in[1], {}, stride_, padding_));
+    if (t[1].defined()) add_term(conv2d(in[0], t[1], {}, stride_, padding_));
+    if (bias_ && t[2].defined()) {
+      const Tensor tb = t[2].reshape(Shape{1, t[2].shape()[0], 1, 1});
+      d = d.defined() ? d + tb : expand(tb, out[0].shape());
+    }
+    return TensorList{d};
+  }
   // vmap. A shared w: the batch folded into N, one convolution of B * N images (a per-example b added
   // after it). A per-example w (an ensemble of models): each example's patches times its own w, one
   // batched GEMM [B, N*OH*OW, C*kh*kw] @ [B, C*kh*kw, O] (batched_patches), then its b.
