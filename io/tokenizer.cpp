@@ -66,7 +66,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
                   "or encoder.json and vocab.bpe (openai's)", "neither pair", "name a SentencePiece .model file or a GPT-2 folder");
   }
   if (!fs::is_regular_file(path, ec))
-    throw IOError("tokenizer model not found: '" + path + "'", "a SentencePiece .model file", "no such file",
+    throw IOError("tokenizer model not found: '" + path + "'",
+                  "a SentencePiece .model file, or a folder with GPT-2's vocab.json and merges.txt", "no such file",
                   "train one with titanax::train_bpe_tokenizer, or fetch the Brown corpus (`titanax fetch brown`)");
   std::ifstream in(path, std::ios::binary);
   if (!in) throw IOError("cannot open tokenizer model '" + path + "'", "a readable file", "open failed");
