@@ -53,6 +53,9 @@ const ConfigSchema& run_schema() {
     s.add_int("model.hidden", 128, "cnn: width of the hidden linear layer", ConfigRange::at_least(1));
     s.add_float("model.dropout", 0.0, "mlp, cnn: dropout after hidden activations", ConfigRange::between(0, 1, /*hi_open=*/true));
     s.add_int("model.vocab", 8192, "gpt: vocabulary size", ConfigRange::at_least(1));
+    s.add_int("model.pad_vocab_to", 1, "gpt: pad the embedding and head rows to a multiple of this (Megatron's "
+              "make-vocab-size-divisible-by: tensor parallelism then splits GPT-2's 50257); padding logits are -inf, "
+              "so the loss is the unpadded model's", ConfigRange::at_least(1));
     s.add_int("model.layers", 4, "gpt: transformer blocks", ConfigRange::at_least(1));
     s.add_int("model.heads", 4, "gpt: attention heads", ConfigRange::at_least(1));
     s.add_int("model.dim", 256, "gpt: model width", ConfigRange::at_least(1));
@@ -143,7 +146,7 @@ nn::GPTConfig gpt_config(const Config& c) {
   return {.vocab = c.get_int("model.vocab"), .layers = c.get_int("model.layers"), .heads = c.get_int("model.heads"),
           .dim = c.get_int("model.dim"), .seq_len = c.get_int("model.seq_len"),
           .tp_axis = c.get_string("plan.tp.axis"), .pp_axis = c.get_string("plan.pp.axis"),
-          .pp_boundaries = c.get_int_list("plan.pp.boundaries")};
+          .pp_boundaries = c.get_int_list("plan.pp.boundaries"), .pad_vocab_multiple = c.get_int("model.pad_vocab_to")};
 }
 
 namespace {

@@ -101,6 +101,7 @@ void check_config(const GPTConfig& c) {
   pos(c.heads, "heads");
   pos(c.dim, "dim");
   pos(c.seq_len, "seq_len");
+  pos(c.pad_vocab_multiple, "pad_vocab_multiple");
   if (c.dim % c.heads != 0)
     throw ValueError("GPTConfig.dim must divide by heads", "dim a multiple of heads=" + std::to_string(c.heads),
                      "dim=" + std::to_string(c.dim), "pick dim = heads * head_dim, e.g. 256 = 4 * 64");
@@ -120,7 +121,16 @@ void GPT::check_tensor_parallel(const GPTConfig& c, int n, const std::string& ax
   };
   need(c.heads, "heads", "change GPTConfig.heads (each rank holds heads / n whole attention heads)");
   need(4 * c.dim, "4 * dim", "change GPTConfig.dim (the MLP width 4 * dim is split over the ranks)");
-  need(c.vocab, "vocab", "pad GPTConfig.vocab to a multiple of " + std::to_string(n) + " (unused ids are harmless)");
+  need(c.padded_vocab(), c.padded_vocab() == c.vocab ? "vocab" : "padded vocab",
+       "set GPTConfig.pad_vocab_multiple to a multiple of " + std::to_string(n) + " (model.pad_vocab_to; the padding "
+       "ids' logits are masked)");
+  // Every rank's vocabulary block holds a real id: a block of padding only has no finite logit.
+  const int64_t block = c.padded_vocab() / n;
+  if (c.padded_vocab() - c.vocab >= block)
+    throw PlanError("GPT: the padding of the vocabulary fills the last tensor-parallel rank's block",
+                    "padding (" + std::to_string(c.padded_vocab() - c.vocab) + " ids) below the block of " + std::to_string(block),
+                    "padded vocab " + std::to_string(c.padded_vocab()) + " for vocab " + std::to_string(c.vocab),
+                    "lower GPTConfig.pad_vocab_multiple", loc);
 }
 
 GPT::GPT(GPTConfig cfg) : cfg_(std::move(cfg)) {
@@ -183,7 +193,7 @@ void GPT::build() {
   const int64_t D = cfg_.dim;
   const DType dt = cfg_.dtype;
   const bool first = pp_index_ == 0, last = pp_index_ == pp_size_ - 1;
-  if (first || last) wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.vocab, D, tp_, 0.02, dt));
+  if (first || last) wte_ = register_module("wte", std::make_shared<VocabParallelEmbedding>(cfg_.padded_vocab(), D, tp_, 0.02, dt));
   if (first) wpe_ = register_module("wpe", std::make_shared<Embedding>(cfg_.seq_len, D, 0.02, dt));
   for (int64_t i = layer_lo_; i < layer_hi_; ++i) blocks_.push_back(std::make_shared<GPTBlock>(D, cfg_.heads, tp_, dt));
   auto blocks = register_module("blocks", std::make_shared<NamedModules>());  // global indices: "blocks/2", ...
@@ -219,7 +229,7 @@ ShardingRules GPT::sharding_rules(const std::string& a) {
 std::vector<ParamLayout> GPT::layout(const GPTConfig& c) {
   check_config(c);
   const int64_t D = c.dim;
-  std::vector<std::pair<std::string, Shape>> shapes{{"wte/weight", {c.vocab, D}}, {"wpe/weight", {c.seq_len, D}}};
+  std::vector<std::pair<std::string, Shape>> shapes{{"wte/weight", {c.padded_vocab(), D}}, {"wpe/weight", {c.seq_len, D}}};
   for (int64_t i = 0; i < c.layers; ++i) {
     const std::string b = "blocks/" + std::to_string(i) + "/";
     shapes.push_back({b + "ln1/weight", {D}});
@@ -308,8 +318,14 @@ Tensor GPT::run_blocks(Tensor x) {
 Tensor GPT::head(const Tensor& x0) {
   Tensor x = (*lnf_)(x0);
   // Tied head: logits = x @ wte^T; under TP, f before the local matmul gives this rank's vocabulary block.
-  if (!tp_.has_mesh()) return linear(x, wte_->weight);
-  return linear(copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()), wte_->weight);
+  Tensor logits = tp_.has_mesh() ? linear(copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()), wte_->weight)
+                                 : linear(x, wte_->weight);
+  if (cfg_.padded_vocab() == cfg_.vocab) return logits;
+  // The padding ids of this rank's block [lo, lo + n): -inf, so softmax and cross-entropy ignore them.
+  const int64_t n = logits.shape()[logits.dim() - 1], lo = n * tp_.index();
+  std::vector<double> mask(size_t(n), 0.0);
+  for (int64_t j = std::max<int64_t>(0, cfg_.vocab - lo); j < n; ++j) mask[size_t(j)] = -INFINITY;
+  return logits + from_vector(mask, Shape{n}, logits.dtype()).to(logits.device());
 }
 
 Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction) {
@@ -387,7 +403,9 @@ void GPT::set_recompute_layers(int k) {
 }
 
 std::string GPT::name() const {
-  return "GPT(vocab=" + std::to_string(cfg_.vocab) + ", layers=" + std::to_string(cfg_.layers) +
+  return "GPT(vocab=" + std::to_string(cfg_.vocab) +
+         (cfg_.padded_vocab() != cfg_.vocab ? " padded to " + std::to_string(cfg_.padded_vocab()) : "") +
+         ", layers=" + std::to_string(cfg_.layers) +
          ", heads=" + std::to_string(cfg_.heads) + ", dim=" + std::to_string(cfg_.dim) +
          ", seq_len=" + std::to_string(cfg_.seq_len) +
          (tp_.has_mesh() ? ", tensor parallel " + std::to_string(tp_.size()) + " on '" + tp_.axis() + "'" : "") +

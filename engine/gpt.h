@@ -12,7 +12,7 @@
 // Init: Linear and Embedding weights N(0, 0.02^2), biases 0, LayerNorm weight 1 and bias 0 (eps 1e-5).
 //
 // Parameters (global shapes; "/"-joined paths):
-//   wte/weight [vocab, dim]        wpe/weight [seq_len, dim]       lnf/weight, lnf/bias [dim]
+//   wte/weight [padded vocab, dim] wpe/weight [seq_len, dim]       lnf/weight, lnf/bias [dim]
 //   blocks/<i>/ln1/{weight,bias} [dim]                 blocks/<i>/ln2/{weight,bias} [dim]
 //   blocks/<i>/attn/qkv/weight [3, dim, dim]  bias [3, dim]   (the memory of PyTorch's [3 dim, dim])
 //   blocks/<i>/attn/proj/weight [dim, dim]    bias [dim]
@@ -62,6 +62,13 @@ struct GPTConfig {
   /// first also embeds, the last also runs the vocabulary head.
   std::vector<int64_t> pp_boundaries;
   DType dtype = DType::f32;       ///< parameters and computation (f64 for gradient checks)
+  /// The token embedding (and tied head) get padded_vocab() rows, vocab rounded up to a multiple of
+  /// this (Megatron-LM's make-vocab-size-divisible-by), so tensor parallelism splits a vocabulary such as
+  /// GPT-2's 50257. The padding rows are never looked up (ids stay below vocab) and their logits are
+  /// -inf, so loss, gradients and samples are those of the unpadded model.
+  int64_t pad_vocab_multiple = 1;
+  /// vocab rounded up to a multiple of pad_vocab_multiple: the rows of wte/weight.
+  int64_t padded_vocab() const { return (vocab + pad_vocab_multiple - 1) / pad_vocab_multiple * pad_vocab_multiple; }
 };
 
 /// One parameter as the model declares it: path, global shape, and spec from the sharding rules.
@@ -93,8 +100,9 @@ class GPT final : public Module, public PipelineModule {
   /// does not divide by n, or layers by S (naming the value and the fix).
   GPT(GPTConfig cfg, const Mesh& mesh, Loc loc = Loc::current());
 
-  /// ids: i32 / i64 [B, T] with T <= seq_len and every id in [0, vocab) -> logits [B, T, vocab / n] in
-  /// the parameters' dtype (this rank's vocabulary block; the full logits when n = 1). ShapeError for a
+  /// ids: i32 / i64 [B, T] with T <= seq_len and every id in [0, vocab) -> logits [B, T, padded_vocab / n]
+  /// in the parameters' dtype (this rank's vocabulary block; the full logits when n = 1; -inf for the
+  /// padding ids, GPTConfig::pad_vocab_multiple). ShapeError for a
   /// wrong rank or T > seq_len, DTypeError for non-integer ids, ValueError for an id out of range;
   /// PlanError on a pipeline stage (S > 1: use stage_forward).
   Tensor forward(const Tensor& ids) override;

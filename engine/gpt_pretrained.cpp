@@ -76,6 +76,14 @@ void check_sizes(const std::string& path, const GPTConfig& cfg, int64_t vocab, i
                      "set " + config_field("seq_len") + " to at most " + std::to_string(positions));
 }
 
+// A file's tensor in the layout of parameter `l`: the embeddings' rows fitted (wpe's first seq_len rows,
+// wte's followed by zero rows up to GPTConfig::padded_vocab()), every other tensor reshaped.
+Tensor shaped(const Tensor& t, const ParamLayout& l) {
+  if (l.path != "wte/weight" && l.path != "wpe/weight") return reshape(t, l.global_shape);
+  const int64_t have = t.shape()[0], want = l.global_shape[0];
+  return have >= want ? slice(t, 0, 0, want) : concat({t, zeros(Shape{want - have, t.shape()[1]}, t.dtype())}, 0);
+}
+
 ParamTree read_hf(const std::string& path, const GPTConfig& cfg) {
   SafetensorsFile f = read_safetensors(path);
   std::map<std::string, Tensor> by_name;
@@ -122,14 +130,13 @@ ParamTree read_hf(const std::string& path, const GPTConfig& cfg) {
                        "check that the file is a whole GPT-2 checkpoint");
     Tensor t = it->second;
     by_name.erase(it);
-    const Shape want = h.name == "wpe.weight" ? wpe : hf_shape(l.global_shape, h);
+    const Shape want = h.name == "wpe.weight" ? wpe : h.name == "wte.weight" ? wte : hf_shape(l.global_shape, h);
     if (t.shape() != want || !is_floating(t.dtype()))
       throw ValueError("GPT-2 weights '" + path + "': '" + h.name + "' has the wrong shape for the model",
                        "a floating tensor " + want.str(), spec_str(t),
                        "check " + config_field("dim") + " against the file's");
-    if (h.name == "wpe.weight") t = slice(t, 0, 0, cfg.seq_len);  // cropped to the model's positions
     if (h.conv1d) t = transpose(t, 0, 1);
-    out.insert(l.path, reshape(t.astype(DType::f32), l.global_shape));
+    out.insert(l.path, shaped(t.astype(DType::f32), l));
   }
   if (!by_name.empty())
     throw ValueError("GPT-2 weights '" + path + "' hold a tensor a GPT-2 does not have: '" + by_name.begin()->first + "'",
@@ -193,8 +200,8 @@ ParamTree read_llmc(const std::string& path, const GPTConfig& cfg, std::ifstream
   ParamTree out;
   for (const ParamLayout& l : GPT::layout(cfg)) {
     Tensor t = by_path.at(l.path);
-    if (l.path == "wte/weight" || l.path == "wpe/weight") t = slice(t, 0, 0, l.global_shape[0]);  // padding, positions
-    out.insert(l.path, reshape(t, l.global_shape));
+    if (l.path == "wte/weight") t = slice(t, 0, 0, V);  // llm.c's padding rows: not GPT-2's
+    out.insert(l.path, shaped(t, l));
   }
   return out;
 }
@@ -230,9 +237,10 @@ void write_gpt2_safetensors(const ParamTree& params, const GPTConfig& cfg, const
                        l.global_shape.str(), t.defined() ? spec_str(t) : "undefined", "pass whole (global) tensors");
     const HfName h = hf_name(l.path);
     Tensor v = t.astype(DType::f32).to(Device::cpu());
+    if (l.path == "wte/weight") v = slice(v, 0, 0, cfg.vocab);  // without GPTConfig::pad_vocab_multiple's rows
     if (h.conv1d) v = transpose(reshape(v, Shape{l.global_shape.numel() / l.global_shape[l.global_shape.rank() - 1],
                                                  l.global_shape[l.global_shape.rank() - 1]}), 0, 1);
-    hf.insert(h.name, reshape(v.contiguous(), hf_shape(l.global_shape, h)));
+    hf.insert(h.name, reshape(v.contiguous(), h.name == "wte.weight" ? v.shape() : hf_shape(l.global_shape, h)));
   }
   const std::filesystem::path d(dir);
   std::error_code ec;

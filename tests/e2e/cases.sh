@@ -446,7 +446,7 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
     "$TITANAX" export --config "$SRC/examples/configs/mnist_mlp.yaml" --format hf --out hf3 ;;
 
 gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (model.init_from, data.tokenizer, no
-  # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2
+  # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2, padded too
   gpt2_files
   s=(sample --config "$SRC/examples/configs/gpt_small_tp.yaml" "${gpt2_model[@]}" --set data.tokenizer=tok
      --set checkpoint.dir= --set logging.level=warn --prompt "The jury said" -n 30 --temperature 0)
@@ -456,7 +456,10 @@ gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (mod
     --layers 2 --seq 16 --prompt "The jury said" -n 30 >want.txt || fail "the reference could not decode greedily"
   [[ $(head -1 one.txt) == "[GPT-2 weights w/hf.safetensors]" ]] || fail "the sample does not name its weights"
   tail -n +2 one.txt | cmp - want.txt || fail "the greedy sample differs from the reference's"
-  cmp one.txt two.txt || fail "TP 2 sampling differs from TP 1" ;;
+  cmp one.txt two.txt || fail "TP 2 sampling differs from TP 1"
+  # The vocabulary padded to a multiple of 64 (its logits masked): the same text at TP 2.
+  mpi 2 "$TITANAX" "${s[@]}" --set mesh.model=2 --set model.pad_vocab_to=64 | tee pad.txt
+  cmp one.txt pad.txt || fail "sampling with a padded vocabulary differs" ;;
 
 gpt2_finetune)  # text files -> GPT-2 token shards (titanax tokenize) -> a few steps from the GPT-2 weights
   gpt2_files

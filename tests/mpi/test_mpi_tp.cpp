@@ -341,6 +341,30 @@ TEST_CASE("GPT split over TP decodes with a KV cache as the whole model does", "
   }
 }
 
+TEST_CASE("GPT with a padded vocabulary split over TP computes the unpadded whole model", "[mpi][tp][gpt][pad_vocab]") {
+  for (const auto& mc : tp_cases()) {
+    INFO(mc.name());
+    Mesh mesh = MeshSpec{mc.axes, mc.shape}.build(rt());
+    nn::GPTConfig cfg = small(DType::f64);
+    cfg.vocab = 61;  // GPT-2-like: divides by no TP size; padded to 64
+    nn::GPT whole(cfg);
+    whole.init_parameters(6);
+    cfg.pad_vocab_multiple = 4;
+    nn::GPT split(cfg, mesh);
+    ParamTree global;
+    for (const auto& [p, t] : whole.parameters())
+      global.insert(p, p == "wte/weight" ? concat({t, zeros(Shape{3, cfg.dim}, DType::f64)}, 0) : t);
+    split.load_global_parameters(global);
+    const Tensor x = randint(41, Shape{2, 16}, 61), y = randint(42, Shape{2, 16}, 61);
+    CHECK(split.loss(x, y).item() == Approx(whole.loss(x, y).item()).epsilon(1e-11));
+    const Tensor logits = all_gather(mesh, split(x), "model", -1);
+    check_rel(logits.slice(2, 0, 61).contiguous(), whole(x), 1e-11, "logits");
+    for (double v : logits.slice(2, 61, 64).contiguous().to_vector<double>()) CHECK(v == -INFINITY);
+    const nn::GenerateOptions o{.max_new_tokens = 10, .temperature = 1.5, .seed = 4};
+    CHECK(nn::generate(split, {7, 8, 9}, o) == nn::generate(whole, {7, 8, 9}, o));
+  }
+}
+
 TEST_CASE("a GPT that does not divide over the TP axis fails on every rank", "[mpi][tp][gpt]") {
   const int n = world_size();
   Mesh mesh = MeshSpec{{"model"}, {n}}.build(rt());

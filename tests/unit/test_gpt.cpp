@@ -320,6 +320,47 @@ TEST_CASE("KV cache: forward_cached gives forward's logits, and generate the sam
   }
 }
 
+TEST_CASE("A padded vocabulary computes the unpadded model: -inf logits, the same loss, gradients and samples",
+          "[gpt][pad_vocab]") {
+  nn::GPTConfig c = tiny(DType::f64);
+  c.vocab = 13;
+  nn::GPT plain(c);
+  c.pad_vocab_multiple = 8;
+  REQUIRE(c.padded_vocab() == 16);
+  nn::GPT padded(c);
+  CHECK(padded.parameters().at("wte/weight").shape() == Shape{16, 8});
+  {  // the same weights; the padding rows keep their random init (never read as embeddings, masked as logits)
+    NoGradGuard ng;
+    for (const auto& [p, t] : plain.parameters()) {
+      Tensor dst = padded.parameters().at(p);
+      if (p == "wte/weight") dst = dst.slice(0, 0, 13);
+      copy_(dst, t);
+    }
+  }
+  const Tensor x = testing::randint(RngKey::from_seed(1), Shape{2, 6}, 13), y = testing::randint(RngKey::from_seed(2), Shape{2, 6}, 13);
+  const Tensor lp = padded(x), lu = plain(x);
+  CHECK(lp.shape() == Shape{2, 6, 16});
+  for (double v : lp.slice(2, 13, 16).contiguous().to_vector<double>()) CHECK(v == -INFINITY);
+  // Equal to rounding (the head's GEMM has 16 columns instead of 13: another blocking).
+  CHECK(max(abs(lp.slice(2, 0, 13) - lu)).item() <= 1e-14);
+  auto [loss_p, g_p] = value_and_grad([&] { return padded.loss(x, y); }, padded.parameters());
+  auto [loss_u, g_u] = value_and_grad([&] { return plain.loss(x, y); }, plain.parameters());
+  CHECK(loss_p.item() == Approx(loss_u.item()).epsilon(1e-14));
+  for (const auto& [p, g] : g_u) {
+    INFO(p);
+    const Tensor gp = p == "wte/weight" ? g_p.at(p).slice(0, 0, 13).contiguous() : g_p.at(p);
+    CHECK(max(abs(gp - g)).item() <= 1e-14 * std::max(1.0, max(abs(g)).item()));
+  }
+  CHECK(max(abs(g_p.at("wte/weight").slice(0, 13, 16))).item() == 0.0);  // padding rows: no gradient
+  const nn::GenerateOptions o{.max_new_tokens = 8, .temperature = 1.0, .seed = 3};
+  CHECK(nn::generate(padded, {1, 2, 3}, o) == nn::generate(plain, {1, 2, 3}, o));
+  // Under TP every rank's vocabulary block needs a real id; the vocabulary must then divide padded.
+  c.vocab = 3;  // padded to 8: rank 1 of 2 would hold ids 4..7, all padding
+  CHECK_THROWS_WITH(nn::GPT::check_tensor_parallel(c, 2, "model"), Contains("fills the last tensor-parallel rank's block"));
+  c.vocab = 13, c.pad_vocab_multiple = 1;
+  CHECK_THROWS_WITH(nn::GPT::check_tensor_parallel(c, 2, "model"), Contains("model.pad_vocab_to"));
+}
+
 TEST_CASE("GPT on a model axis of size 1 equals the unsplit model", "[gpt][tp]") {
   Mesh mesh = local_mesh({"data", "model"}, {1, 1});
   nn::GPT whole(tiny()), split(tiny(), mesh);

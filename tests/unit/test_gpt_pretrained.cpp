@@ -86,6 +86,21 @@ TEST_CASE("GPT-2 weights from Hugging Face and llm.c files compute the reference
     // f32 parameters and arithmetic: two blocks of f32 rounding, well above 1e-10, far below a wrong weight.
     CHECK(rel_error(logits_of(d / c.file, DType::f32), want) < 1e-4);
   }
+  // Into a model whose vocabulary is padded (61 -> 64, for tensor parallelism): zero rows after GPT-2's,
+  // the same logits for the real ids; written back, GPT-2's 61 rows only.
+  nn::GPTConfig padded = config(DType::f64);
+  padded.pad_vocab_multiple = 8;
+  for (const char* file : {"hf.safetensors", "llmc.bin"}) {
+    INFO(file);
+    nn::GPT m(padded);
+    nn::load_gpt2_weights(m, d / file);
+    CHECK(rel_error(m.parameters().at("wte/weight").slice(0, kVocab, 64), zeros(Shape{64 - kVocab, kDim})) == 0.0);
+    NoGradGuard ng;
+    CHECK(rel_error(m.forward(load_npy(d / "ids.npy")).slice(2, 0, kVocab), load_npy(d / "logits_f32.npy")) < 1e-10);
+    io_test::TempDir out;
+    nn::write_gpt2_safetensors(m.parameters(), padded, out / "m");
+    CHECK(read_safetensors(out / "m/model.safetensors").tensors.at("wte.weight").shape() == Shape{kVocab, kDim});
+  }
 }
 
 TEST_CASE("GPT-2 weights: the same tensors from either format, and a written model loads in the reference",
