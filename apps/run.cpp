@@ -526,7 +526,7 @@ int sample(const Config& c, Runtime& rt, const SampleOptions& so) {
   if (prompt.empty()) prompt.push_back(tok.eos_id());  // unconditional: start after an end of text
   auto out = nn::generate(dynamic_cast<nn::GPT&>(*s.net), prompt,
                           {.max_new_tokens = so.max_new_tokens, .temperature = so.temperature, .top_k = so.top_k,
-                           .seed = so.seed, .stop_token = tok.eos_id()});
+                           .top_p = so.top_p, .seed = so.seed, .stop_token = tok.eos_id()});
   if (rt.is_main()) {
     // Without a prompt the sample started from an end-of-text: not part of the text.
     std::vector<int> all(out.begin() + (ids.empty() ? 1 : 0), out.end());

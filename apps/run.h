@@ -49,6 +49,7 @@ struct SampleOptions {
   int64_t max_new_tokens = 100;
   double temperature = 0.8;
   int64_t top_k = 40;
+  double top_p = 1.0;
   uint64_t seed = 0;
 };
 /// `titanax eval`: loads the weights as sample does (the latest checkpoint of checkpoint.dir, under any

@@ -82,6 +82,9 @@ int main(int argc, char** argv) {
   sample->add_option("--max-new-tokens,-n", so.max_new_tokens, "tokens to generate")->capture_default_str();
   sample->add_option("--temperature,-t", so.temperature, "softmax temperature; 0 = greedy")->capture_default_str();
   sample->add_option("--top-k,-k", so.top_k, "draw from the k most likely tokens; 0 = all")->capture_default_str();
+  sample->add_option("--top-p", so.top_p, "draw from the most likely tokens holding this much probability; 1 = all")
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
   sample->add_option("--seed", so.seed, "seed of the draws")->capture_default_str();
 
   std::string export_out, export_format = "onnx";

@@ -436,11 +436,12 @@ Metrics lm_metrics(Module& model, const Batch& b) {
 std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const GenerateOptions& o) {
   const GPTConfig& cfg = model.config();
   if (prompt.empty()) throw ValueError("generate: empty prompt", "at least one token id", "none", "encode some text first");
-  if (!(o.temperature >= 0 && std::isfinite(o.temperature)) || o.top_k < 0 || o.max_new_tokens < 0)
-    throw ValueError("generate: temperature must be finite and >= 0, top_k and max_new_tokens >= 0",
-                     "temperature >= 0 (0 = greedy), top_k >= 0 (0 = all), max_new_tokens >= 0",
+  if (!(o.temperature >= 0 && std::isfinite(o.temperature)) || o.top_k < 0 || o.max_new_tokens < 0 ||
+      !(o.top_p > 0 && o.top_p <= 1))
+    throw ValueError("generate: temperature must be finite and >= 0, top_k and max_new_tokens >= 0, top_p in (0, 1]",
+                     "temperature >= 0 (0 = greedy), top_k >= 0 (0 = all), max_new_tokens >= 0, 0 < top_p <= 1 (1 = all)",
                      "temperature " + std::to_string(o.temperature) + ", top_k " + std::to_string(o.top_k) +
-                         ", max_new_tokens " + std::to_string(o.max_new_tokens));
+                         ", max_new_tokens " + std::to_string(o.max_new_tokens) + ", top_p " + std::to_string(o.top_p));
   for (int64_t id : prompt)
     if (id < 0 || id >= cfg.vocab)
       throw ValueError("generate: prompt id out of range", "ids in [0, " + std::to_string(cfg.vocab) + ")",
@@ -470,11 +471,17 @@ std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const Gen
     } else {
       std::vector<int64_t> order(l.size());
       std::iota(order.begin(), order.end(), int64_t(0));
-      const size_t k = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), l.size()) : l.size();
+      size_t k = o.top_k > 0 ? std::min<size_t>(size_t(o.top_k), l.size()) : l.size();
       std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) { return l[a] > l[b]; });
       std::vector<double> p(k);
       double total = 0;
       for (size_t j = 0; j < k; ++j) total += p[j] = std::exp((l[order[j]] - l[order[0]]) / o.temperature);
+      if (o.top_p < 1) {  // the nucleus: the first m of the sorted k whose mass reaches top_p of the total
+        double mass = 0;
+        size_t m = 0;
+        while (m < k && mass < o.top_p * total) mass += p[m++];
+        k = std::max<size_t>(m, 1), total = mass;
+      }
       auto w = philox4x32({uint32_t(i), uint32_t(uint64_t(i) >> 32), 0, 0}, key);
       double u = double(((uint64_t(w[0]) << 32) | w[1]) >> 11) / 9007199254740992.0 * total;  // U[0, total), 53 bits
       size_t j = 0;

@@ -188,11 +188,14 @@ class GPT final : public Module, public PipelineModule {
 };
 
 /// Options of generate(). temperature 0 = greedy (argmax); otherwise tokens are drawn from
-/// softmax(logits / temperature), restricted to the top_k most likely tokens when top_k > 0.
+/// softmax(logits / temperature), restricted to the top_k most likely tokens when top_k > 0, and then to
+/// the nucleus when top_p < 1: the fewest most likely tokens whose probabilities sum to at least top_p
+/// (Holtzman et al. 2019, arXiv:1904.09751; Hugging Face's TopPLogitsWarper), renormalised.
 struct GenerateOptions {
   int64_t max_new_tokens = 100;
   double temperature = 1.0;
   int64_t top_k = 0;
+  double top_p = 1.0;        ///< in (0, 1]; 1 = off
   uint64_t seed = 0;         ///< draw i uses philox4x32({i, 0, 0, 0}, key(seed)): the same on every rank
   int64_t stop_token = -1;   ///< stop after emitting this id (e.g. the tokenizer's end-of-text); -1 = never
   /// Decode with a KVCache while the sequence fits seq_len (the prompt once, then one position per
@@ -206,7 +209,7 @@ struct GenerateOptions {
 /// token (nanoGPT's crop: learned positions end at seq_len). Under TP it is collective (every rank of the model's TP group must
 /// call it with the same arguments) and all ranks return the same ids. Runs without recording a tape.
 /// Returns prompt + the new ids. Throws ValueError for an empty prompt, a temperature that is negative,
-/// infinite or NaN, a negative top_k or max_new_tokens, or an id out of range.
+/// infinite or NaN, a negative top_k or max_new_tokens, a top_p outside (0, 1], or an id out of range.
 std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const GenerateOptions& opts = {});
 
 /// Engine LossFn for language models: mean cross-entropy of batch "x" (token ids [B, T]) against "y"

@@ -262,14 +262,32 @@ TEST_CASE("generate: greedy is the argmax, top_k 1 is greedy, seeds repeat, bad 
       apart = std::max(apart, std::fabs(want[v] - at_one[v]));
     }
     CHECK(apart > 4 * worst);  // the test tells temperature 0.5 from 1: it can fail when the scale is lost
+    // top_p 0.6: the fewest most likely ids whose softmax reaches 0.6, renormalised (computed here from
+    // the full softmax), against 4000 draws.
+    const std::vector<double> full = softmax_top(1.0, l.size());
+    std::vector<double> nucleus(l.size(), 0.0);
+    double mass = 0;
+    for (size_t j = 0; j < l.size() && mass < 0.6; ++j) mass += nucleus[order[j]] = full[order[j]];
+    for (double& x : nucleus) x /= mass;
+    REQUIRE(std::count_if(nucleus.begin(), nucleus.end(), [](double x) { return x > 0; }) >= 2);  // a real choice
+    std::vector<double> drawn_p(l.size(), 0.0);
+    for (int seed = 0; seed < N; ++seed)
+      drawn_p[size_t(nn::generate(m, prompt, {.max_new_tokens = 1, .temperature = 1.0, .top_p = 0.6, .seed = uint64_t(seed)}).back())] += 1.0 / N;
+    for (size_t v = 0; v < l.size(); ++v) {
+      INFO("top_p: id " << v << ": drawn " << drawn_p[v] << ", nucleus " << nucleus[v]);
+      CHECK(std::fabs(drawn_p[v] - nucleus[v]) <= 4 * std::sqrt(nucleus[v] * (1 - nucleus[v]) / N) + 1e-12);
+    }
   }
+  // A nucleus of one id is greedy.
+  CHECK(nn::generate(m, prompt, {.max_new_tokens = 5, .temperature = 1.3, .top_p = 1e-9, .seed = 4}) == greedy);
   // stop_token ends the output right after it; max_new_tokens 0 returns the prompt.
   CHECK(nn::generate(m, prompt, {.max_new_tokens = 5, .temperature = 0, .stop_token = greedy[8]}).size() == 9);
   CHECK(nn::generate(m, prompt, {.max_new_tokens = 0}) == prompt);
   for (const nn::GenerateOptions& bad :
        {nn::GenerateOptions{.temperature = -1}, nn::GenerateOptions{.temperature = std::nan("")},
         nn::GenerateOptions{.temperature = INFINITY}, nn::GenerateOptions{.top_k = -1},
-        nn::GenerateOptions{.max_new_tokens = -1}})
+        nn::GenerateOptions{.max_new_tokens = -1}, nn::GenerateOptions{.top_p = 0}, nn::GenerateOptions{.top_p = 1.5},
+        nn::GenerateOptions{.top_p = std::nan("")}})
     CHECK_THROWS_AS(nn::generate(m, prompt, bad), ValueError);
   CHECK_THROWS_AS(nn::generate(m, {}, {}), ValueError);
   CHECK_THROWS_WITH(nn::generate(m, {3, 16}, {}), Contains("prompt id out of range"));
