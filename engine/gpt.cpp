@@ -344,7 +344,7 @@ Tensor GPT::forward(const Tensor& ids) {
   return head(run_blocks(embed(ids)));
 }
 
-Tensor GPT::forward_cached(const Tensor& ids, KVCache& cache) {
+Tensor GPT::forward_cached(const Tensor& ids, KVCache& cache, bool last_position_only) {
   check_whole("forward_cached");
   if (cache.k.empty()) cache.k.resize(blocks_.size()), cache.v.resize(blocks_.size());
   if (cache.length > 0 && (ids.dim() != 2 || ids.shape()[1] != 1))
@@ -355,8 +355,9 @@ Tensor GPT::forward_cached(const Tensor& ids, KVCache& cache) {
                      std::to_string(ids.shape()[0]), "use one KVCache per batch");
   Tensor x = embed(ids, cache.length);
   for (size_t i = 0; i < blocks_.size(); ++i) x = blocks_[i]->forward_cached(x, cache.k[i], cache.v[i]);
-  cache.length += ids.shape()[1];
-  return head(x);
+  const int64_t T = ids.shape()[1];
+  cache.length += T;
+  return head(last_position_only ? x.slice(1, T - 1, T) : x);
 }
 
 Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
@@ -452,15 +453,15 @@ std::vector<int64_t> generate(GPT& model, std::vector<int64_t> prompt, const Gen
   const RngKey key = RngKey::from_seed(o.seed);
   KVCache cache;
   for (int64_t i = 0; i < o.max_new_tokens; ++i) {
-    Tensor logits;
+    Tensor logits;  // [1, 1, V / n]
     if (o.kv_cache && int64_t(prompt.size()) <= cfg.seq_len) {  // the new positions only
       std::vector<int64_t> fresh(prompt.begin() + cache.length, prompt.end());
-      const int64_t T = int64_t(fresh.size());
-      logits = model.forward_cached(from_vector(fresh, Shape{1, T}).to(model.device()), cache).slice(1, T - 1, T);
+      logits = model.forward_cached(from_vector(fresh, Shape{1, int64_t(fresh.size())}).to(model.device()), cache, true);
     } else {  // the window of the last seq_len tokens from position 0, as nanoGPT crops
       const int64_t T = std::min<int64_t>(int64_t(prompt.size()), cfg.seq_len);
-      std::vector<int64_t> window(prompt.end() - T, prompt.end());
-      logits = model.forward(from_vector(window, Shape{1, T}).to(model.device())).slice(1, T - 1, T);  // [1, 1, V / n]
+      const Tensor window = from_vector(std::vector<int64_t>(prompt.end() - T, prompt.end()), Shape{1, T}).to(model.device());
+      KVCache once;  // the head on the last position only
+      logits = o.kv_cache ? model.forward_cached(window, once, true) : model.forward(window).slice(1, T - 1, T);
     }
     if (model.tp_size() > 1)
       logits = gather_from_tensor_parallel_region(model.tp_group().mesh(), logits, cfg.tp_axis, -1);

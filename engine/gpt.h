@@ -112,8 +112,9 @@ class GPT final : public Module, public PipelineModule {
   /// cache takes the prompt (any T), later calls one position (T = 1): the same logits as forward() of
   /// the whole sequence, in one position's work per layer instead of the sequence's. Throws ShapeError
   /// when the positions pass seq_len, for T != 1 on a filled cache or a batch other than the cached
-  /// one, and what forward() throws.
-  Tensor forward_cached(const Tensor& ids, KVCache& cache);
+  /// one, and what forward() throws. `last_position_only`: logits [B, 1, vocab / n] of the last new
+  /// position only (what decoding reads), skipping the head's GEMM for the others.
+  Tensor forward_cached(const Tensor& ids, KVCache& cache, bool last_position_only = false);
   /// Language-model loss: cross-entropy of forward(ids) against targets [B, T] (global token ids),
   /// averaged over the B * T positions for Reduction::mean (the same on every TP rank). Uses the
   /// vocabulary-parallel cross-entropy when n > 1. ShapeError when targets' shape differs from ids'.

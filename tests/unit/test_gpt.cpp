@@ -314,6 +314,8 @@ TEST_CASE("KV cache: forward_cached gives forward's logits, and generate the sam
   CHECK(close(m.forward_cached(ids.slice(1, 0, 5).contiguous(), cache), full.slice(1, 0, 5)) < 1e-12);
   CHECK(cache.length == 5);
   CHECK(cache.k[0].shape() == Shape{2, 2, 5, 4});
+  nn::KVCache last;
+  CHECK(close(m.forward_cached(ids.slice(1, 0, 5).contiguous(), last, true), full.slice(1, 4, 5)) < 1e-12);
   for (int64_t t = 5; t < 12; ++t) {
     INFO("position " << t);
     CHECK(close(m.forward_cached(ids.slice(1, t, t + 1).contiguous(), cache), full.slice(1, t, t + 1)) < 1e-12);
