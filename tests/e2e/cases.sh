@@ -446,7 +446,8 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
     "$TITANAX" export --config "$SRC/examples/configs/mnist_mlp.yaml" --format hf --out hf3 ;;
 
 gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (model.init_from, data.tokenizer, no
-  # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2, padded too
+  # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2, padded too;
+  # and the weights exported as ONNX, evaluated by the ONNX reference
   gpt2_files
   s=(sample --config "$SRC/examples/configs/gpt_small_tp.yaml" "${gpt2_model[@]}" --set data.tokenizer=tok
      --set checkpoint.dir= --set logging.level=warn --prompt "The jury said" -n 30 --temperature 0)
@@ -459,7 +460,21 @@ gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (mod
   cmp one.txt two.txt || fail "TP 2 sampling differs from TP 1"
   # The vocabulary padded to a multiple of 64 (its logits masked): the same text at TP 2.
   mpi 2 "$TITANAX" "${s[@]}" --set mesh.model=2 --set model.pad_vocab_to=64 | tee pad.txt
-  cmp one.txt pad.txt || fail "sampling with a padded vocabulary differs" ;;
+  cmp one.txt pad.txt || fail "sampling with a padded vocabulary differs"
+  # The GPT-2 weights exported as ONNX (padded vocabulary) compute, in the ONNX reference, the NumPy GPT-2's logits.
+  "$TITANAX" export --config "$SRC/examples/configs/gpt_small_tp.yaml" "${gpt2_model[@]}" --set model.pad_vocab_to=64 \
+    --set checkpoint.dir= --set logging.level=warn --out g.onnx --batch 1
+  /usr/bin/python3 -c "import numpy as np; np.save('ids.npy', np.load('w/ids.npy'))"
+  /usr/bin/python3 "$SRC/tests/onnx/onnx_reference.py" g.onnx onnx_out ids.npy || fail "the ONNX reference rejected g.onnx"
+  /usr/bin/python3 - <<'PY' || fail "the exported GPT-2's logits differ from the NumPy GPT-2's"
+import numpy as np
+y, ref = np.load("onnx_out/output0.npy"), np.load("w/logits_f32.npy")
+V = ref.shape[-1]
+assert np.isinf(y[..., V:]).all() and (y[..., V:] < 0).all(), "padding logits are not -inf"
+err = np.abs(y[..., :V] - ref).max() / np.abs(ref).max()
+assert err < 1e-5, err  # f32 through two blocks
+PY
+  ;;
 
 gpt2_finetune)  # text files -> GPT-2 token shards (titanax tokenize) -> a few steps from the GPT-2 weights
   gpt2_files
