@@ -202,7 +202,7 @@ void check_layout(const Config& c, const Plan& p, const std::vector<std::string>
 }
 }  // namespace
 
-std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh) {
+std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh, bool pretrained) {
   check_model_data(c);
   std::shared_ptr<nn::Module> m;
   const std::string& kind = c.get_string("model.kind");
@@ -224,7 +224,7 @@ std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh) {
     if (kind != "gpt")
       throw ConfigError("model.init_from loads GPT-2 weights, but model.kind is " + kind, "model.kind: gpt", kind,
                         "remove model.init_from");
-    nn::load_gpt2_weights(static_cast<nn::GPT&>(*m), from);
+    if (pretrained) nn::load_gpt2_weights(static_cast<nn::GPT&>(*m), from);
   }
   return m;
 }
@@ -633,7 +633,7 @@ int describe_graph(const Config& c, const Plan& p, int64_t local_batch, const st
   if (p.pp)
     throw ConfigError("describe --graph shows the JIT-compiled step, which runs single-rank plans",
                       "no plan.pp.axis", "plan.pp.axis: " + p.pp->axis, "--set plan.pp.axis=");
-  auto net = model(c, nullptr);  // the whole model, on one rank
+  auto net = model(c, nullptr, /*pretrained=*/false);  // the whole model, on one rank (the graph needs no weights)
   Mesh single = MeshSpec{{p.dp->axis}, {1}}.build(make_local_communicator());
   Engine eng(single, Plan{.dp = p.dp}, optimizer(c, std::max<int64_t>(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1)),
              EngineOptions{.grad_clip = c.get_float("optimizer.grad_clip"), .jit = true});
@@ -664,7 +664,7 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
   check_layout(c, p, spec.axes, shape);
   if (!graph_format.empty())
     return rt.is_main() ? describe_graph(c, p, c.get_int("data.batch_size") / size_of(p.dp->axis), graph_format) : 0;
-  auto net = model(c, nullptr);  // the whole model: its global parameter count
+  auto net = model(c, nullptr, /*pretrained=*/false);  // the whole model: its global parameter count
   if (p.tp) nn::GPT::check_tensor_parallel(gpt_config(c), size_of(p.tp->axis), p.tp->axis);
   if (p.pp) nn::GPT::check_pipeline(gpt_config(c), size_of(p.pp->axis), p.pp->axis);
   if (!rt.is_main()) return 0;
@@ -673,6 +673,8 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
     mesh_line += (i ? ", " : "") + spec.axes[i] + ": " + std::to_string(shape[i]);
   std::printf("%s}\n%s", mesh_line.c_str(), p.describe().c_str());
   std::printf("model:\n%s\nparameters: %lld (the whole model)\n", net->describe(1).c_str(), static_cast<long long>(net->num_parameters()));
+  if (!c.get_string("model.init_from").empty())
+    std::printf("weights: GPT-2 weights %s (model.init_from)\n", c.get_string("model.init_from").c_str());
   // The optimizer's description does not depend on the run length; any valid one builds it.
   const int64_t any_steps = std::max(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1);
   std::printf("optimizer: %s, lr %g, schedule %s\n", optimizer(c, any_steps)->describe().c_str(),

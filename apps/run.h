@@ -23,10 +23,12 @@ MeshSpec mesh_spec(const Config& c);
 Plan plan(const Config& c);
 /// The GPT configuration from `model:` (model.kind gpt).
 nn::GPTConfig gpt_config(const Config& c);
-/// The model from `model:` (initialised from `seed`): split over the TP axis of `mesh` when the plan has
-/// TP and a mesh is given, else whole. ConfigError when model.kind does not fit data.dataset or TP is
-/// asked of a model without tensor-parallel layers.
-std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh);
+/// The model from `model:` (initialised from `seed`, then with model.init_from's GPT-2 weights unless
+/// `pretrained` is false, as describe needs no weights): split over the TP axis of `mesh` when the plan
+/// has TP and a mesh is given, else whole. ConfigError when model.kind does not fit data.dataset, TP is
+/// asked of a model without tensor-parallel layers, or model.init_from of a model that is not a GPT;
+/// what nn::load_gpt2_weights throws.
+std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh, bool pretrained = true);
 /// The learning-rate schedule and optimizer from `schedule:` and `optimizer:`; total_steps for decays.
 std::unique_ptr<optim::Optimizer> optimizer(const Config& c, int64_t total_steps);
 

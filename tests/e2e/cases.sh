@@ -183,6 +183,12 @@ describe)  # no training; the parameter count of 784-512-512-10 is 784*512+512 +
   "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 4 | tee out.txt
   grep -q '^parameters: 669706 (the whole model)$' out.txt || fail "parameter count"
   grep -q 'mesh over 4 rank(s): {data: 4}' out.txt || fail "mesh line"
+  # GPT-2 124M with its vocabulary padded to 50304, described without its weights file: 50304 x 768 (wte)
+  # + 1024 x 768 (wpe) + 12 x 7087872 (a block: 2 x 1536 + 768 x 2304 + 2304 + 768 x 768 + 768 + 768 x 3072
+  # + 3072 + 3072 x 768 + 768) + 1536 (lnf)
+  "$TITANAX" describe --config "$SRC/examples/configs/gpt2_finetune.yaml" --ranks 4 --set mesh.model=2 | tee gpt2.txt
+  grep -q '^parameters: 124475904 (the whole model)$' gpt2.txt || fail "GPT-2 124M parameter count"
+  grep -q '^weights: GPT-2 weights .*gpt2/model.safetensors (model.init_from)$' gpt2.txt || fail "no weights line"
   "$TITANAX" describe --schema >schema.txt
   grep -q '^optimizer\.lr ' schema.txt || fail "schema lacks optimizer.lr"
   # docs/config.md holds the same table between its first pair of ``` fences
