@@ -472,25 +472,27 @@ int run(const Config& c, Runtime& rt) {
 
 namespace {
 // The config's model with the weights of the latest checkpoint in checkpoint.dir (resharded to this
-// launch's mesh), or without checkpoint.dir those of model.init_from (pretrained GPT-2); `source` says
-// which ("checkpoint step 10"). `command` names the CLI command for errors.
+// launch's mesh), or, without checkpoint.dir or a checkpoint in it, those of model.init_from (pretrained
+// GPT-2: before fine-tuning); `source` says which ("checkpoint step 10"). `command` names the CLI
+// command for errors.
 Setup restored(const Config& c, Runtime& rt, const char* command, std::string& source) {
-  if (c.get_string("checkpoint.dir").empty()) {
-    if (!c.get_string("model.init_from").empty()) {
-      source = "GPT-2 weights " + c.get_string("model.init_from");
-      return setup(c, rt);  // model() loads them
-    }
+  const std::string& dir = c.get_string("checkpoint.dir");
+  const std::string& pretrained = c.get_string("model.init_from");
+  if (dir.empty() && pretrained.empty())
     throw ConfigError(std::string("titanax ") + command + " needs a checkpoint or pretrained weights",
                       "checkpoint.dir set to a folder of checkpoints, or model.init_from", "neither",
                       "--set checkpoint.dir=runs/<the run's folder>");
-  }
+  Setup s = setup(c, rt);  // model() loads model.init_from
   // The optimizer is only built so the whole training state loads; its schedule does not matter here.
-  Setup s = setup(c, rt);
-  auto restored_step = engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->restore(*s.net);
-  if (!restored_step)
-    throw CheckpointError("no checkpoint in '" + c.get_string("checkpoint.dir") + "'", "a step_* folder", "none",
+  const auto step = dir.empty() ? std::nullopt : engine(c, rt, s, c.get_int("schedule.warmup_steps") + 1)->restore(*s.net);
+  if (step) {
+    source = "checkpoint step " + std::to_string(*step);
+  } else if (!pretrained.empty()) {
+    source = "GPT-2 weights " + pretrained;
+  } else {
+    throw CheckpointError("no checkpoint in '" + dir + "'", "a step_* folder", "none",
                           "train first: titanax run --config ... --set checkpoint.dir=...");
-  source = "checkpoint step " + std::to_string(*restored_step);
+  }
   return s;
 }
 }  // namespace

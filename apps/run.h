@@ -61,8 +61,8 @@ struct SampleOptions {
 /// accuracy", on rank 0. Throws what sample and run throw.
 int evaluate(const Config& c, Runtime& rt);
 
-/// `titanax sample`: loads the latest checkpoint of checkpoint.dir (under any mesh: it reshards), or with
-/// checkpoint.dir empty the GPT-2 weights of model.init_from; encodes the prompt with data.tokenizer
+/// `titanax sample`: loads the latest checkpoint of checkpoint.dir (under any mesh: it reshards), or
+/// without checkpoint.dir or a checkpoint there the GPT-2 weights of model.init_from; encodes the prompt with data.tokenizer
 /// (default <data.path>/tokenizer.model; a GPT-2 folder works too) and prints the weights' source, then
 /// the prompt and its continuation as the tokenizer decodes it, on rank 0. Throws ConfigError without
 /// either weights or for a tokenizer with more ids than model.vocab, CheckpointError without a checkpoint.

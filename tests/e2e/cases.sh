@@ -435,6 +435,9 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
   "$TITANAX" "${v[@]}" --set checkpoint.dir= --set model.init_from=hf/model.safetensors | tee b.txt
   grep -q '^\[GPT-2 weights hf/model.safetensors\]$' b.txt || fail "eval does not name the weights"
   rel_close "$(value 'val loss' <b.txt)" "$(value 'val loss' <a.txt)" 1e-5 "val loss of the loaded GPT-2 vs the trained model"
+  # A checkpoint.dir with no checkpoint yet (before fine-tuning): model.init_from's weights.
+  "$TITANAX" "${v[@]}" --set "checkpoint.dir=$WORK/none" --set model.init_from=hf/model.safetensors | tee e.txt
+  grep -q '^\[GPT-2 weights hf/model.safetensors\]$' e.txt || fail "eval without a checkpoint does not use model.init_from"
   "$TITANAX" "${v[@]}" --set "checkpoint.dir=$WORK/ck" | tee c.txt
   grep -q '^\[checkpoint step 10\]$' c.txt || fail "eval does not name the checkpoint"
   rel_close "$(value 'val loss' <c.txt)" "$(value 'val loss' <a.txt)" 1e-5 "eval of the TP 2 checkpoint at TP 1"
