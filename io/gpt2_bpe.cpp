@@ -1,6 +1,6 @@
 #include "io/gpt2_bpe.h"
 
-#include <climits>
+#include <queue>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -87,30 +87,45 @@ struct Gpt2Bpe::Impl {
   mutable std::mutex mu;
   mutable std::unordered_map<std::string, std::vector<int>> cache;  // pre-token -> ids
 
-  // encoder.py's bpe(): merge the lowest-ranked adjacent pair, every occurrence left to right, until none has a rank.
+  // encoder.py's bpe(): merge the lowest-ranked adjacent pair, every occurrence left to right, until none
+  // has a rank. As Hugging Face's tokenizers, with a heap of (rank, position) over a linked list of
+  // symbols, O(n log n) where encoder.py rescans the word per merge (a long unspaced run, CJK text, is
+  // one pre-token). The same merges wherever a merge's parts come from earlier merges (BPE training
+  // writes them so: GPT-2's merges.txt): a merge then never makes a pair ranked before it.
   std::vector<int> bpe(const std::string& token) const {
     {
       std::lock_guard<std::mutex> lock(mu);
       if (auto it = cache.find(token); it != cache.end()) return it->second;
     }
-    std::vector<std::string> w;
-    for (char c : token) w.emplace_back(1, c);
-    while (w.size() > 1) {
-      int best = INT_MAX;
-      size_t at = 0;
-      for (size_t i = 0; i + 1 < w.size(); ++i)
-        if (auto it = rank.find(pair_key(w[i], w[i + 1])); it != rank.end() && it->second < best) best = it->second, at = i;
-      if (best == INT_MAX) break;
-      const std::string first = w[at], second = w[at + 1];
-      std::vector<std::string> merged;
-      for (size_t i = 0; i < w.size();) {
-        if (i + 1 < w.size() && w[i] == first && w[i + 1] == second) merged.push_back(first + second), i += 2;
-        else merged.push_back(w[i++]);
-      }
-      w.swap(merged);
+    const int n = int(token.size());
+    std::vector<std::string> sym(token.size());  // a merged-away symbol is left empty
+    std::vector<int> prev(token.size()), next(token.size());
+    for (int i = 0; i < n; ++i) sym[size_t(i)] = token.substr(size_t(i), 1), prev[size_t(i)] = i - 1, next[size_t(i)] = i + 1 < n ? i + 1 : -1;
+    auto rank_at = [&](int i) {  // the rank of the pair starting at symbol i, or -1
+      const int j = next[size_t(i)];
+      if (j < 0) return -1;
+      auto it = rank.find(pair_key(sym[size_t(i)], sym[size_t(j)]));
+      return it == rank.end() ? -1 : it->second;
+    };
+    std::priority_queue<std::pair<int, int>, std::vector<std::pair<int, int>>, std::greater<>> heap;  // lowest rank, leftmost
+    auto push = [&](int i) {
+      if (int r = i >= 0 ? rank_at(i) : -1; r >= 0) heap.push({r, i});
+    };
+    for (int i = 0; i + 1 < n; ++i) push(i);
+    while (!heap.empty()) {
+      const auto [r, i] = heap.top();
+      heap.pop();
+      if (sym[size_t(i)].empty() || rank_at(i) != r) continue;  // merged away, or its right neighbour changed
+      const int j = next[size_t(i)];
+      sym[size_t(i)] += sym[size_t(j)];
+      sym[size_t(j)].clear();
+      next[size_t(i)] = next[size_t(j)];
+      if (next[size_t(j)] >= 0) prev[size_t(next[size_t(j)])] = i;
+      push(prev[size_t(i)]);
+      push(i);
     }
     std::vector<int> ids;
-    for (const std::string& s : w) ids.push_back(id_of.at(s));  // load checked every byte and merge result
+    for (int i = 0; i >= 0 && i < n; i = next[size_t(i)]) ids.push_back(id_of.at(sym[size_t(i)]));  // load checked every merge
     std::lock_guard<std::mutex> lock(mu);
     if (cache.size() < (1u << 16)) cache.emplace(token, ids);
     return ids;

@@ -142,6 +142,7 @@ CASES = [
     "x" * 50 + " the the the",
     "''''s 's 't 're 've 'm 'll 'd ''",
     "abc123 a1a1 !a!a \n \n\n x",
+    "東京は日本の首都です" * 300 + "数字" * 7 + "aaaaaaaaaaaaaaaaaaaaaaaaaaaaa",  # long unspaced runs: one pre-token each
 ]
 
 
