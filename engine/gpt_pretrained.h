@@ -23,7 +23,8 @@
 //    lnfw [C], lnfb [C]. The padded vocabulary rows [V, Vp) are dropped.
 // Sizes must match the model's config (ValueError naming the config field to set), except the
 // positions: a model with seq_len below the file's takes the first seq_len rows of wpe (nanoGPT's
-// crop_block_size). The head count is not stored in a safetensors file (GPT-2: 12 for 124M, 16 for
+// crop_block_size); and a model whose vocabulary is padded (GPTConfig::pad_vocab_multiple, for tensor
+// parallelism) gets zero rows of wte after GPT-2's, which a written file leaves out again. The head count is not stored in a safetensors file (GPT-2: 12 for 124M, 16 for
 // 350M, 20 for 774M, 25 for 1558M): a wrong one loads and computes another model, as in transformers.
 #pragma once
 
