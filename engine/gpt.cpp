@@ -322,10 +322,14 @@ Tensor GPT::head(const Tensor& x0) {
                                  : linear(x, wte_->weight);
   if (cfg_.padded_vocab() == cfg_.vocab) return logits;
   // The padding ids of this rank's block [lo, lo + n): -inf, so softmax and cross-entropy ignore them.
-  const int64_t n = logits.shape()[logits.dim() - 1], lo = n * tp_.index();
-  std::vector<double> mask(size_t(n), 0.0);
-  for (int64_t j = std::max<int64_t>(0, cfg_.vocab - lo); j < n; ++j) mask[size_t(j)] = -INFINITY;
-  return logits + from_vector(mask, Shape{n}, logits.dtype()).to(logits.device());
+  // Built once per device and dtype (not a host-to-device copy every step).
+  if (!logit_mask_.defined() || logit_mask_.device() != logits.device() || logit_mask_.dtype() != logits.dtype()) {
+    const int64_t n = logits.shape()[logits.dim() - 1], lo = n * tp_.index();
+    std::vector<double> mask(size_t(n), 0.0);
+    for (int64_t j = std::max<int64_t>(0, cfg_.vocab - lo); j < n; ++j) mask[size_t(j)] = -INFINITY;
+    logit_mask_ = from_vector(mask, Shape{n}, logits.dtype()).to(logits.device());
+  }
+  return logits + logit_mask_;
 }
 
 Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction) {

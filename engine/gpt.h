@@ -186,6 +186,7 @@ class GPT final : public Module, public PipelineModule {
   std::shared_ptr<Embedding> wpe_;
   std::vector<std::shared_ptr<GPTBlock>> blocks_;
   std::shared_ptr<LayerNorm> lnf_;
+  Tensor logit_mask_;  // [padded_vocab / n]: 0, and -inf for the padding ids (GPTConfig::pad_vocab_multiple)
 };
 
 /// Options of generate(). temperature 0 = greedy (argmax); otherwise tokens are drawn from
