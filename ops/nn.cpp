@@ -290,6 +290,18 @@ void check_ln_param(const Tensor& x, const Tensor& p, const char* which) {
 // Inputs (dy, x[, w][, residual]); outputs dx, then dw when want_w, then db when want_b. With `residual`
 // (only the JIT builds it: layer_norm_backward_residual_op) dx also adds the residual input, the residual
 // stream's other gradient.
+// Per row of the last axis: the mean, and x's normalisation xh = xc r with xc = x - mean(x) and
+// r = (mean(xc^2) + eps)^-1/2, from differentiable ops (the layer norm's jvp and second derivative).
+Tensor row_mean(const Tensor& t) { return mean(t, {-1}, true); }
+struct RowNorm {
+  Tensor xc, r, xh;
+};
+RowNorm row_norm(const Tensor& x, double eps) {
+  const Tensor xc = x - row_mean(x);
+  const Tensor r = rsqrt(row_mean(square(xc)) + eps);
+  return {xc, r, xc * r};
+}
+
 class LayerNormBackward final : public Op {
  public:
   LayerNormBackward(double eps, bool has_w, bool want_w, bool want_b, bool residual = false)
@@ -332,11 +344,8 @@ class LayerNormBackward final : public Op {
     const Tensor &dy = in[0], &x = in[1];
     const Tensor w = has_w_ ? in[2] : Tensor();
     const double D = double(x.shape().back());
-    auto row_mean = [](const Tensor& t) { return mean(t, {-1}, true); };
     auto row_dot = [](const Tensor& p, const Tensor& q) { return sum(p * q, {-1}, true); };
-    const Tensor xc = x - row_mean(x);
-    const Tensor r = rsqrt(row_mean(square(xc)) + eps_);
-    const Tensor xh = xc * r;
+    const auto [xc, r, xh] = row_norm(x, eps_);
     const Tensor g = has_w_ ? dy * w : dy;
     size_t k = 1;
     const Tensor& a = ct[0];
@@ -454,10 +463,7 @@ class LayerNorm final : public Op {
   std::optional<TensorList> jvp(const TensorList& in, const TensorList&, const TensorList& t) const override {
     const Tensor& x = in[0];
     const size_t iw = 1, ib = has_w_ ? 2 : 1;
-    auto row_mean = [](const Tensor& v) { return mean(v, {-1}, true); };
-    const Tensor xc = x - row_mean(x);
-    const Tensor r = rsqrt(row_mean(square(xc)) + eps_);
-    const Tensor xh = xc * r;
+    const auto [xc, r, xh] = row_norm(x, eps_);
     Tensor d;
     if (t[0].defined()) {
       d = r * (t[0] - row_mean(t[0]) - xh * row_mean(t[0] * xh));
@@ -548,13 +554,22 @@ class AttentionOp : public Op {
   double scale_;
 };
 
-// softmax(scale * q k^T + mask) v composed of differentiable ops (PyTorch's math path): q [..., Tq, D],
-// k and v [..., Tk, D]; causal: key j visible to query i iff j <= i, as the fused kernels.
-Tensor composed_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+// The scores scale * q k^T + mask of differentiable ops (PyTorch's math path): q [..., Tq, D], k
+// [..., Tk, D]; causal: key j visible to query i iff j <= i, as the fused kernels.
+Tensor attention_scores(const Tensor& q, const Tensor& k, bool causal, double scale) {
   Tensor s = matmul(q, transpose(k, -1, -2)) * scale;
   if (causal) s = s + causal_mask(q.shape()[q.dim() - 2], k.shape()[k.dim() - 2], s.dtype()).to(s.device());
-  return matmul(softmax(s, -1), v);
+  return s;
 }
+
+// softmax(attention_scores) v, v [..., Tk, D].
+Tensor composed_attention(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale) {
+  return matmul(softmax(attention_scores(q, k, causal, scale), -1), v);
+}
+
+// 16-bit operands widened to f32 for the math path (the kernels accumulate in f32); others, and undefined
+// tensors, as they are.
+Tensor widened(const Tensor& t) { return t.defined() && is_half(t.dtype()) ? t.astype(DType::f32) : t; }
 
 // The vjp of an attention backward op, (dq, dk, dv) = J^T dout with J the Jacobian of o = attention(q,
 // k, v): attention recomposed from matmul and softmax (O(Tq x Tk) memory, as PyTorch's math path),
@@ -571,12 +586,11 @@ TensorList attention_backward_vjp(const TensorList& qkvd, const TensorList& ct, 
     const bool need = i < 3 ? need_qkv : need_dout;
     x[i] = create_graph && need ? qkvd[i].clone() : qkvd[i].detach().set_requires_grad();
   }
-  auto f32 = [](const Tensor& t) { return is_half(t.dtype()) ? t.astype(DType::f32) : t; };
   BackwardOptions first;
   first.create_graph = true;
   first.stop_at_wrt = true;
-  const Tensor o = composed_attention(f32(x[0]), f32(x[1]), f32(x[2]), causal, scale);
-  const TensorList g = grad(sum(o * f32(x[3])), {x[0], x[1], x[2]}, first);
+  const Tensor o = composed_attention(widened(x[0]), widened(x[1]), widened(x[2]), causal, scale);
+  const TensorList g = grad(sum(o * widened(x[3])), {x[0], x[1], x[2]}, first);
   const Tensor inner = sum(g[0] * ct[0]) + sum(g[1] * ct[1]) + sum(g[2] * ct[2]);
   TensorList wrt;
   if (need_qkv) wrt.insert(wrt.end(), {x[0], x[1], x[2]});
@@ -598,15 +612,12 @@ TensorList attention_backward_vjp(const TensorList& qkvd, const TensorList& ct, 
 // undefined tangents are zero; 16-bit operands are computed in f32 and do rounded to q's dtype.
 TensorList attention_jvp(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& tq, const Tensor& tk,
                          const Tensor& tv, bool causal, double scale) {
-  auto f32 = [](const Tensor& t) { return t.defined() && is_half(t.dtype()) ? t.astype(DType::f32) : t; };
-  const Tensor q3 = f32(q), k3 = f32(k), v3 = f32(v);
-  Tensor s = matmul(q3, transpose(k3, -1, -2)) * scale;
-  if (causal) s = s + causal_mask(q.shape()[q.dim() - 2], k.shape()[k.dim() - 2], s.dtype()).to(s.device());
-  const Tensor p = softmax(s, -1);
+  const Tensor q3 = widened(q), k3 = widened(k), v3 = widened(v);
+  const Tensor p = softmax(attention_scores(q3, k3, causal, scale), -1);
   Tensor ds;
-  if (tq.defined()) ds = matmul(f32(tq), transpose(k3, -1, -2)) * scale;
+  if (tq.defined()) ds = matmul(widened(tq), transpose(k3, -1, -2)) * scale;
   if (tk.defined()) {
-    const Tensor d = matmul(q3, transpose(f32(tk), -1, -2)) * scale;
+    const Tensor d = matmul(q3, transpose(widened(tk), -1, -2)) * scale;
     ds = ds.defined() ? ds + d : d;
   }
   Tensor dout, dlse;
@@ -615,7 +626,7 @@ TensorList attention_jvp(const Tensor& q, const Tensor& k, const Tensor& v, cons
     dlse = sum(pds, {-1});
     dout = matmul(pds - p * dlse.unsqueeze(-1), v3);
   }
-  if (tv.defined()) dout = dout.defined() ? dout + matmul(p, f32(tv)) : matmul(p, f32(tv));
+  if (tv.defined()) dout = dout.defined() ? dout + matmul(p, widened(tv)) : matmul(p, widened(tv));
   if (dout.defined() && dout.dtype() != q.dtype()) dout = dout.astype(q.dtype());
   if (dlse.defined() && dlse.dtype() != lse_dtype(q.dtype())) dlse = dlse.astype(lse_dtype(q.dtype()));
   return {dout, dlse};
