@@ -600,9 +600,9 @@ int tokenize(const std::string& tokenizer, const std::vector<std::string>& files
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) throw IOError("titanax tokenize: cannot create '" + out_dir + "': " + ec.message());
-  write_token_shard(out_dir + "/val.bin", from_vector(std::vector<int64_t>(ids.begin(), ids.begin() + n_val), Shape{n_val}));
-  write_token_shard(out_dir + "/train.bin",
-                    from_vector(std::vector<int64_t>(ids.begin() + n_val, ids.end()), Shape{n - n_val}));
+  const Tensor all = from_vector(ids, Shape{n});
+  write_token_shard(out_dir + "/val.bin", all.slice(0, 0, n_val));
+  write_token_shard(out_dir + "/train.bin", all.slice(0, n_val, n));
   std::printf("wrote %s/train.bin (%lld tokens) and %s/val.bin (%lld tokens) from %zu files, vocabulary %d\n",
               out_dir.c_str(), static_cast<long long>(n - n_val), out_dir.c_str(), static_cast<long long>(n_val),
               files.size(), tok.vocab_size());

@@ -69,11 +69,8 @@ Tokenizer Tokenizer::load(const std::string& path) {
     throw IOError("tokenizer model not found: '" + path + "'",
                   "a SentencePiece .model file, or a folder with GPT-2's vocab.json and merges.txt", "no such file",
                   "train one with titanax::train_bpe_tokenizer, or fetch the Brown corpus (`titanax fetch brown`)");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw IOError("cannot open tokenizer model '" + path + "'", "a readable file", "open failed");
-  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   auto impl = std::make_unique<Impl>();
-  auto st = impl->sp.LoadFromSerializedProto(bytes);
+  auto st = impl->sp.LoadFromSerializedProto(read_whole(path, "tokenizer model"));
   if (!st.ok())
     throw DataError("'" + path + "' is not a SentencePiece model", "a serialized sentencepiece ModelProto",
                     st.ToString());
