@@ -43,7 +43,12 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  try {
+  if ((device != "cpu" && device != "cuda") || prompt_len < 1 || new_tokens < 1) {
+    std::fprintf(stderr, "generate: --device cpu|cuda, --prompt and --new >= 1 (got %s, %lld, %lld)\n", device.c_str(),
+                 static_cast<long long>(prompt_len), static_cast<long long>(new_tokens));
+    return 2;
+  }
+  return tx::bench::guarded([&] {
     const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
     tx::nn::GPT model({.vocab = vocab, .layers = layers, .heads = heads, .dim = dim, .seq_len = 1024});
     model.to(dev);
@@ -84,8 +89,5 @@ int main(int argc, char** argv) {
     }
     std::printf("%s\n", line.c_str());
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }

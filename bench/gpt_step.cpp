@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  try {
+  return tx::bench::guarded([&] {
     tx::Runtime rt(argc, argv);
     const int n = rt.world_size();
     tx::Mesh mesh = tx::MeshSpec{{"model"}, {n}}.build(rt);
@@ -129,8 +129,5 @@ int main(int argc, char** argv) {
     }
     if (rt.is_main()) std::printf("%s\n", line.c_str());
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }

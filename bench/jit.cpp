@@ -265,7 +265,7 @@ int main(int argc, char** argv) {
                  device.c_str(), precision.c_str());
     return 2;
   }
-  try {
+  return tx::bench::guarded([&] {
     const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
     const tx::DType prec = precision == "bf16" ? tx::DType::bf16 : tx::DType::f32;
     if (which == "mlp" || which == "both") {
@@ -301,8 +301,5 @@ int main(int argc, char** argv) {
       run_case(c, steps > 0 ? steps : 5, dev, prec, "", profile);
     }
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }

@@ -43,7 +43,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "jvp: --device cpu|cuda and --iters >= 1 (got %s, %lld)\n", device.c_str(), static_cast<long long>(iters));
     return 2;
   }
-  try {
+  return tx::bench::guarded([&] {
     const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
     const std::vector<int64_t> sizes{784, 512, 512, 10};
     const int64_t B = 128;
@@ -117,8 +117,5 @@ int main(int argc, char** argv) {
     }
     std::printf("%s\n", line.c_str());
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }

@@ -81,7 +81,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "kernels: --device must be cpu or cuda and --iters >= 1 (got '%s', %d)\n", device.c_str(), iters);
     return 2;
   }
-  try {
+  return tx::bench::guarded([&] {
     const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
     const bool gpu = dev.is_cuda();
     const Timer time{dev, iters};
@@ -219,8 +219,5 @@ int main(int argc, char** argv) {
     }
     std::printf("%s\n", line.c_str());
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }

@@ -45,7 +45,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "mlp_step: --device must be cpu or cuda, not '%s'\n", device.c_str());
     return 2;
   }
-  try {
+  return tx::bench::guarded([&] {
     const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
     tx::nn::MLP model({784, hidden, hidden, 10});
     model.to(dev);
@@ -110,8 +110,5 @@ int main(int argc, char** argv) {
     }
     std::printf("%s\n", line.c_str());
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }

@@ -6,6 +6,8 @@
 #include <filesystem>
 #include <sstream>
 
+#include "core/error.h"
+
 namespace titanax::bench {
 
 std::string peers_dir() {
@@ -90,6 +92,15 @@ double time_ms(const std::function<void()>& f, int64_t iters, const std::functio
   for (int64_t i = 0; i < iters; ++i) f();
   sync();
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count() / double(iters);
+}
+
+int guarded(const std::function<int()>& body) {
+  try {
+    return body();
+  } catch (const Error& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    return 2;
+  }
 }
 
 }  // namespace titanax::bench

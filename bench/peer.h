@@ -1,5 +1,5 @@
 // What the benchmarks share: running a peer benchmark script (../shared/peers/*.py) in the same run and
-// reading its key=value output, and timing a call.
+// reading its key=value output, timing a call, and the exit code of a run that throws.
 #pragma once
 
 #include <cstdint>
@@ -35,5 +35,9 @@ std::map<std::string, std::string> peer_figures(bool enabled, const std::string&
 /// Milliseconds per call of f: 2 untimed calls first (a trace, a compile, a cache's first fill), then
 /// `iters` timed ones; `sync` (waiting for a device's queued work) runs before the clock starts and stops.
 double time_ms(const std::function<void()>& f, int64_t iters, const std::function<void()>& sync);
+
+/// A benchmark's main body: its return value, or, when it throws a titanax::Error, the error on stderr and
+/// exit code 2 (bad options or a failed run: no line of figures).
+int guarded(const std::function<int()>& body);
 
 }  // namespace titanax::bench

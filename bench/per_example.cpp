@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
                  model_name.c_str(), device.c_str(), static_cast<long long>(B), static_cast<long long>(iters));
     return 2;
   }
-  try {
+  return tx::bench::guarded([&] {
     const tx::Device dev = device == "cuda" ? tx::Device::cuda(0) : tx::Device::cpu();
     const bool cnn = model_name == "cnn";
     std::shared_ptr<tx::nn::Module> model;
@@ -149,8 +149,5 @@ int main(int argc, char** argv) {
       show("loop", loop);
     }
     return 0;
-  } catch (const tx::Error& e) {
-    std::fprintf(stderr, "%s\n", e.what());
-    return 2;
-  }
+  });
 }
