@@ -497,13 +497,11 @@ PY
   grep -Eq '^wrote shards/train.bin \([0-9]+ tokens\) and shards/val.bin \([0-9]+ tokens\) from 3 files, vocabulary [0-9]+$' out.txt \
     || fail "no summary line"
   /usr/bin/python3 - "$SRC/tests/gpt2" <<'PY' || fail "the shards are not the reference's tokens"
-import json, math, sys
+import math, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 import gpt2_bpe_reference as bpe
-enc = json.load(open("tok/vocab.json", encoding="utf-8"))
-lines = [l.rstrip("\n") for l in open("tok/merges.txt", encoding="utf-8") if l.strip() and not l.startswith("#version")]
-ranks = {tuple(l.split(" ")): i for i, l in reversed(list(enumerate(lines)))}
+enc, ranks = bpe.load("tok")
 want = []
 for k in range(3):
     want += [enc[bpe.EOT]] + bpe.encode(open("doc%d.txt" % k, encoding="utf-8").read(), enc, ranks)

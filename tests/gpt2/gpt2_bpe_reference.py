@@ -117,6 +117,21 @@ def encode(text, encoder, ranks):
     return ids
 
 
+def load(folder):
+    """The encoder (vocab.json) and merge ranks (merges.txt) of a GPT-2 tokenizer folder, as encoder.py's get_encoder."""
+    with open(folder + "/vocab.json", encoding="utf-8") as f:
+        encoder = json.load(f)
+    with open(folder + "/merges.txt", encoding="utf-8") as f:
+        merges = [tuple(l.rstrip("\n").split(" ")) for l in f if l.strip() and not l.startswith("#version")]
+    return encoder, {m: i for i, m in reversed(list(enumerate(merges)))}
+
+
+def decode(ids, encoder):
+    """The bytes of ids (encoder.py's decode without the final UTF-8 decoding)."""
+    decoder = {v: k for k, v in encoder.items()}
+    return b"".join(decoder[i].encode() if decoder[i] == EOT else bytes(BYTE_DECODER[c] for c in decoder[i]) for i in ids)
+
+
 TRAIN = """The jury said it did not find that many of the city's voters were unhappy. They'll say they've
 seen it, and we'd agree: I'm sure you're right, isn't it? In 1961 there were 3,500 votes; in 2024, 12345 more.
 Über die Straße gehen Käufer. Ça coûte très cher, naïve café! Привет, как дела? Это тест. 東京は日本の首都です。
@@ -169,9 +184,7 @@ def main():
     cases = []
     for text in CASES:
         ids = encode(text, encoder, ranks)
-        decoder = {v: k for k, v in encoder.items()}
-        back = b"".join(decoder[i].encode() if decoder[i] == EOT else bytes(BYTE_DECODER[c] for c in decoder[i]) for i in ids)
-        assert back == text.encode("utf-8"), text
+        assert decode(ids, encoder) == text.encode("utf-8"), text
         cases.append({"text": text, "ids": ids})
     assert any(len(c["ids"]) < len(c["text"].encode("utf-8")) for c in cases), "no merge applied"
     with open(out + "/cases.json", "w") as f:

@@ -194,17 +194,7 @@ def check(a):
 def greedy(a):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import gpt2_bpe_reference as bpe
-    with open(a.tokenizer + "/vocab.json", encoding="utf-8") as f:
-        encoder = json.load(f)
-    with open(a.tokenizer + "/merges.txt", encoding="utf-8") as f:
-        lines = [l.rstrip("\n") for l in f if l.strip() and not l.startswith("#version")]
-    ranks = {tuple(l.split(" ")): i for i, l in reversed(list(enumerate(lines)))}
-    decoder = {v: k for k, v in encoder.items()}
-
-    def text_of(ids):
-        return b"".join(decoder[i].encode() if decoder[i] == bpe.EOT else bytes(bpe.BYTE_DECODER[c] for c in decoder[i])
-                        for i in ids)
-
+    encoder, ranks = bpe.load(a.tokenizer)
     prompt = bpe.encode(a.prompt, encoder, ranks)
     w, _ = read_safetensors(a.weights)
     ids = list(prompt)
@@ -218,7 +208,7 @@ def greedy(a):
         if ids[-1] == encoder[bpe.EOT]:
             ids.pop()
             break
-    sys.stdout.buffer.write(a.prompt.encode() + text_of(ids)[len(text_of(prompt)):] + b"\n")
+    sys.stdout.buffer.write(a.prompt.encode() + bpe.decode(ids, encoder)[len(bpe.decode(prompt, encoder)):] + b"\n")
     return 0
 
 
