@@ -91,6 +91,11 @@ std::string value_text(const ConfigValue& v) {
       for (const auto& [k, e] : x) p.push_back(k + ": " + std::to_string(e));
       return "{" + join(p) + "}";
     }
+    std::string operator()(const std::vector<std::string>& x) const {
+      std::vector<std::string> p;
+      for (const auto& e : x) p.push_back((*this)(e));
+      return "[" + join(p) + "]";
+    }
   };
   return std::visit(V{}, v);
 }
@@ -191,6 +196,7 @@ std::string_view config_type_name(ConfigType t) {
     case ConfigType::int_list: return "int_list";
     case ConfigType::float_list: return "float_list";
     case ConfigType::string_int_map: return "string_int_map";
+    case ConfigType::string_list: return "string_list";
   }
   return "?";
 }
@@ -213,13 +219,14 @@ ConfigSchema& ConfigSchema::add(ConfigEntry e) {
     throw ValueError("default of config key '" + e.key + "' has the wrong type",
                      std::string(config_type_name(e.type)), value_text(*e.default_value));
   if (!e.allowed.empty()) {
-    if (e.type != ConfigType::string)
-      throw ValueError("allowed values are for string keys only", "a string key", "'" + e.key + "' of type " +
-                                                                                      std::string(config_type_name(e.type)));
+    if (e.type != ConfigType::string && e.type != ConfigType::string_list)
+      throw ValueError("allowed values are for string and string_list keys only", "a string or string_list key",
+                       "'" + e.key + "' of type " + std::string(config_type_name(e.type)));
     if (e.default_value) {
-      const auto& d = std::get<std::string>(*e.default_value);
-      if (std::find(e.allowed.begin(), e.allowed.end(), d) == e.allowed.end())
-        throw ValueError("default of config key '" + e.key + "' is not an allowed value", join(e.allowed), quote(d));
+      const auto* one = std::get_if<std::string>(&*e.default_value);
+      for (const auto& d : one ? std::vector<std::string>{*one} : std::get<std::vector<std::string>>(*e.default_value))
+        if (std::find(e.allowed.begin(), e.allowed.end(), d) == e.allowed.end())
+          throw ValueError("default of config key '" + e.key + "' is not an allowed value", join(e.allowed), quote(d));
     }
   }
   if (e.range) {
@@ -271,6 +278,11 @@ ConfigSchema& ConfigSchema::add_float_list(std::string key, std::optional<std::v
 ConfigSchema& ConfigSchema::add_map(std::string key, std::optional<std::map<std::string, int64_t>> d, std::string doc) {
   return add({std::move(key), ConfigType::string_int_map, d ? std::optional<ConfigValue>(std::move(*d)) : std::nullopt,
               false, std::move(doc), {}});
+}
+ConfigSchema& ConfigSchema::add_string_list(std::string key, std::optional<std::vector<std::string>> d, std::string doc,
+                                            std::vector<std::string> allowed) {
+  return add({std::move(key), ConfigType::string_list, d ? std::optional<ConfigValue>(std::move(*d)) : std::nullopt,
+              false, std::move(doc), std::move(allowed)});
 }
 ConfigSchema& ConfigSchema::add_required(std::string key, ConfigType type, std::string doc,
                                          std::vector<std::string> allowed) {
@@ -408,6 +420,16 @@ struct ConfigBuilder {
         if (!n.IsSequence()) wrong(e, where, n.IsScalar() ? quote(n.Scalar()) : "a " + node_kind(n), "; write [0.9, 0.95]");
         std::vector<double> v;
         for (const auto& item : n) v.push_back(to_float(e, item, loc(item)));
+        return v;
+      }
+      case ConfigType::string_list: {
+        if (!n.IsSequence()) wrong(e, where, n.IsScalar() ? quote(n.Scalar()) : "a " + node_kind(n), "; write [a, b]");
+        std::vector<std::string> v;
+        for (const auto& item : n) {
+          if (!item.IsScalar()) wrong(e, loc(item), "a " + node_kind(item) + " in the list");
+          v.push_back(scalar_text(item, e.key, loc(item)));
+          check_allowed(e, v.back(), loc(item));
+        }
         return v;
       }
       case ConfigType::string_int_map: {
@@ -643,6 +665,9 @@ const std::vector<int64_t>& Config::get_int_list(const std::string& key) const {
 const std::vector<double>& Config::get_float_list(const std::string& key) const {
   return std::get<std::vector<double>>(value_of(key, ConfigType::float_list));
 }
+const std::vector<std::string>& Config::get_string_list(const std::string& key) const {
+  return std::get<std::vector<std::string>>(value_of(key, ConfigType::string_list));
+}
 const std::map<std::string, int64_t>& Config::get_map(const std::string& key) const {
   return std::get<std::map<std::string, int64_t>>(value_of(key, ConfigType::string_int_map));
 }
@@ -711,6 +736,11 @@ void emit_value(YAML::Emitter& out, const ConfigValue& v) {
       out << YAML::Flow << YAML::BeginMap;
       for (const auto& [k, e] : x) out << YAML::Key << k << YAML::Value << (long long)e;
       out << YAML::EndMap;
+    }
+    void operator()(const std::vector<std::string>& x) const {
+      out << YAML::Flow << YAML::BeginSeq;
+      for (const auto& e : x) (*this)(e);
+      out << YAML::EndSeq;
     }
   };
   std::visit(V{out}, v);

@@ -1,8 +1,8 @@
 // Typed YAML configuration checked against a schema.
 //
 // The schema lists every key as a dotted path ("optimizer.lr"), with its type, its default (or that it
-// is required, or optional without a default), a one-line description and, for strings, the allowed
-// values. A YAML file nests the keys as maps:
+// is required, or optional without a default), a one-line description and, for strings and string
+// lists, the allowed values. A YAML file nests the keys as maps:
 //
 //   optimizer:
 //     lr: ${LR:0.001}        # environment variable LR, else 0.001
@@ -30,6 +30,7 @@
 //   bool        true/false, yes/no, on/off (any case)  string      any scalar
 //   int_list    a sequence of ints ("[1, 2]")          float_list  a sequence of numbers
 //   string_int_map  a map of free-form keys to ints ("{data: 2, model: -1}")
+//   string_list a sequence of scalars ("[attn/qkv, mlp/fc]"), each within the allowed values if given
 // A null value ("key:" or "key: ~") unsets an optional key (one without default) and is an error for
 // the others.
 #pragma once
@@ -45,14 +46,14 @@
 
 namespace titanax {
 
-enum class ConfigType { int_, float_, bool_, string, int_list, float_list, string_int_map };
+enum class ConfigType { int_, float_, bool_, string, int_list, float_list, string_int_map, string_list };
 
-/// "int", "float", "bool", "string", "int_list", "float_list", "string_int_map".
+/// "int", "float", "bool", "string", "int_list", "float_list", "string_int_map", "string_list".
 std::string_view config_type_name(ConfigType t);
 
 /// A typed value; the alternative matches the ConfigType in declaration order.
 using ConfigValue = std::variant<int64_t, double, bool, std::string, std::vector<int64_t>, std::vector<double>,
-                                 std::map<std::string, int64_t>>;
+                                 std::map<std::string, int64_t>, std::vector<std::string>>;
 
 /// The interval a numeric key's value must lie in: an int or float key, or each element of an int /
 /// float list. Bounds are closed unless marked open; NaN lies in no range, and infinity only in a range
@@ -82,7 +83,7 @@ struct ConfigEntry {
   std::optional<ConfigValue> default_value;  ///< used when the key is not set
   bool required = false;                     ///< the config must set it (no default then)
   std::string doc;                           ///< one line, for describe()
-  std::vector<std::string> allowed;          ///< string keys only: the values accepted (empty = any)
+  std::vector<std::string> allowed;          ///< string and string_list keys only: the values accepted (empty = any)
   std::optional<ConfigRange> range;          ///< int, float, int_list, float_list keys only: the bounds
 };
 
@@ -90,7 +91,7 @@ class ConfigSchema {
  public:
   /// Adds an entry. Throws ValueError: malformed or duplicate key, a key that is also a section of
   /// another key ("a" and "a.b"), a default of the wrong type, both a default and required, `allowed`
-  /// on a non-string key, a default outside `allowed`, `range` on a key that is not int, float or a
+  /// on a key that is not a string or string list, a default (or an element of one) outside `allowed`, `range` on a key that is not int, float or a
   /// list of them, a range with min > max, a default outside `range`.
   ConfigSchema& add(ConfigEntry entry);
   /// Typed shorthands. A std::nullopt default makes the key optional (has() is false until set).
@@ -107,6 +108,8 @@ class ConfigSchema {
                                std::optional<ConfigRange> range = std::nullopt);
   ConfigSchema& add_map(std::string key, std::optional<std::map<std::string, int64_t>> default_value,
                         std::string doc);
+  ConfigSchema& add_string_list(std::string key, std::optional<std::vector<std::string>> default_value, std::string doc,
+                                std::vector<std::string> allowed = {});
   /// A key the config must set.
   ConfigSchema& add_required(std::string key, ConfigType type, std::string doc, std::vector<std::string> allowed = {});
 
@@ -150,6 +153,7 @@ class Config {
   const std::vector<int64_t>& get_int_list(const std::string& key) const;
   const std::vector<double>& get_float_list(const std::string& key) const;
   const std::map<std::string, int64_t>& get_map(const std::string& key) const;
+  const std::vector<std::string>& get_string_list(const std::string& key) const;
   /// The value of any type (same errors as the getters).
   const ConfigValue& get(const std::string& key) const;
   /// Where a value came from: "default", "<file>:<line>:<column>" or "--set <override>".

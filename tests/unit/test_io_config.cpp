@@ -343,3 +343,41 @@ TEST_CASE("Config from randomly damaged YAML and overrides: a config or a Config
   CHECK(accepted > 100);
   CHECK(refused > 100);
 }
+
+TEST_CASE("Config: string lists, their allowed values, overrides and dump", "[io]") {
+  ConfigSchema schema;
+  schema.add_string_list("model.targets", std::vector<std::string>{"qkv"}, "layers", {"qkv", "proj", "fc"})
+      .add_string_list("train.freeze", std::vector<std::string>{}, "globs")
+      .add_string_list("x.note", std::nullopt, "optional");
+  Config d = Config::from_string("{}", {}, schema);
+  CHECK(d.get_string_list("model.targets") == std::vector<std::string>{"qkv"});
+  CHECK(d.get_string_list("train.freeze").empty());
+  CHECK_FALSE(d.has("x.note"));
+  Config c = Config::from_string("model:\n  targets: [proj, fc]\ntrain:\n  freeze:\n    - \"blocks/0/**\"\n    - '**/bias'\n",
+                                 {"x.note=[\"${TITANAX_CFG_NOPE:a b}\", 'true']"}, schema);
+  CHECK(c.get_string_list("model.targets") == std::vector<std::string>{"proj", "fc"});
+  CHECK(c.get_string_list("train.freeze") == std::vector<std::string>{"blocks/0/**", "**/bias"});
+  CHECK(c.get_string_list("x.note") == std::vector<std::string>{"a b", "true"});
+  Config o = Config::from_string("{}", {"model.targets=[fc]", "train.freeze=[]"}, schema);
+  CHECK(o.get_string_list("model.targets") == std::vector<std::string>{"fc"});
+  CHECK(o.source("model.targets") == "--set model.targets=[fc]");
+  expect_config_error([&] { Config::from_string("model: {targets: [qkv, prj]}\n", {}, schema, "f.yaml"); },
+                      {"'prj' is not allowed for model.targets", "one of: qkv, proj, fc", "did you mean 'proj'?", "f.yaml:1"});
+  expect_config_error([&] { Config::from_string("model: {targets: qkv}\n", {}, schema); },
+                      {"expected string_list at model.targets", "'qkv'", "[a, b]"});
+  expect_config_error([&] { Config::from_string("model: {targets: [[qkv]]}\n", {}, schema); },
+                      {"expected string_list at model.targets", "sequence"});
+  CHECK_THROWS_AS(c.get_string("model.targets"), ConfigError);
+  // The dump reloads to the same values, quoting what YAML would read otherwise.
+  const std::string y = c.dump();
+  INFO(y);
+  Config r = Config::from_string(y, {}, schema);
+  for (const auto& key : schema.keys()) CHECK(r.get(key) == c.get(key));
+  CHECK(contains(schema.describe(), "string_list"));
+  CHECK(contains(schema.describe(), "one of: qkv, proj, fc"));
+  // A default outside the allowed values is the schema's mistake.
+  ConfigSchema bad;
+  CHECK_THROWS_AS(bad.add_string_list("a", std::vector<std::string>{"x", "w"}, "", {"x", "y"}), ValueError);
+  CHECK_THROWS_AS(bad.add_int_list("b", std::vector<int64_t>{1}, "", std::nullopt).add({"c", ConfigType::int_list, std::nullopt, false, "", {"a"}}),
+                  ValueError);
+}
