@@ -63,6 +63,16 @@ const ConfigSchema& run_schema() {
     s.add_string("model.init_from", "", "gpt: start from pretrained GPT-2 weights instead of a random init: a Hugging "
                  "Face model.safetensors (GPT2LMHeadModel) or an llm.c gpt2_124M.bin; model.* must describe that model "
                  "(GPT-2 124M: vocab 50257, layers 12, heads 12, dim 768, seq_len <= 1024); checkpoint.resume wins over it");
+    s.add_int("model.lora_rank", 0, "gpt: LoRA adapters of this rank on the layers of model.lora_targets, training "
+              "only them (the rest frozen, as PEFT); titanax export --format hf merges them (0 = off)", ConfigRange::at_least(0));
+    s.add_float("model.lora_alpha", 8.0, "gpt: LoRA scale numerator (the adapters' output is scaled by lora_alpha / "
+                "lora_rank)", ConfigRange::above(0));
+    s.add_string_list("model.lora_targets", std::vector<std::string>{"attn/qkv"}, "gpt: the block layers that get "
+                      "LoRA adapters (GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj)",
+                      {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"});
+    s.add_string_list("train.freeze", std::vector<std::string>{}, "parameters kept fixed: globs over parameter paths, "
+                      "the module names of titanax describe joined by / (\"wte/**\", \"blocks/0/**\", \"**/bias\"); each must "
+                      "match a parameter");
     s.add_string("optimizer.name", "adamw", "optimizer", {"adamw", "adam", "sgd"});
     s.add_float("optimizer.lr", 1e-3, "peak learning rate", ConfigRange::at_least(0));
     s.add_float("optimizer.weight_decay", 0.0, "weight decay (decoupled for adamw, L2 for adam and sgd)", ConfigRange::at_least(0));
@@ -146,7 +156,9 @@ nn::GPTConfig gpt_config(const Config& c) {
   return {.vocab = c.get_int("model.vocab"), .layers = c.get_int("model.layers"), .heads = c.get_int("model.heads"),
           .dim = c.get_int("model.dim"), .seq_len = c.get_int("model.seq_len"),
           .tp_axis = c.get_string("plan.tp.axis"), .pp_axis = c.get_string("plan.pp.axis"),
-          .pp_boundaries = c.get_int_list("plan.pp.boundaries"), .pad_vocab_multiple = c.get_int("model.pad_vocab_to")};
+          .pp_boundaries = c.get_int_list("plan.pp.boundaries"), .pad_vocab_multiple = c.get_int("model.pad_vocab_to"),
+          .lora_rank = c.get_int("model.lora_rank"), .lora_alpha = c.get_float("model.lora_alpha"),
+          .lora_targets = c.get_string_list("model.lora_targets")};
 }
 
 namespace {
@@ -202,8 +214,35 @@ void check_layout(const Config& c, const Plan& p, const std::vector<std::string>
 }
 }  // namespace
 
+namespace {
+// train.freeze: each glob must match a parameter of the whole model (on a pipeline stage, of the GPT's
+// layout: this stage may hold none of them).
+void freeze(const Config& c, nn::Module& m) {
+  auto* gpt = dynamic_cast<nn::GPT*>(&m);
+  for (const std::string& pattern : c.get_string_list("train.freeze")) {
+    std::vector<std::string> paths;
+    if (gpt) {
+      for (const auto& l : nn::GPT::layout(gpt->config())) paths.push_back(l.path);
+    } else {
+      for (const auto& [p, t] : m.parameters()) paths.push_back(p);
+    }
+    bool anywhere = false, here = false;
+    for (const auto& p : paths) anywhere = anywhere || glob_match(pattern, p);
+    for (const auto& [p, t] : m.parameters()) here = here || glob_match(pattern, p);
+    if (!anywhere)
+      throw ConfigError("train.freeze: '" + pattern + "' matches no parameter of " + m.name(),
+                        "a glob over parameter paths (the module names of titanax describe joined by /)", "'" + pattern + "'",
+                        "use `*` for one path segment and `**` for any number, e.g. \"blocks/0/**\"");
+    if (here) m.set_trainable(pattern, false);
+  }
+}
+}  // namespace
+
 std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh, bool pretrained) {
   check_model_data(c);
+  if (c.get_int("model.lora_rank") > 0 && !is_lm(c))
+    throw ConfigError("model.lora_rank adds LoRA adapters to a GPT, but model.kind is " + c.get_string("model.kind"),
+                      "model.kind: gpt", c.get_string("model.kind"), "remove model.lora_rank, or freeze layers with train.freeze");
   std::shared_ptr<nn::Module> m;
   const std::string& kind = c.get_string("model.kind");
   if (kind == "mlp") {
@@ -220,6 +259,7 @@ std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh, bool pretra
     m = std::make_shared<nn::GPT>(gpt_config(c));
   }
   m->init_parameters(uint64_t(c.get_int("seed")));
+  freeze(c, *m);
   if (const std::string& from = c.get_string("model.init_from"); !from.empty()) {
     if (kind != "gpt")
       throw ConfigError("model.init_from loads GPT-2 weights, but model.kind is " + kind, "model.kind: gpt", kind,
@@ -433,8 +473,11 @@ int run(const Config& c, Runtime& rt) {
   auto eng = engine(c, rt, s, steps);
   if (rt.is_main()) {
     spdlog::info("{}", s.mesh.describe());
-    spdlog::info("model {} with {} parameters on this rank ({}); {} training examples; {} steps", s.net->name(),
-                 s.net->num_parameters(), s.net->device().str(), d.train_examples, steps);
+    const int64_t trainable = s.net->trainable_parameters().numel();  // frozen ones (LoRA, train.freeze) left out
+    spdlog::info("model {} with {} parameters on this rank ({}){}; {} training examples; {} steps", s.net->name(),
+                 s.net->num_parameters(), s.net->device().str(),
+                 trainable == s.net->num_parameters() ? "" : ", " + std::to_string(trainable) + " of them trainable",
+                 d.train_examples, steps);
   }
   const int64_t tokens = is_lm(c) ? c.get_int("model.seq_len") : 1;
   FitOptions fo{.steps = steps, .stop_at = c.get_int("train.stop_at"), .log_every = c.get_int("train.log_every"),
@@ -674,7 +717,10 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
   for (size_t i = 0; i < shape.size(); ++i)
     mesh_line += (i ? ", " : "") + spec.axes[i] + ": " + std::to_string(shape[i]);
   std::printf("%s}\n%s", mesh_line.c_str(), p.describe().c_str());
-  std::printf("model:\n%s\nparameters: %lld (the whole model)\n", net->describe(1).c_str(), static_cast<long long>(net->num_parameters()));
+  const int64_t trainable = net->trainable_parameters().numel();  // frozen ones (LoRA, train.freeze) left out
+  std::printf("model:\n%s\nparameters: %lld (the whole model)%s\n", net->describe(1).c_str(),
+              static_cast<long long>(net->num_parameters()),
+              trainable == net->num_parameters() ? "" : (", " + std::to_string(trainable) + " trainable").c_str());
   if (!c.get_string("model.init_from").empty())
     std::printf("weights: GPT-2 weights %s (model.init_from)\n", c.get_string("model.init_from").c_str());
   // The optimizer's description does not depend on the run length; any valid one builds it.

@@ -7,7 +7,9 @@
 // invocation when a Python with torch is found (bench/peer.h; else peer=unavailable); its time per step
 // is its total over --peer-steps steps (it reports no finer figure).
 // Options: --steps N (default 20), --warmup N (default 3), --B, --T, --vocab, --dim, --layers, --heads,
-// --peer-steps N (default 20), --no-peer.
+// --peer-steps N (default 20), --no-peer, --lora R: also times LoRA fine-tuning of the same model (rank-R
+// adapters on every block's qkv, proj, fc and out; the rest frozen), adding lora_us_per_step and
+// lora_of_full (the full step's time over the LoRA step's, from the same run).
 #include <omp.h>
 
 #include <chrono>
@@ -45,7 +47,7 @@ void write_shard(const std::string& path, int64_t count, int64_t vocab, uint64_t
 int main(int argc, char** argv) {
   int64_t steps = 20, warmup = 3, peer_steps = 20;
   tx::nn::GPTConfig cfg;  // the reference config
-  int64_t B = 16;
+  int64_t B = 16, lora = 0;
   bool peer = true;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -59,10 +61,11 @@ int main(int argc, char** argv) {
     else if (i + 1 < argc && a == "--dim") cfg.dim = next();
     else if (i + 1 < argc && a == "--layers") cfg.layers = next();
     else if (i + 1 < argc && a == "--heads") cfg.heads = next();
+    else if (i + 1 < argc && a == "--lora") lora = next();
     else if (a == "--no-peer") peer = false;
     else {
       std::fprintf(stderr, "usage: gpt_step [--steps N] [--warmup N] [--B N] [--T N] [--vocab N] [--dim N] [--layers N] "
-                           "[--heads N] [--peer-steps N] [--no-peer]\n");
+                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R]\n");
       return 2;
     }
   }
@@ -70,13 +73,8 @@ int main(int argc, char** argv) {
     tx::Runtime rt(argc, argv);
     const int n = rt.world_size();
     tx::Mesh mesh = tx::MeshSpec{{"model"}, {n}}.build(rt);
-    std::unique_ptr<tx::nn::GPT> model = n > 1 ? std::make_unique<tx::nn::GPT>(cfg, mesh) : std::make_unique<tx::nn::GPT>(cfg);
     tx::Plan plan;
     if (n > 1) plan.tp = tx::TP{"model", tx::nn::GPT::sharding_rules("model")};
-    auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
-                                {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
-                                 .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
-    tx::Engine engine(mesh, plan, std::move(opt), {.grad_clip = 1.0});
     const int64_t T = cfg.seq_len;
     auto batch = [&](int64_t i) {
       tx::Tensor u = tx::random_uniform(tx::RngKey::from_seed(uint64_t(100 + i)), tx::Shape{B, T + 1}, tx::DType::f64);
@@ -86,26 +84,48 @@ int main(int argc, char** argv) {
       tx::Tensor w = tx::from_vector(v, tx::Shape{B, T + 1});
       return tx::Batch{{{"x", w.slice(1, 0, T).contiguous()}, {"y", w.slice(1, 1, T + 1).contiguous()}}};
     };
-    tx::StepResult r;
-    for (int64_t i = 0; i < warmup; ++i) r = engine.step(*model, tx::nn::lm_loss, batch(i));
-    double total = 0, best = 1e300;
-    for (int64_t i = 0; i < steps; ++i) {
-      tx::Batch b = batch(warmup + i);
-      auto t0 = std::chrono::steady_clock::now();
-      r = engine.step(*model, tx::nn::lm_loss, b);
-      double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-      total += us;
-      best = std::min(best, us);
-    }
-    const double us = total / double(steps);
+    // The mean and best microseconds per Engine::step of a model of config c, and its last loss.
+    struct Timing {
+      double mean = 0, best = 1e300, loss = 0;
+    };
+    auto time_steps = [&](const tx::nn::GPTConfig& c) {
+      std::unique_ptr<tx::nn::GPT> model = n > 1 ? std::make_unique<tx::nn::GPT>(c, mesh) : std::make_unique<tx::nn::GPT>(c);
+      auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
+                                  {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
+                                   .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
+      tx::Engine engine(mesh, plan, std::move(opt), {.grad_clip = 1.0});
+      Timing t;
+      for (int64_t i = 0; i < warmup; ++i) t.loss = engine.step(*model, tx::nn::lm_loss, batch(i)).loss;
+      for (int64_t i = 0; i < steps; ++i) {
+        tx::Batch b = batch(warmup + i);
+        auto t0 = std::chrono::steady_clock::now();
+        t.loss = engine.step(*model, tx::nn::lm_loss, b).loss;
+        double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+        t.mean += us / double(steps);
+        t.best = std::min(t.best, us);
+      }
+      return t;
+    };
+    const Timing full = time_steps(cfg);
+    const double us = full.mean, best = full.best;
     char buf[512];
     std::snprintf(buf, sizeof buf,
                   "bench=gpt_step device=cpu ranks=%d tp=%d threads=%d vocab=%lld layers=%lld dim=%lld heads=%lld T=%lld B=%lld "
                   "steps=%lld us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f",
                   n, n, omp_get_max_threads(), (long long)cfg.vocab, (long long)cfg.layers, (long long)cfg.dim,
                   (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, us, best, double(B * T) * 1e6 / us,
-                  r.loss, us * 2000 / 6e7);
+                  full.loss, us * 2000 / 6e7);
     std::string line = buf;
+    if (lora > 0) {
+      tx::nn::GPTConfig lc = cfg;
+      lc.lora_rank = lora;
+      lc.lora_alpha = double(2 * lora);
+      lc.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
+      const Timing l = time_steps(lc);
+      std::snprintf(buf, sizeof buf, " lora_rank=%lld lora_us_per_step=%.0f lora_best_us=%.0f lora_of_full=%.2f", (long long)lora,
+                    l.mean, l.best, us / l.mean);
+      line += buf;
+    }
     namespace fs = std::filesystem;
     const fs::path tmp = fs::temp_directory_path() / ("titanax_gpt_bench_" + std::to_string(::getpid()));
     const bool run_peer = peer && n == 1;  // the peer is one process

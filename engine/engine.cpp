@@ -121,6 +121,11 @@ std::map<std::string, PartitionSpec> Engine::partition_specs(nn::Module& model) 
 }
 
 void Engine::begin_step(nn::Module& model, const ParamTree& params) {
+  if (params.empty())
+    throw PlanError("nothing to train: every parameter of " + model.name() + " on this rank is frozen",
+                    "at least one trainable parameter per rank (Module::set_trainable)",
+                    std::to_string(model.parameters().size()) + " parameters, none trainable",
+                    "freeze fewer parameters (train.freeze), or keep a trainable one on every pipeline stage");
   if (!sync_ && dp_size() > 1)
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
   // Dropout keys: fold_in(fold_in(seed, replica), layer call) folded with the optimizer's step counter
@@ -168,7 +173,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   const int64_t micro = B / M;
   std::vector<Batch> mbs;
   for (int i = 0; i < M; ++i) mbs.push_back(batch.slice(i * micro, (i + 1) * micro));
-  ParamTree params = model.parameters();
+  ParamTree params = model.trainable_parameters();
   std::map<std::string, PartitionSpec> tp_specs;
   if (plan_.tp) tp_specs = partition_specs(model);
   begin_step(model, params);
@@ -187,6 +192,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   // copies get bit-identical gradients and stay identical under the same update).
   std::set<std::string> not_counted;
   for (const auto& t : pm.tied_parameters()) {
+    if (!grads.contains(t.path)) continue;  // frozen (on both stages: the same paths are frozen there)
     NoGradGuard ng;
     Tensor& g = grads.at(t.path);
     g = add(g, mesh_.comm(pp.axis).sendrecv(g, t.peer_stage, t.peer_stage));
@@ -209,7 +215,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
   const int acc = accumulate_steps(batch);
   const int64_t B = batch.size();
   const int64_t micro = B / acc;
-  ParamTree params = model.parameters();
+  ParamTree params = model.trainable_parameters();
   std::map<std::string, PartitionSpec> tp_specs;
   if (plan_.tp) tp_specs = partition_specs(model);  // cheap (glob matching); checked before any work
   begin_step(model, params);
@@ -307,7 +313,7 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
   return [this, &model, loss_fn, keys, acc](const TensorList& in) {
     Batch b;
     for (size_t i = 0; i < keys.size(); ++i) b.items[keys[i]] = in[i];
-    ParamTree params = model.parameters();
+    ParamTree params = model.trainable_parameters();
     const int64_t micro = b.size() / acc;
     // Loss scaling: S is the scaler's f64 state tensor (read at every replay), moved to the model's device;
     // 1 / S in f64, rounded to each use's dtype as the eager step's double factor is.
@@ -393,13 +399,15 @@ StepResult Engine::jit_step(nn::Module& model, const LossFn& loss_fn, const Batc
   using LossPtr = Tensor (*)(nn::Module&, const Batch&);
   const LossPtr* fp = loss_fn.target<LossPtr>();
   const std::pair<const std::type_info*, const void*> loss_id{&loss_fn.target_type(), fp ? reinterpret_cast<const void*>(*fp) : nullptr};
-  if (!jit_step_ || jit_model_ != &model || jit_keys_ != keys || jit_loss_ != loss_id) {
+  const ParamTree trainable = model.trainable_parameters();
+  if (!jit_step_ || jit_model_ != &model || jit_keys_ != keys || jit_loss_ != loss_id || jit_trainable_ != trainable.paths()) {
     jit_model_ = &model;
     jit_keys_ = keys;
     jit_loss_ = loss_id;
+    jit_trainable_ = trainable.paths();
     jit_step_ = std::make_unique<jit::Compiled>(step_function(model, loss_fn, keys));
   }
-  begin_step(model, model.parameters());
+  begin_step(model, trainable);
   StepResult r;
   r.lr = opt_->lr();
   r.loss_scale = scaler_ ? scaler_->scale() : 1.0;
@@ -415,7 +423,7 @@ jit::Graph Engine::trace_step(nn::Module& model, const LossFn& loss_fn, const Ba
   const Batch batch = local_batch.to(model.device());
   check_jit(model, batch);
   auto [keys, args] = batch_args(batch);
-  begin_step(model, model.parameters());
+  begin_step(model, model.trainable_parameters());
   jit::Graph g = jit::trace(step_function(model, loss_fn, keys), args);
   jit::optimize_for_replay(g);  // the options of the engine's jit step (the defaults)
   return g;
@@ -491,9 +499,9 @@ void Engine::pipeline_eval_batch(nn::PipelineModule& pm, const Batch& b, Metrics
 
 ParamTree Engine::state_tree(nn::Module& model) {
   ParamTree params = model.parameters();
-  if (opt_->state().size() <= 1) opt_->init(params);  // create the moments so loading can fill them
+  if (opt_->state().size() <= 1) opt_->init(model.trainable_parameters());  // the moments, for loading to fill
   ParamTree t;
-  for (const auto& [p, v] : params) t.insert("params/" + p, v);
+  for (const auto& [p, v] : params) t.insert("params/" + p, v);  // frozen ones too: the whole model
   for (const auto& [p, v] : opt_->state()) t.insert("opt/" + p, v);
   if (scaler_) {
     t.insert("scaler/scale", scaler_->scale_tensor());

@@ -259,6 +259,7 @@ class Engine {
   // (two lambdas of one type with different captures look alike to std::function).
   const nn::Module* jit_model_ = nullptr;
   std::vector<std::string> jit_keys_;
+  std::vector<std::string> jit_trainable_;  // the parameters the compiled step updates (set_trainable)
   std::pair<const std::type_info*, const void*> jit_loss_{nullptr, nullptr};
 };
 

@@ -1,6 +1,7 @@
 #include "engine/gpt.h"
 
 #include <cmath>
+#include <cstring>
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -92,6 +93,25 @@ class GPTBlock final : public Module {
 // ------------------------------------------------------------------------------ GPT
 
 namespace {
+const std::vector<std::string> kLoraTargets{"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
+
+/// A block layer that can take a LoRA adapter: its global input and output features and its groups (3
+/// for qkv).
+struct LoraLayer {
+  int64_t in, out, groups;
+};
+bool is_lora_path(const std::string& p) {
+  auto ends = [&](const char* e) { return p.size() >= std::strlen(e) && p.compare(p.size() - std::strlen(e), std::string::npos, e) == 0; };
+  return ends("/lora_a") || ends("/lora_b");
+}
+
+LoraLayer lora_layer(const std::string& target, int64_t D) {
+  if (target == "attn/qkv") return {D, 3 * D, 3};
+  if (target == "attn/proj") return {D, D, 1};
+  if (target == "mlp/fc") return {D, 4 * D, 1};
+  return {4 * D, D, 1};  // mlp/out (check_config allows no other)
+}
+
 void check_config(const GPTConfig& c) {
   auto pos = [](int64_t v, const char* what) {
     if (v <= 0) throw ValueError(std::string("GPTConfig.") + what + " must be positive", "> 0", std::to_string(v));
@@ -105,6 +125,21 @@ void check_config(const GPTConfig& c) {
   if (c.dim % c.heads != 0)
     throw ValueError("GPTConfig.dim must divide by heads", "dim a multiple of heads=" + std::to_string(c.heads),
                      "dim=" + std::to_string(c.dim), "pick dim = heads * head_dim, e.g. 256 = 4 * 64");
+  if (c.lora_rank < 0)
+    throw ValueError("GPTConfig.lora_rank must be >= 0", ">= 0 (0 = no LoRA adapters)", std::to_string(c.lora_rank));
+  if (c.lora_rank > 0) {
+    if (c.lora_targets.empty())
+      throw ValueError("GPTConfig.lora_targets is empty while lora_rank is " + std::to_string(c.lora_rank),
+                       "at least one of " + join(kLoraTargets), "none", "name the layers to adapt, e.g. [attn/qkv]");
+    for (size_t i = 0; i < c.lora_targets.size(); ++i) {
+      const std::string& t = c.lora_targets[i];
+      if (std::find(kLoraTargets.begin(), kLoraTargets.end(), t) == kLoraTargets.end())
+        throw ValueError("GPTConfig.lora_targets: '" + t + "' is not a layer of a GPT block", "one of " + join(kLoraTargets),
+                         "'" + t + "'", did_you_mean(t, kLoraTargets));
+      if (std::find(c.lora_targets.begin(), c.lora_targets.begin() + i, t) != c.lora_targets.begin() + i)
+        throw ValueError("GPTConfig.lora_targets names '" + t + "' twice", "each layer once", "'" + t + "' twice");
+    }
+  }
   if (c.dtype != DType::f32 && c.dtype != DType::f64)
     throw DTypeError("GPTConfig.dtype must be f32 or f64", "f32 or f64", std::string(dtype_name(c.dtype)),
                      "use f32 (mixed precision comes with the CUDA backend)");
@@ -199,7 +234,19 @@ void GPT::build() {
   auto blocks = register_module("blocks", std::make_shared<NamedModules>());  // global indices: "blocks/2", ...
   for (size_t k = 0; k < blocks_.size(); ++k) blocks->add(std::to_string(layer_lo_ + int64_t(k)), blocks_[k]);
   if (last) lnf_ = register_module("lnf", std::make_shared<LayerNorm>(D, 1e-5, dt));
+  for (const auto& b : blocks_)
+    for (const std::string& t : cfg_.lora_rank > 0 ? cfg_.lora_targets : std::vector<std::string>{}) {
+      if (t == "attn/qkv") b->attn->qkv->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
+      else if (t == "attn/proj") b->attn->proj->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
+      else if (t == "mlp/fc") b->mlp->fc->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
+      else b->mlp->out->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
+    }
   init_parameters(0);  // keys from the full paths ("blocks/1/mlp/fc/weight"), so layers differ
+  if (cfg_.lora_rank > 0) {  // the adapters train, the base model stays (PEFT)
+    set_trainable("**", false);
+    set_trainable("**/lora_a", true);
+    set_trainable("**/lora_b", true);
+  }
 
   // The layers implement the compute; the rules are the declared layout the plan, the engine and
   // checkpoints read. They must agree (a broken invariant here is a bug in this file).
@@ -223,7 +270,11 @@ ShardingRules GPT::sharding_rules(const std::string& a) {
           {"blocks/*/attn/proj/weight", {"", a}},
           {"blocks/*/mlp/fc/weight", {a, ""}},
           {"blocks/*/mlp/fc/bias", {a}},
-          {"blocks/*/mlp/out/weight", {"", a}}};
+          {"blocks/*/mlp/out/weight", {"", a}},
+          {"blocks/*/attn/qkv/lora_b", {"", a, ""}},
+          {"blocks/*/attn/proj/lora_a", {"", a}},
+          {"blocks/*/mlp/fc/lora_b", {a, ""}},
+          {"blocks/*/mlp/out/lora_a", {"", a}}};
 }
 
 std::vector<ParamLayout> GPT::layout(const GPTConfig& c) {
@@ -244,6 +295,11 @@ std::vector<ParamLayout> GPT::layout(const GPTConfig& c) {
     shapes.push_back({b + "mlp/fc/bias", {4 * D}});
     shapes.push_back({b + "mlp/out/weight", {D, 4 * D}});
     shapes.push_back({b + "mlp/out/bias", {D}});
+    for (const std::string& t : c.lora_rank > 0 ? c.lora_targets : std::vector<std::string>{}) {
+      const LoraLayer l = lora_layer(t, D);
+      shapes.push_back({b + t + "/lora_a", {c.lora_rank, l.in}});
+      shapes.push_back({b + t + "/lora_b", ColumnParallelLinear::weight_shape(c.lora_rank, l.out, l.groups)});
+    }
   }
   shapes.push_back({"lnf/weight", {D}});
   shapes.push_back({"lnf/bias", {D}});
@@ -275,15 +331,47 @@ void GPT::load_global_parameters(const ParamTree& global) {
                        "build the GPT with the config the weights were made for");
   }
   for (const std::string& p : paths)
-    if (!global.contains(p))
+    if (!global.contains(p) && !is_lora_path(p))
       throw ValueError("GPT::load_global_parameters: no tensor for '" + p + "'", "every path of GPT::layout", "none",
                        "give the whole model's parameters (" + std::to_string(paths.size()) + " tensors)");
   NoGradGuard ng;
   const std::map<std::string, PartitionSpec> specs = partition_specs();
   for (auto [p, t] : parameters()) {
+    if (!global.contains(p)) continue;  // an adapter left out: it keeps its values
     const Tensor& g = global.at(p);
     copy_(t, tp_.has_mesh() ? shard_of(g, specs.at(p), tp_.mesh()) : g);
   }
+}
+
+ParamTree GPT::merge_lora(const ParamTree& global, const GPTConfig& c) {
+  check_config(c);
+  if (c.lora_rank == 0) return global;
+  std::map<std::string, Tensor> merged;  // layer path -> weight with its adapter merged
+  for (int64_t i = 0; i < c.layers; ++i)
+    for (const std::string& t : c.lora_targets) {
+      const std::string l = "blocks/" + std::to_string(i) + "/" + t + "/";
+      for (const char* n : {"weight", "lora_a", "lora_b"})
+        if (!global.contains(l + n))
+          throw ValueError("GPT::merge_lora: no tensor for '" + l + n + "'", "every path of GPT::layout", "none",
+                           "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");
+      const Tensor &w = global.at(l + "weight"), &a = global.at(l + "lora_a"), &bm = global.at(l + "lora_b");
+      const LoraLayer ll = lora_layer(t, c.dim);
+      if (a.shape() != Shape{c.lora_rank, ll.in} || bm.numel() != ll.out * c.lora_rank || w.numel() != ll.out * ll.in)
+        throw ValueError("GPT::merge_lora: the adapter of '" + l + "' does not fit the config",
+                         "lora_a [" + std::to_string(c.lora_rank) + ", " + std::to_string(ll.in) + "], lora_b of " +
+                             std::to_string(ll.out * c.lora_rank) + " elements",
+                         "lora_a " + a.shape().str() + ", lora_b " + bm.shape().str(), "pass global tensors of the same config");
+      NoGradGuard ng;
+      const Tensor delta = matmul(bm.reshape(Shape{ll.out, c.lora_rank}), a) * (c.lora_alpha / double(c.lora_rank));
+      merged[l + "weight"] = add(w, delta.astype(w.dtype()).reshape(w.shape()));
+    }
+  ParamTree out;
+  for (const auto& [p, t] : global) {
+    if (is_lora_path(p)) continue;
+    auto it = merged.find(p);
+    out.insert(p, it != merged.end() ? it->second : t);
+  }
+  return out;
 }
 
 void GPT::check_whole(const char* what) const {
@@ -413,6 +501,7 @@ std::string GPT::name() const {
          ", layers=" + std::to_string(cfg_.layers) +
          ", heads=" + std::to_string(cfg_.heads) + ", dim=" + std::to_string(cfg_.dim) +
          ", seq_len=" + std::to_string(cfg_.seq_len) +
+         (cfg_.lora_rank > 0 ? ", LoRA r=" + std::to_string(cfg_.lora_rank) + " on " + join(cfg_.lora_targets) : "") +
          (tp_.has_mesh() ? ", tensor parallel " + std::to_string(tp_.size()) + " on '" + tp_.axis() + "'" : "") +
          (pp_size_ > 1 ? ", pipeline stage " + std::to_string(pp_index_) + " of " + std::to_string(pp_size_) + " on '" +
                              cfg_.pp_axis + "' (blocks " + std::to_string(layer_lo_) + ".." + std::to_string(layer_hi_ - 1) + ")"

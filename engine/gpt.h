@@ -69,6 +69,22 @@ struct GPTConfig {
   int64_t pad_vocab_multiple = 1;
   /// vocab rounded up to a multiple of pad_vocab_multiple: the rows of wte/weight.
   int64_t padded_vocab() const { return (vocab + pad_vocab_multiple - 1) / pad_vocab_multiple * pad_vocab_multiple; }
+  /// LoRA fine-tuning (Hu et al. 2021, arXiv:2106.09685; engine/tp_layers.h): lora_rank > 0 gives every
+  /// block's layers named in lora_targets an adapter of that rank ("blocks/<i>/attn/qkv/lora_a" [r, dim],
+  /// ".../lora_b" [3, dim, r], ...) with scale lora_alpha / lora_rank, and freezes every other parameter
+  /// (Module::set_trainable), as PEFT's get_peft_model does: training updates the adapters only, and
+  /// checkpoints hold both. 0 = no adapters.
+  int64_t lora_rank = 0;
+  double lora_alpha = 8;  ///< PEFT's default (with its default rank 8: scale 1)
+  /// Of "attn/qkv", "attn/proj", "mlp/fc", "mlp/out" (GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj);
+  /// the default is PEFT's for GPT-2 (c_attn).
+  std::vector<std::string> lora_targets{"attn/qkv"};
+  /// This config without adapters (lora_rank 0): the base model the adapters are trained on.
+  GPTConfig without_lora() const {
+    GPTConfig c = *this;
+    c.lora_rank = 0;
+    return c;
+  }
 };
 
 /// One parameter as the model declares it: path, global shape, and spec from the sharding rules.
@@ -151,15 +167,23 @@ class GPT final : public Module, public PipelineModule {
   /// Sets the parameters this rank holds from whole tensors, in place (optimizers and checkpoints keep
   /// their references): `global` holds every path of layout(config()) with its global shape, in any
   /// floating dtype and on any device (cast to cfg.dtype, moved to the parameters' device); each rank
-  /// copies its tensor-parallel block (shard_of its spec) of the parameters of its pipeline stage. Not
-  /// collective. Throws ValueError naming the first path that is missing, unexpected, of another shape
-  /// or not floating; nothing is written then.
+  /// copies its tensor-parallel block (shard_of its spec) of the parameters of its pipeline stage. The
+  /// LoRA adapters' paths may be left out (base weights, e.g. a pretrained GPT-2): those keep their
+  /// values. Not collective. Throws ValueError naming the first path that is missing, unexpected, of
+  /// another shape or not floating; nothing is written then.
   void load_global_parameters(const ParamTree& global);
+  /// Whole parameters of a model with config `cfg` (the paths of layout(cfg)) with every LoRA adapter
+  /// merged into its layer's weight, W + (lora_alpha / lora_rank) lora_b lora_a (PEFT's
+  /// merge_and_unload), in W's dtype: the parameters of cfg.without_lora(), computing the same function.
+  /// `global` unchanged when cfg has no adapters. ValueError for a missing path or a wrong shape.
+  static ParamTree merge_lora(const ParamTree& global, const GPTConfig& cfg);
 
   /// Megatron's layout as glob rules over the parameter paths (parallel/sharding.h):
   ///   wte/weight -> {axis, ""}, blocks/*/attn/qkv/weight -> {"", axis, ""}, blocks/*/attn/qkv/bias ->
   ///   {"", axis}, blocks/*/attn/proj/weight -> {"", axis}, blocks/*/mlp/fc/weight -> {axis, ""},
-  ///   blocks/*/mlp/fc/bias -> {axis}, blocks/*/mlp/out/weight -> {"", axis}; everything else replicated.
+  ///   blocks/*/mlp/fc/bias -> {axis}, blocks/*/mlp/out/weight -> {"", axis}; LoRA adapters split as their
+  ///   layer's weight (column-parallel qkv / fc: lora_b's rows, row-parallel proj / out: lora_a's columns,
+  ///   engine/tp_layers.h); everything else replicated.
   static ShardingRules sharding_rules(const std::string& axis = "model");
   /// Every parameter of a model with config `cfg` in parameter order, with its global shape and its
   /// spec from sharding_rules(cfg.tp_axis). Needs no mesh (for checkpoint metadata and resharding).

@@ -121,7 +121,7 @@ ParamTree read_hf(const std::string& path, const GPTConfig& cfg) {
     by_name.erase(it);
   }
   ParamTree out;
-  for (const ParamLayout& l : GPT::layout(cfg)) {
+  for (const ParamLayout& l : GPT::layout(cfg.without_lora())) {  // files hold base models
     const HfName h = hf_name(l.path);
     auto it = by_name.find(h.name);
     if (it == by_name.end())
@@ -198,7 +198,7 @@ ParamTree read_llmc(const std::string& path, const GPTConfig& cfg, std::ifstream
     }
   }
   ParamTree out;
-  for (const ParamLayout& l : GPT::layout(cfg)) {
+  for (const ParamLayout& l : GPT::layout(cfg.without_lora())) {
     Tensor t = by_path.at(l.path);
     if (l.path == "wte/weight") t = slice(t, 0, 0, V);  // llm.c's padding rows: not GPT-2's
     out.insert(l.path, shaped(t, l));
@@ -225,9 +225,10 @@ void load_gpt2_weights(GPT& model, const std::string& path) {
   model.load_global_parameters(read_gpt2_weights(path, model.config()));
 }
 
-void write_gpt2_safetensors(const ParamTree& params, const GPTConfig& cfg, const std::string& dir) {
+void write_gpt2_safetensors(const ParamTree& with_adapters, const GPTConfig& cfg, const std::string& dir) {
+  const ParamTree params = GPT::merge_lora(with_adapters, cfg);  // GPT-2 has no adapters: merged into W
   ParamTree hf;
-  for (const ParamLayout& l : GPT::layout(cfg)) {
+  for (const ParamLayout& l : GPT::layout(cfg.without_lora())) {
     if (!params.contains(l.path))
       throw ValueError("write_gpt2_safetensors: no tensor for '" + l.path + "'", "every path of GPT::layout", "none",
                        "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");

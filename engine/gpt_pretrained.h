@@ -36,7 +36,8 @@
 namespace titanax::nn {
 
 /// Reads GPT-2 weights in either format above and returns the whole tensors of a GPT with config `cfg`
-/// (every path and global shape of GPT::layout(cfg), in that order; f32 CPU tensors). Throws IOError
+/// (every path and global shape of GPT::layout(cfg.without_lora()), in that order; f32 CPU tensors:
+/// the files hold no LoRA adapters, and load_global_parameters leaves a model's adapters as they are). Throws IOError
 /// when the file cannot be read; CheckpointError when it is neither format, or is malformed (what
 /// read_safetensors checks; for llm.c: a short header, an unknown version, a size that is not the
 /// header's parameter count); ValueError naming the tensor for a missing or unexpected tensor, a shape
@@ -50,7 +51,8 @@ ParamTree read_gpt2_weights(const std::string& path, const GPTConfig& cfg);
 void load_gpt2_weights(GPT& model, const std::string& path);
 
 /// Writes whole GPT parameters `params` (the paths and global shapes of GPT::layout(cfg), any floating
-/// dtype, any device) as Hugging Face GPT2LMHeadModel files in folder `dir` (created if absent):
+/// dtype, any device; LoRA adapters are merged into their weights first, GPT::merge_lora) as Hugging
+/// Face GPT2LMHeadModel files in folder `dir` (created if absent):
 /// model.safetensors (the names and [in, out] Conv1D layouts above, F32, metadata format "pt", no
 /// lm_head.weight: transformers ties it to wte) and config.json (model_type gpt2, n_positions = seq_len,
 /// activation gelu_new, layer_norm_epsilon 1e-5, no dropout, tie_word_embeddings). Loads with

@@ -5,6 +5,7 @@
 
 #include "autodiff/autodiff.h"
 #include "autodiff/tape.h"
+#include "parallel/sharding.h"
 
 namespace titanax::nn {
 
@@ -94,17 +95,49 @@ Tensor Module::run_forward_hooks(const Tensor& x, Tensor y) {
 
 ParamTree Module::parameters() const {
   ParamTree out;
-  collect("", out);
+  collect("", out, false);
   return out;
 }
 
-void Module::collect(const std::string& prefix, ParamTree& out) const {
+ParamTree Module::trainable_parameters() const {
+  ParamTree out;
+  collect("", out, true);
+  return out;
+}
+
+void Module::collect(const std::string& prefix, ParamTree& out, bool trainable_only) const {
   for (const auto& p : params_) {
     // The tensor takes the longest path it is listed under, the root's: errors and graphs name it so.
     if (Tensor t = p.tensor; t.name().size() < prefix.size() + p.name.size()) t.set_name(prefix + p.name);
-    out.insert(prefix + p.name, p.tensor);
+    if (p.trainable || !trainable_only) out.insert(prefix + p.name, p.tensor);
   }
-  for (const auto& [n, c] : children_) c->collect(prefix + n + "/", out);
+  for (const auto& [n, c] : children_) c->collect(prefix + n + "/", out, trainable_only);
+}
+
+int64_t Module::set_trainable(const std::string& pattern, bool trainable) {
+  const int64_t n = set_trainable_rec("", pattern, trainable);
+  if (n == 0) {
+    std::string some;
+    for (const auto& [p, t] : parameters()) {
+      if (some.size() > 200) {
+        some += ", ...";
+        break;
+      }
+      some += (some.empty() ? "" : ", ") + p;
+    }
+    throw ValueError("set_trainable: no parameter of " + name() + " matches '" + pattern + "'",
+                     "a glob over parameter paths (one of: " + some + ")", "'" + pattern + "'",
+                     "use `*` for one path segment and `**` for any number of them, e.g. \"blocks/*/attn/**\"");
+  }
+  return n;
+}
+
+int64_t Module::set_trainable_rec(const std::string& prefix, const std::string& pattern, bool trainable) {
+  int64_t n = 0;
+  for (auto& p : params_)
+    if (glob_match(pattern, prefix + p.name)) p.trainable = trainable, ++n;
+  for (auto& [name, c] : children_) n += c->set_trainable_rec(prefix + name + "/", pattern, trainable);
+  return n;
 }
 
 void Module::to(Device device) {
@@ -167,6 +200,17 @@ void Module::init_rec(const std::string& prefix, RngKey base) {
   for (auto& p : params_)
     if (p.init) p.init(p.tensor, fold_in(base, path_hash(prefix + p.name)));
   for (auto& [n, c] : children_) c->init_rec(prefix + n + "/", base);
+}
+
+void Module::init_parameter(const std::string& name, uint64_t seed) {
+  for (auto& p : params_)
+    if (p.name == name) {
+      NoGradGuard ng;
+      if (p.init) p.init(p.tensor, fold_in(RngKey::from_seed(seed), path_hash(name)));
+      return;
+    }
+  throw ValueError("init_parameter: " + this->name() + " has no parameter '" + name + "'", "a name given to register_parameter",
+                   "'" + name + "'");
 }
 
 Tensor& Module::register_parameter(const std::string& name, Tensor t, std::function<void(Tensor&, RngKey)> init) {

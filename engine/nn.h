@@ -84,6 +84,19 @@ class Module {
   ParamTree parameters() const;
   /// Number of parameter elements.
   int64_t num_parameters() const { return parameters().numel(); }
+  /// The parameters training updates: parameters() without the frozen ones (set_trainable), in the same
+  /// order and with the same paths. The Engine differentiates, all-reduces, clips and updates these
+  /// only; a frozen parameter still takes part in the forward (a constant of the backward, which skips
+  /// its gradient) and is saved and restored with checkpoints, as a PyTorch parameter after
+  /// requires_grad_(False).
+  ParamTree trainable_parameters() const;
+  /// Freezes (trainable = false) or unfreezes every parameter whose path matches the glob `pattern`
+  /// (parallel/sharding.h's syntax: `*` inside one segment, a `**` segment across segments, e.g.
+  /// "blocks/*/attn/**" or "**/bias"). All parameters start trainable. Returns how many matched; throws
+  /// ValueError when none does (a misspelt pattern), listing the first paths there are. Set it before the
+  /// first training step: the optimizer's state, the gradient buckets and a compiled step are made for
+  /// the parameters trainable then.
+  int64_t set_trainable(const std::string& pattern, bool trainable);
   /// Moves every parameter (this module's and its children's) to `device` in place, as PyTorch's
   /// Module.to(device): each parameter keeps its identity (the handles the module, the parameters() tree
   /// and the user hold see the new storage), gets fresh contiguous storage on the device with its values,
@@ -118,6 +131,10 @@ class Module {
   /// Adds a parameter; `init` fills it (given a key derived from the seed and the full path).
   Tensor& register_parameter(const std::string& name, Tensor t,
                              std::function<void(Tensor&, RngKey)> init = nullptr);
+  /// Initialises this module's own parameter `name` as init_parameters(seed) would with this module as
+  /// the root, leaving the others as they are (a parameter added to a module already trained or
+  /// loaded). ValueError for a name this module did not register.
+  void init_parameter(const std::string& name, uint64_t seed);
   template <class M>
   std::shared_ptr<M> register_module(const std::string& name, std::shared_ptr<M> m) {
     children_.emplace_back(name, m);
@@ -131,12 +148,14 @@ class Module {
   const std::vector<std::pair<std::string, std::shared_ptr<Module>>>& children() const { return children_; }
 
  private:
-  void collect(const std::string& prefix, ParamTree& out) const;
+  void collect(const std::string& prefix, ParamTree& out, bool trainable_only) const;
+  int64_t set_trainable_rec(const std::string& prefix, const std::string& pattern, bool trainable);
   void init_rec(const std::string& prefix, RngKey base);
   struct Param {
     std::string name;
     Tensor tensor;
     std::function<void(Tensor&, RngKey)> init;
+    bool trainable = true;
   };
   std::vector<Param> params_;
   std::vector<std::pair<std::string, std::shared_ptr<Module>>> children_;

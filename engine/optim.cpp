@@ -96,6 +96,16 @@ void check_state_device(const std::string& path, const TensorList& states) {
                         "move the model (Module::to) before the optimizer's first step, or start a new optimizer");
 }
 
+// A stateful optimizer is stepped with the parameters its state was made for (by path, in order): a set
+// changed after the first step (Module::set_trainable) would pair moments with other tensors.
+void check_state_paths(const ParamTree& state, const ParamTree& params) {
+  if (state.paths() == params.paths()) return;
+  throw ValueError("optimizer step: the parameters are not those its state was made for",
+                   std::to_string(state.size()) + " parameters, the first '" + (state.size() ? state[0].first : "") + "'",
+                   std::to_string(params.size()) + " parameters, the first '" + (params.size() ? params[0].first : "") + "'",
+                   "freeze or unfreeze parameters (set_trainable, train.freeze, LoRA) before the first step, or start a new optimizer");
+}
+
 void bump(int64_t* step, ParamTree& params) {
   ++*step;
   for (auto& [p, t] : params) t.storage()->bump_version();
@@ -406,10 +416,11 @@ class Adam final : public Optimizer {
     }
   }
   void step(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) override {
-    if (m_.size() != params.size()) {
+    if (m_.empty()) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
       init(params);
     }
+    check_state_paths(m_, params);
     check_grads(params, grads);
     update_parameters(schedule_, this, step_, params, grads, skip, grad_factor, [&](size_t i) {
       return std::make_pair(std::make_shared<const AdamRule>(o_, decay_[i] ? o_.weight_decay : 0.0, decoupled_),
@@ -449,10 +460,11 @@ class SGD final : public Optimizer {
     inited_ = true;
   }
   void step(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) override {
-    if (!inited_ || (mu_ > 0 && buf_.size() != params.size())) {
+    if (!inited_) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
       init(params);
     }
+    if (mu_ > 0) check_state_paths(buf_, params);
     check_grads(params, grads);
     update_parameters(schedule_, this, step_, params, grads, skip, grad_factor, [&](size_t i) {
       TensorList states{params[i].second};

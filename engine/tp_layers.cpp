@@ -1,5 +1,8 @@
 #include "engine/tp_layers.h"
 
+#include <cmath>
+#include <sstream>
+
 #include "autodiff/tape.h"
 
 namespace titanax::nn {
@@ -18,7 +21,37 @@ std::function<void(Tensor&, RngKey)> sharded_normal(TPGroup tp, Shape global, Pa
   };
 }
 
+/// The same for U(-bound, bound).
+std::function<void(Tensor&, RngKey)> sharded_uniform(TPGroup tp, Shape global, PartitionSpec spec, double bound) {
+  return [tp = std::move(tp), global, spec = std::move(spec), bound](Tensor& t, RngKey k) {
+    NoGradGuard ng;
+    Tensor full = random_uniform(k, global, DType::f64) * (2 * bound) - bound;
+    copy_(t, tp.shard(full, spec));
+  };
+}
+
 void zero_init(Tensor& t, RngKey) { fill_(t, 0.0); }
+
+/// add_lora's checks; returns the scale alpha / r.
+double lora_scale(int64_t r, double alpha, int64_t in, int64_t out, bool has_one, const char* module) {
+  const std::string m(module);
+  if (has_one) throw ValueError(m + ": a second LoRA adapter", "at most one adapter per layer", "add_lora called twice");
+  if (r < 1 || r > std::min(in, out))
+    throw ValueError(m + ": LoRA rank out of range", "1 <= r <= min(in, out) = " + std::to_string(std::min(in, out)),
+                     std::to_string(r), "a small rank such as 8 (model.lora_rank)");
+  if (!(alpha > 0 && std::isfinite(alpha)))
+    throw ValueError(m + ": LoRA alpha must be finite and > 0", "alpha > 0 (the scale is alpha / r)", std::to_string(alpha),
+                     "set model.lora_alpha, e.g. to the rank for a scale of 1");
+  return alpha / double(r);
+}
+
+/// ", LoRA r=8 scale 2" in a layer's name when it has an adapter.
+std::string lora_str(const Tensor& lora_a, double scale) {
+  if (!lora_a.defined()) return "";
+  std::ostringstream o;
+  o << ", LoRA r=" << lora_a.shape()[0] << " scale " << scale;
+  return o.str();
+}
 
 /// The spec a parameter reports: the layout's spec on a mesh, replicated without one.
 PartitionSpec reported(const TPGroup& tp, const PartitionSpec& spec) { return tp.has_mesh() ? spec : PartitionSpec{}; }
@@ -61,19 +94,35 @@ Tensor ColumnParallelLinear::forward(const Tensor& x) {
   // [groups, out_g / n, in] is contiguous, so viewing it as [out / n, in] is free.
   Tensor w = groups_ == 1 ? weight : weight.reshape(Shape{local_out, in_});
   Tensor b = !bias.defined() || groups_ == 1 ? bias : bias.reshape(Shape{local_out});
-  if (!tp_.has_mesh()) return linear(x, w, b);
-  return column_parallel_linear(tp_.mesh(), x, w, b, tp_.axis());
+  Tensor y = tp_.has_mesh() ? column_parallel_linear(tp_.mesh(), x, w, b, tp_.axis()) : linear(x, w, b);
+  if (!lora_a.defined()) return y;
+  Tensor h = linear(x, lora_a) * lora_scale_;  // [..., r], the same on every rank
+  if (tp_.has_mesh()) h = copy_to_tensor_parallel_region(tp_.mesh(), h, tp_.axis());  // its gradient: every block's
+  const int64_t r = lora_a.shape()[0];
+  return add(y, linear(h, groups_ == 1 ? lora_b : lora_b.reshape(Shape{local_out, r})));
+}
+
+void ColumnParallelLinear::add_lora(int64_t r, double alpha) {
+  lora_scale_ = lora_scale(r, alpha, in_, out_ / groups_, lora_a.defined(), "ColumnParallelLinear");
+  const DType dt = weight.dtype();
+  const Shape bg = weight_shape(r, out_, groups_);
+  const PartitionSpec bs = weight_spec(tp_.axis(), groups_);
+  lora_a = register_parameter("lora_a", empty(Shape{r, in_}, dt), sharded_uniform(tp_, Shape{r, in_}, {}, 1 / std::sqrt(double(in_))));
+  lora_b = register_parameter("lora_b", empty(tp_.local_shape(bg, bs, "ColumnParallelLinear lora_b"), dt), zero_init);
+  init_parameter("lora_a", 0), init_parameter("lora_b", 0);
 }
 
 std::string ColumnParallelLinear::name() const {
   return "ColumnParallelLinear(" + std::to_string(in_) + " -> " + std::to_string(out_) +
          (groups_ > 1 ? ", groups=" + std::to_string(groups_) : std::string()) + ", split " + std::to_string(tp_.size()) +
-         (tp_.has_mesh() ? " ways on '" + tp_.axis() + "'" : std::string(" ways")) + (bias.defined() ? ", bias)" : ")");
+         (tp_.has_mesh() ? " ways on '" + tp_.axis() + "'" : std::string(" ways")) + (bias.defined() ? ", bias" : "") +
+         lora_str(lora_a, lora_scale_) + ")";
 }
 
 std::map<std::string, PartitionSpec> ColumnParallelLinear::partition_specs() const {
   std::map<std::string, PartitionSpec> m{{"weight", reported(tp_, weight_spec(tp_.axis(), groups_))}};
   if (bias.defined()) m["bias"] = reported(tp_, bias_spec(tp_.axis(), groups_));
+  if (lora_a.defined()) m["lora_a"] = {}, m["lora_b"] = reported(tp_, weight_spec(tp_.axis(), groups_));
   return m;
 }
 
@@ -91,19 +140,34 @@ RowParallelLinear::RowParallelLinear(int64_t in, int64_t out, TPGroup tp, bool h
 }
 
 Tensor RowParallelLinear::forward(const Tensor& x) {
-  if (!tp_.has_mesh()) return linear(x, weight, bias);
-  return row_parallel_linear(tp_.mesh(), x, weight, bias, tp_.axis());
+  Tensor y = tp_.has_mesh() ? row_parallel_linear(tp_.mesh(), x, weight, bias, tp_.axis()) : linear(x, weight, bias);
+  if (!lora_a.defined()) return y;
+  Tensor h = linear(x, lora_a) * lora_scale_;  // this rank's part of [..., r]
+  if (tp_.has_mesh()) h = reduce_from_tensor_parallel_region(tp_.mesh(), h, tp_.axis());  // the whole sum
+  return add(y, linear(h, lora_b));
+}
+
+void RowParallelLinear::add_lora(int64_t r, double alpha) {
+  lora_scale_ = lora_scale(r, alpha, in_, out_, lora_a.defined(), "RowParallelLinear");
+  const DType dt = weight.dtype();
+  const Shape ag{r, in_};
+  const PartitionSpec as{"", tp_.axis()};
+  lora_a = register_parameter("lora_a", empty(tp_.local_shape(ag, as, "RowParallelLinear lora_a"), dt),
+                              sharded_uniform(tp_, ag, as, 1 / std::sqrt(double(in_))));
+  lora_b = register_parameter("lora_b", empty(Shape{out_, r}, dt), zero_init);
+  init_parameter("lora_a", 0), init_parameter("lora_b", 0);
 }
 
 std::string RowParallelLinear::name() const {
   return "RowParallelLinear(" + std::to_string(in_) + " -> " + std::to_string(out_) + ", split " +
          std::to_string(tp_.size()) + (tp_.has_mesh() ? " ways on '" + tp_.axis() + "'" : std::string(" ways")) +
-         (bias.defined() ? ", bias)" : ")");
+         (bias.defined() ? ", bias" : "") + lora_str(lora_a, lora_scale_) + ")";
 }
 
 std::map<std::string, PartitionSpec> RowParallelLinear::partition_specs() const {
   std::map<std::string, PartitionSpec> m{{"weight", reported(tp_, {"", tp_.axis()})}};
   if (bias.defined()) m["bias"] = {};
+  if (lora_a.defined()) m["lora_a"] = reported(tp_, {"", tp_.axis()}), m["lora_b"] = {};
   return m;
 }
 

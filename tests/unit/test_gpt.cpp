@@ -533,8 +533,9 @@ TEST_CASE("Plan with TP: validation, describe, to_json", "[parallel][tp]") {
   Mesh m = local_mesh({"data", "model"}, {1, 1});
   Plan p{.dp = DP{"data"}, .tp = TP{"model", nn::GPT::sharding_rules("model")}};
   CHECK_NOTHROW(p.validate(m));
-  CHECK_THAT(p.describe(), Contains("tensor parallel: axis 'model', 7 sharding rules"));
+  CHECK_THAT(p.describe(), Contains("tensor parallel: axis 'model', 11 sharding rules"));
   CHECK_THAT(p.describe(), Contains("blocks/*/attn/qkv/weight -> [-, model, -]"));
+  CHECK_THAT(p.describe(), Contains("blocks/*/mlp/out/lora_a -> [-, model]"));  // LoRA adapters split as their layer
   CHECK_THAT(p.describe(m), Contains("parameters split over 1 rank(s) on axis 'model'"));
   auto j = nlohmann::json::parse(p.to_json());
   CHECK(j["tp"]["axis"] == "model");
