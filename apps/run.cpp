@@ -652,17 +652,30 @@ int tokenize(const std::string& tokenizer, const std::vector<std::string>& files
   return 0;
 }
 
-int export_hf(const Config& c, Runtime& rt, const std::string& dir) {
+int export_hf(const Config& c, Runtime& rt, const std::string& dir, bool peft) {
   if (!is_lm(c))
-    throw ConfigError("titanax export --format hf writes a GPT-2 for Hugging Face transformers, but model.kind is " +
-                          c.get_string("model.kind"),
+    throw ConfigError("titanax export --format " + std::string(peft ? "peft" : "hf") + " writes a GPT-2 for Hugging Face "
+                          "transformers, but model.kind is " + c.get_string("model.kind"),
                       "model.kind: gpt", c.get_string("model.kind"), "use --format onnx for this model");
+  if (peft && c.get_int("model.lora_rank") == 0)
+    throw ConfigError("titanax export --format peft writes LoRA adapters, but model.lora_rank is 0",
+                      "the model.lora_* settings the adapters were trained with", "model.lora_rank: 0",
+                      "set model.lora_rank, model.lora_alpha and model.lora_targets as in training, or use --format hf");
   std::string source;
   Setup s = restored(c, rt, "export", source);
   const auto specs = s.net->partition_specs();
   ParamTree whole;  // tensor-parallel blocks gathered (collective: every rank takes part)
   for (const auto& [p, t] : s.net->parameters()) whole.insert(p, unshard(t, specs.at(p), s.mesh));
-  if (rt.is_main()) {
+  if (rt.is_main() && peft) {
+    const std::string base = c.get_string("model.init_from");
+    const std::string base_dir = std::filesystem::path(base).parent_path().string();  // the Hub folder of model.safetensors
+    nn::write_peft_adapter(whole, gpt_config(c), dir, base.empty() ? "gpt2" : base_dir.empty() ? "." : base_dir);
+    std::printf("wrote %s/adapter_model.safetensors and adapter_config.json: PEFT LoRA adapters of rank %lld on %s, "
+                "the weights of %s\n",
+                dir.c_str(), static_cast<long long>(c.get_int("model.lora_rank")),
+                join(c.get_string_list("model.lora_targets")).c_str(), source.c_str());
+    std::fflush(stdout);
+  } else if (rt.is_main()) {
     nn::write_gpt2_safetensors(whole, gpt_config(c), dir);
     std::printf("wrote %s/model.safetensors and config.json: a Hugging Face GPT2LMHeadModel with %lld parameters, "
                 "the weights of %s\n",

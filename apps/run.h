@@ -78,10 +78,12 @@ int export_onnx(const Config& c, Runtime& rt, const std::string& path, int64_t b
 
 /// `titanax export --format hf`: loads the weights as sample does (under tensor parallelism every rank
 /// takes part in gathering the blocks) and writes the GPT as a Hugging Face GPT2LMHeadModel into folder
-/// `dir` (nn::write_gpt2_safetensors: model.safetensors, config.json). Prints what it wrote on rank 0.
-/// Throws ConfigError for a model that is not a GPT or without weights, CheckpointError without a
-/// checkpoint, IOError when a file cannot be written.
-int export_hf(const Config& c, Runtime& rt, const std::string& dir);
+/// `dir` (nn::write_gpt2_safetensors: model.safetensors, config.json; LoRA adapters merged), or with
+/// `peft` (--format peft) its LoRA adapters alone (nn::write_peft_adapter: adapter_model.safetensors,
+/// adapter_config.json). Prints what it wrote on rank 0. Throws ConfigError for a model that is not a GPT,
+/// without weights, or without adapters for peft; CheckpointError without a checkpoint, IOError when a
+/// file cannot be written.
+int export_hf(const Config& c, Runtime& rt, const std::string& dir, bool peft = false);
 
 /// `titanax tokenize`: token shards (io/tokens.h, the llm.c format) of UTF-8 text files for data.dataset
 /// tokens. Each file is one document, encoded with Tokenizer::load(`tokenizer`) after the tokenizer's

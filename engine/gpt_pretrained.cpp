@@ -51,6 +51,26 @@ Shape hf_shape(const Shape& s, const HfName& n) {
   return n.name == "wte.weight" || n.name == "wpe.weight" ? s : Shape{s.numel()};
 }
 
+// Folder `dir` (created if absent) with the safetensors file `tensors_name` (metadata format "pt") and
+// the JSON file `json_name`, each written under a temporary name and renamed into place.
+void write_folder(const std::string& dir, const std::string& tensors_name, const ParamTree& tensors,
+                  const std::string& json_name, const nlohmann::json& json) {
+  const std::filesystem::path d(dir);
+  std::error_code ec;
+  std::filesystem::create_directories(d, ec);
+  if (ec) throw IOError("cannot create folder '" + dir + "': " + ec.message());
+  const std::filesystem::path tmp = detail::temp_path(d / tensors_name);
+  write_safetensors(tmp.string(), tensors, {{"format", "pt"}});
+  detail::rename_into_place(tmp, d / tensors_name);
+  const std::filesystem::path jtmp = detail::temp_path(d / json_name);
+  {
+    std::ofstream f(jtmp);
+    f << json.dump(2) << '\n';
+    if (!f) throw IOError("cannot write '" + jtmp.string() + "'");
+  }
+  detail::rename_into_place(jtmp, d / json_name);
+}
+
 std::string config_field(const std::string& field) {
   return "GPTConfig." + field + " (model." + field + " in a run config)";
 }
@@ -243,13 +263,6 @@ void write_gpt2_safetensors(const ParamTree& with_adapters, const GPTConfig& cfg
                                                  l.global_shape[l.global_shape.rank() - 1]}), 0, 1);
     hf.insert(h.name, reshape(v.contiguous(), h.name == "wte.weight" ? v.shape() : hf_shape(l.global_shape, h)));
   }
-  const std::filesystem::path d(dir);
-  std::error_code ec;
-  std::filesystem::create_directories(d, ec);
-  if (ec) throw IOError("cannot create folder '" + dir + "': " + ec.message());
-  const std::filesystem::path tmp = detail::temp_path(d / "model.safetensors");
-  write_safetensors(tmp.string(), hf, {{"format", "pt"}});
-  detail::rename_into_place(tmp, d / "model.safetensors");
   const nlohmann::json config{{"architectures", {"GPT2LMHeadModel"}},
                               {"model_type", "gpt2"},
                               {"vocab_size", cfg.vocab},
@@ -266,13 +279,52 @@ void write_gpt2_safetensors(const ParamTree& with_adapters, const GPTConfig& cfg
                               {"attn_pdrop", 0.0},
                               {"tie_word_embeddings", true},
                               {"torch_dtype", "float32"}};
-  const std::filesystem::path ctmp = detail::temp_path(d / "config.json");
-  {
-    std::ofstream f(ctmp);
-    f << config.dump(2) << '\n';
-    if (!f) throw IOError("cannot write '" + ctmp.string() + "'");
-  }
-  detail::rename_into_place(ctmp, d / "config.json");
+  write_folder(dir, "model.safetensors", hf, "config.json", config);
+}
+
+void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std::string& dir, const std::string& base) {
+  if (cfg.lora_rank == 0)
+    throw ValueError("write_peft_adapter: the model has no LoRA adapters", "GPTConfig.lora_rank > 0", "lora_rank 0",
+                     "set model.lora_rank (and train the adapters), or export the whole model with --format hf");
+  const std::map<std::string, ParamLayout> layout = [&] {
+    std::map<std::string, ParamLayout> m;
+    for (const ParamLayout& l : GPT::layout(cfg)) m.emplace(l.path, l);
+    return m;
+  }();
+  ParamTree peft;
+  nlohmann::json modules = nlohmann::json::array();
+  for (int64_t i = 0; i < cfg.layers; ++i)
+    for (const std::string& t : cfg.lora_targets) {
+      const std::string layer = "blocks/" + std::to_string(i) + "/" + t + "/";
+      std::string module = hf_name(layer + "weight").name;  // "h.<i>.attn.c_attn.weight"
+      module = module.substr(0, module.size() - 7);
+      if (i == 0) modules.push_back(module.substr(module.find('.', 2) + 1));  // "attn.c_attn"
+      for (const auto& [n, peft_name] : {std::pair<const char*, const char*>{"lora_a", ".lora_A.weight"}, {"lora_b", ".lora_B.weight"}}) {
+        const ParamLayout& l = layout.at(layer + n);
+        if (!params.contains(l.path) || !params.at(l.path).defined() || params.at(l.path).shape() != l.global_shape)
+          throw ValueError("write_peft_adapter: no tensor of global shape " + l.global_shape.str() + " for '" + l.path + "'",
+                           "every adapter of GPT::layout(cfg)", params.contains(l.path) ? spec_str(params.at(l.path)) : "none",
+                           "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");
+        const Tensor v = params.at(l.path).astype(DType::f32).to(Device::cpu()).contiguous();
+        // [r, in] as it is; lora_b as [out, r] (qkv's [3, dim, r] as c_attn's [3 dim, r]).
+        peft.insert("base_model.model.transformer." + module + peft_name,
+                    reshape(v, Shape{v.numel() / v.shape().back(), v.shape().back()}));
+      }
+    }
+  const nlohmann::json config{{"peft_type", "LORA"},
+                              {"task_type", "CAUSAL_LM"},
+                              {"base_model_name_or_path", base},
+                              {"r", cfg.lora_rank},
+                              {"lora_alpha", cfg.lora_alpha},
+                              {"lora_dropout", 0.0},
+                              {"target_modules", modules},
+                              {"fan_in_fan_out", true},
+                              {"bias", "none"},
+                              {"use_rslora", false},
+                              {"init_lora_weights", true},
+                              {"modules_to_save", nullptr},
+                              {"inference_mode", true}};
+  write_folder(dir, "adapter_model.safetensors", peft, "adapter_config.json", config);
 }
 
 }  // namespace titanax::nn

@@ -60,4 +60,17 @@ void load_gpt2_weights(GPT& model, const std::string& path);
 /// it), IOError when a file cannot be written.
 void write_gpt2_safetensors(const ParamTree& params, const GPTConfig& cfg, const std::string& dir);
 
+/// Writes the LoRA adapters of whole GPT parameters `params` (config `cfg` with lora_rank > 0; global
+/// shapes) as a Hugging Face PEFT adapter in folder `dir` (created if absent), for
+/// PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base), dir):
+///   adapter_model.safetensors  F32, "base_model.model.transformer.h.<i>.<module>.lora_A.weight" [r, in]
+///                              and ".lora_B.weight" [out, r] (module attn.c_attn for attn/qkv, whose q, k,
+///                              v blocks of rows are c_attn's; attn.c_proj, mlp.c_fc, mlp.c_proj)
+///   adapter_config.json        peft_type LORA, task_type CAUSAL_LM, base_model_name_or_path `base`, r,
+///                              lora_alpha, target_modules, fan_in_fan_out true (GPT-2's Conv1D), bias none
+/// The base weights are not written (write_gpt2_safetensors of the same model writes them merged).
+/// ValueError for a config without adapters or a missing or wrongly shaped adapter; IOError when a file
+/// cannot be written.
+void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std::string& dir, const std::string& base = "gpt2");
+
 }  // namespace titanax::nn

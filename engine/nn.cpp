@@ -178,9 +178,11 @@ Tensor NamedModules::forward(const Tensor&) {
 std::string Module::describe(int indent) const {
   std::string pad(size_t(indent) * 2, ' ');
   std::string s = pad + name();
-  int64_t own = 0;
-  for (const auto& p : params_) own += p.tensor.numel();
-  if (own) s += "  [" + std::to_string(own) + " params]";
+  int64_t own = 0, frozen = 0;
+  for (const auto& p : params_) own += p.tensor.numel(), frozen += p.trainable ? 0 : p.tensor.numel();
+  if (own)
+    s += "  [" + std::to_string(own) + " params" +
+         (frozen == own ? ", frozen" : frozen ? ", " + std::to_string(frozen) + " frozen" : "") + "]";
   s += "\n";
   for (const auto& [n, c] : children_) s += pad + "  (" + n + ") " + c->describe(indent + 1).substr(size_t(indent + 1) * 2);
   return s;

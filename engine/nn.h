@@ -116,7 +116,8 @@ class Module {
   bool training() const { return training_; }
   /// One line: "Linear(784 -> 512, bias)".
   virtual std::string name() const = 0;
-  /// The module tree with parameter shapes, one line per module.
+  /// The module tree with parameter counts, one line per module ("[4096 params, frozen]" when none of a
+  /// module's own parameters trains, "[4160 params, 4096 frozen]" when some do not).
   std::string describe(int indent = 0) const;
   /// (Re)initialises every parameter from `seed` (PyTorch's default schemes; see each module).
   void init_parameters(uint64_t seed);

@@ -484,6 +484,27 @@ gpt_lora)  # LoRA fine-tuning from a GPT-2 file at TP 2 (only the adapters train
     || fail "the merged export holds adapters"
   "$TITANAX" eval "${x[@]}" --set checkpoint.dir= --set model.init_from=merged/model.safetensors | tee m.txt
   rel_close "$(value 'val loss' <m.txt)" "$a" 1e-5 "eval of the merged export"
+  # The adapters alone for PEFT: merged by tests/gpt2's reference into the base file, the merged export's weights.
+  mpi 2 "$TITANAX" export "${x[@]}" "${l[@]}" --set mesh.model=2 --set "checkpoint.dir=$WORK/lora_ck" --format peft \
+    --out adapter | tee p.txt
+  grep -q '^wrote adapter/adapter_model.safetensors and adapter_config.json: PEFT LoRA adapters of rank 8 on attn/qkv, mlp/out' p.txt \
+    || fail "no peft summary line"
+  /usr/bin/python3 - "$SRC/tests/gpt2" <<'PY' || fail "the PEFT adapter merged into the base is not the merged export"
+import sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import gpt2_reference as ref
+w, _ = ref.read_safetensors("base/model.safetensors")
+problems = ref.apply_peft_adapter(w, "adapter", 4)
+merged, _ = ref.read_safetensors("merged/model.safetensors")
+assert not problems, problems
+assert sorted(w) == sorted(merged), (sorted(w), sorted(merged))
+for k in w:
+    err = np.abs(w[k] - merged[k]).max() / max(1.0, np.abs(merged[k]).max())
+    assert err < 1e-6, (k, err)
+PY
+  expect_error "ConfigError: titanax export --format peft writes LoRA adapters, but model.lora_rank is 0" \
+    "$TITANAX" export "${x[@]}" --set "checkpoint.dir=$WORK/base_ck" --format peft --out none
   # The base weights did not move: the base file's loss is the base run's.
   "$TITANAX" eval "${x[@]}" --set checkpoint.dir= --set model.init_from=base/model.safetensors | tee b.txt
   rel_close "$(value 'val loss' <b.txt)" "$(value 'val loss' <base.txt)" 1e-5 "the base model"

@@ -13,9 +13,12 @@ It shares no code with Titanax: files are written and read here with NumPy alone
           llmc_bf16.bin       llm.c version 5 (bf16, the f32 weights rounded to nearest even)
         and ids.npy (int64 [B, T]) with logits_f32.npy, logits_f16.npy, logits_bf16.npy: float64 [B, T, V]
         of those ids under each set of weights.
-  check --model-dir DIR --ids IDS --logits LOGITS
+  check --model-dir DIR --ids IDS --logits LOGITS [--adapter-dir ADIR]
         reads DIR/model.safetensors and DIR/config.json (as GPT2LMHeadModel.from_pretrained would) and
-        exits 1 unless the forward of IDS matches LOGITS (float64) to 1e-9 relative to max |logit|.
+        exits 1 unless the forward of IDS matches LOGITS (float64) to 1e-9 relative to max |logit|. With
+        ADIR, first applies the PEFT LoRA adapter there (adapter_config.json, adapter_model.safetensors,
+        as PeftModel.from_pretrained and merge_and_unload would: each target Conv1D weight [in, out] gains
+        (lora_alpha / r) (lora_B.weight @ lora_A.weight)^T, peft's fan_in_fan_out transpose).
   greedy --weights FILE --tokenizer DIR --heads H --layers L --seq T --prompt TEXT -n N
         encodes TEXT with GPT-2's tokenizer in DIR (vocab.json, merges.txt; gpt2_bpe_reference.py's
         encoder), appends up to N argmax tokens of the safetensors weights in FILE (the window of the last
@@ -180,6 +183,8 @@ def check(a):
         problems.append("config.json is not a gelu_new gpt2: %r" % cfg)
     if cfg["vocab_size"] != w["wte.weight"].shape[0] or cfg["n_embd"] != w["wte.weight"].shape[1]:
         problems.append("config.json's sizes differ from wte.weight's %r" % (w["wte.weight"].shape,))
+    if a.adapter_dir:
+        problems += apply_peft_adapter(w, a.adapter_dir, cfg["n_layer"])
     ids = np.load(a.ids)
     want = np.load(a.logits)
     got = forward(w, ids, cfg["n_head"], cfg["n_layer"])
@@ -189,6 +194,31 @@ def check(a):
     for p in problems:
         print(p)
     return 1 if problems else 0
+
+
+def apply_peft_adapter(w, adir, layers):
+    """Merges the PEFT LoRA adapter in folder adir into the GPT-2 weights w; returns the problems found."""
+    with open(adir + "/adapter_config.json") as f:
+        cfg = json.load(f)
+    lora, _ = read_safetensors(adir + "/adapter_model.safetensors")
+    problems = []
+    if cfg.get("peft_type") != "LORA" or cfg.get("fan_in_fan_out") is not True or cfg.get("bias") != "none":
+        problems.append("adapter_config.json is not a fan_in_fan_out LORA adapter without biases: %r" % cfg)
+    r, scale = cfg["r"], cfg["lora_alpha"] / cfg["r"]
+    used = set()
+    for i in range(layers):
+        for module in cfg["target_modules"]:
+            p = "base_model.model.transformer.h.%d.%s." % (i, module)
+            A, B = lora[p + "lora_A.weight"], lora[p + "lora_B.weight"]
+            W = w["h.%d.%s.weight" % (i, module)]
+            if A.shape != (r, W.shape[0]) or B.shape != (W.shape[1], r):
+                problems.append("%s: lora_A %r, lora_B %r for a Conv1D weight %r" % (p, A.shape, B.shape, W.shape))
+                continue
+            w["h.%d.%s.weight" % (i, module)] = W + scale * (B @ A).T
+            used.update((p + "lora_A.weight", p + "lora_B.weight"))
+    if used != set(lora):
+        problems.append("adapter tensors no target module uses: %r" % sorted(set(lora) - used))
+    return problems
 
 
 def greedy(a):
@@ -223,6 +253,7 @@ def main():
     ap.add_argument("--model-dir")
     ap.add_argument("--ids")
     ap.add_argument("--logits")
+    ap.add_argument("--adapter-dir")
     for k in ("vocab", "padded-vocab", "layers", "heads", "dim", "positions", "seq", "batch", "seed"):
         ap.add_argument("--" + k, type=int)
     a = ap.parse_args()

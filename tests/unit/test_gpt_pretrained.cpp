@@ -15,6 +15,7 @@
 #include "io/npy.h"
 #include "io/safetensors.h"
 #include "io_test_util.h"
+#include "op_cases.h"
 #include "ops/ops.h"
 #include "test_util.h"
 
@@ -219,4 +220,47 @@ TEST_CASE("GPT::load_global_parameters refuses trees that are not the model's", 
   for (const auto& [p, t] : whole)
     if (p != "wpe/weight") missing.insert(p, t);
   CHECK_THAT(catch_error<ValueError>([&] { m.load_global_parameters(missing); }).what(), Contains("no tensor for 'wpe/weight'"));
+}
+
+TEST_CASE("LoRA adapters written for PEFT give, merged by the reference into the base GPT-2, the adapted logits",
+          "[gpt][io][pretrained][lora]") {
+  const auto& d = reference_files();
+  nn::GPTConfig c = config(DType::f64);
+  c.lora_rank = 3;
+  c.lora_alpha = 6;
+  c.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
+  nn::GPT m(c);
+  nn::load_gpt2_weights(m, d / "hf.safetensors");  // the base: f32 values, written back exactly
+  {
+    NoGradGuard ng;
+    uint64_t k = 0;
+    for (auto [p, t] : m.parameters())
+      if (p.find("/lora_") != std::string::npos)  // adapters of f32 values too (lora_b is 0 at init)
+        copy_(t, testing::randn64(RngKey::from_seed(40 + k++), t.shape(), 0.3).astype(DType::f32));
+  }
+  Tensor logits;
+  {
+    NoGradGuard ng;
+    logits = m.forward(load_npy(d / "ids.npy"));
+  }
+  io_test::TempDir out;
+  ParamTree base;
+  for (const auto& [p, t] : m.parameters())
+    if (p.find("/lora_") == std::string::npos) base.insert(p, t);
+  nn::write_gpt2_safetensors(base, c.without_lora(), out / "base");
+  nn::write_peft_adapter(m.parameters(), c, out / "adapter", "gpt2-base");
+  save_npy(out / "logits.npy", logits);
+  const int rc = io_test::shell(io_test::kPython + " " + kReference + " check --model-dir " + (out / "base") +
+                                    " --adapter-dir " + (out / "adapter") + " --ids " + (d / "ids.npy") + " --logits " +
+                                    (out / "logits.npy"),
+                                out.path / "log.txt");
+  INFO(io_test::read_text(out.path / "log.txt"));
+  CHECK(rc == 0);
+  const std::string config_json = io_test::read_text(out.path / "adapter" / "adapter_config.json");
+  CHECK_THAT(config_json, Contains("\"base_model_name_or_path\": \"gpt2-base\"") && Contains("\"r\": 3") &&
+                              Contains("\"mlp.c_proj\""));
+  CHECK_THAT(catch_error<ValueError>([&] { nn::write_peft_adapter(base, c.without_lora(), out / "none"); }).what(),
+             Contains("no LoRA adapters"));
+  CHECK_THAT(catch_error<ValueError>([&] { nn::write_peft_adapter(base, c, out / "none"); }).what(),
+             Contains("'blocks/0/attn/qkv/lora_a'"));
 }

@@ -84,6 +84,10 @@ TEST_CASE("set_trainable freezes parameters by glob, and trainable_parameters le
   CHECK(m.set_trainable("**/bias", false) == 3);
   CHECK(m.trainable_parameters().paths() == std::vector<std::string>{"layers/1/weight", "layers/2/weight"});
   CHECK(m.parameters().size() == 6);  // frozen ones are still the model's
+  const std::string tree = m.describe();
+  INFO(tree);
+  CHECK_THAT(tree, Contains("Linear(6 -> 8, bias)  [56 params, frozen]") && Contains("Linear(8 -> 8, bias)  [72 params, 8 frozen]") &&
+                       Contains("Linear(8 -> 3, bias)  [27 params, 3 frozen]"));
   CHECK(m.set_trainable("**", true) == 6);
   CHECK(m.trainable_parameters().paths() == m.parameters().paths());
   const std::string e = catch_error<ValueError>([&] { m.set_trainable("layer/0/**", false); }).what();
