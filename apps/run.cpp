@@ -70,6 +70,9 @@ const ConfigSchema& run_schema() {
     s.add_string_list("model.lora_targets", std::vector<std::string>{"attn/qkv"}, "gpt: the block layers that get "
                       "LoRA adapters (GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj)",
                       {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"});
+    s.add_string("model.lora_from", "", "gpt: start the LoRA adapters from a Hugging Face PEFT adapter folder "
+                 "(adapter_config.json, adapter_model.safetensors; titanax export --format peft writes one) instead of "
+                 "their init; model.lora_* must match it; checkpoint.resume wins over it");
     s.add_string_list("train.freeze", std::vector<std::string>{}, "parameters kept fixed: globs over parameter paths, "
                       "the module names of titanax describe joined by / (\"wte/**\", \"blocks/0/**\", \"**/bias\"); each must "
                       "match a parameter");
@@ -265,6 +268,13 @@ std::shared_ptr<nn::Module> model(const Config& c, const Mesh* mesh, bool pretra
       throw ConfigError("model.init_from loads GPT-2 weights, but model.kind is " + kind, "model.kind: gpt", kind,
                         "remove model.init_from");
     if (pretrained) nn::load_gpt2_weights(static_cast<nn::GPT&>(*m), from);
+  }
+  if (const std::string& from = c.get_string("model.lora_from"); !from.empty()) {
+    if (c.get_int("model.lora_rank") == 0)
+      throw ConfigError("model.lora_from loads LoRA adapters, but model.lora_rank is 0", "the model.lora_* settings of the adapter",
+                        "model.lora_rank: 0", "set model.lora_rank, model.lora_alpha and model.lora_targets as " + from +
+                                                  "/adapter_config.json says");
+    if (pretrained) nn::load_peft_adapter(static_cast<nn::GPT&>(*m), from);
   }
   return m;
 }
@@ -532,6 +542,7 @@ Setup restored(const Config& c, Runtime& rt, const char* command, std::string& s
     source = "checkpoint step " + std::to_string(*step);
   } else if (!pretrained.empty()) {
     source = "GPT-2 weights " + pretrained;
+    if (const std::string& a = c.get_string("model.lora_from"); !a.empty()) source += " with PEFT adapter " + a;
   } else {
     throw CheckpointError("no checkpoint in '" + dir + "'", "a step_* folder", "none",
                           "train first: titanax run --config ... --set checkpoint.dir=...");
@@ -736,6 +747,8 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
               trainable == net->num_parameters() ? "" : (", " + std::to_string(trainable) + " trainable").c_str());
   if (!c.get_string("model.init_from").empty())
     std::printf("weights: GPT-2 weights %s (model.init_from)\n", c.get_string("model.init_from").c_str());
+  if (!c.get_string("model.lora_from").empty())
+    std::printf("adapters: PEFT adapter %s (model.lora_from)\n", c.get_string("model.lora_from").c_str());
   // The optimizer's description does not depend on the run length; any valid one builds it.
   const int64_t any_steps = std::max(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1);
   std::printf("optimizer: %s, lr %g, schedule %s\n", optimizer(c, any_steps)->describe().c_str(),

@@ -316,28 +316,37 @@ std::map<std::string, PartitionSpec> GPT::partition_specs() const {
   return out;
 }
 
-void GPT::load_global_parameters(const ParamTree& global) {
+void GPT::load_global_parameters(const ParamTree& global) { load_global(global, false); }
+
+void GPT::load_global_adapters(const ParamTree& adapters) { load_global(adapters, true); }
+
+void GPT::load_global(const ParamTree& global, bool adapters_only) {
+  const char* what = adapters_only ? "GPT::load_global_adapters" : "GPT::load_global_parameters";
   std::map<std::string, Shape> shapes;
   std::vector<std::string> paths;
-  for (const ParamLayout& l : layout(cfg_)) shapes.emplace(l.path, l.global_shape), paths.push_back(l.path);
+  for (const ParamLayout& l : layout(cfg_))
+    if (!adapters_only || is_lora_path(l.path)) shapes.emplace(l.path, l.global_shape), paths.push_back(l.path);
   for (const auto& [p, t] : global) {
     auto it = shapes.find(p);
     if (it == shapes.end())
-      throw ValueError("GPT::load_global_parameters: '" + p + "' is not a parameter of this GPT", "a path of GPT::layout",
+      throw ValueError(std::string(what) + ": '" + p + "' is not " + (adapters_only ? "a LoRA adapter" : "a parameter") +
+                           " of this GPT",
+                       "a path of GPT::layout" + std::string(adapters_only ? " ending in /lora_a or /lora_b" : ""),
                        "'" + p + "'", did_you_mean(p, paths));
     if (!t.defined() || !is_floating(t.dtype()) || t.shape() != it->second)
-      throw ValueError("GPT::load_global_parameters: '" + p + "' does not fit the model's config",
+      throw ValueError(std::string(what) + ": '" + p + "' does not fit the model's config",
                        "a floating tensor of global shape " + it->second.str(), t.defined() ? spec_str(t) : "undefined",
                        "build the GPT with the config the weights were made for");
   }
   for (const std::string& p : paths)
-    if (!global.contains(p) && !is_lora_path(p))
-      throw ValueError("GPT::load_global_parameters: no tensor for '" + p + "'", "every path of GPT::layout", "none",
-                       "give the whole model's parameters (" + std::to_string(paths.size()) + " tensors)");
+    if (!global.contains(p) && (adapters_only || !is_lora_path(p)))
+      throw ValueError(std::string(what) + ": no tensor for '" + p + "'", "every path of GPT::layout", "none",
+                       "give the whole model's " + std::string(adapters_only ? "adapters" : "parameters") + " (" +
+                           std::to_string(paths.size()) + " tensors)");
   NoGradGuard ng;
   const std::map<std::string, PartitionSpec> specs = partition_specs();
   for (auto [p, t] : parameters()) {
-    if (!global.contains(p)) continue;  // an adapter left out: it keeps its values
+    if (!global.contains(p)) continue;  // an adapter (or, loading adapters, a base weight) left as it is
     const Tensor& g = global.at(p);
     copy_(t, tp_.has_mesh() ? shard_of(g, specs.at(p), tp_.mesh()) : g);
   }

@@ -172,6 +172,10 @@ class GPT final : public Module, public PipelineModule {
   /// values. Not collective. Throws ValueError naming the first path that is missing, unexpected, of
   /// another shape or not floating; nothing is written then.
   void load_global_parameters(const ParamTree& global);
+  /// The same for the LoRA adapters alone: `adapters` holds every "/lora_a" and "/lora_b" path of
+  /// layout(config()) and nothing else (e.g. read from a PEFT folder); the base weights are left as they
+  /// are. ValueError as load_global_parameters, and for a path that is not an adapter's.
+  void load_global_adapters(const ParamTree& adapters);
   /// Whole parameters of a model with config `cfg` (the paths of layout(cfg)) with every LoRA adapter
   /// merged into its layer's weight, W + (lora_alpha / lora_rank) lora_b lora_a (PEFT's
   /// merge_and_unload), in W's dtype: the parameters of cfg.without_lora(), computing the same function.
@@ -196,6 +200,7 @@ class GPT final : public Module, public PipelineModule {
 
  private:
   void build();
+  void load_global(const ParamTree& global, bool adapters_only);
   Tensor embed(const Tensor& ids, int64_t first_position = 0);
   Tensor run_blocks(Tensor x);
   Tensor head(const Tensor& x);

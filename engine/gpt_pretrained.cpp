@@ -1,6 +1,7 @@
 #include "engine/gpt_pretrained.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -42,6 +43,12 @@ HfName hf_name(const std::string& path) {
     if (auto it = block.find(path.substr(slash + 1)); it != block.end())
       return {"h." + path.substr(7, slash - 7) + "." + it->second.name, it->second.conv1d};
   throw InternalError("no GPT-2 name for the GPT parameter '" + path + "'");
+}
+
+// The Hugging Face module of block i's layer `target` ("attn/qkv" -> "h.<i>.attn.c_attn").
+std::string hf_module(int64_t i, const std::string& target) {
+  const std::string w = hf_name("blocks/" + std::to_string(i) + "/" + target + "/weight").name;
+  return w.substr(0, w.size() - std::string(".weight").size());
 }
 
 // The Hugging Face shape of a parameter of Titanax shape `s`: Conv1D weights [in, out] (Titanax keeps
@@ -295,10 +302,8 @@ void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std
   nlohmann::json modules = nlohmann::json::array();
   for (int64_t i = 0; i < cfg.layers; ++i)
     for (const std::string& t : cfg.lora_targets) {
-      const std::string layer = "blocks/" + std::to_string(i) + "/" + t + "/";
-      std::string module = hf_name(layer + "weight").name;  // "h.<i>.attn.c_attn.weight"
-      module = module.substr(0, module.size() - 7);
-      if (i == 0) modules.push_back(module.substr(module.find('.', 2) + 1));  // "attn.c_attn"
+      const std::string layer = "blocks/" + std::to_string(i) + "/" + t + "/", module = hf_module(i, t);
+      if (i == 0) modules.push_back(module.substr(module.find('.', 2) + 1));  // "h.0.attn.c_attn" -> "attn.c_attn"
       for (const auto& [n, peft_name] : {std::pair<const char*, const char*>{"lora_a", ".lora_A.weight"}, {"lora_b", ".lora_B.weight"}}) {
         const ParamLayout& l = layout.at(layer + n);
         if (!params.contains(l.path) || !params.at(l.path).defined() || params.at(l.path).shape() != l.global_shape)
@@ -325,6 +330,105 @@ void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std
                               {"modules_to_save", nullptr},
                               {"inference_mode", true}};
   write_folder(dir, "adapter_model.safetensors", peft, "adapter_config.json", config);
+}
+
+ParamTree read_peft_adapter(const std::string& dir, const GPTConfig& cfg) {
+  const std::string where = "PEFT adapter '" + dir + "'";
+  const std::string fix_config = "set model.lora_rank, model.lora_alpha and model.lora_targets as its adapter_config.json says";
+  if (cfg.lora_rank == 0)
+    throw ValueError(where + ": the model has no LoRA adapters to load it into", "GPTConfig.lora_rank > 0", "lora_rank 0", fix_config);
+  nlohmann::json c;
+  {
+    std::ifstream f(dir + "/adapter_config.json");
+    if (!f)
+      throw IOError("cannot open '" + dir + "/adapter_config.json'", "a PEFT adapter folder (adapter_config.json, "
+                    "adapter_model.safetensors)", dir, "pass the folder PeftModel.save_pretrained wrote");
+    try {
+      f >> c;
+    } catch (const nlohmann::json::exception& e) {
+      throw CheckpointError(where + ": adapter_config.json is not JSON", "a JSON object", e.what());
+    }
+  }
+  const auto field = [&](const char* k) { return c.is_object() && c.contains(k) ? c[k] : nlohmann::json(); };
+  if (field("peft_type") != "LORA")
+    throw ValueError(where + " is not a LoRA adapter", "peft_type \"LORA\"", field("peft_type").dump(), "export a LoRA adapter");
+  // What Titanax's adapters do not compute: refused rather than loaded into another function.
+  const std::pair<const char*, bool> unsupported[] = {
+      {"bias", !field("bias").is_null() && field("bias") != "none"},
+      {"use_rslora", field("use_rslora") == true},
+      {"use_dora", field("use_dora") == true},
+      {"rank_pattern", field("rank_pattern").is_object() && !field("rank_pattern").empty()},
+      {"alpha_pattern", field("alpha_pattern").is_object() && !field("alpha_pattern").empty()},
+      {"modules_to_save", field("modules_to_save").is_array() && !field("modules_to_save").empty()}};
+  for (const auto& [k, bad] : unsupported)
+    if (bad)
+      throw ValueError(where + ": " + k + " " + field(k).dump() + " is not supported", std::string(k) + " at PEFT's default",
+                       field(k).dump(), "train the adapter without it (Titanax's LoRA: no biases, scale alpha / r, one rank)");
+  if (!field("r").is_number_integer() || field("r").get<int64_t>() != cfg.lora_rank)
+    throw ValueError(where + " has rank r " + field("r").dump() + ", the model " + std::to_string(cfg.lora_rank),
+                     "r = model.lora_rank", field("r").dump(), "set model.lora_rank to " + field("r").dump());
+  if (!field("lora_alpha").is_number() || std::abs(field("lora_alpha").get<double>() - cfg.lora_alpha) > 1e-12 * cfg.lora_alpha)
+    throw ValueError(where + " has lora_alpha " + field("lora_alpha").dump() + ", the model " + std::to_string(cfg.lora_alpha),
+                     "lora_alpha = model.lora_alpha", field("lora_alpha").dump(), "set model.lora_alpha to " + field("lora_alpha").dump());
+  // target_modules: PEFT matches a module whose name is a target or ends with "." + target.
+  if (!field("target_modules").is_array())
+    throw ValueError(where + ": target_modules is not a list of module names", "a list such as [\"c_attn\"]",
+                     field("target_modules").dump(), "save the adapter with target_modules as a list (a regex is not read)");
+  std::vector<std::string> targets;
+  for (const std::string t : {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"}) {
+    const std::string m = hf_module(0, t).substr(4);  // "attn.c_attn"
+    for (const auto& pattern : field("target_modules")) {
+      const std::string p = pattern.is_string() ? pattern.get<std::string>() : "";
+      if (m == p || (m.size() > p.size() && m.compare(m.size() - p.size() - 1, std::string::npos, "." + p) == 0)) {
+        targets.push_back(t);
+        break;
+      }
+    }
+  }
+  std::vector<std::string> want = cfg.lora_targets;
+  std::sort(want.begin(), want.end());
+  std::vector<std::string> have = targets;
+  std::sort(have.begin(), have.end());
+  if (have != want)
+    throw ValueError(where + " adapts [" + join(targets) + "] (target_modules " + field("target_modules").dump() +
+                         "), the model [" + join(cfg.lora_targets) + "]",
+                     "model.lora_targets = the adapted layers", "[" + join(targets) + "]",
+                     "set model.lora_targets to [" + join(targets) + "]");
+
+  const SafetensorsFile f = read_safetensors(dir + "/adapter_model.safetensors");
+  std::map<std::string, Tensor> by_name(f.tensors.begin(), f.tensors.end());
+  std::map<std::string, ParamLayout> layout;
+  for (const ParamLayout& l : GPT::layout(cfg)) layout.emplace(l.path, l);
+  ParamTree out;
+  for (int64_t i = 0; i < cfg.layers; ++i)
+    for (const std::string& t : cfg.lora_targets)
+      for (const auto& [n, suffix] : {std::pair<const char*, const char*>{"lora_a", ".lora_A.weight"}, {"lora_b", ".lora_B.weight"}}) {
+        const ParamLayout& l = layout.at("blocks/" + std::to_string(i) + "/" + t + "/" + n);
+        std::string name;  // under GPT2LMHeadModel ("transformer.") or GPT2Model
+        for (const char* prefix : {"base_model.model.transformer.", "base_model.model."})
+          if (by_name.count(prefix + hf_module(i, t) + suffix)) name = prefix + hf_module(i, t) + suffix;
+        if (name.empty())
+          throw ValueError(where + " has no tensor 'base_model.model.transformer." + hf_module(i, t) + suffix + "'",
+                           "every adapter of a GPT-2 with " + std::to_string(cfg.layers) + " blocks", "none",
+                           "check that the adapter is for this model (model.layers, model.lora_targets)");
+        const Tensor v = by_name.at(name);
+        by_name.erase(name);
+        const int64_t r = cfg.lora_rank, features = l.global_shape.numel() / r;  // [r, in] or [out, r]
+        const Shape want_shape = std::string(n) == "lora_a" ? Shape{r, features} : Shape{features, r};
+        if (v.shape() != want_shape || !is_floating(v.dtype()))
+          throw ValueError(where + ": '" + name + "' has the wrong shape for the model", "a floating tensor " + want_shape.str(),
+                           spec_str(v), "check model.dim and model.lora_rank against the adapter's");
+        out.insert(l.path, reshape(v, l.global_shape));
+      }
+  if (!by_name.empty())
+    throw ValueError(where + " holds '" + by_name.begin()->first + "', which no adapted layer of the model takes",
+                     "lora_A / lora_B weights of the adapted layers only", std::to_string(by_name.size()) + " more tensor(s)",
+                     "check model.lora_targets and model.layers against the adapter's");
+  return out;
+}
+
+void load_peft_adapter(GPT& model, const std::string& dir) {
+  model.load_global_adapters(read_peft_adapter(dir, model.config()));
 }
 
 }  // namespace titanax::nn

@@ -73,4 +73,21 @@ void write_gpt2_safetensors(const ParamTree& params, const GPTConfig& cfg, const
 /// cannot be written.
 void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std::string& dir, const std::string& base = "gpt2");
 
+/// Reads the PEFT LoRA adapter in folder `dir` (adapter_config.json, adapter_model.safetensors: what
+/// write_peft_adapter or PeftModel.save_pretrained writes for GPT2LMHeadModel or GPT2Model) as the whole
+/// adapters of a GPT with config `cfg`: every "/lora_a" [r, in] and "/lora_b" path of GPT::layout(cfg)
+/// with its global shape (the file's dtype). target_modules are matched as PEFT does (a module named a
+/// target or ending in "." + target: ["c_attn", "c_proj"] adapts attn.c_attn, attn.c_proj and
+/// mlp.c_proj). lora_dropout is not applied. Throws ValueError naming the config key to set when r,
+/// lora_alpha or the adapted layers differ from cfg's (lora_rank, lora_alpha, lora_targets), for a
+/// config without adapters, for what Titanax's adapters do not compute (bias other than "none",
+/// use_rslora, use_dora, rank_pattern, alpha_pattern, modules_to_save, a regex target_modules), for a
+/// missing, misshapen or unused tensor; IOError when a file cannot be read, CheckpointError for a
+/// malformed one.
+ParamTree read_peft_adapter(const std::string& dir, const GPTConfig& cfg);
+
+/// read_peft_adapter(dir, model.config()), then model.load_global_adapters of the result: each rank's
+/// adapters take their tensor-parallel block and pipeline stage of the file's, the base weights stay.
+void load_peft_adapter(GPT& model, const std::string& dir);
+
 }  // namespace titanax::nn

@@ -503,6 +503,12 @@ for k in w:
     err = np.abs(w[k] - merged[k]).max() / max(1.0, np.abs(merged[k]).max())
     assert err < 1e-6, (k, err)
 PY
+  # And read back (model.lora_from) onto the base file at TP 2: the trained model's loss.
+  mpi 2 "$TITANAX" eval "${x[@]}" "${l[@]}" --set mesh.model=2 --set checkpoint.dir= --set model.lora_from=adapter | tee r.txt
+  grep -q '^\[GPT-2 weights base/model.safetensors with PEFT adapter adapter\]$' r.txt || fail "eval does not name the adapter"
+  rel_close "$(value 'val loss' <r.txt)" "$a" 1e-5 "eval of the base with the PEFT adapter read back"
+  expect_error "ValueError: PEFT adapter 'adapter' has rank r 8, the model 4" \
+    "$TITANAX" eval "${x[@]}" "${l[@]}" --set model.lora_rank=4 --set checkpoint.dir= --set model.lora_from=adapter
   expect_error "ConfigError: titanax export --format peft writes LoRA adapters, but model.lora_rank is 0" \
     "$TITANAX" export "${x[@]}" --set "checkpoint.dir=$WORK/base_ck" --format peft --out none
   # The base weights did not move: the base file's loss is the base run's.

@@ -11,8 +11,11 @@ It shares no code with Titanax: files are written and read here with NumPy alone
           llmc.bin            llm.c version 3 (f32), the weights of hf.safetensors, vocabulary padded to Vp
                               with random rows (never read by a correct loader)
           llmc_bf16.bin       llm.c version 5 (bf16, the f32 weights rounded to nearest even)
+          peft/               a PEFT LoRA adapter of rank 3, lora_alpha 6, on target_modules ["c_attn", "c_proj"]
+                              (PEFT's suffix match: attn.c_attn, attn.c_proj and mlp.c_proj), with random
+                              lora_A and lora_B, for the weights of hf.safetensors
         and ids.npy (int64 [B, T]) with logits_f32.npy, logits_f16.npy, logits_bf16.npy: float64 [B, T, V]
-        of those ids under each set of weights.
+        of those ids under each set of weights, and logits_peft.npy under hf.safetensors with the adapter.
   check --model-dir DIR --ids IDS --logits LOGITS [--adapter-dir ADIR]
         reads DIR/model.safetensors and DIR/config.json (as GPT2LMHeadModel.from_pretrained would) and
         exits 1 unless the forward of IDS matches LOGITS (float64) to 1e-9 relative to max |logit|. With
@@ -171,6 +174,25 @@ def make(a):
     rounded = {k: from_bf16_bits(to_bf16_bits(v)).astype(np.float64) for k, v in w.items()}
     np.save(a.out + "/logits_bf16.npy", forward(rounded, ids, a.heads, L))
 
+    # A PEFT adapter as PeftModel.save_pretrained writes one for GPT2LMHeadModel (adapter name "default"
+    # dropped from the keys); lora_A [r, in], lora_B [out, r] of each Conv1D module a target matches.
+    r = 3
+    os.makedirs(a.out + "/peft", exist_ok=True)
+    with open(a.out + "/peft/adapter_config.json", "w") as f:
+        json.dump({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 6, "lora_dropout": 0.05,
+                   "target_modules": ["c_attn", "c_proj"], "fan_in_fan_out": True, "bias": "none",
+                   "base_model_name_or_path": "gpt2"}, f)
+    lora = {}
+    for i in range(L):
+        for name, fan_in, fan_out in (("attn.c_attn", C, 3 * C), ("attn.c_proj", C, C), ("mlp.c_proj", 4 * C, C)):
+            p = "base_model.model.transformer.h.%d.%s." % (i, name)
+            lora[p + "lora_A.weight"] = (mat(r, fan_in), "F32")
+            lora[p + "lora_B.weight"] = (mat(fan_out, r), "F32")
+    write_safetensors(a.out + "/peft/adapter_model.safetensors", lora, {"format": "pt"})
+    adapted = {k: v.astype(np.float64) for k, v in w.items()}
+    assert not apply_peft_adapter(adapted, a.out + "/peft", L)
+    np.save(a.out + "/logits_peft.npy", forward(adapted, ids, a.heads, L))
+
 
 def check(a):
     w, meta = read_safetensors(a.model_dir + "/model.safetensors")
@@ -206,8 +228,11 @@ def apply_peft_adapter(w, adir, layers):
         problems.append("adapter_config.json is not a fan_in_fan_out LORA adapter without biases: %r" % cfg)
     r, scale = cfg["r"], cfg["lora_alpha"] / cfg["r"]
     used = set()
+    # PEFT's target_modules match a module whose name is the target or ends with "." + target.
+    modules = [m for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+               if any(m == t or m.endswith("." + t) for t in cfg["target_modules"])]
     for i in range(layers):
-        for module in cfg["target_modules"]:
+        for module in modules:
             p = "base_model.model.transformer.h.%d.%s." % (i, module)
             A, B = lora[p + "lora_A.weight"], lora[p + "lora_B.weight"]
             W = w["h.%d.%s.weight" % (i, module)]

@@ -2,7 +2,8 @@
 // The oracle is tests/gpt2/gpt2_reference.py: GPT-2 in NumPy written from transformers' GPT-2 and llm.c's
 // write_model, sharing no code with Titanax. It writes random weights in each format with the logits
 // they give; the GPT loaded here must compute those logits (in f64, to 1e-10), and a model written by
-// write_gpt2_safetensors must compute, in the reference, the logits it computes here.
+// write_gpt2_safetensors must compute, in the reference, the logits it computes here. The same both ways
+// for PEFT LoRA adapters (write_peft_adapter, read_peft_adapter).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -263,4 +264,53 @@ TEST_CASE("LoRA adapters written for PEFT give, merged by the reference into the
              Contains("no LoRA adapters"));
   CHECK_THAT(catch_error<ValueError>([&] { nn::write_peft_adapter(base, c, out / "none"); }).what(),
              Contains("'blocks/0/attn/qkv/lora_a'"));
+}
+
+TEST_CASE("A PEFT adapter written by the reference loads into a LoRA GPT and computes the reference's logits",
+          "[gpt][io][pretrained][lora]") {
+  const auto& d = reference_files();
+  nn::GPTConfig c = config(DType::f64);
+  c.lora_rank = 3;
+  c.lora_alpha = 6;
+  c.lora_targets = {"attn/qkv", "attn/proj", "mlp/out"};  // the reference's target_modules [c_attn, c_proj]
+  nn::GPT m(c);
+  nn::load_gpt2_weights(m, d / "hf.safetensors");
+  nn::load_peft_adapter(m, d / "peft");
+  {
+    NoGradGuard ng;
+    CHECK(rel_error(m.forward(load_npy(d / "ids.npy")), load_npy(d / "logits_peft.npy")) < 1e-10);
+  }
+  // Written back and read again: the same adapters, bitwise (their values are f32).
+  io_test::TempDir out;
+  nn::write_peft_adapter(m.parameters(), c, out / "again");
+  const ParamTree again = nn::read_peft_adapter(out / "again", c), first = nn::read_peft_adapter(d / "peft", c);
+  REQUIRE(again.paths() == first.paths());
+  CHECK(again.size() == size_t(2 * 3 * kLayers));
+  for (const auto& [p, t] : first) {
+    INFO(p);
+    CHECK(rel_error(again.at(p), t) == 0.0);
+  }
+  // A model whose settings differ from the adapter's is told which key to set; nothing is loaded then.
+  auto refused = [&](nn::GPTConfig bad, const std::string& dir) {
+    nn::GPT other(bad);
+    return std::string(catch_error<ValueError>([&] { nn::load_peft_adapter(other, dir); }).what());
+  };
+  nn::GPTConfig bad = c;
+  bad.lora_rank = 4;
+  CHECK_THAT(refused(bad, d / "peft"), Contains("rank r 3") && Contains("set model.lora_rank to 3"));
+  bad = c;
+  bad.lora_alpha = 8;
+  CHECK_THAT(refused(bad, d / "peft"), Contains("set model.lora_alpha to 6"));
+  bad = c;
+  bad.lora_targets = {"attn/qkv"};
+  CHECK_THAT(refused(bad, d / "peft"), Contains("set model.lora_targets to [attn/qkv, attn/proj, mlp/out]"));
+  CHECK_THAT(refused(c.without_lora(), d / "peft"), Contains("no LoRA adapters to load it into"));
+  // What Titanax's adapters do not compute is refused, not loaded into another function.
+  std::filesystem::copy(d / "peft", out / "rslora");
+  {
+    std::ofstream f(out / "rslora/adapter_config.json");
+    f << R"({"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": ["c_attn", "c_proj"], "use_rslora": true})";
+  }
+  CHECK_THAT(refused(c, out / "rslora"), Contains("use_rslora true is not supported"));
+  CHECK_THROWS_AS(nn::read_peft_adapter(out / "missing", c), IOError);
 }

@@ -283,6 +283,19 @@ TEST_CASE("LoRA settings that do not fit the model are refused by name", "[gpt][
     if (p != "blocks/1/attn/proj/lora_b") no_adapter.insert(p, t);
   CHECK_THAT(catch_error<ValueError>([&] { nn::GPT::merge_lora(no_adapter, c); }).what(),
              Contains("no tensor for 'blocks/1/attn/proj/lora_b'"));
+  // Adapters alone: every one of them, nothing else.
+  ParamTree adapters;
+  for (const auto& [p, t] : m.parameters())
+    if (is_adapter(p)) adapters.insert(p, t.clone());
+  CHECK_NOTHROW(m.load_global_adapters(adapters));
+  ParamTree with_base = adapters;
+  with_base.insert("lnf/bias", m.parameters().at("lnf/bias"));
+  CHECK_THAT(catch_error<ValueError>([&] { m.load_global_adapters(with_base); }).what(), Contains("'lnf/bias' is not a LoRA adapter"));
+  ParamTree one_short;
+  for (const auto& [p, t] : adapters)
+    if (p != "blocks/0/attn/proj/lora_a") one_short.insert(p, t);
+  CHECK_THAT(catch_error<ValueError>([&] { m.load_global_adapters(one_short); }).what(),
+             Contains("no tensor for 'blocks/0/attn/proj/lora_a'"));
 }
 
 TEST_CASE("LoRA fine-tuning under the Engine: the base stays, the loss falls, and a resume is bitwise", "[gpt][lora][engine]") {
