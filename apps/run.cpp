@@ -67,6 +67,8 @@ const ConfigSchema& run_schema() {
               "only them (the rest frozen, as PEFT); titanax export --format hf merges them (0 = off)", ConfigRange::at_least(0));
     s.add_float("model.lora_alpha", 8.0, "gpt: LoRA scale numerator (the adapters' output is scaled by lora_alpha / "
                 "lora_rank)", ConfigRange::above(0));
+    s.add_float("model.lora_dropout", 0.0, "gpt: dropout on the LoRA adapters' input in training (PEFT's lora_dropout)",
+                ConfigRange::between(0, 1, /*hi_open=*/true));
     s.add_string_list("model.lora_targets", std::vector<std::string>{"attn/qkv"}, "gpt: the block layers that get "
                       "LoRA adapters (GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj)",
                       {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"});
@@ -161,6 +163,7 @@ nn::GPTConfig gpt_config(const Config& c) {
           .tp_axis = c.get_string("plan.tp.axis"), .pp_axis = c.get_string("plan.pp.axis"),
           .pp_boundaries = c.get_int_list("plan.pp.boundaries"), .pad_vocab_multiple = c.get_int("model.pad_vocab_to"),
           .lora_rank = c.get_int("model.lora_rank"), .lora_alpha = c.get_float("model.lora_alpha"),
+          .lora_dropout = c.get_float("model.lora_dropout"),
           .lora_targets = c.get_string_list("model.lora_targets")};
 }
 

@@ -236,10 +236,10 @@ void GPT::build() {
   if (last) lnf_ = register_module("lnf", std::make_shared<LayerNorm>(D, 1e-5, dt));
   for (const auto& b : blocks_)
     for (const std::string& t : cfg_.lora_rank > 0 ? cfg_.lora_targets : std::vector<std::string>{}) {
-      if (t == "attn/qkv") b->attn->qkv->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
-      else if (t == "attn/proj") b->attn->proj->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
-      else if (t == "mlp/fc") b->mlp->fc->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
-      else b->mlp->out->add_lora(cfg_.lora_rank, cfg_.lora_alpha);
+      if (t == "attn/qkv") b->attn->qkv->add_lora(cfg_.lora_rank, cfg_.lora_alpha, cfg_.lora_dropout);
+      else if (t == "attn/proj") b->attn->proj->add_lora(cfg_.lora_rank, cfg_.lora_alpha, cfg_.lora_dropout);
+      else if (t == "mlp/fc") b->mlp->fc->add_lora(cfg_.lora_rank, cfg_.lora_alpha, cfg_.lora_dropout);
+      else b->mlp->out->add_lora(cfg_.lora_rank, cfg_.lora_alpha, cfg_.lora_dropout);
     }
   init_parameters(0);  // keys from the full paths ("blocks/1/mlp/fc/weight"), so layers differ
   if (cfg_.lora_rank > 0) {  // the adapters train, the base model stays (PEFT)

@@ -76,6 +76,7 @@ struct GPTConfig {
   /// checkpoints hold both. 0 = no adapters.
   int64_t lora_rank = 0;
   double lora_alpha = 8;  ///< PEFT's default (with its default rank 8: scale 1)
+  double lora_dropout = 0;  ///< PEFT's lora_dropout: dropout on the adapters' input in training, in [0, 1)
   /// Of "attn/qkv", "attn/proj", "mlp/fc", "mlp/out" (GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj);
   /// the default is PEFT's for GPT-2 (c_attn).
   std::vector<std::string> lora_targets{"attn/qkv"};

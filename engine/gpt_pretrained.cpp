@@ -321,7 +321,7 @@ void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std
                               {"base_model_name_or_path", base},
                               {"r", cfg.lora_rank},
                               {"lora_alpha", cfg.lora_alpha},
-                              {"lora_dropout", 0.0},
+                              {"lora_dropout", cfg.lora_dropout},
                               {"target_modules", modules},
                               {"fan_in_fan_out", true},
                               {"bias", "none"},

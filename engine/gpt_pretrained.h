@@ -78,7 +78,7 @@ void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std
 /// adapters of a GPT with config `cfg`: every "/lora_a" [r, in] and "/lora_b" path of GPT::layout(cfg)
 /// with its global shape (the file's dtype). target_modules are matched as PEFT does (a module named a
 /// target or ending in "." + target: ["c_attn", "c_proj"] adapts attn.c_attn, attn.c_proj and
-/// mlp.c_proj). lora_dropout is not applied. Throws ValueError naming the config key to set when r,
+/// mlp.c_proj). Its lora_dropout is not read (cfg.lora_dropout sets training's). Throws ValueError naming the config key to set when r,
 /// lora_alpha or the adapted layers differ from cfg's (lora_rank, lora_alpha, lora_targets), for a
 /// config without adapters, for what Titanax's adapters do not compute (bias other than "none",
 /// use_rslora, use_dora, rank_pattern, alpha_pattern, modules_to_save, a regex target_modules), for a

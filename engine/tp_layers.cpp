@@ -33,7 +33,7 @@ std::function<void(Tensor&, RngKey)> sharded_uniform(TPGroup tp, Shape global, P
 void zero_init(Tensor& t, RngKey) { fill_(t, 0.0); }
 
 /// add_lora's checks; returns the scale alpha / r.
-double lora_scale(int64_t r, double alpha, int64_t in, int64_t out, bool has_one, const char* module) {
+double lora_scale(int64_t r, double alpha, double dropout, int64_t in, int64_t out, bool has_one, const char* module) {
   const std::string m(module);
   if (has_one) throw ValueError(m + ": a second LoRA adapter", "at most one adapter per layer", "add_lora called twice");
   if (r < 1 || r > std::min(in, out))
@@ -42,14 +42,34 @@ double lora_scale(int64_t r, double alpha, int64_t in, int64_t out, bool has_one
   if (!(alpha > 0 && std::isfinite(alpha)))
     throw ValueError(m + ": LoRA alpha must be finite and > 0", "alpha > 0 (the scale is alpha / r)", std::to_string(alpha),
                      "set model.lora_alpha, e.g. to the rank for a scale of 1");
+  if (!(dropout >= 0 && dropout < 1))
+    throw ValueError(m + ": LoRA dropout must lie in [0, 1)", "0 <= p < 1", std::to_string(dropout), "set model.lora_dropout");
   return alpha / double(r);
 }
 
+/// The adapter's input: x, or in training with p > 0 x under inverted dropout (RngContext's next key, as
+/// nn::Dropout). `tp_block`: x is this rank's block of the last axis of an input split over tp, and its
+/// mask is that block of a mask drawn for the whole input (the unsplit layer's).
+Tensor lora_input(const Module& m, const Tensor& x, double p, const TPGroup& tp, bool tp_block) {
+  if (!m.training() || p == 0) return x;
+  const RngKey key = RngContext::next_key();
+  const Tensor& step = RngContext::step();
+  const auto drop = [&](const Tensor& t) { return step.defined() ? dropout(t, p, key, step) : dropout(t, p, key); };
+  if (!tp_block || !tp.has_mesh()) return drop(x);
+  const int last = x.dim() - 1;
+  const int64_t n = x.shape()[last];
+  Shape whole = x.shape();
+  whole[last] = n * tp.size();
+  const Tensor mask = drop(ones(whole, x.dtype(), x.device()));  // 0 or 1 / (1 - p)
+  return mul(x, mask.slice(last, tp.index() * n, (tp.index() + 1) * n));
+}
+
 /// ", LoRA r=8 scale 2" in a layer's name when it has an adapter.
-std::string lora_str(const Tensor& lora_a, double scale) {
+std::string lora_str(const Tensor& lora_a, double scale, double dropout) {
   if (!lora_a.defined()) return "";
   std::ostringstream o;
-  o << ", LoRA r=" << lora_a.shape()[0] << " scale " << scale;
+  o << ", LoRA r=" << lora_a.shape()[0] << " scale " << scale << (dropout > 0 ? " dropout " : "");
+  if (dropout > 0) o << dropout;
   return o.str();
 }
 
@@ -96,14 +116,15 @@ Tensor ColumnParallelLinear::forward(const Tensor& x) {
   Tensor b = !bias.defined() || groups_ == 1 ? bias : bias.reshape(Shape{local_out});
   Tensor y = tp_.has_mesh() ? column_parallel_linear(tp_.mesh(), x, w, b, tp_.axis()) : linear(x, w, b);
   if (!lora_a.defined()) return y;
-  Tensor h = linear(x, lora_a) * lora_scale_;  // [..., r], the same on every rank
+  Tensor h = linear(lora_input(*this, x, lora_dropout_, tp_, false), lora_a) * lora_scale_;  // [..., r], the same on every rank
   if (tp_.has_mesh()) h = copy_to_tensor_parallel_region(tp_.mesh(), h, tp_.axis());  // its gradient: every block's
   const int64_t r = lora_a.shape()[0];
   return add(y, linear(h, groups_ == 1 ? lora_b : lora_b.reshape(Shape{local_out, r})));
 }
 
-void ColumnParallelLinear::add_lora(int64_t r, double alpha) {
-  lora_scale_ = lora_scale(r, alpha, in_, out_ / groups_, lora_a.defined(), "ColumnParallelLinear");
+void ColumnParallelLinear::add_lora(int64_t r, double alpha, double dropout) {
+  lora_scale_ = lora_scale(r, alpha, dropout, in_, out_ / groups_, lora_a.defined(), "ColumnParallelLinear");
+  lora_dropout_ = dropout;
   const DType dt = weight.dtype();
   const Shape bg = weight_shape(r, out_, groups_);
   const PartitionSpec bs = weight_spec(tp_.axis(), groups_);
@@ -116,7 +137,7 @@ std::string ColumnParallelLinear::name() const {
   return "ColumnParallelLinear(" + std::to_string(in_) + " -> " + std::to_string(out_) +
          (groups_ > 1 ? ", groups=" + std::to_string(groups_) : std::string()) + ", split " + std::to_string(tp_.size()) +
          (tp_.has_mesh() ? " ways on '" + tp_.axis() + "'" : std::string(" ways")) + (bias.defined() ? ", bias" : "") +
-         lora_str(lora_a, lora_scale_) + ")";
+         lora_str(lora_a, lora_scale_, lora_dropout_) + ")";
 }
 
 std::map<std::string, PartitionSpec> ColumnParallelLinear::partition_specs() const {
@@ -142,13 +163,14 @@ RowParallelLinear::RowParallelLinear(int64_t in, int64_t out, TPGroup tp, bool h
 Tensor RowParallelLinear::forward(const Tensor& x) {
   Tensor y = tp_.has_mesh() ? row_parallel_linear(tp_.mesh(), x, weight, bias, tp_.axis()) : linear(x, weight, bias);
   if (!lora_a.defined()) return y;
-  Tensor h = linear(x, lora_a) * lora_scale_;  // this rank's part of [..., r]
+  Tensor h = linear(lora_input(*this, x, lora_dropout_, tp_, true), lora_a) * lora_scale_;  // this rank's part of [..., r]
   if (tp_.has_mesh()) h = reduce_from_tensor_parallel_region(tp_.mesh(), h, tp_.axis());  // the whole sum
   return add(y, linear(h, lora_b));
 }
 
-void RowParallelLinear::add_lora(int64_t r, double alpha) {
-  lora_scale_ = lora_scale(r, alpha, in_, out_, lora_a.defined(), "RowParallelLinear");
+void RowParallelLinear::add_lora(int64_t r, double alpha, double dropout) {
+  lora_scale_ = lora_scale(r, alpha, dropout, in_, out_, lora_a.defined(), "RowParallelLinear");
+  lora_dropout_ = dropout;
   const DType dt = weight.dtype();
   const Shape ag{r, in_};
   const PartitionSpec as{"", tp_.axis()};
@@ -161,7 +183,7 @@ void RowParallelLinear::add_lora(int64_t r, double alpha) {
 std::string RowParallelLinear::name() const {
   return "RowParallelLinear(" + std::to_string(in_) + " -> " + std::to_string(out_) + ", split " +
          std::to_string(tp_.size()) + (tp_.has_mesh() ? " ways on '" + tp_.axis() + "'" : std::string(" ways")) +
-         (bias.defined() ? ", bias" : "") + lora_str(lora_a, lora_scale_) + ")";
+         (bias.defined() ? ", bias" : "") + lora_str(lora_a, lora_scale_, lora_dropout_) + ")";
 }
 
 std::map<std::string, PartitionSpec> RowParallelLinear::partition_specs() const {

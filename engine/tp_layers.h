@@ -12,7 +12,9 @@
 // parameters, lora_a [r, in] and lora_b [out, r], and its output becomes
 //   y = x W^T + b + (alpha / r) (x lora_a^T) lora_b^T
 // with lora_a ~ U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming_uniform_(a = sqrt(5))) and lora_b = 0, so a
-// layer with a fresh adapter computes what it did without one. Under tensor parallelism the adapter
+// layer with a fresh adapter computes what it did without one. In training, PEFT's lora_dropout p drops
+// the adapter's input x (inverted dropout, keys from RngContext, as nn::Dropout; the layer's own product
+// sees all of x). Under tensor parallelism the adapter
 // follows its layer's split: a column-parallel layer keeps lora_a whole and splits lora_b's rows as its
 // weight's (the rank-r activation's gradient is summed over the axis, Megatron's f, so lora_a's gradient
 // is whole on every rank); a row-parallel layer splits lora_a's columns as its weight's and sums the
@@ -50,17 +52,19 @@ class ColumnParallelLinear final : public Module {
   static PartitionSpec weight_spec(const std::string& axis, int64_t groups);
   static Shape bias_shape(int64_t out, int64_t groups);
   static PartitionSpec bias_spec(const std::string& axis, int64_t groups);
-  /// Adds a LoRA adapter of rank r and scale alpha / r (see the top of this file): global lora_a [r, in]
-  /// (replicated) and lora_b of weight_shape(r, out, groups) split as the weight (spec weight_spec).
-  /// ValueError for r < 1, r above min(in, out / groups), alpha not finite and > 0, or a second adapter.
-  void add_lora(int64_t r, double alpha);
+  /// Adds a LoRA adapter of rank r, scale alpha / r and input dropout p (see the top of this file):
+  /// global lora_a [r, in] (replicated) and lora_b of weight_shape(r, out, groups) split as the weight
+  /// (spec weight_spec). ValueError for r < 1, r above min(in, out / groups), alpha not finite and > 0, p
+  /// outside [0, 1), or a second adapter.
+  void add_lora(int64_t r, double alpha, double dropout = 0);
+  bool stochastic() const override { return lora_dropout_ > 0; }
   Tensor weight, bias;  ///< this rank's blocks (weight [groups, out / (groups n), in] when groups > 1)
   Tensor lora_a, lora_b;  ///< the adapter's blocks (undefined without one)
 
  private:
   int64_t in_, out_, groups_;
   TPGroup tp_;
-  double lora_scale_ = 0;
+  double lora_scale_ = 0, lora_dropout_ = 0;
 };
 
 /// Row-parallel linear: y = g(x_local W_local^T) + b with the input features split over the ranks:
@@ -74,17 +78,19 @@ class RowParallelLinear final : public Module {
   Tensor forward(const Tensor& x) override;
   std::string name() const override;
   std::map<std::string, PartitionSpec> partition_specs() const override;
-  /// Adds a LoRA adapter of rank r and scale alpha / r (see the top of this file): global lora_a [r, in]
-  /// split on dim 1 as the weight (spec {"", axis}) and lora_b [out, r] (replicated). ValueError as
-  /// ColumnParallelLinear::add_lora.
-  void add_lora(int64_t r, double alpha);
+  /// Adds a LoRA adapter of rank r, scale alpha / r and input dropout p (see the top of this file):
+  /// global lora_a [r, in] split on dim 1 as the weight (spec {"", axis}) and lora_b [out, r]
+  /// (replicated). The dropout mask of this rank's block of x is that block of the unsplit input's mask,
+  /// so every TP degree drops the same features. ValueError as ColumnParallelLinear::add_lora.
+  void add_lora(int64_t r, double alpha, double dropout = 0);
+  bool stochastic() const override { return lora_dropout_ > 0; }
   Tensor weight, bias;
   Tensor lora_a, lora_b;  ///< the adapter's blocks (undefined without one)
 
  private:
   int64_t in_, out_;
   TPGroup tp_;
-  double lora_scale_ = 0;
+  double lora_scale_ = 0, lora_dropout_ = 0;
 };
 
 /// Vocabulary-parallel embedding: global table [num, dim] split on dim 0 (spec {axis, ""}); forward

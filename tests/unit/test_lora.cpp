@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <algorithm>
 #include <functional>
 
 #include "engine/engine.h"
@@ -179,6 +180,34 @@ TEST_CASE("a LoRA adapter computes nothing at init, then x W^T + b + (alpha / r)
     copy_(l.lora_b, testing::randn64(RngKey::from_seed(5), l.lora_b.shape()));
     const Tensor merged = add(w, matmul(l.lora_b, l.lora_a) * 0.5);
     CHECK(max_abs_diff(l(x), linear(x, merged, l.bias)) <= 1e-12);
+  }
+  SECTION("input dropout in training (PEFT's lora_dropout)") {
+    nn::RowParallelLinear l(6, 4, {}, true, 0.5, DType::f64), plain(6, 4, {}, true, 0.5, DType::f64);
+    l.add_lora(2, 2.0, 0.5);
+    plain.add_lora(2, 2.0);
+    CHECK(l.stochastic());
+    CHECK_FALSE(plain.stochastic());
+    copy_(l.lora_b, testing::randn64(RngKey::from_seed(6), l.lora_b.shape()));
+    copy_(plain.lora_a, l.lora_a);
+    copy_(plain.lora_b, l.lora_b);
+    const RngKey key = RngKey::from_seed(77);
+    // Training: the adapter sees x through nn::Dropout(0.5) with the same key; the layer's own product all of x.
+    nn::RngContext::set(key);
+    const Tensor y = l(x);
+    nn::RngContext::set(key);
+    const Tensor xd = nn::Dropout(0.5)(x);
+    CHECK(max_abs_diff(y, add(linear(x, l.weight, l.bias), linear(linear(xd, l.lora_a), l.lora_b))) <= 1e-12);
+    const auto kept = vals(xd);
+    const double dropped = double(std::count(kept.begin(), kept.end(), 0.0)) / double(kept.size());
+    CHECK(dropped > 0.3);
+    CHECK(dropped < 0.7);
+    // Evaluation: no dropout, the plain adapter's output.
+    l.eval();
+    plain.eval();
+    CHECK(vals(l(x)) == vals(plain(x)));
+    CHECK_THAT(l.name(), Contains("dropout 0.5"));
+    CHECK_THAT(catch_error<ValueError>([&] { nn::RowParallelLinear(6, 4).add_lora(2, 2.0, 1.0); }).what(),
+               Contains("dropout must lie in [0, 1)"));
   }
   SECTION("bad ranks and scales") {
     nn::ColumnParallelLinear l(6, 9, {}, true, 3, 0.02, DType::f64);
