@@ -8,8 +8,10 @@
 // is its total over --peer-steps steps (it reports no finer figure).
 // Options: --steps N (default 20), --warmup N (default 3), --B, --T, --vocab, --dim, --layers, --heads,
 // --peer-steps N (default 20), --no-peer, --lora R: also times LoRA fine-tuning of the same model (rank-R
-// adapters on every block's qkv, proj, fc and out; the rest frozen), adding lora_us_per_step and
-// lora_of_full (the full step's time over the LoRA step's, from the same run).
+// adapters on every block's qkv, proj, fc and out; the rest frozen), adding lora_us_per_step,
+// lora_of_full (the full step's time over the LoRA step's, from the same run), and the peak memory of
+// each run from the model's construction on (weights, optimizer state, one step's activations and
+// gradients: full_peak_mb, lora_peak_mb; the CPU allocator's statistics).
 #include <omp.h>
 
 #include <chrono>
@@ -86,9 +88,12 @@ int main(int argc, char** argv) {
     };
     // The mean and best microseconds per Engine::step of a model of config c, and its last loss.
     struct Timing {
-      double mean = 0, best = 1e300, loss = 0;
+      double mean = 0, best = 1e300, loss = 0, peak_mb = 0;
     };
+    tx::Allocator& alloc = tx::allocator_for(tx::Device::cpu());
     auto time_steps = [&](const tx::nn::GPTConfig& c) {
+      const int64_t before = alloc.stats().current_bytes;
+      alloc.reset_peak();
       std::unique_ptr<tx::nn::GPT> model = n > 1 ? std::make_unique<tx::nn::GPT>(c, mesh) : std::make_unique<tx::nn::GPT>(c);
       auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
@@ -104,6 +109,7 @@ int main(int argc, char** argv) {
         t.mean += us / double(steps);
         t.best = std::min(t.best, us);
       }
+      t.peak_mb = double(alloc.stats().peak_bytes - before) / (1 << 20);
       return t;
     };
     const Timing full = time_steps(cfg);
@@ -122,8 +128,9 @@ int main(int argc, char** argv) {
       lc.lora_alpha = double(2 * lora);
       lc.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
       const Timing l = time_steps(lc);
-      std::snprintf(buf, sizeof buf, " lora_rank=%lld lora_us_per_step=%.0f lora_best_us=%.0f lora_of_full=%.2f", (long long)lora,
-                    l.mean, l.best, us / l.mean);
+      std::snprintf(buf, sizeof buf,
+                    " lora_rank=%lld lora_us_per_step=%.0f lora_best_us=%.0f lora_of_full=%.2f full_peak_mb=%.1f lora_peak_mb=%.1f",
+                    (long long)lora, l.mean, l.best, us / l.mean, full.peak_mb, l.peak_mb);
       line += buf;
     }
     namespace fs = std::filesystem;

@@ -90,6 +90,12 @@ class Op {
 
   /// Whether vjp() reads the outputs (they are then kept alive by the tape node).
   virtual bool saves_outputs() const { return false; }
+  /// Whether vjp() reads the values of its inputs (true by default). When false (add, sub: their vjp
+  /// needs only the inputs' shapes) the tape node keeps, for each input that is not a leaf requiring
+  /// grad, only its metadata (shape, dtype, device, grad_fn): the value's memory is freed as soon as
+  /// nothing else holds it, as PyTorch saves only what a backward formula reads. Such a vjp must not
+  /// read `in`'s data or pass `in` to an op.
+  virtual bool vjp_reads_inputs() const { return true; }
   /// False for ops without a derivative (comparisons, argmax, casts to integers): never recorded.
   virtual bool differentiable() const { return true; }
   /// True when input i is a host scalar that the kernel launcher reads on the CPU (an optimizer update's

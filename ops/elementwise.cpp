@@ -31,6 +31,7 @@ class Binary final : public Op {
   const char* name() const override { return kernels::cpu::binary_name(k_); }
   bool differentiable() const override { return !kernels::cpu::is_comparison(k_); }
   bool linear() const override { return k_ == BinaryOp::add || k_ == BinaryOp::sub; }
+  bool vjp_reads_inputs() const override { return !linear(); }  // add, sub: sum_to(+-g, shape)
   // d(a b) = da b + a db;  d(a / b) = (da - (a / b) db) / b. Other ops: jvp from the vjp.
   std::optional<TensorList> jvp(const TensorList& in, const TensorList& out, const TensorList& t) const override {
     const Tensor &a = in[0], &b = in[1], &ta = t[0], &tb = t[1];

@@ -141,3 +141,43 @@ TEST_CASE("grad runs only the graph between the root and wrt, asking each vjp fo
   CHECK(grad(y, {v})[0].to_vector<double>() == std::vector<double>{3, 8});
   CHECK_THROWS_AS(grad(y, {w}), AutodiffError);
 }
+
+TEST_CASE("the tape keeps no value an op's vjp does not read: add's operands are freed, gradients unchanged", "[autodiff][memory]") {
+  // y = exp(x) + exp(2 x): add's vjp reads only shapes, so once the forward drops its handles the two
+  // exp outputs are held by nobody (exp saves its output for its own vjp: the add node must not hold
+  // another reference to it, nor to any other operand that is not a leaf).
+  Tensor x = testing::randn64(RngKey::from_seed(1), Shape{3, 4}).set_requires_grad();
+  Tensor w = testing::randn64(RngKey::from_seed(2), Shape{4});  // a constant operand, broadcast
+  std::weak_ptr<Storage> big;
+  Tensor loss;
+  {
+    Tensor h = mul(x, x);  // mul saves its inputs (x, a leaf): h is held by the add node only
+    big = h.storage();
+    loss = sum(add(add(h, w), x));
+  }
+  CHECK(big.expired());  // freed before backward
+  ParamTree px;
+  px.insert("x", x);
+  auto [value, g] = value_and_grad([&] { return sum(add(add(mul(x, x), w), x)); }, px);
+  loss.backward();
+  // d/dx sum(x^2 + w + x) = 2 x + 1, through the tape that kept only shapes of add's operands
+  const auto gx = x.grad().to_vector<double>(), xv = x.to_vector<double>();
+  for (size_t i = 0; i < gx.size(); ++i) CHECK(gx[i] == Approx(2 * xv[i] + 1).epsilon(1e-12));
+  CHECK(g.at("x").to_vector<double>() == gx);
+  // Writing in place into an operand add no longer reads is allowed; into one mul reads, refused.
+  Tensor a = testing::randn64(RngKey::from_seed(3), Shape{4}).set_requires_grad();
+  Tensor e = exp(a), s = sum(add(e, w));
+  {
+    NoGradGuard ng;
+    fill_(w, 0.0);
+  }
+  s.backward();
+  CHECK(a.grad().to_vector<double>() == exp(a).detach().to_vector<double>());
+  Tensor b = testing::randn64(RngKey::from_seed(4), Shape{4}).set_requires_grad(), c = b.detach().clone();
+  Tensor m = sum(mul(b, c));
+  {
+    NoGradGuard ng;
+    fill_(c, 1.0);
+  }
+  CHECK_THROWS_AS(m.backward(), AutodiffError);
+}
