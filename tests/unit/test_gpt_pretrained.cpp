@@ -65,6 +65,15 @@ double rel_error(const Tensor& a, const Tensor& b) {
   return err / scale;
 }
 
+// f64 with adapters of the reference's PEFT adapter's rank 3 and lora_alpha 6 on `targets`.
+nn::GPTConfig lora_config(std::vector<std::string> targets) {
+  nn::GPTConfig c = config(DType::f64);
+  c.lora_rank = 3;
+  c.lora_alpha = 6;
+  c.lora_targets = std::move(targets);
+  return c;
+}
+
 Tensor logits_of(const std::string& weights, DType dt) {
   nn::GPT m(config(dt));
   nn::load_gpt2_weights(m, weights);
@@ -226,10 +235,7 @@ TEST_CASE("GPT::load_global_parameters refuses trees that are not the model's", 
 TEST_CASE("LoRA adapters written for PEFT give, merged by the reference into the base GPT-2, the adapted logits",
           "[gpt][io][pretrained][lora]") {
   const auto& d = reference_files();
-  nn::GPTConfig c = config(DType::f64);
-  c.lora_rank = 3;
-  c.lora_alpha = 6;
-  c.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
+  const nn::GPTConfig c = lora_config({"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"});
   nn::GPT m(c);
   nn::load_gpt2_weights(m, d / "hf.safetensors");  // the base: f32 values, written back exactly
   {
@@ -269,10 +275,7 @@ TEST_CASE("LoRA adapters written for PEFT give, merged by the reference into the
 TEST_CASE("A PEFT adapter written by the reference loads into a LoRA GPT and computes the reference's logits",
           "[gpt][io][pretrained][lora]") {
   const auto& d = reference_files();
-  nn::GPTConfig c = config(DType::f64);
-  c.lora_rank = 3;
-  c.lora_alpha = 6;
-  c.lora_targets = {"attn/qkv", "attn/proj", "mlp/out"};  // the reference's target_modules [c_attn, c_proj]
+  const nn::GPTConfig c = lora_config({"attn/qkv", "attn/proj", "mlp/out"});  // the reference's target_modules [c_attn, c_proj]
   nn::GPT m(c);
   nn::load_gpt2_weights(m, d / "hf.safetensors");
   nn::load_peft_adapter(m, d / "peft");
