@@ -13,6 +13,7 @@
 #include "engine/gpt.h"
 #include "engine/gpt_pretrained.h"
 #include "mpi_util.h"
+#include "test_util.h"
 #include "parallel/sharding.h"
 #include "parallel/tp.h"
 
@@ -504,6 +505,12 @@ TEST_CASE("LoRA adapters split over TP (and pipeline stages) train as the whole 
       INFO(p);
       if (p.find("/lora_") == std::string::npos) CHECK(vals(t) == vals(before.at(p)));  // frozen: bitwise
       else check_rel(unshard(t, specs.at(p), mesh), whole.parameters().at(p), 1e-9, p);
+    }
+    if (mesh.has_axis("data")) {  // freezing more after the first step: refused on every rank before any collective
+      split.set_trainable("**/lora_b", false);
+      const Batch g{{{"x", randint(500, Shape{8, 16}, cfg.vocab)}, {"y", randint(501, Shape{8, 16}, cfg.vocab)}}};
+      CHECK_THAT(testing::catch_error<ValueError>([&] { eng.step(split, nn::lm_loss, g.slice(8 * di / dp, 8 * (di + 1) / dp)); }).what(),
+                 Contains("changed after the first step"));
     }
   }
 }
