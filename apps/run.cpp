@@ -224,17 +224,17 @@ namespace {
 // train.freeze: each glob must match a parameter of the whole model (on a pipeline stage, of the GPT's
 // layout: this stage may hold none of them).
 void freeze(const Config& c, nn::Module& m) {
-  auto* gpt = dynamic_cast<nn::GPT*>(&m);
+  const std::vector<std::string> held = m.parameters().paths();
+  std::vector<std::string> whole = held;
+  if (auto* gpt = dynamic_cast<nn::GPT*>(&m)) {
+    whole.clear();
+    for (const auto& l : nn::GPT::layout(gpt->config())) whole.push_back(l.path);
+  }
+  const auto any_match = [](const std::string& pattern, const std::vector<std::string>& paths) {
+    return std::any_of(paths.begin(), paths.end(), [&](const std::string& p) { return glob_match(pattern, p); });
+  };
   for (const std::string& pattern : c.get_string_list("train.freeze")) {
-    std::vector<std::string> paths;
-    if (gpt) {
-      for (const auto& l : nn::GPT::layout(gpt->config())) paths.push_back(l.path);
-    } else {
-      for (const auto& [p, t] : m.parameters()) paths.push_back(p);
-    }
-    bool anywhere = false, here = false;
-    for (const auto& p : paths) anywhere = anywhere || glob_match(pattern, p);
-    for (const auto& [p, t] : m.parameters()) here = here || glob_match(pattern, p);
+    const bool anywhere = any_match(pattern, whole), here = any_match(pattern, held);
     if (!anywhere)
       throw ConfigError("train.freeze: '" + pattern + "' matches no parameter of " + m.name(),
                         "a glob over parameter paths (the module names of titanax describe joined by /)", "'" + pattern + "'",

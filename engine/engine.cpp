@@ -126,14 +126,12 @@ void Engine::begin_step(nn::Module& model, const ParamTree& params) {
                     "at least one trainable parameter per rank (Module::set_trainable)",
                     std::to_string(model.parameters().size()) + " parameters, none trainable",
                     "freeze fewer parameters (train.freeze), or keep a trainable one on every pipeline stage");
-  if (sync_ && sync_paths_ != params.paths())  // its buckets index the parameters it was made for
+  if (sync_ && sync_->paths() != params.paths())  // its buckets index the parameters it was made for
     throw ValueError("the trainable parameters changed after the first step of this Engine",
-                     std::to_string(sync_paths_.size()) + " trainable parameters", std::to_string(params.size()),
+                     std::to_string(sync_->paths().size()) + " trainable parameters", std::to_string(params.size()),
                      "freeze or unfreeze parameters (set_trainable, train.freeze, LoRA) before the first step, or start a new Engine");
-  if (!sync_ && dp_size() > 1) {
+  if (!sync_ && dp_size() > 1)
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
-    sync_paths_ = params.paths();
-  }
   // Dropout keys: fold_in(fold_in(seed, replica), layer call) folded with the optimizer's step counter
   // when the op runs (a compiled step reads the counter at every replay).
   nn::RngContext::set(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), opt_->step_tensor());

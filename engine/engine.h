@@ -251,7 +251,6 @@ class Engine {
   std::unique_ptr<optim::Optimizer> opt_;
   EngineOptions opts_;
   std::unique_ptr<GradientSync> sync_;
-  std::vector<std::string> sync_paths_;  // the trainable parameters sync_ was made for
   std::unique_ptr<LossScaler> scaler_;
   PipelineStats last_pipeline_stats_;
   std::unique_ptr<jit::Compiled> jit_step_;

@@ -1,7 +1,6 @@
 #include "engine/gpt.h"
 
 #include <cmath>
-#include <cstring>
 #include <algorithm>
 #include <limits>
 #include <numeric>
@@ -100,11 +99,6 @@ const std::vector<std::string> kLoraTargets{"attn/qkv", "attn/proj", "mlp/fc", "
 struct LoraLayer {
   int64_t in, out, groups;
 };
-bool is_lora_path(const std::string& p) {
-  auto ends = [&](const char* e) { return p.size() >= std::strlen(e) && p.compare(p.size() - std::strlen(e), std::string::npos, e) == 0; };
-  return ends("/lora_a") || ends("/lora_b");
-}
-
 LoraLayer lora_layer(const std::string& target, int64_t D) {
   if (target == "attn/qkv") return {D, 3 * D, 3};
   if (target == "attn/proj") return {D, D, 1};
@@ -353,27 +347,27 @@ void GPT::load_global(const ParamTree& global, bool adapters_only) {
 }
 
 ParamTree GPT::merge_lora(const ParamTree& global, const GPTConfig& c) {
-  check_config(c);
+  std::map<std::string, Shape> shapes;
+  for (const ParamLayout& l : layout(c)) shapes.emplace(l.path, l.global_shape);  // checks the config
   if (c.lora_rank == 0) return global;
-  std::map<std::string, Tensor> merged;  // layer path -> weight with its adapter merged
-  for (int64_t i = 0; i < c.layers; ++i)
-    for (const std::string& t : c.lora_targets) {
-      const std::string l = "blocks/" + std::to_string(i) + "/" + t + "/";
-      for (const char* n : {"weight", "lora_a", "lora_b"})
-        if (!global.contains(l + n))
-          throw ValueError("GPT::merge_lora: no tensor for '" + l + n + "'", "every path of GPT::layout", "none",
-                           "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");
-      const Tensor &w = global.at(l + "weight"), &a = global.at(l + "lora_a"), &bm = global.at(l + "lora_b");
-      const LoraLayer ll = lora_layer(t, c.dim);
-      if (a.shape() != Shape{c.lora_rank, ll.in} || bm.numel() != ll.out * c.lora_rank || w.numel() != ll.out * ll.in)
-        throw ValueError("GPT::merge_lora: the adapter of '" + l + "' does not fit the config",
-                         "lora_a [" + std::to_string(c.lora_rank) + ", " + std::to_string(ll.in) + "], lora_b of " +
-                             std::to_string(ll.out * c.lora_rank) + " elements",
-                         "lora_a " + a.shape().str() + ", lora_b " + bm.shape().str(), "pass global tensors of the same config");
-      NoGradGuard ng;
-      const Tensor delta = matmul(bm.reshape(Shape{ll.out, c.lora_rank}), a) * (c.lora_alpha / double(c.lora_rank));
-      merged[l + "weight"] = add(w, delta.astype(w.dtype()).reshape(w.shape()));
-    }
+  const auto whole = [&](const std::string& p) -> const Tensor& {
+    if (!global.contains(p) || !global.at(p).defined() || global.at(p).shape() != shapes.at(p))
+      throw ValueError("GPT::merge_lora: no tensor of global shape " + shapes.at(p).str() + " for '" + p + "'",
+                       "every path of GPT::layout with its global shape",
+                       global.contains(p) && global.at(p).defined() ? spec_str(global.at(p)) : "none",
+                       "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");
+    return global.at(p);
+  };
+  std::map<std::string, Tensor> merged;  // layer weight path -> the weight with its adapter merged
+  const int64_t r = c.lora_rank;
+  for (const auto& [p, s] : shapes) {
+    if (!p.ends_with("/lora_a")) continue;
+    const std::string layer = p.substr(0, p.size() - std::string("lora_a").size());  // "blocks/<i>/attn/qkv/"
+    const Tensor &w = whole(layer + "weight"), &a = whole(p), &b = whole(layer + "lora_b");
+    NoGradGuard ng;  // lora_b [out, r] (qkv's [3, dim, r]) times lora_a [r, in], in W's layout
+    const Tensor delta = matmul(b.reshape(Shape{b.numel() / r, r}), a) * (c.lora_alpha / double(r));
+    merged[layer + "weight"] = add(w, delta.astype(w.dtype()).reshape(w.shape()));
+  }
   ParamTree out;
   for (const auto& [p, t] : global) {
     if (is_lora_path(p)) continue;

@@ -88,6 +88,9 @@ struct GPTConfig {
   }
 };
 
+/// Whether `path` is a LoRA adapter's ("blocks/<i>/<layer>/lora_a" or ".../lora_b").
+inline bool is_lora_path(const std::string& path) { return path.ends_with("/lora_a") || path.ends_with("/lora_b"); }
+
 /// One parameter as the model declares it: path, global shape, and spec from the sharding rules.
 struct ParamLayout {
   std::string path;

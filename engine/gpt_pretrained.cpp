@@ -45,10 +45,34 @@ HfName hf_name(const std::string& path) {
   throw InternalError("no GPT-2 name for the GPT parameter '" + path + "'");
 }
 
-// The Hugging Face module of block i's layer `target` ("attn/qkv" -> "h.<i>.attn.c_attn").
-std::string hf_module(int64_t i, const std::string& target) {
-  const std::string w = hf_name("blocks/" + std::to_string(i) + "/" + target + "/weight").name;
-  return w.substr(0, w.size() - std::string(".weight").size());
+// The Hugging Face name of a block layer within its block ("attn/qkv" -> "attn.c_attn").
+std::string hf_layer(const std::string& target) {
+  const std::string w = hf_name("blocks/0/" + target + "/weight").name;  // "h.0.attn.c_attn.weight"
+  return w.substr(4, w.size() - 4 - std::string(".weight").size());
+}
+
+// A LoRA adapter of a GPT and its tensor in a PEFT adapter file: PEFT's name under GPT2LMHeadModel
+// ("base_model.model.transformer.h.<i>.attn.c_attn.lora_A.weight") and shape ([r, in] for lora_A,
+// [out, r] for lora_B, c_attn's [3 dim, r] being qkv's [3, dim, r]).
+struct PeftTensor {
+  ParamLayout param;
+  std::string name;
+  Shape shape;
+};
+constexpr const char* kPeftPrefix = "base_model.model.transformer.";
+
+std::vector<PeftTensor> peft_tensors(const GPTConfig& cfg) {
+  std::vector<PeftTensor> out;
+  const int64_t r = cfg.lora_rank;
+  for (const ParamLayout& l : GPT::layout(cfg)) {
+    if (!is_lora_path(l.path)) continue;
+    const bool a = l.path.ends_with("/lora_a");
+    const std::string w = hf_name(l.path.substr(0, l.path.rfind('/')) + "/weight").name;  // "h.<i>.attn.c_attn.weight"
+    const std::string module = w.substr(0, w.size() - std::string(".weight").size());
+    const int64_t features = l.global_shape.numel() / r;
+    out.push_back({l, kPeftPrefix + module + (a ? ".lora_A.weight" : ".lora_B.weight"), a ? Shape{r, features} : Shape{features, r}});
+  }
+  return out;
 }
 
 // The Hugging Face shape of a parameter of Titanax shape `s`: Conv1D weights [in, out] (Titanax keeps
@@ -293,29 +317,17 @@ void write_peft_adapter(const ParamTree& params, const GPTConfig& cfg, const std
   if (cfg.lora_rank == 0)
     throw ValueError("write_peft_adapter: the model has no LoRA adapters", "GPTConfig.lora_rank > 0", "lora_rank 0",
                      "set model.lora_rank (and train the adapters), or export the whole model with --format hf");
-  const std::map<std::string, ParamLayout> layout = [&] {
-    std::map<std::string, ParamLayout> m;
-    for (const ParamLayout& l : GPT::layout(cfg)) m.emplace(l.path, l);
-    return m;
-  }();
   ParamTree peft;
+  for (const PeftTensor& pt : peft_tensors(cfg)) {
+    const ParamLayout& l = pt.param;
+    if (!params.contains(l.path) || !params.at(l.path).defined() || params.at(l.path).shape() != l.global_shape)
+      throw ValueError("write_peft_adapter: no tensor of global shape " + l.global_shape.str() + " for '" + l.path + "'",
+                       "every adapter of GPT::layout(cfg)", params.contains(l.path) ? spec_str(params.at(l.path)) : "none",
+                       "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");
+    peft.insert(pt.name, reshape(params.at(l.path).astype(DType::f32).to(Device::cpu()).contiguous(), pt.shape));
+  }
   nlohmann::json modules = nlohmann::json::array();
-  for (int64_t i = 0; i < cfg.layers; ++i)
-    for (const std::string& t : cfg.lora_targets) {
-      const std::string layer = "blocks/" + std::to_string(i) + "/" + t + "/", module = hf_module(i, t);
-      if (i == 0) modules.push_back(module.substr(module.find('.', 2) + 1));  // "h.0.attn.c_attn" -> "attn.c_attn"
-      for (const auto& [n, peft_name] : {std::pair<const char*, const char*>{"lora_a", ".lora_A.weight"}, {"lora_b", ".lora_B.weight"}}) {
-        const ParamLayout& l = layout.at(layer + n);
-        if (!params.contains(l.path) || !params.at(l.path).defined() || params.at(l.path).shape() != l.global_shape)
-          throw ValueError("write_peft_adapter: no tensor of global shape " + l.global_shape.str() + " for '" + l.path + "'",
-                           "every adapter of GPT::layout(cfg)", params.contains(l.path) ? spec_str(params.at(l.path)) : "none",
-                           "pass the whole model's parameters (gather tensor-parallel and pipeline shards first)");
-        const Tensor v = params.at(l.path).astype(DType::f32).to(Device::cpu()).contiguous();
-        // [r, in] as it is; lora_b as [out, r] (qkv's [3, dim, r] as c_attn's [3 dim, r]).
-        peft.insert("base_model.model.transformer." + module + peft_name,
-                    reshape(v, Shape{v.numel() / v.shape().back(), v.shape().back()}));
-      }
-    }
+  for (const std::string& t : cfg.lora_targets) modules.push_back(hf_layer(t));
   const nlohmann::json config{{"peft_type", "LORA"},
                               {"task_type", "CAUSAL_LM"},
                               {"base_model_name_or_path", base},
@@ -376,7 +388,7 @@ ParamTree read_peft_adapter(const std::string& dir, const GPTConfig& cfg) {
                      field("target_modules").dump(), "save the adapter with target_modules as a list (a regex is not read)");
   std::vector<std::string> targets;
   for (const std::string t : {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"}) {
-    const std::string m = hf_module(0, t).substr(4);  // "attn.c_attn"
+    const std::string m = hf_layer(t);
     for (const auto& pattern : field("target_modules")) {
       const std::string p = pattern.is_string() ? pattern.get<std::string>() : "";
       if (m == p || (m.size() > p.size() && m.compare(m.size() - p.size() - 1, std::string::npos, "." + p) == 0)) {
@@ -397,29 +409,20 @@ ParamTree read_peft_adapter(const std::string& dir, const GPTConfig& cfg) {
 
   const SafetensorsFile f = read_safetensors(dir + "/adapter_model.safetensors");
   std::map<std::string, Tensor> by_name(f.tensors.begin(), f.tensors.end());
-  std::map<std::string, ParamLayout> layout;
-  for (const ParamLayout& l : GPT::layout(cfg)) layout.emplace(l.path, l);
   ParamTree out;
-  for (int64_t i = 0; i < cfg.layers; ++i)
-    for (const std::string& t : cfg.lora_targets)
-      for (const auto& [n, suffix] : {std::pair<const char*, const char*>{"lora_a", ".lora_A.weight"}, {"lora_b", ".lora_B.weight"}}) {
-        const ParamLayout& l = layout.at("blocks/" + std::to_string(i) + "/" + t + "/" + n);
-        std::string name;  // under GPT2LMHeadModel ("transformer.") or GPT2Model
-        for (const char* prefix : {"base_model.model.transformer.", "base_model.model."})
-          if (by_name.count(prefix + hf_module(i, t) + suffix)) name = prefix + hf_module(i, t) + suffix;
-        if (name.empty())
-          throw ValueError(where + " has no tensor 'base_model.model.transformer." + hf_module(i, t) + suffix + "'",
-                           "every adapter of a GPT-2 with " + std::to_string(cfg.layers) + " blocks", "none",
-                           "check that the adapter is for this model (model.layers, model.lora_targets)");
-        const Tensor v = by_name.at(name);
-        by_name.erase(name);
-        const int64_t r = cfg.lora_rank, features = l.global_shape.numel() / r;  // [r, in] or [out, r]
-        const Shape want_shape = std::string(n) == "lora_a" ? Shape{r, features} : Shape{features, r};
-        if (v.shape() != want_shape || !is_floating(v.dtype()))
-          throw ValueError(where + ": '" + name + "' has the wrong shape for the model", "a floating tensor " + want_shape.str(),
-                           spec_str(v), "check model.dim and model.lora_rank against the adapter's");
-        out.insert(l.path, reshape(v, l.global_shape));
-      }
+  for (const PeftTensor& pt : peft_tensors(cfg)) {
+    std::string name = pt.name;  // under GPT2LMHeadModel ("transformer."), or GPT2Model's without it
+    if (!by_name.count(name)) name = "base_model.model." + name.substr(std::string(kPeftPrefix).size());
+    if (!by_name.count(name))
+      throw ValueError(where + " has no tensor '" + pt.name + "'", "every adapter of a GPT-2 with " + std::to_string(cfg.layers) +
+                           " blocks", "none", "check that the adapter is for this model (model.layers, model.lora_targets)");
+    const Tensor v = by_name.at(name);
+    by_name.erase(name);
+    if (v.shape() != pt.shape || !is_floating(v.dtype()))
+      throw ValueError(where + ": '" + name + "' has the wrong shape for the model", "a floating tensor " + pt.shape.str(),
+                       spec_str(v), "check model.dim and model.lora_rank against the adapter's");
+    out.insert(pt.param.path, reshape(v, pt.param.global_shape));
+  }
   if (!by_name.empty())
     throw ValueError(where + " holds '" + by_name.begin()->first + "', which no adapted layer of the model takes",
                      "lora_A / lora_B weights of the adapted layers only", std::to_string(by_name.size()) + " more tensor(s)",

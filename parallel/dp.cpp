@@ -197,6 +197,12 @@ void GradientSync::launch(size_t bi) {
   b.req = s.comm->iall_reduce(b.buffer, CollectiveOp::sum);
 }
 
+std::vector<std::string> GradientSync::paths() const {
+  std::vector<std::string> out;
+  for (const auto& p : s_->params) out.push_back(p.path);
+  return out;
+}
+
 ParamTree GradientSync::finish() {
   auto& s = *s_;
   ParamTree out;

@@ -52,6 +52,8 @@ class GradientSync {
   /// bucket, divides by the axis size and returns the averaged gradients in params order (paths of
   /// params; dtypes of params). Resets for the next step.
   ParamTree finish();
+  /// The paths of the parameters it was made for, in order.
+  std::vector<std::string> paths() const;
 
   /// The same without overlap: reports every gradient of `grads` (looked up by path; ValueError for a
   /// missing or extra path) in reverse order, then finish(). Collective.
