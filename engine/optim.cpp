@@ -339,6 +339,7 @@ void update_parameters(const Schedule& schedule, const void* owner, Tensor& step
     check_dtype(params[i].second, {DType::f32, DType::f64}, "optimizer update");
     auto [op, states] = update_for(i);
     check_state_device(params[i].first, states);
+    if (params[i].second.numel() == 0) continue;  // nothing to update (a rank's empty part of a parameter)
     todo.push_back({op, states, grads.at(params[i].first).contiguous()});
   }
   // Groups of parameters with the same settings and dtype (e.g. with and without weight decay), in the
@@ -405,20 +406,20 @@ class Adam final : public Optimizer {
       throw ValueError("Adam eps must be a finite number > 0", "> 0", std::to_string(o_.eps));
     check_non_negative(o_.weight_decay, "Adam weight_decay");
   }
-  void init(const ParamTree& params) override {
+  void init(const ParamTree& params, const ParamTree& like) override {
     m_ = ParamTree();
     v_ = ParamTree();
     decay_.clear();
     for (const auto& [p, t] : params) {
       m_.insert(p, zeros_like(t));
       v_.insert(p, zeros_like(t));
-      decay_.push_back(!o_.decay_filter || o_.decay_filter(p, t));
+      decay_.push_back(!o_.decay_filter || o_.decay_filter(p, like.empty() ? t : like.at(p)));
     }
   }
   void step(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) override {
     if (m_.empty()) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
-      init(params);
+      init(params, {});
     }
     check_state_paths(m_, params);
     check_grads(params, grads);
@@ -453,7 +454,7 @@ class SGD final : public Optimizer {
     check_non_negative(wd, "SGD weight_decay");
     if (nesterov && mu == 0) throw ValueError("Nesterov momentum needs momentum > 0", "momentum > 0", "0");
   }
-  void init(const ParamTree& params) override {
+  void init(const ParamTree& params, const ParamTree&) override {
     buf_ = ParamTree();
     if (mu_ > 0)
       for (const auto& [p, t] : params) buf_.insert(p, zeros_like(t));
@@ -462,7 +463,7 @@ class SGD final : public Optimizer {
   void step(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) override {
     if (!inited_) {
       NoTraceGuard once;  // the first step's setup is not part of a traced step
-      init(params);
+      init(params, {});
     }
     if (mu_ > 0) check_state_paths(buf_, params);
     check_grads(params, grads);

@@ -36,8 +36,12 @@ using DecayFilter = std::function<bool(const std::string& path, const Tensor& t)
 class Optimizer {
  public:
   virtual ~Optimizer() = default;
-  /// Creates the state for `params` (zeros); called once before the first step (step() calls it lazily).
-  virtual void init(const ParamTree& params) = 0;
+  /// Creates the state for `params` (zeros); called once before the first step (step() calls it lazily
+  /// with the parameters it is given). `like` (empty: `params` themselves) holds, by path, the tensors
+  /// per-parameter choices are made on (AdamOptions::decay_filter): the whole parameters when `params`
+  /// are this rank's parts of them (ZeroShards::masters(), parallel/zero.h). ValueError for a path of
+  /// `params` missing from a non-empty `like`.
+  virtual void init(const ParamTree& params, const ParamTree& like = {}) = 0;
   /// One update of `params` in place with `grads` (same paths, shapes and dtypes; ValueError otherwise)
   /// at learning rate schedule(steps()); then steps() increases by one. `skip` (optional, a 0-d bool CPU
   /// tensor) is read when the update runs, in a traced step (jit/graph.h) at every replay: true leaves

@@ -38,6 +38,39 @@ std::vector<std::string> split_lines(const std::string& s) {
 
 }  // namespace
 
+void check_same_parameters(Communicator& comm, const std::string& axis, const ParamTree& params,
+                           const std::string& header, Loc loc) {
+  std::string desc = header + "\n";
+  for (const auto& [path, t] : params) desc += "'" + path + "' " + std::string(dtype_name(t.dtype())) + t.shape().str() + "\n";
+  const int n = comm.size();
+  if (n == 1) return;
+  std::string digest = hex64(fnv1a(desc)) + " " + std::to_string(params.size());
+  std::vector<std::string> digests = comm.all_gather_string(digest);
+  bool same = true;
+  for (const auto& d : digests) same &= (d == digests[0]);
+  if (same) return;
+  // Every rank sees the mismatch: gather the full lists and report the same error everywhere.
+  std::vector<std::string> all = comm.all_gather_string(desc);
+  std::vector<std::string> ref = split_lines(all[0]);
+  std::string first;
+  std::vector<std::string> differing;
+  for (int r = 1; r < n; ++r) {
+    if (all[size_t(r)] == all[0]) continue;
+    differing.push_back(std::to_string(r));
+    if (!first.empty()) continue;
+    std::vector<std::string> mine = split_lines(all[size_t(r)]);
+    size_t i = 0;
+    while (i < ref.size() && i < mine.size() && ref[i] == mine[i]) ++i;
+    auto at = [](const std::vector<std::string>& v, size_t i) { return i < v.size() ? v[i] : std::string("(no parameter)"); };
+    std::string where = i == 0 ? "in the bucket sizes" : "at parameter index " + std::to_string(i - 1);
+    first = where + ": rank 0 has " + at(ref, i) + ", rank " + std::to_string(r) + " has " + at(mine, i);
+  }
+  throw PlanError("parameter lists differ between the ranks of axis '" + axis + "'",
+                  "the same parameter paths, shapes and dtypes (and bucket sizes) on every rank",
+                  first + " (ranks differing from rank 0: " + join(differing) + ")",
+                  "build the model identically on every rank: same config, no rank-dependent layers", loc);
+}
+
 struct GradientSync::State {
   struct Param {
     std::string path;
@@ -76,45 +109,13 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
   s_->comm = mesh.comm_ptr(axis, loc);
   s_->axis = axis;
 
-  // Describe the parameters; every rank must agree on this (and on the bucket sizes) before any bucket runs.
-  std::string desc = "bucket_bytes " + std::to_string(bucket_bytes) + " first_bucket_bytes " +
-                     std::to_string(first_bucket_bytes) + "\n";
+  std::string header = "bucket_bytes " + std::to_string(bucket_bytes) + " first_bucket_bytes " + std::to_string(first_bucket_bytes);
   for (const auto& [path, t] : params) {
     if (!t.defined())
       throw ValueError("GradientSync: parameter '" + path + "' is an undefined tensor", "defined tensors", "Tensor()", "", loc);
     s_->params.push_back({path, t.shape(), t.dtype(), t.device()});
-    desc += "'" + path + "' " + std::string(dtype_name(t.dtype())) + t.shape().str() + "\n";
   }
-  const int n = s_->comm->size();
-  if (n > 1) {
-    std::string digest = hex64(fnv1a(desc)) + " " + std::to_string(params.size());
-    std::vector<std::string> digests = s_->comm->all_gather_string(digest);
-    bool same = true;
-    for (const auto& d : digests) same &= (d == digests[0]);
-    if (!same) {  // every rank sees the mismatch: gather the full lists and report the same error everywhere
-      std::vector<std::string> all = s_->comm->all_gather_string(desc);
-      std::vector<std::string> ref = split_lines(all[0]);
-      std::string first;
-      std::vector<std::string> differing;
-      for (int r = 1; r < n; ++r) {
-        if (all[size_t(r)] == all[0]) continue;
-        differing.push_back(std::to_string(r));
-        if (!first.empty()) continue;
-        std::vector<std::string> mine = split_lines(all[size_t(r)]);
-        size_t i = 0;
-        while (i < ref.size() && i < mine.size() && ref[i] == mine[i]) ++i;
-        auto at = [](const std::vector<std::string>& v, size_t i) {
-          return i < v.size() ? v[i] : std::string("(no parameter)");
-        };
-        std::string where = i == 0 ? "in the bucket sizes" : "at parameter index " + std::to_string(i - 1);
-        first = where + ": rank 0 has " + at(ref, i) + ", rank " + std::to_string(r) + " has " + at(mine, i);
-      }
-      throw PlanError("parameter lists differ between the ranks of axis '" + axis + "'",
-                      "the same parameter paths, shapes and dtypes (and bucket sizes) on every rank",
-                      first + " (ranks differing from rank 0: " + join(differing) + ")",
-                      "build the model identically on every rank: same config, no rank-dependent layers", loc);
-    }
-  }
+  check_same_parameters(*s_->comm, axis, params, header, loc);
 
   // Buckets over the floating parameters in reverse order.
   int cur = -1;

@@ -87,6 +87,13 @@ class GradientSync {
 ParamTree bucketed_pmean(const Mesh& mesh, const ParamTree& grads, const std::string& axis, size_t bucket_bytes,
                          Loc loc = Loc::current());
 
+/// Collective over `comm` (the ranks of mesh axis `axis`): throws the same PlanError on every rank unless
+/// every rank passes the same `header` line (e.g. bucket sizes) and the same parameter paths, dtypes and
+/// shapes in the same order, naming the first difference and the ranks that differ from rank 0 (an error
+/// at start instead of collectives that hang or mix tensors later). Used by GradientSync and ZeroShards.
+void check_same_parameters(Communicator& comm, const std::string& axis, const ParamTree& params,
+                           const std::string& header, Loc loc = Loc::current());
+
 /// Which shard of the data this rank reads: `index` of `count` equal shards.
 struct DataShard {
   int index = 0;
