@@ -25,6 +25,9 @@ const ConfigSchema& run_schema() {
               "mesh axes and sizes; one size may be -1 (the ranks left over)");
     s.add_string("plan.dp.axis", "data", "mesh axis gradients are averaged over");
     s.add_int("plan.dp.accumulate_steps", 1, "microbatches accumulated per optimizer step", ConfigRange::at_least(1));
+    s.add_bool("plan.dp.shard_optimizer", false,
+               "ZeRO-1: each data-parallel rank keeps the optimizer state of 1/n of every parameter "
+               "(gradients reduce-scattered, parameters all-gathered); not with plan.pp");
     s.add_string("plan.tp.axis", "", "mesh axis of Megatron tensor parallelism (gpt only; empty = off)");
     s.add_string("plan.pp.axis", "", "mesh axis of pipeline parallelism: one stage per rank (gpt only; empty = off)");
     s.add_int("plan.pp.microbatches", 1, "microbatches per step flowing through the pipeline (>= stages for 1f1b)", ConfigRange::at_least(1));
@@ -147,7 +150,7 @@ MeshSpec mesh_spec(const Config& c) {
 }
 
 Plan plan(const Config& c) {
-  Plan p{.dp = DP{c.get_string("plan.dp.axis"), int(c.get_int("plan.dp.accumulate_steps"))}};
+  Plan p{.dp = DP{c.get_string("plan.dp.axis"), int(c.get_int("plan.dp.accumulate_steps")), c.get_bool("plan.dp.shard_optimizer")}};
   if (!c.get_string("plan.tp.axis").empty()) p.tp = TP{.axis = c.get_string("plan.tp.axis")};
   if (!c.get_string("plan.pp.axis").empty())
     p.pp = PP{.axis = c.get_string("plan.pp.axis"), .microbatches = int(c.get_int("plan.pp.microbatches")),
@@ -756,6 +759,17 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
   const int64_t any_steps = std::max(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1);
   std::printf("optimizer: %s, lr %g, schedule %s\n", optimizer(c, any_steps)->describe().c_str(),
               c.get_float("optimizer.lr"), c.get_string("schedule.name").c_str());
+  {  // f32 moments: Adam's m and v, SGD's momentum buffer
+    const int per_param = c.get_string("optimizer.name") == "sgd" ? (c.get_float("optimizer.momentum") > 0 ? 1 : 0) : 2;
+    const int64_t values = per_param * trainable;
+    const int dp = size_of(p.dp->axis);
+    const std::string where = p.dp->shard_optimizer && dp > 1
+                                  ? "each of the " + std::to_string(dp) + " ranks of axis '" + p.dp->axis + "' keeps 1/" +
+                                        std::to_string(dp) + " of its share (ZeRO-1)"
+                                  : "replicated on the " + std::to_string(dp) + " rank(s) of axis '" + p.dp->axis + "'";
+    std::printf("optimizer state: %lld values (%.1f MB) for the whole model; %s\n", static_cast<long long>(values),
+                double(values) * 4 / 1e6, where.c_str());
+  }
   if (c.get_int("train.steps") > 0) std::printf("steps: %lld\n", static_cast<long long>(c.get_int("train.steps")));
   else std::printf("epochs: %lld\n", static_cast<long long>(c.get_int("train.epochs")));
   std::printf("global batch %lld, %lld per rank on axis '%s'\n", static_cast<long long>(c.get_int("data.batch_size")),

@@ -13,6 +13,7 @@
 #include "parallel/dp.h"
 #include "parallel/pipeline.h"
 #include "parallel/sharding.h"
+#include "parallel/zero.h"
 
 namespace titanax {
 
@@ -126,16 +127,54 @@ void Engine::begin_step(nn::Module& model, const ParamTree& params) {
                     "at least one trainable parameter per rank (Module::set_trainable)",
                     std::to_string(model.parameters().size()) + " parameters, none trainable",
                     "freeze fewer parameters (train.freeze), or keep a trainable one on every pipeline stage");
-  if (sync_ && sync_->paths() != params.paths())  // its buckets index the parameters it was made for
-    throw ValueError("the trainable parameters changed after the first step of this Engine",
-                     std::to_string(sync_->paths().size()) + " trainable parameters", std::to_string(params.size()),
-                     "freeze or unfreeze parameters (set_trainable, train.freeze, LoRA) before the first step, or start a new Engine");
-  if (!sync_ && dp_size() > 1)
+  if (sync_) check_trainable(sync_->paths(), params);  // its buckets index the parameters it was made for
+  if (shards_optimizer()) {
+    ensure_zero(params);
+    zero_->load_masters(params);  // the parameters may have been written since the last step (restore, by hand)
+  } else if (!sync_ && dp_size() > 1) {
     sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
+  }
   // Dropout keys: fold_in(fold_in(seed, replica), layer call) folded with the optimizer's step counter
   // when the op runs (a compiled step reads the counter at every replay).
   nn::RngContext::set(fold_in(RngKey::from_seed(opts_.seed), replica_rank()), opt_->step_tensor());
   model.train(true);
+}
+
+bool Engine::shards_optimizer() const { return plan_.dp && plan_.dp->shard_optimizer && dp_size() > 1; }
+
+void Engine::check_trainable(const std::vector<std::string>& made_for, const ParamTree& params) const {
+  if (made_for != params.paths())
+    throw ValueError("the trainable parameters changed after the first step of this Engine",
+                     std::to_string(made_for.size()) + " trainable parameters", std::to_string(params.size()),
+                     "freeze or unfreeze parameters (set_trainable, train.freeze, LoRA) before the first step, or start a new Engine");
+}
+
+void Engine::ensure_zero(const ParamTree& params) {
+  if (zero_) return check_trainable(zero_->paths(), params);  // its parts and the optimizer's state are theirs
+  zero_ = std::make_unique<ZeroShards>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes);
+  opt_->init(zero_->masters(), params);  // state for this rank's parts; weight decay chosen on the whole tensors
+}
+
+namespace {
+// An optimizer's per-parameter state entries "<kind>/<path>" by kind ("m", "v", "buf"), each a tree by
+// parameter path (sorted by kind: the same order on every rank); the other entries ("step") into `rest`.
+std::map<std::string, ParamTree> state_by_kind(const ParamTree& state, ParamTree* rest = nullptr) {
+  std::map<std::string, ParamTree> kinds;
+  for (const auto& [name, t] : state) {
+    const size_t slash = name.find('/');
+    if (slash != std::string::npos) kinds[name.substr(0, slash)].insert(name.substr(slash + 1), t);
+    else if (rest) rest->insert(name, t);
+  }
+  return kinds;
+}
+}  // namespace
+
+ParamTree Engine::whole_optimizer_state() {
+  if (!zero_) return opt_->state();
+  ParamTree out;
+  for (const auto& [kind, parts] : state_by_kind(opt_->state(), &out))
+    for (const auto& [path, t] : zero_->all_gather(parts)) out.insert(kind + "/" + path, t);
+  return out;
 }
 
 double Engine::dp_mean(double v) const {
@@ -261,6 +300,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
   } else {
     NoGradGuard ng;
     grads = acc == 1 ? acc_grads : acc_grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
+    if (zero_) grads = zero_->reduce_scatter_mean(grads);  // this rank's part of each mean
   }
 
   StepResult r;
@@ -270,10 +310,15 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
   // on every rank (DP averages, TP sums), so is the loss scaler's decision: an inf or NaN in any
   // gradient on any rank makes it non-finite everywhere. The gradients stay scaled by S: their norm over
   // S is the unscaled norm, and 1 / S is part of the optimizer's grad_factor (grad_factor()).
-  const double scaled_norm = plan_.tp ? optim::global_norm(grads, tp_specs, mesh_) : optim::global_norm(grads);
+  const double scaled_norm = zero_     ? optim::global_norm(grads, zero_->norm_specs(tp_specs), mesh_)
+                             : plan_.tp ? optim::global_norm(grads, tp_specs, mesh_)
+                                        : optim::global_norm(grads);
   r.grad_norm = scaled_norm / scale;
   if (scaler_ && scaler_->update(!std::isfinite(r.grad_norm))) {
     r.skipped = true;  // no update: parameters, moments and the optimizer's step counter unchanged
+  } else if (zero_) {
+    opt_->step(zero_->masters(), grads, {}, grad_factor(r.grad_norm, scale));
+    zero_->all_gather_into(params);
   } else {
     opt_->step(params, grads, {}, grad_factor(r.grad_norm, scale));
   }
@@ -348,11 +393,15 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
       grads = grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
     }
     if (dp_size() > 1) {  // the averages over the DP replicas, as traced collectives the graph replays
-      grads = bucketed_pmean(mesh_, grads, plan_.dp->axis, opts_.bucket_bytes);
+      grads = zero_ ? zero_->reduce_scatter_mean(grads) : bucketed_pmean(mesh_, grads, plan_.dp->axis, opts_.bucket_bytes);
       loss = pmean(mesh_, loss, plan_.dp->axis);
     }
-    // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once.
-    Tensor norm = plan_.tp ? optim::global_norm_tensor(grads, partition_specs(model), mesh_) : optim::global_norm_tensor(grads);
+    // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once;
+    // this rank's parts of the parameters (zero_): squares summed over the DP axis too.
+    const auto specs = plan_.tp ? partition_specs(model) : std::map<std::string, PartitionSpec>{};
+    Tensor norm = zero_     ? optim::global_norm_tensor(grads, zero_->norm_specs(specs), mesh_)
+                  : plan_.tp ? optim::global_norm_tensor(grads, specs, mesh_)
+                             : optim::global_norm_tensor(grads);
     // Unscaling and clipping as in the eager step: the gradients stay scaled, the norm is divided by S and
     // the optimizer multiplies by 1 / S and the clipping coefficient as it reads them (no pass of its own).
     Tensor skip, factor;
@@ -366,7 +415,12 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
       const Tensor coef = optim::clip_coefficient(norm, opts_.grad_clip);
       factor = factor.defined() ? factor * coef : coef;
     }
-    opt_->step(params, grads, skip, factor);
+    if (zero_) {
+      opt_->step(zero_->masters(), grads, skip, factor);
+      zero_->all_gather_into(params);  // a skipped update gathers the unchanged parts
+    } else {
+      opt_->step(params, grads, skip, factor);
+    }
     return TensorList{loss, norm};
   };
 }
@@ -503,10 +557,12 @@ void Engine::pipeline_eval_batch(nn::PipelineModule& pm, const Batch& b, Metrics
 
 ParamTree Engine::state_tree(nn::Module& model) {
   ParamTree params = model.parameters();
-  if (opt_->state().size() <= 1) opt_->init(model.trainable_parameters());  // the moments, for loading to fill
+  if (shards_optimizer()) ensure_zero(model.trainable_parameters());
+  else if (opt_->state().size() <= 1) opt_->init(model.trainable_parameters());  // the moments, for loading to fill
   ParamTree t;
   for (const auto& [p, v] : params) t.insert("params/" + p, v);  // frozen ones too: the whole model
-  for (const auto& [p, v] : opt_->state()) t.insert("opt/" + p, v);
+  // Sharded: whole copies (the checkpoint does not depend on sharding or the DP degree); else the state itself.
+  for (const auto& [p, v] : whole_optimizer_state()) t.insert("opt/" + p, v);
   if (scaler_) {
     t.insert("scaler/scale", scaler_->scale_tensor());
     t.insert("scaler/good", scaler_->good_tensor());
@@ -543,6 +599,15 @@ std::optional<int64_t> Engine::restore(nn::Module& model) {
   // Resharding load: the checkpoint may come from another TP degree, mesh or number of ranks. A pipeline
   // stage loads only its own tensors; the stages together must load every saved one.
   const CheckpointInfo info = opts_.checkpointer->load(*latest, t, state_specs(model, t), mesh_, plan_.pp.has_value());
+  if (zero_) {  // the loaded whole state's parts into the optimizer's (t holds copies of them)
+    NoGradGuard ng;
+    for (auto& [kind, parts] : state_by_kind(opt_->state())) {
+      ParamTree whole;
+      for (const auto& [path, v] : parts) whole.insert(path, t.at("opt/" + kind + "/" + path));
+      const ParamTree loaded = zero_->parts_of(whole);
+      for (size_t i = 0; i < parts.size(); ++i) copy_(parts[i].second, loaded[i].second);
+    }
+  }
   if (plan_.pp) {
     std::string mine;
     for (const auto& [name, v] : t) mine += name + "\n";

@@ -20,6 +20,13 @@
 //     over the DP axis), and per-step randomness is the same on the ranks of a TP group;
 //   * checkpoints record each parameter's (and its optimizer moments') spec.
 //
+// Optimizer sharding (DP::shard_optimizer, ZeRO stage 1; parallel/zero.h): each rank of the DP axis
+// keeps the optimizer state of its 1 / n part of every trainable parameter. The step reduce-scatters the
+// gradients (no overlap with the backward: after it), clips by the norm of the parts (squares summed over
+// the DP axis, and the TP axis for split parameters), updates its parts and all-gathers them into every
+// rank's whole parameters; eager or under jit. Checkpoints hold the whole optimizer state (all-gathered
+// at save, each rank's part taken at restore), so they load with or without sharding, at any DP degree.
+//
 // Pipeline parallelism (Plan::pp): the model is an nn::PipelineModule built on the mesh's pipe axis
 // (nn::GPT with GPTConfig.pp_axis), holding one stage. step() cuts the local batch into PP::microbatches
 // and runs run_pipeline() (parallel/pipeline.h) with the plan's schedule and recompute policy; tied
@@ -57,6 +64,7 @@
 namespace titanax {
 
 class GradientSync;
+class ZeroShards;
 namespace jit {
 class Compiled;
 class Graph;
@@ -114,7 +122,7 @@ struct EngineOptions {
   /// left at none. Data- and tensor-parallel steps, eager or under jit (the scaler's decision is then an
   /// op of the graph: LossScaler::update_traced, Optimizer::step's skip); PlanError with pipeline parallelism.
   LossScaleOptions loss_scale;
-  /// Bucket size for data-parallel all-reduces.
+  /// Bucket size for data-parallel all-reduces (reduce-scatters and all-gathers with DP::shard_optimizer).
   size_t bucket_bytes = 25u << 20;
   /// Compile the training step with the JIT (jit/graph.h): the first step of each batch signature is
   /// traced (forward, the tape's backward, clipping and the optimizer update: one graph) and later steps
@@ -240,6 +248,16 @@ class Engine {
   /// The model as pipeline stages matching the plan's pipe axis; PlanError otherwise.
   nn::PipelineModule& pipeline_module(nn::Module& model) const;
   ParamTree state_tree(nn::Module& model);
+  /// ValueError unless `params` are the trainable parameters `made_for` (the paths of the first step's).
+  void check_trainable(const std::vector<std::string>& made_for, const ParamTree& params) const;
+  /// True when the plan shards the optimizer state over more than one DP rank.
+  bool shards_optimizer() const;
+  /// Makes zero_ for `params` on first use, with the optimizer's state for its parts (collective over
+  /// the DP axis); ValueError when `params` are not those it was made for.
+  void ensure_zero(const ParamTree& params);
+  /// The optimizer's state() with each per-parameter entry whole ("m/<path>" of the parameter's shape):
+  /// all-gathered over the DP axis when the state is sharded (collective), as is otherwise.
+  ParamTree whole_optimizer_state();
   std::map<std::string, PartitionSpec> state_specs(nn::Module& model, const ParamTree& state);
   int dp_size() const;
   /// The loss of one microbatch under the precision policy: loss_fn under autocast to the compute
@@ -251,6 +269,7 @@ class Engine {
   std::unique_ptr<optim::Optimizer> opt_;
   EngineOptions opts_;
   std::unique_ptr<GradientSync> sync_;
+  std::unique_ptr<ZeroShards> zero_;  // with DP::shard_optimizer (then no sync_)
   std::unique_ptr<LossScaler> scaler_;
   PipelineStats last_pipeline_stats_;
   std::unique_ptr<jit::Compiled> jit_step_;

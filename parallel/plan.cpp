@@ -100,6 +100,9 @@ void Plan::validate(const std::vector<std::string>& axes, const std::vector<int>
     if (pp->recompute == Recompute::layers && pp->recompute_layers < 1)
       throw PlanError("PP recompute_layers must be at least 1 with recompute 'layers'", ">= 1",
                       std::to_string(pp->recompute_layers), "e.g. 1 (recompute every layer's inside)", loc);
+    if (dp && dp->shard_optimizer)
+      throw PlanError("DP shard_optimizer together with pipeline parallelism", "shard_optimizer false with PP",
+                      "shard_optimizer true", "drop shard_optimizer (plan.dp.shard_optimizer), or pipeline parallelism", loc);
     if (dp && dp->accumulate_steps != 1)
       throw PlanError("DP accumulate_steps > 1 together with pipeline parallelism", "accumulate_steps = 1 (PP's microbatches accumulate)",
                       std::to_string(dp->accumulate_steps),
@@ -118,7 +121,8 @@ std::string Plan::describe() const {
   std::string s = "plan:\n";
   if (dp)
     s += "  data parallel: axis '" + dp->axis + "', gradients averaged every " + std::to_string(dp->accumulate_steps) +
-         " step" + (dp->accumulate_steps == 1 ? "" : "s") + "\n";
+         " step" + (dp->accumulate_steps == 1 ? "" : "s") +
+         (dp->shard_optimizer ? ", optimizer state sharded over it (ZeRO-1)" : "") + "\n";
   else
     s += "  data parallel: off\n";
   if (tp) {
@@ -154,7 +158,7 @@ std::string Plan::describe(const Mesh& mesh) const {
 
 std::string Plan::to_json() const {
   nlohmann::json j;
-  if (dp) j["dp"] = {{"axis", dp->axis}, {"accumulate_steps", dp->accumulate_steps}};
+  if (dp) j["dp"] = {{"axis", dp->axis}, {"accumulate_steps", dp->accumulate_steps}, {"shard_optimizer", dp->shard_optimizer}};
   else j["dp"] = nullptr;
   if (tp) {
     nlohmann::json rules = nlohmann::json::array();

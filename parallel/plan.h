@@ -29,6 +29,12 @@ struct DP {
   std::string axis = "data";
   /// Microbatches whose gradients are summed locally before each averaging step (>= 1).
   int accumulate_steps = 1;
+  /// ZeRO stage 1 (Megatron-LM's distributed optimizer; parallel/zero.h): each rank of `axis` keeps the
+  /// optimizer state of 1 / n of every parameter, gradients are reduce-scattered instead of all-reduced
+  /// and the updated parts all-gathered. Same updates as without it (up to the order of the sums),
+  /// optimizer memory divided by n; checkpoints hold the whole state, loadable with or without it. Not
+  /// with Plan::pp (PlanError).
+  bool shard_optimizer = false;
 };
 
 /// Tensor parallelism (Megatron-LM, Shoeybi et al. 2019, arXiv:1909.08053): parameters matched by

@@ -85,13 +85,19 @@ cnn_accuracy)  # two conv3x3+pool stages, 128 hidden: at least 97.5%
   run 2 mnist_cnn.yaml | tee out.txt
   at_least "$(value 'test accuracy' <out.txt)" 0.975 "CNN test accuracy" ;;
 
-loss_parity)  # same seed and global batch on 1, 2 and 4 ranks: the same loss after 50 steps
+loss_parity)  # same seed and global batch on 1, 2 and 4 ranks (4 with the optimizer state sharded too): the same loss after 50 steps
   for np in 1 2 4; do
     run "$np" mnist_mlp.yaml --set train.steps=50 --set schedule.warmup_steps=10 | tee "np$np.txt"
   done
+  run 4 mnist_mlp.yaml --set train.steps=50 --set schedule.warmup_steps=10 --set plan.dp.shard_optimizer=true | tee np4zero.txt
+  "$TITANAX" describe --config "$SRC/examples/configs/mnist_mlp.yaml" --ranks 4 --set plan.dp.shard_optimizer=true | tee zero.txt
+  grep -q 'optimizer state sharded over it (ZeRO-1)' zero.txt || fail "the plan does not say the optimizer state is sharded"
+  # AdamW's two moments of the 669706 parameters
+  grep -q "^optimizer state: 1339412 values (5.4 MB) for the whole model; each of the 4 ranks of axis 'data' keeps 1/4 of its share (ZeRO-1)$" zero.txt \
+    || fail "no sharded optimizer-state line"
   l1=$(value 'final train loss' <np1.txt)
-  for np in 2 4; do rel_close "$(value 'final train loss' <np$np.txt)" "$l1" 1e-4 "loss after 50 steps, $np ranks vs 1"; done
-  echo "losses: $l1 $(value 'final train loss' <np2.txt) $(value 'final train loss' <np4.txt)" ;;
+  for f in np2 np4 np4zero; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "loss after 50 steps, $f vs 1 rank"; done
+  echo "losses: $l1 $(value 'final train loss' <np2.txt) $(value 'final train loss' <np4.txt) $(value 'final train loss' <np4zero.txt)" ;;
 
 resume)  # 100 steps, checkpoint, stop; resume for 100 more == 200 straight steps, bitwise, on 2 ranks
   common=(--set train.steps=200 --set schedule.warmup_steps=20 --set model.dropout=0.1 --set train.eval_every=0)

@@ -2,7 +2,8 @@
 // axes in a random order with sizes multiplying to the world size (size-1 axes included); DP with
 // gradient accumulation, TP, PP with either schedule, each recompute policy and even or uneven stage
 // boundaries; gradient buckets of a few bytes to the default; eager or jit steps where the JIT takes
-// the plan. A GPT whose heads, width, vocabulary and layers fit the layouts trains a few steps in f64
+// the plan; the optimizer state sharded over the data axis or not (ZeRO-1, without PP). A GPT whose
+// heads, width, vocabulary and layers fit the layouts trains a few steps in f64
 // with AdamW or SGD with momentum, clipping on or off, and every step's loss and gradient norm and the
 // final evaluation loss are compared with the same model trained on this rank alone. The second test
 // saves under one layout and resumes under another. FUZZ_SEED explores other draws.
@@ -93,6 +94,9 @@ Layout draw_layout(Draw& z, int n) {
   }
   l.bucket_bytes = size_t(z.one_of(std::vector<int64_t>{64, 1000, 25 << 20}));
   l.jit = !l.plan.pp && z.coin();
+  // From a stream of its own, so the other draws stay those the coverage check was tuned on.
+  static Draw side{std::mt19937_64(seed_or(1) + 1003)};
+  if (l.plan.dp && !l.plan.pp) l.plan.dp->shard_optimizer = side.coin();
   return l;
 }
 
@@ -136,6 +140,7 @@ struct Coverage {
     }
     if (l.plan.dp && l.plan.dp->accumulate_steps > 1) ++seen[l.jit ? "accumulation under jit" : "accumulation"];
     if (l.jit) ++seen["jit"];
+    if (l.d > 1 && l.plan.dp->shard_optimizer) ++seen[l.jit ? "sharded optimizer under jit" : "sharded optimizer"];
   }
   void check() {
     if (world_size() == 1 || std::getenv("FUZZ_SEED")) return;
@@ -143,7 +148,7 @@ struct Coverage {
     for (const auto& [k, c] : seen) kinds += k + ": " + std::to_string(c) + "\n";
     INFO(kinds);
     for (const char* k : {"tensor parallel", "no tensor parallel", "data parallel", "no data parallel", "pipeline 1f1b", "pipeline gpipe",
-                          "recompute none", "recompute full", "recompute layers", "uneven stages", "accumulation", "accumulation under jit", "jit"})
+                          "recompute none", "recompute full", "recompute layers", "uneven stages", "accumulation", "accumulation under jit", "jit", "sharded optimizer", "sharded optimizer under jit"})
       CHECK(seen[k] > 0);
   }
 };

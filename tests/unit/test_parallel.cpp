@@ -143,6 +143,10 @@ TEST_CASE("Plan::validate", "[parallel]") {
   CHECK_THAT(e.message(), Contains("accumulate_steps"));
   CHECK(e.found() == "0");
 
+  e = catch_error<PlanError>([&] { Plan{.dp = DP{"data", 1, true}, .pp = PP{"model", 2}}.validate(m); });
+  CHECK_THAT(e.message(), Contains("shard_optimizer together with pipeline parallelism"));
+  CHECK_NOTHROW(Plan{.dp = DP{"data", 1, true}, .tp = TP{"model"}}.validate(m));
+
   e = catch_error<PlanError>([&] { Plan{.dp = DP{""}}.validate(m); });
   CHECK_THAT(e.message(), Contains("empty axis"));
 
@@ -161,6 +165,10 @@ TEST_CASE("Plan::describe and to_json", "[parallel]") {
   auto j = nlohmann::json::parse(p.to_json());
   CHECK(j["dp"]["axis"] == "data");
   CHECK(j["dp"]["accumulate_steps"] == 4);
+  CHECK(j["dp"]["shard_optimizer"] == false);
+  const Plan zero{.dp = DP{"data", 1, true}};
+  CHECK_THAT(zero.describe(), Contains("optimizer state sharded over it (ZeRO-1)"));
+  CHECK(nlohmann::json::parse(zero.to_json())["dp"]["shard_optimizer"] == true);
   CHECK(nlohmann::json::parse(Plan{}.to_json())["dp"].is_null());
 }
 

@@ -1,0 +1,183 @@
+// Optimizer-state sharding over the data axis (DP::shard_optimizer, ZeRO-1; parallel/zero.h) under
+// mpirun -np 2 / 4: the sharded step follows the all-reduce step from the same weights on the same
+// per-rank batches (eager and jit, with accumulation, AdamW with a matrices-only weight decay and SGD with
+// momentum, clipping active), keeps every replica's weights bitwise equal, holds 1 / n of the optimizer
+// state per rank (a 1-element parameter leaves some ranks an empty part), and its compiled graph
+// reduce-scatters and all-gathers instead of all-reducing. Checkpoints across sharding and layouts are
+// covered by test_mpi_fuzz_layouts.cpp's resume test, which draws sharding too.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+
+#include "engine/engine.h"
+#include "engine/nn.h"
+#include "engine/optim.h"
+#include "jit/graph.h"
+#include "mpi_util.h"
+#include "parallel/zero.h"
+
+using namespace titanax;
+using namespace mpitest;
+using Catch::Matchers::Contains;
+
+namespace {
+
+// This rank's batch of step s: different on every rank.
+Batch rank_batch(int s, int64_t B) {
+  const RngKey k = fold_in(fold_in(RngKey::from_seed(91), uint64_t(world_rank())), uint64_t(s));
+  return Batch{{{"x", random_normal(k, Shape{B, 20})}, {"y", random_normal(fold_in(k, 1), Shape{B, 1})}}};
+}
+
+Tensor mse(nn::Module& m, const Batch& b) {
+  const Tensor d = m(b["x"]) - b["y"];
+  return mean(d * d);
+}
+
+std::unique_ptr<optim::Optimizer> make_opt(bool adam) {
+  if (!adam) return optim::sgd(optim::constant(0.05), 0.9, 1e-2);
+  return optim::adamw(optim::warmup_cosine(1e-2, 2, 8),
+                      {.weight_decay = 0.5, .decay_filter = [](const std::string&, const Tensor& t) { return t.dim() >= 2; }});
+}
+
+struct Run {
+  std::vector<double> loss, norm;
+  ParamTree params;
+  int64_t state_numel = 0;  // of the optimizer's per-parameter state on this rank
+};
+
+Run train(bool shard, bool jit, bool adam, int acc, int steps = 6) {
+  Mesh mesh = MeshSpec{{"data"}, {-1}}.build(rt());
+  nn::MLP model({20, 32, 16, 1});  // the same initial weights on every rank; the last bias has 1 element
+  Engine engine(mesh, Plan{.dp = DP{"data", acc, shard}}, make_opt(adam),
+                EngineOptions{.grad_clip = 0.3, .bucket_bytes = 512, .jit = jit});
+  Run r;
+  for (int s = 0; s < steps; ++s) {
+    StepResult sr = engine.step(model, mse, rank_batch(s, 8));
+    r.loss.push_back(sr.loss);
+    r.norm.push_back(sr.grad_norm);
+  }
+  r.params = model.parameters();
+  for (const auto& [name, t] : engine.optimizer().state())
+    if (name != "step") r.state_numel += t.numel();
+  return r;
+}
+
+void check_close(const std::vector<double>& a, const std::vector<double>& b, const char* what) {
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    INFO(what << " step " << i << ": sharded " << a[i] << " all-reduce " << b[i]);
+    CHECK(std::fabs(a[i] - b[i]) <= 1e-6 * std::max(1.0, std::fabs(b[i])));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("the sharded-optimizer step follows the all-reduce step and keeps 1/n of the state per rank", "[mpi][zero]") {
+  const int n = world_size();
+  Mesh mesh = MeshSpec{{"data"}, {-1}}.build(rt());
+  for (bool adam : {true, false})
+    for (bool jit : {false, true})
+      for (int acc : {1, 2}) {
+        INFO((adam ? "AdamW" : "SGD momentum") << (jit ? ", jit" : ", eager") << ", accumulate_steps " << acc << ", " << n << " ranks");
+        const Run plain = train(false, jit, adam, acc), sharded = train(true, jit, adam, acc);
+        check_close(sharded.loss, plain.loss, "loss");
+        check_close(sharded.norm, plain.norm, "grad norm");
+        CHECK(plain.norm.front() > 0.3);  // clipping was active
+        double worst = 0, spread = 0;
+        for (size_t k = 0; k < plain.params.size(); ++k) {
+          Tensor root = sharded.params[k].second.clone();
+          mesh.comm("data").broadcast(root, 0);  // rank 0's replica
+          const auto a = sharded.params[k].second.to_vector<double>(), b = plain.params[k].second.to_vector<double>();
+          const auto r0 = root.to_vector<double>();
+          for (size_t i = 0; i < a.size(); ++i) {
+            worst = std::max(worst, std::fabs(a[i] - b[i]));
+            spread = std::max(spread, std::fabs(a[i] - r0[i]));
+          }
+        }
+        CHECK(worst <= 1e-6);
+        CHECK(spread == 0.0);  // every rank gathered the same parts
+        // The state: each parameter's ceil(N / n)-element chunks, the last ranks' shorter or empty; together
+        // exactly the unsharded state.
+        CHECK(world_sum(double(sharded.state_numel)) == double(plain.state_numel));
+        int64_t most = 0;
+        for (const auto& [p, t] : plain.params) most += (t.numel() + n - 1) / n;
+        CHECK(sharded.state_numel <= most * (adam ? 2 : 1));
+        if (n > 1) CHECK(sharded.state_numel < plain.state_numel);
+      }
+}
+
+TEST_CASE("ZeroShards: each rank's part of every parameter, reduce-scattered means and all-gathered wholes", "[mpi][zero]") {
+  const int n = world_size(), r = world_rank();
+  Mesh mesh = MeshSpec{{"data"}, {-1}}.build(rt());
+  ParamTree params;
+  params.insert("w", zeros(Shape{3, 5}));
+  params.insert("one", zeros(Shape{1}));
+  params.insert("d", zeros(Shape{7}, DType::f64));
+  for (size_t bucket_bytes : {size_t(8), size_t(1) << 20}) {
+    INFO("bucket_bytes " << bucket_bytes);
+    ZeroShards z(mesh, "data", params, bucket_bytes);
+    // Rank q's gradient: g[i] = (q + 1) * 10 + i, so the mean is (n + 1) * 5 + i.
+    ParamTree grads;
+    for (const auto& [p, t] : params) {
+      std::vector<double> v(size_t(t.numel()));
+      for (size_t i = 0; i < v.size(); ++i) v[i] = (r + 1) * 10.0 + double(i);
+      grads.insert(p, from_vector(v, t.shape()).astype(t.dtype()));
+    }
+    const ParamTree mine = z.reduce_scatter_mean(grads);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const int64_t N = params[k].second.numel(), C = (N + n - 1) / n;
+      const auto [lo, hi] = z.range(k);
+      CHECK(lo == std::min(N, r * C));
+      CHECK(hi == std::min(N, (r + 1) * C));
+      const auto got = mine[k].second.to_vector<double>();
+      REQUIRE(int64_t(got.size()) == hi - lo);
+      for (int64_t i = lo; i < hi; ++i) CHECK(got[size_t(i - lo)] == (n + 1) * 5.0 + double(i));
+      CHECK(mine[k].second.dtype() == params[k].second.dtype());
+    }
+    // All-gather: rank q's part of element i holds 1000 q + i; the whole must be i + 1000 * owner(i).
+    ParamTree parts;
+    for (size_t k = 0; k < params.size(); ++k) {
+      const auto [lo, hi] = z.range(k);
+      std::vector<double> v;
+      for (int64_t i = lo; i < hi; ++i) v.push_back(1000.0 * r + double(i));
+      parts.insert(params[k].first, from_vector(v, Shape{hi - lo}).astype(params[k].second.dtype()));
+    }
+    const ParamTree whole = z.all_gather(parts);
+    for (size_t k = 0; k < params.size(); ++k) {
+      const int64_t N = params[k].second.numel(), C = (N + n - 1) / n;
+      REQUIRE(whole[k].second.shape() == params[k].second.shape());
+      const auto got = whole[k].second.contiguous().to_vector<double>();
+      for (int64_t i = 0; i < N; ++i) CHECK(got[size_t(i)] == 1000.0 * double(i / C) + double(i));
+    }
+    CHECK_THROWS_AS(z.all_gather(grads), ShapeError);  // whole tensors are not parts
+  }
+  // Ranks that disagree on the parameters fail together, before any collective.
+  if (n > 1) {
+    ParamTree odd = params;
+    if (r == n - 1) odd.insert("extra", zeros(Shape{2}));
+    CHECK_THROWS_WITH(ZeroShards(mesh, "data", odd), Contains("parameter lists differ"));
+  }
+  CHECK(all_ranks(true));
+}
+
+TEST_CASE("the compiled sharded step reduce-scatters and all-gathers each bucket and all-reduces only the loss", "[mpi][zero][jit]") {
+  Mesh mesh = MeshSpec{{"data"}, {-1}}.build(rt());
+  nn::MLP model({20, 32, 16, 1});
+  Engine engine(mesh, Plan{.dp = DP{"data", 1, true}}, make_opt(true), EngineOptions{.bucket_bytes = 1 << 20, .jit = true});
+  const jit::Graph g = engine.trace_step(model, mse, rank_batch(0, 8));
+  std::map<std::string, int> count;
+  for (const auto& node : g.nodes) ++count[node.op->name()];
+  CHECK(count["reduce_scatter"] == 1);  // the 6 gradients fit one bucket
+  CHECK(count["all_gather"] == 1);
+  CHECK(count["pmean"] == 1);  // the loss
+}
+
+TEST_CASE("a sharded Engine refuses a changed trainable set", "[mpi][zero]") {
+  Mesh mesh = MeshSpec{{"data"}, {-1}}.build(rt());
+  nn::MLP model({20, 32, 16, 1});
+  Engine engine(mesh, Plan{.dp = DP{"data", 1, true}}, make_opt(true));
+  engine.step(model, mse, rank_batch(0, 8));
+  model.set_trainable("layers/0/**", false);
+  if (world_size() > 1) CHECK_THROWS_WITH(engine.step(model, mse, rank_batch(1, 8)), Contains("trainable parameters changed"));
+  CHECK(all_ranks(true));
+}
