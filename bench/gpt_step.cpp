@@ -11,7 +11,11 @@
 // adapters on every block's qkv, proj, fc and out; the rest frozen), adding lora_us_per_step,
 // lora_of_full (the full step's time over the LoRA step's, from the same run), and the peak memory of
 // each run from the model's construction on (weights, optimizer state, one step's activations and
-// gradients: full_peak_mb, lora_peak_mb; the CPU allocator's statistics).
+// gradients: full_peak_mb, lora_peak_mb; the CPU allocator's statistics). --zero (under mpirun): data
+// parallelism over the n ranks (mesh {data: n}, each rank its own B rows) instead of TP, timed with the
+// gradients all-reduced and with the optimizer state sharded (DP::shard_optimizer, ZeRO-1) in the same
+// run: dp_us_per_step, zero_us_per_step, dp_peak_mb, zero_peak_mb (rank 0's allocator peak),
+// dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state).
 #include <omp.h>
 
 #include <chrono>
@@ -50,7 +54,7 @@ int main(int argc, char** argv) {
   int64_t steps = 20, warmup = 3, peer_steps = 20;
   tx::nn::GPTConfig cfg;  // the reference config
   int64_t B = 16, lora = 0;
-  bool peer = true;
+  bool peer = true, zero = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&] { return std::stoll(argv[++i]); };
@@ -65,21 +69,25 @@ int main(int argc, char** argv) {
     else if (i + 1 < argc && a == "--heads") cfg.heads = next();
     else if (i + 1 < argc && a == "--lora") lora = next();
     else if (a == "--no-peer") peer = false;
+    else if (a == "--zero") zero = true;
     else {
       std::fprintf(stderr, "usage: gpt_step [--steps N] [--warmup N] [--B N] [--T N] [--vocab N] [--dim N] [--layers N] "
-                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R]\n");
+                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--zero]\n");
       return 2;
     }
   }
   return tx::bench::guarded([&] {
     tx::Runtime rt(argc, argv);
     const int n = rt.world_size();
-    tx::Mesh mesh = tx::MeshSpec{{"model"}, {n}}.build(rt);
+    const bool tp = n > 1 && !zero;
+    tx::Mesh mesh = tp ? tx::MeshSpec{{"model"}, {n}}.build(rt) : tx::MeshSpec{{"data"}, {n}}.build(rt);
     tx::Plan plan;
-    if (n > 1) plan.tp = tx::TP{"model", tx::nn::GPT::sharding_rules("model")};
+    if (tp) plan.tp = tx::TP{"model", tx::nn::GPT::sharding_rules("model")};
+    else plan.dp = tx::DP{"data"};
     const int64_t T = cfg.seq_len;
-    auto batch = [&](int64_t i) {
-      tx::Tensor u = tx::random_uniform(tx::RngKey::from_seed(uint64_t(100 + i)), tx::Shape{B, T + 1}, tx::DType::f64);
+    auto batch = [&](int64_t i) {  // DP: each rank its own rows
+      const uint64_t seed = uint64_t(100 + i) + (tp ? 0 : 100000 * uint64_t(rt.rank()));
+      tx::Tensor u = tx::random_uniform(tx::RngKey::from_seed(seed), tx::Shape{B, T + 1}, tx::DType::f64);
       auto uv = u.to_vector<double>();
       std::vector<int64_t> v(uv.size());
       for (size_t k = 0; k < v.size(); ++k) v[k] = std::min<int64_t>(cfg.vocab - 1, int64_t(uv[k] * double(cfg.vocab)));
@@ -88,13 +96,13 @@ int main(int argc, char** argv) {
     };
     // The mean and best microseconds per Engine::step of a model of config c, and its last loss.
     struct Timing {
-      double mean = 0, best = 1e300, loss = 0, peak_mb = 0;
+      double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0;
     };
     tx::Allocator& alloc = tx::allocator_for(tx::Device::cpu());
-    auto time_steps = [&](const tx::nn::GPTConfig& c) {
+    auto time_steps = [&](const tx::nn::GPTConfig& c, const tx::Plan& plan) {
       const int64_t before = alloc.stats().current_bytes;
       alloc.reset_peak();
-      std::unique_ptr<tx::nn::GPT> model = n > 1 ? std::make_unique<tx::nn::GPT>(c, mesh) : std::make_unique<tx::nn::GPT>(c);
+      std::unique_ptr<tx::nn::GPT> model = tp ? std::make_unique<tx::nn::GPT>(c, mesh) : std::make_unique<tx::nn::GPT>(c);
       auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
                                    .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
@@ -110,15 +118,16 @@ int main(int argc, char** argv) {
         t.best = std::min(t.best, us);
       }
       t.peak_mb = double(alloc.stats().peak_bytes - before) / (1 << 20);
+      for (const auto& [name, v] : engine.optimizer().state()) t.opt_state_mb += double(v.nbytes()) / (1 << 20);
       return t;
     };
-    const Timing full = time_steps(cfg);
+    const Timing full = time_steps(cfg, plan);
     const double us = full.mean, best = full.best;
     char buf[512];
     std::snprintf(buf, sizeof buf,
                   "bench=gpt_step device=cpu ranks=%d tp=%d threads=%d vocab=%lld layers=%lld dim=%lld heads=%lld T=%lld B=%lld "
                   "steps=%lld us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f",
-                  n, n, omp_get_max_threads(), (long long)cfg.vocab, (long long)cfg.layers, (long long)cfg.dim,
+                  n, tp ? n : 1, omp_get_max_threads(), (long long)cfg.vocab, (long long)cfg.layers, (long long)cfg.dim,
                   (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, us, best, double(B * T) * 1e6 / us,
                   full.loss, us * 2000 / 6e7);
     std::string line = buf;
@@ -127,10 +136,20 @@ int main(int argc, char** argv) {
       lc.lora_rank = lora;
       lc.lora_alpha = double(2 * lora);
       lc.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
-      const Timing l = time_steps(lc);
+      const Timing l = time_steps(lc, plan);
       std::snprintf(buf, sizeof buf,
                     " lora_rank=%lld lora_us_per_step=%.0f lora_best_us=%.0f lora_of_full=%.2f full_peak_mb=%.1f lora_peak_mb=%.1f",
                     (long long)lora, l.mean, l.best, us / l.mean, full.peak_mb, l.peak_mb);
+      line += buf;
+    }
+    if (zero) {
+      tx::Plan sharded = plan;
+      sharded.dp->shard_optimizer = true;
+      const Timing z = time_steps(cfg, sharded);
+      std::snprintf(buf, sizeof buf,
+                    " dp=%d dp_us_per_step=%.0f zero_us_per_step=%.0f zero_of_dp=%.2f dp_peak_mb=%.1f zero_peak_mb=%.1f "
+                    "dp_opt_state_mb=%.1f zero_opt_state_mb=%.1f",
+                    n, us, z.mean, us / z.mean, full.peak_mb, z.peak_mb, full.opt_state_mb, z.opt_state_mb);
       line += buf;
     }
     namespace fs = std::filesystem;
