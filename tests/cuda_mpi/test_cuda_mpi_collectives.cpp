@@ -3,7 +3,8 @@
 // world and on every mesh axis, whichever backend the runtime chose (NCCL where each rank has its own
 // GPU, the MPI fallback with host staging where ranks share one); which backend is chosen and that the
 // fallback is logged; a data-parallel training run on the GPU against one rank's full-batch run, by
-// hand (GradientSync) and through the Engine (the MLP of the MNIST config moved with Module::to); a GPT
+// hand (GradientSync) and through the Engine (the MLP of the MNIST config moved with Module::to; with the
+// optimizer state sharded too, eager and jit-compiled); a GPT
 // split over a tensor-parallel axis on the GPU (vocabulary-parallel embedding and cross-entropy included)
 // against the whole model on one rank.
 // Skipped (exit 77 on every rank alike, after agreeing over MPI) where some rank has no GPU or the build
@@ -380,11 +381,12 @@ TEST_CASE("cuda collectives: the Engine's data-parallel MLP training on the GPU 
 
   // dp: the world as the data axis, each rank its slice of every global batch of 32; one: this rank
   // alone (a local mesh) on the whole batches.
-  auto train = [&](bool dp) {
+  // shard: the optimizer state sharded over the data axis (ZeRO-1), eager or jit-compiled.
+  auto train = [&](bool dp, bool shard = false, bool jit = false) {
     nn::MLP model({20, 32, 4});
     model.to(dev());
     Mesh mesh = dp ? MeshSpec{{"data"}, {-1}}.build(rt()) : MeshSpec{{"data"}, {1}}.build(make_local_communicator());
-    Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::sgd(optim::constant(0.1), 0.9));
+    Engine engine(mesh, Plan{.dp = DP{"data", 1, shard}}, optim::sgd(optim::constant(0.1), 0.9), {.jit = jit});
     DataLoader loader(data, {.batch_size = 32, .shuffle = true, .seed = 4, .rank = dp ? rank() : 0,
                              .world = dp ? n : 1, .prefetch = 0});
     std::vector<double> losses;
@@ -392,10 +394,13 @@ TEST_CASE("cuda collectives: the Engine's data-parallel MLP training on the GPU 
     CHECK(model.device() == dev());
     return losses;
   };
-  const std::vector<double> one = train(false), many = train(true);
-  for (size_t s = 0; s < one.size(); ++s) {
-    INFO("step " << s);
-    CHECK(many[s] == Approx(one[s]).epsilon(1e-5));  // per-rank means averaged vs one mean: rounding apart
+  const std::vector<double> one = train(false);
+  for (auto [shard, jit] : {std::pair{false, false}, std::pair{true, false}, std::pair{true, true}}) {
+    const std::vector<double> many = train(true, shard, jit);
+    for (size_t s = 0; s < one.size(); ++s) {
+      INFO("step " << s << (shard ? ", optimizer state sharded" : "") << (jit ? ", jit" : ""));
+      CHECK(many[s] == Approx(one[s]).epsilon(1e-5));  // per-rank means averaged vs one mean: rounding apart
+    }
   }
   CHECK(one.back() < one.front());
 }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <filesystem>
 #include <functional>
 #include <string>
@@ -113,5 +114,25 @@ inline double world_sum(double v) {
 
 /// True on every rank iff `ok` on every rank (keeps ranks in step after a failed check).
 inline bool all_ranks(bool ok) { return world_sum(ok ? 0.0 : 1.0) == 0.0; }
+
+/// For data-parallel replicas `got` (this rank's parameters) against `want` (the same paths, by position):
+/// the largest |got - want| and the largest |got - rank 0's got| over every element (replicas that stay
+/// identical give 0). Collective over the mesh axis `axis` (a broadcast per parameter).
+struct ReplicaDiff {
+  double worst = 0, spread = 0;
+};
+inline ReplicaDiff replica_diff(const ParamTree& got, const ParamTree& want, const Mesh& mesh, const std::string& axis = "data") {
+  ReplicaDiff d;
+  for (size_t k = 0; k < want.size(); ++k) {
+    Tensor root = got[k].second.clone();
+    mesh.comm(axis).broadcast(root, 0);  // rank 0's replica
+    const auto a = got[k].second.to_vector<double>(), b = want[k].second.to_vector<double>(), r0 = root.to_vector<double>();
+    for (size_t i = 0; i < a.size(); ++i) {
+      d.worst = std::max(d.worst, std::fabs(a[i] - b[i]));
+      d.spread = std::max(d.spread, std::fabs(a[i] - r0[i]));
+    }
+  }
+  return d;
+}
 
 }  // namespace mpitest

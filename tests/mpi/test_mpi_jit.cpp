@@ -67,19 +67,9 @@ TEST_CASE("the jit-compiled data-parallel step follows the eager one and keeps t
     check_close(jit.loss, eager.loss, "loss");
     check_close(jit.norm, eager.norm, "grad norm");
     Mesh mesh = MeshSpec{{"data"}, {-1}}.build(rt());
-    double worst = 0, spread = 0;
-    for (size_t k = 0; k < eager.params.size(); ++k) {
-      Tensor root = jit.params[k].second.clone();
-      mesh.comm("data").broadcast(root, 0);  // rank 0's replica
-      const auto a = jit.params[k].second.to_vector<double>(), b = eager.params[k].second.to_vector<double>();
-      const auto r0 = root.to_vector<double>();
-      for (size_t i = 0; i < a.size(); ++i) {
-        worst = std::max(worst, std::fabs(a[i] - b[i]));
-        spread = std::max(spread, std::fabs(a[i] - r0[i]));  // replicas stay bitwise identical
-      }
-    }
-    CHECK(worst <= 1e-5);
-    CHECK(spread == 0.0);
+    const ReplicaDiff d = replica_diff(jit.params, eager.params, mesh);
+    CHECK(d.worst <= 1e-5);
+    CHECK(d.spread == 0.0);  // replicas stay bitwise identical
     // The losses are DP means: equal on every rank.
     CHECK(all_ranks(jit.loss.back() == world_sum(jit.loss.back()) / world_size()));
   }

@@ -83,19 +83,9 @@ TEST_CASE("the sharded-optimizer step follows the all-reduce step and keeps 1/n 
         check_close(sharded.loss, plain.loss, "loss");
         check_close(sharded.norm, plain.norm, "grad norm");
         CHECK(plain.norm.front() > 0.3);  // clipping was active
-        double worst = 0, spread = 0;
-        for (size_t k = 0; k < plain.params.size(); ++k) {
-          Tensor root = sharded.params[k].second.clone();
-          mesh.comm("data").broadcast(root, 0);  // rank 0's replica
-          const auto a = sharded.params[k].second.to_vector<double>(), b = plain.params[k].second.to_vector<double>();
-          const auto r0 = root.to_vector<double>();
-          for (size_t i = 0; i < a.size(); ++i) {
-            worst = std::max(worst, std::fabs(a[i] - b[i]));
-            spread = std::max(spread, std::fabs(a[i] - r0[i]));
-          }
-        }
-        CHECK(worst <= 1e-6);
-        CHECK(spread == 0.0);  // every rank gathered the same parts
+        const ReplicaDiff d = replica_diff(sharded.params, plain.params, mesh);
+        CHECK(d.worst <= 1e-6);
+        CHECK(d.spread == 0.0);  // every rank gathered the same parts
         // The state: each parameter's ceil(N / n)-element chunks, the last ranks' shorter or empty; together
         // exactly the unsharded state.
         CHECK(world_sum(double(sharded.state_numel)) == double(plain.state_numel));
