@@ -27,7 +27,7 @@ const ConfigSchema& run_schema() {
     s.add_int("plan.dp.accumulate_steps", 1, "microbatches accumulated per optimizer step", ConfigRange::at_least(1));
     s.add_bool("plan.dp.shard_optimizer", false,
                "ZeRO-1: each data-parallel rank keeps the optimizer state of 1/n of every parameter "
-               "(gradients reduce-scattered, parameters all-gathered); not with plan.pp");
+               "(gradients reduce-scattered, parameters all-gathered)");
     s.add_string("plan.tp.axis", "", "mesh axis of Megatron tensor parallelism (gpt only; empty = off)");
     s.add_string("plan.pp.axis", "", "mesh axis of pipeline parallelism: one stage per rank (gpt only; empty = off)");
     s.add_int("plan.pp.microbatches", 1, "microbatches per step flowing through the pipeline (>= stages for 1f1b)", ConfigRange::at_least(1));

@@ -242,11 +242,19 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
     if (!t.counted) not_counted.insert(t.path);
   }
   if (sync_) grads = sync_->sync(grads);
+  if (zero_) grads = zero_->reduce_scatter_mean(grads);  // this rank's part of each mean over its stage's DP group
 
   StepResult r;
   r.lr = opt_->lr();
-  r.grad_norm = optim::global_norm(grads, tp_specs, mesh_, pp.axis, not_counted);
-  opt_->step(params, grads, {}, grad_factor(r.grad_norm, 1.0));  // no loss scaling with pipelines
+  r.grad_norm = optim::global_norm(grads, zero_ ? zero_->norm_specs(tp_specs) : tp_specs, mesh_, pp.axis, not_counted);
+  // No loss scaling with pipelines. A tied weight's copies have bit-identical gradients on both stages, so
+  // their sharded updates stay identical too.
+  if (zero_) {
+    opt_->step(zero_->masters(), grads, {}, grad_factor(r.grad_norm, 1.0));
+    zero_->all_gather_into(params);
+  } else {
+    opt_->step(params, grads, {}, grad_factor(r.grad_norm, 1.0));
+  }
   r.loss = dp_mean(pr.loss);
   return r;
 }

@@ -100,9 +100,6 @@ void Plan::validate(const std::vector<std::string>& axes, const std::vector<int>
     if (pp->recompute == Recompute::layers && pp->recompute_layers < 1)
       throw PlanError("PP recompute_layers must be at least 1 with recompute 'layers'", ">= 1",
                       std::to_string(pp->recompute_layers), "e.g. 1 (recompute every layer's inside)", loc);
-    if (dp && dp->shard_optimizer)
-      throw PlanError("DP shard_optimizer together with pipeline parallelism", "shard_optimizer false with PP",
-                      "shard_optimizer true", "drop shard_optimizer (plan.dp.shard_optimizer), or pipeline parallelism", loc);
     if (dp && dp->accumulate_steps != 1)
       throw PlanError("DP accumulate_steps > 1 together with pipeline parallelism", "accumulate_steps = 1 (PP's microbatches accumulate)",
                       std::to_string(dp->accumulate_steps),

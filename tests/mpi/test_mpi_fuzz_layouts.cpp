@@ -2,7 +2,7 @@
 // axes in a random order with sizes multiplying to the world size (size-1 axes included); DP with
 // gradient accumulation, TP, PP with either schedule, each recompute policy and even or uneven stage
 // boundaries; gradient buckets of a few bytes to the default; eager or jit steps where the JIT takes
-// the plan; the optimizer state sharded over the data axis or not (ZeRO-1, without PP). A GPT whose
+// the plan; the optimizer state sharded over the data axis or not (ZeRO-1). A GPT whose
 // heads, width, vocabulary and layers fit the layouts trains a few steps in f64
 // with AdamW or SGD with momentum, clipping on or off, and every step's loss and gradient norm and the
 // final evaluation loss are compared with the same model trained on this rank alone. The second test
@@ -96,7 +96,7 @@ Layout draw_layout(Draw& z, int n) {
   l.jit = !l.plan.pp && z.coin();
   // From a stream of its own, so the other draws stay those the coverage check was tuned on.
   static Draw side{std::mt19937_64(seed_or(1) + 1003)};
-  if (l.plan.dp && !l.plan.pp) l.plan.dp->shard_optimizer = side.coin();
+  if (l.plan.dp) l.plan.dp->shard_optimizer = side.coin();
   return l;
 }
 
@@ -140,7 +140,8 @@ struct Coverage {
     }
     if (l.plan.dp && l.plan.dp->accumulate_steps > 1) ++seen[l.jit ? "accumulation under jit" : "accumulation"];
     if (l.jit) ++seen["jit"];
-    if (l.d > 1 && l.plan.dp->shard_optimizer) ++seen[l.jit ? "sharded optimizer under jit" : "sharded optimizer"];
+    if (l.d > 1 && l.plan.dp->shard_optimizer)
+      ++seen[l.jit ? "sharded optimizer under jit" : l.plan.pp ? "sharded optimizer with pipeline stages" : "sharded optimizer"];
   }
   void check() {
     if (world_size() == 1 || std::getenv("FUZZ_SEED")) return;
@@ -148,8 +149,10 @@ struct Coverage {
     for (const auto& [k, c] : seen) kinds += k + ": " + std::to_string(c) + "\n";
     INFO(kinds);
     for (const char* k : {"tensor parallel", "no tensor parallel", "data parallel", "no data parallel", "pipeline 1f1b", "pipeline gpipe",
-                          "recompute none", "recompute full", "recompute layers", "uneven stages", "accumulation", "accumulation under jit", "jit", "sharded optimizer", "sharded optimizer under jit"})
+                          "recompute none", "recompute full", "recompute layers", "uneven stages", "accumulation", "accumulation under jit", "jit",
+                          "sharded optimizer", "sharded optimizer under jit"})
       CHECK(seen[k] > 0);
+    if (world_size() >= 4) CHECK(seen["sharded optimizer with pipeline stages"] > 0);  // DP x PP needs 4 ranks
   }
 };
 

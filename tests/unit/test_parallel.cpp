@@ -143,8 +143,6 @@ TEST_CASE("Plan::validate", "[parallel]") {
   CHECK_THAT(e.message(), Contains("accumulate_steps"));
   CHECK(e.found() == "0");
 
-  e = catch_error<PlanError>([&] { Plan{.dp = DP{"data", 1, true}, .pp = PP{"model", 2}}.validate(m); });
-  CHECK_THAT(e.message(), Contains("shard_optimizer together with pipeline parallelism"));
   CHECK_NOTHROW(Plan{.dp = DP{"data", 1, true}, .tp = TP{"model"}}.validate(m));
 
   e = catch_error<PlanError>([&] { Plan{.dp = DP{""}}.validate(m); });
