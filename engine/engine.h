@@ -24,8 +24,9 @@
 // keeps the optimizer state of its 1 / n part of every trainable parameter. The step reduce-scatters the
 // gradients (no overlap with the backward: after it), clips by the norm of the parts (squares summed over
 // the DP axis, and the TP axis for split parameters), updates its parts and all-gathers them into every
-// rank's whole parameters; eager, under jit, and per pipeline stage. Checkpoints hold the whole optimizer state (all-gathered
-// at save, each rank's part taken at restore), so they load with or without sharding, at any DP degree.
+// rank's whole parameters; eager, under jit, and per pipeline stage. Checkpoints hold the whole
+// optimizer state (all-gathered at save, each rank's part taken at restore), so they load with or without
+// sharding, at any DP degree.
 //
 // Pipeline parallelism (Plan::pp): the model is an nn::PipelineModule built on the mesh's pipe axis
 // (nn::GPT with GPTConfig.pp_axis), holding one stage. step() cuts the local batch into PP::microbatches

@@ -64,10 +64,15 @@ Tensor ZeroShards::part_of(size_t i, const Tensor& whole) const {
   return reshape(whole, Shape{p.numel}).slice(0, lo, hi);
 }
 
+void ZeroShards::check_count(const ParamTree& t, const char* what) const {
+  if (t.size() != params_.size())
+    throw ValueError(std::string("optimizer sharding: ") + what + " for another number of parameters",
+                     std::to_string(params_.size()) + " (those it was made for)", std::to_string(t.size()),
+                     "pass one tensor per parameter, in the order of the parameters it was made for");
+}
+
 ParamTree ZeroShards::parts_of(const ParamTree& whole) const {
-  if (whole.size() != params_.size())
-    throw ValueError("optimizer sharding: tensors for another number of parameters", std::to_string(params_.size()),
-                     std::to_string(whole.size()));
+  check_count(whole, "whole tensors");
   ParamTree out;
   for (size_t i = 0; i < params_.size(); ++i) out.insert(params_[i].path, part_of(i, whole[i].second));
   return out;
@@ -81,6 +86,11 @@ void ZeroShards::load_masters(const ParamTree& params) {
 }
 
 ParamTree ZeroShards::reduce_scatter_mean(const ParamTree& grads) const {
+  check_count(grads, "gradients");
+  for (size_t i = 0; i < params_.size(); ++i)  // all before the first collective
+    if (grads[i].second.shape() != params_[i].shape)
+      throw ShapeError("optimizer sharding: the gradient of '" + params_[i].path + "' has another shape",
+                       params_[i].shape.str(), grads[i].second.shape().str());
   NoGradGuard ng;
   ParamTree out;
   std::vector<Tensor> parts(params_.size());
@@ -90,9 +100,6 @@ ParamTree ZeroShards::reduce_scatter_mean(const ParamTree& grads) const {
     int64_t S = 0;
     for (size_t i : bucket) {
       const Param& p = params_[i];
-      if (grads[i].second.shape() != p.shape)
-        throw ShapeError("optimizer sharding: the gradient of '" + p.path + "' has another shape", p.shape.str(),
-                         grads[i].second.shape().str());
       Tensor flat = reshape(grads[i].second.astype(p.dtype), Shape{p.numel});
       if (p.chunk * n_ > p.numel) flat = pad(flat, 0, 0, p.chunk * n_ - p.numel);
       cols.push_back(reshape(flat, Shape{n_, p.chunk}));
@@ -112,6 +119,13 @@ ParamTree ZeroShards::reduce_scatter_mean(const ParamTree& grads) const {
 }
 
 ParamTree ZeroShards::all_gather(const ParamTree& parts) const {
+  check_count(parts, "parts");
+  for (size_t i = 0; i < params_.size(); ++i) {  // all before the first collective
+    const auto [lo, hi] = range(i);
+    if (parts[i].second.shape() != Shape{hi - lo})
+      throw ShapeError("optimizer sharding: this rank's part of '" + params_[i].path + "' has another shape",
+                       Shape{hi - lo}.str(), parts[i].second.shape().str());
+  }
   NoGradGuard ng;
   std::vector<Tensor> whole(params_.size());
   for (const auto& bucket : buckets_) {
@@ -121,9 +135,6 @@ ParamTree ZeroShards::all_gather(const ParamTree& parts) const {
       const Param& p = params_[i];
       const Tensor& t = parts[i].second;
       const auto [lo, hi] = range(i);
-      if (t.shape() != Shape{hi - lo})
-        throw ShapeError("optimizer sharding: this rank's part of '" + p.path + "' has another shape",
-                         Shape{hi - lo}.str(), t.shape().str());
       segs.push_back(hi - lo == p.chunk ? t.astype(p.dtype)
                      : hi == lo        ? zeros(Shape{p.chunk}, p.dtype, t.device())
                                        : pad(t.astype(p.dtype), 0, 0, p.chunk - (hi - lo)));
@@ -145,6 +156,7 @@ ParamTree ZeroShards::all_gather(const ParamTree& parts) const {
 }
 
 void ZeroShards::all_gather_into(ParamTree& params) const {
+  check_count(params, "parameters");
   const ParamTree whole = all_gather(masters_);
   NoGradGuard ng;
   for (size_t i = 0; i < params_.size(); ++i) copy_(params[i].second, whole[i].second);

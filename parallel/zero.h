@@ -41,9 +41,6 @@ class ZeroShards {
   ZeroShards(const Mesh& mesh, const std::string& axis, const ParamTree& params, size_t bucket_bytes = 25u << 20,
              Loc loc = Loc::current());
 
-  /// The number of ranks of the axis (n) and this rank's index on it.
-  int axis_size() const { return n_; }
-  int axis_rank() const { return rank_; }
   /// The paths of the parameters, in the order given.
   std::vector<std::string> paths() const;
   /// [begin, end) of parameter i's flattened elements that this rank owns (empty when begin == end).
@@ -56,7 +53,8 @@ class ZeroShards {
   /// masters(). ShapeError when a shape differs.
   void load_masters(const ParamTree& params);
   /// The mean over the axis of `grads` (by position the parameters' shapes), this rank's part of each:
-  /// one reduce-scatter per bucket. Collective; written with ops (traceable).
+  /// one reduce-scatter per bucket. Collective; written with ops (traceable). ValueError for another
+  /// number of tensors than parameters, ShapeError for another shape (the same for the functions below).
   ParamTree reduce_scatter_mean(const ParamTree& grads) const;
   /// The whole tensors (the parameters' shapes, by path) whose parts are every rank's `parts` (by
   /// position range(i)-long 1-d tensors on each rank, e.g. masters() or a moment of the optimizer): one
@@ -86,6 +84,7 @@ class ZeroShards {
   std::vector<std::vector<size_t>> buckets_;  // parameter indices, in order
   ParamTree masters_;
   Tensor part_of(size_t i, const Tensor& whole) const;
+  void check_count(const ParamTree& t, const char* what) const;
 };
 
 }  // namespace titanax

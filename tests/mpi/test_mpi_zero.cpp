@@ -140,6 +140,10 @@ TEST_CASE("ZeroShards: each rank's part of every parameter, reduce-scattered mea
       for (int64_t i = 0; i < N; ++i) CHECK(got[size_t(i)] == 1000.0 * double(i / C) + double(i));
     }
     CHECK_THROWS_AS(z.all_gather(grads), ShapeError);  // whole tensors are not parts
+    ParamTree fewer;
+    fewer.insert("w", grads[0].second);
+    CHECK_THROWS_AS(z.reduce_scatter_mean(fewer), ValueError);  // before any collective: every rank alike
+    CHECK_THROWS_AS(z.all_gather(fewer), ValueError);
   }
   // Ranks that disagree on the parameters fail together, before any collective.
   if (n > 1) {
