@@ -15,7 +15,8 @@
 // parallelism over the n ranks (mesh {data: n}, each rank its own B rows) instead of TP, timed with the
 // gradients all-reduced and with the optimizer state sharded (DP::shard_optimizer, ZeRO-1) in the same
 // run: dp_us_per_step, zero_us_per_step, dp_peak_mb, zero_peak_mb (rank 0's allocator peak),
-// dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state).
+// dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state). --bf16: bf16 autocast (f32 master
+// weights, EngineOptions::precision) instead of f32. Every run prints peak_mb, its peak memory.
 #include <omp.h>
 
 #include <chrono>
@@ -54,7 +55,7 @@ int main(int argc, char** argv) {
   int64_t steps = 20, warmup = 3, peer_steps = 20;
   tx::nn::GPTConfig cfg;  // the reference config
   int64_t B = 16, lora = 0;
-  bool peer = true, zero = false;
+  bool peer = true, zero = false, bf16 = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&] { return std::stoll(argv[++i]); };
@@ -70,9 +71,10 @@ int main(int argc, char** argv) {
     else if (i + 1 < argc && a == "--lora") lora = next();
     else if (a == "--no-peer") peer = false;
     else if (a == "--zero") zero = true;
+    else if (a == "--bf16") bf16 = true;
     else {
       std::fprintf(stderr, "usage: gpt_step [--steps N] [--warmup N] [--B N] [--T N] [--vocab N] [--dim N] [--layers N] "
-                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--zero]\n");
+                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--zero] [--bf16]\n");
       return 2;
     }
   }
@@ -106,7 +108,8 @@ int main(int argc, char** argv) {
       auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
                                    .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
-      tx::Engine engine(mesh, plan, std::move(opt), {.grad_clip = 1.0});
+      tx::Engine engine(mesh, plan, std::move(opt),
+                        {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(), .grad_clip = 1.0});
       Timing t;
       for (int64_t i = 0; i < warmup; ++i) t.loss = engine.step(*model, tx::nn::lm_loss, batch(i)).loss;
       for (int64_t i = 0; i < steps; ++i) {
@@ -126,10 +129,11 @@ int main(int argc, char** argv) {
     char buf[512];
     std::snprintf(buf, sizeof buf,
                   "bench=gpt_step device=cpu ranks=%d tp=%d threads=%d vocab=%lld layers=%lld dim=%lld heads=%lld T=%lld B=%lld "
-                  "steps=%lld us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f",
+                  "steps=%lld precision=%s us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f "
+                  "peak_mb=%.1f",
                   n, tp ? n : 1, omp_get_max_threads(), (long long)cfg.vocab, (long long)cfg.layers, (long long)cfg.dim,
-                  (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, us, best, double(B * T) * 1e6 / us,
-                  full.loss, us * 2000 / 6e7);
+                  (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, bf16 ? "bf16" : "f32", us, best,
+                  double(B * T) * 1e6 / us, full.loss, us * 2000 / 6e7, full.peak_mb);
     std::string line = buf;
     if (lora > 0) {
       tx::nn::GPTConfig lc = cfg;

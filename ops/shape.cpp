@@ -437,6 +437,7 @@ class AsType final : public Op {
   bool linear() const override { return is_floating(t_); }
   std::string attrs() const override { return "dtype=" + std::string(dtype_name(t_)); }
   bool differentiable() const override { return is_floating(t_); }
+  bool vjp_reads_inputs() const override { return false; }  // the cotangent cast back: only the input's dtype
   std::vector<TensorSpec> infer(const TensorList& in) const override { return {{in[0].shape(), t_, in[0].device()}}; }
   void cpu(const TensorList& in, TensorList& out) const override { kernels::cpu::copy_cast(in[0], out[0]); }
   void cuda(const TensorList& in, TensorList& out) const override { kernels::cuda::copy_cast(in[0], out[0]); }

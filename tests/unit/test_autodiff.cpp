@@ -142,6 +142,30 @@ TEST_CASE("grad runs only the graph between the root and wrt, asking each vjp fo
   CHECK_THROWS_AS(grad(y, {w}), AutodiffError);
 }
 
+TEST_CASE("the tape keeps no value of a cast's operand: autocast's f32 activations are freed, gradients unchanged",
+          "[autodiff][memory]") {
+  // Autocast casts an f32 activation to bf16 for a GEMM that keeps the bf16 copy; the f32 value itself is
+  // then read by nobody's vjp (astype's casts the cotangent back by dtype alone) and must not be held.
+  Tensor x = testing::randn64(RngKey::from_seed(5), Shape{3, 4}).set_requires_grad();
+  Tensor w = testing::randn64(RngKey::from_seed(6), Shape{4, 2});
+  std::weak_ptr<Storage> f64_value;
+  Tensor loss;
+  {
+    Tensor h = mul(x, x);  // f64, held by the cast's node only
+    f64_value = h.storage();
+    loss = sum(matmul(h.astype(DType::f32), w.astype(DType::f32)));  // matmul keeps the f32 copies
+  }
+  CHECK(f64_value.expired());
+  loss.backward();
+  // d/dx sum((x^2) w) = 2 x * (row sums of w), in f32 through the casts
+  const auto gx = x.grad().to_vector<double>(), xv = x.to_vector<double>(), wv = w.to_vector<double>();
+  for (size_t i = 0; i < gx.size(); ++i) {
+    const size_t c = i % 4;
+    CHECK(gx[i] == Approx(2 * xv[i] * (wv[c * 2] + wv[c * 2 + 1])).epsilon(1e-5));
+  }
+  CHECK(x.grad().dtype() == DType::f64);
+}
+
 TEST_CASE("the tape keeps no value an op's vjp does not read: add's operands are freed, gradients unchanged", "[autodiff][memory]") {
   // y = exp(x) + exp(2 x): add's vjp reads only shapes, so once the forward drops its handles the two
   // exp outputs are held by nobody (exp saves its output for its own vjp: the add node must not hold
