@@ -59,6 +59,9 @@ const ConfigSchema& run_schema() {
     s.add_int("model.pad_vocab_to", 1, "gpt: pad the embedding and head rows to a multiple of this (Megatron's "
               "make-vocab-size-divisible-by: tensor parallelism then splits GPT-2's 50257); padding logits are -inf, "
               "so the loss is the unpadded model's", ConfigRange::at_least(1));
+    s.add_int("model.loss_chunk_tokens", 0, "gpt: compute the loss over chunks of this many tokens, each chunk's "
+              "logits made again in the backward, so the [tokens, vocab] logits are never whole in memory (0 = off)",
+              ConfigRange::at_least(0));
     s.add_int("model.layers", 4, "gpt: transformer blocks", ConfigRange::at_least(1));
     s.add_int("model.heads", 4, "gpt: attention heads", ConfigRange::at_least(1));
     s.add_int("model.dim", 256, "gpt: model width", ConfigRange::at_least(1));
@@ -167,7 +170,7 @@ nn::GPTConfig gpt_config(const Config& c) {
           .pp_boundaries = c.get_int_list("plan.pp.boundaries"), .pad_vocab_multiple = c.get_int("model.pad_vocab_to"),
           .lora_rank = c.get_int("model.lora_rank"), .lora_alpha = c.get_float("model.lora_alpha"),
           .lora_dropout = c.get_float("model.lora_dropout"),
-          .lora_targets = c.get_string_list("model.lora_targets")};
+          .lora_targets = c.get_string_list("model.lora_targets"), .loss_chunk_tokens = c.get_int("model.loss_chunk_tokens")};
 }
 
 namespace {

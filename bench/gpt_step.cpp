@@ -17,6 +17,9 @@
 // run: dp_us_per_step, zero_us_per_step, dp_peak_mb, zero_peak_mb (rank 0's allocator peak),
 // dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state). --bf16: bf16 autocast (f32 master
 // weights, EngineOptions::precision) instead of f32. Every run prints peak_mb, its peak memory.
+// --loss-chunk N: also times the same step with the loss head in chunks of N tokens
+// (GPTConfig::loss_chunk_tokens), adding chunk_us_per_step, chunk_of_full (the whole head's time over
+// the chunked one's) and chunk_peak_mb.
 #include <omp.h>
 
 #include <chrono>
@@ -54,7 +57,7 @@ void write_shard(const std::string& path, int64_t count, int64_t vocab, uint64_t
 int main(int argc, char** argv) {
   int64_t steps = 20, warmup = 3, peer_steps = 20;
   tx::nn::GPTConfig cfg;  // the reference config
-  int64_t B = 16, lora = 0;
+  int64_t B = 16, lora = 0, loss_chunk = 0;
   bool peer = true, zero = false, bf16 = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
@@ -69,12 +72,13 @@ int main(int argc, char** argv) {
     else if (i + 1 < argc && a == "--layers") cfg.layers = next();
     else if (i + 1 < argc && a == "--heads") cfg.heads = next();
     else if (i + 1 < argc && a == "--lora") lora = next();
+    else if (i + 1 < argc && a == "--loss-chunk") loss_chunk = next();
     else if (a == "--no-peer") peer = false;
     else if (a == "--zero") zero = true;
     else if (a == "--bf16") bf16 = true;
     else {
       std::fprintf(stderr, "usage: gpt_step [--steps N] [--warmup N] [--B N] [--T N] [--vocab N] [--dim N] [--layers N] "
-                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--zero] [--bf16]\n");
+                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--loss-chunk N] [--zero] [--bf16]\n");
       return 2;
     }
   }
@@ -144,6 +148,14 @@ int main(int argc, char** argv) {
       std::snprintf(buf, sizeof buf,
                     " lora_rank=%lld lora_us_per_step=%.0f lora_best_us=%.0f lora_of_full=%.2f full_peak_mb=%.1f lora_peak_mb=%.1f",
                     (long long)lora, l.mean, l.best, us / l.mean, full.peak_mb, l.peak_mb);
+      line += buf;
+    }
+    if (loss_chunk > 0) {
+      tx::nn::GPTConfig cc = cfg;
+      cc.loss_chunk_tokens = loss_chunk;
+      const Timing c = time_steps(cc, plan);
+      std::snprintf(buf, sizeof buf, " loss_chunk=%lld chunk_us_per_step=%.0f chunk_of_full=%.2f chunk_peak_mb=%.1f",
+                    (long long)loss_chunk, c.mean, us / c.mean, c.peak_mb);
       line += buf;
     }
     if (zero) {

@@ -119,6 +119,9 @@ void check_config(const GPTConfig& c) {
   if (c.dim % c.heads != 0)
     throw ValueError("GPTConfig.dim must divide by heads", "dim a multiple of heads=" + std::to_string(c.heads),
                      "dim=" + std::to_string(c.dim), "pick dim = heads * head_dim, e.g. 256 = 4 * 64");
+  if (c.loss_chunk_tokens < 0)
+    throw ValueError("GPTConfig.loss_chunk_tokens must be >= 0", ">= 0 (0 = the whole logits at once)",
+                     std::to_string(c.loss_chunk_tokens), "e.g. 1024 tokens per chunk");
   if (c.lora_rank < 0)
     throw ValueError("GPTConfig.lora_rank must be >= 0", ">= 0 (0 = no LoRA adapters)", std::to_string(c.lora_rank));
   if (c.lora_rank > 0) {
@@ -409,8 +412,11 @@ Tensor GPT::run_blocks(Tensor x) {
 Tensor GPT::head(const Tensor& x0) {
   Tensor x = (*lnf_)(x0);
   // Tied head: logits = x @ wte^T; under TP, f before the local matmul gives this rank's vocabulary block.
-  Tensor logits = tp_.has_mesh() ? linear(copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()), wte_->weight)
-                                 : linear(x, wte_->weight);
+  return logits_of(tp_.has_mesh() ? copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis()) : x);
+}
+
+Tensor GPT::logits_of(const Tensor& x) {
+  Tensor logits = linear(x, wte_->weight);
   if (cfg_.padded_vocab() == cfg_.vocab) return logits;
   // The padding ids of this rank's block [lo, lo + n): -inf, so softmax and cross-entropy ignore them.
   // Built once per device and dtype (not a host-to-device copy every step).
@@ -429,9 +435,39 @@ Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction re
     throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + want.str(), targets.shape().str(),
                      "targets are the next tokens: y[b, t] = x[b, t + 1]");
   const int64_t V = logits.shape()[2];
-  Tensor l2 = logits.reshape(Shape{-1, V}), y = targets.reshape(Shape{-1});
-  if (tp_.size() > 1) return vocab_parallel_cross_entropy(tp_.mesh(), l2, y, tp_.axis(), reduction);
-  return cross_entropy(l2, y, reduction);
+  return token_losses(logits.reshape(Shape{-1, V}), targets.reshape(Shape{-1}), reduction);
+}
+
+Tensor GPT::token_losses(const Tensor& logits, const Tensor& targets, Reduction reduction) {
+  if (tp_.size() > 1) return vocab_parallel_cross_entropy(tp_.mesh(), logits, targets, tp_.axis(), reduction);
+  return cross_entropy(logits, targets, reduction);
+}
+
+Tensor GPT::head_loss(const Tensor& x0, const Tensor& targets, Reduction reduction) {
+  const int64_t chunk = cfg_.loss_chunk_tokens;
+  if (chunk <= 0) return lm_loss_of(head(x0), targets, reduction);
+  const Shape want{x0.shape()[0], x0.shape()[1]};
+  if (targets.shape() != want)  // as lm_loss_of checks
+    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + want.str(), targets.shape().str(),
+                     "targets are the next tokens: y[b, t] = x[b, t + 1]");
+  Tensor x = (*lnf_)(x0);
+  if (tp_.has_mesh()) x = copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis());  // once, not per chunk
+  const int64_t N = want.numel();
+  const Tensor h = x.reshape(Shape{N, cfg_.dim}), y = targets.reshape(Shape{N});
+  // Each chunk's loss as one checkpointed node: its logits live only inside it (made again in the backward).
+  const Reduction per_chunk = reduction == Reduction::none ? Reduction::none : Reduction::sum;
+  TensorList parts;
+  for (int64_t lo = 0; lo < N; lo += chunk) {
+    const Tensor yc = y.slice(0, lo, std::min(N, lo + chunk));
+    parts.push_back(checkpoint([this, yc, per_chunk](const Tensor& hc) { return token_losses(logits_of(hc), yc, per_chunk); },
+                               h.slice(0, lo, std::min(N, lo + chunk)), {wte_->weight}));
+  }
+  if (reduction == Reduction::none) return parts.size() == 1 ? parts[0] : concat(parts, 0);
+  Tensor total = parts[0];
+  for (size_t i = 1; i < parts.size(); ++i) total = total + parts[i];
+  if (reduction == Reduction::sum) return total;
+  // The mean over the targets that are not cross_entropy's ignore_index, as the unchunked loss takes it.
+  return total / sum(ne(y, scalar(-100.0, y.dtype(), y.device())).astype(total.dtype()));
 }
 
 Tensor GPT::forward(const Tensor& ids) {
@@ -457,7 +493,7 @@ Tensor GPT::forward_cached(const Tensor& ids, KVCache& cache, bool last_position
 
 Tensor GPT::loss(const Tensor& ids, const Tensor& targets, Reduction reduction) {
   check_whole("loss");
-  return lm_loss_of(forward(ids), targets, reduction);  // checks targets against the ids' [B, T]
+  return head_loss(run_blocks(embed(ids)), targets, reduction);  // checks targets against the ids' [B, T]
 }
 
 Tensor GPT::stage_forward(const Tensor& input, const Batch& mb, Reduction reduction) {
@@ -475,7 +511,7 @@ Tensor GPT::stage_forward(const Tensor& input, const Batch& mb, Reduction reduct
     x = input;
   }
   x = run_blocks(x);
-  return last ? lm_loss_of(head(x), mb["y"], reduction) : x;
+  return last ? head_loss(x, mb["y"], reduction) : x;
 }
 
 TensorSpec GPT::stage_input_spec(const Batch& mb) const {

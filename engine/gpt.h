@@ -80,6 +80,14 @@ struct GPTConfig {
   /// Of "attn/qkv", "attn/proj", "mlp/fc", "mlp/out" (GPT-2's c_attn, attn.c_proj, c_fc, mlp.c_proj);
   /// the default is PEFT's for GPT-2 (c_attn).
   std::vector<std::string> lora_targets{"attn/qkv"};
+  /// Chunked loss head (0 = off): the loss is computed over chunks of this many tokens, each chunk's
+  /// logits [tokens, vocab / n] made, reduced to its loss and freed, then made again in the backward
+  /// (autodiff checkpoint()), so no [B * T, vocab] logits or their gradient are ever whole in memory
+  /// (torchtune's chunked cross-entropy; Liger-Kernel's fused linear cross-entropy computes the
+  /// gradients in the forward instead of recomputing). Costs one more head GEMM per chunk; the loss and
+  /// gradients are those of the whole logits up to the order of the sums. Under jit the chunks are traced
+  /// inline (the graph's memory plan decides what is kept). Must be >= 0.
+  int64_t loss_chunk_tokens = 0;
   /// This config without adapters (lora_rank 0): the base model the adapters are trained on.
   GPTConfig without_lora() const {
     GPTConfig c = *this;
@@ -208,7 +216,14 @@ class GPT final : public Module, public PipelineModule {
   Tensor embed(const Tensor& ids, int64_t first_position = 0);
   Tensor run_blocks(Tensor x);
   Tensor head(const Tensor& x);
+  /// The logits of the final norm's output x (through Megatron's f under TP): x @ wte^T over this rank's
+  /// vocabulary block, the padding ids at -inf.
+  Tensor logits_of(const Tensor& x);
   Tensor lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction);
+  /// Cross-entropy of logits [N, V / n] against targets [N] (vocabulary-parallel under TP).
+  Tensor token_losses(const Tensor& logits, const Tensor& targets, Reduction reduction);
+  /// lm_loss_of(head(x)), in chunks of cfg_.loss_chunk_tokens tokens when that is > 0.
+  Tensor head_loss(const Tensor& x, const Tensor& targets, Reduction reduction);
   void check_whole(const char* what) const;
   GPTConfig cfg_;
   TPGroup tp_;

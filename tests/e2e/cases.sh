@@ -276,16 +276,19 @@ example)  # the library-API example of the README
   mpi 2 "$EXAMPLE" "$DATA" | tee out.txt
   at_least "$(value 'test accuracy' <out.txt)" 0.95 "example test accuracy" ;;
 
-gpt_tp_parity)  # the GPT config on real Brown tokens: TP 1, 2, 4 and DP x TP 2 x 2 give the same loss after 20 steps
+gpt_tp_parity)  # the GPT config on real Brown tokens: TP 1, 2, 4 and DP x TP 2 x 2 (also with ZeRO-1 and a chunked loss head) give the same loss after 20 steps
   gpt() { local np=$1; shift; run "$np" gpt_small_tp.yaml --set "data.path=$BROWN" --set train.steps=20 \
             --set schedule.warmup_steps=5 --set train.eval_every=0 --set data.val_batches=2 "$@"; }
   gpt 1 | tee tp1.txt
   gpt 2 --set mesh.model=2 | tee tp2.txt
   gpt 4 --set mesh.model=4 | tee tp4.txt
   gpt 4 --set mesh.model=2 | tee dp2tp2.txt
+  # ZeRO-1 and a chunked loss head change where values live, not the loss
+  gpt 4 --set mesh.model=2 --set plan.dp.shard_optimizer=true --set model.loss_chunk_tokens=1000 | tee dp2tp2_zero_chunked.txt
   l1=$(value 'final train loss' <tp1.txt)
-  for f in tp2 tp4 dp2tp2; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "GPT loss after 20 steps, $f vs TP 1"; done
-  echo "losses: $l1 $(value 'final train loss' <tp2.txt) $(value 'final train loss' <tp4.txt) $(value 'final train loss' <dp2tp2.txt)" ;;
+  for f in tp2 tp4 dp2tp2 dp2tp2_zero_chunked; do rel_close "$(value 'final train loss' <$f.txt)" "$l1" 1e-4 "GPT loss after 20 steps, $f vs TP 1"; done
+  echo "losses: $l1 $(value 'final train loss' <tp2.txt) $(value 'final train loss' <tp4.txt) $(value 'final train loss' <dp2tp2.txt)" \
+    "$(value 'final train loss' <dp2tp2_zero_chunked.txt)" ;;
 
 gpt_pp_parity)  # pipeline stages on real Brown tokens: PP 2 and 4, GPipe with recomputation, and DP x TP x PP
   # 2 x 2 x 2 on 8 ranks give the loss of one stage after 20 steps; describe prints the 1F1B schedule

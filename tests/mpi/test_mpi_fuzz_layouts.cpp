@@ -3,7 +3,8 @@
 // gradient accumulation, TP, PP with either schedule, each recompute policy and even or uneven stage
 // boundaries; gradient buckets of a few bytes to the default; eager or jit steps where the JIT takes
 // the plan; the optimizer state sharded over the data axis or not (ZeRO-1). A GPT whose
-// heads, width, vocabulary and layers fit the layouts trains a few steps in f64
+// heads, width, vocabulary and layers fit the layouts (its loss head chunked or not, against an unchunked
+// reference) trains a few steps in f64
 // with AdamW or SGD with momentum, clipping on or off, and every step's loss and gradient norm and the
 // final evaluation loss are compared with the same model trained on this rank alone. The second test
 // saves under one layout and resumes under another. FUZZ_SEED explores other draws.
@@ -50,17 +51,20 @@ struct Layout {
   size_t bucket_bytes = 25u << 20;
   bool jit = false;
   std::vector<int64_t> boundaries;  // uneven pipeline stages (empty: the even split)
+  int64_t loss_chunk = 0;            // GPTConfig::loss_chunk_tokens of the split model (the reference's is 0)
 
   bool has(const std::string& a) const { return std::find(names.begin(), names.end(), a) != names.end(); }
   std::string str() const {
     return MeshCase{names, shape}.name() + ", " + std::to_string(boundaries.size()) + " stage boundaries, buckets " +
-           std::to_string(bucket_bytes) + " bytes" + (jit ? ", jit" : "") + "\n" + plan.describe();
+           std::to_string(bucket_bytes) + " bytes" + (jit ? ", jit" : "") + ", loss chunks of " + std::to_string(loss_chunk) +
+           " tokens\n" + plan.describe();
   }
   // The model as this layout splits it.
   nn::GPTConfig split_config(nn::GPTConfig c) const {
     c.tp_axis = has("model") ? "model" : "";
     c.pp_axis = has("pipe") ? "pipe" : "";
     c.pp_boundaries = boundaries;
+    c.loss_chunk_tokens = loss_chunk;
     return c;
   }
 };
@@ -97,6 +101,7 @@ Layout draw_layout(Draw& z, int n) {
   // From a stream of its own, so the other draws stay those the coverage check was tuned on.
   static Draw side{std::mt19937_64(seed_or(1) + 1003)};
   if (l.plan.dp) l.plan.dp->shard_optimizer = side.coin();
+  l.loss_chunk = side.coin() ? side.pick(1, 7) : 0;
   return l;
 }
 
@@ -140,6 +145,7 @@ struct Coverage {
     }
     if (l.plan.dp && l.plan.dp->accumulate_steps > 1) ++seen[l.jit ? "accumulation under jit" : "accumulation"];
     if (l.jit) ++seen["jit"];
+    if (l.loss_chunk > 0) ++seen[l.plan.pp ? "chunked loss head on a pipeline" : l.t > 1 ? "chunked loss head under TP" : "chunked loss head"];
     if (l.d > 1 && l.plan.dp->shard_optimizer)
       ++seen[l.jit ? "sharded optimizer under jit" : l.plan.pp ? "sharded optimizer with pipeline stages" : "sharded optimizer"];
   }
@@ -150,7 +156,8 @@ struct Coverage {
     INFO(kinds);
     for (const char* k : {"tensor parallel", "no tensor parallel", "data parallel", "no data parallel", "pipeline 1f1b", "pipeline gpipe",
                           "recompute none", "recompute full", "recompute layers", "uneven stages", "accumulation", "accumulation under jit", "jit",
-                          "sharded optimizer", "sharded optimizer under jit"})
+                          "sharded optimizer", "sharded optimizer under jit", "chunked loss head", "chunked loss head under TP",
+                          "chunked loss head on a pipeline"})
       CHECK(seen[k] > 0);
     if (world_size() >= 4) CHECK(seen["sharded optimizer with pipeline stages"] > 0);  // DP x PP needs 4 ranks
   }

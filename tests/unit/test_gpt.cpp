@@ -381,6 +381,58 @@ TEST_CASE("A padded vocabulary computes the unpadded model: -inf logits, the sam
   CHECK_THROWS_WITH(nn::GPT::check_tensor_parallel(c, 2, "model"), Contains("model.pad_vocab_to"));
 }
 
+TEST_CASE("A chunked loss head gives the whole logits' loss and gradients, and never holds them whole",
+          "[gpt][loss_chunk][memory]") {
+  nn::GPTConfig c = tiny(DType::f64);
+  c.vocab = 13;
+  c.pad_vocab_multiple = 8;  // the padding's -inf logits inside each chunk too
+  nn::GPT whole(c);
+  // Targets with cross_entropy's ignore_index in places: the mean is over the others.
+  const Tensor x = tokens(1, 3, 6, 13);
+  std::vector<int64_t> yv = tokens(2, 3, 6, 13).to_vector<int64_t>();
+  yv[1] = yv[7] = yv[16] = -100;
+  const Tensor y = from_vector(yv, Shape{3, 6});
+  for (int64_t chunk : {1, 5, 18, 40}) {  // one token, chunks not dividing the 18 tokens, one chunk, more than all
+    nn::GPTConfig cc = c;
+    cc.loss_chunk_tokens = chunk;
+    nn::GPT chunked(cc);  // the same init: the same weights
+    for (Reduction r : {Reduction::mean, Reduction::sum, Reduction::none}) {
+      INFO("chunk " << chunk << ", reduction " << int(r));
+      auto [lw, gw] = value_and_grad([&] { return sum(whole.loss(x, y, r)); }, whole.parameters());
+      auto [lc, gc] = value_and_grad([&] { return sum(chunked.loss(x, y, r)); }, chunked.parameters());
+      CHECK(lc.item() == Approx(lw.item()).epsilon(1e-13));
+      CHECK(chunked.loss(x, y, r).shape() == whole.loss(x, y, r).shape());
+      for (const auto& [p, g] : gw) {
+        INFO(p);
+        CHECK(max(abs(gc.at(p) - g)).item() <= 1e-13 * std::max(1.0, max(abs(g)).item()));
+      }
+    }
+    nn::GPTConfig bad = c;
+    bad.loss_chunk_tokens = -1;
+    CHECK_THROWS_WITH(nn::GPT(bad), Contains("loss_chunk_tokens"));
+  }
+  // Memory: the peak over a loss and its backward. The whole head holds the [tokens, vocab] logits (and
+  // their gradient); chunks of 64 tokens hold a 64-token slice at a time.
+  nn::GPTConfig m = tiny(DType::f32);
+  m.vocab = 2048;
+  m.seq_len = 64;
+  const Tensor mx = tokens(3, 8, 64, 2048), my = tokens(4, 8, 64, 2048);
+  Allocator& alloc = allocator_for(Device::cpu());
+  auto peak = [&](int64_t chunk) {
+    nn::GPTConfig mc = m;
+    mc.loss_chunk_tokens = chunk;
+    nn::GPT model(mc);
+    const int64_t before = alloc.stats().current_bytes;
+    alloc.reset_peak();
+    value_and_grad([&] { return model.loss(mx, my); }, model.parameters());
+    return alloc.stats().peak_bytes - before;
+  };
+  const int64_t logits_bytes = 8 * 64 * 2048 * 4, full = peak(0), chunked = peak(64);
+  INFO("peak over the step: whole logits " << full << " bytes, chunked " << chunked << ", one logits tensor " << logits_bytes);
+  CHECK(full >= 2 * logits_bytes);
+  CHECK(chunked <= full - logits_bytes);
+}
+
 TEST_CASE("GPT on a model axis of size 1 equals the unsplit model", "[gpt][tp]") {
   Mesh mesh = local_mesh({"data", "model"}, {1, 1});
   nn::GPT whole(tiny()), split(tiny(), mesh);
