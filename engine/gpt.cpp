@@ -429,11 +429,18 @@ Tensor GPT::logits_of(const Tensor& x) {
   return logits + logit_mask_;
 }
 
-Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction) {
-  const Shape want{logits.shape()[0], logits.shape()[1]};
+namespace {
+// Targets [B, T] for activations or logits whose leading dimensions are [B, T].
+void check_targets(const Tensor& targets, const Tensor& x) {
+  const Shape want{x.shape()[0], x.shape()[1]};
   if (targets.shape() != want)
     throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + want.str(), targets.shape().str(),
                      "targets are the next tokens: y[b, t] = x[b, t + 1]");
+}
+}  // namespace
+
+Tensor GPT::lm_loss_of(const Tensor& logits, const Tensor& targets, Reduction reduction) {
+  check_targets(targets, logits);
   const int64_t V = logits.shape()[2];
   return token_losses(logits.reshape(Shape{-1, V}), targets.reshape(Shape{-1}), reduction);
 }
@@ -446,13 +453,10 @@ Tensor GPT::token_losses(const Tensor& logits, const Tensor& targets, Reduction 
 Tensor GPT::head_loss(const Tensor& x0, const Tensor& targets, Reduction reduction) {
   const int64_t chunk = cfg_.loss_chunk_tokens;
   if (chunk <= 0) return lm_loss_of(head(x0), targets, reduction);
-  const Shape want{x0.shape()[0], x0.shape()[1]};
-  if (targets.shape() != want)  // as lm_loss_of checks
-    throw ShapeError("GPT::loss: targets do not match the ids", "targets of shape " + want.str(), targets.shape().str(),
-                     "targets are the next tokens: y[b, t] = x[b, t + 1]");
+  check_targets(targets, x0);
   Tensor x = (*lnf_)(x0);
   if (tp_.has_mesh()) x = copy_to_tensor_parallel_region(tp_.mesh(), x, tp_.axis());  // once, not per chunk
-  const int64_t N = want.numel();
+  const int64_t N = targets.numel();
   const Tensor h = x.reshape(Shape{N, cfg_.dim}), y = targets.reshape(Shape{N});
   // Each chunk's loss as one checkpointed node: its logits live only inside it (made again in the backward).
   const Reduction per_chunk = reduction == Reduction::none ? Reduction::none : Reduction::sum;

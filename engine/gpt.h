@@ -145,7 +145,8 @@ class GPT final : public Module, public PipelineModule {
   Tensor forward_cached(const Tensor& ids, KVCache& cache, bool last_position_only = false);
   /// Language-model loss: cross-entropy of forward(ids) against targets [B, T] (global token ids),
   /// averaged over the B * T positions for Reduction::mean (the same on every TP rank). Uses the
-  /// vocabulary-parallel cross-entropy when n > 1. ShapeError when targets' shape differs from ids'.
+  /// vocabulary-parallel cross-entropy when n > 1, and chunks of GPTConfig::loss_chunk_tokens tokens when
+  /// that is > 0. ShapeError when targets' shape differs from ids'.
   Tensor loss(const Tensor& ids, const Tensor& targets, Reduction reduction = Reduction::mean);
 
   std::string name() const override;
