@@ -441,6 +441,9 @@ TEST_CASE("LoRA adapters split over TP (and pipeline stages) train as the whole 
   std::vector<MeshCase> cases = tp_cases();
   if (n == 2) cases.push_back({{"pipe"}, {2}});  // the model's 2 blocks: at most 2 stages
   if (n == 4) cases.push_back({{"pipe", "model"}, {2, 2}});
+  // DP x TP again with the optimizer state (the adapters' moments) sharded over the data axis.
+  const size_t sharded_case = n == 4 ? cases.size() : size_t(-1);
+  if (n == 4) cases.push_back({{"data", "model"}, {2, 2}});
   // With lora_dropout on {model: n}: the same masks as the whole model (the same keys on every rank of a
   // TP group; a row-parallel rank takes its block of the whole input's mask). Data and pipeline splits
   // draw per shard and microbatch, so their runs are compared without dropout.
@@ -454,7 +457,7 @@ TEST_CASE("LoRA adapters split over TP (and pipeline stages) train as the whole 
     cfg.lora_alpha = 8;
     cfg.lora_targets = {"attn/qkv", "attn/proj", "mlp/fc", "mlp/out"};
     cfg.lora_dropout = ci + 1 == cases.size() ? 0.2 : 0.0;
-    INFO(mc.name() << ", lora_dropout " << cfg.lora_dropout);
+    INFO(mc.name() << ", lora_dropout " << cfg.lora_dropout << (ci == sharded_case ? ", optimizer state sharded" : ""));
     Mesh mesh = MeshSpec{mc.axes, mc.shape}.build(rt());
     nn::GPT whole(cfg);
     {  // every matrix random (lora_b too, so gradients reach lora_a); the same on every rank
@@ -491,7 +494,7 @@ TEST_CASE("LoRA adapters split over TP (and pipeline stages) train as the whole 
     Plan plan;
     if (mesh.has_axis("model")) plan.tp = TP{"model"};
     if (mesh.has_axis("pipe")) plan.pp = PP{"pipe", 4};
-    if (mesh.has_axis("data")) plan.dp = DP{"data"};
+    if (mesh.has_axis("data")) plan.dp = DP{"data", 1, ci == sharded_case};
     Engine eng(mesh, plan, opt(), {.grad_clip = 0.5});
     const int dp = mesh.has_axis("data") ? mesh.axis_size("data") : 1, di = mesh.has_axis("data") ? mesh.axis_index("data") : 0;
     for (int s = 0; s < 5; ++s) {
