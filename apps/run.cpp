@@ -778,6 +778,20 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
   std::printf("global batch %lld, %lld per rank on axis '%s'\n", static_cast<long long>(c.get_int("data.batch_size")),
               static_cast<long long>(c.get_int("data.batch_size") / size_of(p.dp->axis)),
               p.dp->axis.c_str());
+  if (is_lm(c)) {  // the largest activation: the head's logits of one microbatch (and their gradient)
+    const nn::GPTConfig g = gpt_config(c);
+    const int64_t micro = c.get_int("data.batch_size") / size_of(p.dp->axis) / (p.pp ? p.pp->microbatches : p.dp->accumulate_steps);
+    const int64_t tokens = micro * g.seq_len, V = g.padded_vocab() / (p.tp ? size_of(p.tp->axis) : 1);
+    char how[160] = "all at once (model.loss_chunk_tokens: 0)";
+    if (g.loss_chunk_tokens > 0) {
+      const int64_t chunk = std::min(g.loss_chunk_tokens, tokens);
+      std::snprintf(how, sizeof how, "at most %lld tokens at a time: %.1f MB (model.loss_chunk_tokens)",
+                    static_cast<long long>(chunk), double(chunk * V) * 4 / 1e6);
+    }
+    std::printf("loss head: logits of %lld tokens x %lld vocabulary entries per microbatch and rank, %.1f MB in f32 and "
+                "as much for their gradient; %s\n",
+                static_cast<long long>(tokens), static_cast<long long>(V), double(tokens * V) * 4 / 1e6, how);
+  }
   if (p.pp) {
     const int S = size_of(p.pp->axis), M = p.pp->microbatches;
     const int64_t local = c.get_int("data.batch_size") / size_of(p.dp->axis);

@@ -195,6 +195,9 @@ describe)  # no training; the parameter count of 784-512-512-10 is 784*512+512 +
   "$TITANAX" describe --config "$SRC/examples/configs/gpt2_finetune.yaml" --ranks 4 --set mesh.model=2 | tee gpt2.txt
   grep -q '^parameters: 124475904 (the whole model)$' gpt2.txt || fail "GPT-2 124M parameter count"
   grep -q '^weights: GPT-2 weights .*gpt2/model.safetensors (model.init_from)$' gpt2.txt || fail "no weights line"
+  # 8 sequences over 2 data ranks: 4 x 1024 tokens per rank; 50304 / 2 vocabulary rows per TP rank
+  grep -q '^loss head: logits of 4096 tokens x 25152 vocabulary entries per microbatch and rank, 412.1 MB in f32 and as much for their gradient; at most 1024 tokens at a time: 103.0 MB (model.loss_chunk_tokens)$' gpt2.txt \
+    || fail "no loss-head line"
   "$TITANAX" describe --schema >schema.txt
   grep -q '^optimizer\.lr ' schema.txt || fail "schema lacks optimizer.lr"
   # docs/config.md holds the same table between its first pair of ``` fences
