@@ -207,6 +207,8 @@ class Engine {
   int64_t global_step() const;
   /// The loss scaler (nullptr without loss scaling).
   const LossScaler* loss_scaler() const { return scaler_.get(); }
+  /// The optimizer. With DP::shard_optimizer over more than one rank its state() holds this rank's parts
+  /// of the per-parameter tensors (1-d, ZeroShards' ranges; whole in checkpoints).
   optim::Optimizer& optimizer() { return *opt_; }
   const Plan& plan() const { return plan_; }
   const Mesh& mesh() const { return mesh_; }
