@@ -760,11 +760,14 @@ int describe(const Config& c, Runtime& rt, int world_size, const std::string& gr
     std::printf("adapters: PEFT adapter %s (model.lora_from)\n", c.get_string("model.lora_from").c_str());
   // The optimizer's description does not depend on the run length; any valid one builds it.
   const int64_t any_steps = std::max(c.get_int("train.steps"), c.get_int("schedule.warmup_steps") + 1);
-  std::printf("optimizer: %s, lr %g, schedule %s\n", optimizer(c, any_steps)->describe().c_str(),
+  const auto opt = optimizer(c, any_steps);
+  std::printf("optimizer: %s, lr %g, schedule %s\n", opt->describe().c_str(),
               c.get_float("optimizer.lr"), c.get_string("schedule.name").c_str());
-  {  // f32 moments: Adam's m and v, SGD's momentum buffer
-    const int per_param = c.get_string("optimizer.name") == "sgd" ? (c.get_float("optimizer.momentum") > 0 ? 1 : 0) : 2;
-    const int64_t values = per_param * trainable;
+  {  // f32 tensors per parameter (Adam's m and v, SGD's momentum buffer), as the optimizer makes them for one
+    ParamTree probe;
+    probe.insert("p", zeros(Shape{1}));
+    opt->init(probe);
+    const int64_t values = (int64_t(opt->state().size()) - 1) * trainable;  // all but "step"
     const int dp = size_of(p.dp->axis);
     const std::string where = p.dp->shard_optimizer && dp > 1
                                   ? "each of the " + std::to_string(dp) + " ranks of axis '" + p.dp->axis + "' keeps 1/" +

@@ -105,14 +105,14 @@ int main(int argc, char** argv) {
       double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0;
     };
     tx::Allocator& alloc = tx::allocator_for(tx::Device::cpu());
-    auto time_steps = [&](const tx::nn::GPTConfig& c, const tx::Plan& plan) {
+    auto time_steps = [&](const tx::nn::GPTConfig& c, const tx::Plan& pl) {
       const int64_t before = alloc.stats().current_bytes;
       alloc.reset_peak();
       std::unique_ptr<tx::nn::GPT> model = tp ? std::make_unique<tx::nn::GPT>(c, mesh) : std::make_unique<tx::nn::GPT>(c);
       auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
                                    .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
-      tx::Engine engine(mesh, plan, std::move(opt),
+      tx::Engine engine(mesh, pl, std::move(opt),
                         {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(), .grad_clip = 1.0});
       Timing t;
       for (int64_t i = 0; i < warmup; ++i) t.loss = engine.step(*model, tx::nn::lm_loss, batch(i)).loss;

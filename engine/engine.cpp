@@ -155,8 +155,18 @@ void Engine::ensure_zero(const ParamTree& params) {
   opt_->init(zero_->masters(), params);  // state for this rank's parts; weight decay chosen on the whole tensors
 }
 
+std::map<std::string, PartitionSpec> Engine::norm_specs(const std::map<std::string, PartitionSpec>& tp_specs) const {
+  return zero_ ? zero_->norm_specs(tp_specs) : tp_specs;
+}
+
+void Engine::update(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) {
+  if (!zero_) return opt_->step(params, grads, skip, grad_factor);
+  opt_->step(zero_->masters(), grads, skip, grad_factor);
+  zero_->all_gather_into(params);
+}
+
 namespace {
-// An optimizer's per-parameter state entries "<kind>/<path>" by kind ("m", "v", "buf"), each a tree by
+// An optimizer's per-parameter state entries "<kind>/<path>" by kind ("m", "v", "momentum"), each a tree by
 // parameter path (sorted by kind: the same order on every rank); the other entries ("step") into `rest`.
 std::map<std::string, ParamTree> state_by_kind(const ParamTree& state, ParamTree* rest = nullptr) {
   std::map<std::string, ParamTree> kinds;
@@ -246,15 +256,10 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
 
   StepResult r;
   r.lr = opt_->lr();
-  r.grad_norm = optim::global_norm(grads, zero_ ? zero_->norm_specs(tp_specs) : tp_specs, mesh_, pp.axis, not_counted);
+  r.grad_norm = optim::global_norm(grads, norm_specs(tp_specs), mesh_, pp.axis, not_counted);
   // No loss scaling with pipelines. A tied weight's copies have bit-identical gradients on both stages, so
   // their sharded updates stay identical too.
-  if (zero_) {
-    opt_->step(zero_->masters(), grads, {}, grad_factor(r.grad_norm, 1.0));
-    zero_->all_gather_into(params);
-  } else {
-    opt_->step(params, grads, {}, grad_factor(r.grad_norm, 1.0));
-  }
+  update(params, grads, {}, grad_factor(r.grad_norm, 1.0));
   r.loss = dp_mean(pr.loss);
   return r;
 }
@@ -318,17 +323,12 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
   // on every rank (DP averages, TP sums), so is the loss scaler's decision: an inf or NaN in any
   // gradient on any rank makes it non-finite everywhere. The gradients stay scaled by S: their norm over
   // S is the unscaled norm, and 1 / S is part of the optimizer's grad_factor (grad_factor()).
-  const double scaled_norm = zero_     ? optim::global_norm(grads, zero_->norm_specs(tp_specs), mesh_)
-                             : plan_.tp ? optim::global_norm(grads, tp_specs, mesh_)
-                                        : optim::global_norm(grads);
+  const double scaled_norm = zero_ || plan_.tp ? optim::global_norm(grads, norm_specs(tp_specs), mesh_) : optim::global_norm(grads);
   r.grad_norm = scaled_norm / scale;
   if (scaler_ && scaler_->update(!std::isfinite(r.grad_norm))) {
     r.skipped = true;  // no update: parameters, moments and the optimizer's step counter unchanged
-  } else if (zero_) {
-    opt_->step(zero_->masters(), grads, {}, grad_factor(r.grad_norm, scale));
-    zero_->all_gather_into(params);
   } else {
-    opt_->step(params, grads, {}, grad_factor(r.grad_norm, scale));
+    update(params, grads, {}, grad_factor(r.grad_norm, scale));
   }
   r.loss = dp_mean(loss_sum / acc);
   return r;
@@ -407,9 +407,7 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
     // Split parameters (TP): squares summed over their axes by traced psums, replicated ones counted once;
     // this rank's parts of the parameters (zero_): squares summed over the DP axis too.
     const auto specs = plan_.tp ? partition_specs(model) : std::map<std::string, PartitionSpec>{};
-    Tensor norm = zero_     ? optim::global_norm_tensor(grads, zero_->norm_specs(specs), mesh_)
-                  : plan_.tp ? optim::global_norm_tensor(grads, specs, mesh_)
-                             : optim::global_norm_tensor(grads);
+    Tensor norm = zero_ || plan_.tp ? optim::global_norm_tensor(grads, norm_specs(specs), mesh_) : optim::global_norm_tensor(grads);
     // Unscaling and clipping as in the eager step: the gradients stay scaled, the norm is divided by S and
     // the optimizer multiplies by 1 / S and the clipping coefficient as it reads them (no pass of its own).
     Tensor skip, factor;
@@ -423,12 +421,7 @@ std::function<TensorList(const TensorList&)> Engine::step_function(nn::Module& m
       const Tensor coef = optim::clip_coefficient(norm, opts_.grad_clip);
       factor = factor.defined() ? factor * coef : coef;
     }
-    if (zero_) {
-      opt_->step(zero_->masters(), grads, skip, factor);
-      zero_->all_gather_into(params);  // a skipped update gathers the unchanged parts
-    } else {
-      opt_->step(params, grads, skip, factor);
-    }
+    update(params, grads, skip, factor);  // sharded: a skipped update gathers the unchanged parts
     return TensorList{loss, norm};
   };
 }

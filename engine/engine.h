@@ -258,6 +258,12 @@ class Engine {
   /// Makes zero_ for `params` on first use, with the optimizer's state for its parts (collective over
   /// the DP axis); ValueError when `params` are not those it was made for.
   void ensure_zero(const ParamTree& params);
+  /// The specs the gradient norm sums squares by (optim::global_norm): the TP specs, with the DP axis added
+  /// to every parameter when the gradients are this rank's parts of them (ZeroShards::norm_specs).
+  std::map<std::string, PartitionSpec> norm_specs(const std::map<std::string, PartitionSpec>& tp_specs) const;
+  /// The optimizer step of every path: opt_->step(params, ...), or with the state sharded the step of this
+  /// rank's parts (grads are then their gradients) and the all-gather of the updated parts into params.
+  void update(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor);
   /// The optimizer's state() with each per-parameter entry whole ("m/<path>" of the parameter's shape):
   /// all-gathered over the DP axis when the state is sharded (collective), as is otherwise.
   ParamTree whole_optimizer_state();

@@ -40,10 +40,10 @@ std::vector<std::string> split_lines(const std::string& s) {
 
 void check_same_parameters(Communicator& comm, const std::string& axis, const ParamTree& params,
                            const std::string& header, Loc loc) {
-  std::string desc = header + "\n";
-  for (const auto& [path, t] : params) desc += "'" + path + "' " + std::string(dtype_name(t.dtype())) + t.shape().str() + "\n";
   const int n = comm.size();
   if (n == 1) return;
+  std::string desc = header + "\n";
+  for (const auto& [path, t] : params) desc += "'" + path + "' " + std::string(dtype_name(t.dtype())) + t.shape().str() + "\n";
   std::string digest = hex64(fnv1a(desc)) + " " + std::to_string(params.size());
   std::vector<std::string> digests = comm.all_gather_string(digest);
   bool same = true;
