@@ -49,6 +49,17 @@ void check_axis0_divides(const Tensor& t, int size, const char* what) {
                           "pad or reshape the tensor so axis 0 splits evenly over " + std::to_string(size) + " ranks");
 }
 
+void check_scatter_out(const Tensor& t, const Tensor& out, int size, const char* what) {
+  Shape want = t.shape();
+  want[0] /= size;
+  if (!out.defined() || out.shape() != want || out.dtype() != t.dtype() || out.device() != t.device())
+    throw CollectiveError(std::string(what) + ": the output tensor does not fit the input",
+                          std::string(dtype_name(t.dtype())) + want.str() + " on " + t.device().str(),
+                          out.defined() ? tensor_sig(out) + " on " + out.device().str() : "undefined",
+                          "allocate out with the input's dtype and device and axis 0 divided by the group size (" +
+                              std::to_string(size) + ")");
+}
+
 std::string tensor_sig(const Tensor& t) {
   if (!t.defined()) return "undefined";
   return std::string(dtype_name(t.dtype())) + t.shape().str();

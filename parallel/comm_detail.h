@@ -21,6 +21,9 @@ void check_defined(const Tensor& t, const char* what);
 void check_reducible(const Tensor& t, const char* what);
 /// Throws CollectiveError unless t has at least one dimension and t.shape[0] divides by `size`.
 void check_axis0_divides(const Tensor& t, int size, const char* what);
+/// For ireduce_scatter: throws CollectiveError unless `out` is defined with t's dtype and device and t's
+/// shape with axis 0 divided by `size` (call check_axis0_divides(t, ...) first).
+void check_scatter_out(const Tensor& t, const Tensor& out, int size, const char* what);
 /// "f32[2, 3]".
 std::string tensor_sig(const Tensor& t);
 /// A fresh contiguous CPU copy of t with dtype `dtype` (not recorded on the tape).

@@ -58,6 +58,12 @@ class Communicator {
   /// t: [size * n, ...] on every rank; returns rank r's block [n, ...] of the elementwise reduction.
   /// Throws CollectiveError unless t.shape[0] divides by size.
   virtual Tensor reduce_scatter(const Tensor& t, CollectiveOp op = CollectiveOp::sum) = 0;
+  /// Starts reduce_scatter without waiting: wait() writes rank r's block of the reduction of every rank's
+  /// t into `out` ([n, ...]: t's shape with axis 0 divided by size, t's dtype and device; CollectiveError
+  /// otherwise, and for t as reduce_scatter). t must not be written and out not read until wait(); the
+  /// request keeps both alive. Used to overlap ZeRO's gradient reduce-scatter with backward.
+  virtual std::unique_ptr<CollectiveRequest> ireduce_scatter(const Tensor& t, Tensor& out,
+                                                             CollectiveOp op = CollectiveOp::sum) = 0;
   /// t: [size * n, ...]; block j goes to rank j; returns the blocks received, in source-rank order.
   virtual Tensor all_to_all(const Tensor& t) = 0;
   /// Sends t to `dst` and returns what `src` sent (same shape and dtype as t). dst / src may be -1 for

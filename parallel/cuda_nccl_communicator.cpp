@@ -236,6 +236,22 @@ class NcclCommunicator final : public detail::MpiGroupCommunicator {
     return out;
   }
 
+  std::unique_ptr<CollectiveRequest> ireduce_scatter(const Tensor& t, Tensor& out, CollectiveOp op) override {
+    if (!mine(t)) return mpi_->ireduce_scatter(t, out, op);
+    detail::check_reducible(t, "ireduce_scatter");
+    detail::check_axis0_divides(t, size(), "ireduce_scatter");
+    detail::check_scatter_out(t, out, size(), "ireduce_scatter");
+    verify(CheckedCall::ireduce_scatter, &t, int64_t(op));
+    DeviceScope ds(device_.index);
+    DeviceStaged in(t, true), o(out, false);
+    if (out.numel() > 0) {
+      TX_NCCL_CHECK(ncclReduceScatter(in.work.raw_data(), o.work.raw_data(), size_t(out.numel()), nccl_type(t.dtype()),
+                                      nccl_op(op), comm_, stream()));
+      o.finish();  // queued after the reduction: the event below covers both
+    }
+    return request({in.work, t, o.work, out});
+  }
+
   Tensor all_to_all(const Tensor& t) override {
     if (!mine(t)) return mpi_->all_to_all(t);
     detail::check_axis0_divides(t, size(), "all_to_all");

@@ -112,6 +112,7 @@ const char* kind_name(Kind k) {
     case Kind::barrier: return "barrier";
     case Kind::gather_string: return "all_gather_string";
     case Kind::split: return "split";
+    case Kind::ireduce_scatter: return "ireduce_scatter";
   }
   return "?";
 }
@@ -188,6 +189,7 @@ class MpiCommunicator final : public Communicator {
   }
 
   std::unique_ptr<CollectiveRequest> iall_reduce(Tensor& t, CollectiveOp op) override;
+  std::unique_ptr<CollectiveRequest> ireduce_scatter(const Tensor& t, Tensor& out, CollectiveOp op) override;
 
   void broadcast(Tensor& t, int root) override {
     detail::check_defined(t, "broadcast");
@@ -393,8 +395,10 @@ class MpiCommunicator final : public Communicator {
 class MpiRequest final : public CollectiveRequest {
  public:
   /// `check`, when set, validates the one request's status after completion (irecv's message size).
-  MpiRequest(std::vector<MPI_Request> reqs, Staged staged, std::function<void(const MPI_Status&)> check = nullptr)
-      : reqs_(std::move(reqs)), staged_(std::move(staged)), check_(std::move(check)) {}
+  /// `keep`: buffers MPI reads until completion (released by wait()).
+  MpiRequest(std::vector<MPI_Request> reqs, Staged staged, std::function<void(const MPI_Status&)> check = nullptr,
+             std::vector<Tensor> keep = {})
+      : reqs_(std::move(reqs)), staged_(std::move(staged)), check_(std::move(check)), keep_(std::move(keep)) {}
   ~MpiRequest() override {
     if (done_ || finalized()) return;
     try {
@@ -407,8 +411,10 @@ class MpiRequest final : public CollectiveRequest {
     done_ = true;
     std::vector<MPI_Status> st(reqs_.size());
     if (!reqs_.empty()) TX_MPI_CHECK(MPI_Waitall(int(reqs_.size()), reqs_.data(), st.data()));
+    keep_.clear();
     if (check_) check_(st.at(0));
     if (staged_.orig.defined()) staged_.finish();
+    staged_ = Staged{};  // a completed request pins no buffer
   }
   bool test() override {
     if (done_ || reqs_.empty()) return true;
@@ -421,6 +427,7 @@ class MpiRequest final : public CollectiveRequest {
   std::vector<MPI_Request> reqs_;
   Staged staged_;
   std::function<void(const MPI_Status&)> check_;
+  std::vector<Tensor> keep_;
   bool done_ = false;
 };
 
@@ -462,6 +469,22 @@ std::unique_ptr<CollectiveRequest> MpiCommunicator::iall_reduce(Tensor& t, Colle
     reqs.push_back(r);
   }
   return std::make_unique<MpiRequest>(std::move(reqs), std::move(s));
+}
+
+std::unique_ptr<CollectiveRequest> MpiCommunicator::ireduce_scatter(const Tensor& t, Tensor& out, CollectiveOp op) {
+  detail::check_reducible(t, "ireduce_scatter");
+  detail::check_axis0_divides(t, size_, "ireduce_scatter");
+  detail::check_scatter_out(t, out, size_, "ireduce_scatter");
+  verify(Signature{Kind::ireduce_scatter, &t, int64_t(op)});
+  if (out.numel() == 0) return std::make_unique<MpiRequest>(std::vector<MPI_Request>{}, Staged{});
+  const DType rd = reduce_dtype(t.dtype());
+  Staged in(t, rd, true);
+  Staged o(out, rd, false);
+  MPI_Request r;
+  TX_MPI_CHECK(MPI_Ireduce_scatter_block(in.work.raw_data(), o.work.raw_data(),
+                                         checked_count(size_t(out.numel()), "ireduce_scatter"), mpi_type(rd),
+                                         mpi_op(op), comm_, &r));
+  return std::make_unique<MpiRequest>(std::vector<MPI_Request>{r}, std::move(o), nullptr, std::vector<Tensor>{in.work});
 }
 
 bool g_initialized_here = false;

@@ -54,7 +54,8 @@ std::shared_ptr<Communicator> world();
 
 /// The collectives the cross-rank check knows (one code each in the compared signature).
 enum class CheckedCall : int64_t {
-  all_reduce = 1, iall_reduce, broadcast, all_gather, reduce_scatter, all_to_all, barrier, gather_string, split
+  all_reduce = 1, iall_reduce, broadcast, all_gather, reduce_scatter, all_to_all, barrier, gather_string, split,
+  ireduce_scatter
 };
 
 /// For backends layered on an MPI communicator (the NCCL one, parallel/nccl_communicator.h): runs the

@@ -95,6 +95,9 @@ class MpiGroupCommunicator : public Communicator {
   void broadcast(Tensor& t, int root) override { mpi_->broadcast(t, root); }
   Tensor all_gather(const Tensor& t) override { return mpi_->all_gather(t); }
   Tensor reduce_scatter(const Tensor& t, CollectiveOp op) override { return mpi_->reduce_scatter(t, op); }
+  std::unique_ptr<CollectiveRequest> ireduce_scatter(const Tensor& t, Tensor& out, CollectiveOp op) override {
+    return mpi_->ireduce_scatter(t, out, op);
+  }
   Tensor all_to_all(const Tensor& t) override { return mpi_->all_to_all(t); }
   Tensor sendrecv(const Tensor& t, int dst, int src) override { return mpi_->sendrecv(t, dst, src); }
   void send(const Tensor& t, int dst, int tag) override { mpi_->send(t, dst, tag); }

@@ -253,6 +253,12 @@ TEST_CASE("cuda collectives: all_gather, reduce_scatter, all_to_all on CUDA tens
       Tensor wide = pattern(r, Shape{3, int64_t(2 * n)}, dt, 6).T();
       same(c.all_to_all(wide.to(dev())), c.all_to_all(wide));
       same(c.reduce_scatter(wide.to(dev())), c.reduce_scatter(wide));
+      for (const Tensor& in : {big, wide}) {  // non-blocking: into a poisoned output on the GPU
+        Tensor out = full(Shape{2, 3}, -1.0, dt).to(dev());
+        auto req = c.ireduce_scatter(in.to(dev()), out);
+        req->wait();
+        same(out, c.reduce_scatter(in));
+      }
     }
     Tensor e = zeros(Shape{0, 2});
     same(c.all_gather(e.to(dev())), c.all_gather(e));

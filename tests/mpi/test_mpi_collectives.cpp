@@ -117,6 +117,46 @@ TEST_CASE("all_gather and reduce_scatter values", "[mpi]") {
   });
 }
 
+TEST_CASE("ireduce_scatter gives reduce_scatter's block, by dtype and op, for strided inputs too", "[mpi]") {
+  const int r = world_rank(), n = world_size();
+  Communicator& world = *rt().world();
+  for (DType d : {DType::f32, DType::f64, DType::i32, DType::bf16}) {
+    INFO(dtype_name(d));
+    // x[i] = (r + 1) * 10 + i % 7 (exact in bf16): every rank's block differs and every rank's input too.
+    std::vector<double> v(size_t(2 * n * 3));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = (r + 1) * 10.0 + double(i % 7);
+    const Tensor x = from_vector(v, Shape{2 * n, 3}).astype(d);
+    for (CollectiveOp op : {CollectiveOp::sum, CollectiveOp::max}) {
+      Tensor out = full(Shape{2, 3}, -1.0, d);  // poisoned: an unwritten element fails
+      auto req = world.ireduce_scatter(x, out, op);
+      req->test();
+      req->wait();
+      req->wait();  // idempotent
+      CHECK(out.dtype() == d);
+      CHECK(vals(out) == vals(world.reduce_scatter(x, op)));
+    }
+    const Tensor xt = from_vector(v, Shape{3, 2 * n}).astype(d).T();  // [2n, 3], strided
+    Tensor out = full(Shape{2, 3}, -1.0, d);
+    world.ireduce_scatter(xt, out)->wait();
+    CHECK(vals(out) == vals(world.reduce_scatter(xt.contiguous())));
+  }
+  // The request keeps its input alive: the caller's handle may go before wait().
+  Tensor out = zeros(Shape{1});
+  std::unique_ptr<CollectiveRequest> req;
+  {
+    Tensor x = full(Shape{n}, double(r + 1));
+    req = world.ireduce_scatter(x, out);
+  }
+  req->wait();
+  CHECK(vals(out) == std::vector<double>{double(n * (n + 1) / 2)});
+  // An output that does not fit is refused before the collective, naming the expected tensor.
+  Tensor wrong = zeros(Shape{3});
+  CHECK_THROWS_WITH(world.ireduce_scatter(zeros(Shape{2 * n}), wrong), Contains("f32[2]"));
+  Tensor wrong_dtype = zeros(Shape{2}, DType::f64);
+  CHECK_THROWS_AS(world.ireduce_scatter(zeros(Shape{2 * n}), wrong_dtype), CollectiveError);
+  CHECK(all_ranks(true));
+}
+
 TEST_CASE("broadcast, ppermute and all_to_all values", "[mpi]") {
   for_each_axis([](const Mesh&, const std::string& axis, size_t, const std::vector<int>& group) {
     const int r = world_rank(), k = int(group.size()), a = index_in(group, r);

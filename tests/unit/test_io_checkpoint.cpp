@@ -483,6 +483,7 @@ struct ThreadComm final : Communicator {
   void broadcast(Tensor&, int) override { no(); }
   Tensor all_gather(const Tensor&) override { no(); }
   Tensor reduce_scatter(const Tensor&, CollectiveOp) override { no(); }
+  std::unique_ptr<CollectiveRequest> ireduce_scatter(const Tensor&, Tensor&, CollectiveOp) override { no(); }
   Tensor all_to_all(const Tensor&) override { no(); }
   Tensor sendrecv(const Tensor&, int, int) override { no(); }
   void send(const Tensor&, int, int) override { no(); }

@@ -224,6 +224,11 @@ TEST_CASE("local communicator semantics", "[parallel]") {
   Tensor rs = c->reduce_scatter(g);
   CHECK(vals(rs) == vals(g));
   CHECK_THROWS_AS(c->reduce_scatter(scalar(1.0)), CollectiveError);
+  Tensor rs_out = full(Shape{2, 3}, -1.0, g.dtype());
+  c->ireduce_scatter(g, rs_out)->wait();
+  CHECK(vals(rs_out) == vals(g));
+  Tensor rs_bad = zeros(Shape{3, 2}, g.dtype());
+  CHECK_THROWS_AS(c->ireduce_scatter(g, rs_bad), CollectiveError);
   CHECK(vals(c->all_to_all(g)) == vals(g));
 
   CHECK(vals(c->sendrecv(g, -1, -1)) == std::vector<double>(6, 0.0));
