@@ -28,6 +28,12 @@ struct BackwardOptions {
   /// Called once per requested leaf (by its index in `wrt`) as soon as its gradient is final, while the
   /// rest of the backward pass still runs: data parallelism starts all-reducing buckets here.
   std::function<void(size_t index, const Tensor& grad)> on_grad_ready;
+  /// With on_grad_ready: drop each gradient once it has been handed over, so that the pass does not hold
+  /// a second reference to every gradient until it returns (the callback keeps what it needs; the memory
+  /// of a gradient is freed as soon as the callback lets go of it). The gradients returned are then
+  /// undefined tensors. Data parallelism's buckets use it (PyTorch DDP's gradients as bucket views serve
+  /// the same end).
+  bool release_reported = false;
 };
 
 /// d(root)/d(wrt[i]) for each i (same shape and dtype as wrt[i]; zeros where root does not depend on

@@ -94,9 +94,17 @@ struct Engine {
       g->second = run_grad_hooks(leaf->grad_hooks, g->second, "the leaf " + wrt[w->second[0]].str());
     for (size_t idx : w->second) {
       result[idx] = g != leaf_grad.end() ? g->second : zeros_like(wrt[idx]);
-      done[idx] = true;
-      if (opts.on_grad_ready) opts.on_grad_ready(idx, result[idx]);
+      report(idx);
     }
+    if (opts.release_reported && g != leaf_grad.end()) leaf_grad.erase(g);
+  }
+
+  // result[i] is final: hand it to on_grad_ready (and let go of it when asked to).
+  void report(size_t i) {
+    done[i] = true;
+    if (!opts.on_grad_ready) return;
+    opts.on_grad_ready(i, result[i]);
+    if (opts.release_reported) result[i] = Tensor();
   }
 
   void finish_leaf_edges(const Node& n) {
@@ -115,8 +123,7 @@ struct Engine {
       const Tensor g = root.get()->grad_hooks.empty() ? seed : run_grad_hooks(root.get()->grad_hooks, seed, "the leaf " + root.str());
       for (size_t i = 0; i < wrt.size(); ++i) {
         result[i] = wrt[i].same(root) ? g : zeros_like(wrt[i]);
-        done[i] = true;
-        if (opts.on_grad_ready) opts.on_grad_ready(i, result[i]);
+        report(i);
       }
       return;
     }
@@ -144,8 +151,7 @@ struct Engine {
       if (auto mw = mid_wanted.find(n); mw != mid_wanted.end())
         for (auto [out_idx, wi] : mw->second) {
           result[wi] = ct[out_idx];
-          done[wi] = true;
-          if (opts.on_grad_ready) opts.on_grad_ready(wi, result[wi]);
+          report(wi);
         }
       if (stops.count(n)) {  // a wrt tensor held fixed: nothing flows past it
         finish_leaf_edges(*n);
@@ -251,7 +257,7 @@ TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions
   if (!root.requires_grad()) {
     for (size_t i = 0; i < wrt.size(); ++i) {
       e.result[i] = zeros_like(wrt[i]);
-      if (opts.on_grad_ready) opts.on_grad_ready(i, e.result[i]);
+      e.report(i);
     }
     return e.result;
   }
@@ -259,7 +265,7 @@ TensorList grad(const Tensor& root, const TensorList& wrt, const BackwardOptions
   for (size_t i = 0; i < wrt.size(); ++i)
     if (!e.done[i]) {  // not reached from the root
       e.result[i] = zeros_like(wrt[i]);
-      if (opts.on_grad_ready) opts.on_grad_ready(i, e.result[i]);
+      e.report(i);
     }
   return e.result;
 }

@@ -86,6 +86,39 @@ TEST_CASE("on_grad_ready fires once per parameter, before backward returns", "[a
   CHECK(g.at("a").to_vector<double>() == std::vector<double>{2, 2});
 }
 
+TEST_CASE("release_reported: backward lets go of each gradient once on_grad_ready has it", "[autodiff][memory]") {
+  const Tensor a = random_normal(RngKey::from_seed(3), Shape{4}).set_requires_grad();
+  const Tensor b = random_normal(RngKey::from_seed(4), Shape{4}).set_requires_grad();
+  const Tensor unused = ones(Shape{2}).set_requires_grad();
+  const Tensor mid = tanh(a * b);  // an intermediate wrt tensor
+  const Tensor root = sum(mid * a) + sum(exp(a));  // a's gradient accumulates over three uses
+  const TensorList wrt{a, b, mid, unused, a};       // a twice
+  const TensorList want = grad(root, wrt, {.create_graph = false});
+  for (bool release : {false, true}) {
+    INFO("release_reported " << release);
+    std::vector<std::weak_ptr<Storage>> storages(wrt.size());
+    std::vector<bool> freed_before_last;  // at the last report (`unused`: not reached, reported at the end)
+    TensorList seen(wrt.size());
+    BackwardOptions o;
+    o.on_grad_ready = [&](size_t i, const Tensor& g) {
+      if (i == 3)
+        for (const auto& w : storages) freed_before_last.push_back(w.expired());
+      storages[i] = g.storage();
+      seen[i] = g.clone();
+    };
+    o.release_reported = release;
+    const TensorList got = grad(root, wrt, o);
+    REQUIRE(freed_before_last.size() == wrt.size());
+    for (size_t i = 0; i < wrt.size(); ++i) {
+      INFO("wrt " << i);
+      CHECK(seen[i].to_vector<double>() == want[i].to_vector<double>());
+      CHECK(got[i].defined() == !release);
+      // Released: freed while the pass still ran (nobody held it after the callback).
+      if (i != 3) CHECK(freed_before_last[i] == release);
+    }
+  }
+}
+
 namespace {
 
 // y = x * w elementwise; its vjp records which cotangents it was asked for.
