@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <set>
+#include <utility>
 
 #include "autodiff/autodiff.h"
 #include "parallel/collectives.h"
@@ -132,7 +133,7 @@ void Engine::begin_step(nn::Module& model, const ParamTree& params) {
     ensure_zero(params);
     zero_->load_masters(params);  // the parameters may have been written since the last step (restore, by hand)
   } else if (!sync_ && dp_size() > 1) {
-    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, std::min<size_t>(opts_.bucket_bytes, 1u << 20));
+    sync_ = std::make_unique<GradientSync>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, first_bucket_bytes());
   }
   // Dropout keys: fold_in(fold_in(seed, replica), layer call) folded with the optimizer's step counter
   // when the op runs (a compiled step reads the counter at every replay).
@@ -151,7 +152,7 @@ void Engine::check_trainable(const std::vector<std::string>& made_for, const Par
 
 void Engine::ensure_zero(const ParamTree& params) {
   if (zero_) return check_trainable(zero_->paths(), params);  // its parts and the optimizer's state are theirs
-  zero_ = std::make_unique<ZeroShards>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes);
+  zero_ = std::make_unique<ZeroShards>(mesh_, plan_.dp->axis, params, opts_.bucket_bytes, first_bucket_bytes());
   opt_->init(zero_->masters(), params);  // state for this rank's parts; weight decay chosen on the whole tensors
 }
 
@@ -279,19 +280,33 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
 
   ParamTree acc_grads;
   double loss_sum = 0;
+  // A throw in forward or backward abandons the step's overlapped buckets, so the next step starts afresh.
+  struct Abandon {
+    Engine& e;
+    bool armed = true;
+    ~Abandon() {
+      if (!armed) return;
+      if (e.sync_) e.sync_->reset();
+      if (e.zero_) e.zero_->reset();
+    }
+  } abandon{*this};
   for (int i = 0; i < acc; ++i) {
     Batch mb = acc == 1 ? batch : batch.slice(i * micro, (i + 1) * micro);
     const bool last = i == acc - 1;
     BackwardOptions bo;
-    if (last && sync_) {
+    if (last && (sync_ || zero_)) {
       // Overlap: hand each parameter's final gradient (accumulated, averaged over microbatches) to the
-      // bucketed all-reduce as soon as backward produces it.
+      // bucketed all-reduce (or reduce-scatter) as soon as backward produces it.
+      // Neither the backward pass nor acc_grads keep a gradient once it is handed over: a bucket's
+      // gradients are freed when it is packed.
       bo.on_grad_ready = [&](size_t idx, const Tensor& g) {
         NoGradGuard ng;
-        Tensor total = acc_grads.empty() ? g : add(acc_grads[idx].second, g);
+        Tensor total = acc_grads.empty() ? g : add(std::exchange(acc_grads[idx].second, Tensor()), g);
         if (acc > 1) total = total * (1.0 / acc);
-        sync_->on_grad_ready(idx, total);
+        if (sync_) sync_->on_grad_ready(idx, total);
+        else zero_->on_grad_ready(idx, total);
       };
+      bo.release_reported = true;
     }
     auto [loss, grads] = value_and_grad(
         [&] {
@@ -300,20 +315,22 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
         },
         params, bo);
     loss_sum += loss.item() / scale;
-    if (!last || !sync_) {
+    if (!last || !bo.on_grad_ready) {
       NoGradGuard ng;
       if (acc_grads.empty()) acc_grads = grads;
       else
         for (size_t k = 0; k < grads.size(); ++k) acc_grads[k].second = add(acc_grads[k].second, grads[k].second);
     }
   }
+  abandon.armed = false;  // finish() resets on its own errors
   ParamTree grads;
   if (sync_) {
     grads = sync_->finish();
+  } else if (zero_) {
+    grads = zero_->finish();  // this rank's part of each mean
   } else {
     NoGradGuard ng;
     grads = acc == 1 ? acc_grads : acc_grads.map([&](const std::string&, const Tensor& g) { return g * (1.0 / acc); });
-    if (zero_) grads = zero_->reduce_scatter_mean(grads);  // this rank's part of each mean
   }
 
   StepResult r;

@@ -43,6 +43,7 @@
 // count), and different rank counts agree to rounding.
 #pragma once
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -255,6 +256,9 @@ class Engine {
   void check_trainable(const std::vector<std::string>& made_for, const ParamTree& params) const;
   /// True when the plan shards the optimizer state over more than one DP rank.
   bool shards_optimizer() const;
+  /// The first (smaller) gradient bucket of the overlapped collectives: min(bucket_bytes, 1 MiB), so
+  /// communication starts early in backward (PyTorch DDP's first bucket).
+  size_t first_bucket_bytes() const { return std::min<size_t>(opts_.bucket_bytes, 1u << 20); }
   /// Makes zero_ for `params` on first use, with the optimizer's state for its parts (collective over
   /// the DP axis); ValueError when `params` are not those it was made for.
   void ensure_zero(const ParamTree& params);

@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <utility>
 
 #include "autodiff/tape.h"
 #include "ops/ops.h"
 #include "parallel/collectives.h"
+#include "parallel/overlap.h"
 
 namespace titanax {
 namespace {
@@ -73,7 +75,6 @@ void check_same_parameters(Communicator& comm, const std::string& axis, const Pa
 
 struct GradientSync::State {
   struct Param {
-    std::string path;
     Shape shape;
     DType dtype;
     Device device;
@@ -84,18 +85,13 @@ struct GradientSync::State {
     DType dtype;
     Device device;
     int64_t numel = 0;
-    size_t pending = 0;
-    bool launched = false;
     Tensor buffer;
-    std::unique_ptr<CollectiveRequest> req;
   };
   std::shared_ptr<Communicator> comm;
-  std::string axis;
+  std::vector<std::string> paths;
   std::vector<Param> params;
   std::vector<Bucket> buckets;
-  std::vector<Tensor> grads;
-  size_t next_launch = 0;
-  bool in_step = false;
+  std::unique_ptr<detail::OverlappedBuckets> overlap;
 };
 
 GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const ParamTree& params, size_t bucket_bytes,
@@ -107,13 +103,15 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
                     "'" + axis + "'", hint, loc);
   }
   s_->comm = mesh.comm_ptr(axis, loc);
-  s_->axis = axis;
 
   std::string header = "bucket_bytes " + std::to_string(bucket_bytes) + " first_bucket_bytes " + std::to_string(first_bucket_bytes);
+  std::vector<Shape> shapes;
   for (const auto& [path, t] : params) {
     if (!t.defined())
       throw ValueError("GradientSync: parameter '" + path + "' is an undefined tensor", "defined tensors", "Tensor()", "", loc);
-    s_->params.push_back({path, t.shape(), t.dtype(), t.device()});
+    s_->paths.push_back(path);
+    shapes.push_back(t.shape());
+    s_->params.push_back({t.shape(), t.dtype(), t.device()});
   }
   check_same_parameters(*s_->comm, axis, params, header, loc);
 
@@ -129,10 +127,7 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
     bool fits = cur >= 0 && s_->buckets[size_t(cur)].dtype == pd && s_->buckets[size_t(cur)].device == p.device &&
                 cur_bytes + bytes <= cap;
     if (!fits) {
-      State::Bucket nb;
-      nb.dtype = pd;
-      nb.device = p.device;
-      s_->buckets.push_back(std::move(nb));
+      s_->buckets.push_back({pd, p.device});
       bucket_params_.emplace_back();
       cur = int(s_->buckets.size()) - 1;
       cur_bytes = 0;
@@ -141,16 +136,14 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
     p.bucket = cur;
     p.offset = b.numel;
     b.numel += p.shape.numel();
-    b.pending += 1;
     cur_bytes += bytes;
     bucket_params_[size_t(cur)].push_back(k);
   }
-  s_->grads.resize(params.size());
+  s_->overlap = std::make_unique<detail::OverlappedBuckets>("GradientSync", s_->paths, shapes, bucket_params_,
+                                                            [this](size_t b) { return launch(b); });
 }
 
-GradientSync::~GradientSync() {
-  if (s_) reset();
-}
+GradientSync::~GradientSync() = default;
 
 int GradientSync::axis_size() const { return s_->comm->size(); }
 
@@ -158,32 +151,9 @@ std::function<void(size_t, const Tensor&)> GradientSync::hook() {
   return [this](size_t i, const Tensor& g) { on_grad_ready(i, g); };
 }
 
-void GradientSync::on_grad_ready(size_t index, const Tensor& grad) {
-  auto& s = *s_;
-  if (index >= s.params.size())
-    throw ValueError("GradientSync: gradient index out of range", "< " + std::to_string(s.params.size()),
-                     std::to_string(index));
-  auto& p = s.params[index];
-  if (s.grads[index].defined())
-    throw ValueError("GradientSync: gradient of '" + p.path + "' reported twice in one step", "one report per step",
-                     "a second report", "call finish() (or reset()) between steps");
-  if (!grad.defined())
-    throw ValueError("GradientSync: undefined gradient for '" + p.path + "'", "a tensor", "Tensor()");
-  if (grad.shape() != p.shape)
-    throw ShapeError("GradientSync: gradient of '" + p.path + "' has the wrong shape", p.shape.str(), grad.shape().str());
-  s.in_step = true;
-  s.grads[index] = grad.detach();
-  if (p.bucket >= 0 && --s.buckets[size_t(p.bucket)].pending == 0) launch_ready();
-  for (size_t b = 0; b < s.next_launch; ++b)  // let MPI progress the buckets in flight
-    if (s.buckets[b].req) s.buckets[b].req->test();
-}
+void GradientSync::on_grad_ready(size_t index, const Tensor& grad) { s_->overlap->report(index, grad); }
 
-void GradientSync::launch_ready() {
-  auto& s = *s_;
-  while (s.next_launch < s.buckets.size() && s.buckets[s.next_launch].pending == 0) launch(s.next_launch++);
-}
-
-void GradientSync::launch(size_t bi) {
+std::unique_ptr<CollectiveRequest> GradientSync::launch(size_t bi) {
   auto& s = *s_;
   auto& b = s.buckets[bi];
   NoGradGuard ng;
@@ -191,43 +161,37 @@ void GradientSync::launch(size_t bi) {
   for (size_t k : bucket_params_[bi]) {
     const auto& p = s.params[k];
     Tensor view = make_view(b.buffer, p.shape, p.shape.contiguous_strides(), p.offset);
-    if (s.grads[k].defined()) copy_(view, s.grads[k]);
+    const Tensor& g = s.overlap->grad(k);
+    if (g.defined()) copy_(view, g);
     else fill_(view, 0.0);
   }
-  b.launched = true;
-  b.req = s.comm->iall_reduce(b.buffer, CollectiveOp::sum);
+  return s.comm->iall_reduce(b.buffer, CollectiveOp::sum);
 }
 
-std::vector<std::string> GradientSync::paths() const {
-  std::vector<std::string> out;
-  for (const auto& p : s_->params) out.push_back(p.path);
-  return out;
-}
+std::vector<std::string> GradientSync::paths() const { return s_->paths; }
 
 ParamTree GradientSync::finish() {
   auto& s = *s_;
   ParamTree out;
   try {
-    for (auto& b : s.buckets) b.pending = 0;  // missing gradients count as zeros
-    launch_ready();
-    for (auto& b : s.buckets) b.req->wait();
+    s.overlap->complete();
     NoGradGuard ng;
     const double inv = 1.0 / s.comm->size();
     std::vector<Tensor> avg(s.buckets.size());
     for (size_t bi = 0; bi < s.buckets.size(); ++bi) {
-      Tensor& buf = s.buckets[bi].buffer;
+      Tensor buf = std::exchange(s.buckets[bi].buffer, Tensor());  // freed as its mean is made: one copy at a time
       avg[bi] = s.comm->size() == 1 ? buf : mul(buf, scalar_like(inv, buf));
     }
     for (size_t k = 0; k < s.params.size(); ++k) {
       const auto& p = s.params[k];
       Tensor g;
       if (p.bucket < 0) {
-        g = s.grads[k].defined() ? s.grads[k] : zeros(p.shape, p.dtype, p.device);
+        g = s.overlap->grad(k).defined() ? s.overlap->grad(k) : zeros(p.shape, p.dtype, p.device);
       } else {
         g = make_view(avg[size_t(p.bucket)], p.shape, p.shape.contiguous_strides(), p.offset);
         if (g.dtype() != p.dtype) g = g.astype(p.dtype);
       }
-      out.insert(p.path, g);
+      out.insert(s.paths[k], g);
     }
   } catch (...) {
     reset();
@@ -239,15 +203,15 @@ ParamTree GradientSync::finish() {
 
 ParamTree GradientSync::sync(const ParamTree& grads) {
   auto& s = *s_;
-  if (s.in_step)
+  if (s.overlap->in_step())
     throw ValueError("GradientSync::sync() while an overlapped step is in progress",
                      "finish() before sync()", "gradients already reported through on_grad_ready");
   for (const auto& [path, t] : grads)
-    if (std::none_of(s.params.begin(), s.params.end(), [&](const State::Param& p) { return p.path == path; }))
+    if (std::find(s.paths.begin(), s.paths.end(), path) == s.paths.end())
       throw ValueError("GradientSync::sync(): unexpected gradient path '" + path + "'", "the parameters' paths",
                        "'" + path + "'");
   try {
-    for (size_t k = s.params.size(); k-- > 0;) on_grad_ready(k, grads.at(s.params[k].path));
+    for (size_t k = s.params.size(); k-- > 0;) on_grad_ready(k, grads.at(s.paths[k]));
   } catch (...) {
     reset();
     throw;
@@ -256,24 +220,8 @@ ParamTree GradientSync::sync(const ParamTree& grads) {
 }
 
 void GradientSync::reset() {
-  auto& s = *s_;
-  for (auto& b : s.buckets) {
-    if (b.req) {
-      try {
-        b.req->wait();
-      } catch (...) {
-      }
-    }
-    b.req.reset();
-    b.buffer = Tensor();
-    b.launched = false;
-    b.pending = 0;
-  }
-  for (size_t k = 0; k < s.params.size(); ++k)
-    if (s.params[k].bucket >= 0) s.buckets[size_t(s.params[k].bucket)].pending += 1;
-  for (auto& g : s.grads) g = Tensor();
-  s.next_launch = 0;
-  s.in_step = false;
+  s_->overlap->reset();
+  for (auto& b : s_->buckets) b.buffer = Tensor();
 }
 
 DataShard data_shard(const Mesh& mesh, const Plan& plan, Loc loc) {

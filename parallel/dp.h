@@ -11,8 +11,10 @@
 // their gradients), grouped up to `bucket_bytes` (a first, smaller bucket of `first_bucket_bytes` so
 // communication starts early); a parameter larger than the limit gets a bucket of its own, and a bucket
 // never mixes dtypes (bf16 / f16 gradients are packed and averaged in f32) or devices. When every gradient
-// of a bucket has arrived it is packed into one flat buffer and all-reduced with iall_reduce. Buckets are
-// started strictly in bucket order on every rank, so the ranks' collectives always match.
+// of a bucket has arrived it is packed into one flat buffer and all-reduced with iall_reduce, and the
+// reported gradients are let go (with BackwardOptions::release_reported the step then holds one copy of
+// the gradients, not two). Buckets are started strictly in bucket order on every rank, so the ranks'
+// collectives always match (parallel/overlap.h).
 #pragma once
 
 #include <functional>
@@ -70,8 +72,7 @@ class GradientSync {
 
  private:
   struct State;
-  void launch_ready();
-  void launch(size_t b);
+  std::unique_ptr<CollectiveRequest> launch(size_t b);  // packs bucket b and starts its all-reduce
 
   std::unique_ptr<State> s_;
   std::vector<std::vector<size_t>> bucket_params_;

@@ -11,18 +11,28 @@
 //   opt->step(z.masters(), g);                   // the optimizer state is 1 / n of the model's
 //   z.all_gather_into(params);                   // every rank's updated part, into the whole parameters
 // The reduce-scatter and the all-gather together move as many bytes as the all-reduce they replace.
+// Eager steps overlap the reduce-scatter with backward instead (as GradientSync does the all-reduce):
+//   BackwardOptions o;
+//   o.on_grad_ready = z.hook();                  // a bucket's reduce-scatter starts when its gradients are in
+//   auto [loss, grads] = value_and_grad(loss_fn, params, o);
+//   ParamTree g = z.finish();                    // == reduce_scatter_mean(grads), bitwise
 //
 // Partition: parameter i with N elements is cut into n chunks of C = ceil(N / n) elements (the last ones
 // shorter, or empty when N < n); rank r owns elements [r C, min(N, (r + 1) C)). Parameters are packed
-// into buckets of up to `bucket_bytes` (one dtype per bucket), each bucket laid out rank by rank with
-// every chunk padded to C, so one reduce-scatter or all-gather moves a whole bucket.
+// into buckets in reverse order (the order backward produces their gradients): a first bucket of up to
+// `first_bucket_bytes`, then up to `bucket_bytes` each (padded bytes over all ranks; one dtype per
+// bucket; a larger parameter alone), each bucket laid out rank by rank with every chunk padded to C, so
+// one reduce-scatter or all-gather moves a whole bucket.
 //
-// The collectives are the ops of parallel/collectives.h, so a traced training step (jit/graph.h)
-// records them and the graph replays them; masters() are tensors that exist before a trace (written in
-// place by the optimizer, read by all_gather_into).
+// The collectives of reduce_scatter_mean and all_gather are the ops of parallel/collectives.h, so a
+// traced training step (jit/graph.h) records them and the graph replays them; masters() are tensors
+// that exist before a trace (written in place by the optimizer, read by all_gather_into). The
+// overlapped path calls the communicator directly (eager only).
 #pragma once
 
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,6 +42,9 @@
 #include "parallel/sharding.h"
 
 namespace titanax {
+namespace detail {
+class OverlappedBuckets;
+}
 
 class ZeroShards {
  public:
@@ -39,7 +52,10 @@ class ZeroShards {
   /// the same PlanError naming the first difference). Parameters must be floating, contiguous and on
   /// one device (ValueError otherwise); PlanError when `axis` is not in the mesh.
   ZeroShards(const Mesh& mesh, const std::string& axis, const ParamTree& params, size_t bucket_bytes = 25u << 20,
-             Loc loc = Loc::current());
+             size_t first_bucket_bytes = 1u << 20, Loc loc = Loc::current());
+  ~ZeroShards();
+  ZeroShards(const ZeroShards&) = delete;
+  ZeroShards& operator=(const ZeroShards&) = delete;
 
   /// The paths of the parameters, in the order given.
   std::vector<std::string> paths() const;
@@ -56,11 +72,30 @@ class ZeroShards {
   /// one reduce-scatter per bucket. Collective; written with ops (traceable). ValueError for another
   /// number of tensors than parameters, ShapeError for another shape (the same for the functions below).
   ParamTree reduce_scatter_mean(const ParamTree& grads) const;
+  /// Overlapped reduce_scatter_mean: reports the gradient of parameter i (its shape; any floating dtype,
+  /// converted to the parameter's) and starts the reduce-scatter of every bucket that is complete and
+  /// whose predecessors have started (ireduce_scatter). Plug into BackwardOptions::on_grad_ready (see
+  /// hook()). ValueError for an index out of range, a second report in one step or an undefined
+  /// gradient; ShapeError for another shape.
+  void on_grad_ready(size_t i, const Tensor& grad);
+  /// [this](size_t i, const Tensor& g) { on_grad_ready(i, g); } (the object must outlive the callback).
+  std::function<void(size_t, const Tensor&)> hook();
+  /// Collective: completes the overlapped step. Gradients never reported count as zeros. Returns what
+  /// reduce_scatter_mean would of the reported gradients (bitwise the same) and resets for the next step.
+  ParamTree finish();
+  /// Abandons an overlapped step (e.g. after an exception in backward): waits for the buckets started
+  /// and drops the reported gradients. Not collective by itself; ranks must agree on abandoning it.
+  void reset();
+
+  /// The buckets, in launch order: each a list of parameter indices (descending).
+  const std::vector<std::vector<size_t>>& buckets() const { return buckets_; }
+
   /// The whole tensors (the parameters' shapes, by path) whose parts are every rank's `parts` (by
   /// position range(i)-long 1-d tensors on each rank, e.g. masters() or a moment of the optimizer): one
   /// all-gather per bucket. Collective; written with ops (traceable).
   ParamTree all_gather(const ParamTree& parts) const;
-  /// all_gather(masters()) written into `params` in place (copy_).
+  /// all_gather(masters()) written into `params` in place (copy_), one bucket at a time (so only one
+  /// bucket's gathered copy exists at once).
   void all_gather_into(ParamTree& params) const;
   /// This rank's part of each of `whole` (by position the parameters' shapes; ShapeError otherwise), as
   /// 1-d views, by path: what the optimizer state of a checkpoint's whole tensors is loaded from.
@@ -81,10 +116,24 @@ class ZeroShards {
   std::string axis_;
   int n_ = 1, rank_ = 0;
   std::vector<Param> params_;
-  std::vector<std::vector<size_t>> buckets_;  // parameter indices, in order
+  std::vector<std::vector<size_t>> buckets_;  // parameter indices, descending
   ParamTree masters_;
+  // The overlapped step: this rank's reduced part [S] of each bucket (the packed gradients [n S] are
+  // kept by the request until it completes).
+  std::vector<Tensor> reduced_;
+  std::unique_ptr<detail::OverlappedBuckets> overlap_;
+
   Tensor part_of(size_t i, const Tensor& whole) const;
   void check_count(const ParamTree& t, const char* what) const;
+  /// ValueError / ShapeError unless `parts` are one range(i)-long 1-d tensor per parameter.
+  void check_parts(const ParamTree& parts) const;
+  /// Bucket b's all-gather of `parts`: whole[i] for each parameter i of b.
+  void gather_bucket(size_t b, const ParamTree& parts, std::vector<Tensor>& whole) const;
+  /// Parameter i's gradient in its dtype, zero-padded to n C and viewed as [n, C]: row r is rank r's chunk.
+  Tensor chunk_rows(size_t i, const Tensor& grad) const;
+  /// Parameter i's part of bucket b's reduced [S] (the mean's chunks side by side), for each i of b.
+  void unpack_parts(size_t b, const Tensor& mine, std::vector<Tensor>& parts) const;
+  std::unique_ptr<CollectiveRequest> launch(size_t b);
 };
 
 }  // namespace titanax
