@@ -15,7 +15,7 @@
 //   BackwardOptions o;
 //   o.on_grad_ready = z.hook();                  // a bucket's reduce-scatter starts when its gradients are in
 //   auto [loss, grads] = value_and_grad(loss_fn, params, o);
-//   ParamTree g = z.finish();                    // == reduce_scatter_mean(grads), bitwise
+//   ParamTree g = z.finish();                    // == reduce_scatter_mean(grads)
 //
 // Partition: parameter i with N elements is cut into n chunks of C = ceil(N / n) elements (the last ones
 // shorter, or empty when N < n); rank r owns elements [r C, min(N, (r + 1) C)). Parameters are packed
@@ -81,7 +81,9 @@ class ZeroShards {
   /// [this](size_t i, const Tensor& g) { on_grad_ready(i, g); } (the object must outlive the callback).
   std::function<void(size_t, const Tensor&)> hook();
   /// Collective: completes the overlapped step. Gradients never reported count as zeros. Returns what
-  /// reduce_scatter_mean would of the reported gradients (bitwise the same) and resets for the next step.
+  /// reduce_scatter_mean would of the reported gradients (bitwise with OpenMPI, as tested; an MPI whose
+  /// non-blocking reduce-scatter adds the ranks in another order may differ in the last bits) and resets
+  /// for the next step.
   ParamTree finish();
   /// Abandons an overlapped step (e.g. after an exception in backward): waits for the buckets started
   /// and drops the reported gradients. Not collective by itself; ranks must agree on abandoning it.
