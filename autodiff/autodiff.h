@@ -71,9 +71,11 @@ std::pair<Tensor, ParamTree> value_and_grad(const std::function<Tensor()>& fn, c
 /// fn must compute the same thing twice (no fresh randomness per call; collectives inside fn run again,
 /// so every rank of their group must checkpoint the same way). x may be integer (token ids; then only
 /// `params` get gradients) or undefined (fn reads its input elsewhere; it is called with Tensor()).
-/// Without grad mode, or when neither x nor a param requires grad, it is just fn(x); under jit::trace
-/// (jit(), vmap) too: fn is traced inline (a replay must read every tensor through the graph's inputs,
-/// and the graph's memory plan decides what is kept). Differentiable to any order: under create_graph
+/// Without grad mode, or when neither x nor a param requires grad, it is just fn(x). Under jit::trace
+/// (jit(), vmap) fn's ops are recorded into the graph but not on the tape, and the tape gets the
+/// checkpoint node alone: its vjp, traced in the backward pass, runs fn again inside a recomputation
+/// (ApplyObserver::on_recompute), which the JIT's passes keep apart from the forward's ops (Node::remat),
+/// so a compiled step recomputes too (docs/jit.md). Differentiable to any order: under create_graph
 /// the vjp recomputes fn from a recorded copy of x, so the gradients it returns depend on x, params and
 /// the cotangent through recorded ops (as PyTorch's non-reentrant checkpoint). Throws what fn throws;
 /// AutodiffError when fn returns an undefined tensor.

@@ -9,9 +9,27 @@
 namespace titanax {
 namespace {
 
-// Inputs: {x, params...}, or {params...} when x is undefined (has_x false).
+// Tells the tracer (if any) that the ops in this scope recompute values (ApplyObserver::on_recompute).
+class RecomputeScope {
+ public:
+  RecomputeScope() : obs_(apply_observer()) {
+    if (obs_) obs_->on_recompute(true);
+  }
+  ~RecomputeScope() {
+    if (obs_) obs_->on_recompute(false);
+  }
+  RecomputeScope(const RecomputeScope&) = delete;
+  RecomputeScope& operator=(const RecomputeScope&) = delete;
+
+ private:
+  ApplyObserver* obs_;
+};
+
+// Inputs: {x, params...}, or {params...} when x is undefined (has_x false). `traced`: fn already ran
+// (recorded by the tracer, not on the tape) and gave this value; forward() returns it.
 struct Checkpoint final : Op {
-  Checkpoint(std::function<Tensor(const Tensor&)> f, bool has_x) : fn(std::move(f)), has_x(has_x) {}
+  Checkpoint(std::function<Tensor(const Tensor&)> f, bool has_x, Tensor traced = {})
+      : fn(std::move(f)), has_x(has_x), traced(std::move(traced)) {}
   const char* name() const override { return "checkpoint"; }
   // Each checkpoint wraps its own function: no two are interchangeable (the JIT's CSE compares attrs).
   std::string attrs() const override { return "fn=" + std::to_string(reinterpret_cast<uintptr_t>(this)); }
@@ -23,6 +41,7 @@ struct Checkpoint final : Op {
   }
   bool custom_forward() const override { return true; }
   TensorList forward(const TensorList& in) const override {
+    if (traced.defined()) return {traced.detach()};  // a new handle on the traced value (the tracer maps it)
     NoGradGuard ng;  // the inside is not recorded: only this node is
     return {checked(fn(has_x ? in[0] : Tensor()))};
   }
@@ -49,7 +68,11 @@ struct Checkpoint final : Op {
         wrt.push_back(in[i]);
         idx.push_back(i);
       }
-    Tensor y = checked(fn(x));
+    Tensor y;
+    {
+      RecomputeScope rs;  // traced: the recomputed ops stay apart from the forward's
+      y = checked(fn(x));
+    }
     BackwardOptions bo;
     bo.seed = ct[0];
     bo.create_graph = create_graph;
@@ -65,6 +88,7 @@ struct Checkpoint final : Op {
   }
   std::function<Tensor(const Tensor&)> fn;
   bool has_x;
+  Tensor traced;
 };
 
 }  // namespace
@@ -73,13 +97,24 @@ Tensor checkpoint(const std::function<Tensor(const Tensor&)>& fn, const Tensor& 
   bool any = x.defined() && x.requires_grad();
   for (const auto& p : params) any = any || p.requires_grad();
   if (!GradMode::enabled() || !any) return fn(x);
-  // Under a trace (jit, vmap) fn is recorded inline. The node would read `params` through fn's closure,
-  // not through its inputs, so a replay would compute with the tensors of the trace, not the replay's;
-  // the graph's memory plan decides instead what stays alive.
-  if (apply_observer()) return fn(x);
   TensorList in;
   if (x.defined()) in.push_back(x);
   in.insert(in.end(), params.begin(), params.end());
+  if (apply_observer()) {
+    // Under a trace (jit, vmap) a checkpoint node in the graph would read `params` through fn's closure,
+    // not through its inputs, so a replay would compute with the trace's tensors. Instead fn's ops are
+    // recorded into the graph (not on the tape), and the tape gets the checkpoint node alone (not into
+    // the graph), whose output is fn's value: its vjp, traced in the backward pass, runs fn again inside
+    // a recomputation (ApplyObserver::on_recompute) and the graph holds both, so the forward's
+    // intermediates die in the forward pass (jit's memory plan) and the backward makes them again.
+    Tensor y;
+    {
+      NoGradGuard ng;
+      y = Checkpoint::checked(fn(x));
+    }
+    NoTraceGuard untraced;
+    return apply1(std::make_shared<Checkpoint>(fn, x.defined(), y), std::move(in));
+  }
   return apply1(std::make_shared<Checkpoint>(fn, x.defined()), std::move(in));
 }
 

@@ -19,7 +19,10 @@
 // weights, EngineOptions::precision) instead of f32. Every run prints peak_mb, its peak memory.
 // --loss-chunk N: also times the same step with the loss head in chunks of N tokens
 // (GPTConfig::loss_chunk_tokens), adding chunk_us_per_step, chunk_of_full (the whole head's time over
-// the chunked one's) and chunk_peak_mb.
+// the chunked one's) and chunk_peak_mb. --jit: every run compiles the step (EngineOptions::jit; the
+// replays' arena counts in the peaks); every line says jit=0 or 1. step_peak_mb (chunk_step_peak_mb):
+// the peak over the timed steps alone, after the warm-up (under jit the first step traces, holding every
+// tensor of the trace: the replays' peak is this one).
 #include <omp.h>
 
 #include <chrono>
@@ -58,7 +61,7 @@ int main(int argc, char** argv) {
   int64_t steps = 20, warmup = 3, peer_steps = 20;
   tx::nn::GPTConfig cfg;  // the reference config
   int64_t B = 16, lora = 0, loss_chunk = 0;
-  bool peer = true, zero = false, bf16 = false;
+  bool peer = true, zero = false, bf16 = false, jit = false;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&] { return std::stoll(argv[++i]); };
@@ -76,9 +79,10 @@ int main(int argc, char** argv) {
     else if (a == "--no-peer") peer = false;
     else if (a == "--zero") zero = true;
     else if (a == "--bf16") bf16 = true;
+    else if (a == "--jit") jit = true;
     else {
       std::fprintf(stderr, "usage: gpt_step [--steps N] [--warmup N] [--B N] [--T N] [--vocab N] [--dim N] [--layers N] "
-                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--loss-chunk N] [--zero] [--bf16]\n");
+                           "[--heads N] [--peer-steps N] [--no-peer] [--lora R] [--loss-chunk N] [--zero] [--bf16] [--jit]\n");
       return 2;
     }
   }
@@ -102,7 +106,7 @@ int main(int argc, char** argv) {
     };
     // The mean and best microseconds per Engine::step of a model of config c, and its last loss.
     struct Timing {
-      double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0;
+      double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0, step_peak_mb = 0;
     };
     tx::Allocator& alloc = tx::allocator_for(tx::Device::cpu());
     auto time_steps = [&](const tx::nn::GPTConfig& c, const tx::Plan& pl) {
@@ -113,9 +117,11 @@ int main(int argc, char** argv) {
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
                                    .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
       tx::Engine engine(mesh, pl, std::move(opt),
-                        {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(), .grad_clip = 1.0});
+                        {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(), .grad_clip = 1.0, .jit = jit});
       Timing t;
       for (int64_t i = 0; i < warmup; ++i) t.loss = engine.step(*model, tx::nn::lm_loss, batch(i)).loss;
+      const double warm_peak = double(alloc.stats().peak_bytes);
+      alloc.reset_peak();
       for (int64_t i = 0; i < steps; ++i) {
         tx::Batch b = batch(warmup + i);
         auto t0 = std::chrono::steady_clock::now();
@@ -124,7 +130,8 @@ int main(int argc, char** argv) {
         t.mean += us / double(steps);
         t.best = std::min(t.best, us);
       }
-      t.peak_mb = double(alloc.stats().peak_bytes - before) / (1 << 20);
+      t.step_peak_mb = double(alloc.stats().peak_bytes - before) / (1 << 20);
+      t.peak_mb = (std::max(warm_peak, double(alloc.stats().peak_bytes)) - double(before)) / (1 << 20);
       for (const auto& [name, v] : engine.optimizer().state()) t.opt_state_mb += double(v.nbytes()) / (1 << 20);
       return t;
     };
@@ -134,10 +141,10 @@ int main(int argc, char** argv) {
     std::snprintf(buf, sizeof buf,
                   "bench=gpt_step device=cpu ranks=%d tp=%d threads=%d vocab=%lld layers=%lld dim=%lld heads=%lld T=%lld B=%lld "
                   "steps=%lld precision=%s us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f "
-                  "peak_mb=%.1f",
+                  "peak_mb=%.1f step_peak_mb=%.1f jit=%d",
                   n, tp ? n : 1, omp_get_max_threads(), (long long)cfg.vocab, (long long)cfg.layers, (long long)cfg.dim,
                   (long long)cfg.heads, (long long)T, (long long)B, (long long)steps, bf16 ? "bf16" : "f32", us, best,
-                  double(B * T) * 1e6 / us, full.loss, us * 2000 / 6e7, full.peak_mb);
+                  double(B * T) * 1e6 / us, full.loss, us * 2000 / 6e7, full.peak_mb, full.step_peak_mb, int(jit));
     std::string line = buf;
     if (lora > 0) {
       tx::nn::GPTConfig lc = cfg;
@@ -154,8 +161,8 @@ int main(int argc, char** argv) {
       tx::nn::GPTConfig cc = cfg;
       cc.loss_chunk_tokens = loss_chunk;
       const Timing c = time_steps(cc, plan);
-      std::snprintf(buf, sizeof buf, " loss_chunk=%lld chunk_us_per_step=%.0f chunk_of_full=%.2f chunk_peak_mb=%.1f",
-                    (long long)loss_chunk, c.mean, us / c.mean, c.peak_mb);
+      std::snprintf(buf, sizeof buf, " loss_chunk=%lld chunk_us_per_step=%.0f chunk_of_full=%.2f chunk_peak_mb=%.1f chunk_step_peak_mb=%.1f",
+                    (long long)loss_chunk, c.mean, us / c.mean, c.peak_mb, c.step_peak_mb);
       line += buf;
     }
     if (zero) {

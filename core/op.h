@@ -196,6 +196,11 @@ class ApplyObserver {
   /// The autodiff engine made `to`, a new handle on `from`'s values (the tape's saved outputs): a
   /// forward-mode jvp gives it from's tangent. (A user's detach() is not an alias: it stops tangents.)
   virtual void on_alias(const Tensor& from, const Tensor& to) {}
+  /// Activation checkpointing (autodiff's checkpoint()) starts (begin = true) or ends recomputing values
+  /// the function computed before, in the backward pass; nested pairs. A tracer keeps the ops in between
+  /// apart from the originals: they are not common subexpressions, since merging them would keep the
+  /// originals alive until the backward pass and undo the recomputation.
+  virtual void on_recompute(bool begin) {}
 };
 /// Installs `o` for the calling thread (nullptr removes it); returns the one installed before.
 ApplyObserver* set_apply_observer(ApplyObserver* o);

@@ -86,7 +86,8 @@ struct GPTConfig {
   /// (torchtune's chunked cross-entropy; Liger-Kernel's fused linear cross-entropy computes the
   /// gradients in the forward instead of recomputing). Costs one more head GEMM per chunk; the loss and
   /// gradients are those of the whole logits up to the order of the sums. Under jit the chunks are traced
-  /// inline (the graph's memory plan decides what is kept). Must be >= 0.
+  /// inline, not recomputed: the JIT fuses each chunk's cross-entropy with its gradient in the forward,
+  /// and recomputing gave the same planned peak, 15% slower (docs/gpt.md). Must be >= 0.
   int64_t loss_chunk_tokens = 0;
   /// This config without adapters (lora_rank 0): the base model the adapters are trained on.
   GPTConfig without_lora() const {

@@ -979,6 +979,7 @@ int fuse_elementwise(Graph& g) {
       if (p < 0 || group[size_t(p)] < 0) continue;
       const int gp = group[size_t(p)];
       if (spec(g, g.nodes[size_t(members[size_t(gp)][0])].outputs[0]).shape == shape &&
+          g.nodes[size_t(members[size_t(gp)][0])].remat == g.nodes[size_t(i)].remat &&  // a recomputation stays apart
           std::find(cand.begin(), cand.end(), gp) == cand.end())
         cand.push_back(gp);
     }
@@ -993,9 +994,40 @@ int fuse_elementwise(Graph& g) {
       for (int gp : gs) merging[size_t(gp)] = false;
       return ok;
     };
+    // Memory: a fused node runs at its last member's place, so i joining group gp keeps gp's inputs alive
+    // until i and spares materialising gp's values that only i reads. Across intervening nodes (the
+    // gradient contributions a traced backward accumulates far apart) that kept every contribution alive
+    // to the last add. Join only when the bytes kept alive longer, times the intervening nodes they span,
+    // do not exceed the bytes spared, times theirs (adjacent nodes: nothing either way).
+    auto bytes = [&](int v) { return double(spec(g, v).shape.numel()) * double(itemsize(spec(g, v).dtype)); };
+    auto worth = [&](int gp) {
+      const auto& mem = members[size_t(gp)];
+      const int last = mem.back();
+      auto inside = [&](int node) { return node == i || (node >= 0 && group[size_t(node)] == gp); };
+      double extended = 0, spared = 0;
+      std::vector<int> seen;
+      for (int m : mem)
+        for (int v : g.nodes[size_t(m)].inputs) {
+          const int p = prod[size_t(v)];
+          if (p < 0 || inside(p) || u.graph_output[size_t(v)] || std::find(seen.begin(), seen.end(), v) != seen.end()) continue;
+          seen.push_back(v);
+          const int from = std::max(last, u.consumers[size_t(v)].back());
+          if (from < i) extended += bytes(v) * double(i - from - 1);
+        }
+      for (int m : mem)
+        for (int w : g.nodes[size_t(m)].outputs) {
+          const auto& c = u.consumers[size_t(w)];
+          if (u.graph_output[size_t(w)] || std::find(c.begin(), c.end(), i) == c.end() ||
+              !std::all_of(c.begin(), c.end(), inside))
+            continue;
+          spared += bytes(w) * double(i - last - 1);
+        }
+      return extended <= spared;
+    };
     // Take each candidate group in turn while the union stays acyclic (all of them when possible).
     std::vector<int> take;
     for (int c : cand) {
+      if (!worth(c)) continue;
       take.push_back(c);
       if (!acyclic(take)) take.pop_back();
     }
@@ -1037,6 +1069,7 @@ int fuse_elementwise(Graph& g) {
     node.op = std::make_shared<FusedElementwise>(std::move(p));
     node.scope = g.nodes[size_t(mem.front())].scope;
     for (int m : mem) node.scope = common_scope(node.scope, g.nodes[size_t(m)].scope);
+    node.remat = g.nodes[size_t(mem.front())].remat;
     for (int m : mem) drop[size_t(m)] = true;
     fused_at[size_t(mem.back())] = std::move(node);
     removed += int(mem.size()) - 1;
@@ -1100,6 +1133,7 @@ int fuse_matmul_epilogues(Graph& g) {
         node.outputs.insert(node.outputs.end(), pout.begin(), pout.end());
         node.op = std::make_shared<FusedMatmulEpilogue>(mm.op, gin, vs, std::move(*p), k, keep);
         node.scope = mm.scope;
+        node.remat = mm.remat;
         replace_nodes(g, c, std::move(node), {int(i)});
         ++removed;
         changed = true;
@@ -1129,7 +1163,7 @@ int fuse_reduction_prologues(Graph& g) {
     const int rank = p->shape.rank();
     std::vector<bool> reduced(size_t(rank), axes->empty());
     for (int64_t a : *axes) reduced[size_t(normalize_axis(int(a), rank))] = true;
-    Node node{std::make_shared<FusedReduce>(std::move(*p), r.op, std::move(reduced), out), pin, r.outputs, {}, r.scope};
+    Node node{std::make_shared<FusedReduce>(std::move(*p), r.op, std::move(reduced), out), pin, r.outputs, {}, r.scope, r.remat};
     g.nodes[i] = std::move(node);
     drop.push_back(c);
   }
@@ -1207,7 +1241,7 @@ int fuse_cross_entropy(Graph& g) {
       if (depends_on(g, prod, b.inputs[2], f.outputs[0])) continue;
       OpPtr op = fused_cross_entropy_op(*f.op, *b.op);
       if (!op) continue;
-      g.nodes[i] = Node{std::move(op), b.inputs, {f.outputs[0], b.outputs[0]}, {}, common_scope(f.scope, b.scope)};
+      g.nodes[i] = Node{std::move(op), b.inputs, {f.outputs[0], b.outputs[0]}, {}, common_scope(f.scope, b.scope), f.remat};
       dropped[j] = true;
       ++fused;
       break;
@@ -1246,7 +1280,7 @@ int fuse_layer_norm_backward_add(Graph& g) {
       std::vector<int> in = ln.inputs, outs = ln.outputs;
       in.push_back(res);
       outs[0] = add.outputs[0];
-      ln = Node{std::move(op), std::move(in), std::move(outs), {}, common_scope(ln.scope, add.scope)};
+      ln = Node{std::move(op), std::move(in), std::move(outs), {}, common_scope(ln.scope, add.scope), ln.remat};
       dropped[a] = true;
       ++fused;
       break;

@@ -90,8 +90,14 @@ class Tracer final : public ApplyObserver {
     keep.push_back(t);
     return id;
   }
+  std::vector<int> remat_stack;  // the recomputations open now (on_recompute), innermost last
+  int remats = 0;                // how many have begun
+  void on_recompute(bool begin) override {
+    if (begin) remat_stack.push_back(++remats);
+    else if (!remat_stack.empty()) remat_stack.pop_back();
+  }
   void on_apply(const OpPtr& op, const TensorList& in, const TensorList& out) override {
-    Node n{op, {}, {}, {}, current_scope()};
+    Node n{op, {}, {}, {}, current_scope(), remat_stack.empty() ? 0 : remat_stack.back()};
     for (const auto& t : in) n.inputs.push_back(value_of(t));
     const int idx = int(g.nodes.size());
     for (size_t k = 0; k < out.size(); ++k) n.outputs.push_back(add(Value{Value::Kind::node_output, spec_of(out[k]), idx, int(k), {}}, out[k]));
@@ -409,6 +415,7 @@ std::string Graph::str() const {
       if (n.in_place[k] >= 0) inplace += (inplace.empty() ? "" : ", ") + v(n.outputs[k]) + " into " + v(n.inputs[size_t(n.in_place[k])]);
     if (!inplace.empty()) s += "   (in place: " + inplace + ")";
     if (!n.scope.empty()) s += "   # " + n.scope;
+    if (n.remat) s += "   (recomputation " + std::to_string(n.remat) + ")";
     s += "\n";
   }
   for (const Update& u : updates) s += "  " + target_name(u.target) + " <- " + v(u.value) + "\n";
@@ -482,11 +489,11 @@ int eliminate_common_subexpressions(Graph& g) {
         }
       if (!merged) consts.push_back(int(id));
     }
-  std::map<std::tuple<std::string, std::string, std::vector<int>>, int> seen;  // (op, attrs, inputs) -> node
+  std::map<std::tuple<std::string, std::string, std::vector<int>, int>, int> seen;  // (op, attrs, inputs, remat) -> node
   std::vector<Node> kept;
   int merged = 0;
   for (auto& n : g.nodes) {
-    auto key = std::make_tuple(std::string(n.op->name()), n.op->attrs(), n.inputs);
+    auto key = std::make_tuple(std::string(n.op->name()), n.op->attrs(), n.inputs, n.remat);
     auto [it, fresh] = seen.try_emplace(key, int(kept.size()));
     if (!fresh && kept[size_t(it->second)].outputs.size() == n.outputs.size()) {
       for (size_t k = 0; k < n.outputs.size(); ++k) replace_uses(g, n.outputs[k], kept[size_t(it->second)].outputs[k]);

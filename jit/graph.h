@@ -77,6 +77,10 @@ struct Node {
   /// The module path the op ran in while traced (autodiff/anomaly.h current_scope()), for anomaly reports.
   /// A fused node has its GEMM's or reduction's path, an elementwise group the longest its members share.
   std::string scope;
+  /// 0, or the recomputation the op belongs to (checkpoint() traced: its vjp runs the function again, and
+  /// each such run is numbered from 1). eliminate_common_subexpressions merges only nodes with the same
+  /// number, so a recomputed value is made again in the backward pass instead of kept from the forward.
+  int remat = 0;
 };
 
 class Graph {

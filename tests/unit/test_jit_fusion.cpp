@@ -18,6 +18,7 @@
 #include "engine/nn.h"
 #include "engine/optim.h"
 #include "jit/fusion.h"
+#include "jit/memory_plan.h"
 #include "jit_test_util.h"
 #include "op_cases.h"
 #include "ops/ops.h"
@@ -120,6 +121,29 @@ TEST_CASE("jit fusion: an intermediate used outside the group is an extra output
   CHECK(count_op(fg, "matmul") == 1);
   // The fused node runs before the matmul reading its output.
   CHECK(fg.values[size_t(first_op(fg, "matmul").inputs[0])].producer < fg.values[size_t(first_op(fg, "matmul").outputs[0])].producer);
+}
+
+TEST_CASE("jit fusion: adds far apart (a gradient's contributions) stay apart, so each contribution dies early", "[jit][fusion][memory]") {
+  // acc = c1 + c2 + c3 + c4 with each contribution a GEMM's output made just before its add, as a traced
+  // backward accumulates a weight's gradient. One fused group for the adds would run at the last add and
+  // keep all four contributions alive until then; fused or not, the planned peak must be that of the
+  // unfused graph, while adjacent elementwise ops (tanh then * 2) still fuse.
+  const TensorList ws{rnd(30, Shape{96, 128}), rnd(31, Shape{96, 128}), rnd(32, Shape{96, 128}), rnd(33, Shape{96, 128})};
+  auto f = [&](const TensorList& in) {
+    Tensor acc = tanh(in[0]) * 2.0;
+    for (const Tensor& w : ws) acc = acc + matmul(in[1], w);
+    return TensorList{sum(acc)};
+  };
+  const TensorList args{rnd(34, Shape{64, 128}), rnd(35, Shape{64, 96})};
+  jit::Graph fg = fused_vs_unfused(f, args, {rnd(36, Shape{64, 128}), rnd(37, Shape{64, 96})}, jit::fuse_elementwise);
+  // tanh, * 2 and the first two adds (a GEMM apart: each keeps alive as many bytes as it spares); the
+  // later adds would keep two contributions alive across a GEMM to spare one, and stay apart.
+  CHECK(count_op(fg, "fused") == 1);
+  CHECK(count_op(fg, "add") == 2);
+  jit::Graph g = jit::trace(f, args);
+  const size_t unfused_peak = jit::plan_memory_pass(g).peak_live_bytes, fused_peak = jit::plan_memory_pass(fg).peak_live_bytes;
+  INFO("planned peak: unfused " << unfused_peak << " B, fused " << fused_peak << " B");
+  CHECK(fused_peak <= unfused_peak);
 }
 
 TEST_CASE("jit fusion: a non-elementwise op between elementwise nodes stops the group", "[jit][fusion]") {
