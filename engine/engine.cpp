@@ -167,6 +167,26 @@ void Engine::update(ParamTree& params, const ParamTree& grads, const Tensor& ski
 }
 
 namespace {
+// Abandons a step's overlapped buckets (GradientSync::reset, ZeroShards::reset) when the step throws
+// before finishing them (forward, backward, a pipeline transfer), so the next step starts afresh.
+class AbandonOnThrow {
+ public:
+  AbandonOnThrow(GradientSync* sync, ZeroShards* zero) : sync_(sync), zero_(zero) {}
+  ~AbandonOnThrow() {
+    if (!armed_) return;
+    if (sync_) sync_->reset();
+    if (zero_) zero_->reset();
+  }
+  AbandonOnThrow(const AbandonOnThrow&) = delete;
+  AbandonOnThrow& operator=(const AbandonOnThrow&) = delete;
+  void dismiss() { armed_ = false; }
+
+ private:
+  GradientSync* sync_;
+  ZeroShards* zero_;
+  bool armed_ = true;
+};
+
 // An optimizer's per-parameter state entries "<kind>/<path>" by kind ("m", "v", "momentum"), each a tree by
 // parameter path (sorted by kind: the same order on every rank); the other entries ("step") into `rest`.
 std::map<std::string, ParamTree> state_by_kind(const ParamTree& state, ParamTree* rest = nullptr) {
@@ -234,9 +254,25 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   pm.set_recompute_layers(pp.recompute == Recompute::layers ? pp.recompute_layers : 0);
   TensorList tensors;
   for (const auto& [p, t] : params) tensors.push_back(t);
+  const std::vector<nn::PipelineModule::Tied> tied = pm.tied_parameters();
+  auto is_tied = [&](const std::string& path) {
+    return std::any_of(tied.begin(), tied.end(), [&](const nn::PipelineModule::Tied& t) { return t.path == path; });
+  };
+  // Data parallelism: the stage's last backward hands each gradient to the bucketed all-reduce (or
+  // reduce-scatter) as soon as its sum over the microbatches is final; a tied weight's waits for the
+  // other stage's part (below).
+  auto report = [&](size_t k, const Tensor& g) {
+    if (sync_) sync_->on_grad_ready(k, g);
+    else zero_->on_grad_ready(k, g);
+  };
   PipelineStageFns fns{
       .forward = [&](int i, const Tensor& in) { return pm.stage_forward(in, mbs[size_t(i)], Reduction::mean); },
       .input_spec = [&](int i) { return pm.stage_input_spec(mbs[size_t(i)]); }};
+  if (sync_ || zero_)
+    fns.on_grad_ready = [&](size_t k, const Tensor& g) {
+      if (!is_tied(params[k].first)) report(k, g);
+    };
+  AbandonOnThrow abandon(sync_.get(), zero_.get());
   PipelineResult pr = run_pipeline(mesh_.comm(pp.axis), pp, tensors, fns);
   last_pipeline_stats_ = pr.stats;
 
@@ -245,15 +281,19 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   // Tied weights: both stages add the other's gradient (a + b == b + a in IEEE arithmetic, so the two
   // copies get bit-identical gradients and stay identical under the same update).
   std::set<std::string> not_counted;
-  for (const auto& t : pm.tied_parameters()) {
+  for (const auto& t : tied) {
     if (!grads.contains(t.path)) continue;  // frozen (on both stages: the same paths are frozen there)
     NoGradGuard ng;
     Tensor& g = grads.at(t.path);
     g = add(g, mesh_.comm(pp.axis).sendrecv(g, t.peer_stage, t.peer_stage));
     if (!t.counted) not_counted.insert(t.path);
   }
-  if (sync_) grads = sync_->sync(grads);
-  if (zero_) grads = zero_->reduce_scatter_mean(grads);  // this rank's part of each mean over its stage's DP group
+  if (sync_ || zero_) {
+    for (size_t k = 0; k < params.size(); ++k)
+      if (is_tied(params[k].first)) report(k, grads[k].second);
+    abandon.dismiss();  // finish() resets on its own errors
+    grads = sync_ ? sync_->finish() : zero_->finish();  // zero_: this rank's part of each mean over its stage's DP group
+  }
 
   StepResult r;
   r.lr = opt_->lr();
@@ -280,16 +320,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
 
   ParamTree acc_grads;
   double loss_sum = 0;
-  // A throw in forward or backward abandons the step's overlapped buckets, so the next step starts afresh.
-  struct Abandon {
-    Engine& e;
-    bool armed = true;
-    ~Abandon() {
-      if (!armed) return;
-      if (e.sync_) e.sync_->reset();
-      if (e.zero_) e.zero_->reset();
-    }
-  } abandon{*this};
+  AbandonOnThrow abandon(sync_.get(), zero_.get());
   for (int i = 0; i < acc; ++i) {
     Batch mb = acc == 1 ? batch : batch.slice(i * micro, (i + 1) * micro);
     const bool last = i == acc - 1;
@@ -322,7 +353,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
         for (size_t k = 0; k < grads.size(); ++k) acc_grads[k].second = add(acc_grads[k].second, grads[k].second);
     }
   }
-  abandon.armed = false;  // finish() resets on its own errors
+  abandon.dismiss();  // finish() resets on its own errors
   ParamTree grads;
   if (sync_) {
     grads = sync_->finish();

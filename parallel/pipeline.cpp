@@ -199,6 +199,9 @@ PipelineResult run_pipeline(Communicator& pipe, const PP& pp, const TensorList& 
 
   double loss_sum = 0;
   int in_flight = 0;
+  size_t last_backward = 0;
+  for (size_t k = 0; k < actions.size(); ++k)
+    if (actions[k].kind == Kind::backward) last_backward = k;
   for (size_t k = 0; k < actions.size(); ++k) {
     const PipelineAction& a = actions[k];
     const int i = a.microbatch;
@@ -228,8 +231,16 @@ PipelineResult run_pipeline(Communicator& pipe, const PP& pp, const TensorList& 
       if (!first) wrt.push_back(slot.input);
       BackwardOptions bo;
       bo.seed = dy;
+      const bool final_backward = fns.on_grad_ready && k == last_backward;
+      if (final_backward)  // each sum is final when its last term is: hand it over at once
+        bo.on_grad_ready = [&](size_t p, const Tensor& gp) {
+          if (p >= params.size()) return;  // the input's gradient, sent to the previous stage below
+          NoGradGuard ng;
+          res.grads[p] = res.grads[p].defined() ? add(res.grads[p], gp) : gp;
+          fns.on_grad_ready(p, res.grads[p]);
+        };
       TensorList g = grad(slot.output, wrt, bo);
-      {
+      if (!final_backward) {
         NoGradGuard ng;
         for (size_t p = 0; p < params.size(); ++p) res.grads[p] = res.grads[p].defined() ? add(res.grads[p], g[p]) : g[p];
       }

@@ -68,6 +68,11 @@ struct PipelineStageFns {
   std::function<Tensor(int microbatch, const Tensor& input)> forward;
   /// Shape, dtype and device of what this stage receives for microbatch i (called on stages > 0).
   std::function<TensorSpec(int microbatch)> input_spec;
+  /// Optional: called during this stage's last backward (its last microbatch's) with each parameter's
+  /// gradient summed over the microbatches (PipelineResult::grads[k]) as soon as it is final, by index
+  /// into `params` (BackwardOptions::on_grad_ready): data parallelism starts averaging buckets there, as
+  /// Megatron-LM overlaps its gradient reduction with the pipeline's last backward.
+  std::function<void(size_t param, const Tensor& grad)> on_grad_ready;
 };
 
 /// Measurements of one executed step on this rank.

@@ -254,13 +254,21 @@ TEST_CASE("pipeline: a one-stage pipelined step equals value_and_grad of the mea
       model.set_recompute_layers(rc == Recompute::layers ? k : 0);
       std::vector<Batch> mbs;
       for (int i = 0; i < 4; ++i) mbs.push_back(batch.slice(i, i + 1));
+      TensorList reported(params.size());
+      int reports = 0;
       PipelineResult r = run_pipeline(mesh.comm("pipe"), pp, tensors, {
           .forward = [&](int i, const Tensor& in) { return model.stage_forward(in, mbs[size_t(i)], Reduction::mean); },
-          .input_spec = [&](int i) { return model.stage_input_spec(mbs[size_t(i)]); }});
+          .input_spec = [&](int i) { return model.stage_input_spec(mbs[size_t(i)]); },
+          .on_grad_ready = [&](size_t p, const Tensor& g) {
+            ++reports;
+            reported.at(p) = g.clone();
+          }});
       CHECK(r.loss == Approx(ref_loss.item()).epsilon(1e-14));
+      CHECK(reports == int(params.size()));  // once each, in the last backward
       for (size_t p = 0; p < params.size(); ++p) {
         INFO(params[p].first);
         CHECK(max_abs_diff(r.grads[p], ref_grads[p].second) <= 1e-12);
+        CHECK(max_abs_diff(reported[p], r.grads[p]) == 0.0);  // the whole sum over the microbatches
       }
       CHECK(r.stats.peak_in_flight == (sched == PipelineSchedule::gpipe ? 4 : 1));
       for (const auto& [p, t] : params) CHECK_FALSE(t.requires_grad());  // flags restored
