@@ -28,6 +28,8 @@ struct TensorSpec {
   Shape shape;
   DType dtype = DType::f32;
   Device device;
+  /// Bytes of a contiguous tensor of this spec.
+  size_t nbytes() const { return size_t(shape.numel()) * itemsize(dtype); }
 };
 
 /// "f32[4, 3]", with "@cuda:0" after it for a spec off the CPU: how errors, graphs and reports print a spec.

@@ -160,6 +160,11 @@ std::map<std::string, PartitionSpec> Engine::norm_specs(const std::map<std::stri
   return zero_ ? zero_->norm_specs(tp_specs) : tp_specs;
 }
 
+void Engine::report_grad(size_t k, const Tensor& grad) {
+  if (sync_) sync_->on_grad_ready(k, grad);
+  else zero_->on_grad_ready(k, grad);
+}
+
 void Engine::update(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor) {
   if (!zero_) return opt_->step(params, grads, skip, grad_factor);
   opt_->step(zero_->masters(), grads, skip, grad_factor);
@@ -261,16 +266,12 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   // Data parallelism: the stage's last backward hands each gradient to the bucketed all-reduce (or
   // reduce-scatter) as soon as its sum over the microbatches is final; a tied weight's waits for the
   // other stage's part (below).
-  auto report = [&](size_t k, const Tensor& g) {
-    if (sync_) sync_->on_grad_ready(k, g);
-    else zero_->on_grad_ready(k, g);
-  };
   PipelineStageFns fns{
       .forward = [&](int i, const Tensor& in) { return pm.stage_forward(in, mbs[size_t(i)], Reduction::mean); },
       .input_spec = [&](int i) { return pm.stage_input_spec(mbs[size_t(i)]); }};
   if (sync_ || zero_)
     fns.on_grad_ready = [&](size_t k, const Tensor& g) {
-      if (!is_tied(params[k].first)) report(k, g);
+      if (!is_tied(params[k].first)) report_grad(k, g);
     };
   AbandonOnThrow abandon(sync_.get(), zero_.get());
   PipelineResult pr = run_pipeline(mesh_.comm(pp.axis), pp, tensors, fns);
@@ -290,7 +291,7 @@ StepResult Engine::pipeline_step(nn::Module& model, const Batch& batch) {
   }
   if (sync_ || zero_) {
     for (size_t k = 0; k < params.size(); ++k)
-      if (is_tied(params[k].first)) report(k, grads[k].second);
+      if (is_tied(params[k].first)) report_grad(k, grads[k].second);
     abandon.dismiss();  // finish() resets on its own errors
     grads = sync_ ? sync_->finish() : zero_->finish();  // zero_: this rank's part of each mean over its stage's DP group
   }
@@ -334,8 +335,7 @@ StepResult Engine::step(nn::Module& model, const LossFn& loss_fn, const Batch& l
         NoGradGuard ng;
         Tensor total = acc_grads.empty() ? g : add(std::exchange(acc_grads[idx].second, Tensor()), g);
         if (acc > 1) total = total * (1.0 / acc);
-        if (sync_) sync_->on_grad_ready(idx, total);
-        else zero_->on_grad_ready(idx, total);
+        report_grad(idx, total);
       };
       bo.release_reported = true;
     }

@@ -265,6 +265,9 @@ class Engine {
   /// The specs the gradient norm sums squares by (optim::global_norm): the TP specs, with the DP axis added
   /// to every parameter when the gradients are this rank's parts of them (ZeroShards::norm_specs).
   std::map<std::string, PartitionSpec> norm_specs(const std::map<std::string, PartitionSpec>& tp_specs) const;
+  /// Hands trainable parameter k's final gradient to the overlapped bucketed all-reduce (sync_) or
+  /// reduce-scatter (zero_); one of them must exist.
+  void report_grad(size_t k, const Tensor& grad);
   /// The optimizer step of every path: opt_->step(params, ...), or with the state sharded the step of this
   /// rank's parts (grads are then their gradients) and the all-gather of the updated parts into params.
   void update(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor);

@@ -466,7 +466,7 @@ Tensor GPT::head_loss(const Tensor& x0, const Tensor& targets, Reduction reducti
   TensorList parts;
   for (int64_t lo = 0; lo < N; lo += chunk) {
     const Tensor yc = y.slice(0, lo, std::min(N, lo + chunk)), hc = h.slice(0, lo, std::min(N, lo + chunk));
-    auto chunk_loss = [this, yc, per_chunk](const Tensor& hc) { return token_losses(logits_of(hc), yc, per_chunk); };
+    auto chunk_loss = [this, yc, per_chunk](const Tensor& x) { return token_losses(logits_of(x), yc, per_chunk); };
     parts.push_back(traced ? chunk_loss(hc) : checkpoint(chunk_loss, hc, {wte_->weight}));
   }
   if (reduction == Reduction::none) return parts.size() == 1 ? parts[0] : concat(parts, 0);

@@ -999,7 +999,6 @@ int fuse_elementwise(Graph& g) {
     // gradient contributions a traced backward accumulates far apart) that kept every contribution alive
     // to the last add. Join only when the bytes kept alive longer, times the intervening nodes they span,
     // do not exceed the bytes spared, times theirs (adjacent nodes: nothing either way).
-    auto bytes = [&](int v) { return double(spec(g, v).shape.numel()) * double(itemsize(spec(g, v).dtype)); };
     auto worth = [&](int gp) {
       const auto& mem = members[size_t(gp)];
       const int last = mem.back();
@@ -1012,7 +1011,7 @@ int fuse_elementwise(Graph& g) {
           if (p < 0 || inside(p) || u.graph_output[size_t(v)] || std::find(seen.begin(), seen.end(), v) != seen.end()) continue;
           seen.push_back(v);
           const int from = std::max(last, u.consumers[size_t(v)].back());
-          if (from < i) extended += bytes(v) * double(i - from - 1);
+          if (from < i) extended += double(spec(g, v).nbytes()) * double(i - from - 1);
         }
       for (int m : mem)
         for (int w : g.nodes[size_t(m)].outputs) {
@@ -1020,7 +1019,7 @@ int fuse_elementwise(Graph& g) {
           if (u.graph_output[size_t(w)] || std::find(c.begin(), c.end(), i) == c.end() ||
               !std::all_of(c.begin(), c.end(), inside))
             continue;
-          spared += bytes(w) * double(i - last - 1);
+          spared += double(spec(g, w).nbytes()) * double(i - last - 1);
         }
       return extended <= spared;
     };

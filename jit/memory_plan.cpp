@@ -82,7 +82,7 @@ MemoryPlan plan_memory(const Graph& g) {
       const int o = n.outputs[k];
       if (k < n.in_place.size() && n.in_place[k] >= 0) continue;  // the state tensor itself
       const TensorSpec& s = g.values[size_t(o)].spec;
-      const size_t bytes = align_up(size_t(s.shape.numel()) * itemsize(s.dtype));
+      const size_t bytes = align_up(s.nbytes());
       if (escapes[size_t(o)] || bytes == 0) continue;
       plan.planned.push_back({o, int(i), std::max(last[size_t(o)], int(i)), bytes, 0});
     }
@@ -184,7 +184,7 @@ TensorList run_node(const Graph& g, const MemoryPlan* plan, const std::shared_pt
       continue;
     }
     const PlannedValue& p = plan->planned[size_t(slot)];
-    const size_t bytes = size_t(s.shape.numel()) * itemsize(s.dtype);
+    const size_t bytes = s.nbytes();
     if (align_up(bytes) != p.bytes || bytes == 0)
       throw InternalError("jit: op '" + std::string(n.op->name()) + "' inferred another output size than the memory plan holds",
                           std::to_string(p.bytes) + " bytes (aligned) for %" + std::to_string(p.value),

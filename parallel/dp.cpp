@@ -88,7 +88,6 @@ struct GradientSync::State {
     Tensor buffer;
   };
   std::shared_ptr<Communicator> comm;
-  std::vector<std::string> paths;
   std::vector<Param> params;
   std::vector<Bucket> buckets;
   std::unique_ptr<detail::OverlappedBuckets> overlap;
@@ -105,11 +104,12 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
   s_->comm = mesh.comm_ptr(axis, loc);
 
   std::string header = "bucket_bytes " + std::to_string(bucket_bytes) + " first_bucket_bytes " + std::to_string(first_bucket_bytes);
+  std::vector<std::string> paths;
   std::vector<Shape> shapes;
   for (const auto& [path, t] : params) {
     if (!t.defined())
       throw ValueError("GradientSync: parameter '" + path + "' is an undefined tensor", "defined tensors", "Tensor()", "", loc);
-    s_->paths.push_back(path);
+    paths.push_back(path);
     shapes.push_back(t.shape());
     s_->params.push_back({t.shape(), t.dtype(), t.device()});
   }
@@ -139,7 +139,7 @@ GradientSync::GradientSync(const Mesh& mesh, const std::string& axis, const Para
     cur_bytes += bytes;
     bucket_params_[size_t(cur)].push_back(k);
   }
-  s_->overlap = std::make_unique<detail::OverlappedBuckets>("GradientSync", s_->paths, shapes, bucket_params_,
+  s_->overlap = std::make_unique<detail::OverlappedBuckets>("GradientSync", std::move(paths), std::move(shapes), bucket_params_,
                                                             [this](size_t b) { return launch(b); });
 }
 
@@ -168,7 +168,7 @@ std::unique_ptr<CollectiveRequest> GradientSync::launch(size_t bi) {
   return s.comm->iall_reduce(b.buffer, CollectiveOp::sum);
 }
 
-std::vector<std::string> GradientSync::paths() const { return s_->paths; }
+std::vector<std::string> GradientSync::paths() const { return s_->overlap->paths(); }
 
 ParamTree GradientSync::finish() {
   auto& s = *s_;
@@ -191,7 +191,7 @@ ParamTree GradientSync::finish() {
         g = make_view(avg[size_t(p.bucket)], p.shape, p.shape.contiguous_strides(), p.offset);
         if (g.dtype() != p.dtype) g = g.astype(p.dtype);
       }
-      out.insert(s.paths[k], g);
+      out.insert(s.overlap->paths()[k], g);
     }
   } catch (...) {
     reset();
@@ -207,11 +207,11 @@ ParamTree GradientSync::sync(const ParamTree& grads) {
     throw ValueError("GradientSync::sync() while an overlapped step is in progress",
                      "finish() before sync()", "gradients already reported through on_grad_ready");
   for (const auto& [path, t] : grads)
-    if (std::find(s.paths.begin(), s.paths.end(), path) == s.paths.end())
+    if (const auto& ps = s.overlap->paths(); std::find(ps.begin(), ps.end(), path) == ps.end())
       throw ValueError("GradientSync::sync(): unexpected gradient path '" + path + "'", "the parameters' paths",
                        "'" + path + "'");
   try {
-    for (size_t k = s.params.size(); k-- > 0;) on_grad_ready(k, grads.at(s.paths[k]));
+    for (size_t k = s.params.size(); k-- > 0;) on_grad_ready(k, grads.at(s.overlap->paths()[k]));
   } catch (...) {
     reset();
     throw;

@@ -1,5 +1,7 @@
 #include "parallel/overlap.h"
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace titanax::detail {
@@ -26,7 +28,6 @@ void OverlappedBuckets::report(size_t i, const Tensor& grad) {
     throw ValueError(who_ + ": undefined gradient for '" + paths_[i] + "'", "a tensor", "Tensor()");
   if (grad.shape() != shapes_[i])
     throw ShapeError(who_ + ": gradient of '" + paths_[i] + "' has the wrong shape", shapes_[i].str(), grad.shape().str());
-  in_step_ = true;
   reported_[i] = true;
   grads_[i] = grad.detach();
   if (bucket_of_[i] >= 0 && --pending_[size_t(bucket_of_[i])] == 0) start_ready();
@@ -62,7 +63,8 @@ void OverlappedBuckets::reset() {
   for (auto& g : grads_) g = Tensor();
   reported_.assign(paths_.size(), false);
   next_ = 0;
-  in_step_ = false;
 }
+
+bool OverlappedBuckets::in_step() const { return std::find(reported_.begin(), reported_.end(), true) != reported_.end(); }
 
 }  // namespace titanax::detail

@@ -41,7 +41,9 @@ class OverlappedBuckets {
   /// Parameter i's gradient as reported this step: undefined when it was not, or once its bucket started.
   const Tensor& grad(size_t i) const { return grads_.at(i); }
   /// Whether a gradient has been reported since the last reset().
-  bool in_step() const { return in_step_; }
+  bool in_step() const;
+  /// The parameters' paths, in order.
+  const std::vector<std::string>& paths() const { return paths_; }
   /// Waits for the buckets started (ignoring their errors) and drops the gradients: the next step starts
   /// afresh. Not collective by itself: the ranks must agree on abandoning a step.
   void reset();
@@ -59,7 +61,6 @@ class OverlappedBuckets {
   std::vector<Tensor> grads_;
   std::vector<bool> reported_;
   size_t next_ = 0;  // the next bucket to start
-  bool in_step_ = false;
 };
 
 }  // namespace titanax::detail

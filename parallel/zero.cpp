@@ -141,10 +141,15 @@ std::function<void(size_t, const Tensor&)> ZeroShards::hook() {
   return [this](size_t i, const Tensor& g) { on_grad_ready(i, g); };
 }
 
-std::unique_ptr<CollectiveRequest> ZeroShards::launch(size_t b) {
-  NoGradGuard ng;
+int64_t ZeroShards::bucket_elems(size_t b) const {
   int64_t S = 0;
   for (size_t i : buckets_[b]) S += params_[i].chunk;
+  return S;
+}
+
+std::unique_ptr<CollectiveRequest> ZeroShards::launch(size_t b) {
+  NoGradGuard ng;
+  const int64_t S = bucket_elems(b);
   const DType dtype = params_[buckets_[b][0]].dtype;
   const Device device = masters_[0].second.device();
   const Tensor packed = empty(Shape{n_ * S}, dtype, device);
@@ -194,7 +199,6 @@ void ZeroShards::check_parts(const ParamTree& parts) const {
 
 void ZeroShards::gather_bucket(size_t b, const ParamTree& parts, std::vector<Tensor>& whole) const {
   TensorList segs;  // this rank's chunk of each parameter, padded to C_i
-  int64_t S = 0;
   for (size_t i : buckets_[b]) {
     const Param& p = params_[i];
     const Tensor& t = parts[i].second;
@@ -202,10 +206,9 @@ void ZeroShards::gather_bucket(size_t b, const ParamTree& parts, std::vector<Ten
     segs.push_back(hi - lo == p.chunk ? t.astype(p.dtype)
                    : hi == lo        ? zeros(Shape{p.chunk}, p.dtype, t.device())
                                      : pad(t.astype(p.dtype), 0, 0, p.chunk - (hi - lo)));
-    S += p.chunk;
   }
   const Tensor packed = segs.size() == 1 ? segs[0] : concat(segs, 0);
-  const Tensor all = reshape(titanax::all_gather(mesh_, packed, axis_, 0), Shape{n_, S});  // row r: rank r's
+  const Tensor all = reshape(titanax::all_gather(mesh_, packed, axis_, 0), Shape{n_, bucket_elems(b)});  // row r: rank r's
   int64_t at = 0;
   for (size_t i : buckets_[b]) {
     const Param& p = params_[i];

@@ -129,6 +129,8 @@ class ZeroShards {
   void check_count(const ParamTree& t, const char* what) const;
   /// ValueError / ShapeError unless `parts` are one range(i)-long 1-d tensor per parameter.
   void check_parts(const ParamTree& parts) const;
+  /// S: bucket b's elements per rank (the sum of its parameters' chunks).
+  int64_t bucket_elems(size_t b) const;
   /// Bucket b's all-gather of `parts`: whole[i] for each parameter i of b.
   void gather_bucket(size_t b, const ParamTree& parts, std::vector<Tensor>& whole) const;
   /// Parameter i's gradient in its dtype, zero-padded to n C and viewed as [n, C]: row r is rank r's chunk.

@@ -140,14 +140,18 @@ TEST_CASE("ireduce_scatter gives reduce_scatter's block, by dtype and op, for st
     world.ireduce_scatter(xt, out)->wait();
     CHECK(vals(out) == vals(world.reduce_scatter(xt.contiguous())));
   }
-  // The request keeps its input alive: the caller's handle may go before wait().
+  // The request keeps its input alive: the caller's handle may go before wait(), and memory allocated
+  // meanwhile (the caching allocator would hand out a freed block of that size again) is another block.
   Tensor out = zeros(Shape{1});
   std::unique_ptr<CollectiveRequest> req;
   {
-    Tensor x = full(Shape{n}, double(r + 1));
+    Tensor x = full(Shape{n * 4096}, double(r + 1));
+    out = zeros(Shape{4096});
     req = world.ireduce_scatter(x, out);
   }
+  const Tensor junk = full(Shape{n * 4096}, -1e6);
   req->wait();
+  out = out.slice(0, 0, 1);
   CHECK(vals(out) == std::vector<double>{double(n * (n + 1) / 2)});
   // An output that does not fit is refused before the collective, naming the expected tensor.
   Tensor wrong = zeros(Shape{3});
