@@ -17,6 +17,7 @@
 #include <regex>
 #include <set>
 #include <sstream>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -28,7 +29,7 @@ namespace {
 namespace fs = std::filesystem;
 using json = nlohmann::ordered_json;
 
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;  // 3 added flat parts; 2 is read too
 constexpr const char* kFormatName = "titanax-checkpoint";
 constexpr uint64_t kMaxReadBuffer = 64ull << 20;  // bytes read per pread when loading
 
@@ -184,6 +185,15 @@ std::vector<int> row_major_coords(const std::vector<int64_t>& shape, int64_t ran
   return c;
 }
 
+// ValueError unless the run [f.begin, f.begin + numel) lies within f.block's elements.
+void check_flat_part(const std::string& name, const FlatPart& f, int64_t numel, const std::string& where) {
+  if (f.begin < 0 || f.begin + numel > f.block.numel())
+    throw ValueError(where + ": the flat part of '" + name + "' lies outside its block",
+                     "elements within [0, " + std::to_string(f.block.numel()) + ") of block " + f.block.str(),
+                     "[" + std::to_string(f.begin) + ", " + std::to_string(f.begin + numel) + ")",
+                     "begin is the part's first element in the block's row-major order, block the tensor's (local) shape");
+}
+
 int64_t test_kill_after_bytes() {
   const char* v = std::getenv("TITANAX_TEST_KILL_DURING_SAVE");
   if (!v || !*v) return -1;
@@ -215,7 +225,9 @@ struct SavedShard {
 
 struct SavedPiece {
   int shard = 0;
-  std::vector<int64_t> offsets, shape;
+  std::vector<int64_t> offsets, shape;  // the block
+  int64_t f0 = 0, f1 = 0;               // the run of the block's flattened elements held (the whole block unless flat)
+  bool flat = false;
   uint64_t begin = 0, end = 0;  // relative to the data section
   std::string chunk_crcs;       // 8 hex digits per chunk
 };
@@ -267,7 +279,7 @@ Parsed parse_checkpoint(const fs::path& cdir, int64_t step, int same_world = 0) 
     throw CheckpointError("checkpoint '" + mp + "' is in format version 1, which this Titanax no longer reads",
                           "format_version " + std::to_string(kFormatVersion), "1",
                           "load it with the Titanax version that wrote it and save it again, or start afresh");
-  if (version != kFormatVersion)
+  if (version != kFormatVersion && version != 2)
     throw CheckpointError("checkpoint '" + mp + "' has an unknown format version",
                           "format_version " + std::to_string(kFormatVersion), std::to_string(version),
                           "load it with the Titanax version that wrote it");
@@ -391,6 +403,15 @@ Parsed parse_checkpoint(const fs::path& cdir, int64_t step, int same_world = 0) 
         if (p.offsets[d] + p.shape[d] > G[d])
           bad(tw + " lies outside the global tensor", shape_str(G), "offsets " + shape_str(p.offsets) + " shape " + shape_str(p.shape));
         numel *= uint64_t(p.shape[d]);
+      }
+      p.f1 = int64_t(numel);
+      if (e.contains("flat")) {
+        const std::vector<int64_t> f = int_vec(e["flat"], tw + " flat", 0);
+        if (version < 3 || f.size() != 2 || f[0] > f[1] || (unsigned __int128)f[1] > numel)
+          bad(tw + " has a bad flat run", "[begin, end] within the block's " + std::to_string(uint64_t(numel)) +
+              " elements (format_version 3)", e["flat"].dump());
+        p.flat = true, p.f0 = f[0], p.f1 = f[1];
+        numel = uint64_t(p.f1 - p.f0);
       }
       if (!e["data_offsets"][0].is_number_unsigned() || !e["data_offsets"][1].is_number_unsigned())
         bad(tw + " has bad data_offsets", "[begin, end]", e["data_offsets"].dump());
@@ -572,12 +593,13 @@ void Checkpointer::set_crc_chunk_bytes(uint64_t n) {
 
 void Checkpointer::save(int64_t step, const ParamTree& tensors, const std::string& extra_json,
                         const std::map<std::string, PartitionSpec>& specs, const std::string& mesh_json,
-                        const std::string& plan_json) {
-  save_impl(step, tensors, extra_json, specs, mesh_json, plan_json, nullptr);
+                        const std::string& plan_json, const FlatParts& flat) {
+  save_impl(step, tensors, extra_json, specs, mesh_json, plan_json, nullptr, flat);
 }
 
 void Checkpointer::save(int64_t step, const ParamTree& tensors, const std::map<std::string, PartitionSpec>& specs,
-                        const Mesh& mesh, const std::string& extra_json, const std::string& plan_json) {
+                        const Mesh& mesh, const std::string& extra_json, const std::string& plan_json,
+                        const FlatParts& flat) {
   const int world = comm_ ? comm_->size() : 1;
   if (mesh.size() != world)  // same on every rank: all throw, none waits
     throw ValueError("Checkpointer::save: the mesh does not match the saving group", std::to_string(world) + " ranks",
@@ -587,12 +609,12 @@ void Checkpointer::save(int64_t step, const ParamTree& tensors, const std::map<s
   for (size_t i = 0; i < mesh.axes().size(); ++i) axes.push_back(mesh.axes()[i]), shape.push_back(mesh.shape()[i]);
   // {"axes": [...], "shape": [...]} keeps the axis order whatever the names.
   json mj = {{"axes", axes}, {"shape", shape}};
-  save_impl(step, tensors, extra_json, specs, mj.dump(), plan_json, &mesh.coords());
+  save_impl(step, tensors, extra_json, specs, mj.dump(), plan_json, &mesh.coords(), flat);
 }
 
 void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::string& extra_json,
                              const std::map<std::string, PartitionSpec>& specs, const std::string& mesh_json,
-                             const std::string& plan_json, const std::vector<int>* coords) {
+                             const std::string& plan_json, const std::vector<int>* coords, const FlatParts& flat) {
   const int rank = comm_ ? comm_->rank() : 0;
   const int world = comm_ ? comm_->size() : 1;
   const fs::path root(dir_);
@@ -627,6 +649,12 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
     plan = parse_arg(plan_json, "plan_json");
     for (const auto& [name, t] : tensors)
       if (!t.defined()) throw ValueError("Checkpointer::save: tensor '" + name + "' is undefined");
+    for (const auto& [name, f] : flat) {
+      if (!tensors.contains(name))
+        throw ValueError("Checkpointer::save: a flat part names a tensor that is not saved", "one of the saved tensors",
+                         "'" + name + "'", did_you_mean(name, tensors.paths()));
+      check_flat_part(name, f, tensors.at(name).numel(), "Checkpointer::save");
+    }
     layout = layout_of(mesh);
     for (size_t i = 0; i < layout.axes.size(); ++i)
       if (layout.shape[i] < 1)
@@ -665,11 +693,13 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
   });
 
   // ---- 2. every rank learns what every rank holds and the same writer for each block is chosen
+  using Range = std::pair<int64_t, int64_t>;  // [begin, end) of a block's flattened elements
   struct TensorPlan {
     DType dtype;
-    std::vector<int64_t> local, global;
+    std::vector<int64_t> local, global;  // local: the block's shape (a flat part's FlatPart::block)
     PartitionSpec spec;
-    std::map<std::vector<int>, int> writer;  // block (coords on the spec's axes) -> lowest rank holding it
+    // block (coords on the spec's axes) -> run of it -> the lowest rank holding that run
+    std::map<std::vector<int>, std::map<Range, int>> writer;
     std::vector<int> key(const std::vector<int>& c, const Layout& l) const {
       std::vector<int> k;
       for (const auto& a : spec)
@@ -679,6 +709,11 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
   };
   std::map<std::string, TensorPlan> plans;
   std::vector<std::string> order;
+  auto block_of = [&](const std::string& name, const Tensor& t) {  // this rank's block shape and run of it
+    auto f = flat.find(name);
+    if (f == flat.end()) return std::pair{t.shape().vec(), Range{0, t.numel()}};
+    return std::pair{f->second.block.vec(), Range{f->second.begin, f->second.begin + t.numel()}};
+  };
   {
     auto listings = exchange("list tensors", [&] {
       json l = {{"coords", my_coords}, {"tensors", json::array()}};
@@ -686,7 +721,9 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
       // the metadata) learns the splits of the other stages' tensors only from their holders.
       for (const auto& [name, t] : tensors) {
         auto sp = specs.find(name);
-        l["tensors"].push_back({name, std::string(dtype_name(t.dtype())), t.shape().vec(), sp == specs.end() ? PartitionSpec{} : sp->second});
+        const auto [block, run] = block_of(name, t);
+        l["tensors"].push_back({name, std::string(dtype_name(t.dtype())), block, sp == specs.end() ? PartitionSpec{} : sp->second,
+                                run.first, run.second});
       }
       return l.dump();
     });
@@ -699,6 +736,7 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
           const DType dt = dtype_from_name(e[1].get<std::string>());
           const auto shape = e[2].get<std::vector<int64_t>>();
           const auto spec = e[3].get<PartitionSpec>();
+          const Range run{e[4].get<int64_t>(), e[5].get<int64_t>()};
           auto [it, fresh] = plans.try_emplace(name);
           TensorPlan& p = it->second;
           if (fresh) {
@@ -719,7 +757,7 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
                              spec_str(p.spec) + " (the first rank holding it)", spec_str(spec) + " on rank " + std::to_string(r),
                              "pass the same specs on every rank");
           }
-          p.writer.emplace(p.key(rc, layout), int(r));
+          p.writer[p.key(rc, layout)].emplace(run, int(r));
         }
       }
       for (const auto& [name, spec] : specs)
@@ -735,19 +773,51 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
             p.global[d] *= k;
             blocks *= k;
           }
-        if (!layout.axes.empty() && layout.size() == world && int64_t(p.writer.size()) != blocks)
+        const bool covers = !layout.axes.empty() && layout.size() == world;
+        if (covers && int64_t(p.writer.size()) != blocks)
           throw ValueError("tensor '" + name + "' split by " + spec_str(p.spec) + " is missing blocks",
                            "all " + std::to_string(blocks) + " blocks held by some rank",
                            std::to_string(p.writer.size()) + " blocks", "every rank of the mesh must pass its block");
+        // The runs of each block (flat parts): disjoint, and together the whole block when the mesh covers the group.
+        int64_t numel = 1;
+        for (int64_t x : p.local) numel *= x;
+        for (const auto& [block, runs] : p.writer) {
+          int64_t end = 0;
+          for (const auto& [run, r] : runs) {
+            if (run.first == run.second) continue;
+            const std::string at = "[" + std::to_string(run.first) + ", " + std::to_string(run.second) + ")";
+            if (run.first < end)
+              throw ValueError("ranks hold overlapping flat parts of tensor '" + name + "'",
+                               "disjoint runs of its block's elements", at + " (rank " + std::to_string(r) +
+                               ") starts before " + std::to_string(end), "give each rank its own part (ZeroShards::range)");
+            if (covers && run.first > end)
+              throw ValueError("the flat parts of tensor '" + name + "' leave elements unsaved",
+                               "runs covering all " + std::to_string(numel) + " elements of each block",
+                               "no rank holds [" + std::to_string(end) + ", " + std::to_string(run.first) + ")",
+                               "every rank of the mesh must pass its part");
+            end = run.second;
+          }
+          if (covers && end != numel)
+            throw ValueError("the flat parts of tensor '" + name + "' leave elements unsaved",
+                             "runs covering all " + std::to_string(numel) + " elements of each block",
+                             "no rank holds [" + std::to_string(end) + ", " + std::to_string(numel) + ")",
+                             "every rank of the mesh must pass its part");
+        }
       }
     });
   }
 
   // ---- 3. every rank writes (and fsyncs) the blocks it is the writer of; reports checksums and slices
-  ParamTree mine;
+  ParamTree mine;  // flat parts as 1-d tensors; an empty one is not written
+  std::map<std::string, Range> my_runs;
   for (const auto& [name, t] : tensors) {
     const TensorPlan& p = plans.at(name);
-    if (layout.axes.empty() || p.writer.at(p.key(my_coords, layout)) == rank) mine.insert(name, t);
+    const Range run = block_of(name, t).second;
+    if (flat.count(name) && run.first == run.second) continue;
+    if (layout.axes.empty() || p.writer.at(p.key(my_coords, layout)).at(run) == rank) {
+      mine.insert(name, flat.count(name) ? t.contiguous().reshape(Shape{t.numel()}) : t);
+      my_runs[name] = run;
+    }
   }
   auto reports = exchange("write shard", [&] {
     const fs::path shard = tmp_dir / shard_name(rank);
@@ -761,11 +831,10 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
       std::vector<int64_t> offsets(p.local.size(), 0);
       for (size_t d = 0; d < p.spec.size(); ++d)
         if (!p.spec[d].empty()) offsets[d] = int64_t(my_coords[size_t(layout.index(p.spec[d]))]) * p.local[d];
-      tens[e.name] = {{"dtype", std::string(dtype_name(t.dtype()))},
-                      {"shape", t.shape().vec()},
-                      {"offsets", offsets},
-                      {"data_offsets", {e.begin, e.end}},
-                      {"chunk_crc32", hex_chunks(e.chunk_crcs)}};
+      tens[e.name] = {{"dtype", std::string(dtype_name(t.dtype()))}, {"shape", p.local}, {"offsets", offsets}};
+      if (flat.count(e.name)) tens[e.name]["flat"] = {my_runs.at(e.name).first, my_runs.at(e.name).second};
+      tens[e.name]["data_offsets"] = {e.begin, e.end};
+      tens[e.name]["chunk_crc32"] = hex_chunks(e.chunk_crcs);
     }
     json r = {{"file", shard_name(rank)},     {"rank", rank},
               {"coords", my_coords},          {"bytes", rep.file_bytes},
@@ -886,21 +955,23 @@ void open_shard(Fd& f, const std::string& path, const SavedShard& sh) {
 
 }  // namespace
 
-CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into) const { return load_impl(step, into, nullptr, nullptr, false); }
-
-CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                                  const Mesh& mesh, bool subset) const {
-  const MeshCoords where = MeshCoords::of(mesh);
-  return load_impl(step, into, &specs, &where, subset);
+CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into, const FlatParts& flat) const {
+  return load_impl(step, into, nullptr, nullptr, false, flat);
 }
 
 CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                                  const MeshCoords& where, bool subset) const {
-  return load_impl(step, into, &specs, &where, subset);
+                                  const Mesh& mesh, bool subset, const FlatParts& flat) const {
+  const MeshCoords where = MeshCoords::of(mesh);
+  return load_impl(step, into, &specs, &where, subset, flat);
+}
+
+CheckpointInfo Checkpointer::load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
+                                  const MeshCoords& where, bool subset, const FlatParts& flat) const {
+  return load_impl(step, into, &specs, &where, subset, flat);
 }
 
 CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>* new_specs,
-                                       const MeshCoords* where, bool subset) const {
+                                       const MeshCoords* where, bool subset, const FlatParts& flat) const {
   const bool same_layout = new_specs == nullptr;
   const int my_rank = comm_ ? comm_->rank() : 0;
   const int world = comm_ ? comm_->size() : 1;
@@ -911,6 +982,12 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
   // ---- the layout this rank loads into
   MeshCoords tgt;
   std::map<std::string, PartitionSpec> specs;
+  for (const auto& [name, f] : flat) {
+    if (!into.contains(name))
+      throw ValueError("Checkpointer::load: a flat part names a tensor that is not being loaded",
+                       "one of the tensors of `into`", "'" + name + "'", did_you_mean(name, into.paths()));
+    check_flat_part(name, f, into.at(name).numel(), "Checkpointer::load");
+  }
   if (same_layout) {
     const SavedShard& own = P.shards[size_t(my_rank)];
     tgt.axes = P.layout.axes;
@@ -941,9 +1018,11 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
           throw ValueError("the PartitionSpec of '" + name + "' splits two dims over axis '" + a + "'",
                            "each axis at most once", spec_str(spec));
       }
-      if (spec.size() > into.at(name).shape().size())
+      const auto f = flat.find(name);  // a flat part's spec splits its block
+      const size_t rank = f == flat.end() ? into.at(name).shape().size() : f->second.block.size();
+      if (spec.size() > rank)
         throw ValueError("PartitionSpec of '" + name + "' has more entries than the tensor has dimensions",
-                         "at most " + std::to_string(into.at(name).shape().size()) + " entries", std::to_string(spec.size()));
+                         "at most " + std::to_string(rank) + " entries", std::to_string(spec.size()));
     }
   }
   const std::string own_shard = (cdir / shard_name(my_rank)).string();
@@ -978,7 +1057,10 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
                             std::string(dtype_name(st.dtype)) + " (saved)");
     const auto it = specs.find(name);
     const PartitionSpec spec = it == specs.end() ? PartitionSpec{} : it->second;
-    const std::vector<int64_t> local = t.shape().vec();
+    const auto fit = flat.find(name);
+    // This rank's block, and the run [w0, w1) of its flattened elements that `t` holds.
+    const std::vector<int64_t> local = fit == flat.end() ? t.shape().vec() : fit->second.block.vec();
+    const int64_t w0 = fit == flat.end() ? 0 : fit->second.begin, w1 = w0 + t.numel();
     const size_t n = local.size();
     std::vector<int64_t> global = local, lo(n, 0), hi = local;
     for (size_t d = 0; d < n && d < spec.size(); ++d) {
@@ -993,9 +1075,12 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
         std::vector<int64_t> saved_local = st.global;
         for (size_t d = 0; d < st.spec.size(); ++d)
           if (!st.spec[d].empty()) saved_local[d] /= P.layout.shape[size_t(P.layout.index(st.spec[d]))];
+        const bool saved_flat = std::any_of(st.pieces.begin(), st.pieces.end(), [](const SavedPiece& p) { return p.flat; });
         throw CheckpointError("tensor '" + name + "' in " + where_file + " has another shape",
                               shape_str(local) + " (the model's)", shape_str(saved_local) + " (saved)",
-                              "the checkpoint is from another model or layout");
+                              saved_flat && fit == flat.end()
+                                  ? "it was saved as flat parts (sharded optimizer state): pass this rank's FlatPart to load"
+                                  : "the checkpoint is from another model or layout");
       }
       throw CheckpointError("tensor '" + name + "' in " + where_file + " has another global shape",
                             shape_str(global) + " (the model's: local " + shape_str(local) + ", spec " + spec_str(spec) +
@@ -1009,50 +1094,61 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
     info.bytes_needed += buf.nbytes();
     if (buf.numel() == 0) continue;
 
-    // One piece per distinct saved block: this rank's own shard when it holds it, else the lowest rank's.
-    std::map<std::pair<std::vector<int64_t>, std::vector<int64_t>>, const SavedPiece*> blocks;
+    // One piece per distinct saved block and run: this rank's own shard when it holds it, else the lowest rank's.
+    std::map<std::tuple<std::vector<int64_t>, std::vector<int64_t>, int64_t, int64_t>, const SavedPiece*> blocks;
     for (const auto& p : st.pieces) {
-      auto [b, fresh] = blocks.try_emplace({p.offsets, p.shape}, &p);
+      auto [b, fresh] = blocks.try_emplace({p.offsets, p.shape, p.f0, p.f1}, &p);
       if (!fresh && p.shard == tgt.rank) b->second = &p;
     }
-    struct Hit {
+    // Each piece's byte runs into the destination: the runs of the boxes' intersection (relative to the
+    // blocks' flattenings), cut to the piece's run and the destination's.
+    const uint64_t isz = itemsize(t.dtype());
+    struct Span {
+      uint64_t dst, len;
       const SavedPiece* p;
-      std::vector<int64_t> ilo, ihi;
     };
-    std::vector<Hit> hits;
-    int64_t covered = 0;
-    for (const auto& [box, p] : blocks) {
-      Hit h{p, std::vector<int64_t>(n), std::vector<int64_t>(n)};
-      int64_t vol = 1;
+    std::vector<Span> spans;  // every destination byte range filled, to check that they tile it
+    for (const auto& [key, p] : blocks) {
+      if (p->f0 == p->f1) continue;
+      std::vector<int64_t> ilo(n), ihi(n);
+      bool empty_box = false;
       for (size_t d = 0; d < n; ++d) {
-        h.ilo[d] = std::max(lo[d], p->offsets[d]);
-        h.ihi[d] = std::min(hi[d], p->offsets[d] + p->shape[d]);
-        vol *= std::max<int64_t>(0, h.ihi[d] - h.ilo[d]);
+        ilo[d] = std::max(lo[d], p->offsets[d]);
+        ihi[d] = std::min(hi[d], p->offsets[d] + p->shape[d]);
+        empty_box = empty_box || ihi[d] <= ilo[d];
       }
-      if (vol == 0) continue;
-      for (const auto& o : hits) {  // saved blocks must not overlap (else the metadata lies)
-        bool overlap = true;
-        for (size_t d = 0; d < n; ++d) overlap = overlap && std::max(o.ilo[d], h.ilo[d]) < std::min(o.ihi[d], h.ihi[d]);
-        if (overlap)
-          throw CheckpointError("checkpoint file '" + mp + "' is malformed: saved pieces of tensor '" + name + "' overlap",
-                                "disjoint blocks", P.shards[size_t(o.p->shard)].file + " and " + P.shards[size_t(p->shard)].file);
+      if (empty_box) continue;
+      std::vector<Run> box;
+      make_runs(p->offsets, p->shape, lo, local, ilo, ihi, isz, box);
+      Read r{i, p, {}};
+      const uint64_t ps = uint64_t(p->f0) * isz, pe = uint64_t(p->f1) * isz, ds = uint64_t(w0) * isz, de = uint64_t(w1) * isz;
+      for (const Run& q : box) {
+        const uint64_t u0 = std::max({uint64_t(0), ps > q.src ? ps - q.src : 0, ds > q.dst ? ds - q.dst : 0});
+        const uint64_t u1 = std::min({q.len, pe > q.src ? pe - q.src : 0, de > q.dst ? de - q.dst : 0});
+        if (u0 >= u1) continue;
+        r.runs.push_back({q.src + u0 - ps, u1 - u0, q.dst + u0 - ds});
+        spans.push_back({r.runs.back().dst, u1 - u0, p});
       }
-      covered += vol;
-      hits.push_back(std::move(h));
+      if (!r.runs.empty()) by_shard[p->shard].push_back(std::move(r));
     }
-    if (covered != buf.numel()) {
+    std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.dst < b.dst; });
+    uint64_t covered = 0;
+    for (size_t k = 0; k < spans.size(); ++k) {
+      if (k > 0 && spans[k].dst < spans[k - 1].dst + spans[k - 1].len)  // saved pieces overlap: the metadata lies
+        throw CheckpointError("checkpoint file '" + mp + "' is malformed: saved pieces of tensor '" + name + "' overlap",
+                              "disjoint blocks and runs", P.shards[size_t(spans[k - 1].p->shard)].file + " and " +
+                                  P.shards[size_t(spans[k].p->shard)].file);
+      covered += spans[k].len;
+    }
+    if (covered != buf.nbytes()) {
       std::vector<std::string> box;
       for (size_t d = 0; d < n; ++d) box.push_back(std::to_string(lo[d]) + ":" + std::to_string(hi[d]));
+      const std::string run = fit == flat.end() ? "" : ", its elements [" + std::to_string(w0) + ", " + std::to_string(w1) + ")";
       throw CheckpointError("checkpoint '" + mp + "' does not hold all of tensor '" + name + "' that this rank needs",
-                            "the global slice [" + join(box) + "] (" + tgt.describe() + ")",
-                            "shards holding " + std::to_string(covered) + " of its " + std::to_string(buf.numel()) + " elements",
+                            "the global slice [" + join(box) + "]" + run + " (" + tgt.describe() + ")",
+                            "shards holding " + std::to_string(covered / isz) + " of its " + std::to_string(buf.numel()) + " elements",
                             "the checkpoint was saved with a mesh that left blocks unsaved (saved layout " +
                                 P.layout.describe() + ")");
-    }
-    for (const auto& h : hits) {
-      Read r{i, h.p, {}};
-      make_runs(h.p->offsets, h.p->shape, lo, local, h.ilo, h.ihi, itemsize(t.dtype()), r.runs);
-      by_shard[h.p->shard].push_back(std::move(r));
     }
   }
 
@@ -1088,7 +1184,8 @@ CheckpointInfo Checkpointer::load_impl(int64_t step, ParamTree& into, const std:
       const std::string& name = into[r.tensor].first;
       const SavedPiece& p = *r.piece;
       const SavedTensor& st = P.tensors.at(name);
-      const json want = {{"dtype", safetensors_dtype_name(st.dtype)}, {"shape", p.shape}, {"data_offsets", {p.begin, p.end}}};
+      const json shape = p.flat ? std::vector<int64_t>{p.f1 - p.f0} : p.shape;  // a flat run is stored 1-d
+      const json want = {{"dtype", safetensors_dtype_name(st.dtype)}, {"shape", shape}, {"data_offsets", {p.begin, p.end}}};
       const bool agrees = hj.is_object() && hj.contains(name) && hj[name].is_object() &&
                           hj[name].value("dtype", json()) == want["dtype"] && hj[name].value("shape", json()) == want["shape"] &&
                           hj[name].value("data_offsets", json()) == want["data_offsets"];

@@ -7,8 +7,9 @@
 // mid-save leaves the previous checkpoint intact. The shard files are plain safetensors files
 // (io/safetensors.h): Python's safetensors reads them.
 //
-// metadata.json (format_version 2; version 1 files are refused with a CheckpointError):
-//   {"format": "titanax-checkpoint", "format_version": 2, "step": 1000, "world_size": 4,
+// metadata.json (format_version 3; version 2 files, which hold no flat parts, are read too; version 1
+// files are refused with a CheckpointError):
+//   {"format": "titanax-checkpoint", "format_version": 3, "step": 1000, "world_size": 4,
 //    "mesh": <mesh_json as given>, "plan": <plan_json as given>,
 //    "layout": {"axes": ["data", "model"], "shape": [2, 2]},      the mesh axes in order
 //    "tensors": {"layers/0/w": {"dtype": "f32", "global_shape": [512, 784], "spec": ["model", ""]}, ...},
@@ -17,13 +18,17 @@
 //                "header_bytes": 256, "header_crc32": "01234567",      8-byte length + JSON header
 //                "chunk_bytes": 1048576,
 //                "tensors": {"layers/0/w": {"dtype": "f32", "shape": [256, 784], "offsets": [0, 0],
-//                                           "data_offsets": [0, 802816], "chunk_crc32": "89abcdef..."}}},
+//                                           "data_offsets": [0, 802816], "chunk_crc32": "89abcdef..."},
+//                            "opt/m/layers/0/w": {"dtype": "f32", "shape": [256, 784], "offsets": [0, 0],
+//                                                 "flat": [0, 100352], ...}}},
 //               ...],
 //    "extra": <extra_json>}
 // "coords" are the rank's mesh coordinates, one per layout axis. "offsets" is the global index of the
 // first element of the slice the shard holds (per dim), "shape" its extent, "data_offsets" its bytes
 // relative to the safetensors data section, and "chunk_crc32" the CRC-32 of each chunk_bytes-long chunk
-// of those bytes (8 hex digits per chunk, the last chunk shorter).
+// of those bytes (8 hex digits per chunk, the last chunk shorter). A flat part (FlatPart below) adds
+// "flat": [begin, end]: the shard holds elements [begin, end) of that slice's row-major flattening, as a
+// 1-d safetensors tensor of end - begin elements.
 //
 // Layout rule (Megatron): a tensor whose spec splits dim d over axis a of size k is cut into k equal
 // contiguous blocks along d, and the rank at coordinate c on a holds block c: global indices
@@ -36,6 +41,10 @@
 // axes its spec uses: a replicated tensor on every rank, a TP weight on every data-parallel replica),
 // only the lowest rank writes it, so such tensors are not read k times either. A mesh_json naming no
 // axes says nothing about what is replicated: then every rank writes every tensor it holds.
+// Flat parts (ZeRO): a rank may hold only a run of its block's flattened elements (FlatPart). Ranks
+// holding the same run of the same block write it once, as above; the runs of a block must not overlap,
+// and when the mesh covers the saving group they must cover the block, so the checkpoint holds each
+// element once. Nothing is gathered to save them: each rank writes its own part.
 //
 // Resharding load: load(step, into, specs, mesh) takes `into` in the NEW layout (each tensor's local
 // shape under `specs` on `mesh`). For each tensor it computes the global slice this rank needs by the
@@ -47,6 +56,9 @@
 // split dim may all differ from the save: TP 2 -> 4, TP 4 -> 1, TP -> DP, DP x TP -> TP, a dim-0 split
 // loaded as a dim-1 split. load(step, into) is the same-layout case: same world size, this rank's saved
 // coordinates and the saved specs.
+// Flat parts load either way: into a flat part of any layout (another data-parallel degree, or the same)
+// or into a whole block, from flat parts or whole blocks; the run of the slice each saved piece holds is
+// read, nothing more.
 //
 // What is verified: every byte a load copies into `into` lies in a chunk whose CRC-32 it checked, and
 // each shard's header is checked against its CRC-32 and must agree with metadata.json (dtype, shape,
@@ -88,6 +100,20 @@ struct CheckpointInfo {
   uint64_t bytes_read = 0;       ///< all bytes read from shard files (data + headers)
   int files_read = 0;            ///< shard files opened
 };
+
+/// A tensor held as a run of its block's flattened elements: how ZeRO keeps optimizer state
+/// (parallel/zero.h: each data-parallel rank owns [begin, end) of every parameter's row-major elements,
+/// and the moments of those only). `block` is the shape of the block this rank's PartitionSpec gives it
+/// (the whole tensor when the spec splits nothing, the tensor-parallel block otherwise: the shape the
+/// global shape is computed from); the tensor saved or loaded holds elements [begin, begin + numel) of
+/// that block's row-major flattening, in any shape (ZeroShards' parts are 1-d). A checkpoint of flat parts
+/// loads into whole tensors and into other flat parts (another data-parallel degree), and vice versa.
+struct FlatPart {
+  Shape block;
+  int64_t begin = 0;
+};
+/// Flat parts by tensor name (tensors without an entry are whole blocks).
+using FlatParts = std::map<std::string, FlatPart>;
 
 /// Where one rank sits in a mesh: the axes in order, their sizes and this rank's coordinate on each,
 /// plus its world rank (a load prefers this rank's own shard file). What the resharding load needs;
@@ -131,15 +157,19 @@ class Checkpointer {
   /// or one axis twice, a rank outside the mesh, ranks holding one tensor with different dtypes,
   /// shapes or specs, or (when the mesh covers the group) a split tensor some block of which no rank
   /// holds; each tensor's spec is the one its holders pass (a rank need not know the specs of tensors
-  /// it does not hold, as a pipeline stage does not);
+  /// it does not hold, as a pipeline stage does not). `flat` marks tensors this rank holds as flat parts
+  /// (their block shape stands for the local shape above); ValueError also for a flat entry naming no
+  /// tensor of `tensors`, a part outside its block, runs of one block that overlap, or (when the mesh
+  /// covers the group) a block whose runs leave elements unsaved;
   /// IOError: a write failed.
   void save(int64_t step, const ParamTree& tensors, const std::string& extra_json = "{}",
             const std::map<std::string, PartitionSpec>& specs = {}, const std::string& mesh_json = "{}",
-            const std::string& plan_json = "{}");
+            const std::string& plan_json = "{}", const FlatParts& flat = {});
   /// The same, with the layout taken from `mesh` (mesh.to_json(), and each rank's mesh.coords());
   /// mesh.size() must equal the saving group's size (ValueError).
   void save(int64_t step, const ParamTree& tensors, const std::map<std::string, PartitionSpec>& specs,
-            const Mesh& mesh, const std::string& extra_json = "{}", const std::string& plan_json = "{}");
+            const Mesh& mesh, const std::string& extra_json = "{}", const std::string& plan_json = "{}",
+            const FlatParts& flat = {});
 
   /// Collective (every rank of `comm`): rank 0 creates `dir` and checks that it can write a file there
   /// (and removes it), so that a bad path fails before training rather than at the first save. Throws on
@@ -164,7 +194,8 @@ class Checkpointer {
   /// truncated shard, a tensor missing / unexpected / of another shape or dtype (naming the tensor and
   /// the file), metadata.json unparsable, malformed or of another format_version, a shard header that
   /// disagrees with metadata.json. On error `into` is unchanged.
-  CheckpointInfo load(int64_t step, ParamTree& into) const;
+  /// `flat`: the tensors of `into` that are flat parts, and which (as for the resharding load below).
+  CheckpointInfo load(int64_t step, ParamTree& into, const FlatParts& flat = {}) const;
 
   /// Resharding load: `into` holds this rank's tensors in a new layout, `specs` their PartitionSpecs
   /// (absent = replicated) on `mesh`; any world size. Every saved tensor must be in `into` and vice
@@ -176,11 +207,13 @@ class Checkpointer {
   /// subset = true: `into` may hold only some of the saved tensors (a pipeline stage loads its own
   /// layers); the rest are not read, and the caller checks that its ranks together load every one of
   /// CheckpointInfo::saved_tensors (Engine::restore does).
+  /// `flat`: tensors of `into` that are flat parts of their blocks (the block's shape is then the local
+  /// shape above); ValueError for an entry naming no tensor of `into` or a part outside its block.
   CheckpointInfo load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                      const Mesh& mesh, bool subset = false) const;
+                      const Mesh& mesh, bool subset = false, const FlatParts& flat = {}) const;
   /// The same at an explicit position (load "as rank r of a mesh" without building it).
   CheckpointInfo load(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>& specs,
-                      const MeshCoords& where, bool subset = false) const;
+                      const MeshCoords& where, bool subset = false, const FlatParts& flat = {}) const;
 
   /// Reads every shard file of checkpoint `step` whole and checks its size and CRC-32 against
   /// metadata.json (a full integrity check; load checks only what it reads). Not collective.
@@ -192,9 +225,9 @@ class Checkpointer {
  private:
   void save_impl(int64_t step, const ParamTree& tensors, const std::string& extra_json,
                  const std::map<std::string, PartitionSpec>& specs, const std::string& mesh_json,
-                 const std::string& plan_json, const std::vector<int>* coords);
+                 const std::string& plan_json, const std::vector<int>* coords, const FlatParts& flat);
   CheckpointInfo load_impl(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>* specs,
-                           const MeshCoords* where, bool subset) const;
+                           const MeshCoords* where, bool subset, const FlatParts& flat) const;
 
   std::string dir_;
   int keep_last_;

@@ -3,9 +3,11 @@
 // by plain index arithmetic (independently of io/checkpoint).
 #pragma once
 
+#include <algorithm>
 #include <map>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -88,18 +90,55 @@ inline Tensor slice_of(const GlobalT& g, const PartitionSpec& spec, const Pos& p
   return from_vector(v, Shape(local)).astype(g.dtype);
 }
 
+/// Tensors held as flat parts: name -> the mesh axis their blocks' flattened elements are split over.
+using FlatAxes = std::map<std::string, std::string>;
+
+/// ZeRO's partition of N flattened elements over k ranks (parallel/zero.h, restated): chunks of
+/// C = ceil(N / k), chunk c is [c C, min(N, (c + 1) C)).
+inline std::pair<int64_t, int64_t> zero_run(int64_t N, int k, int c) {
+  const int64_t C = (N + k - 1) / k;
+  return {std::min(N, c * C), std::min(N, (c + 1) * C)};
+}
+
+/// The run of its block's flattened elements rank `p` holds of `g` when split over `axis` ("": the whole block).
+inline std::pair<int64_t, int64_t> run_of(const GlobalT& g, const PartitionSpec& spec, const std::string& axis, const Pos& p) {
+  const int64_t N = slice_of(g, spec, p).numel();
+  if (axis.empty()) return {0, N};
+  const int a = axis_of(p, axis);
+  return zero_run(N, p.shape[size_t(a)], p.coords[size_t(a)]);
+}
+
+/// What rank `p` holds of `g`: its block, or that run of it as a 1-d tensor when `g` is in `flat`.
+inline Tensor held_of(const GlobalT& g, const PartitionSpec& spec, const FlatAxes& flat, const Pos& p) {
+  Tensor b = slice_of(g, spec, p);
+  auto f = flat.find(g.name);
+  if (f == flat.end()) return b;
+  const auto [lo, hi] = run_of(g, spec, f->second, p);
+  return b.reshape(Shape{b.numel()}).slice(0, lo, hi).contiguous();
+}
+
+/// The FlatParts of rank `p`'s tensors in `flat`.
+inline FlatParts flat_parts(const std::vector<GlobalT>& gs, const std::map<std::string, PartitionSpec>& specs,
+                            const FlatAxes& flat, const Pos& p) {
+  FlatParts out;
+  for (const auto& g : gs)
+    if (flat.count(g.name))
+      out[g.name] = FlatPart{slice_of(g, spec_of(specs, g.name), p).shape(), run_of(g, spec_of(specs, g.name), flat.at(g.name), p).first};
+  return out;
+}
+
 inline ParamTree local_tree(const std::vector<GlobalT>& gs, const std::map<std::string, PartitionSpec>& specs,
-                            const Pos& p) {
+                            const Pos& p, const FlatAxes& flat = {}) {
   ParamTree t;
-  for (const auto& g : gs) t.insert(g.name, slice_of(g, spec_of(specs, g.name), p));
+  for (const auto& g : gs) t.insert(g.name, held_of(g, spec_of(specs, g.name), flat, p));
   return t;
 }
 
 inline ParamTree zeros_tree(const std::vector<GlobalT>& gs, const std::map<std::string, PartitionSpec>& specs,
-                            const Pos& p) {
+                            const Pos& p, const FlatAxes& flat = {}) {
   ParamTree t;
   for (const auto& g : gs) {
-    Tensor s = slice_of(g, spec_of(specs, g.name), p);
+    Tensor s = held_of(g, spec_of(specs, g.name), flat, p);
     t.insert(g.name, s.numel() ? zeros_like(s) : s);
   }
   return t;
@@ -108,9 +147,9 @@ inline ParamTree zeros_tree(const std::vector<GlobalT>& gs, const std::map<std::
 /// "" when every element of `got` equals the global function at its global index, else the first
 /// difference.
 inline std::string check_tree(const ParamTree& got, const std::vector<GlobalT>& gs,
-                              const std::map<std::string, PartitionSpec>& specs, const Pos& p) {
+                              const std::map<std::string, PartitionSpec>& specs, const Pos& p, const FlatAxes& flat = {}) {
   for (const auto& g : gs) {
-    Tensor want = slice_of(g, spec_of(specs, g.name), p);
+    Tensor want = held_of(g, spec_of(specs, g.name), flat, p);
     const Tensor& t = got.at(g.name);
     if (t.shape() != want.shape() || t.dtype() != want.dtype()) return g.name + ": shape/dtype " + t.shape().str();
     auto a = t.astype(DType::f64).to_vector<double>(), b = want.astype(DType::f64).to_vector<double>();
@@ -141,6 +180,7 @@ struct Target {
   std::vector<std::string> axes;
   std::vector<int> shape;
   std::map<std::string, PartitionSpec> specs;
+  FlatAxes flat = {};  // tensors loaded as flat parts
 };
 inline std::vector<Target> standard_targets() {
   return {

@@ -266,7 +266,7 @@ TEST_CASE("Checkpointer save / load round trip is bitwise and keeps tensor ident
 
   // metadata.json as documented; the checksum is the file's CRC-32 computed here with zlib.
   auto meta = read_json((d.path / "ckpt" / "step_00000100" / "metadata.json").string());
-  CHECK(meta["format_version"] == 2);
+  CHECK(meta["format_version"] == 3);
   CHECK(meta["step"] == 100);
   CHECK(meta["world_size"] == 1);
   CHECK(meta["plan"]["dp"] == "data");
@@ -577,13 +577,15 @@ using namespace reshard_test;
 // Saves `gs` from `world` thread-ranks laid out row-major on (axes, shape) with `specs`.
 void save_as_ranks(const std::string& dir, int64_t step, const std::vector<GlobalT>& gs,
                    const std::vector<std::string>& axes, const std::vector<int>& shape,
-                   const std::map<std::string, PartitionSpec>& specs, uint64_t chunk = Checkpointer::kDefaultCrcChunkBytes) {
+                   const std::map<std::string, PartitionSpec>& specs, uint64_t chunk = Checkpointer::kDefaultCrcChunkBytes,
+                   const FlatAxes& flat = {}) {
   const int world = mesh_size(shape);
   auto errors = run_ranks(world, [&](int r, std::shared_ptr<Communicator> comm) {
     Checkpointer ck(dir, 5, comm);
     ck.set_crc_chunk_bytes(chunk);
-    ck.save(step, local_tree(gs, specs, pos_at(axes, shape, r)), R"({"note": "resharding"})", specs,
-            mesh_json(axes, shape));
+    const Pos p = pos_at(axes, shape, r);
+    ck.save(step, local_tree(gs, specs, p, flat), R"({"note": "resharding"})", specs, mesh_json(axes, shape), "{}",
+            flat_parts(gs, specs, flat, p));
   });
   REQUIRE(errors == std::vector<std::string>(size_t(world), ""));
 }
@@ -594,9 +596,9 @@ void check_target(const Checkpointer& ck, int64_t step, const std::vector<Global
   for (int r = 0; r < mesh_size(t.shape); ++r) {
     INFO("as rank " << r);
     Pos p = pos_at(t.axes, t.shape, r);
-    ParamTree into = zeros_tree(gs, t.specs, p);
-    CheckpointInfo info = ck.load(step, into, t.specs, coords_of(p));
-    CHECK(check_tree(into, gs, t.specs, p) == "");
+    ParamTree into = zeros_tree(gs, t.specs, p, t.flat);
+    CheckpointInfo info = ck.load(step, into, t.specs, coords_of(p), false, flat_parts(gs, t.specs, t.flat, p));
+    CHECK(check_tree(into, gs, t.specs, p, t.flat) == "");
     uint64_t need = 0;
     for (const auto& [n, x] : into) need += x.nbytes();
     CHECK(info.bytes_needed == need);
@@ -637,7 +639,7 @@ TEST_CASE("Checkpointer records each shard's coordinates and slices, and writes 
   const auto gs = standard_tensors();
   save_as_ranks(d.path.string(), 3, gs, {"data", "model"}, {2, 2}, tp_specs());
   auto meta = read_json(d / "step_00000003/metadata.json");
-  CHECK(meta["format_version"] == 2);
+  CHECK(meta["format_version"] == 3);
   CHECK(meta["layout"]["axes"] == nlohmann::json::array({"data", "model"}));
   CHECK(meta["layout"]["shape"] == nlohmann::json::array({2, 2}));
   CHECK(meta["tensors"]["w"]["global_shape"] == nlohmann::json::array({8, 6}));
@@ -677,6 +679,113 @@ TEST_CASE("Checkpointer records each shard's coordinates and slices, and writes 
     if (!bad.empty()) throw std::runtime_error(bad);
   });
   CHECK(errors == std::vector<std::string>(4, ""));
+}
+
+TEST_CASE("Checkpointer saves flat parts (ZeRO's) once each, and loads them into any layout", "[io]") {
+  // {data: 3, model: 2}: w and v split over "model", then each block's flattened elements over "data" as
+  // ZeroShards cuts them (24 per block: 8 per rank); b (6) and the scalar s (1: parts [0, 1), [1, 1),
+  // [1, 1)) over "data" too.
+  TempDir d;
+  const auto gs = standard_tensors();
+  const std::vector<std::string> axes{"data", "model"};
+  const std::vector<int> shape{3, 2};
+  const FlatAxes flat{{"w", "data"}, {"v", "data"}, {"b", "data"}, {"s", "data"}};
+  save_as_ranks(d.path.string(), 3, gs, axes, shape, tp_specs(), 16, flat);
+  auto meta = read_json(d / "step_00000003/metadata.json");
+  CHECK(meta["tensors"]["w"]["global_shape"] == nlohmann::json::array({8, 6}));
+  for (int r = 0; r < 6; ++r) {
+    INFO("rank " << r);
+    const int dc = r / 2, mc = r % 2;
+    const auto& t = meta["shards"][size_t(r)]["tensors"];
+    // Each rank writes its own run of its block, nothing gathered; model-axis ranks hold other blocks.
+    CHECK(t["w"]["offsets"] == nlohmann::json::array({4 * mc, 0}));
+    CHECK(t["w"]["shape"] == nlohmann::json::array({4, 6}));
+    CHECK(t["w"]["flat"] == nlohmann::json::array({8 * dc, 8 * dc + 8}));
+    CHECK(t["w"]["data_offsets"][1].get<int64_t>() - t["w"]["data_offsets"][0].get<int64_t>() == 8 * 4);
+    CHECK(t["v"]["offsets"] == nlohmann::json::array({0, 4 * mc}));
+    CHECK(t["v"]["flat"] == nlohmann::json::array({8 * dc, 8 * dc + 8}));
+    // b and s are not split over "model": the model-axis replicas hold the same runs, written by mc = 0.
+    CHECK(t.contains("b") == (mc == 0));
+    if (mc == 0) CHECK(t["b"]["flat"] == nlohmann::json::array({2 * dc, 2 * dc + 2}));
+    CHECK(t.contains("s") == (r == 0));  // the empty parts are not written
+    auto f = read_safetensors(d / ("step_00000003/" + meta["shards"][size_t(r)]["file"].get<std::string>()));
+    CHECK(f.tensors.at("w").shape() == Shape{8});  // a plain 1-d safetensors tensor
+  }
+  Checkpointer ck(d.path.string());
+  for (const auto& t : standard_targets()) check_target(ck, 3, gs, t);  // whole blocks, any layout
+  // Into flat parts of another layout: DP 2 x TP 2 (w's blocks cut in 12s), and w unsplit over DP 4.
+  check_target(ck, 3, gs, Target{"DP 2 x TP 2, flat over data", {"data", "model"}, {2, 2}, tp_specs(), flat});
+  check_target(ck, 3, gs, Target{"DP 4, w flat", {"data"}, {4}, {}, {{"w", "data"}}});
+  // The same layout: each rank reads its own part (and an empty part loads as nothing).
+  auto errors = run_ranks(6, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer c(d.path.string(), 5, comm);
+    const Pos p = pos_at(axes, shape, r);
+    ParamTree into = zeros_tree(gs, tp_specs(), p, flat);
+    const CheckpointInfo info = c.load(3, into, flat_parts(gs, tp_specs(), flat, p));
+    if (info.files_read != (r % 2 ? 2 : 1)) throw std::runtime_error("read " + std::to_string(info.files_read) + " files");
+    const std::string bad = check_tree(into, gs, tp_specs(), p, flat);
+    if (!bad.empty()) throw std::runtime_error(bad);
+    c.load(3, into);  // without the parts: refused, naming them
+  });
+  for (const auto& e : errors) CHECK(e.find("pass this rank's FlatPart to load") != std::string::npos);
+  // And whole blocks saved load into flat parts.
+  TempDir e;
+  save_as_ranks(e.path.string(), 1, gs, {"model"}, {2}, tp_specs());
+  check_target(Checkpointer(e.path.string()), 1, gs, Target{"flat over data", {"data", "model"}, {3, 2}, tp_specs(), flat});
+}
+
+TEST_CASE("Checkpointer refuses flat parts that overlap, leave elements unsaved or lie outside their block", "[io]") {
+  TempDir d;
+  auto save2 = [&](int64_t b0, int64_t n0, int64_t b1, int64_t n1) {
+    return run_ranks(2, [&](int r, std::shared_ptr<Communicator> comm) {
+      Checkpointer c(d.path.string(), 3, comm);
+      const int64_t begin = r ? b1 : b0, n = r ? n1 : n0;
+      c.save(1, ParamTree{{"m", full(Shape{n}, 1.0)}}, "{}", {}, R"({"data": 2})", "{}", {{"m", FlatPart{Shape{2, 2}, begin}}});
+    });
+  };
+  auto has_all = [](const std::vector<std::string>& errors, const std::string& what) {
+    for (const auto& e : errors) CHECK(e.find(what) != std::string::npos);
+  };
+  has_all(save2(0, 3, 1, 3), "overlapping flat parts of tensor 'm'");
+  has_all(save2(0, 2, 3, 1), "leave elements unsaved");
+  has_all(save2(0, 1, 1, 2), "no rank holds [3, 4)");
+  has_all(save2(0, 2, 3, 2), "lies outside its block");
+  CHECK(Checkpointer(d.path.string()).steps().empty());
+  const auto ok = save2(0, 2, 2, 2);
+  CHECK(ok == std::vector<std::string>{"", ""});
+  Checkpointer ck(d.path.string());
+  ParamTree into{{"m", zeros(Shape{3})}};
+  CHECK(error_of([&] { ck.load(1, into, {}, MeshCoords::at({}, {}, 0), false, {{"m", FlatPart{Shape{2, 2}, 2}}}); })
+            .find("lies outside its block") != std::string::npos);
+  CHECK(error_of([&] { ck.load(1, into, {}, MeshCoords::at({}, {}, 0), false, {{"n", FlatPart{Shape{2, 2}, 0}}}); })
+            .find("flat part names a tensor that is not being loaded") != std::string::npos);
+  ParamTree whole{{"m", zeros(Shape{2, 2})}};
+  ck.load(1, whole, {}, MeshCoords::at({}, {}, 0));
+  CHECK(whole.at("m").to_vector<float>() == std::vector<float>(4, 1.0f));
+  // metadata.json that lies about a run, or claims one in format version 2, is refused; version 2 without runs loads.
+  const std::string mp = (d.path / "step_00000001" / "metadata.json").string();
+  const auto pristine = io_test::read_bytes(mp);
+  auto edit = [&](const std::function<void(nlohmann::json&)>& fn) {
+    auto m = read_json(mp);
+    fn(m);
+    const std::string s = m.dump();
+    io_test::write_bytes(mp, std::vector<unsigned char>(s.begin(), s.end()));
+  };
+  edit([](nlohmann::json& m) { m["shards"][1]["tensors"]["m"]["flat"] = {2, 5}; });
+  CHECK(error_of([&] { ck.load(1, whole, {}, MeshCoords::at({}, {}, 0)); }).find("bad flat run") != std::string::npos);
+  io_test::write_bytes(mp, pristine);
+  edit([](nlohmann::json& m) { m["format_version"] = 2; });
+  CHECK(error_of([&] { ck.load(1, whole, {}, MeshCoords::at({}, {}, 0)); }).find("format_version 3") != std::string::npos);
+  TempDir e;
+  Checkpointer v2(e.path.string());
+  v2.save(1, ParamTree{{"m", full(Shape{2, 2}, 2.0)}});
+  const std::string mp2 = (e.path / "step_00000001" / "metadata.json").string();
+  auto m2 = read_json(mp2);
+  m2["format_version"] = 2;
+  const std::string s2 = m2.dump();
+  io_test::write_bytes(mp2, std::vector<unsigned char>(s2.begin(), s2.end()));
+  v2.load(1, whole);
+  CHECK(whole.at("m").to_vector<float>() == std::vector<float>(4, 2.0f));
 }
 
 TEST_CASE("Checkpointer reshards a TP 2 checkpoint into other degrees, dims, meshes and world sizes", "[io]") {
@@ -1011,8 +1120,9 @@ TEST_CASE("Checkpointer loads of randomly damaged files: an error and untouched 
 
 TEST_CASE("Checkpointer reshards random layouts: random meshes, specs, dtypes and chunk sizes", "[io][fuzz]") {
   // 40 checkpoints of 2-4 tensors (0-3 dims of 1, 2, 6 or 12; f32, f64, i32, i64), each saved by the
-  // thread-ranks of a random mesh (1-2 axes of 1-3 ranks) under random PartitionSpecs, then loaded as
-  // every rank of another random mesh and specs: every element against f(global index).
+  // thread-ranks of a random mesh (1-2 axes of 1-3 ranks) under random PartitionSpecs, some tensors as
+  // flat parts (ZeRO's) over an axis their spec leaves free, then loaded as every rank of another random
+  // mesh, specs and flat parts: every element against f(global index).
   std::mt19937_64 g(std::getenv("FUZZ_SEED") ? std::stoull(std::getenv("FUZZ_SEED")) : 2027);
   auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(g); };
   auto mesh = [&](std::vector<std::string>& axes, std::vector<int>& shape) {
@@ -1035,6 +1145,17 @@ TEST_CASE("Checkpointer reshards random layouts: random meshes, specs, dtypes an
     }
     return specs;
   };
+  auto flat_for = [&](const std::vector<GlobalT>& gs, const std::vector<std::string>& axes,
+                      const std::map<std::string, PartitionSpec>& specs, int& count) {
+    FlatAxes flat;
+    for (const auto& t : gs) {
+      const PartitionSpec s = spec_of(specs, t.name);
+      const std::string& a = axes[size_t(pick(0, int64_t(axes.size()) - 1))];
+      if (pick(0, 2) == 0 && std::find(s.begin(), s.end(), a) == s.end()) flat[t.name] = a, ++count;
+    }
+    return flat;
+  };
+  int flat_saved = 0, flat_loaded = 0;
   for (int trial = 0; trial < 40; ++trial) {
     std::vector<GlobalT> gs;
     const DType dtypes[] = {DType::f32, DType::f64, DType::i32, DType::i64};
@@ -1047,13 +1168,17 @@ TEST_CASE("Checkpointer reshards random layouts: random meshes, specs, dtypes an
     std::vector<int> shape;
     mesh(axes, shape);
     const auto specs = specs_for(gs, axes, shape);
+    const FlatAxes flat = flat_for(gs, axes, specs, flat_saved);
     Target t;
     mesh(t.axes, t.shape);
     t.specs = specs_for(gs, t.axes, t.shape);
-    t.what = "random target " + mesh_json(t.axes, t.shape);
-    INFO("trial " << trial << ": saved on " << mesh_json(axes, shape));
+    t.flat = flat_for(gs, t.axes, t.specs, flat_loaded);
+    t.what = "random target " + mesh_json(t.axes, t.shape) + " with " + std::to_string(t.flat.size()) + " flat parts";
+    INFO("trial " << trial << ": saved on " << mesh_json(axes, shape) << " with " << flat.size() << " flat parts");
     TempDir d;
-    save_as_ranks(d.path.string(), 2, gs, axes, shape, specs, uint64_t(pick(1, 64)));
+    save_as_ranks(d.path.string(), 2, gs, axes, shape, specs, uint64_t(pick(1, 64)), flat);
     check_target(Checkpointer(d.path.string()), 2, gs, t);
   }
+  CHECK(flat_saved > 10);  // the draws cover flat parts both ways
+  CHECK(flat_loaded > 10);
 }
