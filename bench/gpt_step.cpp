@@ -15,7 +15,10 @@
 // parallelism over the n ranks (mesh {data: n}, each rank its own B rows) instead of TP, timed with the
 // gradients all-reduced and with the optimizer state sharded (DP::shard_optimizer, ZeRO-1) in the same
 // run: dp_us_per_step, zero_us_per_step, dp_peak_mb, zero_peak_mb (rank 0's allocator peak),
-// dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state). --bf16: bf16 autocast (f32 master
+// dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state), and a checkpoint save after the
+// timed steps (Engine::save into a temporary directory, removed after): dp_save_ms, zero_save_ms, and
+// dp_save_peak_mb, zero_save_peak_mb (rank 0's allocator peak during the save, over what it held
+// before). --bf16: bf16 autocast (f32 master
 // weights, EngineOptions::precision) instead of f32. Every run prints peak_mb, its peak memory.
 // --loss-chunk N: also times the same step with the loss head in chunks of N tokens
 // (GPTConfig::loss_chunk_tokens), adding chunk_us_per_step, chunk_of_full (the whole head's time over
@@ -106,8 +109,12 @@ int main(int argc, char** argv) {
     };
     // The mean and best microseconds per Engine::step of a model of config c, and its last loss.
     struct Timing {
-      double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0, step_peak_mb = 0;
+      double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0, step_peak_mb = 0, save_ms = 0, save_peak_mb = 0;
     };
+    namespace fs = std::filesystem;
+    // --zero: where the runs save a checkpoint (one directory for all ranks: rank 0's name).
+    const fs::path ckpt_dir =
+        rt.world()->all_gather_string((fs::temp_directory_path() / ("titanax_gpt_bench_ckpt_" + std::to_string(::getpid()))).string())[0];
     tx::Allocator& alloc = tx::allocator_for(tx::Device::cpu());
     auto time_steps = [&](const tx::nn::GPTConfig& c, const tx::Plan& pl) {
       const int64_t before = alloc.stats().current_bytes;
@@ -117,7 +124,10 @@ int main(int argc, char** argv) {
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
                                    .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
       tx::Engine engine(mesh, pl, std::move(opt),
-                        {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(), .grad_clip = 1.0, .jit = jit});
+                        {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(),
+                         .checkpointer = zero ? std::make_shared<tx::Checkpointer>(ckpt_dir.string(), 1, rt.world()) : nullptr,
+                         .grad_clip = 1.0,
+                         .jit = jit});
       Timing t;
       for (int64_t i = 0; i < warmup; ++i) t.loss = engine.step(*model, tx::nn::lm_loss, batch(i)).loss;
       const double warm_peak = double(alloc.stats().peak_bytes);
@@ -133,6 +143,16 @@ int main(int argc, char** argv) {
       t.step_peak_mb = double(alloc.stats().peak_bytes - before) / (1 << 20);
       t.peak_mb = (std::max(warm_peak, double(alloc.stats().peak_bytes)) - double(before)) / (1 << 20);
       for (const auto& [name, v] : engine.optimizer().state()) t.opt_state_mb += double(v.nbytes()) / (1 << 20);
+      if (zero) {
+        const int64_t held = alloc.stats().current_bytes;
+        alloc.reset_peak();
+        auto t0 = std::chrono::steady_clock::now();
+        engine.save(*model);
+        t.save_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        t.save_peak_mb = double(alloc.stats().peak_bytes - held) / (1 << 20);
+        rt.world()->barrier();
+        if (rt.rank() == 0) fs::remove_all(ckpt_dir);
+      }
       return t;
     };
     const Timing full = time_steps(cfg, plan);
@@ -171,11 +191,12 @@ int main(int argc, char** argv) {
       const Timing z = time_steps(cfg, sharded);
       std::snprintf(buf, sizeof buf,
                     " dp=%d dp_us_per_step=%.0f zero_us_per_step=%.0f zero_of_dp=%.2f dp_peak_mb=%.1f zero_peak_mb=%.1f "
-                    "dp_opt_state_mb=%.1f zero_opt_state_mb=%.1f",
-                    n, us, z.mean, us / z.mean, full.peak_mb, z.peak_mb, full.opt_state_mb, z.opt_state_mb);
+                    "dp_opt_state_mb=%.1f zero_opt_state_mb=%.1f dp_save_ms=%.0f zero_save_ms=%.0f dp_save_peak_mb=%.1f "
+                    "zero_save_peak_mb=%.1f",
+                    n, us, z.mean, us / z.mean, full.peak_mb, z.peak_mb, full.opt_state_mb, z.opt_state_mb, full.save_ms,
+                    z.save_ms, full.save_peak_mb, z.save_peak_mb);
       line += buf;
     }
-    namespace fs = std::filesystem;
     const fs::path tmp = fs::temp_directory_path() / ("titanax_gpt_bench_" + std::to_string(::getpid()));
     const bool run_peer = peer && n == 1;  // the peer is one process
     if (run_peer) {

@@ -205,14 +205,6 @@ std::map<std::string, ParamTree> state_by_kind(const ParamTree& state, ParamTree
 }
 }  // namespace
 
-ParamTree Engine::whole_optimizer_state() {
-  if (!zero_) return opt_->state();
-  ParamTree out;
-  for (const auto& [kind, parts] : state_by_kind(opt_->state(), &out))
-    for (const auto& [path, t] : zero_->all_gather(parts)) out.insert(kind + "/" + path, t);
-  return out;
-}
-
 double Engine::dp_mean(double v) const {
   if (dp_size() == 1) return v;
   Tensor l = scalar(v, DType::f64);
@@ -604,14 +596,23 @@ void Engine::pipeline_eval_batch(nn::PipelineModule& pm, const Batch& b, Metrics
   sums["count"] += double(b["y"].numel());
 }
 
-ParamTree Engine::state_tree(nn::Module& model) {
+ParamTree Engine::state_tree(nn::Module& model, FlatParts& flat) {
   ParamTree params = model.parameters();
   if (shards_optimizer()) ensure_zero(model.trainable_parameters());
   else if (opt_->state().size() <= 1) opt_->init(model.trainable_parameters());  // the moments, for loading to fill
   ParamTree t;
   for (const auto& [p, v] : params) t.insert("params/" + p, v);  // frozen ones too: the whole model
-  // Sharded: whole copies (the checkpoint does not depend on sharding or the DP degree); else the state itself.
-  for (const auto& [p, v] : whole_optimizer_state()) t.insert("opt/" + p, v);
+  for (const auto& [p, v] : opt_->state()) t.insert("opt/" + p, v);
+  // Sharded: each per-parameter entry is this rank's part of the parameter's elements (ZeroShards::range), saved
+  // and loaded as such (nothing gathered); the checkpoint holds whole tensors either way, so it does not depend
+  // on sharding or the DP degree.
+  if (zero_) {
+    const std::vector<std::string> paths = zero_->paths();
+    for (const auto& [kind, parts] : state_by_kind(opt_->state()))
+      for (size_t i = 0; i < paths.size(); ++i)
+        if (parts.contains(paths[i]))
+          flat["opt/" + kind + "/" + paths[i]] = FlatPart{params.at(paths[i]).shape(), zero_->range(i).first};
+  }
   if (scaler_) {
     t.insert("scaler/scale", scaler_->scale_tensor());
     t.insert("scaler/good", scaler_->good_tensor());
@@ -636,27 +637,21 @@ std::map<std::string, PartitionSpec> Engine::state_specs(nn::Module& model, cons
 
 void Engine::save(nn::Module& model) {
   if (!opts_.checkpointer) throw ValueError("save() without a checkpointer", "EngineOptions::checkpointer set", "none");
-  ParamTree t = state_tree(model);
-  opts_.checkpointer->save(global_step(), t, state_specs(model, t), mesh_, "{}", plan_.to_json());
+  FlatParts flat;
+  ParamTree t = state_tree(model, flat);
+  opts_.checkpointer->save(global_step(), t, state_specs(model, t), mesh_, "{}", plan_.to_json(), flat);
 }
 
 std::optional<int64_t> Engine::restore(nn::Module& model) {
   if (!opts_.checkpointer) return std::nullopt;
   auto latest = opts_.checkpointer->latest();
   if (!latest) return std::nullopt;
-  ParamTree t = state_tree(model);
-  // Resharding load: the checkpoint may come from another TP degree, mesh or number of ranks. A pipeline
-  // stage loads only its own tensors; the stages together must load every saved one.
-  const CheckpointInfo info = opts_.checkpointer->load(*latest, t, state_specs(model, t), mesh_, plan_.pp.has_value());
-  if (zero_) {  // the loaded whole state's parts into the optimizer's (t holds copies of them)
-    NoGradGuard ng;
-    for (auto& [kind, parts] : state_by_kind(opt_->state())) {
-      ParamTree whole;
-      for (const auto& [path, v] : parts) whole.insert(path, t.at("opt/" + kind + "/" + path));
-      const ParamTree loaded = zero_->parts_of(whole);
-      for (size_t i = 0; i < parts.size(); ++i) copy_(parts[i].second, loaded[i].second);
-    }
-  }
+  FlatParts flat;
+  ParamTree t = state_tree(model, flat);
+  // Resharding load: the checkpoint may come from another TP degree, mesh or number of ranks, with or without
+  // the optimizer state sharded. A pipeline stage loads only its own tensors; the stages together must load
+  // every saved one.
+  const CheckpointInfo info = opts_.checkpointer->load(*latest, t, state_specs(model, t), mesh_, plan_.pp.has_value(), flat);
   if (plan_.pp) {
     std::string mine;
     for (const auto& [name, v] : t) mine += name + "\n";

@@ -251,7 +251,9 @@ class Engine {
   void pipeline_eval_batch(nn::PipelineModule& pm, const Batch& b, Metrics& sums);
   /// The model as pipeline stages matching the plan's pipe axis; PlanError otherwise.
   nn::PipelineModule& pipeline_module(nn::Module& model) const;
-  ParamTree state_tree(nn::Module& model);
+  /// What a checkpoint holds: "params/<path>" (every parameter), "opt/<name>" (the optimizer's state) and
+  /// the loss scaler's; `flat` gets the entries that are flat parts (the sharded optimizer state's).
+  ParamTree state_tree(nn::Module& model, FlatParts& flat);
   /// ValueError unless `params` are the trainable parameters `made_for` (the paths of the first step's).
   void check_trainable(const std::vector<std::string>& made_for, const ParamTree& params) const;
   /// True when the plan shards the optimizer state over more than one DP rank.
@@ -271,9 +273,6 @@ class Engine {
   /// The optimizer step of every path: opt_->step(params, ...), or with the state sharded the step of this
   /// rank's parts (grads are then their gradients) and the all-gather of the updated parts into params.
   void update(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor);
-  /// The optimizer's state() with each per-parameter entry whole ("m/<path>" of the parameter's shape):
-  /// all-gathered over the DP axis when the state is sharded (collective), as is otherwise.
-  ParamTree whole_optimizer_state();
   std::map<std::string, PartitionSpec> state_specs(nn::Module& model, const ParamTree& state);
   int dp_size() const;
   /// The loss of one microbatch under the precision policy: loss_fn under autocast to the compute

@@ -100,7 +100,7 @@ class ZeroShards {
   /// bucket's gathered copy exists at once).
   void all_gather_into(ParamTree& params) const;
   /// This rank's part of each of `whole` (by position the parameters' shapes; ShapeError otherwise), as
-  /// 1-d views, by path: what the optimizer state of a checkpoint's whole tensors is loaded from.
+  /// 1-d views, by path (what load_masters copies).
   ParamTree parts_of(const ParamTree& whole) const;
 
   /// For the gradient norm of the parts (optim::global_norm with specs): each parameter's spec in
