@@ -32,7 +32,8 @@ struct DP {
   /// ZeRO stage 1 (Megatron-LM's distributed optimizer; parallel/zero.h): each rank of `axis` keeps the
   /// optimizer state of 1 / n of every parameter, gradients are reduce-scattered instead of all-reduced
   /// and the updated parts all-gathered. Same updates as without it (up to the order of the sums),
-  /// optimizer memory divided by n; checkpoints hold the whole state, loadable with or without it. With
+  /// optimizer memory divided by n; checkpoints hold each rank's part as written by that rank (nothing
+  /// gathered) and describe the whole state, so they load with or without it, at any degree. With
   /// Plan::pp each stage shards its own parameters over its DP group.
   bool shard_optimizer = false;
 };
