@@ -698,7 +698,9 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
     DType dtype;
     std::vector<int64_t> local, global;  // local: the block's shape (a flat part's FlatPart::block)
     PartitionSpec spec;
-    // block (coords on the spec's axes) -> run of it -> the lowest rank holding that run
+    // block (coords on the spec's axes) -> run of it -> the ranks holding that run (ascending), and the one
+    // that writes it
+    std::map<std::vector<int>, std::map<Range, std::vector<int>>> holders;
     std::map<std::vector<int>, std::map<Range, int>> writer;
     std::vector<int> key(const std::vector<int>& c, const Layout& l) const {
       std::vector<int> k;
@@ -757,7 +759,7 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
                              spec_str(p.spec) + " (the first rank holding it)", spec_str(spec) + " on rank " + std::to_string(r),
                              "pass the same specs on every rank");
           }
-          p.writer[p.key(rc, layout)].emplace(run, int(r));
+          p.holders[p.key(rc, layout)][run].push_back(int(r));
         }
       }
       for (const auto& [name, spec] : specs)
@@ -774,21 +776,21 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
             blocks *= k;
           }
         const bool covers = !layout.axes.empty() && layout.size() == world;
-        if (covers && int64_t(p.writer.size()) != blocks)
+        if (covers && int64_t(p.holders.size()) != blocks)
           throw ValueError("tensor '" + name + "' split by " + spec_str(p.spec) + " is missing blocks",
                            "all " + std::to_string(blocks) + " blocks held by some rank",
-                           std::to_string(p.writer.size()) + " blocks", "every rank of the mesh must pass its block");
+                           std::to_string(p.holders.size()) + " blocks", "every rank of the mesh must pass its block");
         // The runs of each block (flat parts): disjoint, and together the whole block when the mesh covers the group.
         int64_t numel = 1;
         for (int64_t x : p.local) numel *= x;
-        for (const auto& [block, runs] : p.writer) {
+        for (const auto& [block, runs] : p.holders) {
           int64_t end = 0;
-          for (const auto& [run, r] : runs) {
+          for (const auto& [run, ranks] : runs) {
             if (run.first == run.second) continue;
             const std::string at = "[" + std::to_string(run.first) + ", " + std::to_string(run.second) + ")";
             if (run.first < end)
               throw ValueError("ranks hold overlapping flat parts of tensor '" + name + "'",
-                               "disjoint runs of its block's elements", at + " (rank " + std::to_string(r) +
+                               "disjoint runs of its block's elements", at + " (rank " + std::to_string(ranks[0]) +
                                ") starts before " + std::to_string(end), "give each rank its own part (ZeroShards::range)");
             if (covers && run.first > end)
               throw ValueError("the flat parts of tensor '" + name + "' leave elements unsaved",
@@ -803,6 +805,30 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
                              "no rank holds [" + std::to_string(end) + ", " + std::to_string(numel) + ")",
                              "every rank of the mesh must pass its part");
         }
+      }
+      // Who writes each distinct run: one of the ranks holding it, so that replicas share the writing
+      // (Megatron-LM's fully parallel save). Largest first, each to the holder with the fewest bytes so far
+      // (LPT scheduling; ties to the lowest rank): every rank derives the same choice from the same listings.
+      struct Item {
+        uint64_t bytes;
+        TensorPlan* plan;
+        const std::vector<int>* block;
+        Range run;
+        const std::vector<int>* ranks;
+      };
+      std::vector<Item> items;
+      for (auto& [name, p] : plans)
+        for (const auto& [block, runs] : p.holders)
+          for (const auto& [run, ranks] : runs)
+            items.push_back({uint64_t(run.second - run.first) * itemsize(p.dtype), &p, &block, run, &ranks});
+      std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.bytes > b.bytes; });
+      std::vector<uint64_t> assigned(size_t(world), 0);
+      for (const Item& it : items) {
+        int w = it.ranks->front();
+        for (int r : *it.ranks)
+          if (assigned[size_t(r)] < assigned[size_t(w)]) w = r;
+        assigned[size_t(w)] += it.bytes;
+        it.plan->writer[*it.block][it.run] = w;
       }
     });
   }

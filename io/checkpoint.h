@@ -39,8 +39,11 @@
 // the Mesh save records mesh.coords().
 // Each block is written once: of the ranks holding the same block of a tensor (same coordinates on the
 // axes its spec uses: a replicated tensor on every rank, a TP weight on every data-parallel replica),
-// only the lowest rank writes it, so such tensors are not read k times either. A mesh_json naming no
-// axes says nothing about what is replicated: then every rank writes every tensor it holds.
+// one writes it, so such tensors are not read k times either. The holders share the writing (Megatron-LM's
+// fully parallel save): the blocks are dealt largest first, each to the holder with the fewest bytes so
+// far (LPT scheduling, ties to the lowest rank), so with data parallelism every replica writes about
+// 1 / k of the model rather than rank 0 all of it. A mesh_json naming no axes says nothing about what is
+// replicated: then every rank writes every tensor it holds.
 // Flat parts (ZeRO): a rank may hold only a run of its block's flattened elements (FlatPart). Ranks
 // holding the same run of the same block write it once, as above; the runs of a block must not overlap,
 // and when the mesh covers the saving group they must cover the block, so the checkpoint holds each
@@ -50,7 +53,8 @@
 // shape under `specs` on `mesh`). For each tensor it computes the global slice this rank needs by the
 // rule above, checks that local shape x axis sizes equals the saved global shape and that the dtypes
 // agree, and assembles the slice from the saved pieces that overlap it: one shard per distinct saved
-// block (this rank's own file when it holds that block, else the lowest rank's). Only those files are
+// block (this rank's own file when it holds that block, else the lowest rank's: with a mesh, each block
+// is in one file). Only those files are
 // opened, and from each only its header and the byte runs of the slice (contiguous row-major runs,
 // read with pread) rounded out to whole checksum chunks. The world size, the mesh, the degree and the
 // split dim may all differ from the save: TP 2 -> 4, TP 4 -> 1, TP -> DP, DP x TP -> TP, a dim-0 split

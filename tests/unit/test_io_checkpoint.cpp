@@ -653,23 +653,25 @@ TEST_CASE("Checkpointer records each shard's coordinates and slices, and writes 
     CHECK(s["rank"] == r);
     CHECK(s["coords"] == nlohmann::json::array({r / 2, r % 2}));
     CHECK(s["crc32"].get<std::string>().size() == 8);
-    // data = 0 ranks write their TP blocks; the data = 1 replicas write nothing; b and s only rank 0.
+    // Each block is written once, the replicas sharing the writing, largest first to the least-loaded
+    // holder: v's blocks (192 B, held by ranks {0, 2} and {1, 3}) go to ranks 0 and 1, w's (96 B, same
+    // holders) to 2 and 3, then b (12 B, every rank) to rank 2 (96 B so far, the lowest of the least
+    // loaded) and s (8 B) to rank 3.
     std::set<std::string> names;
     for (auto it = s["tensors"].begin(); it != s["tensors"].end(); ++it) names.insert(it.key());
-    std::set<std::string> want;
-    if (r == 0) want = {"w", "v", "b", "s"};
-    if (r == 1) want = {"w", "v"};
+    const std::vector<std::set<std::string>> wants{{"v"}, {"v"}, {"w", "b"}, {"w", "s"}};
+    const std::set<std::string>& want = wants[size_t(r)];
     CHECK(names == want);
-    if (r < 2) {
-      CHECK(s["tensors"]["w"]["offsets"] == nlohmann::json::array({4 * r, 0}));
+    if (r < 2) CHECK(s["tensors"]["v"]["offsets"] == nlohmann::json::array({0, 4 * (r % 2)}));
+    if (r >= 2) {
+      CHECK(s["tensors"]["w"]["offsets"] == nlohmann::json::array({4 * (r % 2), 0}));
       CHECK(s["tensors"]["w"]["shape"] == nlohmann::json::array({4, 6}));
-      CHECK(s["tensors"]["v"]["offsets"] == nlohmann::json::array({0, 4 * r}));
     }
     // The shard file is a plain safetensors file holding exactly those tensors.
     auto f = read_safetensors(d / ("step_00000003/" + s["file"].get<std::string>()));
     CHECK(f.tensors.size() == want.size());
   }
-  // The same-layout load still works on every rank (b and s come from rank 0's file).
+  // The same-layout load still works on every rank (b and s come from ranks 2's and 3's files).
   auto errors = run_ranks(4, [&](int r, std::shared_ptr<Communicator> comm) {
     Checkpointer ck(d.path.string(), 5, comm);
     Pos p = pos_at({"data", "model"}, {2, 2}, r);
@@ -679,6 +681,35 @@ TEST_CASE("Checkpointer records each shard's coordinates and slices, and writes 
     if (!bad.empty()) throw std::runtime_error(bad);
   });
   CHECK(errors == std::vector<std::string>(4, ""));
+}
+
+TEST_CASE("Checkpointer spreads the writing of replicated tensors over the ranks holding them", "[io]") {
+  // Data parallelism over 4 ranks: every rank holds all 9 tensors (96 to 1440 bytes). Each is written
+  // once, and as each goes to the least-loaded rank, the ranks' bytes differ by at most the largest
+  // tensor (rank 0 writing everything would put all 6912 bytes on it).
+  TempDir d;
+  std::vector<GlobalT> many;
+  for (int i = 0; i < 9; ++i) many.push_back({"t" + std::to_string(i), i, {int64_t(4 + 7 * i), 6}, DType::f32});
+  save_as_ranks(d.path.string(), 1, many, {"data"}, {4}, {});
+  const auto meta = read_json(d / "step_00000001/metadata.json");
+  std::map<std::string, int> written;
+  std::vector<int64_t> bytes(4, 0);
+  int64_t largest = 0;
+  for (int r = 0; r < 4; ++r) {
+    const auto& t = meta["shards"][size_t(r)]["tensors"];
+    for (auto it = t.begin(); it != t.end(); ++it) {
+      ++written[it.key()];
+      const int64_t n = it.value()["data_offsets"][1].get<int64_t>() - it.value()["data_offsets"][0].get<int64_t>();
+      bytes[size_t(r)] += n;
+      largest = std::max(largest, n);
+    }
+  }
+  CHECK(written.size() == many.size());
+  for (const auto& [name, k] : written) CHECK(k == 1);
+  INFO("bytes per rank " << bytes[0] << " " << bytes[1] << " " << bytes[2] << " " << bytes[3]);
+  CHECK(*std::max_element(bytes.begin(), bytes.end()) - *std::min_element(bytes.begin(), bytes.end()) <= largest);
+  CHECK(*std::min_element(bytes.begin(), bytes.end()) > 0);
+  check_target(Checkpointer(d.path.string()), 1, many, Target{"one rank", {"data"}, {1}, {}});
 }
 
 TEST_CASE("Checkpointer saves flat parts (ZeRO's) once each, and loads them into any layout", "[io]") {
@@ -693,6 +724,7 @@ TEST_CASE("Checkpointer saves flat parts (ZeRO's) once each, and loads them into
   save_as_ranks(d.path.string(), 3, gs, axes, shape, tp_specs(), 16, flat);
   auto meta = read_json(d / "step_00000003/metadata.json");
   CHECK(meta["tensors"]["w"]["global_shape"] == nlohmann::json::array({8, 6}));
+  std::map<std::string, std::vector<int>> writers;  // "b<dc>" and "s": the ranks whose shards hold that run
   for (int r = 0; r < 6; ++r) {
     INFO("rank " << r);
     const int dc = r / 2, mc = r % 2;
@@ -704,13 +736,24 @@ TEST_CASE("Checkpointer saves flat parts (ZeRO's) once each, and loads them into
     CHECK(t["w"]["data_offsets"][1].get<int64_t>() - t["w"]["data_offsets"][0].get<int64_t>() == 8 * 4);
     CHECK(t["v"]["offsets"] == nlohmann::json::array({0, 4 * mc}));
     CHECK(t["v"]["flat"] == nlohmann::json::array({8 * dc, 8 * dc + 8}));
-    // b and s are not split over "model": the model-axis replicas hold the same runs, written by mc = 0.
-    CHECK(t.contains("b") == (mc == 0));
-    if (mc == 0) CHECK(t["b"]["flat"] == nlohmann::json::array({2 * dc, 2 * dc + 2}));
-    CHECK(t.contains("s") == (r == 0));  // the empty parts are not written
+    // b and s are not split over "model": the two model-axis replicas hold the same runs (one writes each).
+    if (t.contains("b")) {
+      CHECK(t["b"]["flat"] == nlohmann::json::array({2 * dc, 2 * dc + 2}));
+      writers["b" + std::to_string(dc)].push_back(r);
+    }
+    if (t.contains("s")) {
+      CHECK(t["s"]["flat"] == nlohmann::json::array({0, 1}));
+      writers["s"].push_back(r);
+    }
     auto f = read_safetensors(d / ("step_00000003/" + meta["shards"][size_t(r)]["file"].get<std::string>()));
     CHECK(f.tensors.at("w").shape() == Shape{8});  // a plain 1-d safetensors tensor
   }
+  for (int dc = 0; dc < 3; ++dc) {
+    REQUIRE(writers["b" + std::to_string(dc)].size() == 1);
+    CHECK(writers["b" + std::to_string(dc)][0] / 2 == dc);
+  }
+  REQUIRE(writers["s"].size() == 1);  // the empty parts [1, 1) of ranks with dc > 0 are not written
+  CHECK(writers["s"][0] < 2);
   Checkpointer ck(d.path.string());
   for (const auto& t : standard_targets()) check_target(ck, 3, gs, t);  // whole blocks, any layout
   // Into flat parts of another layout: DP 2 x TP 2 (w's blocks cut in 12s), and w unsplit over DP 4.
@@ -722,12 +765,17 @@ TEST_CASE("Checkpointer saves flat parts (ZeRO's) once each, and loads them into
     const Pos p = pos_at(axes, shape, r);
     ParamTree into = zeros_tree(gs, tp_specs(), p, flat);
     const CheckpointInfo info = c.load(3, into, flat_parts(gs, tp_specs(), flat, p));
-    if (info.files_read != (r % 2 ? 2 : 1)) throw std::runtime_error("read " + std::to_string(info.files_read) + " files");
+    std::set<int> files{r, writers.at("b" + std::to_string(r / 2))[0]};  // its own w and v, its run of b, and s
+    if (r < 2) files.insert(writers.at("s")[0]);
+    if (info.files_read != int(files.size())) throw std::runtime_error("read " + std::to_string(info.files_read) + " files");
     const std::string bad = check_tree(into, gs, tp_specs(), p, flat);
     if (!bad.empty()) throw std::runtime_error(bad);
     c.load(3, into);  // without the parts: refused, naming them
   });
-  for (const auto& e : errors) CHECK(e.find("pass this rank's FlatPart to load") != std::string::npos);
+  for (const auto& e : errors) {
+    INFO(e);
+    CHECK(e.find("pass this rank's FlatPart to load") != std::string::npos);
+  }
   // And whole blocks saved load into flat parts.
   TempDir e;
   save_as_ranks(e.path.string(), 1, gs, {"model"}, {2}, tp_specs());
@@ -938,9 +986,10 @@ TEST_CASE("Checkpointer resharding rejects other models, bad specs and damaged s
     ParamTree into = zeros_tree(gs, tp_specs(), p4);
     has(load4(into), {"CheckpointError", "rank_00001.safetensors", "truncated", std::to_string(b.size() + 10) + " bytes (metadata.json)",
                       std::to_string(b.size()) + " bytes"});
-    // Rank 0 of TP 4 needs only rank 0's file (w rows 0..2, v columns 0..2, b, s): it still loads.
-    ParamTree into0 = zeros_tree(gs, tp_specs(), pos_at({"model"}, {4}, 0));
-    CHECK(load4(into0, tp_specs(), pos_at({"model"}, {4}, 0)) == "");
+    // A load that needs only rank 0's file (rank 0 of TP 4 loading w alone: rows 0..1) still succeeds.
+    ParamTree w0{{"w", zeros_tree(gs, tp_specs(), pos_at({"model"}, {4}, 0)).at("w")}};
+    CHECK(error_of([&] { ck.load(2, w0, {{"w", {"model", ""}}}, coords_of(pos_at({"model"}, {4}, 0)), true); }) == "");
+    CHECK(check_tree(w0, {gs[0]}, tp_specs(), pos_at({"model"}, {4}, 0)) == "");
     has(error_of([&] { ck.verify(2); }), {"rank_00001.safetensors", "truncated"});
   }
   SECTION("corrupted bytes: found by the ranks that read them, and by verify()") {
@@ -1059,10 +1108,13 @@ TEST_CASE("Checkpointer loads of randomly damaged files: an error and untouched 
   // files cut short or extended; ranges overwritten), each loaded by the same-layout and the resharding
   // loader. Every load throws a titanax::Error leaving `into` as it was, or returns the saved values
   // bitwise: never a crash, another exception or a silently different tensor. FUZZ_SEED picks other damage.
+  // One tensor is a flat part (its whole [2, 3] block as 6 elements), so "flat" runs get damaged too.
   TempDir d;
   Checkpointer ck(d.path.string(), 5);
-  const ParamTree saved = sample_tree(6);
-  ck.save(1, saved);
+  ParamTree saved = sample_tree(6);
+  saved.insert("opt/v", random_normal(RngKey::from_seed(61), Shape{6}));
+  const FlatParts flat{{"opt/v", FlatPart{Shape{2, 3}, 0}}};
+  ck.save(1, saved, "{}", {}, "{}", "{}", flat);
   const fs::path dir = d.path / "step_00000001";
   const std::vector<std::string> files = {(dir / "rank_00000.safetensors").string(), (dir / "metadata.json").string()};
   std::vector<std::vector<unsigned char>> pristine;
@@ -1101,8 +1153,8 @@ TEST_CASE("Checkpointer loads of randomly damaged files: an error and untouched 
       ParamTree into = zeros_like_tree(saved);
       const ParamTree before = into.map([](const std::string&, const Tensor& t) { return t.clone(); });
       try {
-        if (reshard) ck.load(1, into, {}, one);
-        else ck.load(1, into);
+        if (reshard) ck.load(1, into, {}, one, false, flat);
+        else ck.load(1, into, flat);
         ++loaded;
         check_bitwise_equal(saved, into);
       } catch (const Error&) {
