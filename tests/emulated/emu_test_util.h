@@ -5,6 +5,8 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "core/rng.h"
 #include "core/tensor.h"
@@ -13,10 +15,15 @@
 
 namespace titanax::testing::emu {
 
-/// A fresh key from the clock, logged with the test's failures (so a failing draw can be replayed).
+/// A fresh key from the clock, or from TITANAX_TEST_SEED when set (to replay a failing draw). The seed is
+/// printed to stderr with the test case's name (ctest shows it with a failure), since a message attached
+/// to one assertion would not reach the failures of later sections.
 inline RngKey fresh_key() {
-  const uint64_t seed = uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
-  UNSCOPED_INFO("seed " << seed);
+  const char* env = std::getenv("TITANAX_TEST_SEED");
+  const uint64_t seed = env && *env ? std::strtoull(env, nullptr, 10)
+                                    : uint64_t(std::chrono::high_resolution_clock::now().time_since_epoch().count());
+  std::fprintf(stderr, "seed %llu (TITANAX_TEST_SEED replays it): %s\n", (unsigned long long)seed,
+               Catch::getResultCapture().getCurrentTestName().c_str());
   return RngKey::from_seed(seed);
 }
 
