@@ -835,14 +835,12 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
 
   // ---- 3. every rank writes (and fsyncs) the blocks it is the writer of; reports checksums and slices
   ParamTree mine;  // flat parts as 1-d tensors; an empty one is not written
-  std::map<std::string, Range> my_runs;
   for (const auto& [name, t] : tensors) {
     const TensorPlan& p = plans.at(name);
     const Range run = block_of(name, t).second;
     if (flat.count(name) && run.first == run.second) continue;
     if (layout.axes.empty() || p.writer.at(p.key(my_coords, layout)).at(run) == rank) {
       mine.insert(name, flat.count(name) ? t.contiguous().reshape(Shape{t.numel()}) : t);
-      my_runs[name] = run;
     }
   }
   auto reports = exchange("write shard", [&] {
@@ -858,7 +856,10 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
       for (size_t d = 0; d < p.spec.size(); ++d)
         if (!p.spec[d].empty()) offsets[d] = int64_t(my_coords[size_t(layout.index(p.spec[d]))]) * p.local[d];
       tens[e.name] = {{"dtype", std::string(dtype_name(t.dtype()))}, {"shape", p.local}, {"offsets", offsets}};
-      if (flat.count(e.name)) tens[e.name]["flat"] = {my_runs.at(e.name).first, my_runs.at(e.name).second};
+      if (flat.count(e.name)) {
+        const Range run = block_of(e.name, tensors.at(e.name)).second;
+        tens[e.name]["flat"] = {run.first, run.second};
+      }
       tens[e.name]["data_offsets"] = {e.begin, e.end};
       tens[e.name]["chunk_crc32"] = hex_chunks(e.chunk_crcs);
     }
