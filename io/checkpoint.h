@@ -76,12 +76,19 @@
 // Nothing is written into `into` before every piece has been read and verified, so on error it is
 // unchanged. Errors are CheckpointErrors naming the file and the failed check (expected / found / fix).
 //
+// Asynchronous save (save_async; PyTorch DCP's async_save, Megatron-LM's async checkpointing): phases up
+// to the writer choice run at the call, as in save(); then each rank copies the blocks it writes to host
+// memory and a background thread writes and fsyncs its shard. The commit (every rank's checksums,
+// metadata.json, the rename) is collective and runs on the caller's thread: in the first poll() that
+// finds every rank's write done, in wait(), or before the next save. One save is pending at a time.
+//
 // Test-only hook: when the environment variable TITANAX_TEST_KILL_DURING_SAVE=N is set, a rank saving
 // its shard raises SIGKILL right after N bytes of that shard reached the disk (crash-safety tests).
 #pragma once
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -143,8 +150,14 @@ class Checkpointer {
   /// `comm` is the group that saves together (the world); nullptr means a single rank.
   /// Throws ValueError for an empty dir or keep_last < 1. Touches no file.
   Checkpointer(std::string dir, int keep_last = 3, std::shared_ptr<Communicator> comm = nullptr);
+  /// With an asynchronous save pending, waits for this rank's write and leaves the checkpoint
+  /// uncommitted (logging a warning): committing is collective, so call wait() before this.
+  ~Checkpointer();
+  Checkpointer(Checkpointer&&) noexcept;
+  Checkpointer& operator=(Checkpointer&&) noexcept;
 
-  /// Collective: every rank passes its local `tensors`; rank 0 writes metadata.json (with `extra_json`,
+  /// Collective: commits a pending asynchronous save first (wait()). Every rank passes its local
+  /// `tensors`; rank 0 writes metadata.json (with `extra_json`,
   /// `mesh_json` and `plan_json` verbatim, and `specs` by tensor name; tensors without a spec are
   /// replicated) and commits by renaming.
   /// Steps: rank 0 creates step_XXXXXXXX.tmp/ (8-digit zero-padded step); ranks all-gather what they
@@ -174,6 +187,36 @@ class Checkpointer {
   void save(int64_t step, const ParamTree& tensors, const std::map<std::string, PartitionSpec>& specs,
             const Mesh& mesh, const std::string& extra_json = "{}", const std::string& plan_json = "{}",
             const FlatParts& flat = {});
+
+  /// Asynchronous save (PyTorch DCP's async_save, Megatron-LM's async checkpointing): the checks, layout
+  /// and writer choice of save() (collective), then this rank copies the blocks it writes to host memory
+  /// and writes them in a background thread. Returns once the copy is made: the caller may update the
+  /// tensors right away, and the checkpoint holds their values at the call. The checkpoint is committed
+  /// (metadata.json, the rename, pruning) by the first poll() that finds every rank's write done, by
+  /// wait(), or by the next save / save_async, which wait first. Until then steps() does not list it, and
+  /// a crash leaves only its .tmp directory (removed by a later save). Memory: one host copy of the
+  /// blocks this rank writes (with k data-parallel replicas, about 1 / k of the replicated state).
+  /// Throws what save() throws for bad arguments, before anything is written, on every rank (and
+  /// ValueError / std::bad_alloc when the copy fails); a failed write surfaces from the poll() or wait()
+  /// that commits it.
+  void save_async(int64_t step, const ParamTree& tensors, const std::string& extra_json = "{}",
+                  const std::map<std::string, PartitionSpec>& specs = {}, const std::string& mesh_json = "{}",
+                  const std::string& plan_json = "{}", const FlatParts& flat = {});
+  /// save_async with the layout taken from `mesh`, as save(step, tensors, specs, mesh, ...).
+  void save_async(int64_t step, const ParamTree& tensors, const std::map<std::string, PartitionSpec>& specs,
+                  const Mesh& mesh, const std::string& extra_json = "{}", const std::string& plan_json = "{}",
+                  const FlatParts& flat = {});
+  /// Collective: commits the pending asynchronous save when every rank has finished writing it. Returns
+  /// true when no save is pending afterwards. Costs one all-gather of a byte per rank while a save is
+  /// pending, nothing otherwise; never blocks on the write. Throws, on every rank, what save() throws for
+  /// a failed write or commit (IOError on the failing rank, CheckpointError naming it elsewhere); the save
+  /// is then abandoned and its .tmp directory removed.
+  bool poll();
+  /// Collective: waits for the pending asynchronous save's write and commits it; nothing without one.
+  /// Throws as poll().
+  void wait();
+  /// Whether an asynchronous save is started and not yet committed (the same on every rank).
+  bool pending() const { return pending_ != nullptr; }
 
   /// Collective (every rank of `comm`): rank 0 creates `dir` and checks that it can write a file there
   /// (and removes it), so that a bad path fails before training rather than at the first save. Throws on
@@ -227,9 +270,12 @@ class Checkpointer {
   const std::string& dir() const { return dir_; }
 
  private:
+  struct PendingSave;
   void save_impl(int64_t step, const ParamTree& tensors, const std::string& extra_json,
                  const std::map<std::string, PartitionSpec>& specs, const std::string& mesh_json,
-                 const std::string& plan_json, const std::vector<int>* coords, const FlatParts& flat);
+                 const std::string& plan_json, const std::vector<int>* coords, const FlatParts& flat, bool async);
+  /// Phases 3 and 4 of a save: every rank's write outcome, then rank 0's commit.
+  void finish_save();
   CheckpointInfo load_impl(int64_t step, ParamTree& into, const std::map<std::string, PartitionSpec>* specs,
                            const MeshCoords* where, bool subset, const FlatParts& flat) const;
 
@@ -237,6 +283,7 @@ class Checkpointer {
   int keep_last_;
   std::shared_ptr<Communicator> comm_;
   uint64_t chunk_bytes_ = kDefaultCrcChunkBytes;
+  std::unique_ptr<PendingSave> pending_;  ///< a save whose shard is being written (save_async) or not yet committed
 };
 
 }  // namespace titanax

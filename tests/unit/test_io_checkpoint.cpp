@@ -2,6 +2,7 @@
 // checkpoints, pruning, corruption detection and crash safety.
 #include <catch2/catch.hpp>
 
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -566,6 +567,137 @@ TEST_CASE("Checkpointer: a failure on one rank fails the save on every rank, wit
   CHECK(contains(errors[2], "rank 1"));
   CHECK(Checkpointer(d.path.string()).steps().empty());
   CHECK_FALSE(fs::exists(d.path / "step_00000001.tmp"));
+}
+
+// ---------------------------------------------------------------------------------------- asynchronous save
+
+namespace {
+
+// Writes of files beyond `bytes` fail (EFBIG) while it lives: RLIMIT_FSIZE, process-wide, with SIGXFSZ
+// ignored so that the write returns the error instead of killing the process.
+struct FileSizeLimit {
+  rlimit old{};
+  void (*old_handler)(int);
+  explicit FileSizeLimit(rlim_t bytes) {
+    old_handler = std::signal(SIGXFSZ, SIG_IGN);
+    getrlimit(RLIMIT_FSIZE, &old);
+    rlimit lim = old;
+    lim.rlim_cur = bytes;
+    REQUIRE(setrlimit(RLIMIT_FSIZE, &lim) == 0);
+  }
+  ~FileSizeLimit() {
+    setrlimit(RLIMIT_FSIZE, &old);
+    std::signal(SIGXFSZ, old_handler);
+  }
+};
+
+// poll() until it commits (a bounded wait: a write that never ends fails the test instead of hanging it).
+// Throws rather than REQUIREs: it runs on run_ranks' threads too.
+void poll_until_committed(Checkpointer& ck) {
+  for (int i = 0; i < 60000 && !ck.poll(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (ck.pending()) throw std::runtime_error("the asynchronous save was not committed within 60 s");
+}
+
+}  // namespace
+
+TEST_CASE("Checkpointer::save_async writes a copy in the background and commits on poll or wait", "[io]") {
+  TempDir d;
+  Checkpointer ck(d.path.string(), 2);
+  ParamTree p = sample_tree(21);
+  // Large enough that the write takes far longer than overwriting it: a save that wrote the caller's
+  // tensors instead of a copy would hold the values below.
+  p.insert("big", random_normal(RngKey::from_seed(22), Shape{1 << 22}));
+  ParamTree want = p.map([](const std::string&, const Tensor& t) { return t.clone(); });
+  ck.save_async(10, p, R"({"note": "async"})");
+  for (auto& [name, t] : p) copy_(t, ones_like(t).astype(t.dtype()));  // the next step's update, in place
+  CHECK(ck.pending());
+  CHECK(ck.steps().empty());  // not committed before a poll says every rank is done
+  CHECK_FALSE(fs::exists(d.path / "step_00000010"));
+  poll_until_committed(ck);
+  CHECK(ck.steps() == std::vector<int64_t>{10});
+  CHECK_FALSE(fs::exists(d.path / "step_00000010.tmp"));
+  ParamTree into = zeros_like_tree(want);
+  CheckpointInfo info = ck.load(10, into);
+  // Compared as a count of differing bytes: printing two 16 MiB vectors would outlast the test.
+  for (const auto& [name, t] : want) {
+    const auto a = bytes_of(t), b = bytes_of(into.at(name));
+    REQUIRE(a.size() == b.size());
+    size_t differ = 0;
+    for (size_t i = 0; i < a.size(); ++i) differ += a[i] != b[i];
+    INFO(name);
+    CHECK(differ == 0);
+  }
+  CHECK(nlohmann::json::parse(info.extra_json)["note"] == "async");
+  ck.verify(10);
+  CHECK(ck.poll());  // nothing pending: nothing to do
+
+  // A save while one is pending commits that one first: saves stay in order and pruning sees both.
+  ParamTree q = sample_tree(23);
+  ck.save_async(20, q);
+  ck.save_async(30, p);
+  CHECK(ck.steps() == std::vector<int64_t>{10, 20});
+  ck.save(40, q);
+  CHECK_FALSE(ck.pending());
+  CHECK(ck.steps() == std::vector<int64_t>{30, 40});
+  into = zeros_like_tree(p);
+  ck.load(30, into);
+  check_bitwise_equal(p, into);
+  ck.save_async(50, q);
+  ck.wait();
+  CHECK(ck.steps() == std::vector<int64_t>{40, 50});
+
+  // Bad arguments fail at the call, as save()'s do, and leave nothing pending.
+  CHECK_THROWS_AS(ck.save_async(60, q, "{not json"), ValueError);
+  CHECK_FALSE(ck.pending());
+  CHECK_FALSE(fs::exists(d.path / "step_00000060.tmp"));
+
+  // Dropped without wait(): the write finishes, nothing is committed, and the next save clears it.
+  {
+    Checkpointer gone(d.path.string(), 2);
+    gone.save_async(70, q);
+  }
+  CHECK(ck.steps() == std::vector<int64_t>{40, 50});
+  CHECK(fs::exists(d.path / "step_00000070.tmp" / "rank_00000.safetensors"));
+  ck.save(80, q);
+  CHECK_FALSE(fs::exists(d.path / "step_00000070.tmp"));
+}
+
+TEST_CASE("Checkpointer::save_async: a failed background write surfaces from wait() on every rank", "[io]") {
+  TempDir d;
+  {
+    // One rank: the write runs past the file-size limit; wait() throws its IOError and commits nothing.
+    Checkpointer ck(d.path.string(), 2);
+    ck.save(1, sample_tree(24));
+    ParamTree big{{"w", zeros(Shape{1 << 16})}};  // 256 KiB
+    {
+      FileSizeLimit limit(64 << 10);
+      ck.save_async(2, big);
+      CHECK_THROWS_AS(ck.wait(), IOError);
+    }
+    CHECK_FALSE(ck.pending());
+    CHECK(ck.steps() == std::vector<int64_t>{1});
+    CHECK_FALSE(fs::exists(d.path / "step_00000002.tmp"));
+    ck.save_async(2, big);  // the same save goes through once the disk allows it
+    ck.wait();
+    CHECK(ck.steps() == std::vector<int64_t>{1, 2});
+  }
+  // Three ranks, rank 1's shard too large: rank 1 gets its IOError, the others an error naming rank 1,
+  // from the poll that commits it; nothing is committed.
+  TempDir d3;
+  FileSizeLimit limit(64 << 10);
+  auto errors = run_ranks(3, [&](int r, std::shared_ptr<Communicator> comm) {
+    Checkpointer ck(d3.path.string(), 2, comm);
+    ParamTree p{{"rank" + std::to_string(r), zeros(Shape{r == 1 ? (1 << 16) : 4})}};
+    ck.save_async(5, p);
+    poll_until_committed(ck);
+  });
+  REQUIRE(errors.size() == 3);
+  INFO(errors[0] << "\n" << errors[1] << "\n" << errors[2]);
+  CHECK(contains(errors[1], "IOError"));
+  CHECK(contains(errors[0], "rank 1"));
+  CHECK(contains(errors[2], "rank 1"));
+  CHECK(Checkpointer(d3.path.string()).steps().empty());
+  CHECK_FALSE(fs::exists(d3.path / "step_00000005.tmp"));
 }
 
 // ---------------------------------------------------------------------------------------- resharding
