@@ -117,6 +117,7 @@ const ConfigSchema& run_schema() {
     s.add_string("checkpoint.dir", "", "checkpoint folder (empty = no checkpoints; titanax sample reads it)");
     s.add_int("checkpoint.every", 0, "steps between checkpoints (0 = at the end only)", ConfigRange::at_least(0));
     s.add_int("checkpoint.keep_last", 2, "checkpoints kept", ConfigRange::at_least(1));
+    s.add_bool("checkpoint.async", false, "write the checkpoint.every checkpoints in a background thread (training waits only for a copy to host memory)");
     s.add_bool("checkpoint.resume", false, "continue from the latest checkpoint in checkpoint.dir");
     s.add_string("logging.csv", "", "CSV metrics file (step,metric,value; empty = none)");
     s.add_string("logging.level", "info", "log level", {"trace", "debug", "info", "warn", "error", "off"});
@@ -500,7 +501,7 @@ int run(const Config& c, Runtime& rt) {
   }
   const int64_t tokens = is_lm(c) ? c.get_int("model.seq_len") : 1;
   FitOptions fo{.steps = steps, .stop_at = c.get_int("train.stop_at"), .log_every = c.get_int("train.log_every"),
-                .checkpoint_every = c.get_int("checkpoint.every"), .resume = c.get_bool("checkpoint.resume"),
+                .checkpoint_every = c.get_int("checkpoint.every"), .async_checkpoint = c.get_bool("checkpoint.async"), .resume = c.get_bool("checkpoint.resume"),
                 .eval = d.eval};
   std::vector<std::shared_ptr<Logger>> sinks{std::make_shared<ConsoleLogger>(steps)};
   if (rt.is_main() && !c.get_string("logging.csv").empty())

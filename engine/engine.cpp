@@ -635,11 +635,18 @@ std::map<std::string, PartitionSpec> Engine::state_specs(nn::Module& model, cons
   return specs;
 }
 
-void Engine::save(nn::Module& model) {
-  if (!opts_.checkpointer) throw ValueError("save() without a checkpointer", "EngineOptions::checkpointer set", "none");
+void Engine::save(nn::Module& model) { save_impl(model, false); }
+
+void Engine::save_async(nn::Module& model) { save_impl(model, true); }
+
+void Engine::save_impl(nn::Module& model, bool async) {
+  if (!opts_.checkpointer)
+    throw ValueError(std::string(async ? "save_async" : "save") + "() without a checkpointer", "EngineOptions::checkpointer set", "none");
   FlatParts flat;
   ParamTree t = state_tree(model, flat);
-  opts_.checkpointer->save(global_step(), t, state_specs(model, t), mesh_, "{}", plan_.to_json(), flat);
+  const auto specs = state_specs(model, t);
+  if (async) opts_.checkpointer->save_async(global_step(), t, specs, mesh_, "{}", plan_.to_json(), flat);
+  else opts_.checkpointer->save(global_step(), t, specs, mesh_, "{}", plan_.to_json(), flat);
 }
 
 std::optional<int64_t> Engine::restore(nn::Module& model) {
@@ -734,7 +741,8 @@ FitResult Engine::fit(nn::Module& model, const LossFn& loss, DataLoader& data, c
       eval_step = s;
       log(s, m);
     }
-    if (opts_.checkpointer && fo.checkpoint_every > 0 && s % fo.checkpoint_every == 0 && s < end) save(model);
+    if (opts_.checkpointer && opts_.checkpointer->pending()) opts_.checkpointer->poll();
+    if (opts_.checkpointer && fo.checkpoint_every > 0 && s % fo.checkpoint_every == 0 && s < end) save_impl(model, fo.async_checkpoint);
   }
   res.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   res.samples_per_s = res.seconds > 0 ? double(global_batch * steps_done) / res.seconds : 0;

@@ -145,6 +145,12 @@ struct FitOptions {
                                   ///< schedule of `steps`: splits a run over job time limits (0 = off)
   int64_t log_every = 50;
   int64_t checkpoint_every = 0;   ///< 0 = only at the end (when a checkpointer is set)
+  /// Write the checkpoint_every checkpoints in the background (Checkpointer::save_async): the step waits
+  /// only for the copy of this rank's blocks to host memory; each later step polls (one small all-gather)
+  /// and commits the checkpoint once every rank has written its shard. The final checkpoint is
+  /// synchronous (it commits the pending one first). A failed background write throws from the step
+  /// that polls it.
+  bool async_checkpoint = false;
   bool resume = true;             ///< continue from the latest checkpoint when there is one
   EvalSpec eval;
   std::vector<std::shared_ptr<Logger>> loggers;  ///< empty = console
@@ -198,6 +204,10 @@ class Engine {
   /// Saves parameters and optimizer state at the current step (collective), with each tensor's
   /// PartitionSpec and this mesh, so the checkpoint can be loaded under another layout.
   void save(nn::Module& model);
+  /// save() through Checkpointer::save_async: returns once this rank's part is copied to host memory,
+  /// and the checkpoint is committed by a later Checkpointer::poll() / wait() / save (fit() polls after
+  /// each step).
+  void save_async(nn::Module& model);
   /// Loads the latest checkpoint into the model and optimizer; returns its step, or nullopt if none.
   /// The checkpoint may come from another TP degree, mesh or world size: each rank reads its own slices
   /// (Checkpointer's resharding load); CheckpointError when it holds another model.
@@ -274,6 +284,7 @@ class Engine {
   /// rank's parts (grads are then their gradients) and the all-gather of the updated parts into params.
   void update(ParamTree& params, const ParamTree& grads, const Tensor& skip, const Tensor& grad_factor);
   std::map<std::string, PartitionSpec> state_specs(nn::Module& model, const ParamTree& state);
+  void save_impl(nn::Module& model, bool async);
   int dp_size() const;
   /// The loss of one microbatch under the precision policy: loss_fn under autocast to the compute
   /// dtype (core/op.h AutocastGuard; none for f32), the loss itself in f32.

@@ -101,9 +101,15 @@ loss_parity)  # same seed and global batch on 1, 2 and 4 ranks (4 with the optim
 
 resume)  # 100 steps, checkpoint, stop; resume for 100 more == 200 straight steps, bitwise, on 2 ranks
   common=(--set train.steps=200 --set schedule.warmup_steps=20 --set model.dropout=0.1 --set train.eval_every=0)
-  run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/straight" | tee straight.txt
+  # The straight run writes a checkpoint every 50 steps in the background (checkpoint.async) as it trains.
+  run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/straight" --set checkpoint.every=50 \
+    --set checkpoint.async=true --set checkpoint.keep_last=4 | tee straight.txt
   run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/split" --set train.stop_at=100 | tee first.txt
   [[ -d split/step_00000100 ]] || fail "no checkpoint at step 100"
+  for r in 00000 00001; do  # the background write holds step 100's state though training went on
+    cmp "straight/step_00000100/rank_$r.safetensors" "split/step_00000100/rank_$r.safetensors" \
+      || fail "rank $r: the asynchronous checkpoint of step 100 differs from the synchronous one"
+  done
   run 2 mnist_mlp.yaml "${common[@]}" --set checkpoint.dir="$WORK/split" --set checkpoint.resume=true | tee second.txt
   for r in 00000 00001; do
     cmp "straight/step_00000200/rank_$r.safetensors" "split/step_00000200/rank_$r.safetensors" \

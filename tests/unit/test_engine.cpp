@@ -159,19 +159,22 @@ TEST_CASE("100 + resume + 100 steps equals 200 straight steps bitwise", "[engine
   auto data = synthetic(512, 4);
   fs::path dir = fs::temp_directory_path() / ("titanax_resume_" + std::to_string(::getpid()));
   fs::remove_all(dir);
-  auto train = [&](int64_t steps, const std::string& ckpt) {
+  auto train = [&](int64_t steps, const std::string& ckpt, int64_t every = 0, bool async = false) {
     nn::MLP model({12, 32, 32, 4}, {.dropout = 0.1});  // dropout: the per-step RNG must resume too
     Mesh mesh = single_mesh();
     EngineOptions eo;
     eo.seed = 9;
     eo.grad_clip = 1.0;
-    if (!ckpt.empty()) eo.checkpointer = std::make_shared<Checkpointer>(ckpt, 2);
+    if (!ckpt.empty()) eo.checkpointer = std::make_shared<Checkpointer>(ckpt, 5);
     Engine engine(mesh, Plan{.dp = DP{"data", 1}}, optim::adamw(optim::warmup_cosine(3e-3, 20, 200)), eo);
     DataLoader loader(data, {.batch_size = 32, .shuffle = true, .seed = 1, .prefetch = 2});
     FitOptions fo;
     fo.steps = steps;
     fo.log_every = 0;
+    fo.checkpoint_every = every;
+    fo.async_checkpoint = async;
     engine.fit(model, classification_loss, loader, fo);
+    if (eo.checkpointer) CHECK_FALSE(eo.checkpointer->pending());  // fit's last save commits the async ones
     return flat_params(model);
   };
   auto straight = train(200, "");
@@ -179,6 +182,16 @@ TEST_CASE("100 + resume + 100 steps equals 200 straight steps bitwise", "[engine
   auto resumed = train(200, (dir / "a").string());
   REQUIRE(straight.size() == resumed.size());
   CHECK(std::memcmp(straight.data(), resumed.data(), straight.size() * sizeof(float)) == 0);
+
+  // Checkpoints written in the background while training goes on hold their step's state: resumed from
+  // the asynchronous step-100 checkpoint alone, the run ends bitwise where the straight one does.
+  train(200, (dir / "b").string(), 50, true);
+  CHECK(Checkpointer((dir / "b").string()).steps() == std::vector<int64_t>{50, 100, 150, 200});
+  fs::create_directories(dir / "c");
+  fs::copy(dir / "b" / "step_00000100", dir / "c" / "step_00000100");
+  auto resumed_async = train(200, (dir / "c").string());
+  REQUIRE(straight.size() == resumed_async.size());
+  CHECK(std::memcmp(straight.data(), resumed_async.data(), straight.size() * sizeof(float)) == 0);
   fs::remove_all(dir);
 }
 
