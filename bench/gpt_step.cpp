@@ -18,8 +18,10 @@
 // dp_opt_state_mb, zero_opt_state_mb (rank 0's optimizer state), and a checkpoint save after the
 // timed steps (Engine::save into a temporary directory, removed after): dp_save_ms, zero_save_ms, and
 // dp_save_peak_mb, zero_save_peak_mb (rank 0's allocator peak during the save, over what it held
-// before). --bf16: bf16 autocast (f32 master
-// weights, EngineOptions::precision) instead of f32. Every run prints peak_mb, its peak memory.
+// before); then the same save through Engine::save_async: dp/zero_async_save_ms (until the call returns:
+// the copy to host memory), dp/zero_async_save_peak_mb (that copy), dp/zero_async_step_us (one step taken
+// while the shards are written) and dp/zero_async_commit_ms (from the call until wait() committed it).
+// --bf16: bf16 autocast (f32 master weights, EngineOptions::precision) instead of f32. Every run prints peak_mb, its peak memory.
 // --loss-chunk N: also times the same step with the loss head in chunks of N tokens
 // (GPTConfig::loss_chunk_tokens), adding chunk_us_per_step, chunk_of_full (the whole head's time over
 // the chunked one's) and chunk_peak_mb. --jit: every run compiles the step (EngineOptions::jit; the
@@ -110,6 +112,7 @@ int main(int argc, char** argv) {
     // The mean and best microseconds per Engine::step of a model of config c, and its last loss.
     struct Timing {
       double mean = 0, best = 1e300, loss = 0, peak_mb = 0, opt_state_mb = 0, step_peak_mb = 0, save_ms = 0, save_peak_mb = 0;
+      double async_save_ms = 0, async_save_peak_mb = 0, async_step_us = 0, async_commit_ms = 0;
     };
     namespace fs = std::filesystem;
     // --zero: where the runs save a checkpoint (one directory for all ranks: rank 0's name).
@@ -123,9 +126,10 @@ int main(int argc, char** argv) {
       auto opt = tx::optim::adamw(tx::optim::warmup_cosine(1e-3, 100, 2000, 0.1),
                                   {.beta1 = 0.9, .beta2 = 0.95, .eps = 1e-8, .weight_decay = 0.1,
                                    .decay_filter = [](const std::string&, const tx::Tensor& t) { return t.dim() >= 2; }});
+      auto ckpt = zero ? std::make_shared<tx::Checkpointer>(ckpt_dir.string(), 1, rt.world()) : nullptr;
       tx::Engine engine(mesh, pl, std::move(opt),
                         {.precision = bf16 ? tx::Precision::bf16() : tx::Precision::f32(),
-                         .checkpointer = zero ? std::make_shared<tx::Checkpointer>(ckpt_dir.string(), 1, rt.world()) : nullptr,
+                         .checkpointer = ckpt,
                          .grad_clip = 1.0,
                          .jit = jit});
       Timing t;
@@ -152,12 +156,27 @@ int main(int argc, char** argv) {
         t.save_peak_mb = double(alloc.stats().peak_bytes - held) / (1 << 20);
         rt.world()->barrier();
         if (rt.rank() == 0) fs::remove_all(ckpt_dir);
+        // The same save in the background: the call's time and memory (the host copies), one step taken
+        // while the shards are written, and the time until the checkpoint is committed.
+        const int64_t held_async = alloc.stats().current_bytes;
+        alloc.reset_peak();
+        t0 = std::chrono::steady_clock::now();
+        engine.save_async(*model);
+        auto t1 = std::chrono::steady_clock::now();
+        t.async_save_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+        t.async_save_peak_mb = double(alloc.stats().peak_bytes - held_async) / (1 << 20);
+        engine.step(*model, tx::nn::lm_loss, batch(warmup + steps));
+        t.async_step_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t1).count();
+        ckpt->wait();
+        t.async_commit_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        rt.world()->barrier();
+        if (rt.rank() == 0) fs::remove_all(ckpt_dir);
       }
       return t;
     };
     const Timing full = time_steps(cfg, plan);
     const double us = full.mean, best = full.best;
-    char buf[512];
+    char buf[1024];
     std::snprintf(buf, sizeof buf,
                   "bench=gpt_step device=cpu ranks=%d tp=%d threads=%d vocab=%lld layers=%lld dim=%lld heads=%lld T=%lld B=%lld "
                   "steps=%lld precision=%s us_per_step=%.0f best_us=%.0f tokens_per_s=%.0f loss=%.4f minutes_per_2000_steps=%.1f "
@@ -192,9 +211,13 @@ int main(int argc, char** argv) {
       std::snprintf(buf, sizeof buf,
                     " dp=%d dp_us_per_step=%.0f zero_us_per_step=%.0f zero_of_dp=%.2f dp_peak_mb=%.1f zero_peak_mb=%.1f "
                     "dp_opt_state_mb=%.1f zero_opt_state_mb=%.1f dp_save_ms=%.0f zero_save_ms=%.0f dp_save_peak_mb=%.1f "
-                    "zero_save_peak_mb=%.1f",
+                    "zero_save_peak_mb=%.1f dp_async_save_ms=%.0f zero_async_save_ms=%.0f dp_async_save_peak_mb=%.1f "
+                    "zero_async_save_peak_mb=%.1f dp_async_step_us=%.0f zero_async_step_us=%.0f dp_async_commit_ms=%.0f "
+                    "zero_async_commit_ms=%.0f",
                     n, us, z.mean, us / z.mean, full.peak_mb, z.peak_mb, full.opt_state_mb, z.opt_state_mb, full.save_ms,
-                    z.save_ms, full.save_peak_mb, z.save_peak_mb);
+                    z.save_ms, full.save_peak_mb, z.save_peak_mb, full.async_save_ms, z.async_save_ms,
+                    full.async_save_peak_mb, z.async_save_peak_mb, full.async_step_us, z.async_step_us,
+                    full.async_commit_ms, z.async_commit_ms);
       line += buf;
     }
     const fs::path tmp = fs::temp_directory_path() / ("titanax_gpt_bench_" + std::to_string(::getpid()));
