@@ -406,6 +406,8 @@ TEST_CASE("Checkpointer: a crash mid-save leaves the previous checkpoint intact"
     Checkpointer ck(d.path.string(), 3);
     ck.save(1, p1);
   }
+  const bool async = GENERATE(false, true);  // the shard written by the caller, or by save_async's thread
+  INFO((async ? "save_async" : "save"));
   pid_t pid = fork();
   REQUIRE(pid >= 0);
   if (pid == 0) {
@@ -413,7 +415,12 @@ TEST_CASE("Checkpointer: a crash mid-save leaves the previous checkpoint intact"
     setenv("TITANAX_TEST_KILL_DURING_SAVE", "100", 1);
     try {
       Checkpointer ck(d.path.string(), 3);
-      ck.save(2, sample_tree(6));
+      if (async) {
+        ck.save_async(2, sample_tree(6));
+        ck.wait();
+      } else {
+        ck.save(2, sample_tree(6));
+      }
     } catch (...) {
       _exit(3);
     }
