@@ -945,7 +945,7 @@ void Checkpointer::save_impl(int64_t step, const ParamTree& tensors, const std::
       pending->report = std::async(std::launch::async, [write = std::move(write), &staged = pending->staged] {
         // The lowest priority (nice 19, this thread only): the write takes what the training threads leave.
         // Measured on 2 cores (bench/gpt_step --zero, GPT-2 124M, 2 ranks): a step taken during the write
-        // was 2.6 - 3.5 s slower than a plain one at nice 0, 1.1 - 2.3 s at 19; the commit comes ~1-2 s later.
+        // was 2.6 - 3.5 s slower than a plain one at nice 0, 1.1 - 2.3 s at 19; the commit comes 1 - 3 s later.
         setpriority(PRIO_PROCESS, id_t(syscall(SYS_gettid)), 19);
         return write(staged);
       });
